@@ -1,0 +1,396 @@
+/*
+ * Typervisor's native shim: syscalls with plain types, and nothing else.
+ *
+ * Every struct is laid out and every policy decided in TypeScript; this file only moves numbers
+ * and buffers across the N-API boundary. The whole surface is described in src/kvm/native.ts.
+ * Errors: a failing syscall throws an Error with .code (errno name), .errno and .syscall.
+ */
+#define _GNU_SOURCE
+#define NAPI_VERSION 8
+#include <node_api.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/uio.h>
+#include <unistd.h>
+#include <net/if.h>
+#include <linux/if_tun.h>
+
+#define CHECK(call)                                                            \
+  do {                                                                         \
+    if ((call) != napi_ok) {                                                   \
+      napi_throw_error(env, NULL, "typervisor native: N-API call failed: " #call); \
+      return NULL;                                                             \
+    }                                                                          \
+  } while (0)
+
+static const char *errno_name(int e) {
+  switch (e) {
+#define E(x) case x: return #x;
+    E(EPERM) E(ENOENT) E(ESRCH) E(EINTR) E(EIO) E(ENXIO) E(E2BIG) E(EBADF) E(EAGAIN)
+    E(ENOMEM) E(EACCES) E(EFAULT) E(EBUSY) E(EEXIST) E(ENODEV) E(ENOTDIR) E(EISDIR)
+    E(EINVAL) E(ENFILE) E(EMFILE) E(ENOTTY) E(EFBIG) E(ENOSPC) E(ESPIPE) E(EROFS)
+    E(EPIPE) E(ERANGE) E(ENOSYS) E(EOPNOTSUPP)
+#undef E
+    default: return "EUNKNOWN";
+  }
+}
+
+static napi_value throw_errno(napi_env env, const char *syscall, int e) {
+  char msg[160];
+  snprintf(msg, sizeof msg, "%s failed: %s (%s)", syscall, strerror(e), errno_name(e));
+  napi_value m, err, v;
+  napi_create_string_utf8(env, msg, NAPI_AUTO_LENGTH, &m);
+  napi_create_error(env, NULL, m, &err);
+  napi_create_string_utf8(env, errno_name(e), NAPI_AUTO_LENGTH, &v);
+  napi_set_named_property(env, err, "code", v);
+  napi_create_int32(env, e, &v);
+  napi_set_named_property(env, err, "errno", v);
+  napi_create_string_utf8(env, syscall, NAPI_AUTO_LENGTH, &v);
+  napi_set_named_property(env, err, "syscall", v);
+  napi_throw(env, err);
+  return NULL;
+}
+
+static int get_args(napi_env env, napi_callback_info info, size_t want, napi_value *argv) {
+  size_t argc = want;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < want) {
+    napi_throw_type_error(env, NULL, "typervisor native: too few arguments");
+    return 0;
+  }
+  return 1;
+}
+
+static int64_t arg_i64(napi_env env, napi_value v) {
+  napi_valuetype t;
+  napi_typeof(env, v, &t);
+  if (t == napi_bigint) {
+    int64_t r; bool lossless;
+    napi_get_value_bigint_int64(env, v, &r, &lossless);
+    return r;
+  }
+  int64_t r = 0;
+  napi_get_value_int64(env, v, &r);
+  return r;
+}
+
+static uint64_t arg_u64(napi_env env, napi_value v) {
+  napi_valuetype t;
+  napi_typeof(env, v, &t);
+  if (t == napi_bigint) {
+    uint64_t r; bool lossless;
+    napi_get_value_bigint_uint64(env, v, &r, &lossless);
+    return r;
+  }
+  double d = 0;
+  napi_get_value_double(env, v, &d);
+  return (uint64_t)d;
+}
+
+/* A pointer and length from an ArrayBuffer or any ArrayBufferView; 0 when v is neither. */
+static int buffer_of(napi_env env, napi_value v, void **data, size_t *len) {
+  bool is;
+  if (napi_is_arraybuffer(env, v, &is) == napi_ok && is) {
+    return napi_get_arraybuffer_info(env, v, data, len) == napi_ok;
+  }
+  if (napi_is_typedarray(env, v, &is) == napi_ok && is) {
+    napi_typedarray_type type; size_t n; napi_value ab; size_t off;
+    if (napi_get_typedarray_info(env, v, &type, &n, data, &ab, &off) != napi_ok) return 0;
+    size_t es = 1;
+    switch (type) {
+      case napi_int16_array: case napi_uint16_array: es = 2; break;
+      case napi_int32_array: case napi_uint32_array: case napi_float32_array: es = 4; break;
+      case napi_float64_array: case napi_bigint64_array: case napi_biguint64_array: es = 8; break;
+      default: es = 1;
+    }
+    *len = n * es;
+    return 1;
+  }
+  if (napi_is_dataview(env, v, &is) == napi_ok && is) {
+    napi_value ab; size_t off;
+    return napi_get_dataview_info(env, v, len, data, &ab, &off) == napi_ok;
+  }
+  return 0;
+}
+
+static napi_value num(napi_env env, int64_t x) {
+  napi_value r;
+  napi_create_int64(env, x, &r);
+  return r;
+}
+
+/* open(path: string, flags: number, mode: number): fd */
+static napi_value n_open(napi_env env, napi_callback_info info) {
+  napi_value a[3];
+  if (!get_args(env, info, 3, a)) return NULL;
+  char path[4096]; size_t n;
+  CHECK(napi_get_value_string_utf8(env, a[0], path, sizeof path, &n));
+  int fd = open(path, (int)arg_i64(env, a[1]) | O_CLOEXEC, (mode_t)arg_i64(env, a[2]));
+  if (fd < 0) return throw_errno(env, "open", errno);
+  return num(env, fd);
+}
+
+/* close(fd) */
+static napi_value n_close(napi_env env, napi_callback_info info) {
+  napi_value a[1];
+  if (!get_args(env, info, 1, a)) return NULL;
+  if (close((int)arg_i64(env, a[0])) < 0) return throw_errno(env, "close", errno);
+  return NULL;
+}
+
+/* ioctl(fd, request, arg: number | bigint | buffer): result */
+static napi_value n_ioctl(napi_env env, napi_callback_info info) {
+  napi_value a[3];
+  if (!get_args(env, info, 3, a)) return NULL;
+  int fd = (int)arg_i64(env, a[0]);
+  unsigned long req = (unsigned long)arg_u64(env, a[1]);
+  void *data; size_t len;
+  unsigned long arg = buffer_of(env, a[2], &data, &len) ? (unsigned long)data : (unsigned long)arg_u64(env, a[2]);
+  int r = ioctl(fd, req, arg);
+  if (r < 0) return throw_errno(env, "ioctl", errno);
+  return num(env, r);
+}
+
+/* mmap(length, prot, flags, fd, offset): ArrayBuffer over the mapping (no finalizer: see munmap) */
+static napi_value n_mmap(napi_env env, napi_callback_info info) {
+  napi_value a[5];
+  if (!get_args(env, info, 5, a)) return NULL;
+  size_t len = (size_t)arg_u64(env, a[0]);
+  void *p = mmap(NULL, len, (int)arg_i64(env, a[1]), (int)arg_i64(env, a[2]), (int)arg_i64(env, a[3]),
+                 (off_t)arg_i64(env, a[4]));
+  if (p == MAP_FAILED) return throw_errno(env, "mmap", errno);
+  napi_value ab;
+  if (napi_create_external_arraybuffer(env, p, len, NULL, NULL, &ab) != napi_ok) {
+    munmap(p, len);
+    napi_throw_error(env, NULL, "typervisor native: cannot wrap mapping in an ArrayBuffer");
+    return NULL;
+  }
+  return ab;
+}
+
+/* munmap(buffer): detaches the ArrayBuffer first, so a later use throws instead of faulting */
+static napi_value n_munmap(napi_env env, napi_callback_info info) {
+  napi_value a[1];
+  if (!get_args(env, info, 1, a)) return NULL;
+  void *p; size_t len;
+  CHECK(napi_get_arraybuffer_info(env, a[0], &p, &len));
+  CHECK(napi_detach_arraybuffer(env, a[0]));
+  if (munmap(p, len) < 0) return throw_errno(env, "munmap", errno);
+  return NULL;
+}
+
+/* madvise(buffer, offset, length, advice) */
+static napi_value n_madvise(napi_env env, napi_callback_info info) {
+  napi_value a[4];
+  if (!get_args(env, info, 4, a)) return NULL;
+  void *p; size_t len;
+  CHECK(napi_get_arraybuffer_info(env, a[0], &p, &len));
+  size_t off = (size_t)arg_u64(env, a[1]), n = (size_t)arg_u64(env, a[2]);
+  if (off > len || n > len - off) { napi_throw_range_error(env, NULL, "madvise range outside buffer"); return NULL; }
+  if (madvise((char *)p + off, n, (int)arg_i64(env, a[3])) < 0) return throw_errno(env, "madvise", errno);
+  return NULL;
+}
+
+/* bufferAddress(buffer): bigint host virtual address of its first byte (for KVM memory slots) */
+static napi_value n_buffer_address(napi_env env, napi_callback_info info) {
+  napi_value a[1];
+  if (!get_args(env, info, 1, a)) return NULL;
+  void *data; size_t len;
+  if (!buffer_of(env, a[0], &data, &len)) { napi_throw_type_error(env, NULL, "not a buffer"); return NULL; }
+  napi_value r;
+  CHECK(napi_create_bigint_uint64(env, (uint64_t)(uintptr_t)data, &r));
+  return r;
+}
+
+/* memfdCreate(name, flags): fd */
+static napi_value n_memfd_create(napi_env env, napi_callback_info info) {
+  napi_value a[2];
+  if (!get_args(env, info, 2, a)) return NULL;
+  char name[256]; size_t n;
+  CHECK(napi_get_value_string_utf8(env, a[0], name, sizeof name, &n));
+  int fd = memfd_create(name, (unsigned)arg_i64(env, a[1]) | MFD_CLOEXEC);
+  if (fd < 0) return throw_errno(env, "memfd_create", errno);
+  return num(env, fd);
+}
+
+/* eventfd(initval, flags): fd (always close-on-exec) */
+static napi_value n_eventfd(napi_env env, napi_callback_info info) {
+  napi_value a[2];
+  if (!get_args(env, info, 2, a)) return NULL;
+  int fd = eventfd((unsigned)arg_i64(env, a[0]), (int)arg_i64(env, a[1]) | EFD_CLOEXEC);
+  if (fd < 0) return throw_errno(env, "eventfd", errno);
+  return num(env, fd);
+}
+
+/* eventfdRead(fd): bigint counter, or -1n when it would block */
+static napi_value n_eventfd_read(napi_env env, napi_callback_info info) {
+  napi_value a[1], r;
+  if (!get_args(env, info, 1, a)) return NULL;
+  uint64_t v;
+  ssize_t n = read((int)arg_i64(env, a[0]), &v, sizeof v);
+  if (n < 0) {
+    if (errno == EAGAIN) { CHECK(napi_create_bigint_int64(env, -1, &r)); return r; }
+    return throw_errno(env, "read(eventfd)", errno);
+  }
+  CHECK(napi_create_bigint_uint64(env, v, &r));
+  return r;
+}
+
+/* eventfdWrite(fd, value) */
+static napi_value n_eventfd_write(napi_env env, napi_callback_info info) {
+  napi_value a[2];
+  if (!get_args(env, info, 2, a)) return NULL;
+  uint64_t v = arg_u64(env, a[1]);
+  if (write((int)arg_i64(env, a[0]), &v, sizeof v) < 0 && errno != EAGAIN) return throw_errno(env, "write(eventfd)", errno);
+  return NULL;
+}
+
+/* read(fd, buffer): bytes read, or -1 when it would block */
+static napi_value n_read(napi_env env, napi_callback_info info) {
+  napi_value a[2];
+  if (!get_args(env, info, 2, a)) return NULL;
+  void *data; size_t len;
+  if (!buffer_of(env, a[1], &data, &len)) { napi_throw_type_error(env, NULL, "not a buffer"); return NULL; }
+  ssize_t n = read((int)arg_i64(env, a[0]), data, len);
+  if (n < 0) { if (errno == EAGAIN) return num(env, -1); return throw_errno(env, "read", errno); }
+  return num(env, n);
+}
+
+/* readv/writev(fd, buffers[]): bytes, or -1 when it would block (scatter-gather for TAP) */
+static napi_value rw_vec(napi_env env, napi_callback_info info, int is_write) {
+  napi_value a[2];
+  if (!get_args(env, info, 2, a)) return NULL;
+  uint32_t cnt;
+  CHECK(napi_get_array_length(env, a[1], &cnt));
+  if (cnt > 1024) { napi_throw_range_error(env, NULL, "too many iovecs"); return NULL; }
+  struct iovec iov[1024];
+  for (uint32_t i = 0; i < cnt; i++) {
+    napi_value e;
+    CHECK(napi_get_element(env, a[1], i, &e));
+    if (!buffer_of(env, e, &iov[i].iov_base, &iov[i].iov_len)) { napi_throw_type_error(env, NULL, "not a buffer"); return NULL; }
+  }
+  int fd = (int)arg_i64(env, a[0]);
+  ssize_t n = is_write ? writev(fd, iov, (int)cnt) : readv(fd, iov, (int)cnt);
+  if (n < 0) { if (errno == EAGAIN) return num(env, -1); return throw_errno(env, is_write ? "writev" : "readv", errno); }
+  return num(env, n);
+}
+static napi_value n_readv(napi_env env, napi_callback_info info) { return rw_vec(env, info, 0); }
+static napi_value n_writev(napi_env env, napi_callback_info info) { return rw_vec(env, info, 1); }
+
+/* epollCreate(): fd */
+static napi_value n_epoll_create(napi_env env, napi_callback_info info) {
+  (void)info;
+  int fd = epoll_create1(EPOLL_CLOEXEC);
+  if (fd < 0) return throw_errno(env, "epoll_create1", errno);
+  return num(env, fd);
+}
+
+/* epollCtl(epfd, op, fd, events, tag: u32) */
+static napi_value n_epoll_ctl(napi_env env, napi_callback_info info) {
+  napi_value a[5];
+  if (!get_args(env, info, 5, a)) return NULL;
+  struct epoll_event ev = {0};
+  ev.events = (uint32_t)arg_i64(env, a[3]);
+  ev.data.u64 = (uint32_t)arg_i64(env, a[4]);
+  if (epoll_ctl((int)arg_i64(env, a[0]), (int)arg_i64(env, a[1]), (int)arg_i64(env, a[2]), &ev) < 0)
+    return throw_errno(env, "epoll_ctl", errno);
+  return NULL;
+}
+
+/* epollWait(epfd, out: Uint32Array of [events, tag] pairs, timeoutMs): count (0 on EINTR) */
+static napi_value n_epoll_wait(napi_env env, napi_callback_info info) {
+  napi_value a[3];
+  if (!get_args(env, info, 3, a)) return NULL;
+  void *data; size_t len;
+  if (!buffer_of(env, a[1], &data, &len)) { napi_throw_type_error(env, NULL, "not a buffer"); return NULL; }
+  int max = (int)(len / 8);
+  if (max > 256) max = 256;
+  if (max < 1) { napi_throw_range_error(env, NULL, "event buffer too small"); return NULL; }
+  struct epoll_event evs[256];
+  int n = epoll_wait((int)arg_i64(env, a[0]), evs, max, (int)arg_i64(env, a[2]));
+  if (n < 0) { if (errno == EINTR) return num(env, 0); return throw_errno(env, "epoll_wait", errno); }
+  uint32_t *out = data;
+  for (int i = 0; i < n; i++) { out[2 * i] = evs[i].events; out[2 * i + 1] = (uint32_t)evs[i].data.u64; }
+  return num(env, n);
+}
+
+/* The vCPU kick: a real-time signal whose handler does nothing, so that a blocking KVM_RUN
+ * returns EINTR. Installed without SA_RESTART. */
+static void kick_handler(int sig) { (void)sig; }
+
+/* installKickHandler(): signal number used for kicks */
+static napi_value n_install_kick_handler(napi_env env, napi_callback_info info) {
+  (void)info;
+  int sig = SIGRTMIN + 1;
+  struct sigaction sa;
+  memset(&sa, 0, sizeof sa);
+  sa.sa_handler = kick_handler;
+  sigemptyset(&sa.sa_mask);
+  if (sigaction(sig, &sa, NULL) < 0) return throw_errno(env, "sigaction", errno);
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, sig);
+  pthread_sigmask(SIG_UNBLOCK, &set, NULL);
+  return num(env, sig);
+}
+
+/* threadSelf(): bigint id of the calling thread, for kick() */
+static napi_value n_thread_self(napi_env env, napi_callback_info info) {
+  (void)info;
+  napi_value r;
+  CHECK(napi_create_bigint_uint64(env, (uint64_t)pthread_self(), &r));
+  return r;
+}
+
+/* kick(thread, signal) */
+static napi_value n_kick(napi_env env, napi_callback_info info) {
+  napi_value a[2];
+  if (!get_args(env, info, 2, a)) return NULL;
+  int e = pthread_kill((pthread_t)arg_u64(env, a[0]), (int)arg_i64(env, a[1]));
+  if (e != 0) return throw_errno(env, "pthread_kill", e);
+  return NULL;
+}
+
+/* tapOpen(name, flags): fd of /dev/net/tun attached to interface `name` */
+static napi_value n_tap_open(napi_env env, napi_callback_info info) {
+  napi_value a[2];
+  if (!get_args(env, info, 2, a)) return NULL;
+  char name[64]; size_t n;
+  CHECK(napi_get_value_string_utf8(env, a[0], name, sizeof name, &n));
+  if (n >= IFNAMSIZ) { napi_throw_range_error(env, NULL, "TAP name too long"); return NULL; }
+  int fd = open("/dev/net/tun", O_RDWR | O_NONBLOCK | O_CLOEXEC);
+  if (fd < 0) return throw_errno(env, "open(/dev/net/tun)", errno);
+  struct ifreq ifr;
+  memset(&ifr, 0, sizeof ifr);
+  memcpy(ifr.ifr_name, name, n);
+  ifr.ifr_flags = (short)arg_i64(env, a[1]);
+  if (ioctl(fd, TUNSETIFF, &ifr) < 0) { int e = errno; close(fd); return throw_errno(env, "ioctl(TUNSETIFF)", e); }
+  return num(env, fd);
+}
+
+/* getpid-free helpers are in Node already; this is the whole surface. */
+#define EXPORT(name, fn) { name, NULL, fn, NULL, NULL, NULL, napi_default, NULL }
+
+NAPI_MODULE_INIT() {
+  napi_property_descriptor props[] = {
+    EXPORT("open", n_open), EXPORT("close", n_close), EXPORT("ioctl", n_ioctl),
+    EXPORT("mmap", n_mmap), EXPORT("munmap", n_munmap), EXPORT("madvise", n_madvise),
+    EXPORT("bufferAddress", n_buffer_address), EXPORT("memfdCreate", n_memfd_create),
+    EXPORT("eventfd", n_eventfd), EXPORT("eventfdRead", n_eventfd_read),
+    EXPORT("eventfdWrite", n_eventfd_write), EXPORT("read", n_read),
+    EXPORT("readv", n_readv), EXPORT("writev", n_writev),
+    EXPORT("epollCreate", n_epoll_create), EXPORT("epollCtl", n_epoll_ctl),
+    EXPORT("epollWait", n_epoll_wait), EXPORT("installKickHandler", n_install_kick_handler),
+    EXPORT("threadSelf", n_thread_self), EXPORT("kick", n_kick), EXPORT("tapOpen", n_tap_open),
+  };
+  if (napi_define_properties(env, exports, sizeof props / sizeof props[0], props) != napi_ok) return NULL;
+  return exports;
+}

@@ -1,0 +1,83 @@
+/** KVM ioctl numbers, capabilities and exit reasons (linux/kvm.h, x86_64). */
+const KVMIO = 0xae;
+const io = (nr: number) => (KVMIO << 8) | nr;
+const ioc = (dir: number, nr: number, size: number) => ((dir << 30) | (size << 16) | (KVMIO << 8) | nr) >>> 0;
+const iow = (nr: number, size: number) => ioc(1, nr, size);
+const ior = (nr: number, size: number) => ioc(2, nr, size);
+const iowr = (nr: number, size: number) => ioc(3, nr, size);
+
+export const KVM_API_VERSION = 12;
+
+export const KVM_GET_API_VERSION = io(0x00);
+export const KVM_CREATE_VM = io(0x01);
+export const KVM_GET_MSR_INDEX_LIST = iowr(0x02, 4);
+export const KVM_CHECK_EXTENSION = io(0x03);
+export const KVM_GET_VCPU_MMAP_SIZE = io(0x04);
+export const KVM_GET_SUPPORTED_CPUID = iowr(0x05, 8);
+export const KVM_CREATE_VCPU = io(0x41);
+export const KVM_SET_USER_MEMORY_REGION = iow(0x46, 32);
+export const KVM_SET_TSS_ADDR = io(0x47);
+export const KVM_SET_IDENTITY_MAP_ADDR = iow(0x48, 8);
+export const KVM_CREATE_IRQCHIP = io(0x60);
+export const KVM_IRQ_LINE = iow(0x61, 8);
+export const KVM_IRQFD = iow(0x76, 32);
+export const KVM_CREATE_PIT2 = iow(0x77, 64);
+export const KVM_IOEVENTFD = iow(0x79, 64);
+export const KVM_RUN = io(0x80);
+export const KVM_GET_REGS = ior(0x81, 144);
+export const KVM_SET_REGS = iow(0x82, 144);
+export const KVM_GET_SREGS = ior(0x83, 312);
+export const KVM_SET_SREGS = iow(0x84, 312);
+export const KVM_GET_MSRS = iowr(0x88, 8);
+export const KVM_SET_MSRS = iow(0x89, 8);
+export const KVM_GET_FPU = ior(0x8c, 416);
+export const KVM_SET_FPU = iow(0x8d, 416);
+export const KVM_SET_CPUID2 = iow(0x90, 8);
+export const KVM_GET_TSC_KHZ = io(0xa3);
+
+export const KVM_CAP_IRQCHIP = 0;
+export const KVM_CAP_HLT = 1;
+export const KVM_CAP_USER_MEMORY = 3;
+export const KVM_CAP_SET_TSS_ADDR = 4;
+export const KVM_CAP_EXT_CPUID = 7;
+export const KVM_CAP_IRQ_ROUTING = 25;
+export const KVM_CAP_IRQFD = 32;
+export const KVM_CAP_PIT2 = 33;
+export const KVM_CAP_IOEVENTFD = 36;
+export const KVM_CAP_SET_IDENTITY_MAP_ADDR = 37;
+export const KVM_CAP_GET_TSC_KHZ = 61;
+export const KVM_CAP_IMMEDIATE_EXIT = 136;
+
+export const KVM_EXIT_UNKNOWN = 0;
+export const KVM_EXIT_EXCEPTION = 1;
+export const KVM_EXIT_IO = 2;
+export const KVM_EXIT_HYPERCALL = 3;
+export const KVM_EXIT_DEBUG = 4;
+export const KVM_EXIT_HLT = 5;
+export const KVM_EXIT_MMIO = 6;
+export const KVM_EXIT_IRQ_WINDOW_OPEN = 7;
+export const KVM_EXIT_SHUTDOWN = 8;
+export const KVM_EXIT_FAIL_ENTRY = 9;
+export const KVM_EXIT_INTR = 10;
+export const KVM_EXIT_INTERNAL_ERROR = 17;
+export const KVM_EXIT_SYSTEM_EVENT = 24;
+
+export const KVM_SYSTEM_EVENT_SHUTDOWN = 1;
+export const KVM_SYSTEM_EVENT_RESET = 2;
+export const KVM_SYSTEM_EVENT_CRASH = 3;
+
+export const KVM_EXIT_IO_IN = 0;
+export const KVM_EXIT_IO_OUT = 1;
+
+export const KVM_IOEVENTFD_FLAG_DATAMATCH = 1;
+export const KVM_IOEVENTFD_FLAG_PIO = 2;
+export const KVM_IOEVENTFD_FLAG_DEASSIGN = 4;
+export const KVM_IRQFD_FLAG_DEASSIGN = 1;
+export const KVM_PIT_SPEAKER_DUMMY = 1;
+
+/** Names for exit reasons in messages and metrics. */
+export const EXIT_REASON_NAMES: Record<number, string> = {
+  0: 'unknown', 1: 'exception', 2: 'io', 3: 'hypercall', 4: 'debug', 5: 'hlt', 6: 'mmio',
+  7: 'irq_window_open', 8: 'shutdown', 9: 'fail_entry', 10: 'intr', 17: 'internal_error',
+  24: 'system_event',
+};

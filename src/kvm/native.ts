@@ -1,0 +1,93 @@
+/**
+ * The whole contract with the native shim (native/typervisor.c): syscalls with plain types.
+ * Each failing syscall throws a SyscallError naming the call and the errno.
+ */
+import { createRequire } from 'node:module';
+import { existsSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
+import { dirname, join } from 'node:path';
+import { HostError } from '../util/errors.js';
+
+export type Buf = ArrayBuffer | ArrayBufferView;
+
+export interface NativeShim {
+  open(path: string, flags: number, mode: number): number;
+  close(fd: number): void;
+  /** arg: an integer, or a buffer whose address is passed. Returns the ioctl's result. */
+  ioctl(fd: number, request: number, arg: number | bigint | Buf): number;
+  /** An ArrayBuffer over the new mapping; release only with munmap (it detaches the buffer). */
+  mmap(length: number, prot: number, flags: number, fd: number, offset: number): ArrayBuffer;
+  munmap(buffer: ArrayBuffer): void;
+  madvise(buffer: ArrayBuffer, offset: number, length: number, advice: number): void;
+  /** Host virtual address of a buffer's first byte. */
+  bufferAddress(buffer: Buf): bigint;
+  memfdCreate(name: string, flags: number): number;
+  eventfd(initval: number, flags: number): number;
+  /** The counter, or -1n when the eventfd is non-blocking and empty. */
+  eventfdRead(fd: number): bigint;
+  eventfdWrite(fd: number, value: number | bigint): void;
+  /** Bytes read, or -1 when it would block. */
+  read(fd: number, buffer: Buf): number;
+  readv(fd: number, buffers: Buf[]): number;
+  writev(fd: number, buffers: Buf[]): number;
+  epollCreate(): number;
+  epollCtl(epfd: number, op: number, fd: number, events: number, tag: number): void;
+  /** Fills `out` with [events, tag] pairs; returns how many (0 on timeout or EINTR). */
+  epollWait(epfd: number, out: Uint32Array, timeoutMs: number): number;
+  /** Installs the no-op handler of the vCPU kick signal in this process; returns its number. */
+  installKickHandler(): number;
+  threadSelf(): bigint;
+  kick(thread: bigint, signal: number): void;
+  tapOpen(name: string, flags: number): number;
+}
+
+/** A failed syscall, with its errno name in `code` (EINTR, EAGAIN, ...). */
+export interface SyscallError extends Error {
+  code: string;
+  errno: number;
+  syscall: string;
+}
+
+export function isSyscallError(e: unknown, code?: string): e is SyscallError {
+  return (
+    e instanceof Error &&
+    typeof (e as Partial<SyscallError>).syscall === 'string' &&
+    (code === undefined || (e as SyscallError).code === code)
+  );
+}
+
+let shim: NativeShim | undefined;
+
+/** The shim, loaded on first use (so pure-TypeScript code and tests never need it). */
+export function native(): NativeShim {
+  if (shim) return shim;
+  const here = dirname(fileURLToPath(import.meta.url));
+  // dist/src/kvm -> repository root
+  const root = join(here, '..', '..', '..');
+  const path = join(root, 'native', 'build', 'Release', 'typervisor_native.node');
+  if (!existsSync(path)) {
+    throw new HostError(`native shim not built (${path} missing): run \`npm install\``);
+  }
+  shim = createRequire(import.meta.url)(path) as NativeShim;
+  return shim;
+}
+
+// Flags the TypeScript side passes through (Linux x86_64 values).
+export const O_RDWR = 2;
+export const O_NONBLOCK = 0o4000;
+export const PROT_READ = 1;
+export const PROT_WRITE = 2;
+export const MAP_SHARED = 1;
+export const MAP_PRIVATE = 2;
+export const MAP_ANONYMOUS = 0x20;
+export const MAP_NORESERVE = 0x4000;
+export const MADV_DONTFORK = 10;
+export const MADV_HUGEPAGE = 14;
+export const EFD_NONBLOCK = 0o4000;
+export const EPOLLIN = 1;
+export const EPOLLOUT = 4;
+export const EPOLLERR = 8;
+export const EPOLLHUP = 0x10;
+export const EPOLL_CTL_ADD = 1;
+export const EPOLL_CTL_DEL = 2;
+export const EPOLL_CTL_MOD = 3;
