@@ -1,0 +1,140 @@
+/**
+ * `typervisor run`: boot a VM from command-line flags, console on this terminal.
+ * Exit codes: 0 guest powered off or rebooted; 1 the guest failed (triple fault, KVM error);
+ * 2 bad arguments or images; 3 the host cannot run it (no /dev/kvm, PVM-only host).
+ */
+import { parseArgs } from 'node:util';
+import { existsSync, readFileSync } from 'node:fs';
+import { detectKvm } from '../kvm/detect.js';
+import { isBzImage } from '../loader/bzimage.js';
+import { ConfigError, HostError, TypervisorError } from '../util/errors.js';
+import { log, setLogLevel, type Level } from '../util/log.js';
+import { buildVm } from '../vmm/builder.js';
+import { DEFAULT_BOOT_ARGS, type VmResources } from '../vmm/resources.js';
+import { Console } from './console.js';
+
+export const EXIT_OK = 0;
+export const EXIT_GUEST_FAILED = 1;
+export const EXIT_USAGE = 2;
+export const EXIT_HOST = 3;
+
+export const RUN_USAGE = `usage: typervisor run [options]
+  --kernel PATH     kernel: bzImage, or ELF vmlinux with a PVH note (default: the project's guest)
+  --initrd PATH     initramfs (default: the project's guest initramfs when --kernel is not given)
+  --cmdline STR     kernel command line (default: "${DEFAULT_BOOT_ARGS}")
+  --vcpus N         number of vCPUs, 1-64 (default 1)
+  --memory MiB      guest memory in MiB (default 256)
+  --boot-timer      print the time from process start to the guest's boot marker
+  --allow-pvm       run even where this host's KVM cannot run stock kernels (PVM-only)
+  --log-level L     error | warn | info | debug (default warn)
+Console: the guest's serial port is this terminal; press Ctrl-A then x to quit.`;
+
+function intArg(name: string, v: string | undefined, dflt: number): number {
+  if (v === undefined) return dflt;
+  if (!/^\d+$/.test(v)) throw new ConfigError(`--${name} must be a whole number (got "${v}")`);
+  return Number(v);
+}
+
+/** The project's default guest (built by `npm run guest`), or undefined when not built. */
+async function defaultGuest(): Promise<{ kernel: string; initrd: string } | undefined> {
+  try {
+    const g = await import('../lab/guest.js');
+    const k = g.imagePaths('kernel').KERNEL!;
+    const i = g.imagePaths('initramfs').INITRAMFS!;
+    return existsSync(k) && existsSync(i) ? { kernel: k, initrd: i } : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+export async function parseRunArgs(argv: string[]): Promise<{ res: VmResources; bootTimer: boolean; allowPvm: boolean }> {
+  let parsed;
+  try {
+    parsed = parseArgs({
+      args: argv,
+      strict: true,
+      allowPositionals: false,
+      options: {
+        kernel: { type: 'string' }, initrd: { type: 'string' }, cmdline: { type: 'string' },
+        vcpus: { type: 'string' }, memory: { type: 'string' }, 'boot-timer': { type: 'boolean' },
+        'allow-pvm': { type: 'boolean' }, 'log-level': { type: 'string' },
+      },
+    });
+  } catch (e) {
+    throw new ConfigError((e as Error).message.split('\n')[0]!);
+  }
+  const v = parsed.values;
+  if (v['log-level'] !== undefined) {
+    if (!['error', 'warn', 'info', 'debug'].includes(v['log-level'])) throw new ConfigError(`--log-level must be error, warn, info or debug`);
+    setLogLevel(v['log-level'] as Level);
+  }
+  let kernel = v.kernel;
+  let initrd = v.initrd;
+  if (kernel === undefined) {
+    const g = await defaultGuest();
+    if (!g) throw new ConfigError('no --kernel given and the default guest is not built: run `npm run guest`');
+    kernel = g.kernel;
+    initrd ??= g.initrd;
+  }
+  const res: VmResources = {
+    machine: { vcpu_count: intArg('vcpus', v.vcpus, 1), mem_size_mib: intArg('memory', v.memory, 256) },
+    boot: { kernel_image_path: kernel, initrd_path: initrd, boot_args: v.cmdline ?? DEFAULT_BOOT_ARGS },
+  };
+  return { res, bootTimer: v['boot-timer'] ?? false, allowPvm: v['allow-pvm'] ?? false };
+}
+
+/** Refuses, in one line, to run a stock kernel where KVM cannot run one (PVM-only hosts). */
+function checkHostCanRun(kernelPath: string, allowPvm: boolean): void {
+  const kvm = detectKvm();
+  if (!kvm.usable) throw new HostError(kvm.reason);
+  if (kvm.canRunStockGuests || allowPvm) return;
+  let head: Uint8Array;
+  try {
+    head = readFileSync(kernelPath).subarray(0, 4096);
+  } catch {
+    return; // reported later, by validation
+  }
+  if (isBzImage(head)) {
+    throw new HostError(
+      `this host's KVM cannot run stock Linux kernels (${kvm.reason}); run it in the lab: npm run lab -- ./bin/typervisor run ...`,
+    );
+  }
+}
+
+export async function runCommand(argv: string[]): Promise<number> {
+  const { res, bootTimer, allowPvm } = await parseRunArgs(argv);
+  checkHostCanRun(res.boot.kernel_image_path, allowPvm);
+  const { vmm, devices } = buildVm(res);
+  const console_ = new Console(devices, () => vmm.requestStop());
+  console_.start();
+  const stopOnSignal = () => vmm.requestStop();
+  process.on('SIGTERM', stopOnSignal);
+  process.on('SIGINT', stopOnSignal);
+  process.on('SIGHUP', stopOnSignal);
+  const ev = await vmm.exited;
+  console_.stop();
+  if (bootTimer) {
+    const ms = vmm.control.bootMarkerMs;
+    process.stderr.write(
+      ms > 0 ? `typervisor: boot marker at ${(ms - performance.timeOrigin).toFixed(1)} ms after process start\n`
+        : 'typervisor: the guest never wrote the boot marker\n',
+    );
+  }
+  switch (ev.kind) {
+    case 'poweroff':
+    case 'reset':
+      log('info', `guest ${ev.kind === 'reset' ? 'rebooted' : 'powered off'}`);
+      return EXIT_OK;
+    case 'stopped':
+      return EXIT_OK;
+    case 'fatal':
+      process.stderr.write(`typervisor: ${ev.message}\n`);
+      return EXIT_GUEST_FAILED;
+  }
+}
+
+export function exitCodeFor(e: unknown): number {
+  if (e instanceof HostError) return EXIT_HOST;
+  if (e instanceof TypervisorError) return EXIT_USAGE;
+  return EXIT_GUEST_FAILED;
+}

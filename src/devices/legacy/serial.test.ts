@@ -1,0 +1,220 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { Worker } from 'node:worker_threads';
+import { Serial16550, SERIAL_RX_RING_SIZE } from './serial.js';
+
+const RBR = 0,
+  IER = 1,
+  IIR = 2,
+  FCR = 2,
+  LCR = 3,
+  MCR = 4,
+  LSR = 5,
+  MSR = 6,
+  SCR = 7;
+
+function uart() {
+  const out: number[] = [];
+  let irqs = 0;
+  const state = Serial16550.createState();
+  const sinks = { output: (b: Uint8Array) => out.push(...b), irq: { trigger: () => void irqs++ } };
+  const dev = new Serial16550(state, sinks);
+  const rd = (off: number) => {
+    const d = new Uint8Array(1);
+    dev.read(off, d);
+    return d[0]!;
+  };
+  const wr = (off: number, v: number) => dev.write(off, Uint8Array.of(v));
+  return { dev, state, out, rd, wr, irqs: () => irqs };
+}
+
+test('Linux 8250 autoconfig identifies a 16550A', () => {
+  const { rd, wr } = uart();
+  // Scratch/IER test.
+  const scratch = rd(IER);
+  wr(IER, 0);
+  const scratch2 = rd(IER) & 0x0f;
+  wr(IER, 0x0f);
+  const scratch3 = rd(IER) & 0x0f;
+  wr(IER, scratch);
+  assert.equal(scratch2, 0);
+  assert.equal(scratch3, 0x0f);
+  wr(SCR, 0xa5);
+  assert.equal(rd(SCR), 0xa5);
+  // Loopback MSR test: LOOP | OUT2 | RTS -> DCD | CTS.
+  const saveMcr = rd(MCR);
+  wr(MCR, 0x10 | 0x0a);
+  assert.equal(rd(MSR) & 0xf0, 0x90);
+  wr(MCR, saveMcr);
+  // FIFO detection.
+  wr(LCR, 0xbf);
+  wr(2, 0); // EFR on 16650s; FCR here
+  wr(LCR, 0);
+  wr(FCR, 0x01);
+  assert.equal(rd(IIR) >> 6, 3, 'FIFO bits say 16550A');
+  // autoconfig_16550a: EFR probe with LCR=0x80 must read non-zero (no EFR).
+  wr(LCR, 0x80);
+  assert.notEqual(rd(2), 0);
+  // 16750 probe: 64-byte FIFO bit must stay 0.
+  wr(LCR, 0);
+  wr(FCR, 0x01 | 0x20);
+  assert.equal(rd(IIR) & 0xe0, 0xc0);
+  wr(FCR, 0);
+  assert.equal(rd(IIR) & 0xc0, 0, 'FIFOs off');
+  // XScale UUE bit must not stick.
+  wr(IER, 0x40);
+  assert.equal(rd(IER) & 0x40, 0);
+});
+
+test('THR writes reach output and are counted', () => {
+  const { dev, out, wr, rd } = uart();
+  for (const c of Buffer.from('hi\n')) wr(RBR, c);
+  assert.deepEqual(Buffer.from(out).toString(), 'hi\n');
+  assert.equal(rd(LSR) & 0x60, 0x60, 'THRE and TEMT');
+  assert.equal(dev.stats().bytesOut, 3);
+});
+
+test('DLAB selects the divisor latch', () => {
+  const { out, wr, rd } = uart();
+  wr(LCR, 0x83);
+  wr(RBR, 0x01);
+  wr(IER, 0x00);
+  assert.equal(rd(RBR), 0x01);
+  assert.equal(rd(IER), 0x00);
+  wr(LCR, 0x03);
+  assert.equal(rd(LCR), 0x03);
+  assert.equal(out.length, 0, 'divisor writes are not output');
+  wr(IER, 0x05);
+  assert.equal(rd(IER), 0x05);
+  wr(LCR, 0x83);
+  assert.equal(rd(RBR), 0x01);
+  assert.equal(rd(IER), 0x00);
+});
+
+test('input pushed through another object over the same state is read in order', () => {
+  const { state, rd, wr, irqs } = uart();
+  let producerIrqs = 0;
+  const producer = new Serial16550(state, {
+    output: () => assert.fail('no output from producer'),
+    irq: { trigger: () => void producerIrqs++ },
+  });
+  assert.equal(rd(LSR) & 0x01, 0);
+  wr(IER, 0x01); // RDI
+  assert.equal(producer.pushInput(Buffer.from('abc')), 3);
+  assert.equal(producerIrqs, 1, 'the pushing thread raises RDA');
+  assert.equal(rd(IIR) & 0x0f, 0x04);
+  const got: number[] = [];
+  while (rd(LSR) & 0x01) got.push(rd(RBR));
+  assert.equal(Buffer.from(got).toString(), 'abc');
+  assert.equal(rd(IIR) & 0x0f, 0x01);
+  assert.equal(irqs(), 0);
+});
+
+test('a full ring accepts short and wakes the producer when drained', async () => {
+  const { dev, rd } = uart();
+  const big = new Uint8Array(SERIAL_RX_RING_SIZE + 10).map((_, i) => i & 0xff);
+  assert.equal(dev.pushInput(big), SERIAL_RX_RING_SIZE);
+  assert.equal(dev.pushInput(big.subarray(SERIAL_RX_RING_SIZE)), 0);
+  assert.equal(dev.inputSpace(), 0);
+  let woke = false;
+  const waiting = dev.waitForInputSpace().then(() => (woke = true));
+  await new Promise((r) => setImmediate(r));
+  assert.equal(woke, false);
+  assert.equal(rd(RBR), 0);
+  await waiting;
+  assert.equal(dev.pushInput(big.subarray(SERIAL_RX_RING_SIZE)), 1);
+  for (let i = 1; i < SERIAL_RX_RING_SIZE + 1; i++) assert.equal(rd(RBR), i & 0xff);
+  assert.equal(rd(LSR) & 0x01, 0);
+});
+
+test('THRE interrupt: raised on enabling THRI, cleared by IIR read, re-raised per byte', () => {
+  const { rd, wr, irqs } = uart();
+  wr(FCR, 0x01);
+  assert.equal(rd(IIR), 0xc1);
+  wr(IER, 0x02);
+  assert.equal(irqs(), 1);
+  // Linux serial8250_do_startup's test: THRE shows, IIR read clears it, re-enable re-asserts.
+  assert.equal(rd(IIR), 0xc2);
+  assert.equal(rd(IIR), 0xc1);
+  wr(IER, 0);
+  wr(IER, 0x02);
+  assert.equal(rd(IIR), 0xc2);
+  assert.equal(irqs(), 2);
+  wr(RBR, 0x41);
+  wr(RBR, 0x42);
+  assert.equal(irqs(), 4, 'one edge per transmitted byte');
+  wr(IER, 0);
+  wr(RBR, 0x43);
+  assert.equal(irqs(), 4, 'no THRE interrupt while THRI is off');
+  assert.equal(rd(IIR), 0xc1);
+});
+
+test('IIR priority: line status > received data > THRE > modem status', () => {
+  const { dev, rd, wr } = uart();
+  wr(IER, 0x0f);
+  // A modem status change: loopback with only RTS set keeps CTS but drops DSR and DCD.
+  wr(MCR, 0x10 | 0x02);
+  assert.equal(dev.pushInput(new Uint8Array(SERIAL_RX_RING_SIZE)), SERIAL_RX_RING_SIZE);
+  wr(RBR, 0x55); // loopback onto a full receiver: overrun, and THRE pending again
+  assert.equal(rd(IIR), 0x06);
+  assert.equal(rd(LSR) & 0x03, 0x03, 'OE and DR');
+  assert.equal(rd(IIR), 0x04);
+  wr(FCR, 0x02); // clear the receiver
+  assert.equal(rd(IIR), 0x02);
+  assert.equal(rd(IIR), 0x00, 'reading IIR cleared THRE; modem status remains');
+  assert.equal(rd(MSR), 0x10 | 0x02 | 0x08, 'CTS, DDSR, DDCD');
+  assert.equal(rd(IIR), 0x01);
+  assert.equal(dev.stats().overruns, 1);
+});
+
+test('loopback sends THR to the receiver, not the output', () => {
+  const { out, rd, wr } = uart();
+  wr(MCR, 0x10);
+  wr(RBR, 0x7e);
+  assert.equal(out.length, 0);
+  assert.equal(rd(LSR) & 0x01, 1);
+  assert.equal(rd(RBR), 0x7e);
+});
+
+test('unknown offsets and wide accesses read all-ones and are counted', () => {
+  const { dev } = uart();
+  const d = new Uint8Array(2);
+  dev.read(0, d);
+  assert.deepEqual([...d], [0xff, 0xff]);
+  dev.write(9, Uint8Array.of(1));
+  assert.equal(dev.stats().unknownAccesses, 2);
+});
+
+test('a real worker thread feeds input while this thread reads it', async () => {
+  const { dev, state, rd } = uart();
+  const total = 20000;
+  const url = new URL('./serial.js', import.meta.url).href;
+  const worker = new Worker(
+    `const { workerData } = require('node:worker_threads');
+     import(workerData.url).then(({ Serial16550 }) => {
+       const dev = new Serial16550(workerData.state, { output() {}, irq: { trigger() {} } });
+       const bytes = new Uint8Array(workerData.total).map((_, i) => (i * 7 + (i >> 8)) & 0xff);
+       const nap = new Int32Array(new SharedArrayBuffer(4));
+       let sent = 0;
+       while (sent < bytes.length) {
+         const n = dev.pushInput(bytes.subarray(sent, Math.min(bytes.length, sent + 333)));
+         sent += n;
+         if (n === 0) Atomics.wait(nap, 0, 0, 1);
+       }
+     });`,
+    { eval: true, workerData: { url, state, total } },
+  );
+  const exited = new Promise((r) => worker.once('exit', r));
+  const got = new Uint8Array(total);
+  let n = 0;
+  const deadline = Date.now() + 10_000;
+  while (n < total && Date.now() < deadline) {
+    if (rd(LSR) & 0x01) got[n++] = rd(RBR);
+  }
+  await exited;
+  assert.equal(n, total);
+  for (let i = 0; i < total; i++) {
+    if (got[i] !== ((i * 7 + (i >> 8)) & 0xff)) assert.fail(`byte ${i} out of order`);
+  }
+  assert.equal(dev.stats().bytesIn, total);
+});

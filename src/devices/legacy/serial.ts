@@ -1,0 +1,432 @@
+import type { BusDevice, IrqLine } from '../bus.js';
+import { SharedMutex } from '../../util/shared-mutex.js';
+
+/**
+ * A 16550A UART (COM1: 8 byte-wide registers at 0x3f8, IRQ 4), as Linux's 8250 driver probes
+ * and drives it (drivers/tty/serial/8250/8250_port.c: autoconfig(), autoconfig_16550a(),
+ * serial8250_do_startup()'s THRE re-assertion test).
+ *
+ * Threads: every vCPU worker builds its own Serial16550 over the SAME SharedArrayBuffer
+ * (createState(), made once by the main thread and posted to the workers); the main thread
+ * builds one too and feeds console input with pushInput(). All register state lives in the
+ * buffer and every access runs under one SharedMutex; output and IRQ callbacks run after the
+ * lock is released.
+ *
+ * Model: transmission is instantaneous (THR/TX FIFO always empty, LSR.THRE|TEMT always set), so
+ * each THR write pulses THRE: the interrupt line drops and rises again, which is one edge (the
+ * IrqLine is an edge irqfd; real hardware makes the same edge). Received bytes come from a
+ * 4 KiB ring that stands in for the RX FIFO; the RDA interrupt is raised while it holds data
+ * (no trigger levels or character timeouts: Linux treats IIR 0x04 and 0x0c alike).
+ * The interrupt is not gated by MCR.OUT2 (QEMU and Firecracker do not gate it either).
+ */
+
+/** Register offsets (16550 datasheet; Linux include/uapi/linux/serial_reg.h). */
+const RBR_THR_DLL = 0;
+const IER_DLM = 1;
+const IIR_FCR = 2;
+const LCR = 3;
+const MCR = 4;
+const LSR = 5;
+const MSR = 6;
+const SCR = 7;
+export const SERIAL_RANGE_SIZE = 8;
+
+const IER_RDI = 0x01; // received data available
+const IER_THRI = 0x02; // THR empty
+const IER_RLSI = 0x04; // receiver line status
+const IER_MSI = 0x08; // modem status
+const IER_MASK = 0x0f; // upper bits read 0 (autoconfig writes 0x0f and UUE 0x40 and checks)
+
+const IIR_NO_INT = 0x01;
+const IIR_MSI = 0x00;
+const IIR_THRI = 0x02;
+const IIR_RDI = 0x04;
+const IIR_RLSI = 0x06;
+const IIR_FIFO_ENABLED = 0xc0; // bits 7:6 = 11 on a 16550A with FIFOs on; bit 5 (64-byte) stays 0
+
+const FCR_ENABLE_FIFO = 0x01;
+const FCR_CLEAR_RCVR = 0x02;
+
+const LCR_DLAB = 0x80;
+
+const MCR_DTR = 0x01;
+const MCR_RTS = 0x02;
+const MCR_OUT1 = 0x04;
+const MCR_OUT2 = 0x08;
+const MCR_LOOP = 0x10;
+const MCR_MASK = 0x1f;
+
+const LSR_DR = 0x01;
+const LSR_OE = 0x02;
+const LSR_THRE = 0x20;
+const LSR_TEMT = 0x40;
+
+const MSR_CTS = 0x10;
+const MSR_DSR = 0x20;
+const MSR_RI = 0x40;
+const MSR_DCD = 0x80;
+/** Outside loopback the other end is always "there": carrier, data set ready, clear to send. */
+const MSR_CONNECTED = MSR_DCD | MSR_DSR | MSR_CTS;
+
+/** 115200 / 12 = 9600 baud, the usual power-on divisor. */
+const DEFAULT_DIVISOR = 12;
+
+/** Input ring capacity in bytes (a power of two). */
+export const SERIAL_RX_RING_SIZE = 4096;
+
+// Int32 slots of the shared state.
+const S_LOCK = 0;
+const S_IER = 1;
+const S_LCR = 2;
+const S_MCR = 3;
+const S_SCR = 4;
+const S_DLL = 5;
+const S_DLM = 6;
+const S_FCR = 7;
+const S_THRE_PENDING = 8;
+const S_LINE = 9; // interrupt line level last computed (0/1)
+const S_MSR_DELTA = 10; // MSR bits 3:0, cleared by reading MSR
+const S_LSR_ERRORS = 11; // LSR error bits, cleared by reading LSR
+const S_RX_HEAD = 12; // consumer index (free-running, wraps as int32)
+const S_RX_TAIL = 13; // producer index
+const S_RX_SPACE_WAITER = 14; // 1 while a producer waits in waitForInputSpace()
+const INT32_SLOTS = 16;
+// Float64 counters (exact to 2^53), changed only under the lock.
+const COUNTERS_BYTE_OFFSET = INT32_SLOTS * 4;
+const C_BYTES_OUT = 0;
+const C_BYTES_IN = 1;
+const C_UNKNOWN = 2;
+const C_IRQS = 3;
+const C_OVERRUNS = 4;
+const COUNTER_COUNT = 8;
+const RING_BYTE_OFFSET = COUNTERS_BYTE_OFFSET + COUNTER_COUNT * 8;
+const STATE_BYTES = RING_BYTE_OFFSET + SERIAL_RX_RING_SIZE;
+
+export interface SerialSinks {
+  /** Bytes the guest transmitted (one access at a time). Not called with the lock held. */
+  output(bytes: Uint8Array): void;
+  /** IRQ 4, edge-triggered. Not called with the lock held. */
+  irq: IrqLine;
+}
+
+export interface SerialCounters {
+  bytesOut: number;
+  bytesIn: number; // accepted by pushInput (or looped back)
+  unknownAccesses: number;
+  interrupts: number; // edges raised
+  overruns: number; // loopback bytes dropped on a full ring (host input never is)
+}
+
+type WaitAsync = (
+  a: Int32Array,
+  i: number,
+  v: number,
+) => { async: false; value: string } | { async: true; value: Promise<string> };
+
+export class Serial16550 implements BusDevice {
+  private readonly s: Int32Array;
+  private readonly counters: Float64Array;
+  private readonly ring: Uint8Array;
+  private readonly mutex: SharedMutex;
+  // Effects decided under the lock, carried out after it.
+  private pendingEdge = false;
+  private pendingOut = -1;
+
+  /** The shared state for one UART, in its power-on state. Post it to every worker. */
+  static createState(): SharedArrayBuffer {
+    const sab = new SharedArrayBuffer(STATE_BYTES);
+    const s = new Int32Array(sab, 0, INT32_SLOTS);
+    s[S_DLL] = DEFAULT_DIVISOR;
+    s[S_LCR] = 0x03; // 8N1
+    return sab;
+  }
+
+  constructor(
+    state: SharedArrayBuffer,
+    private readonly sinks: SerialSinks,
+  ) {
+    if (state.byteLength !== STATE_BYTES) throw new Error('not a Serial16550 state buffer');
+    this.s = new Int32Array(state, 0, INT32_SLOTS);
+    this.counters = new Float64Array(state, COUNTERS_BYTE_OFFSET, COUNTER_COUNT);
+    this.ring = new Uint8Array(state, RING_BYTE_OFFSET, SERIAL_RX_RING_SIZE);
+    this.mutex = new SharedMutex(this.s, S_LOCK);
+  }
+
+  read(offset: number, data: Uint8Array): void {
+    this.mutex.lock();
+    try {
+      const v = data.length === 1 ? this.readRegister(offset) : -1;
+      if (v < 0) {
+        this.counters[C_UNKNOWN]! += 1;
+        data.fill(0xff);
+      } else {
+        data[0] = v;
+      }
+      this.updateLine();
+    } finally {
+      this.mutex.unlock();
+    }
+    this.flushEffects();
+  }
+
+  write(offset: number, data: Uint8Array): void {
+    this.mutex.lock();
+    try {
+      const v = data[0];
+      if (data.length !== 1 || v === undefined || !this.writeRegister(offset, v)) {
+        this.counters[C_UNKNOWN]! += 1;
+      }
+      this.updateLine();
+    } finally {
+      this.mutex.unlock();
+    }
+    this.flushEffects();
+  }
+
+  /**
+   * Host -> guest bytes (console input), from any thread. Returns how many were accepted; when
+   * the ring is full the rest are NOT taken and the caller keeps them and retries (see
+   * waitForInputSpace()). Raises the RDA interrupt if the guest enabled it.
+   */
+  pushInput(bytes: Uint8Array): number {
+    let n = 0;
+    this.mutex.lock();
+    try {
+      n = Math.min(bytes.length, SERIAL_RX_RING_SIZE - this.rxLength());
+      let tail = this.s[S_RX_TAIL]!;
+      for (let i = 0; i < n; i++) {
+        this.ring[tail & (SERIAL_RX_RING_SIZE - 1)] = bytes[i]!;
+        tail = (tail + 1) | 0;
+      }
+      Atomics.store(this.s, S_RX_TAIL, tail);
+      this.counters[C_BYTES_IN]! += n;
+      this.updateLine();
+    } finally {
+      this.mutex.unlock();
+    }
+    this.flushEffects();
+    return n;
+  }
+
+  /**
+   * True while the guest driver has the receive interrupt on (the port is open). Console input
+   * is held back until then: the driver's startup clears the FIFO, which would drop it.
+   */
+  receiverEnabled(): boolean {
+    return (Atomics.load(this.s, S_IER) & IER_RDI) !== 0;
+  }
+
+  /** Free bytes in the input ring now. */
+  inputSpace(): number {
+    return this.mutex.with(() => SERIAL_RX_RING_SIZE - this.rxLength());
+  }
+
+  /**
+   * Resolves once the guest has drained at least one byte since the ring was seen full (or at
+   * once if there is room). Uses Atomics.waitAsync, so the main thread's event loop keeps going.
+   */
+  waitForInputSpace(): Promise<void> {
+    Atomics.store(this.s, S_RX_SPACE_WAITER, 1);
+    const head = Atomics.load(this.s, S_RX_HEAD);
+    if (this.inputSpace() > 0) return Promise.resolve();
+    const waitAsync = (Atomics as unknown as { waitAsync: WaitAsync }).waitAsync;
+    const r = waitAsync(this.s, S_RX_HEAD, head);
+    return r.async ? r.value.then(() => undefined) : Promise.resolve();
+  }
+
+  stats(): SerialCounters {
+    return this.mutex.with(() => ({
+      bytesOut: this.counters[C_BYTES_OUT]!,
+      bytesIn: this.counters[C_BYTES_IN]!,
+      unknownAccesses: this.counters[C_UNKNOWN]!,
+      interrupts: this.counters[C_IRQS]!,
+      overruns: this.counters[C_OVERRUNS]!,
+    }));
+  }
+
+  // ---- everything below runs with the lock held ----
+
+  private readRegister(offset: number): number {
+    const s = this.s;
+    const dlab = (s[S_LCR]! & LCR_DLAB) !== 0;
+    switch (offset) {
+      case RBR_THR_DLL:
+        return dlab ? s[S_DLL]! : this.popRx();
+      case IER_DLM:
+        return dlab ? s[S_DLM]! : s[S_IER]!;
+      case IIR_FCR: {
+        const id = this.interruptId();
+        // Reading IIR while it reports THRE clears that indication (16550 datasheet, table 4).
+        if (id === IIR_THRI) s[S_THRE_PENDING] = 0;
+        return id | (s[S_FCR]! & FCR_ENABLE_FIFO ? IIR_FIFO_ENABLED : 0);
+      }
+      case LCR:
+        return s[S_LCR]!;
+      case MCR:
+        return s[S_MCR]!;
+      case LSR: {
+        const v = (this.rxLength() > 0 ? LSR_DR : 0) | s[S_LSR_ERRORS]! | LSR_THRE | LSR_TEMT;
+        s[S_LSR_ERRORS] = 0;
+        return v;
+      }
+      case MSR: {
+        const v = this.modemStatus() | s[S_MSR_DELTA]!;
+        s[S_MSR_DELTA] = 0;
+        return v;
+      }
+      case SCR:
+        return s[S_SCR]!;
+      default:
+        return -1;
+    }
+  }
+
+  /** False for an access the UART has no register for. */
+  private writeRegister(offset: number, v: number): boolean {
+    const s = this.s;
+    const dlab = (s[S_LCR]! & LCR_DLAB) !== 0;
+    switch (offset) {
+      case RBR_THR_DLL:
+        if (dlab) s[S_DLL] = v;
+        else this.transmit(v);
+        return true;
+      case IER_DLM: {
+        if (dlab) {
+          s[S_DLM] = v;
+          return true;
+        }
+        const old = s[S_IER]!;
+        const ier = v & IER_MASK;
+        s[S_IER] = ier;
+        // A real 16550 re-asserts THRE whenever THRI is enabled with the THR empty; Linux's
+        // startup test toggles IER.THRI and expects the IIR to show it again.
+        if ((ier ^ old) & IER_THRI) s[S_THRE_PENDING] = ier & IER_THRI ? 1 : 0;
+        return true;
+      }
+      case IIR_FCR: {
+        const wasOn = s[S_FCR]! & FCR_ENABLE_FIFO;
+        // Changing the FIFO enable clears both FIFOs, as does FCR bit 1 for the receiver.
+        if (v & FCR_CLEAR_RCVR || (v & FCR_ENABLE_FIFO) !== wasOn) this.clearRx();
+        s[S_FCR] = v & (FCR_ENABLE_FIFO | 0xc0);
+        return true;
+      }
+      case LCR:
+        s[S_LCR] = v;
+        return true;
+      case MCR: {
+        const before = this.modemStatus();
+        s[S_MCR] = v & MCR_MASK;
+        this.noteModemChange(before, this.modemStatus());
+        return true;
+      }
+      case LSR:
+      case MSR:
+        return true; // factory-test writes: ignored, as on most parts
+      case SCR:
+        s[S_SCR] = v;
+        return true;
+      default:
+        return false;
+    }
+  }
+
+  private transmit(v: number): void {
+    const s = this.s;
+    // The write empties... then fills THR: the line drops here, and rises again below once the
+    // byte is "sent", which gives the guest one THRE edge per byte, as hardware does.
+    s[S_THRE_PENDING] = 0;
+    this.updateLine();
+    if (s[S_MCR]! & MCR_LOOP) {
+      // Loopback: the transmitter feeds the receiver; nothing leaves the UART.
+      if (this.rxLength() < SERIAL_RX_RING_SIZE) {
+        const tail = s[S_RX_TAIL]!;
+        this.ring[tail & (SERIAL_RX_RING_SIZE - 1)] = v;
+        Atomics.store(s, S_RX_TAIL, (tail + 1) | 0);
+        this.counters[C_BYTES_IN]! += 1;
+      } else {
+        s[S_LSR_ERRORS] = s[S_LSR_ERRORS]! | LSR_OE;
+        this.counters[C_OVERRUNS]! += 1;
+      }
+    } else {
+      this.pendingOut = v;
+      this.counters[C_BYTES_OUT]! += 1;
+    }
+    s[S_THRE_PENDING] = s[S_IER]! & IER_THRI ? 1 : 0;
+  }
+
+  private popRx(): number {
+    if (this.rxLength() === 0) return 0;
+    const head = this.s[S_RX_HEAD]!;
+    const v = this.ring[head & (SERIAL_RX_RING_SIZE - 1)]!;
+    this.setRxHead((head + 1) | 0);
+    return v;
+  }
+
+  private clearRx(): void {
+    if (this.rxLength() > 0) this.setRxHead(this.s[S_RX_TAIL]!);
+  }
+
+  private setRxHead(head: number): void {
+    Atomics.store(this.s, S_RX_HEAD, head);
+    if (Atomics.load(this.s, S_RX_SPACE_WAITER) !== 0) {
+      Atomics.store(this.s, S_RX_SPACE_WAITER, 0);
+      Atomics.notify(this.s, S_RX_HEAD);
+    }
+  }
+
+  private rxLength(): number {
+    return (this.s[S_RX_TAIL]! - this.s[S_RX_HEAD]!) | 0;
+  }
+
+  /** MSR bits 7:4. In loopback they follow MCR (CTS=RTS, DSR=DTR, RI=OUT1, DCD=OUT2). */
+  private modemStatus(): number {
+    const mcr = this.s[S_MCR]!;
+    if (!(mcr & MCR_LOOP)) return MSR_CONNECTED;
+    return (
+      (mcr & MCR_RTS ? MSR_CTS : 0) |
+      (mcr & MCR_DTR ? MSR_DSR : 0) |
+      (mcr & MCR_OUT1 ? MSR_RI : 0) |
+      (mcr & MCR_OUT2 ? MSR_DCD : 0)
+    );
+  }
+
+  private noteModemChange(before: number, after: number): void {
+    const changed = before ^ after;
+    let delta = 0;
+    if (changed & MSR_CTS) delta |= 0x01; // DCTS
+    if (changed & MSR_DSR) delta |= 0x02; // DDSR
+    if (before & MSR_RI && !(after & MSR_RI)) delta |= 0x04; // TERI: trailing edge only
+    if (changed & MSR_DCD) delta |= 0x08; // DDCD
+    this.s[S_MSR_DELTA] = this.s[S_MSR_DELTA]! | delta;
+  }
+
+  /** IIR bits 3:0 by priority: line status > received data > THR empty > modem status. */
+  private interruptId(): number {
+    const s = this.s;
+    const ier = s[S_IER]!;
+    if (ier & IER_RLSI && s[S_LSR_ERRORS]! !== 0) return IIR_RLSI;
+    if (ier & IER_RDI && this.rxLength() > 0) return IIR_RDI;
+    if (ier & IER_THRI && s[S_THRE_PENDING]! !== 0) return IIR_THRI;
+    if (ier & IER_MSI && s[S_MSR_DELTA]! !== 0) return IIR_MSI;
+    return IIR_NO_INT;
+  }
+
+  /** Recomputes the interrupt line; a rise becomes an edge to send after unlocking. */
+  private updateLine(): void {
+    const level = this.interruptId() === IIR_NO_INT ? 0 : 1;
+    if (level === 1 && this.s[S_LINE] === 0) {
+      this.pendingEdge = true;
+      this.counters[C_IRQS]! += 1;
+    }
+    this.s[S_LINE] = level;
+  }
+
+  private flushEffects(): void {
+    const out = this.pendingOut;
+    const edge = this.pendingEdge;
+    this.pendingOut = -1;
+    this.pendingEdge = false;
+    if (out >= 0) this.sinks.output(Uint8Array.of(out));
+    if (edge) this.sinks.irq.trigger();
+  }
+}

@@ -1,0 +1,21 @@
+/**
+ * A small structured logger: one line per event on stderr ("typervisor: LEVEL message"), or JSON
+ * lines when TYPERVISOR_LOG_FORMAT=json. Level from TYPERVISOR_LOG (error|warn|info|debug).
+ */
+export type Level = 'error' | 'warn' | 'info' | 'debug';
+const ORDER: Record<Level, number> = { error: 0, warn: 1, info: 2, debug: 3 };
+
+let threshold: Level = (process.env.TYPERVISOR_LOG as Level) in ORDER ? (process.env.TYPERVISOR_LOG as Level) : 'warn';
+const json = process.env.TYPERVISOR_LOG_FORMAT === 'json';
+
+export function setLogLevel(l: Level): void {
+  threshold = l;
+}
+
+export function log(level: Level, message: string, fields: Record<string, unknown> = {}): void {
+  if (ORDER[level] > ORDER[threshold]) return;
+  const line = json
+    ? JSON.stringify({ time: new Date().toISOString(), level, message, ...fields })
+    : `typervisor: ${level === 'info' ? '' : level + ': '}${message}`;
+  process.stderr.write(line + '\n');
+}

@@ -1,0 +1,137 @@
+/**
+ * buildVm(): VmResources -> a running Vmm. The one path from a validated description to a VM,
+ * shared by the CLI and the API.
+ */
+import { readFileSync } from 'node:fs';
+import { acpiBootHook } from '../arch/x86_64/acpi/index.js';
+import { setupBoot, type BootSetup } from '../arch/x86_64/boot.js';
+import { filterCpuid } from '../arch/x86_64/cpuid.js';
+import { ramRegions } from '../arch/x86_64/layout.js';
+import { Kvm, Vcpu, type Vm } from '../kvm/kvm.js';
+import { native } from '../kvm/native.js';
+import type { CpuidEntry } from '../kvm/types.js';
+import { ConfigError, HostError, ImageError } from '../util/errors.js';
+import { log } from '../util/log.js';
+import { createGuestRam, mapGuestRam } from './guest-ram.js';
+import { attachLegacyDevices, createLegacyDeviceState, type AttachedDevices } from './legacy-devices.js';
+import { DEFAULT_BOOT_ARGS, validateResources, type VmResources } from './resources.js';
+import { Vmm } from './vmm.js';
+
+const KVM_CAP_TSC_DEADLINE_TIMER = 72;
+/** KVM needs three pages for the TSS and one for the identity map, below 4 GiB, outside RAM. */
+const TSS_ADDR = 0xfffb_d000;
+const IDENTITY_MAP_ADDR = 0xfffb_c000;
+
+export interface BuildOptions {
+  /** Console output file descriptor (default: stdout). */
+  consoleFd?: number;
+}
+
+export interface BuiltVm {
+  vmm: Vmm;
+  /** Main-thread views of the legacy devices (console input, Ctrl-Alt-Del). */
+  devices: AttachedDevices;
+  boot: BootSetup;
+}
+
+function readImage(what: string, path: string): Uint8Array {
+  try {
+    return readFileSync(path);
+  } catch (e) {
+    throw new ConfigError(`cannot read ${what} ${path}: ${(e as Error).message}`);
+  }
+}
+
+/** Sets the boot MSRs: required ones must all be taken; optional ones are tried one by one. */
+function setBootMsrs(vcpu: Vcpu, msrs: BootSetup['msrs'], warned: Set<string>): void {
+  const required = msrs.filter((m) => m.required);
+  const n = vcpu.setMsrs(required);
+  if (n !== required.length) {
+    throw new HostError(`KVM refused the boot MSR ${required[n]?.name ?? '?'} (0x${required[n]?.index.toString(16)})`);
+  }
+  for (const m of msrs.filter((x) => !x.required)) {
+    if (vcpu.setMsrs([m]) !== 1 && !warned.has(m.name)) {
+      warned.add(m.name);
+      log('info', `this host's KVM refuses MSR ${m.name} (0x${m.index.toString(16)}); continuing without it`);
+    }
+  }
+}
+
+export function buildVm(res: VmResources, opts: BuildOptions = {}): BuiltVm {
+  validateResources(res);
+  const memBytes = res.machine.mem_size_mib * 1024 * 1024;
+  const vcpus = res.machine.vcpu_count;
+  const kernel = readImage('kernel', res.boot.kernel_image_path);
+  const initrd = res.boot.initrd_path ? readImage('initrd', res.boot.initrd_path) : undefined;
+
+  const kvm = Kvm.open();
+  const vm: Vm = kvm.createVm();
+  vm.setTssAddr(TSS_ADDR);
+  vm.setIdentityMapAddr(IDENTITY_MAP_ADDR);
+  vm.createIrqchip();
+  vm.createPit2();
+
+  const layout = createGuestRam(ramRegions(memBytes));
+  const ram = mapGuestRam(layout);
+  ram.buffers.forEach((b, i) => vm.setUserMemoryRegion(layout.regions[i]!.base, b));
+
+  const booted = setupBoot(ram.memory, {
+    kernel,
+    initrd,
+    cmdline: res.boot.boot_args ?? DEFAULT_BOOT_ARGS,
+    vcpus,
+    acpi: acpiBootHook({ vcpus, virtio: [] }),
+  });
+  if (!booted.ok) {
+    const e = booted.error;
+    throw e instanceof ImageError || e instanceof ConfigError ? e : new ImageError(e.message);
+  }
+  const boot = booted.value;
+
+  const supported: CpuidEntry[] = kvm.supportedCpuid();
+  const tscDeadline = kvm.checkExtension(KVM_CAP_TSC_DEADLINE_TIMER) > 0;
+  const mmapSize = kvm.vcpuMmapSize();
+  const vcpuFds: number[] = [];
+  const warned = new Set<string>();
+  for (let id = 0; id < vcpus; id++) {
+    const fd = vm.createVcpu(id);
+    vcpuFds.push(fd);
+    const vcpu = new Vcpu(fd, mmapSize);
+    let tscKhz: number | undefined;
+    try {
+      tscKhz = vcpu.tscKhz() || undefined;
+    } catch {
+      tscKhz = undefined; // no KVM_CAP_GET_TSC_KHZ: the guest calibrates instead
+    }
+    vcpu.setCpuid(filterCpuid(supported, { vcpuId: id, vcpuCount: vcpus, tscKhz, tscDeadline }));
+    setBootMsrs(vcpu, boot.msrs, warned);
+    vcpu.setRegs(boot.regs);
+    vcpu.setSregs(boot.sregs(vcpu.getSregs()));
+    vcpu.setDefaultFpu();
+    native().munmap(vcpu.run.buffer as ArrayBuffer); // the worker maps kvm_run itself
+  }
+
+  const legacy = createLegacyDeviceState(vm);
+  const consoleFd = opts.consoleFd ?? 1;
+  const vmm = new Vmm(mmapSize);
+  const devices = attachLegacyDevices(legacy, {
+    output: () => undefined, // the main thread never executes guest port writes
+    onPowerOff: () => undefined,
+    onReset: () => undefined,
+    onBootMarker: () => undefined,
+    log: (m) => log('info', m),
+  });
+  vmm.onTeardown(() => {
+    const n = native();
+    ram.unmap();
+    for (const fd of [...vcpuFds, legacy.serialIrqFd, legacy.i8042IrqFd, layout.memfd, vm.fd, kvm.fd]) {
+      try {
+        n.close(fd);
+      } catch {
+        // already closed
+      }
+    }
+  });
+  vmm.start(vcpuFds, (id) => ({ id, vcpuFd: vcpuFds[id]!, mmapSize, ram: layout, legacy, consoleFd }));
+  return { vmm, devices, boot };
+}

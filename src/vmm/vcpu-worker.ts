@@ -1,0 +1,64 @@
+/**
+ * Entry point of a vCPU worker thread: maps guest RAM and kvm_run itself, attaches the legacy
+ * devices to the shared state, and runs the vCPU loop until the VM ends or is stopped.
+ * The vCPU was configured (CPUID, MSRs, registers) by the main thread before this starts.
+ */
+import { parentPort, workerData } from 'node:worker_threads';
+import { Vcpu } from '../kvm/kvm.js';
+import { native } from '../kvm/native.js';
+import { mapGuestRam, type GuestRamLayout } from './guest-ram.js';
+import { attachLegacyDevices, writeAllSync, type LegacyDeviceState } from './legacy-devices.js';
+import { VcpuControl } from './vcpu-control.js';
+import { VcpuLoop, type VmExitEvent } from './vcpu-loop.js';
+
+export interface VcpuWorkerData {
+  id: number;
+  vcpuFd: number;
+  mmapSize: number;
+  ram: GuestRamLayout;
+  control: SharedArrayBuffer;
+  legacy: LegacyDeviceState;
+  /** Where console output goes (a file descriptor of this process). */
+  consoleFd: number;
+}
+
+export type VcpuWorkerMessage =
+  | { type: 'thread'; thread: bigint }
+  | { type: 'log'; message: string }
+  | { type: 'exit'; event: VmExitEvent };
+
+function main(): void {
+  const port = parentPort!;
+  const d = workerData as VcpuWorkerData;
+  const post = (m: VcpuWorkerMessage) => port.postMessage(m);
+  let event: VmExitEvent;
+  try {
+    const n = native();
+    n.installKickHandler(); // also unblocks the kick signal in this thread
+    post({ type: 'thread', thread: n.threadSelf() });
+    const control = new VcpuControl(d.control);
+    const ram = mapGuestRam(d.ram);
+    const vcpu = new Vcpu(d.vcpuFd, d.mmapSize);
+    let loop: VcpuLoop | undefined;
+    const devices = attachLegacyDevices(d.legacy, {
+      output: (bytes) => writeAllSync(d.consoleFd, bytes),
+      onPowerOff: () => loop && (loop.pendingEvent ??= { kind: 'poweroff' }),
+      onReset: () => loop && (loop.pendingEvent ??= { kind: 'reset' }),
+      onBootMarker: () => control.markBoot(performance.timeOrigin + performance.now()),
+      log: (message) => post({ type: 'log', message }),
+    });
+    loop = new VcpuLoop(d.id, vcpu, control, {
+      pio: devices.pio,
+      mmio: devices.mmio,
+      unhandled: (space, addr, data, isWrite) =>
+        isWrite ? devices.unhandled.write(space, addr, data) : devices.unhandled.read(space, addr, data),
+    });
+    event = loop.run();
+    ram.unmap();
+  } catch (e) {
+    event = { kind: 'fatal', message: `vCPU ${d.id}: ${(e as Error).message}` };
+  }
+  post({ type: 'exit', event });
+}
+
+main();

@@ -1,0 +1,159 @@
+/**
+ * A running VM seen from the main thread: its vCPU workers, their control block, and the
+ * lifecycle actions (pause, resume, stop). Building the VM is builder.ts's job.
+ */
+import { Worker } from 'node:worker_threads';
+import { native, MAP_SHARED, PROT_READ, PROT_WRITE } from '../kvm/native.js';
+import { RUN } from '../kvm/structs.js';
+import { log } from '../util/log.js';
+import type { VmExitEvent } from './vcpu-loop.js';
+import { Command, VcpuControl, VcpuState } from './vcpu-control.js';
+import type { VcpuWorkerData, VcpuWorkerMessage } from './vcpu-worker.js';
+
+const KICK_RETRY_MS = 5;
+const STOP_TIMEOUT_MS = 5000;
+
+interface VcpuHandle {
+  id: number;
+  worker: Worker;
+  thread?: bigint;
+  /** The main thread's own mapping of this vCPU's kvm_run, to set immediate_exit. */
+  run: DataView;
+  runBuffer: ArrayBuffer;
+  exited: boolean;
+}
+
+export type VmState = 'running' | 'paused' | 'stopped';
+
+export class Vmm {
+  readonly control = new VcpuControl();
+  private readonly vcpus: VcpuHandle[] = [];
+  private kickSignal = 0;
+  private firstEvent: VmExitEvent | undefined;
+  private resolveExit!: (e: VmExitEvent) => void;
+  /** Resolves once with the event that ended the VM (all vCPU workers have exited). */
+  readonly exited: Promise<VmExitEvent>;
+  state: VmState = 'running';
+  private readonly cleanups: Array<() => void> = [];
+
+  constructor(private readonly vcpuMmapSize: number) {
+    this.exited = new Promise((r) => (this.resolveExit = r));
+  }
+
+  /** Registers a teardown step, run (in reverse order) once every vCPU has exited. */
+  onTeardown(f: () => void): void {
+    this.cleanups.push(f);
+  }
+
+  /** Starts one worker per vCPU. `data(id)` gives each worker its boot configuration. */
+  start(vcpuFds: number[], data: (id: number) => Omit<VcpuWorkerData, 'control'>): void {
+    const n = native();
+    this.kickSignal = n.installKickHandler();
+    const workerUrl = new URL('./vcpu-worker.js', import.meta.url);
+    vcpuFds.forEach((fd, id) => {
+      const runBuffer = n.mmap(this.vcpuMmapSize, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+      const worker = new Worker(workerUrl, {
+        workerData: { ...data(id), control: this.control.sab } satisfies VcpuWorkerData,
+        stdout: false,
+        stderr: false,
+      });
+      const h: VcpuHandle = { id, worker, run: new DataView(runBuffer), runBuffer, exited: false };
+      worker.on('message', (m: VcpuWorkerMessage) => this.onMessage(h, m));
+      worker.on('error', (e) => this.onVcpuExit(h, { kind: 'fatal', message: `vCPU ${id} worker failed: ${e.message}` }));
+      worker.on('exit', () => this.onVcpuExit(h, { kind: 'fatal', message: `vCPU ${id} worker exited` }));
+      this.vcpus.push(h);
+    });
+  }
+
+  private onMessage(h: VcpuHandle, m: VcpuWorkerMessage): void {
+    if (m.type === 'thread') h.thread = m.thread;
+    else if (m.type === 'log') log('info', m.message);
+    else if (m.type === 'exit') this.onVcpuExit(h, m.event);
+  }
+
+  private onVcpuExit(h: VcpuHandle, e: VmExitEvent): void {
+    if (h.exited) return;
+    h.exited = true;
+    // The first vCPU to end the VM decides why it ended; the others are then told to stop.
+    if (!this.firstEvent && e.kind !== 'stopped') this.firstEvent = e;
+    if (this.control.command !== Command.Stop) this.requestStop();
+    if (this.vcpus.every((v) => v.exited)) this.teardown();
+  }
+
+  private teardown(): void {
+    this.state = 'stopped';
+    for (const h of this.vcpus) {
+      if (h.runBuffer.byteLength > 0) native().munmap(h.runBuffer);
+    }
+    for (const f of this.cleanups.reverse()) {
+      try {
+        f();
+      } catch {
+        // teardown is best effort: the process is about to report and exit
+      }
+    }
+    this.resolveExit(this.firstEvent ?? { kind: 'stopped' });
+  }
+
+  /** Sets immediate_exit on every live vCPU and signals its thread, until `done()` holds. */
+  private kickUntil(done: () => boolean, onTimeout: () => void): void {
+    const started = Date.now();
+    const tick = () => {
+      if (done()) return;
+      if (Date.now() - started > STOP_TIMEOUT_MS) return onTimeout();
+      for (const h of this.vcpus) {
+        if (h.exited || h.runBuffer.byteLength === 0) continue;
+        h.run.setUint8(RUN.immediateExit, 1);
+        if (h.thread !== undefined) {
+          try {
+            native().kick(h.thread, this.kickSignal);
+          } catch {
+            // the thread may have just exited; its 'exit' event will arrive
+          }
+        }
+      }
+      setTimeout(tick, KICK_RETRY_MS);
+    };
+    tick();
+  }
+
+  /** Asks every vCPU to stop; `exited` resolves when they have. */
+  requestStop(): void {
+    this.control.setCommand(Command.Stop);
+    this.kickUntil(
+      () => this.vcpus.every((v) => v.exited),
+      () => {
+        for (const h of this.vcpus) if (!h.exited) void h.worker.terminate();
+      },
+    );
+  }
+
+  /** Pauses every vCPU; resolves once all are parked. */
+  pause(): Promise<void> {
+    if (this.state !== 'running') return Promise.resolve();
+    this.control.setCommand(Command.Pause);
+    return new Promise((resolve, reject) => {
+      const allParked = () =>
+        this.vcpus.every((v) => v.exited || this.control.state(v.id) === VcpuState.Paused);
+      this.kickUntil(
+        () => {
+          if (!allParked()) return false;
+          this.state = 'paused';
+          resolve();
+          return true;
+        },
+        () => reject(new Error('vCPUs did not pause in time')),
+      );
+    });
+  }
+
+  resume(): void {
+    if (this.state !== 'paused') return;
+    this.control.setCommand(Command.Run);
+    this.state = 'running';
+  }
+
+  get vcpuCount(): number {
+    return this.vcpus.length;
+  }
+}
