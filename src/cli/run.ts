@@ -10,7 +10,8 @@ import { isBzImage } from '../loader/bzimage.js';
 import { ConfigError, HostError, TypervisorError } from '../util/errors.js';
 import { log, setLogLevel, type Level } from '../util/log.js';
 import { buildVm } from '../vmm/builder.js';
-import { DEFAULT_BOOT_ARGS, type VmResources } from '../vmm/resources.js';
+import { DEFAULT_BOOT_ARGS, MAX_MEM_MIB, MIN_MEM_MIB, type VmResources } from '../vmm/resources.js';
+import { MAX_VCPUS } from '../arch/x86_64/layout.js';
 import { Console } from './console.js';
 
 export const EXIT_OK = 0;
@@ -29,10 +30,11 @@ export const RUN_USAGE = `usage: typervisor run [options]
   --log-level L     error | warn | info | debug (default warn)
 Console: the guest's serial port is this terminal; press Ctrl-A then x to quit.`;
 
-function intArg(name: string, v: string | undefined, dflt: number): number {
+function intArg(name: string, v: string | undefined, dflt: number, min: number, max: number): number {
   if (v === undefined) return dflt;
-  if (!/^\d+$/.test(v)) throw new ConfigError(`--${name} must be a whole number (got "${v}")`);
-  return Number(v);
+  const n = /^\d+$/.test(v) ? Number(v) : NaN;
+  if (!(n >= min && n <= max)) throw new ConfigError(`--${name} must be a whole number from ${min} to ${max} (got "${v}")`);
+  return n;
 }
 
 /** The project's default guest (built by `npm run guest`), or undefined when not built. */
@@ -77,7 +79,10 @@ export async function parseRunArgs(argv: string[]): Promise<{ res: VmResources; 
     initrd ??= g.initrd;
   }
   const res: VmResources = {
-    machine: { vcpu_count: intArg('vcpus', v.vcpus, 1), mem_size_mib: intArg('memory', v.memory, 256) },
+    machine: {
+      vcpu_count: intArg('vcpus', v.vcpus, 1, 1, MAX_VCPUS),
+      mem_size_mib: intArg('memory', v.memory, 256, MIN_MEM_MIB, MAX_MEM_MIB),
+    },
     boot: { kernel_image_path: kernel, initrd_path: initrd, boot_args: v.cmdline ?? DEFAULT_BOOT_ARGS },
   };
   return { res, bootTimer: v['boot-timer'] ?? false, allowPvm: v['allow-pvm'] ?? false };

@@ -93,7 +93,7 @@ export function attachLegacyDevices(state: LegacyDeviceState, hooks: LegacyHooks
   const mmio = new Bus();
   mmio.insert(ACPI_PM_BASE, ACPI_PM_WINDOW_SIZE, new AcpiPm({ onPowerOff: hooks.onPowerOff, onReset: hooks.onReset, log: hooks.log }));
   const unhandled = new UnhandledAccesses(state.unhandled, (i: UnhandledAccessInfo) =>
-    hooks.log(`unhandled ${i.space} ${i.write ? 'write' : 'read'} of ${i.size} bytes at 0x${i.addr.toString(16)} (answered with all-ones, counted)`),
+    hooks.log(`unhandled ${i.space} ${i.write ? 'write' : 'read'} of ${i.size} bytes at 0x${i.addr.toString(16)} (${i.write ? 'dropped' : 'answered with all-ones'}; further ones only counted)`),
   );
   return { pio, mmio, unhandled, serial, i8042 };
 }

@@ -32,13 +32,17 @@ function main(): void {
   const d = workerData as VcpuWorkerData;
   const post = (m: VcpuWorkerMessage) => port.postMessage(m);
   let event: VmExitEvent;
+  // Every mapping of a vCPU fd pins the VM in the kernel: unmap ours whatever happens.
+  const mappings: Array<() => void> = [];
   try {
     const n = native();
     n.installKickHandler(); // also unblocks the kick signal in this thread
     post({ type: 'thread', thread: n.threadSelf() });
     const control = new VcpuControl(d.control);
     const ram = mapGuestRam(d.ram);
+    mappings.push(() => ram.unmap());
     const vcpu = new Vcpu(d.vcpuFd, d.mmapSize);
+    mappings.push(() => n.munmap(vcpu.run.buffer as ArrayBuffer));
     let loop: VcpuLoop | undefined;
     const devices = attachLegacyDevices(d.legacy, {
       output: (bytes) => writeAllSync(d.consoleFd, bytes),
@@ -54,9 +58,10 @@ function main(): void {
         isWrite ? devices.unhandled.write(space, addr, data) : devices.unhandled.read(space, addr, data),
     });
     event = loop.run();
-    ram.unmap();
   } catch (e) {
     event = { kind: 'fatal', message: `vCPU ${d.id}: ${(e as Error).message}` };
+  } finally {
+    for (const unmap of mappings) unmap();
   }
   post({ type: 'exit', event });
 }

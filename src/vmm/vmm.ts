@@ -21,6 +21,8 @@ interface VcpuHandle {
   run: DataView;
   runBuffer: ArrayBuffer;
   exited: boolean;
+  /** The worker posted why it ended (its thread ends right after). */
+  reported?: boolean;
 }
 
 export type VmState = 'running' | 'paused' | 'stopped';
@@ -59,8 +61,11 @@ export class Vmm {
       });
       const h: VcpuHandle = { id, worker, run: new DataView(runBuffer), runBuffer, exited: false };
       worker.on('message', (m: VcpuWorkerMessage) => this.onMessage(h, m));
-      worker.on('error', (e) => this.onVcpuExit(h, { kind: 'fatal', message: `vCPU ${id} worker failed: ${e.message}` }));
-      worker.on('exit', () => this.onVcpuExit(h, { kind: 'fatal', message: `vCPU ${id} worker exited` }));
+      worker.on('error', (e) => this.onVcpuEvent({ kind: 'fatal', message: `vCPU ${id} worker failed: ${e.message}` }));
+      // A worker that ends without saying why (it always posts 'exit' first) is a VMM bug.
+      worker.on('exit', () =>
+        this.onWorkerGone(h, h.reported ? { kind: 'stopped' } : { kind: 'fatal', message: `vCPU ${id} worker ended unexpectedly` }),
+      );
       this.vcpus.push(h);
     });
   }
@@ -68,15 +73,23 @@ export class Vmm {
   private onMessage(h: VcpuHandle, m: VcpuWorkerMessage): void {
     if (m.type === 'thread') h.thread = m.thread;
     else if (m.type === 'log') log('info', m.message);
-    else if (m.type === 'exit') this.onVcpuExit(h, m.event);
+    else if (m.type === 'exit') {
+      h.reported = true;
+      this.onVcpuEvent(m.event);
+    }
   }
 
-  private onVcpuExit(h: VcpuHandle, e: VmExitEvent): void {
-    if (h.exited) return;
-    h.exited = true;
-    // The first vCPU to end the VM decides why it ended; the others are then told to stop.
+  /** A vCPU ended the VM (or acknowledged a stop): the first real reason wins; stop the rest. */
+  private onVcpuEvent(e: VmExitEvent): void {
     if (!this.firstEvent && e.kind !== 'stopped') this.firstEvent = e;
     if (this.control.command !== Command.Stop) this.requestStop();
+  }
+
+  /** The worker thread is gone (its mappings are released before it posts 'exit'). */
+  private onWorkerGone(h: VcpuHandle, e: VmExitEvent): void {
+    if (h.exited) return;
+    h.exited = true;
+    this.onVcpuEvent(e);
     if (this.vcpus.every((v) => v.exited)) this.teardown();
   }
 

@@ -8,7 +8,14 @@
  *   MODE_TRIPLE    #UD with an empty IDT: a triple fault
  *   MODE_SPIN      spins forever (for pause and kick tests)
  *   MODE_PIOLOOP   LOOP_COUNT writes to port 0x3f1 (unclaimed), then poweroff (exit-rate bench)
+ *   MODE_PIOSPIN   writes to port 0x3f1 (unclaimed) forever (pause tests that watch exit counts)
  *   MODE_MMIO      reads and writes an unclaimed MMIO address, prints what it read, poweroff
+ *   MODE_ECHO      enables the UART receive interrupt (IER.RDI, the console's "port open"
+ *                  signal), polls LSR.DR and echoes every byte until '\n', then poweroff
+ *   MODE_RTC       reads the CMOS RTC (B, century, year, month, day, hours, minutes, seconds)
+ *                  and prints "rtc BB CC YY-MM-DD HH:MM:SS" (raw register bytes in hex), poweroff
+ *   MODE_I8042     prints "kbd SS CC TT": the i8042 status, the command byte (command 0x20)
+ *                  and the self-test answer (command 0xaa), poweroff
  */
 #define COM1 0x3f8
 #define MARKER_PORT 0x3f0
@@ -55,6 +62,10 @@ _start:
 	dec	%ecx
 	jnz	3b
 	jmp	poweroff
+#elif defined(MODE_PIOSPIN)
+	mov	$0x3f1, %dx
+3:	out	%al, %dx
+	jmp	3b
 #elif defined(MODE_MMIO)
 	mov	$0xd0000000, %ebx
 	movl	$0x12345678, (%ebx)
@@ -65,6 +76,55 @@ _start:
 	mov	$COM1, %dx
 	out	%al, %dx
 4:	jmp	poweroff
+#elif defined(MODE_ECHO)
+	mov	$COM1+1, %dx		/* IER = RDI: the port is open, the VMM sends input */
+	mov	$1, %al
+	out	%al, %dx
+3:	mov	$COM1+5, %dx		/* LSR */
+	in	%dx, %al
+	test	$1, %al			/* DR */
+	jz	3b
+	mov	$COM1, %dx
+	in	%dx, %al		/* RBR */
+	out	%al, %dx		/* THR: echo */
+	cmp	$'\n', %al
+	jne	3b
+	jmp	poweroff
+#elif defined(MODE_RTC)
+	lea	rtc_msg, %esi
+	call	puts
+	lea	rtc_regs, %esi
+3:	lodsb				/* register index; 0xff ends */
+	cmp	$0xff, %al
+	je	poweroff
+	mov	$0x70, %dx
+	out	%al, %dx
+	mov	$0x71, %dx
+	in	%dx, %al
+	call	puthex
+	lodsb				/* separator */
+	mov	$COM1, %dx
+	out	%al, %dx
+	jmp	3b
+#elif defined(MODE_I8042)
+	lea	kbd_msg, %esi
+	call	puts
+	in	$0x64, %al		/* status */
+	call	puthex
+	call	space
+	mov	$0x20, %al		/* read command byte */
+	out	%al, $0x64
+	in	$0x60, %al
+	call	puthex
+	call	space
+	mov	$0xaa, %al		/* controller self-test: 0x55 */
+	out	%al, $0x64
+	in	$0x60, %al
+	call	puthex
+	mov	$'\n', %al
+	mov	$COM1, %dx
+	out	%al, %dx
+	jmp	poweroff
 #else
 #error "pick a MODE_"
 #endif
@@ -75,8 +135,43 @@ poweroff:
 5:	hlt
 	jmp	5b
 
+/* puts: prints the NUL-terminated string at %esi. Clobbers %eax, %edx, %esi. */
+puts:
+	mov	$COM1, %dx
+1:	lodsb
+	test	%al, %al
+	jz	2f
+	out	%al, %dx
+	jmp	1b
+2:	ret
+
+/* puthex: prints %al as two hex digits. Clobbers %eax, %edx. */
+puthex:
+	mov	$COM1, %dx
+	push	%eax
+	shr	$4, %al
+	call	1f
+	pop	%eax
+1:	and	$0xf, %al
+	add	$'0', %al
+	cmp	$'9', %al
+	jbe	2f
+	add	$'a'-'9'-1, %al
+2:	out	%al, %dx
+	ret
+
+space:
+	mov	$' ', %al
+	mov	$COM1, %dx
+	out	%al, %dx
+	ret
+
 	.section .rodata
 msg:	.asciz "tiny guest up\n"
+rtc_msg: .asciz "rtc "
+kbd_msg: .asciz "kbd "
+	/* (register, separator after it) pairs for MODE_RTC, then 0xff */
+rtc_regs: .byte 0x0b, ' ', 0x32, ' ', 0x09, '-', 0x08, '-', 0x07, ' ', 0x04, ':', 0x02, ':', 0x00, '\n', 0xff
 	.align 8
 empty_idt:
 	.word 0

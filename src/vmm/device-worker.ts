@@ -1,0 +1,101 @@
+/**
+ * Entry point of the device worker thread: the data plane (DESIGN.md, "The shape"). It maps
+ * guest RAM itself, builds one VirtioDevice per slot over the slot's shared register file, and
+ * runs a synchronous epoll loop over eventfds:
+ * - one control eventfd: the vCPU workers write it on DRIVER_OK and on the reset of an
+ *   activated device; the main thread writes it (after setting the stop flag) to end the worker;
+ * - one eventfd per queue: KVM signals it on the guest's QueueNotify write (KVM_IOEVENTFD);
+ * - interrupts leave through each device's irqfd (KVM_IRQFD).
+ * It blocks in epoll_wait, so it never handles 'message' events; it only posts log lines.
+ */
+import { parentPort, workerData } from 'node:worker_threads';
+import { BlockDevice, fdBlockFile } from '../devices/virtio/block/block.js';
+import { VirtioDevice, type VirtioBackend } from '../devices/virtio/device.js';
+import { RngDevice } from '../devices/virtio/rng/rng.js';
+import { EventLoop } from '../events/event-loop.js';
+import { native } from '../kvm/native.js';
+import { mapGuestRam, type GuestRamLayout } from './guest-ram.js';
+
+/** Int32 slots of the worker's control block. */
+export const W_STOP = 0;
+export const W_RUNNING = 1;
+export const WORKER_CONTROL_SLOTS = 4;
+
+export type DeviceWorkerDevice = {
+  name: string;
+  state: SharedArrayBuffer;
+  irqFd: number;
+  queueFds: number[];
+} & ({ kind: 'rng' } | { kind: 'block'; fd: number; capacity: number; readOnly: boolean; serial: Uint8Array });
+
+export interface DeviceWorkerData {
+  ram: GuestRamLayout;
+  controlFd: number;
+  control: SharedArrayBuffer;
+  devices: DeviceWorkerDevice[];
+}
+
+export type DeviceWorkerMessage = { type: 'log'; message: string } | { type: 'fatal'; message: string };
+
+/** Resets a (non-blocking) eventfd's counter. */
+function drain(fd: number): void {
+  native().eventfdRead(fd);
+}
+
+function main(): void {
+  const port = parentPort!;
+  const d = workerData as DeviceWorkerData;
+  const log = (message: string) => port.postMessage({ type: 'log', message } satisfies DeviceWorkerMessage);
+  const control = new Int32Array(d.control);
+  const ram = mapGuestRam(d.ram);
+  const loop = new EventLoop((e) => log(`device worker: internal error: ${(e as Error).stack ?? String(e)}`));
+  try {
+    const devices = d.devices.map((dev) => {
+      const backend: VirtioBackend =
+        dev.kind === 'block'
+          ? new BlockDevice({
+              name: dev.name,
+              file: fdBlockFile(dev.fd),
+              capacity: dev.capacity,
+              readOnly: dev.readOnly,
+              serial: dev.serial,
+              log,
+            })
+          : new RngDevice();
+      const device = new VirtioDevice(dev.state, backend, {
+        mem: ram.memory,
+        interrupt: () => native().eventfdWrite(dev.irqFd, 1),
+        log,
+      });
+      dev.queueFds.forEach((fd, q) =>
+        loop.add(fd, {
+          process: () => {
+            drain(fd);
+            device.onKick(q);
+          },
+        }),
+      );
+      return device;
+    });
+    loop.add(d.controlFd, {
+      process: () => {
+        drain(d.controlFd);
+        if (Atomics.load(control, W_STOP) !== 0) return;
+        for (const dev of devices) dev.onLifecycle();
+      },
+    });
+    Atomics.store(control, W_RUNNING, 1);
+    Atomics.notify(control, W_RUNNING);
+    // Devices activated before this worker started (or kicks it missed) are caught up now.
+    for (const dev of devices) dev.onLifecycle();
+    loop.run(() => Atomics.load(control, W_STOP) !== 0);
+  } catch (e) {
+    port.postMessage({ type: 'fatal', message: (e as Error).stack ?? String(e) } satisfies DeviceWorkerMessage);
+  } finally {
+    loop.close();
+    ram.unmap();
+    Atomics.store(control, W_RUNNING, 0);
+  }
+}
+
+main();

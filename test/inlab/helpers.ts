@@ -1,0 +1,53 @@
+/**
+ * Helpers for tests that boot stock Linux guests with Typervisor. They need a KVM that runs
+ * stock kernels (hardware VT-x/AMD-V): inside the lab on our PVM hosts, anywhere on real
+ * hardware. Elsewhere they skip, saying why.
+ */
+import { spawn } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import { join } from 'node:path';
+import { detectKvm } from '../../src/kvm/detect.js';
+import { imagePaths, repoRoot } from '../../src/lab/guest.js';
+
+export const kvm = detectKvm();
+export const skipReason = kvm.canRunStockGuests ? undefined : `needs a KVM that runs stock kernels: ${kvm.reason}`;
+
+export function defaultGuest(): { kernel: string; initrd: string } {
+  const kernel = imagePaths('kernel').KERNEL!;
+  const initrd = imagePaths('initramfs').INITRAMFS!;
+  if (!existsSync(kernel) || !existsSync(initrd)) throw new Error('default guest not built: run `npm run guest`');
+  return { kernel, initrd };
+}
+
+export interface RunResult {
+  code: number | null;
+  signal: NodeJS.Signals | null;
+  stdout: string;
+  stderr: string;
+  ms: number;
+}
+
+/** Runs bin/typervisor with args, feeding `input` on stdin, killed after timeoutMs. */
+export function typervisor(args: string[], input: string, timeoutMs = 120_000): Promise<RunResult> {
+  const bin = join(repoRoot(), 'bin', 'typervisor');
+  const t0 = Date.now();
+  return new Promise((resolve) => {
+    const child = spawn(process.execPath, [bin, ...args], { stdio: ['pipe', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
+    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+    child.stdin.on('error', () => undefined);
+    child.stdin.end(input);
+    const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs);
+    child.on('close', (code, signal) => {
+      clearTimeout(timer);
+      resolve({ code, signal, stdout, stderr, ms: Date.now() - t0 });
+    });
+  });
+}
+
+/** Prints a run's output when an assertion about it fails. */
+export function describeRun(r: RunResult): string {
+  return `exit ${r.code} signal ${r.signal} after ${r.ms} ms\n--- stdout ---\n${r.stdout}\n--- stderr ---\n${r.stderr}`;
+}
