@@ -8,7 +8,7 @@
  * - interrupts leave through each device's irqfd (KVM_IRQFD).
  * It blocks in epoll_wait, so it never handles 'message' events; it only posts log lines.
  */
-import { parentPort, workerData } from 'node:worker_threads';
+import { isMainThread, parentPort, workerData } from 'node:worker_threads';
 import { BlockDevice, fdBlockFile } from '../devices/virtio/block/block.js';
 import { VirtioDevice, type VirtioBackend } from '../devices/virtio/device.js';
 import { RngDevice } from '../devices/virtio/rng/rng.js';
@@ -26,16 +26,24 @@ export type DeviceWorkerDevice = {
   state: SharedArrayBuffer;
   irqFd: number;
   queueFds: number[];
-} & ({ kind: 'rng' } | { kind: 'block'; fd: number; capacity: number; readOnly: boolean; serial: Uint8Array });
+} & (
+  | { kind: 'rng' }
+  | { kind: 'block'; fd: number; capacity: number; readOnly: boolean; serial: Uint8Array }
+);
+
+export const DEVICE_WORKER_ROLE = 'virtio-device-worker';
 
 export interface DeviceWorkerData {
+  /** Marks the thread as the device worker (this module is also imported for its types). */
+  role: typeof DEVICE_WORKER_ROLE;
   ram: GuestRamLayout;
   controlFd: number;
   control: SharedArrayBuffer;
   devices: DeviceWorkerDevice[];
 }
 
-export type DeviceWorkerMessage = { type: 'log'; message: string } | { type: 'fatal'; message: string };
+export type DeviceWorkerMessage =
+  { type: 'log'; message: string } | { type: 'fatal'; message: string };
 
 /** Resets a (non-blocking) eventfd's counter. */
 function drain(fd: number): void {
@@ -45,10 +53,13 @@ function drain(fd: number): void {
 function main(): void {
   const port = parentPort!;
   const d = workerData as DeviceWorkerData;
-  const log = (message: string) => port.postMessage({ type: 'log', message } satisfies DeviceWorkerMessage);
+  const log = (message: string) =>
+    port.postMessage({ type: 'log', message } satisfies DeviceWorkerMessage);
   const control = new Int32Array(d.control);
   const ram = mapGuestRam(d.ram);
-  const loop = new EventLoop((e) => log(`device worker: internal error: ${(e as Error).stack ?? String(e)}`));
+  const loop = new EventLoop((e) =>
+    log(`device worker: internal error: ${(e as Error).stack ?? String(e)}`),
+  );
   try {
     const devices = d.devices.map((dev) => {
       const backend: VirtioBackend =
@@ -90,7 +101,10 @@ function main(): void {
     for (const dev of devices) dev.onLifecycle();
     loop.run(() => Atomics.load(control, W_STOP) !== 0);
   } catch (e) {
-    port.postMessage({ type: 'fatal', message: (e as Error).stack ?? String(e) } satisfies DeviceWorkerMessage);
+    port.postMessage({
+      type: 'fatal',
+      message: (e as Error).stack ?? String(e),
+    } satisfies DeviceWorkerMessage);
   } finally {
     loop.close();
     ram.unmap();
@@ -98,4 +112,5 @@ function main(): void {
   }
 }
 
-main();
+if (!isMainThread && (workerData as Partial<DeviceWorkerData> | null)?.role === DEVICE_WORKER_ROLE)
+  main();

@@ -13,10 +13,19 @@
  */
 import { openSync, closeSync } from 'node:fs';
 import { Worker } from 'node:worker_threads';
-import { VIRTIO_GSI_FIRST, VIRTIO_GSI_LAST, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE } from '../arch/x86_64/layout.js';
+import {
+  VIRTIO_GSI_FIRST,
+  VIRTIO_GSI_LAST,
+  VIRTIO_MMIO_BASE,
+  VIRTIO_MMIO_SIZE,
+} from '../arch/x86_64/layout.js';
 import type { Bus } from '../devices/bus.js';
 import { blockIdentity } from '../devices/virtio/block/block.js';
-import { type BlockConfig, validateBlockConfigs, type ValidatedBlock } from '../devices/virtio/block/config.js';
+import {
+  type BlockConfig,
+  validateBlockConfigs,
+  type ValidatedBlock,
+} from '../devices/virtio/block/config.js';
 import { VIRTIO_F_VERSION_1, bit } from '../devices/virtio/constants.js';
 import { VirtioMmioState, type VirtioCounters } from '../devices/virtio/mmio-state.js';
 import { MmioTransport, REG } from '../devices/virtio/mmio.js';
@@ -25,7 +34,11 @@ import type { Vm } from '../kvm/kvm.js';
 import { EFD_NONBLOCK, native } from '../kvm/native.js';
 import { ConfigError } from '../util/errors.js';
 import {
-  W_STOP, WORKER_CONTROL_SLOTS, type DeviceWorkerData, type DeviceWorkerDevice,
+  DEVICE_WORKER_ROLE,
+  W_STOP,
+  WORKER_CONTROL_SLOTS,
+  type DeviceWorkerData,
+  type DeviceWorkerDevice,
   type DeviceWorkerMessage,
 } from './device-worker.js';
 import type { GuestRamLayout } from './guest-ram.js';
@@ -56,14 +69,21 @@ export interface VirtioPlan {
 const MAX_SLOTS = VIRTIO_GSI_LAST - VIRTIO_GSI_FIRST + 1;
 
 /** Checks the device list (drive files, duplicates, slot count). Throws ConfigError. */
-export function validateVirtioConfigs(configs: readonly VirtioConfig[]): { blocks: ValidatedBlock[]; warnings: string[] } {
+export function validateVirtioConfigs(configs: readonly VirtioConfig[]): {
+  blocks: ValidatedBlock[];
+  warnings: string[];
+} {
   if (configs.length > MAX_SLOTS) {
-    throw new ConfigError(`at most ${MAX_SLOTS} virtio devices (one GSI each), ${configs.length} asked`);
+    throw new ConfigError(
+      `at most ${MAX_SLOTS} virtio devices (one GSI each), ${configs.length} asked`,
+    );
   }
   for (const c of configs) {
-    if (c.kind !== 'block' && c.kind !== 'rng') throw new ConfigError(`unknown virtio device kind ${String((c as { kind: unknown }).kind)}`);
+    if (c.kind !== 'block' && c.kind !== 'rng')
+      throw new ConfigError(`unknown virtio device kind ${String((c as { kind: unknown }).kind)}`);
   }
-  if (configs.filter((c) => c.kind === 'rng').length > 1) throw new ConfigError('at most one entropy device');
+  if (configs.filter((c) => c.kind === 'rng').length > 1)
+    throw new ConfigError('at most one entropy device');
   const blocks = validateBlockConfigs(configs.filter((c): c is BlockConfig => c.kind === 'block'));
   return { blocks, warnings: blocks.flatMap((b) => b.warnings) };
 }
@@ -116,7 +136,9 @@ export function virtioCmdline(plan: VirtioPlan): string {
 export function registerVirtioWithKvm(vm: Vm, plan: VirtioPlan): void {
   for (const s of plan.slots) {
     vm.registerIrqfd(s.irqFd, s.gsi);
-    s.queueFds.forEach((fd, q) => vm.registerIoeventfd(fd, s.addr + REG.QUEUE_NOTIFY, 4, { datamatch: BigInt(q) }));
+    s.queueFds.forEach((fd, q) =>
+      vm.registerIoeventfd(fd, s.addr + REG.QUEUE_NOTIFY, 4, { datamatch: BigInt(q) }),
+    );
   }
 }
 
@@ -150,7 +172,11 @@ export interface DeviceWorkerOptions {
 }
 
 /** Main thread: opens the disk images and starts the data-plane worker. */
-export function startDeviceWorker(plan: VirtioPlan, ram: GuestRamLayout, opts: DeviceWorkerOptions = {}): DeviceWorkerHandle {
+export function startDeviceWorker(
+  plan: VirtioPlan,
+  ram: GuestRamLayout,
+  opts: DeviceWorkerOptions = {},
+): DeviceWorkerHandle {
   const log = opts.log ?? (() => undefined);
   const fds: number[] = [];
   let devices: DeviceWorkerDevice[];
@@ -161,7 +187,14 @@ export function startDeviceWorker(plan: VirtioPlan, ram: GuestRamLayout, opts: D
       const b = s.block;
       const fd = openSync(b.path, b.readOnly ? 'r' : 'r+');
       fds.push(fd);
-      return { ...common, kind: 'block', fd, capacity: b.capacity, readOnly: b.readOnly, serial: b.serial };
+      return {
+        ...common,
+        kind: 'block',
+        fd,
+        capacity: b.capacity,
+        readOnly: b.readOnly,
+        serial: b.serial,
+      };
     });
   } catch (e) {
     fds.forEach((fd) => closeSync(fd));
@@ -170,7 +203,13 @@ export function startDeviceWorker(plan: VirtioPlan, ram: GuestRamLayout, opts: D
   const control = new SharedArrayBuffer(WORKER_CONTROL_SLOTS * 4);
   const c = new Int32Array(control);
   const worker = new Worker(new URL('./device-worker.js', import.meta.url), {
-    workerData: { ram, controlFd: plan.controlFd, control, devices } satisfies DeviceWorkerData,
+    workerData: {
+      role: DEVICE_WORKER_ROLE,
+      ram,
+      controlFd: plan.controlFd,
+      control,
+      devices,
+    } satisfies DeviceWorkerData,
   });
   worker.on('message', (m: DeviceWorkerMessage) => {
     if (m.type === 'log') log(m.message);

@@ -200,7 +200,7 @@ export class Serial16550 implements BusDevice {
       }
       Atomics.store(this.s, S_RX_TAIL, tail);
       this.counters[C_BYTES_IN]! += n;
-      this.updateLine();
+      this.updateLine(n > 0);
     } finally {
       this.mutex.unlock();
     }
@@ -412,9 +412,15 @@ export class Serial16550 implements BusDevice {
   }
 
   /** Recomputes the interrupt line; a rise becomes an edge to send after unlocking. */
-  private updateLine(): void {
+  /**
+   * Recomputes the interrupt line. An edge goes out when it rises, or when `reassert` says new
+   * data arrived while it was already high: the IRQ is an edge-triggered irqfd pulse, and an
+   * edge the guest missed (its IOAPIC pin masked during the 8250 driver's startup tests) must not
+   * leave the receiver stuck forever. A spurious interrupt is harmless; a lost one is not.
+   */
+  private updateLine(reassert = false): void {
     const level = this.interruptId() === IIR_NO_INT ? 0 : 1;
-    if (level === 1 && this.s[S_LINE] === 0) {
+    if (level === 1 && (this.s[S_LINE] === 0 || reassert)) {
       this.pendingEdge = true;
       this.counters[C_IRQS]! += 1;
     }

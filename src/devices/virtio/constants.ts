@@ -1,0 +1,33 @@
+/**
+ * virtio 1.2 numbers shared by the transport, the queues and the devices.
+ * Sections cited are of the virtio 1.2 specification (OASIS, 2022).
+ */
+
+/** Device status bits (§2.1). */
+export const STATUS_ACKNOWLEDGE = 0x01;
+export const STATUS_DRIVER = 0x02;
+export const STATUS_DRIVER_OK = 0x04;
+export const STATUS_FEATURES_OK = 0x08;
+export const STATUS_DEVICE_NEEDS_RESET = 0x40;
+export const STATUS_FAILED = 0x80;
+
+/** Reserved feature bits (§6). */
+export const VIRTIO_F_RING_INDIRECT_DESC = 28;
+export const VIRTIO_F_RING_EVENT_IDX = 29; // never offered: see queue.ts
+export const VIRTIO_F_VERSION_1 = 32;
+
+/** InterruptStatus bits (§4.2.2). */
+export const INT_USED_BUFFER = 0x1;
+export const INT_CONFIG_CHANGE = 0x2;
+
+/** Device IDs (§5). */
+export const DEVICE_ID_BLOCK = 2;
+export const DEVICE_ID_RNG = 4;
+
+/** VendorID register: the bytes "TYPV" read as a little-endian u32 (QEMU's is "QEMU"). */
+export const VENDOR_ID = 0x5650_5954;
+
+/** Queue size we offer (QueueNumMax) for every queue. */
+export const QUEUE_SIZE_MAX = 256;
+
+export const bit = (n: number): bigint => 1n << BigInt(n);

@@ -1,0 +1,152 @@
+/**
+ * The device side of a split virtqueue (virtio 1.2 §2.7).
+ *
+ * Ring checks: the descriptor table (16 * size, 16-aligned), the available ring (6 + 2 * size,
+ * 2-aligned) and the used ring (6 + 8 * size, 4-aligned) must each lie inside one guest RAM
+ * region (checked once, at activation: guest RAM never moves). Per pop: avail.idx may run at
+ * most `size` ahead of the entries we consumed, and every head index must be < size; either
+ * failure means the driver broke the queue, so the queue stops ("broken") and the device is
+ * marked DEVICE_NEEDS_RESET by its owner.
+ *
+ * VIRTIO_F_EVENT_IDX is not offered: notifications are suppressed only through the
+ * VIRTQ_AVAIL_F_NO_INTERRUPT hint, and we never suppress the driver's kicks.
+ *
+ * Memory ordering (the driver runs on other CPUs): guest RAM is an mmap, not a
+ * SharedArrayBuffer, so JS gives us no ordering guarantee of its own; we rely on x86 TSO plus
+ * V8 keeping typed-array/DataView accesses in program order (they are effectful operations on
+ * its effect chain and are not reordered with one another):
+ * - loads are not reordered with loads: reading avail.idx before the ring entry and the
+ *   descriptors sees them at least as new as the idx (the driver's wmb orders its side);
+ * - stores are not reordered with stores: the used element is visible before used.idx;
+ * - the one reordering TSO allows is a later load passing an earlier store. Reading
+ *   avail.flags after publishing used.idx needs a full fence, or we and the driver could both
+ *   miss each other's update (lost interrupt). `fence()` is an Atomics RMW on a
+ *   SharedArrayBuffer, which V8 emits as a LOCK-prefixed instruction: a full barrier on x86.
+ */
+import type { GuestMemory } from '../../memory/guest-memory.js';
+import { type Result, err, ok } from '../../util/result.js';
+import { type ChainError, type DescriptorChain, DESCRIPTOR_SIZE, readChain } from './chain.js';
+
+export const VIRTQ_AVAIL_F_NO_INTERRUPT = 1;
+
+export interface QueueAddresses {
+  size: number;
+  desc: number;
+  driver: number; // available ring
+  device: number; // used ring
+}
+
+export interface QueueOptions {
+  /** VIRTIO_F_RING_INDIRECT_DESC was negotiated. */
+  indirect: boolean;
+  /** QueueNumMax: sizes above it are refused. */
+  maxSize: number;
+}
+
+export type PopResult =
+  | { kind: 'empty' }
+  | { kind: 'chain'; chain: DescriptorChain }
+  /** A malformed chain: complete it with used.len 0 (it was consumed from the avail ring). */
+  | { kind: 'bad-chain'; head: number; error: ChainError }
+  /** The driver broke the queue: stop using it, mark the device DEVICE_NEEDS_RESET. */
+  | { kind: 'broken'; message: string };
+
+const fenceCell = new Int32Array(new SharedArrayBuffer(4));
+/** A full memory barrier (see the file comment). */
+export function fence(): void {
+  Atomics.add(fenceCell, 0, 1);
+}
+
+function ringView(
+  mem: GuestMemory,
+  addr: number,
+  len: number,
+  align: number,
+  what: string,
+): Result<DataView, string> {
+  if (addr < 0 || addr % align !== 0)
+    return err(`${what} at 0x${addr.toString(16)} is not ${align}-byte aligned`);
+  const v = mem.tryView(addr, len);
+  if (!v) return err(`${what} [0x${addr.toString(16)}, +${len}) is outside guest RAM`);
+  return ok(new DataView(v.buffer, v.byteOffset, v.byteLength));
+}
+
+export class Virtqueue {
+  /** Next avail ring entry to consume (free-running u16). */
+  private lastAvail = 0;
+  /** Next used ring entry to fill (free-running u16); mirrors used.idx. */
+  private usedIdx = 0;
+  private brokenReason: string | undefined;
+
+  private constructor(
+    private readonly mem: GuestMemory,
+    readonly size: number,
+    private readonly desc: DataView,
+    private readonly avail: DataView,
+    private readonly used: DataView,
+    private readonly indirect: boolean,
+  ) {
+    // Both indices start at 0 after a reset (§2.7.6, §2.7.8); whatever the ring holds is ignored.
+  }
+
+  /** Validates the driver's queue setup against guest RAM; the queue, or why not. */
+  static create(
+    mem: GuestMemory,
+    a: QueueAddresses,
+    opts: QueueOptions,
+  ): Result<Virtqueue, string> {
+    const { size } = a;
+    if (size <= 0 || size > opts.maxSize || (size & (size - 1)) !== 0)
+      return err(`bad queue size ${size}`);
+    const d = ringView(mem, a.desc, DESCRIPTOR_SIZE * size, 16, 'descriptor table');
+    if (!d.ok) return d;
+    const av = ringView(mem, a.driver, 6 + 2 * size, 2, 'available ring');
+    if (!av.ok) return av;
+    const u = ringView(mem, a.device, 6 + 8 * size, 4, 'used ring');
+    if (!u.ok) return u;
+    return ok(new Virtqueue(mem, size, d.value, av.value, u.value, opts.indirect));
+  }
+
+  get broken(): string | undefined {
+    return this.brokenReason;
+  }
+
+  /** The next available chain, if any. Never throws for anything the guest wrote. */
+  pop(): PopResult {
+    if (this.brokenReason !== undefined) return { kind: 'broken', message: this.brokenReason };
+    const availIdx = this.avail.getUint16(2, true);
+    const pending = (availIdx - this.lastAvail) & 0xffff;
+    if (pending === 0) return { kind: 'empty' };
+    if (pending > this.size) {
+      return this.break(
+        `avail.idx ${availIdx} is ${pending} entries ahead of ${this.lastAvail} (queue size ${this.size})`,
+      );
+    }
+    const head = this.avail.getUint16(4 + 2 * (this.lastAvail % this.size), true);
+    if (head >= this.size) return this.break(`avail ring entry ${head} >= queue size ${this.size}`);
+    this.lastAvail = (this.lastAvail + 1) & 0xffff;
+    const r = readChain(this.mem, this.desc, this.size, head, { indirect: this.indirect });
+    return r.ok ? { kind: 'chain', chain: r.value } : { kind: 'bad-chain', head, error: r.error };
+  }
+
+  /** Returns chain `head` to the driver with `len` bytes written (§2.7.8). */
+  pushUsed(head: number, len: number): void {
+    const slot = 4 + 8 * (this.usedIdx % this.size);
+    this.used.setUint32(slot, head, true);
+    this.used.setUint32(slot + 4, len >>> 0, true);
+    this.usedIdx = (this.usedIdx + 1) & 0xffff;
+    // The element is stored before the index (TSO keeps stores in order).
+    this.used.setUint16(2, this.usedIdx, true);
+  }
+
+  /** After used entries were published: does the driver want an interrupt? */
+  needsInterrupt(): boolean {
+    fence();
+    return (this.avail.getUint16(0, true) & VIRTQ_AVAIL_F_NO_INTERRUPT) === 0;
+  }
+
+  private break(message: string): PopResult {
+    this.brokenReason = message;
+    return { kind: 'broken', message };
+  }
+}
