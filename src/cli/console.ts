@@ -4,6 +4,7 @@
  * the port open, and never dropped: when the UART's ring is full we wait for it to drain.
  */
 import type { AttachedDevices } from '../vmm/legacy-devices.js';
+import { log } from '../util/log.js';
 
 const CTRL_A = 0x01;
 const POLL_MS = 10;
@@ -71,6 +72,7 @@ export class Console {
       }
       const head = this.pending[0]!;
       const n = serial.pushInput(head);
+      log('debug', `console: ${n} of ${head.length} input bytes taken by the UART`);
       if (n === head.length) this.pending.shift();
       else {
         this.pending[0] = head.subarray(n);

@@ -4,15 +4,15 @@
  * 2 bad arguments or images; 3 the host cannot run it (no /dev/kvm, PVM-only host).
  */
 import { parseArgs } from 'node:util';
-import { existsSync, readFileSync } from 'node:fs';
-import { detectKvm } from '../kvm/detect.js';
-import { isBzImage } from '../loader/bzimage.js';
+import { existsSync } from 'node:fs';
 import { ConfigError, HostError, TypervisorError } from '../util/errors.js';
 import { log, setLogLevel, type Level } from '../util/log.js';
 import { buildVm } from '../vmm/builder.js';
+import { checkHostCanRun } from '../vmm/host-check.js';
 import { DEFAULT_BOOT_ARGS, MAX_MEM_MIB, MIN_MEM_MIB, type VmResources } from '../vmm/resources.js';
 import { MAX_VCPUS } from '../arch/x86_64/layout.js';
 import { Console } from './console.js';
+import { parseDrive, privateRootfsCopy, virtioConfigs, type DriveSpec } from './drives.js';
 
 export const EXIT_OK = 0;
 export const EXIT_GUEST_FAILED = 1;
@@ -25,6 +25,10 @@ export const RUN_USAGE = `usage: typervisor run [options]
   --cmdline STR     kernel command line (default: "${DEFAULT_BOOT_ARGS}")
   --vcpus N         number of vCPUs, 1-64 (default 1)
   --memory MiB      guest memory in MiB (default 256)
+  --drive SPEC      a virtio-blk disk: path=FILE[,ro][,root][,serial=ID] (repeatable; root adds
+                    root=/dev/vdX to the command line)
+  --rootfs          boot the project's Debian root disk (a private copy of rootfs.ext4) as root
+  --rng             a virtio-rng device (entropy from the host's CSPRNG)
   --boot-timer      print the time from process start to the guest's boot marker
   --allow-pvm       run even where this host's KVM cannot run stock kernels (PVM-only)
   --log-level L     error | warn | info | debug (default warn)
@@ -49,7 +53,16 @@ async function defaultGuest(): Promise<{ kernel: string; initrd: string } | unde
   }
 }
 
-export async function parseRunArgs(argv: string[]): Promise<{ res: VmResources; bootTimer: boolean; allowPvm: boolean }> {
+export interface RunArgs {
+  res: VmResources;
+  bootTimer: boolean;
+  allowPvm: boolean;
+  drives: DriveSpec[];
+  rng: boolean;
+  rootfs: boolean;
+}
+
+export async function parseRunArgs(argv: string[]): Promise<RunArgs> {
   let parsed;
   try {
     parsed = parseArgs({
@@ -60,6 +73,7 @@ export async function parseRunArgs(argv: string[]): Promise<{ res: VmResources; 
         kernel: { type: 'string' }, initrd: { type: 'string' }, cmdline: { type: 'string' },
         vcpus: { type: 'string' }, memory: { type: 'string' }, 'boot-timer': { type: 'boolean' },
         'allow-pvm': { type: 'boolean' }, 'log-level': { type: 'string' },
+        drive: { type: 'string', multiple: true }, rng: { type: 'boolean' }, rootfs: { type: 'boolean' },
       },
     });
   } catch (e) {
@@ -85,31 +99,42 @@ export async function parseRunArgs(argv: string[]): Promise<{ res: VmResources; 
     },
     boot: { kernel_image_path: kernel, initrd_path: initrd, boot_args: v.cmdline ?? DEFAULT_BOOT_ARGS },
   };
-  return { res, bootTimer: v['boot-timer'] ?? false, allowPvm: v['allow-pvm'] ?? false };
+  const drives = (v.drive ?? []).map(parseDrive);
+  return {
+    res, bootTimer: v['boot-timer'] ?? false, allowPvm: v['allow-pvm'] ?? false,
+    drives, rng: v.rng ?? false, rootfs: v.rootfs ?? false,
+  };
 }
 
-/** Refuses, in one line, to run a stock kernel where KVM cannot run one (PVM-only hosts). */
-function checkHostCanRun(kernelPath: string, allowPvm: boolean): void {
-  const kvm = detectKvm();
-  if (!kvm.usable) throw new HostError(kvm.reason);
-  if (kvm.canRunStockGuests || allowPvm) return;
-  let head: Uint8Array;
-  try {
-    head = readFileSync(kernelPath).subarray(0, 4096);
-  } catch {
-    return; // reported later, by validation
-  }
-  if (isBzImage(head)) {
-    throw new HostError(
-      `this host's KVM cannot run stock Linux kernels (${kvm.reason}); run it in the lab: npm run lab -- ./bin/typervisor run ...`,
-    );
-  }
+/** The project's Debian root disk, or a ConfigError saying how to build it. */
+async function defaultRootfs(): Promise<string> {
+  const g = await import('../lab/guest.js');
+  const p = g.imagePaths('rootfs').ROOTFS!;
+  if (!existsSync(p)) throw new ConfigError('--rootfs: the Debian root disk is not built: run `npm run guest -- build rootfs`');
+  return p;
 }
 
 export async function runCommand(argv: string[]): Promise<number> {
-  const { res, bootTimer, allowPvm } = await parseRunArgs(argv);
+  const { res, bootTimer, allowPvm, drives, rng, rootfs } = await parseRunArgs(argv);
   checkHostCanRun(res.boot.kernel_image_path, allowPvm);
-  const { vmm, devices } = buildVm(res);
+  let cleanupRootfs = () => undefined as void;
+  if (rootfs) {
+    if (drives.some((d) => d.root)) throw new ConfigError('--rootfs and a --drive with root cannot be used together');
+    const copy = privateRootfsCopy(await defaultRootfs());
+    cleanupRootfs = copy.cleanup;
+    drives.unshift({ path: copy.path, readOnly: false, root: true });
+  }
+  try {
+    return await runVm(res, drives, rng, bootTimer);
+  } finally {
+    cleanupRootfs();
+  }
+}
+
+async function runVm(res: VmResources, drives: DriveSpec[], rng: boolean, bootTimer: boolean): Promise<number> {
+  const { configs, rootArg } = virtioConfigs(drives, rng);
+  if (rootArg) res.boot.boot_args = `${res.boot.boot_args ?? DEFAULT_BOOT_ARGS} ${rootArg}`;
+  const { vmm, devices } = buildVm(res, { virtio: configs });
   const console_ = new Console(devices, () => vmm.requestStop());
   console_.start();
   const stopOnSignal = () => vmm.requestStop();
@@ -118,6 +143,8 @@ export async function runCommand(argv: string[]): Promise<number> {
   process.on('SIGHUP', stopOnSignal);
   const ev = await vmm.exited;
   console_.stop();
+  log('debug', `serial ${JSON.stringify(devices.serial.stats())}; unhandled ${JSON.stringify(devices.unhandled.stats())}; ` +
+    `exits ${Array.from({ length: vmm.vcpuCount }, (_, i) => vmm.control.exits(i)).join('/')}`);
   if (bootTimer) {
     const ms = vmm.control.bootMarkerMs;
     process.stderr.write(

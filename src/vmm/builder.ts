@@ -16,6 +16,10 @@ import { createGuestRam, mapGuestRam } from './guest-ram.js';
 import { attachLegacyDevices, createLegacyDeviceState, type AttachedDevices } from './legacy-devices.js';
 import { DEFAULT_BOOT_ARGS, validateResources, type VmResources } from './resources.js';
 import { Vmm } from './vmm.js';
+import {
+  acpiVirtioDevices, closeVirtio, planVirtioDevices, registerVirtioWithKvm, startDeviceWorker,
+  virtioCmdline, type DeviceWorkerHandle, type VirtioConfig,
+} from './virtio-wiring.js';
 
 const KVM_CAP_TSC_DEADLINE_TIMER = 72;
 /** KVM needs three pages for the TSS and one for the identity map, below 4 GiB, outside RAM. */
@@ -25,6 +29,8 @@ const IDENTITY_MAP_ADDR = 0xfffb_c000;
 export interface BuildOptions {
   /** Console output file descriptor (default: stdout). */
   consoleFd?: number;
+  /** virtio-mmio devices, in slot order. */
+  virtio?: VirtioConfig[];
 }
 
 export interface BuiltVm {
@@ -32,6 +38,7 @@ export interface BuiltVm {
   /** Main-thread views of the legacy devices (console input, Ctrl-Alt-Del). */
   devices: AttachedDevices;
   boot: BootSetup;
+  deviceWorker?: DeviceWorkerHandle;
 }
 
 function readImage(what: string, path: string): Uint8Array {
@@ -64,6 +71,10 @@ export function buildVm(res: VmResources, opts: BuildOptions = {}): BuiltVm {
   const kernel = readImage('kernel', res.boot.kernel_image_path);
   const initrd = res.boot.initrd_path ? readImage('initrd', res.boot.initrd_path) : undefined;
 
+  // Validates the device configs (files, modes) before anything is created.
+  const plan = planVirtioDevices(opts.virtio ?? []);
+  plan.warnings.forEach((w) => log('warn', w));
+
   const kvm = Kvm.open();
   const vm: Vm = kvm.createVm();
   vm.setTssAddr(TSS_ADDR);
@@ -75,12 +86,15 @@ export function buildVm(res: VmResources, opts: BuildOptions = {}): BuiltVm {
   const ram = mapGuestRam(layout);
   ram.buffers.forEach((b, i) => vm.setUserMemoryRegion(layout.regions[i]!.base, b));
 
+  // Kernels find virtio-mmio devices in the DSDT (LNRO0005); kernels built with
+  // CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES and no ACPI take them from the command line.
+  const cmdline = [res.boot.boot_args ?? DEFAULT_BOOT_ARGS, virtioCmdline(plan)].filter(Boolean).join(' ');
   const booted = setupBoot(ram.memory, {
     kernel,
     initrd,
-    cmdline: res.boot.boot_args ?? DEFAULT_BOOT_ARGS,
+    cmdline,
     vcpus,
-    acpi: acpiBootHook({ vcpus, virtio: [] }),
+    acpi: acpiBootHook({ vcpus, virtio: acpiVirtioDevices(plan) }),
   });
   if (!booted.ok) {
     const e = booted.error;
@@ -112,6 +126,7 @@ export function buildVm(res: VmResources, opts: BuildOptions = {}): BuiltVm {
   }
 
   const legacy = createLegacyDeviceState(vm);
+  registerVirtioWithKvm(vm, plan);
   const consoleFd = opts.consoleFd ?? 1;
   const vmm = new Vmm(mmapSize);
   const devices = attachLegacyDevices(legacy, {
@@ -121,7 +136,12 @@ export function buildVm(res: VmResources, opts: BuildOptions = {}): BuiltVm {
     onBootMarker: () => undefined,
     log: (m) => log('info', m),
   });
-  vmm.onTeardown(() => {
+  const deviceWorker = plan.slots.length > 0
+    ? startDeviceWorker(plan, layout, { log: (m) => log('info', m), onFatal: (m) => vmm.fail(m) })
+    : undefined;
+  vmm.onTeardown(async () => {
+    await deviceWorker?.stop();
+    closeVirtio(plan);
     const n = native();
     ram.unmap();
     for (const fd of [...vcpuFds, legacy.serialIrqFd, legacy.i8042IrqFd, layout.memfd, vm.fd, kvm.fd]) {
@@ -132,6 +152,6 @@ export function buildVm(res: VmResources, opts: BuildOptions = {}): BuiltVm {
       }
     }
   });
-  vmm.start(vcpuFds, (id) => ({ id, vcpuFd: vcpuFds[id]!, mmapSize, ram: layout, legacy, consoleFd }));
-  return { vmm, devices, boot };
+  vmm.start(vcpuFds, (id) => ({ id, vcpuFd: vcpuFds[id]!, mmapSize, ram: layout, legacy, consoleFd, virtio: plan }));
+  return { vmm, devices, boot, deviceWorker };
 }

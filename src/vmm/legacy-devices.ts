@@ -5,7 +5,7 @@
  */
 import { writeSync } from 'node:fs';
 import {
-  BOOT_MARKER_PORT, I8042_DATA_PORT, I8042_IRQ, RTC_PORT, SERIAL_COM1_IRQ, SERIAL_COM1_PORT,
+  BOOT_MARKER_MMIO_ADDR, BOOT_MARKER_PORT, I8042_DATA_PORT, I8042_IRQ, RTC_PORT, SERIAL_COM1_IRQ, SERIAL_COM1_PORT,
 } from '../arch/x86_64/layout.js';
 import { ACPI_PM_BASE } from '../arch/x86_64/acpi/index.js';
 import { Bus, type BusDevice, type IrqLine } from '../devices/bus.js';
@@ -91,6 +91,7 @@ export function attachLegacyDevices(state: LegacyDeviceState, hooks: LegacyHooks
   pio.insert(RTC_PORT, RTC_RANGE_SIZE, new RtcCmos(state.rtc));
   pio.insert(BOOT_MARKER_PORT, 1, marker);
   const mmio = new Bus();
+  mmio.insert(BOOT_MARKER_MMIO_ADDR, 8, marker);
   mmio.insert(ACPI_PM_BASE, ACPI_PM_WINDOW_SIZE, new AcpiPm({ onPowerOff: hooks.onPowerOff, onReset: hooks.onReset, log: hooks.log }));
   const unhandled = new UnhandledAccesses(state.unhandled, (i: UnhandledAccessInfo) =>
     hooks.log(`unhandled ${i.space} ${i.write ? 'write' : 'read'} of ${i.size} bytes at 0x${i.addr.toString(16)} (${i.write ? 'dropped' : 'answered with all-ones'}; further ones only counted)`),

@@ -10,6 +10,7 @@ import { mapGuestRam, type GuestRamLayout } from './guest-ram.js';
 import { attachLegacyDevices, writeAllSync, type LegacyDeviceState } from './legacy-devices.js';
 import { VcpuControl } from './vcpu-control.js';
 import { VcpuLoop, type VmExitEvent } from './vcpu-loop.js';
+import { attachVirtioTransports, type VirtioPlan } from './virtio-wiring.js';
 
 export interface VcpuWorkerData {
   id: number;
@@ -20,6 +21,7 @@ export interface VcpuWorkerData {
   legacy: LegacyDeviceState;
   /** Where console output goes (a file descriptor of this process). */
   consoleFd: number;
+  virtio: VirtioPlan;
 }
 
 export type VcpuWorkerMessage =
@@ -51,6 +53,7 @@ function main(): void {
       onBootMarker: () => control.markBoot(performance.timeOrigin + performance.now()),
       log: (message) => post({ type: 'log', message }),
     });
+    attachVirtioTransports(d.virtio, devices.mmio);
     loop = new VcpuLoop(d.id, vcpu, control, {
       pio: devices.pio,
       mmio: devices.mmio,

@@ -36,14 +36,14 @@ export class Vmm {
   /** Resolves once with the event that ended the VM (all vCPU workers have exited). */
   readonly exited: Promise<VmExitEvent>;
   state: VmState = 'running';
-  private readonly cleanups: Array<() => void> = [];
+  private readonly cleanups: Array<() => void | Promise<void>> = [];
 
   constructor(private readonly vcpuMmapSize: number) {
     this.exited = new Promise((r) => (this.resolveExit = r));
   }
 
   /** Registers a teardown step, run (in reverse order) once every vCPU has exited. */
-  onTeardown(f: () => void): void {
+  onTeardown(f: () => void | Promise<void>): void {
     this.cleanups.push(f);
   }
 
@@ -90,22 +90,27 @@ export class Vmm {
     if (h.exited) return;
     h.exited = true;
     this.onVcpuEvent(e);
-    if (this.vcpus.every((v) => v.exited)) this.teardown();
+    if (this.vcpus.every((v) => v.exited)) void this.teardown();
   }
 
-  private teardown(): void {
+  private async teardown(): Promise<void> {
     this.state = 'stopped';
     for (const h of this.vcpus) {
       if (h.runBuffer.byteLength > 0) native().munmap(h.runBuffer);
     }
     for (const f of this.cleanups.reverse()) {
       try {
-        f();
+        await f();
       } catch {
         // teardown is best effort: the process is about to report and exit
       }
     }
     this.resolveExit(this.firstEvent ?? { kind: 'stopped' });
+  }
+
+  /** Ends the VM from the main thread for a reason of its own (e.g. the device worker died). */
+  fail(message: string): void {
+    this.onVcpuEvent({ kind: 'fatal', message });
   }
 
   /** Sets immediate_exit on every live vCPU and signals its thread, until `done()` holds. */

@@ -39,6 +39,7 @@ export const VIRTIO_GSI_LAST = 23;
 export const ACPI_GED_ADDR = 0xfeb0_0000;
 export const ACPI_SLEEP_CTL_ADDR = 0xfeb0_0100; // one byte: SLP_TYP | SLP_EN
 export const ACPI_SLEEP_STS_ADDR = 0xfeb0_0101; // one byte: WAK_STS
+export const ACPI_RESET_ADDR = 0xfeb0_0102; // one byte: write 1 to reset
 export const IOAPIC_ADDR = 0xfec0_0000;
 export const LAPIC_ADDR = 0xfee0_0000;
 
@@ -49,8 +50,14 @@ export const I8042_DATA_PORT = 0x60;
 export const I8042_CMD_PORT = 0x64;
 export const I8042_IRQ = 1;
 export const RTC_PORT = 0x70; // index 0x70, data 0x71
-/** The boot-marker port our guests' init writes to (as Firecracker's boot timer at MMIO). */
+/** The boot-marker port tiny guests write to. */
 export const BOOT_MARKER_PORT = 0x3f0;
+/**
+ * The boot marker in MMIO (as Firecracker's boot timer): Linux guests' init writes one byte here
+ * with busybox `devmem`, since busybox has no port-I/O tool. The first page of the MMIO hole,
+ * claimed by no guest driver, so STRICT_DEVMEM lets /dev/mem reach it.
+ */
+export const BOOT_MARKER_MMIO_ADDR = 0xc000_0000;
 
 /** Largest vCPU count we support (MADT/MP-table APIC ids fit in a byte with room to spare). */
 export const MAX_VCPUS = 64;

@@ -218,3 +218,15 @@ test('a real worker thread feeds input while this thread reads it', async () => 
   }
   assert.equal(dev.stats().bytesIn, total);
 });
+
+test('a FIFO clear or FIFO enable change outside loopback keeps pending console input', () => {
+  const { dev, rd, wr } = uart();
+  assert.equal(dev.pushInput(new TextEncoder().encode('ab')), 2);
+  wr(FCR, 0x07); // enable + clear both (Linux serial8250_clear_fifos)
+  wr(FCR, 0x00); // FIFO off
+  wr(FCR, 0x01); // set_termios turns it back on
+  assert.equal(rd(LSR) & 0x01, 1, 'data still ready');
+  assert.equal(rd(RBR), 0x61);
+  assert.equal(rd(RBR), 0x62);
+  assert.equal(rd(LSR) & 0x01, 0);
+});

@@ -305,8 +305,13 @@ export class Serial16550 implements BusDevice {
       }
       case IIR_FCR: {
         const wasOn = s[S_FCR]! & FCR_ENABLE_FIFO;
-        // Changing the FIFO enable clears both FIFOs, as does FCR bit 1 for the receiver.
-        if (v & FCR_CLEAR_RCVR || (v & FCR_ENABLE_FIFO) !== wasOn) this.clearRx();
+        // On hardware, changing the FIFO enable clears both FIFOs, as does FCR bit 1 for the
+        // receiver. Here the ring holds console input the host has not yet put "on the wire":
+        // Linux's 8250 startup disables the FIFO and set_termios re-enables it AFTER turning the
+        // receive interrupt on, so clearing would silently drop what the user typed or piped.
+        // Only loopback bytes (the driver's own self-test data) are discarded.
+        const clear = v & FCR_CLEAR_RCVR || (v & FCR_ENABLE_FIFO) !== wasOn;
+        if (clear && s[S_MCR]! & MCR_LOOP) this.clearRx();
         s[S_FCR] = v & (FCR_ENABLE_FIFO | 0xc0);
         return true;
       }

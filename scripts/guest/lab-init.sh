@@ -1,0 +1,38 @@
+#!/bin/busybox sh
+# Lab /init: mount the host's / (9p tag "hostroot"), chroot into it with fresh /proc, /sys,
+# /dev, and run $RUN/run.sh (written by the host) on ttyS0. The kernel console is ttyS1 so
+# kernel messages never mix with the command's output. $RUN/exit gets the exit code.
+export PATH=/bin:/sbin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+while read -r m; do insmod "$m" 2>/dev/null; done </etc/modules.load
+
+RUN= NINEP=cache=mmap
+for a in $(cat /proc/cmdline); do
+  case "$a" in
+    lab.run=*) RUN=${a#lab.run=} ;;
+    lab.9p=*) NINEP=${a#lab.9p=} ;;
+  esac
+done
+fail() { echo "lab init: $*"; echo "lab init: $*" >/dev/ttyS0; poweroff -f; }
+[ -n "$RUN" ] || fail "no lab.run= on the kernel command line"
+
+R=/mnt
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=524288,$NINEP hostroot $R ||
+  fail "cannot mount the host's / over 9p"
+mount -t proc proc $R/proc
+mount -t sysfs sys $R/sys
+mount -t devtmpfs dev $R/dev
+mkdir -p $R/dev/pts $R/dev/shm
+mount -t devpts -o newinstance,ptmxmode=0666 devpts $R/dev/pts
+mount -t tmpfs tmpfs $R/dev/shm
+mount -t tmpfs tmpfs $R/run
+ip link set lo up
+echo "lab init: up, running $RUN/run.sh"
+
+# setsid -c: the command gets ttyS0 as its controlling tty (^C, job control).
+setsid -c chroot $R /bin/sh "$RUN/run.sh" </dev/ttyS0 >/dev/ttyS0 2>&1
+echo $? >$R$RUN/exit
+sync
+poweroff -f

@@ -1,0 +1,26 @@
+/**
+ * Whether this host's KVM can run a given kernel: the one check the CLI (`typervisor run`) and
+ * the API (InstanceStart) both make before buildVm(), so both refuse with the same line.
+ */
+import { readFileSync } from 'node:fs';
+import { detectKvm } from '../kvm/detect.js';
+import { isBzImage } from '../loader/bzimage.js';
+import { HostError } from '../util/errors.js';
+
+/** Refuses, in one line, to run a stock kernel where KVM cannot run one (PVM-only hosts). */
+export function checkHostCanRun(kernelPath: string, allowPvm: boolean): void {
+  const kvm = detectKvm();
+  if (!kvm.usable) throw new HostError(kvm.reason);
+  if (kvm.canRunStockGuests || allowPvm) return;
+  let head: Uint8Array;
+  try {
+    head = readFileSync(kernelPath).subarray(0, 4096);
+  } catch {
+    return; // reported later, by validation
+  }
+  if (isBzImage(head)) {
+    throw new HostError(
+      `this host's KVM cannot run stock Linux kernels (${kvm.reason}); run it in the lab: npm run lab -- ./bin/typervisor run ...`,
+    );
+  }
+}

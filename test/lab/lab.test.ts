@@ -1,0 +1,68 @@
+// The lab (src/lab/lab.ts): boots, runs commands at our cwd with their exit codes, gives a real
+// KVM inside, and runs QEMU with KVM on the guest images. Each test boots the lab (~7-15 s).
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { ensureImage, imagePaths, repoRoot } from '../../src/lab/guest.js';
+import { runInLab, type LabResult } from '../../src/lab/lab.js';
+
+const show = (r: LabResult) =>
+  `exit ${r.code}, boot ${r.bootMs} ms, total ${r.totalMs} ms\n${r.error ?? ''}\n--- output ---\n${r.output}`;
+
+test(
+  'runs a command at our cwd, passes input, returns its exit code',
+  { timeout: 300_000 },
+  async () => {
+    const r = await runInLab({
+      command: ['sh', '-c', 'pwd; read line; echo "got:$line"; exit 3'],
+      cwd: repoRoot(),
+      input: 'hello lab\n',
+      timeoutSec: 240,
+    });
+    assert.equal(r.code, 3, show(r));
+    assert.equal(r.output, `${repoRoot()}\ngot:hello lab\n`, show(r));
+  },
+);
+
+test('the timeout kills the lab with a clear message', { timeout: 300_000 }, async () => {
+  const r = await runInLab({ command: ['sleep', '600'], timeoutSec: 15 });
+  assert.equal(r.code, 124, show(r));
+  assert.match(r.error ?? '', /timed out after 15 s/);
+});
+
+test('/dev/kvm works inside the lab (test/lab/kvm-smoke.c)', { timeout: 300_000 }, async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'kvm-smoke-'));
+  try {
+    const bin = join(dir, 'kvm-smoke');
+    execFileSync('gcc', [
+      '-O2',
+      '-Wall',
+      '-o',
+      bin,
+      join(repoRoot(), 'test', 'lab', 'kvm-smoke.c'),
+    ]);
+    const r = await runInLab({ command: [bin], timeoutSec: 240 });
+    assert.equal(r.code, 0, show(r));
+    assert.match(r.output, /KVM-SMOKE-OK api=12 out=0x42/, show(r));
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('QEMU+KVM in the lab boots the guest kernel and initramfs', { timeout: 600_000 }, async () => {
+  const kernel = imagePaths('kernel', ensureImage('kernel')).KERNEL!;
+  const initrd = imagePaths('initramfs', ensureImage('initramfs')).INITRAMFS!;
+  const helper = join(repoRoot(), 'dist', 'test', 'lab', 'qemu-guest.js');
+  const r = await runInLab({
+    command: ['node', helper, kernel, initrd, 'uname -r\\npoweroff -f\\n'],
+    timeoutSec: 420,
+  });
+  assert.equal(r.code, 0, show(r));
+  assert.match(r.output, /TYPERVISOR-BOOT-OK/, show(r));
+  assert.match(r.output, /\d+\.\d+\.\d+-\d+-cloud-amd64/, show(r));
+  const boot = /BOOT-MS=(\d+)/.exec(r.output);
+  console.log(`lab boot ${r.bootMs} ms; QEMU-in-lab guest boot to marker ${boot?.[1]} ms`);
+});
