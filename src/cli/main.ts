@@ -1,12 +1,20 @@
 /** The `typervisor` command. */
 import { readFileSync } from 'node:fs';
 import { exitCodeFor, runCommand, RUN_USAGE, EXIT_USAGE } from './run.js';
+import { FIRECRACKER_FLAGS } from './firecracker.js';
 
 const USAGE = `usage: typervisor <command> [options]
 commands:
   run        boot a VM with its console on this terminal (typervisor run --help)
   version    print the version
+  --api-sock PATH | --config-file FILE ...   Firecracker-compatible API mode (typervisor --api-sock x --help)
 ${RUN_USAGE}`;
+
+/** `typervisor --api-sock ...` and Firecracker's other flags select the Firecracker-style entry. */
+function isFirecrackerInvocation(argv: string[]): boolean {
+  const first = argv[0]?.split('=')[0];
+  return first !== undefined && (FIRECRACKER_FLAGS as readonly string[]).includes(first);
+}
 
 function version(): string {
   const pkg = JSON.parse(readFileSync(new URL('../../../package.json', import.meta.url), 'utf8')) as { version: string };
@@ -15,6 +23,10 @@ function version(): string {
 
 export async function main(argv: string[]): Promise<number> {
   const [cmd, ...rest] = argv;
+  if (isFirecrackerInvocation(argv)) {
+    const { firecrackerCommand } = await import('./firecracker.js');
+    return firecrackerCommand(argv);
+  }
   try {
     switch (cmd) {
       case 'run':

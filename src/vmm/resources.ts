@@ -1,7 +1,13 @@
 /**
- * VmResources: the validated description of a VM, before it is built. The CLI and (later) the
- * REST API both fill this same structure, in Firecracker's field names, and buildVm() builds
- * from it: one path, not two.
+ * VmResources: the validated description of a VM, before it is built. The CLI (`typervisor
+ * run`), the REST API and `--config-file` all fill this same structure, in Firecracker's field
+ * names, and buildVm() builds from it: one path, not two.
+ *
+ * Besides the machine and the boot source it carries Firecracker's other resources (drives,
+ * network interfaces, vsock, entropy, logger, metrics) as validated data. Which of them buildVm()
+ * can attach yet is buildVm()'s business; these functions only say whether a description is
+ * valid and consistent. Everything here is a pure check or a copy: a caller that gets a
+ * ConfigError has changed nothing.
  */
 import { accessSync, constants, statSync } from 'node:fs';
 import { CMDLINE_MAX_SIZE, MAX_VCPUS } from '../arch/x86_64/layout.js';
@@ -10,6 +16,11 @@ import { ConfigError } from '../util/errors.js';
 export interface MachineConfig {
   vcpu_count: number;
   mem_size_mib: number;
+  /** Firecracker's optional fields; we support only their default values for now. */
+  smt?: boolean;
+  track_dirty_pages?: boolean;
+  huge_pages?: 'None' | 'Transparent' | '2M';
+  cpu_template?: string;
 }
 
 export interface BootSource {
@@ -18,21 +29,122 @@ export interface BootSource {
   boot_args?: string;
 }
 
+export interface TokenBucket {
+  size: number;
+  one_time_burst?: number;
+  refill_time: number;
+}
+
+export interface RateLimiter {
+  bandwidth?: TokenBucket;
+  ops?: TokenBucket;
+}
+
+export interface DriveConfig {
+  drive_id: string;
+  is_root_device: boolean;
+  partuuid?: string;
+  cache_type?: 'Unsafe' | 'Writeback';
+  is_read_only?: boolean;
+  path_on_host?: string;
+  rate_limiter?: RateLimiter;
+  io_engine?: 'Sync' | 'Async';
+  /** vhost-user-block backend socket (not supported: refused by validateDrive). */
+  socket?: string;
+}
+
+export interface NetworkInterfaceConfig {
+  iface_id: string;
+  host_dev_name: string;
+  guest_mac?: string;
+  mtu?: number;
+  rx_rate_limiter?: RateLimiter;
+  tx_rate_limiter?: RateLimiter;
+}
+
+export interface VsockConfig {
+  guest_cid: number;
+  uds_path: string;
+  /** Deprecated in Firecracker; kept so a config round-trips. */
+  vsock_id?: string;
+}
+
+export interface EntropyConfig {
+  rate_limiter?: RateLimiter;
+}
+
+export type LoggerLevel = 'Error' | 'Warning' | 'Info' | 'Debug' | 'Trace' | 'Off';
+
+export interface LoggerConfig {
+  level?: string;
+  log_path?: string;
+  show_level?: boolean;
+  show_log_origin?: boolean;
+  module?: string;
+}
+
+export interface MetricsConfig {
+  metrics_path: string;
+  emit_id?: boolean;
+  properties?: Record<string, string>;
+}
+
 export interface VmResources {
   machine: MachineConfig;
   boot: BootSource;
+  drives?: DriveConfig[];
+  network_interfaces?: NetworkInterfaceConfig[];
+  vsock?: VsockConfig;
+  entropy?: EntropyConfig;
+  logger?: LoggerConfig;
+  metrics?: MetricsConfig;
 }
 
 export const MIN_MEM_MIB = 16;
 export const MAX_MEM_MIB = 1024 * 1024; // 1 TiB: far beyond any host we run on, still a sane cap
 export const DEFAULT_BOOT_ARGS = 'console=ttyS0 reboot=k panic=1 pci=off i8042.noaux i8042.nomux';
+/** Firecracker's defaults before any PUT /machine-config. */
+export const DEFAULT_MACHINE_CONFIG: Readonly<MachineConfig> = {
+  vcpu_count: 1,
+  mem_size_mib: 128,
+  smt: false,
+  track_dirty_pages: false,
+  huge_pages: 'None',
+};
+/** Linux IFNAMSIZ - 1. */
+export const MAX_TAP_NAME = 15;
+/** sizeof(sockaddr_un.sun_path) - 1. */
+export const MAX_UDS_PATH = 107;
+/** Virtio-mmio slots the x86 layout has room for (GSIs 5..23). */
+export const MAX_VIRTIO_DEVICES = 19;
 
 export function validateMachineConfig(m: MachineConfig): MachineConfig {
   if (!Number.isInteger(m.vcpu_count) || m.vcpu_count < 1 || m.vcpu_count > MAX_VCPUS) {
-    throw new ConfigError(`vcpu_count must be an integer from 1 to ${MAX_VCPUS} (got ${m.vcpu_count})`);
+    throw new ConfigError(
+      `vcpu_count must be an integer from 1 to ${MAX_VCPUS} (got ${m.vcpu_count})`,
+    );
   }
-  if (!Number.isInteger(m.mem_size_mib) || m.mem_size_mib < MIN_MEM_MIB || m.mem_size_mib > MAX_MEM_MIB) {
-    throw new ConfigError(`mem_size_mib must be an integer from ${MIN_MEM_MIB} to ${MAX_MEM_MIB} (got ${m.mem_size_mib})`);
+  if (
+    !Number.isInteger(m.mem_size_mib) ||
+    m.mem_size_mib < MIN_MEM_MIB ||
+    m.mem_size_mib > MAX_MEM_MIB
+  ) {
+    throw new ConfigError(
+      `mem_size_mib must be an integer from ${MIN_MEM_MIB} to ${MAX_MEM_MIB} (got ${m.mem_size_mib})`,
+    );
+  }
+  if (m.smt === true)
+    throw new ConfigError('smt: simultaneous multithreading is not supported yet (only false)');
+  if (m.track_dirty_pages === true) {
+    throw new ConfigError(
+      'track_dirty_pages: dirty page tracking is not supported yet (no snapshots)',
+    );
+  }
+  if (m.huge_pages !== undefined && m.huge_pages !== 'None') {
+    throw new ConfigError(`huge_pages: "${m.huge_pages}" is not supported yet (only "None")`);
+  }
+  if (m.cpu_template !== undefined && m.cpu_template !== 'None') {
+    throw new ConfigError(`cpu_template: "${m.cpu_template}" is not supported (only "None")`);
   }
   return m;
 }
@@ -60,15 +172,204 @@ export function validateBootSource(b: BootSource): BootSource {
   if (b.initrd_path !== undefined) checkReadableFile('initrd', b.initrd_path);
   if (b.boot_args !== undefined) {
     if (b.boot_args.length >= CMDLINE_MAX_SIZE) {
-      throw new ConfigError(`kernel command line is ${b.boot_args.length} bytes; the limit is ${CMDLINE_MAX_SIZE - 1}`);
+      throw new ConfigError(
+        `kernel command line is ${b.boot_args.length} bytes; the limit is ${CMDLINE_MAX_SIZE - 1}`,
+      );
     }
-    if (b.boot_args.includes('\0')) throw new ConfigError('kernel command line contains a NUL byte');
+    if (b.boot_args.includes('\0'))
+      throw new ConfigError('kernel command line contains a NUL byte');
   }
   return b;
 }
 
+/** One drive on its own: the backing file must exist and allow the access asked for. */
+export function validateDrive(d: DriveConfig): DriveConfig {
+  const what = `drive ${d.drive_id}`;
+  if (d.socket !== undefined)
+    throw new ConfigError(`${what}: vhost-user block devices (socket) are not supported`);
+  if (d.path_on_host === undefined) throw new ConfigError(`${what}: path_on_host is required`);
+  if (d.is_read_only === undefined) throw new ConfigError(`${what}: is_read_only is required`);
+  let st;
+  try {
+    st = statSync(d.path_on_host);
+  } catch (e) {
+    throw new ConfigError(
+      `${what}: cannot open ${d.path_on_host}: ${(e as NodeJS.ErrnoException).code ?? 'error'} (No such file or directory)`,
+    );
+  }
+  if (!st.isFile() && !st.isBlockDevice())
+    throw new ConfigError(`${what}: ${d.path_on_host} is not a regular file or block device`);
+  try {
+    accessSync(d.path_on_host, d.is_read_only ? constants.R_OK : constants.R_OK | constants.W_OK);
+  } catch {
+    throw new ConfigError(
+      `${what}: ${d.path_on_host} is not ${d.is_read_only ? 'readable' : 'readable and writable'}`,
+    );
+  }
+  return d;
+}
+
+/** Inserts or replaces drive `d` in a copy of `drives`; at most one root device. */
+export function withDrive(drives: readonly DriveConfig[], d: DriveConfig): DriveConfig[] {
+  validateDrive(d);
+  const others = drives.filter((x) => x.drive_id !== d.drive_id);
+  if (d.is_root_device && others.some((x) => x.is_root_device))
+    throw new ConfigError('A root block device already exists!');
+  const i = drives.findIndex((x) => x.drive_id === d.drive_id);
+  let out = [...drives];
+  if (i >= 0) out[i] = d;
+  else {
+    if (drives.length >= MAX_VIRTIO_DEVICES)
+      throw new ConfigError(`at most ${MAX_VIRTIO_DEVICES} virtio devices fit`);
+    out.push(d);
+  }
+  // Firecracker keeps the root device first; the others stay in insertion order.
+  if (d.is_root_device) out = [d, ...out.filter((x) => x !== d)];
+  return out;
+}
+
+const MAC_RE = /^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$/;
+
+export function validateNetworkInterface(n: NetworkInterfaceConfig): NetworkInterfaceConfig {
+  const what = `network interface ${n.iface_id}`;
+  if (
+    n.host_dev_name.length === 0 ||
+    n.host_dev_name.length > MAX_TAP_NAME ||
+    /[/\s\0:]/.test(n.host_dev_name)
+  ) {
+    throw new ConfigError(
+      `${what}: host_dev_name must be a TAP name of 1 to ${MAX_TAP_NAME} characters without '/', ':' or spaces`,
+    );
+  }
+  if (n.guest_mac !== undefined && !MAC_RE.test(n.guest_mac)) {
+    throw new ConfigError(
+      `${what}: guest_mac must look like 06:00:AC:10:00:02 (got "${n.guest_mac.slice(0, 32)}")`,
+    );
+  }
+  if (n.guest_mac !== undefined && (parseInt(n.guest_mac.slice(0, 2), 16) & 1) === 1) {
+    throw new ConfigError(`${what}: guest_mac ${n.guest_mac} is a multicast address`);
+  }
+  return n;
+}
+
+/** Inserts or replaces interface `n` in a copy of `nets`; MACs and TAP names stay unique. */
+export function withNetworkInterface(
+  nets: readonly NetworkInterfaceConfig[],
+  n: NetworkInterfaceConfig,
+): NetworkInterfaceConfig[] {
+  validateNetworkInterface(n);
+  const others = nets.filter((x) => x.iface_id !== n.iface_id);
+  const mac = n.guest_mac?.toLowerCase();
+  if (mac !== undefined && others.some((x) => x.guest_mac?.toLowerCase() === mac)) {
+    throw new ConfigError(`The MAC address is already in use: ${n.guest_mac}`);
+  }
+  if (others.some((x) => x.host_dev_name === n.host_dev_name)) {
+    throw new ConfigError(
+      `Could not create the network device: TAP ${n.host_dev_name} is already used by another interface`,
+    );
+  }
+  const i = nets.findIndex((x) => x.iface_id === n.iface_id);
+  const out = [...nets];
+  if (i >= 0) out[i] = n;
+  else {
+    if (nets.length >= MAX_VIRTIO_DEVICES)
+      throw new ConfigError(`at most ${MAX_VIRTIO_DEVICES} virtio devices fit`);
+    out.push(n);
+  }
+  return out;
+}
+
+export function validateVsock(v: VsockConfig): VsockConfig {
+  if (!Number.isInteger(v.guest_cid) || v.guest_cid < 3 || v.guest_cid > 0xffff_fffe) {
+    throw new ConfigError(`vsock guest_cid must be from 3 to ${0xffff_fffe} (got ${v.guest_cid})`);
+  }
+  if (v.uds_path.length === 0 || Buffer.byteLength(v.uds_path) > MAX_UDS_PATH) {
+    throw new ConfigError(`vsock uds_path must be 1 to ${MAX_UDS_PATH} bytes (a Unix socket path)`);
+  }
+  return v;
+}
+
+const LEVELS: readonly string[] = ['error', 'warning', 'warn', 'info', 'debug', 'trace', 'off'];
+
+export function validateLogger(l: LoggerConfig): LoggerConfig {
+  if (l.level !== undefined && !LEVELS.includes(l.level.toLowerCase())) {
+    throw new ConfigError(
+      `logger level must be one of Error, Warning, Info, Debug, Trace, Off (got "${l.level.slice(0, 32)}")`,
+    );
+  }
+  return l;
+}
+
+/** Checks the whole description, including how the parts fit together. */
 export function validateResources(r: VmResources): VmResources {
   validateMachineConfig(r.machine);
   validateBootSource(r.boot);
+  let drives: DriveConfig[] = [];
+  for (const d of r.drives ?? []) drives = withDrive(drives, d);
+  let nets: NetworkInterfaceConfig[] = [];
+  for (const n of r.network_interfaces ?? []) nets = withNetworkInterface(nets, n);
+  if (r.vsock) validateVsock(r.vsock);
+  if (r.logger) validateLogger(r.logger);
+  const devices = drives.length + nets.length + (r.vsock ? 1 : 0) + (r.entropy ? 1 : 0);
+  if (devices > MAX_VIRTIO_DEVICES)
+    throw new ConfigError(
+      `${devices} virtio devices configured; at most ${MAX_VIRTIO_DEVICES} fit`,
+    );
   return r;
+}
+
+/**
+ * The whole configuration in Firecracker's JSON shape: what GET /vm/config answers and what
+ * --config-file reads. Absent optional sections are null, as Firecracker writes them.
+ */
+export interface VmConfig {
+  'boot-source': BootSource | null;
+  'machine-config': MachineConfig;
+  drives: DriveConfig[];
+  'network-interfaces': NetworkInterfaceConfig[];
+  vsock: VsockConfig | null;
+  entropy: EntropyConfig | null;
+  logger: LoggerConfig | null;
+  metrics: MetricsConfig | null;
+}
+
+export function emptyVmConfig(): VmConfig {
+  return {
+    'boot-source': null,
+    'machine-config': { ...DEFAULT_MACHINE_CONFIG },
+    drives: [],
+    'network-interfaces': [],
+    vsock: null,
+    entropy: null,
+    logger: null,
+    metrics: null,
+  };
+}
+
+/** VmResources from a configuration; a ConfigError when it cannot be booted (no kernel). */
+export function resourcesFromConfig(c: VmConfig): VmResources {
+  const boot = c['boot-source'];
+  if (!boot) throw new ConfigError('Cannot start microvm without kernel configuration.');
+  const r: VmResources = { machine: { ...c['machine-config'] }, boot: { ...boot } };
+  if (c.drives.length > 0) r.drives = c.drives.map((d) => ({ ...d }));
+  if (c['network-interfaces'].length > 0)
+    r.network_interfaces = c['network-interfaces'].map((n) => ({ ...n }));
+  if (c.vsock) r.vsock = { ...c.vsock };
+  if (c.entropy) r.entropy = { ...c.entropy };
+  if (c.logger) r.logger = { ...c.logger };
+  if (c.metrics) r.metrics = { ...c.metrics };
+  return r;
+}
+
+export function configFromResources(r: VmResources): VmConfig {
+  return {
+    'boot-source': { ...r.boot },
+    'machine-config': { ...DEFAULT_MACHINE_CONFIG, ...r.machine },
+    drives: (r.drives ?? []).map((d) => ({ ...d })),
+    'network-interfaces': (r.network_interfaces ?? []).map((n) => ({ ...n })),
+    vsock: r.vsock ? { ...r.vsock } : null,
+    entropy: r.entropy ? { ...r.entropy } : null,
+    logger: r.logger ? { ...r.logger } : null,
+    metrics: r.metrics ? { ...r.metrics } : null,
+  };
 }

@@ -10,8 +10,8 @@
  *   MODE_PIOLOOP   LOOP_COUNT writes to port 0x3f1 (unclaimed), then poweroff (exit-rate bench)
  *   MODE_PIOSPIN   writes to port 0x3f1 (unclaimed) forever (pause tests that watch exit counts)
  *   MODE_MMIO      reads and writes an unclaimed MMIO address, prints what it read, poweroff
- *   MODE_ECHO      enables the UART receive interrupt (IER.RDI, the console's "port open"
- *                  signal), polls LSR.DR and echoes every byte until '\n', then poweroff
+ *   MODE_ECHO      sets MCR.OUT2 and enables the UART receive interrupt (IER.RDI: the
+ *                  console's "port open" signal), polls LSR.DR and echoes every byte until '\n', then poweroff
  *   MODE_RTC       reads the CMOS RTC (B, century, year, month, day, hours, minutes, seconds)
  *                  and prints "rtc BB CC YY-MM-DD HH:MM:SS" (raw register bytes in hex), poweroff
  *   MODE_I8042     prints "kbd SS CC TT": the i8042 status, the command byte (command 0x20)
@@ -77,6 +77,9 @@ _start:
 	out	%al, %dx
 4:	jmp	poweroff
 #elif defined(MODE_ECHO)
+	mov	$COM1+4, %dx		/* MCR = OUT2|RTS|DTR, as Linux's 8250 startup leaves it */
+	mov	$0x0b, %al
+	out	%al, %dx
 	mov	$COM1+1, %dx		/* IER = RDI: the port is open, the VMM sends input */
 	mov	$1, %al
 	out	%al, %dx

@@ -213,7 +213,12 @@ export class Serial16550 implements BusDevice {
    * is held back until then: the driver's startup clears the FIFO, which would drop it.
    */
   receiverEnabled(): boolean {
-    return (Atomics.load(this.s, S_IER) & IER_RDI) !== 0;
+    // RDI alone is not enough: Linux's autoconfig probe sets IER to 0x0f for a moment, and its
+    // startup then reads RBR "for luck" twice, which would eat bytes pushed in that window.
+    // The port is really open once OUT2 (the PC's IRQ enable) is set outside loopback and RDI
+    // is on, which startup does last.
+    const mcr = Atomics.load(this.s, S_MCR);
+    return (Atomics.load(this.s, S_IER) & IER_RDI) !== 0 && (mcr & MCR_OUT2) !== 0 && (mcr & MCR_LOOP) === 0;
   }
 
   /** Free bytes in the input ring now. */

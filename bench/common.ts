@@ -1,0 +1,221 @@
+/**
+ * Shared pieces of the benchmark harness: run one VMM process and time it from the outside
+ * (process start -> a marker on its stdout -> process exit), sample its memory from /proc, and
+ * summarise runs. Used on the host (bench/micro.ts) and inside the lab (bench/lab-inner.ts).
+ */
+import { spawn } from 'node:child_process';
+import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+/** The repository root (this file runs as dist/bench/common.js). */
+export const REPO = fileURLToPath(new URL('../../', import.meta.url));
+export const TYPERVISOR = join(REPO, 'bin', 'typervisor');
+export const TIME_BIN = '/usr/bin/time';
+
+/** One VMM under test: how to start it, and which of its mappings is guest RAM. */
+export interface Vmm {
+  name: 'typervisor' | 'qemu' | 'floor';
+  cmd: string;
+  args: string[];
+  /** Guest memory in MiB (to recognise QEMU's anonymous guest RAM mapping by its size). */
+  memMiB: number;
+}
+
+/** QEMU on this host: PVM refuses MSR 0x10a (IA32_ARCH_CAPABILITIES), which `-cpu host` sets. */
+export function qemuCpu(kvmKind: string): string {
+  return kvmKind === 'pvm' ? 'host,-arch-capabilities' : 'host';
+}
+
+export interface RunOptions {
+  /** Text on stdout that counts as the marker (default: the first byte). */
+  marker?: string;
+  /** Written to stdin once the marker appeared (stdin is a pipe, kept open until then). */
+  inputAfterMarker?: string;
+  /** Sample /proc/PID/smaps once the marker appeared (before inputAfterMarker is sent). */
+  sampleSmaps?: boolean;
+  /** Wait this long after the marker before sampling (ms). */
+  sampleDelayMs?: number;
+  /** SIGTERM the VMM after the sample (for guests that never exit). */
+  killAfterSample?: boolean;
+  /** Run under /usr/bin/time -f %M (peak RSS of the VMM). */
+  peakRss?: boolean;
+  timeoutMs?: number;
+}
+
+export interface RunResult {
+  /** Process start (just before spawn) to the marker on stdout, ms; -1 if never seen. */
+  markerMs: number;
+  /** Process start to the process's exit, ms. */
+  exitMs: number;
+  code: number | null;
+  /** Peak RSS (getrusage ru_maxrss through /usr/bin/time), KiB. */
+  peakRssKiB?: number;
+  smaps?: SmapsSummary;
+  /** Typervisor's own boot timer (--boot-timer), ms after its process start. */
+  bootTimerMs?: number;
+  stdout: string;
+  stderr: string;
+  timedOut: boolean;
+}
+
+export interface SmapsSummary {
+  /** Sum of Rss over every mapping that is not guest RAM, KiB. */
+  nonGuestRssKiB: number;
+  /** Sum of Rss over the guest RAM mappings, KiB. */
+  guestRssKiB: number;
+  totalRssKiB: number;
+  /** Mappings recognised as guest RAM. */
+  guestMappings: number;
+}
+
+/**
+ * Firecracker's memory monitor rule: sum the Rss of every mapping that is not guest memory.
+ * Typervisor's guest RAM is its memfd (`/memfd:typervisor-guest-ram`, mapped once per thread);
+ * QEMU's is an anonymous rw mapping exactly the guest's size; the floor's is anonymous too.
+ */
+export function summariseSmaps(text: string, vmm: Vmm): SmapsSummary {
+  const guestKiB = vmm.memMiB * 1024;
+  let nonGuest = 0;
+  let guest = 0;
+  let guestMappings = 0;
+  let isGuest = false;
+  let anonCandidate = false;
+  for (const line of text.split('\n')) {
+    const hdr = /^[0-9a-f]+-[0-9a-f]+ (\S+) \S+ \S+ \S+\s*(.*)$/.exec(line);
+    if (hdr) {
+      const perms = hdr[1]!;
+      const path = hdr[2]!.trim();
+      isGuest = path.includes('typervisor-guest-ram');
+      anonCandidate = vmm.name !== 'typervisor' && path === '' && perms.startsWith('rw');
+      continue;
+    }
+    const size = /^Size:\s+(\d+) kB/.exec(line);
+    if (size) {
+      if (anonCandidate && Number(size[1]) === guestKiB) isGuest = true;
+      if (isGuest) guestMappings++;
+      continue;
+    }
+    const rss = /^Rss:\s+(\d+) kB/.exec(line);
+    if (rss) {
+      if (isGuest) guest += Number(rss[1]);
+      else nonGuest += Number(rss[1]);
+    }
+  }
+  return { nonGuestRssKiB: nonGuest, guestRssKiB: guest, totalRssKiB: nonGuest + guest, guestMappings };
+}
+
+/** The VMM's own pid: the child of /usr/bin/time when wrapped, else pid itself. */
+function vmmPid(pid: number, wrapped: boolean): number | undefined {
+  if (!wrapped) return pid;
+  try {
+    const kids = readFileSync(`/proc/${pid}/task/${pid}/children`, 'utf8').trim().split(/\s+/);
+    return kids[0] ? Number(kids[0]) : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** Runs a VMM once and times it from the outside. */
+export async function runOnce(vmm: Vmm, o: RunOptions = {}): Promise<RunResult> {
+  const wrapped = !!o.peakRss && existsSync(TIME_BIN);
+  const dir = wrapped ? mkdtempSync(join(tmpdir(), 'typervisor-bench-')) : undefined;
+  const rssFile = dir ? join(dir, 'rss') : '';
+  const [file, args] = wrapped ? [TIME_BIN, ['-f', '%M', '-o', rssFile, vmm.cmd, ...vmm.args]] : [vmm.cmd, vmm.args];
+  const marker = o.marker ?? '';
+  const t0 = performance.now();
+  const child = spawn(file, args, { stdio: ['pipe', 'pipe', 'pipe'] });
+  let stdout = '';
+  let stderr = '';
+  let markerMs = -1;
+  let smaps: SmapsSummary | undefined;
+  let timedOut = false;
+  child.stdin.on('error', () => undefined);
+  const onMarker = () => {
+    const after = () => {
+      if (o.sampleSmaps) {
+        const pid = vmmPid(child.pid!, wrapped);
+        try {
+          if (pid) smaps = summariseSmaps(readFileSync(`/proc/${pid}/smaps`, 'utf8'), vmm);
+        } catch {
+          // exited meanwhile
+        }
+      }
+      if (o.killAfterSample) {
+        const pid = vmmPid(child.pid!, wrapped);
+        if (pid) process.kill(pid, 'SIGTERM');
+      }
+      if (o.inputAfterMarker !== undefined) child.stdin.write(o.inputAfterMarker);
+    };
+    if (o.sampleDelayMs) setTimeout(after, o.sampleDelayMs);
+    else after();
+  };
+  child.stdout.on('data', (b: Buffer) => {
+    stdout += b.toString('latin1');
+    if (markerMs < 0 && stdout.includes(marker)) {
+      markerMs = performance.now() - t0;
+      onMarker();
+    }
+  });
+  child.stderr.on('data', (b: Buffer) => (stderr += b.toString()));
+  const timer = setTimeout(() => {
+    timedOut = true;
+    const pid = vmmPid(child.pid!, wrapped);
+    if (pid) process.kill(pid, 'SIGKILL');
+    child.kill('SIGKILL');
+  }, o.timeoutMs ?? 60_000);
+  const { code, exitMs } = await new Promise<{ code: number | null; exitMs: number }>((res) => {
+    child.on('exit', (c) => res({ code: c, exitMs: performance.now() - t0 }));
+    child.on('error', (e) => {
+      stderr += e.message;
+      res({ code: null, exitMs: performance.now() - t0 });
+    });
+  });
+  clearTimeout(timer);
+  await new Promise<void>((r) => (child.stdout.readableEnded ? r() : child.stdout.on('close', () => r())));
+  let peakRssKiB: number | undefined;
+  if (dir) {
+    try {
+      const lines = readFileSync(rssFile, 'utf8').trim().split('\n');
+      const n = Number(lines[lines.length - 1]);
+      if (Number.isFinite(n)) peakRssKiB = n;
+    } catch {
+      // time did not write it
+    }
+    rmSync(dir, { recursive: true, force: true });
+  }
+  const bt = /boot marker at ([\d.]+) ms after process start/.exec(stderr);
+  return {
+    markerMs, exitMs, code, peakRssKiB, smaps, bootTimerMs: bt ? Number(bt[1]) : undefined,
+    stdout, stderr, timedOut,
+  };
+}
+
+export interface Stat {
+  median: number;
+  min: number;
+  max: number;
+  n: number;
+}
+
+export function stat(xs: number[]): Stat | undefined {
+  const v = xs.filter((x) => Number.isFinite(x)).sort((a, b) => a - b);
+  if (v.length === 0) return undefined;
+  const m = v.length >> 1;
+  const median = v.length % 2 ? v[m]! : (v[m - 1]! + v[m]!) / 2;
+  return { median, min: v[0]!, max: v[v.length - 1]!, n: v.length };
+}
+
+/** One row of the results: a metric measured for each VMM. */
+export interface Row {
+  suite: 'micro' | 'lab';
+  metric: string;
+  unit: string;
+  /** true when bigger is better (rates). */
+  higherIsBetter?: boolean;
+  typervisor?: Stat;
+  qemu?: Stat;
+  floor?: Stat;
+  note?: string;
+}

@@ -1,0 +1,317 @@
+/**
+ * The VMM's control logic behind the API and --config-file, as Firecracker's
+ * PrebootApiController / RuntimeApiController: before InstanceStart it edits a VmConfig (every
+ * change is validated on a copy and committed only if valid, so a failed request changes
+ * nothing); InstanceStart builds the VM through buildVm(), the same path as `typervisor run`;
+ * after that only runtime actions are allowed. One action runs at a time (the server queues).
+ */
+import { readFileSync } from 'node:fs';
+import { TypervisorError } from '../util/errors.js';
+import { log } from '../util/log.js';
+import { buildVm, type BuildOptions, type BuiltVm } from '../vmm/builder.js';
+import type { VirtioConfig } from '../vmm/virtio-wiring.js';
+import { checkHostCanRun } from '../vmm/host-check.js';
+import {
+  DEFAULT_BOOT_ARGS,
+  DEFAULT_MACHINE_CONFIG,
+  emptyVmConfig,
+  resourcesFromConfig,
+  validateBootSource,
+  validateDrive,
+  validateMachineConfig,
+  validateResources,
+  validateVsock,
+  withDrive,
+  withNetworkInterface,
+  type VmConfig,
+  type VmResources,
+} from '../vmm/resources.js';
+import type { VmExitEvent } from '../vmm/vcpu-loop.js';
+import { parseVmConfig } from './config-file.js';
+import type { LoggerControl } from './logger.js';
+import type { MetricGroups, MetricsSystem } from './metrics.js';
+import type { VmmAction } from './routes.js';
+
+export type ApiOutcome =
+  { status: 200; body: unknown } | { status: 204 } | { status: 400 | 500; fault: string };
+
+export const PRE_BOOT_ONLY = 'The requested operation is not supported after starting the microVM.';
+export const POST_BOOT_ONLY =
+  'The requested operation is not supported before starting the microVM.';
+const notSupported = (what: string): ApiOutcome => ({
+  status: 400,
+  fault: `The requested operation is not supported: ${what}.`,
+});
+const bad = (fault: string): ApiOutcome => ({ status: 400, fault });
+const NO_CONTENT: ApiOutcome = { status: 204 };
+
+/**
+ * Which optional resources buildVm() attaches today. The virtio devices are being built
+ * elsewhere; until buildVm takes them, a start with one of them configured is refused rather
+ * than silently booting without it.
+ */
+export const BUILDER_ATTACHES = {
+  drives: true,
+  network_interfaces: false,
+  vsock: false,
+  entropy: true,
+} as const;
+
+export interface ControllerOptions {
+  instanceId: string;
+  version: string;
+  metrics: MetricsSystem;
+  logger: LoggerControl;
+  /** Called once the VM runs (console, boot timer...). */
+  onStarted?: (built: BuiltVm) => void;
+  /** Called once when the VM has ended. */
+  onExit?: (event: VmExitEvent) => void;
+  /** For tests: replaces buildVm. */
+  build?: (res: VmResources, opts: BuildOptions) => BuiltVm;
+}
+
+export class VmmController {
+  private config: VmConfig = emptyVmConfig();
+  private built: BuiltVm | undefined;
+
+  constructor(private readonly opts: ControllerOptions) {}
+
+  get started(): boolean {
+    return this.built !== undefined;
+  }
+
+  get vm(): BuiltVm | undefined {
+    return this.built;
+  }
+
+  /** The configuration in Firecracker's shape (GET /vm/config, --config-file). */
+  fullConfig(): VmConfig {
+    return structuredClone(this.config);
+  }
+
+  async handle(a: VmmAction): Promise<ApiOutcome> {
+    try {
+      return await this.dispatch(a);
+    } catch (e) {
+      if (e instanceof TypervisorError) return bad(e.message);
+      log('error', `internal error handling ${a.kind}: ${(e as Error).stack ?? String(e)}`);
+      return { status: 500, fault: `Internal error: ${(e as Error).message}` };
+    }
+  }
+
+  private async dispatch(a: VmmAction): Promise<ApiOutcome> {
+    const pre = !this.built;
+    switch (a.kind) {
+      case 'GetInstanceInfo':
+        return {
+          status: 200,
+          body: {
+            id: this.opts.instanceId,
+            state: this.stateName(),
+            vmm_version: this.opts.version,
+            app_name: 'Typervisor',
+          },
+        };
+      case 'GetVersion':
+        return { status: 200, body: { firecracker_version: this.opts.version } };
+      case 'GetMachineConfig':
+        return { status: 200, body: { ...this.config['machine-config'] } };
+      case 'GetFullVmConfig':
+        return { status: 200, body: this.fullConfig() };
+      case 'NotSupported':
+        return notSupported(`${a.feature} is not implemented in Typervisor yet`);
+      case 'PutMachineConfig':
+        if (!pre) return bad(PRE_BOOT_ONLY);
+        this.config['machine-config'] = validateMachineConfig({
+          ...DEFAULT_MACHINE_CONFIG,
+          ...a.config,
+        });
+        return NO_CONTENT;
+      case 'PatchMachineConfig':
+        if (!pre) return bad(PRE_BOOT_ONLY);
+        this.config['machine-config'] = validateMachineConfig({
+          ...this.config['machine-config'],
+          ...a.update,
+        });
+        return NO_CONTENT;
+      case 'PutBootSource':
+        if (!pre) return bad(PRE_BOOT_ONLY);
+        this.config['boot-source'] = validateBootSource({ ...a.config });
+        return NO_CONTENT;
+      case 'PutDrive':
+        if (!pre)
+          return notSupported('hot-plugging block devices is not implemented in Typervisor yet');
+        this.config.drives = withDrive(this.config.drives, a.config);
+        return NO_CONTENT;
+      case 'PutNetworkInterface':
+        if (!pre)
+          return notSupported(
+            'hot-plugging network interfaces is not implemented in Typervisor yet',
+          );
+        this.config['network-interfaces'] = withNetworkInterface(
+          this.config['network-interfaces'],
+          a.config,
+        );
+        return NO_CONTENT;
+      case 'PatchDrive': {
+        if (pre) return bad(POST_BOOT_ONLY);
+        const d = this.config.drives.find((x) => x.drive_id === a.update.drive_id);
+        if (!d)
+          return bad(
+            `Unable to patch the block device: no drive with id ${a.update.drive_id}. Please verify the request arguments.`,
+          );
+        if (a.update.path_on_host !== undefined)
+          validateDrive({ ...d, path_on_host: a.update.path_on_host });
+        return notSupported('updating a drive of a running VM (virtio-blk is not attached yet)');
+      }
+      case 'PatchNetworkInterface': {
+        if (pre) return bad(POST_BOOT_ONLY);
+        if (!this.config['network-interfaces'].some((x) => x.iface_id === a.update.iface_id)) {
+          return bad(
+            `Unable to update the net device: no network interface with id ${a.update.iface_id}`,
+          );
+        }
+        return notSupported(
+          'updating a network interface of a running VM (virtio-net is not attached yet)',
+        );
+      }
+      case 'PutVsock':
+        if (!pre) return bad(PRE_BOOT_ONLY);
+        this.config.vsock = validateVsock({ ...a.config });
+        return NO_CONTENT;
+      case 'PutEntropy':
+        if (!pre) return bad(PRE_BOOT_ONLY);
+        this.config.entropy = { ...a.config };
+        return NO_CONTENT;
+      case 'PutLogger':
+        if (!pre) return bad(PRE_BOOT_ONLY);
+        this.opts.logger.configure(a.config);
+        this.config.logger = { ...(this.config.logger ?? {}), ...a.config };
+        return NO_CONTENT;
+      case 'PutMetrics':
+        if (!pre) return bad(PRE_BOOT_ONLY);
+        this.opts.metrics.init(a.config);
+        this.config.metrics = { ...a.config };
+        return NO_CONTENT;
+      case 'InstanceStart':
+        if (!pre) return bad(PRE_BOOT_ONLY);
+        return this.start();
+      case 'FlushMetrics':
+        if (pre) return bad(POST_BOOT_ONLY);
+        this.opts.metrics.flush();
+        return NO_CONTENT;
+      case 'SendCtrlAltDel':
+        if (!this.built) return bad(POST_BOOT_ONLY);
+        return this.built.devices.i8042.sendCtrlAltDel()
+          ? NO_CONTENT
+          : bad('i8042 internal buffer full.');
+      case 'Pause':
+        if (!this.built) return bad(POST_BOOT_ONLY);
+        try {
+          await this.built.vmm.pause();
+        } catch (e) {
+          return bad(`Internal VMM error: ${(e as Error).message}`);
+        }
+        return NO_CONTENT;
+      case 'Resume':
+        if (!this.built) return bad(POST_BOOT_ONLY);
+        this.built.vmm.resume();
+        return NO_CONTENT;
+    }
+  }
+
+  private stateName(): 'Not started' | 'Running' | 'Paused' {
+    if (!this.built) return 'Not started';
+    return this.built.vmm.state === 'paused' ? 'Paused' : 'Running';
+  }
+
+  /** InstanceStart: the configuration -> VmResources -> buildVm(), as `typervisor run` does. */
+  private start(): ApiOutcome {
+    let res: VmResources;
+    try {
+      res = validateResources(resourcesFromConfig(this.config));
+      const missing = (
+        Object.keys(BUILDER_ATTACHES) as Array<keyof typeof BUILDER_ATTACHES>
+      ).filter((k) => !BUILDER_ATTACHES[k] && res[k] !== undefined);
+      if (missing.length > 0) {
+        const names: Record<string, string> = {
+          drives: 'virtio-blk',
+          network_interfaces: 'virtio-net',
+          vsock: 'virtio-vsock',
+          entropy: 'virtio-rng',
+        };
+        return bad(
+          `Start microvm error: ${missing.map((m) => names[m]).join(', ')} not available yet: the configuration is stored (GET /vm/config) but this build cannot attach it`,
+        );
+      }
+      checkHostCanRun(res.boot.kernel_image_path, false);
+      const { resources, virtio } = withVirtio(res);
+      this.built = (this.opts.build ?? buildVm)(resources, { virtio });
+    } catch (e) {
+      if (e instanceof TypervisorError) return bad(`Start microvm error: ${e.message}`);
+      throw e;
+    }
+    const built = this.built;
+    this.opts.metrics.addSource(() => deviceMetrics(built));
+    void built.vmm.exited.then((ev) => this.opts.onExit?.(ev));
+    this.opts.onStarted?.(built);
+    return NO_CONTENT;
+  }
+
+  /**
+   * --config-file: the JSON of GET /vm/config, applied section by section as the matching PUT
+   * requests would be, then InstanceStart. Returns the first failure's message.
+   */
+  async applyConfigFile(path: string): Promise<string | undefined> {
+    let text: string;
+    try {
+      text = readFileSync(path, 'utf8');
+    } catch (e) {
+      return `cannot read the configuration file ${path}: ${(e as Error).message}`;
+    }
+    const parsed = parseVmConfig(text);
+    if ('fault' in parsed) return parsed.fault;
+    for (const action of parsed.actions) {
+      const r = await this.handle(action);
+      if (r.status >= 400) return 'fault' in r ? r.fault : `failed: ${action.kind}`;
+    }
+    return undefined;
+  }
+}
+
+/**
+ * Drives and entropy as buildVm's virtio configs (root drive first, so it is /dev/vda), and the
+ * root= argument Firecracker appends for a root drive.
+ */
+function withVirtio(res: VmResources): { resources: VmResources; virtio: VirtioConfig[] } {
+  const virtio: VirtioConfig[] = (res.drives ?? []).map((d) => ({
+    kind: 'block' as const,
+    path: d.path_on_host!,
+    readOnly: d.is_read_only === true,
+  }));
+  if (res.entropy) virtio.push({ kind: 'rng' });
+  const root = res.drives?.[0]?.is_root_device ? res.drives[0] : undefined;
+  if (!root) return { resources: res, virtio };
+  const rootArg = `${root.partuuid ? `root=PARTUUID=${root.partuuid}` : 'root=/dev/vda'} ${root.is_read_only ? 'ro' : 'rw'}`;
+  const args = res.boot.boot_args ?? DEFAULT_BOOT_ARGS;
+  return { resources: { ...res, boot: { ...res.boot, boot_args: `${args} ${rootArg}` } }, virtio };
+}
+
+/** The running VM's per-device and per-vCPU counters, for the metrics lines. */
+function deviceMetrics(built: BuiltVm): MetricGroups {
+  const { vmm, devices } = built;
+  const vcpu: Record<string, number> = {};
+  let total = 0;
+  for (let i = 0; i < vmm.vcpuCount; i++) {
+    const n = vmm.control.exits(i);
+    vcpu[`vcpu${i}_exits`] = n;
+    total += n;
+  }
+  vcpu.exits_total = total;
+  return {
+    vcpu,
+    uart: { ...devices.serial.stats() },
+    i8042: { ...devices.i8042.stats() },
+    unhandled: { ...devices.unhandled.stats() },
+  };
+}

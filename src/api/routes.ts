@@ -1,0 +1,278 @@
+/**
+ * HTTP method + path + body -> a VmmAction, or the 400 Firecracker gives for that request.
+ * Mirrors Firecracker's request parsing (src/firecracker/src/api_server/parsed_request.rs):
+ * a GET may not have a body, a PUT/PATCH must; resource ids are non-empty and alphanumeric or
+ * '_'; the id in the path must equal the id in the body; every body is checked against its
+ * schema with unknown fields refused. We are stricter in one way: extra path segments
+ * (GET /version/x) are an invalid path, not ignored.
+ */
+import type {
+  BootSource,
+  DriveConfig,
+  EntropyConfig,
+  LoggerConfig,
+  MachineConfig,
+  MetricsConfig,
+  NetworkInterfaceConfig,
+  RateLimiter,
+  VsockConfig,
+} from '../vmm/resources.js';
+import { check, stripNulls, type Schema } from './schema.js';
+import * as S from './schemas.js';
+
+export type VmmAction =
+  | { kind: 'GetInstanceInfo' }
+  | { kind: 'GetVersion' }
+  | { kind: 'GetFullVmConfig' }
+  | { kind: 'GetMachineConfig' }
+  | { kind: 'PutMachineConfig'; config: MachineConfig }
+  | { kind: 'PatchMachineConfig'; update: Partial<MachineConfig> }
+  | { kind: 'PutBootSource'; config: BootSource }
+  | { kind: 'PutDrive'; config: DriveConfig }
+  | {
+      kind: 'PatchDrive';
+      update: { drive_id: string; path_on_host?: string; rate_limiter?: RateLimiter };
+    }
+  | { kind: 'PutNetworkInterface'; config: NetworkInterfaceConfig }
+  | {
+      kind: 'PatchNetworkInterface';
+      update: { iface_id: string; rx_rate_limiter?: RateLimiter; tx_rate_limiter?: RateLimiter };
+    }
+  | { kind: 'PutVsock'; config: VsockConfig }
+  | { kind: 'PutEntropy'; config: EntropyConfig }
+  | { kind: 'PutLogger'; config: LoggerConfig }
+  | { kind: 'PutMetrics'; config: MetricsConfig }
+  | { kind: 'InstanceStart' }
+  | { kind: 'SendCtrlAltDel' }
+  | { kind: 'FlushMetrics' }
+  | { kind: 'Pause' }
+  | { kind: 'Resume' }
+  | { kind: 'NotSupported'; feature: string };
+
+export interface Routed {
+  /** The action, or undefined when `fault` says why the request is refused (400). */
+  action?: VmmAction;
+  fault?: string;
+  /** Firecracker-style request counter: [group, name] -> group.name_count / group.name_fails. */
+  metric?: [string, string];
+}
+
+/** Features Firecracker has and we do not (yet): their endpoints answer 400 saying so. */
+export const UNSUPPORTED_ENDPOINTS: ReadonlyArray<{
+  path: string;
+  verbs: string;
+  feature: string;
+}> = [
+  { path: '/balloon', verbs: 'GET PUT PATCH', feature: 'the balloon device' },
+  { path: '/balloon/statistics', verbs: 'GET PATCH', feature: 'the balloon device' },
+  { path: '/balloon/hinting/start', verbs: 'PATCH', feature: 'the balloon device' },
+  { path: '/balloon/hinting/status', verbs: 'GET', feature: 'the balloon device' },
+  { path: '/balloon/hinting/stop', verbs: 'PATCH', feature: 'the balloon device' },
+  { path: '/cpu-config', verbs: 'PUT', feature: 'custom CPU templates' },
+  { path: '/hotplug/memory', verbs: 'GET PUT PATCH', feature: 'memory hotplug (virtio-mem)' },
+  { path: '/mmds', verbs: 'GET PUT PATCH', feature: 'MMDS (the microVM metadata service)' },
+  { path: '/mmds/config', verbs: 'PUT', feature: 'MMDS (the microVM metadata service)' },
+  { path: '/pmem/{id}', verbs: 'PUT PATCH', feature: 'virtio-pmem' },
+  { path: '/serial', verbs: 'PUT', feature: 'serial console configuration' },
+  { path: '/snapshot/create', verbs: 'PUT', feature: 'snapshots' },
+  { path: '/snapshot/load', verbs: 'PUT', feature: 'snapshots' },
+  { path: '/drives/{id}', verbs: 'DELETE', feature: 'hot-unplugging devices' },
+  { path: '/network-interfaces/{id}', verbs: 'DELETE', feature: 'hot-unplugging devices' },
+  { path: '/pmem/{id}', verbs: 'DELETE', feature: 'hot-unplugging devices' },
+];
+
+export const DESERIALIZE_PREFIX =
+  'An error occurred when deserializing the json body of a request: ';
+
+const ID_RE = /^[\p{L}\p{N}_]+$/u;
+
+function unsupported(method: string, tokens: string[]): string | undefined {
+  const concrete = tokens.map((t, i) =>
+    i === 1 && ['pmem', 'drives', 'network-interfaces'].includes(tokens[0]!) ? '{id}' : t,
+  );
+  const path = '/' + concrete.join('/');
+  return UNSUPPORTED_ENDPOINTS.find((e) => e.path === path && e.verbs.split(' ').includes(method))
+    ?.feature;
+}
+
+/** Parses and checks a JSON body; a fault message naming the field, or the value. */
+export function parseBody<T>(schema: Schema, body: string): { value: T } | { fault: string } {
+  let json: unknown;
+  try {
+    json = JSON.parse(body);
+  } catch (e) {
+    return { fault: `${DESERIALIZE_PREFIX}${(e as Error).message}.` };
+  }
+  const problem = check(schema, json);
+  if (problem) return { fault: `${DESERIALIZE_PREFIX}${problem}.` };
+  return { value: stripNulls(json) as T };
+}
+
+export function route(method: string, url: string, body: string | undefined): Routed {
+  const path = url.split('?')[0] ?? '';
+  const tokens = path.replace(/^\/+/, '').split('/');
+  if (tokens.length > 1 && tokens[tokens.length - 1] === '') tokens.pop(); // split_terminator
+  const first = tokens[0] ?? '';
+  const invalid: Routed = { fault: `Invalid request method and/or path: ${method} ${path}.` };
+  const arity = (n: number) => tokens.length === n;
+
+  if (method === 'GET' && body !== undefined) return { fault: 'GET request cannot have a body.' };
+  if (method === 'PUT' && body === undefined) return { fault: 'Empty PUT request.' };
+  if (method === 'PATCH' && body === undefined) return { fault: 'Empty PATCH request.' };
+  if (method === 'DELETE' && body !== undefined) return { fault: 'Empty Delete request.' };
+
+  const feature = unsupported(method, tokens);
+  if (feature) return { action: { kind: 'NotSupported', feature } };
+
+  const withBody = <T>(
+    schema: Schema,
+    metric: [string, string],
+    make: (v: T) => VmmAction,
+  ): Routed => {
+    const r = parseBody<T>(schema, body!);
+    return 'fault' in r ? { fault: r.fault, metric } : { action: make(r.value), metric };
+  };
+  /** /drives/{id} and /network-interfaces/{id}: the id checks, then the body. */
+  const withId = <T>(
+    schema: Schema,
+    metric: [string, string],
+    idField: keyof T,
+    make: (v: T) => VmmAction,
+  ): Routed => {
+    if (!arity(2) && !arity(1)) return invalid;
+    const id = tokens[1];
+    if (id === undefined || id === '') return { fault: 'The ID cannot be empty.', metric };
+    if (!ID_RE.test(id))
+      return {
+        fault: 'API Resource IDs can only contain alphanumeric characters and underscores.',
+        metric,
+      };
+    const r = parseBody<T>(schema, body!);
+    if ('fault' in r) return { fault: r.fault, metric };
+    const bodyId = r.value[idField] as unknown as string;
+    if (bodyId !== id)
+      return {
+        fault: `The id from the path [${id}] does not match the id from the body [${bodyId}]!`,
+        metric,
+      };
+    return { action: make(r.value), metric };
+  };
+
+  switch (method) {
+    case 'GET':
+      if (first === '' && arity(1))
+        return {
+          action: { kind: 'GetInstanceInfo' },
+          metric: ['get_api_requests', 'instance_info'],
+        };
+      if (first === 'version' && arity(1))
+        return { action: { kind: 'GetVersion' }, metric: ['get_api_requests', 'vmm_version'] };
+      if (first === 'machine-config' && arity(1))
+        return {
+          action: { kind: 'GetMachineConfig' },
+          metric: ['get_api_requests', 'machine_cfg'],
+        };
+      if (first === 'vm' && arity(2) && tokens[1] === 'config')
+        return { action: { kind: 'GetFullVmConfig' }, metric: ['get_api_requests', 'vm_config'] };
+      return invalid;
+    case 'PUT':
+      if (!arity(1) && !['drives', 'network-interfaces'].includes(first)) return invalid;
+      switch (first) {
+        case 'actions':
+          return withBody<{ action_type: string }>(
+            S.InstanceActionInfo,
+            ['put_api_requests', 'actions'],
+            (v) =>
+              v.action_type === 'InstanceStart'
+                ? { kind: 'InstanceStart' }
+                : v.action_type === 'SendCtrlAltDel'
+                  ? { kind: 'SendCtrlAltDel' }
+                  : { kind: 'FlushMetrics' },
+          );
+        case 'machine-config':
+          return withBody<MachineConfig>(
+            S.MachineConfiguration,
+            ['put_api_requests', 'machine_cfg'],
+            (config) => ({ kind: 'PutMachineConfig', config }),
+          );
+        case 'boot-source':
+          return withBody<BootSource>(
+            S.BootSource,
+            ['put_api_requests', 'boot_source'],
+            (config) => ({ kind: 'PutBootSource', config }),
+          );
+        case 'vsock':
+          return withBody<VsockConfig>(S.Vsock, ['put_api_requests', 'vsock'], (config) => ({
+            kind: 'PutVsock',
+            config,
+          }));
+        case 'entropy':
+          return withBody<EntropyConfig>(
+            S.EntropyDevice,
+            ['put_api_requests', 'entropy'],
+            (config) => ({ kind: 'PutEntropy', config }),
+          );
+        case 'logger':
+          return withBody<LoggerConfig>(S.Logger, ['put_api_requests', 'logger'], (config) => ({
+            kind: 'PutLogger',
+            config,
+          }));
+        case 'metrics':
+          return withBody<MetricsConfig>(S.Metrics, ['put_api_requests', 'metrics'], (config) => ({
+            kind: 'PutMetrics',
+            config,
+          }));
+        case 'drives':
+          return withId<DriveConfig>(
+            S.Drive,
+            ['put_api_requests', 'drive'],
+            'drive_id',
+            (config) => ({ kind: 'PutDrive', config }),
+          );
+        case 'network-interfaces':
+          return withId<NetworkInterfaceConfig>(
+            S.NetworkInterface,
+            ['put_api_requests', 'network'],
+            'iface_id',
+            (config) => ({ kind: 'PutNetworkInterface', config }),
+          );
+      }
+      return invalid;
+    case 'PATCH':
+      switch (first) {
+        case 'machine-config': {
+          if (!arity(1)) return invalid;
+          const r = withBody<Partial<MachineConfig>>(
+            S.MachineConfigurationUpdate,
+            ['patch_api_requests', 'machine_cfg'],
+            (update) => ({ kind: 'PatchMachineConfig', update }),
+          );
+          if (r.action?.kind === 'PatchMachineConfig' && Object.keys(r.action.update).length === 0)
+            return { fault: 'Empty PATCH request.', metric: r.metric };
+          return r;
+        }
+        case 'vm':
+          if (!arity(1)) return invalid;
+          return withBody<{ state: string }>(S.Vm, ['patch_api_requests', 'vm'], (v) =>
+            v.state === 'Paused' ? { kind: 'Pause' } : { kind: 'Resume' },
+          );
+        case 'drives':
+          return withId<{ drive_id: string }>(
+            S.PartialDrive,
+            ['patch_api_requests', 'drive'],
+            'drive_id',
+            (update) => ({ kind: 'PatchDrive', update }),
+          );
+        case 'network-interfaces':
+          return withId<{ iface_id: string }>(
+            S.PartialNetworkInterface,
+            ['patch_api_requests', 'network'],
+            'iface_id',
+            (update) => ({ kind: 'PatchNetworkInterface', update }),
+          );
+      }
+      return invalid;
+    default:
+      return invalid;
+  }
+}

@@ -1,0 +1,235 @@
+/**
+ * Our schemas for the request bodies of the Firecracker-compatible API and the config file,
+ * written from Firecracker's OpenAPI description (see docs/api.md for the resulting reference).
+ * Limits that the OpenAPI file leaves open are bounded here so no value can be absurd: strings
+ * are at most PATH_MAX, integers are safe JavaScript integers.
+ */
+import { MAX_VCPUS } from '../arch/x86_64/layout.js';
+import { MAX_MEM_MIB } from '../vmm/resources.js';
+import { PATH_MAX, type Schema } from './schema.js';
+
+const U64 = Number.MAX_SAFE_INTEGER;
+const str = (description: string, maxLength = PATH_MAX): Schema => ({
+  type: 'string',
+  maxLength,
+  description,
+});
+const bool = (description: string): Schema => ({ type: 'boolean', description });
+const int = (minimum: number, maximum: number, description: string): Schema => ({
+  type: 'integer',
+  minimum,
+  maximum,
+  description,
+});
+const oneOf = (values: readonly string[], description: string): Schema => ({
+  type: 'string',
+  enum: values,
+  description,
+});
+
+export const TokenBucket: Schema = {
+  type: 'object',
+  description:
+    'A token bucket: `size` tokens, refilled over `refill_time` ms, plus a one-time burst.',
+  properties: {
+    size: int(0, U64, 'Total number of tokens the bucket can hold.'),
+    one_time_burst: int(0, U64, 'Initial extra tokens.'),
+    refill_time: int(0, U64, 'Milliseconds to refill the bucket.'),
+  },
+  required: ['size', 'refill_time'],
+};
+
+export const RateLimiter: Schema = {
+  type: 'object',
+  description: 'Independent bytes/s and ops/s limits (stored; enforced once the device exists).',
+  properties: { bandwidth: TokenBucket, ops: TokenBucket },
+};
+
+export const MachineConfiguration: Schema = {
+  type: 'object',
+  description: 'vCPUs and memory. Optional fields accept only their default values for now.',
+  properties: {
+    vcpu_count: int(1, MAX_VCPUS, 'Number of vCPUs.'),
+    mem_size_mib: int(1, MAX_MEM_MIB, 'Guest memory in MiB (at least 16).'),
+    smt: bool('Simultaneous multithreading: only false is supported.'),
+    track_dirty_pages: bool('Dirty page tracking: only false is supported (no snapshots yet).'),
+    huge_pages: oneOf(
+      ['None', 'Transparent', '2M'],
+      'Huge pages backing guest memory: only "None" is supported.',
+    ),
+    cpu_template: oneOf(
+      ['C3', 'T2', 'T2S', 'T2CL', 'T2A', 'V1N1', 'None'],
+      'Deprecated CPU template: only "None" is supported.',
+    ),
+  },
+  required: ['vcpu_count', 'mem_size_mib'],
+};
+
+/** PATCH /machine-config: the same fields, none required (but at least one present). */
+export const MachineConfigurationUpdate: Schema = {
+  ...MachineConfiguration,
+  required: [],
+} as Schema;
+
+export const BootSource: Schema = {
+  type: 'object',
+  description: 'The guest kernel, initrd and command line.',
+  properties: {
+    kernel_image_path: str(
+      'Host path of the kernel: bzImage, or ELF vmlinux (PVH note or 64-bit entry).',
+    ),
+    initrd_path: str('Host path of the initrd.'),
+    boot_args: str('Kernel command line (default: console=ttyS0 reboot=k panic=1 pci=off ...).'),
+  },
+  required: ['kernel_image_path'],
+};
+
+export const Drive: Schema = {
+  type: 'object',
+  description: 'A virtio-blk drive (the root drive becomes /dev/vda).',
+  properties: {
+    drive_id: str('Drive id; must equal the id in the path.', 256),
+    partuuid: str('Partition UUID of the root partition (used when is_root_device).', 256),
+    is_root_device: bool('Make this the root device (at most one).'),
+    cache_type: oneOf(['Unsafe', 'Writeback'], 'Flush handling (default "Unsafe").'),
+    is_read_only: bool('Open the backing file read-only (required).'),
+    path_on_host: str('Host path of the backing file (required).'),
+    rate_limiter: RateLimiter,
+    io_engine: oneOf(['Sync', 'Async'], 'I/O engine (default "Sync").'),
+    socket: str('vhost-user-block socket: not supported.'),
+  },
+  required: ['drive_id', 'is_root_device'],
+};
+
+export const PartialDrive: Schema = {
+  type: 'object',
+  description: 'Post-boot update of a drive.',
+  properties: {
+    drive_id: str('Drive id; must equal the id in the path.', 256),
+    path_on_host: str('New backing file.'),
+    rate_limiter: RateLimiter,
+  },
+  required: ['drive_id'],
+};
+
+export const NetworkInterface: Schema = {
+  type: 'object',
+  description: 'A virtio-net interface over a TAP device. Stored and validated; attached later.',
+  properties: {
+    iface_id: str('Interface id; must equal the id in the path.', 256),
+    host_dev_name: str('Host TAP device name.', 256),
+    guest_mac: str('Guest MAC address, e.g. 06:00:AC:10:00:02.', 64),
+    mtu: int(68, 65535, 'MTU advertised to the guest (VIRTIO_NET_F_MTU).'),
+    rx_rate_limiter: RateLimiter,
+    tx_rate_limiter: RateLimiter,
+  },
+  required: ['iface_id', 'host_dev_name'],
+};
+
+export const PartialNetworkInterface: Schema = {
+  type: 'object',
+  description: "Post-boot update of an interface's rate limiters.",
+  properties: {
+    iface_id: str('Interface id; must equal the id in the path.', 256),
+    rx_rate_limiter: RateLimiter,
+    tx_rate_limiter: RateLimiter,
+  },
+  required: ['iface_id'],
+};
+
+export const Vsock: Schema = {
+  type: 'object',
+  description:
+    'A virtio-vsock device proxied to Unix sockets. Stored and validated; attached later.',
+  properties: {
+    guest_cid: int(3, 0xffff_fffe, 'Guest context id.'),
+    uds_path: str('Host Unix socket path (at most 107 bytes).'),
+    vsock_id: str('Deprecated; ignored.', 256),
+  },
+  required: ['guest_cid', 'uds_path'],
+};
+
+export const EntropyDevice: Schema = {
+  type: 'object',
+  description: 'A virtio-rng device.',
+  properties: { rate_limiter: RateLimiter },
+};
+
+export const Logger: Schema = {
+  type: 'object',
+  description: 'Where and how much the VMM logs.',
+  properties: {
+    level: str('Error, Warning, Info, Debug, Trace or Off (any case; default Info).', 16),
+    log_path: str('File or named pipe for the log (created if missing).'),
+    show_level: bool('Show the level on each line.'),
+    show_log_origin: bool('Accepted; we log no source locations.'),
+    module: str('Accepted and stored; we do not filter by module.', 256),
+  },
+};
+
+export const Metrics: Schema = {
+  type: 'object',
+  description: 'Where metrics go: one JSON object per line, every 60 s and on FlushMetrics.',
+  properties: {
+    metrics_path: str('File or named pipe for the metrics (created if missing).'),
+    emit_id: bool('Add the instance id (--id) as a top-level "id" field.'),
+    properties: {
+      type: 'object',
+      description: 'Operator key/value pairs added under "properties".',
+      properties: {},
+      values: str('Property value.', 1024),
+      maxProperties: 64,
+    },
+  },
+  required: ['metrics_path'],
+};
+
+export const InstanceActionInfo: Schema = {
+  type: 'object',
+  description: 'A synchronous action.',
+  properties: {
+    action_type: oneOf(['FlushMetrics', 'InstanceStart', 'SendCtrlAltDel'], 'The action.'),
+  },
+  required: ['action_type'],
+};
+
+export const Vm: Schema = {
+  type: 'object',
+  description: 'The desired microVM state.',
+  properties: { state: oneOf(['Paused', 'Resumed'], 'Paused or Resumed.') },
+  required: ['state'],
+};
+
+/** Sections Firecracker's config file may carry that Typervisor does not implement yet. */
+export const UNSUPPORTED_CONFIG_SECTIONS = [
+  'balloon',
+  'cpu-config',
+  'memory-hotplug',
+  'mmds-config',
+  'pmem',
+  'serial',
+] as const;
+
+const anyValue: Schema = { type: 'object', properties: {}, values: { type: 'boolean' } }; // never used for checking
+
+/** --config-file and GET /vm/config (FullVmConfiguration). */
+export const FullVmConfiguration: Schema = {
+  type: 'object',
+  description: 'The whole VM: the body of GET /vm/config and the content of --config-file.',
+  properties: {
+    'boot-source': BootSource,
+    'machine-config': MachineConfiguration,
+    drives: { type: 'array', items: Drive, maxItems: 64, description: 'Block devices.' },
+    'network-interfaces': {
+      type: 'array',
+      items: NetworkInterface,
+      maxItems: 64,
+      description: 'Net devices.',
+    },
+    vsock: Vsock,
+    entropy: EntropyDevice,
+    logger: Logger,
+    metrics: Metrics,
+    ...Object.fromEntries(UNSUPPORTED_CONFIG_SECTIONS.map((k) => [k, anyValue])),
+  },
+};

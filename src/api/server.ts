@@ -1,0 +1,201 @@
+/**
+ * The HTTP/1.1 server on a Unix socket (node:http). Robustness rules:
+ * - bodies are bounded (Firecracker's default 51200 bytes): a larger Content-Length is refused
+ *   before reading, a chunked body is cut off as soon as it passes the limit; both answer 400 as
+ *   Firecracker's micro_http does, and close the connection;
+ * - header and whole-request timeouts, so a slow or half-closed client costs a socket, never a
+ *   stuck VMM; a request is queued only once its whole body has arrived;
+ * - requests are handled one at a time, in the order they completed (a FIFO queue), since each
+ *   may change the VM;
+ * - every answer is JSON: 200 with a body, 204, or 4xx/5xx with {"fault_message": ...}.
+ */
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import { connect, type Socket } from 'node:net';
+import { lstatSync, unlinkSync } from 'node:fs';
+import { ConfigError, HostError } from '../util/errors.js';
+import { log } from '../util/log.js';
+import type { ApiOutcome } from './controller.js';
+import type { Counters } from './metrics.js';
+import { route, type VmmAction } from './routes.js';
+
+/** Firecracker's default --http-api-max-payload-size. */
+export const DEFAULT_MAX_PAYLOAD = 51_200;
+export const HEADERS_TIMEOUT_MS = 5_000;
+export const REQUEST_TIMEOUT_MS = 10_000;
+export const KEEP_ALIVE_TIMEOUT_MS = 30_000;
+const MAX_HEADER_BYTES = 8_192;
+
+export interface ApiServerOptions {
+  socketPath: string;
+  maxPayload?: number;
+  counters: Counters;
+  handle(action: VmmAction): Promise<ApiOutcome>;
+}
+
+export interface ApiServer {
+  close(): Promise<void>;
+}
+
+/** Removes a stale socket (a socket nobody listens on); refuses anything else at that path. */
+export async function prepareSocketPath(path: string): Promise<void> {
+  let st;
+  try {
+    st = lstatSync(path);
+  } catch {
+    return; // nothing there
+  }
+  if (!st.isSocket())
+    throw new ConfigError(`${path} exists and is not a socket; refusing to replace it`);
+  const live = await new Promise<boolean>((resolve) => {
+    const s: Socket = connect(path);
+    s.once('connect', () => {
+      s.destroy();
+      resolve(true);
+    });
+    s.once('error', () => resolve(false));
+  });
+  if (live) throw new HostError(`another process is listening on ${path}`);
+  unlinkSync(path);
+}
+
+function send(res: ServerResponse, out: ApiOutcome, close = false): void {
+  if (res.headersSent || res.destroyed) return;
+  const headers: Record<string, string | number> = { Server: 'Typervisor API' };
+  if (close) headers.Connection = 'close';
+  if (out.status === 204) {
+    res.writeHead(204, headers).end();
+    return;
+  }
+  const body = JSON.stringify(out.status === 200 ? out.body : { fault_message: out.fault });
+  res
+    .writeHead(out.status, {
+      ...headers,
+      'Content-Type': 'application/json',
+      'Content-Length': Buffer.byteLength(body),
+    })
+    .end(body);
+}
+
+export async function startApiServer(opts: ApiServerOptions): Promise<ApiServer> {
+  const max = opts.maxPayload ?? DEFAULT_MAX_PAYLOAD;
+  const counters = opts.counters;
+  await prepareSocketPath(opts.socketPath);
+  let queue: Promise<void> = Promise.resolve();
+
+  const tooLarge = (size: number | string): ApiOutcome => ({
+    status: 400,
+    fault: `Request payload with size ${size} is larger than the limit of ${max} allowed by server.`,
+  });
+
+  const onRequest = (req: IncomingMessage, res: ServerResponse) => {
+    counters.inc('api_server', 'requests');
+    const method = req.method ?? '';
+    const url = req.url ?? '/';
+    const declared = req.headers['content-length'];
+    if (declared !== undefined && Number(declared) > max) {
+      counters.inc('api_server', 'oversized_requests');
+      send(res, tooLarge(declared), true);
+      req.socket.destroySoon();
+      return;
+    }
+    const chunks: Buffer[] = [];
+    let size = 0;
+    let refused = false;
+    req.on('data', (c: Buffer) => {
+      if (refused) return;
+      size += c.length;
+      if (size > max) {
+        refused = true;
+        chunks.length = 0;
+        counters.inc('api_server', 'oversized_requests');
+        send(res, tooLarge(`>${max}`), true);
+        req.socket.destroySoon();
+        return;
+      }
+      chunks.push(c);
+    });
+    req.on('error', () => undefined); // aborted by the client: nothing to answer
+    req.on('end', () => {
+      if (refused) return;
+      const body = size > 0 ? Buffer.concat(chunks).toString('utf8') : undefined;
+      queue = queue.then(() => serve(method, url, body, res));
+    });
+  };
+
+  const serve = async (
+    method: string,
+    url: string,
+    body: string | undefined,
+    res: ServerResponse,
+  ) => {
+    if (res.destroyed) return;
+    const routed = route(method, url, body);
+    const [group, name] = routed.metric ?? [];
+    if (group && name) counters.inc(group, `${name}_count`);
+    let out: ApiOutcome;
+    if (routed.action) {
+      try {
+        out = await opts.handle(routed.action);
+      } catch (e) {
+        out = { status: 500, fault: `Internal error: ${(e as Error).message}` };
+      }
+    } else out = { status: 400, fault: routed.fault ?? 'Bad request.' };
+    if (out.status >= 400) {
+      counters.inc('api_server', out.status >= 500 ? 'internal_errors' : 'bad_requests');
+      if (group && name) counters.inc(group, `${name}_fails`);
+      log('debug', `API ${method} ${url}: ${out.status} ${'fault' in out ? out.fault : ''}`);
+    }
+    send(res, out);
+  };
+
+  const server: Server = createServer(
+    {
+      maxHeaderSize: MAX_HEADER_BYTES,
+      headersTimeout: HEADERS_TIMEOUT_MS,
+      requestTimeout: REQUEST_TIMEOUT_MS,
+      keepAliveTimeout: KEEP_ALIVE_TIMEOUT_MS,
+      connectionsCheckingInterval: 500,
+    },
+    onRequest,
+  );
+  // An idle socket (no request in progress) is closed after this long.
+  server.setTimeout(KEEP_ALIVE_TIMEOUT_MS, (s: Socket) => s.destroy());
+  server.on('clientError', (e: NodeJS.ErrnoException, socket: Socket) => {
+    counters.inc('api_server', 'malformed_requests');
+    if (!socket.writable || e.code === 'ECONNRESET') {
+      socket.destroy();
+      return;
+    }
+    const timeout = e.code === 'ERR_HTTP_REQUEST_TIMEOUT';
+    const body = JSON.stringify({
+      fault_message: timeout
+        ? 'Request timed out.'
+        : `Malformed HTTP request: ${e.code ?? e.message}.`,
+    });
+    socket.end(
+      `HTTP/1.1 ${timeout ? '408 Request Timeout' : '400 Bad Request'}\r\nServer: Typervisor API\r\nContent-Type: application/json\r\n` +
+        `Content-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`,
+    );
+    socket.destroySoon();
+  });
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(opts.socketPath, () => {
+      server.off('error', reject);
+      resolve();
+    });
+  });
+  server.on('error', (e) => log('error', `API server: ${e.message}`));
+  return {
+    close: () =>
+      new Promise<void>((resolve) => {
+        server.close(() => resolve());
+        server.closeAllConnections();
+        try {
+          unlinkSync(opts.socketPath);
+        } catch {
+          // already gone
+        }
+      }),
+  };
+}

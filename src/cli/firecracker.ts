@@ -1,0 +1,246 @@
+/**
+ * The Firecracker-style entry: `typervisor --api-sock PATH [--config-file FILE] [--no-api] ...`.
+ * Serves Firecracker's REST API on a Unix socket (src/api/) and/or boots from a config file, and
+ * exits as Firecracker does: 0 when the guest powers off or reboots (after flushing metrics),
+ * 1 when the guest fails, 152 for a bad --config-file, 153 for bad arguments.
+ */
+import { readFileSync } from 'node:fs';
+import { parseArgs } from 'node:util';
+import { VmmController } from '../api/controller.js';
+import { LoggerControl } from '../api/logger.js';
+import { MetricsSystem } from '../api/metrics.js';
+import { DEFAULT_MAX_PAYLOAD, startApiServer, type ApiServer } from '../api/server.js';
+import { TypervisorError } from '../util/errors.js';
+import { log } from '../util/log.js';
+import type { VmExitEvent } from '../vmm/vcpu-loop.js';
+import { Console } from './console.js';
+
+export const FC_EXIT_OK = 0;
+export const FC_EXIT_GENERIC = 1;
+export const FC_EXIT_BAD_CONFIGURATION = 152;
+export const FC_EXIT_ARG_PARSING = 153;
+
+export const DEFAULT_API_SOCK = '/run/typervisor.socket';
+export const DEFAULT_INSTANCE_ID = 'anonymous-instance';
+
+/** The flags that make `typervisor` take this entry instead of a subcommand. */
+export const FIRECRACKER_FLAGS = [
+  '--api-sock',
+  '--config-file',
+  '--no-api',
+  '--id',
+  '--boot-timer',
+  '--level',
+  '--log-path',
+  '--metrics-path',
+  '--show-level',
+  '--show-log-origin',
+  '--module',
+  '--http-api-max-payload-size',
+] as const;
+
+export const FIRECRACKER_USAGE = `usage: typervisor [--api-sock PATH] [--config-file FILE] [--no-api] [options]
+Firecracker-compatible mode: the REST API of Firecracker on a Unix socket (docs/api.md).
+  --api-sock PATH      API socket (default ${DEFAULT_API_SOCK})
+  --config-file FILE   boot at once from this JSON (the shape of GET /vm/config)
+  --no-api             no API socket (needs --config-file)
+  --id ID              instance id, 1-64 letters, digits or '-' (default ${DEFAULT_INSTANCE_ID})
+  --boot-timer         log the time from process start to the guest's boot marker
+  --level L            log level: Error, Warning, Info, Debug, Trace or Off
+  --log-path PATH      log to this file or named pipe
+  --show-level, --show-log-origin, --module M   accepted, as Firecracker's
+  --metrics-path PATH  metrics (JSON lines) to this file or named pipe
+  --http-api-max-payload-size N   largest request body in bytes (default ${DEFAULT_MAX_PAYLOAD})
+  --version            print the version`;
+
+class ArgError extends Error {}
+
+interface FcArgs {
+  apiSock: string;
+  configFile?: string;
+  noApi: boolean;
+  id: string;
+  bootTimer: boolean;
+  level?: string;
+  logPath?: string;
+  showLevel: boolean;
+  module?: string;
+  metricsPath?: string;
+  maxPayload: number;
+}
+
+export function parseFirecrackerArgs(argv: string[]): FcArgs {
+  let v;
+  try {
+    v = parseArgs({
+      args: argv,
+      strict: true,
+      allowPositionals: false,
+      options: {
+        'api-sock': { type: 'string' },
+        'config-file': { type: 'string' },
+        'no-api': { type: 'boolean' },
+        id: { type: 'string' },
+        'boot-timer': { type: 'boolean' },
+        level: { type: 'string' },
+        'log-path': { type: 'string' },
+        'show-level': { type: 'boolean' },
+        'show-log-origin': { type: 'boolean' },
+        module: { type: 'string' },
+        'metrics-path': { type: 'string' },
+        'http-api-max-payload-size': { type: 'string' },
+      },
+    }).values;
+  } catch (e) {
+    throw new ArgError((e as Error).message.split('\n')[0]!);
+  }
+  if (v['no-api'] && v['config-file'] === undefined)
+    throw new ArgError('--no-api requires --config-file');
+  const id = v.id ?? DEFAULT_INSTANCE_ID;
+  if (!/^[A-Za-z0-9-]{1,64}$/.test(id))
+    throw new ArgError(`--id must be 1 to 64 letters, digits or '-' (got "${id.slice(0, 80)}")`);
+  const payload = v['http-api-max-payload-size'];
+  const maxPayload =
+    payload === undefined ? DEFAULT_MAX_PAYLOAD : /^\d{1,9}$/.test(payload) ? Number(payload) : NaN;
+  if (!(maxPayload >= 1))
+    throw new ArgError(
+      '--http-api-max-payload-size must be a whole number of bytes from 1 to 999999999',
+    );
+  return {
+    apiSock: v['api-sock'] ?? DEFAULT_API_SOCK,
+    configFile: v['config-file'],
+    noApi: v['no-api'] ?? false,
+    id,
+    bootTimer: v['boot-timer'] ?? false,
+    level: v.level,
+    logPath: v['log-path'],
+    showLevel: v['show-level'] ?? false,
+    module: v.module,
+    metricsPath: v['metrics-path'],
+    maxPayload,
+  };
+}
+
+function version(): string {
+  const pkg = JSON.parse(
+    readFileSync(new URL('../../../package.json', import.meta.url), 'utf8'),
+  ) as { version: string };
+  return pkg.version;
+}
+
+function exitCodeOf(ev: VmExitEvent): number {
+  switch (ev.kind) {
+    case 'poweroff':
+    case 'reset':
+      log('info', `guest ${ev.kind === 'reset' ? 'rebooted' : 'powered off'}; exiting`);
+      return FC_EXIT_OK;
+    case 'stopped':
+      return FC_EXIT_OK;
+    case 'fatal':
+      process.stderr.write(`typervisor: ${ev.message}\n`);
+      return FC_EXIT_GENERIC;
+  }
+}
+
+export async function firecrackerCommand(argv: string[]): Promise<number> {
+  if (argv.includes('--version')) {
+    process.stdout.write(`Typervisor v${version()} (Firecracker API ${'1.17.0-dev'})\n`);
+    return FC_EXIT_OK;
+  }
+  if (argv.includes('--help') || argv.includes('-h')) {
+    process.stdout.write(FIRECRACKER_USAGE + '\n');
+    return FC_EXIT_OK;
+  }
+  let args: FcArgs;
+  try {
+    args = parseFirecrackerArgs(argv);
+  } catch (e) {
+    process.stderr.write(`typervisor: ${(e as Error).message}\n`);
+    return FC_EXIT_ARG_PARSING;
+  }
+
+  const metrics = new MetricsSystem(args.id);
+  const logger = new LoggerControl(metrics.counters);
+  try {
+    if (args.level !== undefined || args.logPath !== undefined) {
+      logger.configure({
+        level: args.level,
+        log_path: args.logPath,
+        show_level: args.showLevel || undefined,
+        module: args.module,
+      });
+    }
+    if (args.metricsPath !== undefined) metrics.init({ metrics_path: args.metricsPath });
+  } catch (e) {
+    process.stderr.write(`typervisor: ${(e as Error).message}\n`);
+    return e instanceof TypervisorError ? FC_EXIT_BAD_CONFIGURATION : FC_EXIT_GENERIC;
+  }
+
+  let finish!: (code: number) => void;
+  const finished = new Promise<number>((r) => (finish = r));
+  let console_: Console | undefined;
+  const controller = new VmmController({
+    instanceId: args.id,
+    version: version(),
+    metrics,
+    logger,
+    onStarted: (built) => {
+      console_ = new Console(built.devices, () => built.vmm.requestStop());
+      console_.start();
+      if (args.bootTimer) watchBootMarker(built.vmm.control, () => built.vmm.state === 'stopped');
+    },
+    onExit: (ev) => finish(exitCodeOf(ev)),
+  });
+
+  let server: ApiServer | undefined;
+  const shutdown = () => {
+    const vm = controller.vm;
+    if (vm && vm.vmm.state !== 'stopped') vm.vmm.requestStop();
+    else finish(FC_EXIT_OK);
+  };
+  process.on('SIGTERM', shutdown);
+  process.on('SIGINT', shutdown);
+  process.on('SIGHUP', shutdown);
+
+  try {
+    if (args.configFile !== undefined) {
+      const fault = await controller.applyConfigFile(args.configFile);
+      if (fault) {
+        process.stderr.write(`typervisor: bad configuration file ${args.configFile}: ${fault}\n`);
+        return FC_EXIT_BAD_CONFIGURATION;
+      }
+    }
+    if (!args.noApi) {
+      server = await startApiServer({
+        socketPath: args.apiSock,
+        maxPayload: args.maxPayload,
+        counters: metrics.counters,
+        handle: (a) => controller.handle(a),
+      });
+      log('info', `API server listening on ${args.apiSock}`);
+    }
+    return await finished;
+  } catch (e) {
+    process.stderr.write(`typervisor: ${(e as Error).message}\n`);
+    return e instanceof TypervisorError ? FC_EXIT_BAD_CONFIGURATION : FC_EXIT_GENERIC;
+  } finally {
+    console_?.stop();
+    metrics.close(); // the last line of metrics, as Firecracker writes on exit
+    await server?.close();
+    logger.restore();
+  }
+}
+
+/** --boot-timer: reports the boot marker once the guest writes it (polled; it is rare). */
+function watchBootMarker(control: { bootMarkerMs: number }, gone: () => boolean): void {
+  const t = setInterval(() => {
+    const ms = control.bootMarkerMs;
+    if (ms > 0) {
+      process.stderr.write(
+        `typervisor: Guest-boot-time = ${Math.round((ms - performance.timeOrigin) * 1000)} us ${Math.round(ms - performance.timeOrigin)} ms\n`,
+      );
+      clearInterval(t);
+    } else if (gone()) clearInterval(t);
+  }, 5);
+  t.unref();
+}

@@ -1,0 +1,258 @@
+/**
+ * Needs /dev/kvm, gcc and ld. The Firecracker-compatible API after InstanceStart, with the tiny
+ * guests (test/guests): spin.elf keeps running while we pause, resume, send Ctrl-Alt-Del, flush
+ * metrics and try pre-boot-only requests; poweroff.elf with --config-file (and --no-api) starts
+ * at once and exits 0; GET /vm/config fed back as --config-file is accepted.
+ */
+import { after, describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import { readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { call, CLI, startServer, tempDir, type ServerProcess } from '../api/client.js';
+import { guestPath, tinyGuests } from './helpers.js';
+import { makeBzImage } from '../fixtures/kernel-images.js';
+import { detectKvm } from '../../src/kvm/detect.js';
+
+const guests = tinyGuests();
+const T = { timeout: 30_000, skip: guests.skip ?? false };
+const fault = (r: { json: { fault_message?: string } }) => r.json?.fault_message ?? '';
+
+describe('API post-boot with tiny guests (KVM)', () => {
+  const servers: ServerProcess[] = [];
+  after(async () => {
+    for (const s of servers) await s.kill();
+  });
+
+  test('InstanceStart, pause/resume, Ctrl-Alt-Del, metrics, post-boot misuse', T, async () => {
+    const srv = await startServer(['--id', 'spin-1']);
+    servers.push(srv);
+    const sock = srv.sock;
+    const metrics = join(srv.dir, 'metrics.json');
+    assert.equal(
+      (await call(sock, 'PUT', '/metrics', { metrics_path: metrics, emit_id: true })).status,
+      204,
+    );
+    assert.equal(
+      (await call(sock, 'PUT', '/machine-config', { vcpu_count: 1, mem_size_mib: 32 })).status,
+      204,
+    );
+    assert.equal(
+      (await call(sock, 'PUT', '/boot-source', { kernel_image_path: guestPath('spin') })).status,
+      204,
+    );
+    const start = await call(sock, 'PUT', '/actions', { action_type: 'InstanceStart' });
+    assert.equal(start.status, 204, start.body);
+    assert.equal((await call(sock, 'GET', '/')).json.state, 'Running');
+
+    assert.equal((await call(sock, 'PATCH', '/vm', { state: 'Paused' })).status, 204);
+    assert.equal((await call(sock, 'GET', '/')).json.state, 'Paused');
+    assert.equal((await call(sock, 'PATCH', '/vm', { state: 'Paused' })).status, 204); // idempotent
+    assert.equal((await call(sock, 'PATCH', '/vm', { state: 'Resumed' })).status, 204);
+    assert.equal((await call(sock, 'GET', '/')).json.state, 'Running');
+    assert.equal(
+      (await call(sock, 'PUT', '/actions', { action_type: 'SendCtrlAltDel' })).status,
+      204,
+    );
+    assert.equal(
+      (await call(sock, 'PUT', '/actions', { action_type: 'FlushMetrics' })).status,
+      204,
+    );
+
+    for (const [m, p, b] of [
+      ['PUT', '/boot-source', { kernel_image_path: guestPath('spin') }],
+      ['PUT', '/machine-config', { vcpu_count: 1, mem_size_mib: 64 }],
+      ['PATCH', '/machine-config', { mem_size_mib: 64 }],
+      ['PUT', '/actions', { action_type: 'InstanceStart' }],
+      ['PUT', '/metrics', { metrics_path: metrics }],
+      ['PUT', '/logger', { level: 'Info' }],
+      ['PUT', '/vsock', { guest_cid: 3, uds_path: '/tmp/v.sock' }],
+      ['PUT', '/entropy', {}],
+    ] as Array<[string, string, unknown]>) {
+      const r = await call(sock, m, p, b);
+      assert.equal(r.status, 400, `${m} ${p}`);
+      assert.equal(
+        fault(r),
+        'The requested operation is not supported after starting the microVM.',
+        `${m} ${p}`,
+      );
+    }
+    let r = await call(sock, 'PUT', '/drives/d0', {
+      drive_id: 'd0',
+      path_on_host: guestPath('spin'),
+      is_root_device: false,
+      is_read_only: true,
+    });
+    assert.match(fault(r), /hot-plugging/);
+    r = await call(sock, 'PATCH', '/drives/d0', { drive_id: 'd0' });
+    assert.match(fault(r), /no drive with id d0/);
+
+    const cfg = await call(sock, 'GET', '/vm/config');
+    assert.equal(cfg.status, 200);
+    assert.equal(cfg.json['machine-config'].mem_size_mib, 32);
+    assert.equal(cfg.json['boot-source'].kernel_image_path, guestPath('spin'));
+
+    const lines = readFileSync(metrics, 'utf8')
+      .trim()
+      .split('\n')
+      .map((l) => JSON.parse(l));
+    const last = lines[lines.length - 1];
+    assert.equal(last.id, 'spin-1');
+    assert.equal(typeof last.utc_timestamp_ms, 'number');
+    assert.ok(last.vcpu.exits_total >= 1, JSON.stringify(last.vcpu));
+    assert.ok(last.put_api_requests.actions_count >= 1);
+    assert.equal(typeof last.uart.bytesOut, 'number');
+    assert.equal(typeof last.i8042.interrupts, 'number');
+
+    await srv.kill();
+    assert.equal(srv.child.signalCode, 'SIGKILL');
+  });
+
+  test(
+    'InstanceStart failures answer 400 with the reason; the VM can still be started after',
+    T,
+    async () => {
+      const srv = await startServer();
+      servers.push(srv);
+      const bogus = join(srv.dir, 'bogus');
+      writeFileSync(bogus, 'not an ELF or bzImage at all');
+      assert.equal(
+        (await call(srv.sock, 'PUT', '/boot-source', { kernel_image_path: bogus })).status,
+        204,
+      );
+      const r = await call(srv.sock, 'PUT', '/actions', { action_type: 'InstanceStart' });
+      assert.equal(r.status, 400);
+      assert.match(fault(r), /^Start microvm error: /);
+      assert.equal((await call(srv.sock, 'GET', '/')).json.state, 'Not started');
+      assert.equal(
+        (await call(srv.sock, 'PUT', '/boot-source', { kernel_image_path: guestPath('poweroff') }))
+          .status,
+        204,
+      );
+      assert.equal(
+        (await call(srv.sock, 'PUT', '/machine-config', { vcpu_count: 1, mem_size_mib: 32 }))
+          .status,
+        204,
+      );
+      assert.equal(
+        (await call(srv.sock, 'PUT', '/actions', { action_type: 'InstanceStart' })).status,
+        204,
+      );
+      const ex = await srv.exited; // the guest powers off: the process exits 0, as Firecracker's does
+      assert.equal(ex.code, 0, srv.stderr());
+      assert.equal(srv.stdout(), 'tiny guest up\n');
+    },
+  );
+
+  test(
+    "on a PVM-only host, InstanceStart of a bzImage answers 400 with the CLI's explanation",
+    {
+      ...T,
+      skip: T.skip || (detectKvm().canRunStockGuests ? 'this host runs stock kernels' : false),
+    },
+    async () => {
+      const srv = await startServer();
+      servers.push(srv);
+      const bz = join(srv.dir, 'bzImage');
+      writeFileSync(bz, makeBzImage());
+      assert.equal(
+        (await call(srv.sock, 'PUT', '/boot-source', { kernel_image_path: bz })).status,
+        204,
+      );
+      const r = await call(srv.sock, 'PUT', '/actions', { action_type: 'InstanceStart' });
+      assert.equal(r.status, 400);
+      assert.match(
+        fault(r),
+        /^Start microvm error: this host's KVM cannot run stock Linux kernels \(.*\); run it in the lab/,
+      );
+      assert.equal((await call(srv.sock, 'GET', '/')).json.state, 'Not started');
+    },
+  );
+
+  test(
+    '--config-file boots at once and exits 0 when the guest powers off; metrics flushed on exit',
+    T,
+    async () => {
+      const dir = tempDir();
+      const metrics = join(dir, 'm.json');
+      const cfg = join(dir, 'vm.json');
+      writeFileSync(
+        cfg,
+        JSON.stringify({
+          'boot-source': { kernel_image_path: guestPath('poweroff') },
+          'machine-config': { vcpu_count: 1, mem_size_mib: 32 },
+          metrics: { metrics_path: metrics },
+        }),
+      );
+      const r = spawnSync(process.execPath, [CLI, '--no-api', '--config-file', cfg], {
+        encoding: 'utf8',
+        timeout: 20_000,
+      });
+      assert.equal(r.status, 0, r.stderr);
+      assert.equal(r.stdout, 'tiny guest up\n');
+      const last = JSON.parse(readFileSync(metrics, 'utf8').trim().split('\n').pop()!);
+      assert.ok(last.vcpu.exits_total >= 1);
+      // A bad config file: exit 152 with the field named.
+      writeFileSync(
+        cfg,
+        JSON.stringify({ 'machine-config': { vcpu_count: 1, mem_size_mib: 32, bogus: 1 } }),
+      );
+      const bad = spawnSync(process.execPath, [CLI, '--no-api', '--config-file', cfg], {
+        encoding: 'utf8',
+        timeout: 20_000,
+      });
+      assert.equal(bad.status, 152);
+      assert.match(bad.stderr, /bogus/);
+    },
+  );
+
+  test('GET /vm/config round-trips through --config-file', T, async () => {
+    const srv = await startServer();
+    servers.push(srv);
+    const disk = join(srv.dir, 'disk.img');
+    writeFileSync(disk, Buffer.alloc(64 * 1024));
+    assert.equal(
+      (await call(srv.sock, 'PUT', '/machine-config', { vcpu_count: 1, mem_size_mib: 32 })).status,
+      204,
+    );
+    assert.equal(
+      (
+        await call(srv.sock, 'PUT', '/boot-source', {
+          kernel_image_path: guestPath('poweroff'),
+          boot_args: 'console=ttyS0 reboot=k',
+        })
+      ).status,
+      204,
+    );
+    assert.equal(
+      (
+        await call(srv.sock, 'PUT', '/drives/rootfs', {
+          drive_id: 'rootfs',
+          path_on_host: disk,
+          is_root_device: true,
+          is_read_only: true,
+        })
+      ).status,
+      204,
+    );
+    assert.equal((await call(srv.sock, 'PUT', '/entropy', {})).status, 204);
+    const got = await call(srv.sock, 'GET', '/vm/config');
+    await srv.kill();
+    const cfg = join(srv.dir, 'roundtrip.json');
+    writeFileSync(cfg, got.body);
+    const r = spawnSync(process.execPath, [CLI, '--no-api', '--config-file', cfg], {
+      encoding: 'utf8',
+      timeout: 20_000,
+    });
+    assert.equal(r.status, 0, r.stderr);
+    assert.equal(r.stdout, 'tiny guest up\n');
+    // And with the API on: the VM is already running when the socket answers.
+    const dir = tempDir();
+    const withApi = await startServer(['--config-file', cfg], dir).catch(() => undefined);
+    if (withApi) {
+      servers.push(withApi);
+      const ex = await withApi.exited;
+      assert.equal(ex.code, 0);
+    }
+  });
+});
