@@ -17,7 +17,10 @@ export class Console {
   private timer: NodeJS.Timeout | undefined;
   private readonly onData = (chunk: Buffer) => this.input(chunk);
 
-  constructor(private readonly devices: AttachedDevices, private readonly quit: () => void) {}
+  constructor(
+    private readonly devices: AttachedDevices,
+    private readonly quit: () => void,
+  ) {}
 
   start(): void {
     const stdin = process.stdin;
@@ -76,7 +79,10 @@ export class Console {
       if (n === head.length) this.pending.shift();
       else {
         this.pending[0] = head.subarray(n);
-        await Promise.race([serial.waitForInputSpace(), new Promise((r) => (this.timer = setTimeout(r, 100)))]);
+        await Promise.race([
+          serial.waitForInputSpace(),
+          new Promise((r) => (this.timer = setTimeout(r, 100))),
+        ]);
       }
     }
     this.pumping = false;

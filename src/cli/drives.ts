@@ -26,7 +26,10 @@ export function parseDrive(spec: string): DriveSpec {
     else if (key === 'ro' && value === undefined) d.readOnly = true;
     else if (key === 'root' && value === undefined) d.root = true;
     else if (key === 'serial' && value !== undefined) d.serial = value;
-    else throw new ConfigError(`--drive: unknown or malformed "${part}" (expected path=FILE[,ro][,root][,serial=ID])`);
+    else
+      throw new ConfigError(
+        `--drive: unknown or malformed "${part}" (expected path=FILE[,ro][,root][,serial=ID])`,
+      );
   }
   if (!d.path) throw new ConfigError(`--drive ${spec}: path=FILE is required`);
   return d as DriveSpec;
@@ -35,20 +38,30 @@ export function parseDrive(spec: string): DriveSpec {
 /** vda, vdb, ..., vdz, vdaa: the name Linux gives the n-th virtio disk. */
 export function virtioDiskName(n: number): string {
   let s = '';
-  for (let i = n + 1; i > 0; i = Math.floor((i - 1) / 26)) s = String.fromCharCode(97 + ((i - 1) % 26)) + s;
+  for (let i = n + 1; i > 0; i = Math.floor((i - 1) / 26))
+    s = String.fromCharCode(97 + ((i - 1) % 26)) + s;
   return `vd${s}`;
 }
 
 /** Device configs in slot order (disks first, in the order given, then the rng). */
-export function virtioConfigs(drives: DriveSpec[], rng: boolean): { configs: VirtioConfig[]; rootArg?: string } {
+export function virtioConfigs(
+  drives: DriveSpec[],
+  rng: boolean,
+): { configs: VirtioConfig[]; rootArg?: string } {
   const roots = drives.filter((d) => d.root);
   if (roots.length > 1) throw new ConfigError('only one --drive can have the root flag');
   const configs: VirtioConfig[] = drives.map((d) => ({
-    kind: 'block' as const, path: d.path, readOnly: d.readOnly, ...(d.serial !== undefined ? { serial: d.serial } : {}),
+    kind: 'block' as const,
+    path: d.path,
+    readOnly: d.readOnly,
+    ...(d.serial !== undefined ? { serial: d.serial } : {}),
   }));
   if (rng) configs.push({ kind: 'rng' });
   const rootIdx = drives.findIndex((d) => d.root);
-  const rootArg = rootIdx < 0 ? undefined : `root=/dev/${virtioDiskName(rootIdx)}${drives[rootIdx]!.readOnly ? ' ro' : ' rw'}`;
+  const rootArg =
+    rootIdx < 0
+      ? undefined
+      : `root=/dev/${virtioDiskName(rootIdx)}${drives[rootIdx]!.readOnly ? ' ro' : ' rw'}`;
   return { configs, rootArg };
 }
 

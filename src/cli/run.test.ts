@@ -106,7 +106,9 @@ describe('parseRunArgs', () => {
     test(`--${flag} ${JSON.stringify(bad)} is a ConfigError naming the flag`, T, async () => {
       await configError(
         ['--kernel', kernel, `--${flag}=${bad}`],
-        new RegExp(`--${flag} must be a whole number from \\d+ to \\d+ \\(got "${bad.replace(/[.+]/g, '\\$&')}"\\)`),
+        new RegExp(
+          `--${flag} must be a whole number from \\d+ to \\d+ \\(got "${bad.replace(/[.+]/g, '\\$&')}"\\)`,
+        ),
       );
     });
   }
@@ -125,7 +127,8 @@ describe('parseRunArgs', () => {
   test('validation of the machine config names the API fields', T, () => {
     assert.throws(
       () => validateMachineConfig({ vcpu_count: 0, mem_size_mib: 64 }),
-      (e: unknown) => e instanceof ConfigError && /vcpu_count must be an integer from 1 to 64/.test(e.message),
+      (e: unknown) =>
+        e instanceof ConfigError && /vcpu_count must be an integer from 1 to 64/.test(e.message),
     );
   });
 

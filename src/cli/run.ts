@@ -34,10 +34,17 @@ export const RUN_USAGE = `usage: typervisor run [options]
   --log-level L     error | warn | info | debug (default warn)
 Console: the guest's serial port is this terminal; press Ctrl-A then x to quit.`;
 
-function intArg(name: string, v: string | undefined, dflt: number, min: number, max: number): number {
+function intArg(
+  name: string,
+  v: string | undefined,
+  dflt: number,
+  min: number,
+  max: number,
+): number {
   if (v === undefined) return dflt;
   const n = /^\d+$/.test(v) ? Number(v) : NaN;
-  if (!(n >= min && n <= max)) throw new ConfigError(`--${name} must be a whole number from ${min} to ${max} (got "${v}")`);
+  if (!(n >= min && n <= max))
+    throw new ConfigError(`--${name} must be a whole number from ${min} to ${max} (got "${v}")`);
   return n;
 }
 
@@ -70,10 +77,17 @@ export async function parseRunArgs(argv: string[]): Promise<RunArgs> {
       strict: true,
       allowPositionals: false,
       options: {
-        kernel: { type: 'string' }, initrd: { type: 'string' }, cmdline: { type: 'string' },
-        vcpus: { type: 'string' }, memory: { type: 'string' }, 'boot-timer': { type: 'boolean' },
-        'allow-pvm': { type: 'boolean' }, 'log-level': { type: 'string' },
-        drive: { type: 'string', multiple: true }, rng: { type: 'boolean' }, rootfs: { type: 'boolean' },
+        kernel: { type: 'string' },
+        initrd: { type: 'string' },
+        cmdline: { type: 'string' },
+        vcpus: { type: 'string' },
+        memory: { type: 'string' },
+        'boot-timer': { type: 'boolean' },
+        'allow-pvm': { type: 'boolean' },
+        'log-level': { type: 'string' },
+        drive: { type: 'string', multiple: true },
+        rng: { type: 'boolean' },
+        rootfs: { type: 'boolean' },
       },
     });
   } catch (e) {
@@ -81,14 +95,18 @@ export async function parseRunArgs(argv: string[]): Promise<RunArgs> {
   }
   const v = parsed.values;
   if (v['log-level'] !== undefined) {
-    if (!['error', 'warn', 'info', 'debug'].includes(v['log-level'])) throw new ConfigError(`--log-level must be error, warn, info or debug`);
+    if (!['error', 'warn', 'info', 'debug'].includes(v['log-level']))
+      throw new ConfigError(`--log-level must be error, warn, info or debug`);
     setLogLevel(v['log-level'] as Level);
   }
   let kernel = v.kernel;
   let initrd = v.initrd;
   if (kernel === undefined) {
     const g = await defaultGuest();
-    if (!g) throw new ConfigError('no --kernel given and the default guest is not built: run `npm run guest`');
+    if (!g)
+      throw new ConfigError(
+        'no --kernel given and the default guest is not built: run `npm run guest`',
+      );
     kernel = g.kernel;
     initrd ??= g.initrd;
   }
@@ -97,12 +115,20 @@ export async function parseRunArgs(argv: string[]): Promise<RunArgs> {
       vcpu_count: intArg('vcpus', v.vcpus, 1, 1, MAX_VCPUS),
       mem_size_mib: intArg('memory', v.memory, 256, MIN_MEM_MIB, MAX_MEM_MIB),
     },
-    boot: { kernel_image_path: kernel, initrd_path: initrd, boot_args: v.cmdline ?? DEFAULT_BOOT_ARGS },
+    boot: {
+      kernel_image_path: kernel,
+      initrd_path: initrd,
+      boot_args: v.cmdline ?? DEFAULT_BOOT_ARGS,
+    },
   };
   const drives = (v.drive ?? []).map(parseDrive);
   return {
-    res, bootTimer: v['boot-timer'] ?? false, allowPvm: v['allow-pvm'] ?? false,
-    drives, rng: v.rng ?? false, rootfs: v.rootfs ?? false,
+    res,
+    bootTimer: v['boot-timer'] ?? false,
+    allowPvm: v['allow-pvm'] ?? false,
+    drives,
+    rng: v.rng ?? false,
+    rootfs: v.rootfs ?? false,
   };
 }
 
@@ -110,7 +136,10 @@ export async function parseRunArgs(argv: string[]): Promise<RunArgs> {
 async function defaultRootfs(): Promise<string> {
   const g = await import('../lab/guest.js');
   const p = g.imagePaths('rootfs').ROOTFS!;
-  if (!existsSync(p)) throw new ConfigError('--rootfs: the Debian root disk is not built: run `npm run guest -- build rootfs`');
+  if (!existsSync(p))
+    throw new ConfigError(
+      '--rootfs: the Debian root disk is not built: run `npm run guest -- build rootfs`',
+    );
   return p;
 }
 
@@ -119,7 +148,8 @@ export async function runCommand(argv: string[]): Promise<number> {
   checkHostCanRun(res.boot.kernel_image_path, allowPvm);
   let cleanupRootfs = () => undefined as void;
   if (rootfs) {
-    if (drives.some((d) => d.root)) throw new ConfigError('--rootfs and a --drive with root cannot be used together');
+    if (drives.some((d) => d.root))
+      throw new ConfigError('--rootfs and a --drive with root cannot be used together');
     const copy = privateRootfsCopy(await defaultRootfs());
     cleanupRootfs = copy.cleanup;
     drives.unshift({ path: copy.path, readOnly: false, root: true });
@@ -131,7 +161,12 @@ export async function runCommand(argv: string[]): Promise<number> {
   }
 }
 
-async function runVm(res: VmResources, drives: DriveSpec[], rng: boolean, bootTimer: boolean): Promise<number> {
+async function runVm(
+  res: VmResources,
+  drives: DriveSpec[],
+  rng: boolean,
+  bootTimer: boolean,
+): Promise<number> {
   const { configs, rootArg } = virtioConfigs(drives, rng);
   if (rootArg) res.boot.boot_args = `${res.boot.boot_args ?? DEFAULT_BOOT_ARGS} ${rootArg}`;
   const { vmm, devices } = buildVm(res, { virtio: configs });
@@ -143,12 +178,16 @@ async function runVm(res: VmResources, drives: DriveSpec[], rng: boolean, bootTi
   process.on('SIGHUP', stopOnSignal);
   const ev = await vmm.exited;
   console_.stop();
-  log('debug', `serial ${JSON.stringify(devices.serial.stats())}; unhandled ${JSON.stringify(devices.unhandled.stats())}; ` +
-    `exits ${Array.from({ length: vmm.vcpuCount }, (_, i) => vmm.control.exits(i)).join('/')}`);
+  log(
+    'debug',
+    `serial ${JSON.stringify(devices.serial.stats())}; unhandled ${JSON.stringify(devices.unhandled.stats())}; ` +
+      `exits ${Array.from({ length: vmm.vcpuCount }, (_, i) => vmm.control.exits(i)).join('/')}`,
+  );
   if (bootTimer) {
     const ms = vmm.control.bootMarkerMs;
     process.stderr.write(
-      ms > 0 ? `typervisor: boot marker at ${(ms - performance.timeOrigin).toFixed(1)} ms after process start\n`
+      ms > 0
+        ? `typervisor: boot marker at ${(ms - performance.timeOrigin).toFixed(1)} ms after process start\n`
         : 'typervisor: the guest never wrote the boot marker\n',
     );
   }

@@ -27,7 +27,9 @@ export class Bus {
     if (size <= 0) throw new Error('bus range must not be empty');
     for (const e of this.entries) {
       if (base < e.base + e.size && e.base < base + size) {
-        throw new Error(`bus range 0x${base.toString(16)}+${size} overlaps 0x${e.base.toString(16)}`);
+        throw new Error(
+          `bus range 0x${base.toString(16)}+${size} overlaps 0x${e.base.toString(16)}`,
+        );
       }
     }
     this.entries.push({ base, size, device });
@@ -37,7 +39,8 @@ export class Bus {
   /** The device and offset for an access, when [addr, addr+len) lies inside one device. */
   resolve(addr: number, len: number): { device: BusDevice; offset: number } | undefined {
     for (const e of this.entries) {
-      if (addr >= e.base && addr + len <= e.base + e.size) return { device: e.device, offset: addr - e.base };
+      if (addr >= e.base && addr + len <= e.base + e.size)
+        return { device: e.device, offset: addr - e.base };
     }
     return undefined;
   }

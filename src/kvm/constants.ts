@@ -1,7 +1,8 @@
 /** KVM ioctl numbers, capabilities and exit reasons (linux/kvm.h, x86_64). */
 const KVMIO = 0xae;
 const io = (nr: number) => (KVMIO << 8) | nr;
-const ioc = (dir: number, nr: number, size: number) => ((dir << 30) | (size << 16) | (KVMIO << 8) | nr) >>> 0;
+const ioc = (dir: number, nr: number, size: number) =>
+  ((dir << 30) | (size << 16) | (KVMIO << 8) | nr) >>> 0;
 const iow = (nr: number, size: number) => ioc(1, nr, size);
 const ior = (nr: number, size: number) => ioc(2, nr, size);
 const iowr = (nr: number, size: number) => ioc(3, nr, size);
@@ -77,7 +78,17 @@ export const KVM_PIT_SPEAKER_DUMMY = 1;
 
 /** Names for exit reasons in messages and metrics. */
 export const EXIT_REASON_NAMES: Record<number, string> = {
-  0: 'unknown', 1: 'exception', 2: 'io', 3: 'hypercall', 4: 'debug', 5: 'hlt', 6: 'mmio',
-  7: 'irq_window_open', 8: 'shutdown', 9: 'fail_entry', 10: 'intr', 17: 'internal_error',
+  0: 'unknown',
+  1: 'exception',
+  2: 'io',
+  3: 'hypercall',
+  4: 'debug',
+  5: 'hlt',
+  6: 'mmio',
+  7: 'irq_window_open',
+  8: 'shutdown',
+  9: 'fail_entry',
+  10: 'intr',
+  17: 'internal_error',
   24: 'system_event',
 };

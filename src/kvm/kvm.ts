@@ -5,9 +5,7 @@
  */
 import { HostError } from '../util/errors.js';
 import * as C from './constants.js';
-import {
-  MAP_SHARED, O_RDWR, PROT_READ, PROT_WRITE, isSyscallError, native,
-} from './native.js';
+import { MAP_SHARED, O_RDWR, PROT_READ, PROT_WRITE, isSyscallError, native } from './native.js';
 import * as S from './structs.js';
 import type { CpuidEntry, MsrEntry, Regs, Sregs } from './types.js';
 
@@ -36,16 +34,20 @@ export class Kvm {
     } catch (e) {
       const code = isSyscallError(e) ? e.code : String(e);
       const why =
-        code === 'ENOENT' ? 'does not exist (is the kvm module loaded? is this a VM without nested virtualization?)'
-        : code === 'EACCES' || code === 'EPERM' ? 'is not accessible (run as root or join the kvm group)'
-        : `cannot be opened (${code})`;
+        code === 'ENOENT'
+          ? 'does not exist (is the kvm module loaded? is this a VM without nested virtualization?)'
+          : code === 'EACCES' || code === 'EPERM'
+            ? 'is not accessible (run as root or join the kvm group)'
+            : `cannot be opened (${code})`;
       throw new HostError(`${path} ${why}`);
     }
     const kvm = new Kvm(fd);
     const version = n.ioctl(fd, C.KVM_GET_API_VERSION, 0);
     if (version !== C.KVM_API_VERSION) {
       n.close(fd);
-      throw new HostError(`KVM API version ${version} is not supported (need ${C.KVM_API_VERSION})`);
+      throw new HostError(
+        `KVM API version ${version} is not supported (need ${C.KVM_API_VERSION})`,
+      );
     }
     for (const [cap, what] of REQUIRED_CAPS) {
       if (kvm.checkExtension(cap) <= 0) {
@@ -99,14 +101,20 @@ export class Kvm {
 
 export class Vm {
   private nextSlot = 0;
-  constructor(readonly kvm: Kvm, readonly fd: number) {}
+  constructor(
+    readonly kvm: Kvm,
+    readonly fd: number,
+  ) {}
 
   /** Maps [guestPhys, +size) to the buffer's memory. The buffer must stay mapped while the VM lives. */
   setUserMemoryRegion(guestPhys: number, memory: ArrayBuffer | Uint8Array, flags = 0): number {
     const slot = this.nextSlot++;
     const addr = native().bufferAddress(memory);
-    native().ioctl(this.fd, C.KVM_SET_USER_MEMORY_REGION,
-      S.encodeMemoryRegion(slot, flags, guestPhys, memory.byteLength, addr));
+    native().ioctl(
+      this.fd,
+      C.KVM_SET_USER_MEMORY_REGION,
+      S.encodeMemoryRegion(slot, flags, guestPhys, memory.byteLength, addr),
+    );
     return slot;
   }
 
@@ -140,10 +148,19 @@ export class Vm {
   }
 
   /** Guest writes of `datamatch` (len bytes) to `addr` signal eventfd `fd` without an exit. */
-  registerIoeventfd(fd: number, addr: number, len: number, opts: { pio?: boolean; datamatch?: bigint } = {}): void {
+  registerIoeventfd(
+    fd: number,
+    addr: number,
+    len: number,
+    opts: { pio?: boolean; datamatch?: bigint } = {},
+  ): void {
     let flags = opts.pio ? C.KVM_IOEVENTFD_FLAG_PIO : 0;
     if (opts.datamatch !== undefined) flags |= C.KVM_IOEVENTFD_FLAG_DATAMATCH;
-    native().ioctl(this.fd, C.KVM_IOEVENTFD, S.encodeIoeventfd(addr, len, fd, flags, opts.datamatch ?? 0n));
+    native().ioctl(
+      this.fd,
+      C.KVM_IOEVENTFD,
+      S.encodeIoeventfd(addr, len, fd, flags, opts.datamatch ?? 0n),
+    );
   }
 
   createVcpu(id: number): number {
@@ -160,7 +177,10 @@ export class Vcpu {
   readonly run: DataView;
   private readonly runBuffer: ArrayBuffer;
 
-  constructor(readonly fd: number, mmapSize: number) {
+  constructor(
+    readonly fd: number,
+    mmapSize: number,
+  ) {
     this.runBuffer = native().mmap(mmapSize, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     this.run = new DataView(this.runBuffer);
   }

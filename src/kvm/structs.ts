@@ -5,8 +5,24 @@
 import type { CpuidEntry, DTable, MsrEntry, Regs, Segment, Sregs } from './types.js';
 
 const REG_ORDER = [
-  'rax', 'rbx', 'rcx', 'rdx', 'rsi', 'rdi', 'rsp', 'rbp',
-  'r8', 'r9', 'r10', 'r11', 'r12', 'r13', 'r14', 'r15', 'rip', 'rflags',
+  'rax',
+  'rbx',
+  'rcx',
+  'rdx',
+  'rsi',
+  'rdi',
+  'rsp',
+  'rbp',
+  'r8',
+  'r9',
+  'r10',
+  'r11',
+  'r12',
+  'r13',
+  'r14',
+  'r15',
+  'rip',
+  'rflags',
 ] as const;
 export const REGS_SIZE = 144;
 export const SREGS_SIZE = 312;
@@ -40,8 +56,15 @@ function decodeSegment(v: DataView, off: number): Segment {
     base: v.getBigUint64(off, true),
     limit: v.getUint32(off + 8, true),
     selector: v.getUint16(off + 12, true),
-    type: u8(0), present: u8(1), dpl: u8(2), db: u8(3), s: u8(4), l: u8(5), g: u8(6),
-    avl: u8(7), unusable: u8(8),
+    type: u8(0),
+    present: u8(1),
+    dpl: u8(2),
+    db: u8(3),
+    s: u8(4),
+    l: u8(5),
+    g: u8(6),
+    avl: u8(7),
+    unusable: u8(8),
   };
 }
 function encodeDTable(v: DataView, off: number, d: DTable): void {
@@ -90,9 +113,13 @@ export function decodeCpuid2(b: Uint8Array): CpuidEntry[] {
   for (let i = 0; i < n; i++) {
     const o = 8 + i * CPUID_ENTRY_SIZE;
     out.push({
-      function: v.getUint32(o, true), index: v.getUint32(o + 4, true), flags: v.getUint32(o + 8, true),
-      eax: v.getUint32(o + 12, true), ebx: v.getUint32(o + 16, true),
-      ecx: v.getUint32(o + 20, true), edx: v.getUint32(o + 24, true),
+      function: v.getUint32(o, true),
+      index: v.getUint32(o + 4, true),
+      flags: v.getUint32(o + 8, true),
+      eax: v.getUint32(o + 12, true),
+      ebx: v.getUint32(o + 16, true),
+      ecx: v.getUint32(o + 20, true),
+      edx: v.getUint32(o + 24, true),
     });
   }
   return out;
@@ -102,9 +129,12 @@ export function encodeCpuid2(entries: CpuidEntry[]): Uint8Array {
   const v = new DataView(b.buffer);
   entries.forEach((e, i) => {
     const o = 8 + i * CPUID_ENTRY_SIZE;
-    v.setUint32(o, e.function >>> 0, true); v.setUint32(o + 4, e.index >>> 0, true);
-    v.setUint32(o + 8, e.flags >>> 0, true); v.setUint32(o + 12, e.eax >>> 0, true);
-    v.setUint32(o + 16, e.ebx >>> 0, true); v.setUint32(o + 20, e.ecx >>> 0, true);
+    v.setUint32(o, e.function >>> 0, true);
+    v.setUint32(o + 4, e.index >>> 0, true);
+    v.setUint32(o + 8, e.flags >>> 0, true);
+    v.setUint32(o + 12, e.eax >>> 0, true);
+    v.setUint32(o + 16, e.ebx >>> 0, true);
+    v.setUint32(o + 20, e.ecx >>> 0, true);
     v.setUint32(o + 24, e.edx >>> 0, true);
   });
   return b;
@@ -125,11 +155,18 @@ export function decodeMsrs(b: Uint8Array): MsrEntry[] {
   const v = new DataView(b.buffer, b.byteOffset, b.byteLength);
   const n = v.getUint32(0, true);
   const out: MsrEntry[] = [];
-  for (let i = 0; i < n; i++) out.push({ index: v.getUint32(8 + i * 16, true), data: v.getBigUint64(16 + i * 16, true) });
+  for (let i = 0; i < n; i++)
+    out.push({ index: v.getUint32(8 + i * 16, true), data: v.getBigUint64(16 + i * 16, true) });
   return out;
 }
 
-export function encodeMemoryRegion(slot: number, flags: number, guestPhys: number, size: number, userAddr: bigint): Uint8Array {
+export function encodeMemoryRegion(
+  slot: number,
+  flags: number,
+  guestPhys: number,
+  size: number,
+  userAddr: bigint,
+): Uint8Array {
   const b = new Uint8Array(32);
   const v = new DataView(b.buffer);
   v.setUint32(0, slot, true);
@@ -149,7 +186,13 @@ export function encodeIrqfd(fd: number, gsi: number, flags: number): Uint8Array 
   return b;
 }
 
-export function encodeIoeventfd(addr: number, len: number, fd: number, flags: number, datamatch: bigint): Uint8Array {
+export function encodeIoeventfd(
+  addr: number,
+  len: number,
+  fd: number,
+  flags: number,
+  datamatch: bigint,
+): Uint8Array {
   const b = new Uint8Array(64);
   const v = new DataView(b.buffer);
   v.setBigUint64(0, datamatch, true);
@@ -172,9 +215,20 @@ export function encodeIrqLevel(irq: number, level: number): Uint8Array {
 export const RUN = {
   immediateExit: 1,
   exitReason: 8,
-  ioDirection: 32, ioSize: 33, ioPort: 34, ioCount: 36, ioDataOffset: 40,
-  mmioPhysAddr: 32, mmioData: 40, mmioLen: 48, mmioIsWrite: 52,
+  ioDirection: 32,
+  ioSize: 33,
+  ioPort: 34,
+  ioCount: 36,
+  ioDataOffset: 40,
+  mmioPhysAddr: 32,
+  mmioData: 40,
+  mmioLen: 48,
+  mmioIsWrite: 52,
   failEntryReason: 32,
-  internalSuberror: 32, internalNdata: 36, internalData: 40,
-  systemEventType: 32, systemEventNdata: 36, systemEventData: 40,
+  internalSuberror: 32,
+  internalNdata: 36,
+  internalData: 40,
+  systemEventType: 32,
+  systemEventNdata: 36,
+  systemEventData: 40,
 } as const;

@@ -6,11 +6,24 @@
 
 /** struct kvm_regs */
 export interface Regs {
-  rax: bigint; rbx: bigint; rcx: bigint; rdx: bigint;
-  rsi: bigint; rdi: bigint; rsp: bigint; rbp: bigint;
-  r8: bigint; r9: bigint; r10: bigint; r11: bigint;
-  r12: bigint; r13: bigint; r14: bigint; r15: bigint;
-  rip: bigint; rflags: bigint;
+  rax: bigint;
+  rbx: bigint;
+  rcx: bigint;
+  rdx: bigint;
+  rsi: bigint;
+  rdi: bigint;
+  rsp: bigint;
+  rbp: bigint;
+  r8: bigint;
+  r9: bigint;
+  r10: bigint;
+  r11: bigint;
+  r12: bigint;
+  r13: bigint;
+  r14: bigint;
+  r15: bigint;
+  rip: bigint;
+  rflags: bigint;
 }
 
 /** struct kvm_segment */
@@ -37,10 +50,21 @@ export interface DTable {
 
 /** struct kvm_sregs (interrupt_bitmap left zero) */
 export interface Sregs {
-  cs: Segment; ds: Segment; es: Segment; fs: Segment; gs: Segment; ss: Segment;
-  tr: Segment; ldt: Segment;
-  gdt: DTable; idt: DTable;
-  cr0: bigint; cr2: bigint; cr3: bigint; cr4: bigint; cr8: bigint;
+  cs: Segment;
+  ds: Segment;
+  es: Segment;
+  fs: Segment;
+  gs: Segment;
+  ss: Segment;
+  tr: Segment;
+  ldt: Segment;
+  gdt: DTable;
+  idt: DTable;
+  cr0: bigint;
+  cr2: bigint;
+  cr3: bigint;
+  cr4: bigint;
+  cr8: bigint;
   efer: bigint;
   apicBase: bigint;
 }
@@ -67,8 +91,23 @@ export interface MsrEntry {
 
 export function zeroRegs(): Regs {
   return {
-    rax: 0n, rbx: 0n, rcx: 0n, rdx: 0n, rsi: 0n, rdi: 0n, rsp: 0n, rbp: 0n,
-    r8: 0n, r9: 0n, r10: 0n, r11: 0n, r12: 0n, r13: 0n, r14: 0n, r15: 0n,
-    rip: 0n, rflags: 2n,
+    rax: 0n,
+    rbx: 0n,
+    rcx: 0n,
+    rdx: 0n,
+    rsi: 0n,
+    rdi: 0n,
+    rsp: 0n,
+    rbp: 0n,
+    r8: 0n,
+    r9: 0n,
+    r10: 0n,
+    r11: 0n,
+    r12: 0n,
+    r13: 0n,
+    r14: 0n,
+    r15: 0n,
+    rip: 0n,
+    rflags: 2n,
   };
 }

@@ -15,7 +15,8 @@ export function isGuestAddress(v: number): v is GuestAddress {
 }
 
 export function guestAddress(v: number | bigint): GuestAddress {
-  const n = typeof v === 'bigint' ? (v <= BigInt(MAX_GUEST_ADDRESS) && v >= 0n ? Number(v) : -1) : v;
+  const n =
+    typeof v === 'bigint' ? (v <= BigInt(MAX_GUEST_ADDRESS) && v >= 0n ? Number(v) : -1) : v;
   if (!isGuestAddress(n)) throw new GuestMemoryError(`invalid guest address ${v.toString()}`);
   return n;
 }

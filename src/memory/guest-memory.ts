@@ -64,7 +64,9 @@ export class GuestMemory {
   private locate(addr: number, len: number): { view: DataView; off: number; idx: number } {
     const idx = this.find(addr, len);
     if (idx < 0) {
-      throw new GuestMemoryError(`guest access [0x${addr.toString(16)}, +${len}) is outside guest RAM`);
+      throw new GuestMemoryError(
+        `guest access [0x${addr.toString(16)}, +${len}) is outside guest RAM`,
+      );
     }
     return { view: this.views[idx]!, off: addr - this.regions[idx]!.base, idx };
   }

@@ -5,7 +5,8 @@
 export type Level = 'error' | 'warn' | 'info' | 'debug';
 const ORDER: Record<Level, number> = { error: 0, warn: 1, info: 2, debug: 3 };
 
-let threshold: Level = (process.env.TYPERVISOR_LOG as Level) in ORDER ? (process.env.TYPERVISOR_LOG as Level) : 'warn';
+let threshold: Level =
+  (process.env.TYPERVISOR_LOG as Level) in ORDER ? (process.env.TYPERVISOR_LOG as Level) : 'warn';
 const json = process.env.TYPERVISOR_LOG_FORMAT === 'json';
 
 export function setLogLevel(l: Level): void {

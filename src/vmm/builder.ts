@@ -13,12 +13,22 @@ import type { CpuidEntry } from '../kvm/types.js';
 import { ConfigError, HostError, ImageError } from '../util/errors.js';
 import { log } from '../util/log.js';
 import { createGuestRam, mapGuestRam } from './guest-ram.js';
-import { attachLegacyDevices, createLegacyDeviceState, type AttachedDevices } from './legacy-devices.js';
+import {
+  attachLegacyDevices,
+  createLegacyDeviceState,
+  type AttachedDevices,
+} from './legacy-devices.js';
 import { DEFAULT_BOOT_ARGS, validateResources, type VmResources } from './resources.js';
 import { Vmm } from './vmm.js';
 import {
-  acpiVirtioDevices, closeVirtio, planVirtioDevices, registerVirtioWithKvm, startDeviceWorker,
-  virtioCmdline, type DeviceWorkerHandle, type VirtioConfig,
+  acpiVirtioDevices,
+  closeVirtio,
+  planVirtioDevices,
+  registerVirtioWithKvm,
+  startDeviceWorker,
+  virtioCmdline,
+  type DeviceWorkerHandle,
+  type VirtioConfig,
 } from './virtio-wiring.js';
 
 const KVM_CAP_TSC_DEADLINE_TIMER = 72;
@@ -54,12 +64,17 @@ function setBootMsrs(vcpu: Vcpu, msrs: BootSetup['msrs'], warned: Set<string>): 
   const required = msrs.filter((m) => m.required);
   const n = vcpu.setMsrs(required);
   if (n !== required.length) {
-    throw new HostError(`KVM refused the boot MSR ${required[n]?.name ?? '?'} (0x${required[n]?.index.toString(16)})`);
+    throw new HostError(
+      `KVM refused the boot MSR ${required[n]?.name ?? '?'} (0x${required[n]?.index.toString(16)})`,
+    );
   }
   for (const m of msrs.filter((x) => !x.required)) {
     if (vcpu.setMsrs([m]) !== 1 && !warned.has(m.name)) {
       warned.add(m.name);
-      log('info', `this host's KVM refuses MSR ${m.name} (0x${m.index.toString(16)}); continuing without it`);
+      log(
+        'info',
+        `this host's KVM refuses MSR ${m.name} (0x${m.index.toString(16)}); continuing without it`,
+      );
     }
   }
 }
@@ -88,7 +103,9 @@ export function buildVm(res: VmResources, opts: BuildOptions = {}): BuiltVm {
 
   // Kernels find virtio-mmio devices in the DSDT (LNRO0005); kernels built with
   // CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES and no ACPI take them from the command line.
-  const cmdline = [res.boot.boot_args ?? DEFAULT_BOOT_ARGS, virtioCmdline(plan)].filter(Boolean).join(' ');
+  const cmdline = [res.boot.boot_args ?? DEFAULT_BOOT_ARGS, virtioCmdline(plan)]
+    .filter(Boolean)
+    .join(' ');
   const booted = setupBoot(ram.memory, {
     kernel,
     initrd,
@@ -136,15 +153,23 @@ export function buildVm(res: VmResources, opts: BuildOptions = {}): BuiltVm {
     onBootMarker: () => undefined,
     log: (m) => log('info', m),
   });
-  const deviceWorker = plan.slots.length > 0
-    ? startDeviceWorker(plan, layout, { log: (m) => log('info', m), onFatal: (m) => vmm.fail(m) })
-    : undefined;
+  const deviceWorker =
+    plan.slots.length > 0
+      ? startDeviceWorker(plan, layout, { log: (m) => log('info', m), onFatal: (m) => vmm.fail(m) })
+      : undefined;
   vmm.onTeardown(async () => {
     await deviceWorker?.stop();
     closeVirtio(plan);
     const n = native();
     ram.unmap();
-    for (const fd of [...vcpuFds, legacy.serialIrqFd, legacy.i8042IrqFd, layout.memfd, vm.fd, kvm.fd]) {
+    for (const fd of [
+      ...vcpuFds,
+      legacy.serialIrqFd,
+      legacy.i8042IrqFd,
+      layout.memfd,
+      vm.fd,
+      kvm.fd,
+    ]) {
       try {
         n.close(fd);
       } catch {
@@ -152,6 +177,14 @@ export function buildVm(res: VmResources, opts: BuildOptions = {}): BuiltVm {
       }
     }
   });
-  vmm.start(vcpuFds, (id) => ({ id, vcpuFd: vcpuFds[id]!, mmapSize, ram: layout, legacy, consoleFd, virtio: plan }));
+  vmm.start(vcpuFds, (id) => ({
+    id,
+    vcpuFd: vcpuFds[id]!,
+    mmapSize,
+    ram: layout,
+    legacy,
+    consoleFd,
+    virtio: plan,
+  }));
   return { vmm, devices, boot, deviceWorker };
 }

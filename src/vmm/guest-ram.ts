@@ -38,7 +38,11 @@ export function mapGuestRam(layout: GuestRamLayout): MappedGuestRam {
     n.mmap(r.size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, layout.memfd, r.fileOffset),
   );
   const memory = new GuestMemory(
-    layout.regions.map((r, i) => ({ base: r.base, size: r.size, bytes: new Uint8Array(buffers[i]!) })),
+    layout.regions.map((r, i) => ({
+      base: r.base,
+      size: r.size,
+      bytes: new Uint8Array(buffers[i]!),
+    })),
   );
   return {
     memory,

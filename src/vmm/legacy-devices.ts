@@ -5,7 +5,13 @@
  */
 import { writeSync } from 'node:fs';
 import {
-  BOOT_MARKER_MMIO_ADDR, BOOT_MARKER_PORT, I8042_DATA_PORT, I8042_IRQ, RTC_PORT, SERIAL_COM1_IRQ, SERIAL_COM1_PORT,
+  BOOT_MARKER_MMIO_ADDR,
+  BOOT_MARKER_PORT,
+  I8042_DATA_PORT,
+  I8042_IRQ,
+  RTC_PORT,
+  SERIAL_COM1_IRQ,
+  SERIAL_COM1_PORT,
 } from '../arch/x86_64/layout.js';
 import { ACPI_PM_BASE } from '../arch/x86_64/acpi/index.js';
 import { Bus, type BusDevice, type IrqLine } from '../devices/bus.js';
@@ -82,8 +88,14 @@ export interface AttachedDevices {
 
 /** Any thread: device objects over the shared state, on fresh buses. */
 export function attachLegacyDevices(state: LegacyDeviceState, hooks: LegacyHooks): AttachedDevices {
-  const serial = new Serial16550(state.serial, { output: hooks.output, irq: eventfdIrq(state.serialIrqFd) });
-  const i8042 = new I8042(state.i8042, { irq: eventfdIrq(state.i8042IrqFd), onReset: hooks.onReset });
+  const serial = new Serial16550(state.serial, {
+    output: hooks.output,
+    irq: eventfdIrq(state.serialIrqFd),
+  });
+  const i8042 = new I8042(state.i8042, {
+    irq: eventfdIrq(state.i8042IrqFd),
+    onReset: hooks.onReset,
+  });
   const marker: BusDevice = { read: (_o, d) => d.fill(0), write: () => hooks.onBootMarker() };
   const pio = new Bus();
   pio.insert(SERIAL_COM1_PORT, SERIAL_RANGE_SIZE, serial);
@@ -92,9 +104,15 @@ export function attachLegacyDevices(state: LegacyDeviceState, hooks: LegacyHooks
   pio.insert(BOOT_MARKER_PORT, 1, marker);
   const mmio = new Bus();
   mmio.insert(BOOT_MARKER_MMIO_ADDR, 8, marker);
-  mmio.insert(ACPI_PM_BASE, ACPI_PM_WINDOW_SIZE, new AcpiPm({ onPowerOff: hooks.onPowerOff, onReset: hooks.onReset, log: hooks.log }));
+  mmio.insert(
+    ACPI_PM_BASE,
+    ACPI_PM_WINDOW_SIZE,
+    new AcpiPm({ onPowerOff: hooks.onPowerOff, onReset: hooks.onReset, log: hooks.log }),
+  );
   const unhandled = new UnhandledAccesses(state.unhandled, (i: UnhandledAccessInfo) =>
-    hooks.log(`unhandled ${i.space} ${i.write ? 'write' : 'read'} of ${i.size} bytes at 0x${i.addr.toString(16)} (${i.write ? 'dropped' : 'answered with all-ones'}; further ones only counted)`),
+    hooks.log(
+      `unhandled ${i.space} ${i.write ? 'write' : 'read'} of ${i.size} bytes at 0x${i.addr.toString(16)} (${i.write ? 'dropped' : 'answered with all-ones'}; further ones only counted)`,
+    ),
   );
   return { pio, mmio, unhandled, serial, i8042 };
 }

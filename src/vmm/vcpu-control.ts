@@ -24,7 +24,9 @@ export class VcpuControl {
   readonly ints: Int32Array;
   readonly times: Float64Array;
 
-  constructor(readonly sab: SharedArrayBuffer = new SharedArrayBuffer(INT_SLOTS * 4 + F64_SLOTS * 8)) {
+  constructor(
+    readonly sab: SharedArrayBuffer = new SharedArrayBuffer(INT_SLOTS * 4 + F64_SLOTS * 8),
+  ) {
     this.ints = new Int32Array(sab, 0, INT_SLOTS);
     this.times = new Float64Array(sab, INT_SLOTS * 4, F64_SLOTS);
   }

@@ -91,10 +91,19 @@ export class VcpuLoop {
         const off = Number(run.getBigUint64(RUN.ioDataOffset, true));
         // KVM guarantees data_offset + size*count lies inside the kvm_run mapping; check anyway.
         if (size === 0 || off + size * count > this.u8.length) {
-          return { kind: 'fatal', message: `KVM reported a malformed I/O exit (port 0x${port.toString(16)})` };
+          return {
+            kind: 'fatal',
+            message: `KVM reported a malformed I/O exit (port 0x${port.toString(16)})`,
+          };
         }
         for (let i = 0; i < count; i++) {
-          this.dispatch('pio', this.handlers.pio, port, this.u8.subarray(off + i * size, off + (i + 1) * size), isWrite);
+          this.dispatch(
+            'pio',
+            this.handlers.pio,
+            port,
+            this.u8.subarray(off + i * size, off + (i + 1) * size),
+            isWrite,
+          );
         }
         return this.pendingEvent;
       }
@@ -102,8 +111,15 @@ export class VcpuLoop {
         const addr = Number(run.getBigUint64(RUN.mmioPhysAddr, true));
         const len = run.getUint32(RUN.mmioLen, true);
         const isWrite = run.getUint8(RUN.mmioIsWrite) !== 0;
-        if (len === 0 || len > 8) return { kind: 'fatal', message: `KVM reported an MMIO exit of ${len} bytes` };
-        this.dispatch('mmio', this.handlers.mmio, addr, this.u8.subarray(RUN.mmioData, RUN.mmioData + len), isWrite);
+        if (len === 0 || len > 8)
+          return { kind: 'fatal', message: `KVM reported an MMIO exit of ${len} bytes` };
+        this.dispatch(
+          'mmio',
+          this.handlers.mmio,
+          addr,
+          this.u8.subarray(RUN.mmioData, RUN.mmioData + len),
+          isWrite,
+        );
         return this.pendingEvent;
       }
       case C.KVM_EXIT_HLT:
@@ -119,13 +135,18 @@ export class VcpuLoop {
       }
       case C.KVM_EXIT_INTERNAL_ERROR: {
         const sub = run.getUint32(RUN.internalSuberror, true);
-        const what = ['', 'emulation failure', 'simultaneous exceptions', 'delivery event error'][sub] ?? `suberror ${sub}`;
+        const what =
+          ['', 'emulation failure', 'simultaneous exceptions', 'delivery event error'][sub] ??
+          `suberror ${sub}`;
         const hint = sub === 1 ? ' (a PVM host cannot run stock kernels: see `npm run lab`)' : '';
         return { kind: 'fatal', message: `KVM internal error on vCPU ${this.id}: ${what}${hint}` };
       }
       case C.KVM_EXIT_FAIL_ENTRY: {
         const hw = run.getBigUint64(RUN.failEntryReason, true);
-        return { kind: 'fatal', message: `KVM could not enter the guest (hardware reason 0x${hw.toString(16)})` };
+        return {
+          kind: 'fatal',
+          message: `KVM could not enter the guest (hardware reason 0x${hw.toString(16)})`,
+        };
       }
       case C.KVM_EXIT_INTR:
       case C.KVM_EXIT_IRQ_WINDOW_OPEN:
@@ -138,7 +159,13 @@ export class VcpuLoop {
     }
   }
 
-  private dispatch(space: 'pio' | 'mmio', bus: Bus, addr: number, data: Uint8Array, isWrite: boolean): void {
+  private dispatch(
+    space: 'pio' | 'mmio',
+    bus: Bus,
+    addr: number,
+    data: Uint8Array,
+    isWrite: boolean,
+  ): void {
     const hit = bus.resolve(addr, data.length);
     if (!hit) {
       this.handlers.unhandled(space, addr, data, isWrite);

@@ -58,7 +58,9 @@ function main(): void {
       pio: devices.pio,
       mmio: devices.mmio,
       unhandled: (space, addr, data, isWrite) =>
-        isWrite ? devices.unhandled.write(space, addr, data) : devices.unhandled.read(space, addr, data),
+        isWrite
+          ? devices.unhandled.write(space, addr, data)
+          : devices.unhandled.read(space, addr, data),
     });
     event = loop.run();
   } catch (e) {

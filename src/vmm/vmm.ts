@@ -61,10 +61,17 @@ export class Vmm {
       });
       const h: VcpuHandle = { id, worker, run: new DataView(runBuffer), runBuffer, exited: false };
       worker.on('message', (m: VcpuWorkerMessage) => this.onMessage(h, m));
-      worker.on('error', (e) => this.onVcpuEvent({ kind: 'fatal', message: `vCPU ${id} worker failed: ${e.message}` }));
+      worker.on('error', (e) =>
+        this.onVcpuEvent({ kind: 'fatal', message: `vCPU ${id} worker failed: ${e.message}` }),
+      );
       // A worker that ends without saying why (it always posts 'exit' first) is a VMM bug.
       worker.on('exit', () =>
-        this.onWorkerGone(h, h.reported ? { kind: 'stopped' } : { kind: 'fatal', message: `vCPU ${id} worker ended unexpectedly` }),
+        this.onWorkerGone(
+          h,
+          h.reported
+            ? { kind: 'stopped' }
+            : { kind: 'fatal', message: `vCPU ${id} worker ended unexpectedly` },
+        ),
       );
       this.vcpus.push(h);
     });

@@ -10,23 +10,41 @@ const MARKER = 'TYPERVISOR-BOOT-OK';
 const opts = { skip: skipReason, timeout: 180_000 };
 
 for (const vcpus of [1, 2]) {
-  test(`boots the default guest with ${vcpus} vCPU(s): uname -r, nproc, poweroff -f`, opts, async () => {
-    const g = defaultGuest();
-    const r = await typervisor(
-      ['run', '--kernel', g.kernel, '--initrd', g.initrd, '--vcpus', String(vcpus), '--memory', '256', '--boot-timer'],
-      'uname -r\necho CPUS=$(nproc)\npoweroff -f\n',
-    );
-    assert.equal(r.code, 0, describeRun(r));
-    assert.match(r.stdout, new RegExp(MARKER), describeRun(r));
-    assert.match(r.stdout, /\d+\.\d+\.\d+-\d+-cloud-amd64/, describeRun(r));
-    assert.match(r.stdout, new RegExp(`CPUS=${vcpus}\\b`), describeRun(r));
-    assert.match(r.stderr, /boot marker at [\d.]+ ms/, describeRun(r));
-  });
+  test(
+    `boots the default guest with ${vcpus} vCPU(s): uname -r, nproc, poweroff -f`,
+    opts,
+    async () => {
+      const g = defaultGuest();
+      const r = await typervisor(
+        [
+          'run',
+          '--kernel',
+          g.kernel,
+          '--initrd',
+          g.initrd,
+          '--vcpus',
+          String(vcpus),
+          '--memory',
+          '256',
+          '--boot-timer',
+        ],
+        'uname -r\necho CPUS=$(nproc)\npoweroff -f\n',
+      );
+      assert.equal(r.code, 0, describeRun(r));
+      assert.match(r.stdout, new RegExp(MARKER), describeRun(r));
+      assert.match(r.stdout, /\d+\.\d+\.\d+-\d+-cloud-amd64/, describeRun(r));
+      assert.match(r.stdout, new RegExp(`CPUS=${vcpus}\\b`), describeRun(r));
+      assert.match(r.stderr, /boot marker at [\d.]+ ms/, describeRun(r));
+    },
+  );
 }
 
 test('reboot -f in the guest ends Typervisor with exit 0', opts, async () => {
   const g = defaultGuest();
-  const r = await typervisor(['run', '--kernel', g.kernel, '--initrd', g.initrd, '--log-level', 'info'], 'reboot -f\n');
+  const r = await typervisor(
+    ['run', '--kernel', g.kernel, '--initrd', g.initrd, '--log-level', 'info'],
+    'reboot -f\n',
+  );
   assert.equal(r.code, 0, describeRun(r));
   assert.match(r.stdout, new RegExp(MARKER), describeRun(r));
   assert.match(r.stderr, /rebooted/, describeRun(r));

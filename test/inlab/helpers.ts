@@ -10,12 +10,15 @@ import { detectKvm } from '../../src/kvm/detect.js';
 import { imagePaths, repoRoot } from '../../src/lab/guest.js';
 
 export const kvm = detectKvm();
-export const skipReason = kvm.canRunStockGuests ? undefined : `needs a KVM that runs stock kernels: ${kvm.reason}`;
+export const skipReason = kvm.canRunStockGuests
+  ? undefined
+  : `needs a KVM that runs stock kernels: ${kvm.reason}`;
 
 export function defaultGuest(): { kernel: string; initrd: string } {
   const kernel = imagePaths('kernel').KERNEL!;
   const initrd = imagePaths('initramfs').INITRAMFS!;
-  if (!existsSync(kernel) || !existsSync(initrd)) throw new Error('default guest not built: run `npm run guest`');
+  if (!existsSync(kernel) || !existsSync(initrd))
+    throw new Error('default guest not built: run `npm run guest`');
   return { kernel, initrd };
 }
 

@@ -5,17 +5,26 @@ import assert from 'node:assert/strict';
 import { ensureImage, repoRoot } from '../../src/lab/guest.js';
 import { runInLab } from '../../src/lab/lab.js';
 
-test('Typervisor boots stock Linux guests in the lab (test/inlab)', { timeout: 1_500_000 }, async () => {
-  ensureImage('kernel');
-  ensureImage('initramfs');
-  const r = await runInLab({
-    command: ['node', 'scripts/run-tests.mjs', 'test/inlab'],
-    cwd: repoRoot(),
-    timeoutSec: 1_400,
-  });
-  const summary = r.output.split('\n').filter((l) => /^# (tests|pass|fail|skipped)/.test(l)).join(', ');
-  process.stderr.write(`in-lab suite: ${summary} (lab boot ${r.bootMs} ms, total ${r.totalMs} ms)\n`);
-  assert.equal(r.code, 0, `${r.error ?? ''}\n${r.output}`);
-  assert.match(r.output, /^# fail 0$/m, r.output);
-  assert.doesNotMatch(r.output, /^# skipped [1-9]/m, `in-lab tests were skipped:\n${r.output}`);
-});
+test(
+  'Typervisor boots stock Linux guests in the lab (test/inlab)',
+  { timeout: 1_500_000 },
+  async () => {
+    ensureImage('kernel');
+    ensureImage('initramfs');
+    const r = await runInLab({
+      command: ['node', 'scripts/run-tests.mjs', 'test/inlab'],
+      cwd: repoRoot(),
+      timeoutSec: 1_400,
+    });
+    const summary = r.output
+      .split('\n')
+      .filter((l) => /^# (tests|pass|fail|skipped)/.test(l))
+      .join(', ');
+    process.stderr.write(
+      `in-lab suite: ${summary} (lab boot ${r.bootMs} ms, total ${r.totalMs} ms)\n`,
+    );
+    assert.equal(r.code, 0, `${r.error ?? ''}\n${r.output}`);
+    assert.match(r.output, /^# fail 0$/m, r.output);
+    assert.doesNotMatch(r.output, /^# skipped [1-9]/m, `in-lab tests were skipped:\n${r.output}`);
+  },
+);

@@ -218,7 +218,11 @@ export class Serial16550 implements BusDevice {
     // The port is really open once OUT2 (the PC's IRQ enable) is set outside loopback and RDI
     // is on, which startup does last.
     const mcr = Atomics.load(this.s, S_MCR);
-    return (Atomics.load(this.s, S_IER) & IER_RDI) !== 0 && (mcr & MCR_OUT2) !== 0 && (mcr & MCR_LOOP) === 0;
+    return (
+      (Atomics.load(this.s, S_IER) & IER_RDI) !== 0 &&
+      (mcr & MCR_OUT2) !== 0 &&
+      (mcr & MCR_LOOP) === 0
+    );
   }
 
   /** Free bytes in the input ring now. */
