@@ -80,6 +80,28 @@ function setBootMsrs(vcpu: Vcpu, msrs: BootSetup['msrs'], warned: Set<string>): 
 }
 
 export function buildVm(res: VmResources, opts: BuildOptions = {}): BuiltVm {
+  // Everything created so far, undone in reverse if a later step fails: a failed build (a bad
+  // kernel, a refused MSR) must leave no fd, mapping or thread behind (the API may retry).
+  const undo: Array<() => void> = [];
+  try {
+    return build(res, opts, undo);
+  } catch (e) {
+    for (const f of undo.reverse()) {
+      try {
+        f();
+      } catch {
+        // best effort: report the original failure
+      }
+    }
+    throw e;
+  }
+}
+
+function closeFd(fd: number): void {
+  native().close(fd);
+}
+
+function build(res: VmResources, opts: BuildOptions, undo: Array<() => void>): BuiltVm {
   validateResources(res);
   const memBytes = res.machine.mem_size_mib * 1024 * 1024;
   const vcpus = res.machine.vcpu_count;
@@ -88,17 +110,22 @@ export function buildVm(res: VmResources, opts: BuildOptions = {}): BuiltVm {
 
   // Validates the device configs (files, modes) before anything is created.
   const plan = planVirtioDevices(opts.virtio ?? []);
+  undo.push(() => closeVirtio(plan));
   plan.warnings.forEach((w) => log('warn', w));
 
   const kvm = Kvm.open();
+  undo.push(() => kvm.close());
   const vm: Vm = kvm.createVm();
+  undo.push(() => vm.close());
   vm.setTssAddr(TSS_ADDR);
   vm.setIdentityMapAddr(IDENTITY_MAP_ADDR);
   vm.createIrqchip();
   vm.createPit2();
 
   const layout = createGuestRam(ramRegions(memBytes));
+  undo.push(() => closeFd(layout.memfd));
   const ram = mapGuestRam(layout);
+  undo.push(() => ram.unmap());
   ram.buffers.forEach((b, i) => vm.setUserMemoryRegion(layout.regions[i]!.base, b));
 
   // Kernels find virtio-mmio devices in the DSDT (LNRO0005); kernels built with
@@ -127,7 +154,11 @@ export function buildVm(res: VmResources, opts: BuildOptions = {}): BuiltVm {
   for (let id = 0; id < vcpus; id++) {
     const fd = vm.createVcpu(id);
     vcpuFds.push(fd);
+    undo.push(() => closeFd(fd));
     const vcpu = new Vcpu(fd, mmapSize);
+    undo.push(
+      () => vcpu.run.buffer.byteLength > 0 && native().munmap(vcpu.run.buffer as ArrayBuffer),
+    );
     let tscKhz: number | undefined;
     try {
       tscKhz = vcpu.tscKhz() || undefined;
@@ -143,6 +174,7 @@ export function buildVm(res: VmResources, opts: BuildOptions = {}): BuiltVm {
   }
 
   const legacy = createLegacyDeviceState(vm);
+  undo.push(() => [legacy.serialIrqFd, legacy.i8042IrqFd].forEach(closeFd));
   registerVirtioWithKvm(vm, plan);
   const consoleFd = opts.consoleFd ?? 1;
   const vmm = new Vmm(mmapSize);
