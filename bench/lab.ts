@@ -19,7 +19,9 @@ export async function labSuite(o: { runs: number; log: (s: string) => void }): P
     command: [process.execPath, 'dist/bench/lab-inner.js', '--runs', String(o.runs)],
     cwd: REPO,
     timeoutSec: 900,
-    onOutput: () => undefined,
+    onOutput: (b) => {
+      for (const line of b.toString().split('\n')) if (line.startsWith('lab-inner:')) o.log(line.trim());
+    },
   });
   const m = /BENCH-JSON-BEGIN\r?\n(.*)\r?\nBENCH-JSON-END/.exec(r.output);
   if (r.code !== 0 || !m) {

@@ -1,19 +1,33 @@
 /** The `typervisor` command. */
 import { readFileSync } from 'node:fs';
-import { exitCodeFor, runCommand, RUN_USAGE, EXIT_USAGE } from './run.js';
-import { FIRECRACKER_FLAGS } from './firecracker.js';
+// Only light imports here: `run` starts its vCPU workers before loading the rest (see
+// src/vmm/vcpu-pool.ts), so the modules are loaded on demand below.
+import { prewarmVcpuWorkers } from '../vmm/vcpu-pool.js';
 
-const USAGE = `usage: typervisor <command> [options]
+const EXIT_USAGE = 2;
+
+const usage = (runUsage: string) => `usage: typervisor <command> [options]
 commands:
   run        boot a VM with its console on this terminal (typervisor run --help)
   version    print the version
   --api-sock PATH | --config-file FILE ...   Firecracker-compatible API mode (typervisor --api-sock x --help)
-${RUN_USAGE}`;
+${runUsage}`;
 
 /** `typervisor --api-sock ...` and Firecracker's other flags select the Firecracker-style entry. */
-function isFirecrackerInvocation(argv: string[]): boolean {
+async function isFirecrackerInvocation(argv: string[]): Promise<boolean> {
   const first = argv[0]?.split('=')[0];
-  return first !== undefined && (FIRECRACKER_FLAGS as readonly string[]).includes(first);
+  if (first === undefined || !first.startsWith('--') || first === '--help' || first === '--version')
+    return false;
+  const { FIRECRACKER_FLAGS } = await import('./firecracker.js');
+  return (FIRECRACKER_FLAGS as readonly string[]).includes(first);
+}
+
+/** The vCPU count `run` will ask for, read loosely (validation happens later). */
+function vcpusHint(args: string[]): number {
+  const i = args.findIndex((a) => a === '--vcpus' || a.startsWith('--vcpus='));
+  const v = i < 0 ? '1' : args[i]!.includes('=') ? args[i]!.split('=')[1] : args[i + 1];
+  const n = Number(v);
+  return Number.isInteger(n) && n >= 1 && n <= 64 ? n : 1;
 }
 
 function version(): string {
@@ -25,10 +39,14 @@ function version(): string {
 
 export async function main(argv: string[]): Promise<number> {
   const [cmd, ...rest] = argv;
-  if (isFirecrackerInvocation(argv)) {
+  if (await isFirecrackerInvocation(argv)) {
     const { firecrackerCommand } = await import('./firecracker.js');
     return firecrackerCommand(argv);
   }
+  if (cmd === 'run' && !rest.includes('--help') && !rest.includes('-h'))
+    prewarmVcpuWorkers(vcpusHint(rest));
+  const { exitCodeFor, runCommand, RUN_USAGE } = await import('./run.js');
+  const USAGE = usage(RUN_USAGE);
   try {
     switch (cmd) {
       case 'run':

@@ -102,7 +102,8 @@ export interface VmResources {
 
 export const MIN_MEM_MIB = 16;
 export const MAX_MEM_MIB = 1024 * 1024; // 1 TiB: far beyond any host we run on, still a sane cap
-export const DEFAULT_BOOT_ARGS = 'console=ttyS0 reboot=k panic=1 pci=off i8042.noaux i8042.nomux';
+export const DEFAULT_BOOT_ARGS =
+  'console=ttyS0 reboot=k panic=1 pci=off quiet 8250.nr_uarts=1 i8042.noaux i8042.nomux';
 /** Firecracker's defaults before any PUT /machine-config. */
 export const DEFAULT_MACHINE_CONFIG: Readonly<MachineConfig> = {
   vcpu_count: 1,

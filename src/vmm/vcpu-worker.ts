@@ -3,14 +3,14 @@
  * devices to the shared state, and runs the vCPU loop until the VM ends or is stopped.
  * The vCPU was configured (CPUID, MSRs, registers) by the main thread before this starts.
  */
-import { parentPort, workerData } from 'node:worker_threads';
+import { parentPort } from 'node:worker_threads';
 import { Vcpu } from '../kvm/kvm.js';
 import { native } from '../kvm/native.js';
 import { mapGuestRam, type GuestRamLayout } from './guest-ram.js';
 import { attachLegacyDevices, writeAllSync, type LegacyDeviceState } from './legacy-devices.js';
 import { VcpuControl } from './vcpu-control.js';
 import { VcpuLoop, type VmExitEvent } from './vcpu-loop.js';
-import { attachVirtioTransports, type VirtioPlan } from './virtio-wiring.js';
+import type { VirtioPlan } from './virtio-wiring.js';
 
 export interface VcpuWorkerData {
   id: number;
@@ -24,14 +24,19 @@ export interface VcpuWorkerData {
   virtio: VirtioPlan;
 }
 
+/** What the main thread sends a (possibly prewarmed) worker to start it. */
+export interface VcpuWorkerStart {
+  type: 'start';
+  data: VcpuWorkerData;
+}
+
 export type VcpuWorkerMessage =
   | { type: 'thread'; thread: bigint }
   | { type: 'log'; message: string }
   | { type: 'exit'; event: VmExitEvent };
 
-function main(): void {
+async function main(d: VcpuWorkerData): Promise<void> {
   const port = parentPort!;
-  const d = workerData as VcpuWorkerData;
   const post = (m: VcpuWorkerMessage) => port.postMessage(m);
   let event: VmExitEvent;
   // Every mapping of a vCPU fd pins the VM in the kernel: unmap ours whatever happens.
@@ -53,7 +58,11 @@ function main(): void {
       onBootMarker: () => control.markBoot(performance.timeOrigin + performance.now()),
       log: (message) => post({ type: 'log', message }),
     });
-    attachVirtioTransports(d.virtio, devices.mmio);
+    if (d.virtio.slots.length > 0) {
+      // Loaded only when there are virtio devices: it is a large part of a worker's start-up.
+      const { attachVirtioTransports } = await import('./virtio-wiring.js');
+      attachVirtioTransports(d.virtio, devices.mmio);
+    }
     loop = new VcpuLoop(d.id, vcpu, control, {
       pio: devices.pio,
       mmio: devices.mmio,
@@ -71,4 +80,4 @@ function main(): void {
   post({ type: 'exit', event });
 }
 
-main();
+parentPort!.once('message', (m: VcpuWorkerStart) => void main(m.data));

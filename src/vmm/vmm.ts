@@ -2,13 +2,14 @@
  * A running VM seen from the main thread: its vCPU workers, their control block, and the
  * lifecycle actions (pause, resume, stop). Building the VM is builder.ts's job.
  */
-import { Worker } from 'node:worker_threads';
+import type { Worker } from 'node:worker_threads';
 import { native, MAP_SHARED, PROT_READ, PROT_WRITE } from '../kvm/native.js';
 import { RUN } from '../kvm/structs.js';
 import { log } from '../util/log.js';
 import type { VmExitEvent } from './vcpu-loop.js';
 import { Command, VcpuControl, VcpuState } from './vcpu-control.js';
-import type { VcpuWorkerData, VcpuWorkerMessage } from './vcpu-worker.js';
+import type { VcpuWorkerData, VcpuWorkerMessage, VcpuWorkerStart } from './vcpu-worker.js';
+import { takeVcpuWorkers } from './vcpu-pool.js';
 
 const KICK_RETRY_MS = 5;
 const STOP_TIMEOUT_MS = 5000;
@@ -51,14 +52,15 @@ export class Vmm {
   start(vcpuFds: number[], data: (id: number) => Omit<VcpuWorkerData, 'control'>): void {
     const n = native();
     this.kickSignal = n.installKickHandler();
-    const workerUrl = new URL('./vcpu-worker.js', import.meta.url);
+    const workers = takeVcpuWorkers(vcpuFds.length);
     vcpuFds.forEach((fd, id) => {
       const runBuffer = n.mmap(this.vcpuMmapSize, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-      const worker = new Worker(workerUrl, {
-        workerData: { ...data(id), control: this.control.sab } satisfies VcpuWorkerData,
-        stdout: false,
-        stderr: false,
-      });
+      const worker = workers[id]!;
+      const start: VcpuWorkerStart = {
+        type: 'start',
+        data: { ...data(id), control: this.control.sab },
+      };
+      worker.postMessage(start);
       const h: VcpuHandle = { id, worker, run: new DataView(runBuffer), runBuffer, exited: false };
       worker.on('message', (m: VcpuWorkerMessage) => this.onMessage(h, m));
       worker.on('error', (e) =>

@@ -31,17 +31,31 @@ export interface RunResult {
 }
 
 /** Runs bin/typervisor with args, feeding `input` on stdin, killed after timeoutMs. */
-export function typervisor(args: string[], input: string, timeoutMs = 120_000): Promise<RunResult> {
+export function typervisor(
+  args: string[],
+  input: string,
+  timeoutMs = 120_000,
+  /** Send `input` only once stdout matches this (default: at once, then EOF). */
+  inputAfter?: RegExp,
+): Promise<RunResult> {
   const bin = join(repoRoot(), 'bin', 'typervisor');
   const t0 = Date.now();
   return new Promise((resolve) => {
     const child = spawn(process.execPath, [bin, ...args], { stdio: ['pipe', 'pipe', 'pipe'] });
     let stdout = '';
     let stderr = '';
-    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
+    let sent = false;
+    const send = () => {
+      sent = true;
+      child.stdin.end(input);
+    };
+    child.stdout.on('data', (d: Buffer) => {
+      stdout += d.toString();
+      if (!sent && inputAfter?.test(stdout)) send();
+    });
     child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
     child.stdin.on('error', () => undefined);
-    child.stdin.end(input);
+    if (!inputAfter) send();
     const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs);
     child.on('close', (code, signal) => {
       clearTimeout(timer);

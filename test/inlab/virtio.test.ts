@@ -69,6 +69,7 @@ test(
         ],
         script,
         240_000,
+        /TYPERVISOR-BOOT-OK/, // after the marker: the rootfs shell, not the initramfs, reads it
       );
       assert.equal(r.code, 0, describeRun(r));
       assert.match(r.stdout, /TYPERVISOR-BOOT-OK/, describeRun(r));
