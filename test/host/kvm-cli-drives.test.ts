@@ -1,0 +1,102 @@
+/**
+ * Needs /dev/kvm, gcc and ld. Bad --drive input to `typervisor run` is refused before boot with
+ * one clear line and exit 2; an odd-sized image is rounded down with a warning, as Firecracker
+ * does; a host-read-only image can be attached read-only.
+ */
+import { after, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { guestPath, kvmSkipReason, oneLine, runCli, tempDir } from './helpers.js';
+
+const skip = kvmSkipReason();
+const T = { skip, timeout: 60_000 };
+const dir = skip ? '' : tempDir('typervisor-drives-');
+const img = (name: string, size: number) => {
+  const p = join(dir, name);
+  writeFileSync(p, Buffer.alloc(size));
+  return p;
+};
+const subdir = (name: string) => {
+  const p = join(dir, name);
+  mkdirSync(p, { recursive: true });
+  return p;
+};
+const run = (...drives: string[]) =>
+  runCli([
+    'run',
+    '--kernel',
+    guestPath('poweroff'),
+    '--memory',
+    '32',
+    ...drives.flatMap((d) => ['--drive', d]),
+  ]);
+
+let immutable: string | undefined;
+after(() => {
+  if (immutable) spawnSync('chattr', ['-i', immutable]);
+});
+
+for (const [what, spec, says] of [
+  [
+    'a missing image',
+    () => `path=${join(dir, 'missing.img')}`,
+    /missing\.img.*(ENOENT|does not exist)/,
+  ],
+  ['a directory', () => `path=${subdir('adir')}`, /is a directory/],
+  ['an unknown option', () => `path=${img('a.img', 4096)},bogus`, /unknown or malformed "bogus"/],
+  ['no path', () => 'ro', /path=FILE is required/],
+  ['an image under 512 bytes', () => `path=${img('tiny.img', 100)}`, /tiny\.img/],
+] as const) {
+  test(`--drive with ${what}: one line, exit 2`, T, async () => {
+    const r = await run(spec());
+    assert.equal(r.code, 2, r.stderr);
+    assert.match(oneLine(r.stderr), says);
+    assert.equal(r.stdout, '');
+  });
+}
+
+test('two drives on one file: exit 2 naming both', T, async () => {
+  const p = img('same.img', 4096);
+  const r = await run(`path=${p}`, `path=${p},ro`);
+  assert.equal(r.code, 2, r.stderr);
+  assert.match(oneLine(r.stderr), /same image/);
+});
+
+test('two root drives: exit 2', T, async () => {
+  const r = await run(`path=${img('r1.img', 4096)},root`, `path=${img('r2.img', 4096)},root`);
+  assert.equal(r.code, 2, r.stderr);
+  assert.match(oneLine(r.stderr), /only one --drive can have the root flag/);
+});
+
+test(
+  'a size that is not a multiple of 512 is rounded down with a warning, and the VM runs',
+  T,
+  async () => {
+    const r = await run(`path=${img('odd.img', 1000)}`);
+    assert.equal(r.code, 0, r.stderr);
+    assert.match(r.stderr, /not a multiple of 512/);
+    assert.match(r.stdout, /tiny guest up/);
+  },
+);
+
+test(
+  'an image the host will not let us write: refused read-write, accepted read-only',
+  T,
+  async (t) => {
+    const p = img('immutable.img', 4096);
+    if (spawnSync('chattr', ['+i', p]).status !== 0)
+      return t.skip('chattr +i is not supported here');
+    immutable = p;
+    const rw = await run(`path=${p}`);
+    assert.equal(rw.code, 2, rw.stderr);
+    assert.match(oneLine(rw.stderr), /not writable/);
+    const ro = await run(`path=${p},ro`);
+    assert.equal(ro.code, 0, ro.stderr);
+    spawnSync('chattr', ['-i', p]);
+    immutable = undefined;
+  },
+);
+
+after(() => dir && rmSync(dir, { recursive: true, force: true }));
