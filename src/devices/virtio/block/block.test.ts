@@ -298,7 +298,7 @@ test('config validation: missing, directory, unwritable, duplicate, size roundin
         () => validateBlockConfigs(c),
         (e: unknown) => e instanceof ConfigError && re.test(e.message),
       );
-    bad([{ kind: 'block', path: join(dir, 'nope'), readOnly: false }], /ENOENT/);
+    bad([{ kind: 'block', path: join(dir, 'nope'), readOnly: false }], /does not exist/);
     mkdirSync(join(dir, 'sub'));
     bad([{ kind: 'block', path: join(dir, 'sub'), readOnly: true }], /directory/);
     bad(

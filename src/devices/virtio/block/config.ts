@@ -40,8 +40,11 @@ export function validateBlockConfigs(configs: readonly BlockConfig[]): Validated
     try {
       st = statSync(path);
     } catch (e) {
+      const code = (e as NodeJS.ErrnoException).code;
       throw new ConfigError(
-        `${what}: cannot open the image: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`,
+        code === 'ENOENT'
+          ? `${what}: the image does not exist`
+          : `${what}: cannot open the image: ${code ?? (e as Error).message}`,
       );
     }
     if (st.isDirectory()) throw new ConfigError(`${what}: is a directory, not a disk image`);
@@ -58,7 +61,7 @@ export function validateBlockConfigs(configs: readonly BlockConfig[]): Validated
       throw new ConfigError(
         c.readOnly
           ? `${what}: not readable`
-          : `${what}: not writable by this user (attach it read-only with readOnly/is_read_only)`,
+          : `${what}: not writable by this user (attach it read-only: ,ro on --drive, is_read_only in the API)`,
       );
     }
     const sizeBytes = st.isBlockDevice() ? blockDeviceSize(path) : st.size;
