@@ -13,6 +13,8 @@ import { TYPERVISOR, qemuCpu, runOnce, type RunResult, type Vmm } from './common
 
 const MEM_MIB = 256;
 const MARKER = 'TYPERVISOR-BOOT-OK';
+/** The same command line for both VMMs (Typervisor's default adds more, e.g. 8250.nr_uarts). */
+const CMDLINE = 'console=ttyS0 reboot=k panic=1 pci=off quiet';
 
 export interface LabSample {
   vmm: 'typervisor' | 'qemu';
@@ -31,7 +33,7 @@ function vmmFor(name: 'typervisor' | 'qemu', vcpus: number, kernel: string, init
   if (name === 'typervisor') {
     return {
       name, memMiB: MEM_MIB, cmd: process.execPath,
-      args: [TYPERVISOR, 'run', '--kernel', kernel, '--initrd', initrd, '--vcpus', String(vcpus), '--memory', String(MEM_MIB), '--boot-timer'],
+      args: [TYPERVISOR, 'run', '--kernel', kernel, '--initrd', initrd, '--cmdline', CMDLINE, '--vcpus', String(vcpus), '--memory', String(MEM_MIB), '--boot-timer'],
     };
   }
   return {
@@ -39,7 +41,7 @@ function vmmFor(name: 'typervisor' | 'qemu', vcpus: number, kernel: string, init
     args: [
       '-M', 'microvm,acpi=on', '-enable-kvm', '-cpu', qemuCpu(kvmKind), '-m', String(MEM_MIB), '-smp', String(vcpus),
       '-nodefaults', '-no-user-config', '-display', 'none', '-serial', 'stdio',
-      '-kernel', kernel, '-initrd', initrd, '-append', 'console=ttyS0 reboot=k panic=1 pci=off',
+      '-kernel', kernel, '-initrd', initrd, '-append', CMDLINE,
     ],
   };
 }
