@@ -184,6 +184,10 @@ async function runVm(
       `exits ${Array.from({ length: vmm.vcpuCount }, (_, i) => vmm.control.exits(i)).join('/')}`,
   );
   if (bootTimer) {
+    const first = vmm.control.firstEntryMs;
+    if (first > 0) {
+      process.stderr.write(`typervisor: first guest entry at ${(first - performance.timeOrigin).toFixed(1)} ms after process start\n`);
+    }
     const ms = vmm.control.bootMarkerMs;
     process.stderr.write(
       ms > 0

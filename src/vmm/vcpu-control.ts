@@ -64,4 +64,12 @@ export class VcpuControl {
   get bootMarkerMs(): number {
     return this.times[0] ?? 0;
   }
+
+  /** Records when the boot vCPU first entered the guest (epoch ms, as markBoot). */
+  markFirstEntry(ms: number): void {
+    if (this.times[1] === 0) this.times[1] = ms;
+  }
+  get firstEntryMs(): number {
+    return this.times[1] ?? 0;
+  }
 }

@@ -41,6 +41,7 @@ export class VcpuLoop {
   run(): VmExitEvent {
     const { control, vcpu, id } = this;
     control.setState(id, VcpuState.Running);
+    if (id === 0) control.markFirstEntry(performance.timeOrigin + performance.now());
     for (;;) {
       const cmd = control.command;
       if (cmd === Command.Stop) return this.finish({ kind: 'stopped' });
