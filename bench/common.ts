@@ -103,7 +103,12 @@ export function summariseSmaps(text: string, vmm: Vmm): SmapsSummary {
       else nonGuest += Number(rss[1]);
     }
   }
-  return { nonGuestRssKiB: nonGuest, guestRssKiB: guest, totalRssKiB: nonGuest + guest, guestMappings };
+  return {
+    nonGuestRssKiB: nonGuest,
+    guestRssKiB: guest,
+    totalRssKiB: nonGuest + guest,
+    guestMappings,
+  };
 }
 
 /** The VMM's own pid: the child of /usr/bin/time when wrapped, else pid itself. */
@@ -122,7 +127,9 @@ export async function runOnce(vmm: Vmm, o: RunOptions = {}): Promise<RunResult> 
   const wrapped = !!o.peakRss && existsSync(TIME_BIN);
   const dir = wrapped ? mkdtempSync(join(tmpdir(), 'typervisor-bench-')) : undefined;
   const rssFile = dir ? join(dir, 'rss') : '';
-  const [file, args] = wrapped ? [TIME_BIN, ['-f', '%M', '-o', rssFile, vmm.cmd, ...vmm.args]] : [vmm.cmd, vmm.args];
+  const [file, args] = wrapped
+    ? [TIME_BIN, ['-f', '%M', '-o', rssFile, vmm.cmd, ...vmm.args]]
+    : [vmm.cmd, vmm.args];
   const marker = o.marker ?? '';
   const t0 = performance.now();
   const child = spawn(file, args, { stdio: ['pipe', 'pipe', 'pipe'] });
@@ -173,7 +180,9 @@ export async function runOnce(vmm: Vmm, o: RunOptions = {}): Promise<RunResult> 
     });
   });
   clearTimeout(timer);
-  await new Promise<void>((r) => (child.stdout.readableEnded ? r() : child.stdout.on('close', () => r())));
+  await new Promise<void>((r) =>
+    child.stdout.readableEnded ? r() : child.stdout.on('close', () => r()),
+  );
   let peakRssKiB: number | undefined;
   if (dir) {
     try {
@@ -187,8 +196,15 @@ export async function runOnce(vmm: Vmm, o: RunOptions = {}): Promise<RunResult> 
   }
   const bt = /boot marker at ([\d.]+) ms after process start/.exec(stderr);
   return {
-    markerMs, exitMs, code, peakRssKiB, smaps, bootTimerMs: bt ? Number(bt[1]) : undefined,
-    stdout, stderr, timedOut,
+    markerMs,
+    exitMs,
+    code,
+    peakRssKiB,
+    smaps,
+    bootTimerMs: bt ? Number(bt[1]) : undefined,
+    stdout,
+    stderr,
+    timedOut,
   };
 }
 

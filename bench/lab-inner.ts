@@ -29,19 +29,61 @@ export interface LabSample {
   error?: string;
 }
 
-function vmmFor(name: 'typervisor' | 'qemu', vcpus: number, kernel: string, initrd: string, kvmKind: string): Vmm {
+function vmmFor(
+  name: 'typervisor' | 'qemu',
+  vcpus: number,
+  kernel: string,
+  initrd: string,
+  kvmKind: string,
+): Vmm {
   if (name === 'typervisor') {
     return {
-      name, memMiB: MEM_MIB, cmd: process.execPath,
-      args: [TYPERVISOR, 'run', '--kernel', kernel, '--initrd', initrd, '--cmdline', CMDLINE, '--vcpus', String(vcpus), '--memory', String(MEM_MIB), '--boot-timer'],
+      name,
+      memMiB: MEM_MIB,
+      cmd: process.execPath,
+      args: [
+        TYPERVISOR,
+        'run',
+        '--kernel',
+        kernel,
+        '--initrd',
+        initrd,
+        '--cmdline',
+        CMDLINE,
+        '--vcpus',
+        String(vcpus),
+        '--memory',
+        String(MEM_MIB),
+        '--boot-timer',
+      ],
     };
   }
   return {
-    name, memMiB: MEM_MIB, cmd: 'qemu-system-x86_64',
+    name,
+    memMiB: MEM_MIB,
+    cmd: 'qemu-system-x86_64',
     args: [
-      '-M', 'microvm,acpi=on', '-enable-kvm', '-cpu', qemuCpu(kvmKind), '-m', String(MEM_MIB), '-smp', String(vcpus),
-      '-nodefaults', '-no-user-config', '-display', 'none', '-serial', 'stdio',
-      '-kernel', kernel, '-initrd', initrd, '-append', CMDLINE,
+      '-M',
+      'microvm,acpi=on',
+      '-enable-kvm',
+      '-cpu',
+      qemuCpu(kvmKind),
+      '-m',
+      String(MEM_MIB),
+      '-smp',
+      String(vcpus),
+      '-nodefaults',
+      '-no-user-config',
+      '-display',
+      'none',
+      '-serial',
+      'stdio',
+      '-kernel',
+      kernel,
+      '-initrd',
+      initrd,
+      '-append',
+      CMDLINE,
     ],
   };
 }
@@ -59,22 +101,47 @@ async function main() {
       const order = r % 2 ? [names[1], names[0]] : [names[0], names[1]];
       for (const name of order) {
         const res: RunResult = await runOnce(vmmFor(name, vcpus, kernel, initrd, kvm.kind), {
-          marker: MARKER, inputAfterMarker: 'poweroff -f\n', sampleSmaps: true, peakRss: true, timeoutMs: 180_000,
+          marker: MARKER,
+          inputAfterMarker: 'poweroff -f\n',
+          sampleSmaps: true,
+          peakRss: true,
+          timeoutMs: 180_000,
         });
         const ok = res.code === 0 && res.markerMs >= 0 && !res.timedOut;
         samples.push({
-          vmm: name, vcpus, markerMs: res.markerMs, exitMs: res.exitMs, code: res.code,
-          bootTimerMs: res.bootTimerMs, peakRssKiB: res.peakRssKiB,
-          nonGuestRssKiB: res.smaps?.nonGuestRssKiB, guestRssKiB: res.smaps?.guestRssKiB,
-          error: ok ? undefined : `exit ${res.code}${res.timedOut ? ' (timed out)' : ''}; stderr: ${res.stderr.slice(-500)}; stdout: ${res.stdout.slice(-500)}`,
+          vmm: name,
+          vcpus,
+          markerMs: res.markerMs,
+          exitMs: res.exitMs,
+          code: res.code,
+          bootTimerMs: res.bootTimerMs,
+          peakRssKiB: res.peakRssKiB,
+          nonGuestRssKiB: res.smaps?.nonGuestRssKiB,
+          guestRssKiB: res.smaps?.guestRssKiB,
+          error: ok
+            ? undefined
+            : `exit ${res.code}${res.timedOut ? ' (timed out)' : ''}; stderr: ${res.stderr.slice(-500)}; stdout: ${res.stdout.slice(-500)}`,
         });
-        process.stderr.write(`lab-inner: run ${r + 1} ${name} ${vcpus} vCPU: marker ${res.markerMs.toFixed(0)} ms, exit ${res.exitMs.toFixed(0)} ms, code ${res.code}\n`);
+        process.stderr.write(
+          `lab-inner: run ${r + 1} ${name} ${vcpus} vCPU: marker ${res.markerMs.toFixed(0)} ms, exit ${res.exitMs.toFixed(0)} ms, code ${res.code}\n`,
+        );
       }
     }
   }
-  const cpu = /model name\s*:\s*(.*)/.exec((await import('node:fs')).readFileSync('/proc/cpuinfo', 'utf8'))?.[1];
-  const qv = (await import('node:child_process')).spawnSync('qemu-system-x86_64', ['--version'], { encoding: 'utf8' }).stdout.split('\n')[0];
-  const out = { kvm: kvm.reason, kvmKind: kvm.kind, cpu, kernel: (await import('node:os')).release(), qemu: qv, samples };
+  const cpu = /model name\s*:\s*(.*)/.exec(
+    (await import('node:fs')).readFileSync('/proc/cpuinfo', 'utf8'),
+  )?.[1];
+  const qv = (await import('node:child_process'))
+    .spawnSync('qemu-system-x86_64', ['--version'], { encoding: 'utf8' })
+    .stdout.split('\n')[0];
+  const out = {
+    kvm: kvm.reason,
+    kvmKind: kvm.kind,
+    cpu,
+    kernel: (await import('node:os')).release(),
+    qemu: qv,
+    samples,
+  };
   process.stdout.write(`\nBENCH-JSON-BEGIN\n${JSON.stringify(out)}\nBENCH-JSON-END\n`);
 }
 

@@ -13,7 +13,8 @@ import { REPO, type Row, type Stat } from './common.js';
 import { labSuite, type LabSuiteResult } from './lab.js';
 import { microSuite } from './micro.js';
 
-const USAGE = 'usage: npm run bench -- [--suite micro|lab|all] [--runs N (default 10)] [--lab-runs N (default 3)]';
+const USAGE =
+  'usage: npm run bench -- [--suite micro|lab|all] [--runs N (default 10)] [--lab-runs N (default 3)]';
 
 function fmt(x: number): string {
   if (x >= 1000) return x.toFixed(0);
@@ -45,9 +46,17 @@ function table(rows: Row[], withFloor: boolean): string {
 function hostInfo() {
   const cpuinfo = readFileSync('/proc/cpuinfo', 'utf8');
   const kvm = detectKvm();
-  const qemu = spawnSync('qemu-system-x86_64', ['--version'], { encoding: 'utf8' }).stdout?.split('\n')[0] ?? 'not found';
-  const commit = spawnSync('git', ['rev-parse', '--short', 'HEAD'], { cwd: REPO, encoding: 'utf8' }).stdout?.trim();
-  const dirty = spawnSync('git', ['status', '--porcelain', '--', 'src', 'native'], { cwd: REPO, encoding: 'utf8' }).stdout?.trim();
+  const qemu =
+    spawnSync('qemu-system-x86_64', ['--version'], { encoding: 'utf8' }).stdout?.split('\n')[0] ??
+    'not found';
+  const commit = spawnSync('git', ['rev-parse', '--short', 'HEAD'], {
+    cwd: REPO,
+    encoding: 'utf8',
+  }).stdout?.trim();
+  const dirty = spawnSync('git', ['status', '--porcelain', '--', 'src', 'native'], {
+    cwd: REPO,
+    encoding: 'utf8',
+  }).stdout?.trim();
   return {
     cpu: /model name\s*:\s*(.*)/.exec(cpuinfo)?.[1] ?? '?',
     cpus: (cpuinfo.match(/^processor\s*:/gm) ?? []).length,
@@ -56,14 +65,23 @@ function hostInfo() {
     kvmKind: kvm.kind,
     node: process.version,
     qemu,
-    commit: commit ? `${commit}${dirty ? ' (+ uncommitted changes in src/native)' : ''}` : undefined,
+    commit: commit
+      ? `${commit}${dirty ? ' (+ uncommitted changes in src/native)' : ''}`
+      : undefined,
   };
 }
 
 async function main() {
   let v;
   try {
-    v = parseArgs({ options: { suite: { type: 'string' }, runs: { type: 'string' }, 'lab-runs': { type: 'string' }, help: { type: 'boolean' } } }).values;
+    v = parseArgs({
+      options: {
+        suite: { type: 'string' },
+        runs: { type: 'string' },
+        'lab-runs': { type: 'string' },
+        help: { type: 'boolean' },
+      },
+    }).values;
   } catch (e) {
     process.stderr.write(`${(e as Error).message}\n${USAGE}\n`);
     process.exit(2);
@@ -113,9 +131,22 @@ async function main() {
     '',
     `- host: ${host.cpu}, ${host.cpus} CPUs, Linux ${host.kernel}; KVM: ${host.kvmKind} (${host.kvm})`,
     `- ${host.qemu}; Node.js ${host.node}${host.commit ? `; Typervisor ${host.commit}` : ''}`,
-    ...(lab?.labHost ? [`- lab: ${lab.labHost.cpu}, Linux ${lab.labHost.kernel}; KVM: ${lab.labHost.kvmKind} (${lab.labHost.kvm}); ${lab.labHost.qemu}; lab boot ${lab.labBootMs} ms`] : []),
+    ...(lab?.labHost
+      ? [
+          `- lab: ${lab.labHost.cpu}, Linux ${lab.labHost.kernel}; KVM: ${lab.labHost.kvmKind} (${lab.labHost.kvm}); ${lab.labHost.qemu}; lab boot ${lab.labBootMs} ms`,
+        ]
+      : []),
     '',
-    ...(micro.length ? ['## Micro: VMM overhead on the host\'s KVM', '', `${runs} runs.`, '', table(micro, true), ''] : []),
+    ...(micro.length
+      ? [
+          "## Micro: VMM overhead on the host's KVM",
+          '',
+          `${runs} runs.`,
+          '',
+          table(micro, true),
+          '',
+        ]
+      : []),
     ...(labRows.length ? ['## Linux in the lab', '', table(labRows, false), ''] : []),
     '## Notes',
     '',
@@ -125,7 +156,24 @@ async function main() {
   const dir = join(REPO, 'bench', 'results');
   mkdirSync(dir, { recursive: true });
   writeFileSync(join(dir, 'latest.md'), md);
-  writeFileSync(join(dir, 'latest.json'), JSON.stringify({ date: new Date().toISOString(), seconds: totalS, runs, labRuns, suite, host, lab: lab?.labHost, rows, notes }, null, 2) + '\n');
+  writeFileSync(
+    join(dir, 'latest.json'),
+    JSON.stringify(
+      {
+        date: new Date().toISOString(),
+        seconds: totalS,
+        runs,
+        labRuns,
+        suite,
+        host,
+        lab: lab?.labHost,
+        rows,
+        notes,
+      },
+      null,
+      2,
+    ) + '\n',
+  );
   process.stdout.write(md);
 }
 

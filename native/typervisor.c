@@ -23,6 +23,8 @@
 #include <unistd.h>
 #include <net/if.h>
 #include <linux/if_tun.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 
 #define CHECK(call)                                                            \
   do {                                                                         \
@@ -38,7 +40,8 @@ static const char *errno_name(int e) {
     E(EPERM) E(ENOENT) E(ESRCH) E(EINTR) E(EIO) E(ENXIO) E(E2BIG) E(EBADF) E(EAGAIN)
     E(ENOMEM) E(EACCES) E(EFAULT) E(EBUSY) E(EEXIST) E(ENODEV) E(ENOTDIR) E(EISDIR)
     E(EINVAL) E(ENFILE) E(EMFILE) E(ENOTTY) E(EFBIG) E(ENOSPC) E(ESPIPE) E(EROFS)
-    E(EPIPE) E(ERANGE) E(ENOSYS) E(EOPNOTSUPP)
+    E(EPIPE) E(ERANGE) E(ENOSYS) E(EOPNOTSUPP) E(ECONNREFUSED) E(ECONNRESET) E(EINPROGRESS)
+    E(ENOTCONN) E(EADDRINUSE) E(ENAMETOOLONG) E(ENOTSOCK) E(EISCONN) E(ECONNABORTED)
 #undef E
     default: return "EUNKNOWN";
   }
@@ -376,6 +379,88 @@ static napi_value n_tap_open(napi_env env, napi_callback_info info) {
   return num(env, fd);
 }
 
+/* Unix stream sockets for the vsock backend (non-blocking, close-on-exec). */
+static int sun_of(napi_env env, napi_value v, struct sockaddr_un *sa) {
+  memset(sa, 0, sizeof *sa);
+  sa->sun_family = AF_UNIX;
+  size_t n;
+  if (napi_get_value_string_utf8(env, v, sa->sun_path, sizeof sa->sun_path, &n) != napi_ok) return 0;
+  if (n >= sizeof sa->sun_path - 1) { napi_throw_range_error(env, NULL, "Unix socket path too long"); return 0; }
+  return 1;
+}
+
+/* unixSocket(): fd of a non-blocking AF_UNIX SOCK_STREAM socket */
+static napi_value n_unix_socket(napi_env env, napi_callback_info info) {
+  (void)info;
+  int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd < 0) return throw_errno(env, "socket", errno);
+  return num(env, fd);
+}
+
+/* bindListen(fd, path, backlog) */
+static napi_value n_bind_listen(napi_env env, napi_callback_info info) {
+  napi_value a[3];
+  if (!get_args(env, info, 3, a)) return NULL;
+  struct sockaddr_un sa;
+  if (!sun_of(env, a[1], &sa)) return NULL;
+  int fd = (int)arg_i64(env, a[0]);
+  if (bind(fd, (struct sockaddr *)&sa, sizeof sa) < 0) return throw_errno(env, "bind", errno);
+  if (listen(fd, (int)arg_i64(env, a[2])) < 0) return throw_errno(env, "listen", errno);
+  return NULL;
+}
+
+/* accept(fd): new non-blocking fd, or -1 when none is pending */
+static napi_value n_accept(napi_env env, napi_callback_info info) {
+  napi_value a[1];
+  if (!get_args(env, info, 1, a)) return NULL;
+  int fd = accept4((int)arg_i64(env, a[0]), NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+  if (fd < 0) { if (errno == EAGAIN || errno == ECONNABORTED) return num(env, -1); return throw_errno(env, "accept4", errno); }
+  return num(env, fd);
+}
+
+/* connect(fd, path): 0 when connected, -1 when in progress (EINPROGRESS/EAGAIN) */
+static napi_value n_connect(napi_env env, napi_callback_info info) {
+  napi_value a[2];
+  if (!get_args(env, info, 2, a)) return NULL;
+  struct sockaddr_un sa;
+  if (!sun_of(env, a[1], &sa)) return NULL;
+  if (connect((int)arg_i64(env, a[0]), (struct sockaddr *)&sa, sizeof sa) < 0) {
+    if (errno == EINPROGRESS || errno == EAGAIN) return num(env, -1);
+    return throw_errno(env, "connect", errno);
+  }
+  return num(env, 0);
+}
+
+/* sendv(fd, buffers[]): sendmsg with MSG_NOSIGNAL|MSG_DONTWAIT; bytes, or -1 when it would block */
+static napi_value n_sendv(napi_env env, napi_callback_info info) {
+  napi_value a[2];
+  if (!get_args(env, info, 2, a)) return NULL;
+  uint32_t cnt;
+  CHECK(napi_get_array_length(env, a[1], &cnt));
+  if (cnt > 1024) { napi_throw_range_error(env, NULL, "too many iovecs"); return NULL; }
+  struct iovec iov[1024];
+  for (uint32_t i = 0; i < cnt; i++) {
+    napi_value e;
+    CHECK(napi_get_element(env, a[1], i, &e));
+    if (!buffer_of(env, e, &iov[i].iov_base, &iov[i].iov_len)) { napi_throw_type_error(env, NULL, "not a buffer"); return NULL; }
+  }
+  struct msghdr m;
+  memset(&m, 0, sizeof m);
+  m.msg_iov = iov;
+  m.msg_iovlen = cnt;
+  ssize_t n = sendmsg((int)arg_i64(env, a[0]), &m, MSG_NOSIGNAL | MSG_DONTWAIT);
+  if (n < 0) { if (errno == EAGAIN) return num(env, -1); return throw_errno(env, "sendmsg", errno); }
+  return num(env, n);
+}
+
+/* shutdown(fd, how) */
+static napi_value n_shutdown(napi_env env, napi_callback_info info) {
+  napi_value a[2];
+  if (!get_args(env, info, 2, a)) return NULL;
+  if (shutdown((int)arg_i64(env, a[0]), (int)arg_i64(env, a[1])) < 0) return throw_errno(env, "shutdown", errno);
+  return NULL;
+}
+
 /* getpid-free helpers are in Node already; this is the whole surface. */
 #define EXPORT(name, fn) { name, NULL, fn, NULL, NULL, NULL, napi_default, NULL }
 
@@ -390,6 +475,8 @@ NAPI_MODULE_INIT() {
     EXPORT("epollCreate", n_epoll_create), EXPORT("epollCtl", n_epoll_ctl),
     EXPORT("epollWait", n_epoll_wait), EXPORT("installKickHandler", n_install_kick_handler),
     EXPORT("threadSelf", n_thread_self), EXPORT("kick", n_kick), EXPORT("tapOpen", n_tap_open),
+    EXPORT("unixSocket", n_unix_socket), EXPORT("bindListen", n_bind_listen), EXPORT("accept", n_accept),
+    EXPORT("connect", n_connect), EXPORT("sendv", n_sendv), EXPORT("shutdown", n_shutdown),
   };
   if (napi_define_properties(env, exports, sizeof props / sizeof props[0], props) != napi_ok) return NULL;
   return exports;

@@ -52,8 +52,8 @@ const NO_CONTENT: ApiOutcome = { status: 204 };
  */
 export const BUILDER_ATTACHES = {
   drives: true,
-  network_interfaces: false,
-  vsock: false,
+  network_interfaces: true,
+  vsock: true,
   entropy: true,
 } as const;
 
@@ -290,6 +290,13 @@ function withVirtio(res: VmResources): { resources: VmResources; virtio: VirtioC
     readOnly: d.is_read_only === true,
   }));
   if (res.entropy) virtio.push({ kind: 'rng' });
+  for (const n of res.network_interfaces ?? [])
+    virtio.push({
+      kind: 'net',
+      tap: n.host_dev_name,
+      ...(n.guest_mac !== undefined ? { mac: n.guest_mac } : {}),
+    });
+  if (res.vsock) virtio.push({ kind: 'vsock', cid: res.vsock.guest_cid, uds: res.vsock.uds_path });
   const root = res.drives?.[0]?.is_root_device ? res.drives[0] : undefined;
   if (!root) return { resources: res, virtio };
   const rootArg = `${root.partuuid ? `root=PARTUUID=${root.partuuid}` : 'root=/dev/vda'} ${root.is_read_only ? 'ro' : 'rw'}`;

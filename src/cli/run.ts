@@ -13,6 +13,8 @@ import { DEFAULT_BOOT_ARGS, MAX_MEM_MIB, MIN_MEM_MIB, type VmResources } from '.
 import { MAX_VCPUS } from '../arch/x86_64/layout.js';
 import { Console } from './console.js';
 import { parseDrive, privateRootfsCopy, virtioConfigs, type DriveSpec } from './drives.js';
+import { parseNet, parseVsock } from './net.js';
+import type { NetConfig, VsockDeviceConfig } from '../vmm/virtio-wiring.js';
 
 export const EXIT_OK = 0;
 export const EXIT_GUEST_FAILED = 1;
@@ -29,6 +31,10 @@ export const RUN_USAGE = `usage: typervisor run [options]
                     root=/dev/vdX to the command line)
   --rootfs          boot the project's Debian root disk (a private copy of rootfs.ext4) as root
   --rng             a virtio-rng device (entropy from the host's CSPRNG)
+  --net SPEC        a virtio-net device on a host TAP: tap=NAME[,mac=MAC] (repeatable; the TAP
+                    is created if missing, which needs CAP_NET_ADMIN)
+  --vsock SPEC      a virtio-vsock device: cid=N,uds=PATH (N >= 3; guest connections to port P
+                    reach PATH_P; host programs dial PATH and send "CONNECT P\n")
   --boot-timer      print the time from process start to the guest's boot marker
   --allow-pvm       run even where this host's KVM cannot run stock kernels (PVM-only)
   --log-level L     error | warn | info | debug (default warn)
@@ -67,6 +73,8 @@ export interface RunArgs {
   drives: DriveSpec[];
   rng: boolean;
   rootfs: boolean;
+  nets: NetConfig[];
+  vsock?: VsockDeviceConfig;
 }
 
 export async function parseRunArgs(argv: string[]): Promise<RunArgs> {
@@ -88,6 +96,8 @@ export async function parseRunArgs(argv: string[]): Promise<RunArgs> {
         drive: { type: 'string', multiple: true },
         rng: { type: 'boolean' },
         rootfs: { type: 'boolean' },
+        net: { type: 'string', multiple: true },
+        vsock: { type: 'string', multiple: true },
       },
     });
   } catch (e) {
@@ -122,7 +132,12 @@ export async function parseRunArgs(argv: string[]): Promise<RunArgs> {
     },
   };
   const drives = (v.drive ?? []).map(parseDrive);
+  const nets = (v.net ?? []).map(parseNet);
+  if ((v.vsock ?? []).length > 1) throw new ConfigError('--vsock can be given once');
+  const vsock = v.vsock?.[0] === undefined ? undefined : parseVsock(v.vsock[0]);
   return {
+    nets,
+    ...(vsock ? { vsock } : {}),
     res,
     bootTimer: v['boot-timer'] ?? false,
     allowPvm: v['allow-pvm'] ?? false,
@@ -144,7 +159,7 @@ async function defaultRootfs(): Promise<string> {
 }
 
 export async function runCommand(argv: string[]): Promise<number> {
-  const { res, bootTimer, allowPvm, drives, rng, rootfs } = await parseRunArgs(argv);
+  const { res, bootTimer, allowPvm, drives, rng, rootfs, nets, vsock } = await parseRunArgs(argv);
   checkHostCanRun(res.boot.kernel_image_path, allowPvm);
   let cleanupRootfs = () => undefined as void;
   if (rootfs) {
@@ -155,7 +170,7 @@ export async function runCommand(argv: string[]): Promise<number> {
     drives.unshift({ path: copy.path, readOnly: false, root: true });
   }
   try {
-    return await runVm(res, drives, rng, bootTimer);
+    return await runVm(res, drives, rng, bootTimer, [...nets, ...(vsock ? [vsock] : [])]);
   } finally {
     cleanupRootfs();
   }
@@ -166,8 +181,10 @@ async function runVm(
   drives: DriveSpec[],
   rng: boolean,
   bootTimer: boolean,
+  extra: Array<NetConfig | VsockDeviceConfig> = [],
 ): Promise<number> {
   const { configs, rootArg } = virtioConfigs(drives, rng);
+  configs.push(...extra);
   if (rootArg) res.boot.boot_args = `${res.boot.boot_args ?? DEFAULT_BOOT_ARGS} ${rootArg}`;
   const { vmm, devices } = buildVm(res, { virtio: configs });
   const console_ = new Console(devices, () => vmm.requestStop());
@@ -186,7 +203,9 @@ async function runVm(
   if (bootTimer) {
     const first = vmm.control.firstEntryMs;
     if (first > 0) {
-      process.stderr.write(`typervisor: first guest entry at ${(first - performance.timeOrigin).toFixed(1)} ms after process start\n`);
+      process.stderr.write(
+        `typervisor: first guest entry at ${(first - performance.timeOrigin).toFixed(1)} ms after process start\n`,
+      );
     }
     const ms = vmm.control.bootMarkerMs;
     process.stderr.write(

@@ -7,7 +7,7 @@
  * A subscriber that throws does not end the loop: the error goes to `onError` (a bug of ours;
  * guest-caused conditions are handled inside the subscribers).
  */
-import { EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLLIN, native } from '../kvm/native.js';
+import { EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD, EPOLLIN, native } from '../kvm/native.js';
 
 export interface EventSubscriber {
   /** `events`: the epoll bits that fired (EPOLLIN, EPOLLERR...). */
@@ -42,6 +42,13 @@ export class EventLoop {
     native().epollCtl(this.epfd, EPOLL_CTL_ADD, fd, events, tag);
     this.regs[tag] = { fd, subscriber };
     return tag;
+  }
+
+  /** Changes the events watched for registration `tag` (0: only errors and hang-ups). */
+  modify(tag: number, events: number): void {
+    const r = this.regs[tag];
+    if (!r) return;
+    native().epollCtl(this.epfd, EPOLL_CTL_MOD, r.fd, events, tag);
   }
 
   remove(tag: number): void {

@@ -38,7 +38,18 @@ export interface NativeShim {
   installKickHandler(): number;
   threadSelf(): bigint;
   kick(thread: bigint, signal: number): void;
+  /** fd of /dev/net/tun (non-blocking) attached with TUNSETIFF to interface `name`. */
   tapOpen(name: string, flags: number): number;
+  /** A non-blocking AF_UNIX stream socket. */
+  unixSocket(): number;
+  bindListen(fd: number, path: string, backlog: number): void;
+  /** A new non-blocking connection, or -1 when none is pending. */
+  accept(fd: number): number;
+  /** 0 when connected, -1 when the connection is in progress (wait for EPOLLOUT). */
+  connect(fd: number, path: string): number;
+  /** sendmsg(MSG_NOSIGNAL | MSG_DONTWAIT): bytes sent, or -1 when it would block. */
+  sendv(fd: number, buffers: Buf[]): number;
+  shutdown(fd: number, how: number): void;
 }
 
 /** A failed syscall, with its errno name in `code` (EINTR, EAGAIN, ...). */
@@ -91,3 +102,17 @@ export const EPOLLHUP = 0x10;
 export const EPOLL_CTL_ADD = 1;
 export const EPOLL_CTL_DEL = 2;
 export const EPOLL_CTL_MOD = 3;
+export const EPOLLRDHUP = 0x2000;
+export const SHUT_RD = 0;
+export const SHUT_WR = 1;
+export const SHUT_RDWR = 2;
+// TUN/TAP (linux/if_tun.h).
+export const IFF_TAP = 0x0002;
+export const IFF_NO_PI = 0x1000;
+export const IFF_VNET_HDR = 0x4000;
+export const TUNSETOFFLOAD = 0x4004_54d0;
+export const TUNSETVNETHDRSZ = 0x4004_54d8;
+export const TUN_F_CSUM = 0x01;
+export const TUN_F_TSO4 = 0x02;
+export const TUN_F_TSO6 = 0x04;
+export const TUN_F_TSO_ECN = 0x08;

@@ -12,8 +12,18 @@ import { isMainThread, parentPort, workerData } from 'node:worker_threads';
 import { BlockDevice, fdBlockFile } from '../devices/virtio/block/block.js';
 import { VirtioDevice, type VirtioBackend } from '../devices/virtio/device.js';
 import { RngDevice } from '../devices/virtio/rng/rng.js';
+import { NetDevice, type TapIo } from '../devices/virtio/net/net.js';
+import { VsockDevice, type VsockHost } from '../devices/virtio/vsock/vsock.js';
 import { EventLoop } from '../events/event-loop.js';
-import { native } from '../kvm/native.js';
+import {
+  EPOLLERR,
+  EPOLLHUP,
+  EPOLLIN,
+  EPOLLOUT,
+  SHUT_WR,
+  TUNSETOFFLOAD,
+  native,
+} from '../kvm/native.js';
 import { mapGuestRam, type GuestRamLayout } from './guest-ram.js';
 
 /** Int32 slots of the worker's control block. */
@@ -29,7 +39,78 @@ export type DeviceWorkerDevice = {
 } & (
   | { kind: 'rng' }
   | { kind: 'block'; fd: number; capacity: number; readOnly: boolean; serial: Uint8Array }
+  | { kind: 'net'; tapFd: number }
+  | { kind: 'vsock'; listenFd: number; cid: number; uds: string }
 );
+
+/** The TAP as virtio-net sees it: readv/writev on the fd, EPOLLIN interest toggled on the loop. */
+function tapIo(loop: EventLoop, fd: number, onReadable: () => void): TapIo {
+  const n = native();
+  const tag = loop.add(fd, { process: () => onReadable() }, 0);
+  return {
+    readv: (bufs) => n.readv(fd, bufs),
+    writev: (bufs) => n.writev(fd, bufs),
+    setOffload: (flags) => void n.ioctl(fd, TUNSETOFFLOAD, flags),
+    setReadInterest: (on) => loop.modify(tag, on ? EPOLLIN : 0),
+  };
+}
+
+/** Unix sockets for virtio-vsock, each watched on the loop and reported to `dev()`. */
+function vsockHost(loop: EventLoop, listenFd: number, dev: () => VsockDevice): VsockHost {
+  const n = native();
+  const tags = new Map<number, number>();
+  return {
+    connect(path) {
+      const fd = n.unixSocket();
+      try {
+        if (n.connect(fd, path) < 0)
+          throw new Error(`connect ${path}: the listener's backlog is full`);
+      } catch (e) {
+        n.close(fd);
+        throw e;
+      }
+      return fd;
+    },
+    accept: () => n.accept(listenFd),
+    read: (fd, bufs) => n.readv(fd, bufs),
+    write: (fd, bufs) => n.sendv(fd, bufs),
+    shutdownWrite: (fd) => n.shutdown(fd, SHUT_WR),
+    close(fd) {
+      this.unwatch(fd);
+      n.close(fd);
+    },
+    watch(fd, read, write) {
+      const events = (read ? EPOLLIN : 0) | (write ? EPOLLOUT : 0);
+      const tag = tags.get(fd);
+      if (tag !== undefined) {
+        loop.modify(tag, events);
+        return;
+      }
+      tags.set(
+        fd,
+        loop.add(
+          fd,
+          {
+            process: (ev) =>
+              dev().onSocket(
+                fd,
+                (ev & EPOLLIN) !== 0,
+                (ev & EPOLLOUT) !== 0,
+                (ev & (EPOLLHUP | EPOLLERR)) !== 0,
+              ),
+          },
+          events,
+        ),
+      );
+    },
+    unwatch(fd) {
+      const tag = tags.get(fd);
+      if (tag === undefined) return;
+      tags.delete(fd);
+      loop.remove(tag);
+    },
+  };
+}
 
 export const DEVICE_WORKER_ROLE = 'virtio-device-worker';
 
@@ -62,17 +143,34 @@ function main(): void {
   );
   try {
     const devices = d.devices.map((dev) => {
-      const backend: VirtioBackend =
-        dev.kind === 'block'
-          ? new BlockDevice({
-              name: dev.name,
-              file: fdBlockFile(dev.fd),
-              capacity: dev.capacity,
-              readOnly: dev.readOnly,
-              serial: dev.serial,
-              log,
-            })
-          : new RngDevice();
+      let backend: VirtioBackend;
+      if (dev.kind === 'block') {
+        backend = new BlockDevice({
+          name: dev.name,
+          file: fdBlockFile(dev.fd),
+          capacity: dev.capacity,
+          readOnly: dev.readOnly,
+          serial: dev.serial,
+          log,
+        });
+      } else if (dev.kind === 'net') {
+        const net: NetDevice = new NetDevice(
+          dev.name,
+          tapIo(loop, dev.tapFd, () => net.onTapReadable()),
+          log,
+        );
+        backend = net;
+      } else if (dev.kind === 'vsock') {
+        const vsock: VsockDevice = new VsockDevice(
+          dev.name,
+          dev.cid,
+          dev.uds,
+          vsockHost(loop, dev.listenFd, () => vsock),
+          log,
+        );
+        loop.add(dev.listenFd, { process: () => vsock.onListen() });
+        backend = vsock;
+      } else backend = new RngDevice();
       const device = new VirtioDevice(dev.state, backend, {
         mem: ram.memory,
         interrupt: () => native().eventfdWrite(dev.irqFd, 1),

@@ -30,6 +30,9 @@ import { VIRTIO_F_VERSION_1, bit } from '../devices/virtio/constants.js';
 import { VirtioMmioState, type VirtioCounters } from '../devices/virtio/mmio-state.js';
 import { MmioTransport, REG } from '../devices/virtio/mmio.js';
 import { rngIdentity } from '../devices/virtio/rng/rng.js';
+import { netIdentity, parseMac } from '../devices/virtio/net/net.js';
+import { vsockIdentity } from '../devices/virtio/vsock/vsock.js';
+import { listenVsock, openTap, removeSocket } from './host-net.js';
 import type { Vm } from '../kvm/kvm.js';
 import { EFD_NONBLOCK, native } from '../kvm/native.js';
 import { ConfigError } from '../util/errors.js';
@@ -44,11 +47,23 @@ import {
 import type { GuestRamLayout } from './guest-ram.js';
 
 export type { BlockConfig } from '../devices/virtio/block/config.js';
-export type VirtioConfig = BlockConfig | { kind: 'rng' };
+/** virtio-net over host TAP `tap`; `mac`: the guest's MAC (else the guest picks a random one). */
+export interface NetConfig {
+  kind: 'net';
+  tap: string;
+  mac?: string;
+}
+/** virtio-vsock with guest CID `cid`, host side on the Unix socket `uds` (Firecracker's scheme). */
+export interface VsockDeviceConfig {
+  kind: 'vsock';
+  cid: number;
+  uds: string;
+}
+export type VirtioConfig = BlockConfig | { kind: 'rng' } | NetConfig | VsockDeviceConfig;
 
 export interface VirtioSlot {
   name: string;
-  kind: 'block' | 'rng';
+  kind: 'block' | 'rng' | 'net' | 'vsock';
   /** Guest-physical base of the 4 KiB register window. */
   addr: number;
   gsi: number;
@@ -57,6 +72,8 @@ export interface VirtioSlot {
   /** One eventfd per queue, signalled by KVM on QueueNotify = queue index. */
   queueFds: number[];
   block?: ValidatedBlock;
+  net?: { tapFd: number; tap: string };
+  vsock?: { listenFd: number; cid: number; uds: string };
 }
 
 export interface VirtioPlan {
@@ -79,11 +96,31 @@ export function validateVirtioConfigs(configs: readonly VirtioConfig[]): {
     );
   }
   for (const c of configs) {
-    if (c.kind !== 'block' && c.kind !== 'rng')
+    if (c.kind !== 'block' && c.kind !== 'rng' && c.kind !== 'net' && c.kind !== 'vsock')
       throw new ConfigError(`unknown virtio device kind ${String((c as { kind: unknown }).kind)}`);
   }
   if (configs.filter((c) => c.kind === 'rng').length > 1)
     throw new ConfigError('at most one entropy device');
+  if (configs.filter((c) => c.kind === 'vsock').length > 1)
+    throw new ConfigError('at most one vsock device');
+  const nets = configs.filter((c): c is NetConfig => c.kind === 'net');
+  const taps = new Set(nets.map((c) => c.tap));
+  if (taps.size !== nets.length) throw new ConfigError('two network interfaces on one TAP');
+  const macs = nets.filter((c) => c.mac !== undefined).map((c) => c.mac!.toLowerCase());
+  if (new Set(macs).size !== macs.length)
+    throw new ConfigError('two network interfaces with one MAC');
+  for (const c of nets) {
+    if (c.mac === undefined) continue;
+    let mac: Uint8Array;
+    try {
+      mac = parseMac(c.mac);
+    } catch {
+      throw new ConfigError(
+        `TAP ${c.tap}: bad MAC address ${JSON.stringify(c.mac)} (like 06:00:a9:fe:00:02)`,
+      );
+    }
+    if (mac[0]! & 1) throw new ConfigError(`TAP ${c.tap}: MAC ${c.mac} is a multicast address`);
+  }
   const blocks = validateBlockConfigs(configs.filter((c): c is BlockConfig => c.kind === 'block'));
   return { blocks, warnings: blocks.flatMap((b) => b.warnings) };
 }
@@ -94,32 +131,73 @@ export function planVirtioDevices(configs: readonly VirtioConfig[]): VirtioPlan 
   const n = native();
   const version1 = bit(VIRTIO_F_VERSION_1);
   let b = 0;
-  const slots = configs.map((c, i): VirtioSlot => {
-    const base = { addr: VIRTIO_MMIO_BASE + i * VIRTIO_MMIO_SIZE, gsi: VIRTIO_GSI_FIRST + i };
-    if (c.kind === 'block') {
-      const blk = blocks[b++]!;
-      const id = blockIdentity(blk.capacity, blk.readOnly);
+  const opened: Array<() => void> = [];
+  try {
+    return planSlots();
+  } catch (e) {
+    opened.forEach((close) => close());
+    throw e;
+  }
+
+  function planSlots(): VirtioPlan {
+    const slots = configs.map((c, i): VirtioSlot => {
+      const base = { addr: VIRTIO_MMIO_BASE + i * VIRTIO_MMIO_SIZE, gsi: VIRTIO_GSI_FIRST + i };
+      if (c.kind === 'block') {
+        const blk = blocks[b++]!;
+        const id = blockIdentity(blk.capacity, blk.readOnly);
+        return {
+          ...base,
+          name: `virtio-blk${i} (${blk.path}${blk.readOnly ? ', read-only' : ''})`,
+          kind: 'block',
+          state: VirtioMmioState.createState(id, version1),
+          irqFd: n.eventfd(0, EFD_NONBLOCK),
+          queueFds: id.queueSizes.map(() => n.eventfd(0, EFD_NONBLOCK)),
+          block: blk,
+        };
+      }
+      if (c.kind === 'net') {
+        const tap = openTap(c.tap);
+        opened.push(() => n.close(tap.fd));
+        const id = netIdentity(c.mac === undefined ? undefined : parseMac(c.mac), tap.offloads);
+        return {
+          ...base,
+          name: `virtio-net${i} (${c.tap})`,
+          kind: 'net',
+          state: VirtioMmioState.createState(id, version1),
+          irqFd: n.eventfd(0, EFD_NONBLOCK),
+          queueFds: id.queueSizes.map(() => n.eventfd(0, EFD_NONBLOCK)),
+          net: { tapFd: tap.fd, tap: c.tap },
+        };
+      }
+      if (c.kind === 'vsock') {
+        const l = listenVsock(c.cid, c.uds);
+        opened.push(() => {
+          n.close(l.fd);
+          removeSocket(l.path);
+        });
+        const id = vsockIdentity(c.cid);
+        return {
+          ...base,
+          name: `virtio-vsock${i} (cid ${c.cid}, ${l.path})`,
+          kind: 'vsock',
+          state: VirtioMmioState.createState(id, version1),
+          irqFd: n.eventfd(0, EFD_NONBLOCK),
+          queueFds: id.queueSizes.map(() => n.eventfd(0, EFD_NONBLOCK)),
+          vsock: { listenFd: l.fd, cid: c.cid, uds: l.path },
+        };
+      }
+      const id = rngIdentity();
       return {
         ...base,
-        name: `virtio-blk${i} (${blk.path}${blk.readOnly ? ', read-only' : ''})`,
-        kind: 'block',
+        name: `virtio-rng${i}`,
+        kind: 'rng',
         state: VirtioMmioState.createState(id, version1),
         irqFd: n.eventfd(0, EFD_NONBLOCK),
         queueFds: id.queueSizes.map(() => n.eventfd(0, EFD_NONBLOCK)),
-        block: blk,
       };
-    }
-    const id = rngIdentity();
-    return {
-      ...base,
-      name: `virtio-rng${i}`,
-      kind: 'rng',
-      state: VirtioMmioState.createState(id, version1),
-      irqFd: n.eventfd(0, EFD_NONBLOCK),
-      queueFds: id.queueSizes.map(() => n.eventfd(0, EFD_NONBLOCK)),
-    };
-  });
-  return { slots, controlFd: n.eventfd(0, EFD_NONBLOCK), warnings };
+    });
+    return { slots, controlFd: n.eventfd(0, EFD_NONBLOCK), warnings };
+  }
 }
 
 /** For acpiBootHook({ virtio }). */
@@ -183,6 +261,15 @@ export function startDeviceWorker(
   try {
     devices = plan.slots.map((s): DeviceWorkerDevice => {
       const common = { name: s.name, state: s.state, irqFd: s.irqFd, queueFds: s.queueFds };
+      if (s.kind === 'net' && s.net) return { ...common, kind: 'net', tapFd: s.net.tapFd };
+      if (s.kind === 'vsock' && s.vsock)
+        return {
+          ...common,
+          kind: 'vsock',
+          listenFd: s.vsock.listenFd,
+          cid: s.vsock.cid,
+          uds: s.vsock.uds,
+        };
       if (s.kind === 'rng' || !s.block) return { ...common, kind: 'rng' };
       const b = s.block;
       const fd = openSync(b.path, b.readOnly ? 'r' : 'r+');
@@ -246,7 +333,16 @@ export function startDeviceWorker(
 /** Closes the plan's eventfds (after the VM and the device worker are gone). */
 export function closeVirtio(plan: VirtioPlan): void {
   const n = native();
-  for (const fd of [plan.controlFd, ...plan.slots.flatMap((s) => [s.irqFd, ...s.queueFds])]) {
+  for (const s of plan.slots) if (s.vsock) removeSocket(s.vsock.uds);
+  const hostFds = plan.slots.flatMap((s) => [
+    ...(s.net ? [s.net.tapFd] : []),
+    ...(s.vsock ? [s.vsock.listenFd] : []),
+  ]);
+  for (const fd of [
+    plan.controlFd,
+    ...plan.slots.flatMap((s) => [s.irqFd, ...s.queueFds]),
+    ...hostFds,
+  ]) {
     try {
       n.close(fd);
     } catch {

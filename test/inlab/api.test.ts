@@ -58,7 +58,7 @@ test(
   async () => {
     const g = defaultGuest();
     // Not under /tmp: in the lab that is the host's /tmp over 9p, where Unix sockets cannot live.
-  const dir = mkdtempSync(join(existsSync('/run') ? '/run' : tmpdir(), 'tv-api-'));
+    const dir = mkdtempSync(join(existsSync('/run') ? '/run' : tmpdir(), 'tv-api-'));
     const sock = join(dir, 'api.sock');
     const child = spawn(
       process.execPath,

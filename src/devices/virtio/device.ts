@@ -26,6 +26,24 @@ import type { DescriptorChain } from './chain.js';
 import { C_GUEST_ERRORS, VirtioMmioState } from './mmio-state.js';
 import { Virtqueue } from './queue.js';
 
+/**
+ * Queue access for backends that serve some queues themselves (virtio-net RX, virtio-vsock):
+ * they take buffers when host data arrives, not when the driver kicks. Bound to one activation:
+ * after a reset every method is a no-op (pop returns undefined).
+ */
+export interface QueueIo {
+  /**
+   * The next well-formed chain of `queue`, or undefined (empty, inactive, broken). Malformed
+   * chains are completed with used.len 0 and counted on the way.
+   */
+  pop(queue: number): DescriptorChain | undefined;
+  pushUsed(queue: number, head: number, len: number): void;
+  /** Raises the used-buffer interrupt if chains were used since the last call and it is wanted. */
+  notify(queue: number): void;
+  /** Counts a guest error and logs it once per kind. */
+  guestError(kind: string, message: string): void;
+}
+
 export interface VirtioBackend {
   /** For log lines: "virtio-blk /path/disk.img". */
   readonly name: string;
@@ -34,8 +52,14 @@ export interface VirtioBackend {
    * (used.len). Must not throw for anything the guest wrote.
    */
   handle(queue: number, chain: DescriptorChain): number;
+  /**
+   * Queues the backend serves itself through QueueIo: a kick of one of them calls kick()
+   * instead of draining it through handle().
+   */
+  readonly selfServed?: readonly number[];
+  kick?(queue: number): void;
   /** Called when the driver set DRIVER_OK with these negotiated features. */
-  activate?(features: bigint): void;
+  activate?(features: bigint, io: QueueIo): void;
   /** Called when the queues are dropped (reset or broken). */
   deactivate?(): void;
 }
@@ -102,17 +126,68 @@ export class VirtioDevice {
         }
         queues.push(r.value);
       }
-      this.dev = { kind: 'active', epoch: snap.epoch, features: snap.driverFeatures, queues };
-      this.backend.activate?.(snap.driverFeatures);
+      const active: DeviceState = {
+        kind: 'active',
+        epoch: snap.epoch,
+        features: snap.driverFeatures,
+        queues,
+      };
+      this.dev = active;
+      this.backend.activate?.(snap.driverFeatures, this.queueIo(active));
       // Buffers made available before DRIVER_OK (or kicks we could not serve yet) are served now.
       queues.forEach((_q, i) => this.onKick(i));
     }
+  }
+
+  private queueIo(d: Extract<DeviceState, { kind: 'active' }>): QueueIo {
+    const used = new Array<number>(d.queues.length).fill(0);
+    const live = () => this.dev === d && this.state.epoch() === d.epoch;
+    return {
+      pop: (index) => {
+        const q = d.queues[index];
+        while (q && live()) {
+          const p = q.pop();
+          if (p.kind === 'empty') return undefined;
+          if (p.kind === 'chain') return p.chain;
+          if (p.kind === 'broken') {
+            this.guestError('broken', `queue ${index}: ${p.message}`);
+            if (this.state.markNeedsReset(d.epoch)) this.env.interrupt();
+            this.deactivate();
+            return undefined;
+          }
+          this.guestError(p.error.kind, `queue ${index}: chain ${p.head}: ${p.error.message}`);
+          q.pushUsed(p.head, 0);
+          used[index]!++;
+        }
+        return undefined;
+      },
+      pushUsed: (index, head, len) => {
+        const q = d.queues[index];
+        if (!q || !live()) return;
+        q.pushUsed(head, len);
+        used[index]!++;
+      },
+      notify: (index) => {
+        const q = d.queues[index];
+        if (!q || !live() || used[index] === 0) return;
+        used[index] = 0;
+        if (q.needsInterrupt()) {
+          this.state.raise(INT_USED_BUFFER);
+          this.env.interrupt();
+        }
+      },
+      guestError: (kind, message) => this.guestError(kind, message),
+    };
   }
 
   /** Queue `index` was kicked (its ioeventfd fired). */
   onKick(index: number): void {
     const d = this.dev;
     if (d.kind !== 'active') return;
+    if (this.backend.selfServed?.includes(index)) {
+      this.serveKick(index);
+      return;
+    }
     const q = d.queues[index];
     if (!q) return;
     let used = 0;
@@ -139,6 +214,17 @@ export class VirtioDevice {
     if (used > 0 && q.needsInterrupt()) {
       this.state.raise(INT_USED_BUFFER);
       this.env.interrupt();
+    }
+  }
+
+  private serveKick(index: number): void {
+    try {
+      this.backend.kick?.(index);
+    } catch (e) {
+      this.logOnce(
+        'exception',
+        `${this.backend.name}: queue ${index} failed with an exception: ${(e as Error).stack ?? String(e)}`,
+      );
     }
   }
 

@@ -1,0 +1,49 @@
+/**
+ * `--net tap=NAME[,mac=MAC]` (repeatable) and `--vsock cid=N,uds=PATH` turned into virtio device
+ * configs. The TAP, MAC, CID and socket path are checked again (and opened) before boot by
+ * planVirtioDevices; here only the syntax.
+ */
+import { ConfigError } from '../util/errors.js';
+import type { NetConfig, VsockDeviceConfig } from '../vmm/virtio-wiring.js';
+
+function fields(flag: string, spec: string, usage: string): Map<string, string> {
+  const m = new Map<string, string>();
+  for (const part of spec.split(',')) {
+    const eq = part.indexOf('=');
+    if (eq <= 0) throw new ConfigError(`--${flag}: malformed "${part}" (expected ${usage})`);
+    const k = part.slice(0, eq);
+    if (m.has(k)) throw new ConfigError(`--${flag}: ${k} given twice`);
+    m.set(k, part.slice(eq + 1));
+  }
+  return m;
+}
+
+export function parseNet(spec: string): NetConfig {
+  const usage = 'tap=NAME[,mac=MAC]';
+  const f = fields('net', spec, usage);
+  for (const k of f.keys())
+    if (k !== 'tap' && k !== 'mac')
+      throw new ConfigError(`--net: unknown "${k}" (expected ${usage})`);
+  const tap = f.get('tap');
+  if (!tap) throw new ConfigError(`--net ${spec}: tap=NAME is required`);
+  const mac = f.get('mac');
+  return mac === undefined ? { kind: 'net', tap } : { kind: 'net', tap, mac };
+}
+
+export function parseVsock(spec: string): VsockDeviceConfig {
+  const usage = 'cid=N,uds=PATH';
+  const f = fields('vsock', spec, usage);
+  for (const k of f.keys())
+    if (k !== 'cid' && k !== 'uds')
+      throw new ConfigError(`--vsock: unknown "${k}" (expected ${usage})`);
+  const cidText = f.get('cid');
+  const uds = f.get('uds');
+  if (cidText === undefined || !uds)
+    throw new ConfigError(`--vsock ${spec}: ${usage} are required`);
+  const cid = /^\d{1,10}$/.test(cidText) ? Number(cidText) : NaN;
+  if (!(cid >= 3 && cid <= 0xffff_fffe))
+    throw new ConfigError(
+      `--vsock: cid must be a whole number from 3 to ${0xffff_fffe} (got "${cidText}")`,
+    );
+  return { kind: 'vsock', cid, uds };
+}

@@ -1,0 +1,252 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { bit } from '../constants.js';
+import { harness } from '../testing/harness.js';
+import {
+  NET_HDR_SIZE,
+  VIRTIO_NET_HDR_F_NEEDS_CSUM,
+  VIRTIO_NET_HDR_GSO_TCPV4,
+  VIRTIO_NET_HDR_GSO_UDP,
+  checkTxHeader,
+  parseNetHeader,
+  writeNetHeader,
+} from './header.js';
+import {
+  NetDevice,
+  RX_QUEUE,
+  TUN_F_CSUM,
+  TUN_F_TSO4,
+  TX_QUEUE,
+  VIRTIO_NET_F_CSUM,
+  VIRTIO_NET_F_GUEST_CSUM,
+  VIRTIO_NET_F_GUEST_TSO4,
+  VIRTIO_NET_F_HOST_TSO4,
+  VIRTIO_NET_F_MAC,
+  VIRTIO_NET_F_MRG_RXBUF,
+  netIdentity,
+  parseMac,
+  type TapIo,
+} from './net.js';
+
+class FakeTap implements TapIo {
+  inbox: Uint8Array[] = []; // frames (with header) waiting to be read
+  sent: Uint8Array[] = [];
+  offload = -1;
+  interest = false;
+  interestChanges = 0;
+  readv(bufs: Uint8Array[]): number {
+    const f = this.inbox.shift();
+    if (!f) return -1;
+    let n = 0;
+    for (const b of bufs) {
+      const take = Math.min(b.length, f.length - n);
+      b.set(f.subarray(n, n + take));
+      n += take;
+      if (n >= f.length) break;
+    }
+    return f.length; // tun returns the frame length (the spill buffer catches the excess)
+  }
+  writev(bufs: Uint8Array[]): number {
+    const total = bufs.reduce((a, b) => a + b.length, 0);
+    const out = new Uint8Array(total);
+    let o = 0;
+    for (const b of bufs) {
+      out.set(b, o);
+      o += b.length;
+    }
+    this.sent.push(out);
+    return total;
+  }
+  setOffload(flags: number): void {
+    this.offload = flags;
+  }
+  setReadInterest(on: boolean): void {
+    this.interest = on;
+    this.interestChanges++;
+  }
+}
+
+const MAC = '06:00:a9:fe:00:02';
+
+function frame(payloadLen: number, fill = 0xab, hdr = {}): Uint8Array {
+  const f = new Uint8Array(NET_HDR_SIZE + payloadLen).fill(fill);
+  writeNetHeader(f, {
+    flags: 0,
+    gsoType: 0,
+    hdrLen: 0,
+    gsoSize: 0,
+    csumStart: 0,
+    csumOffset: 0,
+    numBuffers: 0,
+    ...hdr,
+  });
+  return f;
+}
+
+function setup(offloads = true) {
+  const tap = new FakeTap();
+  const logs: string[] = [];
+  const dev = new NetDevice('virtio-net test', tap, (m) => logs.push(m));
+  const h = harness(netIdentity(parseMac(MAC), offloads), dev);
+  return { tap, dev, h, logs };
+}
+
+test('virtio-net offers MAC and offloads, not MRG_RXBUF; config holds the MAC', () => {
+  const id = netIdentity(parseMac(MAC), true);
+  assert.ok(id.features & bit(VIRTIO_NET_F_MAC));
+  assert.ok(id.features & bit(VIRTIO_NET_F_HOST_TSO4));
+  assert.equal(id.features & bit(VIRTIO_NET_F_MRG_RXBUF), 0n);
+  assert.deepEqual([...id.config.subarray(0, 6)], [6, 0, 0xa9, 0xfe, 0, 2]);
+  const plain = netIdentity(undefined, false);
+  assert.equal(plain.features & bit(VIRTIO_NET_F_MAC), 0n);
+  assert.equal(plain.features & bit(VIRTIO_NET_F_CSUM), 0n);
+  assert.throws(() => parseMac('06:00:zz:00:00:01'));
+});
+
+test('virtio-net sets the TAP offloads from the features the driver took', () => {
+  const { tap, h } = setup();
+  h.start();
+  assert.equal(tap.offload, TUN_F_CSUM | TUN_F_TSO4 | 0x04);
+  const t2 = setup();
+  t2.h.start({
+    features: (f) => f & ~bit(VIRTIO_NET_F_GUEST_CSUM) & ~bit(VIRTIO_NET_F_GUEST_TSO4),
+  });
+  assert.equal(t2.tap.offload, 0);
+  const t3 = setup();
+  t3.h.start({ features: (f) => f & ~bit(8) }); // no GUEST_TSO6
+  assert.equal(t3.tap.offload, TUN_F_CSUM | TUN_F_TSO4);
+  assert.equal(tap.interest, false, 'no RX buffers yet: the TAP is not watched');
+});
+
+test('virtio-net TX passes good frames through zero-copy and drops garbage, counted', () => {
+  const { tap, dev, h } = setup();
+  const [, tx] = h.start();
+  const put = (bytes: Uint8Array) => {
+    const a = h.alloc.alloc(bytes.length);
+    h.mem.view(a, bytes.length).set(bytes);
+    tx!.addChain([{ addr: a, len: bytes.length }]);
+  };
+  put(frame(60)); // good
+  put(new Uint8Array(8)); // no header
+  put(frame(60, 0, { flags: 0x80 })); // unknown flag
+  put(frame(60, 0, { flags: VIRTIO_NET_HDR_F_NEEDS_CSUM, csumStart: 58, csumOffset: 16 })); // outside
+  put(frame(60, 0, { gsoType: VIRTIO_NET_HDR_GSO_UDP, gsoSize: 1400, flags: 1 })); // UFO
+  put(frame(70000)); // oversized (> 65562 with header)
+  put(frame(1000, 0, { gsoType: VIRTIO_NET_HDR_GSO_TCPV4, gsoSize: 0, flags: 1 })); // gso_size 0
+  put(
+    frame(1000, 0x11, {
+      gsoType: VIRTIO_NET_HDR_GSO_TCPV4,
+      gsoSize: 1448,
+      flags: 1,
+      hdrLen: 54,
+      csumStart: 34,
+      csumOffset: 16,
+    }),
+  ); // good TSO
+  h.kick(TX_QUEUE);
+  assert.equal(tx!.takeUsed().length, 8);
+  assert.equal(tap.sent.length, 2);
+  assert.equal(tap.sent[0]!.length, NET_HDR_SIZE + 60);
+  assert.equal(tap.sent[1]![NET_HDR_SIZE + 5], 0x11);
+  assert.equal(dev.counters.txBad, 6);
+  assert.equal(dev.counters.txFrames, 2);
+  assert.equal(h.device.state.counters().guestErrors, 6);
+});
+
+test('virtio-net TX refuses offloads the driver did not negotiate', () => {
+  const { tap, dev, h } = setup(false);
+  const [, tx] = h.start();
+  const f = frame(100, 0, { flags: VIRTIO_NET_HDR_F_NEEDS_CSUM, csumStart: 34, csumOffset: 16 });
+  const a = h.alloc.alloc(f.length);
+  h.mem.view(a, f.length).set(f);
+  tx!.addChain([{ addr: a, len: f.length }]);
+  h.kick(TX_QUEUE);
+  assert.equal(tap.sent.length, 0);
+  assert.equal(dev.counters.txBad, 1);
+  assert.ok(!checkTxHeader(parseNetHeader(f), 100, { csum: false, tso4: false, tso6: false }).ok);
+});
+
+test('virtio-net RX: frames land in guest buffers with num_buffers = 1 and one interrupt', () => {
+  const { tap, dev, h } = setup();
+  const [rx] = h.start();
+  const bufs = [0, 1].map(() => h.alloc.alloc(2048));
+  for (const b of bufs) rx!.addChain([{ addr: b, len: 2048, write: true }]);
+  h.kick(RX_QUEUE);
+  tap.inbox.push(frame(100, 0x22), frame(200, 0x33));
+  const irqs = h.interrupts();
+  dev.onTapReadable();
+  assert.deepEqual(rx!.takeUsed(), [
+    { id: 0, len: NET_HDR_SIZE + 100 },
+    { id: 1, len: NET_HDR_SIZE + 200 },
+  ]);
+  assert.equal(h.mem.readU16(bufs[0]! + 10), 1);
+  assert.equal(h.mem.view(bufs[1]! + NET_HDR_SIZE, 1)[0], 0x33);
+  assert.equal(h.interrupts(), irqs + 1);
+  assert.equal(dev.counters.rxFrames, 2);
+});
+
+test('virtio-net RX back-pressure: no buffer -> stop watching the TAP; the kick resumes, nothing lost', () => {
+  const { tap, dev, h } = setup();
+  const [rx] = h.start();
+  for (let i = 0; i < 3; i++) tap.inbox.push(frame(64, i));
+  dev.onTapReadable(); // no buffers yet
+  assert.equal(tap.interest, false);
+  assert.equal(tap.inbox.length, 3, 'frames stay in the TAP');
+  const a = h.alloc.alloc(2048);
+  rx!.addChain([{ addr: a, len: 2048, write: true }]);
+  h.kick(RX_QUEUE);
+  assert.equal(rx!.takeUsed().length, 1);
+  assert.equal(tap.inbox.length, 2);
+  assert.equal(tap.interest, false, 'out of buffers again');
+  for (let i = 0; i < 2; i++) rx!.addChain([{ addr: h.alloc.alloc(2048), len: 2048, write: true }]);
+  h.kick(RX_QUEUE);
+  assert.equal(rx!.takeUsed().length, 2);
+  assert.equal(tap.inbox.length, 0);
+  assert.equal(dev.counters.rxFrames, 3);
+  // A chain taken while the TAP is empty is held, and the TAP watched, until a frame comes.
+  rx!.addChain([{ addr: h.alloc.alloc(2048), len: 2048, write: true }]);
+  h.kick(RX_QUEUE);
+  assert.equal(tap.interest, true);
+  assert.equal(rx!.takeUsed().length, 0);
+  tap.inbox.push(frame(10));
+  dev.onTapReadable();
+  assert.deepEqual(
+    rx!.takeUsed().map((u) => u.len),
+    [NET_HDR_SIZE + 10],
+  );
+});
+
+test('virtio-net RX: a frame bigger than the buffer is dropped and counted; tiny chains refused', () => {
+  const { tap, dev, h } = setup();
+  const [rx] = h.start();
+  rx!.addChain([{ addr: h.alloc.alloc(8), len: 8, write: true }]); // smaller than the header
+  rx!.addChain([{ addr: h.alloc.alloc(256), len: 256, write: true }]);
+  rx!.addChain([{ addr: h.alloc.alloc(256), len: 256, write: true }]);
+  tap.inbox.push(frame(1000), frame(100));
+  h.kick(RX_QUEUE);
+  assert.deepEqual(
+    rx!.takeUsed().map((u) => u.len),
+    [0, 0, NET_HDR_SIZE + 100],
+  );
+  assert.equal(dev.counters.rxTooLarge, 1);
+  assert.equal(dev.counters.rxFrames, 1);
+});
+
+test('virtio-net: a reset drops the held chain and stops watching the TAP', () => {
+  const { tap, h } = setup();
+  const [rx] = h.start();
+  rx!.addChain([{ addr: h.alloc.alloc(2048), len: 2048, write: true }]);
+  h.kick(RX_QUEUE);
+  assert.equal(tap.interest, true);
+  h.driver.write(0x70, 0); // Status = 0: reset
+  assert.equal(tap.interest, false);
+  const [rx2] = h.start({ features: (f) => f & ~bit(VIRTIO_NET_F_GUEST_TSO4) });
+  rx2!.addChain([{ addr: h.alloc.alloc(2048), len: 2048, write: true }]);
+  tap.inbox.push(frame(50));
+  h.kick(RX_QUEUE);
+  assert.deepEqual(
+    rx2!.takeUsed().map((u) => u.len),
+    [NET_HDR_SIZE + 50],
+  );
+  assert.equal(tap.offload, TUN_F_CSUM | 0x04);
+});

@@ -1,0 +1,288 @@
+/**
+ * virtio-net (device ID 1, virtio 1.2 §5.1) over a host TAP opened with IFF_VNET_HDR and a
+ * vnet header size of 12, so every frame crosses between guest RAM and the TAP with its
+ * virtio_net_hdr_v1 in front, zero-copy (readv/writev straight on the descriptor views).
+ *
+ * Queues: 0 = receiveq (host -> guest), 1 = transmitq. No control queue, no multiqueue.
+ *
+ * RX is driven by the TAP, not by kicks (selfServed): when the TAP is readable we take the
+ * next RX chain and readv the frame into it. Back-pressure: when the guest has no RX buffer,
+ * we stop watching the TAP for EPOLLIN (frames wait in the TAP's queue, in the kernel) until
+ * the RX queue is kicked. A chain taken when the TAP had nothing after all is held for the next
+ * frame, never lost. A frame longer than the guest's buffer (only with buffers smaller than the
+ * negotiated features allow) lands partly in a spill buffer; it is returned with used.len 0 and
+ * counted in rxTooLarge.
+ *
+ * Offloads: when the TAP accepts TUNSETOFFLOAD, we offer CSUM/HOST_TSO4/HOST_TSO6 (the guest
+ * may hand us partial checksums and TSO frames: the TAP takes them as they are) and
+ * GUEST_CSUM/GUEST_TSO4/GUEST_TSO6 (the TAP may hand us such frames); at activation the TAP's
+ * offloads are set to exactly what the guest accepted for RX. UFO/USO and ECN are not offered.
+ * VIRTIO_NET_F_MRG_RXBUF is not offered: with GUEST_TSO and no MRG_RXBUF, Linux posts 64 KiB
+ * "big packet" chains, so every frame fits one chain and num_buffers is always 1.
+ */
+import type { DescriptorChain } from '../chain.js';
+import { gather, scatter } from '../chain.js';
+import { QUEUE_SIZE_MAX, VIRTIO_F_RING_INDIRECT_DESC, bit } from '../constants.js';
+import type { QueueIo, VirtioBackend } from '../device.js';
+import type { VirtioDeviceIdentity } from '../mmio-state.js';
+import {
+  MAX_FRAME_WITH_HDR,
+  NET_HDR_SIZE,
+  checkTxHeader,
+  parseNetHeader,
+  type TxOffloads,
+} from './header.js';
+
+export const DEVICE_ID_NET = 1;
+export const RX_QUEUE = 0;
+export const TX_QUEUE = 1;
+
+export const VIRTIO_NET_F_CSUM = 0;
+export const VIRTIO_NET_F_GUEST_CSUM = 1;
+export const VIRTIO_NET_F_MAC = 5;
+export const VIRTIO_NET_F_GUEST_TSO4 = 7;
+export const VIRTIO_NET_F_GUEST_TSO6 = 8;
+export const VIRTIO_NET_F_HOST_TSO4 = 11;
+export const VIRTIO_NET_F_HOST_TSO6 = 12;
+export const VIRTIO_NET_F_MRG_RXBUF = 15;
+
+// TUN offload flags (linux/if_tun.h), decided here, applied by the host side.
+export const TUN_F_CSUM = 0x01;
+export const TUN_F_TSO4 = 0x02;
+export const TUN_F_TSO6 = 0x04;
+
+/** Frames per wake-up before yielding to other devices (level-triggered epoll comes back). */
+const RX_BATCH = 256;
+
+/** The host side of the TAP (the device worker's fd; tests inject a fake). */
+export interface TapIo {
+  /** Reads one frame (with its vnet header) into the buffers: bytes, or -1 when none waits. */
+  readv(buffers: Uint8Array[]): number;
+  /** Writes one frame (with its vnet header): bytes, or -1 when it would block. Throws on errors. */
+  writev(buffers: Uint8Array[]): number;
+  /** TUNSETOFFLOAD. Throws when the TAP refuses. */
+  setOffload(flags: number): void;
+  /** Watch (or stop watching) the TAP for readable frames. */
+  setReadInterest(on: boolean): void;
+}
+
+export interface NetCounters {
+  rxFrames: number;
+  rxBytes: number;
+  txFrames: number;
+  txBytes: number;
+  /** Frames larger than the guest's RX buffer (dropped, counted). */
+  rxTooLarge: number;
+  /** TX chains refused: bad header, too short, too long, writable-only. */
+  txBad: number;
+  /** TX frames the TAP refused or could not take. */
+  txErrors: number;
+  /** Times RX stopped watching the TAP because the guest had no buffer. */
+  rxBackPressure: number;
+}
+
+export function parseMac(s: string): Uint8Array {
+  const parts = s.split(':');
+  if (parts.length !== 6 || parts.some((p) => !/^[0-9a-fA-F]{2}$/.test(p)))
+    throw new Error(`bad MAC address ${s}`);
+  return Uint8Array.from(parts.map((p) => parseInt(p, 16)));
+}
+
+/** Features and config space; `offloads`: the TAP accepted TUNSETOFFLOAD. */
+export function netIdentity(mac: Uint8Array | undefined, offloads: boolean): VirtioDeviceIdentity {
+  const config = new Uint8Array(12); // mac[6], status u16, max_virtqueue_pairs u16, mtu u16
+  let features = bit(VIRTIO_F_RING_INDIRECT_DESC);
+  if (mac) {
+    config.set(mac, 0);
+    features |= bit(VIRTIO_NET_F_MAC);
+  }
+  if (offloads) {
+    for (const f of [
+      VIRTIO_NET_F_CSUM,
+      VIRTIO_NET_F_GUEST_CSUM,
+      VIRTIO_NET_F_GUEST_TSO4,
+      VIRTIO_NET_F_GUEST_TSO6,
+      VIRTIO_NET_F_HOST_TSO4,
+      VIRTIO_NET_F_HOST_TSO6,
+    ])
+      features |= bit(f);
+  }
+  return {
+    deviceId: DEVICE_ID_NET,
+    features,
+    queueSizes: [QUEUE_SIZE_MAX, QUEUE_SIZE_MAX],
+    config,
+  };
+}
+
+/** The TAP offload flags matching what the driver accepted for RX. */
+export function tunOffloadFor(features: bigint): number {
+  const has = (f: number) => (features & bit(f)) !== 0n;
+  if (!has(VIRTIO_NET_F_GUEST_CSUM)) return 0;
+  let flags = TUN_F_CSUM;
+  if (has(VIRTIO_NET_F_GUEST_TSO4)) flags |= TUN_F_TSO4;
+  if (has(VIRTIO_NET_F_GUEST_TSO6)) flags |= TUN_F_TSO6;
+  return flags;
+}
+
+export class NetDevice implements VirtioBackend {
+  readonly selfServed = [RX_QUEUE] as const;
+  readonly counters: NetCounters = {
+    rxFrames: 0,
+    rxBytes: 0,
+    txFrames: 0,
+    txBytes: 0,
+    rxTooLarge: 0,
+    txBad: 0,
+    txErrors: 0,
+    rxBackPressure: 0,
+  };
+  private io: QueueIo | undefined;
+  private tx: TxOffloads = { csum: false, tso4: false, tso6: false };
+  /** An RX chain taken from the guest when the TAP turned out empty: used for the next frame. */
+  private held: DescriptorChain | undefined;
+  private readonly spill = new Uint8Array(MAX_FRAME_WITH_HDR);
+  private readonly hdr = new Uint8Array(NET_HDR_SIZE);
+  private watching = false;
+
+  constructor(
+    readonly name: string,
+    private readonly tap: TapIo,
+    private readonly log: (m: string) => void,
+  ) {}
+
+  activate(features: bigint, io: QueueIo): void {
+    this.io = io;
+    this.held = undefined;
+    const has = (f: number) => (features & bit(f)) !== 0n;
+    this.tx = {
+      csum: has(VIRTIO_NET_F_CSUM),
+      tso4: has(VIRTIO_NET_F_CSUM) && has(VIRTIO_NET_F_HOST_TSO4),
+      tso6: has(VIRTIO_NET_F_CSUM) && has(VIRTIO_NET_F_HOST_TSO6),
+    };
+    try {
+      this.tap.setOffload(tunOffloadFor(features));
+    } catch (e) {
+      // Only reachable when the guest acked TSO without GUEST_CSUM (a driver bug): no offloads.
+      this.log(`${this.name}: TUNSETOFFLOAD refused (${(e as Error).message}); RX offloads off`);
+      this.tap.setOffload(0);
+    }
+    this.setWatching(true);
+  }
+
+  deactivate(): void {
+    this.io = undefined;
+    this.held = undefined;
+    this.setWatching(false);
+  }
+
+  /** TX chains (the generic drain calls this for queue 1). */
+  handle(queue: number, chain: DescriptorChain): number {
+    if (queue !== TX_QUEUE) return 0;
+    const bad = (why: string) => {
+      this.counters.txBad++;
+      this.io?.guestError('net-tx', `${this.name}: TX frame dropped: ${why}`);
+      return 0;
+    };
+    const len = chain.readableLength;
+    if (chain.writableLength > 0) return bad('device-writable buffers on the TX queue');
+    if (len < NET_HDR_SIZE) return bad(`chain of ${len} bytes has no virtio-net header`);
+    if (len > MAX_FRAME_WITH_HDR)
+      return bad(`frame of ${len} bytes is over the ${MAX_FRAME_WITH_HDR}-byte limit`);
+    gather(chain.readable, this.hdr);
+    const ok = checkTxHeader(parseNetHeader(this.hdr), len - NET_HDR_SIZE, this.tx);
+    if (!ok.ok) return bad(ok.error);
+    try {
+      const n = this.tap.writev(chain.readable);
+      if (n < 0) {
+        this.counters.txErrors++; // the TAP's queue is full (tun's sndbuf): dropped, counted
+        return 0;
+      }
+      this.counters.txFrames++;
+      this.counters.txBytes += len - NET_HDR_SIZE;
+    } catch (e) {
+      this.counters.txErrors++;
+      this.logOnce('tx-error', `${this.name}: TAP write failed: ${(e as Error).message}`);
+    }
+    return 0;
+  }
+
+  /** The RX queue was kicked: the guest added buffers. */
+  kick(queue: number): void {
+    if (queue === RX_QUEUE) this.processRx();
+  }
+
+  /** The TAP is readable. */
+  onTapReadable(): void {
+    this.processRx();
+  }
+
+  private processRx(): void {
+    const io = this.io;
+    if (!io) return;
+    for (let i = 0; i < RX_BATCH; i++) {
+      const chain = this.held ?? io.pop(RX_QUEUE);
+      this.held = undefined;
+      if (!chain) {
+        if (this.watching) this.counters.rxBackPressure++;
+        this.setWatching(false); // until the guest adds buffers (its kick)
+        break;
+      }
+      if (chain.writableLength < NET_HDR_SIZE) {
+        io.guestError('net-rx', `${this.name}: RX chain of ${chain.writableLength} bytes`);
+        io.pushUsed(RX_QUEUE, chain.head, 0);
+        continue;
+      }
+      let n: number;
+      try {
+        n = this.tap.readv([...chain.writable, this.spill]);
+      } catch (e) {
+        this.logOnce('rx-error', `${this.name}: TAP read failed: ${(e as Error).message}`);
+        n = -1;
+      }
+      if (n < 0) {
+        this.held = chain;
+        this.setWatching(true);
+        break;
+      }
+      if (n > chain.writableLength || n < NET_HDR_SIZE) {
+        this.counters.rxTooLarge++;
+        this.logOnce(
+          'rx-too-large',
+          `${this.name}: a ${n}-byte frame did not fit a ${chain.writableLength}-byte RX buffer: dropped (counted)`,
+        );
+        io.pushUsed(RX_QUEUE, chain.head, 0);
+        continue;
+      }
+      // num_buffers (the TAP leaves the last 2 bytes of the 12-byte header untouched).
+      const first = chain.writable[0]!;
+      if (first.length >= NET_HDR_SIZE) {
+        first[10] = 1;
+        first[11] = 0;
+      } else {
+        gather(chain.writable, this.hdr);
+        this.hdr[10] = 1;
+        this.hdr[11] = 0;
+        scatter(chain.writable, this.hdr);
+      }
+      io.pushUsed(RX_QUEUE, chain.head, n);
+      this.counters.rxFrames++;
+      this.counters.rxBytes += n - NET_HDR_SIZE;
+      if (i === RX_BATCH - 1) this.setWatching(true);
+    }
+    io.notify(RX_QUEUE);
+  }
+
+  private setWatching(on: boolean): void {
+    if (this.watching === on) return;
+    this.watching = on;
+    this.tap.setReadInterest(on);
+  }
+
+  private readonly logged = new Set<string>();
+  private logOnce(kind: string, m: string): void {
+    if (this.logged.has(kind)) return;
+    this.logged.add(kind);
+    this.log(`${m} (logged once)`);
+  }
+}

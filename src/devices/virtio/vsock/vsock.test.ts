@@ -1,0 +1,353 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { harness } from '../testing/harness.js';
+import type { MockQueue } from '../testing/mock-driver.js';
+import {
+  HOST_CID,
+  OP_CREDIT_REQUEST,
+  OP_CREDIT_UPDATE,
+  OP_REQUEST,
+  OP_RESPONSE,
+  OP_RST,
+  OP_RW,
+  OP_SHUTDOWN,
+  PORT_ANY,
+  SHUTDOWN_RCV,
+  SHUTDOWN_SEND,
+  TYPE_STREAM,
+  VSOCK_HDR_SIZE,
+  type VsockHeader,
+  parseConnectLine,
+  parsePacket,
+  readHeader,
+  writeHeader,
+} from './packet.js';
+import {
+  BUF_ALLOC,
+  EVENT_QUEUE,
+  RX_QUEUE,
+  TX_QUEUE,
+  VsockDevice,
+  vsockIdentity,
+  type VsockHost,
+} from './vsock.js';
+
+const CID = 3;
+
+interface FakeSock {
+  inbox: number[];
+  eof: boolean;
+  written: number[];
+  shutWr: boolean;
+  closed: boolean;
+  watch: [boolean, boolean] | undefined;
+}
+
+class FakeHost implements VsockHost {
+  listeners = new Set<string>();
+  socks = new Map<number, FakeSock>();
+  acceptQueue: number[] = [];
+  nextFd = 100;
+  writeLimit = Infinity;
+  private sock(): number {
+    const fd = this.nextFd++;
+    this.socks.set(fd, {
+      inbox: [],
+      eof: false,
+      written: [],
+      shutWr: false,
+      closed: false,
+      watch: undefined,
+    });
+    return fd;
+  }
+  dial(): number {
+    const fd = this.sock();
+    this.acceptQueue.push(fd);
+    return fd;
+  }
+  connect(path: string): number {
+    if (!this.listeners.has(path)) throw new Error('connect failed: ECONNREFUSED');
+    return this.sock();
+  }
+  accept(): number {
+    return this.acceptQueue.shift() ?? -1;
+  }
+  read(fd: number, bufs: Uint8Array[]): number {
+    const s = this.socks.get(fd)!;
+    if (s.inbox.length === 0) return s.eof ? 0 : -1;
+    let n = 0;
+    for (const b of bufs)
+      for (let i = 0; i < b.length && s.inbox.length > 0; i++, n++) b[i] = s.inbox.shift()!;
+    return n;
+  }
+  write(fd: number, bufs: Uint8Array[]): number {
+    const s = this.socks.get(fd)!;
+    let n = 0;
+    for (const b of bufs)
+      for (const x of b) {
+        if (n >= this.writeLimit) return n === 0 ? -1 : n;
+        s.written.push(x);
+        n++;
+      }
+    return n;
+  }
+  shutdownWrite(fd: number): void {
+    this.socks.get(fd)!.shutWr = true;
+  }
+  close(fd: number): void {
+    this.socks.get(fd)!.closed = true;
+  }
+  watch(fd: number, r: boolean, w: boolean): void {
+    this.socks.get(fd)!.watch = [r, w];
+  }
+  unwatch(fd: number): void {
+    this.socks.get(fd)!.watch = undefined;
+  }
+  text(fd: number): string {
+    return Buffer.from(this.socks.get(fd)!.written).toString();
+  }
+}
+
+function hdr(h: Partial<VsockHeader>): VsockHeader {
+  return {
+    srcCid: CID,
+    dstCid: HOST_CID,
+    srcPort: 5000,
+    dstPort: 80,
+    len: 0,
+    type: TYPE_STREAM,
+    op: OP_REQUEST,
+    flags: 0,
+    bufAlloc: 65536,
+    fwdCnt: 0,
+    ...h,
+  };
+}
+
+function setup() {
+  const host = new FakeHost();
+  const logs: string[] = [];
+  const dev = new VsockDevice('virtio-vsock test', CID, '/tmp/v.sock', host, (m) => logs.push(m));
+  const h = harness(vsockIdentity(CID), dev);
+  const [rx, tx, ev] = h.start() as [MockQueue, MockQueue, MockQueue];
+  const rxBufs: number[] = [];
+  const addRx = (n: number, size = 4096 + VSOCK_HDR_SIZE) => {
+    for (let i = 0; i < n; i++) {
+      const a = h.alloc.alloc(size);
+      rxBufs.push(a);
+      rx.addChain([{ addr: a, len: size, write: true }]);
+    }
+    h.kick(RX_QUEUE);
+  };
+  const send = (x: Partial<VsockHeader>, payload = new Uint8Array(0), rawLen?: number) => {
+    const len = rawLen ?? VSOCK_HDR_SIZE + payload.length;
+    const a = h.alloc.alloc(Math.max(len, VSOCK_HDR_SIZE));
+    const b = h.mem.view(a, Math.max(len, VSOCK_HDR_SIZE));
+    writeHeader(b, hdr({ len: payload.length, ...x }));
+    b.set(payload, VSOCK_HDR_SIZE);
+    tx.addChain([{ addr: a, len }]);
+    h.kick(TX_QUEUE);
+  };
+  /** Packets the device put in the RX ring since the last call. */
+  const received = () =>
+    rx.takeUsed().map((u) => {
+      const a = rxBufs[u.id]!;
+      const hd = readHeader(h.mem.view(a, VSOCK_HDR_SIZE));
+      return {
+        ...hd,
+        data: Buffer.from(h.mem.view(a + VSOCK_HDR_SIZE, u.len - VSOCK_HDR_SIZE)).toString(),
+      };
+    });
+  return { host, dev, h, rx, tx, ev, addRx, send, received, logs };
+}
+
+test('vsock packet parsing refuses malformed headers, unknown ops, bad types and ports', () => {
+  const pkt = (x: Partial<VsockHeader>, extra = 0, chainLen?: number) => {
+    const b = new Uint8Array(VSOCK_HDR_SIZE + extra);
+    writeHeader(b, hdr(x));
+    return parsePacket([b], chainLen ?? b.length, CID);
+  };
+  assert.ok(pkt({}).ok);
+  assert.ok(pkt({ op: OP_RW, len: 10 }, 10).ok);
+  const kind = (r: ReturnType<typeof pkt>) => (r.ok ? 'ok' : `${r.error.action}:${r.error.kind}`);
+  assert.equal(kind(parsePacket([new Uint8Array(20)], 20, CID)), 'drop:short');
+  assert.equal(kind(pkt({ srcCid: 7 })), 'drop:bad-cid');
+  assert.equal(kind(pkt({ dstCid: 1 })), 'drop:bad-cid');
+  assert.equal(kind(pkt({ op: OP_RW, len: 100 }, 10)), 'rst:bad-len');
+  assert.equal(kind(pkt({ op: OP_RW, len: 0x1_0000 + 1 }, 0)), 'rst:too-long');
+  assert.equal(kind(pkt({ op: 0 })), 'rst:unknown-op');
+  assert.equal(kind(pkt({ op: 99 })), 'rst:unknown-op');
+  assert.equal(kind(pkt({ type: 2 })), 'rst:bad-type');
+  assert.equal(kind(pkt({ op: OP_SHUTDOWN, len: 4 }, 4)), 'rst:bad-len');
+  assert.equal(kind(pkt({ dstPort: PORT_ANY })), 'rst:bad-port');
+  assert.equal(kind(pkt({ srcPort: PORT_ANY })), 'rst:bad-port');
+  // Random garbage never throws.
+  for (let i = 0; i < 2000; i++) {
+    const b = new Uint8Array(VSOCK_HDR_SIZE + (i % 64)).map(() => (Math.random() * 256) | 0);
+    if (i % 3 === 0) new DataView(b.buffer).setUint32(0, CID, true);
+    parsePacket([b], b.length, CID);
+  }
+  assert.equal(parseConnectLine('CONNECT 52'), 52);
+  assert.equal(parseConnectLine('CONNECT 4294967295'), undefined);
+  assert.equal(parseConnectLine('CONNECT 99999999999'), undefined);
+  assert.equal(parseConnectLine('CONNECT -1'), undefined);
+  assert.equal(parseConnectLine('connect 5'), undefined);
+});
+
+test('vsock: a guest connection to a port with no host listener gets RST; garbage is counted', () => {
+  const t = setup();
+  t.addRx(8);
+  t.send({ op: OP_REQUEST, dstPort: 1234 });
+  assert.deepEqual(
+    t.received().map((p) => [p.op, p.srcPort, p.dstPort]),
+    [[OP_RST, 1234, 5000]],
+  );
+  t.send({ op: 42 });
+  t.send({ srcCid: 9 });
+  t.send({ op: OP_RW, len: 10, dstPort: 1 }); // no connection
+  const got = t.received().map((p) => p.op);
+  assert.deepEqual(got, [OP_RST, OP_RST]);
+  assert.equal(t.dev.counters.malformed, 2);
+  assert.equal(t.dev.counters.dropped, 1);
+  assert.ok(t.h.device.state.counters().guestErrors >= 2);
+});
+
+test('vsock: guest-initiated connection, data both ways, credit, shutdown', () => {
+  const t = setup();
+  t.host.listeners.add('/tmp/v.sock_80');
+  t.addRx(16);
+  t.send({ op: OP_REQUEST });
+  const [resp] = t.received();
+  assert.equal(resp!.op, OP_RESPONSE);
+  assert.equal(resp!.bufAlloc, BUF_ALLOC);
+  const fd = [...t.host.socks.keys()][0]!;
+  t.send({ op: OP_RW }, Buffer.from('hello host'));
+  assert.equal(t.host.text(fd), 'hello host');
+  // Host -> guest, limited by the guest's credit (buf_alloc 16, nothing forwarded yet).
+  t.send({ op: OP_CREDIT_UPDATE, bufAlloc: 16 });
+  t.host.socks.get(fd)!.inbox.push(...Buffer.from('0123456789abcdefXYZ'));
+  t.dev.onSocket(fd, true, false, false);
+  const rw = t.received();
+  assert.deepEqual(
+    rw.map((p) => [p.op, p.data]),
+    [
+      [OP_RW, '0123456789abcdef'],
+      [OP_CREDIT_REQUEST, ''],
+    ],
+  );
+  assert.equal(t.host.socks.get(fd)!.watch![0], false, 'no credit: not reading the socket');
+  t.send({ op: OP_CREDIT_UPDATE, bufAlloc: 16, fwdCnt: 16 });
+  assert.deepEqual(
+    t.received().map((p) => p.data),
+    ['XYZ'],
+  );
+  // EOF from the host -> SHUTDOWN(SEND) to the guest; the guest closes -> RST, socket closed.
+  t.host.socks.get(fd)!.eof = true;
+  t.dev.onSocket(fd, true, false, false);
+  assert.deepEqual(
+    t.received().map((p) => [p.op, p.flags]),
+    [[OP_SHUTDOWN, SHUTDOWN_SEND]],
+  );
+  t.send({ op: OP_SHUTDOWN, flags: SHUTDOWN_SEND | SHUTDOWN_RCV, fwdCnt: 19 });
+  assert.deepEqual(
+    t.received().map((p) => p.op),
+    [OP_RST],
+  );
+  assert.ok(t.host.socks.get(fd)!.closed);
+  assert.equal(t.dev.connectionCount, 0);
+});
+
+test('vsock: a guest sending beyond its credit is reset and counted', () => {
+  const t = setup();
+  t.host.listeners.add('/tmp/v.sock_80');
+  t.addRx(8);
+  t.send({ op: OP_REQUEST });
+  t.received();
+  t.host.writeLimit = 0; // the host app reads nothing: everything stays buffered
+  const chunk = new Uint8Array(64 * 1024);
+  for (let i = 0; i < BUF_ALLOC / chunk.length; i++) t.send({ op: OP_RW }, chunk);
+  assert.equal(t.dev.counters.creditViolations, 0);
+  t.send({ op: OP_RW }, new Uint8Array(1));
+  assert.equal(t.dev.counters.creditViolations, 1);
+  assert.deepEqual(
+    t.received().map((p) => p.op),
+    [OP_RST],
+  );
+  assert.equal(t.dev.connectionCount, 0);
+});
+
+test('vsock: host-initiated CONNECT, OK <port> after the guest accepts; bad lines refused', () => {
+  const t = setup();
+  t.addRx(8);
+  const fd = t.host.dial();
+  t.host.socks.get(fd)!.inbox.push(...Buffer.from('CONNECT 52\nping'));
+  t.dev.onListen();
+  t.dev.onSocket(fd, true, false, false);
+  const [req] = t.received();
+  assert.equal(req!.op, OP_REQUEST);
+  assert.equal(req!.dstPort, 52);
+  assert.ok(req!.srcPort >= 1 << 30);
+  t.send({ op: OP_RESPONSE, srcPort: 52, dstPort: req!.srcPort });
+  assert.equal(t.host.text(fd), `OK ${req!.srcPort}\n`);
+  assert.deepEqual(
+    t.received().map((p) => [p.op, p.data]),
+    [[OP_RW, 'ping']],
+  );
+  // Refused by the guest: the host socket is closed.
+  const fd2 = t.host.dial();
+  t.host.socks.get(fd2)!.inbox.push(...Buffer.from('CONNECT 53\n'));
+  t.dev.onListen();
+  t.dev.onSocket(fd2, true, false, false);
+  const [req2] = t.received();
+  t.send({ op: OP_RST, srcPort: 53, dstPort: req2!.srcPort });
+  assert.ok(t.host.socks.get(fd2)!.closed);
+  // Garbage handshakes.
+  for (const line of ['CONNECT x\n', 'HELLO\n', `CONNECT ${PORT_ANY}\n`, 'A'.repeat(100)]) {
+    const f = t.host.dial();
+    t.host.socks.get(f)!.inbox.push(...Buffer.from(line));
+    t.host.socks.get(f)!.eof = true;
+    t.dev.onListen();
+    t.dev.onSocket(f, true, false, false);
+    assert.ok(t.host.socks.get(f)!.closed, line);
+  }
+  assert.equal(t.dev.counters.badHandshakes, 4);
+});
+
+test('vsock: many connections at once; no RX buffers -> stop reading sockets until the kick', () => {
+  const t = setup();
+  t.host.listeners.add('/tmp/v.sock_80');
+  t.addRx(150);
+  for (let i = 0; i < 100; i++) t.send({ op: OP_REQUEST, srcPort: 6000 + i });
+  assert.equal(t.received().filter((p) => p.op === OP_RESPONSE).length, 100);
+  assert.equal(t.dev.connectionCount, 100);
+  const fds = [...t.host.socks.keys()];
+  for (const fd of fds) t.host.socks.get(fd)!.inbox.push(...Buffer.from(`data-${fd}`));
+  for (const fd of fds) t.dev.onSocket(fd, true, false, false);
+  const got = t.received();
+  assert.equal(got.length, 50); // the ring had 50 buffers left
+  assert.ok(
+    fds.every((fd) => t.host.socks.get(fd)!.watch![0] === false),
+    'all sockets paused',
+  );
+  t.addRx(60);
+  const rest = t.received();
+  assert.equal(got.length + rest.length, 100);
+  assert.equal(new Set([...got, ...rest].map((p) => p.data)).size, 100);
+});
+
+test('vsock: after a reset the new driver gets TRANSPORT_RESET on the event queue', () => {
+  const t = setup();
+  t.host.listeners.add('/tmp/v.sock_80');
+  t.addRx(4);
+  t.send({ op: OP_REQUEST });
+  const fd = [...t.host.socks.keys()][0]!;
+  t.h.driver.write(0x70, 0); // reset
+  assert.ok(t.host.socks.get(fd)!.closed, 'connections are closed at reset');
+  const [, , ev] = t.h.start() as MockQueue[];
+  const a = t.h.alloc.alloc(8);
+  ev!.addChain([{ addr: a, len: 8, write: true }]);
+  t.h.kick(EVENT_QUEUE);
+  assert.deepEqual(ev!.takeUsed(), [{ id: 0, len: 4 }]);
+  assert.equal(t.h.mem.readU32(a), 0);
+});
