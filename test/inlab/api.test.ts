@@ -55,7 +55,7 @@ async function until(
 test(
   'configure, start, pause, resume and Ctrl-Alt-Del a guest through the API with curl',
   opts,
-  async () => {
+  async (t) => {
     const g = defaultGuest();
     // Not under /tmp: in the lab that is the host's /tmp over 9p, where Unix sockets cannot live.
     const dir = mkdtempSync(join(existsSync('/run') ? '/run' : tmpdir(), 'tv-api-'));
@@ -105,9 +105,11 @@ test(
       });
       assert.equal(bad.status, 400, bad.body);
       assert.match(bad.body, /bogus/);
+      const t0 = performance.now();
       const start = curl(sock, 'PUT', '/actions', { action_type: 'InstanceStart' });
       assert.equal(start.status, 204, start.body);
       await until('the boot marker', () => MARKER.test(out), 200_000, log);
+      t.diagnostic(`InstanceStart to boot marker: ${(performance.now() - t0).toFixed(0)} ms`);
       // A clock on the console, and Ctrl-Alt-Del rebooting at once (no init to handle SIGINT).
       child.stdin.write(
         'echo 1 > /proc/sys/kernel/ctrl-alt-del\nwhile true; do echo tick; sleep 0.2; done &\n',
