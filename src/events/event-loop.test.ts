@@ -38,3 +38,26 @@ test('the epoll loop dispatches eventfds to their subscribers and survives a thr
     n.close(b);
   }
 });
+
+test('timers run on the loop after their delay, in a blocking wait, and can be cancelled', () => {
+  const errors: unknown[] = [];
+  const loop = new EventLoop((e) => errors.push(e));
+  try {
+    const fired: string[] = [];
+    const t0 = performance.now();
+    loop.setTimer(30, () => fired.push('a'));
+    const cancel = loop.setTimer(10, () => fired.push('cancelled'));
+    cancel();
+    loop.setTimer(40, () => {
+      throw new Error('a throwing timer does not stop the loop');
+    });
+    loop.setTimer(50, () => fired.push('b'));
+    // No fds at all: runOnce(-1) must not block forever while a timer is pending.
+    while (fired.length < 2) loop.runOnce(-1);
+    assert.deepEqual(fired, ['a', 'b']);
+    assert.equal(errors.length, 1);
+    assert.ok(performance.now() - t0 >= 49, 'not before its delay');
+  } finally {
+    loop.close();
+  }
+});

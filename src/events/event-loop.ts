@@ -26,6 +26,8 @@ export class EventLoop {
   private readonly regs: Array<Registration | undefined> = [];
   private readonly out = new Uint32Array(MAX_EVENTS * 2);
   private closed = false;
+  /** One-shot timers, run by runOnce once due (epoll_wait's timeout is cut to the nearest). */
+  private timers: Array<{ due: number; fn: () => void }> = [];
 
   constructor(
     private readonly onError: (e: unknown) => void = (e) => {
@@ -58,8 +60,37 @@ export class EventLoop {
     this.regs[tag] = undefined;
   }
 
+  /** Runs `fn` on this loop's thread after `ms` (or later); returns a cancel function. */
+  setTimer(ms: number, fn: () => void): () => void {
+    const t = { due: performance.now() + ms, fn };
+    this.timers.push(t);
+    return () => {
+      this.timers = this.timers.filter((x) => x !== t);
+    };
+  }
+
+  private runTimers(): void {
+    if (this.timers.length === 0) return;
+    const now = performance.now();
+    const due = this.timers.filter((t) => t.due <= now);
+    if (due.length === 0) return;
+    this.timers = this.timers.filter((t) => t.due > now);
+    for (const t of due) {
+      try {
+        t.fn();
+      } catch (e) {
+        this.onError(e);
+      }
+    }
+  }
+
   /** Waits up to timeoutMs (-1: forever) and dispatches; returns how many events ran. */
   runOnce(timeoutMs = -1): number {
+    if (this.timers.length > 0) {
+      const next = Math.min(...this.timers.map((t) => t.due));
+      const wait = Math.max(0, Math.ceil(next - performance.now()));
+      if (timeoutMs < 0 || wait < timeoutMs) timeoutMs = wait;
+    }
     const n = native().epollWait(this.epfd, this.out, timeoutMs);
     for (let i = 0; i < n; i++) {
       const events = this.out[2 * i]!;
@@ -71,6 +102,7 @@ export class EventLoop {
         this.onError(e);
       }
     }
+    this.runTimers();
     return n;
   }
 

@@ -75,6 +75,7 @@ function vsockHost(loop: EventLoop, listenFd: number, dev: () => VsockDevice): V
     read: (fd, bufs) => n.readv(fd, bufs),
     write: (fd, bufs) => n.sendv(fd, bufs),
     shutdownWrite: (fd) => n.shutdown(fd, SHUT_WR),
+    after: (ms, fn) => void loop.setTimer(ms, fn),
     close(fd) {
       this.unwatch(fd);
       n.close(fd);

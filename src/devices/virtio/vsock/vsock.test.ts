@@ -24,6 +24,7 @@ import {
 } from './packet.js';
 import {
   BUF_ALLOC,
+  CONNECT_TIMEOUT_MS,
   EVENT_QUEUE,
   RX_QUEUE,
   TX_QUEUE,
@@ -103,6 +104,16 @@ class FakeHost implements VsockHost {
   }
   unwatch(fd: number): void {
     this.socks.get(fd)!.watch = undefined;
+  }
+  timers: Array<{ ms: number; fn: () => void }> = [];
+  after(ms: number, fn: () => void): void {
+    this.timers.push({ ms, fn });
+  }
+  /** Runs every timer set so far (time passes). */
+  fireTimers(): void {
+    const t = this.timers;
+    this.timers = [];
+    for (const x of t) x.fn();
   }
   text(fd: number): string {
     return Buffer.from(this.socks.get(fd)!.written).toString();
@@ -312,6 +323,40 @@ test('vsock: host-initiated CONNECT, OK <port> after the guest accepts; bad line
     assert.ok(t.host.socks.get(f)!.closed, line);
   }
   assert.equal(t.dev.counters.badHandshakes, 4);
+});
+
+test('vsock: a host-initiated connection the guest never answers is reset after the timeout', () => {
+  const t = setup();
+  t.addRx(8);
+  const dial = (port: number) => {
+    const fd = t.host.dial();
+    t.host.socks.get(fd)!.inbox.push(...Buffer.from(`CONNECT ${port}\n`));
+    t.dev.onListen();
+    t.dev.onSocket(fd, true, false, false);
+    const [req] = t.received();
+    assert.equal(req!.op, OP_REQUEST);
+    return { fd, local: req!.srcPort };
+  };
+  const silent = dial(60);
+  const answered = dial(61);
+  t.send({ op: OP_RESPONSE, srcPort: 61, dstPort: answered.local });
+  assert.equal(t.host.timers.length, 2);
+  assert.ok(t.host.timers.every((x) => x.ms === CONNECT_TIMEOUT_MS));
+  t.host.fireTimers();
+  assert.ok(t.host.socks.get(silent.fd)!.closed, 'the host program sees the socket closed');
+  assert.ok(!t.host.socks.get(answered.fd)!.closed, 'an answered connection is kept');
+  assert.equal(t.host.text(silent.fd), '', 'no OK for the silent one');
+  assert.deepEqual(
+    t.received().map((p) => [p.op, p.dstPort, p.srcPort]),
+    [[OP_RST, 60, silent.local]],
+  );
+  assert.equal(t.dev.counters.connectTimeouts, 1);
+  // The guest answering late gets RST: the connection is gone.
+  t.send({ op: OP_RESPONSE, srcPort: 60, dstPort: silent.local });
+  assert.deepEqual(
+    t.received().map((p) => p.op),
+    [OP_RST],
+  );
 });
 
 test('vsock: many connections at once; no RX buffers -> stop reading sockets until the kick', () => {

@@ -54,6 +54,8 @@ export const BUF_ALLOC = 256 * 1024;
 /** Host-initiated connections get local ports from here up (as Firecracker does). */
 const FIRST_LOCAL_PORT = 1 << 30;
 const MAX_CONNECT_LINE = 32;
+/** A host-initiated connection the guest has not answered by then is reset (as Firecracker). */
+export const CONNECT_TIMEOUT_MS = 2000;
 const RX_BATCH = 256;
 
 /** The host's Unix sockets (the device worker's syscalls; tests inject a fake). */
@@ -67,6 +69,8 @@ export interface VsockHost {
   /** Writes: bytes, or -1 when it would block. Throws on errors (EPIPE...). */
   write(fd: number, buffers: Uint8Array[]): number;
   shutdownWrite(fd: number): void;
+  /** Calls `fn` once after `ms` on the device's thread. */
+  after(ms: number, fn: () => void): void;
   /** Stops watching the fd and closes it. */
   close(fd: number): void;
   /** Sets what the fd is watched for; events come back through VsockDevice.onSocket. */
@@ -88,6 +92,8 @@ export interface VsockCounters {
   creditViolations: number;
   resetsSent: number;
   connectFailures: number;
+  /** Host-initiated connections the guest did not answer within CONNECT_TIMEOUT_MS. */
+  connectTimeouts: number;
   badHandshakes: number;
 }
 
@@ -156,6 +162,7 @@ export class VsockDevice implements VirtioBackend {
     creditViolations: 0,
     resetsSent: 0,
     connectFailures: 0,
+    connectTimeouts: 0,
     badHandshakes: 0,
   };
   private io: QueueIo | undefined;
@@ -382,6 +389,13 @@ export class VsockDevice implements VirtioBackend {
     this.counters.connectionsHost++;
     this.sendControl(c, OP_REQUEST, 0);
     this.updateWatch(c);
+    this.host.after(CONNECT_TIMEOUT_MS, () => {
+      if (c.state !== 'host-connecting' || this.byFd.get(c.fd) !== c) return;
+      this.counters.connectTimeouts++;
+      this.logOnce('timeout', `guest port ${port} did not answer within ${CONNECT_TIMEOUT_MS} ms`);
+      this.resetConn(c); // RST tells the guest, closing the socket tells the host program
+      this.processRx();
+    });
   }
 
   private refuseHandshake(hs: Handshake, line: string): void {
