@@ -5,7 +5,7 @@
  * hits all three alike.
  */
 import { spawnSync } from 'node:child_process';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import {
@@ -24,18 +24,35 @@ const LOOP_SMALL = 1000;
 const LOOP_BIG = 200_000;
 /** Sequential starts per starts/s sample (and per loop in the 2-parallel sample). */
 const STARTS_PER_SAMPLE = 4;
+/** Requests per virtio-blk read loop (bench/guests/blkloop.S); the small counts are build.sh's. */
+const BLK_4K_SMALL = 500;
+const BLK_4K_BIG = 30_000;
+const BLK_64K_SMALL = 200;
+const BLK_64K_BIG = 25_000;
+/** The disk both VMMs read, in sectors of 512 bytes (32 MiB). */
+const DISK_SECTORS = 65536;
 
 type Name = Vmm['name'];
 const NAMES: Name[] = ['typervisor', 'qemu', 'floor'];
 
-function vmmFor(name: Name, dir: string, guest: string, kvmKind: string): Vmm {
+/** `disk`: a raw image attached read-only as a virtio-blk device (virtio-mmio, modern). */
+function vmmFor(name: Name, dir: string, guest: string, kvmKind: string, disk?: string): Vmm {
   const elf = join(dir, `${guest}.elf`);
   switch (name) {
     case 'typervisor':
       return {
         name,
         cmd: process.execPath,
-        args: [TYPERVISOR, 'run', '--kernel', elf, '--memory', String(MEM_MIB), '--boot-timer'],
+        args: [
+          TYPERVISOR,
+          'run',
+          '--kernel',
+          elf,
+          '--memory',
+          String(MEM_MIB),
+          '--boot-timer',
+          ...(disk ? ['--drive', `path=${disk},ro`] : []),
+        ],
         memMiB: MEM_MIB,
       };
     case 'qemu':
@@ -61,6 +78,16 @@ function vmmFor(name: Name, dir: string, guest: string, kvmKind: string): Vmm {
           '-no-reboot',
           '-kernel',
           elf,
+          ...(disk
+            ? [
+                '-global',
+                'virtio-mmio.force-legacy=false',
+                '-drive',
+                `id=d,file=${disk},format=raw,if=none,readonly=on`,
+                '-device',
+                'virtio-blk-device,drive=d',
+              ]
+            : []),
         ],
         memMiB: MEM_MIB,
       };
@@ -76,6 +103,25 @@ function check(r: RunResult, what: string): RunResult {
     );
   }
   return r;
+}
+
+/** The blk-loop guest's verdict: "D" when every read was right, "E<reason>" otherwise. */
+function checkBlk(r: RunResult, what: string): RunResult {
+  check(r, what);
+  const e = /E(.)/.exec(r.stdout);
+  if (e || !r.stdout.includes('D\n')) {
+    throw new Error(
+      `${what}: the guest ${e ? `failed (E${e[1]}: see bench/guests/blkloop.S)` : 'did not finish (no "D")'}; stdout ${JSON.stringify(r.stdout.slice(-200))}\n${r.stderr.slice(-2000)}`,
+    );
+  }
+  return r;
+}
+
+/** A raw disk of `sectors` sectors, each starting with its own number (u32 LE), as blkloop.S expects. */
+function writeDisk(path: string, sectors: number): void {
+  const b = Buffer.alloc(sectors * 512);
+  for (let i = 0; i < sectors; i++) b.writeUInt32LE(i, i * 512);
+  writeFileSync(path, b);
 }
 
 /** Starts per second: `loops` loops in parallel, each starting the VM `n` times in a row. */
@@ -99,10 +145,20 @@ export interface MicroOptions {
 export async function microSuite(o: MicroOptions): Promise<{ rows: Row[]; notes: string[] }> {
   const dir = mkdtempSync(join(tmpdir(), 'typervisor-bench-guests-'));
   try {
-    const b = spawnSync('sh', [join(REPO, 'bench', 'guests', 'build.sh'), dir, String(LOOP_BIG)], {
-      encoding: 'utf8',
-    });
+    const b = spawnSync(
+      'sh',
+      [
+        join(REPO, 'bench', 'guests', 'build.sh'),
+        dir,
+        String(LOOP_BIG),
+        String(BLK_4K_BIG),
+        String(BLK_64K_BIG),
+      ],
+      { encoding: 'utf8' },
+    );
     if (b.status !== 0) throw new Error(`bench/guests/build.sh failed: ${b.stderr}`);
+    const disk = join(dir, 'disk.img');
+    writeDisk(disk, DISK_SECTORS);
     const samples: Record<string, Record<Name, number[]>> = {};
     const add = (metric: string, name: Name, v: number | undefined) => {
       if (v === undefined) return;
@@ -143,6 +199,31 @@ export async function microSuite(o: MicroOptions): Promise<{ rows: Row[]; notes:
         );
         const dt = (big.exitMs - big.markerMs - (small.exitMs - small.markerMs)) / 1000;
         add('exits', name, (LOOP_BIG - LOOP_SMALL) / dt);
+      }
+      for (const name of order) {
+        if (name === 'floor') continue; // no virtio in the floor
+        for (const [guest, small, big, bytes] of [
+          ['blk4k', BLK_4K_SMALL, BLK_4K_BIG, 4096],
+          ['blk64k', BLK_64K_SMALL, BLK_64K_BIG, 65536],
+        ] as const) {
+          const run = async (size: 'small' | 'big') =>
+            checkBlk(
+              await runOnce(vmmFor(name, dir, `${guest}-${size}`, o.kvmKind, disk), {
+                timeoutMs: 120_000,
+              }),
+              `${name} ${guest}-${size}`,
+            );
+          const s = await run('small');
+          const l = await run('big');
+          const dt = (l.exitMs - l.markerMs - (s.exitMs - s.markerMs)) / 1000;
+          if (dt <= 0) {
+            // The small run took longer than the big one: host noise swamped it; no sample.
+            o.log(`micro: ${name} ${guest}: small run not shorter than the big one, dropped`);
+            continue;
+          }
+          const perS = (big - small) / dt;
+          add(guest, name, guest === 'blk4k' ? perS : (perS * bytes) / 1e6);
+        }
       }
       for (const name of order) {
         add(
@@ -194,12 +275,26 @@ export async function microSuite(o: MicroOptions): Promise<{ rows: Row[]; notes:
       ),
       row('guest memory RSS (smaps, spin guest)', 'guestrss', 'MiB'),
       row(`port-I/O exits/s (${LOOP_BIG} - ${LOOP_SMALL} outs)`, 'exits', '1/s', true),
+      row(
+        `virtio-blk 4 KiB reads/s, queue depth 1 (${BLK_4K_BIG} - ${BLK_4K_SMALL} requests)`,
+        'blk4k',
+        '1/s',
+        true,
+        'polled; the floor has no virtio',
+      ),
+      row(
+        `virtio-blk 64 KiB reads, queue depth 1 (${BLK_64K_BIG} - ${BLK_64K_SMALL} requests)`,
+        'blk64k',
+        'MB/s',
+        true,
+        'polled; the floor has no virtio',
+      ),
       row(`VM starts/s, sequential (${STARTS_PER_SAMPLE} per sample)`, 'seq', '1/s', true),
       row(`VM starts/s, 2 in parallel (2 x ${STARTS_PER_SAMPLE} per sample)`, 'par', '1/s', true),
     ];
     const notes = [
       `micro guest: bench/guests/micro.S (PVH ELF, ${MEM_MIB} MiB), prints "M\\n" on COM1, writes port 0x3f0, ends with the i8042 reset (QEMU: -device i8042 -no-reboot).`,
-      'virtio-blk read loop in the micro guest: not done (needs a virtio-blk driver in assembly; out of this time box).',
+      `virtio-blk rows: bench/guests/blkloop.S, a polled virtio-mmio (version 2) driver in the micro guest, reads a ${(DISK_SECTORS * 512) / 2 ** 20} MiB raw image (in the page cache) read-only, one request in flight, cycling over it, and checks each request; QEMU: -global virtio-mmio.force-legacy=false -device virtio-blk-device. MB/s = 10^6 bytes/s.`,
     ];
     return { rows, notes };
   } finally {

@@ -2,11 +2,15 @@
 # Builds the micro benchmark guests (bench/guests/micro.S, linked with test/guests/tiny.ld) and
 # the C KVM floor (bench/floor.c) into $1. Needs gcc and binutils.
 # $2: LOOP_COUNT of the big port-I/O loop (default 1000000); a small one (1000) is built too.
+# $3, $4: request counts of the big virtio-blk read loops of 4 KiB and 64 KiB per request
+# (defaults 30000 and 25000); small ones (500 and 200 requests) are built too.
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
-out=${1:?usage: build.sh OUTDIR [LOOP_COUNT]}
+out=${1:?usage: build.sh OUTDIR [LOOP_COUNT [BLK_4K_COUNT [BLK_64K_COUNT]]]}
 big=${2:-1000000}
+blk4k=${3:-30000}
+blk64k=${4:-25000}
 mkdir -p "$out"
 build() { # name, cflags...
   name=$1; shift
@@ -18,5 +22,9 @@ build mark -DMODE_MARK
 build spin -DMODE_SPIN
 build pioloop-small -DMODE_PIOLOOP -DLOOP_COUNT=1000
 build pioloop-big -DMODE_PIOLOOP -DLOOP_COUNT="$big"
+build blk4k-small -DMODE_BLKLOOP -DBLK_BYTES=4096 -DBLK_COUNT=500
+build blk4k-big -DMODE_BLKLOOP -DBLK_BYTES=4096 -DBLK_COUNT="$blk4k"
+build blk64k-small -DMODE_BLKLOOP -DBLK_BYTES=65536 -DBLK_COUNT=200
+build blk64k-big -DMODE_BLKLOOP -DBLK_BYTES=65536 -DBLK_COUNT="$blk64k"
 gcc -O2 -Wall -o "$out/floor" "$repo/bench/floor.c"
 echo "$out"

@@ -10,6 +10,8 @@
  *   MODE_MARK     resets at once (start -> marker, start -> exit, peak RSS, starts/s)
  *   MODE_SPIN     spins forever (RSS sampling while the guest runs)
  *   MODE_PIOLOOP  LOOP_COUNT writes to port 0x3f1 (claimed by nobody), then resets (exits/s)
+ *   MODE_BLKLOOP  BLK_COUNT virtio-blk reads of BLK_BYTES each, one in flight, then "D\n" and
+ *                 the reset (blkloop.S: the driver, the disk pattern it expects, its errors)
  */
 #define COM1 0x3f8
 #define MARKER_PORT 0x3f0
@@ -44,6 +46,8 @@ _start:
 	dec	%ecx
 	jnz	1b
 	jmp	reset
+#elif defined(MODE_BLKLOOP)
+	jmp	blkloop
 #else
 #error "pick a MODE_"
 #endif
@@ -53,6 +57,10 @@ reset:
 	out	%al, $0x64
 2:	hlt
 	jmp	2b
+
+#if defined(MODE_BLKLOOP)
+#include "blkloop.S"
+#endif
 
 	/* The PVH entry point, as Linux's arch/x86/platform/pvh/head.S declares it. */
 	.section .note.Xen, "a", @note

@@ -1,0 +1,254 @@
+/*
+ * MODE_BLKLOOP of micro.S (included there, after `reset`): a polled virtio-blk driver over
+ * virtio-mmio version 2 (virtio 1.2 §4.2.3, §3.1.1, §2.7, §5.2.6) that reads BLK_COUNT
+ * requests of BLK_BYTES each, one in flight, cycling over the disk, and checks every one.
+ *
+ * The disk must hold the harness's pattern: every 512-byte sector starts with its own sector
+ * number (u32, little endian). Each request checks the first word of its first and its last
+ * sector, poisoned (0xffffffff) beforehand so that a request that wrote nothing fails too. The
+ * guest does a constant, small amount of work per request whatever BLK_BYTES is: on a PVM host
+ * KVM runs this 32-bit, paging-off guest through its instruction emulator, so every guest
+ * instruction costs about a microsecond there.
+ *
+ * Prints "D\n" when done, or "E" + a reason letter + "\n" on COM1, then resets:
+ *   n no device   v no VERSION_1   f FEATURES_OK refused   c capacity   q queue 0 unusable
+ *   k DEVICE_NEEDS_RESET   u used id   l used len   s status byte   d data
+ *
+ * Interrupts stay off (cli, and VIRTQ_AVAIL_F_NO_INTERRUPT asks the device not to send any): the
+ * driver polls used.idx. x86 keeps stores in order and loads in order, so no fences are needed
+ * between the ring entry and avail.idx, nor between used.idx and the data (§2.7.13.3).
+ */
+#ifndef BLK_COUNT
+#define BLK_COUNT 1000
+#endif
+#ifndef BLK_BYTES
+#define BLK_BYTES 4096
+#endif
+#define BLK_SECTORS (BLK_BYTES / 512)
+#if BLK_BYTES % 512 || BLK_BYTES == 0 || BLK_BYTES > 0x1000000
+#error "BLK_BYTES: a non-zero multiple of 512, at most 16 MiB"
+#endif
+
+/* Where the transports are: Typervisor (src/arch/x86_64/layout.ts), then QEMU microvm. */
+#define TYPV_BASE 0xc0001000
+#define TYPV_STRIDE 0x1000
+#define TYPV_SLOTS 19
+#define QEMU_BASE 0xfeb00000
+#define QEMU_STRIDE 0x200
+#define QEMU_SLOTS 24
+
+/* virtio-mmio registers (§4.2.2). */
+#define R_MAGIC 0x000
+#define R_VERSION 0x004
+#define R_DEVICE_ID 0x008
+#define R_DEVICE_FEATURES 0x010
+#define R_DEVICE_FEATURES_SEL 0x014
+#define R_DRIVER_FEATURES 0x020
+#define R_DRIVER_FEATURES_SEL 0x024
+#define R_QUEUE_SEL 0x030
+#define R_QUEUE_NUM_MAX 0x034
+#define R_QUEUE_NUM 0x038
+#define R_QUEUE_READY 0x044
+#define R_QUEUE_NOTIFY 0x050
+#define R_STATUS 0x070
+#define R_QUEUE_DESC_LOW 0x080
+#define R_QUEUE_DESC_HIGH 0x084
+#define R_QUEUE_DRIVER_LOW 0x090
+#define R_QUEUE_DRIVER_HIGH 0x094
+#define R_QUEUE_DEVICE_LOW 0x0a0
+#define R_QUEUE_DEVICE_HIGH 0x0a4
+#define R_CONFIG 0x100 /* virtio_blk_config.capacity: u64, 512-byte sectors */
+
+#define MAGIC 0x74726976
+#define S_ACKNOWLEDGE 1
+#define S_DRIVER 2
+#define S_DRIVER_OK 4
+#define S_FEATURES_OK 8
+#define S_NEEDS_RESET 0x40
+#define DESC_F_NEXT 1
+#define DESC_F_WRITE 2
+#define AVAIL_F_NO_INTERRUPT 1
+
+/* Guest RAM used (zeroed first; 64 MiB guests): the split queue, the request, the buffer. */
+#define QSIZE 16
+#define DESC 0x200000 /* 16 * QSIZE bytes, 16-aligned */
+#define AVAIL 0x201000 /* flags, idx, ring[QSIZE] */
+#define USED 0x202000 /* flags, idx, ring[QSIZE] of {id u32, len u32} */
+#define HDR 0x203000 /* type u32, reserved u32, sector u64 */
+#define STATUSB 0x203010
+#define CAPACITY 0x203020 /* the disk's sectors (u32) */
+#define DATA 0x210000
+
+	/* %esi: the device; %ebx: sector; %ebp: requests left; %edi: next avail.idx */
+blkloop:
+	mov	$TYPV_BASE, %esi
+	mov	$TYPV_SLOTS, %ecx
+	mov	$TYPV_STRIDE, %edx
+	call	probe
+	jnc	found
+	mov	$QEMU_BASE, %esi
+	mov	$QEMU_SLOTS, %ecx
+	mov	$QEMU_STRIDE, %edx
+	call	probe
+	jnc	found
+	mov	$'n', %al
+	jmp	fail
+
+	/* %ecx slots from %esi, %edx apart: CF clear and %esi at the first virtio-blk found. */
+probe:
+	cmpl	$MAGIC, R_MAGIC(%esi)
+	jne	1f
+	cmpl	$2, R_VERSION(%esi)
+	jne	1f
+	cmpl	$2, R_DEVICE_ID(%esi)
+	jne	1f
+	clc
+	ret
+1:	add	%edx, %esi
+	dec	%ecx
+	jnz	probe
+	stc
+	ret
+
+found:
+	/* The rings and the request, zeroed (avail.idx and used.idx start at 0). */
+	mov	$DESC, %edx
+1:	movl	$0, (%edx)
+	add	$4, %edx
+	cmp	$(HDR + 0x100), %edx
+	jb	1b
+
+	/*
+	 * §3.1.1: reset (done once Status reads 0, §2.4.2), ACKNOWLEDGE, DRIVER, the features,
+	 * FEATURES_OK (and read it back: the device may refuse).
+	 */
+	movl	$0, R_STATUS(%esi)
+1:	cmpl	$0, R_STATUS(%esi)
+	jne	1b
+	movl	$S_ACKNOWLEDGE, R_STATUS(%esi)
+	movl	$(S_ACKNOWLEDGE | S_DRIVER), R_STATUS(%esi)
+	movl	$1, R_DEVICE_FEATURES_SEL(%esi)
+	mov	$'v', %al
+	testl	$1, R_DEVICE_FEATURES(%esi) /* bit 32: VIRTIO_F_VERSION_1 */
+	jz	fail
+	movl	$0, R_DRIVER_FEATURES_SEL(%esi)
+	movl	$0, R_DRIVER_FEATURES(%esi)
+	movl	$1, R_DRIVER_FEATURES_SEL(%esi)
+	movl	$1, R_DRIVER_FEATURES(%esi) /* VERSION_1 and nothing else */
+	movl	$(S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK), R_STATUS(%esi)
+	mov	$'f', %al
+	testl	$S_FEATURES_OK, R_STATUS(%esi)
+	jz	fail
+
+	/* The capacity: below 2^32 sectors, and at least one request long. */
+	mov	$'c', %al
+	cmpl	$0, R_CONFIG+4(%esi)
+	jne	fail
+	mov	R_CONFIG(%esi), %ecx
+	cmp	$BLK_SECTORS, %ecx
+	jb	fail
+	mov	%ecx, CAPACITY
+
+	/* Queue 0 (§4.2.3.2): not live yet, big enough; size, the three areas, ready. */
+	mov	$'q', %al
+	movl	$0, R_QUEUE_SEL(%esi)
+	cmpl	$0, R_QUEUE_READY(%esi)
+	jne	fail
+	cmpl	$QSIZE, R_QUEUE_NUM_MAX(%esi)
+	jb	fail
+	movl	$QSIZE, R_QUEUE_NUM(%esi)
+	movl	$DESC, R_QUEUE_DESC_LOW(%esi)
+	movl	$0, R_QUEUE_DESC_HIGH(%esi)
+	movl	$AVAIL, R_QUEUE_DRIVER_LOW(%esi)
+	movl	$0, R_QUEUE_DRIVER_HIGH(%esi)
+	movl	$USED, R_QUEUE_DEVICE_LOW(%esi)
+	movl	$0, R_QUEUE_DEVICE_HIGH(%esi)
+	movl	$1, R_QUEUE_READY(%esi)
+	cmpl	$1, R_QUEUE_READY(%esi)
+	jne	fail
+
+	/* One chain, reused: header (device-readable), data and status (device-writable). */
+	movl	$HDR, DESC + 0
+	movl	$16, DESC + 8
+	movw	$DESC_F_NEXT, DESC + 12
+	movw	$1, DESC + 14
+	movl	$DATA, DESC + 16
+	movl	$BLK_BYTES, DESC + 24
+	movw	$(DESC_F_NEXT | DESC_F_WRITE), DESC + 28
+	movw	$2, DESC + 30
+	movl	$STATUSB, DESC + 32
+	movl	$1, DESC + 40
+	movw	$DESC_F_WRITE, DESC + 44
+	movw	$AVAIL_F_NO_INTERRUPT, AVAIL + 0
+	/* HDR: type VIRTIO_BLK_T_IN (0), reserved 0: already zero. */
+
+	movl	$(S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK), R_STATUS(%esi)
+	mov	$'k', %al
+	testl	$S_NEEDS_RESET, R_STATUS(%esi)
+	jnz	fail
+
+	xor	%ebx, %ebx
+	xor	%edi, %edi
+	mov	$BLK_COUNT, %ebp
+request:
+	mov	%ebx, HDR + 8
+	movb	$0xff, STATUSB
+	movl	$0xffffffff, DATA
+	movl	$0xffffffff, DATA + BLK_BYTES - 512
+	/* Publish head 0 in the ring, then the new avail.idx, then kick queue 0. */
+	mov	%edi, %eax
+	and	$(QSIZE - 1), %eax
+	movw	$0, AVAIL + 4(, %eax, 2)
+	inc	%edi
+	mov	%di, AVAIL + 2
+	movl	$0, R_QUEUE_NOTIFY(%esi)
+2:	pause
+	cmp	%di, USED + 2
+	jne	2b
+
+	/* The used element (§2.7.8): head 0, header excluded, data + status written. */
+	lea	-1(%edi), %ecx
+	and	$(QSIZE - 1), %ecx
+	mov	$'u', %al
+	cmpl	$0, USED + 4(, %ecx, 8)
+	jne	fail
+	mov	$'l', %al
+	cmpl	$(BLK_BYTES + 1), USED + 8(, %ecx, 8)
+	jne	fail
+	mov	$'s', %al
+	cmpb	$0, STATUSB /* VIRTIO_BLK_S_OK */
+	jne	fail
+	mov	$'d', %al
+	cmp	%ebx, DATA
+	jne	fail
+	lea	BLK_SECTORS - 1(%ebx), %ecx
+	cmp	%ecx, DATA + BLK_BYTES - 512
+	jne	fail
+
+	/* The next sector; wrap when the next request would run past the disk. */
+	add	$BLK_SECTORS, %ebx
+	lea	BLK_SECTORS(%ebx), %eax
+	cmp	CAPACITY, %eax
+	jbe	4f
+	xor	%ebx, %ebx
+4:	dec	%ebp
+	jnz	request
+
+	mov	$COM1, %dx
+	mov	$'D', %al
+	out	%al, %dx
+	mov	$'\n', %al
+	out	%al, %dx
+	jmp	reset
+
+	/* %al: the reason letter. Prints "E<reason>\n" and resets. */
+fail:
+	mov	%al, %cl
+	mov	$COM1, %dx
+	mov	$'E', %al
+	out	%al, %dx
+	mov	%cl, %al
+	out	%al, %dx
+	mov	$'\n', %al
+	out	%al, %dx
+	jmp	reset
