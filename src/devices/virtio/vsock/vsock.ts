@@ -54,8 +54,12 @@ export const BUF_ALLOC = 256 * 1024;
 /** Host-initiated connections get local ports from here up (as Firecracker does). */
 const FIRST_LOCAL_PORT = 1 << 30;
 const MAX_CONNECT_LINE = 32;
-/** A host-initiated connection the guest has not answered by then is reset (as Firecracker). */
-export const CONNECT_TIMEOUT_MS = 2000;
+/**
+ * A host-initiated connection the guest has not answered by then is reset. Firecracker waits
+ * 2 s; we wait longer because a guest under nested emulation (our lab, loaded) was seen taking
+ * more than 2 s to answer, and a longer wait costs nothing but an fd held a little longer.
+ */
+export const CONNECT_TIMEOUT_MS = 10_000;
 const RX_BATCH = 256;
 
 /** The host's Unix sockets (the device worker's syscalls; tests inject a fake). */
