@@ -3,7 +3,7 @@
 # recipes). Idempotent and quick when all are present: it asks dpkg first, apt only if needed.
 set -euo pipefail
 PKGS=(qemu-system-x86 qemu-utils busybox-static debootstrap cpio e2fsprogs kmod xz-utils
-  acpica-tools gcc g++ make python3 iproute2 socat curl util-linux)
+  acpica-tools gcc g++ make python3 iproute2 socat curl util-linux iperf3)
 
 installed=" $(dpkg-query -W -f='${Package}:${db:Status-Status} ' "${PKGS[@]}" 2>/dev/null || true) "
 missing=()

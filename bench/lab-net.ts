@@ -1,0 +1,482 @@
+/**
+ * Network and vsock in the lab (issue 5's benchmark), Typervisor vs QEMU microvm, same kernel,
+ * same root disk, same lab, alternately. Run INSIDE the lab (bench/lab.ts does, or by hand):
+ *
+ *   npm run lab -- node dist/bench/lab-net.js [--runs N]
+ *
+ * Each VMM boots the project's Debian root disk (iperf3, socat, busybox ping) with one
+ * virtio-net on a TAP in a network namespace of our own (bridge 169.254.10.1/16, the guest
+ * 169.254.10.2; link-local only) and one vsock device:
+ *   - Typervisor: `--net tap=tvtap0 --vsock cid=3,uds=...` (Firecracker's host side);
+ *   - QEMU: `-netdev tap,vhost=off` + `virtio-net-device` (the same design: a userspace device
+ *     on a TAP) and `vhost-vsock-device` (QEMU has no userspace vsock: the lab kernel's
+ *     vhost_vsock does the work, so that row compares against an in-kernel data path).
+ * Measured: iperf3 TCP guest->host and host->guest (Mbit/s, receiver side), ping guest->host
+ * (busybox, average RTT) and a vsock stream of VSOCK_MIB MiB each way through socat (MB/s,
+ * timed on the host from the start of the transfer to the last byte).
+ *
+ * Prints one JSON line `{ rows, notes }` between BENCH-JSON-BEGIN and BENCH-JSON-END, and a
+ * Markdown table on stderr.
+ */
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { parseArgs } from 'node:util';
+import { detectKvm } from '../src/kvm/detect.js';
+import { imagePaths } from '../src/lab/guest.js';
+import { createNetFixture, type NetFixture } from '../src/lab/net-fixture.js';
+import { TYPERVISOR, qemuCpu, stat, type Row } from './common.js';
+
+type Name = 'typervisor' | 'qemu';
+const MEM_MIB = 512;
+const CMDLINE = 'console=ttyS0 reboot=k panic=1 pci=off quiet';
+const GUEST_ADDR = '169.254.10.2';
+const GUEST_MAC = '06:00:a9:fe:0a:02';
+const GUEST_CID = 3;
+const IPERF_SECONDS = 4;
+const PINGS = 10;
+const VSOCK_MIB = 32;
+const log = (s: string) => process.stderr.write(`lab-net: ${s}\n`);
+
+/** A VMM process whose console we drive: send lines, wait for output. */
+class Session {
+  readonly child: ChildProcess;
+  out = '';
+  err = '';
+  readonly exited: Promise<number | null>;
+  private waiters: Array<() => void> = [];
+
+  constructor(argv: string[]) {
+    this.child = spawn(argv[0]!, argv.slice(1), { stdio: ['pipe', 'pipe', 'pipe'] });
+    this.child.stdout!.on('data', (d: Buffer) => {
+      this.out += d.toString('latin1');
+      for (const w of [...this.waiters]) w();
+    });
+    this.child.stderr!.on('data', (d: Buffer) => (this.err += d.toString()));
+    this.child.stdin!.on('error', () => undefined);
+    this.exited = new Promise((resolve) => this.child.on('close', (code) => resolve(code)));
+  }
+
+  send(text: string): void {
+    this.child.stdin!.write(text);
+  }
+
+  /** The first match of `re` in the output after offset `from`. */
+  waitFor(re: RegExp, timeoutMs: number, from = 0): Promise<RegExpMatchArray> {
+    return new Promise((resolve, reject) => {
+      let done = false;
+      const check = () => {
+        if (done) return true;
+        const m = this.out.slice(from).match(re);
+        if (!m) return false;
+        done = true;
+        clearTimeout(timer);
+        this.waiters = this.waiters.filter((w) => w !== check);
+        resolve(m);
+        return true;
+      };
+      const timer = setTimeout(() => {
+        done = true;
+        this.waiters = this.waiters.filter((w) => w !== check);
+        reject(new Error(`no ${re} within ${timeoutMs} ms\n${this.tail()}`));
+      }, timeoutMs);
+      if (check()) return;
+      this.waiters.push(check);
+      void this.exited.then(() => {
+        if (!check()) {
+          done = true;
+          clearTimeout(timer);
+          reject(new Error(`VMM exited before ${re}\n${this.tail()}`));
+        }
+      });
+    });
+  }
+
+  /** Runs a shell line in the guest and returns the text it printed between two markers. */
+  async run(cmd: string, timeoutMs: number): Promise<string> {
+    const id = Math.random().toString(36).slice(2, 8);
+    const from = this.out.length;
+    // The markers are split in the command so that the echoed command line does not match.
+    this.send(`echo "B-${id}""-B"; ${cmd}; echo "E-${id}""-E"\n`);
+    const re = new RegExp(`B-${id}-B\\r?\\n([\\s\\S]*?)E-${id}-E`);
+    return (await this.waitFor(re, timeoutMs, from))[1]!;
+  }
+
+  tail(): string {
+    return `--- stdout ---\n${this.out.slice(-3000)}\n--- stderr ---\n${this.err.slice(-2000)}`;
+  }
+}
+
+/** Host-side helper (runs in the namespace / next to the VMM): counts or sends bytes. */
+const HELPER = `
+import net from 'node:net';
+const [mode, arg, bytes, port] = process.argv.slice(2);
+if (mode === 'count') {
+  // Reads stdin to EOF: prints bytes and ms from the first byte to EOF.
+  let n = 0, t0 = 0;
+  process.stdin.on('data', (d) => { if (!n) t0 = performance.now(); n += d.length; });
+  process.stdin.on('end', () => console.log('COUNT ' + n + ' ' + (performance.now() - t0).toFixed(1)));
+} else if (mode === 'send-uds') {
+  // Firecracker's host-initiated vsock: CONNECT, wait for OK, send zeros, half-close.
+  const s = net.connect(arg);
+  let got = '';
+  const chunk = Buffer.alloc(1 << 20);
+  s.on('connect', () => s.write('CONNECT ' + port + '\\n'));
+  s.on('data', (d) => {
+    if (got.includes('\\n')) return;
+    got += d.toString();
+    if (!got.includes('\\n')) return;
+    console.log('CONNECTED ' + got.trim());
+    let left = Number(bytes);
+    const more = () => {
+      while (left > 0) {
+        const b = chunk.subarray(0, Math.min(left, chunk.length));
+        left -= b.length;
+        if (!s.write(b)) return s.once('drain', more);
+      }
+      s.end();
+    };
+    more();
+  });
+  s.on('error', (e) => console.log('ERR ' + e.message));
+}
+`;
+
+interface Sample {
+  vmm: Name;
+  bootMs?: number;
+  g2hMbit?: number;
+  h2gMbit?: number;
+  pingMs?: number;
+  vsockG2hMBs?: number;
+  vsockH2gMBs?: number;
+  errors: string[];
+}
+
+function vmmArgv(name: Name, net: NetFixture, root: string, uds: string, kvmKind: string) {
+  const g = imagePaths('kernel').KERNEL!;
+  const initrd = imagePaths('initramfs').INITRAMFS!;
+  if (name === 'typervisor') {
+    return net.exec([
+      process.execPath,
+      TYPERVISOR,
+      'run',
+      '--kernel',
+      g,
+      '--initrd',
+      initrd,
+      '--cmdline',
+      CMDLINE,
+      '--memory',
+      String(MEM_MIB),
+      '--drive',
+      `path=${root},root`,
+      '--net',
+      `tap=${net.taps[0]},mac=${GUEST_MAC}`,
+      '--vsock',
+      `cid=${GUEST_CID},uds=${uds}`,
+    ]);
+  }
+  return net.exec([
+    'qemu-system-x86_64',
+    '-M',
+    'microvm,acpi=on',
+    '-enable-kvm',
+    '-cpu',
+    qemuCpu(kvmKind),
+    '-m',
+    String(MEM_MIB),
+    '-nodefaults',
+    '-no-user-config',
+    '-display',
+    'none',
+    '-serial',
+    'stdio',
+    '-no-reboot',
+    '-global',
+    'virtio-mmio.force-legacy=false',
+    '-kernel',
+    g,
+    '-initrd',
+    initrd,
+    '-append',
+    `${CMDLINE} root=/dev/vda rw`,
+    '-drive',
+    `id=root,file=${root},format=raw,if=none`,
+    '-device',
+    'virtio-blk-device,drive=root',
+    '-netdev',
+    `tap,id=n0,ifname=${net.taps[0]},script=no,downscript=no,vhost=off`,
+    '-device',
+    `virtio-net-device,netdev=n0,mac=${GUEST_MAC}`,
+    '-device',
+    `vhost-vsock-device,guest-cid=${GUEST_CID}`,
+  ]);
+}
+
+function background(argv: string[]): { proc: ChildProcess; out: () => string } {
+  const proc = spawn(argv[0]!, argv.slice(1), { stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  proc.stdout!.on('data', (d: Buffer) => (out += d.toString()));
+  proc.stderr!.on('data', (d: Buffer) => (out += d.toString()));
+  return { proc, out: () => out };
+}
+
+async function waitOut(
+  b: { proc: ChildProcess; out: () => string },
+  re: RegExp,
+  ms: number,
+): Promise<RegExpMatchArray> {
+  const t0 = Date.now();
+  for (;;) {
+    const m = b.out().match(re);
+    if (m) return m;
+    if (Date.now() - t0 > ms) throw new Error(`no ${re} within ${ms} ms: ${b.out().slice(-500)}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+/** iperf3's receiver summary line: Mbit/s. */
+function iperfMbit(text: string): number | undefined {
+  const m = /([\d.]+) Mbits\/sec[^\n]*receiver/.exec(text);
+  return m ? Number(m[1]) : undefined;
+}
+
+async function measure(
+  iperfOut: () => string,
+  name: Name,
+  net: NetFixture,
+  dir: string,
+  root: string,
+  kvmKind: string,
+): Promise<Sample> {
+  const s: Sample = { vmm: name, errors: [] };
+  const uds = join(dir, 'v.sock');
+  rmSync(uds, { force: true });
+  const helper = join(dir, 'helper.mjs');
+  const bytes = VSOCK_MIB * 1024 * 1024;
+  const t0 = Date.now();
+  const vm = new Session(vmmArgv(name, net, root, uds, kvmKind));
+  const attempt = async (what: string, f: () => Promise<void>) => {
+    try {
+      await f();
+    } catch (e) {
+      s.errors.push(`${what}: ${(e as Error).message.split('\n')[0]}`);
+      log(`${name} ${what} failed: ${(e as Error).message.slice(0, 4000)}`);
+      log(`iperf3 server: ${iperfOut().slice(-1500)}`);
+    }
+  };
+  try {
+    await vm.waitFor(/TYPERVISOR-BOOT-OK/, 300_000);
+    s.bootMs = Date.now() - t0;
+    await vm.run(
+      `ip addr add ${GUEST_ADDR}/16 dev eth0; ip link set eth0 up; ` +
+        `i=0; until busybox ping -c 1 -W 1 ${net.hostAddr} >/dev/null 2>&1; do i=$((i+1)); [ $i -gt 30 ] && break; done`,
+      120_000,
+    );
+    await attempt('ping', async () => {
+      const out = await vm.run(`busybox ping -c ${PINGS} -i 0.2 ${net.hostAddr}`, 60_000);
+      const m = /min\/avg\/max = [\d.]+\/([\d.]+)\//.exec(out);
+      if (!m) throw new Error(`no ping summary: ${out.slice(-300)}`);
+      s.pingMs = Number(m[1]);
+    });
+    await attempt('iperf3 guest->host', async () => {
+      const out = await vm.run(
+        `iperf3 -c ${net.hostAddr} -t ${IPERF_SECONDS} -f m 2>&1 | tail -n 4`,
+        120_000,
+      );
+      s.g2hMbit = iperfMbit(out);
+      if (s.g2hMbit === undefined) throw new Error(`no iperf3 summary: ${out.slice(-300)}`);
+    });
+    await attempt('iperf3 host->guest', async () => {
+      const out = await vm.run(
+        `iperf3 -c ${net.hostAddr} -t ${IPERF_SECONDS} -f m -R 2>&1 | tail -n 4`,
+        120_000,
+      );
+      s.h2gMbit = iperfMbit(out);
+      if (s.h2gMbit === undefined) throw new Error(`no iperf3 summary: ${out.slice(-300)}`);
+    });
+    await attempt('vsock guest->host', async () => {
+      // socat on the host for both (Typervisor: the Unix socket `${uds}_5001`; QEMU: AF_VSOCK).
+      const listen =
+        name === 'typervisor' ? `UNIX-LISTEN:${uds}_5001` : 'VSOCK-LISTEN:5001,reuseaddr';
+      const counter = background([
+        'sh',
+        '-c',
+        `socat -u -b 65536 ${listen} STDOUT | ${process.execPath} ${helper} count`,
+      ]);
+      try {
+        const t = Date.now();
+        while (name === 'typervisor' && !existsSync(`${uds}_5001`) && Date.now() - t < 10_000)
+          await new Promise((r) => setTimeout(r, 20));
+        await new Promise((r) => setTimeout(r, 200));
+        await vm.run(
+          `head -c ${bytes} /dev/zero | socat -u -b 65536 - VSOCK-CONNECT:2:5001 || echo SOCAT-FAILED`,
+          300_000,
+        );
+        const [, n, ms] = await waitOut(counter, /COUNT (\d+) ([\d.]+)\n/, 60_000);
+        if (Number(n) !== bytes) throw new Error(`received ${n} of ${bytes} bytes`);
+        s.vsockG2hMBs = bytes / 1e6 / (Number(ms) / 1000);
+      } finally {
+        counter.proc.kill('SIGKILL');
+        rmSync(`${uds}_5001`, { force: true });
+      }
+    });
+    await attempt('vsock host->guest', async () => {
+      const from = vm.out.length;
+      vm.send(
+        `socat -u -b 65536 VSOCK-LISTEN:5002 - | wc -c | sed "s/^/H2GV /" & sleep 1; echo "LIST""EN-OK"\n`,
+      );
+      await vm.waitFor(/LISTEN-OK/, 60_000, from);
+      const t = performance.now();
+      const sender =
+        name === 'typervisor'
+          ? background([process.execPath, helper, 'send-uds', uds, String(bytes), '5002'])
+          : background([
+              'sh',
+              '-c',
+              `head -c ${bytes} /dev/zero | socat -u -b 65536 - VSOCK-CONNECT:${GUEST_CID}:5002`,
+            ]);
+      try {
+        const [, n] = await vm.waitFor(/H2GV (\d+)\r?\n/, 300_000, from);
+        const ms = performance.now() - t;
+        if (Number(n) !== bytes)
+          throw new Error(
+            `guest received ${n} of ${bytes} bytes; sender: ${sender.out()}\n${vm.tail()}`,
+          );
+        s.vsockH2gMBs = bytes / 1e6 / (ms / 1000);
+      } finally {
+        sender.proc.kill('SIGKILL');
+      }
+    });
+    vm.send('poweroff -f\n');
+    const code = await Promise.race([
+      vm.exited,
+      new Promise<'timeout'>((r) => setTimeout(() => r('timeout'), 60_000)),
+    ]);
+    if (code !== 0) s.errors.push(`exit ${code}`);
+  } catch (e) {
+    s.errors.push((e as Error).message.split('\n')[0]!);
+    log(`${name}: ${(e as Error).message.slice(0, 3000)}`);
+  } finally {
+    vm.child.kill('SIGKILL');
+    await vm.exited;
+  }
+  return s;
+}
+
+async function main(): Promise<void> {
+  const runs = Number(parseArgs({ options: { runs: { type: 'string' } } }).values.runs ?? 1);
+  const kvm = detectKvm();
+  spawnSync('modprobe', ['vhost_vsock']);
+  const rootSrc = imagePaths('rootfs').ROOTFS!;
+  if (!existsSync(rootSrc))
+    throw new Error('the Debian root disk is not built: npm run guest -- build rootfs');
+  // Unix sockets cannot live on the lab's /tmp (9p): keep everything on /dev/shm.
+  const dir = mkdtempSync('/dev/shm/tv-net-bench-');
+  const net = createNetFixture('bench', 1);
+  // iperf3 keeps each stream's buffer in a temp file: the lab's /tmp (9p) cannot hold one.
+  const iperf = background(
+    net.exec([
+      'env',
+      'TMPDIR=/dev/shm',
+      'iperf3',
+      '-s',
+      '-B',
+      net.hostAddr,
+      '-f',
+      'm',
+      '--forceflush',
+    ]),
+  );
+  const samples: Sample[] = [];
+  try {
+    writeFileSync(join(dir, 'helper.mjs'), HELPER);
+    const root = join(dir, 'rootfs.ext4');
+    spawnSync('cp', ['--sparse=always', rootSrc, root]);
+    await waitOut(iperf, /listening/i, 10_000);
+    for (let r = 0; r < runs; r++) {
+      for (const name of (r % 2 ? ['qemu', 'typervisor'] : ['typervisor', 'qemu']) as Name[]) {
+        const t = Date.now();
+        const s = await measure(iperf.out, name, net, dir, root, kvm.kind);
+        samples.push(s);
+        log(`run ${r + 1} ${name} (${Date.now() - t} ms): ${JSON.stringify(s)}`);
+      }
+    }
+  } finally {
+    iperf.proc.kill('SIGKILL');
+    net.cleanup();
+    rmSync(dir, { recursive: true, force: true });
+  }
+  const pick = (name: Name, f: (s: Sample) => number | undefined) =>
+    stat(
+      samples
+        .filter((s) => s.vmm === name)
+        .map(f)
+        .filter((x): x is number => x !== undefined),
+    );
+  const row = (
+    metric: string,
+    unit: string,
+    f: (s: Sample) => number | undefined,
+    higherIsBetter: boolean,
+    note?: string,
+  ): Row => ({
+    suite: 'lab',
+    metric,
+    unit,
+    higherIsBetter,
+    note,
+    typervisor: pick('typervisor', f),
+    qemu: pick('qemu', f),
+  });
+  const rows: Row[] = [
+    row(
+      `iperf3 TCP guest → host (${IPERF_SECONDS} s)`,
+      'Mbit/s',
+      (s) => s.g2hMbit,
+      true,
+      'QEMU: virtio-net-device, TAP, vhost=off',
+    ),
+    row(`iperf3 TCP host → guest (${IPERF_SECONDS} s, -R)`, 'Mbit/s', (s) => s.h2gMbit, true),
+    row(`ping guest → host, average RTT (${PINGS} pings)`, 'ms', (s) => s.pingMs, false),
+    row(
+      `vsock stream guest → host (${VSOCK_MIB} MiB, socat)`,
+      'MB/s',
+      (s) => s.vsockG2hMBs,
+      true,
+      "QEMU: vhost-vsock (in the lab's kernel)",
+    ),
+    row(
+      `vsock stream host → guest (${VSOCK_MIB} MiB, socat)`,
+      'MB/s',
+      (s) => s.vsockH2gMBs,
+      true,
+      "QEMU: vhost-vsock (in the lab's kernel)",
+    ),
+  ];
+  const notes = [
+    `net: ${runs} run(s) per VMM; the Debian root disk, ${MEM_MIB} MiB, 1 vCPU; one TAP on a bridge in a network namespace of our own (169.254.0.0/16); iperf3 ${IPERF_SECONDS} s per direction (receiver's figure); vsock: ${VSOCK_MIB} MiB of zeros through socat (-b 65536) at both ends, timed on the host.`,
+    'net: QEMU runs virtio-net-device on the TAP with vhost=off (a userspace device, like Typervisor) and vhost-vsock-device (QEMU has no userspace vsock).',
+    ...samples
+      .filter((s) => s.errors.length > 0)
+      .map((s) => `net: ${s.vmm}: ${s.errors.join('; ')}`),
+  ];
+  const md = [
+    '| net in the lab | unit | Typervisor | QEMU | T/QEMU |',
+    '|---|---|---|---|---|',
+    ...rows.map(
+      (r) =>
+        `| ${r.metric} | ${r.unit} | ${r.typervisor?.median.toFixed(2) ?? 'n/a'} | ${r.qemu?.median.toFixed(2) ?? 'n/a'} | ${r.typervisor && r.qemu ? (r.typervisor.median / r.qemu.median).toFixed(2) + 'x' : 'n/a'} |`,
+    ),
+  ].join('\n');
+  process.stderr.write(`${md}\n`);
+  process.stdout.write(
+    `BENCH-JSON-BEGIN\n${JSON.stringify({ rows, notes, samples })}\nBENCH-JSON-END\n`,
+  );
+}
+
+main().catch((e) => {
+  process.stderr.write(`lab-net: ${(e as Error).stack ?? e}\n`);
+  process.exit(1);
+});
