@@ -3,11 +3,12 @@
  * (process start -> a marker on its stdout -> process exit), sample its memory from /proc, and
  * summarise runs. Used on the host (bench/micro.ts) and inside the lab (bench/lab-inner.ts).
  */
-import { spawn } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { spawn, spawnSync } from 'node:child_process';
+import { existsSync, mkdtempSync, readFileSync, realpathSync, rmSync } from 'node:fs';
+import { release, tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { fileURLToPath, pathToFileURL } from 'node:url';
+import { detectKvm } from '../src/kvm/detect.js';
 
 /** The repository root (this file runs as dist/bench/common.js). */
 export const REPO = fileURLToPath(new URL('../../', import.meta.url));
@@ -234,4 +235,142 @@ export interface Row {
   qemu?: Stat;
   floor?: Stat;
   note?: string;
+}
+
+/*
+ * The lab sub-suite contract (docs/bench.md). A sub-suite is a script run INSIDE the lab
+ * (bench/lab.ts boots one lab per sub-suite and copies the script's stdout to a file on the
+ * shared filesystem, as the lab's console can lose bytes); everything travels as text lines:
+ *   BENCH-SAMPLE-START <key>      (optional) a sample is about to be measured
+ *   BENCH-SAMPLE <json>           (optional) a finished sample, printed at once: a checkpoint
+ *   BENCH-JSON-BEGIN / one JSON line of SubSuiteOutput / BENCH-JSON-END   the result
+ * A sub-suite that checkpoints also accepts `--resume FILE` (a ResumeState as JSON): it keeps
+ * those samples, measures only the missing ones and runs the keys in `defer` last (they were
+ * being measured when the lab died).
+ */
+export const BENCH_JSON_BEGIN = 'BENCH-JSON-BEGIN';
+export const BENCH_JSON_END = 'BENCH-JSON-END';
+export const BENCH_SAMPLE = 'BENCH-SAMPLE';
+export const BENCH_SAMPLE_START = 'BENCH-SAMPLE-START';
+/** The machine inside the lab, as a sub-suite reports it. */
+export interface LabHost {
+  kvm: string;
+  kvmKind: string;
+  cpu?: string;
+  kernel: string;
+  qemu: string;
+}
+
+/** What a lab sub-suite prints between BENCH-JSON-BEGIN and BENCH-JSON-END. */
+export interface SubSuiteOutput {
+  rows: Row[];
+  notes: string[];
+  labHost?: LabHost;
+}
+
+/** One checkpointed sample; `key` names its place in the sub-suite's plan (e.g. "r0/2/qemu"). */
+export interface KeyedSample {
+  key: string;
+}
+
+export interface ResumeState<S extends KeyedSample> {
+  samples: S[];
+  defer: string[];
+}
+
+export function labHostInfo(): LabHost {
+  const kvm = detectKvm();
+  const qemu = spawnSync('qemu-system-x86_64', ['--version'], { encoding: 'utf8' });
+  return {
+    kvm: kvm.reason,
+    kvmKind: kvm.kind,
+    cpu: /model name\s*:\s*(.*)/.exec(readFileSync('/proc/cpuinfo', 'utf8'))?.[1],
+    kernel: release(),
+    qemu: qemu.stdout?.split('\n')[0] || 'qemu-system-x86_64 not found',
+  };
+}
+
+export function printSubSuiteOutput(o: SubSuiteOutput): void {
+  process.stdout.write(`\n${BENCH_JSON_BEGIN}\n${JSON.stringify(o)}\n${BENCH_JSON_END}\n`);
+}
+
+/** The result block of a sub-suite's output, or undefined if there is none (or it is cut). */
+export function parseSubSuiteOutput(text: string): SubSuiteOutput | undefined {
+  const m = new RegExp(`${BENCH_JSON_BEGIN}\\r?\\n(.*)\\r?\\n${BENCH_JSON_END}`).exec(text);
+  if (!m) return undefined;
+  try {
+    const o = JSON.parse(m[1]!) as SubSuiteOutput;
+    return Array.isArray(o.rows) && Array.isArray(o.notes) ? o : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** The checkpoints in a sub-suite's output: finished samples, and keys that were started. */
+export function parseSamples<S extends KeyedSample>(
+  text: string,
+): { samples: S[]; started: string[] } {
+  const samples: S[] = [];
+  const started: string[] = [];
+  for (const line of text.split('\n')) {
+    const s = /^BENCH-SAMPLE-START (\S+)\s*$/.exec(line);
+    if (s) {
+      started.push(s[1]!);
+      continue;
+    }
+    const m = /^BENCH-SAMPLE (\{.*\})\s*$/.exec(line);
+    if (!m) continue;
+    try {
+      const o = JSON.parse(m[1]!) as S;
+      if (typeof o.key === 'string') samples.push(o);
+    } catch {
+      // a line cut by a dying lab: that sample is measured again
+    }
+  }
+  return { samples, started };
+}
+
+export function readResume<S extends KeyedSample>(file: string | undefined): ResumeState<S> {
+  if (file === undefined) return { samples: [], defer: [] };
+  const o = JSON.parse(readFileSync(file, 'utf8')) as Partial<ResumeState<S>>;
+  return { samples: o.samples ?? [], defer: o.defer ?? [] };
+}
+
+/**
+ * Measures every key of `plan` not already in `resume`, keys in `resume.defer` last, printing
+ * a checkpoint before and after each; returns the samples in plan order.
+ */
+export async function runPlan<S extends KeyedSample>(
+  plan: string[],
+  resume: ResumeState<S>,
+  measure: (key: string) => Promise<S>,
+): Promise<S[]> {
+  const done = new Map<string, S>();
+  for (const s of resume.samples) if (plan.includes(s.key)) done.set(s.key, s);
+  const todo = plan.filter((k) => !done.has(k));
+  const order = [
+    ...todo.filter((k) => !resume.defer.includes(k)),
+    ...todo.filter((k) => resume.defer.includes(k)),
+  ];
+  for (const key of order) {
+    process.stdout.write(`${BENCH_SAMPLE_START} ${key}\n`);
+    const s = await measure(key);
+    process.stdout.write(`${BENCH_SAMPLE} ${JSON.stringify(s)}\n`);
+    done.set(key, s);
+  }
+  return plan.flatMap((k) => {
+    const s = done.get(k);
+    return s ? [s] : [];
+  });
+}
+
+/** True when the module with this import.meta.url is the script node was started with. */
+export function isMainModule(metaUrl: string): boolean {
+  const main = process.argv[1];
+  if (main === undefined) return false;
+  try {
+    return metaUrl === pathToFileURL(realpathSync(main)).href;
+  } catch {
+    return false;
+  }
 }

@@ -1,13 +1,15 @@
 /**
- * fio in the Debian root disk under Typervisor and QEMU microvm, same kernel, same images, same
- * lab, alternately (issue 4's block benchmark). Run INSIDE the lab:
+ * The lab's `fio` sub-suite (virtio-blk), run INSIDE the lab (bench/lab.ts starts it with
+ * runInLab): fio in the Debian root disk under Typervisor and QEMU microvm, same kernel, same
+ * images, alternately. Speaks the sub-suite contract of bench/common.ts (a checkpoint line per
+ * VM run, the rows between BENCH-JSON-BEGIN and BENCH-JSON-END).
  *
- *   npm run lab -- node dist/bench/lab-fio.js [--runs N]
+ *   node dist/bench/lab-fio.js [--runs N] [--resume FILE]
  *
  * Each VMM boots the project's rootfs from virtio-blk (root=/dev/vda) with a 256 MiB scratch disk
  * as /dev/vdb; both images live on the lab's tmpfs (/dev/shm) so the host side is the same for
  * both. fio runs 4 KiB random reads (libaio, iodepth 32, direct) and 1 MiB sequential reads and
- * writes, 5 s each. Prints a Markdown table (median over runs, ratio Typervisor/QEMU).
+ * writes, 5 s each.
  */
 import { spawnSync } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
@@ -15,154 +17,220 @@ import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { detectKvm } from '../src/kvm/detect.js';
 import { imagePaths } from '../src/lab/guest.js';
-import { TYPERVISOR, qemuCpu, runOnce, stat, type Vmm } from './common.js';
+import {
+  TYPERVISOR,
+  isMainModule,
+  labHostInfo,
+  printSubSuiteOutput,
+  qemuCpu,
+  readResume,
+  runOnce,
+  runPlan,
+  stat,
+  type Row,
+  type SubSuiteOutput,
+  type Vmm,
+} from './common.js';
 
-const CMDLINE = 'console=ttyS0 reboot=k panic=1 pci=off quiet root=/dev/vda rw';
-const JOBS = {
-  'randread 4k qd32 (IOPS)': '--rw=randread --bs=4k --iodepth=32',
-  'seq read 1M (MB/s)': '--rw=read --bs=1M --iodepth=4',
-  'seq write 1M (MB/s)': '--rw=write --bs=1M --iodepth=4',
-} as const;
-type Job = keyof typeof JOBS;
+const MEM_MIB = 512;
+const CMDLINE = 'console=ttyS0 reboot=k panic=1 pci=off quiet';
+const VMMS = ['typervisor', 'qemu'] as const;
+type VmmName = (typeof VMMS)[number];
+
+/** The fio jobs, in the order the guest runs them; `value` picks the figure from terse v3. */
+const JOBS = [
+  {
+    metric: 'fio: random read 4 KiB, iodepth 32',
+    unit: 'IOPS',
+    args: '--rw=randread --bs=4k --iodepth=32',
+    // terse v3 after our "FIO<i>;" prefix: [0]=version [1]=fio [2]=jobname [3]=groupid
+    // [4]=error; read: [5]=io KiB [6]=bw KiB/s [7]=IOPS; write (41 fields later): [47]=bw KiB/s
+    value: (f: string[]) => Number(f[7]),
+  },
+  {
+    metric: 'fio: sequential read 1 MiB, iodepth 4',
+    unit: 'MB/s',
+    args: '--rw=read --bs=1M --iodepth=4',
+    value: (f: string[]) => (Number(f[6]) * 1024) / 1e6,
+  },
+  {
+    metric: 'fio: sequential write 1 MiB, iodepth 4',
+    unit: 'MB/s',
+    args: '--rw=write --bs=1M --iodepth=4',
+    value: (f: string[]) => (Number(f[47]) * 1024) / 1e6,
+  },
+];
+
+export interface FioSample {
+  /** "r<round>/<vmm>" */
+  key: string;
+  vmm: VmmName;
+  /** Per job (index into JOBS); null when that job gave no result. */
+  values: (number | null)[];
+  /** Start of the VMM to the marker of the rootfs boot, ms; -1 if never seen. */
+  markerMs: number;
+  code: number | null;
+  error?: string;
+}
+
+export function fioPlan(runs: number): string[] {
+  const keys: string[] = [];
+  for (let r = 0; r < runs; r++) {
+    for (const vmm of r % 2 ? [...VMMS].reverse() : VMMS) keys.push(`r${r}/${vmm}`);
+  }
+  return keys;
+}
 
 function fioScript(): string {
   const common =
     '--filename=/dev/vdb --direct=1 --ioengine=libaio --size=128M --runtime=5 --time_based --group_reporting';
-  const lines = Object.entries(JOBS).map(
-    ([name, args], i) =>
-      `fio --name=j${i} ${common} ${args} --output-format=terse --terse-version=3 | sed 's/^/FIO${i};/'`,
+  const lines = JOBS.map(
+    (j, i) =>
+      `fio --name=j${i} ${common} ${j.args} --output-format=terse --terse-version=3 | sed 's/^/FIO${i};/'`,
   );
   return [...lines, 'poweroff -f', ''].join('\n');
 }
 
-/** terse v3: field 8 read IOPS? We take read/write bandwidth (KiB/s) and IOPS by index. */
-function parse(stdout: string): Partial<Record<Job, number>> {
-  const out: Partial<Record<Job, number>> = {};
-  const names = Object.keys(JOBS) as Job[];
+/** Keyed on the terse version so the shell's echo of the command line never matches; not
+ *  anchored, as a result line may follow the shell's prompt. */
+function parse(stdout: string): (number | null)[] {
+  const values: (number | null)[] = JOBS.map(() => null);
   for (const line of stdout.split(/\r?\n/)) {
-    const m = /FIO(\d);(.*)$/.exec(line);
-    if (!m) continue;
-    const f = m[2]!.split(';');
-    // terse v3 (after our prefix): [0]=version [1]=fio [2]=jobname [3]=groupid [4]=error,
-    // read: [5]=io KiB [6]=bw KiB/s [7]=iops; write: [46]=io [47]=bw KiB/s [48]=iops
-    const i = Number(m[1]);
-    const name = names[i]!;
-    const readBw = Number(f[6]),
-      readIops = Number(f[7]),
-      writeBw = Number(f[47]);
-    out[name] = i === 0 ? readIops : i === 1 ? (readBw * 1024) / 1e6 : (writeBw * 1024) / 1e6;
+    const m = /FIO(\d);(3;.*)$/.exec(line);
+    const job = m ? JOBS[Number(m[1])] : undefined;
+    if (!m || !job) continue;
+    const v = job.value(m[2]!.split(';'));
+    if (Number.isFinite(v) && v > 0) values[Number(m[1])] = v;
   }
-  return out;
+  return values;
 }
 
-function vmm(name: 'typervisor' | 'qemu', root: string, data: string, kvmKind: string): Vmm {
+function vmm(name: VmmName, root: string, data: string, kvmKind: string): Vmm {
+  const kernel = imagePaths('kernel').KERNEL!;
+  const initrd = imagePaths('initramfs').INITRAMFS!;
   if (name === 'typervisor') {
     return {
       name,
-      memMiB: 512,
+      memMiB: MEM_MIB,
       cmd: process.execPath,
       args: [
         TYPERVISOR,
         'run',
-        '--kernel',
-        imagePaths('kernel').KERNEL!,
-        '--initrd',
-        imagePaths('initramfs').INITRAMFS!,
-        '--memory',
-        '512',
-        '--cmdline',
-        CMDLINE.replace(' root=/dev/vda rw', ''),
-        '--drive',
-        `path=${root},root`,
-        '--drive',
-        `path=${data}`,
+        ...['--kernel', kernel, '--initrd', initrd, '--cmdline', CMDLINE],
+        ...['--vcpus', '1', '--memory', String(MEM_MIB)],
+        ...['--drive', `path=${root},root`, '--drive', `path=${data}`],
       ],
     };
   }
   return {
     name,
-    memMiB: 512,
+    memMiB: MEM_MIB,
     cmd: 'qemu-system-x86_64',
     args: [
-      '-M',
-      'microvm,acpi=on',
-      '-enable-kvm',
-      '-cpu',
-      qemuCpu(kvmKind),
-      '-m',
-      '512',
-      '-nodefaults',
-      '-no-user-config',
-      '-display',
-      'none',
-      '-serial',
-      'stdio',
-      '-kernel',
-      imagePaths('kernel').KERNEL!,
-      '-initrd',
-      imagePaths('initramfs').INITRAMFS!,
-      '-append',
-      CMDLINE,
-      '-drive',
-      `id=root,file=${root},format=raw,if=none`,
-      '-device',
-      'virtio-blk-device,drive=root',
-      '-drive',
-      `id=data,file=${data},format=raw,if=none`,
-      '-device',
-      'virtio-blk-device,drive=data',
+      ...['-M', 'microvm,acpi=on', '-enable-kvm', '-cpu', qemuCpu(kvmKind)],
+      ...['-m', String(MEM_MIB), '-smp', '1', '-nodefaults', '-no-user-config'],
+      ...['-display', 'none', '-serial', 'stdio'],
+      ...['-kernel', kernel, '-initrd', initrd, '-append', `${CMDLINE} root=/dev/vda rw`],
+      ...['-drive', `id=root,file=${root},format=raw,if=none`],
+      ...['-device', 'virtio-blk-device,drive=root'],
+      ...['-drive', `id=data,file=${data},format=raw,if=none`],
+      ...['-device', 'virtio-blk-device,drive=data'],
+    ],
+  };
+}
+
+async function measure(key: string, root: string, data: string, kvmKind: string) {
+  const name = key.split('/')[1] as VmmName;
+  const res = await runOnce(vmm(name, root, data, kvmKind), {
+    marker: 'TYPERVISOR-BOOT-OK',
+    inputAfterMarker: fioScript(),
+    timeoutMs: 300_000,
+  });
+  const values = parse(res.stdout);
+  process.stderr.write(
+    `lab-fio: ${key}: ${values.map((v) => v?.toFixed(1) ?? '-').join(' / ')} (exit ${res.code})\n`,
+  );
+  const complete = values.every((v) => v !== null);
+  const sample: FioSample = {
+    key,
+    vmm: name,
+    values,
+    markerMs: res.markerMs,
+    code: res.code,
+    error:
+      complete && res.code === 0 && !res.timedOut
+        ? undefined
+        : `exit ${res.code}${res.timedOut ? ' (timed out)' : ''}, ${values.filter((v) => v !== null).length}/${JOBS.length} fio results; stderr: ${res.stderr.slice(-300)}; stdout: ${res.stdout.slice(-300)}`,
+  };
+  return sample;
+}
+
+/** Rows from the samples (also used by bench/lab.ts on the host to salvage a dead lab's samples). */
+export function summariseFio(samples: FioSample[], runs: number): SubSuiteOutput {
+  // A job's figure counts even if a later job or the exit failed: it was measured in full.
+  const pick = (vmm: VmmName, f: (s: FioSample) => number | null) =>
+    stat(
+      samples
+        .filter((s) => s.vmm === vmm)
+        .map(f)
+        .filter((x): x is number => x !== null && x >= 0),
+    );
+  const rows: Row[] = JOBS.map((j, i) => ({
+    suite: 'lab',
+    metric: j.metric,
+    unit: j.unit,
+    higherIsBetter: true,
+    typervisor: pick('typervisor', (s) => s.values[i] ?? null),
+    qemu: pick('qemu', (s) => s.values[i] ?? null),
+  }));
+  rows.push({
+    suite: 'lab',
+    metric: 'fio guest: start → TYPERVISOR-BOOT-OK (rootfs on virtio-blk)',
+    unit: 'ms',
+    typervisor: pick('typervisor', (s) => (s.markerMs >= 0 ? s.markerMs : null)),
+    qemu: pick('qemu', (s) => (s.markerMs >= 0 ? s.markerMs : null)),
+  });
+  const missing = fioPlan(runs).length - samples.length;
+  return {
+    rows,
+    notes: [
+      `${runs} run(s) per VMM, alternating; each run is one VM running the three jobs one after another (5 s each, libaio, --direct=1) on a 256 MiB scratch disk /dev/vdb.`,
+      `Guest: the default kernel and initramfs switching to the Debian rootfs on /dev/vda, ${MEM_MIB} MiB, 1 vCPU; images on the lab's tmpfs. Both VMMs use the host page cache: QEMU virtio-blk-device with its default cache=writeback and thread pool, Typervisor synchronous I/O in its device worker.`,
+      ...(missing > 0 ? [`${missing} VM run(s) missing (not measured).`] : []),
+      ...samples.filter((s) => s.error).map((s) => `${s.key} failed: ${s.error}`),
     ],
   };
 }
 
 async function main(): Promise<void> {
-  const runs = Number(parseArgs({ options: { runs: { type: 'string' } } }).values.runs ?? 1);
-  const kvm = detectKvm();
+  const { values } = parseArgs({
+    options: { runs: { type: 'string' }, resume: { type: 'string' } },
+  });
+  const runs = Number(values.runs ?? 1);
+  const kvmKind = detectKvm().kind;
   const dir = mkdtempSync('/dev/shm/tv-fio-');
   try {
     const root = join(dir, 'rootfs.ext4');
     const data = join(dir, 'data.img');
-    spawnSync('cp', ['--sparse=always', imagePaths('rootfs').ROOTFS!, root]);
-    spawnSync('dd', ['if=/dev/urandom', `of=${data}`, 'bs=1M', 'count=256', 'status=none']);
-    const results: Record<string, Partial<Record<Job, number>>[]> = { typervisor: [], qemu: [] };
-    for (let r = 0; r < runs; r++) {
-      for (const name of (r % 2 ? ['qemu', 'typervisor'] : ['typervisor', 'qemu']) as Array<
-        'typervisor' | 'qemu'
-      >) {
-        const res = await runOnce(vmm(name, root, data, kvm.kind), {
-          marker: 'TYPERVISOR-BOOT-OK',
-          inputAfterMarker: fioScript(),
-          timeoutMs: 300_000,
-        });
-        const p = parse(res.stdout);
-        process.stderr.write(
-          `lab-fio: run ${r + 1} ${name}: ${JSON.stringify(p)} (exit ${res.code})\n`,
-        );
-        if (Object.keys(p).length === 0)
-          process.stderr.write(res.stdout.slice(-2000) + '\n' + res.stderr.slice(-1000) + '\n');
-        results[name]!.push(p);
-      }
+    for (const [cmd, ...args] of [
+      ['cp', '--sparse=always', imagePaths('rootfs').ROOTFS!, root],
+      ['dd', 'if=/dev/urandom', `of=${data}`, 'bs=1M', 'count=256', 'status=none'],
+    ] as const) {
+      const r = spawnSync(cmd, args, { encoding: 'utf8' });
+      if (r.status !== 0) throw new Error(`${cmd} failed: ${r.error?.message ?? r.stderr}`);
     }
-    const lines = ['| fio in the lab | Typervisor | QEMU microvm | T/QEMU |', '|---|---|---|---|'];
-    for (const job of Object.keys(JOBS) as Job[]) {
-      const t = stat(
-        results.typervisor!.map((x) => x[job]).filter((x): x is number => x !== undefined),
-      );
-      const q = stat(results.qemu!.map((x) => x[job]).filter((x): x is number => x !== undefined));
-      const fmt = (s: typeof t) => (s ? s.median.toFixed(job.includes('IOPS') ? 0 : 1) : 'n/a');
-      lines.push(
-        `| ${job} | ${fmt(t)} | ${fmt(q)} | ${t && q ? (t.median / q.median).toFixed(2) + 'x' : 'n/a'} |`,
-      );
-    }
-    process.stdout.write(
-      `\n${lines.join('\n')}\n(median of ${runs} run(s); both VMMs use the host page cache: QEMU's default cache=writeback with its thread pool, Typervisor synchronous I/O in its device worker)\n`,
+    const samples = await runPlan(fioPlan(runs), readResume<FioSample>(values.resume), (key) =>
+      measure(key, root, data, kvmKind),
     );
+    printSubSuiteOutput({ ...summariseFio(samples, runs), labHost: labHostInfo() });
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
 }
 
-main().catch((e) => {
-  process.stderr.write(`lab-fio: ${(e as Error).stack ?? e}\n`);
-  process.exit(1);
-});
+if (isMainModule(import.meta.url)) {
+  main().catch((e) => {
+    process.stderr.write(`lab-fio: ${(e as Error).stack ?? e}\n`);
+    process.exit(1);
+  });
+}

@@ -1,7 +1,7 @@
 /**
- * `npm run bench [-- --suite micro|lab|all] [--runs N] [--lab-runs N]`: Typervisor vs QEMU
- * microvm (and the C KVM floor on the host). Prints a Markdown table and writes
- * bench/results/latest.md and bench/results/latest.json. See docs/bench.md.
+ * `npm run bench [-- --suite micro|lab|all] [--runs N] [--lab-runs N] [--lab-suites LIST]`:
+ * Typervisor vs QEMU microvm (and the C KVM floor on the host). Prints a Markdown table and
+ * writes bench/results/latest.md and bench/results/latest.json. See docs/bench.md.
  */
 import { spawnSync } from 'node:child_process';
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
@@ -9,19 +9,32 @@ import { release } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { detectKvm } from '../src/kvm/detect.js';
-import { REPO, type Row, type Stat } from './common.js';
-import { labSuite, type LabSuiteResult } from './lab.js';
+import { REPO, type LabHost, type Row, type Stat } from './common.js';
+import {
+  LAB_SUB_SUITES,
+  LAB_SUB_SUITE_NAMES,
+  labSuite,
+  type LabSubSuiteName,
+  type SubSuiteResult,
+} from './lab.js';
 import { microSuite } from './micro.js';
 
-const USAGE =
-  'usage: npm run bench -- [--suite micro|lab|all] [--runs N (default 10)] [--lab-runs N (default 3)]';
+const DEFAULT_LAB_RUNS = LAB_SUB_SUITES.map((d) => `${d.name} ${d.defaultRuns}`).join(', ');
+const USAGE = `usage: npm run bench -- [--suite micro|lab|all] [--runs N] [--lab-runs N] [--lab-suites NAME[:N],...]
+  --suite        which suites (default all)
+  --runs N       runs of the micro suite (default 10); if given, also caps each lab sub-suite's default
+  --lab-runs N   runs of every lab sub-suite (defaults: ${DEFAULT_LAB_RUNS})
+  --lab-suites   lab sub-suites to run, in order, each with an optional run count
+                 (${LAB_SUB_SUITE_NAMES.join(', ')}; default all), e.g. --lab-suites boot:5,fio`;
 
 function fmt(x: number): string {
   if (x >= 1000) return x.toFixed(0);
   if (x >= 100) return x.toFixed(1);
-  if (x >= 10) return x.toFixed(2);
   return x.toFixed(2);
 }
+
+/** A note as one Markdown list item (error notes quote VMM output). */
+const oneLine = (s: string) => s.replace(/\s*\n\s*/g, ' ').trim();
 
 function cell(s: Stat | undefined): string {
   return s ? `${fmt(s.median)} (${fmt(s.min)}–${fmt(s.max)})` : '–';
@@ -31,16 +44,22 @@ function ratio(a: Stat | undefined, b: Stat | undefined): string {
   return a && b && b.median !== 0 ? `${(a.median / b.median).toFixed(2)}x` : '–';
 }
 
+/** A Markdown table with padded columns (as prettier writes it, so results pass its check). */
 function table(rows: Row[], withFloor: boolean): string {
-  const head = withFloor
-    ? '| metric | unit | Typervisor | QEMU microvm | C floor | Typervisor/QEMU | Typervisor/floor | note |\n|---|---|---|---|---|---|---|---|'
-    : '| metric | unit | Typervisor | QEMU microvm | Typervisor/QEMU | note |\n|---|---|---|---|---|---|';
-  const lines = rows.map((r) =>
-    withFloor
-      ? `| ${r.metric} | ${r.unit} | ${cell(r.typervisor)} | ${cell(r.qemu)} | ${cell(r.floor)} | ${ratio(r.typervisor, r.qemu)} | ${ratio(r.typervisor, r.floor)} | ${r.note ?? ''} |`
-      : `| ${r.metric} | ${r.unit} | ${cell(r.typervisor)} | ${cell(r.qemu)} | ${ratio(r.typervisor, r.qemu)} | ${r.note ?? ''} |`,
-  );
-  return [head, ...lines].join('\n');
+  const head = ['metric', 'unit', 'Typervisor', 'QEMU microvm'];
+  if (withFloor) head.push('C floor', 'Typervisor/QEMU', 'Typervisor/floor', 'note');
+  else head.push('Typervisor/QEMU', 'note');
+  const body = rows.map((r) => {
+    const cells = [r.metric, `${r.unit}${r.higherIsBetter ? ' ↑' : ''}`];
+    cells.push(cell(r.typervisor), cell(r.qemu));
+    if (withFloor)
+      cells.push(cell(r.floor), ratio(r.typervisor, r.qemu), ratio(r.typervisor, r.floor));
+    else cells.push(ratio(r.typervisor, r.qemu));
+    return [...cells, r.note ?? ''];
+  });
+  const width = head.map((h, i) => Math.max(3, h.length, ...body.map((b) => b[i]!.length)));
+  const line = (cells: string[]) => `| ${cells.map((c, i) => c.padEnd(width[i]!)).join(' | ')} |`;
+  return [line(head), line(width.map((w) => '-'.repeat(w))), ...body.map(line)].join('\n');
 }
 
 function hostInfo() {
@@ -71,86 +90,144 @@ function hostInfo() {
   };
 }
 
-async function main() {
+interface Options {
+  suite: 'micro' | 'lab' | 'all';
+  runs: number;
+  lab: Array<{ name: LabSubSuiteName; runs: number }>;
+}
+
+/** The options, or a message for the usage error. */
+function parseOptions(argv: string[]): Options | string {
   let v;
   try {
     v = parseArgs({
+      args: argv,
       options: {
         suite: { type: 'string' },
         runs: { type: 'string' },
         'lab-runs': { type: 'string' },
-        help: { type: 'boolean' },
+        'lab-suites': { type: 'string' },
       },
     }).values;
   } catch (e) {
-    process.stderr.write(`${(e as Error).message}\n${USAGE}\n`);
-    process.exit(2);
+    return (e as Error).message;
   }
-  if (v.help) {
+  const count = (s: string | undefined, what: string): number | string | undefined => {
+    if (s === undefined) return undefined;
+    const n = Number(s);
+    return Number.isInteger(n) && n >= 1 ? n : `${what}: not a positive integer: ${s}`;
+  };
+  const suite = v.suite ?? 'all';
+  if (suite !== 'micro' && suite !== 'lab' && suite !== 'all') return `unknown suite: ${suite}`;
+  const runs = count(v.runs, '--runs');
+  const labRuns = count(v['lab-runs'], '--lab-runs');
+  if (typeof runs === 'string') return runs;
+  if (typeof labRuns === 'string') return labRuns;
+  const lab: Options['lab'] = [];
+  for (const item of (v['lab-suites'] ?? LAB_SUB_SUITE_NAMES.join(',')).split(',')) {
+    const [name, n] = item.trim().split(':');
+    const def = LAB_SUB_SUITES.find((d) => d.name === name);
+    if (!def) return `unknown lab sub-suite: ${name} (have ${LAB_SUB_SUITE_NAMES.join(', ')})`;
+    if (lab.some((s) => s.name === def.name)) return `lab sub-suite given twice: ${name}`;
+    const own = count(n, `--lab-suites ${name}`);
+    if (typeof own === 'string') return own;
+    lab.push({
+      name: def.name,
+      runs: own ?? labRuns ?? Math.min(def.defaultRuns, runs ?? def.defaultRuns),
+    });
+  }
+  return { suite, runs: runs ?? 10, lab };
+}
+
+function labSection(results: SubSuiteResult[], labHost: LabHost | undefined): string[] {
+  const out = ['## Linux in the lab', ''];
+  if (labHost)
+    out.push(
+      `Lab: ${labHost.cpu ?? '?'}, Linux ${labHost.kernel}; KVM: ${labHost.kvmKind} (${labHost.kvm}); ${labHost.qemu}. The lab is TCG-emulated: every figure is slow and noisy; compare the columns, not the absolute values with the host.`,
+      '',
+    );
+  for (const r of results) {
+    out.push(`### ${r.name}: ${r.title}`, '');
+    if (r.status !== 'skipped') {
+      const boots = r.labBootMs.map((ms) => (ms >= 0 ? `${(ms / 1000).toFixed(1)} s` : 'no boot'));
+      out.push(
+        `${r.runs} run(s), ${r.seconds.toFixed(0)} s, ${r.attempts} lab(s) booted (${boots.join(', ')}); ${r.status}.`,
+        '',
+      );
+    }
+    if (r.rows.length) out.push(table(r.rows, false), '');
+    if (r.notes.length) out.push(...r.notes.map((n) => `- ${oneLine(n)}`), '');
+  }
+  return out;
+}
+
+async function main() {
+  if (process.argv.includes('--help') || process.argv.includes('-h')) {
     process.stdout.write(`${USAGE}\n`);
     return;
   }
-  const suite = v.suite ?? 'all';
-  const runs = Number(v.runs ?? 10);
-  const labRuns = Number(v['lab-runs'] ?? (v.runs !== undefined ? Math.min(runs, 3) : 3));
-  if (!['micro', 'lab', 'all'].includes(suite) || !(runs >= 1) || !(labRuns >= 1)) {
-    process.stderr.write(`${USAGE}\n`);
+  const o = parseOptions(process.argv.slice(2));
+  if (typeof o === 'string') {
+    process.stderr.write(`bench: ${o}\n${USAGE}\n`);
     process.exit(2);
   }
   const log = (s: string) => process.stderr.write(`bench: ${s}\n`);
   const host = hostInfo();
   const started = Date.now();
-  const rows: Row[] = [];
+  const micro: Row[] = [];
   const notes: string[] = [];
-  let lab: LabSuiteResult | undefined;
-  if (suite === 'micro' || suite === 'all') {
-    log(`micro suite, ${runs} runs`);
-    const m = await microSuite({ runs, kvmKind: host.kvmKind, log });
-    rows.push(...m.rows);
-    notes.push(...m.notes);
-  }
-  if (suite === 'lab' || suite === 'all') {
-    log(`lab suite, ${labRuns} runs (boots the lab once)`);
+  const times: string[] = [];
+  let lab: SubSuiteResult[] = [];
+  if (o.suite !== 'lab') {
+    log(`micro suite, ${o.runs} runs`);
+    const t = Date.now();
     try {
-      lab = await labSuite({ runs: labRuns, log });
-      rows.push(...lab.rows);
-      notes.push(...lab.notes);
-      for (const e of lab.errors) notes.push(`lab run failed: ${e}`);
+      const m = await microSuite({ runs: o.runs, kvmKind: host.kvmKind, log });
+      micro.push(...m.rows);
+      notes.push(...m.notes);
     } catch (e) {
-      notes.push(`lab suite failed: ${(e as Error).message.split('\n').slice(0, 5).join(' ')}`);
-      log((e as Error).message);
+      notes.push(`micro suite failed: ${(e as Error).message.split('\n').slice(0, 5).join(' ')}`);
+      log((e as Error).stack ?? String(e));
     }
+    times.push(`micro ${((Date.now() - t) / 1000).toFixed(0)} s`);
+  }
+  if (o.suite !== 'micro') {
+    lab = await labSuite({ suites: o.lab, log });
+    const chosen = o.lab.map((s) => `${s.name} ${s.runs}`).join(', ');
+    notes.push(
+      `Lab runs per sub-suite: ${chosen} (defaults: ${DEFAULT_LAB_RUNS}; --lab-runs N or --lab-suites NAME:N change them). Each sub-suite boots a lab of its own and is run once more if that lab dies, times out or prints no result.`,
+    );
+    for (const r of lab)
+      times.push(
+        `lab ${r.name} ${r.status === 'skipped' ? 'skipped' : `${r.seconds.toFixed(0)} s`}`,
+      );
   }
   const totalS = (Date.now() - started) / 1000;
-  const micro = rows.filter((r) => r.suite === 'micro');
-  const labRows = rows.filter((r) => r.suite === 'lab');
+  times.push(`total ${totalS.toFixed(0)} s`);
+  notes.push(`Time: ${times.join(', ')}.`);
+  const labHost = lab.find((r) => r.labHost)?.labHost;
   const md = [
     '# Typervisor benchmark',
     '',
-    `${new Date().toISOString()}, ${totalS.toFixed(0)} s. Cells: median (min–max) over the runs. See docs/bench.md.`,
+    `${new Date().toISOString()}, ${totalS.toFixed(0)} s. Cells: median (min–max) over the runs; ↑: higher is better, otherwise lower is. See docs/bench.md.`,
     '',
     `- host: ${host.cpu}, ${host.cpus} CPUs, Linux ${host.kernel}; KVM: ${host.kvmKind} (${host.kvm})`,
     `- ${host.qemu}; Node.js ${host.node}${host.commit ? `; Typervisor ${host.commit}` : ''}`,
-    ...(lab?.labHost
-      ? [
-          `- lab: ${lab.labHost.cpu}, Linux ${lab.labHost.kernel}; KVM: ${lab.labHost.kvmKind} (${lab.labHost.kvm}); ${lab.labHost.qemu}; lab boot ${lab.labBootMs} ms`,
-        ]
-      : []),
     '',
     ...(micro.length
       ? [
           "## Micro: VMM overhead on the host's KVM",
           '',
-          `${runs} runs.`,
+          `${o.runs} runs.`,
           '',
           table(micro, true),
           '',
         ]
       : []),
-    ...(labRows.length ? ['## Linux in the lab', '', table(labRows, false), ''] : []),
+    ...(lab.length ? labSection(lab, labHost) : []),
     '## Notes',
     '',
-    ...notes.map((n) => `- ${n}`),
+    ...notes.map((n) => `- ${oneLine(n)}`),
     '',
   ].join('\n');
   const dir = join(REPO, 'bench', 'results');
@@ -162,19 +239,27 @@ async function main() {
       {
         date: new Date().toISOString(),
         seconds: totalS,
-        runs,
-        labRuns,
-        suite,
+        runs: o.runs,
+        labRuns:
+          o.suite === 'micro' ? undefined : Object.fromEntries(o.lab.map((s) => [s.name, s.runs])),
+        suite: o.suite,
         host,
-        lab: lab?.labHost,
-        rows,
+        lab: labHost,
+        labSuites: lab,
+        rows: [...micro, ...lab.flatMap((r) => r.rows)],
         notes,
       },
       null,
       2,
+    ).replace(
+      /\[\n\s+([-\d.e+]+(?:,\n\s+[-\d.e+]+)*)\n\s+\]/g,
+      (_, xs: string) =>
+        // Short arrays of numbers on one line, as prettier writes them.
+        `[${xs.split(/,\s+/).join(', ')}]`,
     ) + '\n',
   );
   process.stdout.write(md);
+  log(`done in ${totalS.toFixed(0)} s (${times.join(', ')})`);
 }
 
 main().catch((e) => {
