@@ -23,9 +23,15 @@ export const INT_CONFIG_CHANGE = 0x2;
 /** Device IDs (§5). */
 export const DEVICE_ID_BLOCK = 2;
 export const DEVICE_ID_RNG = 4;
+export const DEVICE_ID_NET = 1;
+export const DEVICE_ID_VSOCK = 19;
 
 /** VendorID register: the bytes "TYPV" read as a little-endian u32 (QEMU's is "QEMU"). */
 export const VENDOR_ID = 0x5650_5954;
+
+/** Limits of the virtio-mmio register file (mmio-state.ts). */
+export const MAX_QUEUES = 8;
+export const CONFIG_SPACE_MAX = 256;
 
 /** Queue size we offer (QueueNumMax) for every queue. */
 export const QUEUE_SIZE_MAX = 256;

@@ -6,6 +6,11 @@
  * State is a discriminated union: inactive (no queues; the driver is negotiating, or the device
  * was reset or broken) | active (queues built from the driver's setup, bound to one reset epoch).
  *
+ * Save/restore (device-state.ts): `save()` records the transport, the device state with each
+ * active queue's position, and the backend's bytes; `restore()` rebuilds all of it in a fresh
+ * device. Both run on the device worker's thread while it is not processing anything else, with
+ * the vCPUs paused (see `quiesce()`).
+ *
  * Guest-error policy (DESIGN.md, "Guest-facing code is the attack surface"): a malformed chain is
  * returned with used.len 0 (the request failed; its buffers are not trusted enough to write a
  * status into); a broken queue or an unusable queue setup marks the device DEVICE_NEEDS_RESET and
@@ -13,18 +18,27 @@
  * nothing the guest does throws out of here.
  */
 import type { GuestMemory } from '../../memory/guest-memory.js';
+import { PersistError } from '../../util/persist.js';
+import { err, ok, type Result } from '../../util/result.js';
 import {
   INT_USED_BUFFER,
   QUEUE_SIZE_MAX,
-  STATUS_DEVICE_NEEDS_RESET,
   STATUS_DRIVER_OK,
-  STATUS_FAILED,
   VIRTIO_F_RING_INDIRECT_DESC,
   bit,
 } from './constants.js';
 import type { DescriptorChain } from './chain.js';
-import { C_GUEST_ERRORS, VirtioMmioState } from './mmio-state.js';
+import {
+  type SavedDeviceState,
+  VirtioDeviceStateV1,
+  checkDeviceState,
+  disagreement,
+  restoreQueues,
+  runnable,
+} from './device-state.js';
+import { VirtioMmioState } from './mmio-state.js';
 import { Virtqueue } from './queue.js';
+import { checkTransportState } from './transport-state.js';
 
 /**
  * Queue access for backends that serve some queues themselves (virtio-net RX, virtio-vsock):
@@ -38,6 +52,11 @@ export interface QueueIo {
    */
   pop(queue: number): DescriptorChain | undefined;
   pushUsed(queue: number, head: number, len: number): void;
+  /**
+   * Gives back the chain pop(queue) returned last, unused (the next pop returns it again);
+   * false when `head` is not that chain. How a backend that holds a chain saves: it lets go.
+   */
+  unpop(queue: number, head: number): boolean;
   /** Raises the used-buffer interrupt if chains were used since the last call and it is wanted. */
   notify(queue: number): void;
   /** Counts a guest error and logs it once per kind. */
@@ -58,10 +77,26 @@ export interface VirtioBackend {
    */
   readonly selfServed?: readonly number[];
   kick?(queue: number): void;
-  /** Called when the driver set DRIVER_OK with these negotiated features. */
-  activate?(features: bigint, io: QueueIo): void;
+  /**
+   * Called when the driver set DRIVER_OK with these negotiated features, or (`restored` true)
+   * when a restored device resumes an activation: then restore() has already run, the queues
+   * stand where they were saved, and activate must keep what restore() set (no "new driver
+   * instance" resets).
+   */
+  activate?(features: bigint, io: QueueIo, restored?: boolean): void;
   /** Called when the queues are dropped (reset or broken). */
   deactivate?(): void;
+  /**
+   * The backend's own state, for a snapshot (taken while the device is quiescent). Chains a
+   * backend holds (taken from a queue, not yet used) are counted in the queue positions; a
+   * backend that holds one records its head and re-reads it on restore.
+   */
+  save?(): Uint8Array;
+  /**
+   * Loads what save() returned, before activate(.., restored = true). The bytes are input:
+   * validate everything first and throw a PersistError (changing nothing) if they are bad.
+   */
+  restore?(bytes: Uint8Array): void;
 }
 
 export type DeviceState =
@@ -103,10 +138,7 @@ export class VirtioDevice {
     }
     // Whatever happened before this snapshot, we hold no queues of older epochs now.
     if (this.state.resetPending()) this.state.ackReset(snap.epoch);
-    const runnable =
-      snap.status & STATUS_DRIVER_OK &&
-      !(snap.status & (STATUS_DEVICE_NEEDS_RESET | STATUS_FAILED));
-    if (this.dev.kind === 'inactive' && runnable) {
+    if (this.dev.kind === 'inactive' && runnable(snap.status)) {
       const queues: Array<Virtqueue | undefined> = [];
       const indirect = (snap.driverFeatures & bit(VIRTIO_F_RING_INDIRECT_DESC)) !== 0n;
       for (const [i, q] of snap.queues.entries()) {
@@ -135,8 +167,108 @@ export class VirtioDevice {
       this.dev = active;
       this.backend.activate?.(snap.driverFeatures, this.queueIo(active));
       // Buffers made available before DRIVER_OK (or kicks we could not serve yet) are served now.
-      queues.forEach((_q, i) => this.onKick(i));
+      this.kickAll();
     }
+  }
+
+  /**
+   * True when the device worker has caught up with the transport: no reset waits for it, and
+   * onLifecycle() would change nothing. save() requires it.
+   */
+  isQuiescent(): boolean {
+    if (this.state.resetPending()) return false;
+    const snap = this.state.snapshot();
+    return disagreement(snap.status, snap.epoch, this.dev) === undefined;
+  }
+
+  /**
+   * Catches up with lifecycle events not handled yet (a DRIVER_OK or reset whose eventfd write
+   * the loop has not read), so that the device can be saved. Precondition: the vCPUs are paused
+   * (no register access in flight) and this runs on the device worker's thread between events;
+   * then the device stays quiescent until the vCPUs run again. Returns isQuiescent().
+   */
+  quiesce(): boolean {
+    if (!this.isQuiescent()) this.onLifecycle();
+    return this.isQuiescent();
+  }
+
+  /**
+   * The device's saved state (device-state.ts). Precondition: quiescent (see quiesce()); saving
+   * a device in the middle of a lifecycle change is a bug of the caller, so it throws.
+   */
+  save(): Uint8Array {
+    if (!this.isQuiescent())
+      throw new Error(`${this.backend.name}: save() before quiesce() (lifecycle work pending)`);
+    // The backend first: saving may give a held chain back to its queue (QueueIo.unpop), which
+    // moves the position saved below.
+    const backend = this.backend.save?.();
+    const d = this.dev;
+    const device: SavedDeviceState =
+      d.kind === 'inactive'
+        ? { kind: 'inactive' }
+        : {
+            kind: 'active',
+            epoch: d.epoch,
+            features: d.features,
+            queues: d.queues.map((q) => q?.position()),
+          };
+    return VirtioDeviceStateV1.encode({
+      transport: this.state.savedState(),
+      device,
+      backend,
+    });
+  }
+
+  /**
+   * Rebuilds a saved device in this one, which must be inactive (freshly built, same kind and
+   * configuration, over the same guest memory). Everything is checked before anything changes:
+   * on error the device is as it was. Order: decode and check the blob; build the active queues
+   * at their saved positions (their rings checked against guest RAM); backend.restore(); write
+   * the transport registers; set the device active; backend.activate(.., restored = true).
+   * Raises no interrupt and serves nothing: InterruptStatus is restored as it was, and buffers
+   * the driver made available but nobody served are served at the next kick (the lead's resume
+   * calls kickAll(), since kicks taken by the old process are lost).
+   */
+  restore(bytes: Uint8Array): Result<void, PersistError> {
+    const fail = (m: string) => err(new PersistError(`${this.backend.name}: ${m}`));
+    if (this.dev.kind !== 'inactive') return fail('restore into an active device');
+    const decoded = VirtioDeviceStateV1.decode(bytes);
+    if (!decoded.ok) return decoded;
+    const { transport: t, device: d, backend } = decoded.value;
+    const tc = checkTransportState(t, this.state.identity());
+    if (!tc.ok) return tc;
+    const dc = checkDeviceState(t, d);
+    if (!dc.ok) return dc;
+    let active: Extract<DeviceState, { kind: 'active' }> | undefined;
+    if (d.kind === 'active') {
+      const queues = restoreQueues(this.env.mem, t, d);
+      if (!queues.ok) return fail(queues.error.message);
+      active = { kind: 'active', epoch: d.epoch, features: d.features, queues: queues.value };
+    }
+    if (backend !== undefined) {
+      if (!this.backend.restore) return fail('the saved state has backend bytes it cannot load');
+      try {
+        this.backend.restore(backend);
+      } catch (e) {
+        if (e instanceof PersistError) return fail(`backend: ${e.message}`);
+        throw e;
+      }
+    }
+    this.state.applySaved(t);
+    if (active) {
+      this.dev = active;
+      this.backend.activate?.(active.features, this.queueIo(active), true);
+    }
+    return ok(undefined);
+  }
+
+  /**
+   * Drains every queue as a kick would (an interrupt only if something was used). For resuming
+   * a restored device: kicks the driver made while the old process was being saved are gone.
+   */
+  kickAll(): void {
+    const d = this.dev;
+    if (d.kind === 'active') d.queues.forEach((_q, i) => this.onKick(i));
   }
 
   private queueIo(d: Extract<DeviceState, { kind: 'active' }>): QueueIo {
@@ -160,6 +292,10 @@ export class VirtioDevice {
           used[index]!++;
         }
         return undefined;
+      },
+      unpop: (index, head) => {
+        const q = d.queues[index];
+        return q !== undefined && live() && q.unpop(head);
       },
       pushUsed: (index, head, len) => {
         const q = d.queues[index];
@@ -248,7 +384,7 @@ export class VirtioDevice {
   }
 
   private guestError(kind: string, message: string): void {
-    this.state.count(C_GUEST_ERRORS);
+    this.state.count('guestErrors');
     this.logOnce(kind, `${this.backend.name}: guest error (logged once per kind): ${message}`);
   }
 

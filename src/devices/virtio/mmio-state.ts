@@ -9,52 +9,83 @@
  * interrupt never waits for the lock. Atomics are sequentially consistent, so what a thread wrote
  * under the lock is visible to the next holder on any thread.
  */
+import { slots, type PersistError } from '../../util/persist.js';
+import { err, ok, type Result } from '../../util/result.js';
 import { SharedMutex } from '../../util/shared-mutex.js';
-import { STATUS_DEVICE_NEEDS_RESET, STATUS_DRIVER_OK, INT_CONFIG_CHANGE } from './constants.js';
+import {
+  CONFIG_SPACE_MAX,
+  INT_CONFIG_CHANGE,
+  MAX_QUEUES,
+  STATUS_DEVICE_NEEDS_RESET,
+  STATUS_DRIVER_OK,
+} from './constants.js';
+import {
+  type TransportIdentity,
+  type TransportState,
+  TransportStateV1,
+  checkTransportState,
+} from './transport-state.js';
 
-// Int32 slots.
-export const S_LOCK = 0;
-export const S_STATUS = 1;
-export const S_INTERRUPT_STATUS = 2;
-export const S_DEVICE_FEATURES_SEL = 3;
-export const S_DRIVER_FEATURES_SEL = 4;
-export const S_DRIVER_FEATURES_LO = 5;
-export const S_DRIVER_FEATURES_HI = 6;
-export const S_QUEUE_SEL = 7;
-export const S_CONFIG_GENERATION = 8;
-/** Incremented by every reset (Status = 0); the device worker compares it with its own copy. */
-export const S_RESET_EPOCH = 9;
+export { CONFIG_SPACE_MAX, MAX_QUEUES };
+
 /**
- * 1 from the reset of a device that had reached DRIVER_OK until the device worker has dropped
- * its queues (the resetting vCPU waits on it, bounded).
+ * The Int32 slots of the register file, by name. Slots hold raw 32-bit register values (u32
+ * registers are stored as their int32 bit pattern; read them with `>>> 0`).
  */
-export const S_RESET_PENDING = 10;
-export const S_DEVICE_ID = 11;
-export const S_DEVICE_FEATURES_LO = 12;
-export const S_DEVICE_FEATURES_HI = 13;
-export const S_QUEUE_COUNT = 14;
-export const S_CONFIG_LEN = 15;
-// Counters (int32, wrap harmlessly), changed with Atomics.add.
-export const C_BAD_ACCESS = 16; // wrong width, unknown offset, write to a read-only register
-export const C_ILLEGAL_STATUS = 17; // refused status transitions and late queue writes
-export const C_GUEST_ERRORS = 18; // queue / descriptor errors seen by the device worker
-export const C_NEEDS_RESET = 19; // times the device marked itself broken
-export const C_INTERRUPTS = 20;
+export const REGS = slots([
+  'lock',
+  'status',
+  'interruptStatus',
+  'deviceFeaturesSel',
+  'driverFeaturesSel',
+  'driverFeaturesLo',
+  'driverFeaturesHi',
+  'queueSel',
+  'configGeneration',
+  /** Incremented by every reset (Status = 0); the device worker compares it with its own copy. */
+  'resetEpoch',
+  /**
+   * 1 from the reset of a device that had reached DRIVER_OK until the device worker has dropped
+   * its queues (the resetting vCPU waits on it, bounded).
+   */
+  'resetPending',
+  // Identity: written once by createState, never by the driver.
+  'deviceId',
+  'deviceFeaturesLo',
+  'deviceFeaturesHi',
+  'queueCount',
+  'configLen',
+]);
 
-const QUEUE_BASE = 32;
-const QUEUE_STRIDE = 10;
-export const Q_NUM_MAX = 0;
-export const Q_NUM = 1;
-export const Q_READY = 2;
-export const Q_DESC_LO = 3;
-export const Q_DESC_HI = 4;
-export const Q_DRIVER_LO = 5;
-export const Q_DRIVER_HI = 6;
-export const Q_DEVICE_LO = 7;
-export const Q_DEVICE_HI = 8;
+/** Counters (int32, wrap harmlessly), changed with Atomics.add. Metrics, not saved state. */
+export const COUNTERS = slots(
+  [
+    'badAccess', // wrong width, unknown offset, write to a read-only register
+    'illegalStatus', // refused status transitions and late queue writes
+    'guestErrors', // queue / descriptor errors seen by the device worker
+    'needsReset', // times the device marked itself broken
+    'interrupts',
+  ],
+  REGS.$count,
+);
+export type CounterName = Exclude<keyof typeof COUNTERS, '$count'>;
 
-export const MAX_QUEUES = 8;
-export const CONFIG_SPACE_MAX = 256;
+/** One queue's slots, at `VirtioMmioState.q(queue, QREG.x)`. */
+export const QREG = slots([
+  'numMax',
+  'num',
+  'ready',
+  'descLo',
+  'descHi',
+  'driverLo',
+  'driverHi',
+  'deviceLo',
+  'deviceHi',
+]);
+
+const QUEUE_BASE = COUNTERS.$count;
+const QUEUE_STRIDE = QREG.$count;
+
 const INT32_SLOTS = QUEUE_BASE + MAX_QUEUES * QUEUE_STRIDE;
 const CONFIG_BYTE_OFFSET = INT32_SLOTS * 4;
 const STATE_BYTES = CONFIG_BYTE_OFFSET + CONFIG_SPACE_MAX;
@@ -98,6 +129,9 @@ const u64 = (lo: number, hi: number): number => {
   const h = hi >>> 0;
   return h >= 0x20_0000 ? -1 : h * 0x1_0000_0000 + (lo >>> 0);
 };
+const u64n = (lo: number, hi: number): bigint => (BigInt(hi >>> 0) << 32n) | BigInt(lo >>> 0);
+const lo32 = (v: bigint): number => Number(v & 0xffff_ffffn) | 0;
+const hi32 = (v: bigint): number => Number((v >> 32n) & 0xffff_ffffn) | 0;
 
 export class VirtioMmioState {
   readonly s: Int32Array;
@@ -114,14 +148,14 @@ export class VirtioMmioState {
     const sab = new SharedArrayBuffer(STATE_BYTES);
     const s = new Int32Array(sab, 0, INT32_SLOTS);
     const f = id.features | featureVersion1;
-    s[S_DEVICE_ID] = id.deviceId;
-    s[S_DEVICE_FEATURES_LO] = Number(f & 0xffff_ffffn) | 0;
-    s[S_DEVICE_FEATURES_HI] = Number((f >> 32n) & 0xffff_ffffn) | 0;
-    s[S_QUEUE_COUNT] = id.queueSizes.length;
-    s[S_CONFIG_LEN] = id.config.length;
+    s[REGS.deviceId] = id.deviceId;
+    s[REGS.deviceFeaturesLo] = lo32(f);
+    s[REGS.deviceFeaturesHi] = hi32(f);
+    s[REGS.queueCount] = id.queueSizes.length;
+    s[REGS.configLen] = id.config.length;
     id.queueSizes.forEach((size, i) => {
-      s[QUEUE_BASE + i * QUEUE_STRIDE + Q_NUM_MAX] = size;
-      s[QUEUE_BASE + i * QUEUE_STRIDE + Q_NUM] = size;
+      s[QUEUE_BASE + i * QUEUE_STRIDE + QREG.numMax] = size;
+      s[QUEUE_BASE + i * QUEUE_STRIDE + QREG.num] = size;
     });
     new Uint8Array(sab, CONFIG_BYTE_OFFSET, CONFIG_SPACE_MAX).set(id.config);
     return sab;
@@ -131,34 +165,44 @@ export class VirtioMmioState {
     if (sab.byteLength !== STATE_BYTES) throw new Error('not a virtio-mmio state buffer');
     this.s = new Int32Array(sab, 0, INT32_SLOTS);
     this.config = new Uint8Array(sab, CONFIG_BYTE_OFFSET, CONFIG_SPACE_MAX);
-    this.mutex = new SharedMutex(this.s, S_LOCK);
+    this.mutex = new SharedMutex(this.s, REGS.lock);
   }
 
   get queueCount(): number {
-    return this.s[S_QUEUE_COUNT]!;
+    return this.s[REGS.queueCount]!;
   }
   get deviceFeatures(): bigint {
-    return (
-      (BigInt(this.s[S_DEVICE_FEATURES_HI]! >>> 0) << 32n) |
-      BigInt(this.s[S_DEVICE_FEATURES_LO]! >>> 0)
-    );
+    return u64n(this.s[REGS.deviceFeaturesLo]!, this.s[REGS.deviceFeaturesHi]!);
   }
-  /** Slot index of a queue register; q must be < queueCount. */
+  /** Slot index of a queue register (a QREG name); q must be < queueCount. */
   q(queue: number, reg: number): number {
     return QUEUE_BASE + queue * QUEUE_STRIDE + reg;
   }
-  count(counter: number): void {
-    Atomics.add(this.s, counter, 1);
+  count(counter: CounterName): void {
+    Atomics.add(this.s, COUNTERS[counter], 1);
   }
 
   counters(): VirtioCounters {
-    const g = (i: number) => Atomics.load(this.s, i) >>> 0;
+    const g = (c: CounterName) => Atomics.load(this.s, COUNTERS[c]) >>> 0;
     return {
-      badAccesses: g(C_BAD_ACCESS),
-      illegalStatus: g(C_ILLEGAL_STATUS),
-      guestErrors: g(C_GUEST_ERRORS),
-      needsReset: g(C_NEEDS_RESET),
-      interrupts: g(C_INTERRUPTS),
+      badAccesses: g('badAccess'),
+      illegalStatus: g('illegalStatus'),
+      guestErrors: g('guestErrors'),
+      needsReset: g('needsReset'),
+      interrupts: g('interrupts'),
+    };
+  }
+
+  /** What this device is (fixed at createState). */
+  identity(): TransportIdentity {
+    const s = this.s;
+    const queueNumMax: number[] = [];
+    for (let i = 0; i < this.queueCount; i++) queueNumMax.push(s[this.q(i, QREG.numMax)]!);
+    return {
+      deviceId: s[REGS.deviceId]! >>> 0,
+      deviceFeatures: this.deviceFeatures,
+      queueNumMax,
+      configLen: s[REGS.configLen]!,
     };
   }
 
@@ -170,19 +214,19 @@ export class VirtioMmioState {
       const s = this.s;
       const queues: QueueConfig[] = [];
       for (let i = 0; i < this.queueCount; i++) {
+        const r = (reg: number) => s[this.q(i, reg)]!;
         queues.push({
-          ready: s[this.q(i, Q_READY)] === 1,
-          size: s[this.q(i, Q_NUM)]!,
-          desc: u64(s[this.q(i, Q_DESC_LO)]!, s[this.q(i, Q_DESC_HI)]!),
-          driver: u64(s[this.q(i, Q_DRIVER_LO)]!, s[this.q(i, Q_DRIVER_HI)]!),
-          device: u64(s[this.q(i, Q_DEVICE_LO)]!, s[this.q(i, Q_DEVICE_HI)]!),
+          ready: r(QREG.ready) === 1,
+          size: r(QREG.num),
+          desc: u64(r(QREG.descLo), r(QREG.descHi)),
+          driver: u64(r(QREG.driverLo), r(QREG.driverHi)),
+          device: u64(r(QREG.deviceLo), r(QREG.deviceHi)),
         });
       }
       return {
-        status: s[S_STATUS]!,
-        epoch: s[S_RESET_EPOCH]!,
-        driverFeatures:
-          (BigInt(s[S_DRIVER_FEATURES_HI]! >>> 0) << 32n) | BigInt(s[S_DRIVER_FEATURES_LO]! >>> 0),
+        status: s[REGS.status]!,
+        epoch: s[REGS.resetEpoch]!,
+        driverFeatures: u64n(s[REGS.driverFeaturesLo]!, s[REGS.driverFeaturesHi]!),
         queues,
       };
     });
@@ -190,13 +234,13 @@ export class VirtioMmioState {
 
   /** The reset epoch now (a reset since activation means the queues must not be touched). */
   epoch(): number {
-    return Atomics.load(this.s, S_RESET_EPOCH);
+    return Atomics.load(this.s, REGS.resetEpoch);
   }
 
   /** Sets InterruptStatus bits; the caller then signals the irqfd. */
   raise(bits: number): void {
-    Atomics.or(this.s, S_INTERRUPT_STATUS, bits);
-    Atomics.add(this.s, C_INTERRUPTS, 1);
+    Atomics.or(this.s, REGS.interruptStatus, bits);
+    Atomics.add(this.s, COUNTERS.interrupts, 1);
   }
 
   /**
@@ -206,13 +250,13 @@ export class VirtioMmioState {
   markNeedsReset(epoch: number): boolean {
     const set = this.mutex.with(() => {
       const s = this.s;
-      if (s[S_RESET_EPOCH] !== epoch || !(s[S_STATUS]! & STATUS_DRIVER_OK)) return false;
-      if (s[S_STATUS]! & STATUS_DEVICE_NEEDS_RESET) return false;
-      s[S_STATUS] = s[S_STATUS]! | STATUS_DEVICE_NEEDS_RESET;
+      if (s[REGS.resetEpoch] !== epoch || !(s[REGS.status]! & STATUS_DRIVER_OK)) return false;
+      if (s[REGS.status]! & STATUS_DEVICE_NEEDS_RESET) return false;
+      s[REGS.status] = s[REGS.status]! | STATUS_DEVICE_NEEDS_RESET;
       return true;
     });
     if (set) {
-      this.count(C_NEEDS_RESET);
+      this.count('needsReset');
       this.raise(INT_CONFIG_CHANGE);
     }
     return set;
@@ -224,15 +268,104 @@ export class VirtioMmioState {
    */
   ackReset(epoch: number): void {
     const acked = this.mutex.with(() => {
-      if (this.s[S_RESET_EPOCH] !== epoch || this.s[S_RESET_PENDING] === 0) return false;
-      Atomics.store(this.s, S_RESET_PENDING, 0);
+      if (this.s[REGS.resetEpoch] !== epoch || this.s[REGS.resetPending] === 0) return false;
+      Atomics.store(this.s, REGS.resetPending, 0);
       return true;
     });
-    if (acked) Atomics.notify(this.s, S_RESET_PENDING);
+    if (acked) Atomics.notify(this.s, REGS.resetPending);
   }
 
   /** True while a reset waits for the device worker. */
   resetPending(): boolean {
-    return Atomics.load(this.s, S_RESET_PENDING) !== 0;
+    return Atomics.load(this.s, REGS.resetPending) !== 0;
+  }
+
+  // ---- save / restore (transport-state.ts) ----
+  //
+  // Precondition for both: no vCPU is inside an MMIO access of this device (the VM is paused,
+  // half-done exits completed) and no reset is pending (the device worker has caught up; see
+  // VirtioDevice.quiesce). The lock still orders us against any straggler.
+
+  /** The registers as the driver set them, and the identity they belong to. */
+  savedState(): TransportState {
+    return this.mutex.with(() => {
+      const s = this.s;
+      const queues: TransportState['queues'] = [];
+      for (let i = 0; i < this.queueCount; i++) {
+        const r = (reg: number) => s[this.q(i, reg)]!;
+        queues.push({
+          num: r(QREG.num) >>> 0,
+          ready: r(QREG.ready) === 1,
+          desc: u64n(r(QREG.descLo), r(QREG.descHi)),
+          driver: u64n(r(QREG.driverLo), r(QREG.driverHi)),
+          device: u64n(r(QREG.deviceLo), r(QREG.deviceHi)),
+        });
+      }
+      return {
+        identity: this.identity(),
+        status: s[REGS.status]!,
+        interruptStatus: Atomics.load(s, REGS.interruptStatus) >>> 0,
+        deviceFeaturesSel: s[REGS.deviceFeaturesSel]! >>> 0,
+        driverFeaturesSel: s[REGS.driverFeaturesSel]! >>> 0,
+        driverFeatures: u64n(s[REGS.driverFeaturesLo]!, s[REGS.driverFeaturesHi]!),
+        queueSel: s[REGS.queueSel]! >>> 0,
+        configGeneration: s[REGS.configGeneration]! >>> 0,
+        resetEpoch: s[REGS.resetEpoch]!,
+        queues,
+        config: this.config.slice(0, s[REGS.configLen]!),
+      };
+    });
+  }
+
+  save(): Uint8Array {
+    return TransportStateV1.encode(this.savedState());
+  }
+
+  /** Decodes a saved transport and checks it against this device; changes nothing. */
+  decodeSaved(bytes: Uint8Array): Result<TransportState, PersistError> {
+    const r = TransportStateV1.decode(bytes);
+    if (!r.ok) return r;
+    const c = checkTransportState(r.value, this.identity());
+    return c.ok ? ok(r.value) : err(c.error);
+  }
+
+  /**
+   * Writes a state that decodeSaved (or checkTransportState against this device) accepted.
+   * Counters are left as they are; a pending reset is cleared (none can be in a saved state).
+   */
+  applySaved(t: TransportState): void {
+    this.mutex.with(() => {
+      const s = this.s;
+      s[REGS.status] = t.status;
+      s[REGS.deviceFeaturesSel] = t.deviceFeaturesSel | 0;
+      s[REGS.driverFeaturesSel] = t.driverFeaturesSel | 0;
+      s[REGS.driverFeaturesLo] = lo32(t.driverFeatures);
+      s[REGS.driverFeaturesHi] = hi32(t.driverFeatures);
+      s[REGS.queueSel] = t.queueSel | 0;
+      s[REGS.configGeneration] = t.configGeneration | 0;
+      s[REGS.resetEpoch] = t.resetEpoch;
+      t.queues.forEach((q, i) => {
+        s[this.q(i, QREG.num)] = q.num | 0;
+        s[this.q(i, QREG.ready)] = q.ready ? 1 : 0;
+        s[this.q(i, QREG.descLo)] = lo32(q.desc);
+        s[this.q(i, QREG.descHi)] = hi32(q.desc);
+        s[this.q(i, QREG.driverLo)] = lo32(q.driver);
+        s[this.q(i, QREG.driverHi)] = hi32(q.driver);
+        s[this.q(i, QREG.deviceLo)] = lo32(q.device);
+        s[this.q(i, QREG.deviceHi)] = hi32(q.device);
+      });
+      this.config.fill(0);
+      this.config.set(t.config);
+      Atomics.store(s, REGS.interruptStatus, t.interruptStatus | 0);
+      Atomics.store(s, REGS.resetPending, 0);
+    });
+  }
+
+  /** decodeSaved + applySaved: on error nothing has changed. */
+  restore(bytes: Uint8Array): Result<void, PersistError> {
+    const r = this.decodeSaved(bytes);
+    if (!r.ok) return r;
+    this.applySaved(r.value);
+    return ok(undefined);
   }
 }

@@ -21,34 +21,7 @@ import {
   VIRTIO_F_VERSION_1,
   bit,
 } from './constants.js';
-import {
-  C_BAD_ACCESS,
-  C_ILLEGAL_STATUS,
-  Q_DESC_HI,
-  Q_DESC_LO,
-  Q_DEVICE_HI,
-  Q_DEVICE_LO,
-  Q_DRIVER_HI,
-  Q_DRIVER_LO,
-  Q_NUM,
-  Q_NUM_MAX,
-  Q_READY,
-  S_CONFIG_GENERATION,
-  S_CONFIG_LEN,
-  S_DEVICE_FEATURES_HI,
-  S_DEVICE_FEATURES_LO,
-  S_DEVICE_FEATURES_SEL,
-  S_DEVICE_ID,
-  S_DRIVER_FEATURES_HI,
-  S_DRIVER_FEATURES_LO,
-  S_DRIVER_FEATURES_SEL,
-  S_INTERRUPT_STATUS,
-  S_QUEUE_SEL,
-  S_RESET_EPOCH,
-  S_RESET_PENDING,
-  S_STATUS,
-  VirtioMmioState,
-} from './mmio-state.js';
+import { QREG, REGS, VirtioMmioState } from './mmio-state.js';
 
 /** Register offsets (§4.2.2, Linux include/uapi/linux/virtio_mmio.h). */
 export const REG = {
@@ -120,7 +93,7 @@ export class MmioTransport implements BusDevice {
     }
     const v = data.length === 4 && (offset & 3) === 0 ? this.readRegister(offset) : undefined;
     if (v === undefined) {
-      this.state.count(C_BAD_ACCESS);
+      this.state.count('badAccess');
       data.fill(0);
       return;
     }
@@ -130,17 +103,17 @@ export class MmioTransport implements BusDevice {
   write(offset: number, data: Uint8Array): void {
     if (offset >= REG.CONFIG) {
       // No device of ours has writable config fields (virtio-blk's writeback is not offered).
-      this.state.count(C_BAD_ACCESS);
+      this.state.count('badAccess');
       return;
     }
     if (data.length !== 4 || (offset & 3) !== 0) {
-      this.state.count(C_BAD_ACCESS);
+      this.state.count('badAccess');
       return;
     }
     const v = new DataView(data.buffer, data.byteOffset, 4).getUint32(0, true);
     if (offset === REG.QUEUE_NOTIFY) {
       if (v < this.state.queueCount && this.driverOk()) this.hooks.notify(v);
-      else this.state.count(C_BAD_ACCESS);
+      else this.state.count('badAccess');
       return;
     }
     const effect = this.state.mutex.with(() => this.writeRegister(offset, v));
@@ -149,13 +122,13 @@ export class MmioTransport implements BusDevice {
   }
 
   private driverOk(): boolean {
-    return (Atomics.load(this.state.s, S_STATUS) & STATUS_DRIVER_OK) !== 0;
+    return (Atomics.load(this.state.s, REGS.status) & STATUS_DRIVER_OK) !== 0;
   }
 
   private readConfig(off: number, data: Uint8Array): void {
-    const len = this.state.s[S_CONFIG_LEN]!;
+    const len = this.state.s[REGS.configLen]!;
     if (off + data.length > len || ![1, 2, 4, 8].includes(data.length)) {
-      this.state.count(C_BAD_ACCESS);
+      this.state.count('badAccess');
       data.fill(0);
       return;
     }
@@ -165,7 +138,7 @@ export class MmioTransport implements BusDevice {
   private readRegister(offset: number): number | undefined {
     const st = this.state;
     const s = st.s;
-    const qsel = Atomics.load(s, S_QUEUE_SEL);
+    const qsel = Atomics.load(s, REGS.queueSel);
     const qOk = qsel >= 0 && qsel < st.queueCount;
     switch (offset) {
       case REG.MAGIC:
@@ -173,28 +146,28 @@ export class MmioTransport implements BusDevice {
       case REG.VERSION:
         return MMIO_VERSION;
       case REG.DEVICE_ID:
-        return s[S_DEVICE_ID]!;
+        return s[REGS.deviceId]!;
       case REG.VENDOR_ID:
         return VENDOR_ID;
       case REG.DEVICE_FEATURES: {
-        const sel = Atomics.load(s, S_DEVICE_FEATURES_SEL);
-        return sel === 0 ? s[S_DEVICE_FEATURES_LO]! : sel === 1 ? s[S_DEVICE_FEATURES_HI]! : 0;
+        const sel = Atomics.load(s, REGS.deviceFeaturesSel);
+        return sel === 0 ? s[REGS.deviceFeaturesLo]! : sel === 1 ? s[REGS.deviceFeaturesHi]! : 0;
       }
       case REG.QUEUE_NUM_MAX:
-        return qOk ? s[st.q(qsel, Q_NUM_MAX)]! : 0; // 0: the queue does not exist (§4.2.3.2)
+        return qOk ? s[st.q(qsel, QREG.numMax)]! : 0; // 0: the queue does not exist (§4.2.3.2)
       case REG.QUEUE_READY:
-        return qOk ? Atomics.load(s, st.q(qsel, Q_READY)) : 0;
+        return qOk ? Atomics.load(s, st.q(qsel, QREG.ready)) : 0;
       case REG.INTERRUPT_STATUS:
-        return Atomics.load(s, S_INTERRUPT_STATUS);
+        return Atomics.load(s, REGS.interruptStatus);
       case REG.STATUS:
-        return Atomics.load(s, S_STATUS);
+        return Atomics.load(s, REGS.status);
       case REG.SHM_LEN_LOW:
       case REG.SHM_LEN_HIGH:
       case REG.SHM_BASE_LOW:
       case REG.SHM_BASE_HIGH:
         return 0xffff_ffff; // no shared memory regions: length -1 (§4.2.2)
       case REG.CONFIG_GENERATION:
-        return Atomics.load(s, S_CONFIG_GENERATION);
+        return Atomics.load(s, REGS.configGeneration);
       default:
         return undefined; // write-only or reserved
     }
@@ -204,29 +177,29 @@ export class MmioTransport implements BusDevice {
   private writeRegister(offset: number, v: number): 'none' | 'lifecycle' | 'reset' {
     const st = this.state;
     const s = st.s;
-    const status = s[S_STATUS]!;
-    const qsel = s[S_QUEUE_SEL]!;
+    const status = s[REGS.status]!;
+    const qsel = s[REGS.queueSel]!;
     switch (offset) {
       case REG.DEVICE_FEATURES_SEL:
-        s[S_DEVICE_FEATURES_SEL] = v;
+        s[REGS.deviceFeaturesSel] = v;
         return 'none';
       case REG.DRIVER_FEATURES_SEL:
-        s[S_DRIVER_FEATURES_SEL] = v;
+        s[REGS.driverFeaturesSel] = v;
         return 'none';
       case REG.DRIVER_FEATURES: {
         // Features are negotiated between DRIVER and FEATURES_OK only (§3.1.1).
         if (!(status & STATUS_DRIVER) || status & STATUS_FEATURES_OK) {
-          st.count(C_ILLEGAL_STATUS);
+          st.count('illegalStatus');
           return 'none';
         }
-        const sel = s[S_DRIVER_FEATURES_SEL];
-        if (sel === 0) s[S_DRIVER_FEATURES_LO] = v;
-        else if (sel === 1) s[S_DRIVER_FEATURES_HI] = v;
-        else if (v !== 0) st.count(C_ILLEGAL_STATUS); // bits we never offer
+        const sel = s[REGS.driverFeaturesSel];
+        if (sel === 0) s[REGS.driverFeaturesLo] = v;
+        else if (sel === 1) s[REGS.driverFeaturesHi] = v;
+        else if (v !== 0) st.count('illegalStatus'); // bits we never offer
         return 'none';
       }
       case REG.QUEUE_SEL:
-        s[S_QUEUE_SEL] = v;
+        s[REGS.queueSel] = v;
         return 'none';
       case REG.QUEUE_NUM:
       case REG.QUEUE_READY:
@@ -239,12 +212,12 @@ export class MmioTransport implements BusDevice {
         this.writeQueueRegister(offset, qsel, v, status);
         return 'none';
       case REG.INTERRUPT_ACK:
-        Atomics.and(s, S_INTERRUPT_STATUS, ~v);
+        Atomics.and(s, REGS.interruptStatus, ~v);
         return 'none';
       case REG.STATUS:
         return this.writeStatus(status, v);
       default:
-        st.count(C_BAD_ACCESS);
+        st.count('badAccess');
         return 'none';
     }
   }
@@ -254,38 +227,38 @@ export class MmioTransport implements BusDevice {
     const st = this.state;
     const s = st.s;
     if (qsel < 0 || qsel >= st.queueCount) {
-      st.count(C_BAD_ACCESS);
+      st.count('badAccess');
       return;
     }
     if (status & STATUS_DRIVER_OK || !(status & STATUS_FEATURES_OK)) {
-      st.count(C_ILLEGAL_STATUS);
+      st.count('illegalStatus');
       return;
     }
-    const ready = s[st.q(qsel, Q_READY)] === 1;
+    const ready = s[st.q(qsel, QREG.ready)] === 1;
     if (offset === REG.QUEUE_READY) {
       if (v === 0) {
-        s[st.q(qsel, Q_READY)] = 0;
+        s[st.q(qsel, QREG.ready)] = 0;
       } else {
-        const size = s[st.q(qsel, Q_NUM)]!;
-        const max = s[st.q(qsel, Q_NUM_MAX)]!;
+        const size = s[st.q(qsel, QREG.num)]!;
+        const max = s[st.q(qsel, QREG.numMax)]!;
         // Queue size non-zero, a power of two, <= QueueNumMax (§2.7): else the queue stays off.
-        if (size > 0 && size <= max && (size & (size - 1)) === 0) s[st.q(qsel, Q_READY)] = 1;
-        else st.count(C_ILLEGAL_STATUS);
+        if (size > 0 && size <= max && (size & (size - 1)) === 0) s[st.q(qsel, QREG.ready)] = 1;
+        else st.count('illegalStatus');
       }
       return;
     }
     if (ready) {
-      st.count(C_ILLEGAL_STATUS); // the driver must write QueueReady=0 first
+      st.count('illegalStatus'); // the driver must write QueueReady=0 first
       return;
     }
     const reg = {
-      [REG.QUEUE_NUM]: Q_NUM,
-      [REG.QUEUE_DESC_LOW]: Q_DESC_LO,
-      [REG.QUEUE_DESC_HIGH]: Q_DESC_HI,
-      [REG.QUEUE_DRIVER_LOW]: Q_DRIVER_LO,
-      [REG.QUEUE_DRIVER_HIGH]: Q_DRIVER_HI,
-      [REG.QUEUE_DEVICE_LOW]: Q_DEVICE_LO,
-      [REG.QUEUE_DEVICE_HIGH]: Q_DEVICE_HI,
+      [REG.QUEUE_NUM]: QREG.num,
+      [REG.QUEUE_DESC_LOW]: QREG.descLo,
+      [REG.QUEUE_DESC_HIGH]: QREG.descHi,
+      [REG.QUEUE_DRIVER_LOW]: QREG.driverLo,
+      [REG.QUEUE_DRIVER_HIGH]: QREG.driverHi,
+      [REG.QUEUE_DEVICE_LOW]: QREG.deviceLo,
+      [REG.QUEUE_DEVICE_HIGH]: QREG.deviceHi,
     }[offset];
     if (reg !== undefined) s[st.q(qsel, reg)] = v;
   }
@@ -317,16 +290,16 @@ export class MmioTransport implements BusDevice {
         )) ===
         0;
     if (!legal) {
-      st.count(C_ILLEGAL_STATUS);
+      st.count('illegalStatus');
       return 'none';
     }
     if (added & STATUS_FEATURES_OK && !this.featuresAcceptable()) {
       // Not setting FEATURES_OK is how the device refuses (§3.1.1 step 6: the driver re-reads).
-      st.count(C_ILLEGAL_STATUS);
-      s[S_STATUS] = next & ~STATUS_FEATURES_OK & ~STATUS_DRIVER_OK;
+      st.count('illegalStatus');
+      s[REGS.status] = next & ~STATUS_FEATURES_OK & ~STATUS_DRIVER_OK;
       return 'none';
     }
-    s[S_STATUS] = next;
+    s[REGS.status] = next;
     return added & STATUS_DRIVER_OK && !(next & STATUS_FAILED) ? 'lifecycle' : 'none';
   }
 
@@ -334,7 +307,7 @@ export class MmioTransport implements BusDevice {
   private featuresAcceptable(): boolean {
     const s = this.state.s;
     const driver =
-      (BigInt(s[S_DRIVER_FEATURES_HI]! >>> 0) << 32n) | BigInt(s[S_DRIVER_FEATURES_LO]! >>> 0);
+      (BigInt(s[REGS.driverFeaturesHi]! >>> 0) << 32n) | BigInt(s[REGS.driverFeaturesLo]! >>> 0);
     const device = this.state.deviceFeatures;
     return (driver & ~device) === 0n && (driver & bit(VIRTIO_F_VERSION_1)) !== 0n;
   }
@@ -343,30 +316,30 @@ export class MmioTransport implements BusDevice {
   private reset(cur: number): 'none' | 'reset' {
     const st = this.state;
     const s = st.s;
-    s[S_STATUS] = 0;
-    s[S_DEVICE_FEATURES_SEL] = 0;
-    s[S_DRIVER_FEATURES_SEL] = 0;
-    s[S_DRIVER_FEATURES_LO] = 0;
-    s[S_DRIVER_FEATURES_HI] = 0;
-    s[S_QUEUE_SEL] = 0;
+    s[REGS.status] = 0;
+    s[REGS.deviceFeaturesSel] = 0;
+    s[REGS.driverFeaturesSel] = 0;
+    s[REGS.driverFeaturesLo] = 0;
+    s[REGS.driverFeaturesHi] = 0;
+    s[REGS.queueSel] = 0;
     for (let i = 0; i < st.queueCount; i++) {
-      s[st.q(i, Q_NUM)] = s[st.q(i, Q_NUM_MAX)]!;
+      s[st.q(i, QREG.num)] = s[st.q(i, QREG.numMax)]!;
       for (const r of [
-        Q_READY,
-        Q_DESC_LO,
-        Q_DESC_HI,
-        Q_DRIVER_LO,
-        Q_DRIVER_HI,
-        Q_DEVICE_LO,
-        Q_DEVICE_HI,
+        QREG.ready,
+        QREG.descLo,
+        QREG.descHi,
+        QREG.driverLo,
+        QREG.driverHi,
+        QREG.deviceLo,
+        QREG.deviceHi,
       ]) {
         s[st.q(i, r)] = 0;
       }
     }
-    Atomics.store(s, S_INTERRUPT_STATUS, 0);
-    Atomics.add(s, S_RESET_EPOCH, 1);
+    Atomics.store(s, REGS.interruptStatus, 0);
+    Atomics.add(s, REGS.resetEpoch, 1);
     if (!(cur & STATUS_DRIVER_OK)) return 'none';
-    Atomics.store(s, S_RESET_PENDING, 1);
+    Atomics.store(s, REGS.resetPending, 1);
     return 'reset';
   }
 
@@ -377,8 +350,8 @@ export class MmioTransport implements BusDevice {
     const deadline = Date.now() + this.resetWaitMs;
     for (;;) {
       const left = deadline - Date.now();
-      if (Atomics.load(s, S_RESET_PENDING) === 0 || left <= 0) return;
-      Atomics.wait(s, S_RESET_PENDING, 1, left);
+      if (Atomics.load(s, REGS.resetPending) === 0 || left <= 0) return;
+      Atomics.wait(s, REGS.resetPending, 1, left);
     }
   }
 }

@@ -383,3 +383,66 @@ test('fuzz: arbitrary ring contents never throw, hang or escape guest memory', (
     `coverage: ${chains} chains, ${bad} bad, ${broken} broken`,
   );
 });
+
+test('position: a queue recreated at a saved position continues the ring, in-flight chains too', () => {
+  const { mem, mq, q } = setup(4);
+  const heads: number[] = [];
+  const add = () => heads.push(mq.addChain([{ addr: 0x8000 + heads.length * 64, len: 8 }]));
+  for (let i = 0; i < 4; i++) add();
+  // Four taken, three of them returned: one in flight (a backend holds it)...
+  const taken = [chainOf(q.pop()), chainOf(q.pop()), chainOf(q.pop()), chainOf(q.pop())];
+  for (const c of taken.slice(0, 3)) q.pushUsed(c.head, 1);
+  // ...and two more made available (reusing returned descriptors), not taken yet.
+  add();
+  add();
+  assert.deepEqual(q.position(), { nextAvail: 4, nextUsed: 3 });
+  const r = Virtqueue.create(
+    mem,
+    { size: 4, desc: mq.desc, driver: mq.avail, device: mq.used },
+    { indirect: true, maxSize: 256 },
+    q.position(),
+  );
+  assert.ok(r.ok);
+  const q2 = r.value;
+  assert.deepEqual(q2.position(), { nextAvail: 4, nextUsed: 3 });
+  q2.pushUsed(taken[3]!.head, 1); // the held chain completes on the new queue
+  const rest = [chainOf(q2.pop()), chainOf(q2.pop())];
+  assert.equal(q2.pop().kind, 'empty');
+  for (const c of rest) q2.pushUsed(c.head, 2);
+  assert.deepEqual(
+    mq.takeUsed().map((u) => u.id),
+    heads,
+  );
+  assert.deepEqual(q2.position(), { nextAvail: 6, nextUsed: 6 });
+});
+
+test('position: u16 wrap, and positions no ring could reach are refused', () => {
+  const { mem, mq } = setup(8);
+  const a = { size: 8, desc: mq.desc, driver: mq.avail, device: mq.used };
+  const opts = { indirect: false, maxSize: 256 };
+  mq.setAvailIdx(0xffff);
+  mem.writeU16(mq.used + 2, 0xfffe);
+  const r = Virtqueue.create(mem, a, opts, { nextAvail: 0xfffe, nextUsed: 0xfffe });
+  assert.ok(r.ok);
+  mq.writeDescriptor(mq.desc, 5, { addr: 0x8000, len: 8, flags: 0, next: 0 });
+  mq.writeDescriptor(mq.desc, 6, { addr: 0x8000, len: 8, flags: 0, next: 0 });
+  mem.writeU16(mq.avail + 4 + 2 * (0xfffe % 8), 5);
+  mq.publish(6); // slot 0xffff % 8, avail.idx wraps to 0
+  assert.equal(chainOf(r.value.pop()).head, 5);
+  assert.equal(chainOf(r.value.pop()).head, 6);
+  r.value.pushUsed(5, 1);
+  r.value.pushUsed(6, 1);
+  assert.deepEqual(r.value.position(), { nextAvail: 0, nextUsed: 0 });
+  assert.equal(mem.readU16(mq.used + 2), 0);
+  for (const bad of [
+    { nextAvail: 0x10000, nextUsed: 0 },
+    { nextAvail: -1, nextUsed: 0 },
+    { nextAvail: 1.5, nextUsed: 0 },
+    { nextAvail: 9, nextUsed: 0 }, // 9 chains in flight on a queue of 8
+    { nextAvail: 3, nextUsed: 0xfff0 }, // 19 in flight across the wrap
+  ]) {
+    const b = Virtqueue.create(mem, a, opts, bad);
+    assert.ok(!b.ok && /position/.test(b.error), JSON.stringify(bad));
+  }
+  assert.ok(Virtqueue.create(mem, a, opts, { nextAvail: 4, nextUsed: 0xfffc }).ok);
+});

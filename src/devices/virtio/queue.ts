@@ -43,6 +43,19 @@ export interface QueueOptions {
   maxSize: number;
 }
 
+/**
+ * Where the device is in a ring: what lets a restored device continue it. Both are free-running
+ * u16 counters (§2.7.6, §2.7.8). Chains between nextUsed and nextAvail were taken from the
+ * available ring and not yet returned (a backend holds them); without VIRTIO_F_EVENT_IDX there
+ * is no "last signalled" index to keep.
+ */
+export interface QueuePosition {
+  /** The next available-ring entry to consume. */
+  nextAvail: number;
+  /** The next used-ring entry to fill; equals the used.idx we last published. */
+  nextUsed: number;
+}
+
 export type PopResult =
   | { kind: 'empty' }
   | { kind: 'chain'; chain: DescriptorChain }
@@ -89,22 +102,47 @@ export class Virtqueue {
     // Both indices start at 0 after a reset (§2.7.6, §2.7.8); whatever the ring holds is ignored.
   }
 
-  /** Validates the driver's queue setup against guest RAM; the queue, or why not. */
+  /**
+   * Validates the driver's queue setup against guest RAM; the queue, or why not. `position`
+   * (a restored queue) starts it where a saved one stopped instead of at 0 (a fresh activation).
+   */
   static create(
     mem: GuestMemory,
     a: QueueAddresses,
     opts: QueueOptions,
+    position?: QueuePosition,
   ): Result<Virtqueue, string> {
     const { size } = a;
     if (size <= 0 || size > opts.maxSize || (size & (size - 1)) !== 0)
       return err(`bad queue size ${size}`);
+    if (position) {
+      const { nextAvail, nextUsed } = position;
+      const u16 = (v: number) => Number.isInteger(v) && v >= 0 && v <= 0xffff;
+      if (!u16(nextAvail) || !u16(nextUsed))
+        return err(`position ${nextAvail}/${nextUsed} is not a pair of u16 indices`);
+      // Every chain taken and not yet returned came from a ring of `size` entries.
+      if (((nextAvail - nextUsed) & 0xffff) > size)
+        return err(
+          `position: ${(nextAvail - nextUsed) & 0xffff} chains in flight on a queue of ${size}`,
+        );
+    }
     const d = ringView(mem, a.desc, DESCRIPTOR_SIZE * size, 16, 'descriptor table');
     if (!d.ok) return d;
     const av = ringView(mem, a.driver, 6 + 2 * size, 2, 'available ring');
     if (!av.ok) return av;
     const u = ringView(mem, a.device, 6 + 8 * size, 4, 'used ring');
     if (!u.ok) return u;
-    return ok(new Virtqueue(mem, size, d.value, av.value, u.value, opts.indirect));
+    const q = new Virtqueue(mem, size, d.value, av.value, u.value, opts.indirect);
+    if (position) {
+      q.lastAvail = position.nextAvail;
+      q.usedIdx = position.nextUsed;
+    }
+    return ok(q);
+  }
+
+  /** Where the device is in the ring (save this with the device; see QueuePosition). */
+  position(): QueuePosition {
+    return { nextAvail: this.lastAvail, nextUsed: this.usedIdx };
   }
 
   get broken(): string | undefined {
@@ -127,6 +165,19 @@ export class Virtqueue {
     this.lastAvail = (this.lastAvail + 1) & 0xffff;
     const r = readChain(this.mem, this.desc, this.size, head, { indirect: this.indirect });
     return r.ok ? { kind: 'chain', chain: r.value } : { kind: 'bad-chain', head, error: r.error };
+  }
+
+  /**
+   * Gives back the chain pop() returned last, unused: the next pop() returns it again (the
+   * driver does not touch an available chain until it is used, §2.7.13). False, and nothing
+   * changed, when `head` is not the last popped entry.
+   */
+  unpop(head: number): boolean {
+    if (this.brokenReason !== undefined) return false;
+    const prev = (this.lastAvail - 1) & 0xffff;
+    if (this.avail.getUint16(4 + 2 * (prev % this.size), true) !== head) return false;
+    this.lastAvail = prev;
+    return true;
   }
 
   /** Returns chain `head` to the driver with `len` bytes written (§2.7.8). */

@@ -27,9 +27,22 @@ export interface Harness {
   kick(queue?: number): void;
 }
 
-export function harness(id: VirtioDeviceIdentity, backend: VirtioBackend): Harness {
-  const mem = GuestMemory.anonymous([{ base: RAM_BASE, size: RAM_SIZE }]);
-  const alloc = new GuestAllocator(0x1000, RAM_SIZE);
+export interface HarnessOptions {
+  /**
+   * Guest memory (and its allocator) of another harness: a second device over the same guest,
+   * as a restored VM sees it. Default: fresh anonymous memory.
+   */
+  mem?: GuestMemory;
+  alloc?: GuestAllocator;
+}
+
+export function harness(
+  id: VirtioDeviceIdentity,
+  backend: VirtioBackend,
+  opts: HarnessOptions = {},
+): Harness {
+  const mem = opts.mem ?? GuestMemory.anonymous([{ base: RAM_BASE, size: RAM_SIZE }]);
+  const alloc = opts.alloc ?? new GuestAllocator(0x1000, RAM_SIZE);
   const sab = VirtioMmioState.createState(id, bit(VIRTIO_F_VERSION_1));
   let irqs = 0;
   const logs: string[] = [];
