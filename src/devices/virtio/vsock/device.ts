@@ -1,0 +1,219 @@
+/**
+ * virtio-vsock (device ID 19, virtio 1.2 §5.10) with Firecracker's host side: the guest's
+ * stream connections to host port P go to the Unix socket `${uds}_${P}`; host programs dial
+ * `${uds}` (we listen there), write "CONNECT <port>\n" and get "OK <hostport>\n" once the
+ * guest accepted (or a closed socket if it refused).
+ *
+ * This file is the virtio side: queues 0 = rx (device -> guest), 1 = tx, 2 = event. RX and
+ * event are self-served: packets go to the guest when host data or control packets are ready,
+ * not when the guest kicks. TX packets are parsed here and handed to the muxer (muxer.ts), which
+ * owns the connections (connection.ts) and the host listener (listener.ts).
+ *
+ * Errors: packets with no header or the wrong addresses are dropped; malformed ones, unknown
+ * ops, non-stream types, VMADDR_PORT_ANY ports, packets for no connection and credit
+ * violations are answered with RST; all are counted and logged once per kind.
+ *
+ * Snapshots (Firecracker's semantics): host-side connections are not saved (their peers are
+ * host processes that will not be there at restore). What is saved is the guest CID and whether
+ * the driver is owed VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (§5.10.6.6), which makes it drop its
+ * connections and re-read the CID; the restored device sends it once it is active again.
+ */
+import type { DescriptorChain } from '../chain.js';
+import { scatter } from '../chain.js';
+import { QUEUE_SIZE_MAX, bit, VIRTIO_F_RING_INDIRECT_DESC } from '../constants.js';
+import type { QueueIo, VirtioBackend } from '../device.js';
+import type { VirtioDeviceIdentity } from '../mmio-state.js';
+import { PersistError, bool, struct, u53, versioned } from '../../../util/persist.js';
+import { type CountersView, type VsockHost, countersView } from './host.js';
+import { VsockMuxer } from './muxer.js';
+import { EVENT_TRANSPORT_RESET, VSOCK_HDR_SIZE, parsePacket } from './packet.js';
+
+export const DEVICE_ID_VSOCK = 19;
+export const RX_QUEUE = 0;
+export const TX_QUEUE = 1;
+export const EVENT_QUEUE = 2;
+/** RX buffers filled per call, so one busy socket cannot hold the device thread. */
+const RX_BATCH = 256;
+
+export function vsockIdentity(cid: number): VirtioDeviceIdentity {
+  const config = new Uint8Array(8);
+  new DataView(config.buffer).setBigUint64(0, BigInt(cid), true);
+  return {
+    deviceId: DEVICE_ID_VSOCK,
+    features: bit(VIRTIO_F_RING_INDIRECT_DESC),
+    queueSizes: [QUEUE_SIZE_MAX, QUEUE_SIZE_MAX, QUEUE_SIZE_MAX],
+    config,
+  };
+}
+
+/** The saved device: its configuration (the CID) and the transport reset it owes the driver. */
+const VsockStateV1 = versioned(
+  'virtio-vsock',
+  1,
+  struct({
+    cid: u53,
+    /**
+     * The driver must get TRANSPORT_RESET when it is next active: a driver was active at save
+     * (its connections are not saved), made connections before a reset, or a reset event was
+     * still undelivered.
+     */
+    transportResetPending: bool,
+  }),
+);
+
+export class VsockDevice implements VirtioBackend {
+  readonly selfServed = [RX_QUEUE, EVENT_QUEUE] as const;
+  private io: QueueIo | undefined;
+  private readonly mux: VsockMuxer;
+  /** An RX buffer popped but not filled (nothing was ready after all): used first next time. */
+  private held: DescriptorChain | undefined;
+  private resetEventPending = false;
+  private readonly logged = new Set<string>();
+  /** `counters()`: a copy of the device's counters; `counters.x`: one of them, live. */
+  readonly counters: CountersView;
+
+  constructor(
+    readonly name: string,
+    readonly cid: number,
+    /** `${uds}_${port}` is dialled for guest connections to host port `port`. */
+    uds: string,
+    host: VsockHost,
+    private readonly log: (m: string) => void,
+  ) {
+    const report = {
+      logOnce: (kind: string, m: string) => this.logOnce(kind, m),
+      guestError: (kind: string, m: string) => this.guestError(kind, m),
+    };
+    this.mux = new VsockMuxer(cid, uds, host, report, () => this.processRx());
+    this.counters = countersView(this.mux.counters);
+  }
+
+  get connectionCount(): number {
+    return this.mux.connectionCount;
+  }
+
+  activate(_features: bigint, io: QueueIo): void {
+    this.io = io;
+    // Connections of an earlier driver instance were dropped at its reset; tell the new one.
+    if (this.mux.start()) this.resetEventPending = true;
+  }
+
+  deactivate(): void {
+    this.io = undefined;
+    this.held = undefined;
+    this.mux.stop();
+  }
+
+  /** The listening socket is readable: take new host connections. */
+  onListen(): void {
+    this.mux.onListen();
+  }
+
+  /** A connection's socket (or a handshake's) has events. */
+  onSocket(fd: number, readable: boolean, writable: boolean, hangup: boolean): void {
+    if (this.mux.onSocket(fd, readable, writable, hangup)) this.processRx();
+  }
+
+  kick(queue: number): void {
+    if (queue === RX_QUEUE) {
+      this.mux.unblockRx();
+      this.processRx();
+    } else if (queue === EVENT_QUEUE) this.deliverEvents();
+  }
+
+  /** TX packets from the guest. */
+  handle(queue: number, chain: DescriptorChain): number {
+    if (queue !== TX_QUEUE) return 0;
+    const counters = this.mux.counters;
+    counters.txPackets++;
+    const p = parsePacket(chain.readable, chain.readableLength, this.cid);
+    if (p.ok) this.mux.fromGuest(p.value.hdr, p.value.payload);
+    else {
+      const e = p.error;
+      if (e.action === 'drop') counters.dropped++;
+      else counters.malformed++;
+      this.guestError(e.kind, `bad packet (${e.kind}): ${e.message}`);
+      if (e.action === 'rst' && e.hdr) this.mux.refuse(e.hdr);
+    }
+    this.processRx();
+    return 0;
+  }
+
+  save(): Uint8Array {
+    return VsockStateV1.encode({
+      cid: this.cid,
+      transportResetPending:
+        this.resetEventPending || this.io !== undefined || this.mux.hadConnections,
+    });
+  }
+
+  /**
+   * Restores a saved device into this one (built for the restored VM, before its driver is
+   * active). Throws PersistError for a blob that is not a virtio-vsock state of this version or
+   * was saved for another guest CID (the CID is in the config space the guest already read).
+   */
+  restore(bytes: Uint8Array): void {
+    const s = VsockStateV1.decodeOrThrow(bytes);
+    if (s.cid !== this.cid)
+      throw new PersistError(
+        `virtio-vsock: saved for guest CID ${s.cid}, but this device has CID ${this.cid}`,
+      );
+    this.resetEventPending = s.transportResetPending;
+    this.deliverEvents();
+  }
+
+  // ---- queues ----
+
+  private processRx(): void {
+    const io = this.io;
+    if (!io) return;
+    const counters = this.mux.counters;
+    let used = 0;
+    for (let i = 0; i < RX_BATCH && this.mux.hasRxWork(); i++) {
+      const chain = this.held ?? io.pop(RX_QUEUE);
+      this.held = undefined;
+      if (!chain) {
+        this.mux.blockRx();
+        break;
+      }
+      if (chain.writableLength < VSOCK_HDR_SIZE) {
+        io.guestError('rx-short', `RX buffer of ${chain.writableLength} bytes`);
+        io.pushUsed(RX_QUEUE, chain.head, 0);
+        continue;
+      }
+      const n = this.mux.fillRx(chain.writable, chain.writableLength);
+      if (n === 0) {
+        this.held = chain;
+        continue;
+      }
+      io.pushUsed(RX_QUEUE, chain.head, n);
+      counters.rxPackets++;
+      counters.rxBytes += n - VSOCK_HDR_SIZE;
+      used++;
+    }
+    if (used > 0) io.notify(RX_QUEUE);
+  }
+
+  private deliverEvents(): void {
+    const io = this.io;
+    if (!io || !this.resetEventPending) return;
+    const chain = io.pop(EVENT_QUEUE);
+    if (!chain) return;
+    this.resetEventPending = false;
+    const ev = new Uint8Array(4);
+    new DataView(ev.buffer).setUint32(0, EVENT_TRANSPORT_RESET, true);
+    io.pushUsed(EVENT_QUEUE, chain.head, scatter(chain.writable, ev));
+    io.notify(EVENT_QUEUE);
+  }
+
+  private guestError(kind: string, message: string): void {
+    if (this.io) this.io.guestError(`vsock-${kind}`, `${this.name}: ${message}`);
+    else this.logOnce(kind, message);
+  }
+
+  private logOnce(kind: string, m: string): void {
+    if (this.logged.has(kind)) return;
+    this.logged.add(kind);
+    this.log(`${this.name}: ${m} (logged once)`);
+  }
+}

@@ -1,0 +1,81 @@
+/**
+ * What virtio-vsock needs from the host: Unix sockets and a timer (the device worker's syscalls
+ * and event loop; tests inject a fake), plus the device's counters and its two log channels.
+ * Everything here runs on the device worker's thread.
+ */
+
+/** The host's Unix sockets (the device worker's syscalls; tests inject a fake). */
+export interface VsockHost {
+  /** Connects to a listening Unix socket: the fd, or throws (ENOENT, ECONNREFUSED...). */
+  connect(path: string): number;
+  /** Accepts on the listening socket: an fd, or -1 when none is pending. */
+  accept(): number;
+  /** Reads into buffers: bytes, 0 at EOF, -1 when it would block. Throws on errors. */
+  read(fd: number, buffers: Uint8Array[]): number;
+  /** Writes: bytes, or -1 when it would block. Throws on errors (EPIPE...). */
+  write(fd: number, buffers: Uint8Array[]): number;
+  shutdownWrite(fd: number): void;
+  /** Calls `fn` once after `ms` on the device's thread. */
+  after(ms: number, fn: () => void): void;
+  /** Stops watching the fd and closes it. */
+  close(fd: number): void;
+  /** Sets what the fd is watched for; events come back through VsockDevice.onSocket. */
+  watch(fd: number, read: boolean, write: boolean): void;
+  unwatch(fd: number): void;
+}
+
+export interface VsockCounters {
+  connectionsGuest: number;
+  connectionsHost: number;
+  rxPackets: number;
+  txPackets: number;
+  rxBytes: number;
+  txBytes: number;
+  /** Packets dropped unanswered (no header, wrong CIDs). */
+  dropped: number;
+  /** Malformed packets, unknown ops, bad types or ports (answered with RST). */
+  malformed: number;
+  creditViolations: number;
+  resetsSent: number;
+  connectFailures: number;
+  /** Host-initiated connections the guest did not answer within CONNECT_TIMEOUT_MS. */
+  connectTimeouts: number;
+  badHandshakes: number;
+}
+
+export function zeroCounters(): VsockCounters {
+  return {
+    connectionsGuest: 0,
+    connectionsHost: 0,
+    rxPackets: 0,
+    txPackets: 0,
+    rxBytes: 0,
+    txBytes: 0,
+    dropped: 0,
+    malformed: 0,
+    creditViolations: 0,
+    resetsSent: 0,
+    connectFailures: 0,
+    connectTimeouts: 0,
+    badHandshakes: 0,
+  };
+}
+
+/**
+ * The counters as VsockDevice exposes them: `counters()` returns a copy (metrics), and
+ * `counters.malformed` etc. read one live (the older form, kept for existing callers and tests).
+ */
+export type CountersView = (() => VsockCounters) & Readonly<VsockCounters>;
+
+export function countersView(live: VsockCounters): CountersView {
+  const view = (): VsockCounters => ({ ...live });
+  for (const k of Object.keys(live) as Array<keyof VsockCounters>)
+    Object.defineProperty(view, k, { get: () => live[k], enumerable: true });
+  return view as CountersView;
+}
+
+/** Where problems go: host-side ones are logged once per kind, guest errors are also counted. */
+export interface VsockReport {
+  logOnce(kind: string, message: string): void;
+  guestError(kind: string, message: string): void;
+}

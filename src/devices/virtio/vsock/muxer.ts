@@ -1,0 +1,295 @@
+/**
+ * The connection side of virtio-vsock: what each guest packet does to the connection table
+ * (virtio 1.2 §5.10.6.4), host programs dialling in through the listener, local port allocation
+ * for them and the time the guest has to answer, and filling RX buffers: queued control
+ * packets and resets first, then data read from the sockets, within the guest's credit. The
+ * device hands it parsed TX packets and RX buffers; it never sees a virtqueue.
+ *
+ * With no credit from the guest we stop reading that socket and ask with CREDIT_REQUEST.
+ */
+import { sliceSegments } from '../chain.js';
+import { BUF_ALLOC, type Connection, type GuestSend } from './connection.js';
+import { type VsockHost, type VsockReport, zeroCounters } from './host.js';
+import { HostListener } from './listener.js';
+import {
+  MAX_PKT_PAYLOAD,
+  OP_CREDIT_REQUEST,
+  OP_CREDIT_UPDATE,
+  OP_REQUEST,
+  OP_RESPONSE,
+  OP_RST,
+  OP_RW,
+  OP_SHUTDOWN,
+  SHUTDOWN_RCV,
+  SHUTDOWN_SEND,
+  VSOCK_HDR_SIZE,
+  type VsockHeader,
+} from './packet.js';
+import { ConnectionTable, putHeader } from './table.js';
+
+/** Host-initiated connections get local ports from here up (as Firecracker does). */
+const FIRST_LOCAL_PORT = 1 << 30;
+const LAST_LOCAL_PORT = 0xffff_fffe;
+/**
+ * A host-initiated connection the guest has not answered by then is reset. Firecracker waits
+ * 2 s; we wait longer because a guest under nested emulation (our lab, loaded) was seen taking
+ * more than 2 s to answer, and a longer wait costs nothing but an fd held a little longer.
+ */
+export const CONNECT_TIMEOUT_MS = 10_000;
+
+const nextPort = (p: number) => (p >= LAST_LOCAL_PORT ? FIRST_LOCAL_PORT : p + 1);
+
+export class VsockMuxer {
+  readonly counters = zeroCounters();
+  private readonly table: ConnectionTable;
+  private readonly listener: HostListener;
+  /** A driver is there (between start() and stop()). */
+  private running = false;
+  private nextLocal = FIRST_LOCAL_PORT;
+  private connectedSinceStart = false;
+
+  constructor(
+    cid: number,
+    /** `${uds}_${port}` is dialled for guest connections to host port `port`. */
+    private readonly uds: string,
+    private readonly host: VsockHost,
+    private readonly report: VsockReport,
+    /** Asks the device to fill RX buffers (after a timer fired). */
+    private readonly wake: () => void,
+  ) {
+    this.table = new ConnectionTable(cid, host, this.counters, report);
+    this.listener = new HostListener(host, this.counters, report, (fd, port) =>
+      this.hostConnect(fd, port),
+    );
+  }
+
+  get connectionCount(): number {
+    return this.table.size;
+  }
+
+  /** Were connections made since the last start()? (The driver that had them must be told.) */
+  get hadConnections(): boolean {
+    return this.connectedSinceStart;
+  }
+
+  /** A driver is there; returns whether connections were made since the previous start(). */
+  start(): boolean {
+    const had = this.connectedSinceStart;
+    this.running = true;
+    this.table.unblockRx();
+    this.connectedSinceStart = false;
+    return had;
+  }
+
+  /** The driver is gone: every connection and handshake is closed, queued packets dropped. */
+  stop(): void {
+    this.running = false;
+    this.table.closeAll();
+    this.listener.closeAll();
+  }
+
+  onListen(): void {
+    this.listener.accept(this.running);
+  }
+
+  /** Socket events; returns whether there may be RX work now. */
+  onSocket(fd: number, readable: boolean, writable: boolean, hangup: boolean): boolean {
+    if (this.listener.handles(fd)) {
+      this.listener.onReadable(fd, this.running);
+      return true;
+    }
+    const c = this.table.withFd(fd);
+    if (!c) return false;
+    const s = c.state;
+    if (hangup && s.kind === 'established' && s.hostSend === 'eof') {
+      // The host side is gone both ways: tell the guest (it answers RST once it has read all).
+      s.hostSend = 'hung-up';
+      this.table.sendControl(c, OP_SHUTDOWN, SHUTDOWN_SEND | SHUTDOWN_RCV);
+    }
+    if (hangup && c.parkOnHangup()) this.host.unwatch(fd);
+    if (writable || hangup) this.table.flush(c);
+    if (!this.table.open(c)) return false;
+    if (readable || hangup) this.table.ready.add(c);
+    return true;
+  }
+
+  /** A TX packet that failed parsing but can be answered: reset what it names. */
+  refuse(hdr: VsockHeader): void {
+    const c = this.table.find(hdr.dstPort, hdr.srcPort);
+    if (c) this.table.reset(c);
+    else if (hdr.op !== OP_RST) this.table.sendRst(hdr.dstPort, hdr.srcPort);
+  }
+
+  /** A well-formed TX packet. */
+  fromGuest(hdr: VsockHeader, payload: Uint8Array[]): void {
+    const t = this.table;
+    const c = t.find(hdr.dstPort, hdr.srcPort);
+    if (!c) {
+      if (hdr.op === OP_REQUEST) this.guestConnect(hdr);
+      else if (hdr.op !== OP_RST) t.sendRst(hdr.dstPort, hdr.srcPort);
+      return;
+    }
+    c.notePeerCredit(hdr);
+    const s = c.state;
+    switch (hdr.op) {
+      case OP_REQUEST:
+        t.reset(c);
+        break;
+      case OP_RESPONSE:
+        if (s.kind === 'host-connecting') this.guestAccepted(c, s.guestSend);
+        else t.reset(c);
+        break;
+      case OP_RST:
+        t.close(c);
+        break;
+      case OP_SHUTDOWN:
+        this.guestShutdown(c, hdr.flags);
+        break;
+      case OP_RW:
+        if (s.kind !== 'established' || s.guestSend === 'shut') t.reset(c);
+        else if (c.pending.bytes + hdr.len > BUF_ALLOC) {
+          this.counters.creditViolations++;
+          const credit = BUF_ALLOC - c.pending.bytes;
+          const m = `credit violation on ${c.peer}->${c.local}: ${hdr.len} bytes with ${credit} of credit`;
+          this.report.guestError('credit', m);
+          t.reset(c);
+        } else {
+          this.counters.txBytes += hdr.len;
+          t.queueToSocket(c, payload);
+        }
+        break;
+      case OP_CREDIT_UPDATE:
+        if (s.kind === 'established') s.creditRequested = false;
+        t.ready.add(c);
+        break;
+      case OP_CREDIT_REQUEST:
+        t.sendControl(c, OP_CREDIT_UPDATE, 0);
+        break;
+    }
+    if (t.listed(c)) t.updateWatch(c);
+  }
+
+  private guestConnect(hdr: VsockHeader): void {
+    let fd: number;
+    try {
+      fd = this.host.connect(`${this.uds}_${hdr.dstPort}`);
+    } catch (e) {
+      this.counters.connectFailures++;
+      const m = `no host listener for port ${hdr.dstPort}: ${(e as Error).message}`;
+      this.report.logOnce('connect', m);
+      this.table.sendRst(hdr.dstPort, hdr.srcPort);
+      return;
+    }
+    const c = this.table.add(fd, hdr.dstPort, hdr.srcPort, {
+      kind: 'established',
+      guestSend: 'open',
+      hostSend: 'open',
+      creditRequested: false,
+    });
+    this.connectedSinceStart = true;
+    c.notePeerCredit(hdr);
+    this.counters.connectionsGuest++;
+    this.table.sendControl(c, OP_RESPONSE, 0);
+    this.table.updateWatch(c);
+  }
+
+  /** A host program asked for guest port `port`: offer it to the guest, for a while. */
+  private hostConnect(fd: number, port: number): void {
+    let local = this.nextLocal;
+    while (this.table.find(local, port)) local = nextPort(local);
+    this.nextLocal = nextPort(local);
+    const c = this.table.add(fd, local, port, { kind: 'host-connecting', guestSend: 'open' });
+    this.connectedSinceStart = true;
+    this.counters.connectionsHost++;
+    this.table.sendControl(c, OP_REQUEST, 0);
+    this.table.updateWatch(c);
+    this.host.after(CONNECT_TIMEOUT_MS, () => {
+      if (c.state.kind !== 'host-connecting' || !this.table.open(c)) return;
+      this.counters.connectTimeouts++;
+      const m = `guest port ${port} did not answer within ${CONNECT_TIMEOUT_MS} ms`;
+      this.report.logOnce('timeout', m);
+      this.table.reset(c); // RST tells the guest, closing the socket tells the host program
+      this.wake();
+    });
+  }
+
+  /** The guest accepted a host-initiated connection: "OK <port>\n" to the host program. */
+  private guestAccepted(c: Connection, guestSend: GuestSend): void {
+    c.state = { kind: 'established', guestSend, hostSend: 'open', creditRequested: false };
+    // A fresh socket takes a short line whole; a socket that does not is reset.
+    const ok = new TextEncoder().encode(`OK ${c.local}\n`);
+    const n = this.table.writeSocket(c, [ok]);
+    if (n >= 0 && n < ok.length) this.table.reset(c);
+    else if (n >= 0) this.table.ready.add(c);
+  }
+
+  private guestShutdown(c: Connection, flags: number): void {
+    if (flags & SHUTDOWN_SEND && c.state.kind !== 'closing') c.state.guestSend = 'shut';
+    if ((flags & (SHUTDOWN_SEND | SHUTDOWN_RCV)) === (SHUTDOWN_SEND | SHUTDOWN_RCV)) {
+      // Both directions closed: answer RST (as Linux expects), flush what is left, then close.
+      this.table.sendRst(c.local, c.peer);
+      this.table.forget(c);
+      c.state = { kind: 'closing' };
+    }
+    this.table.flush(c);
+  }
+
+  // ---- packets to the guest ----
+
+  hasRxWork(): boolean {
+    return this.table.hasRxWork();
+  }
+
+  blockRx(): void {
+    this.table.blockRx();
+  }
+
+  unblockRx(): void {
+    this.table.unblockRx();
+  }
+
+  /**
+   * Fills one RX buffer of `length` >= VSOCK_HDR_SIZE bytes with the next packet: its length,
+   * or 0 when nothing was put in (the caller keeps the buffer for the next packet).
+   */
+  fillRx(buffers: readonly Uint8Array[], length: number): number {
+    const t = this.table;
+    const sent = t.takeControl(buffers);
+    if (sent > 0) return sent;
+    const c = t.ready.values().next().value as Connection;
+    t.ready.delete(c);
+    const room = Math.min(length - VSOCK_HDR_SIZE, MAX_PKT_PAYLOAD);
+    const credit = c.peerCredit();
+    const s = c.state;
+    if (s.kind !== 'established' || s.hostSend !== 'open' || credit === 0 || room === 0) {
+      if (s.kind === 'established' && credit === 0 && !s.creditRequested) {
+        s.creditRequested = true;
+        t.sendControl(c, OP_CREDIT_REQUEST, 0);
+      }
+      t.updateWatch(c);
+      return 0;
+    }
+    let n: number;
+    try {
+      n = this.host.read(c.fd, sliceSegments(buffers, VSOCK_HDR_SIZE, Math.min(room, credit)));
+    } catch (e) {
+      this.report.logOnce('read', `socket read failed: ${(e as Error).message}`);
+      t.reset(c);
+      return 0;
+    }
+    if (n < 0) return 0; // nothing there after all
+    if (n === 0) {
+      s.hostSend = 'eof';
+      t.sendControl(c, OP_SHUTDOWN, SHUTDOWN_SEND);
+      t.updateWatch(c);
+      return 0;
+    }
+    const hdr = t.header(c, OP_RW, 0);
+    hdr.len = n;
+    c.sentToGuest(n);
+    putHeader(buffers, hdr);
+    t.ready.add(c); // maybe more: read until it would block
+    t.updateWatch(c);
+    return VSOCK_HDR_SIZE + n;
+  }
+}
