@@ -7,7 +7,37 @@ import { HostError } from '../util/errors.js';
 import * as C from './constants.js';
 import { MAP_SHARED, O_RDWR, PROT_READ, PROT_WRITE, isSyscallError, native } from './native.js';
 import * as S from './structs.js';
-import type { CpuidEntry, MsrEntry, Regs, Sregs } from './types.js';
+import type {
+  ClockData,
+  CpuidEntry,
+  DebugRegs,
+  Fpu,
+  MsrBatchResult,
+  MsrEntry,
+  Regs,
+  Sregs,
+  Xcr,
+} from './types.js';
+
+/** MSRs per KVM_GET/SET_MSRS call: below KVM's limit of 256 entries (MAX_IO_MSRS). */
+const MSR_BATCH = 128;
+
+/** A copy of `b` in a buffer of its own, exactly `size` bytes (what a SET ioctl reads). */
+function exact(what: string, b: Uint8Array, size: number): Uint8Array {
+  S.checkSize(what, b, size);
+  return b.slice();
+}
+
+/**
+ * The size of struct kvm_xsave that KVM_GET_XSAVE2/KVM_SET_XSAVE use: KVM_CAP_XSAVE2's answer
+ * (it grows past 4096 only when this process enabled a dynamic feature such as AMX with
+ * arch_prctl), or 4096 on a kernel without the capability. Process-wide: /dev/kvm and a VM fd
+ * give the same answer.
+ */
+function xsaveSizeFrom(checkExtension: (cap: number) => number): number {
+  const n = checkExtension(C.KVM_CAP_XSAVE2);
+  return n > S.XSAVE_SIZE ? n : S.XSAVE_SIZE;
+}
 
 /** Capabilities without which we refuse to start, with why we need each. */
 export const REQUIRED_CAPS: Array<[number, string]> = [
@@ -89,6 +119,11 @@ export class Kvm {
     return Array.from({ length: n }, (_, i) => v.getUint32(4 + 4 * i, true));
   }
 
+  /** See xsaveSizeFrom(). */
+  xsaveSize(): number {
+    return xsaveSizeFrom((cap) => this.checkExtension(cap));
+  }
+
   createVm(): Vm {
     const fd = native().ioctl(this.fd, C.KVM_CREATE_VM, 0);
     return new Vm(this, fd);
@@ -167,6 +202,51 @@ export class Vm {
     return native().ioctl(this.fd, C.KVM_CREATE_VCPU, id);
   }
 
+  /** KVM_CHECK_EXTENSION on the VM fd (some answers are per VM). */
+  checkExtension(cap: number): number {
+    return native().ioctl(this.fd, C.KVM_CHECK_EXTENSION, cap);
+  }
+
+  /** See xsaveSizeFrom(). */
+  xsaveSize(): number {
+    return xsaveSizeFrom((cap) => this.checkExtension(cap));
+  }
+
+  /** struct kvm_irqchip (520 bytes) of chip 0 (PIC master), 1 (PIC slave) or 2 (IOAPIC). */
+  getIrqchip(chipId: number): Uint8Array {
+    const b = S.allocIrqchip(chipId);
+    native().ioctl(this.fd, C.KVM_GET_IRQCHIP, b);
+    return b;
+  }
+  /** Restores a chip; which one is named by the struct's own chip_id. */
+  setIrqchip(chip: Uint8Array): void {
+    native().ioctl(this.fd, C.KVM_SET_IRQCHIP, exact('kvm_irqchip', chip, S.IRQCHIP_SIZE));
+  }
+
+  /** struct kvm_pit_state2 (112 bytes). */
+  getPit2(): Uint8Array {
+    const b = new Uint8Array(S.PIT_STATE2_SIZE);
+    native().ioctl(this.fd, C.KVM_GET_PIT2, b);
+    return b;
+  }
+  setPit2(pit: Uint8Array): void {
+    native().ioctl(this.fd, C.KVM_SET_PIT2, exact('kvm_pit_state2', pit, S.PIT_STATE2_SIZE));
+  }
+
+  /** kvmclock as the guest sees it now (ns), with the flags saying which extra fields are valid. */
+  getClock(): ClockData {
+    const b = new Uint8Array(S.CLOCK_DATA_SIZE);
+    native().ioctl(this.fd, C.KVM_GET_CLOCK, b);
+    return S.decodeClockData(b);
+  }
+  /**
+   * Sets kvmclock to `c.clock` now. Only KVM_CLOCK_REALTIME is meaningful in `c.flags` (KVM then
+   * adds the CLOCK_REALTIME time elapsed since `c.realtime`); pass 0 to set the value as is.
+   */
+  setClock(c: ClockData): void {
+    native().ioctl(this.fd, C.KVM_SET_CLOCK, S.encodeClockData(c));
+  }
+
   close(): void {
     native().close(this.fd);
   }
@@ -201,7 +281,120 @@ export class Vcpu {
   setSregs(s: Sregs): void {
     native().ioctl(this.fd, C.KVM_SET_SREGS, S.encodeSregs(s));
   }
-  /** x87 control word 0x37f and MXCSR 0x1f80, as after a CPU reset (Linux expects them). */
+  /**
+   * struct kvm_sregs as raw bytes, interrupt_bitmap included (decodeSregs drops it): the
+   * lossless form for snapshots, where a pending external interrupt must survive.
+   */
+  getSregsBytes(): Uint8Array {
+    const b = new Uint8Array(S.SREGS_SIZE);
+    native().ioctl(this.fd, C.KVM_GET_SREGS, b);
+    return b;
+  }
+  setSregsBytes(b: Uint8Array): void {
+    native().ioctl(this.fd, C.KVM_SET_SREGS, exact('kvm_sregs', b, S.SREGS_SIZE));
+  }
+  getFpu(): Fpu {
+    const b = new Uint8Array(S.FPU_SIZE);
+    native().ioctl(this.fd, C.KVM_GET_FPU, b);
+    return S.decodeFpu(b);
+  }
+  setFpu(f: Fpu): void {
+    native().ioctl(this.fd, C.KVM_SET_FPU, S.encodeFpu(f));
+  }
+  /**
+   * struct kvm_xsave. `size` is the VM's xsaveSize(): above 4096 only KVM_GET_XSAVE2 may be used
+   * (KVM_GET_XSAVE would truncate the dynamic components), at 4096 the original ioctl works on
+   * every kernel.
+   */
+  getXsave(size: number = S.XSAVE_SIZE): Uint8Array {
+    const b = new Uint8Array(Math.max(size, S.XSAVE_SIZE));
+    native().ioctl(this.fd, b.length > S.XSAVE_SIZE ? C.KVM_GET_XSAVE2 : C.KVM_GET_XSAVE, b);
+    return b;
+  }
+  /**
+   * KVM_SET_XSAVE reads exactly `size` bytes (the VM's xsaveSize(), whatever the request number
+   * says), so a shorter blob (saved where the size was 4096) is zero-padded (a zero XSTATE_BV bit
+   * means "component in its initial state"); a longer one holds state this VM cannot take.
+   */
+  setXsave(xsave: Uint8Array, size: number = S.XSAVE_SIZE): void {
+    const n = Math.max(size, S.XSAVE_SIZE);
+    if (xsave.length > n)
+      throw new HostError(
+        `the saved XSAVE area has ${xsave.length} bytes; this VM takes ${n} (KVM_CAP_XSAVE2)`,
+      );
+    const b = new Uint8Array(n);
+    b.set(xsave);
+    native().ioctl(this.fd, C.KVM_SET_XSAVE, b);
+  }
+  getXcrs(): Xcr[] {
+    const b = new Uint8Array(S.XCRS_SIZE);
+    native().ioctl(this.fd, C.KVM_GET_XCRS, b);
+    return S.decodeXcrs(b);
+  }
+  /** KVM checks each value as XSETBV would (XCR0 within what the vCPU's CPUID allows). */
+  setXcrs(xcrs: Xcr[]): void {
+    native().ioctl(this.fd, C.KVM_SET_XCRS, S.encodeXcrs(xcrs));
+  }
+  getDebugRegs(): DebugRegs {
+    const b = new Uint8Array(S.DEBUGREGS_SIZE);
+    native().ioctl(this.fd, C.KVM_GET_DEBUGREGS, b);
+    return S.decodeDebugRegs(b);
+  }
+  /** KVM refuses non-zero flags and DR6/DR7 values with bits set above bit 31. */
+  setDebugRegs(d: DebugRegs): void {
+    native().ioctl(this.fd, C.KVM_SET_DEBUGREGS, S.encodeDebugRegs(d));
+  }
+  /** struct kvm_lapic_state: the first 1 KiB of the in-kernel LAPIC's register page. */
+  getLapic(): Uint8Array {
+    const b = new Uint8Array(S.LAPIC_SIZE);
+    native().ioctl(this.fd, C.KVM_GET_LAPIC, b);
+    return b;
+  }
+  setLapic(lapic: Uint8Array): void {
+    native().ioctl(this.fd, C.KVM_SET_LAPIC, exact('kvm_lapic_state', lapic, S.LAPIC_SIZE));
+  }
+  /** KVM_MP_STATE_* (runnable, halted, waiting for INIT/SIPI...). */
+  getMpState(): number {
+    const b = new Uint8Array(S.MP_STATE_SIZE);
+    native().ioctl(this.fd, C.KVM_GET_MP_STATE, b);
+    return new DataView(b.buffer).getUint32(0, true);
+  }
+  setMpState(state: number): void {
+    const b = new Uint8Array(S.MP_STATE_SIZE);
+    new DataView(b.buffer).setUint32(0, state >>> 0, true);
+    native().ioctl(this.fd, C.KVM_SET_MP_STATE, b);
+  }
+  /** struct kvm_vcpu_events (64 bytes): pending/injected exception, interrupt, NMI, SMI. */
+  getVcpuEvents(): Uint8Array {
+    const b = new Uint8Array(S.VCPU_EVENTS_SIZE);
+    native().ioctl(this.fd, C.KVM_GET_VCPU_EVENTS, b);
+    return b;
+  }
+  /** KVM applies the optional parts the struct's flags name (as KVM_GET_VCPU_EVENTS set them). */
+  setVcpuEvents(events: Uint8Array): void {
+    native().ioctl(
+      this.fd,
+      C.KVM_SET_VCPU_EVENTS,
+      exact('kvm_vcpu_events', events, S.VCPU_EVENTS_SIZE),
+    );
+  }
+  /** The CPUID table set on this vCPU (KVM_GET_CPUID2). */
+  getCpuid(): CpuidEntry[] {
+    for (let cap = 128; cap <= 4096; cap *= 2) {
+      const b = S.allocCpuid2(cap);
+      try {
+        native().ioctl(this.fd, C.KVM_GET_CPUID2, b);
+        return S.decodeCpuid2(b);
+      } catch (e) {
+        if (!isSyscallError(e, 'E2BIG')) throw e;
+      }
+    }
+    throw new HostError('KVM_GET_CPUID2: too many entries');
+  }
+  /**
+   * x87 control word 0x37f, as after a CPU reset (Linux expects it). The MXCSR 0x1f80 written
+   * here is ignored by KVM_SET_FPU (see Fpu.mxcsr); a new vCPU's MXCSR already is 0x1f80.
+   */
   setDefaultFpu(): void {
     const b = new Uint8Array(S.FPU_SIZE);
     const v = new DataView(b.buffer);
@@ -221,8 +414,46 @@ export class Vcpu {
     const n = native().ioctl(this.fd, C.KVM_GET_MSRS, b);
     return S.decodeMsrs(b).slice(0, n);
   }
+  /**
+   * Reads every MSR of `indices` that KVM will give, in batches. KVM_GET_MSRS stops at the first
+   * MSR it refuses and returns how many it read, so the read resumes just past each refusal
+   * (an MSR in KVM_GET_MSR_INDEX_LIST can still be refused, e.g. when the vCPU's CPUID lacks
+   * the feature, or by a host such as PVM).
+   */
+  readMsrs(indices: number[]): MsrBatchResult {
+    const msrs: MsrEntry[] = [];
+    const refused: number[] = [];
+    for (let at = 0; at < indices.length;) {
+      const batch = indices.slice(at, at + MSR_BATCH);
+      const got = this.getMsrs(batch);
+      msrs.push(...got);
+      at += got.length;
+      if (got.length < batch.length) refused.push(indices[at++]!);
+    }
+    return { msrs, refused };
+  }
+  /** Writes every entry KVM accepts, in batches, resuming past each refusal; reports both. */
+  writeMsrs(entries: MsrEntry[]): MsrBatchResult {
+    const msrs: MsrEntry[] = [];
+    const refused: number[] = [];
+    for (let at = 0; at < entries.length;) {
+      const batch = entries.slice(at, at + MSR_BATCH);
+      const n = this.setMsrs(batch);
+      msrs.push(...batch.slice(0, n));
+      at += n;
+      if (n < batch.length) refused.push(entries[at++]!.index);
+    }
+    return { msrs, refused };
+  }
   tscKhz(): number {
     return native().ioctl(this.fd, C.KVM_GET_TSC_KHZ, 0);
+  }
+  /**
+   * Sets the guest TSC frequency. Without KVM_CAP_TSC_CONTROL (TSC scaling) KVM accepts only
+   * the host's own frequency (within 250 ppm) or a higher one it then catches up to.
+   */
+  setTscKhz(khz: number): void {
+    native().ioctl(this.fd, C.KVM_SET_TSC_KHZ, khz);
   }
 
   /** Enters the guest. Returns false when interrupted (EINTR: a kick), true on a normal exit. */

@@ -106,13 +106,3 @@ export const EPOLLRDHUP = 0x2000;
 export const SHUT_RD = 0;
 export const SHUT_WR = 1;
 export const SHUT_RDWR = 2;
-// TUN/TAP (linux/if_tun.h).
-export const IFF_TAP = 0x0002;
-export const IFF_NO_PI = 0x1000;
-export const IFF_VNET_HDR = 0x4000;
-export const TUNSETOFFLOAD = 0x4004_54d0;
-export const TUNSETVNETHDRSZ = 0x4004_54d8;
-export const TUN_F_CSUM = 0x01;
-export const TUN_F_TSO4 = 0x02;
-export const TUN_F_TSO6 = 0x04;
-export const TUN_F_TSO_ECN = 0x08;

@@ -89,6 +89,59 @@ export interface MsrEntry {
   data: bigint;
 }
 
+/** struct kvm_fpu: the legacy x87/SSE state (the XSAVE area holds a superset of it). */
+export interface Fpu {
+  /** st0..st7 (mm0..mm7), 16 bytes each (80-bit values, padded). */
+  fpr: Uint8Array;
+  fcw: number; // u16
+  fsw: number; // u16
+  /** Abridged tag word, FXSAVE format. */
+  ftwx: number; // u8
+  lastOpcode: number; // u16
+  lastIp: bigint;
+  lastDp: bigint;
+  /** xmm0..xmm15, 16 bytes each. */
+  xmm: Uint8Array;
+  /**
+   * u32. KVM_GET_FPU/KVM_SET_FPU neither read nor write it (arch/x86/kvm/x86.c copies only the
+   * x87 fields and XMM; GET returns 0): MXCSR is saved and restored through the XSAVE area.
+   */
+  mxcsr: number;
+}
+
+/** One entry of struct kvm_xcrs (index 0 is XCR0, the XSAVE feature mask). */
+export interface Xcr {
+  xcr: number;
+  value: bigint;
+}
+
+/** struct kvm_debugregs (flags must be 0 on set). */
+export interface DebugRegs {
+  /** DR0..DR3. */
+  db: [bigint, bigint, bigint, bigint];
+  dr6: bigint;
+  dr7: bigint;
+  flags: bigint;
+}
+
+/** struct kvm_clock_data: kvmclock, in ns. */
+export interface ClockData {
+  clock: bigint;
+  /** KVM_CLOCK_TSC_STABLE | KVM_CLOCK_REALTIME | KVM_CLOCK_HOST_TSC, as KVM reported. */
+  flags: number;
+  /** CLOCK_REALTIME in ns when `clock` was read (valid with KVM_CLOCK_REALTIME). */
+  realtime: bigint;
+  /** The host TSC when `clock` was read (valid with KVM_CLOCK_HOST_TSC). */
+  hostTsc: bigint;
+}
+
+/** Result of reading or writing a list of MSRs past the ones KVM refuses. */
+export interface MsrBatchResult {
+  msrs: MsrEntry[];
+  /** Indices KVM refused, in list order. */
+  refused: number[];
+}
+
 export function zeroRegs(): Regs {
   return {
     rax: 0n,

@@ -1,6 +1,9 @@
 /**
  * The control block shared by the main thread and the vCPU workers (a SharedArrayBuffer).
  * The main thread writes COMMAND and kicks; each worker owns its own STATE slot.
+ * Requests to a parked vCPU (save its state) go in that vCPU's REQUEST slot; the main thread
+ * rings DOORBELL after writing one (and after every command change), so a parked worker that
+ * waits on DOORBELL wakes for either without a lost wake-up (see waitDoorbell).
  */
 export const enum Command {
   Run = 0,
@@ -15,9 +18,19 @@ export const enum VcpuState {
   Exited = 3,
 }
 
+/** What the main thread asks of one parked vCPU (its REQUEST slot). */
+export const enum VcpuRequest {
+  None = 0,
+  /** Save the vCPU's state and post it ('saved' message), then stay parked. */
+  Save = 1,
+}
+
+const MAX_VCPUS = 64; // as arch/x86_64/layout.ts MAX_VCPUS
 const COMMAND = 0;
+const DOORBELL = 1; // bumped after every command or request change
 const STATE_BASE = 8;
-const INT_SLOTS = STATE_BASE + 64 * 2; // state and exit count low word per vCPU
+const REQUEST_BASE = STATE_BASE + MAX_VCPUS * 2; // state and exit count low word per vCPU
+const INT_SLOTS = REQUEST_BASE + MAX_VCPUS;
 const F64_SLOTS = 4; // [0] boot marker time (ms since process start), [1] first instruction time
 
 export class VcpuControl {
@@ -37,10 +50,38 @@ export class VcpuControl {
   setCommand(c: Command): void {
     Atomics.store(this.ints, COMMAND, c);
     Atomics.notify(this.ints, COMMAND);
+    this.ring();
   }
   /** Blocks the calling worker while the command is `c` (or until timeoutMs). */
   waitWhile(c: Command, timeoutMs = Infinity): void {
     Atomics.wait(this.ints, COMMAND, c, timeoutMs);
+  }
+
+  /** The doorbell's current value, to pass to waitDoorbell after checking command and requests. */
+  get doorbell(): number {
+    return Atomics.load(this.ints, DOORBELL);
+  }
+  private ring(): void {
+    Atomics.add(this.ints, DOORBELL, 1);
+    Atomics.notify(this.ints, DOORBELL);
+  }
+  /**
+   * Blocks until the doorbell moves from `seen` (or timeoutMs). Read `seen` before checking the
+   * command and requests: a change made after that read has moved the doorbell, so the wait
+   * returns at once instead of sleeping through it.
+   */
+  waitDoorbell(seen: number, timeoutMs = Infinity): void {
+    Atomics.wait(this.ints, DOORBELL, seen, timeoutMs);
+  }
+
+  /** Main thread: asks parked vCPU `vcpu` to do `r`, and wakes it. */
+  request(vcpu: number, r: VcpuRequest): void {
+    Atomics.store(this.ints, REQUEST_BASE + vcpu, r);
+    this.ring();
+  }
+  /** Worker: takes (and clears) its pending request. */
+  takeRequest(vcpu: number): VcpuRequest {
+    return Atomics.exchange(this.ints, REQUEST_BASE + vcpu, VcpuRequest.None) as VcpuRequest;
   }
 
   state(vcpu: number): VcpuState {

@@ -7,7 +7,7 @@ import * as C from '../kvm/constants.js';
 import { Vcpu } from '../kvm/kvm.js';
 import { RUN } from '../kvm/structs.js';
 import type { Bus } from '../devices/bus.js';
-import { Command, VcpuControl, VcpuState } from './vcpu-control.js';
+import { Command, VcpuControl, VcpuRequest, VcpuState } from './vcpu-control.js';
 
 /** Why a vCPU stopped the VM. */
 export type VmExitEvent =
@@ -23,6 +23,14 @@ export interface ExitHandlers {
   unhandled(space: 'pio' | 'mmio', addr: number, data: Uint8Array, isWrite: boolean): void;
 }
 
+/** What the worker does for requests made to its parked vCPU (see VcpuControl.request). */
+export interface ParkedRequestHandlers {
+  /** Save the vCPU's state and reply; runs in the parked loop, between two waits. */
+  save(): void;
+  /** A request the pause ended before it was served (resume or stop raced it): reply so. */
+  dropped(r: VcpuRequest): void;
+}
+
 export class VcpuLoop {
   private readonly u8: Uint8Array;
   /** Set by a device (reset, poweroff) to end the loop after the current exit. */
@@ -33,6 +41,7 @@ export class VcpuLoop {
     private readonly vcpu: Vcpu,
     private readonly control: VcpuControl,
     private readonly handlers: ExitHandlers,
+    private readonly requests?: ParkedRequestHandlers,
   ) {
     this.u8 = new Uint8Array(vcpu.run.buffer);
   }
@@ -63,14 +72,26 @@ export class VcpuLoop {
 
   /**
    * Pause: re-enter KVM_RUN once with immediate_exit still set so that a half-done MMIO/PIO
-   * exit completes inside KVM, then wait until the command is no longer Pause.
+   * exit completes inside KVM, then wait until the command is no longer Pause, serving the
+   * main thread's requests (save) meanwhile: the vCPU is outside KVM_RUN and its state is whole.
    */
   private park(): void {
     const { control, vcpu, id } = this;
     vcpu.immediateExit = true;
     vcpu.runOnce();
     control.setState(id, VcpuState.Paused);
-    while (control.command === Command.Pause) control.waitWhile(Command.Pause, 1000);
+    for (;;) {
+      const seen = control.doorbell; // before the checks: see VcpuControl.waitDoorbell
+      if (control.command !== Command.Pause) break;
+      const r = control.takeRequest(id);
+      if (r === VcpuRequest.Save) {
+        if (this.requests) this.requests.save();
+        else throw new Error(`vCPU ${id}: a save request but no request handlers`);
+      }
+      control.waitDoorbell(seen, 1000);
+    }
+    const late = control.takeRequest(id);
+    if (late !== VcpuRequest.None) this.requests?.dropped(late);
     vcpu.immediateExit = false;
     control.setState(id, VcpuState.Running);
   }

@@ -7,12 +7,15 @@ import { native, MAP_SHARED, PROT_READ, PROT_WRITE } from '../kvm/native.js';
 import { RUN } from '../kvm/structs.js';
 import { log } from '../util/log.js';
 import type { VmExitEvent } from './vcpu-loop.js';
-import { Command, VcpuControl, VcpuState } from './vcpu-control.js';
+import { Command, VcpuControl, VcpuRequest, VcpuState } from './vcpu-control.js';
 import type { VcpuWorkerData, VcpuWorkerMessage, VcpuWorkerStart } from './vcpu-worker.js';
 import { takeVcpuWorkers } from './vcpu-pool.js';
 
 const KICK_RETRY_MS = 5;
 const STOP_TIMEOUT_MS = 5000;
+const SAVE_TIMEOUT_MS = 5000;
+
+type SaveReply = Extract<VcpuWorkerMessage, { type: 'saved' | 'save-failed' }>;
 
 interface VcpuHandle {
   id: number;
@@ -85,7 +88,7 @@ export class Vmm {
     else if (m.type === 'exit') {
       h.reported = true;
       this.onVcpuEvent(m.event);
-    }
+    } else if (m.type === 'saved' || m.type === 'save-failed') this.saveReplies?.get(m.id)?.(m);
   }
 
   /** A vCPU ended the VM (or acknowledged a stop): the first real reason wins; stop the rest. */
@@ -178,6 +181,48 @@ export class Vmm {
     if (this.state !== 'paused') return;
     this.control.setCommand(Command.Run);
     this.state = 'running';
+  }
+
+  /** Answers awaited by saveVcpus, by vCPU id; set only while a save is under way. */
+  private saveReplies: Map<number, (m: SaveReply) => void> | undefined;
+
+  /**
+   * Each vCPU's state as VcpuStateV1 bytes, in vCPU id order. The VM must be paused: each
+   * parked worker, woken through its request slot, reads its own vCPU (vCPU ioctls stay on the
+   * thread that runs it; the vCPU is outside KVM_RUN, any half-done exit completed).
+   */
+  async saveVcpus(): Promise<Uint8Array[]> {
+    if (this.state !== 'paused')
+      throw new Error(`cannot save vCPU state: the VM must be paused (it is ${this.state})`);
+    if (this.saveReplies) throw new Error('cannot save vCPU state: a save is already under way');
+    const gone = this.vcpus.find((h) => h.exited || h.reported);
+    if (gone) throw new Error(`cannot save vCPU state: vCPU ${gone.id} has exited`);
+    const replies = new Map<number, (m: SaveReply) => void>();
+    const timers: NodeJS.Timeout[] = [];
+    this.saveReplies = replies;
+    try {
+      return await Promise.all(
+        this.vcpus.map(
+          (h) =>
+            new Promise<Uint8Array>((resolve, reject) => {
+              const what = `cannot save vCPU ${h.id}`;
+              timers.push(
+                setTimeout(
+                  () => reject(new Error(`${what}: no answer within ${SAVE_TIMEOUT_MS} ms`)),
+                  SAVE_TIMEOUT_MS,
+                ),
+              );
+              replies.set(h.id, (m) =>
+                m.type === 'saved' ? resolve(m.state) : reject(new Error(`${what}: ${m.message}`)),
+              );
+              this.control.request(h.id, VcpuRequest.Save);
+            }),
+        ),
+      );
+    } finally {
+      timers.forEach(clearTimeout);
+      this.saveReplies = undefined;
+    }
   }
 
   get vcpuCount(): number {
