@@ -33,7 +33,10 @@ function main(argv: string[]): number {
   if (cmd === 'paths') {
     for (const n of all) {
       if (!printed.has(n) && isBuilt(n)) {
-        for (const [k, p] of Object.entries(imagePaths(n))) console.log(`${k}=${p}`);
+        // ensureImage does not build a built image; it points <cache>/<name> at it (the CLI's
+        // default guest, src/util/guest-images.ts).
+        for (const [k, p] of Object.entries(imagePaths(n, ensureImage(n))))
+          console.log(`${k}=${p}`);
       }
     }
   }

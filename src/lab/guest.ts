@@ -3,7 +3,8 @@
 // ${TYPERVISOR_CACHE:-~/.cache/typervisor}/<name>-<hash>/. The hash covers the recipe's
 // script text and the package versions it reports ("inputs"), so a clean clone reuses a
 // cache and a changed recipe rebuilds. Builds go to a temp dir renamed into place, so a
-// partial build is never taken for a complete one.
+// partial build is never taken for a complete one. ensureImage() also points the symlink
+// <cache>/<name> at the dir it returns: the CLI's default guest (src/util/guest-images.ts).
 import { createHash } from 'node:crypto';
 import { execFileSync } from 'node:child_process';
 import {
@@ -12,38 +13,38 @@ import {
   mkdtempSync,
   readdirSync,
   readFileSync,
+  readlinkSync,
   renameSync,
   rmSync,
   statSync,
+  symlinkSync,
   writeFileSync,
 } from 'node:fs';
-import { homedir } from 'node:os';
-import { dirname, join, resolve } from 'node:path';
+import { basename, dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import {
+  IMAGE_FILES,
+  cacheRoot,
+  currentImageLink,
+  imageFilePaths,
+  type ImageName,
+} from '../util/guest-images.js';
 
-export type ImageName = 'kernel' | 'initramfs' | 'rootfs' | 'lab';
+export type { ImageName };
 
 interface Recipe {
   script: string;
   /** Other files under scripts/guest/ the image contains or depends on. */
   extra: string[];
   /** Output files, relative to the image dir. */
-  files: Record<string, string>;
+  files: Readonly<Record<string, string>>;
 }
 
 export const RECIPES: Record<ImageName, Recipe> = {
-  kernel: { script: 'build-kernel.sh', extra: [], files: { KERNEL: 'vmlinuz' } },
-  initramfs: {
-    script: 'build-initramfs.sh',
-    extra: ['init.sh'],
-    files: { INITRAMFS: 'initramfs.cpio.gz' },
-  },
-  rootfs: { script: 'build-rootfs.sh', extra: ['init.sh'], files: { ROOTFS: 'rootfs.ext4' } },
-  lab: {
-    script: 'build-lab.sh',
-    extra: ['lab-init.sh'],
-    files: { LAB_KERNEL: 'vmlinux', LAB_INITRAMFS: 'initramfs.cpio.gz' },
-  },
+  kernel: { script: 'build-kernel.sh', extra: [], files: IMAGE_FILES.kernel },
+  initramfs: { script: 'build-initramfs.sh', extra: ['init.sh'], files: IMAGE_FILES.initramfs },
+  rootfs: { script: 'build-rootfs.sh', extra: ['init.sh'], files: IMAGE_FILES.rootfs },
+  lab: { script: 'build-lab.sh', extra: ['lab-init.sh'], files: IMAGE_FILES.lab },
 };
 
 /** The checkout root (this file is dist/src/lab/guest.js or src/lab/guest.ts). */
@@ -55,10 +56,6 @@ export function repoRoot(): string {
     dir = up;
   }
   return dir;
-}
-
-export function cacheRoot(): string {
-  return resolve(process.env.TYPERVISOR_CACHE ?? join(homedir(), '.cache', 'typervisor'));
 }
 
 function scriptsDir(): string {
@@ -112,7 +109,7 @@ export function isBuilt(name: ImageName): boolean {
 /** Builds the image if missing (or if rebuild), returns its dir. */
 export function ensureImage(name: ImageName, opts: { rebuild?: boolean } = {}): string {
   const dir = imageDir(name);
-  if (existsSync(dir) && !opts.rebuild) return dir;
+  if (existsSync(dir) && !opts.rebuild) return pointCurrentAt(name, dir);
   mkdirSync(cacheRoot(), { recursive: true });
   const tmp = mkdtempSync(join(cacheRoot(), `.${name}-tmp-`));
   try {
@@ -131,12 +128,26 @@ export function ensureImage(name: ImageName, opts: { rebuild?: boolean } = {}): 
   } finally {
     rmSync(tmp, { recursive: true, force: true });
   }
+  return pointCurrentAt(name, dir);
+}
+
+/** Points <cache>/<name> at dir (relative, replaced atomically); returns dir. */
+function pointCurrentAt(name: ImageName, dir: string): string {
+  const link = currentImageLink(name);
+  let now: string | undefined;
+  try {
+    now = readlinkSync(link);
+  } catch {}
+  if (now !== basename(dir)) {
+    const tmp = `${link}.tmp${process.pid}`;
+    rmSync(tmp, { force: true });
+    symlinkSync(basename(dir), tmp);
+    renameSync(tmp, link);
+  }
   return dir;
 }
 
 /** KEY -> absolute path of every output file of the image. */
 export function imagePaths(name: ImageName, dir = imageDir(name)): Record<string, string> {
-  const out: Record<string, string> = {};
-  for (const [k, f] of Object.entries(RECIPES[name].files)) out[k] = join(dir, f);
-  return out;
+  return imageFilePaths(name, dir);
 }

@@ -5,6 +5,7 @@
  */
 import { writeSync } from 'node:fs';
 import {
+  ACPI_PM_BASE,
   BOOT_MARKER_MMIO_ADDR,
   BOOT_MARKER_PORT,
   I8042_DATA_PORT,
@@ -13,7 +14,6 @@ import {
   SERIAL_COM1_IRQ,
   SERIAL_COM1_PORT,
 } from '../arch/x86_64/layout.js';
-import { ACPI_PM_BASE } from '../arch/x86_64/acpi/index.js';
 import { Bus, type BusDevice, type IrqLine } from '../devices/bus.js';
 import { AcpiPm, ACPI_PM_WINDOW_SIZE } from '../devices/legacy/acpi-pm.js';
 import { I8042, I8042_RANGE_SIZE } from '../devices/legacy/i8042.js';

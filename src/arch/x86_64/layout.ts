@@ -37,9 +37,20 @@ export const VIRTIO_GSI_FIRST = 5;
 export const VIRTIO_GSI_LAST = 23;
 /** ACPI GED / sleep registers (hardware-reduced ACPI), in the MMIO hole. */
 export const ACPI_GED_ADDR = 0xfeb0_0000;
-export const ACPI_SLEEP_CTL_ADDR = 0xfeb0_0100; // one byte: SLP_TYP | SLP_EN
-export const ACPI_SLEEP_STS_ADDR = 0xfeb0_0101; // one byte: WAK_STS
-export const ACPI_RESET_ADDR = 0xfeb0_0102; // one byte: write 1 to reset
+/**
+ * The power-management register window the FADT points the guest at, served by the AcpiPm
+ * device (devices/legacy/acpi-pm.ts, registers at offsets 0, 1, 2). arch does not import
+ * devices: the ACPI tables take these values from here, and src/vmm/acpi-pm-contract.test.ts
+ * checks that the device acts on them.
+ */
+export const ACPI_PM_BASE = 0xfeb0_0100;
+export const ACPI_SLEEP_CTL_ADDR = ACPI_PM_BASE + 0; // one byte: SLP_TYP | SLP_EN
+export const ACPI_SLEEP_STS_ADDR = ACPI_PM_BASE + 1; // one byte: WAK_STS
+export const ACPI_RESET_ADDR = ACPI_PM_BASE + 2; // one byte: write ACPI_RESET_VALUE to reset
+/** SLP_TYP of S5 (soft off) that the DSDT's \_S5_ package gives the guest. */
+export const ACPI_S5_SLP_TYP = 5;
+/** The byte the FADT tells the guest to write to the reset register (RESET_VALUE). */
+export const ACPI_RESET_VALUE = 0x01;
 export const IOAPIC_ADDR = 0xfec0_0000;
 export const LAPIC_ADDR = 0xfee0_0000;
 

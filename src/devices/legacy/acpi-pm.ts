@@ -12,6 +12,10 @@ import type { BusDevice } from '../bus.js';
  * (acpi_hw_extended_sleep) after writing WAK_STS to the status register; it reboots through
  * acpi_reboot() writing RESET_VALUE to RESET_REG. Anything else is counted and ignored: this is
  * guest-facing and never throws.
+ *
+ * The FADT and DSDT (arch/x86_64/acpi/) give the guest these addresses and values from
+ * arch/x86_64/layout.ts; devices and arch never import each other, and
+ * src/vmm/acpi-pm-contract.test.ts checks that the two agree.
  */
 
 /** Register offsets inside the window. */

@@ -8,14 +8,11 @@ import type { GuestMemory } from '../../../memory/guest-memory.js';
 import { ConfigError } from '../../../util/errors.js';
 import { type Result, err, ok } from '../../../util/result.js';
 import {
-  ACPI_PM_RESET,
-  ACPI_PM_SLEEP_CONTROL,
-  ACPI_PM_SLEEP_STATUS,
+  ACPI_RESET_ADDR,
   ACPI_RESET_VALUE,
   ACPI_S5_SLP_TYP,
-} from '../../../devices/legacy/acpi-pm.js';
-import {
   ACPI_SLEEP_CTL_ADDR,
+  ACPI_SLEEP_STS_ADDR,
   ACPI_TABLES_END,
   ACPI_TABLES_START,
   I8042_CMD_PORT,
@@ -30,11 +27,6 @@ import {
   VIRTIO_MMIO_SIZE,
 } from '../layout.js';
 import { buildDsdt, buildFadt, buildMadt, buildRsdp, buildXsdt } from './tables.js';
-
-/** The AcpiPm device's window starts at the sleep control register (layout.ts). */
-export const ACPI_PM_BASE = ACPI_SLEEP_CTL_ADDR - ACPI_PM_SLEEP_CONTROL;
-/** The reset register: the byte after the sleep status register, in the same window. */
-export const ACPI_RESET_ADDR = ACPI_PM_BASE + ACPI_PM_RESET;
 
 /** The in-kernel IOAPIC has 24 pins; GSI base 0. */
 const IOAPIC_PINS = 24;
@@ -114,8 +106,8 @@ export function buildAcpiTables(config: AcpiConfig): Result<AcpiBlob, ConfigErro
     'FACP',
     buildFadt({
       dsdtAddr,
-      sleepControlAddr: ACPI_PM_BASE + ACPI_PM_SLEEP_CONTROL,
-      sleepStatusAddr: ACPI_PM_BASE + ACPI_PM_SLEEP_STATUS,
+      sleepControlAddr: ACPI_SLEEP_CTL_ADDR,
+      sleepStatusAddr: ACPI_SLEEP_STS_ADDR,
       resetAddr: ACPI_RESET_ADDR,
       resetValue: ACPI_RESET_VALUE,
     }),

@@ -2,6 +2,7 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { GuestMemory } from '../../../memory/guest-memory.js';
 import {
+  ACPI_RESET_ADDR,
   ACPI_TABLES_END,
   ACPI_TABLES_START,
   ACPI_SLEEP_CTL_ADDR,
@@ -10,7 +11,7 @@ import {
   LAPIC_ADDR,
   RSDP_ADDR,
 } from '../layout.js';
-import { ACPI_RESET_ADDR, acpiBootHook, buildAcpiTables, writeAcpiTables } from './index.js';
+import { acpiBootHook, buildAcpiTables, writeAcpiTables } from './index.js';
 import {
   FADT_F_HW_REDUCED_ACPI,
   FADT_F_RESET_REG_SUP,
