@@ -3,7 +3,7 @@
  * into the sequence of actions the equivalent API calls would make, ending with InstanceStart.
  * So a config file goes through exactly the checks the API applies.
  */
-import type { VmConfig } from '../vmm/resources.js';
+import type { VmConfig } from '../vmm/index.js';
 import { parseBody, type VmmAction } from './routes.js';
 import { FullVmConfiguration, UNSUPPORTED_CONFIG_SECTIONS } from './schemas.js';
 

@@ -8,11 +8,9 @@
 import { readFileSync } from 'node:fs';
 import { TypervisorError } from '../util/errors.js';
 import { log } from '../util/log.js';
-import { buildVm, type BuildOptions, type BuiltVm } from '../vmm/builder.js';
-import type { VirtioConfig } from '../vmm/virtio-wiring.js';
-import { checkHostCanRun } from '../vmm/host-check.js';
+import { buildVm, type BuildOptions, type BuiltVm } from '../vmm/index.js';
+import { checkHostCanRun } from '../vmm/index.js';
 import {
-  DEFAULT_BOOT_ARGS,
   DEFAULT_MACHINE_CONFIG,
   emptyVmConfig,
   resourcesFromConfig,
@@ -24,9 +22,9 @@ import {
   withDrive,
   withNetworkInterface,
   type VmConfig,
-  type VmResources,
-} from '../vmm/resources.js';
-import type { VmExitEvent } from '../vmm/vcpu-loop.js';
+  type VmSpec,
+} from '../vmm/index.js';
+import type { VmExitEvent } from '../vmm/index.js';
 import { parseVmConfig } from './config-file.js';
 import type { LoggerControl } from './logger.js';
 import type { MetricGroups, MetricsSystem } from './metrics.js';
@@ -45,18 +43,6 @@ const notSupported = (what: string): ApiOutcome => ({
 const bad = (fault: string): ApiOutcome => ({ status: 400, fault });
 const NO_CONTENT: ApiOutcome = { status: 204 };
 
-/**
- * Which optional resources buildVm() attaches today. The virtio devices are being built
- * elsewhere; until buildVm takes them, a start with one of them configured is refused rather
- * than silently booting without it.
- */
-export const BUILDER_ATTACHES = {
-  drives: true,
-  network_interfaces: true,
-  vsock: true,
-  entropy: true,
-} as const;
-
 export interface ControllerOptions {
   instanceId: string;
   version: string;
@@ -67,7 +53,7 @@ export interface ControllerOptions {
   /** Called once when the VM has ended. */
   onExit?: (event: VmExitEvent) => void;
   /** For tests: replaces buildVm. */
-  build?: (res: VmResources, opts: BuildOptions) => BuiltVm;
+  build?: (spec: VmSpec, opts: BuildOptions) => BuiltVm;
 }
 
 export class VmmController {
@@ -141,7 +127,7 @@ export class VmmController {
       case 'PutDrive':
         if (!pre)
           return notSupported('hot-plugging block devices is not implemented in Typervisor yet');
-        this.config.drives = withDrive(this.config.drives, a.config);
+        this.config.drives = withDrive(this.config.drives, validateDrive(a.config));
         return NO_CONTENT;
       case 'PutNetworkInterface':
         if (!pre)
@@ -162,7 +148,9 @@ export class VmmController {
           );
         if (a.update.path_on_host !== undefined)
           validateDrive({ ...d, path_on_host: a.update.path_on_host });
-        return notSupported('updating a drive of a running VM (virtio-blk is not attached yet)');
+        return notSupported(
+          'updating a drive of a running VM is not implemented in Typervisor yet',
+        );
       }
       case 'PatchNetworkInterface': {
         if (pre) return bad(POST_BOOT_ONLY);
@@ -172,7 +160,7 @@ export class VmmController {
           );
         }
         return notSupported(
-          'updating a network interface of a running VM (virtio-net is not attached yet)',
+          'updating a network interface of a running VM is not implemented in Typervisor yet',
         );
       }
       case 'PutVsock':
@@ -198,7 +186,7 @@ export class VmmController {
         return this.start();
       case 'FlushMetrics':
         if (pre) return bad(POST_BOOT_ONLY);
-        this.opts.metrics.flush();
+        await this.opts.metrics.flush();
         return NO_CONTENT;
       case 'SendCtrlAltDel':
         if (!this.built) return bad(POST_BOOT_ONLY);
@@ -227,26 +215,10 @@ export class VmmController {
 
   /** InstanceStart: the configuration -> VmResources -> buildVm(), as `typervisor run` does. */
   private start(): ApiOutcome {
-    let res: VmResources;
     try {
-      res = validateResources(resourcesFromConfig(this.config));
-      const missing = (
-        Object.keys(BUILDER_ATTACHES) as Array<keyof typeof BUILDER_ATTACHES>
-      ).filter((k) => !BUILDER_ATTACHES[k] && res[k] !== undefined);
-      if (missing.length > 0) {
-        const names: Record<string, string> = {
-          drives: 'virtio-blk',
-          network_interfaces: 'virtio-net',
-          vsock: 'virtio-vsock',
-          entropy: 'virtio-rng',
-        };
-        return bad(
-          `Start microvm error: ${missing.map((m) => names[m]).join(', ')} not available yet: the configuration is stored (GET /vm/config) but this build cannot attach it`,
-        );
-      }
-      checkHostCanRun(res.boot.kernel_image_path, false);
-      const { resources, virtio } = withVirtio(res);
-      this.built = (this.opts.build ?? buildVm)(resources, { virtio });
+      const spec = validateResources(resourcesFromConfig(this.config));
+      checkHostCanRun(spec.kernelPath, false);
+      this.built = (this.opts.build ?? buildVm)(spec, {});
     } catch (e) {
       if (e instanceof TypervisorError) return bad(`Start microvm error: ${e.message}`);
       throw e;
@@ -280,33 +252,28 @@ export class VmmController {
 }
 
 /**
- * Drives and entropy as buildVm's virtio configs (root drive first, so it is /dev/vda), and the
- * root= argument Firecracker appends for a root drive.
+ * The running VM's per-device and per-vCPU counters, for the metrics lines. Virtio devices are
+ * asked of the device worker (its mailbox), in Firecracker's shape: one group per kind summed
+ * over its devices (`block`, `net`, `vsock`, `entropy`) and one per device (`block_<drive_id>`,
+ * `net_<iface_id>`), each with the transport's own counters beside the device's.
  */
-function withVirtio(res: VmResources): { resources: VmResources; virtio: VirtioConfig[] } {
-  const virtio: VirtioConfig[] = (res.drives ?? []).map((d) => ({
-    kind: 'block' as const,
-    path: d.path_on_host!,
-    readOnly: d.is_read_only === true,
-  }));
-  if (res.entropy) virtio.push({ kind: 'rng' });
-  for (const n of res.network_interfaces ?? [])
-    virtio.push({
-      kind: 'net',
-      tap: n.host_dev_name,
-      ...(n.guest_mac !== undefined ? { mac: n.guest_mac } : {}),
-    });
-  if (res.vsock) virtio.push({ kind: 'vsock', cid: res.vsock.guest_cid, uds: res.vsock.uds_path });
-  const root = res.drives?.[0]?.is_root_device ? res.drives[0] : undefined;
-  if (!root) return { resources: res, virtio };
-  const rootArg = `${root.partuuid ? `root=PARTUUID=${root.partuuid}` : 'root=/dev/vda'} ${root.is_read_only ? 'ro' : 'rw'}`;
-  const args = res.boot.boot_args ?? DEFAULT_BOOT_ARGS;
-  return { resources: { ...res, boot: { ...res.boot, boot_args: `${args} ${rootArg}` } }, virtio };
-}
-
-/** The running VM's per-device and per-vCPU counters, for the metrics lines. */
-function deviceMetrics(built: BuiltVm): MetricGroups {
+async function deviceMetrics(built: BuiltVm): Promise<MetricGroups> {
   const { vmm, devices } = built;
+  const virtio: MetricGroups = {};
+  for (const d of (await built.deviceWorker?.counters()) ?? []) {
+    const own: Record<string, number> = {
+      ...d.device,
+      guest_errors: d.transport.guestErrors,
+      bad_register_accesses: d.transport.badAccesses,
+      illegal_status_writes: d.transport.illegalStatus,
+      device_resets_needed: d.transport.needsReset,
+      interrupts: d.transport.interrupts,
+    };
+    const perDevice = d.group === 'block' || d.group === 'net' ? `${d.group}_${d.id}` : undefined;
+    if (perDevice) virtio[perDevice] = own;
+    const sum = (virtio[d.group] ??= {});
+    for (const [k, v] of Object.entries(own)) sum[k] = (sum[k] ?? 0) + v;
+  }
   const vcpu: Record<string, number> = {};
   let total = 0;
   for (let i = 0; i < vmm.vcpuCount; i++) {
@@ -316,6 +283,7 @@ function deviceMetrics(built: BuiltVm): MetricGroups {
   }
   vcpu.exits_total = total;
   return {
+    ...virtio,
     vcpu,
     uart: { ...devices.serial.stats() },
     i8042: { ...devices.i8042.stats() },

@@ -7,7 +7,7 @@
 import { constants, openSync, writeSync } from 'node:fs';
 import { ConfigError } from '../util/errors.js';
 import { setLogLevel, type Level } from '../util/log.js';
-import { validateLogger, type LoggerConfig } from '../vmm/resources.js';
+import { validateLogger, type LoggerConfig } from '../vmm/index.js';
 import type { Counters } from './metrics.js';
 
 const LEVEL_MAP: Record<string, Level | 'off'> = {

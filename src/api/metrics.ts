@@ -6,17 +6,20 @@
  * counted in `metrics.missed_metrics_count` and its deltas carry over into the next line, so
  * nothing is lost but the timing.
  *
- * Sources are plain functions returning { group: { counter: number } }; the controller
- * registers the VM's devices and vCPUs when the VM starts.
+ * Sources are functions returning { group: { counter: number } }, or a promise of it (the
+ * virtio devices' counters come from the device worker's mailbox); the controller registers the
+ * VM's devices and vCPUs when the VM starts. A source that fails or does not answer within
+ * SOURCE_TIMEOUT_MS contributes what it last reported, so a stuck source never holds a line.
  */
 import { closeSync, constants, openSync, writeSync } from 'node:fs';
 import { ConfigError } from '../util/errors.js';
-import type { MetricsConfig } from '../vmm/resources.js';
+import type { MetricsConfig } from '../vmm/index.js';
 
 export const METRICS_PERIOD_MS = 60_000;
+export const SOURCE_TIMEOUT_MS = 2_000;
 
 export type MetricGroups = Record<string, Record<string, number>>;
-export type MetricSource = () => MetricGroups;
+export type MetricSource = () => MetricGroups | Promise<MetricGroups>;
 
 export class Counters {
   private readonly groups: MetricGroups = {};
@@ -35,6 +38,10 @@ export class MetricsSystem {
   /** API request counters and the metrics system's own. */
   readonly counters = new Counters();
   private readonly sources: MetricSource[] = [() => this.counters.snapshot()];
+  /** What each source last reported. */
+  private readonly reported = new Map<MetricSource, MetricGroups>();
+  /** Lines are written one at a time, in order. */
+  private writing: Promise<unknown> = Promise.resolve();
   private fd: number | undefined;
   private config: MetricsConfig | undefined;
   private last: Map<string, number> = new Map();
@@ -67,7 +74,7 @@ export class MetricsSystem {
     }
     this.fd = fd;
     this.config = { ...cfg };
-    this.timer = setInterval(() => this.flush(), METRICS_PERIOD_MS);
+    this.timer = setInterval(() => void this.flush(), METRICS_PERIOD_MS);
     this.timer.unref();
   }
 
@@ -75,17 +82,39 @@ export class MetricsSystem {
     this.sources.push(s);
   }
 
-  /** Writes one line. Returns false when metrics are not configured or the write failed. */
-  flush(): boolean {
+  private async collect(src: MetricSource): Promise<MetricGroups> {
+    try {
+      const r = src();
+      const groups =
+        r instanceof Promise
+          ? await Promise.race([
+              r,
+              new Promise<undefined>((resolve) => {
+                const t: NodeJS.Timeout = setTimeout(() => resolve(undefined), SOURCE_TIMEOUT_MS);
+                t.unref();
+              }),
+            ])
+          : r;
+      if (groups) this.reported.set(src, groups);
+    } catch {
+      // a source whose VM is gone: what it reported last stands
+    }
+    return this.reported.get(src) ?? {};
+  }
+
+  /** Writes one line. Resolves false when metrics are not configured or the write failed. */
+  flush(): Promise<boolean> {
+    const next = this.writing.then(() => this.writeLine());
+    this.writing = next;
+    return next;
+  }
+
+  private async writeLine(): Promise<boolean> {
     if (this.fd === undefined) return false;
     const totals = new Map<string, number>();
-    for (const src of this.sources) {
-      let groups: MetricGroups;
-      try {
-        groups = src();
-      } catch {
-        continue; // a source whose VM is gone: skip it
-      }
+    const all = await Promise.all(this.sources.map((s) => this.collect(s)));
+    if (this.fd === undefined) return false;
+    for (const groups of all) {
       for (const [g, c] of Object.entries(groups))
         for (const [n, v] of Object.entries(c)) totals.set(`${g}\0${n}`, v);
     }
@@ -108,10 +137,12 @@ export class MetricsSystem {
     return true;
   }
 
-  close(): void {
+  /** Writes the last line and closes the metrics file. */
+  async close(): Promise<void> {
     if (this.timer) clearInterval(this.timer);
     if (this.fd !== undefined) {
-      this.flush();
+      await this.flush();
+      if (this.fd === undefined) return;
       try {
         closeSync(this.fd);
       } catch {

@@ -16,7 +16,7 @@ import type {
   NetworkInterfaceConfig,
   RateLimiter,
   VsockConfig,
-} from '../vmm/resources.js';
+} from '../vmm/index.js';
 import { check, stripNulls, type Schema } from './schema.js';
 import * as S from './schemas.js';
 

@@ -4,8 +4,8 @@
  * Limits that the OpenAPI file leaves open are bounded here so no value can be absurd: strings
  * are at most PATH_MAX, integers are safe JavaScript integers.
  */
-import { MAX_VCPUS } from '../arch/x86_64/layout.js';
-import { MAX_MEM_MIB } from '../vmm/resources.js';
+import { MAX_VCPUS } from '../vmm/index.js';
+import { MAX_MEM_MIB } from '../vmm/index.js';
 import { PATH_MAX, type Schema } from './schema.js';
 
 const U64 = Number.MAX_SAFE_INTEGER;

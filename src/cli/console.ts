@@ -3,7 +3,7 @@
  * quit, as QEMU does), a plain pipe otherwise. Input is held back until the guest's driver has
  * the port open, and never dropped: when the UART's ring is full we wait for it to drain.
  */
-import type { AttachedDevices } from '../vmm/legacy-devices.js';
+import type { AttachedDevices } from '../vmm/index.js';
 import { log } from '../util/log.js';
 
 const CTRL_A = 0x01;

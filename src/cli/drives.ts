@@ -1,68 +1,58 @@
 /**
- * `--drive path=FILE[,ro][,root][,serial=ID]`, `--rng` and `--rootfs` turned into virtio device
- * configs, plus the `root=/dev/vdX` the root drive adds to the command line.
+ * `--drive path=FILE[,ro][,root][,serial=ID]` turned into drives of VmResources (Firecracker's
+ * DriveConfig), and the private root disk of `--rootfs`.
  */
 import { spawnSync } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { ConfigError } from '../util/errors.js';
-import type { VirtioConfig } from '../vmm/virtio-wiring.js';
+import type { DriveConfig } from '../vmm/index.js';
 
-export interface DriveSpec {
-  path: string;
-  readOnly: boolean;
-  root: boolean;
-  serial?: string;
-}
+/** GET_ID holds 20 bytes (VIRTIO_BLK_ID_BYTES). */
+const SERIAL_MAX = 20;
 
-export function parseDrive(spec: string): DriveSpec {
-  const d: Partial<DriveSpec> = { readOnly: false, root: false };
+/**
+ * One --drive. Its drive_id is its serial when given (GET_ID answers the drive id, as
+ * Firecracker's does), else `drive<N>`.
+ */
+export function parseDrive(spec: string, index: number): DriveConfig {
+  let path: string | undefined;
+  let readOnly = false;
+  let root = false;
+  let serial: string | undefined;
   for (const part of spec.split(',')) {
     const eq = part.indexOf('=');
     const key = eq < 0 ? part : part.slice(0, eq);
     const value = eq < 0 ? undefined : part.slice(eq + 1);
-    if (key === 'path' && value) d.path = value;
-    else if (key === 'ro' && value === undefined) d.readOnly = true;
-    else if (key === 'root' && value === undefined) d.root = true;
-    else if (key === 'serial' && value !== undefined) d.serial = value;
+    if (key === 'path' && value) path = value;
+    else if (key === 'ro' && value === undefined) readOnly = true;
+    else if (key === 'root' && value === undefined) root = true;
+    else if (key === 'serial' && value !== undefined) serial = value;
     else
       throw new ConfigError(
         `--drive: unknown or malformed "${part}" (expected path=FILE[,ro][,root][,serial=ID])`,
       );
   }
-  if (!d.path) throw new ConfigError(`--drive ${spec}: path=FILE is required`);
-  return d as DriveSpec;
+  if (!path) throw new ConfigError(`--drive ${spec}: path=FILE is required`);
+  if (serial !== undefined && (serial === '' || Buffer.byteLength(serial) > SERIAL_MAX))
+    throw new ConfigError(`--drive ${spec}: serial must be 1 to ${SERIAL_MAX} bytes`);
+  return {
+    drive_id: serial ?? `drive${index}`,
+    path_on_host: path,
+    is_root_device: root,
+    is_read_only: readOnly,
+  };
 }
 
-/** vda, vdb, ..., vdz, vdaa: the name Linux gives the n-th virtio disk. */
-export function virtioDiskName(n: number): string {
-  let s = '';
-  for (let i = n + 1; i > 0; i = Math.floor((i - 1) / 26))
-    s = String.fromCharCode(97 + ((i - 1) % 26)) + s;
-  return `vd${s}`;
-}
-
-/** Device configs in slot order (disks first, in the order given, then the rng). */
-export function virtioConfigs(
-  drives: DriveSpec[],
-  rng: boolean,
-): { configs: VirtioConfig[]; rootArg?: string } {
-  const roots = drives.filter((d) => d.root);
-  if (roots.length > 1) throw new ConfigError('only one --drive can have the root flag');
-  const configs: VirtioConfig[] = drives.map((d) => ({
-    kind: 'block' as const,
-    path: d.path,
-    readOnly: d.readOnly,
-    ...(d.serial !== undefined ? { serial: d.serial } : {}),
-  }));
-  if (rng) configs.push({ kind: 'rng' });
-  const rootIdx = drives.findIndex((d) => d.root);
-  const rootArg =
-    rootIdx < 0
-      ? undefined
-      : `root=/dev/${virtioDiskName(rootIdx)}${drives[rootIdx]!.readOnly ? ' ro' : ' rw'}`;
-  return { configs, rootArg };
+/** Every --drive, in order; at most one root. */
+export function parseDrives(specs: readonly string[]): DriveConfig[] {
+  const drives = specs.map((s, i) => parseDrive(s, i));
+  if (drives.filter((d) => d.is_root_device).length > 1)
+    throw new ConfigError('only one --drive can have the root flag');
+  const ids = new Set(drives.map((d) => d.drive_id));
+  if (ids.size !== drives.length) throw new ConfigError('two --drive options with one serial');
+  return drives;
 }
 
 /**

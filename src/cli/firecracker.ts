@@ -12,7 +12,7 @@ import { MetricsSystem } from '../api/metrics.js';
 import { DEFAULT_MAX_PAYLOAD, startApiServer, type ApiServer } from '../api/server.js';
 import { TypervisorError } from '../util/errors.js';
 import { log } from '../util/log.js';
-import type { VmExitEvent } from '../vmm/vcpu-loop.js';
+import type { VmExitEvent } from '../vmm/index.js';
 import { Console } from './console.js';
 
 export const FC_EXIT_OK = 0;
@@ -225,7 +225,7 @@ export async function firecrackerCommand(argv: string[]): Promise<number> {
     return e instanceof TypervisorError ? FC_EXIT_BAD_CONFIGURATION : FC_EXIT_GENERIC;
   } finally {
     console_?.stop();
-    metrics.close(); // the last line of metrics, as Firecracker writes on exit
+    await metrics.close(); // the last line of metrics, as Firecracker writes on exit
     await server?.close();
     logger.restore();
   }

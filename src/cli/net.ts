@@ -1,10 +1,20 @@
 /**
- * `--net tap=NAME[,mac=MAC]` (repeatable) and `--vsock cid=N,uds=PATH` turned into virtio device
- * configs. The TAP, MAC, CID and socket path are checked again (and opened) before boot by
- * planVirtioDevices; here only the syntax.
+ * The syntax of `--net tap=NAME[,mac=MAC]` (repeatable) and `--vsock cid=N,uds=PATH`; run.ts
+ * turns them into VmResources' network interfaces and vsock, checked and opened by the same
+ * code as the API's.
  */
 import { ConfigError } from '../util/errors.js';
-import type { NetConfig, VsockDeviceConfig } from '../vmm/virtio-wiring.js';
+
+export interface NetFlag {
+  kind: 'net';
+  tap: string;
+  mac?: string;
+}
+export interface VsockFlag {
+  kind: 'vsock';
+  cid: number;
+  uds: string;
+}
 
 function fields(flag: string, spec: string, usage: string): Map<string, string> {
   const m = new Map<string, string>();
@@ -18,7 +28,7 @@ function fields(flag: string, spec: string, usage: string): Map<string, string> 
   return m;
 }
 
-export function parseNet(spec: string): NetConfig {
+export function parseNet(spec: string): NetFlag {
   const usage = 'tap=NAME[,mac=MAC]';
   const f = fields('net', spec, usage);
   for (const k of f.keys())
@@ -30,7 +40,7 @@ export function parseNet(spec: string): NetConfig {
   return mac === undefined ? { kind: 'net', tap } : { kind: 'net', tap, mac };
 }
 
-export function parseVsock(spec: string): VsockDeviceConfig {
+export function parseVsock(spec: string): VsockFlag {
   const usage = 'cid=N,uds=PATH';
   const f = fields('vsock', spec, usage);
   for (const k of f.keys())

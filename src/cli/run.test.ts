@@ -5,7 +5,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { ConfigError, HostError, ImageError } from '../util/errors.js';
 import { setLogLevel } from '../util/log.js';
-import { DEFAULT_BOOT_ARGS, validateMachineConfig } from '../vmm/resources.js';
+import { DEFAULT_BOOT_ARGS, validateMachineConfig } from '../vmm/index.js';
 import {
   EXIT_GUEST_FAILED,
   EXIT_HOST,

@@ -6,15 +6,22 @@
 import { parseArgs } from 'node:util';
 import { existsSync } from 'node:fs';
 import { ConfigError, HostError, TypervisorError } from '../util/errors.js';
+import { imageFilePaths } from '../util/guest-images.js';
 import { log, setLogLevel, type Level } from '../util/log.js';
-import { buildVm } from '../vmm/builder.js';
-import { checkHostCanRun } from '../vmm/host-check.js';
-import { DEFAULT_BOOT_ARGS, MAX_MEM_MIB, MIN_MEM_MIB, type VmResources } from '../vmm/resources.js';
-import { MAX_VCPUS } from '../arch/x86_64/layout.js';
+import { buildVm } from '../vmm/index.js';
+import { checkHostCanRun } from '../vmm/index.js';
+import {
+  DEFAULT_BOOT_ARGS,
+  MAX_MEM_MIB,
+  MIN_MEM_MIB,
+  validateResources,
+  type VmResources,
+  type VmSpec,
+} from '../vmm/index.js';
+import { MAX_VCPUS } from '../vmm/index.js';
 import { Console } from './console.js';
-import { parseDrive, privateRootfsCopy, virtioConfigs, type DriveSpec } from './drives.js';
+import { parseDrives, privateRootfsCopy } from './drives.js';
 import { parseNet, parseVsock } from './net.js';
-import type { NetConfig, VsockDeviceConfig } from '../vmm/virtio-wiring.js';
 
 export const EXIT_OK = 0;
 export const EXIT_GUEST_FAILED = 1;
@@ -27,8 +34,8 @@ export const RUN_USAGE = `usage: typervisor run [options]
   --cmdline STR     kernel command line (default: "${DEFAULT_BOOT_ARGS}")
   --vcpus N         number of vCPUs, 1-64 (default 1)
   --memory MiB      guest memory in MiB (default 256)
-  --drive SPEC      a virtio-blk disk: path=FILE[,ro][,root][,serial=ID] (repeatable; root adds
-                    root=/dev/vdX to the command line)
+  --drive SPEC      a virtio-blk disk: path=FILE[,ro][,root][,serial=ID] (repeatable; the root
+                    drive becomes /dev/vda and adds root=/dev/vda to the command line)
   --rootfs          boot the project's Debian root disk (a private copy of rootfs.ext4) as root
   --rng             a virtio-rng device (entropy from the host's CSPRNG)
   --net SPEC        a virtio-net device on a host TAP: tap=NAME[,mac=MAC] (repeatable; the TAP
@@ -57,24 +64,24 @@ function intArg(
 /** The project's default guest (built by `npm run guest`), or undefined when not built. */
 async function defaultGuest(): Promise<{ kernel: string; initrd: string } | undefined> {
   try {
-    const g = await import('../lab/guest.js');
-    const k = g.imagePaths('kernel').KERNEL!;
-    const i = g.imagePaths('initramfs').INITRAMFS!;
+    const k = imageFilePaths('kernel').KERNEL!;
+    const i = imageFilePaths('initramfs').INITRAMFS!;
     return existsSync(k) && existsSync(i) ? { kernel: k, initrd: i } : undefined;
   } catch {
     return undefined;
   }
 }
 
+/**
+ * What the flags ask for: the VM as VmResources (the same structure the API and --config-file
+ * fill, validated and built by the same code), and what only the CLI does.
+ */
 export interface RunArgs {
   res: VmResources;
   bootTimer: boolean;
   allowPvm: boolean;
-  drives: DriveSpec[];
-  rng: boolean;
+  /** --rootfs: a private copy of the project's root disk becomes the root drive at run time. */
   rootfs: boolean;
-  nets: NetConfig[];
-  vsock?: VsockDeviceConfig;
 }
 
 export async function parseRunArgs(argv: string[]): Promise<RunArgs> {
@@ -131,26 +138,32 @@ export async function parseRunArgs(argv: string[]): Promise<RunArgs> {
       boot_args: v.cmdline ?? DEFAULT_BOOT_ARGS,
     },
   };
-  const drives = (v.drive ?? []).map(parseDrive);
+  const drives = parseDrives(v.drive ?? []);
+  if (v.rootfs && drives.some((d) => d.is_root_device))
+    throw new ConfigError('--rootfs and a --drive with root cannot be used together');
+  if (drives.length > 0) res.drives = drives;
   const nets = (v.net ?? []).map(parseNet);
+  if (nets.length > 0)
+    res.network_interfaces = nets.map((n, i) => ({
+      iface_id: `net${i}`,
+      host_dev_name: n.tap,
+      ...(n.mac !== undefined ? { guest_mac: n.mac } : {}),
+    }));
   if ((v.vsock ?? []).length > 1) throw new ConfigError('--vsock can be given once');
   const vsock = v.vsock?.[0] === undefined ? undefined : parseVsock(v.vsock[0]);
+  if (vsock) res.vsock = { guest_cid: vsock.cid, uds_path: vsock.uds };
+  if (v.rng) res.entropy = {};
   return {
-    nets,
-    ...(vsock ? { vsock } : {}),
     res,
     bootTimer: v['boot-timer'] ?? false,
     allowPvm: v['allow-pvm'] ?? false,
-    drives,
-    rng: v.rng ?? false,
     rootfs: v.rootfs ?? false,
   };
 }
 
 /** The project's Debian root disk, or a ConfigError saying how to build it. */
 async function defaultRootfs(): Promise<string> {
-  const g = await import('../lab/guest.js');
-  const p = g.imagePaths('rootfs').ROOTFS!;
+  const p = imageFilePaths('rootfs').ROOTFS!;
   if (!existsSync(p))
     throw new ConfigError(
       '--rootfs: the Debian root disk is not built: run `npm run guest -- build rootfs`',
@@ -159,40 +172,46 @@ async function defaultRootfs(): Promise<string> {
 }
 
 export async function runCommand(argv: string[]): Promise<number> {
-  const { res, bootTimer, allowPvm, drives, rng, rootfs, nets, vsock } = await parseRunArgs(argv);
+  const { res, bootTimer, allowPvm, rootfs } = await parseRunArgs(argv);
   checkHostCanRun(res.boot.kernel_image_path, allowPvm);
+  // Checked before the root disk is copied: a bad flag costs no copy.
+  let spec = validateResources(res);
   let cleanupRootfs = () => undefined as void;
   if (rootfs) {
-    if (drives.some((d) => d.root))
-      throw new ConfigError('--rootfs and a --drive with root cannot be used together');
     const copy = privateRootfsCopy(await defaultRootfs());
     cleanupRootfs = copy.cleanup;
-    drives.unshift({ path: copy.path, readOnly: false, root: true });
+    const root = {
+      drive_id: 'rootfs',
+      path_on_host: copy.path,
+      is_root_device: true,
+      is_read_only: false,
+    };
+    spec = validateResources({ ...res, drives: [root, ...(res.drives ?? [])] });
   }
   try {
-    return await runVm(res, drives, rng, bootTimer, [...nets, ...(vsock ? [vsock] : [])]);
+    return await runVm(spec, bootTimer);
   } finally {
     cleanupRootfs();
   }
 }
 
-async function runVm(
-  res: VmResources,
-  drives: DriveSpec[],
-  rng: boolean,
-  bootTimer: boolean,
-  extra: Array<NetConfig | VsockDeviceConfig> = [],
-): Promise<number> {
-  const { configs, rootArg } = virtioConfigs(drives, rng);
-  configs.push(...extra);
-  if (rootArg) res.boot.boot_args = `${res.boot.boot_args ?? DEFAULT_BOOT_ARGS} ${rootArg}`;
-  const { vmm, devices } = buildVm(res, { virtio: configs });
-  const console_ = new Console(devices, () => vmm.requestStop());
-  console_.start();
-  const stopOnSignal = () => vmm.requestStop();
+async function runVm(spec: VmSpec, bootTimer: boolean): Promise<number> {
+  // The handlers go in before the VM starts: its vCPUs run (and the guest can print) before
+  // buildVm() returns, and a signal with no handler would kill the process outright.
+  let stopRequested = false;
+  let built: ReturnType<typeof buildVm> | undefined;
+  const stopOnSignal = () => {
+    stopRequested = true;
+    built?.vmm.requestStop();
+  };
   process.on('SIGTERM', stopOnSignal);
   process.on('SIGINT', stopOnSignal);
   process.on('SIGHUP', stopOnSignal);
+  built = buildVm(spec);
+  const { vmm, devices } = built;
+  if (stopRequested) vmm.requestStop();
+  const console_ = new Console(devices, () => vmm.requestStop());
+  console_.start();
   const ev = await vmm.exited;
   console_.stop();
   log(

@@ -1,5 +1,4 @@
 import { GuestMemoryError } from '../util/errors.js';
-import { type GuestAddress, guestAddress } from './guest-address.js';
 
 /** One contiguous range of guest RAM, backed by a host buffer (an mmap in production). */
 export interface GuestRegion {
@@ -76,7 +75,7 @@ export class GuestMemory {
    * GuestMemoryError when out of range. Callers that handle guest-controlled addresses should
    * check with isValidRange first, or use tryView.
    */
-  view(addr: GuestAddress | number, len: number): Uint8Array {
+  view(addr: number, len: number): Uint8Array {
     const { idx, off } = this.locate(addr, len);
     const r = this.regions[idx]!;
     return r.bytes.subarray(off, off + len);
@@ -116,10 +115,6 @@ export class GuestMemory {
   readU64(addr: number): bigint {
     const { view, off } = this.locate(addr, 8);
     return view.getBigUint64(off, true);
-  }
-  /** A u64 that must be a valid guest address (e.g. a descriptor's addr). Throws otherwise. */
-  readAddress(addr: number): GuestAddress {
-    return guestAddress(this.readU64(addr));
   }
   writeU8(addr: number, v: number): void {
     const { view, off } = this.locate(addr, 1);

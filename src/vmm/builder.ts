@@ -6,10 +6,11 @@ import { readFileSync } from 'node:fs';
 import { acpiBootHook } from '../arch/x86_64/acpi/index.js';
 import { setupBoot, type BootSetup } from '../arch/x86_64/boot.js';
 import { filterCpuid } from '../arch/x86_64/cpuid.js';
-import { ramRegions } from '../arch/x86_64/layout.js';
+import { CMDLINE_MAX_SIZE, ramRegions } from '../arch/x86_64/layout.js';
 import { Kvm, Vcpu, type Vm } from '../kvm/kvm.js';
 import { native } from '../kvm/native.js';
 import type { CpuidEntry } from '../kvm/types.js';
+import { Cmdline } from '../loader/cmdline.js';
 import { ConfigError, HostError, ImageError } from '../util/errors.js';
 import { log } from '../util/log.js';
 import { createGuestRam, mapGuestRam } from './guest-ram.js';
@@ -18,18 +19,17 @@ import {
   createLegacyDeviceState,
   type AttachedDevices,
 } from './legacy-devices.js';
-import { DEFAULT_BOOT_ARGS, validateResources, type VmResources } from './resources.js';
+import type { VmSpec } from './resources.js';
 import { Vmm } from './vmm.js';
+import { startDeviceWorker, type DeviceWorkerHandle } from './device-worker-handle.js';
 import {
   acpiVirtioDevices,
+  addVirtioCmdline,
   closeVirtio,
   planVirtioDevices,
   registerVirtioWithKvm,
-  startDeviceWorker,
-  virtioCmdline,
-  type DeviceWorkerHandle,
-  type VirtioConfig,
-} from './virtio-wiring.js';
+  transportSlots,
+} from './virtio-plan.js';
 
 const KVM_CAP_TSC_DEADLINE_TIMER = 72;
 /** KVM needs three pages for the TSS and one for the identity map, below 4 GiB, outside RAM. */
@@ -39,8 +39,6 @@ const IDENTITY_MAP_ADDR = 0xfffb_c000;
 export interface BuildOptions {
   /** Console output file descriptor (default: stdout). */
   consoleFd?: number;
-  /** virtio-mmio devices, in slot order. */
-  virtio?: VirtioConfig[];
 }
 
 export interface BuiltVm {
@@ -79,12 +77,28 @@ function setBootMsrs(vcpu: Vcpu, msrs: BootSetup['msrs'], warned: Set<string>): 
   }
 }
 
-export function buildVm(res: VmResources, opts: BuildOptions = {}): BuiltVm {
+/** The command line the guest gets: the user's, then root= (one rule), then the devices. */
+function composeCmdline(spec: VmSpec): Cmdline {
+  const r = Cmdline.from(spec.bootArgs, CMDLINE_MAX_SIZE);
+  if (!r.ok) throw r.error;
+  const cmdline = r.value;
+  if (spec.root) {
+    const root = spec.root.partuuid
+      ? cmdline.insert('root', `PARTUUID=${spec.root.partuuid}`)
+      : cmdline.insert('root', '/dev/vda');
+    if (!root.ok) throw root.error;
+    const mode = cmdline.insertStr(spec.root.readOnly ? 'ro' : 'rw');
+    if (!mode.ok) throw mode.error;
+  }
+  return cmdline;
+}
+
+export function buildVm(spec: VmSpec, opts: BuildOptions = {}): BuiltVm {
   // Everything created so far, undone in reverse if a later step fails: a failed build (a bad
   // kernel, a refused MSR) must leave no fd, mapping or thread behind (the API may retry).
   const undo: Array<() => void> = [];
   try {
-    return build(res, opts, undo);
+    return build(spec, opts, undo);
   } catch (e) {
     for (const f of undo.reverse()) {
       try {
@@ -101,15 +115,15 @@ function closeFd(fd: number): void {
   native().close(fd);
 }
 
-function build(res: VmResources, opts: BuildOptions, undo: Array<() => void>): BuiltVm {
-  validateResources(res);
-  const memBytes = res.machine.mem_size_mib * 1024 * 1024;
-  const vcpus = res.machine.vcpu_count;
-  const kernel = readImage('kernel', res.boot.kernel_image_path);
-  const initrd = res.boot.initrd_path ? readImage('initrd', res.boot.initrd_path) : undefined;
+function build(spec: VmSpec, opts: BuildOptions, undo: Array<() => void>): BuiltVm {
+  const memBytes = spec.memMib * 1024 * 1024;
+  const vcpus = spec.vcpus;
+  const kernel = readImage('kernel', spec.kernelPath);
+  const initrd = spec.initrdPath ? readImage('initrd', spec.initrdPath) : undefined;
+  const cmdline = composeCmdline(spec);
 
-  // Validates the device configs (files, modes) before anything is created.
-  const plan = planVirtioDevices(opts.virtio ?? []);
+  // Opens each device's host side (image, TAP, socket): that open is the check.
+  const plan = planVirtioDevices(spec.devices);
   undo.push(() => closeVirtio(plan));
   plan.warnings.forEach((w) => log('warn', w));
 
@@ -130,13 +144,11 @@ function build(res: VmResources, opts: BuildOptions, undo: Array<() => void>): B
 
   // Kernels find virtio-mmio devices in the DSDT (LNRO0005); kernels built with
   // CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES and no ACPI take them from the command line.
-  const cmdline = [res.boot.boot_args ?? DEFAULT_BOOT_ARGS, virtioCmdline(plan)]
-    .filter(Boolean)
-    .join(' ');
+  addVirtioCmdline(plan, cmdline);
   const booted = setupBoot(ram.memory, {
     kernel,
     initrd,
-    cmdline,
+    cmdline: cmdline.toString(),
     vcpus,
     acpi: acpiBootHook({ vcpus, virtio: acpiVirtioDevices(plan) }),
   });
@@ -216,7 +228,7 @@ function build(res: VmResources, opts: BuildOptions, undo: Array<() => void>): B
     ram: layout,
     legacy,
     consoleFd,
-    virtio: plan,
+    virtio: { slots: transportSlots(plan), controlFd: plan.controlFd },
   }));
   return { vmm, devices, boot, deviceWorker };
 }

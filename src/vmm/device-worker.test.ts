@@ -15,12 +15,9 @@ import { MmioDriver, GuestAllocator, MockQueue } from '../devices/virtio/testing
 import { VIRTIO_BLK_S_OK, VIRTIO_BLK_T_OUT } from '../devices/virtio/block/request.js';
 import { native } from '../kvm/native.js';
 import { createGuestRam, mapGuestRam } from './guest-ram.js';
-import {
-  attachVirtioTransports,
-  closeVirtio,
-  planVirtioDevices,
-  startDeviceWorker,
-} from './virtio-wiring.js';
+import { startDeviceWorker } from './device-worker-handle.js';
+import { closeVirtio, planVirtioDevices, transportSlots } from './virtio-plan.js';
+import { attachVirtioTransports } from './virtio-transport.js';
 import { VIRTIO_MMIO_BASE } from '../arch/x86_64/layout.js';
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
@@ -40,8 +37,8 @@ test('device worker: kicks through eventfds, used rings and irqfds, reset and st
   const layout = createGuestRam([{ base: 0, size: 4 << 20 }]);
   const ram = mapGuestRam(layout);
   const plan = planVirtioDevices([
-    { kind: 'rng' },
-    { kind: 'block', path, readOnly: false, serial: 'x' },
+    { kind: 'rng', id: 'entropy' },
+    { kind: 'block', id: 'disk', path, readOnly: false, serial: 'x' },
   ]);
   const logs: string[] = [];
   const dw = startDeviceWorker(plan, layout, {
@@ -57,7 +54,7 @@ test('device worker: kicks through eventfds, used rings and irqfds, reset and st
       ],
     );
     const mmio = new Bus();
-    attachVirtioTransports(plan, mmio);
+    attachVirtioTransports(transportSlots(plan), plan.controlFd, mmio);
     const mem = ram.memory;
     const alloc = new GuestAllocator(0x10000, 4 << 20);
     const drv = (i: number) => new MmioDriver(mmio.resolve(plan.slots[i]!.addr, 4)!.device);
@@ -118,9 +115,9 @@ test('device worker: kicks through eventfds, used rings and irqfds, reset and st
     await sleep(50);
     assert.equal(bq.usedIdx(), 1, 'no processing after reset');
 
-    const counters = dw.counters();
+    const counters = await dw.counters();
     assert.equal(counters.length, 2);
-    assert.equal(counters[0]!.interrupts, 1);
+    assert.equal(counters[0]!.transport.interrupts, 1);
     assert.deepEqual(logs, []);
   } finally {
     await dw.stop();
@@ -128,5 +125,86 @@ test('device worker: kicks through eventfds, used rings and irqfds, reset and st
     ram.unmap();
     native().close(layout.memfd);
     rmSync(dir, { recursive: true });
+  }
+});
+
+test('device worker mailbox: counters per device, pause holds kicks, save, restore elsewhere', async () => {
+  const layout = createGuestRam([{ base: 0, size: 4 << 20 }]);
+  const ram = mapGuestRam(layout);
+  const logs: string[] = [];
+  const start = () => {
+    const plan = planVirtioDevices([{ kind: 'rng', id: 'entropy' }]);
+    const dw = startDeviceWorker(plan, layout, { log: (m) => logs.push(m) });
+    const mmio = new Bus();
+    attachVirtioTransports(transportSlots(plan), plan.controlFd, mmio);
+    return { plan, dw, mmio };
+  };
+  const a = start();
+  let b: ReturnType<typeof start> | undefined;
+  const n = native();
+  try {
+    const mem = ram.memory;
+    const alloc = new GuestAllocator(0x10000, 4 << 20);
+    const drv = new MmioDriver(a.mmio.resolve(a.plan.slots[0]!.addr, 4)!.device);
+    assert.ok(drv.negotiate((f) => f));
+    const q = new MockQueue(mem, alloc, 16);
+    drv.setupQueue(0, q);
+    drv.driverOk();
+    const kick = (len: number) => {
+      q.addChain([{ addr: alloc.alloc(len), len, write: true }]);
+      n.eventfdWrite(a.plan.slots[0]!.queueFds[0]!, 1);
+    };
+    kick(100);
+    await until('first request', () => q.usedIdx() === 1);
+    const c = await a.dw.counters();
+    assert.deepEqual(
+      c.map((d) => [d.kind, d.id, d.group]),
+      [['rng', 'entropy', 'entropy']],
+    );
+    assert.equal(c[0]!.device.entropy_bytes, 100);
+
+    // Saving needs the devices paused; paused, a kick waits.
+    await assert.rejects(a.dw.request({ op: 'save' }), /only while the devices are paused/);
+    await a.dw.request({ op: 'pause' });
+    kick(50);
+    await sleep(100);
+    assert.equal(q.usedIdx(), 1, 'a paused device worker serves nothing');
+    const saved = await a.dw.request({ op: 'save' });
+    assert.deepEqual(
+      saved.map((d) => [d.kind, d.id]),
+      [['rng', 'entropy']],
+    );
+    await a.dw.stop();
+
+    // A fresh device worker (a restored VM) takes the state and serves the request in flight.
+    b = start();
+    await b.dw.request({ op: 'pause' });
+    await assert.rejects(
+      b.dw.request({ op: 'restore', devices: [{ ...saved[0]!, id: 'other' }] }),
+      /lacks/,
+    );
+    await assert.rejects(
+      b.dw.request({ op: 'restore', devices: [{ ...saved[0]!, state: new Uint8Array(8) }] }),
+      /rng device "entropy"/,
+    );
+    await b.dw.request({ op: 'restore', devices: saved });
+    const again = await b.dw.request({ op: 'save' });
+    assert.deepEqual(again, saved, 'save -> restore -> save gives the same bytes');
+    await b.dw.request({ op: 'resume' });
+    await until('the request in flight, served after restore', () => q.usedIdx() === 2);
+    assert.equal((await b.dw.counters())[0]!.device.entropy_bytes, 50);
+    assert.deepEqual(logs, []);
+  } finally {
+    await a.dw.stop();
+    // After the worker ends, its last report still answers; requests are refused.
+    assert.equal((await a.dw.counters())[0]?.device.entropy_bytes, 100);
+    await assert.rejects(a.dw.request({ op: 'counters' }), /ended/);
+    closeVirtio(a.plan);
+    if (b) {
+      await b.dw.stop();
+      closeVirtio(b.plan);
+    }
+    ram.unmap();
+    native().close(layout.memfd);
   }
 });

@@ -1,131 +1,41 @@
 /**
- * Entry point of the device worker thread: the data plane (DESIGN.md, "The shape"). It maps
- * guest RAM itself, builds one VirtioDevice per slot over the slot's shared register file, and
- * runs a synchronous epoll loop over eventfds:
- * - one control eventfd: the vCPU workers write it on DRIVER_OK and on the reset of an
- *   activated device; the main thread writes it (after setting the stop flag) to end the worker;
+ * Entry point of the device worker thread: the data plane (docs/architecture.md). It maps guest
+ * RAM itself, builds each device from its registry descriptor over the slot's shared register
+ * file, and runs a synchronous epoll loop over eventfds:
+ * - the control eventfd: vCPU workers write it on DRIVER_OK and on the reset of an activated
+ *   device; the main thread writes it after posting a mailbox request or setting the stop flag;
  * - one eventfd per queue: KVM signals it on the guest's QueueNotify write (KVM_IOEVENTFD);
+ * - whatever host fds the backends watch (a TAP, vsock sockets);
  * - interrupts leave through each device's irqfd (KVM_IRQFD).
- * It blocks in epoll_wait, so it never handles 'message' events; it only posts log lines.
+ * While paused it waits on a second epoll set holding only the control eventfd, so no queue or
+ * host socket is served and nothing spins (kicks stay counted in their eventfds).
  */
-import { isMainThread, parentPort, workerData } from 'node:worker_threads';
-import { BlockDevice, fdBlockFile } from '../devices/virtio/block/block.js';
-import { VirtioDevice, type VirtioBackend } from '../devices/virtio/device.js';
-import { RngDevice } from '../devices/virtio/rng/rng.js';
-import { NetDevice, type TapIo } from '../devices/virtio/net/net.js';
-import { VsockDevice, type VsockHost } from '../devices/virtio/vsock/vsock.js';
+import { isMainThread, parentPort, receiveMessageOnPort, workerData } from 'node:worker_threads';
+import { VirtioDevice } from '../devices/virtio/device.js';
+import type { CreatedBackend } from '../devices/virtio/descriptor.js';
+import { deviceType } from '../devices/virtio/registry.js';
 import { EventLoop } from '../events/event-loop.js';
+import { native } from '../kvm/native.js';
+import { mapGuestRam } from './guest-ram.js';
 import {
-  EPOLLERR,
-  EPOLLHUP,
-  EPOLLIN,
-  EPOLLOUT,
-  SHUT_WR,
-  TUNSETOFFLOAD,
-  native,
-} from '../kvm/native.js';
-import { mapGuestRam, type GuestRamLayout } from './guest-ram.js';
+  DEVICE_WORKER_ROLE,
+  WORKER_CONTROL,
+  type DeviceReport,
+  type DeviceWorkerData,
+  type DeviceWorkerMessage,
+  type MailboxReply,
+  type MailboxRequest,
+  type SavedDevice,
+  type WorkerRequest,
+} from './device-worker-protocol.js';
+import type { VirtioSlot } from './virtio-plan.js';
 
-/** Int32 slots of the worker's control block. */
-export const W_STOP = 0;
-export const W_RUNNING = 1;
-export const WORKER_CONTROL_SLOTS = 4;
-
-export type DeviceWorkerDevice = {
-  name: string;
-  state: SharedArrayBuffer;
-  irqFd: number;
-  queueFds: number[];
-} & (
-  | { kind: 'rng' }
-  | { kind: 'block'; fd: number; capacity: number; readOnly: boolean; serial: Uint8Array }
-  | { kind: 'net'; tapFd: number }
-  | { kind: 'vsock'; listenFd: number; cid: number; uds: string }
-);
-
-/** The TAP as virtio-net sees it: readv/writev on the fd, EPOLLIN interest toggled on the loop. */
-function tapIo(loop: EventLoop, fd: number, onReadable: () => void): TapIo {
-  const n = native();
-  const tag = loop.add(fd, { process: () => onReadable() }, 0);
-  return {
-    readv: (bufs) => n.readv(fd, bufs),
-    writev: (bufs) => n.writev(fd, bufs),
-    setOffload: (flags) => void n.ioctl(fd, TUNSETOFFLOAD, flags),
-    setReadInterest: (on) => loop.modify(tag, on ? EPOLLIN : 0),
-  };
+interface RunningDevice {
+  slot: VirtioSlot;
+  group: string;
+  device: VirtioDevice;
+  created: CreatedBackend;
 }
-
-/** Unix sockets for virtio-vsock, each watched on the loop and reported to `dev()`. */
-function vsockHost(loop: EventLoop, listenFd: number, dev: () => VsockDevice): VsockHost {
-  const n = native();
-  const tags = new Map<number, number>();
-  return {
-    connect(path) {
-      const fd = n.unixSocket();
-      try {
-        if (n.connect(fd, path) < 0)
-          throw new Error(`connect ${path}: the listener's backlog is full`);
-      } catch (e) {
-        n.close(fd);
-        throw e;
-      }
-      return fd;
-    },
-    accept: () => n.accept(listenFd),
-    read: (fd, bufs) => n.readv(fd, bufs),
-    write: (fd, bufs) => n.sendv(fd, bufs),
-    shutdownWrite: (fd) => n.shutdown(fd, SHUT_WR),
-    after: (ms, fn) => void loop.setTimer(ms, fn),
-    close(fd) {
-      this.unwatch(fd);
-      n.close(fd);
-    },
-    watch(fd, read, write) {
-      const events = (read ? EPOLLIN : 0) | (write ? EPOLLOUT : 0);
-      const tag = tags.get(fd);
-      if (tag !== undefined) {
-        loop.modify(tag, events);
-        return;
-      }
-      tags.set(
-        fd,
-        loop.add(
-          fd,
-          {
-            process: (ev) =>
-              dev().onSocket(
-                fd,
-                (ev & EPOLLIN) !== 0,
-                (ev & EPOLLOUT) !== 0,
-                (ev & (EPOLLHUP | EPOLLERR)) !== 0,
-              ),
-          },
-          events,
-        ),
-      );
-    },
-    unwatch(fd) {
-      const tag = tags.get(fd);
-      if (tag === undefined) return;
-      tags.delete(fd);
-      loop.remove(tag);
-    },
-  };
-}
-
-export const DEVICE_WORKER_ROLE = 'virtio-device-worker';
-
-export interface DeviceWorkerData {
-  /** Marks the thread as the device worker (this module is also imported for its types). */
-  role: typeof DEVICE_WORKER_ROLE;
-  ram: GuestRamLayout;
-  controlFd: number;
-  control: SharedArrayBuffer;
-  devices: DeviceWorkerDevice[];
-}
-
-export type DeviceWorkerMessage =
-  { type: 'log'; message: string } | { type: 'fatal'; message: string };
 
 /** Resets a (non-blocking) eventfd's counter. */
 function drain(fd: number): void {
@@ -135,49 +45,100 @@ function drain(fd: number): void {
 function main(): void {
   const port = parentPort!;
   const d = workerData as DeviceWorkerData;
-  const log = (message: string) =>
-    port.postMessage({ type: 'log', message } satisfies DeviceWorkerMessage);
+  const post = (m: DeviceWorkerMessage) => port.postMessage(m);
+  const log = (message: string) => post({ type: 'log', message });
   const control = new Int32Array(d.control);
+  const stopping = () => Atomics.load(control, WORKER_CONTROL.stop) !== 0;
+  const n = native();
   const ram = mapGuestRam(d.ram);
-  const loop = new EventLoop((e) =>
-    log(`device worker: internal error: ${(e as Error).stack ?? String(e)}`),
-  );
+  const onError = (e: unknown) =>
+    log(`device worker: internal error: ${(e as Error).stack ?? String(e)}`);
+  const loop = new EventLoop(onError);
+  const idle = new EventLoop(onError);
+  let devices: RunningDevice[] = [];
+  let paused = false;
+
+  const report = (): DeviceReport[] =>
+    devices.map(({ slot, group, device, created }) => ({
+      kind: slot.kind,
+      id: slot.id,
+      name: slot.name,
+      group,
+      transport: device.state.counters(),
+      device: created.metrics?.() ?? {},
+    }));
+
+  const serve = (r: WorkerRequest): unknown => {
+    switch (r.op) {
+      case 'counters':
+        return report();
+      case 'pause':
+        paused = true;
+        Atomics.store(control, WORKER_CONTROL.paused, 1);
+        return undefined;
+      case 'resume':
+        paused = false;
+        Atomics.store(control, WORKER_CONTROL.paused, 0);
+        // Kicks and activations that arrived while paused are served now.
+        for (const dev of devices) dev.device.onLifecycle();
+        for (const dev of devices) dev.slot.queueFds.forEach((_fd, q) => dev.device.onKick(q));
+        return undefined;
+      case 'save':
+        if (!paused) throw new Error('device state can be saved only while the devices are paused');
+        return devices.map((x): SavedDevice => ({
+          kind: x.slot.kind,
+          id: x.slot.id,
+          state: x.device.save(),
+        }));
+      case 'restore': {
+        if (!paused)
+          throw new Error('device state can be restored only while the devices are paused');
+        const key = (k: string, id: string) => `${k}/${id}`;
+        const have = new Map(devices.map((x) => [key(x.slot.kind, x.slot.id), x]));
+        if (r.devices.length !== devices.length)
+          throw new Error(
+            `the saved state has ${r.devices.length} devices; this VM has ${devices.length}`,
+          );
+        for (const s of r.devices)
+          if (!have.has(key(s.kind, s.id)))
+            throw new Error(`the saved state has a ${s.kind} device "${s.id}" this VM lacks`);
+        // Into a fresh VM only (snapshot load): a failure part-way leaves that VM unusable, and
+        // the caller discards it.
+        for (const s of r.devices) {
+          const done = have.get(key(s.kind, s.id))!.device.restore(s.state);
+          if (!done.ok) throw new Error(`${s.kind} device "${s.id}": ${done.error.message}`);
+        }
+        return undefined;
+      }
+    }
+  };
+
+  const onControl = () => {
+    drain(d.controlFd);
+    if (stopping()) return;
+    for (let m = receiveMessageOnPort(d.mailbox); m; m = receiveMessageOnPort(d.mailbox)) {
+      const req = m.message as MailboxRequest;
+      let reply: MailboxReply;
+      try {
+        reply = { seq: req.seq, ok: true, value: serve(req) };
+      } catch (e) {
+        reply = { seq: req.seq, ok: false, error: (e as Error).message };
+      }
+      d.mailbox.postMessage(reply);
+    }
+    if (!paused) for (const dev of devices) dev.device.onLifecycle();
+  };
+
   try {
-    const devices = d.devices.map((dev) => {
-      let backend: VirtioBackend;
-      if (dev.kind === 'block') {
-        backend = new BlockDevice({
-          name: dev.name,
-          file: fdBlockFile(dev.fd),
-          capacity: dev.capacity,
-          readOnly: dev.readOnly,
-          serial: dev.serial,
-          log,
-        });
-      } else if (dev.kind === 'net') {
-        const net: NetDevice = new NetDevice(
-          dev.name,
-          tapIo(loop, dev.tapFd, () => net.onTapReadable()),
-          log,
-        );
-        backend = net;
-      } else if (dev.kind === 'vsock') {
-        const vsock: VsockDevice = new VsockDevice(
-          dev.name,
-          dev.cid,
-          dev.uds,
-          vsockHost(loop, dev.listenFd, () => vsock),
-          log,
-        );
-        loop.add(dev.listenFd, { process: () => vsock.onListen() });
-        backend = vsock;
-      } else backend = new RngDevice();
-      const device = new VirtioDevice(dev.state, backend, {
+    devices = d.slots.map((slot): RunningDevice => {
+      const type = deviceType(slot.kind);
+      const created = type.create(slot.host as never, { name: slot.name, sys: n, loop, log });
+      const device = new VirtioDevice(slot.state, created.backend, {
         mem: ram.memory,
-        interrupt: () => native().eventfdWrite(dev.irqFd, 1),
+        interrupt: () => n.eventfdWrite(slot.irqFd, 1),
         log,
       });
-      dev.queueFds.forEach((fd, q) =>
+      slot.queueFds.forEach((fd, q) =>
         loop.add(fd, {
           process: () => {
             drain(fd);
@@ -185,29 +146,27 @@ function main(): void {
           },
         }),
       );
-      return device;
+      return { slot, group: type.metricsGroup, device, created };
     });
-    loop.add(d.controlFd, {
-      process: () => {
-        drain(d.controlFd);
-        if (Atomics.load(control, W_STOP) !== 0) return;
-        for (const dev of devices) dev.onLifecycle();
-      },
-    });
-    Atomics.store(control, W_RUNNING, 1);
-    Atomics.notify(control, W_RUNNING);
+    loop.add(d.controlFd, { process: onControl });
+    idle.add(d.controlFd, { process: onControl });
+    Atomics.store(control, WORKER_CONTROL.running, 1);
+    Atomics.notify(control, WORKER_CONTROL.running);
     // Devices activated before this worker started (or kicks it missed) are caught up now.
-    for (const dev of devices) dev.onLifecycle();
-    loop.run(() => Atomics.load(control, W_STOP) !== 0);
+    for (const dev of devices) dev.device.onLifecycle();
+    while (!stopping()) (paused ? idle : loop).runOnce(-1);
   } catch (e) {
-    port.postMessage({
-      type: 'fatal',
-      message: (e as Error).stack ?? String(e),
-    } satisfies DeviceWorkerMessage);
+    post({ type: 'fatal', message: (e as Error).stack ?? String(e) });
   } finally {
+    try {
+      post({ type: 'final-counters', counters: report() });
+    } catch {
+      // reporting is best effort
+    }
     loop.close();
+    idle.close();
     ram.unmap();
-    Atomics.store(control, W_RUNNING, 0);
+    Atomics.store(control, WORKER_CONTROL.running, 0);
   }
 }
 

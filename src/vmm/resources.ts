@@ -11,7 +11,12 @@
  */
 import { accessSync, constants, statSync } from 'node:fs';
 import { CMDLINE_MAX_SIZE, MAX_VCPUS } from '../arch/x86_64/layout.js';
+import { BLK_ID_BYTES } from '../devices/virtio/block/request.js';
 import { ConfigError } from '../util/errors.js';
+import { MAX_VIRTIO_DEVICES, type VirtioConfig } from './virtio-plan.js';
+
+export { MAX_VCPUS } from '../arch/x86_64/layout.js';
+export { MAX_VIRTIO_DEVICES } from './virtio-plan.js';
 
 export interface MachineConfig {
   vcpu_count: number;
@@ -116,8 +121,6 @@ export const DEFAULT_MACHINE_CONFIG: Readonly<MachineConfig> = {
 export const MAX_TAP_NAME = 15;
 /** sizeof(sockaddr_un.sun_path) - 1. */
 export const MAX_UDS_PATH = 107;
-/** Virtio-mmio slots the x86 layout has room for (GSIs 5..23). */
-export const MAX_VIRTIO_DEVICES = 19;
 
 export function validateMachineConfig(m: MachineConfig): MachineConfig {
   if (!Number.isInteger(m.vcpu_count) || m.vcpu_count < 1 || m.vcpu_count > MAX_VCPUS) {
@@ -183,13 +186,24 @@ export function validateBootSource(b: BootSource): BootSource {
   return b;
 }
 
-/** One drive on its own: the backing file must exist and allow the access asked for. */
-export function validateDrive(d: DriveConfig): DriveConfig {
+/** One drive's fields on their own (no file access: the device opens the image at start). */
+export function checkDrive(d: DriveConfig): DriveConfig {
   const what = `drive ${d.drive_id}`;
   if (d.socket !== undefined)
     throw new ConfigError(`${what}: vhost-user block devices (socket) are not supported`);
   if (d.path_on_host === undefined) throw new ConfigError(`${what}: path_on_host is required`);
   if (d.is_read_only === undefined) throw new ConfigError(`${what}: is_read_only is required`);
+  return d;
+}
+
+/**
+ * One drive at PUT time, as Firecracker checks it then: the fields, and a backing file that
+ * exists and allows the access asked for (the image is opened, and checked again, at start).
+ */
+export function validateDrive(d: DriveConfig): DriveConfig {
+  const what = `drive ${d.drive_id}`;
+  checkDrive(d);
+  if (d.path_on_host === undefined) return d;
   let st;
   try {
     st = statSync(d.path_on_host);
@@ -212,7 +226,7 @@ export function validateDrive(d: DriveConfig): DriveConfig {
 
 /** Inserts or replaces drive `d` in a copy of `drives`; at most one root device. */
 export function withDrive(drives: readonly DriveConfig[], d: DriveConfig): DriveConfig[] {
-  validateDrive(d);
+  checkDrive(d);
   const others = drives.filter((x) => x.drive_id !== d.drive_id);
   if (d.is_root_device && others.some((x) => x.is_root_device))
     throw new ConfigError('A root block device already exists!');
@@ -301,8 +315,42 @@ export function validateLogger(l: LoggerConfig): LoggerConfig {
   return l;
 }
 
-/** Checks the whole description, including how the parts fit together. */
-export function validateResources(r: VmResources): VmResources {
+declare const checked: unique symbol;
+
+/**
+ * A VM description that validateResources() accepted: the only input buildVm() takes. Devices
+ * are in slot order (drives with the root drive first, entropy, network interfaces, vsock), as
+ * the registry's configs; the host sides (images, TAPs, sockets) are opened by the builder.
+ */
+export interface VmSpec {
+  readonly [checked]: true;
+  readonly vcpus: number;
+  readonly memMib: number;
+  readonly kernelPath: string;
+  readonly initrdPath?: string;
+  /** The user's part of the kernel command line; the builder adds root= and the devices. */
+  readonly bootArgs: string;
+  readonly devices: readonly VirtioConfig[];
+  /** The root drive (devices[0]): root=PARTUUID=... when given, else root=/dev/vda. */
+  readonly root?: { partuuid?: string; readOnly: boolean };
+}
+
+/** The first `max` bytes of an ASCII-or-UTF-8 id, cut on a character boundary. */
+function truncateUtf8(s: string, max: number): string {
+  let out = '';
+  for (const ch of s) {
+    if (Buffer.byteLength(out + ch) > max) break;
+    out += ch;
+  }
+  return out;
+}
+
+/**
+ * Checks the whole description, including how the parts fit together, and gives the checked
+ * form the builder takes. Pure: no file is opened (the builder opens each device's host side
+ * once, and that open is the check of the file).
+ */
+export function validateResources(r: VmResources): VmSpec {
   validateMachineConfig(r.machine);
   validateBootSource(r.boot);
   let drives: DriveConfig[] = [];
@@ -311,12 +359,54 @@ export function validateResources(r: VmResources): VmResources {
   for (const n of r.network_interfaces ?? []) nets = withNetworkInterface(nets, n);
   if (r.vsock) validateVsock(r.vsock);
   if (r.logger) validateLogger(r.logger);
-  const devices = drives.length + nets.length + (r.vsock ? 1 : 0) + (r.entropy ? 1 : 0);
-  if (devices > MAX_VIRTIO_DEVICES)
+  const devices: VirtioConfig[] = [
+    ...drives.map((d): VirtioConfig => ({
+      kind: 'block',
+      id: d.drive_id,
+      path: d.path_on_host!,
+      readOnly: d.is_read_only === true,
+      // GET_ID answers the drive's id, as Firecracker's does (cut to the 20 bytes it holds).
+      serial: truncateUtf8(d.drive_id, BLK_ID_BYTES),
+    })),
+    ...(r.entropy ? [{ kind: 'rng', id: 'entropy' } as const] : []),
+    ...nets.map((n): VirtioConfig => ({
+      kind: 'net',
+      id: n.iface_id,
+      tap: n.host_dev_name,
+      ...(n.guest_mac !== undefined ? { mac: n.guest_mac } : {}),
+    })),
+    ...(r.vsock
+      ? [
+          {
+            kind: 'vsock',
+            id: r.vsock.vsock_id ?? 'vsock',
+            cid: r.vsock.guest_cid,
+            uds: r.vsock.uds_path,
+          } as const,
+        ]
+      : []),
+  ];
+  if (devices.length > MAX_VIRTIO_DEVICES)
     throw new ConfigError(
-      `${devices} virtio devices configured; at most ${MAX_VIRTIO_DEVICES} fit`,
+      `${devices.length} virtio devices configured; at most ${MAX_VIRTIO_DEVICES} fit`,
     );
-  return r;
+  const rootDrive = drives[0]?.is_root_device ? drives[0] : undefined;
+  return {
+    vcpus: r.machine.vcpu_count,
+    memMib: r.machine.mem_size_mib,
+    kernelPath: r.boot.kernel_image_path,
+    ...(r.boot.initrd_path !== undefined ? { initrdPath: r.boot.initrd_path } : {}),
+    bootArgs: r.boot.boot_args ?? DEFAULT_BOOT_ARGS,
+    devices,
+    ...(rootDrive
+      ? {
+          root: {
+            readOnly: rootDrive.is_read_only === true,
+            ...(rootDrive.partuuid !== undefined ? { partuuid: rootDrive.partuuid } : {}),
+          },
+        }
+      : {}),
+  } as unknown as VmSpec;
 }
 
 /**

@@ -4,13 +4,14 @@
  * The vCPU was configured (CPUID, MSRs, registers) by the main thread before this starts.
  */
 import { parentPort } from 'node:worker_threads';
-import { Vcpu } from '../kvm/kvm.js';
+import { Kvm, Vcpu } from '../kvm/kvm.js';
 import { native } from '../kvm/native.js';
 import { mapGuestRam, type GuestRamLayout } from './guest-ram.js';
 import { attachLegacyDevices, writeAllSync, type LegacyDeviceState } from './legacy-devices.js';
 import { VcpuControl } from './vcpu-control.js';
-import { VcpuLoop, type VmExitEvent } from './vcpu-loop.js';
-import type { VirtioPlan } from './virtio-wiring.js';
+import { VcpuLoop, type ParkedRequestHandlers, type VmExitEvent } from './vcpu-loop.js';
+import { saveVcpu, vcpuSaveConfig, VcpuStateV1, type VcpuSaveConfig } from './vcpu-state.js';
+import type { TransportSlot } from './virtio-transport.js';
 
 export interface VcpuWorkerData {
   id: number;
@@ -21,7 +22,8 @@ export interface VcpuWorkerData {
   legacy: LegacyDeviceState;
   /** Where console output goes (a file descriptor of this process). */
   consoleFd: number;
-  virtio: VirtioPlan;
+  /** The virtio-mmio register windows this vCPU answers (no data plane here). */
+  virtio: { slots: TransportSlot[]; controlFd: number };
 }
 
 /** What the main thread sends a (possibly prewarmed) worker to start it. */
@@ -33,7 +35,10 @@ export interface VcpuWorkerStart {
 export type VcpuWorkerMessage =
   | { type: 'thread'; thread: bigint }
   | { type: 'log'; message: string }
-  | { type: 'exit'; event: VmExitEvent };
+  | { type: 'exit'; event: VmExitEvent }
+  /** The answer to a save request: VcpuStateV1 bytes (transferred, not copied). */
+  | { type: 'saved'; id: number; state: Uint8Array }
+  | { type: 'save-failed'; id: number; message: string };
 
 async function main(d: VcpuWorkerData): Promise<void> {
   const port = parentPort!;
@@ -60,17 +65,23 @@ async function main(d: VcpuWorkerData): Promise<void> {
     });
     if (d.virtio.slots.length > 0) {
       // Loaded only when there are virtio devices: it is a large part of a worker's start-up.
-      const { attachVirtioTransports } = await import('./virtio-wiring.js');
-      attachVirtioTransports(d.virtio, devices.mmio);
+      const { attachVirtioTransports } = await import('./virtio-transport.js');
+      attachVirtioTransports(d.virtio.slots, d.virtio.controlFd, devices.mmio);
     }
-    loop = new VcpuLoop(d.id, vcpu, control, {
-      pio: devices.pio,
-      mmio: devices.mmio,
-      unhandled: (space, addr, data, isWrite) =>
-        isWrite
-          ? devices.unhandled.write(space, addr, data)
-          : devices.unhandled.read(space, addr, data),
-    });
+    loop = new VcpuLoop(
+      d.id,
+      vcpu,
+      control,
+      {
+        pio: devices.pio,
+        mmio: devices.mmio,
+        unhandled: (space, addr, data, isWrite) =>
+          isWrite
+            ? devices.unhandled.write(space, addr, data)
+            : devices.unhandled.read(space, addr, data),
+      },
+      saveHandlers(d.id, vcpu, (m, transfer) => port.postMessage(m, transfer)),
+    );
     event = loop.run();
   } catch (e) {
     event = { kind: 'fatal', message: `vCPU ${d.id}: ${(e as Error).message}` };
@@ -78,6 +89,40 @@ async function main(d: VcpuWorkerData): Promise<void> {
     for (const unmap of mappings) unmap();
   }
   post({ type: 'exit', event });
+}
+
+/**
+ * Save requests, served in the parked loop of this thread (the thread that runs the vCPU): the
+ * state is read with the vCPU outside KVM_RUN, encoded, and its buffer transferred to the main
+ * thread. What to save (KVM's MSR list, the XSAVE size) comes from /dev/kvm, read on first use.
+ */
+function saveHandlers(
+  id: number,
+  vcpu: Vcpu,
+  post: (m: VcpuWorkerMessage, transfer: ArrayBuffer[]) => void,
+): ParkedRequestHandlers {
+  let config: VcpuSaveConfig | undefined;
+  return {
+    save() {
+      try {
+        if (!config) {
+          const kvm = Kvm.open();
+          try {
+            config = vcpuSaveConfig(kvm);
+          } finally {
+            kvm.close();
+          }
+        }
+        const state = VcpuStateV1.encode(saveVcpu(vcpu, config.msrIndices, config));
+        post({ type: 'saved', id, state }, [state.buffer as ArrayBuffer]);
+      } catch (e) {
+        post({ type: 'save-failed', id, message: (e as Error).message }, []);
+      }
+    },
+    dropped() {
+      post({ type: 'save-failed', id, message: 'the pause ended before the save' }, []);
+    },
+  };
 }
 
 parentPort!.once('message', (m: VcpuWorkerStart) => void main(m.data));

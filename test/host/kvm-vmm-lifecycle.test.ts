@@ -12,6 +12,7 @@ import { readFile } from 'node:fs/promises';
 import { spawn } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { buildVm, type BuiltVm } from '../../src/vmm/builder.js';
+import { validateResources } from '../../src/vmm/resources.js';
 import { VcpuState } from '../../src/vmm/vcpu-control.js';
 import type { VmExitEvent } from '../../src/vmm/vcpu-loop.js';
 import {
@@ -46,10 +47,10 @@ function start(guest: string, vcpus = 1): Running {
   const fd = openSync(consoleFile, 'w');
   const baselineThreads = threadCount();
   const vm = buildVm(
-    {
+    validateResources({
       machine: { vcpu_count: vcpus, mem_size_mib: 32 },
       boot: { kernel_image_path: guestPath(guest) },
-    },
+    }),
     { consoleFd: fd },
   );
   return {

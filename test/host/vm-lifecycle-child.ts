@@ -7,14 +7,15 @@
  */
 import { closeSync, openSync, readFileSync } from 'node:fs';
 import { buildVm } from '../../src/vmm/builder.js';
+import { validateResources } from '../../src/vmm/resources.js';
 
 const [kernel, vcpus, consoleFile] = process.argv.slice(2);
 const fd = openSync(consoleFile!, 'w');
 const { vmm } = buildVm(
-  {
+  validateResources({
     machine: { vcpu_count: Number(vcpus), mem_size_mib: 32 },
     boot: { kernel_image_path: kernel! },
-  },
+  }),
   { consoleFd: fd },
 );
 // Let the guest come up (its workers load, it prints its line) before pausing it.

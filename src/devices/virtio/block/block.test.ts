@@ -25,7 +25,27 @@ import {
   VIRTIO_BLK_F_RO,
   type BlockFile,
 } from './block.js';
-import { validateBlockConfigs } from './config.js';
+import { openBlockImage, type BlockConfig } from './config.js';
+
+/** Opens every drive as the VMM does at start (shared claims), then closes them. */
+function validateBlockConfigs(configs: Array<Omit<BlockConfig, 'id'>>) {
+  const claims = new Map<string, string>();
+  const claim = (r: string, owner: string) => {
+    const prev = claims.get(r);
+    if (prev === undefined) claims.set(r, owner);
+    return prev;
+  };
+  const opened: number[] = [];
+  try {
+    return configs.map((c, i) => {
+      const b = openBlockImage({ ...c, id: `drive${i}` }, { claim });
+      opened.push(b.fd);
+      return b;
+    });
+  } finally {
+    opened.forEach((fd) => closeSync(fd));
+  }
+}
 import {
   VIRTIO_BLK_S_IOERR,
   VIRTIO_BLK_S_OK,

@@ -1,70 +1,78 @@
 /**
- * Validation of block-device configurations, before boot (Firecracker refuses the same
- * things at PUT /drives time). Every failure is a ConfigError naming the drive.
+ * The host side of a virtio-blk device: the image is opened once, and everything known about
+ * it (type, size, identity) comes from that open descriptor (fstat), not from a separate stat of
+ * the path, so the file checked is the file served. Every failure is a ConfigError naming the
+ * drive (Firecracker refuses the same things).
  *
  * Image size: a file whose size is not a multiple of 512 is accepted and rounded DOWN to whole
  * sectors, with a warning, as Firecracker does (the tail is invisible to the guest); a file
  * smaller than one sector is refused.
  */
-import { accessSync, constants, readFileSync, statSync } from 'node:fs';
+import { closeSync, constants, fstatSync, openSync, readFileSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { ConfigError } from '../../../util/errors.js';
+import type { OpenContext } from '../descriptor.js';
 import { BLK_ID_BYTES, SECTOR_SIZE } from './request.js';
 
 export interface BlockConfig {
   kind: 'block';
+  /** The drive's name (Firecracker's drive_id): in log lines and metrics. */
+  id: string;
   path: string;
   readOnly: boolean;
-  /** GET_ID answer: at most 20 bytes once UTF-8 encoded. */
+  /** GET_ID answer: at most 20 bytes once UTF-8 encoded (default: none). */
   serial?: string;
 }
 
-export interface ValidatedBlock {
+/** What the device worker needs: the open image and its geometry. */
+export interface BlockHost {
+  fd: number;
   path: string; // absolute
   readOnly: boolean;
   serial: Uint8Array;
   sizeBytes: number;
   capacity: number; // sectors
-  warnings: string[];
 }
 
-/** Checks every drive and the set of drives; throws ConfigError on the first problem. */
-export function validateBlockConfigs(configs: readonly BlockConfig[]): ValidatedBlock[] {
-  const seen = new Map<string, string>(); // dev:ino -> path
-  return configs.map((c, i) => {
-    const what = `drive ${i} (${c.path})`;
-    if (typeof c.path !== 'string' || c.path === '')
-      throw new ConfigError(`drive ${i}: no image path`);
-    const path = resolve(c.path);
-    let st;
-    try {
-      st = statSync(path);
-    } catch (e) {
-      const code = (e as NodeJS.ErrnoException).code;
+/** Opens and checks one drive's image; the caller closes `fd`. Throws ConfigError. */
+export function openBlockImage(
+  c: BlockConfig,
+  ctx: Pick<OpenContext, 'claim'>,
+): BlockHost & { warnings: string[] } {
+  const what = `drive ${c.id} (${c.path})`;
+  if (typeof c.path !== 'string' || c.path === '')
+    throw new ConfigError(`drive ${c.id}: no image path`);
+  const serial = new TextEncoder().encode(c.serial ?? '');
+  if (serial.length > BLK_ID_BYTES)
+    throw new ConfigError(`${what}: serial is longer than ${BLK_ID_BYTES} bytes`);
+  const path = resolve(c.path);
+  let fd: number;
+  try {
+    // O_NONBLOCK: opening a FIFO named as an image must not hang the VMM (it is refused below).
+    fd = openSync(
+      path,
+      (c.readOnly ? constants.O_RDONLY : constants.O_RDWR) | constants.O_NONBLOCK,
+    );
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    if (code === 'ENOENT') throw new ConfigError(`${what}: the image does not exist`);
+    if (code === 'EISDIR') throw new ConfigError(`${what}: is a directory, not a disk image`);
+    if (!c.readOnly && (code === 'EACCES' || code === 'EPERM' || code === 'EROFS'))
       throw new ConfigError(
-        code === 'ENOENT'
-          ? `${what}: the image does not exist`
-          : `${what}: cannot open the image: ${code ?? (e as Error).message}`,
+        `${what}: not writable by this user (attach it read-only: ,ro on --drive, is_read_only in the API)`,
       );
-    }
+    if (code === 'EACCES' || code === 'EPERM') throw new ConfigError(`${what}: not readable`);
+    throw new ConfigError(`${what}: cannot open the image: ${code ?? (e as Error).message}`);
+  }
+  try {
+    const st = fstatSync(fd);
     if (st.isDirectory()) throw new ConfigError(`${what}: is a directory, not a disk image`);
     if (!st.isFile() && !st.isBlockDevice())
       throw new ConfigError(`${what}: not a regular file or block device`);
-    const key = `${st.dev}:${st.ino}`;
-    const other = seen.get(key);
+    const other = ctx.claim(`image ${st.dev}:${st.ino}`, what);
     if (other !== undefined)
       throw new ConfigError(`${what}: the same image as ${other} (one file, one drive)`);
-    seen.set(key, c.path);
-    try {
-      accessSync(path, c.readOnly ? constants.R_OK : constants.R_OK | constants.W_OK);
-    } catch {
-      throw new ConfigError(
-        c.readOnly
-          ? `${what}: not readable`
-          : `${what}: not writable by this user (attach it read-only: ,ro on --drive, is_read_only in the API)`,
-      );
-    }
-    const sizeBytes = st.isBlockDevice() ? blockDeviceSize(path) : st.size;
+    const sizeBytes = st.isBlockDevice() ? blockDeviceSize(path, st.rdev) : st.size;
     const warnings: string[] = [];
     if (sizeBytes < SECTOR_SIZE)
       throw new ConfigError(`${what}: ${sizeBytes} bytes is smaller than one sector`);
@@ -73,10 +81,8 @@ export function validateBlockConfigs(configs: readonly BlockConfig[]): Validated
         `${what}: size ${sizeBytes} is not a multiple of ${SECTOR_SIZE}; the last ${sizeBytes % SECTOR_SIZE} bytes are not visible to the guest`,
       );
     }
-    const serial = new TextEncoder().encode(c.serial ?? '');
-    if (serial.length > BLK_ID_BYTES)
-      throw new ConfigError(`${what}: serial is longer than ${BLK_ID_BYTES} bytes`);
     return {
+      fd,
       path,
       readOnly: c.readOnly,
       serial,
@@ -84,12 +90,14 @@ export function validateBlockConfigs(configs: readonly BlockConfig[]): Validated
       capacity: Math.floor(sizeBytes / SECTOR_SIZE),
       warnings,
     };
-  });
+  } catch (e) {
+    closeSync(fd);
+    throw e;
+  }
 }
 
 /** The size of a host block device (stat reports 0 for it): /sys/dev/block/MAJ:MIN/size sectors. */
-function blockDeviceSize(path: string): number {
-  const rdev = statSync(path).rdev;
+function blockDeviceSize(path: string, rdev: number): number {
   // glibc's gnu_dev_major/minor encoding.
   const major = ((rdev >>> 8) & 0xfff) | (Math.floor(rdev / 2 ** 32) & ~0xfff);
   const minor = (rdev & 0xff) | ((rdev >>> 12) & ~0xff);

@@ -20,6 +20,7 @@
  * VIRTIO_NET_F_MRG_RXBUF is not offered: with GUEST_TSO and no MRG_RXBUF, Linux posts 64 KiB
  * "big packet" chains, so every frame fits one chain and num_buffers is always 1.
  */
+import { bool, PersistError, struct, versioned } from '../../../util/persist.js';
 import type { DescriptorChain } from '../chain.js';
 import { gather, scatter } from '../chain.js';
 import { QUEUE_SIZE_MAX, VIRTIO_F_RING_INDIRECT_DESC, bit } from '../constants.js';
@@ -65,6 +66,9 @@ export interface TapIo {
   /** Watch (or stop watching) the TAP for readable frames. */
   setReadInterest(on: boolean): void;
 }
+
+/** virtio-net's own saved state (see NetDevice.save). */
+export const NetStateV1 = versioned('virtio-net', 1, struct({ heldRx: bool }));
 
 export interface NetCounters {
   rxFrames: number;
@@ -151,7 +155,7 @@ export class NetDevice implements VirtioBackend {
     private readonly log: (m: string) => void,
   ) {}
 
-  activate(features: bigint, io: QueueIo): void {
+  activate(features: bigint, io: QueueIo, _restored?: boolean): void {
     this.io = io;
     this.held = undefined;
     const has = (f: number) => (features & bit(f)) !== 0n;
@@ -168,6 +172,22 @@ export class NetDevice implements VirtioBackend {
       this.tap.setOffload(0);
     }
     this.setWatching(true);
+  }
+
+  /**
+   * Saved state (called paused, on the worker's thread). virtio-net keeps nothing the
+   * transport and queues do not: a held RX chain is given back to the RX queue (the next RX
+   * takes it again), the offloads follow from the negotiated features, the TAP is the host's.
+   */
+  save(): Uint8Array {
+    if (this.held && this.io?.unpop(RX_QUEUE, this.held.head)) this.held = undefined;
+    return NetStateV1.encode({ heldRx: this.held !== undefined });
+  }
+
+  restore(bytes: Uint8Array): void {
+    const s = NetStateV1.decodeOrThrow(bytes);
+    // A held chain that could not be given back (never the case today) cannot be re-read.
+    if (s.heldRx) throw new PersistError('virtio-net: saved with an RX chain it could not release');
   }
 
   deactivate(): void {

@@ -1,0 +1,95 @@
+/**
+ * What a virtio device kind tells the VMM about itself: one descriptor per kind, exported from
+ * the kind's folder (`block/descriptor.ts`, ...) and listed once in `registry.ts`. The VMM
+ * drives every kind the same way:
+ *
+ *   main thread, before the VM is built:  open(config, ctx) -> OpenedDevice
+ *     identity (device id, features, config space), the host side opened (image fd, TAP,
+ *     listening socket) as structured-clone data for the device worker, and close() for teardown
+ *   device worker:                         create(host, env) -> VirtioBackend
+ *     the backend over that host side; it may watch its own fds on the worker's loop
+ *
+ * Devices never import the KVM layer: the syscalls they need come in through `HostSys`, which
+ * the VMM fills with the native shim (the same functions, typed here by what devices use).
+ */
+import type { VirtioBackend } from './device.js';
+import type { VirtioDeviceIdentity } from './mmio-state.js';
+
+export type Buf = ArrayBuffer | ArrayBufferView;
+
+/** The syscalls device host sides use (a subset of the native shim, kvm/native.ts). */
+export interface HostSys {
+  close(fd: number): void;
+  ioctl(fd: number, request: number, arg: number | bigint | Buf): number;
+  readv(fd: number, buffers: Buf[]): number;
+  writev(fd: number, buffers: Buf[]): number;
+  tapOpen(name: string, flags: number): number;
+  unixSocket(): number;
+  bindListen(fd: number, path: string, backlog: number): void;
+  accept(fd: number): number;
+  connect(fd: number, path: string): number;
+  sendv(fd: number, buffers: Buf[]): number;
+  shutdown(fd: number, how: number): void;
+}
+
+/** Linux epoll bits, as the worker's loop takes them. */
+export const EV_IN = 0x1;
+export const EV_OUT = 0x4;
+export const EV_ERR = 0x8;
+export const EV_HUP = 0x10;
+
+/** The device worker's event loop, as a backend sees it (events/event-loop.ts implements it). */
+export interface EventOps {
+  /** Watches `fd` for `events` (default EV_IN); returns a tag for modify/remove. */
+  add(fd: number, subscriber: { process(events: number): void }, events?: number): number;
+  modify(tag: number, events: number): void;
+  remove(tag: number): void;
+  /** Runs `fn` once on the worker's thread after `ms`; returns a cancel function. */
+  setTimer(ms: number, fn: () => void): () => void;
+}
+
+/** What open() may share between the devices of one VM (uniqueness of host resources). */
+export interface OpenContext {
+  sys: HostSys;
+  /**
+   * Claims a host resource (an image's dev:ino, a TAP name) for `owner`; returns the owner that
+   * claimed it before, if any (the caller refuses the second claim with its own message).
+   */
+  claim(resource: string, owner: string): string | undefined;
+}
+
+export interface OpenedDevice<Host> {
+  /** For log lines: "virtio-blk rootfs (/path/disk.img, read-only)". */
+  name: string;
+  identity: VirtioDeviceIdentity;
+  /** Structured-clone data for the device worker (fds are process-wide numbers). */
+  host: Host;
+  warnings: string[];
+  /** Main thread, after the device worker has ended: closes what open() opened. */
+  close(): void;
+}
+
+export interface BackendEnv {
+  name: string;
+  sys: HostSys;
+  loop: EventOps;
+  log(message: string): void;
+}
+
+/** Counters a backend reports, in Firecracker's metric names (snake_case, monotonic). */
+export type DeviceCounters = Record<string, number>;
+
+export interface DeviceType<Config extends { kind: string; id: string }, Host> {
+  readonly kind: Config['kind'];
+  /** Firecracker's metrics group for this kind: "block", "net", "vsock", "entropy". */
+  readonly metricsGroup: string;
+  /** Main thread: validates against the host and opens the host side; throws ConfigError. */
+  open(config: Config, ctx: OpenContext): OpenedDevice<Host>;
+  /** Device worker: the backend, and its counters for the metrics lines. */
+  create(host: Host, env: BackendEnv): CreatedBackend;
+}
+
+export interface CreatedBackend {
+  backend: VirtioBackend;
+  metrics?(): DeviceCounters;
+}

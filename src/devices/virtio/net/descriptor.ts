@@ -1,0 +1,71 @@
+/** virtio-net in the device registry: a TAP opened on the main thread, served in the worker. */
+import { ConfigError } from '../../../util/errors.js';
+import type { DeviceType } from '../descriptor.js';
+import { NetDevice, netIdentity, parseMac } from './net.js';
+import { openTap, tapIo } from './tap.js';
+
+export interface NetConfig {
+  kind: 'net';
+  /** Firecracker's iface_id: in log lines and metrics. */
+  id: string;
+  /** The host TAP (created if missing, which needs CAP_NET_ADMIN). */
+  tap: string;
+  /** The guest's MAC (else the guest picks a random one). */
+  mac?: string;
+}
+
+export interface NetHost {
+  tapFd: number;
+}
+
+export const netDevice: DeviceType<NetConfig, NetHost> = {
+  kind: 'net',
+  metricsGroup: 'net',
+  open(config, ctx) {
+    let mac: Uint8Array | undefined;
+    if (config.mac !== undefined) {
+      try {
+        mac = parseMac(config.mac);
+      } catch {
+        throw new ConfigError(
+          `network interface ${config.id}: bad MAC address ${JSON.stringify(config.mac)} (like 06:00:a9:fe:00:02)`,
+        );
+      }
+    }
+    const other = ctx.claim(`tap ${config.tap}`, `network interface ${config.id}`);
+    if (other !== undefined)
+      throw new ConfigError(
+        `network interface ${config.id}: TAP ${config.tap} is already used by ${other}`,
+      );
+    const tap = openTap(ctx.sys, config.tap);
+    return {
+      name: `virtio-net ${config.id} (${config.tap})`,
+      identity: netIdentity(mac, tap.offloads),
+      host: { tapFd: tap.fd },
+      warnings: [],
+      close: () => ctx.sys.close(tap.fd),
+    };
+  },
+  create(host, env) {
+    const net: NetDevice = new NetDevice(
+      env.name,
+      tapIo(env.sys, env.loop, host.tapFd, () => net.onTapReadable()),
+      (m) => env.log(m),
+    );
+    const c = net.counters;
+    return {
+      backend: net,
+      // Firecracker's NetDeviceMetrics names.
+      metrics: () => ({
+        rx_packets_count: c.rxFrames,
+        rx_bytes_count: c.rxBytes,
+        tx_packets_count: c.txFrames,
+        tx_bytes_count: c.txBytes,
+        rx_fails: c.rxTooLarge,
+        tx_malformed_frames: c.txBad,
+        tx_fails: c.txErrors,
+        no_rx_avail_buffer: c.rxBackPressure,
+      }),
+    };
+  },
+};

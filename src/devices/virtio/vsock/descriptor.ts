@@ -1,0 +1,67 @@
+/** virtio-vsock in the device registry: a listening Unix socket, connections in the worker. */
+import type { DeviceType } from '../descriptor.js';
+import { listenVsock, removeSocket, unixVsockHost } from './unix-host.js';
+import { VsockDevice, vsockIdentity } from './vsock.js';
+
+export interface VsockConfig {
+  kind: 'vsock';
+  id: string;
+  /** The guest's context id (>= 3). */
+  cid: number;
+  /** Host side: guest connections to port P reach `${uds}_${P}`; host programs dial `uds`. */
+  uds: string;
+}
+
+export interface VsockHostData {
+  listenFd: number;
+  cid: number;
+  /** Absolute path of the listening socket. */
+  uds: string;
+}
+
+export const vsockDevice: DeviceType<VsockConfig, VsockHostData> = {
+  kind: 'vsock',
+  metricsGroup: 'vsock',
+  open(config, ctx) {
+    const l = listenVsock(ctx.sys, config.cid, config.uds);
+    return {
+      name: `virtio-vsock (cid ${config.cid}, ${l.path})`,
+      identity: vsockIdentity(config.cid),
+      host: { listenFd: l.fd, cid: config.cid, uds: l.path },
+      warnings: [],
+      close() {
+        ctx.sys.close(l.fd);
+        removeSocket(l.path);
+      },
+    };
+  },
+  create(host, env) {
+    const vsock: VsockDevice = new VsockDevice(
+      env.name,
+      host.cid,
+      host.uds,
+      unixVsockHost(env.sys, env.loop, host.listenFd, (fd, r, w, h) => vsock.onSocket(fd, r, w, h)),
+      (m) => env.log(m),
+    );
+    env.loop.add(host.listenFd, { process: () => vsock.onListen() });
+    return {
+      backend: vsock,
+      metrics: () => {
+        const c = vsock.counters();
+        // Firecracker's VsockDeviceMetrics names where one exists.
+        return {
+          conns_added: c.connectionsGuest + c.connectionsHost,
+          rx_packets_count: c.rxPackets,
+          tx_packets_count: c.txPackets,
+          rx_bytes_count: c.rxBytes,
+          tx_bytes_count: c.txBytes,
+          rx_read_fails: c.dropped,
+          tx_flush_fails: c.creditViolations,
+          muxer_event_fails: c.malformed,
+          conn_event_fails: c.connectFailures + c.connectTimeouts + c.badHandshakes,
+          rst_sent: c.resetsSent,
+        };
+      },
+    };
+  },
+};

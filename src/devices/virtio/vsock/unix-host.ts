@@ -1,0 +1,110 @@
+/**
+ * The host end of virtio-vsock in Firecracker's scheme: a Unix socket we listen on for
+ * host-initiated connections (opened on the main thread before boot, so problems are
+ * ConfigErrors), and the socket operations the device worker performs for each connection.
+ */
+import { accessSync, constants, existsSync, statSync, unlinkSync } from 'node:fs';
+import { dirname, resolve } from 'node:path';
+import { ConfigError } from '../../../util/errors.js';
+import { EV_ERR, EV_HUP, EV_IN, EV_OUT, type EventOps, type HostSys } from '../descriptor.js';
+import type { VsockHost } from './vsock.js';
+
+/** sizeof(sockaddr_un.sun_path) - 1. */
+export const MAX_UDS_PATH = 107;
+const SHUT_WR = 1;
+
+/**
+ * Checks the vsock config and listens on `uds` for host-initiated connections. Refused: a CID
+ * below 3 (0-2 are reserved: hypervisor, local, host), a path that exists, a directory that is
+ * missing or not writable.
+ */
+export function listenVsock(sys: HostSys, cid: number, uds: string): { fd: number; path: string } {
+  if (!Number.isInteger(cid) || cid < 3 || cid > 0xffff_fffe)
+    throw new ConfigError(`vsock: guest CID must be from 3 to ${0xffff_fffe} (got ${cid})`);
+  const path = resolve(uds);
+  if (uds.length === 0 || Buffer.byteLength(path) > MAX_UDS_PATH)
+    throw new ConfigError(`vsock: the socket path must be 1 to ${MAX_UDS_PATH} bytes (${path})`);
+  if (existsSync(path))
+    throw new ConfigError(`vsock: ${path} already exists (remove it, or choose another path)`);
+  const dir = dirname(path);
+  try {
+    if (!statSync(dir).isDirectory()) throw new Error('not a directory');
+    accessSync(dir, constants.W_OK | constants.X_OK);
+  } catch {
+    throw new ConfigError(`vsock: cannot create a socket in ${dir} (missing or not writable)`);
+  }
+  const fd = sys.unixSocket();
+  try {
+    sys.bindListen(fd, path, 128);
+  } catch (e) {
+    sys.close(fd);
+    throw new ConfigError(`vsock: cannot listen on ${path}: ${(e as Error).message}`);
+  }
+  return { fd, path };
+}
+
+export function removeSocket(path: string): void {
+  try {
+    unlinkSync(path);
+  } catch {
+    // already gone
+  }
+}
+
+/** Events on a watched socket, reported to the device. */
+export type SocketEvents = (
+  fd: number,
+  readable: boolean,
+  writable: boolean,
+  hangup: boolean,
+) => void;
+
+/** Unix sockets for virtio-vsock, each watched on the worker's loop and reported to `onSocket`. */
+export function unixVsockHost(
+  sys: HostSys,
+  loop: EventOps,
+  listenFd: number,
+  onSocket: SocketEvents,
+): VsockHost {
+  const tags = new Map<number, number>();
+  const host: VsockHost = {
+    connect(path) {
+      const fd = sys.unixSocket();
+      try {
+        if (sys.connect(fd, path) < 0)
+          throw new Error(`connect ${path}: the listener's backlog is full`);
+      } catch (e) {
+        sys.close(fd);
+        throw e;
+      }
+      return fd;
+    },
+    accept: () => sys.accept(listenFd),
+    read: (fd, bufs) => sys.readv(fd, bufs),
+    write: (fd, bufs) => sys.sendv(fd, bufs),
+    shutdownWrite: (fd) => sys.shutdown(fd, SHUT_WR),
+    after: (ms, fn) => void loop.setTimer(ms, fn),
+    close(fd) {
+      host.unwatch(fd);
+      sys.close(fd);
+    },
+    watch(fd, read, write) {
+      const events = (read ? EV_IN : 0) | (write ? EV_OUT : 0);
+      const tag = tags.get(fd);
+      if (tag !== undefined) {
+        loop.modify(tag, events);
+        return;
+      }
+      const process = (ev: number) =>
+        onSocket(fd, (ev & EV_IN) !== 0, (ev & EV_OUT) !== 0, (ev & (EV_HUP | EV_ERR)) !== 0);
+      tags.set(fd, loop.add(fd, { process }, events));
+    },
+    unwatch(fd) {
+      const tag = tags.get(fd);
+      if (tag === undefined) return;
+      tags.delete(fd);
+      loop.remove(tag);
+    },
+  };
+  return host;
+}

@@ -1,0 +1,80 @@
+/**
+ * What the main thread and the device worker say to each other (docs/architecture.md).
+ *
+ * The worker blocks in epoll_wait, so it never runs 'message' handlers. Requests go into a
+ * MessagePort that the worker drains with receiveMessageOnPort() when its control eventfd fires;
+ * the main thread posts the request, then writes the eventfd. Replies come back on the same port
+ * (the main thread is an ordinary event loop). Log lines and a fatal error go to parentPort.
+ *
+ * Shared memory beside the mailbox: each device's register file (mmio-state.ts) and the worker's
+ * control block (stop flag, running flag: Int32 slots named below).
+ */
+import type { MessagePort } from 'node:worker_threads';
+import { slots } from '../util/persist.js';
+import type { VirtioCounters } from '../devices/virtio/mmio-state.js';
+import type { DeviceCounters } from '../devices/virtio/descriptor.js';
+import type { VirtioSlot } from './virtio-plan.js';
+import type { GuestRamLayout } from './guest-ram.js';
+
+/** Int32 slots of the worker's control block. */
+export const WORKER_CONTROL = slots(['stop', 'running', 'paused']);
+
+export const DEVICE_WORKER_ROLE = 'virtio-device-worker';
+
+export interface DeviceWorkerData {
+  /** Marks the thread as the device worker. */
+  role: typeof DEVICE_WORKER_ROLE;
+  ram: GuestRamLayout;
+  controlFd: number;
+  control: SharedArrayBuffer;
+  slots: VirtioSlot[];
+  /** The worker's end of the mailbox. */
+  mailbox: MessagePort;
+}
+
+/** One device's counters: its transport's (guest misuse, interrupts) and its own. */
+export interface DeviceReport {
+  kind: VirtioSlot['kind'];
+  id: string;
+  name: string;
+  /** Firecracker's metrics group for the kind ("block", "net", "vsock", "entropy"). */
+  group: string;
+  transport: VirtioCounters;
+  device: DeviceCounters;
+}
+
+/** One device's saved state (VirtioDevice.save(): transport, queues, backend). */
+export interface SavedDevice {
+  kind: VirtioSlot['kind'];
+  id: string;
+  state: Uint8Array;
+}
+
+export type WorkerRequest =
+  | { op: 'counters' }
+  /** Stop serving every queue and host socket (kicks stay pending in their eventfds). */
+  | { op: 'pause' }
+  | { op: 'resume' }
+  /** Every device's state; only while paused (and the vCPUs paused: the registers are still). */
+  | { op: 'save' }
+  /** Restores every device, matched by kind and id; only while paused. */
+  | { op: 'restore'; devices: SavedDevice[] };
+
+export interface WorkerReplies {
+  counters: DeviceReport[];
+  pause: void;
+  resume: void;
+  save: SavedDevice[];
+  restore: void;
+}
+
+export type MailboxRequest = WorkerRequest & { seq: number };
+export type MailboxReply = { seq: number } & (
+  { ok: true; value: unknown } | { ok: false; error: string }
+);
+
+export type DeviceWorkerMessage =
+  | { type: 'log'; message: string }
+  | { type: 'fatal'; message: string }
+  /** Sent once just before the worker ends: the last counters (metrics after the VM is gone). */
+  | { type: 'final-counters'; counters: DeviceReport[] };

@@ -1,0 +1,45 @@
+/**
+ * The vmm layer's public surface: api/ and cli/ import vmm only through this file (and the
+ * light start-up entry vcpu-pool.ts), checked by scripts/check-imports.mjs. Re-exports only.
+ *
+ *   VmResources (Firecracker's shape, filled by the CLI, the API and --config-file)
+ *     -> validateResources() -> VmSpec (checked) -> buildVm() -> BuiltVm { vmm, devices, ... }
+ */
+export { MAX_VCPUS } from '../arch/x86_64/layout.js';
+export { buildVm, type BuildOptions, type BuiltVm } from './builder.js';
+export { checkHostCanRun } from './host-check.js';
+export type { AttachedDevices } from './legacy-devices.js';
+export {
+  DEFAULT_BOOT_ARGS,
+  DEFAULT_MACHINE_CONFIG,
+  MAX_MEM_MIB,
+  MAX_VIRTIO_DEVICES,
+  MIN_MEM_MIB,
+  emptyVmConfig,
+  resourcesFromConfig,
+  configFromResources,
+  validateBootSource,
+  validateDrive,
+  validateLogger,
+  validateMachineConfig,
+  validateNetworkInterface,
+  validateResources,
+  validateVsock,
+  withDrive,
+  withNetworkInterface,
+  type BootSource,
+  type DriveConfig,
+  type EntropyConfig,
+  type LoggerConfig,
+  type MachineConfig,
+  type MetricsConfig,
+  type NetworkInterfaceConfig,
+  type RateLimiter,
+  type TokenBucket,
+  type VmConfig,
+  type VmResources,
+  type VmSpec,
+  type VsockConfig,
+} from './resources.js';
+export type { VmExitEvent } from './vcpu-loop.js';
+export type { DeviceReport, SavedDevice } from './device-worker-protocol.js';
