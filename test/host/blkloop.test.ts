@@ -7,7 +7,7 @@
 import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { writeFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { REPO, kvmSkipReason, processGone, runCli, tempDir, type CliResult } from './helpers.js';
 
@@ -81,3 +81,42 @@ test('a disk without the pattern: the guest sees the wrong data ("Ed")', T, asyn
 test('no disk attached: the guest finds no virtio-blk device ("En")', T, async (t) => {
   assert.equal((await blkloop(t, 'blk4k-small')).stdout, 'M\nEn\n');
 });
+
+test(
+  'metrics carry per-device counters: block and block_<drive_id>, from the device worker',
+  T,
+  async (t) => {
+    const metrics = join(dir, 'metrics.ndjson');
+    const config = join(dir, 'vm.json');
+    writeFileSync(
+      config,
+      JSON.stringify({
+        'boot-source': { kernel_image_path: join(dir, 'blk4k-small.elf') },
+        'machine-config': { vcpu_count: 1, mem_size_mib: 64 },
+        drives: [
+          {
+            drive_id: 'data',
+            path_on_host: disk('metrics.img'),
+            is_root_device: false,
+            is_read_only: true,
+          },
+        ],
+      }),
+    );
+    const r = await runCli(['--no-api', '--config-file', config, '--metrics-path', metrics], {
+      timeoutMs: 45_000,
+    });
+    t.diagnostic(`exit ${r.code} in ${r.ms.toFixed(0)} ms, stdout ${JSON.stringify(r.stdout)}`);
+    assert.equal(r.code, 0, r.stderr);
+    assert.match(r.stdout, /D\n/);
+    // The last line (written at exit) holds what happened since the previous one: all of it.
+    const lines = readFileSync(metrics, 'utf8').trim().split('\n');
+    const sum = (g: string, k: string) =>
+      lines.reduce((a, l) => a + ((JSON.parse(l)[g]?.[k] as number | undefined) ?? 0), 0);
+    assert.equal(sum('block_data', 'read_count'), 500);
+    assert.equal(sum('block_data', 'read_bytes'), 500 * 4096);
+    assert.equal(sum('block', 'read_count'), 500);
+    assert.equal(sum('block_data', 'write_count'), 0);
+    assert.equal(sum('block_data', 'guest_errors'), 0);
+  },
+);
