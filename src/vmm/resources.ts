@@ -249,11 +249,11 @@ export function validateNetworkInterface(n: NetworkInterfaceConfig): NetworkInte
   const what = `network interface ${n.iface_id}`;
   if (
     n.host_dev_name.length === 0 ||
-    n.host_dev_name.length > MAX_TAP_NAME ||
+    Buffer.byteLength(n.host_dev_name) > MAX_TAP_NAME ||
     /[/\s\0:]/.test(n.host_dev_name)
   ) {
     throw new ConfigError(
-      `${what}: host_dev_name must be a TAP name of 1 to ${MAX_TAP_NAME} characters without '/', ':' or spaces`,
+      `${what}: host_dev_name must be a TAP name of 1 to ${MAX_TAP_NAME} bytes without '/', ':' or spaces`,
     );
   }
   if (n.guest_mac !== undefined && !MAC_RE.test(n.guest_mac)) {

@@ -140,6 +140,10 @@ export class VsockDevice implements VirtioBackend {
   }
 
   save(): Uint8Array {
+    // An RX buffer held unfilled goes back to the queue (the queue position is saved after
+    // this): the restored device takes it again.
+    if (this.held && this.io?.unpop(RX_QUEUE, this.held.head)) this.held = undefined;
+    if (this.held) throw new Error(`${this.name}: holds an RX buffer it cannot give back`);
     return VsockStateV1.encode({
       cid: this.cid,
       transportResetPending:
