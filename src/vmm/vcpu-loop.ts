@@ -148,7 +148,10 @@ export class VcpuLoop {
         // With the in-kernel LAPIC a halt never reaches us unless every interrupt is masked.
         return { kind: 'fatal', message: 'the guest halted with interrupts disabled' };
       case C.KVM_EXIT_SHUTDOWN:
-        return { kind: 'fatal', message: 'the guest triple-faulted (KVM_EXIT_SHUTDOWN)' };
+        return {
+          kind: 'fatal',
+          message: `the guest triple-faulted (KVM_EXIT_SHUTDOWN) on vCPU ${this.id}${this.cpuState()}`,
+        };
       case C.KVM_EXIT_SYSTEM_EVENT: {
         const type = run.getUint32(RUN.systemEventType, true);
         if (type === C.KVM_SYSTEM_EVENT_SHUTDOWN) return { kind: 'poweroff' };
@@ -178,6 +181,26 @@ export class VcpuLoop {
           kind: 'fatal',
           message: `unexpected KVM exit ${C.EXIT_REASON_NAMES[reason] ?? reason} on vCPU ${this.id}`,
         };
+    }
+  }
+
+  /** Where the vCPU stood, for a fatal exit's message (best effort: '' if KVM refuses). */
+  private cpuState(): string {
+    try {
+      const r = this.vcpu.getRegs();
+      const sr = this.vcpu.getSregs();
+      const h = (v: bigint | number) => `0x${v.toString(16)}`;
+      // On AMD, KVM reinitializes the vCPU at a shutdown (the VMCB is undefined after one): the
+      // registers then read back in their reset state and say nothing about the fault.
+      if (r.rip === 0xfff0n && sr.cs.selector === 0xf000)
+        return ' (this host reports the vCPU in its reset state: no registers at the fault)';
+      return (
+        `: rip ${h(r.rip)} rsp ${h(r.rsp)} rflags ${h(r.rflags)} cr0 ${h(sr.cr0)} cr2 ${h(sr.cr2)} ` +
+        `cr3 ${h(sr.cr3)} cr4 ${h(sr.cr4)} efer ${h(sr.efer)} idt ${h(sr.idt.base)}/${h(sr.idt.limit)} ` +
+        `cs ${h(sr.cs.selector)}`
+      );
+    } catch {
+      return '';
     }
   }
 

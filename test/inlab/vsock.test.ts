@@ -71,17 +71,19 @@ test(
     const payload = randomBytes(MIB * 1024 * 1024);
     const dataFile = join(dir, 'data.img');
     writeFileSync(dataFile, payload);
-    // The host's echo service for guest-initiated connections to port 5000. It reads without
-    // back-pressure (what it echoes waits in its own memory: at most the payload): the guest's
-    // socat writes with blocking writes and reads the echo only between them, so an echo that
-    // stops reading while its answer is unread closes a cycle of full buffers (the guest's
-    // vsock RX, our per-connection buffer, both socket buffers) that nothing can break. Seen:
-    // 21 of 64 MiB through, then every buffer full for minutes (the VMM waiting for the socket
-    // to drain, the echo waiting for us to read, the guest waiting for socat).
+    // The host's echo service for guest-initiated connections to port 5000: it takes
+    // everything, then sends it all back once the guest has shut its side (store and forward).
+    // Not pipe(): the guest's socat reads the echo only between its blocking writes, so an echo
+    // that stops reading while its answer is unread closes a cycle of full buffers (the guest's
+    // vsock RX, our per-connection buffer, both socket buffers) that nothing breaks (seen: 21 of
+    // 64 MiB through, then stuck for minutes; the previous main failed the same way). Not a
+    // full-duplex echo either: that much traffic both ways at once resets the lab's nested
+    // guests, QEMU's (vhost-vsock) as well as ours (seen in 2 of 2 QEMU runs, 3 of 4 of ours).
     const echo = net.createServer({ allowHalfOpen: true }, (s) => {
+      const chunks: Buffer[] = [];
       s.on('error', () => undefined);
-      s.on('data', (d) => s.write(d));
-      s.on('end', () => s.end());
+      s.on('data', (d: Buffer) => chunks.push(d));
+      s.on('end', () => s.end(Buffer.concat(chunks)));
     });
     await new Promise<void>((r) => echo.listen(`${uds}_5000`, r));
     const timings: string[] = [];

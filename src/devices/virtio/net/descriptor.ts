@@ -32,11 +32,8 @@ export const netDevice: DeviceType<NetConfig, NetHost> = {
         );
       }
     }
-    const other = ctx.claim(`tap ${config.tap}`, `network interface ${config.id}`);
-    if (other !== undefined)
-      throw new ConfigError(
-        `network interface ${config.id}: TAP ${config.tap} is already used by ${other}`,
-      );
+    // Two interfaces on one TAP or with one MAC are refused with the configuration
+    // (vmm/resources.ts withNetworkInterface), before anything is opened.
     const tap = openTap(ctx.sys, config.tap);
     return {
       name: `virtio-net ${config.id} (${config.tap})`,
