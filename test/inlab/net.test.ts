@@ -17,7 +17,7 @@ import { defaultGuest, skipReason } from './helpers.js';
 import { GuestSession } from './session.js';
 
 const MIB = Number(process.env.TYPERVISOR_NET_TEST_MIB ?? 64);
-const opts = { skip: skipReason, timeout: 900_000 };
+const opts = { skip: skipReason, timeout: 600_000 };
 
 /** node's net in the namespace: `recv` reads until EOF, `send` writes BYTES random bytes. */
 const HELPER = `

@@ -18,7 +18,7 @@ import { defaultGuest, skipReason } from './helpers.js';
 import { GuestSession } from './session.js';
 
 const MIB = Number(process.env.TYPERVISOR_VSOCK_TEST_MIB ?? 64);
-const opts = { skip: skipReason, timeout: 900_000 };
+const opts = { skip: skipReason, timeout: 600_000 };
 
 const sha = (b: Buffer) => createHash('sha256').update(b).digest('hex');
 
@@ -113,7 +113,7 @@ test(
       vm.send(
         'ls /dev/vsock && socat -t 60 - VSOCK-CONNECT:2:5000 < /dev/vdb | sha256sum | sed "s/^/ECHO1 /"\n',
       );
-      const [, back] = (await vm.waitFor(/ECHO1 ([0-9a-f]{64})/, 600_000)) as RegExpMatchArray;
+      const [, back] = (await vm.waitFor(/ECHO1 ([0-9a-f]{64})/, 300_000)) as RegExpMatchArray;
       timings.push(`guest-initiated echo of ${MIB} MiB: ${Date.now() - t} ms`);
       assert.equal(back, sha(payload), vm.describe());
 
