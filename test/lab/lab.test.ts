@@ -44,7 +44,13 @@ test('/dev/kvm works inside the lab (test/lab/kvm-smoke.c)', { timeout: 300_000 
       bin,
       join(repoRoot(), 'test', 'lab', 'kvm-smoke.c'),
     ]);
-    const r = await runInLab({ command: [bin], timeoutSec: 240 });
+    // A few milliseconds of work: a lab that times out on it, or dies under it, is a lab that
+    // hung (a soft lockup of its kernel, seen) and gets one more try, said on stderr.
+    let r = await runInLab({ command: [bin], timeoutSec: 120 });
+    if (r.code === 124 || r.code === 125) {
+      process.stderr.write(`kvm-smoke: the lab failed (${r.error}); once more\n`);
+      r = await runInLab({ command: [bin], timeoutSec: 120 });
+    }
     assert.equal(r.code, 0, show(r));
     assert.match(r.output, /KVM-SMOKE-OK api=12 out=0x42/, show(r));
   } finally {

@@ -2,8 +2,8 @@
 // (each of those tests boots Debian's cloud kernel with Typervisor on the lab's AMD-V KVM).
 //
 // The lab itself hangs now and then (its kernel stuck in KVM_RUN under the emulated AMD-V;
-// QEMU's guests too). A lab that prints nothing for IDLE_SEC is stopped and the suite run
-// again, once, saying so. A failure of a test is never retried: every in-lab test gives up and
+// QEMU's guests too), or its machine ends under the suite. A lab that prints nothing for
+// IDLE_SEC is stopped; either way the suite runs again, once, saying so. A failure of a test is never retried: every in-lab test gives up and
 // reports within 600 s (its own timeout), before the lab counts as silent.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -43,12 +43,15 @@ test(
     ensureImage('kernel');
     ensureImage('initramfs');
     let { r, hung } = await runSuite();
-    if (hung) {
+    // 125: the lab itself failed (it never came up, or its machine ended under the suite).
+    const labFailed = () => hung || r.code === 125;
+    if (labFailed()) {
+      const why = hung ? `printed nothing for ${IDLE_SEC} s (a hung lab)` : r.error;
       process.stderr.write(
-        `in-lab suite: the lab printed nothing for ${IDLE_SEC} s (a hung lab) after ${Math.round(r.totalMs / 1000)} s; running the suite again, once. Its output so far:\n${r.output.slice(-3000)}\n`,
+        `in-lab suite: the lab ${why} after ${Math.round(r.totalMs / 1000)} s; running the suite again, once. Its output so far:\n${r.output.slice(-3000)}\n`,
       );
       ({ r, hung } = await runSuite());
-      assert.ok(!hung, `the lab hung twice in a row (no output for ${IDLE_SEC} s)\n${r.output}`);
+      assert.ok(!labFailed(), `the lab failed twice in a row: ${r.error ?? ''}\n${r.output}`);
     }
     // The inner runner writes TAP ("# pass 3") or, on the lab's terminal, its spec format
     // ("ℹ pass 3", maybe coloured): match both, without the colours.
