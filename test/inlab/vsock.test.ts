@@ -17,7 +17,11 @@ import { imagePaths, repoRoot } from '../../src/lab/guest.js';
 import { defaultGuest, skipReason } from './helpers.js';
 import { GuestSession } from './session.js';
 
-const MIB = Number(process.env.TYPERVISOR_VSOCK_TEST_MIB ?? 64);
+// 16 MiB each way (64 times our per-connection buffer), not 64: long vsock transfers reset the
+// lab's nested guest now and then, under QEMU's vhost-vsock as under Typervisor, and once
+// panicked the lab's own kernel inside KVM_RUN (2026-11-30, see the README). Set
+// TYPERVISOR_VSOCK_TEST_MIB=64 to run the long version.
+const MIB = Number(process.env.TYPERVISOR_VSOCK_TEST_MIB ?? 16);
 const opts = { skip: skipReason, timeout: 600_000 };
 
 const sha = (b: Buffer) => createHash('sha256').update(b).digest('hex');
