@@ -80,8 +80,10 @@ function main(): void {
         paused = false;
         Atomics.store(control, WORKER_CONTROL.paused, 0);
         // Kicks and activations that arrived while paused are served now.
-        for (const dev of devices) dev.device.onLifecycle();
-        for (const dev of devices) dev.slot.queueFds.forEach((_fd, q) => dev.device.onKick(q));
+        for (const dev of devices) {
+          dev.device.onLifecycle();
+          dev.device.kickAll();
+        }
         return undefined;
       case 'save':
         if (!paused) throw new Error('device state can be saved only while the devices are paused');

@@ -12,7 +12,6 @@
  *   closeVirtio(plan)                        teardown, after the device worker has ended
  */
 import {
-  CMDLINE_MAX_SIZE,
   VIRTIO_GSI_FIRST,
   VIRTIO_GSI_LAST,
   VIRTIO_MMIO_BASE,
@@ -132,7 +131,6 @@ export function addVirtioCmdline(plan: VirtioPlan, cmdline: Cmdline): void {
     const r = cmdline.insert('virtio_mmio.device', `4K@0x${s.addr.toString(16)}:${s.gsi}`);
     if (!r.ok) throw r.error;
   }
-  if (cmdline.length > CMDLINE_MAX_SIZE - 1) throw new ConfigError('kernel command line too long');
 }
 
 /** Main thread: interrupts through irqfds, queue kicks through ioeventfds (4-byte, datamatch). */
