@@ -61,3 +61,61 @@ test('timers run on the loop after their delay, in a blocking wait, and can be c
     loop.close();
   }
 });
+
+test('timers: hundreds of thousands of them, in due order, FIFO among equals, none spread', () => {
+  const errors: unknown[] = [];
+  const loop = new EventLoop((e) => errors.push(e));
+  try {
+    const N = 200_000; // Math.min(...timers) threw RangeError well below this
+    const ran: number[] = [];
+    const cancels: Array<() => void> = [];
+    for (let i = 0; i < N; i++) cancels.push(loop.setTimer(0, () => ran.push(i)));
+    for (let i = 0; i < N; i += 2) cancels[i]!(); // every even one cancelled
+    const order: string[] = [];
+    loop.setTimer(5, () => order.push('late'));
+    loop.setTimer(0, () => order.push('early-1'));
+    loop.setTimer(0, () => order.push('early-2'));
+    loop.runOnce(0);
+    assert.equal(ran.length, N / 2);
+    assert.ok(
+      ran.every((v, i) => v === 2 * i + 1),
+      'in insertion order',
+    );
+    assert.deepEqual(order, ['early-1', 'early-2']);
+    while (order.length < 3) loop.runOnce(-1);
+    assert.deepEqual(order, ['early-1', 'early-2', 'late']);
+    assert.equal(errors.length, 0);
+  } finally {
+    loop.close();
+  }
+});
+
+test('timers: one re-armed from a timer waits a round, so a self-re-arming timer cannot starve', () => {
+  const n = native();
+  const loop = new EventLoop();
+  const efd = n.eventfd(0, EFD_NONBLOCK);
+  try {
+    let rounds = 0;
+    const rearm = () => {
+      rounds++;
+      loop.setTimer(0, rearm);
+    };
+    loop.setTimer(0, rearm);
+    let fdSeen = 0;
+    loop.add(efd, { process: () => (n.eventfdRead(efd), fdSeen++) });
+    n.eventfdWrite(efd, 1);
+    loop.runOnce(-1); // must return: the re-armed timer is for the next round
+    assert.equal(rounds, 1);
+    assert.equal(fdSeen, 1);
+    loop.runOnce(-1);
+    assert.equal(rounds, 2);
+    // A cancelled timer never runs.
+    const cancel = loop.setTimer(0, () => assert.fail('cancelled'));
+    cancel();
+    loop.runOnce(-1);
+    assert.equal(rounds, 3);
+  } finally {
+    loop.close();
+    n.close(efd);
+  }
+});

@@ -4,8 +4,14 @@
  * registration. Used by the device worker, which blocks here (so it never sees 'message'
  * events: everything reaches it through eventfds and shared memory).
  *
- * A subscriber that throws does not end the loop: the error goes to `onError` (a bug of ours;
- * guest-caused conditions are handled inside the subscribers).
+ * A subscriber or timer that throws does not end the loop: the error goes to `onError` (a bug of
+ * ours; guest-caused conditions are handled inside the subscribers).
+ *
+ * Timers are one-shot, kept in a binary min-heap ordered by (due, insertion order), so any number
+ * of them costs O(log n) each and nothing is spread into an argument list. A timer added while
+ * timers run (a device re-arming itself with `setTimer(0, ...)` after using its work budget) runs
+ * in the next round, after the next epoll_wait: so a device that yields lets every other ready
+ * fd and timer go first (round-robin), and a timer that re-arms itself cannot starve the loop.
  */
 import { EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD, EPOLLIN, native } from '../kvm/native.js';
 
@@ -21,13 +27,67 @@ interface Registration {
 
 const MAX_EVENTS = 64;
 
+interface Timer {
+  due: number;
+  seq: number;
+  fn: (() => void) | undefined; // undefined once cancelled or run
+}
+
+const before = (a: Timer, b: Timer): boolean => a.due < b.due || (a.due === b.due && a.seq < b.seq);
+
+/** A binary min-heap of timers (cancelled ones are dropped lazily when they reach the top). */
+class TimerHeap {
+  private readonly h: Timer[] = [];
+  get size(): number {
+    return this.h.length;
+  }
+  peek(): Timer | undefined {
+    return this.h[0];
+  }
+  push(t: Timer): void {
+    const h = this.h;
+    h.push(t);
+    for (let i = h.length - 1; i > 0;) {
+      const p = (i - 1) >> 1;
+      if (!before(h[i]!, h[p]!)) break;
+      [h[i], h[p]] = [h[p]!, h[i]!];
+      i = p;
+    }
+  }
+  pop(): Timer | undefined {
+    const h = this.h;
+    const top = h[0];
+    const last = h.pop();
+    if (h.length > 0 && last) {
+      h[0] = last;
+      for (let i = 0; ;) {
+        const l = 2 * i + 1;
+        const r = l + 1;
+        let m = i;
+        if (l < h.length && before(h[l]!, h[m]!)) m = l;
+        if (r < h.length && before(h[r]!, h[m]!)) m = r;
+        if (m === i) break;
+        [h[i], h[m]] = [h[m]!, h[i]!];
+        i = m;
+      }
+    }
+    return top;
+  }
+  /** Drops cancelled timers from the top; returns the first live one. */
+  live(): Timer | undefined {
+    while (this.h.length > 0 && this.h[0]!.fn === undefined) this.pop();
+    return this.h[0];
+  }
+}
+
 export class EventLoop {
   private readonly epfd: number;
   private readonly regs: Array<Registration | undefined> = [];
   private readonly out = new Uint32Array(MAX_EVENTS * 2);
   private closed = false;
   /** One-shot timers, run by runOnce once due (epoll_wait's timeout is cut to the nearest). */
-  private timers: Array<{ due: number; fn: () => void }> = [];
+  private readonly timers = new TimerHeap();
+  private timerSeq = 0;
 
   constructor(
     private readonly onError: (e: unknown) => void = (e) => {
@@ -62,22 +122,32 @@ export class EventLoop {
 
   /** Runs `fn` on this loop's thread after `ms` (or later); returns a cancel function. */
   setTimer(ms: number, fn: () => void): () => void {
-    const t = { due: performance.now() + ms, fn };
+    const t: Timer = { due: performance.now() + Math.max(0, ms), seq: this.timerSeq++, fn };
     this.timers.push(t);
     return () => {
-      this.timers = this.timers.filter((x) => x !== t);
+      t.fn = undefined;
     };
   }
 
+  /** Pending (not cancelled, not run) timers at the top of the heap are due by then. */
+  private nextTimeout(timeoutMs: number): number {
+    const next = this.timers.live();
+    if (!next) return timeoutMs;
+    const wait = Math.max(0, Math.ceil(next.due - performance.now()));
+    return timeoutMs < 0 || wait < timeoutMs ? wait : timeoutMs;
+  }
+
+  /** Runs the timers due now that existed before this call (later ones wait a round). */
   private runTimers(): void {
-    if (this.timers.length === 0) return;
+    if (this.timers.size === 0) return;
     const now = performance.now();
-    const due = this.timers.filter((t) => t.due <= now);
-    if (due.length === 0) return;
-    this.timers = this.timers.filter((t) => t.due > now);
-    for (const t of due) {
+    const limit = this.timerSeq;
+    for (let t = this.timers.live(); t && t.due <= now && t.seq < limit; t = this.timers.live()) {
+      this.timers.pop();
+      const fn = t.fn!;
+      t.fn = undefined;
       try {
-        t.fn();
+        fn();
       } catch (e) {
         this.onError(e);
       }
@@ -86,12 +156,7 @@ export class EventLoop {
 
   /** Waits up to timeoutMs (-1: forever) and dispatches; returns how many events ran. */
   runOnce(timeoutMs = -1): number {
-    if (this.timers.length > 0) {
-      const next = Math.min(...this.timers.map((t) => t.due));
-      const wait = Math.max(0, Math.ceil(next - performance.now()));
-      if (timeoutMs < 0 || wait < timeoutMs) timeoutMs = wait;
-    }
-    const n = native().epollWait(this.epfd, this.out, timeoutMs);
+    const n = native().epollWait(this.epfd, this.out, this.nextTimeout(timeoutMs));
     for (let i = 0; i < n; i++) {
       const events = this.out[2 * i]!;
       const r = this.regs[this.out[2 * i + 1]!];
