@@ -9,10 +9,14 @@
  * - interrupts leave through each device's irqfd (KVM_IRQFD).
  * While paused it waits on a second epoll set holding only the control eventfd, so no queue or
  * host socket is served and nothing spins (kicks stay counted in their eventfds).
+ *
+ * Each backend gets the loop through guardedLoop(): an exception out of one of its fds or timers
+ * breaks that device (VirtioDevice.guard: DEVICE_NEEDS_RESET, logged once, counted), never the
+ * worker; queue kicks go through the same guard.
  */
 import { isMainThread, parentPort, receiveMessageOnPort, workerData } from 'node:worker_threads';
 import { VirtioDevice } from '../devices/virtio/device.js';
-import type { CreatedBackend } from '../devices/virtio/descriptor.js';
+import type { CreatedBackend, EventOps } from '../devices/virtio/descriptor.js';
 import { deviceType } from '../devices/virtio/registry.js';
 import { EventLoop } from '../events/event-loop.js';
 import { native } from '../kvm/native.js';
@@ -35,6 +39,36 @@ interface RunningDevice {
   group: string;
   device: VirtioDevice;
   created: CreatedBackend;
+}
+
+/**
+ * The loop as one device's backend sees it. Its subscribers and timers run under the device's
+ * guard(); a subscriber that threw while its device is not active (so breaking the device
+ * stopped nothing) has its interest cleared, so a readable fd cannot make the loop spin on an
+ * exception; the backend's next modify() of that registration sets it again.
+ */
+function guardedLoop(loop: EventLoop, device: () => VirtioDevice): EventOps {
+  return {
+    add(fd, subscriber, events) {
+      const tag: number = loop.add(
+        fd,
+        {
+          process: (ev) => {
+            const dev = device();
+            const failures = dev.counters.failures;
+            dev.guard(`host fd ${fd}`, () => subscriber.process(ev));
+            if (dev.counters.failures !== failures && dev.deviceState.kind !== 'active')
+              loop.modify(tag, 0);
+          },
+        },
+        events,
+      );
+      return tag;
+    },
+    modify: (tag, events) => loop.modify(tag, events),
+    remove: (tag) => loop.remove(tag),
+    setTimer: (ms, fn) => loop.setTimer(ms, () => device().guard('timer', fn)),
+  };
 }
 
 /** Resets a (non-blocking) eventfd's counter. */
@@ -65,7 +99,7 @@ function main(): void {
       name: slot.name,
       group,
       transport: device.state.counters(),
-      device: created.metrics?.() ?? {},
+      device: { ...created.metrics?.(), ...device.metrics() },
     }));
 
   const serve = (r: WorkerRequest): unknown => {
@@ -134,21 +168,26 @@ function main(): void {
   try {
     devices = d.slots.map((slot): RunningDevice => {
       const type = deviceType(slot.kind);
-      const created = type.create(slot.host as never, { name: slot.name, sys: n, loop, log });
-      const device = new VirtioDevice(slot.state, created.backend, {
+      let device: VirtioDevice | undefined;
+      // The loop runs nothing before every device is built, so `device` is set by then.
+      const ops = guardedLoop(loop, () => device!);
+      const created = type.create(slot.host as never, { name: slot.name, sys: n, loop: ops, log });
+      const dev = new VirtioDevice(slot.state, created.backend, {
         mem: ram.memory,
         interrupt: () => n.eventfdWrite(slot.irqFd, 1),
         log,
+        defer: (fn) => loop.setTimer(0, fn),
       });
+      device = dev;
       slot.queueFds.forEach((fd, q) =>
         loop.add(fd, {
           process: () => {
             drain(fd);
-            device.onKick(q);
+            dev.guard(`queue ${q}`, () => dev.onKick(q));
           },
         }),
       );
-      return { slot, group: type.metricsGroup, device, created };
+      return { slot, group: type.metricsGroup, device: dev, created };
     });
     loop.add(d.controlFd, { process: onControl });
     idle.add(d.controlFd, { process: onControl });

@@ -36,4 +36,14 @@ export const CONFIG_SPACE_MAX = 256;
 /** Queue size we offer (QueueNumMax) for every queue. */
 export const QUEUE_SIZE_MAX = 256;
 
+/**
+ * The work one queue may do in one turn of the device worker's loop (VirtioDevice.onKick): at
+ * most this many chains, and it stops once the chains it served add up to this many bytes of
+ * buffers (so one turn does at most the byte budget plus one request). Then the queue yields:
+ * its next turn is a timer of the loop, after every other ready queue, device and host socket
+ * had theirs (round-robin). Counted as queue_budget_yields.
+ */
+export const QUEUE_BUDGET_CHAINS = 64;
+export const QUEUE_BUDGET_BYTES = 16 * 1024 * 1024;
+
 export const bit = (n: number): bigint => 1n << BigInt(n);

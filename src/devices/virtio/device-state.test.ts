@@ -306,6 +306,7 @@ test('save() needs a quiescent device; quiesce() catches up with DRIVER_OK and r
     mem: mem.mem,
     interrupt: () => undefined,
     log: () => undefined,
+    defer: () => () => undefined,
   });
   // The device worker has not read its control eventfd yet: lifecycle hooks do nothing.
   const t = new MmioTransport(

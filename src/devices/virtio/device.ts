@@ -16,12 +16,24 @@
  * status into); a broken queue or an unusable queue setup marks the device DEVICE_NEEDS_RESET and
  * raises a config-change interrupt. Each kind of error is logged once per device and counted;
  * nothing the guest does throws out of here.
+ *
+ * Device-failure policy: an exception out of the backend (handle, kick, activate, or one of its
+ * own fds and timers, which the device worker runs through guard()) is a bug of ours or a host
+ * failure the backend did not turn into a request error. The device is then broken: marked
+ * DEVICE_NEEDS_RESET (config-change interrupt), its queues dropped, logged once, counted
+ * (device_failures). The VM and every other device keep running; the driver's reset revives it.
+ *
+ * Work budget: one turn of a queue serves at most QUEUE_BUDGET_CHAINS chains and stops after
+ * QUEUE_BUDGET_BYTES bytes of buffers; the rest waits for its next turn (env.defer: a timer of
+ * the device worker's loop, run after the other ready events), so queues and devices take turns.
  */
 import type { GuestMemory } from '../../memory/guest-memory.js';
 import { PersistError } from '../../util/persist.js';
 import { err, ok, type Result } from '../../util/result.js';
 import {
   INT_USED_BUFFER,
+  QUEUE_BUDGET_BYTES,
+  QUEUE_BUDGET_CHAINS,
   QUEUE_SIZE_MAX,
   STATUS_DRIVER_OK,
   VIRTIO_F_RING_INDIRECT_DESC,
@@ -68,7 +80,8 @@ export interface VirtioBackend {
   readonly name: string;
   /**
    * Serves one request; returns the number of bytes written into the chain's writable buffers
-   * (used.len). Must not throw for anything the guest wrote.
+   * (used.len). Must not throw for anything the guest wrote: an exception breaks the device
+   * (DEVICE_NEEDS_RESET) until the driver resets it.
    */
   handle(queue: number, chain: DescriptorChain): number;
   /**
@@ -108,12 +121,28 @@ export interface DeviceEnvironment {
   /** Signals the device's interrupt (an irqfd write) after InterruptStatus bits were set. */
   interrupt(): void;
   log(message: string): void;
+  /**
+   * Runs `fn` on the device worker's thread once the events ready now have been handled (the
+   * loop's setTimer(0)); returns a cancel function. How a queue that used its budget goes on.
+   */
+  defer(fn: () => void): () => void;
+}
+
+/** The generic part's own counters (metrics(): Firecracker-style snake_case names). */
+export interface VirtioDeviceCounters {
+  /** A queue used its budget for one turn and yielded to the loop (queue_budget_yields). */
+  budgetYields: number;
+  /** Exceptions out of the backend: the device was broken (device_failures). */
+  failures: number;
 }
 
 export class VirtioDevice {
   readonly state: VirtioMmioState;
   private dev: DeviceState = { kind: 'inactive' };
   private readonly logged = new Set<string>();
+  /** Queues whose next turn is scheduled (env.defer), with its cancel function. */
+  private readonly turns = new Map<number, () => void>();
+  readonly counters: VirtioDeviceCounters = { budgetYields: 0, failures: 0 };
 
   constructor(
     sab: SharedArrayBuffer,
@@ -165,10 +194,47 @@ export class VirtioDevice {
         queues,
       };
       this.dev = active;
-      this.backend.activate?.(snap.driverFeatures, this.queueIo(active));
+      this.guard('activation', () =>
+        this.backend.activate?.(snap.driverFeatures, this.queueIo(active)),
+      );
       // Buffers made available before DRIVER_OK (or kicks we could not serve yet) are served now.
       this.kickAll();
     }
+  }
+
+  /** Generic counters in metrics names, next to the backend's. */
+  metrics(): Record<string, number> {
+    return {
+      queue_budget_yields: this.counters.budgetYields,
+      device_failures: this.counters.failures,
+    };
+  }
+
+  /**
+   * Runs backend work that is not a queue kick (its own fds and timers, on the device worker's
+   * loop): an exception breaks the device, as one from handle() does.
+   */
+  guard(what: string, fn: () => void): void {
+    try {
+      fn();
+    } catch (e) {
+      this.fail(what, e);
+    }
+  }
+
+  /**
+   * The device is broken (an exception of the backend): DEVICE_NEEDS_RESET with a config-change
+   * interrupt if it was live, its queues dropped, logged once, counted.
+   */
+  private fail(what: string, e: unknown): void {
+    this.counters.failures++;
+    this.logOnce(
+      'exception',
+      `${this.backend.name}: ${what} failed with an exception; the device needs a reset (logged once): ${(e as Error)?.stack ?? String(e)}`,
+    );
+    const d = this.dev;
+    if (d.kind === 'active' && this.state.markNeedsReset(d.epoch)) this.env.interrupt();
+    this.deactivate();
   }
 
   /**
@@ -256,8 +322,9 @@ export class VirtioDevice {
     }
     this.state.applySaved(t);
     if (active) {
-      this.dev = active;
-      this.backend.activate?.(active.features, this.queueIo(active), true);
+      const a = active;
+      this.dev = a;
+      this.guard('activation', () => this.backend.activate?.(a.features, this.queueIo(a), true));
     }
     return ok(undefined);
   }
@@ -321,15 +388,29 @@ export class VirtioDevice {
     const d = this.dev;
     if (d.kind !== 'active') return;
     if (this.backend.selfServed?.includes(index)) {
-      this.serveKick(index);
+      this.guard(`queue ${index}`, () => this.backend.kick?.(index));
       return;
     }
+    // A turn already scheduled will see the buffers of this kick.
+    if (this.turns.has(index)) return;
+    this.serveQueue(d, index);
+  }
+
+  /** One turn of queue `index`: chains until empty or the budget is used, then yields. */
+  private serveQueue(d: Extract<DeviceState, { kind: 'active' }>, index: number): void {
     const q = d.queues[index];
     if (!q) return;
     let used = 0;
+    let bytes = 0;
+    const live = () => this.dev === d && this.state.epoch() === d.epoch;
     for (;;) {
       // A reset since activation: the rings may already belong to a new driver instance.
-      if (this.state.epoch() !== d.epoch) return;
+      if (!live()) return;
+      if (used >= QUEUE_BUDGET_CHAINS || bytes >= QUEUE_BUDGET_BYTES) {
+        this.counters.budgetYields++;
+        this.scheduleTurn(d, index);
+        break;
+      }
       const p = q.pop();
       if (p.kind === 'empty') break;
       if (p.kind === 'broken') {
@@ -341,46 +422,55 @@ export class VirtioDevice {
       let len = 0;
       if (p.kind === 'bad-chain') {
         this.guestError(p.error.kind, `queue ${index}: chain ${p.head}: ${p.error.message}`);
+        q.pushUsed(p.head, 0);
       } else {
-        len = this.serve(index, p.chain);
+        bytes += p.chain.readableLength + p.chain.writableLength;
+        try {
+          len = this.backend.handle(index, p.chain);
+        } catch (e) {
+          // The request fails (used.len 0), and so does the device.
+          q.pushUsed(p.chain.head, 0);
+          this.interruptIfWanted(q);
+          this.fail(`queue ${index}`, e);
+          return;
+        }
+        q.pushUsed(p.chain.head, len);
       }
-      q.pushUsed(p.kind === 'chain' ? p.chain.head : p.head, len);
       used++;
     }
-    if (used > 0 && q.needsInterrupt()) {
+    if (used > 0 && live()) this.interruptIfWanted(q);
+  }
+
+  private scheduleTurn(d: Extract<DeviceState, { kind: 'active' }>, index: number): void {
+    if (this.turns.has(index)) return;
+    const cancel = this.env.defer(() => {
+      this.turns.delete(index);
+      if (this.dev === d) this.guard(`queue ${index}`, () => this.serveQueue(d, index));
+    });
+    this.turns.set(index, cancel);
+  }
+
+  private interruptIfWanted(q: Virtqueue): void {
+    if (q.needsInterrupt()) {
       this.state.raise(INT_USED_BUFFER);
       this.env.interrupt();
-    }
-  }
-
-  private serveKick(index: number): void {
-    try {
-      this.backend.kick?.(index);
-    } catch (e) {
-      this.logOnce(
-        'exception',
-        `${this.backend.name}: queue ${index} failed with an exception: ${(e as Error).stack ?? String(e)}`,
-      );
-    }
-  }
-
-  private serve(index: number, chain: DescriptorChain): number {
-    try {
-      return this.backend.handle(index, chain);
-    } catch (e) {
-      // A bug of ours, not the guest's: keep the VMM alive, fail the request.
-      this.logOnce(
-        'exception',
-        `${this.backend.name}: request failed with an exception: ${(e as Error).stack ?? String(e)}`,
-      );
-      return 0;
     }
   }
 
   private deactivate(): void {
     if (this.dev.kind === 'inactive') return;
     this.dev = { kind: 'inactive' };
-    this.backend.deactivate?.();
+    for (const cancel of this.turns.values()) cancel();
+    this.turns.clear();
+    try {
+      this.backend.deactivate?.();
+    } catch (e) {
+      this.counters.failures++;
+      this.logOnce(
+        'deactivate',
+        `${this.backend.name}: deactivation failed with an exception (logged once): ${(e as Error)?.stack ?? String(e)}`,
+      );
+    }
   }
 
   private guestError(kind: string, message: string): void {

@@ -13,6 +13,52 @@ import { GuestAllocator, MmioDriver, MockQueue } from './mock-driver.js';
 export const RAM_BASE = 0;
 export const RAM_SIZE = 4 * 1024 * 1024;
 
+/**
+ * The device worker loop's timers, as tests see them: deferred work (a queue's next turn) waits
+ * here until the test runs a round. Share one between harnesses to see devices take turns.
+ */
+export class DeferQueue {
+  private pending: Array<{ fn: (() => void) | undefined }> = [];
+  /** What ran, in order (each entry the name given to defer()). */
+  readonly log: string[] = [];
+  defer(name: string, fn: () => void): () => void {
+    const t: { fn: (() => void) | undefined } = {
+      fn: () => {
+        this.log.push(name);
+        fn();
+      },
+    };
+    this.pending.push(t);
+    return () => {
+      t.fn = undefined;
+    };
+  }
+  get size(): number {
+    return this.pending.filter((t) => t.fn).length;
+  }
+  /** Runs the work deferred before this call (work deferred meanwhile waits for the next round). */
+  runRound(): number {
+    const round = this.pending;
+    this.pending = [];
+    let n = 0;
+    for (const t of round) {
+      const fn = t.fn;
+      t.fn = undefined;
+      if (fn) (fn(), n++);
+    }
+    return n;
+  }
+  /** Runs rounds until nothing is deferred (at most `maxRounds`); returns the rounds run. */
+  drain(maxRounds = 10_000): number {
+    let rounds = 0;
+    while (this.size > 0) {
+      if (++rounds > maxRounds) throw new Error('deferred work does not end');
+      this.runRound();
+    }
+    return rounds;
+  }
+}
+
 export interface Harness {
   mem: GuestMemory;
   alloc: GuestAllocator;
@@ -21,6 +67,8 @@ export interface Harness {
   driver: MmioDriver;
   interrupts: () => number;
   logs: string[];
+  /** Deferred work of the device (queue turns after a used budget). */
+  deferred: DeferQueue;
   /** Negotiates `features` (default: all offered), sets up one MockQueue per queue, DRIVER_OK. */
   start(opts?: { features?: (offered: bigint) => bigint; queueSize?: number }): MockQueue[];
   /** QueueNotify through the transport (the fallback path; KVM's ioeventfd in production). */
@@ -34,6 +82,10 @@ export interface HarnessOptions {
    */
   mem?: GuestMemory;
   alloc?: GuestAllocator;
+  /** The loop's timers (default: a queue of this harness alone). */
+  deferred?: DeferQueue;
+  /** Name in the deferred queue's log (default: the backend's name). */
+  name?: string;
 }
 
 export function harness(
@@ -46,10 +98,13 @@ export function harness(
   const sab = VirtioMmioState.createState(id, bit(VIRTIO_F_VERSION_1));
   let irqs = 0;
   const logs: string[] = [];
+  const deferred = opts.deferred ?? new DeferQueue();
+  const name = opts.name ?? backend.name;
   const device = new VirtioDevice(sab, backend, {
     mem,
     interrupt: () => void irqs++,
     log: (m) => logs.push(m),
+    defer: (fn) => deferred.defer(name, fn),
   });
   const transport = new MmioTransport(
     sab,
@@ -65,6 +120,7 @@ export function harness(
     driver,
     interrupts: () => irqs,
     logs,
+    deferred,
     start(opts = {}) {
       if (!driver.negotiate(opts.features ?? ((f) => f))) throw new Error('FEATURES_OK refused');
       const queues = id.queueSizes.map((max, i) => {
