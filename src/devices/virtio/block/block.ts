@@ -3,11 +3,23 @@
  * with synchronous I/O straight between the file and guest RAM (zero-copy: the data views ARE
  * guest memory). Host I/O errors become VIRTIO_BLK_S_IOERR; nothing the guest or the host
  * file does throws out of handle().
+ *
+ * Limits (a request is served synchronously on the device worker, so its size is bounded): we
+ * offer VIRTIO_BLK_F_SEG_MAX with seg_max = BLK_SEG_MAX data segments (the queue size minus the
+ * header and status descriptors, as QEMU and Cloud Hypervisor do, so a driver without indirect
+ * descriptors can always fit a request in the ring) and VIRTIO_BLK_F_SIZE_MAX with size_max =
+ * BLK_SIZE_MAX bytes per segment. Linux takes them as its queue's max_segments and
+ * max_segment_size (drivers/block/virtio_blk.c, virtblk_probe) and never builds a bigger
+ * request, whatever max_sectors_kb says. We enforce them: a request with more data segments,
+ * a segment over size_max (when the driver accepted SIZE_MAX), or more than
+ * BLK_MAX_REQUEST_BYTES (= seg_max * size_max, whatever was negotiated) of data is answered
+ * VIRTIO_BLK_S_IOERR without any I/O and counted (oversized_reqs_count). So a chain whose
+ * descriptors all alias one buffer asks for at most 31.75 MiB of host I/O, not gigabytes.
  */
 import { fdatasyncSync, readSync, writeSync } from 'node:fs';
 import { type DescriptorChain, scatter } from '../chain.js';
 import { QUEUE_SIZE_MAX, VIRTIO_F_RING_INDIRECT_DESC, DEVICE_ID_BLOCK, bit } from '../constants.js';
-import type { VirtioBackend } from '../device.js';
+import type { QueueIo, VirtioBackend } from '../device.js';
 import type { VirtioDeviceIdentity } from '../mmio-state.js';
 import {
   BLK_ID_BYTES,
@@ -15,13 +27,19 @@ import {
   VIRTIO_BLK_S_OK,
   VIRTIO_BLK_S_UNSUPP,
   parseBlockRequest,
+  type RequestLimits,
 } from './request.js';
 
+export const VIRTIO_BLK_F_SIZE_MAX = 1;
 export const VIRTIO_BLK_F_SEG_MAX = 2;
 export const VIRTIO_BLK_F_RO = 5;
 export const VIRTIO_BLK_F_FLUSH = 9;
-/** Data segments per request we announce: the queue size minus header and status. */
+/** Data segments per request we announce (seg_max): the queue size minus header and status. */
 export const BLK_SEG_MAX = QUEUE_SIZE_MAX - 2;
+/** Bytes per data segment we announce (size_max); Linux's max_segment_size (>= a page). */
+export const BLK_SIZE_MAX = 128 * 1024;
+/** Data bytes of one request at most: what seg_max and size_max allow (31.75 MiB). */
+export const BLK_MAX_REQUEST_BYTES = BLK_SEG_MAX * BLK_SIZE_MAX;
 const CONFIG_SIZE = 64; // struct virtio_blk_config and then some: unused fields read as 0
 
 /** The host side of the disk; the default is a file descriptor (tests inject failures). */
@@ -70,6 +88,8 @@ export interface BlockCounters {
   ioErrors: number; // host failures
   badRequests: number; // guest mistakes
   unsupported: number;
+  /** Requests over seg_max, size_max or BLK_MAX_REQUEST_BYTES (also in badRequests). */
+  oversized: number;
 }
 
 /** What the transport offers for a disk (device ID, features, config space). */
@@ -77,11 +97,24 @@ export function blockIdentity(capacity: number, readOnly: boolean): VirtioDevice
   const config = new Uint8Array(CONFIG_SIZE);
   const v = new DataView(config.buffer);
   v.setBigUint64(0, BigInt(capacity), true); // capacity, in 512-byte sectors
+  v.setUint32(8, BLK_SIZE_MAX, true); // size_max
   v.setUint32(12, BLK_SEG_MAX, true); // seg_max
   let features =
-    bit(VIRTIO_BLK_F_SEG_MAX) | bit(VIRTIO_BLK_F_FLUSH) | bit(VIRTIO_F_RING_INDIRECT_DESC);
+    bit(VIRTIO_BLK_F_SIZE_MAX) |
+    bit(VIRTIO_BLK_F_SEG_MAX) |
+    bit(VIRTIO_BLK_F_FLUSH) |
+    bit(VIRTIO_F_RING_INDIRECT_DESC);
   if (readOnly) features |= bit(VIRTIO_BLK_F_RO);
   return { deviceId: DEVICE_ID_BLOCK, features, queueSizes: [QUEUE_SIZE_MAX], config };
+}
+
+/** The request limits for a driver that accepted `features`. */
+export function blockLimits(features: bigint): RequestLimits {
+  return {
+    maxSegments: BLK_SEG_MAX,
+    maxSegmentBytes: features & bit(VIRTIO_BLK_F_SIZE_MAX) ? BLK_SIZE_MAX : undefined,
+    maxBytes: BLK_MAX_REQUEST_BYTES,
+  };
 }
 
 export class BlockDevice implements VirtioBackend {
@@ -95,18 +128,25 @@ export class BlockDevice implements VirtioBackend {
     ioErrors: 0,
     badRequests: 0,
     unsupported: 0,
+    oversized: 0,
   };
   private readonly logged = new Set<string>();
+  private limits: RequestLimits = blockLimits(0n);
 
   constructor(private readonly o: BlockDeviceOptions) {
     if (o.serial.length > BLK_ID_BYTES) throw new Error('block serial longer than 20 bytes');
     this.name = o.name;
   }
 
+  activate(features: bigint, _io: QueueIo): void {
+    this.limits = blockLimits(features);
+  }
+
   handle(_queue: number, chain: DescriptorChain): number {
-    const p = parseBlockRequest(chain, this.o.capacity);
+    const p = parseBlockRequest(chain, this.o.capacity, this.limits);
     if (!p.ok) {
       this.counters.badRequests++;
+      if (p.oversized) this.counters.oversized++;
       this.logOnce('bad', `${this.name}: bad request (logged once): ${p.reason}`);
       if (!p.status) return 0;
       p.status[0] = p.code;

@@ -40,6 +40,8 @@ export const blockDevice: DeviceType<BlockConfig, BlockHost> = {
         io_engine_throttled_events: 0,
         invalid_reqs_count: dev.counters.badRequests + dev.counters.unsupported,
         execute_fails: dev.counters.ioErrors,
+        // Ours: requests over seg_max / size_max / the request byte cap (in invalid_reqs_count).
+        oversized_reqs_count: dev.counters.oversized,
       }),
     };
   },

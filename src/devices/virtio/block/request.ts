@@ -30,17 +30,45 @@ export type BlockRequest =
 export type ParsedRequest =
   /** Carry it out, then write the status byte. */
   | { ok: true; request: BlockRequest; status: Uint8Array }
-  /** Malformed: answer `code` in the status byte (when there is one) without doing any I/O. */
-  | { ok: false; status: Uint8Array | undefined; code: number; reason: string };
+  /**
+   * Malformed: answer `code` in the status byte (when there is one) without doing any I/O.
+   * `oversized`: refused for its size (RequestLimits), not its form.
+   */
+  | { ok: false; status: Uint8Array | undefined; code: number; reason: string; oversized?: true };
+
+/** What one read or write may ask for (block.ts: seg_max, size_max and their product). */
+export interface RequestLimits {
+  /** Data segments (the data's views: a descriptor, or its part after the header). */
+  maxSegments: number;
+  /** Bytes per data segment (undefined: not negotiated, not checked). */
+  maxSegmentBytes: number | undefined;
+  /** Data bytes. */
+  maxBytes: number;
+}
+
+function overLimits(data: Uint8Array[], length: number, l: RequestLimits): string | undefined {
+  if (data.length > l.maxSegments)
+    return `${data.length} data segments (seg_max is ${l.maxSegments})`;
+  if (length > l.maxBytes) return `${length} bytes of data (at most ${l.maxBytes} per request)`;
+  if (l.maxSegmentBytes !== undefined) {
+    const big = data.find((d) => d.length > l.maxSegmentBytes!);
+    if (big) return `a data segment of ${big.length} bytes (size_max is ${l.maxSegmentBytes})`;
+  }
+  return undefined;
+}
 
 /**
- * Parses and bounds-checks one request against a disk of `capacity` sectors. Reads only the
- * header from guest memory; data stays as views of guest RAM.
+ * Parses and bounds-checks one request against a disk of `capacity` sectors and the `limits`.
+ * Reads only the header from guest memory (copied once); data stays as views of guest RAM.
  */
-export function parseBlockRequest(chain: DescriptorChain, capacity: number): ParsedRequest {
+export function parseBlockRequest(
+  chain: DescriptorChain,
+  capacity: number,
+  limits: RequestLimits,
+): ParsedRequest {
   const last = chain.writable[chain.writable.length - 1];
   const status = last ? last.subarray(last.length - 1) : undefined;
-  const bad = (reason: string, code = VIRTIO_BLK_S_IOERR): ParsedRequest => ({
+  const bad = (reason: string, code = VIRTIO_BLK_S_IOERR): ParsedRequest & { ok: false } => ({
     ok: false,
     status,
     code,
@@ -68,16 +96,20 @@ export function parseBlockRequest(chain: DescriptorChain, capacity: number): Par
   switch (type) {
     case VIRTIO_BLK_T_IN: {
       if (extraReadable !== 0) return bad('read request with device-readable data');
+      const data = sliceSegments(chain.writable, 0, writableData);
+      const over = overLimits(data, writableData, limits);
+      if (over) return { ...bad(over), oversized: true };
       const offset = range(writableData);
       if (typeof offset === 'string') return bad(offset);
-      const data = sliceSegments(chain.writable, 0, writableData);
       return { ok: true, status, request: { type: 'read', offset, data, length: writableData } };
     }
     case VIRTIO_BLK_T_OUT: {
       if (writableData !== 0) return bad('write request with device-writable data');
+      const data = sliceSegments(chain.readable, BLK_HEADER_SIZE, extraReadable);
+      const over = overLimits(data, extraReadable, limits);
+      if (over) return { ...bad(over), oversized: true };
       const offset = range(extraReadable);
       if (typeof offset === 'string') return bad(offset);
-      const data = sliceSegments(chain.readable, BLK_HEADER_SIZE, extraReadable);
       return { ok: true, status, request: { type: 'write', offset, data, length: extraReadable } };
     }
     case VIRTIO_BLK_T_FLUSH:
