@@ -407,8 +407,10 @@ export class VirtioDevice {
       // A reset since activation: the rings may already belong to a new driver instance.
       if (!live()) return;
       if (used >= QUEUE_BUDGET_CHAINS || bytes >= QUEUE_BUDGET_BYTES) {
-        this.counters.budgetYields++;
-        this.scheduleTurn(d, index);
+        if (q.hasAvailable()) {
+          this.counters.budgetYields++;
+          this.scheduleTurn(d, index);
+        }
         break;
       }
       const p = q.pop();

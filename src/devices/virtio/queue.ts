@@ -149,6 +149,12 @@ export class Virtqueue {
     return this.brokenReason;
   }
 
+  /** Are chains available that pop() has not taken (or is the queue broken)? */
+  hasAvailable(): boolean {
+    if (this.brokenReason !== undefined) return true;
+    return this.avail.getUint16(2, true) !== this.lastAvail;
+  }
+
   /** The next available chain, if any. Never throws for anything the guest wrote. */
   pop(): PopResult {
     if (this.brokenReason !== undefined) return { kind: 'broken', message: this.brokenReason };
