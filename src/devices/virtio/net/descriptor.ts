@@ -62,6 +62,10 @@ export const netDevice: DeviceType<NetConfig, NetHost> = {
         tx_malformed_frames: c.txBad,
         tx_fails: c.txErrors,
         no_rx_avail_buffer: c.rxBackPressure,
+        // Ours (issue 12): chains over the TAP's buffer limit, RX wake-ups at their budget.
+        rx_chain_too_long: c.rxChainTooLong,
+        tx_coalesced_frames: c.txCoalesced,
+        rx_budget_yields: c.rxBudgetYields,
       }),
     };
   },

@@ -19,10 +19,24 @@
  * offloads are set to exactly what the guest accepted for RX. UFO/USO and ECN are not offered.
  * VIRTIO_NET_F_MRG_RXBUF is not offered: with GUEST_TSO and no MRG_RXBUF, Linux posts 64 KiB
  * "big packet" chains, so every frame fits one chain and num_buffers is always 1.
+ *
+ * Against a hostile driver (issue 12):
+ * - TX: the 12-byte header is copied out of guest memory once; that copy is what is checked
+ *   and what the TAP is given (then the rest of the chain), so a second vCPU rewriting the
+ *   header after the check cannot change what is sent.
+ * - The TAP takes at most TAP_MAX_IOVECS buffers per readv/writev (the native shim's limit):
+ *   an RX chain with more writable buffers than that (with the spill buffer) is returned with
+ *   used.len 0 and counted (rx_chain_too_long), never held; a TX chain with more readable
+ *   buffers is copied into one host buffer first.
+ * - A TAP read that fails for any reason but "nothing waits" is a host failure: the chain is
+ *   returned with used.len 0 and the exception breaks the device (DEVICE_NEEDS_RESET), which
+ *   stops watching the TAP: no wake-up repeats without progress.
+ * - RX serves at most NET_RX_BUDGET_FRAMES frames per wake-up (<= 4 MiB), then waits for the
+ *   next round of the loop (the TAP, still readable, wakes it again: level-triggered epoll).
  */
 import { bool, PersistError, struct, versioned } from '../../../util/persist.js';
 import type { DescriptorChain } from '../chain.js';
-import { gather, scatter } from '../chain.js';
+import { gather, scatter, sliceSegments } from '../chain.js';
 import { QUEUE_SIZE_MAX, VIRTIO_F_RING_INDIRECT_DESC, bit } from '../constants.js';
 import type { QueueIo, VirtioBackend } from '../device.js';
 import type { VirtioDeviceIdentity } from '../mmio-state.js';
@@ -52,14 +66,26 @@ export const TUN_F_CSUM = 0x01;
 export const TUN_F_TSO4 = 0x02;
 export const TUN_F_TSO6 = 0x04;
 
-/** Frames per wake-up before yielding to other devices (level-triggered epoll comes back). */
-const RX_BATCH = 256;
+/**
+ * Frames per RX wake-up before yielding to other devices (level-triggered epoll comes back);
+ * with frames of at most MAX_FRAME_WITH_HDR bytes, at most 4 MiB per wake-up.
+ */
+export const NET_RX_BUDGET_FRAMES = 64;
+
+/** Buffers per readv/writev at most (native/typervisor.c, rw_vec: "too many iovecs"). */
+export const TAP_MAX_IOVECS = 1024;
 
 /** The host side of the TAP (the device worker's fd; tests inject a fake). */
 export interface TapIo {
-  /** Reads one frame (with its vnet header) into the buffers: bytes, or -1 when none waits. */
+  /**
+   * Reads one frame (with its vnet header) into at most TAP_MAX_IOVECS buffers: bytes, or -1
+   * when none waits. Throws on errors.
+   */
   readv(buffers: Uint8Array[]): number;
-  /** Writes one frame (with its vnet header): bytes, or -1 when it would block. Throws on errors. */
+  /**
+   * Writes one frame (with its vnet header) from at most TAP_MAX_IOVECS buffers: bytes, or -1
+   * when it would block. Throws on errors.
+   */
   writev(buffers: Uint8Array[]): number;
   /** TUNSETOFFLOAD. Throws when the TAP refuses. */
   setOffload(flags: number): void;
@@ -83,6 +109,12 @@ export interface NetCounters {
   txErrors: number;
   /** Times RX stopped watching the TAP because the guest had no buffer. */
   rxBackPressure: number;
+  /** RX chains with more buffers than the TAP takes in one read: returned unused. */
+  rxChainTooLong: number;
+  /** TX chains with more buffers than the TAP takes in one write: copied, then sent. */
+  txCoalesced: number;
+  /** RX wake-ups that stopped at NET_RX_BUDGET_FRAMES with frames maybe waiting. */
+  rxBudgetYields: number;
 }
 
 export function parseMac(s: string): Uint8Array {
@@ -140,6 +172,9 @@ export class NetDevice implements VirtioBackend {
     txBad: 0,
     txErrors: 0,
     rxBackPressure: 0,
+    rxChainTooLong: 0,
+    txCoalesced: 0,
+    rxBudgetYields: 0,
   };
   private io: QueueIo | undefined;
   private tx: TxOffloads = { csum: false, tso4: false, tso6: false };
@@ -147,6 +182,10 @@ export class NetDevice implements VirtioBackend {
   private held: DescriptorChain | undefined;
   private readonly spill = new Uint8Array(MAX_FRAME_WITH_HDR);
   private readonly hdr = new Uint8Array(NET_HDR_SIZE);
+  /** The TX header as checked and sent: a host copy, out of the guest's reach. */
+  private readonly txHdr = new Uint8Array(NET_HDR_SIZE);
+  /** A TX frame body with too many buffers for one writev, copied here. */
+  private readonly txBody = new Uint8Array(MAX_FRAME_WITH_HDR - NET_HDR_SIZE);
   private watching = false;
 
   constructor(
@@ -209,11 +248,19 @@ export class NetDevice implements VirtioBackend {
     if (len < NET_HDR_SIZE) return bad(`chain of ${len} bytes has no virtio-net header`);
     if (len > MAX_FRAME_WITH_HDR)
       return bad(`frame of ${len} bytes is over the ${MAX_FRAME_WITH_HDR}-byte limit`);
-    gather(chain.readable, this.hdr);
-    const ok = checkTxHeader(parseNetHeader(this.hdr), len - NET_HDR_SIZE, this.tx);
+    // Copied once: the copy is checked and the copy is sent (checked is used).
+    gather(chain.readable, this.txHdr);
+    const ok = checkTxHeader(parseNetHeader(this.txHdr), len - NET_HDR_SIZE, this.tx);
     if (!ok.ok) return bad(ok.error);
+    let body = sliceSegments(chain.readable, NET_HDR_SIZE, len - NET_HDR_SIZE);
+    if (body.length + 1 > TAP_MAX_IOVECS) {
+      const flat = this.txBody.subarray(0, len - NET_HDR_SIZE);
+      gather(body, flat);
+      body = [flat];
+      this.counters.txCoalesced++;
+    }
     try {
-      const n = this.tap.writev(chain.readable);
+      const n = this.tap.writev([this.txHdr, ...body]);
       if (n < 0) {
         this.counters.txErrors++; // the TAP's queue is full (tun's sndbuf): dropped, counted
         return 0;
@@ -240,7 +287,7 @@ export class NetDevice implements VirtioBackend {
   private processRx(): void {
     const io = this.io;
     if (!io) return;
-    for (let i = 0; i < RX_BATCH; i++) {
+    for (let i = 0; i < NET_RX_BUDGET_FRAMES; i++) {
       const chain = this.held ?? io.pop(RX_QUEUE);
       this.held = undefined;
       if (!chain) {
@@ -253,12 +300,25 @@ export class NetDevice implements VirtioBackend {
         io.pushUsed(RX_QUEUE, chain.head, 0);
         continue;
       }
+      if (chain.writable.length + 1 > TAP_MAX_IOVECS) {
+        // Held, it could never be filled (and the TAP would stay readable): give it back.
+        this.counters.rxChainTooLong++;
+        io.guestError(
+          'net-rx-iov',
+          `${this.name}: RX chain of ${chain.writable.length} buffers (the TAP takes ${TAP_MAX_IOVECS - 1} and the spill buffer)`,
+        );
+        io.pushUsed(RX_QUEUE, chain.head, 0);
+        continue;
+      }
       let n: number;
       try {
         n = this.tap.readv([...chain.writable, this.spill]);
       } catch (e) {
-        this.logOnce('rx-error', `${this.name}: TAP read failed: ${(e as Error).message}`);
-        n = -1;
+        // Not "nothing waits": the TAP failed. The chain goes back unused and the device breaks
+        // (the caller's guard), which stops watching the TAP.
+        io.pushUsed(RX_QUEUE, chain.head, 0);
+        io.notify(RX_QUEUE);
+        throw e;
       }
       if (n < 0) {
         this.held = chain;
@@ -288,7 +348,10 @@ export class NetDevice implements VirtioBackend {
       io.pushUsed(RX_QUEUE, chain.head, n);
       this.counters.rxFrames++;
       this.counters.rxBytes += n - NET_HDR_SIZE;
-      if (i === RX_BATCH - 1) this.setWatching(true);
+      if (i === NET_RX_BUDGET_FRAMES - 1) {
+        this.counters.rxBudgetYields++;
+        this.setWatching(true);
+      }
     }
     io.notify(RX_QUEUE);
   }
