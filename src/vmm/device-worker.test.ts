@@ -16,6 +16,12 @@ import { VIRTIO_BLK_S_OK, VIRTIO_BLK_T_OUT } from '../devices/virtio/block/reque
 import { native } from '../kvm/native.js';
 import { createGuestRam, mapGuestRam } from './guest-ram.js';
 import { startDeviceWorker } from './device-worker-handle.js';
+import { guardedLoop } from './device-worker.js';
+import { EventLoop } from '../events/event-loop.js';
+import { EFD_NONBLOCK } from '../kvm/native.js';
+import { harness } from '../devices/virtio/testing/harness.js';
+import { RngDevice, rngIdentity } from '../devices/virtio/rng/rng.js';
+import { STATUS_DEVICE_NEEDS_RESET } from '../devices/virtio/constants.js';
 import { closeVirtio, planVirtioDevices, transportSlots } from './virtio-plan.js';
 import { attachVirtioTransports } from './virtio-transport.js';
 import { VIRTIO_MMIO_BASE } from '../arch/x86_64/layout.js';
@@ -206,5 +212,45 @@ test('device worker mailbox: counters per device, pause holds kicks, save, resto
     }
     ram.unmap();
     native().close(layout.memfd);
+  }
+});
+
+test('device worker: a backend fd or timer that throws breaks its device, not the loop, and cannot spin', () => {
+  const n = native();
+  const internal: unknown[] = [];
+  const loop = new EventLoop((e) => internal.push(e));
+  const efd = n.eventfd(0, EFD_NONBLOCK);
+  try {
+    const h = harness(rngIdentity(), new RngDevice());
+    h.start();
+    const ops = guardedLoop(loop, () => h.device);
+    let calls = 0;
+    // Never reads its fd: it stays readable. The throw breaks the device; the registration's
+    // interest is then cleared (the device is not active), so the loop does not call it again.
+    const tag = ops.add(efd, {
+      process: () => {
+        calls++;
+        throw new Error('subscriber bug');
+      },
+    });
+    n.eventfdWrite(efd, 1);
+    loop.runOnce(100);
+    assert.equal(calls, 1);
+    assert.ok(h.driver.status() & STATUS_DEVICE_NEEDS_RESET);
+    for (let i = 0; i < 5; i++) loop.runOnce(0);
+    assert.equal(calls, 1, 'no spin on a readable fd whose handler throws');
+    ops.modify(tag, 0x1); // the backend asks again: watched again
+    loop.runOnce(100);
+    assert.equal(calls, 2);
+    ops.setTimer(0, () => {
+      throw new Error('timer bug');
+    });
+    loop.runOnce(0);
+    assert.equal(h.device.counters.failures, 3);
+    assert.deepEqual(internal, [], 'nothing reached the loop as an internal error');
+    assert.equal(h.logs.filter((l) => /needs a reset/.test(l)).length, 1, 'logged once');
+  } finally {
+    loop.close();
+    n.close(efd);
   }
 });

@@ -47,7 +47,7 @@ interface RunningDevice {
  * stopped nothing) has its interest cleared, so a readable fd cannot make the loop spin on an
  * exception; the backend's next modify() of that registration sets it again.
  */
-function guardedLoop(loop: EventLoop, device: () => VirtioDevice): EventOps {
+export function guardedLoop(loop: EventLoop, device: () => VirtioDevice): EventOps {
   return {
     add(fd, subscriber, events) {
       const tag: number = loop.add(
