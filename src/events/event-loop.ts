@@ -133,7 +133,8 @@ export class EventLoop {
   private nextTimeout(timeoutMs: number): number {
     const next = this.timers.live();
     if (!next) return timeoutMs;
-    const wait = Math.max(0, Math.ceil(next.due - performance.now()));
+    // epoll_wait takes an int: a far timer waits in steps of at most ~24 days.
+    const wait = Math.min(0x7fff_ffff, Math.max(0, Math.ceil(next.due - performance.now())));
     return timeoutMs < 0 || wait < timeoutMs ? wait : timeoutMs;
   }
 

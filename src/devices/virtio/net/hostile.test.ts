@@ -192,3 +192,20 @@ test('virtio-net RX: at most NET_RX_BUDGET_FRAMES frames per wake-up, then the n
   assert.equal(rx.takeUsed().length, 100 - NET_RX_BUDGET_FRAMES);
   assert.equal(dev.counters.rxFrames, 100);
 });
+
+test('virtio-net RX: a budget used up on unusable chains still leaves the TAP watched (no stall)', () => {
+  const { tap, dev, h, rx } = setup();
+  tap.inbox.push(frame(60, 1));
+  // NET_RX_BUDGET_FRAMES chains too short for a header, then a good one, in one kick.
+  for (let i = 0; i < NET_RX_BUDGET_FRAMES; i++)
+    rx.addChain([{ addr: h.alloc.alloc(4), len: 4, write: true }]);
+  rx.addChain([{ addr: h.alloc.alloc(128), len: 128, write: true }]);
+  h.kick(RX_QUEUE);
+  assert.equal(rx.takeUsed().length, NET_RX_BUDGET_FRAMES);
+  assert.equal(tap.interest, true, 'the frame and the good buffer meet at the next wake-up');
+  dev.onTapReadable();
+  assert.deepEqual(
+    rx.takeUsed().map((u) => u.len),
+    [NET_HDR_SIZE + 60],
+  );
+});
