@@ -446,3 +446,19 @@ test('position: u16 wrap, and positions no ring could reach are refused', () => 
   }
   assert.ok(Virtqueue.create(mem, a, opts, { nextAvail: 4, nextUsed: 0xfffc }).ok);
 });
+
+test('unpop gives back the last popped chain, checked against our record, not the ring', () => {
+  const { mem, alloc, mq, q } = setup();
+  const a = mq.addChain([{ addr: alloc.alloc(16), len: 16, write: true }]);
+  const b = mq.addChain([{ addr: alloc.alloc(16), len: 16, write: true }]);
+  assert.equal(chainOf(q.pop()).head, a);
+  assert.equal(q.unpop(b), false, 'not the last popped chain');
+  // The driver rewrites the ring entry of the popped chain (it must not, a hostile one may).
+  mem.writeU16(mq.avail + 4, b);
+  assert.equal(q.unpop(a), true);
+  assert.equal(q.unpop(a), false, 'once');
+  // The next pop reads the ring as it is now.
+  assert.equal(chainOf(q.pop()).head, b);
+  assert.equal(chainOf(q.pop()).head, b);
+  assert.equal(q.pop().kind, 'empty');
+});

@@ -90,6 +90,8 @@ export class Virtqueue {
   /** Next used ring entry to fill (free-running u16); mirrors used.idx. */
   private usedIdx = 0;
   private brokenReason: string | undefined;
+  /** The head of the chain the last pop() returned (a host copy: unpop() checks this). */
+  private lastPopped: number | undefined;
 
   private constructor(
     private readonly mem: GuestMemory,
@@ -170,19 +172,21 @@ export class Virtqueue {
     if (head >= this.size) return this.break(`avail ring entry ${head} >= queue size ${this.size}`);
     this.lastAvail = (this.lastAvail + 1) & 0xffff;
     const r = readChain(this.mem, this.desc, this.size, head, { indirect: this.indirect });
+    this.lastPopped = r.ok ? head : undefined;
     return r.ok ? { kind: 'chain', chain: r.value } : { kind: 'bad-chain', head, error: r.error };
   }
 
   /**
    * Gives back the chain pop() returned last, unused: the next pop() returns it again (the
    * driver does not touch an available chain until it is used, §2.7.13). False, and nothing
-   * changed, when `head` is not the last popped entry.
+   * changed, when `head` is not the chain the last pop() returned. Checked against our own
+   * record, not the ring: a driver that rewrites the ring entry meanwhile cannot make a held
+   * chain impossible to give back (the next pop() reads whatever the ring then says).
    */
   unpop(head: number): boolean {
-    if (this.brokenReason !== undefined) return false;
-    const prev = (this.lastAvail - 1) & 0xffff;
-    if (this.avail.getUint16(4 + 2 * (prev % this.size), true) !== head) return false;
-    this.lastAvail = prev;
+    if (this.brokenReason !== undefined || this.lastPopped !== head) return false;
+    this.lastAvail = (this.lastAvail - 1) & 0xffff;
+    this.lastPopped = undefined;
     return true;
   }
 
