@@ -59,8 +59,9 @@ import { checkTransportState } from './transport-state.js';
  */
 export interface QueueIo {
   /**
-   * The next well-formed chain of `queue`, or undefined (empty, inactive, broken). Malformed
-   * chains are completed with used.len 0 and counted on the way.
+   * The next well-formed chain of `queue`, or undefined (empty, inactive, broken, or a queue's
+   * worth of malformed chains in a row). Malformed chains are completed with used.len 0 and
+   * counted on the way.
    */
   pop(queue: number): DescriptorChain | undefined;
   pushUsed(queue: number, head: number, len: number): void;
@@ -344,7 +345,9 @@ export class VirtioDevice {
     return {
       pop: (index) => {
         const q = d.queues[index];
-        while (q && live()) {
+        // Malformed chains are completed on the way, at most a queue's worth per call (a
+        // second vCPU could keep publishing them as fast as we consume them).
+        for (let skipped = 0; q && live() && skipped < QUEUE_SIZE_MAX; skipped++) {
           const p = q.pop();
           if (p.kind === 'empty') return undefined;
           if (p.kind === 'chain') return p.chain;
