@@ -5,8 +5,12 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { closeSync, mkdtempSync, openSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { harness, type Harness } from '../testing/harness.js';
 import type { MockQueue } from '../testing/mock-driver.js';
+import { blockDevice } from './descriptor.js';
 import { bit } from '../constants.js';
 import {
   BLK_MAX_REQUEST_BYTES,
@@ -121,4 +125,41 @@ test('virtio-blk: without SIZE_MAX negotiated, segments may be large but a reque
   assert.deepEqual(aliasing(h, q, VIRTIO_BLK_T_IN, 200, 256 << 10), [VIRTIO_BLK_S_IOERR, 1]);
   assert.equal(io.read, 1 << 20);
   assert.equal(dev.counters.oversized, 1);
+});
+
+test('virtio-blk metrics count oversized requests apart and among the invalid ones', () => {
+  const { dir, path } = (() => {
+    const d = mkdtempSync(join(tmpdir(), 'typervisor-blk-'));
+    const p = join(d, 'disk.img');
+    writeFileSync(p, new Uint8Array(1 << 20));
+    return { dir: d, path: p };
+  })();
+  const fd = openSync(path, 'r');
+  try {
+    const created = blockDevice.create(
+      {
+        fd,
+        path,
+        readOnly: true,
+        serial: new Uint8Array(0),
+        sizeBytes: 1 << 20,
+        capacity: 2048,
+      },
+      { name: 'b', sys: {} as never, loop: {} as never, log: () => undefined },
+    );
+    const dev = created.backend as BlockDevice;
+    const h = harness(blockIdentity(2048, true), dev);
+    const [q] = h.start();
+    assert.deepEqual(aliasing(h, q!, VIRTIO_BLK_T_IN, BLK_SEG_MAX + 1, 512), [
+      VIRTIO_BLK_S_IOERR,
+      1,
+    ]);
+    const m = created.metrics!();
+    assert.equal(m.oversized_reqs_count, 1);
+    assert.equal(m.invalid_reqs_count, 1);
+    assert.equal(m.read_bytes, 0);
+  } finally {
+    closeSync(fd);
+    rmSync(dir, { recursive: true });
+  }
 });

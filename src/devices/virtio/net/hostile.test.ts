@@ -17,6 +17,7 @@ import {
   netIdentity,
   type TapIo,
 } from './net.js';
+import { netDevice } from './descriptor.js';
 
 /** A TAP with the native shim's limits: more than TAP_MAX_IOVECS buffers throw, as rw_vec does. */
 class StrictTap implements TapIo {
@@ -208,4 +209,25 @@ test('virtio-net RX: a budget used up on unusable chains still leaves the TAP wa
     rx.takeUsed().map((u) => u.len),
     [NET_HDR_SIZE + 60],
   );
+});
+
+test('virtio-net metrics name the new counters', () => {
+  const loop = {
+    add: () => 0,
+    modify: () => undefined,
+    remove: () => undefined,
+    setTimer: () => () => undefined,
+  };
+  const created = netDevice.create(
+    { tapFd: -1 },
+    {
+      name: 'n',
+      sys: {} as never,
+      loop,
+      log: () => undefined,
+    },
+  );
+  const m = created.metrics!();
+  for (const k of ['rx_chain_too_long', 'tx_coalesced_frames', 'rx_budget_yields', 'rx_fails'])
+    assert.equal(m[k], 0, k);
 });
