@@ -14,6 +14,12 @@ import { join } from 'node:path';
 import { call } from '../api/client.js';
 import { CLI, REPO, kvmSkipReason, tempDir } from './helpers.js';
 
+/** VMMs still running: SIGKILLed if this process exits first (a test timed out, a crash). */
+const live = new Set<ChildProcess>();
+process.on('exit', () => {
+  for (const c of live) c.kill('SIGKILL');
+});
+
 let guestDir: string | undefined;
 let guestSkip: string | undefined;
 
@@ -107,6 +113,7 @@ export async function startVm(opts: VmOptions): Promise<HostileVm> {
       env: { ...process.env, TYPERVISOR_LOG: undefined, TYPERVISOR_LOG_FORMAT: undefined },
     },
   );
+  live.add(child);
   let out = '';
   let err = '';
   const waiters = new Set<() => void>();
@@ -119,6 +126,7 @@ export async function startVm(opts: VmOptions): Promise<HostileVm> {
   const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((r) =>
     child.on('exit', (code, signal) => {
       done = true;
+      live.delete(child);
       clearTimeout(hard);
       for (const w of waiters) w();
       r({ code, signal });

@@ -69,9 +69,11 @@ test(
     const tap = `th12n${process.pid % 100_000}`;
     let vm: HostileVm | undefined;
     let created = false;
+    const removeTap = () => void spawnSync('ip', ['link', 'del', tap], { timeout: 10_000 });
     try {
       ip(['tuntap', 'add', 'dev', tap, 'mode', 'tap', 'vnet_hdr']);
       created = true;
+      process.on('exit', removeTap); // if this process ends before the finally below
       ip(['link', 'set', tap, 'up']);
       vm = await startVm({ kernel: hostileGuest('hostile-net'), rng: true, tap });
       await vm.waitFor(/N\n/, 20_000);
@@ -120,7 +122,8 @@ test(
       assert.equal(parseInt(used[1]!, 16), 0, 'a refused RX chain is returned with used.len 0');
     } finally {
       await vm?.kill();
-      if (created) spawnSync('ip', ['link', 'del', tap], { timeout: 10_000 });
+      if (created) removeTap();
+      process.off('exit', removeTap);
     }
   },
 );
