@@ -78,7 +78,7 @@ export interface HostileVm {
   gone(): boolean;
   /** Resolves when stdout matches, rejects after ms (or if the VMM exits first). */
   waitFor(re: RegExp, ms: number): Promise<void>;
-  /** Sends `signal` and resolves with the ms until the process exited, or undefined after limitMs. */
+  /** Sends `signal`; resolves with the ms until the process exited, or undefined after limitMs. */
   stop(signal: NodeJS.Signals, limitMs: number): Promise<number | undefined>;
   /** SIGKILL if still running; resolves when it has exited. */
   kill(): Promise<void>;

@@ -4,9 +4,10 @@
  * its virtio-blk ring full (256 reads of 254 x 64 KiB, all the same guest buffer) and kicks it;
  * then it makes one virtio-rng request and, while it polls for the answer, keeps topping the
  * blk ring up. A device that drains its ring until it is empty never returns to the loop, so
- * the rng request waits forever; with a per-kick budget and round-robin service the rng is
- * answered within RNG_POLLS_MAX polls (a budget of 16 requests per kick: at most 15288 here). The guest prints "S<polls>" per served rng request and "T" when
- * 0x10000 polls (about a second here) went by without an answer.
+ * the rng request waits forever; with a per-kick budget and round-robin service it is answered
+ * within RNG_POLLS_MAX polls (a trial budget of 16 requests per kick answered within 15288 here).
+ * The guest prints "S<polls>" per served rng request and "T" when 0x10000 polls (about a second
+ * here) went by without an answer.
  *
  * RSS: the guest touches under 5 MiB of its RAM (rings, a 64 KiB buffer).
  */
