@@ -14,8 +14,8 @@ build() { # name, cflags...
 }
 # vsock: 256 OP_RW packets per kick, an rng probe every 64 kicks.
 build hostile-vsock -DMODE_VSOCK
-# blk aliasing: 1022 x 1 MiB of one buffer per request (a 1022 MiB read), 4 per kick.
-build hostile-blk -DMODE_BLK
+# blk aliasing: 1022 x 1 MiB of one buffer per request (a 1022 MiB read), one per kick.
+build hostile-blk -DMODE_BLK -DBLK_BATCH=1
 # kick storm: 254 x 64 KiB per request (16 MiB), the ring kept 256 requests full; an rng request
 # polled at most 0x10000 times (about a second here: each poll also tops up the ring).
 build hostile-storm -DMODE_STORM -DBLK_SEGS=254 -DBLK_SEG_BYTES=65536 -DBLK_BATCH=256 -DRNG_POLL_MAX=0x10000
