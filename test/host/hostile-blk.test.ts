@@ -55,8 +55,8 @@ test(
       await vm.waitFor(/F\n[.xT]/, 20_000);
       const firstRoundMs = performance.now() - t0;
       await apiUp(vm);
-      const w = await measure(vm, STORM_MS);
-      const rounds = vm.stdout().split('F\n')[1]!;
+      let rounds = '';
+      const w = await measure(vm, STORM_MS, () => (rounds = vm!.stdout().split('F\n')[1]!));
       const served = (rounds.match(/\./g) ?? []).length;
       const refused = (rounds.match(/x/g) ?? []).length;
       const misses = (rounds.match(/T/g) ?? []).length;
@@ -77,6 +77,7 @@ test(
         busiestThreadPercent: Math.round(w.busiestThreadPercent),
         rngMissed: misses,
         apiMs: w.api.map((a) => (a.error ? 'failed' : Math.round(a.ms))),
+        flushMetrics: w.flush,
         stopMs: stopMs === undefined ? `> ${STOP_MS}` : Math.round(stopMs),
         exit: ex ? (ex.signal ?? ex.code) : 'still running',
       });

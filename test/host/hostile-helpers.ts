@@ -267,13 +267,25 @@ export interface Window {
   busiestThreadPercent: number;
   /** GET / during the window: each probe's latency, and any that failed. */
   api: Array<{ ms: number; state?: string; error?: string }>;
+  /**
+   * PUT /actions FlushMetrics once, at the end of the window: it asks the device worker for its
+   * counters, so it shows whether the data plane still answers the control plane (recorded,
+   * not asserted: "ms" or "failed: why").
+   */
+  flush: string;
 }
 
 /**
  * Samples the VMM for `ms`: VmRSS every 100 ms, CPU at both ends, and a GET / on the API
- * every `apiEveryMs` (in sequence: one in flight at a time).
+ * every `apiEveryMs` (in sequence: one in flight at a time); then one FlushMetrics.
  */
-export async function measure(vm: HostileVm, ms: number, apiEveryMs = 700): Promise<Window> {
+export async function measure(
+  vm: HostileVm,
+  ms: number,
+  /** Called as the window closes, before the FlushMetrics (to read the console then). */
+  atEnd?: () => void,
+  apiEveryMs = 700,
+): Promise<Window> {
   const t0 = performance.now();
   const cpu0 = processCpuSeconds(vm.pid);
   const th0 = threadCpuSeconds(vm.pid);
@@ -292,11 +304,23 @@ export async function measure(vm: HostileVm, ms: number, apiEveryMs = 700): Prom
     clearInterval(sampler);
   }
   const wall = performance.now() - t0;
+  atEnd?.();
   const cpu1 = processCpuSeconds(vm.pid);
   const th1 = threadCpuSeconds(vm.pid);
   let busiest = 0;
   for (const [tid, s] of th1) busiest = Math.max(busiest, s - (th0.get(tid) ?? 0));
   const rssEnd = rssKiB(vm.pid);
+  let flush: string;
+  const f0 = performance.now();
+  try {
+    const r = await call(vm.sock, 'PUT', '/actions', { action_type: 'FlushMetrics' }, 5000);
+    flush =
+      r.status === 204
+        ? `${Math.round(performance.now() - f0)} ms`
+        : `failed: ${r.status} ${r.body}`;
+  } catch (e) {
+    flush = `failed: ${(e as Error).message}`;
+  }
   return {
     ms: wall,
     rssStartKiB: rssStart,
@@ -305,6 +329,7 @@ export async function measure(vm: HostileVm, ms: number, apiEveryMs = 700): Prom
     cpuPercent: ((cpu1 - cpu0) / (wall / 1000)) * 100,
     busiestThreadPercent: (busiest / (wall / 1000)) * 100,
     api,
+    flush,
   };
 }
 

@@ -95,6 +95,7 @@ test(
         rssStartMiB: mib(w.rssStartKiB),
         rssPeakMiB: mib(w.rssPeakKiB),
         apiMs: w.api.map((a) => (a.error ? 'failed' : Math.round(a.ms))),
+        flushMetrics: w.flush,
         stopMs: stopMs === undefined ? `> ${STOP_MS}` : Math.round(stopMs),
         exit: ex ? (ex.signal ?? ex.code) : 'still running',
         stderr: vm.stderr().slice(0, 300),

@@ -52,8 +52,10 @@ test(
       });
       await vm.waitFor(/F\n/, 20_000);
       await apiUp(vm);
-      const w = await measure(vm, STORM_MS);
-      const lines = vm.stdout().split('F\n')[1]!.split('\n').slice(0, -1); // complete lines
+      let lines: string[] = [];
+      const w = await measure(vm, STORM_MS, () => {
+        lines = vm!.stdout().split('F\n')[1]!.split('\n').slice(0, -1); // complete lines
+      });
       const polls = lines.filter((l) => l.startsWith('S')).map((l) => parseInt(l.slice(1), 16));
       const misses = lines.filter((l) => l === 'T').length;
       const stopMs = await vm.stop('SIGTERM', STOP_MS);
@@ -72,6 +74,7 @@ test(
         cpuPercent: Math.round(w.cpuPercent),
         busiestThreadPercent: Math.round(w.busiestThreadPercent),
         apiMs: w.api.map((a) => (a.error ? 'failed' : Math.round(a.ms))),
+        flushMetrics: w.flush,
         stopMs: stopMs === undefined ? `> ${STOP_MS}` : Math.round(stopMs),
         exit: ex ? (ex.signal ?? ex.code) : 'still running',
       });

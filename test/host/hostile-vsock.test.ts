@@ -42,8 +42,8 @@ test(
       await vm.waitFor(/F\n/, 20_000);
       await apiUp(vm);
       const dots0 = vm.stdout().split('F\n')[1]!.length;
-      const w = await measure(vm, FLOOD_MS);
-      const flood = vm.stdout().split('F\n')[1]!;
+      let flood = '';
+      const w = await measure(vm, FLOOD_MS, () => (flood = vm!.stdout().split('F\n')[1]!));
       const dots = (flood.match(/\./g) ?? []).length;
       const misses = (flood.match(/T/g) ?? []).length;
       const stopMs = await vm.stop('SIGTERM', STOP_MS);
@@ -59,6 +59,7 @@ test(
         rngServed: dots,
         rngMissed: misses,
         apiMs: w.api.map((a) => (a.error ? 'failed' : Math.round(a.ms))),
+        flushMetrics: w.flush,
         stopMs: stopMs === undefined ? `> ${STOP_MS}` : Math.round(stopMs),
         exit: ex ? (ex.signal ?? ex.code) : 'still running',
       });
