@@ -1,0 +1,130 @@
+/**
+ * Needs /dev/kvm, gcc, ld, root (CAP_NET_ADMIN: a TAP), `ip` and python3 (an AF_PACKET sender).
+ * Issue 12, hostile guest 3: a virtio-net RX chain longer than the host can take. hostile-net
+ * (test/guests/hostile-guests.S, MODE_NET) posts one RX chain of 1024 device-writable
+ * descriptors (an indirect table); with the device's spill buffer that is 1025 iovecs, over the
+ * shim's readv cap of 1024 (native/typervisor.c). The test then sends frames into the TAP. The
+ * chain must come back to the guest as an error (used.len 0: the guest prints "U...") instead of
+ * being held while the TAP stays readable (a busy loop). Then the guest makes a virtio-rng
+ * request ("R"), prints "H" and halts: from there on the vCPU sleeps, so the VMM's CPU is its
+ * own and must be near zero.
+ *
+ * RSS: the guest touches under 4 MiB of its RAM.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import {
+  apiUp,
+  hostileGuest,
+  hostileSkipReason,
+  measure,
+  metricSum,
+  mib,
+  report,
+  startVm,
+  type HostileVm,
+} from './hostile-helpers.js';
+
+const IDLE_MS = 2000;
+/** CPU of the VMM (percent of one core) once the guest has halted: no busy loop. */
+const IDLE_CPU_PERCENT = 25;
+const RSS_GROWTH_MIB = 64;
+const STOP_MS = 5000;
+const FRAMES = 16;
+
+function netSkipReason(): string | undefined {
+  const s = hostileSkipReason();
+  if (s) return s;
+  if (process.getuid?.() !== 0) return 'not root: cannot create a TAP';
+  if (spawnSync('sh', ['-c', 'command -v ip && command -v python3']).status !== 0)
+    return 'ip or python3 is missing';
+  return undefined;
+}
+
+const skip = netSkipReason();
+
+function ip(args: string[]): void {
+  const r = spawnSync('ip', args, { encoding: 'utf8', timeout: 10_000 });
+  if (r.status !== 0) throw new Error(`ip ${args.join(' ')}: ${r.stderr.trim()}`);
+}
+
+/** Sends `n` broadcast Ethernet frames out of `tap` (AF_PACKET): the VMM reads them. */
+function sendFrames(tap: string, n: number): void {
+  const py = [
+    'import socket, sys',
+    's = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)',
+    's.bind((sys.argv[1], 0))',
+    "f = b'\\xff' * 6 + b'\\x02\\x00\\x00\\x00\\x00\\x01' + b'\\x88\\xb5' + bytes(50)",
+    'for _ in range(int(sys.argv[2])): s.send(f)',
+  ].join('\n');
+  const r = spawnSync('python3', ['-c', py, tap, String(n)], { encoding: 'utf8', timeout: 10_000 });
+  if (r.status !== 0) throw new Error(`the frame sender failed (${r.status}): ${r.stderr}`);
+}
+
+test(
+  'net RX chain of 1025 iovecs: returned as an error, no busy loop, rng and API served, SIGTERM stops it',
+  { skip: skip ?? false, timeout: 60_000 },
+  async (t) => {
+    const tap = `th12n${process.pid % 100_000}`;
+    let vm: HostileVm | undefined;
+    let created = false;
+    const removeTap = () => void spawnSync('ip', ['link', 'del', tap], { timeout: 10_000 });
+    try {
+      ip(['tuntap', 'add', 'dev', tap, 'mode', 'tap', 'vnet_hdr']);
+      created = true;
+      process.on('exit', removeTap); // if this process ends before the finally below
+      ip(['link', 'set', tap, 'up']);
+      vm = await startVm({ kernel: hostileGuest('hostile-net'), rng: true, tap });
+      await vm.waitFor(/N\n/, 20_000);
+      sendFrames(tap, FRAMES);
+      await vm.waitFor(/H\n/, 20_000);
+      await apiUp(vm);
+      const w = await measure(vm, IDLE_MS);
+      const out = vm.stdout();
+      const used = /\nU([0-9a-f]{8})\n/.exec(out);
+      const stopMs = await vm.stop('SIGTERM', STOP_MS);
+      const ex = vm.gone() ? await vm.exited : undefined;
+      report(t, 'net-long-rx-chain', {
+        chainReturned: used ? `used.len ${parseInt(used[1]!, 16)}` : 'no',
+        rngServed: /\nR\n/.test(out),
+        idleMs: Math.round(w.ms),
+        idleCpuPercent: Math.round(w.cpuPercent),
+        busiestThreadPercent: Math.round(w.busiestThreadPercent),
+        rxFrames: metricSum(vm, 'net_eth0', 'rx_packets_count'),
+        rssStartMiB: mib(w.rssStartKiB),
+        rssPeakMiB: mib(w.rssPeakKiB),
+        apiMs: w.api.map((a) => (a.error ? 'failed' : Math.round(a.ms))),
+        flushMetrics: w.flush,
+        stopMs: stopMs === undefined ? `> ${STOP_MS}` : Math.round(stopMs),
+        exit: ex ? (ex.signal ?? ex.code) : 'still running',
+        stderr: vm.stderr().slice(0, 300),
+      });
+      assert.match(out, /\nR\n/, `virtio-rng was not served: ${JSON.stringify(out)}`);
+      assert.ok(w.api.length > 0, 'no API probe ran');
+      for (const a of w.api) {
+        assert.equal(a.error, undefined, `GET /: ${a.error}`);
+        assert.equal(a.state, 'Running');
+      }
+      assert.ok(
+        w.rssPeakKiB - w.rssStartKiB <= RSS_GROWTH_MIB * 1024,
+        `VmRSS grew by ${mib(w.rssPeakKiB - w.rssStartKiB)} MiB (bound ${RSS_GROWTH_MIB} MiB)`,
+      );
+      assert.notEqual(stopMs, undefined, `SIGTERM did not end the VMM within ${STOP_MS} ms`);
+      assert.equal(ex?.code, 0, `exit after SIGTERM: ${JSON.stringify(ex)}: ${vm.stderr()}`);
+      assert.ok(
+        w.cpuPercent <= IDLE_CPU_PERCENT,
+        `the VMM used ${w.cpuPercent.toFixed(0)}% of a core with the guest halted (bound ${IDLE_CPU_PERCENT}%): a busy loop`,
+      );
+      assert.ok(
+        used,
+        `the 1025-iovec RX chain never came back to the guest: ${JSON.stringify(out)}`,
+      );
+      assert.equal(parseInt(used[1]!, 16), 0, 'a refused RX chain is returned with used.len 0');
+    } finally {
+      await vm?.kill();
+      if (created) removeTap();
+      process.off('exit', removeTap);
+    }
+  },
+);

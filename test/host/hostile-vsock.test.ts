@@ -1,0 +1,83 @@
+/**
+ * Needs /dev/kvm, gcc and ld. Issue 12, hostile guest 1: a vsock flood with no RX buffers.
+ * hostile-vsock (test/guests/hostile-guests.S, MODE_VSOCK) never posts an RX buffer and sends
+ * OP_RW packets to a connection that does not exist, 256 per kick, kick after kick; each one
+ * asks the host for an RST it can never deliver. The VMM must keep that backlog bounded (the
+ * control-packet queue's cap), stay responsive (the guest's virtio-rng requests between
+ * rounds are served, the API answers) and stop on SIGTERM within a few seconds.
+ *
+ * RSS: the tiny guest touches under 4 MiB of its RAM, so the VMM's growth over the flood is the
+ * VMM's own memory: it must stay within RSS_GROWTH_MIB.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import {
+  apiUp,
+  hostileGuest,
+  hostileSkipReason,
+  measure,
+  mib,
+  report,
+  startVm,
+  type HostileVm,
+} from './hostile-helpers.js';
+
+const skip = hostileSkipReason();
+/** How long the flood is watched. */
+const FLOOD_MS = 3000;
+/** The VMM may grow this much over the flood (the guest's own pages are a few MiB at most). */
+const RSS_GROWTH_MIB = 64;
+/** SIGTERM must end the process within this. */
+const STOP_MS = 5000;
+/** Packets per '.' on the console: 64 kicks of 256 (hostile-build.sh). */
+const PACKETS_PER_DOT = 64 * 256;
+
+test(
+  'vsock flood without RX buffers: bounded memory, rng and API still served, SIGTERM stops it',
+  { skip: skip ?? false, timeout: 60_000 },
+  async (t) => {
+    let vm: HostileVm | undefined;
+    try {
+      vm = await startVm({ kernel: hostileGuest('hostile-vsock'), rng: true, vsock: { cid: 3 } });
+      await vm.waitFor(/F\n/, 20_000);
+      await apiUp(vm);
+      const dots0 = vm.stdout().split('F\n')[1]!.length;
+      let flood = '';
+      const w = await measure(vm, FLOOD_MS, () => (flood = vm!.stdout().split('F\n')[1]!));
+      const dots = (flood.match(/\./g) ?? []).length;
+      const misses = (flood.match(/T/g) ?? []).length;
+      const stopMs = await vm.stop('SIGTERM', STOP_MS);
+      const ex = vm.gone() ? await vm.exited : undefined;
+      report(t, 'vsock-flood', {
+        floodMs: Math.round(w.ms),
+        packetsInWindow: (dots - dots0) * PACKETS_PER_DOT,
+        rssStartMiB: mib(w.rssStartKiB),
+        rssPeakMiB: mib(w.rssPeakKiB),
+        rssGrowthMiB: mib(w.rssPeakKiB - w.rssStartKiB),
+        cpuPercent: Math.round(w.cpuPercent),
+        busiestThreadPercent: Math.round(w.busiestThreadPercent),
+        rngServed: dots,
+        rngMissed: misses,
+        apiMs: w.api.map((a) => (a.error ? 'failed' : Math.round(a.ms))),
+        flushMetrics: w.flush,
+        stopMs: stopMs === undefined ? `> ${STOP_MS}` : Math.round(stopMs),
+        exit: ex ? (ex.signal ?? ex.code) : 'still running',
+      });
+      assert.ok(w.api.length > 0, 'no API probe ran');
+      for (const a of w.api) {
+        assert.equal(a.error, undefined, `GET / during the flood: ${a.error}`);
+        assert.equal(a.state, 'Running');
+      }
+      assert.ok(dots - dots0 > 0, `the flood made no progress: ${JSON.stringify(flood)}`);
+      assert.equal(misses, 0, 'a virtio-rng request was not served during the flood');
+      assert.ok(
+        w.rssPeakKiB - w.rssStartKiB <= RSS_GROWTH_MIB * 1024,
+        `VmRSS grew by ${mib(w.rssPeakKiB - w.rssStartKiB)} MiB over the flood (bound ${RSS_GROWTH_MIB} MiB)`,
+      );
+      assert.notEqual(stopMs, undefined, `SIGTERM did not end the VMM within ${STOP_MS} ms`);
+      assert.equal(ex?.code, 0, `exit after SIGTERM: ${JSON.stringify(ex)}: ${vm.stderr()}`);
+    } finally {
+      await vm?.kill();
+    }
+  },
+);
