@@ -5,10 +5,12 @@
  * packets and resets first, then data read from the sockets, within the guest's credit. The
  * device hands it parsed TX packets and RX buffers; it never sees a virtqueue.
  *
- * With no credit from the guest we stop reading that socket and ask with CREDIT_REQUEST.
+ * With no credit from the guest we stop reading that socket and ask with CREDIT_REQUEST, once
+ * per stall: a CREDIT_UPDATE that still gives no credit is not asked again (the guest sends
+ * one by itself when it frees space), so a stuck connection does not ping-pong.
  */
 import { sliceSegments } from '../chain.js';
-import { BUF_ALLOC, type Connection, type GuestSend } from './connection.js';
+import { type Connection, type GuestSend } from './connection.js';
 import { type VsockHost, type VsockReport, zeroCounters } from './host.js';
 import { HostListener } from './listener.js';
 import {
@@ -65,6 +67,17 @@ export class VsockMuxer {
 
   get connectionCount(): number {
     return this.table.size;
+  }
+
+  budgets() {
+    const b = this.table.buffered();
+    return {
+      controlQueued: this.table.controlQueued,
+      sockets: this.table.sockets,
+      handshakes: this.listener.pendingHandshakes,
+      bufferedBytes: b.bytes,
+      bufferAllocated: b.allocated,
+    };
   }
 
   /** Were connections made since the last start()? (The driver that had them must be told.) */
@@ -131,6 +144,7 @@ export class VsockMuxer {
     }
     c.notePeerCredit(hdr);
     const s = c.state;
+    if (s.kind === 'established' && c.peerCredit() > 0) s.creditRequested = false;
     switch (hdr.op) {
       case OP_REQUEST:
         t.reset(c);
@@ -147,9 +161,9 @@ export class VsockMuxer {
         break;
       case OP_RW:
         if (s.kind !== 'established' || s.guestSend === 'shut') t.reset(c);
-        else if (c.pending.bytes + hdr.len > BUF_ALLOC) {
+        else if (hdr.len > c.pending.free) {
           this.counters.creditViolations++;
-          const credit = BUF_ALLOC - c.pending.bytes;
+          const credit = c.pending.free;
           const m = `credit violation on ${c.peer}->${c.local}: ${hdr.len} bytes with ${credit} of credit`;
           this.report.guestError('credit', m);
           t.reset(c);
@@ -159,7 +173,6 @@ export class VsockMuxer {
         }
         break;
       case OP_CREDIT_UPDATE:
-        if (s.kind === 'established') s.creditRequested = false;
         t.ready.add(c);
         break;
       case OP_CREDIT_REQUEST:
@@ -170,6 +183,10 @@ export class VsockMuxer {
   }
 
   private guestConnect(hdr: VsockHeader): void {
+    if (!this.table.roomForConnection(`guest port ${hdr.srcPort} -> host port ${hdr.dstPort}`)) {
+      this.table.sendRst(hdr.dstPort, hdr.srcPort);
+      return;
+    }
     let fd: number;
     try {
       fd = this.host.connect(`${this.uds}_${hdr.dstPort}`);
@@ -195,10 +212,16 @@ export class VsockMuxer {
 
   /** A host program asked for guest port `port`: offer it to the guest, for a while. */
   private hostConnect(fd: number, port: number): void {
+    if (!this.table.roomForConnection(`a host connection to guest port ${port}`)) {
+      this.host.close(fd);
+      return;
+    }
     let local = this.nextLocal;
     while (this.table.find(local, port)) local = nextPort(local);
     this.nextLocal = nextPort(local);
-    const c = this.table.add(fd, local, port, { kind: 'host-connecting', guestSend: 'open' });
+    // Its handshake watched the socket for reading: updateWatch turns that off until the guest
+    // accepts, so bytes sent after the CONNECT line do not keep the loop busy meanwhile.
+    const c = this.table.add(fd, local, port, { kind: 'host-connecting', guestSend: 'open' }, true);
     this.connectedSinceStart = true;
     this.counters.connectionsHost++;
     this.table.sendControl(c, OP_REQUEST, 0);
@@ -228,8 +251,8 @@ export class VsockMuxer {
     if ((flags & (SHUTDOWN_SEND | SHUTDOWN_RCV)) === (SHUTDOWN_SEND | SHUTDOWN_RCV)) {
       // Both directions closed: answer RST (as Linux expects), flush what is left, then close.
       this.table.sendRst(c.local, c.peer);
-      this.table.forget(c);
-      c.state = { kind: 'closing' };
+      this.table.linger(c);
+      return;
     }
     this.table.flush(c);
   }

@@ -105,14 +105,22 @@ class FakeHost implements VsockHost {
   unwatch(fd: number): void {
     this.socks.get(fd)!.watch = undefined;
   }
-  timers: Array<{ ms: number; fn: () => void }> = [];
-  after(ms: number, fn: () => void): void {
-    this.timers.push({ ms, fn });
+  listening = true;
+  watchListener(on: boolean): void {
+    this.listening = on;
   }
-  /** Runs every timer set so far (time passes). */
-  fireTimers(): void {
-    const t = this.timers;
-    this.timers = [];
+  timers: Array<{ ms: number; fn: () => void }> = [];
+  after(ms: number, fn: () => void): () => void {
+    const t = { ms, fn };
+    this.timers.push(t);
+    return () => {
+      this.timers = this.timers.filter((x) => x !== t);
+    };
+  }
+  /** Runs every timer set so far (time passes); `only`: those of that many ms. */
+  fireTimers(only?: number): void {
+    const t = this.timers.filter((x) => only === undefined || x.ms === only);
+    this.timers = this.timers.filter((x) => !t.includes(x));
     for (const x of t) x.fn();
   }
   text(fd: number): string {
