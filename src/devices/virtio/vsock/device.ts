@@ -38,11 +38,11 @@ export const RX_QUEUE = 0;
 export const TX_QUEUE = 1;
 export const EVENT_QUEUE = 2;
 /** TX packets, and their payload bytes, handled per kick before yielding to the loop. */
-export const TX_BUDGET_PACKETS = 256;
-export const TX_BUDGET_BYTES = 1024 * 1024;
+export const TX_BUDGET_PACKETS = 64;
+export const TX_BUDGET_BYTES = 256 * 1024;
 /** RX buffers, and payload bytes, filled per wake-up before yielding to the loop. */
-export const RX_BUDGET_PACKETS = 256;
-export const RX_BUDGET_BYTES = 1024 * 1024;
+export const RX_BUDGET_PACKETS = 64;
+export const RX_BUDGET_BYTES = 256 * 1024;
 
 export function vsockIdentity(cid: number): VirtioDeviceIdentity {
   const config = new Uint8Array(8);
