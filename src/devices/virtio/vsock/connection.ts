@@ -164,6 +164,8 @@ export class Connection {
    * has accepted (so bytes sent after the CONNECT line cannot keep the loop busy).
    */
   watch: Watch;
+  /** Cancels the timer that ends this connection's current wait (the guest's answer, linger). */
+  deadline: (() => void) | undefined;
 
   constructor(
     readonly fd: number,
@@ -176,6 +178,11 @@ export class Connection {
     watchedForRead = false,
   ) {
     this.watch = { kind: 'watching', read: watchedForRead, write: false };
+  }
+
+  clearDeadline(): void {
+    this.deadline?.();
+    this.deadline = undefined;
   }
 
   get fwdCnt(): number {

@@ -177,7 +177,7 @@ export class VsockDevice implements VirtioBackend {
       this.mux.counters.txBudgetYields++;
       this.txResume = this.host.after(0, () => {
         this.txResume = undefined;
-        this.processTx();
+        this.guarded('TX', () => this.processTx());
       });
     }
     this.processRx();
@@ -261,7 +261,7 @@ export class VsockDevice implements VirtioBackend {
       counters.rxBudgetYields++;
       this.rxResume = this.host.after(0, () => {
         this.rxResume = undefined;
-        this.processRx();
+        this.guarded('RX', () => this.processRx());
       });
     }
   }
@@ -276,6 +276,18 @@ export class VsockDevice implements VirtioBackend {
     new DataView(ev.buffer).setUint32(0, EVENT_TRANSPORT_RESET, true);
     io.pushUsed(EVENT_QUEUE, chain.head, scatter(chain.writable, ev));
     io.notify(EVENT_QUEUE);
+  }
+
+  /**
+   * Work resumed from a timer: an exception (a bug of ours) is logged once, as VirtioDevice
+   * does for kicks, instead of reaching the loop (which would log it every time).
+   */
+  private guarded(what: string, fn: () => void): void {
+    try {
+      fn();
+    } catch (e) {
+      this.logOnce('exception', `${what} failed with an exception: ${(e as Error).stack ?? e}`);
+    }
   }
 
   private guestError(kind: string, message: string): void {

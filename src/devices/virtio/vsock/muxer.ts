@@ -226,7 +226,8 @@ export class VsockMuxer {
     this.counters.connectionsHost++;
     this.table.sendControl(c, OP_REQUEST, 0);
     this.table.updateWatch(c);
-    this.host.after(CONNECT_TIMEOUT_MS, () => {
+    c.deadline = this.host.after(CONNECT_TIMEOUT_MS, () => {
+      c.deadline = undefined;
       if (c.state.kind !== 'host-connecting' || !this.table.open(c)) return;
       this.counters.connectTimeouts++;
       const m = `guest port ${port} did not answer within ${CONNECT_TIMEOUT_MS} ms`;
@@ -238,6 +239,7 @@ export class VsockMuxer {
 
   /** The guest accepted a host-initiated connection: "OK <port>\n" to the host program. */
   private guestAccepted(c: Connection, guestSend: GuestSend): void {
+    c.clearDeadline();
     c.state = { kind: 'established', guestSend, hostSend: 'open', creditRequested: false };
     // A fresh socket takes a short line whole; a socket that does not is reset.
     const ok = new TextEncoder().encode(`OK ${c.local}\n`);

@@ -153,6 +153,7 @@ export class ConnectionTable {
       if (this.control.get(k)?.conn === c) this.control.delete(k);
     }
     c.pending.clear();
+    c.clearDeadline();
     if (this.open(c)) {
       this.byFd.delete(c.fd);
       this.host.close(c.fd);
@@ -281,7 +282,8 @@ export class ConnectionTable {
     c.state = { kind: 'closing' };
     this.flush(c);
     if (!this.open(c)) return;
-    this.host.after(CLOSE_LINGER_MS, () => {
+    c.deadline = this.host.after(CLOSE_LINGER_MS, () => {
+      c.deadline = undefined;
       if (!this.open(c)) return;
       this.counters.connsKilled++;
       const m = `a host socket took less than the guest sent within ${CLOSE_LINGER_MS} ms of its close`;
