@@ -4,7 +4,8 @@
  * the mock driver, so host programs can be hostile to it over real sockets, under a low
  * RLIMIT_NOFILE when started with `prlimit`. Usage: node vsock-peers-child.js <uds path>.
  *
- * The guest accepts every host-initiated connection and echoes what it receives; on command it
+ * The guest accepts every host-initiated connection and echoes what it receives (port 53: drops
+ * it, within the credit it gives); on command it
  * dials host ports itself. Commands, one per line on stdin (read on the same epoll loop, so the
  * process does nothing between events); answers, one JSON line each on stdout (a pipe: written
  * synchronously):
@@ -48,6 +49,8 @@ import {
 const CID = 3;
 const GUEST_BUF = 1024 * 1024;
 const PKT = 4096;
+/** Host-initiated connections to this guest port are read and dropped (not echoed). */
+const SINK_PORT = 53;
 const uds = process.argv[2]!;
 const n = native();
 const out = (o: unknown) => process.stdout.write(`${JSON.stringify(o)}\n`);
@@ -88,7 +91,7 @@ const txWait: Array<{ hdr: VsockHeader; data: Uint8Array }> = [];
 interface GuestConn {
   hostPort: number;
   guestPort: number;
-  role: 'echo' | 'dial' | 'flood';
+  role: 'echo' | 'sink' | 'dial' | 'flood';
   text?: string;
   received: number;
   sent: number;
@@ -147,7 +150,7 @@ function onPacket(p: VsockHeader, data: Uint8Array): void {
     c = {
       hostPort: p.srcPort,
       guestPort: p.dstPort,
-      role: 'echo',
+      role: p.dstPort === SINK_PORT ? 'sink' : 'echo',
       received: 0,
       sent: 0,
       peerBufAlloc: 0,
@@ -176,7 +179,7 @@ function onPacket(p: VsockHeader, data: Uint8Array): void {
       if (c.role === 'echo') {
         c.sent += data.length;
         send(header(c, OP_RW, data.length), data.slice());
-      } else out({ guestGot: Buffer.from(data).toString() });
+      } else if (c.role === 'dial') out({ guestGot: Buffer.from(data).toString() });
       break;
     case OP_CREDIT_REQUEST:
       send(header(c, OP_CREDIT_UPDATE));
@@ -192,8 +195,16 @@ function onPacket(p: VsockHeader, data: Uint8Array): void {
   if (c.role === 'flood' && c.established) flood(c);
 }
 
-/** What the guest does after every batch of events: read RX, repost, send. */
+/**
+ * What the guest does after every batch of events: read RX, repost, send; again while that
+ * made the device fill more RX buffers (a real guest would get an interrupt for those).
+ */
 function guestPoll(): void {
+  for (let i = 0; i < 1000 && guestStep(); i++);
+}
+
+function guestStep(): boolean {
+  const before = rx.usedIdx();
   let reposted = 0;
   for (const u of rx.takeUsed()) {
     const a = rxAddr.get(u.id)!;
@@ -210,6 +221,7 @@ function guestPoll(): void {
   }
   for (const c of conns.values()) if (c.role === 'flood' && c.established) flood(c);
   flushTx();
+  return reposted > 0 || rx.usedIdx() !== before;
 }
 
 // ---- commands ----
