@@ -15,6 +15,7 @@
  *                         reported as {"guestGot": ...}
  *   flood <port>          the guest dials <port> and sends as much as the host's credit allows,
  *                         for as long as it allows
+ *   mute                  the guest stops answering host-initiated connections (they time out)
  *   quit
  */
 import { readdirSync } from 'node:fs';
@@ -146,6 +147,7 @@ function flood(c: GuestConn): void {
 
 function onPacket(p: VsockHeader, data: Uint8Array): void {
   let c = conns.get(key(p.srcPort, p.dstPort));
+  if (p.op === OP_REQUEST && !c && muted) return;
   if (p.op === OP_REQUEST && !c) {
     c = {
       hostPort: p.srcPort,
@@ -245,9 +247,11 @@ function stats() {
 }
 
 let done = false;
+let muted = false;
 function command(line: string): void {
   const [cmd, a, ...rest] = line.trim().split(' ');
   if (cmd === 'quit') done = true;
+  else if (cmd === 'mute') muted = true;
   else if (cmd === 'stats') out({ stats: stats() });
   else if (cmd === 'measure') {
     const cpu = process.cpuUsage();

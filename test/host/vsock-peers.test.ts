@@ -294,3 +294,33 @@ test(
     }
   },
 );
+
+test(
+  'vsock peers: data right after CONNECT while the guest has not answered does not keep the loop busy',
+  { skip, timeout: 30_000 },
+  async (t) => {
+    const dir = tempDir('typervisor-vsock-');
+    const uds = join(dir, 'v.sock');
+    const child = await Child.start(uds);
+    let peer: Socket | undefined;
+    try {
+      child.send('mute');
+      const d = await dial(uds);
+      peer = d.sock;
+      peer.on('error', () => {});
+      peer.write('CONNECT 52\nearly data the guest cannot take yet');
+      await until(
+        'the connection to wait for the guest',
+        async () => (await child.stats()).budgets.sockets === 1,
+        5000,
+      );
+      const { cpu, stats } = await child.measure(3000);
+      t.diagnostic(`waiting for the guest with data pending: child CPU ${(cpu * 100).toFixed(1)}%`);
+      assert.ok(cpu < 0.3, `CPU ${(cpu * 100).toFixed(1)}% while the guest does not answer`);
+      assert.equal(stats.counters.connectionsHost, 1);
+    } finally {
+      peer?.destroy();
+      child.kill();
+    }
+  },
+);
