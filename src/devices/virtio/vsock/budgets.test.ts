@@ -315,6 +315,32 @@ test('vsock budget: at most MAX_PENDING_HANDSHAKES handshakes; ACCEPT_BATCH acce
   assert.equal(t.dev.budgets.handshakes, 1);
 });
 
+test('vsock budget: at most MAX_PENDING_HANDSHAKES host connections wait for a guest that does not answer', () => {
+  const t = setup();
+  const dialled = [];
+  for (let i = 0; i <= MAX_PENDING_HANDSHAKES; i++) {
+    const fd = t.host.dial();
+    t.host.socks.get(fd)!.inbox.push(...Buffer.from(`CONNECT ${100 + i}\n`));
+    t.dev.onListen();
+    t.dev.onSocket(fd, true, false, false);
+    dialled.push(fd);
+  }
+  assert.equal(t.dev.connectionCount, MAX_PENDING_HANDSHAKES);
+  assert.ok(t.host.socks.get(dialled.at(-1)!)!.closed);
+  assert.equal(t.dev.counters.handshakesRefused, 1);
+  assert.ok(t.logs.some((m) => m.includes('wait for the guest')));
+  // The guest answers one: room for the next.
+  t.addRx(MAX_PENDING_HANDSHAKES + 8, VSOCK_HDR_SIZE);
+  const reqs = t.received().filter((p) => p.op === OP_REQUEST);
+  t.send({ op: OP_RESPONSE, srcPort: reqs[0]!.dstPort, dstPort: reqs[0]!.srcPort });
+  const fd = t.host.dial();
+  t.host.socks.get(fd)!.inbox.push(...Buffer.from('CONNECT 7\n'));
+  t.dev.onListen();
+  t.dev.onSocket(fd, true, false, false);
+  assert.ok(!t.host.socks.get(fd)!.closed);
+  assert.equal(t.dev.connectionCount, MAX_PENDING_HANDSHAKES + 1);
+});
+
 test('vsock budget: accept failing (EMFILE) unwatches the listener and backs off', () => {
   const t = setup();
   const emfile = Object.assign(new Error('accept4: EMFILE'), { code: 'EMFILE' });

@@ -54,7 +54,10 @@ export interface VsockCounters {
   rstDropped: number;
   /** Control packets that replaced one of the same kind already waiting for the guest. */
   controlCoalesced: number;
-  /** Host sockets closed at once: MAX_PENDING_HANDSHAKES were already handshaking. */
+  /**
+   * Host sockets closed at once: MAX_PENDING_HANDSHAKES were already handshaking, or that many
+   * host connections were already waiting for the guest's answer.
+   */
   handshakesRefused: number;
   /** Host sockets that did not send a complete CONNECT line within HANDSHAKE_TIMEOUT_MS. */
   handshakeTimeouts: number;

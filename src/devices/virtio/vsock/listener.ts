@@ -6,7 +6,8 @@
  * consumed: those bytes are the first data for the guest.
  *
  * Budgets (host programs are untrusted too): at most MAX_PENDING_HANDSHAKES sockets may be
- * sending their line at once (more are accepted and closed at once), each gets
+ * sending their line at once (more are accepted and closed at once), and as many may then wait
+ * for the guest's answer (the muxer closes more; both counted as handshakes_refused); each gets
  * HANDSHAKE_TIMEOUT_MS to finish it, and one wake-up accepts at most ACCEPT_BATCH sockets.
  * When accept fails (EMFILE, ENFILE: the process is out of descriptors) the listening socket,
  * which stays readable, is unwatched and re-armed by a timer that backs off from
@@ -16,7 +17,7 @@ import type { VsockCounters, VsockHost, VsockReport } from './host.js';
 import { parseConnectLine } from './packet.js';
 
 const MAX_CONNECT_LINE = 32;
-/** Host sockets still sending their CONNECT line, at most. */
+/** Host sockets still sending their CONNECT line, at most; as many may wait for the guest. */
 export const MAX_PENDING_HANDSHAKES = 64;
 /** A host socket has this long to send a complete CONNECT line. */
 export const HANDSHAKE_TIMEOUT_MS = 5_000;

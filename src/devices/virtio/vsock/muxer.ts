@@ -12,7 +12,7 @@
 import { sliceSegments } from '../chain.js';
 import { type Connection, type GuestSend } from './connection.js';
 import { type VsockHost, type VsockReport, zeroCounters } from './host.js';
-import { HostListener } from './listener.js';
+import { HostListener, MAX_PENDING_HANDSHAKES } from './listener.js';
 import {
   MAX_PKT_PAYLOAD,
   OP_CREDIT_REQUEST,
@@ -213,6 +213,14 @@ export class VsockMuxer {
   /** A host program asked for guest port `port`: offer it to the guest, for a while. */
   private hostConnect(fd: number, port: number): void {
     if (!this.table.roomForConnection(`a host connection to guest port ${port}`)) {
+      this.host.close(fd);
+      return;
+    }
+    // Host programs may not fill the table with connections the guest does not answer.
+    if (this.table.count((c) => c.state.kind === 'host-connecting') >= MAX_PENDING_HANDSHAKES) {
+      this.counters.handshakesRefused++;
+      const m = `${MAX_PENDING_HANDSHAKES} host connections wait for the guest: one more closed`;
+      this.report.logOnce('host-connect-cap', m);
       this.host.close(fd);
       return;
     }

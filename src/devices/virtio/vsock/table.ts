@@ -76,6 +76,13 @@ export class ConnectionTable {
     return this.conns.size;
   }
 
+  /** Connections in the table for which `pred` holds. */
+  count(pred: (c: Connection) => boolean): number {
+    let n = 0;
+    for (const c of this.conns.values()) if (pred(c)) n++;
+    return n;
+  }
+
   /** Sockets held by connections, closing ones included (what MAX_CONNECTIONS caps). */
   get sockets(): number {
     return this.byFd.size;
