@@ -16,8 +16,6 @@ import type { VsockHeader } from './packet.js';
 export const BUF_ALLOC = 256 * 1024;
 /** A CREDIT_UPDATE is volunteered once this much was forwarded since the guest last heard. */
 const CREDIT_UPDATE_THRESHOLD = BUF_ALLOC / 4;
-/** At most this many pending chunks go into one write. */
-const WRITE_CHUNKS = 64;
 
 /** The guest's sending direction: 'shut' after it sent SHUTDOWN with the SEND flag. */
 export type GuestSend = 'open' | 'shut';
@@ -49,40 +47,103 @@ export type ConnectionState =
  */
 export type Watch = { kind: 'watching'; read: boolean; write: boolean } | { kind: 'parked' };
 
-/** Guest data not yet taken by the socket. Chunks are copies: guest memory views are not kept. */
-export class PendingBytes {
-  private readonly chunks: Uint8Array[] = [];
+/** The smallest storage a ByteRing allocates; it doubles up to its capacity as data waits. */
+const RING_MIN = 4096;
+
+/**
+ * Guest data not yet taken by the socket: one byte ring whose capacity is the credit we
+ * advertise (BUF_ALLOC), so what a connection holds is bounded by what it allowed the guest to
+ * send, however the guest cuts it into packets (1-byte segments cost 1 byte each). Storage
+ * grows by doubling from RING_MIN as data waits and is released once the ring is empty, so an
+ * idle connection holds none. Bytes are copied in: guest memory views are never kept.
+ */
+export class ByteRing {
+  private buf: Uint8Array | undefined;
+  /** Index of the first byte in `buf`. */
+  private start = 0;
   private count = 0;
+
+  constructor(readonly capacity: number) {}
 
   get bytes(): number {
     return this.count;
   }
 
-  /** Copies bytes [from, total) of `data` (`total` bytes long). */
-  keep(data: readonly Uint8Array[], from: number, total: number): void {
-    for (const s of sliceSegments(data, from, total - from)) this.chunks.push(s.slice());
-    this.count += total - from;
+  /** Room left before the ring is full. */
+  get free(): number {
+    return this.capacity - this.count;
   }
 
-  /** The first chunks, for one write. */
+  /** Bytes of storage allocated now (<= capacity). */
+  get allocated(): number {
+    return this.buf?.length ?? 0;
+  }
+
+  /**
+   * Copies bytes [from, total) of `data` (`total` bytes long) in. The caller checked that they
+   * fit (free >= total - from); more is a bug of ours, so it throws.
+   */
+  keep(data: readonly Uint8Array[], from: number, total: number): void {
+    const n = total - from;
+    if (n <= 0) return;
+    if (n > this.free) throw new Error(`ByteRing: ${n} bytes with ${this.free} free`);
+    this.reserve(this.count + n);
+    const buf = this.buf!;
+    for (const s of sliceSegments(data, from, n)) {
+      let off = 0;
+      while (off < s.length) {
+        const end = (this.start + this.count) % buf.length;
+        const k = Math.min(s.length - off, buf.length - end);
+        buf.set(s.subarray(off, off + k), end);
+        off += k;
+        this.count += k;
+      }
+    }
+  }
+
+  /** The waiting bytes as at most two views (the ring may wrap), for one write. */
   head(): Uint8Array[] {
-    return this.chunks.slice(0, WRITE_CHUNKS);
+    const buf = this.buf;
+    if (!buf || this.count === 0) return [];
+    const first = Math.min(this.count, buf.length - this.start);
+    const out = [buf.subarray(this.start, this.start + first)];
+    if (first < this.count) out.push(buf.subarray(0, this.count - first));
+    return out;
   }
 
   /** Drops the first `n` bytes (the socket took them). */
   consume(n: number): void {
-    this.count -= n;
-    let left = n;
-    while (left > 0) {
-      const head = this.chunks[0]!;
-      if (head.length <= left) {
-        left -= head.length;
-        this.chunks.shift();
-      } else {
-        this.chunks[0] = head.subarray(left);
-        left = 0;
+    const buf = this.buf;
+    if (!buf) return;
+    const k = Math.min(n, this.count);
+    this.start = (this.start + k) % buf.length;
+    this.count -= k;
+    if (this.count === 0) this.clear();
+  }
+
+  /** Drops everything and releases the storage. */
+  clear(): void {
+    this.buf = undefined;
+    this.start = 0;
+    this.count = 0;
+  }
+
+  /** Makes room for `need` bytes: storage doubles (linearized) up to the capacity. */
+  private reserve(need: number): void {
+    const old = this.buf;
+    if (old && old.length >= need) return;
+    let size = Math.max(old?.length ?? 0, RING_MIN);
+    while (size < need) size *= 2;
+    const next = new Uint8Array(Math.min(size, this.capacity));
+    if (old) {
+      let at = 0;
+      for (const v of this.head()) {
+        next.set(v, at);
+        at += v.length;
       }
     }
+    this.buf = next;
+    this.start = 0;
   }
 }
 
@@ -96,13 +157,15 @@ export class Connection {
   private forwardedBytes = 0;
   /** The fwd_cnt the guest last got from us. */
   private fwdCntSent = 0;
-  readonly pending = new PendingBytes();
+  readonly pending = new ByteRing(BUF_ALLOC);
   /**
-   * Starts as "nothing". Known issue, kept as it was: a host-initiated socket is in fact still
-   * watched for reading by its handshake, so bytes the host program sent after its CONNECT line
-   * keep a level-triggered event loop busy until the guest answers (or the connect times out).
+   * What the fd is watched for now: nothing for a socket we connected; for a host-initiated one,
+   * reading (its handshake watched it), which the first updateWatch turns off until the guest
+   * has accepted (so bytes sent after the CONNECT line cannot keep the loop busy).
    */
-  watch: Watch = { kind: 'watching', read: false, write: false };
+  watch: Watch;
+  /** Cancels the timer that ends this connection's current wait (the guest's answer, linger). */
+  deadline: (() => void) | undefined;
 
   constructor(
     readonly fd: number,
@@ -111,7 +174,16 @@ export class Connection {
     /** Guest side port. */
     readonly peer: number,
     public state: ConnectionState,
-  ) {}
+    /** The socket is already watched for reading (a host-initiated one, after its handshake). */
+    watchedForRead = false,
+  ) {
+    this.watch = { kind: 'watching', read: watchedForRead, write: false };
+  }
+
+  clearDeadline(): void {
+    this.deadline?.();
+    this.deadline = undefined;
+  }
 
   get fwdCnt(): number {
     return this.forwardedBytes;

@@ -40,10 +40,15 @@ export const vsockDevice: DeviceType<VsockConfig, VsockHostData> = {
       env.name,
       host.cid,
       host.uds,
-      unixVsockHost(env.sys, env.loop, host.listenFd, (fd, r, w, h) => vsock.onSocket(fd, r, w, h)),
+      unixVsockHost(
+        env.sys,
+        env.loop,
+        host.listenFd,
+        (fd, r, w, h) => vsock.onSocket(fd, r, w, h),
+        () => vsock.onListen(),
+      ),
       (m) => env.log(m),
     );
-    env.loop.add(host.listenFd, { process: () => vsock.onListen() });
     return {
       backend: vsock,
       metrics: () => {
@@ -60,6 +65,18 @@ export const vsockDevice: DeviceType<VsockConfig, VsockHostData> = {
           muxer_event_fails: c.malformed,
           conn_event_fails: c.connectFailures + c.connectTimeouts + c.badHandshakes,
           rst_sent: c.resetsSent,
+          // Budgets (issue 12): each counts a cap that was hit.
+          conns_refused: c.connsRefused,
+          conns_killed: c.connsKilled,
+          credit_violations: c.creditViolations,
+          rst_dropped: c.rstDropped,
+          control_coalesced: c.controlCoalesced,
+          handshakes_refused: c.handshakesRefused,
+          handshake_timeouts: c.handshakeTimeouts,
+          connect_timeouts: c.connectTimeouts,
+          accept_fails: c.acceptFails,
+          tx_budget_yields: c.txBudgetYields,
+          rx_budget_yields: c.rxBudgetYields,
         };
       },
     };

@@ -9,6 +9,11 @@
  * not when the guest kicks. TX packets are parsed here and handed to the muxer (muxer.ts), which
  * owns the connections (connection.ts) and the host listener (listener.ts).
  *
+ * Work budget: TX is self-served too, so that one kick handles at most TX_BUDGET_PACKETS
+ * packets or TX_BUDGET_BYTES bytes; the rest waits for a timer of 0 ms, which runs after the
+ * current batch of events (other devices and sockets are served in between). RX fills at most
+ * RX_BUDGET_PACKETS buffers or RX_BUDGET_BYTES bytes per wake-up, likewise.
+ *
  * Errors: packets with no header or the wrong addresses are dropped; malformed ones, unknown
  * ops, non-stream types, VMADDR_PORT_ANY ports, packets for no connection and credit
  * violations are answered with RST; all are counted and logged once per kind.
@@ -32,8 +37,12 @@ export const DEVICE_ID_VSOCK = 19;
 export const RX_QUEUE = 0;
 export const TX_QUEUE = 1;
 export const EVENT_QUEUE = 2;
-/** RX buffers filled per call, so one busy socket cannot hold the device thread. */
-const RX_BATCH = 256;
+/** TX packets, and their payload bytes, handled per kick before yielding to the loop. */
+export const TX_BUDGET_PACKETS = 64;
+export const TX_BUDGET_BYTES = 256 * 1024;
+/** RX buffers, and payload bytes, filled per wake-up before yielding to the loop. */
+export const RX_BUDGET_PACKETS = 64;
+export const RX_BUDGET_BYTES = 256 * 1024;
 
 export function vsockIdentity(cid: number): VirtioDeviceIdentity {
   const config = new Uint8Array(8);
@@ -62,12 +71,15 @@ const VsockStateV1 = versioned(
 );
 
 export class VsockDevice implements VirtioBackend {
-  readonly selfServed = [RX_QUEUE, EVENT_QUEUE] as const;
+  readonly selfServed = [RX_QUEUE, TX_QUEUE, EVENT_QUEUE] as const;
   private io: QueueIo | undefined;
   private readonly mux: VsockMuxer;
   /** An RX buffer popped but not filled (nothing was ready after all): used first next time. */
   private held: DescriptorChain | undefined;
   private resetEventPending = false;
+  /** A timer will continue TX (RX) work that stopped at its budget. */
+  private txResume: (() => void) | undefined;
+  private rxResume: (() => void) | undefined;
   private readonly logged = new Set<string>();
   /** `counters()`: a copy of the device's counters; `counters.x`: one of them, live. */
   readonly counters: CountersView;
@@ -86,10 +98,24 @@ export class VsockDevice implements VirtioBackend {
     };
     this.mux = new VsockMuxer(cid, uds, host, report, () => this.processRx());
     this.counters = countersView(this.mux.counters);
+    this.host = host;
   }
+
+  private readonly host: VsockHost;
 
   get connectionCount(): number {
     return this.mux.connectionCount;
+  }
+
+  /** What the device holds for its budgets, for tests and diagnostics. */
+  get budgets(): {
+    controlQueued: number;
+    sockets: number;
+    handshakes: number;
+    bufferedBytes: number;
+    bufferAllocated: number;
+  } {
+    return this.mux.budgets();
   }
 
   activate(_features: bigint, io: QueueIo): void {
@@ -101,6 +127,9 @@ export class VsockDevice implements VirtioBackend {
   deactivate(): void {
     this.io = undefined;
     this.held = undefined;
+    this.txResume?.();
+    this.rxResume?.();
+    this.txResume = this.rxResume = undefined;
     this.mux.stop();
   }
 
@@ -118,12 +147,43 @@ export class VsockDevice implements VirtioBackend {
     if (queue === RX_QUEUE) {
       this.mux.unblockRx();
       this.processRx();
-    } else if (queue === EVENT_QUEUE) this.deliverEvents();
+    } else if (queue === TX_QUEUE) this.processTx();
+    else if (queue === EVENT_QUEUE) this.deliverEvents();
   }
 
-  /** TX packets from the guest. */
+  /** TX packets from the guest (TX is self-served: VirtioDevice calls this only if it is not). */
   handle(queue: number, chain: DescriptorChain): number {
     if (queue !== TX_QUEUE) return 0;
+    this.txPacket(chain);
+    this.processRx();
+    return 0;
+  }
+
+  /** Handles TX packets up to the budget; more wait for a timer (after other events). */
+  private processTx(): void {
+    const io = this.io;
+    if (!io || this.txResume) return; // a timer continues already
+    let bytes = 0;
+    let n = 0;
+    for (; n < TX_BUDGET_PACKETS && bytes < TX_BUDGET_BYTES; n++) {
+      const chain = io.pop(TX_QUEUE);
+      if (!chain) break;
+      bytes += chain.readableLength;
+      this.txPacket(chain);
+      io.pushUsed(TX_QUEUE, chain.head, 0);
+    }
+    if (n > 0) io.notify(TX_QUEUE);
+    if (n === TX_BUDGET_PACKETS || bytes >= TX_BUDGET_BYTES) {
+      this.mux.counters.txBudgetYields++;
+      this.txResume = this.host.after(0, () => {
+        this.txResume = undefined;
+        this.guarded('TX', () => this.processTx());
+      });
+    }
+    this.processRx();
+  }
+
+  private txPacket(chain: DescriptorChain): void {
     const counters = this.mux.counters;
     counters.txPackets++;
     const p = parsePacket(chain.readable, chain.readableLength, this.cid);
@@ -135,8 +195,6 @@ export class VsockDevice implements VirtioBackend {
       this.guestError(e.kind, `bad packet (${e.kind}): ${e.message}`);
       if (e.action === 'rst' && e.hdr) this.mux.refuse(e.hdr);
     }
-    this.processRx();
-    return 0;
   }
 
   save(): Uint8Array {
@@ -170,10 +228,12 @@ export class VsockDevice implements VirtioBackend {
 
   private processRx(): void {
     const io = this.io;
-    if (!io) return;
+    if (!io || this.rxResume) return; // a timer continues already
     const counters = this.mux.counters;
     let used = 0;
-    for (let i = 0; i < RX_BATCH && this.mux.hasRxWork(); i++) {
+    let bytes = 0;
+    let i = 0;
+    for (; i < RX_BUDGET_PACKETS && bytes < RX_BUDGET_BYTES && this.mux.hasRxWork(); i++) {
       const chain = this.held ?? io.pop(RX_QUEUE);
       this.held = undefined;
       if (!chain) {
@@ -193,9 +253,17 @@ export class VsockDevice implements VirtioBackend {
       io.pushUsed(RX_QUEUE, chain.head, n);
       counters.rxPackets++;
       counters.rxBytes += n - VSOCK_HDR_SIZE;
+      bytes += n - VSOCK_HDR_SIZE;
       used++;
     }
     if (used > 0) io.notify(RX_QUEUE);
+    if ((i === RX_BUDGET_PACKETS || bytes >= RX_BUDGET_BYTES) && this.mux.hasRxWork()) {
+      counters.rxBudgetYields++;
+      this.rxResume = this.host.after(0, () => {
+        this.rxResume = undefined;
+        this.guarded('RX', () => this.processRx());
+      });
+    }
   }
 
   private deliverEvents(): void {
@@ -208,6 +276,18 @@ export class VsockDevice implements VirtioBackend {
     new DataView(ev.buffer).setUint32(0, EVENT_TRANSPORT_RESET, true);
     io.pushUsed(EVENT_QUEUE, chain.head, scatter(chain.writable, ev));
     io.notify(EVENT_QUEUE);
+  }
+
+  /**
+   * Work resumed from a timer: an exception (a bug of ours) is logged once, as VirtioDevice
+   * does for kicks, instead of reaching the loop (which would log it every time).
+   */
+  private guarded(what: string, fn: () => void): void {
+    try {
+      fn();
+    } catch (e) {
+      this.logOnce('exception', `${what} failed with an exception: ${(e as Error).stack ?? e}`);
+    }
   }
 
   private guestError(kind: string, message: string): void {

@@ -15,13 +15,18 @@ export interface VsockHost {
   /** Writes: bytes, or -1 when it would block. Throws on errors (EPIPE...). */
   write(fd: number, buffers: Uint8Array[]): number;
   shutdownWrite(fd: number): void;
-  /** Calls `fn` once after `ms` on the device's thread. */
-  after(ms: number, fn: () => void): void;
+  /**
+   * Calls `fn` once after `ms` on the device's thread (0: after the current batch of events,
+   * so other devices are served first); returns a function that cancels it.
+   */
+  after(ms: number, fn: () => void): () => void;
   /** Stops watching the fd and closes it. */
   close(fd: number): void;
   /** Sets what the fd is watched for; events come back through VsockDevice.onSocket. */
   watch(fd: number, read: boolean, write: boolean): void;
   unwatch(fd: number): void;
+  /** Watches the listening socket (its events go to VsockDevice.onListen) or stops watching it. */
+  watchListener(on: boolean): void;
 }
 
 export interface VsockCounters {
@@ -41,6 +46,27 @@ export interface VsockCounters {
   /** Host-initiated connections the guest did not answer within CONNECT_TIMEOUT_MS. */
   connectTimeouts: number;
   badHandshakes: number;
+  /** Guest REQUESTs and host connections refused because MAX_CONNECTIONS sockets are open. */
+  connsRefused: number;
+  /** Closed connections whose host socket did not take the rest within CLOSE_LINGER_MS. */
+  connsKilled: number;
+  /** RSTs not queued: MAX_PENDING_RESETS were already waiting for RX buffers. */
+  rstDropped: number;
+  /** Control packets that replaced one of the same kind already waiting for the guest. */
+  controlCoalesced: number;
+  /**
+   * Host sockets closed at once: MAX_PENDING_HANDSHAKES were already handshaking, or that many
+   * host connections were already waiting for the guest's answer.
+   */
+  handshakesRefused: number;
+  /** Host sockets that did not send a complete CONNECT line within HANDSHAKE_TIMEOUT_MS. */
+  handshakeTimeouts: number;
+  /** accept() failures (EMFILE, ENFILE...): each pauses the listener (backing off). */
+  acceptFails: number;
+  /** TX kicks that stopped at their budget and continued after other events. */
+  txBudgetYields: number;
+  /** RX fills that stopped at their budget and continued after other events. */
+  rxBudgetYields: number;
 }
 
 export function zeroCounters(): VsockCounters {
@@ -58,6 +84,15 @@ export function zeroCounters(): VsockCounters {
     connectFailures: 0,
     connectTimeouts: 0,
     badHandshakes: 0,
+    connsRefused: 0,
+    connsKilled: 0,
+    rstDropped: 0,
+    controlCoalesced: 0,
+    handshakesRefused: 0,
+    handshakeTimeouts: 0,
+    acceptFails: 0,
+    txBudgetYields: 0,
+    rxBudgetYields: 0,
   };
 }
 

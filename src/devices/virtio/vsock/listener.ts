@@ -4,21 +4,42 @@
  * the guest accepts (the muxer writes "OK <hostport>\n" then). Anything else is refused by
  * closing the socket. Lines are read one byte at a time so that nothing after the newline is
  * consumed: those bytes are the first data for the guest.
+ *
+ * Budgets (host programs are untrusted too): at most MAX_PENDING_HANDSHAKES sockets may be
+ * sending their line at once (more are accepted and closed at once), and as many may then wait
+ * for the guest's answer (the muxer closes more; both counted as handshakes_refused); each gets
+ * HANDSHAKE_TIMEOUT_MS to finish it, and one wake-up accepts at most ACCEPT_BATCH sockets.
+ * When accept fails (EMFILE, ENFILE: the process is out of descriptors) the listening socket,
+ * which stays readable, is unwatched and re-armed by a timer that backs off from
+ * ACCEPT_BACKOFF_MIN_MS to ACCEPT_BACKOFF_MAX_MS: no wake-up without progress.
  */
 import type { VsockCounters, VsockHost, VsockReport } from './host.js';
 import { parseConnectLine } from './packet.js';
 
 const MAX_CONNECT_LINE = 32;
+/** Host sockets still sending their CONNECT line, at most; as many may wait for the guest. */
+export const MAX_PENDING_HANDSHAKES = 64;
+/** A host socket has this long to send a complete CONNECT line. */
+export const HANDSHAKE_TIMEOUT_MS = 5_000;
+/** Sockets accepted per wake-up of the listener (it stays readable if there are more). */
+export const ACCEPT_BATCH = 64;
+/** accept failed: the listener is unwatched this long, doubling up to the maximum. */
+export const ACCEPT_BACKOFF_MIN_MS = 100;
+export const ACCEPT_BACKOFF_MAX_MS = 5_000;
 
 interface Handshake {
   fd: number;
   /** The line so far (without the newline). */
   line: string;
+  cancelTimer: () => void;
 }
 
 export class HostListener {
   /** Accepted sockets still sending their CONNECT line, by fd. */
   private readonly handshakes = new Map<number, Handshake>();
+  /** The next back-off after an accept failure; 0 while accept works. */
+  private backoffMs = 0;
+  private backingOff = false;
 
   constructor(
     private readonly host: VsockHost,
@@ -32,22 +53,36 @@ export class HostListener {
     return this.handshakes.has(fd);
   }
 
+  get pendingHandshakes(): number {
+    return this.handshakes.size;
+  }
+
   /** The listening socket is readable: take new host connections (`open`: a driver is there). */
   accept(open: boolean): void {
-    for (;;) {
+    if (this.backingOff) return; // a wake-up queued before we unwatched
+    for (let i = 0; i < ACCEPT_BATCH; i++) {
       let fd: number;
       try {
         fd = this.host.accept();
       } catch (e) {
-        this.report.logOnce('accept', `accept failed: ${(e as Error).message}`);
+        this.backOff(e as Error);
         return;
       }
+      this.backoffMs = 0;
       if (fd < 0) return;
       if (!open) {
         this.host.close(fd); // no driver: nobody could accept
         continue;
       }
-      this.handshakes.set(fd, { fd, line: '' });
+      if (this.handshakes.size >= MAX_PENDING_HANDSHAKES) {
+        this.counters.handshakesRefused++;
+        const m = `${MAX_PENDING_HANDSHAKES} host sockets are still sending CONNECT: another one closed`;
+        this.report.logOnce('handshake-cap', m);
+        this.host.close(fd);
+        continue;
+      }
+      const cancelTimer = this.host.after(HANDSHAKE_TIMEOUT_MS, () => this.timedOut(fd));
+      this.handshakes.set(fd, { fd, line: '', cancelTimer });
       this.host.watch(fd, true, false);
     }
   }
@@ -69,22 +104,66 @@ export class HostListener {
       if (b[0] === 0x0a) break;
       hs.line += String.fromCharCode(b[0]!);
     }
-    this.handshakes.delete(hs.fd);
+    this.drop(hs);
     const port = parseConnectLine(hs.line.replace(/\r$/, ''));
-    if (port === undefined || !open) return this.refuse(hs, hs.line);
+    if (port === undefined || !open) {
+      this.counters.badHandshakes++;
+      this.report.logOnce(
+        'handshake',
+        `bad host handshake ${JSON.stringify(hs.line.slice(0, 40))}`,
+      );
+      this.host.close(hs.fd);
+      return;
+    }
     this.connect(hs.fd, port);
   }
 
   /** The driver went away: handshakes in progress are dropped. */
   closeAll(): void {
-    for (const hs of this.handshakes.values()) this.host.close(hs.fd);
-    this.handshakes.clear();
+    for (const hs of [...this.handshakes.values()]) {
+      this.drop(hs);
+      this.host.close(hs.fd);
+    }
+  }
+
+  private drop(hs: Handshake): void {
+    this.handshakes.delete(hs.fd);
+    hs.cancelTimer();
   }
 
   private refuse(hs: Handshake, line: string): void {
     this.counters.badHandshakes++;
     this.report.logOnce('handshake', `bad host handshake ${JSON.stringify(line.slice(0, 40))}`);
-    this.handshakes.delete(hs.fd);
+    this.drop(hs);
     this.host.close(hs.fd);
+  }
+
+  private timedOut(fd: number): void {
+    const hs = this.handshakes.get(fd);
+    if (!hs) return;
+    this.counters.handshakeTimeouts++;
+    const m = `a host socket sent no complete CONNECT line within ${HANDSHAKE_TIMEOUT_MS} ms: closed`;
+    this.report.logOnce('handshake-timeout', m);
+    this.drop(hs);
+    this.host.close(fd);
+  }
+
+  /** accept failed: stop watching the listener for a while (it would stay readable). */
+  private backOff(e: Error): void {
+    this.counters.acceptFails++;
+    this.backoffMs = Math.min(
+      ACCEPT_BACKOFF_MAX_MS,
+      Math.max(ACCEPT_BACKOFF_MIN_MS, this.backoffMs * 2),
+    );
+    this.report.logOnce(
+      'accept',
+      `accept failed: ${e.message}; the listener is paused for ${this.backoffMs} ms, backing off up to ${ACCEPT_BACKOFF_MAX_MS} ms`,
+    );
+    this.backingOff = true;
+    this.host.watchListener(false);
+    this.host.after(this.backoffMs, () => {
+      this.backingOff = false;
+      this.host.watchListener(true);
+    });
   }
 }

@@ -5,12 +5,14 @@
  * packets and resets first, then data read from the sockets, within the guest's credit. The
  * device hands it parsed TX packets and RX buffers; it never sees a virtqueue.
  *
- * With no credit from the guest we stop reading that socket and ask with CREDIT_REQUEST.
+ * With no credit from the guest we stop reading that socket and ask with CREDIT_REQUEST, once
+ * per stall: a CREDIT_UPDATE that still gives no credit is not asked again (the guest sends
+ * one by itself when it frees space), so a stuck connection does not ping-pong.
  */
 import { sliceSegments } from '../chain.js';
-import { BUF_ALLOC, type Connection, type GuestSend } from './connection.js';
+import { type Connection, type GuestSend } from './connection.js';
 import { type VsockHost, type VsockReport, zeroCounters } from './host.js';
-import { HostListener } from './listener.js';
+import { HostListener, MAX_PENDING_HANDSHAKES } from './listener.js';
 import {
   MAX_PKT_PAYLOAD,
   OP_CREDIT_REQUEST,
@@ -65,6 +67,17 @@ export class VsockMuxer {
 
   get connectionCount(): number {
     return this.table.size;
+  }
+
+  budgets() {
+    const b = this.table.buffered();
+    return {
+      controlQueued: this.table.controlQueued,
+      sockets: this.table.sockets,
+      handshakes: this.listener.pendingHandshakes,
+      bufferedBytes: b.bytes,
+      bufferAllocated: b.allocated,
+    };
   }
 
   /** Were connections made since the last start()? (The driver that had them must be told.) */
@@ -131,6 +144,7 @@ export class VsockMuxer {
     }
     c.notePeerCredit(hdr);
     const s = c.state;
+    if (s.kind === 'established' && c.peerCredit() > 0) s.creditRequested = false;
     switch (hdr.op) {
       case OP_REQUEST:
         t.reset(c);
@@ -147,9 +161,9 @@ export class VsockMuxer {
         break;
       case OP_RW:
         if (s.kind !== 'established' || s.guestSend === 'shut') t.reset(c);
-        else if (c.pending.bytes + hdr.len > BUF_ALLOC) {
+        else if (hdr.len > c.pending.free) {
           this.counters.creditViolations++;
-          const credit = BUF_ALLOC - c.pending.bytes;
+          const credit = c.pending.free;
           const m = `credit violation on ${c.peer}->${c.local}: ${hdr.len} bytes with ${credit} of credit`;
           this.report.guestError('credit', m);
           t.reset(c);
@@ -159,7 +173,6 @@ export class VsockMuxer {
         }
         break;
       case OP_CREDIT_UPDATE:
-        if (s.kind === 'established') s.creditRequested = false;
         t.ready.add(c);
         break;
       case OP_CREDIT_REQUEST:
@@ -170,6 +183,10 @@ export class VsockMuxer {
   }
 
   private guestConnect(hdr: VsockHeader): void {
+    if (!this.table.roomForConnection(`guest port ${hdr.srcPort} -> host port ${hdr.dstPort}`)) {
+      this.table.sendRst(hdr.dstPort, hdr.srcPort);
+      return;
+    }
     let fd: number;
     try {
       fd = this.host.connect(`${this.uds}_${hdr.dstPort}`);
@@ -195,15 +212,30 @@ export class VsockMuxer {
 
   /** A host program asked for guest port `port`: offer it to the guest, for a while. */
   private hostConnect(fd: number, port: number): void {
+    if (!this.table.roomForConnection(`a host connection to guest port ${port}`)) {
+      this.host.close(fd);
+      return;
+    }
+    // Host programs may not fill the table with connections the guest does not answer.
+    if (this.table.count((c) => c.state.kind === 'host-connecting') >= MAX_PENDING_HANDSHAKES) {
+      this.counters.handshakesRefused++;
+      const m = `${MAX_PENDING_HANDSHAKES} host connections wait for the guest: one more closed`;
+      this.report.logOnce('host-connect-cap', m);
+      this.host.close(fd);
+      return;
+    }
     let local = this.nextLocal;
     while (this.table.find(local, port)) local = nextPort(local);
     this.nextLocal = nextPort(local);
-    const c = this.table.add(fd, local, port, { kind: 'host-connecting', guestSend: 'open' });
+    // Its handshake watched the socket for reading: updateWatch turns that off until the guest
+    // accepts, so bytes sent after the CONNECT line do not keep the loop busy meanwhile.
+    const c = this.table.add(fd, local, port, { kind: 'host-connecting', guestSend: 'open' }, true);
     this.connectedSinceStart = true;
     this.counters.connectionsHost++;
     this.table.sendControl(c, OP_REQUEST, 0);
     this.table.updateWatch(c);
-    this.host.after(CONNECT_TIMEOUT_MS, () => {
+    c.deadline = this.host.after(CONNECT_TIMEOUT_MS, () => {
+      c.deadline = undefined;
       if (c.state.kind !== 'host-connecting' || !this.table.open(c)) return;
       this.counters.connectTimeouts++;
       const m = `guest port ${port} did not answer within ${CONNECT_TIMEOUT_MS} ms`;
@@ -215,6 +247,7 @@ export class VsockMuxer {
 
   /** The guest accepted a host-initiated connection: "OK <port>\n" to the host program. */
   private guestAccepted(c: Connection, guestSend: GuestSend): void {
+    c.clearDeadline();
     c.state = { kind: 'established', guestSend, hostSend: 'open', creditRequested: false };
     // A fresh socket takes a short line whole; a socket that does not is reset.
     const ok = new TextEncoder().encode(`OK ${c.local}\n`);
@@ -228,8 +261,8 @@ export class VsockMuxer {
     if ((flags & (SHUTDOWN_SEND | SHUTDOWN_RCV)) === (SHUTDOWN_SEND | SHUTDOWN_RCV)) {
       // Both directions closed: answer RST (as Linux expects), flush what is left, then close.
       this.table.sendRst(c.local, c.peer);
-      this.table.forget(c);
-      c.state = { kind: 'closing' };
+      this.table.linger(c);
+      return;
     }
     this.table.flush(c);
   }

@@ -35,10 +35,11 @@ function quietHost(): VsockHost & { closed: Set<number> } {
     read: () => -1,
     write: (_fd, bufs) => bufs.reduce((a, b) => a + b.length, 0),
     shutdownWrite() {},
-    after() {},
+    after: () => () => {},
     close: (fd) => void closed.add(fd),
     watch() {},
     unwatch() {},
+    watchListener() {},
   };
 }
 

@@ -6,14 +6,25 @@
  *
  * Back-pressure: with no RX buffer at all (blockRx) we stop reading every socket until the guest
  * kicks the RX queue (unblockRx), as virtio-net does.
+ *
+ * Budgets (issue 12: a guest that posts no RX buffers must not grow us): control packets are
+ * coalesced (one pending packet per op and connection, one pending RST per port pair, a later
+ * one replacing and re-queueing an earlier one), so the per-connection ones are bounded by the
+ * connection cap; pending RSTs are capped at MAX_PENDING_RESETS, beyond which they are dropped
+ * and counted (a guest that never reads its RSTs does not need them all; one that keeps talking
+ * to a dead connection gets another). Connections are capped at MAX_CONNECTIONS open sockets.
  */
 import { scatter } from '../chain.js';
 import { BUF_ALLOC, Connection, type ConnectionState } from './connection.js';
 import type { VsockCounters, VsockHost, VsockReport } from './host.js';
 import {
   HOST_CID,
+  OP_CREDIT_REQUEST,
   OP_CREDIT_UPDATE,
+  OP_REQUEST,
+  OP_RESPONSE,
   OP_RST,
+  OP_SHUTDOWN,
   TYPE_STREAM,
   VSOCK_HDR_SIZE,
   type VsockHeader,
@@ -24,12 +35,32 @@ import {
 type Control = { conn?: Connection; hdr: VsockHeader };
 
 const key = (local: number, peer: number) => `${local}:${peer}`;
+/** The queue key of a control packet: at most one per (op, port pair) waits for the guest. */
+const controlKey = (op: number, local: number, peer: number) => `${op}:${local}:${peer}`;
+/** The ops of control packets tied to a live connection (dropped when it closes). */
+const CONNECTION_OPS = [OP_REQUEST, OP_RESPONSE, OP_SHUTDOWN, OP_CREDIT_UPDATE, OP_CREDIT_REQUEST];
+
+/**
+ * Open sockets of guest connections (closing ones included) per device. Firecracker allows
+ * 1023; beyond it a guest REQUEST gets RST and a host connection is closed, both counted.
+ */
+export const MAX_CONNECTIONS = 1024;
+/** RSTs waiting for the guest to post RX buffers; more are dropped and counted. */
+export const MAX_PENDING_RESETS = 1024;
+/**
+ * A connection the guest closed both ways gets this long for the host program to take what is
+ * still buffered for it (Firecracker: CONN_SHUTDOWN_TIMEOUT_MS, 2 s); then it is closed
+ * anyway (counted), so a host program that never reads cannot hold a descriptor forever.
+ */
+export const CLOSE_LINGER_MS = 2_000;
 
 export class ConnectionTable {
   private readonly conns = new Map<string, Connection>();
   /** Every connection with an open socket, including closing ones (no longer in `conns`). */
   private readonly byFd = new Map<number, Connection>();
-  private readonly control: Control[] = [];
+  /** Control packets for the guest, in order; keys from controlKey (see the budgets above). */
+  private readonly control = new Map<string, Control>();
+  private resetsQueued = 0;
   /** Connections whose socket may have data for the guest. */
   readonly ready = new Set<Connection>();
   private rxBlocked = false;
@@ -43,6 +74,45 @@ export class ConnectionTable {
 
   get size(): number {
     return this.conns.size;
+  }
+
+  /** Connections in the table for which `pred` holds. */
+  count(pred: (c: Connection) => boolean): number {
+    let n = 0;
+    for (const c of this.conns.values()) if (pred(c)) n++;
+    return n;
+  }
+
+  /** Sockets held by connections, closing ones included (what MAX_CONNECTIONS caps). */
+  get sockets(): number {
+    return this.byFd.size;
+  }
+
+  /** Control packets waiting for RX buffers. */
+  get controlQueued(): number {
+    return this.control.size;
+  }
+
+  /** Is there room for one more connection? If not, counts the refusal and logs it once. */
+  roomForConnection(who: string): boolean {
+    if (this.byFd.size < MAX_CONNECTIONS) return true;
+    this.counters.connsRefused++;
+    this.report.logOnce(
+      'conn-cap',
+      `connection table full (${MAX_CONNECTIONS} connections): ${who} refused`,
+    );
+    return false;
+  }
+
+  /** Guest data held for host sockets, and the storage it takes (bytes). */
+  buffered(): { bytes: number; allocated: number } {
+    let bytes = 0;
+    let allocated = 0;
+    for (const c of this.byFd.values()) {
+      bytes += c.pending.bytes;
+      allocated += c.pending.allocated;
+    }
+    return { bytes, allocated };
   }
 
   find(local: number, peer: number): Connection | undefined {
@@ -64,8 +134,14 @@ export class ConnectionTable {
     return this.byFd.get(c.fd) === c;
   }
 
-  add(fd: number, local: number, peer: number, state: ConnectionState): Connection {
-    const c = new Connection(fd, local, peer, state);
+  add(
+    fd: number,
+    local: number,
+    peer: number,
+    state: ConnectionState,
+    watchedForRead = false,
+  ): Connection {
+    const c = new Connection(fd, local, peer, state, watchedForRead);
     this.conns.set(key(local, peer), c);
     this.byFd.set(fd, c);
     return c;
@@ -79,6 +155,12 @@ export class ConnectionTable {
 
   close(c: Connection): void {
     this.forget(c);
+    for (const op of CONNECTION_OPS) {
+      const k = controlKey(op, c.local, c.peer);
+      if (this.control.get(k)?.conn === c) this.control.delete(k);
+    }
+    c.pending.clear();
+    c.clearDeadline();
     if (this.open(c)) {
       this.byFd.delete(c.fd);
       this.host.close(c.fd);
@@ -93,7 +175,8 @@ export class ConnectionTable {
 
   /** The driver is gone: every socket is closed, queued packets dropped. */
   closeAll(): void {
-    this.control.length = 0;
+    this.control.clear();
+    this.resetsQueued = 0;
     this.ready.clear();
     for (const c of [...this.byFd.values()]) this.close(c);
   }
@@ -115,23 +198,51 @@ export class ConnectionTable {
     };
   }
 
+  /**
+   * Queues a control packet of connection `c` for the guest. One of the same op already waiting
+   * is replaced (and moves to the back); SHUTDOWN flags accumulate.
+   */
   sendControl(c: Connection, op: number, flags: number): void {
-    this.control.push({ conn: c, hdr: this.header(c, op, flags) });
+    const k = controlKey(op, c.local, c.peer);
+    const before = this.control.get(k);
+    if (before) {
+      this.control.delete(k);
+      if (op === OP_SHUTDOWN) flags |= before.hdr.flags;
+      this.counters.controlCoalesced++;
+    }
+    this.control.set(k, { conn: c, hdr: this.header(c, op, flags) });
   }
 
+  /** Queues an RST for the port pair: coalesced with one already waiting; dropped when full. */
   sendRst(local: number, peer: number): void {
+    const k = controlKey(OP_RST, local, peer);
+    if (this.control.delete(k)) {
+      this.counters.controlCoalesced++;
+      this.resetsQueued--;
+    } else if (this.resetsQueued >= MAX_PENDING_RESETS) {
+      this.counters.rstDropped++;
+      this.report.logOnce(
+        'rst-cap',
+        `${MAX_PENDING_RESETS} RSTs wait for RX buffers the guest does not post: more are dropped`,
+      );
+      return;
+    }
     this.counters.resetsSent++;
-    this.control.push({ hdr: this.header({ local, peer }, OP_RST, 0) });
+    this.resetsQueued++;
+    this.control.set(k, { hdr: this.header({ local, peer }, OP_RST, 0) });
   }
 
   hasRxWork(): boolean {
-    return this.control.length > 0 || this.ready.size > 0;
+    return this.control.size > 0 || this.ready.size > 0;
   }
 
   /** Puts the next control packet in an RX buffer: its length, or 0 when none is queued. */
   takeControl(buffers: readonly Uint8Array[]): number {
-    const ctl = this.control.shift();
-    if (!ctl) return 0;
+    const first = this.control.entries().next();
+    if (first.done) return 0;
+    const [k, ctl] = first.value;
+    this.control.delete(k);
+    if (ctl.hdr.op === OP_RST) this.resetsQueued--;
     if (ctl.conn) {
       ctl.hdr.fwdCnt = ctl.conn.fwdCnt;
       ctl.conn.fwdCntTold();
@@ -167,6 +278,25 @@ export class ConnectionTable {
       else this.reset(c);
       return -1;
     }
+  }
+
+  /**
+   * The guest closed both directions: the connection leaves the table and lingers until its
+   * pending data is out, for at most CLOSE_LINGER_MS.
+   */
+  linger(c: Connection): void {
+    this.forget(c);
+    c.state = { kind: 'closing' };
+    this.flush(c);
+    if (!this.open(c)) return;
+    c.deadline = this.host.after(CLOSE_LINGER_MS, () => {
+      c.deadline = undefined;
+      if (!this.open(c)) return;
+      this.counters.connsKilled++;
+      const m = `a host socket took less than the guest sent within ${CLOSE_LINGER_MS} ms of its close`;
+      this.report.logOnce('linger', `${m}: closed with ${c.pending.bytes} bytes unsent`);
+      this.close(c);
+    });
   }
 
   /** Writes pending data; shuts or closes the socket when the guest is done and all is out. */

@@ -59,14 +59,20 @@ export type SocketEvents = (
   hangup: boolean,
 ) => void;
 
-/** Unix sockets for virtio-vsock, each watched on the worker's loop and reported to `onSocket`. */
+/**
+ * Unix sockets for virtio-vsock, each watched on the worker's loop and reported to `onSocket`;
+ * the listening socket is watched from the start and reported to `onListen`.
+ */
 export function unixVsockHost(
   sys: HostSys,
   loop: EventOps,
   listenFd: number,
   onSocket: SocketEvents,
+  onListen: () => void,
 ): VsockHost {
   const tags = new Map<number, number>();
+  const listener = { process: () => onListen() };
+  let listenTag: number | undefined = loop.add(listenFd, listener);
   const host: VsockHost = {
     connect(path) {
       const fd = sys.unixSocket();
@@ -83,7 +89,7 @@ export function unixVsockHost(
     read: (fd, bufs) => sys.readv(fd, bufs),
     write: (fd, bufs) => sys.sendv(fd, bufs),
     shutdownWrite: (fd) => sys.shutdown(fd, SHUT_WR),
-    after: (ms, fn) => void loop.setTimer(ms, fn),
+    after: (ms, fn) => loop.setTimer(ms, fn),
     close(fd) {
       host.unwatch(fd);
       sys.close(fd);
@@ -104,6 +110,13 @@ export function unixVsockHost(
       if (tag === undefined) return;
       tags.delete(fd);
       loop.remove(tag);
+    },
+    watchListener(on) {
+      if (on && listenTag === undefined) listenTag = loop.add(listenFd, listener);
+      else if (!on && listenTag !== undefined) {
+        loop.remove(listenTag);
+        listenTag = undefined;
+      }
     },
   };
   return host;

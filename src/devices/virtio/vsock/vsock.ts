@@ -7,15 +7,27 @@
  *   listener.ts    the host listener: accept and the "CONNECT <port>\n" handshake
  *   table.ts       the connection table: lookup, queued control packets, socket writes, closing
  *   muxer.ts       what guest packets do, host connections and their ports, filling RX buffers
- *   device.ts      the VirtioBackend: queues, activation, save/restore
+ *   device.ts      the VirtioBackend: queues, activation, save/restore, work budgets
  */
-export { BUF_ALLOC } from './connection.js';
+export { BUF_ALLOC, ByteRing } from './connection.js';
 export type { CountersView, VsockCounters, VsockHost } from './host.js';
 export { CONNECT_TIMEOUT_MS } from './muxer.js';
+export { CLOSE_LINGER_MS, MAX_CONNECTIONS, MAX_PENDING_RESETS } from './table.js';
+export {
+  ACCEPT_BACKOFF_MAX_MS,
+  ACCEPT_BACKOFF_MIN_MS,
+  ACCEPT_BATCH,
+  HANDSHAKE_TIMEOUT_MS,
+  MAX_PENDING_HANDSHAKES,
+} from './listener.js';
 export {
   DEVICE_ID_VSOCK,
   EVENT_QUEUE,
+  RX_BUDGET_BYTES,
+  RX_BUDGET_PACKETS,
   RX_QUEUE,
+  TX_BUDGET_BYTES,
+  TX_BUDGET_PACKETS,
   TX_QUEUE,
   VsockDevice,
   vsockIdentity,
