@@ -19,7 +19,7 @@
  *   MODE_CONSOLEFLOOD  a hostile console: writes 64-byte lines (63 bytes '0'..'n', then '\n') to
  *                  COM1 forever; every 256 bytes it reads the i8042 status, and a byte waiting
  *                  there (the VMM's Ctrl-Alt-Del) makes it reset through the i8042
- *   MODE_CONSOLEBURST  the same lines, BURST_BYTES of them in all, then poweroff
+ *   MODE_CONSOLEBURST  the same lines, BURST_BYTES bytes in all (256 KiB), then poweroff
  */
 #define COM1 0x3f8
 #define MARKER_PORT 0x3f0
@@ -29,7 +29,7 @@
 #define LOOP_COUNT 100000
 #endif
 #ifndef BURST_BYTES
-#define BURST_BYTES (1 << 20)
+#define BURST_BYTES (256 * 1024)
 #endif
 
 	.code32
