@@ -101,11 +101,18 @@ export function openConsoleOutput(
   }
   if (kind === 'file') return { sab, fd: consoleFd, mode: 'write', own: false };
   if (kind === 'socket') return { sab, fd: consoleFd, mode: 'send', own: false };
+  const reopen = (access: number) =>
+    openSync(`/proc/self/fd/${consoleFd}`, access | constants.O_NONBLOCK | constants.O_NOCTTY);
   try {
-    const fd = openSync(
-      `/proc/self/fd/${consoleFd}`,
-      constants.O_WRONLY | constants.O_NONBLOCK | constants.O_NOCTTY,
-    );
+    let fd: number;
+    try {
+      fd = reopen(constants.O_WRONLY);
+    } catch (e) {
+      // A FIFO whose reader has gone cannot be opened write-only without blocking (ENXIO);
+      // read-write it can, and it then fills and drops like any stalled console.
+      if ((e as NodeJS.ErrnoException).code !== 'ENXIO') throw e;
+      fd = reopen(constants.O_RDWR);
+    }
     return { sab, fd, mode: 'write', own: true };
   } catch (e) {
     return {
