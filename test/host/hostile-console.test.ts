@@ -100,6 +100,8 @@ interface Child {
   child: ChildProcess;
   stderr: () => string;
   exited: Promise<{ code: number | null; signal: NodeJS.Signals | null; at: number }>;
+  /** SIGKILLs it if it still runs (a failed test must not leave it behind), and reaps it. */
+  kill(): Promise<void>;
 }
 
 /** Starts the CLI with its stdout on `stdoutFd`; SIGKILLed after 40 s whatever happens. */
@@ -119,7 +121,15 @@ function startCli(args: string[], stdoutFd: number): Child {
         r({ code, signal, at: performance.now() });
       }),
   );
-  return { child, stderr: () => err, exited };
+  return {
+    child,
+    stderr: () => err,
+    exited,
+    async kill() {
+      if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
+      await exited;
+    },
+  };
 }
 
 function rssMib(pid: number): number {
@@ -170,8 +180,8 @@ describe('a hostile console: a guest floods COM1, the reader stops reading (KVM)
 
   test('typervisor run: bounded RSS, SIGTERM ends it at once with exit 0', T, async (t) => {
     const f = makeFifo();
+    const c = startCli(['run', '--kernel', guestPath('consoleflood'), '--memory', '32'], f.wfd);
     try {
-      const c = startCli(['run', '--kernel', guestPath('consoleflood'), '--memory', '32'], f.wfd);
       closeSync(f.wfd);
       const got = await readSome(f, 64 * 1024);
       assert.ok(got.toString('latin1').startsWith('tiny guest up\n'));
@@ -187,6 +197,7 @@ describe('a hostile console: a guest floods COM1, the reader stops reading (KVM)
       assert.ok(ex.at - sent < STOP_BOUND_MS, `exit took ${ex.at - sent} ms`);
       assert.ok(processGone(c.child.pid!));
     } finally {
+      await c.kill();
       f.close();
     }
   });
@@ -199,8 +210,8 @@ describe('a hostile console: a guest floods COM1, the reader stops reading (KVM)
       const dir = tempDir();
       const sock = join(dir, 'api.sock');
       const metrics = join(dir, 'metrics.json');
+      const c = startCli(['--api-sock', sock], f.wfd);
       try {
-        const c = startCli(['--api-sock', sock], f.wfd);
         closeSync(f.wfd);
         for (let i = 0; !existsSync(sock); i++) {
           assert.ok(i < 500, `no API socket: ${c.stderr()}`);
@@ -263,6 +274,7 @@ describe('a hostile console: a guest floods COM1, the reader stops reading (KVM)
         assert.equal(ex.code, 0, c.stderr());
         assert.ok(ex.at - sent < STOP_BOUND_MS, `exit took ${ex.at - sent} ms`);
       } finally {
+        await c.kill();
         f.close();
       }
     },
@@ -270,8 +282,8 @@ describe('a hostile console: a guest floods COM1, the reader stops reading (KVM)
 
   test('a reader that keeps up (a FIFO) gets all 256 KiB, in order', T, async (t) => {
     const f = makeFifo();
+    const c = startCli(['run', '--kernel', guestPath('consoleburst'), '--memory', '32'], f.wfd);
     try {
-      const c = startCli(['run', '--kernel', guestPath('consoleburst'), '--memory', '32'], f.wfd);
       closeSync(f.wfd);
       const parts: Buffer[] = [];
       let done = false;
@@ -290,6 +302,7 @@ describe('a hostile console: a guest floods COM1, the reader stops reading (KVM)
       assert.equal(body.length, BURST_BYTES, 'console bytes lost');
       checkLines(body);
     } finally {
+      await c.kill();
       f.close();
     }
   });
