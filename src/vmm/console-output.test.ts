@@ -175,3 +175,27 @@ test('a regular file is written as it is; close() leaves a caller fd open', () =
     rmSync(dir, { recursive: true, force: true });
   }
 });
+
+test('the main thread never waits for a writer that holds the lock', () => {
+  const f = fifo();
+  const state = openConsoleOutput(f.wfd, 1024);
+  const out = new ConsoleOutput(state);
+  try {
+    out.write(pattern(70 * 1024)); // the pipe full, the ring holding the rest
+    assert.ok(out.buffered() > 0);
+    f.read(); // room again
+    const lock = new Int32Array(state.sab, 0, 1);
+    Atomics.store(lock, 0, 1); // a vCPU writing (or stuck) holds the lock
+    assert.equal(out.flush(), false, 'flush() should give up at once');
+    const started = performance.now();
+    out.close(); // gives up on the lock after a bounded wait, marks the console gone
+    assert.ok(performance.now() - started < 1000);
+    Atomics.store(lock, 0, 0);
+    out.write(Buffer.from('y')); // gone: dropped and counted, not written
+    assert.equal(f.read().length, 0);
+    // Our fd was left open, not closed under the writer that held the lock.
+    assert.doesNotThrow(() => closeSync(state.fd));
+  } finally {
+    f.done();
+  }
+});

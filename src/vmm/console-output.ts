@@ -30,6 +30,8 @@ export const CONSOLE_OUTPUT_BUFFER_BYTES = 64 * 1024;
 /** The main thread's retry interval while bytes wait (doubling up to the maximum). */
 const FLUSH_RETRY_MIN_MS = 5;
 const FLUSH_RETRY_MAX_MS = 200;
+/** How long close() tries for the lock (held only for one non-blocking write at a time). */
+const CLOSE_LOCK_WAIT_MS = 100;
 
 /** How the sink is written: writev(2) on a non-blocking fd, or sendmsg(MSG_DONTWAIT). */
 export type ConsoleSinkMode = 'write' | 'send';
@@ -189,16 +191,28 @@ export class ConsoleOutput {
     return Atomics.load(this.s, S_LEN);
   }
 
-  /** Any thread: one non-blocking attempt to write out the ring. True if it is now empty. */
+  /**
+   * Any thread: one non-blocking attempt to write out the ring. True if it is now empty. Never
+   * waits for the lock (the main thread must not block on a vCPU): when a writer holds it, this
+   * returns false at once, and that writer tries the ring itself.
+   */
   flush(): boolean {
-    return this.mutex.with(() => {
+    if (!this.tryLock()) return false;
+    try {
       if (this.s[S_LEN]! > 0 && this.s[S_GONE] === 0) {
         const before = this.s[S_LEN]!;
         this.flushLocked();
         if (this.s[S_LEN]! < before) this.counters[C_FLUSHES]! += 1;
       }
       return this.s[S_LEN] === 0;
-    });
+    } finally {
+      this.mutex.unlock();
+    }
+  }
+
+  /** The lock if it is free now (SharedMutex's states: 0 free, 1 held, 2 held with waiters). */
+  private tryLock(): boolean {
+    return Atomics.compareExchange(this.s, S_LOCK, 0, 1) === 0;
   }
 
   /**
@@ -243,14 +257,28 @@ export class ConsoleOutput {
 
   /**
    * Main thread, at teardown (no vCPU runs): a last non-blocking flush, then the sink is marked
-   * gone (later writes are dropped and counted) and our private fd closed.
+   * gone (later writes are dropped and counted) and our private fd closed. A vCPU given up on
+   * could still hold the lock: then the fd is left open (the process is ending) rather than
+   * closed under a writer, and this does not wait more than CLOSE_LOCK_WAIT_MS.
    */
   close(): void {
-    this.flush();
-    this.mutex.with(() => Atomics.store(this.s, S_GONE, 1));
+    let locked = this.tryLock();
+    const nap = new Int32Array(new SharedArrayBuffer(4));
+    for (let ms = 0; !locked && ms < CLOSE_LOCK_WAIT_MS; ms++) {
+      Atomics.wait(nap, 0, 0, 1);
+      locked = this.tryLock();
+    }
+    if (locked) {
+      try {
+        if (this.s[S_LEN]! > 0 && this.s[S_GONE] === 0) this.flushLocked();
+      } finally {
+        Atomics.store(this.s, S_GONE, 1);
+        this.mutex.unlock();
+      }
+    } else Atomics.store(this.s, S_GONE, 1);
     Atomics.add(this.s, S_WAKE, 1);
     Atomics.notify(this.s, S_WAKE);
-    if (this.state.own) {
+    if (this.state.own && locked) {
       try {
         closeSync(this.state.fd);
       } catch {

@@ -55,7 +55,7 @@ export class Vmm {
   /** Resolves once with the event that ended the VM (all vCPU workers have exited). */
   readonly exited: Promise<VmExitEvent>;
   state: VmState = 'running';
-  /** A stop was asked for (it cannot be taken back: pause and resume refuse from then on). */
+  /** A stop was asked for (it cannot be taken back: from then on pause and resume do nothing). */
   stopping = false;
   private pausing: Promise<void> | undefined;
   private readonly cleanups: Array<() => void | Promise<void>> = [];
