@@ -285,7 +285,9 @@ async function deviceMetrics(built: BuiltVm): Promise<MetricGroups> {
   return {
     ...virtio,
     vcpu,
-    uart: { ...devices.serial.stats() },
+    // The UART's registers and its output path (missed_write_count: bytes dropped because the
+    // console reader did not keep up or had gone).
+    uart: { ...devices.serial.stats(), ...devices.console.stats() },
     i8042: { ...devices.i8042.stats() },
     unhandled: { ...devices.unhandled.stats() },
   };

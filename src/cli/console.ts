@@ -2,29 +2,68 @@
  * The guest's serial console on this process's stdin: raw mode on a TTY (with Ctrl-A x to
  * quit, as QEMU does), a plain pipe otherwise. Input is held back until the guest's driver has
  * the port open, and never dropped: when the UART's ring is full we wait for it to drain.
+ *
+ * What waits is bounded (issue 12): at most CONSOLE_INPUT_BUFFER_BYTES (plus the chunk that
+ * crossed the mark) are held here; past that stdin is paused, so the writer on the other side
+ * of the pipe or terminal is held back by the kernel instead of us buffering without end. It
+ * is resumed once the guest has taken the held bytes down to half the bound.
  */
+import type { Readable } from 'node:stream';
 import type { AttachedDevices } from '../vmm/index.js';
 import { log } from '../util/log.js';
 
+/** Console input held while the guest is not reading; past this stdin is paused. */
+export const CONSOLE_INPUT_BUFFER_BYTES = 64 * 1024;
 const CTRL_A = 0x01;
-const POLL_MS = 10;
+/** While the port is closed, how often to look again (backing off from the first to the second). */
+const PORT_POLL_MIN_MS = 10;
+const PORT_POLL_MAX_MS = 200;
+const SPACE_WAIT_MS = 100;
+
+/** What the console needs of the UART. */
+export type ConsoleSerial = Pick<
+  AttachedDevices['serial'],
+  'receiverEnabled' | 'pushInput' | 'waitForInputSpace'
+>;
+
+/** stdin, or a stand-in for it in tests. */
+export type ConsoleInput = Readable & {
+  isTTY?: boolean;
+  setRawMode?(raw: boolean): unknown;
+  unref?(): unknown;
+};
 
 export class Console {
   private pending: Buffer[] = [];
+  private pendingBytes = 0;
+  /** stdin is paused because pendingBytes reached the bound. */
+  private held = false;
   private pumping = false;
   private stopped = false;
   private escape = false;
   private timer: NodeJS.Timeout | undefined;
   private readonly onData = (chunk: Buffer) => this.input(chunk);
+  private readonly inputBound: number;
+  /** Times stdin was paused because the guest was not taking input. */
+  pauses = 0;
 
   constructor(
-    private readonly devices: AttachedDevices,
+    private readonly devices: { serial: ConsoleSerial },
     private readonly quit: () => void,
-  ) {}
+    private readonly stdin: ConsoleInput = process.stdin,
+    inputBound = CONSOLE_INPUT_BUFFER_BYTES,
+  ) {
+    this.inputBound = inputBound;
+  }
+
+  /** Input bytes read from stdin that the guest has not taken yet. */
+  get bufferedInput(): number {
+    return this.pendingBytes;
+  }
 
   start(): void {
-    const stdin = process.stdin;
-    if (stdin.isTTY) stdin.setRawMode(true);
+    const stdin = this.stdin;
+    if (stdin.isTTY) stdin.setRawMode?.(true);
     stdin.on('data', this.onData);
     stdin.on('error', () => undefined);
   }
@@ -32,19 +71,36 @@ export class Console {
   stop(): void {
     this.stopped = true;
     if (this.timer) clearTimeout(this.timer);
-    const stdin = process.stdin;
+    const stdin = this.stdin;
     stdin.off('data', this.onData);
-    if (stdin.isTTY) stdin.setRawMode(false);
+    if (stdin.isTTY) stdin.setRawMode?.(false);
     stdin.pause();
     stdin.unref?.();
     stdin.destroy();
   }
 
   private input(chunk: Buffer): void {
-    if (process.stdin.isTTY) chunk = this.filterEscape(chunk);
+    if (this.stdin.isTTY) chunk = this.filterEscape(chunk);
     if (chunk.length === 0) return;
     this.pending.push(chunk);
+    this.pendingBytes += chunk.length;
+    if (!this.held && this.pendingBytes >= this.inputBound) {
+      this.held = true;
+      this.pauses += 1;
+      this.stdin.pause();
+      log('debug', `console: ${this.pendingBytes} input bytes wait for the guest; stdin paused`);
+    }
     void this.pump();
+  }
+
+  /** `n` bytes went to the guest: resume stdin once half the bound is free again. */
+  private taken(n: number): void {
+    this.pendingBytes -= n;
+    if (this.held && !this.stopped && this.pendingBytes <= this.inputBound / 2) {
+      this.held = false;
+      this.stdin.resume();
+      log('debug', 'console: the guest takes input again; stdin resumed');
+    }
   }
 
   /** Ctrl-A x quits; Ctrl-A Ctrl-A sends one Ctrl-A. */
@@ -64,25 +120,30 @@ export class Console {
     return Buffer.from(out);
   }
 
+  private sleep(ms: number): Promise<void> {
+    return new Promise((r) => (this.timer = setTimeout(r, ms)));
+  }
+
   private async pump(): Promise<void> {
     if (this.pumping) return;
     this.pumping = true;
     const serial = this.devices.serial;
+    let poll = PORT_POLL_MIN_MS;
     while (!this.stopped && this.pending.length > 0) {
       if (!serial.receiverEnabled()) {
-        await new Promise((r) => (this.timer = setTimeout(r, POLL_MS)));
+        await this.sleep(poll);
+        poll = Math.min(poll * 2, PORT_POLL_MAX_MS);
         continue;
       }
+      poll = PORT_POLL_MIN_MS;
       const head = this.pending[0]!;
       const n = serial.pushInput(head);
       log('debug', `console: ${n} of ${head.length} input bytes taken by the UART`);
       if (n === head.length) this.pending.shift();
-      else {
-        this.pending[0] = head.subarray(n);
-        await Promise.race([
-          serial.waitForInputSpace(),
-          new Promise((r) => (this.timer = setTimeout(r, 100))),
-        ]);
+      else this.pending[0] = head.subarray(n);
+      this.taken(n);
+      if (n < head.length) {
+        await Promise.race([serial.waitForInputSpace(), this.sleep(SPACE_WAIT_MS)]);
       }
     }
     this.pumping = false;

@@ -216,7 +216,7 @@ async function runVm(spec: VmSpec, bootTimer: boolean): Promise<number> {
   console_.stop();
   log(
     'debug',
-    `serial ${JSON.stringify(devices.serial.stats())}; unhandled ${JSON.stringify(devices.unhandled.stats())}; ` +
+    `serial ${JSON.stringify({ ...devices.serial.stats(), ...devices.console.stats() })}; unhandled ${JSON.stringify(devices.unhandled.stats())}; ` +
       `exits ${Array.from({ length: vmm.vcpuCount }, (_, i) => vmm.control.exits(i)).join('/')}`,
   );
   if (bootTimer) {

@@ -16,6 +16,7 @@ import { log } from '../util/log.js';
 import { createGuestRam, mapGuestRam } from './guest-ram.js';
 import {
   attachLegacyDevices,
+  closeLegacyDeviceState,
   createLegacyDeviceState,
   type AttachedDevices,
 } from './legacy-devices.js';
@@ -185,10 +186,10 @@ function build(spec: VmSpec, opts: BuildOptions, undo: Array<() => void>): Built
     native().munmap(vcpu.run.buffer as ArrayBuffer); // the worker maps kvm_run itself
   }
 
-  const legacy = createLegacyDeviceState(vm);
-  undo.push(() => [legacy.serialIrqFd, legacy.i8042IrqFd].forEach(closeFd));
+  const legacy = createLegacyDeviceState(vm, opts.consoleFd ?? 1);
+  undo.push(() => closeLegacyDeviceState(legacy));
+  if (legacy.console.warning) log('warn', legacy.console.warning);
   registerVirtioWithKvm(vm, plan);
-  const consoleFd = opts.consoleFd ?? 1;
   const vmm = new Vmm(mmapSize);
   const devices = attachLegacyDevices(legacy, {
     output: () => undefined, // the main thread never executes guest port writes
@@ -197,23 +198,21 @@ function build(spec: VmSpec, opts: BuildOptions, undo: Array<() => void>): Built
     onBootMarker: () => undefined,
     log: (m) => log('info', m),
   });
+  // Writes out console output that waited for a slow reader while the guest is quiet.
+  const stopConsoleFlusher = devices.console.startFlusher();
+  undo.push(stopConsoleFlusher);
   const deviceWorker =
     plan.slots.length > 0
       ? startDeviceWorker(plan, layout, { log: (m) => log('info', m), onFatal: (m) => vmm.fail(m) })
       : undefined;
   vmm.onTeardown(async () => {
+    stopConsoleFlusher();
+    closeLegacyDeviceState(legacy);
     await deviceWorker?.stop();
     closeVirtio(plan);
     const n = native();
     ram.unmap();
-    for (const fd of [
-      ...vcpuFds,
-      legacy.serialIrqFd,
-      legacy.i8042IrqFd,
-      layout.memfd,
-      vm.fd,
-      kvm.fd,
-    ]) {
+    for (const fd of [...vcpuFds, layout.memfd, vm.fd, kvm.fd]) {
       try {
         n.close(fd);
       } catch {
@@ -227,7 +226,6 @@ function build(spec: VmSpec, opts: BuildOptions, undo: Array<() => void>): Built
     mmapSize,
     ram: layout,
     legacy,
-    consoleFd,
     virtio: { slots: transportSlots(plan), controlFd: plan.controlFd },
   }));
   return { vmm, devices, boot, deviceWorker };

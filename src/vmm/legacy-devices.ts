@@ -2,8 +2,9 @@
  * The legacy devices every VM has (16550 COM1, i8042, CMOS RTC, ACPI PM registers, the boot
  * marker port) and the buses that route vCPU exits to them. State lives in SharedArrayBuffers
  * created once by the main thread; each thread attaches its own device objects to it.
+ * The UART's output goes to the console through ConsoleOutput (console-output.ts): non-blocking,
+ * bounded, dropped and counted when the reader does not keep up.
  */
-import { writeSync } from 'node:fs';
 import {
   ACPI_PM_BASE,
   BOOT_MARKER_MMIO_ADDR,
@@ -22,6 +23,7 @@ import { Serial16550, SERIAL_RANGE_SIZE } from '../devices/legacy/serial.js';
 import { UnhandledAccesses, type UnhandledAccessInfo } from '../devices/legacy/unhandled.js';
 import type { Vm } from '../kvm/kvm.js';
 import { EFD_NONBLOCK, native } from '../kvm/native.js';
+import { ConsoleOutput, openConsoleOutput, type ConsoleOutputState } from './console-output.js';
 
 /** Structured-clone friendly: posted to every vCPU worker. */
 export interface LegacyDeviceState {
@@ -31,46 +33,66 @@ export interface LegacyDeviceState {
   unhandled: SharedArrayBuffer;
   serialIrqFd: number;
   i8042IrqFd: number;
+  /** Where the UART's output goes (see console-output.ts). */
+  console: ConsoleOutputState;
 }
 
-/** Main thread: creates the shared state and wires the devices' interrupts to KVM irqfds. */
-export function createLegacyDeviceState(vm: Vm): LegacyDeviceState {
+/**
+ * Main thread: creates the shared state and wires the devices' interrupts to KVM irqfds.
+ * Console output goes to `consoleFd` (a private non-blocking description of it when it is a
+ * pipe, FIFO or terminal: closeLegacyDeviceState closes that), with a ring of
+ * `consoleBufferBytes` for what the reader does not take at once.
+ */
+export function createLegacyDeviceState(
+  vm: Vm,
+  consoleFd = 1,
+  consoleBufferBytes?: number,
+): LegacyDeviceState {
   const n = native();
+  const consoleOut = openConsoleOutput(consoleFd, consoleBufferBytes);
   const serialIrqFd = n.eventfd(0, EFD_NONBLOCK);
   const i8042IrqFd = n.eventfd(0, EFD_NONBLOCK);
-  vm.registerIrqfd(serialIrqFd, SERIAL_COM1_IRQ);
-  vm.registerIrqfd(i8042IrqFd, I8042_IRQ);
-  return {
+  const state: LegacyDeviceState = {
     serial: Serial16550.createState(),
     i8042: I8042.createState(),
     rtc: RtcCmos.createState(),
     unhandled: UnhandledAccesses.createState(),
     serialIrqFd,
     i8042IrqFd,
+    console: consoleOut,
   };
+  try {
+    vm.registerIrqfd(serialIrqFd, SERIAL_COM1_IRQ);
+    vm.registerIrqfd(i8042IrqFd, I8042_IRQ);
+  } catch (e) {
+    closeLegacyDeviceState(state);
+    throw e;
+  }
+  return state;
+}
+
+/**
+ * Main thread, once no vCPU runs: a last non-blocking flush of the console output, then the
+ * file descriptors the state holds are closed.
+ */
+export function closeLegacyDeviceState(state: LegacyDeviceState): void {
+  new ConsoleOutput(state.console).close();
+  for (const fd of [state.serialIrqFd, state.i8042IrqFd]) {
+    try {
+      native().close(fd);
+    } catch {
+      // already closed
+    }
+  }
 }
 
 export function eventfdIrq(fd: number): IrqLine {
   return { trigger: () => native().eventfdWrite(fd, 1) };
 }
 
-/** Writes all of `bytes` to a file descriptor, waiting out EAGAIN on a non-blocking pipe. */
-export function writeAllSync(fd: number, bytes: Uint8Array): void {
-  let off = 0;
-  const pause = new Int32Array(new SharedArrayBuffer(4));
-  while (off < bytes.length) {
-    try {
-      off += writeSync(fd, bytes, off, bytes.length - off);
-    } catch (e) {
-      if ((e as NodeJS.ErrnoException).code !== 'EAGAIN') return; // console gone: drop output
-      Atomics.wait(pause, 0, 0, 1);
-    }
-  }
-}
-
 export interface LegacyHooks {
-  /** Console output (serial THR). */
-  output(bytes: Uint8Array): void;
+  /** Console output (serial THR); by default the console (the state's ConsoleOutput). */
+  output?(bytes: Uint8Array): void;
   onPowerOff(): void;
   onReset(): void;
   /** The guest wrote the boot marker port. */
@@ -84,12 +106,15 @@ export interface AttachedDevices {
   unhandled: UnhandledAccesses;
   serial: Serial16550;
   i8042: I8042;
+  /** The UART's output path (its counters; the main thread's flusher). */
+  console: ConsoleOutput;
 }
 
 /** Any thread: device objects over the shared state, on fresh buses. */
 export function attachLegacyDevices(state: LegacyDeviceState, hooks: LegacyHooks): AttachedDevices {
+  const consoleOut = new ConsoleOutput(state.console);
   const serial = new Serial16550(state.serial, {
-    output: hooks.output,
+    output: hooks.output ?? ((bytes) => consoleOut.write(bytes)),
     irq: eventfdIrq(state.serialIrqFd),
   });
   const i8042 = new I8042(state.i8042, {
@@ -114,5 +139,5 @@ export function attachLegacyDevices(state: LegacyDeviceState, hooks: LegacyHooks
       `unhandled ${i.space} ${i.write ? 'write' : 'read'} of ${i.size} bytes at 0x${i.addr.toString(16)} (${i.write ? 'dropped' : 'answered with all-ones'}; further ones only counted)`,
     ),
   );
-  return { pio, mmio, unhandled, serial, i8042 };
+  return { pio, mmio, unhandled, serial, i8042, console: consoleOut };
 }

@@ -7,7 +7,7 @@ import { parentPort } from 'node:worker_threads';
 import { Kvm, Vcpu } from '../kvm/kvm.js';
 import { native } from '../kvm/native.js';
 import { mapGuestRam, type GuestRamLayout } from './guest-ram.js';
-import { attachLegacyDevices, writeAllSync, type LegacyDeviceState } from './legacy-devices.js';
+import { attachLegacyDevices, type LegacyDeviceState } from './legacy-devices.js';
 import { VcpuControl } from './vcpu-control.js';
 import { VcpuLoop, type ParkedRequestHandlers, type VmExitEvent } from './vcpu-loop.js';
 import { saveVcpu, vcpuSaveConfig, VcpuStateV1, type VcpuSaveConfig } from './vcpu-state.js';
@@ -19,9 +19,8 @@ export interface VcpuWorkerData {
   mmapSize: number;
   ram: GuestRamLayout;
   control: SharedArrayBuffer;
+  /** The legacy devices' shared state, the console output's among them (never blocks). */
   legacy: LegacyDeviceState;
-  /** Where console output goes (a file descriptor of this process). */
-  consoleFd: number;
   /** The virtio-mmio register windows this vCPU answers (no data plane here). */
   virtio: { slots: TransportSlot[]; controlFd: number };
 }
@@ -57,7 +56,6 @@ async function main(d: VcpuWorkerData): Promise<void> {
     mappings.push(() => n.munmap(vcpu.run.buffer as ArrayBuffer));
     let loop: VcpuLoop | undefined;
     const devices = attachLegacyDevices(d.legacy, {
-      output: (bytes) => writeAllSync(d.consoleFd, bytes),
       onPowerOff: () => loop && (loop.pendingEvent ??= { kind: 'poweroff' }),
       onReset: () => loop && (loop.pendingEvent ??= { kind: 'reset' }),
       onBootMarker: () => control.markBoot(performance.timeOrigin + performance.now()),

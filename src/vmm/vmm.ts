@@ -1,6 +1,16 @@
 /**
  * A running VM seen from the main thread: its vCPU workers, their control block, and the
  * lifecycle actions (pause, resume, stop). Building the VM is builder.ts's job.
+ *
+ * Every action ends within a bound, in a state that is true (issue 12):
+ *  - pause: all vCPUs parked within PAUSE_TIMEOUT_MS, or the pause is undone (the command goes
+ *    back to Run), the VM is still "running", and the caller gets an error naming the vCPUs that
+ *    did not park; resume and stop work as before;
+ *  - stop: all vCPUs out within STOP_TIMEOUT_MS; a worker still in after that is terminated, and
+ *    one whose thread cannot be ended (blocked in a system call) is given up on after
+ *    TERMINATE_GRACE_MS: `exited` resolves with a fatal event saying which vCPU, so the process
+ *    reports one line and exits instead of hanging;
+ *  - teardown: each step gets TEARDOWN_STEP_TIMEOUT_MS.
  */
 import type { Worker } from 'node:worker_threads';
 import { native, MAP_SHARED, PROT_READ, PROT_WRITE } from '../kvm/native.js';
@@ -12,7 +22,10 @@ import type { VcpuWorkerData, VcpuWorkerMessage, VcpuWorkerStart } from './vcpu-
 import { takeVcpuWorkers } from './vcpu-pool.js';
 
 const KICK_RETRY_MS = 5;
-const STOP_TIMEOUT_MS = 5000;
+export const PAUSE_TIMEOUT_MS = 3000;
+export const STOP_TIMEOUT_MS = 5000;
+const TERMINATE_GRACE_MS = 1000;
+const TEARDOWN_STEP_TIMEOUT_MS = 3000;
 const SAVE_TIMEOUT_MS = 5000;
 
 type SaveReply = Extract<VcpuWorkerMessage, { type: 'saved' | 'save-failed' }>;
@@ -27,6 +40,8 @@ interface VcpuHandle {
   exited: boolean;
   /** The worker posted why it ended (its thread ends right after). */
   reported?: boolean;
+  /** It did not stop in time and was terminated. */
+  terminated?: boolean;
 }
 
 export type VmState = 'running' | 'paused' | 'stopped';
@@ -40,6 +55,9 @@ export class Vmm {
   /** Resolves once with the event that ended the VM (all vCPU workers have exited). */
   readonly exited: Promise<VmExitEvent>;
   state: VmState = 'running';
+  /** A stop was asked for (it cannot be taken back: from then on pause and resume do nothing). */
+  stopping = false;
+  private pausing: Promise<void> | undefined;
   private readonly cleanups: Array<() => void | Promise<void>> = [];
 
   constructor(private readonly vcpuMmapSize: number) {
@@ -69,13 +87,19 @@ export class Vmm {
       worker.on('error', (e) =>
         this.onVcpuEvent({ kind: 'fatal', message: `vCPU ${id} worker failed: ${e.message}` }),
       );
-      // A worker that ends without saying why (it always posts 'exit' first) is a VMM bug.
+      // A worker that ends without saying why (it always posts 'exit' first) is a VMM bug,
+      // unless we terminated it because it did not stop in time.
       worker.on('exit', () =>
         this.onWorkerGone(
           h,
           h.reported
             ? { kind: 'stopped' }
-            : { kind: 'fatal', message: `vCPU ${id} worker ended unexpectedly` },
+            : h.terminated
+              ? {
+                  kind: 'fatal',
+                  message: `vCPU ${id} did not stop within ${STOP_TIMEOUT_MS} ms; its thread was terminated`,
+                }
+              : { kind: 'fatal', message: `vCPU ${id} worker ended unexpectedly` },
         ),
       );
       this.vcpus.push(h);
@@ -94,7 +118,7 @@ export class Vmm {
   /** A vCPU ended the VM (or acknowledged a stop): the first real reason wins; stop the rest. */
   private onVcpuEvent(e: VmExitEvent): void {
     if (!this.firstEvent && e.kind !== 'stopped') this.firstEvent = e;
-    if (this.control.command !== Command.Stop) this.requestStop();
+    this.requestStop();
   }
 
   /** The worker thread is gone (its mappings are released before it posts 'exit'). */
@@ -111,10 +135,22 @@ export class Vmm {
       if (h.runBuffer.byteLength > 0) native().munmap(h.runBuffer);
     }
     for (const f of this.cleanups.reverse()) {
+      let timer: NodeJS.Timeout | undefined;
       try {
-        await f();
-      } catch {
+        await Promise.race([
+          f(),
+          new Promise((_, reject) => {
+            timer = setTimeout(
+              () => reject(new Error(`a step took more than ${TEARDOWN_STEP_TIMEOUT_MS} ms`)),
+              TEARDOWN_STEP_TIMEOUT_MS,
+            );
+          }),
+        ]);
+      } catch (e) {
         // teardown is best effort: the process is about to report and exit
+        log('warn', `VM teardown: ${(e as Error).message}; going on`);
+      } finally {
+        clearTimeout(timer);
       }
     }
     this.resolveExit(this.firstEvent ?? { kind: 'stopped' });
@@ -125,12 +161,15 @@ export class Vmm {
     this.onVcpuEvent({ kind: 'fatal', message });
   }
 
-  /** Sets immediate_exit on every live vCPU and signals its thread, until `done()` holds. */
-  private kickUntil(done: () => boolean, onTimeout: () => void): void {
+  /**
+   * Sets immediate_exit on every live vCPU and signals its thread, until `done()` holds or
+   * `timeoutMs` pass (then `onTimeout()`, once).
+   */
+  private kickUntil(done: () => boolean, timeoutMs: number, onTimeout: () => void): void {
     const started = Date.now();
     const tick = () => {
       if (done()) return;
-      if (Date.now() - started > STOP_TIMEOUT_MS) return onTimeout();
+      if (Date.now() - started > timeoutMs) return onTimeout();
       for (const h of this.vcpus) {
         if (h.exited || h.runBuffer.byteLength === 0) continue;
         h.run.setUint8(RUN.immediateExit, 1);
@@ -147,38 +186,90 @@ export class Vmm {
     tick();
   }
 
-  /** Asks every vCPU to stop; `exited` resolves when they have. */
+  /**
+   * Asks every vCPU to stop; `exited` resolves when they have, or, for a vCPU that does not,
+   * within STOP_TIMEOUT_MS + TERMINATE_GRACE_MS with a fatal event naming it. Idempotent.
+   */
   requestStop(): void {
+    if (this.stopping) return;
+    this.stopping = true;
     this.control.setCommand(Command.Stop);
     this.kickUntil(
       () => this.vcpus.every((v) => v.exited),
-      () => {
-        for (const h of this.vcpus) if (!h.exited) void h.worker.terminate();
-      },
+      STOP_TIMEOUT_MS,
+      () => this.forceStop(),
     );
   }
 
-  /** Pauses every vCPU; resolves once all are parked. */
+  /** The vCPUs still running after STOP_TIMEOUT_MS: terminate them, then stop waiting. */
+  private forceStop(): void {
+    const stuck = this.vcpus.filter((h) => !h.exited);
+    for (const h of stuck) {
+      h.terminated = true;
+      void h.worker.terminate();
+    }
+    // terminate() cannot end a thread blocked in a system call: after the grace period the VM
+    // is torn down without it (the process then reports and exits; the kernel ends the thread).
+    setTimeout(() => {
+      for (const h of stuck) {
+        this.onWorkerGone(h, {
+          kind: 'fatal',
+          message: `vCPU ${h.id} did not stop within ${STOP_TIMEOUT_MS} ms and its thread could not be ended (blocked in a system call)`,
+        });
+      }
+    }, TERMINATE_GRACE_MS);
+  }
+
+  /**
+   * Pauses every vCPU; resolves once all are parked (at once when paused already, and when the
+   * VM is stopping or stopped: nothing to pause). Rejects, with the VM left running (the pause
+   * undone), when a vCPU has not parked within PAUSE_TIMEOUT_MS, and when a stop overtakes it.
+   */
   pause(): Promise<void> {
-    if (this.state !== 'running') return Promise.resolve();
+    if (this.state !== 'running' || this.stopping) return Promise.resolve();
+    if (this.pausing) return this.pausing;
     this.control.setCommand(Command.Pause);
-    return new Promise((resolve, reject) => {
-      const allParked = () =>
-        this.vcpus.every((v) => v.exited || this.control.state(v.id) === VcpuState.Paused);
+    const p = new Promise<void>((resolve, reject) => {
+      const parked = (v: VcpuHandle) => v.exited || this.control.state(v.id) === VcpuState.Paused;
       this.kickUntil(
         () => {
-          if (!allParked()) return false;
+          if (this.stopping) {
+            reject(new Error('the VM stopped before it paused'));
+            return true;
+          }
+          if (!this.vcpus.every(parked)) return false;
           this.state = 'paused';
           resolve();
           return true;
         },
-        () => reject(new Error('vCPUs did not pause in time')),
+        PAUSE_TIMEOUT_MS,
+        () => {
+          const late = this.vcpus.filter((v) => !parked(v)).map((v) => v.id);
+          // Undo the pause: the vCPUs that parked run again, the late ones never park. The
+          // state stays "running", which is what the VM is doing.
+          this.control.setCommand(Command.Run);
+          reject(
+            new Error(
+              `vCPU ${late.join(', ')} did not pause within ${PAUSE_TIMEOUT_MS} ms (busy outside the guest); the pause was undone and the VM keeps running`,
+            ),
+          );
+        },
       );
     });
+    this.pausing = p;
+    const clear = () => {
+      if (this.pausing === p) this.pausing = undefined;
+    };
+    p.then(clear, clear);
+    return p;
   }
 
+  /**
+   * Resumes a paused VM; nothing to do when it runs, and nothing once a stop was asked for (the
+   * Stop command must not be overwritten).
+   */
   resume(): void {
-    if (this.state !== 'paused') return;
+    if (this.state !== 'paused' || this.stopping) return;
     this.control.setCommand(Command.Run);
     this.state = 'running';
   }

@@ -16,6 +16,10 @@
  *                  and prints "rtc BB CC YY-MM-DD HH:MM:SS" (raw register bytes in hex), poweroff
  *   MODE_I8042     prints "kbd SS CC TT": the i8042 status, the command byte (command 0x20)
  *                  and the self-test answer (command 0xaa), poweroff
+ *   MODE_CONSOLEFLOOD  a hostile console: writes 64-byte lines (63 bytes '0'..'n', then '\n') to
+ *                  COM1 forever; every 256 bytes it reads the i8042 status, and a byte waiting
+ *                  there (the VMM's Ctrl-Alt-Del) makes it reset through the i8042
+ *   MODE_CONSOLEBURST  the same lines, BURST_BYTES bytes in all (256 KiB), then poweroff
  */
 #define COM1 0x3f8
 #define MARKER_PORT 0x3f0
@@ -23,6 +27,9 @@
 #define S5_VALUE ((5 << 2) | (1 << 5))
 #ifndef LOOP_COUNT
 #define LOOP_COUNT 100000
+#endif
+#ifndef BURST_BYTES
+#define BURST_BYTES (256 * 1024)
 #endif
 
 	.code32
@@ -128,6 +135,29 @@ _start:
 	mov	$COM1, %dx
 	out	%al, %dx
 	jmp	poweroff
+#elif defined(MODE_CONSOLEFLOOD) || defined(MODE_CONSOLEBURST)
+	xor	%ecx, %ecx
+3:	mov	%cl, %al
+	and	$0x3f, %al
+	cmp	$0x3f, %al
+	jne	4f
+	mov	$0xda, %al		/* '\n' - '0' (mod 256): the line's last byte */
+4:	add	$'0', %al
+	mov	$COM1, %dx
+	out	%al, %dx
+	inc	%ecx
+#if defined(MODE_CONSOLEBURST)
+	cmp	$BURST_BYTES, %ecx
+	je	poweroff
+#endif
+	test	$0xff, %cl
+	jnz	3b
+	in	$0x64, %al		/* i8042 status: OBF set means Ctrl-Alt-Del was sent */
+	test	$1, %al
+	jz	3b
+	mov	$0xfe, %al		/* reset */
+	out	%al, $0x64
+5:	jmp	5b
 #else
 #error "pick a MODE_"
 #endif
