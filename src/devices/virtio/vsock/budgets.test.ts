@@ -31,6 +31,7 @@ import {
   HANDSHAKE_TIMEOUT_MS,
   MAX_CONNECTIONS,
   MAX_PENDING_HANDSHAKES,
+  FULL_RECHECK_MS,
   MAX_PENDING_RESETS,
   RX_BUDGET_PACKETS,
   RX_QUEUE,
@@ -296,26 +297,31 @@ test('vsock budget: a host socket that never sends its CONNECT line is closed af
   assert.ok(t.logs.some((m) => m.includes('no complete CONNECT line')));
 });
 
-test('vsock budget: at most MAX_PENDING_HANDSHAKES handshakes; ACCEPT_BATCH accepts per wake-up', () => {
+test('vsock budget: at most MAX_PENDING_HANDSHAKES handshakes, the rest wait in the backlog; ACCEPT_BATCH accepts per wake-up', () => {
   const t = setup();
   const fds = Array.from({ length: 200 }, () => t.host.dial());
   t.dev.onListen();
   assert.equal(t.host.accepts, ACCEPT_BATCH, 'one wake-up accepts a batch; the rest wait');
-  while (t.host.acceptQueue.length > 0) t.dev.onListen();
+  t.dev.onListen();
   assert.equal(t.dev.budgets.handshakes, MAX_PENDING_HANDSHAKES);
-  assert.equal(t.dev.counters.handshakesRefused, 200 - MAX_PENDING_HANDSHAKES);
-  const closed = fds.filter((fd) => t.host.socks.get(fd)!.closed);
-  assert.equal(closed.length, 200 - MAX_PENDING_HANDSHAKES);
-  // A handshake that times out makes room for one more.
+  // Full: the listener is unwatched (back-pressure into the kernel's backlog), nobody is closed.
+  assert.equal(t.host.listening, false);
+  assert.equal(t.dev.counters.acceptsDeferred, 1);
+  assert.equal(t.dev.counters.handshakesRefused, 0);
+  assert.equal(t.host.acceptQueue.length, 200 - MAX_PENDING_HANDSHAKES);
+  assert.equal(fds.filter((fd) => t.host.socks.get(fd)!.closed).length, 0);
+  t.dev.onListen(); // a wake-up queued before the unwatch: nothing happens
+  assert.equal(t.host.acceptQueue.length, 200 - MAX_PENDING_HANDSHAKES);
+  // Handshakes that time out make room: the listener is watched again and takes the next batch.
   t.host.fireTimers(HANDSHAKE_TIMEOUT_MS);
   assert.equal(t.dev.budgets.handshakes, 0);
-  const late = t.host.dial();
+  assert.equal(t.host.listening, true);
   t.dev.onListen();
-  assert.ok(!t.host.socks.get(late)!.closed);
-  assert.equal(t.dev.budgets.handshakes, 1);
+  assert.equal(t.dev.budgets.handshakes, MAX_PENDING_HANDSHAKES);
+  assert.equal(t.host.acceptQueue.length, 200 - 2 * MAX_PENDING_HANDSHAKES);
 });
 
-test('vsock budget: at most MAX_PENDING_HANDSHAKES host connections wait for a guest that does not answer', () => {
+test('vsock budget: at most MAX_PENDING_HANDSHAKES host connections wait for a guest that does not answer; more wait in the backlog', () => {
   const t = setup();
   const dialled = [];
   for (let i = 0; i <= MAX_PENDING_HANDSHAKES; i++) {
@@ -326,18 +332,25 @@ test('vsock budget: at most MAX_PENDING_HANDSHAKES host connections wait for a g
     dialled.push(fd);
   }
   assert.equal(t.dev.connectionCount, MAX_PENDING_HANDSHAKES);
-  assert.ok(t.host.socks.get(dialled.at(-1)!)!.closed);
-  assert.equal(t.dev.counters.handshakesRefused, 1);
-  assert.ok(t.logs.some((m) => m.includes('wait for the guest')));
-  // The guest answers one: room for the next.
+  const last = dialled.at(-1)!;
+  assert.ok(!t.host.socks.get(last)!.closed, 'the one over the cap waits, not closed');
+  assert.deepEqual(t.host.acceptQueue, [last]);
+  assert.equal(t.host.listening, false);
+  assert.ok(t.dev.counters.acceptsDeferred >= 1);
+  assert.equal(t.dev.counters.handshakesRefused, 0);
+  assert.ok(t.logs.some((m) => m.includes('listen backlog')));
+  // Still full: the recheck re-arms itself and the listener stays unwatched.
+  t.host.fireTimers(FULL_RECHECK_MS);
+  assert.equal(t.host.listening, false);
+  // The guest answers one: room for the next, which is accepted once the recheck runs.
   t.addRx(MAX_PENDING_HANDSHAKES + 8, VSOCK_HDR_SIZE);
   const reqs = t.received().filter((p) => p.op === OP_REQUEST);
   t.send({ op: OP_RESPONSE, srcPort: reqs[0]!.dstPort, dstPort: reqs[0]!.srcPort });
-  const fd = t.host.dial();
-  t.host.socks.get(fd)!.inbox.push(...Buffer.from('CONNECT 7\n'));
+  t.host.fireTimers(FULL_RECHECK_MS);
+  assert.equal(t.host.listening, true);
   t.dev.onListen();
-  t.dev.onSocket(fd, true, false, false);
-  assert.ok(!t.host.socks.get(fd)!.closed);
+  t.dev.onSocket(last, true, false, false);
+  assert.ok(!t.host.socks.get(last)!.closed);
   assert.equal(t.dev.connectionCount, MAX_PENDING_HANDSHAKES + 1);
 });
 
@@ -500,6 +513,7 @@ test('vsock metrics: every budget has its counter, in snake_case next to Firecra
     'rst_dropped',
     'control_coalesced',
     'handshakes_refused',
+    'accepts_deferred',
     'handshake_timeouts',
     'connect_timeouts',
     'accept_fails',

@@ -72,6 +72,7 @@ export const vsockDevice: DeviceType<VsockConfig, VsockHostData> = {
           rst_dropped: c.rstDropped,
           control_coalesced: c.controlCoalesced,
           handshakes_refused: c.handshakesRefused,
+          accepts_deferred: c.acceptsDeferred,
           handshake_timeouts: c.handshakeTimeouts,
           connect_timeouts: c.connectTimeouts,
           accept_fails: c.acceptFails,

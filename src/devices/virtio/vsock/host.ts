@@ -55,10 +55,15 @@ export interface VsockCounters {
   /** Control packets that replaced one of the same kind already waiting for the guest. */
   controlCoalesced: number;
   /**
-   * Host sockets closed at once: MAX_PENDING_HANDSHAKES were already handshaking, or that many
-   * host connections were already waiting for the guest's answer.
+   * Host connections closed because MAX_PENDING_HANDSHAKES were already waiting for the guest's
+   * answer (the listener's back-pressure normally keeps this at 0).
    */
   handshakesRefused: number;
+  /**
+   * Times the listener stopped accepting because MAX_PENDING_HANDSHAKES host sockets were
+   * handshaking or waiting for the guest (new ones wait in the kernel's listen backlog).
+   */
+  acceptsDeferred: number;
   /** Host sockets that did not send a complete CONNECT line within HANDSHAKE_TIMEOUT_MS. */
   handshakeTimeouts: number;
   /** accept() failures (EMFILE, ENFILE...): each pauses the listener (backing off). */
@@ -89,6 +94,7 @@ export function zeroCounters(): VsockCounters {
     rstDropped: 0,
     controlCoalesced: 0,
     handshakesRefused: 0,
+    acceptsDeferred: 0,
     handshakeTimeouts: 0,
     acceptFails: 0,
     txBudgetYields: 0,

@@ -5,10 +5,13 @@
  * closing the socket. Lines are read one byte at a time so that nothing after the newline is
  * consumed: those bytes are the first data for the guest.
  *
- * Budgets (host programs are untrusted too): at most MAX_PENDING_HANDSHAKES sockets may be
- * sending their line at once (more are accepted and closed at once), and as many may then wait
- * for the guest's answer (the muxer closes more; both counted as handshakes_refused); each gets
- * HANDSHAKE_TIMEOUT_MS to finish it, and one wake-up accepts at most ACCEPT_BATCH sockets.
+ * Budgets (host programs are untrusted too): at most MAX_PENDING_HANDSHAKES host sockets may be
+ * sending their line or waiting for the guest's answer at once. At that many the listener stops
+ * accepting (the rest wait in the kernel's listen backlog, which bounds them; counted as
+ * accepts_deferred) and looks again every FULL_RECHECK_MS and whenever a handshake ends; the
+ * muxer still closes a connection over the cap if one gets through (handshakes_refused). Each
+ * socket gets HANDSHAKE_TIMEOUT_MS to send its line, and one wake-up accepts at most
+ * ACCEPT_BATCH sockets.
  * When accept fails (EMFILE, ENFILE: the process is out of descriptors) the listening socket,
  * which stays readable, is unwatched and re-armed by a timer that backs off from
  * ACCEPT_BACKOFF_MIN_MS to ACCEPT_BACKOFF_MAX_MS: no wake-up without progress.
@@ -17,7 +20,7 @@ import type { VsockCounters, VsockHost, VsockReport } from './host.js';
 import { parseConnectLine } from './packet.js';
 
 const MAX_CONNECT_LINE = 32;
-/** Host sockets still sending their CONNECT line, at most; as many may wait for the guest. */
+/** Host sockets sending their CONNECT line or waiting for the guest's answer, at most. */
 export const MAX_PENDING_HANDSHAKES = 64;
 /** A host socket has this long to send a complete CONNECT line. */
 export const HANDSHAKE_TIMEOUT_MS = 5_000;
@@ -26,6 +29,8 @@ export const ACCEPT_BATCH = 64;
 /** accept failed: the listener is unwatched this long, doubling up to the maximum. */
 export const ACCEPT_BACKOFF_MIN_MS = 100;
 export const ACCEPT_BACKOFF_MAX_MS = 5_000;
+/** While full (MAX_PENDING_HANDSHAKES), the listener looks again this often. */
+export const FULL_RECHECK_MS = 50;
 
 interface Handshake {
   fd: number;
@@ -40,6 +45,8 @@ export class HostListener {
   /** The next back-off after an accept failure; 0 while accept works. */
   private backoffMs = 0;
   private backingOff = false;
+  /** Unwatched because MAX_PENDING_HANDSHAKES host sockets are handshaking or waiting. */
+  private full = false;
 
   constructor(
     private readonly host: VsockHost,
@@ -47,7 +54,40 @@ export class HostListener {
     private readonly report: VsockReport,
     /** A complete, valid CONNECT line: the socket now belongs to the caller. */
     private readonly connect: (fd: number, port: number) => void,
+    /** Host connections the caller has offered to the guest and not yet seen answered. */
+    private readonly waitingForGuest: () => number = () => 0,
   ) {}
+
+  private atCapacity(): boolean {
+    return this.handshakes.size + this.waitingForGuest() >= MAX_PENDING_HANDSHAKES;
+  }
+
+  /** At capacity: stop accepting (the kernel's backlog holds the rest) and look again later. */
+  private pauseFull(): void {
+    if (this.full) return;
+    this.full = true;
+    this.counters.acceptsDeferred++;
+    this.report.logOnce(
+      'handshake-cap',
+      `${MAX_PENDING_HANDSHAKES} host sockets are handshaking or waiting for the guest: new ones wait in the listen backlog`,
+    );
+    this.host.watchListener(false);
+    const recheck = () => {
+      if (!this.full) return;
+      if (this.atCapacity()) {
+        this.host.after(FULL_RECHECK_MS, recheck);
+        return;
+      }
+      this.resumeFromFull();
+    };
+    this.host.after(FULL_RECHECK_MS, recheck);
+  }
+
+  private resumeFromFull(): void {
+    if (!this.full) return;
+    this.full = false;
+    if (!this.backingOff) this.host.watchListener(true);
+  }
 
   handles(fd: number): boolean {
     return this.handshakes.has(fd);
@@ -59,8 +99,9 @@ export class HostListener {
 
   /** The listening socket is readable: take new host connections (`open`: a driver is there). */
   accept(open: boolean): void {
-    if (this.backingOff) return; // a wake-up queued before we unwatched
+    if (this.backingOff || this.full) return; // a wake-up queued before we unwatched
     for (let i = 0; i < ACCEPT_BATCH; i++) {
+      if (open && this.atCapacity()) return this.pauseFull();
       let fd: number;
       try {
         fd = this.host.accept();
@@ -72,13 +113,6 @@ export class HostListener {
       if (fd < 0) return;
       if (!open) {
         this.host.close(fd); // no driver: nobody could accept
-        continue;
-      }
-      if (this.handshakes.size >= MAX_PENDING_HANDSHAKES) {
-        this.counters.handshakesRefused++;
-        const m = `${MAX_PENDING_HANDSHAKES} host sockets are still sending CONNECT: another one closed`;
-        this.report.logOnce('handshake-cap', m);
-        this.host.close(fd);
         continue;
       }
       const cancelTimer = this.host.after(HANDSHAKE_TIMEOUT_MS, () => this.timedOut(fd));
@@ -129,6 +163,7 @@ export class HostListener {
   private drop(hs: Handshake): void {
     this.handshakes.delete(hs.fd);
     hs.cancelTimer();
+    if (this.full && !this.atCapacity()) this.resumeFromFull();
   }
 
   private refuse(hs: Handshake, line: string): void {

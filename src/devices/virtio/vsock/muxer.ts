@@ -60,8 +60,12 @@ export class VsockMuxer {
     private readonly wake: () => void,
   ) {
     this.table = new ConnectionTable(cid, host, this.counters, report);
-    this.listener = new HostListener(host, this.counters, report, (fd, port) =>
-      this.hostConnect(fd, port),
+    this.listener = new HostListener(
+      host,
+      this.counters,
+      report,
+      (fd, port) => this.hostConnect(fd, port),
+      () => this.table.count((c) => c.state.kind === 'host-connecting'),
     );
   }
 
