@@ -1,0 +1,7 @@
+/** Every fuzz target, in the order `npm run fuzz` runs them. */
+import type { Target } from '../core.js';
+import { blockTarget } from './block.js';
+import { netTarget } from './net.js';
+import { queueTarget } from './queue.js';
+
+export const TARGETS: Target[] = [queueTarget, blockTarget, netTarget];
