@@ -65,6 +65,8 @@ export interface CaseFailure {
   case: number;
   sessionStart: number;
   message: string;
+  /** Failures of the same shape (numbers masked) in this run. */
+  count: number;
 }
 
 export interface TargetResult {
@@ -117,15 +119,20 @@ export async function runTarget(t: Target, o: RunOptions): Promise<TargetResult>
   const from = o.from ?? 0;
   const end = from + o.cases;
   const failures: CaseFailure[] = [];
-  const seen = new Set<string>();
+  const seen = new Map<string, CaseFailure>();
   let failureCount = 0;
   const record = (c: number, start: number, message: string) => {
     failureCount++;
     // One entry per distinct message shape (numbers masked), the first case that showed it.
     const shape = message.replace(/0x[0-9a-f]+|\d+/gi, '#').slice(0, 160);
-    if (seen.has(shape) || failures.length >= keep) return;
-    seen.add(shape);
-    failures.push({ case: c, sessionStart: start, message });
+    const prev = seen.get(shape);
+    if (prev) {
+      prev.count++;
+      return;
+    }
+    const f = { case: c, sessionStart: start, message, count: 1 };
+    seen.set(shape, f);
+    if (failures.length < keep) failures.push(f);
   };
   const t0 = performance.now();
   const heapStart = heapMiB();
@@ -137,7 +144,9 @@ export async function runTarget(t: Target, o: RunOptions): Promise<TargetResult>
     // case (so `--from <its start>` replays it).
     const sessionEnd = Math.min(end, (Math.floor(start / t.session) + 1) * t.session);
     let failed = false;
-    const before = heapMiB();
+    // Heap is sampled around whole sessions only (a session cut short by a failure is not).
+    const whole = start % t.session === 0 && sessionEnd - start === t.session;
+    const before = whole ? heapMiB() : 0;
     let session: Session | undefined;
     try {
       session = await t.open(new Prng(caseSeed(o.seed ^ 0x5e55_1014, start)));
@@ -164,16 +173,16 @@ export async function runTarget(t: Target, o: RunOptions): Promise<TargetResult>
     } catch (e) {
       record(i - 1, start, `session close: ${describe(e)}`);
     }
-    const after = heapMiB();
+    const after = whole && !failed ? heapMiB() : before;
     heapMax = Math.max(heapMax, after);
     const limit = t.heapLimitMiB ?? 48;
-    if (after - before > limit)
+    if (whole && !failed && after - before > limit)
       record(
         i - 1,
         start,
         `heap grew ${(after - before).toFixed(1)} MiB in one session of ${i - start} cases (limit ${limit} MiB)`,
       );
-    if (after - heapStart > (o.runHeapLimitMiB ?? 128))
+    if (whole && !failed && after - heapStart > (o.runHeapLimitMiB ?? 128))
       record(
         i - 1,
         start,

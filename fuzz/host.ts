@@ -181,7 +181,12 @@ export class FakeHost {
     },
     accept: (fd) => {
       const f = this.live(fd, 'accept');
-      if (f.acceptError) throw sysError(f.acceptError, 'accept');
+      if (f.acceptError) {
+        const code = f.acceptError;
+        // ECONNABORTED takes the aborted connection off the queue: it does not repeat.
+        if (code === 'ECONNABORTED') f.acceptError = undefined;
+        throw sysError(code, 'accept');
+      }
       if (this.emfile && f.backlog.length > 0) throw sysError('EMFILE', 'accept');
       return f.backlog.shift() ?? -1;
     },
@@ -267,7 +272,7 @@ export class FakeHost {
         counts.set(tag, n);
         if (n > this.spinLimit)
           fail(
-            `${what}: busy loop: fd ${r.fd} (${f.kind}${f.hup ? ', hung up' : ''}${f.acceptError ? `, accept ${f.acceptError}` : ''}) ready (events 0x${ev.toString(16)}, interest 0x${r.events.toString(16)}) after ${this.spinLimit} wake-ups`,
+            `${what}: busy loop: fd ${r.fd} (${f.kind}${f.hup ? ', hung up' : ''}${f.eof ? ', peer shut down' : ''}${f.inbox.length ? `, ${f.inbox.reduce((a, b) => a + b.length, 0)} bytes unread` : ''}${f.acceptError ? `, accept ${f.acceptError}` : ''}${this.emfile ? ', EMFILE' : ''}) ready (events 0x${ev.toString(16)}, interest 0x${r.events.toString(16)}) after ${this.spinLimit} wake-ups`,
           );
         this.dispatches++;
         r.sub.process(ev);

@@ -84,7 +84,7 @@ async function main(): Promise<number> {
       `${r.failureCount === 0 ? 'ok' : `${r.failureCount} FAILED`}\n`;
     process.stdout.write(line);
     for (const f of r.failures) {
-      process.stdout.write(`  case ${f.case}: ${f.message}\n`);
+      process.stdout.write(`  case ${f.case} (${f.count}x this shape): ${f.message}\n`);
       process.stdout.write(
         `    replay: npm run fuzz -- --target ${r.name} --seed ${args.seed} --from ${f.sessionStart} --cases ${f.case - f.sessionStart + 1}\n`,
       );

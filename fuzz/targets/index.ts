@@ -3,5 +3,6 @@ import type { Target } from '../core.js';
 import { blockTarget } from './block.js';
 import { netTarget } from './net.js';
 import { queueTarget } from './queue.js';
+import { vsockTarget } from './vsock.js';
 
-export const TARGETS: Target[] = [queueTarget, blockTarget, netTarget];
+export const TARGETS: Target[] = [queueTarget, blockTarget, netTarget, vsockTarget];
