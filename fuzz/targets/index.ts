@@ -1,8 +1,19 @@
 /** Every fuzz target, in the order `npm run fuzz` runs them. */
 import type { Target } from '../core.js';
 import { blockTarget } from './block.js';
+import { i8042Target, rtcTarget, serialTarget } from './legacy.js';
+import { mmioTarget } from './mmio.js';
 import { netTarget } from './net.js';
 import { queueTarget } from './queue.js';
 import { vsockTarget } from './vsock.js';
 
-export const TARGETS: Target[] = [queueTarget, blockTarget, netTarget, vsockTarget];
+export const TARGETS: Target[] = [
+  queueTarget,
+  blockTarget,
+  netTarget,
+  vsockTarget,
+  mmioTarget,
+  serialTarget,
+  i8042Target,
+  rtcTarget,
+];

@@ -26,7 +26,15 @@ const TXQ = 1;
 const EVQ = 2;
 const HDR = 44;
 const GUEST_CID = 3;
-const OP = { REQUEST: 1, RESPONSE: 2, RST: 3, SHUTDOWN: 4, RW: 5, CREDIT_UPDATE: 6, CREDIT_REQUEST: 7 };
+const OP = {
+  REQUEST: 1,
+  RESPONSE: 2,
+  RST: 3,
+  SHUTDOWN: 4,
+  RW: 5,
+  CREDIT_UPDATE: 6,
+  CREDIT_REQUEST: 7,
+};
 const TX_AREA = { base: 0x20000, end: 0x40000 };
 const RX_POOL = 0x40000;
 const RX_BUF = 1024;
@@ -109,8 +117,13 @@ export const vsockTarget: Target = {
       const segs: Seg[] = [];
       if (rng.chance(0.7)) segs.push({ addr: a, len: total, write: false });
       else {
-        segs.push({ addr: a, len: Math.min(total, rng.chance(0.5) ? HDR : 1 + rng.below(total)), write: false });
-        if (segs[0]!.len < total) segs.push({ addr: a + segs[0]!.len, len: total - segs[0]!.len, write: false });
+        segs.push({
+          addr: a,
+          len: Math.min(total, rng.chance(0.5) ? HDR : 1 + rng.below(total)),
+          write: false,
+        });
+        if (segs[0]!.len < total)
+          segs.push({ addr: a + segs[0]!.len, len: total - segs[0]!.len, write: false });
       }
       if (rng.chance(0.02)) segs.push({ addr: a, len: 16, write: true });
       const size = rig.queues[TXQ]!.q.size;
@@ -127,7 +140,14 @@ export const vsockTarget: Target = {
       cursor[RXQ] = (slot + 1) % size;
       const a = RX_POOL + (slot % 256) * RX_BUF;
       const len = rng.chance(0.95) ? RX_BUF : rng.below(HDR + 8);
-      rig.writeChain(rng, RXQ, [{ addr: a, len, write: true }], rng.chance(0.03) ? 1 : 0, false, slot);
+      rig.writeChain(
+        rng,
+        RXQ,
+        [{ addr: a, len, write: true }],
+        rng.chance(0.03) ? 1 : 0,
+        false,
+        slot,
+      );
       rxPosted.add(slot);
     };
 
@@ -200,14 +220,17 @@ export const vsockTarget: Target = {
             h = base(OP.RW, c);
             payload = 1;
           } else {
-            const op = rng.chance(0.9) ? rng.pick([1, 1, 2, 3, 4, 5, 5, 5, 6, 7]) : rng.u32() & 0xffff;
+            const op = rng.chance(0.9)
+              ? rng.pick([1, 1, 2, 3, 4, 5, 5, 5, 6, 7])
+              : rng.u32() & 0xffff;
             h = base(op, c);
             if (op === OP.REQUEST && !c) {
               h.srcPort = nextGuestPort++;
               h.dstPort = rng.below(4) + 5000;
               conns.push({ guestPort: h.srcPort, hostPort: h.dstPort, fwd: 0 });
             }
-            if (op === OP.RW) payload = rng.chance(0.8) ? rng.below(2048) : rng.pick([0, 65536, 65537]);
+            if (op === OP.RW)
+              payload = rng.chance(0.8) ? rng.below(2048) : rng.pick([0, 65536, 65537]);
             if (op === OP.SHUTDOWN) h.flags = rng.below(4);
           }
           h.len = payload;
@@ -245,7 +268,9 @@ export const vsockTarget: Target = {
         }
         // The host side.
         host.connectResult = () =>
-          rng.chance(0.85) ? 'ok' : rng.pick(['ENOENT', 'ECONNREFUSED', 'pending', 'EMFILE', 'EAGAIN']);
+          rng.chance(0.85)
+            ? 'ok'
+            : rng.pick(['ENOENT', 'ECONNREFUSED', 'pending', 'EMFILE', 'EAGAIN']);
         const nev = rng.below(4);
         for (let e = 0; e < nev; e++) {
           const k = rng.below(12);
@@ -272,7 +297,9 @@ export const vsockTarget: Target = {
             if (rng.chance(0.1)) p.hup = true;
             listenFd.backlog.push(p.fd);
           } else if (k === 3 && s) {
-            s.inbox.push(new Uint8Array(1 + rng.below(rng.chance(0.1) ? 300_000 : 4000)).fill(0x61));
+            s.inbox.push(
+              new Uint8Array(1 + rng.below(rng.chance(0.1) ? 300_000 : 4000)).fill(0x61),
+            );
           } else if (k === 4 && s) {
             s.hup = true;
           } else if (k === 5 && s) {
