@@ -43,6 +43,8 @@ export interface Session {
   close?(): void | Promise<void>;
   /** Guest RAM of a virtio session (the racing vCPU rewrites it). */
   ram?: { sabs: SharedArrayBuffer[] };
+  /** What the session exercised (summed over sessions and printed: accepted, resets...). */
+  stats?(): Record<string, number>;
   /** The rig of a virtio session (racing mode relaxes the driver-side checks). */
   rig?: { racing: boolean };
 }
@@ -78,6 +80,7 @@ export interface TargetResult {
   failureCount: number;
   heapStartMiB: number;
   heapMaxMiB: number;
+  stats: Record<string, number>;
 }
 
 const MiB = 1024 * 1024;
@@ -138,6 +141,7 @@ export async function runTarget(t: Target, o: RunOptions): Promise<TargetResult>
   const heapStart = heapMiB();
   let heapMax = heapStart;
   let done = 0;
+  const stats: Record<string, number> = {};
   for (let start = from; start < end;) {
     if (o.timeSec !== undefined && (performance.now() - t0) / 1000 > o.timeSec) break;
     // Sessions end at multiples of t.session; one starts at a boundary, or after a failing
@@ -168,6 +172,7 @@ export async function runTarget(t: Target, o: RunOptions): Promise<TargetResult>
         break;
       }
     }
+    for (const [k, v] of Object.entries(session.stats?.() ?? {})) stats[k] = (stats[k] ?? 0) + v;
     try {
       await session.close?.();
     } catch (e) {
@@ -198,5 +203,6 @@ export async function runTarget(t: Target, o: RunOptions): Promise<TargetResult>
     failureCount,
     heapStartMiB: heapStart,
     heapMaxMiB: heapMax,
+    stats,
   };
 }

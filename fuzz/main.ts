@@ -83,6 +83,9 @@ async function main(): Promise<number> {
       `heap ${r.heapStartMiB.toFixed(0)}->${r.heapMaxMiB.toFixed(0)} MiB  ` +
       `${r.failureCount === 0 ? 'ok' : `${r.failureCount} FAILED`}\n`;
     process.stdout.write(line);
+    const st = Object.entries(r.stats);
+    if (st.length > 0)
+      process.stdout.write(`  exercised: ${st.map(([k, v]) => `${k} ${v}`).join(', ')}\n`);
     for (const f of r.failures) {
       process.stdout.write(`  case ${f.case} (${f.count}x this shape): ${f.message}\n`);
       process.stdout.write(

@@ -59,6 +59,7 @@ export class VirtioRig {
   readonly h: Harness;
   queues: DriverQueue[] = [];
   private data: GuestAllocator;
+  chainsPublished = 0;
   /** Device resets the fuzzer did (after DEVICE_NEEDS_RESET or on purpose). */
   resets = 0;
   indirect = true;
@@ -247,6 +248,7 @@ export class VirtioRig {
       h = rng.chance(0.5) ? dq.q.size + rng.below(4) : rng.u32() & 0xffff;
     dq.q.publish(h);
     dq.published = (dq.published + 1) & 0xffff;
+    this.chainsPublished++;
     if (mutate && rng.chance(0.01)) {
       // avail.idx runs ahead of what was written (more than a queue's worth, sometimes).
       dq.published = (dq.published + rng.below(2 * dq.q.size + 2)) & 0xffff;

@@ -41,6 +41,7 @@ export const blockTarget: Target = {
     return {
       ram: v.ram,
       rig,
+      stats: () => ({ chains: rig.chainsPublished, resets: rig.resets, ...v.created.metrics?.() }),
       close() {
         v.opened.close();
       },

@@ -2,6 +2,7 @@
 import type { Target } from '../core.js';
 import { blockTarget } from './block.js';
 import { i8042Target, rtcTarget, serialTarget } from './legacy.js';
+import { bzImageTarget, elfTarget } from './loader.js';
 import { mmioTarget } from './mmio.js';
 import { netTarget } from './net.js';
 import { queueTarget } from './queue.js';
@@ -16,4 +17,6 @@ export const TARGETS: Target[] = [
   serialTarget,
   i8042Target,
   rtcTarget,
+  bzImageTarget,
+  elfTarget,
 ];

@@ -47,6 +47,7 @@ export const netTarget: Target = {
     return {
       ram: v.ram,
       rig,
+      stats: () => ({ chains: rig.chainsPublished, resets: rig.resets, ...v.created.metrics?.() }),
       close() {
         v.opened.close();
       },

@@ -94,13 +94,16 @@ export const queueTarget: Target = {
     const rig = new VirtioRig(ram, identity, backend);
     const host = new FakeHost();
     rig.start(srng);
+    let served = 0;
     return {
       ram,
       rig,
+      stats: () => ({ chains: rig.chainsPublished, served: served, resets: rig.resets }),
       run(rng: Prng) {
         caseRng = rng;
         rig.ensureRunning(rng);
         rig.resetData();
+        served += backend.seen.length;
         backend.seen = [];
         const size = rig.queues[0]!.q.size;
         const batch = 1 + rng.below(Math.min(size, 8));

@@ -178,6 +178,7 @@ export const vsockTarget: Target = {
     return {
       ram: v.ram,
       rig,
+      stats: () => ({ chains: rig.chainsPublished, resets: rig.resets, ...v.created.metrics?.() }),
       close() {
         v.opened.close();
       },
