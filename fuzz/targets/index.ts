@@ -1,5 +1,6 @@
 /** Every fuzz target, in the order `npm run fuzz` runs them. */
 import type { Target } from '../core.js';
+import { apiHttpTarget, apiTarget } from './api.js';
 import { blockTarget } from './block.js';
 import { i8042Target, rtcTarget, serialTarget } from './legacy.js';
 import { bzImageTarget, elfTarget } from './loader.js';
@@ -19,4 +20,6 @@ export const TARGETS: Target[] = [
   rtcTarget,
   bzImageTarget,
   elfTarget,
+  apiTarget,
+  apiHttpTarget,
 ];
