@@ -8,10 +8,12 @@
  * Properties every target checks (a case throws FuzzFailure, or any other exception escapes):
  * - no exception escapes the code under test (it catches everything guest- or peer-made);
  * - bounded heap: `heapUsed` after `global.gc()` is sampled at session ends and must not grow
- *   by more than `heapLimitMiB` within a session, nor over the whole run (node --expose-gc);
+ *   by more than `heapLimitMiB` within a session, nor over the whole run;
  * - progress: targets count the iterations of each wake-up (kicks, loop dispatches) and fail a
  *   wake-up that spins.
  */
+import v8 from 'node:v8';
+import vm from 'node:vm';
 import { Prng } from '../src/devices/virtio/testing/prng.js';
 
 export { Prng };
@@ -76,8 +78,10 @@ export interface TargetResult {
   cases: number;
   seconds: number;
   failures: CaseFailure[];
-  /** Failures beyond those kept. */
+  /** All failures (of the shapes kept and the others). */
   failureCount: number;
+  /** Distinct shapes beyond the `keep` first. */
+  failureShapesDropped: number;
   heapStartMiB: number;
   heapMaxMiB: number;
   stats: Record<string, number>;
@@ -85,8 +89,23 @@ export interface TargetResult {
 
 const MiB = 1024 * 1024;
 
+let gcFn: (() => void) | undefined;
+/** global.gc, or the same function obtained at run time when node was not started with --expose-gc. */
+function collector(): (() => void) | undefined {
+  if (gcFn) return gcFn;
+  const g = (globalThis as { gc?: () => void }).gc;
+  if (g) return (gcFn = g);
+  try {
+    v8.setFlagsFromString('--expose-gc');
+    gcFn = vm.runInNewContext('gc') as () => void;
+  } catch {
+    gcFn = undefined;
+  }
+  return gcFn;
+}
+
 export function heapMiB(): number {
-  const gc = (globalThis as { gc?: () => void }).gc;
+  const gc = collector();
   if (gc) {
     gc();
     gc();
@@ -95,7 +114,7 @@ export function heapMiB(): number {
 }
 
 export function hasGc(): boolean {
-  return typeof (globalThis as { gc?: unknown }).gc === 'function';
+  return collector() !== undefined;
 }
 
 export interface RunOptions {
@@ -104,7 +123,7 @@ export interface RunOptions {
   from?: number;
   /** Stop starting new sessions after this many seconds. */
   timeSec?: number;
-  /** Distinct failures kept per target. */
+  /** Distinct failure shapes kept per target (default 64). */
   keep?: number;
   /** Whole-run heap growth allowed (MiB). */
   runHeapLimitMiB?: number;
@@ -118,7 +137,9 @@ function describe(e: unknown): string {
 }
 
 export async function runTarget(t: Target, o: RunOptions): Promise<TargetResult> {
-  const keep = o.keep ?? 5;
+  // Distinct failure shapes kept (numbers masked: a run has few); the rest are only counted.
+  const keep = o.keep ?? 64;
+  let failureShapesDropped = 0;
   const from = o.from ?? 0;
   const end = from + o.cases;
   const failures: CaseFailure[] = [];
@@ -136,6 +157,7 @@ export async function runTarget(t: Target, o: RunOptions): Promise<TargetResult>
     const f = { case: c, sessionStart: start, message, count: 1 };
     seen.set(shape, f);
     if (failures.length < keep) failures.push(f);
+    else failureShapesDropped++;
   };
   const t0 = performance.now();
   const heapStart = heapMiB();
@@ -201,6 +223,7 @@ export async function runTarget(t: Target, o: RunOptions): Promise<TargetResult>
     seconds: (performance.now() - t0) / 1000,
     failures,
     failureCount,
+    failureShapesDropped,
     heapStartMiB: heapStart,
     heapMaxMiB: heapMax,
     stats,

@@ -61,6 +61,8 @@ export interface FakeFd {
   backlog: number[];
   acceptError?: string;
   written: number;
+  /** TAP: the frames written, when recorded (their header and length). */
+  frames?: Array<{ hdr: Uint8Array; len: number }>;
   /** Host-made CONNECT lines etc. are counted here for the targets. */
   shutWr: boolean;
 }
@@ -209,6 +211,18 @@ export class FakeHost {
     const total = buffers.reduce((a, b) => a + bytesOf(b).length, 0);
     if (f.kind === 'tap') {
       f.written += total;
+      if (f.frames) {
+        // What the TAP got, copied as it was at the write (the virtio-net header first).
+        const hdr = new Uint8Array(12);
+        let o = 0;
+        for (const b of buffers.map(bytesOf)) {
+          if (o >= 12) break;
+          const take = Math.min(b.length, 12 - o);
+          hdr.set(b.subarray(0, take), o);
+          o += take;
+        }
+        f.frames.push({ hdr, len: total });
+      }
       return total;
     }
     if (total === 0) return 0;

@@ -9,6 +9,7 @@
  */
 import { hasGc, runTarget, type TargetResult } from './core.js';
 import { TARGETS } from './targets/index.js';
+import { knownFinding } from './known.js';
 import { stopRacer } from './racer.js';
 
 interface Args {
@@ -66,7 +67,7 @@ async function main(): Promise<number> {
     process.stderr.write(`fuzz: unknown target ${unknown.join(', ')} (see --list)\n`);
     return 2;
   }
-  if (!hasGc()) process.stderr.write('fuzz: run node with --expose-gc for the heap checks\n');
+  if (!hasGc()) process.stderr.write('fuzz: no garbage collector to call: heap checks are rough\n');
   process.stdout.write(`fuzz: seed ${args.seed}\n`);
   const results: TargetResult[] = [];
   const t0 = performance.now();
@@ -87,7 +88,10 @@ async function main(): Promise<number> {
     if (st.length > 0)
       process.stdout.write(`  exercised: ${st.map(([k, v]) => `${k} ${v}`).join(', ')}\n`);
     for (const f of r.failures) {
-      process.stdout.write(`  case ${f.case} (${f.count}x this shape): ${f.message}\n`);
+      const known = knownFinding(f.message);
+      process.stdout.write(
+        `  case ${f.case} (${f.count}x this shape)${known ? ` [known ${known.id}]` : ''}: ${f.message}\n`,
+      );
       process.stdout.write(
         `    replay: npm run fuzz -- --target ${r.name} --seed ${args.seed} --from ${f.sessionStart} --cases ${f.case - f.sessionStart + 1}\n`,
       );

@@ -24,24 +24,27 @@ parentPort.on('message', (m) => {
   const dv = m.sabs.map((s) => new DataView(s));
   let x = (m.seed >>> 0) || 1;
   const rnd = () => { x ^= x << 13; x >>>= 0; x ^= x >>> 17; x ^= x << 5; x >>>= 0; return x; };
-  let n = 0;
   while (Atomics.load(ctrl, 0) === 1) {
     for (let k = 0; k < 256; k++) {
       const r = rnd();
-      const i = r & 1 && views.length > 1 ? 1 : 0;
+      const i = (r & 0x30000) === 0 && views.length > 1 ? 1 : 0;
       const v = views[i];
-      // Region A: the ring area [0x1000, 0x20000) gets half the stores.
-      const off = i === 0 && (r & 2) ? 0x1000 + (rnd() % 0x1f000) : rnd() % (v.length - 4);
+      // Region A: the first buffers of a case [0x20000, 0x24000) (where headers are) and the
+      // rings [0x1000, 0x20000) get most stores.
+      const sel = (r >>> 8) & 7;
+      const off = i !== 0 ? rnd() % (v.length - 4)
+        : sel < 3 ? 0x20000 + (rnd() % 0x4000)
+        : sel < 6 ? 0x1000 + (rnd() % 0x1f000)
+        : rnd() % (v.length - 4);
       switch ((r >>> 2) & 3) {
         case 0: v[off] = rnd() & 0xff; break;
         case 1: dv[i].setUint16(off & ~1, rnd() & 0xffff, true); break;
         case 2: dv[i].setUint32(off & ~3, rnd(), true); break;
         default: dv[i].setUint32(off & ~15, (rnd() & 1) ? 0 : rnd(), true);
       }
-      n++;
     }
+    Atomics.add(ctrl, 2, 256);
   }
-  Atomics.add(ctrl, 2, n);
   Atomics.store(ctrl, 1, m.gen);
   Atomics.notify(ctrl, 1);
 });

@@ -7,6 +7,7 @@ import { bzImageTarget, elfTarget } from './loader.js';
 import { mmioTarget } from './mmio.js';
 import { netTarget } from './net.js';
 import { queueTarget } from './queue.js';
+import { racing } from './race.js';
 import { vsockTarget } from './vsock.js';
 
 export const TARGETS: Target[] = [
@@ -22,4 +23,8 @@ export const TARGETS: Target[] = [
   elfTarget,
   apiTarget,
   apiHttpTarget,
+  racing(queueTarget, 25_000),
+  racing(blockTarget, 25_000),
+  racing(netTarget, 25_000),
+  racing(vsockTarget, 25_000),
 ];

@@ -8,6 +8,12 @@
  * never wait while buffers that can take them are available and the TAP is not watched, no
  * exception, every TX chain used.
  */
+import { checkTxHeader, parseNetHeader } from '../../src/devices/virtio/net/header.js';
+import {
+  VIRTIO_NET_F_CSUM,
+  VIRTIO_NET_F_HOST_TSO4,
+  VIRTIO_NET_F_HOST_TSO6,
+} from '../../src/devices/virtio/net/net.js';
 import { fail, type Prng, type Session, type Target } from '../core.js';
 import { checkNoDeviceException, type Seg } from '../rig.js';
 import { openVirtio } from '../virtio-kinds.js';
@@ -44,6 +50,7 @@ export const netTarget: Target = {
     const { rig, host } = v;
     const tap = [...host.fds.values()].find((f) => f.kind === 'tap')!;
     const settle = () => host.settle('virtio-net');
+    tap.frames = [];
     return {
       ram: v.ram,
       rig,
@@ -123,6 +130,26 @@ export const netTarget: Target = {
         if (rng.chance(0.02)) tap.readError = rng.pick(['EIO', 'EAGAIN', 'EBADFD']);
         settle();
         checkNoDeviceException(rig, 'virtio-net');
+        // Checked is used: every frame that reached the TAP has a header the device accepts
+        // (with a racing vCPU, one validated on a copy but sent from live memory would not).
+        const st = rig.h.device.deviceState;
+        if (st.kind === 'active') {
+          const has = (b: number) => (st.features & (1n << BigInt(b))) !== 0n;
+          const csum = has(VIRTIO_NET_F_CSUM);
+          const offloads = {
+            csum,
+            tso4: csum && has(VIRTIO_NET_F_HOST_TSO4),
+            tso6: csum && has(VIRTIO_NET_F_HOST_TSO6),
+          };
+          for (const f of tap.frames!) {
+            const ok = checkTxHeader(parseNetHeader(f.hdr), f.len - HDR, offloads);
+            if (!ok.ok)
+              fail(
+                `virtio-net TX: a frame reached the TAP with a header the device refuses (${ok.error}): checked is not what was used`,
+              );
+          }
+        }
+        tap.frames!.length = 0;
         if (rig.racing || rig.broken()) {
           tap.inbox.length = 0;
           return;
