@@ -207,13 +207,13 @@ export async function runTarget(t: Target, o: RunOptions): Promise<TargetResult>
       record(
         i - 1,
         start,
-        `heap grew ${(after - before).toFixed(1)} MiB in one session of ${i - start} cases (limit ${limit} MiB)`,
+        `${t.name}: heap grew ${(after - before).toFixed(1)} MiB in one session of ${i - start} cases (limit ${limit} MiB)`,
       );
     if (whole && !failed && after - heapStart > (o.runHeapLimitMiB ?? 128))
       record(
         i - 1,
         start,
-        `heap grew ${(after - heapStart).toFixed(1)} MiB over the run (limit ${o.runHeapLimitMiB ?? 128} MiB)`,
+        `${t.name}: heap grew ${(after - heapStart).toFixed(1)} MiB over the run (limit ${o.runHeapLimitMiB ?? 128} MiB)`,
       );
     start = failed ? i : sessionEnd;
   }

@@ -33,6 +33,12 @@ export const KNOWN: KnownFinding[] = [
     summary:
       'vsock host-initiated connection waiting for the guest: its socket stays watched for reading (from the handshake), unread data/EOF/error: busy loop until the guest answers or 10 s',
   },
+  {
+    id: 'VSOCK-UNBOUNDED',
+    pattern: /virtio-vsock: heap grew/,
+    summary:
+      'vsock: replies (RST) to packets for no connection queue without limit while the guest posts no RX buffers (and 1-byte segments to a peer that does not read cost ~200 B each)',
+  },
 ];
 
 export function knownFinding(message: string): KnownFinding | undefined {

@@ -64,17 +64,22 @@ export const vsockTarget: Target = {
   name: 'virtio-vsock',
   what: 'vsock/ TX packets and host socket events through DeviceType.create on a fake host',
   cases: 100_000,
-  session: 1000,
+  session: 2000,
   heapLimitMiB: 32,
   open(srng: Prng): Session {
     const uds = join(scratchDir(), `v${process.pid}-${sockNo++}.sock`);
     const v = openVirtio('vsock', { cid: GUEST_CID, uds }, srng);
     const { rig, host } = v;
     const mem = v.ram.mem;
-    const mode = srng.pick(['normal', 'normal', 'normal', 'no-rx-flood', 'slow-peer'] as const);
+    const mode =
+      (process.env.TYPERVISOR_FUZZ_VSOCK_MODE as
+        'normal' | 'no-rx-flood' | 'slow-peer' | undefined) ??
+      srng.pick(['normal', 'normal', 'normal', 'no-rx-flood', 'slow-peer'] as const);
     const settle = () => host.settle('virtio-vsock');
     const conns: Conn[] = [];
     let cursor = [0, 0, 0];
+    /** Descriptor slots of TX chains written since the last TX kick. */
+    let txSlotsUsed = 0;
     let nextGuestPort = 1000;
     let started = rig.resets;
     /** RX slot -> posted. */
@@ -127,8 +132,12 @@ export const vsockTarget: Target = {
       }
       if (rng.chance(0.02)) segs.push({ addr: a, len: 16, write: true });
       const size = rig.queues[TXQ]!.q.size;
-      const slots = segs.length;
-      rig.writeChain(rng, TXQ, segs, mutate, rig.indirect && rng.chance(0.2), cursor[TXQ]);
+      const indirect = rig.indirect && rng.chance(0.2);
+      const slots = indirect ? 1 : segs.length;
+      // A driver never reuses descriptors the device has not returned: kick first.
+      if (txSlotsUsed + slots > size) return;
+      txSlotsUsed += slots;
+      rig.writeChain(rng, TXQ, segs, mutate, indirect, cursor[TXQ]);
       cursor[TXQ] = (cursor[TXQ]! + slots) % size;
     };
 
@@ -207,7 +216,7 @@ export const vsockTarget: Target = {
         }
         // Guest TX packets.
         const size = rig.queues[TXQ]!.q.size;
-        const ntx = flood ? size : mode === 'slow-peer' ? Math.min(size, 64) : rng.below(6);
+        const ntx = flood || mode === 'slow-peer' ? size : rng.below(6);
         for (let i = 0; i < ntx && rig.pending(TXQ) < size; i++) {
           const c = conns.length > 0 && rng.chance(0.7) ? rng.pick(conns) : undefined;
           let h: Header;
@@ -217,9 +226,15 @@ export const vsockTarget: Target = {
             h.srcPort = rng.u32();
             h.dstPort = rng.u32() % 100_000;
             payload = 1;
-          } else if (mode === 'slow-peer' && c) {
-            h = base(OP.RW, c);
+          } else if (mode === 'slow-peer' && conns.length >= 2) {
+            // 1-byte segments to the first connections, whose host peer reads nothing.
+            h = base(OP.RW, conns[rng.below(2)]);
             payload = 1;
+          } else if (mode === 'slow-peer') {
+            h = base(OP.REQUEST);
+            h.srcPort = nextGuestPort++;
+            h.dstPort = 5000;
+            conns.push({ guestPort: h.srcPort, hostPort: h.dstPort, fwd: 0 });
           } else {
             const op = rng.chance(0.9)
               ? rng.pick([1, 1, 2, 3, 4, 5, 5, 5, 6, 7])
@@ -235,8 +250,8 @@ export const vsockTarget: Target = {
             if (op === OP.SHUTDOWN) h.flags = rng.below(4);
           }
           h.len = payload;
-          // Header field mutations.
-          if (rng.chance(0.15)) {
+          // Header field mutations (not in flood sessions: those are well-formed, and many).
+          if (mode === 'normal' && rng.chance(0.15)) {
             switch (rng.below(8)) {
               case 0:
                 h.srcCid = rng.pick([0, 1, 2, 4, 0xffff_ffff, 2 ** 40]);
@@ -264,15 +279,16 @@ export const vsockTarget: Target = {
                 h.flags = rng.u32();
             }
           }
-          const mutate = rng.chance(0.1) ? 1 : 0;
+          const mutate = mode === 'normal' && rng.chance(0.1) ? 1 : 0;
           sendTx(rng, h, Math.min(payload, 70000), mutate, txa);
         }
         // The host side.
         host.connectResult = () =>
-          rng.chance(0.85)
+          mode !== 'normal' || rng.chance(0.85)
             ? 'ok'
             : rng.pick(['ENOENT', 'ECONNREFUSED', 'pending', 'EMFILE', 'EAGAIN']);
-        const nev = rng.below(4);
+        // Flood sessions are the guest's alone (a host event failing would end them early).
+        const nev = mode === 'normal' ? rng.below(4) : 0;
         for (let e = 0; e < nev; e++) {
           const k = rng.below(12);
           const socks = sockets();
@@ -320,9 +336,11 @@ export const vsockTarget: Target = {
         }
         if (mode === 'slow-peer') for (const s of sockets()) s.room = 0;
         rig.kick(TXQ, settle, false, 'virtio-vsock TX');
+        txSlotsUsed = 0;
         settle();
         if (!flood) readRx(rng, txa);
         if (rig.pending(TXQ) > 0) rig.kick(TXQ, settle, false, 'virtio-vsock TX');
+        txSlotsUsed = 0;
         // An accept error that stays forever is the host's problem; let it clear sometimes.
         if (rng.chance(0.2)) listenFd.acceptError = undefined;
         if (rng.chance(0.2)) host.emfile = false;
