@@ -45,7 +45,7 @@ export interface Session {
   close?(): void | Promise<void>;
   /** Guest RAM of a virtio session (the racing vCPU rewrites it). */
   ram?: { sabs: SharedArrayBuffer[] };
-  /** What the session exercised (summed over sessions and printed: accepted, resets...). */
+  /** What the session exercised, printed: summed over sessions (`max_*`: their maximum). */
   stats?(): Record<string, number>;
   /** The rig of a virtio session (racing mode relaxes the driver-side checks). */
   rig?: { racing: boolean };
@@ -194,7 +194,8 @@ export async function runTarget(t: Target, o: RunOptions): Promise<TargetResult>
         break;
       }
     }
-    for (const [k, v] of Object.entries(session.stats?.() ?? {})) stats[k] = (stats[k] ?? 0) + v;
+    for (const [k, v] of Object.entries(session.stats?.() ?? {}))
+      stats[k] = k.startsWith('max_') ? Math.max(stats[k] ?? 0, v) : (stats[k] ?? 0) + v;
     try {
       await session.close?.();
     } catch (e) {

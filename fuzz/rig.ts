@@ -305,4 +305,8 @@ export class VirtioRig {
 export function checkNoDeviceException(rig: VirtioRig, what: string): void {
   const ex = rig.exceptions();
   if (ex.length > 0) fail(`${what}: the device caught an exception: ${ex[0]!.split('\n')[0]}`);
+  // A transport counter of device failures (whatever its name), if the device keeps one.
+  const counters = rig.h.device.state.counters() as unknown as Record<string, number>;
+  for (const [k, v] of Object.entries(counters))
+    if (/exception|fail/i.test(k) && v > 0) fail(`${what}: the device counted ${v} ${k}`);
 }

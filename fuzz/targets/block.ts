@@ -38,10 +38,17 @@ export const blockTarget: Target = {
     );
     const { rig, host } = v;
     const settle = () => host.settle('virtio-blk');
+    /** The most host I/O one kick did (aliasing asks for much more than the guest's RAM). */
+    let maxKickIo = 0;
     return {
       ram: v.ram,
       rig,
-      stats: () => ({ chains: rig.chainsPublished, resets: rig.resets, ...v.created.metrics?.() }),
+      stats: () => ({
+        chains: rig.chainsPublished,
+        resets: rig.resets,
+        ...v.created.metrics?.(),
+        max_kick_io_MiB: Math.round(maxKickIo / 2 ** 20),
+      }),
       close() {
         v.opened.close();
       },
@@ -116,7 +123,13 @@ export const blockTarget: Target = {
               : undefined,
           );
         }
+        const io = () => {
+          const m = v.created.metrics?.() ?? {};
+          return (m.read_bytes ?? 0) + (m.write_bytes ?? 0);
+        };
+        const io0 = io();
         rig.kick(0, settle, false, 'virtio-blk');
+        maxKickIo = Math.max(maxKickIo, io() - io0);
         checkNoDeviceException(rig, 'virtio-blk');
         if (rig.racing || rig.broken()) return;
         const used = rig.queues[0]!.q.takeUsed();
