@@ -5,13 +5,13 @@
  * of the rig. A tmpfs image per session. Oracle for requests written correctly: status OK and
  * used.len = data read + 1 for IN/OUT inside the disk (IOERR for OUT on a read-only disk).
  */
-import { closeSync, openSync, writeSync, ftruncateSync } from 'node:fs';
+import { closeSync, ftruncateSync, openSync, rmSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { fail, type Prng, type Session, type Target } from '../core.js';
 import { checkNoDeviceException, DATA_AREA, type Seg } from '../rig.js';
 import { openVirtio, scratchDir } from '../virtio-kinds.js';
 
-const SECTORS = 256; // 128 KiB image
+const SECTORS = 256 * 1024; // 128 MiB, sparse on tmpfs (aliasing requests fit in it)
 const T_IN = 0;
 const T_OUT = 1;
 const T_FLUSH = 4;
@@ -51,6 +51,7 @@ export const blockTarget: Target = {
       }),
       close() {
         v.opened.close();
+        rmSync(path, { force: true });
       },
       run(rng: Prng) {
         rig.ensureRunning(rng);
@@ -62,7 +63,9 @@ export const blockTarget: Target = {
         for (let r = 0; r < n; r++) {
           const type = rng.chance(0.9) ? rng.pick([T_IN, T_OUT, T_FLUSH, T_GET_ID]) : rng.u32();
           const sector = rng.chance(0.8)
-            ? rng.below(SECTORS + 8)
+            ? rng.chance(0.5)
+              ? rng.below(64)
+              : SECTORS - 64 + rng.below(72)
             : rng.pick([SECTORS - 1, 2 ** 32, 2 ** 53 - 1, 0xffff_ffff_ffff_ffffn]);
           const hdr = rig.alloc(16) ?? DATA_AREA.base;
           rig.ram.mem.writeU32(hdr, type >>> 0);
