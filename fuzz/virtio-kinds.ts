@@ -3,7 +3,7 @@
  * then DeviceType.create on the fake loop), as the VMM does: the fuzzer uses only the public
  * surface, so it follows the devices' internal changes.
  */
-import { mkdtempSync, existsSync } from 'node:fs';
+import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { OpenContext } from '../src/devices/virtio/descriptor.js';
@@ -18,7 +18,9 @@ let scratch: string | undefined;
 export function scratchDir(): string {
   if (!scratch) {
     const base = existsSync('/dev/shm') ? '/dev/shm' : tmpdir();
-    scratch = mkdtempSync(join(base, 'typervisor-fuzz-'));
+    const dir = mkdtempSync(join(base, 'typervisor-fuzz-'));
+    scratch = dir;
+    process.on('exit', () => rmSync(dir, { recursive: true, force: true }));
   }
   return scratch;
 }
