@@ -110,12 +110,19 @@ export const vsockTarget: Target = {
       fwdCnt: c?.fwd ?? 0,
     });
 
-    const sendTx = (rng: Prng, h: Header, payload: number, mutate: number, txa: GuestAllocator) => {
+    /** Writes one TX packet; false when there was no room for it (nothing was sent). */
+    const sendTx = (
+      rng: Prng,
+      h: Header,
+      payload: number,
+      mutate: number,
+      txa: GuestAllocator,
+    ): boolean => {
       let a: number;
       try {
         a = txa.alloc(HDR + payload, 8);
       } catch {
-        return;
+        return false;
       }
       writeHdr(a, h);
       const total = HDR + payload;
@@ -130,15 +137,16 @@ export const vsockTarget: Target = {
         if (segs[0]!.len < total)
           segs.push({ addr: a + segs[0]!.len, len: total - segs[0]!.len, write: false });
       }
-      if (rng.chance(0.02)) segs.push({ addr: a, len: 16, write: true });
+      if (mode === 'normal' && rng.chance(0.02)) segs.push({ addr: a, len: 16, write: true });
       const size = rig.queues[TXQ]!.q.size;
       const indirect = rig.indirect && rng.chance(0.2);
       const slots = indirect ? 1 : segs.length;
       // A driver never reuses descriptors the device has not returned: kick first.
-      if (txSlotsUsed + slots > size) return;
+      if (txSlotsUsed + slots > size) return false;
       txSlotsUsed += slots;
       rig.writeChain(rng, TXQ, segs, mutate, indirect, cursor[TXQ]);
       cursor[TXQ] = (cursor[TXQ]! + slots) % size;
+      return true;
     };
 
     const postRx = (rng: Prng) => {
@@ -221,6 +229,7 @@ export const vsockTarget: Target = {
           const c = conns.length > 0 && rng.chance(0.7) ? rng.pick(conns) : undefined;
           let h: Header;
           let payload = 0;
+          let opened: Conn | undefined;
           if (flood) {
             h = base(OP.RW);
             h.srcPort = rng.u32();
@@ -234,7 +243,7 @@ export const vsockTarget: Target = {
             h = base(OP.REQUEST);
             h.srcPort = nextGuestPort++;
             h.dstPort = 5000;
-            conns.push({ guestPort: h.srcPort, hostPort: h.dstPort, fwd: 0 });
+            opened = { guestPort: h.srcPort, hostPort: h.dstPort, fwd: 0 };
           } else {
             const op = rng.chance(0.9)
               ? rng.pick([1, 1, 2, 3, 4, 5, 5, 5, 6, 7])
@@ -243,7 +252,7 @@ export const vsockTarget: Target = {
             if (op === OP.REQUEST && !c) {
               h.srcPort = nextGuestPort++;
               h.dstPort = rng.below(4) + 5000;
-              conns.push({ guestPort: h.srcPort, hostPort: h.dstPort, fwd: 0 });
+              opened = { guestPort: h.srcPort, hostPort: h.dstPort, fwd: 0 };
             }
             if (op === OP.RW)
               payload = rng.chance(0.8) ? rng.below(2048) : rng.pick([0, 65536, 65537]);
@@ -280,7 +289,8 @@ export const vsockTarget: Target = {
             }
           }
           const mutate = mode === 'normal' && rng.chance(0.1) ? 1 : 0;
-          sendTx(rng, h, Math.min(payload, 70000), mutate, txa);
+          // The driver's connection exists once its REQUEST went out.
+          if (sendTx(rng, h, Math.min(payload, 70000), mutate, txa) && opened) conns.push(opened);
         }
         // The host side.
         host.connectResult = () =>
