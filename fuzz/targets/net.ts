@@ -102,14 +102,14 @@ export const netTarget: Target = {
         const nrx = rng.chance(0.6) ? 1 + rng.below(6) : 0;
         for (let b = 0; b < nrx; b++) {
           const segs: Seg[] = [];
-          const kind = rng.below(400);
+          const kind = rng.below(4000);
           if (kind === 0 && rig.indirect) {
             // More buffers than one readv takes (IOV_MAX): 1024 indirect + the spill buffer.
             const a = rig.alloc(64) ?? 0x20000;
             const count = rng.pick([1023, 1024, 1024]);
             for (let i = 0; i < count; i++) segs.push({ addr: a, len: 64, write: true });
           } else {
-            const n = kind < 20 ? 1 + rng.below(64) : 1 + rng.below(3);
+            const n = kind < 200 ? 1 + rng.below(64) : 1 + rng.below(3);
             for (let i = 0; i < n; i++) {
               const len = rng.chance(0.8)
                 ? rng.pick([HDR, 1526, 2048, 4096, 65562])
