@@ -63,7 +63,7 @@ export interface FakeFd {
   written: number;
   /** TAP: the frames written, when recorded (their header and length). */
   frames?: Array<{ hdr: Uint8Array; len: number }>;
-  /** Host-made CONNECT lines etc. are counted here for the targets. */
+  /** We shut our write side (shutdown(SHUT_WR)). */
   shutWr: boolean;
 }
 

@@ -6,7 +6,7 @@
  * queues) device. Checks after every access: no exception; MAGIC/VERSION constant; the status
  * never holds DRIVER_OK without FEATURES_OK nor FEATURES_OK without DRIVER; the device is
  * active only while the status says DRIVER_OK; a quiescent device saves and its state
- * restores into a fresh one.
+ * restores into a fresh one; a damaged saved state is refused without an exception.
  */
 import { VirtioDevice } from '../../src/devices/virtio/device.js';
 import { VirtioMmioState } from '../../src/devices/virtio/mmio-state.js';
@@ -158,9 +158,12 @@ export const mmioTarget: Target = {
       if (dev.deviceState.kind === 'active' && !(st & S_DRIVER_OK))
         fail(`virtio-mmio: device active with status 0x${st.toString(16)}`);
     };
+    let restoresTried = 0;
+    let saves = 0;
     return {
       ram: v.ram,
       rig,
+      stats: () => ({ saves, damaged_restores: restoresTried }),
       close() {
         v.opened.close();
       },
@@ -170,14 +173,13 @@ export const mmioTarget: Target = {
           step(rng);
           check();
         }
-        if (kind === 'rng' && rng.chance(0.02) && dev.quiesce()) {
+        if (kind === 'rng' && rng.chance(0.05) && dev.quiesce()) {
           // Save, and restore into a fresh device of the same identity over the same memory.
           const bytes = dev.save();
+          saves++;
           const sab = VirtioMmioState.createState(v.opened.identity, bit(VIRTIO_F_VERSION_1));
-          const backend = deviceType('rng').create(
-            {},
-            { name: 'rng', sys: host.sys, loop: host.loop, log: () => undefined },
-          ).backend;
+          const env = { name: 'rng', sys: host.sys, loop: host.loop, log: () => undefined };
+          const backend = deviceType('rng').create({}, env).backend;
           const fresh = new VirtioDevice(sab, backend, {
             mem: v.ram.mem,
             interrupt: () => undefined,
@@ -187,6 +189,23 @@ export const mmioTarget: Target = {
           if (!r.ok) fail(`virtio-mmio: a saved device does not restore: ${r.error.message}`);
           if (fresh.deviceState.kind !== dev.deviceState.kind)
             fail(`virtio-mmio: saved ${dev.deviceState.kind}, restored ${fresh.deviceState.kind}`);
+          // A damaged snapshot: refused with an error (or restored), never an exception.
+          for (let k = 0; k < 8; k++) {
+            const bad = bytes.slice(
+              0,
+              rng.chance(0.2) ? rng.below(bytes.length + 1) : bytes.length,
+            );
+            for (let j = 1 + rng.below(4); j > 0 && bad.length > 0; j--)
+              bad[rng.below(bad.length)] = rng.chance(0.5) ? rng.u32() & 0xff : 0xff;
+            const s2 = VirtioMmioState.createState(v.opened.identity, bit(VIRTIO_F_VERSION_1));
+            const b2 = deviceType('rng').create({}, env).backend;
+            new VirtioDevice(s2, b2, {
+              mem: v.ram.mem,
+              interrupt: () => undefined,
+              log: () => undefined,
+            }).restore(bad);
+            restoresTried++;
+          }
         }
       },
     };
