@@ -2,7 +2,7 @@
 import type { Target } from '../core.js';
 import { apiHttpTarget, apiTarget } from './api.js';
 import { blockTarget } from './block.js';
-import { i8042Target, rtcTarget, serialTarget } from './legacy.js';
+import { i8042Target, legacyBusTarget, rtcTarget, serialTarget } from './legacy.js';
 import { bzImageTarget, elfTarget } from './loader.js';
 import { mmioTarget } from './mmio.js';
 import { netTarget } from './net.js';
@@ -19,6 +19,7 @@ export const TARGETS: Target[] = [
   serialTarget,
   i8042Target,
   rtcTarget,
+  legacyBusTarget,
   bzImageTarget,
   elfTarget,
   apiTarget,

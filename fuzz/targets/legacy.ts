@@ -11,6 +11,9 @@
 import { I8042 } from '../../src/devices/legacy/i8042.js';
 import { RtcCmos } from '../../src/devices/legacy/rtc.js';
 import { Serial16550, SERIAL_RX_RING_SIZE } from '../../src/devices/legacy/serial.js';
+import { UnhandledAccesses } from '../../src/devices/legacy/unhandled.js';
+import { EFD_NONBLOCK, native } from '../../src/kvm/native.js';
+import { attachLegacyDevices, type LegacyDeviceState } from '../../src/vmm/legacy-devices.js';
 import { fail, type Prng, type Session, type Target } from '../core.js';
 
 function port(dev: {
@@ -213,6 +216,93 @@ export const rtcTarget: Target = {
           }
         }
         dev.unknownAccesses();
+      },
+    };
+  },
+};
+
+/**
+ * Every guest port and MMIO access as the vCPU loop dispatches it (vcpu-loop.ts: the bus
+ * resolves the range, else the unhandled-access table answers), over the real wiring
+ * (vmm/legacy-devices.ts: serial, i8042, RTC, ACPI PM, boot marker; eventfd interrupt lines).
+ * Checks: no exception, reads of unclaimed addresses are all-ones, and the unhandled-access
+ * log is bounded (one line per distinct address up to its table, one more when it is full).
+ */
+export const legacyBusTarget: Target = {
+  name: 'legacy-bus',
+  what: 'vmm/legacy-devices.ts PIO/MMIO buses: any port or address, any size, unhandled table',
+  cases: 100_000,
+  session: 5000,
+  open(): Session {
+    const n = native();
+    const state: LegacyDeviceState = {
+      serial: Serial16550.createState(),
+      i8042: I8042.createState(),
+      rtc: RtcCmos.createState(),
+      unhandled: UnhandledAccesses.createState(),
+      serialIrqFd: n.eventfd(0, EFD_NONBLOCK),
+      i8042IrqFd: n.eventfd(0, EFD_NONBLOCK),
+    };
+    let logs = 0;
+    const otherLogs = new Map<string, number>();
+    let powerOffs = 0;
+    const d = attachLegacyDevices(state, {
+      output: () => undefined,
+      onPowerOff: () => void powerOffs++,
+      onReset: () => undefined,
+      onBootMarker: () => undefined,
+      log: (m) => {
+        logs++;
+        if (!m.startsWith('unhandled'))
+          otherLogs.set(m.slice(0, 60), (otherLogs.get(m.slice(0, 60)) ?? 0) + 1);
+      },
+    });
+    const access = (space: 'pio' | 'mmio', addr: number, data: Uint8Array, write: boolean) => {
+      const bus = space === 'pio' ? d.pio : d.mmio;
+      const hit = bus.resolve(addr, data.length);
+      if (!hit) {
+        if (write) d.unhandled.write(space, addr, data);
+        else {
+          d.unhandled.read(space, addr, data);
+          if (data.some((b) => b !== 0xff))
+            fail(`legacy-bus: unclaimed ${space} read not all-ones`);
+        }
+        return;
+      }
+      if (write) hit.device.write(hit.offset, data);
+      else hit.device.read(hit.offset, data);
+    };
+    const PORTS = [0x3f8, 0x60, 0x64, 0x70, 0x3f0, 0x2f8, 0xcf8, 0x80];
+    return {
+      stats: () => ({ log_lines: logs, power_offs: powerOffs }),
+      close() {
+        n.close(state.serialIrqFd);
+        n.close(state.i8042IrqFd);
+      },
+      run(rng: Prng) {
+        for (let i = 0, k = 1 + rng.below(32); i < k; i++) {
+          const write = rng.chance(0.5);
+          if (rng.chance(0.6)) {
+            const addr = rng.chance(0.8) ? rng.pick(PORTS) + rng.below(12) - 2 : rng.below(0x10000);
+            const data = new Uint8Array(rng.pick([1, 1, 2, 4]));
+            rng.fill(data);
+            access('pio', addr, data, write);
+          } else {
+            const addr = rng.chance(0.7)
+              ? 0xfeb0_0100 + rng.below(0x40) - 8
+              : rng.chance(0.5)
+                ? 0xfeb0_0000 + rng.below(0x10000)
+                : rng.u32() * 0x10 + rng.below(16);
+            const data = new Uint8Array(rng.pick([1, 2, 4, 8]));
+            rng.fill(data);
+            access('mmio', addr, data, write);
+          }
+        }
+        // 1024 distinct addresses are logged once each, then one line says the table is full.
+        const other = [...otherLogs.values()].reduce((a, b) => a + b, 0);
+        if (logs - other > 1024 + 1) fail(`legacy-bus: ${logs - other} unhandled-access log lines`);
+        // Every other line a guest can cause is logged once (per kind), not once per access.
+        for (const [m, c] of otherLogs) if (c > 16) fail(`legacy-bus: logged ${c} times: ${m}`);
       },
     };
   },
