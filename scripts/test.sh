@@ -1,12 +1,13 @@
 #!/bin/bash
 # The whole test run (README's test command, and CI through .ci/run): installs what is missing,
 # builds, makes the guest images (cached in ~/.cache/typervisor), then runs every test suite
-# in one node test runner: unit tests, host-KVM tests with tiny guests, API tests, and the lab
-# tests (stock Linux guests under Typervisor on the lab's AMD-V KVM).
+# in one node test runner: unit tests, the fuzz smoke run (fuzz/smoke.test.ts), host-KVM tests
+# with tiny guests, API tests, and the lab tests (stock Linux guests under Typervisor on the
+# lab's AMD-V KVM).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 [ -f native/build/Release/typervisor_native.node ] || npm run install --silent
 npx tsc -p tsconfig.json
 node dist/src/lab/guest-cli.js build kernel initramfs lab rootfs >/dev/null
-node scripts/run-tests.mjs src test/host test/api test/lab
+node scripts/run-tests.mjs src fuzz test/host test/api test/lab

@@ -68,3 +68,30 @@ test('the guest sets its own clock; CMOS bytes are storage', () => {
   assert.equal(reg(0x34), 0x12);
   assert.throws(() => dev.setCmosByte(0x00, 1));
 });
+
+test('a guest clock before 1970 or in years 0-99 reads back what the guest set (found by fuzz)', () => {
+  const now = Date.parse('2000-01-01T11:15:08.840Z');
+  const { reg, set } = rtc(() => now);
+  set(0x32, 0x19); // century 19: 1900
+  assert.equal(reg(0x32), 0x19);
+  set(0x00, 0x48); // seconds 48, in 1900 (a negative time: its sub-second phase counts too)
+  assert.equal(reg(0x00), 0x48);
+  const b = rtc(() => now);
+  b.set(0x32, 0x00); // century 0: years 0-99, not 1900-1999
+  assert.equal(b.reg(0x32), 0x00);
+  assert.equal(b.reg(0x09), 0x00);
+  b.set(0x09, 0x26);
+  assert.deepEqual([b.reg(0x32), b.reg(0x09)], [0x00, 0x26]);
+});
+
+test('a time outside years 0000-9999 is refused (found by fuzz)', () => {
+  const now = Date.UTC(2026, 0, 1);
+  const { reg, set } = rtc(() => now);
+  set(0x0b, 0x06); // binary, 24-hour: fields take any byte
+  set(0x32, 200); // century 200: year 20026, not representable
+  assert.equal(reg(0x32), 20);
+  set(0x32, 0);
+  set(0x09, 0);
+  set(0x07, 0); // day 0 of January, year 0000: the last day of year -1
+  assert.deepEqual([reg(0x32), reg(0x09), reg(0x07)], [0, 0, 1]);
+});

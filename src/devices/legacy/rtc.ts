@@ -38,6 +38,9 @@ const B_DM_BINARY = 0x04;
 const B_24H = 0x02;
 const B_DEFAULT = B_24H;
 const D_VRT = 0x80;
+/** 0000-01-01T00:00:00Z and 9999-12-31T23:59:59Z: what century + year can say. */
+const MIN_GUEST_TIME = new Date(0).setUTCFullYear(0, 0, 1);
+const MAX_GUEST_TIME = Date.UTC(9999, 11, 31, 23, 59, 59);
 const HOUR_PM = 0x80; // 12-hour mode
 
 // Int32 slots, then a Float64 offset, then the 128 CMOS bytes.
@@ -163,16 +166,18 @@ export class RtcCmos implements BusDevice {
     if (field === 'year') parts.year = Math.floor(parts.year / 100) * 100 + (value % 100);
     else if (field === 'century') parts.year = value * 100 + (parts.year % 100);
     else parts[field] = value;
-    const set = Date.UTC(
-      parts.year,
-      parts.month - 1,
-      parts.day,
-      parts.hours,
-      parts.minutes,
-      parts.seconds,
-    );
-    // Keep the sub-second phase so that the seconds tick where the guest expects.
-    if (Number.isFinite(set)) this.offsetMs[0] = set + (t.getTime() % 1000) - host;
+    // Date.UTC maps years 0-99 to 1900-1999; setUTCFullYear takes the year as it is (a guest
+    // that writes century 0 means years 0-99).
+    const d = new Date(0);
+    d.setUTCFullYear(parts.year, parts.month - 1, parts.day);
+    const set = d.setUTCHours(parts.hours, parts.minutes, parts.seconds, 0);
+    // Keep the sub-second phase so that the seconds tick where the guest expects (a time before
+    // 1970 is negative: its phase too must be counted from the start of its second).
+    const phase = ((t.getTime() % 1000) + 1000) % 1000;
+    // The RTC holds years 0000-9999 (century and year are two BCD digits each): a time outside
+    // them (a binary-mode field past its range carried into the year) is refused, as is NaN.
+    if (Number.isFinite(set) && set >= MIN_GUEST_TIME && set <= MAX_GUEST_TIME)
+      this.offsetMs[0] = set + phase - host;
   }
 
   private encode(value: number, isHours: boolean): number {
