@@ -14,6 +14,8 @@ import { Serial16550, SERIAL_RX_RING_SIZE } from '../../src/devices/legacy/seria
 import { UnhandledAccesses } from '../../src/devices/legacy/unhandled.js';
 import { EFD_NONBLOCK, native } from '../../src/kvm/native.js';
 import { attachLegacyDevices, type LegacyDeviceState } from '../../src/vmm/legacy-devices.js';
+import { openConsoleOutput } from '../../src/vmm/console-output.js';
+import { openSync } from 'node:fs';
 import { fail, type Prng, type Session, type Target } from '../core.js';
 
 function port(dev: {
@@ -242,6 +244,8 @@ export const legacyBusTarget: Target = {
       unhandled: UnhandledAccesses.createState(),
       serialIrqFd: n.eventfd(0, EFD_NONBLOCK),
       i8042IrqFd: n.eventfd(0, EFD_NONBLOCK),
+      // The output hook below takes the UART's bytes; this is only the state's required sink.
+      console: openConsoleOutput(openSync('/dev/null', 'w')),
     };
     let logs = 0;
     const otherLogs = new Map<string, number>();

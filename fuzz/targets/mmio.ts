@@ -184,6 +184,7 @@ export const mmioTarget: Target = {
             mem: v.ram.mem,
             interrupt: () => undefined,
             log: () => undefined,
+            defer: () => () => undefined,
           });
           const r = fresh.restore(bytes);
           if (!r.ok) fail(`virtio-mmio: a saved device does not restore: ${r.error.message}`);
@@ -203,6 +204,7 @@ export const mmioTarget: Target = {
               mem: v.ram.mem,
               interrupt: () => undefined,
               log: () => undefined,
+              defer: () => () => undefined,
             }).restore(bad);
             restoresTried++;
           }
