@@ -55,7 +55,10 @@ export interface FakeFd {
   hup: boolean;
   /** Bytes we may still write before the peer's buffer is full (write returns -1). */
   room: number;
-  /** The next read throws this errno. */
+  /**
+   * The next read fails with this errno: EAGAIN returns -1 (a spurious wake-up: the native
+   * readv returns -1 on EAGAIN, it never throws it), any other errno throws as the shim does.
+   */
   readError?: string;
   /** Listening socket: fds waiting in the accept queue; or an errno accept() throws. */
   backlog: number[];
@@ -83,6 +86,10 @@ export class FakeHost {
   spinLimit = 4000;
   /** Calls into the device (for per-case work bounds). */
   dispatches = 0;
+  /** Injected host errors thrown to the device so far (read and accept errors). */
+  errorsThrown = 0;
+  /** Rounds of one settle() (ready fds, then due timers) that count as a loop that never idles. */
+  roundLimit = 20_000;
   /** accept()/connect() throw EMFILE while set (descriptor exhaustion). */
   emfile = false;
   /** connect() outcome for guest connections: 'ok' | errno | 'pending'. */
@@ -139,6 +146,8 @@ export class FakeHost {
       if (f.readError) {
         const code = f.readError;
         f.readError = undefined;
+        if (code === 'EAGAIN') return -1;
+        this.errorsThrown++;
         throw sysError(code, 'readv');
       }
       const bufs = buffers.map(bytesOf);
@@ -187,6 +196,7 @@ export class FakeHost {
         const code = f.acceptError;
         // ECONNABORTED takes the aborted connection off the queue: it does not repeat.
         if (code === 'ECONNABORTED') f.acceptError = undefined;
+        this.errorsThrown++;
         throw sysError(code, 'accept');
       }
       if (this.emfile && f.backlog.length > 0) throw sysError('EMFILE', 'accept');
@@ -273,6 +283,10 @@ export class FakeHost {
   settle(what: string): void {
     const counts = new Map<number, number>();
     for (let round = 0; ; round++) {
+      if (round > this.roundLimit)
+        fail(
+          `${what}: the loop never goes idle: ${this.roundLimit} rounds of wake-ups and timers (${this.pendingTimers} timers pending)`,
+        );
       let any = false;
       for (let tag = 0; tag < this.regs.length; tag++) {
         const r = this.regs[tag];

@@ -14,9 +14,28 @@ import {
 import { STATUS_DEVICE_NEEDS_RESET, STATUS_DRIVER_OK } from '../src/devices/virtio/constants.js';
 import type { VirtioBackend } from '../src/devices/virtio/device.js';
 import type { VirtioDeviceIdentity } from '../src/devices/virtio/mmio-state.js';
-import { harness, type Harness } from '../src/devices/virtio/testing/harness.js';
+import type { EventOps } from '../src/devices/virtio/descriptor.js';
+import { DeferQueue, harness, type Harness } from '../src/devices/virtio/testing/harness.js';
 import { GuestAllocator, MockQueue } from '../src/devices/virtio/testing/mock-driver.js';
 import { fail, type Prng } from './core.js';
+
+/**
+ * The device's deferred work (a queue's next turn after its budget) on the fake host's loop, as
+ * the device worker does it (DeviceEnvironment.defer = the loop's setTimer(0)): it runs once
+ * the events ready now have been handled, in the same settle(). Counts the turns that ran.
+ */
+export class LoopDefer extends DeferQueue {
+  turns = 0;
+  constructor(private readonly loop: EventOps) {
+    super();
+  }
+  override defer(_name: string, fn: () => void): () => void {
+    return this.loop.setTimer(0, () => {
+      this.turns++;
+      fn();
+    });
+  }
+}
 
 /** Region A: rings and buffers. Region B: after a gap, small, for end-of-RAM addresses. */
 export const RAM_A = { base: 0, size: 512 * 1024 };
@@ -66,14 +85,23 @@ export class VirtioRig {
   /** A racing vCPU rewrites guest memory: skip the checks that trust the driver's side. */
   racing = false;
 
+  /** The device's deferred queue turns, on the loop of the fake host. */
+  readonly turns: LoopDefer;
+  /** Device logs and failures already checked by checkNoDeviceException. */
+  checkedLogs = 0;
+  checkedFailures = 0;
+
   constructor(
     readonly ram: SharedRam,
     readonly identity: VirtioDeviceIdentity,
     readonly backend: VirtioBackend,
+    loop: EventOps,
   ) {
+    this.turns = new LoopDefer(loop);
     this.h = harness(identity, backend, {
       mem: ram.mem,
       alloc: new GuestAllocator(RING_AREA.base, RING_AREA.end),
+      deferred: this.turns,
     });
     this.data = new GuestAllocator(DATA_AREA.base, DATA_AREA.end);
   }
@@ -264,10 +292,12 @@ export class VirtioRig {
   }
 
   /**
-   * The guest kicks queue `qi` (through the transport); `settle` runs the worker's loop after.
-   * Progress: every kick with chains pending uses at least one, or the device is broken; a
-   * queue the device serves on kicks (not self-served) ends with nothing pending, within a few
-   * kicks (a device may yield after a budget). Used entries never run ahead of published ones.
+   * The guest kicks queue `qi` (through the transport); `settle` runs the worker's loop after,
+   * deferred queue turns included (as the real loop runs its 0 ms timers after each batch of
+   * wake-ups). Progress: after the kick and the turns it led to, a queue the device serves on
+   * kicks (not self-served) has nothing pending, at least one chain was used if any was pending,
+   * and every deferred turn used a chain (a turn is only scheduled when the budget ran out with
+   * chains left); or the device is broken. Used entries never run ahead of published ones.
    */
   kick(qi: number, settle: () => void, selfServed: boolean, what: string): void {
     if (this.racing) {
@@ -276,23 +306,39 @@ export class VirtioRig {
       settle();
       return;
     }
-    for (let round = 0; round < 64; round++) {
-      const before = this.queues[qi]!.q.usedIdx();
-      const pending = this.pending(qi);
-      this.h.kick(qi);
-      settle();
-      if (this.broken()) return;
-      const after = this.queues[qi]!.q.usedIdx();
-      const used = (after - before) & 0xffff;
-      if (used > pending)
-        fail(`${what}: queue ${qi}: ${used} chains used after a kick with ${pending} pending`);
-      if (selfServed || this.pending(qi) === 0) return;
-      if (used === 0)
-        fail(
-          `${what}: queue ${qi}: a kick with ${pending} chains pending used none (device active)`,
-        );
-    }
-    fail(`${what}: queue ${qi}: still ${this.pending(qi)} chains pending after 64 kicks`);
+    const before = this.queues[qi]!.q.usedIdx();
+    const pending = this.pending(qi);
+    const turns0 = this.turns.turns;
+    this.h.kick(qi);
+    settle();
+    if (this.broken()) return;
+    const used = (this.queues[qi]!.q.usedIdx() - before) & 0xffff;
+    const turns = this.turns.turns - turns0;
+    if (used > pending)
+      fail(`${what}: queue ${qi}: ${used} chains used after a kick with ${pending} pending`);
+    if (selfServed) return;
+    if (pending > 0 && used === 0)
+      fail(
+        `${what}: queue ${qi}: a kick with ${pending} chains pending used none after ${turns} deferred turns (device active)`,
+      );
+    if (this.pending(qi) !== 0)
+      fail(
+        `${what}: queue ${qi}: ${this.pending(qi)} of ${pending} chains still pending after a kick and ${turns} deferred turns (device active)`,
+      );
+    if (turns > used)
+      fail(
+        `${what}: queue ${qi}: ${turns} deferred turns for ${used} chains used (a turn without progress)`,
+      );
+  }
+
+  /** The generic device's counters (queue_budget_yields, device_failures) and the turns run. */
+  deviceStats(): Record<string, number> {
+    return { ...this.h.device.metrics(), deferred_turns: this.turns.turns };
+  }
+
+  /** Exceptions out of the backend the device counted (device_failures). */
+  failures(): number {
+    return this.h.device.counters.failures;
   }
 
   /** Device-side exceptions the VirtioDevice caught (a bug of ours, not the guest's). */
@@ -301,10 +347,24 @@ export class VirtioRig {
   }
 }
 
-/** Fails the case when the device logged a caught exception (a device bug, even if contained). */
-export function checkNoDeviceException(rig: VirtioRig, what: string): void {
-  const ex = rig.exceptions();
+/**
+ * Fails the case when the device logged a caught exception or counted a failure since the last
+ * check (a device bug, even if contained), unless `excused`: a host I/O error the fuzzer
+ * injected in this case, which breaking the device is the intended answer to (device-failure
+ * policy). Logs are logged once per kind, so the counters are what see a second failure.
+ */
+export function checkNoDeviceException(rig: VirtioRig, what: string, excused = false): void {
+  const logs = rig.h.logs.slice(rig.checkedLogs);
+  const failures = rig.failures() - rig.checkedFailures;
+  rig.checkedLogs = rig.h.logs.length;
+  rig.checkedFailures = rig.failures();
+  if (excused) return;
+  const ex = logs.filter((l) => /exception/i.test(l));
   if (ex.length > 0) fail(`${what}: the device caught an exception: ${ex[0]!.split('\n')[0]}`);
+  if (failures > 0)
+    fail(
+      `${what}: the device counted ${failures} device_failures (first exception logged: ${(rig.exceptions()[0] ?? 'none').split('\n')[0]})`,
+    );
   // A transport counter of device failures (whatever its name), if the device keeps one.
   const counters = rig.h.device.state.counters() as unknown as Record<string, number>;
   for (const [k, v] of Object.entries(counters))

@@ -9,6 +9,8 @@ import { join } from 'node:path';
 import type { OpenContext } from '../src/devices/virtio/descriptor.js';
 import type { CreatedBackend, OpenedDevice } from '../src/devices/virtio/descriptor.js';
 import { deviceType, type VirtioKind } from '../src/devices/virtio/registry.js';
+import type { EventLoop } from '../src/events/event-loop.js';
+import { guardedLoop } from '../src/vmm/device-worker.js';
 import { FakeHost } from './host.js';
 import { sharedRam, VirtioRig, type SharedRam } from './rig.js';
 import type { Prng } from './core.js';
@@ -52,14 +54,18 @@ export function openVirtio(
   const type = deviceType(kind);
   const opened = type.open({ kind, id: `fuzz_${kind}`, ...config } as never, ctx);
   const logs: string[] = [];
+  // The backend sees the loop as the device worker gives it (guardedLoop): an exception out of
+  // one of its fds or timers breaks the device instead of escaping the loop.
+  let rig: VirtioRig | undefined;
+  const loop = guardedLoop(host.loop as unknown as EventLoop, () => rig!.h.device);
   const created = type.create(opened.host, {
     name: opened.name,
     sys: host.sys,
-    loop: host.loop,
+    loop,
     log: (m) => logs.push(m),
   });
   const ram = sharedRam();
-  const rig = new VirtioRig(ram, opened.identity, created.backend);
+  rig = new VirtioRig(ram, opened.identity, created.backend, host.loop);
   rig.start(rng);
   return { host, ram, rig, opened, created, logs };
 }

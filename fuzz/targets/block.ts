@@ -38,7 +38,10 @@ export const blockTarget: Target = {
     );
     const { rig, host } = v;
     const settle = () => host.settle('virtio-blk');
-    /** The most host I/O one kick did (aliasing asks for much more than the guest's RAM). */
+    /**
+     * The most host I/O one kick did, with the deferred turns it led to (aliasing asks for much
+     * more than the guest's RAM).
+     */
     let maxKickIo = 0;
     return {
       ram: v.ram,
@@ -47,6 +50,7 @@ export const blockTarget: Target = {
         chains: rig.chainsPublished,
         resets: rig.resets,
         ...v.created.metrics?.(),
+        ...rig.deviceStats(),
         max_kick_io_MiB: Math.round(maxKickIo / 2 ** 20),
       }),
       close() {

@@ -13,6 +13,7 @@ import type { DescriptorChain } from '../../src/devices/virtio/chain.js';
 import type { VirtioBackend } from '../../src/devices/virtio/device.js';
 import {
   bit,
+  QUEUE_BUDGET_CHAINS,
   VIRTIO_F_RING_INDIRECT_DESC,
   VIRTIO_F_VERSION_1,
 } from '../../src/devices/virtio/constants.js';
@@ -91,14 +92,19 @@ export const queueTarget: Target = {
       queueSizes: [256],
       config: new Uint8Array(0),
     };
-    const rig = new VirtioRig(ram, identity, backend);
     const host = new FakeHost();
+    const rig = new VirtioRig(ram, identity, backend, host.loop);
     rig.start(srng);
     let served = 0;
     return {
       ram,
       rig,
-      stats: () => ({ chains: rig.chainsPublished, served: served, resets: rig.resets }),
+      stats: () => ({
+        chains: rig.chainsPublished,
+        served: served,
+        resets: rig.resets,
+        ...rig.deviceStats(),
+      }),
       run(rng: Prng) {
         caseRng = rng;
         rig.ensureRunning(rng);
@@ -106,13 +112,24 @@ export const queueTarget: Target = {
         served += backend.seen.length;
         backend.seen = [];
         const size = rig.queues[0]!.q.size;
-        const batch = 1 + rng.below(Math.min(size, 8));
+        // Sometimes more valid chains than one turn serves (QUEUE_BUDGET_CHAINS): the rest are
+        // served by deferred turns, in order.
+        const big = size > QUEUE_BUDGET_CHAINS && rng.chance(0.03);
+        const batch = big
+          ? QUEUE_BUDGET_CHAINS + 1 + rng.below(size - QUEUE_BUDGET_CHAINS)
+          : 1 + rng.below(Math.min(size, 8));
         let slot = rng.below(size);
         let slotsUsed = 0;
         const expected: Array<Expected | undefined> = [];
         for (let b = 0; b < batch; b++) {
-          const nseg = rng.chance(0.05) ? rng.below(40) : rng.below(5);
-          const useIndirect = rig.indirect && rng.chance(0.3);
+          const useIndirect = rig.indirect && (big || rng.chance(0.3));
+          const nseg = big
+            ? useIndirect
+              ? rng.below(4)
+              : 1
+            : rng.chance(0.05)
+              ? rng.below(40)
+              : rng.below(5);
           const segs: Seg[] = [];
           let writing = false;
           for (let i = 0; i < nseg; i++) {
@@ -121,7 +138,7 @@ export const queueTarget: Target = {
             const addr = rig.alloc(len) ?? 0;
             segs.push({ addr, len, write: writing });
           }
-          const mutate = rng.chance(0.35) ? 1 + rng.below(3) : 0;
+          const mutate = !big && rng.chance(0.35) ? 1 + rng.below(3) : 0;
           const slots = useIndirect ? 1 : Math.max(1, segs.length);
           const clean = mutate === 0 && slotsUsed + slots <= size;
           rig.writeChain(rng, 0, segs, mutate, useIndirect, slot);

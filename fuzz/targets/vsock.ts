@@ -195,7 +195,12 @@ export const vsockTarget: Target = {
     return {
       ram: v.ram,
       rig,
-      stats: () => ({ chains: rig.chainsPublished, resets: rig.resets, ...v.created.metrics?.() }),
+      stats: () => ({
+        chains: rig.chainsPublished,
+        resets: rig.resets,
+        ...v.created.metrics?.(),
+        ...rig.deviceStats(),
+      }),
       close() {
         v.opened.close();
       },

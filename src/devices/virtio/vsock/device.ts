@@ -246,6 +246,11 @@ export class VsockDevice implements VirtioBackend {
         continue;
       }
       const n = this.mux.fillRx(chain.writable, chain.writableLength);
+      if (n < 0) {
+        io.guestError('rx-short', `RX buffer of ${chain.writableLength} bytes: no room for data`);
+        io.pushUsed(RX_QUEUE, chain.head, 0);
+        continue;
+      }
       if (n === 0) {
         this.held = chain;
         continue;

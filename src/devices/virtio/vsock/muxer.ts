@@ -287,7 +287,10 @@ export class VsockMuxer {
 
   /**
    * Fills one RX buffer of `length` >= VSOCK_HDR_SIZE bytes with the next packet: its length,
-   * or 0 when nothing was put in (the caller keeps the buffer for the next packet).
+   * or 0 when nothing was put in (the caller keeps the buffer for the next packet), or -1 when
+   * the buffer has room for a header only and the next packet is data: the caller returns it
+   * unused (holding it would leave the socket readable and watched, with every wake-up failing
+   * the same way: a busy loop), and the data waits for the next buffer.
    */
   fillRx(buffers: readonly Uint8Array[], length: number): number {
     const t = this.table;
@@ -298,6 +301,10 @@ export class VsockMuxer {
     const room = Math.min(length - VSOCK_HDR_SIZE, MAX_PKT_PAYLOAD);
     const credit = c.peerCredit();
     const s = c.state;
+    if (s.kind === 'established' && s.hostSend === 'open' && credit > 0 && room === 0) {
+      t.ready.add(c);
+      return -1;
+    }
     if (s.kind !== 'established' || s.hostSend !== 'open' || credit === 0 || room === 0) {
       if (s.kind === 'established' && credit === 0 && !s.creditRequested) {
         s.creditRequested = true;
