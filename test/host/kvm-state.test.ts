@@ -833,10 +833,12 @@ describe('a vCPU restored into a fresh VM runs on (KVM)', () => {
           assert.equal(again.regs.rcx, saved.regs.rcx);
           await new Promise((r) => setTimeout(r, 50));
           assert.equal(vmm.control.exits(0), 0, 'no exit while paused');
+          assert.equal(vmm.control.firstEntryMs, 0, 'no guest entry recorded while paused');
           await vmm.resumeAll(dw);
           assert.equal(vmm.state, 'running');
           const end = await vmm.exited;
           assert.deepEqual(end, { kind: 'poweroff' });
+          assert.ok(vmm.control.firstEntryMs > 0, 'the first entry is recorded at resume');
           // The loop's 99000 OUTs, the poweroff write, and perhaps a few interrupted runs.
           assert.ok(vmm.control.exits(0) >= LOOP_COUNT - 1000, `exits ${vmm.control.exits(0)}`);
           assert.deepEqual(calls, ['resume (vCPUs paused)']);
