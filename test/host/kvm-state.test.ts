@@ -532,6 +532,40 @@ describe('snapshot layouts: save, encode, decode, restore (KVM)', () => {
   );
 });
 
+describe('kvmclock across a restore (KVM)', () => {
+  test(
+    'as saved by default; advanced by the time since the save with realtime (clock_realtime)',
+    T,
+    withVm(async (a, t) => {
+      const saved = VmStateV1.decodeOrThrow(VmStateV1.encode(saveVm(a.vm)));
+      assert.notEqual(saved.clock.realtime, 0n, "a CLOCK_REALTIME stamp (KVM's or ours)");
+      t.diagnostic(`KVM clock flags 0x${saved.clock.flags.toString(16)}`);
+      await new Promise((r) => setTimeout(r, 300));
+      const plain = makeVm();
+      const caught = makeVm();
+      try {
+        restoreVm(plain.vm, saved);
+        restoreVm(caught.vm, saved, { realtime: true });
+        const p = plain.vm.getClock().clock - saved.clock.clock;
+        const c = caught.vm.getClock().clock - saved.clock.clock;
+        t.diagnostic(
+          `after 300 ms: +${Number(p) / 1e6} ms as saved, +${Number(c) / 1e6} ms with realtime`,
+        );
+        assert.ok(p >= 0n && p < 100_000_000n, `as saved: +${p} ns`);
+        assert.ok(c >= 300_000_000n && c < 2_000_000_000n, `realtime: +${c} ns`);
+        const noStamp = { ...saved, clock: { ...saved.clock, realtime: 0n } };
+        assert.throws(
+          () => restoreVm(plain.vm, noStamp, { realtime: true }),
+          /no CLOCK_REALTIME stamp/,
+        );
+      } finally {
+        plain.close();
+        caught.close();
+      }
+    }),
+  );
+});
+
 describe('saveVcpus on a paused tiny guest (KVM, vCPU workers)', () => {
   const guests = tinyGuests();
   test(
