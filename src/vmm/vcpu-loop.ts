@@ -50,13 +50,18 @@ export class VcpuLoop {
   run(): VmExitEvent {
     const { control, vcpu, id } = this;
     control.setState(id, VcpuState.Running);
-    if (id === 0) control.markFirstEntry(performance.timeOrigin + performance.now());
+    // The first real guest entry (a VM started paused, a restored one, parks first).
+    let first = id === 0;
     for (;;) {
       const cmd = control.command;
       if (cmd === Command.Stop) return this.finish({ kind: 'stopped' });
       if (cmd === Command.Pause) {
         this.park();
         continue;
+      }
+      if (first) {
+        first = false;
+        control.markFirstEntry(performance.timeOrigin + performance.now());
       }
       if (!vcpu.runOnce()) {
         // Kicked (EINTR). A pause or stop is handled at the top of the loop; a kick that found
@@ -72,13 +77,20 @@ export class VcpuLoop {
 
   /**
    * Pause: re-enter KVM_RUN once with immediate_exit still set so that a half-done MMIO/PIO
-   * exit completes inside KVM, then wait until the command is no longer Pause, serving the
+   * exit completes inside KVM, tell kvmclock (KVM_KVMCLOCK_CTRL), then wait until the command is no longer Pause, serving the
    * main thread's requests (save) meanwhile: the vCPU is outside KVM_RUN and its state is whole.
    */
   private park(): void {
     const { control, vcpu, id } = this;
     vcpu.immediateExit = true;
     vcpu.runOnce();
+    // Tell the guest's kvmclock it was stopped (so its soft-lockup watchdog does not fire on
+    // resume). Best effort: KVM refuses (EINVAL) when the guest does not use kvmclock.
+    try {
+      vcpu.kvmclockCtrl();
+    } catch {
+      // an unexpected refusal must not stop the pause
+    }
     control.setState(id, VcpuState.Paused);
     for (;;) {
       const seen = control.doorbell; // before the checks: see VcpuControl.waitDoorbell
