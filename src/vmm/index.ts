@@ -7,6 +7,13 @@
  */
 export { MAX_VCPUS } from '../arch/x86_64/layout.js';
 export { buildVm, type BuildOptions, type BuiltVm } from './builder.js';
+export {
+  SnapshotError,
+  createSnapshot,
+  loadSnapshot,
+  type CreateParams,
+  type LoadParams,
+} from './snapshot.js';
 export { checkHostCanRun } from './host-check.js';
 export type { AttachedDevices } from './legacy-devices.js';
 export {
