@@ -21,6 +21,13 @@ export interface NativeShim {
   madvise(buffer: ArrayBuffer, offset: number, length: number, advice: number): void;
   /** Host virtual address of a buffer's first byte. */
   bufferAddress(buffer: Buf): bigint;
+  /**
+   * An ArrayBuffer over `length` bytes at `addr`, memory this process has already mapped (in
+   * another thread): no mmap, no finalizer. Drop it with release(), never munmap.
+   */
+  viewAddress(addr: bigint, length: number): ArrayBuffer;
+  /** Detaches a viewAddress buffer without unmapping (a later use throws instead of faulting). */
+  release(buffer: ArrayBuffer): void;
   memfdCreate(name: string, flags: number): number;
   eventfd(initval: number, flags: number): number;
   /** The counter, or -1n when the eventfd is non-blocking and empty. */
@@ -84,6 +91,7 @@ export function native(): NativeShim {
 }
 
 // Flags the TypeScript side passes through (Linux x86_64 values).
+export const O_RDONLY = 0;
 export const O_RDWR = 2;
 export const O_NONBLOCK = 0o4000;
 export const PROT_READ = 1;
