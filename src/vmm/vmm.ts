@@ -69,8 +69,21 @@ export class Vmm {
     this.cleanups.push(f);
   }
 
-  /** Starts one worker per vCPU. `data(id)` gives each worker its boot configuration. */
-  start(vcpuFds: number[], data: (id: number) => Omit<VcpuWorkerData, 'control'>): void {
+  /**
+   * Starts one worker per vCPU. `data(id)` gives each worker its boot configuration. With
+   * `paused` (a restored VM that is not to run yet) the command is Pause before any worker
+   * starts: each parks at once without entering the guest (park() runs KVM_RUN with
+   * immediate_exit set), and the VM is 'paused' until resume().
+   */
+  start(
+    vcpuFds: number[],
+    data: (id: number) => Omit<VcpuWorkerData, 'control'>,
+    opts: { paused?: boolean } = {},
+  ): void {
+    if (opts.paused) {
+      this.control.setCommand(Command.Pause);
+      this.state = 'paused';
+    }
     const n = native();
     this.kickSignal = n.installKickHandler();
     const workers = takeVcpuWorkers(vcpuFds.length);
