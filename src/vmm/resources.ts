@@ -533,7 +533,7 @@ export interface RestoreOverrides {
 }
 
 type Json = Record<string, unknown>;
-type FieldType = 'string' | 'number' | 'boolean' | 'object';
+type FieldType = 'string' | 'number' | 'boolean' | 'object' | 'array';
 
 /** Checks one JSON object's field types (hostile input: a snapshot file can be crafted). */
 function shape(
@@ -549,8 +549,16 @@ function shape(
     const t = fields[k];
     if (t === undefined) throw new ConfigError(`${what}: unknown field \`${k.slice(0, 64)}\``);
     if (x === undefined || x === null) continue;
-    const ok = t === 'object' ? typeof x === 'object' && !Array.isArray(x) : typeof x === t;
-    if (!ok) throw new ConfigError(`${what}.${k}: expected a ${t}`);
+    const ok =
+      t === 'array'
+        ? Array.isArray(x)
+        : t === 'object'
+          ? typeof x === 'object' && !Array.isArray(x)
+          : typeof x === t;
+    if (!ok)
+      throw new ConfigError(
+        `${what}.${k}: expected ${t === 'array' || t === 'object' ? 'an' : 'a'} ${t}`,
+      );
   }
   for (const k of required) {
     if (o[k] === undefined || o[k] === null)
@@ -601,8 +609,8 @@ export function validateRestoreConfig(cfg: unknown, overrides: RestoreOverrides 
     {
       'boot-source': 'object',
       'machine-config': 'object',
-      drives: 'object',
-      'network-interfaces': 'object',
+      drives: 'array',
+      'network-interfaces': 'array',
       vsock: 'object',
       entropy: 'object',
       logger: 'object',
