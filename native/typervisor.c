@@ -242,6 +242,15 @@ static napi_value n_view_address(napi_env env, napi_callback_info info) {
   return ab;
 }
 
+/* lseek(fd, offset, whence): the new offset, or -1 on ENXIO (SEEK_DATA/SEEK_HOLE past the last extent) */
+static napi_value n_lseek(napi_env env, napi_callback_info info) {
+  napi_value a[3];
+  if (!get_args(env, info, 3, a)) return NULL;
+  off_t r = lseek((int)arg_i64(env, a[0]), (off_t)arg_i64(env, a[1]), (int)arg_i64(env, a[2]));
+  if (r < 0) { if (errno == ENXIO) return num(env, -1); return throw_errno(env, "lseek", errno); }
+  return num(env, (int64_t)r);
+}
+
 /* memfdCreate(name, flags): fd */
 static napi_value n_memfd_create(napi_env env, napi_callback_info info) {
   napi_value a[2];
@@ -498,7 +507,7 @@ NAPI_MODULE_INIT() {
     EXPORT("open", n_open), EXPORT("close", n_close), EXPORT("ioctl", n_ioctl),
     EXPORT("mmap", n_mmap), EXPORT("munmap", n_munmap), EXPORT("madvise", n_madvise),
     EXPORT("bufferAddress", n_buffer_address), EXPORT("viewAddress", n_view_address),
-    EXPORT("release", n_release), EXPORT("memfdCreate", n_memfd_create),
+    EXPORT("release", n_release), EXPORT("lseek", n_lseek), EXPORT("memfdCreate", n_memfd_create),
     EXPORT("eventfd", n_eventfd), EXPORT("eventfdRead", n_eventfd_read),
     EXPORT("eventfdWrite", n_eventfd_write), EXPORT("read", n_read),
     EXPORT("readv", n_readv), EXPORT("writev", n_writev),

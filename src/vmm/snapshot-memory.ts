@@ -2,7 +2,8 @@
  * The snapshot memory file: guest RAM regions back to back (Firecracker's layout, and the
  * memfd's), size = the sum of the region sizes, no header.
  *
- *   writeMemoryFile(path, ram, regions)   all-zero pages are skipped, so the file is sparse;
+ *   writeMemoryFile(path, ram, regions)   all-zero pages are skipped, so the file is sparse (and
+ *                                         with the memfd, its holes are not even read);
  *                                         written under a temporary name, then renamed
  *   checkMemoryFile(path, regions)        opens it read-only; a regular file of exactly the
  *                                         right size, or an error (before anything is created)
@@ -22,7 +23,15 @@ import {
   writeSync,
 } from 'node:fs';
 import { dirname } from 'node:path';
-import { MAP_NORESERVE, MAP_PRIVATE, native, PROT_READ, PROT_WRITE } from '../kvm/native.js';
+import {
+  MAP_NORESERVE,
+  MAP_PRIVATE,
+  native,
+  PROT_READ,
+  PROT_WRITE,
+  SEEK_DATA,
+  SEEK_HOLE,
+} from '../kvm/native.js';
 import { err, ok, type Result } from '../util/result.js';
 import { guestRamOver, type GuestRamLayout, type MappedGuestRam } from './guest-ram.js';
 import {
@@ -63,6 +72,32 @@ function zeroPage(words: Uint32Array, p: number, pageWords: number): boolean {
 }
 
 /**
+ * The page ranges [first, last) of a region worth scanning: all of it, or with `sourceFd` (the
+ * memfd the RAM is mapped from) only its data extents. Reading a memfd hole allocates a page, so
+ * without this a snapshot would allocate all of a guest's RAM, touched or not.
+ */
+function pagesToScan(r: SnapshotRegion, sourceFd: number | undefined): Array<[number, number]> {
+  const pages = r.size / SNAPSHOT_PAGE_SIZE;
+  if (sourceFd === undefined || sourceFd < 0) return [[0, pages]];
+  const n = native();
+  const out: Array<[number, number]> = [];
+  const end = r.fileOffset + r.size;
+  let pos = r.fileOffset;
+  while (pos < end) {
+    const data = n.lseek(sourceFd, pos, SEEK_DATA);
+    if (data < 0 || data >= end) break;
+    let hole = n.lseek(sourceFd, data, SEEK_HOLE);
+    if (hole < 0 || hole > end) hole = end;
+    out.push([
+      Math.floor((data - r.fileOffset) / SNAPSHOT_PAGE_SIZE),
+      Math.ceil((hole - r.fileOffset) / SNAPSHOT_PAGE_SIZE),
+    ]);
+    pos = hole;
+  }
+  return out;
+}
+
+/**
  * Writes guest RAM to `path`: each region at its fileOffset, runs of non-zero pages with one
  * write each, all-zero pages skipped (holes); then ftruncate to the exact size and fsync. The
  * data goes to `path + '.tmp-<pid>'` first; it is renamed into place at the end, or (with
@@ -71,12 +106,14 @@ function zeroPage(words: Uint32Array, p: number, pageWords: number): boolean {
  *
  * `backingFile`: the file a restored VM's RAM is mapped from. Writing a snapshot onto it is
  * refused (SnapshotFileError).
+ * `sourceFd`: the memfd a booted VM's RAM is mapped from (GuestRamLayout.memfd; -1 or absent for
+ * a restored VM): only its data extents are read, so untouched guest RAM stays unallocated.
  */
 export function writeMemoryFile(
   path: string,
   ram: MappedGuestRam,
   regions: readonly SnapshotRegion[],
-  opts: { backingFile?: FileId; deferRename?: boolean } = {},
+  opts: { backingFile?: FileId; deferRename?: boolean; sourceFd?: number } = {},
 ): PendingFile {
   const bad = regionsInconsistency(regions, memoryFileBytes(regions));
   if (bad) throw new SnapshotFileError(bad);
@@ -97,19 +134,20 @@ export function writeMemoryFile(
           throw new SnapshotFileError(`memory region ${i}: size changed`);
         const words = new Uint32Array(buf);
         const bytes = new Uint8Array(buf);
-        const pages = r.size / SNAPSHOT_PAGE_SIZE;
-        let p = 0;
-        while (p < pages) {
-          // Skip zero pages, then take the run of non-zero ones.
-          while (p < pages && zeroPage(words, p, pageWords)) p++;
-          const start = p;
-          while (p < pages && !zeroPage(words, p, pageWords)) p++;
-          if (p > start) {
-            const off = start * SNAPSHOT_PAGE_SIZE;
-            const len = (p - start) * SNAPSHOT_PAGE_SIZE;
-            let done = 0;
-            while (done < len)
-              done += writeSync(fd, bytes, off + done, len - done, r.fileOffset + off + done);
+        for (const [first, last] of pagesToScan(r, opts.sourceFd)) {
+          let p = first;
+          while (p < last) {
+            // Skip zero pages, then write the run of non-zero ones.
+            while (p < last && zeroPage(words, p, pageWords)) p++;
+            const start = p;
+            while (p < last && !zeroPage(words, p, pageWords)) p++;
+            if (p > start) {
+              const off = start * SNAPSHOT_PAGE_SIZE;
+              const len = (p - start) * SNAPSHOT_PAGE_SIZE;
+              let done = 0;
+              while (done < len)
+                done += writeSync(fd, bytes, off + done, len - done, r.fileOffset + off + done);
+            }
           }
         }
       });

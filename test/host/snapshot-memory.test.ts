@@ -1,17 +1,22 @@
 /**
+ * The snapshot memory file against the real kernel (needs the native addon built from this tree:
+ * viewAddress, release, lseek; not KVM).
+ *
  * A restored VM's guest RAM: the main thread maps the memory file privately (copy-on-write) once;
  * a worker wraps the same addresses (viewAddress) instead of mapping, so its writes are the main
  * thread's (and KVM's) memory, not a private copy of its own. The file itself never changes.
- * Needs the native addon built from this tree (viewAddress, release), not KVM.
+ *
+ * A booted VM's guest RAM (a memfd): writing the memory file reads only the memfd's data extents,
+ * so guest RAM the guest never touched is not allocated by the snapshot.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { closeSync, readFileSync, writeFileSync } from 'node:fs';
+import { closeSync, fstatSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { Worker } from 'node:worker_threads';
 import { native } from '../../src/kvm/native.js';
-import { mapGuestRam } from '../../src/vmm/guest-ram.js';
-import { checkMemoryFile, mapMemoryFile } from '../../src/vmm/snapshot-memory.js';
+import { createGuestRam, mapGuestRam } from '../../src/vmm/guest-ram.js';
+import { checkMemoryFile, mapMemoryFile, writeMemoryFile } from '../../src/vmm/snapshot-memory.js';
 import type { SnapshotRegion } from '../../src/vmm/snapshot-format.js';
 import { tempDir } from './helpers.js';
 
@@ -88,5 +93,44 @@ test('guest RAM view: a worker writes through viewAddress into the main thread p
     clone.ram.unmap();
   } finally {
     m.ram.unmap();
+  }
+});
+
+test('memory file from a memfd: only data extents are read, untouched RAM stays unallocated', (t) => {
+  const n = native();
+  assert.equal(typeof n.lseek, 'function', 'the native shim predates lseek: rebuild it');
+  const layout = createGuestRam([
+    { base: 0, size: 16 * MiB },
+    { base: HIGH, size: 16 * MiB },
+  ]);
+  const ram = mapGuestRam(layout);
+  const dir = tempDir('typervisor-memfd-');
+  try {
+    ram.memory.write(5 * 4096 + 3, Uint8Array.of(1, 2, 3));
+    ram.memory.write(HIGH + 8 * MiB, new Uint8Array(3 * 4096).fill(0x42));
+    ram.memory.write(HIGH + 9 * MiB, new Uint8Array(4096)); // touched, but zero: a hole in the file
+    const allocated = () => fstatSync(layout.memfd).blocks * 512;
+    const before = allocated();
+    assert.ok(before <= 64 * 4096, `memfd has ${before} bytes allocated before the snapshot`);
+
+    const path = join(dir, 'mem');
+    writeMemoryFile(path, ram, layout.regions, { sourceFd: layout.memfd });
+    assert.equal(allocated(), before, 'writing the memory file allocated guest RAM');
+    const file = readFileSync(path);
+    assert.equal(file.length, 32 * MiB);
+    assert.ok(statSync(path).blocks * 512 <= 8 * 4096, 'the memory file is not sparse');
+    assert.deepEqual([...file.subarray(5 * 4096 + 3, 5 * 4096 + 6)], [1, 2, 3]);
+    assert.ok(file.subarray(24 * MiB, 24 * MiB + 3 * 4096).every((b) => b === 0x42));
+    const nonZero = file.reduce((c, b) => c + (b === 0 ? 0 : 1), 0);
+    assert.equal(nonZero, 3 + 3 * 4096);
+
+    // The same RAM scanned whole gives the same file (and, on shmem, allocates what it reads).
+    const whole = join(dir, 'whole');
+    writeMemoryFile(whole, ram, layout.regions);
+    assert.ok(file.equals(readFileSync(whole)));
+    t.diagnostic(`memfd allocation after a whole scan: ${allocated()} bytes (was ${before})`);
+  } finally {
+    ram.unmap();
+    closeSync(layout.memfd);
   }
 });
