@@ -183,6 +183,8 @@ async function create(built: BuiltVm, p: CreateParams): Promise<void> {
   // (renamed into place), then the memory file's rename.
   const mem = writeMemoryFile(p.memFilePath, parts.ram, regions, {
     ...(parts.backing ? { backingFile: parts.backing } : {}),
+    // A booted VM's memfd: only its data extents are read (untouched RAM stays unallocated).
+    sourceFd: parts.layout.memfd,
     deferRename: true,
   });
   try {
