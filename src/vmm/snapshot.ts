@@ -298,10 +298,12 @@ async function load(p: LoadParams, opts: BuildOptions, undo: UndoList): Promise<
 
   const legacy = createLegacyDeviceState(vm, opts.consoleFd ?? 1);
   undo.push(() => closeLegacyDeviceState(legacy));
-  restoreLegacy(legacy, data.legacy);
+  step('cannot restore the legacy devices', () => restoreLegacy(legacy, data.legacy));
 
   // VM state before the vCPUs (Firecracker's order): irqchips, PIT, then kvmclock.
-  restoreVm(vm, data.vm, { realtime: p.clockRealtime });
+  step('cannot restore the VM state (irqchips, PIT, kvmclock)', () =>
+    restoreVm(vm, data.vm, { realtime: p.clockRealtime }),
+  );
 
   const mmapSize = kvm.vcpuMmapSize();
   const xsaveSize = kvm.xsaveSize();
@@ -322,7 +324,9 @@ async function load(p: LoadParams, opts: BuildOptions, undo: UndoList): Promise<
           `the snapshot's TSC runs at ${state.tscKhz} kHz, this host's at ${host} kHz, and this host's KVM cannot scale the TSC (no KVM_CAP_TSC_CONTROL)`,
         );
     }
-    const { refusedMsrs } = restoreVcpu(vcpu, state, { xsaveSize });
+    const { refusedMsrs } = step(`cannot restore vCPU ${id}`, () =>
+      restoreVcpu(vcpu, state, { xsaveSize }),
+    );
     const fatal = refusedMsrs.filter((m) => m === MSR_IA32_TSC || m === MSR_IA32_TSC_DEADLINE);
     if (fatal.length > 0)
       throw loadError(
@@ -359,16 +363,27 @@ async function load(p: LoadParams, opts: BuildOptions, undo: UndoList): Promise<
   try {
     if (dw) {
       await dw.request({ op: 'pause' });
-      await dw.request({ op: 'restore', devices: data.devices });
+      await dw.request({ op: 'restore', devices: data.devices }).catch((e: Error) => {
+        throw loadError(`cannot restore the virtio devices: ${e.message}`);
+      });
     }
     // Resume serves what was in flight: the device worker kicks every queue, then the vCPUs run.
     if (p.resumeVm) await built.vmm.resumeAll(dw);
   } catch (e) {
     built.vmm.requestStop();
     await built.vmm.exited;
-    throw loadError((e as Error).message);
+    throw e instanceof SnapshotError ? e : loadError((e as Error).message);
   }
   return built;
+}
+
+/** Runs one restore step; its failure (KVM's errno, a bad value) says which step it was. */
+function step<T>(what: string, f: () => T): T {
+  try {
+    return f();
+  } catch (e) {
+    throw e instanceof SnapshotError ? e : loadError(`${what}: ${(e as Error).message}`);
+  }
 }
 
 function closeFdQuietly(fd: number): void {
