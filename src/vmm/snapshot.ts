@@ -156,22 +156,36 @@ async function create(built: BuiltVm, p: CreateParams): Promise<void> {
   const legacy = saveLegacy(parts.legacy);
 
   const config = parts.config;
+  // Logger and metrics are the process's, not the VM's.
+  const configJson = JSON.stringify({ ...config, logger: null, metrics: null });
+  // What a load will check, checked now: a snapshot that cannot be loaded is not written.
+  const devicesOf = (list: ReadonlyArray<{ kind: string; id: string }>) =>
+    list.map((x) => `${x.kind} ${x.id}`).join(', ');
+  const restorable = validateRestoreConfig(JSON.parse(configJson) as unknown);
+  if (devicesOf(restorable.devices) !== devicesOf(devices))
+    throw createError(
+      `the VM's configuration lists devices (${devicesOf(restorable.devices) || 'none'}) other than the VM has (${devicesOf(devices) || 'none'})`,
+    );
   const regions = parts.layout.regions.map((r) => ({ ...r }));
+  const fileBytes = regions.reduce((s, r) => s + r.size, 0);
+  if (restorable.vcpus !== vcpus.length || restorable.memMib * MiB !== fileBytes)
+    throw createError(
+      `the VM's configuration says ${restorable.vcpus} vCPUs and ${restorable.memMib} MiB; the VM has ${vcpus.length} and ${fileBytes / MiB} MiB`,
+    );
   const data: SnapshotData = {
     producer: {
       version: buildVersion(),
       createdUnixMs: Date.now(),
       hostTscKhz: vcpus[0]?.tscKhz,
     },
-    machine: { vcpus: vcpus.length, memMib: config['machine-config'].mem_size_mib },
+    machine: { vcpus: vcpus.length, memMib: restorable.memMib },
     memory: {
       type: 'Full',
       pageSize: 4096,
       regions,
-      fileBytes: regions.reduce((s, r) => s + r.size, 0),
+      fileBytes,
     },
-    // Logger and metrics are the process's, not the VM's.
-    config: JSON.stringify({ ...config, logger: null, metrics: null }),
+    config: configJson,
     devices,
     legacy,
     vm,
