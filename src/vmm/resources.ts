@@ -141,7 +141,7 @@ export function validateMachineConfig(m: MachineConfig): MachineConfig {
     throw new ConfigError('smt: simultaneous multithreading is not supported yet (only false)');
   if (m.track_dirty_pages === true) {
     throw new ConfigError(
-      'track_dirty_pages: dirty page tracking is not supported yet (no snapshots)',
+      'track_dirty_pages: dirty page tracking is not supported yet (it is for Diff snapshots, which come later)',
     );
   }
   if (m.huge_pages !== undefined && m.huge_pages !== 'None') {
