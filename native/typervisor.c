@@ -190,6 +190,19 @@ static napi_value n_munmap(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
+/*
+ * release(buffer): detaches an ArrayBuffer made by viewAddress without unmapping anything, so a
+ * worker can drop its view of memory another thread owns (and a later use throws, not faults).
+ */
+static napi_value n_release(napi_env env, napi_callback_info info) {
+  napi_value a[1];
+  if (!get_args(env, info, 1, a)) return NULL;
+  void *p; size_t len;
+  CHECK(napi_get_arraybuffer_info(env, a[0], &p, &len));
+  CHECK(napi_detach_arraybuffer(env, a[0]));
+  return NULL;
+}
+
 /* madvise(buffer, offset, length, advice) */
 static napi_value n_madvise(napi_env env, napi_callback_info info) {
   napi_value a[4];
@@ -211,6 +224,31 @@ static napi_value n_buffer_address(napi_env env, napi_callback_info info) {
   napi_value r;
   CHECK(napi_create_bigint_uint64(env, (uint64_t)(uintptr_t)data, &r));
   return r;
+}
+
+/*
+ * viewAddress(addr, length): an ArrayBuffer over memory that is already mapped (by mmap in another
+ * thread of this process). No mmap and no finalizer: the owner of the mapping unmaps it, after
+ * every view has been dropped with release().
+ */
+static napi_value n_view_address(napi_env env, napi_callback_info info) {
+  napi_value a[2];
+  if (!get_args(env, info, 2, a)) return NULL;
+  uint64_t addr = arg_u64(env, a[0]);
+  size_t len = (size_t)arg_u64(env, a[1]);
+  if (addr == 0 || addr + len < addr) { napi_throw_range_error(env, NULL, "viewAddress: bad address range"); return NULL; }
+  napi_value ab;
+  CHECK(napi_create_external_arraybuffer(env, (void *)(uintptr_t)addr, len, NULL, NULL, &ab));
+  return ab;
+}
+
+/* lseek(fd, offset, whence): the new offset, or -1 on ENXIO (SEEK_DATA/SEEK_HOLE past the last extent) */
+static napi_value n_lseek(napi_env env, napi_callback_info info) {
+  napi_value a[3];
+  if (!get_args(env, info, 3, a)) return NULL;
+  off_t r = lseek((int)arg_i64(env, a[0]), (off_t)arg_i64(env, a[1]), (int)arg_i64(env, a[2]));
+  if (r < 0) { if (errno == ENXIO) return num(env, -1); return throw_errno(env, "lseek", errno); }
+  return num(env, (int64_t)r);
 }
 
 /* memfdCreate(name, flags): fd */
@@ -468,7 +506,8 @@ NAPI_MODULE_INIT() {
   napi_property_descriptor props[] = {
     EXPORT("open", n_open), EXPORT("close", n_close), EXPORT("ioctl", n_ioctl),
     EXPORT("mmap", n_mmap), EXPORT("munmap", n_munmap), EXPORT("madvise", n_madvise),
-    EXPORT("bufferAddress", n_buffer_address), EXPORT("memfdCreate", n_memfd_create),
+    EXPORT("bufferAddress", n_buffer_address), EXPORT("viewAddress", n_view_address),
+    EXPORT("release", n_release), EXPORT("lseek", n_lseek), EXPORT("memfdCreate", n_memfd_create),
     EXPORT("eventfd", n_eventfd), EXPORT("eventfdRead", n_eventfd_read),
     EXPORT("eventfdWrite", n_eventfd_write), EXPORT("read", n_read),
     EXPORT("readv", n_readv), EXPORT("writev", n_writev),

@@ -21,6 +21,15 @@ export interface NativeShim {
   madvise(buffer: ArrayBuffer, offset: number, length: number, advice: number): void;
   /** Host virtual address of a buffer's first byte. */
   bufferAddress(buffer: Buf): bigint;
+  /**
+   * An ArrayBuffer over `length` bytes at `addr`, memory this process has already mapped (in
+   * another thread): no mmap, no finalizer. Drop it with release(), never munmap.
+   */
+  viewAddress(addr: bigint, length: number): ArrayBuffer;
+  /** Detaches a viewAddress buffer without unmapping (a later use throws instead of faulting). */
+  release(buffer: ArrayBuffer): void;
+  /** lseek(2); -1 on ENXIO (no data or hole at or after `offset`, with SEEK_DATA/SEEK_HOLE). */
+  lseek(fd: number, offset: number, whence: number): number;
   memfdCreate(name: string, flags: number): number;
   eventfd(initval: number, flags: number): number;
   /** The counter, or -1n when the eventfd is non-blocking and empty. */
@@ -84,6 +93,7 @@ export function native(): NativeShim {
 }
 
 // Flags the TypeScript side passes through (Linux x86_64 values).
+export const O_RDONLY = 0;
 export const O_RDWR = 2;
 export const O_NONBLOCK = 0o4000;
 export const PROT_READ = 1;
@@ -92,6 +102,8 @@ export const MAP_SHARED = 1;
 export const MAP_PRIVATE = 2;
 export const MAP_ANONYMOUS = 0x20;
 export const MAP_NORESERVE = 0x4000;
+export const SEEK_DATA = 3;
+export const SEEK_HOLE = 4;
 export const MADV_DONTFORK = 10;
 export const MADV_HUGEPAGE = 14;
 export const EFD_NONBLOCK = 0o4000;

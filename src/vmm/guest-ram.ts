@@ -1,16 +1,36 @@
 /**
- * Guest RAM: one memfd holding every region back to back, mapped once per thread.
- * The memfd lets every worker map the same pages without sharing raw pointers (and is what
- * snapshots will save later). MAP_NORESERVE: pages are allocated when the guest touches them.
+ * Guest RAM: every region back to back in one file, mapped by each thread.
+ *
+ * A booted VM's file is a memfd: every thread (main, vCPU workers, device worker) mmaps it
+ * MAP_SHARED itself, so all see the same pages. MAP_NORESERVE: pages are allocated when the guest
+ * touches them. The same back-to-back layout is the snapshot memory file's (snapshot-memory.ts).
+ *
+ * A restored VM maps its memory file MAP_PRIVATE (copy-on-write over the file). Separate private
+ * mappings would be separate copies, so the main thread maps once and the layout carries the
+ * host addresses (`hostAddrs`): the other threads wrap those addresses (viewAddress) instead of
+ * mapping, and their unmap only drops the view (release). Such a layout has no memfd (-1).
  */
 import { ftruncateSync } from 'node:fs';
 import { native, MAP_NORESERVE, MAP_SHARED, PROT_READ, PROT_WRITE } from '../kvm/native.js';
 import { GuestMemory } from '../memory/guest-memory.js';
 
+export interface GuestRamRegion {
+  base: number;
+  size: number;
+  fileOffset: number;
+}
+
 /** Everything a thread needs to map guest RAM itself (structured-clone friendly). */
 export interface GuestRamLayout {
+  /** The memfd every thread maps; -1 when the RAM is already mapped (see hostAddrs). */
   memfd: number;
-  regions: Array<{ base: number; size: number; fileOffset: number }>;
+  regions: GuestRamRegion[];
+  /**
+   * Host addresses of a mapping the main thread owns, one per region: threads wrap them instead
+   * of mapping. Valid until the owner unmaps, which must come after every thread has dropped its
+   * view (the device worker and vCPU workers end before the RAM is unmapped).
+   */
+  hostAddrs?: bigint[];
 }
 
 export interface MappedGuestRam {
@@ -32,13 +52,14 @@ export function createGuestRam(ranges: Array<{ base: number; size: number }>): G
   return { memfd, regions };
 }
 
-export function mapGuestRam(layout: GuestRamLayout): MappedGuestRam {
-  const n = native();
-  const buffers = layout.regions.map((r) =>
-    n.mmap(r.size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, layout.memfd, r.fileOffset),
-  );
+/** A MappedGuestRam over buffers already made, one per region; `drop` releases one buffer. */
+export function guestRamOver(
+  regions: readonly GuestRamRegion[],
+  buffers: ArrayBuffer[],
+  drop: (b: ArrayBuffer) => void,
+): MappedGuestRam {
   const memory = new GuestMemory(
-    layout.regions.map((r, i) => ({
+    regions.map((r, i) => ({
       base: r.base,
       size: r.size,
       bytes: new Uint8Array(buffers[i]!),
@@ -47,6 +68,22 @@ export function mapGuestRam(layout: GuestRamLayout): MappedGuestRam {
   return {
     memory,
     buffers,
-    unmap: () => buffers.forEach((b) => b.byteLength > 0 && n.munmap(b)),
+    // A detached buffer has length 0: unmap twice is harmless.
+    unmap: () => buffers.forEach((b) => b.byteLength > 0 && drop(b)),
   };
+}
+
+export function mapGuestRam(layout: GuestRamLayout): MappedGuestRam {
+  const n = native();
+  const addrs = layout.hostAddrs;
+  if (addrs) {
+    if (addrs.length !== layout.regions.length)
+      throw new Error('guest RAM layout: one host address per region expected');
+    const views = layout.regions.map((r, i) => n.viewAddress(addrs[i]!, r.size));
+    return guestRamOver(layout.regions, views, (b) => n.release(b));
+  }
+  const buffers = layout.regions.map((r) =>
+    n.mmap(r.size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, layout.memfd, r.fileOffset),
+  );
+  return guestRamOver(layout.regions, buffers, (b) => n.munmap(b));
 }

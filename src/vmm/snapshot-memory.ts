@@ -1,0 +1,281 @@
+/**
+ * The snapshot memory file: guest RAM regions back to back (Firecracker's layout, and the
+ * memfd's), size = the sum of the region sizes, no header.
+ *
+ *   writeMemoryFile(path, ram, regions)   all-zero pages are skipped, so the file is sparse (and
+ *                                         with the memfd, its holes are not even read);
+ *                                         written under a temporary name, then renamed
+ *   checkMemoryFile(path, regions)        opens it read-only; a regular file of exactly the
+ *                                         right size, or an error (before anything is created)
+ *   mapMemoryFile(fd, regions)            one MAP_PRIVATE mapping per region on the main thread:
+ *                                         the file's pages are shared (page cache) until written;
+ *                                         the workers wrap the same addresses (guest-ram.ts)
+ */
+import {
+  closeSync,
+  fstatSync,
+  fsyncSync,
+  ftruncateSync,
+  openSync,
+  renameSync,
+  statSync,
+  unlinkSync,
+  writeSync,
+} from 'node:fs';
+import { dirname } from 'node:path';
+import {
+  MAP_NORESERVE,
+  MAP_PRIVATE,
+  native,
+  PROT_READ,
+  PROT_WRITE,
+  SEEK_DATA,
+  SEEK_HOLE,
+} from '../kvm/native.js';
+import { err, ok, type Result } from '../util/result.js';
+import { guestRamOver, type GuestRamLayout, type MappedGuestRam } from './guest-ram.js';
+import {
+  fsyncDir,
+  regionsInconsistency,
+  SNAPSHOT_PAGE_SIZE,
+  SnapshotFileError,
+  tempPathFor,
+  type SnapshotRegion,
+} from './snapshot-format.js';
+
+/** A file's identity: a restored VM's backing memory file, to refuse overwriting it. */
+export interface FileId {
+  dev: number;
+  ino: number;
+}
+
+/** The memory file's size: the sum of the region sizes. */
+export function memoryFileBytes(regions: readonly SnapshotRegion[]): number {
+  return regions.reduce((s, r) => s + r.size, 0);
+}
+
+/** A written file not yet in place (writeMemoryFile with deferRename). */
+export interface PendingFile {
+  readonly path: string;
+  readonly tmpPath: string;
+  /** Renames the temporary file over `path` (no-op once done). */
+  commit(): void;
+  /** Removes the temporary file (no-op once committed). */
+  discard(): void;
+}
+
+/** True when page p (of `words` 32-bit words each) is all zero. */
+function zeroPage(words: Uint32Array, p: number, pageWords: number): boolean {
+  // Uint32 rather than BigUint64: no BigInt per element, so a 256 MiB scan stays ~0.1 s.
+  for (let i = p * pageWords, end = i + pageWords; i < end; i++) if (words[i] !== 0) return false;
+  return true;
+}
+
+/**
+ * The page ranges [first, last) of a region worth scanning: all of it, or with `sourceFd` (the
+ * memfd the RAM is mapped from) only its data extents. Reading a memfd hole allocates a page, so
+ * without this a snapshot would allocate all of a guest's RAM, touched or not.
+ */
+function pagesToScan(r: SnapshotRegion, sourceFd: number | undefined): Array<[number, number]> {
+  const pages = r.size / SNAPSHOT_PAGE_SIZE;
+  if (sourceFd === undefined || sourceFd < 0) return [[0, pages]];
+  const n = native();
+  const out: Array<[number, number]> = [];
+  const end = r.fileOffset + r.size;
+  let pos = r.fileOffset;
+  while (pos < end) {
+    const data = n.lseek(sourceFd, pos, SEEK_DATA);
+    if (data < 0 || data >= end) break;
+    let hole = n.lseek(sourceFd, data, SEEK_HOLE);
+    if (hole < 0 || hole > end) hole = end;
+    out.push([
+      Math.floor((data - r.fileOffset) / SNAPSHOT_PAGE_SIZE),
+      Math.ceil((hole - r.fileOffset) / SNAPSHOT_PAGE_SIZE),
+    ]);
+    pos = hole;
+  }
+  return out;
+}
+
+/**
+ * Writes guest RAM to `path`: each region at its fileOffset, runs of non-zero pages with one
+ * write each, all-zero pages skipped (holes); then ftruncate to the exact size and fsync. The
+ * data goes to `path + '.tmp-<pid>'` first; it is renamed into place at the end, or (with
+ * `deferRename`) when the caller commits, so that a state file and its memory file can both be
+ * complete before either replaces an old one. Throws an I/O error after removing the temp file.
+ *
+ * `backingFile`: the file a restored VM's RAM is mapped from. Writing a snapshot onto it is
+ * refused (SnapshotFileError).
+ * `sourceFd`: the memfd a booted VM's RAM is mapped from (GuestRamLayout.memfd; -1 or absent for
+ * a restored VM): only its data extents are read, so untouched guest RAM stays unallocated.
+ */
+export function writeMemoryFile(
+  path: string,
+  ram: MappedGuestRam,
+  regions: readonly SnapshotRegion[],
+  opts: { backingFile?: FileId; deferRename?: boolean; sourceFd?: number } = {},
+): PendingFile {
+  const bad = regionsInconsistency(regions, memoryFileBytes(regions));
+  if (bad) throw new SnapshotFileError(bad);
+  if (ram.buffers.length !== regions.length)
+    throw new SnapshotFileError('guest RAM and memory regions do not match');
+  if (opts.backingFile && sameFile(path, opts.backingFile))
+    throw new SnapshotFileError(
+      `${path} is the memory file this microVM was restored from; write the snapshot elsewhere`,
+    );
+  const tmp = tempPathFor(path);
+  const pageWords = SNAPSHOT_PAGE_SIZE / 4;
+  try {
+    const fd = openSync(tmp, 'w', 0o600);
+    try {
+      regions.forEach((r, i) => {
+        const buf = ram.buffers[i]!;
+        if (buf.byteLength !== r.size)
+          throw new SnapshotFileError(`memory region ${i}: size changed`);
+        const words = new Uint32Array(buf);
+        const bytes = new Uint8Array(buf);
+        for (const [first, last] of pagesToScan(r, opts.sourceFd)) {
+          let p = first;
+          while (p < last) {
+            // Skip zero pages, then write the run of non-zero ones.
+            while (p < last && zeroPage(words, p, pageWords)) p++;
+            const start = p;
+            while (p < last && !zeroPage(words, p, pageWords)) p++;
+            if (p > start) {
+              const off = start * SNAPSHOT_PAGE_SIZE;
+              const len = (p - start) * SNAPSHOT_PAGE_SIZE;
+              let done = 0;
+              while (done < len)
+                done += writeSync(fd, bytes, off + done, len - done, r.fileOffset + off + done);
+            }
+          }
+        }
+      });
+      ftruncateSync(fd, memoryFileBytes(regions));
+      fsyncSync(fd);
+    } finally {
+      closeSync(fd);
+    }
+  } catch (e) {
+    removeQuietly(tmp);
+    throw e;
+  }
+  let state: 'pending' | 'committed' | 'discarded' = 'pending';
+  const pending: PendingFile = {
+    path,
+    tmpPath: tmp,
+    commit() {
+      if (state !== 'pending') return;
+      renameSync(tmp, path);
+      state = 'committed';
+      fsyncDir(dirname(path));
+    },
+    discard() {
+      if (state !== 'pending') return;
+      removeQuietly(tmp);
+      state = 'discarded';
+    },
+  };
+  if (!opts.deferRename) {
+    try {
+      pending.commit();
+    } catch (e) {
+      pending.discard();
+      throw e;
+    }
+  }
+  return pending;
+}
+
+function removeQuietly(path: string): void {
+  try {
+    unlinkSync(path);
+  } catch {
+    // not there
+  }
+}
+
+function sameFile(path: string, id: FileId): boolean {
+  try {
+    const st = statSync(path);
+    return st.dev === id.dev && st.ino === id.ino;
+  } catch {
+    return false; // does not exist yet
+  }
+}
+
+/** An opened memory file: the caller owns `fd` (close it after mapMemoryFile, or on failure). */
+export interface CheckedMemoryFile {
+  fd: number;
+  size: number;
+  backing: FileId;
+}
+
+/**
+ * Opens a memory file read-only and checks it is a regular file of exactly the regions' total
+ * size (Firecracker only refuses one that is too small; a wrong size means a wrong file).
+ */
+export function checkMemoryFile(
+  path: string,
+  regions: readonly SnapshotRegion[],
+): Result<CheckedMemoryFile, SnapshotFileError> {
+  const want = memoryFileBytes(regions);
+  const bad = regionsInconsistency(regions, want);
+  if (bad) return err(new SnapshotFileError(bad));
+  let fd: number;
+  try {
+    fd = openSync(path, 'r');
+  } catch (e) {
+    return err(new SnapshotFileError(`cannot open the memory file: ${(e as Error).message}`));
+  }
+  try {
+    const st = fstatSync(fd);
+    if (!st.isFile()) throw new SnapshotFileError('the memory file is not a regular file');
+    if (st.size !== want)
+      throw new SnapshotFileError(
+        `the memory file is ${st.size} bytes; this snapshot's is ${want} (${st.size < want ? 'truncated' : 'too long'}, or not this snapshot's memory file)`,
+      );
+    return ok({ fd, size: st.size, backing: { dev: st.dev, ino: st.ino } });
+  } catch (e) {
+    closeSync(fd);
+    if (e instanceof SnapshotFileError) return err(e);
+    return err(new SnapshotFileError(`cannot read the memory file: ${(e as Error).message}`));
+  }
+}
+
+export interface MappedMemoryFile {
+  /** For the workers: memfd -1 and the main thread's host addresses (see guest-ram.ts). */
+  layout: GuestRamLayout;
+  /** The main thread's mapping; its unmap() munmaps (after every worker has ended). */
+  ram: MappedGuestRam;
+  backing: FileId;
+}
+
+/**
+ * Maps each region of the memory file privately (copy-on-write), readable and writable, on the
+ * calling (main) thread. The mapping holds the file: `fd` may be closed afterwards (by the caller,
+ * who still owns it). Nothing stays mapped when it throws.
+ */
+export function mapMemoryFile(fd: number, regions: readonly SnapshotRegion[]): MappedMemoryFile {
+  const bad = regionsInconsistency(regions, memoryFileBytes(regions));
+  if (bad) throw new SnapshotFileError(bad);
+  const n = native();
+  const st = fstatSync(fd);
+  const buffers: ArrayBuffer[] = [];
+  try {
+    for (const r of regions)
+      buffers.push(
+        n.mmap(r.size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_NORESERVE, fd, r.fileOffset),
+      );
+  } catch (e) {
+    buffers.forEach((b) => n.munmap(b));
+    throw e;
+  }
+  const copy = regions.map((r) => ({ base: r.base, size: r.size, fileOffset: r.fileOffset }));
+  const ram = guestRamOver(copy, buffers, (b) => n.munmap(b));
+  return {
+    layout: { memfd: -1, regions: copy, hostAddrs: buffers.map((b) => n.bufferAddress(b)) },
+    ram,
+    backing: { dev: st.dev, ino: st.ino },
+  };
+}
