@@ -17,6 +17,8 @@ export const KVM_GET_VCPU_MMAP_SIZE = io(0x04);
 export const KVM_GET_SUPPORTED_CPUID = iowr(0x05, 8);
 export const KVM_CREATE_VCPU = io(0x41);
 export const KVM_SET_USER_MEMORY_REGION = iow(0x46, 32);
+/** struct kvm_dirty_log: slot u32, pad u32, then a u64 user address of the bitmap. */
+export const KVM_GET_DIRTY_LOG = iow(0x42, 16);
 export const KVM_SET_TSS_ADDR = io(0x47);
 export const KVM_SET_IDENTITY_MAP_ADDR = iow(0x48, 8);
 export const KVM_CREATE_IRQCHIP = io(0x60);
@@ -60,6 +62,11 @@ export const KVM_GET_XCRS = ior(0xa6, 392);
 export const KVM_SET_XCRS = iow(0xa7, 392);
 /** Same size field as KVM_GET_XSAVE; the kernel writes KVM_CAP_XSAVE2's size (>= 4096). */
 export const KVM_GET_XSAVE2 = ior(0xcf, 4096);
+/** Tells KVM the guest was paused (the guest's soft-lockup watchdog then does not fire). */
+export const KVM_KVMCLOCK_CTRL = io(0xad);
+
+/** kvm_userspace_memory_region.flags: keep a dirty-page bitmap for the slot. */
+export const KVM_MEM_LOG_DIRTY_PAGES = 1;
 
 export const KVM_CAP_IRQCHIP = 0;
 export const KVM_CAP_HLT = 1;

@@ -136,6 +136,8 @@ export class Kvm {
 
 export class Vm {
   private nextSlot = 0;
+  /** Each slot's size in bytes (to check dirty-log bitmaps). */
+  private readonly slotSizes = new Map<number, number>();
   constructor(
     readonly kvm: Kvm,
     readonly fd: number,
@@ -150,7 +152,29 @@ export class Vm {
       C.KVM_SET_USER_MEMORY_REGION,
       S.encodeMemoryRegion(slot, flags, guestPhys, memory.byteLength, addr),
     );
+    this.slotSizes.set(slot, memory.byteLength);
     return slot;
+  }
+
+  /**
+   * KVM_GET_DIRTY_LOG: copies the slot's dirty-page bitmap (one bit per 4 KiB page, little-endian
+   * bit order, the slot created with KVM_MEM_LOG_DIRTY_PAGES) into `bitmap` and clears KVM's.
+   * `bitmap` must hold at least ceil(pages / 64) * 8 bytes (KVM writes whole u64 words).
+   */
+  getDirtyLog(slot: number, bitmap: Uint8Array): void {
+    const size = this.slotSizes.get(slot);
+    if (size === undefined) throw new Error(`dirty log: no memory slot ${slot}`);
+    const need = Math.ceil(size / 4096 / 64) * 8;
+    if (bitmap.byteLength < need)
+      throw new Error(
+        `dirty log of slot ${slot}: a bitmap of ${bitmap.byteLength} bytes, ${need} needed`,
+      );
+    const n = native();
+    const b = new Uint8Array(16);
+    const v = new DataView(b.buffer);
+    v.setUint32(0, slot, true);
+    v.setBigUint64(8, n.bufferAddress(bitmap), true);
+    n.ioctl(this.fd, C.KVM_GET_DIRTY_LOG, b);
   }
 
   setTssAddr(addr: number): void {
@@ -454,6 +478,22 @@ export class Vcpu {
    */
   setTscKhz(khz: number): void {
     native().ioctl(this.fd, C.KVM_SET_TSC_KHZ, khz);
+  }
+
+  /**
+   * KVM_KVMCLOCK_CTRL: tells the guest (through its kvmclock page) that it was paused, so its
+   * soft-lockup watchdog does not fire on resume. Returns false when KVM refuses with EINVAL
+   * (the guest has not enabled kvmclock on this vCPU) and also, on a host without the
+   * capability, with ENOTTY; other errors throw.
+   */
+  kvmclockCtrl(): boolean {
+    try {
+      native().ioctl(this.fd, C.KVM_KVMCLOCK_CTRL, 0);
+      return true;
+    } catch (e) {
+      if (isSyscallError(e, 'EINVAL') || isSyscallError(e, 'ENOTTY')) return false;
+      throw e;
+    }
   }
 
   /** Enters the guest. Returns false when interrupted (EINTR: a kick), true on a normal exit. */

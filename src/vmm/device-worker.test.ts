@@ -317,3 +317,39 @@ test('device worker: a kick over the work budget goes on in later turns of the l
     rmSync(dir, { recursive: true });
   }
 });
+
+test('device worker save: a DRIVER_OK the paused worker has not handled is caught up first (quiesce)', async () => {
+  const layout = createGuestRam([{ base: 0, size: 4 << 20 }]);
+  const ram = mapGuestRam(layout);
+  const plan = planVirtioDevices([{ kind: 'rng', id: 'entropy' }]);
+  const logs: string[] = [];
+  const dw = startDeviceWorker(plan, layout, { log: (m) => logs.push(m) });
+  const n = native();
+  try {
+    const mmio = new Bus();
+    attachVirtioTransports(transportSlots(plan), plan.controlFd, mmio);
+    await dw.request({ op: 'pause' });
+    // The driver activates the device while the data plane is paused (the vCPUs ran on).
+    const drv = new MmioDriver(mmio.resolve(plan.slots[0]!.addr, 4)!.device);
+    assert.ok(drv.negotiate((f) => f));
+    const alloc = new GuestAllocator(0x10000, 4 << 20);
+    const q = new MockQueue(ram.memory, alloc, 16);
+    drv.setupQueue(0, q);
+    drv.driverOk();
+    q.addChain([{ addr: alloc.alloc(64), len: 64, write: true }]);
+    n.eventfdWrite(plan.slots[0]!.queueFds[0]!, 1);
+    await sleep(50);
+    assert.equal(q.usedIdx(), 0, 'paused: nothing served');
+    const saved = await dw.request({ op: 'save' });
+    assert.equal(saved.length, 1);
+    // Saved as active: after resume the same worker serves the queue from where it stood.
+    await dw.request({ op: 'resume' });
+    await until('the kick made while paused', () => q.usedIdx() === 1);
+    assert.deepEqual(logs, []);
+  } finally {
+    await dw.stop();
+    closeVirtio(plan);
+    ram.unmap();
+    native().close(layout.memfd);
+  }
+});

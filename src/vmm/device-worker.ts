@@ -121,6 +121,13 @@ function main(): void {
         return undefined;
       case 'save':
         if (!paused) throw new Error('device state can be saved only while the devices are paused');
+        // Catch up with a DRIVER_OK or reset whose eventfd the loop has not read yet (the vCPUs
+        // are paused, so none can arrive now); a device still mid-change cannot be saved.
+        for (const x of devices)
+          if (!x.device.quiesce())
+            throw new Error(
+              `${x.slot.kind} device "${x.slot.id}" cannot be saved: a lifecycle change is still pending`,
+            );
         return devices.map((x): SavedDevice => ({
           kind: x.slot.kind,
           id: x.slot.id,

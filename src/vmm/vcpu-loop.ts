@@ -72,13 +72,20 @@ export class VcpuLoop {
 
   /**
    * Pause: re-enter KVM_RUN once with immediate_exit still set so that a half-done MMIO/PIO
-   * exit completes inside KVM, then wait until the command is no longer Pause, serving the
+   * exit completes inside KVM, tell kvmclock (KVM_KVMCLOCK_CTRL), then wait until the command is no longer Pause, serving the
    * main thread's requests (save) meanwhile: the vCPU is outside KVM_RUN and its state is whole.
    */
   private park(): void {
     const { control, vcpu, id } = this;
     vcpu.immediateExit = true;
     vcpu.runOnce();
+    // Tell the guest's kvmclock it was stopped (so its soft-lockup watchdog does not fire on
+    // resume). Best effort: KVM refuses (EINVAL) when the guest does not use kvmclock.
+    try {
+      vcpu.kvmclockCtrl();
+    } catch {
+      // an unexpected refusal must not stop the pause
+    }
     control.setState(id, VcpuState.Paused);
     for (;;) {
       const seen = control.doorbell; // before the checks: see VcpuControl.waitDoorbell

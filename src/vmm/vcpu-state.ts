@@ -172,6 +172,22 @@ function restoreOrder(msrs: MsrEntry[]): MsrEntry[] {
   return [...msrs.filter((m) => !deferred(m)), ...msrs.filter(deferred)];
 }
 
+/**
+ * A saved IA32_TSC_DEADLINE of 0 becomes the saved IA32_TSC (as Firecracker's
+ * fix_zero_tsc_deadline_msr does): a guest whose deadline timer was armed and had fired, or was
+ * caught between KVM clearing the deadline and the guest writing the next one, would otherwise
+ * wait forever after a restore for an interrupt nothing will raise. A deadline of "now" fires
+ * at once after the restore; a guest that had not armed it takes one spurious timer interrupt,
+ * which Linux tolerates. When the LAPIC timer is not in TSC-deadline mode KVM ignores the write.
+ */
+export function fixZeroTscDeadline(msrs: MsrEntry[]): MsrEntry[] {
+  const tsc = msrs.find((m) => m.index === MSR_IA32_TSC);
+  if (!tsc) return msrs;
+  return msrs.map((m) =>
+    m.index === MSR_IA32_TSC_DEADLINE && m.data === 0n ? { index: m.index, data: tsc.data } : m,
+  );
+}
+
 /** A read whose ioctl a host may lack (the layout field is optional): undefined when refused. */
 function optionalIoctl<T>(read: () => T): T | undefined {
   try {
@@ -205,7 +221,7 @@ export function saveVcpu(
   const lapic = vcpu.getLapic();
   const tscKhz = optionalIoctl(() => vcpu.tscKhz() || undefined);
   const cpuid = vcpu.getCpuid();
-  const msrs = restoreOrder(vcpu.readMsrs(msrIndices).msrs);
+  const msrs = fixZeroTscDeadline(restoreOrder(vcpu.readMsrs(msrIndices).msrs));
   const events = vcpu.getVcpuEvents();
   return {
     cpuid,
@@ -310,10 +326,17 @@ export function saveVm(vm: Vm): VmStateData {
  * Restores the VM-wide state into a VM made like the saved one (irqchip and PIT created).
  * Order: the interrupt controllers first, so the PIT, which may raise IRQ0 as soon as its
  * counters are loaded, delivers into restored controllers; kvmclock last, closest to resuming.
- * The clock is set to the saved value as is (flags 0: no KVM_CLOCK_REALTIME catch-up), so the
- * guest does not see the time the snapshot spent on disk (as Firecracker does by default).
+ * By default the clock is set to the saved value as is (flags 0), so the guest does not see the
+ * time the snapshot spent on disk (Firecracker's default). With `realtime` (Firecracker's
+ * `clock_realtime`), KVM_CLOCK_REALTIME is passed with the saved CLOCK_REALTIME stamp and KVM
+ * advances kvmclock by the wall-clock time elapsed since the save; that needs the stamp (the
+ * saved flags say KVM_CLOCK_REALTIME) and a kernel that supports it (5.16+, else it refuses).
  */
-export function restoreVm(vm: Vm, state: VmStateData): void {
+export function restoreVm(vm: Vm, state: VmStateData, opts: { realtime?: boolean } = {}): void {
+  if (opts.realtime && (state.clock.flags & C.KVM_CLOCK_REALTIME) === 0)
+    throw new HostError(
+      'cannot advance kvmclock by the time since the snapshot (clock_realtime): the saved clock has no CLOCK_REALTIME stamp (the host kernel that saved it did not report one)',
+    );
   const chips: Array<[number, Uint8Array]> = [
     [C.KVM_IRQCHIP_PIC_MASTER, state.picMaster],
     [C.KVM_IRQCHIP_PIC_SLAVE, state.picSlave],
@@ -325,7 +348,7 @@ export function restoreVm(vm: Vm, state: VmStateData): void {
     vm.setIrqchip(chip);
   }
   vm.setPit2(state.pit);
-  vm.setClock({ ...state.clock, flags: 0 });
+  vm.setClock({ ...state.clock, flags: opts.realtime ? C.KVM_CLOCK_REALTIME : 0 });
 }
 
 /** The MSR a saved state holds for `index`, if any (for tools and tests). */

@@ -20,6 +20,10 @@ import type { VmExitEvent } from './vcpu-loop.js';
 import { Command, VcpuControl, VcpuRequest, VcpuState } from './vcpu-control.js';
 import type { VcpuWorkerData, VcpuWorkerMessage, VcpuWorkerStart } from './vcpu-worker.js';
 import { takeVcpuWorkers } from './vcpu-pool.js';
+import type { DeviceWorkerHandle } from './device-worker-handle.js';
+
+/** What pauseAll and resumeAll need of the device worker. */
+export type DataPlane = Pick<DeviceWorkerHandle, 'request'>;
 
 const KICK_RETRY_MS = 5;
 export const PAUSE_TIMEOUT_MS = 3000;
@@ -69,8 +73,21 @@ export class Vmm {
     this.cleanups.push(f);
   }
 
-  /** Starts one worker per vCPU. `data(id)` gives each worker its boot configuration. */
-  start(vcpuFds: number[], data: (id: number) => Omit<VcpuWorkerData, 'control'>): void {
+  /**
+   * Starts one worker per vCPU. `data(id)` gives each worker its boot configuration. With
+   * `paused` (a restored VM that is not to run yet) the command is Pause before any worker
+   * starts: each parks at once without entering the guest (park() runs KVM_RUN with
+   * immediate_exit set), and the VM is 'paused' until resume().
+   */
+  start(
+    vcpuFds: number[],
+    data: (id: number) => Omit<VcpuWorkerData, 'control'>,
+    opts: { paused?: boolean } = {},
+  ): void {
+    if (opts.paused) {
+      this.control.setCommand(Command.Pause);
+      this.state = 'paused';
+    }
     const n = native();
     this.kickSignal = n.installKickHandler();
     const workers = takeVcpuWorkers(vcpuFds.length);
@@ -272,6 +289,43 @@ export class Vmm {
     if (this.state !== 'paused' || this.stopping) return;
     this.control.setCommand(Command.Run);
     this.state = 'running';
+  }
+
+  /**
+   * Pauses the vCPUs (pause()), then the device worker's data plane, so that neither the guest
+   * nor a device (net RX, block reads) writes guest RAM afterwards: what a snapshot needs while
+   * memory is written out. Firecracker's Pause stops only the vCPUs. Nothing to do when the VM is
+   * stopping or stopped. If the device worker does not pause, the vCPUs are resumed again (the
+   * VM keeps running, as for a pause that times out) and the error is passed on.
+   */
+  async pauseAll(dw?: DataPlane): Promise<void> {
+    const wasRunning = this.state === 'running';
+    await this.pause();
+    if (!dw || this.state !== 'paused' || this.stopping) return;
+    try {
+      await dw.request({ op: 'pause' });
+    } catch (e) {
+      if (wasRunning) this.resume();
+      throw new Error(`the devices did not pause: ${(e as Error).message}`);
+    }
+  }
+
+  /**
+   * Resumes a paused VM: the device worker first (its resume serves what arrived meanwhile and
+   * kicks every queue, so requests in flight at a snapshot are served), then the vCPUs. If the
+   * device worker does not resume, the vCPUs stay paused (the state stays true) and the error is
+   * passed on. Nothing to do when running, stopping or stopped.
+   */
+  async resumeAll(dw?: DataPlane): Promise<void> {
+    if (this.state !== 'paused' || this.stopping) return;
+    if (dw) {
+      try {
+        await dw.request({ op: 'resume' });
+      } catch (e) {
+        throw new Error(`the devices did not resume: ${(e as Error).message}`);
+      }
+    }
+    this.resume();
   }
 
   /** Answers awaited by saveVcpus, by vCPU id; set only while a save is under way. */

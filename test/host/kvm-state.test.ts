@@ -10,12 +10,16 @@
  */
 import { describe, test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
-import { closeSync, openSync } from 'node:fs';
+import { closeSync, openSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { setupBoot } from '../../src/arch/x86_64/boot.js';
+import { filterCpuid } from '../../src/arch/x86_64/cpuid.js';
+import { ACPI_SLEEP_CTL_ADDR, ramRegions } from '../../src/arch/x86_64/layout.js';
 import * as C from '../../src/kvm/constants.js';
 import { Kvm, Vcpu, type Vm } from '../../src/kvm/kvm.js';
 import { isSyscallError, native } from '../../src/kvm/native.js';
 import * as S from '../../src/kvm/structs.js';
+import { RUN } from '../../src/kvm/structs.js';
 import { buildVm } from '../../src/vmm/builder.js';
 import { createGuestRam, mapGuestRam } from '../../src/vmm/guest-ram.js';
 import { validateResources } from '../../src/vmm/resources.js';
@@ -23,6 +27,8 @@ import {
   restoreVcpu,
   restoreVm,
   saveableMsrIndices,
+  MSR_IA32_TSC,
+  MSR_IA32_TSC_DEADLINE,
   savedMsr,
   saveVcpu,
   saveVm,
@@ -436,6 +442,23 @@ describe('snapshot layouts: save, encode, decode, restore (KVM)', () => {
   }
 
   test(
+    'a zero IA32_TSC_DEADLINE is saved as the TSC',
+    T,
+    withVm((v, t) => {
+      const s = saveVcpu(v.vcpu, saveableMsrIndices(v.kvm), { xsaveSize: v.vm.xsaveSize() });
+      const tsc = savedMsr(s, MSR_IA32_TSC);
+      const deadline = savedMsr(s, MSR_IA32_TSC_DEADLINE);
+      if (tsc === undefined || deadline === undefined) {
+        t.diagnostic('this host does not give IA32_TSC and IA32_TSC_DEADLINE: skipped');
+        return;
+      }
+      // A fresh vCPU's deadline is 0 (its timer is not armed).
+      assert.equal(v.vcpu.readMsrs([MSR_IA32_TSC_DEADLINE]).msrs[0]?.data, 0n);
+      assert.equal(deadline, tsc);
+    }),
+  );
+
+  test(
     'encode -> decode -> encode gives identical bytes; decode refuses the wrong kind',
     T,
     withVm((v) => {
@@ -484,7 +507,9 @@ describe('snapshot layouts: save, encode, decode, restore (KVM)', () => {
         assert.deepEqual(again.cpuid, savedVcpu.cpuid);
         assert.equal(savedMsr(again, MSR_IA32_SYSENTER_CS), 0x23n);
         // Every MSR that is not a clock reads back as saved.
-        const clocks = new Set([0x10, 0x4b56_4d00, 0x4b56_4d01, 0x4b56_4d02, 0x4b56_4d03]);
+        // (IA32_TSC_DEADLINE too: a saved 0 becomes the saved TSC, which a LAPIC timer not in
+        // TSC-deadline mode ignores, so it reads back 0 again.)
+        const clocks = new Set([0x10, 0x6e0, 0x4b56_4d00, 0x4b56_4d01, 0x4b56_4d02, 0x4b56_4d03]);
         for (const m of savedVcpu.msrs) {
           if (clocks.has(m.index) || refusedMsrs.includes(m.index)) continue;
           assert.equal(savedMsr(again, m.index), m.data, `MSR ${hex(m.index)}`);
@@ -567,6 +592,188 @@ describe('saveVcpus on a paused tiny guest (KVM, vCPU workers)', () => {
         await eventually(() => kvmLeftovers().vcpuMappings.length === 0, 3000),
         'no kvm_run left mapped',
       );
+    },
+  );
+});
+
+describe('a vCPU restored into a fresh VM runs on (KVM)', () => {
+  const guests = tinyGuests();
+  const LOOP_PORT = 0x3f1;
+  const LOOP_COUNT = 100_000; // test/guests/tiny.S MODE_PIOLOOP
+
+  interface GuestVm {
+    kvm: Kvm;
+    vm: Vm;
+    vcpu: Vcpu;
+    ram: ReturnType<typeof mapGuestRam>;
+    close(): void;
+  }
+
+  /** A VM as builder.ts makes one, 32 MiB, one vCPU, nothing set on the vCPU yet. */
+  function guestVm(memFlags = 0): GuestVm {
+    const n = native();
+    const kvm = Kvm.open();
+    const vm = kvm.createVm();
+    vm.setTssAddr(TSS_ADDR);
+    vm.setIdentityMapAddr(IDENTITY_MAP_ADDR);
+    vm.createIrqchip();
+    vm.createPit2();
+    const layout = createGuestRam(ramRegions(32 << 20));
+    const ram = mapGuestRam(layout);
+    ram.buffers.forEach((b, i) => vm.setUserMemoryRegion(layout.regions[i]!.base, b, memFlags));
+    const vcpu = new Vcpu(vm.createVcpu(0), kvm.vcpuMmapSize());
+    return {
+      kvm,
+      vm,
+      vcpu,
+      ram,
+      close() {
+        vcpu.close();
+        ram.unmap();
+        n.close(layout.memfd);
+        vm.close();
+        kvm.close();
+      },
+    };
+  }
+
+  /**
+   * Runs the vCPU on this thread, counting OUTs to the loop port, until `stopAfter` of them or
+   * the guest powers off (a write to the ACPI sleep control register). Throws on any other end.
+   */
+  function runLoop(v: GuestVm, stopAfter = Infinity): { outs: number; poweredOff: boolean } {
+    const { vcpu } = v;
+    let outs = 0;
+    for (let i = 0; i < 10 * LOOP_COUNT; i++) {
+      if (!vcpu.runOnce()) continue;
+      const reason = vcpu.exitReason;
+      const run = vcpu.run;
+      if (reason === C.KVM_EXIT_IO) {
+        if (run.getUint16(RUN.ioPort, true) === LOOP_PORT && ++outs >= stopAfter)
+          return { outs, poweredOff: false };
+      } else if (reason === C.KVM_EXIT_MMIO) {
+        const addr = Number(run.getBigUint64(RUN.mmioPhysAddr, true));
+        if (run.getUint8(RUN.mmioIsWrite) !== 0 && addr === ACPI_SLEEP_CTL_ADDR)
+          return { outs, poweredOff: true };
+      } else if (reason !== C.KVM_EXIT_INTR && reason !== C.KVM_EXIT_IRQ_WINDOW_OPEN) {
+        const r = vcpu.getRegs();
+        throw new Error(
+          `exit ${C.EXIT_REASON_NAMES[reason] ?? reason} at rip ${hex(r.rip)} after ${outs} loop exits`,
+        );
+      }
+    }
+    throw new Error(`no end after ${outs} loop exits`);
+  }
+
+  /** Sets up the boot vCPU of `v` for the tiny guest `name`, as buildVm does. */
+  function bootGuest(v: GuestVm, name: string): void {
+    const booted = setupBoot(v.ram.memory, {
+      kernel: readFileSync(guestPath(name)),
+      cmdline: '',
+      vcpus: 1,
+    });
+    assert.ok(booted.ok);
+    const boot = booted.value;
+    let tscKhz: number | undefined;
+    try {
+      tscKhz = v.vcpu.tscKhz() || undefined;
+    } catch {
+      tscKhz = undefined;
+    }
+    v.vcpu.setCpuid(filterCpuid(v.kvm.supportedCpuid(), { vcpuId: 0, vcpuCount: 1, tscKhz }));
+    for (const m of boot.msrs) v.vcpu.setMsrs([m]);
+    v.vcpu.setRegs(boot.regs);
+    v.vcpu.setSregs(boot.sregs(v.vcpu.getSregs()));
+    v.vcpu.setDefaultFpu();
+  }
+
+  test(
+    'KVM_KVMCLOCK_CTRL is refused before the guest enables kvmclock, taken after; the dirty log sees KVM write the kvmclock page',
+    { timeout: 20_000, skip: guests.skip ?? false },
+    (t) => {
+      const v = guestVm(C.KVM_MEM_LOG_DIRTY_PAGES);
+      try {
+        bootGuest(v, 'pioloop');
+        const pages = (32 << 20) / 4096;
+        const bitmap = new Uint8Array(pages / 8);
+        assert.throws(() => v.vm.getDirtyLog(0, new Uint8Array(8)), /1024 needed/);
+        assert.throws(() => v.vm.getDirtyLog(7, bitmap), /no memory slot 7/);
+        v.vm.getDirtyLog(0, bitmap); // clears what setupBoot's writes left (none: host writes)
+        assert.equal(v.vcpu.kvmclockCtrl(), false, 'no kvmclock yet: EINVAL, reported as false');
+        // Enable kvmclock at guest page 0x5000 (MSR_KVM_SYSTEM_TIME_NEW), as a guest would.
+        const PAGE = 0x5000;
+        if (v.vcpu.setMsrs([{ index: 0x4b56_4d01, data: BigInt(PAGE | 1) }]) !== 1) {
+          t.diagnostic('this host refuses MSR_KVM_SYSTEM_TIME_NEW: kvmclock part skipped');
+          return;
+        }
+        assert.equal(runLoop(v, 10).outs, 10);
+        assert.equal(v.vcpu.kvmclockCtrl(), true, 'KVM_KVMCLOCK_CTRL taken');
+        v.vm.getDirtyLog(0, bitmap);
+        const dirty: number[] = [];
+        bitmap.forEach((byte, i) => {
+          for (let bit = 0; bit < 8; bit++) if (byte & (1 << bit)) dirty.push(i * 8 + bit);
+        });
+        assert.ok(dirty.includes(PAGE / 4096), `page 5 dirty (dirty: ${dirty.join(', ')})`);
+        v.vm.getDirtyLog(0, bitmap);
+        t.diagnostic(
+          `dirty pages after 10 exits: ${dirty.join(', ')}; after reading: ${bitmap.some((x) => x !== 0) ? 'some again' : 'none'}`,
+        );
+      } finally {
+        v.close();
+      }
+    },
+  );
+
+  test(
+    'pioloop guest: saved mid-loop, restored into a new VM on this thread, it ends after exactly the remaining iterations',
+    { timeout: 60_000, skip: guests.skip ?? false },
+    (t) => {
+      const a = guestVm();
+      const b = guestVm();
+      try {
+        // Boot A as buildVm does and let it run part of its loop.
+        bootGuest(a, 'pioloop');
+        const first = runLoop(a, 1000);
+        assert.equal(first.outs, 1000);
+        // Park as VcpuLoop.park() does: KVM_RUN with immediate_exit completes the OUT.
+        a.vcpu.immediateExit = true;
+        assert.equal(a.vcpu.runOnce(), false, 'immediate_exit: KVM_RUN returns EINTR');
+        a.vcpu.immediateExit = false;
+        const msrs = saveableMsrIndices(a.kvm);
+        const size = a.vm.xsaveSize();
+        const vcpuState = VcpuStateV1.decodeOrThrow(
+          VcpuStateV1.encode(saveVcpu(a.vcpu, msrs, { xsaveSize: size })),
+        );
+        const vmState = VmStateV1.decodeOrThrow(VmStateV1.encode(saveVm(a.vm)));
+        // Stopped just after the 1000th OUT, before its `dec %ecx`.
+        const left = LOOP_COUNT - 1000;
+        assert.equal(Number(vcpuState.regs.rcx), left + 1, 'ecx before the dec');
+
+        // B: a fresh VM with A's memory, VM state then vCPU state (the load order), then run.
+        a.ram.buffers.forEach((buf, i) =>
+          new Uint8Array(b.ram.buffers[i]!).set(new Uint8Array(buf)),
+        );
+        restoreVm(b.vm, vmState);
+        const { refusedMsrs } = restoreVcpu(b.vcpu, vcpuState, { xsaveSize: size });
+        if (refusedMsrs.length > 0)
+          t.diagnostic(`restore: KVM_SET_MSRS refused ${refusedMsrs.map(hex).join(' ')}`);
+        assert.ok(!refusedMsrs.includes(0x10), 'IA32_TSC restored');
+        const t0 = performance.now();
+        const rest = runLoop(b);
+        const ms = performance.now() - t0;
+        assert.ok(rest.poweredOff, 'the restored guest ran to its poweroff');
+        assert.equal(rest.outs, left, 'exactly the remaining iterations, no more, no fewer');
+        t.diagnostic(
+          `restored vCPU ran ${rest.outs} loop exits to poweroff in ${ms.toFixed(0)} ms ` +
+            `(rip at save ${hex(vcpuState.regs.rip)})`,
+        );
+
+        // A itself also goes on to the same end (the save did not disturb it).
+        assert.deepEqual(runLoop(a), { outs: left, poweredOff: true });
+      } finally {
+        a.close();
+        b.close();
+      }
     },
   );
 });

@@ -118,6 +118,37 @@ export interface I8042Counters {
   interrupts: number;
 }
 
+/** What a snapshot keeps of the controller (legacy-state.ts encodes it). */
+export interface I8042SavedState {
+  status: number;
+  ctr: number;
+  outport: number;
+  /** The byte in the output buffer, -1 when empty. */
+  obuf: number;
+  obufFromKbd: number;
+  /** A pending controller reply byte, -1 none. */
+  ctrlReply: number;
+  pendingCmd: number;
+  kbdPendingCmd: number;
+  xlateBreak: number;
+  /** The keyboard's queued bytes, oldest first (at most I8042_KBD_QUEUE_SIZE). */
+  kbd: Uint8Array;
+}
+
+export const I8042_KBD_QUEUE_SIZE = KBD_QUEUE_SIZE;
+
+const SAVED_SLOTS = [
+  ['status', S_STATUS, 0, 0xff],
+  ['ctr', S_CTR, 0, 0xff],
+  ['outport', S_OUTPORT, 0, 0xff],
+  ['obuf', S_OBUF, -1, 0xff],
+  ['obufFromKbd', S_OBUF_FROM_KBD, 0, 1],
+  ['ctrlReply', S_CTRL_REPLY, -1, 0xff],
+  ['pendingCmd', S_PENDING_CMD, 0, 0xff],
+  ['kbdPendingCmd', S_KBD_PENDING_CMD, 0, 0xff],
+  ['xlateBreak', S_XLATE_BREAK, 0, 1],
+] as const;
+
 export class I8042 implements BusDevice {
   private readonly s: Int32Array;
   private readonly mutex: SharedMutex;
@@ -199,6 +230,41 @@ export class I8042 implements BusDevice {
       unknownAccesses: this.s[S_UNKNOWN]!,
       interrupts: this.s[S_IRQS]!,
     }));
+  }
+
+  /** The state a snapshot keeps (no lock word or counters). */
+  saveState(): I8042SavedState {
+    return this.mutex.with(() => {
+      const n = this.kbdLength();
+      const kbd = new Uint8Array(n);
+      const head = this.s[S_KBD_HEAD]!;
+      for (let i = 0; i < n; i++) kbd[i] = this.s[S_KBD_QUEUE + ((head + i) % KBD_QUEUE_SIZE)]!;
+      const o: Record<string, number> = {};
+      for (const [k, slot] of SAVED_SLOTS) o[k] = this.s[slot]!;
+      return { ...(o as Omit<I8042SavedState, 'kbd'>), kbd };
+    });
+  }
+
+  /**
+   * Puts saved state into this controller (a fresh state buffer, before any vCPU runs). Throws
+   * on an out-of-range value; nothing is changed then.
+   */
+  restoreState(o: I8042SavedState): void {
+    for (const [k, _slot, min, max] of SAVED_SLOTS) {
+      const v = o[k];
+      if (!Number.isInteger(v) || v < min || v > max)
+        throw new Error(`i8042: saved ${k} ${String(v)} is out of range (${min}..${max})`);
+    }
+    if (!(o.kbd instanceof Uint8Array) || o.kbd.length > KBD_QUEUE_SIZE)
+      throw new Error(
+        `i8042: saved keyboard queue of ${o.kbd?.length} bytes, at most ${KBD_QUEUE_SIZE}`,
+      );
+    this.mutex.with(() => {
+      for (const [k, slot] of SAVED_SLOTS) this.s[slot] = o[k];
+      o.kbd.forEach((b, i) => (this.s[S_KBD_QUEUE + i] = b));
+      this.s[S_KBD_HEAD] = 0;
+      this.s[S_KBD_TAIL] = o.kbd.length;
+    });
   }
 
   private locked<T>(fn: () => T): T {

@@ -53,6 +53,18 @@ const CMOS_BYTE = OFFSET_BYTE + 8;
 const CMOS_SIZE = 128;
 const STATE_BYTES = CMOS_BYTE + CMOS_SIZE;
 
+/** What a snapshot keeps of the RTC (legacy-state.ts encodes it). */
+export interface RtcSavedState {
+  /** The selected register (0..127). */
+  index: number;
+  /** Guest time minus host time, in ms. */
+  offsetMs: number;
+  /** The 128 CMOS bytes. */
+  cmos: Uint8Array;
+}
+
+export const RTC_CMOS_SIZE = CMOS_SIZE;
+
 export class RtcCmos implements BusDevice {
   private readonly s: Int32Array;
   private readonly offsetMs: Float64Array;
@@ -77,6 +89,33 @@ export class RtcCmos implements BusDevice {
     this.offsetMs = new Float64Array(state, OFFSET_BYTE, 1);
     this.cmos = new Uint8Array(state, CMOS_BYTE, CMOS_SIZE);
     this.mutex = new SharedMutex(this.s, S_LOCK);
+  }
+
+  /** The state a snapshot keeps (no lock word or counters). */
+  saveState(): RtcSavedState {
+    return this.mutex.with(() => ({
+      index: this.s[S_INDEX]!,
+      offsetMs: this.offsetMs[0]!,
+      cmos: this.cmos.slice(),
+    }));
+  }
+
+  /**
+   * Puts saved state into this RTC (a fresh state buffer, before any vCPU runs). Throws on an
+   * out-of-range value; nothing is changed then.
+   */
+  restoreState(o: RtcSavedState): void {
+    if (!Number.isInteger(o.index) || o.index < 0 || o.index >= CMOS_SIZE)
+      throw new Error(`rtc: saved index ${String(o.index)} is out of range (0..${CMOS_SIZE - 1})`);
+    if (!Number.isFinite(o.offsetMs))
+      throw new Error(`rtc: saved offset ${String(o.offsetMs)} is not a finite number`);
+    if (!(o.cmos instanceof Uint8Array) || o.cmos.length !== CMOS_SIZE)
+      throw new Error(`rtc: saved CMOS of ${o.cmos?.length} bytes, expected ${CMOS_SIZE}`);
+    this.mutex.with(() => {
+      this.s[S_INDEX] = o.index;
+      this.offsetMs[0] = o.offsetMs;
+      this.cmos.set(o.cmos);
+    });
   }
 
   /** Presets a CMOS storage byte (0x0e..0x7f) before boot. */

@@ -123,6 +123,37 @@ type WaitAsync = (
   v: number,
 ) => { async: false; value: string } | { async: true; value: Promise<string> };
 
+/** What a snapshot keeps of a UART (legacy-state.ts encodes it): registers and pending input. */
+export interface SerialSavedState {
+  ier: number;
+  lcr: number;
+  mcr: number;
+  scr: number;
+  dll: number;
+  dlm: number;
+  fcr: number;
+  threPending: number;
+  line: number;
+  msrDelta: number;
+  lsrErrors: number;
+  /** Received bytes the guest has not read yet, oldest first (at most SERIAL_RX_RING_SIZE). */
+  rx: Uint8Array;
+}
+
+const SAVED_REGISTERS = [
+  ['ier', S_IER],
+  ['lcr', S_LCR],
+  ['mcr', S_MCR],
+  ['scr', S_SCR],
+  ['dll', S_DLL],
+  ['dlm', S_DLM],
+  ['fcr', S_FCR],
+  ['threPending', S_THRE_PENDING],
+  ['line', S_LINE],
+  ['msrDelta', S_MSR_DELTA],
+  ['lsrErrors', S_LSR_ERRORS],
+] as const;
+
 export class Serial16550 implements BusDevice {
   private readonly s: Int32Array;
   private readonly counters: Float64Array;
@@ -251,6 +282,43 @@ export class Serial16550 implements BusDevice {
       interrupts: this.counters[C_IRQS]!,
       overruns: this.counters[C_OVERRUNS]!,
     }));
+  }
+
+  /** The state a snapshot keeps (no lock word, waiter flag or counters). */
+  saveState(): SerialSavedState {
+    return this.mutex.with(() => {
+      const n = this.rxLength();
+      const rx = new Uint8Array(n);
+      const head = this.s[S_RX_HEAD]!;
+      for (let i = 0; i < n; i++) rx[i] = this.ring[(head + i) & (SERIAL_RX_RING_SIZE - 1)]!;
+      const o: Record<string, number> = {};
+      for (const [k, slot] of SAVED_REGISTERS) o[k] = this.s[slot]!;
+      return { ...(o as Omit<SerialSavedState, 'rx'>), rx };
+    });
+  }
+
+  /**
+   * Puts saved state into this UART (a fresh state buffer, before any vCPU runs). Throws on a
+   * value no guest could have produced (each register is a byte, the flags 0 or 1, the input
+   * at most one ring); nothing is changed then.
+   */
+  restoreState(o: SerialSavedState): void {
+    for (const [k, _slot] of SAVED_REGISTERS) {
+      const v = o[k];
+      const max = k === 'threPending' || k === 'line' ? 1 : 0xff;
+      if (!Number.isInteger(v) || v < 0 || v > max)
+        throw new Error(`serial: saved ${k} ${String(v)} is out of range (0..${max})`);
+    }
+    if (!(o.rx instanceof Uint8Array) || o.rx.length > SERIAL_RX_RING_SIZE)
+      throw new Error(
+        `serial: saved input of ${o.rx?.length} bytes, at most ${SERIAL_RX_RING_SIZE}`,
+      );
+    this.mutex.with(() => {
+      for (const [k, slot] of SAVED_REGISTERS) this.s[slot] = o[k];
+      this.ring.set(o.rx, 0);
+      Atomics.store(this.s, S_RX_HEAD, 0);
+      Atomics.store(this.s, S_RX_TAIL, o.rx.length);
+    });
   }
 
   // ---- everything below runs with the lock held ----
