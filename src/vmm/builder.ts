@@ -13,14 +13,20 @@ import type { CpuidEntry } from '../kvm/types.js';
 import { Cmdline } from '../loader/cmdline.js';
 import { ConfigError, HostError, ImageError } from '../util/errors.js';
 import { log } from '../util/log.js';
-import { createGuestRam, mapGuestRam } from './guest-ram.js';
+import {
+  createGuestRam,
+  mapGuestRam,
+  type GuestRamLayout,
+  type MappedGuestRam,
+} from './guest-ram.js';
 import {
   attachLegacyDevices,
   closeLegacyDeviceState,
   createLegacyDeviceState,
   type AttachedDevices,
+  type LegacyDeviceState,
 } from './legacy-devices.js';
-import type { VmSpec } from './resources.js';
+import { configFromSpec, type VmConfig, type VmSpec } from './resources.js';
 import { Vmm } from './vmm.js';
 import { startDeviceWorker, type DeviceWorkerHandle } from './device-worker-handle.js';
 import {
@@ -30,6 +36,7 @@ import {
   planVirtioDevices,
   registerVirtioWithKvm,
   transportSlots,
+  type VirtioPlan,
 } from './virtio-plan.js';
 
 const KVM_CAP_TSC_DEADLINE_TIMER = 72;
@@ -37,17 +44,66 @@ const KVM_CAP_TSC_DEADLINE_TIMER = 72;
 const TSS_ADDR = 0xfffb_d000;
 const IDENTITY_MAP_ADDR = 0xfffb_c000;
 
+/** KVM_MEM_LOG_DIRTY_PAGES: KVM keeps a dirty bitmap for the slot. */
+const KVM_MEM_LOG_DIRTY_PAGES = 1;
+
 export interface BuildOptions {
   /** Console output file descriptor (default: stdout). */
   consoleFd?: number;
+  /**
+   * The configuration the VM is built from, in Firecracker's shape: what a snapshot of it
+   * records. Default: derived from the spec (configFromSpec), which has every field the
+   * builder uses.
+   */
+  config?: VmConfig;
+}
+
+/**
+ * What a VM is made of, kept for snapshots: create reads the VM, the RAM, the legacy devices
+ * and the configuration from here; load makes the same parts from a snapshot.
+ */
+export interface VmParts {
+  kvm: Kvm;
+  vm: Vm;
+  layout: GuestRamLayout;
+  /** The main thread's mapping of guest RAM. */
+  ram: MappedGuestRam;
+  legacy: LegacyDeviceState;
+  plan: VirtioPlan;
+  config: VmConfig;
+  vcpuFds: number[];
+  mmapSize: number;
+  /** A restored VM's memory file (its RAM is a private mapping of it): never snapshot onto it. */
+  backing?: { dev: number; ino: number };
 }
 
 export interface BuiltVm {
   vmm: Vmm;
   /** Main-thread views of the legacy devices (console input, Ctrl-Alt-Del). */
   devices: AttachedDevices;
-  boot: BootSetup;
+  /** How the guest was booted; absent for a VM restored from a snapshot. */
+  boot?: BootSetup;
   deviceWorker?: DeviceWorkerHandle;
+  parts: VmParts;
+}
+
+/**
+ * What a build has created so far, undone in reverse if a later step fails: a failed build (a
+ * bad kernel, a refused MSR, a bad snapshot) must leave no fd, mapping or thread behind (the API
+ * may retry).
+ */
+export type UndoList = Array<() => void>;
+
+/** Runs the undo steps in reverse, each best effort, and empties the list. */
+export function runUndo(undo: UndoList): void {
+  for (const f of undo.reverse()) {
+    try {
+      f();
+    } catch {
+      // best effort: report the original failure
+    }
+  }
+  undo.length = 0;
 }
 
 function readImage(what: string, path: string): Uint8Array {
@@ -95,19 +151,11 @@ function composeCmdline(spec: VmSpec): Cmdline {
 }
 
 export function buildVm(spec: VmSpec, opts: BuildOptions = {}): BuiltVm {
-  // Everything created so far, undone in reverse if a later step fails: a failed build (a bad
-  // kernel, a refused MSR) must leave no fd, mapping or thread behind (the API may retry).
-  const undo: Array<() => void> = [];
+  const undo: UndoList = [];
   try {
     return build(spec, opts, undo);
   } catch (e) {
-    for (const f of undo.reverse()) {
-      try {
-        f();
-      } catch {
-        // best effort: report the original failure
-      }
-    }
+    runUndo(undo);
     throw e;
   }
 }
@@ -116,7 +164,57 @@ function closeFd(fd: number): void {
   native().close(fd);
 }
 
-function build(spec: VmSpec, opts: BuildOptions, undo: Array<() => void>): BuiltVm {
+/**
+ * Step 1 of a build or a restore: /dev/kvm, the VM, and what every VM has before RAM (the TSS
+ * and identity map addresses, the in-kernel irqchip and PIT).
+ */
+export function createVmShell(undo: UndoList): { kvm: Kvm; vm: Vm } {
+  const kvm = Kvm.open();
+  undo.push(() => kvm.close());
+  const vm: Vm = kvm.createVm();
+  undo.push(() => vm.close());
+  vm.setTssAddr(TSS_ADDR);
+  vm.setIdentityMapAddr(IDENTITY_MAP_ADDR);
+  vm.createIrqchip();
+  vm.createPit2();
+  return { kvm, vm };
+}
+
+/** Step 2: gives KVM the guest RAM, one memory slot per region (slot i = region i). */
+export function attachRam(
+  vm: Vm,
+  layout: GuestRamLayout,
+  ram: MappedGuestRam,
+  opts: { dirtyLog?: boolean } = {},
+): void {
+  const flags = opts.dirtyLog ? KVM_MEM_LOG_DIRTY_PAGES : 0;
+  ram.buffers.forEach((b, i) => vm.setUserMemoryRegion(layout.regions[i]!.base, b, flags));
+}
+
+/** Creates vCPU `id` and its main-thread Vcpu (whose kvm_run mapping the caller releases). */
+export function createVcpu(
+  vm: Vm,
+  id: number,
+  mmapSize: number,
+  vcpuFds: number[],
+  undo: UndoList,
+): Vcpu {
+  const fd = vm.createVcpu(id);
+  vcpuFds.push(fd);
+  undo.push(() => closeFd(fd));
+  const vcpu = new Vcpu(fd, mmapSize);
+  undo.push(
+    () => vcpu.run.buffer.byteLength > 0 && native().munmap(vcpu.run.buffer as ArrayBuffer),
+  );
+  return vcpu;
+}
+
+/** The vCPU workers map kvm_run themselves: the main thread drops its own mapping. */
+export function releaseVcpuRun(vcpu: Vcpu): void {
+  native().munmap(vcpu.run.buffer as ArrayBuffer);
+}
+
+function build(spec: VmSpec, opts: BuildOptions, undo: UndoList): BuiltVm {
   const memBytes = spec.memMib * 1024 * 1024;
   const vcpus = spec.vcpus;
   const kernel = readImage('kernel', spec.kernelPath);
@@ -128,20 +226,13 @@ function build(spec: VmSpec, opts: BuildOptions, undo: Array<() => void>): Built
   undo.push(() => closeVirtio(plan));
   plan.warnings.forEach((w) => log('warn', w));
 
-  const kvm = Kvm.open();
-  undo.push(() => kvm.close());
-  const vm: Vm = kvm.createVm();
-  undo.push(() => vm.close());
-  vm.setTssAddr(TSS_ADDR);
-  vm.setIdentityMapAddr(IDENTITY_MAP_ADDR);
-  vm.createIrqchip();
-  vm.createPit2();
+  const { kvm, vm } = createVmShell(undo);
 
   const layout = createGuestRam(ramRegions(memBytes));
   undo.push(() => closeFd(layout.memfd));
   const ram = mapGuestRam(layout);
   undo.push(() => ram.unmap());
-  ram.buffers.forEach((b, i) => vm.setUserMemoryRegion(layout.regions[i]!.base, b));
+  attachRam(vm, layout, ram);
 
   // Kernels find virtio-mmio devices in the DSDT (LNRO0005); kernels built with
   // CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES and no ACPI take them from the command line.
@@ -165,13 +256,7 @@ function build(spec: VmSpec, opts: BuildOptions, undo: Array<() => void>): Built
   const vcpuFds: number[] = [];
   const warned = new Set<string>();
   for (let id = 0; id < vcpus; id++) {
-    const fd = vm.createVcpu(id);
-    vcpuFds.push(fd);
-    undo.push(() => closeFd(fd));
-    const vcpu = new Vcpu(fd, mmapSize);
-    undo.push(
-      () => vcpu.run.buffer.byteLength > 0 && native().munmap(vcpu.run.buffer as ArrayBuffer),
-    );
+    const vcpu = createVcpu(vm, id, mmapSize, vcpuFds, undo);
     let tscKhz: number | undefined;
     try {
       tscKhz = vcpu.tscKhz() || undefined;
@@ -183,11 +268,45 @@ function build(spec: VmSpec, opts: BuildOptions, undo: Array<() => void>): Built
     vcpu.setRegs(boot.regs);
     vcpu.setSregs(boot.sregs(vcpu.getSregs()));
     vcpu.setDefaultFpu();
-    native().munmap(vcpu.run.buffer as ArrayBuffer); // the worker maps kvm_run itself
+    releaseVcpuRun(vcpu);
   }
 
-  const legacy = createLegacyDeviceState(vm, opts.consoleFd ?? 1);
-  undo.push(() => closeLegacyDeviceState(legacy));
+  const built = finishVm(
+    {
+      kvm,
+      vm,
+      layout,
+      ram,
+      plan,
+      config: opts.config ?? configFromSpec(spec),
+      vcpuFds,
+      mmapSize,
+    },
+    opts,
+    undo,
+  );
+  return { ...built, boot };
+}
+
+/**
+ * The last step of a build or a restore: the legacy devices (unless the caller made and
+ * restored them already), the virtio eventfds, the console flusher, the device worker and the
+ * vCPU workers. With `paused` the vCPUs park as they start (a restored VM that is not to run
+ * yet). From its return on, the VM owns every part: its teardown closes them (the caller must
+ * not run the undo list any more, but stop the VM instead).
+ */
+export function finishVm(
+  p: Omit<VmParts, 'legacy'> & { legacy?: LegacyDeviceState },
+  opts: BuildOptions & { paused?: boolean },
+  undo: UndoList,
+): BuiltVm {
+  const { kvm, vm, layout, ram, plan, vcpuFds, mmapSize } = p;
+  let legacy = p.legacy;
+  if (!legacy) {
+    const made = createLegacyDeviceState(vm, opts.consoleFd ?? 1);
+    undo.push(() => closeLegacyDeviceState(made));
+    legacy = made;
+  }
   if (legacy.console.warning) log('warn', legacy.console.warning);
   registerVirtioWithKvm(vm, plan);
   const vmm = new Vmm(mmapSize);
@@ -205,14 +324,16 @@ function build(spec: VmSpec, opts: BuildOptions, undo: Array<() => void>): Built
     plan.slots.length > 0
       ? startDeviceWorker(plan, layout, { log: (m) => log('info', m), onFatal: (m) => vmm.fail(m) })
       : undefined;
+  const owned = legacy;
   vmm.onTeardown(async () => {
     stopConsoleFlusher();
-    closeLegacyDeviceState(legacy);
+    closeLegacyDeviceState(owned);
     await deviceWorker?.stop();
     closeVirtio(plan);
     const n = native();
     ram.unmap();
     for (const fd of [...vcpuFds, layout.memfd, vm.fd, kvm.fd]) {
+      if (fd < 0) continue; // a restored VM's RAM has no memfd
       try {
         n.close(fd);
       } catch {
@@ -220,13 +341,17 @@ function build(spec: VmSpec, opts: BuildOptions, undo: Array<() => void>): Built
       }
     }
   });
-  vmm.start(vcpuFds, (id) => ({
-    id,
-    vcpuFd: vcpuFds[id]!,
-    mmapSize,
-    ram: layout,
-    legacy,
-    virtio: { slots: transportSlots(plan), controlFd: plan.controlFd },
-  }));
-  return { vmm, devices, boot, deviceWorker };
+  vmm.start(
+    vcpuFds,
+    (id) => ({
+      id,
+      vcpuFd: vcpuFds[id]!,
+      mmapSize,
+      ram: layout,
+      legacy: owned,
+      virtio: { slots: transportSlots(plan), controlFd: plan.controlFd },
+    }),
+    { paused: opts.paused === true },
+  );
+  return { vmm, devices, deviceWorker, parts: { ...p, legacy: owned } };
 }

@@ -6,7 +6,7 @@
  *     -> validateResources() -> VmSpec (checked) -> buildVm() -> BuiltVm { vmm, devices, ... }
  */
 export { MAX_VCPUS } from '../arch/x86_64/layout.js';
-export { buildVm, type BuildOptions, type BuiltVm } from './builder.js';
+export { buildVm, type BuildOptions, type BuiltVm, type VmParts } from './builder.js';
 export {
   SnapshotError,
   createSnapshot,
@@ -14,23 +14,33 @@ export {
   type CreateParams,
   type LoadParams,
 } from './snapshot.js';
+export {
+  SnapshotFileError,
+  decodeSnapshotFile,
+  readSnapshotFile,
+  type SnapshotData,
+} from './snapshot-format.js';
 export { checkHostCanRun } from './host-check.js';
 export type { AttachedDevices } from './legacy-devices.js';
 export {
   DEFAULT_BOOT_ARGS,
   DEFAULT_MACHINE_CONFIG,
   MAX_MEM_MIB,
+  MAX_TAP_NAME,
+  MAX_UDS_PATH,
   MAX_VIRTIO_DEVICES,
   MIN_MEM_MIB,
   emptyVmConfig,
   resourcesFromConfig,
   configFromResources,
+  configFromSpec,
   validateBootSource,
   validateDrive,
   validateLogger,
   validateMachineConfig,
   validateNetworkInterface,
   validateResources,
+  validateRestoreConfig,
   validateVsock,
   withDrive,
   withNetworkInterface,
@@ -42,6 +52,8 @@ export {
   type MetricsConfig,
   type NetworkInterfaceConfig,
   type RateLimiter,
+  type RestoreOverrides,
+  type RestoreSpec,
   type TokenBucket,
   type VmConfig,
   type VmResources,

@@ -346,13 +346,13 @@ function truncateUtf8(s: string, max: number): string {
 }
 
 /**
- * Checks the whole description, including how the parts fit together, and gives the checked
- * form the builder takes. Pure: no file is opened (the builder opens each device's host side
- * once, and that open is the check of the file).
+ * The sections that become virtio devices, checked and in slot order (drives with the root drive
+ * first, entropy, network interfaces, vsock), as the builder and a snapshot take them.
  */
-export function validateResources(r: VmResources): VmSpec {
-  validateMachineConfig(r.machine);
-  validateBootSource(r.boot);
+function checkDevices(r: Omit<VmResources, 'boot'>): {
+  drives: DriveConfig[];
+  devices: VirtioConfig[];
+} {
   let drives: DriveConfig[] = [];
   for (const d of r.drives ?? []) drives = withDrive(drives, d);
   let nets: NetworkInterfaceConfig[] = [];
@@ -390,6 +390,18 @@ export function validateResources(r: VmResources): VmSpec {
     throw new ConfigError(
       `${devices.length} virtio devices configured; at most ${MAX_VIRTIO_DEVICES} fit`,
     );
+  return { drives, devices };
+}
+
+/**
+ * Checks the whole description, including how the parts fit together, and gives the checked
+ * form the builder takes. Pure: no file is opened (the builder opens each device's host side
+ * once, and that open is the check of the file).
+ */
+export function validateResources(r: VmResources): VmSpec {
+  validateMachineConfig(r.machine);
+  validateBootSource(r.boot);
+  const { drives, devices } = checkDevices(r);
   const rootDrive = drives[0]?.is_root_device ? drives[0] : undefined;
   return {
     vcpus: r.machine.vcpu_count,
@@ -462,5 +474,271 @@ export function configFromResources(r: VmResources): VmConfig {
     entropy: r.entropy ? { ...r.entropy } : null,
     logger: r.logger ? { ...r.logger } : null,
     metrics: r.metrics ? { ...r.metrics } : null,
+  };
+}
+
+/**
+ * The configuration a spec was checked from, in Firecracker's shape (what a snapshot records
+ * when the caller gave no configuration of its own). Logger and metrics are the process's, not
+ * the VM's: null.
+ */
+export function configFromSpec(spec: VmSpec): VmConfig {
+  const config = emptyVmConfig();
+  config['boot-source'] = {
+    kernel_image_path: spec.kernelPath,
+    ...(spec.initrdPath !== undefined ? { initrd_path: spec.initrdPath } : {}),
+    boot_args: spec.bootArgs,
+  };
+  config['machine-config'] = {
+    ...DEFAULT_MACHINE_CONFIG,
+    vcpu_count: spec.vcpus,
+    mem_size_mib: spec.memMib,
+  };
+  spec.devices.forEach((d, i) => {
+    if (d.kind === 'block') {
+      const root = i === 0 && spec.root !== undefined;
+      config.drives.push({
+        drive_id: d.id,
+        path_on_host: d.path,
+        is_read_only: d.readOnly,
+        is_root_device: root,
+        ...(root && spec.root?.partuuid !== undefined ? { partuuid: spec.root.partuuid } : {}),
+      });
+    } else if (d.kind === 'rng') config.entropy = {};
+    else if (d.kind === 'net') {
+      config['network-interfaces'].push({
+        iface_id: d.id,
+        host_dev_name: d.tap,
+        ...(d.mac !== undefined ? { guest_mac: d.mac } : {}),
+      });
+    } else config.vsock = { guest_cid: d.cid, uds_path: d.uds, vsock_id: d.id };
+  });
+  return config;
+}
+
+/** What a snapshot's configuration gives a restore: the machine and the devices, checked. */
+export interface RestoreSpec {
+  readonly vcpus: number;
+  readonly memMib: number;
+  /** In slot order, as validateResources gives them (the saved devices are in this order). */
+  readonly devices: readonly VirtioConfig[];
+  /** The configuration with the overrides applied: what GET /vm/config answers after a load. */
+  readonly config: VmConfig;
+}
+
+/** A load's replacements for host-side names (Firecracker's network_overrides, vsock_override). */
+export interface RestoreOverrides {
+  network?: ReadonlyArray<{ ifaceId: string; hostDevName: string }>;
+  vsockUdsPath?: string;
+}
+
+type Json = Record<string, unknown>;
+type FieldType = 'string' | 'number' | 'boolean' | 'object' | 'array';
+
+/** Checks one JSON object's field types (hostile input: a snapshot file can be crafted). */
+function shape(
+  v: unknown,
+  what: string,
+  fields: Record<string, FieldType>,
+  required: readonly string[] = [],
+): Json {
+  if (typeof v !== 'object' || v === null || Array.isArray(v))
+    throw new ConfigError(`${what}: expected an object`);
+  const o = v as Json;
+  for (const [k, x] of Object.entries(o)) {
+    const t = fields[k];
+    if (t === undefined) throw new ConfigError(`${what}: unknown field \`${k.slice(0, 64)}\``);
+    if (x === undefined || x === null) continue;
+    const ok =
+      t === 'array'
+        ? Array.isArray(x)
+        : t === 'object'
+          ? typeof x === 'object' && !Array.isArray(x)
+          : typeof x === t;
+    if (!ok)
+      throw new ConfigError(
+        `${what}.${k}: expected ${t === 'array' || t === 'object' ? 'an' : 'a'} ${t}`,
+      );
+  }
+  for (const k of required) {
+    if (o[k] === undefined || o[k] === null)
+      throw new ConfigError(`${what}: missing field \`${k}\``);
+  }
+  return o;
+}
+
+function shapeRateLimiter(v: unknown, what: string): void {
+  if (v === undefined || v === null) return;
+  const r = shape(v, what, { bandwidth: 'object', ops: 'object' });
+  for (const k of ['bandwidth', 'ops'] as const) {
+    if (r[k] === undefined || r[k] === null) continue;
+    shape(
+      r[k],
+      `${what}.${k}`,
+      { size: 'number', one_time_burst: 'number', refill_time: 'number' },
+      ['size', 'refill_time'],
+    );
+  }
+}
+
+function shapeArray(v: unknown, what: string, max: number): unknown[] {
+  if (v === undefined || v === null) return [];
+  if (!Array.isArray(v)) throw new ConfigError(`${what}: expected an array`);
+  if (v.length > max) throw new ConfigError(`${what}: ${v.length} entries; at most ${max}`);
+  return v;
+}
+
+/** Drops null optional fields (Firecracker writes absent ones as null). */
+function defined<T>(o: Json): T {
+  return Object.fromEntries(
+    Object.entries(o).filter(([, x]) => x !== null && x !== undefined),
+  ) as T;
+}
+
+/**
+ * A snapshot's saved configuration (the JSON of a VmConfig) -> the machine and devices to
+ * restore. The input is untrusted: every section's shape and values are checked with the same
+ * rules as at boot (the kernel is not needed: a restored VM does not boot; boot-source is kept
+ * for GET /vm/config only). `overrides` replace TAP names and the vsock socket path before the
+ * checks; an override naming a device the configuration lacks is refused. Throws ConfigError.
+ */
+export function validateRestoreConfig(cfg: unknown, overrides: RestoreOverrides = {}): RestoreSpec {
+  const c = shape(
+    cfg,
+    'config',
+    {
+      'boot-source': 'object',
+      'machine-config': 'object',
+      drives: 'array',
+      'network-interfaces': 'array',
+      vsock: 'object',
+      entropy: 'object',
+      logger: 'object',
+      metrics: 'object',
+    },
+    ['machine-config'],
+  );
+
+  const boot =
+    c['boot-source'] == null
+      ? null
+      : defined<BootSource>(
+          shape(
+            c['boot-source'],
+            'boot-source',
+            { kernel_image_path: 'string', initrd_path: 'string', boot_args: 'string' },
+            ['kernel_image_path'],
+          ),
+        );
+  const machine = defined<MachineConfig>(
+    shape(
+      c['machine-config'],
+      'machine-config',
+      {
+        vcpu_count: 'number',
+        mem_size_mib: 'number',
+        smt: 'boolean',
+        track_dirty_pages: 'boolean',
+        huge_pages: 'string',
+        cpu_template: 'string',
+      },
+      ['vcpu_count', 'mem_size_mib'],
+    ),
+  );
+  // Dirty page tracking is the load's choice (track_dirty_pages), not the saved VM's.
+  validateMachineConfig({ ...machine, track_dirty_pages: false });
+
+  const drives = shapeArray(c.drives, 'drives', MAX_VIRTIO_DEVICES).map((v, i) => {
+    const what = `drives[${i}]`;
+    const d = shape(
+      v,
+      what,
+      {
+        drive_id: 'string',
+        is_root_device: 'boolean',
+        partuuid: 'string',
+        cache_type: 'string',
+        is_read_only: 'boolean',
+        path_on_host: 'string',
+        rate_limiter: 'object',
+        io_engine: 'string',
+        socket: 'string',
+      },
+      ['drive_id', 'is_root_device'],
+    );
+    shapeRateLimiter(d.rate_limiter, `${what}.rate_limiter`);
+    return validateDrive(defined<DriveConfig>(d));
+  });
+
+  const nets = shapeArray(c['network-interfaces'], 'network-interfaces', MAX_VIRTIO_DEVICES).map(
+    (v, i) => {
+      const what = `network-interfaces[${i}]`;
+      const n = shape(
+        v,
+        what,
+        {
+          iface_id: 'string',
+          host_dev_name: 'string',
+          guest_mac: 'string',
+          mtu: 'number',
+          rx_rate_limiter: 'object',
+          tx_rate_limiter: 'object',
+        },
+        ['iface_id', 'host_dev_name'],
+      );
+      shapeRateLimiter(n.rx_rate_limiter, `${what}.rx_rate_limiter`);
+      shapeRateLimiter(n.tx_rate_limiter, `${what}.tx_rate_limiter`);
+      return defined<NetworkInterfaceConfig>(n);
+    },
+  );
+  for (const o of overrides.network ?? []) {
+    const i = nets.findIndex((n) => n.iface_id === o.ifaceId);
+    if (i < 0) throw new ConfigError(`Unknown Network Device: ${o.ifaceId.slice(0, 64)}`);
+    nets[i] = { ...nets[i]!, host_dev_name: o.hostDevName };
+  }
+
+  let vsock =
+    c.vsock == null
+      ? null
+      : defined<VsockConfig>(
+          shape(c.vsock, 'vsock', { guest_cid: 'number', uds_path: 'string', vsock_id: 'string' }, [
+            'guest_cid',
+            'uds_path',
+          ]),
+        );
+  if (overrides.vsockUdsPath !== undefined) {
+    if (!vsock) throw new ConfigError('Unknown Vsock Device');
+    vsock = { ...vsock, uds_path: overrides.vsockUdsPath };
+  }
+
+  let entropy: EntropyConfig | null = null;
+  if (c.entropy != null) {
+    const e = shape(c.entropy, 'entropy', { rate_limiter: 'object' });
+    shapeRateLimiter(e.rate_limiter, 'entropy.rate_limiter');
+    entropy = defined<EntropyConfig>(e);
+  }
+  // Logger and metrics belong to the process, not the VM: a load keeps the process's own (the
+  // sections are only checked to be objects, above, and dropped).
+  const checked = checkDevices({
+    machine,
+    drives,
+    network_interfaces: nets,
+    ...(vsock ? { vsock } : {}),
+    ...(entropy ? { entropy } : {}),
+  });
+  return {
+    vcpus: machine.vcpu_count,
+    memMib: machine.mem_size_mib,
+    devices: checked.devices,
+    config: {
+      'boot-source': boot,
+      'machine-config': { ...DEFAULT_MACHINE_CONFIG, ...machine },
+      drives: checked.drives,
+      'network-interfaces': nets,
+      vsock,
+      entropy,
+      logger: null,
+      metrics: null,
+    },
   };
 }

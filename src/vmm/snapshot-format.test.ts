@@ -31,6 +31,11 @@ import {
   writeFileAtomic,
   type SnapshotData,
 } from './snapshot-format.js';
+import { I8042 } from '../devices/legacy/i8042.js';
+import { RtcCmos } from '../devices/legacy/rtc.js';
+import { Serial16550 } from '../devices/legacy/serial.js';
+import type { LegacyDeviceState } from './legacy-devices.js';
+import { saveLegacy, type LegacyStateData } from './legacy-state.js';
 import type { VcpuStateData, VmStateData } from './vcpu-state.js';
 
 const MiB = 1024 * 1024;
@@ -100,6 +105,15 @@ function vmState(): VmStateData {
   };
 }
 
+/** Fresh legacy devices' state, saved (as a VM that has not run yet would give it). */
+function legacyState(): LegacyStateData {
+  return saveLegacy({
+    serial: Serial16550.createState(),
+    i8042: I8042.createState(),
+    rtc: RtcCmos.createState(),
+  } as LegacyDeviceState);
+}
+
 function sample(vcpus = 1): SnapshotData {
   return {
     producer: { version: '0.1.0', createdUnixMs: 1_764_500_000_000, hostTscKhz: 2_000_000 },
@@ -112,7 +126,7 @@ function sample(vcpus = 1): SnapshotData {
     },
     config: JSON.stringify({ 'machine-config': { vcpu_count: vcpus, mem_size_mib: 32 } }),
     devices: [{ kind: 'rng', id: 'entropy', state: fill(40, 10) }],
-    legacy: fill(100, 11),
+    legacy: legacyState(),
     vm: vmState(),
     vcpus: Array.from({ length: vcpus }, (_, i) => vcpuState(i)),
   };

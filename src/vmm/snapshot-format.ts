@@ -45,6 +45,7 @@ import {
   type Infer,
 } from '../util/persist.js';
 import { err, ok, type Result } from '../util/result.js';
+import { LegacyStateV1 } from './legacy-state.js';
 import { VcpuStateV1, VmStateV1 } from './vcpu-state.js';
 import { MAX_VIRTIO_DEVICES } from './virtio-plan.js';
 
@@ -78,12 +79,8 @@ const virtioKind: Codec<VirtioKind> = {
   },
 };
 
-/**
- * The legacy devices' state ('legacy-devices' v1, src/vmm/legacy-state.ts, helper B).
- * MERGE: replace with `LegacyStateV1.asField` once legacy-state.ts is on the branch; until then
- * the encoded LegacyStateV1 record rides as opaque bytes.
- */
-const legacyField = bytes(64 * 1024);
+/** The legacy devices' state ('legacy-devices' v1, src/vmm/legacy-state.ts). */
+const legacyField = LegacyStateV1.asField;
 
 export const RamRegionLayout = struct({ base: u53, size: u53, fileOffset: u53 });
 

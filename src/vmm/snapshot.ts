@@ -1,12 +1,81 @@
 /**
  * Snapshots: create (a paused VM -> a state file and a memory file) and load (those files -> a
- * paused or running VM in a fresh process). Interfaces only for now; the implementation follows.
+ * paused or running VM in a fresh process), with Firecracker's semantics.
+ *
+ * Create, on a paused VM: the device worker is paused too (net RX writes guest RAM), then the
+ * devices, the vCPUs, the VM (irqchips, PIT, kvmclock) and the legacy devices are saved; the
+ * memory file is written under a temporary name, the state file is written and renamed into
+ * place, and only then the memory file. A failed create leaves the old files as they were. The
+ * VM stays paused (its Resume resumes the device worker).
+ *
+ * Load, in a process with no VM: steps that create nothing come first (read and check the state
+ * file, its configuration, its consistency, the memory file's size), so most bad input is refused
+ * before anything exists. Then the VM is made from the same steps as a boot (builder.ts) with the
+ * saved state put in; every step has an undo entry, so a failure leaves no fd, mapping or thread
+ * and the process can try again.
  */
+import { closeSync, readFileSync } from 'node:fs';
+import { resolve } from 'node:path';
+import { ramRegions } from '../arch/x86_64/layout.js';
+import { KVM_CAP_TSC_CONTROL } from '../kvm/constants.js';
 import { ConfigError } from '../util/errors.js';
-import type { BuildOptions, BuiltVm } from './builder.js';
+import { log } from '../util/log.js';
+import {
+  attachRam,
+  createVcpu,
+  createVmShell,
+  finishVm,
+  releaseVcpuRun,
+  runUndo,
+  type BuildOptions,
+  type BuiltVm,
+  type UndoList,
+} from './builder.js';
+import { closeLegacyDeviceState, createLegacyDeviceState } from './legacy-devices.js';
+import { restoreLegacy, saveLegacy } from './legacy-state.js';
+import { validateRestoreConfig, type RestoreSpec } from './resources.js';
+import {
+  encodeSnapshotFile,
+  readSnapshotFile,
+  writeFileAtomic,
+  type SnapshotData,
+} from './snapshot-format.js';
+import { checkMemoryFile, mapMemoryFile, writeMemoryFile } from './snapshot-memory.js';
+import {
+  MSR_IA32_TSC,
+  MSR_IA32_TSC_DEADLINE,
+  VcpuStateV1,
+  restoreVcpu,
+  restoreVm,
+  saveVm,
+} from './vcpu-state.js';
+import { closeVirtio, planVirtioDevices } from './virtio-plan.js';
 
-/** A snapshot request that cannot be done; the controller answers it with 400. */
-export class SnapshotError extends ConfigError {}
+const MiB = 1024 * 1024;
+/** KVM without TSC scaling runs a vCPU at the host's TSC frequency, give or take this much. */
+const TSC_TOLERANCE_PPM = 250;
+
+/**
+ * A snapshot create or load that failed; nothing was changed (the API answers 400). `message`
+ * has Firecracker's prefix ("Create snapshot error: ", "Load snapshot error: "); `reason` is the
+ * cause alone (for the CLI's own line).
+ */
+export class SnapshotError extends ConfigError {
+  constructor(
+    message: string,
+    readonly reason: string = message,
+  ) {
+    super(message);
+  }
+}
+
+function createError(reason: string): SnapshotError {
+  return new SnapshotError(`Create snapshot error: ${reason}`, reason);
+}
+
+function loadError(reason: string): SnapshotError {
+  return new SnapshotError(`Load snapshot error: ${reason}`, reason);
+}
 
 export interface CreateParams {
   snapshotPath: string;
@@ -24,12 +93,287 @@ export interface LoadParams {
   vsockOverride?: { udsPath: string };
 }
 
-export async function createSnapshot(_built: BuiltVm, _p: CreateParams): Promise<void> {
-  await Promise.resolve();
-  throw new SnapshotError('Create snapshot error: not implemented yet');
+/** Firecracker's state names, for messages. */
+function stateName(built: BuiltVm): string {
+  if (built.vmm.stopping || built.vmm.state === 'stopped') return 'Stopped';
+  return built.vmm.state === 'paused' ? 'Paused' : 'Running';
 }
 
-export async function loadSnapshot(_p: LoadParams, _opts: BuildOptions): Promise<BuiltVm> {
-  await Promise.resolve();
-  throw new SnapshotError('Load snapshot error: not implemented yet');
+let producerVersion: string | undefined;
+function buildVersion(): string {
+  if (producerVersion === undefined) {
+    try {
+      const pkg = JSON.parse(
+        readFileSync(new URL('../../../package.json', import.meta.url), 'utf8'),
+      ) as { version?: unknown };
+      producerVersion = typeof pkg.version === 'string' ? pkg.version.slice(0, 64) : 'unknown';
+    } catch {
+      producerVersion = 'unknown';
+    }
+  }
+  return producerVersion;
+}
+
+/**
+ * Writes a snapshot of a paused VM: `snapshotPath` (the state file) and `memFilePath` (guest RAM,
+ * sparse). Existing files are replaced only once both new ones are complete. The VM stays paused,
+ * and so does its device worker. Throws SnapshotError.
+ */
+export async function createSnapshot(built: BuiltVm, p: CreateParams): Promise<void> {
+  const started = performance.now();
+  try {
+    await create(built, p);
+  } catch (e) {
+    throw e instanceof SnapshotError ? e : createError((e as Error).message);
+  }
+  log(
+    'info',
+    `snapshot ${p.snapshotPath} created in ${(performance.now() - started).toFixed(1)} ms`,
+  );
+}
+
+async function create(built: BuiltVm, p: CreateParams): Promise<void> {
+  const { vmm, deviceWorker, parts } = built;
+  if (vmm.state !== 'paused' || vmm.stopping)
+    throw createError(`the microVM must be paused (it is ${stateName(built)})`);
+  if (p.type === 'Diff')
+    throw createError('Diff snapshots are not implemented yet; take a Full snapshot');
+  if (resolve(p.snapshotPath) === resolve(p.memFilePath))
+    throw createError('snapshot_path and mem_file_path name the same file');
+
+  // The data plane too: a device (net RX, block reads) must not write guest RAM from here on.
+  // Idempotent; the VM's Resume resumes it.
+  if (deviceWorker) await deviceWorker.request({ op: 'pause' });
+  const devices = deviceWorker ? await deviceWorker.request({ op: 'save' }) : [];
+  const vcpus = (await vmm.saveVcpus()).map((bytes, id) => {
+    const d = VcpuStateV1.decode(bytes);
+    if (!d.ok) throw createError(`vCPU ${id}'s saved state does not decode: ${d.error.message}`);
+    return d.value;
+  });
+  const vm = saveVm(parts.vm);
+  // Console output waiting for a slow reader is host-side: written out, not saved.
+  built.devices.console.flush();
+  const legacy = saveLegacy(parts.legacy);
+
+  const config = parts.config;
+  const regions = parts.layout.regions.map((r) => ({ ...r }));
+  const data: SnapshotData = {
+    producer: {
+      version: buildVersion(),
+      createdUnixMs: Date.now(),
+      hostTscKhz: vcpus[0]?.tscKhz,
+    },
+    machine: { vcpus: vcpus.length, memMib: config['machine-config'].mem_size_mib },
+    memory: {
+      type: 'Full',
+      pageSize: 4096,
+      regions,
+      fileBytes: regions.reduce((s, r) => s + r.size, 0),
+    },
+    // Logger and metrics are the process's, not the VM's.
+    config: JSON.stringify({ ...config, logger: null, metrics: null }),
+    devices,
+    legacy,
+    vm,
+    vcpus,
+  };
+  const stateBytes = encodeSnapshotFile(data);
+
+  // Both files complete before either replaces an old one: memory (temporary name), state
+  // (renamed into place), then the memory file's rename.
+  const mem = writeMemoryFile(p.memFilePath, parts.ram, regions, {
+    ...(parts.backing ? { backingFile: parts.backing } : {}),
+    deferRename: true,
+  });
+  try {
+    writeFileAtomic(p.snapshotPath, stateBytes);
+  } catch (e) {
+    mem.discard();
+    throw e;
+  }
+  mem.commit();
+}
+
+/**
+ * Makes a VM from a snapshot, in a process that has none: paused, or running with `resumeVm`.
+ * Throws SnapshotError; then nothing was left behind (no fd, mapping or thread) and a corrected
+ * load can be tried.
+ */
+export async function loadSnapshot(p: LoadParams, opts: BuildOptions = {}): Promise<BuiltVm> {
+  const started = performance.now();
+  const undo: UndoList = [];
+  let built: BuiltVm;
+  try {
+    built = await load(p, opts, undo);
+  } catch (e) {
+    runUndo(undo);
+    throw e instanceof SnapshotError ? e : loadError((e as Error).message);
+  }
+  log(
+    'info',
+    `snapshot ${p.snapshotPath} loaded in ${(performance.now() - started).toFixed(1)} ms (${built.vmm.state})`,
+  );
+  return built;
+}
+
+/** Steps 1-3 of a load: everything that can be checked without creating anything. */
+function checkSnapshot(p: LoadParams): { data: SnapshotData; spec: RestoreSpec } {
+  if (p.memBackend.type === 'Uffd')
+    throw loadError('the Uffd memory backend is not implemented yet; use File');
+  const read = readSnapshotFile(p.snapshotPath);
+  if (!read.ok) throw loadError(read.error.message);
+  const data = read.value;
+
+  let saved: unknown;
+  try {
+    saved = JSON.parse(data.config);
+  } catch (e) {
+    throw loadError(`the saved configuration is not JSON: ${(e as Error).message}`);
+  }
+  let spec: RestoreSpec;
+  try {
+    spec = validateRestoreConfig(saved, {
+      network: p.networkOverrides,
+      ...(p.vsockOverride ? { vsockUdsPath: p.vsockOverride.udsPath } : {}),
+    });
+  } catch (e) {
+    throw loadError((e as Error).message);
+  }
+  spec.config['machine-config'].track_dirty_pages = p.trackDirtyPages;
+
+  if (spec.vcpus !== data.machine.vcpus || spec.memMib !== data.machine.memMib)
+    throw loadError(
+      `the saved configuration (${spec.vcpus} vCPUs, ${spec.memMib} MiB) does not match the saved machine (${data.machine.vcpus} vCPUs, ${data.machine.memMib} MiB)`,
+    );
+  if (data.vcpus.length !== data.machine.vcpus)
+    throw loadError(`${data.vcpus.length} saved vCPU states for ${data.machine.vcpus} vCPUs`);
+  const want = ramRegions(spec.memMib * MiB);
+  const regions = data.memory.regions;
+  if (
+    regions.length !== want.length ||
+    regions.some((r, i) => r.base !== want[i]!.base || r.size !== want[i]!.size)
+  )
+    throw loadError(
+      `the memory regions do not match this build's layout for ${spec.memMib} MiB (snapshot from another layout)`,
+    );
+  if (data.memory.type !== 'Full')
+    throw loadError(`${data.memory.type} snapshots are not implemented yet`);
+  const key = (d: { kind: string; id: string }) => `${d.kind} ${d.id}`;
+  const savedDevices = data.devices.map(key).join(', ');
+  const configured = spec.devices.map(key).join(', ');
+  if (savedDevices !== configured)
+    throw loadError(
+      `the saved devices (${savedDevices || 'none'}) do not match the saved configuration's (${configured || 'none'})`,
+    );
+  return { data, spec };
+}
+
+async function load(p: LoadParams, opts: BuildOptions, undo: UndoList): Promise<BuiltVm> {
+  const { data, spec } = checkSnapshot(p);
+  const regions = data.memory.regions;
+  const mem = checkMemoryFile(p.memBackend.path, regions);
+  if (!mem.ok) throw loadError(mem.error.message);
+  const memFd = mem.value.fd;
+  let memFdOpen = true;
+  const closeMemFd = () => {
+    if (memFdOpen) {
+      memFdOpen = false;
+      closeFdQuietly(memFd);
+    }
+  };
+  undo.push(closeMemFd);
+
+  // From here on things are created; each has its undo entry.
+  const plan = planVirtioDevices(spec.devices);
+  undo.push(() => closeVirtio(plan));
+  plan.warnings.forEach((w) => log('warn', w));
+
+  const { kvm, vm } = createVmShell(undo);
+  const mapped = mapMemoryFile(memFd, regions);
+  undo.push(() => mapped.ram.unmap());
+  closeMemFd(); // the mapping holds the file
+  attachRam(vm, mapped.layout, mapped.ram, { dirtyLog: p.trackDirtyPages });
+
+  const legacy = createLegacyDeviceState(vm, opts.consoleFd ?? 1);
+  undo.push(() => closeLegacyDeviceState(legacy));
+  restoreLegacy(legacy, data.legacy);
+
+  // VM state before the vCPUs (Firecracker's order): irqchips, PIT, then kvmclock.
+  restoreVm(vm, data.vm, { realtime: p.clockRealtime });
+
+  const mmapSize = kvm.vcpuMmapSize();
+  const xsaveSize = kvm.xsaveSize();
+  const tscScaling = kvm.checkExtension(KVM_CAP_TSC_CONTROL) > 0;
+  const vcpuFds: number[] = [];
+  for (const [id, state] of data.vcpus.entries()) {
+    const vcpu = createVcpu(vm, id, mmapSize, vcpuFds, undo);
+    if (state.tscKhz !== undefined && !tscScaling) {
+      let host: number | undefined;
+      try {
+        host = vcpu.tscKhz() || undefined;
+      } catch {
+        host = undefined;
+      }
+      // Without TSC scaling KVM takes the host's frequency or a higher one (catch-up mode).
+      if (host !== undefined && state.tscKhz < host * (1 - TSC_TOLERANCE_PPM / 1e6))
+        throw loadError(
+          `the snapshot's TSC runs at ${state.tscKhz} kHz, this host's at ${host} kHz, and this host's KVM cannot scale the TSC (no KVM_CAP_TSC_CONTROL)`,
+        );
+    }
+    const { refusedMsrs } = restoreVcpu(vcpu, state, { xsaveSize });
+    const fatal = refusedMsrs.filter((m) => m === MSR_IA32_TSC || m === MSR_IA32_TSC_DEADLINE);
+    if (fatal.length > 0)
+      throw loadError(
+        `KVM refused vCPU ${id}'s ${fatal.map((m) => `MSR 0x${m.toString(16)}`).join(' and ')}`,
+      );
+    if (refusedMsrs.length > 0)
+      log(
+        'warn',
+        `vCPU ${id}: this host's KVM refused the saved MSRs ${refusedMsrs.map((m) => `0x${m.toString(16)}`).join(', ')}; continuing without them`,
+      );
+    releaseVcpuRun(vcpu);
+  }
+
+  // The vCPU workers start parked; from here on the VM owns every part (its teardown closes
+  // them), so a failure stops the VM instead of running the undo list.
+  const built = finishVm(
+    {
+      kvm,
+      vm,
+      layout: mapped.layout,
+      ram: mapped.ram,
+      legacy,
+      plan,
+      config: spec.config,
+      vcpuFds,
+      mmapSize,
+      backing: mapped.backing,
+    },
+    { ...opts, paused: true },
+    undo,
+  );
+  undo.length = 0;
+  const dw = built.deviceWorker;
+  try {
+    if (dw) {
+      await dw.request({ op: 'pause' });
+      await dw.request({ op: 'restore', devices: data.devices });
+    }
+    // Resume serves what was in flight: the device worker kicks every queue, then the vCPUs run.
+    if (p.resumeVm) await built.vmm.resumeAll(dw);
+  } catch (e) {
+    built.vmm.requestStop();
+    await built.vmm.exited;
+    throw loadError((e as Error).message);
+  }
+  return built;
+}
+
+function closeFdQuietly(fd: number): void {
+  try {
+    // node:fs owns fds opened with openSync
+    closeSync(fd);
+  } catch {
+    // already closed
+  }
 }
