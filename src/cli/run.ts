@@ -8,7 +8,13 @@ import { existsSync } from 'node:fs';
 import { ConfigError, HostError, TypervisorError } from '../util/errors.js';
 import { imageFilePaths } from '../util/guest-images.js';
 import { log, setLogLevel, type Level } from '../util/log.js';
-import { buildVm, loadSnapshot, type BuiltVm, type LoadParams } from '../vmm/index.js';
+import {
+  buildVm,
+  loadSnapshot,
+  SnapshotError,
+  type BuiltVm,
+  type LoadParams,
+} from '../vmm/index.js';
 import { checkHostCanRun } from '../vmm/index.js';
 import {
   DEFAULT_BOOT_ARGS,
@@ -289,7 +295,7 @@ export async function restoreCommand(argv: string[]): Promise<number> {
       return await loadSnapshot(params, {});
     } catch (e) {
       if (e instanceof TypervisorError && !(e instanceof HostError)) {
-        const reason = e.message.replace(/^Load snapshot error: /, '');
+        const reason = e instanceof SnapshotError ? e.reason : e.message;
         throw new ConfigError(`cannot load snapshot ${params.snapshotPath}: ${reason}`);
       }
       throw e;

@@ -16,6 +16,7 @@ export {
 } from './snapshot.js';
 export {
   SnapshotFileError,
+  SnapshotV1,
   decodeSnapshotFile,
   readSnapshotFile,
   type SnapshotData,
