@@ -52,7 +52,9 @@ export const MachineConfiguration: Schema = {
     vcpu_count: int(1, MAX_VCPUS, 'Number of vCPUs.'),
     mem_size_mib: int(1, MAX_MEM_MIB, 'Guest memory in MiB (at least 16).'),
     smt: bool('Simultaneous multithreading: only false is supported.'),
-    track_dirty_pages: bool('Dirty page tracking: only false is supported (no snapshots yet).'),
+    track_dirty_pages: bool(
+      'Dirty page tracking: only false is supported (Diff snapshots are not implemented yet).',
+    ),
     huge_pages: oneOf(
       ['None', 'Transparent', '2M'],
       'Huge pages backing guest memory: only "None" is supported.',
