@@ -19,6 +19,7 @@
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <unistd.h>
 #include <net/if.h>
@@ -249,6 +250,19 @@ static napi_value n_lseek(napi_env env, napi_callback_info info) {
   off_t r = lseek((int)arg_i64(env, a[0]), (off_t)arg_i64(env, a[1]), (int)arg_i64(env, a[2]));
   if (r < 0) { if (errno == ENXIO) return num(env, -1); return throw_errno(env, "lseek", errno); }
   return num(env, (int64_t)r);
+}
+
+/*
+ * userfaultfd(flags): fd, always O_CLOEXEC | O_NONBLOCK. For guest RAM do not pass
+ * UFFD_USER_MODE_ONLY: KVM touches guest memory from the kernel, and those faults must reach
+ * the handler too (Firecracker builds its uffd with user_mode_only(false)).
+ */
+static napi_value n_userfaultfd(napi_env env, napi_callback_info info) {
+  napi_value a[1];
+  if (!get_args(env, info, 1, a)) return NULL;
+  int fd = (int)syscall(SYS_userfaultfd, (int)arg_i64(env, a[0]) | O_CLOEXEC | O_NONBLOCK);
+  if (fd < 0) return throw_errno(env, "userfaultfd", errno);
+  return num(env, fd);
 }
 
 /* memfdCreate(name, flags): fd */
@@ -491,6 +505,99 @@ static napi_value n_sendv(napi_env env, napi_callback_info info) {
   return num(env, n);
 }
 
+#define MAX_PASSED_FDS 16
+
+/*
+ * sendFds(fd, data, fds): one sendmsg(MSG_NOSIGNAL | MSG_DONTWAIT) of `data` (at least one byte:
+ * a stream socket carries no ancillary data without) with `fds` attached as SCM_RIGHTS.
+ * Bytes sent, or -1 when it would block.
+ */
+static napi_value n_send_fds(napi_env env, napi_callback_info info) {
+  napi_value a[3];
+  if (!get_args(env, info, 3, a)) return NULL;
+  struct iovec iov;
+  if (!buffer_of(env, a[1], &iov.iov_base, &iov.iov_len)) { napi_throw_type_error(env, NULL, "not a buffer"); return NULL; }
+  uint32_t cnt;
+  CHECK(napi_get_array_length(env, a[2], &cnt));
+  if (cnt > MAX_PASSED_FDS) { napi_throw_range_error(env, NULL, "too many fds"); return NULL; }
+  if (cnt > 0 && iov.iov_len == 0) { napi_throw_range_error(env, NULL, "sendFds: fds need at least one data byte"); return NULL; }
+  int fds[MAX_PASSED_FDS];
+  for (uint32_t i = 0; i < cnt; i++) {
+    napi_value e;
+    CHECK(napi_get_element(env, a[2], i, &e));
+    fds[i] = (int)arg_i64(env, e);
+  }
+  union { char buf[CMSG_SPACE(sizeof(int) * MAX_PASSED_FDS)]; struct cmsghdr align; } u;
+  memset(&u, 0, sizeof u);
+  struct msghdr m;
+  memset(&m, 0, sizeof m);
+  m.msg_iov = &iov;
+  m.msg_iovlen = 1;
+  if (cnt > 0) {
+    m.msg_control = u.buf;
+    m.msg_controllen = CMSG_SPACE(sizeof(int) * cnt);
+    struct cmsghdr *c = CMSG_FIRSTHDR(&m);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int) * cnt);
+    memcpy(CMSG_DATA(c), fds, sizeof(int) * cnt);
+  }
+  ssize_t n = sendmsg((int)arg_i64(env, a[0]), &m, MSG_NOSIGNAL | MSG_DONTWAIT);
+  if (n < 0) { if (errno == EAGAIN) return num(env, -1); return throw_errno(env, "sendmsg", errno); }
+  return num(env, n);
+}
+
+/*
+ * recvFds(fd, data, maxFds): one recvmsg(MSG_DONTWAIT | MSG_CMSG_CLOEXEC) into `data`, taking at
+ * most maxFds (<= 16) SCM_RIGHTS fds. { bytes, fds }; bytes -1 when it would block, 0 at EOF.
+ * More fds than maxFds: the ones received are closed and it throws (the rest the kernel drops).
+ */
+static napi_value n_recv_fds(napi_env env, napi_callback_info info) {
+  napi_value a[3];
+  if (!get_args(env, info, 3, a)) return NULL;
+  struct iovec iov;
+  if (!buffer_of(env, a[1], &iov.iov_base, &iov.iov_len)) { napi_throw_type_error(env, NULL, "not a buffer"); return NULL; }
+  int64_t max = arg_i64(env, a[2]);
+  if (max < 0 || max > MAX_PASSED_FDS) { napi_throw_range_error(env, NULL, "maxFds out of range"); return NULL; }
+  union { char buf[CMSG_SPACE(sizeof(int) * MAX_PASSED_FDS)]; struct cmsghdr align; } u;
+  memset(&u, 0, sizeof u);
+  struct msghdr m;
+  memset(&m, 0, sizeof m);
+  m.msg_iov = &iov;
+  m.msg_iovlen = 1;
+  if (max > 0) {
+    m.msg_control = u.buf;
+    m.msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)max);
+  }
+  ssize_t n = recvmsg((int)arg_i64(env, a[0]), &m, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+  if (n < 0 && errno != EAGAIN) return throw_errno(env, "recvmsg", errno);
+  int fds[MAX_PASSED_FDS];
+  uint32_t cnt = 0;
+  if (n >= 0 && m.msg_controllen > 0) {
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&m); c; c = CMSG_NXTHDR(&m, c)) {
+      if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+      size_t k = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+      for (size_t i = 0; i < k; i++) {
+        int fd;
+        memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof fd);
+        if (cnt < MAX_PASSED_FDS) fds[cnt++] = fd; else close(fd);
+      }
+    }
+  }
+  if (n >= 0 && (m.msg_flags & MSG_CTRUNC)) {
+    for (uint32_t i = 0; i < cnt; i++) close(fds[i]);
+    napi_throw_range_error(env, NULL, "recvmsg: more fds than maxFds (all closed)");
+    return NULL;
+  }
+  napi_value r, arr;
+  CHECK(napi_create_object(env, &r));
+  CHECK(napi_set_named_property(env, r, "bytes", num(env, n < 0 ? -1 : n)));
+  CHECK(napi_create_array_with_length(env, cnt, &arr));
+  for (uint32_t i = 0; i < cnt; i++) CHECK(napi_set_element(env, arr, i, num(env, fds[i])));
+  CHECK(napi_set_named_property(env, r, "fds", arr));
+  return r;
+}
+
 /* shutdown(fd, how) */
 static napi_value n_shutdown(napi_env env, napi_callback_info info) {
   napi_value a[2];
@@ -515,7 +622,8 @@ NAPI_MODULE_INIT() {
     EXPORT("epollWait", n_epoll_wait), EXPORT("installKickHandler", n_install_kick_handler),
     EXPORT("threadSelf", n_thread_self), EXPORT("kick", n_kick), EXPORT("tapOpen", n_tap_open),
     EXPORT("unixSocket", n_unix_socket), EXPORT("bindListen", n_bind_listen), EXPORT("accept", n_accept),
-    EXPORT("connect", n_connect), EXPORT("sendv", n_sendv), EXPORT("shutdown", n_shutdown),
+    EXPORT("connect", n_connect), EXPORT("sendv", n_sendv), EXPORT("sendFds", n_send_fds),
+    EXPORT("recvFds", n_recv_fds), EXPORT("userfaultfd", n_userfaultfd), EXPORT("shutdown", n_shutdown),
   };
   if (napi_define_properties(env, exports, sizeof props / sizeof props[0], props) != napi_ok) return NULL;
   return exports;

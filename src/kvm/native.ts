@@ -59,6 +59,22 @@ export interface NativeShim {
   /** sendmsg(MSG_NOSIGNAL | MSG_DONTWAIT): bytes sent, or -1 when it would block. */
   sendv(fd: number, buffers: Buf[]): number;
   shutdown(fd: number, how: number): void;
+  /**
+   * One sendmsg(MSG_NOSIGNAL | MSG_DONTWAIT) of `data` (at least one byte when fds are sent)
+   * with `fds` (at most 16) attached as SCM_RIGHTS: bytes sent, or -1 when it would block.
+   */
+  sendFds(fd: number, data: Buf, fds: number[]): number;
+  /**
+   * One recvmsg(MSG_DONTWAIT | MSG_CMSG_CLOEXEC) into `data`, taking at most maxFds (<= 16)
+   * SCM_RIGHTS fds: bytes -1 when it would block, 0 at end of stream. More fds than maxFds
+   * throws (after closing the ones received).
+   */
+  recvFds(fd: number, data: Buf, maxFds: number): { bytes: number; fds: number[] };
+  /**
+   * userfaultfd(2), always O_CLOEXEC | O_NONBLOCK. Not UFFD_USER_MODE_ONLY for guest RAM: KVM's
+   * accesses fault in kernel mode and must reach the handler too.
+   */
+  userfaultfd(flags: number): number;
 }
 
 /** A failed syscall, with its errno name in `code` (EINTR, EAGAIN, ...). */

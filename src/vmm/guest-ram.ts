@@ -37,6 +37,8 @@ export interface MappedGuestRam {
   memory: GuestMemory;
   buffers: ArrayBuffer[]; // one per region, in layout order
   unmap(): void;
+  /** The memfd mapped (a booted VM's RAM): the snapshot writer reads only its data extents. */
+  memfd?: number;
 }
 
 export function createGuestRam(ranges: Array<{ base: number; size: number }>): GuestRamLayout {
@@ -85,5 +87,5 @@ export function mapGuestRam(layout: GuestRamLayout): MappedGuestRam {
   const buffers = layout.regions.map((r) =>
     n.mmap(r.size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, layout.memfd, r.fileOffset),
   );
-  return guestRamOver(layout.regions, buffers, (b) => n.munmap(b));
+  return { ...guestRamOver(layout.regions, buffers, (b) => n.munmap(b)), memfd: layout.memfd };
 }

@@ -106,8 +106,10 @@ function pagesToScan(r: SnapshotRegion, sourceFd: number | undefined): Array<[nu
  *
  * `backingFile`: the file a restored VM's RAM is mapped from. Writing a snapshot onto it is
  * refused (SnapshotFileError).
- * `sourceFd`: the memfd a booted VM's RAM is mapped from (GuestRamLayout.memfd; -1 or absent for
- * a restored VM): only its data extents are read, so untouched guest RAM stays unallocated.
+ * `sourceFd`: the memfd a booted VM's RAM is mapped from (by default `ram.memfd`; -1 or absent
+ * for a restored VM): only its data extents are read, so untouched guest RAM stays unallocated
+ * (reading a memfd hole allocates a page: 256 MiB with 16 MiB touched is 67 ms and 16 MiB this
+ * way, 0.8 s and all 256 MiB allocated scanning everything).
  */
 export function writeMemoryFile(
   path: string,
@@ -134,7 +136,7 @@ export function writeMemoryFile(
           throw new SnapshotFileError(`memory region ${i}: size changed`);
         const words = new Uint32Array(buf);
         const bytes = new Uint8Array(buf);
-        for (const [first, last] of pagesToScan(r, opts.sourceFd)) {
+        for (const [first, last] of pagesToScan(r, opts.sourceFd ?? ram.memfd)) {
           let p = first;
           while (p < last) {
             // Skip zero pages, then write the run of non-zero ones.

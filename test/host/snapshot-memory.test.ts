@@ -114,7 +114,8 @@ test('memory file from a memfd: only data extents are read, untouched RAM stays 
     assert.ok(before <= 64 * 4096, `memfd has ${before} bytes allocated before the snapshot`);
 
     const path = join(dir, 'mem');
-    writeMemoryFile(path, ram, layout.regions, { sourceFd: layout.memfd });
+    assert.equal(ram.memfd, layout.memfd);
+    writeMemoryFile(path, ram, layout.regions); // sourceFd defaults to ram.memfd
     assert.equal(allocated(), before, 'writing the memory file allocated guest RAM');
     const file = readFileSync(path);
     assert.equal(file.length, 32 * MiB);
@@ -126,7 +127,7 @@ test('memory file from a memfd: only data extents are read, untouched RAM stays 
 
     // The same RAM scanned whole gives the same file (and, on shmem, allocates what it reads).
     const whole = join(dir, 'whole');
-    writeMemoryFile(whole, ram, layout.regions);
+    writeMemoryFile(whole, ram, layout.regions, { sourceFd: -1 });
     assert.ok(file.equals(readFileSync(whole)));
     t.diagnostic(`memfd allocation after a whole scan: ${allocated()} bytes (was ${before})`);
   } finally {
