@@ -169,6 +169,10 @@ test('decoding refuses out-of-range fields with the field named', () => {
   );
   assert.throws(() => encodeWith(good, (d) => (d.i8042.obuf = 256)), /i8042\.obuf/);
   assert.throws(
+    () => encodeWith(good, (d) => (d.serial.ier = 0x10)),
+    /serial\.ier: 16 is out of range \(0\.\.15\)/,
+  );
+  assert.throws(
     () => encodeWith(good, (d) => (d.serial.rx = new Uint8Array(SERIAL_RX_RING_SIZE + 1))),
     /serial\.rx: 4097 bytes, at most 4096/,
   );
@@ -202,6 +206,10 @@ test('restoreState refuses out-of-range values and changes nothing', () => {
   dirty(m);
   const before = saveLegacy(m.state);
   assert.throws(() => m.serial.restoreState({ ...before.serial, line: 2 }), /serial: saved line 2/);
+  assert.throws(
+    () => m.serial.restoreState({ ...before.serial, mcr: 0x20 }),
+    /serial: saved mcr 32 is out of range \(0\.\.31\)/,
+  );
   assert.throws(
     () => m.kbd.restoreState({ ...before.i8042, kbd: new Uint8Array(17) }),
     /i8042: saved keyboard queue of 17 bytes/,

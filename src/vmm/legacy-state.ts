@@ -14,6 +14,7 @@ import { RtcCmos, RTC_CMOS_SIZE, type RtcSavedState } from '../devices/legacy/rt
 import {
   Serial16550,
   SERIAL_RX_RING_SIZE,
+  SERIAL_SAVED_MAX,
   type SerialSavedState,
 } from '../devices/legacy/serial.js';
 import {
@@ -80,18 +81,36 @@ const finite: Codec<number> = {
 
 const flag = ranged(0, 1);
 
+/** A byte at most `max` (a register with bits the device never sets). */
+function byteUpTo(max: number): Codec<number> {
+  return {
+    kind: `u8(<=${max})`,
+    write(w, v, path) {
+      if (!Number.isInteger(v) || v < 0 || v > max)
+        throw new PersistError(`${path}: ${String(v)} is out of range (0..${max})`);
+      u8.write(w, v, path);
+    },
+    read(r, path) {
+      const v = u8.read(r, path);
+      if (v > max) throw new PersistError(`${path}: ${v} is out of range (0..${max})`);
+      return v;
+    },
+  };
+}
+
+const m = SERIAL_SAVED_MAX;
 const SerialStateCodec = struct({
-  ier: u8,
-  lcr: u8,
-  mcr: u8,
-  scr: u8,
-  dll: u8,
-  dlm: u8,
-  fcr: u8,
-  threPending: flag,
-  line: flag,
-  msrDelta: u8,
-  lsrErrors: u8,
+  ier: byteUpTo(m.ier),
+  lcr: byteUpTo(m.lcr),
+  mcr: byteUpTo(m.mcr),
+  scr: byteUpTo(m.scr),
+  dll: byteUpTo(m.dll),
+  dlm: byteUpTo(m.dlm),
+  fcr: byteUpTo(m.fcr),
+  threPending: byteUpTo(m.threPending),
+  line: byteUpTo(m.line),
+  msrDelta: byteUpTo(m.msrDelta),
+  lsrErrors: byteUpTo(m.lsrErrors),
   rx: bytes(SERIAL_RX_RING_SIZE),
 });
 

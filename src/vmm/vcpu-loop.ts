@@ -50,13 +50,18 @@ export class VcpuLoop {
   run(): VmExitEvent {
     const { control, vcpu, id } = this;
     control.setState(id, VcpuState.Running);
-    if (id === 0) control.markFirstEntry(performance.timeOrigin + performance.now());
+    // The first real guest entry (a VM started paused, a restored one, parks first).
+    let first = id === 0;
     for (;;) {
       const cmd = control.command;
       if (cmd === Command.Stop) return this.finish({ kind: 'stopped' });
       if (cmd === Command.Pause) {
         this.park();
         continue;
+      }
+      if (first) {
+        first = false;
+        control.markFirstEntry(performance.timeOrigin + performance.now());
       }
       if (!vcpu.runOnce()) {
         // Kicked (EINTR). A pause or stop is handled at the top of the loop; a kick that found

@@ -14,7 +14,7 @@ import * as C from '../kvm/constants.js';
 import type { Kvm, Vcpu, Vm } from '../kvm/kvm.js';
 import { isSyscallError } from '../kvm/native.js';
 import * as S from '../kvm/structs.js';
-import type { MsrEntry } from '../kvm/types.js';
+import type { ClockData, MsrEntry } from '../kvm/types.js';
 import { HostError } from '../util/errors.js';
 import {
   array,
@@ -318,8 +318,20 @@ export function saveVm(vm: Vm): VmStateData {
     ioapic: vm.getIrqchip(C.KVM_IRQCHIP_IOAPIC),
     pit: vm.getPit2(),
     // Read last: the guest sees the time between this read and the restore's set as a pause.
-    clock: vm.getClock(),
+    clock: withRealtime(vm.getClock()),
   };
+}
+
+/**
+ * KVM stamps the clock with CLOCK_REALTIME (flag KVM_CLOCK_REALTIME) only when the host runs
+ * kvmclock off a stable TSC (its "master clock"); nested and PVM hosts often do not. Then the
+ * stamp is taken here, right after the read (within microseconds of it), so that a restore with
+ * `realtime` can still advance the clock; the flags stay as KVM gave them.
+ */
+function withRealtime(c: ClockData): ClockData {
+  if ((c.flags & C.KVM_CLOCK_REALTIME) !== 0 && c.realtime !== 0n) return c;
+  const nowNs = BigInt(Math.round((performance.timeOrigin + performance.now()) * 1e6));
+  return { ...c, realtime: nowNs };
 }
 
 /**
@@ -328,14 +340,14 @@ export function saveVm(vm: Vm): VmStateData {
  * counters are loaded, delivers into restored controllers; kvmclock last, closest to resuming.
  * By default the clock is set to the saved value as is (flags 0), so the guest does not see the
  * time the snapshot spent on disk (Firecracker's default). With `realtime` (Firecracker's
- * `clock_realtime`), KVM_CLOCK_REALTIME is passed with the saved CLOCK_REALTIME stamp and KVM
- * advances kvmclock by the wall-clock time elapsed since the save; that needs the stamp (the
- * saved flags say KVM_CLOCK_REALTIME) and a kernel that supports it (5.16+, else it refuses).
+ * `clock_realtime`), KVM_CLOCK_REALTIME is passed with the saved CLOCK_REALTIME stamp (KVM's,
+ * or saveVm's own, see withRealtime) and KVM advances kvmclock by the wall-clock time elapsed
+ * since the save; that needs a kernel that supports the flag (5.16+, else it refuses).
  */
 export function restoreVm(vm: Vm, state: VmStateData, opts: { realtime?: boolean } = {}): void {
-  if (opts.realtime && (state.clock.flags & C.KVM_CLOCK_REALTIME) === 0)
+  if (opts.realtime && state.clock.realtime === 0n)
     throw new HostError(
-      'cannot advance kvmclock by the time since the snapshot (clock_realtime): the saved clock has no CLOCK_REALTIME stamp (the host kernel that saved it did not report one)',
+      'cannot advance kvmclock by the time since the snapshot (clock_realtime): the saved clock has no CLOCK_REALTIME stamp',
     );
   const chips: Array<[number, Uint8Array]> = [
     [C.KVM_IRQCHIP_PIC_MASTER, state.picMaster],

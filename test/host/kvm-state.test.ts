@@ -17,11 +17,13 @@ import { filterCpuid } from '../../src/arch/x86_64/cpuid.js';
 import { ACPI_SLEEP_CTL_ADDR, ramRegions } from '../../src/arch/x86_64/layout.js';
 import * as C from '../../src/kvm/constants.js';
 import { Kvm, Vcpu, type Vm } from '../../src/kvm/kvm.js';
-import { isSyscallError, native } from '../../src/kvm/native.js';
+import { EFD_NONBLOCK, isSyscallError, native } from '../../src/kvm/native.js';
 import * as S from '../../src/kvm/structs.js';
 import { RUN } from '../../src/kvm/structs.js';
 import { buildVm } from '../../src/vmm/builder.js';
 import { createGuestRam, mapGuestRam } from '../../src/vmm/guest-ram.js';
+import { closeLegacyDeviceState, createLegacyDeviceState } from '../../src/vmm/legacy-devices.js';
+import { Vmm, type DataPlane } from '../../src/vmm/vmm.js';
 import { validateResources } from '../../src/vmm/resources.js';
 import {
   restoreVcpu,
@@ -530,6 +532,40 @@ describe('snapshot layouts: save, encode, decode, restore (KVM)', () => {
   );
 });
 
+describe('kvmclock across a restore (KVM)', () => {
+  test(
+    'as saved by default; advanced by the time since the save with realtime (clock_realtime)',
+    T,
+    withVm(async (a, t) => {
+      const saved = VmStateV1.decodeOrThrow(VmStateV1.encode(saveVm(a.vm)));
+      assert.notEqual(saved.clock.realtime, 0n, "a CLOCK_REALTIME stamp (KVM's or ours)");
+      t.diagnostic(`KVM clock flags 0x${saved.clock.flags.toString(16)}`);
+      await new Promise((r) => setTimeout(r, 300));
+      const plain = makeVm();
+      const caught = makeVm();
+      try {
+        restoreVm(plain.vm, saved);
+        restoreVm(caught.vm, saved, { realtime: true });
+        const p = plain.vm.getClock().clock - saved.clock.clock;
+        const c = caught.vm.getClock().clock - saved.clock.clock;
+        t.diagnostic(
+          `after 300 ms: +${Number(p) / 1e6} ms as saved, +${Number(c) / 1e6} ms with realtime`,
+        );
+        assert.ok(p >= 0n && p < 100_000_000n, `as saved: +${p} ns`);
+        assert.ok(c >= 300_000_000n && c < 2_000_000_000n, `realtime: +${c} ns`);
+        const noStamp = { ...saved, clock: { ...saved.clock, realtime: 0n } };
+        assert.throws(
+          () => restoreVm(plain.vm, noStamp, { realtime: true }),
+          /no CLOCK_REALTIME stamp/,
+        );
+      } finally {
+        plain.close();
+        caught.close();
+      }
+    }),
+  );
+});
+
 describe('saveVcpus on a paused tiny guest (KVM, vCPU workers)', () => {
   const guests = tinyGuests();
   test(
@@ -606,6 +642,7 @@ describe('a vCPU restored into a fresh VM runs on (KVM)', () => {
     vm: Vm;
     vcpu: Vcpu;
     ram: ReturnType<typeof mapGuestRam>;
+    layout: ReturnType<typeof createGuestRam>;
     close(): void;
   }
 
@@ -627,6 +664,7 @@ describe('a vCPU restored into a fresh VM runs on (KVM)', () => {
       vm,
       vcpu,
       ram,
+      layout,
       close() {
         vcpu.close();
         ram.unmap();
@@ -771,6 +809,119 @@ describe('a vCPU restored into a fresh VM runs on (KVM)', () => {
         // A itself also goes on to the same end (the save did not disturb it).
         assert.deepEqual(runLoop(a), { outs: left, poweredOff: true });
       } finally {
+        a.close();
+        b.close();
+      }
+    },
+  );
+
+  test(
+    'a restored VM started paused through Vmm: no guest entry until resumeAll, then it runs to its poweroff; pauseAll and resumeAll order',
+    { timeout: 60_000, skip: guests.skip ?? false },
+    async () => {
+      const a = guestVm();
+      const b = guestVm();
+      const n = native();
+      const consoleFile = join(tempDir(), 'console');
+      const consoleFd = openSync(consoleFile, 'w');
+      const controlFd = n.eventfd(0, EFD_NONBLOCK);
+      let legacy: ReturnType<typeof createLegacyDeviceState> | undefined;
+      try {
+        bootGuest(a, 'pioloop');
+        assert.equal(runLoop(a, 1000).outs, 1000);
+        a.vcpu.immediateExit = true;
+        a.vcpu.runOnce();
+        a.vcpu.immediateExit = false;
+        const size = a.vm.xsaveSize();
+        const saved = saveVcpu(a.vcpu, saveableMsrIndices(a.kvm), { xsaveSize: size });
+        const vmState = saveVm(a.vm);
+        a.ram.buffers.forEach((buf, i) =>
+          new Uint8Array(b.ram.buffers[i]!).set(new Uint8Array(buf)),
+        );
+        legacy = createLegacyDeviceState(b.vm, consoleFd);
+        restoreVm(b.vm, vmState);
+        restoreVcpu(b.vcpu, saved, { xsaveSize: size });
+
+        const vmm = new Vmm(a.kvm.vcpuMmapSize());
+        const calls: string[] = [];
+        const dw = {
+          request: async (r: { op: string }) => void calls.push(`${r.op} (vCPUs ${vmm.state})`),
+        } as unknown as DataPlane;
+        vmm.start(
+          [b.vcpu.fd],
+          (id) => ({
+            id,
+            vcpuFd: b.vcpu.fd,
+            mmapSize: a.kvm.vcpuMmapSize(),
+            ram: b.layout,
+            legacy: legacy!,
+            virtio: { slots: [], controlFd },
+          }),
+          { paused: true },
+        );
+        try {
+          assert.equal(vmm.state, 'paused');
+          // The worker parks at once: its vCPU reads back the restored state, nothing ran.
+          const again = VcpuStateV1.decodeOrThrow((await vmm.saveVcpus())[0]!);
+          assert.equal(again.regs.rip, saved.regs.rip);
+          assert.equal(again.regs.rcx, saved.regs.rcx);
+          await new Promise((r) => setTimeout(r, 50));
+          assert.equal(vmm.control.exits(0), 0, 'no exit while paused');
+          assert.equal(vmm.control.firstEntryMs, 0, 'no guest entry recorded while paused');
+          await vmm.resumeAll(dw);
+          assert.equal(vmm.state, 'running');
+          const end = await vmm.exited;
+          assert.deepEqual(end, { kind: 'poweroff' });
+          assert.ok(vmm.control.firstEntryMs > 0, 'the first entry is recorded at resume');
+          // The loop's 99000 OUTs, the poweroff write, and perhaps a few interrupted runs.
+          assert.ok(vmm.control.exits(0) >= LOOP_COUNT - 1000, `exits ${vmm.control.exits(0)}`);
+          assert.deepEqual(calls, ['resume (vCPUs paused)']);
+        } finally {
+          vmm.requestStop();
+          await vmm.exited;
+        }
+
+        // pauseAll/resumeAll order on a running VM (a spin guest; the data plane faked; the
+        // legacy devices borrowed from B: the guest only prints its banner through them).
+        const c = guestVm();
+        try {
+          bootGuest(c, 'spin');
+          const vmm2 = new Vmm(c.kvm.vcpuMmapSize());
+          const calls2: string[] = [];
+          const dw2 = {
+            request: async (r: { op: string }) => void calls2.push(`${r.op} (vCPUs ${vmm2.state})`),
+          } as unknown as DataPlane;
+          vmm2.start([c.vcpu.fd], (id) => ({
+            id,
+            vcpuFd: c.vcpu.fd,
+            mmapSize: c.kvm.vcpuMmapSize(),
+            ram: c.layout,
+            legacy: legacy!,
+            virtio: { slots: [], controlFd },
+          }));
+          try {
+            await vmm2.pauseAll(dw2);
+            await vmm2.resumeAll(dw2);
+            await vmm2.resumeAll(dw2); // running: nothing to do
+            assert.deepEqual(calls2, ['pause (vCPUs paused)', 'resume (vCPUs paused)']);
+            assert.equal(vmm2.state, 'running');
+            // A data plane that fails to pause: the vCPUs run again and the error says so.
+            const bad = {
+              request: async () => Promise.reject(new Error('gone')),
+            } as unknown as DataPlane;
+            await assert.rejects(vmm2.pauseAll(bad), /the devices did not pause: gone/);
+            assert.equal(vmm2.state, 'running');
+          } finally {
+            vmm2.requestStop();
+            await vmm2.exited;
+          }
+        } finally {
+          c.close();
+        }
+      } finally {
+        if (legacy) closeLegacyDeviceState(legacy);
+        n.close(controlFd);
+        closeSync(consoleFd);
         a.close();
         b.close();
       }

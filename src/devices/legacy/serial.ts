@@ -140,19 +140,25 @@ export interface SerialSavedState {
   rx: Uint8Array;
 }
 
+/** The saved registers: name, slot, largest value the device itself can hold there. */
 const SAVED_REGISTERS = [
-  ['ier', S_IER],
-  ['lcr', S_LCR],
-  ['mcr', S_MCR],
-  ['scr', S_SCR],
-  ['dll', S_DLL],
-  ['dlm', S_DLM],
-  ['fcr', S_FCR],
-  ['threPending', S_THRE_PENDING],
-  ['line', S_LINE],
-  ['msrDelta', S_MSR_DELTA],
-  ['lsrErrors', S_LSR_ERRORS],
+  ['ier', S_IER, IER_MASK],
+  ['lcr', S_LCR, 0xff],
+  ['mcr', S_MCR, MCR_MASK],
+  ['scr', S_SCR, 0xff],
+  ['dll', S_DLL, 0xff],
+  ['dlm', S_DLM, 0xff],
+  ['fcr', S_FCR, 0xff],
+  ['threPending', S_THRE_PENDING, 1],
+  ['line', S_LINE, 1],
+  ['msrDelta', S_MSR_DELTA, 0x0f],
+  ['lsrErrors', S_LSR_ERRORS, 0xff],
 ] as const;
+
+/** For legacy-state.ts's codec: the largest valid value of each saved register. */
+export const SERIAL_SAVED_MAX = Object.fromEntries(
+  SAVED_REGISTERS.map(([k, , max]) => [k, max]),
+) as Record<(typeof SAVED_REGISTERS)[number][0], number>;
 
 export class Serial16550 implements BusDevice {
   private readonly s: Int32Array;
@@ -303,9 +309,8 @@ export class Serial16550 implements BusDevice {
    * at most one ring); nothing is changed then.
    */
   restoreState(o: SerialSavedState): void {
-    for (const [k, _slot] of SAVED_REGISTERS) {
+    for (const [k, , max] of SAVED_REGISTERS) {
       const v = o[k];
-      const max = k === 'threPending' || k === 'line' ? 1 : 0xff;
       if (!Number.isInteger(v) || v < 0 || v > max)
         throw new Error(`serial: saved ${k} ${String(v)} is out of range (0..${max})`);
     }
