@@ -156,22 +156,36 @@ async function create(built: BuiltVm, p: CreateParams): Promise<void> {
   const legacy = saveLegacy(parts.legacy);
 
   const config = parts.config;
+  // Logger and metrics are the process's, not the VM's.
+  const configJson = JSON.stringify({ ...config, logger: null, metrics: null });
+  // What a load will check, checked now: a snapshot that cannot be loaded is not written.
+  const devicesOf = (list: ReadonlyArray<{ kind: string; id: string }>) =>
+    list.map((x) => `${x.kind} ${x.id}`).join(', ');
+  const restorable = validateRestoreConfig(JSON.parse(configJson) as unknown);
+  if (devicesOf(restorable.devices) !== devicesOf(devices))
+    throw createError(
+      `the VM's configuration lists devices (${devicesOf(restorable.devices) || 'none'}) other than the VM has (${devicesOf(devices) || 'none'})`,
+    );
   const regions = parts.layout.regions.map((r) => ({ ...r }));
+  const fileBytes = regions.reduce((s, r) => s + r.size, 0);
+  if (restorable.vcpus !== vcpus.length || restorable.memMib * MiB !== fileBytes)
+    throw createError(
+      `the VM's configuration says ${restorable.vcpus} vCPUs and ${restorable.memMib} MiB; the VM has ${vcpus.length} and ${fileBytes / MiB} MiB`,
+    );
   const data: SnapshotData = {
     producer: {
       version: buildVersion(),
       createdUnixMs: Date.now(),
       hostTscKhz: vcpus[0]?.tscKhz,
     },
-    machine: { vcpus: vcpus.length, memMib: config['machine-config'].mem_size_mib },
+    machine: { vcpus: vcpus.length, memMib: restorable.memMib },
     memory: {
       type: 'Full',
       pageSize: 4096,
       regions,
-      fileBytes: regions.reduce((s, r) => s + r.size, 0),
+      fileBytes,
     },
-    // Logger and metrics are the process's, not the VM's.
-    config: JSON.stringify({ ...config, logger: null, metrics: null }),
+    config: configJson,
     devices,
     legacy,
     vm,
@@ -183,6 +197,8 @@ async function create(built: BuiltVm, p: CreateParams): Promise<void> {
   // (renamed into place), then the memory file's rename.
   const mem = writeMemoryFile(p.memFilePath, parts.ram, regions, {
     ...(parts.backing ? { backingFile: parts.backing } : {}),
+    // A booted VM's memfd: only its data extents are read (untouched RAM stays unallocated).
+    sourceFd: parts.layout.memfd,
     deferRename: true,
   });
   try {
@@ -296,10 +312,12 @@ async function load(p: LoadParams, opts: BuildOptions, undo: UndoList): Promise<
 
   const legacy = createLegacyDeviceState(vm, opts.consoleFd ?? 1);
   undo.push(() => closeLegacyDeviceState(legacy));
-  restoreLegacy(legacy, data.legacy);
+  step('cannot restore the legacy devices', () => restoreLegacy(legacy, data.legacy));
 
   // VM state before the vCPUs (Firecracker's order): irqchips, PIT, then kvmclock.
-  restoreVm(vm, data.vm, { realtime: p.clockRealtime });
+  step('cannot restore the VM state (irqchips, PIT, kvmclock)', () =>
+    restoreVm(vm, data.vm, { realtime: p.clockRealtime }),
+  );
 
   const mmapSize = kvm.vcpuMmapSize();
   const xsaveSize = kvm.xsaveSize();
@@ -320,7 +338,9 @@ async function load(p: LoadParams, opts: BuildOptions, undo: UndoList): Promise<
           `the snapshot's TSC runs at ${state.tscKhz} kHz, this host's at ${host} kHz, and this host's KVM cannot scale the TSC (no KVM_CAP_TSC_CONTROL)`,
         );
     }
-    const { refusedMsrs } = restoreVcpu(vcpu, state, { xsaveSize });
+    const { refusedMsrs } = step(`cannot restore vCPU ${id}`, () =>
+      restoreVcpu(vcpu, state, { xsaveSize }),
+    );
     const fatal = refusedMsrs.filter((m) => m === MSR_IA32_TSC || m === MSR_IA32_TSC_DEADLINE);
     if (fatal.length > 0)
       throw loadError(
@@ -357,16 +377,27 @@ async function load(p: LoadParams, opts: BuildOptions, undo: UndoList): Promise<
   try {
     if (dw) {
       await dw.request({ op: 'pause' });
-      await dw.request({ op: 'restore', devices: data.devices });
+      await dw.request({ op: 'restore', devices: data.devices }).catch((e: Error) => {
+        throw loadError(`cannot restore the virtio devices: ${e.message}`);
+      });
     }
     // Resume serves what was in flight: the device worker kicks every queue, then the vCPUs run.
     if (p.resumeVm) await built.vmm.resumeAll(dw);
   } catch (e) {
     built.vmm.requestStop();
     await built.vmm.exited;
-    throw loadError((e as Error).message);
+    throw e instanceof SnapshotError ? e : loadError((e as Error).message);
   }
   return built;
+}
+
+/** Runs one restore step; its failure (KVM's errno, a bad value) says which step it was. */
+function step<T>(what: string, f: () => T): T {
+  try {
+    return f();
+  } catch (e) {
+    throw e instanceof SnapshotError ? e : loadError(`${what}: ${(e as Error).message}`);
+  }
 }
 
 function closeFdQuietly(fd: number): void {
