@@ -9,6 +9,7 @@ import { readFileSync } from 'node:fs';
 import { TypervisorError } from '../util/errors.js';
 import { log } from '../util/log.js';
 import { buildVm, type BuildOptions, type BuiltVm } from '../vmm/index.js';
+import { createSnapshot, loadSnapshot, type CreateParams, type LoadParams } from '../vmm/index.js';
 import { checkHostCanRun } from '../vmm/index.js';
 import {
   DEFAULT_MACHINE_CONFIG,
@@ -28,7 +29,7 @@ import type { VmExitEvent } from '../vmm/index.js';
 import { parseVmConfig } from './config-file.js';
 import type { LoggerControl } from './logger.js';
 import type { MetricGroups, MetricsSystem } from './metrics.js';
-import type { VmmAction } from './routes.js';
+import type { SnapshotCreateBody, SnapshotLoadBody, VmmAction } from './routes.js';
 
 export type ApiOutcome =
   { status: 200; body: unknown } | { status: 204 } | { status: 400 | 500; fault: string };
@@ -42,6 +43,12 @@ const notSupported = (what: string): ApiOutcome => ({
 });
 const bad = (fault: string): ApiOutcome => ({ status: 400, fault });
 const NO_CONTENT: ApiOutcome = { status: 204 };
+/** Firecracker's LoadSnapshotNotAllowed: a load needs a process that has configured nothing. */
+export const LOAD_AFTER_BOOT_RESOURCES =
+  'Loading a microVM snapshot not allowed after configuring boot-specific resources.';
+const CREATE_PREFIX = 'Create snapshot error: ';
+const LOAD_PREFIX = 'Load snapshot error: ';
+const prefixed = (prefix: string, m: string) => (m.startsWith(prefix) ? m : prefix + m);
 
 export interface ControllerOptions {
   instanceId: string;
@@ -54,11 +61,19 @@ export interface ControllerOptions {
   onExit?: (event: VmExitEvent) => void;
   /** For tests: replaces buildVm. */
   build?: (spec: VmSpec, opts: BuildOptions) => BuiltVm;
+  /** For tests: replace the snapshot functions. */
+  createSnapshot?: (built: BuiltVm, p: CreateParams) => Promise<void>;
+  loadSnapshot?: (p: LoadParams, opts: BuildOptions) => Promise<BuiltVm>;
 }
 
 export class VmmController {
   private config: VmConfig = emptyVmConfig();
   private built: BuiltVm | undefined;
+  /**
+   * Firecracker's boot_path: set by every pre-boot setter that shapes the VM (not logger or
+   * metrics). A snapshot load is refused once it is set: the VM comes from the snapshot alone.
+   */
+  private bootPath = false;
 
   constructor(private readonly opts: ControllerOptions) {}
 
@@ -112,6 +127,7 @@ export class VmmController {
           ...DEFAULT_MACHINE_CONFIG,
           ...a.config,
         });
+        this.bootPath = true;
         return NO_CONTENT;
       case 'PatchMachineConfig':
         if (!pre) return bad(PRE_BOOT_ONLY);
@@ -119,15 +135,18 @@ export class VmmController {
           ...this.config['machine-config'],
           ...a.update,
         });
+        this.bootPath = true;
         return NO_CONTENT;
       case 'PutBootSource':
         if (!pre) return bad(PRE_BOOT_ONLY);
         this.config['boot-source'] = validateBootSource({ ...a.config });
+        this.bootPath = true;
         return NO_CONTENT;
       case 'PutDrive':
         if (!pre)
           return notSupported('hot-plugging block devices is not implemented in Typervisor yet');
         this.config.drives = withDrive(this.config.drives, validateDrive(a.config));
+        this.bootPath = true;
         return NO_CONTENT;
       case 'PutNetworkInterface':
         if (!pre)
@@ -138,6 +157,7 @@ export class VmmController {
           this.config['network-interfaces'],
           a.config,
         );
+        this.bootPath = true;
         return NO_CONTENT;
       case 'PatchDrive': {
         if (pre) return bad(POST_BOOT_ONLY);
@@ -166,10 +186,12 @@ export class VmmController {
       case 'PutVsock':
         if (!pre) return bad(PRE_BOOT_ONLY);
         this.config.vsock = validateVsock({ ...a.config });
+        this.bootPath = true;
         return NO_CONTENT;
       case 'PutEntropy':
         if (!pre) return bad(PRE_BOOT_ONLY);
         this.config.entropy = { ...a.config };
+        this.bootPath = true;
         return NO_CONTENT;
       case 'PutLogger':
         if (!pre) return bad(PRE_BOOT_ONLY);
@@ -193,19 +215,132 @@ export class VmmController {
         return this.built.devices.i8042.sendCtrlAltDel()
           ? NO_CONTENT
           : bad('i8042 internal buffer full.');
-      case 'Pause':
+      case 'Pause': {
         if (!this.built) return bad(POST_BOOT_ONLY);
+        const t0 = performance.now();
         try {
-          await this.built.vmm.pause();
+          // The vCPUs, then the device worker: guest RAM does not change while paused.
+          await this.built.vmm.pauseAll(this.built.deviceWorker);
         } catch (e) {
           return bad(`Internal VMM error: ${(e as Error).message}`);
         }
+        this.latency('pause_vm', t0);
         return NO_CONTENT;
-      case 'Resume':
+      }
+      case 'Resume': {
         if (!this.built) return bad(POST_BOOT_ONLY);
-        this.built.vmm.resume();
+        const t0 = performance.now();
+        try {
+          await this.built.vmm.resumeAll(this.built.deviceWorker);
+        } catch (e) {
+          return bad(`Internal VMM error: ${(e as Error).message}`);
+        }
+        this.latency('resume_vm', t0);
         return NO_CONTENT;
+      }
+      case 'CreateSnapshot':
+        if (!this.built) return bad(POST_BOOT_ONLY);
+        return this.create(this.built, a.params);
+      case 'LoadSnapshot':
+        if (this.built) return bad(PRE_BOOT_ONLY);
+        if (this.bootPath) return bad(LOAD_AFTER_BOOT_RESOURCES);
+        return this.load(a.params);
     }
+  }
+
+  /** Firecracker's latencies_us group: `name` (the request) and `vmm_name` (the VMM's part). */
+  private latency(name: string, t0: number, vmmT0 = t0, vmmT1 = performance.now()): void {
+    const us = (ms: number) => Math.round(ms * 1000);
+    this.opts.metrics.store('latencies_us', name, us(performance.now() - t0));
+    this.opts.metrics.store('latencies_us', `vmm_${name}`, us(vmmT1 - vmmT0));
+  }
+
+  /** PUT /snapshot/create: the VM must be paused; it stays paused. */
+  private async create(built: BuiltVm, p: SnapshotCreateBody): Promise<ApiOutcome> {
+    const t0 = performance.now();
+    const type = p.snapshot_type ?? 'Full';
+    if (built.vmm.state !== 'paused') {
+      const now = built.vmm.state === 'running' ? 'Running' : 'Stopped';
+      return bad(`${CREATE_PREFIX}the microVM must be paused (it is ${now})`);
+    }
+    const vmmT0 = performance.now();
+    try {
+      await (this.opts.createSnapshot ?? createSnapshot)(built, {
+        snapshotPath: p.snapshot_path,
+        memFilePath: p.mem_file_path,
+        type,
+      });
+    } catch (e) {
+      if (e instanceof TypervisorError) return bad(prefixed(CREATE_PREFIX, e.message));
+      throw e;
+    }
+    this.latency(type === 'Full' ? 'full_create_snapshot' : 'diff_create_snapshot', t0, vmmT0);
+    return NO_CONTENT;
+  }
+
+  /**
+   * PUT /snapshot/load, in a fresh process only. A failed load creates nothing (loadSnapshot
+   * undoes what it made), so the process stays fresh and a corrected load may follow.
+   */
+  private async load(p: SnapshotLoadBody): Promise<ApiOutcome> {
+    const t0 = performance.now();
+    if (p.huge_pages === 'Transparent')
+      return bad(`${LOAD_PREFIX}huge_pages "Transparent" is not supported yet`);
+    if (p.huge_pages === '2M')
+      return bad(
+        `${LOAD_PREFIX}huge_pages "2M" needs a Uffd memory backend, and the snapshot was not made with huge pages`,
+      );
+    if (p.mem_file_path !== undefined)
+      log('warn', 'PUT /snapshot/load: `mem_file_path` is deprecated; use `mem_backend`');
+    if (p.enable_diff_snapshots !== undefined)
+      log(
+        'warn',
+        'PUT /snapshot/load: `enable_diff_snapshots` is deprecated; use `track_dirty_pages`',
+      );
+    const memBackend = p.mem_backend
+      ? { type: p.mem_backend.backend_type, path: p.mem_backend.backend_path }
+      : { type: 'File' as const, path: p.mem_file_path! };
+    const params: LoadParams = {
+      snapshotPath: p.snapshot_path,
+      memBackend,
+      trackDirtyPages: (p.track_dirty_pages ?? false) || (p.enable_diff_snapshots ?? false),
+      resumeVm: p.resume_vm ?? false,
+      clockRealtime: p.clock_realtime ?? false,
+      networkOverrides: (p.network_overrides ?? []).map((o) => ({
+        ifaceId: o.iface_id,
+        hostDevName: o.host_dev_name,
+      })),
+      ...(p.vsock_override ? { vsockOverride: { udsPath: p.vsock_override.uds_path } } : {}),
+    };
+    const vmmT0 = performance.now();
+    let built: BuiltVm;
+    try {
+      built = await (this.opts.loadSnapshot ?? loadSnapshot)(params, {});
+    } catch (e) {
+      if (e instanceof TypervisorError) return bad(prefixed(LOAD_PREFIX, e.message));
+      throw e;
+    }
+    const vmmT1 = performance.now();
+    this.built = built;
+    // GET /vm/config: the saved configuration with the overrides applied. Logger and metrics
+    // configured in this process stay (Firecracker does not save them either).
+    const saved = built.parts?.config;
+    if (saved)
+      this.config = {
+        ...structuredClone(saved),
+        logger: this.config.logger,
+        metrics: this.config.metrics,
+      };
+    this.running(built);
+    this.latency('load_snapshot', t0, vmmT0, vmmT1);
+    return NO_CONTENT;
+  }
+
+  /** The VM exists (booted or loaded): metrics, exit and console hooks. */
+  private running(built: BuiltVm): void {
+    this.opts.metrics.addSource(() => deviceMetrics(built));
+    void built.vmm.exited.then((ev) => this.opts.onExit?.(ev));
+    this.opts.onStarted?.(built);
   }
 
   private stateName(): 'Not started' | 'Running' | 'Paused' {
@@ -223,10 +358,7 @@ export class VmmController {
       if (e instanceof TypervisorError) return bad(`Start microvm error: ${e.message}`);
       throw e;
     }
-    const built = this.built;
-    this.opts.metrics.addSource(() => deviceMetrics(built));
-    void built.vmm.exited.then((ev) => this.opts.onExit?.(ev));
-    this.opts.onStarted?.(built);
+    this.running(this.built);
     return NO_CONTENT;
   }
 

@@ -38,6 +38,11 @@ export class MetricsSystem {
   /** API request counters and the metrics system's own. */
   readonly counters = new Counters();
   private readonly sources: MetricSource[] = [() => this.counters.snapshot()];
+  /**
+   * Stored values (Firecracker's SharedStoreMetric, e.g. `latencies_us.load_snapshot`): each line
+   * carries the last value set, not a delta.
+   */
+  private readonly stored: MetricGroups = {};
   /** What each source last reported. */
   private readonly reported = new Map<MetricSource, MetricGroups>();
   /** Lines are written one at a time, in order. */
@@ -76,6 +81,11 @@ export class MetricsSystem {
     this.config = { ...cfg };
     this.timer = setInterval(() => void this.flush(), METRICS_PERIOD_MS);
     this.timer.unref();
+  }
+
+  /** Sets a stored value (reported as is on every line until set again). */
+  store(group: string, name: string, value: number): void {
+    (this.stored[group] ??= {})[name] = value;
   }
 
   addSource(s: MetricSource): void {
@@ -125,6 +135,8 @@ export class MetricsSystem {
       const [g, n] = key.split('\0') as [string, string];
       ((body[g] ??= {}) as Record<string, number>)[n] = v - (this.last.get(key) ?? 0);
     }
+    for (const [g, c] of Object.entries(this.stored))
+      for (const [n, v] of Object.entries(c)) ((body[g] ??= {}) as Record<string, number>)[n] = v;
     const line = Buffer.from(JSON.stringify(body) + '\n');
     try {
       const n = writeSync(this.fd, line);

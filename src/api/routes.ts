@@ -47,7 +47,36 @@ export type VmmAction =
   | { kind: 'FlushMetrics' }
   | { kind: 'Pause' }
   | { kind: 'Resume' }
+  | { kind: 'CreateSnapshot'; params: SnapshotCreateBody }
+  | { kind: 'LoadSnapshot'; params: SnapshotLoadBody }
   | { kind: 'NotSupported'; feature: string };
+
+/** PUT /snapshot/create, as checked against S.SnapshotCreateParams. */
+export interface SnapshotCreateBody {
+  snapshot_path: string;
+  mem_file_path: string;
+  snapshot_type?: 'Full' | 'Diff';
+}
+
+/** PUT /snapshot/load, as checked against S.SnapshotLoadParams (exactly one memory source). */
+export interface SnapshotLoadBody {
+  snapshot_path: string;
+  mem_backend?: { backend_type: 'File' | 'Uffd'; backend_path: string };
+  mem_file_path?: string;
+  enable_diff_snapshots?: boolean;
+  track_dirty_pages?: boolean;
+  resume_vm?: boolean;
+  network_overrides?: Array<{ iface_id: string; host_dev_name: string }>;
+  vsock_override?: { uds_path: string };
+  clock_realtime?: boolean;
+  huge_pages?: 'None' | 'Snapshot' | 'Transparent' | '2M';
+}
+
+/** Firecracker's messages when a load names no memory source, or two. */
+export const LOAD_MISSING_MEM =
+  'missing field: either `mem_backend` or `mem_file_path` is required';
+export const LOAD_TOO_MANY_MEM =
+  'too many fields: either `mem_backend` or `mem_file_path` exclusively is required';
 
 export interface Routed {
   /** The action, or undefined when `fault` says why the request is refused (400). */
@@ -74,8 +103,6 @@ export const UNSUPPORTED_ENDPOINTS: ReadonlyArray<{
   { path: '/mmds/config', verbs: 'PUT', feature: 'MMDS (the microVM metadata service)' },
   { path: '/pmem/{id}', verbs: 'PUT PATCH', feature: 'virtio-pmem' },
   { path: '/serial', verbs: 'PUT', feature: 'serial console configuration' },
-  { path: '/snapshot/create', verbs: 'PUT', feature: 'snapshots' },
-  { path: '/snapshot/load', verbs: 'PUT', feature: 'snapshots' },
   { path: '/drives/{id}', verbs: 'DELETE', feature: 'hot-unplugging devices' },
   { path: '/network-interfaces/{id}', verbs: 'DELETE', feature: 'hot-unplugging devices' },
   { path: '/pmem/{id}', verbs: 'DELETE', feature: 'hot-unplugging devices' },
@@ -176,8 +203,32 @@ export function route(method: string, url: string, body: string | undefined): Ro
         return { action: { kind: 'GetFullVmConfig' }, metric: ['get_api_requests', 'vm_config'] };
       return invalid;
     case 'PUT':
-      if (!arity(1) && !['drives', 'network-interfaces'].includes(first)) return invalid;
+      if (!arity(1) && !['drives', 'network-interfaces', 'snapshot'].includes(first))
+        return invalid;
       switch (first) {
+        case 'snapshot':
+          if (arity(1)) return { fault: 'Missing snapshot operation type.' };
+          if (!arity(2)) return invalid;
+          if (tokens[1] === 'create')
+            return withBody<SnapshotCreateBody>(
+              S.SnapshotCreateParams,
+              ['put_api_requests', 'snapshot_create'],
+              (params) => ({ kind: 'CreateSnapshot', params }),
+            );
+          if (tokens[1] === 'load') {
+            const metric: [string, string] = ['put_api_requests', 'snapshot_load'];
+            const r = parseBody<SnapshotLoadBody>(S.SnapshotLoadParams, body!);
+            if ('fault' in r) return { fault: r.fault, metric };
+            const hasBackend = r.value.mem_backend !== undefined;
+            const hasFile = r.value.mem_file_path !== undefined;
+            if (hasBackend === hasFile)
+              return {
+                fault: DESERIALIZE_PREFIX + (hasBackend ? LOAD_TOO_MANY_MEM : LOAD_MISSING_MEM),
+                metric,
+              };
+            return { action: { kind: 'LoadSnapshot', params: r.value }, metric };
+          }
+          return invalid;
         case 'actions':
           return withBody<{ action_type: string }>(
             S.InstanceActionInfo,

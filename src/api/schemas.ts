@@ -5,7 +5,7 @@
  * are at most PATH_MAX, integers are safe JavaScript integers.
  */
 import { MAX_VCPUS } from '../vmm/index.js';
-import { MAX_MEM_MIB } from '../vmm/index.js';
+import { MAX_MEM_MIB, MAX_VIRTIO_DEVICES } from '../vmm/index.js';
 import { PATH_MAX, type Schema } from './schema.js';
 
 const U64 = Number.MAX_SAFE_INTEGER;
@@ -52,7 +52,9 @@ export const MachineConfiguration: Schema = {
     vcpu_count: int(1, MAX_VCPUS, 'Number of vCPUs.'),
     mem_size_mib: int(1, MAX_MEM_MIB, 'Guest memory in MiB (at least 16).'),
     smt: bool('Simultaneous multithreading: only false is supported.'),
-    track_dirty_pages: bool('Dirty page tracking: only false is supported (no snapshots yet).'),
+    track_dirty_pages: bool(
+      'Dirty page tracking: only false is supported (Diff snapshots are not implemented yet).',
+    ),
     huge_pages: oneOf(
       ['None', 'Transparent', '2M'],
       'Huge pages backing guest memory: only "None" is supported.',
@@ -198,6 +200,73 @@ export const Vm: Schema = {
   description: 'The desired microVM state.',
   properties: { state: oneOf(['Paused', 'Resumed'], 'Paused or Resumed.') },
   required: ['state'],
+};
+
+/** Longest TAP name (IFNAMSIZ - 1) and vsock socket path (sun_path - 1), as resources.ts checks. */
+const TAP_NAME_MAX = 15;
+const UDS_PATH_MAX = 107;
+
+export const SnapshotCreateParams: Schema = {
+  type: 'object',
+  description: 'PUT /snapshot/create: writes the paused microVM to a state file and a memory file.',
+  properties: {
+    snapshot_path: str('Path of the state file (replaced atomically if it exists).'),
+    mem_file_path: str('Path of the memory file (replaced atomically if it exists).'),
+    snapshot_type: oneOf(['Full', 'Diff'], 'Full (default); Diff is not implemented yet.'),
+  },
+  required: ['snapshot_path', 'mem_file_path'],
+};
+
+export const MemBackend: Schema = {
+  type: 'object',
+  description: 'Where guest memory comes from on load.',
+  properties: {
+    backend_type: oneOf(['File', 'Uffd'], 'File (mapped privately); Uffd is not implemented yet.'),
+    backend_path: str("The memory file (File) or the page-fault handler's socket (Uffd)."),
+  },
+  required: ['backend_type', 'backend_path'],
+};
+
+export const NetworkOverride: Schema = {
+  type: 'object',
+  description: 'A saved network interface attached to another TAP on load.',
+  properties: {
+    iface_id: str('The saved interface id.', 256),
+    host_dev_name: str('The TAP to use instead of the saved one.', TAP_NAME_MAX),
+  },
+  required: ['iface_id', 'host_dev_name'],
+};
+
+export const SnapshotLoadParams: Schema = {
+  type: 'object',
+  description:
+    'PUT /snapshot/load: restores a microVM from a state file and a memory file, in a process that has configured nothing else.',
+  properties: {
+    snapshot_path: str('Path of the state file.'),
+    mem_backend: MemBackend,
+    mem_file_path: str('Deprecated: use mem_backend {backend_type: "File", backend_path}.'),
+    enable_diff_snapshots: bool('Deprecated: use track_dirty_pages.'),
+    track_dirty_pages: bool('Track dirty pages from the start (for later Diff snapshots).'),
+    resume_vm: bool('Resume the microVM once loaded (default: it stays Paused).'),
+    network_overrides: {
+      type: 'array',
+      items: NetworkOverride,
+      maxItems: MAX_VIRTIO_DEVICES,
+      description: 'TAP devices to use instead of the saved ones.',
+    },
+    vsock_override: {
+      type: 'object',
+      description: 'A vsock socket path to use instead of the saved one.',
+      properties: { uds_path: str('Host Unix socket path (at most 107 bytes).', UDS_PATH_MAX) },
+      required: ['uds_path'],
+    },
+    clock_realtime: bool('Advance kvmclock by the wall-clock time the snapshot spent on disk.'),
+    huge_pages: oneOf(
+      ['None', 'Snapshot', 'Transparent', '2M'],
+      'Huge pages for guest memory: "None" or "Snapshot" (what the snapshot used: none).',
+    ),
+  },
+  required: ['snapshot_path'],
 };
 
 /** Sections Firecracker's config file may carry that Typervisor does not implement yet. */

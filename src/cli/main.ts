@@ -40,7 +40,10 @@ function boundExitAfterSignals(): void {
 
 const usage = (runUsage: string) => `usage: typervisor <command> [options]
 commands:
-  run        boot a VM with its console on this terminal (typervisor run --help)
+  run        boot a VM with its console on this terminal (typervisor run --help), or restore
+             a snapshot (run --restore STATE --mem-file MEM)
+  snapshot   create a snapshot of a VM on an API socket, or inspect a state file
+             (typervisor snapshot --help)
   version    print the version
   --api-sock PATH | --config-file FILE ...   Firecracker-compatible API mode (typervisor --api-sock x --help)
 ${runUsage}`;
@@ -88,6 +91,10 @@ export async function main(argv: string[]): Promise<number> {
           return 0;
         }
         return await runCommand(rest);
+      case 'snapshot': {
+        const { snapshotCommand } = await import('./snapshot.js');
+        return await snapshotCommand(rest);
+      }
       case 'version':
       case '--version':
         process.stdout.write(`typervisor ${version()}\n`);

@@ -11,6 +11,8 @@ import {
   EXIT_HOST,
   EXIT_USAGE,
   exitCodeFor,
+  isRestore,
+  parseRestoreArgs,
   parseRunArgs,
   RUN_USAGE,
 } from './run.js';
@@ -208,4 +210,71 @@ describe('exit codes', () => {
       assert.ok(RUN_USAGE.includes(o), o);
     }
   });
+});
+
+describe('run --restore arguments', () => {
+  test('the load parameters, as PUT /snapshot/load takes them', T, () => {
+    assert.ok(isRestore(['--restore', 's']) && isRestore(['--restore=s']) && !isRestore([]));
+    assert.deepEqual(parseRestoreArgs(['--restore', 's', '--mem-file', 'm']), {
+      snapshotPath: 's',
+      memBackend: { type: 'File', path: 'm' },
+      trackDirtyPages: false,
+      resumeVm: true,
+      clockRealtime: false,
+      networkOverrides: [],
+    });
+    const p = parseRestoreArgs([
+      '--restore=s',
+      '--mem-file=m',
+      '--net-override',
+      'eth0=tap1',
+      '--net-override',
+      'eth1=tap2',
+      '--vsock-uds',
+      '/tmp/v.sock',
+      '--paused',
+      '--track-dirty-pages',
+      '--clock-realtime',
+    ]);
+    assert.deepEqual(p.networkOverrides, [
+      { ifaceId: 'eth0', hostDevName: 'tap1' },
+      { ifaceId: 'eth1', hostDevName: 'tap2' },
+    ]);
+    assert.deepEqual(p.vsockOverride, { udsPath: '/tmp/v.sock' });
+    assert.equal(p.resumeVm, false);
+    assert.equal(p.trackDirtyPages, true);
+    assert.equal(p.clockRealtime, true);
+  });
+
+  test(
+    'refused: VM-shaping flags, no --mem-file, a bad override, restore flags alone',
+    T,
+    async () => {
+      const refused = (argv: string[], re: RegExp) =>
+        assert.throws(
+          () => parseRestoreArgs(argv),
+          (e: unknown) => e instanceof ConfigError && re.test(e.message),
+        );
+      for (const f of [
+        ['--kernel', kernel],
+        ['--vcpus', '2'],
+        ['--memory', '64'],
+        ['--drive', `path=${kernel}`],
+        ['--rng'],
+        ['--rootfs'],
+        ['--net', 'tap=t0'],
+        ['--vsock', 'cid=3,uds=/tmp/x'],
+        ['--cmdline', 'x'],
+        ['--initrd', kernel],
+      ])
+        refused(
+          ['--restore', 's', '--mem-file', 'm', ...f],
+          new RegExp(`cannot be used with ${f[0]}`),
+        );
+      refused(['--restore', 's'], /--restore needs --mem-file/);
+      refused(['--restore', 's', '--mem-file', 'm', '--net-override', 'eth0'], /ID=TAP/);
+      await configError(['--kernel', kernel, '--mem-file', 'm'], /--mem-file needs --restore/);
+      await configError(['--kernel', kernel, '--paused'], /--paused needs --restore/);
+    },
+  );
 });

@@ -8,7 +8,13 @@ import { existsSync } from 'node:fs';
 import { ConfigError, HostError, TypervisorError } from '../util/errors.js';
 import { imageFilePaths } from '../util/guest-images.js';
 import { log, setLogLevel, type Level } from '../util/log.js';
-import { buildVm } from '../vmm/index.js';
+import {
+  buildVm,
+  loadSnapshot,
+  SnapshotError,
+  type BuiltVm,
+  type LoadParams,
+} from '../vmm/index.js';
 import { checkHostCanRun } from '../vmm/index.js';
 import {
   DEFAULT_BOOT_ARGS,
@@ -45,6 +51,15 @@ export const RUN_USAGE = `usage: typervisor run [options]
   --boot-timer      print the time from process start to the guest's boot marker
   --allow-pvm       run even where this host's KVM cannot run stock kernels (PVM-only)
   --log-level L     error | warn | info | debug (default warn)
+Restoring a snapshot instead of booting (the VM's shape comes from the snapshot, so --kernel,
+--initrd, --cmdline, --vcpus, --memory, --drive, --rootfs, --rng, --net and --vsock do not apply):
+  --restore STATE   the state file (typervisor snapshot create, or PUT /snapshot/create)
+  --mem-file MEM    its memory file (required with --restore)
+  --net-override ID=TAP  attach the saved interface ID to another TAP (repeatable)
+  --vsock-uds PATH  use another socket path for the saved vsock device
+  --paused          leave the VM paused after loading it
+  --track-dirty-pages  track dirty pages from the start
+  --clock-realtime  advance the guest clock by the time the snapshot spent on disk
 Console: the guest's serial port is this terminal; press Ctrl-A then x to quit.`;
 
 function intArg(
@@ -84,10 +99,32 @@ export interface RunArgs {
   rootfs: boolean;
 }
 
-export async function parseRunArgs(argv: string[]): Promise<RunArgs> {
-  let parsed;
+/** Flags that shape a booted VM: a restored VM takes its shape from the snapshot. */
+const VM_SHAPING_FLAGS = [
+  'kernel',
+  'initrd',
+  'cmdline',
+  'vcpus',
+  'memory',
+  'drive',
+  'rootfs',
+  'rng',
+  'net',
+  'vsock',
+] as const;
+/** Flags that only mean something with --restore. */
+const RESTORE_FLAGS = [
+  'mem-file',
+  'net-override',
+  'vsock-uds',
+  'paused',
+  'track-dirty-pages',
+  'clock-realtime',
+] as const;
+
+function parseRunFlags(argv: string[]) {
   try {
-    parsed = parseArgs({
+    return parseArgs({
       args: argv,
       strict: true,
       allowPositionals: false,
@@ -105,17 +142,62 @@ export async function parseRunArgs(argv: string[]): Promise<RunArgs> {
         rootfs: { type: 'boolean' },
         net: { type: 'string', multiple: true },
         vsock: { type: 'string', multiple: true },
+        restore: { type: 'string' },
+        'mem-file': { type: 'string' },
+        'net-override': { type: 'string', multiple: true },
+        'vsock-uds': { type: 'string' },
+        paused: { type: 'boolean' },
+        'track-dirty-pages': { type: 'boolean' },
+        'clock-realtime': { type: 'boolean' },
       },
-    });
+    }).values;
   } catch (e) {
     throw new ConfigError((e as Error).message.split('\n')[0]!);
   }
-  const v = parsed.values;
+}
+type RunFlags = ReturnType<typeof parseRunFlags>;
+
+function applyLogLevel(v: RunFlags): void {
   if (v['log-level'] !== undefined) {
     if (!['error', 'warn', 'info', 'debug'].includes(v['log-level']))
       throw new ConfigError(`--log-level must be error, warn, info or debug`);
     setLogLevel(v['log-level'] as Level);
   }
+}
+
+/** `run --restore STATE --mem-file MEM ...`: what to load, as PUT /snapshot/load would. */
+export function parseRestoreArgs(argv: string[]): LoadParams {
+  const v = parseRunFlags(argv);
+  applyLogLevel(v);
+  if (v.restore === undefined) throw new ConfigError('--restore is required');
+  const clash = VM_SHAPING_FLAGS.filter((f) => v[f] !== undefined);
+  if (clash.length > 0)
+    throw new ConfigError(
+      `--restore cannot be used with ${clash.map((f) => `--${f}`).join(', ')}: the snapshot decides the VM's shape`,
+    );
+  if (v['mem-file'] === undefined) throw new ConfigError('--restore needs --mem-file');
+  const networkOverrides = (v['net-override'] ?? []).map((o) => {
+    const m = /^([^=]+)=(.+)$/.exec(o);
+    if (!m) throw new ConfigError(`--net-override must be ID=TAP (got "${o}")`);
+    return { ifaceId: m[1]!, hostDevName: m[2]! };
+  });
+  return {
+    snapshotPath: v.restore,
+    memBackend: { type: 'File', path: v['mem-file'] },
+    trackDirtyPages: v['track-dirty-pages'] ?? false,
+    resumeVm: !(v.paused ?? false),
+    clockRealtime: v['clock-realtime'] ?? false,
+    networkOverrides,
+    ...(v['vsock-uds'] !== undefined ? { vsockOverride: { udsPath: v['vsock-uds'] } } : {}),
+  };
+}
+
+export async function parseRunArgs(argv: string[]): Promise<RunArgs> {
+  const v = parseRunFlags(argv);
+  applyLogLevel(v);
+  if (v.restore !== undefined) throw new ConfigError('--restore: use restoreCommand');
+  const stray = RESTORE_FLAGS.filter((f) => v[f] !== undefined);
+  if (stray.length > 0) throw new ConfigError(`--${stray[0]} needs --restore`);
   let kernel = v.kernel;
   let initrd = v.initrd;
   if (kernel === undefined) {
@@ -171,7 +253,13 @@ async function defaultRootfs(): Promise<string> {
   return p;
 }
 
+/** True when `typervisor run` is asked to restore a snapshot rather than boot. */
+export function isRestore(argv: string[]): boolean {
+  return argv.some((a) => a === '--restore' || a.startsWith('--restore='));
+}
+
 export async function runCommand(argv: string[]): Promise<number> {
+  if (isRestore(argv)) return restoreCommand(argv);
   const { res, bootTimer, allowPvm, rootfs } = await parseRunArgs(argv);
   checkHostCanRun(res.boot.kernel_image_path, allowPvm);
   // Checked before the root disk is copied: a bad flag costs no copy.
@@ -189,17 +277,37 @@ export async function runCommand(argv: string[]): Promise<number> {
     spec = validateResources({ ...res, drives: [root, ...(res.drives ?? [])] });
   }
   try {
-    return await runVm(spec, bootTimer);
+    return await runVm(() => buildVm(spec), bootTimer);
   } finally {
     cleanupRootfs();
   }
 }
 
-async function runVm(spec: VmSpec, bootTimer: boolean): Promise<number> {
+/**
+ * `run --restore`: the same loadSnapshot() as PUT /snapshot/load, console on this terminal. A
+ * snapshot that cannot be loaded is one line and exit 2.
+ */
+export async function restoreCommand(argv: string[]): Promise<number> {
+  const params = parseRestoreArgs(argv);
+  const v = parseRunFlags(argv);
+  return runVm(async () => {
+    try {
+      return await loadSnapshot(params, {});
+    } catch (e) {
+      if (e instanceof TypervisorError && !(e instanceof HostError)) {
+        const reason = e instanceof SnapshotError ? e.reason : e.message;
+        throw new ConfigError(`cannot load snapshot ${params.snapshotPath}: ${reason}`);
+      }
+      throw e;
+    }
+  }, v['boot-timer'] ?? false);
+}
+
+async function runVm(make: () => BuiltVm | Promise<BuiltVm>, bootTimer: boolean): Promise<number> {
   // The handlers go in before the VM starts: its vCPUs run (and the guest can print) before
   // buildVm() returns, and a signal with no handler would kill the process outright.
   let stopRequested = false;
-  let built: ReturnType<typeof buildVm> | undefined;
+  let built: BuiltVm | undefined;
   const stopOnSignal = () => {
     stopRequested = true;
     built?.vmm.requestStop();
@@ -207,7 +315,7 @@ async function runVm(spec: VmSpec, bootTimer: boolean): Promise<number> {
   process.on('SIGTERM', stopOnSignal);
   process.on('SIGINT', stopOnSignal);
   process.on('SIGHUP', stopOnSignal);
-  built = buildVm(spec);
+  built = await make();
   const { vmm, devices } = built;
   if (stopRequested) vmm.requestStop();
   const console_ = new Console(devices, () => vmm.requestStop());

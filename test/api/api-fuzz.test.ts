@@ -125,6 +125,7 @@ const ENDPOINTS: Array<[string, string]> = [
   ['PUT', '/balloon'],
   ['PUT', '/mmds'],
   ['PUT', '/snapshot/create'],
+  ['PUT', '/snapshot/load'],
   ['DELETE', '/drives/d0'],
   ['POST', '/'],
   ['GET', '/x/y/z'],

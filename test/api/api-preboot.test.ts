@@ -253,8 +253,6 @@ describe('API pre-boot (real socket, child process)', () => {
       ['GET', '/mmds'],
       ['PUT', '/mmds', {}],
       ['PUT', '/mmds/config', {}],
-      ['PUT', '/snapshot/create', {}],
-      ['PUT', '/snapshot/load', {}],
       ['PUT', '/cpu-config', {}],
       ['PUT', '/serial', {}],
       ['GET', '/hotplug/memory'],
@@ -266,6 +264,16 @@ describe('API pre-boot (real socket, child process)', () => {
       assert.equal(r.status, 400, `${m} ${p}`);
       assert.match(fault(r), /not supported: .* not implemented in Typervisor yet/, `${m} ${p}`);
     }
+  });
+
+  test('snapshots before boot: create needs a VM, load a fresh process', T, async () => {
+    let r = await call(sock(), 'PUT', '/snapshot', {});
+    assert.equal(fault(r), 'Missing snapshot operation type.');
+    r = await call(sock(), 'PUT', '/snapshot/create', { snapshot_path: 's', mem_file_path: 'm' });
+    assert.equal(fault(r), 'The requested operation is not supported before starting the microVM.');
+    r = await call(sock(), 'PUT', '/snapshot/load', { snapshot_path: 's' });
+    assert.match(fault(r), /either `mem_backend` or `mem_file_path` is required/);
+    assert.equal((await call(sock(), 'GET', '/')).json.state, 'Not started');
   });
 
   test('unknown paths, wrong verbs, bodies where none belong, malformed JSON', T, async () => {

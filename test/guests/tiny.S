@@ -20,6 +20,10 @@
  *                  COM1 forever; every 256 bytes it reads the i8042 status, and a byte waiting
  *                  there (the VMM's Ctrl-Alt-Del) makes it reset through the i8042
  *   MODE_CONSOLEBURST  the same lines, BURST_BYTES bytes in all (256 KiB), then poweroff
+ *   MODE_COUNT     counts forever in %esi: each step increments it, prints it as 8 hex digits and
+ *                  '\n', then spins COUNT_SPIN `pause` iterations (a line every few ms, not a
+ *                  flood). For snapshot tests: a restored copy continues the sequence, and the
+ *                  saved rsi is the last number printed (or the next, if paused mid-line)
  */
 #define COM1 0x3f8
 #define MARKER_PORT 0x3f0
@@ -27,6 +31,9 @@
 #define S5_VALUE ((5 << 2) | (1 << 5))
 #ifndef LOOP_COUNT
 #define LOOP_COUNT 100000
+#endif
+#ifndef COUNT_SPIN
+#define COUNT_SPIN 0x10000
 #endif
 #ifndef BURST_BYTES
 #define BURST_BYTES (256 * 1024)
@@ -158,6 +165,24 @@ _start:
 	mov	$0xfe, %al		/* reset */
 	out	%al, $0x64
 5:	jmp	5b
+#elif defined(MODE_COUNT)
+	xor	%esi, %esi
+3:	inc	%esi
+	mov	%esi, %ebx
+	mov	$4, %ecx
+4:	rol	$8, %ebx		/* most significant byte first */
+	mov	%bl, %al
+	call	puthex
+	dec	%ecx
+	jnz	4b
+	mov	$'\n', %al
+	mov	$COM1, %dx
+	out	%al, %dx
+	mov	$COUNT_SPIN, %ecx
+5:	pause
+	dec	%ecx
+	jnz	5b
+	jmp	3b
 #else
 #error "pick a MODE_"
 #endif
