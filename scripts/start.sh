@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-[ -f native/build/Release/typervisor_native.node ] || npm run install --silent
+[ native/build/Release/typervisor_native.node -nt native/typervisor.c ] || npm run install --silent  # missing or older than its source
 [ -f dist/src/cli/main.js ] || npx tsc -p tsconfig.json
 node dist/src/lab/guest-cli.js paths >/dev/null
 if node -e 'import("./dist/src/kvm/detect.js").then(m => process.exit(m.detectKvm().canRunStockGuests ? 0 : 1))'; then

@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-[ -f native/build/Release/typervisor_native.node ] || npm run install --silent
+[ native/build/Release/typervisor_native.node -nt native/typervisor.c ] || npm run install --silent  # missing or older than its source
 npx tsc -p tsconfig.json
 node dist/src/lab/guest-cli.js build kernel initramfs lab rootfs >/dev/null
 node scripts/run-tests.mjs src fuzz test/host test/api test/lab

@@ -353,7 +353,8 @@ export class VmmController {
     try {
       const spec = validateResources(resourcesFromConfig(this.config));
       checkHostCanRun(spec.kernelPath, false);
-      this.built = (this.opts.build ?? buildVm)(spec, {});
+      // The configuration as given (rate limiters, cache_type, mtu...): a snapshot saves it.
+      this.built = (this.opts.build ?? buildVm)(spec, { config: this.config });
     } catch (e) {
       if (e instanceof TypervisorError) return bad(`Start microvm error: ${e.message}`);
       throw e;

@@ -10,13 +10,12 @@ import { imageFilePaths } from '../util/guest-images.js';
 import { log, setLogLevel, type Level } from '../util/log.js';
 import {
   buildVm,
+  checkHostCanRun,
+  configFromResources,
   loadSnapshot,
   SnapshotError,
   type BuiltVm,
   type LoadParams,
-} from '../vmm/index.js';
-import { checkHostCanRun } from '../vmm/index.js';
-import {
   DEFAULT_BOOT_ARGS,
   MAX_MEM_MIB,
   MIN_MEM_MIB,
@@ -264,6 +263,7 @@ export async function runCommand(argv: string[]): Promise<number> {
   checkHostCanRun(res.boot.kernel_image_path, allowPvm);
   // Checked before the root disk is copied: a bad flag costs no copy.
   let spec = validateResources(res);
+  let runRes = res;
   let cleanupRootfs = () => undefined as void;
   if (rootfs) {
     const copy = privateRootfsCopy(await defaultRootfs());
@@ -274,10 +274,13 @@ export async function runCommand(argv: string[]): Promise<number> {
       is_root_device: true,
       is_read_only: false,
     };
-    spec = validateResources({ ...res, drives: [root, ...(res.drives ?? [])] });
+    runRes = { ...res, drives: [root, ...(res.drives ?? [])] };
+    spec = validateResources(runRes);
   }
   try {
-    return await runVm(() => buildVm(spec), bootTimer);
+    // The configuration as given (a snapshot of this VM saves it).
+    const config = configFromResources(runRes);
+    return await runVm(() => buildVm(spec, { config }), bootTimer);
   } finally {
     cleanupRootfs();
   }
