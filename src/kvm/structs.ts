@@ -15,7 +15,8 @@ import type {
   Xcr,
 } from './types.js';
 
-const REG_ORDER = [
+/** struct kvm_regs, in its field order. */
+export const REG_ORDER = [
   'rax',
   'rbx',
   'rcx',

@@ -45,26 +45,7 @@ const fill = (n: number, seed: number) =>
 
 function vcpuState(id: number): VcpuStateData {
   const regs = Object.fromEntries(
-    [
-      'rax',
-      'rbx',
-      'rcx',
-      'rdx',
-      'rsi',
-      'rdi',
-      'rsp',
-      'rbp',
-      'r8',
-      'r9',
-      'r10',
-      'r11',
-      'r12',
-      'r13',
-      'r14',
-      'r15',
-      'rip',
-      'rflags',
-    ].map((k, i) => [k, BigInt(i * 0x1000 + id)]),
+    S.REG_ORDER.map((k, i) => [k, BigInt(i * 0x1000 + id)]),
   ) as VcpuStateData['regs'];
   return {
     cpuid: [{ function: 0, index: 0, flags: 0, eax: 0xd, ebx: 1, ecx: 2, edx: 3 }],

@@ -25,12 +25,12 @@ import {
   report,
   startVm,
   type HostileVm,
+  STORM_MS,
+  RSS_GROWTH_MIB,
+  STOP_MS,
 } from './hostile-helpers.js';
 
 const skip = hostileSkipReason();
-const STORM_MS = 4000;
-const RSS_GROWTH_MIB = 64;
-const STOP_MS = 5000;
 /** The guest reads sectors [0, 1022 MiB): a sparse image a little larger. */
 const DISK_BYTES = 1100 * 1024 * 1024;
 

@@ -366,4 +366,11 @@ export function report(
   if (file) appendFileSync(file, line + '\n');
 }
 
+/** How long a storm runs while the test watches it. */
+export const STORM_MS = 4000;
+/** The VMM's RSS may grow this much while the test watches (the guests touch < 5 MiB of RAM). */
+export const RSS_GROWTH_MIB = 64;
+/** SIGTERM must end the VMM within this. */
+export const STOP_MS = 5000;
+
 export const mib = (kib: number): number => Math.round((kib / 1024) * 10) / 10;

@@ -24,13 +24,13 @@ import {
   report,
   startVm,
   type HostileVm,
+  RSS_GROWTH_MIB,
+  STOP_MS,
 } from './hostile-helpers.js';
 
 const IDLE_MS = 2000;
 /** CPU of the VMM (percent of one core) once the guest has halted: no busy loop. */
 const IDLE_CPU_PERCENT = 25;
-const RSS_GROWTH_MIB = 64;
-const STOP_MS = 5000;
 const FRAMES = 16;
 
 function netSkipReason(): string | undefined {

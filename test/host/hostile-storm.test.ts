@@ -26,12 +26,12 @@ import {
   report,
   startVm,
   type HostileVm,
+  STORM_MS,
+  RSS_GROWTH_MIB,
+  STOP_MS,
 } from './hostile-helpers.js';
 
 const skip = hostileSkipReason();
-const STORM_MS = 4000;
-const RSS_GROWTH_MIB = 64;
-const STOP_MS = 5000;
 /** An rng request must be answered within this many guest polls (a served one takes far fewer). */
 const RNG_POLLS_MAX = 0x8000;
 

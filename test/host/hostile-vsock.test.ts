@@ -20,15 +20,13 @@ import {
   report,
   startVm,
   type HostileVm,
+  RSS_GROWTH_MIB,
+  STOP_MS,
 } from './hostile-helpers.js';
 
 const skip = hostileSkipReason();
 /** How long the flood is watched. */
 const FLOOD_MS = 3000;
-/** The VMM may grow this much over the flood (the guest's own pages are a few MiB at most). */
-const RSS_GROWTH_MIB = 64;
-/** SIGTERM must end the process within this. */
-const STOP_MS = 5000;
 /** Packets per '.' on the console: 64 kicks of 256 (hostile-build.sh). */
 const PACKETS_PER_DOT = 64 * 256;
 
