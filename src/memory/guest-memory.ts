@@ -1,4 +1,5 @@
 import { GuestMemoryError } from '../util/errors.js';
+import type { DirtyPages } from './dirty-pages.js';
 
 /** One contiguous range of guest RAM, backed by a host buffer (an mmap in production). */
 export interface GuestRegion {
@@ -17,6 +18,11 @@ export interface GuestRegion {
 export class GuestMemory {
   readonly regions: readonly GuestRegion[];
   private readonly views: DataView[];
+  /**
+   * Where the VMM's own writes to guest RAM are marked, when dirty pages are tracked (Diff
+   * snapshots): the virtqueues mark the buffers they hand out and the used ring (queue.ts).
+   */
+  deviceWrites: DirtyPages | undefined;
 
   constructor(regions: GuestRegion[]) {
     const sorted = [...regions].sort((a, b) => a.base - b.base);

@@ -128,6 +128,12 @@ function main(): void {
             throw new Error(
               `${x.slot.kind} device "${x.slot.id}" cannot be saved: a lifecycle change is still pending`,
             );
+        // A snapshot follows: every active queue's rings and held buffers are device-dirty
+        // (no-op unless dirty pages are tracked).
+        for (const x of devices) {
+          const st = x.device.deviceState;
+          if (st.kind === 'active') for (const q of st.queues) q?.markForSnapshot();
+        }
         return devices.map((x): SavedDevice => ({
           kind: x.slot.kind,
           id: x.slot.id,

@@ -9,9 +9,14 @@
  * mappings would be separate copies, so the main thread maps once and the layout carries the
  * host addresses (`hostAddrs`): the other threads wrap those addresses (viewAddress) instead of
  * mapping, and their unmap only drops the view (release). Such a layout has no memfd (-1).
+ *
+ * With dirty page tracking (Diff snapshots) the layout also carries the device-dirty bitmap
+ * (memory/dirty-pages.ts), a SharedArrayBuffer: every thread's GuestMemory marks the VMM's own
+ * writes there (the device worker's virtqueues do), and a snapshot reads and clears it.
  */
 import { ftruncateSync } from 'node:fs';
 import { native, MAP_NORESERVE, MAP_SHARED, PROT_READ, PROT_WRITE } from '../kvm/native.js';
+import { DirtyPages } from '../memory/dirty-pages.js';
 import { GuestMemory } from '../memory/guest-memory.js';
 
 export interface GuestRamRegion {
@@ -31,6 +36,8 @@ export interface GuestRamLayout {
    * view (the device worker and vCPU workers end before the RAM is unmapped).
    */
   hostAddrs?: bigint[];
+  /** The device-dirty bitmap (dirty page tracking on), shared by every thread. */
+  deviceDirty?: SharedArrayBuffer;
 }
 
 export interface MappedGuestRam {
@@ -39,6 +46,16 @@ export interface MappedGuestRam {
   unmap(): void;
   /** The memfd mapped (a booted VM's RAM): the snapshot writer reads only its data extents. */
   memfd?: number;
+}
+
+/** Gives a layout its device-dirty bitmap (before any thread maps it). */
+export function trackDeviceWrites(layout: GuestRamLayout): void {
+  layout.deviceDirty ??= DirtyPages.allocate(layout.regions);
+}
+
+/** The main thread's handle on the layout's device-dirty bitmap, if pages are tracked. */
+export function deviceDirtyPages(layout: GuestRamLayout): DirtyPages | undefined {
+  return layout.deviceDirty ? new DirtyPages(layout.deviceDirty, layout.regions) : undefined;
 }
 
 export function createGuestRam(ranges: Array<{ base: number; size: number }>): GuestRamLayout {
@@ -75,7 +92,22 @@ export function guestRamOver(
   };
 }
 
+/**
+ * Maps the layout's RAM on this thread. With a device-dirty bitmap, the memory marks the VMM's
+ * writes there (GuestMemory.deviceWrites).
+ */
 export function mapGuestRam(layout: GuestRamLayout): MappedGuestRam {
+  const ram = mapRegions(layout);
+  if (layout.deviceDirty)
+    ram.memory.deviceWrites = new DirtyPages(
+      layout.deviceDirty,
+      layout.regions,
+      ram.buffers.map((b) => new Uint8Array(b)),
+    );
+  return ram;
+}
+
+function mapRegions(layout: GuestRamLayout): MappedGuestRam {
   const n = native();
   const addrs = layout.hostAddrs;
   if (addrs) {

@@ -22,7 +22,15 @@
  *   avail.flags after publishing used.idx needs a full fence, or we and the driver could both
  *   miss each other's update (lost interrupt). `fence()` is an Atomics RMW on a
  *   SharedArrayBuffer, which V8 emits as a LOCK-prefixed instruction: a full barrier on x86.
+ *
+ * Dirty pages (Diff snapshots): KVM's dirty log does not see the VMM's own writes to guest RAM.
+ * When the memory has a device-write bitmap (GuestMemory.deviceWrites), pop() marks the pages of
+ * each writable buffer it hands to a backend and remembers them until the chain is used;
+ * pushUsed() marks them again (a backend may fill a held buffer after a snapshot cleared the
+ * bitmap) with the used-ring page; markForSnapshot() marks every ring and every held buffer.
+ * One bit set per page touched, nothing when dirty pages are not tracked.
  */
+import type { DirtyPages } from '../../memory/dirty-pages.js';
 import type { GuestMemory } from '../../memory/guest-memory.js';
 import { type Result, err, ok } from '../../util/result.js';
 import { type ChainError, type DescriptorChain, DESCRIPTOR_SIZE, readChain } from './chain.js';
@@ -92,6 +100,10 @@ export class Virtqueue {
   private brokenReason: string | undefined;
   /** The head of the chain the last pop() returned (a host copy: unpop() checks this). */
   private lastPopped: number | undefined;
+  /** Where device writes are marked (dirty pages tracked), captured at creation. */
+  private readonly dirty: DirtyPages | undefined;
+  /** With `dirty`: the writable buffers of each chain taken and not yet used, by head. */
+  private readonly held: Array<Uint8Array[] | undefined> = [];
 
   private constructor(
     private readonly mem: GuestMemory,
@@ -102,6 +114,7 @@ export class Virtqueue {
     private readonly indirect: boolean,
   ) {
     // Both indices start at 0 after a reset (§2.7.6, §2.7.8); whatever the ring holds is ignored.
+    this.dirty = mem.deviceWrites;
   }
 
   /**
@@ -173,6 +186,12 @@ export class Virtqueue {
     this.lastAvail = (this.lastAvail + 1) & 0xffff;
     const r = readChain(this.mem, this.desc, this.size, head, { indirect: this.indirect });
     this.lastPopped = r.ok ? head : undefined;
+    if (r.ok && this.dirty) {
+      // The buffers the backend may now write: marked now, and again when the chain is used.
+      const w = r.value.writable;
+      for (const v of w) this.dirty.markView(v);
+      this.held[head] = w.length > 0 ? w : undefined;
+    }
     return r.ok ? { kind: 'chain', chain: r.value } : { kind: 'bad-chain', head, error: r.error };
   }
 
@@ -187,6 +206,7 @@ export class Virtqueue {
     if (this.brokenReason !== undefined || this.lastPopped !== head) return false;
     this.lastAvail = (this.lastAvail - 1) & 0xffff;
     this.lastPopped = undefined;
+    this.held[head] = undefined;
     return true;
   }
 
@@ -198,6 +218,25 @@ export class Virtqueue {
     this.usedIdx = (this.usedIdx + 1) & 0xffff;
     // The element is stored before the index (TSO keeps stores in order).
     this.used.setUint16(2, this.usedIdx, true);
+    if (this.dirty) {
+      const w = this.held[head];
+      if (w) {
+        for (const v of w) this.dirty.markView(v);
+        this.held[head] = undefined;
+      }
+      // used.idx and the element just written (the ring's first bytes up to it: 1-3 pages).
+      this.dirty.markAt(this.used.buffer, this.used.byteOffset, slot + 8);
+    }
+  }
+
+  /**
+   * For a snapshot: marks the descriptor table, both rings and every buffer held by a backend
+   * (Firecracker marks a queue's rings the same way). No-op without dirty page tracking.
+   */
+  markForSnapshot(): void {
+    if (!this.dirty) return;
+    for (const ring of [this.desc, this.avail, this.used]) this.dirty.markView(ring);
+    for (const w of this.held) if (w) for (const v of w) this.dirty.markView(v);
   }
 
   /** After used entries were published: does the driver want an interrupt? */
