@@ -9,7 +9,13 @@ import { readFileSync } from 'node:fs';
 import { TypervisorError } from '../util/errors.js';
 import { log } from '../util/log.js';
 import { buildVm, type BuildOptions, type BuiltVm } from '../vmm/index.js';
-import { createSnapshot, loadSnapshot, type CreateParams, type LoadParams } from '../vmm/index.js';
+import {
+  createSnapshot,
+  DIFF_NEEDS_TRACKING,
+  loadSnapshot,
+  type CreateParams,
+  type LoadParams,
+} from '../vmm/index.js';
 import { checkHostCanRun } from '../vmm/index.js';
 import {
   DEFAULT_MACHINE_CONFIG,
@@ -259,6 +265,9 @@ export class VmmController {
   private async create(built: BuiltVm, p: SnapshotCreateBody): Promise<ApiOutcome> {
     const t0 = performance.now();
     const type = p.snapshot_type ?? 'Full';
+    // Firecracker checks this first, whatever the VM's state.
+    if (type === 'Diff' && built.parts?.config['machine-config'].track_dirty_pages !== true)
+      return bad(`${CREATE_PREFIX}${DIFF_NEEDS_TRACKING}`);
     if (built.vmm.state !== 'paused') {
       const now = built.vmm.state === 'running' ? 'Running' : 'Stopped';
       return bad(`${CREATE_PREFIX}the microVM must be paused (it is ${now})`);

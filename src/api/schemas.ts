@@ -47,13 +47,14 @@ export const RateLimiter: Schema = {
 
 export const MachineConfiguration: Schema = {
   type: 'object',
-  description: 'vCPUs and memory. Optional fields accept only their default values for now.',
+  description:
+    'vCPUs and memory. Optional fields other than track_dirty_pages accept only their default values for now.',
   properties: {
     vcpu_count: int(1, MAX_VCPUS, 'Number of vCPUs.'),
     mem_size_mib: int(1, MAX_MEM_MIB, 'Guest memory in MiB (at least 16).'),
     smt: bool('Simultaneous multithreading: only false is supported.'),
     track_dirty_pages: bool(
-      'Dirty page tracking: only false is supported (Diff snapshots are not implemented yet).',
+      "Keep KVM's dirty log and the devices' writes to guest memory, so Diff snapshots can be taken (default false).",
     ),
     huge_pages: oneOf(
       ['None', 'Transparent', '2M'],
@@ -212,7 +213,10 @@ export const SnapshotCreateParams: Schema = {
   properties: {
     snapshot_path: str('Path of the state file (replaced atomically if it exists).'),
     mem_file_path: str('Path of the memory file (replaced atomically if it exists).'),
-    snapshot_type: oneOf(['Full', 'Diff'], 'Full (default); Diff is not implemented yet.'),
+    snapshot_type: oneOf(
+      ['Full', 'Diff'],
+      'Full (default), or Diff: only the pages changed since the last snapshot (needs track_dirty_pages); merge it onto its base with `typervisor snapshot rebase` before loading.',
+    ),
   },
   required: ['snapshot_path', 'mem_file_path'],
 };

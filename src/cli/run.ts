@@ -47,6 +47,8 @@ export const RUN_USAGE = `usage: typervisor run [options]
                     is created if missing, which needs CAP_NET_ADMIN)
   --vsock SPEC      a virtio-vsock device: cid=N,uds=PATH (N >= 3; guest connections to port P
                     reach PATH_P; host programs dial PATH and send "CONNECT P\n")
+  --track-dirty-pages  keep KVM's dirty log and the devices' writes, for Diff snapshots (also
+                    with --restore)
   --boot-timer      print the time from process start to the guest's boot marker
   --allow-pvm       run even where this host's KVM cannot run stock kernels (PVM-only)
   --log-level L     error | warn | info | debug (default warn)
@@ -57,7 +59,6 @@ Restoring a snapshot instead of booting (the VM's shape comes from the snapshot,
   --net-override ID=TAP  attach the saved interface ID to another TAP (repeatable)
   --vsock-uds PATH  use another socket path for the saved vsock device
   --paused          leave the VM paused after loading it
-  --track-dirty-pages  track dirty pages from the start
   --clock-realtime  advance the guest clock by the time the snapshot spent on disk
 Console: the guest's serial port is this terminal; press Ctrl-A then x to quit.`;
 
@@ -117,7 +118,6 @@ const RESTORE_FLAGS = [
   'net-override',
   'vsock-uds',
   'paused',
-  'track-dirty-pages',
   'clock-realtime',
 ] as const;
 
@@ -212,6 +212,7 @@ export async function parseRunArgs(argv: string[]): Promise<RunArgs> {
     machine: {
       vcpu_count: intArg('vcpus', v.vcpus, 1, 1, MAX_VCPUS),
       mem_size_mib: intArg('memory', v.memory, 256, MIN_MEM_MIB, MAX_MEM_MIB),
+      ...(v['track-dirty-pages'] ? { track_dirty_pages: true } : {}),
     },
     boot: {
       kernel_image_path: kernel,

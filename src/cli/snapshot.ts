@@ -6,15 +6,18 @@
 import { request } from 'node:http';
 import { parseArgs } from 'node:util';
 import { ConfigError } from '../util/errors.js';
-import { readSnapshotFile, SnapshotV1 } from '../vmm/index.js';
+import { readSnapshotFile, rebaseMemoryFile, SnapshotV1 } from '../vmm/index.js';
 
-export const SNAPSHOT_USAGE = `usage: typervisor snapshot <create|inspect> [options]
+export const SNAPSHOT_USAGE = `usage: typervisor snapshot <create|inspect|rebase> [options]
   typervisor snapshot create --api-sock SOCK --snapshot-path STATE --mem-file-path MEM
                              [--type Full|Diff] [--resume]
       pauses the VM served on SOCK, writes its state and memory files, and resumes it with --resume
-      (Diff is not implemented yet)
+      (Diff: only the pages changed since the last snapshot; the VM must track dirty pages)
   typervisor snapshot inspect STATE [--json]
       verifies a state file (size, header, checksum, versions) and prints what it holds
+  typervisor snapshot rebase --base MEM --diff DIFF_MEM
+      merges a Diff memory file into the memory file of the snapshot before it (changed in
+      place); load the Diff's state file with the merged file
 Restore with PUT /snapshot/load, or: typervisor run --restore STATE --mem-file MEM`;
 
 const EXIT_OK = 0;
@@ -33,6 +36,8 @@ export async function snapshotCommand(argv: string[]): Promise<number> {
       return createCommand(rest);
     case 'inspect':
       return inspectCommand(rest);
+    case 'rebase':
+      return rebaseCommand(rest);
     case undefined:
     case '--help':
     case '-h':
@@ -40,7 +45,7 @@ export async function snapshotCommand(argv: string[]): Promise<number> {
       process.stdout.write(SNAPSHOT_USAGE + '\n');
       return sub === undefined ? EXIT_FAILED : EXIT_OK;
     default:
-      return fail(`snapshot: unknown subcommand "${sub}" (create or inspect)`);
+      return fail(`snapshot: unknown subcommand "${sub}" (create, inspect or rebase)`);
   }
 }
 
@@ -214,5 +219,34 @@ async function inspectCommand(argv: string[]): Promise<number> {
     ),
   ];
   process.stdout.write(lines.join('\n') + '\n');
+  return EXIT_OK;
+}
+
+async function rebaseCommand(argv: string[]): Promise<number> {
+  let v;
+  try {
+    v = parsed(() =>
+      parseArgs({
+        args: argv,
+        strict: true,
+        allowPositionals: false,
+        options: { base: { type: 'string' }, diff: { type: 'string' } },
+      }),
+    ).values;
+  } catch (e) {
+    return fail(`snapshot rebase: ${(e as Error).message}`);
+  }
+  if (v.base === undefined || v.diff === undefined)
+    return fail('snapshot rebase: --base and --diff are required');
+  await Promise.resolve();
+  let r;
+  try {
+    r = rebaseMemoryFile(v.base, v.diff);
+  } catch (e) {
+    return fail(`snapshot rebase: ${(e as Error).message}`);
+  }
+  process.stdout.write(
+    `${v.base}: merged ${r.bytes} bytes in ${r.extents} extent(s) from ${v.diff}\n`,
+  );
   return EXIT_OK;
 }

@@ -16,6 +16,7 @@ import { log } from '../util/log.js';
 import {
   createGuestRam,
   mapGuestRam,
+  trackDeviceWrites,
   type GuestRamLayout,
   type MappedGuestRam,
 } from './guest-ram.js';
@@ -230,9 +231,13 @@ function build(spec: VmSpec, opts: BuildOptions, undo: UndoList): BuiltVm {
 
   const layout = createGuestRam(ramRegions(memBytes));
   undo.push(() => closeFd(layout.memfd));
+  // Dirty pages tracked (Diff snapshots): KVM's log per slot, and the device-dirty bitmap that
+  // every thread maps with the RAM.
+  const trackDirty = spec.trackDirtyPages === true;
+  if (trackDirty) trackDeviceWrites(layout);
   const ram = mapGuestRam(layout);
   undo.push(() => ram.unmap());
-  attachRam(vm, layout, ram);
+  attachRam(vm, layout, ram, { dirtyLog: trackDirty });
 
   // Kernels find virtio-mmio devices in the DSDT (LNRO0005); kernels built with
   // CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES and no ACPI take them from the command line.

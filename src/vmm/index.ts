@@ -8,6 +8,7 @@
 export { MAX_VCPUS } from '../arch/x86_64/layout.js';
 export { buildVm, type BuildOptions, type BuiltVm, type VmParts } from './builder.js';
 export {
+  DIFF_NEEDS_TRACKING,
   SnapshotError,
   createSnapshot,
   loadSnapshot,
@@ -21,6 +22,7 @@ export {
   readSnapshotFile,
   type SnapshotData,
 } from './snapshot-format.js';
+export { rebaseMemoryFile, type RebaseResult } from './snapshot-memory.js';
 export { checkHostCanRun } from './host-check.js';
 export type { AttachedDevices } from './legacy-devices.js';
 export {

@@ -21,8 +21,9 @@ export { MAX_VIRTIO_DEVICES } from './virtio-plan.js';
 export interface MachineConfig {
   vcpu_count: number;
   mem_size_mib: number;
-  /** Firecracker's optional fields; we support only their default values for now. */
+  /** Firecracker's optional fields; we support only their default values for now, but: */
   smt?: boolean;
+  /** KVM's dirty log on every RAM slot plus the device-dirty bitmap: for Diff snapshots. */
   track_dirty_pages?: boolean;
   huge_pages?: 'None' | 'Transparent' | '2M';
   cpu_template?: string;
@@ -139,11 +140,6 @@ export function validateMachineConfig(m: MachineConfig): MachineConfig {
   }
   if (m.smt === true)
     throw new ConfigError('smt: simultaneous multithreading is not supported yet (only false)');
-  if (m.track_dirty_pages === true) {
-    throw new ConfigError(
-      'track_dirty_pages: dirty page tracking is not supported yet (it is for Diff snapshots, which come later)',
-    );
-  }
   if (m.huge_pages !== undefined && m.huge_pages !== 'None') {
     throw new ConfigError(`huge_pages: "${m.huge_pages}" is not supported yet (only "None")`);
   }
@@ -326,6 +322,8 @@ export interface VmSpec {
   readonly [checked]: true;
   readonly vcpus: number;
   readonly memMib: number;
+  /** machine-config track_dirty_pages: KVM's dirty log and the device-dirty bitmap are kept. */
+  readonly trackDirtyPages?: boolean;
   readonly kernelPath: string;
   readonly initrdPath?: string;
   /** The user's part of the kernel command line; the builder adds root= and the devices. */
@@ -406,6 +404,7 @@ export function validateResources(r: VmResources): VmSpec {
   return {
     vcpus: r.machine.vcpu_count,
     memMib: r.machine.mem_size_mib,
+    ...(r.machine.track_dirty_pages === true ? { trackDirtyPages: true } : {}),
     kernelPath: r.boot.kernel_image_path,
     ...(r.boot.initrd_path !== undefined ? { initrdPath: r.boot.initrd_path } : {}),
     bootArgs: r.boot.boot_args ?? DEFAULT_BOOT_ARGS,
@@ -493,6 +492,7 @@ export function configFromSpec(spec: VmSpec): VmConfig {
     ...DEFAULT_MACHINE_CONFIG,
     vcpu_count: spec.vcpus,
     mem_size_mib: spec.memMib,
+    track_dirty_pages: spec.trackDirtyPages === true,
   };
   spec.devices.forEach((d, i) => {
     if (d.kind === 'block') {

@@ -4,7 +4,10 @@
  *
  *   writeMemoryFile(path, ram, regions)   all-zero pages are skipped, so the file is sparse (and
  *                                         with the memfd, its holes are not even read);
- *                                         written under a temporary name, then renamed
+ *                                         written under a temporary name, then renamed. With
+ *                                         `dirty` (a Diff): only the dirty pages, zero or not
+ *   rebaseMemoryFile(base, diff)          copies a Diff memory file's data extents onto a full
+ *                                         one (SEEK_DATA/SEEK_HOLE), so it can be loaded
  *   checkMemoryFile(path, regions)        opens it read-only; a regular file of exactly the
  *                                         right size, or an error (before anything is created)
  *   mapMemoryFile(fd, regions)            one MAP_PRIVATE mapping per region on the main thread:
@@ -17,6 +20,7 @@ import {
   fsyncSync,
   ftruncateSync,
   openSync,
+  readSync,
   renameSync,
   statSync,
   unlinkSync,
@@ -32,6 +36,7 @@ import {
   SEEK_DATA,
   SEEK_HOLE,
 } from '../kvm/native.js';
+import { isDirty } from '../memory/dirty-pages.js';
 import { err, ok, type Result } from '../util/result.js';
 import { guestRamOver, type GuestRamLayout, type MappedGuestRam } from './guest-ram.js';
 import {
@@ -110,17 +115,32 @@ function pagesToScan(r: SnapshotRegion, sourceFd: number | undefined): Array<[nu
  * for a restored VM): only its data extents are read, so untouched guest RAM stays unallocated
  * (reading a memfd hole allocates a page: 256 MiB with 16 MiB touched is 67 ms and 16 MiB this
  * way, 0.8 s and all 256 MiB allocated scanning everything).
+ * `dirty` (a Diff snapshot): one bitmap per region (memory/dirty-pages.ts layout); exactly the
+ * pages set are written, all-zero ones too (a page the guest zeroed must reach the base when
+ * the diff is merged: a hole would mean "unchanged"), everything else is a hole.
  */
 export function writeMemoryFile(
   path: string,
   ram: MappedGuestRam,
   regions: readonly SnapshotRegion[],
-  opts: { backingFile?: FileId; deferRename?: boolean; sourceFd?: number } = {},
+  opts: {
+    backingFile?: FileId;
+    deferRename?: boolean;
+    sourceFd?: number;
+    dirty?: readonly Uint8Array[];
+  } = {},
 ): PendingFile {
   const bad = regionsInconsistency(regions, memoryFileBytes(regions));
   if (bad) throw new SnapshotFileError(bad);
   if (ram.buffers.length !== regions.length)
     throw new SnapshotFileError('guest RAM and memory regions do not match');
+  const dirty = opts.dirty;
+  if (
+    dirty &&
+    (dirty.length !== regions.length ||
+      dirty.some((b, i) => b.length * 8 < regions[i]!.size / SNAPSHOT_PAGE_SIZE))
+  )
+    throw new SnapshotFileError('the dirty bitmaps do not match the memory regions');
   if (opts.backingFile && sameFile(path, opts.backingFile))
     throw new SnapshotFileError(
       `${path} is the memory file this microVM was restored from; write the snapshot elsewhere`,
@@ -134,8 +154,20 @@ export function writeMemoryFile(
         const buf = ram.buffers[i]!;
         if (buf.byteLength !== r.size)
           throw new SnapshotFileError(`memory region ${i}: size changed`);
-        const words = new Uint32Array(buf);
         const bytes = new Uint8Array(buf);
+        const writeRun = (start: number, end: number) => {
+          const off = start * SNAPSHOT_PAGE_SIZE;
+          const len = (end - start) * SNAPSHOT_PAGE_SIZE;
+          let done = 0;
+          while (done < len)
+            done += writeSync(fd, bytes, off + done, len - done, r.fileOffset + off + done);
+        };
+        const bits = dirty?.[i];
+        if (bits) {
+          forEachRun(bits, r.size / SNAPSHOT_PAGE_SIZE, writeRun);
+          return;
+        }
+        const words = new Uint32Array(buf);
         for (const [first, last] of pagesToScan(r, opts.sourceFd ?? ram.memfd)) {
           let p = first;
           while (p < last) {
@@ -143,13 +175,7 @@ export function writeMemoryFile(
             while (p < last && zeroPage(words, p, pageWords)) p++;
             const start = p;
             while (p < last && !zeroPage(words, p, pageWords)) p++;
-            if (p > start) {
-              const off = start * SNAPSHOT_PAGE_SIZE;
-              const len = (p - start) * SNAPSHOT_PAGE_SIZE;
-              let done = 0;
-              while (done < len)
-                done += writeSync(fd, bytes, off + done, len - done, r.fileOffset + off + done);
-            }
+            if (p > start) writeRun(start, p);
           }
         }
       });
@@ -187,6 +213,29 @@ export function writeMemoryFile(
     }
   }
   return pending;
+}
+
+/** Calls `f(first, end)` for each run of set bits among the first `pages` bits of `bits`. */
+export function forEachRun(
+  bits: Uint8Array,
+  pages: number,
+  f: (first: number, end: number) => void,
+): void {
+  let p = 0;
+  while (p < pages) {
+    // Whole clear bytes are skipped eight pages at a time.
+    if ((p & 7) === 0 && bits[p >>> 3] === 0) {
+      p += 8;
+      continue;
+    }
+    if (!isDirty(bits, p)) {
+      p++;
+      continue;
+    }
+    const start = p;
+    while (p < pages && isDirty(bits, p)) p++;
+    f(start, p);
+  }
 }
 
 function removeQuietly(path: string): void {
@@ -280,4 +329,88 @@ export function mapMemoryFile(fd: number, regions: readonly SnapshotRegion[]): M
     ram,
     backing: { dev: st.dev, ino: st.ino },
   };
+}
+
+/** What a rebase copied. */
+export interface RebaseResult {
+  /** Data extents of the diff copied onto the base. */
+  extents: number;
+  bytes: number;
+}
+
+const REBASE_CHUNK = 1024 * 1024;
+
+/**
+ * Merges a Diff memory file into a full one: every data extent of `diffPath` (found with
+ * SEEK_DATA/SEEK_HOLE, so a Firecracker-made diff works too) is copied to the same offset of
+ * `basePath`, which is changed in place and fsynced; the diff's holes leave the base as it was.
+ * Checked first, nothing written otherwise: both regular files, the same size, not the same file.
+ * Throws SnapshotFileError (a bad pair) or an I/O error (the base may then be partly merged).
+ *
+ * The diff must come from a file system that keeps holes (ext4, xfs, btrfs, tmpfs...): on one
+ * that does not, the whole diff reads as data and its unchanged pages (zeros) would overwrite
+ * the base; that cannot be told apart from a diff whose every page changed.
+ */
+export function rebaseMemoryFile(basePath: string, diffPath: string): RebaseResult {
+  let diffFd: number;
+  try {
+    diffFd = openSync(diffPath, 'r');
+  } catch (e) {
+    throw new SnapshotFileError(`cannot open the diff ${diffPath}: ${(e as Error).message}`);
+  }
+  try {
+    const ds = fstatSync(diffFd);
+    if (!ds.isFile()) throw new SnapshotFileError(`the diff ${diffPath} is not a regular file`);
+    let baseFd: number;
+    try {
+      baseFd = openSync(basePath, 'r+');
+    } catch (e) {
+      throw new SnapshotFileError(
+        `cannot open the base ${basePath} for writing: ${(e as Error).message}`,
+      );
+    }
+    try {
+      const bs = fstatSync(baseFd);
+      if (!bs.isFile()) throw new SnapshotFileError(`the base ${basePath} is not a regular file`);
+      if (bs.dev === ds.dev && bs.ino === ds.ino)
+        throw new SnapshotFileError('the base and the diff are the same file');
+      if (bs.size !== ds.size)
+        throw new SnapshotFileError(
+          `the base is ${bs.size} bytes and the diff ${ds.size}: a diff and its base have the same size (not the same VM's memory files?)`,
+        );
+      const r = copyExtents(diffFd, baseFd, ds.size);
+      fsyncSync(baseFd);
+      return r;
+    } finally {
+      closeSync(baseFd);
+    }
+  } finally {
+    closeSync(diffFd);
+  }
+}
+
+function copyExtents(from: number, to: number, size: number): RebaseResult {
+  const n = native();
+  const buf = new Uint8Array(Math.min(REBASE_CHUNK, Math.max(size, 1)));
+  let extents = 0;
+  let bytes = 0;
+  let pos = 0;
+  while (pos < size) {
+    const data = n.lseek(from, pos, SEEK_DATA);
+    if (data < 0 || data >= size) break;
+    let hole = n.lseek(from, data, SEEK_HOLE);
+    if (hole < 0 || hole > size) hole = size;
+    extents++;
+    for (let off = data; off < hole;) {
+      const want = Math.min(buf.length, hole - off);
+      const got = readSync(from, buf, 0, want, off);
+      if (got <= 0) throw new Error(`the diff ended at ${off} bytes while being read`);
+      let done = 0;
+      while (done < got) done += writeSync(to, buf, done, got - done, off + done);
+      off += got;
+      bytes += got;
+    }
+    pos = hole;
+  }
+  return { extents, bytes };
 }

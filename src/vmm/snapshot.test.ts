@@ -169,7 +169,7 @@ test('load applies overrides and refuses one naming a device the snapshot lacks'
   );
 });
 
-test('create refuses a VM that is not paused, and Diff snapshots for now', async () => {
+test('create refuses a VM that is not paused, and a Diff without dirty page tracking', async () => {
   const vm = (state: string, stopping = false) =>
     ({ vmm: { state, stopping } }) as unknown as BuiltVm;
   const p = { snapshotPath: join(dir, 's'), memFilePath: join(dir, 'm'), type: 'Full' as const };
@@ -180,7 +180,9 @@ test('create refuses a VM that is not paused, and Diff snapshots for now', async
   await assert.rejects(
     createSnapshot(vm('paused'), { ...p, type: 'Diff' }),
     (e: unknown) =>
-      e instanceof SnapshotError && /Diff snapshots are not implemented/.test(e.reason),
+      e instanceof SnapshotError &&
+      e.message ===
+        'Create snapshot error: Diff snapshots are not allowed on uVMs with dirty page tracking disabled.',
   );
   await assert.rejects(
     createSnapshot(vm('paused'), { ...p, memFilePath: p.snapshotPath }),

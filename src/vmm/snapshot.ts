@@ -18,6 +18,8 @@ import { closeSync, readFileSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { ramRegions } from '../arch/x86_64/layout.js';
 import { KVM_CAP_TSC_CONTROL } from '../kvm/constants.js';
+import type { Vm } from '../kvm/kvm.js';
+import { countDirty, dirtyBitmapBytes, type DirtyPages } from '../memory/dirty-pages.js';
 import { ConfigError } from '../util/errors.js';
 import { log } from '../util/log.js';
 import {
@@ -31,6 +33,7 @@ import {
   type BuiltVm,
   type UndoList,
 } from './builder.js';
+import { deviceDirtyPages, trackDeviceWrites } from './guest-ram.js';
 import { closeLegacyDeviceState, createLegacyDeviceState } from './legacy-devices.js';
 import { restoreLegacy, saveLegacy } from './legacy-state.js';
 import { validateRestoreConfig, type RestoreSpec } from './resources.js';
@@ -39,6 +42,7 @@ import {
   readSnapshotFile,
   writeFileAtomic,
   type SnapshotData,
+  type SnapshotRegion,
 } from './snapshot-format.js';
 import { checkMemoryFile, mapMemoryFile, writeMemoryFile } from './snapshot-memory.js';
 import {
@@ -52,6 +56,9 @@ import {
 import { closeVirtio, planVirtioDevices } from './virtio-plan.js';
 
 const MiB = 1024 * 1024;
+/** Firecracker's words for a Diff of a VM that does not track dirty pages. */
+export const DIFF_NEEDS_TRACKING =
+  'Diff snapshots are not allowed on uVMs with dirty page tracking disabled.';
 /** KVM without TSC scaling runs a vCPU at the host's TSC frequency, give or take this much. */
 const TSC_TOLERANCE_PPM = 250;
 
@@ -134,10 +141,11 @@ export async function createSnapshot(built: BuiltVm, p: CreateParams): Promise<v
 
 async function create(built: BuiltVm, p: CreateParams): Promise<void> {
   const { vmm, deviceWorker, parts } = built;
+  // Firecracker's order: the Diff check first, whatever the state.
+  const tracking = built.parts?.config['machine-config'].track_dirty_pages === true;
+  if (p.type === 'Diff' && !tracking) throw createError(DIFF_NEEDS_TRACKING);
   if (vmm.state !== 'paused' || vmm.stopping)
     throw createError(`the microVM must be paused (it is ${stateName(built)})`);
-  if (p.type === 'Diff')
-    throw createError('Diff snapshots are not implemented yet; take a Full snapshot');
   if (resolve(p.snapshotPath) === resolve(p.memFilePath))
     throw createError('snapshot_path and mem_file_path name the same file');
 
@@ -180,7 +188,7 @@ async function create(built: BuiltVm, p: CreateParams): Promise<void> {
     },
     machine: { vcpus: vcpus.length, memMib: restorable.memMib },
     memory: {
-      type: 'Full',
+      type: p.type,
       pageSize: 4096,
       regions,
       fileBytes,
@@ -193,21 +201,62 @@ async function create(built: BuiltVm, p: CreateParams): Promise<void> {
   };
   const stateBytes = encodeSnapshotFile(data);
 
-  // Both files complete before either replaces an old one: memory (temporary name), state
-  // (renamed into place), then the memory file's rename.
-  const mem = writeMemoryFile(p.memFilePath, parts.ram, regions, {
-    ...(parts.backing ? { backingFile: parts.backing } : {}),
-    // A booted VM's memfd: only its data extents are read (untouched RAM stays unallocated).
-    sourceFd: parts.layout.memfd,
-    deferRename: true,
-  });
+  // Dirty pages since the last snapshot (or the boot or load): KVM's log (reading it clears it)
+  // ORed with the device-dirty bitmap. Every create takes them, Full too (as Firecracker's
+  // does), so the next Diff holds what changed since this snapshot. If this create fails, they
+  // are put back into the device-dirty bitmap: nothing is lost for the next one.
+  const deviceDirty = deviceDirtyPages(parts.layout);
+  const dirty = tracking ? takeDirtyPages(parts.vm, regions, deviceDirty) : undefined;
   try {
-    writeFileAtomic(p.snapshotPath, stateBytes);
+    // Both files complete before either replaces an old one: memory (temporary name), state
+    // (renamed into place), then the memory file's rename.
+    const mem = writeMemoryFile(p.memFilePath, parts.ram, regions, {
+      ...(parts.backing ? { backingFile: parts.backing } : {}),
+      // A booted VM's memfd: only its data extents are read (untouched RAM stays unallocated).
+      sourceFd: parts.layout.memfd,
+      deferRename: true,
+      ...(p.type === 'Diff' ? { dirty } : {}),
+    });
+    try {
+      writeFileAtomic(p.snapshotPath, stateBytes);
+    } catch (e) {
+      mem.discard();
+      throw e;
+    }
+    mem.commit();
   } catch (e) {
-    mem.discard();
+    dirty?.forEach((bits, i) => deviceDirty?.orInto(i, bits));
     throw e;
   }
-  mem.commit();
+  if (dirty)
+    log(
+      'info',
+      `snapshot ${p.snapshotPath}: ${dirty.reduce((s, b) => s + countDirty(b), 0)} pages dirty since the last one${p.type === 'Diff' ? ' (written)' : ''}`,
+    );
+}
+
+/**
+ * Takes the pages dirtied since the last take, one bitmap per region (memory/dirty-pages.ts
+ * layout): KVM's dirty log of slot i (= region i, attachRam's order; reading clears it) ORed
+ * with the device-dirty bitmap, which is then cleared. Only while the vCPUs and the device
+ * worker are paused.
+ */
+function takeDirtyPages(
+  vm: Vm,
+  regions: readonly SnapshotRegion[],
+  deviceDirty: DirtyPages | undefined,
+): Uint8Array[] {
+  const out = regions.map((r, i) => {
+    const bits = new Uint8Array(dirtyBitmapBytes(r.size));
+    vm.getDirtyLog(i, bits);
+    if (deviceDirty) {
+      const dev = deviceDirty.region(i);
+      for (let k = 0; k < bits.length; k++) bits[k] = (bits[k] ?? 0) | (dev[k] ?? 0);
+    }
+    return bits;
+  });
+  deviceDirty?.clear();
+  return out;
 }
 
 /**
@@ -272,8 +321,8 @@ function checkSnapshot(p: LoadParams): { data: SnapshotData; spec: RestoreSpec }
     throw loadError(
       `the memory regions do not match this build's layout for ${spec.memMib} MiB (snapshot from another layout)`,
     );
-  if (data.memory.type !== 'Full')
-    throw loadError(`${data.memory.type} snapshots are not implemented yet`);
+  // A Diff's state file is loaded with its memory file merged onto its base (snapshot rebase);
+  // a raw diff has the right size and cannot be told from a merged one (docs/api.md).
   const key = (d: { kind: string; id: string }) => `${d.kind} ${d.id}`;
   const savedDevices = data.devices.map(key).join(', ');
   const configured = spec.devices.map(key).join(', ');
@@ -308,6 +357,8 @@ async function load(p: LoadParams, opts: BuildOptions, undo: UndoList): Promise<
   const mapped = mapMemoryFile(memFd, regions);
   undo.push(() => mapped.ram.unmap());
   closeMemFd(); // the mapping holds the file
+  // A restored VM tracks dirty pages from the start: the first Diff is relative to this load.
+  if (p.trackDirtyPages) trackDeviceWrites(mapped.layout);
   attachRam(vm, mapped.layout, mapped.ram, { dirtyLog: p.trackDirtyPages });
 
   const legacy = createLegacyDeviceState(vm, opts.consoleFd ?? 1);
