@@ -24,6 +24,9 @@
  *                  '\n', then spins COUNT_SPIN `pause` iterations (a line every few ms, not a
  *                  flood). For snapshot tests: a restored copy continues the sequence, and the
  *                  saved rsi is the last number printed (or the next, if paused mid-line)
+ *   MODE_COUNTMEM  the same, but the count lives in guest RAM at COUNT_ADDR (incremented there,
+ *                  then printed): a restore whose memory file lacks the last writes shows a gap
+ *                  (Diff snapshot tests)
  */
 #define COM1 0x3f8
 #define MARKER_PORT 0x3f0
@@ -31,6 +34,9 @@
 #define S5_VALUE ((5 << 2) | (1 << 5))
 #ifndef LOOP_COUNT
 #define LOOP_COUNT 100000
+#endif
+#ifndef COUNT_ADDR
+#define COUNT_ADDR 0x200000
 #endif
 #ifndef COUNT_SPIN
 #define COUNT_SPIN 0x10000
@@ -165,9 +171,15 @@ _start:
 	mov	$0xfe, %al		/* reset */
 	out	%al, $0x64
 5:	jmp	5b
-#elif defined(MODE_COUNT)
+#elif defined(MODE_COUNT) || defined(MODE_COUNTMEM)
 	xor	%esi, %esi
-3:	inc	%esi
+3:
+#if defined(MODE_COUNTMEM)
+	incl	COUNT_ADDR		/* the count lives in guest RAM: a restore needs that page */
+	mov	COUNT_ADDR, %esi
+#else
+	inc	%esi
+#endif
 	mov	%esi, %ebx
 	mov	$4, %ecx
 4:	rol	$8, %ebx		/* most significant byte first */
