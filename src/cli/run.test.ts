@@ -63,9 +63,10 @@ describe('parseRunArgs', () => {
       '--allow-pvm',
       '--log-level',
       'debug',
+      '--track-dirty-pages',
     ]);
     assert.deepEqual(res, {
-      machine: { vcpu_count: 4, mem_size_mib: 512 },
+      machine: { vcpu_count: 4, mem_size_mib: 512, track_dirty_pages: true },
       boot: {
         kernel_image_path: kernel,
         initrd_path: '/x/initrd',
