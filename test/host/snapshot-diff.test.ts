@@ -122,6 +122,10 @@ describe('Diff snapshots with the counting-in-memory tiny guest (KVM)', () => {
     assert.equal((await call(a.sock, 'PATCH', '/vm', { state: 'Resumed' })).status, 204);
     await until(() => lineCount(a.stdout()) >= lineCount(out1) + 20, 20_000, 'A to count on');
     const out2 = await pause(a);
+    // A create that fails (no such directory) takes the dirty pages and must put them back.
+    r = await create(a.sock, 'Diff', 'no-such-dir/s2');
+    assert.equal(r.status, 400, r.body);
+    assert.match(fault(r), /^Create snapshot error: .*no-such-dir/);
     r = await create(a.sock, 'Diff', 's2');
     assert.equal(r.status, 204, r.body);
     await settle();
