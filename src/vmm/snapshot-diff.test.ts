@@ -2,7 +2,8 @@
  * Diff memory files and the rebase that merges them (needs the native addon for lseek with
  * SEEK_DATA/SEEK_HOLE, not KVM): a Diff holds exactly the dirty pages (an all-zero dirty page
  * too) at their offsets and holes elsewhere, and rebasing it onto the Full before it gives the
- * Full of the later state byte for byte. Bad pairs are refused with the base unchanged.
+ * Full of the later state byte for byte. Bad pairs are refused with the base unchanged. And the
+ * device-dirty bitmap reaches a worker thread with the guest RAM layout (a mark there is seen here).
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -20,9 +21,16 @@ import {
 } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { DirtyPages } from '../memory/dirty-pages.js';
+import { Worker } from 'node:worker_threads';
+import { countDirty, DirtyPages } from '../memory/dirty-pages.js';
 import { native, SEEK_DATA, SEEK_HOLE } from '../kvm/native.js';
-import { guestRamOver } from './guest-ram.js';
+import {
+  createGuestRam,
+  deviceDirtyPages,
+  guestRamOver,
+  mapGuestRam,
+  trackDeviceWrites,
+} from './guest-ram.js';
 import { forEachRun, rebaseMemoryFile, writeMemoryFile } from './snapshot-memory.js';
 import type { SnapshotRegion } from './snapshot-format.js';
 
@@ -179,4 +187,44 @@ test('rebase refuses a bad pair with a clear error and leaves the base as it was
   ];
   for (const [b, d, re] of cases) assert.throws(() => rebaseMemoryFile(b, d), re, `${b} ${d}`);
   assert.ok(readFileSync(base).equals(before));
+});
+
+test('the device-dirty bitmap travels with the guest RAM layout to a worker thread', async () => {
+  const layout = createGuestRam([
+    { base: 0, size: 1 * MiB },
+    { base: 0x1_0000_0000, size: 1 * MiB },
+  ]);
+  trackDeviceWrites(layout);
+  const main = deviceDirtyPages(layout)!;
+  const worker = new Worker(
+    `const { parentPort, workerData } = require('node:worker_threads');
+     import(workerData.url).then(({ mapGuestRam }) => {
+       const ram = mapGuestRam(workerData.layout);
+       const seen = ram.memory.deviceWrites !== undefined;
+       // What a virtqueue does with a buffer it hands out: mark the view.
+       ram.memory.deviceWrites.markView(ram.memory.view(0x1_0000_0000 + 5 * 4096, 10));
+       ram.unmap();
+       parentPort.postMessage({ seen });
+     }).catch((e) => parentPort.postMessage({ error: String(e && e.stack || e) }));`,
+    {
+      eval: true,
+      workerData: { url: new URL('./guest-ram.js', import.meta.url).href, layout },
+    },
+  );
+  const reply = await new Promise<{ seen?: boolean; error?: string }>((res) =>
+    worker.once('message', res),
+  );
+  await worker.terminate();
+  native().close(layout.memfd);
+  assert.equal(reply.error, undefined);
+  assert.equal(reply.seen, true);
+  assert.equal(countDirty(main.region(0)), 0);
+  assert.deepEqual([...main.region(1).subarray(0, 1)], [1 << 5]);
+  // Without tracking the layout has no bitmap and the memory marks nothing.
+  const plain = createGuestRam([{ base: 0, size: 1 * MiB }]);
+  const ram = mapGuestRam(plain);
+  assert.equal(ram.memory.deviceWrites, undefined);
+  assert.equal(deviceDirtyPages(plain), undefined);
+  ram.unmap();
+  native().close(plain.memfd);
 });
