@@ -265,8 +265,9 @@ export class VmmController {
   private async create(built: BuiltVm, p: SnapshotCreateBody): Promise<ApiOutcome> {
     const t0 = performance.now();
     const type = p.snapshot_type ?? 'Full';
-    // Firecracker checks this first, whatever the VM's state.
-    if (type === 'Diff' && built.parts?.config['machine-config'].track_dirty_pages !== true)
+    // Firecracker checks this first, whatever the VM's state (a VM that tracks dirty pages has
+    // the device-dirty bitmap in its RAM layout).
+    if (type === 'Diff' && built.parts?.layout.deviceDirty === undefined)
       return bad(`${CREATE_PREFIX}${DIFF_NEEDS_TRACKING}`);
     if (built.vmm.state !== 'paused') {
       const now = built.vmm.state === 'running' ? 'Running' : 'Stopped';

@@ -141,8 +141,9 @@ export async function createSnapshot(built: BuiltVm, p: CreateParams): Promise<v
 
 async function create(built: BuiltVm, p: CreateParams): Promise<void> {
   const { vmm, deviceWorker, parts } = built;
-  // Firecracker's order: the Diff check first, whatever the state.
-  const tracking = built.parts?.config['machine-config'].track_dirty_pages === true;
+  // Firecracker's order: the Diff check first, whatever the state. A VM tracks dirty pages when
+  // it was built or loaded with track_dirty_pages: its RAM layout then has the device bitmap.
+  const tracking = built.parts?.layout.deviceDirty !== undefined;
   if (p.type === 'Diff' && !tracking) throw createError(DIFF_NEEDS_TRACKING);
   if (vmm.state !== 'paused' || vmm.stopping)
     throw createError(`the microVM must be paused (it is ${stateName(built)})`);
@@ -246,16 +247,25 @@ function takeDirtyPages(
   regions: readonly SnapshotRegion[],
   deviceDirty: DirtyPages | undefined,
 ): Uint8Array[] {
-  const out = regions.map((r, i) => {
-    const bits = new Uint8Array(dirtyBitmapBytes(r.size));
-    vm.getDirtyLog(i, bits);
-    if (deviceDirty) {
+  const out: Uint8Array[] = [];
+  try {
+    for (const [i, r] of regions.entries()) {
+      const bits = new Uint8Array(dirtyBitmapBytes(r.size));
+      vm.getDirtyLog(i, bits);
+      out.push(bits);
+    }
+  } catch (e) {
+    // KVM's bits already taken (and cleared there) must not be lost: keep them device-side.
+    out.forEach((bits, i) => deviceDirty?.orInto(i, bits));
+    throw e;
+  }
+  if (deviceDirty) {
+    out.forEach((bits, i) => {
       const dev = deviceDirty.region(i);
       for (let k = 0; k < bits.length; k++) bits[k] = (bits[k] ?? 0) | (dev[k] ?? 0);
-    }
-    return bits;
-  });
-  deviceDirty?.clear();
+    });
+    deviceDirty.clear();
+  }
   return out;
 }
 
