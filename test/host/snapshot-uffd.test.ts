@@ -502,4 +502,69 @@ describe('loading a snapshot with the Uffd backend (KVM, counting tiny guest)', 
       assert.ok(statSync(mem).size === MEM_MIB * 1024 * 1024);
     },
   );
+
+  test(
+    '--config-file with "snapshot-load" restores instead of booting (Uffd), with the API rules',
+    T,
+    async () => {
+      const dir = tempDir();
+      const { last, mem } = await snapshotOf(dir);
+      const sock = join(dir, 'uffd.sock');
+      const section = (backendPath: string, extra: object = {}) => ({
+        'snapshot-load': {
+          snapshot_path: join(dir, 'state'),
+          mem_backend: { backend_type: 'Uffd', backend_path: backendPath },
+          resume_vm: true,
+        },
+        ...extra,
+      });
+      const cfgFile = (name: string, c: object) => {
+        const p = join(dir, name);
+        writeFileSync(p, JSON.stringify(c));
+        return p;
+      };
+      // Refused with one line and exit 152: another section beside it, no handler listening.
+      for (const [name, c, re] of [
+        [
+          'with-boot.json',
+          section(sock, { 'boot-source': { kernel_image_path: guestPath('count') } }),
+          /configuration section "boot-source" cannot be used with "snapshot-load"/,
+        ],
+        [
+          'no-handler.json',
+          section(join(dir, 'nobody.sock')),
+          /Uffd memory backend: cannot connect/,
+        ],
+        [
+          'paused-no-api.json',
+          { 'snapshot-load': { snapshot_path: 's', mem_file_path: 'm' } },
+          /nothing can resume it/,
+        ],
+      ] as const) {
+        const r = await runCli(['--no-api', '--config-file', cfgFile(name, c)]);
+        assert.equal(r.code, 152, `${name}: ${r.stderr}`);
+        assert.match(r.stderr, /^typervisor: bad configuration file /, name);
+        assert.match(r.stderr, re, name);
+      }
+      const h = startHandler(sock, mem);
+      await h.listening;
+      const s = await startServer(['--config-file', cfgFile('good.json', section(sock))]);
+      try {
+        assert.equal((await call(s.sock, 'GET', '/')).json.state, 'Running');
+        const hex = () =>
+          s
+            .stdout()
+            .split('\n')
+            .filter((l) => /^[0-9a-f]{8}$/.test(l))
+            .map((l) => parseInt(l, 16));
+        assert.ok(await eventually(() => hex().length >= 3, 20_000), 'the restored VM counts');
+        assert.equal(hex()[0], last + 1);
+        hex().forEach((x, i) => assert.equal(x, last + 1 + i));
+      } finally {
+        await s.kill();
+      }
+      const done = await h.done;
+      assert.equal(done.code, 0, done.stderr);
+    },
+  );
 });
