@@ -331,6 +331,7 @@ function unlinkQuietly(path: string): void {
 }
 
 export const UFFD_HANDLER_USAGE = `usage: typervisor uffd-handler --socket SOCK --mem-file MEM [--timeout-ms N]
+       typervisor uffd-handler SOCK MEM   (the arguments of Firecracker's example handlers)
 Serves the guest memory of ONE snapshot load with the Uffd backend (PUT /snapshot/load with
 mem_backend {"backend_type": "Uffd", "backend_path": SOCK}, or run --restore STATE --mem-uffd
 SOCK), Firecracker's handshake: pages are copied from MEM as the guest touches them. Exits 0
@@ -342,18 +343,19 @@ when the VMM goes away, 1 on a bad handshake or a fault it cannot serve, 2 on ba
 /** The CLI entry: progress and the final counts on stdout, errors as one line on stderr. */
 export function uffdHandlerCommand(argv: string[]): number {
   let v;
+  let positionals: string[];
   try {
-    v = parseArgs({
+    ({ values: v, positionals } = parseArgs({
       args: argv,
       strict: true,
-      allowPositionals: false,
+      allowPositionals: true,
       options: {
         socket: { type: 'string' },
         'mem-file': { type: 'string' },
         'timeout-ms': { type: 'string' },
         help: { type: 'boolean', short: 'h' },
       },
-    }).values;
+    }));
   } catch (e) {
     process.stderr.write(`typervisor uffd-handler: ${(e as Error).message.split('\n')[0]}\n`);
     return 2;
@@ -361,6 +363,17 @@ export function uffdHandlerCommand(argv: string[]): number {
   if (v.help) {
     process.stdout.write(UFFD_HANDLER_USAGE + '\n');
     return 0;
+  }
+  // Firecracker's example handlers take `SOCK MEM` as positional arguments: so do we.
+  if (positionals.length > 0) {
+    if (positionals.length !== 2 || v.socket !== undefined || v['mem-file'] !== undefined) {
+      process.stderr.write(
+        "typervisor uffd-handler: give --socket SOCK --mem-file MEM, or SOCK MEM (as Firecracker's example handlers take them)\n",
+      );
+      return 2;
+    }
+    v.socket = positionals[0];
+    v['mem-file'] = positionals[1];
   }
   if (v.socket === undefined || v['mem-file'] === undefined) {
     process.stderr.write('typervisor uffd-handler: --socket and --mem-file are required\n');

@@ -93,8 +93,8 @@ export const MAX_UFFD_REGIONS = 64;
 export const MIN_PAGE_SIZE = 4096;
 /** 2 MiB: Firecracker's largest (hugetlbfs 2M). */
 export const MAX_PAGE_SIZE = 2 * 1024 * 1024;
-/** x86_64 user space ends below 2^47 (2^56 with 5-level paging). */
-const MAX_USER_ADDR = 2 ** 56;
+/** x86_64 user space ends at 2^47 (Linux maps above only when asked to, with 5-level paging). */
+const MAX_USER_ADDR = 2 ** 47;
 
 export class HandshakeError extends Error {}
 

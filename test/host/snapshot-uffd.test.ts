@@ -76,11 +76,12 @@ interface Handler {
 }
 
 /** Starts `typervisor uffd-handler` as a child process. */
-function startHandler(sock: string, mem: string, extra: string[] = []): Handler {
+function startHandler(sock: string, mem: string, opts: { positional?: boolean } = {}): Handler {
   let child: ChildProcess | undefined;
   let ready!: () => void;
   const listening = new Promise<void>((r) => (ready = r));
-  const done = runCli(['uffd-handler', '--socket', sock, '--mem-file', mem, ...extra], {
+  const args = opts.positional ? [sock, mem] : ['--socket', sock, '--mem-file', mem];
+  const done = runCli(['uffd-handler', ...args], {
     timeoutMs: 60_000,
     onStdout: (out, c) => {
       child = c;
@@ -182,7 +183,8 @@ describe('the handshake and our handler, this process as the VMM (no KVM)', () =
     const pages = 64;
     const memFile = patternFile(dir, pages);
     const sock = join(dir, 'h.sock');
-    const h = startHandler(sock, memFile);
+    // As Firecracker's tests start their example handler: `handler SOCK MEM`.
+    const h = startHandler(sock, memFile, { positional: true });
     await h.listening;
     // Two regions: file pages [0, 32) and [32, 64), mapped separately, as guest RAM is.
     const maps = [0, 1].map(() =>
@@ -300,8 +302,16 @@ describe('the handshake and our handler, this process as the VMM (no KVM)', () =
       assert.match(lines[0]!, re, what);
     }
     // Bad arguments: exit 2; no VMM connecting within --timeout-ms: exit 1.
-    const noFile = await runCli(['uffd-handler', '--socket', join(dir, 'x.sock')]);
-    assert.equal(noFile.code, 2);
+    for (const args of [
+      ['--socket', join(dir, 'x.sock')],
+      [join(dir, 'x.sock')],
+      [join(dir, 'x.sock'), memFile, '--socket', join(dir, 'x.sock')],
+      ['--bogus'],
+    ]) {
+      const r = await runCli(['uffd-handler', ...args]);
+      assert.equal(r.code, 2, args.join(' '));
+      assert.match(r.stderr, /^typervisor uffd-handler: /);
+    }
     const lonely = await runCli([
       'uffd-handler',
       '--socket',
