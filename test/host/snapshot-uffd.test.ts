@@ -388,18 +388,22 @@ async function snapshotOf(dir: string): Promise<{ last: number; params: LoadPara
 
 describe('loading a snapshot with the Uffd backend (KVM, counting tiny guest)', () => {
   test(
-    'served by our handler, the count continues exactly; it served some pages, not all',
+    'served by our handler, the count continues exactly; it served some pages, not all; run --restore --mem-uffd too',
     T,
-    async () => {
+    async (t) => {
       const dir = tempDir();
       const { last, params, mem } = await snapshotOf(dir);
       const sock = join(dir, 'uffd.sock');
       const h = startHandler(sock, mem);
       await h.listening;
       const out = join(dir, 'b.out');
+      const t0 = performance.now();
       const vm = await loadSnapshot(
         { ...params, memBackend: { type: 'Uffd', path: sock } },
         { consoleFd: openSync(out, 'w') },
+      );
+      t.diagnostic(
+        `loadSnapshot (Uffd, ${MEM_MIB} MiB) took ${(performance.now() - t0).toFixed(1)} ms`,
       );
       await lines(out, 10);
       const b = counts(out);
@@ -412,14 +416,35 @@ describe('loading a snapshot with the Uffd backend (KVM, counting tiny guest)', 
       const pages = (MEM_MIB * 1024 * 1024) / PAGE;
       assert.ok(c.copied! > 0 && c.copied! < pages, `copied ${c.copied} of ${pages} pages`);
       assert.ok(c.faults! >= c.copied!);
+      t.diagnostic(`handler: ${JSON.stringify(c)} of ${pages} pages`);
       assert.deepEqual(kvmLeftovers(), { vcpuMappings: [], kvmTasks: [] });
+
+      // The CLI: run --restore STATE --mem-uffd SOCK, the count continues from the same place.
+      const h2 = startHandler(sock, mem);
+      await h2.listening;
+      const run = await runCli(['run', '--restore', params.snapshotPath, '--mem-uffd', sock], {
+        timeoutMs: 30_000,
+        onStdout: (o, child) => {
+          if (o.split('\n').length > 10) child.kill('SIGTERM');
+        },
+      });
+      assert.equal(run.timedOut, false, run.stderr);
+      const viaCli = run.stdout
+        .split('\n')
+        .filter((l) => /^[0-9a-f]{8}$/.test(l))
+        .map((l) => parseInt(l, 16));
+      assert.ok(viaCli.length >= 5, run.stdout);
+      viaCli.forEach((x, i) => assert.equal(x, last + 1 + i));
+      const r2 = await h2.done;
+      assert.equal(r2.code, 0, r2.stderr);
+      assert.ok(countsOf(r2).copied! > 0);
     },
   );
 
   test(
     'no handler, a handler that never reads, one that hangs up: refused, nothing left; File works',
     T,
-    async () => {
+    async (t) => {
       const n = native();
       const dir = tempDir();
       const { last, params } = await snapshotOf(dir);
@@ -464,7 +489,11 @@ describe('loading a snapshot with the Uffd backend (KVM, counting tiny guest)', 
       assert.equal(fds(), fdsBefore + 1 /* devnull */, 'an fd was left open');
 
       const out = join(dir, 'c.out');
+      const t0 = performance.now();
       const vm = await loadSnapshot(params, { consoleFd: openSync(out, 'w') });
+      t.diagnostic(
+        `loadSnapshot (File, ${MEM_MIB} MiB) took ${(performance.now() - t0).toFixed(1)} ms`,
+      );
       await lines(out, 3);
       assert.equal(counts(out)[0], last + 1);
       await stop(vm);
