@@ -438,6 +438,44 @@ describe('loading a snapshot with the Uffd backend (KVM, counting tiny guest)', 
       const r2 = await h2.done;
       assert.equal(r2.code, 0, r2.stderr);
       assert.ok(countsOf(r2).copied! > 0);
+
+      // A Uffd-restored VM snapshots again: writing its memory faults every page in through the
+      // handler, each exactly once; the new snapshot loads (File) and counts on from there.
+      const h3 = startHandler(sock, mem);
+      await h3.listening;
+      const out3 = join(dir, 'd.out');
+      const vm3 = await loadSnapshot(
+        { ...params, memBackend: { type: 'Uffd', path: sock } },
+        { consoleFd: openSync(out3, 'w') },
+      );
+      await lines(out3, 3);
+      await vm3.vmm.pauseAll(vm3.deviceWorker);
+      const t1 = performance.now();
+      await createSnapshot(vm3, {
+        snapshotPath: join(dir, 'state2'),
+        memFilePath: join(dir, 'mem2'),
+        type: 'Full',
+      });
+      t.diagnostic(
+        `createSnapshot of a Uffd-restored VM (every page through the handler): ${(performance.now() - t1).toFixed(1)} ms`,
+      );
+      const lastD = counts(out3).pop()!;
+      await stop(vm3);
+      const r3 = await h3.done;
+      assert.equal(r3.code, 0, r3.stderr);
+      assert.equal(countsOf(r3).copied, pages, 'each page copied once');
+      const out4 = join(dir, 'e.out');
+      const vm4 = await loadSnapshot(
+        {
+          ...params,
+          snapshotPath: join(dir, 'state2'),
+          memBackend: { type: 'File', path: join(dir, 'mem2') },
+        },
+        { consoleFd: openSync(out4, 'w') },
+      );
+      await lines(out4, 3);
+      assert.equal(counts(out4)[0], lastD + 1);
+      await stop(vm4);
     },
   );
 
