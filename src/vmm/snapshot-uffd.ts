@@ -17,7 +17,9 @@
  *
  * The socket and our copy of the uffd stay open while the VM lives (as in Firecracker: if the
  * handler dies, faults wait instead of silently reading zero pages), and close with the RAM.
- * Any failure undoes everything made here.
+ * The socket is looked at every second: a handler that hangs up is reported (an error in the
+ * log: the next page it has not served will stop the vCPU that touches it). Any failure
+ * undoes everything made here.
  */
 import {
   MAP_ANONYMOUS,
@@ -36,6 +38,7 @@ import {
   UFFDIO_REGISTER,
   UFFDIO_REGISTER_MODE_MISSING,
 } from '../uffd/protocol.js';
+import { log } from '../util/log.js';
 import { guestRamOver, type GuestRamLayout, type MappedGuestRam } from './guest-ram.js';
 import { SNAPSHOT_PAGE_SIZE, type SnapshotRegion } from './snapshot-format.js';
 
@@ -43,6 +46,8 @@ import { SNAPSHOT_PAGE_SIZE, type SnapshotRegion } from './snapshot-format.js';
 export const UFFD_HANDSHAKE_TIMEOUT_MS = 5000;
 /** sun_path holds 107 bytes and a NUL. */
 const MAX_SOCKET_PATH = 107;
+/** How often the handler's socket is looked at for a hang-up. */
+export const UFFD_WATCH_MS = 1000;
 /** TIOCOUTQ (SIOCOUTQ): bytes a socket has sent that its peer has not read yet. */
 const SIOCOUTQ = 0x5411;
 
@@ -71,7 +76,7 @@ function errText(e: unknown): string {
 export async function uffdGuestMemory(
   socketPath: string,
   regions: readonly SnapshotRegion[],
-  opts: { timeoutMs?: number } = {},
+  opts: { timeoutMs?: number; watchMs?: number; onHandlerGone?: (message: string) => void } = {},
 ): Promise<UffdMemory> {
   if (Buffer.byteLength(socketPath) > MAX_SOCKET_PATH)
     throw new UffdBackendError(
@@ -175,17 +180,28 @@ export async function uffdGuestMemory(
       await sleep(1);
     }
     // Still connected? (A handler that closed without reading also empties the queue.)
-    let got: number;
-    try {
-      got = n.read(sock, new Uint8Array(1));
-    } catch (e) {
-      got = 0;
-      void e;
-    }
-    if (got === 0)
+    const one = new Uint8Array(64);
+    const hungUp = () => {
+      try {
+        return n.read(sock, one) === 0; // data (never sent by a handler) is dropped
+      } catch {
+        return true; // ECONNRESET
+      }
+    };
+    if (hungUp())
       throw new UffdBackendError(
         `the page-fault handler at ${socketPath} closed the connection (a handler keeps it open while it serves)`,
       );
+
+    const gone = opts.onHandlerGone ?? ((m: string) => log('error', m));
+    const watch = setInterval(() => {
+      if (sock < 0 || !hungUp()) return;
+      clearInterval(watch);
+      gone(
+        `the page-fault handler at ${socketPath} hung up: a vCPU that touches guest memory it has not served yet will wait forever`,
+      );
+    }, opts.watchMs ?? UFFD_WATCH_MS);
+    watch.unref();
 
     const copy = regions.map((r) => ({ base: r.base, size: r.size, fileOffset: r.fileOffset }));
     const mapped = guestRamOver(copy, buffers, (b) => n.munmap(b));
@@ -193,6 +209,7 @@ export async function uffdGuestMemory(
     const ram: MappedGuestRam = {
       ...mapped,
       unmap: () => {
+        clearInterval(watch);
         unmapRam();
         closeAll();
       },

@@ -66,6 +66,7 @@ import {
 } from './helpers.js';
 
 const PAGE = 4096;
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const MADV_DONTNEED = 4;
 
 interface Handler {
@@ -144,7 +145,11 @@ describe('the handshake and our handler, this process as the VMM (no KVM)', () =
         if (got.fds[0] !== undefined) fdKind = readlinkSync(`/proc/self/fd/${got.fds[0]}`);
       }
     }, 1);
-    const mem = await uffdGuestMemory(sock, regions).finally(() => clearInterval(server));
+    let gone = '';
+    const mem = await uffdGuestMemory(sock, regions, {
+      watchMs: 20,
+      onHandlerGone: (m) => (gone = m),
+    }).finally(() => clearInterval(server));
     try {
       assert.equal(got.fds.length, 1, 'exactly one fd, as SCM_RIGHTS');
       assert.equal(fdKind, 'anon_inode:[userfaultfd]');
@@ -171,6 +176,13 @@ describe('the handshake and our handler, this process as the VMM (no KVM)', () =
       assert.ok(!/[\s.eE-]/.test(text.replace(/"[a-z_]+"/g, '')), 'no spaces, fractions, signs');
       assert.deepEqual(mem.layout.hostAddrs, addrs);
       assert.equal(mem.layout.memfd, -1);
+      // The handler hanging up later is reported.
+      await sleep(60);
+      assert.equal(gone, '', 'reported while connected');
+      n.close(conn);
+      conn = -1;
+      assert.ok(await eventually(() => gone !== '', 2000), 'a hang-up was not reported');
+      assert.match(gone, /the page-fault handler at .*h\.sock hung up/);
     } finally {
       for (const fd of [...got.fds, conn, listener]) if (fd >= 0) n.close(fd);
       mem.ram.unmap();
