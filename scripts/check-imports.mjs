@@ -39,7 +39,19 @@ export const LAYERS = {
   cli: ['api', 'vmm', 'uffd', 'util'],
   // Development tooling (guest images, the nested-KVM lab): may use anything; nothing else in
   // src/ may import it (test/ and bench/ do, outside this check).
-  lab: ['util', 'kvm', 'memory', 'loader', 'arch', 'events', 'devices', 'vmm', 'uffd', 'api', 'cli'],
+  lab: [
+    'util',
+    'kvm',
+    'memory',
+    'loader',
+    'arch',
+    'events',
+    'devices',
+    'vmm',
+    'uffd',
+    'api',
+    'cli',
+  ],
 };
 
 /** Layers that the named importers may reach only through the listed files (repo-relative). */
