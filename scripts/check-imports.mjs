@@ -24,6 +24,8 @@ export const LAYERS = {
   kvm: ['util'],
   memory: ['util'],
   loader: ['memory', 'util'],
+  // The Uffd backend's handshake and our page-fault handler (a process of its own).
+  uffd: ['kvm', 'util'],
   // kvm only through src/kvm/types.ts (see ONLY_THROUGH): arch fills in plain data, vmm hands
   // it to KVM. arch and devices are siblings: neither imports the other (the ACPI tables and
   // the AcpiPm device agree through arch/x86_64/layout.ts, checked in src/vmm/).
@@ -31,13 +33,25 @@ export const LAYERS = {
   events: ['kvm', 'util'],
   // Never kvm, events (it loads the native addon), arch, vmm, api, cli, lab.
   devices: ['memory', 'util'],
-  vmm: ['util', 'kvm', 'memory', 'loader', 'arch', 'events', 'devices'],
+  vmm: ['util', 'kvm', 'memory', 'loader', 'arch', 'events', 'devices', 'uffd'],
   // vmm only through src/vmm/index.ts (see ONLY_THROUGH).
   api: ['vmm', 'util'],
-  cli: ['api', 'vmm', 'util'],
+  cli: ['api', 'vmm', 'uffd', 'util'],
   // Development tooling (guest images, the nested-KVM lab): may use anything; nothing else in
   // src/ may import it (test/ and bench/ do, outside this check).
-  lab: ['util', 'kvm', 'memory', 'loader', 'arch', 'events', 'devices', 'vmm', 'api', 'cli'],
+  lab: [
+    'util',
+    'kvm',
+    'memory',
+    'loader',
+    'arch',
+    'events',
+    'devices',
+    'vmm',
+    'uffd',
+    'api',
+    'cli',
+  ],
 };
 
 /** Layers that the named importers may reach only through the listed files (repo-relative). */

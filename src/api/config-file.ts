@@ -2,16 +2,70 @@
  * --config-file: Firecracker's JSON configuration (the same shape GET /vm/config answers), turned
  * into the sequence of actions the equivalent API calls would make, ending with InstanceStart.
  * So a config file goes through exactly the checks the API applies.
+ *
+ * Or, with a "snapshot-load" section (Typervisor's: Firecracker's --config-file has none), the
+ * file restores a snapshot instead of booting: the section is the body of PUT /snapshot/load,
+ * with the same fields, rules and errors, and it may come only with "logger" and "metrics" (the
+ * API's rule too: a load happens in a process that has configured nothing else; the snapshot
+ * decides the VM, and network_overrides / vsock_override re-point its TAPs and vsock socket).
  */
 import type { VmConfig } from '../vmm/index.js';
-import { parseBody, type VmmAction } from './routes.js';
-import { FullVmConfiguration, UNSUPPORTED_CONFIG_SECTIONS } from './schemas.js';
+import {
+  DESERIALIZE_PREFIX,
+  LOAD_MISSING_MEM,
+  LOAD_TOO_MANY_MEM,
+  parseBody,
+  type SnapshotLoadBody,
+  type VmmAction,
+} from './routes.js';
+import type { Schema } from './schema.js';
+import { FullVmConfiguration, SnapshotLoadParams, UNSUPPORTED_CONFIG_SECTIONS } from './schemas.js';
 
-export function parseVmConfig(text: string): { actions: VmmAction[] } | { fault: string } {
-  const r = parseBody<Partial<VmConfig> & Record<string, unknown>>(FullVmConfiguration, text);
+/** The config file's own section name for a restore (kebab-case, as the other sections). */
+export const SNAPSHOT_LOAD_SECTION = 'snapshot-load';
+/** Sections a snapshot-load may come with: the process's, not the VM's. */
+const WITH_SNAPSHOT_LOAD = ['logger', 'metrics', SNAPSHOT_LOAD_SECTION];
+
+/** FullVmConfiguration plus the snapshot-load section (the body of PUT /snapshot/load). */
+const full = FullVmConfiguration as Extract<Schema, { type: 'object' }>;
+export const ConfigFileSchema: Schema = {
+  ...full,
+  description:
+    'The content of --config-file: the shape of GET /vm/config, or "snapshot-load" (with "logger" and "metrics" only) to restore a snapshot.',
+  properties: { ...full.properties, [SNAPSHOT_LOAD_SECTION]: SnapshotLoadParams },
+};
+
+type ConfigFile = Partial<VmConfig> &
+  Record<string, unknown> & { [SNAPSHOT_LOAD_SECTION]?: SnapshotLoadBody };
+
+export function parseVmConfig(
+  text: string,
+  opts: { noApi?: boolean } = {},
+): { actions: VmmAction[] } | { fault: string } {
+  const r = parseBody<ConfigFile>(ConfigFileSchema, text);
   if ('fault' in r)
     return { fault: r.fault.replace('the json body of a request', 'the configuration file') };
   const c = r.value;
+  const load = c[SNAPSHOT_LOAD_SECTION];
+  if (load) {
+    const other = Object.keys(c).filter(
+      (k) => c[k] !== undefined && !WITH_SNAPSHOT_LOAD.includes(k),
+    );
+    if (other.length > 0)
+      return {
+        fault: `configuration section "${other[0]}" cannot be used with "${SNAPSHOT_LOAD_SECTION}": the snapshot decides the VM (use network_overrides or vsock_override to re-point its devices)`,
+      };
+    // The same exclusivity check as PUT /snapshot/load (routes.ts).
+    const hasBackend = load.mem_backend !== undefined;
+    if (hasBackend === (load.mem_file_path !== undefined))
+      return {
+        fault: `${DESERIALIZE_PREFIX}${SNAPSHOT_LOAD_SECTION}: ${hasBackend ? LOAD_TOO_MANY_MEM : LOAD_MISSING_MEM}`,
+      };
+    if (opts.noApi && load.resume_vm !== true)
+      return {
+        fault: `"${SNAPSHOT_LOAD_SECTION}" without "resume_vm": true leaves the VM paused, and with --no-api nothing can resume it`,
+      };
+  }
   for (const k of UNSUPPORTED_CONFIG_SECTIONS) {
     if (c[k] !== undefined)
       return { fault: `configuration section "${k}" is not supported by Typervisor yet` };
@@ -20,6 +74,10 @@ export function parseVmConfig(text: string): { actions: VmmAction[] } | { fault:
   // Logger and metrics first, so that what follows is logged and counted.
   if (c.logger) actions.push({ kind: 'PutLogger', config: c.logger });
   if (c.metrics) actions.push({ kind: 'PutMetrics', config: c.metrics });
+  if (load) {
+    actions.push({ kind: 'LoadSnapshot', params: load });
+    return { actions };
+  }
   if (c['machine-config']) actions.push({ kind: 'PutMachineConfig', config: c['machine-config'] });
   if (c['boot-source']) actions.push({ kind: 'PutBootSource', config: c['boot-source'] });
   for (const d of c.drives ?? []) actions.push({ kind: 'PutDrive', config: d });

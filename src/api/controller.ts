@@ -375,16 +375,17 @@ export class VmmController {
 
   /**
    * --config-file: the JSON of GET /vm/config, applied section by section as the matching PUT
-   * requests would be, then InstanceStart. Returns the first failure's message.
+   * requests would be, then InstanceStart; or a "snapshot-load" section, applied as PUT
+   * /snapshot/load (config-file.ts). Returns the first failure's message.
    */
-  async applyConfigFile(path: string): Promise<string | undefined> {
+  async applyConfigFile(path: string, opts: { noApi?: boolean } = {}): Promise<string | undefined> {
     let text: string;
     try {
       text = readFileSync(path, 'utf8');
     } catch (e) {
       return `cannot read the configuration file ${path}: ${(e as Error).message}`;
     }
-    const parsed = parseVmConfig(text);
+    const parsed = parseVmConfig(text, opts);
     if ('fault' in parsed) return parsed.fault;
     for (const action of parsed.actions) {
       const r = await this.handle(action);

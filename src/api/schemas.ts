@@ -225,7 +225,10 @@ export const MemBackend: Schema = {
   type: 'object',
   description: 'Where guest memory comes from on load.',
   properties: {
-    backend_type: oneOf(['File', 'Uffd'], 'File (mapped privately); Uffd is not implemented yet.'),
+    backend_type: oneOf(
+      ['File', 'Uffd'],
+      "File (the memory file, mapped privately) or Uffd (a page-fault handler fills guest memory, Firecracker's handshake).",
+    ),
     backend_path: str("The memory file (File) or the page-fault handler's socket (Uffd)."),
   },
   required: ['backend_type', 'backend_path'],

@@ -42,7 +42,8 @@ export const FIRECRACKER_FLAGS = [
 export const FIRECRACKER_USAGE = `usage: typervisor [--api-sock PATH] [--config-file FILE] [--no-api] [options]
 Firecracker-compatible mode: the REST API of Firecracker on a Unix socket (docs/api.md).
   --api-sock PATH      API socket (default ${DEFAULT_API_SOCK})
-  --config-file FILE   boot at once from this JSON (the shape of GET /vm/config)
+  --config-file FILE   boot at once from this JSON (the shape of GET /vm/config), or restore
+                       a snapshot: {"snapshot-load": <the body of PUT /snapshot/load>}
   --no-api             no API socket (needs --config-file)
   --id ID              instance id, 1-64 letters, digits or '-' (default ${DEFAULT_INSTANCE_ID})
   --boot-timer         log the time from process start to the guest's boot marker
@@ -204,7 +205,7 @@ export async function firecrackerCommand(argv: string[]): Promise<number> {
 
   try {
     if (args.configFile !== undefined) {
-      const fault = await controller.applyConfigFile(args.configFile);
+      const fault = await controller.applyConfigFile(args.configFile, { noApi: args.noApi });
       if (fault) {
         process.stderr.write(`typervisor: bad configuration file ${args.configFile}: ${fault}\n`);
         return FC_EXIT_BAD_CONFIGURATION;

@@ -41,9 +41,11 @@ function boundExitAfterSignals(): void {
 const usage = (runUsage: string) => `usage: typervisor <command> [options]
 commands:
   run        boot a VM with its console on this terminal (typervisor run --help), or restore
-             a snapshot (run --restore STATE --mem-file MEM)
+             a snapshot (run --restore STATE --mem-file MEM | --mem-uffd SOCK)
   snapshot   create a snapshot of a VM on an API socket, or inspect a state file
              (typervisor snapshot --help)
+  uffd-handler  serve a snapshot's memory to one VMM loading it with the Uffd backend
+             (typervisor uffd-handler --help)
   version    print the version
   --api-sock PATH | --config-file FILE ...   Firecracker-compatible API mode (typervisor --api-sock x --help)
 ${runUsage}`;
@@ -78,6 +80,11 @@ export async function main(argv: string[]): Promise<number> {
   if (await isFirecrackerInvocation(argv)) {
     const { firecrackerCommand } = await import('./firecracker.js');
     return firecrackerCommand(argv);
+  }
+  if (cmd === 'uffd-handler') {
+    // Its own light process: none of the VMM is loaded.
+    const { uffdHandlerCommand } = await import('../uffd/handler.js');
+    return uffdHandlerCommand(rest);
   }
   if (cmd === 'run' && !rest.includes('--help') && !rest.includes('-h'))
     prewarmVcpuWorkers(vcpusHint(rest));

@@ -245,6 +245,10 @@ describe('run --restore arguments', () => {
     assert.equal(p.resumeVm, false);
     assert.equal(p.trackDirtyPages, true);
     assert.equal(p.clockRealtime, true);
+    assert.deepEqual(parseRestoreArgs(['--restore', 's', '--mem-uffd', '/tmp/h.sock']).memBackend, {
+      type: 'Uffd',
+      path: '/tmp/h.sock',
+    });
   });
 
   test(
@@ -272,7 +276,12 @@ describe('run --restore arguments', () => {
           ['--restore', 's', '--mem-file', 'm', ...f],
           new RegExp(`cannot be used with ${f[0]}`),
         );
-      refused(['--restore', 's'], /--restore needs --mem-file/);
+      refused(['--restore', 's'], /--restore needs --mem-file \(or --mem-uffd\)/);
+      refused(
+        ['--restore', 's', '--mem-file', 'm', '--mem-uffd', 'h'],
+        /--mem-file and --mem-uffd cannot be used together/,
+      );
+      await configError(['--kernel', kernel, '--mem-uffd', 'h'], /--mem-uffd needs --restore/);
       refused(['--restore', 's', '--mem-file', 'm', '--net-override', 'eth0'], /ID=TAP/);
       await configError(['--kernel', kernel, '--mem-file', 'm'], /--mem-file needs --restore/);
       await configError(['--kernel', kernel, '--paused'], /--paused needs --restore/);

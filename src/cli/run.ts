@@ -55,7 +55,9 @@ export const RUN_USAGE = `usage: typervisor run [options]
 Restoring a snapshot instead of booting (the VM's shape comes from the snapshot, so --kernel,
 --initrd, --cmdline, --vcpus, --memory, --drive, --rootfs, --rng, --net and --vsock do not apply):
   --restore STATE   the state file (typervisor snapshot create, or PUT /snapshot/create)
-  --mem-file MEM    its memory file (required with --restore)
+  --mem-file MEM    its memory file (mapped privately; pages load on first touch)
+  --mem-uffd SOCK   or: the socket of a page-fault handler serving the memory file (the Uffd
+                    backend: start \`typervisor uffd-handler --socket SOCK --mem-file MEM\` first)
   --net-override ID=TAP  attach the saved interface ID to another TAP (repeatable)
   --vsock-uds PATH  use another socket path for the saved vsock device
   --paused          leave the VM paused after loading it
@@ -115,6 +117,7 @@ const VM_SHAPING_FLAGS = [
 /** Flags that only mean something with --restore. */
 const RESTORE_FLAGS = [
   'mem-file',
+  'mem-uffd',
   'net-override',
   'vsock-uds',
   'paused',
@@ -143,6 +146,7 @@ function parseRunFlags(argv: string[]) {
         vsock: { type: 'string', multiple: true },
         restore: { type: 'string' },
         'mem-file': { type: 'string' },
+        'mem-uffd': { type: 'string' },
         'net-override': { type: 'string', multiple: true },
         'vsock-uds': { type: 'string' },
         paused: { type: 'boolean' },
@@ -174,7 +178,12 @@ export function parseRestoreArgs(argv: string[]): LoadParams {
     throw new ConfigError(
       `--restore cannot be used with ${clash.map((f) => `--${f}`).join(', ')}: the snapshot decides the VM's shape`,
     );
-  if (v['mem-file'] === undefined) throw new ConfigError('--restore needs --mem-file');
+  if ((v['mem-file'] === undefined) === (v['mem-uffd'] === undefined))
+    throw new ConfigError(
+      v['mem-file'] === undefined
+        ? '--restore needs --mem-file (or --mem-uffd)'
+        : '--mem-file and --mem-uffd cannot be used together',
+    );
   const networkOverrides = (v['net-override'] ?? []).map((o) => {
     const m = /^([^=]+)=(.+)$/.exec(o);
     if (!m) throw new ConfigError(`--net-override must be ID=TAP (got "${o}")`);
@@ -182,7 +191,10 @@ export function parseRestoreArgs(argv: string[]): LoadParams {
   });
   return {
     snapshotPath: v.restore,
-    memBackend: { type: 'File', path: v['mem-file'] },
+    memBackend:
+      v['mem-uffd'] !== undefined
+        ? { type: 'Uffd', path: v['mem-uffd'] }
+        : { type: 'File', path: v['mem-file']! },
     trackDirtyPages: v['track-dirty-pages'] ?? false,
     resumeVm: !(v.paused ?? false),
     clockRealtime: v['clock-realtime'] ?? false,

@@ -124,10 +124,19 @@ async function refused(p: LoadParams, re: RegExp): Promise<void> {
   });
 }
 
-test('load refuses a missing or damaged state file, and the Uffd backend for now', async () => {
+test('load refuses a missing or damaged state file, and a Uffd backend with no handler', async () => {
   const p = files(sample());
   await refused({ ...p, snapshotPath: join(dir, 'nope') }, /cannot open the snapshot file/);
-  await refused({ ...p, memBackend: { type: 'Uffd', path: '/tmp/uffd.sock' } }, /Uffd/);
+  // The state file is checked first, then the handler's socket (test/host/snapshot-uffd.test.ts).
+  const uffd = { type: 'Uffd' as const, path: join(dir, 'no-handler.sock') };
+  await refused(
+    { ...p, snapshotPath: join(dir, 'nope'), memBackend: uffd },
+    /cannot open the snapshot file/,
+  );
+  await refused(
+    { ...p, memBackend: uffd },
+    /^Uffd memory backend: (cannot connect to the page-fault handler at .*no-handler\.sock \(ENOENT\)|cannot create a userfaultfd)/,
+  );
   truncateSync(p.snapshotPath, 100);
   await refused(p, /truncated/);
 });

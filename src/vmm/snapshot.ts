@@ -44,7 +44,9 @@ import {
   type SnapshotData,
   type SnapshotRegion,
 } from './snapshot-format.js';
-import { checkMemoryFile, mapMemoryFile, writeMemoryFile } from './snapshot-memory.js';
+import type { GuestRamLayout, MappedGuestRam } from './guest-ram.js';
+import { checkMemoryFile, mapMemoryFile, writeMemoryFile, type FileId } from './snapshot-memory.js';
+import { uffdGuestMemory } from './snapshot-uffd.js';
 import {
   MSR_IA32_TSC,
   MSR_IA32_TSC_DEADLINE,
@@ -293,8 +295,6 @@ export async function loadSnapshot(p: LoadParams, opts: BuildOptions = {}): Prom
 
 /** Steps 1-3 of a load: everything that can be checked without creating anything. */
 function checkSnapshot(p: LoadParams): { data: SnapshotData; spec: RestoreSpec } {
-  if (p.memBackend.type === 'Uffd')
-    throw loadError('the Uffd memory backend is not implemented yet; use File');
   const read = readSnapshotFile(p.snapshotPath);
   if (!read.ok) throw loadError(read.error.message);
   const data = read.value;
@@ -346,17 +346,27 @@ function checkSnapshot(p: LoadParams): { data: SnapshotData; spec: RestoreSpec }
 async function load(p: LoadParams, opts: BuildOptions, undo: UndoList): Promise<BuiltVm> {
   const { data, spec } = checkSnapshot(p);
   const regions = data.memory.regions;
-  const mem = checkMemoryFile(p.memBackend.path, regions);
-  if (!mem.ok) throw loadError(mem.error.message);
-  const memFd = mem.value.fd;
-  let memFdOpen = true;
+  // Guest RAM: the memory file mapped privately (File), or anonymous memory a page-fault
+  // handler fills (Uffd). Either way the main thread maps it and the workers wrap it.
+  let memory: { layout: GuestRamLayout; ram: MappedGuestRam; backing?: FileId } | undefined;
+  let memFd = -1;
   const closeMemFd = () => {
-    if (memFdOpen) {
-      memFdOpen = false;
-      closeFdQuietly(memFd);
-    }
+    if (memFd >= 0) closeFdQuietly(memFd);
+    memFd = -1;
   };
-  undo.push(closeMemFd);
+  if (p.memBackend.type === 'Uffd') {
+    // Before anything else is made: no handler is the likeliest failure.
+    const uffd = await uffdGuestMemory(p.memBackend.path, regions).catch((e: Error) => {
+      throw loadError(`Uffd memory backend: ${e.message}`);
+    });
+    undo.push(() => uffd.ram.unmap());
+    memory = uffd;
+  } else {
+    const mem = checkMemoryFile(p.memBackend.path, regions);
+    if (!mem.ok) throw loadError(mem.error.message);
+    memFd = mem.value.fd;
+    undo.push(closeMemFd);
+  }
 
   // From here on things are created; each has its undo entry.
   const plan = planVirtioDevices(spec.devices);
@@ -364,12 +374,15 @@ async function load(p: LoadParams, opts: BuildOptions, undo: UndoList): Promise<
   plan.warnings.forEach((w) => log('warn', w));
 
   const { kvm, vm } = createVmShell(undo);
-  const mapped = mapMemoryFile(memFd, regions);
-  undo.push(() => mapped.ram.unmap());
-  closeMemFd(); // the mapping holds the file
+  if (!memory) {
+    const mapped = mapMemoryFile(memFd, regions);
+    undo.push(() => mapped.ram.unmap());
+    closeMemFd(); // the mapping holds the file
+    memory = mapped;
+  }
   // A restored VM tracks dirty pages from the start: the first Diff is relative to this load.
-  if (p.trackDirtyPages) trackDeviceWrites(mapped.layout);
-  attachRam(vm, mapped.layout, mapped.ram, { dirtyLog: p.trackDirtyPages });
+  if (p.trackDirtyPages) trackDeviceWrites(memory.layout);
+  attachRam(vm, memory.layout, memory.ram, { dirtyLog: p.trackDirtyPages });
 
   const legacy = createLegacyDeviceState(vm, opts.consoleFd ?? 1);
   undo.push(() => closeLegacyDeviceState(legacy));
@@ -421,14 +434,14 @@ async function load(p: LoadParams, opts: BuildOptions, undo: UndoList): Promise<
     {
       kvm,
       vm,
-      layout: mapped.layout,
-      ram: mapped.ram,
+      layout: memory.layout,
+      ram: memory.ram,
       legacy,
       plan,
       config: spec.config,
       vcpuFds,
       mmapSize,
-      backing: mapped.backing,
+      ...(memory.backing ? { backing: memory.backing } : {}),
     },
     { ...opts, paused: true },
     undo,
