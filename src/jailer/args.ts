@@ -161,14 +161,10 @@ export function parseJailerArgs(argv: string[], probe: PathProbe): ParsedCommand
   const uid = parseU32('uid', need('uid'));
   const gid = parseU32('gid', need('gid'));
 
-  const chrootBaseDir = single.get('chroot-base-dir') ?? DEFAULT_CHROOT_BASE;
-  if (
-    !isAbsolute(chrootBaseDir) ||
-    posix.normalize(chrootBaseDir) !== chrootBaseDir.replace(/(.)\/+$/, '$1')
-  )
-    throw new ConfigError(
-      `--chroot-base-dir must be an absolute, normalized path: '${chrootBaseDir}'`,
-    );
+  const baseText = single.get('chroot-base-dir') ?? DEFAULT_CHROOT_BASE;
+  const chrootBaseDir = baseText.length > 1 ? baseText.replace(/\/+$/, '') : baseText;
+  if (!isAbsolute(chrootBaseDir) || posix.normalize(chrootBaseDir) !== chrootBaseDir)
+    throw new ConfigError(`--chroot-base-dir must be an absolute, normalized path: '${baseText}'`);
 
   const netns = single.get('netns');
   if (netns !== undefined) {
@@ -236,7 +232,7 @@ export function parseJailerArgs(argv: string[], probe: PathProbe): ParsedCommand
       execName,
       uid,
       gid,
-      chrootBaseDir: chrootBaseDir.length > 1 ? chrootBaseDir.replace(/\/+$/, '') : chrootBaseDir,
+      chrootBaseDir,
       ...(netns !== undefined ? { netns } : {}),
       cgroups,
       cgroupVersion,
