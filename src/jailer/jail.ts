@@ -127,7 +127,10 @@ export function runJail(c: JailerConfig, t: StartTimes): number {
   const nodePath = process.execPath;
   const root = chrootDir(c);
 
-  // 1. The tree the jail will see, resolved on the host (ldd forks: before any namespace change).
+  // 1. Everything that can be refused before the host changes: the cgroup plan (controllers
+  // mounted?), the tree the jail will see (ldd forks: before any namespace change), the devices.
+  const mounts = parseCgroupMounts(readFileSync('/proc/mounts', 'utf8'));
+  const cgroupPlans = planCgroups(mounts, c.cgroupVersion, c.parentCgroup, c.id, c.cgroups);
   const tree = jailTree(pkg, nodePath, sharedLibraries(nodePath, join(pkg, ADDON_IN_JAIL)));
   const devices = JAIL_DEVICES.filter((d) => existsSync(d)).map((d) => {
     const s = statSync(d);
@@ -160,12 +163,7 @@ export function runJail(c: JailerConfig, t: StartTimes): number {
     n.setrlimit(name === 'fsize' ? RLIMIT_FSIZE : RLIMIT_NOFILE, value, value);
 
   // 4. Cgroups, while /sys/fs/cgroup is still reachable.
-  const mounts = parseCgroupMounts(readFileSync('/proc/mounts', 'utf8'));
-  applyCgroups(
-    planCgroups(mounts, c.cgroupVersion, c.parentCgroup, c.id, c.cgroups),
-    mounts,
-    process.pid,
-  );
+  applyCgroups(cgroupPlans, mounts, process.pid);
 
   // 5. Descriptors opened on the host side: the netns handle and /dev/null.
   const netnsFd = c.netns !== undefined ? n.open(c.netns, O_RDONLY, 0) : -1;
