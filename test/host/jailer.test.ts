@@ -194,14 +194,26 @@ describe('typervisor-jailer on the host (root, KVM)', () => {
       }
       await eventually(() => gone(pid), 10_000);
     }
+    // A cgroup whose last task just died can refuse rmdir (EBUSY) for a moment: retry.
+    const rmdirSoon = (p: string) =>
+      eventually(() => {
+        try {
+          rmdirSync(p);
+          return true;
+        } catch (e) {
+          return (e as NodeJS.ErrnoException).code === 'ENOENT';
+        }
+      }, 10_000);
+    const left: string[] = [];
     for (const h of [join(V1, 'pids'), join(V1, 'cpu'), V2]) {
       const p = join(h, PARENT);
       if (!existsSync(p)) continue;
       for (const e of readdirSync(p, { withFileTypes: true }))
-        if (e.isDirectory()) rmdirSync(join(p, e.name));
-      rmdirSync(p);
+        if (e.isDirectory() && !(await rmdirSoon(join(p, e.name)))) left.push(join(p, e.name));
+      if (!(await rmdirSoon(p))) left.push(p);
     }
     if (dir) rmSync(dir, { recursive: true, force: true });
+    assert.deepEqual(left, [], 'cgroups left behind');
   });
 
   test(
