@@ -54,12 +54,16 @@ function main(argv: string[]): number {
 try {
   process.exitCode = main(process.argv.slice(2));
 } catch (e) {
-  const msg =
-    e instanceof TypervisorError
-      ? e.message
-      : e instanceof Error
-        ? (e.stack ?? e.message)
-        : String(e);
+  // Ours, a failed syscall of the shim (it names the call and errno) or of node:fs (the path):
+  // one line. Anything else is a bug: its stack.
+  const oneLine =
+    e instanceof TypervisorError ||
+    (e instanceof Error && typeof (e as { code?: unknown }).code === 'string');
+  const msg = oneLine
+    ? (e as Error).message
+    : e instanceof Error
+      ? (e.stack ?? e.message)
+      : String(e);
   process.stderr.write(`typervisor-jailer: ${msg}\n`);
   process.exitCode = EXIT_JAILER_ERROR;
 }

@@ -21,6 +21,7 @@ import {
   readlinkSync,
   rmSync,
   rmdirSync,
+  statSync,
   writeFileSync,
 } from 'node:fs';
 import { join } from 'node:path';
@@ -33,6 +34,7 @@ const CLI = join(REPO, 'bin', 'typervisor');
 const UID = 40123;
 const GID = 40124;
 const PARENT = `typervisor-jailer-test-${process.pid}`;
+const NETNS = `tvjail-${process.pid}`;
 const V1 = '/sys/fs/cgroup';
 const V2 = '/sys/fs/cgroup/unified';
 
@@ -212,6 +214,7 @@ describe('typervisor-jailer on the host (root, KVM)', () => {
         if (e.isDirectory() && !(await rmdirSoon(join(p, e.name)))) left.push(join(p, e.name));
       if (!(await rmdirSoon(p))) left.push(p);
     }
+    if (existsSync(`/var/run/netns/${NETNS}`)) spawnSync('ip', ['netns', 'del', NETNS]);
     if (dir) rmSync(dir, { recursive: true, force: true });
     assert.deepEqual(left, [], 'cgroups left behind');
   });
@@ -220,7 +223,12 @@ describe('typervisor-jailer on the host (root, KVM)', () => {
     'jailed VMM: uid/gid, own mount ns, minimal read-only tree, v1 cgroups, rlimits, boots a guest',
     T,
     async () => {
+      const netns = `/var/run/netns/${NETNS}`;
+      const made = spawnSync('ip', ['netns', 'add', NETNS], { encoding: 'utf8' });
+      assert.equal(made.status, 0, `ip netns add: ${made.stderr}`);
       const j = await startJailed(base, exec, 'jail-v1', [
+        '--netns',
+        netns,
         '--cgroup',
         'pids.max=200',
         '--cgroup',
@@ -239,6 +247,7 @@ describe('typervisor-jailer on the host (root, KVM)', () => {
       assert.equal(status(j.pid, 'CapEff'), '0000000000000000');
       assert.notEqual(ns(j.pid, 'mnt'), ns('self', 'mnt'));
       assert.equal(ns(j.pid, 'pid'), ns('self', 'pid'));
+      assert.equal(ns(j.pid, 'net'), `net:[${statSync(netns).ino}]`); // joined --netns
       assert.equal(readlinkSync(`/proc/${j.pid}/root`), '/'); // its own root...
       assert.ok(existsSync(`/proc/${j.pid}/root/run/api.sock`)); // ...is the chroot
       const limits = readFileSync(`/proc/${j.pid}/limits`, 'utf8');
