@@ -6,6 +6,7 @@
  *    dynamic loader looks at (the ld.so interpreter included),
  *  - the package's dist/ (the compiled VMM) at /dist, and the addon at
  *    /native/build/Release/typervisor_native.node (src/kvm/native.ts finds it there: dist/../),
+ *  - /proc/cpuinfo (the KVM kind check of src/kvm/detect.ts reads the CPU flags),
  *  - plus two files the jailer writes: /<exec name> (the copied launcher, which imports
  *    ../dist/src/cli/main.js, that is /dist/...) and /package.json ({"type":"module"}, so that
  *    Node loads /dist's .js files as ES modules).
@@ -55,6 +56,10 @@ export function jailTree(pkgRoot: string, nodePath: string, libs: string[]): Tre
       noexec: false,
     },
   ];
+  // The VMM tells a hardware KVM from a PVM-only one by the CPU flags (src/kvm/detect.ts) and
+  // refuses stock kernels on the latter; without this file it would refuse them everywhere.
+  // Nothing beyond what the unprivileged CPUID instruction already tells.
+  entries.push({ source: '/proc/cpuinfo', target: '/proc/cpuinfo', kind: 'file', noexec: true });
   for (const lib of libs) {
     if (!isAbsolute(lib)) throw new HostError(`ldd named a relative library path: ${lib}`);
     if (entries.some((e) => e.target === lib)) continue;

@@ -284,6 +284,7 @@ describe('typervisor-jailer on the host (root, KVM)', () => {
         '/typervisor.pid',
         process.execPath,
         '/native/build/Release/typervisor_native.node',
+        '/proc/cpuinfo',
         '/dev/kvm',
         '/dev/net/tun',
         ...(existsSync('/dev/userfaultfd') ? ['/dev/userfaultfd'] : []),
@@ -309,6 +310,7 @@ describe('typervisor-jailer on the host (root, KVM)', () => {
         [
           '/dist',
           '/native/build/Release/typervisor_native.node',
+          '/proc/cpuinfo',
           process.execPath,
           ...parseLdd(ldd.stdout),
         ].sort(),
