@@ -9,7 +9,10 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import {
+  closeSync,
   copyFileSync,
+  openSync,
+  writeSync,
   existsSync,
   mkdtempSync,
   readFileSync,
@@ -93,6 +96,9 @@ test(
   async (t) => {
     const g = defaultGuest();
     const dir = mkdtempSync('/run/tv-jailer-');
+    const fifo = join(dir, 'console-in');
+    execFileSync('mkfifo', ['-m', '600', fifo]);
+    const input = openSync(fifo, 'r+');
     const child = spawn(
       process.execPath,
       [
@@ -116,12 +122,14 @@ test(
           '/run/api.sock',
         ],
       ],
-      { stdio: ['pipe', 'pipe', 'pipe'] },
+      // stdin from a FIFO we hold: Node destroys a child's stdin pipe when that child (the
+      // jailer, which spawns the VMM with --new-pid-ns and leaves) exits.
+      { stdio: [input, 'pipe', 'pipe'] },
     );
     let out = '';
     let err = '';
-    child.stdout.on('data', (d: Buffer) => (out += d.toString()));
-    child.stderr.on('data', (d: Buffer) => (err += d.toString()));
+    child.stdout!.on('data', (d: Buffer) => (out += d.toString()));
+    child.stderr!.on('data', (d: Buffer) => (err += d.toString()));
     const log = () => `--- stdout ---\n${out}\n--- stderr ---\n${err}`;
     const root = join(dir, 'jails', 'typervisor', 'lab-1', 'root');
     const sock = join(root, 'run', 'api.sock');
@@ -160,7 +168,7 @@ test(
       t.diagnostic(
         `jailed: InstanceStart to boot marker ${(performance.now() - t0).toFixed(0)} ms`,
       );
-      child.stdin.write('echo guest-says-$((6*7))\npoweroff -f\n');
+      writeSync(input, 'echo guest-says-$((6*7))\npoweroff -f\n');
       await until('the guest shell', () => /guest-says-42/.test(out), 60_000, log);
       await until('the VMM to exit after poweroff', () => !alive(pid), 60_000, log);
     } finally {
