@@ -381,6 +381,24 @@ describe('typervisor-jailer on the host (root, KVM)', () => {
     },
   );
 
+  test('--daemonize alone: a spawned VMM in its own session, same pid namespace', T, async () => {
+    const j = await startJailed(base, exec, 'jail-daemon', ['--daemonize']);
+    pids.push(j.pid);
+    const code = await new Promise<number | null>((resolve) =>
+      j.jailer.exitCode !== null ? resolve(j.jailer.exitCode) : j.jailer.once('exit', resolve),
+    );
+    assert.equal(code, 0, j.stderr());
+    assert.notEqual(j.pid, j.jailer.pid);
+    assert.equal(status(j.pid, 'NSpid'), String(j.pid));
+    assert.equal(ns(j.pid, 'pid'), ns('self', 'pid'));
+    assert.notEqual(ns(j.pid, 'mnt'), ns('self', 'mnt'));
+    const stat = readFileSync(`/proc/${j.pid}/stat`, 'utf8');
+    assert.equal(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[3], String(j.pid));
+    assert.equal((await call(j.sock, 'GET', '/')).json.id, 'jail-daemon');
+    process.kill(j.pid, 'SIGKILL');
+    assert.ok(await eventually(() => gone(j.pid), 10_000));
+  });
+
   test('refusals change nothing on the host and exit 1', T, () => {
     const run = (args: string[]) =>
       spawnSync(process.execPath, [JAILER, ...args], { encoding: 'utf8', timeout: 30_000 });
