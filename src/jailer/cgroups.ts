@@ -8,6 +8,7 @@
  */
 import {
   closeSync,
+  rmdirSync,
   existsSync,
   mkdirSync,
   openSync,
@@ -158,19 +159,49 @@ function inheritCpuset(mountPath: string, dir: string): void {
   }
 }
 
-/** Creates the cgroups of `plans`, writes their values and moves `pid` (all its threads) in. */
-export function applyCgroups(plans: CgroupPlan[], mounts: CgroupMount[], pid: number): void {
-  for (const p of plans) {
-    for (const e of p.enable) {
-      mkdirSync(join(e.file, '..'), { recursive: true });
-      const on = readFileSync(e.file, 'utf8').trim().split(/\s+/);
-      const missing = e.controllers.filter((c) => !on.includes(c));
-      if (missing.length > 0) writeCgroupFile(e.file, missing.map((c) => `+${c}`).join(' '));
+/** mkdir -p that records each directory it creates (parents first). */
+function mkdirTracked(path: string, created: string[]): void {
+  const parts = path.split('/').filter(Boolean);
+  let cur = '';
+  for (const part of parts) {
+    cur += `/${part}`;
+    if (!existsSync(cur)) {
+      mkdirSync(cur);
+      created.push(cur);
     }
-    mkdirSync(p.dir, { recursive: true });
-    const m = mounts.find((x) => p.dir.startsWith(x.path + '/'));
-    if (m && m.version === 1 && m.controllers.includes('cpuset')) inheritCpuset(m.path, p.dir);
-    for (const s of p.settings) writeCgroupFile(join(p.dir, s.file), s.value);
-    writeCgroupFile(join(p.dir, 'cgroup.procs'), String(pid));
   }
+}
+
+/**
+ * Creates the cgroups of `plans` and writes their values; only when every value is in, moves
+ * `pid` (all its threads) into each. A refused value (EINVAL for `pids.max=lots`...) removes the
+ * cgroups this call created and throws: nothing moved, nothing left. (Controllers it enabled in a
+ * v2 `cgroup.subtree_control` stay enabled.)
+ */
+export function applyCgroups(plans: CgroupPlan[], mounts: CgroupMount[], pid: number): void {
+  const created: string[] = [];
+  try {
+    for (const p of plans) {
+      for (const e of p.enable) {
+        mkdirTracked(join(e.file, '..'), created);
+        const on = readFileSync(e.file, 'utf8').trim().split(/\s+/);
+        const missing = e.controllers.filter((c) => !on.includes(c));
+        if (missing.length > 0) writeCgroupFile(e.file, missing.map((c) => `+${c}`).join(' '));
+      }
+      mkdirTracked(p.dir, created);
+      const m = mounts.find((x) => p.dir.startsWith(x.path + '/'));
+      if (m && m.version === 1 && m.controllers.includes('cpuset')) inheritCpuset(m.path, p.dir);
+      for (const s of p.settings) writeCgroupFile(join(p.dir, s.file), s.value);
+    }
+  } catch (e) {
+    for (const dir of created.reverse()) {
+      try {
+        rmdirSync(dir);
+      } catch {
+        // not empty or busy: left for the operator, as Firecracker leaves everything
+      }
+    }
+    throw e;
+  }
+  for (const p of plans) writeCgroupFile(join(p.dir, 'cgroup.procs'), String(pid));
 }

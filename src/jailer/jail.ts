@@ -145,7 +145,11 @@ export function runJail(c: JailerConfig, t: StartTimes): number {
     if (!devices.some((d) => d.path === need))
       throw new HostError(`${need} does not exist on this host`);
 
-  // 2. The chroot folder, the copied launcher, package.json and the mount points.
+  // 2. Cgroups, while /sys/fs/cgroup is still reachable; first, so that a value the kernel
+  // refuses leaves nothing behind (applyCgroups undoes its directories).
+  applyCgroups(cgroupPlans, mounts, process.pid);
+
+  // 3. The chroot folder, the copied launcher, package.json and the mount points.
   mkdirs(root, 0o755);
   chownSync(root, 0, 0);
   const launcher = join(root, c.execName);
@@ -158,12 +162,9 @@ export function runJail(c: JailerConfig, t: StartTimes): number {
   mkdirs(join(root, 'run'), 0o700);
   chownSync(join(root, 'run'), c.uid, c.gid);
 
-  // 3. Resource limits (process-wide, inherited across exec).
+  // 4. Resource limits (process-wide, inherited across exec).
   for (const [name, value] of c.resourceLimits)
     n.setrlimit(name === 'fsize' ? RLIMIT_FSIZE : RLIMIT_NOFILE, value, value);
-
-  // 4. Cgroups, while /sys/fs/cgroup is still reachable.
-  applyCgroups(cgroupPlans, mounts, process.pid);
 
   // 5. Descriptors opened on the host side: the netns handle and /dev/null.
   const netnsFd = c.netns !== undefined ? n.open(c.netns, O_RDONLY, 0) : -1;

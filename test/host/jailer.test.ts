@@ -423,6 +423,20 @@ describe('typervisor-jailer on the host (root, KVM)', () => {
       assert.match(r.stderr, /^typervisor-jailer: /);
       assert.ok(!existsSync(b), `${args.join(' ')} created ${b}`);
     }
+    // A value the kernel refuses: named, and the cgroups made for it are removed again.
+    const bad = run([
+      '--id',
+      'x',
+      ...common,
+      '--parent-cgroup',
+      PARENT,
+      '--cgroup',
+      'pids.max=lots',
+    ]);
+    assert.equal(bad.status, 1, bad.stderr);
+    assert.match(bad.stderr, /writing 'lots' to \S*pids\.max failed: EINVAL/);
+    assert.ok(!existsSync(join(V1, 'pids', PARENT, 'x')), 'cgroup left behind');
+    assert.ok(!existsSync(b), `the refused cgroup value created ${b}`);
     assert.equal(run(['--help']).status, 0);
   });
 });
