@@ -606,6 +606,230 @@ static napi_value n_shutdown(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
+/* ---- jailer (helper F, issue 14): the syscalls typervisor-jailer needs and Node lacks ----
+ * Thin wrappers only; the order of the steps and every check live in src/jailer/. Namespace
+ * calls (unshare, setns) and pivot_root act on the CALLING THREAD only (Node has other threads):
+ * src/jailer/jail.ts makes every jail step from the main JS thread, with synchronous calls. */
+#include <sched.h>
+#include <spawn.h>
+#include <stdlib.h>
+#include <sys/mount.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
+
+#ifndef CLOSE_RANGE_CLOEXEC
+#define CLOSE_RANGE_CLOEXEC (1U << 2)
+#endif
+
+/* A C string from a JS string into buf (size 4096); 0 (and a pending exception) when too long
+ * or not a string. A null/undefined value gives *out = NULL when allow_null. */
+static int path_of(napi_env env, napi_value v, char *buf, const char **out, int allow_null) {
+  napi_valuetype t;
+  napi_typeof(env, v, &t);
+  if (allow_null && (t == napi_null || t == napi_undefined)) { *out = NULL; return 1; }
+  size_t n;
+  if (t != napi_string || napi_get_value_string_utf8(env, v, NULL, 0, &n) != napi_ok || n >= 4096) {
+    napi_throw_type_error(env, NULL, "typervisor native: expected a string shorter than 4096 bytes");
+    return 0;
+  }
+  napi_get_value_string_utf8(env, v, buf, 4096, &n);
+  *out = buf;
+  return 1;
+}
+
+/* A NULL-terminated char*[] from a JS string array (at most 1024 entries, each < 64 KiB);
+ * free with free_strv. NULL (and a pending exception) on a bad argument. */
+static char **strv_of(napi_env env, napi_value arr) {
+  bool is; uint32_t n;
+  if (napi_is_array(env, arr, &is) != napi_ok || !is || napi_get_array_length(env, arr, &n) != napi_ok || n > 1024) {
+    napi_throw_type_error(env, NULL, "typervisor native: expected an array of at most 1024 strings");
+    return NULL;
+  }
+  char **v = calloc(n + 1, sizeof *v);
+  if (!v) { napi_throw_error(env, NULL, "typervisor native: out of memory"); return NULL; }
+  for (uint32_t i = 0; i < n; i++) {
+    napi_value e; size_t len; napi_valuetype t;
+    if (napi_get_element(env, arr, i, &e) != napi_ok || napi_typeof(env, e, &t) != napi_ok || t != napi_string ||
+        napi_get_value_string_utf8(env, e, NULL, 0, &len) != napi_ok || len >= 65536 ||
+        (v[i] = malloc(len + 1)) == NULL) {
+      for (uint32_t j = 0; j < i; j++) free(v[j]);
+      free(v);
+      napi_throw_type_error(env, NULL, "typervisor native: expected an array of strings (each < 64 KiB)");
+      return NULL;
+    }
+    napi_get_value_string_utf8(env, e, v[i], len + 1, &len);
+  }
+  return v;
+}
+
+static void free_strv(char **v) {
+  if (!v) return;
+  for (char **p = v; *p; p++) free(*p);
+  free(v);
+}
+
+/* unshare(flags): this thread only for CLONE_NEWNS/NEWNET; CLONE_NEWPID: this thread's children. */
+static napi_value n_unshare(napi_env env, napi_callback_info info) {
+  napi_value a[1];
+  if (!get_args(env, info, 1, a)) return NULL;
+  if (unshare((int)arg_i64(env, a[0])) < 0) return throw_errno(env, "unshare", errno);
+  return NULL;
+}
+
+/* mount(source | null, target, fstype | null, flags, data | null) */
+static napi_value n_mount(napi_env env, napi_callback_info info) {
+  napi_value a[5];
+  if (!get_args(env, info, 5, a)) return NULL;
+  char sb[4096], tb[4096], fb[4096], db[4096];
+  const char *src, *tgt, *fs, *data;
+  if (!path_of(env, a[0], sb, &src, 1) || !path_of(env, a[1], tb, &tgt, 0) ||
+      !path_of(env, a[2], fb, &fs, 1) || !path_of(env, a[4], db, &data, 1)) return NULL;
+  if (mount(src, tgt, fs, (unsigned long)arg_u64(env, a[3]), data) < 0) return throw_errno(env, "mount", errno);
+  return NULL;
+}
+
+/* umount2(target, flags) */
+static napi_value n_umount2(napi_env env, napi_callback_info info) {
+  napi_value a[2];
+  if (!get_args(env, info, 2, a)) return NULL;
+  char tb[4096]; const char *tgt;
+  if (!path_of(env, a[0], tb, &tgt, 0)) return NULL;
+  if (umount2(tgt, (int)arg_i64(env, a[1])) < 0) return throw_errno(env, "umount2", errno);
+  return NULL;
+}
+
+/* pivot_root(newRoot, putOld) */
+static napi_value n_pivot_root(napi_env env, napi_callback_info info) {
+  napi_value a[2];
+  if (!get_args(env, info, 2, a)) return NULL;
+  char nb[4096], ob[4096]; const char *nr, *po;
+  if (!path_of(env, a[0], nb, &nr, 0) || !path_of(env, a[1], ob, &po, 0)) return NULL;
+  if (syscall(SYS_pivot_root, nr, po) < 0) return throw_errno(env, "pivot_root", errno);
+  return NULL;
+}
+
+/* chroot(path) and chdir(path): of this thread's fs_struct (unshared by unshare(CLONE_NEWNS)). */
+static napi_value n_chroot(napi_env env, napi_callback_info info) {
+  napi_value a[1];
+  if (!get_args(env, info, 1, a)) return NULL;
+  char pb[4096]; const char *p;
+  if (!path_of(env, a[0], pb, &p, 0)) return NULL;
+  if (chroot(p) < 0) return throw_errno(env, "chroot", errno);
+  return NULL;
+}
+
+static napi_value n_chdir(napi_env env, napi_callback_info info) {
+  napi_value a[1];
+  if (!get_args(env, info, 1, a)) return NULL;
+  char pb[4096]; const char *p;
+  if (!path_of(env, a[0], pb, &p, 0)) return NULL;
+  if (chdir(p) < 0) return throw_errno(env, "chdir", errno);
+  return NULL;
+}
+
+/* mknod(path, mode (type and permission bits), major, minor) */
+static napi_value n_mknod(napi_env env, napi_callback_info info) {
+  napi_value a[4];
+  if (!get_args(env, info, 4, a)) return NULL;
+  char pb[4096]; const char *p;
+  if (!path_of(env, a[0], pb, &p, 0)) return NULL;
+  dev_t dev = makedev((unsigned)arg_i64(env, a[2]), (unsigned)arg_i64(env, a[3]));
+  if (mknod(p, (mode_t)arg_i64(env, a[1]), dev) < 0) return throw_errno(env, "mknod", errno);
+  return NULL;
+}
+
+/* setns(fd, nstype): this thread only. */
+static napi_value n_setns(napi_env env, napi_callback_info info) {
+  napi_value a[2];
+  if (!get_args(env, info, 2, a)) return NULL;
+  if (setns((int)arg_i64(env, a[0]), (int)arg_i64(env, a[1])) < 0) return throw_errno(env, "setns", errno);
+  return NULL;
+}
+
+/* setrlimit(resource, soft, hard): process-wide. -1 is RLIM_INFINITY. */
+static napi_value n_setrlimit(napi_env env, napi_callback_info info) {
+  napi_value a[3];
+  if (!get_args(env, info, 3, a)) return NULL;
+  int64_t soft = arg_i64(env, a[1]), hard = arg_i64(env, a[2]);
+  struct rlimit r = { soft < 0 ? RLIM_INFINITY : (rlim_t)soft, hard < 0 ? RLIM_INFINITY : (rlim_t)hard };
+  if (setrlimit((int)arg_i64(env, a[0]), &r) < 0) return throw_errno(env, "setrlimit", errno);
+  return NULL;
+}
+
+/* dup2(oldfd, newfd) */
+static napi_value n_dup2(napi_env env, napi_callback_info info) {
+  napi_value a[2];
+  if (!get_args(env, info, 2, a)) return NULL;
+  if (dup2((int)arg_i64(env, a[0]), (int)arg_i64(env, a[1])) < 0) return throw_errno(env, "dup2", errno);
+  return NULL;
+}
+
+/* close_range(first, ~0U, CLOSE_RANGE_CLOEXEC): every fd >= first closes at the next execve. */
+static napi_value n_cloexec_from(napi_env env, napi_callback_info info) {
+  napi_value a[1];
+  if (!get_args(env, info, 1, a)) return NULL;
+  if (syscall(SYS_close_range, (unsigned)arg_i64(env, a[0]), ~0U, CLOSE_RANGE_CLOEXEC) < 0)
+    return throw_errno(env, "close_range", errno);
+  return NULL;
+}
+
+/* fcntl(fd, F_SETFD, 0): fd stays open across execve (Node marks its stdio close-on-exec). */
+static napi_value n_set_inheritable(napi_env env, napi_callback_info info) {
+  napi_value a[1];
+  if (!get_args(env, info, 1, a)) return NULL;
+  if (fcntl((int)arg_i64(env, a[0]), F_SETFD, 0) < 0) return throw_errno(env, "fcntl", errno);
+  return NULL;
+}
+
+/* execve(path, argv, envp): returns only by throwing. Replaces every thread of the process. */
+static napi_value n_execve(napi_env env, napi_callback_info info) {
+  napi_value a[3];
+  if (!get_args(env, info, 3, a)) return NULL;
+  char pb[4096]; const char *p;
+  if (!path_of(env, a[0], pb, &p, 0)) return NULL;
+  char **argv = strv_of(env, a[1]);
+  if (!argv) return NULL;
+  char **envp = strv_of(env, a[2]);
+  if (!envp) { free_strv(argv); return NULL; }
+  execve(p, argv, envp);
+  int e = errno;
+  free_strv(argv); free_strv(envp);
+  return throw_errno(env, "execve", e);
+}
+
+/* posix_spawn(path, argv, envp) from this thread (its namespaces, root and credentials), with
+ * POSIX_SPAWN_SETSID when newSession: the child's pid. */
+static napi_value n_spawn(napi_env env, napi_callback_info info) {
+  napi_value a[4];
+  if (!get_args(env, info, 4, a)) return NULL;
+  char pb[4096]; const char *p;
+  if (!path_of(env, a[0], pb, &p, 0)) return NULL;
+  bool new_session = false;
+  napi_get_value_bool(env, a[3], &new_session);
+  char **argv = strv_of(env, a[1]);
+  if (!argv) return NULL;
+  char **envp = strv_of(env, a[2]);
+  if (!envp) { free_strv(argv); return NULL; }
+  posix_spawnattr_t attr;
+  posix_spawnattr_init(&attr);
+  if (new_session) posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSID);
+  pid_t pid;
+  int e = posix_spawn(&pid, p, NULL, &attr, argv, envp);
+  posix_spawnattr_destroy(&attr);
+  free_strv(argv); free_strv(envp);
+  if (e != 0) return throw_errno(env, "posix_spawn", e);
+  return num(env, pid);
+}
+
+#define JAILER_EXPORTS                                                                  \
+  EXPORT("unshare", n_unshare), EXPORT("mount", n_mount), EXPORT("umount2", n_umount2), \
+  EXPORT("pivotRoot", n_pivot_root), EXPORT("chroot", n_chroot), EXPORT("chdir", n_chdir), \
+  EXPORT("mknod", n_mknod), EXPORT("setns", n_setns), EXPORT("setrlimit", n_setrlimit),   \
+  EXPORT("dup2", n_dup2), EXPORT("cloexecFrom", n_cloexec_from), EXPORT("execve", n_execve), \
+  EXPORT("spawn", n_spawn), EXPORT("setInheritable", n_set_inheritable),
+/* ---- end of jailer ---- */
+
 /* getpid-free helpers are in Node already; this is the whole surface. */
 #define EXPORT(name, fn) { name, NULL, fn, NULL, NULL, NULL, napi_default, NULL }
 
@@ -624,6 +848,7 @@ NAPI_MODULE_INIT() {
     EXPORT("unixSocket", n_unix_socket), EXPORT("bindListen", n_bind_listen), EXPORT("accept", n_accept),
     EXPORT("connect", n_connect), EXPORT("sendv", n_sendv), EXPORT("sendFds", n_send_fds),
     EXPORT("recvFds", n_recv_fds), EXPORT("userfaultfd", n_userfaultfd), EXPORT("shutdown", n_shutdown),
+    JAILER_EXPORTS
   };
   if (napi_define_properties(env, exports, sizeof props / sizeof props[0], props) != napi_ok) return NULL;
   return exports;

@@ -37,6 +37,8 @@ export const LAYERS = {
   // vmm only through src/vmm/index.ts (see ONLY_THROUGH).
   api: ['vmm', 'util'],
   cli: ['api', 'vmm', 'uffd', 'util'],
+  // typervisor-jailer (issue 14): builds the jail through the shim, then execs the VMM's own bin.
+  jailer: ['kvm', 'util'],
   // Development tooling (guest images, the nested-KVM lab): may use anything; nothing else in
   // src/ may import it (test/ and bench/ do, outside this check).
   lab: [

@@ -75,6 +75,36 @@ export interface NativeShim {
    * accesses fault in kernel mode and must reach the handler too.
    */
   userfaultfd(flags: number): number;
+
+  // ---- jailer (issue 14): used only by src/jailer/. unshare(CLONE_NEWNS), setns, chroot, chdir
+  // and pivot_root act on the calling thread only: call them all from one thread, then exec.
+  unshare(flags: number): void;
+  /** mount(2); null for an absent source, fstype or data. */
+  mount(
+    source: string | null,
+    target: string,
+    fstype: string | null,
+    flags: number,
+    data: string | null,
+  ): void;
+  umount2(target: string, flags: number): void;
+  pivotRoot(newRoot: string, putOld: string): void;
+  chroot(path: string): void;
+  chdir(path: string): void;
+  /** mknod(2) with makedev(major, minor); mode holds the file type (S_IFCHR) and permissions. */
+  mknod(path: string, mode: number, major: number, minor: number): void;
+  setns(fd: number, nstype: number): void;
+  /** Process-wide; -1 is RLIM_INFINITY. */
+  setrlimit(resource: number, soft: number, hard: number): void;
+  dup2(oldFd: number, newFd: number): void;
+  /** close_range(first, ~0, CLOSE_RANGE_CLOEXEC): every fd >= first closes at the next exec. */
+  cloexecFrom(first: number): void;
+  /** fcntl(fd, F_SETFD, 0): keeps fd open across exec (Node marks its stdio close-on-exec). */
+  setInheritable(fd: number): void;
+  /** execve(2): replaces the whole process (all threads); returns only by throwing. */
+  execve(path: string, argv: string[], envp: string[]): never;
+  /** posix_spawn(3) from the calling thread (POSIX_SPAWN_SETSID when newSession): the pid. */
+  spawn(path: string, argv: string[], envp: string[], newSession: boolean): number;
 }
 
 /** A failed syscall, with its errno name in `code` (EINTR, EAGAIN, ...). */

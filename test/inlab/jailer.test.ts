@@ -1,0 +1,181 @@
+/**
+ * typervisor-jailer with the Debian guest (run inside the lab, as root): a jailed Typervisor in
+ * its own mount and pid namespaces, as an unprivileged uid, boots the default guest (kernel and
+ * initramfs copied into the chroot) through the API socket in the chroot, refuses the same
+ * kernel by its host path, and powers off when the guest does. The chroot is under /run (a
+ * tmpfs in the lab: device nodes and Unix sockets cannot live on the lab's 9p /tmp).
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { execFileSync, spawn, spawnSync } from 'node:child_process';
+import {
+  closeSync,
+  copyFileSync,
+  openSync,
+  writeSync,
+  existsSync,
+  mkdtempSync,
+  readFileSync,
+  readlinkSync,
+  rmSync,
+  writeFileSync,
+} from 'node:fs';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { repoRoot } from '../../src/lab/guest.js';
+import { defaultGuest, skipReason } from './helpers.js';
+
+const opts = { skip: skipReason, timeout: 300_000 };
+const MARKER = /TYPERVISOR-BOOT-OK/;
+const UID = 40123;
+
+function curl(
+  sock: string,
+  method: string,
+  path: string,
+  body?: unknown,
+): { status: number; body: string } {
+  const args = [
+    '-s',
+    '--unix-socket',
+    sock,
+    '-X',
+    method,
+    '-w',
+    '\n%{http_code}',
+    `http://localhost${path}`,
+  ];
+  if (body !== undefined)
+    args.push('-H', 'Content-Type: application/json', '-d', JSON.stringify(body));
+  const out = execFileSync('curl', args, { encoding: 'utf8', timeout: 30_000 });
+  const nl = out.lastIndexOf('\n');
+  return { status: Number(out.slice(nl + 1)), body: out.slice(0, nl) };
+}
+
+async function until(
+  what: string,
+  cond: () => boolean,
+  ms: number,
+  log: () => string,
+): Promise<void> {
+  const end = Date.now() + ms;
+  while (!cond()) {
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}\n${log()}`);
+    await sleep(100);
+  }
+}
+
+/** bin/typervisor when the VMM takes the jailer's timing flags, else a launcher dropping them. */
+function execFile(dir: string): string {
+  const cli = join(repoRoot(), 'bin', 'typervisor');
+  const r = spawnSync(process.execPath, [cli, '--id=probe', '--start-time-us=1', '--no-api'], {
+    encoding: 'utf8',
+  });
+  if (!/Unknown option '--start-time/.test(r.stderr)) return cli;
+  const launcher = join(dir, 'typervisor');
+  writeFileSync(
+    launcher,
+    `process.argv = process.argv.filter((a) => !/^--(start-time-us|start-time-cpu-us|parent-cpu-time-us)=/.test(a));
+import('../dist/src/cli/main.js');
+`,
+  );
+  return launcher;
+}
+
+const alive = (pid: number) => {
+  try {
+    return !readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.startsWith('Z');
+  } catch {
+    return false;
+  }
+};
+
+test(
+  'a jailed Typervisor boots the Debian guest through the API socket in the chroot',
+  opts,
+  async (t) => {
+    const g = defaultGuest();
+    const dir = mkdtempSync('/run/tv-jailer-');
+    const fifo = join(dir, 'console-in');
+    execFileSync('mkfifo', ['-m', '600', fifo]);
+    const input = openSync(fifo, 'r+');
+    const child = spawn(
+      process.execPath,
+      [
+        join(repoRoot(), 'bin', 'typervisor-jailer'),
+        ...[
+          '--id',
+          'lab-1',
+          '--exec-file',
+          execFile(dir),
+          '--uid',
+          String(UID),
+          '--gid',
+          String(UID),
+        ],
+        ...[
+          '--chroot-base-dir',
+          join(dir, 'jails'),
+          '--new-pid-ns',
+          '--',
+          '--api-sock',
+          '/run/api.sock',
+        ],
+      ],
+      // stdin from a FIFO we hold: Node destroys a child's stdin pipe when that child (the
+      // jailer, which spawns the VMM with --new-pid-ns and leaves) exits.
+      { stdio: [input, 'pipe', 'pipe'] },
+    );
+    let out = '';
+    let err = '';
+    child.stdout!.on('data', (d: Buffer) => (out += d.toString()));
+    child.stderr!.on('data', (d: Buffer) => (err += d.toString()));
+    const log = () => `--- stdout ---\n${out}\n--- stderr ---\n${err}`;
+    const root = join(dir, 'jails', 'typervisor', 'lab-1', 'root');
+    const sock = join(root, 'run', 'api.sock');
+    let pid = 0;
+    try {
+      await until('the API socket', () => existsSync(sock), 60_000, log);
+      pid = Number(readFileSync(join(root, 'typervisor.pid'), 'utf8'));
+      assert.match(
+        readFileSync(`/proc/${pid}/status`, 'utf8'),
+        new RegExp(`Uid:\\t${UID}\\t${UID}\\t${UID}\\t${UID}\\n`),
+      );
+      assert.match(
+        readFileSync(`/proc/${pid}/status`, 'utf8'),
+        new RegExp(`NSpid:\\t${pid}\\t1\\n`),
+      );
+      assert.notEqual(readlinkSync(`/proc/${pid}/ns/mnt`), readlinkSync('/proc/self/ns/mnt'));
+
+      const outside = curl(sock, 'PUT', '/boot-source', { kernel_image_path: g.kernel });
+      assert.equal(outside.status, 400, outside.body);
+      copyFileSync(g.kernel, join(root, 'vmlinuz'));
+      copyFileSync(g.initrd, join(root, 'initrd'));
+      assert.equal(
+        curl(sock, 'PUT', '/machine-config', { vcpu_count: 1, mem_size_mib: 256 }).status,
+        204,
+      );
+      const boot = curl(sock, 'PUT', '/boot-source', {
+        kernel_image_path: '/vmlinuz',
+        initrd_path: '/initrd',
+        boot_args: 'console=ttyS0 reboot=k panic=1 pci=off quiet',
+      });
+      assert.equal(boot.status, 204, boot.body);
+      const t0 = performance.now();
+      const start = curl(sock, 'PUT', '/actions', { action_type: 'InstanceStart' });
+      assert.equal(start.status, 204, start.body);
+      await until('the boot marker', () => MARKER.test(out), 200_000, log);
+      t.diagnostic(
+        `jailed: InstanceStart to boot marker ${(performance.now() - t0).toFixed(0)} ms`,
+      );
+      writeSync(input, 'echo guest-says-$((6*7))\npoweroff -f\n');
+      await until('the guest shell', () => /guest-says-42/.test(out), 60_000, log);
+      await until('the VMM to exit after poweroff', () => !alive(pid), 60_000, log);
+    } finally {
+      if (pid > 0 && alive(pid)) process.kill(pid, 'SIGKILL');
+      child.kill('SIGKILL');
+      await sleep(500);
+      rmSync(dir, { recursive: true, force: true });
+    }
+  },
+);
