@@ -11,7 +11,16 @@
  */
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import { connect, type Socket } from 'node:net';
-import { lstatSync, unlinkSync } from 'node:fs';
+import {
+  chmodSync,
+  linkSync,
+  lstatSync,
+  mkdtempSync,
+  rmdirSync,
+  unlinkSync,
+  type Stats,
+} from 'node:fs';
+import { dirname, join, resolve } from 'node:path';
 import { ConfigError, HostError } from '../util/errors.js';
 import { log } from '../util/log.js';
 import type { ApiOutcome } from './controller.js';
@@ -36,6 +45,9 @@ export interface ApiServer {
   close(): Promise<void>;
 }
 
+/** The API socket's mode, whatever the umask: only the VMM's own user (or root) may call it. */
+export const API_SOCKET_MODE = 0o600;
+
 /** Removes a stale socket (a socket nobody listens on); refuses anything else at that path. */
 export async function prepareSocketPath(path: string): Promise<void> {
   let st;
@@ -56,6 +68,47 @@ export async function prepareSocketPath(path: string): Promise<void> {
   });
   if (live) throw new HostError(`another process is listening on ${path}`);
   unlinkSync(path);
+}
+
+/**
+ * Binds `server` to `path` with mode API_SOCKET_MODE and no moment where the path is wider: the
+ * socket is bound in a fresh 0700 directory beside `path` (so the umask cannot widen what anyone
+ * else can reach), chmod-ed there, then hard-linked to `path` (link(2) never replaces an existing
+ * entry: EEXIST if something appeared there meanwhile) and its temporary name removed. A Unix
+ * socket is reached through its inode, so the linked name serves the bound socket. Returns the
+ * identity of the socket, so close() removes only the entry it made.
+ */
+async function listenPrivate(server: Server, path: string): Promise<Stats> {
+  const target = resolve(path);
+  const dir = mkdtempSync(join(dirname(target), '.'));
+  const tmp = join(dir, 's');
+  try {
+    await new Promise<void>((ok, fail) => {
+      server.once('error', fail);
+      server.listen(tmp, () => {
+        server.off('error', fail);
+        ok();
+      });
+    });
+    try {
+      chmodSync(tmp, API_SOCKET_MODE);
+      linkSync(tmp, target);
+    } catch (e) {
+      server.close();
+      const code = (e as NodeJS.ErrnoException).code;
+      throw code === 'EEXIST'
+        ? new HostError(`${path} appeared while the API socket was being created; not replacing it`)
+        : e;
+    }
+    return lstatSync(target);
+  } finally {
+    try {
+      unlinkSync(tmp);
+    } catch {
+      // never bound
+    }
+    rmdirSync(dir);
+  }
 }
 
 function send(res: ServerResponse, out: ApiOutcome, close = false): void {
@@ -178,13 +231,7 @@ export async function startApiServer(opts: ApiServerOptions): Promise<ApiServer>
     );
     socket.destroySoon();
   });
-  await new Promise<void>((resolve, reject) => {
-    server.once('error', reject);
-    server.listen(opts.socketPath, () => {
-      server.off('error', reject);
-      resolve();
-    });
-  });
+  const bound = await listenPrivate(server, opts.socketPath);
   server.on('error', (e) => log('error', `API server: ${e.message}`));
   return {
     close: () =>
@@ -192,7 +239,9 @@ export async function startApiServer(opts: ApiServerOptions): Promise<ApiServer>
         server.close(() => resolve());
         server.closeAllConnections();
         try {
-          unlinkSync(opts.socketPath);
+          // Only the socket made here: not whatever replaced it since.
+          const now = lstatSync(opts.socketPath);
+          if (now.ino === bound.ino && now.dev === bound.dev) unlinkSync(opts.socketPath);
         } catch {
           // already gone
         }
