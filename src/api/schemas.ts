@@ -96,6 +96,9 @@ export const Drive: Schema = {
     cache_type: oneOf(['Unsafe', 'Writeback'], 'Flush handling (default "Unsafe").'),
     is_read_only: bool('Open the backing file read-only (required).'),
     path_on_host: str('Host path of the backing file (required).'),
+    allow_block_device: bool(
+      'Typervisor only: path_on_host may be a host block device (default false: regular files only).',
+    ),
     rate_limiter: RateLimiter,
     io_engine: oneOf(['Sync', 'Async'], 'I/O engine (default "Sync").'),
     socket: str('vhost-user-block socket: not supported.'),
