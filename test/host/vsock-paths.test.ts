@@ -5,7 +5,7 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { chmodSync, mkdtempSync, rmSync, symlinkSync } from 'node:fs';
+import { chmodSync, mkdtempSync, readdirSync, rmSync, statSync, symlinkSync } from 'node:fs';
 import { createServer, type Server } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -15,6 +15,7 @@ import {
   listenVsock,
   removeSocket,
   unsafeSocketDirectory,
+  VSOCK_SOCKET_MODE,
 } from '../../src/devices/virtio/vsock/unix-host.js';
 import { ConfigError } from '../../src/util/errors.js';
 
@@ -88,7 +89,16 @@ test('uds_path in a directory others can write is refused at configuration time'
       );
     }
     chmodSync(dir, 0o755);
-    const l = listenVsock(n, 3, join(dir, 'v.sock'));
+    const old = process.umask(0);
+    let l;
+    try {
+      l = listenVsock(n, 3, join(dir, 'v.sock'));
+    } finally {
+      process.umask(old);
+    }
+    // The listening socket host programs connect to: 0600 whatever the umask, nothing left over.
+    assert.equal(statSync(l.path).mode & 0o777, VSOCK_SOCKET_MODE);
+    assert.deepEqual(readdirSync(dir), ['v.sock']);
     n.close(l.fd);
     removeSocket(l.path);
     assert.throws(() => listenVsock(n, 3, '/tmp/v.sock'), /\/tmp is writable by others/);

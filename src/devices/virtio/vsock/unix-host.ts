@@ -5,16 +5,20 @@
  */
 import {
   accessSync,
+  chmodSync,
   closeSync,
   constants,
   existsSync,
   fstatSync,
+  linkSync,
   lstatSync,
+  mkdtempSync,
   openSync,
+  rmdirSync,
   statSync,
   unlinkSync,
 } from 'node:fs';
-import { dirname, resolve } from 'node:path';
+import { dirname, join, resolve } from 'node:path';
 import { ConfigError } from '../../../util/errors.js';
 import { EV_ERR, EV_HUP, EV_IN, EV_OUT, type EventOps, type HostSys } from '../descriptor.js';
 import type { VsockHost } from './vsock.js';
@@ -104,12 +108,44 @@ export function listenVsock(sys: HostSys, cid: number, uds: string): { fd: numbe
     throw new ConfigError(`vsock: uds_path's directory ${dir} ${unsafe}; refused`);
   const fd = sys.unixSocket();
   try {
-    sys.bindListen(fd, path, 128);
+    bindPrivate(sys, fd, path);
   } catch (e) {
     sys.close(fd);
     throw new ConfigError(`vsock: cannot listen on ${path}: ${(e as Error).message}`);
   }
   return { fd, path };
+}
+
+/** The listening socket's mode, whatever the umask: host programs of the VMM's user only. */
+export const VSOCK_SOCKET_MODE = 0o600;
+
+/**
+ * Binds and listens on `path` with mode VSOCK_SOCKET_MODE and no moment where it is wider: bound
+ * in a fresh 0700 directory beside it, chmod-ed, then hard-linked into place (link(2) never
+ * replaces an entry) and the temporary name removed. When the temporary name would not fit in
+ * sun_path, the socket is bound in place and chmod-ed at once (the directory check above means
+ * only this user could reach it in between anyway).
+ */
+function bindPrivate(sys: HostSys, fd: number, path: string): void {
+  const tmpDir = mkdtempSync(join(dirname(path), '.'));
+  const tmp = join(tmpDir, 's');
+  try {
+    if (Buffer.byteLength(tmp) > MAX_UDS_PATH) {
+      sys.bindListen(fd, path, 128);
+      chmodSync(path, VSOCK_SOCKET_MODE);
+      return;
+    }
+    sys.bindListen(fd, tmp, 128);
+    chmodSync(tmp, VSOCK_SOCKET_MODE);
+    linkSync(tmp, path);
+  } finally {
+    try {
+      unlinkSync(tmp);
+    } catch {
+      // not bound there
+    }
+    rmdirSync(tmpDir);
+  }
 }
 
 export function removeSocket(path: string): void {
