@@ -165,7 +165,9 @@ export const Logger: Schema = {
   description: 'Where and how much the VMM logs.',
   properties: {
     level: str('Error, Warning, Info, Debug, Trace or Off (any case; default Info).', 16),
-    log_path: str('File or named pipe for the log (created if missing).'),
+    log_path: str(
+      'File or named pipe for the log (created 0600 if missing; not a symlink; appended to).',
+    ),
     show_level: bool('Show the level on each line.'),
     show_log_origin: bool('Accepted; we log no source locations.'),
     module: str('Accepted and stored; we do not filter by module.', 256),
@@ -176,7 +178,9 @@ export const Metrics: Schema = {
   type: 'object',
   description: 'Where metrics go: one JSON object per line, every 60 s and on FlushMetrics.',
   properties: {
-    metrics_path: str('File or named pipe for the metrics (created if missing).'),
+    metrics_path: str(
+      'File or named pipe for the metrics (created 0600 if missing; not a symlink; appended to).',
+    ),
     emit_id: bool('Add the instance id (--id) as a top-level "id" field.'),
     properties: {
       type: 'object',

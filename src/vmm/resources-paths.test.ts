@@ -8,7 +8,12 @@ import { existsSync, mkdtempSync, rmSync, statSync, writeFileSync } from 'node:f
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { ConfigError } from '../util/errors.js';
-import { validateBootSource, validateDrive, validateResources } from './resources.js';
+import {
+  configFromSpec,
+  validateBootSource,
+  validateDrive,
+  validateResources,
+} from './resources.js';
 
 const refused = (f: () => unknown, re: RegExp) =>
   assert.throws(f, (e: unknown) => e instanceof ConfigError && re.test(e.message));
@@ -77,6 +82,8 @@ test('allow_block_device reaches the block device config', () => {
     });
     const blk = spec.devices.find((c) => c.kind === 'block');
     assert.equal((blk as { allowBlockDevice?: boolean }).allowBlockDevice, true);
+    // ...and back into the configuration a snapshot records.
+    assert.equal(configFromSpec(spec).drives[0]?.allow_block_device, true);
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }

@@ -492,6 +492,7 @@ export function configFromSpec(spec: VmSpec): VmConfig {
         is_read_only: d.readOnly,
         is_root_device: root,
         ...(root && spec.root?.partuuid !== undefined ? { partuuid: spec.root.partuuid } : {}),
+        ...(d.allowBlockDevice === true ? { allow_block_device: true } : {}),
       });
     } else if (d.kind === 'rng') config.entropy = {};
     else if (d.kind === 'net') {
