@@ -108,3 +108,23 @@ test('close() leaves alone whatever replaced the socket', async () => {
     rmSync(dir, { recursive: true, force: true });
   }
 });
+
+test('a stale socket at the path is replaced by the new 0600 socket', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'tv-api-'));
+  try {
+    const sock = join(dir, 'api.sock');
+    const s = createServer();
+    await new Promise<void>((ok) => s.listen(join(dir, 'old.sock'), ok));
+    linkSync(join(dir, 'old.sock'), sock); // survives the close: a socket nobody listens on
+    await new Promise<void>((ok) => s.close(() => ok()));
+    const server = await startApiServer({ socketPath: sock, counters: new Counters(), handle });
+    try {
+      assert.equal(lstatSync(sock).mode & 0o777, API_SOCKET_MODE);
+      assert.equal(await status(sock), 204);
+    } finally {
+      await server.close();
+    }
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});

@@ -67,6 +67,11 @@ export async function prepareSocketPath(path: string): Promise<void> {
     s.once('error', () => resolve(false));
   });
   if (live) throw new HostError(`another process is listening on ${path}`);
+  // Still the stale socket looked at (not something put there since)? Then remove it.
+  const now = lstatSync(path, { throwIfNoEntry: false });
+  if (now === undefined) return;
+  if (now.ino !== st.ino || now.dev !== st.dev || !now.isSocket())
+    throw new ConfigError(`${path} was replaced while being checked; refusing to remove it`);
   unlinkSync(path);
 }
 

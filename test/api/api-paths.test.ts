@@ -17,7 +17,8 @@ import {
   writeFileSync,
 } from 'node:fs';
 import { join } from 'node:path';
-import { call, startServer, type ServerProcess } from './client.js';
+import { CLI, call, startServer, tempDir, type ServerProcess } from './client.js';
+import { spawnSync } from 'node:child_process';
 
 const T = { timeout: 20_000 };
 const fault = (r: { json: { fault_message?: string } }) => r.json?.fault_message ?? '';
@@ -120,3 +121,26 @@ describe('API least privilege (real socket, child process)', () => {
     },
   );
 });
+
+test(
+  '--log-path and --metrics-path on the command line: a symlink is refused by name',
+  T,
+  async () => {
+    const dir = tempDir();
+    symlinkSync('/etc/hostname', join(dir, 'link'));
+    for (const flag of ['--log-path', '--metrics-path']) {
+      const r = spawnSync(
+        process.execPath,
+        [CLI, '--api-sock', join(dir, 'api.sock'), flag, join(dir, 'link')],
+        { encoding: 'utf8', timeout: 15_000 },
+      );
+      assert.notEqual(r.status, 0);
+      assert.match(
+        r.stderr,
+        new RegExp(
+          `${flag === '--log-path' ? 'log_path' : 'metrics_path'} .*link: cannot open: it is a symbolic link`,
+        ),
+      );
+    }
+  },
+);
