@@ -8,6 +8,7 @@ import {
   existsSync,
   linkSync,
   lstatSync,
+  mkdirSync,
   mkdtempSync,
   readdirSync,
   readFileSync,
@@ -126,5 +127,30 @@ test('a stale socket at the path is replaced by the new 0600 socket', async () =
     }
   } finally {
     rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('a socket path too long for the private directory: bound in place, still 0600', async () => {
+  const base = mkdtempSync(join(tmpdir(), 'tv-api-'));
+  try {
+    // The socket's path is 102 bytes; the temporary one beside it would not fit in sun_path.
+    const dir = join(base, 'd'.repeat(100 - base.length - 1));
+    mkdirSync(dir);
+    const sock = join(dir, 'a');
+    assert.equal(Buffer.byteLength(sock), 102);
+    const server = await withUmask(0, async () => {
+      const sv = await startApiServer({ socketPath: sock, counters: new Counters(), handle });
+      assert.equal(process.umask(), 0, 'the umask is given back');
+      return sv;
+    });
+    try {
+      assert.equal(lstatSync(sock).mode & 0o777, API_SOCKET_MODE);
+      assert.equal(await status(sock), 204);
+      assert.deepEqual(readdirSync(dir), ['a']);
+    } finally {
+      await server.close();
+    }
+  } finally {
+    rmSync(base, { recursive: true, force: true });
   }
 });

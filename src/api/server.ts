@@ -88,32 +88,61 @@ async function listenPrivate(server: Server, path: string): Promise<Stats> {
   const dir = mkdtempSync(join(dirname(target), '.'));
   const tmp = join(dir, 's');
   try {
-    await new Promise<void>((ok, fail) => {
-      server.once('error', fail);
-      server.listen(tmp, () => {
-        server.off('error', fail);
-        ok();
-      });
-    });
+    // The temporary name must fit in sun_path too (libuv may cut a long one short).
+    if (Buffer.byteLength(tmp) > MAX_SOCKET_PATH) return await listenUmask(server, target);
+    await listenOn(server, tmp);
     try {
       chmodSync(tmp, API_SOCKET_MODE);
       linkSync(tmp, target);
     } catch (e) {
-      server.close();
       const code = (e as NodeJS.ErrnoException).code;
-      throw code === 'EEXIST'
-        ? new HostError(`${path} appeared while the API socket was being created; not replacing it`)
-        : e;
+      await new Promise<void>((ok) => server.close(() => ok()));
+      if (code === 'EEXIST')
+        throw new HostError(
+          `${path} appeared while the API socket was being created; not replacing it`,
+        );
+      // A file system without hard links (EPERM, ENOTSUP...): bind in place instead.
+      return await listenUmask(server, target);
     }
     return lstatSync(target);
   } finally {
     try {
       unlinkSync(tmp);
     } catch {
-      // never bound
+      // never bound, or already gone
     }
     rmdirSync(dir);
   }
+}
+
+/** sizeof(sockaddr_un.sun_path) - 1. */
+const MAX_SOCKET_PATH = 107;
+
+function listenOn(server: Server, path: string): Promise<void> {
+  return new Promise<void>((ok, fail) => {
+    server.once('error', fail);
+    server.listen(path, () => {
+      server.off('error', fail);
+      ok();
+    });
+  });
+}
+
+/**
+ * The fallback: bind in place under umask 0177. node:net binds a Unix socket synchronously inside
+ * listen() on the main thread, so the umask is restored before any other JavaScript runs; no
+ * other thread creates files while the API server starts.
+ */
+async function listenUmask(server: Server, target: string): Promise<Stats> {
+  const old = process.umask(0o777 & ~API_SOCKET_MODE);
+  let listening: Promise<void>;
+  try {
+    listening = listenOn(server, target);
+  } finally {
+    process.umask(old);
+  }
+  await listening;
+  return lstatSync(target);
 }
 
 function send(res: ServerResponse, out: ApiOutcome, close = false): void {
