@@ -4,11 +4,12 @@
  * stderr writes to that file or FIFO instead (non-blocking: a full FIFO drops the line and
  * counts it, it never stalls the VMM), which is what Firecracker's logger does with its output.
  */
-import { constants, openSync, writeSync } from 'node:fs';
+import { closeSync, writeSync } from 'node:fs';
 import { ConfigError } from '../util/errors.js';
 import { setLogLevel, type Level } from '../util/log.js';
 import { validateLogger, type LoggerConfig } from '../vmm/index.js';
 import type { Counters } from './metrics.js';
+import { openOutputFile } from './output-file.js';
 
 const LEVEL_MAP: Record<string, Level | 'off'> = {
   error: 'error',
@@ -34,21 +35,9 @@ export class LoggerControl {
   /** Applies a logger configuration; on error nothing has changed. */
   configure(cfg: LoggerConfig): void {
     validateLogger(cfg);
-    let fd: number | undefined;
-    if (cfg.log_path !== undefined) {
-      try {
-        fd = openSync(
-          cfg.log_path,
-          constants.O_RDWR | constants.O_CREAT | constants.O_NONBLOCK | constants.O_APPEND,
-          0o600,
-        );
-      } catch (e) {
-        throw new ConfigError(
-          `Failed to open the log file ${cfg.log_path}: ${(e as Error).message}`,
-        );
-      }
-    }
     const level = cfg.level === undefined ? undefined : LEVEL_MAP[cfg.level.toLowerCase()];
+    // Opened last among the checks: a refused request leaves nothing open.
+    const fd = cfg.log_path === undefined ? undefined : openOutputFile('log_path', cfg.log_path);
     if (level !== undefined) setLogLevel(level === 'off' ? 'error' : level);
     this.silenced = level === 'off' ? true : level !== undefined ? false : this.silenced;
     if (fd !== undefined) this.redirect(fd);
@@ -57,8 +46,21 @@ export class LoggerControl {
 
   private silenced = false;
 
+  /**
+   * Sends stderr to `fd` and closes the descriptor it replaces (each PUT /logger with a path
+   * would otherwise keep one more open file for the life of the process).
+   */
   private redirect(fd: number): void {
+    const previous = this.fd;
     this.fd = fd;
+    if (previous !== undefined && previous !== fd) {
+      try {
+        closeSync(previous);
+      } catch {
+        // already closed
+      }
+      return; // stderr already goes through the hook below, which reads this.fd
+    }
     const counters = this.counters;
     const self = this;
     // Every later stderr line (util/log.ts, error reports) goes to the log file.
@@ -79,5 +81,13 @@ export class LoggerControl {
   /** Puts stderr back (tests and shutdown). */
   restore(): void {
     process.stderr.write = this.originalWrite as typeof process.stderr.write;
+    if (this.fd !== undefined) {
+      try {
+        closeSync(this.fd);
+      } catch {
+        // already closed
+      }
+      this.fd = undefined;
+    }
   }
 }

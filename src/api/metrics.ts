@@ -11,9 +11,10 @@
  * VM's devices and vCPUs when the VM starts. A source that fails or does not answer within
  * SOURCE_TIMEOUT_MS contributes what it last reported, so a stuck source never holds a line.
  */
-import { closeSync, constants, openSync, writeSync } from 'node:fs';
+import { closeSync, writeSync } from 'node:fs';
 import { ConfigError } from '../util/errors.js';
 import type { MetricsConfig } from '../vmm/index.js';
+import { openOutputFile } from './output-file.js';
 
 export const METRICS_PERIOD_MS = 60_000;
 export const SOURCE_TIMEOUT_MS = 2_000;
@@ -62,22 +63,11 @@ export class MetricsSystem {
     return this.config;
   }
 
-  /** Opens the metrics path (created if missing; non-blocking, so a FIFO never stalls us). */
+  /** Opens the metrics path (created 0600 if missing; non-blocking, so a FIFO never stalls us). */
   init(cfg: MetricsConfig): void {
     if (this.fd !== undefined) throw new ConfigError('Reinitialization of metrics not allowed.');
-    let fd: number;
-    try {
-      fd = openSync(
-        cfg.metrics_path,
-        constants.O_RDWR | constants.O_CREAT | constants.O_NONBLOCK | constants.O_APPEND,
-        0o600,
-      );
-    } catch (e) {
-      throw new ConfigError(
-        `Cannot initialize the metrics system due to bad user input: ${(e as Error).message}`,
-      );
-    }
-    this.fd = fd;
+    // No symlink, created 0600, a regular file or FIFO only (see output-file.ts).
+    this.fd = openOutputFile('metrics_path', cfg.metrics_path);
     this.config = { ...cfg };
     this.timer = setInterval(() => void this.flush(), METRICS_PERIOD_MS);
     this.timer.unref();

@@ -97,6 +97,9 @@ export const Drive: Schema = {
     cache_type: oneOf(['Unsafe', 'Writeback'], 'Flush handling (default "Unsafe").'),
     is_read_only: bool('Open the backing file read-only (required).'),
     path_on_host: str('Host path of the backing file (required).'),
+    allow_block_device: bool(
+      'Typervisor only: path_on_host may be a host block device (default false: regular files only).',
+    ),
     rate_limiter: RateLimiter,
     io_engine: oneOf(['Sync', 'Async'], 'I/O engine (default "Sync").'),
     socket: str('vhost-user-block socket: not supported.'),
@@ -163,7 +166,9 @@ export const Logger: Schema = {
   description: 'Where and how much the VMM logs.',
   properties: {
     level: str('Error, Warning, Info, Debug, Trace or Off (any case; default Info).', 16),
-    log_path: str('File or named pipe for the log (created if missing).'),
+    log_path: str(
+      'File or named pipe for the log (created 0600 if missing; not a symlink; appended to).',
+    ),
     show_level: bool('Show the level on each line.'),
     show_log_origin: bool('Accepted; we log no source locations.'),
     module: str('Accepted and stored; we do not filter by module.', 256),
@@ -174,7 +179,9 @@ export const Metrics: Schema = {
   type: 'object',
   description: 'Where metrics go: one JSON object per line, every 60 s and on FlushMetrics.',
   properties: {
-    metrics_path: str('File or named pipe for the metrics (created if missing).'),
+    metrics_path: str(
+      'File or named pipe for the metrics (created 0600 if missing; not a symlink; appended to).',
+    ),
     emit_id: bool('Add the instance id (--id) as a top-level "id" field.'),
     properties: {
       type: 'object',

@@ -11,7 +11,16 @@
  */
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import { connect, type Socket } from 'node:net';
-import { lstatSync, unlinkSync } from 'node:fs';
+import {
+  chmodSync,
+  linkSync,
+  lstatSync,
+  mkdtempSync,
+  rmdirSync,
+  unlinkSync,
+  type Stats,
+} from 'node:fs';
+import { dirname, join, resolve } from 'node:path';
 import { ConfigError, HostError } from '../util/errors.js';
 import { log } from '../util/log.js';
 import type { ApiOutcome } from './controller.js';
@@ -36,6 +45,9 @@ export interface ApiServer {
   close(): Promise<void>;
 }
 
+/** The API socket's mode, whatever the umask: only the VMM's own user (or root) may call it. */
+export const API_SOCKET_MODE = 0o600;
+
 /** Removes a stale socket (a socket nobody listens on); refuses anything else at that path. */
 export async function prepareSocketPath(path: string): Promise<void> {
   let st;
@@ -55,7 +67,82 @@ export async function prepareSocketPath(path: string): Promise<void> {
     s.once('error', () => resolve(false));
   });
   if (live) throw new HostError(`another process is listening on ${path}`);
+  // Still the stale socket looked at (not something put there since)? Then remove it.
+  const now = lstatSync(path, { throwIfNoEntry: false });
+  if (now === undefined) return;
+  if (now.ino !== st.ino || now.dev !== st.dev || !now.isSocket())
+    throw new ConfigError(`${path} was replaced while being checked; refusing to remove it`);
   unlinkSync(path);
+}
+
+/**
+ * Binds `server` to `path` with mode API_SOCKET_MODE and no moment where the path is wider: the
+ * socket is bound in a fresh 0700 directory beside `path` (so the umask cannot widen what anyone
+ * else can reach), chmod-ed there, then hard-linked to `path` (link(2) never replaces an existing
+ * entry: EEXIST if something appeared there meanwhile) and its temporary name removed. A Unix
+ * socket is reached through its inode, so the linked name serves the bound socket. Returns the
+ * identity of the socket, so close() removes only the entry it made.
+ */
+async function listenPrivate(server: Server, path: string): Promise<Stats> {
+  const target = resolve(path);
+  const dir = mkdtempSync(join(dirname(target), '.'));
+  const tmp = join(dir, 's');
+  try {
+    // The temporary name must fit in sun_path too (libuv may cut a long one short).
+    if (Buffer.byteLength(tmp) > MAX_SOCKET_PATH) return await listenUmask(server, target);
+    await listenOn(server, tmp);
+    try {
+      chmodSync(tmp, API_SOCKET_MODE);
+      linkSync(tmp, target);
+    } catch (e) {
+      const code = (e as NodeJS.ErrnoException).code;
+      await new Promise<void>((ok) => server.close(() => ok()));
+      if (code === 'EEXIST')
+        throw new HostError(
+          `${path} appeared while the API socket was being created; not replacing it`,
+        );
+      // A file system without hard links (EPERM, ENOTSUP...): bind in place instead.
+      return await listenUmask(server, target);
+    }
+    return lstatSync(target);
+  } finally {
+    try {
+      unlinkSync(tmp);
+    } catch {
+      // never bound, or already gone
+    }
+    rmdirSync(dir);
+  }
+}
+
+/** sizeof(sockaddr_un.sun_path) - 1. */
+const MAX_SOCKET_PATH = 107;
+
+function listenOn(server: Server, path: string): Promise<void> {
+  return new Promise<void>((ok, fail) => {
+    server.once('error', fail);
+    server.listen(path, () => {
+      server.off('error', fail);
+      ok();
+    });
+  });
+}
+
+/**
+ * The fallback: bind in place under umask 0177. node:net binds a Unix socket synchronously inside
+ * listen() on the main thread, so the umask is restored before any other JavaScript runs; no
+ * other thread creates files while the API server starts.
+ */
+async function listenUmask(server: Server, target: string): Promise<Stats> {
+  const old = process.umask(0o777 & ~API_SOCKET_MODE);
+  let listening: Promise<void>;
+  try {
+    listening = listenOn(server, target);
+  } finally {
+    process.umask(old);
+  }
+  await listening;
+  return lstatSync(target);
 }
 
 function send(res: ServerResponse, out: ApiOutcome, close = false): void {
@@ -178,13 +265,7 @@ export async function startApiServer(opts: ApiServerOptions): Promise<ApiServer>
     );
     socket.destroySoon();
   });
-  await new Promise<void>((resolve, reject) => {
-    server.once('error', reject);
-    server.listen(opts.socketPath, () => {
-      server.off('error', reject);
-      resolve();
-    });
-  });
+  const bound = await listenPrivate(server, opts.socketPath);
   server.on('error', (e) => log('error', `API server: ${e.message}`));
   return {
     close: () =>
@@ -192,7 +273,9 @@ export async function startApiServer(opts: ApiServerOptions): Promise<ApiServer>
         server.close(() => resolve());
         server.closeAllConnections();
         try {
-          unlinkSync(opts.socketPath);
+          // Only the socket made here: not whatever replaced it since.
+          const now = lstatSync(opts.socketPath);
+          if (now.ino === bound.ino && now.dev === bound.dev) unlinkSync(opts.socketPath);
         } catch {
           // already gone
         }

@@ -1,5 +1,5 @@
 /**
- * `--drive path=FILE[,ro][,root][,serial=ID]` turned into drives of VmResources (Firecracker's
+ * `--drive path=FILE[,ro][,root][,serial=ID][,blockdev]` turned into drives of VmResources (Firecracker's
  * DriveConfig), and the private root disk of `--rootfs`.
  */
 import { spawnSync } from 'node:child_process';
@@ -21,6 +21,7 @@ export function parseDrive(spec: string, index: number): DriveConfig {
   let readOnly = false;
   let root = false;
   let serial: string | undefined;
+  let blockDevice = false;
   for (const part of spec.split(',')) {
     const eq = part.indexOf('=');
     const key = eq < 0 ? part : part.slice(0, eq);
@@ -29,9 +30,11 @@ export function parseDrive(spec: string, index: number): DriveConfig {
     else if (key === 'ro' && value === undefined) readOnly = true;
     else if (key === 'root' && value === undefined) root = true;
     else if (key === 'serial' && value !== undefined) serial = value;
+    // A host block device as the image: refused unless asked for (allow_block_device).
+    else if (key === 'blockdev' && value === undefined) blockDevice = true;
     else
       throw new ConfigError(
-        `--drive: unknown or malformed "${part}" (expected path=FILE[,ro][,root][,serial=ID])`,
+        `--drive: unknown or malformed "${part}" (expected path=FILE[,ro][,root][,serial=ID][,blockdev])`,
       );
   }
   if (!path) throw new ConfigError(`--drive ${spec}: path=FILE is required`);
@@ -42,6 +45,7 @@ export function parseDrive(spec: string, index: number): DriveConfig {
     path_on_host: path,
     is_root_device: root,
     is_read_only: readOnly,
+    ...(blockDevice ? { allow_block_device: true } : {}),
   };
 }
 

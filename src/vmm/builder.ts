@@ -2,7 +2,6 @@
  * buildVm(): VmResources -> a running Vmm. The one path from a validated description to a VM,
  * shared by the CLI and the API.
  */
-import { readFileSync } from 'node:fs';
 import { acpiBootHook } from '../arch/x86_64/acpi/index.js';
 import { setupBoot, type BootSetup } from '../arch/x86_64/boot.js';
 import { filterCpuid } from '../arch/x86_64/cpuid.js';
@@ -11,6 +10,7 @@ import { Kvm, Vcpu, type Vm } from '../kvm/kvm.js';
 import { native } from '../kvm/native.js';
 import type { CpuidEntry } from '../kvm/types.js';
 import { Cmdline } from '../loader/cmdline.js';
+import { readBootImage } from '../loader/image-file.js';
 import { ConfigError, HostError, ImageError } from '../util/errors.js';
 import { log } from '../util/log.js';
 import {
@@ -105,14 +105,6 @@ export function runUndo(undo: UndoList): void {
     }
   }
   undo.length = 0;
-}
-
-function readImage(what: string, path: string): Uint8Array {
-  try {
-    return readFileSync(path);
-  } catch (e) {
-    throw new ConfigError(`cannot read ${what} ${path}: ${(e as Error).message}`);
-  }
 }
 
 /** Sets the boot MSRs: required ones must all be taken; optional ones are tried one by one. */
@@ -218,8 +210,9 @@ export function releaseVcpuRun(vcpu: Vcpu): void {
 function build(spec: VmSpec, opts: BuildOptions, undo: UndoList): BuiltVm {
   const memBytes = spec.memMib * 1024 * 1024;
   const vcpus = spec.vcpus;
-  const kernel = readImage('kernel', spec.kernelPath);
-  const initrd = spec.initrdPath ? readImage('initrd', spec.initrdPath) : undefined;
+  // Each opened once and checked on its descriptor; the bytes loaded are the bytes checked.
+  const kernel = readBootImage('kernel_image_path', spec.kernelPath);
+  const initrd = spec.initrdPath ? readBootImage('initrd_path', spec.initrdPath) : undefined;
   const cmdline = composeCmdline(spec);
 
   // Opens each device's host side (image, TAP, socket): that open is the check.

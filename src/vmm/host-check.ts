@@ -2,9 +2,9 @@
  * Whether this host's KVM can run a given kernel: the one check the CLI (`typervisor run`) and
  * the API (InstanceStart) both make before buildVm(), so both refuse with the same line.
  */
-import { readFileSync } from 'node:fs';
 import { detectKvm } from '../kvm/detect.js';
 import { isBzImage } from '../loader/bzimage.js';
+import { readBootImage } from '../loader/image-file.js';
 import { HostError } from '../util/errors.js';
 
 /** Refuses, in one line, to run a stock kernel where KVM cannot run one (PVM-only hosts). */
@@ -14,7 +14,8 @@ export function checkHostCanRun(kernelPath: string, allowPvm: boolean): void {
   if (kvm.canRunStockGuests || allowPvm) return;
   let head: Uint8Array;
   try {
-    head = readFileSync(kernelPath).subarray(0, 4096);
+    // A regular file only (a character device such as /dev/zero would never end).
+    head = readBootImage('kernel_image_path', kernelPath).subarray(0, 4096);
   } catch {
     return; // reported later, by validation
   }

@@ -9,7 +9,8 @@
  * valid and consistent. Everything here is a pure check or a copy: a caller that gets a
  * ConfigError has changed nothing.
  */
-import { accessSync, constants, statSync } from 'node:fs';
+import { closeSync } from 'node:fs';
+import { checkBootImage, openHostFile } from '../loader/image-file.js';
 import { CMDLINE_MAX_SIZE, MAX_VCPUS } from '../arch/x86_64/layout.js';
 import { BLK_ID_BYTES } from '../devices/virtio/block/request.js';
 import { ConfigError } from '../util/errors.js';
@@ -55,6 +56,11 @@ export interface DriveConfig {
   path_on_host?: string;
   rate_limiter?: RateLimiter;
   io_engine?: 'Sync' | 'Async';
+  /**
+   * Typervisor's own: path_on_host may be a host block device only when this is true (a
+   * regular file otherwise). Firecracker has no such field; it accepts either.
+   */
+  allow_block_device?: boolean;
   /** vhost-user-block backend socket (not supported: refused by validateDrive). */
   socket?: string;
 }
@@ -149,27 +155,18 @@ export function validateMachineConfig(m: MachineConfig): MachineConfig {
   return m;
 }
 
-/** A regular, readable, non-empty file, or a ConfigError naming what is wrong with it. */
-export function checkReadableFile(what: string, path: string): void {
-  let st;
-  try {
-    st = statSync(path);
-  } catch {
-    throw new ConfigError(`${what} ${path} does not exist`);
-  }
-  if (st.isDirectory()) throw new ConfigError(`${what} ${path} is a directory, not a file`);
-  if (!st.isFile()) throw new ConfigError(`${what} ${path} is not a regular file`);
-  try {
-    accessSync(path, constants.R_OK);
-  } catch {
-    throw new ConfigError(`${what} ${path} is not readable`);
-  }
-  if (st.size === 0) throw new ConfigError(`${what} ${path} is empty`);
+/**
+ * A regular, readable, non-empty file, or a ConfigError naming the field, the path and what is
+ * wrong with it. Checked on an opened descriptor (loader/image-file.ts); the builder opens and
+ * checks the file again when it reads it, and uses only what it read then.
+ */
+export function checkReadableFile(field: string, path: string): void {
+  checkBootImage(field, path);
 }
 
 export function validateBootSource(b: BootSource): BootSource {
-  checkReadableFile('kernel', b.kernel_image_path);
-  if (b.initrd_path !== undefined) checkReadableFile('initrd', b.initrd_path);
+  checkReadableFile('kernel_image_path', b.kernel_image_path);
+  if (b.initrd_path !== undefined) checkReadableFile('initrd_path', b.initrd_path);
   if (b.boot_args !== undefined) {
     if (b.boot_args.length >= CMDLINE_MAX_SIZE) {
       throw new ConfigError(
@@ -200,23 +197,14 @@ export function validateDrive(d: DriveConfig): DriveConfig {
   const what = `drive ${d.drive_id}`;
   checkDrive(d);
   if (d.path_on_host === undefined) return d;
-  let st;
-  try {
-    st = statSync(d.path_on_host);
-  } catch (e) {
-    throw new ConfigError(
-      `${what}: cannot open ${d.path_on_host}: ${(e as NodeJS.ErrnoException).code ?? 'error'} (No such file or directory)`,
-    );
-  }
-  if (!st.isFile() && !st.isBlockDevice())
-    throw new ConfigError(`${what}: ${d.path_on_host} is not a regular file or block device`);
-  try {
-    accessSync(d.path_on_host, d.is_read_only ? constants.R_OK : constants.R_OK | constants.W_OK);
-  } catch {
-    throw new ConfigError(
-      `${what}: ${d.path_on_host} is not ${d.is_read_only ? 'readable' : 'readable and writable'}`,
-    );
-  }
+  // Opened with the access asked for and checked on the descriptor; the device opens (and
+  // checks) it again at start and serves only what it opened then.
+  const { fd } = openHostFile(`${what}: path_on_host`, d.path_on_host, {
+    write: d.is_read_only !== true,
+    allowBlockDevice: d.allow_block_device === true,
+    blockDeviceHint: 'set "allow_block_device": true on the drive, or ,blockdev on --drive',
+  });
+  closeSync(fd);
   return d;
 }
 
@@ -363,6 +351,7 @@ function checkDevices(r: Omit<VmResources, 'boot'>): {
       id: d.drive_id,
       path: d.path_on_host!,
       readOnly: d.is_read_only === true,
+      ...(d.allow_block_device === true ? { allowBlockDevice: true } : {}),
       // GET_ID answers the drive's id, as Firecracker's does (cut to the 20 bytes it holds).
       serial: truncateUtf8(d.drive_id, BLK_ID_BYTES),
     })),
@@ -503,6 +492,7 @@ export function configFromSpec(spec: VmSpec): VmConfig {
         is_read_only: d.readOnly,
         is_root_device: root,
         ...(root && spec.root?.partuuid !== undefined ? { partuuid: spec.root.partuuid } : {}),
+        ...(d.allowBlockDevice === true ? { allow_block_device: true } : {}),
       });
     } else if (d.kind === 'rng') config.entropy = {};
     else if (d.kind === 'net') {
@@ -660,6 +650,7 @@ export function validateRestoreConfig(cfg: unknown, overrides: RestoreOverrides 
         cache_type: 'string',
         is_read_only: 'boolean',
         path_on_host: 'string',
+        allow_block_device: 'boolean',
         rate_limiter: 'object',
         io_engine: 'string',
         socket: 'string',

@@ -48,6 +48,11 @@ for (const [what, spec, says] of [
   ['an unknown option', () => `path=${img('a.img', 4096)},bogus`, /unknown or malformed "bogus"/],
   ['no path', () => 'ro', /path=FILE is required/],
   ['an image under 512 bytes', () => `path=${img('tiny.img', 100)}`, /tiny\.img/],
+  // A host block device (an idle loop device) is refused unless the drive says blockdev; with
+  // it, the type check passes and the empty device is refused for its size.
+  ['a host block device', () => 'path=/dev/loop7,ro', /path_on_host is a block device; refused/],
+  ['a block device asked for', () => 'path=/dev/loop7,ro,blockdev', /smaller than one sector/],
+  ['a character device', () => 'path=/dev/zero,ro', /not a regular file/],
 ] as const) {
   test(`--drive with ${what}: one line, exit 2`, T, async () => {
     const r = await run(spec());

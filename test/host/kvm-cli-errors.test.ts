@@ -78,7 +78,7 @@ const cases: Case[] = [
     name: 'missing kernel file',
     args: () => run('--kernel', join(dir, 'nope')),
     code: 2,
-    says: /kernel .*nope does not exist/,
+    says: /kernel_image_path .*nope does not exist/,
   },
   {
     name: 'a directory as kernel',
@@ -90,7 +90,7 @@ const cases: Case[] = [
     name: 'an empty kernel',
     args: () => run('--kernel', join(dir, 'empty')),
     code: 2,
-    says: /kernel .* is empty/,
+    says: /kernel_image_path .* is empty/,
   },
   {
     name: 'a garbage kernel',
@@ -108,13 +108,13 @@ const cases: Case[] = [
     name: 'a missing initrd',
     args: () => run('--kernel', kernel(), '--initrd', join(dir, 'nope')),
     code: 2,
-    says: /initrd .*nope does not exist/,
+    says: /initrd_path .*nope does not exist/,
   },
   {
     name: 'a directory as initrd',
     args: () => run('--kernel', kernel(), '--initrd', dir),
     code: 2,
-    says: /initrd .* is a directory/,
+    says: /initrd_path .* is a directory/,
   },
   {
     name: 'an initrd too big for guest memory',

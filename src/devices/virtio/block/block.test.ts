@@ -2,6 +2,8 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import {
   closeSync,
+  existsSync,
+  statSync,
   mkdtempSync,
   openSync,
   readFileSync,
@@ -332,6 +334,21 @@ test('config validation: missing, directory, unwritable, duplicate, size roundin
     const tiny = join(dir, 'tiny.img');
     writeFileSync(tiny, new Uint8Array(100));
     bad([{ kind: 'block', path: tiny, readOnly: true }], /smaller than one sector/);
+    // A host block device only when the drive asks for it (an idle loop device: 0 sectors).
+    const blk = ['/dev/loop7', '/dev/loop0'].find(
+      (p) => existsSync(p) && statSync(p).isBlockDevice(),
+    );
+    if (blk && process.getuid?.() === 0) {
+      bad(
+        [{ kind: 'block', path: blk, readOnly: true }],
+        /path_on_host is a block device; refused/,
+      );
+      bad(
+        [{ kind: 'block', path: blk, readOnly: true, allowBlockDevice: true }],
+        /smaller than one sector|block device's size/,
+      );
+    }
+    bad([{ kind: 'block', path: '/dev/null', readOnly: true }], /not a regular file/);
     if (process.getuid?.() !== 0) {
       chmodSync(path, 0o444);
       bad([{ kind: 'block', path, readOnly: false }], /not writable/);

@@ -22,6 +22,8 @@ export interface BlockConfig {
   readOnly: boolean;
   /** GET_ID answer: at most 20 bytes once UTF-8 encoded (default: none). */
   serial?: string;
+  /** A host block device may back the drive (the API's allow_block_device); default: refused. */
+  allowBlockDevice?: boolean;
 }
 
 /** What the device worker needs: the open image and its geometry. */
@@ -67,8 +69,13 @@ export function openBlockImage(
   try {
     const st = fstatSync(fd);
     if (st.isDirectory()) throw new ConfigError(`${what}: is a directory, not a disk image`);
+    if (st.isBlockDevice() && c.allowBlockDevice !== true) {
+      throw new ConfigError(
+        `${what}: path_on_host is a block device; refused unless asked for explicitly ("allow_block_device": true on the drive, ,blockdev on --drive)`,
+      );
+    }
     if (!st.isFile() && !st.isBlockDevice())
-      throw new ConfigError(`${what}: not a regular file or block device`);
+      throw new ConfigError(`${what}: path_on_host is not a regular file or block device`);
     const other = ctx.claim(`image ${st.dev}:${st.ino}`, what);
     if (other !== undefined)
       throw new ConfigError(`${what}: the same image as ${other} (one file, one drive)`);
