@@ -42,6 +42,7 @@ const usage = (runUsage: string) => `usage: typervisor <command> [options]
 commands:
   run        boot a VM with its console on this terminal (typervisor run --help), or restore
              a snapshot (run --restore STATE --mem-file MEM)
+  clone      start N VMs restored from one snapshot (typervisor clone --help)
   snapshot   create a snapshot of a VM on an API socket, or inspect a state file
              (typervisor snapshot --help)
   version    print the version
@@ -91,6 +92,8 @@ export async function main(argv: string[]): Promise<number> {
           return 0;
         }
         return await runCommand(rest);
+      case 'clone':
+        return await (await import('./clone.js')).cloneCommand(rest);
       case 'snapshot': {
         const { snapshotCommand } = await import('./snapshot.js');
         return await snapshotCommand(rest);
