@@ -77,6 +77,10 @@ export async function main(argv: string[]): Promise<number> {
   const [cmd, ...rest] = argv;
   if (cmd === 'run' || (await isFirecrackerInvocation(argv))) boundExitAfterSignals();
   if (await isFirecrackerInvocation(argv)) {
+    // API mode: a vCPU worker starts now, while the API server comes up, so that a boot or a
+    // snapshot load does not wait for one (~40-200 ms; docs/bench.md). Unused, it ends at exit.
+    if (!argv.includes('--help') && !argv.includes('-h') && !argv.includes('--version'))
+      prewarmVcpuWorkers(1);
     const { firecrackerCommand } = await import('./firecracker.js');
     return firecrackerCommand(argv);
   }

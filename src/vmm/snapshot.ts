@@ -219,15 +219,16 @@ export async function loadSnapshot(p: LoadParams, opts: BuildOptions = {}): Prom
   const started = performance.now();
   const undo: UndoList = [];
   let built: BuiltVm;
+  const phases = new LoadPhases();
   try {
-    built = await load(p, opts, undo);
+    built = await load(p, opts, undo, phases);
   } catch (e) {
     runUndo(undo);
     throw e instanceof SnapshotError ? e : loadError((e as Error).message);
   }
   log(
     'info',
-    `snapshot ${p.snapshotPath} loaded in ${(performance.now() - started).toFixed(1)} ms (${built.vmm.state})`,
+    `snapshot ${p.snapshotPath} loaded in ${(performance.now() - started).toFixed(1)} ms (${built.vmm.state}): ${phases.text()}`,
   );
   return built;
 }
@@ -284,8 +285,28 @@ function checkSnapshot(p: LoadParams): { data: SnapshotData; spec: RestoreSpec }
   return { data, spec };
 }
 
-async function load(p: LoadParams, opts: BuildOptions, undo: UndoList): Promise<BuiltVm> {
+/** Where a load's time goes, for the log line (docs/bench.md has a measured breakdown). */
+class LoadPhases {
+  private last = performance.now();
+  private readonly parts: string[] = [];
+  mark(name: string): void {
+    const now = performance.now();
+    this.parts.push(`${name} ${(now - this.last).toFixed(1)}`);
+    this.last = now;
+  }
+  text(): string {
+    return `${this.parts.join(', ')} ms`;
+  }
+}
+
+async function load(
+  p: LoadParams,
+  opts: BuildOptions,
+  undo: UndoList,
+  phases: LoadPhases,
+): Promise<BuiltVm> {
   const { data, spec } = checkSnapshot(p);
+  phases.mark('read+check');
   const regions = data.memory.regions;
   const mem = checkMemoryFile(p.memBackend.path, regions);
   if (!mem.ok) throw loadError(mem.error.message);
@@ -309,6 +330,7 @@ async function load(p: LoadParams, opts: BuildOptions, undo: UndoList): Promise<
   undo.push(() => mapped.ram.unmap());
   closeMemFd(); // the mapping holds the file
   attachRam(vm, mapped.layout, mapped.ram, { dirtyLog: p.trackDirtyPages });
+  phases.mark('vm+memory');
 
   const legacy = createLegacyDeviceState(vm, opts.consoleFd ?? 1);
   undo.push(() => closeLegacyDeviceState(legacy));
@@ -318,6 +340,7 @@ async function load(p: LoadParams, opts: BuildOptions, undo: UndoList): Promise<
   step('cannot restore the VM state (irqchips, PIT, kvmclock)', () =>
     restoreVm(vm, data.vm, { realtime: p.clockRealtime }),
   );
+  phases.mark('legacy+vm state');
 
   const mmapSize = kvm.vcpuMmapSize();
   const xsaveSize = kvm.xsaveSize();
@@ -353,6 +376,7 @@ async function load(p: LoadParams, opts: BuildOptions, undo: UndoList): Promise<
       );
     releaseVcpuRun(vcpu);
   }
+  phases.mark('vcpus');
 
   // The vCPU workers start parked; from here on the VM owns every part (its teardown closes
   // them), so a failure stops the VM instead of running the undo list.
@@ -373,16 +397,20 @@ async function load(p: LoadParams, opts: BuildOptions, undo: UndoList): Promise<
     undo,
   );
   undo.length = 0;
+  phases.mark('workers started');
   const dw = built.deviceWorker;
   try {
     if (dw) {
       await dw.request({ op: 'pause' });
+      phases.mark('device worker up');
       await dw.request({ op: 'restore', devices: data.devices }).catch((e: Error) => {
         throw loadError(`cannot restore the virtio devices: ${e.message}`);
       });
+      phases.mark('devices');
     }
     // Resume serves what was in flight: the device worker kicks every queue, then the vCPUs run.
     if (p.resumeVm) await built.vmm.resumeAll(dw);
+    phases.mark('resume');
   } catch (e) {
     built.vmm.requestStop();
     await built.vmm.exited;
