@@ -70,6 +70,8 @@ export interface SnapSample {
   restoreToOutputMs?: number;
   processToOutputMs?: number;
   nonGuestRssKiB?: number;
+  /** Typervisor's log line: the load's phases in ms. */
+  loadPhases?: string;
   clones?: number;
   cloneOwnedKiB?: number[];
   clonePssKiB?: number[];
@@ -284,6 +286,7 @@ interface Restored {
   loadMs: number;
   restoreToOutputMs: number;
   processToOutputMs: number;
+  phases?: string;
 }
 
 /** A fresh process, the load call, the echo answered. */
@@ -297,7 +300,7 @@ async function restore(
   const t0 = performance.now();
   const p =
     vmm === 'typervisor'
-      ? new Proc(process.execPath, [TYPERVISOR, '--api-sock', sock])
+      ? new Proc(process.execPath, [TYPERVISOR, '--api-sock', sock, '--level', 'Info'])
       : new Proc('qemu-system-x86_64', qemuArgs(env, sock, true));
   try {
     await waitSocket(p, sock);
@@ -322,7 +325,14 @@ async function restore(
     p.write(PROBE_CMD);
     await p.waitFor(PROBE, STEP_TIMEOUT_MS, from);
     const now = performance.now();
-    return { proc: p, loadMs, restoreToOutputMs: now - t1, processToOutputMs: now - t0 };
+    return {
+      proc: p,
+      loadMs,
+      restoreToOutputMs: now - t1,
+      processToOutputMs: now - t0,
+      // Typervisor's own account of the load (src/vmm/snapshot.ts logs its phases).
+      phases: /loaded in ([^\n]*)/.exec(p.err)?.[1],
+    };
   } catch (e) {
     await p.kill();
     throw e;
@@ -356,6 +366,7 @@ async function measure(key: string, env: Env): Promise<SnapSample> {
     sample.restoreToOutputMs = one.restoreToOutputMs;
     sample.processToOutputMs = one.processToOutputMs;
     sample.nonGuestRssKiB = nonGuestRss(vmm, one.proc.pid, files.mem);
+    if (one.phases) sample.loadPhases = one.phases.slice(0, 300);
     process.stderr.write(
       `snapshot: ${key}: load ${one.loadMs.toFixed(0)} ms, to output ${one.restoreToOutputMs.toFixed(0)} ms\n`,
     );
@@ -461,6 +472,9 @@ export function summariseSnapshot(samples: SnapSample[], runs: number): SubSuite
       `${runs} round(s), the VMM order alternating. Guest: the project's default kernel and busybox initramfs, ${MEM_MIB} MiB, 1 vCPU, booted to its shell ("${CMDLINE}"); QEMU: -M microvm,acpi=on. The state and memory files are on /dev/shm (tmpfs; the lab's /tmp is 9p), so loads read memory, not a disk.`,
       'Typervisor: API mode, PUT /snapshot/create (Full) then PUT /snapshot/load in a fresh process; QEMU 7.2: stop + migrate "exec:cat > f", then a fresh process with -incoming defer -S: migrate-incoming "exec:cat f", polled with query-status, then cont.',
       `Clones: ${clones} processes restored from the one snapshot, all running at once; Typervisor maps the memory file privately (the pages no clone writes are the page cache's), QEMU copies it into each clone's RAM.`,
+      ...ok
+        .filter((s) => s.loadPhases)
+        .map((s) => `${s.key}: Typervisor's load, as it logs it: ${s.loadPhases}.`),
       ...(missing > 0 ? [`${missing} sample(s) missing (not measured).`] : []),
       ...samples.filter((s) => s.error).map((s) => `${s.key} failed: ${s.error}`),
     ],

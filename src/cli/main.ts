@@ -2,7 +2,7 @@
 import { readFileSync } from 'node:fs';
 // Only light imports here: `run` starts its vCPU workers before loading the rest (see
 // src/vmm/vcpu-pool.ts), so the modules are loaded on demand below.
-import { prewarmVcpuWorkers } from '../vmm/vcpu-pool.js';
+import { prewarmDeviceWorker, prewarmVcpuWorkers } from '../vmm/vcpu-pool.js';
 
 const EXIT_USAGE = 2;
 /**
@@ -77,10 +77,13 @@ export async function main(argv: string[]): Promise<number> {
   const [cmd, ...rest] = argv;
   if (cmd === 'run' || (await isFirecrackerInvocation(argv))) boundExitAfterSignals();
   if (await isFirecrackerInvocation(argv)) {
-    // API mode: a vCPU worker starts now, while the API server comes up, so that a boot or a
-    // snapshot load does not wait for one (~40-200 ms; docs/bench.md). Unused, it ends at exit.
-    if (!argv.includes('--help') && !argv.includes('-h') && !argv.includes('--version'))
+    // API mode: a vCPU worker and a device worker start now, while the API server comes up, so
+    // that a boot or a snapshot load does not wait for them (~40-300 ms; docs/bench.md). The
+    // ones a VM does not use end when it starts; unused, they end at exit.
+    if (!argv.includes('--help') && !argv.includes('-h') && !argv.includes('--version')) {
       prewarmVcpuWorkers(1);
+      prewarmDeviceWorker();
+    }
     const { firecrackerCommand } = await import('./firecracker.js');
     return firecrackerCommand(argv);
   }
