@@ -27,12 +27,13 @@ import {
 } from './common.js';
 import { fioPlan, summariseFio, type FioSample } from './lab-fio.js';
 import { bootPlan, summariseBoot, type BootSample } from './lab-inner.js';
+import { snapshotPlan, summariseSnapshot, type SnapSample } from './snapshot.js';
 
 /** sh -c TEE <file> <command...>: the command with its stdout appended to <file> as well, then
  *  `BENCH-EXIT <its exit code>` (dash has no pipefail). */
 const TEE = '{ "$@"; echo "BENCH-EXIT $?"; } | tee -a "$0"';
 
-export const LAB_SUB_SUITE_NAMES = ['boot', 'fio', 'net'] as const;
+export const LAB_SUB_SUITE_NAMES = ['boot', 'fio', 'net', 'snapshot'] as const;
 export type LabSubSuiteName = (typeof LAB_SUB_SUITE_NAMES)[number];
 
 interface SubSuiteDef {
@@ -111,6 +112,17 @@ export const LAB_SUB_SUITES: readonly SubSuiteDef[] = [
       existsSync(join(REPO, 'dist/bench/lab-net.js'))
         ? (ensureDefaultGuest() ?? missingImages(['rootfs']))
         : 'dist/bench/lab-net.js does not exist (bench/lab-net.ts not written or not built)',
+  },
+  {
+    name: 'snapshot',
+    title: 'snapshots, restore and clones',
+    script: 'dist/bench/snapshot.js',
+    defaultRuns: 1,
+    timeoutSec: (runs) => 300 + 900 * runs,
+    idleSec: 420,
+    unavailable: ensureDefaultGuest,
+    plan: snapshotPlan,
+    salvage: (s, runs) => summariseSnapshot(s as SnapSample[], runs),
   },
 ];
 

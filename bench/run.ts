@@ -20,8 +20,8 @@ import {
 import { microSuite } from './micro.js';
 
 const DEFAULT_LAB_RUNS = LAB_SUB_SUITES.map((d) => `${d.name} ${d.defaultRuns}`).join(', ');
-const USAGE = `usage: npm run bench -- [--suite micro|lab|all] [--runs N] [--lab-runs N] [--lab-suites NAME[:N],...]
-  --suite        which suites (default all)
+const USAGE = `usage: npm run bench -- [--suite micro|lab|snapshot|all] [--runs N] [--lab-runs N] [--lab-suites NAME[:N],...]
+  --suite        which suites (default all); snapshot: the lab's snapshot sub-suite alone
   --runs N       runs of the micro suite (default 10); if given, also caps each lab sub-suite's default
   --lab-runs N   runs of every lab sub-suite (defaults: ${DEFAULT_LAB_RUNS})
   --lab-suites   lab sub-suites to run, in order, each with an optional run count
@@ -117,7 +117,14 @@ function parseOptions(argv: string[]): Options | string {
     const n = Number(s);
     return Number.isInteger(n) && n >= 1 ? n : `${what}: not a positive integer: ${s}`;
   };
-  const suite = v.suite ?? 'all';
+  let suite = v.suite ?? 'all';
+  if (suite === 'snapshot') {
+    // The lab's snapshot sub-suite alone (its run count from --lab-runs or --runs).
+    if (v['lab-suites'] !== undefined)
+      return '--suite snapshot and --lab-suites cannot be combined';
+    suite = 'lab';
+    v['lab-suites'] = 'snapshot';
+  }
   if (suite !== 'micro' && suite !== 'lab' && suite !== 'all') return `unknown suite: ${suite}`;
   const runs = count(v.runs, '--runs');
   const labRuns = count(v['lab-runs'], '--lab-runs');

@@ -9,6 +9,7 @@ import {
   WORKER_CONTROL,
   type DeviceReport,
   type DeviceWorkerData,
+  type DeviceWorkerStart,
   type DeviceWorkerMessage,
   type MailboxReply,
   type WorkerReplies,
@@ -16,6 +17,7 @@ import {
 } from './device-worker-protocol.js';
 import type { GuestRamLayout } from './guest-ram.js';
 import type { VirtioPlan } from './virtio-plan.js';
+import { takeDeviceWorker } from './vcpu-pool.js';
 
 /** A request the worker does not answer within this is failed (the worker is stuck or gone). */
 const REQUEST_TIMEOUT_MS = 10_000;
@@ -47,17 +49,23 @@ export function startDeviceWorker(
   const control = new SharedArrayBuffer(WORKER_CONTROL.$count * 4);
   const c = new Int32Array(control);
   const { port1, port2 } = new MessageChannel();
-  const worker = new Worker(new URL('./device-worker.js', import.meta.url), {
-    workerData: {
-      role: DEVICE_WORKER_ROLE,
-      ram,
-      controlFd: plan.controlFd,
-      control,
-      slots: plan.slots,
-      mailbox: port2,
-    } satisfies DeviceWorkerData,
-    transferList: [port2],
-  });
+  const data = {
+    role: DEVICE_WORKER_ROLE,
+    ram,
+    controlFd: plan.controlFd,
+    control,
+    slots: plan.slots,
+    mailbox: port2,
+  } satisfies DeviceWorkerData;
+  const prewarmed = takeDeviceWorker();
+  if (prewarmed)
+    prewarmed.postMessage({ type: 'start', data } satisfies DeviceWorkerStart, [port2]);
+  const worker =
+    prewarmed ??
+    new Worker(new URL('./device-worker.js', import.meta.url), {
+      workerData: data,
+      transferList: [port2],
+    });
   let last: DeviceReport[] = [];
   let gone = false;
   worker.on('message', (m: DeviceWorkerMessage) => {

@@ -30,6 +30,14 @@ export interface DeviceWorkerData {
   slots: VirtioSlot[];
   /** The worker's end of the mailbox. */
   mailbox: MessagePort;
+  /** Prewarmed: the data comes later, in a DeviceWorkerStart message (vcpu-pool.ts). */
+  deferred?: boolean;
+}
+
+/** What starts a prewarmed device worker (its mailbox port in the transfer list). */
+export interface DeviceWorkerStart {
+  type: 'start';
+  data: DeviceWorkerData;
 }
 
 /** One device's counters: its transport's (guest misuse, interrupts) and its own. */

@@ -26,6 +26,7 @@ import {
   WORKER_CONTROL,
   type DeviceReport,
   type DeviceWorkerData,
+  type DeviceWorkerStart,
   type DeviceWorkerMessage,
   type MailboxReply,
   type MailboxRequest,
@@ -76,9 +77,8 @@ function drain(fd: number): void {
   native().eventfdRead(fd);
 }
 
-function main(): void {
+function main(d: DeviceWorkerData): void {
   const port = parentPort!;
-  const d = workerData as DeviceWorkerData;
   const post = (m: DeviceWorkerMessage) => port.postMessage(m);
   const log = (message: string) => post({ type: 'log', message });
   const control = new Int32Array(d.control);
@@ -224,5 +224,9 @@ function main(): void {
   }
 }
 
-if (!isMainThread && (workerData as Partial<DeviceWorkerData> | null)?.role === DEVICE_WORKER_ROLE)
-  main();
+const wd = isMainThread ? undefined : (workerData as Partial<DeviceWorkerData> | null);
+if (wd?.role === DEVICE_WORKER_ROLE) {
+  // A prewarmed worker (vcpu-pool.ts) gets its data in a 'start' message once a VM needs it.
+  if (wd.deferred) parentPort!.once('message', (m: DeviceWorkerStart) => main(m.data));
+  else main(wd as DeviceWorkerData);
+}

@@ -65,3 +65,11 @@ export {
 } from './resources.js';
 export type { VmExitEvent } from './vcpu-loop.js';
 export type { DeviceReport, SavedDevice } from './device-worker-protocol.js';
+export {
+  cloneMemory,
+  fileMatch,
+  formatCloneMemory,
+  summariseCloneSmaps,
+  type CloneMemory,
+  type FileMatch,
+} from './clone-memory.js';

@@ -280,15 +280,16 @@ export async function loadSnapshot(p: LoadParams, opts: BuildOptions = {}): Prom
   const started = performance.now();
   const undo: UndoList = [];
   let built: BuiltVm;
+  const phases = new LoadPhases();
   try {
-    built = await load(p, opts, undo);
+    built = await load(p, opts, undo, phases);
   } catch (e) {
     runUndo(undo);
     throw e instanceof SnapshotError ? e : loadError((e as Error).message);
   }
   log(
     'info',
-    `snapshot ${p.snapshotPath} loaded in ${(performance.now() - started).toFixed(1)} ms (${built.vmm.state})`,
+    `snapshot ${p.snapshotPath} loaded in ${(performance.now() - started).toFixed(1)} ms (${built.vmm.state}): ${phases.text()}`,
   );
   return built;
 }
@@ -343,8 +344,28 @@ function checkSnapshot(p: LoadParams): { data: SnapshotData; spec: RestoreSpec }
   return { data, spec };
 }
 
-async function load(p: LoadParams, opts: BuildOptions, undo: UndoList): Promise<BuiltVm> {
+/** Where a load's time goes, for the log line (docs/bench.md has a measured breakdown). */
+class LoadPhases {
+  private last = performance.now();
+  private readonly parts: string[] = [];
+  mark(name: string): void {
+    const now = performance.now();
+    this.parts.push(`${name} ${(now - this.last).toFixed(1)}`);
+    this.last = now;
+  }
+  text(): string {
+    return `${this.parts.join(', ')} ms`;
+  }
+}
+
+async function load(
+  p: LoadParams,
+  opts: BuildOptions,
+  undo: UndoList,
+  phases: LoadPhases,
+): Promise<BuiltVm> {
   const { data, spec } = checkSnapshot(p);
+  phases.mark('read+check');
   const regions = data.memory.regions;
   // Guest RAM: the memory file mapped privately (File), or anonymous memory a page-fault
   // handler fills (Uffd). Either way the main thread maps it and the workers wrap it.
@@ -383,6 +404,7 @@ async function load(p: LoadParams, opts: BuildOptions, undo: UndoList): Promise<
   // A restored VM tracks dirty pages from the start: the first Diff is relative to this load.
   if (p.trackDirtyPages) trackDeviceWrites(memory.layout);
   attachRam(vm, memory.layout, memory.ram, { dirtyLog: p.trackDirtyPages });
+  phases.mark('vm+memory');
 
   const legacy = createLegacyDeviceState(vm, opts.consoleFd ?? 1);
   undo.push(() => closeLegacyDeviceState(legacy));
@@ -392,6 +414,7 @@ async function load(p: LoadParams, opts: BuildOptions, undo: UndoList): Promise<
   step('cannot restore the VM state (irqchips, PIT, kvmclock)', () =>
     restoreVm(vm, data.vm, { realtime: p.clockRealtime }),
   );
+  phases.mark('legacy+vm state');
 
   const mmapSize = kvm.vcpuMmapSize();
   const xsaveSize = kvm.xsaveSize();
@@ -427,6 +450,7 @@ async function load(p: LoadParams, opts: BuildOptions, undo: UndoList): Promise<
       );
     releaseVcpuRun(vcpu);
   }
+  phases.mark('vcpus');
 
   // The vCPU workers start parked; from here on the VM owns every part (its teardown closes
   // them), so a failure stops the VM instead of running the undo list.
@@ -447,16 +471,20 @@ async function load(p: LoadParams, opts: BuildOptions, undo: UndoList): Promise<
     undo,
   );
   undo.length = 0;
+  phases.mark('workers started');
   const dw = built.deviceWorker;
   try {
     if (dw) {
       await dw.request({ op: 'pause' });
+      phases.mark('device worker up');
       await dw.request({ op: 'restore', devices: data.devices }).catch((e: Error) => {
         throw loadError(`cannot restore the virtio devices: ${e.message}`);
       });
+      phases.mark('devices');
     }
     // Resume serves what was in flight: the device worker kicks every queue, then the vCPUs run.
     if (p.resumeVm) await built.vmm.resumeAll(dw);
+    phases.mark('resume');
   } catch (e) {
     built.vmm.requestStop();
     await built.vmm.exited;

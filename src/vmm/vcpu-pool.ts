@@ -4,6 +4,7 @@
  * start-up instead of adding to it. Each waits for a 'start' message with its configuration.
  */
 import { Worker } from 'node:worker_threads';
+import { DEVICE_WORKER_ROLE } from './device-worker-protocol.js';
 
 const pool: Worker[] = [];
 
@@ -20,10 +21,39 @@ export function prewarmVcpuWorkers(n: number): void {
   }
 }
 
-/** `n` workers: prewarmed ones first, new ones for the rest; surplus prewarmed ones end. */
+/**
+ * A device worker started ahead of need, as the vCPU workers are (its modules, every virtio
+ * device's, take longer to load than a vCPU worker's): it waits for a 'start' message with its
+ * data (device-worker.ts). Used by the API mode, where a snapshot load would otherwise wait for it.
+ */
+let deviceWorker: Worker | undefined;
+
+export function prewarmDeviceWorker(): void {
+  if (deviceWorker) return;
+  deviceWorker = new Worker(new URL('./device-worker.js', import.meta.url), {
+    workerData: { role: DEVICE_WORKER_ROLE, deferred: true },
+  });
+  deviceWorker.unref();
+}
+
+/** The prewarmed device worker, if there is one (start it with a DeviceWorkerStart message). */
+export function takeDeviceWorker(): Worker | undefined {
+  const w = deviceWorker;
+  deviceWorker = undefined;
+  w?.ref();
+  return w;
+}
+
+/**
+ * `n` workers: prewarmed ones first, new ones for the rest; surplus prewarmed ones end, and so
+ * does a prewarmed device worker nobody took (the VM's device worker, if it has one, was
+ * started before its vCPUs: builder.ts finishVm).
+ */
 export function takeVcpuWorkers(n: number): Worker[] {
   const taken = pool.splice(0, n);
   for (const w of pool.splice(0)) void w.terminate();
+  void deviceWorker?.terminate();
+  deviceWorker = undefined;
   for (const w of taken) w.ref();
   while (taken.length < n) taken.push(spawnVcpuWorker());
   return taken;
