@@ -85,7 +85,7 @@ export async function prepareSocketPath(path: string): Promise<void> {
  */
 async function listenPrivate(server: Server, path: string): Promise<Stats> {
   const target = resolve(path);
-  const dir = mkdtempSync(join(dirname(target), '.'));
+  const dir = mkdtempSync(join(dirname(target), '.typervisor-'));
   const tmp = join(dir, 's');
   try {
     // The temporary name must fit in sun_path too (libuv may cut a long one short).

@@ -127,7 +127,7 @@ export const VSOCK_SOCKET_MODE = 0o600;
  * only this user could reach it in between anyway).
  */
 function bindPrivate(sys: HostSys, fd: number, path: string): void {
-  const tmpDir = mkdtempSync(join(dirname(path), '.'));
+  const tmpDir = mkdtempSync(join(dirname(path), '.typervisor-'));
   const tmp = join(tmpDir, 's');
   try {
     if (Buffer.byteLength(tmp) > MAX_UDS_PATH) {
