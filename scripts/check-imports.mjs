@@ -29,15 +29,17 @@ export const LAYERS = {
   // the AcpiPm device agree through arch/x86_64/layout.ts, checked in src/vmm/).
   arch: ['loader', 'memory', 'kvm', 'util'],
   events: ['kvm', 'util'],
+  // Seccomp filters (and later the sandbox's other pieces): installed through the shim.
+  sandbox: ['kvm', 'util'],
   // Never kvm, events (it loads the native addon), arch, vmm, api, cli, lab.
   devices: ['memory', 'util'],
-  vmm: ['util', 'kvm', 'memory', 'loader', 'arch', 'events', 'devices'],
+  vmm: ['util', 'kvm', 'memory', 'loader', 'arch', 'events', 'devices', 'sandbox'],
   // vmm only through src/vmm/index.ts (see ONLY_THROUGH).
   api: ['vmm', 'util'],
-  cli: ['api', 'vmm', 'util'],
+  cli: ['api', 'vmm', 'util', 'sandbox'],
   // Development tooling (guest images, the nested-KVM lab): may use anything; nothing else in
   // src/ may import it (test/ and bench/ do, outside this check).
-  lab: ['util', 'kvm', 'memory', 'loader', 'arch', 'events', 'devices', 'vmm', 'api', 'cli'],
+  lab: ['util', 'kvm', 'memory', 'loader', 'arch', 'events', 'devices', 'vmm', 'api', 'cli', 'sandbox'],
 };
 
 /** Layers that the named importers may reach only through the listed files (repo-relative). */

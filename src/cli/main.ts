@@ -79,7 +79,10 @@ export async function main(argv: string[]): Promise<number> {
     const { firecrackerCommand } = await import('./firecracker.js');
     return firecrackerCommand(argv);
   }
-  if (cmd === 'run' && !rest.includes('--help') && !rest.includes('-h'))
+  // Not with the seccomp flags: a prewarmed worker would start before they are read, and so
+  // install the default filter (workers read the settings when they are created).
+  const seccompFlags = rest.some((a) => a === '--no-seccomp' || a.startsWith('--seccomp-filter'));
+  if (cmd === 'run' && !rest.includes('--help') && !rest.includes('-h') && !seccompFlags)
     prewarmVcpuWorkers(vcpusHint(rest));
   const { exitCodeFor, runCommand, RUN_USAGE } = await import('./run.js');
   const USAGE = usage(RUN_USAGE);

@@ -1,0 +1,201 @@
+/**
+ * The default allow-lists, one per thread role (docs/security.md). Measured under the host-KVM
+ * suite with the filters in audit mode (TYPERVISOR_SECCOMP_AUDIT, see install.ts) and `strace -f`.
+ *
+ * - vcpu: a vCPU worker after its start-up (modules loaded, RAM and kvm_run mapped): KVM_RUN and
+ *   the other KVM ioctls, the eventfd writes of virtio notifications, Atomics (futex), and what
+ *   a Node worker's V8 heap and libuv loop need.
+ * - device: the device worker after its devices are built: file and TAP I/O, vsock's Unix
+ *   sockets (AF_UNIX only), epoll, eventfd, and TAP/userfaultfd ioctls.
+ * - main: the main thread (API server, console, building VMs, snapshots) and Node's own threads.
+ *   It is installed with TSYNC, so it also covers the threads Node started before (V8 platform
+ *   workers, the libuv pool), and every worker inherits it: processFilter() is main's own list
+ *   joined with the two worker lists, so that each worker's own filter, stacked on it, is what
+ *   decides in that worker.
+ */
+import type { ArgCondition, Policy, SyscallRule } from './filter.js';
+
+export type Role = 'main' | 'vcpu' | 'device';
+export const ROLES: readonly Role[] = ['main', 'vcpu', 'device'];
+
+const KVMIO = 0xae;
+const TUN_AND_TTY = 0x54; // 'T': TUNSET*, TCGETS/TCSETS, TIOCGWINSZ, FIONBIO, FIOCLEX
+const UFFDIO = 0xaa;
+const AF_UNIX = 1;
+const CLONE_THREAD = 0x10000;
+const ENOSYS = 38;
+
+const any = (...names: string[]): SyscallRule[] => names.map((syscall) => ({ syscall }));
+
+/** ioctl(fd, request) with request's type byte (bits 8-15) == `type`, and nothing above 32 bits. */
+const ioctlOfType = (type: number, comment: string): SyscallRule => ({
+  syscall: 'ioctl',
+  args: [
+    {
+      index: 1,
+      type: 'qword',
+      op: 'masked_eq',
+      mask: 0xffffffff0000ff00n,
+      val: BigInt(type << 8),
+      comment,
+    },
+  ],
+});
+
+const arg = (index: number, val: number, comment: string): ArgCondition => ({
+  index,
+  type: 'dword',
+  op: 'eq',
+  val: BigInt(val),
+  comment,
+});
+
+/** glibc's pthread_create tries clone3 first and falls back to clone on ENOSYS: clone3's flags
+ * live in memory a filter cannot read, so it gets ENOSYS and clone is checked instead. */
+const CLONE3_ENOSYS: SyscallRule = { syscall: 'clone3', action: { kind: 'errno', errno: ENOSYS } };
+const CLONE_THREAD_ONLY: SyscallRule = {
+  syscall: 'clone',
+  args: [
+    {
+      index: 0,
+      type: 'dword',
+      op: 'masked_eq',
+      mask: BigInt(CLONE_THREAD),
+      val: BigInt(CLONE_THREAD),
+      comment: 'threads only, no new processes',
+    },
+  ],
+};
+
+/** What any Node thread running JavaScript needs once started (V8 heap, libuv loop, Atomics). */
+const NODE_THREAD = any(
+  'futex',
+  'read',
+  'write',
+  'epoll_wait',
+  'epoll_pwait',
+  'epoll_ctl',
+  'mmap',
+  'munmap',
+  'mprotect',
+  'madvise',
+  'close',
+  'rt_sigreturn',
+  'rt_sigprocmask',
+  'sched_yield',
+  'getpid',
+  'gettid',
+  'clock_gettime',
+  'clock_nanosleep',
+  'nanosleep',
+  'getrandom',
+  'exit',
+  'sigaltstack',
+  'set_robust_list',
+  'rseq',
+  'sched_getaffinity',
+  'fstat',
+  'newfstatat',
+);
+
+const VCPU: Policy = {
+  rules: [
+    ioctlOfType(KVMIO, 'KVM_RUN and the other KVM ioctls'),
+    ...NODE_THREAD,
+    ...any('writev'), // the serial console's output, written from the vCPU thread
+  ],
+};
+
+const DEVICE: Policy = {
+  rules: [
+    ...any('epoll_wait', 'epoll_pwait', 'read', 'write', 'readv', 'writev', 'preadv', 'pwritev'),
+    ...any('pread64', 'pwrite64', 'fsync', 'fdatasync', 'lseek', 'fallocate'),
+    ...NODE_THREAD,
+    ioctlOfType(TUN_AND_TTY, 'TAP offloads'),
+    ioctlOfType(UFFDIO, 'userfaultfd'),
+    { syscall: 'socket', args: [arg(0, AF_UNIX, 'vsock backends: Unix sockets only')] },
+    ...any('connect', 'accept4', 'shutdown', 'sendmsg', 'recvmsg', 'getsockopt'),
+    ...any('eventfd2', 'epoll_create1'),
+  ],
+};
+
+const MAIN_OWN: Policy = {
+  rules: [
+    ...NODE_THREAD,
+    ioctlOfType(KVMIO, 'building and driving VMs'),
+    ioctlOfType(TUN_AND_TTY, 'TAP set-up, the console terminal'),
+    ioctlOfType(UFFDIO, 'userfaultfd (snapshot load)'),
+    {
+      syscall: 'socket',
+      args: [arg(0, AF_UNIX, 'the API socket, vsock, uffd handler: Unix only')],
+    },
+    CLONE_THREAD_ONLY,
+    CLONE3_ENOSYS,
+    ...any(
+      'openat',
+      'open',
+      'readlink',
+      'readlinkat',
+      'statx',
+      'lstat',
+      'stat',
+      'access',
+      'faccessat2',
+    ),
+    ...any(
+      'pread64',
+      'pwrite64',
+      'readv',
+      'writev',
+      'preadv',
+      'pwritev',
+      'lseek',
+      'fsync',
+      'fdatasync',
+    ),
+    ...any('ftruncate', 'fallocate', 'unlink', 'unlinkat', 'rename', 'renameat', 'mkdir', 'rmdir'),
+    ...any('getdents64', 'fcntl', 'dup', 'dup2', 'dup3', 'pipe2', 'chmod', 'fchmod', 'fchown'),
+    ...any('bind', 'listen', 'accept4', 'connect', 'shutdown', 'sendmsg', 'recvmsg', 'sendto'),
+    ...any('recvfrom', 'getsockopt', 'setsockopt', 'getsockname', 'getpeername', 'socketpair'),
+    ...any('epoll_create1', 'eventfd2', 'memfd_create', 'userfaultfd', 'mremap', 'msync', 'brk'),
+    ...any('rt_sigaction', 'tgkill', 'sched_setaffinity', 'getcwd', 'prctl', 'seccomp'),
+    ...any('getuid', 'geteuid', 'getgid', 'getegid', 'getrusage', 'uname', 'sysinfo', 'getppid'),
+    ...any(
+      'prlimit64',
+      'timerfd_create',
+      'timerfd_settime',
+      'poll',
+      'ppoll',
+      'select',
+      'exit_group',
+    ),
+    ...any(
+      'sched_getparam',
+      'sched_getscheduler',
+      'capget',
+      'membarrier',
+      'wait4',
+      'inotify_init1',
+    ),
+  ],
+};
+
+/** A role's own list. */
+export function defaultPolicy(role: Role): Policy {
+  switch (role) {
+    case 'main':
+      return MAIN_OWN;
+    case 'vcpu':
+      return VCPU;
+    case 'device':
+      return DEVICE;
+  }
+}
+
+/**
+ * The filter the main thread installs for the whole process (TSYNC): main's list joined with
+ * the workers' (a worker inherits it, then stacks its own, so its own list decides there).
+ */
+export function processPolicy(policies: Record<Role, Policy>): Policy {
+  return { rules: [...policies.main.rules, ...policies.vcpu.rules, ...policies.device.rules] };
+}
