@@ -216,6 +216,16 @@ static napi_value n_seccomp_mode(napi_env env, napi_callback_info info) {
   if (r < 0) return throw_errno(env, "prctl(PR_GET_SECCOMP)", errno);
   return num(env, r);
 }
+/* setThreadName(name): prctl(PR_SET_NAME) of the calling thread (15 bytes at most), so that
+ * ps -T, /proc and the kernel's seccomp audit lines (comm=) tell the thread roles apart */
+static napi_value n_set_thread_name(napi_env env, napi_callback_info info) {
+  napi_value a[1];
+  if (!get_args(env, info, 1, a)) return NULL;
+  char name[16]; size_t n;
+  CHECK(napi_get_value_string_utf8(env, a[0], name, sizeof name, &n));
+  if (prctl(PR_SET_NAME, name, 0, 0, 0) < 0) return throw_errno(env, "prctl(PR_SET_NAME)", errno);
+  return NULL;
+}
 /* ---- end of the seccomp block ---- */
 
 /* ioctl(fd, request, arg: number | bigint | buffer): result; a buffer shorter than the
@@ -698,7 +708,7 @@ NAPI_MODULE_INIT() {
     EXPORT("recvFds", n_recv_fds), EXPORT("userfaultfd", n_userfaultfd), EXPORT("shutdown", n_shutdown),
     /* issue 14 (r3-seccomp) */
     EXPORT("seccompInstall", n_seccomp_install), EXPORT("seccompMode", n_seccomp_mode),
-    EXPORT("ioctlLengthOk", n_ioctl_length_ok),
+    EXPORT("ioctlLengthOk", n_ioctl_length_ok), EXPORT("setThreadName", n_set_thread_name),
   };
   if (napi_define_properties(env, exports, sizeof props / sizeof props[0], props) != napi_ok) return NULL;
   return exports;

@@ -94,6 +94,8 @@ export interface NativeShim {
    * EINVAL (before any syscall) when this is false.
    */
   ioctlLengthOk(request: number, length: number): boolean;
+  /** prctl(PR_SET_NAME) of the calling thread (truncated to 15 bytes): shows in ps -T, /proc. */
+  setThreadName(name: string): void;
 }
 
 /** A failed syscall, with its errno name in `code` (EINTR, EAGAIN, ...). */

@@ -85,7 +85,7 @@ async function main(d: VcpuWorkerData): Promise<void> {
       saveHandlers(d.id, vcpu, kvm, (m, transfer) => port.postMessage(m, transfer)),
     );
     // From here on this thread only runs the vCPU: its seccomp filter (docs/security.md).
-    installWorkerFilter('vcpu');
+    installWorkerFilter('vcpu', `tv-vcpu${d.id}`);
     event = loop.run();
   } catch (e) {
     event = { kind: 'fatal', message: `vCPU ${d.id}: ${(e as Error).message}` };

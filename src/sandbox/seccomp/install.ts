@@ -93,9 +93,14 @@ export function installProcessFilter(s: SeccompSettings = seccompSettings()): bo
   return true;
 }
 
-/** A worker thread: its role's filter, stacked on what it inherited. False when seccomp is off. */
-export function installWorkerFilter(role: Exclude<Role, 'main'>): boolean {
+/**
+ * A worker thread: its role's filter, stacked on what it inherited. False when seccomp is off.
+ * The thread is named after its role first (`threadName`, e.g. tv-vcpu0): ps -T and the
+ * kernel's seccomp audit lines (comm=) then tell the roles apart.
+ */
+export function installWorkerFilter(role: Exclude<Role, 'main'>, threadName?: string): boolean {
   const s = seccompSettings();
+  native().setThreadName(threadName ?? `tv-${role}`);
   if (s.mode === 'off') return false;
   native().seccompInstall(programFor(role, s), 0);
   return true;
