@@ -79,10 +79,12 @@ export async function main(argv: string[]): Promise<number> {
     const { firecrackerCommand } = await import('./firecracker.js');
     return firecrackerCommand(argv);
   }
-  // Not with the seccomp flags: a prewarmed worker would start before they are read, and so
-  // install the default filter (workers read the settings when they are created).
-  const seccompFlags = rest.some((a) => a === '--no-seccomp' || a.startsWith('--seccomp-filter'));
-  if (cmd === 'run' && !rest.includes('--help') && !rest.includes('-h') && !seccompFlags)
+  // Workers read the seccomp settings when they are created: --no-seccomp is recorded before
+  // the prewarm; with --seccomp-filter (a file to read and check first) there is no prewarm.
+  if (cmd === 'run' && rest.includes('--no-seccomp'))
+    (await import('../sandbox/seccomp/install.js')).configureSeccomp({ mode: 'off' });
+  const customFilter = rest.some((a) => a.startsWith('--seccomp-filter'));
+  if (cmd === 'run' && !rest.includes('--help') && !rest.includes('-h') && !customFilter)
     prewarmVcpuWorkers(vcpusHint(rest));
   const { exitCodeFor, runCommand, RUN_USAGE } = await import('./run.js');
   const USAGE = usage(RUN_USAGE);

@@ -102,7 +102,9 @@ const VCPU: Policy = {
   rules: [
     ioctlOfType(KVMIO, 'KVM_RUN and the other KVM ioctls'),
     ...NODE_THREAD,
-    ...any('writev'), // the serial console's output, written from the vCPU thread
+    // The serial console's output is written from the vCPU thread: writev to a file or FIFO,
+    // sendmsg(MSG_DONTWAIT) to a socket (src/vmm/console-output.ts).
+    ...any('writev', 'sendmsg'),
   ],
 };
 

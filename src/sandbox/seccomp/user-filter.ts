@@ -30,6 +30,7 @@ export const MAX_FILTER_FILE_BYTES = 1 << 20;
 export const MAX_RULES_PER_ROLE = 1024;
 const MAX_ARGS = 6;
 const MAX_COMMENT = 256;
+const ENOSYS = 38;
 
 export const DEFAULT_ACTIONS: Record<string, number> = {
   kill_process: SECCOMP_RET_KILL_PROCESS,
@@ -124,6 +125,10 @@ function parseRole(v: unknown, role: Role): { policy: Policy; defaultAction: num
       `${role}.filter: must be an array of at most ${MAX_RULES_PER_ROLE} rules`,
     );
   const rules = v.filter.map((r, i) => parseRule(r, `${role}.filter[${i}]`));
+  // As in the defaults: glibc's pthread_create tries clone3 and falls back to clone on ENOSYS
+  // (a filter cannot read clone3's flags); a file that does not name clone3 gets that answer.
+  if (!rules.some((r) => r.syscall === 'clone3'))
+    rules.push({ syscall: 'clone3', action: { kind: 'errno', errno: ENOSYS } });
   return { policy: { rules }, defaultAction: DEFAULT_ACTIONS[da]! };
 }
 
