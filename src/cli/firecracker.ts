@@ -67,7 +67,7 @@ Firecracker-compatible mode: the REST API of Firecracker on a Unix socket (docs/
 
 class ArgError extends Error {}
 
-interface FcArgs {
+export interface FcArgs {
   apiSock: string;
   configFile?: string;
   noApi: boolean;
