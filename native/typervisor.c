@@ -150,14 +150,95 @@ static napi_value n_close(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
-/* ioctl(fd, request, arg: number | bigint | buffer): result */
+/* ---- Seccomp and the ioctl length check (issue 14, helper E: r3-seccomp) ----
+ * The filters are built and checked in TypeScript (src/sandbox/seccomp/); this block only
+ * installs a ready classic-BPF program on the calling thread, and ioctl_length_ok is the
+ * shim-side check n_ioctl applies to buffer arguments. */
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <sys/prctl.h>
+
+/*
+ * A buffer passed to an _IOR/_IOW/_IOWR request must hold at least the size the request number
+ * encodes (_IOC_SIZE): otherwise the kernel reads or writes past the buffer. A longer buffer is
+ * accepted: KVM's variable-length structs (kvm_cpuid2, kvm_msrs, kvm_msr_list, kvm_xsave read
+ * with KVM_GET_XSAVE2) encode only their fixed header. _IO requests (no direction) carry no size.
+ * Integer arguments are not checked here: some _IOW requests take their value by value
+ * (TUNSETOFFLOAD), which only the caller knows.
+ */
+static int ioctl_length_ok(unsigned long req, size_t len) {
+  if (_IOC_DIR(req) == _IOC_NONE) return 1;
+  return len >= _IOC_SIZE(req);
+}
+
+/* ioctlLengthOk(request, length): the check n_ioctl applies, for tests */
+static napi_value n_ioctl_length_ok(napi_env env, napi_callback_info info) {
+  napi_value a[2], r;
+  if (!get_args(env, info, 2, a)) return NULL;
+  CHECK(napi_get_boolean(env, ioctl_length_ok((unsigned long)arg_u64(env, a[0]), (size_t)arg_u64(env, a[1])), &r));
+  return r;
+}
+
+#define SECCOMP_MAX_INSNS 4096 /* BPF_MAXINSNS: the kernel's own bound */
+
+/*
+ * seccompInstall(program, flags): prctl(PR_SET_NO_NEW_PRIVS) then seccomp(SECCOMP_SET_MODE_FILTER,
+ * flags, program) on the calling thread. `program` is an array of struct sock_filter (8 bytes
+ * each). With SECCOMP_FILTER_FLAG_TSYNC a positive result is the id of a thread that could not
+ * be synchronised (it already has a filter of its own): that throws, naming the thread.
+ */
+static napi_value n_seccomp_install(napi_env env, napi_callback_info info) {
+  napi_value a[2];
+  if (!get_args(env, info, 2, a)) return NULL;
+  void *data; size_t len;
+  if (!buffer_of(env, a[0], &data, &len)) { napi_throw_type_error(env, NULL, "not a buffer"); return NULL; }
+  if (len == 0 || len % sizeof(struct sock_filter) != 0 || len / sizeof(struct sock_filter) > SECCOMP_MAX_INSNS) {
+    napi_throw_range_error(env, NULL, "seccompInstall: program must be 1 to 4096 instructions of 8 bytes");
+    return NULL;
+  }
+  struct sock_fprog prog = { .len = (unsigned short)(len / sizeof(struct sock_filter)), .filter = data };
+  if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0) return throw_errno(env, "prctl(PR_SET_NO_NEW_PRIVS)", errno);
+  long r = syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, (unsigned)arg_i64(env, a[1]), &prog);
+  if (r < 0) return throw_errno(env, "seccomp(SECCOMP_SET_MODE_FILTER)", errno);
+  if (r > 0) {
+    char msg[160];
+    snprintf(msg, sizeof msg, "seccomp: thread %ld has a filter of its own and cannot be synchronised (TSYNC)", r);
+    napi_throw_error(env, "ESRCH", msg);
+    return NULL;
+  }
+  return NULL;
+}
+
+/* seccompMode(): this thread's seccomp mode from prctl(PR_GET_SECCOMP): 0 off, 2 filter */
+static napi_value n_seccomp_mode(napi_env env, napi_callback_info info) {
+  (void)info;
+  int r = prctl(PR_GET_SECCOMP, 0, 0, 0, 0);
+  if (r < 0) return throw_errno(env, "prctl(PR_GET_SECCOMP)", errno);
+  return num(env, r);
+}
+/* setThreadName(name): prctl(PR_SET_NAME) of the calling thread (15 bytes at most), so that
+ * ps -T, /proc and the kernel's seccomp audit lines (comm=) tell the thread roles apart */
+static napi_value n_set_thread_name(napi_env env, napi_callback_info info) {
+  napi_value a[1];
+  if (!get_args(env, info, 1, a)) return NULL;
+  char name[16]; size_t n;
+  CHECK(napi_get_value_string_utf8(env, a[0], name, sizeof name, &n));
+  if (prctl(PR_SET_NAME, name, 0, 0, 0) < 0) return throw_errno(env, "prctl(PR_SET_NAME)", errno);
+  return NULL;
+}
+/* ---- end of the seccomp block ---- */
+
+/* ioctl(fd, request, arg: number | bigint | buffer): result; a buffer shorter than the
+ * request's encoded size is refused with EINVAL before any syscall (ioctl_length_ok) */
 static napi_value n_ioctl(napi_env env, napi_callback_info info) {
   napi_value a[3];
   if (!get_args(env, info, 3, a)) return NULL;
   int fd = (int)arg_i64(env, a[0]);
   unsigned long req = (unsigned long)arg_u64(env, a[1]);
-  void *data; size_t len;
-  unsigned long arg = buffer_of(env, a[2], &data, &len) ? (unsigned long)data : (unsigned long)arg_u64(env, a[2]);
+  void *data = NULL; size_t len = 0;
+  int is_buf = buffer_of(env, a[2], &data, &len);
+  unsigned long arg = is_buf ? (unsigned long)data : (unsigned long)arg_u64(env, a[2]);
+  if (is_buf && !ioctl_length_ok(req, len)) return throw_errno(env, "ioctl(buffer shorter than the request's size)", EINVAL);
   int r = ioctl(fd, req, arg);
   if (r < 0) return throw_errno(env, "ioctl", errno);
   return num(env, r);
@@ -849,6 +930,9 @@ NAPI_MODULE_INIT() {
     EXPORT("connect", n_connect), EXPORT("sendv", n_sendv), EXPORT("sendFds", n_send_fds),
     EXPORT("recvFds", n_recv_fds), EXPORT("userfaultfd", n_userfaultfd), EXPORT("shutdown", n_shutdown),
     JAILER_EXPORTS
+    /* issue 14 (r3-seccomp) */
+    EXPORT("seccompInstall", n_seccomp_install), EXPORT("seccompMode", n_seccomp_mode),
+    EXPORT("ioctlLengthOk", n_ioctl_length_ok), EXPORT("setThreadName", n_set_thread_name),
   };
   if (napi_define_properties(env, exports, sizeof props / sizeof props[0], props) != napi_ok) return NULL;
   return exports;

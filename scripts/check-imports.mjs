@@ -31,12 +31,14 @@ export const LAYERS = {
   // the AcpiPm device agree through arch/x86_64/layout.ts, checked in src/vmm/).
   arch: ['loader', 'memory', 'kvm', 'util'],
   events: ['kvm', 'util'],
+  // Seccomp filters (and later the sandbox's other pieces): installed through the shim.
+  sandbox: ['kvm', 'util'],
   // Never kvm, events (it loads the native addon), arch, vmm, api, cli, lab.
   devices: ['memory', 'util'],
-  vmm: ['util', 'kvm', 'memory', 'loader', 'arch', 'events', 'devices', 'uffd'],
+  vmm: ['util', 'kvm', 'memory', 'loader', 'arch', 'events', 'devices', 'uffd', 'sandbox'],
   // vmm only through src/vmm/index.ts (see ONLY_THROUGH).
   api: ['vmm', 'util'],
-  cli: ['api', 'vmm', 'uffd', 'util'],
+  cli: ['api', 'vmm', 'uffd', 'util', 'sandbox'],
   // typervisor-jailer (issue 14): builds the jail through the shim, then execs the VMM's own bin.
   jailer: ['kvm', 'util'],
   // Development tooling (guest images, the nested-KVM lab): may use anything; nothing else in
@@ -53,6 +55,7 @@ export const LAYERS = {
     'uffd',
     'api',
     'cli',
+    'sandbox',
   ],
 };
 

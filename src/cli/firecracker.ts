@@ -12,6 +12,7 @@ import { MetricsSystem } from '../api/metrics.js';
 import { DEFAULT_MAX_PAYLOAD, startApiServer, type ApiServer } from '../api/server.js';
 import { TypervisorError } from '../util/errors.js';
 import { log } from '../util/log.js';
+import { applySeccomp, seccompSettingsFromFlags } from '../sandbox/seccomp/options.js';
 import type { VmExitEvent } from '../vmm/index.js';
 import { Console } from './console.js';
 
@@ -37,6 +38,11 @@ export const FIRECRACKER_FLAGS = [
   '--show-log-origin',
   '--module',
   '--http-api-max-payload-size',
+  '--no-seccomp',
+  '--seccomp-filter',
+  '--start-time-us',
+  '--start-time-cpu-us',
+  '--parent-cpu-time-us',
 ] as const;
 
 export const FIRECRACKER_USAGE = `usage: typervisor [--api-sock PATH] [--config-file FILE] [--no-api] [options]
@@ -52,11 +58,17 @@ Firecracker-compatible mode: the REST API of Firecracker on a Unix socket (docs/
   --show-level, --show-log-origin, --module M   accepted, as Firecracker's
   --metrics-path PATH  metrics (JSON lines) to this file or named pipe
   --http-api-max-payload-size N   largest request body in bytes (default ${DEFAULT_MAX_PAYLOAD})
+  --no-seccomp         run without the seccomp filters (on by default; docs/security.md)
+  --seccomp-filter FILE   per-role allow-lists from this JSON instead of the defaults
+  --start-time-us N, --start-time-cpu-us N, --parent-cpu-time-us N
+                       the jailer's start times (CLOCK_MONOTONIC and process CPU, in us): the
+                       start-up time goes to the metrics (api_server.process_startup_time_us,
+                       process_startup_time_cpu_us) and the log
   --version            print the version`;
 
 class ArgError extends Error {}
 
-interface FcArgs {
+export interface FcArgs {
   apiSock: string;
   configFile?: string;
   noApi: boolean;
@@ -68,6 +80,21 @@ interface FcArgs {
   module?: string;
   metricsPath?: string;
   maxPayload: number;
+  noSeccomp: boolean;
+  seccompFilter?: string;
+  startTimeUs?: bigint;
+  startTimeCpuUs?: bigint;
+  parentCpuTimeUs?: bigint;
+}
+
+/** A u64 in decimal, as Firecracker parses these flags. */
+function u64Flag(v: string | undefined, name: string): bigint | undefined {
+  if (v === undefined) return undefined;
+  if (!/^\d{1,20}$/.test(v) || BigInt(v) > 0xffffffffffffffffn)
+    throw new ArgError(
+      `--${name} must be a whole number of microseconds (got "${v.slice(0, 40)}")`,
+    );
+  return BigInt(v);
 }
 
 export function parseFirecrackerArgs(argv: string[]): FcArgs {
@@ -90,11 +117,18 @@ export function parseFirecrackerArgs(argv: string[]): FcArgs {
         module: { type: 'string' },
         'metrics-path': { type: 'string' },
         'http-api-max-payload-size': { type: 'string' },
+        'no-seccomp': { type: 'boolean' },
+        'seccomp-filter': { type: 'string' },
+        'start-time-us': { type: 'string' },
+        'start-time-cpu-us': { type: 'string' },
+        'parent-cpu-time-us': { type: 'string' },
       },
     }).values;
   } catch (e) {
     throw new ArgError((e as Error).message.split('\n')[0]!);
   }
+  if (v['no-seccomp'] && v['seccomp-filter'] !== undefined)
+    throw new ArgError('--no-seccomp and --seccomp-filter cannot be used together');
   if (v['no-api'] && v['config-file'] === undefined)
     throw new ArgError('--no-api requires --config-file');
   const id = v.id ?? DEFAULT_INSTANCE_ID;
@@ -119,7 +153,38 @@ export function parseFirecrackerArgs(argv: string[]): FcArgs {
     module: v.module,
     metricsPath: v['metrics-path'],
     maxPayload,
+    noSeccomp: v['no-seccomp'] ?? false,
+    seccompFilter: v['seccomp-filter'],
+    startTimeUs: u64Flag(v['start-time-us'], 'start-time-us'),
+    startTimeCpuUs: u64Flag(v['start-time-cpu-us'], 'start-time-cpu-us'),
+    parentCpuTimeUs: u64Flag(v['parent-cpu-time-us'], 'parent-cpu-time-us'),
   };
+}
+
+/**
+ * The jailer's timing flags, used as Firecracker does (ProcessTimeReporter): the time since
+ * --start-time-us on CLOCK_MONOTONIC, and the process CPU time since --start-time-cpu-us plus
+ * the jailer's own --parent-cpu-time-us (the CPU clock survives the jailer's exec into us).
+ * Stored in the metrics and logged once the VMM is ready to serve.
+ */
+export function reportStartupTime(args: FcArgs, metrics: Pick<MetricsSystem, 'store'>): string[] {
+  const lines: string[] = [];
+  if (args.startTimeUs !== undefined) {
+    const now = process.hrtime.bigint() / 1000n; // CLOCK_MONOTONIC
+    const us = now > args.startTimeUs ? Number(now - args.startTimeUs) : 0;
+    metrics.store('api_server', 'process_startup_time_us', us);
+    lines.push(`Process start-up time: ${us} us`);
+  }
+  if (args.startTimeCpuUs !== undefined) {
+    const cpu = process.cpuUsage();
+    const now = BigInt(cpu.user + cpu.system); // CLOCK_PROCESS_CPUTIME_ID, in us
+    const us =
+      (now > args.startTimeCpuUs ? Number(now - args.startTimeCpuUs) : 0) +
+      Number(args.parentCpuTimeUs ?? 0n);
+    metrics.store('api_server', 'process_startup_time_cpu_us', us);
+    lines.push(`Process start-up CPU time: ${us} us`);
+  }
+  return lines;
 }
 
 function version(): string {
@@ -176,6 +241,22 @@ export async function firecrackerCommand(argv: string[]): Promise<number> {
     process.stderr.write(`typervisor: ${(e as Error).message}\n`);
     return e instanceof TypervisorError ? FC_EXIT_BAD_CONFIGURATION : FC_EXIT_GENERIC;
   }
+  // Before any VM exists (docs/security.md): the process filter, and the workers' to come.
+  let seccomp;
+  try {
+    seccomp = seccompSettingsFromFlags(args.noSeccomp, args.seccompFilter);
+  } catch (e) {
+    process.stderr.write(`typervisor: ${(e as Error).message}\n`);
+    return FC_EXIT_ARG_PARSING;
+  }
+  try {
+    log('info', applySeccomp(seccomp));
+  } catch (e) {
+    process.stderr.write(
+      `typervisor: cannot install the seccomp filters: ${(e as Error).message}\n`,
+    );
+    return FC_EXIT_GENERIC;
+  }
 
   let finish!: (code: number) => void;
   const finished = new Promise<number>((r) => (finish = r));
@@ -220,6 +301,7 @@ export async function firecrackerCommand(argv: string[]): Promise<number> {
       });
       log('info', `API server listening on ${args.apiSock}`);
     }
+    for (const line of reportStartupTime(args, metrics)) log('info', line);
     return await finished;
   } catch (e) {
     process.stderr.write(`typervisor: ${(e as Error).message}\n`);

@@ -94,7 +94,12 @@ export async function main(argv: string[]): Promise<number> {
     const { uffdHandlerCommand } = await import('../uffd/handler.js');
     return uffdHandlerCommand(rest);
   }
-  if (cmd === 'run' && !rest.includes('--help') && !rest.includes('-h'))
+  // Workers read the seccomp settings when they are created: --no-seccomp is recorded before
+  // the prewarm; with --seccomp-filter (a file to read and check first) there is no prewarm.
+  if (cmd === 'run' && rest.includes('--no-seccomp'))
+    (await import('../sandbox/seccomp/install.js')).configureSeccomp({ mode: 'off' });
+  const customFilter = rest.some((a) => a.startsWith('--seccomp-filter'));
+  if (cmd === 'run' && !rest.includes('--help') && !rest.includes('-h') && !customFilter)
     prewarmVcpuWorkers(vcpusHint(rest));
   const { exitCodeFor, runCommand, RUN_USAGE } = await import('./run.js');
   const USAGE = usage(RUN_USAGE);

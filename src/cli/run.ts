@@ -26,6 +26,8 @@ import {
 import { MAX_VCPUS } from '../vmm/index.js';
 import { Console } from './console.js';
 import { parseDrives, privateRootfsCopy } from './drives.js';
+import type { SeccompSettings } from '../sandbox/seccomp/install.js';
+import { applySeccomp, seccompSettingsFromFlags } from '../sandbox/seccomp/options.js';
 import { parseNet, parseVsock } from './net.js';
 
 export const EXIT_OK = 0;
@@ -53,6 +55,8 @@ export const RUN_USAGE = `usage: typervisor run [options]
   --boot-timer      print the time from process start to the guest's boot marker
   --allow-pvm       run even where this host's KVM cannot run stock kernels (PVM-only)
   --log-level L     error | warn | info | debug (default warn)
+  --no-seccomp      run without the seccomp filters (on by default; docs/security.md)
+  --seccomp-filter FILE  per-role allow-lists from this JSON instead of the defaults
 Restoring a snapshot instead of booting (the VM's shape comes from the snapshot, so --kernel,
 --initrd, --cmdline, --vcpus, --memory, --drive, --rootfs, --rng, --net and --vsock do not apply):
   --restore STATE   the state file (typervisor snapshot create, or PUT /snapshot/create)
@@ -153,6 +157,8 @@ function parseRunFlags(argv: string[]) {
         paused: { type: 'boolean' },
         'track-dirty-pages': { type: 'boolean' },
         'clock-realtime': { type: 'boolean' },
+        'no-seccomp': { type: 'boolean' },
+        'seccomp-filter': { type: 'string' },
       },
     }).values;
   } catch (e) {
@@ -274,6 +280,7 @@ export function isRestore(argv: string[]): boolean {
 export async function runCommand(argv: string[]): Promise<number> {
   if (isRestore(argv)) return restoreCommand(argv);
   const { res, bootTimer, allowPvm, rootfs } = await parseRunArgs(argv);
+  const seccomp = seccompFromFlags(parseRunFlags(argv));
   checkHostCanRun(res.boot.kernel_image_path, allowPvm);
   // Checked before the root disk is copied: a bad flag costs no copy.
   let spec = validateResources(res);
@@ -294,7 +301,7 @@ export async function runCommand(argv: string[]): Promise<number> {
   try {
     // The configuration as given (a snapshot of this VM saves it).
     const config = configFromResources(runRes);
-    return await runVm(() => buildVm(spec, { config }), bootTimer);
+    return await runVm(() => buildVm(spec, { config }), bootTimer, seccomp);
   } finally {
     cleanupRootfs();
   }
@@ -307,20 +314,40 @@ export async function runCommand(argv: string[]): Promise<number> {
 export async function restoreCommand(argv: string[]): Promise<number> {
   const params = parseRestoreArgs(argv);
   const v = parseRunFlags(argv);
-  return runVm(async () => {
-    try {
-      return await loadSnapshot(params, {});
-    } catch (e) {
-      if (e instanceof TypervisorError && !(e instanceof HostError)) {
-        const reason = e instanceof SnapshotError ? e.reason : e.message;
-        throw new ConfigError(`cannot load snapshot ${params.snapshotPath}: ${reason}`);
+  const seccomp = seccompFromFlags(v);
+  return runVm(
+    async () => {
+      try {
+        return await loadSnapshot(params, {});
+      } catch (e) {
+        if (e instanceof TypervisorError && !(e instanceof HostError)) {
+          const reason = e instanceof SnapshotError ? e.reason : e.message;
+          throw new ConfigError(`cannot load snapshot ${params.snapshotPath}: ${reason}`);
+        }
+        throw e;
       }
-      throw e;
-    }
-  }, v['boot-timer'] ?? false);
+    },
+    v['boot-timer'] ?? false,
+    seccomp,
+  );
 }
 
-async function runVm(make: () => BuiltVm | Promise<BuiltVm>, bootTimer: boolean): Promise<number> {
+/** --no-seccomp / --seccomp-filter, checked before anything is copied or built. */
+function seccompFromFlags(v: RunFlags): SeccompSettings {
+  try {
+    return seccompSettingsFromFlags(v['no-seccomp'] ?? false, v['seccomp-filter']);
+  } catch (e) {
+    throw new ConfigError((e as Error).message);
+  }
+}
+
+async function runVm(
+  make: () => BuiltVm | Promise<BuiltVm>,
+  bootTimer: boolean,
+  seccomp: SeccompSettings,
+): Promise<number> {
+  // Before the VM exists: the process filter, and the settings its workers read (security.md).
+  log('debug', applySeccomp(seccomp));
   // The handlers go in before the VM starts: its vCPUs run (and the guest can print) before
   // buildVm() returns, and a signal with no handler would kill the process outright.
   let stopRequested = false;

@@ -13,7 +13,10 @@ export type Buf = ArrayBuffer | ArrayBufferView;
 export interface NativeShim {
   open(path: string, flags: number, mode: number): number;
   close(fd: number): void;
-  /** arg: an integer, or a buffer whose address is passed. Returns the ioctl's result. */
+  /**
+   * arg: an integer, or a buffer whose address is passed. Returns the ioctl's result. A buffer
+   * shorter than the size an _IOR/_IOW/_IOWR request encodes is refused (EINVAL, no syscall).
+   */
   ioctl(fd: number, request: number, arg: number | bigint | Buf): number;
   /** An ArrayBuffer over the new mapping; release only with munmap (it detaches the buffer). */
   mmap(length: number, prot: number, flags: number, fd: number, offset: number): ArrayBuffer;
@@ -105,6 +108,23 @@ export interface NativeShim {
   execve(path: string, argv: string[], envp: string[]): never;
   /** posix_spawn(3) from the calling thread (POSIX_SPAWN_SETSID when newSession): the pid. */
   spawn(path: string, argv: string[], envp: string[], newSession: boolean): number;
+  // Issue 14 (seccomp; native block "Seccomp and the ioctl length check").
+  /**
+   * prctl(PR_SET_NO_NEW_PRIVS) then seccomp(SECCOMP_SET_MODE_FILTER, flags, program) on the
+   * calling thread; `program` is 1 to 4096 struct sock_filter (8 bytes each). With TSYNC,
+   * throws when another thread has a filter of its own.
+   */
+  seccompInstall(program: Buf, flags: number): void;
+  /** prctl(PR_GET_SECCOMP) of the calling thread: 0 none, 2 filter. */
+  seccompMode(): number;
+  /**
+   * The check ioctl() applies to a buffer argument: true when the request has no direction
+   * (_IO) or the buffer holds at least the size the request encodes (_IOC_SIZE). ioctl() throws
+   * EINVAL (before any syscall) when this is false.
+   */
+  ioctlLengthOk(request: number, length: number): boolean;
+  /** prctl(PR_SET_NAME) of the calling thread (truncated to 15 bytes): shows in ps -T, /proc. */
+  setThreadName(name: string): void;
 }
 
 /** A failed syscall, with its errno name in `code` (EINTR, EAGAIN, ...). */

@@ -20,6 +20,7 @@ import type { CreatedBackend, EventOps } from '../devices/virtio/descriptor.js';
 import { deviceType } from '../devices/virtio/registry.js';
 import { EventLoop } from '../events/event-loop.js';
 import { native } from '../kvm/native.js';
+import { installWorkerFilter } from '../sandbox/seccomp/install.js';
 import { mapGuestRam } from './guest-ram.js';
 import {
   DEVICE_WORKER_ROLE,
@@ -204,6 +205,8 @@ function main(d: DeviceWorkerData): void {
     });
     loop.add(d.controlFd, { process: onControl });
     idle.add(d.controlFd, { process: onControl });
+    // Devices built, fds open: from here on the data plane runs under its filter.
+    installWorkerFilter('device');
     Atomics.store(control, WORKER_CONTROL.running, 1);
     Atomics.notify(control, WORKER_CONTROL.running);
     // Devices activated before this worker started (or kicks it missed) are caught up now.

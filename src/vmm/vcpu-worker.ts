@@ -6,6 +6,7 @@
 import { parentPort } from 'node:worker_threads';
 import { Kvm, Vcpu } from '../kvm/kvm.js';
 import { native } from '../kvm/native.js';
+import { installWorkerFilter } from '../sandbox/seccomp/install.js';
 import { mapGuestRam, type GuestRamLayout } from './guest-ram.js';
 import { attachLegacyDevices, type LegacyDeviceState } from './legacy-devices.js';
 import { VcpuControl } from './vcpu-control.js';
@@ -54,6 +55,9 @@ async function main(d: VcpuWorkerData): Promise<void> {
     mappings.push(() => ram.unmap());
     const vcpu = new Vcpu(d.vcpuFd, d.mmapSize);
     mappings.push(() => n.munmap(vcpu.run.buffer as ArrayBuffer));
+    // Opened now: a save reads KVM's MSR list from /dev/kvm, and the filter allows no open.
+    const kvm = Kvm.open();
+    mappings.push(() => kvm.close());
     let loop: VcpuLoop | undefined;
     const devices = attachLegacyDevices(d.legacy, {
       onPowerOff: () => loop && (loop.pendingEvent ??= { kind: 'poweroff' }),
@@ -78,8 +82,10 @@ async function main(d: VcpuWorkerData): Promise<void> {
             ? devices.unhandled.write(space, addr, data)
             : devices.unhandled.read(space, addr, data),
       },
-      saveHandlers(d.id, vcpu, (m, transfer) => port.postMessage(m, transfer)),
+      saveHandlers(d.id, vcpu, kvm, (m, transfer) => port.postMessage(m, transfer)),
     );
+    // From here on this thread only runs the vCPU: its seccomp filter (docs/security.md).
+    installWorkerFilter('vcpu', `tv-vcpu${d.id}`);
     event = loop.run();
   } catch (e) {
     event = { kind: 'fatal', message: `vCPU ${d.id}: ${(e as Error).message}` };
@@ -92,25 +98,20 @@ async function main(d: VcpuWorkerData): Promise<void> {
 /**
  * Save requests, served in the parked loop of this thread (the thread that runs the vCPU): the
  * state is read with the vCPU outside KVM_RUN, encoded, and its buffer transferred to the main
- * thread. What to save (KVM's MSR list, the XSAVE size) comes from /dev/kvm, read on first use.
+ * thread. What to save (KVM's MSR list, the XSAVE size) comes from /dev/kvm (opened at start-up,
+ * before the filter), read on first use.
  */
 function saveHandlers(
   id: number,
   vcpu: Vcpu,
+  kvm: Kvm,
   post: (m: VcpuWorkerMessage, transfer: ArrayBuffer[]) => void,
 ): ParkedRequestHandlers {
   let config: VcpuSaveConfig | undefined;
   return {
     save() {
       try {
-        if (!config) {
-          const kvm = Kvm.open();
-          try {
-            config = vcpuSaveConfig(kvm);
-          } finally {
-            kvm.close();
-          }
-        }
+        config ??= vcpuSaveConfig(kvm);
         const state = VcpuStateV1.encode(saveVcpu(vcpu, config.msrIndices, config));
         post({ type: 'saved', id, state }, [state.buffer as ArrayBuffer]);
       } catch (e) {

@@ -1,0 +1,107 @@
+/**
+ * Installing the filters, per thread role (docs/security.md).
+ *
+ * Order, and why each role ends with exactly its list:
+ * 1. The main thread calls installProcessFilter() once the VMM's command line is read and before
+ *    any VM is built. It installs processPolicy() with SECCOMP_FILTER_FLAG_TSYNC: every thread
+ *    of the process gets it, the ones Node started before us included (V8 platform workers, the
+ *    libuv pool, prewarmed vCPU workers still waiting for their start message). TSYNC works
+ *    only while no thread has a filter of its own, which holds at that point.
+ * 2. Each vCPU or device worker calls installWorkerFilter() when its start-up is done (modules
+ *    loaded, memory mapped, devices built). Its own list stacks on the inherited one; since the
+ *    process list is a superset of each worker list, what the worker may do is its own list.
+ *    Threads created later inherit their creator's filters (kernel: copy_seccomp at clone).
+ * The settings travel to workers as environment data (worker_threads.setEnvironmentData,
+ * copied into each Worker created after it is set): without any, the default filters apply, so
+ * VMs built in-process (tests, the API) run their workers filtered too.
+ *
+ * TYPERVISOR_SECCOMP_AUDIT=<role>|all turns the named role's default action into
+ * SECCOMP_RET_LOG: calls outside the list are allowed and logged by the kernel (dmesg, audit
+ * type=1326 with syscall=N), which is how the lists were measured. Never for production.
+ */
+import { getEnvironmentData, isMainThread, setEnvironmentData } from 'node:worker_threads';
+import { stat } from 'node:fs';
+import { native } from '../../kvm/native.js';
+import {
+  compilePolicyBytes,
+  SECCOMP_FILTER_FLAG_TSYNC,
+  SECCOMP_RET_KILL_PROCESS,
+  SECCOMP_RET_LOG,
+  type Policy,
+} from './filter.js';
+import { defaultPolicy, processPolicy, type Role } from './roles.js';
+
+const ENV_KEY = 'typervisor:seccomp';
+
+/** What the VMM was told: the default filters, none (--no-seccomp), or a user's (--seccomp-filter). */
+export type SeccompSettings =
+  | { mode: 'default' }
+  | { mode: 'off' }
+  | {
+      mode: 'custom';
+      policies: Record<Role, Policy>;
+      defaultActions: Record<Role, number>;
+      source: string;
+    };
+
+/** Sets what this process's workers will install (main thread, before they are created). */
+export function configureSeccomp(s: SeccompSettings): void {
+  setEnvironmentData(ENV_KEY, s as never);
+}
+
+export function seccompSettings(): SeccompSettings {
+  const s = getEnvironmentData(ENV_KEY) as SeccompSettings | undefined;
+  return s ?? { mode: 'default' };
+}
+
+function policies(s: SeccompSettings): Record<Role, Policy> {
+  if (s.mode === 'custom') return s.policies;
+  return {
+    main: defaultPolicy('main'),
+    vcpu: defaultPolicy('vcpu'),
+    device: defaultPolicy('device'),
+  };
+}
+
+function defaultActionFor(role: Role, s: SeccompSettings): number {
+  const audit = process.env.TYPERVISOR_SECCOMP_AUDIT;
+  if (audit === role || audit === 'all') return SECCOMP_RET_LOG;
+  return s.mode === 'custom' ? s.defaultActions[role] : SECCOMP_RET_KILL_PROCESS;
+}
+
+/** The program a role's thread installs (the process filter for 'main'). */
+export function programFor(role: Role, s: SeccompSettings = seccompSettings()): Uint8Array {
+  const p = policies(s);
+  return compilePolicyBytes(
+    role === 'main' ? processPolicy(p) : p[role],
+    defaultActionFor(role, s),
+  );
+}
+
+/**
+ * Main thread: the process-wide filter, synchronised to every thread (see the file comment).
+ * Returns false when seccomp is off. Throws (with the thread's id) when TSYNC cannot apply.
+ */
+export function installProcessFilter(s: SeccompSettings = seccompSettings()): boolean {
+  if (!isMainThread) throw new Error('installProcessFilter runs on the main thread');
+  if (s.mode === 'off') return false;
+  const prog = programFor('main', s);
+  // The libuv pool starts on its first use, from whichever thread asks first: start it here,
+  // so its threads are the main thread's children and get this filter (not a worker's).
+  stat('/', () => {}); // queued work creates the pool's threads at once, from this thread
+  native().seccompInstall(prog, SECCOMP_FILTER_FLAG_TSYNC);
+  return true;
+}
+
+/**
+ * A worker thread: its role's filter, stacked on what it inherited. False when seccomp is off.
+ * The thread is named after its role first (`threadName`, e.g. tv-vcpu0): ps -T and the
+ * kernel's seccomp audit lines (comm=) then tell the roles apart.
+ */
+export function installWorkerFilter(role: Exclude<Role, 'main'>, threadName?: string): boolean {
+  const s = seccompSettings();
+  native().setThreadName(threadName ?? `tv-${role}`);
+  if (s.mode === 'off') return false;
+  native().seccompInstall(programFor(role, s), 0);
+  return true;
+}

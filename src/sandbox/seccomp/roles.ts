@@ -1,0 +1,168 @@
+/**
+ * The default allow-lists, one per thread role (docs/security.md). Measured under the host-KVM
+ * suite with the filters in audit mode (TYPERVISOR_SECCOMP_AUDIT, see install.ts) and `strace -f`.
+ *
+ * - vcpu: a vCPU worker after its start-up (modules loaded, RAM and kvm_run mapped): KVM_RUN and
+ *   the other KVM ioctls, the eventfd writes of virtio notifications, Atomics (futex), and what
+ *   a Node worker's V8 heap and libuv loop need.
+ * - device: the device worker after its devices are built: file and TAP I/O, vsock's Unix
+ *   sockets (AF_UNIX only), epoll, eventfd, and TAP/userfaultfd ioctls.
+ * - main: the main thread (API server, console, building VMs, snapshots) and Node's own threads.
+ *   It is installed with TSYNC, so it also covers the threads Node started before (V8 platform
+ *   workers, the libuv pool), and every worker inherits it: processFilter() is main's own list
+ *   joined with the two worker lists, so that each worker's own filter, stacked on it, is what
+ *   decides in that worker.
+ */
+import type { ArgCondition, Policy, SyscallRule } from './filter.js';
+
+export type Role = 'main' | 'vcpu' | 'device';
+export const ROLES: readonly Role[] = ['main', 'vcpu', 'device'];
+
+const KVMIO = 0xae;
+const TUN_AND_TTY = 0x54; // 'T': TUNSET*, TCGETS/TCSETS, TIOCGWINSZ, FIONBIO, FIOCLEX
+const UFFDIO = 0xaa;
+const AF_UNIX = 1;
+const CLONE_THREAD = 0x10000;
+const ENOSYS = 38;
+
+const any = (...names: string[]): SyscallRule[] => names.map((syscall) => ({ syscall }));
+
+/** ioctl(fd, request) with request's type byte (bits 8-15) == `type`, and nothing above 32 bits. */
+const ioctlOfType = (type: number, comment: string): SyscallRule => ({
+  syscall: 'ioctl',
+  args: [
+    {
+      index: 1,
+      type: 'qword',
+      op: 'masked_eq',
+      mask: 0xffffffff0000ff00n,
+      val: BigInt(type << 8),
+      comment,
+    },
+  ],
+});
+
+const arg = (index: number, val: number, comment: string): ArgCondition => ({
+  index,
+  type: 'dword',
+  op: 'eq',
+  val: BigInt(val),
+  comment,
+});
+
+/** glibc's pthread_create tries clone3 first and falls back to clone on ENOSYS: clone3's flags
+ * live in memory a filter cannot read, so it gets ENOSYS and clone is checked instead. */
+const CLONE3_ENOSYS: SyscallRule = { syscall: 'clone3', action: { kind: 'errno', errno: ENOSYS } };
+const CLONE_THREAD_ONLY: SyscallRule = {
+  syscall: 'clone',
+  args: [
+    {
+      index: 0,
+      type: 'dword',
+      op: 'masked_eq',
+      mask: BigInt(CLONE_THREAD),
+      val: BigInt(CLONE_THREAD),
+      comment: 'threads only, no new processes',
+    },
+  ],
+};
+
+/** What any Node thread running JavaScript needs once started (V8 heap, libuv loop, Atomics). */
+const NODE_THREAD = any(
+  'futex',
+  'read',
+  'write',
+  'epoll_wait',
+  'epoll_pwait',
+  'epoll_ctl',
+  'mmap',
+  'munmap',
+  'mprotect',
+  'madvise',
+  'close',
+  'rt_sigreturn',
+  'rt_sigprocmask',
+  'sched_yield',
+  'getpid',
+  'gettid',
+  'clock_gettime',
+  'clock_nanosleep',
+  'nanosleep',
+  'getrandom',
+  'exit',
+  'sigaltstack',
+  'set_robust_list',
+  'rseq',
+  'sched_getaffinity',
+  'fstat',
+  'newfstatat',
+);
+
+const VCPU: Policy = {
+  rules: [
+    ioctlOfType(KVMIO, 'KVM_RUN and the other KVM ioctls'),
+    ...NODE_THREAD,
+    // The serial console's output is written from the vCPU thread: writev to a file or FIFO,
+    // sendmsg(MSG_DONTWAIT) to a socket (src/vmm/console-output.ts).
+    ...any('writev', 'sendmsg'),
+  ],
+};
+
+const DEVICE: Policy = {
+  rules: [
+    ...any('epoll_wait', 'epoll_pwait', 'read', 'write', 'readv', 'writev', 'preadv', 'pwritev'),
+    ...any('pread64', 'pwrite64', 'fsync', 'fdatasync', 'lseek', 'fallocate'),
+    ...NODE_THREAD,
+    ioctlOfType(TUN_AND_TTY, 'TAP offloads'),
+    ioctlOfType(UFFDIO, 'userfaultfd'),
+    { syscall: 'socket', args: [arg(0, AF_UNIX, 'vsock backends: Unix sockets only')] },
+    ...any('connect', 'accept4', 'shutdown', 'sendmsg', 'recvmsg', 'getsockopt'),
+    ...any('eventfd2', 'epoll_create1'),
+  ],
+};
+
+const MAIN_OWN: Policy = {
+  rules: [
+    ...NODE_THREAD,
+    ioctlOfType(KVMIO, 'building and driving VMs'),
+    ioctlOfType(TUN_AND_TTY, 'TAP set-up, the console terminal'),
+    ioctlOfType(UFFDIO, 'userfaultfd (snapshot load)'),
+    {
+      syscall: 'socket',
+      args: [arg(0, AF_UNIX, 'the API socket, vsock, uffd handler: Unix only')],
+    },
+    CLONE_THREAD_ONLY,
+    CLONE3_ENOSYS,
+    ...any('openat', 'statx', 'readlink', 'access', 'getcwd', 'pread64', 'pwrite64', 'readv'),
+    ...any('writev', 'lseek', 'fsync', 'fdatasync', 'ftruncate', 'fallocate', 'unlink', 'fcntl'),
+    ...any('pipe2', 'bind', 'listen', 'accept4', 'connect', 'shutdown', 'sendmsg', 'recvmsg'),
+    ...any('getsockopt', 'setsockopt', 'getsockname', 'epoll_create1', 'eventfd2'),
+    ...any('memfd_create', 'userfaultfd', 'mremap', 'brk', 'rt_sigaction', 'tgkill', 'prctl'),
+    ...any('seccomp', 'capget', 'getuid', 'geteuid', 'getgid', 'getegid', 'uname', 'sysinfo'),
+    ...any('prlimit64', 'exit_group', 'rename'),
+    // Least privilege without the jailer (issue 14): the API socket's mode, set by umask or
+    // chmod around bind; harmless on their own.
+    ...any('umask', 'chmod', 'fchmod'),
+  ],
+};
+
+/** A role's own list. */
+export function defaultPolicy(role: Role): Policy {
+  switch (role) {
+    case 'main':
+      return MAIN_OWN;
+    case 'vcpu':
+      return VCPU;
+    case 'device':
+      return DEVICE;
+  }
+}
+
+/**
+ * The filter the main thread installs for the whole process (TSYNC): main's list joined with
+ * the workers' (a worker inherits it, then stacks its own, so its own list decides there).
+ */
+export function processPolicy(policies: Record<Role, Policy>): Policy {
+  // vCPU rules first: KVM_RUN's ioctl is the hottest call, and each call is compared in order.
+  return { rules: [...policies.vcpu.rules, ...policies.device.rules, ...policies.main.rules] };
+}
