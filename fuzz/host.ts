@@ -18,6 +18,7 @@ import {
   type HostSys,
 } from '../src/devices/virtio/descriptor.js';
 import { fail, type Prng } from './core.js';
+import { writeFileSync } from 'node:fs';
 
 type Buf = ArrayBuffer | ArrayBufferView;
 
@@ -187,8 +188,10 @@ export class FakeHost {
       if (this.emfile) throw sysError('EMFILE', 'socket');
       return this.newFd('socket').fd;
     },
-    bindListen: (fd) => {
+    bindListen: (fd, path) => {
       this.live(fd, 'bind').kind = 'listen';
+      // bind(2) makes the socket's inode at `path`: the VMM chmods and links it (unix-host.ts).
+      writeFileSync(path, '', { flag: 'wx' });
     },
     accept: (fd) => {
       const f = this.live(fd, 'accept');
