@@ -139,10 +139,11 @@ const MAIN_OWN: Policy = {
     ...any('getsockopt', 'setsockopt', 'getsockname', 'epoll_create1', 'eventfd2'),
     ...any('memfd_create', 'userfaultfd', 'mremap', 'brk', 'rt_sigaction', 'tgkill', 'prctl'),
     ...any('seccomp', 'capget', 'getuid', 'geteuid', 'getgid', 'getegid', 'uname', 'sysinfo'),
-    ...any('prlimit64', 'exit_group', 'rename'),
-    // Least privilege without the jailer (issue 14): the API socket's mode, set by umask or
-    // chmod around bind; harmless on their own.
-    ...any('umask', 'chmod', 'fchmod'),
+    ...any('prlimit64', 'exit_group', 'rename', 'getrusage'),
+    // Least privilege without the jailer (issue 14): the API socket and the vsock listener are
+    // bound in a private 0700 directory beside their path (mkdir, chmod), hard-linked into place
+    // (link) and the directory removed (rmdir); umask for the fallback. Measured in audit mode.
+    ...any('umask', 'chmod', 'fchmod', 'mkdir', 'rmdir', 'link'),
   ],
 };
 
