@@ -50,6 +50,7 @@ import {
   saveVm,
 } from './vcpu-state.js';
 import { closeVirtio, planVirtioDevices } from './virtio-plan.js';
+import { notifyGenerationChange, writeGenerationId } from './vmgenid.js';
 
 const MiB = 1024 * 1024;
 /** KVM without TSC scaling runs a vCPU at the host's TSC frequency, give or take this much. */
@@ -309,6 +310,9 @@ async function load(p: LoadParams, opts: BuildOptions, undo: UndoList): Promise<
   undo.push(() => mapped.ram.unmap());
   closeMemFd(); // the mapping holds the file
   attachRam(vm, mapped.layout, mapped.ram, { dirtyLog: p.trackDirtyPages });
+  // Every load is a new generation: a fresh VMGenID (into this process's private copy of the
+  // page), announced to the guest once its interrupt controllers are restored (below).
+  step('cannot write the VM generation id', () => writeGenerationId(mapped.ram.memory));
 
   const legacy = createLegacyDeviceState(vm, opts.consoleFd ?? 1);
   undo.push(() => closeLegacyDeviceState(legacy));
@@ -353,6 +357,10 @@ async function load(p: LoadParams, opts: BuildOptions, undo: UndoList): Promise<
       );
     releaseVcpuRun(vcpu);
   }
+
+  // The GED's edge now waits in the restored IOAPIC/LAPIC until the vCPUs run; its _EVT makes
+  // the guest re-read the id and reseed its RNG.
+  step('cannot notify the VM generation id', () => notifyGenerationChange(vm));
 
   // The vCPU workers start parked; from here on the VM owns every part (its teardown closes
   // them), so a failure stops the VM instead of running the undo list.
