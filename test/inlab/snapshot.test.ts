@@ -275,6 +275,7 @@ test(
       )) as RegExpMatchArray;
       assert.equal(verdict, 'GOOD', b.describe());
       assert.ok(Number(lines) >= lastA + 2, `file has ${lines} lines, A's last count ${lastA}`);
+      timings.push(`A: count ${lastA}, file ${aLines} lines; B: file ${lines} lines`);
 
       // B: ping over the new TAP.
       b.send(`busybox ping -c 2 -W 5 169.254.10.1 && echo "PING""-OK"\n`);
@@ -309,7 +310,9 @@ test(
         const ns = debugfs.stdout.trim().split('\n').map(Number);
         ns.forEach((n, i) => assert.equal(n, i + 1, `line ${i + 1} of B's /counter`));
         assert.ok(ns.length >= Number(lines));
-      }
+        timings.push(`B's disk copy (debugfs): ${ns.length} intact lines`);
+      } else
+        timings.push(`B's disk copy not read: debugfs ${debugfs.error?.message ?? debugfs.stderr}`);
       console.log(`# ${timings.join('; ')}`);
     } catch (e) {
       throw new Error(
