@@ -45,6 +45,7 @@ export const RECIPES: Record<ImageName, Recipe> = {
   initramfs: { script: 'build-initramfs.sh', extra: ['init.sh'], files: IMAGE_FILES.initramfs },
   rootfs: { script: 'build-rootfs.sh', extra: ['init.sh'], files: IMAGE_FILES.rootfs },
   lab: { script: 'build-lab.sh', extra: ['lab-init.sh'], files: IMAGE_FILES.lab },
+  generic: { script: 'build-generic.sh', extra: ['init.sh'], files: IMAGE_FILES.generic },
 };
 
 /** The checkout root (this file is dist/src/lab/guest.js or src/lab/guest.ts). */

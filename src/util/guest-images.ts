@@ -7,7 +7,7 @@
 import { homedir } from 'node:os';
 import { join, resolve } from 'node:path';
 
-export type ImageName = 'kernel' | 'initramfs' | 'rootfs' | 'lab';
+export type ImageName = 'kernel' | 'initramfs' | 'rootfs' | 'lab' | 'generic';
 
 /** The output files of each image: KEY -> file name inside the image dir. */
 export const IMAGE_FILES: Readonly<Record<ImageName, Readonly<Record<string, string>>>> = {
@@ -15,6 +15,8 @@ export const IMAGE_FILES: Readonly<Record<ImageName, Readonly<Record<string, str
   initramfs: { INITRAMFS: 'initramfs.cpio.gz' },
   rootfs: { ROOTFS: 'rootfs.ext4' },
   lab: { LAB_KERNEL: 'vmlinux', LAB_INITRAMFS: 'initramfs.cpio.gz' },
+  /** Debian's generic kernel (it has CONFIG_VMGENID) and an initramfs with its modules. */
+  generic: { GENERIC_KERNEL: 'vmlinux', GENERIC_INITRAMFS: 'initramfs.cpio.gz' },
 };
 
 export function cacheRoot(): string {

@@ -29,6 +29,7 @@ import {
 } from './legacy-devices.js';
 import { configFromSpec, type VmConfig, type VmSpec } from './resources.js';
 import { Vmm } from './vmm.js';
+import { writeGenerationId } from './vmgenid.js';
 import { startDeviceWorker, type DeviceWorkerHandle } from './device-worker-handle.js';
 import {
   acpiVirtioDevices,
@@ -247,6 +248,8 @@ function build(spec: VmSpec, opts: BuildOptions, undo: UndoList): BuiltVm {
     throw e instanceof ImageError || e instanceof ConfigError ? e : new ImageError(e.message);
   }
   const boot = booted.value;
+  // A new VM, a new generation id (ACPI VMGenID; a snapshot load writes another).
+  writeGenerationId(ram.memory);
 
   const supported: CpuidEntry[] = kvm.supportedCpuid();
   const tscDeadline = kvm.checkExtension(KVM_CAP_TSC_DEADLINE_TIMER) > 0;

@@ -56,6 +56,7 @@ import {
   saveVm,
 } from './vcpu-state.js';
 import { closeVirtio, planVirtioDevices } from './virtio-plan.js';
+import { notifyGenerationChange, writeGenerationId } from './vmgenid.js';
 
 const MiB = 1024 * 1024;
 /** Firecracker's words for a Diff of a VM that does not track dirty pages. */
@@ -404,6 +405,11 @@ async function load(
   // A restored VM tracks dirty pages from the start: the first Diff is relative to this load.
   if (p.trackDirtyPages) trackDeviceWrites(memory.layout);
   attachRam(vm, memory.layout, memory.ram, { dirtyLog: p.trackDirtyPages });
+  // Every load is a new generation: a fresh VMGenID (into this process's private copy of the
+  // page; with Uffd the handler serves the page first), announced to the guest once its
+  // interrupt controllers are restored (below).
+  const ram = memory.ram;
+  step('cannot write the VM generation id', () => writeGenerationId(ram.memory));
   phases.mark('vm+memory');
 
   const legacy = createLegacyDeviceState(vm, opts.consoleFd ?? 1);
@@ -451,6 +457,10 @@ async function load(
     releaseVcpuRun(vcpu);
   }
   phases.mark('vcpus');
+
+  // The GED's edge now waits in the restored IOAPIC/LAPIC until the vCPUs run; its _EVT makes
+  // the guest re-read the id and reseed its RNG.
+  step('cannot notify the VM generation id', () => notifyGenerationChange(vm));
 
   // The vCPU workers start parked; from here on the VM owns every part (its teardown closes
   // them), so a failure stops the VM instead of running the undo list.

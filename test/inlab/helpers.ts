@@ -22,6 +22,19 @@ export function defaultGuest(): { kernel: string; initrd: string } {
   return { kernel, initrd };
 }
 
+/**
+ * Debian's generic kernel and an initramfs with its modules (`npm run guest -- build generic`):
+ * it has CONFIG_VMGENID, which the default (cloud) kernel lacks.
+ */
+export function genericGuest(): { kernel: string; initrd: string } {
+  const p = imagePaths('generic');
+  const kernel = p.GENERIC_KERNEL!;
+  const initrd = p.GENERIC_INITRAMFS!;
+  if (!existsSync(kernel) || !existsSync(initrd))
+    throw new Error('generic guest not built: run `npm run guest -- build generic`');
+  return { kernel, initrd };
+}
+
 export interface RunResult {
   code: number | null;
   signal: NodeJS.Signals | null;

@@ -42,6 +42,7 @@ test(
   async () => {
     ensureImage('kernel');
     ensureImage('initramfs');
+    ensureImage('generic'); // test/inlab/snapshot.test.ts: a kernel with CONFIG_VMGENID
     let { r, hung } = await runSuite();
     // 125: the lab itself failed (it never came up, or its machine ended under the suite).
     const labFailed = () => hung || r.code === 125;

@@ -20,6 +20,13 @@ export const CMDLINE_MAX_SIZE = 2048;
 export const EBDA_START = 0x9fc00;
 /** MP table lives at the start of the EBDA. */
 export const MPTABLE_START = 0x9fc00;
+/**
+ * The VM generation id (ACPI VMGenID, 16 bytes): e820-reserved low memory just below the RSDP,
+ * where Firecracker puts it too (its allocator's last fit below 0xe0000). Fixed, so a snapshot
+ * needs no record of it. The MP table (at most ~1.4 KiB from MPTABLE_START) ends far below.
+ */
+export const VMGENID_ADDR = 0xdfff0;
+export const VMGENID_SIZE = 16;
 /** ACPI: RSDP where the kernel scans for it (0xe0000-0xfffff), tables after it. */
 export const RSDP_ADDR = 0xe0000;
 export const ACPI_TABLES_START = 0xe0100;
@@ -34,7 +41,12 @@ export const VIRTIO_MMIO_BASE = 0xc000_1000;
 export const VIRTIO_MMIO_SIZE = 0x1000;
 /** First and last GSI handed to virtio-mmio devices (one each). */
 export const VIRTIO_GSI_FIRST = 5;
-export const VIRTIO_GSI_LAST = 23;
+export const VIRTIO_GSI_LAST = 22;
+/**
+ * The GSI of the ACPI GED (ACPI0013) whose _EVT notifies the VMGenID device: the VMM pulses it
+ * after a snapshot load wrote a new generation id. The last IOAPIC pin, past the virtio range.
+ */
+export const VMGENID_GSI = 23;
 /** ACPI GED / sleep registers (hardware-reduced ACPI), in the MMIO hole. */
 export const ACPI_GED_ADDR = 0xfeb0_0000;
 /**

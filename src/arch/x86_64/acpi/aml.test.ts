@@ -4,19 +4,23 @@ import {
   ONE,
   ONES,
   ZERO,
+  arg,
   buffer,
   device,
   eisaId,
   eisaIdValue,
   encodePkgLength,
+  ifOp,
   integer,
   interrupt,
   io,
   irqNoFlags,
+  lEqual,
   memory32Fixed,
   method,
   name,
   namePath,
+  notify,
   pkg,
   resourceTemplate,
   returnOp,
@@ -176,4 +180,26 @@ test('resource descriptors and the End Tag checksum', () => {
     0,
   );
   assert.throws(() => memory32Fixed(true, 0xffff_f000, 0x2000));
+});
+
+test('Arg, LEqual, If and Notify encode to hand-checked bytes', () => {
+  assert.deepEqual(bytes(arg(0)), [0x68]);
+  assert.deepEqual(bytes(arg(6)), [0x6e]);
+  assert.throws(() => arg(7));
+  assert.throws(() => arg(-1));
+  assert.deepEqual(bytes(lEqual(arg(0), integer(23))), [0x93, 0x68, 0x0a, 23]);
+  // Notify (\_SB_.VGEN, 0x80): NotifyOp, the root-prefixed dual name, a ByteConst.
+  const n = notify('\\_SB_.VGEN', integer(0x80));
+  assert.deepEqual(bytes(n), [0x86, 0x5c, 0x2e, ...Buffer.from('_SB_VGEN'), 0x0a, 0x80]);
+  // If (LEqual (Arg0, 23)) { Notify (...) }: IfOp, PkgLength over predicate and body.
+  const i = ifOp(lEqual(arg(0), integer(23)), n);
+  assert.equal(i[0], 0xa0);
+  assert.equal(i[1], 1 + 4 + n.length); // PkgLength counts itself
+  assert.deepEqual(bytes(i.subarray(2, 6)), [0x93, 0x68, 0x0a, 23]);
+  assert.deepEqual(bytes(i.subarray(6)), bytes(n));
+  // _EVT as a serialized one-argument method holding that If.
+  const m = method('_EVT', 1, true, i);
+  assert.equal(m[0], 0x14);
+  assert.deepEqual(bytes(m.subarray(2, 6)), [...Buffer.from('_EVT')]);
+  assert.equal(m[6], 0x09); // one argument | Serialized
 });

@@ -26,6 +26,10 @@ const BUFFER_OP = 0x11;
 const PACKAGE_OP = 0x12;
 const METHOD_OP = 0x14;
 const RETURN_OP = 0xa4;
+const IF_OP = 0xa0;
+const NOTIFY_OP = 0x86;
+const LEQUAL_OP = 0x93;
+const ARG0_OP = 0x68; // Arg0..Arg6: 0x68..0x6E
 const EXT_OP_PREFIX = 0x5b;
 const DEVICE_OP = 0x82; // after EXT_OP_PREFIX
 // Name prefixes (§20.2.2).
@@ -189,6 +193,27 @@ export function method(n: string, argCount: number, serialized: boolean, ...term
 /** Return(value). */
 export function returnOp(value: Aml): Aml {
   return concat([Uint8Array.of(RETURN_OP), value]);
+}
+
+/** ArgN, a method's Nth argument (0-6). */
+export function arg(n: number): Aml {
+  if (!Number.isInteger(n) || n < 0 || n > 6) throw new RangeError(`AML Arg${n} out of range`);
+  return Uint8Array.of(ARG0_OP + n);
+}
+
+/** LEqual(a, b): 1 if the two integers are equal (§19.6.76). */
+export function lEqual(a: Aml, b: Aml): Aml {
+  return concat([Uint8Array.of(LEQUAL_OP), a, b]);
+}
+
+/** If(predicate) { terms } (§19.6.60), without an Else. */
+export function ifOp(predicate: Aml, ...terms: Aml[]): Aml {
+  return concat([Uint8Array.of(IF_OP), withPkgLength(concat([predicate, ...terms]))]);
+}
+
+/** Notify(object, value) (§19.6.94): `object` a name path such as "\\_SB_.VGEN". */
+export function notify(object: string, value: Aml): Aml {
+  return concat([Uint8Array.of(NOTIFY_OP), namePath(object), value]);
 }
 
 /** Package() { elements } (at most 255 elements: the short PackageOp form). */

@@ -25,6 +25,8 @@ import {
   SERIAL_COM1_IRQ,
   SERIAL_COM1_PORT,
   VIRTIO_MMIO_SIZE,
+  VMGENID_ADDR,
+  VMGENID_GSI,
 } from '../layout.js';
 import { buildDsdt, buildFadt, buildMadt, buildRsdp, buildXsdt } from './tables.js';
 
@@ -72,6 +74,8 @@ function validate(config: AcpiConfig): ConfigError | undefined {
       );
     }
     if (gsis.has(d.gsi)) return new ConfigError(`ACPI: virtio GSI ${d.gsi} is used twice`);
+    if (d.gsi === VMGENID_GSI)
+      return new ConfigError(`ACPI: virtio GSI ${d.gsi} is the VMGenID notification's`);
     gsis.add(d.gsi);
   }
   return undefined;
@@ -100,6 +104,7 @@ export function buildAcpiTables(config: AcpiConfig): Result<AcpiBlob, ConfigErro
       serial: { port: SERIAL_COM1_PORT, irq: SERIAL_COM1_IRQ },
       i8042: { dataPort: I8042_DATA_PORT, cmdPort: I8042_CMD_PORT, irq: I8042_IRQ },
       s5SlpTyp: ACPI_S5_SLP_TYP,
+      vmgenid: { addr: VMGENID_ADDR, gsi: VMGENID_GSI },
     }),
   );
   const fadtAddr = place(

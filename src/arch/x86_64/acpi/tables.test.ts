@@ -10,6 +10,8 @@ import {
   IOAPIC_ADDR,
   LAPIC_ADDR,
   RSDP_ADDR,
+  VMGENID_ADDR,
+  VMGENID_GSI,
 } from '../layout.js';
 import { acpiBootHook, buildAcpiTables, writeAcpiTables } from './index.js';
 import {
@@ -175,6 +177,40 @@ test('DSDT names the devices', () => {
   const s = Buffer.from(d).toString('latin1');
   assert.equal(s.split('LNRO0005').length - 1, 2);
   for (const n of ['_S5_', '_SB_', 'COM1', 'PS2_', 'V000', 'V001']) assert.ok(s.includes(n), n);
+});
+
+test('DSDT: the VMGenID device and the GED that notifies it', () => {
+  const d = Buffer.from(tables().get('DSDT').bytes);
+  // Linux's vmgenid driver matches the _HID or the _CID (Name(_HID, "VMGENCTR")).
+  assert.ok(d.includes(Buffer.from('\x08_HID\x0dVMGENCTR\x00', 'latin1')));
+  assert.ok(d.includes(Buffer.from('\x08_CID\x0dVM_Gen_Counter\x00', 'latin1')));
+  // Name(ADDR, Package(2) { low dword, high dword }): the id's address.
+  const addr = Buffer.concat([
+    Buffer.from('\x08ADDR\x12', 'latin1'),
+    Buffer.of(8, 2, 0x0c), // PkgLength 8, 2 elements, DWordConst
+    Buffer.of(VMGENID_ADDR & 0xff, (VMGENID_ADDR >> 8) & 0xff, VMGENID_ADDR >> 16, 0),
+    Buffer.of(0x00), // Zero: below 4 GiB
+  ]);
+  assert.ok(d.includes(addr), 'ADDR package');
+  assert.ok(d.includes(Buffer.from('\x08_HID\x0dACPI0013\x00', 'latin1')));
+  // The GED's one interrupt: an Extended Interrupt descriptor with the VMGenID GSI.
+  assert.ok(d.includes(Buffer.of(0x89, 6, 0, 0x03, 1, VMGENID_GSI, 0, 0, 0)), 'GED _CRS');
+  // _EVT: If (LEqual (Arg0, GSI)) { Notify (\_SB_.VGEN, 0x80) }.
+  const notifyVgen = Buffer.concat([
+    Buffer.of(0x86, 0x5c, 0x2e),
+    Buffer.from('_SB_VGEN', 'latin1'),
+    Buffer.of(0x0a, 0x80),
+  ]);
+  const evt = d.indexOf(Buffer.from('_EVT', 'latin1'));
+  assert.ok(evt > 0, '_EVT');
+  assert.ok(d.indexOf(Buffer.of(0x93, 0x68, 0x0a, VMGENID_GSI), evt) > evt, 'LEqual(Arg0, GSI)');
+  assert.ok(d.indexOf(notifyVgen, evt) > evt, 'Notify(VGEN, 0x80)');
+});
+
+test('a virtio device may not take the VMGenID GSI', () => {
+  const r = buildAcpiTables({ vcpus: 1, virtio: [{ addr: 0xc000_1000, gsi: VMGENID_GSI }] });
+  assert.equal(r.ok, false);
+  if (!r.ok) assert.match(r.error.message, /VMGenID/);
 });
 
 test('config errors are values', () => {

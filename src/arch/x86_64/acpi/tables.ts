@@ -4,20 +4,26 @@
  * (§5.2.6) and a checksum that makes the sum of all its bytes zero.
  */
 import {
+  arg,
   concat,
   device,
   eisaId,
+  ifOp,
   integer,
   interrupt,
   io,
+  lEqual,
   memory32Fixed,
+  method,
   name,
+  notify,
   pkg,
   resourceTemplate,
   scope,
   string,
   checksumByte,
   ZERO,
+  type Aml,
 } from './aml.js';
 
 export const OEM_ID = 'TYPVSR';
@@ -209,6 +215,8 @@ export interface DsdtParams {
   serial: { port: number; irq: number };
   i8042: { dataPort: number; cmdPort: number; irq: number };
   s5SlpTyp: number;
+  /** The VM generation id's guest address and the GSI of the GED that announces a new one. */
+  vmgenid?: { addr: number; gsi: number };
 }
 
 /**
@@ -265,7 +273,38 @@ export function buildDsdt(p: DsdtParams): Uint8Array {
   );
   const aml = concat([
     name('_S5_', pkg(integer(p.s5SlpTyp), ZERO)),
-    scope('\\_SB_', com1, ps2, ...virtio),
+    scope('\\_SB_', com1, ps2, ...virtio, ...(p.vmgenid ? vmgenidDevices(p.vmgenid) : [])),
   ]);
   return sdt('DSDT', 2, 'TYPVDSDT', aml);
+}
+
+/**
+ * The VM generation id (Microsoft's "Virtual Machine Generation ID" spec, as Firecracker and
+ * QEMU declare it): VGEN, matched by Linux's vmgenid driver on _HID "VMGENCTR" or _CID
+ * "VM_Gen_Counter", whose ADDR package gives the id's guest address (low, high dword); and a
+ * Generic Event Device (ACPI0013, Linux's evged) with one edge GSI whose _EVT does
+ * Notify(VGEN, 0x80), upon which the driver re-reads the id and reseeds the guest's RNG.
+ */
+export function vmgenidDevices(v: { addr: number; gsi: number }): Aml[] {
+  if (!Number.isSafeInteger(v.addr) || v.addr < 0 || v.addr % 8 !== 0)
+    throw new RangeError(`VMGenID address 0x${v.addr.toString(16)} must be 8-byte aligned`);
+  const vgen = device(
+    'VGEN',
+    name('_HID', string('VMGENCTR')),
+    name('_CID', string('VM_Gen_Counter')),
+    name('_DDN', string('VM_Gen_Counter')),
+    name('ADDR', pkg(integer(v.addr % 0x1_0000_0000), integer(Math.floor(v.addr / 0x1_0000_0000)))),
+  );
+  const ged = device(
+    'GED_',
+    name('_HID', string('ACPI0013')),
+    name('_CRS', resourceTemplate(interrupt(EDGE_HIGH, v.gsi))),
+    method(
+      '_EVT',
+      1,
+      true,
+      ifOp(lEqual(arg(0), integer(v.gsi)), notify('\\_SB_.VGEN', integer(0x80))),
+    ),
+  );
+  return [vgen, ged];
 }
