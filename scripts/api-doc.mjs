@@ -267,6 +267,7 @@ const lines = [
   '  like every other error, where micro_http sends `{ "error": "...\\nAll previous unanswered requests will be dropped." }` (not valid JSON; and',
   '  earlier pipelined requests are answered here, not dropped).',
   '- Headers: at most 8 KiB, within 5 s; the whole request within 10 s (408); idle connections close after 30 s.',
+  '- At most 32 connections at once (micro_http: 10); one more is answered 503 "Too many open connections" and closed, as micro_http does.',
   '- A request without a `Host` header is served. `Expect: 100-continue` gets `100 Continue` (only when the body will be read), then the answer;',
   '  other Expect values are ignored, as micro_http ignores them.',
   '- HTTP/1.0 requests and `Connection: close` are served, and the connection is closed after the answer (micro_http keeps every connection',

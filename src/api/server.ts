@@ -13,6 +13,8 @@
  *   400, and the connection closed (its end cannot be found without reading it all);
  * - HTTP/1.0 and `Connection: close` requests are served; the connection is closed after the
  *   answer (micro_http keeps it open whatever the client asked, so no client waits on that);
+ * - at most MAX_API_CONNECTIONS connections at once (micro_http allows 10): one more is answered
+ *   503 and closed, as micro_http does, and counted;
  * - header and whole-request timeouts, so a slow or half-closed client costs a socket, never a
  *   stuck VMM; a request is queued only once its whole body has arrived;
  * - requests are handled one at a time, in the order they completed (a FIFO queue), since each
@@ -48,6 +50,13 @@ const MAX_HEADER_BYTES = 8_192;
  * connection; a larger one closes it, so a refused request never costs more than this to read.
  */
 export const OVERSIZED_DRAIN_MAX = 1 << 20;
+/**
+ * Open API connections at once; one more is answered 503 and closed. Firecracker's micro_http
+ * allows 10, so a client that works with Firecracker never meets this one.
+ */
+export const MAX_API_CONNECTIONS = 32;
+/** How long a refused connection stays (write side closed) before it is destroyed. */
+const REFUSED_LINGER_MS = 1_000;
 
 export interface ApiServerOptions {
   socketPath: string;
@@ -195,7 +204,15 @@ export async function startApiServer(opts: ApiServerOptions): Promise<ApiServer>
     return v !== undefined && /^\d{1,20}$/.test(v) ? Number(v) : undefined;
   };
 
+  // Connections over MAX_API_CONNECTIONS: answered 503 at once; what they send is ignored.
+  const refusedSockets = new WeakSet<Socket>();
+  let open = 0;
+
   const onRequest = (req: IncomingMessage, res: ServerResponse) => {
+    if (refusedSockets.has(req.socket)) {
+      req.resume();
+      return;
+    }
     counters.inc('api_server', 'requests');
     const method = req.method ?? '';
     const url = req.url ?? '/';
@@ -273,12 +290,37 @@ export async function startApiServer(opts: ApiServerOptions): Promise<ApiServer>
     },
     onRequest,
   );
+  server.prependListener('connection', (socket: Socket) => {
+    if (open >= MAX_API_CONNECTIONS) {
+      refusedSockets.add(socket);
+      counters.inc('api_server', 'connections_refused');
+      const body = JSON.stringify({
+        fault_message: `Too many open connections (at most ${MAX_API_CONNECTIONS}).`,
+      });
+      socket.on('error', () => undefined);
+      socket.end(
+        `HTTP/1.1 503 Service Unavailable\r\nServer: Typervisor API\r\nContent-Type: application/json\r\n` +
+          `Content-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`,
+      );
+      // Closed a moment later rather than at once: closing with the client's request unread
+      // would reset the connection, and the client could lose the 503 before reading it.
+      const t = setTimeout(() => socket.destroy(), REFUSED_LINGER_MS);
+      socket.once('close', () => clearTimeout(t));
+      return;
+    }
+    open++;
+    socket.once('close', () => open--);
+  });
   // Expect: 100-continue. The 100 goes out only for a body that will be read (micro_http sends
   // it after the headers of a request with a body within the limit); an oversized request is
   // answered at once, without it.
   server.on('checkContinue', (req: IncomingMessage, res: ServerResponse) => {
     const declared = declaredLength(req);
-    if (!(declared !== undefined && declared > max) && req.headers['content-length'] !== '0')
+    if (
+      !refusedSockets.has(req.socket) &&
+      !(declared !== undefined && declared > max) &&
+      req.headers['content-length'] !== '0'
+    )
       res.writeContinue();
     onRequest(req, res);
   });

@@ -8,6 +8,7 @@
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { connect, type Socket } from 'node:net';
+import { MAX_API_CONNECTIONS } from '../../src/api/server.js';
 import { call, startServer, type ServerProcess } from './client.js';
 
 const T = { timeout: 20_000 };
@@ -229,6 +230,40 @@ describe('API wire behaviour with a raw socket client', () => {
       h.write('PUT /machine-config HTTP/1.1\r\nContent-Length: 1073741824\r\n\r\n{"a":');
       assert.equal(await h.waitClosed(), true);
       if (h.raw()) assert.match(h.raw(), /^HTTP\/1\.1 400 /);
+    },
+  );
+
+  test(
+    'connections beyond the cap are answered 503 and closed; a freed slot serves again',
+    T,
+    async () => {
+      const conns: Raw[] = [];
+      for (let i = 0; i < MAX_API_CONNECTIONS; i++) conns.push(await Raw.open(srv.sock));
+      // Each is served (so the server has counted them all).
+      for (const c of conns) c.write(get('/version'));
+      for (const c of conns) assert.equal((await c.responses(1))[0]!.status, 200);
+      const extra = await Raw.open(srv.sock);
+      extra.write(put('/machine-config', '{"vcpu_count": 2, "mem_size_mib": 64}'));
+      const [full] = await extra.responses(1);
+      assert.equal(full!.status, 503);
+      assert.match(JSON.parse(full!.body).fault_message, /Too many open connections/);
+      assert.equal(await extra.waitClosed(), true);
+      // One closed by its client: its slot serves a new connection.
+      conns.pop()!.destroy();
+      await new Promise((r) => setTimeout(r, 100));
+      const again = await Raw.open(srv.sock);
+      again.write(get('/machine-config'));
+      const [m] = await again.responses(1);
+      assert.equal(m!.status, 200);
+      assert.notEqual(JSON.parse(m!.body).mem_size_mib, 64, 'a refused connection changed the VM');
+      again.destroy();
+      for (const c of conns) c.destroy();
+      // Wait until the server has seen them go (the next test needs a slot).
+      for (let i = 0; i < 100; i++) {
+        const r = await call(srv.sock, 'GET', '/').catch(() => ({ status: 0 }));
+        if (r.status === 200) break;
+        await new Promise((res) => setTimeout(res, 20));
+      }
     },
   );
 
