@@ -221,6 +221,15 @@ describe('API wire behaviour with a raw socket client', () => {
       assert.equal(r2!.status, 400);
       assert.equal(ok2!.status, 200);
       assert.equal(JSON.parse(ok2!.body).state, 'Not started');
+      // Between two pipelined requests: the 400 (answered at once) still comes in its place.
+      c.write(get('/version') + put('/machine-config', big) + get('/machine-config'));
+      const seq = (await c.responses(7)).slice(4);
+      assert.deepEqual(
+        seq.map((r) => r.status),
+        [200, 400, 200],
+      );
+      assert.ok('firecracker_version' in JSON.parse(seq[0]!.body));
+      assert.ok('vcpu_count' in JSON.parse(seq[2]!.body));
       assert.equal(c.closed, false);
       c.destroy();
       assert.deepEqual(await machine(), before, 'a refused body changes nothing');
