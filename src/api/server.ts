@@ -1,8 +1,20 @@
 /**
- * The HTTP/1.1 server on a Unix socket (node:http). Robustness rules:
- * - bodies are bounded (Firecracker's default 51200 bytes): a larger Content-Length is refused
- *   before reading, a chunked body is cut off as soon as it passes the limit; both answer 400 as
- *   Firecracker's micro_http does, and close the connection;
+ * The HTTP/1.1 server on a Unix socket (node:http), with the wire behaviour of Firecracker's
+ * micro_http where its clients can tell:
+ * - a request without a `Host` header is served (raw `socat`/`nc` clients send none);
+ * - pipelined requests on one connection are answered in order;
+ * - `Expect: 100-continue`: `100 Continue` is sent, then the answer, once the body has arrived;
+ *   other Expect values are ignored (node's default would be 417; micro_http ignores them);
+ * - bodies are bounded (Firecracker's default 51200 bytes): a larger Content-Length is answered
+ *   400 with Firecracker's sentence before any of the body is read, and the connection is kept
+ *   (the declared body is read and dropped) as micro_http keeps it, unless the declared body is
+ *   larger than OVERSIZED_DRAIN_MAX or the client waits for `100 Continue` (its body may never
+ *   come), where it is closed; a chunked body is cut off as soon as it passes the limit, answered
+ *   400, and the connection closed (its end cannot be found without reading it all);
+ * - HTTP/1.0 and `Connection: close` requests are served; the connection is closed after the
+ *   answer (micro_http keeps it open whatever the client asked, so no client waits on that);
+ * - at most MAX_API_CONNECTIONS connections at once (micro_http allows 10): one more is answered
+ *   503 and closed, as micro_http does, and counted;
  * - header and whole-request timeouts, so a slow or half-closed client costs a socket, never a
  *   stuck VMM; a request is queued only once its whole body has arrived;
  * - requests are handled one at a time, in the order they completed (a FIFO queue), since each
@@ -33,6 +45,18 @@ export const HEADERS_TIMEOUT_MS = 5_000;
 export const REQUEST_TIMEOUT_MS = 10_000;
 export const KEEP_ALIVE_TIMEOUT_MS = 30_000;
 const MAX_HEADER_BYTES = 8_192;
+/**
+ * The largest declared body of a refused request that is still read (and dropped) to keep the
+ * connection; a larger one closes it, so a refused request never costs more than this to read.
+ */
+export const OVERSIZED_DRAIN_MAX = 1 << 20;
+/**
+ * Open API connections at once; one more is answered 503 and closed. Firecracker's micro_http
+ * allows 10, so a client that works with Firecracker never meets this one.
+ */
+export const MAX_API_CONNECTIONS = 32;
+/** How long a refused connection stays (write side closed) before it is destroyed. */
+const REFUSED_LINGER_MS = 1_000;
 
 export interface ApiServerOptions {
   socketPath: string;
@@ -174,15 +198,34 @@ export async function startApiServer(opts: ApiServerOptions): Promise<ApiServer>
     fault: `Request payload with size ${size} is larger than the limit of ${max} allowed by server.`,
   });
 
+  /** A declared Content-Length, or undefined (none, or not a plain decimal: node refuses those). */
+  const declaredLength = (req: IncomingMessage): number | undefined => {
+    const v = req.headers['content-length'];
+    return v !== undefined && /^\d{1,20}$/.test(v) ? Number(v) : undefined;
+  };
+
+  // Connections over MAX_API_CONNECTIONS: answered 503 at once; what they send is ignored.
+  const refusedSockets = new WeakSet<Socket>();
+  let open = 0;
+
   const onRequest = (req: IncomingMessage, res: ServerResponse) => {
+    if (refusedSockets.has(req.socket)) {
+      req.resume();
+      return;
+    }
     counters.inc('api_server', 'requests');
     const method = req.method ?? '';
     const url = req.url ?? '/';
-    const declared = req.headers['content-length'];
-    if (declared !== undefined && Number(declared) > max) {
+    const declared = declaredLength(req);
+    if (declared !== undefined && declared > max) {
       counters.inc('api_server', 'oversized_requests');
-      send(res, tooLarge(declared), true);
-      req.socket.destroySoon();
+      // Keep the connection as micro_http does: node reads and drops the declared body once the
+      // answer is sent, then parses the next request. Close it when that body is too large to be
+      // worth reading, or the client waits for a 100 Continue that is not coming.
+      const expecting = /100-continue/i.test(String(req.headers.expect ?? ''));
+      const keep = declared <= OVERSIZED_DRAIN_MAX && !expecting;
+      send(res, tooLarge(declared), !keep);
+      if (!keep) req.socket.destroySoon();
       return;
     }
     const chunks: Buffer[] = [];
@@ -242,9 +285,47 @@ export async function startApiServer(opts: ApiServerOptions): Promise<ApiServer>
       requestTimeout: REQUEST_TIMEOUT_MS,
       keepAliveTimeout: KEEP_ALIVE_TIMEOUT_MS,
       connectionsCheckingInterval: 500,
+      // micro_http serves requests without a Host header (node's default answers them 400).
+      requireHostHeader: false,
     },
     onRequest,
   );
+  server.prependListener('connection', (socket: Socket) => {
+    if (open >= MAX_API_CONNECTIONS) {
+      refusedSockets.add(socket);
+      counters.inc('api_server', 'connections_refused');
+      const body = JSON.stringify({
+        fault_message: `Too many open connections (at most ${MAX_API_CONNECTIONS}).`,
+      });
+      socket.on('error', () => undefined);
+      socket.end(
+        `HTTP/1.1 503 Service Unavailable\r\nServer: Typervisor API\r\nContent-Type: application/json\r\n` +
+          `Content-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`,
+      );
+      // Closed a moment later rather than at once: closing with the client's request unread
+      // would reset the connection, and the client could lose the 503 before reading it.
+      const t = setTimeout(() => socket.destroy(), REFUSED_LINGER_MS);
+      socket.once('close', () => clearTimeout(t));
+      return;
+    }
+    open++;
+    socket.once('close', () => open--);
+  });
+  // Expect: 100-continue. The 100 goes out only for a body that will be read (micro_http sends
+  // it after the headers of a request with a body within the limit); an oversized request is
+  // answered at once, without it.
+  server.on('checkContinue', (req: IncomingMessage, res: ServerResponse) => {
+    const declared = declaredLength(req);
+    if (
+      !refusedSockets.has(req.socket) &&
+      !(declared !== undefined && declared > max) &&
+      req.headers['content-length'] !== '0'
+    )
+      res.writeContinue();
+    onRequest(req, res);
+  });
+  // Any other Expect value: ignored, as micro_http ignores it (node's default answers 417).
+  server.on('checkExpectation', onRequest);
   // An idle socket (no request in progress) is closed after this long.
   server.setTimeout(KEEP_ALIVE_TIMEOUT_MS, (s: Socket) => s.destroy());
   server.on('clientError', (e: NodeJS.ErrnoException, socket: Socket) => {

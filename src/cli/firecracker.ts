@@ -43,6 +43,8 @@ export const FIRECRACKER_FLAGS = [
   '--start-time-us',
   '--start-time-cpu-us',
   '--parent-cpu-time-us',
+  '--mmds-size-limit',
+  '--enable-pci',
 ] as const;
 
 export const FIRECRACKER_USAGE = `usage: typervisor [--api-sock PATH] [--config-file FILE] [--no-api] [options]
@@ -64,7 +66,11 @@ Firecracker-compatible mode: the REST API of Firecracker on a Unix socket (docs/
                        the jailer's start times (CLOCK_MONOTONIC and process CPU, in us): the
                        start-up time goes to the metrics (api_server.process_startup_time_us,
                        process_startup_time_cpu_us) and the log
-  --version            print the version`;
+  --mmds-size-limit N  the MMDS data store's limit in bytes (default: the payload limit);
+                       accepted and checked, but there is no MMDS yet (docs/api.md)
+  --enable-pci         refused: Typervisor has no PCI; its devices are virtio-mmio, as
+                       Firecracker's are without this flag
+  --version            print the version, in Firecracker's form: "Typervisor vX.Y.Z"`;
 
 class ArgError extends Error {}
 
@@ -85,6 +91,11 @@ export interface FcArgs {
   startTimeUs?: bigint;
   startTimeCpuUs?: bigint;
   parentCpuTimeUs?: bigint;
+  /**
+   * --mmds-size-limit, or the payload limit when absent (as Firecracker defaults it). Kept for
+   * the MMDS, which does not exist yet: nothing reads it.
+   */
+  mmdsSizeLimit: number;
 }
 
 /** A u64 in decimal, as Firecracker parses these flags. */
@@ -122,11 +133,18 @@ export function parseFirecrackerArgs(argv: string[]): FcArgs {
         'start-time-us': { type: 'string' },
         'start-time-cpu-us': { type: 'string' },
         'parent-cpu-time-us': { type: 'string' },
+        'mmds-size-limit': { type: 'string' },
+        'enable-pci': { type: 'boolean' },
       },
     }).values;
   } catch (e) {
     throw new ArgError((e as Error).message.split('\n')[0]!);
   }
+  if (v['enable-pci'])
+    throw new ArgError(
+      '--enable-pci: PCI is not supported; Typervisor attaches its devices over virtio-mmio, ' +
+        "as Firecracker does by default (run without --enable-pci, and keep the guest's pci=off)",
+    );
   if (v['no-seccomp'] && v['seccomp-filter'] !== undefined)
     throw new ArgError('--no-seccomp and --seccomp-filter cannot be used together');
   if (v['no-api'] && v['config-file'] === undefined)
@@ -140,6 +158,13 @@ export function parseFirecrackerArgs(argv: string[]): FcArgs {
   if (!(maxPayload >= 1))
     throw new ArgError(
       '--http-api-max-payload-size must be a whole number of bytes from 1 to 999999999',
+    );
+  const mmds = v['mmds-size-limit'];
+  const mmdsSizeLimit =
+    mmds === undefined ? maxPayload : /^\d{1,9}$/.test(mmds) ? Number(mmds) : NaN;
+  if (!(mmdsSizeLimit >= 0))
+    throw new ArgError(
+      `--mmds-size-limit must be a whole number of bytes from 0 to 999999999 (got "${String(mmds).slice(0, 40)}")`,
     );
   return {
     apiSock: v['api-sock'] ?? DEFAULT_API_SOCK,
@@ -158,6 +183,7 @@ export function parseFirecrackerArgs(argv: string[]): FcArgs {
     startTimeUs: u64Flag(v['start-time-us'], 'start-time-us'),
     startTimeCpuUs: u64Flag(v['start-time-cpu-us'], 'start-time-cpu-us'),
     parentCpuTimeUs: u64Flag(v['parent-cpu-time-us'], 'parent-cpu-time-us'),
+    mmdsSizeLimit,
   };
 }
 
@@ -194,6 +220,15 @@ function version(): string {
   return pkg.version;
 }
 
+/**
+ * `--version`, in the shape of Firecracker's ("Firecracker v1.2.3", then an empty line): a
+ * name, a space, 'v' and the version on the first line. Firecracker's own test framework reads
+ * that line with /^Firecracker v(.+)/; the name here is ours.
+ */
+export function versionText(): string {
+  return `Typervisor v${version()}\n\n`;
+}
+
 function exitCodeOf(ev: VmExitEvent): number {
   switch (ev.kind) {
     case 'poweroff':
@@ -210,7 +245,7 @@ function exitCodeOf(ev: VmExitEvent): number {
 
 export async function firecrackerCommand(argv: string[]): Promise<number> {
   if (argv.includes('--version')) {
-    process.stdout.write(`Typervisor v${version()} (Firecracker API ${'1.17.0-dev'})\n`);
+    process.stdout.write(versionText());
     return FC_EXIT_OK;
   }
   if (argv.includes('--help') || argv.includes('-h')) {

@@ -118,8 +118,11 @@ export async function main(argv: string[]): Promise<number> {
         return await snapshotCommand(rest);
       }
       case 'version':
-      case '--version':
         process.stdout.write(`typervisor ${version()}\n`);
+        return 0;
+      case '--version':
+        // Firecracker's form, for clients that run us as `firecracker --version`.
+        process.stdout.write((await import('./firecracker.js')).versionText());
         return 0;
       case undefined:
       case 'help':
