@@ -62,7 +62,7 @@ export const MachineConfiguration: Schema = {
     ),
     cpu_template: oneOf(
       ['C3', 'T2', 'T2S', 'T2CL', 'T2A', 'V1N1', 'None'],
-      'Deprecated CPU template: only "None" is supported.',
+      'Deprecated CPU template (answered with `Deprecation: true`): only "None" is supported.',
     ),
   },
   required: ['vcpu_count', 'mem_size_mib'],
@@ -120,11 +120,14 @@ export const PartialDrive: Schema = {
 
 export const NetworkInterface: Schema = {
   type: 'object',
-  description: 'A virtio-net interface over a TAP device. Stored and validated; attached later.',
+  description: 'A virtio-net interface over a TAP device, attached at InstanceStart.',
   properties: {
     iface_id: str('Interface id; must equal the id in the path.', 256),
     host_dev_name: str('Host TAP device name.', 256),
-    guest_mac: str('Guest MAC address, e.g. 06:00:AC:10:00:02.', 64),
+    guest_mac: str(
+      'Guest MAC address: six hex bytes, e.g. 06:00:AC:10:00:02 (echoed in lower case).',
+      64,
+    ),
     mtu: int(68, 65535, 'MTU advertised to the guest (VIRTIO_NET_F_MTU).'),
     rx_rate_limiter: RateLimiter,
     tx_rate_limiter: RateLimiter,
@@ -150,7 +153,7 @@ export const Vsock: Schema = {
   properties: {
     guest_cid: int(3, 0xffff_fffe, 'Guest context id.'),
     uds_path: str('Host Unix socket path (at most 107 bytes).'),
-    vsock_id: str('Deprecated; ignored.', 256),
+    vsock_id: str('Deprecated (answered with `Deprecation: true`); not echoed.', 256),
   },
   required: ['guest_cid', 'uds_path'],
 };
