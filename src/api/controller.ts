@@ -183,7 +183,11 @@ export class VmmController {
       case 'PutDrive':
         if (!pre)
           return notSupported('hot-plugging block devices is not implemented in Typervisor yet');
-        this.config.drives = withDrive(this.config.drives, validateDrive(a.config));
+        // is_read_only defaults to false, as in Firecracker (and is echoed so).
+        this.config.drives = withDrive(
+          this.config.drives,
+          validateDrive({ ...a.config, is_read_only: a.config.is_read_only ?? false }),
+        );
         this.bootPath = true;
         return NO_CONTENT;
       case 'PutNetworkInterface':

@@ -95,7 +95,7 @@ export const Drive: Schema = {
     partuuid: str('Partition UUID of the root partition (used when is_root_device).', 256),
     is_root_device: bool('Make this the root device (at most one).'),
     cache_type: oneOf(['Unsafe', 'Writeback'], 'Flush handling (default "Unsafe").'),
-    is_read_only: bool('Open the backing file read-only (required).'),
+    is_read_only: bool('Open the backing file read-only (default false).'),
     path_on_host: str('Host path of the backing file (required).'),
     allow_block_device: bool(
       'Typervisor only: path_on_host may be a host block device (default false: regular files only).',

@@ -207,6 +207,13 @@ describe("configuration in Firecracker's shape (real socket, child process)", ()
     assert.deepEqual(await ifaces(), ['eth1']);
 
     const disk = join(files, 'disk.img');
+    // is_read_only may be left out: false, as in Firecracker.
+    r = await call(sock(), 'PUT', '/drives/data', {
+      drive_id: 'data',
+      path_on_host: disk,
+      is_root_device: false,
+    });
+    assert.equal(r.status, 204, r.body);
     r = await call(sock(), 'PUT', '/drives/rootfs', {
       drive_id: 'rootfs',
       path_on_host: join(files, 'missing.img'),
@@ -216,8 +223,15 @@ describe("configuration in Firecracker's shape (real socket, child process)", ()
     assert.equal(r.status, 400);
     const d = (await call(sock(), 'GET', '/vm/config')).json.drives;
     assert.deepEqual(
-      d.map((x: { drive_id: string; path_on_host: string }) => [x.drive_id, x.path_on_host]),
-      [['rootfs', disk]],
+      d.map((x: { drive_id: string; path_on_host: string; is_read_only: boolean }) => [
+        x.drive_id,
+        x.path_on_host,
+        x.is_read_only,
+      ]),
+      [
+        ['rootfs', disk, false],
+        ['data', disk, false],
+      ],
     );
   });
 });
