@@ -46,7 +46,6 @@ test('snapshot-load: the API rules and messages', () => {
     drives: [],
     vsock: { guest_cid: 3, uds_path: '/tmp/v.sock' },
     entropy: {},
-    balloon: {},
   };
   for (const [section, value] of Object.entries(sections))
     assert.match(
@@ -91,4 +90,90 @@ test('a boot configuration is unchanged: sections, then InstanceStart', () => {
     r.actions.map((a) => a.kind),
     ['PutMachineConfig', 'PutBootSource', 'InstanceStart'],
   );
+});
+
+/** Firecracker's example configuration (its tests/framework/vm_config.json), in our words. */
+const firecrackerExample = {
+  'boot-source': {
+    kernel_image_path: '/k/vmlinux.bin',
+    boot_args: 'console=ttyS0 reboot=k panic=1',
+    initrd_path: null,
+  },
+  drives: [
+    {
+      drive_id: 'rootfs',
+      partuuid: null,
+      is_root_device: true,
+      cache_type: 'Unsafe',
+      is_read_only: false,
+      path_on_host: '/k/rootfs.ext4',
+      io_engine: 'Sync',
+      rate_limiter: null,
+      socket: null,
+    },
+  ],
+  'machine-config': {
+    vcpu_count: 2,
+    mem_size_mib: 1024,
+    smt: false,
+    track_dirty_pages: false,
+    huge_pages: 'None',
+  },
+  'cpu-config': null,
+  balloon: null,
+  'network-interfaces': [],
+  vsock: null,
+  logger: null,
+  metrics: null,
+  'mmds-config': null,
+  entropy: null,
+  pmem: [],
+  'memory-hotplug': null,
+};
+
+test("Firecracker's example shape: empty sections of features we lack are accepted", () => {
+  const r = parse(firecrackerExample);
+  assert.ok('actions' in r, 'fault' in r ? r.fault : '');
+  assert.deepEqual(
+    r.actions.map((a) => a.kind),
+    ['PutMachineConfig', 'PutBootSource', 'PutDrive', 'InstanceStart'],
+  );
+  // Nulls are absent fields, as serde's Option reads them.
+  assert.deepEqual(r.actions[2], {
+    kind: 'PutDrive',
+    config: {
+      drive_id: 'rootfs',
+      is_root_device: true,
+      cache_type: 'Unsafe',
+      is_read_only: false,
+      path_on_host: '/k/rootfs.ext4',
+      io_engine: 'Sync',
+    },
+  });
+  // "serial" (not in Firecracker's file format) as null, and pmem as null, are accepted too.
+  assert.ok('actions' in parse({ ...firecrackerExample, serial: null, pmem: null }));
+});
+
+test('a non-empty section of a feature we lack is refused, naming it', () => {
+  for (const [k, v] of [
+    ['balloon', { amount_mib: 0, deflate_on_oom: false }],
+    ['cpu-config', { cpuid_modifiers: [] }],
+    ['mmds-config', { network_interfaces: ['eth0'] }],
+    ['memory-hotplug', { total_size_mib: 1024 }],
+    ['pmem', [{ id: 'p', path_on_host: '/p', root_device: false }]],
+    ['pmem', {}],
+    ['balloon', []],
+    ['serial', { serial_out_path: '/tmp/s' }],
+  ] as Array<[string, unknown]>) {
+    assert.match(
+      fault({ ...firecrackerExample, [k]: v }),
+      new RegExp(`^configuration section "${k}" is not supported by Typervisor: only`),
+      k,
+    );
+  }
+  // Not JSON, or not an object: the parser's own message.
+  const bad = parseVmConfig('{"pmem": [}');
+  assert.ok('fault' in bad);
+  assert.match(bad.fault, /^An error occurred when deserializing/);
+  assert.match(fault([] as unknown as object), /expected an object, got an array/);
 });

@@ -38,11 +38,46 @@ export const ConfigFileSchema: Schema = {
 type ConfigFile = Partial<VmConfig> &
   Record<string, unknown> & { [SNAPSHOT_LOAD_SECTION]?: SnapshotLoadBody };
 
+/**
+ * The sections of features Typervisor lacks, taken out of the file's text when they are in
+ * their empty form (null; [] for pmem), as Firecracker's example files carry them; a fault
+ * naming the feature when one is not empty. Text that is not a JSON object is returned as it
+ * is, for parseBody to report.
+ */
+function takeEmptySections(text: string): string | { fault: string } {
+  let json: unknown;
+  try {
+    json = JSON.parse(text);
+  } catch {
+    return text;
+  }
+  if (typeof json !== 'object' || json === null || Array.isArray(json)) return text;
+  const o = json as Record<string, unknown>;
+  for (const k of [...UNSUPPORTED_CONFIG_SECTIONS, SERIAL_SECTION]) {
+    if (!Object.hasOwn(o, k)) continue;
+    const v = o[k];
+    const isEmpty = v === null || (k === 'pmem' && Array.isArray(v) && v.length === 0);
+    if (!isEmpty) {
+      const hint = k === SERIAL_SECTION ? ' (use PUT /serial)' : '';
+      return {
+        fault: `configuration section "${k}" is not supported by Typervisor: only ${k === 'pmem' ? '[] or null' : 'null'} is accepted${hint}`,
+      };
+    }
+    delete o[k];
+  }
+  return JSON.stringify(o);
+}
+
+/** Not a section of Firecracker's VmmConfig (it skips it) but sometimes written: null only. */
+const SERIAL_SECTION = 'serial';
+
 export function parseVmConfig(
   text: string,
   opts: { noApi?: boolean } = {},
 ): { actions: VmmAction[] } | { fault: string } {
-  const r = parseBody<ConfigFile>(ConfigFileSchema, text);
+  const empty = takeEmptySections(text);
+  if (typeof empty === 'object') return empty;
+  const r = parseBody<ConfigFile>(ConfigFileSchema, empty);
   if ('fault' in r)
     return { fault: r.fault.replace('the json body of a request', 'the configuration file') };
   const c = r.value;
@@ -65,10 +100,6 @@ export function parseVmConfig(
       return {
         fault: `"${SNAPSHOT_LOAD_SECTION}" without "resume_vm": true leaves the VM paused, and with --no-api nothing can resume it`,
       };
-  }
-  for (const k of UNSUPPORTED_CONFIG_SECTIONS) {
-    if (c[k] !== undefined)
-      return { fault: `configuration section "${k}" is not supported by Typervisor yet` };
   }
   const actions: VmmAction[] = [];
   // Logger and metrics first, so that what follows is logged and counted.

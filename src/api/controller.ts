@@ -28,6 +28,9 @@ import {
   validateVsock,
   withDrive,
   withNetworkInterface,
+  afterFailedInterfacePut,
+  wireMachineConfig,
+  wireVmConfig,
   type VmConfig,
   type VmSpec,
 } from '../vmm/index.js';
@@ -72,6 +75,34 @@ export interface ControllerOptions {
   loadSnapshot?: (p: LoadParams, opts: BuildOptions) => Promise<BuiltVm>;
 }
 
+/**
+ * The deprecation warning a request carries, as Firecracker's parsed requests do: the API server
+ * logs it and answers with a `Deprecation: true` header, whatever the outcome. The fields are
+ * still honoured.
+ */
+export function deprecationOf(a: VmmAction): string | undefined {
+  switch (a.kind) {
+    case 'PutMachineConfig':
+      return a.config.cpu_template !== undefined
+        ? 'PUT /machine-config: cpu_template field is deprecated.'
+        : undefined;
+    case 'PatchMachineConfig':
+      return a.update.cpu_template !== undefined
+        ? 'PATCH /machine-config: cpu_template field is deprecated.'
+        : undefined;
+    case 'PutVsock':
+      return a.config.vsock_id !== undefined
+        ? 'PUT /vsock: vsock_id field is deprecated.'
+        : undefined;
+    case 'LoadSnapshot':
+      return a.params.mem_file_path !== undefined || a.params.enable_diff_snapshots === true
+        ? 'PUT /snapshot/load: mem_file_path and enable_diff_snapshots fields are deprecated.'
+        : undefined;
+    default:
+      return undefined;
+  }
+}
+
 export class VmmController {
   private config: VmConfig = emptyVmConfig();
   private built: BuiltVm | undefined;
@@ -91,7 +122,7 @@ export class VmmController {
     return this.built;
   }
 
-  /** The configuration in Firecracker's shape (GET /vm/config, --config-file). */
+  /** The configuration as held (what InstanceStart builds from and a snapshot records). */
   fullConfig(): VmConfig {
     return structuredClone(this.config);
   }
@@ -122,9 +153,10 @@ export class VmmController {
       case 'GetVersion':
         return { status: 200, body: { firecracker_version: this.opts.version } };
       case 'GetMachineConfig':
-        return { status: 200, body: { ...this.config['machine-config'] } };
+        return { status: 200, body: wireMachineConfig(this.config['machine-config']) };
       case 'GetFullVmConfig':
-        return { status: 200, body: this.fullConfig() };
+        // Exactly Firecracker's shape (resources.ts wireVmConfig): clients compare it.
+        return { status: 200, body: wireVmConfig(this.config) };
       case 'NotSupported':
         return notSupported(`${a.feature} is not implemented in Typervisor yet`);
       case 'PutMachineConfig':
@@ -151,7 +183,11 @@ export class VmmController {
       case 'PutDrive':
         if (!pre)
           return notSupported('hot-plugging block devices is not implemented in Typervisor yet');
-        this.config.drives = withDrive(this.config.drives, validateDrive(a.config));
+        // is_read_only defaults to false, as in Firecracker (and is echoed so).
+        this.config.drives = withDrive(
+          this.config.drives,
+          validateDrive({ ...a.config, is_read_only: a.config.is_read_only ?? false }),
+        );
         this.bootPath = true;
         return NO_CONTENT;
       case 'PutNetworkInterface':
@@ -159,12 +195,19 @@ export class VmmController {
           return notSupported(
             'hot-plugging network interfaces is not implemented in Typervisor yet',
           );
-        this.config['network-interfaces'] = withNetworkInterface(
-          this.config['network-interfaces'],
-          a.config,
-        );
-        this.bootPath = true;
-        return NO_CONTENT;
+        {
+          const nets = this.config['network-interfaces'];
+          try {
+            this.config['network-interfaces'] = withNetworkInterface(nets, a.config);
+            this.bootPath = true;
+          } catch (e) {
+            // As Firecracker: the old interface with this id is removed before the new one is
+            // made, so a failed replacement leaves none (unless its MAC was the problem).
+            this.config['network-interfaces'] = afterFailedInterfacePut(nets, a.config);
+            throw e;
+          }
+          return NO_CONTENT;
+        }
       case 'PatchDrive': {
         if (pre) return bad(POST_BOOT_ONLY);
         const d = this.config.drives.find((x) => x.drive_id === a.update.drive_id);
@@ -299,13 +342,6 @@ export class VmmController {
     if (p.huge_pages === '2M')
       return bad(
         `${LOAD_PREFIX}huge_pages "2M" needs a Uffd memory backend, and the snapshot was not made with huge pages`,
-      );
-    if (p.mem_file_path !== undefined)
-      log('warn', 'PUT /snapshot/load: `mem_file_path` is deprecated; use `mem_backend`');
-    if (p.enable_diff_snapshots !== undefined)
-      log(
-        'warn',
-        'PUT /snapshot/load: `enable_diff_snapshots` is deprecated; use `track_dirty_pages`',
       );
     const memBackend = p.mem_backend
       ? { type: p.mem_backend.backend_type, path: p.mem_backend.backend_path }

@@ -35,7 +35,7 @@ import {
 import { dirname, join, resolve } from 'node:path';
 import { ConfigError, HostError } from '../util/errors.js';
 import { log } from '../util/log.js';
-import type { ApiOutcome } from './controller.js';
+import { deprecationOf, type ApiOutcome } from './controller.js';
 import type { Counters } from './metrics.js';
 import { route, type VmmAction } from './routes.js';
 
@@ -169,10 +169,11 @@ async function listenUmask(server: Server, target: string): Promise<Stats> {
   return lstatSync(target);
 }
 
-function send(res: ServerResponse, out: ApiOutcome, close = false): void {
+function send(res: ServerResponse, out: ApiOutcome, close = false, deprecated = false): void {
   if (res.headersSent || res.destroyed) return;
   const headers: Record<string, string | number> = { Server: 'Typervisor API' };
   if (close) headers.Connection = 'close';
+  if (deprecated) headers.Deprecation = 'true';
   if (out.status === 204) {
     res.writeHead(204, headers).end();
     return;
@@ -275,7 +276,13 @@ export async function startApiServer(opts: ApiServerOptions): Promise<ApiServer>
       if (group && name) counters.inc(group, `${name}_fails`);
       log('debug', `API ${method} ${url}: ${out.status} ${'fault' in out ? out.fault : ''}`);
     }
-    send(res, out);
+    // Firecracker's deprecation warning: logged, and a `Deprecation: true` header on the answer.
+    const deprecation = routed.action ? deprecationOf(routed.action) : undefined;
+    if (deprecation) {
+      log('warn', deprecation);
+      counters.inc('deprecated_api', 'deprecated_http_api_calls');
+    }
+    send(res, out, false, deprecation !== undefined);
   };
 
   const server: Server = createServer(

@@ -11,6 +11,7 @@ import { test } from 'node:test';
 import { fileURLToPath } from 'node:url';
 import { ConfigError } from '../util/errors.js';
 import type { BuiltVm, CreateParams, LoadParams, VmConfig } from '../vmm/index.js';
+import { emptyVmConfig } from '../vmm/index.js';
 import {
   LOAD_AFTER_BOOT_RESOURCES,
   POST_BOOT_ONLY,
@@ -117,7 +118,10 @@ function harness() {
   const calls = { create: [] as CreateParams[], load: [] as LoadParams[] };
   let loadFails: string | undefined;
   let createFails: string | undefined;
-  const saved = { 'machine-config': { vcpu_count: 1, mem_size_mib: 32 } } as unknown as VmConfig;
+  const saved: VmConfig = {
+    ...emptyVmConfig(),
+    'machine-config': { vcpu_count: 1, mem_size_mib: 32 },
+  };
   const c = new VmmController({
     instanceId: 'test',
     version: '0',
@@ -221,10 +225,12 @@ test('load: only in a fresh process; logger and metrics do not count', async () 
     );
     assert.equal((await h.run(loadAction({ resume_vm: true }))).status, 204);
     assert.equal(await h.state(), 'Running');
-    // The saved configuration, with this process's metrics kept.
+    // The saved configuration, with this process's metrics kept (GET /vm/config reports metrics
+    // as null, as Firecracker does).
     const cfg = (await h.run({ kind: 'GetFullVmConfig' })) as { body: VmConfig };
     assert.equal(cfg.body['machine-config'].mem_size_mib, 32);
-    assert.equal(cfg.body.metrics?.metrics_path, metricsPath);
+    assert.equal(cfg.body.metrics, null);
+    assert.equal(h.c.fullConfig().metrics?.metrics_path, metricsPath);
     assert.equal(fault(await h.run(loadAction())), PRE_BOOT_ONLY);
     assert.equal(
       fault(await h.run({ kind: 'PutMachineConfig', config: { vcpu_count: 1, mem_size_mib: 32 } })),

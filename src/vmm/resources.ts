@@ -215,15 +215,18 @@ export function withDrive(drives: readonly DriveConfig[], d: DriveConfig): Drive
   if (d.is_root_device && others.some((x) => x.is_root_device))
     throw new ConfigError('A root block device already exists!');
   const i = drives.findIndex((x) => x.drive_id === d.drive_id);
-  let out = [...drives];
-  if (i >= 0) out[i] = d;
-  else {
+  const out = [...drives];
+  // Firecracker's BlockBuilder: an update stays in its slot (a new root swaps with slot 0); a
+  // new root goes first, any other new drive last.
+  if (i >= 0) {
+    out[i] = d;
+    if (d.is_root_device && i !== 0) [out[0], out[i]] = [out[i]!, out[0]!];
+  } else {
     if (drives.length >= MAX_VIRTIO_DEVICES)
       throw new ConfigError(`at most ${MAX_VIRTIO_DEVICES} virtio devices fit`);
-    out.push(d);
+    if (d.is_root_device) out.unshift(d);
+    else out.push(d);
   }
-  // Firecracker keeps the root device first; the others stay in insertion order.
-  if (d.is_root_device) out = [d, ...out.filter((x) => x !== d)];
   return out;
 }
 
@@ -245,37 +248,66 @@ export function validateNetworkInterface(n: NetworkInterfaceConfig): NetworkInte
       `${what}: guest_mac must look like 06:00:AC:10:00:02 (got "${n.guest_mac.slice(0, 32)}")`,
     );
   }
-  if (n.guest_mac !== undefined && (parseInt(n.guest_mac.slice(0, 2), 16) & 1) === 1) {
-    throw new ConfigError(`${what}: guest_mac ${n.guest_mac} is a multicast address`);
-  }
-  return n;
+  // Any six hex bytes, as Firecracker's MacAddr takes them (a multicast bit included: the guest
+  // driver decides what to make of it). Stored as Firecracker echoes it: lower case.
+  return n.guest_mac !== undefined ? { ...n, guest_mac: n.guest_mac.toLowerCase() } : n;
 }
 
-/** Inserts or replaces interface `n` in a copy of `nets`; MACs and TAP names stay unique. */
+/** Another interface (not `n`'s id) with `n`'s MAC: the one error Firecracker checks first. */
+function macConflict(nets: readonly NetworkInterfaceConfig[], n: NetworkInterfaceConfig): boolean {
+  const mac = n.guest_mac?.toLowerCase();
+  return (
+    mac !== undefined &&
+    nets.some((x) => x.iface_id !== n.iface_id && x.guest_mac?.toLowerCase() === mac)
+  );
+}
+
+/** Firecracker's NetBuilder: an update removes the old entry (swap_remove), the new one goes last. */
+function withoutInterface(
+  nets: readonly NetworkInterfaceConfig[],
+  id: string,
+): NetworkInterfaceConfig[] {
+  const out = [...nets];
+  const i = out.findIndex((x) => x.iface_id === id);
+  if (i >= 0) {
+    const last = out.pop()!;
+    if (i < out.length) out[i] = last;
+  }
+  return out;
+}
+
+/**
+ * Inserts or replaces interface `n` in a copy of `nets`, in Firecracker's order (a replaced
+ * interface moves to the end, the last one taking its place); MACs and TAP names stay unique.
+ */
 export function withNetworkInterface(
   nets: readonly NetworkInterfaceConfig[],
   n: NetworkInterfaceConfig,
 ): NetworkInterfaceConfig[] {
-  validateNetworkInterface(n);
-  const others = nets.filter((x) => x.iface_id !== n.iface_id);
-  const mac = n.guest_mac?.toLowerCase();
-  if (mac !== undefined && others.some((x) => x.guest_mac?.toLowerCase() === mac)) {
-    throw new ConfigError(`The MAC address is already in use: ${n.guest_mac}`);
-  }
+  if (macConflict(nets, n))
+    throw new ConfigError(`The MAC address is already in use: ${n.guest_mac?.slice(0, 32)}`);
+  const others = withoutInterface(nets, n.iface_id);
+  const checked = validateNetworkInterface(n);
   if (others.some((x) => x.host_dev_name === n.host_dev_name)) {
     throw new ConfigError(
       `Could not create the network device: TAP ${n.host_dev_name} is already used by another interface`,
     );
   }
-  const i = nets.findIndex((x) => x.iface_id === n.iface_id);
-  const out = [...nets];
-  if (i >= 0) out[i] = n;
-  else {
-    if (nets.length >= MAX_VIRTIO_DEVICES)
-      throw new ConfigError(`at most ${MAX_VIRTIO_DEVICES} virtio devices fit`);
-    out.push(n);
-  }
-  return out;
+  if (others.length >= MAX_VIRTIO_DEVICES)
+    throw new ConfigError(`at most ${MAX_VIRTIO_DEVICES} virtio devices fit`);
+  return [...others, checked];
+}
+
+/**
+ * What a failed PUT /network-interfaces/{id} leaves, as in Firecracker: the old interface with
+ * that id is gone (it is removed before the new one is made), unless the request failed on a
+ * MAC address another interface uses (checked before the removal).
+ */
+export function afterFailedInterfacePut(
+  nets: readonly NetworkInterfaceConfig[],
+  n: NetworkInterfaceConfig,
+): NetworkInterfaceConfig[] {
+  return macConflict(nets, n) ? [...nets] : withoutInterface(nets, n.iface_id);
 }
 
 export function validateVsock(v: VsockConfig): VsockConfig {
@@ -731,5 +763,89 @@ export function validateRestoreConfig(cfg: unknown, overrides: RestoreOverrides 
       logger: null,
       metrics: null,
     },
+  };
+}
+
+/** JSON as it goes on the wire (GET /vm/config, GET /machine-config). */
+type Wire = { [k: string]: unknown };
+
+/** A token bucket as Firecracker echoes it: a bucket that limits nothing (0) is null. */
+function wireBucket(b: TokenBucket | undefined): Wire | null {
+  if (b === undefined || b.size === 0 || b.refill_time === 0) return null;
+  return {
+    size: b.size,
+    one_time_burst: b.one_time_burst ? b.one_time_burst : null,
+    refill_time: b.refill_time,
+  };
+}
+
+/** A rate limiter as Firecracker echoes it: null when neither bucket limits anything. */
+function wireRateLimiter(r: RateLimiter | undefined): Wire | null {
+  const bandwidth = wireBucket(r?.bandwidth);
+  const ops = wireBucket(r?.ops);
+  return bandwidth === null && ops === null ? null : { bandwidth, ops };
+}
+
+/** GET /machine-config: cpu_template only when a static template other than "None" is set. */
+export function wireMachineConfig(m: MachineConfig): Wire {
+  return {
+    vcpu_count: m.vcpu_count,
+    mem_size_mib: m.mem_size_mib,
+    smt: m.smt === true,
+    ...(m.cpu_template !== undefined && m.cpu_template !== 'None'
+      ? { cpu_template: m.cpu_template }
+      : {}),
+    track_dirty_pages: m.track_dirty_pages === true,
+    huge_pages: m.huge_pages ?? 'None',
+  };
+}
+
+/**
+ * GET /vm/config: the configuration exactly as Firecracker serialises its VmmConfig. Every key
+ * it always writes is present (optional values as null, pmem as []); sections of features we do
+ * not have are null or []; logger and metrics are null (Firecracker never echoes them); a
+ * fresh VM's boot-source is Firecracker's default one (empty kernel path). Drives echo their
+ * defaults (cache_type "Unsafe", io_engine "Sync"); vsock_id is dropped (deprecated: Firecracker
+ * drops it too); interface MACs are lower case. Our own `allow_block_device` appears only when
+ * true, so a configuration that does not use it reads back exactly as Firecracker's would.
+ */
+export function wireVmConfig(c: VmConfig): Wire {
+  const boot = c['boot-source'];
+  return {
+    balloon: null,
+    drives: c.drives.map((d) => ({
+      drive_id: d.drive_id,
+      partuuid: d.partuuid ?? null,
+      is_root_device: d.is_root_device,
+      cache_type: d.cache_type ?? 'Unsafe',
+      is_read_only: d.is_read_only ?? null,
+      path_on_host: d.path_on_host ?? null,
+      rate_limiter: wireRateLimiter(d.rate_limiter),
+      io_engine: d.io_engine ?? 'Sync',
+      socket: d.socket ?? null,
+      ...(d.allow_block_device === true ? { allow_block_device: true } : {}),
+    })),
+    'boot-source': {
+      kernel_image_path: boot?.kernel_image_path ?? '',
+      initrd_path: boot?.initrd_path ?? null,
+      boot_args: boot?.boot_args ?? null,
+    },
+    'cpu-config': null,
+    logger: null,
+    'machine-config': wireMachineConfig(c['machine-config']),
+    metrics: null,
+    'mmds-config': null,
+    'network-interfaces': c['network-interfaces'].map((n) => ({
+      iface_id: n.iface_id,
+      host_dev_name: n.host_dev_name,
+      guest_mac: n.guest_mac?.toLowerCase() ?? null,
+      mtu: n.mtu ?? null,
+      rx_rate_limiter: wireRateLimiter(n.rx_rate_limiter),
+      tx_rate_limiter: wireRateLimiter(n.tx_rate_limiter),
+    })),
+    vsock: c.vsock ? { guest_cid: c.vsock.guest_cid, uds_path: c.vsock.uds_path } : null,
+    entropy: c.entropy ? { rate_limiter: wireRateLimiter(c.entropy.rate_limiter) } : null,
+    pmem: [],
+    'memory-hotplug': null,
   };
 }

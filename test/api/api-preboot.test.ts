@@ -201,7 +201,9 @@ describe('API pre-boot (real socket, child process)', () => {
     const c = await call(sock(), 'GET', '/vm/config');
     assert.equal(c.json['network-interfaces'].length, 1);
     assert.equal(c.json.vsock.guest_cid, 3);
-    assert.deepEqual(c.json.entropy, { rate_limiter: { ops: { size: 10, refill_time: 100 } } });
+    assert.deepEqual(c.json.entropy, {
+      rate_limiter: { bandwidth: null, ops: { size: 10, one_time_burst: null, refill_time: 100 } },
+    });
   });
 
   test('logger and metrics: PUT once, metrics re-init refused, bad level refused', T, async () => {
