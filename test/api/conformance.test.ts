@@ -1,0 +1,355 @@
+/**
+ * API conformance against Firecracker's published API description (issue 15): every operation of
+ * test/api/firecracker-api.json (each path x method), in each VM state it applies to: fresh,
+ * configured, running and paused. One server walks through the states in order (its configuring
+ * PUTs in the fresh state are what make it configured; InstanceStart with the tiny spin guest on
+ * the host KVM makes it running; PATCH /vm makes it paused). Each answer's status must be one the
+ * operation documents, a 2xx body must validate against its schema and an error body against the
+ * Error schema (ajv); each request body we send must validate against the operation's body
+ * schema; and the outcome (2xx or 4xx) must be the one Firecracker gives in that state. Features
+ * we do not have (balloon, MMDS, memory hotplug, pmem, custom CPU templates, serial) may answer
+ * either way, but an error must be documented and valid. Known mismatches are `todo` cases (see
+ * KNOWN), visible in the report without failing CI. Running/paused need KVM, gcc and ld.
+ */
+import { after, before, describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { call, startServer, type ServerProcess } from './client.js';
+import { loadDescription, type Operation } from './fc-description.js';
+import { guestPath, tinyGuests } from '../host/helpers.js';
+
+const fc = loadDescription();
+type State = 'fresh' | 'configured' | 'running' | 'paused';
+type Want = 'ok' | 'err' | 'either';
+interface Req {
+  path: string;
+  body?: unknown;
+  want: Want;
+}
+interface Ctx {
+  dir: string;
+  kernel: string;
+  disk: string;
+}
+const pre = (s: State) => s === 'fresh' || s === 'configured';
+/** The 2xx-before-boot, 4xx-after rule most configuration PUTs follow. */
+const preOnly = (s: State): Want => (pre(s) ? 'ok' : 'err');
+
+/**
+ * One request per operation and state, with a body valid for the description, and the outcome
+ * Firecracker gives. Keyed by "METHOD path" as in the description: an operation without an
+ * entry here fails the coverage test.
+ */
+const REQUESTS: Record<string, (s: State, c: Ctx) => Req> = {
+  'GET /': () => ({ path: '/', want: 'ok' }),
+  'GET /version': () => ({ path: '/version', want: 'ok' }),
+  'GET /machine-config': () => ({ path: '/machine-config', want: 'ok' }),
+  'GET /vm/config': () => ({ path: '/vm/config', want: 'ok' }),
+  'PUT /actions': (s) =>
+    s === 'fresh'
+      ? // Nothing to boot: Firecracker refuses (no boot source).
+        { path: '/actions', body: { action_type: 'InstanceStart' }, want: 'err' }
+      : // Firecracker flushes metrics only after boot (before: "not supported before starting").
+        { path: '/actions', body: { action_type: 'FlushMetrics' }, want: pre(s) ? 'err' : 'ok' },
+  'PUT /boot-source': (s, c) => ({
+    path: '/boot-source',
+    body: { kernel_image_path: c.kernel, boot_args: 'console=ttyS0' },
+    want: preOnly(s),
+  }),
+  'PUT /machine-config': (s) => ({
+    path: '/machine-config',
+    body: { vcpu_count: 1, mem_size_mib: 32 },
+    want: preOnly(s),
+  }),
+  // The description's PATCH body is a whole MachineConfiguration (both required fields).
+  'PATCH /machine-config': (s) => ({
+    path: '/machine-config',
+    body: { vcpu_count: 1, mem_size_mib: 32 },
+    want: preOnly(s),
+  }),
+  'PUT /drives/{drive_id}': (s, c) => ({
+    path: '/drives/data',
+    body: { drive_id: 'data', path_on_host: c.disk, is_root_device: false, is_read_only: true },
+    want: preOnly(s),
+  }),
+  // Firecracker: a drive update before boot is refused; after boot it swaps the backing file.
+  'PATCH /drives/{drive_id}': (s, c) => ({
+    path: '/drives/data',
+    body: { drive_id: 'data', path_on_host: c.disk },
+    want: pre(s) ? 'err' : 'ok',
+  }),
+  // The tap may not exist on this host: Firecracker opens it at PUT time (400 if missing).
+  'PUT /network-interfaces/{iface_id}': (s) => ({
+    path: '/network-interfaces/eth0',
+    body: { iface_id: 'eth0', host_dev_name: 'tvconf0', guest_mac: '06:00:00:00:00:01' },
+    want: pre(s) ? 'either' : 'err',
+  }),
+  'PATCH /network-interfaces/{iface_id}': (s) => ({
+    path: '/network-interfaces/eth0',
+    body: {
+      iface_id: 'eth0',
+      rx_rate_limiter: { bandwidth: { size: 1 << 20, refill_time: 100 } },
+    },
+    want: pre(s) ? 'err' : 'either', // after boot: 204 if eth0 exists (depends on the tap)
+  }),
+  'PUT /vsock': (s, c) => ({
+    path: '/vsock',
+    body: { guest_cid: 3, uds_path: join(c.dir, 'v.sock') },
+    want: preOnly(s),
+  }),
+  'PUT /entropy': (s) => ({ path: '/entropy', body: {}, want: preOnly(s) }),
+  // Firecracker: the logger and metrics can be set once (a second PUT is refused).
+  'PUT /logger': (s, c) => ({
+    path: '/logger',
+    body: { log_path: join(c.dir, 'log.txt'), level: 'Info' },
+    want: s === 'fresh' ? 'ok' : s === 'configured' ? 'either' : 'err',
+  }),
+  'PUT /metrics': (s, c) => ({
+    path: '/metrics',
+    body: { metrics_path: join(c.dir, 'metrics.json') },
+    want: s === 'fresh' ? 'ok' : s === 'configured' ? 'either' : 'err',
+  }),
+  'PATCH /vm': (s) => ({
+    path: '/vm',
+    body: { state: s === 'paused' ? 'Paused' : 'Resumed' }, // the state it is in: stays there
+    want: pre(s) ? 'err' : 'ok',
+  }),
+  'PUT /snapshot/create': (s, c) => ({
+    path: '/snapshot/create',
+    body: { snapshot_path: join(c.dir, 'snap'), mem_file_path: join(c.dir, 'mem') },
+    want: s === 'paused' ? 'ok' : 'err',
+  }),
+  // Only a fresh VM may load, and there is no snapshot at this path.
+  'PUT /snapshot/load': (s, c) => ({
+    path: '/snapshot/load',
+    body: {
+      snapshot_path: join(c.dir, 'no-such-snap'),
+      mem_backend: { backend_type: 'File', backend_path: join(c.dir, 'no-such-mem') },
+    },
+    want: 'err',
+  }),
+  // Features we do not have: an answer either way, an error documented and valid.
+  'PUT /cpu-config': () => ({ path: '/cpu-config', body: {}, want: 'either' }),
+  'GET /balloon': () => ({ path: '/balloon', want: 'either' }),
+  'PUT /balloon': () => ({
+    path: '/balloon',
+    body: { amount_mib: 0, deflate_on_oom: false },
+    want: 'either',
+  }),
+  'PATCH /balloon': () => ({ path: '/balloon', body: { amount_mib: 0 }, want: 'either' }),
+  'GET /balloon/statistics': () => ({ path: '/balloon/statistics', want: 'either' }),
+  'PATCH /balloon/statistics': () => ({
+    path: '/balloon/statistics',
+    body: { stats_polling_interval_s: 1 },
+    want: 'either',
+  }),
+  'PATCH /balloon/hinting/start': () => ({
+    path: '/balloon/hinting/start',
+    body: {},
+    want: 'either',
+  }),
+  'GET /balloon/hinting/status': () => ({ path: '/balloon/hinting/status', want: 'either' }),
+  // The description gives this one no body parameter; Firecracker's parser still wants a body
+  // on every PATCH, so we send {} (checked as "no schema" below).
+  'PATCH /balloon/hinting/stop': () => ({
+    path: '/balloon/hinting/stop',
+    body: {},
+    want: 'either',
+  }),
+  'PUT /pmem/{id}': (_s, c) => ({
+    path: '/pmem/pm0',
+    body: { id: 'pm0', path_on_host: c.disk },
+    want: 'either',
+  }),
+  'PATCH /pmem/{id}': () => ({ path: '/pmem/pm0', body: { id: 'pm0' }, want: 'either' }),
+  'PUT /mmds': () => ({ path: '/mmds', body: { latest: { 'meta-data': {} } }, want: 'either' }),
+  'PATCH /mmds': () => ({ path: '/mmds', body: { latest: {} }, want: 'either' }),
+  'GET /mmds': () => ({ path: '/mmds', want: 'either' }),
+  'PUT /mmds/config': () => ({
+    path: '/mmds/config',
+    body: { network_interfaces: ['eth0'] },
+    want: 'either',
+  }),
+  'PUT /serial': (_s, c) => ({
+    path: '/serial',
+    body: { serial_out_path: join(c.dir, 'serial.out') },
+    want: 'either',
+  }),
+  'PUT /hotplug/memory': () => ({
+    path: '/hotplug/memory',
+    body: { total_size_mib: 1024 },
+    want: 'either',
+  }),
+  'PATCH /hotplug/memory': () => ({
+    path: '/hotplug/memory',
+    body: { requested_size_mib: 0 },
+    want: 'either',
+  }),
+  'GET /hotplug/memory': () => ({ path: '/hotplug/memory', want: 'either' }),
+};
+
+/**
+ * Mismatches found and not fixed here ("state METHOD path" -> what differs): reported as todo.
+ * Remove an entry once fixed (a todo that passes is reported as such by node:test).
+ */
+const MMDS_404 =
+  'GET /mmds answers 400 (MMDS not supported); the description documents only 200 and 404 ' +
+  '(Firecracker answers 200 with the data store, {} when empty)';
+const KNOWN: Record<string, string> = {
+  'fresh GET /mmds': MMDS_404,
+  'configured GET /mmds': MMDS_404,
+  'running GET /mmds': MMDS_404,
+  'paused GET /mmds': MMDS_404,
+  'fresh GET /vm/config':
+    'on a fresh VM, "boot-source", "vsock", "entropy", "logger" and "metrics" are null where ' +
+    'the description says object (omit them, or give the object)',
+  'running PATCH /drives/{drive_id}':
+    'updating a drive after boot (new path_on_host) answers 400 "not implemented"; Firecracker 204',
+  'paused PATCH /drives/{drive_id}':
+    'updating a drive after boot (new path_on_host) answers 400 "not implemented"; Firecracker 204',
+};
+
+const key = (op: Operation) => `${op.method} ${op.path}`;
+
+/** Runs one operation in one state and returns every problem found ([] = conforms). */
+async function exercise(sock: string, op: Operation, s: State, c: Ctx): Promise<string[]> {
+  const make = REQUESTS[key(op)];
+  if (!make) return [`no request defined for ${key(op)}`];
+  const req = make(s, c);
+  const problems: string[] = [];
+  if (op.bodySchema || req.body === undefined) problems.push(...fc.checkRequest(op, req.body));
+  const r = await call(sock, op.method, req.path, req.body);
+  problems.push(...fc.checkResponse(op, r.status, r.body));
+  const ok = r.status >= 200 && r.status < 300;
+  if (req.want === 'ok' && !ok) problems.push(`want 2xx, got ${r.status} ${r.body}`);
+  if (req.want === 'err' && ok) problems.push(`want 4xx, got ${r.status} ${r.body}`);
+  return problems;
+}
+
+/** GETs first (they see the state as it was entered), then the rest in description order. */
+function ordered(s: State): Operation[] {
+  const rank = (op: Operation) => {
+    if (op.method === 'GET') return 0;
+    if (s !== 'fresh') return 1;
+    // In the fresh state, the requests expected to fail go before the configuring ones.
+    const want = REQUESTS[key(op)]?.('fresh', { dir: '', kernel: '', disk: '' }).want;
+    return want === 'ok' ? 2 : 1;
+  };
+  return [...fc.operations].sort((a, b) => rank(a) - rank(b));
+}
+
+function caseOptions(s: State, op: Operation) {
+  const todo = KNOWN[`${s} ${key(op)}`];
+  return todo ? { todo } : {};
+}
+
+test('the vendored description is the one this test knows: every operation has a request', () => {
+  assert.match(fc.version, /^1\.\d+/);
+  assert.ok(fc.operations.length >= 38, `${fc.operations.length} operations`);
+  const missing = fc.operations.map(key).filter((k) => !REQUESTS[k]);
+  assert.deepEqual(missing, []);
+  const extra = Object.keys(REQUESTS).filter((k) => !fc.operations.some((op) => key(op) === k));
+  assert.deepEqual(extra, []);
+});
+
+test('the validator refuses what does not conform (so a pass means something)', () => {
+  const get = fc.operations.find((o) => key(o) === 'GET /')!;
+  const info = JSON.stringify({ app_name: 'x', id: 'i', state: 'Running', vmm_version: '1' });
+  assert.deepEqual(fc.checkResponse(get, 200, info), []);
+  assert.match(fc.checkResponse(get, 200, '{"id":"i"}').join(), /required property 'app_name'/);
+  assert.match(
+    fc.checkResponse(get, 200, info.replace('Running', 'Booting')).join(),
+    /allowed values/,
+  );
+  assert.match(fc.checkResponse(get, 201, '{}').join(), /status 201 is not documented/);
+  const put = fc.operations.find((o) => key(o) === 'PUT /boot-source')!;
+  assert.match(
+    fc.checkResponse(put, 404, '{"fault_message":"no"}').join(),
+    /404 is not documented/,
+  );
+  assert.deepEqual(fc.checkResponse(put, 400, '{"fault_message":"no"}'), []);
+  assert.match(fc.checkResponse(put, 400, '{"fault_message":3}').join(), /must be string/);
+  assert.match(fc.checkResponse(put, 400, '').join(), /not JSON/);
+  assert.match(fc.checkResponse(put, 204, 'x').join(), /204 with a body/);
+  assert.match(fc.checkRequest(put, { boot_args: 'x' }).join(), /kernel_image_path/);
+  // An operation that lists only "default" for errors: any 4xx is documented.
+  const entropy = fc.operations.find((o) => key(o) === 'PUT /entropy')!;
+  assert.deepEqual(fc.checkResponse(entropy, 400, '{"fault_message":"no"}'), []);
+  // GET /mmds lists 404: a 400 is not one of its documented statuses.
+  const mmds = fc.operations.find((o) => key(o) === 'GET /mmds')!;
+  assert.match(fc.checkResponse(mmds, 400, '{"fault_message":"no"}').join(), /not documented/);
+});
+
+const guests = tinyGuests();
+const T = { timeout: 30_000 };
+
+describe('conformance to the API description, state by state', () => {
+  let srv: ServerProcess;
+  let ctx: Ctx;
+  before(async () => {
+    srv = await startServer(['--id', 'conformance']);
+    const disk = join(srv.dir, 'disk.img');
+    writeFileSync(disk, Buffer.alloc(1 << 20));
+    let kernel = join(srv.dir, 'not-a-kernel'); // never booted when there is no KVM
+    if (guests.dir) kernel = guestPath('spin');
+    else writeFileSync(kernel, 'no KVM here: this VM is configured but never started');
+    ctx = { dir: srv.dir, kernel, disk };
+  });
+  after(async () => {
+    await srv?.kill();
+  });
+
+  const states: Array<{ s: State; enter?: () => Promise<void>; skip?: string }> = [
+    { s: 'fresh' },
+    {
+      s: 'configured',
+      enter: async () => {
+        // The fresh state's configuring PUTs already ran; make sure the essentials are set.
+        const cfg = (await call(srv.sock, 'GET', '/vm/config')).json;
+        assert.equal(cfg?.['machine-config']?.mem_size_mib, 32, JSON.stringify(cfg));
+        assert.equal(cfg?.['boot-source']?.kernel_image_path, ctx.kernel, JSON.stringify(cfg));
+        assert.equal(cfg?.drives?.length, 1, JSON.stringify(cfg));
+      },
+    },
+    {
+      s: 'running',
+      skip: guests.skip,
+      enter: async () => {
+        const op = fc.operations.find((o) => key(o) === 'PUT /actions')!;
+        const r = await call(srv.sock, 'PUT', '/actions', { action_type: 'InstanceStart' });
+        assert.deepEqual(fc.checkResponse(op, r.status, r.body), []);
+        assert.equal(r.status, 204, r.body);
+        assert.equal((await call(srv.sock, 'GET', '/')).json.state, 'Running');
+      },
+    },
+    {
+      s: 'paused',
+      skip: guests.skip,
+      enter: async () => {
+        const op = fc.operations.find((o) => key(o) === 'PATCH /vm')!;
+        const r = await call(srv.sock, 'PATCH', '/vm', { state: 'Paused' });
+        assert.deepEqual(fc.checkResponse(op, r.status, r.body), []);
+        assert.equal(r.status, 204, r.body);
+        assert.equal((await call(srv.sock, 'GET', '/')).json.state, 'Paused');
+      },
+    },
+  ];
+
+  for (const { s, enter, skip } of states) {
+    describe(s, { skip: skip ?? false }, () => {
+      if (enter) test(`enter the ${s} state`, T, enter);
+      for (const op of ordered(s)) {
+        test(`${s}: ${key(op)}`, { ...T, ...caseOptions(s, op) }, async () => {
+          const problems = await exercise(srv.sock, op, s, ctx);
+          assert.deepEqual(problems, []);
+        });
+      }
+      test(`${s}: GET / reports the state`, T, async () => {
+        const r = await call(srv.sock, 'GET', '/');
+        const want = { fresh: 'Not started', configured: 'Not started' }[s as string] ?? s;
+        assert.equal(r.json.state.toLowerCase(), want.toLowerCase());
+      });
+    });
+  }
+});
