@@ -5,6 +5,7 @@ is updated:
 
     python3 scripts/firecracker-api-to-json.py ../shared/reference/firecracker-api.yaml \
         test/api/firecracker-api.json
+    npx prettier --write test/api/firecracker-api.json   # the repo's formatting (npm run lint)
 
 Needs PyYAML (Debian: python3-yaml). The tests never run this script: they read the vendored
 JSON, so CI needs neither the YAML nor a YAML parser. The output keeps the description as it
