@@ -227,7 +227,7 @@ async function exercise(
   const problems: string[] = [];
   if (op.bodySchema || req.body === undefined) problems.push(...fc.checkRequest(op, req.body));
   const r = await call(sock, op.method, req.path, req.body);
-  problems.push(...fc.checkResponse(op, r.status, r.body));
+  problems.push(...fc.checkResponse(op, r.status, r.body, r.headers['content-type'] ?? ''));
   const ok = r.status >= 200 && r.status < 300;
   if (req.want === 'ok' && !ok) problems.push(`want 2xx, got ${r.status} ${r.body}`);
   if (req.want === 'err' && ok) problems.push(`want 4xx, got ${r.status} ${r.body}`);
@@ -279,6 +279,14 @@ test('the validator refuses what does not conform (so a pass means something)', 
   assert.match(fc.checkResponse(put, 400, '{"fault_message":3}').join(), /must be string/);
   assert.match(fc.checkResponse(put, 400, '').join(), /not JSON/);
   assert.match(fc.checkResponse(put, 204, 'x').join(), /204 with a body/);
+  assert.match(
+    fc.checkResponse(put, 400, '{"fault_message":"no"}', 'text/plain').join(),
+    /Content-Type text\/plain/,
+  );
+  assert.deepEqual(
+    fc.checkResponse(put, 400, '{"fault_message":"no"}', 'application/json; charset=utf-8'),
+    [],
+  );
   assert.match(fc.checkRequest(put, { boot_args: 'x' }).join(), /kernel_image_path/);
   // An operation that lists only "default" for errors: any 4xx is documented.
   const entropy = fc.operations.find((o) => key(o) === 'PUT /entropy')!;
@@ -328,7 +336,10 @@ describe('conformance to the API description, state by state', () => {
       enter: async () => {
         const op = fc.operations.find((o) => key(o) === 'PUT /actions')!;
         const r = await call(srv.sock, 'PUT', '/actions', { action_type: 'InstanceStart' });
-        assert.deepEqual(fc.checkResponse(op, r.status, r.body), []);
+        assert.deepEqual(
+          fc.checkResponse(op, r.status, r.body, r.headers['content-type'] ?? ''),
+          [],
+        );
         assert.equal(r.status, 204, r.body);
         assert.equal((await call(srv.sock, 'GET', '/')).json.state, 'Running');
       },
@@ -339,7 +350,10 @@ describe('conformance to the API description, state by state', () => {
       enter: async () => {
         const op = fc.operations.find((o) => key(o) === 'PATCH /vm')!;
         const r = await call(srv.sock, 'PATCH', '/vm', { state: 'Paused' });
-        assert.deepEqual(fc.checkResponse(op, r.status, r.body), []);
+        assert.deepEqual(
+          fc.checkResponse(op, r.status, r.body, r.headers['content-type'] ?? ''),
+          [],
+        );
         assert.equal(r.status, 204, r.body);
         assert.equal((await call(srv.sock, 'GET', '/')).json.state, 'Paused');
       },
@@ -384,7 +398,7 @@ describe(
       assert.deepEqual(fc.checkRequest(op, body), []);
       const r = await call(srv!.sock, op.method, path, body);
       t.diagnostic(`${k} -> ${r.status} ${r.body.slice(0, 160)}`);
-      assert.deepEqual(fc.checkResponse(op, r.status, r.body), []);
+      assert.deepEqual(fc.checkResponse(op, r.status, r.body, r.headers['content-type'] ?? ''), []);
       return r;
     };
 
@@ -443,7 +457,7 @@ describe('bad requests answer a documented 4xx with an Error body and change not
         if (key(op) === 'PUT /mmds' || key(op) === 'PATCH /mmds')
           if (body.startsWith('{"')) continue;
         const r = await call(srv.sock, op.method, path, body);
-        const p = fc.checkResponse(op, r.status, r.body);
+        const p = fc.checkResponse(op, r.status, r.body, r.headers['content-type'] ?? '');
         if (r.status < 400) p.push(`answered ${r.status}`);
         for (const x of p) problems.push(`${key(op)} ${body}: ${x}`);
       }

@@ -29,8 +29,11 @@ export interface Operation {
 export interface Description {
   version: string;
   operations: Operation[];
-  /** Problems with a response, [] when it conforms. */
-  checkResponse(op: Operation, status: number, body: string): string[];
+  /**
+   * Problems with a response, [] when it conforms. With `contentType` (the header as received),
+   * a response with a body must say the media type the description produces.
+   */
+  checkResponse(op: Operation, status: number, body: string, contentType?: string): string[];
   /** Problems with a request body we send, [] when it conforms. */
   checkRequest(op: Operation, body: unknown): string[];
   /** A validator for one definition (e.g. "Error"). */
@@ -64,6 +67,7 @@ export function loadDescription(file = DESCRIPTION_FILE): Description {
   const errorsOf = (v: ValidateFunction): string =>
     (v.errors ?? []).map((e) => `${e.instancePath || '(body)'} ${e.message}`).join('; ');
 
+  const produces: string[] = doc.produces ?? ['application/json'];
   const operations: Operation[] = [];
   for (const [path, item] of Object.entries<Json>(doc.paths)) {
     for (const [m, op] of Object.entries<Json>(item)) {
@@ -93,8 +97,13 @@ export function loadDescription(file = DESCRIPTION_FILE): Description {
       const v = compile(op.bodySchema);
       return v(body) ? [] : [`request body: ${errorsOf(v)}`];
     },
-    checkResponse(op, status, body) {
+    checkResponse(op, status, body, contentType) {
       const problems: string[] = [];
+      if (contentType !== undefined && status !== 204) {
+        const media = contentType.split(';')[0]!.trim().toLowerCase();
+        if (!produces.includes(media))
+          problems.push(`Content-Type ${contentType}, the description produces ${produces.join()}`);
+      }
       const codes = Object.keys(op.responses).filter((c) => c !== 'default');
       const errorCodes = codes.filter((c) => Number(c) >= 400);
       let doc = op.responses[String(status)];
