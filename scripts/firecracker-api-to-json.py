@@ -13,9 +13,26 @@ is (paths, definitions, responses) and adds an "x-vendored" header naming the so
 version. Keys are written in the description's order; integer response codes become strings.
 """
 import json
+import re
 import sys
 
 import yaml
+
+
+class Yaml12Loader(yaml.SafeLoader):
+    """PyYAML reads YAML 1.1, where Off/On/Yes/No are booleans; the description means strings
+    (Logger's level enum has "Off"). Only true/false are booleans here, as in YAML 1.2."""
+
+
+Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.copy().items()
+}
+Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool",
+    re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+    list("tTfF"),
+)
 
 
 def stringify_keys(node):
@@ -31,7 +48,7 @@ def main(argv):
         sys.stderr.write(f"usage: {argv[0]} firecracker-api.yaml out.json\n")
         return 2
     with open(argv[1], encoding="utf-8") as f:
-        doc = stringify_keys(yaml.safe_load(f))
+        doc = stringify_keys(yaml.load(f, Loader=Yaml12Loader))
     if doc.get("swagger") != "2.0" or "paths" not in doc or "definitions" not in doc:
         sys.stderr.write(f"{argv[1]}: not a Swagger 2.0 description with paths and definitions\n")
         return 1

@@ -288,6 +288,9 @@ test('the validator refuses what does not conform (so a pass means something)', 
     [],
   );
   assert.match(fc.checkRequest(put, { boot_args: 'x' }).join(), /kernel_image_path/);
+  // YAML 1.1 would read the level "Off" as false (the converter reads YAML 1.2 booleans only).
+  const logger = fc.operations.find((o) => key(o) === 'PUT /logger')!;
+  assert.deepEqual(fc.checkRequest(logger, { level: 'Off' }), []);
   // An operation that lists only "default" for errors: any 4xx is documented.
   const entropy = fc.operations.find((o) => key(o) === 'PUT /entropy')!;
   assert.deepEqual(fc.checkResponse(entropy, 400, '{"fault_message":"no"}'), []);
