@@ -213,13 +213,16 @@ const KNOWN: Record<string, string> = {
   'paused GET /mmds': MMDS_404,
   'fresh GET /vm/config':
     'on a fresh VM, "boot-source", "vsock", "entropy", "logger" and "metrics" are null where ' +
-    'the description says object (omit them, or give the object)',
+    'the description says object. Firecracker itself answers null for unset optional sections ' +
+    '(and initrd_path/boot_args null), but "boot-source" is an object there ' +
+    '({"kernel_image_path":"",...})',
   'running PATCH /network-interfaces/{iface_id}':
     'updating an interface\'s rate limiters after boot answers 400 "not implemented"; Firecracker 204',
   'paused PATCH /network-interfaces/{iface_id}':
     'updating an interface\'s rate limiters after boot answers 400 "not implemented"; Firecracker 204',
   'loaded GET /vm/config':
-    'after a snapshot load, "logger" and "metrics" are null where the description says object',
+    'after a snapshot load, "logger" and "metrics" are null where the description says object ' +
+    '(as Firecracker answers for unset sections)',
   'full PUT /machine-config':
     'smt: true is refused ("not supported yet"); Firecracker accepts it on x86 (even vCPU count)',
   'full PUT /network-interfaces/{iface_id}':
