@@ -26,6 +26,8 @@ import { loadDescription, type Operation } from './fc-description.js';
 import { guestPath, tinyGuests } from '../host/helpers.js';
 
 const fc = loadDescription();
+/** The same description with no undocumented fields allowed in answers. */
+const fcClosed = loadDescription(undefined, true);
 type State = 'fresh' | 'configured' | 'running' | 'paused';
 type Want = 'ok' | 'err' | 'either';
 interface Req {
@@ -314,6 +316,12 @@ test('the validator refuses what does not conform (so a pass means something)', 
     [],
   );
   assert.match(fc.checkRequest(put, { boot_args: 'x' }).join(), /kernel_image_path/);
+  // The closed variant refuses undocumented fields the open one lets through.
+  const extra = info.replace('{', '{"extra":1,');
+  assert.deepEqual(fc.checkResponse(get, 200, extra), []);
+  const getClosed = fcClosed.operations.find((o) => key(o) === 'GET /')!;
+  assert.match(fcClosed.checkResponse(getClosed, 200, extra).join(), /additional properties/);
+  assert.deepEqual(fcClosed.checkResponse(getClosed, 200, info), []);
   // YAML 1.1 would read the level "Off" as false (the converter reads YAML 1.2 booleans only).
   const logger = fc.operations.find((o) => key(o) === 'PUT /logger')!;
   assert.deepEqual(fc.checkRequest(logger, { level: 'Off' }), []);
@@ -399,6 +407,22 @@ describe('conformance to the API description, state by state', () => {
           assert.deepEqual(problems, []);
         });
       }
+      const strictTodo = KNOWN[`closed ${s}`];
+      test(
+        `${s}: GET answers carry only documented fields`,
+        { ...T, ...(strictTodo ? { todo: strictTodo } : {}) },
+        async (t) => {
+          const problems: string[] = [];
+          for (const op of fcClosed.operations.filter((o) => o.method === 'GET')) {
+            const r = await call(srv.sock, 'GET', REQUESTS[key(op)]!(s, ctx).path);
+            if (r.status !== 200) continue; // errors are checked above
+            for (const p of fcClosed.checkResponse(op, r.status, r.body))
+              problems.push(`${key(op)}: ${p}`);
+          }
+          for (const p of problems) t.diagnostic(p);
+          assert.deepEqual(problems, []);
+        },
+      );
       test(`${s}: GET / reports the state`, T, async () => {
         const r = await call(srv.sock, 'GET', '/');
         const want = { fresh: 'Not started', configured: 'Not started' }[s as string] ?? s;

@@ -45,7 +45,30 @@ function absolute(schema: Json): Json {
   return JSON.parse(JSON.stringify(schema).replaceAll('"#/definitions/', '"fc#/definitions/'));
 }
 
-export function loadDescription(file = DESCRIPTION_FILE): Description {
+/**
+ * The definitions with `additionalProperties: false` on every object schema that lists its
+ * properties and says nothing about others: an answer may then carry only documented fields.
+ */
+function closed(node: Json): Json {
+  if (Array.isArray(node)) return node.map(closed);
+  if (node === null || typeof node !== 'object') return node;
+  const out: Json = {};
+  for (const [k, v] of Object.entries(node))
+    out[k] = k === 'properties' ? closedProps(v) : closed(v);
+  if (node.properties && node.additionalProperties === undefined) out.additionalProperties = false;
+  return out;
+}
+function closedProps(props: Json): Json {
+  const out: Json = {};
+  for (const [name, schema] of Object.entries(props)) out[name] = closed(schema);
+  return out;
+}
+
+/**
+ * `strict`: no undocumented fields in answers (the description itself allows them; Firecracker's
+ * clients that compare configurations for equality do not).
+ */
+export function loadDescription(file = DESCRIPTION_FILE, strict = false): Description {
   const doc = JSON.parse(readFileSync(file, 'utf8')) as Json;
   if (doc.swagger !== '2.0' || typeof doc.paths !== 'object' || typeof doc.definitions !== 'object')
     throw new Error(`${file}: not a Swagger 2.0 description with paths and definitions`);
@@ -53,7 +76,7 @@ export function loadDescription(file = DESCRIPTION_FILE): Description {
   // strict off so the annotations are ignored; formats (int64, int32, an IP pattern named as a
   // format) are Swagger's type hints, not checked.
   const ajv = new Ajv({ strict: false, allErrors: true, validateFormats: false });
-  ajv.addSchema({ $id: 'fc', definitions: doc.definitions });
+  ajv.addSchema({ $id: 'fc', definitions: strict ? closed(doc.definitions) : doc.definitions });
   const cache = new Map<string, ValidateFunction>();
   const compile = (schema: Json): ValidateFunction => {
     const key = JSON.stringify(schema);
