@@ -286,6 +286,19 @@ test('the vendored description is the one this test knows: every operation has a
   assert.deepEqual(missing, []);
   const extra = Object.keys(REQUESTS).filter((k) => !fc.operations.some((op) => key(op) === k));
   assert.deepEqual(extra, []);
+  // Every known mismatch names a case that exists (a typo would hide nothing, but mislead).
+  const cases = new Set(fc.operations.map(key));
+  const stale = Object.keys(KNOWN).filter((k) => {
+    const [where, ...rest] = k.split(' ');
+    const what = rest.join(' ');
+    if (where === 'closed') return !['fresh', 'configured', 'running', 'paused'].includes(what);
+    return (
+      !['fresh', 'configured', 'running', 'paused', 'loaded', 'full', 'deprecated'].includes(
+        where!,
+      ) || !cases.has(what)
+    );
+  });
+  assert.deepEqual(stale, []);
 });
 
 test('the validator refuses what does not conform (so a pass means something)', () => {
