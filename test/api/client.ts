@@ -4,7 +4,7 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, mkdtempSync, rmSync } from 'node:fs';
-import { request } from 'node:http';
+import { request, type IncomingHttpHeaders } from 'node:http';
 import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -17,6 +17,8 @@ export interface Reply {
   status: number;
   body: string;
   json: any; // eslint-disable-line @typescript-eslint/no-explicit-any
+  /** The response headers (lower-case names). */
+  headers: IncomingHttpHeaders;
 }
 
 export interface ServerProcess {
@@ -115,7 +117,7 @@ export function call(
           } catch {
             json = undefined;
           }
-          resolve({ status: res.statusCode ?? 0, body: text, json });
+          resolve({ status: res.statusCode ?? 0, body: text, json, headers: res.headers });
         });
       },
     );
