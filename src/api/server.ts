@@ -22,7 +22,8 @@ import {
 } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { ConfigError, HostError } from '../util/errors.js';
-import { log } from '../util/log.js';
+import { getLogLevel, log } from '../util/log.js';
+import { outcomeLine, requestLine } from './logger.js';
 import type { ApiOutcome } from './controller.js';
 import type { Counters } from './metrics.js';
 import { route, type VmmAction } from './routes.js';
@@ -216,6 +217,7 @@ export async function startApiServer(opts: ApiServerOptions): Promise<ApiServer>
     res: ServerResponse,
   ) => {
     if (res.destroyed) return;
+    log('info', requestLine(method, url, body, getLogLevel() === 'debug'), { thread: 'fc_api' });
     const routed = route(method, url, body);
     const [group, name] = routed.metric ?? [];
     if (group && name) counters.inc(group, `${name}_count`);
@@ -230,8 +232,12 @@ export async function startApiServer(opts: ApiServerOptions): Promise<ApiServer>
     if (out.status >= 400) {
       counters.inc('api_server', out.status >= 500 ? 'internal_errors' : 'bad_requests');
       if (group && name) counters.inc(group, `${name}_fails`);
-      log('debug', `API ${method} ${url}: ${out.status} ${'fault' in out ? out.fault : ''}`);
     }
+    log(
+      out.status >= 400 ? 'error' : 'info',
+      outcomeLine(out.status, 'fault' in out ? out.fault : undefined),
+      { thread: 'fc_api' },
+    );
     send(res, out);
   };
 
