@@ -268,7 +268,7 @@ async function runWithLogger(
     }
     if (args.metricsPath !== undefined) metrics.init({ metrics_path: args.metricsPath });
   } catch (e) {
-    process.stderr.write(`typervisor: ${(e as Error).message}\n`);
+    log('error', (e as Error).message);
     return e instanceof TypervisorError ? FC_EXIT_BAD_CONFIGURATION : FC_EXIT_GENERIC;
   }
   // Before any VM exists (docs/security.md): the process filter, and the workers' to come.
@@ -276,15 +276,13 @@ async function runWithLogger(
   try {
     seccomp = seccompSettingsFromFlags(args.noSeccomp, args.seccompFilter);
   } catch (e) {
-    process.stderr.write(`typervisor: ${(e as Error).message}\n`);
+    log('error', (e as Error).message);
     return FC_EXIT_ARG_PARSING;
   }
   try {
     log('info', applySeccomp(seccomp));
   } catch (e) {
-    process.stderr.write(
-      `typervisor: cannot install the seccomp filters: ${(e as Error).message}\n`,
-    );
+    log('error', `cannot install the seccomp filters: ${(e as Error).message}`);
     return FC_EXIT_GENERIC;
   }
 
@@ -328,7 +326,7 @@ async function runWithLogger(
     if (args.configFile !== undefined) {
       const fault = await controller.applyConfigFile(args.configFile, { noApi: args.noApi });
       if (fault) {
-        process.stderr.write(`typervisor: bad configuration file ${args.configFile}: ${fault}\n`);
+        log('error', `bad configuration file ${args.configFile}: ${fault}`);
         return FC_EXIT_BAD_CONFIGURATION;
       }
     }
@@ -347,7 +345,7 @@ async function runWithLogger(
     for (const line of reportStartupTime(args, metrics)) log('info', line);
     return await finished;
   } catch (e) {
-    process.stderr.write(`typervisor: ${(e as Error).message}\n`);
+    log('error', (e as Error).message);
     return e instanceof TypervisorError ? FC_EXIT_BAD_CONFIGURATION : FC_EXIT_GENERIC;
   } finally {
     console_?.stop();
