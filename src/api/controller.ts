@@ -16,7 +16,7 @@ import {
   type CreateParams,
   type LoadParams,
 } from '../vmm/index.js';
-import { checkHostCanRun } from '../vmm/index.js';
+import { checkHostCanRun, ExitKind } from '../vmm/index.js';
 import {
   DEFAULT_MACHINE_CONFIG,
   emptyVmConfig,
@@ -418,14 +418,19 @@ async function deviceMetrics(built: BuiltVm): Promise<MetricGroups> {
     const sum = (virtio[d.group] ??= {});
     for (const [k, v] of Object.entries(own)) sum[k] = (sum[k] ?? 0) + v;
   }
-  const vcpu: Record<string, number> = {};
-  let total = 0;
+  // Firecracker's vcpu group: the exits by kind, summed over the vCPUs.
+  const vcpu: Record<string, number> = {
+    exit_io_in: 0,
+    exit_io_out: 0,
+    exit_mmio_read: 0,
+    exit_mmio_write: 0,
+  };
   for (let i = 0; i < vmm.vcpuCount; i++) {
-    const n = vmm.control.exits(i);
-    vcpu[`vcpu${i}_exits`] = n;
-    total += n;
+    vcpu.exit_io_in! += vmm.control.exitsOfKind(i, ExitKind.IoIn);
+    vcpu.exit_io_out! += vmm.control.exitsOfKind(i, ExitKind.IoOut);
+    vcpu.exit_mmio_read! += vmm.control.exitsOfKind(i, ExitKind.MmioRead);
+    vcpu.exit_mmio_write! += vmm.control.exitsOfKind(i, ExitKind.MmioWrite);
   }
-  vcpu.exits_total = total;
   return {
     ...virtio,
     vcpu,

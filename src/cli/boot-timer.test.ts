@@ -5,7 +5,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { Worker } from 'node:worker_threads';
-import { VcpuControl } from '../vmm/vcpu-control.js';
+import { VcpuControl } from '../vmm/index.js';
 import { BootTimer } from './firecracker.js';
 
 const LINE = /^Guest-boot-time = +\d+ us \d+ ms, +\d+ CPU us \d+ CPU ms$/;

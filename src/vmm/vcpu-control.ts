@@ -31,7 +31,17 @@ const DOORBELL = 1; // bumped after every command or request change
 const BOOT_FLAG = 2; // 1 once the boot marker was written (waited on by the boot timer)
 const STATE_BASE = 8;
 const REQUEST_BASE = STATE_BASE + MAX_VCPUS * 2; // state and exit count low word per vCPU
-const INT_SLOTS = REQUEST_BASE + MAX_VCPUS;
+const KIND_BASE = REQUEST_BASE + MAX_VCPUS; // exits by kind, EXIT_KINDS per vCPU
+const EXIT_KINDS = 4;
+const INT_SLOTS = KIND_BASE + MAX_VCPUS * EXIT_KINDS;
+
+/** The exits counted by kind (Firecracker's vcpu metrics: exit_io_in, exit_io_out, ...). */
+export const enum ExitKind {
+  IoIn = 0,
+  IoOut = 1,
+  MmioRead = 2,
+  MmioWrite = 3,
+}
 const F64_SLOTS = 4; // [0] boot marker time (ms since process start), [1] first instruction time
 
 type WaitAsync = (
@@ -100,6 +110,14 @@ export class VcpuControl {
   }
   countExit(vcpu: number): void {
     Atomics.add(this.ints, STATE_BASE + vcpu * 2 + 1, 1);
+  }
+  /** Worker: one more exit of this kind (only the vCPU's own thread writes its slots). */
+  countExitKind(vcpu: number, kind: ExitKind): void {
+    Atomics.add(this.ints, KIND_BASE + vcpu * EXIT_KINDS + kind, 1);
+  }
+  /** The exits of a kind so far (wraps at 2^32, as the total does). */
+  exitsOfKind(vcpu: number, kind: ExitKind): number {
+    return Atomics.load(this.ints, KIND_BASE + vcpu * EXIT_KINDS + kind) >>> 0;
   }
   exits(vcpu: number): number {
     return Atomics.load(this.ints, STATE_BASE + vcpu * 2 + 1) >>> 0;

@@ -197,6 +197,10 @@ describe('API post-boot with tiny guests (KVM)', () => {
       const last = JSON.parse(readFileSync(metrics, 'utf8').trim().split('\n').pop()!);
       assert.deepEqual(validateFcMetrics(last, last.utc_timestamp_ms), []);
       assert.equal(last.uart.write_count, 'tiny guest up\n'.length, JSON.stringify(last.uart));
+      // The exits by kind: each byte to the UART and the boot marker are port writes; the
+      // poweroff is an MMIO write (the ACPI sleep control register).
+      assert.ok(last.vcpu.exit_io_out >= 'tiny guest up\n'.length + 1, JSON.stringify(last.vcpu));
+      assert.ok(last.vcpu.exit_mmio_write >= 1, JSON.stringify(last.vcpu));
       // The guest powers off right after its boot marker: the boot timer's line is still there,
       // before the exit line.
       const logLines = readFileSync(log, 'utf8').trimEnd().split('\n');
