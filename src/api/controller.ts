@@ -33,7 +33,7 @@ import {
 } from '../vmm/index.js';
 import type { VmExitEvent } from '../vmm/index.js';
 import { parseVmConfig } from './config-file.js';
-import type { LoggerControl } from './logger.js';
+import { latencyLine, type LoggerControl } from './logger.js';
 import type { MetricGroups, MetricsSystem } from './metrics.js';
 import type { SnapshotCreateBody, SnapshotLoadBody, VmmAction } from './routes.js';
 
@@ -257,7 +257,10 @@ export class VmmController {
   /** Firecracker's latencies_us group: `name` (the request) and `vmm_name` (the VMM's part). */
   private latency(name: string, t0: number, vmmT0 = t0, vmmT1 = performance.now()): void {
     const us = (ms: number) => Math.round(ms * 1000);
-    this.opts.metrics.store('latencies_us', name, us(performance.now() - t0));
+    const total = us(performance.now() - t0);
+    this.opts.metrics.store('latencies_us', name, total);
+    const line = latencyLine(name, total);
+    if (line) log('info', line, { thread: 'fc_api' });
     this.opts.metrics.store('latencies_us', `vmm_${name}`, us(vmmT1 - vmmT0));
   }
 

@@ -12,6 +12,7 @@ import {
   bootTimeLine,
   fcTimestamp,
   formatFcLine,
+  latencyLine,
   LoggerControl,
   outcomeLine,
   requestLine,
@@ -84,6 +85,16 @@ test('request and outcome lines as the API server words them', () => {
     outcomeLine(400, 'Invalid kernel path.'),
     'Received Error. Status code: 400 Bad Request. Message: Invalid kernel path.',
   );
+});
+
+test("the timed actions' lines, by their latencies_us name", () => {
+  assert.equal(latencyLine('pause_vm', 1234), "'pause vm' API request took 1234 us.");
+  assert.equal(
+    latencyLine('full_create_snapshot', 5),
+    "'create full snapshot' API request took 5 us.",
+  );
+  assert.equal(latencyLine('load_snapshot', 7), "'load snapshot' API request took 7 us.");
+  assert.equal(latencyLine('vmm_pause_vm', 1), undefined);
 });
 
 test('with an instance id, every stderr line goes out in the format, to the log path once set', () => {

@@ -131,6 +131,21 @@ export function outcomeLine(status: number, fault: string | undefined): string {
   return `Received Error. Status code: ${status} ${text}. Message: ${fault ?? ''}`;
 }
 
+/** The actions whose time Firecracker logs (api_server/mod.rs), by their latencies_us name. */
+const TIMED_ACTION: Record<string, string> = {
+  full_create_snapshot: 'create full snapshot',
+  diff_create_snapshot: 'create diff snapshot',
+  load_snapshot: 'load snapshot',
+  pause_vm: 'pause vm',
+  resume_vm: 'resume vm',
+};
+
+/** `'pause vm' API request took 1234 us.`, or undefined for a name Firecracker does not time. */
+export function latencyLine(metric: string, us: number): string | undefined {
+  const action = TIMED_ACTION[metric];
+  return action === undefined ? undefined : `'${action}' API request took ${us} us.`;
+}
+
 /** A line our workers or error paths wrote as `typervisor: [level: ]message`, parsed. */
 const RAW_LINE = /^typervisor: (?:(error|warn|debug): )?(.*)$/s;
 /** A line already in Firecracker's format. */

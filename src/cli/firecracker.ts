@@ -320,7 +320,10 @@ async function runWithLogger(
   };
   process.on('SIGTERM', shutdown);
   process.on('SIGINT', shutdown);
-  process.on('SIGHUP', shutdown);
+  process.on('SIGHUP', () => {
+    metrics.counters.inc('signals', 'sighup');
+    shutdown();
+  });
 
   try {
     if (args.configFile !== undefined) {

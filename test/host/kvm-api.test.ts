@@ -51,6 +51,9 @@ describe('API post-boot with tiny guests (KVM)', () => {
     assert.equal((await call(sock, 'PATCH', '/vm', { state: 'Paused' })).status, 204); // idempotent
     assert.equal((await call(sock, 'PATCH', '/vm', { state: 'Resumed' })).status, 204);
     assert.equal((await call(sock, 'GET', '/')).json.state, 'Running');
+    // Firecracker's lines for the timed actions (the log goes to stderr without a log path).
+    assert.match(srv.stderr(), /\[spin-1:fc_api\] 'pause vm' API request took \d+ us\.\n/);
+    assert.match(srv.stderr(), /\[spin-1:fc_api\] 'resume vm' API request took \d+ us\.\n/);
     assert.equal(
       (await call(sock, 'PUT', '/actions', { action_type: 'SendCtrlAltDel' })).status,
       204,
