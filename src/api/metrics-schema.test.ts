@@ -139,3 +139,40 @@ test('the table in metrics.ts and the reconstructed validator agree group by gro
   }
   assert.deepEqual(validateFcMetrics(line), []);
 });
+
+test('extras (off by default): our counters Firecracker has no name for, in one group', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'tv-metrics-'));
+  try {
+    const m = new MetricsSystem('x', { extras: true });
+    const path = join(dir, 'm');
+    m.init({ metrics_path: path });
+    let n = 3;
+    m.addSource(() => ({
+      block_rootfs: { read_count: n, oversized_reqs_count: n },
+      unhandled: { port_reads: 2 * n },
+    }));
+    await m.flush();
+    n = 5;
+    await m.flush();
+    await m.close();
+    const [a, b] = readFileSync(path, 'utf8')
+      .trim()
+      .split('\n')
+      .map((l) => JSON.parse(l));
+    assert.deepEqual(a.typervisor, {
+      'block_rootfs.oversized_reqs_count': 3,
+      'unhandled.port_reads': 6,
+    });
+    assert.deepEqual(b.typervisor, {
+      'block_rootfs.oversized_reqs_count': 2,
+      'unhandled.port_reads': 4,
+    });
+    assert.equal(b.block_rootfs.read_count, 2);
+    // Everything else is Firecracker's line: only the extra group is refused.
+    assert.deepEqual(validateFcMetrics(b, b.utc_timestamp_ms), [
+      "additional property 'typervisor' is not allowed",
+    ]);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});

@@ -330,7 +330,16 @@ export class MetricsSystem {
   private last: Map<string, number> = new Map();
   private timer: NodeJS.Timeout | undefined;
 
-  constructor(private readonly instanceId: string) {}
+  /**
+   * `extras`: also write our counters that Firecracker has no name for (the caps counted when
+   * hit, the transports' guest errors...) in one more group, `typervisor`, as
+   * `"<group>.<name>": delta`. Off by default: Firecracker's validator refuses any group it does
+   * not know. The Firecracker entry turns it on with TYPERVISOR_METRICS_EXTRAS=1.
+   */
+  constructor(
+    private readonly instanceId: string,
+    private readonly opts: { extras?: boolean } = {},
+  ) {}
 
   get initialized(): boolean {
     return this.fd !== undefined;
@@ -423,6 +432,16 @@ export class MetricsSystem {
           }
       }
       body[g] = out;
+    }
+    if (this.opts.extras) {
+      const extra: Record<string, number> = {};
+      for (const [key, v] of totals) {
+        const [g, n] = key.split('\0') as [string, string];
+        const fields = schemaFields(g);
+        if (fields && fields.includes(n)) continue;
+        extra[`${g}.${n}`] = v - (this.last.get(key) ?? 0);
+      }
+      body.typervisor = extra;
     }
     const line = Buffer.from(JSON.stringify(body) + '\n');
     try {

@@ -238,7 +238,9 @@ export async function firecrackerCommand(argv: string[]): Promise<number> {
     return FC_EXIT_ARG_PARSING;
   }
 
-  const metrics = new MetricsSystem(args.id);
+  const metrics = new MetricsSystem(args.id, {
+    extras: process.env.TYPERVISOR_METRICS_EXTRAS === '1',
+  });
   const logger = new LoggerControl(metrics.counters, { instanceId: args.id });
   const code = await runWithLogger(args, metrics, logger);
   log(code === FC_EXIT_OK ? 'info' : 'error', exitLine(code));
