@@ -170,8 +170,8 @@ export class LoggerControl {
         showOrigin: false,
       };
       this.format = format;
-      // Firecracker's default level is Info.
-      setLogLevel('info');
+      // Firecracker's default level is Info (TYPERVISOR_LOG, when set, still wins).
+      if (process.env.TYPERVISOR_LOG === undefined) setLogLevel('info');
       setLineFormatter((level, message, fields) =>
         formatFcLine(
           format,
