@@ -16,7 +16,7 @@ import {
   type CreateParams,
   type LoadParams,
 } from '../vmm/index.js';
-import { checkHostCanRun } from '../vmm/index.js';
+import { checkHostCanRun, ExitKind } from '../vmm/index.js';
 import {
   DEFAULT_MACHINE_CONFIG,
   emptyVmConfig,
@@ -36,7 +36,7 @@ import {
 } from '../vmm/index.js';
 import type { VmExitEvent } from '../vmm/index.js';
 import { parseVmConfig } from './config-file.js';
-import type { LoggerControl } from './logger.js';
+import { latencyLine, type LoggerControl } from './logger.js';
 import type { MetricGroups, MetricsSystem } from './metrics.js';
 import type { SnapshotCreateBody, SnapshotLoadBody, VmmAction } from './routes.js';
 
@@ -300,7 +300,10 @@ export class VmmController {
   /** Firecracker's latencies_us group: `name` (the request) and `vmm_name` (the VMM's part). */
   private latency(name: string, t0: number, vmmT0 = t0, vmmT1 = performance.now()): void {
     const us = (ms: number) => Math.round(ms * 1000);
-    this.opts.metrics.store('latencies_us', name, us(performance.now() - t0));
+    const total = us(performance.now() - t0);
+    this.opts.metrics.store('latencies_us', name, total);
+    const line = latencyLine(name, total);
+    if (line) log('info', line, { thread: 'fc_api' });
     this.opts.metrics.store('latencies_us', `vmm_${name}`, us(vmmT1 - vmmT0));
   }
 
@@ -454,14 +457,19 @@ async function deviceMetrics(built: BuiltVm): Promise<MetricGroups> {
     const sum = (virtio[d.group] ??= {});
     for (const [k, v] of Object.entries(own)) sum[k] = (sum[k] ?? 0) + v;
   }
-  const vcpu: Record<string, number> = {};
-  let total = 0;
+  // Firecracker's vcpu group: the exits by kind, summed over the vCPUs.
+  const vcpu: Record<string, number> = {
+    exit_io_in: 0,
+    exit_io_out: 0,
+    exit_mmio_read: 0,
+    exit_mmio_write: 0,
+  };
   for (let i = 0; i < vmm.vcpuCount; i++) {
-    const n = vmm.control.exits(i);
-    vcpu[`vcpu${i}_exits`] = n;
-    total += n;
+    vcpu.exit_io_in! += vmm.control.exitsOfKind(i, ExitKind.IoIn);
+    vcpu.exit_io_out! += vmm.control.exitsOfKind(i, ExitKind.IoOut);
+    vcpu.exit_mmio_read! += vmm.control.exitsOfKind(i, ExitKind.MmioRead);
+    vcpu.exit_mmio_write! += vmm.control.exitsOfKind(i, ExitKind.MmioWrite);
   }
-  vcpu.exits_total = total;
   return {
     ...virtio,
     vcpu,

@@ -34,8 +34,9 @@ import {
 } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { ConfigError, HostError } from '../util/errors.js';
-import { log } from '../util/log.js';
+import { getLogLevel, log } from '../util/log.js';
 import { deprecationOf, type ApiOutcome } from './controller.js';
+import { outcomeLine, requestLine } from './logger.js';
 import type { Counters } from './metrics.js';
 import { route, type VmmAction } from './routes.js';
 
@@ -260,6 +261,7 @@ export async function startApiServer(opts: ApiServerOptions): Promise<ApiServer>
     res: ServerResponse,
   ) => {
     if (res.destroyed) return;
+    log('info', requestLine(method, url, body, getLogLevel() === 'debug'), { thread: 'fc_api' });
     const routed = route(method, url, body);
     const [group, name] = routed.metric ?? [];
     if (group && name) counters.inc(group, `${name}_count`);
@@ -274,7 +276,6 @@ export async function startApiServer(opts: ApiServerOptions): Promise<ApiServer>
     if (out.status >= 400) {
       counters.inc('api_server', out.status >= 500 ? 'internal_errors' : 'bad_requests');
       if (group && name) counters.inc(group, `${name}_fails`);
-      log('debug', `API ${method} ${url}: ${out.status} ${'fault' in out ? out.fault : ''}`);
     }
     // Firecracker's deprecation warning: logged, and a `Deprecation: true` header on the answer.
     const deprecation = routed.action ? deprecationOf(routed.action) : undefined;
@@ -282,6 +283,11 @@ export async function startApiServer(opts: ApiServerOptions): Promise<ApiServer>
       log('warn', deprecation);
       counters.inc('deprecated_api', 'deprecated_http_api_calls');
     }
+    log(
+      out.status >= 400 ? 'error' : 'info',
+      outcomeLine(out.status, 'fault' in out ? out.fault : undefined),
+      { thread: 'fc_api' },
+    );
     send(res, out, false, deprecation !== undefined);
   };
 

@@ -7,13 +7,13 @@
 import { readFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
 import { VmmController } from '../api/controller.js';
-import { LoggerControl } from '../api/logger.js';
+import { bootTimeLine, LoggerControl } from '../api/logger.js';
 import { MetricsSystem } from '../api/metrics.js';
 import { DEFAULT_MAX_PAYLOAD, startApiServer, type ApiServer } from '../api/server.js';
 import { TypervisorError } from '../util/errors.js';
 import { log } from '../util/log.js';
 import { applySeccomp, seccompSettingsFromFlags } from '../sandbox/seccomp/options.js';
-import type { VmExitEvent } from '../vmm/index.js';
+import { buildVm, type VmExitEvent } from '../vmm/index.js';
 import { Console } from './console.js';
 
 export const FC_EXIT_OK = 0;
@@ -57,7 +57,8 @@ Firecracker-compatible mode: the REST API of Firecracker on a Unix socket (docs/
   --boot-timer         log the time from process start to the guest's boot marker
   --level L            log level: Error, Warning, Info, Debug, Trace or Off
   --log-path PATH      log to this file or named pipe
-  --show-level, --show-log-origin, --module M   accepted, as Firecracker's
+  --show-level         show each line's level; --show-log-origin: its file:line
+  --module M           accepted, as Firecracker's
   --metrics-path PATH  metrics (JSON lines) to this file or named pipe
   --http-api-max-payload-size N   largest request body in bytes (default ${DEFAULT_MAX_PAYLOAD})
   --no-seccomp         run without the seccomp filters (on by default; docs/security.md)
@@ -83,6 +84,7 @@ export interface FcArgs {
   level?: string;
   logPath?: string;
   showLevel: boolean;
+  showLogOrigin: boolean;
   module?: string;
   metricsPath?: string;
   maxPayload: number;
@@ -175,6 +177,7 @@ export function parseFirecrackerArgs(argv: string[]): FcArgs {
     level: v.level,
     logPath: v['log-path'],
     showLevel: v['show-level'] ?? false,
+    showLogOrigin: v['show-log-origin'] ?? false,
     module: v.module,
     metricsPath: v['metrics-path'],
     maxPayload,
@@ -233,14 +236,24 @@ function exitCodeOf(ev: VmExitEvent): number {
   switch (ev.kind) {
     case 'poweroff':
     case 'reset':
-      log('info', `guest ${ev.kind === 'reset' ? 'rebooted' : 'powered off'}; exiting`);
+      log(
+        'info',
+        `Vmm is stopping: the guest ${ev.kind === 'reset' ? 'rebooted' : 'powered off'}.`,
+      );
       return FC_EXIT_OK;
     case 'stopped':
       return FC_EXIT_OK;
     case 'fatal':
-      process.stderr.write(`typervisor: ${ev.message}\n`);
+      log('error', ev.message);
       return FC_EXIT_GENERIC;
   }
+}
+
+/** Firecracker's last line (its main.rs), logged on every exit once the logger is set up. */
+export function exitLine(code: number): string {
+  return code === FC_EXIT_OK
+    ? 'Firecracker exiting successfully. exit_code=0'
+    : `Firecracker exiting with error. exit_code=${code}`;
 }
 
 export async function firecrackerCommand(argv: string[]): Promise<number> {
@@ -260,20 +273,39 @@ export async function firecrackerCommand(argv: string[]): Promise<number> {
     return FC_EXIT_ARG_PARSING;
   }
 
-  const metrics = new MetricsSystem(args.id);
-  const logger = new LoggerControl(metrics.counters);
+  const metrics = new MetricsSystem(args.id, {
+    extras: process.env.TYPERVISOR_METRICS_EXTRAS === '1',
+  });
+  const logger = new LoggerControl(metrics.counters, { instanceId: args.id });
+  const code = await runWithLogger(args, metrics, logger);
+  log(code === FC_EXIT_OK ? 'info' : 'error', exitLine(code));
+  logger.restore();
+  return code;
+}
+
+async function runWithLogger(
+  args: FcArgs,
+  metrics: MetricsSystem,
+  logger: LoggerControl,
+): Promise<number> {
   try {
-    if (args.level !== undefined || args.logPath !== undefined) {
+    if (
+      args.level !== undefined ||
+      args.logPath !== undefined ||
+      args.showLevel ||
+      args.showLogOrigin
+    ) {
       logger.configure({
         level: args.level,
         log_path: args.logPath,
         show_level: args.showLevel || undefined,
+        show_log_origin: args.showLogOrigin || undefined,
         module: args.module,
       });
     }
     if (args.metricsPath !== undefined) metrics.init({ metrics_path: args.metricsPath });
   } catch (e) {
-    process.stderr.write(`typervisor: ${(e as Error).message}\n`);
+    log('error', (e as Error).message);
     return e instanceof TypervisorError ? FC_EXIT_BAD_CONFIGURATION : FC_EXIT_GENERIC;
   }
   // Before any VM exists (docs/security.md): the process filter, and the workers' to come.
@@ -281,32 +313,40 @@ export async function firecrackerCommand(argv: string[]): Promise<number> {
   try {
     seccomp = seccompSettingsFromFlags(args.noSeccomp, args.seccompFilter);
   } catch (e) {
-    process.stderr.write(`typervisor: ${(e as Error).message}\n`);
+    log('error', (e as Error).message);
     return FC_EXIT_ARG_PARSING;
   }
   try {
     log('info', applySeccomp(seccomp));
   } catch (e) {
-    process.stderr.write(
-      `typervisor: cannot install the seccomp filters: ${(e as Error).message}\n`,
-    );
+    log('error', `cannot install the seccomp filters: ${(e as Error).message}`);
     return FC_EXIT_GENERIC;
   }
 
   let finish!: (code: number) => void;
   const finished = new Promise<number>((r) => (finish = r));
   let console_: Console | undefined;
+  let bootTimer: BootTimer | undefined;
   const controller = new VmmController({
     instanceId: args.id,
     version: version(),
     metrics,
     logger,
+    // The boot timer counts from the start of the build, as Firecracker's (builder.rs).
+    build: (spec, o) => {
+      if (args.bootTimer) bootTimer = new BootTimer();
+      return buildVm(spec, o);
+    },
     onStarted: (built) => {
       console_ = new Console(built.devices, () => built.vmm.requestStop());
       console_.start();
-      if (args.bootTimer) watchBootMarker(built.vmm.control, () => built.vmm.state === 'stopped');
+      bootTimer?.watch(built.vmm.control);
     },
-    onExit: (ev) => finish(exitCodeOf(ev)),
+    onExit: (ev) => {
+      // A guest that powers off right after its marker: the line is still written, first.
+      bootTimer?.report();
+      finish(exitCodeOf(ev));
+    },
   });
 
   let server: ApiServer | undefined;
@@ -317,13 +357,16 @@ export async function firecrackerCommand(argv: string[]): Promise<number> {
   };
   process.on('SIGTERM', shutdown);
   process.on('SIGINT', shutdown);
-  process.on('SIGHUP', shutdown);
+  process.on('SIGHUP', () => {
+    metrics.counters.inc('signals', 'sighup');
+    shutdown();
+  });
 
   try {
     if (args.configFile !== undefined) {
       const fault = await controller.applyConfigFile(args.configFile, { noApi: args.noApi });
       if (fault) {
-        process.stderr.write(`typervisor: bad configuration file ${args.configFile}: ${fault}\n`);
+        log('error', `bad configuration file ${args.configFile}: ${fault}`);
         return FC_EXIT_BAD_CONFIGURATION;
       }
     }
@@ -334,31 +377,53 @@ export async function firecrackerCommand(argv: string[]): Promise<number> {
         counters: metrics.counters,
         handle: (a) => controller.handle(a),
       });
-      log('info', `API server listening on ${args.apiSock}`);
+      log('info', `Listening on API socket (${JSON.stringify(args.apiSock)}).`, {
+        thread: 'fc_api',
+      });
+      log('info', 'API server started.', { thread: 'fc_api' });
     }
     for (const line of reportStartupTime(args, metrics)) log('info', line);
     return await finished;
   } catch (e) {
-    process.stderr.write(`typervisor: ${(e as Error).message}\n`);
+    log('error', (e as Error).message);
     return e instanceof TypervisorError ? FC_EXIT_BAD_CONFIGURATION : FC_EXIT_GENERIC;
   } finally {
     console_?.stop();
     await metrics.close(); // the last line of metrics, as Firecracker writes on exit
     await server?.close();
-    logger.restore();
   }
 }
 
-/** --boot-timer: reports the boot marker once the guest writes it (polled; it is rare). */
-function watchBootMarker(control: { bootMarkerMs: number }, gone: () => boolean): void {
-  const t = setInterval(() => {
-    const ms = control.bootMarkerMs;
-    if (ms > 0) {
-      process.stderr.write(
-        `typervisor: Guest-boot-time = ${Math.round((ms - performance.timeOrigin) * 1000)} us ${Math.round(ms - performance.timeOrigin)} ms\n`,
-      );
-      clearInterval(t);
-    } else if (gone()) clearInterval(t);
-  }, 5);
-  t.unref();
+/**
+ * --boot-timer, as Firecracker's boot timer device: once the guest writes the boot marker, one
+ * line with the wall and process CPU time since the build began. The marker wakes us at once
+ * (VcpuControl.waitBootMarker, no polling), and the exit path reports it too, before the exit
+ * line, so a guest that powers off a few ms after its marker still gets its line.
+ */
+export class BootTimer {
+  private readonly startMs = performance.timeOrigin + performance.now();
+  private readonly startCpuUs = cpuUs();
+  private control: { bootMarkerMs: number } | undefined;
+  private done = false;
+
+  watch(control: { bootMarkerMs: number; waitBootMarker(): Promise<void> }): void {
+    this.control = control;
+    void control.waitBootMarker().then(() => this.report());
+  }
+
+  /** Logs the line once, if the marker was written; returns it. */
+  report(): string | undefined {
+    const ms = this.control?.bootMarkerMs ?? 0;
+    if (this.done || ms === 0) return undefined;
+    this.done = true;
+    const wallUs = Math.max(0, Math.round((ms - this.startMs) * 1000));
+    const line = bootTimeLine(wallUs, Math.max(0, cpuUs() - this.startCpuUs));
+    log('info', line, { thread: 'fc_vcpu 0' });
+    return line;
+  }
+}
+
+function cpuUs(): number {
+  const c = process.cpuUsage();
+  return c.user + c.system;
 }

@@ -13,10 +13,30 @@ export function setLogLevel(l: Level): void {
   threshold = l;
 }
 
+export function getLogLevel(): Level {
+  return threshold;
+}
+
+/**
+ * Formats one line (without its newline). The Firecracker entry installs Firecracker's format
+ * (src/api/logger.ts); `undefined` puts back the default.
+ */
+export type LineFormatter = (
+  level: Level,
+  message: string,
+  fields: Record<string, unknown>,
+) => string;
+let formatter: LineFormatter | undefined;
+export function setLineFormatter(f: LineFormatter | undefined): void {
+  formatter = f;
+}
+
 export function log(level: Level, message: string, fields: Record<string, unknown> = {}): void {
   if (ORDER[level] > ORDER[threshold]) return;
-  const line = json
-    ? JSON.stringify({ time: new Date().toISOString(), level, message, ...fields })
-    : `typervisor: ${level === 'info' ? '' : level + ': '}${message}`;
+  const line = formatter
+    ? formatter(level, message, fields)
+    : json
+      ? JSON.stringify({ time: new Date().toISOString(), level, message, ...fields })
+      : `typervisor: ${level === 'info' ? '' : level + ': '}${message}`;
   process.stderr.write(line + '\n');
 }

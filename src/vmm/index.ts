@@ -67,6 +67,7 @@ export {
   type VsockConfig,
 } from './resources.js';
 export type { VmExitEvent } from './vcpu-loop.js';
+export { ExitKind, VcpuControl } from './vcpu-control.js';
 export type { DeviceReport, SavedDevice } from './device-worker-protocol.js';
 export {
   cloneMemory,

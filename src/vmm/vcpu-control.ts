@@ -28,10 +28,27 @@ export const enum VcpuRequest {
 const MAX_VCPUS = 64; // as arch/x86_64/layout.ts MAX_VCPUS
 const COMMAND = 0;
 const DOORBELL = 1; // bumped after every command or request change
+const BOOT_FLAG = 2; // 1 once the boot marker was written (waited on by the boot timer)
 const STATE_BASE = 8;
 const REQUEST_BASE = STATE_BASE + MAX_VCPUS * 2; // state and exit count low word per vCPU
-const INT_SLOTS = REQUEST_BASE + MAX_VCPUS;
+const KIND_BASE = REQUEST_BASE + MAX_VCPUS; // exits by kind, EXIT_KINDS per vCPU
+const EXIT_KINDS = 4;
+const INT_SLOTS = KIND_BASE + MAX_VCPUS * EXIT_KINDS;
+
+/** The exits counted by kind (Firecracker's vcpu metrics: exit_io_in, exit_io_out, ...). */
+export const enum ExitKind {
+  IoIn = 0,
+  IoOut = 1,
+  MmioRead = 2,
+  MmioWrite = 3,
+}
 const F64_SLOTS = 4; // [0] boot marker time (ms since process start), [1] first instruction time
+
+type WaitAsync = (
+  a: Int32Array,
+  i: number,
+  v: number,
+) => { async: false; value: string } | { async: true; value: Promise<string> };
 
 export class VcpuControl {
   readonly ints: Int32Array;
@@ -94,16 +111,38 @@ export class VcpuControl {
   countExit(vcpu: number): void {
     Atomics.add(this.ints, STATE_BASE + vcpu * 2 + 1, 1);
   }
+  /** Worker: one more exit of this kind (only the vCPU's own thread writes its slots). */
+  countExitKind(vcpu: number, kind: ExitKind): void {
+    Atomics.add(this.ints, KIND_BASE + vcpu * EXIT_KINDS + kind, 1);
+  }
+  /** The exits of a kind so far (wraps at 2^32, as the total does). */
+  exitsOfKind(vcpu: number, kind: ExitKind): number {
+    return Atomics.load(this.ints, KIND_BASE + vcpu * EXIT_KINDS + kind) >>> 0;
+  }
   exits(vcpu: number): number {
     return Atomics.load(this.ints, STATE_BASE + vcpu * 2 + 1) >>> 0;
   }
 
   /** Records the first boot-marker time (ms on the performance clock shared by all threads). */
   markBoot(ms: number): void {
-    if (this.times[0] === 0) this.times[0] = ms;
+    if (this.times[0] !== 0) return;
+    this.times[0] = ms;
+    Atomics.store(this.ints, BOOT_FLAG, 1);
+    Atomics.notify(this.ints, BOOT_FLAG);
   }
   get bootMarkerMs(): number {
     return this.times[0] ?? 0;
+  }
+  /**
+   * Resolves as soon as the boot marker is written (at once if it was), without polling: the
+   * boot timer reads the process CPU time then, as close to the write as the main thread can
+   * (the vCPU thread's filter has no getrusage). Never resolves if the guest never writes it.
+   */
+  async waitBootMarker(): Promise<void> {
+    while (Atomics.load(this.ints, BOOT_FLAG) === 0) {
+      const w = (Atomics as unknown as { waitAsync: WaitAsync }).waitAsync(this.ints, BOOT_FLAG, 0);
+      if (w.async) await w.value;
+    }
   }
 
   /** Records when the boot vCPU first entered the guest (epoch ms, as markBoot). */

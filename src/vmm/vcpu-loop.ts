@@ -7,7 +7,7 @@ import * as C from '../kvm/constants.js';
 import { Vcpu } from '../kvm/kvm.js';
 import { RUN } from '../kvm/structs.js';
 import type { Bus } from '../devices/bus.js';
-import { Command, VcpuControl, VcpuRequest, VcpuState } from './vcpu-control.js';
+import { Command, ExitKind, VcpuControl, VcpuRequest, VcpuState } from './vcpu-control.js';
 
 /** Why a vCPU stopped the VM. */
 export type VmExitEvent =
@@ -119,6 +119,7 @@ export class VcpuLoop {
     switch (reason) {
       case C.KVM_EXIT_IO: {
         const isWrite = run.getUint8(RUN.ioDirection) === C.KVM_EXIT_IO_OUT;
+        this.control.countExitKind(this.id, isWrite ? ExitKind.IoOut : ExitKind.IoIn);
         const size = run.getUint8(RUN.ioSize);
         const port = run.getUint16(RUN.ioPort, true);
         const count = run.getUint32(RUN.ioCount, true);
@@ -145,6 +146,7 @@ export class VcpuLoop {
         const addr = Number(run.getBigUint64(RUN.mmioPhysAddr, true));
         const len = run.getUint32(RUN.mmioLen, true);
         const isWrite = run.getUint8(RUN.mmioIsWrite) !== 0;
+        this.control.countExitKind(this.id, isWrite ? ExitKind.MmioWrite : ExitKind.MmioRead);
         if (len === 0 || len > 8)
           return { kind: 'fatal', message: `KVM reported an MMIO exit of ${len} bytes` };
         this.dispatch(

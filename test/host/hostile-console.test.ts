@@ -246,7 +246,7 @@ describe('a hostile console: a guest floods COM1, the reader stops reading (KVM)
           assert.equal(fl.status, 204);
           const last = JSON.parse(readFileSync(metrics, 'utf8').trim().split('\n').pop()!);
           const u = last.uart as Record<string, number>;
-          bytesOut += u.bytesOut ?? NaN;
+          bytesOut += u.write_count ?? NaN; // Firecracker's name: bytes the guest wrote
           missed += u.missed_write_count ?? NaN;
         };
         const waitUntil = Date.now() + 30_000;

@@ -13,6 +13,7 @@ import { call, CLI, startServer, tempDir, type ServerProcess } from '../api/clie
 import { guestPath, tinyGuests } from './helpers.js';
 import { makeBzImage } from '../fixtures/kernel-images.js';
 import { detectKvm } from '../../src/kvm/detect.js';
+import { validateFcMetrics } from '../../src/api/fc-metrics-validator.js';
 
 const guests = tinyGuests();
 const T = { timeout: 30_000, skip: guests.skip ?? false };
@@ -50,6 +51,9 @@ describe('API post-boot with tiny guests (KVM)', () => {
     assert.equal((await call(sock, 'PATCH', '/vm', { state: 'Paused' })).status, 204); // idempotent
     assert.equal((await call(sock, 'PATCH', '/vm', { state: 'Resumed' })).status, 204);
     assert.equal((await call(sock, 'GET', '/')).json.state, 'Running');
+    // Firecracker's lines for the timed actions (the log goes to stderr without a log path).
+    assert.match(srv.stderr(), /\[spin-1:fc_api\] 'pause vm' API request took \d+ us\.\n/);
+    assert.match(srv.stderr(), /\[spin-1:fc_api\] 'resume vm' API request took \d+ us\.\n/);
     assert.equal(
       (await call(sock, 'PUT', '/actions', { action_type: 'SendCtrlAltDel' })).status,
       204,
@@ -99,10 +103,11 @@ describe('API post-boot with tiny guests (KVM)', () => {
     const last = lines[lines.length - 1];
     assert.equal(last.id, 'spin-1');
     assert.equal(typeof last.utc_timestamp_ms, 'number');
-    assert.ok(last.vcpu.exits_total >= 1, JSON.stringify(last.vcpu));
+    // Firecracker's schema: every group on every line, its names only (fc-metrics-validator.ts).
+    for (const l of lines) assert.deepEqual(validateFcMetrics(l, l.utc_timestamp_ms), []);
     assert.ok(last.put_api_requests.actions_count >= 1);
-    assert.equal(typeof last.uart.bytesOut, 'number');
-    assert.equal(typeof last.i8042.interrupts, 'number');
+    assert.equal(typeof last.uart.write_count, 'number');
+    assert.equal(typeof last.i8042.reset_count, 'number');
 
     await srv.kill();
     assert.equal(srv.child.signalCode, 'SIGKILL');
@@ -184,14 +189,35 @@ describe('API post-boot with tiny guests (KVM)', () => {
           metrics: { metrics_path: metrics },
         }),
       );
-      const r = spawnSync(process.execPath, [CLI, '--no-api', '--config-file', cfg], {
-        encoding: 'utf8',
-        timeout: 20_000,
-      });
+      const log = join(dir, 'fc.log');
+      const r = spawnSync(
+        process.execPath,
+        [CLI, '--no-api', '--config-file', cfg, '--boot-timer', '--log-path', log],
+        { encoding: 'utf8', timeout: 20_000 },
+      );
       assert.equal(r.status, 0, r.stderr);
       assert.equal(r.stdout, 'tiny guest up\n');
       const last = JSON.parse(readFileSync(metrics, 'utf8').trim().split('\n').pop()!);
-      assert.ok(last.vcpu.exits_total >= 1);
+      assert.deepEqual(validateFcMetrics(last, last.utc_timestamp_ms), []);
+      assert.equal(last.uart.write_count, 'tiny guest up\n'.length, JSON.stringify(last.uart));
+      // The exits by kind: each byte to the UART and the boot marker are port writes; the
+      // poweroff is an MMIO write (the ACPI sleep control register).
+      assert.ok(last.vcpu.exit_io_out >= 'tiny guest up\n'.length + 1, JSON.stringify(last.vcpu));
+      assert.ok(last.vcpu.exit_mmio_write >= 1, JSON.stringify(last.vcpu));
+      // The guest powers off right after its boot marker: the boot timer's line is still there,
+      // before the exit line.
+      const logLines = readFileSync(log, 'utf8').trimEnd().split('\n');
+      const boot = logLines.findIndex((l) =>
+        /\[anonymous-instance:fc_vcpu 0\] Guest-boot-time = +\d+ us \d+ ms, +\d+ CPU us \d+ CPU ms$/.test(
+          l,
+        ),
+      );
+      assert.ok(boot >= 0, logLines.join('\n'));
+      assert.match(
+        logLines[logLines.length - 1]!,
+        /\[anonymous-instance:main\] Firecracker exiting successfully\. exit_code=0$/,
+      );
+      assert.ok(boot < logLines.length - 1);
       // A bad config file: exit 152 with the field named.
       writeFileSync(
         cfg,
