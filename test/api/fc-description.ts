@@ -65,6 +65,28 @@ function closedProps(props: Json): Json {
 }
 
 /**
+ * Every property an object schema does not list as required may also be null: Firecracker
+ * serialises its unset `Option` fields as null (GET /vm/config's `balloon`, a drive's
+ * `partuuid`, ...), which its Swagger 2.0 description cannot say (no `nullable` there).
+ */
+function nullableOptional(node: Json): Json {
+  if (Array.isArray(node)) return node.map(nullableOptional);
+  if (node === null || typeof node !== 'object') return node;
+  const out: Json = {};
+  for (const [k, v] of Object.entries(node)) out[k] = k === 'properties' ? v : nullableOptional(v);
+  if (node.properties && typeof node.properties === 'object') {
+    const required = new Set<string>(Array.isArray(node.required) ? node.required : []);
+    const props: Json = {};
+    for (const [name, schema] of Object.entries(node.properties as Json)) {
+      const inner = nullableOptional(schema);
+      props[name] = required.has(name) ? inner : { anyOf: [inner, { type: 'null' }] };
+    }
+    out.properties = props;
+  }
+  return out;
+}
+
+/**
  * `strict`: no undocumented fields in answers (the description itself allows them; Firecracker's
  * clients that compare configurations for equality do not).
  */
@@ -76,7 +98,8 @@ export function loadDescription(file = DESCRIPTION_FILE, strict = false): Descri
   // strict off so the annotations are ignored; formats (int64, int32, an IP pattern named as a
   // format) are Swagger's type hints, not checked.
   const ajv = new Ajv({ strict: false, allErrors: true, validateFormats: false });
-  ajv.addSchema({ $id: 'fc', definitions: strict ? closed(doc.definitions) : doc.definitions });
+  const definitions = nullableOptional(doc.definitions);
+  ajv.addSchema({ $id: 'fc', definitions: strict ? closed(definitions) : definitions });
   const cache = new Map<string, ValidateFunction>();
   const compile = (schema: Json): ValidateFunction => {
     const key = JSON.stringify(schema);
