@@ -16,7 +16,7 @@ import {
   type CreateParams,
   type LoadParams,
 } from '../vmm/index.js';
-import { checkHostCanRun } from '../vmm/index.js';
+import { checkHostCanRun, replaceDriveImage } from '../vmm/index.js';
 import {
   DEFAULT_MACHINE_CONFIG,
   emptyVmConfig,
@@ -28,6 +28,8 @@ import {
   validateVsock,
   withDrive,
   withNetworkInterface,
+  type DriveConfig,
+  type RateLimiter,
   type VmConfig,
   type VmSpec,
 } from '../vmm/index.js';
@@ -165,30 +167,12 @@ export class VmmController {
         );
         this.bootPath = true;
         return NO_CONTENT;
-      case 'PatchDrive': {
-        if (pre) return bad(POST_BOOT_ONLY);
-        const d = this.config.drives.find((x) => x.drive_id === a.update.drive_id);
-        if (!d)
-          return bad(
-            `Unable to patch the block device: no drive with id ${a.update.drive_id}. Please verify the request arguments.`,
-          );
-        if (a.update.path_on_host !== undefined)
-          validateDrive({ ...d, path_on_host: a.update.path_on_host });
-        return notSupported(
-          'updating a drive of a running VM is not implemented in Typervisor yet',
-        );
-      }
-      case 'PatchNetworkInterface': {
-        if (pre) return bad(POST_BOOT_ONLY);
-        if (!this.config['network-interfaces'].some((x) => x.iface_id === a.update.iface_id)) {
-          return bad(
-            `Unable to update the net device: no network interface with id ${a.update.iface_id}`,
-          );
-        }
-        return notSupported(
-          'updating a network interface of a running VM is not implemented in Typervisor yet',
-        );
-      }
+      case 'PatchDrive':
+        if (!this.built) return bad(POST_BOOT_ONLY);
+        return this.patchDrive(this.built, a.update);
+      case 'PatchNetworkInterface':
+        if (!this.built) return bad(POST_BOOT_ONLY);
+        return this.patchNetworkInterface(a.update);
       case 'PutVsock':
         if (!pre) return bad(PRE_BOOT_ONLY);
         this.config.vsock = validateVsock({ ...a.config });
@@ -252,6 +236,69 @@ export class VmmController {
         if (this.bootPath) return bad(LOAD_AFTER_BOOT_RESOURCES);
         return this.load(a.params);
     }
+  }
+
+  /**
+   * PATCH /drives/{id} after boot (helper P): a new path_on_host is opened with the start-up
+   * checks and swapped in by the device (new capacity in its config space, a config-change
+   * interrupt); a new rate_limiter is merged into the stored one (rate limiters are not
+   * enforced yet). The image is swapped first: if it fails, nothing is changed.
+   */
+  private async patchDrive(
+    built: BuiltVm,
+    u: { drive_id: string; path_on_host?: string; rate_limiter?: RateLimiter },
+  ): Promise<ApiOutcome> {
+    const prefix = 'Unable to patch the block device: ';
+    const i = this.config.drives.findIndex((x) => x.drive_id === u.drive_id);
+    const d = this.config.drives[i];
+    if (!d)
+      return bad(`${prefix}no drive with id ${u.drive_id}. Please verify the request arguments.`);
+    if (u.path_on_host === undefined && u.rate_limiter === undefined)
+      return bad(
+        `${prefix}drive ${u.drive_id}: the request changes nothing (give path_on_host and/or rate_limiter)`,
+      );
+    const next: DriveConfig = { ...d };
+    if (u.rate_limiter !== undefined)
+      next.rate_limiter = mergeRateLimiter(d.rate_limiter, u.rate_limiter);
+    if (u.path_on_host !== undefined) {
+      try {
+        await replaceDriveImage(built, d, u.path_on_host);
+      } catch (e) {
+        if (e instanceof TypervisorError) return bad(prefix + e.message);
+        throw e;
+      }
+      // As given (GET /vm/config and a snapshot show the path the client named).
+      next.path_on_host = u.path_on_host;
+    }
+    if (u.rate_limiter !== undefined)
+      log('warn', `drive ${u.drive_id}: rate_limiter stored; rate limiters are not enforced yet`);
+    this.config.drives = this.config.drives.map((x, j) => (j === i ? next : x));
+    return NO_CONTENT;
+  }
+
+  /**
+   * PATCH /network-interfaces/{id} after boot (helper P): the rate limiters are merged into the
+   * stored configuration (GET /vm/config, snapshots). Rate limiters are not enforced yet.
+   */
+  private patchNetworkInterface(u: {
+    iface_id: string;
+    rx_rate_limiter?: RateLimiter;
+    tx_rate_limiter?: RateLimiter;
+  }): ApiOutcome {
+    const ifaces = this.config['network-interfaces'];
+    const i = ifaces.findIndex((x) => x.iface_id === u.iface_id);
+    const n = ifaces[i];
+    if (!n)
+      return bad(`Unable to update the net device: no network interface with id ${u.iface_id}`);
+    const next = { ...n };
+    if (u.rx_rate_limiter !== undefined)
+      next.rx_rate_limiter = mergeRateLimiter(n.rx_rate_limiter, u.rx_rate_limiter);
+    if (u.tx_rate_limiter !== undefined)
+      next.tx_rate_limiter = mergeRateLimiter(n.tx_rate_limiter, u.tx_rate_limiter);
+    this.config['network-interfaces'] = ifaces.map((x, j) => (j === i ? next : x));
+    if (u.rx_rate_limiter !== undefined || u.tx_rate_limiter !== undefined)
+      log('warn', `network interface ${u.iface_id}: rate limiters stored; not enforced yet`);
+    return NO_CONTENT;
   }
 
   /** Firecracker's latencies_us group: `name` (the request) and `vmm_name` (the VMM's part). */
@@ -435,4 +482,22 @@ async function deviceMetrics(built: BuiltVm): Promise<MetricGroups> {
     i8042: { ...devices.i8042.stats() },
     unhandled: { ...devices.unhandled.stats() },
   };
+}
+
+/**
+ * A rate limiter update as Firecracker applies one (RateLimiterUpdate): a bucket left out keeps
+ * its value, a bucket given replaces it, a bucket with size or refill_time 0 disables it.
+ */
+export function mergeRateLimiter(
+  old: RateLimiter | undefined,
+  update: RateLimiter,
+): RateLimiter | undefined {
+  const out: RateLimiter = { ...(old ?? {}) };
+  for (const k of ['bandwidth', 'ops'] as const) {
+    const b = update[k];
+    if (b === undefined) continue;
+    if (b.size === 0 || b.refill_time === 0) delete out[k];
+    else out[k] = { ...b };
+  }
+  return out.bandwidth || out.ops ? out : undefined;
 }
