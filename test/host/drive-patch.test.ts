@@ -1,0 +1,148 @@
+/**
+ * Needs /dev/kvm, gcc and ld. PATCH /drives/{id} after boot, seen by a guest driver (helper P,
+ * issue 15): bench/guests/blkloop.S in MODE_BLKWATCH reads sector 0 of its disk and prints the
+ * disk's tag, then "R", then polls the config-space capacity. We PATCH the drive to a bigger
+ * image with another tag: the guest must see the new capacity together with the config-change
+ * InterruptStatus bit and a new ConfigGeneration, and read the new image's last sector (past
+ * the old end). Failed PATCHes (unknown id, missing file, a directory) answer 400 and change
+ * nothing the guest or GET /vm/config can see.
+ */
+import { after, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import { mkdirSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { call, startServer, type ServerProcess } from '../api/client.js';
+import { REPO, kvmSkipReason, tempDir } from './helpers.js';
+
+function skipReason(): string | undefined {
+  for (const tool of ['gcc', 'ld']) {
+    if (spawnSync('sh', ['-c', `command -v ${tool}`]).status !== 0)
+      return `${tool} is not installed: cannot build bench/guests`;
+  }
+  return kvmSkipReason();
+}
+
+const skip = skipReason();
+const T = { skip: skip ?? false, timeout: 90_000 };
+let dir = '';
+if (!skip) {
+  dir = tempDir('typervisor-drive-patch-');
+  const r = spawnSync('sh', [join(REPO, 'bench', 'guests', 'build.sh'), dir, '10', '10', '10'], {
+    encoding: 'utf8',
+  });
+  if (r.status !== 0) throw new Error(`bench/guests/build.sh failed (${r.status}): ${r.stderr}`);
+}
+
+/** `sectors` sectors, each starting with its number (u32 LE) and then the tag byte. */
+function disk(name: string, sectors: number, tag: string): string {
+  const b = Buffer.alloc(sectors * 512);
+  for (let i = 0; i < sectors; i++) {
+    b.writeUInt32LE(i, i * 512);
+    b.write(tag, i * 512 + 4, 'latin1');
+  }
+  const p = join(dir, name);
+  writeFileSync(p, b);
+  return p;
+}
+
+const fault = (r: { json: { fault_message?: string } }) => r.json?.fault_message ?? '';
+
+async function until(what: string, srv: ServerProcess, ok: () => boolean, ms = 60_000) {
+  const end = Date.now() + ms;
+  while (!ok()) {
+    if (srv.child.exitCode !== null)
+      throw new Error(`${what}: the VMM exited; stdout ${JSON.stringify(srv.stdout())}`);
+    if (Date.now() > end)
+      throw new Error(`${what}: not within ${ms} ms; stdout ${JSON.stringify(srv.stdout())}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+const servers: ServerProcess[] = [];
+after(async () => {
+  for (const s of servers) await s.kill();
+});
+
+test(
+  'PATCH /drives after boot: the guest reads the new image, with its new capacity',
+  T,
+  async () => {
+    const oldImg = disk('old.img', 16, 'a');
+    const newImg = disk('new.img', 24, 'b');
+    mkdirSync(join(dir, 'a-dir'));
+    const srv = await startServer();
+    servers.push(srv);
+    const sock = srv.sock;
+    const put = async (path: string, body: unknown) => {
+      const r = await call(sock, 'PUT', path, body);
+      assert.equal(r.status, 204, `${path}: ${r.body}`);
+    };
+    await put('/machine-config', { vcpu_count: 1, mem_size_mib: 64 });
+    await put('/boot-source', { kernel_image_path: join(dir, 'blkwatch.elf') });
+    await put('/drives/data', {
+      drive_id: 'data',
+      path_on_host: oldImg,
+      is_root_device: false,
+      is_read_only: true,
+    });
+    // Before boot: Firecracker's answer (the update is for a running device).
+    let r = await call(sock, 'PATCH', '/drives/data', { drive_id: 'data', path_on_host: newImg });
+    assert.equal(r.status, 400);
+    assert.equal(fault(r), 'The requested operation is not supported before starting the microVM.');
+
+    await put('/actions', { action_type: 'InstanceStart' });
+    await until('the guest reads the old image', srv, () => srv.stdout().includes('R\n'));
+    assert.equal(srv.stdout(), 'M\naR\n');
+
+    // Refused: nothing changes (the guest keeps polling the old capacity).
+    r = await call(sock, 'PATCH', '/drives/nope', { drive_id: 'nope', path_on_host: newImg });
+    assert.equal(r.status, 400);
+    assert.match(fault(r), /no drive with id nope/);
+    r = await call(sock, 'PATCH', '/drives/data', {
+      drive_id: 'data',
+      path_on_host: join(dir, 'missing.img'),
+    });
+    assert.equal(r.status, 400);
+    assert.match(fault(r), /^Unable to patch the block device: .*the image does not exist/);
+    r = await call(sock, 'PATCH', '/drives/data', {
+      drive_id: 'data',
+      path_on_host: join(dir, 'a-dir'),
+    });
+    assert.equal(r.status, 400);
+    assert.match(fault(r), /is a directory/);
+    r = await call(sock, 'PATCH', '/drives/data', { drive_id: 'data' });
+    assert.equal(r.status, 400);
+    assert.match(fault(r), /changes nothing/);
+    let cfg = await call(sock, 'GET', '/vm/config');
+    assert.equal(cfg.json.drives[0].path_on_host, oldImg);
+    await new Promise((res) => setTimeout(res, 300));
+    assert.equal(srv.stdout(), 'M\naR\n');
+
+    // The swap: the guest sees capacity 24, the config-change bit and a new generation, then
+    // reads sector 23 of the new image (tag "b").
+    r = await call(sock, 'PATCH', '/drives/data', { drive_id: 'data', path_on_host: newImg });
+    assert.equal(r.status, 204, r.body);
+    await until('the guest reads the new image', srv, () => /D\n|E.\n/.test(srv.stdout()));
+    assert.equal(srv.stdout(), 'M\naR\nbD\n');
+
+    // Rate limiters: stored (merged per bucket), not enforced.
+    r = await call(sock, 'PATCH', '/drives/data', {
+      drive_id: 'data',
+      rate_limiter: { bandwidth: { size: 1_000_000, refill_time: 100 } },
+    });
+    assert.equal(r.status, 204, r.body);
+    r = await call(sock, 'PATCH', '/drives/data', {
+      drive_id: 'data',
+      rate_limiter: { ops: { size: 100, refill_time: 1000 } },
+    });
+    assert.equal(r.status, 204, r.body);
+    cfg = await call(sock, 'GET', '/vm/config');
+    assert.equal(cfg.json.drives[0].path_on_host, newImg);
+    assert.deepEqual(cfg.json.drives[0].rate_limiter, {
+      bandwidth: { size: 1_000_000, refill_time: 100 },
+      ops: { size: 100, refill_time: 1000 },
+    });
+    assert.doesNotMatch(srv.stderr(), /host I\/O error|bad request/);
+  },
+);
