@@ -32,7 +32,8 @@ export async function replaceDriveImage(
   newPath: string,
 ): Promise<DriveImageChange> {
   const id = drive.drive_id;
-  const blocks = built.parts.plan.slots.filter((s) => s.kind === 'block');
+  // A VM without virtio devices (or a test's stand-in) has no slots.
+  const blocks = (built.parts?.plan?.slots ?? []).filter((s) => s.kind === 'block');
   const slot = blocks.find((s) => s.id === id);
   const worker = built.deviceWorker;
   if (!slot || !worker) throw new ConfigError(`drive ${id} is not attached to the running VM`);
