@@ -5,7 +5,7 @@
  * nothing); InstanceStart builds the VM through buildVm(), the same path as `typervisor run`;
  * after that only runtime actions are allowed. One action runs at a time (the server queues).
  */
-import { readFileSync } from 'node:fs';
+import { closeSync, readFileSync } from 'node:fs';
 import { TypervisorError } from '../util/errors.js';
 import { log } from '../util/log.js';
 import { buildVm, type BuildOptions, type BuiltVm } from '../vmm/index.js';
@@ -37,7 +37,8 @@ import type { VmExitEvent } from '../vmm/index.js';
 import { parseVmConfig } from './config-file.js';
 import type { LoggerControl } from './logger.js';
 import type { MetricGroups, MetricsSystem } from './metrics.js';
-import type { SnapshotCreateBody, SnapshotLoadBody, VmmAction } from './routes.js';
+import { openOutputFile } from './output-file.js';
+import type { SerialBody, SnapshotCreateBody, SnapshotLoadBody, VmmAction } from './routes.js';
 
 export type ApiOutcome =
   { status: 200; body: unknown } | { status: 204 } | { status: 400 | 500; fault: string };
@@ -82,6 +83,8 @@ export class VmmController {
    * metrics). A snapshot load is refused once it is set: the VM comes from the snapshot alone.
    */
   private bootPath = false;
+  /** PUT /serial: where the UART's output goes (undefined: stdout, or the builder's default). */
+  private serial: SerialBody = {};
 
   constructor(private readonly opts: ControllerOptions) {}
 
@@ -193,6 +196,9 @@ export class VmmController {
         this.opts.metrics.init(a.config);
         this.config.metrics = { ...a.config };
         return NO_CONTENT;
+      case 'PutSerial':
+        if (!pre) return bad(PRE_BOOT_ONLY);
+        return this.putSerial(a.config);
       case 'InstanceStart':
         if (!pre) return bad(PRE_BOOT_ONLY);
         return this.start();
@@ -301,6 +307,33 @@ export class VmmController {
     return NO_CONTENT;
   }
 
+  /**
+   * PUT /serial (helper P): stored as Firecracker stores it (it does not shape the VM, so a
+   * snapshot load may still follow), after one open with the output-file rules (output-file.ts:
+   * no symlink, created 0600, a regular file with one link or a FIFO) so a bad path is refused
+   * now, naming why. The file is opened again, with the same checks, when the VM is built.
+   */
+  private putSerial(config: SerialBody): ApiOutcome {
+    if (config.serial_out_path !== undefined)
+      closeSync(openOutputFile('serial_out_path', config.serial_out_path));
+    if (config.rate_limiter !== undefined)
+      log('warn', 'PUT /serial: rate_limiter stored; the serial output is not rate-limited yet');
+    this.serial = { ...config };
+    return NO_CONTENT;
+  }
+
+  /**
+   * The console descriptor for a build: the serial_out_path file, opened with the output-file
+   * checks, or undefined (stdout). The VM writes it until the process ends, so it stays open;
+   * `fail` closes it when the build did not happen.
+   */
+  private serialOutput(): { consoleFd?: number; fail(): void } {
+    const path = this.serial.serial_out_path;
+    if (path === undefined) return { fail: () => undefined };
+    const fd = openOutputFile('serial_out_path', path);
+    return { consoleFd: fd, fail: () => closeSync(fd) };
+  }
+
   /** Firecracker's latencies_us group: `name` (the request) and `vmm_name` (the VMM's part). */
   private latency(name: string, t0: number, vmmT0 = t0, vmmT1 = performance.now()): void {
     const us = (ms: number) => Math.round(ms * 1000);
@@ -371,9 +404,16 @@ export class VmmController {
     };
     const vmmT0 = performance.now();
     let built: BuiltVm;
+    let serial: ReturnType<VmmController['serialOutput']> | undefined;
     try {
-      built = await (this.opts.loadSnapshot ?? loadSnapshot)(params, {});
+      serial = this.serialOutput();
+      const consoleFd = serial.consoleFd;
+      built = await (this.opts.loadSnapshot ?? loadSnapshot)(
+        params,
+        consoleFd !== undefined ? { consoleFd } : {},
+      );
     } catch (e) {
+      serial?.fail();
       if (e instanceof TypervisorError) return bad(prefixed(LOAD_PREFIX, e.message));
       throw e;
     }
@@ -410,8 +450,17 @@ export class VmmController {
     try {
       const spec = validateResources(resourcesFromConfig(this.config));
       checkHostCanRun(spec.kernelPath, false);
-      // The configuration as given (rate limiters, cache_type, mtu...): a snapshot saves it.
-      this.built = (this.opts.build ?? buildVm)(spec, { config: this.config });
+      const serial = this.serialOutput();
+      try {
+        // The configuration as given (rate limiters, cache_type, mtu...): a snapshot saves it.
+        this.built = (this.opts.build ?? buildVm)(spec, {
+          config: this.config,
+          ...(serial.consoleFd !== undefined ? { consoleFd: serial.consoleFd } : {}),
+        });
+      } catch (e) {
+        serial.fail();
+        throw e;
+      }
     } catch (e) {
       if (e instanceof TypervisorError) return bad(`Start microvm error: ${e.message}`);
       throw e;

@@ -5,7 +5,15 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import {
+  existsSync,
+  fstatSync,
+  mkdtempSync,
+  rmSync,
+  statSync,
+  symlinkSync,
+  writeFileSync,
+} from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { BuiltVm, VmConfig } from '../vmm/index.js';
@@ -144,4 +152,62 @@ test('PATCH after boot: rate limiters stored and merged; unknown ids and empty u
     ...saved.drives[0],
     rate_limiter: { ops: { size: 5, refill_time: 50 } },
   });
+});
+
+test('PUT /serial: checked like log_path, handed to the build, pre-boot only', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'typervisor-serial-'));
+  try {
+    const metrics = new MetricsSystem('test');
+    let consoleFd: number | undefined;
+    const c = new VmmController({
+      instanceId: 'test',
+      version: '0',
+      metrics,
+      logger: new LoggerControl(metrics.counters),
+      build: (_spec, opts) => {
+        consoleFd = opts.consoleFd;
+        return {
+          vmm: { state: 'running', exited: new Promise(() => undefined), vcpuCount: 0 },
+          devices: {},
+        } as unknown as BuiltVm;
+      },
+    });
+    const run = (m: string, p: string, body: unknown) => {
+      const r = route(m, p, JSON.stringify(body));
+      assert.ok(r.action, r.fault);
+      if (p === '/serial') assert.deepEqual(r.metric, ['put_api_requests', 'serial']);
+      return c.handle(r.action);
+    };
+    assert.match(route('PUT', '/serial', '{"serial_out_path": 3}').fault!, /serial_out_path/);
+    assert.match(route('PUT', '/serial', '{"path": "x"}').fault!, /path/);
+    const out = join(dir, 'serial.out');
+    symlinkSync(join(dir, 'elsewhere'), join(dir, 'link'));
+    let r = await run('PUT', '/serial', { serial_out_path: join(dir, 'link') });
+    assert.match(fault(r), /serial_out_path .*symbolic link/);
+    assert.equal(existsSync(join(dir, 'elsewhere')), false, 'nothing created through the link');
+    r = await run('PUT', '/serial', { serial_out_path: join(dir, 'no', 'such', 'dir', 'f') });
+    assert.match(fault(r), /directory does not exist/);
+    r = await run('PUT', '/serial', { serial_out_path: out });
+    assert.equal(r.status, 204, fault(r));
+    assert.equal(statSync(out).mode & 0o777, 0o600);
+
+    const kernel = join(dir, 'k');
+    writeFileSync(kernel, new Uint8Array(4096));
+    assert.equal((await run('PUT', '/boot-source', { kernel_image_path: kernel })).status, 204);
+    r = await c.handle({ kind: 'InstanceStart' });
+    assert.equal(r.status, 204, fault(r));
+    {
+      assert.ok(consoleFd !== undefined);
+      const a = fstatSync(consoleFd);
+      const b = statSync(out);
+      assert.deepEqual([a.dev, a.ino], [b.dev, b.ino]);
+      r = await run('PUT', '/serial', { serial_out_path: out });
+      assert.equal(
+        fault(r),
+        'The requested operation is not supported after starting the microVM.',
+      );
+    }
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
 });

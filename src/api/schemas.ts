@@ -316,3 +316,14 @@ export const FullVmConfiguration: Schema = {
     ...Object.fromEntries(UNSUPPORTED_CONFIG_SECTIONS.map((k) => [k, anyValue])),
   },
 };
+
+/** PUT /serial (helper P): where the serial console's output goes (pre-boot). */
+export const SerialDevice: Schema = {
+  type: 'object',
+  description:
+    "Serial console output to a file or named pipe (created 0600 if missing; not a symlink; appended to). Without serial_out_path: this process's stdout. rate_limiter is stored, not enforced yet.",
+  properties: {
+    serial_out_path: str('File or named pipe for the serial output.'),
+    rate_limiter: TokenBucket,
+  },
+};

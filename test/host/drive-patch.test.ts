@@ -10,7 +10,7 @@
 import { after, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { mkdirSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { call, startServer, type ServerProcess } from '../api/client.js';
 import { REPO, kvmSkipReason, tempDir } from './helpers.js';
@@ -146,3 +146,24 @@ test(
     assert.doesNotMatch(srv.stderr(), /host I\/O error|bad request/);
   },
 );
+
+test("PUT /serial: the guest's serial output goes to the file, not stdout", T, async () => {
+  const srv = await startServer();
+  servers.push(srv);
+  const out = join(srv.dir, 'serial.out');
+  for (const [path, body] of [
+    ['/serial', { serial_out_path: out }],
+    ['/machine-config', { vcpu_count: 1, mem_size_mib: 32 }],
+    ['/boot-source', { kernel_image_path: join(dir, 'mark.elf') }],
+    ['/actions', { action_type: 'InstanceStart' }],
+  ] as Array<[string, unknown]>) {
+    const r = await call(srv.sock, 'PUT', path, body);
+    assert.equal(r.status, 204, `${path}: ${r.body}`);
+  }
+  // mark.elf prints "M\n" and resets: the VMM ends.
+  const ended = await srv.exited;
+  assert.equal(ended.code, 0, srv.stderr());
+  assert.equal(readFileSync(out, 'utf8'), 'M\n');
+  assert.equal(statSync(out).mode & 0o777, 0o600);
+  assert.equal(srv.stdout(), '');
+});
