@@ -175,7 +175,7 @@ export class VmmController {
         return this.patchDrive(this.built, a.update);
       case 'PatchNetworkInterface':
         if (!this.built) return bad(POST_BOOT_ONLY);
-        return this.patchNetworkInterface(a.update);
+        return this.patchNetworkInterface(this.built, a.update);
       case 'PutVsock':
         if (!pre) return bad(PRE_BOOT_ONLY);
         this.config.vsock = validateVsock({ ...a.config });
@@ -279,6 +279,7 @@ export class VmmController {
     if (u.rate_limiter !== undefined)
       log('warn', `drive ${u.drive_id}: rate_limiter stored; rate limiters are not enforced yet`);
     this.config.drives = this.config.drives.map((x, j) => (j === i ? next : x));
+    this.toVm(built);
     return NO_CONTENT;
   }
 
@@ -286,11 +287,14 @@ export class VmmController {
    * PATCH /network-interfaces/{id} after boot (helper P): the rate limiters are merged into the
    * stored configuration (GET /vm/config, snapshots). Rate limiters are not enforced yet.
    */
-  private patchNetworkInterface(u: {
-    iface_id: string;
-    rx_rate_limiter?: RateLimiter;
-    tx_rate_limiter?: RateLimiter;
-  }): ApiOutcome {
+  private patchNetworkInterface(
+    built: BuiltVm,
+    u: {
+      iface_id: string;
+      rx_rate_limiter?: RateLimiter;
+      tx_rate_limiter?: RateLimiter;
+    },
+  ): ApiOutcome {
     const ifaces = this.config['network-interfaces'];
     const i = ifaces.findIndex((x) => x.iface_id === u.iface_id);
     const n = ifaces[i];
@@ -302,9 +306,21 @@ export class VmmController {
     if (u.tx_rate_limiter !== undefined)
       next.tx_rate_limiter = mergeRateLimiter(n.tx_rate_limiter, u.tx_rate_limiter);
     this.config['network-interfaces'] = ifaces.map((x, j) => (j === i ? next : x));
+    this.toVm(built);
     if (u.rx_rate_limiter !== undefined || u.tx_rate_limiter !== undefined)
       log('warn', `network interface ${u.iface_id}: rate limiters stored; not enforced yet`);
     return NO_CONTENT;
+  }
+
+  /**
+   * A PATCHed drive or interface into the VM's own copy of its configuration, which a snapshot
+   * saves (a loaded VM's is not this.config: it was cloned at load).
+   */
+  private toVm(built: BuiltVm): void {
+    const c = built.parts?.config;
+    if (!c || c === this.config) return;
+    c.drives = structuredClone(this.config.drives);
+    c['network-interfaces'] = structuredClone(this.config['network-interfaces']);
   }
 
   /**

@@ -56,7 +56,7 @@ function controller(saved: VmConfig) {
     assert.ok(r.action, r.fault);
     return c.handle(r.action);
   };
-  return { c, run };
+  return { c, run, vm };
 }
 
 const fault = (o: ApiOutcome) => ('fault' in o ? o.fault : '');
@@ -105,7 +105,7 @@ test('PATCH after boot: rate limiters stored and merged; unknown ids and empty u
       },
     ],
   } as unknown as VmConfig;
-  const { c, run } = controller(saved);
+  const { c, run, vm } = controller(saved);
   const load: VmmAction = route(
     'PUT',
     '/snapshot/load',
@@ -152,6 +152,10 @@ test('PATCH after boot: rate limiters stored and merged; unknown ids and empty u
     ...saved.drives[0],
     rate_limiter: { ops: { size: 5, refill_time: 50 } },
   });
+  // The VM's own configuration (what a snapshot saves) follows: it is not the controller's.
+  assert.notEqual(vm.parts.config, undefined);
+  assert.deepEqual(vm.parts.config.drives, after.drives);
+  assert.deepEqual(vm.parts.config['network-interfaces'], after['network-interfaces']);
 });
 
 test('PUT /serial: checked like log_path, handed to the build, pre-boot only', async () => {
