@@ -90,6 +90,8 @@ export interface BlockCounters {
   unsupported: number;
   /** Requests over seg_max, size_max or BLK_MAX_REQUEST_BYTES (also in badRequests). */
   oversized: number;
+  /** Backing images swapped in by PATCH /drives (Firecracker's update_count). */
+  updates: number;
 }
 
 /** The capacity field of struct virtio_blk_config (offset BLK_CONFIG_CAPACITY, 8 bytes LE). */
@@ -137,6 +139,7 @@ export class BlockDevice implements VirtioBackend {
     badRequests: 0,
     unsupported: 0,
     oversized: 0,
+    updates: 0,
   };
   private readonly logged = new Set<string>();
   private limits: RequestLimits = blockLimits(0n);
@@ -165,6 +168,7 @@ export class BlockDevice implements VirtioBackend {
       throw new Error(`bad disk capacity ${capacity} sectors`);
     this.file = file;
     this.capacity = capacity;
+    this.counters.updates++;
     return blockCapacityField(capacity);
   }
 

@@ -59,6 +59,7 @@ test('swapImage: the next request reads the new file, bounded by the new capacit
     const gen0 = h.driver.read(REG.CONFIG_GENERATION);
     const field = dev.swapImage(fdBlockFile(b), 16);
     assert.equal(dev.sectors, 16);
+    assert.equal(dev.counters.updates, 1);
     // The worker's part: the config space, a new generation, the interrupt bit (driver live).
     assert.equal(h.transport.state.changeConfig(BLK_CONFIG_CAPACITY, field), true);
     assert.equal(h.driver.read(0x100), 16);
@@ -72,6 +73,7 @@ test('swapImage: the next request reads the new file, bounded by the new capacit
     assert.throws(() => dev.swapImage(fdBlockFile(a), 0), /bad disk capacity/);
     assert.throws(() => dev.swapImage(fdBlockFile(a), 1.5), /bad disk capacity/);
     assert.equal(dev.sectors, 16, 'a refused swap changes nothing');
+    assert.equal(dev.counters.updates, 1);
     assert.deepEqual(read(12), [VIRTIO_BLK_S_OK, 0xbb]);
   } finally {
     fds.forEach((fd) => closeSync(fd));
