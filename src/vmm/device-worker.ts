@@ -169,7 +169,6 @@ function main(d: DeviceWorkerData): void {
         const field = backend.swapImage(fdBlockFile(r.fd), r.capacity);
         if (x.device.state.changeConfig(BLK_CONFIG_CAPACITY, field))
           n.eventfdWrite(x.slot.irqFd, 1);
-        log(`${x.slot.name}: now serves fd ${r.fd} (${r.capacity} sectors)`);
         return undefined;
       }
     }
