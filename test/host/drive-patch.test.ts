@@ -167,3 +167,63 @@ test("PUT /serial: the guest's serial output goes to the file, not stdout", T, a
   assert.equal(statSync(out).mode & 0o777, 0o600);
   assert.equal(srv.stdout(), '');
 });
+
+test(
+  'PATCH /drives in a VM loaded from a snapshot; a snapshot after it keeps the new image',
+  T,
+  async () => {
+    const oldImg = disk('snap-old.img', 16, 'a');
+    const newImg = disk('snap-new.img', 32, 'c');
+    const state = join(dir, 'vm.snap');
+    const mem = join(dir, 'vm.mem');
+    const serve = async () => {
+      const s = await startServer();
+      servers.push(s);
+      return s;
+    };
+    const ok = async (s: ServerProcess, m: string, path: string, body: unknown) => {
+      const r = await call(s.sock, m, path, body, 30_000);
+      assert.equal(r.status, 204, `${m} ${path}: ${r.body}`);
+    };
+    // A: the guest has read the old image and polls the capacity; paused, snapshotted.
+    const a = await serve();
+    await ok(a, 'PUT', '/machine-config', { vcpu_count: 1, mem_size_mib: 64 });
+    await ok(a, 'PUT', '/boot-source', { kernel_image_path: join(dir, 'blkwatch.elf') });
+    await ok(a, 'PUT', '/drives/data', {
+      drive_id: 'data',
+      path_on_host: oldImg,
+      is_root_device: false,
+      is_read_only: true,
+    });
+    await ok(a, 'PUT', '/actions', { action_type: 'InstanceStart' });
+    await until('A reads the old image', a, () => a.stdout().includes('R\n'));
+    await ok(a, 'PATCH', '/vm', { state: 'Paused' });
+    await ok(a, 'PUT', '/snapshot/create', { snapshot_path: state, mem_file_path: mem });
+    await a.kill();
+
+    // B: loaded and resumed, the guest still polls; the PATCH reaches it as in a booted VM.
+    const b = await serve();
+    await ok(b, 'PUT', '/snapshot/load', {
+      snapshot_path: state,
+      mem_backend: { backend_type: 'File', backend_path: mem },
+      resume_vm: true,
+    });
+    await ok(b, 'PATCH', '/drives/data', { drive_id: 'data', path_on_host: newImg });
+    await until('B reads the new image', b, () => /D\n|E.\n/.test(b.stdout()));
+    assert.equal(b.stdout(), 'cD\n');
+    await ok(b, 'PATCH', '/vm', { state: 'Paused' });
+    const state2 = join(dir, 'vm2.snap');
+    const mem2 = join(dir, 'vm2.mem');
+    await ok(b, 'PUT', '/snapshot/create', { snapshot_path: state2, mem_file_path: mem2 });
+    await b.kill();
+
+    // C: B's snapshot names the new image (and its device serves it: the config space says 32).
+    const c = await serve();
+    await ok(c, 'PUT', '/snapshot/load', {
+      snapshot_path: state2,
+      mem_backend: { backend_type: 'File', backend_path: mem2 },
+    });
+    const cfg = await call(c.sock, 'GET', '/vm/config');
+    assert.equal(cfg.json.drives[0].path_on_host, newImg);
+  },
+);
