@@ -109,7 +109,8 @@ export const Drive: Schema = {
 
 export const PartialDrive: Schema = {
   type: 'object',
-  description: 'Post-boot update of a drive.',
+  description:
+    'Post-boot update of a drive: a new backing file (opened with the same checks as at start; the guest sees the new capacity) and/or its rate limiter (stored, not enforced yet). At least one.',
   properties: {
     drive_id: str('Drive id; must equal the id in the path.', 256),
     path_on_host: str('New backing file.'),
@@ -134,7 +135,8 @@ export const NetworkInterface: Schema = {
 
 export const PartialNetworkInterface: Schema = {
   type: 'object',
-  description: "Post-boot update of an interface's rate limiters.",
+  description:
+    "Post-boot update of an interface's rate limiters (merged per bucket; stored, not enforced yet).",
   properties: {
     iface_id: str('Interface id; must equal the id in the path.', 256),
     rx_rate_limiter: RateLimiter,
