@@ -130,6 +130,8 @@ export function openReplacementImage(
   c: BlockConfig,
   others: ReadonlyArray<{ id: string; fd: number }>,
 ): BlockHost & { warnings: string[] } {
+  if (typeof c.path !== 'string' || c.path === '' || c.path.includes('\0'))
+    throw new ConfigError(`drive ${c.id}: path_on_host is not a valid path`);
   const taken = new Map<string, string>();
   for (const o of others) {
     const st = fstatSync(o.fd);

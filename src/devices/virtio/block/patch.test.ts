@@ -123,6 +123,8 @@ test("openReplacementImage: the start-up checks, and not another drive's image",
       (e: Error) => e instanceof ConfigError && /the same image as drive rootfs/.test(e.message),
     );
     assert.throws(() => openReplacementImage(c(join(dir, 'none')), others), /does not exist/);
+    assert.throws(() => openReplacementImage(c(''), others), /not a valid path/);
+    assert.throws(() => openReplacementImage(c(`${fresh}\0x`), others), /not a valid path/);
     assert.throws(() => openReplacementImage(c(join(dir, 'd')), others), /is a directory/);
     writeFileSync(join(dir, 'tiny.img'), new Uint8Array(100));
     assert.throws(
