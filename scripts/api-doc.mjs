@@ -46,7 +46,12 @@ const endpoints = [
   ],
   ['PUT', '/boot-source', '204 (BootSource)', 'pre-boot'],
   ['PUT', '/drives/{id}', '204 (Drive); post-boot: 400 hot-plug not supported', 'pre-boot'],
-  ['PATCH', '/drives/{id}', '400: updating a live drive is not supported yet', 'post-boot'],
+  [
+    'PATCH',
+    '/drives/{id}',
+    '204 (PartialDrive): a new path_on_host is opened with the start-up checks and swapped in (new capacity, config-change interrupt); rate_limiter stored, not enforced',
+    'post-boot',
+  ],
   [
     'PUT',
     '/network-interfaces/{id}',
@@ -56,12 +61,13 @@ const endpoints = [
   [
     'PATCH',
     '/network-interfaces/{id}',
-    '400: updating a live interface is not supported yet',
+    '204 (PartialNetworkInterface): rate limiters stored (merged per bucket), not enforced',
     'post-boot',
   ],
   ['PUT', '/vsock', '204 (Vsock)', 'pre-boot'],
   ['PUT', '/entropy', '204 (EntropyDevice)', 'pre-boot'],
   ['PUT', '/logger', '204 (Logger)', 'pre-boot'],
+  ['PUT', '/serial', '204 (SerialDevice): serial output to a file or FIFO', 'pre-boot'],
   ['PUT', '/metrics', '204 (Metrics); a second PUT is 400', 'pre-boot'],
   [
     'PUT',
@@ -325,6 +331,7 @@ const lines = [
   ...table('EntropyDevice', S.EntropyDevice),
   ...table('Logger', S.Logger),
   ...table('Metrics', S.Metrics),
+  ...table('SerialDevice', S.SerialDevice),
   ...table('InstanceActionInfo', S.InstanceActionInfo),
   ...table('Vm', S.Vm),
   ...table('SnapshotCreateParams', S.SnapshotCreateParams),

@@ -57,6 +57,9 @@
 #define R_QUEUE_DRIVER_HIGH 0x094
 #define R_QUEUE_DEVICE_LOW 0x0a0
 #define R_QUEUE_DEVICE_HIGH 0x0a4
+#define R_INTERRUPT_STATUS 0x060
+#define R_INTERRUPT_ACK 0x064
+#define R_CONFIG_GENERATION 0x0fc
 #define R_CONFIG 0x100 /* virtio_blk_config.capacity: u64, 512-byte sectors */
 
 #define MAGIC 0x74726976
@@ -77,6 +80,8 @@
 #define HDR 0x203000 /* type u32, reserved u32, sector u64 */
 #define STATUSB 0x203010
 #define CAPACITY 0x203020 /* the disk's sectors (u32) */
+#define GENERATION 0x203024 /* MODE_BLKWATCH: ConfigGeneration before the change */
+#define PHASE 0x203028 /* MODE_BLKWATCH: 0 before the change, 1 after */
 #define DATA 0x210000
 
 	/* %esi: the device; %ebx: sector; %ebp: requests left; %edi: next avail.idx */
@@ -234,11 +239,55 @@ request:
 4:	dec	%ebp
 	jnz	request
 
+#ifdef MODE_BLKWATCH
+	/*
+	 * PATCH /drives (test/host/drive-patch.test.ts): the disk's tag (byte 4 of the sector just
+	 * read) is printed; before the change, "R\n" says the guest is watching, and it polls the
+	 * capacity until it changes. Then the change must come with the config-change InterruptStatus
+	 * bit and a new ConfigGeneration ("Ei", "Eg"), and one read of the new disk's last sector
+	 * (past the old capacity) follows: its tag, then "D\n".
+	 */
+	mov	$COM1, %dx
+	mov	DATA + 4, %al
+	out	%al, %dx
+	cmpl	$0, PHASE
+	jne	5f
+	movl	$1, PHASE
+	mov	$'R', %al
+	out	%al, %dx
+	mov	$'\n', %al
+	out	%al, %dx
+	mov	R_CONFIG_GENERATION(%esi), %eax
+	mov	%eax, GENERATION
+6:	pause
+	mov	R_CONFIG(%esi), %eax
+	cmp	CAPACITY, %eax
+	je	6b
+	mov	%eax, CAPACITY
+	mov	$'i', %al
+	testl	$2, R_INTERRUPT_STATUS(%esi)
+	jz	fail
+	movl	$2, R_INTERRUPT_ACK(%esi)
+	mov	$'g', %al
+	mov	R_CONFIG_GENERATION(%esi), %ecx
+	cmp	GENERATION, %ecx
+	je	fail
+	mov	CAPACITY, %ebx
+	dec	%ebx
+	mov	$1, %ebp
+	jmp	request
+5:
+#endif
+
 	mov	$COM1, %dx
 	mov	$'D', %al
 	out	%al, %dx
 	mov	$'\n', %al
 	out	%al, %dx
+#ifdef MODE_BLKWATCH
+7:	pause /* stays up: the test reads GET /vm/config, then kills the VMM */
+	jmp	7b
+#endif
 	jmp	reset
 
 	/* %al: the reason letter. Prints "E<reason>\n" and resets. */

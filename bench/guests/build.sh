@@ -26,5 +26,6 @@ build blk4k-small -DMODE_BLKLOOP -DBLK_BYTES=4096 -DBLK_COUNT=500
 build blk4k-big -DMODE_BLKLOOP -DBLK_BYTES=4096 -DBLK_COUNT="$blk4k"
 build blk64k-small -DMODE_BLKLOOP -DBLK_BYTES=65536 -DBLK_COUNT=200
 build blk64k-big -DMODE_BLKLOOP -DBLK_BYTES=65536 -DBLK_COUNT="$blk64k"
+build blkwatch -DMODE_BLKWATCH -DBLK_BYTES=512 -DBLK_COUNT=1
 gcc -O2 -Wall -o "$out/floor" "$repo/bench/floor.c"
 echo "$out"

@@ -12,6 +12,8 @@
  *   MODE_PIOLOOP  LOOP_COUNT writes to port 0x3f1 (claimed by nobody), then resets (exits/s)
  *   MODE_BLKLOOP  BLK_COUNT virtio-blk reads of BLK_BYTES each, one in flight, then "D\n" and
  *                 the reset (blkloop.S: the driver, the disk pattern it expects, its errors)
+ *   MODE_BLKWATCH one read, then waits for the disk to change (PATCH /drives) and reads the new
+ *                 disk's last sector (blkloop.S)
  */
 #define COM1 0x3f8
 #define MARKER_PORT 0x3f0
@@ -46,7 +48,7 @@ _start:
 	dec	%ecx
 	jnz	1b
 	jmp	reset
-#elif defined(MODE_BLKLOOP)
+#elif defined(MODE_BLKLOOP) || defined(MODE_BLKWATCH)
 	jmp	blkloop
 #else
 #error "pick a MODE_"
@@ -58,7 +60,7 @@ reset:
 2:	hlt
 	jmp	2b
 
-#if defined(MODE_BLKLOOP)
+#if defined(MODE_BLKLOOP) || defined(MODE_BLKWATCH)
 #include "blkloop.S"
 #endif
 

@@ -5,7 +5,7 @@
  * nothing); InstanceStart builds the VM through buildVm(), the same path as `typervisor run`;
  * after that only runtime actions are allowed. One action runs at a time (the server queues).
  */
-import { readFileSync } from 'node:fs';
+import { closeSync, readFileSync } from 'node:fs';
 import { TypervisorError } from '../util/errors.js';
 import { log } from '../util/log.js';
 import { buildVm, type BuildOptions, type BuiltVm } from '../vmm/index.js';
@@ -16,7 +16,7 @@ import {
   type CreateParams,
   type LoadParams,
 } from '../vmm/index.js';
-import { checkHostCanRun, ExitKind } from '../vmm/index.js';
+import { checkHostCanRun, ExitKind, replaceDriveImage } from '../vmm/index.js';
 import {
   DEFAULT_MACHINE_CONFIG,
   emptyVmConfig,
@@ -31,6 +31,8 @@ import {
   afterFailedInterfacePut,
   wireMachineConfig,
   wireVmConfig,
+  type DriveConfig,
+  type RateLimiter,
   type VmConfig,
   type VmSpec,
 } from '../vmm/index.js';
@@ -38,7 +40,8 @@ import type { VmExitEvent } from '../vmm/index.js';
 import { parseVmConfig } from './config-file.js';
 import { latencyLine, type LoggerControl } from './logger.js';
 import type { MetricGroups, MetricsSystem } from './metrics.js';
-import type { SnapshotCreateBody, SnapshotLoadBody, VmmAction } from './routes.js';
+import { openOutputFile } from './output-file.js';
+import type { SerialBody, SnapshotCreateBody, SnapshotLoadBody, VmmAction } from './routes.js';
 
 export type ApiOutcome =
   { status: 200; body: unknown } | { status: 204 } | { status: 400 | 500; fault: string };
@@ -111,6 +114,8 @@ export class VmmController {
    * metrics). A snapshot load is refused once it is set: the VM comes from the snapshot alone.
    */
   private bootPath = false;
+  /** PUT /serial: where the UART's output goes (undefined: stdout, or the builder's default). */
+  private serial: SerialBody = {};
 
   constructor(private readonly opts: ControllerOptions) {}
 
@@ -208,30 +213,12 @@ export class VmmController {
           }
           return NO_CONTENT;
         }
-      case 'PatchDrive': {
-        if (pre) return bad(POST_BOOT_ONLY);
-        const d = this.config.drives.find((x) => x.drive_id === a.update.drive_id);
-        if (!d)
-          return bad(
-            `Unable to patch the block device: no drive with id ${a.update.drive_id}. Please verify the request arguments.`,
-          );
-        if (a.update.path_on_host !== undefined)
-          validateDrive({ ...d, path_on_host: a.update.path_on_host });
-        return notSupported(
-          'updating a drive of a running VM is not implemented in Typervisor yet',
-        );
-      }
-      case 'PatchNetworkInterface': {
-        if (pre) return bad(POST_BOOT_ONLY);
-        if (!this.config['network-interfaces'].some((x) => x.iface_id === a.update.iface_id)) {
-          return bad(
-            `Unable to update the net device: no network interface with id ${a.update.iface_id}`,
-          );
-        }
-        return notSupported(
-          'updating a network interface of a running VM is not implemented in Typervisor yet',
-        );
-      }
+      case 'PatchDrive':
+        if (!this.built) return bad(POST_BOOT_ONLY);
+        return this.patchDrive(this.built, a.update);
+      case 'PatchNetworkInterface':
+        if (!this.built) return bad(POST_BOOT_ONLY);
+        return this.patchNetworkInterface(this.built, a.update);
       case 'PutVsock':
         if (!pre) return bad(PRE_BOOT_ONLY);
         this.config.vsock = validateVsock({ ...a.config });
@@ -252,6 +239,9 @@ export class VmmController {
         this.opts.metrics.init(a.config);
         this.config.metrics = { ...a.config };
         return NO_CONTENT;
+      case 'PutSerial':
+        if (!pre) return bad(PRE_BOOT_ONLY);
+        return this.putSerial(a.config);
       case 'InstanceStart':
         if (!pre) return bad(PRE_BOOT_ONLY);
         return this.start();
@@ -295,6 +285,112 @@ export class VmmController {
         if (this.bootPath) return bad(LOAD_AFTER_BOOT_RESOURCES);
         return this.load(a.params);
     }
+  }
+
+  /**
+   * PATCH /drives/{id} after boot (helper P): a new path_on_host is opened with the start-up
+   * checks and swapped in by the device (new capacity in its config space, a config-change
+   * interrupt); a new rate_limiter is merged into the stored one (rate limiters are not
+   * enforced yet). The image is swapped first: if it fails, nothing is changed.
+   */
+  private async patchDrive(
+    built: BuiltVm,
+    u: { drive_id: string; path_on_host?: string; rate_limiter?: RateLimiter },
+  ): Promise<ApiOutcome> {
+    const prefix = 'Unable to patch the block device: ';
+    const i = this.config.drives.findIndex((x) => x.drive_id === u.drive_id);
+    const d = this.config.drives[i];
+    if (!d)
+      return bad(`${prefix}no drive with id ${u.drive_id}. Please verify the request arguments.`);
+    if (u.path_on_host === undefined && u.rate_limiter === undefined)
+      return bad(
+        `${prefix}drive ${u.drive_id}: the request changes nothing (give path_on_host and/or rate_limiter)`,
+      );
+    const next: DriveConfig = { ...d };
+    if (u.rate_limiter !== undefined)
+      next.rate_limiter = mergeRateLimiter(d.rate_limiter, u.rate_limiter);
+    if (u.path_on_host !== undefined) {
+      try {
+        await replaceDriveImage(built, d, u.path_on_host);
+      } catch (e) {
+        if (e instanceof TypervisorError) return bad(prefix + e.message);
+        throw e;
+      }
+      // As given (GET /vm/config and a snapshot show the path the client named).
+      next.path_on_host = u.path_on_host;
+    }
+    if (u.rate_limiter !== undefined)
+      log('warn', `drive ${u.drive_id}: rate_limiter stored; rate limiters are not enforced yet`);
+    this.config.drives = this.config.drives.map((x, j) => (j === i ? next : x));
+    this.toVm(built);
+    return NO_CONTENT;
+  }
+
+  /**
+   * PATCH /network-interfaces/{id} after boot (helper P): the rate limiters are merged into the
+   * stored configuration (GET /vm/config, snapshots). Rate limiters are not enforced yet.
+   */
+  private patchNetworkInterface(
+    built: BuiltVm,
+    u: {
+      iface_id: string;
+      rx_rate_limiter?: RateLimiter;
+      tx_rate_limiter?: RateLimiter;
+    },
+  ): ApiOutcome {
+    const ifaces = this.config['network-interfaces'];
+    const i = ifaces.findIndex((x) => x.iface_id === u.iface_id);
+    const n = ifaces[i];
+    if (!n)
+      return bad(`Unable to update the net device: no network interface with id ${u.iface_id}`);
+    const next = { ...n };
+    if (u.rx_rate_limiter !== undefined)
+      next.rx_rate_limiter = mergeRateLimiter(n.rx_rate_limiter, u.rx_rate_limiter);
+    if (u.tx_rate_limiter !== undefined)
+      next.tx_rate_limiter = mergeRateLimiter(n.tx_rate_limiter, u.tx_rate_limiter);
+    this.config['network-interfaces'] = ifaces.map((x, j) => (j === i ? next : x));
+    this.toVm(built);
+    if (u.rx_rate_limiter !== undefined || u.tx_rate_limiter !== undefined)
+      log('warn', `network interface ${u.iface_id}: rate limiters stored; not enforced yet`);
+    return NO_CONTENT;
+  }
+
+  /**
+   * A PATCHed drive or interface into the VM's own copy of its configuration, which a snapshot
+   * saves (a loaded VM's is not this.config: it was cloned at load).
+   */
+  private toVm(built: BuiltVm): void {
+    const c = built.parts?.config;
+    if (!c || c === this.config) return;
+    c.drives = structuredClone(this.config.drives);
+    c['network-interfaces'] = structuredClone(this.config['network-interfaces']);
+  }
+
+  /**
+   * PUT /serial (helper P): stored as Firecracker stores it (it does not shape the VM, so a
+   * snapshot load may still follow), after one open with the output-file rules (output-file.ts:
+   * no symlink, created 0600, a regular file with one link or a FIFO) so a bad path is refused
+   * now, naming why. The file is opened again, with the same checks, when the VM is built.
+   */
+  private putSerial(config: SerialBody): ApiOutcome {
+    if (config.serial_out_path !== undefined)
+      closeSync(openOutputFile('serial_out_path', config.serial_out_path));
+    if (config.rate_limiter !== undefined)
+      log('warn', 'PUT /serial: rate_limiter stored; the serial output is not rate-limited yet');
+    this.serial = { ...config };
+    return NO_CONTENT;
+  }
+
+  /**
+   * The console descriptor for a build: the serial_out_path file, opened with the output-file
+   * checks, or undefined (stdout). The VM writes it until the process ends, so it stays open;
+   * `fail` closes it when the build did not happen.
+   */
+  private serialOutput(): { consoleFd?: number; fail(): void } {
+    const path = this.serial.serial_out_path;
+    if (path === undefined) return { fail: () => undefined };
+    const fd = openOutputFile('serial_out_path', path);
+    return { consoleFd: fd, fail: () => closeSync(fd) };
   }
 
   /** Firecracker's latencies_us group: `name` (the request) and `vmm_name` (the VMM's part). */
@@ -363,9 +459,16 @@ export class VmmController {
     };
     const vmmT0 = performance.now();
     let built: BuiltVm;
+    let serial: ReturnType<VmmController['serialOutput']> | undefined;
     try {
-      built = await (this.opts.loadSnapshot ?? loadSnapshot)(params, {});
+      serial = this.serialOutput();
+      const consoleFd = serial.consoleFd;
+      built = await (this.opts.loadSnapshot ?? loadSnapshot)(
+        params,
+        consoleFd !== undefined ? { consoleFd } : {},
+      );
     } catch (e) {
+      serial?.fail();
       if (e instanceof TypervisorError) return bad(prefixed(LOAD_PREFIX, e.message));
       throw e;
     }
@@ -402,8 +505,17 @@ export class VmmController {
     try {
       const spec = validateResources(resourcesFromConfig(this.config));
       checkHostCanRun(spec.kernelPath, false);
-      // The configuration as given (rate limiters, cache_type, mtu...): a snapshot saves it.
-      this.built = (this.opts.build ?? buildVm)(spec, { config: this.config });
+      const serial = this.serialOutput();
+      try {
+        // The configuration as given (rate limiters, cache_type, mtu...): a snapshot saves it.
+        this.built = (this.opts.build ?? buildVm)(spec, {
+          config: this.config,
+          ...(serial.consoleFd !== undefined ? { consoleFd: serial.consoleFd } : {}),
+        });
+      } catch (e) {
+        serial.fail();
+        throw e;
+      }
     } catch (e) {
       if (e instanceof TypervisorError) return bad(`Start microvm error: ${e.message}`);
       throw e;
@@ -479,4 +591,22 @@ async function deviceMetrics(built: BuiltVm): Promise<MetricGroups> {
     i8042: { ...devices.i8042.stats() },
     unhandled: { ...devices.unhandled.stats() },
   };
+}
+
+/**
+ * A rate limiter update as Firecracker applies one (RateLimiterUpdate): a bucket left out keeps
+ * its value, a bucket given replaces it, a bucket with size or refill_time 0 disables it.
+ */
+export function mergeRateLimiter(
+  old: RateLimiter | undefined,
+  update: RateLimiter,
+): RateLimiter | undefined {
+  const out: RateLimiter = { ...(old ?? {}) };
+  for (const k of ['bandwidth', 'ops'] as const) {
+    const b = update[k];
+    if (b === undefined) continue;
+    if (b.size === 0 || b.refill_time === 0) delete out[k];
+    else out[k] = { ...b };
+  }
+  return out.bandwidth || out.ops ? out : undefined;
 }

@@ -15,6 +15,7 @@ import type {
   MetricsConfig,
   NetworkInterfaceConfig,
   RateLimiter,
+  TokenBucket,
   VsockConfig,
 } from '../vmm/index.js';
 import { check, stripNulls, type Schema } from './schema.js';
@@ -42,6 +43,7 @@ export type VmmAction =
   | { kind: 'PutEntropy'; config: EntropyConfig }
   | { kind: 'PutLogger'; config: LoggerConfig }
   | { kind: 'PutMetrics'; config: MetricsConfig }
+  | { kind: 'PutSerial'; config: SerialBody }
   | { kind: 'InstanceStart' }
   | { kind: 'SendCtrlAltDel' }
   | { kind: 'FlushMetrics' }
@@ -70,6 +72,12 @@ export interface SnapshotLoadBody {
   vsock_override?: { uds_path: string };
   clock_realtime?: boolean;
   huge_pages?: 'None' | 'Snapshot' | 'Transparent' | '2M';
+}
+
+/** PUT /serial, as checked against S.SerialDevice. */
+export interface SerialBody {
+  serial_out_path?: string;
+  rate_limiter?: TokenBucket;
 }
 
 /** Firecracker's messages when a load names no memory source, or two. */
@@ -102,7 +110,6 @@ export const UNSUPPORTED_ENDPOINTS: ReadonlyArray<{
   { path: '/mmds', verbs: 'GET PUT PATCH', feature: 'MMDS (the microVM metadata service)' },
   { path: '/mmds/config', verbs: 'PUT', feature: 'MMDS (the microVM metadata service)' },
   { path: '/pmem/{id}', verbs: 'PUT PATCH', feature: 'virtio-pmem' },
-  { path: '/serial', verbs: 'PUT', feature: 'serial console configuration' },
   { path: '/drives/{id}', verbs: 'DELETE', feature: 'hot-unplugging devices' },
   { path: '/network-interfaces/{id}', verbs: 'DELETE', feature: 'hot-unplugging devices' },
   { path: '/pmem/{id}', verbs: 'DELETE', feature: 'hot-unplugging devices' },
@@ -271,6 +278,11 @@ export function route(method: string, url: string, body: string | undefined): Ro
         case 'metrics':
           return withBody<MetricsConfig>(S.Metrics, ['put_api_requests', 'metrics'], (config) => ({
             kind: 'PutMetrics',
+            config,
+          }));
+        case 'serial':
+          return withBody<SerialBody>(S.SerialDevice, ['put_api_requests', 'serial'], (config) => ({
+            kind: 'PutSerial',
             config,
           }));
         case 'drives':

@@ -109,7 +109,8 @@ export const Drive: Schema = {
 
 export const PartialDrive: Schema = {
   type: 'object',
-  description: 'Post-boot update of a drive.',
+  description:
+    'Post-boot update of a drive: a new backing file (opened with the same checks as at start; the guest sees the new capacity) and/or its rate limiter (stored, not enforced yet). At least one.',
   properties: {
     drive_id: str('Drive id; must equal the id in the path.', 256),
     path_on_host: str('New backing file.'),
@@ -137,7 +138,8 @@ export const NetworkInterface: Schema = {
 
 export const PartialNetworkInterface: Schema = {
   type: 'object',
-  description: "Post-boot update of an interface's rate limiters.",
+  description:
+    "Post-boot update of an interface's rate limiters (merged per bucket; stored, not enforced yet).",
   properties: {
     iface_id: str('Interface id; must equal the id in the path.', 256),
     rx_rate_limiter: RateLimiter,
@@ -328,5 +330,16 @@ export const FullVmConfiguration: Schema = {
     metrics: Metrics,
     ...Object.fromEntries(UNSUPPORTED_CONFIG_SECTIONS.map((k) => [k, anyObject])),
     serial: anyObject,
+  },
+};
+
+/** PUT /serial (helper P): where the serial console's output goes (pre-boot). */
+export const SerialDevice: Schema = {
+  type: 'object',
+  description:
+    "Serial console output to a file or named pipe (created 0600 if missing; not a symlink; appended to). Without serial_out_path: this process's stdout. rate_limiter is stored, not enforced yet.",
+  properties: {
+    serial_out_path: str('File or named pipe for the serial output.'),
+    rate_limiter: TokenBucket,
   },
 };

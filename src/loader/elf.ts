@@ -1,7 +1,10 @@
 /**
- * ELF64 x86_64 kernel parsing (an uncompressed vmlinux or a tiny freestanding guest). Reports the
+ * ELF kernel parsing (an uncompressed vmlinux or a tiny freestanding guest). Reports the
  * PT_LOAD segments and the entry: the PVH entry from the Xen ELF note when present (32-bit
  * protected-mode entry, xen/include/public/elfnote.h XEN_ELFNOTE_PHYS32_ENTRY), else e_entry.
+ * ELF64 x86_64 images, and (helper P, issue 15) ELF32 i386 images as QEMU takes them: an ELF32
+ * kernel is entered through its PVH note only, so one without the note is refused (it would be
+ * a multiboot kernel to QEMU, which we do not load). Both classes get the same checks.
  * Every offset and size comes from the file and is checked against it before use; 64-bit values
  * that do not fit a safe integer are rejected, so no arithmetic here can overflow.
  */
@@ -9,14 +12,68 @@ import { ImageError } from '../util/errors.js';
 import { type Result, err, ok } from '../util/result.js';
 
 export const ELF_MAGIC = 0x464c457f; // "\x7fELF" as a little-endian u32
+const ELFCLASS32 = 1;
 const ELFCLASS64 = 2;
 const ELFDATA2LSB = 1;
 const EV_CURRENT = 1;
 const ET_EXEC = 2;
 const ET_DYN = 3;
+const EM_386 = 3;
 const EM_X86_64 = 62;
-const EHDR_SIZE = 64;
-const PHDR_SIZE = 56;
+
+/** Where one ELF class keeps what we read (the ELF specification's Elf32/Elf64 layouts). */
+interface ElfLayout {
+  name: string;
+  machine: number;
+  machineName: string;
+  ehdrSize: number;
+  phdrSize: number;
+  /** Reads an address-sized field (undefined: 2^53 or more). */
+  word(b: Uint8Array, off: number): number | undefined;
+  entry: number;
+  phoff: number;
+  phentsize: number;
+  phnum: number;
+  /** Program header fields, from the header's start. */
+  pOffset: number;
+  pPaddr: number;
+  pFilesz: number;
+  pMemsz: number;
+}
+
+const ELF64: ElfLayout = {
+  name: 'ELF64',
+  machine: EM_X86_64,
+  machineName: 'x86_64',
+  ehdrSize: 64,
+  phdrSize: 56,
+  word: (b, off) => rd64(b, off),
+  entry: 24,
+  phoff: 32,
+  phentsize: 54,
+  phnum: 56,
+  pOffset: 8,
+  pPaddr: 24,
+  pFilesz: 32,
+  pMemsz: 40,
+};
+
+const ELF32: ElfLayout = {
+  name: 'ELF32',
+  machine: EM_386,
+  machineName: 'i386',
+  ehdrSize: 52,
+  phdrSize: 32,
+  word: (b, off) => rd32(b, off),
+  entry: 24,
+  phoff: 28,
+  phentsize: 42,
+  phnum: 44,
+  pOffset: 4,
+  pPaddr: 12,
+  pFilesz: 16,
+  pMemsz: 20,
+};
 export const PT_LOAD = 1;
 export const PT_NOTE = 4;
 /** XEN_ELFNOTE_PHYS32_ENTRY: the 32-bit physical PVH entry point. */
@@ -44,20 +101,24 @@ export function isElf(image: Uint8Array): boolean {
 
 export function parseElf(image: Uint8Array): Result<ElfInfo, ImageError> {
   const fail = (m: string) => err(new ImageError(`ELF: ${m}`));
-  if (image.length < EHDR_SIZE)
-    return fail(`image is too short (${image.length} bytes) for an ELF64 header`);
+  if (image.length < 5) return fail(`image is too short (${image.length} bytes) for an ELF header`);
   if (!isElf(image)) return fail('bad magic');
-  if (image[4] !== ELFCLASS64) return fail('not a 64-bit ELF (EI_CLASS != ELFCLASS64)');
+  const L = image[4] === ELFCLASS64 ? ELF64 : image[4] === ELFCLASS32 ? ELF32 : undefined;
+  if (!L)
+    return fail(`unknown ELF class ${image[4]} (EI_CLASS: neither ELFCLASS32 nor ELFCLASS64)`);
+  if (image.length < L.ehdrSize)
+    return fail(`image is too short (${image.length} bytes) for an ${L.name} header`);
   if (image[5] !== ELFDATA2LSB) return fail('not little-endian');
   if (image[6] !== EV_CURRENT) return fail('unknown ELF version');
   const type = rd16(image, 16);
   if (type !== ET_EXEC && type !== ET_DYN) return fail(`not an executable (e_type ${type})`);
-  if (rd16(image, 18) !== EM_X86_64)
-    return fail(`not an x86_64 image (e_machine ${rd16(image, 18)})`);
-  const entry = rd64(image, 24);
-  const phoff = rd64(image, 32);
-  const phentsize = rd16(image, 54);
-  const phnum = rd16(image, 56);
+  if (rd16(image, 18) !== L.machine)
+    return fail(`${L.name}: not an ${L.machineName} image (e_machine ${rd16(image, 18)})`);
+  const PHDR_SIZE = L.phdrSize;
+  const entry = L.word(image, L.entry);
+  const phoff = L.word(image, L.phoff);
+  const phentsize = rd16(image, L.phentsize);
+  const phnum = rd16(image, L.phnum);
   if (entry === undefined) return fail('entry point is out of range');
   if (phentsize !== PHDR_SIZE) return fail(`unexpected program header size ${phentsize}`);
   // phnum 0xffff (PN_XNUM) moves the real count to a section header: no kernel needs that.
@@ -74,10 +135,10 @@ export function parseElf(image: Uint8Array): Result<ElfInfo, ImageError> {
     const ph = phoff + i * PHDR_SIZE;
     const ptype = rd32(image, ph);
     if (ptype !== PT_LOAD && ptype !== PT_NOTE) continue;
-    const offset = rd64(image, ph + 8);
-    const paddr = rd64(image, ph + 24);
-    const filesz = rd64(image, ph + 32);
-    const memsz = rd64(image, ph + 40);
+    const offset = L.word(image, ph + L.pOffset);
+    const paddr = L.word(image, ph + L.pPaddr);
+    const filesz = L.word(image, ph + L.pFilesz);
+    const memsz = L.word(image, ph + L.pMemsz);
     if (
       offset === undefined ||
       paddr === undefined ||
@@ -112,6 +173,10 @@ export function parseElf(image: Uint8Array): Result<ElfInfo, ImageError> {
       return fail(`segments at 0x${a.paddr.toString(16)} and 0x${b.paddr.toString(16)} overlap`);
     }
   }
+  if (L === ELF32 && pvhEntry === undefined)
+    return fail(
+      'a 32-bit (ELF32) kernel needs a PVH entry note (Xen XEN_ELFNOTE_PHYS32_ENTRY): multiboot kernels are not supported',
+    );
   return ok(pvhEntry === undefined ? { segments, entry } : { segments, entry, pvhEntry });
 }
 

@@ -66,7 +66,13 @@ export type WorkerRequest =
   /** Every device's state; only while paused (and the vCPUs paused: the registers are still). */
   | { op: 'save' }
   /** Restores every device, matched by kind and id; only while paused. */
-  | { op: 'restore'; devices: SavedDevice[] };
+  | { op: 'restore'; devices: SavedDevice[] }
+  /**
+   * PATCH /drives (helper P): block device `id` serves the image open at `fd` (opened and
+   * checked on the main thread, which keeps owning it) with `capacity` sectors from its next
+   * request on; its config space says so and the driver gets a config-change interrupt.
+   */
+  | { op: 'update-block'; id: string; fd: number; capacity: number };
 
 export interface WorkerReplies {
   counters: DeviceReport[];
@@ -74,6 +80,7 @@ export interface WorkerReplies {
   resume: void;
   save: SavedDevice[];
   restore: void;
+  'update-block': void;
 }
 
 export type MailboxRequest = WorkerRequest & { seq: number };

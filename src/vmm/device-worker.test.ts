@@ -168,6 +168,11 @@ test('device worker mailbox: counters per device, pause holds kicks, save, resto
       [['rng', 'entropy', 'entropy']],
     );
     assert.equal(c[0]!.device.entropy_bytes, 100);
+    // PATCH /drives names a block device: an rng one is not one (the worker says so).
+    await assert.rejects(
+      a.dw.request({ op: 'update-block', id: 'entropy', fd: 0, capacity: 8 }),
+      /this VM has no block device "entropy"/,
+    );
 
     // Saving needs the devices paused; paused, a kick waits.
     await assert.rejects(a.dw.request({ op: 'save' }), /only while the devices are paused/);

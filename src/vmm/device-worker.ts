@@ -15,6 +15,7 @@
  * worker; queue kicks go through the same guard.
  */
 import { isMainThread, parentPort, receiveMessageOnPort, workerData } from 'node:worker_threads';
+import { BLK_CONFIG_CAPACITY, BlockDevice, fdBlockFile } from '../devices/virtio/block/block.js';
 import { VirtioDevice } from '../devices/virtio/device.js';
 import type { CreatedBackend, EventOps } from '../devices/virtio/descriptor.js';
 import { deviceType } from '../devices/virtio/registry.js';
@@ -158,6 +159,16 @@ function main(d: DeviceWorkerData): void {
           const done = have.get(key(s.kind, s.id))!.device.restore(s.state);
           if (!done.ok) throw new Error(`${s.kind} device "${s.id}": ${done.error.message}`);
         }
+        return undefined;
+      }
+      case 'update-block': {
+        const x = devices.find((d) => d.slot.kind === 'block' && d.slot.id === r.id);
+        const backend = x?.created.backend;
+        if (!x || !(backend instanceof BlockDevice))
+          throw new Error(`this VM has no block device "${r.id}"`);
+        const field = backend.swapImage(fdBlockFile(r.fd), r.capacity);
+        if (x.device.state.changeConfig(BLK_CONFIG_CAPACITY, field))
+          n.eventfdWrite(x.slot.irqFd, 1);
         return undefined;
       }
     }

@@ -24,6 +24,7 @@ export {
 } from './snapshot-format.js';
 export { rebaseMemoryFile, type RebaseResult } from './snapshot-memory.js';
 export { checkHostCanRun } from './host-check.js';
+export { replaceDriveImage, type DriveImageChange } from './drive-patch.js';
 export type { AttachedDevices } from './legacy-devices.js';
 export {
   DEFAULT_BOOT_ARGS,

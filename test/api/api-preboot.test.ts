@@ -256,7 +256,6 @@ describe('API pre-boot (real socket, child process)', () => {
       ['PUT', '/mmds', {}],
       ['PUT', '/mmds/config', {}],
       ['PUT', '/cpu-config', {}],
-      ['PUT', '/serial', {}],
       ['GET', '/hotplug/memory'],
       ['PUT', '/pmem/p0', {}],
       ['DELETE', '/drives/root'],

@@ -244,6 +244,27 @@ export class VirtioMmioState {
   }
 
   /**
+   * The device changed its configuration space (§2.4.1; helper P, PATCH /drives): writes `bytes`
+   * at `offset` and bumps ConfigGeneration under the lock, so a driver that reads across the
+   * change sees two generations and reads again. Then, if the driver is live (DRIVER_OK), sets
+   * the config-change InterruptStatus bit and returns true: the caller signals the irqfd.
+   */
+  changeConfig(offset: number, bytes: Uint8Array): boolean {
+    const len = this.s[REGS.configLen]!;
+    if (!Number.isInteger(offset) || offset < 0 || offset + bytes.length > len)
+      throw new Error(
+        `config change at ${offset}+${bytes.length} is outside the ${len}-byte space`,
+      );
+    const live = this.mutex.with(() => {
+      this.config.set(bytes, offset);
+      Atomics.add(this.s, REGS.configGeneration, 1);
+      return (this.s[REGS.status]! & STATUS_DRIVER_OK) !== 0;
+    });
+    if (live) this.raise(INT_CONFIG_CHANGE);
+    return live;
+  }
+
+  /**
    * Marks the device broken (§2.1.2: DEVICE_NEEDS_RESET) unless a reset happened since `epoch`.
    * Returns true when the bit was newly set: the caller raises a config-change interrupt.
    */

@@ -90,7 +90,17 @@ export interface BlockCounters {
   unsupported: number;
   /** Requests over seg_max, size_max or BLK_MAX_REQUEST_BYTES (also in badRequests). */
   oversized: number;
+  /** Backing images swapped in by PATCH /drives (Firecracker's update_count). */
+  updates: number;
 }
+
+/** The capacity field of struct virtio_blk_config (offset BLK_CONFIG_CAPACITY, 8 bytes LE). */
+export function blockCapacityField(capacity: number): Uint8Array {
+  const b = new Uint8Array(8);
+  new DataView(b.buffer).setBigUint64(0, BigInt(capacity), true);
+  return b;
+}
+export const BLK_CONFIG_CAPACITY = 0;
 
 /** What the transport offers for a disk (device ID, features, config space). */
 export function blockIdentity(capacity: number, readOnly: boolean): VirtioDeviceIdentity {
@@ -129,13 +139,37 @@ export class BlockDevice implements VirtioBackend {
     badRequests: 0,
     unsupported: 0,
     oversized: 0,
+    updates: 0,
   };
   private readonly logged = new Set<string>();
   private limits: RequestLimits = blockLimits(0n);
+  private file: BlockFile;
+  private capacity: number;
 
   constructor(private readonly o: BlockDeviceOptions) {
     if (o.serial.length > BLK_ID_BYTES) throw new Error('block serial longer than 20 bytes');
     this.name = o.name;
+    this.file = o.file;
+    this.capacity = o.capacity;
+  }
+
+  /** The disk size now, in 512-byte sectors. */
+  get sectors(): number {
+    return this.capacity;
+  }
+
+  /**
+   * PATCH /drives after boot (helper P): from the next request on, the disk is `file` with
+   * `capacity` sectors. Requests are served synchronously on this thread, so none is in flight.
+   * Returns the new config-space capacity field (offset 0) for the transport's config change.
+   */
+  swapImage(file: BlockFile, capacity: number): Uint8Array {
+    if (!Number.isSafeInteger(capacity) || capacity < 1)
+      throw new Error(`bad disk capacity ${capacity} sectors`);
+    this.file = file;
+    this.capacity = capacity;
+    this.counters.updates++;
+    return blockCapacityField(capacity);
   }
 
   activate(features: bigint, _io: QueueIo): void {
@@ -143,7 +177,7 @@ export class BlockDevice implements VirtioBackend {
   }
 
   handle(_queue: number, chain: DescriptorChain): number {
-    const p = parseBlockRequest(chain, this.o.capacity, this.limits);
+    const p = parseBlockRequest(chain, this.capacity, this.limits);
     if (!p.ok) {
       this.counters.badRequests++;
       if (p.oversized) this.counters.oversized++;
@@ -160,7 +194,7 @@ export class BlockDevice implements VirtioBackend {
         case 'read': {
           let pos = r.offset;
           for (const seg of r.data) {
-            this.o.file.read(seg, pos);
+            this.file.read(seg, pos);
             pos += seg.length;
           }
           written = r.length;
@@ -176,7 +210,7 @@ export class BlockDevice implements VirtioBackend {
           }
           let pos = r.offset;
           for (const seg of r.data) {
-            this.o.file.write(seg, pos);
+            this.file.write(seg, pos);
             pos += seg.length;
           }
           this.counters.writes++;
@@ -184,7 +218,7 @@ export class BlockDevice implements VirtioBackend {
           break;
         }
         case 'flush':
-          if (!this.o.readOnly) this.o.file.flush();
+          if (!this.o.readOnly) this.file.flush();
           this.counters.flushes++;
           break;
         case 'get-id': {

@@ -118,3 +118,24 @@ function blockDeviceSize(path: string, rdev: number): number {
     throw new ConfigError(`${path}: cannot read the block device's size`);
   return sectors * 512;
 }
+
+/**
+ * PATCH /drives after boot (helper P): opens a running drive's new image with every check of
+ * openBlockImage (same read-only mode, serial and block-device permission as the drive had).
+ * The new image may be the drive's own current file (re-read after a resize on the host), but
+ * not an image another drive serves: `others` are their open descriptors. Throws ConfigError;
+ * the caller closes the returned fd (or hands it to the device and closes the old one).
+ */
+export function openReplacementImage(
+  c: BlockConfig,
+  others: ReadonlyArray<{ id: string; fd: number }>,
+): BlockHost & { warnings: string[] } {
+  if (typeof c.path !== 'string' || c.path === '' || c.path.includes('\0'))
+    throw new ConfigError(`drive ${c.id}: path_on_host is not a valid path`);
+  const taken = new Map<string, string>();
+  for (const o of others) {
+    const st = fstatSync(o.fd);
+    taken.set(`image ${st.dev}:${st.ino}`, `drive ${o.id}`);
+  }
+  return openBlockImage(c, { claim: (resource) => taken.get(resource) });
+}

@@ -42,6 +42,8 @@ export const blockDevice: DeviceType<BlockConfig, BlockHost> = {
         execute_fails: dev.counters.ioErrors,
         // Ours: requests over seg_max / size_max / the request byte cap (in invalid_reqs_count).
         oversized_reqs_count: dev.counters.oversized,
+        // PATCH /drives image swaps (Firecracker's BlockDeviceMetrics update_count).
+        update_count: dev.counters.updates,
       }),
     };
   },

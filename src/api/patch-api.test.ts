@@ -1,0 +1,217 @@
+/**
+ * PATCH /drives and PATCH /network-interfaces in the controller (helper P): before boot, the
+ * unknown id, an empty update, rate limiters merged as Firecracker merges them; every refusal
+ * leaves GET /vm/config as it was. The image swap itself is in test/host/drive-patch.test.ts.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import {
+  existsSync,
+  fstatSync,
+  mkdtempSync,
+  rmSync,
+  statSync,
+  symlinkSync,
+  writeFileSync,
+} from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import type { BuiltVm, VmConfig } from '../vmm/index.js';
+import { LoggerControl } from './logger.js';
+import { MetricsSystem } from './metrics.js';
+import { mergeRateLimiter, POST_BOOT_ONLY, VmmController, type ApiOutcome } from './controller.js';
+import { route, type VmmAction } from './routes.js';
+
+test('mergeRateLimiter: a bucket left out stays, one given replaces, size or refill 0 disables', () => {
+  const bw = { size: 1000, refill_time: 100 };
+  const ops = { size: 10, one_time_burst: 5, refill_time: 1000 };
+  assert.deepEqual(mergeRateLimiter(undefined, { bandwidth: bw }), { bandwidth: bw });
+  assert.deepEqual(mergeRateLimiter({ bandwidth: bw }, { ops }), { bandwidth: bw, ops });
+  assert.deepEqual(mergeRateLimiter({ bandwidth: bw, ops }, { ops: { size: 0, refill_time: 9 } }), {
+    bandwidth: bw,
+  });
+  assert.equal(
+    mergeRateLimiter({ bandwidth: bw }, { bandwidth: { size: 5, refill_time: 0 } }),
+    undefined,
+  );
+  assert.deepEqual(mergeRateLimiter({ bandwidth: bw }, {}), { bandwidth: bw });
+});
+
+function controller(saved: VmConfig) {
+  const metrics = new MetricsSystem('test');
+  const vm = {
+    vmm: { state: 'running', exited: new Promise(() => undefined), vcpuCount: 0 },
+    devices: {},
+    parts: { config: saved },
+  } as unknown as BuiltVm;
+  const c = new VmmController({
+    instanceId: 'test',
+    version: '0',
+    metrics,
+    logger: new LoggerControl(metrics.counters),
+    loadSnapshot: async () => Promise.resolve(vm),
+  });
+  const run = (m: string, p: string, body: unknown): Promise<ApiOutcome> => {
+    const r = route(m, p, JSON.stringify(body));
+    assert.ok(r.action, r.fault);
+    return c.handle(r.action);
+  };
+  return { c, run, vm };
+}
+
+const fault = (o: ApiOutcome) => ('fault' in o ? o.fault : '');
+
+test("PATCH before boot: Firecracker's answer, nothing stored", async () => {
+  const { c, run } = controller({} as VmConfig);
+  const dir = mkdtempSync(join(tmpdir(), 'typervisor-patch-'));
+  try {
+    const img = join(dir, 'd.img');
+    writeFileSync(img, new Uint8Array(4096));
+    const put = route(
+      'PUT',
+      '/drives/d',
+      JSON.stringify({
+        drive_id: 'd',
+        path_on_host: img,
+        is_root_device: false,
+        is_read_only: true,
+      }),
+    );
+    const p = await c.handle(put.action!);
+    assert.equal(p.status, 204, fault(p));
+    const before = c.fullConfig();
+    let r = await run('PATCH', '/drives/d', {
+      drive_id: 'd',
+      rate_limiter: { ops: { size: 1, refill_time: 1 } },
+    });
+    assert.equal(fault(r), POST_BOOT_ONLY);
+    r = await run('PATCH', '/network-interfaces/e', { iface_id: 'e', rx_rate_limiter: {} });
+    assert.equal(fault(r), POST_BOOT_ONLY);
+    assert.deepEqual(c.fullConfig(), before);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('PATCH after boot: rate limiters stored and merged; unknown ids and empty updates refused', async () => {
+  const saved = {
+    'machine-config': { vcpu_count: 1, mem_size_mib: 32 },
+    drives: [{ drive_id: 'root', is_root_device: true, path_on_host: '/x.img' }],
+    'network-interfaces': [
+      {
+        iface_id: 'eth0',
+        host_dev_name: 'tap0',
+        rx_rate_limiter: { ops: { size: 9, refill_time: 9 } },
+      },
+    ],
+  } as unknown as VmConfig;
+  const { c, run, vm } = controller(saved);
+  const load: VmmAction = route(
+    'PUT',
+    '/snapshot/load',
+    JSON.stringify({ snapshot_path: 's', mem_file_path: 'm' }),
+  ).action!;
+  assert.equal((await c.handle(load)).status, 204);
+  const before = c.fullConfig();
+
+  let r = await run('PATCH', '/network-interfaces/eth1', { iface_id: 'eth1', rx_rate_limiter: {} });
+  assert.match(fault(r), /no network interface with id eth1/);
+  r = await run('PATCH', '/drives/other', { drive_id: 'other', rate_limiter: {} });
+  assert.match(fault(r), /no drive with id other/);
+  r = await run('PATCH', '/drives/root', { drive_id: 'root' });
+  assert.match(fault(r), /changes nothing/);
+  // A VM whose drive has no device (here: a stand-in without virtio slots): refused, unchanged.
+  r = await run('PATCH', '/drives/root', {
+    drive_id: 'root',
+    path_on_host: '/y.img',
+    rate_limiter: { bandwidth: { size: 1, refill_time: 1 } },
+  });
+  assert.match(fault(r), /^Unable to patch the block device: drive root is not attached/);
+  assert.deepEqual(c.fullConfig(), before);
+
+  const bw = { size: 1000, refill_time: 100 };
+  r = await run('PATCH', '/network-interfaces/eth0', {
+    iface_id: 'eth0',
+    rx_rate_limiter: { bandwidth: bw },
+    tx_rate_limiter: { bandwidth: bw },
+  });
+  assert.equal(r.status, 204);
+  r = await run('PATCH', '/drives/root', {
+    drive_id: 'root',
+    rate_limiter: { ops: { size: 5, refill_time: 50 } },
+  });
+  assert.equal(r.status, 204);
+  const after = c.fullConfig();
+  assert.deepEqual(after['network-interfaces'][0], {
+    iface_id: 'eth0',
+    host_dev_name: 'tap0',
+    rx_rate_limiter: { ops: { size: 9, refill_time: 9 }, bandwidth: bw },
+    tx_rate_limiter: { bandwidth: bw },
+  });
+  assert.deepEqual(after.drives[0], {
+    ...saved.drives[0],
+    rate_limiter: { ops: { size: 5, refill_time: 50 } },
+  });
+  // The VM's own configuration (what a snapshot saves) follows: it is not the controller's.
+  assert.notEqual(vm.parts.config, undefined);
+  assert.deepEqual(vm.parts.config.drives, after.drives);
+  assert.deepEqual(vm.parts.config['network-interfaces'], after['network-interfaces']);
+});
+
+test('PUT /serial: checked like log_path, handed to the build, pre-boot only', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'typervisor-serial-'));
+  try {
+    const metrics = new MetricsSystem('test');
+    let consoleFd: number | undefined;
+    const c = new VmmController({
+      instanceId: 'test',
+      version: '0',
+      metrics,
+      logger: new LoggerControl(metrics.counters),
+      build: (_spec, opts) => {
+        consoleFd = opts.consoleFd;
+        return {
+          vmm: { state: 'running', exited: new Promise(() => undefined), vcpuCount: 0 },
+          devices: {},
+        } as unknown as BuiltVm;
+      },
+    });
+    const run = (m: string, p: string, body: unknown) => {
+      const r = route(m, p, JSON.stringify(body));
+      assert.ok(r.action, r.fault);
+      if (p === '/serial') assert.deepEqual(r.metric, ['put_api_requests', 'serial']);
+      return c.handle(r.action);
+    };
+    assert.match(route('PUT', '/serial', '{"serial_out_path": 3}').fault!, /serial_out_path/);
+    assert.match(route('PUT', '/serial', '{"path": "x"}').fault!, /path/);
+    const out = join(dir, 'serial.out');
+    symlinkSync(join(dir, 'elsewhere'), join(dir, 'link'));
+    let r = await run('PUT', '/serial', { serial_out_path: join(dir, 'link') });
+    assert.match(fault(r), /serial_out_path .*symbolic link/);
+    assert.equal(existsSync(join(dir, 'elsewhere')), false, 'nothing created through the link');
+    r = await run('PUT', '/serial', { serial_out_path: join(dir, 'no', 'such', 'dir', 'f') });
+    assert.match(fault(r), /directory does not exist/);
+    r = await run('PUT', '/serial', { serial_out_path: out });
+    assert.equal(r.status, 204, fault(r));
+    assert.equal(statSync(out).mode & 0o777, 0o600);
+
+    const kernel = join(dir, 'k');
+    writeFileSync(kernel, new Uint8Array(4096));
+    assert.equal((await run('PUT', '/boot-source', { kernel_image_path: kernel })).status, 204);
+    r = await c.handle({ kind: 'InstanceStart' });
+    assert.equal(r.status, 204, fault(r));
+    {
+      assert.ok(consoleFd !== undefined);
+      const a = fstatSync(consoleFd);
+      const b = statSync(out);
+      assert.deepEqual([a.dev, a.ino], [b.dev, b.ino]);
+      r = await run('PUT', '/serial', { serial_out_path: out });
+      assert.equal(
+        fault(r),
+        'The requested operation is not supported after starting the microVM.',
+      );
+    }
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
