@@ -213,30 +213,8 @@ const KNOWN: Record<string, string> = {
   'configured GET /mmds': MMDS_404,
   'running GET /mmds': MMDS_404,
   'paused GET /mmds': MMDS_404,
-  'fresh GET /vm/config':
-    'on a fresh VM, "boot-source", "vsock", "entropy", "logger" and "metrics" are null where ' +
-    'the description says object. Firecracker itself answers null for unset optional sections ' +
-    '(and initrd_path/boot_args null), but "boot-source" is an object there ' +
-    '({"kernel_image_path":"",...})',
-  'running PATCH /network-interfaces/{iface_id}':
-    'updating an interface\'s rate limiters after boot answers 400 "not implemented"; Firecracker 204',
-  'paused PATCH /network-interfaces/{iface_id}':
-    'updating an interface\'s rate limiters after boot answers 400 "not implemented"; Firecracker 204',
-  'loaded GET /vm/config':
-    'after a snapshot load, "logger" and "metrics" are null where the description says object ' +
-    '(as Firecracker answers for unset sections)',
   'full PUT /machine-config':
     'smt: true is refused ("not supported yet"); Firecracker accepts it on x86 (even vCPU count)',
-  'full PUT /network-interfaces/{iface_id}':
-    'guest_mac 07:00:00:00:00:01 is refused as multicast; Firecracker accepts any MAC',
-  'deprecated PUT /machine-config':
-    'no `Deprecation: true` header when the body has cpu_template (Firecracker sends it)',
-  'deprecated PUT /vsock':
-    'no `Deprecation: true` header when the body has vsock_id (Firecracker sends it)',
-  'running PATCH /drives/{drive_id}':
-    'updating a drive after boot (new path_on_host) answers 400 "not implemented"; Firecracker 204',
-  'paused PATCH /drives/{drive_id}':
-    'updating a drive after boot (new path_on_host) answers 400 "not implemented"; Firecracker 204',
 };
 
 const key = (op: Operation) => `${op.method} ${op.path}`;
