@@ -22,6 +22,7 @@ const KVMIO = 0xae;
 const TUN_AND_TTY = 0x54; // 'T': TUNSET*, TCGETS/TCSETS, TIOCGWINSZ, FIONBIO, FIOCLEX
 const UFFDIO = 0xaa;
 const AF_UNIX = 1;
+const O_PATH = 0o10000000;
 const CLONE_THREAD = 0x10000;
 const ENOSYS = 38;
 
@@ -124,6 +125,23 @@ const DEVICE: Policy = {
     { syscall: 'socket', args: [arg(0, AF_UNIX, 'vsock backends: Unix sockets only')] },
     ...any('connect', 'accept4', 'shutdown', 'sendmsg', 'recvmsg', 'getsockopt'),
     ...any('eventfd2', 'epoll_create1'),
+    // A guest's vsock connection to <uds>_<port>: the socket's inode is pinned with
+    // open(O_PATH | O_NOFOLLOW) and checked (statx, access of /proc/self/fd/N) before connect
+    // (unix-host.ts connectNoFollow). Only O_PATH opens: no file can be read or written this way.
+    {
+      syscall: 'openat',
+      args: [
+        {
+          index: 2,
+          type: 'dword',
+          op: 'masked_eq',
+          mask: BigInt(O_PATH),
+          val: BigInt(O_PATH),
+          comment: 'O_PATH only',
+        },
+      ],
+    },
+    ...any('statx', 'access'),
   ],
 };
 
