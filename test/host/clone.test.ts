@@ -15,32 +15,13 @@ import { join } from 'node:path';
 import { call, startServer, type ServerProcess } from '../api/client.js';
 import { cloneMemory } from '../../src/vmm/clone-memory.js';
 import { CLI, guestPath, oneLine, processGone, runCli, tempDir, tinyGuests } from './helpers.js';
+import { BANNER, numbers, until, lineCount } from './counting-guest.js';
 
 const guests = tinyGuests();
 const T = { timeout: 120_000, skip: guests.skip ?? false };
 const MEM_MIB = 32;
 const N = 3;
-const BANNER = 'tiny guest up\n';
 
-function numbers(text: string): number[] {
-  const body = text.startsWith(BANNER) ? text.slice(BANNER.length) : text;
-  const lines = body.split('\n');
-  lines.pop();
-  return lines.map((l) => {
-    assert.match(l, /^[0-9a-f]{8}$/, `console line ${JSON.stringify(l)}`);
-    return parseInt(l, 16);
-  });
-}
-
-async function until(f: () => boolean, ms: number, what: string): Promise<void> {
-  const end = Date.now() + ms;
-  while (!f()) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 20));
-  }
-}
-
-const lineCount = (s: string) => s.split('\n').length - 1;
 const readOr = (p: string) => (existsSync(p) ? readFileSync(p, 'latin1') : '');
 
 describe('typervisor clone with the counting tiny guest (KVM)', () => {

@@ -139,9 +139,10 @@ test(
     assert.equal(r.status, 204, r.body);
     cfg = await call(sock, 'GET', '/vm/config');
     assert.equal(cfg.json.drives[0].path_on_host, newImg);
+    // GET /vm/config answers in Firecracker's shape: an unset one_time_burst is null.
     assert.deepEqual(cfg.json.drives[0].rate_limiter, {
-      bandwidth: { size: 1_000_000, refill_time: 100 },
-      ops: { size: 100, refill_time: 1000 },
+      bandwidth: { size: 1_000_000, one_time_burst: null, refill_time: 100 },
+      ops: { size: 100, one_time_burst: null, refill_time: 1000 },
     });
     assert.doesNotMatch(srv.stderr(), /host I\/O error|bad request/);
   },

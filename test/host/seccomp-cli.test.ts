@@ -44,10 +44,17 @@ async function threadsOfRun(extra: string[]): Promise<ThreadInfo[]> {
       timeoutMs: 20_000,
       onStdout: (text, child) => {
         if (seen.length > 0 || !text.includes('tiny guest up')) return;
-        // The device worker installs its filter once its devices are built: wait for its name.
+        // The device worker names itself at start and installs its filter once its devices
+        // are built (the vCPU worker likewise before its run loop): wait, up to 5 s, until both
+        // threads carry the filters they are meant to end with, then read what they carry.
+        const deadline = Date.now() + 5_000;
+        const want = extra.includes('--no-seccomp') ? 0 : 2;
         const poll = () => {
           const t = threads(child.pid!);
-          if (t.some((x) => x.comm === 'tv-device') && t.some((x) => x.comm === 'tv-vcpu0')) {
+          const dev = t.find((x) => x.comm === 'tv-device');
+          const cpu = t.find((x) => x.comm === 'tv-vcpu0');
+          const done = dev && cpu && dev.filters >= want && cpu.filters >= want;
+          if ((dev && cpu && Date.now() > deadline) || done) {
             seen = t;
             child.kill('SIGTERM');
           } else setTimeout(poll, 20);

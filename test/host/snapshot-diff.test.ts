@@ -22,6 +22,7 @@ import { spawnSync } from 'node:child_process';
 import { closeSync, openSync, writeFileSync } from 'node:fs';
 import { native, SEEK_DATA, SEEK_HOLE } from '../../src/kvm/native.js';
 import { guestPath, REPO, runCli, tinyGuests } from './helpers.js';
+import { BANNER, numbers, assertConsecutive, until, lineCount } from './counting-guest.js';
 
 const guests = tinyGuests();
 const T = { timeout: 120_000, skip: guests.skip ?? false };
@@ -29,36 +30,10 @@ const MEM_MIB = 32;
 const PAGE = 4096;
 /** Where countmem.elf keeps its count (test/guests/tiny.S). */
 const COUNT_ADDR = 0x200000;
-const BANNER = 'tiny guest up\n';
 const DIFF_REFUSED =
   'Create snapshot error: Diff snapshots are not allowed on uVMs with dirty page tracking disabled.';
 const fault = (r: { json?: { fault_message?: string } }) => r.json?.fault_message ?? '';
 
-/** Complete hex lines of a console text (the banner and a cut last line left out). */
-function numbers(text: string): number[] {
-  const body = text.startsWith(BANNER) ? text.slice(BANNER.length) : text;
-  const lines = body.split('\n');
-  lines.pop();
-  return lines.map((l) => {
-    assert.match(l, /^[0-9a-f]{8}$/, `console line ${JSON.stringify(l)}`);
-    return parseInt(l, 16);
-  });
-}
-
-function assertConsecutive(ns: number[], what: string): void {
-  for (let i = 1; i < ns.length; i++)
-    assert.equal(ns[i], ns[i - 1]! + 1, `${what}: ${ns[i - 1]} then ${ns[i]} (line ${i})`);
-}
-
-async function until(f: () => boolean, ms: number, what: string): Promise<void> {
-  const end = Date.now() + ms;
-  while (!f()) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 10));
-  }
-}
-
-const lineCount = (s: string) => s.split('\n').length - 1;
 const settle = () => new Promise((r) => setTimeout(r, 200));
 /** The 4 KiB pages holding data in a (sparse) file. */
 function dataPages(path: string): Set<number> {

@@ -13,39 +13,13 @@ import { readdirSync, readFileSync, readlinkSync, statSync, writeFileSync } from
 import { join } from 'node:path';
 import { call, startServer, tempDir, type ServerProcess } from '../api/client.js';
 import { guestPath, oneLine, runCli, tinyGuests } from './helpers.js';
+import { BANNER, numbers, assertConsecutive, until, lineCount } from './counting-guest.js';
 
 const guests = tinyGuests();
 const T = { timeout: 60_000, skip: guests.skip ?? false };
 const MEM_MIB = 32;
 const PAGE = 4096;
-const BANNER = 'tiny guest up\n';
 const fault = (r: { json?: { fault_message?: string } }) => r.json?.fault_message ?? '';
-
-/** Complete hex lines of a console text (the banner and a cut last line left out). */
-function numbers(text: string): number[] {
-  const body = text.startsWith(BANNER) ? text.slice(BANNER.length) : text;
-  const lines = body.split('\n');
-  lines.pop(); // after the last '\n': empty, or a line cut short
-  return lines.map((l) => {
-    assert.match(l, /^[0-9a-f]{8}$/, `console line ${JSON.stringify(l)}`);
-    return parseInt(l, 16);
-  });
-}
-
-function assertConsecutive(ns: number[], what: string): void {
-  for (let i = 1; i < ns.length; i++)
-    assert.equal(ns[i], ns[i - 1]! + 1, `${what}: ${ns[i - 1]} then ${ns[i]} (line ${i})`);
-}
-
-async function until(f: () => boolean, ms: number, what: string): Promise<void> {
-  const end = Date.now() + ms;
-  while (!f()) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 10));
-  }
-}
-
-const lineCount = (s: string) => s.split('\n').length - 1;
 
 /** What a process still holds of KVM: vCPU mappings, KVM fds and KVM's kernel tasks. */
 function kvmLeftoversOf(pid: number): string[] {

@@ -1,0 +1,33 @@
+/**
+ * Reading the counting tiny guests' console (test/guests/tiny.S MODE_COUNT, countmem.elf):
+ * a banner, then one 8-digit hex number per line. Shared by the snapshot, Diff and clone tests.
+ */
+import assert from 'node:assert/strict';
+
+export const BANNER = 'tiny guest up\n';
+
+/** Complete hex lines of a console text (the banner and a cut last line left out). */
+export function numbers(text: string): number[] {
+  const body = text.startsWith(BANNER) ? text.slice(BANNER.length) : text;
+  const lines = body.split('\n');
+  lines.pop(); // after the last '\n': empty, or a line cut short
+  return lines.map((l) => {
+    assert.match(l, /^[0-9a-f]{8}$/, `console line ${JSON.stringify(l)}`);
+    return parseInt(l, 16);
+  });
+}
+
+export function assertConsecutive(ns: number[], what: string): void {
+  for (let i = 1; i < ns.length; i++)
+    assert.equal(ns[i], ns[i - 1]! + 1, `${what}: ${ns[i - 1]} then ${ns[i]} (line ${i})`);
+}
+
+export async function until(f: () => boolean, ms: number, what: string): Promise<void> {
+  const end = Date.now() + ms;
+  while (!f()) {
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 10));
+  }
+}
+
+export const lineCount = (s: string) => s.split('\n').length - 1;
