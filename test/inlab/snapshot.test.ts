@@ -41,6 +41,9 @@ const BIND = 'mount --bind "$1" "$2" && shift 2 && exec "$@"';
 const counters = (s: string) => [...s.matchAll(/CNT=(\d+)\r?\n/g)].map((m) => Number(m[1]));
 
 /** Says whether line n of the counter file is n, and how many lines it has. */
+// Every number read back from the console is matched up to its end of line: the console
+// arrives a few bytes at a time under the lab's emulation, so "FILE-GOOD 1" may be the first
+// part of "FILE-GOOD 15" (what made this test fail twice with "file has 1 lines").
 const CHECK_FILE =
   'wc -l /mnt/counter; tail -n 2 /mnt/counter; awk \'$1!=NR{bad++} END{print "FILE-" (bad?"BAD":"GOOD"), NR}\' /mnt/counter\n';
 
@@ -169,7 +172,7 @@ test(
       );
       await a.waitFor(/MNT-OK/, 60_000);
       await a.waitFor(/CRNG-READY/, 120_000);
-      const [, bound] = (await a.waitFor(/VMGENID-DRIVER (\d+)/, 60_000)) as RegExpMatchArray;
+      const [, bound] = (await a.waitFor(/VMGENID-DRIVER (\d+)\r?\n/, 60_000)) as RegExpMatchArray;
       assert.equal(bound, '1', `the guest's vmgenid driver did not bind\n${a.describe()}`);
       const end = Date.now() + 120_000;
       while (counters(a.out).length < 6) {
@@ -180,7 +183,7 @@ test(
       // The file before the snapshot: line n is n.
       a.send(CHECK_FILE);
       const [, aVerdict, aLines] = (await a.waitFor(
-        /FILE-(GOOD|BAD) (\d+)/,
+        /FILE-(GOOD|BAD) (\d+)\r?\n/,
         60_000,
       )) as RegExpMatchArray;
       assert.equal(aVerdict, 'GOOD', a.describe());
@@ -261,7 +264,7 @@ test(
       for (const vm of [b, c]) {
         const [, hex] = (await vm.waitFor(/RND-([0-9a-f]{32})\r?\n/, 60_000)) as RegExpMatchArray;
         rnd.push(hex!);
-        const [, reseeds] = (await vm.waitFor(/RESEEDS (\d+)/, 60_000)) as RegExpMatchArray;
+        const [, reseeds] = (await vm.waitFor(/RESEEDS (\d+)\r?\n/, 60_000)) as RegExpMatchArray;
         assert.equal(reseeds, '1', `the guest did not reseed on the new VM id\n${vm.describe()}`);
       }
       assert.notEqual(rnd[0], rnd[1], 'two clones read the same bytes from /dev/urandom');
@@ -270,7 +273,7 @@ test(
       // B: the file on the disk is intact (line n is n) and has grown past A's last value.
       b.send(CHECK_FILE);
       const [, verdict, lines] = (await b.waitFor(
-        /FILE-(GOOD|BAD) (\d+)/,
+        /FILE-(GOOD|BAD) (\d+)\r?\n/,
         60_000,
       )) as RegExpMatchArray;
       assert.equal(verdict, 'GOOD', b.describe());
