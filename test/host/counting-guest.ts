@@ -3,6 +3,9 @@
  * a banner, then one 8-digit hex number per line. Shared by the snapshot, Diff and clone tests.
  */
 import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
+import type { BuiltVm } from '../../src/vmm/builder.js';
+import { eventually } from './helpers.js';
 
 export const BANNER = 'tiny guest up\n';
 
@@ -31,3 +34,25 @@ export async function until(f: () => boolean, ms: number, what: string): Promise
 }
 
 export const lineCount = (s: string) => s.split('\n').length - 1;
+
+/** The counter lines a console file holds (8 hex digits each), as numbers. */
+export function counts(file: string): number[] {
+  return readFileSync(file, 'utf8')
+    .split('\n')
+    .filter((l) => /^[0-9a-f]{8}$/.test(l))
+    .map((l) => parseInt(l, 16));
+}
+
+/** Waits (up to 20 s) until the console file holds at least n counter lines. */
+export async function lines(file: string, n: number): Promise<void> {
+  assert.ok(
+    await eventually(() => counts(file).length >= n, 20_000),
+    `${n} lines in ${file} (have ${counts(file).length})`,
+  );
+}
+
+/** Stops a VM built in this process and waits for it to end. */
+export async function stop(vm: BuiltVm): Promise<void> {
+  vm.vmm.requestStop();
+  await vm.vmm.exited;
+}

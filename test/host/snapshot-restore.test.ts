@@ -10,7 +10,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { existsSync, openSync, readFileSync, readdirSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { buildVm, type BuiltVm } from '../../src/vmm/builder.js';
+import { buildVm } from '../../src/vmm/builder.js';
 import { validateResources } from '../../src/vmm/resources.js';
 import { encodeSnapshotFile, readSnapshotFile } from '../../src/vmm/snapshot-format.js';
 import {
@@ -27,6 +27,7 @@ import {
   threadCount,
   tinyGuests,
 } from './helpers.js';
+import { counts, lines, stop } from './counting-guest.js';
 
 const guests = tinyGuests();
 const countGuest = guests.dir ? join(guests.dir, 'count.elf') : undefined;
@@ -34,26 +35,6 @@ const skip =
   guests.skip ??
   (countGuest && !existsSync(countGuest) ? 'the tiny guests have no MODE_COUNT' : false);
 const T = { timeout: 60_000, skip };
-
-/** The counter lines a console file holds (8 hex digits each), as numbers. */
-function counts(file: string): number[] {
-  return readFileSync(file, 'utf8')
-    .split('\n')
-    .filter((l) => /^[0-9a-f]{8}$/.test(l))
-    .map((l) => parseInt(l, 16));
-}
-
-async function lines(file: string, n: number): Promise<void> {
-  assert.ok(
-    await eventually(() => counts(file).length >= n, 20_000),
-    `${n} lines in ${file} (have ${counts(file).length})`,
-  );
-}
-
-async function stop(vm: BuiltVm): Promise<void> {
-  vm.vmm.requestStop();
-  await vm.vmm.exited;
-}
 
 function fds(): string[] {
   return readdirSync('/proc/self/fd');

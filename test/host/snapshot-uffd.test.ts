@@ -44,7 +44,7 @@ import {
   UFFDIO_REGISTER,
   UFFDIO_REGISTER_MODE_MISSING,
 } from '../../src/uffd/protocol.js';
-import { buildVm, type BuiltVm } from '../../src/vmm/builder.js';
+import { buildVm } from '../../src/vmm/builder.js';
 import { validateResources } from '../../src/vmm/resources.js';
 import {
   createSnapshot,
@@ -64,6 +64,7 @@ import {
   tinyGuests,
   type CliResult,
 } from './helpers.js';
+import { counts, lines, stop } from './counting-guest.js';
 
 const PAGE = 4096;
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
@@ -345,25 +346,6 @@ const skip =
   guests.skip ??
   (countGuest && !existsSync(countGuest) ? 'the tiny guests have no MODE_COUNT' : false);
 const T = { timeout: 90_000, skip };
-
-function counts(file: string): number[] {
-  return readFileSync(file, 'utf8')
-    .split('\n')
-    .filter((l) => /^[0-9a-f]{8}$/.test(l))
-    .map((l) => parseInt(l, 16));
-}
-
-async function lines(file: string, n: number): Promise<void> {
-  assert.ok(
-    await eventually(() => counts(file).length >= n, 20_000),
-    `${n} lines in ${file} (have ${counts(file).length})`,
-  );
-}
-
-async function stop(vm: BuiltVm): Promise<void> {
-  vm.vmm.requestStop();
-  await vm.vmm.exited;
-}
 
 const MEM_MIB = 32;
 
