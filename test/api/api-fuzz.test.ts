@@ -65,7 +65,8 @@ const STRINGS = [
   '2M',
   '/dev/null',
   '/tmp',
-  '/nonexistent',
+  // A missing directory: as root, a bare '/nonexistent' would be created by PUT /logger.
+  '/nonexistent-typervisor-fuzz/file',
   'tap0',
   '06:00:AC:10:00:02',
   'Info',

@@ -22,7 +22,13 @@ interface ThreadInfo {
 
 function threads(pid: number): ThreadInfo[] {
   const out: ThreadInfo[] = [];
-  for (const tid of readdirSync(`/proc/${pid}/task`)) {
+  let tids: string[];
+  try {
+    tids = readdirSync(`/proc/${pid}/task`);
+  } catch {
+    return out; // the process has ended
+  }
+  for (const tid of tids) {
     try {
       const status = readFileSync(`/proc/${pid}/task/${tid}/status`, 'utf8');
       const field = (k: string) => Number(new RegExp(`^${k}:\\s*(\\d+)`, 'm').exec(status)?.[1]);
@@ -38,6 +44,7 @@ function threads(pid: number): ThreadInfo[] {
 /** Boots the spin guest with an rng device; reads the threads once the guest is up. */
 async function threadsOfRun(extra: string[]): Promise<ThreadInfo[]> {
   let seen: ThreadInfo[] = [];
+  let polling = false;
   const r = await runCli(
     ['run', '--kernel', guestPath('spin'), '--memory', '32', '--rng', ...extra],
     {
@@ -45,13 +52,16 @@ async function threadsOfRun(extra: string[]): Promise<ThreadInfo[]> {
       // beside): a generous limit, and what was seen is reported when it is hit.
       timeoutMs: 45_000,
       onStdout: (text, child) => {
-        if (seen.length > 0 || !text.includes('tiny guest up')) return;
+        // onStdout gets the whole output so far on every chunk: poll once, not once per chunk.
+        if (polling || !text.includes('tiny guest up')) return;
+        polling = true;
         // The device worker names itself at start and installs its filter once its devices
         // are built (the vCPU worker likewise before its run loop): wait, up to 5 s, until both
         // threads carry the filters they are meant to end with, then read what they carry.
         const deadline = Date.now() + 5_000;
         const want = extra.includes('--no-seccomp') ? 0 : 2;
         const poll = () => {
+          if (child.exitCode !== null || child.signalCode !== null) return; // it ended first
           const t = threads(child.pid!);
           const dev = t.find((x) => x.comm === 'tv-device');
           const cpu = t.find((x) => x.comm === 'tv-vcpu0');
