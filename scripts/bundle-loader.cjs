@@ -1,0 +1,140 @@
+'use strict';
+/**
+ * The loader of one bundle (scripts/bundle.mjs copies it to dist/bundle/NAME.cjs with NAME
+ * filled in): what bin/typervisor and the workers start. It runs NAME.js compiled by
+ * `vm.Script` from its code cache NAME.cache, or, when the bundle is not there or not current,
+ * the un-bundled dist/ entry (only slower). A cache that is missing, made for another Node or
+ * other flags, or refused by V8 costs compile time, never correctness (V8 checks the source
+ * and its own version and flags as well).
+ *
+ * CommonJS and only node: built-ins, so that starting it loads nothing else (no ES module
+ * loader). Environment: TYPERVISOR_BUNDLE_MAKE_CACHE=1 makes NAME.cache and exits (the build
+ * does this); TYPERVISOR_NO_BUNDLE=1 runs dist/ (set by the launcher's fallback).
+ */
+const fs = require('node:fs');
+const path = require('node:path');
+const vm = require('node:vm');
+
+const NAME = '__BUNDLE_NAME__';
+const DIR = __dirname;
+const DIST = path.dirname(DIR);
+const KEY = Symbol.for('typervisor.bundle');
+
+/** What a cache is valid for, besides the bundle file itself (its size and mtime). */
+function cacheKey(bundleStat) {
+  return JSON.stringify([
+    process.version,
+    process.arch,
+    process.execArgv,
+    process.env.NODE_OPTIONS || '',
+    bundleStat.size,
+    bundleStat.mtimeMs,
+  ]);
+}
+
+function readManifest() {
+  try {
+    return JSON.parse(fs.readFileSync(path.join(DIR, 'manifest.json'), 'utf8'));
+  } catch {
+    return undefined;
+  }
+}
+
+/** 'ok', or why the bundle `name` may not run (its dist/ inputs changed since it was made). */
+function bundleState(name, manifest = readManifest()) {
+  const b = manifest && manifest.bundles && manifest.bundles[name];
+  if (!b) return 'no bundle';
+  if (!fs.existsSync(path.join(DIR, `${name}.js`))) return 'no bundle';
+  for (const [rel, [size, mtimeMs]] of Object.entries(b.inputs)) {
+    const st = fs.statSync(path.join(DIST, rel), { throwIfNoEntry: false });
+    if (!st || st.size !== size || st.mtimeMs !== mtimeMs) return `stale: dist/${rel} changed`;
+  }
+  return 'ok';
+}
+
+/** The cache of `name` if it was made for this bundle file and this Node, else undefined. */
+function readCache(name, bundleStat) {
+  let buf;
+  try {
+    buf = fs.readFileSync(path.join(DIR, `${name}.cache`));
+  } catch {
+    return undefined;
+  }
+  const nl = buf.indexOf(10);
+  if (nl < 0 || buf.toString('utf8', 0, nl) !== cacheKey(bundleStat)) return undefined;
+  return buf.subarray(nl + 1);
+}
+
+function cacheState(name) {
+  const st = fs.statSync(path.join(DIR, `${name}.js`), { throwIfNoEntry: false });
+  if (!st) return 'no bundle';
+  return readCache(name, st) ? 'ok' : 'missing or stale';
+}
+
+/** Compiles every function of the bundle (not only those run at load) and writes its cache. */
+function makeCache(name) {
+  const file = path.join(DIR, `${name}.js`);
+  const src = fs.readFileSync(file, 'utf8');
+  const st = fs.statSync(file);
+  const v8 = require('node:v8');
+  // Eager compilation for the cache only; the flag is put back before the cache is made, so
+  // that the cache carries the flags the VMM runs with (V8 refuses a cache made under others).
+  v8.setFlagsFromString('--no-lazy');
+  const script = new vm.Script(src, { filename: file });
+  v8.setFlagsFromString('--lazy');
+  const data = script.createCachedData();
+  const out = path.join(DIR, `${name}.cache`);
+  const tmp = `${out}.tmp-${process.pid}`;
+  fs.writeFileSync(tmp, Buffer.concat([Buffer.from(`${cacheKey(st)}\n`), data]));
+  fs.renameSync(tmp, out);
+}
+
+function runUnbundled(name, manifest) {
+  const entry =
+    (manifest && manifest.bundles && manifest.bundles[name] && manifest.bundles[name].entry) ||
+    undefined;
+  if (!entry) throw new Error(`typervisor: no entry for bundle ${name}`);
+  return import(require('node:url').pathToFileURL(path.join(DIST, entry)).href);
+}
+
+/**
+ * Runs bundle `name`; `checkInputs` false in a worker started by a bundled main thread (which
+ * checked already). Returns 'bundle' or 'dist' (which one ran).
+ */
+function run(name, checkInputs) {
+  const manifest = checkInputs ? readManifest() : undefined;
+  if (process.env.TYPERVISOR_NO_BUNDLE || (checkInputs && bundleState(name, manifest) !== 'ok')) {
+    runUnbundled(name, manifest || readManifest()).catch((e) => {
+      process.stderr.write(`typervisor: internal error: ${e && e.stack}\n`);
+      process.exit(1);
+    });
+    return 'dist';
+  }
+  const file = path.join(DIR, `${name}.js`);
+  const src = fs.readFileSync(file, 'utf8');
+  const st = fs.statSync(file);
+  const cachedData = readCache(name, st);
+  const script = new vm.Script(src, { filename: file, cachedData });
+  globalThis[KEY] = {
+    dir: DIR,
+    cache: cachedData === undefined ? 'none' : script.cachedDataRejected ? 'rejected' : 'used',
+  };
+  const fn = script.runInThisContext();
+  const mod = { exports: {} };
+  const url = require('node:url');
+  const urls = new Map();
+  const tvUrl = (rel) => {
+    let u = urls.get(rel);
+    if (u === undefined) urls.set(rel, (u = url.pathToFileURL(path.join(DIST, rel)).href));
+    return u;
+  };
+  fn(require, mod, mod.exports, tvUrl);
+  return 'bundle';
+}
+
+module.exports = { bundleState, cacheState, makeCache, run };
+
+if (NAME !== '__BUNDLE_' + 'NAME__' && require.main === module) {
+  if (process.env.TYPERVISOR_BUNDLE_MAKE_CACHE) makeCache(NAME);
+  else run(NAME, !require('node:worker_threads').isMainThread ? false : true);
+}
