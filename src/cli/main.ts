@@ -86,6 +86,8 @@ export async function main(argv: string[]): Promise<number> {
       prewarmVcpuWorkers(1);
       prewarmDeviceWorker();
     }
+    // The process ends with its VM: the kernel releases the VM at exit (builder.ts).
+    (await import('../vmm/index.js')).releaseVmsAtExit(true);
     const { firecrackerCommand } = await import('./firecracker.js');
     return firecrackerCommand(argv);
   }
@@ -101,6 +103,7 @@ export async function main(argv: string[]): Promise<number> {
   const customFilter = rest.some((a) => a.startsWith('--seccomp-filter'));
   if (cmd === 'run' && !rest.includes('--help') && !rest.includes('-h') && !customFilter)
     prewarmVcpuWorkers(vcpusHint(rest));
+  if (cmd === 'run') (await import('../vmm/index.js')).releaseVmsAtExit(true);
   const { exitCodeFor, runCommand, RUN_USAGE } = await import('./run.js');
   const USAGE = usage(RUN_USAGE);
   try {
