@@ -52,6 +52,48 @@ function bundleState(name, manifest = readManifest()) {
   return 'ok';
 }
 
+/** Whether the cache of `name` has the key of the bundle file as it is (reads its first line). */
+function cacheKeyCurrent(name) {
+  let fd;
+  try {
+    const st = fs.statSync(path.join(DIR, `${name}.js`));
+    fd = fs.openSync(path.join(DIR, `${name}.cache`), 'r');
+    const want = Buffer.from(`${cacheKey(st)}\n`);
+    const got = Buffer.alloc(want.length);
+    return fs.readSync(fd, got, 0, got.length, 0) === got.length && got.equals(want);
+  } catch {
+    return false;
+  } finally {
+    if (fd !== undefined) fs.closeSync(fd);
+  }
+}
+
+/**
+ * Remakes the caches of `names` in a background process (an eager compile takes longer than a
+ * start-up): this start runs without them, the next ones with them. Through `sh -c '... &'`,
+ * waited for here (a few ms): the maker is then nobody's child in this process, so nothing
+ * here reaps it later, when this thread's seccomp filter allows no wait4.
+ */
+function rebuildCaches(names) {
+  try {
+    const env = { ...process.env, TYPERVISOR_BUNDLE_MAKE_CACHE: names.join(',') };
+    delete env.NODE_EXTRA_CA_CERTS;
+    require('node:child_process').spawnSync(
+      '/bin/sh',
+      [
+        '-c',
+        '"$0" "$@" </dev/null >/dev/null 2>&1 &',
+        process.execPath,
+        ...process.execArgv,
+        path.join(DIR, `${NAME}.cjs`),
+      ],
+      { env, stdio: 'ignore', timeout: 5000 },
+    );
+  } catch {
+    // no shell (a jail) or a read-only install: it only costs time
+  }
+}
+
 /** The cache of `name` if it was made for this bundle file and this Node, else undefined. */
 function readCache(name, bundleStat) {
   let buf;
@@ -99,11 +141,14 @@ function runUnbundled(name, manifest) {
 
 /**
  * Runs bundle `name`; `checkInputs` false in a worker started by a bundled main thread (which
- * checked already). Returns 'bundle' or 'dist' (which one ran).
+ * checked already). Returns 'bundle' or 'dist' (which one ran). TYPERVISOR_BUNDLE_DEBUG=1: one
+ * line on stderr saying which, and what became of the code cache.
  */
 function run(name, checkInputs) {
   const manifest = checkInputs ? readManifest() : undefined;
   if (process.env.TYPERVISOR_NO_BUNDLE || (checkInputs && bundleState(name, manifest) !== 'ok')) {
+    if (process.env.TYPERVISOR_BUNDLE_DEBUG)
+      process.stderr.write(`typervisor bundle ${name}: ran dist/ (${bundleState(name)})\n`);
     runUnbundled(name, manifest || readManifest()).catch((e) => {
       process.stderr.write(`typervisor: internal error: ${e && e.stack}\n`);
       process.exit(1);
@@ -115,10 +160,18 @@ function run(name, checkInputs) {
   const st = fs.statSync(file);
   const cachedData = readCache(name, st);
   const script = new vm.Script(src, { filename: file, cachedData });
-  globalThis[KEY] = {
-    dir: DIR,
-    cache: cachedData === undefined ? 'none' : script.cachedDataRejected ? 'rejected' : 'used',
-  };
+  const cache = cachedData === undefined ? 'none' : script.cachedDataRejected ? 'rejected' : 'used';
+  globalThis[KEY] = { dir: DIR, cache };
+  if (checkInputs) {
+    // The main thread (never a worker: its seccomp filter may forbid a spawn) remakes the
+    // caches that are missing, made for something else, or refused by V8.
+    const stale = Object.keys(manifest.bundles).filter((n) =>
+      n === name ? cache !== 'used' : !cacheKeyCurrent(n),
+    );
+    if (stale.length > 0) rebuildCaches(stale);
+  }
+  if (process.env.TYPERVISOR_BUNDLE_DEBUG)
+    process.stderr.write(`typervisor bundle ${name}: ran the bundle, code cache ${cache}\n`);
   const fn = script.runInThisContext();
   const mod = { exports: {} };
   const url = require('node:url');
@@ -135,6 +188,12 @@ function run(name, checkInputs) {
 module.exports = { bundleState, cacheState, makeCache, run };
 
 if (NAME !== '__BUNDLE_' + 'NAME__' && require.main === module) {
-  if (process.env.TYPERVISOR_BUNDLE_MAKE_CACHE) makeCache(NAME);
-  else run(NAME, !require('node:worker_threads').isMainThread ? false : true);
+  const make = process.env.TYPERVISOR_BUNDLE_MAKE_CACHE;
+  if (make) {
+    for (const n of make === '1' ? [NAME] : make.split(',')) {
+      if (/^[a-z-]+$/.test(n) && fs.existsSync(path.join(DIR, `${n}.js`))) makeCache(n);
+    }
+  } else {
+    run(NAME, require('node:worker_threads').isMainThread);
+  }
 }

@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 /**
- * `node scripts/bundle.mjs [--check]`: one script per thread from tsc's dist/ output, each with a
+ * `node scripts/bundle.mjs [--check] [--out NAME]`: one script per thread from tsc's dist/ output, each with a
  * V8 code cache, into dist/bundle/ (docs/architecture.md "Start-up").
  *
  * Loading ~64 ES modules costs the main thread ~80 ms and each worker as much again; one
@@ -18,6 +18,7 @@
  *
  * esbuild is a devDependency: without it (a production install), nothing is written and the
  * launcher runs dist/ as before. --check: exit 1 if a bundle or cache is missing or stale.
+ * --out NAME: dist/NAME instead of dist/bundle (a loader finds dist/ as its folder's parent).
  */
 import {
   existsSync,
@@ -34,7 +35,14 @@ import { fileURLToPath } from 'node:url';
 
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), '..');
 const DIST = join(ROOT, 'dist');
-const OUT = join(DIST, 'bundle');
+/** --out NAME: another folder directly under dist/ (the tests build one of their own). */
+const outArg = process.argv.indexOf('--out');
+const OUT_NAME = outArg > 0 ? process.argv[outArg + 1] : 'bundle';
+if (!OUT_NAME || !/^[A-Za-z0-9._-]+$/.test(OUT_NAME) || OUT_NAME.startsWith('.')) {
+  process.stderr.write('bundle: --out takes a folder name under dist/ (letters, digits, . _ -)\n');
+  process.exit(2);
+}
+const OUT = join(DIST, OUT_NAME);
 
 /** Bundle name -> entry under dist/. */
 export const BUNDLES = {
