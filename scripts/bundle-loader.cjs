@@ -9,7 +9,8 @@
  *
  * CommonJS and only node: built-ins, so that starting it loads nothing else (no ES module
  * loader). Environment: TYPERVISOR_BUNDLE_MAKE_CACHE=1 makes NAME.cache and exits (the build
- * does this); TYPERVISOR_NO_BUNDLE=1 runs dist/ (set by the launcher's fallback).
+ * does this; a comma-separated list of names makes those: the background remake);
+ * TYPERVISOR_NO_BUNDLE=1 runs dist/; TYPERVISOR_BUNDLE_DEBUG=1 says on stderr what ran.
  */
 const fs = require('node:fs');
 const path = require('node:path');
@@ -19,6 +20,7 @@ const NAME = '__BUNDLE_NAME__';
 const DIR = __dirname;
 const DIST = path.dirname(DIR);
 const KEY = Symbol.for('typervisor.bundle');
+const EARLY_VCPU_WORKERS = Symbol.for('typervisor.early-vcpu-workers');
 
 /** What a cache is valid for, besides the bundle file itself (its size and mtime). */
 function cacheKey(bundleStat) {
@@ -140,6 +142,26 @@ function runUnbundled(name, manifest) {
 }
 
 /**
+ * `typervisor run`: vCPU 0's worker starts before the main bundle is compiled (~12 ms), as
+ * src/vmm/vcpu-pool.ts would start it right after: the worker's own start-up is the longest
+ * path to the guest. The pool adopts it (EARLY_VCPU_WORKERS). Not with --no-seccomp or
+ * --seccomp-filter (workers read those settings when created: main.ts sets them first), nor
+ * for --help.
+ */
+function startVcpuWorkerEarly(args) {
+  if (args[0] !== 'run') return;
+  for (const a of args)
+    if (a === '--help' || a === '-h' || a === '--no-seccomp' || a.startsWith('--seccomp-filter'))
+      return;
+  const { Worker } = require('node:worker_threads');
+  const w = new Worker(path.join(DIR, 'vcpu-worker.cjs'), { stdout: false, stderr: false });
+  w.unref(); // unused, it must not keep the process alive
+  globalThis[EARLY_VCPU_WORKERS] = [w];
+  if (process.env.TYPERVISOR_BUNDLE_DEBUG)
+    process.stderr.write('typervisor bundle main: started a vCPU worker before compiling\n');
+}
+
+/**
  * Runs bundle `name`; `checkInputs` false in a worker started by a bundled main thread (which
  * checked already). Returns 'bundle' or 'dist' (which one ran). TYPERVISOR_BUNDLE_DEBUG=1: one
  * line on stderr saying which, and what became of the code cache.
@@ -155,6 +177,7 @@ function run(name, checkInputs) {
     });
     return 'dist';
   }
+  if (name === 'main' && checkInputs) startVcpuWorkerEarly(process.argv.slice(2));
   const file = path.join(DIR, `${name}.js`);
   const src = fs.readFileSync(file, 'utf8');
   const st = fs.statSync(file);

@@ -4,6 +4,7 @@
  * started by bundled code loads its own bundle; un-bundled code starts the dist/ module.
  */
 import { join } from 'node:path';
+import type { Worker } from 'node:worker_threads';
 import { pathToFileURL } from 'node:url';
 
 interface BundleInfo {
@@ -23,4 +24,16 @@ export function runningBundle(): BundleInfo | undefined {
 export function workerEntry(name: 'vcpu-worker' | 'device-worker', unbundled: URL): URL {
   const b = runningBundle();
   return b ? pathToFileURL(join(b.dir, `${name}.cjs`)) : unbundled;
+}
+
+/**
+ * vCPU workers the bundle's loader started before the main bundle was compiled (`typervisor
+ * run`, scripts/bundle-loader.cjs startVcpuWorkerEarly), handed over once.
+ */
+export function takeEarlyVcpuWorkers(): Worker[] {
+  const g = globalThis as Record<symbol, unknown>;
+  const key = Symbol.for('typervisor.early-vcpu-workers');
+  const ws = (g[key] as Worker[] | undefined) ?? [];
+  delete g[key];
+  return ws;
 }

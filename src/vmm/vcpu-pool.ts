@@ -5,9 +5,10 @@
  */
 import { Worker } from 'node:worker_threads';
 import { DEVICE_WORKER_ROLE } from './device-worker-protocol.js';
-import { workerEntry } from '../util/bundle.js';
+import { takeEarlyVcpuWorkers, workerEntry } from '../util/bundle.js';
 
-const pool: Worker[] = [];
+// A vCPU worker the bundle's loader may have started already (src/util/bundle.ts).
+const pool: Worker[] = takeEarlyVcpuWorkers();
 
 function spawnVcpuWorker(): Worker {
   return new Worker(workerEntry('vcpu-worker', new URL('./vcpu-worker.js', import.meta.url)), {

@@ -4,7 +4,8 @@
  * alone), they boot a tiny guest on every thread (main, vCPU worker, device worker), and
  * whatever is wrong with a cache or the bundle only costs time: a stale cache is not used and
  * is remade in the background, a cache V8 refuses is remade too, and a bundle older than its
- * dist/ inputs is not run at all (dist/ is).
+ * dist/ inputs is not run at all (dist/ is). For `run`, the loader starts vCPU 0's worker
+ * before it compiles the main bundle.
  * Needs /dev/kvm, gcc, ld and esbuild (a devDependency).
  */
 import { after, before, describe, test } from 'node:test';
@@ -39,10 +40,21 @@ function buildScript(...args: string[]) {
 }
 
 /** Boots the poweroff guest (with a virtio-rng device: a device worker) from the test bundle. */
-function boot(): Promise<{ code: number | null; stdout: string; stderr: string }> {
+function boot(
+  extra: string[] = [],
+): Promise<{ code: number | null; stdout: string; stderr: string }> {
   const child = spawn(
     process.execPath,
-    [join(OUT, 'main.cjs'), 'run', '--kernel', guestPath('poweroff'), '--memory', '32', '--rng'],
+    [
+      join(OUT, 'main.cjs'),
+      'run',
+      '--kernel',
+      guestPath('poweroff'),
+      '--memory',
+      '32',
+      '--rng',
+      ...extra,
+    ],
     {
       stdio: ['ignore', 'pipe', 'pipe'],
       env: { ...process.env, TYPERVISOR_BUNDLE_DEBUG: '1', TYPERVISOR_NO_BUNDLE: undefined },
@@ -99,7 +111,25 @@ describe('per-thread bundles with code caches', () => {
     assert.equal(r.code, 0, r.stderr);
     assert.equal(r.stdout, 'tiny guest up\n');
     for (const t of THREADS) assert.equal(cacheOf(r.stderr, t), 'used', `${t}: ${r.stderr}`);
+    assert.match(r.stderr, /started a vCPU worker before compiling/);
   });
+
+  test(
+    'the early vCPU worker: taken by a 2-vCPU VM, not started with --no-seccomp',
+    T,
+    async () => {
+      const two = await boot(['--vcpus', '2']);
+      assert.equal(two.code, 0, two.stderr);
+      assert.equal(two.stdout, 'tiny guest up\n');
+      assert.match(two.stderr, /started a vCPU worker before compiling/);
+      assert.equal(two.stderr.match(/bundle vcpu-worker: ran the bundle/g)?.length, 2, two.stderr);
+      const off = await boot(['--no-seccomp']);
+      assert.equal(off.code, 0, off.stderr);
+      assert.equal(off.stdout, 'tiny guest up\n');
+      assert.doesNotMatch(off.stderr, /started a vCPU worker before compiling/);
+      assert.equal(cacheOf(off.stderr, 'vcpu-worker'), 'used', off.stderr);
+    },
+  );
 
   test('a stale cache is not used (the guest still boots) and is remade', T, async () => {
     // The bundle file's mtime is part of its cache's key.
