@@ -18,10 +18,12 @@ import {
   type SubSuiteResult,
 } from './lab.js';
 import { microSuite } from './micro.js';
+import { startupSuite } from './startup.js';
 
 const DEFAULT_LAB_RUNS = LAB_SUB_SUITES.map((d) => `${d.name} ${d.defaultRuns}`).join(', ');
-const USAGE = `usage: npm run bench -- [--suite micro|lab|snapshot|all] [--runs N] [--lab-runs N] [--lab-suites NAME[:N],...]
-  --suite        which suites (default all); snapshot: the lab's snapshot sub-suite alone
+const USAGE = `usage: npm run bench -- [--suite micro|startup|lab|snapshot|all] [--runs N] [--lab-runs N] [--lab-suites NAME[:N],...]
+  --suite        which suites (default all; micro includes startup); startup: bench/startup.ts
+                 alone; snapshot: the lab's snapshot sub-suite alone
   --runs N       runs of the micro suite (default 10); if given, also caps each lab sub-suite's default
   --lab-runs N   runs of every lab sub-suite (defaults: ${DEFAULT_LAB_RUNS})
   --lab-suites   lab sub-suites to run, in order, each with an optional run count
@@ -91,7 +93,7 @@ function hostInfo() {
 }
 
 interface Options {
-  suite: 'micro' | 'lab' | 'all';
+  suite: 'micro' | 'startup' | 'lab' | 'all';
   runs: number;
   lab: Array<{ name: LabSubSuiteName; runs: number }>;
 }
@@ -125,7 +127,8 @@ function parseOptions(argv: string[]): Options | string {
     suite = 'lab';
     v['lab-suites'] = 'snapshot';
   }
-  if (suite !== 'micro' && suite !== 'lab' && suite !== 'all') return `unknown suite: ${suite}`;
+  if (suite !== 'micro' && suite !== 'startup' && suite !== 'lab' && suite !== 'all')
+    return `unknown suite: ${suite}`;
   const runs = count(v.runs, '--runs');
   const labRuns = count(v['lab-runs'], '--lab-runs');
   if (typeof runs === 'string') return runs;
@@ -182,10 +185,11 @@ async function main() {
   const host = hostInfo();
   const started = Date.now();
   const micro: Row[] = [];
+  const startup: Row[] = [];
   const notes: string[] = [];
   const times: string[] = [];
   let lab: SubSuiteResult[] = [];
-  if (o.suite !== 'lab') {
+  if (o.suite === 'micro' || o.suite === 'all') {
     log(`micro suite, ${o.runs} runs`);
     const t = Date.now();
     try {
@@ -198,7 +202,20 @@ async function main() {
     }
     times.push(`micro ${((Date.now() - t) / 1000).toFixed(0)} s`);
   }
-  if (o.suite !== 'micro') {
+  if (o.suite === 'micro' || o.suite === 'startup' || o.suite === 'all') {
+    log(`startup suite, ${o.runs} runs`);
+    const t = Date.now();
+    try {
+      const m = await startupSuite({ runs: o.runs, kvmKind: host.kvmKind, log });
+      startup.push(...m.rows);
+      notes.push(...m.notes);
+    } catch (e) {
+      notes.push(`startup suite failed: ${(e as Error).message.split('\n').slice(0, 5).join(' ')}`);
+      log((e as Error).stack ?? String(e));
+    }
+    times.push(`startup ${((Date.now() - t) / 1000).toFixed(0)} s`);
+  }
+  if (o.suite === 'lab' || o.suite === 'all') {
     lab = await labSuite({ suites: o.lab, log });
     const chosen = o.lab.map((s) => `${s.name} ${s.runs}`).join(', ');
     notes.push(
@@ -231,6 +248,16 @@ async function main() {
           '',
         ]
       : []),
+    ...(startup.length
+      ? [
+          '## Start-up and memory: a cold VMM process (issue 18)',
+          '',
+          `${o.runs} runs.`,
+          '',
+          table(startup, false),
+          '',
+        ]
+      : []),
     ...(lab.length ? labSection(lab, labHost) : []),
     '## Notes',
     '',
@@ -248,12 +275,14 @@ async function main() {
         seconds: totalS,
         runs: o.runs,
         labRuns:
-          o.suite === 'micro' ? undefined : Object.fromEntries(o.lab.map((s) => [s.name, s.runs])),
+          o.suite === 'micro' || o.suite === 'startup'
+            ? undefined
+            : Object.fromEntries(o.lab.map((s) => [s.name, s.runs])),
         suite: o.suite,
         host,
         lab: labHost,
         labSuites: lab,
-        rows: [...micro, ...lab.flatMap((r) => r.rows)],
+        rows: [...micro, ...startup, ...lab.flatMap((r) => r.rows)],
         notes,
       },
       null,

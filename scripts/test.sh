@@ -9,5 +9,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 [ native/build/Release/typervisor_native.node -nt native/typervisor.c ] || npm run install --silent  # missing or older than its source
 npx tsc -p tsconfig.json
+node scripts/bundle.mjs  # the per-thread bundles bin/ runs (after tsc: they are made from dist/)
 node dist/src/lab/guest-cli.js build kernel initramfs lab rootfs >/dev/null
 node scripts/run-tests.mjs src fuzz test/host test/api test/lab

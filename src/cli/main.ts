@@ -83,9 +83,18 @@ export async function main(argv: string[]): Promise<number> {
     // that a boot or a snapshot load does not wait for them (~40-300 ms; docs/bench.md). The
     // ones a VM does not use end when it starts; unused, they end at exit.
     if (!argv.includes('--help') && !argv.includes('-h') && !argv.includes('--version')) {
-      prewarmVcpuWorkers(1);
-      prewarmDeviceWorker();
+      // After the API socket listens: from the bundle, everything up to listen() runs in this
+      // turn of the event loop (its imports are resolved promises), and starting two workers
+      // first would delay the socket by their share of this thread and of the CPUs
+      // (docs/architecture.md "Start-up"). Un-bundled, the imports read files and the workers
+      // start before listen(), as before.
+      setImmediate(() => {
+        prewarmVcpuWorkers(1);
+        prewarmDeviceWorker();
+      });
     }
+    // The process ends with its VM: the kernel releases the VM at exit (builder.ts).
+    (await import('../vmm/index.js')).releaseVmsAtExit(true);
     const { firecrackerCommand } = await import('./firecracker.js');
     return firecrackerCommand(argv);
   }
@@ -101,6 +110,7 @@ export async function main(argv: string[]): Promise<number> {
   const customFilter = rest.some((a) => a.startsWith('--seccomp-filter'));
   if (cmd === 'run' && !rest.includes('--help') && !rest.includes('-h') && !customFilter)
     prewarmVcpuWorkers(vcpusHint(rest));
+  if (cmd === 'run') (await import('../vmm/index.js')).releaseVmsAtExit(true);
   const { exitCodeFor, runCommand, RUN_USAGE } = await import('./run.js');
   const USAGE = usage(RUN_USAGE);
   try {

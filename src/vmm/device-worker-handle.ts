@@ -18,6 +18,7 @@ import {
 import type { GuestRamLayout } from './guest-ram.js';
 import type { VirtioPlan } from './virtio-plan.js';
 import { takeDeviceWorker } from './vcpu-pool.js';
+import { workerEntry } from '../util/bundle.js';
 
 /** A request the worker does not answer within this is failed (the worker is stuck or gone). */
 const REQUEST_TIMEOUT_MS = 10_000;
@@ -62,7 +63,7 @@ export function startDeviceWorker(
     prewarmed.postMessage({ type: 'start', data } satisfies DeviceWorkerStart, [port2]);
   const worker =
     prewarmed ??
-    new Worker(new URL('./device-worker.js', import.meta.url), {
+    new Worker(workerEntry('device-worker', new URL('./device-worker.js', import.meta.url)), {
       workerData: data,
       transferList: [port2],
     });

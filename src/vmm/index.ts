@@ -6,7 +6,13 @@
  *     -> validateResources() -> VmSpec (checked) -> buildVm() -> BuiltVm { vmm, devices, ... }
  */
 export { MAX_VCPUS } from '../arch/x86_64/layout.js';
-export { buildVm, type BuildOptions, type BuiltVm, type VmParts } from './builder.js';
+export {
+  buildVm,
+  releaseVmsAtExit,
+  type BuildOptions,
+  type BuiltVm,
+  type VmParts,
+} from './builder.js';
 export {
   DIFF_NEEDS_TRACKING,
   SnapshotError,

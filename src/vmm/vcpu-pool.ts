@@ -5,11 +5,16 @@
  */
 import { Worker } from 'node:worker_threads';
 import { DEVICE_WORKER_ROLE } from './device-worker-protocol.js';
+import { takeEarlyVcpuWorkers, workerEntry } from '../util/bundle.js';
 
-const pool: Worker[] = [];
+// A vCPU worker the bundle's loader may have started already (src/util/bundle.ts).
+const pool: Worker[] = takeEarlyVcpuWorkers();
 
 function spawnVcpuWorker(): Worker {
-  return new Worker(new URL('./vcpu-worker.js', import.meta.url), { stdout: false, stderr: false });
+  return new Worker(workerEntry('vcpu-worker', new URL('./vcpu-worker.js', import.meta.url)), {
+    stdout: false,
+    stderr: false,
+  });
 }
 
 /** Starts up to `n` workers now (unused ones are ended by takeVcpuWorkers). */
@@ -30,9 +35,12 @@ let deviceWorker: Worker | undefined;
 
 export function prewarmDeviceWorker(): void {
   if (deviceWorker) return;
-  deviceWorker = new Worker(new URL('./device-worker.js', import.meta.url), {
-    workerData: { role: DEVICE_WORKER_ROLE, deferred: true },
-  });
+  deviceWorker = new Worker(
+    workerEntry('device-worker', new URL('./device-worker.js', import.meta.url)),
+    {
+      workerData: { role: DEVICE_WORKER_ROLE, deferred: true },
+    },
+  );
   deviceWorker.unref();
 }
 

@@ -1,5 +1,5 @@
 /**
- * Entry point of a vCPU worker thread: maps guest RAM and kvm_run itself, attaches the legacy
+ * Entry point of a vCPU worker thread: maps its kvm_run itself, attaches the legacy
  * devices to the shared state, and runs the vCPU loop until the VM ends or is stopped.
  * The vCPU was configured (CPUID, MSRs, registers) by the main thread before this starts.
  */
@@ -7,7 +7,7 @@ import { parentPort } from 'node:worker_threads';
 import { Kvm, Vcpu } from '../kvm/kvm.js';
 import { native } from '../kvm/native.js';
 import { installWorkerFilter } from '../sandbox/seccomp/install.js';
-import { mapGuestRam, type GuestRamLayout } from './guest-ram.js';
+import type { GuestRamLayout } from './guest-ram.js';
 import { attachLegacyDevices, type LegacyDeviceState } from './legacy-devices.js';
 import { VcpuControl } from './vcpu-control.js';
 import { VcpuLoop, type ParkedRequestHandlers, type VmExitEvent } from './vcpu-loop.js';
@@ -51,8 +51,9 @@ async function main(d: VcpuWorkerData): Promise<void> {
     n.installKickHandler(); // also unblocks the kick signal in this thread
     post({ type: 'thread', thread: n.threadSelf() });
     const control = new VcpuControl(d.control);
-    const ram = mapGuestRam(d.ram);
-    mappings.push(() => ram.unmap());
+    // Guest RAM is not mapped here: nothing on this thread reads it (the legacy devices and the
+    // virtio register windows do not; KVM reaches it through the memory slots). An ArrayBuffer
+    // over all of it would cost a V8 mark-compact at start-up (>= 64 MiB external memory).
     const vcpu = new Vcpu(d.vcpuFd, d.mmapSize);
     mappings.push(() => n.munmap(vcpu.run.buffer as ArrayBuffer));
     // Opened now: a save reads KVM's MSR list from /dev/kvm, and the filter allows no open.

@@ -1,0 +1,222 @@
+'use strict';
+/**
+ * The loader of one bundle (scripts/bundle.mjs copies it to dist/bundle/NAME.cjs with NAME
+ * filled in): what bin/typervisor and the workers start. It runs NAME.js compiled by
+ * `vm.Script` from its code cache NAME.cache, or, when the bundle is not there or not current,
+ * the un-bundled dist/ entry (only slower). A cache that is missing, made for another Node or
+ * other flags, or refused by V8 costs compile time, never correctness (V8 checks the source
+ * and its own version and flags as well).
+ *
+ * CommonJS and only node: built-ins, so that starting it loads nothing else (no ES module
+ * loader). Environment: TYPERVISOR_BUNDLE_MAKE_CACHE=1 makes NAME.cache and exits (the build
+ * does this; a comma-separated list of names makes those: the background remake);
+ * TYPERVISOR_NO_BUNDLE=1 runs dist/; TYPERVISOR_BUNDLE_DEBUG=1 says on stderr what ran.
+ */
+const fs = require('node:fs');
+const path = require('node:path');
+const vm = require('node:vm');
+
+const NAME = '__BUNDLE_NAME__';
+const DIR = __dirname;
+const DIST = path.dirname(DIR);
+const KEY = Symbol.for('typervisor.bundle');
+const EARLY_VCPU_WORKERS = Symbol.for('typervisor.early-vcpu-workers');
+
+/** What a cache is valid for, besides the bundle file itself (its size and mtime). */
+function cacheKey(bundleStat) {
+  return JSON.stringify([
+    process.version,
+    process.arch,
+    process.execArgv,
+    process.env.NODE_OPTIONS || '',
+    bundleStat.size,
+    bundleStat.mtimeMs,
+  ]);
+}
+
+function readManifest() {
+  try {
+    return JSON.parse(fs.readFileSync(path.join(DIR, 'manifest.json'), 'utf8'));
+  } catch {
+    return undefined;
+  }
+}
+
+/** 'ok', or why the bundle `name` may not run (its dist/ inputs changed since it was made). */
+function bundleState(name, manifest = readManifest()) {
+  const b = manifest && manifest.bundles && manifest.bundles[name];
+  if (!b) return 'no bundle';
+  if (!fs.existsSync(path.join(DIR, `${name}.js`))) return 'no bundle';
+  for (const [rel, [size, mtimeMs]] of Object.entries(b.inputs)) {
+    const st = fs.statSync(path.join(DIST, rel), { throwIfNoEntry: false });
+    if (!st || st.size !== size || st.mtimeMs !== mtimeMs) return `stale: dist/${rel} changed`;
+  }
+  return 'ok';
+}
+
+/** Whether the cache of `name` has the key of the bundle file as it is (reads its first line). */
+function cacheKeyCurrent(name) {
+  let fd;
+  try {
+    const st = fs.statSync(path.join(DIR, `${name}.js`));
+    fd = fs.openSync(path.join(DIR, `${name}.cache`), 'r');
+    const want = Buffer.from(`${cacheKey(st)}\n`);
+    const got = Buffer.alloc(want.length);
+    return fs.readSync(fd, got, 0, got.length, 0) === got.length && got.equals(want);
+  } catch {
+    return false;
+  } finally {
+    if (fd !== undefined) fs.closeSync(fd);
+  }
+}
+
+/**
+ * Remakes the caches of `names` in a background process (an eager compile takes longer than a
+ * start-up): this start runs without them, the next ones with them. Through `sh -c '... &'`,
+ * waited for here (a few ms): the maker is then nobody's child in this process, so nothing
+ * here reaps it later, when this thread's seccomp filter allows no wait4.
+ */
+function rebuildCaches(names) {
+  try {
+    const env = { ...process.env, TYPERVISOR_BUNDLE_MAKE_CACHE: names.join(',') };
+    delete env.NODE_EXTRA_CA_CERTS;
+    require('node:child_process').spawnSync(
+      '/bin/sh',
+      [
+        '-c',
+        '"$0" "$@" </dev/null >/dev/null 2>&1 &',
+        process.execPath,
+        ...process.execArgv,
+        path.join(DIR, `${NAME}.cjs`),
+      ],
+      { env, stdio: 'ignore', timeout: 5000 },
+    );
+  } catch {
+    // no shell (a jail) or a read-only install: it only costs time
+  }
+}
+
+/** The cache of `name` if it was made for this bundle file and this Node, else undefined. */
+function readCache(name, bundleStat) {
+  let buf;
+  try {
+    buf = fs.readFileSync(path.join(DIR, `${name}.cache`));
+  } catch {
+    return undefined;
+  }
+  const nl = buf.indexOf(10);
+  if (nl < 0 || buf.toString('utf8', 0, nl) !== cacheKey(bundleStat)) return undefined;
+  return buf.subarray(nl + 1);
+}
+
+function cacheState(name) {
+  const st = fs.statSync(path.join(DIR, `${name}.js`), { throwIfNoEntry: false });
+  if (!st) return 'no bundle';
+  return readCache(name, st) ? 'ok' : 'missing or stale';
+}
+
+/** Compiles every function of the bundle (not only those run at load) and writes its cache. */
+function makeCache(name) {
+  const file = path.join(DIR, `${name}.js`);
+  const src = fs.readFileSync(file, 'utf8');
+  const st = fs.statSync(file);
+  const v8 = require('node:v8');
+  // Eager compilation for the cache only; the flag is put back before the cache is made, so
+  // that the cache carries the flags the VMM runs with (V8 refuses a cache made under others).
+  v8.setFlagsFromString('--no-lazy');
+  const script = new vm.Script(src, { filename: file });
+  v8.setFlagsFromString('--lazy');
+  const data = script.createCachedData();
+  const out = path.join(DIR, `${name}.cache`);
+  const tmp = `${out}.tmp-${process.pid}`;
+  fs.writeFileSync(tmp, Buffer.concat([Buffer.from(`${cacheKey(st)}\n`), data]));
+  fs.renameSync(tmp, out);
+}
+
+function runUnbundled(name, manifest) {
+  const entry =
+    (manifest && manifest.bundles && manifest.bundles[name] && manifest.bundles[name].entry) ||
+    undefined;
+  if (!entry) throw new Error(`typervisor: no entry for bundle ${name}`);
+  return import(require('node:url').pathToFileURL(path.join(DIST, entry)).href);
+}
+
+/**
+ * `typervisor run`: vCPU 0's worker starts before the main bundle is compiled (~12 ms), as
+ * src/vmm/vcpu-pool.ts would start it right after: the worker's own start-up is the longest
+ * path to the guest. The pool adopts it (EARLY_VCPU_WORKERS). Not with --no-seccomp or
+ * --seccomp-filter (workers read those settings when created: main.ts sets them first), nor
+ * for --help.
+ */
+function startVcpuWorkerEarly(args) {
+  if (args[0] !== 'run') return;
+  for (const a of args)
+    if (a === '--help' || a === '-h' || a === '--no-seccomp' || a.startsWith('--seccomp-filter'))
+      return;
+  const { Worker } = require('node:worker_threads');
+  const w = new Worker(path.join(DIR, 'vcpu-worker.cjs'), { stdout: false, stderr: false });
+  w.unref(); // unused, it must not keep the process alive
+  globalThis[EARLY_VCPU_WORKERS] = [w];
+  if (process.env.TYPERVISOR_BUNDLE_DEBUG)
+    process.stderr.write('typervisor bundle main: started a vCPU worker before compiling\n');
+}
+
+/**
+ * Runs bundle `name`; `checkInputs` false in a worker started by a bundled main thread (which
+ * checked already). Returns 'bundle' or 'dist' (which one ran). TYPERVISOR_BUNDLE_DEBUG=1: one
+ * line on stderr saying which, and what became of the code cache.
+ */
+function run(name, checkInputs) {
+  const manifest = checkInputs ? readManifest() : undefined;
+  if (process.env.TYPERVISOR_NO_BUNDLE || (checkInputs && bundleState(name, manifest) !== 'ok')) {
+    if (process.env.TYPERVISOR_BUNDLE_DEBUG)
+      process.stderr.write(`typervisor bundle ${name}: ran dist/ (${bundleState(name)})\n`);
+    runUnbundled(name, manifest || readManifest()).catch((e) => {
+      process.stderr.write(`typervisor: internal error: ${e && e.stack}\n`);
+      process.exit(1);
+    });
+    return 'dist';
+  }
+  if (name === 'main' && checkInputs) startVcpuWorkerEarly(process.argv.slice(2));
+  const file = path.join(DIR, `${name}.js`);
+  const src = fs.readFileSync(file, 'utf8');
+  const st = fs.statSync(file);
+  const cachedData = readCache(name, st);
+  const script = new vm.Script(src, { filename: file, cachedData });
+  const cache = cachedData === undefined ? 'none' : script.cachedDataRejected ? 'rejected' : 'used';
+  globalThis[KEY] = { dir: DIR, cache };
+  if (checkInputs) {
+    // The main thread (never a worker: its seccomp filter may forbid a spawn) remakes the
+    // caches that are missing, made for something else, or refused by V8.
+    const stale = Object.keys(manifest.bundles).filter((n) =>
+      n === name ? cache !== 'used' : !cacheKeyCurrent(n),
+    );
+    if (stale.length > 0) rebuildCaches(stale);
+  }
+  if (process.env.TYPERVISOR_BUNDLE_DEBUG)
+    process.stderr.write(`typervisor bundle ${name}: ran the bundle, code cache ${cache}\n`);
+  const fn = script.runInThisContext();
+  const mod = { exports: {} };
+  const url = require('node:url');
+  const urls = new Map();
+  const tvUrl = (rel) => {
+    let u = urls.get(rel);
+    if (u === undefined) urls.set(rel, (u = url.pathToFileURL(path.join(DIST, rel)).href));
+    return u;
+  };
+  fn(require, mod, mod.exports, tvUrl);
+  return 'bundle';
+}
+
+module.exports = { bundleState, cacheState, makeCache, run };
+
+if (NAME !== '__BUNDLE_' + 'NAME__' && require.main === module) {
+  const make = process.env.TYPERVISOR_BUNDLE_MAKE_CACHE;
+  if (make) {
+    for (const n of make === '1' ? [NAME] : make.split(',')) {
+      if (/^[a-z-]+$/.test(n) && fs.existsSync(path.join(DIR, `${n}.js`))) makeCache(n);
+    }
+  } else {
+    run(NAME, require('node:worker_threads').isMainThread);
+  }
+}

@@ -1,0 +1,161 @@
+#!/usr/bin/env node
+/**
+ * `node scripts/bundle.mjs [--check] [--out NAME]`: one script per thread from tsc's dist/ output, each with a
+ * V8 code cache, into dist/bundle/ (docs/architecture.md "Start-up").
+ *
+ * Loading ~64 ES modules costs the main thread ~80 ms and each worker as much again; one
+ * CommonJS-style script compiled by `vm.Script` from a code cache costs a few. For each thread
+ * (the CLI's main thread, a vCPU worker, the device worker, the jailer) this writes:
+ *   NAME.js       the bundle: a function expression `(function (require, module, exports,
+ *                 __tvUrl) {...})`; every `import.meta.url` of a module became `__tvUrl("its
+ *                 path under dist/")`, so paths relative to a module (the native shim,
+ *                 package.json, worker entries) resolve as they do un-bundled
+ *   NAME.cache    V8's code cache for NAME.js, compiled eagerly (every function, not only the
+ *                 top level), with a header naming what it is valid for (see bundle-loader.cjs)
+ *   NAME.cjs      the loader a Worker or the launcher starts (bundle-loader.cjs with NAME)
+ *   manifest.json every dist/ file each bundle was made from, with its size and mtime: the
+ *                 loader runs a bundle only while all of them are unchanged, else dist/ itself
+ *
+ * esbuild is a devDependency: without it (a production install), nothing is written and the
+ * launcher runs dist/ as before. --check: exit 1 if a bundle or cache is missing or stale.
+ * --out NAME: dist/NAME instead of dist/bundle (a loader finds dist/ as its folder's parent).
+ */
+import {
+  existsSync,
+  mkdirSync,
+  readFileSync,
+  renameSync,
+  rmSync,
+  statSync,
+  writeFileSync,
+} from 'node:fs';
+import { createRequire } from 'node:module';
+import { dirname, join, relative, sep } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const ROOT = join(dirname(fileURLToPath(import.meta.url)), '..');
+const DIST = join(ROOT, 'dist');
+/** --out NAME: another folder directly under dist/ (the tests build one of their own). */
+const outArg = process.argv.indexOf('--out');
+const OUT_NAME = outArg > 0 ? process.argv[outArg + 1] : 'bundle';
+if (!OUT_NAME || !/^[A-Za-z0-9._-]+$/.test(OUT_NAME) || OUT_NAME.startsWith('.')) {
+  process.stderr.write('bundle: --out takes a folder name under dist/ (letters, digits, . _ -)\n');
+  process.exit(2);
+}
+const OUT = join(DIST, OUT_NAME);
+
+/** Bundle name -> entry under dist/. */
+export const BUNDLES = {
+  main: 'src/cli/main.js',
+  'vcpu-worker': 'src/vmm/vcpu-worker.js',
+  'device-worker': 'src/vmm/device-worker.js',
+  jailer: 'src/jailer/main.js',
+};
+
+const loaderSource = () => readFileSync(join(ROOT, 'scripts', 'bundle-loader.cjs'), 'utf8');
+
+async function build() {
+  let esbuild;
+  try {
+    esbuild = await import('esbuild');
+  } catch {
+    process.stderr.write(
+      'bundle: esbuild is not installed (a production install): no bundle; bin/ runs dist/\n',
+    );
+    rmSync(OUT, { recursive: true, force: true });
+    return 0;
+  }
+  for (const entry of Object.values(BUNDLES))
+    if (!existsSync(join(DIST, entry))) {
+      process.stderr.write(
+        `bundle: dist/${entry} is missing: run \`npx tsc -p tsconfig.json\` first\n`,
+      );
+      return 1;
+    }
+  const tmp = `${OUT}.tmp-${process.pid}`;
+  rmSync(tmp, { recursive: true, force: true });
+  mkdirSync(tmp, { recursive: true });
+  const importMetaUrl = {
+    name: 'import-meta-url',
+    setup(b) {
+      b.onLoad({ filter: /\.js$/ }, (args) => {
+        const text = readFileSync(args.path, 'utf8');
+        if (!args.path.startsWith(DIST + sep)) return { contents: text, loader: 'js' };
+        const rel = relative(DIST, args.path).split(sep).join('/');
+        return {
+          contents: text.replace(/\bimport\.meta\.url\b/g, `__tvUrl(${JSON.stringify(rel)})`),
+          loader: 'js',
+        };
+      });
+    },
+  };
+  const manifest = { node: process.version, bundles: {} };
+  for (const [name, entry] of Object.entries(BUNDLES)) {
+    const r = await esbuild.build({
+      entryPoints: [join(DIST, entry)],
+      bundle: true,
+      platform: 'node',
+      format: 'cjs',
+      target: 'node20',
+      write: false,
+      metafile: true,
+      logLevel: 'error',
+      plugins: [importMetaUrl],
+      // A .node addon is loaded at run time by its absolute path (src/kvm/native.ts).
+      external: ['*.node'],
+    });
+    const body = r.outputFiles[0].text;
+    const src = `(function (require, module, exports, __tvUrl) {${body}\n})`;
+    writeFileSync(join(tmp, `${name}.js`), src);
+    const inputs = {};
+    for (const p of Object.keys(r.metafile.inputs)) {
+      const abs = join(ROOT, p);
+      const st = statSync(abs);
+      inputs[relative(DIST, abs).split(sep).join('/')] = [st.size, st.mtimeMs];
+    }
+    manifest.bundles[name] = { entry, inputs };
+    writeFileSync(join(tmp, `${name}.cjs`), loaderSource().replace('__BUNDLE_NAME__', name));
+  }
+  writeFileSync(join(tmp, 'manifest.json'), JSON.stringify(manifest));
+  rmSync(OUT, { recursive: true, force: true });
+  renameSync(tmp, OUT);
+  // The caches: made by the loader itself (same key, same V8 flags as at run time), in a child
+  // process so that this one's flags do not matter.
+  const { spawnSync } = await import('node:child_process');
+  for (const name of Object.keys(BUNDLES)) {
+    const c = spawnSync(process.execPath, [join(OUT, `${name}.cjs`)], {
+      env: { ...process.env, TYPERVISOR_BUNDLE_MAKE_CACHE: '1', NODE_EXTRA_CA_CERTS: '' },
+      encoding: 'utf8',
+    });
+    if (c.status !== 0) {
+      process.stderr.write(`bundle: making the code cache of ${name} failed: ${c.stderr}\n`);
+      return 1;
+    }
+  }
+  return 0;
+}
+
+/** 0 when every bundle and cache is present and current. */
+function check() {
+  let ok = true;
+  for (const name of Object.keys(BUNDLES)) {
+    const loader = join(OUT, `${name}.cjs`);
+    if (!existsSync(loader)) {
+      process.stderr.write(`bundle: ${name}: no bundle\n`);
+      ok = false;
+      continue;
+    }
+    const { bundleState, cacheState } = createRequire(loader)(loader);
+    for (const s of [bundleState(name), cacheState(name)])
+      if (s !== 'ok') {
+        process.stderr.write(`bundle: ${name}: ${s}\n`);
+        ok = false;
+      }
+  }
+  return ok ? 0 : 1;
+}
+
+if (process.argv[1] && fileURLToPath(import.meta.url) === process.argv[1]) {
+  const code = process.argv.includes('--check') ? check() : await build();
+  process.exitCode = code;
+}

@@ -1,0 +1,186 @@
+/**
+ * The per-thread bundles and their code caches (scripts/bundle.mjs, scripts/bundle-loader.cjs):
+ * built into a folder of this test's own under dist/ (dist/bundle, which bin/ runs, is left
+ * alone), they boot a tiny guest on every thread (main, vCPU worker, device worker), and
+ * whatever is wrong with a cache or the bundle only costs time: a stale cache is not used and
+ * is remade in the background, a cache V8 refuses is remade too, and a bundle older than its
+ * dist/ inputs is not run at all (dist/ is). For `run`, the loader starts vCPU 0's worker
+ * before it compiles the main bundle.
+ * Needs /dev/kvm, gcc, ld and esbuild (a devDependency).
+ */
+import { after, before, describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn, spawnSync } from 'node:child_process';
+import { existsSync, readFileSync, rmSync, statSync, utimesSync, writeFileSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import { join } from 'node:path';
+import { guestPath, REPO, tinyGuests } from './helpers.js';
+
+const NAME = `bundle-test-${process.pid}`;
+const OUT = join(REPO, 'dist', NAME);
+const THREADS = ['main', 'vcpu-worker', 'device-worker'] as const;
+
+function esbuildMissing(): string | undefined {
+  try {
+    createRequire(join(REPO, 'package.json')).resolve('esbuild');
+    return undefined;
+  } catch {
+    return 'esbuild is not installed (npm install installs the devDependencies)';
+  }
+}
+
+const guests = tinyGuests();
+const skip = guests.skip ?? esbuildMissing() ?? false;
+const T = { timeout: 60_000, skip };
+
+function buildScript(...args: string[]) {
+  return spawnSync(process.execPath, [join(REPO, 'scripts', 'bundle.mjs'), ...args], {
+    encoding: 'utf8',
+  });
+}
+
+/** Boots the poweroff guest (with a virtio-rng device: a device worker) from the test bundle. */
+function boot(
+  extra: string[] = [],
+): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  const child = spawn(
+    process.execPath,
+    [
+      join(OUT, 'main.cjs'),
+      'run',
+      '--kernel',
+      guestPath('poweroff'),
+      '--memory',
+      '32',
+      '--rng',
+      ...extra,
+    ],
+    {
+      stdio: ['ignore', 'pipe', 'pipe'],
+      env: { ...process.env, TYPERVISOR_BUNDLE_DEBUG: '1', TYPERVISOR_NO_BUNDLE: undefined },
+    },
+  );
+  let stdout = '';
+  let stderr = '';
+  child.stdout.setEncoding('utf8').on('data', (s: string) => (stdout += s));
+  child.stderr.setEncoding('utf8').on('data', (s: string) => (stderr += s));
+  const timer = setTimeout(() => child.kill('SIGKILL'), 20_000);
+  return new Promise((resolve) =>
+    child.on('close', (code) => {
+      clearTimeout(timer);
+      resolve({ code, stdout, stderr });
+    }),
+  );
+}
+
+function cacheOf(stderr: string, thread: string): string | undefined {
+  return new RegExp(`typervisor bundle ${thread}: ran the bundle, code cache (\\w+)`).exec(
+    stderr,
+  )?.[1];
+}
+
+/** Waits until `--check` passes (the background rebuild finished), at most `ms`. */
+async function waitCurrent(ms: number): Promise<void> {
+  const end = Date.now() + ms;
+  for (;;) {
+    const c = buildScript('--check', '--out', NAME);
+    if (c.status === 0) return;
+    if (Date.now() > end) assert.fail(`the caches were not remade within ${ms} ms: ${c.stderr}`);
+    await new Promise((r) => setTimeout(r, 200));
+  }
+}
+
+describe('per-thread bundles with code caches', () => {
+  before(() => {
+    if (skip) return;
+    const b = buildScript('--out', NAME);
+    assert.equal(b.status, 0, b.stderr);
+  });
+  after(() => rmSync(OUT, { recursive: true, force: true }));
+
+  test('the build writes a bundle, a loader and a current cache per thread', T, () => {
+    for (const n of [...THREADS, 'jailer'])
+      for (const ext of ['js', 'cjs', 'cache'])
+        assert.ok(existsSync(join(OUT, `${n}.${ext}`)), `${n}.${ext} missing`);
+    const c = buildScript('--check', '--out', NAME);
+    assert.equal(c.status, 0, c.stderr);
+  });
+
+  test('the bundle boots a tiny guest, every thread from its bundle and its cache', T, async () => {
+    const r = await boot();
+    assert.equal(r.code, 0, r.stderr);
+    assert.equal(r.stdout, 'tiny guest up\n');
+    for (const t of THREADS) assert.equal(cacheOf(r.stderr, t), 'used', `${t}: ${r.stderr}`);
+    assert.match(r.stderr, /started a vCPU worker before compiling/);
+  });
+
+  test(
+    'the early vCPU worker: taken by a 2-vCPU VM, not started with --no-seccomp',
+    T,
+    async () => {
+      const two = await boot(['--vcpus', '2']);
+      assert.equal(two.code, 0, two.stderr);
+      assert.equal(two.stdout, 'tiny guest up\n');
+      assert.match(two.stderr, /started a vCPU worker before compiling/);
+      assert.equal(two.stderr.match(/bundle vcpu-worker: ran the bundle/g)?.length, 2, two.stderr);
+      const off = await boot(['--no-seccomp']);
+      assert.equal(off.code, 0, off.stderr);
+      assert.equal(off.stdout, 'tiny guest up\n');
+      assert.doesNotMatch(off.stderr, /started a vCPU worker before compiling/);
+      assert.equal(cacheOf(off.stderr, 'vcpu-worker'), 'used', off.stderr);
+    },
+  );
+
+  test('a stale cache is not used (the guest still boots) and is remade', T, async () => {
+    // The bundle file's mtime is part of its cache's key.
+    const f = join(OUT, 'main.js');
+    const st = statSync(f);
+    utimesSync(f, st.atime, new Date(st.mtimeMs + 5000));
+    assert.notEqual(buildScript('--check', '--out', NAME).status, 0, '--check sees it stale');
+    const r = await boot();
+    assert.equal(r.code, 0, r.stderr);
+    assert.equal(r.stdout, 'tiny guest up\n');
+    assert.equal(cacheOf(r.stderr, 'main'), 'none', r.stderr);
+    assert.equal(cacheOf(r.stderr, 'vcpu-worker'), 'used', r.stderr);
+    await waitCurrent(30_000);
+    const again = await boot();
+    assert.equal(again.code, 0, again.stderr);
+    assert.equal(cacheOf(again.stderr, 'main'), 'used', again.stderr);
+  });
+
+  test('a cache V8 refuses costs only time, and is remade', T, async () => {
+    const f = join(OUT, 'vcpu-worker.cache');
+    const b = readFileSync(f);
+    const body = b.indexOf(10) + 1;
+    // The key (first line) still matches; the data after it is garbage to V8.
+    for (let i = body; i < b.length; i++) b[i] = (b[i]! * 31 + 7) & 0xff;
+    writeFileSync(f, b);
+    const r = await boot();
+    assert.equal(r.code, 0, r.stderr);
+    assert.equal(r.stdout, 'tiny guest up\n');
+    assert.equal(cacheOf(r.stderr, 'vcpu-worker'), 'rejected', r.stderr);
+    assert.equal(cacheOf(r.stderr, 'main'), 'used', r.stderr);
+    // Worker caches are checked by their key only on the main thread: the refusal is seen by
+    // the worker, so the cache is remade by the next build (or once its key is stale).
+    const c = buildScript('--out', NAME);
+    assert.equal(c.status, 0, c.stderr);
+    const again = await boot();
+    assert.equal(cacheOf(again.stderr, 'vcpu-worker'), 'used', again.stderr);
+  });
+
+  test('a bundle older than its dist/ inputs is not run: dist/ is', T, async () => {
+    const m = join(OUT, 'manifest.json');
+    const manifest = JSON.parse(readFileSync(m, 'utf8')) as {
+      bundles: Record<string, { inputs: Record<string, [number, number]> }>;
+    };
+    const inputs = manifest.bundles.main!.inputs;
+    const first = Object.keys(inputs)[0]!;
+    inputs[first]![0] += 1; // as if the file had changed since the bundle was made
+    writeFileSync(m, JSON.stringify(manifest));
+    const r = await boot();
+    assert.equal(r.code, 0, r.stderr);
+    assert.equal(r.stdout, 'tiny guest up\n');
+    assert.match(r.stderr, new RegExp(`typervisor bundle main: ran dist/ \\(stale: dist/${first}`));
+    assert.equal(cacheOf(r.stderr, 'vcpu-worker'), undefined, 'un-bundled workers: no bundle');
+  });
+});
