@@ -42,6 +42,8 @@ export {
   validateDrive,
   validateLogger,
   validateMachineConfig,
+  normalizeCpuConfig,
+  type CpuConfigJson,
   validateNetworkInterface,
   validateResources,
   validateRestoreConfig,
