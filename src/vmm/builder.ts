@@ -8,6 +8,7 @@ import { filterCpuid } from '../arch/x86_64/cpuid.js';
 import {
   applyTemplateToCpuid,
   applyTemplateToMsrs,
+  cpuidTemplateNotApplied,
   requiredKvmCapabilities,
   templateMsrAddrs,
   type CpuTemplate,
@@ -35,7 +36,7 @@ import {
   type AttachedDevices,
   type LegacyDeviceState,
 } from './legacy-devices.js';
-import { configFromSpec, type VmConfig, type VmSpec } from './resources.js';
+import { configFromSpec, cpuTemplateMsrAddrs, type VmConfig, type VmSpec } from './resources.js';
 import { Vmm } from './vmm.js';
 import { writeGenerationId } from './vmgenid.js';
 import { startDeviceWorker, type DeviceWorkerHandle } from './device-worker-handle.js';
@@ -305,9 +306,19 @@ function build(spec: VmSpec, opts: BuildOptions, undo: UndoList): BuiltVm {
       tscKhz = undefined; // no KVM_CAP_GET_TSC_KHZ: the guest calibrates instead
     }
     const smt = spec.smt === true;
-    vcpu.setCpuid(
-      filterCpuid(supported, { vcpuId: id, vcpuCount: vcpus, tscKhz, tscDeadline, smt }),
-    );
+    const cpuid = filterCpuid(supported, {
+      vcpuId: id,
+      vcpuCount: vcpus,
+      tscKhz,
+      tscDeadline,
+      smt,
+    });
+    vcpu.setCpuid(cpuid);
+    // Some hosts rewrite feature leaves on KVM_SET_CPUID2: say so rather than pretend.
+    if (template && id === 0) {
+      for (const w of cpuidTemplateNotApplied(cpuid, vcpu.getCpuid(), template))
+        log('warn', `CPU template not fully applied: ${w}`);
+    }
     // The template's MSRs: read once from vCPU 0 (its CPUID set), changed, written to every vCPU.
     if (template && id === 0) templateMsrs = templatedMsrs(vcpu, template, boot.msrs);
     setTemplateMsrs(vcpu, templateMsrs);
@@ -397,6 +408,7 @@ export function finishVm(
       ram: layout,
       legacy: owned,
       virtio: { slots: transportSlots(plan), controlFd: plan.controlFd },
+      extraMsrs: cpuTemplateMsrAddrs(p.config),
     }),
     { paused: opts.paused === true },
   );

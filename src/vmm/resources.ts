@@ -14,10 +14,15 @@ import { checkBootImage, openHostFile } from '../loader/image-file.js';
 import { CMDLINE_MAX_SIZE, MAX_VCPUS } from '../arch/x86_64/layout.js';
 import {
   parseCpuTemplate,
+  templateMsrAddrs,
   wireCpuTemplate,
   type CpuTemplate,
 } from '../arch/x86_64/cpu-template.js';
-import { CPU_TEMPLATE_NAMES } from '../arch/x86_64/cpu-template-static.js';
+import {
+  CPU_TEMPLATE_NAMES,
+  isStaticCpuTemplate,
+  staticCpuTemplate,
+} from '../arch/x86_64/cpu-template-static.js';
 import { BLK_ID_BYTES } from '../devices/virtio/block/request.js';
 import { ConfigError } from '../util/errors.js';
 import { MAX_VIRTIO_DEVICES, type VirtioConfig } from './virtio-plan.js';
@@ -42,6 +47,16 @@ export interface MachineConfig {
  * parseCpuTemplate + wireCpuTemplate (plain JSON: it goes into snapshots as it is).
  */
 export type CpuConfigJson = Record<string, unknown>;
+
+/** The MSRs the configuration's CPU template (custom or static) changes: a snapshot saves them. */
+export function cpuTemplateMsrAddrs(c: VmConfig): number[] {
+  const custom = c['cpu-config'];
+  if (custom) return templateMsrAddrs(parseCpuTemplate(custom));
+  const name = c['machine-config'].cpu_template;
+  return name !== undefined && isStaticCpuTemplate(name)
+    ? templateMsrAddrs(staticCpuTemplate(name))
+    : [];
+}
 
 /** Checks a custom CPU template and gives its normalized JSON (ConfigError naming the field). */
 export function normalizeCpuConfig(json: unknown): CpuConfigJson {

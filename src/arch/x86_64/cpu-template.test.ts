@@ -6,6 +6,7 @@ import {
   applyBitmap,
   applyTemplateToCpuid,
   applyTemplateToMsrs,
+  cpuidTemplateNotApplied,
   formatBitmap,
   parseBitmap,
   parseCpuTemplate,
@@ -275,4 +276,20 @@ test('static templates are well formed and do what they say', () => {
   assert.equal(l1.edx & 0x1080, 0x1080);
   assert.equal(out.find((e) => e.function === 0x8000_0008)!.ebx, 0x001c_0004);
   assert.equal(out.find((e) => e.function === 0xd && e.index === 1)!.eax, 0xffff_fff1);
+});
+
+test('bits of the template that KVM did not keep are reported, leaf by leaf', () => {
+  const t = parseCpuTemplate(TEMPLATE);
+  const set = applyTemplateToCpuid([E(1, 0, 0, 0, 0, 0), E(7, 0, 0, 0b11)], t);
+  assert.deepEqual(cpuidTemplateNotApplied(set, set, t), []);
+  const got = structuredClone(set);
+  got[0]!.ecx = 0xffff_ffff; // the host put its own bits back
+  got[0]!.eax = 0x1234; // not a bit the template names: not reported
+  assert.deepEqual(cpuidTemplateNotApplied(set, got, t), [
+    "CPUID leaf 0x1 subleaf 0x0 ecx: the template's bits are 0x0 but this host's KVM keeps 0x40000000",
+  ]);
+  assert.match(
+    cpuidTemplateNotApplied(set, [got[0]!], t).at(-1)!,
+    /leaf 0x7 subleaf 0x0 ebx: .* keeps no such leaf/,
+  );
 });

@@ -323,3 +323,34 @@ export function requiredKvmCapabilities(t: CpuTemplate): number[] {
     ),
   ];
 }
+
+/**
+ * The template's bits that KVM did not keep: for each modified register, the bits the template
+ * names (its filter) as set on the vCPU (`set`, after normalization) against what KVM_GET_CPUID2
+ * gives back (`got`). Some hosts rewrite feature leaves on KVM_SET_CPUID2 (PVM passes the host's
+ * leaf 1 ECX/EDX and leaf 7 through): the guest then does not see the template there.
+ */
+export function cpuidTemplateNotApplied(
+  set: readonly CpuidEntry[],
+  got: readonly CpuidEntry[],
+  t: CpuTemplate,
+): string[] {
+  const out: string[] = [];
+  const at = (es: readonly CpuidEntry[], m: CpuidLeafModifier) =>
+    es.find((e) => e.function === m.leaf && e.index === m.subleaf);
+  for (const m of t.cpuid_modifiers) {
+    const s = at(set, m);
+    const g = at(got, m);
+    if (!s) continue; // replaced by the normalization (topology leaves)
+    for (const r of m.modifiers) {
+      const mask = Number(r.bitmap.filter);
+      const want = (s[r.register] & mask) >>> 0;
+      const have = g === undefined ? undefined : (g[r.register] & mask) >>> 0;
+      if (have !== want)
+        out.push(
+          `CPUID leaf ${hex(m.leaf)} subleaf ${hex(m.subleaf)} ${r.register}: the template's bits are ${hex(want)} but this host's KVM keeps ${have === undefined ? 'no such leaf' : hex(have)}`,
+        );
+    }
+  }
+  return out;
+}
