@@ -318,7 +318,7 @@ const index32 = (what: string): Schema =>
 export const CpuConfig: Schema = {
   type: 'object',
   description:
-    'Custom CPU template (pre-boot): CPUID and MSR modifiers applied at InstanceStart. A leaf or MSR this host does not have fails InstanceStart. Replaces a static cpu_template.',
+    'Custom CPU template (pre-boot), applied at InstanceStart; replaces a static cpu_template. cpuid_modifiers: [{leaf, subleaf, flags, modifiers: [{register: "eax".."edx", bitmap}]}]; msr_modifiers: [{addr, bitmap}]; leaf, subleaf and addr as "0x..", "0b.." or decimal strings; flags 0-7 (KVM_CPUID_FLAG_*). A bitmap is "0b" then one character per bit, most significant first: 0 clears, 1 sets, x keeps, "_" separates; fewer digits than the register (32 bits for CPUID, 64 for MSRs) keep the high bits. A leaf or MSR this host does not have fails InstanceStart.',
   properties: {
     kvm_capabilities: {
       type: 'array',
