@@ -207,3 +207,23 @@ test('smt with one vCPU changes nothing; with an odd count it is a programmer er
   );
   assert.throws(() => filterCpuid(s, { vcpuId: 0, vcpuCount: 3, smt: true }), /even vCPU count/);
 });
+
+test('AMD: TOPOEXT set and the topology leaf present even when KVM does not list it', () => {
+  const s = supported('AuthenticAMD').filter((e) => e.function !== 0x8000_001e);
+  s.push(E(0x8000_0001, 0, 0, 0, 0x1, 0));
+  const out = filterCpuid(s, { vcpuId: 1, vcpuCount: 2, smt: true });
+  assert.equal(find(out, 0x8000_0001)[0]!.ecx, 0x1 | (1 << 22));
+  assert.equal(find(out, 0x8000_0000)[0]!.eax, 0x8000_0021); // already past 0x8000_001e
+  const l1e = find(out, 0x8000_001e);
+  assert.equal(l1e.length, 1);
+  assert.deepEqual([l1e[0]!.eax, l1e[0]!.ebx, l1e[0]!.ecx], [1, 0x100, 0]);
+  const low = s.map((e) => (e.function === 0x8000_0000 ? { ...e, eax: 0x8000_0008 } : e));
+  assert.equal(
+    find(filterCpuid(low, { vcpuId: 0, vcpuCount: 1 }), 0x8000_0000)[0]!.eax,
+    0x8000_001e,
+  );
+  // Intel: none of it.
+  const intel = filterCpuid(supported('GenuineIntel'), { vcpuId: 0, vcpuCount: 1 });
+  assert.equal(find(intel, 0x8000_0000)[0]!.eax, 0x8000_0021);
+  assert.equal(find(intel, 0x8000_001e)[0]!.ebx, 0x103);
+});

@@ -32,6 +32,19 @@ const KVM_SIG = { ebx: 0x4b4d564b, ecx: 0x564b4d56, edx: 0x0000004d }; // "KVMKV
 const LEAF1_ECX_TSC_DEADLINE = 1 << 24;
 const LEAF1_ECX_HYPERVISOR = 1 << 31;
 const LEAF1_EDX_HTT = 1 << 28;
+/** AMD extended APIC id / core / node leaf, and its feature bit (0x8000_0001 ECX). */
+const AMD_TOPOLOGY_LEAF = 0x8000_001e;
+const AMD_ECX_TOPOEXT = 1 << 22;
+
+/** Leaf 0x8000_001e: extended APIC id, core id and threads per core - 1, node 0 of 1. */
+function amdTopology(id: number, threadBits: number) {
+  return {
+    eax: id,
+    ebx: ((id >> threadBits) & 0xff) | (((1 << threadBits) - 1) << 8),
+    ecx: 0,
+    edx: 0,
+  };
+}
 /** CLFLUSH line size in 8-byte units (64 bytes), leaf 1 EBX[15:8]. */
 const CLFLUSH_LINE_QWORDS = 8;
 
@@ -111,19 +124,24 @@ export function filterCpuid(supported: readonly CpuidEntry[], o: CpuidOptions): 
       case TSC_FREQ_LEAF:
         if (o.tscKhz !== undefined) continue; // replaced below
         break;
+      case 0x8000_0000: // AMD: the extended leaves reach 0x8000_001e (topology, below)
+        if (amd && e.eax < AMD_TOPOLOGY_LEAF) e.eax = AMD_TOPOLOGY_LEAF;
+        break;
+      case 0x8000_0001: // AMD: TOPOEXT, so that Linux reads threads per core from 0x8000_001e
+        if (amd) e.ecx = (e.ecx | AMD_ECX_TOPOEXT) >>> 0;
+        break;
       case 0x8000_0008:
         if (amd) e.ecx = ((e.ecx & ~0xf0ff) | ((n - 1) & 0xff) | (idBits(n) << 12)) >>> 0;
         break;
-      case 0x8000_001e:
-        if (amd) {
-          e.eax = id; // extended APIC id
-          e.ebx = ((id >> threadBits) & 0xff) | ((perCore - 1) << 8); // core id, threads - 1
-          e.ecx = 0; // node 0, one node per processor
-        }
+      case AMD_TOPOLOGY_LEAF:
+        if (amd) Object.assign(e, amdTopology(id, threadBits));
         break;
     }
     out.push(e);
   }
+  // As Firecracker: an AMD guest always has the topology leaf (KVM may not list it).
+  if (amd && !has(AMD_TOPOLOGY_LEAF))
+    out.push({ function: AMD_TOPOLOGY_LEAF, index: 0, flags: 0, ...amdTopology(id, threadBits) });
 
   for (const leaf of [0xb, 0x1f]) {
     if (has(leaf)) out.push(...extendedTopology(leaf, id, n, threadBits));
