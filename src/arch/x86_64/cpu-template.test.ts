@@ -293,3 +293,41 @@ test('bits of the template that KVM did not keep are reported, leaf by leaf', ()
     /leaf 0x7 subleaf 0x0 ebx: .* keeps no such leaf/,
   );
 });
+
+test('hostile templates: random shapes and strings give a ConfigError or a template, never a crash', () => {
+  let seed = 0x9e37_79b9;
+  const rnd = () => {
+    seed = (Math.imul(seed ^ (seed >>> 15), 0x2c1b_3c6d) + 0x6d2b_79f5) >>> 0;
+    return seed / 2 ** 32;
+  };
+  const pick = <T>(xs: T[]): T => xs[Math.floor(rnd() * xs.length)]!;
+  const str = () =>
+    pick(['0b', '0x', '', '!', '_', 'x', '1', '0', '9', 'é', ' ', '-'])
+      .concat(pick(['', '01x_', '1'.repeat(70), 'ffff_ffff', '121', '0b1x']))
+      .slice(0, 80);
+  const value = (depth: number): unknown => {
+    const k = Math.floor(rnd() * (depth > 2 ? 5 : 8));
+    if (k === 0) return str();
+    if (k === 1) return Math.floor(rnd() * 20) - 5;
+    if (k === 2) return null;
+    if (k === 3) return rnd() < 0.5;
+    if (k === 4) return 1.5;
+    if (k === 5) return Array.from({ length: Math.floor(rnd() * 3) }, () => value(depth + 1));
+    const keys = ['leaf', 'subleaf', 'flags', 'modifiers', 'register', 'bitmap', 'addr', 'x'];
+    return Object.fromEntries(keys.filter(() => rnd() < 0.6).map((k2) => [k2, value(depth + 1)]));
+  };
+  let accepted = 0;
+  for (let i = 0; i < 3000; i++) {
+    const t: Record<string, unknown> = {};
+    for (const k of ['kvm_capabilities', 'cpuid_modifiers', 'msr_modifiers', 'reg_modifiers'])
+      if (rnd() < 0.5) t[k] = value(0);
+    try {
+      const parsed = parseCpuTemplate(t);
+      accepted++;
+      assert.deepEqual(parseCpuTemplate(wireCpuTemplate(parsed)), parsed);
+    } catch (e) {
+      assert.ok(e instanceof ConfigError, `${(e as Error).stack} for ${JSON.stringify(t)}`);
+    }
+  }
+  assert.ok(accepted > 0);
+});
