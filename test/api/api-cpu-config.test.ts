@@ -6,7 +6,9 @@
  */
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { call, startServer, type ServerProcess } from './client.js';
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { call, startServer, tempDir, type ServerProcess } from './client.js';
 
 const T = { timeout: 20_000 };
 const fault = (r: { json?: { fault_message?: string } }) => r.json?.fault_message ?? '';
@@ -152,5 +154,22 @@ describe('CPU templates and smt through the API (real socket, no boot)', () => {
     assert.equal(r.status, 204);
     const m = (await call(sock(), 'GET', '/machine-config')).json;
     assert.deepEqual([m.vcpu_count, m.smt], [5, false]);
+  });
+
+  test('PUT /cpu-config is counted in put_api_requests.cpu_cfg_count / _fails', T, async () => {
+    const dir = tempDir();
+    const metricsPath = join(dir, 'metrics');
+    const m = await startServer(['--metrics-path', metricsPath], dir);
+    try {
+      assert.equal((await call(m.sock, 'PUT', '/cpu-config', TEMPLATE)).status, 204);
+      assert.equal((await call(m.sock, 'PUT', '/cpu-config', { msr_modifiers: 1 })).status, 400);
+      m.child.kill('SIGHUP');
+      assert.equal((await m.exited).code, 0, m.stderr());
+      const last = readFileSync(metricsPath, 'utf8').trimEnd().split('\n').at(-1)!;
+      const put = JSON.parse(last).put_api_requests;
+      assert.deepEqual([put.cpu_cfg_count, put.cpu_cfg_fails], [2, 1]);
+    } finally {
+      await m.kill();
+    }
   });
 });
