@@ -3,6 +3,9 @@
  * messages, only beside "logger" and "metrics"; a boot configuration is unchanged.
  */
 import { test } from 'node:test';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import assert from 'node:assert/strict';
 import { parseVmConfig } from './config-file.js';
 import { DESERIALIZE_PREFIX, LOAD_MISSING_MEM, LOAD_TOO_MANY_MEM } from './routes.js';
@@ -157,7 +160,6 @@ test("Firecracker's example shape: empty sections of features we lack are accept
 test('a non-empty section of a feature we lack is refused, naming it', () => {
   for (const [k, v] of [
     ['balloon', { amount_mib: 0, deflate_on_oom: false }],
-    ['cpu-config', { cpuid_modifiers: [] }],
     ['mmds-config', { network_interfaces: ['eth0'] }],
     ['memory-hotplug', { total_size_mib: 1024 }],
     ['pmem', [{ id: 'p', path_on_host: '/p', root_device: false }]],
@@ -176,4 +178,59 @@ test('a non-empty section of a feature we lack is refused, naming it', () => {
   assert.ok('fault' in bad);
   assert.match(bad.fault, /^An error occurred when deserializing/);
   assert.match(fault([] as unknown as object), /expected an object, got an array/);
+});
+
+test('cpu-config: an object or the path of a JSON file, applied after machine-config', () => {
+  const template = {
+    cpuid_modifiers: [
+      { leaf: '0x1', subleaf: '0x0', flags: 0, modifiers: [{ register: 'eax', bitmap: '0b1' }] },
+    ],
+  };
+  const wire = {
+    kvm_capabilities: [],
+    cpuid_modifiers: [
+      {
+        leaf: '0x1',
+        subleaf: '0x0',
+        flags: 0,
+        modifiers: [{ register: 'eax', bitmap: '0b' + 'x'.repeat(31) + '1' }],
+      },
+    ],
+    msr_modifiers: [],
+  };
+  const r = parse({ ...firecrackerExample, 'cpu-config': template });
+  assert.ok('actions' in r, JSON.stringify(r));
+  assert.deepEqual(
+    r.actions.map((a) => a.kind),
+    ['PutMachineConfig', 'PutCpuConfig', 'PutBootSource', 'PutDrive', 'InstanceStart'],
+  );
+  assert.deepEqual(r.actions[1], { kind: 'PutCpuConfig', config: wire });
+
+  const dir = mkdtempSync(join(tmpdir(), 'cpu-config-'));
+  try {
+    const file = join(dir, 't.json');
+    writeFileSync(file, JSON.stringify(template));
+    const p = parse({ ...firecrackerExample, 'cpu-config': file });
+    assert.ok('actions' in p, JSON.stringify(p));
+    assert.deepEqual(p.actions[1], { kind: 'PutCpuConfig', config: wire });
+    assert.match(
+      fault({ ...firecrackerExample, 'cpu-config': join(dir, 'nope.json') }),
+      /^cpu-config: cannot read the CPU template .*nope\.json: ENOENT/,
+    );
+    writeFileSync(file, '{"cpuid_modifiers": 3}');
+    assert.match(
+      fault({ ...firecrackerExample, 'cpu-config': file }),
+      /cpu-config: cpuid_modifiers: expected an array, got 3/,
+    );
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+  assert.match(
+    fault({ ...firecrackerExample, 'cpu-config': { msr_modifiers: [{ addr: 'x' }] } }),
+    /^An error occurred when deserializing the json body of a request: cpu-config: msr_modifiers\[0\]\.addr: "x" is not a number/,
+  );
+  assert.match(
+    fault({ 'cpu-config': template, 'snapshot-load': load }),
+    /"cpu-config" cannot be used with "snapshot-load"/,
+  );
 });

@@ -9,7 +9,8 @@
  * API's rule too: a load happens in a process that has configured nothing else; the snapshot
  * decides the VM, and network_overrides / vsock_override re-point its TAPs and vsock socket).
  */
-import type { VmConfig } from '../vmm/index.js';
+import { readFileSync } from 'node:fs';
+import { normalizeCpuConfig, type CpuConfigJson, type VmConfig } from '../vmm/index.js';
 import {
   DESERIALIZE_PREFIX,
   LOAD_MISSING_MEM,
@@ -68,6 +69,49 @@ function takeEmptySections(text: string): string | { fault: string } {
   return JSON.stringify(o);
 }
 
+/** The custom CPU template section: an object, or (as in Firecracker) the path of a JSON file. */
+const CPU_CONFIG_SECTION = 'cpu-config';
+/** A CPU template file is small (Firecracker's largest is under 16 KiB). */
+const CPU_CONFIG_FILE_MAX = 1024 * 1024;
+
+/**
+ * Takes the "cpu-config" section out of the file's text (its shape is checked by the template
+ * parser, not the schema): the normalized template, or a fault naming the problem.
+ */
+function takeCpuConfig(text: string): { text: string; cpu?: CpuConfigJson } | { fault: string } {
+  let json: unknown;
+  try {
+    json = JSON.parse(text);
+  } catch {
+    return { text };
+  }
+  if (typeof json !== 'object' || json === null || Array.isArray(json)) return { text };
+  const o = json as Record<string, unknown>;
+  const v = o[CPU_CONFIG_SECTION];
+  if (!Object.hasOwn(o, CPU_CONFIG_SECTION)) return { text };
+  delete o[CPU_CONFIG_SECTION];
+  const rest = JSON.stringify(o);
+  if (v === null) return { text: rest };
+  let template: unknown = v;
+  if (typeof v === 'string') {
+    try {
+      const t = readFileSync(v, 'utf8');
+      if (t.length > CPU_CONFIG_FILE_MAX)
+        return { fault: `${CPU_CONFIG_SECTION}: ${v}: larger than ${CPU_CONFIG_FILE_MAX} bytes` };
+      template = JSON.parse(t);
+    } catch (e) {
+      return {
+        fault: `${CPU_CONFIG_SECTION}: cannot read the CPU template ${v}: ${(e as Error).message}`,
+      };
+    }
+  }
+  try {
+    return { text: rest, cpu: normalizeCpuConfig(template) };
+  } catch (e) {
+    return { fault: `${DESERIALIZE_PREFIX}${CPU_CONFIG_SECTION}: ${(e as Error).message}` };
+  }
+}
+
 /** Not a section of Firecracker's VmmConfig (it skips it) but sometimes written: null only. */
 const SERIAL_SECTION = 'serial';
 
@@ -77,15 +121,19 @@ export function parseVmConfig(
 ): { actions: VmmAction[] } | { fault: string } {
   const empty = takeEmptySections(text);
   if (typeof empty === 'object') return empty;
-  const r = parseBody<ConfigFile>(ConfigFileSchema, empty);
+  const cpuTaken = takeCpuConfig(empty);
+  if ('fault' in cpuTaken) return cpuTaken;
+  const cpu = cpuTaken.cpu;
+  const r = parseBody<ConfigFile>(ConfigFileSchema, cpuTaken.text);
   if ('fault' in r)
     return { fault: r.fault.replace('the json body of a request', 'the configuration file') };
   const c = r.value;
   const load = c[SNAPSHOT_LOAD_SECTION];
   if (load) {
-    const other = Object.keys(c).filter(
-      (k) => c[k] !== undefined && !WITH_SNAPSHOT_LOAD.includes(k),
-    );
+    const other = [
+      ...(cpu ? [CPU_CONFIG_SECTION] : []),
+      ...Object.keys(c).filter((k) => c[k] !== undefined && !WITH_SNAPSHOT_LOAD.includes(k)),
+    ];
     if (other.length > 0)
       return {
         fault: `configuration section "${other[0]}" cannot be used with "${SNAPSHOT_LOAD_SECTION}": the snapshot decides the VM (use network_overrides or vsock_override to re-point its devices)`,
@@ -110,6 +158,7 @@ export function parseVmConfig(
     return { actions };
   }
   if (c['machine-config']) actions.push({ kind: 'PutMachineConfig', config: c['machine-config'] });
+  if (cpu) actions.push({ kind: 'PutCpuConfig', config: cpu });
   if (c['boot-source']) actions.push({ kind: 'PutBootSource', config: c['boot-source'] });
   for (const d of c.drives ?? []) actions.push({ kind: 'PutDrive', config: d });
   for (const n of c['network-interfaces'] ?? [])

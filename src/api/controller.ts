@@ -168,8 +168,14 @@ export class VmmController {
         if (!pre) return bad(PRE_BOOT_ONLY);
         this.config['machine-config'] = validateMachineConfig({
           ...DEFAULT_MACHINE_CONFIG,
+          // Without cpu_template a PUT keeps the template set before (Firecracker's update).
+          ...(this.config['machine-config'].cpu_template !== undefined
+            ? { cpu_template: this.config['machine-config'].cpu_template }
+            : {}),
           ...a.config,
         });
+        // A static template (even "None") replaces a custom one, as in Firecracker.
+        if (a.config.cpu_template !== undefined) this.config['cpu-config'] = null;
         this.bootPath = true;
         return NO_CONTENT;
       case 'PatchMachineConfig':
@@ -178,8 +184,18 @@ export class VmmController {
           ...this.config['machine-config'],
           ...a.update,
         });
+        if (a.update.cpu_template !== undefined) this.config['cpu-config'] = null;
         this.bootPath = true;
         return NO_CONTENT;
+      case 'PutCpuConfig': {
+        if (!pre) return bad(PRE_BOOT_ONLY);
+        // A custom template replaces a static one (machine-config then reports none).
+        const { cpu_template: _replaced, ...machine } = this.config['machine-config'];
+        this.config['machine-config'] = machine;
+        this.config['cpu-config'] = a.config;
+        this.bootPath = true;
+        return NO_CONTENT;
+      }
       case 'PutBootSource':
         if (!pre) return bad(PRE_BOOT_ONLY);
         this.config['boot-source'] = validateBootSource({ ...a.config });

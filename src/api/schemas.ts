@@ -47,12 +47,13 @@ export const RateLimiter: Schema = {
 
 export const MachineConfiguration: Schema = {
   type: 'object',
-  description:
-    'vCPUs and memory. Optional fields other than track_dirty_pages accept only their default values for now.',
+  description: 'vCPUs and memory. huge_pages accepts only "None" for now.',
   properties: {
     vcpu_count: int(1, MAX_VCPUS, 'Number of vCPUs.'),
     mem_size_mib: int(1, MAX_MEM_MIB, 'Guest memory in MiB (at least 16).'),
-    smt: bool('Simultaneous multithreading: only false is supported.'),
+    smt: bool(
+      'Simultaneous multithreading: two threads per core in the CPUID topology the guest sees (vcpu_count must then be 1 or even).',
+    ),
     track_dirty_pages: bool(
       "Keep KVM's dirty log and the devices' writes to guest memory, so Diff snapshots can be taken (default false).",
     ),
@@ -62,7 +63,7 @@ export const MachineConfiguration: Schema = {
     ),
     cpu_template: oneOf(
       ['C3', 'T2', 'T2S', 'T2CL', 'T2A', 'V1N1', 'None'],
-      'Deprecated CPU template (answered with `Deprecation: true`): only "None" is supported.',
+      'Deprecated static CPU template (answered with `Deprecation: true`): C3, T2, T2S, T2CL on Intel hosts of the models Firecracker lists, T2A on AMD Milan; refused at InstanceStart on other hosts. V1N1 is aarch64 only. "None" (or a PUT /cpu-config) removes it.',
     ),
   },
   required: ['vcpu_count', 'mem_size_mib'],
@@ -296,11 +297,90 @@ export const SnapshotLoadParams: Schema = {
  */
 export const UNSUPPORTED_CONFIG_SECTIONS = [
   'balloon',
-  'cpu-config',
   'memory-hotplug',
   'mmds-config',
   'pmem',
 ] as const;
+
+const bitmap = (bits: number): Schema =>
+  str(
+    `${bits}-bit bitmap, most significant bit first: "0b" (optional), then 0 (clear), 1 (set) or x (keep) per bit, "_" allowed between digits; fewer than ${bits} digits leave the high bits alone.`,
+    256,
+  );
+const index32 = (what: string): Schema =>
+  str(`${what}: hex "0x..", binary "0b.." or decimal, below 2^32.`, 64);
+
+/**
+ * PUT /cpu-config and the config file's "cpu-config" (an object, or the path of a JSON file):
+ * Firecracker's custom CPU template. Checked by src/arch/x86_64/cpu-template.ts (not by this
+ * schema, which documents it): unknown fields, bad bitmaps and register names are refused.
+ */
+export const CpuConfig: Schema = {
+  type: 'object',
+  description:
+    'Custom CPU template (pre-boot), applied at InstanceStart; replaces a static cpu_template. cpuid_modifiers: [{leaf, subleaf, flags, modifiers: [{register: "eax".."edx", bitmap}]}]; msr_modifiers: [{addr, bitmap}]; leaf, subleaf and addr as "0x..", "0b.." or decimal strings; flags 0-7 (KVM_CPUID_FLAG_*). A bitmap is "0b" then one character per bit, most significant first: 0 clears, 1 sets, x keeps, "_" separates; fewer digits than the register (32 bits for CPUID, 64 for MSRs) keep the high bits. A leaf or MSR this host does not have fails InstanceStart.',
+  properties: {
+    kvm_capabilities: {
+      type: 'array',
+      maxItems: 64,
+      items: str('"N" requires KVM capability N at InstanceStart; "!N" removes it.', 16),
+      description: 'KVM capabilities to require.',
+    },
+    cpuid_modifiers: {
+      type: 'array',
+      maxItems: 256,
+      description: "Changes to KVM's supported CPUID, before the topology is set per vCPU.",
+      items: {
+        type: 'object',
+        description: 'One leaf/subleaf.',
+        properties: {
+          leaf: index32('CPUID leaf'),
+          subleaf: index32('CPUID subleaf'),
+          flags: int(0, 7, 'KVM_CPUID_FLAG_* for the entry (1: significant subleaf).'),
+          modifiers: {
+            type: 'array',
+            maxItems: 16,
+            description: 'Register changes.',
+            items: {
+              type: 'object',
+              description: 'One register.',
+              properties: {
+                register: oneOf(['eax', 'ebx', 'ecx', 'edx'], 'The register.'),
+                bitmap: bitmap(32),
+              },
+              required: ['register', 'bitmap'],
+            },
+          },
+        },
+        required: ['leaf', 'subleaf', 'flags', 'modifiers'],
+      },
+    },
+    msr_modifiers: {
+      type: 'array',
+      maxItems: 256,
+      description:
+        'Changes to MSRs (read from vCPU 0 after its CPUID is set), written to every vCPU.',
+      items: {
+        type: 'object',
+        description: 'One MSR.',
+        properties: { addr: index32('MSR address'), bitmap: bitmap(64) },
+        required: ['addr', 'bitmap'],
+      },
+    },
+    reg_modifiers: {
+      type: 'array',
+      maxItems: 0,
+      items: { type: 'object', properties: {}, description: 'aarch64 only.' },
+      description: 'aarch64 only: accepted only empty.',
+    },
+    vcpu_features: {
+      type: 'array',
+      maxItems: 0,
+      items: { type: 'object', properties: {}, description: 'aarch64 only.' },
+      description: 'aarch64 only: accepted only empty.',
+    },
+  },
+};
 
 /** Any JSON value at all: the section is checked by name in config-file.ts, not by shape. */
 const anyObject: Schema = {
@@ -328,6 +408,7 @@ export const FullVmConfiguration: Schema = {
     entropy: EntropyDevice,
     logger: Logger,
     metrics: Metrics,
+    'cpu-config': CpuConfig,
     ...Object.fromEntries(UNSUPPORTED_CONFIG_SECTIONS.map((k) => [k, anyObject])),
     serial: anyObject,
   },

@@ -5,10 +5,19 @@
 import { acpiBootHook } from '../arch/x86_64/acpi/index.js';
 import { setupBoot, type BootSetup } from '../arch/x86_64/boot.js';
 import { filterCpuid } from '../arch/x86_64/cpuid.js';
+import {
+  applyTemplateToCpuid,
+  applyTemplateToMsrs,
+  cpuidTemplateNotApplied,
+  requiredKvmCapabilities,
+  templateMsrAddrs,
+  type CpuTemplate,
+} from '../arch/x86_64/cpu-template.js';
+import { resolveCpuTemplate } from '../arch/x86_64/cpu-template-static.js';
 import { CMDLINE_MAX_SIZE, ramRegions } from '../arch/x86_64/layout.js';
 import { Kvm, Vcpu, type Vm } from '../kvm/kvm.js';
 import { native } from '../kvm/native.js';
-import type { CpuidEntry } from '../kvm/types.js';
+import type { CpuidEntry, MsrEntry } from '../kvm/types.js';
 import { Cmdline } from '../loader/cmdline.js';
 import { readBootImage } from '../loader/image-file.js';
 import { ConfigError, HostError, ImageError } from '../util/errors.js';
@@ -27,7 +36,7 @@ import {
   type AttachedDevices,
   type LegacyDeviceState,
 } from './legacy-devices.js';
-import { configFromSpec, type VmConfig, type VmSpec } from './resources.js';
+import { configFromSpec, cpuTemplateMsrAddrs, type VmConfig, type VmSpec } from './resources.js';
 import { Vmm } from './vmm.js';
 import { writeGenerationId } from './vmgenid.js';
 import { startDeviceWorker, type DeviceWorkerHandle } from './device-worker-handle.js';
@@ -106,6 +115,34 @@ export function runUndo(undo: UndoList): void {
     }
   }
   undo.length = 0;
+}
+
+/** KVM's CPUID with the template applied, after checking the KVM capabilities it requires. */
+function checkedTemplateCpuid(kvm: Kvm, host: CpuidEntry[], t: CpuTemplate): CpuidEntry[] {
+  for (const cap of requiredKvmCapabilities(t)) {
+    if (kvm.checkExtension(cap) <= 0)
+      throw new HostError(`the CPU template requires KVM capability ${cap}, which this host lacks`);
+  }
+  return applyTemplateToCpuid(host, t);
+}
+
+/** The template's MSR values for vCPU 0's current ones; the boot MSRs win (as Firecracker). */
+function templatedMsrs(vcpu: Vcpu, t: CpuTemplate, boot: BootSetup['msrs']): MsrEntry[] {
+  const addrs = templateMsrAddrs(t);
+  const read = vcpu.readMsrs(addrs).msrs;
+  const values = applyTemplateToMsrs(new Map(read.map((m) => [m.index, m.data])), t);
+  return addrs
+    .filter((a) => !boot.some((b) => b.index === a))
+    .map((index) => ({ index, data: values.get(index)! }));
+}
+
+function setTemplateMsrs(vcpu: Vcpu, msrs: MsrEntry[]): void {
+  if (msrs.length === 0) return;
+  const { refused } = vcpu.writeMsrs(msrs);
+  if (refused.length > 0)
+    throw new HostError(
+      `KVM refused the CPU template's value for MSR 0x${refused[0]!.toString(16)}`,
+    );
 }
 
 /** Sets the boot MSRs: required ones must all be taken; optional ones are tried one by one. */
@@ -270,7 +307,11 @@ function build(spec: VmSpec, opts: BuildOptions, undo: UndoList): BuiltVm {
   // A new VM, a new generation id (ACPI VMGenID; a snapshot load writes another).
   writeGenerationId(ram.memory);
 
-  const supported: CpuidEntry[] = kvm.supportedCpuid();
+  // The CPU template (if any) changes KVM's supported CPUID before the per-vCPU normalization.
+  const host: CpuidEntry[] = kvm.supportedCpuid();
+  const template = resolveCpuTemplate(spec.cpuTemplate, host);
+  const supported = template ? checkedTemplateCpuid(kvm, host, template) : host;
+  let templateMsrs: MsrEntry[] = [];
   const tscDeadline = kvm.checkExtension(KVM_CAP_TSC_DEADLINE_TIMER) > 0;
   const mmapSize = kvm.vcpuMmapSize();
   const vcpuFds: number[] = [];
@@ -283,7 +324,23 @@ function build(spec: VmSpec, opts: BuildOptions, undo: UndoList): BuiltVm {
     } catch {
       tscKhz = undefined; // no KVM_CAP_GET_TSC_KHZ: the guest calibrates instead
     }
-    vcpu.setCpuid(filterCpuid(supported, { vcpuId: id, vcpuCount: vcpus, tscKhz, tscDeadline }));
+    const smt = spec.smt === true;
+    const cpuid = filterCpuid(supported, {
+      vcpuId: id,
+      vcpuCount: vcpus,
+      tscKhz,
+      tscDeadline,
+      smt,
+    });
+    vcpu.setCpuid(cpuid);
+    // Some hosts rewrite feature leaves on KVM_SET_CPUID2: say so rather than pretend.
+    if (template && id === 0) {
+      for (const w of cpuidTemplateNotApplied(cpuid, vcpu.getCpuid(), template))
+        log('warn', `CPU template not fully applied: ${w}`);
+    }
+    // The template's MSRs: read once from vCPU 0 (its CPUID set), changed, written to every vCPU.
+    if (template && id === 0) templateMsrs = templatedMsrs(vcpu, template, boot.msrs);
+    setTemplateMsrs(vcpu, templateMsrs);
     setBootMsrs(vcpu, boot.msrs, warned);
     vcpu.setRegs(boot.regs);
     vcpu.setSregs(boot.sregs(vcpu.getSregs()));
@@ -382,6 +439,7 @@ export function finishVm(
       ram: layout,
       legacy: owned,
       virtio: { slots: transportSlots(plan), controlFd: plan.controlFd },
+      extraMsrs: cpuTemplateMsrAddrs(p.config),
     }),
     { paused: opts.paused === true },
   );

@@ -48,6 +48,8 @@ export {
   validateDrive,
   validateLogger,
   validateMachineConfig,
+  normalizeCpuConfig,
+  type CpuConfigJson,
   validateNetworkInterface,
   validateResources,
   validateRestoreConfig,

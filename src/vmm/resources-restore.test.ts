@@ -128,7 +128,11 @@ test('the saved machine is checked with the boot rules; the kernel is not needed
   const machine = (m: object) => ({ ...c, 'machine-config': { ...c['machine-config'], ...m } });
   assert.throws(() => validateRestoreConfig(machine({ vcpu_count: 0 })), /vcpu_count/);
   assert.throws(() => validateRestoreConfig(machine({ mem_size_mib: 1.5 })), /mem_size_mib/);
-  assert.throws(() => validateRestoreConfig(machine({ smt: true })), /smt/);
+  assert.throws(
+    () => validateRestoreConfig(machine({ smt: true, vcpu_count: 3 })),
+    /1 or an even number when smt/,
+  );
+  assert.equal(validateRestoreConfig(machine({ smt: true })).vcpus, 2);
   // Dirty page tracking is the load's choice, not the saved VM's.
   assert.equal(validateRestoreConfig(machine({ track_dirty_pages: true })).vcpus, 2);
   // A drive whose image is gone is refused by name.

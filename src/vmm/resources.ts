@@ -12,6 +12,17 @@
 import { closeSync } from 'node:fs';
 import { checkBootImage, openHostFile } from '../loader/image-file.js';
 import { CMDLINE_MAX_SIZE, MAX_VCPUS } from '../arch/x86_64/layout.js';
+import {
+  parseCpuTemplate,
+  templateMsrAddrs,
+  wireCpuTemplate,
+  type CpuTemplate,
+} from '../arch/x86_64/cpu-template.js';
+import {
+  CPU_TEMPLATE_NAMES,
+  isStaticCpuTemplate,
+  staticCpuTemplate,
+} from '../arch/x86_64/cpu-template-static.js';
 import { BLK_ID_BYTES } from '../devices/virtio/block/request.js';
 import { ConfigError } from '../util/errors.js';
 import { MAX_VIRTIO_DEVICES, type VirtioConfig } from './virtio-plan.js';
@@ -22,12 +33,34 @@ export { MAX_VIRTIO_DEVICES } from './virtio-plan.js';
 export interface MachineConfig {
   vcpu_count: number;
   mem_size_mib: number;
-  /** Firecracker's optional fields; we support only their default values for now, but: */
+  /** Two threads per core in the guest's CPUID topology: vcpu_count must be 1 or even. */
   smt?: boolean;
   /** KVM's dirty log on every RAM slot plus the device-dirty bitmap: for Diff snapshots. */
   track_dirty_pages?: boolean;
   huge_pages?: 'None' | 'Transparent' | '2M';
+  /** A static CPU template by name (cpu-template-static.ts): C3, T2, T2S, T2CL, T2A or None. */
   cpu_template?: string;
+}
+
+/**
+ * A custom CPU template (PUT /cpu-config) as JSON in Firecracker's shape, normalized by
+ * parseCpuTemplate + wireCpuTemplate (plain JSON: it goes into snapshots as it is).
+ */
+export type CpuConfigJson = Record<string, unknown>;
+
+/** The MSRs the configuration's CPU template (custom or static) changes: a snapshot saves them. */
+export function cpuTemplateMsrAddrs(c: VmConfig): number[] {
+  const custom = c['cpu-config'];
+  if (custom) return templateMsrAddrs(parseCpuTemplate(custom));
+  const name = c['machine-config'].cpu_template;
+  return name !== undefined && isStaticCpuTemplate(name)
+    ? templateMsrAddrs(staticCpuTemplate(name))
+    : [];
+}
+
+/** Checks a custom CPU template and gives its normalized JSON (ConfigError naming the field). */
+export function normalizeCpuConfig(json: unknown): CpuConfigJson {
+  return wireCpuTemplate(parseCpuTemplate(json));
 }
 
 export interface BootSource {
@@ -110,6 +143,8 @@ export interface VmResources {
   entropy?: EntropyConfig;
   logger?: LoggerConfig;
   metrics?: MetricsConfig;
+  /** A custom CPU template; exclusive with machine.cpu_template (the last one set wins). */
+  cpu_config?: CpuConfigJson;
 }
 
 export const MIN_MEM_MIB = 16;
@@ -144,13 +179,19 @@ export function validateMachineConfig(m: MachineConfig): MachineConfig {
       `mem_size_mib must be an integer from ${MIN_MEM_MIB} to ${MAX_MEM_MIB} (got ${m.mem_size_mib})`,
     );
   }
-  if (m.smt === true)
-    throw new ConfigError('smt: simultaneous multithreading is not supported yet (only false)');
+  if (m.smt === true && m.vcpu_count > 1 && m.vcpu_count % 2 === 1)
+    throw new ConfigError(
+      `vcpu_count must be 1 or an even number when smt is enabled (got ${m.vcpu_count})`,
+    );
   if (m.huge_pages !== undefined && m.huge_pages !== 'None') {
     throw new ConfigError(`huge_pages: "${m.huge_pages}" is not supported yet (only "None")`);
   }
-  if (m.cpu_template !== undefined && m.cpu_template !== 'None') {
-    throw new ConfigError(`cpu_template: "${m.cpu_template}" is not supported (only "None")`);
+  if (m.cpu_template === 'V1N1')
+    throw new ConfigError('cpu_template: V1N1 is for aarch64 hosts; this is an x86_64 host');
+  if (m.cpu_template !== undefined && !CPU_TEMPLATE_NAMES.includes(m.cpu_template)) {
+    throw new ConfigError(
+      `cpu_template: "${String(m.cpu_template).slice(0, 64)}" is not a CPU template (one of ${CPU_TEMPLATE_NAMES.join(', ')})`,
+    );
   }
   return m;
 }
@@ -351,6 +392,13 @@ export interface VmSpec {
   readonly devices: readonly VirtioConfig[];
   /** The root drive (devices[0]): root=PARTUUID=... when given, else root=/dev/vda. */
   readonly root?: { partuuid?: string; readOnly: boolean };
+  /** machine-config smt: two threads per core in the guest's CPUID. */
+  readonly smt?: boolean;
+  /**
+   * The CPU template: a static one by name (checked against the host at build), or a custom
+   * one, parsed. Absent: none.
+   */
+  readonly cpuTemplate?: { static: string } | { custom: CpuTemplate };
 }
 
 /** The first `max` bytes of an ASCII-or-UTF-8 id, cut on a character boundary. */
@@ -422,7 +470,16 @@ export function validateResources(r: VmResources): VmSpec {
   validateBootSource(r.boot);
   const { drives, devices } = checkDevices(r);
   const rootDrive = drives[0]?.is_root_device ? drives[0] : undefined;
+  const staticTemplate = r.machine.cpu_template;
+  const cpuTemplate =
+    staticTemplate !== undefined && staticTemplate !== 'None'
+      ? { static: staticTemplate }
+      : r.cpu_config !== undefined
+        ? { custom: parseCpuTemplate(r.cpu_config) }
+        : undefined;
   return {
+    ...(r.machine.smt === true ? { smt: true } : {}),
+    ...(cpuTemplate ? { cpuTemplate } : {}),
     vcpus: r.machine.vcpu_count,
     memMib: r.machine.mem_size_mib,
     ...(r.machine.track_dirty_pages === true ? { trackDirtyPages: true } : {}),
@@ -454,6 +511,8 @@ export interface VmConfig {
   entropy: EntropyConfig | null;
   logger: LoggerConfig | null;
   metrics: MetricsConfig | null;
+  /** PUT /cpu-config's custom CPU template (absent or null: none). */
+  'cpu-config'?: CpuConfigJson | null;
 }
 
 export function emptyVmConfig(): VmConfig {
@@ -466,6 +525,7 @@ export function emptyVmConfig(): VmConfig {
     entropy: null,
     logger: null,
     metrics: null,
+    'cpu-config': null,
   };
 }
 
@@ -481,6 +541,7 @@ export function resourcesFromConfig(c: VmConfig): VmResources {
   if (c.entropy) r.entropy = { ...c.entropy };
   if (c.logger) r.logger = { ...c.logger };
   if (c.metrics) r.metrics = { ...c.metrics };
+  if (c['cpu-config']) r.cpu_config = structuredClone(c['cpu-config']);
   return r;
 }
 
@@ -494,6 +555,7 @@ export function configFromResources(r: VmResources): VmConfig {
     entropy: r.entropy ? { ...r.entropy } : null,
     logger: r.logger ? { ...r.logger } : null,
     metrics: r.metrics ? { ...r.metrics } : null,
+    'cpu-config': r.cpu_config ? structuredClone(r.cpu_config) : null,
   };
 }
 
@@ -514,7 +576,13 @@ export function configFromSpec(spec: VmSpec): VmConfig {
     vcpu_count: spec.vcpus,
     mem_size_mib: spec.memMib,
     track_dirty_pages: spec.trackDirtyPages === true,
+    ...(spec.smt === true ? { smt: true } : {}),
+    ...(spec.cpuTemplate && 'static' in spec.cpuTemplate
+      ? { cpu_template: spec.cpuTemplate.static }
+      : {}),
   };
+  if (spec.cpuTemplate && 'custom' in spec.cpuTemplate)
+    config['cpu-config'] = wireCpuTemplate(spec.cpuTemplate.custom);
   spec.devices.forEach((d, i) => {
     if (d.kind === 'block') {
       const root = i === 0 && spec.root !== undefined;
@@ -637,9 +705,13 @@ export function validateRestoreConfig(cfg: unknown, overrides: RestoreOverrides 
       entropy: 'object',
       logger: 'object',
       metrics: 'object',
+      'cpu-config': 'object',
     },
     ['machine-config'],
   );
+  // The custom CPU template is kept for GET /vm/config (the vCPUs' saved CPUID and MSRs already
+  // carry its effect); checked as at boot.
+  const cpuConfig = c['cpu-config'] == null ? null : normalizeCpuConfig(c['cpu-config']);
 
   const boot =
     c['boot-source'] == null
@@ -762,6 +834,7 @@ export function validateRestoreConfig(cfg: unknown, overrides: RestoreOverrides 
       entropy,
       logger: null,
       metrics: null,
+      'cpu-config': cpuConfig,
     },
   };
 }
@@ -830,7 +903,9 @@ export function wireVmConfig(c: VmConfig): Wire {
       initrd_path: boot?.initrd_path ?? null,
       boot_args: boot?.boot_args ?? null,
     },
-    'cpu-config': null,
+    // Firecracker always writes null here; we echo the custom template that is set (see
+    // docs/api.md, Differences from Firecracker).
+    'cpu-config': c['cpu-config'] ?? null,
     logger: null,
     'machine-config': wireMachineConfig(c['machine-config']),
     metrics: null,

@@ -162,8 +162,10 @@ export function saveableMsrIndices(kvm: Kvm): number[] {
   return kvm.msrIndexList().filter((i) => i !== MSR_IA32_MCG_CTL);
 }
 
-export function vcpuSaveConfig(kvm: Kvm): VcpuSaveConfig {
-  return { msrIndices: saveableMsrIndices(kvm), xsaveSize: kvm.xsaveSize() };
+export function vcpuSaveConfig(kvm: Kvm, extraMsrs: readonly number[] = []): VcpuSaveConfig {
+  // extraMsrs: the CPU template's MSRs (KVM's list may lack them; their values must survive).
+  const msrIndices = [...new Set([...saveableMsrIndices(kvm), ...extraMsrs])];
+  return { msrIndices, xsaveSize: kvm.xsaveSize() };
 }
 
 /** Puts the deferred MSRs (IA32_TSC_DEADLINE) after all others, keeping the rest in order. */

@@ -24,6 +24,8 @@ export interface VcpuWorkerData {
   legacy: LegacyDeviceState;
   /** The virtio-mmio register windows this vCPU answers (no data plane here). */
   virtio: { slots: TransportSlot[]; controlFd: number };
+  /** MSRs a snapshot saves besides KVM's list: the CPU template's (as Firecracker does). */
+  extraMsrs?: number[];
 }
 
 /** What the main thread sends a (possibly prewarmed) worker to start it. */
@@ -83,7 +85,7 @@ async function main(d: VcpuWorkerData): Promise<void> {
             ? devices.unhandled.write(space, addr, data)
             : devices.unhandled.read(space, addr, data),
       },
-      saveHandlers(d.id, vcpu, kvm, (m, transfer) => port.postMessage(m, transfer)),
+      saveHandlers(d.id, vcpu, kvm, (m, transfer) => port.postMessage(m, transfer), d.extraMsrs),
     );
     // From here on this thread only runs the vCPU: its seccomp filter (docs/security.md).
     installWorkerFilter('vcpu', `tv-vcpu${d.id}`);
@@ -107,12 +109,13 @@ function saveHandlers(
   vcpu: Vcpu,
   kvm: Kvm,
   post: (m: VcpuWorkerMessage, transfer: ArrayBuffer[]) => void,
+  extraMsrs: readonly number[] = [],
 ): ParkedRequestHandlers {
   let config: VcpuSaveConfig | undefined;
   return {
     save() {
       try {
-        config ??= vcpuSaveConfig(kvm);
+        config ??= vcpuSaveConfig(kvm, extraMsrs);
         const state = VcpuStateV1.encode(saveVcpu(vcpu, config.msrIndices, config));
         post({ type: 'saved', id, state }, [state.buffer as ArrayBuffer]);
       } catch (e) {

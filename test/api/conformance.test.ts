@@ -213,8 +213,6 @@ const KNOWN: Record<string, string> = {
   'configured GET /mmds': MMDS_404,
   'running GET /mmds': MMDS_404,
   'paused GET /mmds': MMDS_404,
-  'full PUT /machine-config':
-    'smt: true is refused ("not supported yet"); Firecracker accepts it on x86 (even vCPU count)',
 };
 
 const key = (op: Operation) => `${op.method} ${op.path}`;

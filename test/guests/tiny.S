@@ -27,6 +27,9 @@
  *   MODE_COUNTMEM  the same, but the count lives in guest RAM at COUNT_ADDR (incremented there,
  *                  then printed): a restore whose memory file lacks the last writes shows a gap
  *                  (Diff snapshot tests)
+ *   MODE_CPUID     runs CPUID for each (leaf, subleaf) of cpuid_leaves and prints a line
+ *                  "cpuid LEAF SUBLEAF EAX EBX ECX EDX" (8 hex digits each), then poweroff
+ *                  (CPU template and SMT tests: what the guest sees)
  */
 #define COM1 0x3f8
 #define MARKER_PORT 0x3f0
@@ -195,6 +198,33 @@ _start:
 	dec	%ecx
 	jnz	5b
 	jmp	3b
+#elif defined(MODE_CPUID)
+	lea	cpuid_leaves, %edi
+3:	mov	(%edi), %eax
+	cmp	$0xffffffff, %eax
+	je	poweroff
+	mov	4(%edi), %ecx
+	cpuid
+	push	%edx
+	push	%ecx
+	push	%ebx
+	push	%eax
+	lea	cpuid_msg, %esi
+	call	puts
+	mov	(%edi), %ebx
+	call	put32
+	mov	4(%edi), %ebx
+	call	put32
+	mov	$4, %esi
+4:	pop	%ebx			/* eax, ebx, ecx, edx */
+	call	put32
+	dec	%esi
+	jnz	4b
+	mov	$'\n', %al
+	mov	$COM1, %dx
+	out	%al, %dx
+	add	$8, %edi
+	jmp	3b
 #else
 #error "pick a MODE_"
 #endif
@@ -230,6 +260,17 @@ puthex:
 2:	out	%al, %dx
 	ret
 
+/* put32: prints a space and %ebx as 8 hex digits. Clobbers %eax, %ebx, %ecx, %edx. */
+put32:
+	call	space
+	mov	$4, %ecx
+1:	rol	$8, %ebx		/* most significant byte first */
+	mov	%bl, %al
+	call	puthex
+	dec	%ecx
+	jnz	1b
+	ret
+
 space:
 	mov	$' ', %al
 	mov	$COM1, %dx
@@ -240,6 +281,12 @@ space:
 msg:	.asciz "tiny guest up\n"
 rtc_msg: .asciz "rtc "
 kbd_msg: .asciz "kbd "
+cpuid_msg: .asciz "cpuid"
+	/* (leaf, subleaf) pairs for MODE_CPUID, then 0xffffffff */
+	.align 4
+cpuid_leaves:
+	.long 0x0, 0, 0x1, 0, 0x7, 0, 0xb, 0, 0xb, 1, 0x80000001, 0, 0x80000008, 0, 0x8000001e, 0
+	.long 0xffffffff
 	/* (register, separator after it) pairs for MODE_RTC, then 0xff */
 rtc_regs: .byte 0x0b, ' ', 0x32, ' ', 0x09, '-', 0x08, '-', 0x07, ' ', 0x04, ':', 0x02, ':', 0x00, '\n', 0xff
 	.align 8

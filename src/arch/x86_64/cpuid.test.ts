@@ -165,3 +165,65 @@ test('input is not mutated; bad ids throw (programmer error)', () => {
   assert.equal(JSON.stringify(s), copy);
   assert.throws(() => filterCpuid(s, { vcpuId: 2, vcpuCount: 2 }));
 });
+
+test('smt: two threads per core in leaves 4, 0xb/0x1f (Intel) and 0x8000_001d/0x8000_001e (AMD)', () => {
+  const intel = filterCpuid(supported('GenuineIntel'), { vcpuId: 3, vcpuCount: 4, smt: true });
+  const l1d = find(intel, 4, 0)[0]!;
+  assert.equal((l1d.eax >>> 14) & 0xfff, 1); // L1 shared by the core's 2 threads
+  assert.equal((find(intel, 4, 3)[0]!.eax >>> 14) & 0xfff, 3); // L3 by all 4
+  assert.equal(l1d.eax >>> 26, 1); // 2 cores
+  for (const leaf of [0xb, 0x1f]) {
+    const es = intel.filter((e) => e.function === leaf).sort((a, b) => a.index - b.index);
+    assert.deepEqual(
+      es.map((e) => [e.eax, e.ebx, e.ecx, e.edx]),
+      [
+        [1, 2, 0x100, 3], // SMT level: shift 1, 2 threads
+        [2, 4, 0x201, 3], // core level: 4 logical processors
+        [0, 0, 2, 3],
+      ],
+    );
+  }
+  const s = supported('AuthenticAMD');
+  s.push(E(0x8000_001d, 0, 0x121), E(0x8000_001d, 3, 0x163));
+  const amd = filterCpuid(s, { vcpuId: 3, vcpuCount: 4, smt: true });
+  const l1e = find(amd, 0x8000_001e)[0]!;
+  assert.deepEqual([l1e.eax, l1e.ebx & 0xff, (l1e.ebx >>> 8) & 0xff, l1e.ecx], [3, 1, 1, 0]);
+  assert.equal((find(amd, 0x8000_001d, 0)[0]!.eax >>> 14) & 0xfff, 1);
+  assert.equal((find(amd, 0x8000_001d, 3)[0]!.eax >>> 14) & 0xfff, 3);
+  // Without smt, as before: one thread per core.
+  const flat = find(filterCpuid(s, { vcpuId: 3, vcpuCount: 4 }), 0x8000_001e)[0]!;
+  assert.equal(flat.ebx, 3);
+  assert.equal(
+    (find(filterCpuid(s, { vcpuId: 3, vcpuCount: 4 }), 0x8000_001d, 0)[0]!.eax >>> 14) & 0xfff,
+    0,
+  );
+});
+
+test('smt with one vCPU changes nothing; with an odd count it is a programmer error', () => {
+  const s = supported('GenuineIntel');
+  assert.deepEqual(
+    filterCpuid(s, { vcpuId: 0, vcpuCount: 1, smt: true }),
+    filterCpuid(s, { vcpuId: 0, vcpuCount: 1 }),
+  );
+  assert.throws(() => filterCpuid(s, { vcpuId: 0, vcpuCount: 3, smt: true }), /even vCPU count/);
+});
+
+test('AMD: TOPOEXT set and the topology leaf present even when KVM does not list it', () => {
+  const s = supported('AuthenticAMD').filter((e) => e.function !== 0x8000_001e);
+  s.push(E(0x8000_0001, 0, 0, 0, 0x1, 0));
+  const out = filterCpuid(s, { vcpuId: 1, vcpuCount: 2, smt: true });
+  assert.equal(find(out, 0x8000_0001)[0]!.ecx, 0x1 | (1 << 22));
+  assert.equal(find(out, 0x8000_0000)[0]!.eax, 0x8000_0021); // already past 0x8000_001e
+  const l1e = find(out, 0x8000_001e);
+  assert.equal(l1e.length, 1);
+  assert.deepEqual([l1e[0]!.eax, l1e[0]!.ebx, l1e[0]!.ecx], [1, 0x100, 0]);
+  const low = s.map((e) => (e.function === 0x8000_0000 ? { ...e, eax: 0x8000_0008 } : e));
+  assert.equal(
+    find(filterCpuid(low, { vcpuId: 0, vcpuCount: 1 }), 0x8000_0000)[0]!.eax,
+    0x8000_001e,
+  );
+  // Intel: none of it.
+  const intel = filterCpuid(supported('GenuineIntel'), { vcpuId: 0, vcpuCount: 1 });
+  assert.equal(find(intel, 0x8000_0000)[0]!.eax, 0x8000_0021);
+  assert.equal(find(intel, 0x8000_001e)[0]!.ebx, 0x103);
+});

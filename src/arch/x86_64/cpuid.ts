@@ -1,7 +1,7 @@
 /**
  * Per-vCPU CPUID, derived from KVM_GET_SUPPORTED_CPUID the way Firecracker normalizes it: give
- * each vCPU its APIC id, describe a flat topology (one thread per core, vcpuCount cores, one
- * socket), mark the hypervisor, hide the PMU, and advertise the KVM paravirt leaves (kvmclock)
+ * each vCPU its APIC id, describe a flat topology (one socket of vcpuCount logical processors:
+ * one thread per core, or two with `smt`, APIC id bit 0 then being the thread), mark the hypervisor, hide the PMU, and advertise the KVM paravirt leaves (kvmclock)
  * plus the TSC frequency leaf so a guest without PIT/HPET does not hang calibrating the TSC.
  * Leaves not named here are passed through as KVM reports them.
  */
@@ -11,6 +11,11 @@ export interface CpuidOptions {
   /** This vCPU's index, used as its (x2)APIC id: 0..vcpuCount-1, as in the MP table/MADT. */
   vcpuId: number;
   vcpuCount: number;
+  /**
+   * machine-config smt: two threads per core (vcpuCount must then be 1 or even; with one vCPU it
+   * changes nothing, as in Firecracker).
+   */
+  smt?: boolean;
   /** Guest TSC frequency in kHz: adds leaf 0x40000010 (EAX = TSC kHz, EBX = APIC bus kHz). */
   tscKhz?: number;
   /** Set (true) or clear (false) TSC-deadline in leaf 1 ECX; undefined keeps KVM's value. */
@@ -27,6 +32,19 @@ const KVM_SIG = { ebx: 0x4b4d564b, ecx: 0x564b4d56, edx: 0x0000004d }; // "KVMKV
 const LEAF1_ECX_TSC_DEADLINE = 1 << 24;
 const LEAF1_ECX_HYPERVISOR = 1 << 31;
 const LEAF1_EDX_HTT = 1 << 28;
+/** AMD extended APIC id / core / node leaf, and its feature bit (0x8000_0001 ECX). */
+const AMD_TOPOLOGY_LEAF = 0x8000_001e;
+const AMD_ECX_TOPOEXT = 1 << 22;
+
+/** Leaf 0x8000_001e: extended APIC id, core id and threads per core - 1, node 0 of 1. */
+function amdTopology(id: number, threadBits: number) {
+  return {
+    eax: id,
+    ebx: ((id >> threadBits) & 0xff) | (((1 << threadBits) - 1) << 8),
+    ecx: 0,
+    edx: 0,
+  };
+}
 /** CLFLUSH line size in 8-byte units (64 bytes), leaf 1 EBX[15:8]. */
 const CLFLUSH_LINE_QWORDS = 8;
 
@@ -52,6 +70,11 @@ export function filterCpuid(supported: readonly CpuidEntry[], o: CpuidOptions): 
   if (!Number.isInteger(n) || n < 1 || n > 255 || !Number.isInteger(id) || id < 0 || id >= n) {
     throw new Error(`bad vCPU id ${id} / count ${n}`);
   }
+  if (o.smt === true && n > 1 && n % 2 === 1)
+    throw new Error(`smt needs an even vCPU count (got ${n})`);
+  // Bits of the APIC id that number the threads of a core, and threads per core.
+  const threadBits = o.smt === true && n > 1 ? 1 : 0;
+  const perCore = 1 << threadBits;
   const vendor = cpuVendor(supported);
   const amd = vendor === 'AuthenticAMD' || vendor === 'HygonGenuine';
   const has = (fn: number) => supported.some((e) => e.function === fn);
@@ -77,9 +100,11 @@ export function filterCpuid(supported: readonly CpuidEntry[], o: CpuidOptions): 
         if ((e.eax & 0x1f) === 0) break; // no more caches
         {
           const level = (e.eax >>> 5) & 7;
-          const sharing = level <= 2 ? 0 : n - 1; // L1/L2 per core, L3 shared by the socket
+          // L1/L2 shared by a core's threads, L3 by the socket
+          const sharing = level <= 2 ? perCore - 1 : n - 1;
           e.eax = ((e.eax & 0x3fff) | ((sharing & 0xfff) << 14)) >>> 0;
-          if (e.function === 4) e.eax = (e.eax | (((Math.min(n, 64) - 1) & 0x3f) << 26)) >>> 0;
+          const cores = Math.min(n / perCore, 64);
+          if (e.function === 4) e.eax = (e.eax | (((cores - 1) & 0x3f) << 26)) >>> 0;
         }
         break;
       case 6: // thermal and power: no turbo boost, no energy-performance bias MSR
@@ -99,22 +124,27 @@ export function filterCpuid(supported: readonly CpuidEntry[], o: CpuidOptions): 
       case TSC_FREQ_LEAF:
         if (o.tscKhz !== undefined) continue; // replaced below
         break;
+      case 0x8000_0000: // AMD: the extended leaves reach 0x8000_001e (topology, below)
+        if (amd && e.eax < AMD_TOPOLOGY_LEAF) e.eax = AMD_TOPOLOGY_LEAF;
+        break;
+      case 0x8000_0001: // AMD: TOPOEXT, so that Linux reads threads per core from 0x8000_001e
+        if (amd) e.ecx = (e.ecx | AMD_ECX_TOPOEXT) >>> 0;
+        break;
       case 0x8000_0008:
         if (amd) e.ecx = ((e.ecx & ~0xf0ff) | ((n - 1) & 0xff) | (idBits(n) << 12)) >>> 0;
         break;
-      case 0x8000_001e:
-        if (amd) {
-          e.eax = id; // extended APIC id
-          e.ebx = id & 0xff; // core id; threads per core - 1 = 0
-          e.ecx = 0; // node 0, one node per processor
-        }
+      case AMD_TOPOLOGY_LEAF:
+        if (amd) Object.assign(e, amdTopology(id, threadBits));
         break;
     }
     out.push(e);
   }
+  // As Firecracker: an AMD guest always has the topology leaf (KVM may not list it).
+  if (amd && !has(AMD_TOPOLOGY_LEAF))
+    out.push({ function: AMD_TOPOLOGY_LEAF, index: 0, flags: 0, ...amdTopology(id, threadBits) });
 
   for (const leaf of [0xb, 0x1f]) {
-    if (has(leaf)) out.push(...extendedTopology(leaf, id, n));
+    if (has(leaf)) out.push(...extendedTopology(leaf, id, n, threadBits));
   }
   if (o.tscKhz !== undefined) {
     if (!has(KVM_SIGNATURE_LEAF))
@@ -139,14 +169,24 @@ export function filterCpuid(supported: readonly CpuidEntry[], o: CpuidOptions): 
 }
 
 /**
- * Leaf 0xb / 0x1f: level 0 = SMT (1 thread per core), level 1 = core (n logical processors,
- * shift = bits for n), then an invalid level that ends the enumeration. EDX = x2APIC id.
+ * Leaf 0xb / 0x1f: level 0 = SMT (2^threadBits threads per core, shift = threadBits), level 1
+ * = core (n logical processors, shift = bits for n), then an invalid level that ends the
+ * enumeration. EDX = x2APIC id.
  */
-function extendedTopology(leaf: number, id: number, n: number): CpuidEntry[] {
+function extendedTopology(leaf: number, id: number, n: number, threadBits: number): CpuidEntry[] {
   const f = CPUID_FLAG_SIGNIFICANT_INDEX;
+  const shift = Math.max(idBits(n), threadBits);
   return [
-    { function: leaf, index: 0, flags: f, eax: 0, ebx: 1, ecx: 0 | (1 << 8), edx: id },
-    { function: leaf, index: 1, flags: f, eax: idBits(n), ebx: n, ecx: 1 | (2 << 8), edx: id },
+    {
+      function: leaf,
+      index: 0,
+      flags: f,
+      eax: threadBits,
+      ebx: 1 << threadBits,
+      ecx: 0 | (1 << 8),
+      edx: id,
+    },
+    { function: leaf, index: 1, flags: f, eax: shift, ebx: n, ecx: 1 | (2 << 8), edx: id },
     { function: leaf, index: 2, flags: f, eax: 0, ebx: 0, ecx: 2, edx: id },
   ];
 }
