@@ -10,7 +10,10 @@
  *   the request waits (the device leaves it on its queue).
  * - A request bigger than the whole bucket (bytes > size) is let through once, empties the
  *   bucket, and blocks the limiter for the time the excess takes to refill (Firecracker's
- *   "over-consumption"), so the long-run rate holds whatever the request sizes.
+ *   "over-consumption"). Unlike Firecracker, the bucket does not refill during that block (its
+ *   refill clock starts when the excess is paid): Firecracker's goes on refilling, so a stream
+ *   of requests of 3 bucket sizes passes at 1.5 times the rate; here the long-run rate holds
+ *   whatever the request sizes (the property test checks it).
  * - A request that does not fit consumes whatever one_time_burst was left (as Firecracker does)
  *   and fails.
  *
@@ -66,10 +69,12 @@ function checkBucketConfig(c: TokenBucketConfig, what: string): void {
 /** Saved state of one bucket (Firecracker saves the same: config, budget, time since update). */
 export const BucketState = struct({
   size: f64,
+  /** The one_time_burst configured (to compare with a PATCH), and what is left of it. */
+  configuredBurst: f64,
   oneTimeBurst: f64,
   refillTime: f64,
   budget: f64,
-  /** ms since the last refill was accounted. */
+  /** ms since the last refill was accounted (negative: the refill clock starts later). */
   elapsed: f64,
 });
 export type BucketStateT = ReturnType<typeof BucketState.read>;
@@ -118,11 +123,8 @@ export class TokenBucket {
    */
   private refill(now: number): void {
     const dt = now - this.lastUpdate;
-    if (!(dt > 0)) {
-      // A clock that went back (restored state, a fake clock): start counting again from now.
-      if (dt < 0) this.lastUpdate = now;
-      return;
-    }
+    // Not yet: after an over-consumption the refill clock starts when the excess is paid.
+    if (!(dt > 0)) return;
     const earned = Math.floor((dt * this.size) / this.refillTime);
     if (earned <= 0) return;
     if (this.budget + earned >= this.size) {
@@ -149,6 +151,8 @@ export class TokenBucket {
       if (tokens > this.size) {
         const excess = tokens - this.budget;
         this.budget = 0;
+        // The excess is paid in time: no refill until then (see the module comment).
+        this.lastUpdate = Math.max(this.lastUpdate, now) + (excess * this.refillTime) / this.size;
         return { kind: 'over', ratio: excess / this.size };
       }
       if (tokens > this.budget) return { kind: 'fail' };
@@ -162,10 +166,14 @@ export class TokenBucket {
     this.budget = Math.min(this.size, this.budget + tokens);
   }
 
-  /** ms until `tokens` (at most size) are in the bucket; 0 if they are now. */
+  /**
+   * ms until a request of `tokens` goes; 0 if it does now. One over the size goes once the
+   * bucket's refill clock runs (no over-consumption being paid).
+   */
   waitFor(tokens: number, now: number): number {
     this.refill(now);
-    const missing = Math.min(tokens, this.size) - this.budget;
+    if (tokens > this.size + this.burst) return Math.max(0, this.lastUpdate - now);
+    const missing = tokens - this.burst - this.budget;
     if (missing <= 0) return 0;
     const ms = (missing * this.refillTime) / this.size - (now - this.lastUpdate);
     return Math.max(0, ms);
@@ -175,17 +183,18 @@ export class TokenBucket {
     this.refill(now);
     return {
       size: this.size,
+      configuredBurst: this.initialBurst,
       oneTimeBurst: this.burst,
       refillTime: this.refillTime,
       budget: this.budget,
-      elapsed: Math.max(0, now - this.lastUpdate),
+      elapsed: now - this.lastUpdate,
     };
   }
 
   /** A bucket from saved state (input: checked, throws PersistError). */
   static fromState(s: BucketStateT, now: number, what: string): TokenBucket {
     const fin = (v: number) => Number.isFinite(v) && v >= 0;
-    if (![s.size, s.oneTimeBurst, s.refillTime, s.budget, s.elapsed].every(fin))
+    if (![s.size, s.configuredBurst, s.oneTimeBurst, s.refillTime, s.budget].every(fin))
       throw new PersistError(`${what}: a value is negative or not finite`);
     if (
       !(s.size > 0 && s.refillTime > 0) ||
@@ -195,13 +204,16 @@ export class TokenBucket {
       throw new PersistError(`${what}: size ${s.size}, refill_time ${s.refillTime}`);
     if (s.budget > s.size) throw new PersistError(`${what}: budget ${s.budget} > size ${s.size}`);
     const b = new TokenBucket(
-      { size: s.size, refill_time: s.refillTime, one_time_burst: Math.floor(s.oneTimeBurst) },
+      { size: s.size, refill_time: s.refillTime, one_time_burst: Math.floor(s.configuredBurst) },
       now,
     );
     b.budget = s.budget;
     b.burst = s.oneTimeBurst;
     // Time since the last update carries over (Firecracker's elapsed_ns), at most one refill.
-    b.lastUpdate = now - Math.min(s.elapsed, s.refillTime);
+    if (!Number.isFinite(s.elapsed)) throw new PersistError(`${what}: elapsed ${s.elapsed}`);
+    // Time since the last update carries over (Firecracker's elapsed_ns), at most one refill;
+    // negative: the refill clock starts later (an over-consumption being paid), an hour at most.
+    b.lastUpdate = now - Math.max(-3_600_000, Math.min(s.elapsed, s.refillTime));
     return b;
   }
 }
@@ -282,19 +294,27 @@ export class RateLimiter {
   consume(bytes: number, ops: number): Admission {
     if (!this.active) return GO;
     const t = this.now();
-    if (t < this.blockedUntil) return { go: false, ms: this.sleep(this.blockedUntil - t) };
+    if (t < this.blockedUntil) {
+      // Blocked: until then, and until this request's tokens are there.
+      const ms = Math.max(
+        this.blockedUntil - t,
+        this.ops && ops > 0 ? this.ops.waitFor(ops, t) : 0,
+        this.bandwidth && bytes > 0 ? this.bandwidth.waitFor(bytes, t) : 0,
+      );
+      return { go: false, ms: this.sleep(ms) };
+    }
     this.blockedUntil = 0;
     let over = 0; // ms of block owed by an over-consumption
     if (this.ops && ops > 0) {
       const r = this.ops.reduce(ops, t);
-      if (r.kind === 'fail') return this.wait(this.ops, ops, t);
+      if (r.kind === 'fail') return this.wait(bytes, ops, t);
       if (r.kind === 'over') over = Math.max(over, r.ratio * this.ops.refillTime);
     }
     if (this.bandwidth && bytes > 0) {
       const r = this.bandwidth.reduce(bytes, t);
       if (r.kind === 'fail') {
         if (this.ops && ops > 0) this.ops.replenish(ops);
-        return this.wait(this.bandwidth, bytes, t);
+        return this.wait(bytes, ops, t);
       }
       if (r.kind === 'over') over = Math.max(over, r.ratio * this.bandwidth.refillTime);
     }
@@ -302,8 +322,14 @@ export class RateLimiter {
     return GO;
   }
 
-  private wait(b: TokenBucket, tokens: number, t: number): Admission {
-    const ms = this.sleep(b.waitFor(tokens, t));
+  /** Nothing taken: the wait until both buckets have this request's tokens. */
+  private wait(bytes: number, ops: number, t: number): Admission {
+    const ms = this.sleep(
+      Math.max(
+        this.ops && ops > 0 ? this.ops.waitFor(ops, t) : 0,
+        this.bandwidth && bytes > 0 ? this.bandwidth.waitFor(bytes, t) : 0,
+      ),
+    );
     this.blockedUntil = t + ms;
     return { go: false, ms };
   }
