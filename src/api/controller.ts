@@ -297,8 +297,8 @@ export class VmmController {
   /**
    * PATCH /drives/{id} after boot (helper P): a new path_on_host is opened with the start-up
    * checks and swapped in by the device (new capacity in its config space, a config-change
-   * interrupt); a new rate_limiter is merged into the stored one (rate limiters are not
-   * enforced yet). The image is swapped first: if it fails, nothing is changed.
+   * interrupt); a new rate_limiter is merged into the stored one and applied to the running
+   * device (issue 16). The image is swapped first: if it fails, nothing is changed.
    */
   private async patchDrive(
     built: BuiltVm,
@@ -350,7 +350,8 @@ export class VmmController {
 
   /**
    * PATCH /network-interfaces/{id} after boot (helper P): the rate limiters are merged into the
-   * stored configuration (GET /vm/config, snapshots). Rate limiters are not enforced yet.
+   * stored configuration (GET /vm/config, snapshots) and applied to the running device through
+   * the device worker's mailbox (issue 16); bad values change nothing.
    */
   private async patchNetworkInterface(
     built: BuiltVm,
