@@ -174,7 +174,7 @@ test(
       // The TAP's TX at 256 KiB/s, then PATCHed to 512 KiB/s: TCP payload measured on the host.
       v.send(
         'ip addr add 169.254.10.2/16 dev eth0; ip link set eth0 up; ' +
-          'ping -c 2 -W 5 169.254.10.1 >/dev/null && echo "PING""-OK"\n',
+          'busybox ping -c 2 -W 5 169.254.10.1 >/dev/null && echo "PING""-OK"\n',
       );
       await v.waitFor(/PING-OK/, 120_000);
       const send = async (port: number, bytes: number): Promise<number> => {
