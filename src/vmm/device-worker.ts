@@ -120,6 +120,8 @@ function main(d: DeviceWorkerData): void {
         // Kicks and activations that arrived while paused are served now.
         for (const dev of devices) {
           dev.device.onLifecycle();
+          // Rate limits may have changed while paused: sleeping queues try again now.
+          dev.device.wakeThrottled();
           dev.device.kickAll();
         }
         return undefined;

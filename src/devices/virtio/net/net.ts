@@ -254,7 +254,8 @@ export class NetDevice implements VirtioBackend {
 
   /**
    * PATCH /network-interfaces: new limiters (undefined: unchanged), from the next frame on.
-   * A sleeping RX is woken to try under the new limits. Throws RangeError (changing nothing).
+   * A sleeping RX tries again under the new limits at the loop's next round. Throws RangeError
+   * (changing nothing).
    */
   updateRateLimiters(rx: RateLimiterConfig | undefined, tx: RateLimiterConfig | undefined): void {
     if (rx && !this.limits.setTimer && new RateLimiter(rx, () => 0).active)
@@ -263,9 +264,13 @@ export class NetDevice implements VirtioBackend {
     if (tx) this.txLimiter.update(tx);
     this.txWaiting = false;
     if (rx && this.rxSleep) {
+      // Woken on the loop's next round (not now: the worker may be paused, and then its loop,
+      // with this timer, waits for the resume).
       this.rxSleep();
-      this.rxSleep = undefined;
-      this.processRx();
+      this.rxSleep = this.limits.setTimer!(0, () => {
+        this.rxSleep = undefined;
+        this.processRx();
+      });
     }
   }
 
