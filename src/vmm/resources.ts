@@ -385,7 +385,7 @@ export function deviceRateLimiter(
     for (const f of ['size', 'one_time_burst', 'refill_time'] as const) {
       const v = b[f];
       if (v === undefined && f === 'one_time_burst') continue;
-      if (typeof v !== 'number' || !Number.isInteger(v) || v < 0 || v > 2 ** 64 - 1)
+      if (typeof v !== 'number' || !Number.isInteger(v) || v < 0 || v >= 2 ** 64)
         throw new ConfigError(`${what}.${k}.${f}: ${String(v)} is not an integer in [0, 2^64)`);
     }
     const c: TokenBucketConfig = {
