@@ -26,6 +26,7 @@ import {
   type SubSuiteOutput,
 } from './common.js';
 import { fioPlan, summariseFio, type FioSample } from './lab-fio.js';
+import { ratePlan, summariseRates, type RateSample } from './lab-ratelimit.js';
 import { bootPlan, summariseBoot, type BootSample } from './lab-inner.js';
 import { snapshotPlan, summariseSnapshot, type SnapSample } from './snapshot.js';
 
@@ -33,7 +34,7 @@ import { snapshotPlan, summariseSnapshot, type SnapSample } from './snapshot.js'
  *  `BENCH-EXIT <its exit code>` (dash has no pipefail). */
 const TEE = '{ "$@"; echo "BENCH-EXIT $?"; } | tee -a "$0"';
 
-export const LAB_SUB_SUITE_NAMES = ['boot', 'fio', 'net', 'snapshot'] as const;
+export const LAB_SUB_SUITE_NAMES = ['boot', 'fio', 'net', 'snapshot', 'ratelimit'] as const;
 export type LabSubSuiteName = (typeof LAB_SUB_SUITE_NAMES)[number];
 
 interface SubSuiteDef {
@@ -123,6 +124,17 @@ export const LAB_SUB_SUITES: readonly SubSuiteDef[] = [
     unavailable: ensureDefaultGuest,
     plan: snapshotPlan,
     salvage: (s, runs) => summariseSnapshot(s as SnapSample[], runs),
+  },
+  {
+    name: 'ratelimit',
+    title: 'rate-limited virtio-blk (issue 16)',
+    script: 'dist/bench/lab-ratelimit.js',
+    defaultRuns: 1,
+    timeoutSec: (runs) => 300 + 300 * runs,
+    idleSec: 300,
+    unavailable: () => ensureDefaultGuest() ?? missingImages(['rootfs']),
+    plan: ratePlan,
+    salvage: (s, runs) => summariseRates(s as RateSample[], runs),
   },
 ];
 

@@ -55,7 +55,7 @@ const endpoints = [
   [
     'PATCH',
     '/drives/{id}',
-    '204 (PartialDrive): a new path_on_host is opened with the start-up checks and swapped in (new capacity, config-change interrupt); rate_limiter stored, not enforced',
+    '204 (PartialDrive): a new path_on_host is opened with the start-up checks and swapped in (new capacity, config-change interrupt); a rate_limiter is merged per bucket and applied to the running device',
     'post-boot',
   ],
   [
@@ -67,7 +67,7 @@ const endpoints = [
   [
     'PATCH',
     '/network-interfaces/{id}',
-    '204 (PartialNetworkInterface): rate limiters stored (merged per bucket), not enforced',
+    '204 (PartialNetworkInterface): rate limiters merged per bucket and applied to the running device',
     'post-boot',
   ],
   ['PUT', '/vsock', '204 (Vsock)', 'pre-boot'],
@@ -126,7 +126,10 @@ const lines = [
   'Drives (virtio-blk), entropy (virtio-rng), network interfaces (virtio-net on a TAP) and vsock are',
   'attached at InstanceStart; the root drive becomes the first disk and adds `root=/dev/vda ro|rw` (or',
   '`root=PARTUUID=...`) to the command line, as Firecracker does; GET_ID answers the drive id.',
-  'Rate limiters are stored, not enforced yet.',
+  'Rate limiters (token buckets: `size`, `one_time_burst`, `refill_time` ms; `bandwidth` in bytes, `ops` in',
+  'requests) are enforced on drives (per request), network interfaces (per frame, RX and TX) and entropy',
+  '(per request): a request over the limit waits on its queue until the bucket has refilled. The serial',
+  "console's rate_limiter is stored, not enforced.",
   '',
   '## The configuration as clients read it',
   '',

@@ -185,6 +185,7 @@ export const mmioTarget: Target = {
             interrupt: () => undefined,
             log: () => undefined,
             defer: () => () => undefined,
+            after: () => () => undefined,
           });
           const r = fresh.restore(bytes);
           if (!r.ok) fail(`virtio-mmio: a saved device does not restore: ${r.error.message}`);
@@ -205,6 +206,7 @@ export const mmioTarget: Target = {
               interrupt: () => undefined,
               log: () => undefined,
               defer: () => () => undefined,
+              after: () => () => undefined,
             }).restore(bad);
             restoresTried++;
           }

@@ -16,7 +16,13 @@ import {
   type CreateParams,
   type LoadParams,
 } from '../vmm/index.js';
-import { checkHostCanRun, ExitKind, replaceDriveImage } from '../vmm/index.js';
+import {
+  checkHostCanRun,
+  deviceRateLimiter,
+  ExitKind,
+  replaceDriveImage,
+  updateRateLimiter,
+} from '../vmm/index.js';
 import {
   DEFAULT_MACHINE_CONFIG,
   emptyVmConfig,
@@ -33,6 +39,7 @@ import {
   wireVmConfig,
   type DriveConfig,
   type RateLimiter,
+  type RateLimiterConfig,
   type VmConfig,
   type VmSpec,
 } from '../vmm/index.js';
@@ -306,8 +313,8 @@ export class VmmController {
   /**
    * PATCH /drives/{id} after boot (helper P): a new path_on_host is opened with the start-up
    * checks and swapped in by the device (new capacity in its config space, a config-change
-   * interrupt); a new rate_limiter is merged into the stored one (rate limiters are not
-   * enforced yet). The image is swapped first: if it fails, nothing is changed.
+   * interrupt); a new rate_limiter is merged into the stored one and applied to the running
+   * device (issue 16). The image is swapped first: if it fails, nothing is changed.
    */
   private async patchDrive(
     built: BuiltVm,
@@ -323,8 +330,17 @@ export class VmmController {
         `${prefix}drive ${u.drive_id}: the request changes nothing (give path_on_host and/or rate_limiter)`,
       );
     const next: DriveConfig = { ...d };
-    if (u.rate_limiter !== undefined)
-      next.rate_limiter = mergeRateLimiter(d.rate_limiter, u.rate_limiter);
+    // The new limits are checked before anything changes.
+    let limiter: RateLimiterConfig | undefined;
+    try {
+      if (u.rate_limiter !== undefined) {
+        next.rate_limiter = mergeRateLimiter(d.rate_limiter, u.rate_limiter);
+        limiter = deviceRateLimiter(next.rate_limiter, 'rate_limiter') ?? {};
+      }
+    } catch (e) {
+      if (e instanceof TypervisorError) return bad(prefix + e.message);
+      throw e;
+    }
     if (u.path_on_host !== undefined) {
       try {
         await replaceDriveImage(built, d, u.path_on_host);
@@ -335,8 +351,14 @@ export class VmmController {
       // As given (GET /vm/config and a snapshot show the path the client named).
       next.path_on_host = u.path_on_host;
     }
-    if (u.rate_limiter !== undefined)
-      log('warn', `drive ${u.drive_id}: rate_limiter stored; rate limiters are not enforced yet`);
+    if (limiter !== undefined) {
+      try {
+        await updateRateLimiter(built, { kind: 'block', id: u.drive_id, limiter });
+      } catch (e) {
+        if (e instanceof TypervisorError) return bad(prefix + e.message);
+        throw e;
+      }
+    }
     this.config.drives = this.config.drives.map((x, j) => (j === i ? next : x));
     this.toVm(built);
     return NO_CONTENT;
@@ -344,30 +366,50 @@ export class VmmController {
 
   /**
    * PATCH /network-interfaces/{id} after boot (helper P): the rate limiters are merged into the
-   * stored configuration (GET /vm/config, snapshots). Rate limiters are not enforced yet.
+   * stored configuration (GET /vm/config, snapshots) and applied to the running device through
+   * the device worker's mailbox (issue 16); bad values change nothing.
    */
-  private patchNetworkInterface(
+  private async patchNetworkInterface(
     built: BuiltVm,
     u: {
       iface_id: string;
       rx_rate_limiter?: RateLimiter;
       tx_rate_limiter?: RateLimiter;
     },
-  ): ApiOutcome {
+  ): Promise<ApiOutcome> {
     const ifaces = this.config['network-interfaces'];
     const i = ifaces.findIndex((x) => x.iface_id === u.iface_id);
     const n = ifaces[i];
     if (!n)
       return bad(`Unable to update the net device: no network interface with id ${u.iface_id}`);
     const next = { ...n };
-    if (u.rx_rate_limiter !== undefined)
-      next.rx_rate_limiter = mergeRateLimiter(n.rx_rate_limiter, u.rx_rate_limiter);
-    if (u.tx_rate_limiter !== undefined)
-      next.tx_rate_limiter = mergeRateLimiter(n.tx_rate_limiter, u.tx_rate_limiter);
+    const prefix = 'Unable to update the net device: ';
+    let rx: RateLimiterConfig | undefined;
+    let tx: RateLimiterConfig | undefined;
+    try {
+      if (u.rx_rate_limiter !== undefined) {
+        next.rx_rate_limiter = mergeRateLimiter(n.rx_rate_limiter, u.rx_rate_limiter);
+        rx = deviceRateLimiter(next.rx_rate_limiter, 'rx_rate_limiter') ?? {};
+      }
+      if (u.tx_rate_limiter !== undefined) {
+        next.tx_rate_limiter = mergeRateLimiter(n.tx_rate_limiter, u.tx_rate_limiter);
+        tx = deviceRateLimiter(next.tx_rate_limiter, 'tx_rate_limiter') ?? {};
+      }
+      if (rx !== undefined || tx !== undefined)
+        await updateRateLimiter(built, {
+          kind: 'net',
+          id: u.iface_id,
+          ...(rx ? { rx } : {}),
+          ...(tx ? { tx } : {}),
+        });
+    } catch (e) {
+      if (e instanceof TypervisorError) return bad(prefix + e.message);
+      throw e;
+    }
+    if (next.rx_rate_limiter === undefined) delete next.rx_rate_limiter;
+    if (next.tx_rate_limiter === undefined) delete next.tx_rate_limiter;
     this.config['network-interfaces'] = ifaces.map((x, j) => (j === i ? next : x));
     this.toVm(built);
-    if (u.rx_rate_limiter !== undefined || u.tx_rate_limiter !== undefined)
-      log('warn', `network interface ${u.iface_id}: rate limiters stored; not enforced yet`);
     return NO_CONTENT;
   }
 

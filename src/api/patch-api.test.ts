@@ -127,7 +127,44 @@ test('PATCH after boot: rate limiters stored and merged; unknown ids and empty u
     rate_limiter: { bandwidth: { size: 1, refill_time: 1 } },
   });
   assert.match(fault(r), /^Unable to patch the block device: drive root is not attached/);
+  r = await run('PATCH', '/drives/root', {
+    drive_id: 'root',
+    rate_limiter: { bandwidth: { size: 1, refill_time: 1 } },
+  });
+  assert.match(fault(r), /^Unable to patch the block device: drive root is not attached/);
   assert.deepEqual(c.fullConfig(), before);
+
+  // From here the VM has its devices: the device worker's mailbox gets the merged limiters
+  // (a recording stand-in for the worker's handle; device-worker.test.ts runs the real one).
+  const requests: unknown[] = [];
+  Object.assign(vm, {
+    deviceWorker: {
+      request: (q: unknown) => {
+        requests.push(q);
+        return Promise.resolve(undefined);
+      },
+    },
+  });
+  Object.assign(vm.parts as object, {
+    plan: {
+      slots: [
+        { kind: 'block', id: 'root' },
+        { kind: 'net', id: 'eth0' },
+      ],
+    },
+  });
+  // Bad values never reach the controller (the route's schema refuses them).
+  assert.match(
+    route(
+      'PATCH',
+      '/drives/root',
+      JSON.stringify({
+        drive_id: 'root',
+        rate_limiter: { bandwidth: { size: 1.5, refill_time: 1 } },
+      }),
+    ).fault!,
+    /rate_limiter\.bandwidth\.size/,
+  );
 
   const bw = { size: 1000, refill_time: 100 };
   r = await run('PATCH', '/network-interfaces/eth0', {
@@ -141,6 +178,21 @@ test('PATCH after boot: rate limiters stored and merged; unknown ids and empty u
     rate_limiter: { ops: { size: 5, refill_time: 50 } },
   });
   assert.equal(r.status, 204);
+  assert.deepEqual(requests, [
+    {
+      op: 'update-rate-limiter',
+      target: {
+        kind: 'net',
+        id: 'eth0',
+        rx: { ops: { size: 9, refill_time: 9 }, bandwidth: bw },
+        tx: { bandwidth: bw },
+      },
+    },
+    {
+      op: 'update-rate-limiter',
+      target: { kind: 'block', id: 'root', limiter: { ops: { size: 5, refill_time: 50 } } },
+    },
+  ]);
   const after = c.fullConfig();
   assert.deepEqual(after['network-interfaces'][0], {
     iface_id: 'eth0',
@@ -156,6 +208,19 @@ test('PATCH after boot: rate limiters stored and merged; unknown ids and empty u
   assert.notEqual(vm.parts.config, undefined);
   assert.deepEqual(vm.parts.config.drives, after.drives);
   assert.deepEqual(vm.parts.config['network-interfaces'], after['network-interfaces']);
+
+  // A bucket of size 0 removes it (Firecracker's "disabled"): the device gets no ops bucket,
+  // and the drive's stored limiter is gone.
+  requests.length = 0;
+  r = await run('PATCH', '/drives/root', {
+    drive_id: 'root',
+    rate_limiter: { ops: { size: 0, refill_time: 0 } },
+  });
+  assert.equal(r.status, 204, fault(r));
+  assert.deepEqual(requests, [
+    { op: 'update-rate-limiter', target: { kind: 'block', id: 'root', limiter: {} } },
+  ]);
+  assert.equal(c.fullConfig().drives[0]!.rate_limiter, undefined);
 });
 
 test('PUT /serial: checked like log_path, handed to the build, pre-boot only', async () => {

@@ -41,7 +41,8 @@ export const TokenBucket: Schema = {
 
 export const RateLimiter: Schema = {
   type: 'object',
-  description: 'Independent bytes/s and ops/s limits (stored; enforced once the device exists).',
+  description:
+    'Independent token buckets for bytes (bandwidth) and requests (ops); a request over the limit waits on its queue.',
   properties: { bandwidth: TokenBucket, ops: TokenBucket },
 };
 
@@ -111,7 +112,7 @@ export const Drive: Schema = {
 export const PartialDrive: Schema = {
   type: 'object',
   description:
-    'Post-boot update of a drive: a new backing file (opened with the same checks as at start; the guest sees the new capacity) and/or its rate limiter (stored, not enforced yet). At least one.',
+    'Post-boot update of a drive: a new backing file (opened with the same checks as at start; the guest sees the new capacity) and/or its rate limiter (merged per bucket, applied to the running device). At least one.',
   properties: {
     drive_id: str('Drive id; must equal the id in the path.', 256),
     path_on_host: str('New backing file.'),
@@ -140,7 +141,7 @@ export const NetworkInterface: Schema = {
 export const PartialNetworkInterface: Schema = {
   type: 'object',
   description:
-    "Post-boot update of an interface's rate limiters (merged per bucket; stored, not enforced yet).",
+    "Post-boot update of an interface's rate limiters (merged per bucket, applied to the running device).",
   properties: {
     iface_id: str('Interface id; must equal the id in the path.', 256),
     rx_rate_limiter: RateLimiter,

@@ -14,6 +14,7 @@ import { slots } from '../util/persist.js';
 import type { VirtioCounters } from '../devices/virtio/mmio-state.js';
 import type { DeviceCounters } from '../devices/virtio/descriptor.js';
 import type { VirtioSlot } from './virtio-plan.js';
+import type { RateLimiterConfig } from '../devices/virtio/rate-limiter.js';
 import type { GuestRamLayout } from './guest-ram.js';
 
 /** Int32 slots of the worker's control block. */
@@ -72,7 +73,19 @@ export type WorkerRequest =
    * checked on the main thread, which keeps owning it) with `capacity` sectors from its next
    * request on; its config space says so and the driver gets a config-change interrupt.
    */
-  | { op: 'update-block'; id: string; fd: number; capacity: number };
+  | { op: 'update-block'; id: string; fd: number; capacity: number }
+  /**
+   * PATCH /drives, /network-interfaces (issue 16): the device's rate limiters become these
+   * (the whole merged configuration; a bucket left out is removed; for net, a limiter left
+   * undefined is unchanged). Queues asleep on the old limits are woken to try again.
+   */
+  | { op: 'update-rate-limiter'; target: RateLimiterTarget };
+
+/** Which device's limiters an 'update-rate-limiter' request sets. */
+export type RateLimiterTarget =
+  | { kind: 'block'; id: string; limiter: RateLimiterConfig }
+  | { kind: 'rng'; id: string; limiter: RateLimiterConfig }
+  | { kind: 'net'; id: string; rx?: RateLimiterConfig; tx?: RateLimiterConfig };
 
 export interface WorkerReplies {
   counters: DeviceReport[];
@@ -81,6 +94,7 @@ export interface WorkerReplies {
   save: SavedDevice[];
   restore: void;
   'update-block': void;
+  'update-rate-limiter': void;
 }
 
 export type MailboxRequest = WorkerRequest & { seq: number };

@@ -358,3 +358,68 @@ test('device worker save: a DRIVER_OK the paused worker has not handled is caugh
     native().close(layout.memfd);
   }
 });
+
+test('device worker: a rate-limited queue sleeps on a loop timer; update-rate-limiter wakes it', async () => {
+  const layout = createGuestRam([{ base: 0, size: 4 << 20 }]);
+  const ram = mapGuestRam(layout);
+  const logs: string[] = [];
+  // One request per 300 ms.
+  const plan = planVirtioDevices([
+    { kind: 'rng', id: 'entropy', rateLimiter: { ops: { size: 1, refill_time: 300 } } },
+  ]);
+  const dw = startDeviceWorker(plan, layout, { log: (m) => logs.push(m) });
+  const mmio = new Bus();
+  attachVirtioTransports(transportSlots(plan), plan.controlFd, mmio);
+  const n = native();
+  try {
+    const alloc = new GuestAllocator(0x10000, 4 << 20);
+    const drv = new MmioDriver(mmio.resolve(plan.slots[0]!.addr, 4)!.device);
+    assert.ok(drv.negotiate((f) => f));
+    const q = new MockQueue(ram.memory, alloc, 16);
+    drv.setupQueue(0, q);
+    drv.driverOk();
+    const kick = () => {
+      q.addChain([{ addr: alloc.alloc(16), len: 16, write: true }]);
+      n.eventfdWrite(plan.slots[0]!.queueFds[0]!, 1);
+    };
+    kick();
+    kick();
+    await until('first request', () => q.usedIdx() >= 1);
+    // The second waits for its token, then the loop's timer serves it (no kick needed).
+    await until('second request, after the refill', () => q.usedIdx() === 2);
+    let c = (await dw.counters())[0]!.device;
+    assert.equal(c.entropy_rate_limiter_throttled, 1);
+    assert.equal(c.rate_limiter_event_count, 1);
+
+    // A limit that would hold the next request for a minute; then lifted by the mailbox.
+    await dw.request({
+      op: 'update-rate-limiter',
+      target: { kind: 'rng', id: 'entropy', limiter: { ops: { size: 1, refill_time: 60_000 } } },
+    });
+    kick();
+    kick();
+    await until('third request (the new bucket starts full)', () => q.usedIdx() === 3);
+    await sleep(200);
+    assert.equal(q.usedIdx(), 3, 'the fourth waits for its token');
+    await dw.request({
+      op: 'update-rate-limiter',
+      target: { kind: 'rng', id: 'entropy', limiter: {} },
+    });
+    await until('fourth request, woken by the update', () => q.usedIdx() === 4);
+    c = (await dw.counters())[0]!.device;
+    assert.equal(c.entropy_rate_limiter_throttled, 2);
+    await assert.rejects(
+      dw.request({
+        op: 'update-rate-limiter',
+        target: { kind: 'block', id: 'entropy', limiter: {} },
+      }),
+      /this VM has no block device "entropy"/,
+    );
+    assert.deepEqual(logs, []);
+  } finally {
+    await dw.stop();
+    closeVirtio(plan);
+    ram.unmap();
+    native().close(layout.memfd);
+  }
+});

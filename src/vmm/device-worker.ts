@@ -17,6 +17,8 @@
 import { isMainThread, parentPort, receiveMessageOnPort, workerData } from 'node:worker_threads';
 import { BLK_CONFIG_CAPACITY, BlockDevice, fdBlockFile } from '../devices/virtio/block/block.js';
 import { VirtioDevice } from '../devices/virtio/device.js';
+import { NetDevice } from '../devices/virtio/net/net.js';
+import { RngDevice } from '../devices/virtio/rng/rng.js';
 import type { CreatedBackend, EventOps } from '../devices/virtio/descriptor.js';
 import { deviceType } from '../devices/virtio/registry.js';
 import { EventLoop } from '../events/event-loop.js';
@@ -118,6 +120,8 @@ function main(d: DeviceWorkerData): void {
         // Kicks and activations that arrived while paused are served now.
         for (const dev of devices) {
           dev.device.onLifecycle();
+          // Rate limits may have changed while paused: sleeping queues try again now.
+          dev.device.wakeThrottled();
           dev.device.kickAll();
         }
         return undefined;
@@ -171,6 +175,21 @@ function main(d: DeviceWorkerData): void {
           n.eventfdWrite(x.slot.irqFd, 1);
         return undefined;
       }
+      case 'update-rate-limiter': {
+        const t = r.target;
+        const x = devices.find((d) => d.slot.kind === t.kind && d.slot.id === t.id);
+        const backend = x?.created.backend;
+        if (t.kind === 'block' && backend instanceof BlockDevice)
+          backend.updateRateLimiter(t.limiter);
+        else if (t.kind === 'rng' && backend instanceof RngDevice)
+          backend.updateRateLimiter(t.limiter);
+        else if (t.kind === 'net' && backend instanceof NetDevice)
+          backend.updateRateLimiters(t.rx, t.tx);
+        else throw new Error(`this VM has no ${t.kind} device "${t.id}"`);
+        // Queues asleep on the old limits try again under the new ones (not while paused).
+        if (!paused) x!.device.wakeThrottled();
+        return undefined;
+      }
     }
   };
 
@@ -202,6 +221,7 @@ function main(d: DeviceWorkerData): void {
         interrupt: () => n.eventfdWrite(slot.irqFd, 1),
         log,
         defer: (fn) => loop.setTimer(0, fn),
+        after: (ms, fn) => loop.setTimer(ms, fn),
       });
       device = dev;
       slot.queueFds.forEach((fd, q) =>

@@ -14,6 +14,7 @@ import { log } from '../util/log.js';
 import type { BuiltVm } from './builder.js';
 import type { DriveConfig } from './resources.js';
 import type { VirtioSlot } from './virtio-plan.js';
+import type { RateLimiterTarget } from './device-worker-protocol.js';
 
 /** A block slot's host side (the registry's union does not narrow on kind here). */
 const hostOf = (s: VirtioSlot): BlockHost => s.host as BlockHost;
@@ -67,4 +68,29 @@ export async function replaceDriveImage(
   closeSync(old);
   log('info', `drive ${id}: now serves ${opened.path} (${opened.capacity} sectors)`);
   return { path: opened.path, capacity: opened.capacity };
+}
+
+/**
+ * PATCH /drives/{id} or /network-interfaces/{id} with rate limiters, after boot (issue 16): the
+ * running device takes the new limits through the device worker's mailbox
+ * ('update-rate-limiter'). The caller has checked the values (deviceRateLimiter). Throws
+ * ConfigError when the device is not running or refuses; nothing changes then.
+ */
+export async function updateRateLimiter(built: BuiltVm, target: RateLimiterTarget): Promise<void> {
+  const worker = built.deviceWorker;
+  const slots = built.parts?.plan?.slots ?? [];
+  const what =
+    target.kind === 'net'
+      ? `network interface ${target.id}`
+      : `${target.kind === 'block' ? 'drive' : 'device'} ${target.id}`;
+  if (!worker || !slots.some((s) => s.kind === target.kind && s.id === target.id))
+    throw new ConfigError(`${what} is not attached to the running VM`);
+  try {
+    await worker.request({ op: 'update-rate-limiter', target });
+  } catch (e) {
+    throw new ConfigError(
+      `${what}: the device did not take the rate limiter: ${(e as Error).message}`,
+    );
+  }
+  log('info', `${what}: rate limiter updated`);
 }

@@ -30,7 +30,8 @@ export {
 } from './snapshot-format.js';
 export { rebaseMemoryFile, type RebaseResult } from './snapshot-memory.js';
 export { checkHostCanRun } from './host-check.js';
-export { replaceDriveImage, type DriveImageChange } from './drive-patch.js';
+export { replaceDriveImage, updateRateLimiter, type DriveImageChange } from './drive-patch.js';
+export type { RateLimiterConfig } from '../devices/virtio/rate-limiter.js';
 export type { AttachedDevices } from './legacy-devices.js';
 export {
   DEFAULT_BOOT_ARGS,
@@ -46,6 +47,7 @@ export {
   configFromSpec,
   validateBootSource,
   validateDrive,
+  deviceRateLimiter,
   validateLogger,
   validateMachineConfig,
   normalizeCpuConfig,

@@ -202,3 +202,39 @@ test('hostile configurations are refused with a ConfigError naming the field, ne
     }
   }
 });
+
+test('rate limiters reach the devices, survive a snapshot configuration, and bad ones are refused', () => {
+  const r = resources();
+  r.drives![0]!.rate_limiter = {
+    bandwidth: { size: 1 << 20, refill_time: 100, one_time_burst: 4096 },
+    // size 0: no bucket (Firecracker's "disabled").
+    ops: { size: 0, refill_time: 100 },
+  };
+  r.network_interfaces![0]!.tx_rate_limiter = { ops: { size: 100, refill_time: 1000 } };
+  r.entropy = { rate_limiter: { bandwidth: { size: 64, refill_time: 10 } } };
+  const spec = validateResources(r);
+  const byId = (k: string, id: string) => spec.devices.find((d) => d.kind === k && d.id === id)!;
+  assert.deepEqual((byId('block', 'data') as { rateLimiter?: unknown }).rateLimiter, {
+    bandwidth: { size: 1 << 20, refill_time: 100, one_time_burst: 4096 },
+  });
+  assert.equal((byId('block', 'root') as { rateLimiter?: unknown }).rateLimiter, undefined);
+  assert.deepEqual((byId('net', 'eth0') as { txRateLimiter?: unknown }).txRateLimiter, {
+    ops: { size: 100, refill_time: 1000 },
+  });
+  assert.deepEqual((byId('rng', 'entropy') as { rateLimiter?: unknown }).rateLimiter, {
+    bandwidth: { size: 64, refill_time: 10 },
+  });
+  // Through a snapshot's configuration and back: the same devices.
+  const back = validateRestoreConfig(saved(configFromSpec(spec)));
+  assert.deepEqual(back.devices, spec.devices);
+
+  for (const bad of [-1, 1.5, 2 ** 64]) {
+    const b = resources();
+    b.drives![0]!.rate_limiter = { bandwidth: { size: bad, refill_time: 100 } };
+    assert.throws(
+      () => validateResources(b),
+      (e) =>
+        e instanceof ConfigError && /drive data: rate_limiter\.bandwidth\.size/.test(e.message),
+    );
+  }
+});

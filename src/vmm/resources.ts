@@ -24,6 +24,11 @@ import {
   staticCpuTemplate,
 } from '../arch/x86_64/cpu-template-static.js';
 import { BLK_ID_BYTES } from '../devices/virtio/block/request.js';
+import {
+  bucketEnabled,
+  type RateLimiterConfig,
+  type TokenBucketConfig,
+} from '../devices/virtio/rate-limiter.js';
 import { ConfigError } from '../util/errors.js';
 import { MAX_VIRTIO_DEVICES, type VirtioConfig } from './virtio-plan.js';
 
@@ -412,9 +417,57 @@ function truncateUtf8(s: string, max: number): string {
 }
 
 /**
+ * A rate limiter as the device takes it (issue 16): values checked (non-negative integers, as
+ * Firecracker's u64 fields), buckets with size or refill_time 0 left out (no limit), undefined
+ * when no bucket is left. Throws ConfigError naming the field.
+ */
+export function deviceRateLimiter(
+  r: RateLimiter | undefined,
+  what: string,
+): RateLimiterConfig | undefined {
+  if (r === undefined || r === null) return undefined;
+  const out: RateLimiterConfig = {};
+  for (const k of ['bandwidth', 'ops'] as const) {
+    const b = r[k];
+    if (b === undefined || b === null) continue;
+    for (const f of ['size', 'one_time_burst', 'refill_time'] as const) {
+      const v = b[f];
+      if (v === undefined && f === 'one_time_burst') continue;
+      if (typeof v !== 'number' || !Number.isInteger(v) || v < 0 || v >= 2 ** 64)
+        throw new ConfigError(`${what}.${k}.${f}: ${String(v)} is not an integer in [0, 2^64)`);
+    }
+    const c: TokenBucketConfig = {
+      size: b.size,
+      refill_time: b.refill_time,
+      ...(b.one_time_burst ? { one_time_burst: b.one_time_burst } : {}),
+    };
+    if (bucketEnabled(c)) out[k] = c;
+  }
+  return out.bandwidth || out.ops ? out : undefined;
+}
+
+/** A device's rate limiter back into the API's form (GET /vm/config, snapshots). */
+function apiRateLimiter(c: RateLimiterConfig | undefined): RateLimiter | undefined {
+  if (!c) return undefined;
+  const out: RateLimiter = {};
+  if (c.bandwidth) out.bandwidth = { ...c.bandwidth };
+  if (c.ops) out.ops = { ...c.ops };
+  return out;
+}
+
+/**
  * The sections that become virtio devices, checked and in slot order (drives with the root drive
  * first, entropy, network interfaces, vsock), as the builder and a snapshot take them.
  */
+function limiterField<K extends string>(
+  key: K,
+  r: RateLimiter | undefined,
+  what: string,
+): Partial<Record<K, RateLimiterConfig>> {
+  const c = deviceRateLimiter(r, what);
+  return c ? ({ [key]: c } as Record<K, RateLimiterConfig>) : {};
+}
+
 function checkDevices(r: Omit<VmResources, 'boot'>): {
   drives: DriveConfig[];
   devices: VirtioConfig[];
@@ -434,13 +487,24 @@ function checkDevices(r: Omit<VmResources, 'boot'>): {
       ...(d.allow_block_device === true ? { allowBlockDevice: true } : {}),
       // GET_ID answers the drive's id, as Firecracker's does (cut to the 20 bytes it holds).
       serial: truncateUtf8(d.drive_id, BLK_ID_BYTES),
+      ...limiterField('rateLimiter', d.rate_limiter, `drive ${d.drive_id}: rate_limiter`),
     })),
-    ...(r.entropy ? [{ kind: 'rng', id: 'entropy' } as const] : []),
+    ...(r.entropy
+      ? [
+          {
+            kind: 'rng',
+            id: 'entropy',
+            ...limiterField('rateLimiter', r.entropy.rate_limiter, 'entropy: rate_limiter'),
+          } as const,
+        ]
+      : []),
     ...nets.map((n): VirtioConfig => ({
       kind: 'net',
       id: n.iface_id,
       tap: n.host_dev_name,
       ...(n.guest_mac !== undefined ? { mac: n.guest_mac } : {}),
+      ...limiterField('rxRateLimiter', n.rx_rate_limiter, `iface ${n.iface_id}: rx_rate_limiter`),
+      ...limiterField('txRateLimiter', n.tx_rate_limiter, `iface ${n.iface_id}: tx_rate_limiter`),
     })),
     ...(r.vsock
       ? [
@@ -593,13 +657,17 @@ export function configFromSpec(spec: VmSpec): VmConfig {
         is_root_device: root,
         ...(root && spec.root?.partuuid !== undefined ? { partuuid: spec.root.partuuid } : {}),
         ...(d.allowBlockDevice === true ? { allow_block_device: true } : {}),
+        ...(d.rateLimiter ? { rate_limiter: apiRateLimiter(d.rateLimiter)! } : {}),
       });
-    } else if (d.kind === 'rng') config.entropy = {};
+    } else if (d.kind === 'rng')
+      config.entropy = d.rateLimiter ? { rate_limiter: apiRateLimiter(d.rateLimiter)! } : {};
     else if (d.kind === 'net') {
       config['network-interfaces'].push({
         iface_id: d.id,
         host_dev_name: d.tap,
         ...(d.mac !== undefined ? { guest_mac: d.mac } : {}),
+        ...(d.rxRateLimiter ? { rx_rate_limiter: apiRateLimiter(d.rxRateLimiter)! } : {}),
+        ...(d.txRateLimiter ? { tx_rate_limiter: apiRateLimiter(d.txRateLimiter)! } : {}),
       });
     } else config.vsock = { guest_cid: d.cid, uds_path: d.uds, vsock_id: d.id };
   });

@@ -86,6 +86,14 @@ export interface VirtioBackend {
    */
   handle(queue: number, chain: DescriptorChain): number;
   /**
+   * Rate limiting (issue 16): asked before handle() for each chain of a queue the generic part
+   * drains. 0: go (the backend took its tokens; handle() follows). A number of ms > 0: the
+   * chain does not fit now; it is given back to the queue (the next pop returns it again) and
+   * the queue sleeps that long on a timer of the device worker's loop (kicks meanwhile wake
+   * nothing), then its turn resumes with this chain.
+   */
+  admit?(queue: number, chain: DescriptorChain): number;
+  /**
    * Queues the backend serves itself through QueueIo: a kick of one of them calls kick()
    * instead of draining it through handle().
    */
@@ -127,6 +135,11 @@ export interface DeviceEnvironment {
    * loop's setTimer(0)); returns a cancel function. How a queue that used its budget goes on.
    */
   defer(fn: () => void): () => void;
+  /**
+   * Runs `fn` on the device worker's thread after `ms` (the loop's setTimer); returns a cancel
+   * function. How a throttled queue sleeps until its rate limiter has the tokens.
+   */
+  after(ms: number, fn: () => void): () => void;
 }
 
 /** The generic part's own counters (metrics(): Firecracker-style snake_case names). */
@@ -135,6 +148,10 @@ export interface VirtioDeviceCounters {
   budgetYields: number;
   /** Exceptions out of the backend: the device was broken (device_failures). */
   failures: number;
+  /** A queue's turn stopped at a chain its backend's rate limiter did not admit. */
+  throttled: number;
+  /** A throttled queue's timer fired and its turn resumed. */
+  throttleWakeups: number;
 }
 
 export class VirtioDevice {
@@ -143,7 +160,14 @@ export class VirtioDevice {
   private readonly logged = new Set<string>();
   /** Queues whose next turn is scheduled (env.defer), with its cancel function. */
   private readonly turns = new Map<number, () => void>();
-  readonly counters: VirtioDeviceCounters = { budgetYields: 0, failures: 0 };
+  readonly counters: VirtioDeviceCounters = {
+    budgetYields: 0,
+    failures: 0,
+    throttled: 0,
+    throttleWakeups: 0,
+  };
+  /** Queues asleep on their rate limiter (their turn in `turns` is a timer of env.after). */
+  private readonly sleeping = new Set<number>();
 
   constructor(
     sab: SharedArrayBuffer,
@@ -429,6 +453,21 @@ export class VirtioDevice {
         this.guestError(p.error.kind, `queue ${index}: chain ${p.head}: ${p.error.message}`);
         q.pushUsed(p.head, 0);
       } else {
+        let wait = 0;
+        try {
+          wait = this.backend.admit?.(index, p.chain) ?? 0;
+        } catch (e) {
+          q.pushUsed(p.chain.head, 0);
+          this.interruptIfWanted(q);
+          this.fail(`queue ${index}`, e);
+          return;
+        }
+        if (wait > 0 && q.unpop(p.chain.head)) {
+          // Throttled: the chain waits on the queue and the queue sleeps until it fits.
+          this.counters.throttled++;
+          this.sleepTurn(d, index, wait);
+          break;
+        }
         bytes += p.chain.readableLength + p.chain.writableLength;
         try {
           len = this.backend.handle(index, p.chain);
@@ -455,6 +494,33 @@ export class VirtioDevice {
     this.turns.set(index, cancel);
   }
 
+  /** Queue `index` sleeps `ms` (its rate limiter), then takes its turn again. */
+  private sleepTurn(d: Extract<DeviceState, { kind: 'active' }>, index: number, ms: number): void {
+    if (this.turns.has(index)) return;
+    this.sleeping.add(index);
+    const cancel = this.env.after(ms, () => {
+      this.turns.delete(index);
+      this.sleeping.delete(index);
+      this.counters.throttleWakeups++;
+      if (this.dev === d) this.guard(`queue ${index}`, () => this.serveQueue(d, index));
+    });
+    this.turns.set(index, cancel);
+  }
+
+  /**
+   * The backend's rate limiter changed (PATCH): queues asleep on the old limits take their turn
+   * now (a new limit may admit them at once, or set a new sleep).
+   */
+  wakeThrottled(): void {
+    const d = this.dev;
+    for (const index of [...this.sleeping]) {
+      this.turns.get(index)?.();
+      this.turns.delete(index);
+      this.sleeping.delete(index);
+      if (d.kind === 'active') this.guard(`queue ${index}`, () => this.serveQueue(d, index));
+    }
+  }
+
   private interruptIfWanted(q: Virtqueue): void {
     if (q.needsInterrupt()) {
       this.state.raise(INT_USED_BUFFER);
@@ -467,6 +533,7 @@ export class VirtioDevice {
     this.dev = { kind: 'inactive' };
     for (const cancel of this.turns.values()) cancel();
     this.turns.clear();
+    this.sleeping.clear();
     try {
       this.backend.deactivate?.();
     } catch (e) {

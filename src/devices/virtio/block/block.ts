@@ -15,12 +15,20 @@
  * BLK_MAX_REQUEST_BYTES (= seg_max * size_max, whatever was negotiated) of data is answered
  * VIRTIO_BLK_S_IOERR without any I/O and counted (oversized_reqs_count). So a chain whose
  * descriptors all alias one buffer asks for at most 31.75 MiB of host I/O, not gigabytes.
+ *
+ * Rate limiting (issue 16, Firecracker's drive rate_limiter): each well-formed request takes 1
+ * ops token, and a read or write its data bytes, from the drive's RateLimiter before it is
+ * served (admit()); one that does not fit stays on the queue, which sleeps until it does
+ * (VirtioDevice). A malformed request is not charged (it does no I/O). The limiter's state is
+ * the block backend's saved state.
  */
 import { fdatasyncSync, readSync, writeSync } from 'node:fs';
+import { struct, versioned, bytes as bytesCodec } from '../../../util/persist.js';
 import { type DescriptorChain, scatter } from '../chain.js';
 import { QUEUE_SIZE_MAX, VIRTIO_F_RING_INDIRECT_DESC, DEVICE_ID_BLOCK, bit } from '../constants.js';
 import type { QueueIo, VirtioBackend } from '../device.js';
 import type { VirtioDeviceIdentity } from '../mmio-state.js';
+import { RateLimiter, type RateLimiterConfig, monotonicMs } from '../rate-limiter.js';
 import {
   BLK_ID_BYTES,
   VIRTIO_BLK_S_IOERR,
@@ -77,7 +85,14 @@ export interface BlockDeviceOptions {
   /** GET_ID answer, at most 20 bytes (NUL-padded). */
   serial: Uint8Array;
   log(message: string): void;
+  /** Firecracker's drive rate_limiter (default: none). */
+  rateLimiter?: RateLimiterConfig;
+  /** The limiter's clock in ms (default: performance.now; tests pass a fake one). */
+  now?: () => number;
 }
+
+/** virtio-blk's own saved state: its rate limiter's buckets. */
+export const BlockStateV1 = versioned('virtio-blk', 1, struct({ limiter: bytesCodec(4096) }));
 
 export interface BlockCounters {
   reads: number;
@@ -92,6 +107,10 @@ export interface BlockCounters {
   oversized: number;
   /** Backing images swapped in by PATCH /drives (Firecracker's update_count). */
   updates: number;
+  /** Requests the rate limiter held back (Firecracker's rate_limiter_throttled_events). */
+  throttled: number;
+  /** Throttled requests asked again after their sleep (Firecracker's rate_limiter_event_count). */
+  throttleEvents: number;
 }
 
 /** The capacity field of struct virtio_blk_config (offset BLK_CONFIG_CAPACITY, 8 bytes LE). */
@@ -140,7 +159,15 @@ export class BlockDevice implements VirtioBackend {
     unsupported: 0,
     oversized: 0,
     updates: 0,
+    throttled: 0,
+    throttleEvents: 0,
   };
+  readonly limiter: RateLimiter;
+  /** The last request parsed by admit(), for handle() to serve without parsing again. */
+  private admitted:
+    { chain: DescriptorChain; parsed: ReturnType<typeof parseBlockRequest> } | undefined;
+  /** The last admit() said wait: the next one is the wake-up. */
+  private waiting = false;
   private readonly logged = new Set<string>();
   private limits: RequestLimits = blockLimits(0n);
   private file: BlockFile;
@@ -151,6 +178,42 @@ export class BlockDevice implements VirtioBackend {
     this.name = o.name;
     this.file = o.file;
     this.capacity = o.capacity;
+    this.limiter = new RateLimiter(o.rateLimiter, o.now ?? monotonicMs);
+  }
+
+  /** PATCH /drives rate_limiter: the new limits apply from the next request (throws RangeError). */
+  updateRateLimiter(config: RateLimiterConfig): void {
+    this.limiter.update(config);
+    this.waiting = false;
+  }
+
+  admit(_queue: number, chain: DescriptorChain): number {
+    this.admitted = undefined;
+    if (!this.limiter.active) return 0;
+    if (this.waiting) {
+      this.waiting = false;
+      this.counters.throttleEvents++;
+    }
+    const parsed = parseBlockRequest(chain, this.capacity, this.limits);
+    this.admitted = { chain, parsed };
+    if (!parsed.ok) return 0; // refused without I/O: nothing to charge
+    const r = parsed.request;
+    const data = r.type === 'read' || r.type === 'write' ? r.length : 0;
+    const a = this.limiter.consume(data, 1);
+    if (a.go) return 0;
+    this.admitted = undefined;
+    this.waiting = true;
+    this.counters.throttled++;
+    return a.ms;
+  }
+
+  save(): Uint8Array {
+    return BlockStateV1.encode({ limiter: this.limiter.save() });
+  }
+
+  restore(bytes: Uint8Array): void {
+    const s = BlockStateV1.decodeOrThrow(bytes);
+    this.limiter.restore(s.limiter);
   }
 
   /** The disk size now, in 512-byte sectors. */
@@ -177,7 +240,9 @@ export class BlockDevice implements VirtioBackend {
   }
 
   handle(_queue: number, chain: DescriptorChain): number {
-    const p = parseBlockRequest(chain, this.capacity, this.limits);
+    const a = this.admitted;
+    this.admitted = undefined;
+    const p = a?.chain === chain ? a.parsed : parseBlockRequest(chain, this.capacity, this.limits);
     if (!p.ok) {
       this.counters.badRequests++;
       if (p.oversized) this.counters.oversized++;

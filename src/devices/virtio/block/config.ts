@@ -12,6 +12,7 @@ import { closeSync, constants, fstatSync, openSync, readFileSync } from 'node:fs
 import { resolve } from 'node:path';
 import { ConfigError } from '../../../util/errors.js';
 import type { OpenContext } from '../descriptor.js';
+import type { RateLimiterConfig } from '../rate-limiter.js';
 import { BLK_ID_BYTES, SECTOR_SIZE } from './request.js';
 
 export interface BlockConfig {
@@ -24,6 +25,8 @@ export interface BlockConfig {
   serial?: string;
   /** A host block device may back the drive (the API's allow_block_device); default: refused. */
   allowBlockDevice?: boolean;
+  /** Firecracker's drive rate_limiter (enforced by the device; default: none). */
+  rateLimiter?: RateLimiterConfig;
 }
 
 /** What the device worker needs: the open image and its geometry. */
@@ -34,6 +37,8 @@ export interface BlockHost {
   serial: Uint8Array;
   sizeBytes: number;
   capacity: number; // sectors
+  /** The drive's rate limiter at start (BlockConfig.rateLimiter). */
+  rateLimiter?: RateLimiterConfig;
 }
 
 /** Opens and checks one drive's image; the caller closes `fd`. Throws ConfigError. */

@@ -10,7 +10,11 @@ export const blockDevice: DeviceType<BlockConfig, BlockHost> = {
   kind: 'block',
   metricsGroup: 'block',
   open(config, ctx) {
-    const { warnings, ...host } = openBlockImage(config, ctx);
+    const { warnings, ...opened } = openBlockImage(config, ctx);
+    const host: BlockHost = {
+      ...opened,
+      ...(config.rateLimiter ? { rateLimiter: config.rateLimiter } : {}),
+    };
     return {
       name: `virtio-blk ${config.id} (${host.path}${host.readOnly ? ', read-only' : ''})`,
       identity: blockIdentity(host.capacity, host.readOnly),
@@ -27,6 +31,7 @@ export const blockDevice: DeviceType<BlockConfig, BlockHost> = {
       readOnly: host.readOnly,
       serial: host.serial,
       log: (m) => env.log(m),
+      ...(host.rateLimiter ? { rateLimiter: host.rateLimiter } : {}),
     });
     return {
       backend: dev,
@@ -44,6 +49,9 @@ export const blockDevice: DeviceType<BlockConfig, BlockHost> = {
         oversized_reqs_count: dev.counters.oversized,
         // PATCH /drives image swaps (Firecracker's BlockDeviceMetrics update_count).
         update_count: dev.counters.updates,
+        // Requests the drive's rate limiter held back, and their wake-ups.
+        rate_limiter_throttled_events: dev.counters.throttled,
+        rate_limiter_event_count: dev.counters.throttleEvents,
       }),
     };
   },

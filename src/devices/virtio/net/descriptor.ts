@@ -1,6 +1,7 @@
 /** virtio-net in the device registry: a TAP opened on the main thread, served in the worker. */
 import { ConfigError } from '../../../util/errors.js';
 import type { DeviceType } from '../descriptor.js';
+import type { RateLimiterConfig } from '../rate-limiter.js';
 import { NetDevice, netIdentity, parseMac } from './net.js';
 import { openTap, tapIo } from './tap.js';
 
@@ -12,10 +13,15 @@ export interface NetConfig {
   tap: string;
   /** The guest's MAC (else the guest picks a random one). */
   mac?: string;
+  /** Firecracker's rx_rate_limiter / tx_rate_limiter (enforced; default: none). */
+  rxRateLimiter?: RateLimiterConfig;
+  txRateLimiter?: RateLimiterConfig;
 }
 
 export interface NetHost {
   tapFd: number;
+  rxRateLimiter?: RateLimiterConfig;
+  txRateLimiter?: RateLimiterConfig;
 }
 
 export const netDevice: DeviceType<NetConfig, NetHost> = {
@@ -38,7 +44,11 @@ export const netDevice: DeviceType<NetConfig, NetHost> = {
     return {
       name: `virtio-net ${config.id} (${config.tap})`,
       identity: netIdentity(mac, tap.offloads),
-      host: { tapFd: tap.fd },
+      host: {
+        tapFd: tap.fd,
+        ...(config.rxRateLimiter ? { rxRateLimiter: config.rxRateLimiter } : {}),
+        ...(config.txRateLimiter ? { txRateLimiter: config.txRateLimiter } : {}),
+      },
       warnings: [],
       close: () => ctx.sys.close(tap.fd),
     };
@@ -48,6 +58,11 @@ export const netDevice: DeviceType<NetConfig, NetHost> = {
       env.name,
       tapIo(env.sys, env.loop, host.tapFd, () => net.onTapReadable()),
       (m) => env.log(m),
+      {
+        ...(host.rxRateLimiter ? { rx: host.rxRateLimiter } : {}),
+        ...(host.txRateLimiter ? { tx: host.txRateLimiter } : {}),
+        setTimer: (ms, fn) => env.loop.setTimer(ms, fn),
+      },
     );
     const c = net.counters;
     return {
@@ -66,6 +81,13 @@ export const netDevice: DeviceType<NetConfig, NetHost> = {
         rx_chain_too_long: c.rxChainTooLong,
         tx_coalesced_frames: c.txCoalesced,
         rx_budget_yields: c.rxBudgetYields,
+        // Frames the rate limiters held back, and their wake-ups (Firecracker's names).
+        rx_rate_limiter_throttled: c.rxThrottled,
+        tx_rate_limiter_throttled: c.txThrottled,
+        rx_event_rate_limiter_count: c.rxThrottleEvents,
+        tx_rate_limiter_event_count: c.txThrottleEvents,
+        // Ours: RX frames held by the limiter that a snapshot dropped.
+        rx_throttled_dropped: c.rxThrottledDropped,
       }),
     };
   },

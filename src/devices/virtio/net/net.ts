@@ -33,8 +33,23 @@
  *   stops watching the TAP: no wake-up repeats without progress.
  * - RX serves at most NET_RX_BUDGET_FRAMES frames per wake-up (<= 4 MiB), then waits for the
  *   next round of the loop (the TAP, still readable, wakes it again: level-triggered epoll).
+ *
+ * Rate limiting (issue 16, Firecracker's rx_rate_limiter / tx_rate_limiter): a frame takes 1
+ * ops token and its Ethernet bytes (without the virtio-net header). TX: a frame that does not
+ * fit stays on the TX queue, which sleeps until it does (VirtioDevice, admit()). RX: the frame
+ * is read into the guest's chain first (its size is known only then); if it does not fit, the
+ * chain is held with the frame in it and not returned (Firecracker's deferred frame), the TAP
+ * is not watched, and a timer of the worker's loop delivers it when the tokens are there. A
+ * snapshot taken meanwhile gives that chain back empty: the frame is dropped (counted).
  */
-import { bool, PersistError, struct, versioned } from '../../../util/persist.js';
+import {
+  bool,
+  bytes as bytesCodec,
+  PersistError,
+  struct,
+  versioned,
+} from '../../../util/persist.js';
+import { RateLimiter, type RateLimiterConfig, monotonicMs } from '../rate-limiter.js';
 import type { DescriptorChain } from '../chain.js';
 import { gather, scatter, sliceSegments } from '../chain.js';
 import { QUEUE_SIZE_MAX, VIRTIO_F_RING_INDIRECT_DESC, bit } from '../constants.js';
@@ -95,6 +110,22 @@ export interface TapIo {
 
 /** virtio-net's own saved state (see NetDevice.save). */
 export const NetStateV1 = versioned('virtio-net', 1, struct({ heldRx: bool }));
+/** Version 2 adds the rate limiters' buckets (version 1 still loads: no limiter state). */
+export const NetStateV2 = versioned(
+  'virtio-net',
+  2,
+  struct({ heldRx: bool, rxLimiter: bytesCodec(4096), txLimiter: bytesCodec(4096) }),
+);
+
+/** Rate limiting of a NetDevice (all optional: no limits). */
+export interface NetLimitOptions {
+  rx?: RateLimiterConfig;
+  tx?: RateLimiterConfig;
+  /** The worker loop's timer (RX sleeps on it while throttled). */
+  setTimer?: (ms: number, fn: () => void) => () => void;
+  /** The limiters' clock in ms (default: performance.now). */
+  now?: () => number;
+}
 
 export interface NetCounters {
   rxFrames: number;
@@ -115,6 +146,14 @@ export interface NetCounters {
   txCoalesced: number;
   /** RX wake-ups that stopped at NET_RX_BUDGET_FRAMES with frames maybe waiting. */
   rxBudgetYields: number;
+  /** Frames the RX / TX rate limiter held back (rx/tx_rate_limiter_throttled). */
+  rxThrottled: number;
+  txThrottled: number;
+  /** Throttled RX / TX resumed after their sleep (rx_event_rate_limiter_count, tx_...). */
+  rxThrottleEvents: number;
+  txThrottleEvents: number;
+  /** RX frames held by the limiter and dropped by a snapshot (rate_limiter_dropped_bytes is bytes). */
+  rxThrottledDropped: number;
 }
 
 export function parseMac(s: string): Uint8Array {
@@ -175,7 +214,19 @@ export class NetDevice implements VirtioBackend {
     rxChainTooLong: 0,
     txCoalesced: 0,
     rxBudgetYields: 0,
+    rxThrottled: 0,
+    txThrottled: 0,
+    rxThrottleEvents: 0,
+    txThrottleEvents: 0,
+    rxThrottledDropped: 0,
   };
+  readonly rxLimiter: RateLimiter;
+  readonly txLimiter: RateLimiter;
+  /** An RX frame read into its chain that the limiter held back: delivered when it fits. */
+  private deferred: { chain: DescriptorChain; n: number } | undefined;
+  /** Cancels RX's throttle timer while it sleeps. */
+  private rxSleep: (() => void) | undefined;
+  private txWaiting = false;
   private io: QueueIo | undefined;
   private tx: TxOffloads = { csum: false, tso4: false, tso6: false };
   /** An RX chain taken from the guest when the TAP turned out empty: used for the next frame. */
@@ -192,11 +243,54 @@ export class NetDevice implements VirtioBackend {
     readonly name: string,
     private readonly tap: TapIo,
     private readonly log: (m: string) => void,
-  ) {}
+    private readonly limits: NetLimitOptions = {},
+  ) {
+    const now = limits.now ?? monotonicMs;
+    this.rxLimiter = new RateLimiter(limits.rx, now);
+    this.txLimiter = new RateLimiter(limits.tx, now);
+    if (this.rxLimiter.active && !limits.setTimer)
+      throw new Error(`${name}: an RX rate limiter needs the loop's timer`);
+  }
 
+  /**
+   * PATCH /network-interfaces: new limiters (undefined: unchanged), from the next frame on.
+   * A sleeping RX tries again under the new limits at the loop's next round. Throws RangeError
+   * (changing nothing).
+   */
+  updateRateLimiters(rx: RateLimiterConfig | undefined, tx: RateLimiterConfig | undefined): void {
+    if (rx && !this.limits.setTimer && new RateLimiter(rx, () => 0).active)
+      throw new RangeError(`${this.name}: an RX rate limiter needs the loop's timer`);
+    if (rx) this.rxLimiter.update(rx);
+    if (tx) this.txLimiter.update(tx);
+    this.txWaiting = false;
+    if (rx && this.rxSleep) {
+      // Woken on the loop's next round (not now: the worker may be paused, and then its loop,
+      // with this timer, waits for the resume).
+      this.rxSleep();
+      this.rxSleep = this.limits.setTimer!(0, () => {
+        this.rxSleep = undefined;
+        this.processRx();
+      });
+    }
+  }
+
+  /** TX frames take their tokens before handle() (the RX queue is self-served). */
+  admit(queue: number, chain: DescriptorChain): number {
+    if (queue !== TX_QUEUE || !this.txLimiter.active) return 0;
+    if (this.txWaiting) {
+      this.txWaiting = false;
+      this.counters.txThrottleEvents++;
+    }
+    const a = this.txLimiter.consume(Math.max(0, chain.readableLength - NET_HDR_SIZE), 1);
+    if (a.go) return 0;
+    this.txWaiting = true;
+    this.counters.txThrottled++;
+    return a.ms;
+  }
   activate(features: bigint, io: QueueIo, _restored?: boolean): void {
     this.io = io;
     this.held = undefined;
+    this.stopRxSleep();
     const has = (f: number) => (features & bit(f)) !== 0n;
     this.tx = {
       csum: has(VIRTIO_NET_F_CSUM),
@@ -220,19 +314,72 @@ export class NetDevice implements VirtioBackend {
    */
   save(): Uint8Array {
     if (this.held && this.io?.unpop(RX_QUEUE, this.held.head)) this.held = undefined;
-    return NetStateV1.encode({ heldRx: this.held !== undefined });
+    // A frame the RX limiter held: its chain goes back empty, the frame is dropped.
+    if (this.deferred && this.io?.unpop(RX_QUEUE, this.deferred.chain.head)) {
+      this.counters.rxThrottledDropped++;
+      this.deferred = undefined;
+      this.stopRxSleep();
+    }
+    return NetStateV2.encode({
+      heldRx: this.held !== undefined || this.deferred !== undefined,
+      rxLimiter: this.rxLimiter.save(),
+      txLimiter: this.txLimiter.save(),
+    });
   }
 
   restore(bytes: Uint8Array): void {
-    const s = NetStateV1.decodeOrThrow(bytes);
+    const v2 = NetStateV2.decode(bytes);
+    let heldRx: boolean;
+    if (v2.ok) heldRx = v2.value.heldRx;
+    else {
+      const v1 = NetStateV1.decode(bytes);
+      if (!v1.ok) throw v2.error;
+      heldRx = v1.value.heldRx;
+    }
     // A held chain that could not be given back (never the case today) cannot be re-read.
-    if (s.heldRx) throw new PersistError('virtio-net: saved with an RX chain it could not release');
+    if (heldRx) throw new PersistError('virtio-net: saved with an RX chain it could not release');
+    if (v2.ok) {
+      // Both checked before either changes.
+      const rx = new RateLimiter(undefined, () => 0);
+      rx.restore(v2.value.rxLimiter);
+      new RateLimiter(undefined, () => 0).restore(v2.value.txLimiter);
+      if (rx.active && !this.limits.setTimer)
+        throw new PersistError(`${this.name}: an RX rate limiter needs the loop's timer`);
+      this.rxLimiter.restore(v2.value.rxLimiter);
+      this.txLimiter.restore(v2.value.txLimiter);
+    }
   }
 
   deactivate(): void {
     this.io = undefined;
     this.held = undefined;
+    this.deferred = undefined;
+    this.stopRxSleep();
     this.setWatching(false);
+  }
+
+  private stopRxSleep(): void {
+    this.rxSleep?.();
+    this.rxSleep = undefined;
+  }
+
+  /** RX waits `ms` for its limiter: the TAP is not watched, a timer takes RX up again. */
+  private throttleRx(ms: number): void {
+    this.counters.rxThrottled++;
+    this.setWatching(false);
+    this.stopRxSleep();
+    this.rxSleep = this.limits.setTimer!(ms, () => {
+      this.rxSleep = undefined;
+      this.counters.rxThrottleEvents++;
+      this.processRx();
+    });
+  }
+
+  /** Marks num_buffers and returns the RX chain holding an `n`-byte frame to the guest. */
+  private deliver(io: QueueIo, chain: DescriptorChain, n: number): void {
+    io.pushUsed(RX_QUEUE, chain.head, n);
+    this.counters.rxFrames++;
+    this.counters.rxBytes += n - NET_HDR_SIZE;
   }
 
   /** TX chains (the generic drain calls this for queue 1). */
@@ -287,8 +434,23 @@ export class NetDevice implements VirtioBackend {
   private processRx(): void {
     const io = this.io;
     if (!io) return;
+    // Throttled: the timer takes RX up again (a kick meanwhile only added buffers).
+    if (this.rxSleep) return;
     let i = 0;
+    let throttled = false;
     for (; i < NET_RX_BUDGET_FRAMES; i++) {
+      if (this.deferred) {
+        const { chain, n } = this.deferred;
+        const a = this.rxLimiter.consume(n - NET_HDR_SIZE, 1);
+        if (!a.go) {
+          this.throttleRx(a.ms);
+          throttled = true;
+          break;
+        }
+        this.deferred = undefined;
+        this.deliver(io, chain, n);
+        continue;
+      }
       const chain = this.held ?? io.pop(RX_QUEUE);
       this.held = undefined;
       if (!chain) {
@@ -346,11 +508,18 @@ export class NetDevice implements VirtioBackend {
         this.hdr[11] = 0;
         scatter(chain.writable, this.hdr);
       }
-      io.pushUsed(RX_QUEUE, chain.head, n);
-      this.counters.rxFrames++;
-      this.counters.rxBytes += n - NET_HDR_SIZE;
+      if (this.rxLimiter.active) {
+        const a = this.rxLimiter.consume(n - NET_HDR_SIZE, 1);
+        if (!a.go) {
+          this.deferred = { chain, n };
+          this.throttleRx(a.ms);
+          throttled = true;
+          break;
+        }
+      }
+      this.deliver(io, chain, n);
     }
-    if (i === NET_RX_BUDGET_FRAMES) {
+    if (i === NET_RX_BUDGET_FRAMES && !throttled) {
       // Budget used, buffers maybe left: the TAP, if still readable, wakes us next round.
       this.counters.rxBudgetYields++;
       this.setWatching(true);

@@ -59,6 +59,53 @@ export class DeferQueue {
   }
 }
 
+/**
+ * The loop's delayed timers under a fake clock (ms): `after` timers wait until the test moves
+ * the clock past them. Counts what fired, so a test can see that a throttled queue slept
+ * instead of spinning.
+ */
+export class FakeClock {
+  private t = 0;
+  private timers: Array<{ at: number; seq: number; fn: (() => void) | undefined }> = [];
+  private seq = 0;
+  /** Timers that fired. */
+  fired = 0;
+  readonly now = (): number => this.t;
+  after(ms: number, fn: () => void): () => void {
+    const timer = { at: this.t + ms, seq: this.seq++, fn: fn as (() => void) | undefined };
+    this.timers.push(timer);
+    return () => {
+      timer.fn = undefined;
+    };
+  }
+  /** Timers armed and not fired or cancelled. */
+  get pending(): number {
+    return this.timers.filter((x) => x.fn).length;
+  }
+  /** When the next armed timer fires (undefined: none). */
+  get next(): number | undefined {
+    const live = this.timers.filter((x) => x.fn).map((x) => x.at);
+    return live.length ? Math.min(...live) : undefined;
+  }
+  /** Moves the clock `ms` on, firing the timers that fall due on the way, in order. */
+  advance(ms: number): void {
+    const end = this.t + ms;
+    for (;;) {
+      const due = this.timers
+        .filter((x) => x.fn && x.at <= end)
+        .sort((a, b) => a.at - b.at || a.seq - b.seq)[0];
+      if (!due) break;
+      this.t = Math.max(this.t, due.at);
+      const fn = due.fn!;
+      due.fn = undefined;
+      this.timers = this.timers.filter((x) => x.fn);
+      this.fired++;
+      fn();
+    }
+    this.t = end;
+  }
+}
+
 export interface Harness {
   mem: GuestMemory;
   alloc: GuestAllocator;
@@ -69,6 +116,8 @@ export interface Harness {
   logs: string[];
   /** Deferred work of the device (queue turns after a used budget). */
   deferred: DeferQueue;
+  /** The loop's delayed timers (throttled queues). */
+  clock: FakeClock;
   /** Negotiates `features` (default: all offered), sets up one MockQueue per queue, DRIVER_OK. */
   start(opts?: { features?: (offered: bigint) => bigint; queueSize?: number }): MockQueue[];
   /** QueueNotify through the transport (the fallback path; KVM's ioeventfd in production). */
@@ -86,6 +135,8 @@ export interface HarnessOptions {
   deferred?: DeferQueue;
   /** Name in the deferred queue's log (default: the backend's name). */
   name?: string;
+  /** The fake clock of delayed timers (default: one of this harness alone). */
+  clock?: FakeClock;
 }
 
 export function harness(
@@ -100,11 +151,13 @@ export function harness(
   const logs: string[] = [];
   const deferred = opts.deferred ?? new DeferQueue();
   const name = opts.name ?? backend.name;
+  const clock = opts.clock ?? new FakeClock();
   const device = new VirtioDevice(sab, backend, {
     mem,
     interrupt: () => void irqs++,
     log: (m) => logs.push(m),
     defer: (fn) => deferred.defer(name, fn),
+    after: (ms, fn) => clock.after(ms, fn),
   });
   const transport = new MmioTransport(
     sab,
@@ -121,6 +174,7 @@ export function harness(
     interrupts: () => irqs,
     logs,
     deferred,
+    clock,
     start(opts = {}) {
       if (!driver.negotiate(opts.features ?? ((f) => f))) throw new Error('FEATURES_OK refused');
       const queues = id.queueSizes.map((max, i) => {
