@@ -9,6 +9,7 @@
  * Shared memory beside the mailbox: each device's register file (mmio-state.ts) and the worker's
  * control block (stop flag, running flag: Int32 slots named below).
  */
+import type { BalloonRequest } from '../devices/virtio/balloon/balloon.js';
 import type { MessagePort } from 'node:worker_threads';
 import { slots } from '../util/persist.js';
 import type { VirtioCounters } from '../devices/virtio/mmio-state.js';
@@ -72,7 +73,12 @@ export type WorkerRequest =
    * checked on the main thread, which keeps owning it) with `capacity` sectors from its next
    * request on; its config space says so and the driver gets a config-change interrupt.
    */
-  | { op: 'update-block'; id: string; fd: number; capacity: number };
+  | { op: 'update-block'; id: string; fd: number; capacity: number }
+  /**
+   * The balloon API (issue 16): a request of the balloon device, answered by it; a config-space
+   * change it makes (target, hinting command) raises a config-change interrupt.
+   */
+  | { op: 'balloon'; request: BalloonRequest };
 
 export interface WorkerReplies {
   counters: DeviceReport[];
@@ -81,6 +87,7 @@ export interface WorkerReplies {
   save: SavedDevice[];
   restore: void;
   'update-block': void;
+  balloon: unknown;
 }
 
 export type MailboxRequest = WorkerRequest & { seq: number };
