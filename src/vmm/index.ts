@@ -38,6 +38,7 @@ export {
   resourcesFromConfig,
   configFromResources,
   configFromSpec,
+  validateBalloon,
   validateBootSource,
   validateDrive,
   validateLogger,
@@ -51,6 +52,7 @@ export {
   afterFailedInterfacePut,
   wireMachineConfig,
   wireVmConfig,
+  type BalloonConfig,
   type BootSource,
   type DriveConfig,
   type EntropyConfig,
@@ -78,3 +80,4 @@ export {
   type CloneMemory,
   type FileMatch,
 } from './clone-memory.js';
+export type { BalloonDescription, BalloonRequest } from '../devices/virtio/balloon/balloon.js';
