@@ -34,7 +34,7 @@ import {
   versioned,
 } from '../../../util/persist.js';
 import type { DescriptorChain } from '../chain.js';
-import { QUEUE_SIZE_MAX, bit } from '../constants.js';
+import { QUEUE_SIZE_MAX, VIRTIO_F_RING_INDIRECT_DESC, bit } from '../constants.js';
 import type { QueueIo, VirtioBackend } from '../device.js';
 import type { VirtioDeviceIdentity } from '../mmio-state.js';
 
@@ -125,7 +125,7 @@ export function balloonIdentity(o: BalloonOptions): VirtioDeviceIdentity {
   config.set(le32(HINT_CMD_STOP), CONFIG_HINT_CMD_ID);
   return {
     deviceId: DEVICE_ID_BALLOON,
-    features,
+    features: features | bit(VIRTIO_F_RING_INDIRECT_DESC),
     queueSizes: queueRoles(features).map(() => QUEUE_SIZE_MAX),
     config,
     configWritable: { offset: CONFIG_ACTUAL, length: 4 },
