@@ -295,7 +295,8 @@ export class BalloonDevice implements VirtioBackend {
   kick(queue: number): void {
     const io = this.io;
     if (!io || this.roles[queue] !== 'stats') return;
-    for (let c = io.pop(queue); c; c = io.pop(queue)) {
+    // At most a queue's worth per kick (a second vCPU could keep publishing buffers).
+    for (let n = 0, c = io.pop(queue); c; c = ++n < QUEUE_SIZE_MAX ? io.pop(queue) : undefined) {
       if (this.held !== undefined) {
         // A second buffer while one is held: the driver's protocol has one. Give the old back.
         this.counters.stats_update_fails++;
