@@ -130,7 +130,19 @@ export class FakeHost {
     return ev;
   }
 
+  /** madvise calls (virtio-balloon) and the bytes they covered. */
+  madvised = { calls: 0, bytes: 0 };
+
   readonly sys: HostSys = {
+    // As the kernel checks it: a page-aligned start, a range inside the mapping. Not zeroed:
+    // the fuzzer's driver keeps its rings in the same RAM, which a hostile PFN may name.
+    madvise: (buffer, offset, length) => {
+      const b = buffer as ArrayBufferLike;
+      if (offset % 4096 !== 0 || length < 0 || offset + length > b.byteLength)
+        throw sysError('EINVAL', 'madvise');
+      this.madvised.calls++;
+      this.madvised.bytes += length;
+    },
     close: (fd) => {
       const f = this.live(fd, 'close');
       f.closed = true;

@@ -58,13 +58,16 @@ export function openVirtio(
   // one of its fds or timers breaks the device instead of escaping the loop.
   let rig: VirtioRig | undefined;
   const loop = guardedLoop(host.loop as unknown as EventLoop, () => rig!.h.device);
+  const ram = sharedRam();
   const created = type.create(opened.host, {
     name: opened.name,
     sys: host.sys,
     loop,
     log: (m) => logs.push(m),
+    // Guest RAM as a restored VM maps it (private): the balloon gives pages back with
+    // MADV_DONTNEED (the fake host checks the range and counts it).
+    ram: { memory: ram.mem, shared: false },
   });
-  const ram = sharedRam();
   rig = new VirtioRig(ram, opened.identity, created.backend, host.loop);
   rig.start(rng);
   return { host, ram, rig, opened, created, logs };

@@ -1,6 +1,7 @@
 /** Every fuzz target, in the order `npm run fuzz` runs them. */
 import type { Target } from '../core.js';
 import { apiHttpTarget, apiTarget } from './api.js';
+import { balloonTarget } from './balloon.js';
 import { blockTarget } from './block.js';
 import { i8042Target, legacyBusTarget, rtcTarget, serialTarget } from './legacy.js';
 import { bzImageTarget, elfTarget } from './loader.js';
@@ -15,6 +16,7 @@ export const TARGETS: Target[] = [
   blockTarget,
   netTarget,
   vsockTarget,
+  balloonTarget,
   mmioTarget,
   serialTarget,
   i8042Target,
@@ -28,4 +30,5 @@ export const TARGETS: Target[] = [
   racing(blockTarget, 25_000),
   racing(netTarget, 25_000),
   racing(vsockTarget, 25_000),
+  racing(balloonTarget, 25_000),
 ];

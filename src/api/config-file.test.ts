@@ -157,14 +157,34 @@ test("Firecracker's example shape: empty sections of features we lack are accept
   assert.ok('actions' in parse({ ...firecrackerExample, serial: null, pmem: null }));
 });
 
+test('a balloon section becomes PUT /balloon (before InstanceStart); a bad one is refused', () => {
+  const r = parse({
+    ...firecrackerExample,
+    balloon: { amount_mib: 4, deflate_on_oom: true, stats_polling_interval_s: 1 },
+  });
+  assert.ok('actions' in r);
+  const kinds = r.actions.map((a) => a.kind);
+  assert.ok(
+    kinds.indexOf('PutBalloon') >= 0 &&
+      kinds.indexOf('PutBalloon') < kinds.indexOf('InstanceStart'),
+  );
+  assert.deepEqual(
+    r.actions.find((a) => a.kind === 'PutBalloon'),
+    {
+      kind: 'PutBalloon',
+      config: { amount_mib: 4, deflate_on_oom: true, stats_polling_interval_s: 1 },
+    },
+  );
+  assert.match(fault({ ...firecrackerExample, balloon: { amount_mib: 4 } }), /deflate_on_oom/);
+  assert.match(fault({ ...firecrackerExample, balloon: [] }), /balloon/);
+});
+
 test('a non-empty section of a feature we lack is refused, naming it', () => {
   for (const [k, v] of [
-    ['balloon', { amount_mib: 0, deflate_on_oom: false }],
     ['mmds-config', { network_interfaces: ['eth0'] }],
     ['memory-hotplug', { total_size_mib: 1024 }],
     ['pmem', [{ id: 'p', path_on_host: '/p', root_device: false }]],
     ['pmem', {}],
-    ['balloon', []],
     ['serial', { serial_out_path: '/tmp/s' }],
   ] as Array<[string, unknown]>) {
     assert.match(

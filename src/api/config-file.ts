@@ -165,6 +165,7 @@ export function parseVmConfig(
     actions.push({ kind: 'PutNetworkInterface', config: n });
   if (c.vsock) actions.push({ kind: 'PutVsock', config: c.vsock });
   if (c.entropy) actions.push({ kind: 'PutEntropy', config: c.entropy });
+  if (c.balloon) actions.push({ kind: 'PutBalloon', config: c.balloon });
   actions.push({ kind: 'InstanceStart' });
   return { actions };
 }

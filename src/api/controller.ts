@@ -27,6 +27,7 @@ import {
   DEFAULT_MACHINE_CONFIG,
   emptyVmConfig,
   resourcesFromConfig,
+  validateBalloon,
   validateBootSource,
   validateDrive,
   validateMachineConfig,
@@ -37,6 +38,9 @@ import {
   afterFailedInterfacePut,
   wireMachineConfig,
   wireVmConfig,
+  type BalloonConfig,
+  type BalloonDescription,
+  type BalloonRequest,
   type DriveConfig,
   type RateLimiter,
   type RateLimiterConfig,
@@ -252,6 +256,22 @@ export class VmmController {
         this.config.entropy = { ...a.config };
         this.bootPath = true;
         return NO_CONTENT;
+      case 'PutBalloon':
+        if (!pre) return bad(PRE_BOOT_ONLY);
+        this.config.balloon = validateBalloon(
+          { ...a.config },
+          this.config['machine-config'].mem_size_mib,
+        );
+        this.bootPath = true;
+        return NO_CONTENT;
+      case 'GetBalloon':
+      case 'GetBalloonStats':
+      case 'PatchBalloon':
+      case 'PatchBalloonStats':
+      case 'StartBalloonHinting':
+      case 'GetBalloonHintingStatus':
+      case 'StopBalloonHinting':
+        return this.balloon(a);
       case 'PutLogger':
         if (!pre) return bad(PRE_BOOT_ONLY);
         this.opts.logger.configure(a.config);
@@ -422,6 +442,85 @@ export class VmmController {
     if (!c || c === this.config) return;
     c.drives = structuredClone(this.config.drives);
     c['network-interfaces'] = structuredClone(this.config['network-interfaces']);
+    c.balloon = structuredClone(this.config.balloon);
+  }
+
+  /**
+   * The balloon's requests (issue 16), as Firecracker answers them: GET /balloon is the
+   * configuration (the target and polling interval as last set; the driver's actual size is in
+   * GET /balloon/statistics); the rest act on the running device through the device worker and
+   * are refused before boot.
+   */
+  private async balloon(a: VmmAction): Promise<ApiOutcome> {
+    const cfg = this.config.balloon;
+    if (!cfg) return bad('No balloon device found.');
+    const built = this.built;
+    // Only the configuration (as Firecracker): what the driver holds is in the statistics.
+    if (a.kind === 'GetBalloon') return { status: 200, body: wireBalloon(cfg) };
+    if (!built) return bad(POST_BOOT_ONLY);
+    const worker = built.deviceWorker;
+    if (!worker) return bad('No balloon device found.');
+    const ask = async (request: BalloonRequest): Promise<unknown> =>
+      worker.request({ op: 'balloon', request });
+    const fail = (prefix: string) => (e: unknown) => bad(prefix + (e as Error).message);
+    const describe = async () => (await ask({ op: 'describe' })) as BalloonDescription;
+    const mib = (pages: number) => Math.floor(pages / 256);
+    switch (a.kind) {
+      case 'GetBalloonStats': {
+        if ((cfg.stats_polling_interval_s ?? 0) === 0)
+          return bad('Received stats query when stats are disabled.');
+        const d = await describe();
+        return {
+          status: 200,
+          body: {
+            target_pages: d.targetPages,
+            actual_pages: d.actualPages,
+            target_mib: mib(d.targetPages),
+            actual_mib: mib(d.actualPages),
+            ...d.stats,
+          },
+        };
+      }
+      case 'PatchBalloon': {
+        if (a.amountMib > this.config['machine-config'].mem_size_mib)
+          return bad('Amount of pages requested is too large.');
+        try {
+          await ask({ op: 'set-target', amountMib: a.amountMib });
+        } catch (e) {
+          return fail('Balloon update error: ')(e);
+        }
+        this.config.balloon = { ...cfg, amount_mib: a.amountMib };
+        this.toVm(built);
+        return NO_CONTENT;
+      }
+      case 'PatchBalloonStats': {
+        try {
+          await ask({ op: 'set-stats-interval', seconds: a.seconds });
+        } catch (e) {
+          return fail('Balloon update error: ')(e);
+        }
+        this.config.balloon = { ...cfg, stats_polling_interval_s: a.seconds };
+        this.toVm(built);
+        return NO_CONTENT;
+      }
+      case 'StartBalloonHinting':
+      case 'StopBalloonHinting':
+      case 'GetBalloonHintingStatus':
+        try {
+          const value = await ask(
+            a.kind === 'StartBalloonHinting'
+              ? { op: 'hint-start', acknowledgeOnStop: a.acknowledgeOnStop }
+              : a.kind === 'StopBalloonHinting'
+                ? { op: 'hint-stop' }
+                : { op: 'hint-status' },
+          );
+          return a.kind === 'GetBalloonHintingStatus' ? { status: 200, body: value } : NO_CONTENT;
+        } catch (e) {
+          return fail('')(e);
+        }
+      default:
+        return bad('not a balloon request');
+    }
   }
 
   /**
@@ -648,6 +747,17 @@ async function deviceMetrics(built: BuiltVm): Promise<MetricGroups> {
     uart: { ...devices.serial.stats(), ...devices.console.stats() },
     i8042: { ...devices.i8042.stats() },
     unhandled: { ...devices.unhandled.stats() },
+  };
+}
+
+/** GET /balloon: the configuration, every field written (Firecracker's BalloonDeviceConfig). */
+function wireBalloon(b: BalloonConfig): Record<string, unknown> {
+  return {
+    amount_mib: b.amount_mib,
+    deflate_on_oom: b.deflate_on_oom,
+    stats_polling_interval_s: b.stats_polling_interval_s ?? 0,
+    free_page_hinting: b.free_page_hinting === true,
+    free_page_reporting: b.free_page_reporting === true,
   };
 }
 

@@ -8,6 +8,7 @@
  */
 import { normalizeCpuConfig } from '../vmm/index.js';
 import type {
+  BalloonConfig,
   BootSource,
   CpuConfigJson,
   DriveConfig,
@@ -43,6 +44,14 @@ export type VmmAction =
     }
   | { kind: 'PutVsock'; config: VsockConfig }
   | { kind: 'PutEntropy'; config: EntropyConfig }
+  | { kind: 'PutBalloon'; config: BalloonConfig }
+  | { kind: 'PatchBalloon'; amountMib: number }
+  | { kind: 'GetBalloon' }
+  | { kind: 'GetBalloonStats' }
+  | { kind: 'PatchBalloonStats'; seconds: number }
+  | { kind: 'StartBalloonHinting'; acknowledgeOnStop: boolean }
+  | { kind: 'GetBalloonHintingStatus' }
+  | { kind: 'StopBalloonHinting' }
   | { kind: 'PutLogger'; config: LoggerConfig }
   | { kind: 'PutMetrics'; config: MetricsConfig }
   | { kind: 'PutSerial'; config: SerialBody }
@@ -103,11 +112,6 @@ export const UNSUPPORTED_ENDPOINTS: ReadonlyArray<{
   verbs: string;
   feature: string;
 }> = [
-  { path: '/balloon', verbs: 'GET PUT PATCH', feature: 'the balloon device' },
-  { path: '/balloon/statistics', verbs: 'GET PATCH', feature: 'the balloon device' },
-  { path: '/balloon/hinting/start', verbs: 'PATCH', feature: 'the balloon device' },
-  { path: '/balloon/hinting/status', verbs: 'GET', feature: 'the balloon device' },
-  { path: '/balloon/hinting/stop', verbs: 'PATCH', feature: 'the balloon device' },
   { path: '/hotplug/memory', verbs: 'GET PUT PATCH', feature: 'memory hotplug (virtio-mem)' },
   { path: '/mmds', verbs: 'GET PUT PATCH', feature: 'MMDS (the microVM metadata service)' },
   { path: '/mmds/config', verbs: 'PUT', feature: 'MMDS (the microVM metadata service)' },
@@ -154,7 +158,10 @@ export function route(method: string, url: string, body: string | undefined): Ro
 
   if (method === 'GET' && body !== undefined) return { fault: 'GET request cannot have a body.' };
   if (method === 'PUT' && body === undefined) return { fault: 'Empty PUT request.' };
-  if (method === 'PATCH' && body === undefined) return { fault: 'Empty PATCH request.' };
+  // The hinting commands may come without a body (Firecracker: start's body is optional).
+  const hinting = first === 'balloon' && tokens[1] === 'hinting';
+  if (method === 'PATCH' && body === undefined && !hinting)
+    return { fault: 'Empty PATCH request.' };
   if (method === 'DELETE' && body !== undefined) return { fault: 'Empty Delete request.' };
 
   const feature = unsupported(method, tokens);
@@ -210,6 +217,12 @@ export function route(method: string, url: string, body: string | undefined): Ro
         };
       if (first === 'vm' && arity(2) && tokens[1] === 'config')
         return { action: { kind: 'GetFullVmConfig' }, metric: ['get_api_requests', 'vm_config'] };
+      if (first === 'balloon') {
+        if (arity(1)) return { action: { kind: 'GetBalloon' } };
+        if (arity(2) && tokens[1] === 'statistics') return { action: { kind: 'GetBalloonStats' } };
+        if (arity(3) && hinting && tokens[2] === 'status')
+          return { action: { kind: 'GetBalloonHintingStatus' } };
+      }
       return invalid;
     case 'PUT':
       if (!arity(1) && !['drives', 'network-interfaces', 'snapshot'].includes(first))
@@ -266,6 +279,11 @@ export function route(method: string, url: string, body: string | undefined): Ro
             kind: 'PutVsock',
             config,
           }));
+        case 'balloon':
+          return withBody<BalloonConfig>(S.Balloon, ['put_api_requests', 'balloon'], (config) => ({
+            kind: 'PutBalloon',
+            config,
+          }));
         case 'entropy':
           return withBody<EntropyConfig>(
             S.EntropyDevice,
@@ -320,6 +338,34 @@ export function route(method: string, url: string, body: string | undefined): Ro
       return invalid;
     case 'PATCH':
       switch (first) {
+        case 'balloon':
+          if (arity(1))
+            return withBody<{ amount_mib: number }>(
+              S.BalloonUpdate,
+              ['patch_api_requests', 'balloon'],
+              (v) => ({ kind: 'PatchBalloon', amountMib: v.amount_mib }),
+            );
+          if (arity(2) && tokens[1] === 'statistics')
+            return withBody<{ stats_polling_interval_s: number }>(
+              S.BalloonStatsUpdate,
+              ['patch_api_requests', 'balloon'],
+              (v) => ({ kind: 'PatchBalloonStats', seconds: v.stats_polling_interval_s }),
+            );
+          if (arity(3) && hinting && tokens[2] === 'start') {
+            if (body === undefined || body.trim() === '')
+              return { action: { kind: 'StartBalloonHinting', acknowledgeOnStop: true } };
+            return withBody<{ acknowledge_on_stop?: boolean }>(
+              S.BalloonStartCmd,
+              ['patch_api_requests', 'balloon'],
+              (v) => ({
+                kind: 'StartBalloonHinting',
+                acknowledgeOnStop: v.acknowledge_on_stop ?? true,
+              }),
+            );
+          }
+          if (arity(3) && hinting && tokens[2] === 'stop')
+            return { action: { kind: 'StopBalloonHinting' } };
+          return invalid;
         case 'machine-config': {
           if (!arity(1)) return invalid;
           const r = withBody<Partial<MachineConfig>>(

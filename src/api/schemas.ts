@@ -168,6 +168,51 @@ export const EntropyDevice: Schema = {
   properties: { rate_limiter: RateLimiter },
 };
 
+export const Balloon: Schema = {
+  type: 'object',
+  description:
+    'A virtio-balloon device (pre-boot): its target size and the features it offers the driver.',
+  properties: {
+    amount_mib: int(0, 0xffff_ffff, 'Target balloon size in MiB (at most the guest memory).'),
+    deflate_on_oom: bool('Let the guest deflate the balloon when it runs out of memory.'),
+    stats_polling_interval_s: int(
+      0,
+      0xffff,
+      'Seconds between statistics updates; 0 (default) disables statistics.',
+    ),
+    free_page_hinting: bool('Offer free page hinting (/balloon/hinting/*).'),
+    free_page_reporting: bool('Offer free page reporting (the guest reports free ranges).'),
+  },
+  required: ['amount_mib', 'deflate_on_oom'],
+};
+
+export const BalloonUpdate: Schema = {
+  type: 'object',
+  description: 'A new target size for the running balloon.',
+  properties: { amount_mib: int(0, 0xffff_ffff, 'Target balloon size in MiB.') },
+  required: ['amount_mib'],
+};
+
+export const BalloonStatsUpdate: Schema = {
+  type: 'object',
+  description:
+    'A new statistics polling interval (first update at once; statistics cannot be turned on or off after boot).',
+  properties: {
+    stats_polling_interval_s: int(0, 0xffff, 'Seconds between statistics updates.'),
+  },
+  required: ['stats_polling_interval_s'],
+};
+
+export const BalloonStartCmd: Schema = {
+  type: 'object',
+  description: 'Starts a free page hinting run.',
+  properties: {
+    acknowledge_on_stop: bool(
+      "Answer the driver's STOP with DONE at once, so the guest takes its pages back (default true).",
+    ),
+  },
+};
+
 export const Logger: Schema = {
   type: 'object',
   description: 'Where and how much the VMM logs.',
@@ -297,7 +342,6 @@ export const SnapshotLoadParams: Schema = {
  * `serial` is not in Firecracker's config file either (its VmmConfig skips it): ignored.
  */
 export const UNSUPPORTED_CONFIG_SECTIONS = [
-  'balloon',
   'memory-hotplug',
   'mmds-config',
   'pmem',
@@ -407,6 +451,7 @@ export const FullVmConfiguration: Schema = {
     },
     vsock: Vsock,
     entropy: EntropyDevice,
+    balloon: Balloon,
     logger: Logger,
     metrics: Metrics,
     'cpu-config': CpuConfig,

@@ -9,6 +9,7 @@
  * Shared memory beside the mailbox: each device's register file (mmio-state.ts) and the worker's
  * control block (stop flag, running flag: Int32 slots named below).
  */
+import type { BalloonRequest } from '../devices/virtio/balloon/balloon.js';
 import type { MessagePort } from 'node:worker_threads';
 import { slots } from '../util/persist.js';
 import type { VirtioCounters } from '../devices/virtio/mmio-state.js';
@@ -79,7 +80,12 @@ export type WorkerRequest =
    * (the whole merged configuration; a bucket left out is removed; for net, a limiter left
    * undefined is unchanged). Queues asleep on the old limits are woken to try again.
    */
-  | { op: 'update-rate-limiter'; target: RateLimiterTarget };
+  | { op: 'update-rate-limiter'; target: RateLimiterTarget }
+  /**
+   * The balloon API (issue 16): a request of the balloon device, answered by it; a config-space
+   * change it makes (target, hinting command) raises a config-change interrupt.
+   */
+  | { op: 'balloon'; request: BalloonRequest };
 
 /** Which device's limiters an 'update-rate-limiter' request sets. */
 export type RateLimiterTarget =
@@ -95,6 +101,7 @@ export interface WorkerReplies {
   restore: void;
   'update-block': void;
   'update-rate-limiter': void;
+  balloon: unknown;
 }
 
 export type MailboxRequest = WorkerRequest & { seq: number };

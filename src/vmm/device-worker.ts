@@ -15,6 +15,7 @@
  * worker; queue kicks go through the same guard.
  */
 import { isMainThread, parentPort, receiveMessageOnPort, workerData } from 'node:worker_threads';
+import { BalloonDevice } from '../devices/virtio/balloon/balloon.js';
 import { BLK_CONFIG_CAPACITY, BlockDevice, fdBlockFile } from '../devices/virtio/block/block.js';
 import { VirtioDevice } from '../devices/virtio/device.js';
 import { NetDevice } from '../devices/virtio/net/net.js';
@@ -190,6 +191,16 @@ function main(d: DeviceWorkerData): void {
         if (!paused) x!.device.wakeThrottled();
         return undefined;
       }
+      case 'balloon': {
+        const x = devices.find((d) => d.slot.kind === 'balloon');
+        const backend = x?.created.backend;
+        if (!x || !(backend instanceof BalloonDevice))
+          throw new Error('this VM has no balloon device');
+        const out = backend.control(r.request, x.device.state.config);
+        if (out.config && x.device.state.changeConfig(out.config.offset, out.config.bytes))
+          n.eventfdWrite(x.slot.irqFd, 1);
+        return out.value;
+      }
     }
   };
 
@@ -215,7 +226,13 @@ function main(d: DeviceWorkerData): void {
       let device: VirtioDevice | undefined;
       // The loop runs nothing before every device is built, so `device` is set by then.
       const ops = guardedLoop(loop, () => device!);
-      const created = type.create(slot.host as never, { name: slot.name, sys: n, loop: ops, log });
+      const created = type.create(slot.host as never, {
+        name: slot.name,
+        sys: n,
+        loop: ops,
+        log,
+        ram: { memory: ram.memory, shared: ram.memfd !== undefined },
+      });
       const dev = new VirtioDevice(slot.state, created.backend, {
         mem: ram.memory,
         interrupt: () => n.eventfdWrite(slot.irqFd, 1),
@@ -224,6 +241,11 @@ function main(d: DeviceWorkerData): void {
         after: (ms, fn) => loop.setTimer(ms, fn),
       });
       device = dev;
+      // The balloon changes its config space on its own (a hinting run's DONE).
+      if (created.backend instanceof BalloonDevice)
+        created.backend.onConfig = (c) => {
+          if (dev.state.changeConfig(c.offset, c.bytes)) n.eventfdWrite(slot.irqFd, 1);
+        };
       slot.queueFds.forEach((fd, q) =>
         loop.add(fd, {
           process: () => {

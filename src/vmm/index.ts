@@ -45,6 +45,7 @@ export {
   resourcesFromConfig,
   configFromResources,
   configFromSpec,
+  validateBalloon,
   validateBootSource,
   validateDrive,
   deviceRateLimiter,
@@ -61,6 +62,7 @@ export {
   afterFailedInterfacePut,
   wireMachineConfig,
   wireVmConfig,
+  type BalloonConfig,
   type BootSource,
   type DriveConfig,
   type EntropyConfig,
@@ -88,3 +90,4 @@ export {
   type CloneMemory,
   type FileMatch,
 } from './clone-memory.js';
+export type { BalloonDescription, BalloonRequest } from '../devices/virtio/balloon/balloon.js';

@@ -123,6 +123,39 @@ export interface EntropyConfig {
   rate_limiter?: RateLimiter;
 }
 
+/** PUT /balloon (Firecracker's Balloon): the target, and the features the device offers. */
+export interface BalloonConfig {
+  amount_mib: number;
+  deflate_on_oom: boolean;
+  /** 0 (default): no statistics. */
+  stats_polling_interval_s?: number;
+  free_page_hinting?: boolean;
+  free_page_reporting?: boolean;
+}
+
+/**
+ * Checks a balloon section against the machine's memory (Firecracker: the target may not exceed
+ * the guest's memory; the polling interval is a u16).
+ */
+export function validateBalloon(b: BalloonConfig, memMib: number): BalloonConfig {
+  const u32 = (v: unknown) =>
+    Number.isInteger(v) && (v as number) >= 0 && (v as number) <= 0xffff_ffff;
+  if (!u32(b.amount_mib)) throw new ConfigError('balloon: amount_mib must be a u32');
+  if (typeof b.deflate_on_oom !== 'boolean')
+    throw new ConfigError('balloon: deflate_on_oom must be a boolean');
+  const s = b.stats_polling_interval_s ?? 0;
+  if (!Number.isInteger(s) || s < 0 || s > 0xffff)
+    throw new ConfigError('balloon: stats_polling_interval_s must be a u16');
+  if (b.amount_mib > memMib) throw new ConfigError('Amount of pages requested is too large.');
+  return {
+    amount_mib: b.amount_mib,
+    deflate_on_oom: b.deflate_on_oom,
+    stats_polling_interval_s: s,
+    free_page_hinting: b.free_page_hinting === true,
+    free_page_reporting: b.free_page_reporting === true,
+  };
+}
+
 export type LoggerLevel = 'Error' | 'Warning' | 'Info' | 'Debug' | 'Trace' | 'Off';
 
 export interface LoggerConfig {
@@ -146,6 +179,7 @@ export interface VmResources {
   network_interfaces?: NetworkInterfaceConfig[];
   vsock?: VsockConfig;
   entropy?: EntropyConfig;
+  balloon?: BalloonConfig;
   logger?: LoggerConfig;
   metrics?: MetricsConfig;
   /** A custom CPU template; exclusive with machine.cpu_template (the last one set wins). */
@@ -516,12 +550,33 @@ function checkDevices(r: Omit<VmResources, 'boot'>): {
           } as const,
         ]
       : []),
+    // Last, so that the slots of VMs without one (and their snapshots) do not move.
+    ...(r.balloon
+      ? [
+          {
+            kind: 'balloon',
+            id: 'balloon',
+            ...balloonOptions(validateBalloon(r.balloon, r.machine.mem_size_mib)),
+          } as const,
+        ]
+      : []),
   ];
   if (devices.length > MAX_VIRTIO_DEVICES)
     throw new ConfigError(
       `${devices.length} virtio devices configured; at most ${MAX_VIRTIO_DEVICES} fit`,
     );
   return { drives, devices };
+}
+
+/** The device's options from the API's balloon section (checked). */
+function balloonOptions(b: BalloonConfig) {
+  return {
+    amountMib: b.amount_mib,
+    deflateOnOom: b.deflate_on_oom,
+    statsPollingIntervalS: b.stats_polling_interval_s ?? 0,
+    freePageHinting: b.free_page_hinting === true,
+    freePageReporting: b.free_page_reporting === true,
+  };
 }
 
 /**
@@ -573,6 +628,7 @@ export interface VmConfig {
   'network-interfaces': NetworkInterfaceConfig[];
   vsock: VsockConfig | null;
   entropy: EntropyConfig | null;
+  balloon: BalloonConfig | null;
   logger: LoggerConfig | null;
   metrics: MetricsConfig | null;
   /** PUT /cpu-config's custom CPU template (absent or null: none). */
@@ -587,6 +643,7 @@ export function emptyVmConfig(): VmConfig {
     'network-interfaces': [],
     vsock: null,
     entropy: null,
+    balloon: null,
     logger: null,
     metrics: null,
     'cpu-config': null,
@@ -603,6 +660,7 @@ export function resourcesFromConfig(c: VmConfig): VmResources {
     r.network_interfaces = c['network-interfaces'].map((n) => ({ ...n }));
   if (c.vsock) r.vsock = { ...c.vsock };
   if (c.entropy) r.entropy = { ...c.entropy };
+  if (c.balloon) r.balloon = { ...c.balloon };
   if (c.logger) r.logger = { ...c.logger };
   if (c.metrics) r.metrics = { ...c.metrics };
   if (c['cpu-config']) r.cpu_config = structuredClone(c['cpu-config']);
@@ -617,6 +675,7 @@ export function configFromResources(r: VmResources): VmConfig {
     'network-interfaces': (r.network_interfaces ?? []).map((n) => ({ ...n })),
     vsock: r.vsock ? { ...r.vsock } : null,
     entropy: r.entropy ? { ...r.entropy } : null,
+    balloon: r.balloon ? { ...r.balloon } : null,
     logger: r.logger ? { ...r.logger } : null,
     metrics: r.metrics ? { ...r.metrics } : null,
     'cpu-config': r.cpu_config ? structuredClone(r.cpu_config) : null,
@@ -669,6 +728,14 @@ export function configFromSpec(spec: VmSpec): VmConfig {
         ...(d.rxRateLimiter ? { rx_rate_limiter: apiRateLimiter(d.rxRateLimiter)! } : {}),
         ...(d.txRateLimiter ? { tx_rate_limiter: apiRateLimiter(d.txRateLimiter)! } : {}),
       });
+    } else if (d.kind === 'balloon') {
+      config.balloon = {
+        amount_mib: d.amountMib,
+        deflate_on_oom: d.deflateOnOom,
+        stats_polling_interval_s: d.statsPollingIntervalS,
+        free_page_hinting: d.freePageHinting,
+        free_page_reporting: d.freePageReporting,
+      };
     } else config.vsock = { guest_cid: d.cid, uds_path: d.uds, vsock_id: d.id };
   });
   return config;
@@ -771,6 +838,7 @@ export function validateRestoreConfig(cfg: unknown, overrides: RestoreOverrides 
       'network-interfaces': 'array',
       vsock: 'object',
       entropy: 'object',
+      balloon: 'object',
       logger: 'object',
       metrics: 'object',
       'cpu-config': 'object',
@@ -880,6 +948,26 @@ export function validateRestoreConfig(cfg: unknown, overrides: RestoreOverrides 
     shapeRateLimiter(e.rate_limiter, 'entropy.rate_limiter');
     entropy = defined<EntropyConfig>(e);
   }
+  const balloon =
+    c.balloon == null
+      ? null
+      : validateBalloon(
+          defined<BalloonConfig>(
+            shape(
+              c.balloon,
+              'balloon',
+              {
+                amount_mib: 'number',
+                deflate_on_oom: 'boolean',
+                stats_polling_interval_s: 'number',
+                free_page_hinting: 'boolean',
+                free_page_reporting: 'boolean',
+              },
+              ['amount_mib', 'deflate_on_oom'],
+            ),
+          ),
+          machine.mem_size_mib,
+        );
   // Logger and metrics belong to the process, not the VM: a load keeps the process's own (the
   // sections are only checked to be objects, above, and dropped).
   const checked = checkDevices({
@@ -888,6 +976,7 @@ export function validateRestoreConfig(cfg: unknown, overrides: RestoreOverrides 
     network_interfaces: nets,
     ...(vsock ? { vsock } : {}),
     ...(entropy ? { entropy } : {}),
+    ...(balloon ? { balloon } : {}),
   });
   return {
     vcpus: machine.vcpu_count,
@@ -900,6 +989,7 @@ export function validateRestoreConfig(cfg: unknown, overrides: RestoreOverrides 
       'network-interfaces': nets,
       vsock,
       entropy,
+      balloon,
       logger: null,
       metrics: null,
       'cpu-config': cpuConfig,
@@ -953,7 +1043,15 @@ export function wireMachineConfig(m: MachineConfig): Wire {
 export function wireVmConfig(c: VmConfig): Wire {
   const boot = c['boot-source'];
   return {
-    balloon: null,
+    balloon: c.balloon
+      ? {
+          amount_mib: c.balloon.amount_mib,
+          deflate_on_oom: c.balloon.deflate_on_oom,
+          stats_polling_interval_s: c.balloon.stats_polling_interval_s ?? 0,
+          free_page_hinting: c.balloon.free_page_hinting === true,
+          free_page_reporting: c.balloon.free_page_reporting === true,
+        }
+      : null,
     drives: c.drives.map((d) => ({
       drive_id: d.drive_id,
       partuuid: d.partuuid ?? null,

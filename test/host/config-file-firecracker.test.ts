@@ -73,13 +73,13 @@ describe("--config-file with Firecracker's example configuration (KVM)", () => {
 
     writeFileSync(
       cfg,
-      JSON.stringify({ ...config, balloon: { amount_mib: 1, deflate_on_oom: false } }),
+      JSON.stringify({ ...config, 'mmds-config': { network_interfaces: ['eth0'] } }),
     );
     const bad = spawnSync(process.execPath, [CLI, '--no-api', '--config-file', cfg], {
       encoding: 'utf8',
       timeout: 20_000,
     });
     assert.notEqual(bad.status, 0);
-    assert.match(bad.stderr, /configuration section "balloon" is not supported by Typervisor/);
+    assert.match(bad.stderr, /configuration section "mmds-config" is not supported by Typervisor/);
   });
 });

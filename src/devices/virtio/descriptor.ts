@@ -12,6 +12,7 @@
  * Devices never import the KVM layer: the syscalls they need come in through `HostSys`, which
  * the VMM fills with the native shim (the same functions, typed here by what devices use).
  */
+import type { GuestMemory } from '../../memory/guest-memory.js';
 import type { VirtioBackend } from './device.js';
 import type { VirtioDeviceIdentity } from './mmio-state.js';
 
@@ -30,6 +31,8 @@ export interface HostSys {
   connect(fd: number, path: string): number;
   sendv(fd: number, buffers: Buf[]): number;
   shutdown(fd: number, how: number): void;
+  /** madvise(2) on part of an mmap'ed buffer (virtio-balloon gives guest pages back). */
+  madvise?(buffer: ArrayBuffer, offset: number, length: number, advice: number): void;
 }
 
 /** Linux epoll bits, as the worker's loop takes them. */
@@ -74,6 +77,11 @@ export interface BackendEnv {
   sys: HostSys;
   loop: EventOps;
   log(message: string): void;
+  /**
+   * Guest RAM as the device worker maps it (virtio-balloon), and whether it is the shared memfd
+   * (a booted VM) rather than a private copy-on-write mapping (a restored one).
+   */
+  ram?: { memory: GuestMemory; shared: boolean };
 }
 
 /** Counters a backend reports, in Firecracker's metric names (snake_case, monotonic). */

@@ -55,6 +55,9 @@ export const REGS = slots([
   'deviceFeaturesHi',
   'queueCount',
   'configLen',
+  /** The driver-writable window of the config space, [start, end) (virtio-balloon's `actual`). */
+  'configWritableStart',
+  'configWritableEnd',
 ]);
 
 /** Counters (int32, wrap harmlessly), changed with Atomics.add. Metrics, not saved state. */
@@ -96,8 +99,13 @@ export interface VirtioDeviceIdentity {
   features: bigint;
   /** QueueNumMax of each queue (each a power of two <= 32768). */
   queueSizes: number[];
-  /** The device-specific configuration space (read-only for the driver). */
+  /** The device-specific configuration space (read-only for the driver, but see below). */
   config: Uint8Array;
+  /**
+   * The bytes of `config` the driver may write (virtio-balloon's `actual`): [offset, offset +
+   * length). Default none. A write must lie wholly inside; others are bad accesses.
+   */
+  configWritable?: { offset: number; length: number };
 }
 
 /** One queue's configuration as the driver left it (addresses may be anything: validate them). */
@@ -153,6 +161,13 @@ export class VirtioMmioState {
     s[REGS.deviceFeaturesHi] = hi32(f);
     s[REGS.queueCount] = id.queueSizes.length;
     s[REGS.configLen] = id.config.length;
+    if (id.configWritable) {
+      const { offset, length } = id.configWritable;
+      if (offset < 0 || length < 0 || offset + length > id.config.length)
+        throw new Error('writable config window outside the config space');
+      s[REGS.configWritableStart] = offset;
+      s[REGS.configWritableEnd] = offset + length;
+    }
     id.queueSizes.forEach((size, i) => {
       s[QUEUE_BASE + i * QUEUE_STRIDE + QREG.numMax] = size;
       s[QUEUE_BASE + i * QUEUE_STRIDE + QREG.num] = size;

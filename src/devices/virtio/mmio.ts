@@ -102,8 +102,19 @@ export class MmioTransport implements BusDevice {
 
   write(offset: number, data: Uint8Array): void {
     if (offset >= REG.CONFIG) {
-      // No device of ours has writable config fields (virtio-blk's writeback is not offered).
-      this.state.count('badAccess');
+      // Only a device's declared window is writable (virtio-balloon's `actual`; virtio-blk's
+      // writeback is not offered).
+      const off = offset - REG.CONFIG;
+      const s = this.state.s;
+      if (
+        ![1, 2, 4].includes(data.length) ||
+        off < s[REGS.configWritableStart]! ||
+        off + data.length > s[REGS.configWritableEnd]!
+      ) {
+        this.state.count('badAccess');
+        return;
+      }
+      this.state.mutex.with(() => this.state.config.set(data, off));
       return;
     }
     if (data.length !== 4 || (offset & 3) !== 0) {

@@ -4,6 +4,7 @@
  * metrics and saves state through the descriptor alone.
  */
 import type { DeviceType } from './descriptor.js';
+import { balloonDevice } from './balloon/descriptor.js';
 import { blockDevice } from './block/descriptor.js';
 import { netDevice } from './net/descriptor.js';
 import { rngDevice } from './rng/descriptor.js';
@@ -14,6 +15,7 @@ export const VIRTIO_DEVICE_TYPES = {
   rng: rngDevice,
   net: netDevice,
   vsock: vsockDevice,
+  balloon: balloonDevice,
 } as const;
 
 type Types = typeof VIRTIO_DEVICE_TYPES;
