@@ -341,11 +341,7 @@ export const SnapshotLoadParams: Schema = {
  * for pmem), are accepted; anything else is refused by config-file.ts naming the feature.
  * `serial` is not in Firecracker's config file either (its VmmConfig skips it): ignored.
  */
-export const UNSUPPORTED_CONFIG_SECTIONS = [
-  'memory-hotplug',
-  'mmds-config',
-  'pmem',
-] as const;
+export const UNSUPPORTED_CONFIG_SECTIONS = ['memory-hotplug', 'mmds-config', 'pmem'] as const;
 
 const bitmap = (bits: number): Schema =>
   str(
