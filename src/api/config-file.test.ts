@@ -150,7 +150,8 @@ test("Firecracker's example shape: empty sections of features we lack are accept
       io_engine: 'Sync',
     },
   });
-  // "serial" (not in Firecracker's file format) as null, and pmem as null, are accepted too.
+  // "serial" (not in Firecracker's file format) as null, and pmem as null, are accepted too
+  // (pmem is supported: its entries become PutPmem actions, tested below).
   assert.ok('actions' in parse({ ...firecrackerExample, serial: null, pmem: null }));
 });
 
@@ -160,8 +161,6 @@ test('a non-empty section of a feature we lack is refused, naming it', () => {
     ['cpu-config', { cpuid_modifiers: [] }],
     ['mmds-config', { network_interfaces: ['eth0'] }],
     ['memory-hotplug', { total_size_mib: 1024 }],
-    ['pmem', [{ id: 'p', path_on_host: '/p', root_device: false }]],
-    ['pmem', {}],
     ['balloon', []],
     ['serial', { serial_out_path: '/tmp/s' }],
   ] as Array<[string, unknown]>) {
@@ -176,4 +175,25 @@ test('a non-empty section of a feature we lack is refused, naming it', () => {
   assert.ok('fault' in bad);
   assert.match(bad.fault, /^An error occurred when deserializing/);
   assert.match(fault([] as unknown as object), /expected an object, got an array/);
+});
+
+test('pmem entries of a config file become PutPmem actions, in order, before InstanceStart', () => {
+  const r = parse({
+    ...firecrackerExample,
+    pmem: [
+      { id: 'p0', path_on_host: '/a', root_device: true },
+      { id: 'p1', path_on_host: '/b', read_only: true },
+    ],
+  });
+  assert.ok('actions' in r);
+  const kinds = r.actions.map((a) => a.kind);
+  const pmem = r.actions.filter((a) => a.kind === 'PutPmem');
+  assert.deepEqual(
+    pmem.map((a) => (a.kind === 'PutPmem' ? a.config.id : '')),
+    ['p0', 'p1'],
+  );
+  assert.ok(kinds.indexOf('PutPmem') < kinds.indexOf('InstanceStart'));
+  // A pmem entry without path_on_host is refused by the schema, naming the field.
+  assert.match(fault({ ...firecrackerExample, pmem: [{ id: 'p' }] }), /path_on_host/);
+  assert.match(fault({ ...firecrackerExample, pmem: {} }), /pmem/);
 });

@@ -28,6 +28,8 @@ import {
   validateVsock,
   withDrive,
   withNetworkInterface,
+  validatePmem,
+  withPmem,
   afterFailedInterfacePut,
   wireMachineConfig,
   wireVmConfig,
@@ -222,6 +224,12 @@ export class VmmController {
       case 'PutVsock':
         if (!pre) return bad(PRE_BOOT_ONLY);
         this.config.vsock = validateVsock({ ...a.config });
+        this.bootPath = true;
+        return NO_CONTENT;
+      case 'PutPmem':
+        if (!pre)
+          return notSupported('hot-plugging pmem devices is not implemented in Typervisor yet');
+        this.config.pmem = withPmem(this.config.pmem, validatePmem(a.config));
         this.bootPath = true;
         return NO_CONTENT;
       case 'PutEntropy':

@@ -14,6 +14,7 @@ import type {
   MachineConfig,
   MetricsConfig,
   NetworkInterfaceConfig,
+  PmemApiConfig,
   RateLimiter,
   TokenBucket,
   VsockConfig,
@@ -41,6 +42,7 @@ export type VmmAction =
     }
   | { kind: 'PutVsock'; config: VsockConfig }
   | { kind: 'PutEntropy'; config: EntropyConfig }
+  | { kind: 'PutPmem'; config: PmemApiConfig }
   | { kind: 'PutLogger'; config: LoggerConfig }
   | { kind: 'PutMetrics'; config: MetricsConfig }
   | { kind: 'PutSerial'; config: SerialBody }
@@ -109,7 +111,7 @@ export const UNSUPPORTED_ENDPOINTS: ReadonlyArray<{
   { path: '/hotplug/memory', verbs: 'GET PUT PATCH', feature: 'memory hotplug (virtio-mem)' },
   { path: '/mmds', verbs: 'GET PUT PATCH', feature: 'MMDS (the microVM metadata service)' },
   { path: '/mmds/config', verbs: 'PUT', feature: 'MMDS (the microVM metadata service)' },
-  { path: '/pmem/{id}', verbs: 'PUT PATCH', feature: 'virtio-pmem' },
+  { path: '/pmem/{id}', verbs: 'PATCH', feature: 'rate limiters on virtio-pmem' },
   { path: '/drives/{id}', verbs: 'DELETE', feature: 'hot-unplugging devices' },
   { path: '/network-interfaces/{id}', verbs: 'DELETE', feature: 'hot-unplugging devices' },
   { path: '/pmem/{id}', verbs: 'DELETE', feature: 'hot-unplugging devices' },
@@ -210,7 +212,7 @@ export function route(method: string, url: string, body: string | undefined): Ro
         return { action: { kind: 'GetFullVmConfig' }, metric: ['get_api_requests', 'vm_config'] };
       return invalid;
     case 'PUT':
-      if (!arity(1) && !['drives', 'network-interfaces', 'snapshot'].includes(first))
+      if (!arity(1) && !['drives', 'network-interfaces', 'snapshot', 'pmem'].includes(first))
         return invalid;
       switch (first) {
         case 'snapshot':
@@ -292,6 +294,11 @@ export function route(method: string, url: string, body: string | undefined): Ro
             'drive_id',
             (config) => ({ kind: 'PutDrive', config }),
           );
+        case 'pmem':
+          return withId<PmemApiConfig>(S.Pmem, ['put_api_requests', 'pmem'], 'id', (config) => ({
+            kind: 'PutPmem',
+            config,
+          }));
         case 'network-interfaces':
           return withId<NetworkInterfaceConfig>(
             S.NetworkInterface,

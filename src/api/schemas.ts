@@ -107,6 +107,20 @@ export const Drive: Schema = {
   required: ['drive_id', 'is_root_device'],
 };
 
+export const Pmem: Schema = {
+  type: 'object',
+  description:
+    'A virtio-pmem device: a file (a multiple of 2 MiB) mapped into guest memory above RAM; the guest sees /dev/pmem0, /dev/pmem1... in order, the root one first.',
+  properties: {
+    id: str('Device id; must equal the id in the path.', 256),
+    path_on_host: str('Host path of the backing file (required).'),
+    root_device: bool('Boot from it: root=/dev/pmem0 (at most one root device, drive or pmem).'),
+    read_only: bool('Map the file read-only (a read-only KVM memory slot; default false).'),
+    rate_limiter: RateLimiter,
+  },
+  required: ['id', 'path_on_host'],
+};
+
 export const PartialDrive: Schema = {
   type: 'object',
   description:
@@ -290,8 +304,8 @@ export const SnapshotLoadParams: Schema = {
 
 /**
  * Sections Firecracker's config file may carry for features Typervisor does not have. Their
- * empty forms, as Firecracker's own example files and GET /vm/config write them (null, and []
- * for pmem), are accepted; anything else is refused by config-file.ts naming the feature.
+ * empty forms, as Firecracker's own example files and GET /vm/config write them (null), are
+ * accepted; anything else is refused by config-file.ts naming the feature.
  * `serial` is not in Firecracker's config file either (its VmmConfig skips it): ignored.
  */
 export const UNSUPPORTED_CONFIG_SECTIONS = [
@@ -299,7 +313,6 @@ export const UNSUPPORTED_CONFIG_SECTIONS = [
   'cpu-config',
   'memory-hotplug',
   'mmds-config',
-  'pmem',
 ] as const;
 
 /** Any JSON value at all: the section is checked by name in config-file.ts, not by shape. */
@@ -326,6 +339,7 @@ export const FullVmConfiguration: Schema = {
     },
     vsock: Vsock,
     entropy: EntropyDevice,
+    pmem: { type: 'array', items: Pmem, maxItems: 64, description: 'virtio-pmem devices.' },
     logger: Logger,
     metrics: Metrics,
     ...Object.fromEntries(UNSUPPORTED_CONFIG_SECTIONS.map((k) => [k, anyObject])),

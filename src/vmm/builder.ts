@@ -28,6 +28,7 @@ import {
   type LegacyDeviceState,
 } from './legacy-devices.js';
 import { configFromSpec, type VmConfig, type VmSpec } from './resources.js';
+import { attachDeviceMemory, deviceMemorySpace } from './device-memory.js';
 import { Vmm } from './vmm.js';
 import { writeGenerationId } from './vmgenid.js';
 import { startDeviceWorker, type DeviceWorkerHandle } from './device-worker-handle.js';
@@ -136,7 +137,7 @@ function composeCmdline(spec: VmSpec): Cmdline {
   if (spec.root) {
     const root = spec.root.partuuid
       ? cmdline.insert('root', `PARTUUID=${spec.root.partuuid}`)
-      : cmdline.insert('root', '/dev/vda');
+      : cmdline.insert('root', spec.root.device ?? '/dev/vda');
     if (!root.ok) throw root.error;
     const mode = cmdline.insertStr(spec.root.readOnly ? 'ro' : 'rw');
     if (!mode.ok) throw mode.error;
@@ -217,7 +218,7 @@ function build(spec: VmSpec, opts: BuildOptions, undo: UndoList): BuiltVm {
   const cmdline = composeCmdline(spec);
 
   // Opens each device's host side (image, TAP, socket): that open is the check.
-  const plan = planVirtioDevices(spec.devices);
+  const plan = planVirtioDevices(spec.devices, deviceMemorySpace(memBytes));
   undo.push(() => closeVirtio(plan));
   plan.warnings.forEach((w) => log('warn', w));
 
@@ -232,6 +233,7 @@ function build(spec: VmSpec, opts: BuildOptions, undo: UndoList): BuiltVm {
   const ram = mapGuestRam(layout);
   undo.push(() => ram.unmap());
   attachRam(vm, layout, ram, { dirtyLog: trackDirty });
+  attachDeviceMemory(vm, plan);
 
   // Kernels find virtio-mmio devices in the DSDT (LNRO0005); kernels built with
   // CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES and no ACPI take them from the command line.

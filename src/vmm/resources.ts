@@ -101,10 +101,20 @@ export interface MetricsConfig {
   properties?: Record<string, string>;
 }
 
+/** PUT /pmem/{id} and the config file's `pmem` entries (Firecracker's Pmem). */
+export interface PmemApiConfig {
+  id: string;
+  path_on_host: string;
+  root_device?: boolean;
+  read_only?: boolean;
+  rate_limiter?: RateLimiter;
+}
+
 export interface VmResources {
   machine: MachineConfig;
   boot: BootSource;
   drives?: DriveConfig[];
+  pmem?: PmemApiConfig[];
   network_interfaces?: NetworkInterfaceConfig[];
   vsock?: VsockConfig;
   entropy?: EntropyConfig;
@@ -230,6 +240,54 @@ export function withDrive(drives: readonly DriveConfig[], d: DriveConfig): Drive
   return out;
 }
 
+/** One pmem device's fields (no file access: the device opens and checks the file at start). */
+export function checkPmem(p: PmemApiConfig): PmemApiConfig {
+  const what = `pmem ${p.id}`;
+  if (typeof p.path_on_host !== 'string' || p.path_on_host === '')
+    throw new ConfigError(`${what}: path_on_host is required`);
+  if (p.rate_limiter !== undefined && wireRateLimiter(p.rate_limiter) !== null)
+    throw new ConfigError(`${what}: rate limiters on pmem devices are not supported`);
+  return p;
+}
+
+/**
+ * One pmem device at PUT time: the fields, and a backing file that exists and allows the access
+ * asked for (the device opens it again at start, and checks its size there).
+ */
+export function validatePmem(p: PmemApiConfig): PmemApiConfig {
+  checkPmem(p);
+  const { fd } = openHostFile(`pmem ${p.id}: path_on_host`, p.path_on_host, {
+    write: p.read_only !== true,
+    allowBlockDevice: false,
+    blockDeviceHint: 'pmem devices are backed by regular files',
+  });
+  closeSync(fd);
+  return p;
+}
+
+/**
+ * Inserts or replaces pmem device `p` in a copy of `list`; at most one root device, which goes
+ * first (the guest names pmem devices in order: the root one is /dev/pmem0).
+ */
+export function withPmem(list: readonly PmemApiConfig[], p: PmemApiConfig): PmemApiConfig[] {
+  checkPmem(p);
+  const others = list.filter((x) => x.id !== p.id);
+  if (p.root_device === true && others.some((x) => x.root_device === true))
+    throw new ConfigError('A root pmem device already exists!');
+  const i = list.findIndex((x) => x.id === p.id);
+  const out = [...list];
+  if (i >= 0) {
+    out[i] = p;
+    if (p.root_device === true && i !== 0) [out[0], out[i]] = [out[i]!, out[0]!];
+  } else {
+    if (list.length >= MAX_VIRTIO_DEVICES)
+      throw new ConfigError(`at most ${MAX_VIRTIO_DEVICES} virtio devices fit`);
+    if (p.root_device === true) out.unshift(p);
+    else out.push(p);
+  }
+  return out;
+}
+
 const MAC_RE = /^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$/;
 
 export function validateNetworkInterface(n: NetworkInterfaceConfig): NetworkInterfaceConfig {
@@ -349,8 +407,11 @@ export interface VmSpec {
   /** The user's part of the kernel command line; the builder adds root= and the devices. */
   readonly bootArgs: string;
   readonly devices: readonly VirtioConfig[];
-  /** The root drive (devices[0]): root=PARTUUID=... when given, else root=/dev/vda. */
-  readonly root?: { partuuid?: string; readOnly: boolean };
+  /**
+   * The root device: the root drive (devices[0]: root=PARTUUID=... when given, else
+   * root=/dev/vda) or the root pmem device (`device` /dev/pmem0).
+   */
+  readonly root?: { partuuid?: string; readOnly: boolean; device?: string };
 }
 
 /** The first `max` bytes of an ASCII-or-UTF-8 id, cut on a character boundary. */
@@ -369,10 +430,17 @@ function truncateUtf8(s: string, max: number): string {
  */
 function checkDevices(r: Omit<VmResources, 'boot'>): {
   drives: DriveConfig[];
+  pmem: PmemApiConfig[];
   devices: VirtioConfig[];
 } {
   let drives: DriveConfig[] = [];
   for (const d of r.drives ?? []) drives = withDrive(drives, d);
+  let pmem: PmemApiConfig[] = [];
+  for (const p of r.pmem ?? []) pmem = withPmem(pmem, p);
+  if (drives[0]?.is_root_device === true && pmem[0]?.root_device === true)
+    throw new ConfigError(
+      `both drive ${drives[0].drive_id} and pmem ${pmem[0].id} are root devices; at most one root device`,
+    );
   let nets: NetworkInterfaceConfig[] = [];
   for (const n of r.network_interfaces ?? []) nets = withNetworkInterface(nets, n);
   if (r.vsock) validateVsock(r.vsock);
@@ -404,12 +472,18 @@ function checkDevices(r: Omit<VmResources, 'boot'>): {
           } as const,
         ]
       : []),
+    ...pmem.map((p): VirtioConfig => ({
+      kind: 'pmem',
+      id: p.id,
+      path: p.path_on_host,
+      readOnly: p.read_only === true,
+    })),
   ];
   if (devices.length > MAX_VIRTIO_DEVICES)
     throw new ConfigError(
       `${devices.length} virtio devices configured; at most ${MAX_VIRTIO_DEVICES} fit`,
     );
-  return { drives, devices };
+  return { drives, pmem, devices };
 }
 
 /**
@@ -420,8 +494,9 @@ function checkDevices(r: Omit<VmResources, 'boot'>): {
 export function validateResources(r: VmResources): VmSpec {
   validateMachineConfig(r.machine);
   validateBootSource(r.boot);
-  const { drives, devices } = checkDevices(r);
+  const { drives, pmem, devices } = checkDevices(r);
   const rootDrive = drives[0]?.is_root_device ? drives[0] : undefined;
+  const rootPmem = pmem[0]?.root_device === true ? pmem[0] : undefined;
   return {
     vcpus: r.machine.vcpu_count,
     memMib: r.machine.mem_size_mib,
@@ -437,7 +512,9 @@ export function validateResources(r: VmResources): VmSpec {
             ...(rootDrive.partuuid !== undefined ? { partuuid: rootDrive.partuuid } : {}),
           },
         }
-      : {}),
+      : rootPmem
+        ? { root: { readOnly: rootPmem.read_only === true, device: '/dev/pmem0' } }
+        : {}),
   } as unknown as VmSpec;
 }
 
@@ -454,6 +531,7 @@ export interface VmConfig {
   entropy: EntropyConfig | null;
   logger: LoggerConfig | null;
   metrics: MetricsConfig | null;
+  pmem: PmemApiConfig[];
 }
 
 export function emptyVmConfig(): VmConfig {
@@ -466,6 +544,7 @@ export function emptyVmConfig(): VmConfig {
     entropy: null,
     logger: null,
     metrics: null,
+    pmem: [],
   };
 }
 
@@ -479,6 +558,7 @@ export function resourcesFromConfig(c: VmConfig): VmResources {
     r.network_interfaces = c['network-interfaces'].map((n) => ({ ...n }));
   if (c.vsock) r.vsock = { ...c.vsock };
   if (c.entropy) r.entropy = { ...c.entropy };
+  if (c.pmem.length > 0) r.pmem = c.pmem.map((p) => ({ ...p }));
   if (c.logger) r.logger = { ...c.logger };
   if (c.metrics) r.metrics = { ...c.metrics };
   return r;
@@ -494,6 +574,7 @@ export function configFromResources(r: VmResources): VmConfig {
     entropy: r.entropy ? { ...r.entropy } : null,
     logger: r.logger ? { ...r.logger } : null,
     metrics: r.metrics ? { ...r.metrics } : null,
+    pmem: (r.pmem ?? []).map((p) => ({ ...p })),
   };
 }
 
@@ -527,7 +608,15 @@ export function configFromSpec(spec: VmSpec): VmConfig {
         ...(d.allowBlockDevice === true ? { allow_block_device: true } : {}),
       });
     } else if (d.kind === 'rng') config.entropy = {};
-    else if (d.kind === 'net') {
+    else if (d.kind === 'pmem') {
+      const root = spec.root?.device === '/dev/pmem0' && config.pmem.length === 0;
+      config.pmem.push({
+        id: d.id,
+        path_on_host: d.path,
+        root_device: root,
+        read_only: d.readOnly,
+      });
+    } else if (d.kind === 'net') {
       config['network-interfaces'].push({
         iface_id: d.id,
         host_dev_name: d.tap,
@@ -637,6 +726,7 @@ export function validateRestoreConfig(cfg: unknown, overrides: RestoreOverrides 
       entropy: 'object',
       logger: 'object',
       metrics: 'object',
+      pmem: 'array',
     },
     ['machine-config'],
   );
@@ -740,11 +830,29 @@ export function validateRestoreConfig(cfg: unknown, overrides: RestoreOverrides 
     shapeRateLimiter(e.rate_limiter, 'entropy.rate_limiter');
     entropy = defined<EntropyConfig>(e);
   }
+  const pmem = shapeArray(c.pmem, 'pmem', MAX_VIRTIO_DEVICES).map((v, i) => {
+    const what = `pmem[${i}]`;
+    const p = shape(
+      v,
+      what,
+      {
+        id: 'string',
+        path_on_host: 'string',
+        root_device: 'boolean',
+        read_only: 'boolean',
+        rate_limiter: 'object',
+      },
+      ['id', 'path_on_host'],
+    );
+    shapeRateLimiter(p.rate_limiter, `${what}.rate_limiter`);
+    return checkPmem(defined<PmemApiConfig>(p));
+  });
   // Logger and metrics belong to the process, not the VM: a load keeps the process's own (the
   // sections are only checked to be objects, above, and dropped).
   const checked = checkDevices({
     machine,
     drives,
+    pmem,
     network_interfaces: nets,
     ...(vsock ? { vsock } : {}),
     ...(entropy ? { entropy } : {}),
@@ -762,6 +870,7 @@ export function validateRestoreConfig(cfg: unknown, overrides: RestoreOverrides 
       entropy,
       logger: null,
       metrics: null,
+      pmem: checked.pmem,
     },
   };
 }
@@ -845,7 +954,13 @@ export function wireVmConfig(c: VmConfig): Wire {
     })),
     vsock: c.vsock ? { guest_cid: c.vsock.guest_cid, uds_path: c.vsock.uds_path } : null,
     entropy: c.entropy ? { rate_limiter: wireRateLimiter(c.entropy.rate_limiter) } : null,
-    pmem: [],
+    pmem: c.pmem.map((p) => ({
+      id: p.id,
+      path_on_host: p.path_on_host,
+      root_device: p.root_device === true,
+      read_only: p.read_only === true,
+      rate_limiter: wireRateLimiter(p.rate_limiter),
+    })),
     'memory-hotplug': null,
   };
 }

@@ -257,7 +257,7 @@ describe('API pre-boot (real socket, child process)', () => {
       ['PUT', '/mmds/config', {}],
       ['PUT', '/cpu-config', {}],
       ['GET', '/hotplug/memory'],
-      ['PUT', '/pmem/p0', {}],
+      ['PATCH', '/pmem/p0', { id: 'p0' }],
       ['DELETE', '/drives/root'],
     ];
     for (const [m, p, b] of cases) {
@@ -265,6 +265,28 @@ describe('API pre-boot (real socket, child process)', () => {
       assert.equal(r.status, 400, `${m} ${p}`);
       assert.match(fault(r), /not supported: .* not implemented in Typervisor yet/, `${m} ${p}`);
     }
+  });
+
+  test('pmem: PUT stores, GET /vm/config echoes; bad requests change nothing', T, async () => {
+    const img = join(files, 'pmem.img');
+    writeFileSync(img, Buffer.alloc(2 * 1024 * 1024));
+    let r = await call(sock(), 'PUT', '/pmem/pm0', {
+      id: 'pm0',
+      path_on_host: img,
+      read_only: true,
+    });
+    assert.equal(r.status, 204, fault(r));
+    r = await call(sock(), 'PUT', '/pmem/pm1', { id: 'pm0', path_on_host: img });
+    assert.match(fault(r), /does not match the id from the body/);
+    r = await call(sock(), 'PUT', '/pmem/pm1', { id: 'pm1', path_on_host: join(files, 'nope') });
+    assert.equal(r.status, 400);
+    assert.match(fault(r), /pmem pm1: path_on_host/);
+    r = await call(sock(), 'PUT', '/pmem/pm1', { id: 'pm1' });
+    assert.match(fault(r), /path_on_host/);
+    const c = await call(sock(), 'GET', '/vm/config');
+    assert.deepEqual(c.json.pmem, [
+      { id: 'pm0', path_on_host: img, root_device: false, read_only: true, rate_limiter: null },
+    ]);
   });
 
   test('snapshots before boot: create needs a VM, load a fresh process', T, async () => {

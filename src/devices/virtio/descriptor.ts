@@ -56,6 +56,25 @@ export interface OpenContext {
    * claimed it before, if any (the caller refuses the second claim with its own message).
    */
   claim(resource: string, owner: string): string | undefined;
+  /**
+   * Reserves `size` bytes of guest-physical address space above RAM, aligned to `align`, for a
+   * device whose memory the guest maps (virtio-pmem, virtio-mem); returns its base. Absent when
+   * the VM has no room planned for device memory (the device refuses with a ConfigError).
+   */
+  allocateGuestMemory?(size: number, align: number): number;
+}
+
+/**
+ * Memory a device puts in the guest-physical address space: the VMM maps `size` bytes of `fd`
+ * from `offset` (MAP_SHARED) and gives KVM the mapping as a memory slot at `guestAddr`
+ * (KVM_MEM_READONLY when `readOnly`).
+ */
+export interface DeviceMemoryRegion {
+  guestAddr: number;
+  size: number;
+  fd: number;
+  offset: number;
+  readOnly: boolean;
 }
 
 export interface OpenedDevice<Host> {
@@ -65,6 +84,8 @@ export interface OpenedDevice<Host> {
   /** Structured-clone data for the device worker (fds are process-wide numbers). */
   host: Host;
   warnings: string[];
+  /** Guest-physical memory the device's region needs mapped (see DeviceMemoryRegion). */
+  memory?: DeviceMemoryRegion[];
   /** Main thread, after the device worker has ended: closes what open() opened. */
   close(): void;
 }

@@ -6,6 +6,7 @@
 import type { DeviceType } from './descriptor.js';
 import { blockDevice } from './block/descriptor.js';
 import { netDevice } from './net/descriptor.js';
+import { pmemDevice } from './pmem/descriptor.js';
 import { rngDevice } from './rng/descriptor.js';
 import { vsockDevice } from './vsock/descriptor.js';
 
@@ -14,6 +15,7 @@ export const VIRTIO_DEVICE_TYPES = {
   rng: rngDevice,
   net: netDevice,
   vsock: vsockDevice,
+  pmem: pmemDevice,
 } as const;
 
 type Types = typeof VIRTIO_DEVICE_TYPES;
