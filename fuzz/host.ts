@@ -131,6 +131,19 @@ export class FakeHost {
   }
 
   readonly sys: HostSys = {
+    // Device memory (virtio-mem) is not part of these fuzz targets: any use is a bug here.
+    memfdCreate: () => {
+      throw new Error('fake host: memfdCreate is not modelled');
+    },
+    mmap: () => {
+      throw new Error('fake host: mmap is not modelled');
+    },
+    munmap: () => {
+      throw new Error('fake host: munmap is not modelled');
+    },
+    madvise: () => {
+      throw new Error('fake host: madvise is not modelled');
+    },
     close: (fd) => {
       const f = this.live(fd, 'close');
       f.closed = true;

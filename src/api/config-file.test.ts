@@ -160,7 +160,6 @@ test('a non-empty section of a feature we lack is refused, naming it', () => {
     ['balloon', { amount_mib: 0, deflate_on_oom: false }],
     ['cpu-config', { cpuid_modifiers: [] }],
     ['mmds-config', { network_interfaces: ['eth0'] }],
-    ['memory-hotplug', { total_size_mib: 1024 }],
     ['balloon', []],
     ['serial', { serial_out_path: '/tmp/s' }],
   ] as Array<[string, unknown]>) {
@@ -196,4 +195,15 @@ test('pmem entries of a config file become PutPmem actions, in order, before Ins
   // A pmem entry without path_on_host is refused by the schema, naming the field.
   assert.match(fault({ ...firecrackerExample, pmem: [{ id: 'p' }] }), /path_on_host/);
   assert.match(fault({ ...firecrackerExample, pmem: {} }), /pmem/);
+});
+
+test('a memory-hotplug section becomes a PutMemoryHotplug action', () => {
+  const r = parse({ ...firecrackerExample, 'memory-hotplug': { total_size_mib: 1024 } });
+  assert.ok('actions' in r);
+  const a = r.actions.find((x) => x.kind === 'PutMemoryHotplug');
+  assert.deepEqual(a, { kind: 'PutMemoryHotplug', config: { total_size_mib: 1024 } });
+  assert.match(
+    fault({ ...firecrackerExample, 'memory-hotplug': { total_size_mib: 'x' } }),
+    /total_size_mib/,
+  );
 });

@@ -117,6 +117,7 @@ export function parseVmConfig(
   if (c.vsock) actions.push({ kind: 'PutVsock', config: c.vsock });
   if (c.entropy) actions.push({ kind: 'PutEntropy', config: c.entropy });
   for (const p of c.pmem ?? []) actions.push({ kind: 'PutPmem', config: p });
+  if (c['memory-hotplug']) actions.push({ kind: 'PutMemoryHotplug', config: c['memory-hotplug'] });
   actions.push({ kind: 'InstanceStart' });
   return { actions };
 }

@@ -13,6 +13,7 @@ import type {
   LoggerConfig,
   MachineConfig,
   MetricsConfig,
+  MemoryHotplugConfig,
   NetworkInterfaceConfig,
   PmemApiConfig,
   RateLimiter,
@@ -43,6 +44,9 @@ export type VmmAction =
   | { kind: 'PutVsock'; config: VsockConfig }
   | { kind: 'PutEntropy'; config: EntropyConfig }
   | { kind: 'PutPmem'; config: PmemApiConfig }
+  | { kind: 'PutMemoryHotplug'; config: MemoryHotplugConfig }
+  | { kind: 'PatchMemoryHotplug'; requestedMib: number }
+  | { kind: 'GetMemoryHotplug' }
   | { kind: 'PutLogger'; config: LoggerConfig }
   | { kind: 'PutMetrics'; config: MetricsConfig }
   | { kind: 'PutSerial'; config: SerialBody }
@@ -108,7 +112,6 @@ export const UNSUPPORTED_ENDPOINTS: ReadonlyArray<{
   { path: '/balloon/hinting/status', verbs: 'GET', feature: 'the balloon device' },
   { path: '/balloon/hinting/stop', verbs: 'PATCH', feature: 'the balloon device' },
   { path: '/cpu-config', verbs: 'PUT', feature: 'custom CPU templates' },
-  { path: '/hotplug/memory', verbs: 'GET PUT PATCH', feature: 'memory hotplug (virtio-mem)' },
   { path: '/mmds', verbs: 'GET PUT PATCH', feature: 'MMDS (the microVM metadata service)' },
   { path: '/mmds/config', verbs: 'PUT', feature: 'MMDS (the microVM metadata service)' },
   { path: '/pmem/{id}', verbs: 'PATCH', feature: 'rate limiters on virtio-pmem' },
@@ -208,13 +211,28 @@ export function route(method: string, url: string, body: string | undefined): Ro
           action: { kind: 'GetMachineConfig' },
           metric: ['get_api_requests', 'machine_cfg'],
         };
+      if (first === 'hotplug' && arity(2) && tokens[1] === 'memory')
+        return {
+          action: { kind: 'GetMemoryHotplug' },
+          metric: ['get_api_requests', 'hotplug_memory'],
+        };
       if (first === 'vm' && arity(2) && tokens[1] === 'config')
         return { action: { kind: 'GetFullVmConfig' }, metric: ['get_api_requests', 'vm_config'] };
       return invalid;
     case 'PUT':
-      if (!arity(1) && !['drives', 'network-interfaces', 'snapshot', 'pmem'].includes(first))
+      if (
+        !arity(1) &&
+        !['drives', 'network-interfaces', 'snapshot', 'pmem', 'hotplug'].includes(first)
+      )
         return invalid;
       switch (first) {
+        case 'hotplug':
+          if (!arity(2) || tokens[1] !== 'memory') return invalid;
+          return withBody<MemoryHotplugConfig>(
+            S.MemoryHotplugConfig,
+            ['put_api_requests', 'hotplug_memory'],
+            (config) => ({ kind: 'PutMemoryHotplug', config }),
+          );
         case 'snapshot':
           if (arity(1)) return { fault: 'Missing snapshot operation type.' };
           if (!arity(2)) return invalid;
@@ -310,6 +328,13 @@ export function route(method: string, url: string, body: string | undefined): Ro
       return invalid;
     case 'PATCH':
       switch (first) {
+        case 'hotplug':
+          if (!arity(2) || tokens[1] !== 'memory') return invalid;
+          return withBody<{ requested_size_mib: number }>(
+            S.MemoryHotplugSizeUpdate,
+            ['patch_api_requests', 'hotplug_memory'],
+            (v) => ({ kind: 'PatchMemoryHotplug', requestedMib: v.requested_size_mib }),
+          );
         case 'machine-config': {
           if (!arity(1)) return invalid;
           const r = withBody<Partial<MachineConfig>>(

@@ -121,6 +121,40 @@ export const Pmem: Schema = {
   required: ['id', 'path_on_host'],
 };
 
+export const MemoryHotplugConfig: Schema = {
+  type: 'object',
+  description:
+    'The hotpluggable memory (virtio-mem), pre-boot: a region above RAM, all unplugged at start.',
+  properties: {
+    total_size_mib: int(
+      0,
+      4294967295,
+      'Largest hotpluggable size in MiB; a multiple of slot_size_mib.',
+    ),
+    slot_size_mib: int(
+      128,
+      4294967295,
+      'KVM memory slot size in MiB (default 128; at least 128, a multiple of block_size_mib).',
+    ),
+    block_size_mib: int(2, 4294967295, 'Block size in MiB (default 2; a power of 2, at least 2).'),
+  },
+  required: ['total_size_mib'],
+};
+
+export const MemoryHotplugSizeUpdate: Schema = {
+  type: 'object',
+  description:
+    'A new target size for the hotplugged memory (post-boot): the guest plugs or unplugs blocks to reach it.',
+  properties: {
+    requested_size_mib: int(
+      0,
+      4294967295,
+      'Target in MiB: a multiple of block_size_mib, at most total_size_mib.',
+    ),
+  },
+  required: ['requested_size_mib'],
+};
+
 export const PartialDrive: Schema = {
   type: 'object',
   description:
@@ -308,12 +342,7 @@ export const SnapshotLoadParams: Schema = {
  * accepted; anything else is refused by config-file.ts naming the feature.
  * `serial` is not in Firecracker's config file either (its VmmConfig skips it): ignored.
  */
-export const UNSUPPORTED_CONFIG_SECTIONS = [
-  'balloon',
-  'cpu-config',
-  'memory-hotplug',
-  'mmds-config',
-] as const;
+export const UNSUPPORTED_CONFIG_SECTIONS = ['balloon', 'cpu-config', 'mmds-config'] as const;
 
 /** Any JSON value at all: the section is checked by name in config-file.ts, not by shape. */
 const anyObject: Schema = {
@@ -340,6 +369,7 @@ export const FullVmConfiguration: Schema = {
     vsock: Vsock,
     entropy: EntropyDevice,
     pmem: { type: 'array', items: Pmem, maxItems: 64, description: 'virtio-pmem devices.' },
+    'memory-hotplug': MemoryHotplugConfig,
     logger: Logger,
     metrics: Metrics,
     ...Object.fromEntries(UNSUPPORTED_CONFIG_SECTIONS.map((k) => [k, anyObject])),

@@ -49,6 +49,7 @@ export {
   withDrive,
   withNetworkInterface,
   checkPmem,
+  validateMemoryHotplug,
   validatePmem,
   withPmem,
   afterFailedInterfacePut,
@@ -62,6 +63,7 @@ export {
   type MetricsConfig,
   type NetworkInterfaceConfig,
   type PmemApiConfig,
+  type MemoryHotplugConfig,
   type RateLimiter,
   type RestoreOverrides,
   type RestoreSpec,
@@ -82,3 +84,4 @@ export {
   type CloneMemory,
   type FileMatch,
 } from './clone-memory.js';
+export { hotplugStatus, requestHotplugSize, type HotplugStatus } from './memory-hotplug.js';

@@ -13,6 +13,7 @@ import { closeSync } from 'node:fs';
 import { checkBootImage, openHostFile } from '../loader/image-file.js';
 import { CMDLINE_MAX_SIZE, MAX_VCPUS } from '../arch/x86_64/layout.js';
 import { BLK_ID_BYTES } from '../devices/virtio/block/request.js';
+import { checkMemSizes } from '../devices/virtio/mem/descriptor.js';
 import { ConfigError } from '../util/errors.js';
 import { MAX_VIRTIO_DEVICES, type VirtioConfig } from './virtio-plan.js';
 
@@ -110,11 +111,37 @@ export interface PmemApiConfig {
   rate_limiter?: RateLimiter;
 }
 
+/** PUT /hotplug/memory and the config file's `memory-hotplug` (Firecracker's MemoryHotplugConfig). */
+export interface MemoryHotplugConfig {
+  total_size_mib: number;
+  block_size_mib?: number;
+  slot_size_mib?: number;
+}
+
+export const DEFAULT_HOTPLUG_BLOCK_MIB = 2;
+export const DEFAULT_HOTPLUG_SLOT_MIB = 128;
+
+/** Checks a memory hotplug configuration; returns it with the defaults filled in. */
+export function validateMemoryHotplug(m: MemoryHotplugConfig): Required<MemoryHotplugConfig> {
+  const full = {
+    total_size_mib: m.total_size_mib,
+    block_size_mib: m.block_size_mib ?? DEFAULT_HOTPLUG_BLOCK_MIB,
+    slot_size_mib: m.slot_size_mib ?? DEFAULT_HOTPLUG_SLOT_MIB,
+  };
+  checkMemSizes({
+    totalMib: full.total_size_mib,
+    blockMib: full.block_size_mib,
+    slotMib: full.slot_size_mib,
+  });
+  return full;
+}
+
 export interface VmResources {
   machine: MachineConfig;
   boot: BootSource;
   drives?: DriveConfig[];
   pmem?: PmemApiConfig[];
+  memory_hotplug?: MemoryHotplugConfig;
   network_interfaces?: NetworkInterfaceConfig[];
   vsock?: VsockConfig;
   entropy?: EntropyConfig;
@@ -478,12 +505,23 @@ function checkDevices(r: Omit<VmResources, 'boot'>): {
       path: p.path_on_host,
       readOnly: p.read_only === true,
     })),
+    ...(r.memory_hotplug ? [memDeviceConfig(validateMemoryHotplug(r.memory_hotplug))] : []),
   ];
   if (devices.length > MAX_VIRTIO_DEVICES)
     throw new ConfigError(
       `${devices.length} virtio devices configured; at most ${MAX_VIRTIO_DEVICES} fit`,
     );
   return { drives, pmem, devices };
+}
+
+function memDeviceConfig(m: Required<MemoryHotplugConfig>): VirtioConfig {
+  return {
+    kind: 'mem',
+    id: 'memory-hotplug',
+    totalMib: m.total_size_mib,
+    blockMib: m.block_size_mib,
+    slotMib: m.slot_size_mib,
+  };
 }
 
 /**
@@ -532,6 +570,7 @@ export interface VmConfig {
   logger: LoggerConfig | null;
   metrics: MetricsConfig | null;
   pmem: PmemApiConfig[];
+  'memory-hotplug': MemoryHotplugConfig | null;
 }
 
 export function emptyVmConfig(): VmConfig {
@@ -545,6 +584,7 @@ export function emptyVmConfig(): VmConfig {
     logger: null,
     metrics: null,
     pmem: [],
+    'memory-hotplug': null,
   };
 }
 
@@ -559,6 +599,7 @@ export function resourcesFromConfig(c: VmConfig): VmResources {
   if (c.vsock) r.vsock = { ...c.vsock };
   if (c.entropy) r.entropy = { ...c.entropy };
   if (c.pmem.length > 0) r.pmem = c.pmem.map((p) => ({ ...p }));
+  if (c['memory-hotplug']) r.memory_hotplug = { ...c['memory-hotplug'] };
   if (c.logger) r.logger = { ...c.logger };
   if (c.metrics) r.metrics = { ...c.metrics };
   return r;
@@ -575,6 +616,7 @@ export function configFromResources(r: VmResources): VmConfig {
     logger: r.logger ? { ...r.logger } : null,
     metrics: r.metrics ? { ...r.metrics } : null,
     pmem: (r.pmem ?? []).map((p) => ({ ...p })),
+    'memory-hotplug': r.memory_hotplug ? { ...r.memory_hotplug } : null,
   };
 }
 
@@ -616,13 +658,20 @@ export function configFromSpec(spec: VmSpec): VmConfig {
         root_device: root,
         read_only: d.readOnly,
       });
+    } else if (d.kind === 'mem') {
+      config['memory-hotplug'] = {
+        total_size_mib: d.totalMib,
+        block_size_mib: d.blockMib,
+        slot_size_mib: d.slotMib,
+      };
     } else if (d.kind === 'net') {
       config['network-interfaces'].push({
         iface_id: d.id,
         host_dev_name: d.tap,
         ...(d.mac !== undefined ? { guest_mac: d.mac } : {}),
       });
-    } else config.vsock = { guest_cid: d.cid, uds_path: d.uds, vsock_id: d.id };
+    } else if (d.kind === 'vsock')
+      config.vsock = { guest_cid: d.cid, uds_path: d.uds, vsock_id: d.id };
   });
   return config;
 }
@@ -727,6 +776,7 @@ export function validateRestoreConfig(cfg: unknown, overrides: RestoreOverrides 
       logger: 'object',
       metrics: 'object',
       pmem: 'array',
+      'memory-hotplug': 'object',
     },
     ['machine-config'],
   );
@@ -849,10 +899,22 @@ export function validateRestoreConfig(cfg: unknown, overrides: RestoreOverrides 
   });
   // Logger and metrics belong to the process, not the VM: a load keeps the process's own (the
   // sections are only checked to be objects, above, and dropped).
+  const hotplug =
+    c['memory-hotplug'] == null
+      ? null
+      : defined<MemoryHotplugConfig>(
+          shape(
+            c['memory-hotplug'],
+            'memory-hotplug',
+            { total_size_mib: 'number', block_size_mib: 'number', slot_size_mib: 'number' },
+            ['total_size_mib'],
+          ),
+        );
   const checked = checkDevices({
     machine,
     drives,
     pmem,
+    ...(hotplug ? { memory_hotplug: hotplug } : {}),
     network_interfaces: nets,
     ...(vsock ? { vsock } : {}),
     ...(entropy ? { entropy } : {}),
@@ -871,6 +933,7 @@ export function validateRestoreConfig(cfg: unknown, overrides: RestoreOverrides 
       logger: null,
       metrics: null,
       pmem: checked.pmem,
+      'memory-hotplug': hotplug ? validateMemoryHotplug(hotplug) : null,
     },
   };
 }
@@ -961,6 +1024,6 @@ export function wireVmConfig(c: VmConfig): Wire {
       read_only: p.read_only === true,
       rate_limiter: wireRateLimiter(p.rate_limiter),
     })),
-    'memory-hotplug': null,
+    'memory-hotplug': c['memory-hotplug'] ? validateMemoryHotplug(c['memory-hotplug']) : null,
   };
 }

@@ -256,7 +256,6 @@ describe('API pre-boot (real socket, child process)', () => {
       ['PUT', '/mmds', {}],
       ['PUT', '/mmds/config', {}],
       ['PUT', '/cpu-config', {}],
-      ['GET', '/hotplug/memory'],
       ['PATCH', '/pmem/p0', { id: 'p0' }],
       ['DELETE', '/drives/root'],
     ];
@@ -288,6 +287,40 @@ describe('API pre-boot (real socket, child process)', () => {
       { id: 'pm0', path_on_host: img, root_device: false, read_only: true, rate_limiter: null },
     ]);
   });
+
+  test(
+    'memory hotplug: GET needs a PUT first; PUT checks sizes; PATCH is post-boot',
+    T,
+    async () => {
+      let r = await call(sock(), 'GET', '/hotplug/memory');
+      assert.equal(r.status, 400);
+      assert.match(fault(r), /memory hotplug is not configured/);
+      r = await call(sock(), 'PUT', '/hotplug/memory', { total_size_mib: 200 });
+      assert.match(fault(r), /total_size_mib must be a positive multiple of slot_size_mib/);
+      r = await call(sock(), 'PUT', '/hotplug/memory', { total_size_mib: 256, block_size_mib: 3 });
+      assert.match(fault(r), /block_size_mib must be a power of 2/);
+      r = await call(sock(), 'PUT', '/hotplug/memory', { total_size_mib: 256, slot_size_mib: 64 });
+      assert.equal(r.status, 400); // the schema's minimum (128)
+      r = await call(sock(), 'PUT', '/hotplug/memory', { total_size_mib: 256 });
+      assert.equal(r.status, 204, fault(r));
+      r = await call(sock(), 'GET', '/hotplug/memory');
+      assert.deepEqual(r.json, {
+        total_size_mib: 256,
+        slot_size_mib: 128,
+        block_size_mib: 2,
+        plugged_size_mib: 0,
+        requested_size_mib: 0,
+      });
+      r = await call(sock(), 'PATCH', '/hotplug/memory', { requested_size_mib: 128 });
+      assert.equal(r.status, 400);
+      const c = await call(sock(), 'GET', '/vm/config');
+      assert.deepEqual(c.json['memory-hotplug'], {
+        total_size_mib: 256,
+        block_size_mib: 2,
+        slot_size_mib: 128,
+      });
+    },
+  );
 
   test('snapshots before boot: create needs a VM, load a fresh process', T, async () => {
     let r = await call(sock(), 'PUT', '/snapshot', {});

@@ -30,6 +30,11 @@ export interface HostSys {
   connect(fd: number, path: string): number;
   sendv(fd: number, buffers: Buf[]): number;
   shutdown(fd: number, how: number): void;
+  /** For device memory (virtio-mem): the region's memfd, and giving its pages back. */
+  memfdCreate(name: string, flags: number): number;
+  mmap(length: number, prot: number, flags: number, fd: number, offset: number): ArrayBuffer;
+  munmap(buffer: ArrayBuffer): void;
+  madvise(buffer: ArrayBuffer, offset: number, length: number, advice: number): void;
 }
 
 /** Linux epoll bits, as the worker's loop takes them. */
@@ -95,6 +100,14 @@ export interface BackendEnv {
   sys: HostSys;
   loop: EventOps;
   log(message: string): void;
+  /**
+   * The device's config space in the register file: read bytes of it, or change them
+   * (ConfigGeneration bumped, the driver told by a config-change interrupt when live).
+   */
+  config?: {
+    read(offset: number, length: number): Uint8Array;
+    change(offset: number, bytes: Uint8Array): void;
+  };
 }
 
 /** Counters a backend reports, in Firecracker's metric names (snake_case, monotonic). */

@@ -5,6 +5,7 @@
  */
 import type { DeviceType } from './descriptor.js';
 import { blockDevice } from './block/descriptor.js';
+import { memDevice } from './mem/descriptor.js';
 import { netDevice } from './net/descriptor.js';
 import { pmemDevice } from './pmem/descriptor.js';
 import { rngDevice } from './rng/descriptor.js';
@@ -16,6 +17,7 @@ export const VIRTIO_DEVICE_TYPES = {
   net: netDevice,
   vsock: vsockDevice,
   pmem: pmemDevice,
+  mem: memDevice,
 } as const;
 
 type Types = typeof VIRTIO_DEVICE_TYPES;
