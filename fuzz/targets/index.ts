@@ -4,6 +4,7 @@ import { apiHttpTarget, apiTarget } from './api.js';
 import { blockTarget } from './block.js';
 import { i8042Target, legacyBusTarget, rtcTarget, serialTarget } from './legacy.js';
 import { bzImageTarget, elfTarget } from './loader.js';
+import { memTarget } from './mem.js';
 import { mmioTarget } from './mmio.js';
 import { netTarget } from './net.js';
 import { queueTarget } from './queue.js';
@@ -15,6 +16,7 @@ export const TARGETS: Target[] = [
   blockTarget,
   netTarget,
   vsockTarget,
+  memTarget,
   mmioTarget,
   serialTarget,
   i8042Target,
@@ -28,4 +30,5 @@ export const TARGETS: Target[] = [
   racing(blockTarget, 25_000),
   racing(netTarget, 25_000),
   racing(vsockTarget, 25_000),
+  racing(memTarget, 25_000),
 ];
