@@ -130,7 +130,7 @@ function setBootMsrs(vcpu: Vcpu, msrs: BootSetup['msrs'], warned: Set<string>): 
 }
 
 /** The command line the guest gets: the user's, then root= (one rule), then the devices. */
-function composeCmdline(spec: VmSpec): Cmdline {
+export function composeCmdline(spec: VmSpec): Cmdline {
   const r = Cmdline.from(spec.bootArgs, CMDLINE_MAX_SIZE);
   if (!r.ok) throw r.error;
   const cmdline = r.value;

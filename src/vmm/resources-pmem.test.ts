@@ -5,6 +5,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { deviceMemoryBase, MMIO_HOLE_END } from '../arch/x86_64/layout.js';
 import { ConfigError } from '../util/errors.js';
+import { composeCmdline } from './builder.js';
 import { deviceMemorySpace } from './device-memory.js';
 import {
   configFromSpec,
@@ -125,4 +126,11 @@ test('planVirtioDevices: pmem files get 128 MiB aligned guest ranges in order; n
     () => planVirtioDevices(spec.devices, { base: space.base, size: 128 << 20 }),
     /do not fit/,
   );
+});
+
+test('a root pmem device boots with root=/dev/pmem0 and rw (ro when read-only)', () => {
+  assert.match(composeCmdline(validateResources(resources())).toString(), /root=\/dev\/pmem0 rw/);
+  const ro = resources();
+  ro.pmem = [{ id: 'root', path_on_host: a, root_device: true, read_only: true }];
+  assert.match(composeCmdline(validateResources(ro)).toString(), /root=\/dev\/pmem0 ro/);
 });
