@@ -134,6 +134,16 @@ export class FakeHost {
   madvised = { calls: 0, bytes: 0 };
 
   readonly sys: HostSys = {
+    // Device memory (virtio-mem) is not part of these fuzz targets: any use is a bug here.
+    memfdCreate: () => {
+      throw new Error('fake host: memfdCreate is not modelled');
+    },
+    mmap: () => {
+      throw new Error('fake host: mmap is not modelled');
+    },
+    munmap: () => {
+      throw new Error('fake host: munmap is not modelled');
+    },
     // As the kernel checks it: a page-aligned start, a range inside the mapping. Not zeroed:
     // the fuzzer's driver keeps its rings in the same RAM, which a hostile PFN may name.
     madvise: (buffer, offset, length) => {

@@ -5,6 +5,7 @@ import { balloonTarget } from './balloon.js';
 import { blockTarget } from './block.js';
 import { i8042Target, legacyBusTarget, rtcTarget, serialTarget } from './legacy.js';
 import { bzImageTarget, elfTarget } from './loader.js';
+import { memTarget } from './mem.js';
 import { mmioTarget } from './mmio.js';
 import { netTarget } from './net.js';
 import { queueTarget } from './queue.js';
@@ -17,6 +18,7 @@ export const TARGETS: Target[] = [
   netTarget,
   vsockTarget,
   balloonTarget,
+  memTarget,
   mmioTarget,
   serialTarget,
   i8042Target,
@@ -31,4 +33,5 @@ export const TARGETS: Target[] = [
   racing(netTarget, 25_000),
   racing(vsockTarget, 25_000),
   racing(balloonTarget, 25_000),
+  racing(memTarget, 25_000),
 ];

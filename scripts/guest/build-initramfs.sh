@@ -1,11 +1,11 @@
 #!/bin/bash
-# Guest initramfs: busybox-static + the cloud kernel's virtio/vsock/ext4/balloon modules + init.sh.
+# Guest initramfs: busybox-static + the cloud kernel's virtio/vsock/ext4/balloon/pmem/mem modules + init.sh.
 #   build-initramfs.sh inputs | build DIR  (writes DIR/initramfs.cpio.gz)
 source "$(dirname "$0")/lib.sh"
 META=linux-image-cloud-amd64
 MODULES="virtio virtio_ring virtio_mmio virtio_pci virtio_blk virtio_net net_failover failover
   vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport virtio_rng
-  crc16 mbcache jbd2 crc32c_generic crc32c_intel ext4 virtio_balloon"
+  crc16 mbcache jbd2 crc32c_generic crc32c_intel ext4 virtio_balloon virtio_pmem nd_pmem virtio_mem"
 case "${1:-}" in
   inputs)
     apt_ready; p=$(kernel_pkg $META)

@@ -153,7 +153,8 @@ test("Firecracker's example shape: empty sections of features we lack are accept
       io_engine: 'Sync',
     },
   });
-  // "serial" (not in Firecracker's file format) as null, and pmem as null, are accepted too.
+  // "serial" (not in Firecracker's file format) as null, and pmem as null, are accepted too
+  // (pmem is supported: its entries become PutPmem actions, tested below).
   assert.ok('actions' in parse({ ...firecrackerExample, serial: null, pmem: null }));
 });
 
@@ -182,9 +183,6 @@ test('a balloon section becomes PUT /balloon (before InstanceStart); a bad one i
 test('a non-empty section of a feature we lack is refused, naming it', () => {
   for (const [k, v] of [
     ['mmds-config', { network_interfaces: ['eth0'] }],
-    ['memory-hotplug', { total_size_mib: 1024 }],
-    ['pmem', [{ id: 'p', path_on_host: '/p', root_device: false }]],
-    ['pmem', {}],
     ['serial', { serial_out_path: '/tmp/s' }],
   ] as Array<[string, unknown]>) {
     assert.match(
@@ -252,5 +250,37 @@ test('cpu-config: an object or the path of a JSON file, applied after machine-co
   assert.match(
     fault({ 'cpu-config': template, 'snapshot-load': load }),
     /"cpu-config" cannot be used with "snapshot-load"/,
+  );
+});
+
+test('pmem entries of a config file become PutPmem actions, in order, before InstanceStart', () => {
+  const r = parse({
+    ...firecrackerExample,
+    pmem: [
+      { id: 'p0', path_on_host: '/a', root_device: true },
+      { id: 'p1', path_on_host: '/b', read_only: true },
+    ],
+  });
+  assert.ok('actions' in r);
+  const kinds = r.actions.map((a) => a.kind);
+  const pmem = r.actions.filter((a) => a.kind === 'PutPmem');
+  assert.deepEqual(
+    pmem.map((a) => (a.kind === 'PutPmem' ? a.config.id : '')),
+    ['p0', 'p1'],
+  );
+  assert.ok(kinds.indexOf('PutPmem') < kinds.indexOf('InstanceStart'));
+  // A pmem entry without path_on_host is refused by the schema, naming the field.
+  assert.match(fault({ ...firecrackerExample, pmem: [{ id: 'p' }] }), /path_on_host/);
+  assert.match(fault({ ...firecrackerExample, pmem: {} }), /pmem/);
+});
+
+test('a memory-hotplug section becomes a PutMemoryHotplug action', () => {
+  const r = parse({ ...firecrackerExample, 'memory-hotplug': { total_size_mib: 1024 } });
+  assert.ok('actions' in r);
+  const a = r.actions.find((x) => x.kind === 'PutMemoryHotplug');
+  assert.deepEqual(a, { kind: 'PutMemoryHotplug', config: { total_size_mib: 1024 } });
+  assert.match(
+    fault({ ...firecrackerExample, 'memory-hotplug': { total_size_mib: 'x' } }),
+    /total_size_mib/,
   );
 });

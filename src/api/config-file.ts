@@ -41,7 +41,7 @@ type ConfigFile = Partial<VmConfig> &
 
 /**
  * The sections of features Typervisor lacks, taken out of the file's text when they are in
- * their empty form (null; [] for pmem), as Firecracker's example files carry them; a fault
+ * their empty form (null), as Firecracker's example files carry them; a fault
  * naming the feature when one is not empty. Text that is not a JSON object is returned as it
  * is, for parseBody to report.
  */
@@ -57,11 +57,11 @@ function takeEmptySections(text: string): string | { fault: string } {
   for (const k of [...UNSUPPORTED_CONFIG_SECTIONS, SERIAL_SECTION]) {
     if (!Object.hasOwn(o, k)) continue;
     const v = o[k];
-    const isEmpty = v === null || (k === 'pmem' && Array.isArray(v) && v.length === 0);
+    const isEmpty = v === null;
     if (!isEmpty) {
       const hint = k === SERIAL_SECTION ? ' (use PUT /serial)' : '';
       return {
-        fault: `configuration section "${k}" is not supported by Typervisor: only ${k === 'pmem' ? '[] or null' : 'null'} is accepted${hint}`,
+        fault: `configuration section "${k}" is not supported by Typervisor: only null is accepted${hint}`,
       };
     }
     delete o[k];
@@ -166,6 +166,8 @@ export function parseVmConfig(
   if (c.vsock) actions.push({ kind: 'PutVsock', config: c.vsock });
   if (c.entropy) actions.push({ kind: 'PutEntropy', config: c.entropy });
   if (c.balloon) actions.push({ kind: 'PutBalloon', config: c.balloon });
+  for (const p of c.pmem ?? []) actions.push({ kind: 'PutPmem', config: p });
+  if (c['memory-hotplug']) actions.push({ kind: 'PutMemoryHotplug', config: c['memory-hotplug'] });
   actions.push({ kind: 'InstanceStart' });
   return { actions };
 }

@@ -35,6 +35,11 @@ import {
   validateVsock,
   withDrive,
   withNetworkInterface,
+  validatePmem,
+  withPmem,
+  validateMemoryHotplug,
+  hotplugStatus,
+  requestHotplugSize,
   afterFailedInterfacePut,
   wireMachineConfig,
   wireVmConfig,
@@ -251,6 +256,35 @@ export class VmmController {
         this.config.vsock = validateVsock({ ...a.config });
         this.bootPath = true;
         return NO_CONTENT;
+      case 'PutPmem':
+        if (!pre)
+          return notSupported('hot-plugging pmem devices is not implemented in Typervisor yet');
+        this.config.pmem = withPmem(this.config.pmem, validatePmem(a.config));
+        this.bootPath = true;
+        return NO_CONTENT;
+      case 'PutMemoryHotplug':
+        if (!pre) return bad(PRE_BOOT_ONLY);
+        this.config['memory-hotplug'] = validateMemoryHotplug(a.config);
+        this.bootPath = true;
+        return NO_CONTENT;
+      case 'PatchMemoryHotplug': {
+        if (!this.built) return bad(POST_BOOT_ONLY);
+        const hp = this.config['memory-hotplug'];
+        if (!hp)
+          return bad(
+            'memory hotplug is not configured on this VM (PUT /hotplug/memory before boot)',
+          );
+        requestHotplugSize(validateMemoryHotplug(hp), this.built, a.requestedMib);
+        return NO_CONTENT;
+      }
+      case 'GetMemoryHotplug': {
+        const hp = this.config['memory-hotplug'];
+        if (!hp)
+          return bad(
+            'memory hotplug is not configured on this VM (PUT /hotplug/memory before boot)',
+          );
+        return { status: 200, body: hotplugStatus(validateMemoryHotplug(hp), this.built) };
+      }
       case 'PutEntropy':
         if (!pre) return bad(PRE_BOOT_ONLY);
         this.config.entropy = { ...a.config };
@@ -322,6 +356,14 @@ export class VmmController {
       }
       case 'CreateSnapshot':
         if (!this.built) return bad(POST_BOOT_ONLY);
+        {
+          // The memory file holds RAM only: with hotplugged memory plugged, it would be lost.
+          const hp = this.config['memory-hotplug'];
+          if (hp && hotplugStatus(validateMemoryHotplug(hp), this.built).plugged_size_mib > 0)
+            return bad(
+              'snapshots of a VM with hotplugged memory plugged are not supported yet (the memory file holds RAM only): PATCH /hotplug/memory to 0 and wait for plugged_size_mib 0 first',
+            );
+        }
         return this.create(this.built, a.params);
       case 'LoadSnapshot':
         if (this.built) return bad(PRE_BOOT_ONLY);

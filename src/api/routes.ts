@@ -16,7 +16,9 @@ import type {
   LoggerConfig,
   MachineConfig,
   MetricsConfig,
+  MemoryHotplugConfig,
   NetworkInterfaceConfig,
+  PmemApiConfig,
   RateLimiter,
   TokenBucket,
   VsockConfig,
@@ -52,6 +54,10 @@ export type VmmAction =
   | { kind: 'StartBalloonHinting'; acknowledgeOnStop: boolean }
   | { kind: 'GetBalloonHintingStatus' }
   | { kind: 'StopBalloonHinting' }
+  | { kind: 'PutPmem'; config: PmemApiConfig }
+  | { kind: 'PutMemoryHotplug'; config: MemoryHotplugConfig }
+  | { kind: 'PatchMemoryHotplug'; requestedMib: number }
+  | { kind: 'GetMemoryHotplug' }
   | { kind: 'PutLogger'; config: LoggerConfig }
   | { kind: 'PutMetrics'; config: MetricsConfig }
   | { kind: 'PutSerial'; config: SerialBody }
@@ -112,10 +118,9 @@ export const UNSUPPORTED_ENDPOINTS: ReadonlyArray<{
   verbs: string;
   feature: string;
 }> = [
-  { path: '/hotplug/memory', verbs: 'GET PUT PATCH', feature: 'memory hotplug (virtio-mem)' },
   { path: '/mmds', verbs: 'GET PUT PATCH', feature: 'MMDS (the microVM metadata service)' },
   { path: '/mmds/config', verbs: 'PUT', feature: 'MMDS (the microVM metadata service)' },
-  { path: '/pmem/{id}', verbs: 'PUT PATCH', feature: 'virtio-pmem' },
+  { path: '/pmem/{id}', verbs: 'PATCH', feature: 'rate limiters on virtio-pmem' },
   { path: '/drives/{id}', verbs: 'DELETE', feature: 'hot-unplugging devices' },
   { path: '/network-interfaces/{id}', verbs: 'DELETE', feature: 'hot-unplugging devices' },
   { path: '/pmem/{id}', verbs: 'DELETE', feature: 'hot-unplugging devices' },
@@ -215,6 +220,11 @@ export function route(method: string, url: string, body: string | undefined): Ro
           action: { kind: 'GetMachineConfig' },
           metric: ['get_api_requests', 'machine_cfg'],
         };
+      if (first === 'hotplug' && arity(2) && tokens[1] === 'memory')
+        return {
+          action: { kind: 'GetMemoryHotplug' },
+          metric: ['get_api_requests', 'hotplug_memory'],
+        };
       if (first === 'vm' && arity(2) && tokens[1] === 'config')
         return { action: { kind: 'GetFullVmConfig' }, metric: ['get_api_requests', 'vm_config'] };
       if (first === 'balloon') {
@@ -225,9 +235,19 @@ export function route(method: string, url: string, body: string | undefined): Ro
       }
       return invalid;
     case 'PUT':
-      if (!arity(1) && !['drives', 'network-interfaces', 'snapshot'].includes(first))
+      if (
+        !arity(1) &&
+        !['drives', 'network-interfaces', 'snapshot', 'pmem', 'hotplug'].includes(first)
+      )
         return invalid;
       switch (first) {
+        case 'hotplug':
+          if (!arity(2) || tokens[1] !== 'memory') return invalid;
+          return withBody<MemoryHotplugConfig>(
+            S.MemoryHotplugConfig,
+            ['put_api_requests', 'hotplug_memory'],
+            (config) => ({ kind: 'PutMemoryHotplug', config }),
+          );
         case 'snapshot':
           if (arity(1)) return { fault: 'Missing snapshot operation type.' };
           if (!arity(2)) return invalid;
@@ -327,6 +347,11 @@ export function route(method: string, url: string, body: string | undefined): Ro
             'drive_id',
             (config) => ({ kind: 'PutDrive', config }),
           );
+        case 'pmem':
+          return withId<PmemApiConfig>(S.Pmem, ['put_api_requests', 'pmem'], 'id', (config) => ({
+            kind: 'PutPmem',
+            config,
+          }));
         case 'network-interfaces':
           return withId<NetworkInterfaceConfig>(
             S.NetworkInterface,
@@ -366,6 +391,13 @@ export function route(method: string, url: string, body: string | undefined): Ro
           if (arity(3) && hinting && tokens[2] === 'stop')
             return { action: { kind: 'StopBalloonHinting' } };
           return invalid;
+        case 'hotplug':
+          if (!arity(2) || tokens[1] !== 'memory') return invalid;
+          return withBody<{ requested_size_mib: number }>(
+            S.MemoryHotplugSizeUpdate,
+            ['patch_api_requests', 'hotplug_memory'],
+            (v) => ({ kind: 'PatchMemoryHotplug', requestedMib: v.requested_size_mib }),
+          );
         case 'machine-config': {
           if (!arity(1)) return invalid;
           const r = withBody<Partial<MachineConfig>>(

@@ -109,6 +109,54 @@ export const Drive: Schema = {
   required: ['drive_id', 'is_root_device'],
 };
 
+export const Pmem: Schema = {
+  type: 'object',
+  description:
+    'A virtio-pmem device: a file (a multiple of 2 MiB) mapped into guest memory above RAM; the guest sees /dev/pmem0, /dev/pmem1... in order, the root one first.',
+  properties: {
+    id: str('Device id; must equal the id in the path.', 256),
+    path_on_host: str('Host path of the backing file (required).'),
+    root_device: bool('Boot from it: root=/dev/pmem0 (at most one root device, drive or pmem).'),
+    read_only: bool('Map the file read-only (a read-only KVM memory slot; default false).'),
+    rate_limiter: RateLimiter,
+  },
+  required: ['id', 'path_on_host'],
+};
+
+export const MemoryHotplugConfig: Schema = {
+  type: 'object',
+  description:
+    'The hotpluggable memory (virtio-mem), pre-boot: a region above RAM, all unplugged at start.',
+  properties: {
+    total_size_mib: int(
+      0,
+      4294967295,
+      'Largest hotpluggable size in MiB; a multiple of slot_size_mib.',
+    ),
+    slot_size_mib: int(
+      128,
+      4294967295,
+      'KVM memory slot size in MiB (default 128; at least 128, a multiple of block_size_mib).',
+    ),
+    block_size_mib: int(2, 4294967295, 'Block size in MiB (default 2; a power of 2, at least 2).'),
+  },
+  required: ['total_size_mib'],
+};
+
+export const MemoryHotplugSizeUpdate: Schema = {
+  type: 'object',
+  description:
+    'A new target size for the hotplugged memory (post-boot): the guest plugs or unplugs blocks to reach it.',
+  properties: {
+    requested_size_mib: int(
+      0,
+      4294967295,
+      'Target in MiB: a multiple of block_size_mib, at most total_size_mib.',
+    ),
+  },
+  required: ['requested_size_mib'],
+};
+
 export const PartialDrive: Schema = {
   type: 'object',
   description:
@@ -337,11 +385,11 @@ export const SnapshotLoadParams: Schema = {
 
 /**
  * Sections Firecracker's config file may carry for features Typervisor does not have. Their
- * empty forms, as Firecracker's own example files and GET /vm/config write them (null, and []
- * for pmem), are accepted; anything else is refused by config-file.ts naming the feature.
+ * empty forms, as Firecracker's own example files and GET /vm/config write them (null), are
+ * accepted; anything else is refused by config-file.ts naming the feature.
  * `serial` is not in Firecracker's config file either (its VmmConfig skips it): ignored.
  */
-export const UNSUPPORTED_CONFIG_SECTIONS = ['memory-hotplug', 'mmds-config', 'pmem'] as const;
+export const UNSUPPORTED_CONFIG_SECTIONS = ['mmds-config'] as const;
 
 const bitmap = (bits: number): Schema =>
   str(
@@ -448,6 +496,8 @@ export const FullVmConfiguration: Schema = {
     vsock: Vsock,
     entropy: EntropyDevice,
     balloon: Balloon,
+    pmem: { type: 'array', items: Pmem, maxItems: 64, description: 'virtio-pmem devices.' },
+    'memory-hotplug': MemoryHotplugConfig,
     logger: Logger,
     metrics: Metrics,
     'cpu-config': CpuConfig,

@@ -37,6 +37,7 @@ import {
   type LegacyDeviceState,
 } from './legacy-devices.js';
 import { configFromSpec, cpuTemplateMsrAddrs, type VmConfig, type VmSpec } from './resources.js';
+import { attachDeviceMemory, deviceMemorySpace } from './device-memory.js';
 import { Vmm } from './vmm.js';
 import { writeGenerationId } from './vmgenid.js';
 import { startDeviceWorker, type DeviceWorkerHandle } from './device-worker-handle.js';
@@ -166,14 +167,14 @@ function setBootMsrs(vcpu: Vcpu, msrs: BootSetup['msrs'], warned: Set<string>): 
 }
 
 /** The command line the guest gets: the user's, then root= (one rule), then the devices. */
-function composeCmdline(spec: VmSpec): Cmdline {
+export function composeCmdline(spec: VmSpec): Cmdline {
   const r = Cmdline.from(spec.bootArgs, CMDLINE_MAX_SIZE);
   if (!r.ok) throw r.error;
   const cmdline = r.value;
   if (spec.root) {
     const root = spec.root.partuuid
       ? cmdline.insert('root', `PARTUUID=${spec.root.partuuid}`)
-      : cmdline.insert('root', '/dev/vda');
+      : cmdline.insert('root', spec.root.device ?? '/dev/vda');
     if (!root.ok) throw root.error;
     const mode = cmdline.insertStr(spec.root.readOnly ? 'ro' : 'rw');
     if (!mode.ok) throw mode.error;
@@ -273,7 +274,7 @@ function build(spec: VmSpec, opts: BuildOptions, undo: UndoList): BuiltVm {
   const cmdline = composeCmdline(spec);
 
   // Opens each device's host side (image, TAP, socket): that open is the check.
-  const plan = planVirtioDevices(spec.devices);
+  const plan = planVirtioDevices(spec.devices, deviceMemorySpace(memBytes));
   undo.push(() => closeVirtio(plan));
   plan.warnings.forEach((w) => log('warn', w));
 
@@ -288,6 +289,7 @@ function build(spec: VmSpec, opts: BuildOptions, undo: UndoList): BuiltVm {
   const ram = mapGuestRam(layout);
   undo.push(() => ram.unmap());
   attachRam(vm, layout, ram, { dirtyLog: trackDirty });
+  attachDeviceMemory(vm, plan);
 
   // Kernels find virtio-mmio devices in the DSDT (LNRO0005); kernels built with
   // CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES and no ACPI take them from the command line.

@@ -226,12 +226,20 @@ function main(d: DeviceWorkerData): void {
       let device: VirtioDevice | undefined;
       // The loop runs nothing before every device is built, so `device` is set by then.
       const ops = guardedLoop(loop, () => device!);
+      const config = {
+        read: (offset: number, length: number) =>
+          device!.state.config.slice(offset, offset + length),
+        change: (offset: number, bytes: Uint8Array) => {
+          if (device!.state.changeConfig(offset, bytes)) n.eventfdWrite(slot.irqFd, 1);
+        },
+      };
       const created = type.create(slot.host as never, {
         name: slot.name,
         sys: n,
         loop: ops,
         log,
         ram: { memory: ram.memory, shared: ram.memfd !== undefined },
+        config,
       });
       const dev = new VirtioDevice(slot.state, created.backend, {
         mem: ram.memory,

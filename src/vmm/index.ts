@@ -59,6 +59,10 @@ export {
   validateVsock,
   withDrive,
   withNetworkInterface,
+  checkPmem,
+  validateMemoryHotplug,
+  validatePmem,
+  withPmem,
   afterFailedInterfacePut,
   wireMachineConfig,
   wireVmConfig,
@@ -70,6 +74,8 @@ export {
   type MachineConfig,
   type MetricsConfig,
   type NetworkInterfaceConfig,
+  type PmemApiConfig,
+  type MemoryHotplugConfig,
   type RateLimiter,
   type RestoreOverrides,
   type RestoreSpec,
@@ -91,3 +97,4 @@ export {
   type FileMatch,
 } from './clone-memory.js';
 export type { BalloonDescription, BalloonRequest } from '../devices/virtio/balloon/balloon.js';
+export { hotplugStatus, requestHotplugSize, type HotplugStatus } from './memory-hotplug.js';

@@ -29,6 +29,7 @@ import {
   type RateLimiterConfig,
   type TokenBucketConfig,
 } from '../devices/virtio/rate-limiter.js';
+import { checkMemSizes } from '../devices/virtio/mem/descriptor.js';
 import { ConfigError } from '../util/errors.js';
 import { MAX_VIRTIO_DEVICES, type VirtioConfig } from './virtio-plan.js';
 
@@ -172,10 +173,46 @@ export interface MetricsConfig {
   properties?: Record<string, string>;
 }
 
+/** PUT /pmem/{id} and the config file's `pmem` entries (Firecracker's Pmem). */
+export interface PmemApiConfig {
+  id: string;
+  path_on_host: string;
+  root_device?: boolean;
+  read_only?: boolean;
+  rate_limiter?: RateLimiter;
+}
+
+/** PUT /hotplug/memory and the config file's `memory-hotplug` (Firecracker's MemoryHotplugConfig). */
+export interface MemoryHotplugConfig {
+  total_size_mib: number;
+  block_size_mib?: number;
+  slot_size_mib?: number;
+}
+
+export const DEFAULT_HOTPLUG_BLOCK_MIB = 2;
+export const DEFAULT_HOTPLUG_SLOT_MIB = 128;
+
+/** Checks a memory hotplug configuration; returns it with the defaults filled in. */
+export function validateMemoryHotplug(m: MemoryHotplugConfig): Required<MemoryHotplugConfig> {
+  const full = {
+    total_size_mib: m.total_size_mib,
+    block_size_mib: m.block_size_mib ?? DEFAULT_HOTPLUG_BLOCK_MIB,
+    slot_size_mib: m.slot_size_mib ?? DEFAULT_HOTPLUG_SLOT_MIB,
+  };
+  checkMemSizes({
+    totalMib: full.total_size_mib,
+    blockMib: full.block_size_mib,
+    slotMib: full.slot_size_mib,
+  });
+  return full;
+}
+
 export interface VmResources {
   machine: MachineConfig;
   boot: BootSource;
   drives?: DriveConfig[];
+  pmem?: PmemApiConfig[];
+  memory_hotplug?: MemoryHotplugConfig;
   network_interfaces?: NetworkInterfaceConfig[];
   vsock?: VsockConfig;
   entropy?: EntropyConfig;
@@ -310,6 +347,54 @@ export function withDrive(drives: readonly DriveConfig[], d: DriveConfig): Drive
   return out;
 }
 
+/** One pmem device's fields (no file access: the device opens and checks the file at start). */
+export function checkPmem(p: PmemApiConfig): PmemApiConfig {
+  const what = `pmem ${p.id}`;
+  if (typeof p.path_on_host !== 'string' || p.path_on_host === '')
+    throw new ConfigError(`${what}: path_on_host is required`);
+  if (p.rate_limiter !== undefined && wireRateLimiter(p.rate_limiter) !== null)
+    throw new ConfigError(`${what}: rate limiters on pmem devices are not supported`);
+  return p;
+}
+
+/**
+ * One pmem device at PUT time: the fields, and a backing file that exists and allows the access
+ * asked for (the device opens it again at start, and checks its size there).
+ */
+export function validatePmem(p: PmemApiConfig): PmemApiConfig {
+  checkPmem(p);
+  const { fd } = openHostFile(`pmem ${p.id}: path_on_host`, p.path_on_host, {
+    write: p.read_only !== true,
+    allowBlockDevice: false,
+    blockDeviceHint: 'pmem devices are backed by regular files',
+  });
+  closeSync(fd);
+  return p;
+}
+
+/**
+ * Inserts or replaces pmem device `p` in a copy of `list`; at most one root device, which goes
+ * first (the guest names pmem devices in order: the root one is /dev/pmem0).
+ */
+export function withPmem(list: readonly PmemApiConfig[], p: PmemApiConfig): PmemApiConfig[] {
+  checkPmem(p);
+  const others = list.filter((x) => x.id !== p.id);
+  if (p.root_device === true && others.some((x) => x.root_device === true))
+    throw new ConfigError('A root pmem device already exists!');
+  const i = list.findIndex((x) => x.id === p.id);
+  const out = [...list];
+  if (i >= 0) {
+    out[i] = p;
+    if (p.root_device === true && i !== 0) [out[0], out[i]] = [out[i]!, out[0]!];
+  } else {
+    if (list.length >= MAX_VIRTIO_DEVICES)
+      throw new ConfigError(`at most ${MAX_VIRTIO_DEVICES} virtio devices fit`);
+    if (p.root_device === true) out.unshift(p);
+    else out.push(p);
+  }
+  return out;
+}
+
 const MAC_RE = /^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$/;
 
 export function validateNetworkInterface(n: NetworkInterfaceConfig): NetworkInterfaceConfig {
@@ -429,8 +514,11 @@ export interface VmSpec {
   /** The user's part of the kernel command line; the builder adds root= and the devices. */
   readonly bootArgs: string;
   readonly devices: readonly VirtioConfig[];
-  /** The root drive (devices[0]): root=PARTUUID=... when given, else root=/dev/vda. */
-  readonly root?: { partuuid?: string; readOnly: boolean };
+  /**
+   * The root device: the root drive (devices[0]: root=PARTUUID=... when given, else
+   * root=/dev/vda) or the root pmem device (`device` /dev/pmem0).
+   */
+  readonly root?: { partuuid?: string; readOnly: boolean; device?: string };
   /** machine-config smt: two threads per core in the guest's CPUID. */
   readonly smt?: boolean;
   /**
@@ -504,10 +592,17 @@ function limiterField<K extends string>(
 
 function checkDevices(r: Omit<VmResources, 'boot'>): {
   drives: DriveConfig[];
+  pmem: PmemApiConfig[];
   devices: VirtioConfig[];
 } {
   let drives: DriveConfig[] = [];
   for (const d of r.drives ?? []) drives = withDrive(drives, d);
+  let pmem: PmemApiConfig[] = [];
+  for (const p of r.pmem ?? []) pmem = withPmem(pmem, p);
+  if (drives[0]?.is_root_device === true && pmem[0]?.root_device === true)
+    throw new ConfigError(
+      `both drive ${drives[0].drive_id} and pmem ${pmem[0].id} are root devices; at most one root device`,
+    );
   let nets: NetworkInterfaceConfig[] = [];
   for (const n of r.network_interfaces ?? []) nets = withNetworkInterface(nets, n);
   if (r.vsock) validateVsock(r.vsock);
@@ -560,12 +655,29 @@ function checkDevices(r: Omit<VmResources, 'boot'>): {
           } as const,
         ]
       : []),
+    ...pmem.map((p): VirtioConfig => ({
+      kind: 'pmem',
+      id: p.id,
+      path: p.path_on_host,
+      readOnly: p.read_only === true,
+    })),
+    ...(r.memory_hotplug ? [memDeviceConfig(validateMemoryHotplug(r.memory_hotplug))] : []),
   ];
   if (devices.length > MAX_VIRTIO_DEVICES)
     throw new ConfigError(
       `${devices.length} virtio devices configured; at most ${MAX_VIRTIO_DEVICES} fit`,
     );
-  return { drives, devices };
+  return { drives, pmem, devices };
+}
+
+function memDeviceConfig(m: Required<MemoryHotplugConfig>): VirtioConfig {
+  return {
+    kind: 'mem',
+    id: 'memory-hotplug',
+    totalMib: m.total_size_mib,
+    blockMib: m.block_size_mib,
+    slotMib: m.slot_size_mib,
+  };
 }
 
 /** The device's options from the API's balloon section (checked). */
@@ -587,7 +699,7 @@ function balloonOptions(b: BalloonConfig) {
 export function validateResources(r: VmResources): VmSpec {
   validateMachineConfig(r.machine);
   validateBootSource(r.boot);
-  const { drives, devices } = checkDevices(r);
+  const { drives, pmem, devices } = checkDevices(r);
   const rootDrive = drives[0]?.is_root_device ? drives[0] : undefined;
   const staticTemplate = r.machine.cpu_template;
   const cpuTemplate =
@@ -596,6 +708,7 @@ export function validateResources(r: VmResources): VmSpec {
       : r.cpu_config !== undefined
         ? { custom: parseCpuTemplate(r.cpu_config) }
         : undefined;
+  const rootPmem = pmem[0]?.root_device === true ? pmem[0] : undefined;
   return {
     ...(r.machine.smt === true ? { smt: true } : {}),
     ...(cpuTemplate ? { cpuTemplate } : {}),
@@ -613,7 +726,9 @@ export function validateResources(r: VmResources): VmSpec {
             ...(rootDrive.partuuid !== undefined ? { partuuid: rootDrive.partuuid } : {}),
           },
         }
-      : {}),
+      : rootPmem
+        ? { root: { readOnly: rootPmem.read_only === true, device: '/dev/pmem0' } }
+        : {}),
   } as unknown as VmSpec;
 }
 
@@ -633,6 +748,8 @@ export interface VmConfig {
   metrics: MetricsConfig | null;
   /** PUT /cpu-config's custom CPU template (absent or null: none). */
   'cpu-config'?: CpuConfigJson | null;
+  pmem: PmemApiConfig[];
+  'memory-hotplug': MemoryHotplugConfig | null;
 }
 
 export function emptyVmConfig(): VmConfig {
@@ -647,6 +764,8 @@ export function emptyVmConfig(): VmConfig {
     logger: null,
     metrics: null,
     'cpu-config': null,
+    pmem: [],
+    'memory-hotplug': null,
   };
 }
 
@@ -661,6 +780,8 @@ export function resourcesFromConfig(c: VmConfig): VmResources {
   if (c.vsock) r.vsock = { ...c.vsock };
   if (c.entropy) r.entropy = { ...c.entropy };
   if (c.balloon) r.balloon = { ...c.balloon };
+  if (c.pmem.length > 0) r.pmem = c.pmem.map((p) => ({ ...p }));
+  if (c['memory-hotplug']) r.memory_hotplug = { ...c['memory-hotplug'] };
   if (c.logger) r.logger = { ...c.logger };
   if (c.metrics) r.metrics = { ...c.metrics };
   if (c['cpu-config']) r.cpu_config = structuredClone(c['cpu-config']);
@@ -679,6 +800,8 @@ export function configFromResources(r: VmResources): VmConfig {
     logger: r.logger ? { ...r.logger } : null,
     metrics: r.metrics ? { ...r.metrics } : null,
     'cpu-config': r.cpu_config ? structuredClone(r.cpu_config) : null,
+    pmem: (r.pmem ?? []).map((p) => ({ ...p })),
+    'memory-hotplug': r.memory_hotplug ? { ...r.memory_hotplug } : null,
   };
 }
 
@@ -720,7 +843,21 @@ export function configFromSpec(spec: VmSpec): VmConfig {
       });
     } else if (d.kind === 'rng')
       config.entropy = d.rateLimiter ? { rate_limiter: apiRateLimiter(d.rateLimiter)! } : {};
-    else if (d.kind === 'net') {
+    else if (d.kind === 'pmem') {
+      const root = spec.root?.device === '/dev/pmem0' && config.pmem.length === 0;
+      config.pmem.push({
+        id: d.id,
+        path_on_host: d.path,
+        root_device: root,
+        read_only: d.readOnly,
+      });
+    } else if (d.kind === 'mem') {
+      config['memory-hotplug'] = {
+        total_size_mib: d.totalMib,
+        block_size_mib: d.blockMib,
+        slot_size_mib: d.slotMib,
+      };
+    } else if (d.kind === 'net') {
       config['network-interfaces'].push({
         iface_id: d.id,
         host_dev_name: d.tap,
@@ -736,7 +873,8 @@ export function configFromSpec(spec: VmSpec): VmConfig {
         free_page_hinting: d.freePageHinting,
         free_page_reporting: d.freePageReporting,
       };
-    } else config.vsock = { guest_cid: d.cid, uds_path: d.uds, vsock_id: d.id };
+    } else if (d.kind === 'vsock')
+      config.vsock = { guest_cid: d.cid, uds_path: d.uds, vsock_id: d.id };
   });
   return config;
 }
@@ -842,6 +980,8 @@ export function validateRestoreConfig(cfg: unknown, overrides: RestoreOverrides 
       logger: 'object',
       metrics: 'object',
       'cpu-config': 'object',
+      pmem: 'array',
+      'memory-hotplug': 'object',
     },
     ['machine-config'],
   );
@@ -968,11 +1108,41 @@ export function validateRestoreConfig(cfg: unknown, overrides: RestoreOverrides 
           ),
           machine.mem_size_mib,
         );
+  const pmem = shapeArray(c.pmem, 'pmem', MAX_VIRTIO_DEVICES).map((v, i) => {
+    const what = `pmem[${i}]`;
+    const p = shape(
+      v,
+      what,
+      {
+        id: 'string',
+        path_on_host: 'string',
+        root_device: 'boolean',
+        read_only: 'boolean',
+        rate_limiter: 'object',
+      },
+      ['id', 'path_on_host'],
+    );
+    shapeRateLimiter(p.rate_limiter, `${what}.rate_limiter`);
+    return checkPmem(defined<PmemApiConfig>(p));
+  });
   // Logger and metrics belong to the process, not the VM: a load keeps the process's own (the
   // sections are only checked to be objects, above, and dropped).
+  const hotplug =
+    c['memory-hotplug'] == null
+      ? null
+      : defined<MemoryHotplugConfig>(
+          shape(
+            c['memory-hotplug'],
+            'memory-hotplug',
+            { total_size_mib: 'number', block_size_mib: 'number', slot_size_mib: 'number' },
+            ['total_size_mib'],
+          ),
+        );
   const checked = checkDevices({
     machine,
     drives,
+    pmem,
+    ...(hotplug ? { memory_hotplug: hotplug } : {}),
     network_interfaces: nets,
     ...(vsock ? { vsock } : {}),
     ...(entropy ? { entropy } : {}),
@@ -993,6 +1163,8 @@ export function validateRestoreConfig(cfg: unknown, overrides: RestoreOverrides 
       logger: null,
       metrics: null,
       'cpu-config': cpuConfig,
+      pmem: checked.pmem,
+      'memory-hotplug': hotplug ? validateMemoryHotplug(hotplug) : null,
     },
   };
 }
@@ -1086,7 +1258,13 @@ export function wireVmConfig(c: VmConfig): Wire {
     })),
     vsock: c.vsock ? { guest_cid: c.vsock.guest_cid, uds_path: c.vsock.uds_path } : null,
     entropy: c.entropy ? { rate_limiter: wireRateLimiter(c.entropy.rate_limiter) } : null,
-    pmem: [],
-    'memory-hotplug': null,
+    pmem: c.pmem.map((p) => ({
+      id: p.id,
+      path_on_host: p.path_on_host,
+      root_device: p.root_device === true,
+      read_only: p.read_only === true,
+      rate_limiter: wireRateLimiter(p.rate_limiter),
+    })),
+    'memory-hotplug': c['memory-hotplug'] ? validateMemoryHotplug(c['memory-hotplug']) : null,
   };
 }

@@ -22,6 +22,7 @@ import type { Vm } from '../kvm/kvm.js';
 import { countDirty, dirtyBitmapBytes, type DirtyPages } from '../memory/dirty-pages.js';
 import { ConfigError } from '../util/errors.js';
 import { log } from '../util/log.js';
+import { attachDeviceMemory, deviceMemorySpace } from './device-memory.js';
 import {
   attachRam,
   createVcpu,
@@ -391,7 +392,8 @@ async function load(
   }
 
   // From here on things are created; each has its undo entry.
-  const plan = planVirtioDevices(spec.devices);
+  // Device memory (pmem files) at the addresses the saved VM had: same devices, same order.
+  const plan = planVirtioDevices(spec.devices, deviceMemorySpace(spec.memMib * 1024 * 1024));
   undo.push(() => closeVirtio(plan));
   plan.warnings.forEach((w) => log('warn', w));
 
@@ -405,6 +407,7 @@ async function load(
   // A restored VM tracks dirty pages from the start: the first Diff is relative to this load.
   if (p.trackDirtyPages) trackDeviceWrites(memory.layout);
   attachRam(vm, memory.layout, memory.ram, { dirtyLog: p.trackDirtyPages });
+  attachDeviceMemory(vm, plan);
   // Every load is a new generation: a fresh VMGenID (into this process's private copy of the
   // page; with Uffd the handler serves the page first), announced to the guest once its
   // interrupt controllers are restored (below).

@@ -17,7 +17,7 @@ import {
   VIRTIO_MMIO_BASE,
   VIRTIO_MMIO_SIZE,
 } from '../arch/x86_64/layout.js';
-import type { OpenedDevice } from '../devices/virtio/descriptor.js';
+import type { DeviceMemoryRegion, OpenedDevice } from '../devices/virtio/descriptor.js';
 import { VIRTIO_F_VERSION_1, bit } from '../devices/virtio/constants.js';
 import { VirtioMmioState } from '../devices/virtio/mmio-state.js';
 import { REG } from '../devices/virtio/mmio.js';
@@ -65,10 +65,21 @@ export interface VirtioPlan {
   warnings: string[];
   /** Main-thread closers of what the descriptors opened (image fds, TAPs, sockets). */
   closers: Array<() => void>;
+  /** Guest-physical memory of the devices (pmem files, the virtio-mem region): device-memory.ts. */
+  memory: DeviceMemoryRegion[];
+}
+
+/** Where device memory may go: [base, base + size) of guest-physical space (layout.ts). */
+export interface DeviceMemorySpace {
+  base: number;
+  size: number;
 }
 
 /** Main thread: opens every device's host side, in slot order. Throws ConfigError. */
-export function planVirtioDevices(configs: readonly VirtioConfig[]): VirtioPlan {
+export function planVirtioDevices(
+  configs: readonly VirtioConfig[],
+  space?: DeviceMemorySpace,
+): VirtioPlan {
   if (configs.length > MAX_VIRTIO_DEVICES)
     throw new ConfigError(
       `at most ${MAX_VIRTIO_DEVICES} virtio devices (one GSI each), ${configs.length} asked`,
@@ -82,8 +93,9 @@ export function planVirtioDevices(configs: readonly VirtioConfig[]): VirtioPlan 
       if (prev === undefined) claims.set(resource, owner);
       return prev;
     },
+    ...(space ? { allocateGuestMemory: deviceMemoryAllocator(space) } : {}),
   };
-  const plan: VirtioPlan = { slots: [], controlFd: -1, warnings: [], closers: [] };
+  const plan: VirtioPlan = { slots: [], controlFd: -1, warnings: [], closers: [], memory: [] };
   const fds: number[] = [];
   const eventfd = () => {
     const fd = n.eventfd(0, EFD_NONBLOCK);
@@ -95,6 +107,7 @@ export function planVirtioDevices(configs: readonly VirtioConfig[]): VirtioPlan 
       const opened: OpenedDevice<unknown> = deviceType(c.kind).open(c as never, ctx);
       plan.closers.push(() => opened.close());
       plan.warnings.push(...opened.warnings);
+      plan.memory.push(...(opened.memory ?? []));
       const id = opened.identity;
       plan.slots.push({
         kind: c.kind,
@@ -115,6 +128,20 @@ export function planVirtioDevices(configs: readonly VirtioConfig[]): VirtioPlan 
     for (const fd of fds) closeQuietly(fd);
     throw e;
   }
+}
+
+/** Hands out device memory in open() order: the same devices get the same addresses. */
+function deviceMemoryAllocator(space: DeviceMemorySpace): (size: number, align: number) => number {
+  let next = space.base;
+  return (size, align) => {
+    const base = Math.ceil(next / align) * align;
+    if (!(size > 0) || base + size > space.base + space.size)
+      throw new ConfigError(
+        `device memory: ${size} bytes do not fit in the ${space.size / 2 ** 30} GiB of guest-physical space planned for devices`,
+      );
+    next = base + size;
+    return base;
+  };
 }
 
 /** For acpiBootHook({ virtio }). */
@@ -168,5 +195,6 @@ export function closeVirtio(plan: VirtioPlan): void {
   for (const fd of [plan.controlFd, ...plan.slots.flatMap((s) => [s.irqFd, ...s.queueFds])])
     if (fd >= 0) closeQuietly(fd);
   plan.slots = [];
+  plan.memory = [];
   plan.controlFd = -1;
 }

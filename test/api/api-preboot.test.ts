@@ -302,8 +302,7 @@ describe('API pre-boot (real socket, child process)', () => {
       ['GET', '/mmds'],
       ['PUT', '/mmds', {}],
       ['PUT', '/mmds/config', {}],
-      ['GET', '/hotplug/memory'],
-      ['PUT', '/pmem/p0', {}],
+      ['PATCH', '/pmem/p0', { id: 'p0' }],
       ['DELETE', '/drives/root'],
     ];
     for (const [m, p, b] of cases) {
@@ -312,6 +311,62 @@ describe('API pre-boot (real socket, child process)', () => {
       assert.match(fault(r), /not supported: .* not implemented in Typervisor yet/, `${m} ${p}`);
     }
   });
+
+  test('pmem: PUT stores, GET /vm/config echoes; bad requests change nothing', T, async () => {
+    const img = join(files, 'pmem.img');
+    writeFileSync(img, Buffer.alloc(2 * 1024 * 1024));
+    let r = await call(sock(), 'PUT', '/pmem/pm0', {
+      id: 'pm0',
+      path_on_host: img,
+      read_only: true,
+    });
+    assert.equal(r.status, 204, fault(r));
+    r = await call(sock(), 'PUT', '/pmem/pm1', { id: 'pm0', path_on_host: img });
+    assert.match(fault(r), /does not match the id from the body/);
+    r = await call(sock(), 'PUT', '/pmem/pm1', { id: 'pm1', path_on_host: join(files, 'nope') });
+    assert.equal(r.status, 400);
+    assert.match(fault(r), /pmem pm1: path_on_host/);
+    r = await call(sock(), 'PUT', '/pmem/pm1', { id: 'pm1' });
+    assert.match(fault(r), /path_on_host/);
+    const c = await call(sock(), 'GET', '/vm/config');
+    assert.deepEqual(c.json.pmem, [
+      { id: 'pm0', path_on_host: img, root_device: false, read_only: true, rate_limiter: null },
+    ]);
+  });
+
+  test(
+    'memory hotplug: GET needs a PUT first; PUT checks sizes; PATCH is post-boot',
+    T,
+    async () => {
+      let r = await call(sock(), 'GET', '/hotplug/memory');
+      assert.equal(r.status, 400);
+      assert.match(fault(r), /memory hotplug is not configured/);
+      r = await call(sock(), 'PUT', '/hotplug/memory', { total_size_mib: 200 });
+      assert.match(fault(r), /total_size_mib must be a positive multiple of slot_size_mib/);
+      r = await call(sock(), 'PUT', '/hotplug/memory', { total_size_mib: 256, block_size_mib: 3 });
+      assert.match(fault(r), /block_size_mib must be a power of 2/);
+      r = await call(sock(), 'PUT', '/hotplug/memory', { total_size_mib: 256, slot_size_mib: 64 });
+      assert.equal(r.status, 400); // the schema's minimum (128)
+      r = await call(sock(), 'PUT', '/hotplug/memory', { total_size_mib: 256 });
+      assert.equal(r.status, 204, fault(r));
+      r = await call(sock(), 'GET', '/hotplug/memory');
+      assert.deepEqual(r.json, {
+        total_size_mib: 256,
+        slot_size_mib: 128,
+        block_size_mib: 2,
+        plugged_size_mib: 0,
+        requested_size_mib: 0,
+      });
+      r = await call(sock(), 'PATCH', '/hotplug/memory', { requested_size_mib: 128 });
+      assert.equal(r.status, 400);
+      const c = await call(sock(), 'GET', '/vm/config');
+      assert.deepEqual(c.json['memory-hotplug'], {
+        total_size_mib: 256,
+        block_size_mib: 2,
+        slot_size_mib: 128,
+      });
+    },
+  );
 
   test('snapshots before boot: create needs a VM, load a fresh process', T, async () => {
     let r = await call(sock(), 'PUT', '/snapshot', {});

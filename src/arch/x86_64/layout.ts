@@ -85,6 +85,19 @@ export const BOOT_MARKER_MMIO_ADDR = 0xc000_0000;
 /** Largest vCPU count we support (MADT/MP-table APIC ids fit in a byte with room to spare). */
 export const MAX_VCPUS = 64;
 
+/**
+ * Device memory (virtio-pmem files, the virtio-mem region): guest-physical space above RAM and
+ * above 4 GiB, from the first 1 GiB boundary past the end of RAM, DEVICE_MEMORY_MAX bytes at
+ * most. Never RAM in e820: the devices tell the guest where their memory is.
+ */
+export const DEVICE_MEMORY_ALIGN = 0x4000_0000;
+export const DEVICE_MEMORY_MAX = 256 * 0x4000_0000; // 256 GiB: below a 40-bit physical space
+export function deviceMemoryBase(memBytes: number): number {
+  const ramEnd =
+    memBytes <= MMIO_HOLE_START ? MMIO_HOLE_END : MMIO_HOLE_END + memBytes - MMIO_HOLE_START;
+  return Math.ceil(ramEnd / DEVICE_MEMORY_ALIGN) * DEVICE_MEMORY_ALIGN;
+}
+
 /** Guest RAM regions for a VM of memBytes: split around the MMIO hole. */
 export function ramRegions(memBytes: number): Array<{ base: number; size: number }> {
   if (memBytes <= MMIO_HOLE_START) return [{ base: 0, size: memBytes }];

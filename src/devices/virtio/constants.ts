@@ -25,6 +25,8 @@ export const DEVICE_ID_BLOCK = 2;
 export const DEVICE_ID_RNG = 4;
 export const DEVICE_ID_NET = 1;
 export const DEVICE_ID_VSOCK = 19;
+export const DEVICE_ID_MEM = 24;
+export const DEVICE_ID_PMEM = 27;
 
 /** VendorID register: the bytes "TYPV" read as a little-endian u32 (QEMU's is "QEMU"). */
 export const VENDOR_ID = 0x5650_5954;

@@ -31,8 +31,11 @@ export interface HostSys {
   connect(fd: number, path: string): number;
   sendv(fd: number, buffers: Buf[]): number;
   shutdown(fd: number, how: number): void;
-  /** madvise(2) on part of an mmap'ed buffer (virtio-balloon gives guest pages back). */
-  madvise?(buffer: ArrayBuffer, offset: number, length: number, advice: number): void;
+  /** For device memory (virtio-mem): the region's memfd, and giving its pages back. */
+  memfdCreate(name: string, flags: number): number;
+  mmap(length: number, prot: number, flags: number, fd: number, offset: number): ArrayBuffer;
+  munmap(buffer: ArrayBuffer): void;
+  madvise(buffer: ArrayBuffer, offset: number, length: number, advice: number): void;
 }
 
 /** Linux epoll bits, as the worker's loop takes them. */
@@ -59,6 +62,25 @@ export interface OpenContext {
    * claimed it before, if any (the caller refuses the second claim with its own message).
    */
   claim(resource: string, owner: string): string | undefined;
+  /**
+   * Reserves `size` bytes of guest-physical address space above RAM, aligned to `align`, for a
+   * device whose memory the guest maps (virtio-pmem, virtio-mem); returns its base. Absent when
+   * the VM has no room planned for device memory (the device refuses with a ConfigError).
+   */
+  allocateGuestMemory?(size: number, align: number): number;
+}
+
+/**
+ * Memory a device puts in the guest-physical address space: the VMM maps `size` bytes of `fd`
+ * from `offset` (MAP_SHARED) and gives KVM the mapping as a memory slot at `guestAddr`
+ * (KVM_MEM_READONLY when `readOnly`).
+ */
+export interface DeviceMemoryRegion {
+  guestAddr: number;
+  size: number;
+  fd: number;
+  offset: number;
+  readOnly: boolean;
 }
 
 export interface OpenedDevice<Host> {
@@ -68,6 +90,8 @@ export interface OpenedDevice<Host> {
   /** Structured-clone data for the device worker (fds are process-wide numbers). */
   host: Host;
   warnings: string[];
+  /** Guest-physical memory the device's region needs mapped (see DeviceMemoryRegion). */
+  memory?: DeviceMemoryRegion[];
   /** Main thread, after the device worker has ended: closes what open() opened. */
   close(): void;
 }
@@ -82,6 +106,14 @@ export interface BackendEnv {
    * (a booted VM) rather than a private copy-on-write mapping (a restored one).
    */
   ram?: { memory: GuestMemory; shared: boolean };
+  /**
+   * The device's config space in the register file: read bytes of it, or change them
+   * (ConfigGeneration bumped, the driver told by a config-change interrupt when live).
+   */
+  config?: {
+    read(offset: number, length: number): Uint8Array;
+    change(offset: number, bytes: Uint8Array): void;
+  };
 }
 
 /** Counters a backend reports, in Firecracker's metric names (snake_case, monotonic). */

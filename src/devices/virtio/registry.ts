@@ -6,7 +6,9 @@
 import type { DeviceType } from './descriptor.js';
 import { balloonDevice } from './balloon/descriptor.js';
 import { blockDevice } from './block/descriptor.js';
+import { memDevice } from './mem/descriptor.js';
 import { netDevice } from './net/descriptor.js';
+import { pmemDevice } from './pmem/descriptor.js';
 import { rngDevice } from './rng/descriptor.js';
 import { vsockDevice } from './vsock/descriptor.js';
 
@@ -16,6 +18,8 @@ export const VIRTIO_DEVICE_TYPES = {
   net: netDevice,
   vsock: vsockDevice,
   balloon: balloonDevice,
+  pmem: pmemDevice,
+  mem: memDevice,
 } as const;
 
 type Types = typeof VIRTIO_DEVICE_TYPES;

@@ -1,0 +1,170 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { harness } from '../testing/harness.js';
+import { DEVICE_ID_MEM } from '../constants.js';
+import { checkMemSizes } from './descriptor.js';
+import {
+  MEM_CFG,
+  MemDevice,
+  REQ_PLUG,
+  REQ_STATE,
+  REQ_UNPLUG,
+  REQ_UNPLUG_ALL,
+  RESP_ACK,
+  RESP_ERROR,
+  RESP_NACK,
+  STATE_MIXED,
+  STATE_PLUGGED,
+  STATE_UNPLUGGED,
+  memIdentity,
+} from './mem.js';
+
+const MIB = 1024 * 1024;
+const BASE = 0x1_0000_0000;
+const geometry = { addr: BASE, regionSize: 16 * MIB, blockSize: 2 * MIB };
+
+/** The config space as the register file holds it, for a device outside a VM. */
+function configSpace(requested: number) {
+  const cfg = { requested, plugged: -1, changes: 0 };
+  return {
+    cfg,
+    access: {
+      requestedSize: () => cfg.requested,
+      setPluggedSize: (b: number) => {
+        cfg.plugged = b;
+        cfg.changes++;
+      },
+    },
+  };
+}
+
+function setup(requested: number) {
+  const { cfg, access } = configSpace(requested);
+  const discards: Array<[number, number]> = [];
+  const dev = new MemDevice('mem', geometry, access, (o, l) => discards.push([o, l]));
+  const h = harness(memIdentity(geometry), dev);
+  const [q] = h.start();
+  const send = (type: number, addr = 0, nb = 0) => {
+    const req = h.alloc.alloc(24);
+    const v = h.mem.view(req, 24);
+    const d = new DataView(v.buffer, v.byteOffset, 24);
+    d.setUint16(0, type, true);
+    d.setBigUint64(8, BigInt(addr), true);
+    d.setUint16(16, nb, true);
+    const resp = h.alloc.alloc(16);
+    h.mem.view(resp, 16).fill(0xee);
+    q!.addChain([
+      { addr: req, len: 24 },
+      { addr: resp, len: 10, write: true },
+    ]);
+    h.kick();
+    const used = q!.takeUsed();
+    assert.equal(used.length, 1);
+    assert.equal(used[0]!.len, 10);
+    const r = h.mem.view(resp, 10);
+    const rv = new DataView(r.buffer, r.byteOffset, 10);
+    return { type: rv.getUint16(0, true), state: rv.getUint16(8, true) };
+  };
+  return { dev, cfg, discards, send, h, q: q! };
+}
+
+test('virtio-mem identity: device 24, config space block size, address, region sizes', () => {
+  const id = memIdentity(geometry);
+  assert.equal(id.deviceId, DEVICE_ID_MEM);
+  const v = new DataView(id.config.buffer);
+  assert.equal(v.getBigUint64(MEM_CFG.blockSize, true), BigInt(2 * MIB));
+  assert.equal(v.getBigUint64(MEM_CFG.addr, true), BigInt(BASE));
+  assert.equal(v.getBigUint64(MEM_CFG.regionSize, true), BigInt(16 * MIB));
+  assert.equal(v.getBigUint64(MEM_CFG.usableRegionSize, true), BigInt(16 * MIB));
+  assert.equal(v.getBigUint64(MEM_CFG.pluggedSize, true), 0n);
+  assert.equal(v.getBigUint64(MEM_CFG.requestedSize, true), 0n);
+});
+
+test('virtio-mem plugs up to the requested size, NACKs beyond, answers state, unplugs', () => {
+  const t = setup(6 * MIB);
+  assert.deepEqual(t.send(REQ_PLUG, BASE, 2), { type: RESP_ACK, state: 0 });
+  assert.equal(t.cfg.plugged, 4 * MIB);
+  // Over the requested size: NACK, nothing changes.
+  assert.equal(t.send(REQ_PLUG, BASE + 4 * MIB, 2).type, RESP_NACK);
+  assert.equal(t.dev.pluggedSize, 4 * MIB);
+  // Plugging a plugged block: ERROR.
+  assert.equal(t.send(REQ_PLUG, BASE + 2 * MIB, 1).type, RESP_ERROR);
+  assert.equal(t.send(REQ_PLUG, BASE + 4 * MIB, 1).type, RESP_ACK);
+  assert.deepEqual(t.send(REQ_STATE, BASE, 2), { type: RESP_ACK, state: STATE_PLUGGED });
+  assert.deepEqual(t.send(REQ_STATE, BASE + 4 * MIB, 2), { type: RESP_ACK, state: STATE_MIXED });
+  assert.deepEqual(t.send(REQ_STATE, BASE + 8 * MIB, 4), {
+    type: RESP_ACK,
+    state: STATE_UNPLUGGED,
+  });
+  // Unplug of a range not all plugged: ERROR; of a plugged one: ACK, its pages discarded.
+  assert.equal(t.send(REQ_UNPLUG, BASE + 2 * MIB, 2).type, RESP_ACK);
+  assert.deepEqual(t.discards, [[2 * MIB, 4 * MIB]]);
+  assert.equal(t.send(REQ_UNPLUG, BASE + 2 * MIB, 1).type, RESP_ERROR);
+  assert.equal(t.cfg.plugged, 2 * MIB);
+  assert.equal(t.dev.counters.plugs, 2);
+  assert.equal(t.dev.counters.unplugs, 1);
+});
+
+test('virtio-mem refuses misaligned, out-of-region and empty ranges, and unknown types', () => {
+  const t = setup(16 * MIB);
+  for (const [addr, nb] of [
+    [BASE + 4096, 1], // not block aligned
+    [BASE - 2 * MIB, 1], // below the region
+    [BASE + 14 * MIB, 2], // runs past the end
+    [BASE, 0], // no blocks
+    [BASE + 2 ** 53, 1], // far outside
+  ] as Array<[number, number]>) {
+    assert.equal(t.send(REQ_PLUG, addr, nb).type, RESP_ERROR, `${addr.toString(16)}+${nb}`);
+    assert.equal(t.send(REQ_STATE, addr, nb).type, RESP_ERROR);
+  }
+  assert.equal(t.send(9, BASE, 1).type, RESP_ERROR);
+  assert.equal(t.dev.pluggedSize, 0);
+  assert.equal(t.dev.counters.badRequests, 11);
+  // A request too short to parse, or without room for the response.
+  const req = t.h.alloc.alloc(24);
+  const resp = t.h.alloc.alloc(16);
+  t.q.addChain([
+    { addr: req, len: 8 },
+    { addr: resp, len: 10, write: true },
+  ]);
+  t.q.addChain([{ addr: req, len: 24 }]);
+  t.h.kick();
+  assert.deepEqual(
+    t.q.takeUsed().map((u) => u.len),
+    [10, 0],
+  );
+});
+
+test('virtio-mem UNPLUG_ALL discards every plugged run; save/restore keeps the bitmap', () => {
+  const t = setup(16 * MIB);
+  t.send(REQ_PLUG, BASE, 1);
+  t.send(REQ_PLUG, BASE + 4 * MIB, 3);
+  const saved = t.dev.save();
+  assert.equal(t.send(REQ_UNPLUG_ALL).type, RESP_ACK);
+  assert.deepEqual(t.discards, [
+    [0, 2 * MIB],
+    [4 * MIB, 6 * MIB],
+  ]);
+  assert.equal(t.cfg.plugged, 0);
+  const other = setup(16 * MIB);
+  other.dev.restore(saved);
+  assert.equal(other.dev.pluggedSize, 8 * MIB);
+  assert.deepEqual(other.send(REQ_STATE, BASE + 4 * MIB, 3).state, STATE_PLUGGED);
+  assert.throws(() => other.dev.restore(saved.subarray(0, 6)), /blocks/);
+  const bad = saved.slice();
+  bad[7] = 5;
+  assert.throws(() => other.dev.restore(bad), /bitmap/);
+});
+
+test('memory hotplug sizes follow Firecracker rules', () => {
+  checkMemSizes({ totalMib: 1024, blockMib: 2, slotMib: 128 });
+  assert.throws(() => checkMemSizes({ totalMib: 1024, blockMib: 3, slotMib: 128 }), /power of 2/);
+  assert.throws(() => checkMemSizes({ totalMib: 1024, blockMib: 1, slotMib: 128 }), /block_size/);
+  assert.throws(() => checkMemSizes({ totalMib: 1024, blockMib: 2, slotMib: 64 }), /slot_size/);
+  assert.throws(() => checkMemSizes({ totalMib: 1000, blockMib: 2, slotMib: 128 }), /multiple/);
+  assert.throws(() => checkMemSizes({ totalMib: 0, blockMib: 2, slotMib: 128 }), /multiple/);
+  assert.throws(
+    () => checkMemSizes({ totalMib: 128 * 300, blockMib: 2, slotMib: 128 }),
+    /at most 256 slots/,
+  );
+});

@@ -1,0 +1,276 @@
+/**
+ * virtio-mem (device ID 24, virtio 1.2 §5.15): a region of guest-physical memory above RAM,
+ * divided into blocks that the driver plugs and unplugs on request. The host sets the target
+ * (requested_size, in config space: PATCH /hotplug/memory); the driver plugs or unplugs blocks
+ * to reach it and the device tracks which blocks are plugged (a bitmap), updates plugged_size,
+ * and gives unplugged blocks' pages back to the host (punched out of the region's memfd).
+ *
+ * Config space (56 bytes): le64 block_size, le16 node_id, pad[6], le64 addr, le64 region_size,
+ * le64 usable_region_size, le64 plugged_size, le64 requested_size.
+ * Request (24 bytes): le16 type, pad[6], le64 addr, le16 nb_blocks, pad[6].
+ * Response (10 bytes): le16 type (ACK 0, NACK 1, BUSY 2, ERROR 3), pad[6], le16 state.
+ *
+ * Checks (§5.15.6): addr block-aligned and the range inside the usable region, nb_blocks > 0;
+ * PLUG needs the whole range unplugged and room under requested_size (else NACK); UNPLUG needs
+ * it all plugged; STATE answers PLUGGED, UNPLUGGED or MIXED. Anything else is ERROR.
+ */
+import { PersistError } from '../../../util/persist.js';
+import type { DescriptorChain } from '../chain.js';
+import { DEVICE_ID_MEM, QUEUE_SIZE_MAX, VIRTIO_F_RING_INDIRECT_DESC, bit } from '../constants.js';
+import type { VirtioBackend } from '../device.js';
+import type { VirtioDeviceIdentity } from '../mmio-state.js';
+
+export const VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE = 1;
+
+export const MEM_CONFIG_SIZE = 56;
+export const MEM_CFG = {
+  blockSize: 0,
+  nodeId: 8,
+  addr: 16,
+  regionSize: 24,
+  usableRegionSize: 32,
+  pluggedSize: 40,
+  requestedSize: 48,
+} as const;
+
+export const REQ_PLUG = 0;
+export const REQ_UNPLUG = 1;
+export const REQ_UNPLUG_ALL = 2;
+export const REQ_STATE = 3;
+export const RESP_ACK = 0;
+export const RESP_NACK = 1;
+export const RESP_ERROR = 3;
+export const STATE_PLUGGED = 0;
+export const STATE_UNPLUGGED = 1;
+export const STATE_MIXED = 2;
+export const REQ_SIZE = 24;
+export const RESP_SIZE = 10;
+
+export interface MemGeometry {
+  /** Guest-physical base of the region. */
+  addr: number;
+  regionSize: number;
+  blockSize: number;
+}
+
+export function memIdentity(g: MemGeometry): VirtioDeviceIdentity {
+  const config = new Uint8Array(MEM_CONFIG_SIZE);
+  const v = new DataView(config.buffer);
+  v.setBigUint64(MEM_CFG.blockSize, BigInt(g.blockSize), true);
+  v.setBigUint64(MEM_CFG.addr, BigInt(g.addr), true);
+  v.setBigUint64(MEM_CFG.regionSize, BigInt(g.regionSize), true);
+  v.setBigUint64(MEM_CFG.usableRegionSize, BigInt(g.regionSize), true);
+  return {
+    deviceId: DEVICE_ID_MEM,
+    features: bit(VIRTIO_F_RING_INDIRECT_DESC) | bit(VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE),
+    queueSizes: [QUEUE_SIZE_MAX],
+    config,
+  };
+}
+
+/** The device's view of its config space (the register file's, shared with the vCPUs). */
+export interface MemConfigAccess {
+  /** requested_size as the host last set it. */
+  requestedSize(): number;
+  /** Writes plugged_size (a config change the driver may be told about). */
+  setPluggedSize(bytes: number): void;
+}
+
+export interface MemCounters {
+  plugs: number;
+  plugBytes: number;
+  plugFails: number;
+  unplugs: number;
+  unplugBytes: number;
+  unplugFails: number;
+  unplugAlls: number;
+  states: number;
+  badRequests: number;
+}
+
+const SAVED_VERSION = 1;
+
+export class MemDevice implements VirtioBackend {
+  readonly counters: MemCounters = {
+    plugs: 0,
+    plugBytes: 0,
+    plugFails: 0,
+    unplugs: 0,
+    unplugBytes: 0,
+    unplugFails: 0,
+    unplugAlls: 0,
+    states: 0,
+    badRequests: 0,
+  };
+  /** One byte per block: 1 plugged. */
+  private readonly plugged: Uint8Array;
+  private pluggedBlocks = 0;
+  readonly blocks: number;
+
+  /**
+   * `discard(offset, length)` gives the pages of [offset, +length) of the region back to the
+   * host (MADV_REMOVE on the memfd); it throws on a host failure.
+   */
+  constructor(
+    readonly name: string,
+    readonly geometry: MemGeometry,
+    private readonly config: MemConfigAccess,
+    private readonly discard: (offset: number, length: number) => void,
+  ) {
+    if (geometry.regionSize % geometry.blockSize !== 0)
+      throw new Error('virtio-mem: the region is not a whole number of blocks');
+    this.blocks = geometry.regionSize / geometry.blockSize;
+    this.plugged = new Uint8Array(this.blocks);
+  }
+
+  get pluggedSize(): number {
+    return this.pluggedBlocks * this.geometry.blockSize;
+  }
+
+  handle(_queue: number, chain: DescriptorChain): number {
+    const out = chain.writable[0];
+    if (out === undefined || out.length < RESP_SIZE) {
+      this.counters.badRequests++;
+      return 0;
+    }
+    const req = gather(chain.readable, REQ_SIZE);
+    const answer = (type: number, state = 0) => {
+      out.fill(0, 0, RESP_SIZE);
+      const v = new DataView(out.buffer, out.byteOffset, RESP_SIZE);
+      v.setUint16(0, type, true);
+      v.setUint16(8, state, true);
+      return RESP_SIZE;
+    };
+    if (!req) {
+      this.counters.badRequests++;
+      return answer(RESP_ERROR);
+    }
+    const v = new DataView(req.buffer);
+    const type = v.getUint16(0, true);
+    if (type === REQ_UNPLUG_ALL) return answer(this.unplugAll());
+    const addr = Number(v.getBigUint64(8, true));
+    const nb = v.getUint16(16, true);
+    const first = this.blockIndex(addr, nb);
+    if (first === undefined) {
+      this.counters.badRequests++;
+      if (type === REQ_PLUG) this.counters.plugFails++;
+      if (type === REQ_UNPLUG) this.counters.unplugFails++;
+      return answer(RESP_ERROR);
+    }
+    const count = this.countPlugged(first, nb);
+    switch (type) {
+      case REQ_PLUG: {
+        if (count !== 0) {
+          this.counters.plugFails++;
+          return answer(RESP_ERROR);
+        }
+        if ((this.pluggedBlocks + nb) * this.geometry.blockSize > this.config.requestedSize()) {
+          this.counters.plugFails++;
+          return answer(RESP_NACK);
+        }
+        this.plugged.fill(1, first, first + nb);
+        this.pluggedBlocks += nb;
+        this.counters.plugs++;
+        this.counters.plugBytes += nb * this.geometry.blockSize;
+        this.config.setPluggedSize(this.pluggedSize);
+        return answer(RESP_ACK);
+      }
+      case REQ_UNPLUG: {
+        if (count !== nb) {
+          this.counters.unplugFails++;
+          return answer(RESP_ERROR);
+        }
+        this.plugged.fill(0, first, first + nb);
+        this.pluggedBlocks -= nb;
+        this.discardBlocks(first, nb);
+        this.counters.unplugs++;
+        this.counters.unplugBytes += nb * this.geometry.blockSize;
+        this.config.setPluggedSize(this.pluggedSize);
+        return answer(RESP_ACK);
+      }
+      case REQ_STATE:
+        this.counters.states++;
+        return answer(
+          RESP_ACK,
+          count === 0 ? STATE_UNPLUGGED : count === nb ? STATE_PLUGGED : STATE_MIXED,
+        );
+      default:
+        this.counters.badRequests++;
+        return answer(RESP_ERROR);
+    }
+  }
+
+  private unplugAll(): number {
+    this.counters.unplugAlls++;
+    // Runs of plugged blocks are discarded together.
+    for (let i = 0; i < this.blocks;) {
+      if (!this.plugged[i]) {
+        i++;
+        continue;
+      }
+      let j = i;
+      while (j < this.blocks && this.plugged[j]) j++;
+      this.discardBlocks(i, j - i);
+      i = j;
+    }
+    this.plugged.fill(0);
+    this.pluggedBlocks = 0;
+    this.config.setPluggedSize(0);
+    return RESP_ACK;
+  }
+
+  private discardBlocks(first: number, n: number): void {
+    this.discard(first * this.geometry.blockSize, n * this.geometry.blockSize);
+  }
+
+  /** The first block of [addr, + nb blocks), or undefined when the range is not valid. */
+  private blockIndex(addr: number, nb: number): number | undefined {
+    const g = this.geometry;
+    if (nb === 0 || !Number.isSafeInteger(addr) || addr < g.addr) return undefined;
+    const off = addr - g.addr;
+    if (off % g.blockSize !== 0) return undefined;
+    const first = off / g.blockSize;
+    if (first + nb > this.blocks) return undefined;
+    return first;
+  }
+
+  private countPlugged(first: number, nb: number): number {
+    let n = 0;
+    for (let i = first; i < first + nb; i++) n += this.plugged[i]!;
+    return n;
+  }
+
+  /** The plugged bitmap, for a snapshot: u8 version, u32 blocks, one byte per block. */
+  save(): Uint8Array {
+    const out = new Uint8Array(5 + this.blocks);
+    out[0] = SAVED_VERSION;
+    new DataView(out.buffer).setUint32(1, this.blocks, true);
+    out.set(this.plugged, 5);
+    return out;
+  }
+
+  restore(bytes: Uint8Array): void {
+    if (bytes.length < 5 || bytes[0] !== SAVED_VERSION)
+      throw new PersistError('virtio-mem: unknown saved state version');
+    const n = new DataView(bytes.buffer, bytes.byteOffset).getUint32(1, true);
+    if (n !== this.blocks || bytes.length !== 5 + n)
+      throw new PersistError(`virtio-mem: saved state has ${n} blocks, this device ${this.blocks}`);
+    const body = bytes.subarray(5);
+    if (body.some((b) => b > 1)) throw new PersistError('virtio-mem: bad plugged bitmap');
+    this.plugged.set(body);
+    this.pluggedBlocks = body.reduce((a, b) => a + b, 0);
+  }
+}
+
+/** The first `n` bytes of the buffers, or undefined when they hold fewer. */
+function gather(bufs: readonly Uint8Array[], n: number): Uint8Array | undefined {
+  const out = new Uint8Array(n);
+  let got = 0;
+  for (const seg of bufs) {
+    const take = Math.min(seg.length, n - got);
+    out.set(seg.subarray(0, take), got);
+    got += take;
+    if (got === n) return out;
+  }
+  return undefined;
+}

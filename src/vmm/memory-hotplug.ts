@@ -1,0 +1,83 @@
+/**
+ * The host side of virtio-mem at run time (PATCH and GET /hotplug/memory): the requested size is
+ * written into the device's config space in the shared register file (under its lock, bumping
+ * ConfigGeneration) and the driver is told by a config-change interrupt; the plugged size is
+ * read from the same place, where the device worker keeps it current.
+ */
+import { MEM_CFG, u64 } from '../devices/virtio/mem/index.js';
+import { VirtioMmioState } from '../devices/virtio/mmio-state.js';
+import { native } from '../kvm/native.js';
+import { ConfigError } from '../util/errors.js';
+import type { BuiltVm } from './builder.js';
+import type { MemoryHotplugConfig } from './resources.js';
+
+const MIB = 1024 * 1024;
+
+export interface HotplugStatus {
+  total_size_mib: number;
+  slot_size_mib: number;
+  block_size_mib: number;
+  plugged_size_mib: number;
+  requested_size_mib: number;
+}
+
+function memSlot(built: BuiltVm | undefined) {
+  return built?.parts?.plan?.slots.find((s) => s.kind === 'mem');
+}
+
+function readU64(state: VirtioMmioState, offset: number): number {
+  // Written under the register file's lock by the other side: read until two reads agree.
+  const once = () =>
+    Number(
+      new DataView(state.config.buffer, state.config.byteOffset + offset, 8).getBigUint64(0, true),
+    );
+  let v = once();
+  for (let i = 0; i < 4; i++) {
+    const again = once();
+    if (again === v) break;
+    v = again;
+  }
+  return v;
+}
+
+/** GET /hotplug/memory: before boot the configuration with nothing plugged or requested. */
+export function hotplugStatus(
+  config: Required<MemoryHotplugConfig>,
+  built: BuiltVm | undefined,
+): HotplugStatus {
+  const slot = memSlot(built);
+  const state = slot ? new VirtioMmioState(slot.state) : undefined;
+  return {
+    total_size_mib: config.total_size_mib,
+    slot_size_mib: config.slot_size_mib,
+    block_size_mib: config.block_size_mib,
+    plugged_size_mib: state ? readU64(state, MEM_CFG.pluggedSize) / MIB : 0,
+    requested_size_mib: state ? readU64(state, MEM_CFG.requestedSize) / MIB : 0,
+  };
+}
+
+/**
+ * PATCH /hotplug/memory: a new target for the guest. A multiple of block_size_mib, at most
+ * total_size_mib; else a ConfigError and nothing changes.
+ */
+export function requestHotplugSize(
+  config: Required<MemoryHotplugConfig>,
+  built: BuiltVm,
+  requestedMib: number,
+): void {
+  if (!Number.isSafeInteger(requestedMib) || requestedMib < 0)
+    throw new ConfigError('requested_size_mib must be a non-negative integer');
+  if (requestedMib > config.total_size_mib)
+    throw new ConfigError(
+      `requested_size_mib (${requestedMib}) is larger than total_size_mib (${config.total_size_mib})`,
+    );
+  if (requestedMib % config.block_size_mib !== 0)
+    throw new ConfigError(
+      `requested_size_mib (${requestedMib}) is not a multiple of block_size_mib (${config.block_size_mib})`,
+    );
+  const slot = memSlot(built);
+  if (!slot) throw new ConfigError('the running VM has no memory hotplug device');
+  const state = new VirtioMmioState(slot.state);
+  if (state.changeConfig(MEM_CFG.requestedSize, u64(requestedMib * MIB)))
+    native().eventfdWrite(slot.irqFd, 1);
+}
