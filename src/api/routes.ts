@@ -18,6 +18,7 @@ import type {
   TokenBucket,
   VsockConfig,
 } from '../vmm/index.js';
+import { jsonDepth, MMDS_MAX_DEPTH, type MmdsConfig } from '../mmds/store.js';
 import { check, stripNulls, type Schema } from './schema.js';
 import * as S from './schemas.js';
 
@@ -51,6 +52,10 @@ export type VmmAction =
   | { kind: 'Resume' }
   | { kind: 'CreateSnapshot'; params: SnapshotCreateBody }
   | { kind: 'LoadSnapshot'; params: SnapshotLoadBody }
+  | { kind: 'GetMmds' }
+  | { kind: 'PutMmds'; data: unknown }
+  | { kind: 'PatchMmds'; patch: unknown }
+  | { kind: 'PutMmdsConfig'; config: MmdsConfig }
   | { kind: 'NotSupported'; feature: string };
 
 /** PUT /snapshot/create, as checked against S.SnapshotCreateParams. */
@@ -107,8 +112,6 @@ export const UNSUPPORTED_ENDPOINTS: ReadonlyArray<{
   { path: '/balloon/hinting/stop', verbs: 'PATCH', feature: 'the balloon device' },
   { path: '/cpu-config', verbs: 'PUT', feature: 'custom CPU templates' },
   { path: '/hotplug/memory', verbs: 'GET PUT PATCH', feature: 'memory hotplug (virtio-mem)' },
-  { path: '/mmds', verbs: 'GET PUT PATCH', feature: 'MMDS (the microVM metadata service)' },
-  { path: '/mmds/config', verbs: 'PUT', feature: 'MMDS (the microVM metadata service)' },
   { path: '/pmem/{id}', verbs: 'PUT PATCH', feature: 'virtio-pmem' },
   { path: '/drives/{id}', verbs: 'DELETE', feature: 'hot-unplugging devices' },
   { path: '/network-interfaces/{id}', verbs: 'DELETE', feature: 'hot-unplugging devices' },
@@ -140,6 +143,21 @@ export function parseBody<T>(schema: Schema, body: string): { value: T } | { fau
   const problem = check(schema, json);
   if (problem) return { fault: `${DESERIALIZE_PREFIX}${problem}.` };
   return { value: stripNulls(json) as T };
+}
+
+/** A /mmds body: any JSON value (the data store or a merge patch), nested at most MMDS_MAX_DEPTH. */
+function mmdsBody(body: string): { value: unknown } | { fault: string } {
+  let json: unknown;
+  try {
+    json = JSON.parse(body);
+  } catch (e) {
+    return { fault: `${DESERIALIZE_PREFIX}${(e as Error).message}.` };
+  }
+  if (jsonDepth(json) > MMDS_MAX_DEPTH)
+    return {
+      fault: `${DESERIALIZE_PREFIX}recursion limit exceeded (nested deeper than ${MMDS_MAX_DEPTH}).`,
+    };
+  return { value: json };
 }
 
 export function route(method: string, url: string, body: string | undefined): Routed {
@@ -208,11 +226,26 @@ export function route(method: string, url: string, body: string | undefined): Ro
         };
       if (first === 'vm' && arity(2) && tokens[1] === 'config')
         return { action: { kind: 'GetFullVmConfig' }, metric: ['get_api_requests', 'vm_config'] };
+      if (first === 'mmds' && arity(1))
+        return { action: { kind: 'GetMmds' }, metric: ['get_api_requests', 'mmds'] };
       return invalid;
     case 'PUT':
-      if (!arity(1) && !['drives', 'network-interfaces', 'snapshot'].includes(first))
+      if (!arity(1) && !['drives', 'network-interfaces', 'snapshot', 'mmds'].includes(first))
         return invalid;
       switch (first) {
+        case 'mmds': {
+          const metric: [string, string] = ['put_api_requests', 'mmds'];
+          if (arity(2) && tokens[1] === 'config')
+            return withBody<MmdsConfig>(S.MmdsConfig, metric, (config) => ({
+              kind: 'PutMmdsConfig',
+              config,
+            }));
+          if (!arity(1)) return invalid;
+          const r = mmdsBody(body!);
+          return 'fault' in r
+            ? { fault: r.fault, metric }
+            : { action: { kind: 'PutMmds', data: r.value }, metric };
+        }
         case 'snapshot':
           if (arity(1)) return { fault: 'Missing snapshot operation type.' };
           if (!arity(2)) return invalid;
@@ -303,6 +336,14 @@ export function route(method: string, url: string, body: string | undefined): Ro
       return invalid;
     case 'PATCH':
       switch (first) {
+        case 'mmds': {
+          if (!arity(1)) return invalid;
+          const metric: [string, string] = ['patch_api_requests', 'mmds'];
+          const r = mmdsBody(body!);
+          return 'fault' in r
+            ? { fault: r.fault, metric }
+            : { action: { kind: 'PatchMmds', patch: r.value }, metric };
+        }
         case 'machine-config': {
           if (!arity(1)) return invalid;
           const r = withBody<Partial<MachineConfig>>(

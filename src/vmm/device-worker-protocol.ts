@@ -72,7 +72,9 @@ export type WorkerRequest =
    * checked on the main thread, which keeps owning it) with `capacity` sectors from its next
    * request on; its config space says so and the driver gets a config-change interrupt.
    */
-  | { op: 'update-block'; id: string; fd: number; capacity: number };
+  | { op: 'update-block'; id: string; fd: number; capacity: number }
+  /** PUT/PATCH /mmds (issue 16): the data store's new content, to every MMDS responder. */
+  | { op: 'mmds-data'; json: string };
 
 export interface WorkerReplies {
   counters: DeviceReport[];
@@ -81,6 +83,7 @@ export interface WorkerReplies {
   save: SavedDevice[];
   restore: void;
   'update-block': void;
+  'mmds-data': void;
 }
 
 export type MailboxRequest = WorkerRequest & { seq: number };

@@ -9,6 +9,7 @@
  * valid and consistent. Everything here is a pure check or a copy: a caller that gets a
  * ConfigError has changed nothing.
  */
+import { checkMmdsConfig, MMDS_DEFAULT_IPV4, type MmdsConfig } from '../mmds/store.js';
 import { closeSync } from 'node:fs';
 import { checkBootImage, openHostFile } from '../loader/image-file.js';
 import { CMDLINE_MAX_SIZE, MAX_VCPUS } from '../arch/x86_64/layout.js';
@@ -110,6 +111,8 @@ export interface VmResources {
   entropy?: EntropyConfig;
   logger?: LoggerConfig;
   metrics?: MetricsConfig;
+  /** PUT /mmds/config: the interfaces whose frames to the MMDS address are answered. */
+  mmds_config?: MmdsConfig;
 }
 
 export const MIN_MEM_MIB = 16;
@@ -375,6 +378,14 @@ function checkDevices(r: Omit<VmResources, 'boot'>): {
   for (const d of r.drives ?? []) drives = withDrive(drives, d);
   let nets: NetworkInterfaceConfig[] = [];
   for (const n of r.network_interfaces ?? []) nets = withNetworkInterface(nets, n);
+  const mmds = r.mmds_config;
+  if (mmds) {
+    const problem = checkMmdsConfig(
+      mmds,
+      nets.map((n) => n.iface_id),
+    );
+    if (problem) throw new ConfigError(problem);
+  }
   if (r.vsock) validateVsock(r.vsock);
   if (r.logger) validateLogger(r.logger);
   const devices: VirtioConfig[] = [
@@ -393,6 +404,15 @@ function checkDevices(r: Omit<VmResources, 'boot'>): {
       id: n.iface_id,
       tap: n.host_dev_name,
       ...(n.guest_mac !== undefined ? { mac: n.guest_mac } : {}),
+      ...(mmds?.network_interfaces.includes(n.iface_id)
+        ? {
+            mmds: {
+              version: mmds.version ?? 'V1',
+              ipv4: mmds.ipv4_address ?? MMDS_DEFAULT_IPV4,
+              imdsCompat: mmds.imds_compat === true,
+            },
+          }
+        : {}),
     })),
     ...(r.vsock
       ? [
@@ -454,6 +474,8 @@ export interface VmConfig {
   entropy: EntropyConfig | null;
   logger: LoggerConfig | null;
   metrics: MetricsConfig | null;
+  /** PUT /mmds/config (absent or null: MMDS answers on no interface). */
+  'mmds-config'?: MmdsConfig | null;
 }
 
 export function emptyVmConfig(): VmConfig {
@@ -481,6 +503,8 @@ export function resourcesFromConfig(c: VmConfig): VmResources {
   if (c.entropy) r.entropy = { ...c.entropy };
   if (c.logger) r.logger = { ...c.logger };
   if (c.metrics) r.metrics = { ...c.metrics };
+  const mmds = c['mmds-config'];
+  if (mmds) r.mmds_config = structuredClone(mmds);
   return r;
 }
 
@@ -494,6 +518,7 @@ export function configFromResources(r: VmResources): VmConfig {
     entropy: r.entropy ? { ...r.entropy } : null,
     logger: r.logger ? { ...r.logger } : null,
     metrics: r.metrics ? { ...r.metrics } : null,
+    ...(r.mmds_config ? { 'mmds-config': structuredClone(r.mmds_config) } : {}),
   };
 }
 
@@ -637,6 +662,7 @@ export function validateRestoreConfig(cfg: unknown, overrides: RestoreOverrides 
       entropy: 'object',
       logger: 'object',
       metrics: 'object',
+      'mmds-config': 'object',
     },
     ['machine-config'],
   );
@@ -740,6 +766,32 @@ export function validateRestoreConfig(cfg: unknown, overrides: RestoreOverrides 
     shapeRateLimiter(e.rate_limiter, 'entropy.rate_limiter');
     entropy = defined<EntropyConfig>(e);
   }
+  // MMDS: its configuration travels with the snapshot (Firecracker's docs/mmds), its data
+  // store does not.
+  let mmds: MmdsConfig | null = null;
+  if (c['mmds-config'] != null) {
+    const m = shape(
+      c['mmds-config'],
+      'mmds-config',
+      {
+        version: 'string',
+        network_interfaces: 'array',
+        ipv4_address: 'string',
+        imds_compat: 'boolean',
+      },
+      ['network_interfaces'],
+    );
+    const ifs = shapeArray(
+      m.network_interfaces,
+      'mmds-config.network_interfaces',
+      MAX_VIRTIO_DEVICES,
+    );
+    if (ifs.some((x) => typeof x !== 'string'))
+      throw new ConfigError('mmds-config.network_interfaces: expected strings');
+    if (m.version != null && m.version !== 'V1' && m.version !== 'V2')
+      throw new ConfigError('mmds-config.version: expected "V1" or "V2"');
+    mmds = { ...defined<MmdsConfig>(m), network_interfaces: ifs as string[] };
+  }
   // Logger and metrics belong to the process, not the VM: a load keeps the process's own (the
   // sections are only checked to be objects, above, and dropped).
   const checked = checkDevices({
@@ -748,6 +800,7 @@ export function validateRestoreConfig(cfg: unknown, overrides: RestoreOverrides 
     network_interfaces: nets,
     ...(vsock ? { vsock } : {}),
     ...(entropy ? { entropy } : {}),
+    ...(mmds ? { mmds_config: mmds } : {}),
   });
   return {
     vcpus: machine.vcpu_count,
@@ -762,6 +815,7 @@ export function validateRestoreConfig(cfg: unknown, overrides: RestoreOverrides 
       entropy,
       logger: null,
       metrics: null,
+      ...(mmds ? { 'mmds-config': mmds } : {}),
     },
   };
 }
@@ -834,7 +888,7 @@ export function wireVmConfig(c: VmConfig): Wire {
     logger: null,
     'machine-config': wireMachineConfig(c['machine-config']),
     metrics: null,
-    'mmds-config': null,
+    'mmds-config': wireMmdsConfig(c['mmds-config']),
     'network-interfaces': c['network-interfaces'].map((n) => ({
       iface_id: n.iface_id,
       host_dev_name: n.host_dev_name,
@@ -847,5 +901,16 @@ export function wireVmConfig(c: VmConfig): Wire {
     entropy: c.entropy ? { rate_limiter: wireRateLimiter(c.entropy.rate_limiter) } : null,
     pmem: [],
     'memory-hotplug': null,
+  };
+}
+
+/** GET /vm/config's mmds-config, as Firecracker writes its MmdsConfig (defaults filled in). */
+function wireMmdsConfig(m: MmdsConfig | null | undefined): Wire | null {
+  if (!m) return null;
+  return {
+    version: m.version ?? 'V1',
+    network_interfaces: [...m.network_interfaces],
+    ipv4_address: m.ipv4_address ?? MMDS_DEFAULT_IPV4,
+    imds_compat: m.imds_compat === true,
   };
 }

@@ -1,4 +1,7 @@
 /** virtio-net in the device registry: a TAP opened on the main thread, served in the worker. */
+import { randomBytes } from 'node:crypto';
+import { MmdsResponder, type ResponderConfig } from '../../../mmds/responder.js';
+import type { MmdsVersion } from '../../../mmds/store.js';
 import { ConfigError } from '../../../util/errors.js';
 import type { DeviceType } from '../descriptor.js';
 import { NetDevice, netIdentity, parseMac } from './net.js';
@@ -12,10 +15,14 @@ export interface NetConfig {
   tap: string;
   /** The guest's MAC (else the guest picks a random one). */
   mac?: string;
+  /** MMDS answers on this interface (PUT /mmds/config listed it). */
+  mmds?: { version: MmdsVersion; ipv4: string; imdsCompat: boolean };
 }
 
 export interface NetHost {
   tapFd: number;
+  /** The responder's configuration, with a V2 token key made for this VM. */
+  mmds?: ResponderConfig;
 }
 
 export const netDevice: DeviceType<NetConfig, NetHost> = {
@@ -38,16 +45,26 @@ export const netDevice: DeviceType<NetConfig, NetHost> = {
     return {
       name: `virtio-net ${config.id} (${config.tap})`,
       identity: netIdentity(mac, tap.offloads),
-      host: { tapFd: tap.fd },
+      host: {
+        tapFd: tap.fd,
+        ...(config.mmds ? { mmds: { ...config.mmds, tokenKey: randomBytes(32) } } : {}),
+      },
       warnings: [],
       close: () => ctx.sys.close(tap.fd),
     };
   },
   create(host, env) {
+    const mmds = host.mmds
+      ? new MmdsResponder(host.mmds, {
+          setTimer: (ms, fn) => env.loop.setTimer(ms, fn),
+          onReply: () => net.serveReplies(),
+        })
+      : undefined;
     const net: NetDevice = new NetDevice(
       env.name,
       tapIo(env.sys, env.loop, host.tapFd, () => net.onTapReadable()),
       (m) => env.log(m),
+      mmds,
     );
     const c = net.counters;
     return {
@@ -66,6 +83,10 @@ export const netDevice: DeviceType<NetConfig, NetHost> = {
         rx_chain_too_long: c.rxChainTooLong,
         tx_coalesced_frames: c.txCoalesced,
         rx_budget_yields: c.rxBudgetYields,
+        // The mmds group (controller.ts deviceMetrics moves mmds_* there).
+        ...(mmds
+          ? Object.fromEntries(Object.entries(mmds.metrics()).map(([k, v]) => [`mmds_${k}`, v]))
+          : {}),
       }),
     };
   },

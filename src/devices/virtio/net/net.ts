@@ -93,6 +93,22 @@ export interface TapIo {
   setReadInterest(on: boolean): void;
 }
 
+/**
+ * Something that answers some of the guest's TX frames itself instead of the TAP (the MMDS
+ * responder, src/mmds/responder.ts): it sees each TX frame's first INTERCEPT_PEEK bytes, takes
+ * the frames it wants (a host copy), and queues its answers, which RX serves ahead of the TAP.
+ */
+export interface FrameInterceptor {
+  wants(head: Uint8Array): boolean;
+  /** `csumPartial`: the guest left the L4 checksum to the device (VIRTIO_NET_HDR_F_NEEDS_CSUM). */
+  handleFrame(frame: Uint8Array, csumPartial: boolean): void;
+  takeReply(): Uint8Array | undefined;
+  readonly queued: number;
+}
+
+/** Bytes of a TX frame an interceptor's wants() sees: Ethernet + an ARP packet. */
+export const INTERCEPT_PEEK = 42;
+
 /** virtio-net's own saved state (see NetDevice.save). */
 export const NetStateV1 = versioned('virtio-net', 1, struct({ heldRx: bool }));
 
@@ -187,11 +203,14 @@ export class NetDevice implements VirtioBackend {
   /** A TX frame body with too many buffers for one writev, copied here. */
   private readonly txBody = new Uint8Array(MAX_FRAME_WITH_HDR - NET_HDR_SIZE);
   private watching = false;
+  private readonly peek = new Uint8Array(INTERCEPT_PEEK);
 
   constructor(
     readonly name: string,
     private readonly tap: TapIo,
     private readonly log: (m: string) => void,
+    /** MMDS on this interface (its answers reach the guest through RX). */
+    readonly interceptor?: FrameInterceptor,
   ) {}
 
   activate(features: bigint, io: QueueIo, _restored?: boolean): void {
@@ -253,6 +272,7 @@ export class NetDevice implements VirtioBackend {
     const ok = checkTxHeader(parseNetHeader(this.txHdr), len - NET_HDR_SIZE, this.tx);
     if (!ok.ok) return bad(ok.error);
     let body = sliceSegments(chain.readable, NET_HDR_SIZE, len - NET_HDR_SIZE);
+    if (this.interceptor && this.intercept(body, len - NET_HDR_SIZE)) return 0;
     if (body.length + 1 > TAP_MAX_IOVECS) {
       const flat = this.txBody.subarray(0, len - NET_HDR_SIZE);
       gather(body, flat);
@@ -272,6 +292,29 @@ export class NetDevice implements VirtioBackend {
       this.logOnce('tx-error', `${this.name}: TAP write failed: ${(e as Error).message}`);
     }
     return 0;
+  }
+
+  /**
+   * MMDS: a frame the interceptor wants is copied out (the copy is what it parses: the guest
+   * cannot change it meanwhile) and never reaches the TAP; its answers are served at once.
+   */
+  private intercept(body: Uint8Array[], len: number): boolean {
+    const ic = this.interceptor!;
+    const head = this.peek.subarray(0, Math.min(len, INTERCEPT_PEEK));
+    gather(body, head);
+    if (!ic.wants(head)) return false;
+    const frame = new Uint8Array(len);
+    gather(body, frame);
+    const h = parseNetHeader(this.txHdr);
+    // A GSO frame is never an MMDS request (they are small): dropped by the responder's checks.
+    ic.handleFrame(h.gsoType === 0 ? frame : frame.subarray(0, 0), (h.flags & 1) !== 0);
+    if (ic.queued > 0) this.processRx();
+    return true;
+  }
+
+  /** The interceptor queued answers outside a TX frame (its timers): serve them. */
+  serveReplies(): void {
+    this.processRx();
   }
 
   /** The RX queue was kicked: the guest added buffers. */
@@ -309,6 +352,10 @@ export class NetDevice implements VirtioBackend {
           `${this.name}: RX chain of ${chain.writable.length} buffers (the TAP takes ${TAP_MAX_IOVECS - 1} and the spill buffer)`,
         );
         io.pushUsed(RX_QUEUE, chain.head, 0);
+        continue;
+      }
+      if (this.interceptor && this.interceptor.queued > 0) {
+        this.rxReply(io, chain, this.interceptor.takeReply()!);
         continue;
       }
       let n: number;
@@ -356,6 +403,23 @@ export class NetDevice implements VirtioBackend {
       this.setWatching(true);
     }
     io.notify(RX_QUEUE);
+  }
+
+  /** An interceptor's frame into an RX chain: a zero virtio-net header (num_buffers 1), then it. */
+  private rxReply(io: QueueIo, chain: DescriptorChain, frame: Uint8Array): void {
+    const n = NET_HDR_SIZE + frame.length;
+    if (n > chain.writableLength) {
+      this.counters.rxTooLarge++;
+      io.pushUsed(RX_QUEUE, chain.head, 0);
+      return;
+    }
+    const out = new Uint8Array(n);
+    out[10] = 1;
+    out.set(frame, NET_HDR_SIZE);
+    scatter(chain.writable, out);
+    io.pushUsed(RX_QUEUE, chain.head, n);
+    this.counters.rxFrames++;
+    this.counters.rxBytes += frame.length;
   }
 
   private setWatching(on: boolean): void {
