@@ -158,7 +158,6 @@ test('a non-empty section of a feature we lack is refused, naming it', () => {
   for (const [k, v] of [
     ['balloon', { amount_mib: 0, deflate_on_oom: false }],
     ['cpu-config', { cpuid_modifiers: [] }],
-    ['mmds-config', { network_interfaces: ['eth0'] }],
     ['memory-hotplug', { total_size_mib: 1024 }],
     ['pmem', [{ id: 'p', path_on_host: '/p', root_device: false }]],
     ['pmem', {}],
