@@ -4,6 +4,7 @@ import { apiHttpTarget, apiTarget } from './api.js';
 import { blockTarget } from './block.js';
 import { i8042Target, legacyBusTarget, rtcTarget, serialTarget } from './legacy.js';
 import { bzImageTarget, elfTarget } from './loader.js';
+import { mmdsTarget } from './mmds.js';
 import { mmioTarget } from './mmio.js';
 import { netTarget } from './net.js';
 import { queueTarget } from './queue.js';
@@ -14,6 +15,7 @@ export const TARGETS: Target[] = [
   queueTarget,
   blockTarget,
   netTarget,
+  mmdsTarget,
   vsockTarget,
   mmioTarget,
   serialTarget,

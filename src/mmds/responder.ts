@@ -176,6 +176,13 @@ export class MmdsResponder {
     return this.conns.size;
   }
 
+  /** Bytes held for connections (requests received, answers not yet acknowledged). */
+  get buffered(): number {
+    let n = 0;
+    for (const c of this.conns.values()) n += c.rx.length + c.out.length;
+    return n;
+  }
+
   get queued(): number {
     return this.queue.length;
   }
