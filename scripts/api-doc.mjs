@@ -88,6 +88,25 @@ const endpoints = [
     'post-boot',
   ],
   ['PUT', '/snapshot/load', '204 (SnapshotLoadParams)', 'fresh process only'],
+  [
+    'PUT',
+    '/mmds/config',
+    '204 (MmdsConfig): MMDS answers on the listed interfaces (ARP and TCP port 80 to ipv4_address)',
+    'pre-boot',
+  ],
+  [
+    'PUT',
+    '/mmds',
+    '204 (any JSON, at most --mmds-size-limit bytes, nested at most 128 deep): the data store',
+    'pre-boot, or post-boot once MMDS exists',
+  ],
+  ['PATCH', '/mmds', '204 (a JSON merge patch, RFC 7396); 400 before the first PUT', 'as PUT'],
+  [
+    'GET',
+    '/mmds',
+    '200 the data store ({} before the first PUT); after boot without MMDS 400 (as Firecracker)',
+    'any',
+  ],
 ];
 
 const lines = [
@@ -340,6 +359,7 @@ const lines = [
   ...table('NetworkOverride', S.NetworkOverride),
   ...table('RateLimiter', S.RateLimiter),
   ...table('TokenBucket', S.TokenBucket),
+  ...table('MmdsConfig', S.MmdsConfig),
   ...table('FullVmConfiguration (GET /vm/config, --config-file)', {
     ...S.FullVmConfiguration,
     properties: Object.fromEntries(
@@ -358,6 +378,12 @@ const lines = [
   '- **vsock `uds_path` in a shared directory is refused** (e.g. /tmp): the directory receives `<uds_path>_<port>`',
   "  sockets that guest connections are sent to with the VMM's credentials, so whoever can add entries there chooses",
   "  where a guest connects. It must belong to root or the VMM's user and be writable by nobody else.",
+  '- **MMDS from the guest**: the responder (src/mmds) is our own TypeScript ARP + IPv4 + TCP + HTTP/1.1 stack, with',
+  '  caps a guest cannot push past: 32 connections per interface (a SYN beyond gets RST), 4 KiB of request head and',
+  '  4 KiB of body (431/413, then closed), 256 answer frames queued for RX, 30 s without progress ends a connection,',
+  '  8 retransmissions at most. V2 tokens are MACed with a key made per interface and VM, so a token works on the',
+  '  interface that issued it (Firecracker: any interface of the VM); none survives a snapshot load. The caps hit are',
+  "  counted in the `mmds` metrics group's extras (with `--metrics` extras: `conn_cap_refused`, `reply_queue_full`, ...).",
   '- **`allow_block_device` on drives** (our own field): `path_on_host` must be a regular file unless it is true, so a',
   '  typo cannot hand a host disk to a guest. Firecracker takes either. GET /vm/config shows it only when true, so a',
   "  configuration without it reads back exactly as Firecracker's would.",

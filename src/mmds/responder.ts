@@ -605,12 +605,8 @@ export class MmdsResponder {
     }
   }
 
-  /** The counters plus the live gauges, as the metrics lines take them. */
+  /** The counters, as the metrics lines take them (monotonic: written as deltas). */
   metrics(): Record<string, number> {
-    return {
-      ...this.counters,
-      open_connections: this.conns.size,
-      queued_frames: this.queue.length,
-    };
+    return { ...this.counters };
   }
 }
