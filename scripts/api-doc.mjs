@@ -97,7 +97,7 @@ const endpoints = [
   [
     'PUT',
     '/mmds',
-    '204 (any JSON, at most --mmds-size-limit bytes, nested at most 128 deep): the data store',
+    '204 (a JSON object, at most --mmds-size-limit bytes, nested at most 128 deep; Firecracker takes any JSON value): the data store',
     'pre-boot, or post-boot once MMDS exists',
   ],
   ['PATCH', '/mmds', '204 (a JSON merge patch, RFC 7396); 400 before the first PUT', 'as PUT'],

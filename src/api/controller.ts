@@ -42,7 +42,13 @@ import { latencyLine, type LoggerControl } from './logger.js';
 import type { MetricGroups, MetricsSystem } from './metrics.js';
 import { openOutputFile } from './output-file.js';
 import type { SerialBody, SnapshotCreateBody, SnapshotLoadBody, VmmAction } from './routes.js';
-import { checkMmdsConfig, MMDS_NOT_INITIALIZED, MmdsStore } from '../mmds/store.js';
+import {
+  checkMmdsConfig,
+  jsonDepth,
+  MMDS_MAX_DEPTH,
+  MMDS_NOT_INITIALIZED,
+  MmdsStore,
+} from '../mmds/store.js';
 
 export type ApiOutcome =
   { status: 200; body: unknown } | { status: 204 } | { status: 400 | 500; fault: string };
@@ -99,6 +105,10 @@ export function deprecationOf(a: VmmAction): string | undefined {
     case 'PutVsock':
       return a.config.vsock_id !== undefined
         ? 'PUT /vsock: vsock_id field is deprecated.'
+        : undefined;
+    case 'PutMmdsConfig':
+      return (a.config.version ?? 'V1') === 'V1'
+        ? 'PUT /mmds/config: V1 is deprecated. Use V2 instead.'
         : undefined;
     case 'LoadSnapshot':
       return a.params.mem_file_path !== undefined || a.params.enable_diff_snapshots === true
@@ -541,6 +551,9 @@ export class VmmController {
    * (Firecracker's flag). Returns the problem, or undefined.
    */
   loadMetadata(json: unknown): string | undefined {
+    if (typeof json !== 'object' || json === null || Array.isArray(json))
+      return 'the metadata must be a JSON object';
+    if (jsonDepth(json) > MMDS_MAX_DEPTH) return `nested deeper than ${MMDS_MAX_DEPTH}`;
     const r = this.mmds.put(json);
     if (!r.ok) return r.error;
     this.mmdsCreated = true;

@@ -9,7 +9,7 @@ import type { BuiltVm, VmConfig } from '../vmm/index.js';
 import { emptyVmConfig } from '../vmm/index.js';
 import { LoggerControl } from './logger.js';
 import { MetricsSystem } from './metrics.js';
-import { PRE_BOOT_ONLY, VmmController, type ApiOutcome } from './controller.js';
+import { deprecationOf, PRE_BOOT_ONLY, VmmController, type ApiOutcome } from './controller.js';
 import { parseVmConfig } from './config-file.js';
 import { route } from './routes.js';
 
@@ -74,10 +74,20 @@ test('PUT, PATCH (merge patch), GET; over the size limit nothing changes', async
 
 test('/mmds bodies: malformed JSON and nesting past the limit are refused at routing', () => {
   assert.match(route('PUT', '/mmds', '{').fault!, /deserializing/);
-  assert.match(route('PUT', '/mmds', '['.repeat(200) + ']'.repeat(200)).fault!, /recursion limit/);
+  for (const b of ['[1]', '"text"', '3', 'null'])
+    assert.match(route('PATCH', '/mmds', b).fault!, /must be a JSON object/, b);
+  assert.match(
+    route('PUT', '/mmds', '{"a":' + '['.repeat(200) + ']'.repeat(200) + '}').fault!,
+    /recursion limit/,
+  );
   assert.equal(route('PUT', '/mmds/x', '{}').fault?.startsWith('Invalid request'), true);
   assert.equal(route('GET', '/mmds/config', undefined).fault?.startsWith('Invalid request'), true);
   assert.deepEqual(route('GET', '/mmds', undefined).metric, ['get_api_requests', 'mmds']);
+  // V1 (the default) is deprecated, as in Firecracker.
+  const v1 = route('PUT', '/mmds/config', '{"network_interfaces":["eth0"]}').action!;
+  assert.match(deprecationOf(v1)!, /V1 is deprecated/);
+  const v2 = route('PUT', '/mmds/config', '{"network_interfaces":["eth0"],"version":"V2"}');
+  assert.equal(deprecationOf(v2.action!), undefined);
 });
 
 test('PUT /mmds/config: interfaces must exist, the list not be empty, the address link-local', async () => {

@@ -145,7 +145,7 @@ export function parseBody<T>(schema: Schema, body: string): { value: T } | { fau
   return { value: stripNulls(json) as T };
 }
 
-/** A /mmds body: any JSON value (the data store or a merge patch), nested at most MMDS_MAX_DEPTH. */
+/** A /mmds body: a JSON object (the data store or a merge patch), nested at most MMDS_MAX_DEPTH. */
 function mmdsBody(body: string): { value: unknown } | { fault: string } {
   let json: unknown;
   try {
@@ -153,6 +153,9 @@ function mmdsBody(body: string): { value: unknown } | { fault: string } {
   } catch (e) {
     return { fault: `${DESERIALIZE_PREFIX}${(e as Error).message}.` };
   }
+  // The description's MmdsContentsObject (Firecracker itself takes any JSON value here).
+  if (typeof json !== 'object' || json === null || Array.isArray(json))
+    return { fault: `${DESERIALIZE_PREFIX}the body must be a JSON object.` };
   if (jsonDepth(json) > MMDS_MAX_DEPTH)
     return {
       fault: `${DESERIALIZE_PREFIX}recursion limit exceeded (nested deeper than ${MMDS_MAX_DEPTH}).`,
