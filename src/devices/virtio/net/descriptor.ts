@@ -65,6 +65,7 @@ export const netDevice: DeviceType<NetConfig, NetHost> = {
       tapIo(env.sys, env.loop, host.tapFd, () => net.onTapReadable()),
       (m) => env.log(m),
       mmds,
+      (fn) => void env.loop.setTimer(0, fn),
     );
     const c = net.counters;
     return {

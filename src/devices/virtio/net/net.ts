@@ -211,6 +211,8 @@ export class NetDevice implements VirtioBackend {
     private readonly log: (m: string) => void,
     /** MMDS on this interface (its answers reach the guest through RX). */
     readonly interceptor?: FrameInterceptor,
+    /** Runs `fn` on a later round of the loop (RX at its budget with answers still queued). */
+    private readonly defer?: (fn: () => void) => void,
   ) {}
 
   activate(features: bigint, io: QueueIo, _restored?: boolean): void {
@@ -401,6 +403,8 @@ export class NetDevice implements VirtioBackend {
       // Budget used, buffers maybe left: the TAP, if still readable, wakes us next round.
       this.counters.rxBudgetYields++;
       this.setWatching(true);
+      // The TAP wakes RX again when readable; queued MMDS answers need a wake-up of their own.
+      if (this.interceptor && this.interceptor.queued > 0) this.defer?.(() => this.processRx());
     }
     io.notify(RX_QUEUE);
   }
