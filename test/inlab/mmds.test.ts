@@ -144,7 +144,7 @@ test(
       );
       await b.waitFor(/V1-STEP-DONE/, 120_000);
       assert.match(b.out, /V1=\[ami-v1\]/, b.describe());
-      const [, j] = b.out.match(/V1JSON=\[(.*)\]/) ?? [];
+      const [, j] = b.out.match(/V1JSON=\[(\{.*\})\]/) ?? [];
       assert.deepEqual(JSON.parse(j ?? 'null'), {
         'ami-id': 'ami-v1',
         'instance-type': 'tv.small',
