@@ -383,7 +383,7 @@ const lines = [
   '  4 KiB of body (431/413, then closed), 256 answer frames queued for RX, 30 s without progress ends a connection,',
   '  8 retransmissions at most. V2 tokens are MACed with a key made per interface and VM, so a token works on the',
   '  interface that issued it (Firecracker: any interface of the VM); none survives a snapshot load. The caps hit are',
-  "  counted in the `mmds` metrics group's extras (with `--metrics` extras: `conn_cap_refused`, `reply_queue_full`, ...).",
+  '  counted as `mmds.conn_cap_refused`, `mmds.reply_queue_full`, ... in the metrics extras (TYPERVISOR_METRICS_EXTRAS=1).',
   '- **`allow_block_device` on drives** (our own field): `path_on_host` must be a regular file unless it is true, so a',
   '  typo cannot hand a host disk to a guest. Firecracker takes either. GET /vm/config shows it only when true, so a',
   "  configuration without it reads back exactly as Firecracker's would.",
