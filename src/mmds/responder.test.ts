@@ -275,3 +275,37 @@ test('the reply queue is bounded: a guest that never reads gets at most MAX_QUEU
   assert.equal(r.queued, MAX_QUEUED_FRAMES);
   assert.equal(r.counters.reply_queue_full, 2 * MAX_QUEUED_FRAMES);
 });
+
+test('a zero window is probed with one byte after the RTO; the window opening lets the rest out', () => {
+  const { r, timers } = makeResponder();
+  r.setData('{"a":"b"}');
+  const c = new GuestConn(r, 40010, r.ip, 1000, 0);
+  c.connect();
+  const req = 'GET /a HTTP/1.1\r\n\r\n';
+  r.handleFrame(
+    guestTcp({
+      dstIp: r.ip,
+      srcPort: 40010,
+      seq: c.seq,
+      ack: c.ack,
+      flags: TCP_ACK,
+      window: 0,
+      payload: Buffer.from(req),
+    }),
+    false,
+  );
+  c.seq += req.length;
+  const first = decodeReply(r.takeReply()!);
+  assert.equal(first.payload.length, 0, 'window 0: only our ACK');
+  assert.equal(r.queued, 0);
+  timers.advance(RTO_MS + 150);
+  const probe = decodeReply(r.takeReply()!);
+  assert.equal(probe.payload.length, 1, 'a one-byte probe');
+  // The window opens: everything follows.
+  const open = new GuestConn(r, 40010, r.ip, 0, 65535);
+  open.seq = c.seq;
+  open.ack = c.ack;
+  open.drain();
+  for (let i = 0; i < 10 && r.queued > 0; i++) open.drain();
+  assert.equal(parseAnswer(open.received.toString()).body, 'b');
+});

@@ -353,6 +353,8 @@ export class MmdsResponder {
 
   /** The guest's ACK: drops acknowledged bytes; an ACK of data never sent is ignored. */
   private onAck(c: Conn, s: TcpSegment): void {
+    // The window opens after a probe: the probe's byte was not taken; send from sndUna again.
+    if (c.peerWindow === 0 && s.window > 0 && s.ack === c.sndUna && !c.finSent) c.sent = 0;
     c.peerWindow = s.window;
     const acked = seqDiff(s.ack, c.sndUna);
     const inFlight = c.sent + (c.finSent ? 1 : 0);
@@ -588,7 +590,10 @@ export class MmdsResponder {
         continue;
       }
       const unacked = c.state === 'syn-rcvd' || c.sent > 0 || (c.finSent && !c.finAcked);
-      if (!unacked || now - c.lastSend < RTO_MS << Math.min(c.retries, 5)) continue;
+      // A zero window with data waiting: probe it with one byte (RFC 9293 §3.8.6.1), or a lost
+      // window update would leave the connection silent until IDLE_MS.
+      const probe = !unacked && c.out.length > 0 && c.peerWindow === 0;
+      if ((!unacked && !probe) || now - c.lastSend < RTO_MS << Math.min(c.retries, 5)) continue;
       if (++c.retries > MAX_RETRIES) {
         this.counters.conn_timeouts++;
         this.drop(c);
@@ -596,6 +601,12 @@ export class MmdsResponder {
       }
       if (c.state === 'syn-rcvd') {
         this.sendSynAck(c);
+        continue;
+      }
+      if (probe) {
+        this.emitTcp(c, c.sndUna, TCP_ACK, c.out.subarray(0, 1));
+        c.sent = 1;
+        c.lastSend = now;
         continue;
       }
       // Go back to the first unacknowledged byte (and FIN) and send again.
