@@ -34,10 +34,11 @@ export const LAYERS = {
   // Seccomp filters (and later the sandbox's other pieces): installed through the shim.
   sandbox: ['kvm', 'util'],
   // Never kvm, events (it loads the native addon), arch, vmm, api, cli, lab.
-  devices: ['memory', 'util'],
-  vmm: ['util', 'kvm', 'memory', 'loader', 'arch', 'events', 'devices', 'uffd', 'sandbox'],
+  mmds: ['util'],
+  devices: ['memory', 'util', 'mmds'],
+  vmm: ['util', 'kvm', 'memory', 'loader', 'arch', 'events', 'devices', 'uffd', 'sandbox', 'mmds'],
   // vmm only through src/vmm/index.ts (see ONLY_THROUGH).
-  api: ['vmm', 'util'],
+  api: ['vmm', 'util', 'mmds'],
   cli: ['api', 'vmm', 'uffd', 'util', 'sandbox'],
   // typervisor-jailer (issue 14): builds the jail through the shim, then execs the VMM's own bin.
   jailer: ['kvm', 'util'],
@@ -56,6 +57,7 @@ export const LAYERS = {
     'api',
     'cli',
     'sandbox',
+    'mmds',
   ],
 };
 

@@ -76,7 +76,7 @@ test('a device importing kvm is reported with its file, line and rule', () => {
   assert.deepEqual(
     v.map((x) => x.message),
     [
-      'src/devices/x.ts:6: devices may not import src/kvm/native.ts (devices may import: memory, util)',
+      'src/devices/x.ts:6: devices may not import src/kvm/native.ts (devices may import: memory, util, mmds)',
     ],
   );
 });

@@ -6,6 +6,7 @@ import { blockTarget } from './block.js';
 import { i8042Target, legacyBusTarget, rtcTarget, serialTarget } from './legacy.js';
 import { bzImageTarget, elfTarget } from './loader.js';
 import { memTarget } from './mem.js';
+import { mmdsTarget } from './mmds.js';
 import { mmioTarget } from './mmio.js';
 import { netTarget } from './net.js';
 import { queueTarget } from './queue.js';
@@ -16,6 +17,7 @@ export const TARGETS: Target[] = [
   queueTarget,
   blockTarget,
   netTarget,
+  mmdsTarget,
   vsockTarget,
   balloonTarget,
   memTarget,

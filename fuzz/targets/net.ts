@@ -11,10 +11,14 @@
  */
 import { checkTxHeader, parseNetHeader } from '../../src/devices/virtio/net/header.js';
 import {
+  type NetDevice,
   VIRTIO_NET_F_CSUM,
   VIRTIO_NET_F_HOST_TSO4,
   VIRTIO_NET_F_HOST_TSO6,
 } from '../../src/devices/virtio/net/net.js';
+import { TCP_ACK, TCP_SYN } from '../../src/mmds/frames.js';
+import type { MmdsResponder } from '../../src/mmds/responder.js';
+import { arpRequest, guestTcp } from '../../src/mmds/testing.js';
 import { fail, type Prng, type Session, type Target } from '../core.js';
 import { checkNoDeviceException, type Seg } from '../rig.js';
 import { openVirtio } from '../virtio-kinds.js';
@@ -37,6 +41,22 @@ function netHeader(rng: Prng, frameLen: number): Uint8Array {
   return h;
 }
 
+/** A frame for the MMDS responder: ARP for it, a SYN, or a request on a connection or none. */
+function mmdsFrame(rng: Prng, ip: Uint8Array): Uint8Array {
+  if (rng.chance(0.3)) return arpRequest(ip);
+  const port = 2000 + rng.below(4);
+  const payload = rng.chance(0.5) ? Buffer.from('GET /latest HTTP/1.1\r\n\r\n') : undefined;
+  const f = guestTcp({
+    dstIp: ip,
+    srcPort: port,
+    seq: rng.u32(),
+    ack: rng.u32(),
+    flags: payload ? TCP_ACK : rng.pick([TCP_SYN, TCP_ACK, TCP_SYN | TCP_ACK]),
+    ...(payload ? { payload } : {}),
+  });
+  return rng.chance(0.2) ? f.subarray(0, rng.below(f.length)) : f;
+}
+
 export const netTarget: Target = {
   name: 'virtio-net',
   what: 'net/ TX frames and RX buffers + TAP frames through DeviceType.create on a fake TAP',
@@ -46,10 +66,23 @@ export const netTarget: Target = {
   open(srng: Prng): Session {
     const v = openVirtio(
       'net',
-      { tap: 'fuzz0', mac: srng.chance(0.5) ? '06:00:a9:fe:00:02' : undefined },
+      {
+        tap: 'fuzz0',
+        mac: srng.chance(0.5) ? '06:00:a9:fe:00:02' : undefined,
+        ...(srng.chance(0.3)
+          ? {
+              mmds: {
+                version: srng.pick(['V1', 'V2']),
+                ipv4: '169.254.169.254',
+                imdsCompat: false,
+              },
+            }
+          : {}),
+      },
       srng,
     );
     const { rig, host } = v;
+    const mmds = (v.created.backend as NetDevice).interceptor as MmdsResponder | undefined;
     const tap = [...host.fds.values()].find((f) => f.kind === 'tap')!;
     const settle = () => host.settle('virtio-net');
     tap.frames = [];
@@ -78,13 +111,18 @@ export const netTarget: Target = {
         // TX
         const ntx = rng.chance(0.6) ? 1 + rng.below(4) : 0;
         for (let f = 0; f < ntx; f++) {
-          const frameLen = rng.chance(0.9)
-            ? 14 + rng.below(1500)
-            : rng.pick([0, 13, 65550, 65562 - HDR + 1, 70000]);
+          // With MMDS on the interface: frames for it too (ARP, SYNs, data to port 80 or not).
+          const special = mmds && rng.chance(0.3) ? mmdsFrame(rng, mmds.ip) : undefined;
+          const frameLen = special
+            ? special.length
+            : rng.chance(0.9)
+              ? 14 + rng.below(1500)
+              : rng.pick([0, 13, 65550, 65562 - HDR + 1, 70000]);
           const total = HDR + frameLen;
           const a = rig.alloc(Math.min(total, 200_000)) ?? 0x20000;
           const hdr = netHeader(rng, frameLen);
           if (mem.isValidRange(a, HDR)) mem.write(a, hdr);
+          if (special && mem.isValidRange(a + HDR, special.length)) mem.write(a + HDR, special);
           // Split into 1..4 buffers (sometimes the header itself is split).
           const parts = 1 + rng.below(4);
           const segs: Seg[] = [];
@@ -177,6 +215,11 @@ export const netTarget: Target = {
         if (tap.inbox.length > 0 && rig.pending(RX) > 0 && !(host.interest(tap.fd) & 1))
           fail(
             'virtio-net: RX stalled: frames wait on the TAP, RX buffers are available, the TAP is not watched',
+          );
+        // MMDS answers never wait while the guest has RX buffers the RX path has not tried.
+        if (mmds && mmds.queued > 0 && rig.pending(RX) > 0 && st.kind === 'active')
+          fail(
+            'virtio-net: MMDS answers wait, RX buffers are available, and nothing will serve them',
           );
         // The host drops what the guest had no room for (the TAP's queue is bounded).
         if (tap.inbox.length > 256) tap.inbox.splice(0, tap.inbox.length - 256);

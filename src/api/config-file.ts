@@ -163,6 +163,8 @@ export function parseVmConfig(
   for (const d of c.drives ?? []) actions.push({ kind: 'PutDrive', config: d });
   for (const n of c['network-interfaces'] ?? [])
     actions.push({ kind: 'PutNetworkInterface', config: n });
+  const mmds = c['mmds-config'];
+  if (mmds) actions.push({ kind: 'PutMmdsConfig', config: mmds });
   if (c.vsock) actions.push({ kind: 'PutVsock', config: c.vsock });
   if (c.entropy) actions.push({ kind: 'PutEntropy', config: c.entropy });
   if (c.balloon) actions.push({ kind: 'PutBalloon', config: c.balloon });

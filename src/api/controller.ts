@@ -58,6 +58,13 @@ import { latencyLine, type LoggerControl } from './logger.js';
 import type { MetricGroups, MetricsSystem } from './metrics.js';
 import { openOutputFile } from './output-file.js';
 import type { SerialBody, SnapshotCreateBody, SnapshotLoadBody, VmmAction } from './routes.js';
+import {
+  checkMmdsConfig,
+  jsonDepth,
+  MMDS_MAX_DEPTH,
+  MMDS_NOT_INITIALIZED,
+  MmdsStore,
+} from '../mmds/store.js';
 
 export type ApiOutcome =
   { status: 200; body: unknown } | { status: 204 } | { status: 400 | 500; fault: string };
@@ -92,6 +99,8 @@ export interface ControllerOptions {
   /** For tests: replace the snapshot functions. */
   createSnapshot?: (built: BuiltVm, p: CreateParams) => Promise<void>;
   loadSnapshot?: (p: LoadParams, opts: BuildOptions) => Promise<BuiltVm>;
+  /** --mmds-size-limit: the MMDS data store's limit in bytes (default: Firecracker's 51200). */
+  mmdsSizeLimit?: number;
 }
 
 /**
@@ -113,6 +122,10 @@ export function deprecationOf(a: VmmAction): string | undefined {
       return a.config.vsock_id !== undefined
         ? 'PUT /vsock: vsock_id field is deprecated.'
         : undefined;
+    case 'PutMmdsConfig':
+      return (a.config.version ?? 'V1') === 'V1'
+        ? 'PUT /mmds/config: V1 is deprecated. Use V2 instead.'
+        : undefined;
     case 'LoadSnapshot':
       return a.params.mem_file_path !== undefined || a.params.enable_diff_snapshots === true
         ? 'PUT /snapshot/load: mem_file_path and enable_diff_snapshots fields are deprecated.'
@@ -132,8 +145,17 @@ export class VmmController {
   private bootPath = false;
   /** PUT /serial: where the UART's output goes (undefined: stdout, or the builder's default). */
   private serial: SerialBody = {};
+  /** The MMDS data store (PUT/PATCH/GET /mmds); the guest reads a copy in the device worker. */
+  private readonly mmds: MmdsStore;
+  /**
+   * Firecracker creates its MMDS on the first PUT /mmds or PUT /mmds/config before boot (or a
+   * snapshot whose VM had one); after boot, /mmds without one is refused (not initialized).
+   */
+  private mmdsCreated = false;
 
-  constructor(private readonly opts: ControllerOptions) {}
+  constructor(private readonly opts: ControllerOptions) {
+    this.mmds = new MmdsStore(opts.mmdsSizeLimit);
+  }
 
   get started(): boolean {
     return this.built !== undefined;
@@ -180,6 +202,30 @@ export class VmmController {
         return { status: 200, body: wireVmConfig(this.config) };
       case 'NotSupported':
         return notSupported(`${a.feature} is not implemented in Typervisor yet`);
+      case 'GetMmds':
+        if (!pre && !this.mmdsCreated) return bad(MMDS_NOT_INITIALIZED);
+        return { status: 200, body: this.mmds.value() ?? {} };
+      case 'PutMmds':
+      case 'PatchMmds': {
+        if (!pre && !this.mmdsCreated) return bad(MMDS_NOT_INITIALIZED);
+        const r = a.kind === 'PutMmds' ? this.mmds.put(a.data) : this.mmds.patch(a.patch);
+        if (!r.ok) return bad(r.error);
+        this.mmdsCreated = true;
+        if (this.built) await this.pushMmds(this.built);
+        return NO_CONTENT;
+      }
+      case 'PutMmdsConfig': {
+        if (!pre) return bad(PRE_BOOT_ONLY);
+        const problem = checkMmdsConfig(
+          a.config,
+          this.config['network-interfaces'].map((n) => n.iface_id),
+        );
+        if (problem) return bad(problem);
+        this.config['mmds-config'] = structuredClone(a.config);
+        this.mmdsCreated = true;
+        this.bootPath = true;
+        return NO_CONTENT;
+      }
       case 'PutMachineConfig':
         if (!pre) return bad(PRE_BOOT_ONLY);
         this.config['machine-config'] = validateMachineConfig({
@@ -682,9 +728,35 @@ export class VmmController {
         logger: this.config.logger,
         metrics: this.config.metrics,
       };
+    // The MMDS configuration came with the snapshot, its data store did not (as Firecracker).
+    if (this.config['mmds-config']) this.mmdsCreated = true;
     this.running(built);
+    if (this.mmds.initialized)
+      this.pushMmds(built).catch((e: Error) =>
+        log('error', `MMDS: the data store did not reach the device worker: ${e.message}`),
+      );
     this.latency('load_snapshot', t0, vmmT0, vmmT1);
     return NO_CONTENT;
+  }
+
+  /** The data store to the device worker's responders (the guest sees it from then on). */
+  private async pushMmds(built: BuiltVm): Promise<void> {
+    if (!this.config['mmds-config'] || !built.deviceWorker) return;
+    await built.deviceWorker.request({ op: 'mmds-data', json: this.mmds.text() });
+  }
+
+  /**
+   * --metadata FILE: the data store's first content, as a PUT /mmds before anything else
+   * (Firecracker's flag). Returns the problem, or undefined.
+   */
+  loadMetadata(json: unknown): string | undefined {
+    if (typeof json !== 'object' || json === null || Array.isArray(json))
+      return 'the metadata must be a JSON object';
+    if (jsonDepth(json) > MMDS_MAX_DEPTH) return `nested deeper than ${MMDS_MAX_DEPTH}`;
+    const r = this.mmds.put(json);
+    if (!r.ok) return r.error;
+    this.mmdsCreated = true;
+    return undefined;
   }
 
   /** The VM exists (booted or loaded): metrics, exit and console hooks. */
@@ -720,6 +792,10 @@ export class VmmController {
       throw e;
     }
     this.running(this.built);
+    if (this.mmds.initialized)
+      this.pushMmds(this.built).catch((e: Error) =>
+        log('error', `MMDS: the data store did not reach the device worker: ${e.message}`),
+      );
     return NO_CONTENT;
   }
 
@@ -755,8 +831,17 @@ async function deviceMetrics(built: BuiltVm): Promise<MetricGroups> {
   const { vmm, devices } = built;
   const virtio: MetricGroups = {};
   for (const d of (await built.deviceWorker?.counters()) ?? []) {
+    // An interface's MMDS responder counts into the mmds group (summed over interfaces).
+    const device: Record<string, number> = {};
+    for (const [k, v] of Object.entries(d.device)) {
+      if (!k.startsWith('mmds_')) device[k] = v;
+      else {
+        const m = (virtio.mmds ??= {});
+        m[k.slice(5)] = (m[k.slice(5)] ?? 0) + v;
+      }
+    }
     const own: Record<string, number> = {
-      ...d.device,
+      ...device,
       guest_errors: d.transport.guestErrors,
       bad_register_accesses: d.transport.badAccesses,
       illegal_status_writes: d.transport.illegalStatus,

@@ -23,6 +23,7 @@ import type {
   TokenBucket,
   VsockConfig,
 } from '../vmm/index.js';
+import { jsonDepth, MMDS_MAX_DEPTH, type MmdsConfig } from '../mmds/store.js';
 import { check, stripNulls, type Schema } from './schema.js';
 import * as S from './schemas.js';
 
@@ -69,6 +70,10 @@ export type VmmAction =
   | { kind: 'Resume' }
   | { kind: 'CreateSnapshot'; params: SnapshotCreateBody }
   | { kind: 'LoadSnapshot'; params: SnapshotLoadBody }
+  | { kind: 'GetMmds' }
+  | { kind: 'PutMmds'; data: unknown }
+  | { kind: 'PatchMmds'; patch: unknown }
+  | { kind: 'PutMmdsConfig'; config: MmdsConfig }
   | { kind: 'NotSupported'; feature: string };
 
 /** PUT /snapshot/create, as checked against S.SnapshotCreateParams. */
@@ -118,8 +123,6 @@ export const UNSUPPORTED_ENDPOINTS: ReadonlyArray<{
   verbs: string;
   feature: string;
 }> = [
-  { path: '/mmds', verbs: 'GET PUT PATCH', feature: 'MMDS (the microVM metadata service)' },
-  { path: '/mmds/config', verbs: 'PUT', feature: 'MMDS (the microVM metadata service)' },
   { path: '/pmem/{id}', verbs: 'PATCH', feature: 'rate limiters on virtio-pmem' },
   { path: '/drives/{id}', verbs: 'DELETE', feature: 'hot-unplugging devices' },
   { path: '/network-interfaces/{id}', verbs: 'DELETE', feature: 'hot-unplugging devices' },
@@ -151,6 +154,24 @@ export function parseBody<T>(schema: Schema, body: string): { value: T } | { fau
   const problem = check(schema, json);
   if (problem) return { fault: `${DESERIALIZE_PREFIX}${problem}.` };
   return { value: stripNulls(json) as T };
+}
+
+/** A /mmds body: a JSON object (the data store or a merge patch), nested at most MMDS_MAX_DEPTH. */
+function mmdsBody(body: string): { value: unknown } | { fault: string } {
+  let json: unknown;
+  try {
+    json = JSON.parse(body);
+  } catch (e) {
+    return { fault: `${DESERIALIZE_PREFIX}${(e as Error).message}.` };
+  }
+  // The description's MmdsContentsObject (Firecracker itself takes any JSON value here).
+  if (typeof json !== 'object' || json === null || Array.isArray(json))
+    return { fault: `${DESERIALIZE_PREFIX}the body must be a JSON object.` };
+  if (jsonDepth(json) > MMDS_MAX_DEPTH)
+    return {
+      fault: `${DESERIALIZE_PREFIX}recursion limit exceeded (nested deeper than ${MMDS_MAX_DEPTH}).`,
+    };
+  return { value: json };
 }
 
 export function route(method: string, url: string, body: string | undefined): Routed {
@@ -233,11 +254,13 @@ export function route(method: string, url: string, body: string | undefined): Ro
         if (arity(3) && hinting && tokens[2] === 'status')
           return { action: { kind: 'GetBalloonHintingStatus' } };
       }
+      if (first === 'mmds' && arity(1))
+        return { action: { kind: 'GetMmds' }, metric: ['get_api_requests', 'mmds'] };
       return invalid;
     case 'PUT':
       if (
         !arity(1) &&
-        !['drives', 'network-interfaces', 'snapshot', 'pmem', 'hotplug'].includes(first)
+        !['drives', 'network-interfaces', 'snapshot', 'pmem', 'hotplug', 'mmds'].includes(first)
       )
         return invalid;
       switch (first) {
@@ -248,6 +271,19 @@ export function route(method: string, url: string, body: string | undefined): Ro
             ['put_api_requests', 'hotplug_memory'],
             (config) => ({ kind: 'PutMemoryHotplug', config }),
           );
+        case 'mmds': {
+          const metric: [string, string] = ['put_api_requests', 'mmds'];
+          if (arity(2) && tokens[1] === 'config')
+            return withBody<MmdsConfig>(S.MmdsConfig, metric, (config) => ({
+              kind: 'PutMmdsConfig',
+              config,
+            }));
+          if (!arity(1)) return invalid;
+          const r = mmdsBody(body!);
+          return 'fault' in r
+            ? { fault: r.fault, metric }
+            : { action: { kind: 'PutMmds', data: r.value }, metric };
+        }
         case 'snapshot':
           if (arity(1)) return { fault: 'Missing snapshot operation type.' };
           if (!arity(2)) return invalid;
@@ -398,6 +434,14 @@ export function route(method: string, url: string, body: string | undefined): Ro
             ['patch_api_requests', 'hotplug_memory'],
             (v) => ({ kind: 'PatchMemoryHotplug', requestedMib: v.requested_size_mib }),
           );
+        case 'mmds': {
+          if (!arity(1)) return invalid;
+          const metric: [string, string] = ['patch_api_requests', 'mmds'];
+          const r = mmdsBody(body!);
+          return 'fault' in r
+            ? { fault: r.fault, metric }
+            : { action: { kind: 'PatchMmds', patch: r.value }, metric };
+        }
         case 'machine-config': {
           if (!arity(1)) return invalid;
           const r = withBody<Partial<MachineConfig>>(

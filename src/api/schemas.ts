@@ -389,7 +389,7 @@ export const SnapshotLoadParams: Schema = {
  * accepted; anything else is refused by config-file.ts naming the feature.
  * `serial` is not in Firecracker's config file either (its VmmConfig skips it): ignored.
  */
-export const UNSUPPORTED_CONFIG_SECTIONS = ['mmds-config'] as const;
+export const UNSUPPORTED_CONFIG_SECTIONS: readonly string[] = [];
 
 const bitmap = (bits: number): Schema =>
   str(
@@ -471,6 +471,31 @@ export const CpuConfig: Schema = {
   },
 };
 
+/** PUT /mmds/config (issue 16): MmdsConfig of the description. */
+export const MmdsConfig: Schema = {
+  type: 'object',
+  description:
+    'MMDS: the interfaces whose frames to ipv4_address (ARP and TCP) are answered by the metadata service instead of the TAP. Pre-boot only.',
+  properties: {
+    version: oneOf(
+      ['V1', 'V2'],
+      'V1 (a token is optional) or V2 (a session token is required). Default V1.',
+    ),
+    network_interfaces: {
+      type: 'array',
+      items: str('An iface_id configured before.', 64),
+      maxItems: MAX_VIRTIO_DEVICES,
+      description: 'The interfaces that answer MMDS requests (at least one).',
+    },
+    ipv4_address: str(
+      'A link-local address, 169.254.1.0 to 169.254.254.255 (default 169.254.169.254).',
+      15,
+    ),
+    imds_compat: bool('Always answer in the IMDS (text) format, whatever the Accept header says.'),
+  },
+  required: ['network_interfaces'],
+};
+
 /** Any JSON value at all: the section is checked by name in config-file.ts, not by shape. */
 const anyObject: Schema = {
   type: 'object',
@@ -501,6 +526,7 @@ export const FullVmConfiguration: Schema = {
     logger: Logger,
     metrics: Metrics,
     'cpu-config': CpuConfig,
+    'mmds-config': MmdsConfig,
     ...Object.fromEntries(UNSUPPORTED_CONFIG_SECTIONS.map((k) => [k, anyObject])),
     serial: anyObject,
   },

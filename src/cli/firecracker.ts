@@ -44,6 +44,7 @@ export const FIRECRACKER_FLAGS = [
   '--start-time-cpu-us',
   '--parent-cpu-time-us',
   '--mmds-size-limit',
+  '--metadata',
   '--enable-pci',
 ] as const;
 
@@ -67,8 +68,8 @@ Firecracker-compatible mode: the REST API of Firecracker on a Unix socket (docs/
                        the jailer's start times (CLOCK_MONOTONIC and process CPU, in us): the
                        start-up time goes to the metrics (api_server.process_startup_time_us,
                        process_startup_time_cpu_us) and the log
-  --mmds-size-limit N  the MMDS data store's limit in bytes (default: the payload limit);
-                       accepted and checked, but there is no MMDS yet (docs/api.md)
+  --mmds-size-limit N  the MMDS data store's limit in bytes (default: the payload limit)
+  --metadata FILE      the MMDS data store's first content: a JSON file (as a PUT /mmds)
   --enable-pci         refused: Typervisor has no PCI; its devices are virtio-mmio, as
                        Firecracker's are without this flag
   --version            print the version, in Firecracker's form: "Typervisor vX.Y.Z"`;
@@ -93,11 +94,10 @@ export interface FcArgs {
   startTimeUs?: bigint;
   startTimeCpuUs?: bigint;
   parentCpuTimeUs?: bigint;
-  /**
-   * --mmds-size-limit, or the payload limit when absent (as Firecracker defaults it). Kept for
-   * the MMDS, which does not exist yet: nothing reads it.
-   */
+  /** --mmds-size-limit, or the payload limit when absent (as Firecracker defaults it). */
   mmdsSizeLimit: number;
+  /** --metadata: a JSON file loaded into the MMDS data store before anything else. */
+  metadata?: string;
 }
 
 /** A u64 in decimal, as Firecracker parses these flags. */
@@ -136,6 +136,7 @@ export function parseFirecrackerArgs(argv: string[]): FcArgs {
         'start-time-cpu-us': { type: 'string' },
         'parent-cpu-time-us': { type: 'string' },
         'mmds-size-limit': { type: 'string' },
+        metadata: { type: 'string' },
         'enable-pci': { type: 'boolean' },
       },
     }).values;
@@ -187,6 +188,7 @@ export function parseFirecrackerArgs(argv: string[]): FcArgs {
     startTimeCpuUs: u64Flag(v['start-time-cpu-us'], 'start-time-cpu-us'),
     parentCpuTimeUs: u64Flag(v['parent-cpu-time-us'], 'parent-cpu-time-us'),
     mmdsSizeLimit,
+    ...(v.metadata !== undefined ? { metadata: v.metadata } : {}),
   };
 }
 
@@ -332,6 +334,7 @@ async function runWithLogger(
     version: version(),
     metrics,
     logger,
+    mmdsSizeLimit: args.mmdsSizeLimit,
     // The boot timer counts from the start of the build, as Firecracker's (builder.rs).
     build: (spec, o) => {
       if (args.bootTimer) bootTimer = new BootTimer();
@@ -363,6 +366,13 @@ async function runWithLogger(
   });
 
   try {
+    if (args.metadata !== undefined) {
+      const fault = loadMetadataFile(controller, args.metadata);
+      if (fault) {
+        log('error', `bad metadata file ${args.metadata}: ${fault}`);
+        return FC_EXIT_BAD_CONFIGURATION;
+      }
+    }
     if (args.configFile !== undefined) {
       const fault = await controller.applyConfigFile(args.configFile, { noApi: args.noApi });
       if (fault) {
@@ -426,4 +436,15 @@ export class BootTimer {
 function cpuUs(): number {
   const c = process.cpuUsage();
   return c.user + c.system;
+}
+
+/** --metadata FILE: JSON into the MMDS data store (the size limit applies). */
+function loadMetadataFile(controller: VmmController, path: string): string | undefined {
+  let json: unknown;
+  try {
+    json = JSON.parse(readFileSync(path, 'utf8'));
+  } catch (e) {
+    return (e as Error).message;
+  }
+  return controller.loadMetadata(json);
 }

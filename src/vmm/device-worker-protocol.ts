@@ -85,7 +85,9 @@ export type WorkerRequest =
    * The balloon API (issue 16): a request of the balloon device, answered by it; a config-space
    * change it makes (target, hinting command) raises a config-change interrupt.
    */
-  | { op: 'balloon'; request: BalloonRequest };
+  | { op: 'balloon'; request: BalloonRequest }
+  /** PUT/PATCH /mmds (issue 16): the data store's new content, to every MMDS responder. */
+  | { op: 'mmds-data'; json: string };
 
 /** Which device's limiters an 'update-rate-limiter' request sets. */
 export type RateLimiterTarget =
@@ -102,6 +104,7 @@ export interface WorkerReplies {
   'update-block': void;
   'update-rate-limiter': void;
   balloon: unknown;
+  'mmds-data': void;
 }
 
 export type MailboxRequest = WorkerRequest & { seq: number };

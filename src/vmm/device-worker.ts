@@ -20,6 +20,7 @@ import { BLK_CONFIG_CAPACITY, BlockDevice, fdBlockFile } from '../devices/virtio
 import { VirtioDevice } from '../devices/virtio/device.js';
 import { NetDevice } from '../devices/virtio/net/net.js';
 import { RngDevice } from '../devices/virtio/rng/rng.js';
+import { MmdsResponder } from '../mmds/responder.js';
 import type { CreatedBackend, EventOps } from '../devices/virtio/descriptor.js';
 import { deviceType } from '../devices/virtio/registry.js';
 import { EventLoop } from '../events/event-loop.js';
@@ -201,6 +202,13 @@ function main(d: DeviceWorkerData): void {
           n.eventfdWrite(x.slot.irqFd, 1);
         return out.value;
       }
+      case 'mmds-data':
+        for (const x of devices) {
+          const b = x.created.backend;
+          if (b instanceof NetDevice && b.interceptor instanceof MmdsResponder)
+            b.interceptor.setData(r.json);
+        }
+        return undefined;
     }
   };
 

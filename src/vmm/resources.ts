@@ -9,6 +9,7 @@
  * valid and consistent. Everything here is a pure check or a copy: a caller that gets a
  * ConfigError has changed nothing.
  */
+import { checkMmdsConfig, MMDS_DEFAULT_IPV4, type MmdsConfig } from '../mmds/store.js';
 import { closeSync } from 'node:fs';
 import { checkBootImage, openHostFile } from '../loader/image-file.js';
 import { CMDLINE_MAX_SIZE, MAX_VCPUS } from '../arch/x86_64/layout.js';
@@ -221,6 +222,8 @@ export interface VmResources {
   metrics?: MetricsConfig;
   /** A custom CPU template; exclusive with machine.cpu_template (the last one set wins). */
   cpu_config?: CpuConfigJson;
+  /** PUT /mmds/config: the interfaces whose frames to the MMDS address are answered. */
+  mmds_config?: MmdsConfig;
 }
 
 export const MIN_MEM_MIB = 16;
@@ -605,6 +608,14 @@ function checkDevices(r: Omit<VmResources, 'boot'>): {
     );
   let nets: NetworkInterfaceConfig[] = [];
   for (const n of r.network_interfaces ?? []) nets = withNetworkInterface(nets, n);
+  const mmds = r.mmds_config;
+  if (mmds) {
+    const problem = checkMmdsConfig(
+      mmds,
+      nets.map((n) => n.iface_id),
+    );
+    if (problem) throw new ConfigError(problem);
+  }
   if (r.vsock) validateVsock(r.vsock);
   if (r.logger) validateLogger(r.logger);
   const devices: VirtioConfig[] = [
@@ -634,6 +645,15 @@ function checkDevices(r: Omit<VmResources, 'boot'>): {
       ...(n.guest_mac !== undefined ? { mac: n.guest_mac } : {}),
       ...limiterField('rxRateLimiter', n.rx_rate_limiter, `iface ${n.iface_id}: rx_rate_limiter`),
       ...limiterField('txRateLimiter', n.tx_rate_limiter, `iface ${n.iface_id}: tx_rate_limiter`),
+      ...(mmds?.network_interfaces.includes(n.iface_id)
+        ? {
+            mmds: {
+              version: mmds.version ?? 'V1',
+              ipv4: mmds.ipv4_address ?? MMDS_DEFAULT_IPV4,
+              imdsCompat: mmds.imds_compat === true,
+            },
+          }
+        : {}),
     })),
     ...(r.vsock
       ? [
@@ -750,6 +770,8 @@ export interface VmConfig {
   'cpu-config'?: CpuConfigJson | null;
   pmem: PmemApiConfig[];
   'memory-hotplug': MemoryHotplugConfig | null;
+  /** PUT /mmds/config (absent or null: MMDS answers on no interface). */
+  'mmds-config'?: MmdsConfig | null;
 }
 
 export function emptyVmConfig(): VmConfig {
@@ -785,6 +807,8 @@ export function resourcesFromConfig(c: VmConfig): VmResources {
   if (c.logger) r.logger = { ...c.logger };
   if (c.metrics) r.metrics = { ...c.metrics };
   if (c['cpu-config']) r.cpu_config = structuredClone(c['cpu-config']);
+  const mmds = c['mmds-config'];
+  if (mmds) r.mmds_config = structuredClone(mmds);
   return r;
 }
 
@@ -802,6 +826,7 @@ export function configFromResources(r: VmResources): VmConfig {
     'cpu-config': r.cpu_config ? structuredClone(r.cpu_config) : null,
     pmem: (r.pmem ?? []).map((p) => ({ ...p })),
     'memory-hotplug': r.memory_hotplug ? { ...r.memory_hotplug } : null,
+    ...(r.mmds_config ? { 'mmds-config': structuredClone(r.mmds_config) } : {}),
   };
 }
 
@@ -982,6 +1007,7 @@ export function validateRestoreConfig(cfg: unknown, overrides: RestoreOverrides 
       'cpu-config': 'object',
       pmem: 'array',
       'memory-hotplug': 'object',
+      'mmds-config': 'object',
     },
     ['machine-config'],
   );
@@ -1125,6 +1151,32 @@ export function validateRestoreConfig(cfg: unknown, overrides: RestoreOverrides 
     shapeRateLimiter(p.rate_limiter, `${what}.rate_limiter`);
     return checkPmem(defined<PmemApiConfig>(p));
   });
+  // MMDS: its configuration travels with the snapshot (Firecracker's docs/mmds), its data
+  // store does not.
+  let mmds: MmdsConfig | null = null;
+  if (c['mmds-config'] != null) {
+    const m = shape(
+      c['mmds-config'],
+      'mmds-config',
+      {
+        version: 'string',
+        network_interfaces: 'array',
+        ipv4_address: 'string',
+        imds_compat: 'boolean',
+      },
+      ['network_interfaces'],
+    );
+    const ifs = shapeArray(
+      m.network_interfaces,
+      'mmds-config.network_interfaces',
+      MAX_VIRTIO_DEVICES,
+    );
+    if (ifs.some((x) => typeof x !== 'string'))
+      throw new ConfigError('mmds-config.network_interfaces: expected strings');
+    if (m.version != null && m.version !== 'V1' && m.version !== 'V2')
+      throw new ConfigError('mmds-config.version: expected "V1" or "V2"');
+    mmds = { ...defined<MmdsConfig>(m), network_interfaces: ifs as string[] };
+  }
   // Logger and metrics belong to the process, not the VM: a load keeps the process's own (the
   // sections are only checked to be objects, above, and dropped).
   const hotplug =
@@ -1147,6 +1199,7 @@ export function validateRestoreConfig(cfg: unknown, overrides: RestoreOverrides 
     ...(vsock ? { vsock } : {}),
     ...(entropy ? { entropy } : {}),
     ...(balloon ? { balloon } : {}),
+    ...(mmds ? { mmds_config: mmds } : {}),
   });
   return {
     vcpus: machine.vcpu_count,
@@ -1165,6 +1218,7 @@ export function validateRestoreConfig(cfg: unknown, overrides: RestoreOverrides 
       'cpu-config': cpuConfig,
       pmem: checked.pmem,
       'memory-hotplug': hotplug ? validateMemoryHotplug(hotplug) : null,
+      ...(mmds ? { 'mmds-config': mmds } : {}),
     },
   };
 }
@@ -1247,7 +1301,7 @@ export function wireVmConfig(c: VmConfig): Wire {
     logger: null,
     'machine-config': wireMachineConfig(c['machine-config']),
     metrics: null,
-    'mmds-config': null,
+    'mmds-config': wireMmdsConfig(c['mmds-config']),
     'network-interfaces': c['network-interfaces'].map((n) => ({
       iface_id: n.iface_id,
       host_dev_name: n.host_dev_name,
@@ -1266,5 +1320,16 @@ export function wireVmConfig(c: VmConfig): Wire {
       rate_limiter: wireRateLimiter(p.rate_limiter),
     })),
     'memory-hotplug': c['memory-hotplug'] ? validateMemoryHotplug(c['memory-hotplug']) : null,
+  };
+}
+
+/** GET /vm/config's mmds-config, as Firecracker writes its MmdsConfig (defaults filled in). */
+function wireMmdsConfig(m: MmdsConfig | null | undefined): Wire | null {
+  if (!m) return null;
+  return {
+    version: m.version ?? 'V1',
+    network_interfaces: [...m.network_interfaces],
+    ipv4_address: m.ipv4_address ?? MMDS_DEFAULT_IPV4,
+    imds_compat: m.imds_compat === true,
   };
 }

@@ -299,9 +299,6 @@ describe('API pre-boot (real socket, child process)', () => {
 
   test('unsupported features answer 400 saying so', T, async () => {
     const cases: Array<[string, string, unknown?]> = [
-      ['GET', '/mmds'],
-      ['PUT', '/mmds', {}],
-      ['PUT', '/mmds/config', {}],
       ['PATCH', '/pmem/p0', { id: 'p0' }],
       ['DELETE', '/drives/root'],
     ];

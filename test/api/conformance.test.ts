@@ -211,16 +211,7 @@ const REQUESTS: Record<string, (s: State, c: Ctx) => Req> = {
  * Mismatches found and not fixed here ("state METHOD path" -> what differs): reported as todo.
  * Remove an entry once fixed (a todo that passes is reported as such by node:test).
  */
-const MMDS_404 =
-  'GET /mmds answers 400 (MMDS not supported); the description documents only 200 and 404. ' +
-  'Firecracker answers 200 with the data store ({} when empty) before boot, and 400 (not ' +
-  'documented either) after boot when MMDS was never configured';
-const KNOWN: Record<string, string> = {
-  'fresh GET /mmds': MMDS_404,
-  'configured GET /mmds': MMDS_404,
-  'running GET /mmds': MMDS_404,
-  'paused GET /mmds': MMDS_404,
-};
+const KNOWN: Record<string, string> = {};
 
 const key = (op: Operation) => `${op.method} ${op.path}`;
 

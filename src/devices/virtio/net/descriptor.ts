@@ -1,4 +1,7 @@
 /** virtio-net in the device registry: a TAP opened on the main thread, served in the worker. */
+import { randomBytes } from 'node:crypto';
+import { MmdsResponder, type ResponderConfig } from '../../../mmds/responder.js';
+import type { MmdsVersion } from '../../../mmds/store.js';
 import { ConfigError } from '../../../util/errors.js';
 import type { DeviceType } from '../descriptor.js';
 import type { RateLimiterConfig } from '../rate-limiter.js';
@@ -16,12 +19,16 @@ export interface NetConfig {
   /** Firecracker's rx_rate_limiter / tx_rate_limiter (enforced; default: none). */
   rxRateLimiter?: RateLimiterConfig;
   txRateLimiter?: RateLimiterConfig;
+  /** MMDS answers on this interface (PUT /mmds/config listed it). */
+  mmds?: { version: MmdsVersion; ipv4: string; imdsCompat: boolean };
 }
 
 export interface NetHost {
   tapFd: number;
   rxRateLimiter?: RateLimiterConfig;
   txRateLimiter?: RateLimiterConfig;
+  /** The responder's configuration, with a V2 token key made for this VM. */
+  mmds?: ResponderConfig;
 }
 
 export const netDevice: DeviceType<NetConfig, NetHost> = {
@@ -48,12 +55,19 @@ export const netDevice: DeviceType<NetConfig, NetHost> = {
         tapFd: tap.fd,
         ...(config.rxRateLimiter ? { rxRateLimiter: config.rxRateLimiter } : {}),
         ...(config.txRateLimiter ? { txRateLimiter: config.txRateLimiter } : {}),
+        ...(config.mmds ? { mmds: { ...config.mmds, tokenKey: randomBytes(32) } } : {}),
       },
       warnings: [],
       close: () => ctx.sys.close(tap.fd),
     };
   },
   create(host, env) {
+    const mmds = host.mmds
+      ? new MmdsResponder(host.mmds, {
+          setTimer: (ms, fn) => env.loop.setTimer(ms, fn),
+          onReply: () => net.serveReplies(),
+        })
+      : undefined;
     const net: NetDevice = new NetDevice(
       env.name,
       tapIo(env.sys, env.loop, host.tapFd, () => net.onTapReadable()),
@@ -63,6 +77,8 @@ export const netDevice: DeviceType<NetConfig, NetHost> = {
         ...(host.txRateLimiter ? { tx: host.txRateLimiter } : {}),
         setTimer: (ms, fn) => env.loop.setTimer(ms, fn),
       },
+      mmds,
+      (fn) => void env.loop.setTimer(0, fn),
     );
     const c = net.counters;
     return {
@@ -88,6 +104,10 @@ export const netDevice: DeviceType<NetConfig, NetHost> = {
         tx_rate_limiter_event_count: c.txThrottleEvents,
         // Ours: RX frames held by the limiter that a snapshot dropped.
         rx_throttled_dropped: c.rxThrottledDropped,
+        // The mmds group (controller.ts deviceMetrics moves mmds_* there).
+        ...(mmds
+          ? Object.fromEntries(Object.entries(mmds.metrics()).map(([k, v]) => [`mmds_${k}`, v]))
+          : {}),
       }),
     };
   },

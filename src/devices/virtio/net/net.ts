@@ -108,6 +108,22 @@ export interface TapIo {
   setReadInterest(on: boolean): void;
 }
 
+/**
+ * Something that answers some of the guest's TX frames itself instead of the TAP (the MMDS
+ * responder, src/mmds/responder.ts): it sees each TX frame's first INTERCEPT_PEEK bytes, takes
+ * the frames it wants (a host copy), and queues its answers, which RX serves ahead of the TAP.
+ */
+export interface FrameInterceptor {
+  wants(head: Uint8Array): boolean;
+  /** `csumPartial`: the guest left the L4 checksum to the device (VIRTIO_NET_HDR_F_NEEDS_CSUM). */
+  handleFrame(frame: Uint8Array, csumPartial: boolean): void;
+  takeReply(): Uint8Array | undefined;
+  readonly queued: number;
+}
+
+/** Bytes of a TX frame an interceptor's wants() sees: Ethernet + an ARP packet. */
+export const INTERCEPT_PEEK = 42;
+
 /** virtio-net's own saved state (see NetDevice.save). */
 export const NetStateV1 = versioned('virtio-net', 1, struct({ heldRx: bool }));
 /** Version 2 adds the rate limiters' buckets (version 1 still loads: no limiter state). */
@@ -238,12 +254,17 @@ export class NetDevice implements VirtioBackend {
   /** A TX frame body with too many buffers for one writev, copied here. */
   private readonly txBody = new Uint8Array(MAX_FRAME_WITH_HDR - NET_HDR_SIZE);
   private watching = false;
+  private readonly peek = new Uint8Array(INTERCEPT_PEEK);
 
   constructor(
     readonly name: string,
     private readonly tap: TapIo,
     private readonly log: (m: string) => void,
     private readonly limits: NetLimitOptions = {},
+    /** MMDS on this interface (its answers reach the guest through RX). */
+    readonly interceptor?: FrameInterceptor,
+    /** Runs `fn` on a later round of the loop (RX at its budget with answers still queued). */
+    private readonly defer?: (fn: () => void) => void,
   ) {
     const now = limits.now ?? monotonicMs;
     this.rxLimiter = new RateLimiter(limits.rx, now);
@@ -400,6 +421,7 @@ export class NetDevice implements VirtioBackend {
     const ok = checkTxHeader(parseNetHeader(this.txHdr), len - NET_HDR_SIZE, this.tx);
     if (!ok.ok) return bad(ok.error);
     let body = sliceSegments(chain.readable, NET_HDR_SIZE, len - NET_HDR_SIZE);
+    if (this.interceptor && this.intercept(body, len - NET_HDR_SIZE)) return 0;
     if (body.length + 1 > TAP_MAX_IOVECS) {
       const flat = this.txBody.subarray(0, len - NET_HDR_SIZE);
       gather(body, flat);
@@ -419,6 +441,29 @@ export class NetDevice implements VirtioBackend {
       this.logOnce('tx-error', `${this.name}: TAP write failed: ${(e as Error).message}`);
     }
     return 0;
+  }
+
+  /**
+   * MMDS: a frame the interceptor wants is copied out (the copy is what it parses: the guest
+   * cannot change it meanwhile) and never reaches the TAP; its answers are served at once.
+   */
+  private intercept(body: Uint8Array[], len: number): boolean {
+    const ic = this.interceptor!;
+    const head = this.peek.subarray(0, Math.min(len, INTERCEPT_PEEK));
+    gather(body, head);
+    if (!ic.wants(head)) return false;
+    const frame = new Uint8Array(len);
+    gather(body, frame);
+    const h = parseNetHeader(this.txHdr);
+    // A GSO frame is never an MMDS request (they are small): dropped by the responder's checks.
+    ic.handleFrame(h.gsoType === 0 ? frame : frame.subarray(0, 0), (h.flags & 1) !== 0);
+    if (ic.queued > 0) this.processRx();
+    return true;
+  }
+
+  /** The interceptor queued answers outside a TX frame (its timers): serve them. */
+  serveReplies(): void {
+    this.processRx();
   }
 
   /** The RX queue was kicked: the guest added buffers. */
@@ -473,6 +518,10 @@ export class NetDevice implements VirtioBackend {
         io.pushUsed(RX_QUEUE, chain.head, 0);
         continue;
       }
+      if (this.interceptor && this.interceptor.queued > 0) {
+        this.rxReply(io, chain, this.interceptor.takeReply()!);
+        continue;
+      }
       let n: number;
       try {
         n = this.tap.readv([...chain.writable, this.spill]);
@@ -523,8 +572,27 @@ export class NetDevice implements VirtioBackend {
       // Budget used, buffers maybe left: the TAP, if still readable, wakes us next round.
       this.counters.rxBudgetYields++;
       this.setWatching(true);
+      // The TAP wakes RX again when readable; queued MMDS answers need a wake-up of their own.
+      if (this.interceptor && this.interceptor.queued > 0) this.defer?.(() => this.processRx());
     }
     io.notify(RX_QUEUE);
+  }
+
+  /** An interceptor's frame into an RX chain: a zero virtio-net header (num_buffers 1), then it. */
+  private rxReply(io: QueueIo, chain: DescriptorChain, frame: Uint8Array): void {
+    const n = NET_HDR_SIZE + frame.length;
+    if (n > chain.writableLength) {
+      this.counters.rxTooLarge++;
+      io.pushUsed(RX_QUEUE, chain.head, 0);
+      return;
+    }
+    const out = new Uint8Array(n);
+    out[10] = 1;
+    out.set(frame, NET_HDR_SIZE);
+    scatter(chain.writable, out);
+    io.pushUsed(RX_QUEUE, chain.head, n);
+    this.counters.rxFrames++;
+    this.counters.rxBytes += frame.length;
   }
 
   private setWatching(on: boolean): void {
