@@ -5,6 +5,7 @@
  */
 import { Worker } from 'node:worker_threads';
 import { DEVICE_WORKER_ROLE } from './device-worker-protocol.js';
+import { chooseVcpuThreads, type VcpuThreads } from './vcpu-mode.js';
 
 const pool: Worker[] = [];
 
@@ -12,8 +13,18 @@ function spawnVcpuWorker(): Worker {
   return new Worker(new URL('./vcpu-worker.js', import.meta.url), { stdout: false, stderr: false });
 }
 
-/** Starts up to `n` workers now (unused ones are ended by takeVcpuWorkers). */
+/**
+ * Starts up to `n` workers now (unused ones are ended by takeVcpuWorkers); for a VM whose vCPUs
+ * will run on native runner threads (vcpu-mode.ts), one: the hub that serves them all.
+ */
 export function prewarmVcpuWorkers(n: number): void {
+  let mode: VcpuThreads = 'worker';
+  try {
+    mode = chooseVcpuThreads(n, process.env.TYPERVISOR_VCPU_THREADS);
+  } catch {
+    // a bad setting is reported when the VM starts
+  }
+  if (mode === 'native') n = Math.min(n, 1);
   while (pool.length < n) {
     const w = spawnVcpuWorker();
     w.unref(); // an unused prewarmed worker must not keep the process alive
