@@ -78,3 +78,4 @@ export {
   type CloneMemory,
   type FileMatch,
 } from './clone-memory.js';
+export { chooseVcpuThreads, NATIVE_FROM_VCPUS, type VcpuThreads } from './vcpu-mode.js';

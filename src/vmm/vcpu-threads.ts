@@ -20,7 +20,7 @@
  * thread through vcpuRunnerKick, as for workers.
  */
 import { Kvm, Vcpu } from '../kvm/kvm.js';
-import { native } from '../kvm/native.js';
+import { isSyscallError, native } from '../kvm/native.js';
 import { installWorkerFilter, runnerProgram } from '../sandbox/seccomp/install.js';
 import { mapGuestRam, type GuestRamLayout } from './guest-ram.js';
 import { attachLegacyDevices, type LegacyDeviceState } from './legacy-devices.js';
@@ -98,6 +98,14 @@ export async function runHub(
   const vs: HubVcpu[] = [];
   const words = new Int32Array(new SharedArrayBuffer(Math.max(1, d.vcpus.length) * WORDS * 4));
   let event: VmExitEvent | undefined;
+  /** Blocks in read(eventfd) until a runner or the main thread rings (a signal: look again). */
+  const sleep = () => {
+    try {
+      n.eventfdRead(d.eventFd);
+    } catch (e) {
+      if (!isSyscallError(e, 'EINTR')) throw e;
+    }
+  };
   const fail = (e: VmExitEvent) => {
     if (!event) post({ type: 'event', event: e } satisfies VcpuHubMessage);
     event ??= e;
@@ -249,7 +257,7 @@ export async function runHub(
         }
       }
       if (live === 0) break;
-      n.eventfdRead(d.eventFd); // blocks until a runner or the main thread rings
+      sleep(); // until a runner or the main thread rings
     }
   } catch (e) {
     fail({ kind: 'fatal', message: `vCPU hub: ${(e as Error).message}` });
@@ -266,7 +274,7 @@ export async function runHub(
     for (;;) {
       const left = vs.filter((v) => Atomics.load(words, v.base) !== RunnerWord.Dead);
       if (left.length === 0) break;
-      n.eventfdRead(d.eventFd);
+      sleep();
     }
     for (const v of vs) n.vcpuRunnerJoin(v.handle);
     const control = new VcpuControl(d.control);
