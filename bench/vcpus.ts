@@ -75,6 +75,7 @@ async function run(v: Variant, m: Vmm, o: Parameters<typeof runOnce>[1]) {
   return r;
 }
 
+const notes: string[] = [];
 type Samples = Record<string, Record<Variant, number[]>>;
 const samples: Samples = {};
 function add(metric: string, v: Variant, x: number | undefined): void {
@@ -98,6 +99,8 @@ async function pauseLatency(dir: string, vcpus: number, mode: 'worker' | 'native
     { consoleFd: fd },
   );
   delete process.env.TYPERVISOR_VCPU_THREADS;
+  let ended: string | undefined;
+  void vm.vmm.exited.then((e) => (ended = JSON.stringify(e)));
   try {
     const t0 = performance.now();
     while (!readFileSync(out, 'latin1').includes('M')) {
@@ -106,7 +109,15 @@ async function pauseLatency(dir: string, vcpus: number, mode: 'worker' | 'native
     }
     for (let i = 0; i < rounds; i++) {
       const a = performance.now();
-      await vm.vmm.pause();
+      try {
+        await vm.vmm.pause();
+      } catch (e) {
+        await new Promise((r) => setTimeout(r, 100));
+        notes.push(
+          `${mode}, ${vcpus} vCPU(s): pause ${i} failed: ${(e as Error).message} (VM: ${ended ?? vm.vmm.state})`,
+        );
+        break;
+      }
       const b = performance.now();
       vm.vmm.resume();
       // resume latency: until every vCPU is running again (its state slot says so)
@@ -200,6 +211,8 @@ async function main() {
       ([metric, s]) =>
         `| ${metric} | ${cell(stat(s.worker))} | ${cell(stat(s.native))} | ${cell(stat(s.qemu))} |`,
     ),
+    '',
+    ...notes.map((n) => `- ${n}`),
     '',
   ].join('\n');
   process.stdout.write(lines);
