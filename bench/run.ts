@@ -18,10 +18,12 @@ import {
   type SubSuiteResult,
 } from './lab.js';
 import { microSuite } from './micro.js';
+import { vcpusSuite } from './vcpus.js';
 
 const DEFAULT_LAB_RUNS = LAB_SUB_SUITES.map((d) => `${d.name} ${d.defaultRuns}`).join(', ');
-const USAGE = `usage: npm run bench -- [--suite micro|lab|snapshot|all] [--runs N] [--lab-runs N] [--lab-suites NAME[:N],...]
-  --suite        which suites (default all); snapshot: the lab's snapshot sub-suite alone
+const USAGE = `usage: npm run bench -- [--suite micro|vcpus|lab|snapshot|all] [--runs N] [--lab-runs N] [--lab-suites NAME[:N],...]
+  --suite        which suites (default all); snapshot: the lab's snapshot sub-suite alone;
+                 vcpus: 1-64 vCPUs, per-vCPU workers vs native runner threads vs QEMU (bench/vcpus.ts)
   --runs N       runs of the micro suite (default 10); if given, also caps each lab sub-suite's default
   --lab-runs N   runs of every lab sub-suite (defaults: ${DEFAULT_LAB_RUNS})
   --lab-suites   lab sub-suites to run, in order, each with an optional run count
@@ -91,7 +93,7 @@ function hostInfo() {
 }
 
 interface Options {
-  suite: 'micro' | 'lab' | 'all';
+  suite: 'micro' | 'vcpus' | 'lab' | 'all';
   runs: number;
   lab: Array<{ name: LabSubSuiteName; runs: number }>;
 }
@@ -125,7 +127,8 @@ function parseOptions(argv: string[]): Options | string {
     suite = 'lab';
     v['lab-suites'] = 'snapshot';
   }
-  if (suite !== 'micro' && suite !== 'lab' && suite !== 'all') return `unknown suite: ${suite}`;
+  if (suite !== 'micro' && suite !== 'vcpus' && suite !== 'lab' && suite !== 'all')
+    return `unknown suite: ${suite}`;
   const runs = count(v.runs, '--runs');
   const labRuns = count(v['lab-runs'], '--lab-runs');
   if (typeof runs === 'string') return runs;
@@ -185,7 +188,19 @@ async function main() {
   const notes: string[] = [];
   const times: string[] = [];
   let lab: SubSuiteResult[] = [];
-  if (o.suite !== 'lab') {
+  let vcpus: string | undefined;
+  if (o.suite === 'vcpus' || o.suite === 'all') {
+    const runs = Math.min(o.runs, 3);
+    log(`vcpus suite, ${runs} runs`);
+    const t = Date.now();
+    try {
+      vcpus = await vcpusSuite({ runs, counts: [1, 8, 32, 64], kvmKind: host.kvmKind, log });
+    } catch (e) {
+      notes.push(`vcpus suite failed: ${(e as Error).message.split('\n').slice(0, 5).join(' ')}`);
+    }
+    times.push(`vcpus ${((Date.now() - t) / 1000).toFixed(0)} s`);
+  }
+  if (o.suite === 'micro' || o.suite === 'all') {
     log(`micro suite, ${o.runs} runs`);
     const t = Date.now();
     try {
@@ -198,7 +213,7 @@ async function main() {
     }
     times.push(`micro ${((Date.now() - t) / 1000).toFixed(0)} s`);
   }
-  if (o.suite !== 'micro') {
+  if (o.suite === 'lab' || o.suite === 'all') {
     lab = await labSuite({ suites: o.lab, log });
     const chosen = o.lab.map((s) => `${s.name} ${s.runs}`).join(', ');
     notes.push(
@@ -231,6 +246,9 @@ async function main() {
           '',
         ]
       : []),
+    ...(vcpus
+      ? ['## vCPU threads: per-vCPU workers vs native runner threads vs QEMU', '', vcpus]
+      : []),
     ...(lab.length ? labSection(lab, labHost) : []),
     '## Notes',
     '',
@@ -248,7 +266,9 @@ async function main() {
         seconds: totalS,
         runs: o.runs,
         labRuns:
-          o.suite === 'micro' ? undefined : Object.fromEntries(o.lab.map((s) => [s.name, s.runs])),
+          o.suite === 'micro' || o.suite === 'vcpus'
+            ? undefined
+            : Object.fromEntries(o.lab.map((s) => [s.name, s.runs])),
         suite: o.suite,
         host,
         lab: labHost,

@@ -26,7 +26,16 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { detectKvm } from '../src/kvm/detect.js';
-import { REPO, TYPERVISOR, qemuCpu, runOnce, stat, type Stat, type Vmm } from './common.js';
+import {
+  REPO,
+  TYPERVISOR,
+  isMainModule,
+  qemuCpu,
+  runOnce,
+  stat,
+  type Stat,
+  type Vmm,
+} from './common.js';
 
 const MEM_MIB = 64;
 const LOOP_BIG = 100_000;
@@ -141,25 +150,23 @@ function cell(s: Stat | undefined, digits = 1): string {
   return `${f(s.median)} (${f(s.min)}–${f(s.max)})`;
 }
 
-async function main() {
-  const { values } = parseArgs({
-    options: { runs: { type: 'string' }, counts: { type: 'string' } },
-  });
-  const runs = Number(values.runs ?? 3);
-  const counts = (values.counts ?? '1,8,32,64').split(',').map(Number);
-  if (
-    !Number.isInteger(runs) ||
-    runs < 1 ||
-    counts.some((n) => !Number.isInteger(n) || n < 1 || n > 64)
-  )
-    throw new Error('usage: vcpus.js [--runs N] [--counts 1,8,32,64] (1 to 64 vCPUs)');
-  const kvmKind = detectKvm().kind;
+export interface VcpusOptions {
+  runs: number;
+  counts: number[];
+  kvmKind: string;
+  log: (s: string) => void;
+}
+
+/** Runs the suite; returns its Markdown section (a table and notes). */
+export async function vcpusSuite(o: VcpusOptions): Promise<string> {
+  const { runs, counts, kvmKind, log } = o;
+  for (const k of Object.keys(samples)) delete samples[k];
+  notes.length = 0;
   const dir = mkdtempSync(join(tmpdir(), 'tv-vcpus-guests-'));
   const b = spawnSync('sh', [join(REPO, 'bench', 'guests', 'build.sh'), dir, String(LOOP_BIG)], {
     encoding: 'utf8',
   });
   if (b.status !== 0) throw new Error(`bench/guests/build.sh failed: ${b.stderr}`);
-  const log = (s: string) => process.stderr.write(`vcpus: ${s}\n`);
   const started = Date.now();
   try {
     for (let round = 0; round < runs; round++) {
@@ -200,9 +207,7 @@ async function main() {
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
-  const lines = [
-    '# vCPU threads: per-vCPU workers vs native runner threads vs QEMU',
-    '',
+  return [
     `${new Date().toISOString()}, ${((Date.now() - started) / 1000).toFixed(0)} s, ${runs} interleaved round(s); KVM ${kvmKind}. Cells: median (min–max); lower is better unless ↑.`,
     '',
     '| metric | worker (today) | native threads | QEMU microvm |',
@@ -215,10 +220,31 @@ async function main() {
     ...notes.map((n) => `- ${n}`),
     '',
   ].join('\n');
+}
+
+async function main() {
+  const { values } = parseArgs({
+    options: { runs: { type: 'string' }, counts: { type: 'string' } },
+  });
+  const runs = Number(values.runs ?? 3);
+  const counts = (values.counts ?? '1,8,32,64').split(',').map(Number);
+  if (
+    !Number.isInteger(runs) ||
+    runs < 1 ||
+    counts.some((n) => !Number.isInteger(n) || n < 1 || n > 64)
+  )
+    throw new Error('usage: vcpus.js [--runs N] [--counts 1,8,32,64] (1 to 64 vCPUs)');
+  const body = await vcpusSuite({
+    runs,
+    counts,
+    kvmKind: detectKvm().kind,
+    log: (s) => process.stderr.write(`vcpus: ${s}\n`),
+  });
+  const lines = `# vCPU threads: per-vCPU workers vs native runner threads vs QEMU\n\n${body}`;
   process.stdout.write(lines);
   mkdirSync(join(REPO, 'bench', 'results'), { recursive: true });
   writeFileSync(join(REPO, 'bench', 'results', 'vcpus.md'), lines);
   process.exit(0);
 }
 
-await main();
+if (isMainModule(import.meta.url)) await main();
