@@ -47,7 +47,7 @@ test(
     const n = Number(process.env.TV_INLAB_VCPU_COMPARE ?? 0);
     const times: Record<string, number[]> = {};
     for (let i = 0; i < n; i++) {
-      for (const vcpus of [1, 2]) {
+      for (const vcpus of (process.env.TV_INLAB_VCPU_COUNTS ?? '1,2').split(',').map(Number)) {
         for (const mode of (i % 2 ? ['native', 'worker'] : ['worker', 'native']) as Array<
           'native' | 'worker'
         >) {
