@@ -59,7 +59,8 @@ export const RUN_USAGE = `usage: typervisor run [options]
   --no-seccomp      run without the seccomp filters (on by default; docs/security.md)
   --seccomp-filter FILE  per-role allow-lists from this JSON instead of the defaults
   --vcpu-threads M  worker: a Node worker per vCPU; native: a native thread per vCPU, all served
-                    by one worker; auto (default): native from ${NATIVE_FROM_VCPUS} vCPUs (docs/architecture.md)
+                    by one worker; hybrid: vCPU 0 on a worker, the others native; auto
+                    (default): hybrid from ${NATIVE_FROM_VCPUS} vCPUs, else worker (docs/architecture.md)
 Restoring a snapshot instead of booting (the VM's shape comes from the snapshot, so --kernel,
 --initrd, --cmdline, --vcpus, --memory, --drive, --rootfs, --rng, --net and --vsock do not apply):
   --restore STATE   the state file (typervisor snapshot create, or PUT /snapshot/create)
@@ -172,7 +173,7 @@ function parseRunFlags(argv: string[]) {
 type RunFlags = ReturnType<typeof parseRunFlags>;
 
 /**
- * --vcpu-threads worker|native|auto (vcpu-mode.ts), passed on as TYPERVISOR_VCPU_THREADS (read
+ * --vcpu-threads worker|native|hybrid|auto (vcpu-mode.ts), passed on as TYPERVISOR_VCPU_THREADS (read
  * when the VM starts; main.ts reads the flag too, for the prewarm).
  */
 function applyVcpuThreads(v: RunFlags): void {

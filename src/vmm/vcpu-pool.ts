@@ -5,7 +5,7 @@
  */
 import { Worker } from 'node:worker_threads';
 import { DEVICE_WORKER_ROLE } from './device-worker-protocol.js';
-import { chooseVcpuThreads, type VcpuThreads } from './vcpu-mode.js';
+import { chooseVcpuThreads, workersFor, type VcpuThreads } from './vcpu-mode.js';
 
 const pool: Worker[] = [];
 
@@ -15,7 +15,8 @@ function spawnVcpuWorker(): Worker {
 
 /**
  * Starts up to `n` workers now (unused ones are ended by takeVcpuWorkers); for a VM whose vCPUs
- * will run on native runner threads (vcpu-mode.ts), one: the hub that serves them all.
+ * will run on native runner threads (vcpu-mode.ts), one for the hub that serves them (and one
+ * for vCPU 0 in hybrid mode).
  */
 export function prewarmVcpuWorkers(n: number): void {
   let mode: VcpuThreads = 'worker';
@@ -24,7 +25,7 @@ export function prewarmVcpuWorkers(n: number): void {
   } catch {
     // a bad setting is reported when the VM starts
   }
-  if (mode === 'native') n = Math.min(n, 1);
+  n = workersFor(mode, n);
   while (pool.length < n) {
     const w = spawnVcpuWorker();
     w.unref(); // an unused prewarmed worker must not keep the process alive

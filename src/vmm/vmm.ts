@@ -103,9 +103,14 @@ export class Vmm {
     }
     const n = native();
     this.kickSignal = n.installKickHandler();
-    if (this.mode === 'native') return this.startNative(vcpuFds, data);
-    const workers = takeVcpuWorkers(vcpuFds.length);
-    vcpuFds.forEach((fd, id) => {
+    // hybrid: vCPU 0 (the boot vCPU, which takes most of a boot's exits) on a worker of its
+    // own, the others on native runner threads.
+    const ids = vcpuFds.map((_, id) => id);
+    const onWorkers = this.mode === 'worker' ? ids : this.mode === 'hybrid' ? ids.slice(0, 1) : [];
+    const onRunners = ids.slice(onWorkers.length);
+    const workers = takeVcpuWorkers(onWorkers.length + (onRunners.length > 0 ? 1 : 0));
+    onWorkers.forEach((id) => {
+      const fd = vcpuFds[id]!;
       const runBuffer = n.mmap(this.vcpuMmapSize, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
       const worker = workers[id]!;
       const start: VcpuWorkerStart = {
@@ -135,12 +140,15 @@ export class Vmm {
       );
       this.vcpus.push(h);
     });
+    if (onRunners.length > 0) this.startNative(onRunners, vcpuFds, data, workers.at(-1)!);
   }
 
   /** One worker (the hub, vcpu-threads.ts) serving a native runner thread per vCPU. */
   private startNative(
+    ids: number[],
     vcpuFds: number[],
     data: (id: number) => Omit<VcpuWorkerData, 'control'>,
+    worker: Worker,
   ): void {
     const n = native();
     const efd = n.eventfd(0, 0); // blocking: the hub sleeps in read()
@@ -149,12 +157,11 @@ export class Vmm {
       this.hubEventFd = -1;
       n.close(efd);
     });
-    const [worker] = takeVcpuWorkers(1) as [Worker];
-    const d0 = data(0);
+    const d0 = data(ids[0]!);
     const start: VcpuHubStart = {
       type: 'start-hub',
       data: {
-        vcpus: vcpuFds.map((vcpuFd, id) => ({ id, vcpuFd })),
+        vcpus: ids.map((id) => ({ id, vcpuFd: vcpuFds[id]! })),
         mmapSize: d0.mmapSize,
         ram: d0.ram,
         control: this.control.sab,
@@ -164,7 +171,8 @@ export class Vmm {
       },
     };
     worker.postMessage(start);
-    const hs = vcpuFds.map((fd, id) => {
+    const hs = ids.map((id) => {
+      const fd = vcpuFds[id]!;
       const runBuffer = n.mmap(this.vcpuMmapSize, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
       const h: VcpuHandle = { id, worker, run: new DataView(runBuffer), runBuffer, exited: false };
       this.vcpus.push(h);

@@ -42,9 +42,14 @@ function threads(): Array<{ name: string; seccomp: number }> {
   return out;
 }
 
-function build(guest: string, vcpus: number, consoleFile: string): BuiltVm {
+function build(
+  guest: string,
+  vcpus: number,
+  consoleFile: string,
+  mode: 'native' | 'hybrid' = 'native',
+): BuiltVm {
   const prev = process.env.TYPERVISOR_VCPU_THREADS;
-  process.env.TYPERVISOR_VCPU_THREADS = 'native';
+  process.env.TYPERVISOR_VCPU_THREADS = mode;
   try {
     return buildVm(
       validateResources({
@@ -85,99 +90,115 @@ describe('native vCPU runner threads (KVM)', () => {
     await gone(baseline);
   });
 
-  test('8 vCPUs: one runner thread each, filtered, one hub; pause, resume, stop', T, async () => {
-    const baseline = threadCount();
-    const dir = tempDir();
-    const vm = build('piospin', 8, join(dir, 'console'));
-    // every vCPU runs, vCPU 0 exits on every port write
-    assert.ok(await eventually(() => vm.vmm.control.exits(0) > 100, BOUND_MS), 'no exits');
-    const ts = threads();
-    const runners = ts.filter((t) => t.name.startsWith('tv-vrun'));
-    assert.deepEqual(runners.map((t) => t.name).sort(), [
-      'tv-vrun0',
-      'tv-vrun1',
-      'tv-vrun2',
-      'tv-vrun3',
-      'tv-vrun4',
-      'tv-vrun5',
-      'tv-vrun6',
-      'tv-vrun7',
-    ]);
-    for (const r of runners) assert.equal(r.seccomp, 2, `${r.name} has no seccomp filter`);
-    assert.equal(ts.filter((t) => t.name === 'tv-vcpuhub').length, 1);
-    assert.equal(
-      ts.filter((t) => t.name.startsWith('tv-vcpu') && t.name !== 'tv-vcpuhub').length,
-      0,
+  for (const mode of ['native', 'hybrid'] as const)
+    test(
+      `${mode}, 8 vCPUs: one filtered runner thread per vCPU${mode === 'hybrid' ? ' but vCPU 0 (a worker)' : ''}, one hub; pause, resume, stop`,
+      T,
+      async () => {
+        const baseline = threadCount();
+        const dir = tempDir();
+        const vm = build('piospin', 8, join(dir, 'console'), mode);
+        assert.equal(vm.vmm.mode, mode);
+        const first = mode === 'hybrid' ? 1 : 0;
+        // every vCPU runs, vCPU 0 exits on every port write
+        assert.ok(await eventually(() => vm.vmm.control.exits(0) > 100, BOUND_MS), 'no exits');
+        // the runners start once the hub's worker is up (vCPU 0's worker may be running already)
+        assert.ok(
+          await eventually(
+            () => threads().filter((t) => t.name.startsWith('tv-vrun')).length === 8 - first,
+            BOUND_MS,
+          ),
+          'the runner threads did not start',
+        );
+        const ts = threads();
+        const runners = ts.filter((t) => t.name.startsWith('tv-vrun'));
+        assert.deepEqual(
+          runners.map((t) => t.name).sort(),
+          [...Array(8 - first).keys()].map((i) => `tv-vrun${i + first}`),
+        );
+        for (const r of runners) assert.equal(r.seccomp, 2, `${r.name} has no seccomp filter`);
+        assert.equal(ts.filter((t) => t.name === 'tv-vcpuhub').length, 1);
+        assert.deepEqual(
+          ts
+            .filter((t) => t.name.startsWith('tv-vcpu') && t.name !== 'tv-vcpuhub')
+            .map((t) => t.name),
+          mode === 'hybrid' ? ['tv-vcpu0'] : [],
+        );
+        // a VM of 8 vCPUs costs 8 small threads and one worker, not 8 workers
+        assert.ok(threadCount() - baseline <= 8 + 6, `${threadCount() - baseline} new threads`);
+
+        await vm.vmm.pause();
+        assert.equal(vm.vmm.state, 'paused');
+        assert.deepEqual(states(vm, 8), new Array(8).fill(VcpuState.Paused));
+        const parked = vm.vmm.control.exits(0);
+        await new Promise((r) => setTimeout(r, 200));
+        assert.equal(vm.vmm.control.exits(0), parked, 'exits while paused');
+        vm.vmm.resume();
+        assert.ok(
+          await eventually(() => vm.vmm.control.exits(0) > parked + 100, BOUND_MS),
+          'no exits after resume',
+        );
+        // a second pause and resume, to see the runners go round
+        await vm.vmm.pause();
+        assert.deepEqual(states(vm, 8), new Array(8).fill(VcpuState.Paused));
+        vm.vmm.resume();
+        vm.vmm.requestStop();
+        assert.deepEqual(await vm.vmm.exited, { kind: 'stopped' });
+        assert.deepEqual(states(vm, 8), new Array(8).fill(VcpuState.Exited));
+        await gone(baseline);
+      },
     );
-    // a VM of 8 vCPUs costs 8 small threads and one worker, not 8 workers
-    assert.ok(threadCount() - baseline <= 8 + 6, `${threadCount() - baseline} new threads`);
 
-    await vm.vmm.pause();
-    assert.equal(vm.vmm.state, 'paused');
-    assert.deepEqual(states(vm, 8), new Array(8).fill(VcpuState.Paused));
-    const parked = vm.vmm.control.exits(0);
-    await new Promise((r) => setTimeout(r, 200));
-    assert.equal(vm.vmm.control.exits(0), parked, 'exits while paused');
-    vm.vmm.resume();
-    assert.ok(
-      await eventually(() => vm.vmm.control.exits(0) > parked + 100, BOUND_MS),
-      'no exits after resume',
-    );
-    // a second pause and resume, to see the runners go round
-    await vm.vmm.pause();
-    assert.deepEqual(states(vm, 8), new Array(8).fill(VcpuState.Paused));
-    vm.vmm.resume();
-    vm.vmm.requestStop();
-    assert.deepEqual(await vm.vmm.exited, { kind: 'stopped' });
-    assert.deepEqual(states(vm, 8), new Array(8).fill(VcpuState.Exited));
-    await gone(baseline);
-  });
-
-  test('a snapshot of a running 4-vCPU counting guest restores and counts on', T, async () => {
-    const baseline = threadCount();
-    const dir = tempDir();
-    const out = join(dir, 'a.out');
-    const vm = build('count', 4, out);
-    await lines(out, 5);
-    await vm.vmm.pauseAll(vm.deviceWorker);
-    await createSnapshot(vm, {
-      snapshotPath: join(dir, 'state'),
-      memFilePath: join(dir, 'mem'),
-      type: 'Full',
-    });
-    const c = counts(out);
-    const last = c[c.length - 1]!;
-    // the snapshotted VM runs on after the snapshot, then stops
-    await vm.vmm.resumeAll(vm.deviceWorker);
-    await lines(out, c.length + 2);
-    await stop(vm);
-
-    const out2 = join(dir, 'b.out');
-    process.env.TYPERVISOR_VCPU_THREADS = 'native';
-    let vm2: BuiltVm;
-    try {
-      vm2 = await loadSnapshot(
-        {
+  for (const mode of ['native', 'hybrid'] as const)
+    test(
+      `${mode}: a snapshot of a running 4-vCPU counting guest restores and counts on`,
+      T,
+      async () => {
+        const baseline = threadCount();
+        const dir = tempDir();
+        const out = join(dir, 'a.out');
+        const vm = build('count', 4, out, mode);
+        await lines(out, 5);
+        await vm.vmm.pauseAll(vm.deviceWorker);
+        await createSnapshot(vm, {
           snapshotPath: join(dir, 'state'),
-          memBackend: { type: 'File', path: join(dir, 'mem') },
-          trackDirtyPages: false,
-          resumeVm: true,
-          clockRealtime: false,
-          networkOverrides: [],
-        },
-        { consoleFd: openSync(out2, 'w') },
-      );
-    } finally {
-      delete process.env.TYPERVISOR_VCPU_THREADS;
-    }
-    assert.equal(vm2.vmm.mode, 'native');
-    await lines(out2, 3);
-    const c2 = counts(out2);
-    assert.equal(c2[0], last + 1, 'the restored count goes on from the snapshot');
-    for (let i = 1; i < c2.length; i++) assert.equal(c2[i], c2[i - 1]! + 1);
-    await stop(vm2);
-    await gone(baseline);
-  });
+          memFilePath: join(dir, 'mem'),
+          type: 'Full',
+        });
+        const c = counts(out);
+        const last = c[c.length - 1]!;
+        // the snapshotted VM runs on after the snapshot, then stops
+        await vm.vmm.resumeAll(vm.deviceWorker);
+        await lines(out, c.length + 2);
+        await stop(vm);
+
+        const out2 = join(dir, 'b.out');
+        process.env.TYPERVISOR_VCPU_THREADS = mode;
+        let vm2: BuiltVm;
+        try {
+          vm2 = await loadSnapshot(
+            {
+              snapshotPath: join(dir, 'state'),
+              memBackend: { type: 'File', path: join(dir, 'mem') },
+              trackDirtyPages: false,
+              resumeVm: true,
+              clockRealtime: false,
+              networkOverrides: [],
+            },
+            { consoleFd: openSync(out2, 'w') },
+          );
+        } finally {
+          delete process.env.TYPERVISOR_VCPU_THREADS;
+        }
+        assert.equal(vm2.vmm.mode, mode);
+        await lines(out2, 3);
+        const c2 = counts(out2);
+        assert.equal(c2[0], last + 1, 'the restored count goes on from the snapshot');
+        for (let i = 1; i < c2.length; i++) assert.equal(c2[i], c2[i - 1]! + 1);
+        await stop(vm2);
+        await gone(baseline);
+      },
+    );
 });
 
 describe('vcpuRunnerStart and friends check their arguments', { skip }, () => {
