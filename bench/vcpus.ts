@@ -1,6 +1,7 @@
 /**
  * The vCPU-count suite (issue 18 part B): what a vCPU costs, per-vCPU Node workers
  * (TYPERVISOR_VCPU_THREADS=worker) vs native runner threads served by one worker (=native) vs
+ * vCPU 0 on a worker and the others native (=hybrid) vs
  * QEMU microvm (-smp N), on the host's KVM with the micro guests (bench/guests/micro.S), run
  * interleaved (the order rotating every round):
  *  - start: exec -> marker and exec -> exit of the MARK guest (vCPU 0 prints and resets; the
@@ -40,8 +41,8 @@ import {
 const MEM_MIB = 64;
 const LOOP_BIG = 100_000;
 const LOOP_SMALL = 1000;
-type Variant = 'worker' | 'native' | 'qemu';
-const VARIANTS: Variant[] = ['worker', 'native', 'qemu'];
+type Variant = 'worker' | 'native' | 'hybrid' | 'qemu';
+const VARIANTS: Variant[] = ['worker', 'native', 'hybrid', 'qemu'];
 
 function vmm(v: Variant, dir: string, guest: string, vcpus: number, kvmKind: string): Vmm {
   const elf = join(dir, `${guest}.elf`);
@@ -89,12 +90,17 @@ type Samples = Record<string, Record<Variant, number[]>>;
 const samples: Samples = {};
 function add(metric: string, v: Variant, x: number | undefined): void {
   if (x === undefined || !Number.isFinite(x)) return;
-  samples[metric] ??= { worker: [], native: [], qemu: [] };
+  samples[metric] ??= { worker: [], native: [], hybrid: [], qemu: [] };
   samples[metric][v].push(x);
 }
 
 /** Pause and resume latency, in this process (dist/src/vmm/builder.js on the SPIN guest). */
-async function pauseLatency(dir: string, vcpus: number, mode: 'worker' | 'native', rounds: number) {
+async function pauseLatency(
+  dir: string,
+  vcpus: number,
+  mode: 'worker' | 'native' | 'hybrid',
+  rounds: number,
+) {
   const { buildVm } = await import('../src/vmm/builder.js');
   const { validateResources } = await import('../src/vmm/resources.js');
   process.env.TYPERVISOR_VCPU_THREADS = mode;
@@ -210,11 +216,11 @@ export async function vcpusSuite(o: VcpusOptions): Promise<string> {
   return [
     `${new Date().toISOString()}, ${((Date.now() - started) / 1000).toFixed(0)} s, ${runs} interleaved round(s); KVM ${kvmKind}. Cells: median (min–max); lower is better unless ↑.`,
     '',
-    '| metric | worker (today) | native threads | QEMU microvm |',
-    '|---|---|---|---|',
+    '| metric | worker (today) | native threads | hybrid | QEMU microvm |',
+    '|---|---|---|---|---|',
     ...Object.entries(samples).map(
       ([metric, s]) =>
-        `| ${metric} | ${cell(stat(s.worker))} | ${cell(stat(s.native))} | ${cell(stat(s.qemu))} |`,
+        `| ${metric} | ${cell(stat(s.worker))} | ${cell(stat(s.native))} | ${cell(stat(s.hybrid))} | ${cell(stat(s.qemu))} |`,
     ),
     '',
     ...notes.map((n) => `- ${n}`),
