@@ -19,11 +19,13 @@ import {
 } from './lab.js';
 import { microSuite } from './micro.js';
 import { startupSuite } from './startup.js';
+import { vcpusSuite } from './vcpus.js';
 
 const DEFAULT_LAB_RUNS = LAB_SUB_SUITES.map((d) => `${d.name} ${d.defaultRuns}`).join(', ');
-const USAGE = `usage: npm run bench -- [--suite micro|startup|lab|snapshot|all] [--runs N] [--lab-runs N] [--lab-suites NAME[:N],...]
+const USAGE = `usage: npm run bench -- [--suite micro|startup|vcpus|lab|snapshot|all] [--runs N] [--lab-runs N] [--lab-suites NAME[:N],...]
   --suite        which suites (default all; micro includes startup); startup: bench/startup.ts
-                 alone; snapshot: the lab's snapshot sub-suite alone
+                 alone; snapshot: the lab's snapshot sub-suite alone;
+                 vcpus: 1-64 vCPUs, per-vCPU workers vs native runner threads vs QEMU (bench/vcpus.ts)
   --runs N       runs of the micro suite (default 10); if given, also caps each lab sub-suite's default
   --lab-runs N   runs of every lab sub-suite (defaults: ${DEFAULT_LAB_RUNS})
   --lab-suites   lab sub-suites to run, in order, each with an optional run count
@@ -93,7 +95,7 @@ function hostInfo() {
 }
 
 interface Options {
-  suite: 'micro' | 'startup' | 'lab' | 'all';
+  suite: 'micro' | 'startup' | 'vcpus' | 'lab' | 'all';
   runs: number;
   lab: Array<{ name: LabSubSuiteName; runs: number }>;
 }
@@ -127,7 +129,13 @@ function parseOptions(argv: string[]): Options | string {
     suite = 'lab';
     v['lab-suites'] = 'snapshot';
   }
-  if (suite !== 'micro' && suite !== 'startup' && suite !== 'lab' && suite !== 'all')
+  if (
+    suite !== 'micro' &&
+    suite !== 'startup' &&
+    suite !== 'vcpus' &&
+    suite !== 'lab' &&
+    suite !== 'all'
+  )
     return `unknown suite: ${suite}`;
   const runs = count(v.runs, '--runs');
   const labRuns = count(v['lab-runs'], '--lab-runs');
@@ -189,6 +197,18 @@ async function main() {
   const notes: string[] = [];
   const times: string[] = [];
   let lab: SubSuiteResult[] = [];
+  let vcpus: string | undefined;
+  if (o.suite === 'vcpus' || o.suite === 'all') {
+    const runs = Math.min(o.runs, 3);
+    log(`vcpus suite, ${runs} runs`);
+    const t = Date.now();
+    try {
+      vcpus = await vcpusSuite({ runs, counts: [1, 8, 32, 64], kvmKind: host.kvmKind, log });
+    } catch (e) {
+      notes.push(`vcpus suite failed: ${(e as Error).message.split('\n').slice(0, 5).join(' ')}`);
+    }
+    times.push(`vcpus ${((Date.now() - t) / 1000).toFixed(0)} s`);
+  }
   if (o.suite === 'micro' || o.suite === 'all') {
     log(`micro suite, ${o.runs} runs`);
     const t = Date.now();
@@ -258,6 +278,9 @@ async function main() {
           '',
         ]
       : []),
+    ...(vcpus
+      ? ['## vCPU threads: per-vCPU workers vs native runner threads vs QEMU', '', vcpus]
+      : []),
     ...(lab.length ? labSection(lab, labHost) : []),
     '## Notes',
     '',
@@ -275,7 +298,7 @@ async function main() {
         seconds: totalS,
         runs: o.runs,
         labRuns:
-          o.suite === 'micro' || o.suite === 'startup'
+          o.suite === 'micro' || o.suite === 'startup' || o.suite === 'vcpus'
             ? undefined
             : Object.fromEntries(o.lab.map((s) => [s.name, s.runs])),
         suite: o.suite,

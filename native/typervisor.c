@@ -911,6 +911,335 @@ static napi_value n_spawn(napi_env env, napi_callback_info info) {
   EXPORT("spawn", n_spawn), EXPORT("setInheritable", n_set_inheritable),
 /* ---- end of jailer ---- */
 
+/* ---- issue 18 part B (r5-vcpu): vCPU runner threads ----
+ * A runner is a pthread that only loops on ioctl(vcpu_fd, KVM_RUN): no VMM logic. It shares
+ * three int32 words with JavaScript (an Int32Array over a SharedArrayBuffer):
+ *   word[0] state: IDLE 0 (JS owns the vCPU), RUN 1 (JS asks for one KVM_RUN), EXITED 2 (KVM_RUN
+ *           returned: JS owns the vCPU and its kvm_run), QUIT 3 (JS asks the thread to end),
+ *           DEAD 4 (the thread is ending: join it);
+ *   word[1] errno of the last KVM_RUN (0: a real exit to handle);
+ *   word[2] KVM_RUN calls made (wraps).
+ * After each KVM_RUN it stores EXITED (unless QUIT was set meanwhile) and writes 1 to an eventfd
+ * the JS side blocks on (V8's Atomics.wait does not sleep on the futex of the address, so a
+ * native FUTEX_WAKE could not wake it). It then sleeps in FUTEX_WAIT until the word changes:
+ * never a spin. Kicks are the existing kick signal (installKickHandler) with kvm_run's
+ * immediate_exit set by JS. A seccomp program given at start is installed by the thread itself,
+ * stacked on the process filter, before it runs anything else. */
+#include <linux/futex.h>
+#define VR_MAX 1024
+#define VR_IDLE 0
+#define VR_RUN 1
+#define VR_EXITED 2
+#define VR_QUIT 3
+#define VR_DEAD 4
+#define VR_KVM_RUN 0xae80 /* _IO(KVMIO, 0x80) */
+#define VR_STACK (64 * 1024)
+
+struct vrunner {
+  int used;
+  uint32_t gen;
+  pthread_t tid;
+  int kickable; /* under vr_lock: the thread exists and is not joined */
+  int vcpu_fd, efd, sig;
+  int32_t *word;
+  napi_env env;
+  napi_ref ref; /* keeps the Int32Array (and its SharedArrayBuffer) alive */
+  struct sock_filter *prog;
+  unsigned short prog_len;
+  char name[16];
+  pthread_mutex_t m;
+  pthread_cond_t c;
+  int ready, setup_err;
+};
+static struct vrunner vr_table[VR_MAX];
+static pthread_mutex_t vr_lock = PTHREAD_MUTEX_INITIALIZER;
+static uint32_t vr_gen = 0;
+
+static void vr_wake(int32_t *w) { syscall(SYS_futex, w, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0); }
+static void vr_ring(int efd) {
+  uint64_t one = 1;
+  while (write(efd, &one, sizeof one) < 0 && errno == EINTR) {}
+}
+
+static void *vr_main(void *p) {
+  struct vrunner *r = p;
+  sigset_t set;
+  sigfillset(&set);
+  sigdelset(&set, r->sig);
+  pthread_sigmask(SIG_SETMASK, &set, NULL);
+  prctl(PR_SET_NAME, r->name, 0, 0, 0);
+  int err = 0;
+  if (r->prog) {
+    struct sock_fprog fp = { .len = r->prog_len, .filter = r->prog };
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 ||
+        syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &fp) < 0)
+      err = errno ? errno : EINVAL;
+  }
+  pthread_mutex_lock(&r->m);
+  r->ready = 1;
+  r->setup_err = err;
+  pthread_cond_signal(&r->c);
+  pthread_mutex_unlock(&r->m);
+  if (err) return NULL;
+  int32_t *w = r->word;
+  for (;;) {
+    int32_t s = __atomic_load_n(&w[0], __ATOMIC_SEQ_CST);
+    if (s == VR_QUIT) break;
+    if (s != VR_RUN) {
+      /* sleeps until JS changes the word (a kick just returns EINTR: look again) */
+      syscall(SYS_futex, &w[0], FUTEX_WAIT_PRIVATE, s, NULL, NULL, 0);
+      continue;
+    }
+    int rc = ioctl(r->vcpu_fd, VR_KVM_RUN, 0);
+    __atomic_store_n(&w[1], rc < 0 ? errno : 0, __ATOMIC_SEQ_CST);
+    __atomic_add_fetch(&w[2], 1, __ATOMIC_SEQ_CST);
+    int32_t expected = VR_RUN;
+    __atomic_compare_exchange_n(&w[0], &expected, VR_EXITED, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+    vr_ring(r->efd);
+  }
+  __atomic_store_n(&w[0], VR_DEAD, __ATOMIC_SEQ_CST);
+  vr_ring(r->efd);
+  return NULL;
+}
+
+/* The runner of a handle (gen << 10 | slot), or NULL; call under vr_lock. */
+static struct vrunner *vr_find(int64_t h) {
+  if (h < 0) return NULL;
+  int64_t i = h & (VR_MAX - 1);
+  struct vrunner *r = &vr_table[i];
+  if (!r->used || (int64_t)r->gen != (h >> 10)) return NULL;
+  return r;
+}
+
+static void vr_free(struct vrunner *r) {
+  free(r->prog);
+  r->prog = NULL;
+  pthread_mutex_destroy(&r->m);
+  pthread_cond_destroy(&r->c);
+  r->used = 0;
+}
+
+/* Joins a runner; called with the runner quitting. Blocks only as long as it takes the thread to
+ * leave KVM_RUN (it is kicked every 10 ms, up to ~5 s; then it is detached and leaked). */
+static void vr_stop_and_join(struct vrunner *r) {
+  __atomic_store_n(&r->word[0], VR_QUIT, __ATOMIC_SEQ_CST);
+  vr_wake(&r->word[0]);
+  for (int i = 0; i < 500; i++) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    ts.tv_nsec += 10 * 1000 * 1000;
+    if (ts.tv_nsec >= 1000000000) { ts.tv_sec++; ts.tv_nsec -= 1000000000; }
+    if (pthread_timedjoin_np(r->tid, NULL, &ts) == 0) return;
+    pthread_kill(r->tid, r->sig);
+  }
+  pthread_detach(r->tid);
+}
+
+/* The worker that owns a runner is ending (or terminated) before joining it: no runner may
+ * outlive the memory of its words. One hook per runner (Node refuses the same hook twice). */
+static void vr_env_cleanup(void *arg) {
+  struct vrunner *r = arg;
+  pthread_mutex_lock(&vr_lock);
+  int mine = r->used && r->kickable;
+  if (mine) r->kickable = 0;
+  pthread_mutex_unlock(&vr_lock);
+  if (!mine) return;
+  vr_stop_and_join(r);
+  napi_delete_reference(r->env, r->ref);
+  pthread_mutex_lock(&vr_lock);
+  vr_free(r);
+  pthread_mutex_unlock(&vr_lock);
+}
+
+/*
+ * vcpuRunnerStart(vcpuFd, words: Int32Array, index, eventFd, kickSignal, name, program | null):
+ * handle. words[index..index+2] are the runner's words (word[0] must be IDLE); program is a
+ * seccomp program (1 to 4096 struct sock_filter) the thread installs on itself first; the call
+ * returns once it has (and throws if it could not, the thread gone).
+ */
+static napi_value n_vcpu_runner_start(napi_env env, napi_callback_info info) {
+  napi_value a[7];
+  if (!get_args(env, info, 7, a)) return NULL;
+  int vcpu_fd = (int)arg_i64(env, a[0]);
+  int64_t index = arg_i64(env, a[2]);
+  int efd = (int)arg_i64(env, a[3]);
+  int sig = (int)arg_i64(env, a[4]);
+  if (vcpu_fd < 0 || fcntl(vcpu_fd, F_GETFD) < 0) return throw_errno(env, "vcpuRunnerStart(vcpu fd)", EBADF);
+  if (efd < 0 || fcntl(efd, F_GETFD) < 0) return throw_errno(env, "vcpuRunnerStart(eventfd)", EBADF);
+  if (sig < SIGRTMIN || sig > SIGRTMAX) {
+    napi_throw_range_error(env, NULL, "vcpuRunnerStart: the kick signal must be a real-time signal");
+    return NULL;
+  }
+  bool is;
+  napi_typedarray_type type; size_t n; void *data; napi_value ab; size_t off;
+  if (napi_is_typedarray(env, a[1], &is) != napi_ok || !is ||
+      napi_get_typedarray_info(env, a[1], &type, &n, &data, &ab, &off) != napi_ok || type != napi_int32_array) {
+    napi_throw_type_error(env, NULL, "vcpuRunnerStart: words must be an Int32Array (over a SharedArrayBuffer)");
+    return NULL;
+  }
+  if (index < 0 || (uint64_t)index + 3 > n) {
+    napi_throw_range_error(env, NULL, "vcpuRunnerStart: index out of the words' range");
+    return NULL;
+  }
+  int32_t *word = (int32_t *)data + index;
+  if (__atomic_load_n(&word[0], __ATOMIC_SEQ_CST) != VR_IDLE) {
+    napi_throw_range_error(env, NULL, "vcpuRunnerStart: the runner's state word is not IDLE (0)");
+    return NULL;
+  }
+  char name[16];
+  size_t nl;
+  CHECK(napi_get_value_string_utf8(env, a[5], name, sizeof name, &nl));
+  napi_valuetype pt;
+  napi_typeof(env, a[6], &pt);
+  struct sock_filter *prog = NULL;
+  size_t plen = 0;
+  if (pt != napi_null && pt != napi_undefined) {
+    void *pd; size_t pl;
+    if (!buffer_of(env, a[6], &pd, &pl) || pl == 0 || pl % sizeof(struct sock_filter) != 0 ||
+        pl / sizeof(struct sock_filter) > SECCOMP_MAX_INSNS) {
+      napi_throw_range_error(env, NULL, "vcpuRunnerStart: program must be 1 to 4096 instructions of 8 bytes");
+      return NULL;
+    }
+    prog = malloc(pl);
+    if (!prog) return throw_errno(env, "malloc", ENOMEM);
+    memcpy(prog, pd, pl);
+    plen = pl / sizeof(struct sock_filter);
+  }
+  pthread_mutex_lock(&vr_lock);
+  int slot = -1;
+  for (int i = 0; i < VR_MAX; i++) if (!vr_table[i].used) { slot = i; break; }
+  if (slot < 0) {
+    pthread_mutex_unlock(&vr_lock);
+    free(prog);
+    return throw_errno(env, "vcpuRunnerStart (1024 runners at most)", EAGAIN);
+  }
+  struct vrunner *r = &vr_table[slot];
+  memset(r, 0, sizeof *r);
+  r->used = 1;
+  r->gen = ++vr_gen & 0xfffff;
+  if (r->gen == 0) r->gen = vr_gen = 1;
+  pthread_mutex_unlock(&vr_lock);
+  r->vcpu_fd = vcpu_fd; r->efd = efd; r->sig = sig; r->word = word; r->env = env;
+  r->prog = prog; r->prog_len = (unsigned short)plen;
+  memcpy(r->name, name, sizeof name);
+  pthread_mutex_init(&r->m, NULL);
+  pthread_cond_init(&r->c, NULL);
+  if (napi_create_reference(env, a[1], 1, &r->ref) != napi_ok) {
+    pthread_mutex_lock(&vr_lock); vr_free(r); pthread_mutex_unlock(&vr_lock);
+    napi_throw_error(env, NULL, "vcpuRunnerStart: napi_create_reference failed");
+    return NULL;
+  }
+  napi_add_env_cleanup_hook(env, vr_env_cleanup, r);
+  pthread_attr_t attr;
+  pthread_attr_init(&attr);
+  pthread_attr_setstacksize(&attr, VR_STACK);
+  int e = pthread_create(&r->tid, &attr, vr_main, r);
+  pthread_attr_destroy(&attr);
+  if (e != 0) {
+    napi_remove_env_cleanup_hook(env, vr_env_cleanup, r);
+    napi_delete_reference(env, r->ref);
+    pthread_mutex_lock(&vr_lock); vr_free(r); pthread_mutex_unlock(&vr_lock);
+    return throw_errno(env, "pthread_create", e);
+  }
+  pthread_mutex_lock(&r->m);
+  while (!r->ready) pthread_cond_wait(&r->c, &r->m);
+  int setup_err = r->setup_err;
+  pthread_mutex_unlock(&r->m);
+  if (setup_err) {
+    pthread_join(r->tid, NULL);
+    napi_remove_env_cleanup_hook(env, vr_env_cleanup, r);
+    napi_delete_reference(env, r->ref);
+    pthread_mutex_lock(&vr_lock); vr_free(r); pthread_mutex_unlock(&vr_lock);
+    return throw_errno(env, "vcpuRunnerStart (the runner's seccomp filter)", setup_err);
+  }
+  pthread_mutex_lock(&vr_lock);
+  r->kickable = 1;
+  int64_t handle = ((int64_t)r->gen << 10) | slot;
+  pthread_mutex_unlock(&vr_lock);
+  return num(env, handle);
+}
+
+/* vcpuRunnerGo(handle): word[0] = RUN and wake the runner (from IDLE or EXITED only) */
+static napi_value n_vcpu_runner_go(napi_env env, napi_callback_info info) {
+  napi_value a[1];
+  if (!get_args(env, info, 1, a)) return NULL;
+  int64_t h = arg_i64(env, a[0]);
+  pthread_mutex_lock(&vr_lock);
+  struct vrunner *r = vr_find(h);
+  int32_t *w = r && r->kickable ? r->word : NULL;
+  pthread_mutex_unlock(&vr_lock);
+  if (!w) return throw_errno(env, "vcpuRunnerGo (no such runner)", ESRCH);
+  int32_t s = __atomic_load_n(&w[0], __ATOMIC_SEQ_CST);
+  if (s != VR_IDLE && s != VR_EXITED) return throw_errno(env, "vcpuRunnerGo (the runner is not waiting)", EBUSY);
+  __atomic_store_n(&w[0], VR_RUN, __ATOMIC_SEQ_CST);
+  vr_wake(&w[0]);
+  return NULL;
+}
+
+/* vcpuRunnerQuit(handle): word[0] = QUIT and wake it; a runner inside KVM_RUN needs a kick too */
+static napi_value n_vcpu_runner_quit(napi_env env, napi_callback_info info) {
+  napi_value a[1];
+  if (!get_args(env, info, 1, a)) return NULL;
+  int64_t h = arg_i64(env, a[0]);
+  pthread_mutex_lock(&vr_lock);
+  struct vrunner *r = vr_find(h);
+  int32_t *w = r && r->kickable ? r->word : NULL;
+  pthread_mutex_unlock(&vr_lock);
+  if (!w) return throw_errno(env, "vcpuRunnerQuit (no such runner)", ESRCH);
+  if (__atomic_load_n(&w[0], __ATOMIC_SEQ_CST) != VR_DEAD) {
+    __atomic_store_n(&w[0], VR_QUIT, __ATOMIC_SEQ_CST);
+    vr_wake(&w[0]);
+  }
+  return NULL;
+}
+
+/* vcpuRunnerKick(handle): the kick signal to the runner's thread; false when it is gone (any
+ * thread may call this: the handle is checked under a lock, never a stale pthread_t) */
+static napi_value n_vcpu_runner_kick(napi_env env, napi_callback_info info) {
+  napi_value a[1], res;
+  if (!get_args(env, info, 1, a)) return NULL;
+  int64_t h = arg_i64(env, a[0]);
+  pthread_mutex_lock(&vr_lock);
+  struct vrunner *r = vr_find(h);
+  int ok = r && r->kickable && pthread_kill(r->tid, r->sig) == 0;
+  pthread_mutex_unlock(&vr_lock);
+  CHECK(napi_get_boolean(env, ok, &res));
+  return res;
+}
+
+/* vcpuRunnerJoin(handle): joins a runner that has ended (word[0] DEAD; EBUSY otherwise) and
+ * frees its slot; from the thread (env) that started it */
+static napi_value n_vcpu_runner_join(napi_env env, napi_callback_info info) {
+  napi_value a[1];
+  if (!get_args(env, info, 1, a)) return NULL;
+  int64_t h = arg_i64(env, a[0]);
+  pthread_mutex_lock(&vr_lock);
+  struct vrunner *r = vr_find(h);
+  if (!r || !r->kickable || r->env != env) {
+    pthread_mutex_unlock(&vr_lock);
+    return throw_errno(env, "vcpuRunnerJoin (no such runner of this thread)", ESRCH);
+  }
+  if (__atomic_load_n(&r->word[0], __ATOMIC_SEQ_CST) != VR_DEAD) {
+    pthread_mutex_unlock(&vr_lock);
+    return throw_errno(env, "vcpuRunnerJoin (the runner has not ended)", EBUSY);
+  }
+  r->kickable = 0;
+  pthread_mutex_unlock(&vr_lock);
+  pthread_join(r->tid, NULL);
+  napi_remove_env_cleanup_hook(env, vr_env_cleanup, r);
+  napi_delete_reference(env, r->ref);
+  pthread_mutex_lock(&vr_lock);
+  vr_free(r);
+  pthread_mutex_unlock(&vr_lock);
+  return NULL;
+}
+
+#define VCPU_RUNNER_EXPORTS                                                             \
+  EXPORT("vcpuRunnerStart", n_vcpu_runner_start), EXPORT("vcpuRunnerGo", n_vcpu_runner_go), \
+  EXPORT("vcpuRunnerQuit", n_vcpu_runner_quit), EXPORT("vcpuRunnerKick", n_vcpu_runner_kick), \
+  EXPORT("vcpuRunnerJoin", n_vcpu_runner_join),
+/* ---- end of vCPU runner threads ---- */
+
 /* getpid-free helpers are in Node already; this is the whole surface. */
 #define EXPORT(name, fn) { name, NULL, fn, NULL, NULL, NULL, napi_default, NULL }
 
@@ -933,6 +1262,7 @@ NAPI_MODULE_INIT() {
     /* issue 14 (r3-seccomp) */
     EXPORT("seccompInstall", n_seccomp_install), EXPORT("seccompMode", n_seccomp_mode),
     EXPORT("ioctlLengthOk", n_ioctl_length_ok), EXPORT("setThreadName", n_set_thread_name),
+    VCPU_RUNNER_EXPORTS
   };
   if (napi_define_properties(env, exports, sizeof props / sizeof props[0], props) != napi_ok) return NULL;
   return exports;

@@ -108,6 +108,12 @@ export async function main(argv: string[]): Promise<number> {
   if (cmd === 'run' && rest.includes('--no-seccomp'))
     (await import('../sandbox/seccomp/install.js')).configureSeccomp({ mode: 'off' });
   const customFilter = rest.some((a) => a.startsWith('--seccomp-filter'));
+  // --vcpu-threads decides how many workers to prewarm (one for native threads): read it now.
+  const vt = rest.findIndex((x) => x === '--vcpu-threads' || x.startsWith('--vcpu-threads='));
+  if (cmd === 'run' && vt >= 0)
+    process.env.TYPERVISOR_VCPU_THREADS = rest[vt]!.includes('=')
+      ? rest[vt]!.split('=')[1]
+      : rest[vt + 1];
   if (cmd === 'run' && !rest.includes('--help') && !rest.includes('-h') && !customFilter)
     prewarmVcpuWorkers(vcpusHint(rest));
   if (cmd === 'run') (await import('../vmm/index.js')).releaseVmsAtExit(true);

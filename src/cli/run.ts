@@ -29,6 +29,7 @@ import { parseDrives, privateRootfsCopy } from './drives.js';
 import type { SeccompSettings } from '../sandbox/seccomp/install.js';
 import { applySeccomp, seccompSettingsFromFlags } from '../sandbox/seccomp/options.js';
 import { parseNet, parseVsock } from './net.js';
+import { chooseVcpuThreads, NATIVE_FROM_VCPUS } from '../vmm/index.js';
 
 export const EXIT_OK = 0;
 export const EXIT_GUEST_FAILED = 1;
@@ -57,6 +58,9 @@ export const RUN_USAGE = `usage: typervisor run [options]
   --log-level L     error | warn | info | debug (default warn)
   --no-seccomp      run without the seccomp filters (on by default; docs/security.md)
   --seccomp-filter FILE  per-role allow-lists from this JSON instead of the defaults
+  --vcpu-threads M  worker: a Node worker per vCPU; native: a native thread per vCPU, all served
+                    by one worker; hybrid: vCPU 0 on a worker, the others native; auto
+                    (default): hybrid from ${NATIVE_FROM_VCPUS} vCPUs, else worker (docs/architecture.md)
 Restoring a snapshot instead of booting (the VM's shape comes from the snapshot, so --kernel,
 --initrd, --cmdline, --vcpus, --memory, --drive, --rootfs, --rng, --net and --vsock do not apply):
   --restore STATE   the state file (typervisor snapshot create, or PUT /snapshot/create)
@@ -159,6 +163,7 @@ function parseRunFlags(argv: string[]) {
         'clock-realtime': { type: 'boolean' },
         'no-seccomp': { type: 'boolean' },
         'seccomp-filter': { type: 'string' },
+        'vcpu-threads': { type: 'string' },
       },
     }).values;
   } catch (e) {
@@ -166,6 +171,21 @@ function parseRunFlags(argv: string[]) {
   }
 }
 type RunFlags = ReturnType<typeof parseRunFlags>;
+
+/**
+ * --vcpu-threads worker|native|hybrid|auto (vcpu-mode.ts), passed on as TYPERVISOR_VCPU_THREADS (read
+ * when the VM starts; main.ts reads the flag too, for the prewarm).
+ */
+function applyVcpuThreads(v: RunFlags): void {
+  const t = v['vcpu-threads'];
+  if (t === undefined) return;
+  try {
+    chooseVcpuThreads(1, t);
+  } catch (e) {
+    throw new ConfigError((e as Error).message);
+  }
+  process.env.TYPERVISOR_VCPU_THREADS = t;
+}
 
 function applyLogLevel(v: RunFlags): void {
   if (v['log-level'] !== undefined) {
@@ -179,6 +199,7 @@ function applyLogLevel(v: RunFlags): void {
 export function parseRestoreArgs(argv: string[]): LoadParams {
   const v = parseRunFlags(argv);
   applyLogLevel(v);
+  applyVcpuThreads(v);
   if (v.restore === undefined) throw new ConfigError('--restore is required');
   const clash = VM_SHAPING_FLAGS.filter((f) => v[f] !== undefined);
   if (clash.length > 0)
@@ -213,6 +234,7 @@ export function parseRestoreArgs(argv: string[]): LoadParams {
 export async function parseRunArgs(argv: string[]): Promise<RunArgs> {
   const v = parseRunFlags(argv);
   applyLogLevel(v);
+  applyVcpuThreads(v);
   if (v.restore !== undefined) throw new ConfigError('--restore: use restoreCommand');
   const stray = RESTORE_FLAGS.filter((f) => v[f] !== undefined);
   if (stray.length > 0) throw new ConfigError(`--${stray[0]} needs --restore`);

@@ -125,6 +125,32 @@ export interface NativeShim {
   ioctlLengthOk(request: number, length: number): boolean;
   /** prctl(PR_SET_NAME) of the calling thread (truncated to 15 bytes): shows in ps -T, /proc. */
   setThreadName(name: string): void;
+  // Issue 18 part B (native block "vCPU runner threads"): a pthread per vCPU that only loops on
+  // KVM_RUN; src/vmm/vcpu-threads.ts drives it. Its three words: see RunnerWord there.
+  /**
+   * Starts a runner for `vcpuFd`; `words[index..index+2]` (an Int32Array over a
+   * SharedArrayBuffer, word 0 IDLE) are its state, errno and run count. After each KVM_RUN it
+   * publishes EXITED and writes 1 to `eventFd`; it sleeps (futex) otherwise. `program` (a seccomp
+   * program, or null) is installed by the thread on itself first: throws if that fails. Returns a
+   * handle. `kickSignal` is installKickHandler()'s; the thread blocks every other signal.
+   */
+  vcpuRunnerStart(
+    vcpuFd: number,
+    words: Int32Array,
+    index: number,
+    eventFd: number,
+    kickSignal: number,
+    name: string,
+    program: Buf | null,
+  ): number;
+  /** One more KVM_RUN (the state word must be IDLE or EXITED: EBUSY otherwise). */
+  vcpuRunnerGo(handle: number): void;
+  /** Asks the runner to end (a runner inside KVM_RUN ends after it returns: kick it). */
+  vcpuRunnerQuit(handle: number): void;
+  /** The kick signal to the runner's thread (any thread); false when it is gone. */
+  vcpuRunnerKick(handle: number): boolean;
+  /** Joins an ended runner (state DEAD; EBUSY otherwise) from the thread that started it. */
+  vcpuRunnerJoin(handle: number): void;
 }
 
 /** A failed syscall, with its errno name in `code` (EINTR, EAGAIN, ...). */

@@ -98,3 +98,4 @@ export {
 } from './clone-memory.js';
 export type { BalloonDescription, BalloonRequest } from '../devices/virtio/balloon/balloon.js';
 export { hotplugStatus, requestHotplugSize, type HotplugStatus } from './memory-hotplug.js';
+export { chooseVcpuThreads, NATIVE_FROM_VCPUS, type VcpuThreads } from './vcpu-mode.js';

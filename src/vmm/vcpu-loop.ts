@@ -113,7 +113,12 @@ export class VcpuLoop {
     return e;
   }
 
-  private handleExit(): VmExitEvent | undefined {
+  /**
+   * Handles the exit KVM just reported in this vCPU's kvm_run (the vCPU is outside KVM_RUN):
+   * what run() does after each KVM_RUN, and what the native runner's JS thread calls
+   * (vcpu-threads.ts). An event ends the VM.
+   */
+  handleExit(): VmExitEvent | undefined {
     const run = this.vcpu.run;
     const reason = this.vcpu.exitReason;
     switch (reason) {

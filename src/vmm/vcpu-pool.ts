@@ -6,6 +6,7 @@
 import { Worker } from 'node:worker_threads';
 import { DEVICE_WORKER_ROLE } from './device-worker-protocol.js';
 import { takeEarlyVcpuWorkers, workerEntry } from '../util/bundle.js';
+import { chooseVcpuThreads, workersFor, type VcpuThreads } from './vcpu-mode.js';
 
 // A vCPU worker the bundle's loader may have started already (src/util/bundle.ts).
 const pool: Worker[] = takeEarlyVcpuWorkers();
@@ -17,8 +18,19 @@ function spawnVcpuWorker(): Worker {
   });
 }
 
-/** Starts up to `n` workers now (unused ones are ended by takeVcpuWorkers). */
+/**
+ * Starts up to `n` workers now (unused ones are ended by takeVcpuWorkers); for a VM whose vCPUs
+ * will run on native runner threads (vcpu-mode.ts), one for the hub that serves them (and one
+ * for vCPU 0 in hybrid mode).
+ */
 export function prewarmVcpuWorkers(n: number): void {
+  let mode: VcpuThreads = 'worker';
+  try {
+    mode = chooseVcpuThreads(n, process.env.TYPERVISOR_VCPU_THREADS);
+  } catch {
+    // a bad setting is reported when the VM starts
+  }
+  n = workersFor(mode, n);
   while (pool.length < n) {
     const w = spawnVcpuWorker();
     w.unref(); // an unused prewarmed worker must not keep the process alive

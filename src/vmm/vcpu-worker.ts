@@ -13,6 +13,7 @@ import { VcpuControl } from './vcpu-control.js';
 import { VcpuLoop, type ParkedRequestHandlers, type VmExitEvent } from './vcpu-loop.js';
 import { saveVcpu, vcpuSaveConfig, VcpuStateV1, type VcpuSaveConfig } from './vcpu-state.js';
 import type { TransportSlot } from './virtio-transport.js';
+import type { VcpuHubMessage, VcpuHubStart } from './vcpu-threads.js';
 
 export interface VcpuWorkerData {
   id: number;
@@ -35,6 +36,7 @@ export interface VcpuWorkerStart {
 }
 
 export type VcpuWorkerMessage =
+  | VcpuHubMessage
   | { type: 'thread'; thread: bigint }
   | { type: 'log'; message: string }
   | { type: 'exit'; event: VmExitEvent }
@@ -104,7 +106,7 @@ async function main(d: VcpuWorkerData): Promise<void> {
  * thread. What to save (KVM's MSR list, the XSAVE size) comes from /dev/kvm (opened at start-up,
  * before the filter), read on first use.
  */
-function saveHandlers(
+export function saveHandlers(
   id: number,
   vcpu: Vcpu,
   kvm: Kvm,
@@ -128,4 +130,16 @@ function saveHandlers(
   };
 }
 
-parentPort!.once('message', (m: VcpuWorkerStart) => void main(m.data));
+// A worker runs one vCPU ('start'), or serves the native runner threads of many ('start-hub',
+// vcpu-threads.ts: loaded only then).
+parentPort!.once('message', (m: VcpuWorkerStart | VcpuHubStart) => {
+  if (m.type === 'start') return void main(m.data);
+  const port = parentPort!;
+  void import('./vcpu-threads.js').then(({ runHub }) =>
+    runHub(
+      m.data,
+      (msg, transfer) => port.postMessage(msg, transfer ?? []),
+      (id, vcpu, kvm, post) => saveHandlers(id, vcpu, kvm, post, m.data.extraMsrs),
+    ),
+  );
+});

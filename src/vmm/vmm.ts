@@ -20,6 +20,8 @@ import type { VmExitEvent } from './vcpu-loop.js';
 import { Command, VcpuControl, VcpuRequest, VcpuState } from './vcpu-control.js';
 import type { VcpuWorkerData, VcpuWorkerMessage, VcpuWorkerStart } from './vcpu-worker.js';
 import { takeVcpuWorkers } from './vcpu-pool.js';
+import { chooseVcpuThreads, type VcpuThreads } from './vcpu-mode.js';
+import type { VcpuHubStart } from './vcpu-threads.js';
 import type { DeviceWorkerHandle } from './device-worker-handle.js';
 
 /** What pauseAll and resumeAll need of the device worker. */
@@ -38,6 +40,8 @@ interface VcpuHandle {
   id: number;
   worker: Worker;
   thread?: bigint;
+  /** Native mode: the runner thread's handle (vcpuRunnerKick), once the hub sent it. */
+  runner?: number;
   /** The main thread's own mapping of this vCPU's kvm_run, to set immediate_exit. */
   run: DataView;
   runBuffer: ArrayBuffer;
@@ -63,6 +67,10 @@ export class Vmm {
   stopping = false;
   private pausing: Promise<void> | undefined;
   private readonly cleanups: Array<() => void | Promise<void>> = [];
+  /** How the vCPUs run (set by start). */
+  mode: VcpuThreads = 'worker';
+  /** Native mode: the hub's eventfd, rung after every command or request. */
+  private hubEventFd = -1;
 
   constructor(private readonly vcpuMmapSize: number) {
     this.exited = new Promise((r) => (this.resolveExit = r));
@@ -78,20 +86,31 @@ export class Vmm {
    * `paused` (a restored VM that is not to run yet) the command is Pause before any worker
    * starts: each parks at once without entering the guest (park() runs KVM_RUN with
    * immediate_exit set), and the VM is 'paused' until resume().
+   *
+   * `vcpuThreads` (default: TYPERVISOR_VCPU_THREADS, else by vCPU count, see vcpu-mode.ts):
+   * 'native' runs each vCPU on a runner thread of the native shim, all served by one worker.
    */
   start(
     vcpuFds: number[],
     data: (id: number) => Omit<VcpuWorkerData, 'control'>,
-    opts: { paused?: boolean } = {},
+    opts: { paused?: boolean; vcpuThreads?: VcpuThreads } = {},
   ): void {
+    this.mode =
+      opts.vcpuThreads ?? chooseVcpuThreads(vcpuFds.length, process.env.TYPERVISOR_VCPU_THREADS);
     if (opts.paused) {
       this.control.setCommand(Command.Pause);
       this.state = 'paused';
     }
     const n = native();
     this.kickSignal = n.installKickHandler();
-    const workers = takeVcpuWorkers(vcpuFds.length);
-    vcpuFds.forEach((fd, id) => {
+    // hybrid: vCPU 0 (the boot vCPU, which takes most of a boot's exits) on a worker of its
+    // own, the others on native runner threads.
+    const ids = vcpuFds.map((_, id) => id);
+    const onWorkers = this.mode === 'worker' ? ids : this.mode === 'hybrid' ? ids.slice(0, 1) : [];
+    const onRunners = ids.slice(onWorkers.length);
+    const workers = takeVcpuWorkers(onWorkers.length + (onRunners.length > 0 ? 1 : 0));
+    onWorkers.forEach((id) => {
+      const fd = vcpuFds[id]!;
       const runBuffer = n.mmap(this.vcpuMmapSize, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
       const worker = workers[id]!;
       const start: VcpuWorkerStart = {
@@ -121,6 +140,86 @@ export class Vmm {
       );
       this.vcpus.push(h);
     });
+    if (onRunners.length > 0) this.startNative(onRunners, vcpuFds, data, workers.at(-1)!);
+  }
+
+  /** One worker (the hub, vcpu-threads.ts) serving a native runner thread per vCPU. */
+  private startNative(
+    ids: number[],
+    vcpuFds: number[],
+    data: (id: number) => Omit<VcpuWorkerData, 'control'>,
+    worker: Worker,
+  ): void {
+    const n = native();
+    const efd = n.eventfd(0, 0); // blocking: the hub sleeps in read()
+    this.hubEventFd = efd;
+    this.cleanups.unshift(() => {
+      this.hubEventFd = -1;
+      n.close(efd);
+    });
+    const d0 = data(ids[0]!);
+    const start: VcpuHubStart = {
+      type: 'start-hub',
+      data: {
+        vcpus: ids.map((id) => ({ id, vcpuFd: vcpuFds[id]! })),
+        mmapSize: d0.mmapSize,
+        ram: d0.ram,
+        control: this.control.sab,
+        legacy: d0.legacy,
+        virtio: d0.virtio,
+        eventFd: efd,
+        ...(d0.extraMsrs ? { extraMsrs: d0.extraMsrs } : {}),
+      },
+    };
+    worker.postMessage(start);
+    const hs = ids.map((id) => {
+      const fd = vcpuFds[id]!;
+      const runBuffer = n.mmap(this.vcpuMmapSize, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+      const h: VcpuHandle = { id, worker, run: new DataView(runBuffer), runBuffer, exited: false };
+      this.vcpus.push(h);
+      return h;
+    });
+    worker.on('message', (m: VcpuWorkerMessage) => {
+      if (m.type === 'runners') m.handles.forEach((r, i) => hs[i] && (hs[i].runner = r));
+      else if (m.type === 'event') this.onVcpuEvent(m.event);
+      else if (m.type === 'exit') {
+        for (const h of hs) h.reported = true;
+        this.onVcpuEvent(m.event);
+      } else this.onMessage(hs[0]!, m);
+    });
+    worker.on('error', (e) =>
+      this.onVcpuEvent({ kind: 'fatal', message: `vCPU hub worker failed: ${e.message}` }),
+    );
+    worker.on('exit', () => {
+      for (const h of hs) {
+        this.onWorkerGone(
+          h,
+          h.reported
+            ? { kind: 'stopped' }
+            : h.terminated
+              ? {
+                  kind: 'fatal',
+                  message: `vCPU ${h.id} did not stop within ${STOP_TIMEOUT_MS} ms; its thread was terminated`,
+                }
+              : { kind: 'fatal', message: `the vCPU hub worker ended unexpectedly` },
+        );
+      }
+    });
+  }
+
+  /** Sets the command; wakes the hub (native mode) to see it. */
+  private command(c: Command): void {
+    this.control.setCommand(c);
+    this.ringHub();
+  }
+
+  private ringHub(): void {
+    if (this.hubEventFd < 0) return;
+    try {
+      native().eventfdWrite(this.hubEventFd, 1);
+    } catch {
+      // closed at teardown
+    }
   }
 
   private onMessage(h: VcpuHandle, m: VcpuWorkerMessage): void {
@@ -190,7 +289,8 @@ export class Vmm {
       for (const h of this.vcpus) {
         if (h.exited || h.runBuffer.byteLength === 0) continue;
         h.run.setUint8(RUN.immediateExit, 1);
-        if (h.thread !== undefined) {
+        if (h.runner !== undefined) native().vcpuRunnerKick(h.runner);
+        else if (h.thread !== undefined) {
           try {
             native().kick(h.thread, this.kickSignal);
           } catch {
@@ -210,7 +310,7 @@ export class Vmm {
   requestStop(): void {
     if (this.stopping) return;
     this.stopping = true;
-    this.control.setCommand(Command.Stop);
+    this.command(Command.Stop);
     this.kickUntil(
       () => this.vcpus.every((v) => v.exited),
       STOP_TIMEOUT_MS,
@@ -245,7 +345,7 @@ export class Vmm {
   pause(): Promise<void> {
     if (this.state !== 'running' || this.stopping) return Promise.resolve();
     if (this.pausing) return this.pausing;
-    this.control.setCommand(Command.Pause);
+    this.command(Command.Pause);
     const p = new Promise<void>((resolve, reject) => {
       const parked = (v: VcpuHandle) => v.exited || this.control.state(v.id) === VcpuState.Paused;
       this.kickUntil(
@@ -264,7 +364,7 @@ export class Vmm {
           const late = this.vcpus.filter((v) => !parked(v)).map((v) => v.id);
           // Undo the pause: the vCPUs that parked run again, the late ones never park. The
           // state stays "running", which is what the VM is doing.
-          this.control.setCommand(Command.Run);
+          this.command(Command.Run);
           reject(
             new Error(
               `vCPU ${late.join(', ')} did not pause within ${PAUSE_TIMEOUT_MS} ms (busy outside the guest); the pause was undone and the VM keeps running`,
@@ -287,7 +387,7 @@ export class Vmm {
    */
   resume(): void {
     if (this.state !== 'paused' || this.stopping) return;
-    this.control.setCommand(Command.Run);
+    this.command(Command.Run);
     this.state = 'running';
   }
 
@@ -361,6 +461,7 @@ export class Vmm {
                 m.type === 'saved' ? resolve(m.state) : reject(new Error(`${what}: ${m.message}`)),
               );
               this.control.request(h.id, VcpuRequest.Save);
+              this.ringHub();
             }),
         ),
       );

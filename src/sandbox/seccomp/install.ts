@@ -29,7 +29,7 @@ import {
   SECCOMP_RET_LOG,
   type Policy,
 } from './filter.js';
-import { defaultPolicy, processPolicy, type Role } from './roles.js';
+import { defaultPolicy, processPolicy, VCPU_RUNNER, type Role } from './roles.js';
 
 const ENV_KEY = 'typervisor:seccomp';
 
@@ -104,4 +104,17 @@ export function installWorkerFilter(role: Exclude<Role, 'main'>, threadName?: st
   if (s.mode === 'off') return false;
   native().seccompInstall(programFor(role, s), 0);
   return true;
+}
+
+/**
+ * The program a vCPU runner thread installs on itself (roles.ts VCPU_RUNNER), or null when
+ * seccomp is off. A custom filter file (--seccomp-filter) does not name runners: they keep the
+ * default list, which is a subset of the vcpu role's.
+ */
+export function runnerProgram(s: SeccompSettings = seccompSettings()): Uint8Array | null {
+  if (s.mode === 'off') return null;
+  const audit = process.env.TYPERVISOR_SECCOMP_AUDIT;
+  const action =
+    audit === 'vcpu-runner' || audit === 'all' ? SECCOMP_RET_LOG : SECCOMP_RET_KILL_PROCESS;
+  return compilePolicyBytes(VCPU_RUNNER, action);
 }

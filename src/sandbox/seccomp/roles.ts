@@ -171,6 +171,27 @@ const MAIN_OWN: Policy = {
   ],
 };
 
+const KVM_RUN = 0xae80; // _IO(KVMIO, 0x80)
+
+/**
+ * A vCPU runner thread (issue 18 part B, src/vmm/vcpu-threads.ts): a pthread of the native shim
+ * that loops on KVM_RUN and hands each exit to a JS thread. It installs this list on itself (the
+ * program is built here and passed to vcpuRunnerStart), stacked on the process filter: KVM_RUN
+ * only (no other KVM ioctl: the JS thread does those while the runner sleeps), the futex it
+ * sleeps on, write (the eventfd it rings), the kick signal's return, and glibc's thread exit
+ * (rt_sigprocmask, madvise of the stack, exit). Not a Role: --seccomp-filter files do not name
+ * it; it follows the vcpu role's on/off and the audit setting ('vcpu-runner' or 'all').
+ */
+export const VCPU_RUNNER: Policy = {
+  rules: [
+    {
+      syscall: 'ioctl',
+      args: [{ index: 1, type: 'qword', op: 'eq', val: BigInt(KVM_RUN), comment: 'KVM_RUN only' }],
+    },
+    ...any('futex', 'write', 'rt_sigreturn', 'rt_sigprocmask', 'madvise', 'exit'),
+  ],
+};
+
 /** A role's own list. */
 export function defaultPolicy(role: Role): Policy {
   switch (role) {

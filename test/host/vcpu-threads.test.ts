@@ -1,0 +1,263 @@
+/**
+ * Needs /dev/kvm, gcc and ld. vCPUs on native runner threads (TYPERVISOR_VCPU_THREADS=native,
+ * src/vmm/vcpu-threads.ts), VMs built in THIS process with several vCPUs: the guest's output and
+ * poweroff; one runner thread per vCPU (named tv-vrunN), each with its own seccomp filter, and
+ * one hub; pause parks every vCPU and stops the exits, resume runs them again, stop ends them;
+ * a snapshot of a running counting guest restores and counts on; no thread is left behind. And
+ * the shim's argument checks of vcpuRunnerStart and friends.
+ */
+import { describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { openSync, readFileSync, readdirSync } from 'node:fs';
+import { join } from 'node:path';
+import { readFile } from 'node:fs/promises';
+import { buildVm, type BuiltVm } from '../../src/vmm/builder.js';
+import { validateResources } from '../../src/vmm/resources.js';
+import { createSnapshot, loadSnapshot } from '../../src/vmm/snapshot.js';
+import { VcpuState } from '../../src/vmm/vcpu-control.js';
+import { native, O_RDWR } from '../../src/kvm/native.js';
+import { eventually, guestPath, tempDir, threadCount, tinyGuests } from './helpers.js';
+import { counts, lines, stop } from './counting-guest.js';
+
+const guests = tinyGuests();
+const skip = guests.skip ?? false;
+const T = { timeout: 60_000, skip };
+const BOUND_MS = 5000;
+
+// Warm libuv's thread pool so that it does not start threads in the middle of a count.
+await readFile(new URL(import.meta.url));
+
+/** This process's threads by name (comm), with their seccomp mode. */
+function threads(): Array<{ name: string; seccomp: number }> {
+  const out: Array<{ name: string; seccomp: number }> = [];
+  for (const t of readdirSync('/proc/self/task')) {
+    try {
+      const name = readFileSync(`/proc/self/task/${t}/comm`, 'utf8').trim();
+      const m = /^Seccomp:\s+(\d+)/m.exec(readFileSync(`/proc/self/task/${t}/status`, 'utf8'));
+      out.push({ name, seccomp: Number(m?.[1] ?? -1) });
+    } catch {
+      // exited meanwhile
+    }
+  }
+  return out;
+}
+
+function build(
+  guest: string,
+  vcpus: number,
+  consoleFile: string,
+  mode: 'native' | 'hybrid' = 'native',
+): BuiltVm {
+  const prev = process.env.TYPERVISOR_VCPU_THREADS;
+  process.env.TYPERVISOR_VCPU_THREADS = mode;
+  try {
+    return buildVm(
+      validateResources({
+        machine: { vcpu_count: vcpus, mem_size_mib: 32 },
+        boot: { kernel_image_path: guestPath(guest) },
+      }),
+      { consoleFd: openSync(consoleFile, 'w') },
+    );
+  } finally {
+    if (prev === undefined) delete process.env.TYPERVISOR_VCPU_THREADS;
+    else process.env.TYPERVISOR_VCPU_THREADS = prev;
+  }
+}
+
+async function gone(baseline: number): Promise<void> {
+  assert.ok(
+    await eventually(() => threadCount() <= baseline, BOUND_MS),
+    `threads: ${threadCount()} now, ${baseline} before the VM: ${threads()
+      .map((t) => t.name)
+      .join(', ')}`,
+  );
+  assert.equal(threads().filter((t) => t.name.startsWith('tv-vrun')).length, 0);
+}
+
+const states = (vm: BuiltVm, n: number) => [...Array(n).keys()].map((i) => vm.vmm.control.state(i));
+
+describe('native vCPU runner threads (KVM)', () => {
+  test('4 vCPUs: the guest prints, powers off, and every runner is joined', T, async () => {
+    const baseline = threadCount();
+    const dir = tempDir();
+    const out = join(dir, 'console');
+    const vm = build('poweroff', 4, out);
+    assert.equal(vm.vmm.mode, 'native');
+    const ev = await vm.vmm.exited;
+    assert.deepEqual(ev, { kind: 'poweroff' });
+    assert.match(readFileSync(out, 'utf8'), /^tiny guest up\n/);
+    assert.deepEqual(states(vm, 4), new Array(4).fill(VcpuState.Exited));
+    await gone(baseline);
+  });
+
+  for (const mode of ['native', 'hybrid'] as const)
+    test(
+      `${mode}, 8 vCPUs: one filtered runner thread per vCPU${mode === 'hybrid' ? ' but vCPU 0 (a worker)' : ''}, one hub; pause, resume, stop`,
+      T,
+      async () => {
+        const baseline = threadCount();
+        const dir = tempDir();
+        const vm = build('piospin', 8, join(dir, 'console'), mode);
+        assert.equal(vm.vmm.mode, mode);
+        const first = mode === 'hybrid' ? 1 : 0;
+        // every vCPU runs, vCPU 0 exits on every port write
+        assert.ok(await eventually(() => vm.vmm.control.exits(0) > 100, BOUND_MS), 'no exits');
+        // the runners start once the hub's worker is up (vCPU 0's worker may be running already)
+        assert.ok(
+          await eventually(
+            () => threads().filter((t) => t.name.startsWith('tv-vrun')).length === 8 - first,
+            BOUND_MS,
+          ),
+          'the runner threads did not start',
+        );
+        const ts = threads();
+        const runners = ts.filter((t) => t.name.startsWith('tv-vrun'));
+        assert.deepEqual(
+          runners.map((t) => t.name).sort(),
+          [...Array(8 - first).keys()].map((i) => `tv-vrun${i + first}`),
+        );
+        for (const r of runners) assert.equal(r.seccomp, 2, `${r.name} has no seccomp filter`);
+        assert.equal(ts.filter((t) => t.name === 'tv-vcpuhub').length, 1);
+        assert.deepEqual(
+          ts
+            .filter((t) => t.name.startsWith('tv-vcpu') && t.name !== 'tv-vcpuhub')
+            .map((t) => t.name),
+          mode === 'hybrid' ? ['tv-vcpu0'] : [],
+        );
+        // a VM of 8 vCPUs costs 8 small threads and one worker, not 8 workers
+        assert.ok(threadCount() - baseline <= 8 + 6, `${threadCount() - baseline} new threads`);
+
+        await vm.vmm.pause();
+        assert.equal(vm.vmm.state, 'paused');
+        assert.deepEqual(states(vm, 8), new Array(8).fill(VcpuState.Paused));
+        const parked = vm.vmm.control.exits(0);
+        await new Promise((r) => setTimeout(r, 200));
+        assert.equal(vm.vmm.control.exits(0), parked, 'exits while paused');
+        vm.vmm.resume();
+        assert.ok(
+          await eventually(() => vm.vmm.control.exits(0) > parked + 100, BOUND_MS),
+          'no exits after resume',
+        );
+        // a second pause and resume, to see the runners go round
+        await vm.vmm.pause();
+        assert.deepEqual(states(vm, 8), new Array(8).fill(VcpuState.Paused));
+        vm.vmm.resume();
+        vm.vmm.requestStop();
+        assert.deepEqual(await vm.vmm.exited, { kind: 'stopped' });
+        assert.deepEqual(states(vm, 8), new Array(8).fill(VcpuState.Exited));
+        await gone(baseline);
+      },
+    );
+
+  for (const mode of ['native', 'hybrid'] as const)
+    test(
+      `${mode}: a snapshot of a running 4-vCPU counting guest restores and counts on`,
+      T,
+      async () => {
+        const baseline = threadCount();
+        const dir = tempDir();
+        const out = join(dir, 'a.out');
+        const vm = build('count', 4, out, mode);
+        await lines(out, 5);
+        await vm.vmm.pauseAll(vm.deviceWorker);
+        await createSnapshot(vm, {
+          snapshotPath: join(dir, 'state'),
+          memFilePath: join(dir, 'mem'),
+          type: 'Full',
+        });
+        const c = counts(out);
+        const last = c[c.length - 1]!;
+        // the snapshotted VM runs on after the snapshot, then stops
+        await vm.vmm.resumeAll(vm.deviceWorker);
+        await lines(out, c.length + 2);
+        await stop(vm);
+
+        const out2 = join(dir, 'b.out');
+        process.env.TYPERVISOR_VCPU_THREADS = mode;
+        let vm2: BuiltVm;
+        try {
+          vm2 = await loadSnapshot(
+            {
+              snapshotPath: join(dir, 'state'),
+              memBackend: { type: 'File', path: join(dir, 'mem') },
+              trackDirtyPages: false,
+              resumeVm: true,
+              clockRealtime: false,
+              networkOverrides: [],
+            },
+            { consoleFd: openSync(out2, 'w') },
+          );
+        } finally {
+          delete process.env.TYPERVISOR_VCPU_THREADS;
+        }
+        assert.equal(vm2.vmm.mode, mode);
+        await lines(out2, 3);
+        const c2 = counts(out2);
+        assert.equal(c2[0], last + 1, 'the restored count goes on from the snapshot');
+        for (let i = 1; i < c2.length; i++) assert.equal(c2[i], c2[i - 1]! + 1);
+        await stop(vm2);
+        await gone(baseline);
+      },
+    );
+});
+
+describe('vcpuRunnerStart and friends check their arguments', { skip }, () => {
+  test('bad descriptors, words, index, program and handles are refused', () => {
+    const n = native();
+    const words = new Int32Array(new SharedArrayBuffer(16));
+    const sig = n.installKickHandler();
+    const efd = n.eventfd(0, 0);
+    const kvm = n.open('/dev/kvm', O_RDWR, 0);
+    try {
+      assert.throws(() => n.vcpuRunnerStart(-1, words, 0, efd, sig, 'x', null), /EBADF/);
+      assert.throws(() => n.vcpuRunnerStart(kvm, words, 0, -1, sig, 'x', null), /EBADF/);
+      assert.throws(() => n.vcpuRunnerStart(kvm, words, 0, efd, 9, 'x', null), /real-time signal/);
+      assert.throws(
+        () => n.vcpuRunnerStart(kvm, new Uint8Array(16) as never, 0, efd, sig, 'x', null),
+        /Int32Array/,
+      );
+      assert.throws(() => n.vcpuRunnerStart(kvm, words, 2, efd, sig, 'x', null), /range/);
+      assert.throws(
+        () => n.vcpuRunnerStart(kvm, words, 0, efd, sig, 'x', new Uint8Array(7)),
+        /instructions of 8 bytes/,
+      );
+      words[0] = 2;
+      assert.throws(() => n.vcpuRunnerStart(kvm, words, 0, efd, sig, 'x', null), /not IDLE/);
+      for (const h of [-1, 0, 12345])
+        (assert.throws(() => n.vcpuRunnerGo(h), /ESRCH/), assert.equal(n.vcpuRunnerKick(h), false));
+      assert.throws(() => n.vcpuRunnerJoin(7), /ESRCH/);
+    } finally {
+      n.close(kvm);
+      n.close(efd);
+    }
+  });
+
+  test('a runner on a non-vCPU fd reports the error, quits and is joined', () => {
+    const n = native();
+    const words = new Int32Array(new SharedArrayBuffer(16));
+    const sig = n.installKickHandler();
+    const efd = n.eventfd(0, 0);
+    const kvm = n.open('/dev/kvm', O_RDWR, 0);
+    const before = threadCount();
+    try {
+      const h = n.vcpuRunnerStart(kvm, words, 0, efd, sig, 'tv-vrun-test', null);
+      assert.equal(threadCount(), before + 1);
+      assert.throws(() => n.vcpuRunnerJoin(h), /EBUSY/);
+      n.vcpuRunnerGo(h);
+      n.eventfdRead(efd); // KVM_RUN on /dev/kvm fails at once: ENOTTY or EINVAL
+      assert.equal(Atomics.load(words, 0), 2);
+      assert.ok(Atomics.load(words, 1) > 0, `errno ${Atomics.load(words, 1)}`);
+      assert.equal(Atomics.load(words, 2), 1);
+      assert.throws(() => n.vcpuRunnerStart(kvm, words, 0, efd, sig, 'x', null), /not IDLE/);
+      n.vcpuRunnerQuit(h);
+      while (Atomics.load(words, 0) !== 4) n.eventfdRead(efd);
+      n.vcpuRunnerJoin(h);
+      assert.equal(threadCount(), before);
+      assert.throws(() => n.vcpuRunnerGo(h), /ESRCH/);
+      assert.equal(n.vcpuRunnerKick(h), false);
+    } finally {
+      n.close(kvm);
+      n.close(efd);
+    }
+  });
+});

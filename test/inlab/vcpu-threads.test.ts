@@ -1,0 +1,71 @@
+/**
+ * Stock Linux on native vCPU runner threads (--vcpu-threads native, src/vmm/vcpu-threads.ts):
+ * the default guest boots with 2 vCPUs, sees both, and powers off. One boot (~the time of
+ * boot.test.ts's 2-vCPU boot). With TV_INLAB_VCPU_COMPARE=N it also boots N times more in each
+ * mode, interleaved, and prints the boot-marker times (a measurement, not an assertion).
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { defaultGuest, describeRun, skipReason, typervisor } from './helpers.js';
+
+const MARKER = 'TYPERVISOR-BOOT-OK';
+const opts = { skip: skipReason, timeout: 400_000 };
+
+async function boot(mode: 'native' | 'worker' | 'hybrid', vcpus: number) {
+  const g = defaultGuest();
+  const r = await typervisor(
+    [
+      'run',
+      '--kernel',
+      g.kernel,
+      '--initrd',
+      g.initrd,
+      '--vcpus',
+      String(vcpus),
+      '--memory',
+      '256',
+      '--boot-timer',
+      '--vcpu-threads',
+      mode,
+    ],
+    'echo CPUS=$(nproc)\npoweroff -f\n',
+  );
+  assert.equal(r.code, 0, describeRun(r));
+  assert.match(r.stdout, new RegExp(MARKER), describeRun(r));
+  assert.match(r.stdout, new RegExp(`CPUS=${vcpus}\\b`), describeRun(r));
+  const m = /boot marker at ([\d.]+) ms/.exec(r.stderr);
+  assert.ok(m, describeRun(r));
+  return Number(m[1]);
+}
+
+test(
+  'the default guest boots on native vCPU runner threads (2 vCPUs) and powers off',
+  opts,
+  async () => {
+    const ms = await boot('native', 2);
+    console.log(`native, 2 vCPUs: boot marker at ${ms.toFixed(0)} ms`);
+    const n = Number(process.env.TV_INLAB_VCPU_COMPARE ?? 0);
+    const times: Record<string, number[]> = {};
+    for (let i = 0; i < n; i++) {
+      for (const vcpus of (process.env.TV_INLAB_VCPU_COUNTS ?? '1,2').split(',').map(Number)) {
+        const modes = (process.env.TV_INLAB_VCPU_MODES ?? 'worker,native').split(',') as Array<
+          'native' | 'worker' | 'hybrid'
+        >;
+        for (const mode of i % 2 ? [...modes].reverse() : modes) {
+          try {
+            (times[`${mode} ${vcpus}`] ??= []).push(await boot(mode, vcpus));
+          } catch (e) {
+            // a measurement: report the failed boot and go on
+            console.log(`VCPU-BOOT-FAIL ${mode} ${vcpus}: ${(e as Error).message.slice(0, 1500)}`);
+          }
+        }
+      }
+    }
+    for (const [k, v] of Object.entries(times)) {
+      const s = [...v].sort((a, b) => a - b);
+      console.log(
+        `VCPU-BOOT ${k} vCPU(s): median ${s[s.length >> 1]!.toFixed(0)} ms (${s.map((x) => x.toFixed(0)).join(', ')})`,
+      );
+    }
+  },
+);
