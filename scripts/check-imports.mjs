@@ -77,7 +77,7 @@ export const ONLY_THROUGH = [
 export const TEMPORARY_ALLOW = [];
 
 /** Test-only code: importable only from `*.test.ts` files and from inside the folder itself. */
-export const TEST_ONLY = ['src/devices/virtio/testing/'];
+export const TEST_ONLY = ['src/devices/virtio/testing/', 'src/api/testing/'];
 
 const isTest = (file) => file.endsWith('.test.ts');
 

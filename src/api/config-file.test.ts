@@ -9,6 +9,7 @@ import { join } from 'node:path';
 import assert from 'node:assert/strict';
 import { parseVmConfig } from './config-file.js';
 import { DESERIALIZE_PREFIX, LOAD_MISSING_MEM, LOAD_TOO_MANY_MEM } from './routes.js';
+import { firecrackerExampleConfig } from './testing/firecracker-example.js';
 
 const load = {
   snapshot_path: '/s/state',
@@ -95,44 +96,7 @@ test('a boot configuration is unchanged: sections, then InstanceStart', () => {
   );
 });
 
-/** Firecracker's example configuration (its tests/framework/vm_config.json), in our words. */
-const firecrackerExample = {
-  'boot-source': {
-    kernel_image_path: '/k/vmlinux.bin',
-    boot_args: 'console=ttyS0 reboot=k panic=1',
-    initrd_path: null,
-  },
-  drives: [
-    {
-      drive_id: 'rootfs',
-      partuuid: null,
-      is_root_device: true,
-      cache_type: 'Unsafe',
-      is_read_only: false,
-      path_on_host: '/k/rootfs.ext4',
-      io_engine: 'Sync',
-      rate_limiter: null,
-      socket: null,
-    },
-  ],
-  'machine-config': {
-    vcpu_count: 2,
-    mem_size_mib: 1024,
-    smt: false,
-    track_dirty_pages: false,
-    huge_pages: 'None',
-  },
-  'cpu-config': null,
-  balloon: null,
-  'network-interfaces': [],
-  vsock: null,
-  logger: null,
-  metrics: null,
-  'mmds-config': null,
-  entropy: null,
-  pmem: [],
-  'memory-hotplug': null,
-};
+const firecrackerExample = firecrackerExampleConfig('/k/vmlinux.bin', '/k/rootfs.ext4');
 
 test("Firecracker's example shape: empty sections of features we lack are accepted", () => {
   const r = parse(firecrackerExample);

@@ -10,51 +10,11 @@ import { spawnSync } from 'node:child_process';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { CLI, tempDir } from '../api/client.js';
+import { firecrackerExampleConfig } from '../../src/api/testing/firecracker-example.js';
 import { guestPath, tinyGuests } from './helpers.js';
 
 const guests = tinyGuests();
 const T = { timeout: 60_000, skip: guests.skip ?? false };
-
-/** Firecracker's example configuration, with our tiny guest and a scratch disk. */
-function exampleConfig(kernel: string, disk: string): Record<string, unknown> {
-  return {
-    'boot-source': {
-      kernel_image_path: kernel,
-      boot_args: 'console=ttyS0 reboot=k panic=1',
-      initrd_path: null,
-    },
-    drives: [
-      {
-        drive_id: 'rootfs',
-        partuuid: null,
-        is_root_device: true,
-        cache_type: 'Unsafe',
-        is_read_only: false,
-        path_on_host: disk,
-        io_engine: 'Sync',
-        rate_limiter: null,
-        socket: null,
-      },
-    ],
-    'machine-config': {
-      vcpu_count: 2,
-      mem_size_mib: 1024,
-      smt: false,
-      track_dirty_pages: false,
-      huge_pages: 'None',
-    },
-    'cpu-config': null,
-    balloon: null,
-    'network-interfaces': [],
-    vsock: null,
-    logger: null,
-    metrics: null,
-    'mmds-config': null,
-    entropy: null,
-    pmem: [],
-    'memory-hotplug': null,
-  };
-}
 
 describe("--config-file with Firecracker's example configuration (KVM)", () => {
   test('it boots, and a section naming what the VM lacks is refused, saying which', T, () => {
@@ -62,7 +22,7 @@ describe("--config-file with Firecracker's example configuration (KVM)", () => {
     const disk = join(dir, 'rootfs.ext4');
     writeFileSync(disk, Buffer.alloc(1024 * 1024));
     const cfg = join(dir, 'vm_config.json');
-    const config = exampleConfig(guestPath('poweroff'), disk);
+    const config = firecrackerExampleConfig(guestPath('poweroff'), disk);
     writeFileSync(cfg, JSON.stringify(config, null, 2));
     const r = spawnSync(process.execPath, [CLI, '--no-api', '--config-file', cfg], {
       encoding: 'utf8',
