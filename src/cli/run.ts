@@ -50,7 +50,7 @@ export const RUN_USAGE = `usage: typervisor run [options]
   --net SPEC        a virtio-net device on a host TAP: tap=NAME[,mac=MAC] (repeatable; the TAP
                     is created if missing, which needs CAP_NET_ADMIN)
   --vsock SPEC      a virtio-vsock device: cid=N,uds=PATH (N >= 3; guest connections to port P
-                    reach PATH_P; host programs dial PATH and send "CONNECT P\n")
+                    reach PATH_P; host programs dial PATH and send "CONNECT P\\n")
   --track-dirty-pages  keep KVM's dirty log and the devices' writes, for Diff snapshots (also
                     with --restore)
   --boot-timer      print the time from process start to the guest's boot marker
