@@ -1,11 +1,27 @@
 #!/usr/bin/env node
 // Runs node's test runner over every compiled *.test.js under the given folders of dist/
 // (Node 20's runner takes files, not globs). Usage: node scripts/run-tests.mjs src test/host
+//
+// --heartbeat N: also prints "# heartbeat <s> s" every N seconds, between whole lines of the
+// runner's output. The in-lab suite runs with it, so that the harness outside the lab can tell
+// a frozen lab (no output at all, not even the heartbeat) from a slow or stuck test of ours
+// (heartbeats keep coming; the test fails by its own timeout and is never retried).
 import { readdirSync, statSync, existsSync } from 'node:fs';
 import { join } from 'node:path';
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 
 const root = new URL('..', import.meta.url).pathname;
+const args = process.argv.slice(2);
+let heartbeatSec = 0;
+const hb = args.indexOf('--heartbeat');
+if (hb >= 0) {
+  heartbeatSec = Number(args[hb + 1]);
+  if (!Number.isInteger(heartbeatSec) || heartbeatSec <= 0) {
+    console.error(`--heartbeat takes a whole number of seconds, not ${args[hb + 1]}`);
+    process.exit(2);
+  }
+  args.splice(hb, 2);
+}
 const files = [];
 const walk = (d) => {
   for (const e of readdirSync(d)) {
@@ -14,13 +30,35 @@ const walk = (d) => {
     else if (p.endsWith('.test.js')) files.push(p);
   }
 };
-for (const dir of process.argv.slice(2)) {
+for (const dir of args) {
   const d = join(root, 'dist', dir);
   if (existsSync(d)) walk(d);
 }
 if (files.length === 0) {
-  console.error(`no test files under ${process.argv.slice(2).join(', ')}`);
+  console.error(`no test files under ${args.join(', ')}`);
   process.exit(1);
 }
-const r = spawnSync(process.execPath, ['--test', ...files.sort()], { stdio: 'inherit' });
-process.exit(r.status ?? 1);
+const argv = ['--test', ...files.sort()];
+if (!heartbeatSec) {
+  const r = spawnSync(process.execPath, argv, { stdio: 'inherit' });
+  process.exit(r.status ?? 1);
+}
+// With a heartbeat the runner's stdout and stderr come through here, so the heartbeat only
+// goes out at a line boundary of both and never splits a line of the runner's summary.
+const started = Date.now();
+const child = spawn(process.execPath, argv, { stdio: ['inherit', 'pipe', 'pipe'] });
+const atLineStart = { stdout: true, stderr: true };
+for (const name of ['stdout', 'stderr']) {
+  child[name].on('data', (b) => {
+    process[name].write(b);
+    atLineStart[name] = b.length > 0 && b[b.length - 1] === 0x0a;
+  });
+}
+const timer = setInterval(() => {
+  if (atLineStart.stdout && atLineStart.stderr)
+    process.stdout.write(`# heartbeat ${Math.round((Date.now() - started) / 1000)} s\n`);
+}, heartbeatSec * 1000);
+child.on('close', (code, signal) => {
+  clearInterval(timer);
+  process.exit(code ?? (signal ? 1 : 0));
+});

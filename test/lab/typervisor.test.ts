@@ -2,15 +2,18 @@
 // (each of those tests boots Debian's cloud kernel with Typervisor on the lab's AMD-V KVM).
 //
 // The lab itself hangs now and then (its kernel stuck in KVM_RUN under the emulated AMD-V;
-// QEMU's guests too), or its machine ends under the suite. A lab that prints nothing for
-// IDLE_SEC is stopped; either way the suite runs again, once, saying so. A failure of a test is never retried: every in-lab test gives up and
-// reports within 600 s (its own timeout), before the lab counts as silent.
+// QEMU's guests too), or its machine ends under the suite. The runner inside the lab prints a
+// heartbeat line every HEARTBEAT_SEC (scripts/run-tests.mjs --heartbeat), so a lab that prints
+// nothing for IDLE_SEC is frozen as a whole; it is stopped, and either way the suite runs again,
+// once, saying so. A failure of a test is never retried: a slow or stuck test of ours keeps the
+// heartbeat going and fails by its own timeout (each in-lab test has one, at most 600 s).
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { ensureImage, repoRoot } from '../../src/lab/guest.js';
 import { runInLab, type LabResult } from '../../src/lab/lab.js';
 
-const IDLE_SEC = 660;
+const HEARTBEAT_SEC = 30;
+const IDLE_SEC = 150;
 const ATTEMPT_SEC = 1_400;
 
 async function runSuite(): Promise<{ r: LabResult; hung: boolean }> {
@@ -24,7 +27,13 @@ async function runSuite(): Promise<{ r: LabResult; hung: boolean }> {
   }, 1000);
   try {
     const r = await runInLab({
-      command: ['node', 'scripts/run-tests.mjs', 'test/inlab'],
+      command: [
+        'node',
+        'scripts/run-tests.mjs',
+        '--heartbeat',
+        String(HEARTBEAT_SEC),
+        'test/inlab',
+      ],
       cwd: repoRoot(),
       timeoutSec: ATTEMPT_SEC,
       signal: abort.signal,
