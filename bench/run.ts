@@ -17,15 +17,18 @@ import {
   type LabSubSuiteName,
   type SubSuiteResult,
 } from './lab.js';
+import { DEFAULT_DENSITY, MAX_DENSITY, densitySuite } from './density.js';
 import { microSuite } from './micro.js';
 import { startupSuite } from './startup.js';
 import { vcpusSuite } from './vcpus.js';
 
 const DEFAULT_LAB_RUNS = LAB_SUB_SUITES.map((d) => `${d.name} ${d.defaultRuns}`).join(', ');
-const USAGE = `usage: npm run bench -- [--suite micro|startup|vcpus|lab|snapshot|all] [--runs N] [--lab-runs N] [--lab-suites NAME[:N],...]
+const USAGE = `usage: npm run bench -- [--suite micro|startup|vcpus|density|lab|snapshot|all] [--runs N] [--density N] [--lab-runs N] [--lab-suites NAME[:N],...]
   --suite        which suites (default all; micro includes startup); startup: bench/startup.ts
                  alone; snapshot: the lab's snapshot sub-suite alone;
                  vcpus: 1-64 vCPUs, per-vCPU workers vs native runner threads vs QEMU (bench/vcpus.ts)
+                 density: N idle micro VMs at once beside N QEMU microvm (bench/density.ts)
+  --density N    VMs at once in the density suite (default ${DEFAULT_DENSITY}, at most ${MAX_DENSITY})
   --runs N       runs of the micro suite (default 10); if given, also caps each lab sub-suite's default
   --lab-runs N   runs of every lab sub-suite (defaults: ${DEFAULT_LAB_RUNS})
   --lab-suites   lab sub-suites to run, in order, each with an optional run count
@@ -95,8 +98,9 @@ function hostInfo() {
 }
 
 interface Options {
-  suite: 'micro' | 'startup' | 'vcpus' | 'lab' | 'all';
+  suite: 'micro' | 'startup' | 'vcpus' | 'density' | 'lab' | 'all';
   runs: number;
+  density: number;
   lab: Array<{ name: LabSubSuiteName; runs: number }>;
 }
 
@@ -111,6 +115,7 @@ function parseOptions(argv: string[]): Options | string {
         runs: { type: 'string' },
         'lab-runs': { type: 'string' },
         'lab-suites': { type: 'string' },
+        density: { type: 'string' },
       },
     }).values;
   } catch (e) {
@@ -133,6 +138,7 @@ function parseOptions(argv: string[]): Options | string {
     suite !== 'micro' &&
     suite !== 'startup' &&
     suite !== 'vcpus' &&
+    suite !== 'density' &&
     suite !== 'lab' &&
     suite !== 'all'
   )
@@ -141,6 +147,9 @@ function parseOptions(argv: string[]): Options | string {
   const labRuns = count(v['lab-runs'], '--lab-runs');
   if (typeof runs === 'string') return runs;
   if (typeof labRuns === 'string') return labRuns;
+  const density = count(v.density, '--density') ?? DEFAULT_DENSITY;
+  if (typeof density === 'string') return density;
+  if (density > MAX_DENSITY) return `--density: at most ${MAX_DENSITY}`;
   const lab: Options['lab'] = [];
   for (const item of (v['lab-suites'] ?? LAB_SUB_SUITE_NAMES.join(',')).split(',')) {
     const [name, n] = item.trim().split(':');
@@ -154,7 +163,7 @@ function parseOptions(argv: string[]): Options | string {
       runs: own ?? labRuns ?? Math.min(def.defaultRuns, runs ?? def.defaultRuns),
     });
   }
-  return { suite, runs: runs ?? 10, lab };
+  return { suite, runs: runs ?? 10, density, lab };
 }
 
 function labSection(results: SubSuiteResult[], labHost: LabHost | undefined): string[] {
@@ -194,6 +203,7 @@ async function main() {
   const started = Date.now();
   const micro: Row[] = [];
   const startup: Row[] = [];
+  const density: Row[] = [];
   const notes: string[] = [];
   const times: string[] = [];
   let lab: SubSuiteResult[] = [];
@@ -234,6 +244,21 @@ async function main() {
       log((e as Error).stack ?? String(e));
     }
     times.push(`startup ${((Date.now() - t) / 1000).toFixed(0)} s`);
+  }
+  if (o.suite === 'density' || o.suite === 'all') {
+    // A batch of N VMs takes tens of seconds per VMM: 3 rounds at most.
+    const runs = Math.min(o.runs, 3);
+    log(`density suite, ${o.density} VMs, ${runs} runs`);
+    const t = Date.now();
+    try {
+      const m = await densitySuite({ runs, n: o.density, kvmKind: host.kvmKind, log });
+      density.push(...m.rows);
+      notes.push(...m.notes);
+    } catch (e) {
+      notes.push(`density suite failed: ${(e as Error).message.split('\n').slice(0, 5).join(' ')}`);
+      log((e as Error).stack ?? String(e));
+    }
+    times.push(`density ${((Date.now() - t) / 1000).toFixed(0)} s`);
   }
   if (o.suite === 'lab' || o.suite === 'all') {
     lab = await labSuite({ suites: o.lab, log });
@@ -278,6 +303,16 @@ async function main() {
           '',
         ]
       : []),
+    ...(density.length
+      ? [
+          `## Density: ${o.density} idle micro VMs at once (issue 18)`,
+          '',
+          `${Math.min(o.runs, 3)} runs.`,
+          '',
+          table(density, false),
+          '',
+        ]
+      : []),
     ...(vcpus
       ? ['## vCPU threads: per-vCPU workers vs native runner threads vs QEMU', '', vcpus]
       : []),
@@ -298,14 +333,17 @@ async function main() {
         seconds: totalS,
         runs: o.runs,
         labRuns:
-          o.suite === 'micro' || o.suite === 'startup' || o.suite === 'vcpus'
+          o.suite === 'micro' ||
+          o.suite === 'startup' ||
+          o.suite === 'vcpus' ||
+          o.suite === 'density'
             ? undefined
             : Object.fromEntries(o.lab.map((s) => [s.name, s.runs])),
         suite: o.suite,
         host,
         lab: labHost,
         labSuites: lab,
-        rows: [...micro, ...startup, ...lab.flatMap((r) => r.rows)],
+        rows: [...micro, ...startup, ...density, ...lab.flatMap((r) => r.rows)],
         notes,
       },
       null,

@@ -20,6 +20,7 @@ build() { # name, cflags...
 }
 build mark -DMODE_MARK
 build spin -DMODE_SPIN
+build idle -DMODE_IDLE
 build pioloop-small -DMODE_PIOLOOP -DLOOP_COUNT=1000
 build pioloop-big -DMODE_PIOLOOP -DLOOP_COUNT="$big"
 build blk4k-small -DMODE_BLKLOOP -DBLK_BYTES=4096 -DBLK_COUNT=500

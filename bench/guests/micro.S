@@ -9,6 +9,7 @@
  * floor's boot timer), then:
  *   MODE_MARK     resets at once (start -> marker, start -> exit, peak RSS, starts/s)
  *   MODE_SPIN     spins forever (RSS sampling while the guest runs)
+ *   MODE_IDLE     halts forever with interrupts off (an idle VM: bench/density.ts)
  *   MODE_PIOLOOP  LOOP_COUNT writes to port 0x3f1 (claimed by nobody), then resets (exits/s)
  *   MODE_BLKLOOP  BLK_COUNT virtio-blk reads of BLK_BYTES each, one in flight, then "D\n" and
  *                 the reset (blkloop.S: the driver, the disk pattern it expects, its errors)
@@ -40,6 +41,9 @@ _start:
 	jmp	reset
 #elif defined(MODE_SPIN)
 1:	pause
+	jmp	1b
+#elif defined(MODE_IDLE)
+1:	hlt
 	jmp	1b
 #elif defined(MODE_PIOLOOP)
 	mov	$LOOP_COUNT, %ecx
