@@ -32,10 +32,10 @@ const START_CONCURRENCY = 4;
 const SETTLE_MS = 1000;
 const START_TIMEOUT_MS = 60_000;
 
-type Name = 'typervisor' | 'qemu';
+export type Name = 'typervisor' | 'qemu';
 const NAMES: Name[] = ['typervisor', 'qemu'];
 
-function command(name: Name, elf: string, kvmKind: string): [string, string[]] {
+export function command(name: Name, elf: string, kvmKind: string): [string, string[]] {
   if (name === 'typervisor')
     return [TYPERVISOR, ['run', '--kernel', elf, '--memory', String(MEM_MIB)]];
   return [
@@ -110,6 +110,11 @@ function startOne(name: Name, cmd: string, args: string[]): Promise<ChildProcess
   });
 }
 
+/** VMM processes started here and not reaped yet (0 after every batch, failed or not). */
+export function liveVmms(): number {
+  return live.size;
+}
+
 /** SIGKILLs every live VMM and waits until each is reaped. */
 async function killAll(): Promise<void> {
   const waits = [...live].map(
@@ -151,14 +156,22 @@ export async function batch(
     const t0 = performance.now();
     const children: ChildProcess[] = [];
     let next = 0;
+    let failed: unknown;
+    // On the first failure no further VM starts; the ones starting finish (or fail) first, so
+    // that the cleanup below sees every process.
     await Promise.all(
       Array.from({ length: Math.min(START_CONCURRENCY, n) }, async () => {
-        while (next < n) {
+        while (next < n && failed === undefined) {
           next++;
-          children.push(await startOne(name, cmd, args));
+          try {
+            children.push(await startOne(name, cmd, args));
+          } catch (e) {
+            failed ??= e;
+          }
         }
       }),
     );
+    if (failed !== undefined) throw failed;
     const startAllMs = performance.now() - t0;
     await sleep(SETTLE_MS);
     const mems = children.map((c) => rollupKiB(c.pid!));
