@@ -62,12 +62,17 @@ class VmmProcess implements VmHandle {
     sock: string,
     name: string,
     private readonly state: StateDir,
+    extraArgs: readonly string[],
   ) {
     this.apiSocket = sock;
-    this.child = spawn(process.execPath, [CLI, '--api-sock', sock, '--id', name, '--boot-timer'], {
-      stdio: ['ignore', 'pipe', 'pipe'],
-      env: { ...process.env, TYPERVISOR_LOG: undefined, TYPERVISOR_LOG_FORMAT: undefined },
-    });
+    this.child = spawn(
+      process.execPath,
+      [CLI, '--api-sock', sock, '--id', name, '--boot-timer', ...extraArgs],
+      {
+        stdio: ['ignore', 'pipe', 'pipe'],
+        env: { ...process.env, TYPERVISOR_LOG: undefined, TYPERVISOR_LOG_FORMAT: undefined },
+      },
+    );
     if (this.child.pid === undefined) throw new Error('cannot start a VMM process');
     this.pid = this.child.pid;
     state.record(this.pid);
@@ -170,6 +175,8 @@ export class ProcessBackend implements Backend {
   constructor(
     private readonly size: number,
     private readonly state: StateDir,
+    /** More flags for every VMM process (--no-seccomp). */
+    private readonly vmmArgs: readonly string[] = [],
   ) {
     this.fill();
   }
@@ -190,7 +197,7 @@ export class ProcessBackend implements Backend {
   /** Starts one VMM process and waits until its socket accepts connections. */
   private async startOne(): Promise<VmmProcess> {
     const name = `pool-${process.pid}-${++this.seq}`;
-    const p = new VmmProcess(this.state.path(`${name}.sock`), name, this.state);
+    const p = new VmmProcess(this.state.path(`${name}.sock`), name, this.state, this.vmmArgs);
     this.startedTotal++;
     this.startingSet.add(p);
     try {

@@ -9,6 +9,7 @@ import { parseArgs } from 'node:util';
 import { Counters } from '../api/metrics.js';
 import { DEFAULT_MAX_PAYLOAD, startApiServer } from '../api/server.js';
 import { log } from '../util/log.js';
+import { applySeccomp, seccompSettingsFromFlags } from '../sandbox/seccomp/options.js';
 import { routeDaemon, type DaemonAction } from './api.js';
 import { MODES, type Backend, type Mode } from './backend.js';
 import { Daemon, DEFAULT_MAX_VMS } from './daemon.js';
@@ -27,7 +28,8 @@ The host daemon: creates VMs from a warm pool over an HTTP API on a Unix socket 
   --mode M           process (default: a VMM process per VM) or shared (VMs in this process)
   --state-dir DIR    VM API sockets and process records (default $TMPDIR/typervisor-serve-UID)
   --max-vms N        VMs running at once (default ${DEFAULT_MAX_VMS}, at most ${MAX_VMS_LIMIT})
-  --max-payload N    largest request body in bytes (default ${DEFAULT_MAX_PAYLOAD})`;
+  --max-payload N    largest request body in bytes (default ${DEFAULT_MAX_PAYLOAD})
+  --no-seccomp       no seccomp filters (shared mode: this process's; process mode: the VMMs')`;
 
 export interface ServeArgs {
   socket: string;
@@ -36,6 +38,7 @@ export interface ServeArgs {
   stateDir: string;
   maxVms: number;
   maxPayload: number;
+  noSeccomp: boolean;
 }
 
 function intFlag(
@@ -66,6 +69,7 @@ export function parseServeArgs(argv: string[]): ServeArgs {
       'state-dir': { type: 'string' },
       'max-vms': { type: 'string' },
       'max-payload': { type: 'string' },
+      'no-seccomp': { type: 'boolean' },
     },
   });
   if (v.socket === undefined) throw new Error('--socket PATH is required');
@@ -79,11 +83,20 @@ export function parseServeArgs(argv: string[]): ServeArgs {
     stateDir: resolve(v['state-dir'] ?? join(tmpdir(), `typervisor-serve-${uid}`)),
     maxVms: intFlag(v['max-vms'], 'max-vms', DEFAULT_MAX_VMS, 1, MAX_VMS_LIMIT),
     maxPayload: intFlag(v['max-payload'], 'max-payload', DEFAULT_MAX_PAYLOAD, 1024, 1 << 24),
+    noSeccomp: v['no-seccomp'] ?? false,
   };
 }
 
 async function backendFor(args: ServeArgs, state: StateDir): Promise<Backend> {
-  if (args.mode === 'process') return new ProcessBackend(args.pool, state);
+  if (args.mode === 'process')
+    return new ProcessBackend(args.pool, state, args.noSeccomp ? ['--no-seccomp'] : []);
+  // Shared mode runs guests here: this process takes the VMM's own filters (the API mode's:
+  // main, vcpu, device roles), before the first worker is prewarmed. Process mode installs none
+  // here: a filter is inherited across fork and exec and stacks with the child's own, so a
+  // daemon filter would have to allow every syscall of every VMM role besides process
+  // creation; each VMM process installs its own filters itself.
+  if (!args.noSeccomp)
+    log('info', `daemon: ${applySeccomp(seccompSettingsFromFlags(false, undefined))}`);
   const { SharedBackend } = await import('./shared-backend.js');
   return new SharedBackend(args.pool, state);
 }
