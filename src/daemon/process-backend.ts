@@ -263,6 +263,8 @@ export class ProcessBackend implements Backend {
   async create(id: string, apiSocket: string, req: CreateRequest): Promise<VmHandle> {
     if (this.closed) throw new CreateError(503, 'the daemon is shutting down');
     let p = this.warm.shift();
+    // One that has just exited (its exit not yet handled) is skipped: its socket is gone.
+    while (p?.exitedEarly) p = this.warm.shift();
     // The refill starts once this VM runs: a new VMM process's start-up (~0.3 s of CPU) would
     // otherwise compete with this VM's start on the same CPUs.
     try {

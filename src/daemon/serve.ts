@@ -152,8 +152,13 @@ export async function serveCommand(argv: string[]): Promise<number> {
   );
   let stopping: Promise<void> | undefined;
   const done = new Promise<void>((resolveDone) => {
-    const stop = () => {
-      stopping ??= (async () => {
+    const stop = (sig: NodeJS.Signals) => {
+      if (stopping) {
+        // A second signal: out now (the VMM processes are ended by the next daemon's start).
+        process.stderr.write(`typervisor serve: ${sig} while stopping: exiting at once\n`);
+        process.exit(1);
+      }
+      stopping = (async () => {
         log('info', 'daemon: stopping every VM');
         await server.close();
         await daemon.shutdown();

@@ -28,6 +28,9 @@ import { CreateError, type Backend, type PoolInfo, type VmEnd, type VmHandle } f
 import { CONSOLE_TAIL_BYTES, STOP_KILL_AFTER_MS } from './process-backend.js';
 import type { StateDir } from './state.js';
 
+/** Off: see prewarm(). */
+const DEVICE_WORKER_PREWARM = process.env.TYPERVISOR_DAEMON_PREWARM_DEVICE === '1';
+
 /** Sections that configure the process, not the VM: refused here (one process, many VMs). */
 const PROCESS_SECTIONS = ['logger', 'metrics'];
 
@@ -130,7 +133,11 @@ export class SharedBackend implements Backend {
   private prewarm(): void {
     if (this.size === 0 || this.closed) return;
     prewarmVcpuWorkers(1);
-    prewarmDeviceWorker();
+    // No device worker ahead: one the next VM does not use (no virtio device) is terminated
+    // by takeVcpuWorkers, often while it still loads its modules, and Node 20 then leaves the
+    // module files it was reading open (~1.5 descriptors per VM, measured over 300 VMs).
+    // A VM with virtio devices starts its device worker when it is built.
+    if (DEVICE_WORKER_PREWARM) prewarmDeviceWorker();
   }
 
   pool(): PoolInfo {
