@@ -18,12 +18,13 @@ import {
   type SubSuiteResult,
 } from './lab.js';
 import { DEFAULT_DENSITY, MAX_DENSITY, densitySuite } from './density.js';
+import { daemonSuite } from './daemon.js';
 import { microSuite } from './micro.js';
 import { startupSuite } from './startup.js';
 import { vcpusSuite } from './vcpus.js';
 
 const DEFAULT_LAB_RUNS = LAB_SUB_SUITES.map((d) => `${d.name} ${d.defaultRuns}`).join(', ');
-const USAGE = `usage: npm run bench -- [--suite micro|startup|vcpus|density|lab|snapshot|all] [--runs N] [--density N] [--lab-runs N] [--lab-suites NAME[:N],...]
+const USAGE = `usage: npm run bench -- [--suite micro|startup|vcpus|density|daemon|lab|snapshot|all] [--runs N] [--density N] [--lab-runs N] [--lab-suites NAME[:N],...]
   --suite        which suites (default all; micro includes startup); startup: bench/startup.ts
                  alone; snapshot: the lab's snapshot sub-suite alone;
                  vcpus: 1-64 vCPUs, per-vCPU workers vs native runner threads vs QEMU (bench/vcpus.ts)
@@ -98,7 +99,7 @@ function hostInfo() {
 }
 
 interface Options {
-  suite: 'micro' | 'startup' | 'vcpus' | 'density' | 'lab' | 'all';
+  suite: 'micro' | 'startup' | 'vcpus' | 'density' | 'daemon' | 'lab' | 'all';
   runs: number;
   density: number;
   lab: Array<{ name: LabSubSuiteName; runs: number }>;
@@ -139,6 +140,7 @@ function parseOptions(argv: string[]): Options | string {
     suite !== 'startup' &&
     suite !== 'vcpus' &&
     suite !== 'density' &&
+    suite !== 'daemon' &&
     suite !== 'lab' &&
     suite !== 'all'
   )
@@ -259,6 +261,18 @@ async function main() {
       log((e as Error).stack ?? String(e));
     }
     times.push(`density ${((Date.now() - t) / 1000).toFixed(0)} s`);
+  }
+  if (o.suite === 'daemon' || o.suite === 'all') {
+    // bench/daemon.ts: typervisor serve's warm pool (both modes) beside QEMU's cold start.
+    const t = Date.now();
+    try {
+      const m = await daemonSuite({ runs: o.runs, kvmKind: host.kvmKind, log });
+      startup.push(...m.rows);
+      notes.push(...m.notes);
+    } catch (e) {
+      notes.push(`daemon suite failed: ${(e as Error).message.split('\n').slice(0, 5).join(' ')}`);
+    }
+    times.push(`daemon ${((Date.now() - t) / 1000).toFixed(0)} s`);
   }
   if (o.suite === 'lab' || o.suite === 'all') {
     lab = await labSuite({ suites: o.lab, log });

@@ -39,7 +39,9 @@ export const LAYERS = {
   vmm: ['util', 'kvm', 'memory', 'loader', 'arch', 'events', 'devices', 'uffd', 'sandbox', 'mmds'],
   // vmm only through src/vmm/index.ts (see ONLY_THROUGH).
   api: ['vmm', 'util', 'mmds'],
-  cli: ['api', 'vmm', 'uffd', 'util', 'sandbox'],
+  // The host daemon (typervisor serve): the API server and controller, the VMM for shared mode.
+  daemon: ['api', 'vmm', 'util', 'sandbox'],
+  cli: ['api', 'vmm', 'uffd', 'util', 'sandbox', 'daemon'],
   // typervisor-jailer (issue 14): builds the jail through the shim, then execs the VMM's own bin.
   jailer: ['kvm', 'util'],
   // Development tooling (guest images, the nested-KVM lab): may use anything; nothing else in

@@ -100,7 +100,7 @@ test('type-only, re-export and dynamic imports count; the allowed directions pas
     [
       'src/arch/x86_64/run.ts:1: arch may not import src/kvm/kvm.ts (arch reaches kvm only through src/kvm/types.ts)',
       'src/cli/run.ts:2: cli may not import src/vmm/builder.ts (cli reaches vmm only through src/vmm/index.ts, src/vmm/vcpu-pool.ts)',
-      'src/cli/run.ts:3: cli may not import src/lab/guest.ts (cli may import: api, vmm, uffd, util, sandbox)',
+      'src/cli/run.ts:3: cli may not import src/lab/guest.ts (cli may import: api, vmm, uffd, util, sandbox, daemon)',
     ],
   );
 });

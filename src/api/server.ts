@@ -59,11 +59,25 @@ export const MAX_API_CONNECTIONS = 32;
 /** How long a refused connection stays (write side closed) before it is destroyed. */
 const REFUSED_LINGER_MS = 1_000;
 
-export interface ApiServerOptions {
+export interface ApiServerOptions<A = VmmAction> {
   socketPath: string;
   maxPayload?: number;
   counters: Counters;
-  handle(action: VmmAction): Promise<ApiOutcome>;
+  handle(action: A): Promise<ApiOutcome>;
+  /**
+   * Method + path + body -> an action or a fault: Firecracker's routes (routes.ts) unless given
+   * (the host daemon, src/daemon/, serves its own API with this server's wire behaviour).
+   */
+  route?: (
+    method: string,
+    url: string,
+    body: string | undefined,
+  ) => { action?: A; fault?: string; metric?: [string, string] };
+  /**
+   * Serve requests as they complete, without waiting for the ones before (the daemon: its
+   * requests concern different VMs). Default: one at a time, in order, as Firecracker.
+   */
+  concurrent?: boolean;
 }
 
 export interface ApiServer {
@@ -189,7 +203,8 @@ function send(res: ServerResponse, out: ApiOutcome, close = false, deprecated = 
     .end(body);
 }
 
-export async function startApiServer(opts: ApiServerOptions): Promise<ApiServer> {
+export async function startApiServer<A = VmmAction>(opts: ApiServerOptions<A>): Promise<ApiServer> {
+  const routeOf = opts.route ?? (route as unknown as NonNullable<ApiServerOptions<A>['route']>);
   const max = opts.maxPayload ?? DEFAULT_MAX_PAYLOAD;
   const counters = opts.counters;
   await prepareSocketPath(opts.socketPath);
@@ -250,7 +265,8 @@ export async function startApiServer(opts: ApiServerOptions): Promise<ApiServer>
     req.on('end', () => {
       if (refused) return;
       const body = size > 0 ? Buffer.concat(chunks).toString('utf8') : undefined;
-      queue = queue.then(() => serve(method, url, body, res));
+      if (opts.concurrent) void serve(method, url, body, res);
+      else queue = queue.then(() => serve(method, url, body, res));
     });
   };
 
@@ -262,7 +278,7 @@ export async function startApiServer(opts: ApiServerOptions): Promise<ApiServer>
   ) => {
     if (res.destroyed) return;
     log('info', requestLine(method, url, body, getLogLevel() === 'debug'), { thread: 'fc_api' });
-    const routed = route(method, url, body);
+    const routed = routeOf(method, url, body);
     const [group, name] = routed.metric ?? [];
     if (group && name) counters.inc(group, `${name}_count`);
     let out: ApiOutcome;
@@ -278,7 +294,10 @@ export async function startApiServer(opts: ApiServerOptions): Promise<ApiServer>
       if (group && name) counters.inc(group, `${name}_fails`);
     }
     // Firecracker's deprecation warning: logged, and a `Deprecation: true` header on the answer.
-    const deprecation = routed.action ? deprecationOf(routed.action) : undefined;
+    const deprecation =
+      routed.action && !opts.route
+        ? deprecationOf(routed.action as unknown as VmmAction)
+        : undefined;
     if (deprecation) {
       log('warn', deprecation);
       counters.inc('deprecated_api', 'deprecated_http_api_calls');

@@ -47,6 +47,7 @@ commands:
              (typervisor snapshot --help)
   uffd-handler  serve a snapshot's memory to one VMM loading it with the Uffd backend
              (typervisor uffd-handler --help)
+  serve      the host daemon: VMs from a warm pool over an HTTP API (typervisor serve --help)
   version    print the version
   --api-sock PATH | --config-file FILE ...   Firecracker-compatible API mode (typervisor --api-sock x --help)
 ${runUsage}`;
@@ -97,6 +98,12 @@ export async function main(argv: string[]): Promise<number> {
     (await import('../vmm/index.js')).releaseVmsAtExit(true);
     const { firecrackerCommand } = await import('./firecracker.js');
     return firecrackerCommand(argv);
+  }
+  if (cmd === 'serve') {
+    // The host daemon (src/daemon/): in process mode it does no guest work, so nothing is
+    // prewarmed here (shared mode prewarms its own).
+    const { serveCommand } = await import('../daemon/serve.js');
+    return serveCommand(rest);
   }
   if (cmd === 'uffd-handler') {
     // Its own light process: none of the VMM is loaded.

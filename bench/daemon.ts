@@ -1,0 +1,282 @@
+/**
+ * The daemon suite (issue 19): `typervisor serve` on the micro guest (mark.elf: marker, then
+ * reset), beside QEMU microvm's cold start.
+ *  - warm create -> guest marker: POST /vms with a warm pool, the daemon's own boot_marker_ms
+ *    (request taken -> the VM's boot marker seen by the daemon), per mode; one VM at a time,
+ *    the pool refilled between creates;
+ *  - sustained VMs/s: back-to-back create -> VM ended -> DELETE, with the pool as it is (a
+ *    process-mode create finds the pool empty once its refill cannot keep up);
+ *  - churn: CHURN VMs created and deleted one after another; the daemon's open descriptors and
+ *    RSS before (after a warm-up VM) and after;
+ *  - QEMU: exec -> first serial byte, cold (the same guest).
+ * Interleaved: the rounds alternate between the modes and QEMU.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { request } from 'node:http';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { REPO, TYPERVISOR, qemuCpu, runOnce, stat, type Row } from './common.js';
+
+export interface DaemonBenchOptions {
+  runs: number;
+  kvmKind: string;
+  log: (s: string) => void;
+  /** VMs in each churn (default 1000 in shared mode, 100 in process mode). */
+  churnShared?: number;
+  churnProcess?: number;
+  /** VMs in a sustained-rate run (default 50). */
+  sustained?: number;
+}
+
+type Mode = 'process' | 'shared';
+const POOL = 2;
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+function call(
+  sock: string,
+  method: string,
+  path: string,
+  body?: unknown,
+): Promise<{ status: number; json: any }> {
+  // eslint-disable-line @typescript-eslint/no-explicit-any
+  const data = body === undefined ? undefined : JSON.stringify(body);
+  return new Promise((resolve, reject) => {
+    const req = request(
+      {
+        socketPath: sock,
+        method,
+        path,
+        agent: false,
+        headers: data
+          ? { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(data) }
+          : {},
+      },
+      (res) => {
+        let t = '';
+        res.setEncoding('utf8').on('data', (c: string) => (t += c));
+        res.on('end', () =>
+          resolve({ status: res.statusCode ?? 0, json: t ? JSON.parse(t) : undefined }),
+        );
+      },
+    );
+    req.setTimeout(30_000, () => req.destroy(new Error(`${method} ${path}: timeout`)));
+    req.on('error', reject);
+    req.end(data);
+  });
+}
+
+interface Daemon {
+  child: ChildProcess;
+  sock: string;
+  state: string;
+}
+
+async function startDaemon(dir: string, mode: Mode): Promise<Daemon> {
+  const sock = join(dir, `${mode}.sock`);
+  const state = join(dir, `${mode}-state`);
+  const child = spawn(
+    TYPERVISOR,
+    ['serve', '--socket', sock, '--state-dir', state, '--mode', mode, '--pool', String(POOL)],
+    {
+      stdio: ['ignore', 'ignore', 'inherit'],
+    },
+  );
+  for (let i = 0; i < 600; i++) {
+    if (existsSync(sock) && (await call(sock, 'GET', '/').catch(() => undefined)))
+      return { child, sock, state };
+    await sleep(50);
+  }
+  throw new Error(`daemon (${mode}): no socket after 30 s`);
+}
+
+async function stopDaemon(d: Daemon): Promise<void> {
+  const exited = new Promise((r) => d.child.once('exit', r));
+  d.child.kill('SIGTERM');
+  await exited;
+}
+
+async function waitPool(sock: string): Promise<void> {
+  for (let i = 0; i < 600; i++) {
+    const p = await call(sock, 'GET', '/pool');
+    if (p.json.ready >= Math.min(p.json.size, POOL)) return;
+    await sleep(50);
+  }
+  throw new Error('pool not ready after 30 s');
+}
+
+/** One VM: create, wait until it ended, delete. Returns its record. */
+async function oneVm(sock: string, elf: string): Promise<any> {
+  // eslint-disable-line @typescript-eslint/no-explicit-any
+  const r = await call(sock, 'POST', '/vms', {
+    'boot-source': { kernel_image_path: elf },
+    'machine-config': { vcpu_count: 1, mem_size_mib: 64 },
+  });
+  if (r.status !== 200) throw new Error(`create: ${JSON.stringify(r.json)}`);
+  let vm = r.json;
+  for (let i = 0; vm.state === 'running' || vm.state === 'starting'; i++) {
+    if (i > 2000) throw new Error(`VM ${vm.id} still running after 20 s`);
+    await sleep(10);
+    vm = (await call(sock, 'GET', `/vms/${r.json.id}`)).json;
+  }
+  await call(sock, 'DELETE', `/vms/${r.json.id}`);
+  if (vm.state !== 'exited') throw new Error(`VM ${vm.id}: ${vm.state}: ${vm.exit?.reason}`);
+  return vm;
+}
+
+/**
+ * The daemon's open descriptors, the least of 10 samples over 2.5 s: a prewarmed worker that is
+ * loading its modules holds each module file open for a moment (shared mode: ~40 at once).
+ */
+async function fdCount(pid: number): Promise<number> {
+  let n = Infinity;
+  for (let i = 0; i < 10; i++) {
+    n = Math.min(n, readdirSync(`/proc/${pid}/fd`).length);
+    await sleep(250);
+  }
+  return n;
+}
+function rssKiB(pid: number): number {
+  return Number(/^VmRSS:\s+(\d+)/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1] ?? NaN);
+}
+
+export async function daemonSuite(
+  o: DaemonBenchOptions,
+): Promise<{ rows: Row[]; notes: string[] }> {
+  const dir = mkdtempSync(join(tmpdir(), 'tvd-'));
+  const notes: string[] = [];
+  const rows: Row[] = [];
+  try {
+    const b = spawn('sh', [join(REPO, 'bench', 'guests', 'build.sh'), dir, '1000'], {
+      stdio: 'ignore',
+    });
+    if ((await new Promise((r) => b.once('exit', r))) !== 0)
+      throw new Error('bench/guests/build.sh failed');
+    const mark = join(dir, 'mark.elf');
+    const modes: Mode[] = ['process', 'shared'];
+    const daemons = {} as Record<Mode, Daemon>;
+    for (const m of modes) daemons[m] = await startDaemon(dir, m);
+    const warm: Record<Mode, number[]> = { process: [], shared: [] };
+    const create: Record<Mode, number[]> = { process: [], shared: [] };
+    const qemu: number[] = [];
+    // Warm-up: one VM each (first use of the guest file, the page cache).
+    for (const m of modes) await oneVm(daemons[m].sock, mark);
+    for (let i = 0; i < o.runs; i++) {
+      for (const m of modes) {
+        await waitPool(daemons[m].sock);
+        const vm = await oneVm(daemons[m].sock, mark);
+        if (vm.boot_marker_ms !== null) warm[m].push(vm.boot_marker_ms);
+        create[m].push(vm.create_ms);
+      }
+      const q = await runOnce(
+        {
+          name: 'qemu',
+          cmd: 'qemu-system-x86_64',
+          args: [
+            '-M',
+            'microvm',
+            '-enable-kvm',
+            '-cpu',
+            qemuCpu(o.kvmKind),
+            '-m',
+            '64',
+            '-nodefaults',
+            '-no-user-config',
+            '-display',
+            'none',
+            '-serial',
+            'stdio',
+            '-device',
+            'i8042',
+            '-no-reboot',
+            '-kernel',
+            mark,
+          ],
+          memMiB: 64,
+        },
+        {},
+      ).catch(() => undefined);
+      if (q && q.markerMs >= 0) qemu.push(q.markerMs);
+      o.log(`daemon round ${i + 1}/${o.runs}`);
+    }
+    const qs = stat(qemu);
+    for (const m of modes) {
+      rows.push({
+        suite: 'micro',
+        metric: `daemon ${m}: warm create → guest marker`,
+        unit: 'ms',
+        typervisor: stat(warm[m]),
+        qemu: qs,
+        note: 'QEMU: cold exec → first byte; issue 19: ≤ 10 ms',
+      });
+      rows.push({
+        suite: 'micro',
+        metric: `daemon ${m}: create request → VM started (answer)`,
+        unit: 'ms',
+        typervisor: stat(create[m]),
+      });
+    }
+    // Sustained rate, then churn with descriptors and RSS.
+    const sustained = o.sustained ?? 50;
+    for (const m of modes) {
+      await waitPool(daemons[m].sock);
+      const t0 = performance.now();
+      for (let i = 0; i < sustained; i++) await oneVm(daemons[m].sock, mark);
+      const rate = (sustained * 1000) / (performance.now() - t0);
+      const pool = (await call(daemons[m].sock, 'GET', '/pool')).json;
+      rows.push({
+        suite: 'micro',
+        metric: `daemon ${m}: sustained create → end → delete (pool ${POOL})`,
+        unit: 'VMs/s',
+        higherIsBetter: true,
+        typervisor: stat([rate]),
+        note: `${sustained} VMs back to back; cold starts so far: ${pool.cold_starts}`,
+      });
+    }
+    for (const m of modes) {
+      const n = m === 'shared' ? (o.churnShared ?? 1000) : (o.churnProcess ?? 100);
+      const pid = daemons[m].child.pid!;
+      await waitPool(daemons[m].sock);
+      const fd0 = await fdCount(pid);
+      const rss0 = rssKiB(pid);
+      const t0 = performance.now();
+      for (let i = 0; i < n; i++) await oneVm(daemons[m].sock, mark);
+      await waitPool(daemons[m].sock);
+      await sleep(3000); // deferred teardown steps, GC
+      const fd1 = await fdCount(pid);
+      const rss1 = rssKiB(pid);
+      notes.push(
+        `daemon ${m} churn: ${n} VMs in ${((performance.now() - t0) / 1000).toFixed(1)} s; the daemon's descriptors ${fd0} → ${fd1}, RSS ${(rss0 / 1024).toFixed(1)} → ${(rss1 / 1024).toFixed(1)} MiB`,
+      );
+    }
+    for (const m of modes) await stopDaemon(daemons[m]);
+    notes.push(
+      `daemon rows: bench/daemon.ts, micro guest mark.elf (64 MiB), pool ${POOL}, ${o.runs} interleaved rounds (process, shared, QEMU); boot_marker_ms is the daemon's own measure (create request taken → the VM's boot marker seen by the daemon: the VMM's --boot-timer line in process mode, the marker itself in shared mode).`,
+    );
+    return { rows, notes };
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+/** `node dist/bench/daemon.js [runs] [churnShared] [churnProcess]`: the suite alone, as Markdown. */
+if (process.argv[1]?.endsWith('daemon.js')) {
+  const { detectKvm } = await import('../src/kvm/detect.js');
+  const [runs, cs, cp, sus] = process.argv.slice(2).map(Number);
+  const kind = (detectKvm() as { kind?: string }).kind ?? 'kvm';
+  const r = await daemonSuite({
+    runs: runs || 5,
+    kvmKind: kind,
+    log: (s) => process.stderr.write(`bench: ${s}\n`),
+    churnShared: cs || undefined,
+    churnProcess: cp || undefined,
+    sustained: sus || undefined,
+  });
+  const f = (s?: { median: number; min: number; max: number }) =>
+    s ? `${s.median.toFixed(2)} (${s.min.toFixed(2)}–${s.max.toFixed(2)})` : '–';
+  for (const row of r.rows)
+    process.stdout.write(
+      `| ${row.metric} | ${row.unit} | ${f(row.typervisor)} | ${f(row.qemu)} | ${row.note ?? ''} |\n`,
+    );
+  for (const n of r.notes) process.stdout.write(`- ${n}\n`);
+}

@@ -1,0 +1,329 @@
+/**
+ * `process` mode: every VM runs in its own VMM process (`typervisor --api-sock SOCK`), so a fault
+ * stays in that process, as with Firecracker. A pool of such processes is started ahead: each
+ * has loaded its modules, started its API server and prewarmed a vCPU and a device worker (the
+ * API mode does that by itself, src/cli/main.ts), so a create only configures one over its own
+ * API socket and starts it. The pool is refilled in the background.
+ *
+ * A VMM process is watched through its exit (the child's exit event: no polling); its stderr
+ * tail names the reason, its stdout is the guest console (a bounded tail is kept). Its socket and
+ * its pid record are removed when it ends. The daemon creates no TAP: a configuration names TAPs
+ * that exist, and they stay the host's.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { lstatSync, renameSync, unlinkSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
+import { log } from '../util/log.js';
+import { configRequests, type CreateRequest } from './api.js';
+import {
+  ByteTail,
+  CreateError,
+  type Backend,
+  type PoolInfo,
+  type VmEnd,
+  type VmHandle,
+} from './backend.js';
+import type { StateDir } from './state.js';
+import { callVmm, canConnect, faultOf } from './vmm-client.js';
+
+/** The launcher the VMM processes run (bin/typervisor, from dist/src/daemon/). */
+export const CLI = fileURLToPath(new URL('../../../bin/typervisor', import.meta.url));
+/** How long a warm process may take to accept connections on its socket. */
+export const WARM_START_TIMEOUT_MS = 20_000;
+const READY_POLL_MS = 5;
+/** After SIGTERM, how long a VMM gets to stop its VM before SIGKILL. */
+export const STOP_KILL_AFTER_MS = 8_000;
+/** Console bytes kept per VM; stderr bytes kept per VMM process. */
+export const CONSOLE_TAIL_BYTES = 64 * 1024;
+const STDERR_TAIL_BYTES = 8 * 1024;
+/** Back-off after consecutive failed warm starts (doubling up to the maximum). */
+const BACKOFF_MIN_MS = 500;
+const BACKOFF_MAX_MS = 30_000;
+const MARKER_LINE = 'Guest-boot-time';
+/** The log line's prefix (time and [instance:thread]), left out of an exit reason. */
+const LOG_PREFIX = /^\S+ \[[^\]]*\] /;
+
+/** One VMM process: warm in the pool, then a VM's. */
+class VmmProcess implements VmHandle {
+  readonly child: ChildProcess;
+  readonly pid: number;
+  apiSocket: string;
+  markerAt: number | undefined;
+  firstOutputAt: number | undefined;
+  readonly console = new ByteTail(CONSOLE_TAIL_BYTES);
+  readonly stderr = new ByteTail(STDERR_TAIL_BYTES);
+  readonly ended: Promise<VmEnd>;
+  /** Set when the process has exited (before `ended` settles). */
+  exitedEarly = false;
+  private stopRequested = false;
+  private killTimer: NodeJS.Timeout | undefined;
+
+  constructor(
+    sock: string,
+    name: string,
+    private readonly state: StateDir,
+    extraArgs: readonly string[],
+  ) {
+    this.apiSocket = sock;
+    this.child = spawn(
+      process.execPath,
+      [CLI, '--api-sock', sock, '--id', name, '--boot-timer', ...extraArgs],
+      {
+        stdio: ['ignore', 'pipe', 'pipe'],
+        env: { ...process.env, TYPERVISOR_LOG: undefined, TYPERVISOR_LOG_FORMAT: undefined },
+      },
+    );
+    if (this.child.pid === undefined) throw new Error('cannot start a VMM process');
+    this.pid = this.child.pid;
+    state.record(this.pid);
+    let lineStart = 0;
+    this.child.stdout!.on('data', (b: Buffer) => {
+      this.firstOutputAt ??= performance.now();
+      this.console.push(b);
+    });
+    this.child.stderr!.on('data', (b: Buffer) => {
+      this.stderr.push(b);
+      if (this.markerAt === undefined) {
+        const t = this.stderr.text();
+        if (t.indexOf(MARKER_LINE, Math.max(0, lineStart - MARKER_LINE.length)) >= 0)
+          this.markerAt = performance.now();
+        lineStart = t.length;
+      }
+    });
+    this.child.on('error', () => undefined); // reported through 'close'
+    this.ended = new Promise<VmEnd>((resolve) => {
+      this.child.once('close', (code, signal) => {
+        this.exitedEarly = true;
+        if (this.killTimer) clearTimeout(this.killTimer);
+        this.cleanup();
+        resolve(this.endOf(code, signal));
+      });
+    });
+  }
+
+  private endOf(code: number | null, signal: NodeJS.Signals | null): VmEnd {
+    const lines = this.stderr
+      .text()
+      .split('\n')
+      .map((l) => l.trim())
+      .map((l) => l.replace(LOG_PREFIX, ''))
+      .filter(
+        (l) => l !== '' && !/exiting (successfully|with error)/.test(l) && !l.includes(MARKER_LINE),
+      );
+    const last = lines.at(-1) ?? '';
+    if (this.stopRequested && (code === 0 || signal !== null))
+      return { state: 'stopped', code, signal, reason: 'stopped on request' };
+    if (code === 0)
+      return { state: 'exited', code, signal, reason: last || 'the guest powered off' };
+    const why = signal !== null ? `killed by ${signal}` : `exit code ${code}`;
+    return { state: 'crashed', code, signal, reason: last ? `${why}: ${last}` : why };
+  }
+
+  /** Its socket (whatever name it has now) and its record. */
+  private cleanup(): void {
+    try {
+      if (lstatSync(this.apiSocket, { throwIfNoEntry: false })?.isSocket())
+        unlinkSync(this.apiSocket);
+    } catch {
+      // gone meanwhile
+    }
+    this.state.forget(this.pid);
+  }
+
+  /** Resolves once the socket accepts connections; rejects if the process ends first. */
+  async waitReady(): Promise<void> {
+    const deadline = performance.now() + WARM_START_TIMEOUT_MS;
+    while (!(await canConnect(this.apiSocket))) {
+      if (this.exitedEarly) throw new Error(`the VMM process exited: ${(await this.ended).reason}`);
+      if (performance.now() > deadline)
+        throw new Error(`no API socket within ${WARM_START_TIMEOUT_MS} ms`);
+      await new Promise((r) => setTimeout(r, READY_POLL_MS));
+    }
+  }
+
+  stop(): void {
+    if (this.exitedEarly || this.stopRequested) return;
+    this.stopRequested = true;
+    this.child.kill('SIGTERM');
+    this.killTimer = setTimeout(() => this.child.kill('SIGKILL'), STOP_KILL_AFTER_MS);
+  }
+
+  kill(): void {
+    if (!this.exitedEarly) this.child.kill('SIGKILL');
+  }
+
+  consoleTail(): string {
+    return this.console.text();
+  }
+}
+
+export class ProcessBackend implements Backend {
+  readonly mode = 'process' as const;
+  private readonly warm: VmmProcess[] = [];
+  /** Processes being started (for close() to end them too). */
+  private readonly startingSet = new Set<VmmProcess>();
+  private starting = 0;
+  private seq = 0;
+  private closed = false;
+  private startedTotal = 0;
+  private failedTotal = 0;
+  private coldStarts = 0;
+  private lastError: string | undefined;
+  private failuresInRow = 0;
+  private backoffTimer: NodeJS.Timeout | undefined;
+
+  constructor(
+    private readonly size: number,
+    private readonly state: StateDir,
+    /** More flags for every VMM process (--no-seccomp). */
+    private readonly vmmArgs: readonly string[] = [],
+  ) {
+    this.fill();
+  }
+
+  pool(): PoolInfo {
+    return {
+      mode: this.mode,
+      size: this.size,
+      ready: this.warm.length,
+      starting: this.starting,
+      started_total: this.startedTotal,
+      failed_total: this.failedTotal,
+      cold_starts: this.coldStarts,
+      ...(this.lastError !== undefined ? { last_error: this.lastError } : {}),
+    };
+  }
+
+  /** Starts one VMM process and waits until its socket accepts connections. */
+  private async startOne(): Promise<VmmProcess> {
+    const name = `pool-${process.pid}-${++this.seq}`;
+    const p = new VmmProcess(this.state.path(`${name}.sock`), name, this.state, this.vmmArgs);
+    this.startedTotal++;
+    this.startingSet.add(p);
+    try {
+      await p.waitReady();
+      return p;
+    } catch (e) {
+      p.kill();
+      throw e;
+    } finally {
+      this.startingSet.delete(p);
+    }
+  }
+
+  /** Tops the pool up to its size, in the background. */
+  private fill(): void {
+    while (
+      !this.closed &&
+      this.backoffTimer === undefined &&
+      this.warm.length + this.starting < this.size
+    ) {
+      this.starting++;
+      this.startOne().then(
+        (p) => {
+          this.starting--;
+          this.failuresInRow = 0;
+          if (this.closed) {
+            p.kill();
+            return;
+          }
+          this.warm.push(p);
+          // A warm process that dies before it is used leaves the pool (and is replaced).
+          void p.ended.then((end) => {
+            const i = this.warm.indexOf(p);
+            if (i < 0) return;
+            this.warm.splice(i, 1);
+            this.failed(`a warm VMM process ended: ${end.reason}`);
+          });
+        },
+        (e: Error) => {
+          this.starting--;
+          this.failed(`cannot start a warm VMM process: ${e.message}`);
+        },
+      );
+    }
+  }
+
+  private failed(why: string): void {
+    this.failedTotal++;
+    this.lastError = why;
+    log('warn', `daemon: ${why}`);
+    if (this.closed) return;
+    if (++this.failuresInRow >= 3) {
+      const ms = Math.min(BACKOFF_MAX_MS, BACKOFF_MIN_MS * 2 ** (this.failuresInRow - 3));
+      this.backoffTimer ??= setTimeout(() => {
+        this.backoffTimer = undefined;
+        this.fill();
+      }, ms);
+      return;
+    }
+    this.fill();
+  }
+
+  async create(id: string, apiSocket: string, req: CreateRequest): Promise<VmHandle> {
+    if (this.closed) throw new CreateError(503, 'the daemon is shutting down');
+    let p = this.warm.shift();
+    // One that has just exited (its exit not yet handled) is skipped: its socket is gone.
+    while (p?.exitedEarly) p = this.warm.shift();
+    // The refill starts once this VM runs: a new VMM process's start-up (~0.3 s of CPU) would
+    // otherwise compete with this VM's start on the same CPUs.
+    try {
+      return await this.configure(p, apiSocket, req);
+    } finally {
+      this.fill();
+    }
+  }
+
+  private async configure(
+    warm: VmmProcess | undefined,
+    apiSocket: string,
+    req: CreateRequest,
+  ): Promise<VmHandle> {
+    let p = warm;
+    if (p === undefined) {
+      this.coldStarts++;
+      try {
+        p = await this.startOne();
+      } catch (e) {
+        throw new CreateError(500, `no VMM process: ${(e as Error).message}`);
+      }
+    }
+    // The VM's socket gets its name: a Unix socket is reached through its inode, so the VMM
+    // keeps serving it under the new name.
+    try {
+      renameSync(p.apiSocket, apiSocket);
+      p.apiSocket = apiSocket;
+    } catch (e) {
+      p.kill();
+      throw new CreateError(
+        500,
+        `cannot name the VM's API socket ${apiSocket}: ${(e as Error).message}`,
+      );
+    }
+    const calls: Array<[string, string, unknown]> =
+      req.kind === 'config' ? configRequests(req.config) : [['PUT', '/snapshot/load', req.load]];
+    for (const [method, path, body] of calls) {
+      let a;
+      try {
+        a = await callVmm(apiSocket, method, path, body);
+      } catch (e) {
+        p.kill();
+        const end = await p.ended;
+        throw new CreateError(500, `${method} ${path}: ${(e as Error).message} (${end.reason})`);
+      }
+      if (a.status >= 300) {
+        p.kill();
+        throw new CreateError(a.status >= 500 ? 500 : 400, `${method} ${path}: ${faultOf(a)}`);
+      }
+    }
+    return p;
+  }
+
+  async close(): Promise<void> {
+    this.closed = true;
+    if (this.backoffTimer) clearTimeout(this.backoffTimer);
+    const all = [...this.warm.splice(0), ...this.startingSet];
+    for (const p of all) p.kill();
+    await Promise.all(all.map((p) => p.ended));
+  }
+}

@@ -1,0 +1,107 @@
+/**
+ * Helpers for the daemon's host tests: start `typervisor serve` as a child process, wait for its
+ * socket, poll a VM until a condition holds, and find processes by their command line.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { existsSync, readdirSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { call } from '../api/client.js';
+import { CLI, tempDir } from './helpers.js';
+
+export interface DaemonProcess {
+  child: ChildProcess;
+  sock: string;
+  stateDir: string;
+  stderr(): string;
+  exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
+  /** SIGTERM, then wait for its exit. */
+  stop(): Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
+}
+
+export async function startDaemon(
+  args: string[] = [],
+  stateDir = join(tempDir('typervisor-daemon-'), 'state'),
+): Promise<DaemonProcess> {
+  const dir = tempDir('typervisor-daemon-sock-');
+  const sock = join(dir, 'd.sock');
+  const child = spawn(
+    process.execPath,
+    [CLI, 'serve', '--socket', sock, '--state-dir', stateDir, ...args],
+    { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, TYPERVISOR_LOG: undefined } },
+  );
+  let err = '';
+  child.stderr!.setEncoding('utf8').on('data', (s: string) => (err += s));
+  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((r) =>
+    child.on('exit', (code, signal) => r({ code, signal })),
+  );
+  const deadline = Date.now() + 20_000;
+  while (!existsSync(sock) || (await call(sock, 'GET', '/').catch(() => undefined)) === undefined) {
+    if (child.exitCode !== null) throw new Error(`daemon exited early: ${err}`);
+    if (Date.now() > deadline) throw new Error(`no daemon socket after 20 s: ${err}`);
+    await sleep(20);
+  }
+  return {
+    child,
+    sock,
+    stateDir,
+    stderr: () => err,
+    exited,
+    async stop() {
+      if (child.exitCode === null && child.signalCode === null) child.kill('SIGTERM');
+      return exited;
+    },
+  };
+}
+
+export const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+/** Polls GET /vms/{id} until `pred` holds (or throws after timeoutMs), returning the VM. */
+export async function waitVm(
+  sock: string,
+  id: string,
+  pred: (vm: any) => boolean, // eslint-disable-line @typescript-eslint/no-explicit-any
+  timeoutMs = 20_000,
+): Promise<any> {
+  // eslint-disable-line @typescript-eslint/no-explicit-any
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const r = await call(sock, 'GET', `/vms/${id}`);
+    if (r.status === 200 && pred(r.json)) return r.json;
+    if (Date.now() > deadline) throw new Error(`VM ${id}: condition not met: ${r.body}`);
+    await sleep(25);
+  }
+}
+
+/** Waits until the pool reports `ready` warm VMMs. */
+export async function waitPool(sock: string, ready: number, timeoutMs = 30_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const r = await call(sock, 'GET', '/pool');
+    if (r.json?.ready >= ready) return;
+    if (Date.now() > deadline) throw new Error(`pool not ready: ${r.body}`);
+    await sleep(50);
+  }
+}
+
+/** Pids of live processes whose command line contains `needle` (zombies excluded). */
+export function pidsWith(needle: string): number[] {
+  const out: number[] = [];
+  for (const e of readdirSync('/proc')) {
+    if (!/^\d+$/.test(e)) continue;
+    try {
+      const stat = readFileSync(`/proc/${e}/stat`, 'utf8');
+      if (stat.slice(stat.lastIndexOf(')') + 2).startsWith('Z')) continue;
+      if (readFileSync(`/proc/${e}/cmdline`, 'latin1').includes(needle)) out.push(Number(e));
+    } catch {
+      // gone meanwhile
+    }
+  }
+  return out;
+}
+
+export function vmConfig(kernel: string): Record<string, unknown> {
+  return {
+    'boot-source': { kernel_image_path: kernel },
+    'machine-config': { vcpu_count: 1, mem_size_mib: 32 },
+  };
+}

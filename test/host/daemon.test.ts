@@ -1,0 +1,197 @@
+/**
+ * Needs /dev/kvm, gcc and ld. `typervisor serve` in process mode with the tiny guests: VMs
+ * created, listed, stopped and deleted over the daemon's socket, each with its own
+ * Firecracker-compatible API socket; a triple-faulting guest and a SIGKILLed VMM process
+ * reported and cleaned up while the daemon keeps serving; bad requests answered 400 (and a VMM's
+ * own refusal passed on); the VM cap; SIGTERM ends every VMM process; a daemon restarted after a
+ * SIGKILL ends the VMM processes the last one left.
+ */
+import { after, describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { existsSync, readdirSync, statSync } from 'node:fs';
+import { call } from '../api/client.js';
+import { guestPath, tinyGuests } from './helpers.js';
+import {
+  pidsWith,
+  sleep,
+  startDaemon,
+  vmConfig,
+  waitPool,
+  waitVm,
+  type DaemonProcess,
+} from './daemon-helpers.js';
+
+const guests = tinyGuests();
+const T = { timeout: 120_000, skip: guests.skip ?? false };
+const fault = (r: { json: { fault_message?: string } }) => r.json?.fault_message ?? '';
+
+describe('typervisor serve, process mode (KVM)', () => {
+  const daemons: DaemonProcess[] = [];
+  after(async () => {
+    for (const d of daemons) {
+      d.child.kill('SIGKILL');
+      await d.exited;
+    }
+    // Whatever a failed test left: no VMM process of these daemons' state dirs survives.
+    for (const d of daemons) for (const pid of pidsWith(d.stateDir)) process.kill(pid, 'SIGKILL');
+  });
+
+  test('create, list, get, console, stop, delete; the sockets are 0600', T, async () => {
+    const d = await startDaemon(['--pool', '1']);
+    daemons.push(d);
+    assert.equal(statSync(d.sock).mode & 0o777, 0o600);
+    await waitPool(d.sock, 1);
+    const r = await call(d.sock, 'POST', '/vms', {
+      vm_id: 'spin1',
+      ...vmConfig(guestPath('spin')),
+    });
+    assert.equal(r.status, 200, r.body);
+    assert.equal(r.json.id, 'spin1');
+    assert.equal(r.json.state, 'running');
+    assert.equal(r.json.api_socket, `${d.stateDir}/spin1.sock`);
+    assert.equal(statSync(r.json.api_socket).mode & 0o777, 0o600);
+    const pid = r.json.pid as number;
+    assert.ok(pidsWith(d.stateDir).includes(pid));
+    // The VM's own socket is Firecracker's API.
+    const info = await call(r.json.api_socket, 'GET', '/');
+    assert.equal(info.json.state, 'Running');
+    const cfg = await call(r.json.api_socket, 'GET', '/vm/config');
+    assert.equal(cfg.json['machine-config'].mem_size_mib, 32);
+    const vm = await waitVm(d.sock, 'spin1', (v) => v.boot_marker_ms !== null);
+    assert.ok(vm.boot_marker_ms > 0);
+    const cons = await call(d.sock, 'GET', '/vms/spin1/console');
+    assert.match(cons.json.output, /tiny guest up/);
+
+    const list = await call(d.sock, 'GET', '/vms');
+    assert.deepEqual(
+      list.json.vms.map((v: { id: string }) => v.id),
+      ['spin1'],
+    );
+    const stop = await call(d.sock, 'PUT', '/vms/spin1/stop', undefined, 20_000);
+    assert.equal(stop.status, 204, stop.body);
+    const stopped = await call(d.sock, 'GET', '/vms/spin1');
+    assert.equal(stopped.json.state, 'stopped');
+    assert.equal(existsSync(`${d.stateDir}/spin1.sock`), false);
+    assert.ok(!pidsWith(d.stateDir).includes(pid), 'the VMM process is gone');
+    assert.equal((await call(d.sock, 'DELETE', '/vms/spin1')).status, 204);
+    assert.equal((await call(d.sock, 'GET', '/vms/spin1')).status, 404);
+
+    // A guest that powers off: reported exited, and its process and socket are gone.
+    const p = await call(d.sock, 'POST', '/vms', vmConfig(guestPath('poweroff')));
+    assert.equal(p.status, 200, p.body);
+    const off = await waitVm(d.sock, p.json.id, (v) => v.state !== 'running');
+    assert.equal(off.state, 'exited');
+    assert.equal(off.exit.code, 0);
+    assert.equal(existsSync(p.json.api_socket), false);
+
+    const st = await d.stop();
+    assert.equal(st.code, 0, d.stderr());
+    assert.deepEqual(pidsWith(d.stateDir), [], 'SIGTERM ended every VMM process');
+    assert.deepEqual(readdirSync(d.stateDir), [], 'nothing left in the state dir');
+    assert.equal(existsSync(d.sock), false);
+  });
+
+  test('a triple fault and a SIGKILLed VMM: reported, cleaned up, daemon serving', T, async () => {
+    const d = await startDaemon(['--pool', '2']);
+    daemons.push(d);
+    await waitPool(d.sock, 2);
+    const tri = await call(d.sock, 'POST', '/vms', vmConfig(guestPath('triple')));
+    assert.equal(tri.status, 200, tri.body);
+    const crashed = await waitVm(d.sock, tri.json.id, (v) => v.state !== 'running');
+    assert.equal(crashed.state, 'crashed');
+    assert.equal(crashed.exit.code, 1);
+    assert.match(crashed.exit.reason, /triple.fault/i);
+    assert.equal(existsSync(tri.json.api_socket), false);
+    assert.ok(!pidsWith(d.stateDir).includes(tri.json.pid));
+    assert.equal(existsSync(`${d.stateDir}/vmm-${tri.json.pid}.json`), false);
+
+    const spin = await call(d.sock, 'POST', '/vms', vmConfig(guestPath('spin')));
+    assert.equal(spin.status, 200, spin.body);
+    process.kill(spin.json.pid, 'SIGKILL');
+    const killed = await waitVm(d.sock, spin.json.id, (v) => v.state !== 'running');
+    assert.equal(killed.state, 'crashed');
+    assert.equal(killed.exit.signal, 'SIGKILL');
+    assert.match(killed.exit.reason, /killed by SIGKILL/);
+    assert.equal(existsSync(spin.json.api_socket), false);
+
+    // Still serving: the next VM boots.
+    const next = await call(d.sock, 'POST', '/vms', vmConfig(guestPath('poweroff')));
+    assert.equal(next.status, 200, next.body);
+    assert.equal(
+      (await waitVm(d.sock, next.json.id, (v) => v.state !== 'running')).state,
+      'exited',
+    );
+    assert.equal((await d.stop()).code, 0);
+    assert.deepEqual(pidsWith(d.stateDir), []);
+  });
+
+  test('bad requests: 400 naming the problem, 404 for an unknown VM, the cap', T, async () => {
+    const d = await startDaemon(['--pool', '1', '--max-vms', '1']);
+    daemons.push(d);
+    const cases: Array<[string, string, unknown, RegExp]> = [
+      ['POST', '/vms', '{"boot-source":', /not JSON/],
+      ['POST', '/vms', '[1]', /JSON object/],
+      ['POST', '/vms', undefined, /needs a body/],
+      ['POST', '/vms', { 'machine-config': { vcpu_count: 1, mem_size_mib: 32 } }, /boot-source/],
+      ['POST', '/vms', { ...vmConfig('/k'), bogus: 1 }, /bogus/],
+      ['POST', '/vms', { ...vmConfig('/k'), vm_id: '../x' }, /vm_id/],
+      ['POST', '/vms', { 'boot-source': { kernel_image_path: 7 } }, /kernel_image_path/],
+      ['POST', '/vms', { snapshot: { snapshot_path: '/s' } }, /mem_backend|mem_file_path/],
+      ['POST', '/vms', { snapshot: {}, drives: [] }, /drives/],
+      ['GET', '/vms/a.b', undefined, /Invalid VM id/],
+      ['GET', '/nope', undefined, /Invalid request/],
+      ['PUT', '/vms/x/stop', { a: 1 }, /takes no body/],
+      ['POST', '/vms', 'x'.repeat(60_000), /larger than the limit/],
+    ];
+    for (const [m, p, b, re] of cases) {
+      const r = await call(d.sock, m, p, b);
+      assert.equal(r.status, 400, `${m} ${p} ${String(b).slice(0, 40)}: ${r.body}`);
+      assert.match(fault(r), re, `${m} ${p}`);
+    }
+    assert.equal((await call(d.sock, 'GET', '/vms/nosuch')).status, 404);
+    assert.equal((await call(d.sock, 'DELETE', '/vms/nosuch')).status, 404);
+    // The VMM's own refusal is passed on, and the VMM process is not reused.
+    const bad = await call(d.sock, 'POST', '/vms', vmConfig('/nonexistent/kernel'));
+    assert.equal(bad.status, 400, bad.body);
+    assert.match(fault(bad), /\/nonexistent\/kernel/);
+    assert.equal((await call(d.sock, 'GET', '/vms')).json.vms.length, 0);
+    // The cap: one VM at a time here.
+    const one = await call(d.sock, 'POST', '/vms', vmConfig(guestPath('spin')));
+    assert.equal(one.status, 200, one.body);
+    const two = await call(d.sock, 'POST', '/vms', vmConfig(guestPath('spin')));
+    assert.equal(two.status, 503, two.body);
+    assert.match(fault(two), /At most 1 VMs/);
+    assert.equal((await d.stop()).code, 0);
+    assert.deepEqual(pidsWith(d.stateDir), []);
+  });
+
+  test('a daemon restarted after SIGKILL ends the VMM processes the last one left', T, async () => {
+    const first = await startDaemon(['--pool', '1']);
+    daemons.push(first);
+    await waitPool(first.sock, 1);
+    const r = await call(first.sock, 'POST', '/vms', vmConfig(guestPath('spin')));
+    assert.equal(r.status, 200, r.body);
+    await waitPool(first.sock, 1);
+    first.child.kill('SIGKILL');
+    await first.exited;
+    const left = pidsWith(first.stateDir);
+    assert.ok(left.includes(r.json.pid), 'the VMM outlives a SIGKILLed daemon');
+    assert.ok(left.length >= 2, `the VM and a warm process: ${left}`);
+
+    const second = await startDaemon(['--pool', '0'], first.stateDir);
+    daemons.push(second);
+    // The second daemon's own command line names the state dir too.
+    const strays = () => pidsWith(first.stateDir).filter((p) => p !== second.child.pid);
+    for (let i = 0; i < 100 && strays().length > 0; i++) await sleep(50);
+    assert.deepEqual(strays(), [], 'the strays were ended');
+    const files = readdirSync(first.stateDir);
+    assert.deepEqual(
+      files.filter((f) => f !== 'daemon.json'),
+      [],
+      `stale sockets and records removed: ${files}`,
+    );
+    // A second daemon on the same state dir is refused while this one runs.
+    await assert.rejects(startDaemon([], first.stateDir), /another daemon/);
+    assert.equal((await second.stop()).code, 0);
+  });
+});
