@@ -54,6 +54,12 @@ async function made(p: ReturnType<VmHost['createVm']>): Promise<Vm> {
 const fdCount = () => readdirSync('/proc/self/fd').length;
 const rssKiB = () => Number(/VmRSS:\s+(\d+)/.exec(readFileSync('/proc/self/status', 'utf8'))![1]);
 
+test('the package entry: `typervisor` resolves to the library (package.json exports)', async () => {
+  const pkg = (await import('typervisor' as string)) as Record<string, unknown>;
+  assert.equal(pkg.createVm, createVm);
+  assert.equal(pkg.VmError, VmError);
+});
+
 describe('library: VMs in this process', () => {
   test(
     'ten VMs one after another on one host: each powers off and prints; workers are reused',
