@@ -22,14 +22,16 @@ import { daemonSuite } from './daemon.js';
 import { microSuite } from './micro.js';
 import { startupSuite } from './startup.js';
 import { vcpusSuite } from './vcpus.js';
+import { warmSuite } from './warm.js';
 
 const DEFAULT_LAB_RUNS = LAB_SUB_SUITES.map((d) => `${d.name} ${d.defaultRuns}`).join(', ');
-const USAGE = `usage: npm run bench -- [--suite micro|startup|vcpus|density|daemon|lab|snapshot|all] [--runs N] [--density N] [--lab-runs N] [--lab-suites NAME[:N],...]
+const USAGE = `usage: npm run bench -- [--suite micro|startup|vcpus|density|daemon|warm|lab|snapshot|all] [--runs N] [--density N] [--lab-runs N] [--lab-suites NAME[:N],...]
   --suite        which suites (default all; micro includes startup); startup: bench/startup.ts
                  alone; snapshot: the lab's snapshot sub-suite alone;
                  vcpus: 1-64 vCPUs, per-vCPU workers vs native runner threads vs QEMU (bench/vcpus.ts)
                  density: N idle micro VMs at once beside N QEMU microvm (bench/density.ts)
   --density N    VMs at once in the density suite (default ${DEFAULT_DENSITY}, at most ${MAX_DENSITY})
+                 warm: the library's in-process warm starts vs cold QEMU and the floor (bench/warm.ts)
   --runs N       runs of the micro suite (default 10); if given, also caps each lab sub-suite's default
   --lab-runs N   runs of every lab sub-suite (defaults: ${DEFAULT_LAB_RUNS})
   --lab-suites   lab sub-suites to run, in order, each with an optional run count
@@ -99,7 +101,7 @@ function hostInfo() {
 }
 
 interface Options {
-  suite: 'micro' | 'startup' | 'vcpus' | 'density' | 'daemon' | 'lab' | 'all';
+  suite: 'micro' | 'startup' | 'vcpus' | 'density' | 'daemon' | 'warm' | 'lab' | 'all';
   runs: number;
   density: number;
   lab: Array<{ name: LabSubSuiteName; runs: number }>;
@@ -141,6 +143,7 @@ function parseOptions(argv: string[]): Options | string {
     suite !== 'vcpus' &&
     suite !== 'density' &&
     suite !== 'daemon' &&
+    suite !== 'warm' &&
     suite !== 'lab' &&
     suite !== 'all'
   )
@@ -274,6 +277,20 @@ async function main() {
     }
     times.push(`daemon ${((Date.now() - t) / 1000).toFixed(0)} s`);
   }
+  const warm: Row[] = [];
+  if (o.suite === 'warm' || o.suite === 'all') {
+    const runs = Math.min(o.runs, 5);
+    log(`warm suite, ${runs} runs`);
+    const t = Date.now();
+    try {
+      const m = await warmSuite({ runs, kvmKind: host.kvmKind, log });
+      warm.push(...m.rows);
+      notes.push(...m.notes);
+    } catch (e) {
+      notes.push(`warm suite failed: ${(e as Error).message.split('\n').slice(0, 5).join(' ')}`);
+    }
+    times.push(`warm ${((Date.now() - t) / 1000).toFixed(0)} s`);
+  }
   if (o.suite === 'lab' || o.suite === 'all') {
     lab = await labSuite({ suites: o.lab, log });
     const chosen = o.lab.map((s) => `${s.name} ${s.runs}`).join(', ');
@@ -327,6 +344,14 @@ async function main() {
           '',
         ]
       : []),
+    ...(warm.length
+      ? [
+          '## Warm: the library, VMs started in a running process (issue 19)',
+          '',
+          table(warm, true),
+          '',
+        ]
+      : []),
     ...(vcpus
       ? ['## vCPU threads: per-vCPU workers vs native runner threads vs QEMU', '', vcpus]
       : []),
@@ -350,14 +375,15 @@ async function main() {
           o.suite === 'micro' ||
           o.suite === 'startup' ||
           o.suite === 'vcpus' ||
-          o.suite === 'density'
+          o.suite === 'density' ||
+          o.suite === 'warm'
             ? undefined
             : Object.fromEntries(o.lab.map((s) => [s.name, s.runs])),
         suite: o.suite,
         host,
         lab: labHost,
         labSuites: lab,
-        rows: [...micro, ...startup, ...density, ...lab.flatMap((r) => r.rows)],
+        rows: [...micro, ...startup, ...density, ...warm, ...lab.flatMap((r) => r.rows)],
         notes,
       },
       null,

@@ -42,6 +42,9 @@ export const LAYERS = {
   // The host daemon (typervisor serve): the API server and controller, the VMM for shared mode.
   daemon: ['api', 'vmm', 'util', 'sandbox'],
   cli: ['api', 'vmm', 'uffd', 'util', 'sandbox', 'daemon'],
+  // The `typervisor` package's public library (issue 19): VMs in the calling process. vmm only
+  // through src/vmm/index.ts and vcpu-pool.ts (see ONLY_THROUGH); sandbox for its seccomp option.
+  lib: ['vmm', 'util', 'sandbox'],
   // typervisor-jailer (issue 14): builds the jail through the shim, then execs the VMM's own bin.
   jailer: ['kvm', 'util'],
   // Development tooling (guest images, the nested-KVM lab): may use anything; nothing else in
@@ -60,6 +63,7 @@ export const LAYERS = {
     'cli',
     'sandbox',
     'mmds',
+    'lib',
   ],
 };
 
@@ -68,7 +72,11 @@ export const ONLY_THROUGH = [
   { importers: ['arch'], layer: 'kvm', files: ['src/kvm/types.ts'] },
   // vcpu-pool.ts: the one light entry, imported by cli/main.ts before anything else so that
   // vCPU workers start while the rest of the VMM loads (start-up time).
-  { importers: ['api', 'cli'], layer: 'vmm', files: ['src/vmm/index.ts', 'src/vmm/vcpu-pool.ts'] },
+  {
+    importers: ['api', 'cli', 'lib'],
+    layer: 'vmm',
+    files: ['src/vmm/index.ts', 'src/vmm/vcpu-pool.ts'],
+  },
 ];
 
 /**

@@ -105,6 +105,32 @@ test('type-only, re-export and dynamic imports count; the allowed directions pas
   );
 });
 
+test('the library (src/lib) reaches vmm through its public files only, and nothing above it', () => {
+  const v = check({
+    'src/vmm/index.ts': 'export const x = 1;\n',
+    'src/vmm/vcpu-pool.ts': 'export const p = 1;\n',
+    'src/vmm/builder.ts': 'export const b = 1;\n',
+    'src/api/server.ts': 'export const s = 1;\n',
+    'src/kvm/native.ts': 'export const native = {};\n',
+    'src/lib/index.ts':
+      "import { x } from '../vmm/index.js';\n" +
+      "import { p } from '../vmm/vcpu-pool.js';\n" +
+      "import { b } from '../vmm/builder.js';\n" +
+      "import { s } from '../api/server.js';\n" +
+      "import { native } from '../kvm/native.js';\n",
+    'src/cli/run.ts': "import '../lib/index.js';\n",
+  });
+  assert.deepEqual(
+    v.map((x) => x.message),
+    [
+      'src/cli/run.ts:1: cli may not import src/lib/index.ts (cli may import: api, vmm, uffd, util, sandbox)',
+      'src/lib/index.ts:3: lib may not import src/vmm/builder.ts (lib reaches vmm only through src/vmm/index.ts, src/vmm/vcpu-pool.ts)',
+      'src/lib/index.ts:4: lib may not import src/api/server.ts (lib may import: vmm, util, sandbox)',
+      'src/lib/index.ts:5: lib may not import src/kvm/native.ts (lib may import: vmm, util, sandbox)',
+    ],
+  );
+});
+
 test('test-only helpers, files outside src/ and stray folders are caught', () => {
   const v = check({
     'src/devices/virtio/testing/mock-driver.ts': 'export const driver = 1;\n',

@@ -38,7 +38,9 @@ import {
 } from './legacy-devices.js';
 import { configFromSpec, cpuTemplateMsrAddrs, type VmConfig, type VmSpec } from './resources.js';
 import { attachDeviceMemory, deviceMemorySpace } from './device-memory.js';
-import { Vmm } from './vmm.js';
+import { Vmm, type VcpuWorkerSource } from './vmm.js';
+import type { VcpuThreads } from './vcpu-mode.js';
+import type { GuestRamSource } from './ram-pool.js';
 import { writeGenerationId } from './vmgenid.js';
 import { startDeviceWorker, type DeviceWorkerHandle } from './device-worker-handle.js';
 import {
@@ -68,6 +70,29 @@ export interface BuildOptions {
    * builder uses.
    */
   config?: VmConfig;
+  /**
+   * The library's warm pool (src/lib/): the vCPU workers come from here and go back after the VM
+   * (vmm.ts VcpuWorkerSource). Default: the process's prewarm pool, one use per worker.
+   */
+  vcpuWorkers?: VcpuWorkerSource;
+  /** How the vCPUs run (vcpu-mode.ts); default: TYPERVISOR_VCPU_THREADS, else by count. */
+  vcpuThreads?: VcpuThreads;
+  /** The vCPUs park as they start, before the guest's first instruction (resume() runs it). */
+  paused?: boolean;
+  /**
+   * Closes the VM's last descriptors (its vCPUs, RAM memfd, VM and /dev/kvm) instead of the
+   * main thread: closing a VM's fd takes the kernel ~10-15 ms, which the library's closer
+   * thread (src/lib/) spends off the main thread. Called once, at teardown, after guest RAM is
+   * unmapped. Default: closed on the main thread (or left to the process's exit, see
+   * releaseVmsAtExit).
+   */
+  closeFds?: (fds: number[]) => void;
+  /**
+   * Guest RAM kept between VMs (ram-pool.ts): the build takes zeroed RAM of its size from here
+   * if there is some, and the VM's RAM goes back here at its release instead of being unmapped.
+   * Not with dirty page tracking (its bitmap is per VM).
+   */
+  guestRam?: GuestRamSource;
 }
 
 /**
@@ -87,6 +112,8 @@ export interface VmParts {
   mmapSize: number;
   /** A restored VM's memory file (its RAM is a private mapping of it): never snapshot onto it. */
   backing?: { dev: number; ino: number };
+  /** The RAM goes back to a pool at the VM's release instead of being unmapped and closed. */
+  recycleRam?: () => void;
 }
 
 export interface BuiltVm {
@@ -280,14 +307,17 @@ function build(spec: VmSpec, opts: BuildOptions, undo: UndoList): BuiltVm {
 
   const { kvm, vm } = createVmShell(undo);
 
-  const layout = createGuestRam(ramRegions(memBytes));
-  undo.push(() => closeFd(layout.memfd));
   // Dirty pages tracked (Diff snapshots): KVM's log per slot, and the device-dirty bitmap that
   // every thread maps with the RAM.
   const trackDirty = spec.trackDirtyPages === true;
+  const pool = trackDirty ? undefined : opts.guestRam;
+  const kept = pool?.take(ramRegions(memBytes));
+  const layout = kept?.layout ?? createGuestRam(ramRegions(memBytes));
+  if (!kept) undo.push(() => closeFd(layout.memfd));
   if (trackDirty) trackDeviceWrites(layout);
-  const ram = mapGuestRam(layout);
-  undo.push(() => ram.unmap());
+  const ram = kept?.ram ?? mapGuestRam(layout);
+  if (kept) undo.push(() => pool!.give(kept));
+  else undo.push(() => ram.unmap());
   attachRam(vm, layout, ram, { dirtyLog: trackDirty });
   attachDeviceMemory(vm, plan);
 
@@ -360,6 +390,7 @@ function build(spec: VmSpec, opts: BuildOptions, undo: UndoList): BuiltVm {
       config: opts.config ?? configFromSpec(spec),
       vcpuFds,
       mmapSize,
+      ...(pool ? { recycleRam: () => pool.give({ layout, ram }) } : {}),
     },
     opts,
     undo,
@@ -376,7 +407,7 @@ function build(spec: VmSpec, opts: BuildOptions, undo: UndoList): BuiltVm {
  */
 export function finishVm(
   p: Omit<VmParts, 'legacy'> & { legacy?: LegacyDeviceState },
-  opts: BuildOptions & { paused?: boolean },
+  opts: BuildOptions,
   undo: UndoList,
 ): BuiltVm {
   const { kvm, vm, layout, ram, plan, vcpuFds, mmapSize } = p;
@@ -406,8 +437,15 @@ export function finishVm(
   const owned = legacy;
   const release = () => {
     const n = native();
-    ram.unmap();
-    for (const fd of [...vcpuFds, layout.memfd, vm.fd, kvm.fd]) {
+    // Kept RAM: its memfd stays open (and mapped) for the next VM.
+    const memfd = p.recycleRam ? -1 : layout.memfd;
+    if (p.recycleRam) p.recycleRam();
+    else ram.unmap();
+    if (opts.closeFds) {
+      opts.closeFds([...vcpuFds, memfd, vm.fd, kvm.fd].filter((fd) => fd >= 0));
+      return;
+    }
+    for (const fd of [...vcpuFds, memfd, vm.fd, kvm.fd]) {
       if (fd < 0) continue; // a restored VM's RAM has no memfd
       try {
         n.close(fd);
@@ -423,7 +461,7 @@ export function finishVm(
     // images are closed: what the guest wrote is in the files before `exited` resolves.
     await deviceWorker?.stop();
     closeVirtio(plan);
-    if (releaseAtExit) {
+    if (releaseAtExit && !opts.closeFds) {
       // The process exits now: the kernel closes the VM there, ~10 ms sooner than the close of
       // the VM's fd here (measured; docs/architecture.md "Start-up"). Should it live on, the VM
       // is released a little later all the same.
@@ -443,7 +481,11 @@ export function finishVm(
       virtio: { slots: transportSlots(plan), controlFd: plan.controlFd },
       extraMsrs: cpuTemplateMsrAddrs(p.config),
     }),
-    { paused: opts.paused === true },
+    {
+      paused: opts.paused === true,
+      ...(opts.vcpuWorkers ? { workers: opts.vcpuWorkers } : {}),
+      ...(opts.vcpuThreads ? { vcpuThreads: opts.vcpuThreads } : {}),
+    },
   );
   return { vmm, devices, deviceWorker, parts: { ...p, legacy: owned } };
 }

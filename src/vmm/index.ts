@@ -99,3 +99,10 @@ export {
 export type { BalloonDescription, BalloonRequest } from '../devices/virtio/balloon/balloon.js';
 export { hotplugStatus, requestHotplugSize, type HotplugStatus } from './memory-hotplug.js';
 export { chooseVcpuThreads, NATIVE_FROM_VCPUS, type VcpuThreads } from './vcpu-mode.js';
+// The library's warm path (src/lib/): reusable vCPU workers, descriptors closed off the main
+// thread, a console pipe per VM.
+export type { VcpuWorkerSource, VmState } from './vmm.js';
+export type { Vmm } from './vmm.js';
+export { startFdCloser, type FdCloser } from './fd-closer.js';
+export { consolePipe, type ConsolePipe } from './console-pipe.js';
+export { GuestRamPool, type GuestRamSource } from './ram-pool.js';

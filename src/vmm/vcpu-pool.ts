@@ -11,7 +11,8 @@ import { chooseVcpuThreads, workersFor, type VcpuThreads } from './vcpu-mode.js'
 // A vCPU worker the bundle's loader may have started already (src/util/bundle.ts).
 const pool: Worker[] = takeEarlyVcpuWorkers();
 
-function spawnVcpuWorker(): Worker {
+/** A new vCPU worker, waiting for its 'start' message (also the library's warm pool's). */
+export function spawnVcpuWorker(): Worker {
   return new Worker(workerEntry('vcpu-worker', new URL('./vcpu-worker.js', import.meta.url)), {
     stdout: false,
     stderr: false,

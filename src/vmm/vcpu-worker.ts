@@ -33,10 +33,25 @@ export interface VcpuWorkerData {
 export interface VcpuWorkerStart {
   type: 'start';
   data: VcpuWorkerData;
+  /**
+   * The worker stays after its VM ends and waits for another 'start' (the library's warm pool,
+   * src/lib/): what a thread sets up once (the kick handler, /dev/kvm, the virtio transport's
+   * modules, its seccomp filter) is kept; what belongs to the VM (its kvm_run mapping) is not.
+   */
+  reuse?: boolean;
 }
+
+/**
+ * What a reusable worker set up on its first VM and keeps for the next: the kick handler (a
+ * sigaction, which the vcpu role's filter refuses afterwards), /dev/kvm (an open, refused too),
+ * and whether its filter is installed (filters stack: installed once).
+ */
+const kept: { kvm?: Kvm; kick?: boolean; filtered?: boolean } = {};
 
 export type VcpuWorkerMessage =
   | VcpuHubMessage
+  /** Posted once, when the worker has loaded its modules and listens for 'start'. */
+  | { type: 'ready' }
   | { type: 'thread'; thread: bigint }
   | { type: 'log'; message: string }
   | { type: 'exit'; event: VmExitEvent }
@@ -44,7 +59,7 @@ export type VcpuWorkerMessage =
   | { type: 'saved'; id: number; state: Uint8Array }
   | { type: 'save-failed'; id: number; message: string };
 
-async function main(d: VcpuWorkerData): Promise<void> {
+async function main(d: VcpuWorkerData, reuse = false): Promise<void> {
   const port = parentPort!;
   const post = (m: VcpuWorkerMessage) => port.postMessage(m);
   let event: VmExitEvent;
@@ -52,7 +67,8 @@ async function main(d: VcpuWorkerData): Promise<void> {
   const mappings: Array<() => void> = [];
   try {
     const n = native();
-    n.installKickHandler(); // also unblocks the kick signal in this thread
+    if (!reuse || !kept.kick) n.installKickHandler(); // also unblocks the kick signal here
+    if (reuse) kept.kick = true;
     post({ type: 'thread', thread: n.threadSelf() });
     const control = new VcpuControl(d.control);
     // Guest RAM is not mapped here: nothing on this thread reads it (the legacy devices and the
@@ -61,8 +77,13 @@ async function main(d: VcpuWorkerData): Promise<void> {
     const vcpu = new Vcpu(d.vcpuFd, d.mmapSize);
     mappings.push(() => n.munmap(vcpu.run.buffer as ArrayBuffer));
     // Opened now: a save reads KVM's MSR list from /dev/kvm, and the filter allows no open.
-    const kvm = Kvm.open();
-    mappings.push(() => kvm.close());
+    let kvm: Kvm;
+    if (reuse) kvm = kept.kvm ??= Kvm.open();
+    else {
+      const own = Kvm.open();
+      mappings.push(() => own.close());
+      kvm = own;
+    }
     let loop: VcpuLoop | undefined;
     const devices = attachLegacyDevices(d.legacy, {
       onPowerOff: () => loop && (loop.pendingEvent ??= { kind: 'poweroff' }),
@@ -70,10 +91,13 @@ async function main(d: VcpuWorkerData): Promise<void> {
       onBootMarker: () => control.markBoot(performance.timeOrigin + performance.now()),
       log: (message) => post({ type: 'log', message }),
     });
-    if (d.virtio.slots.length > 0) {
-      // Loaded only when there are virtio devices: it is a large part of a worker's start-up.
+    // Loaded only when there are virtio devices: it is a large part of a worker's start-up. A
+    // reusable worker loads it before its filter goes in (a later VM may have devices, and
+    // loading a module opens files, which the filter refuses).
+    if (d.virtio.slots.length > 0 || (reuse && !kept.filtered)) {
       const { attachVirtioTransports } = await import('./virtio-transport.js');
-      attachVirtioTransports(d.virtio.slots, d.virtio.controlFd, devices.mmio);
+      if (d.virtio.slots.length > 0)
+        attachVirtioTransports(d.virtio.slots, d.virtio.controlFd, devices.mmio);
     }
     loop = new VcpuLoop(
       d.id,
@@ -90,7 +114,8 @@ async function main(d: VcpuWorkerData): Promise<void> {
       saveHandlers(d.id, vcpu, kvm, (m, transfer) => port.postMessage(m, transfer), d.extraMsrs),
     );
     // From here on this thread only runs the vCPU: its seccomp filter (docs/security.md).
-    installWorkerFilter('vcpu', `tv-vcpu${d.id}`);
+    if (!reuse || !kept.filtered) installWorkerFilter('vcpu', reuse ? 'tv-vcpu' : `tv-vcpu${d.id}`);
+    if (reuse) kept.filtered = true;
     event = loop.run();
   } catch (e) {
     event = { kind: 'fatal', message: `vCPU ${d.id}: ${(e as Error).message}` };
@@ -131,8 +156,11 @@ export function saveHandlers(
 }
 
 // A worker runs one vCPU ('start'), or serves the native runner threads of many ('start-hub',
-// vcpu-threads.ts: loaded only then).
-parentPort!.once('message', (m: VcpuWorkerStart | VcpuHubStart) => {
+// vcpu-threads.ts: loaded only then). A reusable one ('start' with reuse) keeps listening and
+// runs one VM's vCPU after another; any other ends with its VM (nothing keeps its loop alive).
+const onStart = (m: VcpuWorkerStart | VcpuHubStart) => {
+  if (m.type === 'start' && m.reuse) return void main(m.data, true);
+  parentPort!.off('message', onStart);
   if (m.type === 'start') return void main(m.data);
   const port = parentPort!;
   void import('./vcpu-threads.js').then(({ runHub }) =>
@@ -142,4 +170,6 @@ parentPort!.once('message', (m: VcpuWorkerStart | VcpuHubStart) => {
       (id, vcpu, kvm, post) => saveHandlers(id, vcpu, kvm, post, m.data.extraMsrs),
     ),
   );
-});
+};
+parentPort!.on('message', onStart);
+parentPort!.postMessage({ type: 'ready' } satisfies VcpuWorkerMessage);

@@ -54,6 +54,17 @@ interface VcpuHandle {
 
 export type VmState = 'running' | 'paused' | 'stopped';
 
+/**
+ * Where a VM's vCPU workers come from when not from the process's prewarm pool (vcpu-pool.ts):
+ * the library's warm pool (src/lib/). Its workers are started for reuse (VcpuWorkerStart.reuse):
+ * one whose vCPU ended and reported is handed back with give() for the next VM; one that failed,
+ * or was terminated, is not (the source sees it exit). Used in 'worker' mode only.
+ */
+export interface VcpuWorkerSource {
+  take(n: number): Worker[];
+  give(w: Worker): void;
+}
+
 export class Vmm {
   readonly control = new VcpuControl();
   private readonly vcpus: VcpuHandle[] = [];
@@ -93,7 +104,7 @@ export class Vmm {
   start(
     vcpuFds: number[],
     data: (id: number) => Omit<VcpuWorkerData, 'control'>,
-    opts: { paused?: boolean; vcpuThreads?: VcpuThreads } = {},
+    opts: { paused?: boolean; vcpuThreads?: VcpuThreads; workers?: VcpuWorkerSource } = {},
   ): void {
     this.mode =
       opts.vcpuThreads ?? chooseVcpuThreads(vcpuFds.length, process.env.TYPERVISOR_VCPU_THREADS);
@@ -108,6 +119,8 @@ export class Vmm {
     const ids = vcpuFds.map((_, id) => id);
     const onWorkers = this.mode === 'worker' ? ids : this.mode === 'hybrid' ? ids.slice(0, 1) : [];
     const onRunners = ids.slice(onWorkers.length);
+    const source = this.mode === 'worker' ? opts.workers : undefined;
+    if (source) return this.startReused(source, vcpuFds, data);
     const workers = takeVcpuWorkers(onWorkers.length + (onRunners.length > 0 ? 1 : 0));
     onWorkers.forEach((id) => {
       const fd = vcpuFds[id]!;
@@ -141,6 +154,61 @@ export class Vmm {
       this.vcpus.push(h);
     });
     if (onRunners.length > 0) this.startNative(onRunners, vcpuFds, data, workers.at(-1)!);
+  }
+
+  /**
+   * A worker per vCPU from `source`, each told to stay after this VM: its 'exit' message is
+   * this VM's end for that vCPU (the thread lives on), and it goes back to the source.
+   */
+  private startReused(
+    source: VcpuWorkerSource,
+    vcpuFds: number[],
+    data: (id: number) => Omit<VcpuWorkerData, 'control'>,
+  ): void {
+    const n = native();
+    const workers = source.take(vcpuFds.length);
+    vcpuFds.forEach((fd, id) => {
+      const runBuffer = n.mmap(this.vcpuMmapSize, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+      const worker = workers[id]!;
+      const h: VcpuHandle = { id, worker, run: new DataView(runBuffer), runBuffer, exited: false };
+      const detach = () => {
+        worker.off('message', onMessage);
+        worker.off('error', onError);
+        worker.off('exit', onExit);
+      };
+      const onMessage = (m: VcpuWorkerMessage) => {
+        if (m.type !== 'exit') return this.onMessage(h, m);
+        // The vCPU's mappings are released before 'exit' is posted: the thread is free.
+        h.reported = true;
+        detach();
+        this.onWorkerGone(h, m.event);
+        source.give(worker);
+      };
+      const onError = (e: Error) =>
+        this.onVcpuEvent({ kind: 'fatal', message: `vCPU ${id} worker failed: ${e.message}` });
+      const onExit = () => {
+        detach();
+        this.onWorkerGone(
+          h,
+          h.terminated
+            ? {
+                kind: 'fatal',
+                message: `vCPU ${id} did not stop within ${STOP_TIMEOUT_MS} ms; its thread was terminated`,
+              }
+            : { kind: 'fatal', message: `vCPU ${id} worker ended unexpectedly` },
+        );
+      };
+      worker.on('message', onMessage);
+      worker.on('error', onError);
+      worker.on('exit', onExit);
+      const start: VcpuWorkerStart = {
+        type: 'start',
+        data: { ...data(id), control: this.control.sab },
+        reuse: true,
+      };
+      worker.postMessage(start);
+      this.vcpus.push(h);
+    });
   }
 
   /** One worker (the hub, vcpu-threads.ts) serving a native runner thread per vCPU. */
