@@ -27,6 +27,7 @@ import {
 } from './common.js';
 import { fioPlan, summariseFio, type FioSample } from './lab-fio.js';
 import { ratePlan, summariseRates, type RateSample } from './lab-ratelimit.js';
+import { balloonPlan, summariseBalloon, type BalloonSample } from './lab-balloon.js';
 import { bootPlan, summariseBoot, type BootSample } from './lab-inner.js';
 import { snapshotPlan, summariseSnapshot, type SnapSample } from './snapshot.js';
 
@@ -34,7 +35,14 @@ import { snapshotPlan, summariseSnapshot, type SnapSample } from './snapshot.js'
  *  `BENCH-EXIT <its exit code>` (dash has no pipefail). */
 const TEE = '{ "$@"; echo "BENCH-EXIT $?"; } | tee -a "$0"';
 
-export const LAB_SUB_SUITE_NAMES = ['boot', 'fio', 'net', 'snapshot', 'ratelimit'] as const;
+export const LAB_SUB_SUITE_NAMES = [
+  'boot',
+  'fio',
+  'net',
+  'snapshot',
+  'ratelimit',
+  'balloon',
+] as const;
 export type LabSubSuiteName = (typeof LAB_SUB_SUITE_NAMES)[number];
 
 interface SubSuiteDef {
@@ -135,6 +143,17 @@ export const LAB_SUB_SUITES: readonly SubSuiteDef[] = [
     unavailable: () => ensureDefaultGuest() ?? missingImages(['rootfs']),
     plan: ratePlan,
     salvage: (s, runs) => summariseRates(s as RateSample[], runs),
+  },
+  {
+    name: 'balloon',
+    title: 'virtio-balloon: memory returned to the host (issue 16)',
+    script: 'dist/bench/lab-balloon.js',
+    defaultRuns: 1,
+    timeoutSec: (runs) => 300 + 300 * runs,
+    idleSec: 300,
+    unavailable: ensureDefaultGuest,
+    plan: balloonPlan,
+    salvage: (s, runs) => summariseBalloon(s as BalloonSample[], runs),
   },
 ];
 

@@ -402,14 +402,7 @@ export class VmmController {
       }
       case 'CreateSnapshot':
         if (!this.built) return bad(POST_BOOT_ONLY);
-        {
-          // The memory file holds RAM only: with hotplugged memory plugged, it would be lost.
-          const hp = this.config['memory-hotplug'];
-          if (hp && hotplugStatus(validateMemoryHotplug(hp), this.built).plugged_size_mib > 0)
-            return bad(
-              'snapshots of a VM with hotplugged memory plugged are not supported yet (the memory file holds RAM only): PATCH /hotplug/memory to 0 and wait for plugged_size_mib 0 first',
-            );
-        }
+        // The memory file carries the hotplugged memory after RAM (snapshot.ts).
         return this.create(this.built, a.params);
       case 'LoadSnapshot':
         if (this.built) return bad(PRE_BOOT_ONLY);

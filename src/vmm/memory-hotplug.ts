@@ -4,12 +4,15 @@
  * ConfigGeneration) and the driver is told by a config-change interrupt; the plugged size is
  * read from the same place, where the device worker keeps it current.
  */
-import { MEM_CFG, u64 } from '../devices/virtio/mem/index.js';
+import type { MemHost } from '../devices/virtio/mem/descriptor.js';
+import { VirtioDeviceStateV1 } from '../devices/virtio/device-state.js';
+import { MEM_CFG, savedPluggedBlocks, u64 } from '../devices/virtio/mem/index.js';
 import { VirtioMmioState } from '../devices/virtio/mmio-state.js';
 import { native } from '../kvm/native.js';
 import { ConfigError } from '../util/errors.js';
 import type { BuiltVm } from './builder.js';
 import type { MemoryHotplugConfig } from './resources.js';
+import type { VirtioPlan } from './virtio-plan.js';
 
 const MIB = 1024 * 1024;
 
@@ -80,4 +83,29 @@ export function requestHotplugSize(
   const state = new VirtioMmioState(slot.state);
   if (state.changeConfig(MEM_CFG.requestedSize, u64(requestedMib * MIB)))
     native().eventfdWrite(slot.irqFd, 1);
+}
+
+/**
+ * The virtio-mem region's host memory in a plan (its memfd, region_size bytes), or undefined when
+ * the VM has no memory hotplug. A snapshot's memory file carries it after RAM (snapshot.ts).
+ */
+export function hotplugMemory(
+  plan: VirtioPlan | undefined,
+): { fd: number; size: number } | undefined {
+  for (const s of plan?.slots ?? [])
+    if (s.kind === 'mem') {
+      // The registry's host type does not narrow here (HostOf infers never for mem).
+      const host = s.host as unknown as MemHost;
+      return { fd: host.memfd, size: host.geometry.regionSize };
+    }
+  return undefined;
+}
+
+/**
+ * How many blocks a snapshot's saved virtio-mem device (its VirtioDeviceStateV1 bytes) has
+ * plugged. Throws PersistError on a bad blob.
+ */
+export function savedPluggedCount(state: Uint8Array): number {
+  const d = VirtioDeviceStateV1.decodeOrThrow(state);
+  return d.backend ? savedPluggedBlocks(d.backend) : 0;
 }

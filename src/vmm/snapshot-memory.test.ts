@@ -128,6 +128,12 @@ test('checkMemoryFile: exactly the regions total, a regular file', () => {
     truncateSync(path, 97 * PAGE);
     const long = checkMemoryFile(path, regions);
     assert.ok(!long.ok && /too long/.test(long.error.message));
+    // With device memory after RAM (the virtio-mem region): RAM + that many bytes exactly.
+    const withRegion = checkMemoryFile(path, regions, PAGE);
+    assert.ok(withRegion.ok, String(!withRegion.ok && withRegion.error.message));
+    closeSync(withRegion.value.fd);
+    const noRegion = checkMemoryFile(path, regions, 2 * PAGE);
+    assert.ok(!noRegion.ok && /truncated/.test(noRegion.error.message));
     const missing = checkMemoryFile(join(dir, 'nope'), regions);
     assert.ok(!missing.ok && /ENOENT/.test(missing.error.message));
     const isDir = checkMemoryFile(dir, regions);

@@ -269,9 +269,12 @@ export interface CheckedMemoryFile {
 export function checkMemoryFile(
   path: string,
   regions: readonly SnapshotRegion[],
+  /** Device memory after RAM (the virtio-mem region: appendDeviceMemory). */
+  extraBytes = 0,
 ): Result<CheckedMemoryFile, SnapshotFileError> {
-  const want = memoryFileBytes(regions);
-  const bad = regionsInconsistency(regions, want);
+  const ramBytes = memoryFileBytes(regions);
+  const bad = regionsInconsistency(regions, ramBytes);
+  const want = ramBytes + extraBytes;
   if (bad) return err(new SnapshotFileError(bad));
   let fd: number;
   try {
@@ -389,28 +392,78 @@ export function rebaseMemoryFile(basePath: string, diffPath: string): RebaseResu
   }
 }
 
-function copyExtents(from: number, to: number, size: number): RebaseResult {
+/**
+ * Copies the data extents of `from` [fromOff, fromOff + size) to `to` at the same distance
+ * from `toOff`; holes are not written (they stay holes in a new file).
+ */
+function copyExtents(from: number, to: number, size: number, fromOff = 0, toOff = 0): RebaseResult {
   const n = native();
   const buf = new Uint8Array(Math.min(REBASE_CHUNK, Math.max(size, 1)));
+  const end = fromOff + size;
   let extents = 0;
   let bytes = 0;
-  let pos = 0;
-  while (pos < size) {
+  let pos = fromOff;
+  while (pos < end) {
     const data = n.lseek(from, pos, SEEK_DATA);
-    if (data < 0 || data >= size) break;
+    if (data < 0 || data >= end) break;
     let hole = n.lseek(from, data, SEEK_HOLE);
-    if (hole < 0 || hole > size) hole = size;
+    if (hole < 0 || hole > end) hole = end;
     extents++;
     for (let off = data; off < hole;) {
       const want = Math.min(buf.length, hole - off);
       const got = readSync(from, buf, 0, want, off);
-      if (got <= 0) throw new Error(`the diff ended at ${off} bytes while being read`);
+      if (got <= 0) throw new Error(`the file ended at ${off} bytes while being read`);
+      const at = off - fromOff + toOff;
       let done = 0;
-      while (done < got) done += writeSync(to, buf, done, got - done, off + done);
+      while (done < got) done += writeSync(to, buf, done, got - done, at + done);
       off += got;
       bytes += got;
     }
     pos = hole;
   }
   return { extents, bytes };
+}
+
+/*
+ * Device memory in the memory file (issue 16): the virtio-mem region follows RAM, whole
+ * (region_size bytes), as in Firecracker's memory file. Only its data extents are copied: blocks
+ * never plugged, or unplugged (punched out of the region's memfd), are holes in the file, and
+ * holes in the file stay holes in the memfd at load.
+ */
+
+/**
+ * Appends `size` bytes of device memory (the data extents of `sourceFd` [0, size)) at `at` of
+ * the pending memory file `tmpPath` (writeMemoryFile with deferRename, before its commit);
+ * the file is extended to `at + size` and fsynced. Throws an I/O error (the caller discards).
+ */
+export function appendDeviceMemory(
+  tmpPath: string,
+  at: number,
+  sourceFd: number,
+  size: number,
+): RebaseResult {
+  const fd = openSync(tmpPath, 'r+');
+  try {
+    if (fstatSync(fd).size !== at)
+      throw new SnapshotFileError(`the memory file is not ${at} bytes long before device memory`);
+    ftruncateSync(fd, at + size);
+    const r = copyExtents(sourceFd, fd, size, 0, at);
+    fsyncSync(fd);
+    return r;
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/**
+ * Fills device memory (`targetFd` [0, size), a fresh, empty memfd) from the memory file's
+ * [at, at + size): only the file's data extents are copied, so unplugged ranges stay unallocated.
+ */
+export function loadDeviceMemory(
+  fileFd: number,
+  at: number,
+  targetFd: number,
+  size: number,
+): RebaseResult {
+  return copyExtents(fileFd, targetFd, size, at, 0);
 }

@@ -46,7 +46,15 @@ import {
   type SnapshotRegion,
 } from './snapshot-format.js';
 import type { GuestRamLayout, MappedGuestRam } from './guest-ram.js';
-import { checkMemoryFile, mapMemoryFile, writeMemoryFile, type FileId } from './snapshot-memory.js';
+import { hotplugMemory, savedPluggedCount } from './memory-hotplug.js';
+import {
+  appendDeviceMemory,
+  checkMemoryFile,
+  loadDeviceMemory,
+  mapMemoryFile,
+  writeMemoryFile,
+  type FileId,
+} from './snapshot-memory.js';
 import { uffdGuestMemory } from './snapshot-uffd.js';
 import {
   MSR_IA32_TSC,
@@ -210,6 +218,7 @@ async function create(built: BuiltVm, p: CreateParams): Promise<void> {
   // ORed with the device-dirty bitmap. Every create takes them, Full too (as Firecracker's
   // does), so the next Diff holds what changed since this snapshot. If this create fails, they
   // are put back into the device-dirty bitmap: nothing is lost for the next one.
+  const hotplug = hotplugMemory(parts.plan);
   const deviceDirty = deviceDirtyPages(parts.layout);
   const dirty = tracking ? takeDirtyPages(parts.vm, regions, deviceDirty) : undefined;
   try {
@@ -223,6 +232,9 @@ async function create(built: BuiltVm, p: CreateParams): Promise<void> {
       ...(p.type === 'Diff' ? { dirty } : {}),
     });
     try {
+      // The virtio-mem region follows RAM, whole (Firecracker's layout): its plugged blocks'
+      // data; unplugged or untouched ranges are holes. A Diff carries all of it too.
+      if (hotplug) appendDeviceMemory(mem.tmpPath, fileBytes, hotplug.fd, hotplug.size);
       writeFileAtomic(p.snapshotPath, stateBytes);
     } catch (e) {
       mem.discard();
@@ -369,6 +381,8 @@ async function load(
   const { data, spec } = checkSnapshot(p);
   phases.mark('read+check');
   const regions = data.memory.regions;
+  // The virtio-mem region, if the VM has one, follows RAM in the memory file.
+  const hotplugBytes = hotplugFileBytes(data, spec, p.memBackend.type);
   // Guest RAM: the memory file mapped privately (File), or anonymous memory a page-fault
   // handler fills (Uffd). Either way the main thread maps it and the workers wrap it.
   let memory: { layout: GuestRamLayout; ram: MappedGuestRam; backing?: FileId } | undefined;
@@ -385,7 +399,7 @@ async function load(
     undo.push(() => uffd.ram.unmap());
     memory = uffd;
   } else {
-    const mem = checkMemoryFile(p.memBackend.path, regions);
+    const mem = checkMemoryFile(p.memBackend.path, regions, hotplugBytes);
     if (!mem.ok) throw loadError(mem.error.message);
     memFd = mem.value.fd;
     undo.push(closeMemFd);
@@ -396,6 +410,16 @@ async function load(
   const plan = planVirtioDevices(spec.devices, deviceMemorySpace(spec.memMib * 1024 * 1024));
   undo.push(() => closeVirtio(plan));
   plan.warnings.forEach((w) => log('warn', w));
+  const hotplug = hotplugMemory(plan);
+  if (hotplug && memFd >= 0) {
+    // Its plugged blocks' data into the region's fresh memfd (holes stay unallocated); the
+    // device's saved bitmap says which blocks are plugged (restored with the devices).
+    if (hotplug.size !== hotplugBytes)
+      throw loadError('the memory hotplug region does not match the saved configuration');
+    step('cannot load the hotplugged memory', () =>
+      loadDeviceMemory(memFd, memoryBytes(regions), hotplug.fd, hotplug.size),
+    );
+  }
 
   const { kvm, vm } = createVmShell(undo);
   if (!memory) {
@@ -504,6 +528,34 @@ async function load(
     throw e instanceof SnapshotError ? e : loadError((e as Error).message);
   }
   return built;
+}
+
+function memoryBytes(regions: readonly SnapshotRegion[]): number {
+  return regions.reduce((s, r) => s + r.size, 0);
+}
+
+/**
+ * The bytes of the virtio-mem region after RAM in a snapshot's memory file (0 without memory
+ * hotplug). With the Uffd backend the handler serves RAM only: a snapshot with plugged blocks is
+ * refused (their data is in the memory file, which this process does not see).
+ */
+function hotplugFileBytes(data: SnapshotData, spec: RestoreSpec, backend: 'File' | 'Uffd'): number {
+  const mem = spec.devices.find((d) => d.kind === 'mem');
+  if (!mem || mem.kind !== 'mem') return 0;
+  if (backend === 'Uffd') {
+    const saved = data.devices.find((d) => d.kind === 'mem');
+    let plugged: number;
+    try {
+      plugged = saved ? savedPluggedCount(saved.state) : 0;
+    } catch (e) {
+      throw loadError(`the saved virtio-mem device: ${(e as Error).message}`);
+    }
+    if (plugged > 0)
+      throw loadError(
+        `the snapshot has ${plugged} hotplugged memory block(s) plugged; the Uffd backend serves guest RAM only: load it with the File backend`,
+      );
+  }
+  return mem.totalMib * MiB;
 }
 
 /** Runs one restore step; its failure (KVM's errno, a bad value) says which step it was. */

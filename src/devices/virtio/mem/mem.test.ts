@@ -17,6 +17,7 @@ import {
   STATE_PLUGGED,
   STATE_UNPLUGGED,
   memIdentity,
+  savedPluggedBlocks,
 } from './mem.js';
 
 const MIB = 1024 * 1024;
@@ -154,6 +155,12 @@ test('virtio-mem UNPLUG_ALL discards every plugged run; save/restore keeps the b
   const bad = saved.slice();
   bad[7] = 5;
   assert.throws(() => other.dev.restore(bad), /bitmap/);
+  // A snapshot load counts the plugged blocks from the saved bytes alone (the Uffd check).
+  assert.equal(savedPluggedBlocks(saved), 4);
+  assert.equal(savedPluggedBlocks(setup(0).dev.save()), 0);
+  assert.throws(() => savedPluggedBlocks(bad), /bitmap/);
+  assert.throws(() => savedPluggedBlocks(saved.subarray(0, 7)), /cut/);
+  assert.throws(() => savedPluggedBlocks(new Uint8Array([9, 0, 0, 0, 0])), /version/);
 });
 
 test('memory hotplug sizes follow Firecracker rules', () => {

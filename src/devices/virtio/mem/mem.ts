@@ -262,6 +262,23 @@ export class MemDevice implements VirtioBackend {
   }
 }
 
+/**
+ * The number of plugged blocks in a saved MemDevice state (save()'s bytes), without a device:
+ * a snapshot load checks it before making anything. Throws PersistError on a bad blob.
+ */
+export function savedPluggedBlocks(bytes: Uint8Array): number {
+  if (bytes.length < 5 || bytes[0] !== SAVED_VERSION)
+    throw new PersistError('virtio-mem: unknown saved state version');
+  const n = new DataView(bytes.buffer, bytes.byteOffset).getUint32(1, true);
+  if (bytes.length !== 5 + n) throw new PersistError('virtio-mem: saved state is cut');
+  let plugged = 0;
+  for (const b of bytes.subarray(5)) {
+    if (b > 1) throw new PersistError('virtio-mem: bad plugged bitmap');
+    plugged += b;
+  }
+  return plugged;
+}
+
 /** The first `n` bytes of the buffers, or undefined when they hold fewer. */
 function gather(bufs: readonly Uint8Array[], n: number): Uint8Array | undefined {
   const out = new Uint8Array(n);
