@@ -144,6 +144,25 @@ export class FakeHost {
     munmap: () => {
       throw new Error('fake host: munmap is not modelled');
     },
+    // virtio-blk's Async engine (io_uring) is not part of these fuzz targets either.
+    bufferAddress: () => {
+      throw new Error('fake host: bufferAddress is not modelled');
+    },
+    eventfd: () => {
+      throw new Error('fake host: eventfd is not modelled');
+    },
+    eventfdRead: () => {
+      throw new Error('fake host: eventfdRead is not modelled');
+    },
+    ioUringSetup: () => {
+      throw sysError('ENOSYS', 'io_uring_setup');
+    },
+    ioUringEnter: () => {
+      throw new Error('fake host: io_uring_enter is not modelled');
+    },
+    ioUringRegister: () => {
+      throw new Error('fake host: io_uring_register is not modelled');
+    },
     // As the kernel checks it: a page-aligned start, a range inside the mapping. Not zeroed:
     // the fuzzer's driver keeps its rings in the same RAM, which a hostile PFN may name.
     madvise: (buffer, offset, length) => {

@@ -1240,6 +1240,57 @@ static napi_value n_vcpu_runner_join(napi_env env, napi_callback_info info) {
   EXPORT("vcpuRunnerJoin", n_vcpu_runner_join),
 /* ---- end of vCPU runner threads ---- */
 
+/* ---- io_uring (helper U, issue 17 part B): the three syscalls, nothing else ----
+ * The rings are mapped with mmap() above (IORING_OFF_SQ_RING / _CQ_RING / _SQES as the offset);
+ * every ring index, SQE and CQE is read and written in TypeScript (src/devices/virtio/block/
+ * io-uring.ts). glibc has no wrappers: raw syscall(2). */
+#include <linux/io_uring.h>
+
+/* ioUringSetup(entries, params): the ring fd; `params` (struct io_uring_params, 120 bytes) is
+ * passed in (flags) and filled by the kernel (sizes, features, ring offsets) */
+static napi_value n_io_uring_setup(napi_env env, napi_callback_info info) {
+  napi_value a[2];
+  if (!get_args(env, info, 2, a)) return NULL;
+  void *p; size_t len;
+  if (!buffer_of(env, a[1], &p, &len) || len < sizeof(struct io_uring_params))
+    return throw_errno(env, "io_uring_setup(params buffer too small)", EINVAL);
+  long fd = syscall(__NR_io_uring_setup, (unsigned)arg_u64(env, a[0]), p);
+  if (fd < 0) return throw_errno(env, "io_uring_setup", errno);
+  return num(env, fd);
+}
+
+/* ioUringEnter(fd, toSubmit, minComplete, flags): SQEs consumed */
+static napi_value n_io_uring_enter(napi_env env, napi_callback_info info) {
+  napi_value a[4];
+  if (!get_args(env, info, 4, a)) return NULL;
+  long r = syscall(__NR_io_uring_enter, (int)arg_i64(env, a[0]), (unsigned)arg_u64(env, a[1]),
+                   (unsigned)arg_u64(env, a[2]), (unsigned)arg_u64(env, a[3]), NULL, (size_t)0);
+  if (r < 0) return throw_errno(env, "io_uring_enter", errno);
+  return num(env, r);
+}
+
+/* ioUringRegister(fd, opcode, arg: buffer | null, nrArgs): the syscall's result */
+static napi_value n_io_uring_register(napi_env env, napi_callback_info info) {
+  napi_value a[4];
+  if (!get_args(env, info, 4, a)) return NULL;
+  void *p = NULL; size_t len = 0;
+  napi_valuetype t;
+  napi_typeof(env, a[2], &t);
+  if (t != napi_null && !buffer_of(env, a[2], &p, &len)) {
+    napi_throw_type_error(env, NULL, "ioUringRegister: arg is not a buffer or null");
+    return NULL;
+  }
+  long r = syscall(__NR_io_uring_register, (int)arg_i64(env, a[0]), (unsigned)arg_u64(env, a[1]), p,
+                   (unsigned)arg_u64(env, a[3]));
+  if (r < 0) return throw_errno(env, "io_uring_register", errno);
+  return num(env, r);
+}
+
+#define IO_URING_EXPORTS                                                                \
+  EXPORT("ioUringSetup", n_io_uring_setup), EXPORT("ioUringEnter", n_io_uring_enter),   \
+  EXPORT("ioUringRegister", n_io_uring_register),
+/* ---- end of io_uring ---- */
+
 /* getpid-free helpers are in Node already; this is the whole surface. */
 #define EXPORT(name, fn) { name, NULL, fn, NULL, NULL, NULL, napi_default, NULL }
 
@@ -1263,6 +1314,7 @@ NAPI_MODULE_INIT() {
     EXPORT("seccompInstall", n_seccomp_install), EXPORT("seccompMode", n_seccomp_mode),
     EXPORT("ioctlLengthOk", n_ioctl_length_ok), EXPORT("setThreadName", n_set_thread_name),
     VCPU_RUNNER_EXPORTS
+    IO_URING_EXPORTS
   };
   if (napi_define_properties(env, exports, sizeof props / sizeof props[0], props) != napi_ok) return NULL;
   return exports;

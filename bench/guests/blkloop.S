@@ -195,6 +195,72 @@ found:
 	xor	%ebx, %ebx
 	xor	%edi, %edi
 	mov	$BLK_COUNT, %ebp
+#ifdef BLK_WRITE_KEY
+	/*
+	 * Write pass (test/host/blk-async.test.ts): BLK_COUNT requests of VIRTIO_BLK_T_OUT from
+	 * sector 0 (the disk must hold them without wrapping), each with the first word of its first
+	 * and last sector = sector ^ BLK_WRITE_KEY; then a VIRTIO_BLK_T_FLUSH; then the read loop
+	 * below checks that pattern instead of the disk's own.
+	 */
+	movl	$1, HDR /* VIRTIO_BLK_T_OUT */
+	movw	$DESC_F_NEXT, DESC + 28 /* data: device-readable */
+wrequest:
+	mov	%ebx, HDR + 8
+	movb	$0xff, STATUSB
+	mov	%ebx, %eax
+	xor	$BLK_WRITE_KEY, %eax
+	mov	%eax, DATA
+	lea	BLK_SECTORS - 1(%ebx), %eax
+	xor	$BLK_WRITE_KEY, %eax
+	mov	%eax, DATA + BLK_BYTES - 512
+	call	submit
+	mov	$'l', %al
+	cmpl	$1, USED + 8(, %ecx, 8) /* a write: only the status byte written */
+	jne	fail
+	mov	$'s', %al
+	cmpb	$0, STATUSB
+	jne	fail
+	add	$BLK_SECTORS, %ebx
+	dec	%ebp
+	jnz	wrequest
+	/* The flush: header, then status (descriptor 0 chains to 2). */
+	movl	$4, HDR /* VIRTIO_BLK_T_FLUSH */
+	movl	$0, HDR + 8
+	movw	$2, DESC + 14
+	movb	$0xff, STATUSB
+	call	submit
+	mov	$'l', %al
+	cmpl	$1, USED + 8(, %ecx, 8)
+	jne	fail
+	mov	$'s', %al
+	cmpb	$0, STATUSB
+	jne	fail
+	/* Back to reads. */
+	movl	$0, HDR
+	movw	$1, DESC + 14
+	movw	$(DESC_F_NEXT | DESC_F_WRITE), DESC + 28
+	xor	%ebx, %ebx
+	mov	$BLK_COUNT, %ebp
+	jmp	request
+
+	/* Publishes head 0, kicks queue 0 and polls until it is used; %ecx: its used slot. */
+submit:
+	mov	%edi, %eax
+	and	$(QSIZE - 1), %eax
+	movw	$0, AVAIL + 4(, %eax, 2)
+	inc	%edi
+	mov	%di, AVAIL + 2
+	movl	$0, R_QUEUE_NOTIFY(%esi)
+1:	pause
+	cmp	%di, USED + 2
+	jne	1b
+	lea	-1(%edi), %ecx
+	and	$(QSIZE - 1), %ecx
+	mov	$'u', %al
+	cmpl	$0, USED + 4(, %ecx, 8)
+	jne	fail
+	ret
+#endif
 request:
 	mov	%ebx, HDR + 8
 	movb	$0xff, STATUSB
@@ -224,9 +290,18 @@ request:
 	cmpb	$0, STATUSB /* VIRTIO_BLK_S_OK */
 	jne	fail
 	mov	$'d', %al
+#ifdef BLK_WRITE_KEY
+	mov	%ebx, %ecx
+	xor	$BLK_WRITE_KEY, %ecx
+	cmp	%ecx, DATA
+	jne	fail
+	lea	BLK_SECTORS - 1(%ebx), %ecx
+	xor	$BLK_WRITE_KEY, %ecx
+#else
 	cmp	%ebx, DATA
 	jne	fail
 	lea	BLK_SECTORS - 1(%ebx), %ecx
+#endif
 	cmp	%ecx, DATA + BLK_BYTES - 512
 	jne	fail
 

@@ -28,5 +28,7 @@ build blk4k-big -DMODE_BLKLOOP -DBLK_BYTES=4096 -DBLK_COUNT="$blk4k"
 build blk64k-small -DMODE_BLKLOOP -DBLK_BYTES=65536 -DBLK_COUNT=200
 build blk64k-big -DMODE_BLKLOOP -DBLK_BYTES=65536 -DBLK_COUNT="$blk64k"
 build blkwatch -DMODE_BLKWATCH -DBLK_BYTES=512 -DBLK_COUNT=1
+# 64 writes of 8 KiB from sector 0, a flush, then 64 reads that check what was written.
+build blkrw-small -DMODE_BLKLOOP -DBLK_BYTES=8192 -DBLK_COUNT=64 -DBLK_WRITE_KEY=0xa5a5a5a5
 gcc -O2 -Wall -o "$out/floor" "$repo/bench/floor.c"
 echo "$out"

@@ -1,5 +1,5 @@
 /**
- * `--drive path=FILE[,ro][,root][,serial=ID][,blockdev]` turned into drives of VmResources (Firecracker's
+ * `--drive path=FILE[,ro][,root][,serial=ID][,blockdev][,async]` turned into drives of VmResources (Firecracker's
  * DriveConfig), and the private root disk of `--rootfs`.
  */
 import { spawnSync } from 'node:child_process';
@@ -22,6 +22,7 @@ export function parseDrive(spec: string, index: number): DriveConfig {
   let root = false;
   let serial: string | undefined;
   let blockDevice = false;
+  let async = false;
   for (const part of spec.split(',')) {
     const eq = part.indexOf('=');
     const key = eq < 0 ? part : part.slice(0, eq);
@@ -32,9 +33,11 @@ export function parseDrive(spec: string, index: number): DriveConfig {
     else if (key === 'serial' && value !== undefined) serial = value;
     // A host block device as the image: refused unless asked for (allow_block_device).
     else if (key === 'blockdev' && value === undefined) blockDevice = true;
+    // Firecracker's io_engine "Async" (io_uring; Sync where the host lacks it).
+    else if (key === 'async' && value === undefined) async = true;
     else
       throw new ConfigError(
-        `--drive: unknown or malformed "${part}" (expected path=FILE[,ro][,root][,serial=ID][,blockdev])`,
+        `--drive: unknown or malformed "${part}" (expected path=FILE[,ro][,root][,serial=ID][,blockdev][,async])`,
       );
   }
   if (!path) throw new ConfigError(`--drive ${spec}: path=FILE is required`);
@@ -46,6 +49,7 @@ export function parseDrive(spec: string, index: number): DriveConfig {
     is_root_device: root,
     is_read_only: readOnly,
     ...(blockDevice ? { allow_block_device: true } : {}),
+    ...(async ? { io_engine: 'Async' as const } : {}),
   };
 }
 

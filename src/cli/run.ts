@@ -42,9 +42,10 @@ export const RUN_USAGE = `usage: typervisor run [options]
   --cmdline STR     kernel command line (default: "${DEFAULT_BOOT_ARGS}")
   --vcpus N         number of vCPUs, 1-64 (default 1)
   --memory MiB      guest memory in MiB (default 256)
-  --drive SPEC      a virtio-blk disk: path=FILE[,ro][,root][,serial=ID][,blockdev] (repeatable;
-                    the root drive becomes /dev/vda and adds root=/dev/vda to the command line;
-                    blockdev allows a host block device as FILE, refused otherwise)
+  --drive SPEC      a virtio-blk disk: path=FILE[,ro][,root][,serial=ID][,blockdev][,async]
+                    (repeatable; the root drive becomes /dev/vda and adds root=/dev/vda to the
+                    command line; blockdev allows a host block device as FILE, refused otherwise;
+                    async serves it with io_uring, io_engine "Async")
   --rootfs          boot the project's Debian root disk (a private copy of rootfs.ext4) as root
   --rng             a virtio-rng device (entropy from the host's CSPRNG)
   --net SPEC        a virtio-net device on a host TAP: tap=NAME[,mac=MAC] (repeatable; the TAP

@@ -151,6 +151,14 @@ export interface NativeShim {
   vcpuRunnerKick(handle: number): boolean;
   /** Joins an ended runner (state DEAD; EBUSY otherwise) from the thread that started it. */
   vcpuRunnerJoin(handle: number): void;
+  // Issue 17 part B (native block "io_uring"): the three syscalls; the rings are mapped with
+  // mmap() and driven from TypeScript (src/devices/virtio/block/io-uring.ts).
+  /** io_uring_setup(2): the ring fd; `params` (struct io_uring_params, >= 120 bytes) in and out. */
+  ioUringSetup(entries: number, params: Buf): number;
+  /** io_uring_enter(2) without a signal mask: how many SQEs the kernel consumed. */
+  ioUringEnter(fd: number, toSubmit: number, minComplete: number, flags: number): number;
+  /** io_uring_register(2): `arg` is passed by address (null: none). */
+  ioUringRegister(fd: number, opcode: number, arg: Buf | null, nrArgs: number): number;
 }
 
 /** A failed syscall, with its errno name in `code` (EINTR, EAGAIN, ...). */

@@ -289,6 +289,13 @@ function main(d: DeviceWorkerData): void {
     } catch {
       // reporting is best effort
     }
+    for (const x of devices) {
+      try {
+        x.created.close?.();
+      } catch (e) {
+        onError(e);
+      }
+    }
     loop.close();
     idle.close();
     ram.unmap();

@@ -306,6 +306,10 @@ export function checkDrive(d: DriveConfig): DriveConfig {
     throw new ConfigError(`${what}: vhost-user block devices (socket) are not supported`);
   if (d.path_on_host === undefined) throw new ConfigError(`${what}: path_on_host is required`);
   if (d.is_read_only === undefined) throw new ConfigError(`${what}: is_read_only is required`);
+  if (d.io_engine !== undefined && d.io_engine !== 'Sync' && d.io_engine !== 'Async')
+    throw new ConfigError(
+      `${what}: io_engine must be "Sync" or "Async", not ${JSON.stringify(d.io_engine)}`,
+    );
   return d;
 }
 
@@ -628,6 +632,7 @@ function checkDevices(r: Omit<VmResources, 'boot'>): {
       // GET_ID answers the drive's id, as Firecracker's does (cut to the 20 bytes it holds).
       serial: truncateUtf8(d.drive_id, BLK_ID_BYTES),
       ...limiterField('rateLimiter', d.rate_limiter, `drive ${d.drive_id}: rate_limiter`),
+      ...(d.io_engine === 'Async' ? { ioEngine: 'Async' as const } : {}),
     })),
     ...(r.entropy
       ? [

@@ -56,7 +56,7 @@ export interface VmOptions {
   kernel: string;
   /** Guest RAM in MiB (the guests use the first 4 MiB). */
   memMib?: number;
-  drives?: Array<{ id: string; path: string; readOnly?: boolean }>;
+  drives?: Array<{ id: string; path: string; readOnly?: boolean; ioEngine?: 'Sync' | 'Async' }>;
   rng?: boolean;
   tap?: string;
   /** A vsock device; its Unix socket is `uds` in the VM's temp dir. */
@@ -97,6 +97,7 @@ export async function startVm(opts: VmOptions): Promise<HostileVm> {
       path_on_host: d.path,
       is_root_device: false,
       is_read_only: d.readOnly ?? true,
+      ...(d.ioEngine ? { io_engine: d.ioEngine } : {}),
     })),
   };
   if (opts.rng) config.entropy = {};

@@ -36,6 +36,13 @@ export interface HostSys {
   mmap(length: number, prot: number, flags: number, fd: number, offset: number): ArrayBuffer;
   munmap(buffer: ArrayBuffer): void;
   madvise(buffer: ArrayBuffer, offset: number, length: number, advice: number): void;
+  /** For virtio-blk's io_uring engine (block/io-uring.ts). */
+  bufferAddress(buffer: Buf): bigint;
+  eventfd(initval: number, flags: number): number;
+  eventfdRead(fd: number): bigint;
+  ioUringSetup(entries: number, params: Buf): number;
+  ioUringEnter(fd: number, toSubmit: number, minComplete: number, flags: number): number;
+  ioUringRegister(fd: number, opcode: number, arg: Buf | null, nrArgs: number): number;
 }
 
 /** Linux epoll bits, as the worker's loop takes them. */
@@ -132,4 +139,6 @@ export interface DeviceType<Config extends { kind: string; id: string }, Host> {
 export interface CreatedBackend {
   backend: VirtioBackend;
   metrics?(): DeviceCounters;
+  /** Device worker, when it ends: releases what create() opened (virtio-blk's io_uring). */
+  close?(): void;
 }

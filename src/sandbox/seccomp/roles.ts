@@ -6,7 +6,8 @@
  *   the other KVM ioctls, the eventfd writes of virtio notifications, Atomics (futex), and what
  *   a Node worker's V8 heap and libuv loop need.
  * - device: the device worker after its devices are built: file and TAP I/O, vsock's Unix
- *   sockets (AF_UNIX only), epoll, eventfd, and TAP/userfaultfd ioctls.
+ *   sockets (AF_UNIX only), epoll, eventfd, TAP/userfaultfd ioctls, and io_uring (the Async
+ *   block engine).
  * - main: the main thread (API server, console, building VMs, snapshots) and Node's own threads.
  *   It is installed with TSYNC, so it also covers the threads Node started before (V8 platform
  *   workers, the libuv pool), and every worker inherits it: processFilter() is main's own list
@@ -142,6 +143,9 @@ const DEVICE: Policy = {
       ],
     },
     ...any('statx', 'access'),
+    // virtio-blk's Async engine (issue 17): the ring is set up while devices are built and
+    // driven from the loop (submissions, the drain before a snapshot, closing at the end).
+    ...any('io_uring_setup', 'io_uring_enter', 'io_uring_register'),
   ],
 };
 

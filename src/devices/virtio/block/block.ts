@@ -21,12 +21,19 @@
  * served (admit()); one that does not fit stays on the queue, which sleeps until it does
  * (VirtioDevice). A malformed request is not charged (it does no I/O). The limiter's state is
  * the block backend's saved state.
+ *
+ * Engines (Firecracker's io_engine): "Sync" (the default) serves each request in handle() on the
+ * device worker; "Async" (async-engine.ts) hands reads, writes and flushes to io_uring and
+ * serves the queue itself (selfServed), completing requests as the kernel finishes them.
  */
 import { fdatasyncSync, readSync, writeSync } from 'node:fs';
 import { struct, versioned, bytes as bytesCodec } from '../../../util/persist.js';
 import { type DescriptorChain, scatter } from '../chain.js';
 import { QUEUE_SIZE_MAX, VIRTIO_F_RING_INDIRECT_DESC, DEVICE_ID_BLOCK, bit } from '../constants.js';
 import type { QueueIo, VirtioBackend } from '../device.js';
+import type { Buf, EventOps } from '../descriptor.js';
+import { AsyncBlockEngine } from './async-engine.js';
+import type { IoUring } from './io-uring.js';
 import type { VirtioDeviceIdentity } from '../mmio-state.js';
 import { RateLimiter, type RateLimiterConfig, monotonicMs } from '../rate-limiter.js';
 import {
@@ -56,10 +63,13 @@ export interface BlockFile {
   read(buf: Uint8Array, pos: number): void;
   write(buf: Uint8Array, pos: number): void;
   flush(): void;
+  /** The file descriptor, when the file is one (the Async engine needs it). */
+  readonly fd?: number;
 }
 
 export function fdBlockFile(fd: number): BlockFile {
   return {
+    fd,
     read(buf, pos) {
       for (let done = 0; done < buf.length;) {
         const n = readSync(fd, buf, done, buf.length - done, pos + done);
@@ -89,6 +99,8 @@ export interface BlockDeviceOptions {
   rateLimiter?: RateLimiterConfig;
   /** The limiter's clock in ms (default: performance.now; tests pass a fake one). */
   now?: () => number;
+  /** The Async engine: an open ring, the worker's loop, and host addresses of guest RAM. */
+  uring?: { ring: IoUring; loop: EventOps; bufferAddress: (b: Buf) => bigint };
 }
 
 /** virtio-blk's own saved state: its rate limiter's buckets. */
@@ -112,6 +124,9 @@ export interface BlockCounters {
   /** Throttled requests asked again after their sleep (Firecracker's rate_limiter_event_count). */
   throttleEvents: number;
 }
+
+/** The engine that serves a drive (Firecracker's io_engine). */
+export type BlockIoEngine = 'Sync' | 'Async';
 
 /** The capacity field of struct virtio_blk_config (offset BLK_CONFIG_CAPACITY, 8 bytes LE). */
 export function blockCapacityField(capacity: number): Uint8Array {
@@ -172,6 +187,10 @@ export class BlockDevice implements VirtioBackend {
   private limits: RequestLimits = blockLimits(0n);
   private file: BlockFile;
   private capacity: number;
+  /** The Async engine (undefined: Sync). */
+  readonly engine: AsyncBlockEngine | undefined;
+  /** With the Async engine the request queue is served by the engine, not handle(). */
+  readonly selfServed?: readonly number[];
 
   constructor(private readonly o: BlockDeviceOptions) {
     if (o.serial.length > BLK_ID_BYTES) throw new Error('block serial longer than 20 bytes');
@@ -179,12 +198,75 @@ export class BlockDevice implements VirtioBackend {
     this.file = o.file;
     this.capacity = o.capacity;
     this.limiter = new RateLimiter(o.rateLimiter, o.now ?? monotonicMs);
+    if (o.uring) {
+      if (o.file.fd === undefined) throw new Error('the Async engine needs a file descriptor');
+      this.engine = new AsyncBlockEngine(
+        {
+          name: o.name,
+          readOnly: o.readOnly,
+          fd: () => this.file.fd!,
+          maxSegments: BLK_SEG_MAX,
+          parse: (chain) => parseBlockRequest(chain, this.capacity, this.limits),
+          serveInline: (p) => this.serve(p),
+          charge: (p) => this.charge(p),
+          throttleWoke: () => void this.counters.throttleEvents++,
+          completed: (kind, bytes) => {
+            if (kind === 'read') {
+              this.counters.reads++;
+              this.counters.bytesRead += bytes;
+            } else if (kind === 'write') {
+              this.counters.writes++;
+              this.counters.bytesWritten += bytes;
+            } else this.counters.flushes++;
+          },
+          failed: (kind, message) => {
+            if (kind === 'io') this.counters.ioErrors++;
+            this.logOnce(kind, message);
+          },
+        },
+        o.uring.ring,
+        o.uring.loop,
+        o.uring.bufferAddress,
+      );
+      this.selfServed = [0];
+    }
+  }
+
+  /** The engine serving this drive. */
+  get ioEngine(): BlockIoEngine {
+    return this.engine ? 'Async' : 'Sync';
+  }
+
+  /** Async: the queue was kicked (VirtioDevice calls this for selfServed queues). */
+  kick(_queue: number): void {
+    this.engine?.kick();
+  }
+
+  deactivate(): void {
+    this.engine?.deactivate();
+  }
+
+  /** The device worker is ending: the ring is closed. */
+  close(): void {
+    this.engine?.close();
   }
 
   /** PATCH /drives rate_limiter: the new limits apply from the next request (throws RangeError). */
   updateRateLimiter(config: RateLimiterConfig): void {
     this.limiter.update(config);
     this.waiting = false;
+    this.engine?.wake();
+  }
+
+  /** The rate limiter's answer for a parsed request: 0 go (charged), else ms to wait. */
+  private charge(p: ReturnType<typeof parseBlockRequest>): number {
+    if (!this.limiter.active || !p.ok) return 0;
+    const r = p.request;
+    const data = r.type === 'read' || r.type === 'write' ? r.length : 0;
+    const a = this.limiter.consume(data, 1);
+    if (a.go) return 0;
+    this.counters.throttled++;
+    return a.ms;
   }
 
   admit(_queue: number, chain: DescriptorChain): number {
@@ -208,6 +290,8 @@ export class BlockDevice implements VirtioBackend {
   }
 
   save(): Uint8Array {
+    // Requests in flight complete onto the used ring first: a snapshot holds none.
+    this.engine?.drain();
     return BlockStateV1.encode({ limiter: this.limiter.save() });
   }
 
@@ -223,26 +307,36 @@ export class BlockDevice implements VirtioBackend {
 
   /**
    * PATCH /drives after boot (helper P): from the next request on, the disk is `file` with
-   * `capacity` sectors. Requests are served synchronously on this thread, so none is in flight.
+   * `capacity` sectors. Sync: requests are served synchronously on this thread, so none is in
+   * flight; Async: the ones in flight (on the old file) complete first.
    * Returns the new config-space capacity field (offset 0) for the transport's config change.
    */
   swapImage(file: BlockFile, capacity: number): Uint8Array {
     if (!Number.isSafeInteger(capacity) || capacity < 1)
       throw new Error(`bad disk capacity ${capacity} sectors`);
+    if (this.engine && file.fd === undefined)
+      throw new Error('the Async engine needs a file descriptor');
+    this.engine?.drain();
     this.file = file;
     this.capacity = capacity;
     this.counters.updates++;
     return blockCapacityField(capacity);
   }
 
-  activate(features: bigint, _io: QueueIo): void {
+  activate(features: bigint, io: QueueIo): void {
     this.limits = blockLimits(features);
+    this.engine?.activate(io);
   }
 
   handle(_queue: number, chain: DescriptorChain): number {
     const a = this.admitted;
     this.admitted = undefined;
     const p = a?.chain === chain ? a.parsed : parseBlockRequest(chain, this.capacity, this.limits);
+    return this.serve(p);
+  }
+
+  /** Carries out a parsed request synchronously; returns used.len. */
+  private serve(p: ReturnType<typeof parseBlockRequest>): number {
     if (!p.ok) {
       this.counters.badRequests++;
       if (p.oversized) this.counters.oversized++;

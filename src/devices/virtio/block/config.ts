@@ -27,6 +27,8 @@ export interface BlockConfig {
   allowBlockDevice?: boolean;
   /** Firecracker's drive rate_limiter (enforced by the device; default: none). */
   rateLimiter?: RateLimiterConfig;
+  /** Firecracker's io_engine (default "Sync"); "Async" falls back to Sync without io_uring. */
+  ioEngine?: 'Sync' | 'Async';
 }
 
 /** What the device worker needs: the open image and its geometry. */
@@ -39,6 +41,8 @@ export interface BlockHost {
   capacity: number; // sectors
   /** The drive's rate limiter at start (BlockConfig.rateLimiter). */
   rateLimiter?: RateLimiterConfig;
+  /** BlockConfig.ioEngine. */
+  ioEngine?: 'Sync' | 'Async';
 }
 
 /** Opens and checks one drive's image; the caller closes `fd`. Throws ConfigError. */

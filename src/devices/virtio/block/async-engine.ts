@@ -1,0 +1,366 @@
+/**
+ * virtio-blk's Async engine (Firecracker's `io_engine: "Async"`, issue 17 part B): requests are
+ * carried out by io_uring (io-uring.ts) instead of synchronously on the device worker.
+ *
+ * The engine serves the request queue itself (VirtioBackend.selfServed, QueueIo): a kick pops
+ * the chains the driver made available, prepares one SQE per request (IORING_OP_READV/WRITEV
+ * whose iovecs point straight into guest RAM, IORING_OP_FSYNC with IOSQE_IO_DRAIN for a flush,
+ * so it starts only once every earlier request has completed) and submits them all with one
+ * io_uring_enter. Completions signal the ring's eventfd, watched on the device worker's loop:
+ * each is written into its status byte and put on the used ring, and the interrupt is raised
+ * once per batch (QueueIo.notify).
+ *
+ * Bounds: at most `slots` requests are in flight (the ring size). A guest that posts more waits
+ * on its queue (counted: io_engine_throttled_events) until completions free slots; no memory
+ * grows with what the guest posts. A kick serves at most QUEUE_BUDGET_CHAINS chains per turn, the
+ * rest on the loop's next turn. Requests that do no file I/O (GET_ID, unsupported types, a
+ * malformed or oversized request, a write to a read-only disk) are answered at once, as by the
+ * Sync engine. The drive's rate limiter charges each request before it is submitted; one that
+ * does not fit stays on the queue and the engine sleeps on a timer.
+ *
+ * A short read or write (the image shrank, the disk is full) is VIRTIO_BLK_S_IOERR, as for
+ * Sync. drain() waits for every request in flight: before a snapshot is saved, before the
+ * image is swapped, when the driver resets the device.
+ */
+import { QUEUE_BUDGET_CHAINS } from '../constants.js';
+import type { DescriptorChain } from '../chain.js';
+import type { QueueIo } from '../device.js';
+import type { Buf, EventOps } from '../descriptor.js';
+import {
+  IORING_FSYNC_DATASYNC,
+  IORING_OP_FSYNC,
+  IORING_OP_READV,
+  IORING_OP_WRITEV,
+  IOSQE_IO_DRAIN,
+  type IoUring,
+} from './io-uring.js';
+import { VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, type ParsedRequest } from './request.js';
+
+/** Requests in flight at most (the ring's SQ size; the CQ is twice that, so it cannot overflow). */
+export const BLK_ASYNC_SLOTS = 128;
+const IOVEC_SIZE = 16;
+
+/** What the engine needs of its BlockDevice. */
+export interface AsyncBlockHost {
+  readonly name: string;
+  readonly readOnly: boolean;
+  /** The image's fd now (PATCH /drives may change it: only after drain()). */
+  fd(): number;
+  /** Data segments of one request at most (seg_max). */
+  readonly maxSegments: number;
+  parse(chain: DescriptorChain): ParsedRequest;
+  /** Serves a request that does no file I/O; returns used.len. */
+  serveInline(p: ParsedRequest): number;
+  /** The rate limiter's answer for a well-formed request: 0 go (charged), else ms to wait. */
+  charge(p: ParsedRequest): number;
+  /** A throttled request's wake-up. */
+  throttleWoke(): void;
+  completed(kind: 'read' | 'write' | 'flush', bytes: number): void;
+  failed(kind: string, message: string): void;
+}
+
+interface Slot {
+  head: number;
+  kind: 'read' | 'write' | 'flush';
+  length: number;
+  status: Uint8Array;
+  /** The guest buffers the iovecs point into (kept referenced until the I/O completes). */
+  data: Uint8Array[];
+}
+
+export interface AsyncCounters {
+  /** A request waited on its queue because every slot was in flight. */
+  ringFull: number;
+  inFlight: number;
+  inFlightHighWater: number;
+  /** io_uring_enter calls that submitted (one per kick or completion batch). */
+  submits: number;
+  /** Requests submitted. */
+  submitted: number;
+}
+
+const ERRNO: Record<number, string> = {
+  1: 'EPERM',
+  5: 'EIO',
+  9: 'EBADF',
+  11: 'EAGAIN',
+  14: 'EFAULT',
+  22: 'EINVAL',
+  27: 'EFBIG',
+  28: 'ENOSPC',
+  30: 'EROFS',
+  122: 'EDQUOT',
+};
+
+export class AsyncBlockEngine {
+  readonly counters: AsyncCounters = {
+    ringFull: 0,
+    inFlight: 0,
+    inFlightHighWater: 0,
+    submits: 0,
+    submitted: 0,
+  };
+  private readonly slots: Array<Slot | undefined>;
+  private readonly freeSlots: number[] = [];
+  /** One iovec array per slot (maxSegments entries each), at a fixed host address. */
+  private readonly iov: DataView;
+  private readonly iovAddr: number;
+  private readonly bases = new WeakMap<ArrayBufferLike, number>();
+  private io: QueueIo | undefined;
+  private readonly tag: number;
+  /** The rate limiter's sleep, or the next turn after the budget, or a submit retry. */
+  private timer: (() => void) | undefined;
+  private sleeping = false;
+
+  constructor(
+    private readonly host: AsyncBlockHost,
+    readonly ring: IoUring,
+    private readonly loop: EventOps,
+    private readonly bufferAddress: (b: Buf) => bigint,
+    slots = BLK_ASYNC_SLOTS,
+  ) {
+    const n = Math.min(slots, ring.sq.entries);
+    this.slots = new Array<Slot | undefined>(n).fill(undefined);
+    for (let i = n - 1; i >= 0; i--) this.freeSlots.push(i);
+    const iovBuf = new ArrayBuffer(n * host.maxSegments * IOVEC_SIZE);
+    this.iov = new DataView(iovBuf);
+    this.iovAddr = Number(bufferAddress(iovBuf));
+    this.tag = loop.add(ring.eventFd, { process: () => this.onCompletions() });
+  }
+
+  get inFlight(): number {
+    return this.counters.inFlight;
+  }
+
+  activate(io: QueueIo): void {
+    this.io = io;
+  }
+
+  /** The driver reset the device: in-flight requests finish (their results are dropped). */
+  deactivate(): void {
+    this.io = undefined;
+    this.cancelTimer();
+    this.drain();
+  }
+
+  /** The queue was kicked. */
+  kick(): void {
+    this.pump();
+  }
+
+  /** The rate limiter changed: a sleep on the old limits ends now. */
+  wake(): void {
+    if (!this.sleeping) return;
+    this.cancelTimer();
+    this.timer = this.loop.setTimer(0, () => {
+      this.timer = undefined;
+      this.pump();
+    });
+  }
+
+  /**
+   * Waits until no request is in flight, completing each onto the used ring (when active).
+   * Blocks the device worker (the vCPUs are paused, or the device is being reset).
+   */
+  drain(): void {
+    if (this.counters.inFlight === 0) return;
+    while (this.counters.inFlight > 0) {
+      try {
+        this.ring.enter(1);
+      } catch (e) {
+        if ((e as { code?: string }).code !== 'EINTR') throw e;
+      }
+      this.reap();
+    }
+    this.io?.notify(0);
+  }
+
+  /** Closes the ring (the device worker is ending). */
+  close(): void {
+    this.cancelTimer();
+    if (this.counters.inFlight > 0) this.drain();
+    this.loop.remove(this.tag);
+    this.ring.close();
+  }
+
+  private cancelTimer(): void {
+    this.timer?.();
+    this.timer = undefined;
+    this.sleeping = false;
+  }
+
+  /** Takes chains off the queue into the ring until it is empty, the ring full or the budget used. */
+  private pump(): void {
+    const io = this.io;
+    if (!io || this.timer) return;
+    let taken = 0;
+    for (;;) {
+      if (this.freeSlots.length === 0 || this.ring.sq.free === 0) {
+        const c = io.pop(0);
+        if (c && io.unpop(0, c.head)) this.counters.ringFull++;
+        break;
+      }
+      if (taken >= QUEUE_BUDGET_CHAINS) {
+        const c = io.pop(0);
+        if (c && io.unpop(0, c.head)) this.later(0, false);
+        break;
+      }
+      const chain = io.pop(0);
+      if (!chain) break;
+      taken++;
+      const p = this.host.parse(chain);
+      // Charged as the Sync engine's admit() does: every well-formed request, before any I/O.
+      const wait = p.ok ? this.host.charge(p) : 0;
+      if (wait > 0 && io.unpop(0, chain.head)) {
+        this.later(wait, true);
+        break;
+      }
+      const r = p.ok ? p.request : undefined;
+      const fileIo =
+        r !== undefined &&
+        (r.type === 'read' || ((r.type === 'write' || r.type === 'flush') && !this.host.readOnly));
+      if (fileIo) this.start(chain.head, p as ParsedRequest & { ok: true });
+      else io.pushUsed(0, chain.head, this.host.serveInline(p));
+    }
+    this.submit();
+    io.notify(0);
+  }
+
+  private later(ms: number, throttled: boolean): void {
+    this.sleeping = throttled;
+    this.timer = this.loop.setTimer(ms, () => {
+      this.timer = undefined;
+      if (this.sleeping) {
+        this.sleeping = false;
+        this.host.throttleWoke();
+      }
+      this.pump();
+    });
+  }
+
+  private start(head: number, p: ParsedRequest & { ok: true }): void {
+    const r = p.request;
+    const index = this.freeSlots.pop()!;
+    const fd = this.host.fd();
+    let pushed: boolean;
+    if (r.type === 'read' || r.type === 'write') {
+      const at = index * this.host.maxSegments * IOVEC_SIZE;
+      let n = 0;
+      for (const seg of r.data) {
+        if (seg.length === 0) continue;
+        const o = at + n * IOVEC_SIZE;
+        setU64(this.iov, o, this.addressOf(seg));
+        setU64(this.iov, o + 8, seg.length);
+        n++;
+      }
+      this.slots[index] = { head, kind: r.type, length: r.length, status: p.status, data: r.data };
+      pushed = this.ring.sq.push({
+        opcode: r.type === 'read' ? IORING_OP_READV : IORING_OP_WRITEV,
+        fd,
+        offset: r.offset,
+        addr: this.iovAddr + at,
+        len: n,
+        userData: index,
+      });
+    } else {
+      this.slots[index] = { head, kind: 'flush', length: 0, status: p.status, data: [] };
+      pushed = this.ring.sq.push({
+        opcode: IORING_OP_FSYNC,
+        flags: IOSQE_IO_DRAIN,
+        fd,
+        opFlags: IORING_FSYNC_DATASYNC,
+        userData: index,
+      });
+    }
+    // pump() checked sq.free; the SQ is consumed whole by every io_uring_enter.
+    if (!pushed) throw new Error('io_uring SQ full with a free request slot');
+    const c = this.counters;
+    c.inFlight++;
+    c.submitted++;
+    if (c.inFlight > c.inFlightHighWater) c.inFlightHighWater = c.inFlight;
+  }
+
+  private submit(): void {
+    if (this.ring.sq.unsubmitted === 0) return;
+    try {
+      this.ring.enter();
+      this.counters.submits++;
+    } catch (e) {
+      const code = (e as { code?: string }).code;
+      // Transient (no memory for the requests now, or completions must be reaped first): the
+      // SQEs stay published; the next completion or this retry submits them.
+      if (code !== 'EAGAIN' && code !== 'EBUSY' && code !== 'EINTR') throw e;
+      this.host.failed(
+        'submit',
+        `${this.host.name}: io_uring_enter: ${code}; retrying (logged once)`,
+      );
+      if (!this.timer) this.later(1, false);
+    }
+  }
+
+  private onCompletions(): void {
+    this.ring.clearEvent();
+    this.reap();
+    // The completions freed slots: requests waiting on the queue go in now (and what a
+    // completion's retry left unsubmitted).
+    if (this.io) this.pump();
+    else this.submit();
+  }
+
+  private reap(): void {
+    do {
+      this.ring.cq.reap((userData, res) => this.complete(userData, res));
+      if (this.ring.cqOverflowed) this.ring.enter();
+    } while (this.ring.cq.ready > 0);
+    this.io?.notify(0);
+  }
+
+  private complete(index: number, res: number): void {
+    const slot = this.slots[index];
+    if (!slot) {
+      this.host.failed(
+        'cqe',
+        `${this.host.name}: io_uring completion for unknown slot ${index} (logged once)`,
+      );
+      return;
+    }
+    this.slots[index] = undefined;
+    this.freeSlots.push(index);
+    this.counters.inFlight--;
+    let code = VIRTIO_BLK_S_OK;
+    let len = 0;
+    if (res < 0) {
+      code = VIRTIO_BLK_S_IOERR;
+      this.host.failed(
+        'io',
+        `${this.host.name}: host I/O error (logged once): ${slot.kind}: ${ERRNO[-res] ?? `errno ${-res}`}`,
+      );
+    } else if (slot.kind !== 'flush' && res !== slot.length) {
+      code = VIRTIO_BLK_S_IOERR;
+      this.host.failed(
+        'io',
+        `${this.host.name}: host I/O error (logged once): short ${slot.kind}: ${res} of ${slot.length} bytes (the image shrank or the disk is full?)`,
+      );
+    } else {
+      this.host.completed(slot.kind, slot.length);
+      if (slot.kind === 'read') len = slot.length;
+    }
+    slot.status[0] = code;
+    this.io?.pushUsed(0, slot.head, len + 1);
+  }
+
+  /** Host address of a view of guest RAM (or of any ArrayBuffer-backed bytes). */
+  private addressOf(view: Uint8Array): number {
+    let base = this.bases.get(view.buffer);
+    if (base === undefined) {
+      base = Number(this.bufferAddress(view)) - view.byteOffset;
+      this.bases.set(view.buffer, base);
+    }
+    return base + view.byteOffset;
+  }
+}
+
+function setU64(v: DataView, at: number, x: number): void {
+  v.setUint32(at, x >>> 0, true);
+  v.setUint32(at + 4, Math.floor(x / 0x1_0000_0000), true);
+}

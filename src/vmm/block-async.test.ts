@@ -1,0 +1,311 @@
+/**
+ * virtio-blk's Async engine (io_uring) on this host's kernel: a whole device (transport, queue,
+ * mock driver over anonymous guest memory) whose requests go through a real ring to a real
+ * file, completions arriving on the real eventfd through the device worker's EventLoop.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import {
+  closeSync,
+  mkdtempSync,
+  openSync,
+  readFileSync,
+  rmSync,
+  truncateSync,
+  writeFileSync,
+} from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { EventLoop } from '../events/event-loop.js';
+import { native, isSyscallError } from '../kvm/native.js';
+import { BlockDevice, blockIdentity, fdBlockFile } from '../devices/virtio/block/block.js';
+import { blockDevice } from '../devices/virtio/block/descriptor.js';
+import { IoUring } from '../devices/virtio/block/io-uring.js';
+import {
+  VIRTIO_BLK_S_IOERR,
+  VIRTIO_BLK_S_OK,
+  VIRTIO_BLK_T_FLUSH,
+  VIRTIO_BLK_T_GET_ID,
+  VIRTIO_BLK_T_IN,
+  VIRTIO_BLK_T_OUT,
+} from '../devices/virtio/block/request.js';
+import type { HostSys } from '../devices/virtio/descriptor.js';
+import { harness } from '../devices/virtio/testing/harness.js';
+
+const SECTORS = 2048; // 1 MiB
+
+function image(): { dir: string; path: string; fd: number } {
+  const dir = mkdtempSync(join(tmpdir(), 'typervisor-blk-async-'));
+  const path = join(dir, 'disk.img');
+  const data = Buffer.alloc(SECTORS * 512);
+  for (let i = 0; i < data.length; i++) data[i] = (i * 13 + (i >> 9)) & 0xff;
+  writeFileSync(path, data);
+  return { dir, path, fd: openSync(path, 'r+') };
+}
+
+function setup(entries = 128, readOnly = false) {
+  const img = image();
+  const loop = new EventLoop((e) => {
+    throw e;
+  });
+  const ring = IoUring.open(native(), entries);
+  const logs: string[] = [];
+  const dev = new BlockDevice({
+    name: 'async-blk',
+    file: fdBlockFile(img.fd),
+    capacity: SECTORS,
+    readOnly,
+    serial: new TextEncoder().encode('async-1'),
+    log: (m) => logs.push(m),
+    uring: { ring, loop, bufferAddress: native().bufferAddress },
+  });
+  const h = harness(blockIdentity(SECTORS, readOnly), dev);
+  const [q] = h.start();
+  const posted: Array<{ head: number; st: number; data: number[]; len: number }> = [];
+  const used = new Map<number, number>();
+  return {
+    ...img,
+    h,
+    q: q!,
+    dev,
+    ring,
+    loop,
+    logs,
+    /** Makes one request available (no kick); returns its head. */
+    post(type: number, sector: number, bufs: Array<{ len: number; bytes?: Uint8Array }>) {
+      const hdr = h.alloc.alloc(16);
+      h.mem.writeU32(hdr, type);
+      h.mem.writeU64(hdr + 8, BigInt(sector));
+      const write = type === VIRTIO_BLK_T_IN || type === VIRTIO_BLK_T_GET_ID;
+      const data = bufs.map((b) => {
+        const a = h.alloc.alloc(b.len, 512);
+        if (b.bytes) h.mem.write(a, b.bytes);
+        return a;
+      });
+      const st = h.alloc.alloc(1, 1);
+      h.mem.fill(st, 1, 0xee);
+      const head = q!.addChain([
+        { addr: hdr, len: 16 },
+        ...bufs.map((b, i) => ({ addr: data[i]!, len: b.len, write })),
+        { addr: st, len: 1, write: true },
+      ] as never);
+      posted.push({ head, st, data, len: bufs.reduce((n, b) => n + b.len, 0) });
+      return head;
+    },
+    /** Runs the loop until `n` requests in all were used (fails after 5 s). */
+    waitUsed(n: number) {
+      const end = Date.now() + 5000;
+      for (;;) {
+        for (const u of q!.takeUsed()) used.set(u.id, u.len);
+        if (used.size >= n) return;
+        assert.ok(Date.now() < end, `only ${used.size} of ${n} requests completed`);
+        loop.runOnce(100);
+      }
+    },
+    used,
+    status: (head: number) => h.mem.readU8(posted.find((p) => p.head === head)!.st),
+    dataOf: (head: number, i = 0) => posted.find((p) => p.head === head)!.data[i]!,
+    done() {
+      dev.close();
+      loop.close();
+      closeSync(img.fd);
+      rmSync(img.dir, { recursive: true, force: true });
+    },
+  };
+}
+
+test('Async: writes, a flush and reads of one kick go through io_uring and reach the file', () => {
+  const t = setup();
+  try {
+    assert.equal(t.dev.ioEngine, 'Async');
+    const pattern = (k: number) => Buffer.alloc(8192, 0x40 + k);
+    const writes = [0, 1, 2, 3].map((k) =>
+      // Two segments each (4 KiB + 4 KiB): writev over the whole chain.
+      t.post(VIRTIO_BLK_T_OUT, 100 + k * 16, [
+        { len: 4096, bytes: pattern(k).subarray(0, 4096) },
+        { len: 4096, bytes: pattern(k).subarray(4096) },
+      ]),
+    );
+    const flush = t.post(VIRTIO_BLK_T_FLUSH, 0, []);
+    const id = t.post(VIRTIO_BLK_T_GET_ID, 0, [{ len: 20 }]);
+    t.h.kick();
+    // One kick, one io_uring_enter for the five requests with file I/O.
+    assert.equal(t.dev.engine!.counters.submits, 1);
+    assert.equal(t.dev.engine!.counters.submitted, 5);
+    t.waitUsed(6);
+    for (const h of [...writes, flush, id]) assert.equal(t.status(h), VIRTIO_BLK_S_OK, `head ${h}`);
+    assert.equal(t.used.get(writes[0]!), 1);
+    assert.equal(t.used.get(id), 21);
+    const file = readFileSync(t.path);
+    for (let k = 0; k < 4; k++)
+      assert.deepEqual(
+        file.subarray((100 + k * 16) * 512, (100 + k * 16) * 512 + 8192),
+        pattern(k),
+      );
+    // Reads back (and a read of untouched data), three segments of different sizes.
+    const r1 = t.post(VIRTIO_BLK_T_IN, 116, [{ len: 512 }, { len: 3584 }, { len: 4096 }]);
+    const r2 = t.post(VIRTIO_BLK_T_IN, 2000, [{ len: 4096 }]);
+    t.h.kick();
+    t.waitUsed(8);
+    assert.equal(t.status(r1), VIRTIO_BLK_S_OK);
+    assert.equal(t.used.get(r1), 8193);
+    const got = Buffer.concat([
+      Buffer.from(t.h.mem.view(t.dataOf(r1, 0), 512)),
+      Buffer.from(t.h.mem.view(t.dataOf(r1, 1), 3584)),
+      Buffer.from(t.h.mem.view(t.dataOf(r1, 2), 4096)),
+    ]);
+    assert.deepEqual(got, pattern(1));
+    assert.deepEqual(
+      Buffer.from(t.h.mem.view(t.dataOf(r2), 4096)),
+      file.subarray(2000 * 512, 2000 * 512 + 4096),
+    );
+    const c = t.dev.counters;
+    assert.deepEqual([c.reads, c.writes, c.flushes, c.bytesWritten], [2, 4, 1, 32768]);
+  } finally {
+    t.done();
+  }
+});
+
+test('Async: at most the ring size in flight; the rest waits on the queue and is served after', () => {
+  const t = setup(4);
+  try {
+    const heads = Array.from({ length: 12 }, (_, i) =>
+      t.post(VIRTIO_BLK_T_IN, i * 8, [{ len: 4096 }]),
+    );
+    t.h.kick();
+    assert.equal(t.dev.engine!.inFlight, 4);
+    assert.ok(t.dev.engine!.counters.ringFull >= 1);
+    t.waitUsed(12);
+    for (const h of heads) assert.equal(t.status(h), VIRTIO_BLK_S_OK);
+    assert.equal(t.dev.engine!.counters.inFlightHighWater, 4);
+    assert.equal(t.dev.counters.reads, 12);
+  } finally {
+    t.done();
+  }
+});
+
+test('Async: save() drains the requests in flight onto the used ring (a snapshot holds none)', () => {
+  const t = setup();
+  try {
+    for (let i = 0; i < 16; i++)
+      t.post(VIRTIO_BLK_T_OUT, i * 8, [{ len: 4096, bytes: Buffer.alloc(4096, i) }]);
+    t.h.kick();
+    assert.ok(t.dev.engine!.inFlight > 0);
+    t.dev.save();
+    assert.equal(t.dev.engine!.inFlight, 0);
+    // All used without running the loop.
+    assert.equal(t.q.takeUsed().length, 16);
+    assert.equal(readFileSync(t.path)[15 * 8 * 512], 15);
+  } finally {
+    t.done();
+  }
+});
+
+test('Async: a short read (the image shrank) is IOERR; a write to a read-only disk is refused', () => {
+  const t = setup();
+  try {
+    truncateSync(t.path, 1024 * 512);
+    const r = t.post(VIRTIO_BLK_T_IN, 1020, [{ len: 8192 }]);
+    t.h.kick();
+    t.waitUsed(1);
+    assert.equal(t.status(r), VIRTIO_BLK_S_IOERR);
+    assert.equal(t.used.get(r), 1);
+    assert.equal(t.dev.counters.ioErrors, 1);
+    assert.ok(
+      t.logs.some((l) => /short read: 2048 of 8192/.test(l)),
+      t.logs.join('\n'),
+    );
+  } finally {
+    t.done();
+  }
+  const ro = setup(8, true);
+  try {
+    const w = ro.post(VIRTIO_BLK_T_OUT, 0, [{ len: 512, bytes: Buffer.alloc(512, 1) }]);
+    const f = ro.post(VIRTIO_BLK_T_FLUSH, 0, []);
+    ro.h.kick();
+    ro.waitUsed(2);
+    assert.equal(ro.status(w), VIRTIO_BLK_S_IOERR);
+    assert.equal(ro.status(f), VIRTIO_BLK_S_OK);
+    assert.equal(ro.dev.engine!.counters.submitted, 0);
+  } finally {
+    ro.done();
+  }
+});
+
+test('Async: a driver reset with requests in flight waits for them and drops their results', () => {
+  const t = setup();
+  try {
+    for (let i = 0; i < 8; i++) t.post(VIRTIO_BLK_T_IN, i * 8, [{ len: 4096 }]);
+    t.h.kick();
+    t.h.driver.write(0x70, 0); // Status = 0: reset
+    assert.equal(t.dev.engine!.inFlight, 0);
+    // Nothing is put on the old rings after the reset.
+    assert.equal(t.q.takeUsed().length, 0);
+  } finally {
+    t.done();
+  }
+});
+
+test('Async unavailable (io_uring_setup fails): one log line, the drive is served with Sync', () => {
+  const img = image();
+  const loop = new EventLoop((e) => {
+    throw e;
+  });
+  const logs: string[] = [];
+  const n = native();
+  const sys = {
+    ...n,
+    ioUringSetup: () => {
+      throw Object.assign(new Error('io_uring_setup failed: Function not implemented (ENOSYS)'), {
+        code: 'ENOSYS',
+        errno: 38,
+        syscall: 'io_uring_setup',
+      });
+    },
+  } as HostSys;
+  try {
+    const created = blockDevice.create(
+      {
+        fd: img.fd,
+        path: img.path,
+        readOnly: false,
+        serial: new Uint8Array(0),
+        sizeBytes: SECTORS * 512,
+        capacity: SECTORS,
+        ioEngine: 'Async',
+      },
+      { name: 'virtio-blk d0', sys, loop, log: (m) => logs.push(m) },
+    );
+    const dev = created.backend as BlockDevice;
+    assert.equal(dev.ioEngine, 'Sync');
+    assert.equal(dev.selfServed, undefined);
+    assert.equal(logs.length, 1);
+    assert.match(
+      logs[0]!,
+      /io_engine "Async" unavailable \(io_uring_setup failed: .*ENOSYS\)\); serving it with "Sync"/,
+    );
+    assert.equal(created.metrics!().io_engine_throttled_events, 0);
+    created.close?.();
+  } finally {
+    loop.close();
+    closeSync(img.fd);
+    rmSync(img.dir, { recursive: true, force: true });
+  }
+});
+
+test('io_uring on this kernel: a bad fd completes with -EBADF; entries are bounded', () => {
+  const ring = IoUring.open(native(), 2);
+  try {
+    assert.equal(ring.sq.entries, 2);
+    assert.ok(ring.sq.push({ opcode: 3, fd: 1 << 20, userData: 5 }));
+    ring.enter(1);
+    const got: number[] = [];
+    ring.cq.reap((u, res) => got.push(u, res));
+    assert.deepEqual(got, [5, -9]);
+  } finally {
+    ring.close();
+  }
+  assert.throws(() => IoUring.open(native(), 0), RangeError);
+  assert.throws(() => IoUring.open(native(), 1 << 20), RangeError);
+  assert.ok(isSyscallError(new Error('x')) === false);
+});
