@@ -534,7 +534,9 @@ export class VirtioDevice {
       // A reset since activation: the rings may already belong to a new driver instance.
       if (!live()) return;
       if (used >= QUEUE_BUDGET_CHAINS || bytes >= QUEUE_BUDGET_BYTES) {
-        if (q.hasAvailable()) {
+        // More to do: our own next turn. Nothing more: kicks on again (the turn did not reach
+        // the empty pop that does it), or a buffer added meanwhile would never be kicked.
+        if (q.enableKicks()) {
           this.counters.budgetYields++;
           this.scheduleTurn(d, index);
         }

@@ -171,6 +171,11 @@ export class Virtqueue {
   private availEventWritten: number | undefined;
   /** NO_NOTIFY may be set in used.flags (it is guest RAM: a restored queue reads it). */
   private noNotifySet: boolean;
+  /**
+   * Tests only: runs at an empty pop just before kicks are re-enabled, to play the driver
+   * adding a buffer inside the race window (after our look at avail.idx, before the re-enable).
+   */
+  beforeReenableForTest: (() => void) | undefined;
   readonly notifyCounters: QueueNotifyCounters = {
     interrupts: 0,
     interruptsSuppressed: 0,
@@ -276,6 +281,7 @@ export class Virtqueue {
    * again (barrier point 2 of the file comment). Returns avail.idx as read after the fence.
    */
   private reenableKicks(availIdx: number): number {
+    this.beforeReenableForTest?.();
     let wrote = false;
     if (this.eventIdx) {
       if (this.availEventWritten !== this.lastAvail) {
@@ -304,6 +310,18 @@ export class Virtqueue {
       if (wasSuppressed) this.suppressKicks();
     }
     return again;
+  }
+
+  /**
+   * A turn that stops before it saw the ring empty (its budget) and finds nothing more: kicks
+   * on again, as at an empty pop, race-free. True when buffers are available after all (kicks
+   * then stay as they were: the caller must take another turn of its own).
+   */
+  enableKicks(): boolean {
+    if (this.brokenReason !== undefined) return true;
+    const availIdx = this.avail.getUint16(2, true);
+    if (availIdx !== this.lastAvail) return true;
+    return this.reenableKicks(availIdx) !== this.lastAvail;
   }
 
   /** Kicks are suppressed now (for tests and metrics). */
