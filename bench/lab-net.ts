@@ -147,6 +147,9 @@ interface Sample {
   bootMs?: number;
   g2hMbit?: number;
   h2gMbit?: number;
+  /** virtio-net interrupts the guest took per MB iperf3 moved (its /proc/interrupts line). */
+  g2hIrqPerMB?: number;
+  h2gIrqPerMB?: number;
   pingMs?: number;
   vsockG2hMBs?: number;
   vsockH2gMBs?: number;
@@ -242,6 +245,30 @@ function iperfMbit(text: string): number | undefined {
   return m ? Number(m[1]) : undefined;
 }
 
+/** iperf3's receiver summary line: MBytes transferred. */
+function iperfMBytes(text: string): number | undefined {
+  const m = /([\d.]+) MBytes[^\n]*receiver/.exec(text);
+  return m ? Number(m[1]) : undefined;
+}
+
+/**
+ * The guest's interrupt count for eth0's virtio device (both VMMs use virtio-mmio: one line per
+ * device in /proc/interrupts, named virtioN, the per-CPU columns summed). Issue 17: interrupts
+ * per MB, measured the same way beside QEMU.
+ */
+const NET_IRQ_CMD =
+  'd=$(basename $(readlink /sys/class/net/eth0/device)); grep -w "$d" /proc/interrupts';
+function netIrqs(text: string): number | undefined {
+  const line = text.split('\n').find((l) => /^\s*\d+:/.test(l) && /virtio\d+\s*$/.test(l));
+  if (!line) return undefined;
+  let sum = 0;
+  for (const t of line.trim().split(/\s+/).slice(1)) {
+    if (!/^\d+$/.test(t)) break;
+    sum += Number(t);
+  }
+  return sum;
+}
+
 async function measure(
   iperfOut: () => string,
   name: Name,
@@ -280,21 +307,30 @@ async function measure(
       if (!m) throw new Error(`no ping summary: ${out.slice(-300)}`);
       s.pingMs = Number(m[1]);
     });
+    const irqsPerMB = async (before: number | undefined, out: string) => {
+      const after = netIrqs(await vm.run(NET_IRQ_CMD, 30_000));
+      const mb = iperfMBytes(out);
+      return before === undefined || after === undefined || !mb ? undefined : (after - before) / mb;
+    };
     await attempt('iperf3 guest->host', async () => {
+      const before = netIrqs(await vm.run(NET_IRQ_CMD, 30_000));
       const out = await vm.run(
         `iperf3 -c ${net.hostAddr} -t ${IPERF_SECONDS} -f m 2>&1 | tail -n 4`,
         120_000,
       );
       s.g2hMbit = iperfMbit(out);
       if (s.g2hMbit === undefined) throw new Error(`no iperf3 summary: ${out.slice(-300)}`);
+      s.g2hIrqPerMB = await irqsPerMB(before, out);
     });
     await attempt('iperf3 host->guest', async () => {
+      const before = netIrqs(await vm.run(NET_IRQ_CMD, 30_000));
       const out = await vm.run(
         `iperf3 -c ${net.hostAddr} -t ${IPERF_SECONDS} -f m -R 2>&1 | tail -n 4`,
         120_000,
       );
       s.h2gMbit = iperfMbit(out);
       if (s.h2gMbit === undefined) throw new Error(`no iperf3 summary: ${out.slice(-300)}`);
+      s.h2gIrqPerMB = await irqsPerMB(before, out);
     });
     await attempt('vsock guest->host', async () => {
       // socat on the host for both (Typervisor: the Unix socket `${uds}_5001`; QEMU: AF_VSOCK).
@@ -439,6 +475,14 @@ async function main(): Promise<void> {
       'QEMU: virtio-net-device, TAP, vhost=off',
     ),
     row(`iperf3 TCP host → guest (${IPERF_SECONDS} s, -R)`, 'Mbit/s', (s) => s.h2gMbit, true),
+    row(
+      'virtio-net interrupts per MB, iperf3 guest → host',
+      'irq/MB',
+      (s) => s.g2hIrqPerMB,
+      false,
+      "the guest's /proc/interrupts line of eth0's device, over the MB iperf3 moved",
+    ),
+    row('virtio-net interrupts per MB, iperf3 host → guest', 'irq/MB', (s) => s.h2gIrqPerMB, false),
     row(`ping guest → host, average RTT (${PINGS} pings)`, 'ms', (s) => s.pingMs, false),
     row(
       `vsock stream guest → host (${VSOCK_MIB} MiB, socat)`,

@@ -82,6 +82,12 @@ export class VirtioRig {
   /** Device resets the fuzzer did (after DEVICE_NEEDS_RESET or on purpose). */
   resets = 0;
   indirect = true;
+  /** VIRTIO_F_RING_EVENT_IDX negotiated at the last start(). */
+  eventIdx = true;
+  /** A target that wants both notification modes decides per start (default: always offered). */
+  eventIdxChooser: ((rng: Prng) => boolean) | undefined;
+  /** start() calls so far (a new driver instance each). */
+  starts = 0;
   /** A racing vCPU rewrites guest memory: skip the checks that trust the driver's side. */
   racing = false;
 
@@ -115,8 +121,10 @@ export class VirtioRig {
     const queueSize = rng.chance(0.6) ? max : Math.min(max, rng.pick(sizes));
     this.indirect = rng.chance(0.85);
     const d = this.h.driver;
-    if (!d.negotiate((f) => (this.indirect ? f : f & ~(1n << 28n))))
-      fail('the device refused features it offered');
+    this.starts++;
+    this.eventIdx = this.eventIdxChooser?.(rng) ?? true;
+    const mask = (this.indirect ? 0n : 1n << 28n) | (this.eventIdx ? 0n : 1n << 29n);
+    if (!d.negotiate((f) => f & ~mask)) fail('the device refused features it offered');
     this.queues = this.identity.queueSizes.map((_max, i) => {
       const q = new MockQueue(this.ram.mem, alloc, queueSize);
       d.setupQueue(i, q);

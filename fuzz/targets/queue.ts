@@ -94,7 +94,12 @@ export const queueTarget: Target = {
     };
     const host = new FakeHost();
     const rig = new VirtioRig(ram, identity, backend, host.loop);
+    // Both notification modes (issue 17): EVENT_IDX (avail_event/used_event) or the ring flags.
+    rig.eventIdxChooser = (r) => r.chance(0.7);
     rig.start(srng);
+    /** The guest scribbled on avail_event/used.flags (device-written): its own kicks may stop. */
+    let scribbled = false;
+    let lastStarts = -1;
     let served = 0;
     return {
       ram,
@@ -155,11 +160,35 @@ export const queueTarget: Target = {
           );
         }
         // Sometimes the driver asks for no interrupts, or kicks twice.
-        if (rng.chance(0.1)) rig.queues[0]!.q.setAvailFlags(1);
+        const mq = rig.queues[0]!.q;
+        if (rng.chance(0.1)) mq.setAvailFlags(1);
+        // EVENT_IDX fields: any used_event; rarely, a guest writing the device's avail_event or
+        // used.flags (it may only hurt its own kicks; checked below while it has not).
+        if (rng.chance(0.1)) mq.setUsedEvent(rng.below(0x10000));
+        if (rig.starts !== lastStarts) {
+          lastStarts = rig.starts;
+          scribbled = false;
+        }
+        if (rng.chance(0.002)) {
+          scribbled = true;
+          ram.mem.writeU16(mq.used + 4 + 8 * mq.size, rng.below(0x10000));
+          ram.mem.writeU16(mq.used, rng.below(0x10000));
+        }
         rig.kick(0, () => host.settle('virtqueue'), false, 'virtqueue');
         if (rng.chance(0.05)) rig.kick(0, () => host.settle('virtqueue'), false, 'virtqueue');
         checkNoDeviceException(rig, 'virtqueue');
         if (rig.racing) return;
+        // Drained (nothing pending, no turn of its own scheduled): the driver's next buffer
+        // must be kicked, or the guest hangs (a lost wake-up).
+        if (!rig.broken() && !scribbled && rig.pending(0) === 0) {
+          const availIdx = ram.mem.readU16(mq.avail + 2);
+          if (rig.eventIdx && mq.availEvent() !== availIdx)
+            fail(
+              `virtqueue: drained with avail_event ${mq.availEvent()} != avail.idx ${availIdx}: the next buffer would not be kicked`,
+            );
+          if (!rig.eventIdx && (mq.usedFlags() & 1) !== 0)
+            fail('virtqueue: drained with VIRTQ_USED_F_NO_NOTIFY still set');
+        }
         // Only when every chain of the batch was clean is the order of handled chains known.
         if (!rig.broken() && expected.every((e) => e !== undefined)) {
           if (backend.seen.length !== expected.length)

@@ -17,6 +17,15 @@
  * device as Firecracker writes them. Firecracker's validator refuses any other name, so a
  * counter of ours that Firecracker has no field for is not written (ALIASES maps the ones that
  * mean the same under another name).
+ *
+ * Notifications (issue 17): every virtio device reports its kicks under Firecracker's
+ * queue-event names (block `queue_event_count`, net/vsock `rx_queue_event_count` and
+ * `tx_queue_event_count`, entropy `entropy_event_count`, pmem and memory_hotplug
+ * `queue_event_count`), and per queue, under our own names (in the `typervisor` group):
+ * `queue<i>_kicks`, `queue<i>_irqs` (used-buffer interrupts raised), `queue<i>_irqs_suppressed`
+ * (the driver's used_event / NO_INTERRUPT said no) and `queue<i>_used` (chains returned). For
+ * virtio-net queue 0 is RX and 1 is TX: TX frames per kick = tx_packets_count / queue1_kicks,
+ * interrupts per MB = queue<i>_irqs / (rx_bytes_count or tx_bytes_count / 2^20).
  */
 import { closeSync, writeSync } from 'node:fs';
 import { ConfigError } from '../util/errors.js';

@@ -13,7 +13,8 @@ export const STATUS_FAILED = 0x80;
 
 /** Reserved feature bits (§6). */
 export const VIRTIO_F_RING_INDIRECT_DESC = 28;
-export const VIRTIO_F_RING_EVENT_IDX = 29; // never offered: see queue.ts
+/** Offered on every device (mmio-state.ts createState); queue.ts implements it. */
+export const VIRTIO_F_RING_EVENT_IDX = 29;
 export const VIRTIO_F_VERSION_1 = 32;
 
 /** InterruptStatus bits (§4.2.2). */

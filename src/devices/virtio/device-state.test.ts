@@ -12,6 +12,7 @@ import {
   INT_USED_BUFFER,
   STATUS_DEVICE_NEEDS_RESET,
   STATUS_DRIVER_OK,
+  VIRTIO_F_RING_EVENT_IDX,
   VIRTIO_F_VERSION_1,
   bit,
 } from './constants.js';
@@ -241,7 +242,9 @@ test('a backend holding a chain: restore() before activate(restored), positions 
   const id = { ...rngIdentity(), queueSizes: [8] };
   const b1 = new HoldingBackend();
   const h = harness(id, b1);
-  const [q] = h.start();
+  // Without EVENT_IDX: the driver below takes nothing between completions and still expects
+  // an interrupt for each (with it, its used_event would ask for the first only).
+  const [q] = h.start({ features: (f) => f & ~bit(VIRTIO_F_RING_EVENT_IDX) });
   const heads = [0, 1, 2].map(() => q!.addChain([{ addr: h.alloc.alloc(8), len: 8, write: true }]));
   h.kick();
   b1.complete(5); // head 0 used; head 1 taken and held; head 2 available

@@ -28,6 +28,7 @@ import {
   STATUS_DEVICE_NEEDS_RESET,
   STATUS_DRIVER_OK,
   STATUS_FAILED,
+  VIRTIO_F_RING_EVENT_IDX,
   VIRTIO_F_RING_INDIRECT_DESC,
   bit,
 } from './constants.js';
@@ -122,6 +123,7 @@ export function restoreQueues(
   d: Extract<SavedDeviceState, { kind: 'active' }>,
 ): Result<Array<Virtqueue | undefined>, PersistError> {
   const indirect = (d.features & bit(VIRTIO_F_RING_INDIRECT_DESC)) !== 0n;
+  const eventIdx = (d.features & bit(VIRTIO_F_RING_EVENT_IDX)) !== 0n;
   const addr = (v: bigint) => (v > BigInt(Number.MAX_SAFE_INTEGER) ? -1 : Number(v));
   const queues: Array<Virtqueue | undefined> = [];
   for (const [i, pos] of d.queues.entries()) {
@@ -133,7 +135,7 @@ export function restoreQueues(
     const r = Virtqueue.create(
       mem,
       { size: q.num, desc: addr(q.desc), driver: addr(q.driver), device: addr(q.device) },
-      { indirect, maxSize: QUEUE_SIZE_MAX },
+      { indirect, eventIdx, maxSize: QUEUE_SIZE_MAX },
       pos,
     );
     if (!r.ok)

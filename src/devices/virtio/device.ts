@@ -26,16 +26,32 @@
  * Work budget: one turn of a queue serves at most QUEUE_BUDGET_CHAINS chains and stops after
  * QUEUE_BUDGET_BYTES bytes of buffers; the rest waits for its next turn (env.defer: a timer of
  * the device worker's loop, run after the other ready events), so queues and devices take turns.
+ *
+ * Notifications (issue 17, queue.ts): VIRTIO_F_RING_EVENT_IDX is offered on every device (the
+ * transport adds it). A turn of a queue the generic part drains suppresses the driver's kicks
+ * for its duration, batches its used entries (one used.idx store) and raises at most one
+ * interrupt, after the batch, if the driver wants it (used_event / NO_INTERRUPT). A turn that
+ * stops on its budget or its rate limiter leaves kicks suppressed: its own timer takes the
+ * queue up again, and only a turn that ran the ring dry re-enables them (queue.ts pop()), so
+ * no wake-up is lost. Self-served queues (QueueIo) get the same through beginBatch() /
+ * suppressKicks() / notify(); a backend that calls neither gets unbatched, correct behaviour.
  */
 import type { GuestMemory } from '../../memory/guest-memory.js';
 import { PersistError } from '../../util/persist.js';
 import { err, ok, type Result } from '../../util/result.js';
 import {
+  DEVICE_ID_BLOCK,
+  DEVICE_ID_MEM,
+  DEVICE_ID_NET,
+  DEVICE_ID_PMEM,
+  DEVICE_ID_RNG,
+  DEVICE_ID_VSOCK,
   INT_USED_BUFFER,
   QUEUE_BUDGET_BYTES,
   QUEUE_BUDGET_CHAINS,
   QUEUE_SIZE_MAX,
   STATUS_DRIVER_OK,
+  VIRTIO_F_RING_EVENT_IDX,
   VIRTIO_F_RING_INDIRECT_DESC,
   bit,
 } from './constants.js';
@@ -70,8 +86,25 @@ export interface QueueIo {
    * false when `head` is not that chain. How a backend that holds a chain saves: it lets go.
    */
   unpop(queue: number, head: number): boolean;
-  /** Raises the used-buffer interrupt if chains were used since the last call and it is wanted. */
+  /**
+   * Publishes used.idx (ends a batch) and raises the used-buffer interrupt if chains were used
+   * since the last call and the driver wants it (EVENT_IDX's used_event or NO_INTERRUPT).
+   */
   notify(queue: number): void;
+  /**
+   * Optional batching: until the next notify(queue), pushUsed(queue, ..) writes used elements
+   * without storing used.idx; notify() stores it once. Without it every pushUsed is published
+   * at once (correct, unbatched). A backend that opens a batch must call notify() on every
+   * path out of its turn.
+   */
+  beginBatch(queue: number): void;
+  /**
+   * Optional: the driver need not kick `queue` until this backend next finds it empty (pop()
+   * returning undefined re-enables kicks and looks again, race-free). For a backend that keeps
+   * taking buffers without kicks (it drains, or has its own wake-up, as RX from a TAP) and
+   * needs a kick only once it ran out.
+   */
+  suppressKicks(queue: number): void;
   /** Counts a guest error and logs it once per kind. */
   guestError(kind: string, message: string): void;
 }
@@ -152,7 +185,28 @@ export interface VirtioDeviceCounters {
   throttled: number;
   /** A throttled queue's timer fired and its turn resumed. */
   throttleWakeups: number;
+  /** Per queue: notifications (kicks) received from the driver. */
+  kicks: number[];
+  /** Per queue: used-buffer interrupts raised. */
+  irqs: number[];
+  /** Per queue: interrupt decisions the driver's suppression (used_event/NO_INTERRUPT) said no to. */
+  irqsSuppressed: number[];
+  /** Per queue: chains returned to the driver (used entries). */
+  used: number[];
 }
+
+/**
+ * Kicks under Firecracker's metric names, by device ID and queue (its queue_event_count
+ * fields); queues without one are reported under our queue<i>_kicks only.
+ */
+const FC_KICK_NAMES: Readonly<Record<number, ReadonlyArray<string | undefined>>> = {
+  [DEVICE_ID_BLOCK]: ['queue_event_count'],
+  [DEVICE_ID_NET]: ['rx_queue_event_count', 'tx_queue_event_count'],
+  [DEVICE_ID_RNG]: ['entropy_event_count'],
+  [DEVICE_ID_VSOCK]: ['rx_queue_event_count', 'tx_queue_event_count'],
+  [DEVICE_ID_PMEM]: ['queue_event_count'],
+  [DEVICE_ID_MEM]: ['queue_event_count'],
+};
 
 export class VirtioDevice {
   readonly state: VirtioMmioState;
@@ -165,6 +219,10 @@ export class VirtioDevice {
     failures: 0,
     throttled: 0,
     throttleWakeups: 0,
+    kicks: [],
+    irqs: [],
+    irqsSuppressed: [],
+    used: [],
   };
   /** Queues asleep on their rate limiter (their turn in `turns` is a timer of env.after). */
   private readonly sleeping = new Set<number>();
@@ -175,6 +233,9 @@ export class VirtioDevice {
     private readonly env: DeviceEnvironment,
   ) {
     this.state = new VirtioMmioState(sab);
+    const n = this.state.identity().queueNumMax.length;
+    for (const k of ['kicks', 'irqs', 'irqsSuppressed', 'used'] as const)
+      this.counters[k] = new Array<number>(n).fill(0);
   }
 
   get deviceState(): DeviceState {
@@ -195,6 +256,7 @@ export class VirtioDevice {
     if (this.dev.kind === 'inactive' && runnable(snap.status)) {
       const queues: Array<Virtqueue | undefined> = [];
       const indirect = (snap.driverFeatures & bit(VIRTIO_F_RING_INDIRECT_DESC)) !== 0n;
+      const eventIdx = (snap.driverFeatures & bit(VIRTIO_F_RING_EVENT_IDX)) !== 0n;
       for (const [i, q] of snap.queues.entries()) {
         if (!q.ready) {
           queues.push(undefined);
@@ -203,7 +265,7 @@ export class VirtioDevice {
         const r = Virtqueue.create(
           this.env.mem,
           { size: q.size, desc: q.desc, driver: q.driver, device: q.device },
-          { indirect, maxSize: QUEUE_SIZE_MAX },
+          { indirect, eventIdx, maxSize: QUEUE_SIZE_MAX },
         );
         if (!r.ok) {
           this.guestError('setup', `queue ${i}: ${r.error}`);
@@ -227,12 +289,29 @@ export class VirtioDevice {
     }
   }
 
-  /** Generic counters in metrics names, next to the backend's. */
+  /**
+   * Generic counters in metrics names, next to the backend's. Per queue i (ours, Firecracker
+   * has no per-queue fields): queue<i>_kicks (notifications received), queue<i>_irqs (used-
+   * buffer interrupts raised), queue<i>_irqs_suppressed (the driver said no), queue<i>_used
+   * (chains returned). Kicks also under Firecracker's names where it has them (FC_KICK_NAMES).
+   */
   metrics(): Record<string, number> {
-    return {
-      queue_budget_yields: this.counters.budgetYields,
-      device_failures: this.counters.failures,
+    const c = this.counters;
+    const m: Record<string, number> = {
+      queue_budget_yields: c.budgetYields,
+      device_failures: c.failures,
     };
+    c.kicks.forEach((_k, i) => {
+      m[`queue${i}_kicks`] = c.kicks[i]!;
+      m[`queue${i}_irqs`] = c.irqs[i]!;
+      m[`queue${i}_irqs_suppressed`] = c.irqsSuppressed[i]!;
+      m[`queue${i}_used`] = c.used[i]!;
+    });
+    const fc = FC_KICK_NAMES[this.state.identity().deviceId];
+    fc?.forEach((name, i) => {
+      if (name && i < c.kicks.length) m[name] = c.kicks[i]!;
+    });
+    return m;
   }
 
   /**
@@ -360,7 +439,7 @@ export class VirtioDevice {
    */
   kickAll(): void {
     const d = this.dev;
-    if (d.kind === 'active') d.queues.forEach((_q, i) => this.onKick(i));
+    if (d.kind === 'active') d.queues.forEach((_q, i) => this.kickQueue(i));
   }
 
   private queueIo(d: Extract<DeviceState, { kind: 'active' }>): QueueIo {
@@ -383,6 +462,7 @@ export class VirtioDevice {
           }
           this.guestError(p.error.kind, `queue ${index}: chain ${p.head}: ${p.error.message}`);
           q.pushUsed(p.head, 0);
+          this.counters.used[index]!++;
           used[index]!++;
         }
         return undefined;
@@ -395,16 +475,26 @@ export class VirtioDevice {
         const q = d.queues[index];
         if (!q || !live()) return;
         q.pushUsed(head, len);
+        this.counters.used[index]!++;
         used[index]!++;
       },
       notify: (index) => {
         const q = d.queues[index];
-        if (!q || !live() || used[index] === 0) return;
-        used[index] = 0;
-        if (q.needsInterrupt()) {
-          this.state.raise(INT_USED_BUFFER);
-          this.env.interrupt();
+        if (!q || !live()) return;
+        if (used[index] === 0) {
+          q.publishUsed(); // ends a batch that used nothing
+          return;
         }
+        used[index] = 0;
+        this.interruptIfWanted(q, index);
+      },
+      beginBatch: (index) => {
+        const q = d.queues[index];
+        if (q && live()) q.beginBatch();
+      },
+      suppressKicks: (index) => {
+        const q = d.queues[index];
+        if (q && live()) q.suppressKicks();
       },
       guestError: (kind, message) => this.guestError(kind, message),
     };
@@ -412,6 +502,12 @@ export class VirtioDevice {
 
   /** Queue `index` was kicked (its ioeventfd fired). */
   onKick(index: number): void {
+    if (index >= 0 && index < this.counters.kicks.length) this.counters.kicks[index]!++;
+    this.kickQueue(index);
+  }
+
+  /** Serves queue `index` as a kick would (kickAll's own calls are not counted as kicks). */
+  private kickQueue(index: number): void {
     const d = this.dev;
     if (d.kind !== 'active') return;
     if (this.backend.selfServed?.includes(index)) {
@@ -430,11 +526,17 @@ export class VirtioDevice {
     let used = 0;
     let bytes = 0;
     const live = () => this.dev === d && this.state.epoch() === d.epoch;
+    // No kicks while we drain (the empty pop that ends the turn re-enables them and looks
+    // again); used entries go out in one used.idx store, with at most one interrupt.
+    q.suppressKicks();
+    q.beginBatch();
     for (;;) {
       // A reset since activation: the rings may already belong to a new driver instance.
       if (!live()) return;
       if (used >= QUEUE_BUDGET_CHAINS || bytes >= QUEUE_BUDGET_BYTES) {
-        if (q.hasAvailable()) {
+        // More to do: our own next turn. Nothing more: kicks on again (the turn did not reach
+        // the empty pop that does it), or a buffer added meanwhile would never be kicked.
+        if (q.enableKicks()) {
           this.counters.budgetYields++;
           this.scheduleTurn(d, index);
         }
@@ -443,6 +545,8 @@ export class VirtioDevice {
       const p = q.pop();
       if (p.kind === 'empty') break;
       if (p.kind === 'broken') {
+        // What was served before is the driver's (its reset will discard it anyway).
+        q.publishUsed();
         this.guestError('broken', `queue ${index}: ${p.message}`);
         if (this.state.markNeedsReset(d.epoch)) this.env.interrupt();
         this.deactivate();
@@ -458,7 +562,8 @@ export class VirtioDevice {
           wait = this.backend.admit?.(index, p.chain) ?? 0;
         } catch (e) {
           q.pushUsed(p.chain.head, 0);
-          this.interruptIfWanted(q);
+          this.counters.used[index]! += used + 1;
+          this.interruptIfWanted(q, index);
           this.fail(`queue ${index}`, e);
           return;
         }
@@ -474,7 +579,8 @@ export class VirtioDevice {
         } catch (e) {
           // The request fails (used.len 0), and so does the device.
           q.pushUsed(p.chain.head, 0);
-          this.interruptIfWanted(q);
+          this.counters.used[index]! += used + 1;
+          this.interruptIfWanted(q, index);
           this.fail(`queue ${index}`, e);
           return;
         }
@@ -482,7 +588,10 @@ export class VirtioDevice {
       }
       used++;
     }
-    if (used > 0 && live()) this.interruptIfWanted(q);
+    this.counters.used[index]! += used;
+    if (!live()) return;
+    if (used > 0) this.interruptIfWanted(q, index);
+    else q.publishUsed(); // ends the batch
   }
 
   private scheduleTurn(d: Extract<DeviceState, { kind: 'active' }>, index: number): void {
@@ -521,11 +630,13 @@ export class VirtioDevice {
     }
   }
 
-  private interruptIfWanted(q: Virtqueue): void {
+  /** Publishes queue `index`'s used entries and raises its interrupt if the driver wants it. */
+  private interruptIfWanted(q: Virtqueue, index: number): void {
     if (q.needsInterrupt()) {
+      this.counters.irqs[index]!++;
       this.state.raise(INT_USED_BUFFER);
       this.env.interrupt();
-    }
+    } else this.counters.irqsSuppressed[index]!++;
   }
 
   private deactivate(): void {

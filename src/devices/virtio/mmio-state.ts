@@ -18,6 +18,8 @@ import {
   MAX_QUEUES,
   STATUS_DEVICE_NEEDS_RESET,
   STATUS_DRIVER_OK,
+  VIRTIO_F_RING_EVENT_IDX,
+  bit,
 } from './constants.js';
 import {
   type TransportIdentity,
@@ -155,7 +157,8 @@ export class VirtioMmioState {
     }
     const sab = new SharedArrayBuffer(STATE_BYTES);
     const s = new Int32Array(sab, 0, INT32_SLOTS);
-    const f = id.features | featureVersion1;
+    // Every device gets VIRTIO_F_RING_EVENT_IDX: the queue layer implements it (queue.ts).
+    const f = id.features | featureVersion1 | bit(VIRTIO_F_RING_EVENT_IDX);
     s[REGS.deviceId] = id.deviceId;
     s[REGS.deviceFeaturesLo] = lo32(f);
     s[REGS.deviceFeaturesHi] = hi32(f);

@@ -16,7 +16,7 @@ import { RngDevice, rngIdentity } from './rng/rng.js';
 import { harness } from './testing/harness.js';
 import { MmioDriver, MockQueue } from './testing/mock-driver.js';
 import { Prng } from './testing/prng.js';
-import { type TransportState, TransportStateV1 } from './transport-state.js';
+import { type TransportState, TransportStateV1, checkTransportState } from './transport-state.js';
 
 const V1 = bit(VIRTIO_F_VERSION_1);
 
@@ -179,4 +179,23 @@ test('transport: garbage, truncation, another kind and impossible values are ref
   // And the good blob still restores.
   assert.ok(blk.state.restore(good).ok);
   assert.deepEqual(blk.state.save(), good);
+});
+
+test('transport: a snapshot of a build that did not offer EVENT_IDX yet restores; other feature changes do not', () => {
+  const h = harness(rngIdentity(), new RngDevice());
+  h.start({ features: (f) => f & ~bit(29) });
+  const saved = TransportStateV1.decodeOrThrow(h.transport.state.save());
+  const current = h.transport.state.identity();
+  assert.ok(current.deviceFeatures & bit(29), 'offered now');
+  const older: TransportState = {
+    ...saved,
+    identity: { ...saved.identity, deviceFeatures: saved.identity.deviceFeatures & ~bit(29) },
+  };
+  assert.ok(checkTransportState(older, current).ok);
+  const other: TransportState = {
+    ...saved,
+    identity: { ...saved.identity, deviceFeatures: saved.identity.deviceFeatures & ~bit(28) },
+  };
+  const r = checkTransportState(other, current);
+  assert.ok(!r.ok && /differ from this device's/.test(r.error.message));
 });

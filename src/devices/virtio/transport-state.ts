@@ -41,6 +41,7 @@ import {
   STATUS_FEATURES_OK,
   INT_CONFIG_CHANGE,
   INT_USED_BUFFER,
+  VIRTIO_F_RING_EVENT_IDX,
   VIRTIO_F_VERSION_1,
   bit,
 } from './constants.js';
@@ -112,7 +113,10 @@ export function checkTransportState(
     return fail(
       `saved state of ${kind(id.deviceId)} cannot be restored into ${kind(current.deviceId)}`,
     );
-  if (id.deviceFeatures !== current.deviceFeatures)
+  // A snapshot of a build that did not offer VIRTIO_F_RING_EVENT_IDX yet (before issue 17): its
+  // driver did not negotiate it, and the queues run without it until the driver's next reset.
+  const older = current.deviceFeatures & ~bit(VIRTIO_F_RING_EVENT_IDX);
+  if (id.deviceFeatures !== current.deviceFeatures && id.deviceFeatures !== older)
     return fail(
       `saved device features ${hex(id.deviceFeatures)} differ from this device's ${hex(current.deviceFeatures)} (different configuration)`,
     );

@@ -293,3 +293,36 @@ test('state round-trips with RX buffers in flight and a held chain; the restored
   assert.equal(fresh.device.restore(saved.subarray(0, saved.length - 1)).ok, false);
   assert.equal(fresh.device.deviceState.kind, 'inactive');
 });
+
+for (const eventIdx of [true, false]) {
+  test(`virtio-net RX (${eventIdx ? 'EVENT_IDX' : 'NO_NOTIFY'}): a wake-up's frames in one batch, RX kicks only once out of buffers`, () => {
+    const { tap, dev, h } = setup();
+    const [rx] = h.start({ features: (f) => (eventIdx ? f : f & ~bit(29)) });
+    const add = () => rx!.addChain([{ addr: h.alloc.alloc(2048), len: 2048, write: true }]);
+    for (let i = 0; i < 8; i++) add();
+    assert.equal(rx!.kickNeeded(eventIdx), true);
+    h.kick(RX_QUEUE);
+    for (let i = 0; i < 5; i++) tap.inbox.push(frame(100 + i));
+    const irqs0 = h.interrupts();
+    dev.onTapReadable();
+    assert.equal(rx!.takeUsed().length, 5);
+    assert.equal(h.interrupts() - irqs0, 1, 'one interrupt for the five frames');
+    const d = h.device.deviceState;
+    assert.ok(d.kind === 'active');
+    // The RX chain held for the next frame was taken after the fifth: 6 chains popped.
+    assert.equal(d.queues[RX_QUEUE]!.notifyCounters.usedPublishes, 1);
+    // Buffers left (and one held): refilling them needs no kick.
+    add();
+    assert.equal(rx!.kickNeeded(eventIdx), false, 'no RX kick while we have buffers');
+    // Use up every buffer: the empty pop turns RX kicks on, the next refill is kicked.
+    for (let i = 0; i < 10; i++) tap.inbox.push(frame(60));
+    dev.onTapReadable();
+    assert.equal(rx!.takeUsed().length, 4);
+    assert.equal(tap.inbox.length, 6, 'frames wait in the TAP (back-pressure)');
+    add();
+    assert.equal(rx!.kickNeeded(eventIdx), true, 'out of buffers: the refill is kicked');
+    h.kick(RX_QUEUE);
+    dev.onTapReadable();
+    assert.equal(rx!.takeUsed().length, 1);
+  });
+}

@@ -34,6 +34,11 @@
  * - RX serves at most NET_RX_BUDGET_FRAMES frames per wake-up (<= 4 MiB), then waits for the
  *   next round of the loop (the TAP, still readable, wakes it again: level-triggered epoll).
  *
+ * Notifications (issue 17): TX is drained by VirtioDevice (kicks suppressed while it drains,
+ * one interrupt per turn). RX publishes the frames of one wake-up together with at most one
+ * interrupt, and suppresses RX kicks while it has buffers: the driver kicks RX only after we
+ * ran out (the empty pop re-enables them), which is the one kick RX needs (back-pressure).
+ *
  * Rate limiting (issue 16, Firecracker's rx_rate_limiter / tx_rate_limiter): a frame takes 1
  * ops token and its Ethernet bytes (without the virtio-net header). TX: a frame that does not
  * fit stays on the TX queue, which sleeps until it does (VirtioDevice, admit()). RX: the frame
@@ -481,6 +486,11 @@ export class NetDevice implements VirtioBackend {
     if (!io) return;
     // Throttled: the timer takes RX up again (a kick meanwhile only added buffers).
     if (this.rxSleep) return;
+    // Issue 17: the frames of this wake-up are published together (one used.idx store, at most
+    // one interrupt: the notify() below, reached on every path), and the driver need not kick
+    // RX while we hold buffers: a pop that finds the ring empty re-enables its kicks race-free.
+    io.beginBatch(RX_QUEUE);
+    io.suppressKicks(RX_QUEUE);
     let i = 0;
     let throttled = false;
     for (; i < NET_RX_BUDGET_FRAMES; i++) {

@@ -54,6 +54,10 @@ export class MockQueue {
   private nextFreeDesc = 0;
   private availIdx = 0;
   private lastUsed = 0;
+  /** avail.idx at the driver's last kick decision (kickNeeded()). */
+  private kickedAt = 0;
+  /** Interrupts enabled (callbacks on): takeUsed() moves used_event along, as Linux does. */
+  private callbacks = true;
 
   constructor(
     readonly mem: GuestMemory,
@@ -90,6 +94,51 @@ export class MockQueue {
 
   setAvailFlags(flags: number): void {
     this.mem.writeU16(this.avail, flags);
+    this.callbacks = (flags & 1) === 0;
+  }
+
+  /** used_event (EVENT_IDX): interrupt when used.idx passes it (§2.7.10). */
+  setUsedEvent(v: number): void {
+    this.mem.writeU16(this.avail + 4 + 2 * this.size, v & 0xffff);
+  }
+
+  usedEvent(): number {
+    return this.mem.readU16(this.avail + 4 + 2 * this.size);
+  }
+
+  /** avail_event, as the device last wrote it (EVENT_IDX). */
+  availEvent(): number {
+    return this.mem.readU16(this.used + 4 + 8 * this.size);
+  }
+
+  usedFlags(): number {
+    return this.mem.readU16(this.used);
+  }
+
+  /**
+   * Linux's virtqueue_kick_prepare: would the driver kick for the buffers it made available since
+   * its last kick decision? With EVENT_IDX: vring_need_event(avail_event, new, old); without:
+   * unless the device set VIRTQ_USED_F_NO_NOTIFY. Moves the decision point.
+   */
+  kickNeeded(eventIdx: boolean): boolean {
+    const old = this.kickedAt;
+    const now = this.availIdx;
+    this.kickedAt = now;
+    if (eventIdx) {
+      const ev = this.availEvent();
+      return ((now - ev - 1) & 0xffff) < ((now - old) & 0xffff);
+    }
+    return (this.usedFlags() & 1) === 0;
+  }
+
+  /** Both indices start at `idx` (a queue restored mid-life, for wraparound tests). */
+  startAt(idx: number): void {
+    this.availIdx = idx & 0xffff;
+    this.kickedAt = this.availIdx;
+    this.lastUsed = idx & 0xffff;
+    this.mem.writeU16(this.avail + 2, this.availIdx);
+    this.mem.writeU16(this.used + 2, this.lastUsed);
+    this.setUsedEvent(idx);
   }
 
   /** Writes a well-formed chain of direct descriptors and makes it available; returns the head. */
@@ -146,6 +195,9 @@ export class MockQueue {
       out.push({ id: this.mem.readU32(a), len: this.mem.readU32(a + 4) });
       this.lastUsed = (this.lastUsed + 1) & 0xffff;
     }
+    // Linux's virtqueue_get_buf: with callbacks on, the next interrupt is wanted as soon as the
+    // device uses one more (used_event = last_used_idx; ignored without EVENT_IDX).
+    if (this.callbacks) this.setUsedEvent(this.lastUsed);
     return out;
   }
 }
