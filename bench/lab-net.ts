@@ -27,7 +27,13 @@ import { imagePaths } from '../src/lab/guest.js';
 import { createNetFixture, type NetFixture } from '../src/lab/net-fixture.js';
 import { TYPERVISOR, qemuCpu, stat, type Row } from './common.js';
 
-type Name = 'typervisor' | 'qemu';
+/**
+ * 'baseline': another build of Typervisor (--baseline DIR: a checkout with its dist/ built, e.g.
+ * main), run like 'typervisor' in the same rotation, so a change is measured against its base
+ * and QEMU in one lab run (its samples are in the JSON and the log, not in the rows).
+ */
+type Name = 'typervisor' | 'qemu' | 'baseline';
+const isOurs = (n: Name) => n !== 'qemu';
 const MEM_MIB = 512;
 const CMDLINE = 'console=ttyS0 reboot=k panic=1 pci=off quiet';
 const GUEST_ADDR = '169.254.10.2';
@@ -156,14 +162,27 @@ interface Sample {
   errors: string[];
 }
 
-function vmmArgv(name: Name, net: NetFixture, root: string, uds: string, kvmKind: string) {
+function vmmArgv(
+  name: Name,
+  net: NetFixture,
+  root: string,
+  uds: string,
+  kvmKind: string,
+  baseline: string | undefined,
+) {
   const g = imagePaths('kernel').KERNEL!;
   const initrd = imagePaths('initramfs').INITRAMFS!;
-  if (name === 'typervisor') {
+  if (isOurs(name)) {
+    // TYPERVISOR_BENCH_CPU_PROF=DIR: V8 CPU profiles of every thread of ours (the device worker's
+    // included) written to DIR at exit, for finding where a transfer's time goes (seccomp off:
+    // the profile is written by the exiting threads).
+    const prof = process.env.TYPERVISOR_BENCH_CPU_PROF;
     return net.exec([
       process.execPath,
-      TYPERVISOR,
+      ...(prof ? ['--cpu-prof', '--cpu-prof-dir', prof] : []),
+      name === 'baseline' ? join(baseline!, 'bin', 'typervisor') : TYPERVISOR,
       'run',
+      ...(prof ? ['--no-seccomp'] : []),
       '--kernel',
       g,
       '--initrd',
@@ -276,6 +295,8 @@ async function measure(
   dir: string,
   root: string,
   kvmKind: string,
+  vsockOnly: boolean,
+  baseline: string | undefined,
 ): Promise<Sample> {
   const s: Sample = { vmm: name, errors: [] };
   const uds = join(dir, 'v.sock');
@@ -283,7 +304,7 @@ async function measure(
   const helper = join(dir, 'helper.mjs');
   const bytes = VSOCK_MIB * 1024 * 1024;
   const t0 = Date.now();
-  const vm = new Session(vmmArgv(name, net, root, uds, kvmKind));
+  const vm = new Session(vmmArgv(name, net, root, uds, kvmKind, baseline));
   const attempt = async (what: string, f: () => Promise<void>) => {
     try {
       await f();
@@ -296,46 +317,49 @@ async function measure(
   try {
     await vm.waitFor(/TYPERVISOR-BOOT-OK/, 300_000);
     s.bootMs = Date.now() - t0;
-    await vm.run(
-      `ip addr add ${GUEST_ADDR}/16 dev eth0; ip link set eth0 up; ` +
-        `i=0; until busybox ping -c 1 -W 1 ${net.hostAddr} >/dev/null 2>&1; do i=$((i+1)); [ $i -gt 30 ] && break; done`,
-      120_000,
-    );
-    await attempt('ping', async () => {
-      const out = await vm.run(`busybox ping -c ${PINGS} -i 0.2 ${net.hostAddr}`, 60_000);
-      const m = /min\/avg\/max = [\d.]+\/([\d.]+)\//.exec(out);
-      if (!m) throw new Error(`no ping summary: ${out.slice(-300)}`);
-      s.pingMs = Number(m[1]);
-    });
-    const irqsPerMB = async (before: number | undefined, out: string) => {
-      const after = netIrqs(await vm.run(NET_IRQ_CMD, 30_000));
-      const mb = iperfMBytes(out);
-      return before === undefined || after === undefined || !mb ? undefined : (after - before) / mb;
-    };
-    await attempt('iperf3 guest->host', async () => {
-      const before = netIrqs(await vm.run(NET_IRQ_CMD, 30_000));
-      const out = await vm.run(
-        `iperf3 -c ${net.hostAddr} -t ${IPERF_SECONDS} -f m 2>&1 | tail -n 4`,
+    if (!vsockOnly) {
+      await vm.run(
+        `ip addr add ${GUEST_ADDR}/16 dev eth0; ip link set eth0 up; ` +
+          `i=0; until busybox ping -c 1 -W 1 ${net.hostAddr} >/dev/null 2>&1; do i=$((i+1)); [ $i -gt 30 ] && break; done`,
         120_000,
       );
-      s.g2hMbit = iperfMbit(out);
-      if (s.g2hMbit === undefined) throw new Error(`no iperf3 summary: ${out.slice(-300)}`);
-      s.g2hIrqPerMB = await irqsPerMB(before, out);
-    });
-    await attempt('iperf3 host->guest', async () => {
-      const before = netIrqs(await vm.run(NET_IRQ_CMD, 30_000));
-      const out = await vm.run(
-        `iperf3 -c ${net.hostAddr} -t ${IPERF_SECONDS} -f m -R 2>&1 | tail -n 4`,
-        120_000,
-      );
-      s.h2gMbit = iperfMbit(out);
-      if (s.h2gMbit === undefined) throw new Error(`no iperf3 summary: ${out.slice(-300)}`);
-      s.h2gIrqPerMB = await irqsPerMB(before, out);
-    });
+      await attempt('ping', async () => {
+        const out = await vm.run(`busybox ping -c ${PINGS} -i 0.2 ${net.hostAddr}`, 60_000);
+        const m = /min\/avg\/max = [\d.]+\/([\d.]+)\//.exec(out);
+        if (!m) throw new Error(`no ping summary: ${out.slice(-300)}`);
+        s.pingMs = Number(m[1]);
+      });
+      const irqsPerMB = async (before: number | undefined, out: string) => {
+        const after = netIrqs(await vm.run(NET_IRQ_CMD, 30_000));
+        const mb = iperfMBytes(out);
+        return before === undefined || after === undefined || !mb
+          ? undefined
+          : (after - before) / mb;
+      };
+      await attempt('iperf3 guest->host', async () => {
+        const before = netIrqs(await vm.run(NET_IRQ_CMD, 30_000));
+        const out = await vm.run(
+          `iperf3 -c ${net.hostAddr} -t ${IPERF_SECONDS} -f m 2>&1 | tail -n 4`,
+          120_000,
+        );
+        s.g2hMbit = iperfMbit(out);
+        if (s.g2hMbit === undefined) throw new Error(`no iperf3 summary: ${out.slice(-300)}`);
+        s.g2hIrqPerMB = await irqsPerMB(before, out);
+      });
+      await attempt('iperf3 host->guest', async () => {
+        const before = netIrqs(await vm.run(NET_IRQ_CMD, 30_000));
+        const out = await vm.run(
+          `iperf3 -c ${net.hostAddr} -t ${IPERF_SECONDS} -f m -R 2>&1 | tail -n 4`,
+          120_000,
+        );
+        s.h2gMbit = iperfMbit(out);
+        if (s.h2gMbit === undefined) throw new Error(`no iperf3 summary: ${out.slice(-300)}`);
+        s.h2gIrqPerMB = await irqsPerMB(before, out);
+      });
+    }
     await attempt('vsock guest->host', async () => {
       // socat on the host for both (Typervisor: the Unix socket `${uds}_5001`; QEMU: AF_VSOCK).
-      const listen =
-        name === 'typervisor' ? `UNIX-LISTEN:${uds}_5001` : 'VSOCK-LISTEN:5001,reuseaddr';
+      const listen = isOurs(name) ? `UNIX-LISTEN:${uds}_5001` : 'VSOCK-LISTEN:5001,reuseaddr';
       const counter = background([
         'sh',
         '-c',
@@ -343,7 +367,7 @@ async function measure(
       ]);
       try {
         const t = Date.now();
-        while (name === 'typervisor' && !existsSync(`${uds}_5001`) && Date.now() - t < 10_000)
+        while (isOurs(name) && !existsSync(`${uds}_5001`) && Date.now() - t < 10_000)
           await new Promise((r) => setTimeout(r, 20));
         await new Promise((r) => setTimeout(r, 200));
         await vm.run(
@@ -365,14 +389,13 @@ async function measure(
       );
       await vm.waitFor(/LISTEN-OK/, 60_000, from);
       const t = performance.now();
-      const sender =
-        name === 'typervisor'
-          ? background([process.execPath, helper, 'send-uds', uds, String(bytes), '5002'])
-          : background([
-              'sh',
-              '-c',
-              `head -c ${bytes} /dev/zero | socat -u -b 65536 - VSOCK-CONNECT:${GUEST_CID}:5002`,
-            ]);
+      const sender = isOurs(name)
+        ? background([process.execPath, helper, 'send-uds', uds, String(bytes), '5002'])
+        : background([
+            'sh',
+            '-c',
+            `head -c ${bytes} /dev/zero | socat -u -b 65536 - VSOCK-CONNECT:${GUEST_CID}:5002`,
+          ]);
       try {
         const [, n] = await vm.waitFor(/H2GV (\d+)\r?\n/, 300_000, from);
         const ms = performance.now() - t;
@@ -402,7 +425,22 @@ async function measure(
 }
 
 async function main(): Promise<void> {
-  const runs = Number(parseArgs({ options: { runs: { type: 'string' } } }).values.runs ?? 1);
+  const args = parseArgs({
+    options: {
+      runs: { type: 'string' },
+      only: { type: 'string' },
+      vmm: { type: 'string' },
+      baseline: { type: 'string' },
+    },
+  }).values;
+  const runs = Number(args.runs ?? 1);
+  // --only vsock: the vsock transfers alone (no ping, no iperf3), for work on vsock.
+  if (args.only !== undefined && args.only !== 'vsock')
+    throw new Error(`--only: 'vsock' is the one choice (got ${args.only})`);
+  const vsockOnly = args.only === 'vsock';
+  // --vmm typervisor|qemu: one VMM only (a profile run; the comparison needs both).
+  if (args.vmm !== undefined && args.vmm !== 'typervisor' && args.vmm !== 'qemu')
+    throw new Error(`--vmm: 'typervisor' or 'qemu' (got ${args.vmm})`);
   const kvm = detectKvm();
   spawnSync('modprobe', ['vhost_vsock']);
   const rootSrc = imagePaths('rootfs').ROOTFS!;
@@ -432,9 +470,26 @@ async function main(): Promise<void> {
     spawnSync('cp', ['--sparse=always', rootSrc, root]);
     await waitOut(iperf, /listening/i, 10_000);
     for (let r = 0; r < runs; r++) {
-      for (const name of (r % 2 ? ['qemu', 'typervisor'] : ['typervisor', 'qemu']) as Name[]) {
+      const ours: Name[] = args.baseline ? ['typervisor', 'baseline'] : ['typervisor'];
+      if (r % 2) ours.reverse();
+      const order: Name[] = r % 2 ? ['qemu', ...ours] : [...ours, 'qemu'];
+      for (const name of order.filter(
+        (n) =>
+          args.vmm === undefined ||
+          n === args.vmm ||
+          (n === 'baseline' && args.vmm === 'typervisor'),
+      )) {
         const t = Date.now();
-        const s = await measure(iperf.out, name, net, dir, root, kvm.kind);
+        const s = await measure(
+          iperf.out,
+          name,
+          net,
+          dir,
+          root,
+          kvm.kind,
+          vsockOnly,
+          args.baseline,
+        );
         samples.push(s);
         log(`run ${r + 1} ${name} (${Date.now() - t} ms): ${JSON.stringify(s)}`);
       }
@@ -515,6 +570,15 @@ async function main(): Promise<void> {
     ),
   ].join('\n');
   process.stderr.write(`${md}\n`);
+  if (samples.some((s) => s.vmm === 'baseline')) {
+    for (const [what, f] of [
+      ['vsock guest → host', (s: Sample) => s.vsockG2hMBs],
+      ['vsock host → guest', (s: Sample) => s.vsockH2gMBs],
+    ] as const) {
+      const b = pick('baseline', f);
+      log(`baseline ${what}: median ${b?.median.toFixed(2) ?? 'n/a'} MB/s (n=${b?.n ?? 0})`);
+    }
+  }
   process.stdout.write(
     `BENCH-JSON-BEGIN\n${JSON.stringify({ rows, notes, samples })}\nBENCH-JSON-END\n`,
   );

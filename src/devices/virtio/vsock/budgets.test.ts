@@ -169,6 +169,7 @@ test('vsock budget: 1-byte segments to a socket that never reads hold one ring o
     handshakes: 0,
     bufferedBytes: BUF_ALLOC,
     bufferAllocated: BUF_ALLOC,
+    stagedBytes: 0,
   });
   // Per segment this was ~55 MiB (one buffered object per byte).
   assert.ok(grown < 4 * MiB, `heap grew ${(grown / MiB).toFixed(1)} MiB`);
@@ -202,6 +203,7 @@ test('vsock budget: a guest sending beyond the credit we gave is reset, its buff
     handshakes: 0,
     bufferedBytes: 0,
     bufferAllocated: 0,
+    stagedBytes: 0,
   });
   t.addRx(4, VSOCK_HDR_SIZE);
   assert.deepEqual(

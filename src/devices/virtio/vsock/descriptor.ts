@@ -78,6 +78,15 @@ export const vsockDevice: DeviceType<VsockConfig, VsockHostData> = {
           accept_fails: c.acceptFails,
           tx_budget_yields: c.txBudgetYields,
           rx_budget_yields: c.rxBudgetYields,
+          // Batching (issue 17): kicks, host socket reads, used-ring publications (interrupt
+          // requests) per direction and credit updates; rx_packets_count / rx_batches is the
+          // RX packets per interrupt.
+          rx_queue_event_count: c.rxKicks,
+          tx_queue_event_count: c.txKicks,
+          rx_reads: c.rxReads,
+          rx_batches: c.rxBatches,
+          tx_batches: c.txBatches,
+          credit_updates_sent: c.creditUpdatesSent,
         };
       },
     };

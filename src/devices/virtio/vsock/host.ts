@@ -72,6 +72,16 @@ export interface VsockCounters {
   txBudgetYields: number;
   /** RX fills that stopped at their budget and continued after other events. */
   rxBudgetYields: number;
+  /** Kicks of the RX and TX queues by the driver. */
+  rxKicks: number;
+  txKicks: number;
+  /** Reads of host sockets for the guest (each may feed many RX packets: muxer.ts). */
+  rxReads: number;
+  /** RX (TX) used-ring publications with at least one packet: one interrupt request each. */
+  rxBatches: number;
+  txBatches: number;
+  /** CREDIT_UPDATE packets given to the guest (volunteered or asked for). */
+  creditUpdatesSent: number;
 }
 
 export function zeroCounters(): VsockCounters {
@@ -99,6 +109,12 @@ export function zeroCounters(): VsockCounters {
     acceptFails: 0,
     txBudgetYields: 0,
     rxBudgetYields: 0,
+    rxKicks: 0,
+    txKicks: 0,
+    rxReads: 0,
+    rxBatches: 0,
+    txBatches: 0,
+    creditUpdatesSent: 0,
   };
 }
 

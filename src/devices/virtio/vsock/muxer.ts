@@ -7,7 +7,22 @@
  *
  * With no credit from the guest we stop reading that socket and ask with CREDIT_REQUEST, once
  * per stall: a CREDIT_UPDATE that still gives no credit is not asked again (the guest sends
- * one by itself when it frees space), so a stuck connection does not ping-pong.
+ * one by itself when it frees space), so a stuck connection does not ping-pong. Nor does a
+ * busy one: the stall ends only when the guest gives back at least half its buffer
+ * (Connection.stallOver). A Linux guest volunteers CREDIT_UPDATE once it has consumed all but
+ * 64 KiB of what it last told; asking each time the credit ran out would draw an answer with
+ * the little it had read so far, then a few packets, then another question: two packets and two
+ * notifications per few KiB of a bulk transfer.
+ *
+ * Host reads are large (issue 17): one readv takes up to RX_READ_BYTES (within the guest's
+ * credit) into the RX buffer at hand and, past it, into a staging buffer of the device; the
+ * next RX buffers are filled from there by copying, one packet each, before any socket is read
+ * again. So one syscall feeds many packets (a Linux guest posts 4 KiB buffers). There is one
+ * staging buffer per device, filled only when empty: what is read ahead is bounded by
+ * RX_READ_BYTES whatever the number of connections, and it is never more than the guest's
+ * credit allowed when it was read. A read shorter than asked means the socket is drained: it is
+ * not read again until the loop reports it readable (level-triggered), so an idle socket is
+ * never polled.
  */
 import { sliceSegments } from '../chain.js';
 import { type Connection, type GuestSend } from './connection.js';
@@ -41,6 +56,19 @@ export const CONNECT_TIMEOUT_MS = 10_000;
 
 const nextPort = (p: number) => (p >= LAST_LOCAL_PORT ? FIRST_LOCAL_PORT : p + 1);
 
+/** The most one socket read takes for the guest (the RX buffer at hand plus the stage). */
+export const RX_READ_BYTES = 128 * 1024;
+
+/** Bytes read from a connection's socket ahead of the guest's RX buffers (see above). */
+interface Staged {
+  conn: Connection;
+  /** The bytes not yet in an RX buffer are stage[at, end). */
+  at: number;
+  end: number;
+  /** The read filled all it asked for: the socket may have more (read it once this is out). */
+  more: boolean;
+}
+
 export class VsockMuxer {
   readonly counters = zeroCounters();
   private readonly table: ConnectionTable;
@@ -49,6 +77,9 @@ export class VsockMuxer {
   private running = false;
   private nextLocal = FIRST_LOCAL_PORT;
   private connectedSinceStart = false;
+  /** The staging buffer (allocated on first use, released at stop()) and what it holds. */
+  private stage: Uint8Array | undefined;
+  private staged: Staged | undefined;
 
   constructor(
     cid: number,
@@ -81,6 +112,7 @@ export class VsockMuxer {
       handshakes: this.listener.pendingHandshakes,
       bufferedBytes: b.bytes,
       bufferAllocated: b.allocated,
+      stagedBytes: this.stagedBytes,
     };
   }
 
@@ -101,6 +133,8 @@ export class VsockMuxer {
   /** The driver is gone: every connection and handshake is closed, queued packets dropped. */
   stop(): void {
     this.running = false;
+    this.staged = undefined;
+    this.stage = undefined;
     this.table.closeAll();
     this.listener.closeAll();
   }
@@ -148,7 +182,7 @@ export class VsockMuxer {
     }
     c.notePeerCredit(hdr);
     const s = c.state;
-    if (s.kind === 'established' && c.peerCredit() > 0) s.creditRequested = false;
+    if (s.kind === 'established' && c.stallOver()) s.creditRequested = false;
     switch (hdr.op) {
       case OP_REQUEST:
         t.reset(c);
@@ -274,7 +308,12 @@ export class VsockMuxer {
   // ---- packets to the guest ----
 
   hasRxWork(): boolean {
-    return this.table.hasRxWork();
+    return this.staged !== undefined || this.table.hasRxWork();
+  }
+
+  /** Bytes read from a socket and not yet in an RX buffer (at most RX_READ_BYTES). */
+  get stagedBytes(): number {
+    return this.staged ? this.staged.end - this.staged.at : 0;
   }
 
   blockRx(): void {
@@ -296,9 +335,10 @@ export class VsockMuxer {
     const t = this.table;
     const sent = t.takeControl(buffers);
     if (sent > 0) return sent;
+    const room = Math.min(length - VSOCK_HDR_SIZE, MAX_PKT_PAYLOAD);
+    if (this.staged) return this.fillFromStage(buffers, room);
     const c = t.ready.values().next().value as Connection;
     t.ready.delete(c);
-    const room = Math.min(length - VSOCK_HDR_SIZE, MAX_PKT_PAYLOAD);
     const credit = c.peerCredit();
     const s = c.state;
     if (s.kind === 'established' && s.hostSend === 'open' && credit > 0 && room === 0) {
@@ -313,14 +353,21 @@ export class VsockMuxer {
       t.updateWatch(c);
       return 0;
     }
+    // One read: into this buffer first, the rest (up to RX_READ_BYTES, within credit) staged.
+    const want = Math.min(credit, RX_READ_BYTES);
+    const direct = Math.min(room, want);
+    const iov = sliceSegments(buffers, VSOCK_HDR_SIZE, direct);
+    if (want > direct)
+      iov.push((this.stage ??= new Uint8Array(RX_READ_BYTES)).subarray(0, want - direct));
     let n: number;
     try {
-      n = this.host.read(c.fd, sliceSegments(buffers, VSOCK_HDR_SIZE, Math.min(room, credit)));
+      n = this.host.read(c.fd, iov);
     } catch (e) {
       this.report.logOnce('read', `socket read failed: ${(e as Error).message}`);
       t.reset(c);
       return 0;
     }
+    this.counters.rxReads++;
     if (n < 0) return 0; // nothing there after all
     if (n === 0) {
       s.hostSend = 'eof';
@@ -328,12 +375,47 @@ export class VsockMuxer {
       t.updateWatch(c);
       return 0;
     }
-    const hdr = t.header(c, OP_RW, 0);
+    const k = Math.min(n, direct);
+    if (n > k) this.staged = { conn: c, at: 0, end: n - k, more: n === want };
+    else if (n === want) t.ready.add(c); // it filled the read: maybe more there
+    // else: the socket is drained; the loop tells us when it is readable again.
+    this.rwHeader(buffers, c, k);
+    t.updateWatch(c);
+    return VSOCK_HDR_SIZE + k;
+  }
+
+  /** The next packet from the stage (its connection's data go out before any other read). */
+  private fillFromStage(buffers: readonly Uint8Array[], room: number): number {
+    const st = this.staged!;
+    const c = st.conn;
+    const t = this.table;
+    // Reset, closed or shut by the guest meanwhile: what was read for it is dropped.
+    if (!t.listed(c) || c.state.kind !== 'established') {
+      this.staged = undefined;
+      return 0;
+    }
+    if (room === 0) return -1;
+    const k = Math.min(room, st.end - st.at);
+    const src = this.stage!.subarray(st.at, st.at + k);
+    let off = 0;
+    for (const seg of sliceSegments(buffers, VSOCK_HDR_SIZE, k)) {
+      seg.set(src.subarray(off, off + seg.length));
+      off += seg.length;
+    }
+    st.at += k;
+    if (st.at === st.end) {
+      this.staged = undefined;
+      if (st.more) t.ready.add(c);
+    }
+    this.rwHeader(buffers, c, k);
+    return VSOCK_HDR_SIZE + k;
+  }
+
+  /** The OP_RW header of `n` payload bytes of `c` (its credit accounting follows). */
+  private rwHeader(buffers: readonly Uint8Array[], c: Connection, n: number): void {
+    const hdr = this.table.header(c, OP_RW, 0);
     hdr.len = n;
     c.sentToGuest(n);
     putHeader(buffers, hdr);
-    t.ready.add(c); // maybe more: read until it would block
-    t.updateWatch(c);
-    return VSOCK_HDR_SIZE + n;
   }
 }

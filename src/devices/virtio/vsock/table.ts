@@ -243,6 +243,7 @@ export class ConnectionTable {
     const [k, ctl] = first.value;
     this.control.delete(k);
     if (ctl.hdr.op === OP_RST) this.resetsQueued--;
+    else if (ctl.hdr.op === OP_CREDIT_UPDATE) this.counters.creditUpdatesSent++;
     if (ctl.conn) {
       ctl.hdr.fwdCnt = ctl.conn.fwdCnt;
       ctl.conn.fwdCntTold();
@@ -339,8 +340,9 @@ export class ConnectionTable {
     for (const c of this.conns.values()) this.updateWatch(c);
   }
 
-  /** The guest kicked the RX queue: read sockets again. */
+  /** The guest kicked the RX queue: read sockets again (nothing to do if they were read). */
   unblockRx(): void {
+    if (!this.rxBlocked) return;
     this.rxBlocked = false;
     for (const c of this.conns.values()) this.updateWatch(c);
   }

@@ -9,9 +9,9 @@
  *   muxer.ts       what guest packets do, host connections and their ports, filling RX buffers
  *   device.ts      the VirtioBackend: queues, activation, save/restore, work budgets
  */
-export { BUF_ALLOC, ByteRing } from './connection.js';
+export { BUF_ALLOC, ByteRing, CREDIT_UPDATE_THRESHOLD } from './connection.js';
 export type { CountersView, VsockCounters, VsockHost } from './host.js';
-export { CONNECT_TIMEOUT_MS } from './muxer.js';
+export { CONNECT_TIMEOUT_MS, RX_READ_BYTES } from './muxer.js';
 export { CLOSE_LINGER_MS, MAX_CONNECTIONS, MAX_PENDING_RESETS } from './table.js';
 export {
   ACCEPT_BACKOFF_MAX_MS,
