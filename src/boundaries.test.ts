@@ -123,7 +123,7 @@ test('the library (src/lib) reaches vmm through its public files only, and nothi
   assert.deepEqual(
     v.map((x) => x.message),
     [
-      'src/cli/run.ts:1: cli may not import src/lib/index.ts (cli may import: api, vmm, uffd, util, sandbox)',
+      'src/cli/run.ts:1: cli may not import src/lib/index.ts (cli may import: api, vmm, uffd, util, sandbox, daemon)',
       'src/lib/index.ts:3: lib may not import src/vmm/builder.ts (lib reaches vmm only through src/vmm/index.ts, src/vmm/vcpu-pool.ts)',
       'src/lib/index.ts:4: lib may not import src/api/server.ts (lib may import: vmm, util, sandbox)',
       'src/lib/index.ts:5: lib may not import src/kvm/native.ts (lib may import: vmm, util, sandbox)',
