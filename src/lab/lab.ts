@@ -26,6 +26,8 @@ export interface LabOptions {
    *  otherwise our stdin is forwarded until EOF. */
   stdio?: 'capture' | 'inherit';
   onOutput?: (chunk: Buffer) => void;
+  /** Called once the lab has booted and the command is starting. */
+  onReady?: () => void;
   env?: Record<string, string>;
   signal?: AbortSignal;
 }
@@ -137,6 +139,7 @@ export async function runInLab(opts: LabOptions): Promise<LabResult> {
   };
   const onReady = () => {
     bootMs = Date.now() - t0;
+    opts.onReady?.();
     if (child.stdin) feedInput(child, opts.input, inherit);
   };
   const poll = setInterval(() => {

@@ -18,10 +18,13 @@ const ATTEMPT_SEC = 1_400;
 
 async function runSuite(): Promise<{ r: LabResult; hung: boolean }> {
   const abort = new AbortController();
+  // The lab's boot prints nothing here (its console goes to a file) and has its own limit
+  // (runInLab's bootTimeoutSec, then code 125): silence counts only once the command runs.
   let last = Date.now();
+  let ready = false;
   let hung = false;
   const watchdog = setInterval(() => {
-    if (abort.signal.aborted || Date.now() - last < IDLE_SEC * 1000) return;
+    if (!ready || abort.signal.aborted || Date.now() - last < IDLE_SEC * 1000) return;
     hung = true;
     abort.abort();
   }, 1000);
@@ -38,6 +41,10 @@ async function runSuite(): Promise<{ r: LabResult; hung: boolean }> {
       timeoutSec: ATTEMPT_SEC,
       signal: abort.signal,
       onOutput: () => (last = Date.now()),
+      onReady: () => {
+        ready = true;
+        last = Date.now();
+      },
     });
     return { r, hung };
   } finally {
