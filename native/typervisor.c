@@ -229,7 +229,11 @@ static napi_value n_set_thread_name(napi_env env, napi_callback_info info) {
 /* ---- end of the seccomp block ---- */
 
 /* ioctl(fd, request, arg: number | bigint | buffer): result; a buffer shorter than the
- * request's encoded size is refused with EINVAL before any syscall (ioctl_length_ok) */
+ * request's encoded size is refused with EINVAL before any syscall (ioctl_length_ok).
+ * An ioctl a signal interrupted (EINTR: the vCPU kick, node --cpu-prof's SIGPROF, an embedding
+ * program's own signals) is made again, except KVM_RUN, whose EINTR is the kick itself and goes
+ * back to JS (issue 17/19 fixes, r7-fixes). */
+#define N_IOCTL_KVM_RUN 0xae80UL /* _IO(KVMIO, 0x80) */
 static napi_value n_ioctl(napi_env env, napi_callback_info info) {
   napi_value a[3];
   if (!get_args(env, info, 3, a)) return NULL;
@@ -239,7 +243,9 @@ static napi_value n_ioctl(napi_env env, napi_callback_info info) {
   int is_buf = buffer_of(env, a[2], &data, &len);
   unsigned long arg = is_buf ? (unsigned long)data : (unsigned long)arg_u64(env, a[2]);
   if (is_buf && !ioctl_length_ok(req, len)) return throw_errno(env, "ioctl(buffer shorter than the request's size)", EINVAL);
-  int r = ioctl(fd, req, arg);
+  int r;
+  do r = ioctl(fd, req, arg);
+  while (r < 0 && errno == EINTR && req != N_IOCTL_KVM_RUN);
   if (r < 0) return throw_errno(env, "ioctl", errno);
   return num(env, r);
 }

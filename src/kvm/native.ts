@@ -16,6 +16,8 @@ export interface NativeShim {
   /**
    * arg: an integer, or a buffer whose address is passed. Returns the ioctl's result. A buffer
    * shorter than the size an _IOR/_IOW/_IOWR request encodes is refused (EINVAL, no syscall).
+   * An ioctl interrupted by a signal is made again in the shim, except KVM_RUN, whose EINTR
+   * (a kick) is thrown as any other error.
    */
   ioctl(fd: number, request: number, arg: number | bigint | Buf): number;
   /** An ArrayBuffer over the new mapping; release only with munmap (it detaches the buffer). */
