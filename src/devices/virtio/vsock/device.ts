@@ -15,7 +15,9 @@
  * RX_BUDGET_PACKETS buffers or RX_BUDGET_BYTES bytes per wake-up, likewise. Each turn publishes
  * its used buffers once (one notify, one interrupt request: counted as rx_batches/tx_batches
  * beside the packets), and host data come from large socket reads staged by the muxer, many
- * packets per read (rx_reads).
+ * packets per read (rx_reads). While a turn takes buffers the driver is told not to kick that
+ * queue (notification suppression, EVENT_IDX: queue.ts); the pop that finds the ring empty
+ * turns kicks back on and looks again, so no wake-up is lost (processTx, processRx).
  *
  * Errors: packets with no header or the wrong addresses are dropped; malformed ones, unknown
  * ops, non-stream types, VMADDR_PORT_ANY ports, packets for no connection and credit
@@ -167,10 +169,19 @@ export class VsockDevice implements VirtioBackend {
     return 0;
   }
 
-  /** Handles TX packets up to the budget; more wait for a timer (after other events). */
+  /**
+   * Handles TX packets up to the budget; more wait for a timer (after other events). The turn
+   * publishes its used packets together (one used.idx store, at most one interrupt: the
+   * notify() at the end, reached on every path) and the driver need not kick TX meanwhile: a
+   * turn that drains the ring ends at the empty pop, which re-enables kicks and looks again
+   * (race-free, queue.ts); a turn stopped by its budget leaves kicks off and its timer takes
+   * the queue up again, until a turn ends at such a pop.
+   */
   private processTx(): void {
     const io = this.io;
     if (!io || this.txResume) return; // a timer continues already
+    io.beginBatch(TX_QUEUE);
+    io.suppressKicks(TX_QUEUE);
     let bytes = 0;
     let n = 0;
     for (; n < TX_BUDGET_PACKETS && bytes < TX_BUDGET_BYTES; n++) {
@@ -180,10 +191,9 @@ export class VsockDevice implements VirtioBackend {
       this.txPacket(chain);
       io.pushUsed(TX_QUEUE, chain.head, 0);
     }
-    if (n > 0) {
-      io.notify(TX_QUEUE);
-      this.mux.counters.txBatches++;
-    }
+    // Unconditionally: it ends the batch (and interrupts for malformed chains pop() completed).
+    io.notify(TX_QUEUE);
+    if (n > 0) this.mux.counters.txBatches++;
     if (n === TX_BUDGET_PACKETS || bytes >= TX_BUDGET_BYTES) {
       this.mux.counters.txBudgetYields++;
       this.txResume = this.host.after(0, () => {
@@ -238,6 +248,14 @@ export class VsockDevice implements VirtioBackend {
 
   // ---- queues ----
 
+  /**
+   * Fills RX buffers with what the muxer has for the guest, up to the budget. One batch per
+   * turn, as TX. RX kicks are suppressed only by a turn that pops (right before its pops), so
+   * they can be off only while the device is not waiting for buffers: the device waits (blockRx)
+   * only after a pop found the ring empty, and that pop turned kicks back on race-free. While
+   * it holds buffers and has nothing to send, the guest adds more without kicking, and the
+   * next host data take them without a kick. A turn with no RX work touches nothing.
+   */
   private processRx(): void {
     const io = this.io;
     if (!io || this.rxResume) return; // a timer continues already
@@ -245,9 +263,14 @@ export class VsockDevice implements VirtioBackend {
     let used = 0;
     let bytes = 0;
     let i = 0;
+    io.beginBatch(RX_QUEUE);
     for (; i < RX_BUDGET_PACKETS && bytes < RX_BUDGET_BYTES && this.mux.hasRxWork(); i++) {
-      const chain = this.held ?? io.pop(RX_QUEUE);
+      let chain = this.held;
       this.held = undefined;
+      if (!chain) {
+        io.suppressKicks(RX_QUEUE); // idempotent; the empty pop below turns them back on
+        chain = io.pop(RX_QUEUE);
+      }
       if (!chain) {
         this.mux.blockRx();
         break;
@@ -273,10 +296,10 @@ export class VsockDevice implements VirtioBackend {
       bytes += n - VSOCK_HDR_SIZE;
       used++;
     }
-    if (used > 0) {
-      io.notify(RX_QUEUE);
-      counters.rxBatches++;
-    }
+    // Unconditionally: it ends the batch, and buffers completed with used.len 0 (too short, or
+    // malformed chains pop() completed) need their interrupt too.
+    io.notify(RX_QUEUE);
+    if (used > 0) counters.rxBatches++;
     if ((i === RX_BUDGET_PACKETS || bytes >= RX_BUDGET_BYTES) && this.mux.hasRxWork()) {
       counters.rxBudgetYields++;
       this.rxResume = this.host.after(0, () => {
