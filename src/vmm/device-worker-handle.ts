@@ -72,7 +72,8 @@ export function startDeviceWorker(
   worker.on('message', (m: DeviceWorkerMessage) => {
     if (m.type === 'log') log(m.message);
     else if (m.type === 'final-counters') last = m.counters;
-    else opts.onFatal?.(`device worker: ${m.message}`);
+    else if (m.type === 'fatal') opts.onFatal?.(`device worker: ${m.message}`);
+    // 'ready': a prewarmed worker taken before it had loaded (vcpu-pool.ts)
   });
   worker.on('error', (e) => opts.onFatal?.(`device worker failed: ${e.message}`));
   const exited = new Promise<void>((resolve) => worker.once('exit', () => resolve()));

@@ -113,6 +113,11 @@ export type MailboxReply = { seq: number } & (
 );
 
 export type DeviceWorkerMessage =
+  /**
+   * A prewarmed worker has loaded its modules and waits for its DeviceWorkerStart (vcpu-pool.ts
+   * ends an unused one only after this: ended while loading, it would leak module files).
+   */
+  | { type: 'ready' }
   | { type: 'log'; message: string }
   | { type: 'fatal'; message: string }
   /** Sent once just before the worker ends: the last counters (metrics after the VM is gone). */

@@ -306,6 +306,8 @@ function main(d: DeviceWorkerData): void {
 const wd = isMainThread ? undefined : (workerData as Partial<DeviceWorkerData> | null);
 if (wd?.role === DEVICE_WORKER_ROLE) {
   // A prewarmed worker (vcpu-pool.ts) gets its data in a 'start' message once a VM needs it.
-  if (wd.deferred) parentPort!.once('message', (m: DeviceWorkerStart) => main(m.data));
-  else main(wd as DeviceWorkerData);
+  if (wd.deferred) {
+    parentPort!.once('message', (m: DeviceWorkerStart) => main(m.data));
+    parentPort!.postMessage({ type: 'ready' } satisfies DeviceWorkerMessage);
+  } else main(wd as DeviceWorkerData);
 }

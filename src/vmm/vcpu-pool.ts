@@ -8,8 +8,59 @@ import { DEVICE_WORKER_ROLE } from './device-worker-protocol.js';
 import { takeEarlyVcpuWorkers, workerEntry } from '../util/bundle.js';
 import { chooseVcpuThreads, workersFor, type VcpuThreads } from './vcpu-mode.js';
 
-// A vCPU worker the bundle's loader may have started already (src/util/bundle.ts).
-const pool: Worker[] = takeEarlyVcpuWorkers();
+/**
+ * Workers of this pool that have loaded their modules: each says { type: 'ready' } once it has
+ * (vcpu-worker.ts; device-worker.ts when prewarmed). An unused one is ended only then
+ * (endUnused): Node 20's ESM loader reads module files through asynchronous file handles, and a
+ * worker terminated in the middle leaves those files open in the process for good (measured:
+ * 40 device workers ended 20-200 ms after their start leaked 33-89 descriptors of dist/ files;
+ * the daemon's shared mode, one per VM without virtio devices, leaked 44 -> 494 over 300 VMs).
+ */
+const loaded = new WeakSet<Worker>();
+
+function track(w: Worker): Worker {
+  const onMessage = (m: { type?: unknown } | null) => {
+    if (m?.type !== 'ready') return;
+    loaded.add(w);
+    w.off('message', onMessage);
+  };
+  w.on('message', onMessage);
+  return w;
+}
+
+/** A worker that never says it is ready (it hangs while loading) is ended after this anyway. */
+const UNUSED_WORKER_READY_LIMIT_MS = 10_000;
+
+/**
+ * Ends an unused prewarmed worker: now if it has loaded its modules, else once it has (its
+ * 'ready' message), so that no module file is left open (see `loaded`); nothing if it ends on
+ * its own first. The worker is unreferenced: waiting for it keeps nothing alive.
+ */
+function endUnused(w: Worker): void {
+  w.unref();
+  if (loaded.has(w)) return void w.terminate();
+  const end = () => {
+    w.off('message', onMessage);
+    w.off('exit', forget);
+    clearTimeout(limit);
+    void w.terminate();
+  };
+  const onMessage = (m: { type?: unknown } | null) => {
+    if (m?.type === 'ready') end();
+  };
+  const forget = () => {
+    w.off('message', onMessage);
+    clearTimeout(limit);
+  };
+  const limit = setTimeout(end, UNUSED_WORKER_READY_LIMIT_MS);
+  limit.unref();
+  w.on('message', onMessage);
+  w.once('exit', forget);
+}
+
+// A vCPU worker the bundle's loader may have started already (src/util/bundle.ts). Its 'ready'
+// cannot have been delivered yet: the main thread has not returned to its event loop since.
+const pool: Worker[] = takeEarlyVcpuWorkers().map(track);
 
 /** A new vCPU worker, waiting for its 'start' message (also the library's warm pool's). */
 export function spawnVcpuWorker(): Worker {
@@ -33,7 +84,7 @@ export function prewarmVcpuWorkers(n: number): void {
   }
   n = workersFor(mode, n);
   while (pool.length < n) {
-    const w = spawnVcpuWorker();
+    const w = track(spawnVcpuWorker());
     w.unref(); // an unused prewarmed worker must not keep the process alive
     pool.push(w);
   }
@@ -48,11 +99,10 @@ let deviceWorker: Worker | undefined;
 
 export function prewarmDeviceWorker(): void {
   if (deviceWorker) return;
-  deviceWorker = new Worker(
-    workerEntry('device-worker', new URL('./device-worker.js', import.meta.url)),
-    {
+  deviceWorker = track(
+    new Worker(workerEntry('device-worker', new URL('./device-worker.js', import.meta.url)), {
       workerData: { role: DEVICE_WORKER_ROLE, deferred: true },
-    },
+    }),
   );
   deviceWorker.unref();
 }
@@ -66,14 +116,14 @@ export function takeDeviceWorker(): Worker | undefined {
 }
 
 /**
- * `n` workers: prewarmed ones first, new ones for the rest; surplus prewarmed ones end, and so
- * does a prewarmed device worker nobody took (the VM's device worker, if it has one, was
+ * `n` workers: prewarmed ones first, new ones for the rest; surplus prewarmed ones end (once
+ * loaded: endUnused), and so does a prewarmed device worker nobody took (the VM's device worker, if it has one, was
  * started before its vCPUs: builder.ts finishVm).
  */
 export function takeVcpuWorkers(n: number): Worker[] {
   const taken = pool.splice(0, n);
-  for (const w of pool.splice(0)) void w.terminate();
-  void deviceWorker?.terminate();
+  for (const w of pool.splice(0)) endUnused(w);
+  if (deviceWorker) endUnused(deviceWorker);
   deviceWorker = undefined;
   for (const w of taken) w.ref();
   while (taken.length < n) taken.push(spawnVcpuWorker());
