@@ -56,15 +56,16 @@ import {
 } from '../../../util/persist.js';
 import { RateLimiter, type RateLimiterConfig, monotonicMs } from '../rate-limiter.js';
 import type { DescriptorChain } from '../chain.js';
-import { gather, scatter, sliceSegments } from '../chain.js';
+import { gather, scatter } from '../chain.js';
 import { QUEUE_SIZE_MAX, VIRTIO_F_RING_INDIRECT_DESC, bit } from '../constants.js';
 import type { QueueIo, VirtioBackend } from '../device.js';
 import type { VirtioDeviceIdentity } from '../mmio-state.js';
 import {
   MAX_FRAME_WITH_HDR,
   NET_HDR_SIZE,
-  checkTxHeader,
-  parseNetHeader,
+  readNetHeader,
+  txHeaderError,
+  type NetHeader,
   type TxOffloads,
 } from './header.js';
 
@@ -260,6 +261,11 @@ export class NetDevice implements VirtioBackend {
   private readonly txBody = new Uint8Array(MAX_FRAME_WITH_HDR - NET_HDR_SIZE);
   private watching = false;
   private readonly peek = new Uint8Array(INTERCEPT_PEEK);
+  /** The TX header's fields, parsed from txHdr (one object, refilled per frame). */
+  private readonly txHdrFields: NetHeader = readNetHeader(this.txHdr);
+  /** The buffers of the frame being sent / read (reused: no per-frame arrays). */
+  private readonly txIov: Uint8Array[] = [];
+  private readonly rxIov: Uint8Array[] = [];
 
   constructor(
     readonly name: string,
@@ -408,33 +414,44 @@ export class NetDevice implements VirtioBackend {
     this.counters.rxBytes += n - NET_HDR_SIZE;
   }
 
-  /** TX chains (the generic drain calls this for queue 1). */
+  /**
+   * TX chains (the generic drain calls this for queue 1). Per frame: one writev of our header
+   * copy and the guest's buffers after the header, through an array reused from frame to frame
+   * (no per-frame arrays but the subarray of a buffer the header ends inside).
+   */
   handle(queue: number, chain: DescriptorChain): number {
     if (queue !== TX_QUEUE) return 0;
-    const bad = (why: string) => {
-      this.counters.txBad++;
-      this.io?.guestError('net-tx', `${this.name}: TX frame dropped: ${why}`);
-      return 0;
-    };
     const len = chain.readableLength;
-    if (chain.writableLength > 0) return bad('device-writable buffers on the TX queue');
-    if (len < NET_HDR_SIZE) return bad(`chain of ${len} bytes has no virtio-net header`);
+    if (chain.writableLength > 0) return this.txBad('device-writable buffers on the TX queue');
+    if (len < NET_HDR_SIZE) return this.txBad(`chain of ${len} bytes has no virtio-net header`);
     if (len > MAX_FRAME_WITH_HDR)
-      return bad(`frame of ${len} bytes is over the ${MAX_FRAME_WITH_HDR}-byte limit`);
+      return this.txBad(`frame of ${len} bytes is over the ${MAX_FRAME_WITH_HDR}-byte limit`);
     // Copied once: the copy is checked and the copy is sent (checked is used).
     gather(chain.readable, this.txHdr);
-    const ok = checkTxHeader(parseNetHeader(this.txHdr), len - NET_HDR_SIZE, this.tx);
-    if (!ok.ok) return bad(ok.error);
-    let body = sliceSegments(chain.readable, NET_HDR_SIZE, len - NET_HDR_SIZE);
-    if (this.interceptor && this.intercept(body, len - NET_HDR_SIZE)) return 0;
-    if (body.length + 1 > TAP_MAX_IOVECS) {
+    const h = readNetHeader(this.txHdr, this.txHdrFields);
+    const why = txHeaderError(h, len - NET_HDR_SIZE, this.tx);
+    if (why !== undefined) return this.txBad(why);
+    const iov = this.txIov;
+    iov.length = 0;
+    iov.push(this.txHdr);
+    let skip = NET_HDR_SIZE;
+    for (const s of chain.readable) {
+      if (skip >= s.length) skip -= s.length;
+      else {
+        iov.push(skip > 0 ? s.subarray(skip) : s);
+        skip = 0;
+      }
+    }
+    if (this.interceptor && this.intercept(iov, len - NET_HDR_SIZE, h)) return 0;
+    if (iov.length > TAP_MAX_IOVECS) {
       const flat = this.txBody.subarray(0, len - NET_HDR_SIZE);
-      gather(body, flat);
-      body = [flat];
+      gatherFrom(iov, 1, flat);
+      iov.length = 1;
+      iov.push(flat);
       this.counters.txCoalesced++;
     }
     try {
-      const n = this.tap.writev([this.txHdr, ...body]);
+      const n = this.tap.writev(iov);
       if (n < 0) {
         this.counters.txErrors++; // the TAP's queue is full (tun's sndbuf): dropped, counted
         return 0;
@@ -444,22 +461,31 @@ export class NetDevice implements VirtioBackend {
     } catch (e) {
       this.counters.txErrors++;
       this.logOnce('tx-error', `${this.name}: TAP write failed: ${(e as Error).message}`);
+    } finally {
+      // No reference to guest RAM outlives the frame.
+      iov.length = 0;
     }
+    return 0;
+  }
+
+  private txBad(why: string): number {
+    this.counters.txBad++;
+    this.io?.guestError('net-tx', `${this.name}: TX frame dropped: ${why}`);
     return 0;
   }
 
   /**
    * MMDS: a frame the interceptor wants is copied out (the copy is what it parses: the guest
    * cannot change it meanwhile) and never reaches the TAP; its answers are served at once.
+   * `iov`: our header copy, then the frame's `len` bytes.
    */
-  private intercept(body: Uint8Array[], len: number): boolean {
+  private intercept(iov: Uint8Array[], len: number, h: NetHeader): boolean {
     const ic = this.interceptor!;
     const head = this.peek.subarray(0, Math.min(len, INTERCEPT_PEEK));
-    gather(body, head);
+    gatherFrom(iov, 1, head);
     if (!ic.wants(head)) return false;
     const frame = new Uint8Array(len);
-    gather(body, frame);
-    const h = parseNetHeader(this.txHdr);
+    gatherFrom(iov, 1, frame);
     // A GSO frame is never an MMDS request (they are small): dropped by the responder's checks.
     ic.handleFrame(h.gsoType === 0 ? frame : frame.subarray(0, 0), (h.flags & 1) !== 0);
     if (ic.queued > 0) this.processRx();
@@ -533,14 +559,19 @@ export class NetDevice implements VirtioBackend {
         continue;
       }
       let n: number;
+      const iov = this.rxIov;
+      for (const w of chain.writable) iov.push(w);
+      iov.push(this.spill);
       try {
-        n = this.tap.readv([...chain.writable, this.spill]);
+        n = this.tap.readv(iov);
       } catch (e) {
         // Not "nothing waits": the TAP failed. The chain goes back unused and the device breaks
         // (the caller's guard), which stops watching the TAP.
         io.pushUsed(RX_QUEUE, chain.head, 0);
         io.notify(RX_QUEUE);
         throw e;
+      } finally {
+        iov.length = 0; // no reference to guest RAM outlives the read
       }
       if (n < 0) {
         this.held = chain;
@@ -617,4 +648,16 @@ export class NetDevice implements VirtioBackend {
     this.logged.add(kind);
     this.log(`${m} (logged once)`);
   }
+}
+
+/** Copies up to dst.length bytes from the start of segments[from..]; returns how many. */
+function gatherFrom(segments: readonly Uint8Array[], from: number, dst: Uint8Array): number {
+  let n = 0;
+  for (let i = from; i < segments.length && n < dst.length; i++) {
+    const s = segments[i]!;
+    const take = Math.min(s.length, dst.length - n);
+    dst.set(take === s.length ? s : s.subarray(0, take), n);
+    n += take;
+  }
+  return n;
 }
