@@ -39,6 +39,16 @@
  * interrupt, and suppresses RX kicks while it has buffers: the driver kicks RX only after we
  * ran out (the empty pop re-enables them), which is the one kick RX needs (back-pressure).
  *
+ * Batching (issue 17): the frames of one TX turn are written to the TAP with one io_uring_enter
+ * (tx-batch.ts; TapIo.txBatch), at the end of the turn (endTurn), before VirtioDevice publishes
+ * the turn's used entries: nothing is in flight between turns. Without io_uring, one writev per
+ * frame. Per frame, TX and RX build no arrays (one reused array per direction, emptied after each
+ * TAP call) and the TX header is parsed into one reused object.
+ * RX stays one readv per frame: batching reads of a TAP (io_uring READV per posted chain) would
+ * need completions that may come later (a TAP read waits for a frame), i.e. chains held across
+ * turns, an eventfd on the loop and a drain before snapshots, as virtio-blk's Async engine has;
+ * not done (see docs/bench.md, network).
+ *
  * Rate limiting (issue 16, Firecracker's rx_rate_limiter / tx_rate_limiter): a frame takes 1
  * ops token and its Ethernet bytes (without the virtio-net header). TX: a frame that does not
  * fit stays on the TX queue, which sleeps until it does (VirtioDevice, admit()). RX: the frame
