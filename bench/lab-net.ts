@@ -166,6 +166,8 @@ interface Sample {
   h2gIrqPerMB?: number;
   /** Typervisor's metrics over one iperf3 run: TX frames per TX kick (guest -> host). */
   g2hTxFramesPerKick?: number;
+  /** TX frames per batched TAP write (io_uring_enter; undefined: batching off or absent). */
+  g2hTxFramesPerBatch?: number;
   /** RX frames per RX kick (host -> guest: the driver kicks RX only when we ran out). */
   h2gRxFramesPerKick?: number;
   pingMs?: number;
@@ -428,11 +430,11 @@ async function measure(
         s.g2hMbit = iperfMbit(out);
         if (s.g2hMbit === undefined) throw new Error(`no iperf3 summary: ${out.slice(-300)}`);
         s.g2hIrqPerMB = await irqsPerMB(before, out);
-        if (m)
-          s.g2hTxFramesPerKick = ratio(
-            sumMetric(m, group, 'tx_packets_count'),
-            sumMetric(m, group, 'tx_queue_event_count'),
-          );
+        if (m) {
+          const frames = sumMetric(m, group, 'tx_packets_count');
+          s.g2hTxFramesPerKick = ratio(frames, sumMetric(m, group, 'tx_queue_event_count'));
+          s.g2hTxFramesPerBatch = ratio(frames, sumMetric(m, group, 'tx_batches'));
+        }
       });
       await attempt('iperf3 host->guest', async () => {
         const before = netIrqs(await vm.run(NET_IRQ_CMD, 30_000));
@@ -642,6 +644,13 @@ async function main(): Promise<void> {
       "Typervisor's metrics (tx_packets_count / tx_queue_event_count) over the iperf3 run; QEMU has no such counter",
     ),
     row(
+      'virtio-net TX frames per batched TAP write, iperf3 guest → host',
+      'frames',
+      (s) => s.g2hTxFramesPerBatch,
+      true,
+      'tx_packets_count / tx_batches: frames per io_uring_enter (n/a: one writev per frame)',
+    ),
+    row(
       'virtio-net RX frames per RX kick, iperf3 host → guest',
       'frames',
       (s) => s.h2gRxFramesPerKick,
@@ -687,6 +696,7 @@ async function main(): Promise<void> {
       ['irq/MB guest → host', (s: Sample) => s.g2hIrqPerMB],
       ['irq/MB host → guest', (s: Sample) => s.h2gIrqPerMB],
       ['TX frames per kick', (s: Sample) => s.g2hTxFramesPerKick],
+      ['TX frames per batch', (s: Sample) => s.g2hTxFramesPerBatch],
       ['RX frames per RX kick', (s: Sample) => s.h2gRxFramesPerKick],
       ['ping ms', (s: Sample) => s.pingMs],
       ['vsock guest → host MB/s', (s: Sample) => s.vsockG2hMBs],
