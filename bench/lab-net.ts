@@ -13,13 +13,19 @@
  *     vhost_vsock does the work, so that row compares against an in-kernel data path).
  * Measured: iperf3 TCP guest->host and host->guest (Mbit/s, receiver side), ping guest->host
  * (busybox, average RTT) and a vsock stream of VSOCK_MIB MiB each way through socat (MB/s,
- * timed on the host from the start of the transfer to the last byte).
+ * timed on the host from the start of the transfer to the last byte). Issue 17's notification
+ * figures: the guest's virtio-net interrupts per MB iperf3 moved (its /proc/interrupts, both
+ * VMMs), and for Typervisor the frames per kick of each direction's data queue, from the
+ * device's metrics (Firecracker's net_eth0 group, flushed through the API before and after
+ * each iperf3 run): Typervisor runs in its Firecracker-style mode (`--api-sock --config-file
+ * --metrics-path`, the same VM as `typervisor run` would build), QEMU has no such counters.
  *
  * Prints one JSON line `{ rows, notes }` between BENCH-JSON-BEGIN and BENCH-JSON-END, and a
  * Markdown table on stderr.
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { request } from 'node:http';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { detectKvm } from '../src/kvm/detect.js';
@@ -39,6 +45,8 @@ const CMDLINE = 'console=ttyS0 reboot=k panic=1 pci=off quiet';
 const GUEST_ADDR = '169.254.10.2';
 const GUEST_MAC = '06:00:a9:fe:0a:02';
 const GUEST_CID = 3;
+/** The interface's iface_id: its metrics group is net_<id>. */
+const IFACE = 'eth0';
 const IPERF_SECONDS = 4;
 const PINGS = 10;
 const VSOCK_MIB = 32;
@@ -156,6 +164,12 @@ interface Sample {
   /** virtio-net interrupts the guest took per MB iperf3 moved (its /proc/interrupts line). */
   g2hIrqPerMB?: number;
   h2gIrqPerMB?: number;
+  /** Typervisor's metrics over one iperf3 run: TX frames per TX kick (guest -> host). */
+  g2hTxFramesPerKick?: number;
+  /** TX frames per batched TAP write (io_uring_enter; undefined: batching off or absent). */
+  g2hTxFramesPerBatch?: number;
+  /** RX frames per RX kick (host -> guest: the driver kicks RX only when we ran out). */
+  h2gRxFramesPerKick?: number;
   pingMs?: number;
   vsockG2hMBs?: number;
   vsockH2gMBs?: number;
@@ -177,26 +191,33 @@ function vmmArgv(
     // included) written to DIR at exit, for finding where a transfer's time goes (seccomp off:
     // the profile is written by the exiting threads).
     const prof = process.env.TYPERVISOR_BENCH_CPU_PROF;
+    // The VM `typervisor run --kernel --initrd --cmdline --memory --drive path=ROOT,root --net
+    // tap=TAP,mac=MAC --vsock cid=3,uds=UDS` builds, from a config file, with the API socket
+    // (FlushMetrics) and a metrics file: the device counters of each iperf3 run.
+    const cfg = {
+      'boot-source': { kernel_image_path: g, initrd_path: initrd, boot_args: CMDLINE },
+      'machine-config': { vcpu_count: 1, mem_size_mib: MEM_MIB },
+      drives: [
+        { drive_id: 'rootfs', path_on_host: root, is_root_device: true, is_read_only: false },
+      ],
+      'network-interfaces': [{ iface_id: IFACE, host_dev_name: net.taps[0], guest_mac: GUEST_MAC }],
+      vsock: { guest_cid: GUEST_CID, uds_path: uds },
+    };
+    const f = fcFiles(uds);
+    writeFileSync(f.config, JSON.stringify(cfg));
+    rmSync(f.metrics, { force: true });
+    rmSync(f.api, { force: true });
     return net.exec([
       process.execPath,
       ...(prof ? ['--cpu-prof', '--cpu-prof-dir', prof] : []),
       name === 'baseline' ? join(baseline!, 'bin', 'typervisor') : TYPERVISOR,
-      'run',
+      '--api-sock',
+      f.api,
+      '--config-file',
+      f.config,
+      '--metrics-path',
+      f.metrics,
       ...(prof ? ['--no-seccomp'] : []),
-      '--kernel',
-      g,
-      '--initrd',
-      initrd,
-      '--cmdline',
-      CMDLINE,
-      '--memory',
-      String(MEM_MIB),
-      '--drive',
-      `path=${root},root`,
-      '--net',
-      `tap=${net.taps[0]},mac=${GUEST_MAC}`,
-      '--vsock',
-      `cid=${GUEST_CID},uds=${uds}`,
     ]);
   }
   return net.exec([
@@ -235,6 +256,58 @@ function vmmArgv(
     `vhost-vsock-device,guest-cid=${GUEST_CID}`,
   ]);
 }
+
+/** The Firecracker-style mode's files, next to the vsock socket. */
+function fcFiles(uds: string): { config: string; metrics: string; api: string } {
+  return { config: `${uds}.config.json`, metrics: `${uds}.metrics.json`, api: `${uds}.api` };
+}
+
+/** PUT on the API socket: resolves with the status (Firecracker answers 204). */
+function apiPut(sock: string, path: string, body: unknown): Promise<number> {
+  const data = JSON.stringify(body);
+  return new Promise((resolve, reject) => {
+    const req = request(
+      {
+        socketPath: sock,
+        method: 'PUT',
+        path,
+        headers: { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(data) },
+        timeout: 30_000,
+      },
+      (res) => {
+        res.resume();
+        res.on('end', () => resolve(res.statusCode ?? 0));
+      },
+    );
+    req.on('timeout', () => req.destroy(new Error(`PUT ${path}: no answer in 30 s`)));
+    req.on('error', reject);
+    req.end(data);
+  });
+}
+
+/**
+ * The metrics file's lines (one JSON object each, counters as deltas since the line before)
+ * after a FlushMetrics: an iperf3 run's counters are the sum of the lines it added (the 60 s
+ * periodic line may fall inside it).
+ */
+async function flushedLines(sock: string, file: string): Promise<string[]> {
+  const st = await apiPut(sock, '/actions', { action_type: 'FlushMetrics' });
+  if (st !== 204) throw new Error(`FlushMetrics answered ${st}`);
+  return readFileSync(file, 'utf8').trim().split('\n');
+}
+
+/** Sum of `group`.`field` over metrics lines. */
+function sumMetric(lines: string[], group: string, field: string): number {
+  let n = 0;
+  for (const l of lines) {
+    const v = (JSON.parse(l) as Record<string, Record<string, unknown>>)[group]?.[field];
+    if (typeof v === 'number') n += v;
+  }
+  return n;
+}
+
+/** a / b, or undefined without kicks. */
+const ratio = (a: number, b: number) => (b > 0 ? a / b : undefined);
 
 function background(argv: string[]): { proc: ChildProcess; out: () => string } {
   const proc = spawn(argv[0]!, argv.slice(1), { stdio: ['ignore', 'pipe', 'pipe'] });
@@ -336,25 +409,50 @@ async function measure(
           ? undefined
           : (after - before) / mb;
       };
+      // Typervisor's device counters over one iperf3 run (the lines its flushes added).
+      const fc = fcFiles(uds);
+      const counted = async (run: () => Promise<void>): Promise<string[] | undefined> => {
+        if (!isOurs(name)) return (await run(), undefined);
+        const from = (await flushedLines(fc.api, fc.metrics)).length;
+        await run();
+        return (await flushedLines(fc.api, fc.metrics)).slice(from);
+      };
+      const group = `net_${IFACE}`;
       await attempt('iperf3 guest->host', async () => {
         const before = netIrqs(await vm.run(NET_IRQ_CMD, 30_000));
-        const out = await vm.run(
-          `iperf3 -c ${net.hostAddr} -t ${IPERF_SECONDS} -f m 2>&1 | tail -n 4`,
-          120_000,
-        );
+        let out = '';
+        const m = await counted(async () => {
+          out = await vm.run(
+            `iperf3 -c ${net.hostAddr} -t ${IPERF_SECONDS} -f m 2>&1 | tail -n 4`,
+            120_000,
+          );
+        });
         s.g2hMbit = iperfMbit(out);
         if (s.g2hMbit === undefined) throw new Error(`no iperf3 summary: ${out.slice(-300)}`);
         s.g2hIrqPerMB = await irqsPerMB(before, out);
+        if (m) {
+          const frames = sumMetric(m, group, 'tx_packets_count');
+          s.g2hTxFramesPerKick = ratio(frames, sumMetric(m, group, 'tx_queue_event_count'));
+          s.g2hTxFramesPerBatch = ratio(frames, sumMetric(m, group, 'tx_batches'));
+        }
       });
       await attempt('iperf3 host->guest', async () => {
         const before = netIrqs(await vm.run(NET_IRQ_CMD, 30_000));
-        const out = await vm.run(
-          `iperf3 -c ${net.hostAddr} -t ${IPERF_SECONDS} -f m -R 2>&1 | tail -n 4`,
-          120_000,
-        );
+        let out = '';
+        const m = await counted(async () => {
+          out = await vm.run(
+            `iperf3 -c ${net.hostAddr} -t ${IPERF_SECONDS} -f m -R 2>&1 | tail -n 4`,
+            120_000,
+          );
+        });
         s.h2gMbit = iperfMbit(out);
         if (s.h2gMbit === undefined) throw new Error(`no iperf3 summary: ${out.slice(-300)}`);
         s.h2gIrqPerMB = await irqsPerMB(before, out);
+        if (m)
+          s.h2gRxFramesPerKick = ratio(
+            sumMetric(m, group, 'rx_packets_count'),
+            sumMetric(m, group, 'rx_queue_event_count'),
+          );
       });
     }
     await attempt('vsock guest->host', async () => {
@@ -538,6 +636,27 @@ async function main(): Promise<void> {
       "the guest's /proc/interrupts line of eth0's device, over the MB iperf3 moved",
     ),
     row('virtio-net interrupts per MB, iperf3 host → guest', 'irq/MB', (s) => s.h2gIrqPerMB, false),
+    row(
+      'virtio-net TX frames per kick, iperf3 guest → host',
+      'frames',
+      (s) => s.g2hTxFramesPerKick,
+      true,
+      "Typervisor's metrics (tx_packets_count / tx_queue_event_count) over the iperf3 run; QEMU has no such counter",
+    ),
+    row(
+      'virtio-net TX frames per batched TAP write, iperf3 guest → host',
+      'frames',
+      (s) => s.g2hTxFramesPerBatch,
+      true,
+      'tx_packets_count / tx_batches: frames per io_uring_enter (n/a: one writev per frame)',
+    ),
+    row(
+      'virtio-net RX frames per RX kick, iperf3 host → guest',
+      'frames',
+      (s) => s.h2gRxFramesPerKick,
+      true,
+      'rx_packets_count / rx_queue_event_count: the driver kicks RX only after the device ran out of its buffers',
+    ),
     row(`ping guest → host, average RTT (${PINGS} pings)`, 'ms', (s) => s.pingMs, false),
     row(
       `vsock stream guest → host (${VSOCK_MIB} MiB, socat)`,
@@ -572,11 +691,19 @@ async function main(): Promise<void> {
   process.stderr.write(`${md}\n`);
   if (samples.some((s) => s.vmm === 'baseline')) {
     for (const [what, f] of [
-      ['vsock guest → host', (s: Sample) => s.vsockG2hMBs],
-      ['vsock host → guest', (s: Sample) => s.vsockH2gMBs],
+      ['iperf3 guest → host Mbit/s', (s: Sample) => s.g2hMbit],
+      ['iperf3 host → guest Mbit/s', (s: Sample) => s.h2gMbit],
+      ['irq/MB guest → host', (s: Sample) => s.g2hIrqPerMB],
+      ['irq/MB host → guest', (s: Sample) => s.h2gIrqPerMB],
+      ['TX frames per kick', (s: Sample) => s.g2hTxFramesPerKick],
+      ['TX frames per batch', (s: Sample) => s.g2hTxFramesPerBatch],
+      ['RX frames per RX kick', (s: Sample) => s.h2gRxFramesPerKick],
+      ['ping ms', (s: Sample) => s.pingMs],
+      ['vsock guest → host MB/s', (s: Sample) => s.vsockG2hMBs],
+      ['vsock host → guest MB/s', (s: Sample) => s.vsockH2gMBs],
     ] as const) {
       const b = pick('baseline', f);
-      log(`baseline ${what}: median ${b?.median.toFixed(2) ?? 'n/a'} MB/s (n=${b?.n ?? 0})`);
+      log(`baseline ${what}: median ${b?.median.toFixed(2) ?? 'n/a'} (n=${b?.n ?? 0})`);
     }
   }
   process.stdout.write(

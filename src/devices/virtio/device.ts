@@ -127,6 +127,13 @@ export interface VirtioBackend {
    */
   admit?(queue: number, chain: DescriptorChain): number;
   /**
+   * Optional (issue 17, virtio-net's batched TX): called at the end of every turn of a queue the
+   * generic part drains, before its used entries are published (and so before the driver may
+   * reuse their buffers): a backend that started I/O on the chains of the turn in handle()
+   * finishes it here. An exception breaks the device, as one from handle() does.
+   */
+  endTurn?(queue: number): void;
+  /**
    * Queues the backend serves itself through QueueIo: a kick of one of them calls kick()
    * instead of draining it through handle().
    */
@@ -546,6 +553,7 @@ export class VirtioDevice {
       if (p.kind === 'empty') break;
       if (p.kind === 'broken') {
         // What was served before is the driver's (its reset will discard it anyway).
+        this.endTurnQuietly(index);
         q.publishUsed();
         this.guestError('broken', `queue ${index}: ${p.message}`);
         if (this.state.markNeedsReset(d.epoch)) this.env.interrupt();
@@ -563,6 +571,7 @@ export class VirtioDevice {
         } catch (e) {
           q.pushUsed(p.chain.head, 0);
           this.counters.used[index]! += used + 1;
+          this.endTurnQuietly(index);
           this.interruptIfWanted(q, index);
           this.fail(`queue ${index}`, e);
           return;
@@ -580,6 +589,7 @@ export class VirtioDevice {
           // The request fails (used.len 0), and so does the device.
           q.pushUsed(p.chain.head, 0);
           this.counters.used[index]! += used + 1;
+          this.endTurnQuietly(index);
           this.interruptIfWanted(q, index);
           this.fail(`queue ${index}`, e);
           return;
@@ -590,8 +600,27 @@ export class VirtioDevice {
     }
     this.counters.used[index]! += used;
     if (!live()) return;
+    if (this.backend.endTurn) {
+      try {
+        this.backend.endTurn(index);
+      } catch (e) {
+        if (used > 0) this.interruptIfWanted(q, index);
+        else q.publishUsed();
+        this.fail(`queue ${index}`, e);
+        return;
+      }
+    }
     if (used > 0) this.interruptIfWanted(q, index);
     else q.publishUsed(); // ends the batch
+  }
+
+  /** endTurn() on a path that breaks the device anyway: its own exception adds nothing. */
+  private endTurnQuietly(index: number): void {
+    try {
+      this.backend.endTurn?.(index);
+    } catch {
+      // The device is being broken by the caller.
+    }
   }
 
   private scheduleTurn(d: Extract<DeviceState, { kind: 'active' }>, index: number): void {

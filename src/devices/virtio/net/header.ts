@@ -37,16 +37,32 @@ export interface TxOffloads {
 }
 
 export function parseNetHeader(b: Uint8Array): NetHeader {
-  const v = new DataView(b.buffer, b.byteOffset, NET_HDR_SIZE);
-  return {
-    flags: v.getUint8(0),
-    gsoType: v.getUint8(1),
-    hdrLen: v.getUint16(2, true),
-    gsoSize: v.getUint16(4, true),
-    csumStart: v.getUint16(6, true),
-    csumOffset: v.getUint16(8, true),
-    numBuffers: v.getUint16(10, true),
+  return readNetHeader(b);
+}
+
+/**
+ * The header's fields from the first NET_HDR_SIZE bytes of `b` (little-endian), into `into`
+ * when given (the TX path refills one object per frame instead of allocating one).
+ */
+export function readNetHeader(b: Uint8Array, into?: NetHeader): NetHeader {
+  if (b.length < NET_HDR_SIZE) throw new RangeError(`a virtio-net header is ${NET_HDR_SIZE} bytes`);
+  const h = into ?? {
+    flags: 0,
+    gsoType: 0,
+    hdrLen: 0,
+    gsoSize: 0,
+    csumStart: 0,
+    csumOffset: 0,
+    numBuffers: 0,
   };
+  h.flags = b[0]!;
+  h.gsoType = b[1]!;
+  h.hdrLen = b[2]! | (b[3]! << 8);
+  h.gsoSize = b[4]! | (b[5]! << 8);
+  h.csumStart = b[6]! | (b[7]! << 8);
+  h.csumOffset = b[8]! | (b[9]! << 8);
+  h.numBuffers = b[10]! | (b[11]! << 8);
+  return h;
 }
 
 export function writeNetHeader(b: Uint8Array, h: NetHeader): void {
@@ -67,31 +83,35 @@ export function writeNetHeader(b: Uint8Array, h: NetHeader): void {
  * without a segment size or without NEEDS_CSUM, frames shorter than an Ethernet header.
  */
 export function checkTxHeader(h: NetHeader, frameLen: number, o: TxOffloads): Result<void, string> {
-  if (frameLen < ETH_HLEN)
-    return err(`frame of ${frameLen} bytes is shorter than an Ethernet header`);
-  if (h.flags & ~VIRTIO_NET_HDR_F_NEEDS_CSUM)
-    return err(`bad header flags 0x${h.flags.toString(16)}`);
+  const why = txHeaderError(h, frameLen, o);
+  return why === undefined ? ok(undefined) : err(why);
+}
+
+/** checkTxHeader's answer without a Result object: why the header is refused, or undefined. */
+export function txHeaderError(h: NetHeader, frameLen: number, o: TxOffloads): string | undefined {
+  if (frameLen < ETH_HLEN) return `frame of ${frameLen} bytes is shorter than an Ethernet header`;
+  if (h.flags & ~VIRTIO_NET_HDR_F_NEEDS_CSUM) return `bad header flags 0x${h.flags.toString(16)}`;
   if (h.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) {
-    if (!o.csum) return err('checksum offload without VIRTIO_NET_F_CSUM');
+    if (!o.csum) return 'checksum offload without VIRTIO_NET_F_CSUM';
     if (h.csumStart + h.csumOffset + 2 > frameLen)
-      return err(`checksum at ${h.csumStart}+${h.csumOffset} outside a ${frameLen}-byte frame`);
+      return `checksum at ${h.csumStart}+${h.csumOffset} outside a ${frameLen}-byte frame`;
   }
   const gso = h.gsoType & ~VIRTIO_NET_HDR_GSO_ECN;
-  if (h.gsoType & VIRTIO_NET_HDR_GSO_ECN) return err('GSO with ECN was not negotiated');
+  if (h.gsoType & VIRTIO_NET_HDR_GSO_ECN) return 'GSO with ECN was not negotiated';
   switch (gso) {
     case VIRTIO_NET_HDR_GSO_NONE:
-      return ok(undefined);
+      return undefined;
     case VIRTIO_NET_HDR_GSO_TCPV4:
-      if (!o.tso4) return err('TCPv4 segmentation offload was not negotiated');
+      if (!o.tso4) return 'TCPv4 segmentation offload was not negotiated';
       break;
     case VIRTIO_NET_HDR_GSO_TCPV6:
-      if (!o.tso6) return err('TCPv6 segmentation offload was not negotiated');
+      if (!o.tso6) return 'TCPv6 segmentation offload was not negotiated';
       break;
     default:
-      return err(`unknown GSO type ${h.gsoType}`);
+      return `unknown GSO type ${h.gsoType}`;
   }
-  if (h.gsoSize === 0) return err('GSO with a segment size of 0');
-  if (!(h.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM)) return err('GSO without NEEDS_CSUM');
-  if (h.hdrLen > frameLen) return err(`hdr_len ${h.hdrLen} beyond the ${frameLen}-byte frame`);
-  return ok(undefined);
+  if (h.gsoSize === 0) return 'GSO with a segment size of 0';
+  if (!(h.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM)) return 'GSO without NEEDS_CSUM';
+  if (h.hdrLen > frameLen) return `hdr_len ${h.hdrLen} beyond the ${frameLen}-byte frame`;
+  return undefined;
 }

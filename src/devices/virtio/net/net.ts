@@ -39,6 +39,16 @@
  * interrupt, and suppresses RX kicks while it has buffers: the driver kicks RX only after we
  * ran out (the empty pop re-enables them), which is the one kick RX needs (back-pressure).
  *
+ * Batching (issue 17): the frames of one TX turn are written to the TAP with one io_uring_enter
+ * (tx-batch.ts; TapIo.txBatch), at the end of the turn (endTurn), before VirtioDevice publishes
+ * the turn's used entries: nothing is in flight between turns. Without io_uring, one writev per
+ * frame. Per frame, TX and RX build no arrays (one reused array per direction, emptied after each
+ * TAP call) and the TX header is parsed into one reused object.
+ * RX stays one readv per frame: batching reads of a TAP (io_uring READV per posted chain) would
+ * need completions that may come later (a TAP read waits for a frame), i.e. chains held across
+ * turns, an eventfd on the loop and a drain before snapshots, as virtio-blk's Async engine has;
+ * not done (see docs/bench.md, network).
+ *
  * Rate limiting (issue 16, Firecracker's rx_rate_limiter / tx_rate_limiter): a frame takes 1
  * ops token and its Ethernet bytes (without the virtio-net header). TX: a frame that does not
  * fit stays on the TX queue, which sleeps until it does (VirtioDevice, admit()). RX: the frame
@@ -56,15 +66,17 @@ import {
 } from '../../../util/persist.js';
 import { RateLimiter, type RateLimiterConfig, monotonicMs } from '../rate-limiter.js';
 import type { DescriptorChain } from '../chain.js';
-import { gather, scatter, sliceSegments } from '../chain.js';
+import { gather, scatter } from '../chain.js';
 import { QUEUE_SIZE_MAX, VIRTIO_F_RING_INDIRECT_DESC, bit } from '../constants.js';
 import type { QueueIo, VirtioBackend } from '../device.js';
 import type { VirtioDeviceIdentity } from '../mmio-state.js';
+import { isTapFull, type TxBatch } from './tx-batch.js';
 import {
   MAX_FRAME_WITH_HDR,
   NET_HDR_SIZE,
-  checkTxHeader,
-  parseNetHeader,
+  readNetHeader,
+  txHeaderError,
+  type NetHeader,
   type TxOffloads,
 } from './header.js';
 
@@ -111,6 +123,11 @@ export interface TapIo {
   setOffload(flags: number): void;
   /** Watch (or stop watching) the TAP for readable frames. */
   setReadInterest(on: boolean): void;
+  /**
+   * Batched TX writes (tx-batch.ts: io_uring), when available: the frames of a TX turn are
+   * queued and written together at its end (endTurn). Absent: one writev per frame.
+   */
+  readonly txBatch?: TxBatch;
 }
 
 /**
@@ -260,6 +277,11 @@ export class NetDevice implements VirtioBackend {
   private readonly txBody = new Uint8Array(MAX_FRAME_WITH_HDR - NET_HDR_SIZE);
   private watching = false;
   private readonly peek = new Uint8Array(INTERCEPT_PEEK);
+  /** The TX header's fields, parsed from txHdr (one object, refilled per frame). */
+  private readonly txHdrFields: NetHeader = readNetHeader(this.txHdr);
+  /** The buffers of the frame being sent / read (reused: no per-frame arrays). */
+  private readonly txIov: Uint8Array[] = [];
+  private readonly rxIov: Uint8Array[] = [];
 
   constructor(
     readonly name: string,
@@ -339,6 +361,7 @@ export class NetDevice implements VirtioBackend {
    * takes it again), the offloads follow from the negotiated features, the TAP is the host's.
    */
   save(): Uint8Array {
+    this.flushTx(); // nothing is queued between turns; kept for safety
     if (this.held && this.io?.unpop(RX_QUEUE, this.held.head)) this.held = undefined;
     // A frame the RX limiter held: its chain goes back empty, the frame is dropped.
     if (this.deferred && this.io?.unpop(RX_QUEUE, this.deferred.chain.head)) {
@@ -377,6 +400,7 @@ export class NetDevice implements VirtioBackend {
   }
 
   deactivate(): void {
+    this.flushTx(); // frames admitted before the reset still go out, as with writev
     this.io = undefined;
     this.held = undefined;
     this.deferred = undefined;
@@ -408,58 +432,124 @@ export class NetDevice implements VirtioBackend {
     this.counters.rxBytes += n - NET_HDR_SIZE;
   }
 
-  /** TX chains (the generic drain calls this for queue 1). */
+  /**
+   * TX chains (the generic drain calls this for queue 1). Per frame: one writev of our header
+   * copy and the guest's buffers after the header, through an array reused from frame to frame
+   * (no per-frame arrays but the subarray of a buffer the header ends inside).
+   */
   handle(queue: number, chain: DescriptorChain): number {
     if (queue !== TX_QUEUE) return 0;
-    const bad = (why: string) => {
-      this.counters.txBad++;
-      this.io?.guestError('net-tx', `${this.name}: TX frame dropped: ${why}`);
-      return 0;
-    };
     const len = chain.readableLength;
-    if (chain.writableLength > 0) return bad('device-writable buffers on the TX queue');
-    if (len < NET_HDR_SIZE) return bad(`chain of ${len} bytes has no virtio-net header`);
+    if (chain.writableLength > 0) return this.txBad('device-writable buffers on the TX queue');
+    if (len < NET_HDR_SIZE) return this.txBad(`chain of ${len} bytes has no virtio-net header`);
     if (len > MAX_FRAME_WITH_HDR)
-      return bad(`frame of ${len} bytes is over the ${MAX_FRAME_WITH_HDR}-byte limit`);
+      return this.txBad(`frame of ${len} bytes is over the ${MAX_FRAME_WITH_HDR}-byte limit`);
     // Copied once: the copy is checked and the copy is sent (checked is used).
     gather(chain.readable, this.txHdr);
-    const ok = checkTxHeader(parseNetHeader(this.txHdr), len - NET_HDR_SIZE, this.tx);
-    if (!ok.ok) return bad(ok.error);
-    let body = sliceSegments(chain.readable, NET_HDR_SIZE, len - NET_HDR_SIZE);
-    if (this.interceptor && this.intercept(body, len - NET_HDR_SIZE)) return 0;
-    if (body.length + 1 > TAP_MAX_IOVECS) {
+    const h = readNetHeader(this.txHdr, this.txHdrFields);
+    const why = txHeaderError(h, len - NET_HDR_SIZE, this.tx);
+    if (why !== undefined) return this.txBad(why);
+    const iov = this.txIov;
+    iov.length = 0;
+    iov.push(this.txHdr);
+    let skip = NET_HDR_SIZE;
+    for (const s of chain.readable) {
+      if (skip >= s.length) skip -= s.length;
+      else {
+        iov.push(skip > 0 ? s.subarray(skip) : s);
+        skip = 0;
+      }
+    }
+    if (this.interceptor && this.intercept(iov, len - NET_HDR_SIZE, h)) return 0;
+    if (iov.length > TAP_MAX_IOVECS) {
       const flat = this.txBody.subarray(0, len - NET_HDR_SIZE);
-      gather(body, flat);
-      body = [flat];
+      gatherFrom(iov, 1, flat);
+      iov.length = 1;
+      iov.push(flat);
       this.counters.txCoalesced++;
     }
+    const frameLen = len - NET_HDR_SIZE;
     try {
-      const n = this.tap.writev([this.txHdr, ...body]);
+      const batch = this.tap.txBatch;
+      if (batch?.open) {
+        if (batch.add(iov, frameLen)) return 0;
+        // Full, or a frame of more buffers than a batch takes: the batch goes first (order).
+        if (batch.pending > 0) {
+          this.flushTx();
+          if (batch.add(iov, frameLen)) return 0;
+        }
+      }
+      const n = this.tap.writev(iov);
       if (n < 0) {
         this.counters.txErrors++; // the TAP's queue is full (tun's sndbuf): dropped, counted
         return 0;
       }
       this.counters.txFrames++;
-      this.counters.txBytes += len - NET_HDR_SIZE;
+      this.counters.txBytes += frameLen;
     } catch (e) {
       this.counters.txErrors++;
       this.logOnce('tx-error', `${this.name}: TAP write failed: ${(e as Error).message}`);
+    } finally {
+      // No reference to guest RAM outlives the frame (a batch keeps its own iovecs).
+      iov.length = 0;
     }
+    return 0;
+  }
+
+  /**
+   * The end of a TX turn (VirtioDevice, before the turn's used entries are published): the
+   * batched frames are written now, so no chain is returned while the kernel may still read it.
+   */
+  endTurn(queue: number): void {
+    if (queue === TX_QUEUE) this.flushTx();
+  }
+
+  /** Writes the TX batch, counting each frame as a writev would be; never throws. */
+  private flushTx(): void {
+    const batch = this.tap.txBatch;
+    if (!batch || batch.pending === 0) return;
+    const lost = batch.pending;
+    try {
+      batch.flush(this.txDone);
+    } catch (e) {
+      // The batch itself failed (io_uring_enter): its frames are lost, counted; the batch is
+      // closed and TX goes on with one writev per frame.
+      this.counters.txErrors += lost;
+      this.logOnce(
+        'tx-batch',
+        `${this.name}: batched TAP write failed (${(e as Error).message}): ${lost} frames dropped; one writev per frame from now on`,
+      );
+    }
+  }
+
+  private readonly txDone = (frameLen: number, res: number): void => {
+    if (res >= 0) {
+      this.counters.txFrames++;
+      this.counters.txBytes += frameLen;
+      return;
+    }
+    this.counters.txErrors++;
+    if (!isTapFull(res)) this.logOnce('tx-error', `${this.name}: TAP write failed: errno ${-res}`);
+  };
+
+  private txBad(why: string): number {
+    this.counters.txBad++;
+    this.io?.guestError('net-tx', `${this.name}: TX frame dropped: ${why}`);
     return 0;
   }
 
   /**
    * MMDS: a frame the interceptor wants is copied out (the copy is what it parses: the guest
    * cannot change it meanwhile) and never reaches the TAP; its answers are served at once.
+   * `iov`: our header copy, then the frame's `len` bytes.
    */
-  private intercept(body: Uint8Array[], len: number): boolean {
+  private intercept(iov: Uint8Array[], len: number, h: NetHeader): boolean {
     const ic = this.interceptor!;
     const head = this.peek.subarray(0, Math.min(len, INTERCEPT_PEEK));
-    gather(body, head);
+    gatherFrom(iov, 1, head);
     if (!ic.wants(head)) return false;
     const frame = new Uint8Array(len);
-    gather(body, frame);
-    const h = parseNetHeader(this.txHdr);
+    gatherFrom(iov, 1, frame);
     // A GSO frame is never an MMDS request (they are small): dropped by the responder's checks.
     ic.handleFrame(h.gsoType === 0 ? frame : frame.subarray(0, 0), (h.flags & 1) !== 0);
     if (ic.queued > 0) this.processRx();
@@ -533,14 +623,19 @@ export class NetDevice implements VirtioBackend {
         continue;
       }
       let n: number;
+      const iov = this.rxIov;
+      for (const w of chain.writable) iov.push(w);
+      iov.push(this.spill);
       try {
-        n = this.tap.readv([...chain.writable, this.spill]);
+        n = this.tap.readv(iov);
       } catch (e) {
         // Not "nothing waits": the TAP failed. The chain goes back unused and the device breaks
         // (the caller's guard), which stops watching the TAP.
         io.pushUsed(RX_QUEUE, chain.head, 0);
         io.notify(RX_QUEUE);
         throw e;
+      } finally {
+        iov.length = 0; // no reference to guest RAM outlives the read
       }
       if (n < 0) {
         this.held = chain;
@@ -617,4 +712,16 @@ export class NetDevice implements VirtioBackend {
     this.logged.add(kind);
     this.log(`${m} (logged once)`);
   }
+}
+
+/** Copies up to dst.length bytes from the start of segments[from..]; returns how many. */
+function gatherFrom(segments: readonly Uint8Array[], from: number, dst: Uint8Array): number {
+  let n = 0;
+  for (let i = from; i < segments.length && n < dst.length; i++) {
+    const s = segments[i]!;
+    const take = Math.min(s.length, dst.length - n);
+    dst.set(take === s.length ? s : s.subarray(0, take), n);
+    n += take;
+  }
+  return n;
 }

@@ -6,7 +6,9 @@
 import { ConfigError } from '../../../util/errors.js';
 import { EV_IN, type EventOps, type HostSys } from '../descriptor.js';
 import { NET_HDR_SIZE } from './header.js';
+import { IoUring } from '../block/io-uring.js';
 import { TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, type TapIo } from './net.js';
+import { TX_BATCH_FRAMES, UringTxBatch, type TxBatch } from './tx-batch.js';
 
 // linux/if_tun.h
 export const IFF_TAP = 0x0002;
@@ -67,13 +69,44 @@ export function openTap(sys: HostSys, name: string): OpenedTap {
   return { fd, offloads };
 }
 
-/** The TAP as virtio-net sees it: readv/writev on the fd, EPOLLIN interest toggled on the loop. */
-export function tapIo(sys: HostSys, loop: EventOps, fd: number, onReadable: () => void): TapIo {
+/**
+ * The TAP as virtio-net sees it: readv/writev on the fd, EPOLLIN interest toggled on the loop,
+ * and TX writes batched through `txBatch` when given.
+ */
+export function tapIo(
+  sys: HostSys,
+  loop: EventOps,
+  fd: number,
+  onReadable: () => void,
+  txBatch?: TxBatch,
+): TapIo {
   const tag = loop.add(fd, { process: () => onReadable() }, 0);
   return {
     readv: (bufs) => sys.readv(fd, bufs),
     writev: (bufs) => sys.writev(fd, bufs),
     setOffload: (flags) => void sys.ioctl(fd, TUNSETOFFLOAD, flags),
     setReadInterest: (on) => loop.modify(tag, on ? EV_IN : 0),
+    ...(txBatch ? { txBatch } : {}),
   };
+}
+
+/**
+ * The TX batch of a TAP: io_uring where this kernel and the seccomp filters allow it, else
+ * undefined (one writev per frame) with the reason; TYPERVISOR_NET_TX_BATCH=0 turns it off
+ * (for measuring one against the other).
+ */
+export function openTxBatch(
+  sys: HostSys,
+  fd: number,
+  env: Readonly<Record<string, string | undefined>> = process.env,
+): { batch?: UringTxBatch; why?: string } {
+  if (env.TYPERVISOR_NET_TX_BATCH === '0') return { why: 'TYPERVISOR_NET_TX_BATCH=0' };
+  let ring: IoUring | undefined;
+  try {
+    ring = IoUring.open(sys, TX_BATCH_FRAMES);
+    return { batch: new UringTxBatch(ring, fd, (b) => sys.bufferAddress(b)) };
+  } catch (e) {
+    ring?.close();
+    return { why: `io_uring unavailable: ${(e as Error).message}` };
+  }
 }
