@@ -319,8 +319,9 @@ export interface SnapshotHostResult {
 export async function snapshotHostSuite(o: SnapshotHostOptions): Promise<SnapshotHostResult> {
   const settle = o.settleMs ?? 200;
   const runMs = o.runMs ?? 200;
+  const self = o.compare?.length ? 'this' : 'Typervisor';
   const builds: Array<[string, string]> = [
-    ['this', join(REPO, 'bin', 'typervisor')],
+    [self, join(REPO, 'bin', 'typervisor')],
     ...(o.compare ?? []),
   ];
   const dir = mkdtempSync(join(tmpdir(), 'typervisor-snaphost-'));
@@ -355,7 +356,7 @@ export async function snapshotHostSuite(o: SnapshotHostOptions): Promise<Snapsho
       });
       lines.push(`| ${label}, ${unit} | ${cells.join(' | ')} |`);
     }
-    const mine = samples.get('this')!;
+    const mine = samples.get(self)!;
     const apparent = mine[0]?.full.memApparentMiB ?? MEM_MIB;
     const rows: Row[] = METRICS.map(([label, unit, get]) => {
       const st = stat(mine.map(get));
