@@ -6,6 +6,10 @@
  *
  *   node dist/bench/snapshot-host.js [--runs N] [--settle MS] [--run-ms MS] [--compare /other/checkout]
  *
+ * (after `node scripts/bundle.mjs` in each checkout, as `npm run bench` does: without a fresh
+ * bundle the launcher runs dist/ itself, whose start-up is slower, so spawn -> output would
+ * compare the two start-ups, not the snapshot paths).
+ *
  * Per round and build (the order alternating each round), fresh processes started with the
  * launcher (bin/typervisor) as a user would:
  *   - create: API mode, `machine-config` with track_dirty_pages, countmem.elf (it counts in guest
