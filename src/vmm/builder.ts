@@ -497,5 +497,6 @@ export function finishVm(
       ...(opts.vcpuThreads ? { vcpuThreads: opts.vcpuThreads } : {}),
     },
   );
+  opts.trace?.('vCPU workers started');
   return { vmm, devices, deviceWorker, parts: { ...p, legacy: owned } };
 }

@@ -359,6 +359,7 @@ function checkSnapshot(
     throw loadError(
       `the saved devices (${savedDevices || 'none'}) do not match the saved configuration's (${configured || 'none'})`,
     );
+  phases.step('saved configuration checked');
   return { data, spec };
 }
 
@@ -372,11 +373,14 @@ class LoadPhases {
   private lastStep = this.t0;
   private readonly parts: string[] = [];
   private readonly steps: string[] = [];
-  /** Ends a coarse phase (and the step in progress). */
+  private stepsAtMark = 0;
+  /** Ends a coarse phase. */
   mark(name: string): void {
     const now = performance.now();
-    // A phase with no steps of its own is one step.
-    if (now - this.lastStep >= 0.01) this.step(name);
+    // A phase with no steps of its own is one step (one with steps ends with its last step;
+    // what follows that, µs, counts in the next step).
+    if (this.steps.length === this.stepsAtMark) this.step(name);
+    this.stepsAtMark = this.steps.length;
     this.parts.push(`${name} ${(now - this.last).toFixed(1)}`);
     this.last = now;
   }
@@ -469,6 +473,7 @@ async function load(
   // interrupt controllers are restored (below).
   const ram = memory.ram;
   step('cannot write the VM generation id', () => writeGenerationId(ram.memory));
+  phases.step('device memory, VMGenID written');
   phases.mark('vm+memory');
 
   const legacy = createLegacyDeviceState(vm, opts.consoleFd ?? 1);
@@ -480,6 +485,7 @@ async function load(
   step('cannot restore the VM state (irqchips, PIT, kvmclock)', () =>
     restoreVm(vm, data.vm, { realtime: p.clockRealtime }),
   );
+  phases.step('irqchips, PIT, kvmclock restored');
   phases.mark('legacy+vm state');
 
   const mmapSize = kvm.vcpuMmapSize();

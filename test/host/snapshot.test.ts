@@ -131,7 +131,8 @@ describe('snapshots with the counting tiny guest (KVM)', () => {
     const names = steps.map((st) => st.slice(st.indexOf(' ') + 1));
     const order = ['state file read', 'state file checksum', 'state file decoded', 'KVM_CREATE_VM'];
     order.push('memory file mapped', 'memory slots', 'KVM_CREATE_IRQCHIP', 'KVM_CREATE_PIT2');
-    order.push('vCPU 0 created', 'vCPU 0 restored', 'VMGenID notified');
+    order.push('irqchips, PIT, kvmclock restored', 'vCPU 0 created', 'vCPU 0 restored');
+    order.push('VMGenID notified', 'vCPU workers started', 'resume');
     const at = order.map((n) => names.indexOf(n));
     assert.ok(
       at.every((i, k) => i >= 0 && (k === 0 || i > at[k - 1]!)),
