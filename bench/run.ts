@@ -20,18 +20,20 @@ import {
 import { DEFAULT_DENSITY, MAX_DENSITY, densitySuite } from './density.js';
 import { daemonSuite } from './daemon.js';
 import { microSuite } from './micro.js';
+import { snapshotHostSuite } from './snapshot-host.js';
 import { startupSuite } from './startup.js';
 import { vcpusSuite } from './vcpus.js';
 import { warmSuite } from './warm.js';
 
 const DEFAULT_LAB_RUNS = LAB_SUB_SUITES.map((d) => `${d.name} ${d.defaultRuns}`).join(', ');
-const USAGE = `usage: npm run bench -- [--suite micro|startup|vcpus|density|daemon|warm|lab|snapshot|all] [--runs N] [--density N] [--lab-runs N] [--lab-suites NAME[:N],...]
+const USAGE = `usage: npm run bench -- [--suite micro|startup|vcpus|density|daemon|warm|snapshot-host|lab|snapshot|all] [--runs N] [--density N] [--lab-runs N] [--lab-suites NAME[:N],...]
   --suite        which suites (default all; micro includes startup); startup: bench/startup.ts
                  alone; snapshot: the lab's snapshot sub-suite alone;
                  vcpus: 1-64 vCPUs, per-vCPU workers vs native runner threads vs QEMU (bench/vcpus.ts)
                  density: N idle micro VMs at once beside N QEMU microvm (bench/density.ts)
   --density N    VMs at once in the density suite (default ${DEFAULT_DENSITY}, at most ${MAX_DENSITY})
                  warm: the library's in-process warm starts vs cold QEMU and the floor (bench/warm.ts)
+                 snapshot-host: snapshot create (Full, Diff) and load on the host, tiny guests (bench/snapshot-host.ts)
   --runs N       runs of the micro suite (default 10); if given, also caps each lab sub-suite's default
   --lab-runs N   runs of every lab sub-suite (defaults: ${DEFAULT_LAB_RUNS})
   --lab-suites   lab sub-suites to run, in order, each with an optional run count
@@ -101,7 +103,8 @@ function hostInfo() {
 }
 
 interface Options {
-  suite: 'micro' | 'startup' | 'vcpus' | 'density' | 'daemon' | 'warm' | 'lab' | 'all';
+  suite:
+    'micro' | 'startup' | 'vcpus' | 'density' | 'daemon' | 'warm' | 'snapshot-host' | 'lab' | 'all';
   runs: number;
   density: number;
   lab: Array<{ name: LabSubSuiteName; runs: number }>;
@@ -144,6 +147,7 @@ function parseOptions(argv: string[]): Options | string {
     suite !== 'density' &&
     suite !== 'daemon' &&
     suite !== 'warm' &&
+    suite !== 'snapshot-host' &&
     suite !== 'lab' &&
     suite !== 'all'
   )
@@ -291,6 +295,24 @@ async function main() {
     }
     times.push(`warm ${((Date.now() - t) / 1000).toFixed(0)} s`);
   }
+  const snapHost: Row[] = [];
+  let snapHostTable: string | undefined;
+  if (o.suite === 'snapshot-host' || o.suite === 'all') {
+    const runs = Math.min(o.runs, 5);
+    log(`snapshot-host suite, ${runs} runs`);
+    const t = Date.now();
+    try {
+      const m = await snapshotHostSuite({ runs, log });
+      snapHost.push(...m.rows);
+      snapHostTable = m.table;
+      notes.push(...m.notes);
+    } catch (e) {
+      notes.push(
+        `snapshot-host suite failed: ${(e as Error).message.split('\n').slice(0, 5).join(' ')}`,
+      );
+    }
+    times.push(`snapshot-host ${((Date.now() - t) / 1000).toFixed(0)} s`);
+  }
   if (o.suite === 'lab' || o.suite === 'all') {
     lab = await labSuite({ suites: o.lab, log });
     const chosen = o.lab.map((s) => `${s.name} ${s.runs}`).join(', ');
@@ -352,6 +374,16 @@ async function main() {
           '',
         ]
       : []),
+    ...(snapHostTable
+      ? [
+          "## Snapshots on the host's KVM: tiny guests, Typervisor alone (issue 13)",
+          '',
+          `${Math.min(o.runs, 5)} runs, medians (min–max).`,
+          '',
+          snapHostTable,
+          '',
+        ]
+      : []),
     ...(vcpus
       ? ['## vCPU threads: per-vCPU workers vs native runner threads vs QEMU', '', vcpus]
       : []),
@@ -376,14 +408,22 @@ async function main() {
           o.suite === 'startup' ||
           o.suite === 'vcpus' ||
           o.suite === 'density' ||
-          o.suite === 'warm'
+          o.suite === 'warm' ||
+          o.suite === 'snapshot-host'
             ? undefined
             : Object.fromEntries(o.lab.map((s) => [s.name, s.runs])),
         suite: o.suite,
         host,
         lab: labHost,
         labSuites: lab,
-        rows: [...micro, ...startup, ...density, ...warm, ...lab.flatMap((r) => r.rows)],
+        rows: [
+          ...micro,
+          ...startup,
+          ...density,
+          ...warm,
+          ...snapHost,
+          ...lab.flatMap((r) => r.rows),
+        ],
         notes,
       },
       null,

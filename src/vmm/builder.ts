@@ -241,11 +241,16 @@ function closeFd(fd: number): void {
  * Step 1 of a build or a restore: /dev/kvm, the VM, and what every VM has before RAM (the TSS
  * and identity map addresses). The in-kernel irqchip and PIT come with the RAM (attachRam).
  */
-export function createVmShell(undo: UndoList): { kvm: Kvm; vm: Vm } {
+export function createVmShell(
+  undo: UndoList,
+  trace?: (step: string) => void,
+): { kvm: Kvm; vm: Vm } {
   const kvm = Kvm.open();
   undo.push(() => kvm.close());
+  trace?.('/dev/kvm opened');
   const vm: Vm = kvm.createVm();
   undo.push(() => vm.close());
+  trace?.('KVM_CREATE_VM');
   vm.setTssAddr(TSS_ADDR);
   vm.setIdentityMapAddr(IDENTITY_MAP_ADDR);
   return { kvm, vm };
@@ -261,12 +266,15 @@ export function attachRam(
   vm: Vm,
   layout: GuestRamLayout,
   ram: MappedGuestRam,
-  opts: { dirtyLog?: boolean } = {},
+  opts: { dirtyLog?: boolean; trace?: (step: string) => void } = {},
 ): void {
   const flags = opts.dirtyLog ? KVM_MEM_LOG_DIRTY_PAGES : 0;
   ram.buffers.forEach((b, i) => vm.setUserMemoryRegion(layout.regions[i]!.base, b, flags));
+  opts.trace?.('memory slots');
   vm.createIrqchip();
+  opts.trace?.('KVM_CREATE_IRQCHIP');
   vm.createPit2();
+  opts.trace?.('KVM_CREATE_PIT2');
 }
 
 /** Creates vCPU `id` and its main-thread Vcpu (whose kvm_run mapping the caller releases). */
@@ -407,7 +415,7 @@ function build(spec: VmSpec, opts: BuildOptions, undo: UndoList): BuiltVm {
  */
 export function finishVm(
   p: Omit<VmParts, 'legacy'> & { legacy?: LegacyDeviceState },
-  opts: BuildOptions,
+  opts: BuildOptions & { trace?: (step: string) => void },
   undo: UndoList,
 ): BuiltVm {
   const { kvm, vm, layout, ram, plan, vcpuFds, mmapSize } = p;
@@ -419,6 +427,7 @@ export function finishVm(
   }
   if (legacy.console.warning) log('warn', legacy.console.warning);
   registerVirtioWithKvm(vm, plan);
+  opts.trace?.('legacy devices and virtio eventfds');
   const vmm = new Vmm(mmapSize);
   const devices = attachLegacyDevices(legacy, {
     output: () => undefined, // the main thread never executes guest port writes
@@ -434,6 +443,7 @@ export function finishVm(
     plan.slots.length > 0
       ? startDeviceWorker(plan, layout, { log: (m) => log('info', m), onFatal: (m) => vmm.fail(m) })
       : undefined;
+  opts.trace?.(deviceWorker ? 'console flusher, device worker started' : 'console flusher');
   const owned = legacy;
   const release = () => {
     const n = native();
@@ -487,5 +497,6 @@ export function finishVm(
       ...(opts.vcpuThreads ? { vcpuThreads: opts.vcpuThreads } : {}),
     },
   );
+  opts.trace?.('vCPU workers started');
   return { vmm, devices, deviceWorker, parts: { ...p, legacy: owned } };
 }

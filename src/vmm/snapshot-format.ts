@@ -209,7 +209,10 @@ function checkHeader(b: Uint8Array, fileSize: number): Result<number, SnapshotFi
   return ok(Number(len));
 }
 
-export function decodeSnapshotFile(bytes: Uint8Array): Result<SnapshotData, SnapshotFileError> {
+export function decodeSnapshotFile(
+  bytes: Uint8Array,
+  trace?: (step: string) => void,
+): Result<SnapshotData, SnapshotFileError> {
   const head = checkHeader(bytes.subarray(0, SNAPSHOT_HEADER_BYTES), bytes.length);
   if (!head.ok) return head;
   const end = SNAPSHOT_HEADER_BYTES + head.value;
@@ -217,15 +220,20 @@ export function decodeSnapshotFile(bytes: Uint8Array): Result<SnapshotData, Snap
   const got = bytes.subarray(end);
   if (!want.every((x, i) => x === got[i]))
     return fail('checksum mismatch (file corrupted or truncated)');
+  trace?.('state file checksum');
   const d = SnapshotV1.decode(bytes.subarray(SNAPSHOT_HEADER_BYTES, end));
   if (!d.ok) return fail(d.error.message);
+  trace?.('state file decoded');
   const bad = snapshotInconsistency(d.value);
   if (bad) return fail(bad);
   return ok(d.value);
 }
 
 /** Reads and decodes a state file; its size is bounded before anything is read. */
-export function readSnapshotFile(path: string): Result<SnapshotData, SnapshotFileError> {
+export function readSnapshotFile(
+  path: string,
+  trace?: (step: string) => void,
+): Result<SnapshotData, SnapshotFileError> {
   let fd: number;
   try {
     fd = openSync(path, 'r');
@@ -250,7 +258,8 @@ export function readSnapshotFile(path: string): Result<SnapshotData, SnapshotFil
       if (n === 0) break;
       got += n;
     }
-    return decodeSnapshotFile(buf.subarray(0, got));
+    trace?.('state file read');
+    return decodeSnapshotFile(buf.subarray(0, got), trace);
   } catch (e) {
     return fail(`cannot read the snapshot file: ${(e as Error).message}`);
   } finally {

@@ -305,12 +305,16 @@ export async function loadSnapshot(p: LoadParams, opts: BuildOptions = {}): Prom
     'info',
     `snapshot ${p.snapshotPath} loaded in ${(performance.now() - started).toFixed(1)} ms (${built.vmm.state}): ${phases.text()}`,
   );
+  log('debug', `snapshot load timeline (ms): ${phases.timeline()}`);
   return built;
 }
 
 /** Steps 1-3 of a load: everything that can be checked without creating anything. */
-function checkSnapshot(p: LoadParams): { data: SnapshotData; spec: RestoreSpec } {
-  const read = readSnapshotFile(p.snapshotPath);
+function checkSnapshot(
+  p: LoadParams,
+  phases: LoadPhases,
+): { data: SnapshotData; spec: RestoreSpec } {
+  const read = readSnapshotFile(p.snapshotPath, (s) => phases.step(s));
   if (!read.ok) throw loadError(read.error.message);
   const data = read.value;
 
@@ -355,20 +359,45 @@ function checkSnapshot(p: LoadParams): { data: SnapshotData; spec: RestoreSpec }
     throw loadError(
       `the saved devices (${savedDevices || 'none'}) do not match the saved configuration's (${configured || 'none'})`,
     );
+  phases.step('saved configuration checked');
   return { data, spec };
 }
 
-/** Where a load's time goes, for the log line (docs/bench.md has a measured breakdown). */
+/**
+ * Where a load's time goes: coarse phases for the info line (docs/bench.md has a measured
+ * breakdown), and every step with its start offset for the debug line (the timeline).
+ */
 class LoadPhases {
-  private last = performance.now();
+  private readonly t0 = performance.now();
+  private last = this.t0;
+  private lastStep = this.t0;
   private readonly parts: string[] = [];
+  private readonly steps: string[] = [];
+  private stepsAtMark = 0;
+  /** Ends a coarse phase. */
   mark(name: string): void {
     const now = performance.now();
+    // A phase with no steps of its own is one step (one with steps ends with its last step;
+    // what follows that, µs, counts in the next step).
+    if (this.steps.length === this.stepsAtMark) this.step(name);
+    this.stepsAtMark = this.steps.length;
     this.parts.push(`${name} ${(now - this.last).toFixed(1)}`);
     this.last = now;
   }
+  /** Ends one step of the timeline: `name` took from the previous step's end to now. */
+  step(name: string): void {
+    const now = performance.now();
+    this.steps.push(
+      `${(this.lastStep - this.t0).toFixed(2)}+${(now - this.lastStep).toFixed(2)} ${name}`,
+    );
+    this.lastStep = now;
+  }
   text(): string {
     return `${this.parts.join(', ')} ms`;
+  }
+  /** The timeline: `start+duration step` in ms from the load's start. */
+  timeline(): string {
+    return this.steps.join('; ');
   }
 }
 
@@ -378,7 +407,7 @@ async function load(
   undo: UndoList,
   phases: LoadPhases,
 ): Promise<BuiltVm> {
-  const { data, spec } = checkSnapshot(p);
+  const { data, spec } = checkSnapshot(p, phases);
   phases.mark('read+check');
   const regions = data.memory.regions;
   // The virtio-mem region, if the VM has one, follows RAM in the memory file.
@@ -404,12 +433,14 @@ async function load(
     memFd = mem.value.fd;
     undo.push(closeMemFd);
   }
+  phases.step('memory file opened');
 
   // From here on things are created; each has its undo entry.
   // Device memory (pmem files) at the addresses the saved VM had: same devices, same order.
   const plan = planVirtioDevices(spec.devices, deviceMemorySpace(spec.memMib * 1024 * 1024));
   undo.push(() => closeVirtio(plan));
   plan.warnings.forEach((w) => log('warn', w));
+  phases.step('virtio devices planned');
   const hotplug = hotplugMemory(plan);
   if (hotplug && memFd >= 0) {
     // Its plugged blocks' data into the region's fresh memfd (holes stay unallocated); the
@@ -419,42 +450,52 @@ async function load(
     step('cannot load the hotplugged memory', () =>
       loadDeviceMemory(memFd, memoryBytes(regions), hotplug.fd, hotplug.size),
     );
+    phases.step('hotplugged memory loaded');
   }
 
-  const { kvm, vm } = createVmShell(undo);
+  const { kvm, vm } = createVmShell(undo, (s) => phases.step(s));
   if (!memory) {
     const mapped = mapMemoryFile(memFd, regions);
     undo.push(() => mapped.ram.unmap());
     closeMemFd(); // the mapping holds the file
     memory = mapped;
+    phases.step('memory file mapped');
   }
   // A restored VM tracks dirty pages from the start: the first Diff is relative to this load.
   if (p.trackDirtyPages) trackDeviceWrites(memory.layout);
-  attachRam(vm, memory.layout, memory.ram, { dirtyLog: p.trackDirtyPages });
+  attachRam(vm, memory.layout, memory.ram, {
+    dirtyLog: p.trackDirtyPages,
+    trace: (s) => phases.step(s),
+  });
   attachDeviceMemory(vm, plan);
   // Every load is a new generation: a fresh VMGenID (into this process's private copy of the
   // page; with Uffd the handler serves the page first), announced to the guest once its
   // interrupt controllers are restored (below).
   const ram = memory.ram;
   step('cannot write the VM generation id', () => writeGenerationId(ram.memory));
+  phases.step('device memory, VMGenID written');
   phases.mark('vm+memory');
 
   const legacy = createLegacyDeviceState(vm, opts.consoleFd ?? 1);
   undo.push(() => closeLegacyDeviceState(legacy));
   step('cannot restore the legacy devices', () => restoreLegacy(legacy, data.legacy));
+  phases.step('legacy devices');
 
   // VM state before the vCPUs (Firecracker's order): irqchips, PIT, then kvmclock.
   step('cannot restore the VM state (irqchips, PIT, kvmclock)', () =>
     restoreVm(vm, data.vm, { realtime: p.clockRealtime }),
   );
+  phases.step('irqchips, PIT, kvmclock restored');
   phases.mark('legacy+vm state');
 
   const mmapSize = kvm.vcpuMmapSize();
   const xsaveSize = kvm.xsaveSize();
   const tscScaling = kvm.checkExtension(KVM_CAP_TSC_CONTROL) > 0;
   const vcpuFds: number[] = [];
+  phases.step('KVM sizes and caps');
   for (const [id, state] of data.vcpus.entries()) {
     const vcpu = createVcpu(vm, id, mmapSize, vcpuFds, undo);
+    phases.step(`vCPU ${id} created`);
     if (state.tscKhz !== undefined && !tscScaling) {
       let host: number | undefined;
       try {
@@ -482,12 +523,14 @@ async function load(
         `vCPU ${id}: this host's KVM refused the saved MSRs ${refusedMsrs.map((m) => `0x${m.toString(16)}`).join(', ')}; continuing without them`,
       );
     releaseVcpuRun(vcpu);
+    phases.step(`vCPU ${id} restored`);
   }
   phases.mark('vcpus');
 
   // The GED's edge now waits in the restored IOAPIC/LAPIC until the vCPUs run; its _EVT makes
   // the guest re-read the id and reseed its RNG.
   step('cannot notify the VM generation id', () => notifyGenerationChange(vm));
+  phases.step('VMGenID notified');
 
   // The vCPU workers start parked; from here on the VM owns every part (its teardown closes
   // them), so a failure stops the VM instead of running the undo list.
@@ -504,7 +547,7 @@ async function load(
       mmapSize,
       ...(memory.backing ? { backing: memory.backing } : {}),
     },
-    { ...opts, paused: true },
+    { ...opts, paused: true, trace: (s) => phases.step(s) },
     undo,
   );
   undo.length = 0;

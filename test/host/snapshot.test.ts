@@ -59,8 +59,8 @@ describe('snapshots with the counting tiny guest (KVM)', () => {
   after(async () => {
     for (const s of servers) await s.kill();
   });
-  const serve = async () => {
-    const s = await startServer();
+  const serve = async (extra: string[] = []) => {
+    const s = await startServer(extra);
     servers.push(s);
     return s;
   };
@@ -119,9 +119,25 @@ describe('snapshots with the counting tiny guest (KVM)', () => {
     assert.equal(st.size, MEM_MIB * 1024 * 1024);
     assert.ok(st.blocks * 512 < st.size / 2, `memory file not sparse: ${st.blocks * 512} bytes`);
 
-    const b = await serve();
+    const b = await serve(['--level', 'Debug']);
     r = await load(b.sock, { resume_vm: true });
     assert.equal(r.status, 204, r.body);
+    // The debug log's timeline: every step as `start+duration name`, in the load's order.
+    await until(() => b.stderr().includes('load timeline'), 5_000, 'the load timeline');
+    const timeline = /snapshot load timeline \(ms\): (.*)/.exec(b.stderr())?.[1];
+    assert.ok(timeline, `no load timeline in the log: ${b.stderr().slice(-400)}`);
+    const steps = timeline.split('; ');
+    for (const st of steps) assert.match(st, /^\d+\.\d\d\+\d+\.\d\d \S/);
+    const names = steps.map((st) => st.slice(st.indexOf(' ') + 1));
+    const order = ['state file read', 'state file checksum', 'state file decoded', 'KVM_CREATE_VM'];
+    order.push('memory file mapped', 'memory slots', 'KVM_CREATE_IRQCHIP', 'KVM_CREATE_PIT2');
+    order.push('irqchips, PIT, kvmclock restored', 'vCPU 0 created', 'vCPU 0 restored');
+    order.push('VMGenID notified', 'vCPU workers started', 'resume');
+    const at = order.map((n) => names.indexOf(n));
+    assert.ok(
+      at.every((i, k) => i >= 0 && (k === 0 || i > at[k - 1]!)),
+      `steps missing or out of order: ${timeline}`,
+    );
     assert.equal((await call(b.sock, 'GET', '/')).json.state, 'Running');
     await until(() => lineCount(b.stdout()) >= 20, 20_000, 'B to count 20 more');
     const aNums = numbers(aOut);
