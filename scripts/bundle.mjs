@@ -14,7 +14,10 @@
  *                 top level), with a header naming what it is valid for (see bundle-loader.cjs)
  *   NAME.cjs      the loader a Worker or the launcher starts (bundle-loader.cjs with NAME)
  *   manifest.json every dist/ file each bundle was made from, with its size and mtime: the
- *                 loader runs a bundle only while all of them are unchanged, else dist/ itself
+ *                 loader runs a bundle only while its sentinels (its entry and its newest input:
+ *                 tsc rewrites every file) are unchanged, else dist/ itself, and checks the rest
+ *                 after start-up (a change found then: the next start runs dist/); the flags of
+ *                 the API mode (the `api` bundle), and whether every bundle is ASCII
  *
  * esbuild is a devDependency: without it (a production install), nothing is written and the
  * launcher runs dist/ as before. --check: exit 1 if a bundle or cache is missing or stale.
@@ -47,6 +50,8 @@ const OUT = join(DIST, OUT_NAME);
 /** Bundle name -> entry under dist/. */
 export const BUNDLES = {
   main: 'src/cli/main.js',
+  // The API mode alone (`typervisor --api-sock ...`): the loader of `main` hands it over.
+  api: 'src/cli/api-main.js',
   'vcpu-worker': 'src/vmm/vcpu-worker.js',
   'device-worker': 'src/vmm/device-worker.js',
   jailer: 'src/jailer/main.js',
@@ -89,7 +94,14 @@ async function build() {
       });
     },
   };
-  const manifest = { node: process.version, bundles: {} };
+  // The flags that select the API mode (src/cli/main.ts isFirecrackerInvocation), for the loader.
+  const { FIRECRACKER_FLAGS } = await import(join(DIST, 'src/cli/firecracker.js'));
+  const manifest = {
+    node: process.version,
+    apiFlags: [...FIRECRACKER_FLAGS],
+    ascii: true,
+    bundles: {},
+  };
   for (const [name, entry] of Object.entries(BUNDLES)) {
     const r = await esbuild.build({
       entryPoints: [join(DIST, entry)],
@@ -106,14 +118,26 @@ async function build() {
     });
     const body = r.outputFiles[0].text;
     const src = `(function (require, module, exports, __tvUrl) {${body}\n})`;
-    writeFileSync(join(tmp, `${name}.js`), src);
+    // The loader reads an ASCII bundle as latin1 (no UTF-8 decoding). esbuild escapes every
+    // other character in code (charset ascii); what is left is in comments, escaped alike.
+    const ascii = src.replace(
+      /[^\x00-\x7f]/g,
+      (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`,
+    );
+    if (!/^[\x00-\x7f]*$/.test(ascii)) manifest.ascii = false;
+    writeFileSync(join(tmp, `${name}.js`), ascii);
     const inputs = {};
+    let newest = entry;
     for (const p of Object.keys(r.metafile.inputs)) {
       const abs = join(ROOT, p);
       const st = statSync(abs);
-      inputs[relative(DIST, abs).split(sep).join('/')] = [st.size, st.mtimeMs];
+      const rel = relative(DIST, abs).split(sep).join('/');
+      inputs[rel] = [st.size, st.mtimeMs];
+      if (inputs[newest] === undefined || st.mtimeMs > inputs[newest][1]) newest = rel;
     }
-    manifest.bundles[name] = { entry, inputs };
+    // What the loader checks at start-up (the rest later): the entry and the newest input.
+    const sentinels = newest === entry ? [entry] : [entry, newest];
+    manifest.bundles[name] = { entry, sentinels, inputs };
     writeFileSync(join(tmp, `${name}.cjs`), loaderSource().replace('__BUNDLE_NAME__', name));
   }
   writeFileSync(join(tmp, 'manifest.json'), JSON.stringify(manifest));
