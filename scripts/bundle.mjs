@@ -96,6 +96,16 @@ async function build() {
   };
   // The flags that select the API mode (src/cli/main.ts isFirecrackerInvocation), for the loader.
   const { FIRECRACKER_FLAGS } = await import(join(DIST, 'src/cli/firecracker.js'));
+  // The default seccomp programs, compiled once here (src/sandbox/seccomp/install.ts programFor)
+  // and defined in every bundle: each thread would otherwise compile its own at start-up.
+  const seccomp = await import(join(DIST, 'src/sandbox/seccomp/install.js'));
+  const { ROLES } = await import(join(DIST, 'src/sandbox/seccomp/roles.js'));
+  const audit = process.env.TYPERVISOR_SECCOMP_AUDIT;
+  delete process.env.TYPERVISOR_SECCOMP_AUDIT; // the programs without audit (the loader checks)
+  const programs = {};
+  for (const role of ROLES)
+    programs[role] = Buffer.from(seccomp.programFor(role, { mode: 'default' })).toString('base64');
+  if (audit !== undefined) process.env.TYPERVISOR_SECCOMP_AUDIT = audit;
   const manifest = {
     node: process.version,
     apiFlags: [...FIRECRACKER_FLAGS],
@@ -115,6 +125,7 @@ async function build() {
       plugins: [importMetaUrl],
       // A .node addon is loaded at run time by its absolute path (src/kvm/native.ts).
       external: ['*.node'],
+      define: { __TYPERVISOR_SECCOMP_DEFAULT__: JSON.stringify(programs) },
     });
     const body = r.outputFiles[0].text;
     const src = `(function (require, module, exports, __tvUrl) {${body}\n})`;
@@ -129,6 +140,7 @@ async function build() {
     const inputs = {};
     let newest = entry;
     for (const p of Object.keys(r.metafile.inputs)) {
+      if (p.startsWith('<define:')) continue; // the seccomp programs: made from dist/ inputs
       const abs = join(ROOT, p);
       const st = statSync(abs);
       const rel = relative(DIST, abs).split(sep).join('/');

@@ -159,6 +159,24 @@ describe('per-thread bundles with code caches', () => {
     assert.equal(cacheOf(again.stderr, 'vcpu-worker'), 'used', again.stderr);
   });
 
+  test('the bundles carry the default seccomp programs, as dist/ compiles them', T, async () => {
+    const { programFor } = (await import(
+      join(REPO, 'dist', 'src', 'sandbox', 'seccomp', 'install.js')
+    )) as typeof import('../../src/sandbox/seccomp/install.js');
+    for (const b of ['main', 'api', 'vcpu-worker', 'device-worker']) {
+      const src = readFileSync(join(OUT, `${b}.js`), 'latin1');
+      const line = /define_TYPERVISOR_SECCOMP_DEFAULT_default = (\{[^\n]*\});/.exec(src)?.[1];
+      assert.ok(line, `${b}: no programs`);
+      for (const role of ['main', 'vcpu', 'device'] as const) {
+        const b64: string | undefined = new RegExp(`\\b${role}: "([A-Za-z0-9+/=]+)"`).exec(
+          line,
+        )?.[1];
+        const want = Buffer.from(programFor(role, { mode: 'default' })).toString('base64');
+        assert.equal(b64, want, `${b}: ${role}`);
+      }
+    }
+  });
+
   test('the API mode runs the api bundle (a config file boots the guest)', T, async () => {
     const cfg = join(OUT, 'vm.json');
     writeFileSync(
