@@ -80,6 +80,36 @@ async function build() {
   const tmp = `${OUT}.tmp-${process.pid}`;
   rmSync(tmp, { recursive: true, force: true });
   mkdirSync(tmp, { recursive: true });
+  // node:crypto costs the main thread ~1.6 CPU ms to load and is used only once a VM exists
+  // (a MAC address, a snapshot's checksum, MMDS tokens): in the main and api bundles it loads on
+  // first use. Importers reach it as `(0, import_node_crypto.X)(...)`, so a module whose exports
+  // are getters (one per name this Node's crypto has) defers the require to the first call. Not
+  // in the workers: they install their seccomp filter once started, and load it before.
+  const LAZY_BUILTINS = ['node:crypto'];
+  const lazyBuiltins = {
+    name: 'lazy-builtins',
+    setup(b) {
+      const filter = new RegExp(`^(${LAZY_BUILTINS.join('|')})$`);
+      b.onResolve({ filter }, (args) =>
+        args.namespace === 'lazy-builtin'
+          ? { path: args.path, external: true }
+          : { path: args.path, namespace: 'lazy-builtin' },
+      );
+      b.onLoad({ filter: /.*/, namespace: 'lazy-builtin' }, async (args) => {
+        const names = Object.keys(await import(args.path)).filter((k) => k !== 'default');
+        return {
+          loader: 'js',
+          contents: [
+            'let m;',
+            `const load = () => (m ??= require(${JSON.stringify(args.path)}));`,
+            `for (const k of ${JSON.stringify(names)})`,
+            '  Object.defineProperty(exports, k, { enumerable: true, get: () => load()[k] });',
+          ].join('\n'),
+        };
+      });
+    },
+  };
+  const LAZY_IN = new Set(['main', 'api']);
   const importMetaUrl = {
     name: 'import-meta-url',
     setup(b) {
@@ -122,7 +152,7 @@ async function build() {
       write: false,
       metafile: true,
       logLevel: 'error',
-      plugins: [importMetaUrl],
+      plugins: LAZY_IN.has(name) ? [lazyBuiltins, importMetaUrl] : [importMetaUrl],
       // A .node addon is loaded at run time by its absolute path (src/kvm/native.ts).
       external: ['*.node'],
       define: { __TYPERVISOR_SECCOMP_DEFAULT__: JSON.stringify(programs) },
@@ -140,7 +170,8 @@ async function build() {
     const inputs = {};
     let newest = entry;
     for (const p of Object.keys(r.metafile.inputs)) {
-      if (p.startsWith('<define:')) continue; // the seccomp programs: made from dist/ inputs
+      // the seccomp programs (made from dist/ inputs) and the lazy builtins' modules
+      if (p.startsWith('<define:') || p.startsWith('lazy-builtin:')) continue;
       const abs = join(ROOT, p);
       const st = statSync(abs);
       const rel = relative(DIST, abs).split(sep).join('/');

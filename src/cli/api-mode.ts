@@ -2,6 +2,7 @@
  * The Firecracker-style API mode (`typervisor --api-sock ...`): what src/cli/main.ts runs for
  * it, and what the `api` bundle's entry (src/cli/api-main.ts) runs alone.
  */
+import { createHash } from 'node:crypto';
 import { prewarmDeviceWorker, prewarmVcpuWorkers } from '../vmm/vcpu-pool.js';
 import { firecrackerCommand } from './firecracker.js';
 import { boundExitAfterSignals } from './signals.js';
@@ -21,6 +22,9 @@ export async function apiMode(argv: string[]): Promise<number> {
     setImmediate(() => {
       prewarmVcpuWorkers(1);
       prewarmDeviceWorker();
+      // The bundles load node:crypto on first use (scripts/bundle.mjs): load it now, before a
+      // snapshot load needs it for the state file's checksum (~1.6 ms).
+      createHash('sha256');
     });
   }
   // The process ends with its VM: the kernel releases the VM at exit (builder.ts).
