@@ -21,6 +21,7 @@ import { DEFAULT_DENSITY, MAX_DENSITY, densitySuite } from './density.js';
 import { daemonSuite } from './daemon.js';
 import { microSuite } from './micro.js';
 import { snapshotHostSuite } from './snapshot-host.js';
+import { apiStartRows } from './api-start.js';
 import { startupSuite } from './startup.js';
 import { vcpusSuite } from './vcpus.js';
 import { warmSuite } from './warm.js';
@@ -251,6 +252,12 @@ async function main() {
     } catch (e) {
       notes.push(`startup suite failed: ${(e as Error).message.split('\n').slice(0, 5).join(' ')}`);
       log((e as Error).stack ?? String(e));
+    }
+    try {
+      // bench/api-start.ts: exec -> the first GET / answered, beside a bare Node floor.
+      startup.push(...(await apiStartRows(o.runs, log)));
+    } catch (e) {
+      notes.push(`api-start failed: ${(e as Error).message.split('\n').slice(0, 5).join(' ')}`);
     }
     times.push(`startup ${((Date.now() - t) / 1000).toFixed(0)} s`);
   }

@@ -21,6 +21,8 @@ const DIR = __dirname;
 const DIST = path.dirname(DIR);
 const KEY = Symbol.for('typervisor.bundle');
 const EARLY_VCPU_WORKERS = Symbol.for('typervisor.early-vcpu-workers');
+/** When the full input check runs after a quick start (ms). */
+const CHECK_LATER_MS = 2000;
 
 /** What a cache is valid for, besides the bundle file itself (its size and mtime). */
 function cacheKey(bundleStat) {
@@ -42,16 +44,64 @@ function readManifest() {
   }
 }
 
-/** 'ok', or why the bundle `name` may not run (its dist/ inputs changed since it was made). */
-function bundleState(name, manifest = readManifest()) {
+/** 'ok', or why input `rel` (dist/-relative) differs from what the manifest recorded. */
+function inputState(rel, [size, mtimeMs]) {
+  const st = fs.statSync(path.join(DIST, rel), { throwIfNoEntry: false });
+  return !st || st.size !== size || st.mtimeMs !== mtimeMs ? `stale: dist/${rel} changed` : 'ok';
+}
+
+/**
+ * 'ok', or why the bundle `name` may not run (its dist/ inputs changed since it was made): every
+ * input checked (`--check`, the deferred check below), or with `quick` only its sentinels (the
+ * entry and the newest input when the bundle was made: tsc rewrites every output on each build,
+ * so a rebuild changes both) -- two stat calls instead of one per input (~130), which cost the
+ * start-up 2-4 ms of CPU.
+ */
+function bundleState(name, manifest = readManifest(), quick = false) {
   const b = manifest && manifest.bundles && manifest.bundles[name];
   if (!b) return 'no bundle';
+  if (typeof manifest.stale === 'string') return manifest.stale;
   if (!fs.existsSync(path.join(DIR, `${name}.js`))) return 'no bundle';
-  for (const [rel, [size, mtimeMs]] of Object.entries(b.inputs)) {
-    const st = fs.statSync(path.join(DIST, rel), { throwIfNoEntry: false });
-    if (!st || st.size !== size || st.mtimeMs !== mtimeMs) return `stale: dist/${rel} changed`;
+  const rels = quick && Array.isArray(b.sentinels) ? b.sentinels : Object.keys(b.inputs);
+  for (const rel of rels) {
+    const rec = b.inputs[rel];
+    if (!rec) return `stale: dist/${rel} is not among the inputs`;
+    const s = inputState(rel, rec);
+    if (s !== 'ok') return s;
   }
   return 'ok';
+}
+
+/**
+ * After a quick start: every input is checked once, off the start-up path: CHECK_LATER_MS after
+ * start, or at exit if that comes first. A change the sentinels missed (a file rewritten alone,
+ * e.g. by `tsc --watch`) is reported and written into the manifest (`stale`), so that the next
+ * start runs dist/ until the bundle is made again.
+ */
+function checkInputsLater(name, manifest) {
+  let done = false;
+  const check = () => {
+    if (done) return;
+    done = true;
+    clearTimeout(t);
+    process.off('exit', check);
+    const s = bundleState(name, manifest);
+    if (s === 'ok') return;
+    process.stderr.write(
+      `typervisor: the bundle in ${DIR} is out of date (${s}); the next start runs dist/ (remake it: node scripts/bundle.mjs)\n`,
+    );
+    try {
+      const m = path.join(DIR, 'manifest.json');
+      const tmp = `${m}.tmp-${process.pid}`;
+      fs.writeFileSync(tmp, JSON.stringify({ ...manifest, stale: s }));
+      fs.renameSync(tmp, m);
+    } catch {
+      // read-only install: reported on every start instead
+    }
+  };
+  const t = setTimeout(check, CHECK_LATER_MS);
+  t.unref();
+  process.once('exit', check);
 }
 
 /** Whether the cache of `name` has the key of the bundle file as it is (reads its first line). */
@@ -162,13 +212,38 @@ function startVcpuWorkerEarly(args) {
 }
 
 /**
+ * The Firecracker-style API mode (`typervisor --api-sock ...`, src/cli/main.ts
+ * isFirecrackerInvocation): the same rule on the flags the build recorded (manifest.apiFlags).
+ */
+function isApiInvocation(args, manifest) {
+  const flags = manifest && manifest.apiFlags;
+  const first = args[0] === undefined ? undefined : args[0].split('=')[0];
+  if (!Array.isArray(flags) || first === undefined || !first.startsWith('--')) return false;
+  return first !== '--help' && first !== '--version' && flags.includes(first);
+}
+
+/**
  * Runs bundle `name`; `checkInputs` false in a worker started by a bundled main thread (which
  * checked already). Returns 'bundle' or 'dist' (which one ran). TYPERVISOR_BUNDLE_DEBUG=1: one
- * line on stderr saying which, and what became of the code cache.
+ * line on stderr saying which, and what became of the code cache. The main bundle hands the API
+ * mode to the `api` bundle when there is one: the same code without the other commands (a
+ * quarter less to read and deserialize before the API socket listens).
  */
 function run(name, checkInputs) {
   const manifest = checkInputs ? readManifest() : undefined;
-  if (process.env.TYPERVISOR_NO_BUNDLE || (checkInputs && bundleState(name, manifest) !== 'ok')) {
+  if (
+    name === 'main' &&
+    checkInputs &&
+    manifest &&
+    manifest.bundles &&
+    manifest.bundles.api &&
+    isApiInvocation(process.argv.slice(2), manifest)
+  )
+    name = 'api';
+  if (
+    process.env.TYPERVISOR_NO_BUNDLE ||
+    (checkInputs && bundleState(name, manifest, true) !== 'ok')
+  ) {
     if (process.env.TYPERVISOR_BUNDLE_DEBUG)
       process.stderr.write(`typervisor bundle ${name}: ran dist/ (${bundleState(name)})\n`);
     runUnbundled(name, manifest || readManifest()).catch((e) => {
@@ -179,7 +254,9 @@ function run(name, checkInputs) {
   }
   if (name === 'main' && checkInputs) startVcpuWorkerEarly(process.argv.slice(2));
   const file = path.join(DIR, `${name}.js`);
-  const src = fs.readFileSync(file, 'utf8');
+  // esbuild writes ASCII (non-ASCII characters escaped; the build checks it: manifest.ascii),
+  // and latin1 makes V8's one-byte string without decoding UTF-8.
+  const src = fs.readFileSync(file, manifest && manifest.ascii === true ? 'latin1' : 'utf8');
   const st = fs.statSync(file);
   const cachedData = readCache(name, st);
   const script = new vm.Script(src, { filename: file, cachedData });
@@ -192,6 +269,7 @@ function run(name, checkInputs) {
       n === name ? cache !== 'used' : !cacheKeyCurrent(n),
     );
     if (stale.length > 0) rebuildCaches(stale);
+    checkInputsLater(name, manifest);
   }
   if (process.env.TYPERVISOR_BUNDLE_DEBUG)
     process.stderr.write(`typervisor bundle ${name}: ran the bundle, code cache ${cache}\n`);

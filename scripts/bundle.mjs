@@ -14,7 +14,10 @@
  *                 top level), with a header naming what it is valid for (see bundle-loader.cjs)
  *   NAME.cjs      the loader a Worker or the launcher starts (bundle-loader.cjs with NAME)
  *   manifest.json every dist/ file each bundle was made from, with its size and mtime: the
- *                 loader runs a bundle only while all of them are unchanged, else dist/ itself
+ *                 loader runs a bundle only while its sentinels (its entry and its newest input:
+ *                 tsc rewrites every file) are unchanged, else dist/ itself, and checks the rest
+ *                 after start-up (a change found then: the next start runs dist/); the flags of
+ *                 the API mode (the `api` bundle), and whether every bundle is ASCII
  *
  * esbuild is a devDependency: without it (a production install), nothing is written and the
  * launcher runs dist/ as before. --check: exit 1 if a bundle or cache is missing or stale.
@@ -47,6 +50,8 @@ const OUT = join(DIST, OUT_NAME);
 /** Bundle name -> entry under dist/. */
 export const BUNDLES = {
   main: 'src/cli/main.js',
+  // The API mode alone (`typervisor --api-sock ...`): the loader of `main` hands it over.
+  api: 'src/cli/api-main.js',
   'vcpu-worker': 'src/vmm/vcpu-worker.js',
   'device-worker': 'src/vmm/device-worker.js',
   jailer: 'src/jailer/main.js',
@@ -75,6 +80,36 @@ async function build() {
   const tmp = `${OUT}.tmp-${process.pid}`;
   rmSync(tmp, { recursive: true, force: true });
   mkdirSync(tmp, { recursive: true });
+  // node:crypto costs the main thread ~1.6 CPU ms to load and is used only once a VM exists
+  // (a MAC address, a snapshot's checksum, MMDS tokens): in the main and api bundles it loads on
+  // first use. Importers reach it as `(0, import_node_crypto.X)(...)`, so a module whose exports
+  // are getters (one per name this Node's crypto has) defers the require to the first call. Not
+  // in the workers: they install their seccomp filter once started, and load it before.
+  const LAZY_BUILTINS = ['node:crypto'];
+  const lazyBuiltins = {
+    name: 'lazy-builtins',
+    setup(b) {
+      const filter = new RegExp(`^(${LAZY_BUILTINS.join('|')})$`);
+      b.onResolve({ filter }, (args) =>
+        args.namespace === 'lazy-builtin'
+          ? { path: args.path, external: true }
+          : { path: args.path, namespace: 'lazy-builtin' },
+      );
+      b.onLoad({ filter: /.*/, namespace: 'lazy-builtin' }, async (args) => {
+        const names = Object.keys(await import(args.path)).filter((k) => k !== 'default');
+        return {
+          loader: 'js',
+          contents: [
+            'let m;',
+            `const load = () => (m ??= require(${JSON.stringify(args.path)}));`,
+            `for (const k of ${JSON.stringify(names)})`,
+            '  Object.defineProperty(exports, k, { enumerable: true, get: () => load()[k] });',
+          ].join('\n'),
+        };
+      });
+    },
+  };
+  const LAZY_IN = new Set(['main', 'api']);
   const importMetaUrl = {
     name: 'import-meta-url',
     setup(b) {
@@ -89,7 +124,24 @@ async function build() {
       });
     },
   };
-  const manifest = { node: process.version, bundles: {} };
+  // The flags that select the API mode (src/cli/main.ts isFirecrackerInvocation), for the loader.
+  const { FIRECRACKER_FLAGS } = await import(join(DIST, 'src/cli/firecracker.js'));
+  // The default seccomp programs, compiled once here (src/sandbox/seccomp/install.ts programFor)
+  // and defined in every bundle: each thread would otherwise compile its own at start-up.
+  const seccomp = await import(join(DIST, 'src/sandbox/seccomp/install.js'));
+  const { ROLES } = await import(join(DIST, 'src/sandbox/seccomp/roles.js'));
+  const audit = process.env.TYPERVISOR_SECCOMP_AUDIT;
+  delete process.env.TYPERVISOR_SECCOMP_AUDIT; // the programs without audit (the loader checks)
+  const programs = {};
+  for (const role of ROLES)
+    programs[role] = Buffer.from(seccomp.programFor(role, { mode: 'default' })).toString('base64');
+  if (audit !== undefined) process.env.TYPERVISOR_SECCOMP_AUDIT = audit;
+  const manifest = {
+    node: process.version,
+    apiFlags: [...FIRECRACKER_FLAGS],
+    ascii: true,
+    bundles: {},
+  };
   for (const [name, entry] of Object.entries(BUNDLES)) {
     const r = await esbuild.build({
       entryPoints: [join(DIST, entry)],
@@ -100,20 +152,35 @@ async function build() {
       write: false,
       metafile: true,
       logLevel: 'error',
-      plugins: [importMetaUrl],
+      plugins: LAZY_IN.has(name) ? [lazyBuiltins, importMetaUrl] : [importMetaUrl],
       // A .node addon is loaded at run time by its absolute path (src/kvm/native.ts).
       external: ['*.node'],
+      define: { __TYPERVISOR_SECCOMP_DEFAULT__: JSON.stringify(programs) },
     });
     const body = r.outputFiles[0].text;
     const src = `(function (require, module, exports, __tvUrl) {${body}\n})`;
-    writeFileSync(join(tmp, `${name}.js`), src);
+    // The loader reads an ASCII bundle as latin1 (no UTF-8 decoding). esbuild escapes every
+    // other character in code (charset ascii); what is left is in comments, escaped alike.
+    const ascii = src.replace(
+      /[^\x00-\x7f]/g,
+      (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`,
+    );
+    if (!/^[\x00-\x7f]*$/.test(ascii)) manifest.ascii = false;
+    writeFileSync(join(tmp, `${name}.js`), ascii);
     const inputs = {};
+    let newest = entry;
     for (const p of Object.keys(r.metafile.inputs)) {
+      // the seccomp programs (made from dist/ inputs) and the lazy builtins' modules
+      if (p.startsWith('<define:') || p.startsWith('lazy-builtin:')) continue;
       const abs = join(ROOT, p);
       const st = statSync(abs);
-      inputs[relative(DIST, abs).split(sep).join('/')] = [st.size, st.mtimeMs];
+      const rel = relative(DIST, abs).split(sep).join('/');
+      inputs[rel] = [st.size, st.mtimeMs];
+      if (inputs[newest] === undefined || st.mtimeMs > inputs[newest][1]) newest = rel;
     }
-    manifest.bundles[name] = { entry, inputs };
+    // What the loader checks at start-up (the rest later): the entry and the newest input.
+    const sentinels = newest === entry ? [entry] : [entry, newest];
+    manifest.bundles[name] = { entry, sentinels, inputs };
     writeFileSync(join(tmp, `${name}.cjs`), loaderSource().replace('__BUNDLE_NAME__', name));
   }
   writeFileSync(join(tmp, 'manifest.json'), JSON.stringify(manifest));

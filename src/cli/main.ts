@@ -2,41 +2,10 @@
 import { readFileSync } from 'node:fs';
 // Only light imports here: `run` starts its vCPU workers before loading the rest (see
 // src/vmm/vcpu-pool.ts), so the modules are loaded on demand below.
-import { prewarmDeviceWorker, prewarmVcpuWorkers } from '../vmm/vcpu-pool.js';
+import { prewarmVcpuWorkers } from '../vmm/vcpu-pool.js';
+import { boundExitAfterSignals } from './signals.js';
 
 const EXIT_USAGE = 2;
-/**
- * The last resort behind a stop signal: the VMM ends a VM within its own bounds (vCPUs 5 s plus
- * 1 s for a stuck thread, each teardown step 3 s), so this fires only if something else hangs.
- */
-export const SIGNAL_EXIT_DEADLINE_MS = 15_000;
-const EXIT_STUCK = 1;
-
-/**
- * After SIGTERM, SIGINT or SIGHUP the process ends, whatever else hangs: within
- * SIGNAL_EXIT_DEADLINE_MS, or at once on a second signal, with a one-line reason and exit 1.
- * The commands' own handlers (stop the VM, flush metrics) run as well: these only add a bound.
- */
-function boundExitAfterSignals(): void {
-  let first: string | undefined;
-  const onSignal = (sig: NodeJS.Signals) => {
-    if (first !== undefined) {
-      process.stderr.write(
-        `typervisor: ${sig} after ${first}: exiting without waiting for the VM\n`,
-      );
-      process.exit(EXIT_STUCK);
-    }
-    first = sig;
-    const t = setTimeout(() => {
-      process.stderr.write(
-        `typervisor: still running ${SIGNAL_EXIT_DEADLINE_MS / 1000} s after ${sig}: exiting\n`,
-      );
-      process.exit(EXIT_STUCK);
-    }, SIGNAL_EXIT_DEADLINE_MS);
-    t.unref();
-  };
-  for (const sig of ['SIGTERM', 'SIGINT', 'SIGHUP'] as const) process.on(sig, onSignal);
-}
 
 const usage = (runUsage: string) => `usage: typervisor <command> [options]
 commands:
@@ -78,26 +47,10 @@ function version(): string {
 
 export async function main(argv: string[]): Promise<number> {
   const [cmd, ...rest] = argv;
-  if (cmd === 'run' || (await isFirecrackerInvocation(argv))) boundExitAfterSignals();
+  if (cmd === 'run') boundExitAfterSignals();
   if (await isFirecrackerInvocation(argv)) {
-    // API mode: a vCPU worker and a device worker start now, while the API server comes up, so
-    // that a boot or a snapshot load does not wait for them (~40-300 ms; docs/bench.md). The
-    // ones a VM does not use end when it starts; unused, they end at exit.
-    if (!argv.includes('--help') && !argv.includes('-h') && !argv.includes('--version')) {
-      // After the API socket listens: from the bundle, everything up to listen() runs in this
-      // turn of the event loop (its imports are resolved promises), and starting two workers
-      // first would delay the socket by their share of this thread and of the CPUs
-      // (docs/architecture.md "Start-up"). Un-bundled, the imports read files and the workers
-      // start before listen(), as before.
-      setImmediate(() => {
-        prewarmVcpuWorkers(1);
-        prewarmDeviceWorker();
-      });
-    }
-    // The process ends with its VM: the kernel releases the VM at exit (builder.ts).
-    (await import('../vmm/index.js')).releaseVmsAtExit(true);
-    const { firecrackerCommand } = await import('./firecracker.js');
-    return firecrackerCommand(argv);
+    // From the bundle, the launcher runs src/cli/api-main.ts for this (the `api` bundle).
+    return (await import('./api-mode.js')).apiMode(argv);
   }
   if (cmd === 'serve') {
     // The host daemon (src/daemon/): in process mode it does no guest work, so nothing is

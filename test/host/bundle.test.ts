@@ -4,8 +4,9 @@
  * alone), they boot a tiny guest on every thread (main, vCPU worker, device worker), and
  * whatever is wrong with a cache or the bundle only costs time: a stale cache is not used and
  * is remade in the background, a cache V8 refuses is remade too, and a bundle older than its
- * dist/ inputs is not run at all (dist/ is). For `run`, the loader starts vCPU 0's worker
- * before it compiles the main bundle.
+ * dist/ sentinels (its entry, its newest input) is not run at all (dist/ is); one whose other
+ * inputs changed is found out after start-up and not run again. For `run`, the loader starts
+ * vCPU 0's worker before it compiles the main bundle. The API mode runs the `api` bundle.
  * Needs /dev/kvm, gcc, ld and esbuild (a devDependency).
  */
 import { after, before, describe, test } from 'node:test';
@@ -39,27 +40,12 @@ function buildScript(...args: string[]) {
   });
 }
 
-/** Boots the poweroff guest (with a virtio-rng device: a device worker) from the test bundle. */
-function boot(
-  extra: string[] = [],
-): Promise<{ code: number | null; stdout: string; stderr: string }> {
-  const child = spawn(
-    process.execPath,
-    [
-      join(OUT, 'main.cjs'),
-      'run',
-      '--kernel',
-      guestPath('poweroff'),
-      '--memory',
-      '32',
-      '--rng',
-      ...extra,
-    ],
-    {
-      stdio: ['ignore', 'pipe', 'pipe'],
-      env: { ...process.env, TYPERVISOR_BUNDLE_DEBUG: '1', TYPERVISOR_NO_BUNDLE: undefined },
-    },
-  );
+/** Runs the test bundle's launcher with `args`: its exit code and output. */
+function start(args: string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  const child = spawn(process.execPath, [join(OUT, 'main.cjs'), ...args], {
+    stdio: ['ignore', 'pipe', 'pipe'],
+    env: { ...process.env, TYPERVISOR_BUNDLE_DEBUG: '1', TYPERVISOR_NO_BUNDLE: undefined },
+  });
   let stdout = '';
   let stderr = '';
   child.stdout.setEncoding('utf8').on('data', (s: string) => (stdout += s));
@@ -71,6 +57,11 @@ function boot(
       resolve({ code, stdout, stderr });
     }),
   );
+}
+
+/** Boots the poweroff guest (with a virtio-rng device: a device worker) from the test bundle. */
+function boot(extra: string[] = []) {
+  return start(['run', '--kernel', guestPath('poweroff'), '--memory', '32', '--rng', ...extra]);
 }
 
 function cacheOf(stderr: string, thread: string): string | undefined {
@@ -99,7 +90,7 @@ describe('per-thread bundles with code caches', () => {
   after(() => rmSync(OUT, { recursive: true, force: true }));
 
   test('the build writes a bundle, a loader and a current cache per thread', T, () => {
-    for (const n of [...THREADS, 'jailer'])
+    for (const n of [...THREADS, 'api', 'jailer'])
       for (const ext of ['js', 'cjs', 'cache'])
         assert.ok(existsSync(join(OUT, `${n}.${ext}`)), `${n}.${ext} missing`);
     const c = buildScript('--check', '--out', NAME);
@@ -168,15 +159,76 @@ describe('per-thread bundles with code caches', () => {
     assert.equal(cacheOf(again.stderr, 'vcpu-worker'), 'used', again.stderr);
   });
 
-  test('a bundle older than its dist/ inputs is not run: dist/ is', T, async () => {
-    const m = join(OUT, 'manifest.json');
-    const manifest = JSON.parse(readFileSync(m, 'utf8')) as {
-      bundles: Record<string, { inputs: Record<string, [number, number]> }>;
-    };
-    const inputs = manifest.bundles.main!.inputs;
-    const first = Object.keys(inputs)[0]!;
-    inputs[first]![0] += 1; // as if the file had changed since the bundle was made
-    writeFileSync(m, JSON.stringify(manifest));
+  test('the bundles carry the default seccomp programs, as dist/ compiles them', T, async () => {
+    const { programFor } = (await import(
+      join(REPO, 'dist', 'src', 'sandbox', 'seccomp', 'install.js')
+    )) as typeof import('../../src/sandbox/seccomp/install.js');
+    for (const b of ['main', 'api', 'vcpu-worker', 'device-worker']) {
+      const src = readFileSync(join(OUT, `${b}.js`), 'latin1');
+      const line = /define_TYPERVISOR_SECCOMP_DEFAULT_default = (\{[^\n]*\});/.exec(src)?.[1];
+      assert.ok(line, `${b}: no programs`);
+      for (const role of ['main', 'vcpu', 'device'] as const) {
+        const b64: string | undefined = new RegExp(`\\b${role}: "([A-Za-z0-9+/=]+)"`).exec(
+          line,
+        )?.[1];
+        const want = Buffer.from(programFor(role, { mode: 'default' })).toString('base64');
+        assert.equal(b64, want, `${b}: ${role}`);
+      }
+    }
+  });
+
+  test('the API mode runs the api bundle (a config file boots the guest)', T, async () => {
+    const cfg = join(OUT, 'vm.json');
+    writeFileSync(
+      cfg,
+      JSON.stringify({
+        'boot-source': { kernel_image_path: guestPath('poweroff') },
+        'machine-config': { vcpu_count: 1, mem_size_mib: 32 },
+      }),
+    );
+    const r = await start(['--no-api', '--config-file', cfg]);
+    assert.equal(r.code, 0, r.stderr);
+    assert.equal(r.stdout, 'tiny guest up\n');
+    assert.equal(cacheOf(r.stderr, 'api'), 'used', r.stderr);
+    assert.equal(cacheOf(r.stderr, 'main'), undefined, r.stderr);
+    assert.equal(cacheOf(r.stderr, 'vcpu-worker'), 'used', r.stderr);
+    // Not an API flag: the main bundle (which refuses it).
+    const bad = await start(['--no-such-flag']);
+    assert.equal(bad.code, 2, bad.stderr);
+    assert.equal(cacheOf(bad.stderr, 'main'), 'used', bad.stderr);
+  });
+
+  type Manifest = {
+    bundles: Record<string, { sentinels: string[]; inputs: Record<string, [number, number]> }>;
+  };
+  const manifestPath = () => join(OUT, 'manifest.json');
+  const readManifest = () => JSON.parse(readFileSync(manifestPath(), 'utf8')) as Manifest;
+
+  test('a bundle whose other inputs changed runs once, is reported, then not run', T, async () => {
+    const manifest = readManifest();
+    const main = manifest.bundles.main!;
+    const other = Object.keys(main.inputs).find((k) => !main.sentinels.includes(k))!;
+    main.inputs[other]![0] += 1; // as if the file had changed since the bundle was made
+    writeFileSync(manifestPath(), JSON.stringify(manifest));
+    const r = await boot();
+    assert.equal(r.code, 0, r.stderr);
+    assert.equal(r.stdout, 'tiny guest up\n');
+    assert.equal(cacheOf(r.stderr, 'main'), 'used', 'the sentinels are current: it ran');
+    assert.match(r.stderr, new RegExp(`out of date \\(stale: dist/${other} changed\\)`));
+    const again = await boot();
+    assert.equal(again.code, 0, again.stderr);
+    assert.equal(again.stdout, 'tiny guest up\n');
+    assert.match(again.stderr, new RegExp(`bundle main: ran dist/ \\(stale: dist/${other}`));
+    const c = buildScript('--out', NAME);
+    assert.equal(c.status, 0, c.stderr);
+  });
+
+  test('a bundle older than its dist/ sentinels is not run: dist/ is', T, async () => {
+    const manifest = readManifest();
+    const main = manifest.bundles.main!;
+    const first = main.sentinels[0]!;
+    main.inputs[first]![0] += 1; // as if the file had changed since the bundle was made
+    writeFileSync(manifestPath(), JSON.stringify(manifest));
     const r = await boot();
     assert.equal(r.code, 0, r.stderr);
     assert.equal(r.stdout, 'tiny guest up\n');

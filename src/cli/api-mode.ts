@@ -1,0 +1,33 @@
+/**
+ * The Firecracker-style API mode (`typervisor --api-sock ...`): what src/cli/main.ts runs for
+ * it, and what the `api` bundle's entry (src/cli/api-main.ts) runs alone.
+ */
+import { createHash } from 'node:crypto';
+import { prewarmDeviceWorker, prewarmVcpuWorkers } from '../vmm/vcpu-pool.js';
+import { firecrackerCommand } from './firecracker.js';
+import { boundExitAfterSignals } from './signals.js';
+import { releaseVmsAtExit } from '../vmm/index.js';
+
+export async function apiMode(argv: string[]): Promise<number> {
+  boundExitAfterSignals();
+  // A vCPU worker and a device worker start now, while the API server comes up, so that a
+  // boot or a snapshot load does not wait for them (~40-300 ms; docs/bench.md). The ones a VM
+  // does not use end when it starts; unused, they end at exit.
+  if (!argv.includes('--help') && !argv.includes('-h') && !argv.includes('--version')) {
+    // After the API socket listens: from the bundle, everything up to listen() runs in this
+    // turn of the event loop (its imports are resolved promises), and starting two workers
+    // first would delay the socket by their share of this thread and of the CPUs
+    // (docs/architecture.md "Start-up"). Un-bundled, the imports read files and the workers
+    // start before listen(), as before.
+    setImmediate(() => {
+      prewarmVcpuWorkers(1);
+      prewarmDeviceWorker();
+      // The bundles load node:crypto on first use (scripts/bundle.mjs): load it now, before a
+      // snapshot load needs it for the state file's checksum (~1.6 ms).
+      createHash('sha256');
+    });
+  }
+  // The process ends with its VM: the kernel releases the VM at exit (builder.ts).
+  releaseVmsAtExit(true);
+  return firecrackerCommand(argv);
+}
