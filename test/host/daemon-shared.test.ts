@@ -10,7 +10,7 @@ import { after, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { existsSync, readdirSync, readFileSync, statSync } from 'node:fs';
 import { call } from '../api/client.js';
-import { guestPath, tinyGuests } from './helpers.js';
+import { guestPath, tempDir, tinyGuests } from './helpers.js';
 import { sleep, startDaemon, vmConfig, waitVm, type DaemonProcess } from './daemon-helpers.js';
 
 const guests = tinyGuests();
@@ -201,3 +201,56 @@ function rssMiB(pid: number): number {
   const kib = /^VmRSS:\s+(\d+)/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1];
   return Number(kib) / 1024;
 }
+
+describe('typervisor serve, shared mode: snapshots through a VM socket (KVM)', () => {
+  test(
+    'a VM on kept RAM is snapshotted through its own API and restored as a new VM',
+    T,
+    async () => {
+      const d = await startDaemon(['--mode', 'shared', '--pool', '1']);
+      try {
+        const dir = tempDir('typervisor-daemon-snap-');
+        // The first VM's RAM is kept by the host; the second of the same size gets it.
+        const first = await call(d.sock, 'POST', '/vms', vmConfig(guestPath('poweroff')));
+        assert.equal(first.status, 200, first.body);
+        await call(d.sock, 'GET', `/vms/${first.json.id}/wait`, undefined, 25_000);
+        const a = await call(d.sock, 'POST', '/vms', {
+          vm_id: 'a',
+          ...vmConfig(guestPath('spin')),
+        });
+        assert.equal(a.status, 200, a.body);
+        await waitVm(d.sock, 'a', (v) => v.boot_marker_ms !== null);
+        const s = a.json.api_socket;
+        assert.equal((await call(s, 'PATCH', '/vm', { state: 'Paused' })).status, 204);
+        const snap = { snapshot_path: `${dir}/vm.state`, mem_file_path: `${dir}/vm.mem` };
+        const c = await call(s, 'PUT', '/snapshot/create', snap, 20_000);
+        assert.equal(c.status, 204, c.body);
+        const b = await call(
+          d.sock,
+          'POST',
+          '/vms',
+          {
+            vm_id: 'b',
+            snapshot: {
+              snapshot_path: snap.snapshot_path,
+              mem_backend: { backend_type: 'File', backend_path: snap.mem_file_path },
+              resume_vm: true,
+            },
+          },
+          20_000,
+        );
+        assert.equal(b.status, 200, b.body);
+        assert.equal((await call(b.json.api_socket, 'GET', '/')).json.state, 'Running');
+        // The restored guest runs on: it is still running a moment later.
+        await sleep(300);
+        assert.equal((await call(d.sock, 'GET', '/vms/b')).json.state, 'running');
+        assert.equal((await call(d.sock, 'DELETE', '/vms/b', undefined, 20_000)).status, 204);
+        assert.equal((await call(d.sock, 'DELETE', '/vms/a', undefined, 20_000)).status, 204);
+        assert.equal((await d.stop()).code, 0, d.stderr());
+      } finally {
+        d.child.kill('SIGKILL');
+        await d.exited;
+      }
+    },
+  );
+});
