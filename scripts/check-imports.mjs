@@ -39,8 +39,9 @@ export const LAYERS = {
   vmm: ['util', 'kvm', 'memory', 'loader', 'arch', 'events', 'devices', 'uffd', 'sandbox', 'mmds'],
   // vmm only through src/vmm/index.ts (see ONLY_THROUGH).
   api: ['vmm', 'util', 'mmds'],
-  // The host daemon (typervisor serve): the API server and controller, the VMM for shared mode.
-  daemon: ['api', 'vmm', 'util', 'sandbox'],
+  // The host daemon (typervisor serve): the API server and controller, the VMM and the
+  // library's warm host (through its public src/lib/index.ts, see ONLY_THROUGH) for shared mode.
+  daemon: ['api', 'vmm', 'util', 'sandbox', 'lib'],
   cli: ['api', 'vmm', 'uffd', 'util', 'sandbox', 'daemon'],
   // The `typervisor` package's public library (issue 19): VMs in the calling process. vmm only
   // through src/vmm/index.ts and vcpu-pool.ts (see ONLY_THROUGH); sandbox for its seccomp option.
@@ -77,6 +78,7 @@ export const ONLY_THROUGH = [
     layer: 'vmm',
     files: ['src/vmm/index.ts', 'src/vmm/vcpu-pool.ts'],
   },
+  { importers: ['daemon'], layer: 'lib', files: ['src/lib/index.ts'] },
 ];
 
 /**

@@ -25,6 +25,12 @@ test('routes: each endpoint, and 400s naming the problem', () => {
     kind: 'GetConsole',
     id: 'a',
   });
+  assert.deepEqual(routeDaemon('GET', '/vms/a/wait', undefined).action, {
+    kind: 'WaitVm',
+    id: 'a',
+  });
+  assert.match(routeDaemon('PUT', '/vms/a/wait', undefined).fault!, /Invalid request/);
+  assert.match(routeDaemon('GET', '/vms/a/wait', '{}').fault!, /takes no body/);
   assert.match(routeDaemon('GET', '/vms/a.b', undefined).fault!, /Invalid VM id/);
   assert.match(routeDaemon('PUT', '/vms', undefined).fault!, /Invalid request/);
   assert.match(routeDaemon('GET', '/vms/a/stop/x', undefined).fault!, /Invalid request/);

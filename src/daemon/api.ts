@@ -26,6 +26,7 @@ export type DaemonAction =
   | { kind: 'CreateVm'; request: CreateRequest }
   | { kind: 'GetVm'; id: string }
   | { kind: 'GetConsole'; id: string }
+  | { kind: 'WaitVm'; id: string }
   | { kind: 'StopVm'; id: string }
   | { kind: 'DeleteVm'; id: string };
 
@@ -110,6 +111,7 @@ export function routeDaemon(method: string, url: string, body: string | undefine
   }
   if (sub === 'stop' && method === 'PUT') return noBody({ kind: 'StopVm', id });
   if (sub === 'console' && method === 'GET') return noBody({ kind: 'GetConsole', id });
+  if (sub === 'wait' && method === 'GET') return noBody({ kind: 'WaitVm', id });
   return invalid;
 }
 

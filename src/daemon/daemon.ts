@@ -13,6 +13,11 @@ import type { StateDir } from './state.js';
 
 export const DEFAULT_MAX_VMS = 256;
 export const MAX_ENDED_RECORDS = 256;
+/**
+ * GET /vms/{id}/wait answers at the latest after this long (the VM as it is then): below the
+ * API server's 30 s idle-socket limit, so a waiting client is answered, never cut off.
+ */
+export const WAIT_MAX_MS = 20_000;
 /** sizeof(sockaddr_un.sun_path) - 1. */
 const MAX_SOCKET_PATH = 107;
 
@@ -96,6 +101,21 @@ export class Daemon {
       case 'GetConsole': {
         const v = this.vms.get(a.id);
         return v ? ok({ id: v.id, output: v.handle?.consoleTail() ?? '' }) : this.unknown(a.id);
+      }
+      case 'WaitVm': {
+        const v = this.vms.get(a.id);
+        if (!v) return this.unknown(a.id);
+        if (v.state === 'starting')
+          return fault(400, `VM ${a.id} is being created; wait for it once it runs`);
+        if (v.end === undefined && v.handle) {
+          let t: NodeJS.Timeout | undefined;
+          await Promise.race([
+            v.handle.ended,
+            new Promise((r) => (t = setTimeout(r, WAIT_MAX_MS))),
+          ]);
+          clearTimeout(t);
+        }
+        return ok(this.info(v));
       }
       case 'StopVm': {
         const v = this.vms.get(a.id);

@@ -1,75 +1,93 @@
 /**
  * `shared` mode: many VMs in the daemon's own process (trusted workloads: a guest that breaks
- * the VMM breaks every VM here). Each VM is a VmmController (the Firecracker-compatible API's
- * own state machine, src/api/controller.ts) over buildVm / loadSnapshot, with its own API server
- * on `<state-dir>/<id>.sock`; the daemon applies the request's configuration to the controller
- * directly (the same actions the config file makes), then leaves the socket to the VM's clients.
+ * the VMM breaks every VM here), on the library's warm host (src/lib/host.ts, one VmHost per
+ * daemon): vCPU workers started ahead and reused from VM to VM, guest RAM kept and emptied for
+ * the next VM of the same size, each ended VM's descriptors closed on closer threads.
  *
- * This is the internal VMM surface; the public library API (src/lib/, issue 19 part A) is meant
- * to replace it behind the Backend interface.
- *
- * The warm capacity is the VMM's own prewarm (src/vmm/vcpu-pool.ts): one vCPU worker and one
- * device worker started ahead, taken by the next VM and started again after each create. The
- * prewarm holds one VM's workers (takeVcpuWorkers ends surplus ones), so --pool above 1 warms no
- * more in this mode.
- *
- * Each VM's console goes to `<state-dir>/<id>.console` (removed when the VM ends); the file is
- * closed by the VM's teardown, so no descriptor outlives its VM.
+ * Each VM keeps its own Firecracker-compatible API socket (`<state-dir>/<id>.sock`): it is a
+ * VmmController (the API's own state machine, src/api/controller.ts) whose build goes through
+ * the host (VmHost.createVmWith: buildVm / loadSnapshot with the host's warm parts), so pause,
+ * resume, snapshot create, balloon, MMDS, metrics and GET /vm/config work on it as on a VMM
+ * process. The daemon applies the request's configuration to the controller directly (the
+ * actions a config file makes), then leaves the socket to the VM's clients. Stop, the end and
+ * the console are the library Vm's: stop() is Vm.stop(), the end is Vm.wait(), and the console
+ * is the Vm's output stream, of which the last CONSOLE_TAIL_BYTES are kept (as process mode).
  */
-import { closeSync, openSync, readSync, fstatSync, unlinkSync } from 'node:fs';
 import { VmmController } from '../api/controller.js';
 import { LoggerControl } from '../api/logger.js';
 import { MetricsSystem } from '../api/metrics.js';
 import { startApiServer, type ApiServer } from '../api/server.js';
-import { buildVm, loadSnapshot, type BuiltVm, type VmExitEvent } from '../vmm/index.js';
-import { prewarmDeviceWorker, prewarmVcpuWorkers } from '../vmm/vcpu-pool.js';
+import { VmHost, type Vm, type VmExit } from '../lib/index.js';
+import { buildVm, loadSnapshot, type BuiltVm } from '../vmm/index.js';
 import type { CreateRequest } from './api.js';
-import { CreateError, type Backend, type PoolInfo, type VmEnd, type VmHandle } from './backend.js';
+import {
+  ByteTail,
+  CreateError,
+  type Backend,
+  type PoolInfo,
+  type VmEnd,
+  type VmHandle,
+} from './backend.js';
 import { CONSOLE_TAIL_BYTES, STOP_KILL_AFTER_MS } from './process-backend.js';
 import type { StateDir } from './state.js';
-
-/** Off: see prewarm(). */
-const DEVICE_WORKER_PREWARM = process.env.TYPERVISOR_DAEMON_PREWARM_DEVICE === '1';
 
 /** Sections that configure the process, not the VM: refused here (one process, many VMs). */
 const PROCESS_SECTIONS = ['logger', 'metrics'];
 
+/** What the VmHandle needs of the VM's vCPU control block: the boot marker's time. */
+interface MarkerSource {
+  readonly bootMarkerMs: number;
+}
+
 class SharedVm implements VmHandle {
-  markerAt: number | undefined;
   firstOutputAt: number | undefined;
-  built: BuiltVm | undefined;
   server: ApiServer | undefined;
   readonly ended: Promise<VmEnd>;
   private resolveEnd!: (e: VmEnd) => void;
+  private vm: Vm | undefined;
+  private marker: MarkerSource | undefined;
+  private readonly console = new ByteTail(CONSOLE_TAIL_BYTES);
   private stopRequested = false;
   private done = false;
 
-  constructor(
-    readonly apiSocket: string,
-    readonly consolePath: string,
-  ) {
+  constructor(readonly apiSocket: string) {
     this.ended = new Promise((r) => (this.resolveEnd = r));
   }
 
-  /** The VM ended: its API server and console file go, then `ended` settles. */
-  async finish(ev: VmExitEvent | { kind: 'failed'; message: string }): Promise<void> {
+  /**
+   * performance.now() when the guest wrote its boot marker: the vCPU thread's own time stamp
+   * (epoch ms), read when asked, so a VM that never writes it holds no waiter.
+   */
+  get markerAt(): number | undefined {
+    const ms = this.marker?.bootMarkerMs ?? 0;
+    return ms > 0 ? ms - performance.timeOrigin : undefined;
+  }
+
+  /** The VM runs: its console, marker and end. */
+  attach(vm: Vm, built: BuiltVm): void {
+    this.vm = vm;
+    this.marker = built.vmm.control;
+    vm.console?.output.on('data', (b: Buffer) => {
+      this.firstOutputAt ??= performance.now();
+      this.console.push(b);
+    });
+    void vm.wait().then((exit) => this.finish(exit));
+  }
+
+  /** The VM ended (or was never made): its API server goes, then `ended` settles. */
+  async finish(exit: VmExit | { reason: 'failed'; message: string }): Promise<void> {
     if (this.done) return;
     this.done = true;
     await this.server?.close();
-    try {
-      unlinkSync(this.consolePath);
-    } catch {
-      // never made
-    }
     let end: VmEnd;
-    switch (ev.kind) {
+    switch (exit.reason) {
       case 'poweroff':
       case 'reset':
         end = {
           state: 'exited',
           code: 0,
           signal: null,
-          reason: `the guest ${ev.kind === 'reset' ? 'rebooted' : 'powered off'}`,
+          reason: `the guest ${exit.reason === 'reset' ? 'rebooted' : 'powered off'}`,
         };
         break;
       case 'stopped':
@@ -78,7 +96,7 @@ class SharedVm implements VmHandle {
           : { state: 'exited', code: 0, signal: null, reason: 'the VM stopped' };
         break;
       default:
-        end = { state: 'crashed', code: 1, signal: null, reason: ev.message };
+        end = { state: 'crashed', code: 1, signal: null, reason: exit.message ?? 'failed' };
     }
     this.resolveEnd(end);
   }
@@ -86,13 +104,13 @@ class SharedVm implements VmHandle {
   stop(): void {
     if (this.done || this.stopRequested) return;
     this.stopRequested = true;
-    if (this.built) this.built.vmm.requestStop();
-    else void this.finish({ kind: 'stopped' } as VmExitEvent);
+    if (this.vm) void this.vm.stop();
+    else void this.finish({ reason: 'stopped' } as VmExit);
     // A VMM that does not stop within the bound: reported, since nothing can be killed here.
     const t = setTimeout(() => {
       if (!this.done)
         void this.finish({
-          kind: 'failed',
+          reason: 'failed',
           message: `did not stop within ${STOP_KILL_AFTER_MS} ms`,
         });
     }, STOP_KILL_AFTER_MS);
@@ -100,55 +118,55 @@ class SharedVm implements VmHandle {
   }
 
   consoleTail(): string {
-    let fd: number;
-    try {
-      fd = openSync(this.consolePath, 'r');
-    } catch {
-      return '';
-    }
-    try {
-      const size = fstatSync(fd).size;
-      const n = Math.min(size, CONSOLE_TAIL_BYTES);
-      const buf = Buffer.alloc(n);
-      readSync(fd, buf, 0, n, size - n);
-      return buf.toString('utf8');
-    } finally {
-      closeSync(fd);
-    }
+    return this.console.text();
   }
+}
+
+export interface SharedOptions {
+  /** No seccomp filters on the host's threads (--no-seccomp). */
+  noSeccomp?: boolean;
 }
 
 export class SharedBackend implements Backend {
   readonly mode = 'shared' as const;
-  private created = 0;
+  private readonly host: VmHost;
+  private failed = 0;
+  private coldStarts = 0;
+  private lastError: string | undefined;
   private closed = false;
 
+  /**
+   * `size`: vCPU workers kept idle and ready (--pool; a VM takes one per vCPU and gives it
+   * back when it ends). The daemon has installed the process's main-role filter already
+   * (serve.ts); the host's threads add their own roles' (vcpu, device), as the CLI's do.
+   */
   constructor(
     private readonly size: number,
     private readonly state: StateDir,
+    opts: SharedOptions = {},
   ) {
-    this.prewarm();
+    this.host = new VmHost({
+      warmVcpuWorkers: size,
+      seccomp: opts.noSeccomp ? 'off' : 'threads',
+    });
   }
 
-  private prewarm(): void {
-    if (this.size === 0 || this.closed) return;
-    prewarmVcpuWorkers(1);
-    // No device worker ahead: one the next VM does not use (no virtio device) is terminated
-    // by takeVcpuWorkers, often while it still loads its modules, and Node 20 then leaves the
-    // module files it was reading open (~1.5 descriptors per VM, measured over 300 VMs).
-    // A VM with virtio devices starts its device worker when it is built.
-    if (DEVICE_WORKER_PREWARM) prewarmDeviceWorker();
+  /** Resolves once the warm workers have loaded their modules. */
+  ready(): Promise<void> {
+    return this.host.ready();
   }
 
   pool(): PoolInfo {
+    const s = this.host.stats();
     return {
       mode: this.mode,
-      size: Math.min(this.size, 1),
-      ready: this.size > 0 ? 1 : 0,
+      size: this.size,
+      ready: Math.min(s.idleVcpuWorkers, this.size),
       starting: 0,
-      started_total: this.created,
-      failed_total: 0,
-      cold_starts: this.size === 0 ? this.created : 0,
+      started_total: s.vcpuWorkersStarted,
+      failed_total: this.failed,
+      cold_starts: this.coldStarts,
+      ...(this.lastError !== undefined ? { last_error: this.lastError } : {}),
     };
   }
 
@@ -164,61 +182,61 @@ export class SharedBackend implements Backend {
           `"${bad}" configures a VMM process: not available in shared mode (use process mode)`,
         );
     }
-    const consolePath = this.state.path(`${id}.console`);
-    const vm = new SharedVm(apiSocket, consolePath);
+    const vm = new SharedVm(apiSocket);
     const metrics = new MetricsSystem(id);
     const logger = new LoggerControl(metrics.counters);
-    /** The console file is the VM's: closed by its teardown (the controller leaves it open). */
-    const own = (built: BuiltVm, consoleFd: number | undefined): BuiltVm => {
-      if (consoleFd !== undefined) built.vmm.onTeardown(() => closeSync(consoleFd));
-      return built;
-    };
-    const controller = new VmmController({
-      instanceId: id,
-      version: 'daemon',
-      metrics,
-      logger,
-      build: (spec, o) => own(buildVm(spec, o), o.consoleFd),
-      loadSnapshot: async (p, o) => own(await loadSnapshot(p, o), o.consoleFd),
-      onStarted: (built) => {
-        vm.built = built;
-        void built.vmm.control.waitBootMarker().then(() => (vm.markerAt ??= performance.now()));
-      },
-      onExit: (ev) => void vm.finish(ev),
-    });
-    this.created++;
-    try {
-      vm.server = await startApiServer({
-        socketPath: apiSocket,
-        counters: metrics.counters,
-        handle: (a) => controller.handle(a),
-      });
-      const actions = [
-        { kind: 'PutSerial' as const, config: { serial_out_path: consolePath } },
-        ...req.actions,
-      ];
-      for (const a of actions) {
-        const out = await controller.handle(a);
-        if (out.status >= 300) {
-          await vm.finish({ kind: 'failed', message: 'not created' });
-          throw new CreateError(
-            out.status >= 500 ? 500 : 400,
-            `${a.kind}: ${'fault' in out ? out.fault : out.status}`,
-          );
+    let refused: CreateError | undefined;
+    let built: BuiltVm | undefined;
+    if (this.host.stats().idleVcpuWorkers === 0) this.coldStarts++;
+    const made = await this.host.createVmWith(
+      async (warm) => {
+        const controller = new VmmController({
+          instanceId: id,
+          version: 'daemon',
+          metrics,
+          logger,
+          // No PUT /serial here: the host's console pipe; the host's warm parts go with it.
+          build: (spec, o) => buildVm(spec, { ...o, ...warm.build(spec.vcpus) }),
+          loadSnapshot: (p, o) => loadSnapshot(p, { ...o, ...warm.load() }),
+        });
+        vm.server = await startApiServer({
+          socketPath: apiSocket,
+          counters: metrics.counters,
+          handle: (a) => controller.handle(a),
+        });
+        for (const a of req.actions) {
+          const out = await controller.handle(a);
+          if (out.status >= 300) {
+            refused = new CreateError(
+              out.status >= 500 ? 500 : 400,
+              `${a.kind}: ${'fault' in out ? out.fault : out.status}`,
+            );
+            break;
+          }
         }
-      }
-    } catch (e) {
-      await vm.finish({ kind: 'failed', message: 'not created' });
-      if (e instanceof CreateError) throw e;
-      throw new CreateError(500, (e as Error).message);
-    } finally {
-      // The next VM's workers start now, off this request's path.
-      setImmediate(() => this.prewarm());
+        // A VM built before a later action was refused is still the host's to release.
+        built = controller.vm;
+        return built;
+      },
+      { id },
+    );
+    if (made.ok && made.value !== undefined && built !== undefined && refused === undefined) {
+      vm.attach(made.value, built);
+      return vm;
     }
-    return vm;
+    if (made.ok && made.value !== undefined) await made.value.stop();
+    await vm.finish({ reason: 'failed', message: 'not created' });
+    const err =
+      refused ?? new CreateError(500, made.ok ? 'the VM was not built' : made.error.message);
+    if (err.status === 500) {
+      this.failed++;
+      this.lastError = err.message;
+    }
+    throw err;
   }
 
   async close(): Promise<void> {
     this.closed = true;
+    await this.host.close();
   }
 }

@@ -25,6 +25,7 @@ import {
   NATIVE_FROM_VCPUS,
   startFdCloser,
   validateResources,
+  type BuildOptions,
   type BuiltVm,
   type FdCloser,
   type VcpuWorkerSource,
@@ -104,6 +105,25 @@ export interface VmHostStats {
   /** Guest RAMs kept idle now, and VMs that got kept RAM instead of new. */
   idleRam: number;
   ramReused: number;
+}
+
+/**
+ * @internal What a VM built outside createVm takes from its host (VmHost.createVmWith): the
+ * host's warm parts as buildVm / loadSnapshot options.
+ */
+export interface WarmParts {
+  /**
+   * buildVm options for a VM of `vcpus` vCPUs: the console (as createVm's `console` option), the
+   * closer, kept guest RAM, and the warm vCPU workers when the vCPUs run on workers (below
+   * NATIVE_FROM_VCPUS).
+   */
+  build(vcpus: number): BuildOptions;
+  /**
+   * loadSnapshot options: the console, the closer, and the warm vCPU workers if the restored
+   * VM's vCPUs run on workers (chosen by its vCPU count). No kept RAM: a restored VM's RAM is a
+   * mapping of its memory file.
+   */
+  load(): BuildOptions;
 }
 
 /** The warm vCPU workers: handed to VMs (take), handed back after them (give). */
@@ -352,6 +372,77 @@ export class VmHost {
       id: `vm${this.created}`,
       createdAt,
       started: opts.start === true,
+      ...(pipe ? { consoleReadFd: pipe.readFd } : {}),
+    });
+    void vm.wait().then(() => this.live--);
+    return ok(vm);
+  }
+
+  /**
+   * @internal A VM built by `make` on this host's warm parts (WarmParts) instead of by
+   * createVm's own buildVm call: for a caller that builds through a builder of its own around
+   * buildVm / loadSnapshot (the daemon's shared mode builds each VM through a VmmController, so
+   * that the VM keeps its own Firecracker API socket). `make` resolves to the built VM, or to
+   * undefined when it refused (nothing built; why is the caller's to report), and must pass
+   * `warm.build(vcpus)` or `warm.load()` to the one build it makes. The Vm is counted, its
+   * workers reused and its descriptors closed as createVm's are. A throw from `make` is
+   * returned as an error (INTERNAL unless it is a VMM error with a code). The Vm's state
+   * follows its own calls only (`started`: built running): pause and resume made through the
+   * caller's builder (an API socket) do not show in it.
+   */
+  async createVmWith(
+    make: (warm: WarmParts) => Promise<BuiltVm | undefined>,
+    opts: { id?: string; console?: 'pipe' | 'none'; started?: boolean } = {},
+  ): Promise<Result<Vm | undefined>> {
+    const createdAt = performance.timeOrigin + performance.now();
+    if (this.closed) return fail('CLOSED', 'this VmHost is closed');
+    if (this.closer.pending >= this.maxPending) {
+      this.releaseWaits++;
+      await this.closer.whenBelow(this.maxPending);
+      if (this.closed) return fail('CLOSED', 'this VmHost is closed');
+    }
+    let pipe: { readFd: number; writeFd: number } | undefined;
+    let built: BuiltVm | undefined;
+    try {
+      let consoleFd: number;
+      if (opts.console === 'none') {
+        if (this.nullFd < 0) this.nullFd = openSync('/dev/null', 'w');
+        consoleFd = this.nullFd;
+      } else {
+        pipe = consolePipe();
+        consoleFd = pipe.writeFd;
+      }
+      const closeFds = (fds: number[]) => this.closer.close(fds);
+      built = await make({
+        build: (vcpus) => ({
+          consoleFd,
+          closeFds,
+          guestRam: this.ram,
+          ...(vcpus < NATIVE_FROM_VCPUS
+            ? { vcpuWorkers: this.workers, vcpuThreads: 'worker' as const }
+            : {}),
+        }),
+        load: () => ({ consoleFd, closeFds, vcpuWorkers: this.workers }),
+      });
+    } catch (e) {
+      if (pipe) closeSync(pipe.readFd);
+      return { ok: false, error: toVmError(e) };
+    } finally {
+      // The VM writes through a description of its own (console-output.ts).
+      if (pipe) closeSync(pipe.writeFd);
+    }
+    if (built === undefined) {
+      if (pipe) closeSync(pipe.readFd);
+      return ok(undefined);
+    }
+    if (this.warmDevice && built.deviceWorker) prewarmDeviceWorker();
+    this.created++;
+    this.live++;
+    const vm = new Vm({
+      built,
+      id: opts.id ?? `vm${this.created}`,
+      createdAt,
+      started: opts.started ?? true,
       ...(pipe ? { consoleReadFd: pipe.readFd } : {}),
     });
     void vm.wait().then(() => this.live--);

@@ -172,6 +172,22 @@ const MAIN_OWN: Policy = {
     // bound in a private 0700 directory beside their path (mkdir, chmod), hard-linked into place
     // (link) and the directory removed (rmdir); umask for the fallback. Measured in audit mode.
     ...any('umask', 'chmod', 'fchmod', 'mkdir', 'rmdir', 'link'),
+    // An embedding process's console pipes (vmm/console-pipe.ts: the library, `serve --mode
+    // shared`): a FIFO made in a private directory and unlinked at once. FIFOs only: no device
+    // node can be made under this filter.
+    {
+      syscall: 'mknodat',
+      args: [
+        {
+          index: 2,
+          type: 'dword',
+          op: 'masked_eq',
+          mask: 0o170000n,
+          val: 0o010000n,
+          comment: 'S_IFIFO only (the console pipe)',
+        },
+      ],
+    },
   ],
 };
 
