@@ -98,7 +98,7 @@ async function backendFor(args: ServeArgs, state: StateDir): Promise<Backend> {
   if (!args.noSeccomp)
     log('info', `daemon: ${applySeccomp(seccompSettingsFromFlags(false, undefined))}`);
   const { SharedBackend } = await import('./shared-backend.js');
-  return new SharedBackend(args.pool, state, { noSeccomp: args.noSeccomp });
+  return new SharedBackend(args.pool, { noSeccomp: args.noSeccomp });
 }
 
 export async function serveCommand(argv: string[]): Promise<number> {

@@ -29,7 +29,6 @@ import {
   type VmHandle,
 } from './backend.js';
 import { CONSOLE_TAIL_BYTES, STOP_KILL_AFTER_MS } from './process-backend.js';
-import type { StateDir } from './state.js';
 
 /** Sections that configure the process, not the VM: refused here (one process, many VMs). */
 const PROCESS_SECTIONS = ['logger', 'metrics'];
@@ -142,7 +141,6 @@ export class SharedBackend implements Backend {
    */
   constructor(
     private readonly size: number,
-    private readonly state: StateDir,
     opts: SharedOptions = {},
   ) {
     this.host = new VmHost({
