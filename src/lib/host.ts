@@ -151,7 +151,6 @@ class WarmWorkers implements VcpuWorkerSource {
   private spawn(): Worker {
     const w = spawnVcpuWorker();
     this.started++;
-    w.unref();
     const onReady = (m: { type?: string }) => {
       if (m?.type !== 'ready') return;
       w.off('message', onReady);
@@ -167,6 +166,9 @@ class WarmWorkers implements VcpuWorkerSource {
       this.busy.delete(w);
       this.wakeReady();
     });
+    // After the listeners: adding a 'message' listener refs a worker again (Node's MessagePort
+    // does), and an idle worker that is referenced keeps the embedder's process from exiting.
+    w.unref();
     return w;
   }
 
@@ -211,8 +213,11 @@ class WarmWorkers implements VcpuWorkerSource {
     if (done()) return Promise.resolve();
     this.queueRefill();
     return new Promise((resolve) => {
+      // The idle workers are unreferenced: someone waiting for them keeps the process alive.
+      const keepAlive = setInterval(() => undefined, 60_000);
       const check = () => {
         if (!done()) return void this.readyWaiters.push(check);
+        clearInterval(keepAlive);
         resolve();
       };
       this.readyWaiters.push(check);

@@ -3,6 +3,7 @@
  * (device-worker-protocol.ts), and stops it.
  */
 import { MessageChannel, Worker } from 'node:worker_threads';
+import { workerExecArgv } from '../util/worker-argv.js';
 import { native } from '../kvm/native.js';
 import {
   DEVICE_WORKER_ROLE,
@@ -66,6 +67,7 @@ export function startDeviceWorker(
     new Worker(workerEntry('device-worker', new URL('./device-worker.js', import.meta.url)), {
       workerData: data,
       transferList: [port2],
+      execArgv: workerExecArgv(),
     });
   let last: DeviceReport[] = [];
   let gone = false;

@@ -5,6 +5,7 @@
  * VMs wait to be closed, and the library waits (`whenBelow`) before building more.
  */
 import { Worker } from 'node:worker_threads';
+import { workerExecArgv } from '../util/worker-argv.js';
 import type { CloseReply, CloseRequest } from './fd-closer-worker.js';
 
 export interface FdCloser {
@@ -50,12 +51,13 @@ export function startFdCloser(threads = 1): FdCloser {
 }
 
 function startOne(): Worker {
-  return new Worker(new URL('./fd-closer-worker.js', import.meta.url));
+  return new Worker(new URL('./fd-closer-worker.js', import.meta.url), {
+    execArgv: workerExecArgv(),
+  });
 }
 
 function wrap(w: Worker): FdCloser & { readonly alive: boolean } {
   let worker: Worker | undefined = w;
-  worker.unref();
   let seq = 0;
   let done = 0;
   const waiters: Array<{ n: number; resolve(): void }> = [];
@@ -94,6 +96,7 @@ function wrap(w: Worker): FdCloser & { readonly alive: boolean } {
   });
   worker.on('error', onGone);
   worker.on('exit', onGone);
+  worker.unref(); // after on('message'), which refs the worker again
   return {
     get alive() {
       return worker !== undefined;

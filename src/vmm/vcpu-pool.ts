@@ -4,6 +4,7 @@
  * start-up instead of adding to it. Each waits for a 'start' message with its configuration.
  */
 import { Worker } from 'node:worker_threads';
+import { workerExecArgv } from '../util/worker-argv.js';
 import { DEVICE_WORKER_ROLE } from './device-worker-protocol.js';
 import { takeEarlyVcpuWorkers, workerEntry } from '../util/bundle.js';
 import { chooseVcpuThreads, workersFor, type VcpuThreads } from './vcpu-mode.js';
@@ -37,7 +38,6 @@ const UNUSED_WORKER_READY_LIMIT_MS = 10_000;
  * its own first. The worker is unreferenced: waiting for it keeps nothing alive.
  */
 function endUnused(w: Worker): void {
-  w.unref();
   if (loaded.has(w)) return void w.terminate();
   const end = () => {
     w.off('message', onMessage);
@@ -56,6 +56,7 @@ function endUnused(w: Worker): void {
   limit.unref();
   w.on('message', onMessage);
   w.once('exit', forget);
+  w.unref(); // after on('message'), which refs the worker again
 }
 
 // A vCPU worker the bundle's loader may have started already (src/util/bundle.ts). Its 'ready'
@@ -67,6 +68,7 @@ export function spawnVcpuWorker(): Worker {
   return new Worker(workerEntry('vcpu-worker', new URL('./vcpu-worker.js', import.meta.url)), {
     stdout: false,
     stderr: false,
+    execArgv: workerExecArgv(),
   });
 }
 
@@ -102,6 +104,7 @@ export function prewarmDeviceWorker(): void {
   deviceWorker = track(
     new Worker(workerEntry('device-worker', new URL('./device-worker.js', import.meta.url)), {
       workerData: { role: DEVICE_WORKER_ROLE, deferred: true },
+      execArgv: workerExecArgv(),
     }),
   );
   deviceWorker.unref();

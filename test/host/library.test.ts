@@ -9,6 +9,7 @@ import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readdirSync, readFileSync } from 'node:fs';
 import { once } from 'node:events';
+import { spawn } from 'node:child_process';
 import {
   createVm,
   createVmHost,
@@ -176,6 +177,37 @@ describe('library: VMs in this process', () => {
         vm.console!.input.write('late\n', (e) => (e ? reject(e) : resolve())),
       );
       await defaultHost().drain();
+    },
+  );
+
+  test(
+    'a program that only calls createVm exits on its own: idle warm workers hold nothing',
+    T,
+    async () => {
+      // The default host's warm vCPU workers and closer thread stay for the next VM, but
+      // unreferenced: the embedding program ends when its own work does, with no close().
+      const lib = new URL('../../src/lib/index.js', import.meta.url).href;
+      const script = `
+        const { createVm } = await import(${JSON.stringify(lib)});
+        const r = await createVm(${JSON.stringify(res('echo'))}, { start: true });
+        if (!r.ok) throw r.error;
+        let s = '';
+        r.value.console.output.on('data', (d) => (s += d));
+        r.value.console.input.write('bye\\n');
+        const exit = await r.value.wait();
+        console.log(exit.reason, JSON.stringify(s), exit.message ?? "");`;
+      const child = spawn(process.execPath, ['--input-type=module', '-e', script], {
+        stdio: ['ignore', 'pipe', 'pipe'],
+      });
+      let out = '';
+      child.stdout.on('data', (d: Buffer) => (out += d.toString()));
+      child.stderr.on('data', (d: Buffer) => (out += d.toString()));
+      const killer = setTimeout(() => child.kill('SIGKILL'), 30_000);
+      const [code, signal] = (await once(child, 'exit')) as [number | null, string | null];
+      clearTimeout(killer);
+      assert.equal(signal, null, `the program did not exit by itself within 30 s: ${out}`);
+      assert.equal(code, 0, out);
+      assert.match(out, /^poweroff ".*bye/m);
     },
   );
 
