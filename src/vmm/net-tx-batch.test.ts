@@ -107,8 +107,10 @@ test('UringTxBatch: bounded (frames per flush, buffers per frame); closed refuse
   }
 });
 
-test('openTxBatch: TYPERVISOR_NET_TX_BATCH=0 turns batching off, with the reason', () => {
-  const r = openTxBatch(native(), -1, { TYPERVISOR_NET_TX_BATCH: '0' });
-  assert.equal(r.batch, undefined);
-  assert.match(r.why!, /TYPERVISOR_NET_TX_BATCH=0/);
+test('openTxBatch: off unless TYPERVISOR_NET_TX_BATCH=1, with the reason', () => {
+  for (const env of [{}, { TYPERVISOR_NET_TX_BATCH: '0' }, { TYPERVISOR_NET_TX_BATCH: 'yes' }]) {
+    const r = openTxBatch(native(), -1, env);
+    assert.equal(r.batch, undefined);
+    assert.match(r.why!, /TYPERVISOR_NET_TX_BATCH is not 1/);
+  }
 });
