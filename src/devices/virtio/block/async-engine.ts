@@ -18,8 +18,9 @@
  * Sync engine. The drive's rate limiter charges each request before it is submitted; one that
  * does not fit stays on the queue and the engine sleeps on a timer.
  *
- * A short read or write (the image shrank, the disk is full) is VIRTIO_BLK_S_IOERR, as for
- * Sync. drain() waits for every request in flight: before a snapshot is saved, before the
+ * A short read or write goes on from where it stopped (a file system may return less than asked:
+ * 9p, FUSE, NFS; Sync's loop does the same); one that moves nothing (the image shrank, the disk
+ * is full) is VIRTIO_BLK_S_IOERR, as for Sync. drain() waits for every request in flight: before a snapshot is saved, before the
  * image is swapped, when the driver resets the device.
  */
 import { QUEUE_BUDGET_CHAINS } from '../constants.js';
@@ -63,6 +64,10 @@ interface Slot {
   head: number;
   kind: 'read' | 'write' | 'flush';
   length: number;
+  /** Bytes done so far (a short read or write is resubmitted for the rest). */
+  done: number;
+  /** The request's file offset (read and write). */
+  offset: number;
   status: Uint8Array;
   /** The guest buffers the iovecs point into (kept referenced until the I/O completes). */
   data: Uint8Array[];
@@ -77,7 +82,11 @@ export interface AsyncCounters {
   submits: number;
   /** Requests submitted. */
   submitted: number;
+  /** Short reads or writes resubmitted for their rest. */
+  shortResubmits: number;
 }
+
+const EAGAIN_ERRNO = 11;
 
 const ERRNO: Record<number, string> = {
   1: 'EPERM',
@@ -99,6 +108,7 @@ export class AsyncBlockEngine {
     inFlightHighWater: 0,
     submits: 0,
     submitted: 0,
+    shortResubmits: 0,
   };
   private readonly slots: Array<Slot | undefined>;
   private readonly freeSlots: number[] = [];
@@ -244,26 +254,27 @@ export class AsyncBlockEngine {
     const fd = this.host.fd();
     let pushed: boolean;
     if (r.type === 'read' || r.type === 'write') {
-      const at = index * this.host.maxSegments * IOVEC_SIZE;
-      let n = 0;
-      for (const seg of r.data) {
-        if (seg.length === 0) continue;
-        const o = at + n * IOVEC_SIZE;
-        setU64(this.iov, o, this.addressOf(seg));
-        setU64(this.iov, o + 8, seg.length);
-        n++;
-      }
-      this.slots[index] = { head, kind: r.type, length: r.length, status: p.status, data: r.data };
-      pushed = this.ring.sq.push({
-        opcode: r.type === 'read' ? IORING_OP_READV : IORING_OP_WRITEV,
-        fd,
+      const slot: Slot = {
+        head,
+        kind: r.type,
+        length: r.length,
+        done: 0,
         offset: r.offset,
-        addr: this.iovAddr + at,
-        len: n,
-        userData: index,
-      });
+        status: p.status,
+        data: r.data,
+      };
+      this.slots[index] = slot;
+      pushed = this.pushRw(index, slot);
     } else {
-      this.slots[index] = { head, kind: 'flush', length: 0, status: p.status, data: [] };
+      this.slots[index] = {
+        head,
+        kind: 'flush',
+        length: 0,
+        done: 0,
+        offset: 0,
+        status: p.status,
+        data: [],
+      };
       pushed = this.ring.sq.push({
         opcode: IORING_OP_FSYNC,
         flags: IOSQE_IO_DRAIN,
@@ -278,6 +289,32 @@ export class AsyncBlockEngine {
     c.inFlight++;
     c.submitted++;
     if (c.inFlight > c.inFlightHighWater) c.inFlightHighWater = c.inFlight;
+  }
+
+  /** The SQE for what is left of a read or write (all of it the first time). */
+  private pushRw(index: number, slot: Slot): boolean {
+    const at = index * this.host.maxSegments * IOVEC_SIZE;
+    let skip = slot.done;
+    let n = 0;
+    for (const seg of slot.data) {
+      if (skip >= seg.length) {
+        skip -= seg.length;
+        continue;
+      }
+      const o = at + n * IOVEC_SIZE;
+      setU64(this.iov, o, this.addressOf(seg) + skip);
+      setU64(this.iov, o + 8, seg.length - skip);
+      skip = 0;
+      n++;
+    }
+    return this.ring.sq.push({
+      opcode: slot.kind === 'read' ? IORING_OP_READV : IORING_OP_WRITEV,
+      fd: this.host.fd(),
+      offset: slot.offset + slot.done,
+      addr: this.iovAddr + at,
+      len: n,
+      userData: index,
+    });
   }
 
   private submit(): void {
@@ -324,6 +361,14 @@ export class AsyncBlockEngine {
       );
       return;
     }
+    if (slot.kind !== 'flush' && res > 0 && slot.done + res < slot.length) {
+      // Short: the rest goes in as a request of its own in the same slot. The SQ holds a slot's
+      // SQE at most once and every io_uring_enter consumes it whole, so there is room.
+      slot.done += res;
+      this.counters.shortResubmits++;
+      if (this.pushRw(index, slot)) return;
+      res = -EAGAIN_ERRNO;
+    }
     this.slots[index] = undefined;
     this.freeSlots.push(index);
     this.counters.inFlight--;
@@ -335,11 +380,11 @@ export class AsyncBlockEngine {
         'io',
         `${this.host.name}: host I/O error (logged once): ${slot.kind}: ${ERRNO[-res] ?? `errno ${-res}`}`,
       );
-    } else if (slot.kind !== 'flush' && res !== slot.length) {
+    } else if (slot.kind !== 'flush' && slot.done + res !== slot.length) {
       code = VIRTIO_BLK_S_IOERR;
       this.host.failed(
         'io',
-        `${this.host.name}: host I/O error (logged once): short ${slot.kind}: ${res} of ${slot.length} bytes (the image shrank or the disk is full?)`,
+        `${this.host.name}: host I/O error (logged once): short ${slot.kind}: ${slot.done + res} of ${slot.length} bytes (the image shrank or the disk is full?)`,
       );
     } else {
       this.host.completed(slot.kind, slot.length);

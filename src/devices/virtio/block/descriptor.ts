@@ -70,7 +70,13 @@ export const blockDevice: DeviceType<BlockConfig, BlockHost> = {
         rate_limiter_throttled_events: dev.counters.throttled,
         rate_limiter_event_count: dev.counters.throttleEvents,
         // Ours (Async engine): requests in flight at most so far, io_uring_enter submissions.
-        ...(a ? { io_uring_inflight_max: a.inFlightHighWater, io_uring_submits: a.submits } : {}),
+        ...(a
+          ? {
+              io_uring_inflight_max: a.inFlightHighWater,
+              io_uring_submits: a.submits,
+              io_uring_short_resubmits: a.shortResubmits,
+            }
+          : {}),
       }),
       close: () => dev.close(),
     };
