@@ -12,7 +12,7 @@ import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'no
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { imagePaths } from '../../src/lab/guest.js';
-import { defaultGuest, describeRun, skipReason, typervisor } from '../inlab/helpers.js';
+import { defaultGuest, describeRun, skipReason, typervisor } from './helpers.js';
 
 const opts = { skip: skipReason, timeout: 300_000 };
 const MIB = 1024 * 1024;

@@ -1,0 +1,138 @@
+/**
+ * The host daemon with a stock Linux guest (run inside the lab): `typervisor serve` in process
+ * mode creates the Debian guest from a Firecracker-shaped configuration, its boot marker shows
+ * in the daemon's console endpoint and record, its own API socket answers, DELETE ends it, and
+ * SIGTERM leaves no VMM process behind. About 20-40 s in the lab (one guest boot).
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { request } from 'node:http';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { repoRoot } from '../../src/lab/guest.js';
+import { defaultGuest, skipReason } from './helpers.js';
+
+const opts = { skip: skipReason, timeout: 120_000 };
+const MARKER = /TYPERVISOR-BOOT-OK/;
+
+function call(
+  sock: string,
+  method: string,
+  path: string,
+  body?: unknown,
+): Promise<{ status: number; json: any }> {
+  // eslint-disable-line @typescript-eslint/no-explicit-any
+  const data = body === undefined ? undefined : JSON.stringify(body);
+  return new Promise((resolve, reject) => {
+    const req = request(
+      {
+        socketPath: sock,
+        method,
+        path,
+        headers: data
+          ? { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(data) }
+          : {},
+      },
+      (res) => {
+        let t = '';
+        res.setEncoding('utf8').on('data', (c: string) => (t += c));
+        res.on('end', () =>
+          resolve({ status: res.statusCode ?? 0, json: t ? JSON.parse(t) : undefined }),
+        );
+      },
+    );
+    req.setTimeout(30_000, () => req.destroy(new Error(`${method} ${path}: timeout`)));
+    req.on('error', reject);
+    req.end(data);
+  });
+}
+
+/** Live (not zombie) processes whose command line contains `needle`. */
+function pidsWith(needle: string): number[] {
+  const out: number[] = [];
+  for (const e of readdirSync('/proc')) {
+    if (!/^\d+$/.test(e)) continue;
+    try {
+      const stat = readFileSync(`/proc/${e}/stat`, 'utf8');
+      if (stat.slice(stat.lastIndexOf(')') + 2).startsWith('Z')) continue;
+      if (readFileSync(`/proc/${e}/cmdline`, 'latin1').includes(needle)) out.push(Number(e));
+    } catch {
+      // gone meanwhile
+    }
+  }
+  return out;
+}
+
+test('the Debian guest created through typervisor serve (process mode)', opts, async () => {
+  const g = defaultGuest();
+  // Not under /tmp: in the lab that is the host's /tmp over 9p, where Unix sockets cannot live.
+  const dir = mkdtempSync(join(existsSync('/run') ? '/run' : tmpdir(), 'tv-daemon-'));
+  const sock = join(dir, 'd.sock');
+  const state = join(dir, 'state');
+  const child = spawn(
+    process.execPath,
+    [
+      join(repoRoot(), 'bin', 'typervisor'),
+      'serve',
+      '--socket',
+      sock,
+      '--state-dir',
+      state,
+      '--pool',
+      '1',
+    ],
+    { stdio: ['ignore', 'ignore', 'pipe'] },
+  );
+  let err = '';
+  child.stderr.on('data', (d: Buffer) => (err += d.toString()));
+  const exited = new Promise<number | null>((r) => child.on('close', (code) => r(code)));
+  try {
+    const deadline = Date.now() + 30_000;
+    while (!existsSync(sock) || !(await call(sock, 'GET', '/').catch(() => undefined))) {
+      assert.ok(Date.now() < deadline, `no daemon socket after 30 s: ${err}`);
+      await sleep(100);
+    }
+    const t0 = Date.now();
+    const r = await call(sock, 'POST', '/vms', {
+      vm_id: 'deb',
+      'boot-source': {
+        kernel_image_path: g.kernel,
+        initrd_path: g.initrd,
+        boot_args: 'console=ttyS0 reboot=k panic=1 pci=off quiet',
+      },
+      'machine-config': { vcpu_count: 1, mem_size_mib: 256 },
+    });
+    assert.equal(r.status, 200, JSON.stringify(r.json));
+    assert.equal(r.json.state, 'running');
+    assert.ok(r.json.pid > 0);
+    let output = '';
+    while (!MARKER.test(output)) {
+      assert.ok(Date.now() - t0 < 60_000, `no boot marker after 60 s: ${output}\n${err}`);
+      await sleep(200);
+      const c = await call(sock, 'GET', '/vms/deb/console');
+      assert.equal(c.status, 200);
+      output = c.json.output;
+    }
+    const vm = (await call(sock, 'GET', '/vms/deb')).json;
+    assert.equal(vm.state, 'running');
+    assert.ok(vm.boot_marker_ms > 0, JSON.stringify(vm));
+    process.stderr.write(
+      `in-lab daemon: create ${vm.create_ms} ms, boot marker ${vm.boot_marker_ms} ms\n`,
+    );
+    // The VM's own Firecracker API socket answers.
+    const own = await call(vm.api_socket, 'GET', '/');
+    assert.equal(own.json.state, 'Running');
+    assert.equal((await call(sock, 'DELETE', '/vms/deb')).status, 204);
+    assert.equal(existsSync(vm.api_socket), false);
+    assert.ok(!pidsWith(state).includes(vm.pid), "the VM's VMM process has ended");
+    child.kill('SIGTERM');
+    assert.equal(await exited, 0, err);
+    assert.deepEqual(pidsWith(state), [], 'no VMM process left');
+  } finally {
+    child.kill('SIGKILL');
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
