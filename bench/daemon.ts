@@ -26,6 +26,12 @@ export interface DaemonBenchOptions {
   /** VMs in each churn (default 200 in shared mode, 20 in process mode; 0: none). */
   churnShared?: number;
   churnProcess?: number;
+  /**
+   * Shared mode: VMs run before the churn's first sample (default 0). The daemon's RSS grows
+   * over its first few hundred VMs without a leak (V8 sizes its heap by the allocation rate,
+   * malloc keeps freed arenas) and then stays flat: a warm-up measures the steady state.
+   */
+  churnWarmup?: number;
   /** VMs in a sustained-rate round (default 50 in shared mode, 10 in process mode). */
   sustained?: number;
   sustainedProcess?: number;
@@ -263,18 +269,27 @@ export async function daemonSuite(
       const n = m === 'shared' ? (o.churnShared ?? 200) : (o.churnProcess ?? 20);
       if (n <= 0) continue;
       const pid = daemons[m].child.pid!;
+      const warmup = m === 'shared' ? (o.churnWarmup ?? 0) : 0;
+      for (let i = 0; i < warmup; i++) await oneVm(daemons[m].sock, mark);
       await waitPool(daemons[m].sock);
+      await sleep(3000); // as after the churn: deferred teardown steps, GC
       const fd0 = await fdCount(pid);
       const rss0 = rssKiB(pid);
+      // RSS every tenth of the churn: a leak climbs steadily, a heap sizing itself levels off.
+      const samples: string[] = [];
+      const every = Math.max(1, Math.floor(n / 10));
       const t0 = performance.now();
-      for (let i = 0; i < n; i++) await oneVm(daemons[m].sock, mark);
+      for (let i = 1; i <= n; i++) {
+        await oneVm(daemons[m].sock, mark);
+        if (i % every === 0) samples.push((rssKiB(pid) / 1024).toFixed(1));
+      }
       const secs = (performance.now() - t0) / 1000;
       await waitPool(daemons[m].sock);
       await sleep(3000); // deferred teardown steps, GC
       const fd1 = await fdCount(pid);
       const rss1 = rssKiB(pid);
       notes.push(
-        `daemon ${m} churn: ${n} VMs in ${secs.toFixed(1)} s (${(n / secs).toFixed(1)} VMs/s); the daemon's descriptors ${fd0} → ${fd1}, RSS ${(rss0 / 1024).toFixed(1)} → ${(rss1 / 1024).toFixed(1)} MiB`,
+        `daemon ${m} churn: ${n} VMs in ${secs.toFixed(1)} s (${(n / secs).toFixed(1)} VMs/s)${warmup ? ` after a ${warmup}-VM warm-up` : ''}; the daemon's descriptors ${fd0} → ${fd1}, RSS ${(rss0 / 1024).toFixed(1)} → ${(rss1 / 1024).toFixed(1)} MiB (every ${every} VMs: ${samples.join(', ')})`,
       );
     }
     for (const m of modes) await stopDaemon(daemons[m]);
@@ -291,8 +306,8 @@ export async function daemonSuite(
 
 /**
  * `node dist/bench/daemon.js [--runs N] [--churn N] [--churn-process N] [--sustained N]
- * [--sustained-process N]`: the suite alone, as Markdown (`--churn 1000`: the issue's
- * 1,000-VM churn in shared mode).
+ * [--sustained-process N] [--churn-warmup N]`: the suite alone, as Markdown (`--churn 1000`:
+ * the issue's 1,000-VM churn in shared mode; `--churn-warmup 500` first runs 500 VMs unmeasured).
  */
 if (process.argv[1]?.endsWith('daemon.js')) {
   const { parseArgs } = await import('node:util');
@@ -302,6 +317,7 @@ if (process.argv[1]?.endsWith('daemon.js')) {
       runs: { type: 'string' },
       churn: { type: 'string' },
       'churn-process': { type: 'string' },
+      'churn-warmup': { type: 'string' },
       sustained: { type: 'string' },
       'sustained-process': { type: 'string' },
     },
@@ -314,6 +330,7 @@ if (process.argv[1]?.endsWith('daemon.js')) {
     log: (s) => process.stderr.write(`bench: ${s}\n`),
     churnShared: n(v.churn),
     churnProcess: n(v['churn-process']),
+    churnWarmup: n(v['churn-warmup']),
     sustained: n(v.sustained),
     sustainedProcess: n(v['sustained-process']),
   });
