@@ -13,5 +13,9 @@ test('workerExecArgv drops the main script options and keeps the rest', () => {
     ['--max-old-space-size=64'],
   );
   assert.deepEqual(workerExecArgv(['--eval=x()', '--print=1', '-pe', '2']), []);
-  assert.deepEqual(workerExecArgv([]), []);
+});
+
+test('workerExecArgv: undefined (inherit as Node does) when there is nothing to drop', () => {
+  assert.equal(workerExecArgv([]), undefined);
+  assert.equal(workerExecArgv(['--expose-gc', '--test-force-exit']), undefined);
 });

@@ -3,7 +3,7 @@
  * (device-worker-protocol.ts), and stops it.
  */
 import { MessageChannel, Worker } from 'node:worker_threads';
-import { workerExecArgv } from '../util/worker-argv.js';
+import { newWorker } from '../util/worker-argv.js';
 import { native } from '../kvm/native.js';
 import {
   DEVICE_WORKER_ROLE,
@@ -64,10 +64,9 @@ export function startDeviceWorker(
     prewarmed.postMessage({ type: 'start', data } satisfies DeviceWorkerStart, [port2]);
   const worker =
     prewarmed ??
-    new Worker(workerEntry('device-worker', new URL('./device-worker.js', import.meta.url)), {
+    newWorker(workerEntry('device-worker', new URL('./device-worker.js', import.meta.url)), {
       workerData: data,
       transferList: [port2],
-      execArgv: workerExecArgv(),
     });
   let last: DeviceReport[] = [];
   let gone = false;

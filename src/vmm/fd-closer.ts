@@ -5,7 +5,7 @@
  * VMs wait to be closed, and the library waits (`whenBelow`) before building more.
  */
 import { Worker } from 'node:worker_threads';
-import { workerExecArgv } from '../util/worker-argv.js';
+import { newWorker } from '../util/worker-argv.js';
 import type { CloseReply, CloseRequest } from './fd-closer-worker.js';
 
 export interface FdCloser {
@@ -51,9 +51,7 @@ export function startFdCloser(threads = 1): FdCloser {
 }
 
 function startOne(): Worker {
-  return new Worker(new URL('./fd-closer-worker.js', import.meta.url), {
-    execArgv: workerExecArgv(),
-  });
+  return newWorker(new URL('./fd-closer-worker.js', import.meta.url), {});
 }
 
 function wrap(w: Worker): FdCloser & { readonly alive: boolean } {

@@ -4,7 +4,7 @@
  * start-up instead of adding to it. Each waits for a 'start' message with its configuration.
  */
 import { Worker } from 'node:worker_threads';
-import { workerExecArgv } from '../util/worker-argv.js';
+import { newWorker } from '../util/worker-argv.js';
 import { DEVICE_WORKER_ROLE } from './device-worker-protocol.js';
 import { takeEarlyVcpuWorkers, workerEntry } from '../util/bundle.js';
 import { chooseVcpuThreads, workersFor, type VcpuThreads } from './vcpu-mode.js';
@@ -65,10 +65,9 @@ const pool: Worker[] = takeEarlyVcpuWorkers().map(track);
 
 /** A new vCPU worker, waiting for its 'start' message (also the library's warm pool's). */
 export function spawnVcpuWorker(): Worker {
-  return new Worker(workerEntry('vcpu-worker', new URL('./vcpu-worker.js', import.meta.url)), {
+  return newWorker(workerEntry('vcpu-worker', new URL('./vcpu-worker.js', import.meta.url)), {
     stdout: false,
     stderr: false,
-    execArgv: workerExecArgv(),
   });
 }
 
@@ -102,9 +101,8 @@ let deviceWorker: Worker | undefined;
 export function prewarmDeviceWorker(): void {
   if (deviceWorker) return;
   deviceWorker = track(
-    new Worker(workerEntry('device-worker', new URL('./device-worker.js', import.meta.url)), {
+    newWorker(workerEntry('device-worker', new URL('./device-worker.js', import.meta.url)), {
       workerData: { role: DEVICE_WORKER_ROLE, deferred: true },
-      execArgv: workerExecArgv(),
     }),
   );
   deviceWorker.unref();
