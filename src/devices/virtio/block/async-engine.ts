@@ -33,6 +33,8 @@ import {
   IORING_OP_READV,
   IORING_OP_WRITEV,
   IOSQE_IO_DRAIN,
+  HostAddresses,
+  setU64,
   type IoUring,
 } from './io-uring.js';
 import { VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, type ParsedRequest } from './request.js';
@@ -115,7 +117,7 @@ export class AsyncBlockEngine {
   /** One iovec array per slot (maxSegments entries each), at a fixed host address. */
   private readonly iov: DataView;
   private readonly iovAddr: number;
-  private readonly bases = new WeakMap<ArrayBufferLike, number>();
+  private readonly addresses: HostAddresses;
   private io: QueueIo | undefined;
   private readonly tag: number;
   /** The rate limiter's sleep, or the next turn after the budget, or a submit retry. */
@@ -126,7 +128,7 @@ export class AsyncBlockEngine {
     private readonly host: AsyncBlockHost,
     readonly ring: IoUring,
     private readonly loop: EventOps,
-    private readonly bufferAddress: (b: Buf) => bigint,
+    bufferAddress: (b: Buf) => bigint,
     slots = BLK_ASYNC_SLOTS,
   ) {
     const n = Math.min(slots, ring.sq.entries);
@@ -135,6 +137,7 @@ export class AsyncBlockEngine {
     const iovBuf = new ArrayBuffer(n * host.maxSegments * IOVEC_SIZE);
     this.iov = new DataView(iovBuf);
     this.iovAddr = Number(bufferAddress(iovBuf));
+    this.addresses = new HostAddresses(bufferAddress);
     this.tag = loop.add(ring.eventFd, { process: () => this.onCompletions() });
   }
 
@@ -302,7 +305,7 @@ export class AsyncBlockEngine {
         continue;
       }
       const o = at + n * IOVEC_SIZE;
-      setU64(this.iov, o, this.addressOf(seg) + skip);
+      setU64(this.iov, o, this.addresses.of(seg) + skip);
       setU64(this.iov, o + 8, seg.length - skip);
       skip = 0;
       n++;
@@ -393,19 +396,4 @@ export class AsyncBlockEngine {
     slot.status[0] = code;
     this.io?.pushUsed(0, slot.head, len + 1);
   }
-
-  /** Host address of a view of guest RAM (or of any ArrayBuffer-backed bytes). */
-  private addressOf(view: Uint8Array): number {
-    let base = this.bases.get(view.buffer);
-    if (base === undefined) {
-      base = Number(this.bufferAddress(view)) - view.byteOffset;
-      this.bases.set(view.buffer, base);
-    }
-    return base + view.byteOffset;
-  }
-}
-
-function setU64(v: DataView, at: number, x: number): void {
-  v.setUint32(at, x >>> 0, true);
-  v.setUint32(at + 4, Math.floor(x / 0x1_0000_0000), true);
 }

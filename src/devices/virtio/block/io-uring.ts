@@ -273,9 +273,28 @@ export class CompletionRing {
   }
 }
 
-function setU64(v: DataView, at: number, x: number): void {
+/** Stores a u64 (< 2^53) little-endian: SQE fields and the iovecs the rings point to. */
+export function setU64(v: DataView, at: number, x: number): void {
   v.setUint32(at, x >>> 0, true);
   v.setUint32(at + 4, Math.floor(x / 0x1_0000_0000), true);
+}
+
+/**
+ * Host addresses of views of guest RAM (or of any ArrayBuffer-backed bytes), for iovecs: the
+ * base of each buffer asked once (`bufferAddress` is a native call), then base + byteOffset.
+ */
+export class HostAddresses {
+  private readonly bases = new WeakMap<ArrayBufferLike, number>();
+  constructor(private readonly bufferAddress: (b: Uint8Array) => bigint) {}
+
+  of(view: Uint8Array): number {
+    let base = this.bases.get(view.buffer);
+    if (base === undefined) {
+      base = Number(this.bufferAddress(view)) - view.byteOffset;
+      this.bases.set(view.buffer, base);
+    }
+    return base + view.byteOffset;
+  }
 }
 
 /** An io_uring instance: its fd, mapped rings, and the eventfd its completions signal. */

@@ -22,7 +22,7 @@
  * with more is refused by add() and written on its own by the caller, after a flush (order).
  */
 import type { Buf } from '../descriptor.js';
-import { IORING_OP_WRITEV, type IoUring } from '../block/io-uring.js';
+import { HostAddresses, IORING_OP_WRITEV, setU64, type IoUring } from '../block/io-uring.js';
 import { NET_HDR_SIZE } from './header.js';
 
 /** Frames per io_uring_enter at most (QUEUE_BUDGET_CHAINS: a whole turn of the TX queue). */
@@ -72,14 +72,14 @@ export class UringTxBatch implements TxBatch {
   private readonly lens = new Int32Array(TX_BATCH_FRAMES);
   private readonly results = new Int32Array(TX_BATCH_FRAMES);
   private readonly seen = new Uint8Array(TX_BATCH_FRAMES);
-  private readonly bases = new WeakMap<ArrayBufferLike, number>();
+  private readonly addresses: HostAddresses;
   private n = 0;
   private closed = false;
 
   constructor(
     private readonly ring: IoUring,
     private readonly fd: number,
-    private readonly bufferAddress: (b: Buf) => bigint,
+    bufferAddress: (b: Buf) => bigint,
   ) {
     if (ring.sq.entries < TX_BATCH_FRAMES || ring.cq.entries < TX_BATCH_FRAMES)
       throw new RangeError(`a TX batch needs an io_uring of ${TX_BATCH_FRAMES} entries`);
@@ -89,6 +89,7 @@ export class UringTxBatch implements TxBatch {
     const iov = new ArrayBuffer(TX_BATCH_FRAMES * TX_BATCH_IOVECS * IOVEC_SIZE);
     this.iov = new DataView(iov);
     this.iovAddr = Number(bufferAddress(iov));
+    this.addresses = new HostAddresses(bufferAddress);
   }
 
   get pending(): number {
@@ -113,7 +114,7 @@ export class UringTxBatch implements TxBatch {
     for (let i = 1; i < iov.length; i++) {
       const b = iov[i]!;
       if (b.length === 0) continue;
-      setU64(this.iov, at + k * IOVEC_SIZE, this.addressOf(b));
+      setU64(this.iov, at + k * IOVEC_SIZE, this.addresses.of(b));
       setU64(this.iov, at + k * IOVEC_SIZE + 8, b.length);
       k++;
     }
@@ -174,21 +175,7 @@ export class UringTxBatch implements TxBatch {
     this.n = 0;
     this.ring.close();
   }
-
-  private addressOf(view: Uint8Array): number {
-    let base = this.bases.get(view.buffer);
-    if (base === undefined) {
-      base = Number(this.bufferAddress(view)) - view.byteOffset;
-      this.bases.set(view.buffer, base);
-    }
-    return base + view.byteOffset;
-  }
 }
 
 /** -EAGAIN: the TAP's queue is full (the frame is dropped, as writev's -1). */
 export const isTapFull = (res: number): boolean => res === -EAGAIN;
-
-function setU64(v: DataView, at: number, x: number): void {
-  v.setUint32(at, x >>> 0, true);
-  v.setUint32(at + 4, Math.floor(x / 0x1_0000_0000), true);
-}
