@@ -51,6 +51,20 @@ const srv = net.createServer({ allowHalfOpen: true }, (s) => {
 srv.listen(Number(port), host, () => console.log('LISTENING'));
 `;
 
+/**
+ * A wait on the host side that fails as soon as the VM ends, with what it printed: a guest that
+ * crashed mid-transfer (CI of 92febbb: this test waited 600 s for a host-side line) is a clear
+ * failure at once, not a timeout with no output.
+ */
+function whileUp<T>(vm: GuestSession, p: Promise<T>): Promise<T> {
+  return Promise.race([
+    p,
+    vm.exited.then((code): never => {
+      throw new Error(`the VM ended (exit code ${code}) during the transfer\n${vm.describe()}`);
+    }),
+  ]);
+}
+
 function helper(prefix: string[], file: string, args: string[]) {
   const c = spawn(prefix[0]!, [...prefix.slice(1), process.execPath, file, ...args], {
     stdio: ['ignore', 'pipe', 'pipe'],
@@ -108,7 +122,7 @@ test(
       await a.waitFor(/NC1-START/, 300_000);
       const tx0 = Date.now();
       const [, gsum] = (await a.waitFor(/([0-9a-f]{64})\s+\/tmp\/f/, 10_000)) as RegExpMatchArray;
-      const [, hsum, n] = await recv.wait(/RECV ([0-9a-f]{64}) (\d+)/, 600_000);
+      const [, hsum, n] = await whileUp(a, recv.wait(/RECV ([0-9a-f]{64}) (\d+)/, 600_000));
       timings.push(
         `guest->host ${MIB} MiB: ${Date.now() - tx0} ms (total with urandom ${Date.now() - t} ms)`,
       );
@@ -128,7 +142,7 @@ test(
       // nc's stdin stays the console (busybox nc may quit at EOF on stdin); it ends when the
       // host closes the connection.
       a.send('nc 169.254.10.1 5002 | sha256sum | sed "s/^/H2G /"; echo "NC2""-DONE"\n');
-      const [, sent] = await send.wait(/SENT ([0-9a-f]{64})/, 300_000);
+      const [, sent] = await whileUp(a, send.wait(/SENT ([0-9a-f]{64})/, 300_000));
       const [, got] = (await a.waitFor(/H2G ([0-9a-f]{64})/, 600_000)) as RegExpMatchArray;
       timings.push(`host->guest ${MIB} MiB: ${Date.now() - t} ms`);
       assert.equal(got, sent);
