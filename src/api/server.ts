@@ -143,7 +143,10 @@ async function listenPrivate(server: Server, path: string): Promise<Stats> {
       // A file system without hard links (EPERM, ENOTSUP...): bind in place instead.
       return await listenUmask(server, target);
     }
-    return lstatSync(target);
+    // The identity from the temporary name (the same inode): once linked, `target` belongs to
+    // whoever reaches it, and a daemon that saw it accept may already have renamed it (the
+    // lab: a pooled VMM exited with ENOENT here, its VM create failed).
+    return lstatSync(tmp);
   } finally {
     try {
       unlinkSync(tmp);
