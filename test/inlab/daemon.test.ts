@@ -7,64 +7,20 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
-import { request } from 'node:http';
+import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { repoRoot } from '../../src/lab/guest.js';
+import { call as apiCall } from '../api/client.js';
+import { pidsWith } from '../host/daemon-helpers.js';
 import { defaultGuest, skipReason } from './helpers.js';
 
 const opts = { skip: skipReason, timeout: 120_000 };
 const MARKER = /TYPERVISOR-BOOT-OK/;
-
-function call(
-  sock: string,
-  method: string,
-  path: string,
-  body?: unknown,
-): Promise<{ status: number; json: any }> {
-  // eslint-disable-line @typescript-eslint/no-explicit-any
-  const data = body === undefined ? undefined : JSON.stringify(body);
-  return new Promise((resolve, reject) => {
-    const req = request(
-      {
-        socketPath: sock,
-        method,
-        path,
-        headers: data
-          ? { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(data) }
-          : {},
-      },
-      (res) => {
-        let t = '';
-        res.setEncoding('utf8').on('data', (c: string) => (t += c));
-        res.on('end', () =>
-          resolve({ status: res.statusCode ?? 0, json: t ? JSON.parse(t) : undefined }),
-        );
-      },
-    );
-    req.setTimeout(30_000, () => req.destroy(new Error(`${method} ${path}: timeout`)));
-    req.on('error', reject);
-    req.end(data);
-  });
-}
-
-/** Live (not zombie) processes whose command line contains `needle`. */
-function pidsWith(needle: string): number[] {
-  const out: number[] = [];
-  for (const e of readdirSync('/proc')) {
-    if (!/^\d+$/.test(e)) continue;
-    try {
-      const stat = readFileSync(`/proc/${e}/stat`, 'utf8');
-      if (stat.slice(stat.lastIndexOf(')') + 2).startsWith('Z')) continue;
-      if (readFileSync(`/proc/${e}/cmdline`, 'latin1').includes(needle)) out.push(Number(e));
-    } catch {
-      // gone meanwhile
-    }
-  }
-  return out;
-}
+/** The lab is slow: a create takes ~10 s there (the shared client's default is 5 s). */
+const call = (sock: string, method: string, path: string, body?: unknown) =>
+  apiCall(sock, method, path, body, 30_000);
 
 test('the Debian guest created through typervisor serve (process mode)', opts, async () => {
   const g = defaultGuest();
