@@ -613,22 +613,24 @@ export class VmmController {
   private putSerial(config: SerialBody): ApiOutcome {
     if (config.serial_out_path !== undefined)
       closeSync(openOutputFile('serial_out_path', config.serial_out_path));
-    if (config.rate_limiter !== undefined)
-      log('warn', 'PUT /serial: rate_limiter stored; the serial output is not rate-limited yet');
     this.serial = { ...config };
     return NO_CONTENT;
   }
 
   /**
-   * The console descriptor for a build: the serial_out_path file, opened with the output-file
-   * checks, or undefined (stdout). The VM writes it until the process ends, so it stays open;
+   * The console for a build: the serial_out_path file, opened with the output-file checks, or
+   * undefined (stdout), and the output's rate limiter. The VM writes it until the process ends, so it stays open;
    * `fail` closes it when the build did not happen.
    */
-  private serialOutput(): { consoleFd?: number; fail(): void } {
-    const path = this.serial.serial_out_path;
-    if (path === undefined) return { fail: () => undefined };
+  private serialOutput(): {
+    opts: Pick<BuildOptions, 'consoleFd' | 'serialRateLimiter'>;
+    fail(): void;
+  } {
+    const { serial_out_path: path, rate_limiter: limit } = this.serial;
+    const opts = limit ? { serialRateLimiter: { ...limit } } : {};
+    if (path === undefined) return { opts, fail: () => undefined };
     const fd = openOutputFile('serial_out_path', path);
-    return { consoleFd: fd, fail: () => closeSync(fd) };
+    return { opts: { ...opts, consoleFd: fd }, fail: () => closeSync(fd) };
   }
 
   /** Firecracker's latencies_us group: `name` (the request) and `vmm_name` (the VMM's part). */
@@ -700,11 +702,7 @@ export class VmmController {
     let serial: ReturnType<VmmController['serialOutput']> | undefined;
     try {
       serial = this.serialOutput();
-      const consoleFd = serial.consoleFd;
-      built = await (this.opts.loadSnapshot ?? loadSnapshot)(
-        params,
-        consoleFd !== undefined ? { consoleFd } : {},
-      );
+      built = await (this.opts.loadSnapshot ?? loadSnapshot)(params, serial.opts);
     } catch (e) {
       serial?.fail();
       if (e instanceof TypervisorError) return bad(prefixed(LOAD_PREFIX, e.message));
@@ -774,7 +772,7 @@ export class VmmController {
         // The configuration as given (rate limiters, cache_type, mtu...): a snapshot saves it.
         this.built = (this.opts.build ?? buildVm)(spec, {
           config: this.config,
-          ...(serial.consoleFd !== undefined ? { consoleFd: serial.consoleFd } : {}),
+          ...serial.opts,
         });
       } catch (e) {
         serial.fail();

@@ -298,7 +298,11 @@ export function schemaFields(group: string): readonly SchemaField[] | undefined 
  * (The UART's bytes in and out are its read_count/write_count: Firecracker counts one per byte.)
  */
 export const ALIASES: Readonly<Record<string, Readonly<Record<string, string>>>> = {
-  uart: { bytesOut: 'write_count', bytesIn: 'read_count' },
+  uart: {
+    bytesOut: 'write_count',
+    bytesIn: 'read_count',
+    rateLimiterDroppedBytes: 'rate_limiter_dropped_bytes',
+  },
   i8042: { resets: 'reset_count' },
 };
 

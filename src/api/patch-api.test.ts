@@ -228,6 +228,7 @@ test('PUT /serial: checked like log_path, handed to the build, pre-boot only', a
   try {
     const metrics = new MetricsSystem('test');
     let consoleFd: number | undefined;
+    let serialRateLimiter: unknown;
     const c = new VmmController({
       instanceId: 'test',
       version: '0',
@@ -235,6 +236,7 @@ test('PUT /serial: checked like log_path, handed to the build, pre-boot only', a
       logger: new LoggerControl(metrics.counters),
       build: (_spec, opts) => {
         consoleFd = opts.consoleFd;
+        serialRateLimiter = opts.serialRateLimiter;
         return {
           vmm: { state: 'running', exited: new Promise(() => undefined), vcpuCount: 0 },
           devices: {},
@@ -256,7 +258,12 @@ test('PUT /serial: checked like log_path, handed to the build, pre-boot only', a
     assert.equal(existsSync(join(dir, 'elsewhere')), false, 'nothing created through the link');
     r = await run('PUT', '/serial', { serial_out_path: join(dir, 'no', 'such', 'dir', 'f') });
     assert.match(fault(r), /directory does not exist/);
-    r = await run('PUT', '/serial', { serial_out_path: out });
+    assert.match(
+      route('PUT', '/serial', '{"rate_limiter": {"size": -1, "refill_time": 10}}').fault!,
+      /rate_limiter\.size/,
+    );
+    const limit = { size: 100, refill_time: 10, one_time_burst: 5 };
+    r = await run('PUT', '/serial', { serial_out_path: out, rate_limiter: limit });
     assert.equal(r.status, 204, fault(r));
     assert.equal(statSync(out).mode & 0o777, 0o600);
 
@@ -270,6 +277,7 @@ test('PUT /serial: checked like log_path, handed to the build, pre-boot only', a
       const a = fstatSync(consoleFd);
       const b = statSync(out);
       assert.deepEqual([a.dev, a.ino], [b.dev, b.ino]);
+      assert.deepEqual(serialRateLimiter, limit, 'the rate limiter reaches the build');
       r = await run('PUT', '/serial', { serial_out_path: out });
       assert.equal(
         fault(r),

@@ -536,7 +536,7 @@ export const FullVmConfiguration: Schema = {
 export const SerialDevice: Schema = {
   type: 'object',
   description:
-    "Serial console output to a file or named pipe (created 0600 if missing; not a symlink; appended to). Without serial_out_path: this process's stdout. rate_limiter is stored, not enforced yet.",
+    "Serial console output to a file or named pipe (created 0600 if missing; not a symlink; appended to). Without serial_out_path: this process's stdout. rate_limiter: a token bucket of output bytes shared by all vCPUs; a byte the guest writes over the limit is dropped (the guest never waits for it) and counted in the metrics' uart.rate_limiter_dropped_bytes.",
   properties: {
     serial_out_path: str('File or named pipe for the serial output.'),
     rate_limiter: TokenBucket,

@@ -17,6 +17,7 @@ import { resolveCpuTemplate } from '../arch/x86_64/cpu-template-static.js';
 import { CMDLINE_MAX_SIZE, ramRegions } from '../arch/x86_64/layout.js';
 import { Kvm, Vcpu, type Vm } from '../kvm/kvm.js';
 import { native } from '../kvm/native.js';
+import type { TokenBucketConfig } from '../devices/virtio/rate-limiter.js';
 import type { CpuidEntry, MsrEntry } from '../kvm/types.js';
 import { Cmdline } from '../loader/cmdline.js';
 import { readBootImage } from '../loader/image-file.js';
@@ -33,6 +34,7 @@ import {
   attachLegacyDevices,
   closeLegacyDeviceState,
   createLegacyDeviceState,
+  serialOptions,
   type AttachedDevices,
   type LegacyDeviceState,
 } from './legacy-devices.js';
@@ -64,6 +66,8 @@ const KVM_MEM_LOG_DIRTY_PAGES = 1;
 export interface BuildOptions {
   /** Console output file descriptor (default: stdout). */
   consoleFd?: number;
+  /** PUT /serial's rate_limiter: the console output's token bucket (bytes; over it, dropped). */
+  serialRateLimiter?: TokenBucketConfig;
   /**
    * The configuration the VM is built from, in Firecracker's shape: what a snapshot of it
    * records. Default: derived from the spec (configFromSpec), which has every field the
@@ -421,7 +425,7 @@ export function finishVm(
   const { kvm, vm, layout, ram, plan, vcpuFds, mmapSize } = p;
   let legacy = p.legacy;
   if (!legacy) {
-    const made = createLegacyDeviceState(vm, opts.consoleFd ?? 1);
+    const made = createLegacyDeviceState(vm, opts.consoleFd ?? 1, serialOptions(opts));
     undo.push(() => closeLegacyDeviceState(made));
     legacy = made;
   }

@@ -20,6 +20,7 @@ import { AcpiPm, ACPI_PM_WINDOW_SIZE } from '../devices/legacy/acpi-pm.js';
 import { I8042, I8042_RANGE_SIZE } from '../devices/legacy/i8042.js';
 import { RtcCmos, RTC_RANGE_SIZE } from '../devices/legacy/rtc.js';
 import { Serial16550, SERIAL_RANGE_SIZE } from '../devices/legacy/serial.js';
+import type { TokenBucketConfig } from '../devices/virtio/rate-limiter.js';
 import { UnhandledAccesses, type UnhandledAccessInfo } from '../devices/legacy/unhandled.js';
 import type { Vm } from '../kvm/kvm.js';
 import { EFD_NONBLOCK, native } from '../kvm/native.js';
@@ -37,23 +38,36 @@ export interface LegacyDeviceState {
   console: ConsoleOutputState;
 }
 
+export interface LegacyDeviceOptions {
+  /** Capacity of the console output ring (what the reader does not take at once). */
+  consoleBufferBytes?: number;
+  /** PUT /serial's rate_limiter: a token bucket of output bytes (over it, bytes are dropped). */
+  serialRateLimiter?: TokenBucketConfig;
+}
+
+/** The legacy devices' part of a build's options. */
+export function serialOptions(o: { serialRateLimiter?: TokenBucketConfig }): LegacyDeviceOptions {
+  return o.serialRateLimiter ? { serialRateLimiter: o.serialRateLimiter } : {};
+}
+
 /**
  * Main thread: creates the shared state and wires the devices' interrupts to KVM irqfds.
  * Console output goes to `consoleFd` (a private non-blocking description of it when it is a
- * pipe, FIFO or terminal: closeLegacyDeviceState closes that), with a ring of
- * `consoleBufferBytes` for what the reader does not take at once.
+ * pipe, FIFO or terminal: closeLegacyDeviceState closes that).
  */
 export function createLegacyDeviceState(
   vm: Vm,
   consoleFd = 1,
-  consoleBufferBytes?: number,
+  opts: LegacyDeviceOptions = {},
 ): LegacyDeviceState {
   const n = native();
-  const consoleOut = openConsoleOutput(consoleFd, consoleBufferBytes);
+  // First: it checks the rate limiter's values (throws before any descriptor is open).
+  const serial = Serial16550.createState(opts.serialRateLimiter);
+  const consoleOut = openConsoleOutput(consoleFd, opts.consoleBufferBytes);
   const serialIrqFd = n.eventfd(0, EFD_NONBLOCK);
   const i8042IrqFd = n.eventfd(0, EFD_NONBLOCK);
   const state: LegacyDeviceState = {
-    serial: Serial16550.createState(),
+    serial,
     i8042: I8042.createState(),
     rtc: RtcCmos.createState(),
     unhandled: UnhandledAccesses.createState(),

@@ -35,7 +35,11 @@ import {
   type UndoList,
 } from './builder.js';
 import { deviceDirtyPages, trackDeviceWrites } from './guest-ram.js';
-import { closeLegacyDeviceState, createLegacyDeviceState } from './legacy-devices.js';
+import {
+  closeLegacyDeviceState,
+  createLegacyDeviceState,
+  serialOptions,
+} from './legacy-devices.js';
 import { restoreLegacy, saveLegacy } from './legacy-state.js';
 import { validateRestoreConfig, type RestoreSpec } from './resources.js';
 import {
@@ -476,7 +480,7 @@ async function load(
   phases.step('device memory, VMGenID written');
   phases.mark('vm+memory');
 
-  const legacy = createLegacyDeviceState(vm, opts.consoleFd ?? 1);
+  const legacy = createLegacyDeviceState(vm, opts.consoleFd ?? 1, serialOptions(opts));
   undo.push(() => closeLegacyDeviceState(legacy));
   step('cannot restore the legacy devices', () => restoreLegacy(legacy, data.legacy));
   phases.step('legacy devices');

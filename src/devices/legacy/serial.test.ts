@@ -230,3 +230,104 @@ test('a FIFO clear or FIFO enable change outside loopback keeps pending console 
   assert.equal(rd(RBR), 0x62);
   assert.equal(rd(LSR) & 0x01, 0);
 });
+
+/** A UART with an output bucket on a fake clock (ms), and a second device over its state. */
+function limitedUart(limit: { size: number; refill_time: number; one_time_burst?: number }) {
+  let t = 1000;
+  const now = () => t;
+  const state = Serial16550.createState(limit, { now });
+  const out: number[] = [];
+  const sinks = { output: (b: Uint8Array) => out.push(...b), irq: { trigger: () => undefined } };
+  const dev = new Serial16550(state, sinks, { now });
+  const other = new Serial16550(state, sinks, { now }); // another vCPU thread's object
+  const send = (d: Serial16550, n: number) => {
+    for (let i = 0; i < n; i++) d.write(RBR, Uint8Array.of(0x41 + (i % 26)));
+  };
+  return { dev, other, out, send, advance: (ms: number) => void (t += ms) };
+}
+
+test('rate limiter: bytes over the bucket are dropped, counted, and the guest still sees THRE', () => {
+  const { dev, out, send } = limitedUart({ size: 10, refill_time: 1000, one_time_burst: 5 });
+  assert.deepEqual(dev.rateLimiter(), { size: 10, refill_time: 1000, one_time_burst: 5 });
+  send(dev, 40);
+  assert.equal(out.length, 15, 'the bucket (10) and the one-time burst (5)');
+  assert.equal(Buffer.from(out).toString(), 'ABCDEFGHIJKLMNO', 'the first bytes, in order');
+  const st = dev.stats();
+  assert.equal(st.rateLimiterDroppedBytes, 25);
+  assert.equal(st.bytesOut, 40, 'write_count counts every byte written (as Firecracker)');
+  const lsr = new Uint8Array(1);
+  dev.read(LSR, lsr);
+  assert.equal(lsr[0]! & 0x60, 0x60, 'THRE and TEMT: a dropped byte does not hold the guest');
+});
+
+test('rate limiter: the bucket refills as time passes, never above its size', () => {
+  const { dev, out, send, advance } = limitedUart({ size: 10, refill_time: 1000 });
+  send(dev, 10);
+  assert.equal(out.length, 10);
+  send(dev, 3);
+  assert.equal(out.length, 10, 'empty');
+  advance(499);
+  send(dev, 5);
+  assert.equal(out.length, 14, '4 whole tokens after 499 ms (a fraction is kept, not lost)');
+  advance(101); // 600 ms since empty: 6 earned in all
+  send(dev, 5);
+  assert.equal(out.length, 16);
+  advance(60_000);
+  send(dev, 30);
+  assert.equal(out.length, 26, 'a minute later: one full bucket, no more');
+  assert.equal(dev.stats().rateLimiterDroppedBytes, 3 + 1 + 3 + 20);
+});
+
+test('rate limiter: one bucket for every thread object over the state; loopback is not limited', () => {
+  const { dev, other, out, send } = limitedUart({ size: 8, refill_time: 10_000 });
+  send(dev, 5);
+  send(other, 5);
+  assert.equal(out.length, 8, 'both objects spend the same bucket');
+  assert.equal(other.stats().rateLimiterDroppedBytes, 2);
+  dev.write(MCR, Uint8Array.of(0x10)); // loopback: the byte goes to the receiver
+  dev.write(RBR, Uint8Array.of(0x5a));
+  const d = new Uint8Array(1);
+  dev.read(RBR, d);
+  assert.equal(d[0], 0x5a, 'looped back although the bucket is empty');
+  assert.equal(dev.stats().rateLimiterDroppedBytes, 2);
+});
+
+test('rate limiter: none for size 0 or refill_time 0; a bad value is refused', () => {
+  for (const limit of [
+    { size: 0, refill_time: 100 },
+    { size: 100, refill_time: 0 },
+  ]) {
+    const { dev, out, send } = limitedUart(limit);
+    assert.equal(dev.rateLimiter(), undefined);
+    send(dev, 500);
+    assert.equal(out.length, 500);
+    assert.equal(dev.stats().rateLimiterDroppedBytes, 0);
+  }
+  assert.throws(() => Serial16550.createState({ size: 1.5, refill_time: 10 }), RangeError);
+  assert.throws(() => Serial16550.createState({ size: 10, refill_time: -1 }), RangeError);
+});
+
+test('rate limiter: a real worker thread and this one share the bucket on the process clock', async () => {
+  const state = Serial16550.createState({ size: 50, refill_time: 3_600_000 });
+  let out = 0;
+  const dev = new Serial16550(state, {
+    output: (b) => void (out += b.length),
+    irq: { trigger: () => undefined },
+  });
+  const url = new URL('./serial.js', import.meta.url).href;
+  const worker = new Worker(
+    `const { workerData } = require('node:worker_threads');
+     import(workerData.url).then(({ Serial16550 }) => {
+       let n = 0;
+       const d = new Serial16550(workerData.state, { output: (b) => { n += b.length; }, irq: { trigger() {} } });
+       for (let i = 0; i < 100; i++) d.write(0, Uint8Array.of(0x41));
+       require('node:worker_threads').parentPort.postMessage(n);
+     });`,
+    { eval: true, workerData: { url, state } },
+  );
+  const theirs = await new Promise<number>((r) => worker.once('message', r));
+  await new Promise((r) => worker.once('exit', r));
+  for (let i = 0; i < 100; i++) dev.write(RBR, Uint8Array.of(0x42));
+  assert.equal(theirs + out, 50, `worker ${theirs} + main ${out}: one bucket of 50`);
+  assert.equal(dev.stats().rateLimiterDroppedBytes, 150);
+});

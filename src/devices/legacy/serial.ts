@@ -1,5 +1,13 @@
 import type { BusDevice, IrqLine } from '../bus.js';
 import { SharedMutex } from '../../util/shared-mutex.js';
+import {
+  BUCKET_STATE_SLOTS,
+  TokenBucket,
+  bucketEnabled,
+  checkBucketConfig,
+  processMonotonicMs,
+  type TokenBucketConfig,
+} from '../virtio/rate-limiter.js';
 
 /**
  * A 16550A UART (COM1: 8 byte-wide registers at 0x3f8, IRQ 4), as Linux's 8250 driver probes
@@ -18,6 +26,12 @@ import { SharedMutex } from '../../util/shared-mutex.js';
  * 4 KiB ring that stands in for the RX FIFO; the RDA interrupt is raised while it holds data
  * (no trigger levels or character timeouts: Linux treats IIR 0x04 and 0x0c alike).
  * The interrupt is not gated by MCR.OUT2 (QEMU and Firecracker do not gate it either).
+ *
+ * Output rate limit (PUT /serial's rate_limiter, Firecracker's semantics): one token bucket of
+ * bytes, shared by every thread (its state is in the buffer, changed under the lock, on a clock
+ * all threads share). A THR byte that finds no token is dropped and counted
+ * (rate_limiter_dropped_bytes); the guest still sees it sent. So the guest never waits for the
+ * limit, nothing is buffered for it, and no timer runs: the bucket refills when it is next used.
  */
 
 /** Register offsets (16550 datasheet; Linux include/uapi/linux/serial_reg.h). */
@@ -98,8 +112,16 @@ const C_BYTES_IN = 1;
 const C_UNKNOWN = 2;
 const C_IRQS = 3;
 const C_OVERRUNS = 4;
+const C_RATE_DROPPED = 5;
 const COUNTER_COUNT = 8;
-const RING_BYTE_OFFSET = COUNTERS_BYTE_OFFSET + COUNTER_COUNT * 8;
+// The output bucket: its configuration (size 0: none), then its state (TokenBucket's slots).
+const LIMIT_BYTE_OFFSET = COUNTERS_BYTE_OFFSET + COUNTER_COUNT * 8;
+const L_SIZE = 0;
+const L_REFILL_TIME = 1;
+const L_ONE_TIME_BURST = 2;
+const LIMIT_CONFIG_SLOTS = 3;
+const LIMIT_SLOTS = LIMIT_CONFIG_SLOTS + BUCKET_STATE_SLOTS;
+const RING_BYTE_OFFSET = LIMIT_BYTE_OFFSET + LIMIT_SLOTS * 8;
 const STATE_BYTES = RING_BYTE_OFFSET + SERIAL_RX_RING_SIZE;
 
 export interface SerialSinks {
@@ -115,6 +137,12 @@ export interface SerialCounters {
   unknownAccesses: number;
   interrupts: number; // edges raised
   overruns: number; // loopback bytes dropped on a full ring (host input never is)
+  rateLimiterDroppedBytes: number; // output bytes the rate limiter dropped
+}
+
+export interface SerialOptions {
+  /** The clock of the output bucket, in ms; every thread's must agree (default: CLOCK_MONOTONIC). */
+  now?: () => number;
 }
 
 type WaitAsync = (
@@ -168,25 +196,60 @@ export class Serial16550 implements BusDevice {
   // Effects decided under the lock, carried out after it.
   private pendingEdge = false;
   private pendingOut = -1;
+  /** The output bucket over the shared state, if one is configured. */
+  private readonly bucket: TokenBucket | undefined;
+  private readonly now: () => number;
 
-  /** The shared state for one UART, in its power-on state. Post it to every worker. */
-  static createState(): SharedArrayBuffer {
+  /**
+   * The shared state for one UART, in its power-on state. Post it to every worker.
+   * `rateLimiter`: the output's token bucket (bytes); size 0 or refill_time 0 is none. Throws
+   * RangeError on a value that is not a non-negative integer.
+   */
+  static createState(rateLimiter?: TokenBucketConfig, opts: SerialOptions = {}): SharedArrayBuffer {
     const sab = new SharedArrayBuffer(STATE_BYTES);
     const s = new Int32Array(sab, 0, INT32_SLOTS);
     s[S_DLL] = DEFAULT_DIVISOR;
     s[S_LCR] = 0x03; // 8N1
+    if (rateLimiter !== undefined) checkBucketConfig(rateLimiter, 'serial rate_limiter');
+    if (bucketEnabled(rateLimiter)) {
+      const limit = new Float64Array(sab, LIMIT_BYTE_OFFSET, LIMIT_SLOTS);
+      // Checks the values and fills the bucket's state (full, with its one-time burst).
+      new TokenBucket(rateLimiter, (opts.now ?? processMonotonicMs)(), {
+        slots: limit.subarray(LIMIT_CONFIG_SLOTS),
+      });
+      limit[L_SIZE] = rateLimiter.size;
+      limit[L_REFILL_TIME] = rateLimiter.refill_time;
+      limit[L_ONE_TIME_BURST] = rateLimiter.one_time_burst ?? 0;
+    }
     return sab;
   }
 
   constructor(
     state: SharedArrayBuffer,
     private readonly sinks: SerialSinks,
+    opts: SerialOptions = {},
   ) {
     if (state.byteLength !== STATE_BYTES) throw new Error('not a Serial16550 state buffer');
     this.s = new Int32Array(state, 0, INT32_SLOTS);
     this.counters = new Float64Array(state, COUNTERS_BYTE_OFFSET, COUNTER_COUNT);
     this.ring = new Uint8Array(state, RING_BYTE_OFFSET, SERIAL_RX_RING_SIZE);
     this.mutex = new SharedMutex(this.s, S_LOCK);
+    this.now = opts.now ?? processMonotonicMs;
+    const limit = new Float64Array(state, LIMIT_BYTE_OFFSET, LIMIT_SLOTS);
+    const config = {
+      size: limit[L_SIZE]!,
+      refill_time: limit[L_REFILL_TIME]!,
+      one_time_burst: limit[L_ONE_TIME_BURST]!,
+    };
+    this.bucket = bucketEnabled(config)
+      ? new TokenBucket(config, 0, { slots: limit.subarray(LIMIT_CONFIG_SLOTS), attach: true })
+      : undefined;
+  }
+
+  /** The output bucket's configuration, if any. */
+  rateLimiter(): TokenBucketConfig | undefined {
+    const b = this.bucket;
+    return b && { size: b.size, refill_time: b.refillTime, one_time_burst: b.initialBurst };
   }
 
   read(offset: number, data: Uint8Array): void {
@@ -287,6 +350,7 @@ export class Serial16550 implements BusDevice {
       unknownAccesses: this.counters[C_UNKNOWN]!,
       interrupts: this.counters[C_IRQS]!,
       overruns: this.counters[C_OVERRUNS]!,
+      rateLimiterDroppedBytes: this.counters[C_RATE_DROPPED]!,
     }));
   }
 
@@ -435,8 +499,11 @@ export class Serial16550 implements BusDevice {
         this.counters[C_OVERRUNS]! += 1;
       }
     } else {
-      this.pendingOut = v;
+      // Counted as written either way (Firecracker's write_count counts a dropped byte too).
       this.counters[C_BYTES_OUT]! += 1;
+      if (this.bucket && this.bucket.reduce(1, this.now()).kind !== 'ok')
+        this.counters[C_RATE_DROPPED]! += 1;
+      else this.pendingOut = v;
     }
     s[S_THRE_PENDING] = s[S_IER]! & IER_THRI ? 1 : 0;
   }

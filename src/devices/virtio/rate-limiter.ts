@@ -56,7 +56,8 @@ export function bucketEnabled(c: TokenBucketConfig | undefined): c is TokenBucke
   return c !== undefined && c.size > 0 && c.refill_time > 0;
 }
 
-function checkBucketConfig(c: TokenBucketConfig, what: string): void {
+/** Throws RangeError naming `what` unless every value is a non-negative integer. */
+export function checkBucketConfig(c: TokenBucketConfig, what: string): void {
   for (const [k, v] of [
     ['size', c.size],
     ['refill_time', c.refill_time],
@@ -79,24 +80,62 @@ export const BucketState = struct({
 });
 export type BucketStateT = ReturnType<typeof BucketState.read>;
 
+/** Float64 slots of a bucket's changing state (budget, one-time burst left, last update). */
+export const BUCKET_STATE_SLOTS = 3;
+const B_BUDGET = 0;
+const B_BURST = 1;
+const B_LAST_UPDATE = 2;
+
+/**
+ * Where a bucket keeps its changing state: by default its own array. A bucket several threads
+ * share (the UART's, used by every vCPU thread) gives a view of a SharedArrayBuffer instead;
+ * `attach` then takes the state another thread's bucket initialised there. The caller orders
+ * the accesses (a lock) and gives every thread the same clock.
+ */
+export interface BucketStore {
+  slots: Float64Array;
+  attach?: boolean;
+}
+
 export class TokenBucket {
   readonly size: number;
   readonly refillTime: number;
   /** The one_time_burst given at configuration (for comparing configurations). */
   readonly initialBurst: number;
-  private budget: number;
-  private burst: number;
-  private lastUpdate: number;
+  private readonly st: Float64Array;
 
-  constructor(c: TokenBucketConfig, now: number) {
+  constructor(c: TokenBucketConfig, now: number, store?: BucketStore) {
     checkBucketConfig(c, 'bucket');
     if (!bucketEnabled(c)) throw new RangeError('a bucket needs size > 0 and refill_time > 0');
     this.size = c.size;
     this.refillTime = c.refill_time;
     this.initialBurst = c.one_time_burst ?? 0;
+    if (store && store.slots.length !== BUCKET_STATE_SLOTS)
+      throw new RangeError(`a bucket store has ${BUCKET_STATE_SLOTS} slots`);
+    this.st = store?.slots ?? new Float64Array(BUCKET_STATE_SLOTS);
+    if (store?.attach) return;
     this.budget = c.size;
     this.burst = this.initialBurst;
     this.lastUpdate = now;
+  }
+
+  private get budget(): number {
+    return this.st[B_BUDGET]!;
+  }
+  private set budget(v: number) {
+    this.st[B_BUDGET] = v;
+  }
+  private get burst(): number {
+    return this.st[B_BURST]!;
+  }
+  private set burst(v: number) {
+    this.st[B_BURST] = v;
+  }
+  private get lastUpdate(): number {
+    return this.st[B_LAST_UPDATE]!;
+  }
+  private set lastUpdate(v: number) {
+    this.st[B_LAST_UPDATE] = v;
   }
 
   /** The tokens in the bucket now (not counting the one-time burst). */
@@ -375,3 +414,12 @@ export class RateLimiter {
 
 /** The monotonic clock of the device worker, in ms. */
 export const monotonicMs = (): number => performance.now();
+
+/**
+ * CLOCK_MONOTONIC in ms, the same in every thread of the process (performance.now() counts from
+ * each thread's own start): for a bucket that several threads share.
+ */
+export const processMonotonicMs = (): number => {
+  const [s, ns] = process.hrtime();
+  return s * 1000 + ns / 1e6;
+};
