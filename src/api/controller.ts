@@ -302,6 +302,9 @@ export class VmmController {
         this.config.vsock = validateVsock({ ...a.config });
         this.bootPath = true;
         return NO_CONTENT;
+      case 'PatchPmem':
+        if (!this.built) return bad(POST_BOOT_ONLY);
+        return this.patchPmem(this.built, a.update);
       case 'PutPmem':
         if (!pre)
           return notSupported('hot-plugging pmem devices is not implemented in Typervisor yet');
@@ -515,7 +518,38 @@ export class VmmController {
   }
 
   /**
-   * A PATCHed drive or interface into the VM's own copy of its configuration, which a snapshot
+   * PATCH /pmem/{id} after boot (helper P): the rate limiter (on flush requests) is merged per
+   * bucket into the stored configuration and applied to the running device, as for drives; no
+   * rate_limiter changes nothing (Firecracker answers 204 too). Bad values change nothing.
+   */
+  private async patchPmem(
+    built: BuiltVm,
+    u: { id: string; rate_limiter?: RateLimiter },
+  ): Promise<ApiOutcome> {
+    const prefix = 'Unable to patch the pmem device: ';
+    const list = this.config.pmem;
+    const i = list.findIndex((x) => x.id === u.id);
+    const p = list[i];
+    if (!p)
+      return bad(`${prefix}no pmem device with id ${u.id}. Please verify the request arguments.`);
+    if (u.rate_limiter === undefined) return NO_CONTENT;
+    const next = { ...p };
+    try {
+      next.rate_limiter = mergeRateLimiter(p.rate_limiter, u.rate_limiter);
+      const limiter = deviceRateLimiter(next.rate_limiter, 'rate_limiter') ?? {};
+      await updateRateLimiter(built, { kind: 'pmem', id: u.id, limiter });
+    } catch (e) {
+      if (e instanceof TypervisorError) return bad(prefix + e.message);
+      throw e;
+    }
+    if (next.rate_limiter === undefined) delete next.rate_limiter;
+    this.config.pmem = list.map((x, j) => (j === i ? next : x));
+    this.toVm(built);
+    return NO_CONTENT;
+  }
+
+  /**
+   * A PATCHed drive, interface or pmem device into the VM's own copy of its configuration, which a snapshot
    * saves (a loaded VM's is not this.config: it was cloned at load).
    */
   private toVm(built: BuiltVm): void {
@@ -523,6 +557,7 @@ export class VmmController {
     if (!c || c === this.config) return;
     c.drives = structuredClone(this.config.drives);
     c['network-interfaces'] = structuredClone(this.config['network-interfaces']);
+    c.pmem = structuredClone(this.config.pmem);
     c.balloon = structuredClone(this.config.balloon);
   }
 

@@ -87,6 +87,11 @@ test("PATCH before boot: Firecracker's answer, nothing stored", async () => {
     assert.equal(fault(r), POST_BOOT_ONLY);
     r = await run('PATCH', '/network-interfaces/e', { iface_id: 'e', rx_rate_limiter: {} });
     assert.equal(fault(r), POST_BOOT_ONLY);
+    r = await run('PATCH', '/pmem/p', {
+      id: 'p',
+      rate_limiter: { ops: { size: 1, refill_time: 1 } },
+    });
+    assert.equal(fault(r), POST_BOOT_ONLY);
     assert.deepEqual(c.fullConfig(), before);
   } finally {
     rmSync(dir, { recursive: true, force: true });
@@ -287,4 +292,91 @@ test('PUT /serial: checked like log_path, handed to the build, pre-boot only', a
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
+});
+
+test('PATCH /pmem after boot: merged per bucket, sent to the device, stored; bad requests refused', async () => {
+  const ops = { size: 9, refill_time: 9 };
+  const saved = {
+    'machine-config': { vcpu_count: 1, mem_size_mib: 32 },
+    drives: [],
+    pmem: [
+      { id: 'pm0', path_on_host: '/p.img', root_device: false, read_only: false },
+      { id: 'pm1', path_on_host: '/q.img', rate_limiter: { ops } },
+    ],
+  } as unknown as VmConfig;
+  const { c, run, vm } = controller(saved);
+  const load = route(
+    'PUT',
+    '/snapshot/load',
+    JSON.stringify({ snapshot_path: 's', mem_file_path: 'm' }),
+  );
+  assert.equal((await c.handle(load.action!)).status, 204);
+  const before = c.fullConfig();
+  const bw = { size: 4 << 20, refill_time: 100 };
+
+  let r = await run('PATCH', '/pmem/pm9', { id: 'pm9', rate_limiter: { bandwidth: bw } });
+  assert.equal(
+    fault(r),
+    'Unable to patch the pmem device: no pmem device with id pm9. Please verify the request arguments.',
+  );
+  // No device in the VM (a stand-in without virtio slots): refused, nothing stored.
+  r = await run('PATCH', '/pmem/pm0', { id: 'pm0', rate_limiter: { bandwidth: bw } });
+  assert.match(fault(r), /^Unable to patch the pmem device: pmem device pm0 is not attached/);
+  assert.deepEqual(c.fullConfig(), before);
+  // Bad bodies never reach the controller.
+  for (const [body, why] of [
+    [{ id: 'pm0', rate_limiter: { ops: { size: -1, refill_time: 1 } } }, /rate_limiter\.ops\.size/],
+    [{ id: 'pm0', rate_limiter: { ops: { size: 1 } } }, /refill_time/],
+    [{ id: 'pm0', path_on_host: '/x' }, /path_on_host/],
+    [{ rate_limiter: {} }, /id/],
+    [{ id: 'pm1', rate_limiter: {} }, /does not match the id from the body/],
+  ] as Array<[unknown, RegExp]>) {
+    const routed = route('PATCH', '/pmem/pm0', JSON.stringify(body));
+    assert.equal(routed.action, undefined, JSON.stringify(body));
+    assert.match(routed.fault!, why);
+    assert.deepEqual(routed.metric, ['patch_api_requests', 'pmem']);
+  }
+
+  const requests: unknown[] = [];
+  Object.assign(vm, {
+    deviceWorker: {
+      request: (q: unknown) => {
+        requests.push(q);
+        return Promise.resolve(undefined);
+      },
+    },
+  });
+  Object.assign(vm.parts as object, {
+    plan: {
+      slots: [
+        { kind: 'pmem', id: 'pm0' },
+        { kind: 'pmem', id: 'pm1' },
+      ],
+    },
+  });
+  r = await run('PATCH', '/pmem/pm1', { id: 'pm1', rate_limiter: { bandwidth: bw } });
+  assert.equal(r.status, 204, fault(r));
+  r = await run('PATCH', '/pmem/pm0', { id: 'pm0' });
+  assert.equal(r.status, 204, 'no rate_limiter: nothing to change (as Firecracker)');
+  r = await run('PATCH', '/pmem/pm1', {
+    id: 'pm1',
+    rate_limiter: { ops: { size: 0, refill_time: 0 } },
+  });
+  assert.equal(r.status, 204, fault(r));
+  assert.deepEqual(requests, [
+    {
+      op: 'update-rate-limiter',
+      target: { kind: 'pmem', id: 'pm1', limiter: { ops, bandwidth: bw } },
+    },
+    { op: 'update-rate-limiter', target: { kind: 'pmem', id: 'pm1', limiter: { bandwidth: bw } } },
+  ]);
+  const after = c.fullConfig();
+  assert.deepEqual(after.pmem[1], {
+    id: 'pm1',
+    path_on_host: '/q.img',
+    rate_limiter: { bandwidth: bw },
+  });
+  assert.deepEqual(after.pmem[0], saved.pmem[0]);
+  // The VM's own configuration (what a snapshot saves) follows.
+  assert.deepEqual(vm.parts.config.pmem, after.pmem);
 });

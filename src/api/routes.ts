@@ -56,6 +56,7 @@ export type VmmAction =
   | { kind: 'GetBalloonHintingStatus' }
   | { kind: 'StopBalloonHinting' }
   | { kind: 'PutPmem'; config: PmemApiConfig }
+  | { kind: 'PatchPmem'; update: { id: string; rate_limiter?: RateLimiter } }
   | { kind: 'PutMemoryHotplug'; config: MemoryHotplugConfig }
   | { kind: 'PatchMemoryHotplug'; requestedMib: number }
   | { kind: 'GetMemoryHotplug' }
@@ -123,7 +124,6 @@ export const UNSUPPORTED_ENDPOINTS: ReadonlyArray<{
   verbs: string;
   feature: string;
 }> = [
-  { path: '/pmem/{id}', verbs: 'PATCH', feature: 'rate limiters on virtio-pmem' },
   { path: '/drives/{id}', verbs: 'DELETE', feature: 'hot-unplugging devices' },
   { path: '/network-interfaces/{id}', verbs: 'DELETE', feature: 'hot-unplugging devices' },
   { path: '/pmem/{id}', verbs: 'DELETE', feature: 'hot-unplugging devices' },
@@ -471,6 +471,13 @@ export function route(method: string, url: string, body: string | undefined): Ro
             ['patch_api_requests', 'network'],
             'iface_id',
             (update) => ({ kind: 'PatchNetworkInterface', update }),
+          );
+        case 'pmem':
+          return withId<{ id: string }>(
+            S.PartialPmem,
+            ['patch_api_requests', 'pmem'],
+            'id',
+            (update) => ({ kind: 'PatchPmem', update }),
           );
       }
       return invalid;

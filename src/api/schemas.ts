@@ -123,6 +123,17 @@ export const Pmem: Schema = {
   required: ['id', 'path_on_host'],
 };
 
+export const PartialPmem: Schema = {
+  type: 'object',
+  description:
+    "Post-boot update of a pmem device's rate limiter (on its flush requests: 1 op and the file's size in bytes each), merged per bucket and applied to the running device.",
+  properties: {
+    id: str('Device id; must equal the id in the path.', 256),
+    rate_limiter: RateLimiter,
+  },
+  required: ['id'],
+};
+
 export const MemoryHotplugConfig: Schema = {
   type: 'object',
   description:

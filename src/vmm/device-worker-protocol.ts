@@ -76,7 +76,7 @@ export type WorkerRequest =
    */
   | { op: 'update-block'; id: string; fd: number; capacity: number }
   /**
-   * PATCH /drives, /network-interfaces (issue 16): the device's rate limiters become these
+   * PATCH /drives, /network-interfaces, /pmem (issue 16): the device's rate limiters become these
    * (the whole merged configuration; a bucket left out is removed; for net, a limiter left
    * undefined is unchanged). Queues asleep on the old limits are woken to try again.
    */
@@ -93,6 +93,7 @@ export type WorkerRequest =
 export type RateLimiterTarget =
   | { kind: 'block'; id: string; limiter: RateLimiterConfig }
   | { kind: 'rng'; id: string; limiter: RateLimiterConfig }
+  | { kind: 'pmem'; id: string; limiter: RateLimiterConfig }
   | { kind: 'net'; id: string; rx?: RateLimiterConfig; tx?: RateLimiterConfig };
 
 export interface WorkerReplies {

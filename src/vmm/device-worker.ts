@@ -20,6 +20,7 @@ import { BLK_CONFIG_CAPACITY, BlockDevice, fdBlockFile } from '../devices/virtio
 import { VirtioDevice } from '../devices/virtio/device.js';
 import { NetDevice } from '../devices/virtio/net/net.js';
 import { RngDevice } from '../devices/virtio/rng/rng.js';
+import { PmemDevice } from '../devices/virtio/pmem/pmem.js';
 import { MmdsResponder } from '../mmds/responder.js';
 import type { CreatedBackend, EventOps } from '../devices/virtio/descriptor.js';
 import { deviceType } from '../devices/virtio/registry.js';
@@ -184,6 +185,8 @@ function main(d: DeviceWorkerData): void {
         if (t.kind === 'block' && backend instanceof BlockDevice)
           backend.updateRateLimiter(t.limiter);
         else if (t.kind === 'rng' && backend instanceof RngDevice)
+          backend.updateRateLimiter(t.limiter);
+        else if (t.kind === 'pmem' && backend instanceof PmemDevice)
           backend.updateRateLimiter(t.limiter);
         else if (t.kind === 'net' && backend instanceof NetDevice)
           backend.updateRateLimiters(t.rx, t.tx);

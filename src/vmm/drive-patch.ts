@@ -71,7 +71,7 @@ export async function replaceDriveImage(
 }
 
 /**
- * PATCH /drives/{id} or /network-interfaces/{id} with rate limiters, after boot (issue 16): the
+ * PATCH /drives/{id}, /network-interfaces/{id} or /pmem/{id} with rate limiters, after boot (issue 16): the
  * running device takes the new limits through the device worker's mailbox
  * ('update-rate-limiter'). The caller has checked the values (deviceRateLimiter). Throws
  * ConfigError when the device is not running or refuses; nothing changes then.
@@ -82,7 +82,7 @@ export async function updateRateLimiter(built: BuiltVm, target: RateLimiterTarge
   const what =
     target.kind === 'net'
       ? `network interface ${target.id}`
-      : `${target.kind === 'block' ? 'drive' : 'device'} ${target.id}`;
+      : `${target.kind === 'block' ? 'drive' : target.kind === 'pmem' ? 'pmem device' : 'device'} ${target.id}`;
   if (!worker || !slots.some((s) => s.kind === target.kind && s.id === target.id))
     throw new ConfigError(`${what} is not attached to the running VM`);
   try {

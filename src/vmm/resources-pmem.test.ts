@@ -89,9 +89,9 @@ test('pmem: one root device at most, drive or pmem; bad fields are refused', () 
       validatePmem({
         id: 'p',
         path_on_host: a,
-        rate_limiter: { ops: { size: 10, refill_time: 100 } },
+        rate_limiter: { ops: { size: 10.5, refill_time: 100 } },
       }),
-    /rate limiters on pmem devices are not supported/,
+    /pmem p: rate_limiter\.ops\.size: 10\.5 is not an integer/,
   );
   assert.throws(
     () =>
@@ -133,4 +133,32 @@ test('a root pmem device boots with root=/dev/pmem0 and rw (ro when read-only)',
   const ro = resources();
   ro.pmem = [{ id: 'root', path_on_host: a, root_device: true, read_only: true }];
   assert.match(composeCmdline(validateResources(ro)).toString(), /root=\/dev\/pmem0 ro/);
+});
+
+test('pmem: a rate limiter reaches the device and comes back in the configuration', () => {
+  const r = resources();
+  const limit = { ops: { size: 10, refill_time: 100 }, bandwidth: { size: 0, refill_time: 5 } };
+  r.pmem![0] = { ...r.pmem![0]!, rate_limiter: limit };
+  assert.equal(validatePmem(r.pmem![0]!), r.pmem![0]);
+  const spec = validateResources(r);
+  const data = spec.devices.find((d) => d.id === 'data');
+  // A bucket of size 0 is no bucket.
+  assert.deepEqual(data, {
+    kind: 'pmem',
+    id: 'data',
+    path: b,
+    readOnly: true,
+    rateLimiter: { ops: { size: 10, refill_time: 100 } },
+  });
+  const config = configFromSpec(spec);
+  assert.deepEqual(config.pmem[1]!.rate_limiter, { ops: { size: 10, refill_time: 100 } });
+  assert.deepEqual(
+    (wireVmConfig(config).pmem as Array<{ rate_limiter: unknown }>)[1]!.rate_limiter,
+    {
+      bandwidth: null,
+      ops: { size: 10, refill_time: 100, one_time_burst: null },
+    },
+  );
+  const back = validateRestoreConfig(JSON.parse(JSON.stringify(config)));
+  assert.deepEqual(back.devices, spec.devices);
 });

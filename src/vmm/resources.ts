@@ -359,8 +359,8 @@ export function checkPmem(p: PmemApiConfig): PmemApiConfig {
   const what = `pmem ${p.id}`;
   if (typeof p.path_on_host !== 'string' || p.path_on_host === '')
     throw new ConfigError(`${what}: path_on_host is required`);
-  if (p.rate_limiter !== undefined && wireRateLimiter(p.rate_limiter) !== null)
-    throw new ConfigError(`${what}: rate limiters on pmem devices are not supported`);
+  // The rate limiter's values (it limits flushes: 1 op and the file's size in bytes each).
+  deviceRateLimiter(p.rate_limiter, `${what}: rate_limiter`);
   return p;
 }
 
@@ -685,6 +685,7 @@ function checkDevices(r: Omit<VmResources, 'boot'>): {
       id: p.id,
       path: p.path_on_host,
       readOnly: p.read_only === true,
+      ...limiterField('rateLimiter', p.rate_limiter, `pmem ${p.id}: rate_limiter`),
     })),
     ...(r.memory_hotplug ? [memDeviceConfig(validateMemoryHotplug(r.memory_hotplug))] : []),
   ];
@@ -880,6 +881,7 @@ export function configFromSpec(spec: VmSpec): VmConfig {
         path_on_host: d.path,
         root_device: root,
         read_only: d.readOnly,
+        ...(d.rateLimiter ? { rate_limiter: apiRateLimiter(d.rateLimiter)! } : {}),
       });
     } else if (d.kind === 'mem') {
       config['memory-hotplug'] = {

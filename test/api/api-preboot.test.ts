@@ -299,8 +299,8 @@ describe('API pre-boot (real socket, child process)', () => {
 
   test('unsupported features answer 400 saying so', T, async () => {
     const cases: Array<[string, string, unknown?]> = [
-      ['PATCH', '/pmem/p0', { id: 'p0' }],
       ['DELETE', '/drives/root'],
+      ['DELETE', '/pmem/p0'],
     ];
     for (const [m, p, b] of cases) {
       const r = await call(sock(), m, p, b);
@@ -325,9 +325,44 @@ describe('API pre-boot (real socket, child process)', () => {
     assert.match(fault(r), /pmem pm1: path_on_host/);
     r = await call(sock(), 'PUT', '/pmem/pm1', { id: 'pm1' });
     assert.match(fault(r), /path_on_host/);
-    const c = await call(sock(), 'GET', '/vm/config');
+    let c = await call(sock(), 'GET', '/vm/config');
     assert.deepEqual(c.json.pmem, [
       { id: 'pm0', path_on_host: img, root_device: false, read_only: true, rate_limiter: null },
+    ]);
+    // A rate limiter (on flushes) is taken at PUT; PATCH is post-boot only.
+    const ops = { size: 10, refill_time: 100 };
+    r = await call(sock(), 'PUT', '/pmem/pm0', {
+      id: 'pm0',
+      path_on_host: img,
+      read_only: true,
+      rate_limiter: { ops },
+    });
+    assert.equal(r.status, 204, fault(r));
+    r = await call(sock(), 'PATCH', '/pmem/pm0', {
+      id: 'pm0',
+      rate_limiter: { ops: { size: 1, refill_time: 1 } },
+    });
+    assert.equal(fault(r), 'The requested operation is not supported before starting the microVM.');
+    r = await call(sock(), 'PATCH', '/pmem/pm0', {
+      id: 'pm0',
+      rate_limiter: { ops: { size: 'x', refill_time: 1 } },
+    });
+    assert.match(fault(r), /rate_limiter\.ops\.size/);
+    r = await call(sock(), 'PUT', '/pmem/pm0', {
+      id: 'pm0',
+      path_on_host: img,
+      rate_limiter: { bandwidth: { size: 2 ** 64, refill_time: 1 } },
+    });
+    assert.match(fault(r), /rate_limiter\.bandwidth\.size/);
+    c = await call(sock(), 'GET', '/vm/config');
+    assert.deepEqual(c.json.pmem, [
+      {
+        id: 'pm0',
+        path_on_host: img,
+        root_device: false,
+        read_only: true,
+        rate_limiter: { bandwidth: null, ops: { ...ops, one_time_burst: null } },
+      },
     ]);
   });
 

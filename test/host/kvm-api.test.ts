@@ -281,4 +281,76 @@ describe('API post-boot with tiny guests (KVM)', () => {
       assert.equal(ex.code, 0);
     }
   });
+
+  test(
+    'PATCH /pmem/{id} on a running VM: merged, applied, echoed; bad requests refused',
+    T,
+    async () => {
+      const srv = await startServer();
+      servers.push(srv);
+      const sock = srv.sock;
+      const img = join(srv.dir, 'pmem.img');
+      writeFileSync(img, Buffer.alloc(2 << 20));
+      const metrics = join(srv.dir, 'metrics.json');
+      const ops = { size: 10, refill_time: 100 };
+      for (const [p, b] of [
+        ['/metrics', { metrics_path: metrics }],
+        ['/machine-config', { vcpu_count: 1, mem_size_mib: 32 }],
+        ['/boot-source', { kernel_image_path: guestPath('spin') }],
+        ['/pmem/pm0', { id: 'pm0', path_on_host: img, rate_limiter: { ops } }],
+        ['/actions', { action_type: 'InstanceStart' }],
+      ] as Array<[string, unknown]>) {
+        const r = await call(sock, 'PUT', p, b);
+        assert.equal(r.status, 204, `${p}: ${r.body}`);
+      }
+      const bw = { size: 4 << 20, refill_time: 1000, one_time_burst: 1 << 20 };
+      let r = await call(sock, 'PATCH', '/pmem/pm0', {
+        id: 'pm0',
+        rate_limiter: { bandwidth: bw },
+      });
+      assert.equal(r.status, 204, r.body);
+      let cfg = (await call(sock, 'GET', '/vm/config')).json;
+      assert.deepEqual(cfg.pmem[0].rate_limiter, {
+        bandwidth: bw,
+        ops: { ...ops, one_time_burst: null },
+      });
+      // A bucket of size 0 disables it; the other stays.
+      r = await call(sock, 'PATCH', '/pmem/pm0', {
+        id: 'pm0',
+        rate_limiter: { ops: { size: 0, refill_time: 0 } },
+      });
+      assert.equal(r.status, 204, r.body);
+      cfg = (await call(sock, 'GET', '/vm/config')).json;
+      assert.deepEqual(cfg.pmem[0].rate_limiter, { bandwidth: bw, ops: null });
+      // An unknown id names it; a bad body names the field; an id mismatch is refused.
+      r = await call(sock, 'PATCH', '/pmem/pm7', { id: 'pm7', rate_limiter: {} });
+      assert.equal(r.status, 400);
+      assert.match(fault(r), /^Unable to patch the pmem device: no pmem device with id pm7\./);
+      r = await call(sock, 'PATCH', '/pmem/pm0', {
+        id: 'pm0',
+        rate_limiter: { bandwidth: { size: -5, refill_time: 1 } },
+      });
+      assert.equal(r.status, 400);
+      assert.match(fault(r), /rate_limiter\.bandwidth\.size/);
+      r = await call(sock, 'PATCH', '/pmem/pm0', { id: 'pm0', read_only: true });
+      assert.match(fault(r), /read_only/);
+      r = await call(sock, 'PATCH', '/pmem/pm0', { id: 'pm1' });
+      assert.match(fault(r), /does not match the id from the body/);
+      cfg = (await call(sock, 'GET', '/vm/config')).json;
+      assert.deepEqual(cfg.pmem[0].rate_limiter, { bandwidth: bw, ops: null }, 'unchanged');
+      // The metrics keep Firecracker's schema with the pmem limiter's counters.
+      assert.equal(
+        (await call(sock, 'PUT', '/actions', { action_type: 'FlushMetrics' })).status,
+        204,
+      );
+      const lines = readFileSync(metrics, 'utf8')
+        .trim()
+        .split('\n')
+        .map((l) => JSON.parse(l));
+      for (const l of lines) assert.deepEqual(validateFcMetrics(l, l.utc_timestamp_ms), []);
+      const sum = (k: string) => lines.reduce((a, l) => a + (l.patch_api_requests?.[k] ?? 0), 0);
+      assert.equal(sum('pmem_count'), 6);
+      assert.equal(srv.stderr().match(/pmem device pm0: rate limiter updated/g)?.length, 2);
+    },
+  );
 });

@@ -11,6 +11,7 @@ import { closeSync, constants, fstatSync, fsyncSync, openSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { ConfigError } from '../../../util/errors.js';
 import type { DeviceType } from '../descriptor.js';
+import type { RateLimiterConfig } from '../rate-limiter.js';
 import { PMEM_ALIGN, PmemDevice, pmemIdentity } from './pmem.js';
 
 export interface PmemConfig {
@@ -19,6 +20,8 @@ export interface PmemConfig {
   id: string;
   path: string;
   readOnly: boolean;
+  /** Firecracker's pmem rate_limiter, on flush requests (default: none). */
+  rateLimiter?: RateLimiterConfig;
 }
 
 export interface PmemHost {
@@ -27,6 +30,7 @@ export interface PmemHost {
   readOnly: boolean;
   size: number;
   guestAddr: number;
+  rateLimiter?: RateLimiterConfig;
 }
 
 /** The guest-physical alignment of each pmem region's start (a memory section of x86 Linux). */
@@ -95,6 +99,7 @@ export const pmemDevice: DeviceType<PmemConfig, PmemHost> = {
         readOnly: config.readOnly,
         size: f.size,
         guestAddr,
+        ...(config.rateLimiter ? { rateLimiter: config.rateLimiter } : {}),
       };
       return {
         name: `virtio-pmem ${config.id} (${f.path}${config.readOnly ? ', read-only' : ''})`,
@@ -114,6 +119,7 @@ export const pmemDevice: DeviceType<PmemConfig, PmemHost> = {
       env.name,
       () => fsyncSync(host.fd),
       (m) => env.log(m),
+      { fileSize: host.size, ...(host.rateLimiter ? { rateLimiter: host.rateLimiter } : {}) },
     );
     return {
       backend: dev,
@@ -124,6 +130,8 @@ export const pmemDevice: DeviceType<PmemConfig, PmemHost> = {
         flush_count: dev.counters.flushes,
         flush_fails: dev.counters.flushFails,
         invalid_reqs_count: dev.counters.badRequests,
+        rate_limiter_throttled_events: dev.counters.throttled,
+        rate_limiter_event_count: dev.counters.throttleEvents,
       }),
     };
   },

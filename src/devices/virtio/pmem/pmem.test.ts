@@ -12,7 +12,8 @@ import {
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { ConfigError } from '../../../util/errors.js';
-import { harness } from '../testing/harness.js';
+import { FakeClock, harness } from '../testing/harness.js';
+import { VirtioDeviceStateV1 } from '../device-state.js';
 import { DEVICE_ID_PMEM } from '../constants.js';
 import { openPmemFile, pmemDevice } from './descriptor.js';
 import { PMEM_ALIGN, PmemDevice, VIRTIO_PMEM_REQ_TYPE_FLUSH, pmemIdentity } from './pmem.js';
@@ -65,7 +66,13 @@ test('virtio-pmem answers a flush with ret 0 after flushing, and a bad request w
   assert.equal(ret(h, a.resp), 0);
   assert.equal(ret(h, b.resp), 1);
   assert.equal(flushes, 1);
-  assert.deepEqual(dev.counters, { flushes: 1, flushFails: 0, badRequests: 2 });
+  assert.deepEqual(dev.counters, {
+    flushes: 1,
+    flushFails: 0,
+    badRequests: 2,
+    throttled: 0,
+    throttleEvents: 0,
+  });
 });
 
 test('virtio-pmem: a failing flush (a host I/O error) answers ret 1, is counted and logged once', () => {
@@ -153,4 +160,109 @@ test('virtio-pmem open: refuses missing, empty and unaligned files; reserves ali
   } finally {
     rmSync(dir, { recursive: true });
   }
+});
+
+/** A pmem device of `size` bytes with a rate limiter on a fake clock; flush() adds a request. */
+function limitedPmem(limiter: object, size = PMEM_ALIGN, clock = new FakeClock()) {
+  let flushes = 0;
+  const dev = new PmemDevice('pmem0', () => flushes++, undefined, {
+    fileSize: size,
+    rateLimiter: limiter,
+    now: clock.now,
+  });
+  const h = harness(pmemIdentity(0x1_0000_0000, size), dev, { clock });
+  const [q] = h.start();
+  const flush = () => {
+    const r = request(h, VIRTIO_PMEM_REQ_TYPE_FLUSH);
+    q!.addChain([
+      { addr: r.req, len: 4 },
+      { addr: r.resp, len: 4, write: true },
+    ]);
+    return r.resp;
+  };
+  return { dev, h, q: q!, flush, clock, flushes: () => flushes };
+}
+
+test('virtio-pmem rate limiter: a flush over the ops bucket waits on one timer, no polling', () => {
+  const { dev, h, q, flush, clock, flushes } = limitedPmem({ ops: { size: 2, refill_time: 100 } });
+  const resp = [flush(), flush(), flush(), flush()];
+  h.kick();
+  assert.equal(q.takeUsed().length, 2);
+  assert.equal(flushes(), 2);
+  assert.equal(ret(h, resp[2]!), 0xeeeeeeee, 'the third waits on the ring, untouched');
+  assert.equal(clock.pending, 1, 'one timer');
+  assert.equal(clock.next, 50, 'when one ops token is back');
+  for (let i = 0; i < 10; i++) h.kick();
+  assert.equal(q.takeUsed().length, 0, 'kicks while throttled serve nothing');
+  assert.equal(clock.pending, 1, '...and arm nothing more');
+  clock.advance(49);
+  assert.equal(q.takeUsed().length, 0);
+  clock.advance(1);
+  assert.equal(q.takeUsed().length, 1);
+  assert.equal(ret(h, resp[2]!), 0);
+  clock.advance(50);
+  assert.equal(q.takeUsed().length, 1);
+  assert.equal(clock.pending, 0, 'the queue is empty: nothing armed');
+  assert.equal(clock.fired, 2, 'one wake-up per throttling');
+  assert.equal(flushes(), 4);
+  assert.equal(dev.counters.throttled, 2);
+  assert.equal(dev.counters.throttleEvents, 2);
+});
+
+test("virtio-pmem rate limiter: a flush takes the file's size in bandwidth tokens", () => {
+  // A bucket of two files per second: two flushes go, the third waits half a second.
+  const size = 4 * PMEM_ALIGN;
+  const { h, q, flush, clock } = limitedPmem(
+    { bandwidth: { size: 2 * size, refill_time: 1000 } },
+    size,
+  );
+  flush();
+  flush();
+  flush();
+  h.kick();
+  assert.equal(q.takeUsed().length, 2);
+  assert.equal(clock.next, 500);
+  clock.advance(500);
+  assert.equal(q.takeUsed().length, 1);
+});
+
+test('virtio-pmem rate limiter: a PATCH applies at once and wakes the queue; state is saved', () => {
+  const { dev, h, q, flush, clock } = limitedPmem({ ops: { size: 1, refill_time: 10_000 } });
+  flush();
+  flush();
+  flush();
+  h.kick();
+  assert.equal(q.takeUsed().length, 1);
+  assert.equal(clock.next, 10_000);
+  dev.updateRateLimiter({ ops: { size: 5, refill_time: 1000 } });
+  h.device.wakeThrottled();
+  assert.equal(q.takeUsed().length, 2, 'the new (full) bucket lets both go');
+  assert.deepEqual(dev.limiter.available(), { ops: 3 });
+  // The limiter's tokens travel with the device's saved state.
+  const saved = h.device.save();
+  const clock2 = new FakeClock();
+  const fresh = new PmemDevice('pmem0', () => undefined, undefined, {
+    fileSize: PMEM_ALIGN,
+    now: clock2.now,
+  });
+  const b = harness(pmemIdentity(0x1_0000_0000, PMEM_ALIGN), fresh, {
+    mem: h.mem,
+    alloc: h.alloc,
+    clock: clock2,
+  });
+  const r = b.device.restore(saved);
+  assert.ok(r.ok, r.ok ? '' : r.error.message);
+  assert.deepEqual(fresh.limiter.config(), {
+    ops: { size: 5, refill_time: 1000, one_time_burst: 0 },
+  });
+  assert.deepEqual(fresh.limiter.available(), { ops: 3 });
+  // A saved state from before pmem saved its limiter (no backend bytes) still restores.
+  const old = VirtioDeviceStateV1.decodeOrThrow(saved);
+  delete old.backend;
+  const c = harness(pmemIdentity(0x1_0000_0000, PMEM_ALIGN), new PmemDevice('p', () => undefined), {
+    mem: h.mem,
+    alloc: h.alloc,
+  });
+  const r2 = c.device.restore(VirtioDeviceStateV1.encode(old));
+  assert.ok(r2.ok, r2.ok ? '' : r2.error.message);
 });
