@@ -157,6 +157,14 @@ export class Vm {
   }
 
   /**
+   * A slot number for memory its owner gives KVM later, itself (virtio-mem's slots, added when a
+   * block in them is plugged: vmm/device-memory.ts). No KVM call.
+   */
+  reserveSlot(): number {
+    return this.nextSlot++;
+  }
+
+  /**
    * KVM_GET_DIRTY_LOG: copies the slot's dirty-page bitmap (one bit per 4 KiB page, little-endian
    * bit order, the slot created with KVM_MEM_LOG_DIRTY_PAGES) into `bitmap` and clears KVM's.
    * `bitmap` must hold at least ceil(pages / 64) * 8 bytes (KVM writes whole u64 words).

@@ -5,11 +5,19 @@
  * ones. A guest write to a read-only slot exits as an MMIO write that no device claims (dropped
  * and counted, as Firecracker does on x86). The mappings are dropped with the plan's closers
  * (closeVirtio), after the vCPUs and the device worker have ended.
+ *
+ * virtio-mem's regions start out of the guest (`startsOut`: a slot number is reserved, no slot
+ * made); the device worker adds a slot when a block in it is plugged and removes it when its
+ * last block is unplugged (kvmSlotControl), the same mapping at the same address each time. The
+ * mapping itself stays until teardown.
  */
 import { DEVICE_MEMORY_MAX, deviceMemoryBase } from '../arch/x86_64/layout.js';
+import { KVM_SET_USER_MEMORY_REGION } from '../kvm/constants.js';
 import type { Vm } from '../kvm/kvm.js';
 import { MAP_NORESERVE, MAP_SHARED, PROT_READ, PROT_WRITE, native } from '../kvm/native.js';
-import type { DeviceMemorySpace, VirtioPlan } from './virtio-plan.js';
+import { encodeMemoryRegion } from '../kvm/structs.js';
+import type { MemorySlots } from '../devices/virtio/descriptor.js';
+import type { DeviceMemorySpace, KvmMemorySlot, VirtioPlan } from './virtio-plan.js';
 
 /** KVM_MEM_READONLY (KVM_CAP_READONLY_MEM): guest writes to the slot exit as MMIO. */
 export const KVM_MEM_READONLY = 2;
@@ -19,15 +27,64 @@ export function deviceMemorySpace(memBytes: number): DeviceMemorySpace {
   return { base: deviceMemoryBase(memBytes), size: DEVICE_MEMORY_MAX };
 }
 
-/** Maps the plan's device memory and gives it to KVM; returns the slots made, in plan order. */
+/**
+ * Maps the plan's device memory and gives it to KVM, device by device in plan order; each
+ * slot's `kvmSlots` says what was made (for the device worker). Returns the slots made.
+ */
 export function attachDeviceMemory(vm: Vm, plan: VirtioPlan): number[] {
   const n = native();
   const slots: number[] = [];
-  for (const r of plan.memory) {
-    const prot = r.readOnly ? PROT_READ : PROT_READ | PROT_WRITE;
-    const buf = n.mmap(r.size, prot, MAP_SHARED | MAP_NORESERVE, r.fd, r.offset);
-    plan.closers.push(() => n.munmap(buf));
-    slots.push(vm.setUserMemoryRegion(r.guestAddr, buf, r.readOnly ? KVM_MEM_READONLY : 0));
+  for (const s of plan.slots) {
+    if (!s.memory) continue;
+    const made: KvmMemorySlot[] = [];
+    for (const r of s.memory) {
+      const prot = r.readOnly ? PROT_READ : PROT_READ | PROT_WRITE;
+      const buf = n.mmap(r.size, prot, MAP_SHARED | MAP_NORESERVE, r.fd, r.offset);
+      plan.closers.push(() => n.munmap(buf));
+      const flags = r.readOnly ? KVM_MEM_READONLY : 0;
+      // A region that starts out gets its number now and its slot from the device, later.
+      const slot = r.startsOut ? vm.reserveSlot() : vm.setUserMemoryRegion(r.guestAddr, buf, flags);
+      slots.push(slot);
+      made.push({
+        vmFd: vm.fd,
+        slot,
+        guestAddr: r.guestAddr,
+        size: r.size,
+        hostAddr: n.bufferAddress(buf),
+        flags,
+        present: r.startsOut !== true,
+      });
+    }
+    s.kvmSlots = made;
   }
   return slots;
+}
+
+/**
+ * Device worker: a device's KVM slots, which it puts into the guest-physical map and takes out
+ * (BackendEnv.memorySlots), starting as attachDeviceMemory left them. setPresent throws on a
+ * host failure (the slot is then as it was).
+ */
+export function kvmSlotControl(slots: readonly KvmMemorySlot[]): MemorySlots {
+  const n = native();
+  const present = slots.map((s) => s.present);
+  const at = (index: number) => {
+    const s = slots[index];
+    if (s === undefined) throw new RangeError(`no memory slot ${index} (${slots.length})`);
+    return s;
+  };
+  return {
+    count: slots.length,
+    isPresent: (index) => (at(index), present[index]!),
+    setPresent(index, want) {
+      const s = at(index);
+      // Size 0 deletes the slot (Documentation/virt/kvm/api.rst, KVM_SET_USER_MEMORY_REGION).
+      n.ioctl(
+        s.vmFd,
+        KVM_SET_USER_MEMORY_REGION,
+        encodeMemoryRegion(s.slot, s.flags, s.guestAddr, want ? s.size : 0, s.hostAddr),
+      );
+      present[index] = want;
+    },
+  };
 }

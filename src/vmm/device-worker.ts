@@ -28,6 +28,7 @@ import { EventLoop } from '../events/event-loop.js';
 import { native } from '../kvm/native.js';
 import { installWorkerFilter } from '../sandbox/seccomp/install.js';
 import { mapGuestRam } from './guest-ram.js';
+import { kvmSlotControl } from './device-memory.js';
 import {
   DEVICE_WORKER_ROLE,
   WORKER_CONTROL,
@@ -251,6 +252,7 @@ function main(d: DeviceWorkerData): void {
         log,
         ram: { memory: ram.memory, shared: ram.memfd !== undefined },
         config,
+        ...(slot.kvmSlots ? { memorySlots: kvmSlotControl(slot.kvmSlots) } : {}),
       });
       const dev = new VirtioDevice(slot.state, created.backend, {
         mem: ram.memory,

@@ -51,6 +51,26 @@ interface SlotCommon {
   irqFd: number;
   /** One eventfd per queue, signalled by KVM on QueueNotify = queue index. */
   queueFds: number[];
+  /** The device's guest-physical memory (its open()'s `memory`), in order. */
+  memory?: DeviceMemoryRegion[];
+  /** Those regions as KVM memory slots, once attachDeviceMemory made them (device-memory.ts). */
+  kvmSlots?: KvmMemorySlot[];
+}
+
+/**
+ * One KVM memory slot of device memory, as the device worker needs it to take the slot out of
+ * the guest-physical map (size 0) and put it back the same (virtio-mem).
+ */
+export interface KvmMemorySlot {
+  vmFd: number;
+  slot: number;
+  guestAddr: number;
+  size: number;
+  /** The mapping's host address (the main thread's MAP_SHARED mapping, process-wide). */
+  hostAddr: bigint;
+  flags: number;
+  /** KVM had the slot when the device worker started (not for a region that `startsOut`). */
+  present: boolean;
 }
 
 /** One planned device: a discriminated union over the registry's kinds. */
@@ -119,6 +139,7 @@ export function planVirtioDevices(
         irqFd: eventfd(),
         queueFds: id.queueSizes.map(() => eventfd()),
         host: opened.host,
+        ...(opened.memory?.length ? { memory: opened.memory } : {}),
       } as VirtioSlot);
     });
     plan.controlFd = eventfd();

@@ -88,6 +88,11 @@ export interface DeviceMemoryRegion {
   fd: number;
   offset: number;
   readOnly: boolean;
+  /**
+   * KVM gets no slot for it at first: the device adds it (BackendEnv.memorySlots) when it needs
+   * it (virtio-mem: once a block in it is plugged).
+   */
+  startsOut?: boolean;
 }
 
 export interface OpenedDevice<Host> {
@@ -121,6 +126,20 @@ export interface BackendEnv {
     read(offset: number, length: number): Uint8Array;
     change(offset: number, bytes: Uint8Array): void;
   };
+  /** The device's memory regions as KVM memory slots (when it has device memory). */
+  memorySlots?: MemorySlots;
+}
+
+/**
+ * A device's memory regions (its open()'s `memory`, in order) as KVM memory slots: a device
+ * whose guest memory comes and goes (virtio-mem) puts a slot into the guest-physical map and
+ * takes it out. setPresent throws on a host failure (nothing changed).
+ */
+export interface MemorySlots {
+  readonly count: number;
+  /** Whether KVM has slot `index` now (at first: not when its region `startsOut`). */
+  isPresent(index: number): boolean;
+  setPresent(index: number, present: boolean): void;
 }
 
 /** Counters a backend reports, in Firecracker's metric names (snake_case, monotonic). */

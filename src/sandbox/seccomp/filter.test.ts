@@ -34,6 +34,7 @@ import {
   type Policy,
 } from './filter.js';
 import { defaultPolicy, processPolicy, ROLES } from './roles.js';
+import { KVM_SET_USER_MEMORY_REGION } from '../../kvm/constants.js';
 
 /** Runs a program on struct seccomp_data { nr, arch, ip, args[6] } and returns the action. */
 function runBpf(prog: Insn[], nr: number, args: bigint[] = [], arch = AUDIT_ARCH_X86_64): number {
@@ -239,6 +240,12 @@ test('default roles: KVM ioctls only on vCPUs, no execve or new processes anywhe
   assert.equal(runBpf(progs.vcpu!, nr('socket'), [1n]), SECCOMP_RET_KILL_PROCESS);
   assert.equal(runBpf(progs.vcpu!, nr('openat')), SECCOMP_RET_KILL_PROCESS);
   assert.equal(runBpf(progs.device!, nr('ioctl'), [9n, KVM_RUN]), SECCOMP_RET_KILL_PROCESS);
+  // virtio-mem's slots: KVM_SET_USER_MEMORY_REGION and no other KVM ioctl.
+  assert.equal(
+    runBpf(progs.device!, nr('ioctl'), [9n, BigInt(KVM_SET_USER_MEMORY_REGION)]),
+    SECCOMP_RET_ALLOW,
+  );
+  assert.equal(runBpf(progs.device!, nr('ioctl'), [9n, 0x4020ae47n]), SECCOMP_RET_KILL_PROCESS);
   assert.equal(runBpf(progs.device!, nr('socket'), [1n]), SECCOMP_RET_ALLOW);
   assert.equal(runBpf(progs.device!, nr('openat')), SECCOMP_RET_KILL_PROCESS);
   assert.equal(

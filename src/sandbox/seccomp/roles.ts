@@ -20,6 +20,8 @@ export type Role = 'main' | 'vcpu' | 'device';
 export const ROLES: readonly Role[] = ['main', 'vcpu', 'device'];
 
 const KVMIO = 0xae;
+/** _IOW(KVMIO, 0x46, struct kvm_userspace_memory_region): 32 bytes. */
+const KVM_SET_USER_MEMORY_REGION = 0x4020ae46;
 const TUN_AND_TTY = 0x54; // 'T': TUNSET*, TCGETS/TCSETS, TIOCGWINSZ, FIONBIO, FIOCLEX
 const UFFDIO = 0xaa;
 const AF_UNIX = 1;
@@ -146,6 +148,21 @@ const DEVICE: Policy = {
     // virtio-blk's Async engine (issue 17): the ring is set up while devices are built and
     // driven from the loop (submissions, the drain before a snapshot, closing at the end).
     ...any('io_uring_setup', 'io_uring_enter', 'io_uring_register'),
+    // virtio-mem takes the KVM memory slot of a fully unplugged range out of the guest and puts
+    // it back when a block in it is plugged (device-memory.ts kvmSlotControl): this one KVM
+    // ioctl, no other.
+    {
+      syscall: 'ioctl',
+      args: [
+        {
+          index: 1,
+          type: 'qword',
+          op: 'eq',
+          val: BigInt(KVM_SET_USER_MEMORY_REGION),
+          comment: 'KVM_SET_USER_MEMORY_REGION (virtio-mem slots)',
+        },
+      ],
+    },
   ],
 };
 

@@ -3,7 +3,9 @@
  * memory, a memfd of total_size (pages are allocated only when the guest touches plugged
  * blocks), reserves its guest-physical range above RAM and asks the VMM to map it as one KVM
  * memory slot per slot_size. The device worker serves plug / unplug / state requests; unplugged
- * blocks are punched out of the memfd (MADV_REMOVE through a short-lived mapping).
+ * blocks are punched out of the memfd (MADV_REMOVE through a short-lived mapping), and a slot
+ * with no plugged block is taken out of the guest (KVM_SET_USER_MEMORY_REGION of size 0: the
+ * VMM's BackendEnv.memorySlots) until a block in it is plugged again.
  *
  * The region starts on a 1 GiB boundary: Linux adds hotplugged memory in memory blocks of 128 MiB
  * or more (up to 1 GiB on large machines), and the region must be aligned to them.
@@ -77,8 +79,21 @@ export const memDevice: DeviceType<MemConfig, MemHost> = {
     const slot = config.slotMib * MIB;
     const memory: DeviceMemoryRegion[] = [];
     for (let off = 0; off < size; off += slot)
-      memory.push({ guestAddr: addr + off, size: slot, fd: memfd, offset: off, readOnly: false });
-    const geometry: MemGeometry = { addr, regionSize: size, blockSize: config.blockMib * MIB };
+      // Out of the guest until a block in it is plugged (the device adds the slot then).
+      memory.push({
+        guestAddr: addr + off,
+        size: slot,
+        fd: memfd,
+        offset: off,
+        readOnly: false,
+        startsOut: true,
+      });
+    const geometry: MemGeometry = {
+      addr,
+      regionSize: size,
+      blockSize: config.blockMib * MIB,
+      slotSize: slot,
+    };
     return {
       name: `virtio-mem ${config.id} (${config.totalMib} MiB at 0x${addr.toString(16)})`,
       identity: memIdentity(geometry),
@@ -119,6 +134,8 @@ export const memDevice: DeviceType<MemConfig, MemHost> = {
           env.sys.munmap(buf);
         }
       },
+      env.memorySlots,
+      (m) => env.log(m),
     );
     const c = dev.counters;
     return {
@@ -135,6 +152,9 @@ export const memDevice: DeviceType<MemConfig, MemHost> = {
         state_count: c.states,
         invalid_reqs_count: c.badRequests,
         plugged_bytes: dev.pluggedSize,
+        slots_added: c.slotsAdded,
+        slots_removed: c.slotsRemoved,
+        slot_fails: c.slotFails,
       }),
     };
   },

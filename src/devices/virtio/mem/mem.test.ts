@@ -175,3 +175,181 @@ test('memory hotplug sizes follow Firecracker rules', () => {
     /at most 256 slots/,
   );
 });
+
+/**
+ * A device whose region (16 MiB, 2 MiB blocks) is 4 KVM slots of 4 MiB (2 blocks each), over a
+ * recorder of slot changes and discards in the order they happen. `refuse(s)`: KVM refuses to
+ * change slot s.
+ */
+function withSlots(requested: number) {
+  const { access } = configSpace(requested);
+  const events: string[] = [];
+  const present = [false, false, false, false]; // as the VMM leaves them: `startsOut`
+  const refused = new Set<number>();
+  const slots = {
+    count: 4,
+    isPresent: (i: number) => present[i]!,
+    setPresent: (i: number, p: boolean) => {
+      if (refused.has(i)) throw new Error('EINVAL');
+      assert.notEqual(present[i], p, `slot ${i} set to what it is`);
+      present[i] = p;
+      events.push(`${p ? '+' : '-'}${i}`);
+    },
+  };
+  const g = { ...geometry, slotSize: 4 * MIB };
+  const logs: string[] = [];
+  const dev = new MemDevice(
+    'mem',
+    g,
+    access,
+    (o, l) => events.push(`discard ${o / MIB}+${l / MIB}`),
+    slots,
+    (m) => logs.push(m),
+  );
+  const h = harness(memIdentity(g), dev);
+  const [q] = h.start();
+  const send = (type: number, block = 0, nb = 0) => {
+    const req = h.alloc.alloc(24);
+    const v = h.mem.view(req, 24);
+    const d = new DataView(v.buffer, v.byteOffset, 24);
+    d.setUint16(0, type, true);
+    d.setBigUint64(8, BigInt(BASE + block * 2 * MIB), true);
+    d.setUint16(16, nb, true);
+    const resp = h.alloc.alloc(16);
+    q!.addChain([
+      { addr: req, len: 24 },
+      { addr: resp, len: 10, write: true },
+    ]);
+    h.kick();
+    assert.equal(q!.takeUsed().length, 1);
+    return new DataView(h.mem.view(resp, 10).buffer, h.mem.view(resp, 10).byteOffset).getUint16(
+      0,
+      true,
+    );
+  };
+  return { dev, events, present, refused, logs, send, h, g, slots };
+}
+
+test('virtio-mem slots: all out at start; a plug puts its slots back, an unplug takes emptied ones out before the discard', () => {
+  const { dev, events, present, send } = withSlots(16 * MIB);
+  assert.deepEqual(events, [], 'nothing plugged, no slot made: nothing to do');
+  // Blocks 1..4: the second half of slot 0, all of slot 1, the first half of slot 2.
+  assert.equal(send(REQ_PLUG, 1, 4), RESP_ACK);
+  assert.deepEqual(events, ['+0', '+1', '+2']);
+  assert.deepEqual(present, [true, true, true, false]);
+  events.length = 0;
+  // Unplugging block 1 empties slot 0 (out, then discarded); block 4 leaves slot 2 half full.
+  assert.equal(send(REQ_UNPLUG, 1, 1), RESP_ACK);
+  assert.deepEqual(events, ['-0', 'discard 2+2']);
+  events.length = 0;
+  assert.equal(send(REQ_UNPLUG, 2, 2), RESP_ACK);
+  assert.deepEqual(events, ['-1', 'discard 4+4']);
+  events.length = 0;
+  // Plugging into a slot that is in already changes no slot.
+  assert.equal(send(REQ_PLUG, 5, 1), RESP_ACK);
+  assert.deepEqual(events, []);
+  assert.equal(dev.presentSlots, 1);
+  // UNPLUG_ALL: every slot out before any page is discarded.
+  assert.equal(send(REQ_UNPLUG_ALL), RESP_ACK);
+  assert.deepEqual(events, ['-2', 'discard 8+4']);
+  assert.deepEqual(present, [false, false, false, false]);
+  assert.equal(dev.counters.slotsAdded, 3);
+  assert.equal(dev.counters.slotsRemoved, 3);
+  // Requests refused before they change anything touch no slot.
+  events.length = 0;
+  assert.equal(send(REQ_UNPLUG, 0, 1), RESP_ERROR, 'not plugged');
+  assert.equal(send(REQ_PLUG, 7, 2), RESP_ERROR, 'past the region');
+  assert.deepEqual(events, []);
+});
+
+test('virtio-mem slots: a slot KVM refuses fails the plug with ERROR and changes nothing', () => {
+  const { dev, events, present, refused, logs, send } = withSlots(16 * MIB);
+  events.length = 0;
+  refused.add(2);
+  // Blocks 3..4 span slots 1 and 2: slot 1 goes in, slot 2 is refused, slot 1 comes out again.
+  assert.equal(send(REQ_PLUG, 3, 2), RESP_ERROR);
+  assert.deepEqual(events, ['+1', '-1']);
+  assert.deepEqual(present, [false, false, false, false]);
+  assert.equal(dev.pluggedSize, 0);
+  assert.equal(dev.counters.plugFails, 1);
+  assert.equal(dev.counters.slotFails, 1);
+  assert.equal(logs.length, 1);
+  assert.match(logs[0]!, /refused to add memory slot 2/);
+  refused.clear();
+  events.length = 0;
+  assert.equal(send(REQ_PLUG, 3, 2), RESP_ACK);
+  assert.deepEqual(events, ['+1', '+2']);
+  // A refused removal leaves the slot in (the unplug itself is done; the pages still go).
+  refused.add(1);
+  events.length = 0;
+  assert.equal(send(REQ_UNPLUG, 3, 1), RESP_ACK);
+  assert.deepEqual(events, ['discard 6+2']);
+  assert.equal(present[1], true);
+  assert.equal(dev.counters.slotFails, 2);
+  assert.equal(logs.length, 1, 'logged once');
+});
+
+test('virtio-mem slots: a restored device puts back the slots of its saved plugged blocks', () => {
+  const a = withSlots(16 * MIB);
+  assert.equal(a.send(REQ_PLUG, 6, 1), RESP_ACK);
+  assert.equal(a.send(REQ_PLUG, 0, 1), RESP_ACK);
+  // A load builds a fresh device of the same geometry (every slot out), then restores it.
+  const { access } = configSpace(16 * MIB);
+  const events: string[] = [];
+  const present = [false, false, false, false];
+  const dev = new MemDevice('mem', a.g, access, () => undefined, {
+    count: 4,
+    isPresent: (i) => present[i]!,
+    setPresent: (i, p) => {
+      present[i] = p;
+      events.push(`${p ? '+' : '-'}${i}`);
+    },
+  });
+  events.length = 0;
+  dev.restore(a.dev.save());
+  assert.deepEqual(events, ['+0', '+3']);
+  assert.deepEqual(present, [true, false, false, true]);
+  assert.equal(dev.pluggedSize, 4 * MIB);
+  // A load whose slot KVM refuses fails, and leaves the device and its slots as they were.
+  let refuse = false;
+  const slots2 = {
+    count: 4,
+    isPresent: () => false,
+    setPresent: (i: number, p: boolean) => {
+      if (refuse && i === 3) throw new Error('ENOMEM');
+      events.push(`${p ? '+' : '-'}${i}`);
+    },
+  };
+  const dev2 = new MemDevice('mem', a.g, access, () => undefined, slots2);
+  refuse = true;
+  events.length = 0;
+  assert.throws(() => dev2.restore(a.dev.save()), /KVM refused a memory slot/);
+  assert.deepEqual(events, ['+0', '-0']);
+  assert.equal(dev2.pluggedSize, 0);
+  assert.equal(dev2.presentSlots, 0);
+});
+
+test('virtio-mem slots: slots that do not tile the region are a programming error', () => {
+  const { access } = configSpace(0);
+  const slots = { count: 3, isPresent: () => false, setPresent: () => undefined };
+  assert.throws(
+    () => new MemDevice('mem', { ...geometry, slotSize: 4 * MIB }, access, () => undefined, slots),
+    /do not tile the region/,
+  );
+  assert.throws(
+    () => new MemDevice('mem', geometry, access, () => undefined, { ...slots, count: 4 }),
+    /do not tile the region/,
+  );
+});
+
+test('virtio-mem slots: slots a device is given present (nothing plugged) are taken out at once', () => {
+  const { access } = configSpace(0);
+  const present = [true, false, true, true];
+  const dev = new MemDevice('mem', { ...geometry, slotSize: 4 * MIB }, access, () => undefined, {
+    count: 4,
+    isPresent: (i) => present[i]!,
+    setPresent: (i, p) => void (present[i] = p),
+  });
+  assert.deepEqual(present, [false, false, false, false]);
+  assert.equal(dev.counters.slotsRemoved, 3);
+});

@@ -13,11 +13,20 @@
  * Checks (§5.15.6): addr block-aligned and the range inside the usable region, nb_blocks > 0;
  * PLUG needs the whole range unplugged and room under requested_size (else NACK); UNPLUG needs
  * it all plugged; STATE answers PLUGGED, UNPLUGGED or MIXED. Anything else is ERROR.
+ *
+ * KVM memory slots (Firecracker's): the region is mapped as one KVM slot per slot_size, and a
+ * slot is in the guest-physical map only while at least one block in it is plugged. A PLUG puts
+ * the slots it touches back before it is acknowledged (the guest uses the blocks as soon as it
+ * has the ACK; a slot KVM refuses fails the request with ERROR, nothing plugged); an UNPLUG
+ * takes out the slots it empties before their pages are discarded, so the guest cannot fault
+ * them back in. A device starts with nothing plugged, so every slot out (the VMM makes none);
+ * a restored one puts in the slots of its saved plugged blocks.
  */
 import { PersistError } from '../../../util/persist.js';
 import type { DescriptorChain } from '../chain.js';
 import { DEVICE_ID_MEM, QUEUE_SIZE_MAX, VIRTIO_F_RING_INDIRECT_DESC, bit } from '../constants.js';
 import type { VirtioBackend } from '../device.js';
+import type { MemorySlots } from '../descriptor.js';
 import type { VirtioDeviceIdentity } from '../mmio-state.js';
 
 export const VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE = 1;
@@ -51,6 +60,8 @@ export interface MemGeometry {
   addr: number;
   regionSize: number;
   blockSize: number;
+  /** Bytes per KVM memory slot (a multiple of blockSize dividing regionSize). */
+  slotSize?: number;
 }
 
 export function memIdentity(g: MemGeometry): VirtioDeviceIdentity {
@@ -86,6 +97,11 @@ export interface MemCounters {
   unplugAlls: number;
   states: number;
   badRequests: number;
+  /** KVM slots put back (a block in them plugged) and taken out (all their blocks unplugged). */
+  slotsAdded: number;
+  slotsRemoved: number;
+  /** Slot changes KVM refused. */
+  slotFails: number;
 }
 
 const SAVED_VERSION = 1;
@@ -101,26 +117,58 @@ export class MemDevice implements VirtioBackend {
     unplugAlls: 0,
     states: 0,
     badRequests: 0,
+    slotsAdded: 0,
+    slotsRemoved: 0,
+    slotFails: 0,
   };
   /** One byte per block: 1 plugged. */
   private readonly plugged: Uint8Array;
   private pluggedBlocks = 0;
   readonly blocks: number;
+  /** Blocks per KVM slot (0: the slots are not managed). */
+  private readonly blocksPerSlot: number;
+  /** Per slot: its plugged blocks, and whether KVM has it now. */
+  private readonly slotPlugged: Uint32Array;
+  private readonly slotPresent: Uint8Array;
 
   /**
    * `discard(offset, length)` gives the pages of [offset, +length) of the region back to the
-   * host (MADV_REMOVE on the memfd); it throws on a host failure.
+   * host (MADV_REMOVE on the memfd); it throws on a host failure. `slots`: the region's KVM
+   * slots (geometry.slotSize each, all present), taken out and put back as blocks are unplugged
+   * and plugged; without it the slots stay as they are.
    */
   constructor(
     readonly name: string,
     readonly geometry: MemGeometry,
     private readonly config: MemConfigAccess,
     private readonly discard: (offset: number, length: number) => void,
+    private readonly slots?: MemorySlots,
+    private readonly log: (m: string) => void = () => undefined,
   ) {
     if (geometry.regionSize % geometry.blockSize !== 0)
       throw new Error('virtio-mem: the region is not a whole number of blocks');
     this.blocks = geometry.regionSize / geometry.blockSize;
     this.plugged = new Uint8Array(this.blocks);
+    const slotSize = geometry.slotSize ?? 0;
+    if (
+      slots &&
+      !(
+        slotSize > 0 &&
+        slotSize % geometry.blockSize === 0 &&
+        geometry.regionSize % slotSize === 0 &&
+        geometry.regionSize / slotSize === slots.count
+      )
+    )
+      throw new Error(
+        `virtio-mem: ${slots.count} KVM slots of ${slotSize} bytes do not tile the region`,
+      );
+    this.blocksPerSlot = slots ? slotSize / geometry.blockSize : 0;
+    const slotCount = slots ? slots.count : 0;
+    this.slotPlugged = new Uint32Array(slotCount);
+    this.slotPresent = new Uint8Array(slotCount);
+    for (let s = 0; s < slotCount; s++) this.slotPresent[s] = slots!.isPresent(s) ? 1 : 0;
+    // Nothing is plugged yet: every slot out of the guest (the VMM made none: `startsOut`).
+    this.syncSlots(0, slotCount);
   }
 
   get pluggedSize(): number {
@@ -168,6 +216,11 @@ export class MemDevice implements VirtioBackend {
           this.counters.plugFails++;
           return answer(RESP_NACK);
         }
+        // The slots first: the guest uses the blocks as soon as it has the ACK.
+        if (!this.plugSlots(first, nb)) {
+          this.counters.plugFails++;
+          return answer(RESP_ERROR);
+        }
         this.plugged.fill(1, first, first + nb);
         this.pluggedBlocks += nb;
         this.counters.plugs++;
@@ -182,6 +235,9 @@ export class MemDevice implements VirtioBackend {
         }
         this.plugged.fill(0, first, first + nb);
         this.pluggedBlocks -= nb;
+        // Emptied slots out before their pages go, so the guest cannot fault them back in.
+        this.countSlots(first, nb, -1);
+        this.syncSlots(...this.slotSpan(first, nb));
         this.discardBlocks(first, nb);
         this.counters.unplugs++;
         this.counters.unplugBytes += nb * this.geometry.blockSize;
@@ -202,6 +258,8 @@ export class MemDevice implements VirtioBackend {
 
   private unplugAll(): number {
     this.counters.unplugAlls++;
+    this.slotPlugged.fill(0);
+    this.syncSlots(0, this.slotPlugged.length);
     // Runs of plugged blocks are discarded together.
     for (let i = 0; i < this.blocks;) {
       if (!this.plugged[i]) {
@@ -217,6 +275,66 @@ export class MemDevice implements VirtioBackend {
     this.pluggedBlocks = 0;
     this.config.setPluggedSize(0);
     return RESP_ACK;
+  }
+
+  /** The slots [from, to) that blocks [first, + nb) fall in (empty when unmanaged). */
+  private slotSpan(first: number, nb: number): [number, number] {
+    if (this.blocksPerSlot === 0) return [0, 0];
+    return [
+      Math.floor(first / this.blocksPerSlot),
+      Math.floor((first + nb - 1) / this.blocksPerSlot) + 1,
+    ];
+  }
+
+  /** Adds `delta` to the plugged count of the slot of each block in [first, + nb). */
+  private countSlots(first: number, nb: number, delta: 1 | -1): void {
+    if (this.blocksPerSlot === 0) return;
+    for (let b = first; b < first + nb; b++)
+      this.slotPlugged[Math.floor(b / this.blocksPerSlot)]! += delta;
+  }
+
+  /**
+   * Blocks [first, + nb) are about to be plugged: their slots are put back. False (nothing
+   * plugged, the slots as before) when KVM refuses one.
+   */
+  private plugSlots(first: number, nb: number): boolean {
+    this.countSlots(first, nb, 1);
+    const [from, to] = this.slotSpan(first, nb);
+    if (this.syncSlots(from, to)) return true;
+    this.countSlots(first, nb, -1);
+    this.syncSlots(from, to);
+    return false;
+  }
+
+  /**
+   * Makes each slot in [from, to) present exactly when a block in it is plugged. False when
+   * KVM refused a change (counted; logged once): that slot stays as it was.
+   */
+  private syncSlots(from: number, to: number): boolean {
+    let ok = true;
+    for (let s = from; s < to; s++) {
+      const want = this.slotPlugged[s]! > 0 ? 1 : 0;
+      if (this.slotPresent[s] === want) continue;
+      try {
+        this.slots!.setPresent(s, want === 1);
+      } catch (e) {
+        ok = false;
+        if (this.counters.slotFails++ === 0)
+          this.log(
+            `${this.name}: KVM refused to ${want ? 'add' : 'remove'} memory slot ${s} (logged once): ${(e as Error).message}`,
+          );
+        continue;
+      }
+      this.slotPresent[s] = want;
+      if (want) this.counters.slotsAdded++;
+      else this.counters.slotsRemoved++;
+    }
+    return ok;
+  }
+
+  /** Slots of the region KVM has now (tests, metrics). */
+  get presentSlots(): number {
+    return this.slotPresent.reduce((a, b) => a + b, 0);
   }
 
   private discardBlocks(first: number, n: number): void {
@@ -257,6 +375,19 @@ export class MemDevice implements VirtioBackend {
       throw new PersistError(`virtio-mem: saved state has ${n} blocks, this device ${this.blocks}`);
     const body = bytes.subarray(5);
     if (body.some((b) => b > 1)) throw new PersistError('virtio-mem: bad plugged bitmap');
+    // The saved plugged blocks' slots back into the guest; a load whose slot KVM refuses fails
+    // (and leaves the slots as they were).
+    const before = this.slotPlugged.slice();
+    this.slotPlugged.fill(0);
+    if (this.blocksPerSlot > 0)
+      body.forEach((b, i) => {
+        if (b) this.slotPlugged[Math.floor(i / this.blocksPerSlot)]! += 1;
+      });
+    if (!this.syncSlots(0, this.slotPlugged.length)) {
+      this.slotPlugged.set(before);
+      this.syncSlots(0, this.slotPlugged.length);
+      throw new PersistError('virtio-mem: KVM refused a memory slot of the plugged blocks');
+    }
     this.plugged.set(body);
     this.pluggedBlocks = body.reduce((a, b) => a + b, 0);
   }
