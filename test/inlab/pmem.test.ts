@@ -5,12 +5,13 @@
  * file the host wrote; a file it writes and syncs (the sync is a virtio-pmem flush) is in the
  * image on the host afterwards; the read-only one mounts read-only and reads right.
  * virtio-mem: a VM with 512 MiB hotpluggable gets PATCH /hotplug/memory 256 and its MemTotal
- * grows; PATCH 0 and the guest unplugs it again.
+ * grows (the KVM slots of the plugged blocks go in: none is there at boot); PATCH 0 and the guest
+ * unplugs it again (the slots go out).
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -114,7 +115,28 @@ test(
         'memory-hotplug': { total_size_mib: 512 },
       }),
     );
-    const s = new GuestSession(['--api-sock', sock, '--config-file', cfg]);
+    // Our counters beside Firecracker's (the `typervisor` group): the KVM slots of the region.
+    const metrics = join(dir, 'metrics.ndjson');
+    process.env.TYPERVISOR_METRICS_EXTRAS = '1';
+    const s = new GuestSession([
+      '--api-sock',
+      sock,
+      '--config-file',
+      cfg,
+      '--metrics-path',
+      metrics,
+    ]);
+    delete process.env.TYPERVISOR_METRICS_EXTRAS;
+    /** memory_hotplug.<name> summed over the metrics lines so far (after a flush). */
+    const slotMetric = async (name: string): Promise<number> => {
+      const f = await call(sock, 'PUT', '/actions', { action_type: 'FlushMetrics' });
+      assert.equal(f.status, 204);
+      return readFileSync(metrics, 'utf8')
+        .trim()
+        .split('\n')
+        .map((l) => JSON.parse(l) as { typervisor?: Record<string, number> })
+        .reduce((a, l) => a + (l.typervisor?.[`memory_hotplug.${name}`] ?? 0), 0);
+    };
     const memTotal = async (tag: string): Promise<number> => {
       // "K" ends the number: output can arrive split inside it.
       s.send(`echo ${tag}=$(grep MemTotal /proc/meminfo | tr -s ' ' | cut -d' ' -f2)K\n`);
@@ -147,6 +169,10 @@ test(
         after - before >= 200 * 1024,
         `MemTotal ${before} -> ${after} KiB\n${s.describe()}`,
       );
+      // 256 MiB plugged: its 128 MiB KVM slots went in (none was there at boot).
+      const added = await slotMetric('slots_added');
+      assert.ok(added >= 2, `${added} slots added for 256 MiB`);
+      assert.equal(await slotMetric('slots_removed'), 0);
       // Back to 0: the guest unplugs (movable memory can be offlined), the host sees it.
       r = await call(sock, 'PATCH', '/hotplug/memory', { requested_size_mib: 0 });
       assert.equal(r.status, 204);
@@ -163,6 +189,9 @@ test(
         after - shrunk >= 200 * 1024,
         `MemTotal ${after} -> ${shrunk} KiB\n${s.describe()}`,
       );
+      // Every block unplugged: every slot that went in is out again.
+      assert.equal(await slotMetric('slots_removed'), added);
+      assert.equal(await slotMetric('slot_fails'), 0);
     } finally {
       s.kill();
       await s.exited;
