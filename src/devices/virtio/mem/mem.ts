@@ -134,8 +134,8 @@ export class MemDevice implements VirtioBackend {
   /**
    * `discard(offset, length)` gives the pages of [offset, +length) of the region back to the
    * host (MADV_REMOVE on the memfd); it throws on a host failure. `slots`: the region's KVM
-   * slots (geometry.slotSize each, all present), taken out and put back as blocks are unplugged
-   * and plugged; without it the slots stay as they are.
+   * slots (geometry.slotSize each; present or not as isPresent() says at first), put in and
+   * taken out as blocks are plugged and unplugged; without it the slots are left alone.
    */
   constructor(
     readonly name: string,
