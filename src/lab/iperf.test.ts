@@ -43,6 +43,7 @@ test(
       assert.ok(Math.abs(r.rate / 500_000 - 1) < 0.1, `${r.rate} bytes/s`);
       assert.ok(Math.abs(r.totalSeconds - 3) < 0.2, `${r.totalSeconds} s in all`);
       assert.ok(r.totalBytes >= r.bytes);
+      assert.equal(r.perInterval.length, 3);
     } finally {
       srv.kill('SIGKILL');
     }

@@ -25,6 +25,8 @@ export interface ReceivedRate {
   /** The whole test as the receiver saw it (iperf3's `end.sum_received`). */
   totalBytes: number;
   totalSeconds: number;
+  /** Every interval's rate (bytes/s), the uncounted ones too: where a test stalled. */
+  perInterval: number[];
 }
 
 interface IperfSum {
@@ -49,9 +51,8 @@ export function iperfReceivedRate(json: string, skipSec = 1): ReceivedRate {
     end?: { sum_received?: IperfSum };
   };
   if (r.error) throw new Error(`iperf3: ${r.error}`);
-  const counted = (r.intervals ?? [])
-    .map((i) => i.sum)
-    .filter((s) => !s.omitted && s.start >= skipSec - 0.05 && s.seconds >= 0.5);
+  const all = (r.intervals ?? []).map((i) => i.sum);
+  const counted = all.filter((s) => !s.omitted && s.start >= skipSec - 0.05 && s.seconds >= 0.5);
   const bytes = counted.reduce((a, s) => a + s.bytes, 0);
   const seconds = counted.reduce((a, s) => a + s.seconds, 0);
   if (!seconds) throw new Error(`iperf3: no interval from ${skipSec} s on: ${json.slice(0, 2000)}`);
@@ -61,5 +62,6 @@ export function iperfReceivedRate(json: string, skipSec = 1): ReceivedRate {
     seconds,
     totalBytes: r.end?.sum_received?.bytes ?? 0,
     totalSeconds: r.end?.sum_received?.seconds ?? 0,
+    perInterval: all.map((s) => (s.seconds ? s.bytes / s.seconds : 0)),
   };
 }

@@ -22,7 +22,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { imagePaths } from '../../src/lab/guest.js';
-import { iperfReceivedRate } from '../../src/lab/iperf.js';
+import { iperfReceivedRate, type ReceivedRate } from '../../src/lab/iperf.js';
 import { createNetFixture, type NetFixture } from '../../src/lab/net-fixture.js';
 import { call } from '../api/client.js';
 import { defaultGuest, skipReason } from './helpers.js';
@@ -166,7 +166,7 @@ test(
           'busybox ping -c 2 -W 5 169.254.10.1 >/dev/null && echo "PING""-OK"\n',
       );
       await v.waitFor(/PING-OK/, 120_000);
-      const iperf = async (port: number, seconds: number): Promise<number> => {
+      const iperf = async (port: number, seconds: number): Promise<ReceivedRate> => {
         // One test per server (-1), its JSON (-J) printed when it ends. The server's temp file
         // on /dev/shm: the lab's /tmp (9p) cannot hold one.
         const h = spawn(
@@ -206,7 +206,7 @@ test(
         await v.waitFor(new RegExp(`IPERF-DONE-${port}`), (seconds + 120) * 1000);
         await Promise.race([closed, sleep(30_000, undefined, { ref: false })]);
         try {
-          return iperfReceivedRate(out).rate;
+          return iperfReceivedRate(out);
         } catch (e) {
           throw new Error(`iperf3 on port ${port}: ${(e as Error).message}\n${out.slice(-3000)}`);
         }
@@ -223,8 +223,19 @@ test(
         iface_id: 'eth0',
         tx_rate_limiter: { bandwidth: { size: 0, refill_time: 0 } },
       });
-      const own = await iperf(5201, 3);
-      figures.push(`TAP TX unlimited: ${(own / KIB).toFixed(0)} KiB/s`);
+      /** The counted rate, with every second's figure in KiB/s (where a stall was, if any). */
+      const tx = async (what: string, port: number, seconds: number, want?: number) => {
+        const r = await iperf(port, seconds);
+        const each = r.perInterval.map((x) => (x / KIB).toFixed(0)).join('/');
+        if (want === undefined)
+          figures.push(`${what}: ${(r.rate / KIB).toFixed(0)} KiB/s (per second: ${each})`);
+        else {
+          check(what, r.rate, want);
+          figures[figures.length - 1] += ` (per second: ${each})`;
+        }
+        return r.rate;
+      };
+      const own = await tx('TAP TX unlimited', 5201, 3);
       const step = 16 * KIB;
       const txA = Math.min(tx1, Math.max(2 * step, Math.floor(own / 4 / step) * step));
       await v.api('PATCH', '/network-interfaces/eth0', {
@@ -232,13 +243,13 @@ test(
         tx_rate_limiter: { bandwidth: bucket(txA) },
       });
       // 5 s: the 4 after the first are counted.
-      check('TAP TX (iperf3)', await iperf(5202, 5), txA);
+      await tx('TAP TX (iperf3)', 5202, 5, txA);
       const txB = 2 * txA;
       await v.api('PATCH', '/network-interfaces/eth0', {
         iface_id: 'eth0',
         tx_rate_limiter: { bandwidth: bucket(txB) },
       });
-      check('TAP TX after PATCH (iperf3)', await iperf(5203, 5), txB);
+      await tx('TAP TX after PATCH (iperf3)', 5203, 5, txB);
       // The guest's TCP retransmissions (a stalled TCP, not the limiter, if these are many).
       v.send(`awk '/^Tcp:/{n++} /^Tcp:/&&n==2{print "RETRANS " $13}' /proc/net/snmp\n`);
       const [, retrans] = (await v.waitFor(/RETRANS (\d+)\r?\n/, 30_000)) as RegExpMatchArray;
