@@ -31,6 +31,7 @@ import { parseArgs } from 'node:util';
 import { detectKvm } from '../src/kvm/detect.js';
 import { imagePaths } from '../src/lab/guest.js';
 import { createNetFixture, type NetFixture } from '../src/lab/net-fixture.js';
+import { iperfMBytes, iperfMbit } from '../src/lab/iperf.js';
 import { TYPERVISOR, qemuCpu, stat, type Row } from './common.js';
 
 /**
@@ -329,18 +330,6 @@ async function waitOut(
     if (Date.now() - t0 > ms) throw new Error(`no ${re} within ${ms} ms: ${b.out().slice(-500)}`);
     await new Promise((r) => setTimeout(r, 20));
   }
-}
-
-/** iperf3's receiver summary line: Mbit/s. */
-function iperfMbit(text: string): number | undefined {
-  const m = /([\d.]+) Mbits\/sec[^\n]*receiver/.exec(text);
-  return m ? Number(m[1]) : undefined;
-}
-
-/** iperf3's receiver summary line: MBytes transferred. */
-function iperfMBytes(text: string): number | undefined {
-  const m = /([\d.]+) MBytes[^\n]*receiver/.exec(text);
-  return m ? Number(m[1]) : undefined;
 }
 
 /**

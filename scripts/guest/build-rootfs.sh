@@ -1,10 +1,10 @@
 #!/bin/bash
-# Debian root disk (ext4 image) for I/O benchmarks: debootstrap minbase + fio, iperf3,
-# iproute2, socat, and our init.sh as /init. Built without loop mounts (mkfs.ext4 -d).
+# Debian root disk (ext4 image) for I/O benchmarks and tests: debootstrap minbase + fio, iperf3,
+# iproute2, socat, curl (the MMDS test), and our init.sh as /init. Built without loop mounts (mkfs.ext4 -d).
 #   build-rootfs.sh inputs | build DIR  (writes DIR/rootfs.ext4)
 source "$(dirname "$0")/lib.sh"
 SUITE=bookworm
-PKGS="fio iperf3 iproute2 socat busybox-static"
+PKGS="fio iperf3 iproute2 socat busybox-static curl"
 # The mirror this machine's apt already uses (CI machines may point elsewhere).
 mirror() {
   apt-get indextargets --format '$(REPO_URI) $(RELEASE)' 'Identifier: Packages' |

@@ -3,22 +3,26 @@
  * root disk: a read-only data drive with a bandwidth bucket is read with `dd iflag=direct` at
  * the configured rate (+-15%), a PATCH /drives doubles the rate live and the next read follows,
  * and a PATCH with a bucket of size 0 removes the limit (the guest's own speed, reported);
- * a TAP's TX bandwidth bucket is PATCHed away to measure the guest's own TCP speed, then set
- * to a quarter of it (at most 256 KiB/s) and a TCP stream to the host must go at that rate
- * (measured on the host, first byte to last), and a PATCH /network-interfaces doubles it. The
- * throttled counters of the metrics are checked to have moved.
+ * a TAP's TX bandwidth bucket is PATCHed away to measure the guest's own TCP speed with iperf3
+ * (the guest's `iperf3 -c`, `iperf3 -s` in the test's network namespace on the lab host), then
+ * set to a quarter of it (at most 256 KiB/s) and iperf3 must send at that rate (the receiving
+ * server's figure), and a PATCH /network-interfaces doubles it. The throttled counters of the
+ * metrics are checked to have moved.
  *
  * Expected rates count the bucket's initial fill (a bucket starts full: its `size` bytes go at
- * once): a read of B bytes at R bytes/s with a bucket of S takes (B - S) / R seconds.
+ * once): a read of B bytes at R bytes/s with a bucket of S takes (B - S) / R seconds. iperf3's
+ * rates leave the first second out instead (its per-second intervals from 1 s on): the burst
+ * and TCP's slow start are in it.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { imagePaths } from '../../src/lab/guest.js';
+import { iperfReceivedRate, type ReceivedRate } from '../../src/lab/iperf.js';
 import { createNetFixture, type NetFixture } from '../../src/lab/net-fixture.js';
 import { call } from '../api/client.js';
 import { defaultGuest, skipReason } from './helpers.js';
@@ -32,25 +36,6 @@ const TOLERANCE = 0.15;
 
 /** A rate of `perSec` bytes/s as a bucket refilled every 125 ms. */
 const bucket = (perSec: number) => ({ size: perSec / 8, refill_time: 125 });
-
-/** node's net in the namespace: counts what a connection sends, with its first/last times. */
-const RECV = `
-import net from 'node:net';
-const [host, port] = process.argv.slice(2);
-const srv = net.createServer({ allowHalfOpen: true }, (s) => {
-  let n = 0, first = 0, firstLen = 0, last = 0;
-  s.on('data', (d) => {
-    const t = performance.now();
-    if (n === 0) { first = t; firstLen = d.length; }
-    n += d.length; last = t;
-  });
-  s.on('end', () => {
-    console.log('RECV ' + n + ' ' + firstLen + ' ' + (last - first).toFixed(1));
-    s.end();
-  });
-});
-srv.listen(Number(port), host, () => console.log('LISTENING'));
-`;
 
 class ApiVm extends GuestSession {
   constructor(
@@ -88,7 +73,6 @@ test(
     const dir = mkdtempSync(join(existsSync('/run') ? '/run' : tmpdir(), 'tv-rate-'));
     const file = (n: string) => join(dir, n);
     spawnSync('truncate', ['-s', '32M', file('data.img')]);
-    writeFileSync(file('recv.mjs'), RECV);
     const figures: string[] = [];
     let net: NetFixture | undefined;
     let vm: ApiVm | undefined;
@@ -174,44 +158,60 @@ test(
       figures.push(`drive read unlimited: ${(b2 / s3 / KIB).toFixed(0)} KiB/s`);
       assert.ok(b2 / s3 > disk2 * 1.5, `the guest is not faster unlimited: ${figures.join('; ')}`);
 
-      // The TAP's TX, unlimited and at two rates below that: TCP payload measured on the host.
+      // The TAP's TX, unlimited and at two rates below that: iperf3 from the guest to a server
+      // in the namespace, the server's received bytes per second after the first second. The
+      // root disk is read-only here and iperf3 keeps its buffer in a temp file: a tmpfs on /tmp.
       v.send(
-        'ip addr add 169.254.10.2/16 dev eth0; ip link set eth0 up; ' +
+        'mount -t tmpfs tmpfs /tmp; ip addr add 169.254.10.2/16 dev eth0; ip link set eth0 up; ' +
           'busybox ping -c 2 -W 5 169.254.10.1 >/dev/null && echo "PING""-OK"\n',
       );
       await v.waitFor(/PING-OK/, 120_000);
-      const send = async (port: number, bytes: number): Promise<number> => {
+      const iperf = async (port: number, seconds: number): Promise<ReceivedRate> => {
+        // One test per server (-1), its JSON (-J) printed when it ends. The server's temp file
+        // on /dev/shm: the lab's /tmp (9p) cannot hold one.
         const h = spawn(
           inNs[0]!,
-          [...inNs.slice(1), process.execPath, file('recv.mjs'), '169.254.10.1', String(port)],
-          {
-            stdio: ['ignore', 'pipe', 'pipe'],
-          },
+          [
+            ...inNs.slice(1),
+            'env',
+            'TMPDIR=/dev/shm',
+            'iperf3',
+            '-s',
+            '-1',
+            '-J',
+            '-B',
+            net!.hostAddr,
+            '-p',
+            String(port),
+          ],
+          { stdio: ['ignore', 'pipe', 'pipe'] },
         );
         helpers.push(h);
         let out = '';
         h.stdout!.on('data', (d: Buffer) => (out += d.toString()));
         h.stderr!.on('data', (d: Buffer) => (out += d.toString()));
-        const until = async (re: RegExp, ms: number) => {
-          const end = Date.now() + ms;
-          for (;;) {
-            const m = out.match(re);
-            if (m) return m;
-            if (Date.now() > end) throw new Error(`receiver: no ${re}: ${out}`);
-            await sleep(50);
-          }
-        };
-        await until(/LISTENING/, 30_000);
+        const closed = new Promise((r) => h.on('close', r));
+        for (let end = Date.now() + 30_000; ;) {
+          const ss = spawnSync(inNs[0]!, [...inNs.slice(1), 'ss', '-Hltn', `sport = :${port}`], {
+            encoding: 'utf8',
+          });
+          if (ss.stdout.includes(`:${port}`)) break;
+          if (Date.now() > end) throw new Error(`iperf3 -s is not listening on ${port}: ${out}`);
+          await sleep(100);
+        }
+        // The client's own summary (sender and receiver lines) stays in the console output.
         v.send(
-          `head -c ${bytes} /dev/zero | busybox nc 169.254.10.1 ${port}; echo "NC""-DONE-${port}"\n`,
+          `iperf3 -c ${net!.hostAddr} -p ${port} -t ${seconds} -f k 2>&1 | tail -n 4; echo "IPERF""-DONE-${port}"\n`,
         );
-        const [, n, first, ms] = await until(/RECV (\d+) (\d+) ([\d.]+)/, 180_000);
-        assert.equal(Number(n), bytes);
-        await v.waitFor(new RegExp(`NC-DONE-${port}`), 60_000);
-        h.kill('SIGKILL');
-        return ((Number(n) - Number(first)) * 1000) / Number(ms);
+        await v.waitFor(new RegExp(`IPERF-DONE-${port}`), (seconds + 120) * 1000);
+        await Promise.race([closed, sleep(30_000, undefined, { ref: false })]);
+        try {
+          return iperfReceivedRate(out);
+        } catch (e) {
+          throw new Error(`iperf3 on port ${port}: ${(e as Error).message}\n${out.slice(-3000)}`);
+        }
       };
-      // TCP/IP and Ethernet headers are in the bucket's bytes, not in the payload counted here
+      // TCP/IP and Ethernet headers are in the bucket's bytes, not in the payload iperf3 counts
       // (about 4% with 1500-byte frames, less with TSO): within the tolerance.
       //
       // First the guest's own TCP speed (a bucket of size 0 removes the limiter PUT gave): in
@@ -223,22 +223,33 @@ test(
         iface_id: 'eth0',
         tx_rate_limiter: { bandwidth: { size: 0, refill_time: 0 } },
       });
-      const own = await send(5001, 4 * MIB);
-      figures.push(`TAP TX unlimited: ${(own / KIB).toFixed(0)} KiB/s`);
+      /** The counted rate, with every second's figure in KiB/s (where a stall was, if any). */
+      const tx = async (what: string, port: number, seconds: number, want?: number) => {
+        const r = await iperf(port, seconds);
+        const each = r.perInterval.map((x) => (x / KIB).toFixed(0)).join('/');
+        if (want === undefined)
+          figures.push(`${what}: ${(r.rate / KIB).toFixed(0)} KiB/s (per second: ${each})`);
+        else {
+          check(what, r.rate, want);
+          figures[figures.length - 1] += ` (per second: ${each})`;
+        }
+        return r.rate;
+      };
+      const own = await tx('TAP TX unlimited', 5201, 3);
       const step = 16 * KIB;
       const txA = Math.min(tx1, Math.max(2 * step, Math.floor(own / 4 / step) * step));
       await v.api('PATCH', '/network-interfaces/eth0', {
         iface_id: 'eth0',
         tx_rate_limiter: { bandwidth: bucket(txA) },
       });
-      // About 4 s at the rate (and at least the bucket's initial fill many times over).
-      check('TAP TX (TCP payload)', await send(5002, 4 * txA), txA);
+      // 5 s: the 4 after the first are counted.
+      await tx('TAP TX (iperf3)', 5202, 5, txA);
       const txB = 2 * txA;
       await v.api('PATCH', '/network-interfaces/eth0', {
         iface_id: 'eth0',
         tx_rate_limiter: { bandwidth: bucket(txB) },
       });
-      check('TAP TX after PATCH', await send(5003, 4 * txB), txB);
+      await tx('TAP TX after PATCH (iperf3)', 5203, 5, txB);
       // The guest's TCP retransmissions (a stalled TCP, not the limiter, if these are many).
       v.send(`awk '/^Tcp:/{n++} /^Tcp:/&&n==2{print "RETRANS " $13}' /proc/net/snmp\n`);
       const [, retrans] = (await v.waitFor(/RETRANS (\d+)\r?\n/, 30_000)) as RegExpMatchArray;
