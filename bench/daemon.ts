@@ -157,6 +157,15 @@ async function fdCount(pid: number): Promise<number> {
   }
   return n;
 }
+/** The daemon's main-thread V8 heap spaces (GET /), MiB reserved, the ones over 1 MiB. */
+async function heapMiB(sock: string): Promise<Record<string, string>> {
+  const heap = (await call(sock, 'GET', '/')).json.memory.heap as Record<string, { size: number }>;
+  const out: Record<string, string> = {};
+  for (const [k, v] of Object.entries(heap))
+    if (v.size >= 1 << 20) out[k] = (v.size / (1 << 20)).toFixed(1);
+  return out;
+}
+
 function rssKiB(pid: number): number {
   return Number(/^VmRSS:\s+(\d+)/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1] ?? NaN);
 }
@@ -275,6 +284,7 @@ export async function daemonSuite(
       await sleep(3000); // as after the churn: deferred teardown steps, GC
       const fd0 = await fdCount(pid);
       const rss0 = rssKiB(pid);
+      const heap0 = await heapMiB(daemons[m].sock);
       // RSS every tenth of the churn: a leak climbs steadily, a heap sizing itself levels off.
       const samples: string[] = [];
       const every = Math.max(1, Math.floor(n / 10));
@@ -288,8 +298,12 @@ export async function daemonSuite(
       await sleep(3000); // deferred teardown steps, GC
       const fd1 = await fdCount(pid);
       const rss1 = rssKiB(pid);
+      const heap1 = await heapMiB(daemons[m].sock);
+      const heap = Object.keys(heap1)
+        .map((k) => `${k} ${heap0[k] ?? 0} → ${heap1[k]}`)
+        .join(', ');
       notes.push(
-        `daemon ${m} churn: ${n} VMs in ${secs.toFixed(1)} s (${(n / secs).toFixed(1)} VMs/s)${warmup ? ` after a ${warmup}-VM warm-up` : ''}; the daemon's descriptors ${fd0} → ${fd1}, RSS ${(rss0 / 1024).toFixed(1)} → ${(rss1 / 1024).toFixed(1)} MiB (every ${every} VMs: ${samples.join(', ')})`,
+        `daemon ${m} churn: ${n} VMs in ${secs.toFixed(1)} s (${(n / secs).toFixed(1)} VMs/s)${warmup ? ` after a ${warmup}-VM warm-up` : ''}; the daemon's descriptors ${fd0} → ${fd1}, RSS ${(rss0 / 1024).toFixed(1)} → ${(rss1 / 1024).toFixed(1)} MiB (every ${every} VMs: ${samples.join(', ')}); the daemon's main-thread V8 heap, MiB reserved: ${heap}`,
       );
     }
     for (const m of modes) await stopDaemon(daemons[m]);

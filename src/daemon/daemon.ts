@@ -4,6 +4,7 @@
  * running (one more is refused 503 and counted), and at most MAX_ENDED_RECORDS ended VMs kept for
  * GET (the oldest is forgotten first).
  */
+import { getHeapSpaceStatistics } from 'node:v8';
 import type { ApiOutcome } from '../api/controller.js';
 import type { Counters } from '../api/metrics.js';
 import { log } from '../util/log.js';
@@ -87,6 +88,7 @@ export class Daemon {
           state_dir: this.state.dir,
           vms: this.live(),
           max_vms: this.maxVms,
+          memory: daemonMemory(),
         });
       case 'GetPool':
         return ok({ ...this.backend.pool(), vms: this.live(), max_vms: this.maxVms });
@@ -220,4 +222,19 @@ export class Daemon {
     await Promise.all(running.map((v) => v.handle!.ended));
     await this.backend.close();
   }
+}
+
+/**
+ * The daemon process's resident memory and its main thread's V8 heap, space by space (bytes
+ * reserved, bytes used): where a growing RSS goes. The young generation (`new_space`) doubles
+ * under a high allocation rate and is not given back; the old generation holds what is live.
+ */
+export function daemonMemory(): {
+  rss_bytes: number;
+  heap: Record<string, { size: number; used: number }>;
+} {
+  const heap: Record<string, { size: number; used: number }> = {};
+  for (const sp of getHeapSpaceStatistics())
+    if (sp.space_size > 0) heap[sp.space_name] = { size: sp.space_size, used: sp.space_used_size };
+  return { rss_bytes: process.memoryUsage.rss(), heap };
 }

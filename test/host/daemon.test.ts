@@ -41,6 +41,17 @@ describe('typervisor serve, process mode (KVM)', () => {
     daemons.push(d);
     assert.equal(statSync(d.sock).mode & 0o777, 0o600);
     await waitPool(d.sock, 1);
+    // GET / reports the daemon's own memory: its RSS and its main thread's V8 heap spaces.
+    const self = (await call(d.sock, 'GET', '/')).json;
+    assert.equal(self.mode, 'process');
+    assert.ok(self.memory.rss_bytes > 10 * 1024 * 1024, JSON.stringify(self.memory));
+    for (const space of ['new_space', 'old_space', 'code_space']) {
+      const sp = self.memory.heap[space];
+      assert.ok(
+        sp && sp.size > 0 && sp.used > 0 && sp.used <= sp.size,
+        `${space}: ${JSON.stringify(sp)}`,
+      );
+    }
     const r = await call(d.sock, 'POST', '/vms', {
       vm_id: 'spin1',
       ...vmConfig(guestPath('spin')),
