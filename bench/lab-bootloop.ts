@@ -10,7 +10,10 @@
  *
  * Variants (comma-separated, run round-robin so they share the lab's conditions):
  *   typervisor[:worker|native|hybrid|auto][@TREE]  TREE: another checkout's root (bisecting)
- *   qemu[:microvm|pc]                               -enable-kvm -cpu host -no-reboot
+ *   qemu[:microvm|pc][+memfd]                       -enable-kvm -cpu host -no-reboot
+ *     (+memfd: guest RAM from a shared memfd, as Typervisor's, instead of anonymous memory)
+ * --shmem-thp never|advise|always|force|within_size: set the lab kernel's
+ *   /sys/kernel/mm/transparent_hugepage/shmem_enabled first (all VMMs; THP for memfd RAM)
  * --ktrace: keep the lab kernel's KVM trace (kvm_exit, kvm_inj_exception, ...) in an overwrite
  *   ring; on a failure its tail goes to the output directory (on AMD, KVM resets the vCPU at a
  *   shutdown, so the VMM cannot read the registers at a triple fault; the trace has the exits).
@@ -66,11 +69,16 @@ export function parseVariant(
     };
   }
   if (vmm === 'qemu') {
-    const machine = mode === 'pc' ? 'pc' : 'microvm,acpi=on';
+    // +memfd: guest RAM in a shared memfd as Typervisor's (QEMU's default is anonymous memory,
+    // which the lab's kernel backs with transparent huge pages; shmem gets 4 KiB pages).
+    const [kind, extra] = (mode ?? 'microvm').split('+') as [string, string | undefined];
+    const memfd = extra === 'memfd';
+    const machine = `${kind === 'pc' ? 'pc' : 'microvm,acpi=on'}${memfd ? ',memory-backend=mem' : ''}`;
     return {
       name: spec,
       cmd: 'qemu-system-x86_64',
       args: [
+        ...(memfd ? ['-object', `memory-backend-memfd,id=mem,size=${o.memMiB}M,share=on`] : []),
         ...['-M', machine, '-enable-kvm', '-cpu', 'host', '-smp', String(o.vcpus)],
         ...['-m', String(o.memMiB), '-nodefaults', '-no-user-config', '-display', 'none'],
         ...['-no-reboot', '-serial', 'stdio'],
@@ -212,6 +220,7 @@ async function main() {
       budget: { type: 'string', default: '3000' },
       timeout: { type: 'string', default: '150' },
       ktrace: { type: 'boolean', default: false },
+      'shmem-thp': { type: 'string' },
     },
   });
   const kernel = imagePaths('kernel').KERNEL!;
@@ -231,13 +240,16 @@ async function main() {
   };
   const variants = values.variants!.split(',').map((s) => parseVariant(s, opts));
   const ktrace = values.ktrace && startKtrace();
+  const thp = '/sys/kernel/mm/transparent_hugepage/shmem_enabled';
+  if (values['shmem-thp']) writeFileSync(thp, values['shmem-thp']);
+  const thpNow = existsSync(thp) ? readFileSync(thp, 'utf8').trim() : '?';
   const queue: { v: Variant; i: number }[] = [];
   for (let i = 0; i < runs; i++) for (const v of variants) queue.push({ v, i });
   const counts = new Map(variants.map((v) => [v.name, { ok: 0, triple: 0, other: 0 }]));
   const t0 = Date.now();
   process.stdout.write(
     `lab-bootloop: ${variants.map((v) => v.name).join(', ')} x ${runs}, ${k} at a time, ` +
-      `${opts.vcpus} vCPU, budget ${values.budget} s, out ${out}, kernel ${kernel}, ktrace ${ktrace}\n`,
+      `${opts.vcpus} vCPU, budget ${values.budget} s, out ${out}, kernel ${kernel}, ktrace ${ktrace}, shmem THP ${thpNow}\n`,
   );
   let next = 0;
   const lane = async () => {
