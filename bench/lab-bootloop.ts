@@ -206,6 +206,36 @@ function ktraceTail(lines: number): string {
   }
 }
 
+/**
+ * The exits of the thread that took the last shutdown in a KVM trace, runs of equal
+ * (reason, rip) counted, last `groups` runs: e.g. a storm of vintr exits at one rip before the
+ * shutdown (seen with QEMU's guests in the lab) or a varied exit history.
+ */
+export function shutdownSummary(trace: string, groups = 12): string {
+  const lines = trace.split('\n');
+  let last = lines.length - 1;
+  while (last >= 0 && !/ kvm_exit: .*reason shutdown /.test(lines[last]!)) last--;
+  if (last < 0) return '(no shutdown exit in the trace)';
+  const thread = lines[last]!.trim().split(/\s+/)[0]!;
+  const runs: { key: string; n: number }[] = [];
+  for (const l of lines.slice(0, last + 1)) {
+    if (l.trim().split(/\s+/)[0] !== thread) continue;
+    const m = / kvm_exit: vcpu \d+ reason (\S+) rip (0x[0-9a-f]+)/.exec(l);
+    if (!m) continue;
+    const key = `${m[1]} ${m[2]}`;
+    const top = runs[runs.length - 1];
+    if (top?.key === key) top.n++;
+    else runs.push({ key, n: 1 });
+  }
+  const tail = / kvm_exit: (.*)$/.exec(lines[last]!)?.[1] ?? '';
+  return (
+    `${thread}: ${runs
+      .slice(-groups)
+      .map((r) => `${r.n}x ${r.key}`)
+      .join(', ')}\n` + `  shutdown exit: ${tail}`
+  );
+}
+
 async function main() {
   const { values } = parseArgs({
     options: {
@@ -270,7 +300,11 @@ async function main() {
         const base = join(out, `${v.name.replace(/[^\w.-]+/g, '_')}-${i}-${r.outcome}`);
         writeFileSync(`${base}.console`, stdout);
         writeFileSync(`${base}.stderr`, stderr);
-        if (ktrace) writeFileSync(`${base}.ktrace`, ktraceTail(4000));
+        if (ktrace) {
+          const trace = ktraceTail(4000);
+          writeFileSync(`${base}.ktrace`, trace);
+          process.stdout.write(`  ktrace: ${shutdownSummary(trace)}\n`);
+        }
         process.stdout.write(`  console tail: ${JSON.stringify(stdout.slice(-300))}\n`);
         process.stdout.write(`  stderr tail: ${JSON.stringify(stderr.slice(-300))}\n`);
       }
