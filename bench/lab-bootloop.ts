@@ -186,6 +186,14 @@ function startKtrace(): boolean {
       'kvm/kvm_msr',
       'kvm/kvm_cpuid',
       'kvm/kvm_userspace_exit',
+      // The lab kernel moving or unmapping guest memory under KVM (MMU notifiers, migration,
+      // compaction, THP collapse): rare events, to see whether one precedes a fault.
+      'kvm/kvm_unmap_hva_range',
+      'kvm/kvm_set_spte_hva',
+      'kvm/kvm_age_hva',
+      'migrate/mm_migrate_pages',
+      'compaction/mm_compaction_begin',
+      'huge_memory/mm_collapse_huge_page',
     ]) {
       if (existsSync(join(TRACING, 'events', e))) w(`events/${e}/enable`, '1');
     }
