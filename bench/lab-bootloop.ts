@@ -205,10 +205,18 @@ function startKtrace(): boolean {
   }
 }
 
-function ktraceTail(lines: number): string {
+/**
+ * The trace around the last shutdown exit: up to `lines` lines before it and 200 after (a VM
+ * booting beside it fills the ring with its own exits within a fraction of a second, so a
+ * plain tail can miss the shutdown), or the tail when there is none.
+ */
+function ktraceAroundShutdown(lines: number): string {
   try {
     const all = readFileSync(join(TRACING, 'trace'), 'latin1').split('\n');
-    return all.slice(-lines).join('\n');
+    let last = all.length - 1;
+    while (last >= 0 && !/ kvm_exit: .*reason shutdown /.test(all[last]!)) last--;
+    if (last < 0) return all.slice(-lines).join('\n');
+    return all.slice(Math.max(0, last - lines), last + 200).join('\n');
   } catch (e) {
     return `(no trace: ${(e as Error).message})`;
   }
@@ -309,7 +317,7 @@ async function main() {
         writeFileSync(`${base}.console`, stdout);
         writeFileSync(`${base}.stderr`, stderr);
         if (ktrace) {
-          const trace = ktraceTail(4000);
+          const trace = ktraceAroundShutdown(20000);
           writeFileSync(`${base}.ktrace`, trace);
           process.stdout.write(`  ktrace: ${shutdownSummary(trace)}\n`);
         }
