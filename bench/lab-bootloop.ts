@@ -14,12 +14,14 @@
  *     (+memfd: guest RAM from a shared memfd, as Typervisor's, instead of anonymous memory)
  * --shmem-thp never|advise|always|force|within_size: set the lab kernel's
  *   /sys/kernel/mm/transparent_hugepage/shmem_enabled first (all VMMs; THP for memfd RAM)
+ * --pin: each lane's VMM confined to one lab CPU (taskset -c lane % CPUs: all its threads on it)
  * --ktrace: keep the lab kernel's KVM trace (kvm_exit, kvm_inj_exception, ...) in an overwrite
  *   ring; on a failure its tail goes to the output directory (on AMD, KVM resets the vCPU at a
  *   shutdown, so the VMM cannot read the registers at a triple fault; the trace has the exits).
  */
 import { spawn, spawnSync } from 'node:child_process';
 import { appendFileSync, existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { availableParallelism } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { imagePaths } from '../src/lab/guest.js';
@@ -136,10 +138,12 @@ function lastLine(s: string): string {
   return (lines[lines.length - 1] ?? '').slice(0, 200);
 }
 
-function bootOnce(v: Variant, index: number, timeoutMs: number) {
+function bootOnce(v: Variant, index: number, timeoutMs: number, cpu?: number) {
   return new Promise<BootResult & { stdout: string; stderr: string }>((resolve) => {
     const t0 = performance.now();
-    const child = spawn(v.cmd, v.args, { stdio: ['pipe', 'pipe', 'pipe'], env: v.env });
+    const [cmd, args] =
+      cpu === undefined ? [v.cmd, v.args] : ['taskset', ['-c', String(cpu), v.cmd, ...v.args]];
+    const child = spawn(cmd, args, { stdio: ['pipe', 'pipe', 'pipe'], env: v.env });
     let stdout = '';
     let stderr = '';
     let markerMs = -1;
@@ -267,6 +271,7 @@ async function main() {
       timeout: { type: 'string', default: '150' },
       ktrace: { type: 'boolean', default: false },
       'shmem-thp': { type: 'string' },
+      pin: { type: 'boolean', default: false },
     },
   });
   const kernel = imagePaths('kernel').KERNEL!;
@@ -295,13 +300,15 @@ async function main() {
   const t0 = Date.now();
   process.stdout.write(
     `lab-bootloop: ${variants.map((v) => v.name).join(', ')} x ${runs}, ${k} at a time, ` +
-      `${opts.vcpus} vCPU, budget ${values.budget} s, out ${out}, kernel ${kernel}, ktrace ${ktrace}, shmem THP ${thpNow}\n`,
+      `${opts.vcpus} vCPU, budget ${values.budget} s, out ${out}, kernel ${kernel}, ktrace ${ktrace}, pinned ${values.pin}, shmem THP ${thpNow}\n`,
   );
   let next = 0;
-  const lane = async () => {
+  const cpus = availableParallelism();
+  const lane = async (_: unknown, laneIndex: number) => {
     while (next < queue.length && Date.now() - t0 < budgetMs) {
       const { v, i } = queue[next++]!;
-      const r = await bootOnce(v, i, Number(values.timeout) * 1000);
+      const cpu = values.pin ? laneIndex % cpus : undefined;
+      const r = await bootOnce(v, i, Number(values.timeout) * 1000, cpu);
       counts.get(v.name)![r.outcome]++;
       const { stdout, stderr, ...row } = r;
       appendFileSync(
