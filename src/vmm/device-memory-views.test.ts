@@ -20,6 +20,7 @@ import {
   type DeviceMemoryView,
 } from './guest-ram.js';
 import type { VirtioSlot } from './virtio-plan.js';
+import { restoreOrder } from './device-worker.js';
 
 const MiB = 1024 * 1024;
 const GiB = 1024 * MiB;
@@ -161,4 +162,17 @@ test("deviceMemoryViews: every KVM slot of every device, read-only as KVM's, gat
     ],
   );
   assert.equal(views[1]!.hostAddr, BigInt(0x7f00_0000_0000));
+});
+
+test('a snapshot load restores virtio-mem first: its plugged blocks are there for the queues of the others', () => {
+  const saved = [
+    { kind: 'block', id: 'a' },
+    { kind: 'net', id: 'n' },
+    { kind: 'mem', id: 'memory-hotplug' },
+    { kind: 'block', id: 'b' },
+  ];
+  assert.deepEqual(
+    restoreOrder(saved).map((d) => d.id),
+    ['memory-hotplug', 'a', 'n', 'b'],
+  );
 });

@@ -82,6 +82,15 @@ export function guardedLoop(loop: EventLoop, device: () => VirtioDevice): EventO
   };
 }
 
+/**
+ * The order saved devices are restored in: virtio-mem first, so that its plugged blocks are
+ * reachable (GuestRegion.allows) when the other devices' restored queues are checked against
+ * guest memory (a ring in hotplugged memory); the others as saved.
+ */
+export function restoreOrder<T extends { kind: string }>(devices: readonly T[]): T[] {
+  return [...devices.filter((d) => d.kind === 'mem'), ...devices.filter((d) => d.kind !== 'mem')];
+}
+
 /** Resets a (non-blocking) eventfd's counter. */
 function drain(fd: number): void {
   native().eventfdRead(fd);
@@ -175,7 +184,7 @@ function main(d: DeviceWorkerData): void {
             throw new Error(`the saved state has a ${s.kind} device "${s.id}" this VM lacks`);
         // Into a fresh VM only (snapshot load): a failure part-way leaves that VM unusable, and
         // the caller discards it.
-        for (const s of r.devices) {
+        for (const s of restoreOrder(r.devices)) {
           const done = have.get(key(s.kind, s.id))!.device.restore(s.state);
           if (!done.ok) throw new Error(`${s.kind} device "${s.id}": ${done.error.message}`);
         }
