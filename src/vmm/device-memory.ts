@@ -10,6 +10,10 @@
  * made); the device worker adds a slot when a block in it is plugged and removes it when its
  * last block is unplugged (kvmSlotControl), the same mapping at the same address each time. The
  * mapping itself stays until teardown.
+ *
+ * The device worker reaches the same mappings (a guest's virtio buffers may be in device
+ * memory): deviceMemoryViews gives mapGuestRam each slot's guest-physical range and host address
+ * to wrap, read-only where KVM's slot is, gated where the device says (virtio-mem).
  */
 import { DEVICE_MEMORY_MAX, deviceMemoryBase } from '../arch/x86_64/layout.js';
 import { KVM_SET_USER_MEMORY_REGION } from '../kvm/constants.js';
@@ -17,7 +21,8 @@ import type { Vm } from '../kvm/kvm.js';
 import { MAP_NORESERVE, MAP_SHARED, PROT_READ, PROT_WRITE, native } from '../kvm/native.js';
 import { encodeMemoryRegion } from '../kvm/structs.js';
 import type { MemorySlots } from '../devices/virtio/descriptor.js';
-import type { DeviceMemorySpace, KvmMemorySlot, VirtioPlan } from './virtio-plan.js';
+import type { DeviceMemoryView } from './guest-ram.js';
+import type { DeviceMemorySpace, KvmMemorySlot, VirtioPlan, VirtioSlot } from './virtio-plan.js';
 
 /** KVM_MEM_READONLY (KVM_CAP_READONLY_MEM): guest writes to the slot exit as MMIO. */
 export const KVM_MEM_READONLY = 2;
@@ -87,4 +92,28 @@ export function kvmSlotControl(slots: readonly KvmMemorySlot[]): MemorySlots {
       present[index] = want;
     },
   };
+}
+
+/**
+ * Device worker: the device memory of `slots` (every KvmMemorySlot attachDeviceMemory made,
+ * present in KVM or not) as views for mapGuestRam. `gate(slot)`: what device access to that
+ * device's memory is allowed now (virtio-mem: plugged blocks), if it restricts it.
+ */
+export function deviceMemoryViews(
+  slots: readonly VirtioSlot[],
+  gate: (slot: VirtioSlot) => ((addr: number, len: number) => boolean) | undefined,
+): DeviceMemoryView[] {
+  const out: DeviceMemoryView[] = [];
+  for (const s of slots) {
+    const allows = s.kvmSlots?.length ? gate(s) : undefined;
+    for (const k of s.kvmSlots ?? [])
+      out.push({
+        guestAddr: k.guestAddr,
+        size: k.size,
+        hostAddr: k.hostAddr,
+        readOnly: (k.flags & KVM_MEM_READONLY) !== 0,
+        ...(allows ? { allows } : {}),
+      });
+  }
+  return out;
 }

@@ -1,6 +1,7 @@
 /**
  * Entry point of the device worker thread: the data plane (docs/architecture.md). It maps guest
- * RAM itself, builds each device from its registry descriptor over the slot's shared register
+ * RAM itself and wraps the main thread's mappings of device memory (pmem files, the virtio-mem
+ * region: a guest may put any virtio buffer there), builds each device from its registry descriptor over the slot's shared register
  * file, and runs a synchronous epoll loop over eventfds:
  * - the control eventfd: vCPU workers write it on DRIVER_OK and on the reset of an activated
  *   device; the main thread writes it after posting a mailbox request or setting the stop flag;
@@ -21,6 +22,7 @@ import { VirtioDevice } from '../devices/virtio/device.js';
 import { NetDevice } from '../devices/virtio/net/net.js';
 import { RngDevice } from '../devices/virtio/rng/rng.js';
 import { PmemDevice } from '../devices/virtio/pmem/pmem.js';
+import { MemDevice } from '../devices/virtio/mem/mem.js';
 import { MmdsResponder } from '../mmds/responder.js';
 import type { CreatedBackend, EventOps } from '../devices/virtio/descriptor.js';
 import { deviceType } from '../devices/virtio/registry.js';
@@ -28,7 +30,7 @@ import { EventLoop } from '../events/event-loop.js';
 import { native } from '../kvm/native.js';
 import { installWorkerFilter } from '../sandbox/seccomp/install.js';
 import { mapGuestRam } from './guest-ram.js';
-import { kvmSlotControl } from './device-memory.js';
+import { deviceMemoryViews, kvmSlotControl } from './device-memory.js';
 import {
   DEVICE_WORKER_ROLE,
   WORKER_CONTROL,
@@ -80,6 +82,15 @@ export function guardedLoop(loop: EventLoop, device: () => VirtioDevice): EventO
   };
 }
 
+/**
+ * The order saved devices are restored in: virtio-mem first, so that its plugged blocks are
+ * reachable (GuestRegion.allows) when the other devices' restored queues are checked against
+ * guest memory (a ring in hotplugged memory); the others as saved.
+ */
+export function restoreOrder<T extends { kind: string }>(devices: readonly T[]): T[] {
+  return [...devices.filter((d) => d.kind === 'mem'), ...devices.filter((d) => d.kind !== 'mem')];
+}
+
 /** Resets a (non-blocking) eventfd's counter. */
 function drain(fd: number): void {
   native().eventfdRead(fd);
@@ -92,7 +103,17 @@ function main(d: DeviceWorkerData): void {
   const control = new Int32Array(d.control);
   const stopping = () => Atomics.load(control, WORKER_CONTROL.stop) !== 0;
   const n = native();
-  const ram = mapGuestRam(d.ram);
+  // virtio-mem's region: device access only to the blocks its device has plugged (bound below,
+  // once the device is built; nothing is plugged before).
+  const plugged = new Map<VirtioSlot, MemDevice>();
+  const ram = mapGuestRam(
+    d.ram,
+    deviceMemoryViews(d.slots, (slot) =>
+      slot.kind === 'mem'
+        ? (addr, len) => plugged.get(slot)?.isPluggedRange(addr, len) === true
+        : undefined,
+    ),
+  );
   const onError = (e: unknown) =>
     log(`device worker: internal error: ${(e as Error).stack ?? String(e)}`);
   const loop = new EventLoop(onError);
@@ -163,7 +184,7 @@ function main(d: DeviceWorkerData): void {
             throw new Error(`the saved state has a ${s.kind} device "${s.id}" this VM lacks`);
         // Into a fresh VM only (snapshot load): a failure part-way leaves that VM unusable, and
         // the caller discards it.
-        for (const s of r.devices) {
+        for (const s of restoreOrder(r.devices)) {
           const done = have.get(key(s.kind, s.id))!.device.restore(s.state);
           if (!done.ok) throw new Error(`${s.kind} device "${s.id}": ${done.error.message}`);
         }
@@ -262,6 +283,7 @@ function main(d: DeviceWorkerData): void {
         after: (ms, fn) => loop.setTimer(ms, fn),
       });
       device = dev;
+      if (created.backend instanceof MemDevice) plugged.set(slot, created.backend);
       // The balloon changes its config space on its own (a hinting run's DONE).
       if (created.backend instanceof BalloonDevice)
         created.backend.onConfig = (c) => {

@@ -13,11 +13,18 @@
  * With dirty page tracking (Diff snapshots) the layout also carries the device-dirty bitmap
  * (memory/dirty-pages.ts), a SharedArrayBuffer: every thread's GuestMemory marks the VMM's own
  * writes there (the device worker's virtqueues do), and a snapshot reads and clears it.
+ *
+ * Device memory (pmem files, the virtio-mem region: device-memory.ts) is mapped once, MAP_SHARED,
+ * by the main thread, which gives it to KVM. The device worker's GuestMemory covers it too (a
+ * guest may put any virtio buffer there): mapGuestRam's `device` views wrap the main thread's
+ * addresses as restored RAM's `hostAddrs` are, dropped with the RAM's views. Device writes there
+ * are not marked dirty: a snapshot saves the virtio-mem region whole from its memfd, and a pmem
+ * file is its own backing.
  */
 import { ftruncateSync } from 'node:fs';
 import { native, MAP_NORESERVE, MAP_SHARED, PROT_READ, PROT_WRITE } from '../kvm/native.js';
 import { DirtyPages } from '../memory/dirty-pages.js';
-import { GuestMemory } from '../memory/guest-memory.js';
+import { GuestMemory, type GuestRegion } from '../memory/guest-memory.js';
 
 export interface GuestRamRegion {
   base: number;
@@ -39,6 +46,24 @@ export interface GuestRamLayout {
   /** The device-dirty bitmap (dirty page tracking on), shared by every thread. */
   deviceDirty?: SharedArrayBuffer;
 }
+
+/**
+ * Device memory as a thread other than its owner sees it: `size` bytes at guest-physical
+ * `guestAddr`, mapped by the main thread at `hostAddr` (valid until the plan's closers run, after
+ * the device worker has ended).
+ */
+export interface DeviceMemoryView {
+  guestAddr: number;
+  size: number;
+  hostAddr: bigint;
+  /** Mapped PROT_READ (a read-only pmem file): device writes are refused. */
+  readOnly: boolean;
+  /** Which guest-physical ranges the device worker may touch now (virtio-mem: plugged blocks). */
+  allows?: (addr: number, len: number) => boolean;
+}
+
+/** V8 caps a typed array at 4 GiB: device memory is wrapped in views of at most this much. */
+export const DEVICE_VIEW_MAX = 2 ** 32;
 
 export interface MappedGuestRam {
   memory: GuestMemory;
@@ -71,11 +96,15 @@ export function createGuestRam(ranges: Array<{ base: number; size: number }>): G
   return { memfd, regions };
 }
 
-/** A MappedGuestRam over buffers already made, one per region; `drop` releases one buffer. */
+/**
+ * A MappedGuestRam over buffers already made, one per region; `drop` releases one buffer.
+ * `device`: device memory regions (their views are released with viewRelease at unmap).
+ */
 export function guestRamOver(
   regions: readonly GuestRamRegion[],
   buffers: ArrayBuffer[],
   drop: (b: ArrayBuffer) => void,
+  device?: { regions: GuestRegion[]; release: () => void },
 ): MappedGuestRam {
   const memory = new GuestMemory(
     regions.map((r, i) => ({
@@ -83,21 +112,68 @@ export function guestRamOver(
       size: r.size,
       bytes: new Uint8Array(buffers[i]!),
     })),
+    device?.regions,
   );
   return {
     memory,
     buffers,
     // A detached buffer has length 0: unmap twice is harmless.
-    unmap: () => buffers.forEach((b) => b.byteLength > 0 && drop(b)),
+    unmap: () => {
+      buffers.forEach((b) => b.byteLength > 0 && drop(b));
+      device?.release();
+    },
   };
 }
 
 /**
- * Maps the layout's RAM on this thread. With a device-dirty bitmap, the memory marks the VMM's
- * writes there (GuestMemory.deviceWrites).
+ * Device memory as GuestMemory regions over views of the owner's mappings (no mmap), each at
+ * most `maxView` bytes (DEVICE_VIEW_MAX; tests take less); `release` detaches the views (never
+ * unmaps).
  */
-export function mapGuestRam(layout: GuestRamLayout): MappedGuestRam {
-  const ram = mapRegions(layout);
+export function viewDeviceMemory(
+  device: readonly DeviceMemoryView[],
+  maxView = DEVICE_VIEW_MAX,
+): {
+  regions: GuestRegion[];
+  release: () => void;
+} {
+  const n = native();
+  const views: ArrayBuffer[] = [];
+  const regions: GuestRegion[] = [];
+  const release = () => views.forEach((b) => b.byteLength > 0 && n.release(b));
+  try {
+    for (const d of device) {
+      if (!Number.isSafeInteger(d.guestAddr) || !Number.isSafeInteger(d.size) || d.size <= 0)
+        throw new Error('device memory: bad region');
+      for (let off = 0; off < d.size; off += maxView) {
+        const size = Math.min(maxView, d.size - off);
+        const b = n.viewAddress(d.hostAddr + BigInt(off), size);
+        views.push(b);
+        regions.push({
+          base: d.guestAddr + off,
+          size,
+          bytes: new Uint8Array(b),
+          ...(d.readOnly ? { readOnly: true } : {}),
+          ...(d.allows ? { allows: d.allows } : {}),
+        });
+      }
+    }
+  } catch (e) {
+    release();
+    throw e;
+  }
+  return { regions, release };
+}
+
+/**
+ * Maps the layout's RAM on this thread, and wraps `device` memory (the device worker). With a
+ * device-dirty bitmap, the memory marks the VMM's writes to RAM there (GuestMemory.deviceWrites).
+ */
+export function mapGuestRam(
+  layout: GuestRamLayout,
+  device: readonly DeviceMemoryView[] = [],
+): MappedGuestRam {
+  const ram = mapRegions(layout, device.length ? viewDeviceMemory(device) : undefined);
   if (layout.deviceDirty)
     ram.memory.deviceWrites = new DirtyPages(
       layout.deviceDirty,
@@ -107,17 +183,39 @@ export function mapGuestRam(layout: GuestRamLayout): MappedGuestRam {
   return ram;
 }
 
-function mapRegions(layout: GuestRamLayout): MappedGuestRam {
+function mapRegions(
+  layout: GuestRamLayout,
+  device?: { regions: GuestRegion[]; release: () => void },
+): MappedGuestRam {
   const n = native();
   const addrs = layout.hostAddrs;
-  if (addrs) {
-    if (addrs.length !== layout.regions.length)
-      throw new Error('guest RAM layout: one host address per region expected');
-    const views = layout.regions.map((r, i) => n.viewAddress(addrs[i]!, r.size));
-    return guestRamOver(layout.regions, views, (b) => n.release(b));
+  const buffers: ArrayBuffer[] = [];
+  let drop: (b: ArrayBuffer) => void;
+  try {
+    if (addrs) {
+      if (addrs.length !== layout.regions.length)
+        throw new Error('guest RAM layout: one host address per region expected');
+      drop = (b) => n.release(b);
+      layout.regions.forEach((r, i) => buffers.push(n.viewAddress(addrs[i]!, r.size)));
+    } else {
+      drop = (b) => n.munmap(b);
+      for (const r of layout.regions)
+        buffers.push(
+          n.mmap(
+            r.size,
+            PROT_READ | PROT_WRITE,
+            MAP_SHARED | MAP_NORESERVE,
+            layout.memfd,
+            r.fileOffset,
+          ),
+        );
+    }
+    const ram = guestRamOver(layout.regions, buffers, drop, device);
+    return addrs ? ram : { ...ram, memfd: layout.memfd };
+  } catch (e) {
+    // Nothing half-made stays mapped (GuestMemory refuses overlapping regions, for one).
+    for (const b of buffers) if (b.byteLength > 0) addrs ? n.release(b) : n.munmap(b);
+    device?.release();
+    throw e;
   }
-  const buffers = layout.regions.map((r) =>
-    n.mmap(r.size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, layout.memfd, r.fileOffset),
-  );
-  return { ...guestRamOver(layout.regions, buffers, (b) => n.munmap(b)), memfd: layout.memfd };
 }

@@ -13,10 +13,17 @@
  * - the chain's total length is at most `maxBytes` (used.len is a u32).
  * Zero-length descriptors are legal and contribute nothing.
  *
- * The result holds zero-copy views into guest memory: reads and writes of them are guest RAM.
+ * The result holds zero-copy views into guest memory (RAM, or device memory on the device
+ * worker): reads and writes of them are the guest's memory. A device-writable buffer must be
+ * writable (not read-only device memory); the views of the others are only ever read.
  */
-import type { GuestMemory } from '../../memory/guest-memory.js';
+import type { Access, GuestMemory } from '../../memory/guest-memory.js';
 import { type Result, err, ok } from '../../util/result.js';
+
+/** Why a buffer cannot be used (addresses >= 2^53 are -1 here): for the chain error. */
+function refusal(mem: GuestMemory, addr: number, len: number, access: Access): string {
+  return (addr < 0 ? undefined : mem.refusal(addr, len, access)) ?? 'outside guest RAM';
+}
 
 export const VIRTQ_DESC_F_NEXT = 1;
 export const VIRTQ_DESC_F_WRITE = 2;
@@ -112,11 +119,11 @@ export function readChain(
       if (len === 0 || len % DESCRIPTOR_SIZE !== 0 || entries > MAX_INDIRECT_ENTRIES) {
         return fail('indirect-bad-length', `indirect table length ${len}`);
       }
-      const v = addr < 0 ? undefined : mem.tryView(addr, len);
+      const v = addr < 0 ? undefined : mem.tryView(addr, len, 'read');
       if (!v)
         return fail(
           'bad-address',
-          `indirect table [0x${addr.toString(16)}, +${len}) outside guest RAM`,
+          `indirect table [0x${addr.toString(16)}, +${len}) ${refusal(mem, addr, len, 'read')}`,
         );
       t = new DataView(v.buffer, v.byteOffset, v.byteLength);
       tSize = entries;
@@ -127,9 +134,14 @@ export function readChain(
     }
 
     if (len > 0) {
-      const v = addr < 0 ? undefined : mem.tryView(addr, len);
+      // What the device may do with it: write a device-writable one, only read the others.
+      const access = flags & VIRTQ_DESC_F_WRITE ? 'write' : 'read';
+      const v = addr < 0 ? undefined : mem.tryView(addr, len, access);
       if (!v)
-        return fail('bad-address', `buffer [0x${addr.toString(16)}, +${len}) outside guest RAM`);
+        return fail(
+          'bad-address',
+          `buffer [0x${addr.toString(16)}, +${len}) ${refusal(mem, addr, len, access)}`,
+        );
       if (readableLength + writableLength + len > maxBytes) {
         return fail('too-large', `chain longer than ${maxBytes} bytes`);
       }

@@ -54,7 +54,7 @@
  * One bit set per page touched, nothing when dirty pages are not tracked.
  */
 import type { DirtyPages } from '../../memory/dirty-pages.js';
-import type { GuestMemory } from '../../memory/guest-memory.js';
+import type { Access, GuestMemory } from '../../memory/guest-memory.js';
 import { type Result, err, ok } from '../../util/result.js';
 import { type ChainError, type DescriptorChain, DESCRIPTOR_SIZE, readChain } from './chain.js';
 
@@ -135,11 +135,15 @@ function ringView(
   len: number,
   align: number,
   what: string,
+  access: Access,
 ): Result<DataView, string> {
   if (addr < 0 || addr % align !== 0)
     return err(`${what} at 0x${addr.toString(16)} is not ${align}-byte aligned`);
-  const v = mem.tryView(addr, len);
-  if (!v) return err(`${what} [0x${addr.toString(16)}, +${len}) is outside guest RAM`);
+  const v = mem.tryView(addr, len, access);
+  if (!v)
+    return err(
+      `${what} [0x${addr.toString(16)}, +${len}) is ${mem.refusal(addr, len, access) ?? 'unusable'}`,
+    );
   return ok(new DataView(v.buffer, v.byteOffset, v.byteLength));
 }
 
@@ -225,11 +229,11 @@ export class Virtqueue {
           `position: ${(nextAvail - nextUsed) & 0xffff} chains in flight on a queue of ${size}`,
         );
     }
-    const d = ringView(mem, a.desc, DESCRIPTOR_SIZE * size, 16, 'descriptor table');
+    const d = ringView(mem, a.desc, DESCRIPTOR_SIZE * size, 16, 'descriptor table', 'read');
     if (!d.ok) return d;
-    const av = ringView(mem, a.driver, 6 + 2 * size, 2, 'available ring');
+    const av = ringView(mem, a.driver, 6 + 2 * size, 2, 'available ring', 'read');
     if (!av.ok) return av;
-    const u = ringView(mem, a.device, 6 + 8 * size, 4, 'used ring');
+    const u = ringView(mem, a.device, 6 + 8 * size, 4, 'used ring', 'write');
     if (!u.ok) return u;
     const q = new Virtqueue(
       mem,

@@ -175,6 +175,23 @@ export class MemDevice implements VirtioBackend {
     return this.pluggedBlocks * this.geometry.blockSize;
   }
 
+  /**
+   * Whether every block under guest-physical [addr, addr+len) is plugged (len 0: the block at
+   * addr). The device worker reaches the region only there (GuestRegion.allows): a virtio buffer
+   * of the guest's in hotplugged memory is used only while the guest has that memory. The loop
+   * is bounded by the blocks the range spans (the caller's region bounds the range).
+   */
+  isPluggedRange(addr: number, len: number): boolean {
+    const g = this.geometry;
+    const off = addr - g.addr;
+    if (!(off >= 0 && len >= 0 && off + len <= g.regionSize)) return false;
+    const first = Math.floor(off / g.blockSize);
+    const last = len === 0 ? first : Math.floor((off + len - 1) / g.blockSize);
+    if (last >= this.blocks) return false;
+    for (let i = first; i <= last; i++) if (this.plugged[i] !== 1) return false;
+    return true;
+  }
+
   handle(_queue: number, chain: DescriptorChain): number {
     const out = chain.writable[0];
     if (out === undefined || out.length < RESP_SIZE) {
