@@ -11,7 +11,7 @@ import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { REPO, kvmSkipReason, tempDir } from './helpers.js';
+import { REPO, tempDir, benchGuestSkipReason } from './helpers.js';
 import { metricsLines, startVm } from './hostile-helpers.js';
 
 const KEY = 0xa5a5a5a5;
@@ -19,15 +19,7 @@ const REQUESTS = 64;
 const SECTORS_PER = 16; // 8 KiB
 const SECTORS = REQUESTS * SECTORS_PER; // the guest writes, then reads, exactly the whole disk
 
-function skipReason(): string | undefined {
-  for (const tool of ['gcc', 'ld']) {
-    if (spawnSync('sh', ['-c', `command -v ${tool}`]).status !== 0)
-      return `${tool} is not installed: cannot build bench/guests`;
-  }
-  return kvmSkipReason();
-}
-
-const skip = skipReason();
+const skip = benchGuestSkipReason();
 const T = { skip: skip ?? false, timeout: 60_000 };
 let dir = '';
 // startVm's VMM inherits this: our own counters are written too.

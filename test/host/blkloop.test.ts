@@ -9,20 +9,19 @@ import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { REPO, kvmSkipReason, processGone, runCli, tempDir, type CliResult } from './helpers.js';
+import {
+  REPO,
+  processGone,
+  runCli,
+  tempDir,
+  type CliResult,
+  benchGuestSkipReason,
+} from './helpers.js';
 
 /** The disk: 2051 sectors, not a whole number of requests, so the guest's wrap-around runs. */
 const SECTORS = 2051;
 
-function skipReason(): string | undefined {
-  for (const tool of ['gcc', 'ld']) {
-    if (spawnSync('sh', ['-c', `command -v ${tool}`]).status !== 0)
-      return `${tool} is not installed: cannot build bench/guests`;
-  }
-  return kvmSkipReason();
-}
-
-const skip = skipReason();
+const skip = benchGuestSkipReason();
 const T = { skip: skip ?? false, timeout: 60_000 };
 let dir = '';
 if (!skip) {

@@ -9,17 +9,9 @@ import { spawnSync } from 'node:child_process';
 import { join } from 'node:path';
 import { batch, liveVmms, memAvailableKiB, rollupKiB } from '../../bench/density.js';
 import { detectKvm } from '../../src/kvm/detect.js';
-import { REPO, kvmSkipReason, tempDir } from './helpers.js';
+import { REPO, tempDir, benchGuestSkipReason } from './helpers.js';
 
-function skipReason(): string | undefined {
-  for (const tool of ['gcc', 'ld']) {
-    if (spawnSync('sh', ['-c', `command -v ${tool}`]).status !== 0)
-      return `${tool} is not installed: cannot build bench/guests`;
-  }
-  return kvmSkipReason();
-}
-
-const skip = skipReason();
+const skip = benchGuestSkipReason();
 const T = { skip: skip ?? false, timeout: 90_000 };
 let dir = '';
 if (!skip) {

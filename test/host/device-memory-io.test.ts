@@ -12,7 +12,7 @@ import { spawnSync } from 'node:child_process';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { deviceMemoryBase } from '../../src/arch/x86_64/layout.js';
-import { REPO, kvmSkipReason, processGone, runCli, tempDir } from './helpers.js';
+import { REPO, processGone, runCli, tempDir, benchGuestSkipReason } from './helpers.js';
 
 const MiB = 1024 * 1024;
 const SECTORS = 2051;
@@ -20,15 +20,7 @@ const PMEM = 2 * MiB;
 /** pmem is the VM's only device memory: it starts where device memory does. */
 const PMEM_ADDR = deviceMemoryBase(64 * MiB);
 
-function skipReason(): string | undefined {
-  for (const tool of ['gcc', 'ld']) {
-    if (spawnSync('sh', ['-c', `command -v ${tool}`]).status !== 0)
-      return `${tool} is not installed: cannot build bench/guests`;
-  }
-  return kvmSkipReason();
-}
-
-const skip = skipReason();
+const skip = benchGuestSkipReason();
 const T = { skip: skip ?? false, timeout: 60_000 };
 let dir = '';
 

@@ -19,6 +19,15 @@ export function kvmSkipReason(): string | undefined {
   return undefined;
 }
 
+/** Why the tests of bench/guests (built with gcc and ld) cannot run here, or undefined. */
+export function benchGuestSkipReason(): string | undefined {
+  for (const tool of ['gcc', 'ld']) {
+    if (spawnSync('sh', ['-c', `command -v ${tool}`]).status !== 0)
+      return `${tool} is not installed: cannot build bench/guests`;
+  }
+  return kvmSkipReason();
+}
+
 let guestDir: string | undefined;
 let guestSkip: string | undefined;
 const tempDirs: string[] = [];
