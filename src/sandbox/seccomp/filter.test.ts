@@ -240,6 +240,10 @@ test('default roles: KVM ioctls only on vCPUs, no execve or new processes anywhe
   assert.equal(runBpf(progs.vcpu!, nr('socket'), [1n]), SECCOMP_RET_KILL_PROCESS);
   assert.equal(runBpf(progs.vcpu!, nr('openat')), SECCOMP_RET_KILL_PROCESS);
   assert.equal(runBpf(progs.device!, nr('ioctl'), [9n, KVM_RUN]), SECCOMP_RET_KILL_PROCESS);
+  // malloc on every thread: brk (the main arena, shared once threads outnumber arenas), mremap.
+  for (const role of ['vcpu', 'device'] as const)
+    for (const call of ['brk', 'mremap'])
+      assert.equal(runBpf(progs[role]!, nr(call)), SECCOMP_RET_ALLOW, `${role}: ${call}`);
   // virtio-mem's slots: KVM_SET_USER_MEMORY_REGION and no other KVM ioctl.
   assert.equal(
     runBpf(progs.device!, nr('ioctl'), [9n, BigInt(KVM_SET_USER_MEMORY_REGION)]),

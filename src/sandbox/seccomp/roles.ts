@@ -83,6 +83,11 @@ const NODE_THREAD = any(
   'munmap',
   'mprotect',
   'madvise',
+  // glibc's malloc on any thread: once a process has more threads than malloc arenas (8 per
+  // CPU), a thread shares the main arena, which grows with brk; realloc of a large (mmapped)
+  // block is mremap. A library test with six VMs at once had a closer thread killed on brk.
+  'brk',
+  'mremap',
   'close',
   'rt_sigreturn',
   'rt_sigprocmask',
