@@ -61,6 +61,24 @@ function controller(saved: VmConfig) {
 
 const fault = (o: ApiOutcome) => ('fault' in o ? o.fault : '');
 
+/**
+ * Gives a VM its devices' plan slots and a recording stand-in for the device worker's handle
+ * (device-worker.test.ts runs the real one); returns the requests the worker was sent.
+ */
+function withDevices(vm: object, slots: Array<{ kind: string; id: string }>): unknown[] {
+  const requests: unknown[] = [];
+  Object.assign(vm, {
+    deviceWorker: {
+      request: (q: unknown) => {
+        requests.push(q);
+        return Promise.resolve(undefined);
+      },
+    },
+  });
+  Object.assign((vm as { parts: object }).parts, { plan: { slots } });
+  return requests;
+}
+
 test("PATCH before boot: Firecracker's answer, nothing stored", async () => {
   const { c, run } = controller({} as VmConfig);
   const dir = mkdtempSync(join(tmpdir(), 'typervisor-patch-'));
@@ -141,23 +159,10 @@ test('PATCH after boot: rate limiters stored and merged; unknown ids and empty u
 
   // From here the VM has its devices: the device worker's mailbox gets the merged limiters
   // (a recording stand-in for the worker's handle; device-worker.test.ts runs the real one).
-  const requests: unknown[] = [];
-  Object.assign(vm, {
-    deviceWorker: {
-      request: (q: unknown) => {
-        requests.push(q);
-        return Promise.resolve(undefined);
-      },
-    },
-  });
-  Object.assign(vm.parts as object, {
-    plan: {
-      slots: [
-        { kind: 'block', id: 'root' },
-        { kind: 'net', id: 'eth0' },
-      ],
-    },
-  });
+  const requests = withDevices(vm, [
+    { kind: 'block', id: 'root' },
+    { kind: 'net', id: 'eth0' },
+  ]);
   // Bad values never reach the controller (the route's schema refuses them).
   assert.match(
     route(
@@ -337,23 +342,10 @@ test('PATCH /pmem after boot: merged per bucket, sent to the device, stored; bad
     assert.deepEqual(routed.metric, ['patch_api_requests', 'pmem']);
   }
 
-  const requests: unknown[] = [];
-  Object.assign(vm, {
-    deviceWorker: {
-      request: (q: unknown) => {
-        requests.push(q);
-        return Promise.resolve(undefined);
-      },
-    },
-  });
-  Object.assign(vm.parts as object, {
-    plan: {
-      slots: [
-        { kind: 'pmem', id: 'pm0' },
-        { kind: 'pmem', id: 'pm1' },
-      ],
-    },
-  });
+  const requests = withDevices(vm, [
+    { kind: 'pmem', id: 'pm0' },
+    { kind: 'pmem', id: 'pm1' },
+  ]);
   r = await run('PATCH', '/pmem/pm1', { id: 'pm1', rate_limiter: { bandwidth: bw } });
   assert.equal(r.status, 204, fault(r));
   r = await run('PATCH', '/pmem/pm0', { id: 'pm0' });
