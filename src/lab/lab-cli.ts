@@ -46,6 +46,9 @@ async function main(argv: string[]): Promise<number> {
     signal: ac.signal,
   });
   if (r.error) console.error(r.error);
+  if (r.labFaults.length > 0) {
+    console.error(`lab: its kernel reported that it broke:\n${r.labFaults.join('\n')}`);
+  }
   if (process.env.TYPERVISOR_LAB_VERBOSE) {
     console.error(`lab: boot ${r.bootMs} ms, total ${r.totalMs} ms, exit ${r.code}`);
   }

@@ -40,6 +40,28 @@ export interface LabResult {
   bootMs: number;
   totalMs: number;
   error?: string;
+  /**
+   * The lab kernel's own reports that it broke while the command ran (a CPU stuck in the
+   * kernel, an RCU stall, a BUG or Oops, a hung task): the headline lines from its console,
+   * at most LAB_FAULT_LINES of them. Empty when it reported none.
+   */
+  labFaults: string[];
+}
+
+/**
+ * Lines of the lab kernel's console that say the lab machine itself broke. Its stack traces
+ * follow them in console.log (loglevel=5 lets them through).
+ */
+export const LAB_FAULT =
+  /soft lockup|hard LOCKUP|rcu: INFO: .*stall|self-detected stall|BUG: |Oops|general protection fault|Kernel panic|blocked for more than \d+ seconds|stack-protector|corrupted stack/;
+const LAB_FAULT_LINES = 20;
+
+/** The lab-fault lines of a lab console log (see LAB_FAULT). */
+export function labFaultsIn(consoleLog: string): string[] {
+  return consoleLog
+    .split('\n')
+    .filter((l) => LAB_FAULT.test(l))
+    .slice(0, LAB_FAULT_LINES);
 }
 
 /** Environment passed into the lab (the rest of the host's env is not). */
@@ -91,7 +113,7 @@ export async function runInLab(opts: LabOptions): Promise<LabResult> {
   // cache=mmap: guest writes reach the host at once (exit code, test output), mmap works.
   const ninep = process.env.TYPERVISOR_LAB_9P ?? 'cache=mmap';
   const append = [
-    'console=ttyS1 loglevel=4 panic=-1 mitigations=off',
+    'console=ttyS1 loglevel=5 softlockup_all_cpu_backtrace=1 panic=-1 mitigations=off',
     `lab.run=${run} lab.9p=${ninep}`,
   ].join(' ');
   const args = [
@@ -175,14 +197,22 @@ export async function runInLab(opts: LabOptions): Promise<LabResult> {
       error = `lab: ended without an exit code (QEMU status ${status})`;
     }
   }
+  const consoleLog = existsSync(join(run, 'console.log'))
+    ? readFileSync(join(run, 'console.log'), 'utf8')
+    : '';
   if (error !== undefined && code !== 130) {
-    const log = existsSync(join(run, 'console.log'))
-      ? readFileSync(join(run, 'console.log'), 'utf8').split('\n').slice(-25).join('\n')
-      : '';
+    const log = consoleLog.split('\n').slice(-25).join('\n');
     error += `${stderr ? `\nQEMU stderr:\n${stderr.trim()}` : ''}\nlab console (last lines):\n${log}`;
   }
   if (!process.env.TYPERVISOR_LAB_KEEP) rmSync(run, { recursive: true, force: true });
-  return { code, output: Buffer.concat(out).toString(), bootMs, totalMs: Date.now() - t0, error };
+  return {
+    code,
+    output: Buffer.concat(out).toString(),
+    bootMs,
+    totalMs: Date.now() - t0,
+    error,
+    labFaults: labFaultsIn(consoleLog),
+  };
 }
 
 /** Input goes in only once the command runs (bytes sent during boot would be echoed or

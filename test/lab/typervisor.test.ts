@@ -5,8 +5,13 @@
 // QEMU's guests too), or its machine ends under the suite. The runner inside the lab prints a
 // heartbeat line every HEARTBEAT_SEC (scripts/run-tests.mjs --heartbeat), so a lab that prints
 // nothing for IDLE_SEC is frozen as a whole; it is stopped, and either way the suite runs again,
-// once, saying so. A failure of a test is never retried: a slow or stuck test of ours keeps the
-// heartbeat going and fails by its own timeout (each in-lab test has one, at most 600 s).
+// once, saying so. A failure of a test is never retried on its own: a slow or stuck test of ours
+// keeps the heartbeat going and fails by its own timeout (each in-lab test has one, at most
+// 600 s). The one exception is a lab that is frozen in part: when the suite failed AND the lab's
+// own kernel reported that it broke meanwhile (a CPU stuck in the kernel for tens of seconds,
+// an RCU stall, a BUG or Oops: src/lab/lab.ts LAB_FAULT, seen with a vCPU thread stuck in the
+// lab's KVM_RUN under the emulated AMD-V), nothing that ran on that machine can be judged, and
+// the suite runs again, once, saying so and printing the kernel's lines. A second failure stands.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { ensureImage, repoRoot } from '../../src/lab/guest.js';
@@ -62,17 +67,29 @@ test(
     let { r, hung } = await runSuite();
     // 125: the lab itself failed (it never came up, or its machine ended under the suite).
     const labFailed = () => hung || r.code === 125;
-    if (labFailed()) {
-      const why = hung ? `printed nothing for ${IDLE_SEC} s (a hung lab)` : r.error;
+    // The inner runner writes TAP ("# pass 3") or, on the lab's terminal, its spec format
+    // ("ℹ pass 3", maybe coloured): match both, without the colours.
+    const plain = () => r.output.replace(/\x1b\[[0-9;]*m/g, '');
+    const suiteFailed = () => r.code !== 0 || !/^\s*(#|ℹ) fail 0\s*$/m.test(plain());
+    const labBroke = () => suiteFailed() && r.labFaults.length > 0;
+    if (labFailed() || labBroke()) {
+      const why = hung
+        ? `printed nothing for ${IDLE_SEC} s (a hung lab)`
+        : r.code === 125
+          ? r.error
+          : `kernel reported that it broke while the suite ran, and the suite failed:\n${r.labFaults.join('\n')}\n`;
       process.stderr.write(
         `in-lab suite: the lab ${why} after ${Math.round(r.totalMs / 1000)} s; running the suite again, once. Its output so far:\n${r.output.slice(-3000)}\n`,
       );
       ({ r, hung } = await runSuite());
       assert.ok(!labFailed(), `the lab failed twice in a row: ${r.error ?? ''}\n${r.output}`);
     }
-    // The inner runner writes TAP ("# pass 3") or, on the lab's terminal, its spec format
-    // ("ℹ pass 3", maybe coloured): match both, without the colours.
-    const text = r.output.replace(/\x1b\[[0-9;]*m/g, '');
+    if (r.labFaults.length > 0) {
+      process.stderr.write(
+        `in-lab suite: the lab's kernel reported that it broke:\n${r.labFaults.join('\n')}\n`,
+      );
+    }
+    const text = plain();
     const summary = text
       .split('\n')
       .filter((l) => /^\s*(#|ℹ) (tests|pass|fail|skipped)/.test(l))
