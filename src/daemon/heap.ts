@@ -77,8 +77,3 @@ export function heapReexec(cap: HeapCap, p: ProcessView): Reexec | undefined {
     env,
   };
 }
-
-/** `KEY=value` strings for execve. */
-export function envList(env: Record<string, string>): string[] {
-  return Object.entries(env).map(([k, v]) => `${k}=${v}`);
-}

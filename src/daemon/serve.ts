@@ -15,8 +15,8 @@ import { MODES, type Backend, type Mode } from './backend.js';
 import { Daemon, DEFAULT_MAX_VMS } from './daemon.js';
 import { ProcessBackend } from './process-backend.js';
 import { StateDir } from './state.js';
-import { envList, HEAP_CAPS, HEAP_REEXEC_ENV, heapReexec, type HeapCap } from './heap.js';
-import { native } from '../kvm/native.js';
+import { HEAP_CAPS, HEAP_REEXEC_ENV, heapReexec, type HeapCap } from './heap.js';
+import { execInPlace } from '../sandbox/exec.js';
 
 export const DEFAULT_POOL = 2;
 /** The pool's largest size: each warm VMM process costs ~40 MB of RSS. */
@@ -124,15 +124,7 @@ function reexecWithHeapFlags(cap: HeapCap): void {
   const r = heapReexec(cap, process);
   if (!r) return;
   try {
-    const n = native();
-    for (const fd of [0, 1, 2]) {
-      try {
-        n.setInheritable(fd); // Node marks its stdio close-on-exec
-      } catch {
-        // closed: Node opens /dev/null in its place at start-up
-      }
-    }
-    n.execve(r.path, r.argv, envList(r.env));
+    execInPlace(r.path, r.argv, r.env);
   } catch (e) {
     log(
       'warn',
