@@ -35,6 +35,11 @@ export interface DaemonBenchOptions {
   /** VMs in a sustained-rate round (default 50 in shared mode, 10 in process mode). */
   sustained?: number;
   sustainedProcess?: number;
+  /**
+   * The daemons' `--heap-cap` (default: serve's own, `small`: fixed V8 heap limits, src/daemon/
+   * heap.ts); `none` runs them with V8's own sizing, as before the cap.
+   */
+  heapCap?: string;
 }
 
 type Mode = 'process' | 'shared';
@@ -91,12 +96,23 @@ interface Daemon {
   state: string;
 }
 
-async function startDaemon(dir: string, mode: Mode): Promise<Daemon> {
+async function startDaemon(dir: string, mode: Mode, heapCap?: string): Promise<Daemon> {
   const sock = join(dir, `${mode}.sock`);
   const state = join(dir, `${mode}-state`);
   const child = spawn(
     TYPERVISOR,
-    ['serve', '--socket', sock, '--state-dir', state, '--mode', mode, '--pool', String(POOL)],
+    [
+      'serve',
+      '--socket',
+      sock,
+      '--state-dir',
+      state,
+      '--mode',
+      mode,
+      '--pool',
+      String(POOL),
+      ...(heapCap === undefined ? [] : ['--heap-cap', heapCap]),
+    ],
     {
       stdio: ['ignore', 'ignore', 'inherit'],
     },
@@ -166,6 +182,13 @@ async function heapMiB(sock: string): Promise<Record<string, string>> {
   return out;
 }
 
+/** The node options the daemon runs with (its heap flags once it has re-executed itself). */
+function nodeOptionsOf(pid: number): string {
+  const argv = readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
+  const script = argv.findIndex((a, i) => i > 0 && !a.startsWith('-'));
+  return argv.slice(1, script).join(' ') || 'none';
+}
+
 function rssKiB(pid: number): number {
   return Number(/^VmRSS:\s+(\d+)/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1] ?? NaN);
 }
@@ -185,7 +208,7 @@ export async function daemonSuite(
     const mark = join(dir, 'mark.elf');
     const modes: Mode[] = ['process', 'shared'];
     const daemons = {} as Record<Mode, Daemon>;
-    for (const m of modes) daemons[m] = await startDaemon(dir, m);
+    for (const m of modes) daemons[m] = await startDaemon(dir, m, o.heapCap);
     const warm: Record<Mode, number[]> = { process: [], shared: [] };
     const create: Record<Mode, number[]> = { process: [], shared: [] };
     const qemu: number[] = [];
@@ -303,7 +326,7 @@ export async function daemonSuite(
         .map((k) => `${k} ${heap0[k] ?? 0} → ${heap1[k]}`)
         .join(', ');
       notes.push(
-        `daemon ${m} churn: ${n} VMs in ${secs.toFixed(1)} s (${(n / secs).toFixed(1)} VMs/s)${warmup ? ` after a ${warmup}-VM warm-up` : ''}; the daemon's descriptors ${fd0} → ${fd1}, RSS ${(rss0 / 1024).toFixed(1)} → ${(rss1 / 1024).toFixed(1)} MiB (every ${every} VMs: ${samples.join(', ')}); the daemon's main-thread V8 heap, MiB reserved: ${heap}`,
+        `daemon ${m} churn (node options: ${nodeOptionsOf(pid)}): ${n} VMs in ${secs.toFixed(1)} s (${(n / secs).toFixed(1)} VMs/s)${warmup ? ` after a ${warmup}-VM warm-up` : ''}; the daemon's descriptors ${fd0} → ${fd1}, RSS ${(rss0 / 1024).toFixed(1)} → ${(rss1 / 1024).toFixed(1)} MiB (every ${every} VMs: ${samples.join(', ')}); the daemon's main-thread V8 heap, MiB reserved: ${heap}`,
       );
     }
     for (const m of modes) await stopDaemon(daemons[m]);
@@ -320,8 +343,9 @@ export async function daemonSuite(
 
 /**
  * `node dist/bench/daemon.js [--runs N] [--churn N] [--churn-process N] [--sustained N]
- * [--sustained-process N] [--churn-warmup N]`: the suite alone, as Markdown (`--churn 1000`:
- * the issue's 1,000-VM churn in shared mode; `--churn-warmup 500` first runs 500 VMs unmeasured).
+ * [--sustained-process N] [--churn-warmup N] [--heap-cap small|none]`: the suite alone, as
+ * Markdown (`--churn 1000`: the issue's 1,000-VM churn in shared mode; `--churn-warmup 500`
+ * first runs 500 VMs unmeasured; `--heap-cap none`: the daemons with V8's own heap sizing).
  */
 if (process.argv[1]?.endsWith('daemon.js')) {
   const { parseArgs } = await import('node:util');
@@ -334,6 +358,7 @@ if (process.argv[1]?.endsWith('daemon.js')) {
       'churn-warmup': { type: 'string' },
       sustained: { type: 'string' },
       'sustained-process': { type: 'string' },
+      'heap-cap': { type: 'string' },
     },
   });
   const n = (x: string | undefined) => (x === undefined ? undefined : Number(x));
@@ -347,6 +372,7 @@ if (process.argv[1]?.endsWith('daemon.js')) {
     churnWarmup: n(v['churn-warmup']),
     sustained: n(v.sustained),
     sustainedProcess: n(v['sustained-process']),
+    heapCap: v['heap-cap'],
   });
   const f = (s?: { median: number; min: number; max: number }) =>
     s ? `${s.median.toFixed(2)} (${s.min.toFixed(2)}–${s.max.toFixed(2)})` : '–';

@@ -24,13 +24,58 @@ const EARLY_VCPU_WORKERS = Symbol.for('typervisor.early-vcpu-workers');
 /** When the full input check runs after a quick start (ms). */
 const CHECK_LATER_MS = 2000;
 
+/**
+ * The command-line options of this process (a worker inherits them), as the name of a set of
+ * caches: '' when there are none. NODE_OPTIONS is left to the key (cacheKey).
+ */
+function flagsOf(execArgv = process.execArgv) {
+  return execArgv.length === 0 ? '' : JSON.stringify(execArgv);
+}
+
+/** A short name for a set of flags (FNV-1a, 32 bits): NAME.ID.cache holds that variant's cache. */
+function variantId(flags) {
+  let h = 0x811c9dc5;
+  for (let i = 0; i < flags.length; i++) h = Math.imul(h ^ flags.charCodeAt(i), 0x01000193) >>> 0;
+  return h.toString(16).padStart(8, '0');
+}
+
+/**
+ * The caches the build made besides the flag-less ones (manifest.variants, id -> {execArgv,
+ * bundles}): one set per flag set a command re-executes itself with (`typervisor serve`,
+ * src/daemon/heap.ts). The variant of this process's flags if the build made one, else undefined.
+ */
+function variantOf(manifest, flags = flagsOf()) {
+  if (flags === '' || !manifest || !manifest.variants) return undefined;
+  const id = variantId(flags);
+  const v = manifest.variants[id];
+  return v && Array.isArray(v.bundles) ? { id, bundles: v.bundles } : undefined;
+}
+
+/**
+ * The cache file of `name` for this process: NAME.cache, or NAME.ID.cache when its flags are a
+ * variant the build made a cache of `name` for. Without a manifest (a worker reads none) the
+ * variant's file is taken when it exists (both are returned, the variant first).
+ */
+function cacheFiles(name, manifest, execArgv = process.execArgv) {
+  const plain = path.join(DIR, `${name}.cache`);
+  const flags = flagsOf(execArgv);
+  if (flags === '') return [plain];
+  if (manifest === undefined) return [path.join(DIR, `${name}.${variantId(flags)}.cache`), plain];
+  const v = variantOf(manifest, flags);
+  return v && v.bundles.includes(name) ? [path.join(DIR, `${name}.${v.id}.cache`)] : [plain];
+}
+
 /** What a cache is valid for, besides the bundle file itself (its size and mtime). */
-function cacheKey(bundleStat) {
+function cacheKey(
+  bundleStat,
+  execArgv = process.execArgv,
+  nodeOptions = process.env.NODE_OPTIONS || '',
+) {
   return JSON.stringify([
     process.version,
     process.arch,
-    process.execArgv,
-    process.env.NODE_OPTIONS || '',
+    execArgv,
+    nodeOptions,
     bundleStat.size,
     bundleStat.mtimeMs,
   ]);
@@ -104,13 +149,16 @@ function checkInputsLater(name, manifest) {
   process.once('exit', check);
 }
 
-/** Whether the cache of `name` has the key of the bundle file as it is (reads its first line). */
-function cacheKeyCurrent(name) {
+/**
+ * Whether the cache of `name` in `file` has the key of the bundle file as it is for `flags`
+ * (execArgv and NODE_OPTIONS; this process's by default): reads its first line.
+ */
+function cacheKeyCurrent(name, file, flags) {
   let fd;
   try {
     const st = fs.statSync(path.join(DIR, `${name}.js`));
-    fd = fs.openSync(path.join(DIR, `${name}.cache`), 'r');
-    const want = Buffer.from(`${cacheKey(st)}\n`);
+    fd = fs.openSync(file, 'r');
+    const want = Buffer.from(`${flags ? cacheKey(st, ...flags) : cacheKey(st)}\n`);
     const got = Buffer.alloc(want.length);
     return fs.readSync(fd, got, 0, got.length, 0) === got.length && got.equals(want);
   } catch {
@@ -126,43 +174,82 @@ function cacheKeyCurrent(name) {
  * waited for here (a few ms): the maker is then nobody's child in this process, so nothing
  * here reaps it later, when this thread's seccomp filter allows no wait4.
  */
-function rebuildCaches(names) {
-  try {
-    const env = { ...process.env, TYPERVISOR_BUNDLE_MAKE_CACHE: names.join(',') };
-    delete env.NODE_EXTRA_CA_CERTS;
-    require('node:child_process').spawnSync(
-      '/bin/sh',
-      [
-        '-c',
-        '"$0" "$@" </dev/null >/dev/null 2>&1 &',
-        process.execPath,
-        ...process.execArgv,
-        path.join(DIR, `${NAME}.cjs`),
-      ],
-      { env, stdio: 'ignore', timeout: 5000 },
-    );
-  } catch {
-    // no shell (a jail) or a read-only install: it only costs time
+function rebuildCaches(names, manifest) {
+  for (const [execArgv, ns] of cacheMakers(names, manifest)) {
+    try {
+      const env = { ...process.env, TYPERVISOR_BUNDLE_MAKE_CACHE: ns.join(',') };
+      delete env.NODE_EXTRA_CA_CERTS;
+      require('node:child_process').spawnSync(
+        '/bin/sh',
+        [
+          '-c',
+          '"$0" "$@" </dev/null >/dev/null 2>&1 &',
+          process.execPath,
+          ...execArgv,
+          path.join(DIR, `${NAME}.cjs`),
+        ],
+        { env, stdio: 'ignore', timeout: 5000 },
+      );
+    } catch {
+      // no shell (a jail) or a read-only install: it only costs time
+    }
   }
 }
 
-/** The cache of `name` if it was made for this bundle file and this Node, else undefined. */
-function readCache(name, bundleStat) {
-  let buf;
-  try {
-    buf = fs.readFileSync(path.join(DIR, `${name}.cache`));
-  } catch {
-    return undefined;
+/**
+ * Who remakes the stale caches `names`: [execArgv, names] per maker. The caches of a bundle
+ * file go stale together (its size and mtime are in every key), so a process without flags or
+ * with a variant's remakes the plain caches and every variant's of those bundles, each under its
+ * own flags; a process with other flags (no variant of them) remakes the plain ones under its
+ * own, as before there were variants.
+ */
+function cacheMakers(names, manifest, execArgv = process.execArgv) {
+  const flags = flagsOf(execArgv);
+  if (flags !== '' && !variantOf(manifest, flags)) return [[execArgv, names]];
+  const out = [[[], names]];
+  for (const v of Object.values((manifest && manifest.variants) || {})) {
+    const ns = names.filter((n) => v.bundles.includes(n));
+    if (ns.length > 0) out.push([v.execArgv, ns]);
   }
+  return out;
+}
+
+/**
+ * The cache of `name` if it was made for this bundle file, this Node and these flags, else
+ * undefined: the first of cacheFiles() that exists.
+ */
+function readCache(name, bundleStat, manifest) {
+  let buf;
+  for (const f of cacheFiles(name, manifest)) {
+    try {
+      buf = fs.readFileSync(f);
+      break;
+    } catch {
+      // the next one
+    }
+  }
+  if (buf === undefined) return undefined;
   const nl = buf.indexOf(10);
   if (nl < 0 || buf.toString('utf8', 0, nl) !== cacheKey(bundleStat)) return undefined;
   return buf.subarray(nl + 1);
 }
 
+/**
+ * 'ok', or why the cache of `name` is not current: the flag-less one, and that of every variant
+ * the build made (checked against the variant's flags, without running under them).
+ */
 function cacheState(name) {
   const st = fs.statSync(path.join(DIR, `${name}.js`), { throwIfNoEntry: false });
   if (!st) return 'no bundle';
-  return readCache(name, st) ? 'ok' : 'missing or stale';
+  if (!cacheKeyCurrent(name, path.join(DIR, `${name}.cache`))) return 'missing or stale';
+  const manifest = readManifest();
+  const nodeOptions = process.env.NODE_OPTIONS || '';
+  for (const [id, v] of Object.entries((manifest && manifest.variants) || {})) {
+    const file = path.join(DIR, `${name}.${id}.cache`);
+    if (v.bundles.includes(name) && !cacheKeyCurrent(name, file, [v.execArgv, nodeOptions]))
+      return `the cache for ${v.execArgv.join(' ')} is missing or stale`;
+  }
+  return 'ok';
 }
 
 /** Compiles every function of the bundle (not only those run at load) and writes its cache. */
@@ -177,7 +264,7 @@ function makeCache(name) {
   const script = new vm.Script(src, { filename: file });
   v8.setFlagsFromString('--lazy');
   const data = script.createCachedData();
-  const out = path.join(DIR, `${name}.cache`);
+  const out = cacheFiles(name, readManifest())[0];
   const tmp = `${out}.tmp-${process.pid}`;
   fs.writeFileSync(tmp, Buffer.concat([Buffer.from(`${cacheKey(st)}\n`), data]));
   fs.renameSync(tmp, out);
@@ -258,17 +345,19 @@ function run(name, checkInputs) {
   // and latin1 makes V8's one-byte string without decoding UTF-8.
   const src = fs.readFileSync(file, manifest && manifest.ascii === true ? 'latin1' : 'utf8');
   const st = fs.statSync(file);
-  const cachedData = readCache(name, st);
+  const cachedData = readCache(name, st, manifest);
   const script = new vm.Script(src, { filename: file, cachedData });
   const cache = cachedData === undefined ? 'none' : script.cachedDataRejected ? 'rejected' : 'used';
   globalThis[KEY] = { dir: DIR, cache };
   if (checkInputs) {
     // The main thread (never a worker: its seccomp filter may forbid a spawn) remakes the
     // caches that are missing, made for something else, or refused by V8.
-    const stale = Object.keys(manifest.bundles).filter((n) =>
-      n === name ? cache !== 'used' : !cacheKeyCurrent(n),
+    // Under a variant's flags, only that variant's bundles (the others run without them).
+    const v = variantOf(manifest);
+    const stale = (v ? v.bundles : Object.keys(manifest.bundles)).filter((n) =>
+      n === name ? cache !== 'used' : !cacheKeyCurrent(n, cacheFiles(n, manifest)[0]),
     );
-    if (stale.length > 0) rebuildCaches(stale);
+    if (stale.length > 0) rebuildCaches(stale, manifest);
     checkInputsLater(name, manifest);
   }
   if (process.env.TYPERVISOR_BUNDLE_DEBUG)
@@ -286,7 +375,16 @@ function run(name, checkInputs) {
   return 'bundle';
 }
 
-module.exports = { bundleState, cacheState, makeCache, run };
+module.exports = {
+  bundleState,
+  cacheFiles,
+  cacheMakers,
+  cacheState,
+  flagsOf,
+  makeCache,
+  run,
+  variantId,
+};
 
 if (NAME !== '__BUNDLE_' + 'NAME__' && require.main === module) {
   const make = process.env.TYPERVISOR_BUNDLE_MAKE_CACHE;

@@ -13,6 +13,9 @@
  *   NAME.cache    V8's code cache for NAME.js, compiled eagerly (every function, not only the
  *                 top level), with a header naming what it is valid for (see bundle-loader.cjs)
  *   NAME.cjs      the loader a Worker or the launcher starts (bundle-loader.cjs with NAME)
+ *   NAME.ID.cache the cache of NAME for a process started with V8 flags (manifest.variants: ID
+ *                 names the flags): `typervisor serve` runs with heap flags (src/daemon/heap.ts),
+ *                 and V8 refuses a cache made under other flags
  *   manifest.json every dist/ file each bundle was made from, with its size and mtime: the
  *                 loader runs a bundle only while its sentinels (its entry and its newest input:
  *                 tsc rewrites every file) are unchanged, else dist/ itself, and checks the rest
@@ -56,6 +59,9 @@ export const BUNDLES = {
   'device-worker': 'src/vmm/device-worker.js',
   jailer: 'src/jailer/main.js',
 };
+
+/** The bundles `typervisor serve` runs (its own, and its workers'): cached under its flags too. */
+const DAEMON_BUNDLES = ['main', 'vcpu-worker', 'device-worker'];
 
 const loaderSource = () => readFileSync(join(ROOT, 'scripts', 'bundle-loader.cjs'), 'utf8');
 
@@ -183,19 +189,37 @@ async function build() {
     manifest.bundles[name] = { entry, sentinels, inputs };
     writeFileSync(join(tmp, `${name}.cjs`), loaderSource().replace('__BUNDLE_NAME__', name));
   }
+  // The variants: caches of the bundles a process started with V8 flags of ours runs, made
+  // under exactly those flags (V8 checks them). `typervisor serve` re-executes itself with its
+  // heap flags (src/daemon/heap.ts); it runs main and starts vCPU and device workers.
+  const { DAEMON_HEAP_FLAGS } = await import(join(DIST, 'src/daemon/heap.js'));
+  const loader = createRequire(join(tmp, 'main.cjs'))(join(tmp, 'main.cjs'));
+  const variants = [{ execArgv: [...DAEMON_HEAP_FLAGS], bundles: DAEMON_BUNDLES }];
+  manifest.variants = {};
+  for (const v of variants) manifest.variants[loader.variantId(loader.flagsOf(v.execArgv))] = v;
   writeFileSync(join(tmp, 'manifest.json'), JSON.stringify(manifest));
   rmSync(OUT, { recursive: true, force: true });
   renameSync(tmp, OUT);
   // The caches: made by the loader itself (same key, same V8 flags as at run time), in a child
-  // process so that this one's flags do not matter.
+  // process so that this one's flags do not matter; a variant's in a child with its flags.
   const { spawnSync } = await import('node:child_process');
-  for (const name of Object.keys(BUNDLES)) {
-    const c = spawnSync(process.execPath, [join(OUT, `${name}.cjs`)], {
-      env: { ...process.env, TYPERVISOR_BUNDLE_MAKE_CACHE: '1', NODE_EXTRA_CA_CERTS: '' },
+  const makers = [
+    ...Object.keys(BUNDLES).map((name) => ({ name, execArgv: [], make: '1' })),
+    ...variants.map((v) => ({
+      name: v.bundles[0],
+      execArgv: v.execArgv,
+      make: v.bundles.join(','),
+    })),
+  ];
+  for (const { name, execArgv, make } of makers) {
+    const c = spawnSync(process.execPath, [...execArgv, join(OUT, `${name}.cjs`)], {
+      env: { ...process.env, TYPERVISOR_BUNDLE_MAKE_CACHE: make, NODE_EXTRA_CA_CERTS: '' },
       encoding: 'utf8',
     });
     if (c.status !== 0) {
-      process.stderr.write(`bundle: making the code cache of ${name} failed: ${c.stderr}\n`);
+      process.stderr.write(
+        `bundle: making the code cache of ${make === '1' ? name : make} ${execArgv.join(' ')} failed: ${c.stderr}\n`,
+      );
       return 1;
     }
   }

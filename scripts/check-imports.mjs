@@ -31,7 +31,8 @@ export const LAYERS = {
   // the AcpiPm device agree through arch/x86_64/layout.ts, checked in src/vmm/).
   arch: ['loader', 'memory', 'kvm', 'util'],
   events: ['kvm', 'util'],
-  // Seccomp filters (and later the sandbox's other pieces): installed through the shim.
+  // Seccomp filters (and later the sandbox's other pieces), and the in-place re-exec of
+  // `typervisor serve` (sandbox/exec.ts): through the shim.
   sandbox: ['kvm', 'util'],
   // Never kvm, events (it loads the native addon), arch, vmm, api, cli, lab.
   mmds: ['util'],

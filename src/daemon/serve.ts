@@ -15,6 +15,8 @@ import { MODES, type Backend, type Mode } from './backend.js';
 import { Daemon, DEFAULT_MAX_VMS } from './daemon.js';
 import { ProcessBackend } from './process-backend.js';
 import { StateDir } from './state.js';
+import { HEAP_CAPS, HEAP_REEXEC_ENV, heapReexec, type HeapCap } from './heap.js';
+import { execInPlace } from '../sandbox/exec.js';
 
 export const DEFAULT_POOL = 2;
 /** The pool's largest size: each warm VMM process costs ~40 MB of RSS. */
@@ -29,7 +31,9 @@ The host daemon: creates VMs from a warm pool over an HTTP API on a Unix socket 
   --state-dir DIR    VM API sockets and process records (default $TMPDIR/typervisor-serve-UID)
   --max-vms N        VMs running at once (default ${DEFAULT_MAX_VMS}, at most ${MAX_VMS_LIMIT})
   --max-payload N    largest request body in bytes (default ${DEFAULT_MAX_PAYLOAD})
-  --no-seccomp       no seccomp filters (shared mode: this process's; process mode: the VMMs')`;
+  --no-seccomp       no seccomp filters (shared mode: this process's; process mode: the VMMs')
+  --heap-cap C       small (default: this process runs with a fixed V8 young generation, its
+                     RSS flat over any number of VMs) or none (V8's own sizing)`;
 
 export interface ServeArgs {
   socket: string;
@@ -39,6 +43,7 @@ export interface ServeArgs {
   maxVms: number;
   maxPayload: number;
   noSeccomp: boolean;
+  heapCap: HeapCap;
 }
 
 function intFlag(
@@ -70,11 +75,15 @@ export function parseServeArgs(argv: string[]): ServeArgs {
       'max-vms': { type: 'string' },
       'max-payload': { type: 'string' },
       'no-seccomp': { type: 'boolean' },
+      'heap-cap': { type: 'string' },
     },
   });
   if (v.socket === undefined) throw new Error('--socket PATH is required');
   const mode = (v.mode ?? 'process') as Mode;
   if (!MODES.includes(mode)) throw new Error(`--mode must be process or shared (got "${v.mode}")`);
+  const heapCap = (v['heap-cap'] ?? 'small') as HeapCap;
+  if (!HEAP_CAPS.includes(heapCap))
+    throw new Error(`--heap-cap must be small or none (got "${v['heap-cap']}")`);
   const uid = process.getuid?.() ?? 0;
   return {
     socket: resolve(v.socket),
@@ -84,6 +93,7 @@ export function parseServeArgs(argv: string[]): ServeArgs {
     maxVms: intFlag(v['max-vms'], 'max-vms', DEFAULT_MAX_VMS, 1, MAX_VMS_LIMIT),
     maxPayload: intFlag(v['max-payload'], 'max-payload', DEFAULT_MAX_PAYLOAD, 1024, 1 << 24),
     noSeccomp: v['no-seccomp'] ?? false,
+    heapCap,
   };
 }
 
@@ -101,6 +111,28 @@ async function backendFor(args: ServeArgs, state: StateDir): Promise<Backend> {
   return new SharedBackend(args.pool, { noSeccomp: args.noSeccomp });
 }
 
+/**
+ * `--heap-cap small`: runs this process again (execve: the same pid, nothing started yet) with
+ * the daemon's V8 heap flags (src/daemon/heap.ts); returns only when it need not, or when the
+ * execve failed (then the daemon runs on with V8's own sizing, and says so).
+ */
+function reexecWithHeapFlags(cap: HeapCap): void {
+  const marked = process.env[HEAP_REEXEC_ENV] !== undefined;
+  // Not passed on: VMM processes (process mode) and anything else this daemon starts.
+  delete process.env[HEAP_REEXEC_ENV];
+  if (marked) return;
+  const r = heapReexec(cap, process);
+  if (!r) return;
+  try {
+    execInPlace(r.path, r.argv, r.env);
+  } catch (e) {
+    log(
+      'warn',
+      `daemon: no heap cap (re-executing with ${r.argv.join(' ')}: ${(e as Error).message})`,
+    );
+  }
+}
+
 export async function serveCommand(argv: string[]): Promise<number> {
   if (argv.includes('--help') || argv.includes('-h')) {
     process.stdout.write(SERVE_USAGE + '\n');
@@ -113,6 +145,7 @@ export async function serveCommand(argv: string[]): Promise<number> {
     process.stderr.write(`typervisor serve: ${(e as Error).message}\n`);
     return 2;
   }
+  reexecWithHeapFlags(args.heapCap);
   const state = new StateDir(args.stateDir);
   try {
     state.prepare();

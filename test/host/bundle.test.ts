@@ -12,7 +12,15 @@
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
-import { existsSync, readFileSync, rmSync, statSync, utimesSync, writeFileSync } from 'node:fs';
+import {
+  existsSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  statSync,
+  utimesSync,
+  writeFileSync,
+} from 'node:fs';
 import { createRequire } from 'node:module';
 import { join } from 'node:path';
 import { guestPath, REPO, tinyGuests } from './helpers.js';
@@ -40,9 +48,12 @@ function buildScript(...args: string[]) {
   });
 }
 
-/** Runs the test bundle's launcher with `args`: its exit code and output. */
-function start(args: string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
-  const child = spawn(process.execPath, [join(OUT, 'main.cjs'), ...args], {
+/** Runs the test bundle's launcher with `args` (and node options): its exit code and output. */
+function start(
+  args: string[],
+  nodeArgs: readonly string[] = [],
+): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  const child = spawn(process.execPath, [...nodeArgs, join(OUT, 'main.cjs'), ...args], {
     stdio: ['ignore', 'pipe', 'pipe'],
     env: { ...process.env, TYPERVISOR_BUNDLE_DEBUG: '1', TYPERVISOR_NO_BUNDLE: undefined },
   });
@@ -60,8 +71,11 @@ function start(args: string[]): Promise<{ code: number | null; stdout: string; s
 }
 
 /** Boots the poweroff guest (with a virtio-rng device: a device worker) from the test bundle. */
-function boot(extra: string[] = []) {
-  return start(['run', '--kernel', guestPath('poweroff'), '--memory', '32', '--rng', ...extra]);
+function boot(extra: string[] = [], nodeArgs: readonly string[] = []) {
+  return start(
+    ['run', '--kernel', guestPath('poweroff'), '--memory', '32', '--rng', ...extra],
+    nodeArgs,
+  );
 }
 
 function cacheOf(stderr: string, thread: string): string | undefined {
@@ -119,6 +133,36 @@ describe('per-thread bundles with code caches', () => {
       assert.equal(off.stdout, 'tiny guest up\n');
       assert.doesNotMatch(off.stderr, /started a vCPU worker before compiling/);
       assert.equal(cacheOf(off.stderr, 'vcpu-worker'), 'used', off.stderr);
+    },
+  );
+
+  test(
+    "under the daemon's heap flags every thread takes the caches made under them",
+    T,
+    async () => {
+      // `typervisor serve` runs with these V8 flags (src/daemon/heap.ts); V8 refuses a cache
+      // made under other flags. 'used': a cache was given and V8 took it (cachedDataRejected
+      // false), on the main thread and in each worker.
+      const { DAEMON_HEAP_FLAGS } = (await import(
+        join(REPO, 'dist', 'src', 'daemon', 'heap.js')
+      )) as typeof import('../../src/daemon/heap.js');
+      const caches = () =>
+        readdirSync(OUT)
+          .filter((f) => f.endsWith('.cache'))
+          .map((f) => `${f} ${statSync(join(OUT, f)).mtimeMs}`)
+          .sort();
+      const before = caches();
+      assert.equal(before.length, 5 + THREADS.length, before.join('\n'));
+      const r = await boot([], DAEMON_HEAP_FLAGS);
+      assert.equal(r.code, 0, r.stderr);
+      assert.equal(r.stdout, 'tiny guest up\n');
+      for (const t of THREADS) assert.equal(cacheOf(r.stderr, t), 'used', `${t}: ${r.stderr}`);
+      // Nothing was remade: neither these caches nor the plain ones, which a start without
+      // flags still takes.
+      await new Promise((res) => setTimeout(res, 500));
+      assert.deepEqual(caches(), before);
+      const plain = await boot();
+      for (const t of THREADS) assert.equal(cacheOf(plain.stderr, t), 'used', plain.stderr);
     },
   );
 

@@ -21,13 +21,17 @@ export interface DaemonProcess {
 export async function startDaemon(
   args: string[] = [],
   stateDir = join(tempDir('typervisor-daemon-'), 'state'),
+  env: Record<string, string | undefined> = {},
 ): Promise<DaemonProcess> {
   const dir = tempDir('typervisor-daemon-sock-');
   const sock = join(dir, 'd.sock');
   const child = spawn(
     process.execPath,
     [CLI, 'serve', '--socket', sock, '--state-dir', stateDir, ...args],
-    { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, TYPERVISOR_LOG: undefined } },
+    {
+      stdio: ['ignore', 'ignore', 'pipe'],
+      env: { ...process.env, TYPERVISOR_LOG: undefined, ...env },
+    },
   );
   let err = '';
   child.stderr!.setEncoding('utf8').on('data', (s: string) => (err += s));
@@ -81,6 +85,18 @@ export async function waitPool(sock: string, ready: number, timeoutMs = 30_000):
     if (Date.now() > deadline) throw new Error(`pool not ready: ${r.body}`);
     await sleep(50);
   }
+}
+
+/** The node options a process runs with: its command line before the script. */
+export function nodeOptionsOf(pid: number): string[] {
+  const argv = readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
+  const script = argv.findIndex((a, i) => i > 0 && !a.startsWith('-'));
+  return argv.slice(1, script);
+}
+
+/** The environment a process was started with (execve's), as KEY=value strings. */
+export function environOf(pid: number): string[] {
+  return readFileSync(`/proc/${pid}/environ`, 'utf8').split('\0').filter(Boolean);
 }
 
 /** Pids of live processes whose command line contains `needle` (zombies excluded). */

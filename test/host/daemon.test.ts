@@ -11,7 +11,10 @@ import assert from 'node:assert/strict';
 import { existsSync, readdirSync, statSync } from 'node:fs';
 import { call } from '../api/client.js';
 import { guestPath, tinyGuests } from './helpers.js';
+import { DAEMON_HEAP_FLAGS, HEAP_REEXEC_ENV } from '../../src/daemon/heap.js';
 import {
+  environOf,
+  nodeOptionsOf,
   pidsWith,
   sleep,
   startDaemon,
@@ -63,6 +66,11 @@ describe('typervisor serve, process mode (KVM)', () => {
     assert.equal(statSync(r.json.api_socket).mode & 0o777, 0o600);
     const pid = r.json.pid as number;
     assert.ok(pidsWith(d.stateDir).includes(pid));
+    // The daemon runs with its heap flags (it re-executed itself); a VMM process does not,
+    // nor does it get the re-exec marker.
+    assert.deepEqual(nodeOptionsOf(d.child.pid!), DAEMON_HEAP_FLAGS);
+    assert.deepEqual(nodeOptionsOf(pid), []);
+    assert.ok(!environOf(pid).some((e) => e.startsWith(`${HEAP_REEXEC_ENV}=`)), 'no marker');
     // The VM's own socket is Firecracker's API.
     const info = await call(r.json.api_socket, 'GET', '/');
     assert.equal(info.json.state, 'Running');
