@@ -1297,6 +1297,22 @@ static napi_value n_io_uring_register(napi_env env, napi_callback_info info) {
   EXPORT("ioUringRegister", n_io_uring_register),
 /* ---- end of io_uring ---- */
 
+/* ---- malloc_trim (issue 19, r9-trim): glibc's own call, nothing else ----
+ * A shared-mode daemon calls it from its main thread once VMs have ended and it is idle
+ * (src/daemon/trim.ts): free memory at the top of the main arena goes back with brk, free
+ * pages inside every arena with madvise(MADV_DONTNEED) (glibc >= 2.8). Under strace a call made
+ * brk and madvise only (and futex for the arena locks): all in every role's list (NODE_THREAD). */
+#include <malloc.h>
+
+/* mallocTrim(): malloc_trim(0): 1 when memory went back to the system, 0 otherwise */
+static napi_value n_malloc_trim(napi_env env, napi_callback_info info) {
+  (void)info;
+  return num(env, malloc_trim(0));
+}
+
+#define MALLOC_TRIM_EXPORTS EXPORT("mallocTrim", n_malloc_trim),
+/* ---- end of malloc_trim ---- */
+
 /* getpid-free helpers are in Node already; this is the whole surface. */
 #define EXPORT(name, fn) { name, NULL, fn, NULL, NULL, NULL, napi_default, NULL }
 
@@ -1321,6 +1337,7 @@ NAPI_MODULE_INIT() {
     EXPORT("ioctlLengthOk", n_ioctl_length_ok), EXPORT("setThreadName", n_set_thread_name),
     VCPU_RUNNER_EXPORTS
     IO_URING_EXPORTS
+    MALLOC_TRIM_EXPORTS
   };
   if (napi_define_properties(env, exports, sizeof props / sizeof props[0], props) != napi_ok) return NULL;
   return exports;

@@ -161,6 +161,13 @@ export interface NativeShim {
   ioUringEnter(fd: number, toSubmit: number, minComplete: number, flags: number): number;
   /** io_uring_register(2): `arg` is passed by address (null: none). */
   ioUringRegister(fd: number, opcode: number, arg: Buf | null, nrArgs: number): number;
+  // Issue 19 (native block "malloc_trim"): the shared-mode daemon's idle trim
+  // (src/vmm/malloc-trim.ts, src/daemon/trim.ts).
+  /**
+   * glibc's malloc_trim(0): the free top of the main arena back with brk, free pages inside
+   * every arena with madvise(MADV_DONTNEED). 1 when memory went back to the system, else 0.
+   */
+  mallocTrim(): number;
 }
 
 /** A failed syscall, with its errno name in `code` (EINTR, EAGAIN, ...). */
