@@ -193,6 +193,18 @@ function rssKiB(pid: number): number {
   return Number(/^VmRSS:\s+(\d+)/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1] ?? NaN);
 }
 
+/** RSS of the daemon's brk heap (glibc's main arena), KiB: the [heap] mapping in smaps. */
+function brkKiB(pid: number): number {
+  const m = /\[heap\]\n(?:.*\n)*?Rss:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/smaps`, 'utf8'));
+  return Number(m?.[1] ?? NaN);
+}
+
+/** The daemon's malloc_trim calls so far (GET /), when it makes any. */
+async function trimStats(sock: string): Promise<string> {
+  const t = (await call(sock, 'GET', '/')).json.memory.malloc_trim;
+  return t ? `${t.runs} runs (${t.released} released), ${t.ms.toFixed(1)} ms` : 'none';
+}
+
 export async function daemonSuite(
   o: DaemonBenchOptions,
 ): Promise<{ rows: Row[]; notes: string[] }> {
@@ -307,6 +319,7 @@ export async function daemonSuite(
       await sleep(3000); // as after the churn: deferred teardown steps, GC
       const fd0 = await fdCount(pid);
       const rss0 = rssKiB(pid);
+      const brk0 = brkKiB(pid);
       const heap0 = await heapMiB(daemons[m].sock);
       // RSS every tenth of the churn: a leak climbs steadily, a heap sizing itself levels off.
       const samples: string[] = [];
@@ -321,12 +334,14 @@ export async function daemonSuite(
       await sleep(3000); // deferred teardown steps, GC
       const fd1 = await fdCount(pid);
       const rss1 = rssKiB(pid);
+      const brk1 = brkKiB(pid);
+      const trims = await trimStats(daemons[m].sock);
       const heap1 = await heapMiB(daemons[m].sock);
       const heap = Object.keys(heap1)
         .map((k) => `${k} ${heap0[k] ?? 0} → ${heap1[k]}`)
         .join(', ');
       notes.push(
-        `daemon ${m} churn (node options: ${nodeOptionsOf(pid)}): ${n} VMs in ${secs.toFixed(1)} s (${(n / secs).toFixed(1)} VMs/s)${warmup ? ` after a ${warmup}-VM warm-up` : ''}; the daemon's descriptors ${fd0} → ${fd1}, RSS ${(rss0 / 1024).toFixed(1)} → ${(rss1 / 1024).toFixed(1)} MiB (every ${every} VMs: ${samples.join(', ')}); the daemon's main-thread V8 heap, MiB reserved: ${heap}`,
+        `daemon ${m} churn (node options: ${nodeOptionsOf(pid)}): ${n} VMs in ${secs.toFixed(1)} s (${(n / secs).toFixed(1)} VMs/s)${warmup ? ` after a ${warmup}-VM warm-up` : ''}; the daemon's descriptors ${fd0} → ${fd1}, RSS ${(rss0 / 1024).toFixed(1)} → ${(rss1 / 1024).toFixed(1)} MiB (every ${every} VMs: ${samples.join(', ')}); the daemon's main-thread V8 heap, MiB reserved: ${heap}; brk heap RSS ${(brk0 / 1024).toFixed(1)} → ${(brk1 / 1024).toFixed(1)} MiB; malloc_trim: ${trims}`,
       );
     }
     for (const m of modes) await stopDaemon(daemons[m]);

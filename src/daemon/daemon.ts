@@ -11,6 +11,7 @@ import { log } from '../util/log.js';
 import type { CreateRequest, DaemonAction } from './api.js';
 import { CreateError, type Backend, type VmEnd, type VmHandle } from './backend.js';
 import type { StateDir } from './state.js';
+import type { IdleTrim } from './trim.js';
 
 export const DEFAULT_MAX_VMS = 256;
 export const MAX_ENDED_RECORDS = 256;
@@ -54,6 +55,8 @@ export class Daemon {
     private readonly state: StateDir,
     private readonly counters: Counters,
     private readonly maxVms = DEFAULT_MAX_VMS,
+    /** Shared mode: glibc's malloc trim once the daemon is idle after VMs ended (trim.ts). */
+    private readonly trim?: IdleTrim,
   ) {}
 
   private live(): number {
@@ -88,7 +91,7 @@ export class Daemon {
           state_dir: this.state.dir,
           vms: this.live(),
           max_vms: this.maxVms,
-          memory: daemonMemory(),
+          memory: { ...daemonMemory(), ...(this.trim ? { malloc_trim: this.trim.stats } : {}) },
         });
       case 'GetPool':
         return ok({ ...this.backend.pool(), vms: this.live(), max_vms: this.maxVms });
@@ -144,6 +147,7 @@ export class Daemon {
         this.vms.delete(a.id);
         const i = this.ended.indexOf(a.id);
         if (i >= 0) this.ended.splice(i, 1);
+        this.trim?.note();
         return NO_CONTENT;
       }
     }
@@ -200,6 +204,7 @@ export class Daemon {
       v.state = end.state;
       if (end.state === 'crashed') log('warn', `daemon: VM ${v.id} crashed: ${end.reason}`);
       if (this.vms.get(v.id) === v) this.remember(v.id);
+      this.trim?.note();
     });
     return ok(this.info(v));
   }
@@ -216,6 +221,7 @@ export class Daemon {
   /** Stops every VM (each within its mode's bound) and the pool. */
   async shutdown(): Promise<void> {
     this.closing = true;
+    this.trim?.close();
     await Promise.allSettled([...this.creating]);
     const running = [...this.vms.values()].filter((v) => v.end === undefined && v.handle);
     for (const v of running) v.handle!.stop();

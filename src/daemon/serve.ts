@@ -17,6 +17,8 @@ import { ProcessBackend } from './process-backend.js';
 import { StateDir } from './state.js';
 import { HEAP_CAPS, HEAP_REEXEC_ENV, heapReexec, type HeapCap } from './heap.js';
 import { execInPlace } from '../sandbox/exec.js';
+import { mallocTrim } from '../vmm/malloc-trim.js';
+import { IdleTrim, TRIM_IDLE_MS } from './trim.js';
 
 export const DEFAULT_POOL = 2;
 /** The pool's largest size: each warm VMM process costs ~40 MB of RSS. */
@@ -162,7 +164,9 @@ export async function serveCommand(argv: string[]): Promise<number> {
     );
   const counters = new Counters();
   const backend = await backendFor(args, state);
-  const daemon = new Daemon(backend, state, counters, args.maxVms);
+  // Shared mode: glibc's arenas trimmed when the daemon goes idle (docs/daemon.md "Memory").
+  const trim = args.mode === 'shared' ? new IdleTrim(mallocTrim, TRIM_IDLE_MS) : undefined;
+  const daemon = new Daemon(backend, state, counters, args.maxVms, trim);
   let server;
   try {
     server = await startApiServer<DaemonAction>({
