@@ -6,7 +6,17 @@ export PATH=/bin:/sbin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
-while read -r m; do insmod "$m" 2>/dev/null; done </etc/modules.load
+# Module parameters from the kernel command line (module.param=value), as modprobe would pass
+# them: busybox insmod does not read /proc/cmdline. The lab uses kvm_amd.npt=0 (src/lab/lab.ts).
+while read -r m; do
+  name=$(basename "$m" .ko | tr - _)
+  args=
+  for a in $(cat /proc/cmdline); do
+    case "$a" in "$name".*=*) args="$args ${a#"$name".}" ;; esac
+  done
+  # shellcheck disable=SC2086
+  insmod "$m" $args 2>/dev/null
+done </etc/modules.load
 
 RUN= NINEP=cache=mmap
 for a in $(cat /proc/cmdline); do

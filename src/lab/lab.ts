@@ -112,8 +112,13 @@ export async function runInLab(opts: LabOptions): Promise<LabResult> {
   const mem = process.env.TYPERVISOR_LAB_MEM ?? '2560';
   // cache=mmap: guest writes reach the host at once (exit code, test output), mmap works.
   const ninep = process.env.TYPERVISOR_LAB_9P ?? 'cache=mmap';
+  // The lab's KVM keeps the guests' page tables in software (shadow paging), not in the
+  // emulated AMD-V's nested paging (NPT): docs/lab.md "Guest triple faults in the lab".
+  // TYPERVISOR_LAB_NPT=1 turns NPT back on.
+  const npt = process.env.TYPERVISOR_LAB_NPT === '1' ? 1 : 0;
   const append = [
     'console=ttyS1 loglevel=5 softlockup_all_cpu_backtrace=1 panic=-1 mitigations=off',
+    `kvm_amd.npt=${npt}`,
     `lab.run=${run} lab.9p=${ninep}`,
   ].join(' ');
   const args = [
