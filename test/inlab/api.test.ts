@@ -11,7 +11,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { repoRoot } from '../../src/lab/guest.js';
-import { defaultGuest, describeRun, skipReason, typervisor } from './helpers.js';
+import { defaultGuest, describeRun, skipReason, typervisor, POWEROFF } from './helpers.js';
 
 const opts = { skip: skipReason, timeout: 300_000 };
 const MARKER = /TYPERVISOR-BOOT-OK/;
@@ -174,7 +174,7 @@ test('the same VM from --config-file --no-api', opts, async () => {
     );
     const r = await typervisor(
       ['--no-api', '--config-file', cfg],
-      'echo CPUS=$(nproc)\npoweroff -f\n',
+      `echo CPUS=$(nproc)\n${POWEROFF}\n`,
       200_000,
       MARKER,
     );

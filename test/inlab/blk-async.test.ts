@@ -12,7 +12,7 @@ import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'no
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { imagePaths } from '../../src/lab/guest.js';
-import { defaultGuest, describeRun, skipReason, typervisor } from './helpers.js';
+import { defaultGuest, describeRun, skipReason, typervisor, POWEROFF } from './helpers.js';
 
 const opts = { skip: skipReason, timeout: 300_000 };
 const MIB = 1024 * 1024;
@@ -41,7 +41,7 @@ test(
           // Read back through the page cache-free path.
           'echo RSUM=$(dd if=/dev/vdb bs=256k skip=16 count=8 iflag=direct 2>/dev/null | sha256sum | cut -d" " -f1)',
           'fio --name=t --filename=/dev/vdb --readonly --rw=randread --bs=4k --size=8M --direct=1 --ioengine=libaio --iodepth=16 --runtime=2 --time_based 2>&1 | grep -E "IOPS=" | head -1',
-          'poweroff -f',
+          POWEROFF,
         ].join('\n') + '\n';
       const r = await typervisor(
         [

@@ -4,7 +4,7 @@ import assert from 'node:assert/strict';
 import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { defaultGuest, describeRun, skipReason, typervisor } from './helpers.js';
+import { defaultGuest, describeRun, skipReason, typervisor, POWEROFF } from './helpers.js';
 
 const MARKER = 'TYPERVISOR-BOOT-OK';
 const opts = { skip: skipReason, timeout: 180_000 };
@@ -28,7 +28,7 @@ for (const vcpus of [1, 2]) {
           '256',
           '--boot-timer',
         ],
-        'uname -r\necho CPUS=$(nproc)\npoweroff -f\n',
+        `uname -r\necho CPUS=$(nproc)\n${POWEROFF}\n`,
       );
       assert.equal(r.code, 0, describeRun(r));
       assert.match(r.stdout, new RegExp(MARKER), describeRun(r));

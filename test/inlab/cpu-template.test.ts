@@ -10,7 +10,7 @@ import assert from 'node:assert/strict';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { defaultGuest, describeRun, skipReason, typervisor } from './helpers.js';
+import { defaultGuest, describeRun, skipReason, typervisor, POWEROFF } from './helpers.js';
 
 const opts = { skip: skipReason, timeout: 240_000 };
 const MARKER = /TYPERVISOR-BOOT-OK/;
@@ -49,7 +49,7 @@ test('smt and a custom template: siblings, cores and flags in /proc/cpuinfo', op
         'echo CORES=$(grep -m1 "cpu cores" /proc/cpuinfo | cut -d: -f2)',
         'echo THREADS=$(cat /sys/devices/system/cpu/cpu0/topology/thread_siblings_list)',
         'echo RDRAND=$(grep -c -w rdrand /proc/cpuinfo)',
-        'poweroff -f',
+        POWEROFF,
         '',
       ].join('\n'),
       200_000,

@@ -11,7 +11,7 @@ import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { imagePaths } from '../../src/lab/guest.js';
-import { defaultGuest, describeRun, skipReason, typervisor } from './helpers.js';
+import { defaultGuest, describeRun, skipReason, typervisor, POWEROFF } from './helpers.js';
 
 test(
   'Linux negotiates EVENT_IDX on every virtio device, and blk/rng I/O at depth completes',
@@ -37,7 +37,7 @@ test(
           // The data disk is all 0x5a ('Z'): count the other bytes read through the queue.
           'dd if=/dev/vdb bs=1M count=32 iflag=direct 2>/dev/null | tr -d Z | wc -c | sed "s/^/OTHER_BYTES /"',
           'head -c 262144 /dev/hwrng | wc -c | sed "s/^/HWRNG /"',
-          'poweroff -f',
+          POWEROFF,
         ].join('\n') + '\n';
       const r = await typervisor(
         [

@@ -23,7 +23,7 @@ import {
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { repoRoot } from '../../src/lab/guest.js';
-import { defaultGuest, skipReason } from './helpers.js';
+import { defaultGuest, skipReason, POWEROFF } from './helpers.js';
 
 const opts = { skip: skipReason, timeout: 300_000 };
 const MARKER = /TYPERVISOR-BOOT-OK/;
@@ -168,7 +168,7 @@ test(
       t.diagnostic(
         `jailed: InstanceStart to boot marker ${(performance.now() - t0).toFixed(0)} ms`,
       );
-      writeSync(input, 'echo guest-says-$((6*7))\npoweroff -f\n');
+      writeSync(input, `echo guest-says-$((6*7))\n${POWEROFF}\n`);
       await until('the guest shell', () => /guest-says-42/.test(out), 60_000, log);
       await until('the VMM to exit after poweroff', () => !alive(pid), 60_000, log);
     } finally {

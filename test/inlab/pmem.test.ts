@@ -20,7 +20,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { call } from '../api/client.js';
-import { defaultGuest, describeRun, skipReason, typervisor } from './helpers.js';
+import { defaultGuest, describeRun, skipReason, typervisor, POWEROFF } from './helpers.js';
 import { GuestSession } from './session.js';
 
 const opts = { skip: skipReason, timeout: 300_000 };
@@ -71,7 +71,7 @@ test(
           'echo guest-wrote-this > /m0/guest.txt && sync && echo SYNCED',
           'umount /m0 && echo UMOUNTED',
           'mount -t ext4 -o ro,noload /dev/pmem1 /m1 && cat /m1/ro.txt',
-          'poweroff -f',
+          POWEROFF,
         ].join('\n') + '\n';
       const r = await typervisor(
         ['--no-api', '--config-file', cfg],

@@ -6,7 +6,7 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { defaultGuest, describeRun, skipReason, typervisor } from './helpers.js';
+import { defaultGuest, describeRun, skipReason, typervisor, POWEROFF } from './helpers.js';
 
 const MARKER = 'TYPERVISOR-BOOT-OK';
 const opts = { skip: skipReason, timeout: 400_000 };
@@ -28,7 +28,7 @@ async function boot(mode: 'native' | 'worker' | 'hybrid', vcpus: number) {
       '--vcpu-threads',
       mode,
     ],
-    'echo CPUS=$(nproc)\npoweroff -f\n',
+    `echo CPUS=$(nproc)\n${POWEROFF}\n`,
   );
   assert.equal(r.code, 0, describeRun(r));
   assert.match(r.stdout, new RegExp(MARKER), describeRun(r));

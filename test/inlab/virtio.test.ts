@@ -11,7 +11,7 @@ import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'no
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { imagePaths, repoRoot } from '../../src/lab/guest.js';
-import { defaultGuest, describeRun, skipReason, typervisor } from './helpers.js';
+import { defaultGuest, describeRun, skipReason, typervisor, POWEROFF } from './helpers.js';
 
 const opts = { skip: skipReason, timeout: 300_000 };
 
@@ -50,7 +50,7 @@ test(
           'dd if=/dev/zero of=/dev/vdb bs=512 count=1 oflag=direct 2>&1 | head -1',
           'head -c 32 /dev/hwrng | od -An -tx1 | tr -d " \\n"; echo " HWRNG_RC=$?"',
           'fio --name=t --filename=/dev/vdb --readonly --rw=randread --bs=4k --size=64k --direct=1 --ioengine=psync --runtime=2 --time_based 2>&1 | grep -E "IOPS=" | head -1',
-          'poweroff -f',
+          POWEROFF,
         ].join('\n') + '\n';
       const r = await typervisor(
         [
