@@ -173,6 +173,24 @@ async function fdCount(pid: number): Promise<number> {
   }
   return n;
 }
+/**
+ * The least-squares slope of RSS samples (VM number, MiB), in MiB per 1,000 VMs: a leak shows
+ * as a steady climb, which the two end points alone (each one sample of a noisy RSS) hide or fake.
+ */
+export function trendPer1000(points: ReadonlyArray<readonly [number, number]>): number {
+  const n = points.length;
+  if (n < 2) return 0;
+  const mx = points.reduce((a, [x]) => a + x, 0) / n;
+  const my = points.reduce((a, [, y]) => a + y, 0) / n;
+  let sxy = 0;
+  let sxx = 0;
+  for (const [x, y] of points) {
+    sxy += (x - mx) * (y - my);
+    sxx += (x - mx) ** 2;
+  }
+  return sxx === 0 ? 0 : (sxy / sxx) * 1000;
+}
+
 /** The daemon's main-thread V8 heap spaces (GET /), MiB reserved, the ones over 1 MiB. */
 async function heapMiB(sock: string): Promise<Record<string, string>> {
   const heap = (await call(sock, 'GET', '/')).json.memory.heap as Record<string, { size: number }>;
@@ -323,11 +341,16 @@ export async function daemonSuite(
       const heap0 = await heapMiB(daemons[m].sock);
       // RSS every tenth of the churn: a leak climbs steadily, a heap sizing itself levels off.
       const samples: string[] = [];
+      const points: Array<[number, number]> = [];
       const every = Math.max(1, Math.floor(n / 10));
       const t0 = performance.now();
       for (let i = 1; i <= n; i++) {
         await oneVm(daemons[m].sock, mark);
-        if (i % every === 0) samples.push((rssKiB(pid) / 1024).toFixed(1));
+        if (i % every === 0) {
+          const mib = rssKiB(pid) / 1024;
+          samples.push(mib.toFixed(1));
+          points.push([i, mib]);
+        }
       }
       const secs = (performance.now() - t0) / 1000;
       await waitPool(daemons[m].sock);
@@ -341,7 +364,7 @@ export async function daemonSuite(
         .map((k) => `${k} ${heap0[k] ?? 0} → ${heap1[k]}`)
         .join(', ');
       notes.push(
-        `daemon ${m} churn (node options: ${nodeOptionsOf(pid)}): ${n} VMs in ${secs.toFixed(1)} s (${(n / secs).toFixed(1)} VMs/s)${warmup ? ` after a ${warmup}-VM warm-up` : ''}; the daemon's descriptors ${fd0} → ${fd1}, RSS ${(rss0 / 1024).toFixed(1)} → ${(rss1 / 1024).toFixed(1)} MiB (every ${every} VMs: ${samples.join(', ')}); the daemon's main-thread V8 heap, MiB reserved: ${heap}; brk heap RSS ${(brk0 / 1024).toFixed(1)} → ${(brk1 / 1024).toFixed(1)} MiB; malloc_trim: ${trims}`,
+        `daemon ${m} churn (node options: ${nodeOptionsOf(pid)}): ${n} VMs in ${secs.toFixed(1)} s (${(n / secs).toFixed(1)} VMs/s)${warmup ? ` after a ${warmup}-VM warm-up` : ''}; the daemon's descriptors ${fd0} → ${fd1}, RSS ${(rss0 / 1024).toFixed(1)} → ${(rss1 / 1024).toFixed(1)} MiB (every ${every} VMs: ${samples.join(', ')}; least-squares trend ${trendPer1000(points).toFixed(2)} MiB per 1,000 VMs); the daemon's main-thread V8 heap, MiB reserved: ${heap}; brk heap RSS ${(brk0 / 1024).toFixed(1)} → ${(brk1 / 1024).toFixed(1)} MiB; malloc_trim: ${trims}`,
       );
     }
     for (const m of modes) await stopDaemon(daemons[m]);

@@ -197,11 +197,6 @@ export class SharedBackend implements Backend {
           build: (spec, o) => buildVm(spec, { ...o, ...warm.build(spec.vcpus) }),
           loadSnapshot: (p, o) => loadSnapshot(p, { ...o, ...warm.load() }),
         });
-        vm.server = await startApiServer({
-          socketPath: apiSocket,
-          counters: metrics.counters,
-          handle: (a) => controller.handle(a),
-        });
         for (const a of req.actions) {
           const out = await controller.handle(a);
           if (out.status >= 300) {
@@ -214,6 +209,20 @@ export class SharedBackend implements Backend {
         }
         // A VM built before a later action was refused is still the host's to release.
         built = controller.vm;
+        // The VM's own API socket, once its vCPUs run (binding it took ~0.5 ms, off the
+        // guest's start now); the create is answered after it listens. A socket that cannot
+        // be bound fails the create, and the VM is stopped as for a refused action.
+        if (refused === undefined) {
+          try {
+            vm.server = await startApiServer({
+              socketPath: apiSocket,
+              counters: metrics.counters,
+              handle: (a) => controller.handle(a),
+            });
+          } catch (e) {
+            refused = new CreateError(500, `the VM's API socket: ${(e as Error).message}`);
+          }
+        }
         return built;
       },
       { id },

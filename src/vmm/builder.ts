@@ -150,7 +150,19 @@ export function runUndo(undo: UndoList): void {
 }
 
 /** KVM's CPUID with the template applied, after checking the KVM capabilities it requires. */
-function checkedTemplateCpuid(kvm: Kvm, host: CpuidEntry[], t: CpuTemplate): CpuidEntry[] {
+let supportedCpuid: readonly CpuidEntry[] | undefined;
+
+/**
+ * KVM_GET_SUPPORTED_CPUID, asked once per process: it describes the host's CPU and KVM module,
+ * not the VM, and took 0.4-0.6 ms of each warm build (docs/daemon.md). The entries are frozen:
+ * every user copies before changing (filterCpuid, the CPU templates).
+ */
+function hostCpuid(kvm: Kvm): readonly CpuidEntry[] {
+  supportedCpuid ??= Object.freeze(kvm.supportedCpuid().map((e) => Object.freeze(e)));
+  return supportedCpuid;
+}
+
+function checkedTemplateCpuid(kvm: Kvm, host: readonly CpuidEntry[], t: CpuTemplate): CpuidEntry[] {
   for (const cap of requiredKvmCapabilities(t)) {
     if (kvm.checkExtension(cap) <= 0)
       throw new HostError(`the CPU template requires KVM capability ${cap}, which this host lacks`);
@@ -352,7 +364,7 @@ function build(spec: VmSpec, opts: BuildOptions, undo: UndoList): BuiltVm {
   writeGenerationId(ram.memory);
 
   // The CPU template (if any) changes KVM's supported CPUID before the per-vCPU normalization.
-  const host: CpuidEntry[] = kvm.supportedCpuid();
+  const host = hostCpuid(kvm);
   const template = resolveCpuTemplate(spec.cpuTemplate, host);
   const supported = template ? checkedTemplateCpuid(kvm, host, template) : host;
   let templateMsrs: MsrEntry[] = [];

@@ -8,7 +8,8 @@
  */
 import { after, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { existsSync, readdirSync, readFileSync, statSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync } from 'node:fs';
+import { join } from 'node:path';
 import { call } from '../api/client.js';
 import { guestPath, tempDir, tinyGuests } from './helpers.js';
 import { DAEMON_HEAP_FLAGS, HEAP_REEXEC_ENV } from '../../src/daemon/heap.js';
@@ -148,6 +149,18 @@ describe('typervisor serve, shared mode (KVM)', () => {
     assert.equal(pool.failed_total, 0);
 
     // The VM's own Firecracker API drives it: pause, resume, its configuration.
+    // The VM's API socket is bound once its vCPUs run: a path that cannot be bound (a
+    // directory there) fails the create, and the VM that was already running is stopped.
+    mkdirSync(join(d.stateDir, 'taken.sock'));
+    const taken = await call(d.sock, 'POST', '/vms', { vm_id: 'taken', ...spin });
+    assert.equal(taken.status, 500, taken.body);
+    assert.match(taken.json.fault_message, /API socket/);
+    assert.equal((await call(d.sock, 'GET', '/vms/taken')).status, 404);
+    const p2 = (await call(d.sock, 'GET', '/pool')).json;
+    assert.equal(p2.failed_total, 1);
+    assert.equal((await call(d.sock, 'GET', '/')).json.vms, 1); // only 'a' runs
+    rmSync(join(d.stateDir, 'taken.sock'), { recursive: true });
+
     const vmSock = a.json.api_socket;
     assert.equal((await call(vmSock, 'PATCH', '/vm', { state: 'Paused' })).status, 204);
     assert.equal((await call(vmSock, 'GET', '/')).json.state, 'Paused');
