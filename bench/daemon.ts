@@ -45,6 +45,8 @@ export interface DaemonBenchOptions {
 type Mode = 'process' | 'shared';
 const POOL = 2;
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+/** The pause before each warm measurement, once every pool is full. */
+const SETTLE_MS = 500;
 
 /**
  * One keep-alive connection pool per daemon socket, as a client that drives a daemon would
@@ -249,6 +251,10 @@ export async function daemonSuite(
         // Every daemon's pool full: a process-mode refill (a VMM process starting) would
         // otherwise take the CPUs from the next measurement, whichever mode it is.
         for (const x of modes) await waitPool(daemons[x].sock);
+        // A refilled process-mode pool counts as ready once its new VMM answers, while that
+        // process still compiles and collects on its threads for a while: a shared-mode VM
+        // measured right then read ~10 ms instead of ~5 (2026-12-01, quiet host).
+        await sleep(SETTLE_MS);
         const vm = await oneVm(daemons[m].sock, mark);
         if (vm.boot_marker_ms !== null) warm[m].push(vm.boot_marker_ms);
         create[m].push(vm.create_ms);
