@@ -149,7 +149,6 @@ export function runUndo(undo: UndoList): void {
   undo.length = 0;
 }
 
-/** KVM's CPUID with the template applied, after checking the KVM capabilities it requires. */
 let supportedCpuid: readonly CpuidEntry[] | undefined;
 
 /**
@@ -162,6 +161,7 @@ function hostCpuid(kvm: Kvm): readonly CpuidEntry[] {
   return supportedCpuid;
 }
 
+/** KVM's CPUID with the template applied, after checking the KVM capabilities it requires. */
 function checkedTemplateCpuid(kvm: Kvm, host: readonly CpuidEntry[], t: CpuTemplate): CpuidEntry[] {
   for (const cap of requiredKvmCapabilities(t)) {
     if (kvm.checkExtension(cap) <= 0)
