@@ -179,7 +179,7 @@ async function fdCount(pid: number): Promise<number> {
  * The least-squares slope of RSS samples (VM number, MiB), in MiB per 1,000 VMs: a leak shows
  * as a steady climb, which the two end points alone (each one sample of a noisy RSS) hide or fake.
  */
-export function trendPer1000(points: ReadonlyArray<readonly [number, number]>): number {
+function trendPer1000(points: ReadonlyArray<readonly [number, number]>): number {
   const n = points.length;
   if (n < 2) return 0;
   const mx = points.reduce((a, [x]) => a + x, 0) / n;

@@ -6,12 +6,13 @@ export PATH=/bin:/sbin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
+CMDLINE=$(cat /proc/cmdline)
 # Module parameters from the kernel command line (module.param=value), as modprobe would pass
 # them: busybox insmod does not read /proc/cmdline. The lab uses kvm_amd.npt=0 (src/lab/lab.ts).
 while read -r m; do
   name=$(basename "$m" .ko | tr - _)
   args=
-  for a in $(cat /proc/cmdline); do
+  for a in $CMDLINE; do
     case "$a" in "$name".*=*) args="$args ${a#"$name".}" ;; esac
   done
   # shellcheck disable=SC2086
@@ -19,7 +20,7 @@ while read -r m; do
 done </etc/modules.load
 
 RUN= NINEP=cache=mmap
-for a in $(cat /proc/cmdline); do
+for a in $CMDLINE; do
   case "$a" in
     lab.run=*) RUN=${a#lab.run=} ;;
     lab.9p=*) NINEP=${a#lab.9p=} ;;

@@ -113,7 +113,7 @@ export async function runInLab(opts: LabOptions): Promise<LabResult> {
   // cache=mmap: guest writes reach the host at once (exit code, test output), mmap works.
   const ninep = process.env.TYPERVISOR_LAB_9P ?? 'cache=mmap';
   // The lab's KVM keeps the guests' page tables in software (shadow paging), not in the
-  // emulated AMD-V's nested paging (NPT): docs/lab.md "Guest triple faults in the lab".
+  // emulated AMD-V's nested paging (NPT): docs/lab.md "Shadow paging in the lab".
   // TYPERVISOR_LAB_NPT=1 turns NPT back on.
   const npt = process.env.TYPERVISOR_LAB_NPT === '1' ? 1 : 0;
   const append = [

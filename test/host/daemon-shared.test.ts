@@ -148,7 +148,6 @@ describe('typervisor serve, shared mode (KVM)', () => {
     assert.equal(pool.mode, 'shared');
     assert.equal(pool.failed_total, 0);
 
-    // The VM's own Firecracker API drives it: pause, resume, its configuration.
     // The VM's API socket is bound once its vCPUs run: a path that cannot be bound (a
     // directory there) fails the create, and the VM that was already running is stopped.
     mkdirSync(join(d.stateDir, 'taken.sock'));
@@ -161,6 +160,7 @@ describe('typervisor serve, shared mode (KVM)', () => {
     assert.equal((await call(d.sock, 'GET', '/')).json.vms, 1); // only 'a' runs
     rmSync(join(d.stateDir, 'taken.sock'), { recursive: true });
 
+    // The VM's own Firecracker API drives it: pause, resume, its configuration.
     const vmSock = a.json.api_socket;
     assert.equal((await call(vmSock, 'PATCH', '/vm', { state: 'Paused' })).status, 204);
     assert.equal((await call(vmSock, 'GET', '/')).json.state, 'Paused');
