@@ -171,10 +171,47 @@ interface Sample {
   g2hTxFramesPerBatch?: number;
   /** RX frames per RX kick (host -> guest: the driver kicks RX only when we ran out). */
   h2gRxFramesPerKick?: number;
+  /**
+   * Typervisor's per-queue counters over each iperf3 run, per MB moved (the `typervisor` metrics
+   * group): where a direction's interrupts come from (RX = queue 0, TX = queue 1).
+   */
+  g2hQueues?: QueueFigures;
+  h2gQueues?: QueueFigures;
   pingMs?: number;
   vsockG2hMBs?: number;
   vsockH2gMBs?: number;
   errors: string[];
+}
+
+interface QueueFigures {
+  rxFramesPerMB: number;
+  txFramesPerMB: number;
+  rxIrqsPerMB: number;
+  txIrqsPerMB: number;
+  rxIrqsSuppressedPerMB: number;
+  txIrqsSuppressedPerMB: number;
+  rxKicksPerMB: number;
+  txKicksPerMB: number;
+}
+
+/** The net device's per-queue counters (the metrics' `typervisor` group) per MB moved. */
+function queueFigures(
+  lines: string[],
+  group: string,
+  mb: number | undefined,
+): QueueFigures | undefined {
+  if (!mb) return undefined;
+  const extra = (field: string) => sumMetric(lines, 'typervisor', `${group}.${field}`) / mb;
+  return {
+    rxFramesPerMB: sumMetric(lines, group, 'rx_packets_count') / mb,
+    txFramesPerMB: sumMetric(lines, group, 'tx_packets_count') / mb,
+    rxIrqsPerMB: extra('queue0_irqs'),
+    txIrqsPerMB: extra('queue1_irqs'),
+    rxIrqsSuppressedPerMB: extra('queue0_irqs_suppressed'),
+    txIrqsSuppressedPerMB: extra('queue1_irqs_suppressed'),
+    rxKicksPerMB: extra('queue0_kicks'),
+    txKicksPerMB: extra('queue1_kicks'),
+  };
 }
 
 function vmmArgv(
@@ -423,6 +460,7 @@ async function measure(
           const frames = sumMetric(m, group, 'tx_packets_count');
           s.g2hTxFramesPerKick = ratio(frames, sumMetric(m, group, 'tx_queue_event_count'));
           s.g2hTxFramesPerBatch = ratio(frames, sumMetric(m, group, 'tx_batches'));
+          s.g2hQueues = queueFigures(m, group, iperfMBytes(out));
         }
       });
       await attempt('iperf3 host->guest', async () => {
@@ -437,11 +475,13 @@ async function measure(
         s.h2gMbit = iperfMbit(out);
         if (s.h2gMbit === undefined) throw new Error(`no iperf3 summary: ${out.slice(-300)}`);
         s.h2gIrqPerMB = await irqsPerMB(before, out);
-        if (m)
+        if (m) {
           s.h2gRxFramesPerKick = ratio(
             sumMetric(m, group, 'rx_packets_count'),
             sumMetric(m, group, 'rx_queue_event_count'),
           );
+          s.h2gQueues = queueFigures(m, group, iperfMBytes(out));
+        }
       });
     }
     await attempt('vsock guest->host', async () => {
@@ -521,6 +561,8 @@ async function main(): Promise<void> {
     },
   }).values;
   const runs = Number(args.runs ?? 1);
+  // Our VMMs (children of this process) write their per-queue counters too (queueFigures).
+  process.env.TYPERVISOR_METRICS_EXTRAS = '1';
   // --only vsock: the vsock transfers alone (no ping, no iperf3), for work on vsock.
   if (args.only !== undefined && args.only !== 'vsock')
     throw new Error(`--only: 'vsock' is the one choice (got ${args.only})`);
@@ -678,6 +720,18 @@ async function main(): Promise<void> {
     ),
   ].join('\n');
   process.stderr.write(`${md}\n`);
+  // Where each direction's interrupts and frames come from, per run (Typervisor's counters).
+  for (const x of samples)
+    for (const [dir, q] of [
+      ['guest → host', x.g2hQueues],
+      ['host → guest', x.h2gQueues],
+    ] as const)
+      if (q)
+        log(
+          `${x.vmm} ${dir} per MB: ${Object.entries(q)
+            .map(([k, v]) => `${k} ${v.toFixed(2)}`)
+            .join(', ')}`,
+        );
   if (samples.some((s) => s.vmm === 'baseline')) {
     for (const [what, f] of [
       ['iperf3 guest → host Mbit/s', (s: Sample) => s.g2hMbit],
