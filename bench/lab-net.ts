@@ -292,7 +292,63 @@ function vmmArgv(
     `virtio-net-device,netdev=n0,mac=${GUEST_MAC}`,
     '-device',
     `vhost-vsock-device,guest-cid=${GUEST_CID}`,
+    // TYPERVISOR_BENCH_QEMU_TRACE=1: QEMU's virtio kicks and notifications to a log (qemuQueues).
+    ...(process.env.TYPERVISOR_BENCH_QEMU_TRACE
+      ? [
+          '-trace',
+          'enable=virtio_notify',
+          '-trace',
+          'enable=virtio_queue_notify',
+          '-D',
+          qemuTrace(uds),
+        ]
+      : []),
   ]);
+}
+
+/** QEMU's trace log (TYPERVISOR_BENCH_QEMU_TRACE), next to the vsock socket. */
+const qemuTrace = (uds: string) => `${uds}.qemu-trace.log`;
+
+/** The trace log's lines so far (none without tracing). */
+function traceLines(uds: string): string[] {
+  try {
+    return readFileSync(qemuTrace(uds), 'utf8').split('\n');
+  } catch {
+    return [];
+  }
+}
+
+/**
+ * QEMU's kicks (virtio_queue_notify) and notifications it asked for (virtio_notify: an
+ * interrupt unless EVENT_IDX or NO_INTERRUPT says no, which the trace does not show) per MB,
+ * by device and queue, over the trace lines of one iperf3 run.
+ */
+function qemuQueues(lines: string[], mb: number | undefined): string | undefined {
+  if (!mb) return undefined;
+  const queueOf = new Map<string, string>();
+  const kicks = new Map<string, number>();
+  const notifies = new Map<string, number>();
+  for (const l of lines) {
+    const k = /virtio_queue_notify vdev (0x[0-9a-f]+) n (\d+) vq (0x[0-9a-f]+)/.exec(l);
+    if (k) {
+      const q = `${k[1]}/${k[2]}`;
+      queueOf.set(k[3]!, q);
+      kicks.set(q, (kicks.get(q) ?? 0) + 1);
+      continue;
+    }
+    const n = /virtio_notify vdev (0x[0-9a-f]+) vq (0x[0-9a-f]+)/.exec(l);
+    if (n) {
+      const q = queueOf.get(n[2]!) ?? `${n[1]}/vq ${n[2]}`;
+      notifies.set(q, (notifies.get(q) ?? 0) + 1);
+    }
+  }
+  const qs = [...new Set([...kicks.keys(), ...notifies.keys()])].sort();
+  return qs
+    .map(
+      (q) =>
+        `${q}: kicks ${((kicks.get(q) ?? 0) / mb).toFixed(2)}, notifications ${((notifies.get(q) ?? 0) / mb).toFixed(2)}`,
+    )
+    .join('; ');
 }
 
 /** The Firecracker-style mode's files, next to the vsock socket. */
@@ -445,6 +501,7 @@ async function measure(
       };
       const group = `net_${IFACE}`;
       await attempt('iperf3 guest->host', async () => {
+        const traced = traceLines(uds).length;
         const before = netIrqs(await vm.run(NET_IRQ_CMD, 30_000));
         let out = '';
         const m = await counted(async () => {
@@ -462,8 +519,11 @@ async function measure(
           s.g2hTxFramesPerBatch = ratio(frames, sumMetric(m, group, 'tx_batches'));
           s.g2hQueues = queueFigures(m, group, iperfMBytes(out));
         }
+        const qt = qemuQueues(traceLines(uds).slice(traced), iperfMBytes(out));
+        if (!isOurs(name) && qt) log(`qemu guest → host per MB: ${qt}`);
       });
       await attempt('iperf3 host->guest', async () => {
+        const traced = traceLines(uds).length;
         const before = netIrqs(await vm.run(NET_IRQ_CMD, 30_000));
         let out = '';
         const m = await counted(async () => {
@@ -482,6 +542,8 @@ async function measure(
           );
           s.h2gQueues = queueFigures(m, group, iperfMBytes(out));
         }
+        const qt = qemuQueues(traceLines(uds).slice(traced), iperfMBytes(out));
+        if (!isOurs(name) && qt) log(`qemu host → guest per MB: ${qt}`);
       });
     }
     await attempt('vsock guest->host', async () => {
