@@ -51,6 +51,8 @@ const IFACE = 'eth0';
 const IPERF_SECONDS = 4;
 const PINGS = 10;
 const VSOCK_MIB = 32;
+/** iperf3 streams per run (--parallel). */
+let PARALLEL = 1;
 const log = (s: string) => process.stderr.write(`lab-net: ${s}\n`);
 
 /** A VMM process whose console we drive: send lines, wait for output. */
@@ -506,7 +508,7 @@ async function measure(
         let out = '';
         const m = await counted(async () => {
           out = await vm.run(
-            `iperf3 -c ${net.hostAddr} -t ${IPERF_SECONDS} -f m 2>&1 | tail -n 4`,
+            `iperf3 -c ${net.hostAddr} -t ${IPERF_SECONDS} -P ${PARALLEL} -f m 2>&1 | tail -n 4`,
             120_000,
           );
         });
@@ -528,7 +530,7 @@ async function measure(
         let out = '';
         const m = await counted(async () => {
           out = await vm.run(
-            `iperf3 -c ${net.hostAddr} -t ${IPERF_SECONDS} -f m -R 2>&1 | tail -n 4`,
+            `iperf3 -c ${net.hostAddr} -t ${IPERF_SECONDS} -P ${PARALLEL} -f m -R 2>&1 | tail -n 4`,
             120_000,
           );
         });
@@ -620,8 +622,14 @@ async function main(): Promise<void> {
       only: { type: 'string' },
       vmm: { type: 'string' },
       baseline: { type: 'string' },
+      parallel: { type: 'string' },
     },
   }).values;
+  // --parallel N: iperf3 -P N (N TCP streams; default 1). A diagnostic: a guest whose one
+  // stream is held back by TCP small queues (TX completions) gains from more streams.
+  PARALLEL = Number(args.parallel ?? 1);
+  if (!Number.isInteger(PARALLEL) || PARALLEL < 1 || PARALLEL > 16)
+    throw new Error(`--parallel: 1-16 streams (got ${args.parallel})`);
   const runs = Number(args.runs ?? 1);
   // Our VMMs (children of this process) write their per-queue counters too (queueFigures).
   process.env.TYPERVISOR_METRICS_EXTRAS = '1';
@@ -767,7 +775,7 @@ async function main(): Promise<void> {
     ),
   ];
   const notes = [
-    `net: ${runs} run(s) per VMM; the Debian root disk, ${MEM_MIB} MiB, 1 vCPU; one TAP on a bridge in a network namespace of our own (169.254.0.0/16); iperf3 ${IPERF_SECONDS} s per direction (receiver's figure); vsock: ${VSOCK_MIB} MiB of zeros through socat (-b 65536) at both ends, timed on the host.`,
+    `net: ${runs} run(s) per VMM; the Debian root disk, ${MEM_MIB} MiB, 1 vCPU; one TAP on a bridge in a network namespace of our own (169.254.0.0/16); iperf3 ${IPERF_SECONDS} s per direction, ${PARALLEL} stream(s) (receiver's figure); vsock: ${VSOCK_MIB} MiB of zeros through socat (-b 65536) at both ends, timed on the host.`,
     'net: QEMU runs virtio-net-device on the TAP with vhost=off (a userspace device, like Typervisor) and vhost-vsock-device (QEMU has no userspace vsock).',
     ...samples
       .filter((s) => s.errors.length > 0)
