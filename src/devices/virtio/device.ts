@@ -134,6 +134,13 @@ export interface VirtioBackend {
    */
   endTurn?(queue: number): void;
   /**
+   * Optional (issue 17, virtio-net's early TX completion): called after a drained turn's used
+   * entries are published and its interrupt sent (so the driver may already reuse the turn's
+   * buffers: a backend does here only work on copies it made in handle()). An exception breaks
+   * the device.
+   */
+  afterTurn?(queue: number): void;
+  /**
    * Queues the backend serves itself through QueueIo: a kick of one of them calls kick()
    * instead of draining it through handle().
    */
@@ -612,6 +619,13 @@ export class VirtioDevice {
     }
     if (used > 0) this.interruptIfWanted(q, index);
     else q.publishUsed(); // ends the batch
+    if (this.backend.afterTurn && live()) {
+      try {
+        this.backend.afterTurn(index);
+      } catch (e) {
+        this.fail(`queue ${index}`, e);
+      }
+    }
   }
 
   /** endTurn() on a path that breaks the device anyway: its own exception adds nothing. */

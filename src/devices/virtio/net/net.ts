@@ -163,6 +163,13 @@ export interface NetLimitOptions {
   setTimer?: (ms: number, fn: () => void) => () => void;
   /** The limiters' clock in ms (default: performance.now). */
   now?: () => number;
+  /**
+   * Early TX completion (issue 17; default on, TYPERVISOR_NET_TX_EARLY=0 turns it off): a
+   * turn's frames are copied out of guest memory, their chains go back to the guest with the
+   * turn's interrupt, and then the copies go to the TAP. Off: each frame goes to the TAP
+   * straight from guest memory (zero-copy) before its chain goes back.
+   */
+  txEarly?: boolean;
 }
 
 export interface NetCounters {
@@ -275,6 +282,18 @@ export class NetDevice implements VirtioBackend {
   private readonly txHdr = new Uint8Array(NET_HDR_SIZE);
   /** A TX frame body with too many buffers for one writev, copied here. */
   private readonly txBody = new Uint8Array(MAX_FRAME_WITH_HDR - NET_HDR_SIZE);
+  /**
+   * Early TX completion (NetLimitOptions.txEarly): the frames of a turn copied out of guest
+   * memory (header and body, contiguous), written to the TAP after the turn's chains went back
+   * to the guest (afterTurn): the TAP's write (the host's bridge and TCP receive run inside
+   * it) no longer delays the guest's TX completions, which hold back a TCP stream (TCP small
+   * queues keep ~2 TSO frames below TCP). At most TX_EARLY_FRAMES wait at a time: a longer turn writes each
+   * group of them as it fills. Buffers are kept for the next turn.
+   */
+  private readonly txEarly: boolean;
+  private readonly txCopies: Uint8Array[] = [];
+  private readonly txPending: Array<{ buf: Uint8Array; len: number }> = [];
+  private readonly txEarlyIov: Uint8Array[] = [];
   private watching = false;
   private readonly peek = new Uint8Array(INTERCEPT_PEEK);
   /** The TX header's fields, parsed from txHdr (one object, refilled per frame). */
@@ -294,6 +313,7 @@ export class NetDevice implements VirtioBackend {
     private readonly defer?: (fn: () => void) => void,
   ) {
     const now = limits.now ?? monotonicMs;
+    this.txEarly = limits.txEarly ?? process.env.TYPERVISOR_NET_TX_EARLY !== '0';
     this.rxLimiter = new RateLimiter(limits.rx, now);
     this.txLimiter = new RateLimiter(limits.tx, now);
     if (this.rxLimiter.active && !limits.setTimer)
@@ -361,7 +381,7 @@ export class NetDevice implements VirtioBackend {
    * takes it again), the offloads follow from the negotiated features, the TAP is the host's.
    */
   save(): Uint8Array {
-    this.flushTx(); // nothing is queued between turns; kept for safety
+    this.writePending(); // nothing is queued between turns; kept for safety
     if (this.held && this.io?.unpop(RX_QUEUE, this.held.head)) this.held = undefined;
     // A frame the RX limiter held: its chain goes back empty, the frame is dropped.
     if (this.deferred && this.io?.unpop(RX_QUEUE, this.deferred.chain.head)) {
@@ -400,7 +420,7 @@ export class NetDevice implements VirtioBackend {
   }
 
   deactivate(): void {
-    this.flushTx(); // frames admitted before the reset still go out, as with writev
+    this.writePending(); // frames admitted before the reset still go out, as with writev
     this.io = undefined;
     this.held = undefined;
     this.deferred = undefined;
@@ -469,6 +489,39 @@ export class NetDevice implements VirtioBackend {
       this.counters.txCoalesced++;
     }
     const frameLen = len - NET_HDR_SIZE;
+    if (this.txEarly) {
+      // A turn longer than the copies: the earlier ones go first (frames keep their order).
+      if (this.txPending.length >= TX_EARLY_FRAMES) this.writePending();
+      const buf = this.txCopies.pop() ?? new Uint8Array(MAX_FRAME_WITH_HDR);
+      buf.set(this.txHdr, 0);
+      gatherFrom(iov, 1, buf.subarray(NET_HDR_SIZE, len));
+      iov.length = 0;
+      this.txPending.push({ buf, len });
+      return 0;
+    }
+    return this.writeFrame(iov, frameLen);
+  }
+
+  /** Writes the copies of the turn's frames (after their chains went back); never throws. */
+  afterTurn(queue: number): void {
+    if (queue !== TX_QUEUE || this.txPending.length === 0) return;
+    this.writePending();
+  }
+
+  private writePending(): void {
+    // Not txIov: handle() may be holding the frame it is copying there.
+    const iov = this.txEarlyIov;
+    for (const p of this.txPending.splice(0)) {
+      iov.length = 0;
+      iov.push(p.buf.subarray(0, p.len));
+      this.writeFrame(iov, p.len - NET_HDR_SIZE);
+      this.txCopies.push(p.buf);
+    }
+    this.flushTx();
+  }
+
+  /** One frame to the TAP (or its batch): `iov` is our header copy, then the frame. */
+  private writeFrame(iov: Uint8Array[], frameLen: number): number {
     try {
       const batch = this.tap.txBatch;
       if (batch?.open) {
@@ -715,6 +768,9 @@ export class NetDevice implements VirtioBackend {
 }
 
 /** Copies up to dst.length bytes from the start of segments[from..]; returns how many. */
+/** Frames copied per TX turn for early completion (afterTurn); 8 x 64 KiB kept at most. */
+const TX_EARLY_FRAMES = 8;
+
 function gatherFrom(segments: readonly Uint8Array[], from: number, dst: Uint8Array): number {
   let n = 0;
   for (let i = from; i < segments.length && n < dst.length; i++) {
