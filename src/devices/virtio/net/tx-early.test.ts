@@ -1,9 +1,9 @@
 /**
- * virtio-net's early TX completion (issue 17, on by default): a turn's frames are copied out of
+ * virtio-net's early TX completion (issue 17, off by default; TYPERVISOR_NET_TX_EARLY=1): a turn's frames are copied out of
  * guest memory, their chains are used (and the interrupt sent) first, then the copies go to the
  * TAP in the guest's order; a copy is what is sent, so the guest's buffers are not read after
- * their chains went back. With it off (TYPERVISOR_NET_TX_EARLY=0) each frame is written before
- * its chain is used, as tx-path.test.ts checks.
+ * their chains went back. Off (the default) each frame is written before its chain is used, as
+ * tx-path.test.ts checks.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -81,7 +81,7 @@ function addFrame(h: Harness, tx: MockQueue, f: Uint8Array): number[] {
 }
 
 test('early TX completion: the turn is used and interrupted first, then its copies are sent in order', () => {
-  const { tap, h, tx } = setup(); // the default: on
+  const { tap, h, tx } = setup(true);
   const frames = [frame(1500, 1), frame(60, 2), frame(9000, 3)];
   for (const f of frames) addFrame(h, tx, f);
   h.kick(TX_QUEUE);
@@ -128,4 +128,25 @@ test('early TX completion off: each frame is written from guest memory before it
     assert.equal(s.usedIdx, 0, `frame ${i} was written before any chain was used`);
     assert.equal(s.guestBuffer, true, `frame ${i} was sent from guest memory (zero-copy)`);
   });
+});
+
+test('early TX completion is off unless TYPERVISOR_NET_TX_EARLY=1', () => {
+  const saved = process.env.TYPERVISOR_NET_TX_EARLY;
+  try {
+    for (const [env, early] of [
+      [undefined, false],
+      ['0', false],
+      ['1', true],
+    ] as const) {
+      if (env === undefined) delete process.env.TYPERVISOR_NET_TX_EARLY;
+      else process.env.TYPERVISOR_NET_TX_EARLY = env;
+      const { tap, h, tx } = setup();
+      addFrame(h, tx, frame(100, 1));
+      h.kick(TX_QUEUE);
+      assert.equal(tap.sent[0]!.guestBuffer, !early, `TYPERVISOR_NET_TX_EARLY=${env}`);
+    }
+  } finally {
+    if (saved === undefined) delete process.env.TYPERVISOR_NET_TX_EARLY;
+    else process.env.TYPERVISOR_NET_TX_EARLY = saved;
+  }
 });
