@@ -194,6 +194,9 @@ interface QueueFigures {
   txIrqsSuppressedPerMB: number;
   rxKicksPerMB: number;
   txKicksPerMB: number;
+  /** TX turns per MB and their mean time (VirtioDevice's queue1_turns / queue1_turn_us). */
+  txTurnsPerMB: number;
+  txTurnMs: number;
 }
 
 /** The net device's per-queue counters (the metrics' `typervisor` group) per MB moved. */
@@ -213,6 +216,11 @@ function queueFigures(
     txIrqsSuppressedPerMB: extra('queue1_irqs_suppressed'),
     rxKicksPerMB: extra('queue0_kicks'),
     txKicksPerMB: extra('queue1_kicks'),
+    txTurnsPerMB: extra('queue1_turns'),
+    txTurnMs:
+      sumMetric(lines, 'typervisor', `${group}.queue1_turn_us`) /
+      1000 /
+      Math.max(1, sumMetric(lines, 'typervisor', `${group}.queue1_turns`)),
   };
 }
 

@@ -207,6 +207,10 @@ export interface VirtioDeviceCounters {
   irqsSuppressed: number[];
   /** Per queue: chains returned to the driver (used entries). */
   used: number[];
+  /** Per queue: drained turns that returned at least one chain. */
+  turns: number[];
+  /** Per queue: those turns' time, from the first pop to the end of afterTurn, in µs. */
+  turnUs: number[];
 }
 
 /**
@@ -237,6 +241,8 @@ export class VirtioDevice {
     irqs: [],
     irqsSuppressed: [],
     used: [],
+    turns: [],
+    turnUs: [],
   };
   /** Queues asleep on their rate limiter (their turn in `turns` is a timer of env.after). */
   private readonly sleeping = new Set<number>();
@@ -248,7 +254,7 @@ export class VirtioDevice {
   ) {
     this.state = new VirtioMmioState(sab);
     const n = this.state.identity().queueNumMax.length;
-    for (const k of ['kicks', 'irqs', 'irqsSuppressed', 'used'] as const)
+    for (const k of ['kicks', 'irqs', 'irqsSuppressed', 'used', 'turns', 'turnUs'] as const)
       this.counters[k] = new Array<number>(n).fill(0);
   }
 
@@ -307,7 +313,9 @@ export class VirtioDevice {
    * Generic counters in metrics names, next to the backend's. Per queue i (ours, Firecracker
    * has no per-queue fields): queue<i>_kicks (notifications received), queue<i>_irqs (used-
    * buffer interrupts raised), queue<i>_irqs_suppressed (the driver said no), queue<i>_used
-   * (chains returned). Kicks also under Firecracker's names where it has them (FC_KICK_NAMES).
+   * (chains returned), queue<i>_turns and queue<i>_turn_us (drained turns that returned a
+   * chain, and their time in µs: the device's own share of a queue's round trip). Kicks also
+   * under Firecracker's names where it has them (FC_KICK_NAMES).
    */
   metrics(): Record<string, number> {
     const c = this.counters;
@@ -320,6 +328,8 @@ export class VirtioDevice {
       m[`queue${i}_irqs`] = c.irqs[i]!;
       m[`queue${i}_irqs_suppressed`] = c.irqsSuppressed[i]!;
       m[`queue${i}_used`] = c.used[i]!;
+      m[`queue${i}_turns`] = c.turns[i]!;
+      m[`queue${i}_turn_us`] = Math.round(c.turnUs[i]!);
     });
     const fc = FC_KICK_NAMES[this.state.identity().deviceId];
     fc?.forEach((name, i) => {
@@ -540,6 +550,7 @@ export class VirtioDevice {
     let used = 0;
     let bytes = 0;
     const live = () => this.dev === d && this.state.epoch() === d.epoch;
+    const start = performance.now();
     // No kicks while we drain (the empty pop that ends the turn re-enables them and looks
     // again); used entries go out in one used.idx store, with at most one interrupt.
     q.suppressKicks();
@@ -625,6 +636,10 @@ export class VirtioDevice {
       } catch (e) {
         this.fail(`queue ${index}`, e);
       }
+    }
+    if (used > 0) {
+      this.counters.turns[index]!++;
+      this.counters.turnUs[index]! += (performance.now() - start) * 1000;
     }
   }
 

@@ -239,6 +239,8 @@ for (const { name, eventIdx } of MODES) {
     assert.equal(d.queues[0]!.notifyCounters.usedPublishes, 1);
     const m = h.device.metrics();
     assert.deepEqual([m.queue0_kicks, m.queue0_irqs, m.queue0_used], [1, 1, 11]);
+    assert.equal(m.queue0_turns, 1, 'one turn served the 11 chains');
+    assert.ok(typeof m.queue0_turn_us === 'number' && m.queue0_turn_us >= 0);
     add();
     assert.equal(mq.kickNeeded(eventIdx), true, 'drained: kicks are back on');
   });
