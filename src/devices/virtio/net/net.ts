@@ -39,10 +39,10 @@
  * interrupt, and suppresses RX kicks while it has buffers: the driver kicks RX only after we
  * ran out (the empty pop re-enables them), which is the one kick RX needs (back-pressure).
  *
- * Early TX completion (issue 17, off by default: TYPERVISOR_NET_TX_EARLY=1): handle() copies each frame (our checked header
- * copy, then the frame) out of guest memory, VirtioDevice publishes the turn's used entries and
- * sends its interrupt, and afterTurn() writes the copies to the TAP, in order, before the loop
- * goes on: the host's work inside the TAP write (bridge, TCP receive) overlaps the guest's next
+ * Early TX completion (issue 17, off by default: TYPERVISOR_NET_TX_EARLY=1): handle() copies
+ * each frame (our checked header copy, then the frame) out of guest memory, VirtioDevice
+ * publishes the turn's used entries and sends its interrupt, and afterTurn() writes the copies
+ * to the TAP, in order, before the loop goes on: the host's work inside the TAP write (bridge, TCP receive) overlaps the guest's next
  * frames instead of delaying its completions, and the guest's buffers are not read after their
  * chains went back. At most TX_EARLY_FRAMES copies wait (8 x 64 KiB, kept); a longer turn writes
  * each full group first. Measured in the lab beside the build without it (docs/bench.md): ping
@@ -297,8 +297,8 @@ export class NetDevice implements VirtioBackend {
    * memory (header and body, contiguous), written to the TAP after the turn's chains went back
    * to the guest (afterTurn): the TAP's write (the host's bridge and TCP receive run inside
    * it) no longer delays the guest's TX completions, which hold back a TCP stream (TCP small
-   * queues keep ~2 TSO frames below TCP). At most TX_EARLY_FRAMES wait at a time: a longer turn writes each
-   * group of them as it fills. Buffers are kept for the next turn.
+   * queues keep ~2 TSO frames below TCP). At most TX_EARLY_FRAMES wait at a time: a longer
+   * turn writes each group of them as it fills. Buffers are kept for the next turn.
    */
   private readonly txEarly: boolean;
   private readonly txCopies: Uint8Array[] = [];
@@ -777,10 +777,10 @@ export class NetDevice implements VirtioBackend {
   }
 }
 
-/** Copies up to dst.length bytes from the start of segments[from..]; returns how many. */
 /** Frames copied per TX turn for early completion (afterTurn); 8 x 64 KiB kept at most. */
 const TX_EARLY_FRAMES = 8;
 
+/** Copies up to dst.length bytes from the start of segments[from..]; returns how many. */
 function gatherFrom(segments: readonly Uint8Array[], from: number, dst: Uint8Array): number {
   let n = 0;
   for (let i = from; i < segments.length && n < dst.length; i++) {

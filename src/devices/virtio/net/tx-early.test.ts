@@ -1,9 +1,9 @@
 /**
- * virtio-net's early TX completion (issue 17, off by default; TYPERVISOR_NET_TX_EARLY=1): a turn's frames are copied out of
- * guest memory, their chains are used (and the interrupt sent) first, then the copies go to the
- * TAP in the guest's order; a copy is what is sent, so the guest's buffers are not read after
- * their chains went back. Off (the default) each frame is written before its chain is used, as
- * tx-path.test.ts checks.
+ * virtio-net's early TX completion (issue 17, off by default; TYPERVISOR_NET_TX_EARLY=1): a
+ * turn's frames are copied out of guest memory, their chains are used (and the interrupt sent)
+ * first, then the copies go to the TAP in the guest's order; a copy is what is sent, so the
+ * guest's buffers are not read after their chains went back. Off (the default) each frame is
+ * written before its chain is used, as tx-path.test.ts checks.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
