@@ -406,10 +406,16 @@ static napi_value n_read(napi_env env, napi_callback_info info) {
   return num(env, n);
 }
 
-/* readv/writev(fd, buffers[]): bytes, or -1 when it would block (scatter-gather for TAP) */
-static napi_value rw_vec(napi_env env, napi_callback_info info, int is_write) {
-  napi_value a[2];
-  if (!get_args(env, info, 2, a)) return NULL;
+/* readv/writev(fd, buffers[]): bytes, or -1 when it would block (scatter-gather for TAP);
+ * preadv/pwritev(fd, buffers[], offset): the same at a file offset (virtio-blk's Sync engine) */
+static napi_value rw_vec(napi_env env, napi_callback_info info, int is_write, int at_offset) {
+  napi_value a[3];
+  if (!get_args(env, info, at_offset ? 3 : 2, a)) return NULL;
+  int64_t off = 0;
+  if (at_offset) {
+    off = arg_i64(env, a[2]);
+    if (off < 0) { napi_throw_range_error(env, NULL, "negative file offset"); return NULL; }
+  }
   uint32_t cnt;
   CHECK(napi_get_array_length(env, a[1], &cnt));
   if (cnt > 1024) { napi_throw_range_error(env, NULL, "too many iovecs"); return NULL; }
@@ -420,12 +426,19 @@ static napi_value rw_vec(napi_env env, napi_callback_info info, int is_write) {
     if (!buffer_of(env, e, &iov[i].iov_base, &iov[i].iov_len)) { napi_throw_type_error(env, NULL, "not a buffer"); return NULL; }
   }
   int fd = (int)arg_i64(env, a[0]);
-  ssize_t n = is_write ? writev(fd, iov, (int)cnt) : readv(fd, iov, (int)cnt);
-  if (n < 0) { if (errno == EAGAIN) return num(env, -1); return throw_errno(env, is_write ? "writev" : "readv", errno); }
+  ssize_t n;
+  if (at_offset) n = is_write ? pwritev(fd, iov, (int)cnt, (off_t)off) : preadv(fd, iov, (int)cnt, (off_t)off);
+  else n = is_write ? writev(fd, iov, (int)cnt) : readv(fd, iov, (int)cnt);
+  if (n < 0) {
+    if (errno == EAGAIN) return num(env, -1);
+    return throw_errno(env, at_offset ? (is_write ? "pwritev" : "preadv") : (is_write ? "writev" : "readv"), errno);
+  }
   return num(env, n);
 }
-static napi_value n_readv(napi_env env, napi_callback_info info) { return rw_vec(env, info, 0); }
-static napi_value n_writev(napi_env env, napi_callback_info info) { return rw_vec(env, info, 1); }
+static napi_value n_readv(napi_env env, napi_callback_info info) { return rw_vec(env, info, 0, 0); }
+static napi_value n_writev(napi_env env, napi_callback_info info) { return rw_vec(env, info, 1, 0); }
+static napi_value n_preadv(napi_env env, napi_callback_info info) { return rw_vec(env, info, 0, 1); }
+static napi_value n_pwritev(napi_env env, napi_callback_info info) { return rw_vec(env, info, 1, 1); }
 
 /* epollCreate(): fd */
 static napi_value n_epoll_create(napi_env env, napi_callback_info info) {
@@ -1325,6 +1338,7 @@ NAPI_MODULE_INIT() {
     EXPORT("eventfd", n_eventfd), EXPORT("eventfdRead", n_eventfd_read),
     EXPORT("eventfdWrite", n_eventfd_write), EXPORT("read", n_read),
     EXPORT("readv", n_readv), EXPORT("writev", n_writev),
+    EXPORT("preadv", n_preadv), EXPORT("pwritev", n_pwritev),
     EXPORT("epollCreate", n_epoll_create), EXPORT("epollCtl", n_epoll_ctl),
     EXPORT("epollWait", n_epoll_wait), EXPORT("installKickHandler", n_install_kick_handler),
     EXPORT("threadSelf", n_thread_self), EXPORT("kick", n_kick), EXPORT("tapOpen", n_tap_open),

@@ -44,6 +44,9 @@ export interface NativeShim {
   read(fd: number, buffer: Buf): number;
   readv(fd: number, buffers: Buf[]): number;
   writev(fd: number, buffers: Buf[]): number;
+  /** preadv(2)/pwritev(2) at a file offset (at most 1024 buffers): bytes moved. */
+  preadv(fd: number, buffers: Buf[], offset: number): number;
+  pwritev(fd: number, buffers: Buf[], offset: number): number;
   epollCreate(): number;
   epollCtl(epfd: number, op: number, fd: number, events: number, tag: number): void;
   /** Fills `out` with [events, tag] pairs; returns how many (0 on timeout or EINTR). */

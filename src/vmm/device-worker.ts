@@ -195,7 +195,7 @@ function main(d: DeviceWorkerData): void {
         const backend = x?.created.backend;
         if (!x || !(backend instanceof BlockDevice))
           throw new Error(`this VM has no block device "${r.id}"`);
-        const field = backend.swapImage(fdBlockFile(r.fd), r.capacity);
+        const field = backend.swapImage(fdBlockFile(r.fd, n), r.capacity);
         if (x.device.state.changeConfig(BLK_CONFIG_CAPACITY, field))
           n.eventfdWrite(x.slot.irqFd, 1);
         return undefined;

@@ -24,6 +24,9 @@ export interface HostSys {
   ioctl(fd: number, request: number, arg: number | bigint | Buf): number;
   readv(fd: number, buffers: Buf[]): number;
   writev(fd: number, buffers: Buf[]): number;
+  /** At a file offset (virtio-blk's Sync engine: one syscall per request, not per segment). */
+  preadv?(fd: number, buffers: Buf[], offset: number): number;
+  pwritev?(fd: number, buffers: Buf[], offset: number): number;
   tapOpen(name: string, flags: number): number;
   unixSocket(): number;
   bindListen(fd: number, path: string, backlog: number): void;

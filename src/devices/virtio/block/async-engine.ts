@@ -6,7 +6,8 @@
  * the chains the driver made available, prepares one SQE per request (IORING_OP_READV/WRITEV
  * whose iovecs point straight into guest RAM, IORING_OP_FSYNC with IOSQE_IO_DRAIN for a flush,
  * so it starts only once every earlier request has completed) and submits them all with one
- * io_uring_enter. Completions signal the ring's eventfd, watched on the device worker's loop:
+ * io_uring_enter; a read of BLK_ASYNC_PUNT_READ_BYTES or more is handed to io-wq at once
+ * (IOSQE_ASYNC). Completions signal the ring's eventfd, watched on the device worker's loop:
  * each is written into its status byte and put on the used ring, and the interrupt is raised
  * once per batch (QueueIo.notify).
  *
@@ -32,6 +33,7 @@ import {
   IORING_OP_FSYNC,
   IORING_OP_READV,
   IORING_OP_WRITEV,
+  IOSQE_ASYNC,
   IOSQE_IO_DRAIN,
   HostAddresses,
   setU64,
@@ -41,6 +43,16 @@ import { VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, type ParsedRequest } from './reque
 
 /** Requests in flight at most (the ring's SQ size; the CQ is twice that, so it cannot overflow). */
 export const BLK_ASYNC_SLOTS = 128;
+/**
+ * Reads of at least this many bytes go straight to the kernel's io-wq workers (IOSQE_ASYNC)
+ * instead of being tried inline in io_uring_enter. A read the page cache can serve is otherwise
+ * copied inline, on the device worker, one request after another; punted, a queue's big reads
+ * are copied by several workers at once, as QEMU's thread pool does. Measured in the lab (fio,
+ * 1 MiB sequential reads, iodepth 4, 6 rounds): +4-40% (+25-31% in the 3 quietest), and a
+ * small read stays inline, where it is cheapest. Writes are not punted: io-wq runs the
+ * buffered writes to one file one at a time anyway (the lab measured no gain).
+ */
+export const BLK_ASYNC_PUNT_READ_BYTES = 64 * 1024;
 const IOVEC_SIZE = 16;
 
 /** What the engine needs of its BlockDevice. */
@@ -312,6 +324,7 @@ export class AsyncBlockEngine {
     }
     return this.ring.sq.push({
       opcode: slot.kind === 'read' ? IORING_OP_READV : IORING_OP_WRITEV,
+      flags: slot.kind === 'read' && slot.length >= BLK_ASYNC_PUNT_READ_BYTES ? IOSQE_ASYNC : 0,
       fd: this.host.fd(),
       offset: slot.offset + slot.done,
       addr: this.iovAddr + at,

@@ -6,8 +6,18 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { AsyncBlockEngine, type AsyncBlockHost } from './async-engine.js';
-import { IORING_OP_READV, IORING_OP_WRITEV, type IoUring, type Sqe } from './io-uring.js';
+import {
+  AsyncBlockEngine,
+  BLK_ASYNC_PUNT_READ_BYTES,
+  type AsyncBlockHost,
+} from './async-engine.js';
+import {
+  IORING_OP_READV,
+  IORING_OP_WRITEV,
+  IOSQE_ASYNC,
+  type IoUring,
+  type Sqe,
+} from './io-uring.js';
 import { VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, type ParsedRequest } from './request.js';
 import type { QueueIo } from '../device.js';
 import type { DescriptorChain } from '../chain.js';
@@ -35,8 +45,10 @@ function fakeRing(file: Uint8Array, chunk: number, mem: Addresses) {
   const sqes: Sqe[] = [];
   const cqes: Array<[number, number]> = [];
   let ops = 0;
+  const flags: Array<[number, number]> = []; // [opcode, SQE flags] of every op run
   const run = (e: Sqe) => {
     ops++;
+    flags.push([e.opcode, e.flags ?? 0]);
     const iov = mem.bytes(e.addr!, e.len! * 16);
     const dv = new DataView(iov.buffer, iov.byteOffset, iov.byteLength);
     let pos = e.offset!;
@@ -88,14 +100,14 @@ function fakeRing(file: Uint8Array, chunk: number, mem: Addresses) {
     clearEvent() {},
     close() {},
   };
-  return { ring: ring as unknown as IoUring, ops: () => ops, pending: () => cqes.length };
+  return { ring: ring as unknown as IoUring, ops: () => ops, pending: () => cqes.length, flags };
 }
 
 function setup(fileBytes: number, chunk: number) {
   const mem = new Addresses();
   const file = new Uint8Array(fileBytes);
   for (let i = 0; i < file.length; i++) file[i] = (i * 7 + 3) & 0xff;
-  const { ring, ops } = fakeRing(file, chunk, mem);
+  const { ring, ops, flags } = fakeRing(file, chunk, mem);
   const requests = new Map<number, ParsedRequest>();
   const queue: number[] = [];
   const used: Array<[number, number]> = [];
@@ -138,7 +150,7 @@ function setup(fileBytes: number, chunk: number) {
     // The completions' eventfd fires until nothing is in flight.
     for (let i = 0; i < 100 && engine.inFlight > 0; i++) subscriber!.process(1);
   };
-  return { file, used, failures, ops, submit, engine };
+  return { file, used, failures, ops, submit, engine, flags };
 }
 
 test('Async engine: a read the file system returns in pieces is whole in the guest', () => {
@@ -176,4 +188,28 @@ test('Async engine: a read that stops moving (past the end of the file) is IOERR
   assert.deepEqual(t.used, [[3, 1]], 'used.len: the status byte only');
   assert.match(t.failures.join('; '), /short read: 5904 of 8192 bytes/);
   assert.equal(t.engine.counters.inFlight, 0);
+});
+
+test('Async engine: big reads go to io-wq at once (IOSQE_ASYNC); small reads and writes do not', () => {
+  const big = BLK_ASYNC_PUNT_READ_BYTES;
+  const t = setup(4 * big, 4 * big);
+  const req = (type: 'read' | 'write', offset: number, lens: number[]): ParsedRequest => {
+    const data = lens.map((l) => new Uint8Array(l));
+    const length = lens.reduce((a, b) => a + b, 0);
+    return { ok: true, request: { type, offset, data, length }, status: new Uint8Array(1) };
+  };
+  t.submit(1, req('read', 0, [4096]));
+  t.submit(2, req('read', 0, [big / 2, big / 2])); // the whole request counts, not a segment
+  t.submit(3, req('read', 0, [big - 512]));
+  t.submit(4, req('write', 0, [big * 2]));
+  assert.deepEqual(t.flags, [
+    [IORING_OP_READV, 0],
+    [IORING_OP_READV, IOSQE_ASYNC],
+    [IORING_OP_READV, 0],
+    [IORING_OP_WRITEV, 0],
+  ]);
+  assert.deepEqual(
+    t.used.map(([h]) => h),
+    [1, 2, 3, 4],
+  );
 });

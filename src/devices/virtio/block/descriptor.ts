@@ -40,7 +40,7 @@ export const blockDevice: DeviceType<BlockConfig, BlockHost> = {
     }
     const dev = new BlockDevice({
       name: env.name,
-      file: fdBlockFile(host.fd),
+      file: fdBlockFile(host.fd, env.sys),
       capacity: host.capacity,
       readOnly: host.readOnly,
       serial: host.serial,

@@ -34,6 +34,8 @@ export const IORING_OP_WRITEV = 2;
 export const IORING_OP_FSYNC = 3;
 /** SQE flag: start only after every SQE submitted before it has completed. */
 export const IOSQE_IO_DRAIN = 1 << 1;
+/** SQE flag: never try the request inline in io_uring_enter; hand it to a kernel worker (io-wq). */
+export const IOSQE_ASYNC = 1 << 4;
 export const IORING_FSYNC_DATASYNC = 1;
 export const IORING_ENTER_GETEVENTS = 1;
 /** SQ ring flag: completions are waiting in the kernel's overflow list (CQ was full). */
