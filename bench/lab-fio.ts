@@ -109,7 +109,7 @@ function parse(stdout: string): (number | null)[] {
 function vmm(name: VmmName, root: string, data: string, kvmKind: string): Vmm {
   const kernel = imagePaths('kernel').KERNEL!;
   const initrd = imagePaths('initramfs').INITRAMFS!;
-  if (name === 'typervisor' || name === 'typervisor-async') {
+  if (name !== 'qemu') {
     const async = name === 'typervisor-async' ? ',async' : '';
     return {
       name: 'typervisor',

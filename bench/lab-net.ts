@@ -490,9 +490,12 @@ async function measure(
       );
       await attempt('ping', async () => {
         const out = await vm.run(`busybox ping -c ${PINGS} -i 0.2 ${net.hostAddr}`, 60_000);
-        const m = /min\/avg\/max = [\d.]+\/([\d.]+)\//.exec(out);
+        const m = /min\/avg\/max = ([\d.]+)\/([\d.]+)\/([\d.]+)/.exec(out);
         if (!m) throw new Error(`no ping summary: ${out.slice(-300)}`);
-        s.pingMs = Number(m[1]);
+        s.pingMs = Number(m[2]);
+        // Each RTT too: an average can be one slow reply (a GC, a timer) or all of them.
+        const each = [...out.matchAll(/time=([\d.]+) ms/g)].map((x) => x[1]).join(' ');
+        log(`${name}: ping min/avg/max ${m[1]}/${m[2]}/${m[3]} ms; each: ${each}`);
       });
       const irqsPerMB = async (before: number | undefined, out: string) => {
         const after = netIrqs(await vm.run(NET_IRQ_CMD, 30_000));
