@@ -18,7 +18,7 @@ import {
   type HostSys,
 } from '../src/devices/virtio/descriptor.js';
 import { fail, type Prng } from './core.js';
-import { writeFileSync } from 'node:fs';
+import { readSync, writeFileSync, writeSync } from 'node:fs';
 
 type Buf = ArrayBuffer | ArrayBufferView;
 
@@ -134,6 +134,10 @@ export class FakeHost {
   madvised = { calls: 0, bytes: 0 };
 
   readonly sys: HostSys = {
+    // virtio-blk's Sync engine on its real image file: preadv/pwritev as the shim makes them,
+    // over node:fs, a short transfer ending the call (block.ts resumes it).
+    preadv: (fd, buffers, offset) => vectored(fd, buffers, offset, false),
+    pwritev: (fd, buffers, offset) => vectored(fd, buffers, offset, true),
     // Device memory (virtio-mem) is not part of these fuzz targets: any use is a bug here.
     memfdCreate: () => {
       throw new Error('fake host: memfdCreate is not modelled');
@@ -387,4 +391,18 @@ export class FakeHost {
     rng.fill(b);
     return b;
   }
+}
+
+function vectored(fd: number, buffers: Buf[], offset: number, write: boolean): number {
+  if (buffers.length > IOV_MAX) throw new RangeError('too many iovecs');
+  let moved = 0;
+  for (const b of buffers) {
+    const v = bytesOf(b);
+    const n = write
+      ? writeSync(fd, v, 0, v.length, offset + moved)
+      : readSync(fd, v, 0, v.length, offset + moved);
+    moved += n;
+    if (n < v.length) break;
+  }
+  return moved;
 }
