@@ -299,7 +299,9 @@ function vmmArgv(
     '-netdev',
     `tap,id=n0,ifname=${net.taps[0]},script=no,downscript=no,vhost=off`,
     '-device',
-    `virtio-net-device,netdev=n0,mac=${GUEST_MAC}`,
+    // TYPERVISOR_BENCH_QEMU_NET_OPTS: more properties for QEMU's virtio-net-device, to ask what
+    // one of its features is worth (e.g. "mrg_rxbuf=off").
+    `virtio-net-device,netdev=n0,mac=${GUEST_MAC}${process.env.TYPERVISOR_BENCH_QEMU_NET_OPTS ? `,${process.env.TYPERVISOR_BENCH_QEMU_NET_OPTS}` : ''}`,
     '-device',
     `vhost-vsock-device,guest-cid=${GUEST_CID}`,
     // TYPERVISOR_BENCH_QEMU_TRACE=1: QEMU's virtio kicks and notifications to a log (qemuQueues).
