@@ -9,7 +9,8 @@
  *   main-allowed        main thread, then allowed work (a file read, a Worker thread)
  *   main-tsync          a Worker started before the install reports its seccomp mode after it
  *   vcpu-socket         a vCPU-role Worker (stacked on the process filter): socket() -> SIGSYS
- *   vcpu-open           the same, openat (allowed by the process filter, not by vcpu) -> SIGSYS
+ *   vcpu-open           the same, openat (allowed by the process filter, not by vcpu): refused
+ *                       with EACCES, not a kill (glibc's malloc opens a /proc file; roles.ts)
  *   vcpu-allowed        the same, a KVM ioctl and an eventfd write: allowed
  *   device-memfd        a device-role Worker: memfd_create -> SIGSYS
  *   device-inet-socket  the same, socket(AF_INET) (only AF_UNIX is allowed) -> SIGSYS
@@ -42,7 +43,12 @@ function workerMain({ c, ack }: { c: string; ack: SharedArrayBuffer }): void {
       n.unixSocket();
       break;
     case 'vcpu-open':
-      n.open('/dev/null', 0, 0);
+      try {
+        n.close(n.open('/dev/null', 0, 0));
+        parentPort!.postMessage('opened');
+      } catch (e) {
+        parentPort!.postMessage(`refused ${(e as { code?: string }).code ?? (e as Error).message}`);
+      }
       break;
     case 'vcpu-allowed': {
       const KVM_GET_API_VERSION = 0xae00;

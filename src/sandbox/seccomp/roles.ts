@@ -28,6 +28,7 @@ const AF_UNIX = 1;
 const O_PATH = 0o10000000;
 const CLONE_THREAD = 0x10000;
 const ENOSYS = 38;
+const EACCES = 13;
 
 const any = (...names: string[]): SyscallRule[] => names.map((syscall) => ({ syscall }));
 
@@ -57,6 +58,17 @@ const arg = (index: number, val: number, comment: string): ArgCondition => ({
 /** glibc's pthread_create tries clone3 first and falls back to clone on ENOSYS: clone3's flags
  * live in memory a filter cannot read, so it gets ENOSYS and clone is checked instead. */
 const CLONE3_ENOSYS: SyscallRule = { syscall: 'clone3', action: { kind: 'errno', errno: ENOSYS } };
+/**
+ * glibc's malloc, on a thread whose arena is not the main one, opens
+ * /proc/sys/vm/overcommit_memory the first time it would shrink that arena's heap (arena.c,
+ * check_may_shrink_heap); when the open fails it keeps the heap and goes on. So a worker's own
+ * filter answers an open it does not allow with EACCES rather than killing the process. Found in
+ * the lab: the device worker was killed (SIGSYS) under a host -> guest stream, and the core's
+ * backtrace stopped in open64_nocancel("/proc/sys/vm/overcommit_memory"). Only in the workers'
+ * lists: main's list allows openat, and processPolicy leaves this rule out.
+ */
+const OPEN_REFUSED: SyscallRule = { syscall: 'openat', action: { kind: 'errno', errno: EACCES } };
+
 const CLONE_THREAD_ONLY: SyscallRule = {
   syscall: 'clone',
   args: [
@@ -120,6 +132,7 @@ const VCPU: Policy = {
     // The serial console's output is written from the vCPU thread: writev to a file or FIFO,
     // sendmsg(MSG_DONTWAIT) to a socket (src/vmm/console-output.ts).
     ...any('writev', 'sendmsg'),
+    OPEN_REFUSED,
   ],
 };
 
@@ -149,6 +162,7 @@ const DEVICE: Policy = {
         },
       ],
     },
+    OPEN_REFUSED, // any other open: EACCES (glibc's malloc, above), not a kill
     ...any('statx', 'access'),
     // virtio-blk's Async engine (issue 17): the ring is set up while devices are built and
     // driven from the loop (submissions, the drain before a snapshot, closing at the end).
@@ -252,5 +266,8 @@ export function defaultPolicy(role: Role): Policy {
  */
 export function processPolicy(policies: Record<Role, Policy>): Policy {
   // vCPU rules first: KVM_RUN's ioctl is the hottest call, and each call is compared in order.
-  return { rules: [...policies.vcpu.rules, ...policies.device.rules, ...policies.main.rules] };
+  // A worker's errno answers (OPEN_REFUSED) stay in its own filter, which decides there: here
+  // they would come before main's rules for the same call and refuse what main may do.
+  const own = (p: Policy) => p.rules.filter((r) => (r.action?.kind ?? 'allow') === 'allow');
+  return { rules: [...own(policies.vcpu), ...own(policies.device), ...policies.main.rules] };
 }
