@@ -325,8 +325,11 @@ test('rate limiter: a real worker thread and this one share the bucket on the pr
      });`,
     { eval: true, workerData: { url, state } },
   );
+  // Both listeners first: a worker that exits right after its message could otherwise emit
+  // 'exit' before a listener for it is added (CI once saw this test hang on it).
+  const exited = new Promise((r) => worker.once('exit', r));
   const theirs = await new Promise<number>((r) => worker.once('message', r));
-  await new Promise((r) => worker.once('exit', r));
+  await exited;
   for (let i = 0; i < 100; i++) dev.write(RBR, Uint8Array.of(0x42));
   assert.equal(theirs + out, 50, `worker ${theirs} + main ${out}: one bucket of 50`);
   assert.equal(dev.stats().rateLimiterDroppedBytes, 150);
