@@ -94,9 +94,14 @@ export function transferAll(
       skip = 0;
     }
     if (i === bufs.length) return;
-    const batch: Uint8Array[] = [];
-    for (let j = i; j < bufs.length && batch.length < IOV_MAX; j++)
-      batch.push(j === i && skip > 0 ? bufs[j]!.subarray(skip) : bufs[j]!);
+    let batch: Uint8Array[];
+    // The usual case, a whole request in one call, passes the caller's list (op only reads it).
+    if (i === 0 && skip === 0 && bufs.length <= IOV_MAX) batch = bufs as Uint8Array[];
+    else {
+      batch = [];
+      for (let j = i; j < bufs.length && batch.length < IOV_MAX; j++)
+        batch.push(j === i && skip > 0 ? bufs[j]!.subarray(skip) : bufs[j]!);
+    }
     let n = op(batch, pos);
     if (!(n > 0))
       throw new Error(
@@ -399,6 +404,22 @@ export class BlockDevice implements VirtioBackend {
     return this.serve(p);
   }
 
+  /**
+   * A request's data segments to or from the image at `offset`: one vectored call where the
+   * file has it and there are several segments, else one call per segment.
+   */
+  private move(kind: 'read' | 'write', data: readonly Uint8Array[], offset: number): void {
+    const f = this.file;
+    const vectored = kind === 'read' ? f.readv : f.writev;
+    if (vectored && data.length > 1) return vectored.call(f, data, offset);
+    let pos = offset;
+    for (const seg of data) {
+      if (kind === 'read') f.read(seg, pos);
+      else f.write(seg, pos);
+      pos += seg.length;
+    }
+  }
+
   /** Carries out a parsed request synchronously; returns used.len. */
   private serve(p: ReturnType<typeof parseBlockRequest>): number {
     if (!p.ok) {
@@ -415,14 +436,7 @@ export class BlockDevice implements VirtioBackend {
     try {
       switch (r.type) {
         case 'read': {
-          if (this.file.readv && r.data.length > 1) this.file.readv(r.data, r.offset);
-          else {
-            let pos = r.offset;
-            for (const seg of r.data) {
-              this.file.read(seg, pos);
-              pos += seg.length;
-            }
-          }
+          this.move('read', r.data, r.offset);
           written = r.length;
           this.counters.reads++;
           this.counters.bytesRead += r.length;
@@ -434,14 +448,7 @@ export class BlockDevice implements VirtioBackend {
             this.logOnce('ro', `${this.name}: write to a read-only disk refused (logged once)`);
             break;
           }
-          if (this.file.writev && r.data.length > 1) this.file.writev(r.data, r.offset);
-          else {
-            let pos = r.offset;
-            for (const seg of r.data) {
-              this.file.write(seg, pos);
-              pos += seg.length;
-            }
-          }
+          this.move('write', r.data, r.offset);
           this.counters.writes++;
           this.counters.bytesWritten += r.length;
           break;
