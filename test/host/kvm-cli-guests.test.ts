@@ -5,7 +5,10 @@
  */
 import { after, describe, test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
 import {
+  CLI,
+  REPO,
   childPids,
   guestPath,
   processGone,
@@ -16,6 +19,7 @@ import {
 } from './helpers.js';
 
 const guests = tinyGuests();
+const hasScript = () => spawnSync('script', ['--version'], { stdio: 'ignore' }).status === 0;
 const skip = guests.skip ?? false;
 const T = { timeout: 30_000, skip };
 
@@ -61,6 +65,36 @@ describe('typervisor run with tiny guests (KVM)', () => {
     assert.equal(r.stdout, 'tiny guest up\n');
     assert.equal(r.code, 0);
   });
+
+  test(
+    'on a terminal (stdin, stdout and stderr a pty, as in a shell): the guest prints and exits 0 with the filters on',
+    { ...T, skip: skip || (hasScript() ? false : 'script(1) (bsdutils) is not installed') },
+    (t) => {
+      // script(1) gives the CLI a pseudo-terminal for all three: Node then reopens the tty and
+      // dup3s it over the descriptor (libuv), which the main thread's filter once killed.
+      const cmd = [
+        process.execPath,
+        CLI,
+        'run',
+        '--kernel',
+        guestPath('poweroff'),
+        '--memory',
+        '32',
+      ]
+        .map((a) => `'${a.replaceAll("'", "'\\''")}'`)
+        .join(' ');
+      const r = spawnSync('script', ['-qec', `${cmd}; echo "exit=$?"`, '/dev/null'], {
+        cwd: REPO,
+        encoding: 'utf8',
+        timeout: 15_000,
+        env: { ...process.env, TYPERVISOR_LOG: undefined, TYPERVISOR_LOG_FORMAT: undefined },
+      });
+      t.diagnostic(`on a pty: ${JSON.stringify(r.stdout)}`);
+      assert.equal(r.error, undefined, String(r.error));
+      assert.match(r.stdout, /tiny guest up/);
+      assert.match(r.stdout, /exit=0\s*$/, `not exit 0 on a terminal: ${JSON.stringify(r.stdout)}`);
+    },
+  );
 
   test('--boot-timer reports the boot marker port write', T, async (t) => {
     const r = await boot(t, 'poweroff', ['--boot-timer']);

@@ -204,6 +204,10 @@ const MAIN_OWN: Policy = {
     ...any('memfd_create', 'userfaultfd', 'mremap', 'brk', 'rt_sigaction', 'tgkill', 'prctl'),
     ...any('seccomp', 'capget', 'getuid', 'geteuid', 'getgid', 'getegid', 'uname', 'sysinfo'),
     ...any('prlimit64', 'exit_group', 'rename', 'getrusage'),
+    // A terminal on stdin, stdout or stderr (`typervisor run` in a shell): when Node first uses
+    // one, libuv reopens the tty and dup3s the new descriptor over the old one. The audits ran
+    // with pipes, so this was missed and such a run died of SIGSYS at its first console write.
+    ...any('dup3'),
     // Least privilege without the jailer (issue 14): the API socket and the vsock listener are
     // bound in a private 0700 directory beside their path (mkdir, chmod), hard-linked into place
     // (link) and the directory removed (rmdir); umask for the fallback. Measured in audit mode.
