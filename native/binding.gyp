@@ -2,8 +2,10 @@
   "targets": [
     {
       "target_name": "typervisor_native",
-      "sources": ["typervisor.c"],
-      "cflags": ["-std=gnu11", "-Wall", "-Wextra", "-O2", "-fno-strict-aliasing"]
+      "sources": ["typervisor.c", "uncounted.cc"],
+      "cflags": ["-Wall", "-Wextra", "-O2", "-fno-strict-aliasing"],
+      "cflags_c": ["-std=gnu11"],
+      "cflags_cc": ["-std=gnu++17", "-fno-exceptions"]
     }
   ]
 }

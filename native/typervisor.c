@@ -250,6 +250,9 @@ static napi_value n_ioctl(napi_env env, napi_callback_info info) {
   return num(env, r);
 }
 
+/* uncounted.cc: an ArrayBuffer over `data` that V8 does not count as external memory. */
+napi_value tv_uncounted_arraybuffer(void *data, size_t length);
+
 /* mmap(length, prot, flags, fd, offset): ArrayBuffer over the mapping (no finalizer: see munmap) */
 static napi_value n_mmap(napi_env env, napi_callback_info info) {
   napi_value a[5];
@@ -258,8 +261,8 @@ static napi_value n_mmap(napi_env env, napi_callback_info info) {
   void *p = mmap(NULL, len, (int)arg_i64(env, a[1]), (int)arg_i64(env, a[2]), (int)arg_i64(env, a[3]),
                  (off_t)arg_i64(env, a[4]));
   if (p == MAP_FAILED) return throw_errno(env, "mmap", errno);
-  napi_value ab;
-  if (napi_create_external_arraybuffer(env, p, len, NULL, NULL, &ab) != napi_ok) {
+  napi_value ab = tv_uncounted_arraybuffer(p, len);
+  if (ab == NULL) {
     munmap(p, len);
     napi_throw_error(env, NULL, "typervisor native: cannot wrap mapping in an ArrayBuffer");
     return NULL;
@@ -325,8 +328,11 @@ static napi_value n_view_address(napi_env env, napi_callback_info info) {
   uint64_t addr = arg_u64(env, a[0]);
   size_t len = (size_t)arg_u64(env, a[1]);
   if (addr == 0 || addr + len < addr) { napi_throw_range_error(env, NULL, "viewAddress: bad address range"); return NULL; }
-  napi_value ab;
-  CHECK(napi_create_external_arraybuffer(env, (void *)(uintptr_t)addr, len, NULL, NULL, &ab));
+  napi_value ab = tv_uncounted_arraybuffer((void *)(uintptr_t)addr, len);
+  if (ab == NULL) {
+    napi_throw_error(env, NULL, "typervisor native: cannot wrap memory in an ArrayBuffer");
+    return NULL;
+  }
   return ab;
 }
 

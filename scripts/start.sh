@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-[ native/build/Release/typervisor_native.node -nt native/typervisor.c ] || npm run install --silent  # missing or older than its source
+for s in native/typervisor.c native/uncounted.cc native/binding.gyp; do [ native/build/Release/typervisor_native.node -nt $s ] || { npm run install --silent; break; }; done  # missing or older than its sources
 [ -f dist/src/cli/main.js ] || npx tsc -p tsconfig.json
 node dist/src/lab/guest-cli.js paths >/dev/null
 if node -e 'import("./dist/src/kvm/detect.js").then(m => process.exit(m.detectKvm().canRunStockGuests ? 0 : 1))'; then

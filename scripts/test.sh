@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-[ native/build/Release/typervisor_native.node -nt native/typervisor.c ] || npm run install --silent  # missing or older than its source
+for s in native/typervisor.c native/uncounted.cc native/binding.gyp; do [ native/build/Release/typervisor_native.node -nt $s ] || { npm run install --silent; break; }; done  # missing or older than its sources
 npx tsc -p tsconfig.json
 node scripts/bundle.mjs  # the per-thread bundles bin/ runs (after tsc: they are made from dist/)
 node dist/src/lab/guest-cli.js build kernel initramfs lab rootfs >/dev/null
