@@ -20,7 +20,8 @@ export async function apiMode(argv: string[]): Promise<number> {
     // (docs/architecture.md "Start-up"). Un-bundled, the imports read files and the workers
     // start before listen(), as before.
     setImmediate(() => {
-      prewarmVcpuWorkers(1);
+      // --rehearse: the rehearsal VM has started its own (firecracker.ts).
+      if (!argv.includes('--rehearse')) prewarmVcpuWorkers(1);
       prewarmDeviceWorker();
       // The bundles load node:crypto on first use (scripts/bundle.mjs): load it now, before a
       // snapshot load needs it for the state file's checksum (~1.6 ms).

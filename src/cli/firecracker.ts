@@ -13,7 +13,9 @@ import { DEFAULT_MAX_PAYLOAD, startApiServer, type ApiServer } from '../api/serv
 import { TypervisorError } from '../util/errors.js';
 import { log } from '../util/log.js';
 import { applySeccomp, seccompSettingsFromFlags } from '../sandbox/seccomp/options.js';
-import { buildVm, type VmExitEvent } from '../vmm/index.js';
+import { buildVm, loadSnapshot, type VmExitEvent } from '../vmm/index.js';
+import { ReusedVcpuWorkers } from '../vmm/vcpu-pool.js';
+import { rehearseApi } from './api-rehearsal.js';
 import { Console } from './console.js';
 
 export const FC_EXIT_OK = 0;
@@ -46,6 +48,7 @@ export const FIRECRACKER_FLAGS = [
   '--mmds-size-limit',
   '--metadata',
   '--enable-pci',
+  '--rehearse',
 ] as const;
 
 export const FIRECRACKER_USAGE = `usage: typervisor [--api-sock PATH] [--config-file FILE] [--no-api] [options]
@@ -70,6 +73,9 @@ Firecracker-compatible mode: the REST API of Firecracker on a Unix socket (docs/
                        process_startup_time_cpu_us) and the log
   --mmds-size-limit N  the MMDS data store's limit in bytes (default: the payload limit)
   --metadata FILE      the MMDS data store's first content: a JSON file (as a PUT /mmds)
+  --rehearse           Typervisor's own: before the API socket listens, run one tiny VM in
+                       this process, so that the VM it then serves starts on warm code
+                       (what \`typervisor serve\` starts its process pool with; docs/daemon.md)
   --enable-pci         refused: Typervisor has no PCI; its devices are virtio-mmio, as
                        Firecracker's are without this flag
   --version            print the version, in Firecracker's form: "Typervisor vX.Y.Z"`;
@@ -98,6 +104,8 @@ export interface FcArgs {
   mmdsSizeLimit: number;
   /** --metadata: a JSON file loaded into the MMDS data store before anything else. */
   metadata?: string;
+  /** --rehearse: a rehearsal VM before the API socket listens (vmm/rehearsal.ts). */
+  rehearse: boolean;
 }
 
 /** A u64 in decimal, as Firecracker parses these flags. */
@@ -138,6 +146,7 @@ export function parseFirecrackerArgs(argv: string[]): FcArgs {
         'mmds-size-limit': { type: 'string' },
         metadata: { type: 'string' },
         'enable-pci': { type: 'boolean' },
+        rehearse: { type: 'boolean' },
       },
     }).values;
   } catch (e) {
@@ -152,6 +161,10 @@ export function parseFirecrackerArgs(argv: string[]): FcArgs {
     throw new ArgError('--no-seccomp and --seccomp-filter cannot be used together');
   if (v['no-api'] && v['config-file'] === undefined)
     throw new ArgError('--no-api requires --config-file');
+  if (v.rehearse && v['config-file'] !== undefined)
+    throw new ArgError(
+      '--rehearse warms a process for the VM its API will ask for: not with --config-file, which starts one at once',
+    );
   const id = v.id ?? DEFAULT_INSTANCE_ID;
   if (!/^[A-Za-z0-9-]{1,64}$/.test(id))
     throw new ArgError(`--id must be 1 to 64 letters, digits or '-' (got "${id.slice(0, 80)}")`);
@@ -189,6 +202,7 @@ export function parseFirecrackerArgs(argv: string[]): FcArgs {
     parentCpuTimeUs: u64Flag(v['parent-cpu-time-us'], 'parent-cpu-time-us'),
     mmdsSizeLimit,
     ...(v.metadata !== undefined ? { metadata: v.metadata } : {}),
+    rehearse: v.rehearse ?? false,
   };
 }
 
@@ -325,6 +339,8 @@ async function runWithLogger(
     return FC_EXIT_GENERIC;
   }
 
+  // --rehearse: the rehearsal VM and the VM this process serves share their vCPU workers.
+  const workers = args.rehearse ? new ReusedVcpuWorkers() : undefined;
   let finish!: (code: number) => void;
   const finished = new Promise<number>((r) => (finish = r));
   let console_: Console | undefined;
@@ -338,8 +354,9 @@ async function runWithLogger(
     // The boot timer counts from the start of the build, as Firecracker's (builder.rs).
     build: (spec, o) => {
       if (args.bootTimer) bootTimer = new BootTimer();
-      return buildVm(spec, o);
+      return buildVm(spec, workers ? { ...o, vcpuWorkers: workers } : o);
     },
+    ...(workers ? { loadSnapshot: (p, o) => loadSnapshot(p, { ...o, vcpuWorkers: workers }) } : {}),
     onStarted: (built) => {
       console_ = new Console(built.devices, () => built.vmm.requestStop());
       console_.start();
@@ -378,6 +395,20 @@ async function runWithLogger(
       if (fault) {
         log('error', `bad configuration file ${args.configFile}: ${fault}`);
         return FC_EXIT_BAD_CONFIGURATION;
+      }
+    }
+    if (workers) {
+      try {
+        const r = await rehearseApi(args.apiSock, workers, {
+          instanceId: args.id,
+          version: version(),
+          logger,
+          maxPayload: args.maxPayload,
+        });
+        log('debug', `the rehearsal VM ran in ${r.ms.toFixed(1)} ms`);
+      } catch (e) {
+        // The VM asked for later reports its own error if this host cannot run one.
+        log('warn', `the rehearsal failed (the VM to come starts cold): ${(e as Error).message}`);
       }
     }
     if (!args.noApi) {

@@ -194,10 +194,16 @@ export class ProcessBackend implements Backend {
     };
   }
 
-  /** Starts one VMM process and waits until its socket accepts connections. */
-  private async startOne(): Promise<VmmProcess> {
+  /**
+   * Starts one VMM process and waits until its socket accepts connections. A pool's process
+   * first runs a rehearsal VM (`--rehearse`, src/cli/api-rehearsal.ts: ~50-100 ms more before
+   * its socket listens), so that the VM it is given starts on warm code; a cold start, which a
+   * create waits for, does not.
+   */
+  private async startOne(rehearse: boolean): Promise<VmmProcess> {
     const name = `pool-${process.pid}-${++this.seq}`;
-    const p = new VmmProcess(this.state.path(`${name}.sock`), name, this.state, this.vmmArgs);
+    const args = rehearse ? ['--rehearse', ...this.vmmArgs] : this.vmmArgs;
+    const p = new VmmProcess(this.state.path(`${name}.sock`), name, this.state, args);
     this.startedTotal++;
     this.startingSet.add(p);
     try {
@@ -219,7 +225,7 @@ export class ProcessBackend implements Backend {
       this.warm.length + this.starting < this.size
     ) {
       this.starting++;
-      this.startOne().then(
+      this.startOne(true).then(
         (p) => {
           this.starting--;
           this.failuresInRow = 0;
@@ -283,7 +289,7 @@ export class ProcessBackend implements Backend {
     if (p === undefined) {
       this.coldStarts++;
       try {
-        p = await this.startOne();
+        p = await this.startOne(false);
       } catch (e) {
         throw new CreateError(500, `no VMM process: ${(e as Error).message}`);
       }

@@ -31,6 +31,15 @@ export function setLineFormatter(f: LineFormatter | undefined): void {
   formatter = f;
 }
 
+/**
+ * Where lines go instead of stderr while set: the API mode's rehearsal (src/cli/api-rehearsal.ts)
+ * keeps its own lines out of the VMM's log. `undefined` puts back stderr.
+ */
+let sink: ((line: string) => void) | undefined;
+export function setLogSink(f: ((line: string) => void) | undefined): void {
+  sink = f;
+}
+
 export function log(level: Level, message: string, fields: Record<string, unknown> = {}): void {
   if (ORDER[level] > ORDER[threshold]) return;
   const line = formatter
@@ -38,5 +47,6 @@ export function log(level: Level, message: string, fields: Record<string, unknow
     : json
       ? JSON.stringify({ time: new Date().toISOString(), level, message, ...fields })
       : `typervisor: ${level === 'info' ? '' : level + ': '}${message}`;
-  process.stderr.write(line + '\n');
+  if (sink) sink(line);
+  else process.stderr.write(line + '\n');
 }

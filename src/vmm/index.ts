@@ -106,3 +106,4 @@ export type { Vmm } from './vmm.js';
 export { startFdCloser, type FdCloser } from './fd-closer.js';
 export { consolePipe, type ConsolePipe } from './console-pipe.js';
 export { GuestRamPool, type GuestRamSource } from './ram-pool.js';
+export { rehearsalBuildOptions, rehearsalImage } from './rehearsal.js';

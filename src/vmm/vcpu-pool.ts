@@ -8,6 +8,7 @@ import { newWorker } from '../util/worker-argv.js';
 import { DEVICE_WORKER_ROLE } from './device-worker-protocol.js';
 import { takeEarlyVcpuWorkers, workerEntry } from '../util/bundle.js';
 import { chooseVcpuThreads, workersFor, type VcpuThreads } from './vcpu-mode.js';
+import type { VcpuWorkerSource } from './vmm.js';
 
 /**
  * Workers of this pool that have loaded their modules: each says { type: 'ready' } once it has
@@ -129,4 +130,43 @@ export function takeVcpuWorkers(n: number): Worker[] {
   for (const w of taken) w.ref();
   while (taken.length < n) taken.push(spawnVcpuWorker());
   return taken;
+}
+
+/**
+ * vCPU workers reused within this process (a VcpuWorkerSource, vmm.ts): the API mode's rehearsal
+ * VM (rehearsal.ts) runs on them, and so does the VM the process then serves, on threads whose
+ * code has run once. The first come from the prewarm pool. Idle ones are unreferenced (they
+ * keep nothing alive) and leave the list if they end.
+ */
+export class ReusedVcpuWorkers implements VcpuWorkerSource {
+  private idle: Worker[] = [];
+  private readonly onExit = new Map<Worker, () => void>();
+
+  get idleCount(): number {
+    return this.idle.length;
+  }
+
+  take(n: number): Worker[] {
+    const ws = this.idle.splice(0, n);
+    ws.push(...pool.splice(0, n - ws.length));
+    while (ws.length < n) ws.push(track(spawnVcpuWorker()));
+    for (const w of ws) {
+      const f = this.onExit.get(w);
+      if (f) w.off('exit', f);
+      this.onExit.delete(w);
+      w.ref(); // a running vCPU keeps the process alive
+    }
+    return ws;
+  }
+
+  give(w: Worker): void {
+    const gone = () => {
+      this.onExit.delete(w);
+      this.idle = this.idle.filter((x) => x !== w);
+    };
+    this.onExit.set(w, gone);
+    w.once('exit', gone);
+    w.unref();
+    this.idle.push(w);
+  }
 }

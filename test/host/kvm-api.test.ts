@@ -7,7 +7,7 @@
 import { after, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { readFileSync, writeFileSync } from 'node:fs';
+import { readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { call, CLI, startServer, tempDir, type ServerProcess } from '../api/client.js';
 import { guestPath, tinyGuests } from './helpers.js';
@@ -231,6 +231,59 @@ describe('API post-boot with tiny guests (KVM)', () => {
       assert.match(bad.stderr, /bogus/);
     },
   );
+
+  test(
+    '--rehearse: a VM ran before the socket listened, unseen; the real VM runs on its vCPU thread',
+    T,
+    async () => {
+      const srv = await startServer(['--id', 'reh-1', '--rehearse']);
+      servers.push(srv);
+      const sock = srv.sock;
+      // The rehearsal's socket and guest file are gone; none of its lines reached the log.
+      assert.deepEqual(readdirSync(srv.dir), ['api.sock']);
+      assert.doesNotMatch(srv.stderr(), /rehearsal|Put request|InstanceStart/);
+      const threadNames = () =>
+        readdirSync(`/proc/${srv.child.pid}/task`).map((t) =>
+          readFileSync(`/proc/${srv.child.pid}/task/${t}/comm`, 'utf8').trim(),
+        );
+      // Its vCPU worker stays, idle, for the real VM (a reusable one names itself tv-vcpu).
+      assert.ok(threadNames().includes('tv-vcpu'), threadNames().join(','));
+      const metrics = join(srv.dir, 'metrics.json');
+      assert.equal((await call(sock, 'PUT', '/metrics', { metrics_path: metrics })).status, 204);
+      assert.equal(
+        (await call(sock, 'PUT', '/machine-config', { vcpu_count: 1, mem_size_mib: 32 })).status,
+        204,
+      );
+      assert.equal(
+        (await call(sock, 'PUT', '/boot-source', { kernel_image_path: guestPath('spin') })).status,
+        204,
+      );
+      const start = await call(sock, 'PUT', '/actions', { action_type: 'InstanceStart' });
+      assert.equal(start.status, 204, start.body);
+      assert.equal((await call(sock, 'GET', '/')).json.state, 'Running');
+      const names = threadNames();
+      assert.equal(names.filter((t) => t.startsWith('tv-vcpu')).length, 1, names.join(','));
+      assert.equal(
+        (await call(sock, 'PUT', '/actions', { action_type: 'FlushMetrics' })).status,
+        204,
+      );
+      // The process's metrics count this client's requests only.
+      const line = JSON.parse(readFileSync(metrics, 'utf8').trim().split('\n')[0]!) as {
+        put_api_requests: { machine_cfg_count: number; actions_count: number };
+      };
+      assert.equal(line.put_api_requests.machine_cfg_count, 1);
+      assert.equal(line.put_api_requests.actions_count, 2); // InstanceStart, FlushMetrics
+      assert.deepEqual(readdirSync(srv.dir).sort(), ['api.sock', 'metrics.json']);
+    },
+  );
+
+  test('--rehearse is refused with --config-file', T, () => {
+    const r = spawnSync(process.execPath, [CLI, '--config-file', 'x.json', '--rehearse'], {
+      encoding: 'utf8',
+    });
+    assert.equal(r.status, 153);
+    assert.match(r.stderr, /--rehearse .*not with --config-file/);
+  });
 
   test('GET /vm/config round-trips through --config-file', T, async () => {
     const srv = await startServer();
