@@ -165,6 +165,27 @@ describe('snapshots with the counting tiny guest (KVM)', () => {
     await b.kill();
   });
 
+  test('the same load in a rehearsed process (--rehearse), then a snapshot of it', T, async () => {
+    assert.ok(aOut.length > 0, 'needs the snapshot of the first test');
+    const b = await serve(['--rehearse']);
+    const r = await load(b.sock, { resume_vm: true });
+    assert.equal(r.status, 204, r.body);
+    await until(() => lineCount(b.stdout()) >= 5, 20_000, 'the restored VM to count 5 more');
+    assertConsecutive(numbers(aOut + b.stdout()), 'A then the rehearsed process');
+    // Its vCPU runs on the rehearsal's reusable worker, which saves state as any other.
+    assert.equal((await call(b.sock, 'PATCH', '/vm', { state: 'Paused' })).status, 204);
+    const again = await call(
+      b.sock,
+      'PUT',
+      '/snapshot/create',
+      { snapshot_path: join(dir, 'vm2.snap'), mem_file_path: join(dir, 'vm2.mem') },
+      30_000,
+    );
+    assert.equal(again.status, 204, again.body);
+    assert.doesNotMatch(b.stderr(), /rehearsal/);
+    await b.kill();
+  });
+
   test('the same load through typervisor run --restore', T, async () => {
     assert.ok(aOut.length > 0, 'needs the snapshot of the first test');
     const r = await runCli(['run', '--restore', state, '--mem-file', mem], {
