@@ -24,7 +24,7 @@ import {
   type VmHandle,
 } from './backend.js';
 import type { StateDir } from './state.js';
-import { callVmm, canConnect, faultOf } from './vmm-client.js';
+import { callVmm, callVmmPipelined, canConnect, faultOf } from './vmm-client.js';
 
 /** The launcher the VMM processes run (bin/typervisor, from dist/src/daemon/). */
 export const CLI = fileURLToPath(new URL('../../../bin/typervisor', import.meta.url));
@@ -308,7 +308,27 @@ export class ProcessBackend implements Backend {
     }
     const calls: Array<[string, string, unknown]> =
       req.kind === 'config' ? configRequests(req.config) : [['PUT', '/snapshot/load', req.load]];
-    for (const [method, path, body] of calls) {
+    // The pre-boot PUTs on one connection, written at once (one round trip, not one each: ~2 ms
+    // apiece to a warm VMM, docs/daemon.md); InstanceStart only once every one of them is in.
+    const pre = calls.length > 1 ? calls.slice(0, -1) : [];
+    if (pre.length > 0) {
+      let answers;
+      try {
+        answers = await callVmmPipelined(apiSocket, pre);
+      } catch (e) {
+        p.kill();
+        const end = await p.ended;
+        throw new CreateError(500, `configuring the VMM: ${(e as Error).message} (${end.reason})`);
+      }
+      const bad = answers.findIndex((a) => a.status >= 300);
+      if (bad >= 0) {
+        p.kill();
+        const a = answers[bad]!;
+        const [method, path] = pre[bad]!;
+        throw new CreateError(a.status >= 500 ? 500 : 400, `${method} ${path}: ${faultOf(a)}`);
+      }
+    }
+    for (const [method, path, body] of calls.slice(pre.length)) {
       let a;
       try {
         a = await callVmm(apiSocket, method, path, body);
