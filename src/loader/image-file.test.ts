@@ -31,6 +31,9 @@ test('boot images: regular non-empty files only, errors name the field and the r
     const k = join(dir, 'kernel');
     writeFileSync(k, 'MZ kernel bytes');
     assert.equal(Buffer.from(readBootImage('kernel_image_path', k)).toString(), 'MZ kernel bytes');
+    // A look at the header reads only that much; a file shorter than it, whole.
+    assert.equal(Buffer.from(readBootImage('kernel_image_path', k, undefined, 2)).toString(), 'MZ');
+    assert.equal(readBootImage('kernel_image_path', k, undefined, 4096).length, 15);
     refused(
       () => readBootImage('kernel_image_path', join(dir, 'nope')),
       /^kernel_image_path .*nope does not exist$/,

@@ -22,7 +22,7 @@ export function checkHostCanRun(kernelPath: string, allowPvm: boolean): void {
   let head: Uint8Array;
   try {
     // A regular file only (a character device such as /dev/zero would never end).
-    head = readBootImage('kernel_image_path', kernelPath).subarray(0, 4096);
+    head = readBootImage('kernel_image_path', kernelPath, undefined, 4096);
   } catch {
     return; // reported later, by validation
   }
