@@ -19,13 +19,13 @@
  * left for the real VM. It runs under the process's seccomp filters, as the real VM does.
  */
 import { unlinkSync, writeFileSync } from 'node:fs';
-import { request } from 'node:http';
 import { basename, dirname, join } from 'node:path';
 import { VmmController } from '../api/controller.js';
 import type { LoggerControl } from '../api/logger.js';
 import { MetricsSystem } from '../api/metrics.js';
 import { startApiServer } from '../api/server.js';
 import { setLogSink } from '../util/log.js';
+import { callVmm } from '../daemon/vmm-client.js';
 import { buildVm, rehearsalBuildOptions, rehearsalImage, type VmExitEvent } from '../vmm/index.js';
 import type { ReusedVcpuWorkers } from '../vmm/vcpu-pool.js';
 
@@ -39,34 +39,6 @@ const KEPT_LINES = 20;
 export interface RehearsalResult {
   /** Start -> the rehearsal VM's end, ms. */
   ms: number;
-}
-
-/** One request over a Unix socket; resolves with the status (the body is read and dropped). */
-function call(socketPath: string, method: string, path: string, body?: unknown): Promise<number> {
-  const data = body === undefined ? undefined : JSON.stringify(body);
-  return new Promise((resolve, reject) => {
-    const req = request(
-      {
-        socketPath,
-        method,
-        path,
-        agent: false,
-        headers: {
-          Connection: 'close',
-          ...(data === undefined
-            ? {}
-            : { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(data) }),
-        },
-      },
-      (res) => {
-        res.resume();
-        res.on('end', () => resolve(res.statusCode ?? 0));
-        res.on('error', reject);
-      },
-    );
-    req.on('error', reject);
-    req.end(data);
-  });
 }
 
 function removeQuietly(path: string): void {
@@ -136,7 +108,7 @@ export async function rehearseApi(
       ['PUT', '/actions', { action_type: 'InstanceStart' }],
     ];
     for (const [method, path, body] of steps) {
-      const status = await Promise.race([call(sock, method, path, body), deadline]);
+      const { status } = await Promise.race([callVmm(sock, method, path, body), deadline]);
       if (status >= 300) throw new Error(`${method} ${path} answered ${status}`);
     }
     const ev = await Promise.race([exited, deadline]);

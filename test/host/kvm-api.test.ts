@@ -19,6 +19,21 @@ const guests = tinyGuests();
 const T = { timeout: 30_000, skip: guests.skip ?? false };
 const fault = (r: { json: { fault_message?: string } }) => r.json?.fault_message ?? '';
 
+/** The spin guest (1 vCPU, 32 MiB) configured and started over `sock`: Running. */
+async function startSpin(sock: string): Promise<void> {
+  assert.equal(
+    (await call(sock, 'PUT', '/machine-config', { vcpu_count: 1, mem_size_mib: 32 })).status,
+    204,
+  );
+  assert.equal(
+    (await call(sock, 'PUT', '/boot-source', { kernel_image_path: guestPath('spin') })).status,
+    204,
+  );
+  const start = await call(sock, 'PUT', '/actions', { action_type: 'InstanceStart' });
+  assert.equal(start.status, 204, start.body);
+  assert.equal((await call(sock, 'GET', '/')).json.state, 'Running');
+}
+
 describe('API post-boot with tiny guests (KVM)', () => {
   const servers: ServerProcess[] = [];
   after(async () => {
@@ -34,17 +49,7 @@ describe('API post-boot with tiny guests (KVM)', () => {
       (await call(sock, 'PUT', '/metrics', { metrics_path: metrics, emit_id: true })).status,
       204,
     );
-    assert.equal(
-      (await call(sock, 'PUT', '/machine-config', { vcpu_count: 1, mem_size_mib: 32 })).status,
-      204,
-    );
-    assert.equal(
-      (await call(sock, 'PUT', '/boot-source', { kernel_image_path: guestPath('spin') })).status,
-      204,
-    );
-    const start = await call(sock, 'PUT', '/actions', { action_type: 'InstanceStart' });
-    assert.equal(start.status, 204, start.body);
-    assert.equal((await call(sock, 'GET', '/')).json.state, 'Running');
+    await startSpin(sock);
 
     assert.equal((await call(sock, 'PATCH', '/vm', { state: 'Paused' })).status, 204);
     assert.equal((await call(sock, 'GET', '/')).json.state, 'Paused');
@@ -250,17 +255,7 @@ describe('API post-boot with tiny guests (KVM)', () => {
       assert.ok(threadNames().includes('tv-vcpu'), threadNames().join(','));
       const metrics = join(srv.dir, 'metrics.json');
       assert.equal((await call(sock, 'PUT', '/metrics', { metrics_path: metrics })).status, 204);
-      assert.equal(
-        (await call(sock, 'PUT', '/machine-config', { vcpu_count: 1, mem_size_mib: 32 })).status,
-        204,
-      );
-      assert.equal(
-        (await call(sock, 'PUT', '/boot-source', { kernel_image_path: guestPath('spin') })).status,
-        204,
-      );
-      const start = await call(sock, 'PUT', '/actions', { action_type: 'InstanceStart' });
-      assert.equal(start.status, 204, start.body);
-      assert.equal((await call(sock, 'GET', '/')).json.state, 'Running');
+      await startSpin(sock);
       const names = threadNames();
       assert.equal(names.filter((t) => t.startsWith('tv-vcpu')).length, 1, names.join(','));
       assert.equal(
