@@ -18,6 +18,10 @@
  */
 import { spawnSync } from 'node:child_process';
 import { readFileSync } from 'node:fs';
+import { createSocket } from 'node:dgram';
+// Loaded before any filter: loading it starts c-ares, which calls uname (outside the device
+// role's list), and dgram's bind would load it after the filter.
+import 'node:dns';
 import { createServer } from 'node:net';
 import { isMainThread, parentPort, Worker, workerData } from 'node:worker_threads';
 import { native } from '../../src/kvm/native.js';
@@ -59,8 +63,9 @@ function workerMain({ c, ack }: { c: string; ack: SharedArrayBuffer }): void {
       n.memfdCreate('x', 0);
       break;
     case 'device-inet-socket':
-      // No shim call makes an AF_INET socket: Node's own does (socket(AF_INET6 or AF_INET)).
-      createServer().listen(0, '127.0.0.1');
+      // No shim call makes an AF_INET socket: Node's own does (node:dns loaded above, so that
+      // its resolver's uname is not the first refused call).
+      createSocket('udp4').bind(0, '127.0.0.1');
       return; // the kill comes asynchronously, from this thread's loop
     case 'device-allowed': {
       n.close(n.unixSocket());
@@ -102,7 +107,9 @@ async function mainThread(c: string): Promise<void> {
   say('before');
   switch (c) {
     case 'main-clone-process':
-      spawnSync('true');
+      // stdio 'ignore': no pipes to make (a socketpair, itself outside the list, would come
+      // first), so clone is the first call the filter refuses.
+      spawnSync('true', { stdio: 'ignore' });
       break;
     case 'main-inet-socket':
       createServer().listen(0, '127.0.0.1');
