@@ -18,12 +18,13 @@
  * ends, its socket and file are removed. It has no devices, so the prewarmed device worker is
  * left for the real VM. It runs under the process's seccomp filters, as the real VM does.
  */
-import { unlinkSync, writeFileSync } from 'node:fs';
+import { writeFileSync } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
 import { VmmController } from '../api/controller.js';
 import type { LoggerControl } from '../api/logger.js';
 import { MetricsSystem } from '../api/metrics.js';
 import { startApiServer } from '../api/server.js';
+import { unlinkQuietly } from '../util/fs.js';
 import { setLogSink } from '../util/log.js';
 import { callVmm } from '../daemon/vmm-client.js';
 import { buildVm, rehearsalBuildOptions, rehearsalImage, type VmExitEvent } from '../vmm/index.js';
@@ -39,14 +40,6 @@ const KEPT_LINES = 20;
 export interface RehearsalResult {
   /** Start -> the rehearsal VM's end, ms. */
   ms: number;
-}
-
-function removeQuietly(path: string): void {
-  try {
-    unlinkSync(path);
-  } catch {
-    // not made, or gone
-  }
 }
 
 /**
@@ -124,6 +117,6 @@ export async function rehearseApi(
     clearTimeout(timer);
     setLogSink(undefined);
     await server?.close();
-    removeQuietly(image);
+    unlinkQuietly(image);
   }
 }

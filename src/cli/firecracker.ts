@@ -104,7 +104,7 @@ export interface FcArgs {
   mmdsSizeLimit: number;
   /** --metadata: a JSON file loaded into the MMDS data store before anything else. */
   metadata?: string;
-  /** --rehearse: a rehearsal VM before the API socket listens (vmm/rehearsal.ts). */
+  /** --rehearse: a rehearsal VM before the API socket listens (cli/api-rehearsal.ts). */
   rehearse: boolean;
 }
 

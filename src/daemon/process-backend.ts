@@ -24,7 +24,7 @@ import {
   type VmHandle,
 } from './backend.js';
 import type { StateDir } from './state.js';
-import { callVmm, callVmmPipelined, canConnect, faultOf } from './vmm-client.js';
+import { callVmm, callVmmPipelined, canConnect, faultOf, type VmmAnswer } from './vmm-client.js';
 
 /** The launcher the VMM processes run (bin/typervisor, from dist/src/daemon/). */
 export const CLI = fileURLToPath(new URL('../../../bin/typervisor', import.meta.url));
@@ -157,6 +157,17 @@ class VmmProcess implements VmHandle {
   }
 }
 
+/** An error answer to a configuring call: the VMM is killed and the create fails with it. */
+function refuseOnError(
+  p: VmmProcess,
+  [method, path]: readonly [string, string, ...unknown[]],
+  a: VmmAnswer,
+): void {
+  if (a.status < 300) return;
+  p.kill();
+  throw new CreateError(a.status >= 500 ? 500 : 400, `${method} ${path}: ${faultOf(a)}`);
+}
+
 export class ProcessBackend implements Backend {
   readonly mode = 'process' as const;
   private readonly warm: VmmProcess[] = [];
@@ -196,7 +207,7 @@ export class ProcessBackend implements Backend {
 
   /**
    * Starts one VMM process and waits until its socket accepts connections. A pool's process
-   * first runs a rehearsal VM (`--rehearse`, src/cli/api-rehearsal.ts: ~50-100 ms more before
+   * first runs a rehearsal VM (`--rehearse`, src/cli/api-rehearsal.ts: ~70-130 ms more before
    * its socket listens), so that the VM it is given starts on warm code; a cold start, which a
    * create waits for, does not.
    */
@@ -320,28 +331,19 @@ export class ProcessBackend implements Backend {
         const end = await p.ended;
         throw new CreateError(500, `configuring the VMM: ${(e as Error).message} (${end.reason})`);
       }
-      const bad = answers.findIndex((a) => a.status >= 300);
-      if (bad >= 0) {
-        p.kill();
-        const a = answers[bad]!;
-        const [method, path] = pre[bad]!;
-        throw new CreateError(a.status >= 500 ? 500 : 400, `${method} ${path}: ${faultOf(a)}`);
-      }
+      answers.forEach((a, i) => refuseOnError(p!, pre[i]!, a));
     }
-    for (const [method, path, body] of calls.slice(pre.length)) {
-      let a;
-      try {
-        a = await callVmm(apiSocket, method, path, body);
-      } catch (e) {
-        p.kill();
-        const end = await p.ended;
-        throw new CreateError(500, `${method} ${path}: ${(e as Error).message} (${end.reason})`);
-      }
-      if (a.status >= 300) {
-        p.kill();
-        throw new CreateError(a.status >= 500 ? 500 : 400, `${method} ${path}: ${faultOf(a)}`);
-      }
+    // The last call: InstanceStart, or the snapshot load.
+    const [method, path, body] = calls.at(-1)!;
+    let a;
+    try {
+      a = await callVmm(apiSocket, method, path, body);
+    } catch (e) {
+      p.kill();
+      const end = await p.ended;
+      throw new CreateError(500, `${method} ${path}: ${(e as Error).message} (${end.reason})`);
     }
+    refuseOnError(p, [method, path], a);
     return p;
   }
 

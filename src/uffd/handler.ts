@@ -20,8 +20,9 @@
  * region or an event we did not ask for ends the handler with a one-line error (exit 1), never
  * a crash. The loop blocks in epoll_wait: this process does nothing else.
  */
-import { closeSync, fstatSync, openSync, readlinkSync, unlinkSync } from 'node:fs';
+import { closeSync, fstatSync, openSync, readlinkSync } from 'node:fs';
 import { parseArgs } from 'node:util';
+import { unlinkQuietly } from '../util/fs.js';
 import {
   EPOLL_CTL_ADD,
   EPOLLIN,
@@ -319,14 +320,6 @@ export function runUffdHandler(o: HandlerOptions): HandlerStats {
     if (fileFd >= 0) closeSync(fileFd);
     if (file) n.munmap(file);
     if (listening) unlinkQuietly(o.socketPath);
-  }
-}
-
-function unlinkQuietly(path: string): void {
-  try {
-    unlinkSync(path);
-  } catch {
-    // gone already
   }
 }
 

@@ -23,7 +23,6 @@ import {
   readSync,
   renameSync,
   statSync,
-  unlinkSync,
   writeSync,
 } from 'node:fs';
 import { dirname } from 'node:path';
@@ -37,6 +36,7 @@ import {
   SEEK_HOLE,
 } from '../kvm/native.js';
 import { isDirty } from '../memory/dirty-pages.js';
+import { unlinkQuietly } from '../util/fs.js';
 import { err, ok, type Result } from '../util/result.js';
 import { guestRamOver, type GuestRamLayout, type MappedGuestRam } from './guest-ram.js';
 import {
@@ -185,7 +185,7 @@ export function writeMemoryFile(
       closeSync(fd);
     }
   } catch (e) {
-    removeQuietly(tmp);
+    unlinkQuietly(tmp);
     throw e;
   }
   let state: 'pending' | 'committed' | 'discarded' = 'pending';
@@ -200,7 +200,7 @@ export function writeMemoryFile(
     },
     discard() {
       if (state !== 'pending') return;
-      removeQuietly(tmp);
+      unlinkQuietly(tmp);
       state = 'discarded';
     },
   };
@@ -235,14 +235,6 @@ export function forEachRun(
     const start = p;
     while (p < pages && isDirty(bits, p)) p++;
     f(start, p);
-  }
-}
-
-function removeQuietly(path: string): void {
-  try {
-    unlinkSync(path);
-  } catch {
-    // not there
   }
 }
 

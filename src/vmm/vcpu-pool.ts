@@ -142,10 +142,6 @@ export class ReusedVcpuWorkers implements VcpuWorkerSource {
   private idle: Worker[] = [];
   private readonly onExit = new Map<Worker, () => void>();
 
-  get idleCount(): number {
-    return this.idle.length;
-  }
-
   take(n: number): Worker[] {
     const ws = this.idle.splice(0, n);
     ws.push(...pool.splice(0, n - ws.length));
