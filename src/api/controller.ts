@@ -96,6 +96,11 @@ export interface ControllerOptions {
   onExit?: (event: VmExitEvent) => void;
   /** For tests: replaces buildVm. */
   build?: (spec: VmSpec, opts: BuildOptions) => BuiltVm;
+  /**
+   * For tests: replaces the host check InstanceStart makes before building (checkHostCanRun:
+   * a usable /dev/kvm, a kernel it can run), for a test whose `build` needs no KVM.
+   */
+  hostCheck?: (kernelPath: string) => void;
   /** For tests: replace the snapshot functions. */
   createSnapshot?: (built: BuiltVm, p: CreateParams) => Promise<void>;
   loadSnapshot?: (p: LoadParams, opts: BuildOptions) => Promise<BuiltVm>;
@@ -801,7 +806,7 @@ export class VmmController {
   private start(): ApiOutcome {
     try {
       const spec = validateResources(resourcesFromConfig(this.config));
-      checkHostCanRun(spec.kernelPath, false);
+      (this.opts.hostCheck ?? ((k: string) => checkHostCanRun(k, false)))(spec.kernelPath);
       const serial = this.serialOutput();
       try {
         // The configuration as given (rate limiters, cache_type, mtu...): a snapshot saves it.

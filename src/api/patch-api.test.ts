@@ -244,6 +244,7 @@ test('PUT /serial: checked like log_path, handed to the build, pre-boot only', a
       version: '0',
       metrics,
       logger: new LoggerControl(metrics.counters),
+      hostCheck: () => undefined, // its build is the test's: no KVM needed
       build: (_spec, opts) => {
         consoleFd = opts.consoleFd;
         serialRateLimiter = opts.serialRateLimiter;
