@@ -24,7 +24,7 @@
  * Markdown table on stderr.
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { request } from 'node:http';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
@@ -50,6 +50,8 @@ const GUEST_CID = 3;
 const IFACE = 'eth0';
 const IPERF_SECONDS = 4;
 const PINGS = 10;
+/** Pings of `--only ping`. */
+const PINGS_ONLY = 30;
 const VSOCK_MIB = 32;
 /** iperf3 streams per run (--parallel). */
 let PARALLEL = 1;
@@ -469,9 +471,10 @@ async function measure(
   dir: string,
   root: string,
   kvmKind: string,
-  vsockOnly: boolean,
+  only: 'vsock' | 'ping' | undefined,
   baseline: string | undefined,
 ): Promise<Sample> {
+  const vsockOnly = only === 'vsock';
   const s: Sample = { vmm: name, errors: [] };
   const uds = join(dir, 'v.sock');
   rmSync(uds, { force: true });
@@ -498,7 +501,27 @@ async function measure(
         120_000,
       );
       await attempt('ping', async () => {
-        const out = await vm.run(`busybox ping -c ${PINGS} -i 0.2 ${net.hostAddr}`, 60_000);
+        const pings = only === 'ping' ? PINGS_ONLY : PINGS;
+        // TYPERVISOR_BENCH_PING_WARM=N: N pings back to back first (each VMM's code warm).
+        const warm = Number(process.env.TYPERVISOR_BENCH_PING_WARM ?? 0);
+        if (warm > 0) await vm.run(`busybox ping -q -c ${warm} -i 0.02 ${net.hostAddr}`, 300_000);
+        const sched = process.env.TYPERVISOR_BENCH_PING_SCHED === '1';
+        const guestSide = 'cat /proc/interrupts; cat /proc/tty/driver/serial | head -3';
+        if (sched) log(`${name}: guest before the ping:\n${await vm.run(guestSide, 30_000)}`);
+        const before = sched ? schedSnapshot(vm.child.pid!) : undefined;
+        const fcm = fcFiles(uds);
+        const from = sched && isOurs(name) ? (await flushedLines(fcm.api, fcm.metrics)).length : -1;
+        const q = process.env.TYPERVISOR_BENCH_PING_QUIET === '1' ? '-q ' : '';
+        const out = await vm.run(`busybox ping ${q}-c ${pings} -i 0.2 ${net.hostAddr}`, 120_000);
+        if (before) log(`${name}: ${schedReport(before, schedSnapshot(vm.child.pid!), pings)}`);
+        if (sched) log(`${name}: guest after the ping:\n${await vm.run(guestSide, 30_000)}`);
+        if (from >= 0) {
+          const m = (await flushedLines(fcm.api, fcm.metrics)).slice(from);
+          const per = (g: string, f: string) => (sumMetric(m, g, f) / pings).toFixed(1);
+          log(
+            `${name}: vCPU exits to the VMM per ping: io_in ${per('vcpu', 'exit_io_in')}, io_out ${per('vcpu', 'exit_io_out')}, mmio_read ${per('vcpu', 'exit_mmio_read')}, mmio_write ${per('vcpu', 'exit_mmio_write')}; net ${IFACE}: tx kicks ${per(`net_${IFACE}`, 'tx_queue_event_count')}, rx frames ${per(`net_${IFACE}`, 'rx_packets_count')}`,
+          );
+        }
         const m = /min\/avg\/max = ([\d.]+)\/([\d.]+)\/([\d.]+)/.exec(out);
         if (!m) throw new Error(`no ping summary: ${out.slice(-300)}`);
         s.pingMs = Number(m[2]);
@@ -506,6 +529,7 @@ async function measure(
         const each = [...out.matchAll(/time=([\d.]+) ms/g)].map((x) => x[1]).join(' ');
         log(`${name}: ping min/avg/max ${m[1]}/${m[2]}/${m[3]} ms; each: ${each}`);
       });
+      if (only === 'ping') throw new PingOnly();
       const irqsPerMB = async (before: number | undefined, out: string) => {
         const after = netIrqs(await vm.run(NET_IRQ_CMD, 30_000));
         const mb = iperfMBytes(out);
@@ -619,20 +643,84 @@ async function measure(
         sender.proc.kill('SIGKILL');
       }
     });
+    await powerOff(vm, s);
+  } catch (e) {
+    if (e instanceof PingOnly) await powerOff(vm, s);
+    else {
+      s.errors.push((e as Error).message.split('\n')[0]!);
+      log(`${name}: ${(e as Error).message.slice(0, 3000)}`);
+    }
+  } finally {
+    vm.child.kill('SIGKILL');
+    await vm.exited;
+  }
+  return s;
+}
+
+/**
+ * TYPERVISOR_BENCH_PING_SCHED=1: per thread of the VMM's process, per ping: the times it was
+ * put on a CPU, its CPU time and its time runnable but waiting for a CPU (the kernel's
+ * /proc/PID/task/TID/schedstat before and after the pings). Every thread of ours and of QEMU's,
+ * the vCPU threads included, side by side.
+ */
+function schedSnapshot(pid: number): Map<string, number[]> {
+  const m = new Map<string, number[]>();
+  let tids: string[] = [];
+  try {
+    tids = readdirSync(`/proc/${pid}/task`);
+  } catch {
+    return m;
+  }
+  for (const tid of tids) {
+    try {
+      const comm = readFileSync(`/proc/${pid}/task/${tid}/comm`, 'utf8').trim();
+      const v = readFileSync(`/proc/${pid}/task/${tid}/schedstat`, 'utf8').trim().split(/\s+/);
+      m.set(`${comm}[${tid}]`, v.map(Number));
+    } catch {
+      // the thread ended
+    }
+  }
+  return m;
+}
+
+function schedReport(
+  before: Map<string, number[]>,
+  after: Map<string, number[]>,
+  pings: number,
+): string {
+  const rows: Array<[string, number, number, number]> = [];
+  for (const [k, [run, wait, slices]] of after) {
+    const b = before.get(k) ?? [0, 0, 0];
+    const n = slices! - b[2]!;
+    if (n > 0)
+      rows.push([
+        k,
+        n / pings,
+        (run! - b[0]!) / 1e6 / pings,
+        (wait! - b[1]!) / 1e6 / Math.max(1, n),
+      ]);
+  }
+  rows.sort((x, y) => y[2] - x[2]);
+  return `per ping (${pings}): ${rows
+    .map(
+      ([k, n, cpu, wait]) =>
+        `${k} ${n.toFixed(1)} runs ${cpu.toFixed(3)} ms CPU ${wait.toFixed(3)} ms waiting each`,
+    )
+    .join('; ')}`;
+}
+
+/** --only ping: the ping measured, the rest of the run skipped. */
+class PingOnly extends Error {}
+
+async function powerOff(vm: Session, s: Sample): Promise<void> {
+  {
     vm.send('poweroff -f\n');
     const code = await Promise.race([
       vm.exited,
       new Promise<'timeout'>((r) => setTimeout(() => r('timeout'), 60_000)),
     ]);
     if (code !== 0) s.errors.push(`exit ${code}`);
-  } catch (e) {
-    s.errors.push((e as Error).message.split('\n')[0]!);
-    log(`${name}: ${(e as Error).message.slice(0, 3000)}`);
-  } finally {
-    vm.child.kill('SIGKILL');
-    await vm.exited;
   }
-  return s;
 }
 
 async function main(): Promise<void> {
@@ -653,10 +741,11 @@ async function main(): Promise<void> {
   const runs = Number(args.runs ?? 1);
   // Our VMMs (children of this process) write their per-queue counters too (queueFigures).
   process.env.TYPERVISOR_METRICS_EXTRAS = '1';
-  // --only vsock: the vsock transfers alone (no ping, no iperf3), for work on vsock.
-  if (args.only !== undefined && args.only !== 'vsock')
-    throw new Error(`--only: 'vsock' is the one choice (got ${args.only})`);
-  const vsockOnly = args.only === 'vsock';
+  // --only vsock: the vsock transfers alone (no ping, no iperf3), for work on vsock;
+  // --only ping: the ping alone (PINGS_ONLY of them), for work on latency.
+  if (args.only !== undefined && args.only !== 'vsock' && args.only !== 'ping')
+    throw new Error(`--only: 'vsock' or 'ping' (got ${args.only})`);
+  const only = args.only as 'vsock' | 'ping' | undefined;
   // --vmm typervisor|qemu: one VMM only (a profile run; the comparison needs both).
   if (args.vmm !== undefined && args.vmm !== 'typervisor' && args.vmm !== 'qemu')
     throw new Error(`--vmm: 'typervisor' or 'qemu' (got ${args.vmm})`);
@@ -699,16 +788,7 @@ async function main(): Promise<void> {
           (n === 'baseline' && args.vmm === 'typervisor'),
       )) {
         const t = Date.now();
-        const s = await measure(
-          iperf.out,
-          name,
-          net,
-          dir,
-          root,
-          kvm.kind,
-          vsockOnly,
-          args.baseline,
-        );
+        const s = await measure(iperf.out, name, net, dir, root, kvm.kind, only, args.baseline);
         samples.push(s);
         log(`run ${r + 1} ${name} (${Date.now() - t} ms): ${JSON.stringify(s)}`);
       }
