@@ -155,9 +155,13 @@ export class EventLoop {
     }
   }
 
+  /** Rounds so far: one per runOnce (its events and timers). */
+  rounds = 0;
+
   /** Waits up to timeoutMs (-1: forever) and dispatches; returns how many events ran. */
   runOnce(timeoutMs = -1): number {
     const n = native().epollWait(this.epfd, this.out, this.nextTimeout(timeoutMs));
+    this.rounds++;
     for (let i = 0; i < n; i++) {
       const events = this.out[2 * i]!;
       const r = this.regs[this.out[2 * i + 1]!];

@@ -281,6 +281,7 @@ function main(d: DeviceWorkerData): void {
         log,
         defer: (fn) => loop.setTimer(0, fn),
         after: (ms, fn) => loop.setTimer(ms, fn),
+        round: () => loop.rounds,
       });
       device = dev;
       if (created.backend instanceof MemDevice) plugged.set(slot, created.backend);

@@ -187,6 +187,12 @@ export interface DeviceEnvironment {
    * function. How a throttled queue sleeps until its rate limiter has the tokens.
    */
   after(ms: number, fn: () => void): () => void;
+  /**
+   * The loop's round (EventLoop.rounds: one per epoll_wait): used-buffer interrupts of one
+   * round share an irqfd write while unacknowledged (interruptIfWanted). Absent: every
+   * interrupt is written.
+   */
+  round?(): number;
 }
 
 /** The generic part's own counters (metrics(): Firecracker-style snake_case names). */
@@ -205,6 +211,11 @@ export interface VirtioDeviceCounters {
   irqs: number[];
   /** Per queue: interrupt decisions the driver's suppression (used_event/NO_INTERRUPT) said no to. */
   irqsSuppressed: number[];
+  /**
+   * Per queue: interrupts raised without an irqfd write of their own, because one signalled in
+   * the same round of the loop was still unacknowledged (interruptIfWanted).
+   */
+  irqsCoalesced: number[];
   /** Per queue: chains returned to the driver (used entries). */
   used: number[];
   /** Per queue: drained turns that returned at least one chain. */
@@ -240,6 +251,7 @@ export class VirtioDevice {
     kicks: [],
     irqs: [],
     irqsSuppressed: [],
+    irqsCoalesced: [],
     used: [],
     turns: [],
     turnUs: [],
@@ -254,7 +266,15 @@ export class VirtioDevice {
   ) {
     this.state = new VirtioMmioState(sab);
     const n = this.state.identity().queueNumMax.length;
-    for (const k of ['kicks', 'irqs', 'irqsSuppressed', 'used', 'turns', 'turnUs'] as const)
+    for (const k of [
+      'kicks',
+      'irqs',
+      'irqsSuppressed',
+      'irqsCoalesced',
+      'used',
+      'turns',
+      'turnUs',
+    ] as const)
       this.counters[k] = new Array<number>(n).fill(0);
   }
 
@@ -327,6 +347,7 @@ export class VirtioDevice {
       m[`queue${i}_kicks`] = c.kicks[i]!;
       m[`queue${i}_irqs`] = c.irqs[i]!;
       m[`queue${i}_irqs_suppressed`] = c.irqsSuppressed[i]!;
+      m[`queue${i}_irqs_coalesced`] = c.irqsCoalesced[i]!;
       m[`queue${i}_used`] = c.used[i]!;
       m[`queue${i}_turns`] = c.turns[i]!;
       m[`queue${i}_turn_us`] = Math.round(c.turnUs[i]!);
@@ -688,14 +709,36 @@ export class VirtioDevice {
     }
   }
 
-  /** Publishes queue `index`'s used entries and raises its interrupt if the driver wants it. */
+  /**
+   * Publishes queue `index`'s used entries and raises its interrupt if the driver wants it.
+   *
+   * Issue 17: one irqfd write per round of the loop while the driver has not acknowledged it.
+   * The driver's handler (Linux's vm_interrupt) reads InterruptStatus, acknowledges it, then
+   * looks at every queue, so a used-buffer interrupt that is still pending covers what later
+   * queues publish before its acknowledgement; with an edge-triggered GSI a second write would
+   * only be a second interrupt that finds its work done (two exits to us for nothing). This is
+   * what a level-triggered line gives QEMU. The skip holds within the round of the first write
+   * only: a bit left set with no interrupt to clear it (an edge the guest lost while the line
+   * was masked, say) is signalled again by the next round's interrupt, as before.
+   */
   private interruptIfWanted(q: Virtqueue, index: number): void {
-    if (q.needsInterrupt()) {
-      this.counters.irqs[index]!++;
-      this.state.raise(INT_USED_BUFFER);
-      this.env.interrupt();
-    } else this.counters.irqsSuppressed[index]!++;
+    if (!q.needsInterrupt()) {
+      this.counters.irqsSuppressed[index]!++;
+      return;
+    }
+    this.counters.irqs[index]!++;
+    const was = this.state.raise(INT_USED_BUFFER);
+    const round = this.env.round?.();
+    if ((was & INT_USED_BUFFER) !== 0 && round !== undefined && round === this.signalledRound) {
+      this.counters.irqsCoalesced[index]!++;
+      return;
+    }
+    this.env.interrupt();
+    this.signalledRound = round;
   }
+
+  /** The loop round of this device's last irqfd write (interruptIfWanted). */
+  private signalledRound: number | undefined;
 
   private deactivate(): void {
     if (this.dev.kind === 'inactive') return;

@@ -255,10 +255,11 @@ export class VirtioMmioState {
     return Atomics.load(this.s, REGS.resetEpoch);
   }
 
-  /** Sets InterruptStatus bits; the caller then signals the irqfd. */
-  raise(bits: number): void {
-    Atomics.or(this.s, REGS.interruptStatus, bits);
+  /** Sets InterruptStatus bits (the caller then signals the irqfd); returns the bits before. */
+  raise(bits: number): number {
+    const was = Atomics.or(this.s, REGS.interruptStatus, bits);
     Atomics.add(this.s, COUNTERS.interrupts, 1);
+    return was;
   }
 
   /**

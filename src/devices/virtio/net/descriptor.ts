@@ -110,6 +110,8 @@ export const netDevice: DeviceType<NetConfig, NetHost> = {
         // Ours (issue 17): TX turns written with one io_uring_enter (frames per batch:
         // tx_packets_count / tx_batches while batching is on).
         tx_batches: tx.batch?.counters.batches ?? 0,
+        // Ours (issue 17): TX turns whose end served RX too (NetDevice.rxAfterTx).
+        rx_after_tx: c.rxAfterTx,
         // The mmds group (controller.ts deviceMetrics moves mmds_* there).
         ...(mmds
           ? Object.fromEntries(Object.entries(mmds.metrics()).map(([k, v]) => [`mmds_${k}`, v]))

@@ -209,6 +209,8 @@ export interface NetCounters {
   txThrottleEvents: number;
   /** RX frames held by the limiter and dropped by a snapshot (rate_limiter_dropped_bytes is bytes). */
   rxThrottledDropped: number;
+  /** RX served at the end of a TX turn that wrote frames (rxAfterTx). */
+  rxAfterTx: number;
 }
 
 export function parseMac(s: string): Uint8Array {
@@ -274,6 +276,7 @@ export class NetDevice implements VirtioBackend {
     rxThrottleEvents: 0,
     txThrottleEvents: 0,
     rxThrottledDropped: 0,
+    rxAfterTx: 0,
   };
   readonly rxLimiter: RateLimiter;
   readonly txLimiter: RateLimiter;
@@ -282,6 +285,8 @@ export class NetDevice implements VirtioBackend {
   /** Cancels RX's throttle timer while it sleeps. */
   private rxSleep: (() => void) | undefined;
   private txWaiting = false;
+  /** Frames went to the TAP since RX last looked at it after TX (rxAfterTx). */
+  private txSinceRx = false;
   private io: QueueIo | undefined;
   private tx: TxOffloads = { csum: false, tso4: false, tso6: false };
   /** An RX chain taken from the guest when the TAP turned out empty: used for the next frame. */
@@ -528,6 +533,7 @@ export class NetDevice implements VirtioBackend {
       this.txCopies.push(p.buf);
     }
     this.flushTx();
+    this.rxAfterTx();
   }
 
   /** One frame to the TAP (or its batch): `iov` is our header copy, then the frame. */
@@ -549,6 +555,7 @@ export class NetDevice implements VirtioBackend {
       }
       this.counters.txFrames++;
       this.counters.txBytes += frameLen;
+      this.txSinceRx = true;
     } catch (e) {
       this.counters.txErrors++;
       this.logOnce('tx-error', `${this.name}: TAP write failed: ${(e as Error).message}`);
@@ -564,7 +571,28 @@ export class NetDevice implements VirtioBackend {
    * batched frames are written now, so no chain is returned while the kernel may still read it.
    */
   endTurn(queue: number): void {
-    if (queue === TX_QUEUE) this.flushTx();
+    if (queue !== TX_QUEUE) return;
+    this.flushTx();
+    this.rxAfterTx();
+  }
+
+  /**
+   * Issue 17 (ping): what this turn's frames brought back already goes in with the turn. The
+   * host's own stack answers a frame (an echo reply, an ARP reply, an ACK) inside our write, so
+   * the answer is on the TAP before the TAP's readiness could wake us: RX serves it now, and its
+   * interrupt comes right before TX's (endTurn runs before the turn's interrupt), which KVM's
+   * irqfd and the driver's handler (one interrupt status for every queue) then take as one,
+   * where a later wake-up of ours meant a second interrupt and the guest's exits for it. Only
+   * after frames went out, and only while RX waits on the TAP (buffers posted, not throttled):
+   * otherwise one read that finds nothing.
+   */
+  private rxAfterTx(): void {
+    if (!this.txSinceRx) return;
+    this.txSinceRx = false;
+    if (this.watching) {
+      this.counters.rxAfterTx++;
+      this.processRx();
+    }
   }
 
   /** Writes the TX batch, counting each frame as a writev would be; never throws. */
@@ -589,6 +617,7 @@ export class NetDevice implements VirtioBackend {
     if (res >= 0) {
       this.counters.txFrames++;
       this.counters.txBytes += frameLen;
+      this.txSinceRx = true;
       return;
     }
     this.counters.txErrors++;

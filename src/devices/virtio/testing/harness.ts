@@ -137,6 +137,8 @@ export interface HarnessOptions {
   name?: string;
   /** The fake clock of delayed timers (default: one of this harness alone). */
   clock?: FakeClock;
+  /** The loop's round (DeviceEnvironment.round; default: none, every interrupt is written). */
+  round?: () => number;
 }
 
 export function harness(
@@ -158,6 +160,7 @@ export function harness(
     log: (m) => logs.push(m),
     defer: (fn) => deferred.defer(name, fn),
     after: (ms, fn) => clock.after(ms, fn),
+    ...(opts.round ? { round: opts.round } : {}),
   });
   const transport = new MmioTransport(
     sab,
