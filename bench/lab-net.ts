@@ -858,7 +858,12 @@ async function main(): Promise<void> {
       true,
       'rx_packets_count / rx_queue_event_count: the driver kicks RX only after the device ran out of its buffers',
     ),
-    row(`ping guest → host, average RTT (${PINGS} pings)`, 'ms', (s) => s.pingMs, false),
+    row(
+      `ping guest → host, average RTT (${only === 'ping' ? PINGS_ONLY : PINGS} pings)`,
+      'ms',
+      (s) => s.pingMs,
+      false,
+    ),
     row(
       `vsock stream guest → host (${VSOCK_MIB} MiB, socat)`,
       'MB/s',
