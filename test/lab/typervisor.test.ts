@@ -100,6 +100,14 @@ test(
     process.stderr.write(
       `in-lab suite: ${summary} (lab boot ${r.bootMs} ms, total ${r.totalMs} ms)\n`,
     );
+    // Where the suite's time went, longest first (what to look at to keep CI short).
+    const times = [...text.matchAll(/^(?:not )?ok \d+ - (.+)\n\s+---\n\s+duration_ms: ([\d.]+)/gm)]
+      .map((m) => [Number(m[2]) / 1000, m[1]!] as const)
+      .sort((a, b) => b[0] - a[0]);
+    if (times.length > 0)
+      process.stderr.write(
+        `in-lab suite, seconds per test: ${times.map(([s, n]) => `${s.toFixed(0)} ${n}`).join('; ')}\n`,
+      );
     assert.equal(r.code, 0, `${r.error ?? ''}\n${r.output}`);
     assert.match(text, /^\s*(#|ℹ) fail 0\s*$/m, r.output);
     assert.doesNotMatch(
