@@ -58,14 +58,25 @@ test('/dev/kvm works inside the lab (test/lab/kvm-smoke.c)', { timeout: 300_000 
   }
 });
 
-test('QEMU+KVM in the lab boots the guest kernel and initramfs', { timeout: 600_000 }, async () => {
+test('QEMU+KVM in the lab boots the guest kernel and initramfs', { timeout: 720_000 }, async () => {
   const kernel = imagePaths('kernel', ensureImage('kernel')).KERNEL!;
   const initrd = imagePaths('initramfs', ensureImage('initramfs')).INITRAMFS!;
   const helper = join(repoRoot(), 'dist', 'test', 'lab', 'qemu-guest.js');
-  const r = await runInLab({
-    command: ['node', helper, kernel, initrd, 'uname -r\\npoweroff -f\\n'],
-    timeoutSec: 420,
-  });
+  const run = () =>
+    runInLab({
+      command: ['node', helper, kernel, initrd, 'uname -r\\npoweroff -f\\n'],
+      timeoutSec: 300,
+    });
+  let r = await run();
+  // The helper ends by itself within ~140 s of starting QEMU (it kills QEMU at 120 s) and then
+  // prints BOOT-MS: a lab that timed out or died without that line froze as a whole (seen in
+  // CI on 2026-12-02: the lab up, then nothing for 420 s). One more try, said on stderr.
+  if ((r.code === 124 || r.code === 125) && !/BOOT-MS=/.test(r.output)) {
+    process.stderr.write(
+      `qemu-in-lab: the lab froze (${r.error}; no output from the helper); once more\n`,
+    );
+    r = await run();
+  }
   assert.equal(r.code, 0, show(r));
   assert.match(r.output, /TYPERVISOR-BOOT-OK/, show(r));
   assert.match(r.output, /\d+\.\d+\.\d+-\d+-cloud-amd64/, show(r));
