@@ -529,127 +529,133 @@ async function measure(
         const each = [...out.matchAll(/time=([\d.]+) ms/g)].map((x) => x[1]).join(' ');
         log(`${name}: ping min/avg/max ${m[1]}/${m[2]}/${m[3]} ms; each: ${each}`);
       });
-      if (only === 'ping') throw new PingOnly();
-      const irqsPerMB = async (before: number | undefined, out: string) => {
-        const after = netIrqs(await vm.run(NET_IRQ_CMD, 30_000));
-        const mb = iperfMBytes(out);
-        return before === undefined || after === undefined || !mb
-          ? undefined
-          : (after - before) / mb;
-      };
-      // Typervisor's device counters over one iperf3 run (the lines its flushes added).
-      const fc = fcFiles(uds);
-      const counted = async (run: () => Promise<void>): Promise<string[] | undefined> => {
-        if (!isOurs(name)) return (await run(), undefined);
-        const from = (await flushedLines(fc.api, fc.metrics)).length;
-        await run();
-        return (await flushedLines(fc.api, fc.metrics)).slice(from);
-      };
-      const group = `net_${IFACE}`;
-      await attempt('iperf3 guest->host', async () => {
-        const traced = traceLines(uds).length;
-        const before = netIrqs(await vm.run(NET_IRQ_CMD, 30_000));
-        let out = '';
-        const m = await counted(async () => {
-          out = await vm.run(
-            `iperf3 -c ${net.hostAddr} -t ${IPERF_SECONDS} -P ${PARALLEL} -f m 2>&1 | tail -n 4`,
-            120_000,
-          );
+      // --only ping: the ping alone.
+      if (only !== 'ping') {
+        const irqsPerMB = async (before: number | undefined, out: string) => {
+          const after = netIrqs(await vm.run(NET_IRQ_CMD, 30_000));
+          const mb = iperfMBytes(out);
+          return before === undefined || after === undefined || !mb
+            ? undefined
+            : (after - before) / mb;
+        };
+        // Typervisor's device counters over one iperf3 run (the lines its flushes added).
+        const fc = fcFiles(uds);
+        const counted = async (run: () => Promise<void>): Promise<string[] | undefined> => {
+          if (!isOurs(name)) return (await run(), undefined);
+          const from = (await flushedLines(fc.api, fc.metrics)).length;
+          await run();
+          return (await flushedLines(fc.api, fc.metrics)).slice(from);
+        };
+        const group = `net_${IFACE}`;
+        await attempt('iperf3 guest->host', async () => {
+          const traced = traceLines(uds).length;
+          const before = netIrqs(await vm.run(NET_IRQ_CMD, 30_000));
+          let out = '';
+          const m = await counted(async () => {
+            out = await vm.run(
+              `iperf3 -c ${net.hostAddr} -t ${IPERF_SECONDS} -P ${PARALLEL} -f m 2>&1 | tail -n 4`,
+              120_000,
+            );
+          });
+          s.g2hMbit = iperfMbit(out);
+          if (s.g2hMbit === undefined) throw new Error(`no iperf3 summary: ${out.slice(-300)}`);
+          s.g2hIrqPerMB = await irqsPerMB(before, out);
+          if (m) {
+            const frames = sumMetric(m, group, 'tx_packets_count');
+            s.g2hTxFramesPerKick = ratio(frames, sumMetric(m, group, 'tx_queue_event_count'));
+            s.g2hTxFramesPerBatch = ratio(frames, sumMetric(m, group, 'tx_batches'));
+            s.g2hQueues = queueFigures(m, group, iperfMBytes(out));
+          }
+          const qt = qemuQueues(traceLines(uds).slice(traced), iperfMBytes(out));
+          if (!isOurs(name) && qt) log(`qemu guest → host per MB: ${qt}`);
         });
-        s.g2hMbit = iperfMbit(out);
-        if (s.g2hMbit === undefined) throw new Error(`no iperf3 summary: ${out.slice(-300)}`);
-        s.g2hIrqPerMB = await irqsPerMB(before, out);
-        if (m) {
-          const frames = sumMetric(m, group, 'tx_packets_count');
-          s.g2hTxFramesPerKick = ratio(frames, sumMetric(m, group, 'tx_queue_event_count'));
-          s.g2hTxFramesPerBatch = ratio(frames, sumMetric(m, group, 'tx_batches'));
-          s.g2hQueues = queueFigures(m, group, iperfMBytes(out));
-        }
-        const qt = qemuQueues(traceLines(uds).slice(traced), iperfMBytes(out));
-        if (!isOurs(name) && qt) log(`qemu guest → host per MB: ${qt}`);
-      });
-      await attempt('iperf3 host->guest', async () => {
-        const traced = traceLines(uds).length;
-        const before = netIrqs(await vm.run(NET_IRQ_CMD, 30_000));
-        let out = '';
-        const m = await counted(async () => {
-          out = await vm.run(
-            `iperf3 -c ${net.hostAddr} -t ${IPERF_SECONDS} -P ${PARALLEL} -f m -R 2>&1 | tail -n 4`,
-            120_000,
-          );
+        await attempt('iperf3 host->guest', async () => {
+          const traced = traceLines(uds).length;
+          const before = netIrqs(await vm.run(NET_IRQ_CMD, 30_000));
+          let out = '';
+          const m = await counted(async () => {
+            out = await vm.run(
+              `iperf3 -c ${net.hostAddr} -t ${IPERF_SECONDS} -P ${PARALLEL} -f m -R 2>&1 | tail -n 4`,
+              120_000,
+            );
+          });
+          s.h2gMbit = iperfMbit(out);
+          if (s.h2gMbit === undefined) throw new Error(`no iperf3 summary: ${out.slice(-300)}`);
+          s.h2gIrqPerMB = await irqsPerMB(before, out);
+          if (m) {
+            s.h2gRxFramesPerKick = ratio(
+              sumMetric(m, group, 'rx_packets_count'),
+              sumMetric(m, group, 'rx_queue_event_count'),
+            );
+            s.h2gQueues = queueFigures(m, group, iperfMBytes(out));
+          }
+          const qt = qemuQueues(traceLines(uds).slice(traced), iperfMBytes(out));
+          if (!isOurs(name) && qt) log(`qemu host → guest per MB: ${qt}`);
         });
-        s.h2gMbit = iperfMbit(out);
-        if (s.h2gMbit === undefined) throw new Error(`no iperf3 summary: ${out.slice(-300)}`);
-        s.h2gIrqPerMB = await irqsPerMB(before, out);
-        if (m) {
-          s.h2gRxFramesPerKick = ratio(
-            sumMetric(m, group, 'rx_packets_count'),
-            sumMetric(m, group, 'rx_queue_event_count'),
-          );
-          s.h2gQueues = queueFigures(m, group, iperfMBytes(out));
-        }
-        const qt = qemuQueues(traceLines(uds).slice(traced), iperfMBytes(out));
-        if (!isOurs(name) && qt) log(`qemu host → guest per MB: ${qt}`);
-      });
+      }
     }
-    await attempt('vsock guest->host', async () => {
-      // socat on the host for both (Typervisor: the Unix socket `${uds}_5001`; QEMU: AF_VSOCK).
-      const listen = isOurs(name) ? `UNIX-LISTEN:${uds}_5001` : 'VSOCK-LISTEN:5001,reuseaddr';
-      const counter = background([
-        'sh',
-        '-c',
-        `socat -u -b 65536 ${listen} STDOUT | ${process.execPath} ${helper} count`,
-      ]);
-      try {
-        const t = Date.now();
-        while (isOurs(name) && !existsSync(`${uds}_5001`) && Date.now() - t < 10_000)
-          await new Promise((r) => setTimeout(r, 20));
-        await new Promise((r) => setTimeout(r, 200));
-        await vm.run(
-          `head -c ${bytes} /dev/zero | socat -u -b 65536 - VSOCK-CONNECT:2:5001 || echo SOCAT-FAILED`,
-          300_000,
+    if (only !== 'ping') {
+      await attempt('vsock guest->host', async () => {
+        // socat on the host for both (Typervisor: the Unix socket `${uds}_5001`; QEMU: AF_VSOCK).
+        const listen = isOurs(name) ? `UNIX-LISTEN:${uds}_5001` : 'VSOCK-LISTEN:5001,reuseaddr';
+        const counter = background([
+          'sh',
+          '-c',
+          `socat -u -b 65536 ${listen} STDOUT | ${process.execPath} ${helper} count`,
+        ]);
+        try {
+          const t = Date.now();
+          while (isOurs(name) && !existsSync(`${uds}_5001`) && Date.now() - t < 10_000)
+            await new Promise((r) => setTimeout(r, 20));
+          await new Promise((r) => setTimeout(r, 200));
+          await vm.run(
+            `head -c ${bytes} /dev/zero | socat -u -b 65536 - VSOCK-CONNECT:2:5001 || echo SOCAT-FAILED`,
+            300_000,
+          );
+          const [, n, ms] = await waitOut(counter, /COUNT (\d+) ([\d.]+)\n/, 60_000);
+          if (Number(n) !== bytes) throw new Error(`received ${n} of ${bytes} bytes`);
+          s.vsockG2hMBs = bytes / 1e6 / (Number(ms) / 1000);
+        } finally {
+          counter.proc.kill('SIGKILL');
+          rmSync(`${uds}_5001`, { force: true });
+        }
+      });
+      await attempt('vsock host->guest', async () => {
+        const from = vm.out.length;
+        vm.send(
+          `socat -u -b 65536 VSOCK-LISTEN:5002 - | wc -c | sed "s/^/H2GV /" & sleep 1; echo "LIST""EN-OK"\n`,
         );
-        const [, n, ms] = await waitOut(counter, /COUNT (\d+) ([\d.]+)\n/, 60_000);
-        if (Number(n) !== bytes) throw new Error(`received ${n} of ${bytes} bytes`);
-        s.vsockG2hMBs = bytes / 1e6 / (Number(ms) / 1000);
-      } finally {
-        counter.proc.kill('SIGKILL');
-        rmSync(`${uds}_5001`, { force: true });
-      }
-    });
-    await attempt('vsock host->guest', async () => {
-      const from = vm.out.length;
-      vm.send(
-        `socat -u -b 65536 VSOCK-LISTEN:5002 - | wc -c | sed "s/^/H2GV /" & sleep 1; echo "LIST""EN-OK"\n`,
-      );
-      await vm.waitFor(/LISTEN-OK/, 60_000, from);
-      const t = performance.now();
-      const sender = isOurs(name)
-        ? background([process.execPath, helper, 'send-uds', uds, String(bytes), '5002'])
-        : background([
-            'sh',
-            '-c',
-            `head -c ${bytes} /dev/zero | socat -u -b 65536 - VSOCK-CONNECT:${GUEST_CID}:5002`,
-          ]);
-      try {
-        const [, n] = await vm.waitFor(/H2GV (\d+)\r?\n/, 300_000, from);
-        const ms = performance.now() - t;
-        if (Number(n) !== bytes)
-          throw new Error(
-            `guest received ${n} of ${bytes} bytes; sender: ${sender.out()}\n${vm.tail()}`,
-          );
-        s.vsockH2gMBs = bytes / 1e6 / (ms / 1000);
-      } finally {
-        sender.proc.kill('SIGKILL');
-      }
-    });
-    await powerOff(vm, s);
-  } catch (e) {
-    if (e instanceof PingOnly) await powerOff(vm, s);
-    else {
-      s.errors.push((e as Error).message.split('\n')[0]!);
-      log(`${name}: ${(e as Error).message.slice(0, 3000)}`);
+        await vm.waitFor(/LISTEN-OK/, 60_000, from);
+        const t = performance.now();
+        const sender = isOurs(name)
+          ? background([process.execPath, helper, 'send-uds', uds, String(bytes), '5002'])
+          : background([
+              'sh',
+              '-c',
+              `head -c ${bytes} /dev/zero | socat -u -b 65536 - VSOCK-CONNECT:${GUEST_CID}:5002`,
+            ]);
+        try {
+          const [, n] = await vm.waitFor(/H2GV (\d+)\r?\n/, 300_000, from);
+          const ms = performance.now() - t;
+          if (Number(n) !== bytes)
+            throw new Error(
+              `guest received ${n} of ${bytes} bytes; sender: ${sender.out()}\n${vm.tail()}`,
+            );
+          s.vsockH2gMBs = bytes / 1e6 / (ms / 1000);
+        } finally {
+          sender.proc.kill('SIGKILL');
+        }
+      });
     }
+    vm.send('poweroff -f\n');
+    const code = await Promise.race([
+      vm.exited,
+      new Promise<'timeout'>((r) => setTimeout(() => r('timeout'), 60_000)),
+    ]);
+    if (code !== 0) s.errors.push(`exit ${code}`);
+  } catch (e) {
+    s.errors.push((e as Error).message.split('\n')[0]!);
+    log(`${name}: ${(e as Error).message.slice(0, 3000)}`);
   } finally {
     vm.child.kill('SIGKILL');
     await vm.exited;
@@ -707,20 +713,6 @@ function schedReport(
         `${k} ${n.toFixed(1)} runs ${cpu.toFixed(3)} ms CPU ${wait.toFixed(3)} ms waiting each`,
     )
     .join('; ')}`;
-}
-
-/** --only ping: the ping measured, the rest of the run skipped. */
-class PingOnly extends Error {}
-
-async function powerOff(vm: Session, s: Sample): Promise<void> {
-  {
-    vm.send('poweroff -f\n');
-    const code = await Promise.race([
-      vm.exited,
-      new Promise<'timeout'>((r) => setTimeout(() => r('timeout'), 60_000)),
-    ]);
-    if (code !== 0) s.errors.push(`exit ${code}`);
-  }
 }
 
 async function main(): Promise<void> {

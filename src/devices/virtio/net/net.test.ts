@@ -185,16 +185,24 @@ test('virtio-net RX: frames land in guest buffers with num_buffers = 1 and one i
   assert.equal(dev.counters.rxFrames, 2);
 });
 
-test('virtio-net: a reply already on the TAP when a TX turn ends goes in with it, RX first (rxAfterTx)', () => {
-  const { tap, dev, h } = setup();
-  const [rx, tx] = h.start();
-  // The host's stack answers inside our write, as it does an echo request to its own address.
+/**
+ * The host's stack answers inside our write, as it does an echo request to its own address:
+ * each frame written puts an 84-byte reply (0x44) on the TAP. Returns the plain writev.
+ */
+function answerEachWrite(tap: FakeTap): FakeTap['writev'] {
   const writev = tap.writev.bind(tap);
   tap.writev = (bufs) => {
     const n = writev(bufs);
     tap.inbox.push(frame(84, 0x44));
     return n;
   };
+  return writev;
+}
+
+test('virtio-net: a reply already on the TAP when a TX turn ends goes in with it, RX first (rxAfterTx)', () => {
+  const { tap, dev, h } = setup();
+  const [rx, tx] = h.start();
+  const writev = answerEachWrite(tap);
   const b = h.alloc.alloc(2048);
   rx!.addChain([{ addr: b, len: 2048, write: true }]);
   h.kick(RX_QUEUE); // nothing to read yet: the chain is held and the TAP watched
@@ -232,12 +240,7 @@ test('virtio-net: RX and TX interrupts of one loop round share one irqfd write u
   const { tap, h } = setup(true, () => round);
   // Without EVENT_IDX: every used entry asks for an interrupt (none is suppressed).
   const [rx, tx] = h.start({ features: (f) => f & ~bit(VIRTIO_F_RING_EVENT_IDX) });
-  const writev = tap.writev.bind(tap);
-  tap.writev = (bufs) => {
-    const n = writev(bufs);
-    tap.inbox.push(frame(84, 0x44));
-    return n;
-  };
+  answerEachWrite(tap);
   const send = () => {
     rx!.addChain([{ addr: h.alloc.alloc(2048), len: 2048, write: true }]);
     h.kick(RX_QUEUE);
