@@ -205,6 +205,8 @@ export class VmmController {
       case 'GetFullVmConfig':
         // Exactly Firecracker's shape (resources.ts wireVmConfig): clients compare it.
         return { status: 200, body: wireVmConfig(this.config) };
+      case 'ApplyVmConfig':
+        return this.applyConfig(a.text);
       case 'NotSupported':
         return notSupported(`${a.feature} is not implemented in Typervisor yet`);
       case 'GetMmds':
@@ -831,6 +833,23 @@ export class VmmController {
   }
 
   /**
+   * PUT /vm/config: the text of a --config-file, applied as the file is (each section as its
+   * PUT, in the file's order, then InstanceStart), in one request: what the daemon's process
+   * mode sends a pooled VMM (one round trip instead of a PUT per section and InstanceStart after
+   * them, docs/daemon.md). The first failure ends it and is answered, named by its section;
+   * the sections before it stay applied, as their own PUTs would have.
+   */
+  private async applyConfig(text: string): Promise<ApiOutcome> {
+    const parsed = parseVmConfig(text);
+    if ('fault' in parsed) return bad(parsed.fault);
+    for (const action of parsed.actions) {
+      const r = await this.handle(action);
+      if ('fault' in r) return { status: r.status, fault: `${sectionOf(action)}: ${r.fault}` };
+    }
+    return NO_CONTENT;
+  }
+
+  /**
    * --config-file: the JSON of GET /vm/config, applied section by section as the matching PUT
    * requests would be, then InstanceStart; or a "snapshot-load" section, applied as PUT
    * /snapshot/load (config-file.ts). Returns the first failure's message.
@@ -849,6 +868,42 @@ export class VmmController {
       if (r.status >= 400) return 'fault' in r ? r.fault : `failed: ${action.kind}`;
     }
     return undefined;
+  }
+}
+
+/** The configuration section (or action) a config-file action comes from, for a fault. */
+function sectionOf(a: VmmAction): string {
+  switch (a.kind) {
+    case 'PutLogger':
+      return 'logger';
+    case 'PutMetrics':
+      return 'metrics';
+    case 'PutMachineConfig':
+      return 'machine-config';
+    case 'PutCpuConfig':
+      return 'cpu-config';
+    case 'PutBootSource':
+      return 'boot-source';
+    case 'PutDrive':
+      return `drives (${a.config.drive_id})`;
+    case 'PutNetworkInterface':
+      return `network-interfaces (${a.config.iface_id})`;
+    case 'PutMmdsConfig':
+      return 'mmds-config';
+    case 'PutVsock':
+      return 'vsock';
+    case 'PutEntropy':
+      return 'entropy';
+    case 'PutBalloon':
+      return 'balloon';
+    case 'PutPmem':
+      return `pmem (${a.config.id})`;
+    case 'PutMemoryHotplug':
+      return 'memory-hotplug';
+    case 'LoadSnapshot':
+      return 'snapshot-load';
+    default:
+      return a.kind;
   }
 }
 

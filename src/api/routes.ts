@@ -31,6 +31,12 @@ export type VmmAction =
   | { kind: 'GetInstanceInfo' }
   | { kind: 'GetVersion' }
   | { kind: 'GetFullVmConfig' }
+  /**
+   * PUT /vm/config (Typervisor's; Firecracker has GET only): a whole configuration in GET
+   * /vm/config's shape, applied as --config-file applies it (each section as its PUT, then
+   * InstanceStart, or a "snapshot-load" section). The text is parsed by the controller.
+   */
+  | { kind: 'ApplyVmConfig'; text: string }
   | { kind: 'GetMachineConfig' }
   | { kind: 'PutMachineConfig'; config: MachineConfig }
   | { kind: 'PatchMachineConfig'; update: Partial<MachineConfig> }
@@ -260,10 +266,15 @@ export function route(method: string, url: string, body: string | undefined): Ro
     case 'PUT':
       if (
         !arity(1) &&
-        !['drives', 'network-interfaces', 'snapshot', 'pmem', 'hotplug', 'mmds'].includes(first)
+        !['drives', 'network-interfaces', 'snapshot', 'pmem', 'hotplug', 'mmds', 'vm'].includes(
+          first,
+        )
       )
         return invalid;
       switch (first) {
+        case 'vm':
+          if (!arity(2) || tokens[1] !== 'config') return invalid;
+          return { action: { kind: 'ApplyVmConfig', text: body! } };
         case 'hotplug':
           if (!arity(2) || tokens[1] !== 'memory') return invalid;
           return withBody<MemoryHotplugConfig>(

@@ -26,6 +26,11 @@ export async function apiMode(argv: string[]): Promise<number> {
       // The bundles load node:crypto on first use (scripts/bundle.mjs): load it now, before a
       // snapshot load needs it for the state file's checksum (~1.6 ms).
       createHash('sha256');
+      // The console reads stdin once the VM runs (firecracker.ts onStarted): Node makes
+      // process.stdin on first use, which took 4.5 ms on this host (its stream modules), on
+      // the main thread between the build and InstanceStart's answer, and the boot marker's
+      // line waited for it (docs/daemon.md). Made now, it is only made: nothing reads it yet.
+      void process.stdin;
     });
   }
   // The process ends with its VM: the kernel releases the VM at exit (builder.ts).

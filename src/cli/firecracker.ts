@@ -13,7 +13,14 @@ import { DEFAULT_MAX_PAYLOAD, startApiServer, type ApiServer } from '../api/serv
 import { TypervisorError } from '../util/errors.js';
 import { log } from '../util/log.js';
 import { applySeccomp, seccompSettingsFromFlags } from '../sandbox/seccomp/options.js';
-import { buildVm, loadSnapshot, type VmExitEvent } from '../vmm/index.js';
+import {
+  buildVm,
+  loadSnapshot,
+  MAX_MEM_MIB,
+  OnePreparedVm,
+  prepareVm,
+  type VmExitEvent,
+} from '../vmm/index.js';
 import { ReusedVcpuWorkers } from '../vmm/vcpu-pool.js';
 import { rehearseApi } from './api-rehearsal.js';
 import { Console } from './console.js';
@@ -25,6 +32,7 @@ export const FC_EXIT_ARG_PARSING = 153;
 
 export const DEFAULT_API_SOCK = '/run/typervisor.socket';
 export const DEFAULT_INSTANCE_ID = 'anonymous-instance';
+const MIB = 1024 * 1024;
 
 /** The flags that make `typervisor` take this entry instead of a subcommand. */
 export const FIRECRACKER_FLAGS = [
@@ -49,6 +57,7 @@ export const FIRECRACKER_FLAGS = [
   '--metadata',
   '--enable-pci',
   '--rehearse',
+  '--prepare-mem',
 ] as const;
 
 export const FIRECRACKER_USAGE = `usage: typervisor [--api-sock PATH] [--config-file FILE] [--no-api] [options]
@@ -76,6 +85,9 @@ Firecracker-compatible mode: the REST API of Firecracker on a Unix socket (docs/
   --rehearse           Typervisor's own: before the API socket listens, run one tiny VM in
                        this process, so that the VM it then serves starts on warm code
                        (what \`typervisor serve\` starts its process pool with; docs/daemon.md)
+  --prepare-mem MIB    Typervisor's own: before the API socket listens, create the VM with
+                       MIB MiB of RAM up to its vCPUs; InstanceStart with that mem_size_mib
+                       then skips that kernel work (another size builds as usual)
   --enable-pci         refused: Typervisor has no PCI; its devices are virtio-mmio, as
                        Firecracker's are without this flag
   --version            print the version, in Firecracker's form: "Typervisor vX.Y.Z"`;
@@ -106,6 +118,8 @@ export interface FcArgs {
   metadata?: string;
   /** --rehearse: a rehearsal VM before the API socket listens (cli/api-rehearsal.ts). */
   rehearse: boolean;
+  /** --prepare-mem: the VM made ahead with this much RAM, MiB (vmm/prepared-vm.ts). */
+  prepareMemMib?: number;
 }
 
 /** A u64 in decimal, as Firecracker parses these flags. */
@@ -147,6 +161,7 @@ export function parseFirecrackerArgs(argv: string[]): FcArgs {
         metadata: { type: 'string' },
         'enable-pci': { type: 'boolean' },
         rehearse: { type: 'boolean' },
+        'prepare-mem': { type: 'string' },
       },
     }).values;
   } catch (e) {
@@ -164,6 +179,17 @@ export function parseFirecrackerArgs(argv: string[]): FcArgs {
   if (v.rehearse && v['config-file'] !== undefined)
     throw new ArgError(
       '--rehearse warms a process for the VM its API will ask for: not with --config-file, which starts one at once',
+    );
+  const prep = v['prepare-mem'];
+  const prepareMemMib =
+    prep === undefined ? undefined : /^\d{1,7}$/.test(prep) ? Number(prep) : NaN;
+  if (prepareMemMib !== undefined && !(prepareMemMib >= 1 && prepareMemMib <= MAX_MEM_MIB))
+    throw new ArgError(
+      `--prepare-mem must be a whole number of MiB from 1 to ${MAX_MEM_MIB} (got "${String(prep).slice(0, 40)}")`,
+    );
+  if (prepareMemMib !== undefined && v['config-file'] !== undefined)
+    throw new ArgError(
+      '--prepare-mem prepares a process for the VM its API will ask for: not with --config-file',
     );
   const id = v.id ?? DEFAULT_INSTANCE_ID;
   if (!/^[A-Za-z0-9-]{1,64}$/.test(id))
@@ -203,6 +229,7 @@ export function parseFirecrackerArgs(argv: string[]): FcArgs {
     mmdsSizeLimit,
     ...(v.metadata !== undefined ? { metadata: v.metadata } : {}),
     rehearse: v.rehearse ?? false,
+    ...(prepareMemMib !== undefined ? { prepareMemMib } : {}),
   };
 }
 
@@ -341,6 +368,8 @@ async function runWithLogger(
 
   // --rehearse: the rehearsal VM and the VM this process serves share their vCPU workers.
   const workers = args.rehearse ? new ReusedVcpuWorkers() : undefined;
+  // --prepare-mem: the VM made ahead, after the rehearsal (vmm/prepared-vm.ts).
+  let prepared: OnePreparedVm | undefined;
   let finish!: (code: number) => void;
   const finished = new Promise<number>((r) => (finish = r));
   let console_: Console | undefined;
@@ -354,7 +383,11 @@ async function runWithLogger(
     // The boot timer counts from the start of the build, as Firecracker's (builder.rs).
     build: (spec, o) => {
       if (args.bootTimer) bootTimer = new BootTimer();
-      return buildVm(spec, workers ? { ...o, vcpuWorkers: workers } : o);
+      return buildVm(spec, {
+        ...o,
+        ...(workers ? { vcpuWorkers: workers } : {}),
+        ...(prepared ? { prepared } : {}),
+      });
     },
     ...(workers ? { loadSnapshot: (p, o) => loadSnapshot(p, { ...o, vcpuWorkers: workers }) } : {}),
     onStarted: (built) => {
@@ -409,6 +442,17 @@ async function runWithLogger(
       } catch (e) {
         // The VM asked for later reports its own error if this host cannot run one.
         log('warn', `the rehearsal failed (the VM to come starts cold): ${(e as Error).message}`);
+      }
+    }
+    if (args.prepareMemMib !== undefined) {
+      try {
+        prepared = new OnePreparedVm(prepareVm(args.prepareMemMib), args.prepareMemMib * MIB);
+      } catch (e) {
+        // The VM asked for later is built as usual, and reports its own error if it fails.
+        log(
+          'warn',
+          `cannot prepare the VM ahead (it is built when started): ${(e as Error).message}`,
+        );
       }
     }
     if (!args.noApi) {

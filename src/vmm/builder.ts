@@ -43,6 +43,7 @@ import { attachDeviceMemory, deviceMemorySpace } from './device-memory.js';
 import { Vmm, type VcpuWorkerSource } from './vmm.js';
 import type { VcpuThreads } from './vcpu-mode.js';
 import type { GuestRamSource } from './ram-pool.js';
+import type { PreparedVmSource } from './prepared-vm.js';
 import { writeGenerationId } from './vmgenid.js';
 import { startDeviceWorker, type DeviceWorkerHandle } from './device-worker-handle.js';
 import {
@@ -97,6 +98,11 @@ export interface BuildOptions {
    * Not with dirty page tracking (its bitmap is per VM).
    */
   guestRam?: GuestRamSource;
+  /**
+   * A VM made ahead (prepared-vm.ts: the VM, its RAM given to KVM, irqchip and PIT): taken when
+   * its RAM has this VM's size and dirty pages are not tracked; else the build makes its own.
+   */
+  prepared?: PreparedVmSource;
 }
 
 /**
@@ -329,20 +335,35 @@ function build(spec: VmSpec, opts: BuildOptions, undo: UndoList): BuiltVm {
   undo.push(() => closeVirtio(plan));
   plan.warnings.forEach((w) => log('warn', w));
 
-  const { kvm, vm } = createVmShell(undo);
-
   // Dirty pages tracked (Diff snapshots): KVM's log per slot, and the device-dirty bitmap that
   // every thread maps with the RAM.
   const trackDirty = spec.trackDirtyPages === true;
-  const pool = trackDirty ? undefined : opts.guestRam;
-  const kept = pool?.take(ramRegions(memBytes));
-  const layout = kept?.layout ?? createGuestRam(ramRegions(memBytes));
-  if (!kept) undo.push(() => closeFd(layout.memfd));
-  if (trackDirty) trackDeviceWrites(layout);
-  const ram = kept?.ram ?? mapGuestRam(layout);
-  if (kept) undo.push(() => pool!.give(kept));
-  else undo.push(() => ram.unmap());
-  attachRam(vm, layout, ram, { dirtyLog: trackDirty });
+  const prepared = trackDirty ? undefined : opts.prepared?.take(memBytes);
+  let kvm: Kvm;
+  let vm: Vm;
+  let layout: GuestRamLayout;
+  let ram: MappedGuestRam;
+  let pool: GuestRamSource | undefined;
+  if (prepared) {
+    // Made ahead, RAM and irqchip included: the VM's own from here on.
+    ({ kvm, vm, layout, ram } = prepared);
+    undo.push(() => kvm.close());
+    undo.push(() => vm.close());
+    undo.push(() => closeFd(layout.memfd));
+    undo.push(() => ram.unmap());
+  } else {
+    ({ kvm, vm } = createVmShell(undo));
+    pool = trackDirty ? undefined : opts.guestRam;
+    const kept = pool?.take(ramRegions(memBytes));
+    layout = kept?.layout ?? createGuestRam(ramRegions(memBytes));
+    if (!kept) undo.push(() => closeFd(layout.memfd));
+    if (trackDirty) trackDeviceWrites(layout);
+    ram = kept?.ram ?? mapGuestRam(layout);
+    const mapped = ram;
+    if (kept) undo.push(() => pool!.give(kept));
+    else undo.push(() => mapped.unmap());
+    attachRam(vm, layout, ram, { dirtyLog: trackDirty });
+  }
   attachDeviceMemory(vm, plan);
 
   // Kernels find virtio-mmio devices in the DSDT (LNRO0005); kernels built with
@@ -414,7 +435,7 @@ function build(spec: VmSpec, opts: BuildOptions, undo: UndoList): BuiltVm {
       config: opts.config ?? configFromSpec(spec),
       vcpuFds,
       mmapSize,
-      ...(pool ? { recycleRam: () => pool.give({ layout, ram }) } : {}),
+      ...(pool ? { recycleRam: () => pool!.give({ layout, ram }) } : {}),
     },
     opts,
     undo,

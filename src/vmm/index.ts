@@ -106,4 +106,5 @@ export type { Vmm } from './vmm.js';
 export { startFdCloser, type FdCloser } from './fd-closer.js';
 export { consolePipe, type ConsolePipe } from './console-pipe.js';
 export { GuestRamPool, type GuestRamSource } from './ram-pool.js';
+export { OnePreparedVm, prepareVm, type PreparedVm, type PreparedVmSource } from './prepared-vm.js';
 export { rehearsalBuildOptions, rehearsalImage } from './rehearsal.js';

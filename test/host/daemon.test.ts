@@ -8,7 +8,7 @@
  */
 import { after, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { existsSync, readdirSync, statSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync, statSync } from 'node:fs';
 import { call } from '../api/client.js';
 import { guestPath, tinyGuests } from './helpers.js';
 import { DAEMON_HEAP_FLAGS, HEAP_REEXEC_ENV } from '../../src/daemon/heap.js';
@@ -71,6 +71,19 @@ describe('typervisor serve, process mode (KVM)', () => {
     assert.deepEqual(nodeOptionsOf(d.child.pid!), DAEMON_HEAP_FLAGS);
     assert.deepEqual(nodeOptionsOf(pid), []);
     assert.ok(!environOf(pid).some((e) => e.startsWith(`${HEAP_REEXEC_ENV}=`)), 'no marker');
+    // A pool process makes its VM ahead with the RAM of the last VM created (--prepare-mem;
+    // Firecracker's default 128 MiB before any): this VM's process before it, the next after.
+    const preparedMib = (p: number) => {
+      const argv = readFileSync(`/proc/${p}/cmdline`, 'utf8').split('\0');
+      return argv[argv.indexOf('--prepare-mem') + 1];
+    };
+    assert.equal(preparedMib(pid), '128');
+    await waitPool(d.sock, 1);
+    const next = pidsWith(d.stateDir).filter(
+      (x) => x !== pid && readFileSync(`/proc/${x}/cmdline`, 'utf8').includes('--api-sock'),
+    );
+    assert.equal(next.length, 1, `${next}`);
+    assert.equal(preparedMib(next[0]!), '32');
     // The VM's own socket is Firecracker's API.
     const info = await call(r.json.api_socket, 'GET', '/');
     assert.equal(info.json.state, 'Running');

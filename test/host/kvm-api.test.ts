@@ -7,7 +7,7 @@
 import { after, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { readdirSync, readFileSync, readlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { call, CLI, startServer, tempDir, type ServerProcess } from '../api/client.js';
 import { guestPath, tinyGuests } from './helpers.js';
@@ -278,6 +278,62 @@ describe('API post-boot with tiny guests (KVM)', () => {
     });
     assert.equal(r.status, 153);
     assert.match(r.stderr, /--rehearse .*not with --config-file/);
+  });
+
+  test(
+    '--prepare-mem: the VM made ahead is the one PUT /vm/config starts at that size; another size builds its own',
+    T,
+    async () => {
+      // KVM VMs the process holds: one anon_inode:kvm-vm descriptor each.
+      const vmFds = (pid: number) =>
+        readdirSync(`/proc/${pid}/fd`).filter((f) => {
+          try {
+            return readlinkSync(`/proc/${pid}/fd/${f}`) === 'anon_inode:kvm-vm';
+          } catch {
+            return false; // closed meanwhile
+          }
+        }).length;
+      const config = (mem: number) => ({
+        'machine-config': { vcpu_count: 1, mem_size_mib: mem },
+        'boot-source': { kernel_image_path: guestPath('spin') },
+      });
+      for (const [mem, expected] of [
+        [32, 1],
+        [48, 2],
+      ] as const) {
+        const srv = await startServer(['--id', `prep-${mem}`, '--rehearse', '--prepare-mem', '32']);
+        servers.push(srv);
+        const pid = srv.child.pid!;
+        assert.equal(vmFds(pid), 1, 'the prepared VM (the rehearsal VM is closed)');
+        const r = await call(srv.sock, 'PUT', '/vm/config', config(mem));
+        assert.equal(r.status, 204, r.body);
+        assert.equal((await call(srv.sock, 'GET', '/')).json.state, 'Running');
+        assert.equal(
+          (await call(srv.sock, 'GET', '/machine-config')).json.mem_size_mib,
+          mem,
+          'the configured size',
+        );
+        assert.equal(vmFds(pid), expected, `${mem} MiB: VMs held`);
+        // Still running a moment later (a VM on a half-made prepared VM would have failed).
+        await new Promise((res) => setTimeout(res, 200));
+        assert.equal((await call(srv.sock, 'GET', '/')).json.state, 'Running');
+      }
+    },
+  );
+
+  test('--prepare-mem: a bad size and --config-file are refused', T, () => {
+    for (const [args, re] of [
+      [['--prepare-mem', '0'], /--prepare-mem must be a whole number of MiB from 1 to/],
+      [['--prepare-mem', 'lots'], /--prepare-mem must be a whole number of MiB/],
+      [
+        ['--prepare-mem', '64', '--config-file', 'x.json'],
+        /--prepare-mem .*not with --config-file/,
+      ],
+    ] as const) {
+      const r = spawnSync(process.execPath, [CLI, ...args], { encoding: 'utf8' });
+      assert.equal(r.status, 153, r.stderr);
+      assert.match(r.stderr, re);
+    }
   });
 
   test('GET /vm/config round-trips through --config-file', T, async () => {
