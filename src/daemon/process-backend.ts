@@ -42,6 +42,8 @@ const STDERR_TAIL_BYTES = 8 * 1024;
 const BACKOFF_MIN_MS = 500;
 const BACKOFF_MAX_MS = 30_000;
 const MARKER_LINE = 'Guest-boot-time';
+/** The largest RAM a pool process prepares its VM with (MiB); larger VMs are built on create. */
+export const PREPARE_MAX_MIB = 4096;
 /** The log line's prefix (time and [instance:thread]), left out of an exit reason. */
 const LOG_PREFIX = /^\S+ \[[^\]]*\] /;
 
@@ -220,10 +222,11 @@ export class ProcessBackend implements Backend {
   private async startOne(rehearse: boolean): Promise<VmmProcess> {
     const name = `pool-${process.pid}-${++this.seq}`;
     // A pool process also makes its VM ahead, with the RAM of the last VM created (--prepare-
-    // mem, vmm/prepared-vm.ts); a create of another size builds it as usual.
-    const args = rehearse
-      ? ['--rehearse', '--prepare-mem', String(this.memMib), ...this.vmmArgs]
-      : this.vmmArgs;
+    // mem, vmm/prepared-vm.ts); a create of another size builds it as usual. Not past
+    // PREPARE_MAX_MIB: KVM sizes a memory slot's bookkeeping by its RAM, and an idle pool
+    // process would hold that for a VM nobody may ask for again.
+    const prepare = this.memMib <= PREPARE_MAX_MIB ? ['--prepare-mem', String(this.memMib)] : [];
+    const args = rehearse ? ['--rehearse', ...prepare, ...this.vmmArgs] : this.vmmArgs;
     const p = new VmmProcess(this.state.path(`${name}.sock`), name, this.state, args);
     this.startedTotal++;
     this.startingSet.add(p);

@@ -12,6 +12,7 @@ import { existsSync, readdirSync, readFileSync, statSync } from 'node:fs';
 import { call } from '../api/client.js';
 import { guestPath, tinyGuests } from './helpers.js';
 import { DAEMON_HEAP_FLAGS, HEAP_REEXEC_ENV } from '../../src/daemon/heap.js';
+import { PREPARE_MAX_MIB } from '../../src/daemon/process-backend.js';
 import {
   environOf,
   nodeOptionsOf,
@@ -84,6 +85,25 @@ describe('typervisor serve, process mode (KVM)', () => {
     );
     assert.equal(next.length, 1, `${next}`);
     assert.equal(preparedMib(next[0]!), '32');
+    // Not past PREPARE_MAX_MIB: the pool process after a larger VM prepares none.
+    const big = await call(d.sock, 'POST', '/vms', {
+      vm_id: 'big',
+      ...vmConfig(guestPath('spin')),
+      'machine-config': { vcpu_count: 1, mem_size_mib: PREPARE_MAX_MIB + 1 },
+    });
+    assert.equal(big.status, 200, big.body);
+    assert.equal(big.json.pid, next[0], 'the warm process took it (and built its own VM)');
+    await waitPool(d.sock, 1);
+    const third = pidsWith(d.stateDir).filter(
+      (x) =>
+        x !== pid &&
+        x !== big.json.pid &&
+        readFileSync(`/proc/${x}/cmdline`, 'utf8').includes('--api-sock'),
+    );
+    assert.equal(third.length, 1, `${third}`);
+    assert.ok(!readFileSync(`/proc/${third[0]}/cmdline`, 'utf8').includes('--prepare-mem'));
+    assert.equal((await call(d.sock, 'PUT', '/vms/big/stop', undefined, 20_000)).status, 204);
+    assert.equal((await call(d.sock, 'DELETE', '/vms/big')).status, 204);
     // The VM's own socket is Firecracker's API.
     const info = await call(r.json.api_socket, 'GET', '/');
     assert.equal(info.json.state, 'Running');
