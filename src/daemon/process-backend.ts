@@ -42,6 +42,12 @@ const STDERR_TAIL_BYTES = 8 * 1024;
 const BACKOFF_MIN_MS = 500;
 const BACKOFF_MAX_MS = 30_000;
 const MARKER_LINE = 'Guest-boot-time';
+/**
+ * The deadline of the call that starts the VM (PUT /vm/config with its sections, InstanceStart,
+ * or a snapshot load): it reads the kernel and initrd or the memory file and builds the VM,
+ * which took ~10 s in the lab (TCG) and timed out there at the other calls' 10 s.
+ */
+export const START_CALL_TIMEOUT_MS = 60_000;
 /** The largest RAM a pool process prepares its VM with (MiB); larger VMs are built on create. */
 export const PREPARE_MAX_MIB = 4096;
 /** The log line's prefix (time and [instance:thread]), left out of an exit reason. */
@@ -364,7 +370,7 @@ export class ProcessBackend implements Backend {
     const [method, path, body] = calls.at(-1)!;
     let a;
     try {
-      a = await callVmm(apiSocket, method, path, body);
+      a = await callVmm(apiSocket, method, path, body, START_CALL_TIMEOUT_MS);
     } catch (e) {
       p.kill();
       const end = await p.ended;

@@ -2,12 +2,13 @@
  * The host daemon with a stock Linux guest (run inside the lab): `typervisor serve` in process
  * mode creates the Debian guest from a Firecracker-shaped configuration, its boot marker shows
  * in the daemon's console endpoint and record, its own API socket answers, DELETE ends it, and
- * SIGTERM leaves no VMM process behind. About 20-40 s in the lab (one guest boot).
+ * SIGTERM leaves no VMM process behind; the guest boots on the VM its pool process prepared
+ * (--prepare-mem). About 20-40 s in the lab (one guest boot).
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, readlinkSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -59,11 +60,22 @@ test('the Debian guest created through typervisor serve (process mode)', opts, a
         initrd_path: g.initrd,
         boot_args: 'console=ttyS0 reboot=k panic=1 pci=off quiet',
       },
-      'machine-config': { vcpu_count: 1, mem_size_mib: 256 },
+      // 128 MiB: what a fresh daemon's pool processes prepare (--prepare-mem), so the stock
+      // kernel boots on a VM made ahead of the create.
+      'machine-config': { vcpu_count: 1, mem_size_mib: 128 },
     });
     assert.equal(r.status, 200, JSON.stringify(r.json));
     assert.equal(r.json.state, 'running');
     assert.ok(r.json.pid > 0);
+    // One KVM VM in that process: the prepared one, taken (a build of its own would be a second).
+    const vmFds = readdirSync(`/proc/${r.json.pid}/fd`).filter((f) => {
+      try {
+        return readlinkSync(`/proc/${r.json.pid}/fd/${f}`) === 'anon_inode:kvm-vm';
+      } catch {
+        return false;
+      }
+    });
+    assert.equal(vmFds.length, 1, 'the prepared VM runs the guest');
     let output = '';
     while (!MARKER.test(output)) {
       assert.ok(Date.now() - t0 < 60_000, `no boot marker after 60 s: ${output}\n${err}`);
