@@ -842,11 +842,10 @@ export class VmmController {
   private async applyConfig(text: string): Promise<ApiOutcome> {
     const parsed = parseVmConfig(text);
     if ('fault' in parsed) return bad(parsed.fault);
-    for (const action of parsed.actions) {
-      const r = await this.handle(action);
-      if ('fault' in r) return { status: r.status, fault: `${sectionOf(action)}: ${r.fault}` };
-    }
-    return NO_CONTENT;
+    const failed = await this.applyActions(parsed.actions);
+    if (!failed) return NO_CONTENT;
+    const { action, outcome } = failed;
+    return { status: outcome.status, fault: `${sectionOf(action)}: ${outcome.fault}` };
   }
 
   /**
@@ -863,9 +862,17 @@ export class VmmController {
     }
     const parsed = parseVmConfig(text, opts);
     if ('fault' in parsed) return parsed.fault;
-    for (const action of parsed.actions) {
-      const r = await this.handle(action);
-      if (r.status >= 400) return 'fault' in r ? r.fault : `failed: ${action.kind}`;
+    const failed = await this.applyActions(parsed.actions);
+    return failed?.outcome.fault;
+  }
+
+  /** A parsed configuration's actions in order, up to the first that fails (returned). */
+  private async applyActions(
+    actions: readonly VmmAction[],
+  ): Promise<{ action: VmmAction; outcome: Extract<ApiOutcome, { fault: string }> } | undefined> {
+    for (const action of actions) {
+      const outcome = await this.handle(action);
+      if ('fault' in outcome) return { action, outcome };
     }
     return undefined;
   }

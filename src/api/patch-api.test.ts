@@ -21,6 +21,7 @@ import { LoggerControl } from './logger.js';
 import { MetricsSystem } from './metrics.js';
 import { mergeRateLimiter, POST_BOOT_ONLY, VmmController, type ApiOutcome } from './controller.js';
 import { route, type VmmAction } from './routes.js';
+import { buildlessController } from './testing/controller.js';
 
 test('mergeRateLimiter: a bucket left out stays, one given replaces, size or refill 0 disables', () => {
   const bw = { size: 1000, refill_time: 100 };
@@ -236,23 +237,11 @@ test('PATCH after boot: rate limiters stored and merged; unknown ids and empty u
 test('PUT /serial: checked like log_path, handed to the build, pre-boot only', async () => {
   const dir = mkdtempSync(join(tmpdir(), 'typervisor-serial-'));
   try {
-    const metrics = new MetricsSystem('test');
     let consoleFd: number | undefined;
     let serialRateLimiter: unknown;
-    const c = new VmmController({
-      instanceId: 'test',
-      version: '0',
-      metrics,
-      logger: new LoggerControl(metrics.counters),
-      hostCheck: () => undefined, // its build is the test's: no KVM needed
-      build: (_spec, opts) => {
-        consoleFd = opts.consoleFd;
-        serialRateLimiter = opts.serialRateLimiter;
-        return {
-          vmm: { state: 'running', exited: new Promise(() => undefined), vcpuCount: 0 },
-          devices: {},
-        } as unknown as BuiltVm;
-      },
+    const c = buildlessController((_spec, opts) => {
+      consoleFd = opts.consoleFd;
+      serialRateLimiter = opts.serialRateLimiter;
     });
     const run = (m: string, p: string, body: unknown) => {
       const r = route(m, p, JSON.stringify(body));

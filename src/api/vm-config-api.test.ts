@@ -8,31 +8,16 @@ import assert from 'node:assert/strict';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import type { BuiltVm, VmSpec } from '../vmm/index.js';
-import { LoggerControl } from './logger.js';
-import { MetricsSystem } from './metrics.js';
-import { VmmController, type ApiOutcome } from './controller.js';
+import type { VmSpec } from '../vmm/index.js';
+import type { ApiOutcome } from './controller.js';
 import { route } from './routes.js';
+import { buildlessController } from './testing/controller.js';
 
 const fault = (o: ApiOutcome) => ('fault' in o ? o.fault : '');
 
 function controller() {
-  const metrics = new MetricsSystem('test');
   const built: VmSpec[] = [];
-  const c = new VmmController({
-    instanceId: 'test',
-    version: '0',
-    metrics,
-    logger: new LoggerControl(metrics.counters),
-    hostCheck: () => undefined, // its build is the test's: no KVM needed
-    build: (spec) => {
-      built.push(spec);
-      return {
-        vmm: { state: 'running', exited: new Promise(() => undefined), vcpuCount: 0 },
-        devices: {},
-      } as unknown as BuiltVm;
-    },
-  });
+  const c = buildlessController((spec) => built.push(spec));
   const put = (body: string) => {
     const r = route('PUT', '/vm/config', body);
     assert.ok(r.action, r.fault);

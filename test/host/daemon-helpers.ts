@@ -3,7 +3,7 @@
  * socket, poll a VM until a condition holds, and find processes by their command line.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, readdirSync, readFileSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync, readlinkSync } from 'node:fs';
 import { join } from 'node:path';
 import { call } from '../api/client.js';
 import { CLI, tempDir } from './helpers.js';
@@ -97,6 +97,17 @@ export function nodeOptionsOf(pid: number): string[] {
 /** The environment a process was started with (execve's), as KEY=value strings. */
 export function environOf(pid: number): string[] {
   return readFileSync(`/proc/${pid}/environ`, 'utf8').split('\0').filter(Boolean);
+}
+
+/** How many KVM VMs a process holds: its anon_inode:kvm-vm descriptors. */
+export function kvmVmFds(pid: number): number {
+  return readdirSync(`/proc/${pid}/fd`).filter((f) => {
+    try {
+      return readlinkSync(`/proc/${pid}/fd/${f}`) === 'anon_inode:kvm-vm';
+    } catch {
+      return false; // closed meanwhile
+    }
+  }).length;
 }
 
 /** Pids of live processes whose command line contains `needle` (zombies excluded). */

@@ -7,10 +7,11 @@
 import { after, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { readdirSync, readFileSync, readlinkSync, writeFileSync } from 'node:fs';
+import { readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { call, CLI, startServer, tempDir, type ServerProcess } from '../api/client.js';
 import { guestPath, tinyGuests } from './helpers.js';
+import { kvmVmFds } from './daemon-helpers.js';
 import { makeBzImage } from '../fixtures/kernel-images.js';
 import { detectKvm } from '../../src/kvm/detect.js';
 import { validateFcMetrics } from '../../src/api/fc-metrics-validator.js';
@@ -284,15 +285,6 @@ describe('API post-boot with tiny guests (KVM)', () => {
     '--prepare-mem: the VM made ahead is the one PUT /vm/config starts at that size; another size builds its own',
     T,
     async () => {
-      // KVM VMs the process holds: one anon_inode:kvm-vm descriptor each.
-      const vmFds = (pid: number) =>
-        readdirSync(`/proc/${pid}/fd`).filter((f) => {
-          try {
-            return readlinkSync(`/proc/${pid}/fd/${f}`) === 'anon_inode:kvm-vm';
-          } catch {
-            return false; // closed meanwhile
-          }
-        }).length;
       const config = (mem: number) => ({
         'machine-config': { vcpu_count: 1, mem_size_mib: mem },
         'boot-source': { kernel_image_path: guestPath('spin') },
@@ -304,7 +296,7 @@ describe('API post-boot with tiny guests (KVM)', () => {
         const srv = await startServer(['--id', `prep-${mem}`, '--rehearse', '--prepare-mem', '32']);
         servers.push(srv);
         const pid = srv.child.pid!;
-        assert.equal(vmFds(pid), 1, 'the prepared VM (the rehearsal VM is closed)');
+        assert.equal(kvmVmFds(pid), 1, 'the prepared VM (the rehearsal VM is closed)');
         const r = await call(srv.sock, 'PUT', '/vm/config', config(mem));
         assert.equal(r.status, 204, r.body);
         assert.equal((await call(srv.sock, 'GET', '/')).json.state, 'Running');
@@ -313,7 +305,7 @@ describe('API post-boot with tiny guests (KVM)', () => {
           mem,
           'the configured size',
         );
-        assert.equal(vmFds(pid), expected, `${mem} MiB: VMs held`);
+        assert.equal(kvmVmFds(pid), expected, `${mem} MiB: VMs held`);
         // Still running a moment later (a VM on a half-made prepared VM would have failed).
         await new Promise((res) => setTimeout(res, 200));
         assert.equal((await call(srv.sock, 'GET', '/')).json.state, 'Running');

@@ -8,13 +8,13 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { existsSync, mkdtempSync, readdirSync, readlinkSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { repoRoot } from '../../src/lab/guest.js';
 import { call as apiCall } from '../api/client.js';
-import { pidsWith } from '../host/daemon-helpers.js';
+import { kvmVmFds, pidsWith } from '../host/daemon-helpers.js';
 import { defaultGuest, skipReason } from './helpers.js';
 
 const opts = { skip: skipReason, timeout: 120_000 };
@@ -68,14 +68,7 @@ test('the Debian guest created through typervisor serve (process mode)', opts, a
     assert.equal(r.json.state, 'running');
     assert.ok(r.json.pid > 0);
     // One KVM VM in that process: the prepared one, taken (a build of its own would be a second).
-    const vmFds = readdirSync(`/proc/${r.json.pid}/fd`).filter((f) => {
-      try {
-        return readlinkSync(`/proc/${r.json.pid}/fd/${f}`) === 'anon_inode:kvm-vm';
-      } catch {
-        return false;
-      }
-    });
-    assert.equal(vmFds.length, 1, 'the prepared VM runs the guest');
+    assert.equal(kvmVmFds(r.json.pid), 1, 'the prepared VM runs the guest');
     let output = '';
     while (!MARKER.test(output)) {
       assert.ok(Date.now() - t0 < 60_000, `no boot marker after 60 s: ${output}\n${err}`);
