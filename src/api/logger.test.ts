@@ -8,15 +8,8 @@ import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { log } from '../util/log.js';
-import {
-  bootTimeLine,
-  fcTimestamp,
-  formatFcLine,
-  latencyLine,
-  LoggerControl,
-  outcomeLine,
-  requestLine,
-} from './logger.js';
+import { bootTimeLine, fcTimestamp } from '../vmm/index.js';
+import { formatFcLine, latencyLine, LoggerControl, outcomeLine, requestLine } from './logger.js';
 import { Counters } from './metrics.js';
 
 const FC_TS = /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}$/;

@@ -14,8 +14,8 @@
 import { closeSync, writeSync } from 'node:fs';
 import { STATUS_CODES } from 'node:http';
 import { ConfigError } from '../util/errors.js';
-import { setLineFormatter, setLogLevel, type Level } from '../util/log.js';
-import { validateLogger, type LoggerConfig } from '../vmm/index.js';
+import { logsAt, setLineFormatter, setLogLevel, type Level } from '../util/log.js';
+import { fcTimestamp, validateLogger, type LoggerConfig } from '../vmm/index.js';
 import type { Counters } from './metrics.js';
 import { openOutputFile } from './output-file.js';
 
@@ -43,22 +43,6 @@ export interface LineFormat {
   showOrigin: boolean;
 }
 
-const pad = (n: number, w = 2) => String(n).padStart(w, '0');
-
-/**
- * Firecracker's timestamp (utils::time::LocalTime): local time, `YYYY-MM-DDTHH:MM:SS.nnnnnnnnn`.
- * `epochMs` may carry a fraction (performance.timeOrigin + performance.now()).
- */
-export function fcTimestamp(epochMs: number): string {
-  const whole = Math.floor(epochMs);
-  const d = new Date(whole);
-  const ns = (whole % 1000) * 1_000_000 + Math.floor((epochMs - whole) * 1_000_000);
-  return (
-    `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())}` +
-    `T${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}.${pad(ns, 9)}`
-  );
-}
-
 /** The caller of log() (the first stack frame outside the logging modules), as `file:line`. */
 function origin(): string {
   const stack = new Error().stack?.split('\n').slice(1) ?? [];
@@ -81,19 +65,6 @@ export function formatFcLine(
   const lvl = f.showLevel ? `:${LEVEL_NAME[level]}` : '';
   const org = f.showOrigin ? `:${origin()}` : '';
   return `${fcTimestamp(now)} [${f.instanceId}:${thread}${lvl}${org}] ${message}`;
-}
-
-/**
- * Firecracker's boot timer line (src/vmm/src/devices/pseudo/boot_timer.rs): the wall and CPU
- * times, right-aligned to 6 digits in us, then whole ms.
- */
-export function bootTimeLine(wallUs: number, cpuUs: number): string {
-  const w = Math.floor(wallUs);
-  const c = Math.floor(cpuUs);
-  return (
-    `Guest-boot-time = ${String(w).padStart(6)} us ${Math.floor(w / 1000)} ms, ` +
-    `${String(c).padStart(6)} CPU us ${Math.floor(c / 1000)} CPU ms`
-  );
 }
 
 const FC_METHOD: Record<string, string> = {
@@ -197,6 +168,19 @@ export class LoggerControl {
         return formatFcLine(f, level, m ? m[2]! : line, '-');
       })
       .join('\n');
+  }
+
+  /**
+   * Where, and after which prefix, another thread may write a line of `thread` itself (the boot
+   * timer's, from the vCPU thread that takes the marker: boot-timer.ts): the log's descriptor
+   * and `[id:thread]`. Undefined when the line must go through log(): no Firecracker format,
+   * the level filters it out, the log is off, or show_log_origin (it names log()'s caller).
+   */
+  directLine(thread: string, level: Level): { fd: number; head: string } | undefined {
+    const f = this.format;
+    if (!f || !this.hooked || this.silenced || f.showOrigin || !logsAt(level)) return undefined;
+    const lvl = f.showLevel ? `:${LEVEL_NAME[level]}` : '';
+    return { fd: this.fd ?? 2, head: `[${f.instanceId}:${thread}${lvl}]` };
   }
 
   get configuration(): LoggerConfig | undefined {

@@ -7,18 +7,21 @@
 import { readFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
 import { VmmController } from '../api/controller.js';
-import { bootTimeLine, LoggerControl } from '../api/logger.js';
+import { LoggerControl } from '../api/logger.js';
 import { MetricsSystem } from '../api/metrics.js';
 import { DEFAULT_MAX_PAYLOAD, startApiServer, type ApiServer } from '../api/server.js';
 import { TypervisorError } from '../util/errors.js';
 import { log } from '../util/log.js';
 import { applySeccomp, seccompSettingsFromFlags } from '../sandbox/seccomp/options.js';
 import {
+  bootTimeMessage,
   buildVm,
   loadSnapshot,
   MAX_MEM_MIB,
   OnePreparedVm,
   prepareVm,
+  processCpuUs,
+  type BootTimerLine,
   type VmExitEvent,
 } from '../vmm/index.js';
 import { ReusedVcpuWorkers } from '../vmm/vcpu-pool.js';
@@ -383,8 +386,10 @@ async function runWithLogger(
     // The boot timer counts from the start of the build, as Firecracker's (builder.rs).
     build: (spec, o) => {
       if (args.bootTimer) bootTimer = new BootTimer();
+      const line = bootTimer?.lineFor(logger);
       return buildVm(spec, {
         ...o,
+        ...(line ? { bootTimer: line } : {}),
         ...(workers ? { vcpuWorkers: workers } : {}),
         ...(prepared ? { prepared } : {}),
       });
@@ -481,36 +486,44 @@ async function runWithLogger(
 
 /**
  * --boot-timer, as Firecracker's boot timer device: once the guest writes the boot marker, one
- * line with the wall and process CPU time since the build began. The marker wakes us at once
- * (VcpuControl.waitBootMarker, no polling), and the exit path reports it too, before the exit
- * line, so a guest that powers off a few ms after its marker still gets its line.
+ * line with the wall and process CPU time since the build began. The vCPU thread that takes the
+ * marker logs it itself (lineFor(): vmm/boot-timer.ts) when the log allows that; else the
+ * marker wakes us at once (VcpuControl.waitBootMarker, no polling) and we log it, and the exit
+ * path reports it too, before the exit line, so a guest that powers off a few ms after its
+ * marker still gets its line.
  */
 export class BootTimer {
   private readonly startMs = performance.timeOrigin + performance.now();
-  private readonly startCpuUs = cpuUs();
-  private control: { bootMarkerMs: number } | undefined;
+  private readonly startCpuUs = processCpuUs();
+  private control: { bootMarkerMs: number; bootLineLogged: boolean } | undefined;
   private done = false;
 
-  watch(control: { bootMarkerMs: number; waitBootMarker(): Promise<void> }): void {
+  /** The line for the build's vCPU threads to log, if `logger` lets them write it as it is. */
+  lineFor(logger: LoggerControl): BootTimerLine | undefined {
+    const direct = logger.directLine('fc_vcpu 0', 'info');
+    return direct && { ...direct, startMs: this.startMs, startCpuUs: this.startCpuUs };
+  }
+
+  watch(control: {
+    bootMarkerMs: number;
+    bootLineLogged: boolean;
+    waitBootMarker(): Promise<void>;
+  }): void {
     this.control = control;
     void control.waitBootMarker().then(() => this.report());
   }
 
-  /** Logs the line once, if the marker was written; returns it. */
+  /** Logs the line once, if the marker was written and no vCPU thread logged it; returns it. */
   report(): string | undefined {
-    const ms = this.control?.bootMarkerMs ?? 0;
+    const c = this.control;
+    const ms = c?.bootMarkerMs ?? 0;
     if (this.done || ms === 0) return undefined;
     this.done = true;
-    const wallUs = Math.max(0, Math.round((ms - this.startMs) * 1000));
-    const line = bootTimeLine(wallUs, Math.max(0, cpuUs() - this.startCpuUs));
+    if (c?.bootLineLogged) return undefined;
+    const line = bootTimeMessage({ startMs: this.startMs, startCpuUs: this.startCpuUs }, ms);
     log('info', line, { thread: 'fc_vcpu 0' });
     return line;
   }
-}
-
-function cpuUs(): number {
-  const c = process.cpuUsage();
-  return c.user + c.system;
 }
 
 /** --metadata FILE: JSON into the MMDS data store (the size limit applies). */

@@ -54,6 +54,8 @@ export interface NativeShim {
   /** Installs the no-op handler of the vCPU kick signal in this process; returns its number. */
   installKickHandler(): number;
   threadSelf(): bigint;
+  /** The process's CPU time, all threads, in us (CLOCK_PROCESS_CPUTIME_ID). */
+  processCpuUs(): number;
   kick(thread: bigint, signal: number): void;
   /** fd of /dev/net/tun (non-blocking) attached with TUNSETIFF to interface `name`. */
   tapOpen(name: string, flags: number): number;

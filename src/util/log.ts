@@ -17,6 +17,11 @@ export function getLogLevel(): Level {
   return threshold;
 }
 
+/** Whether log() writes a line of this level to stderr now (its level, no sink set). */
+export function logsAt(level: Level): boolean {
+  return ORDER[level] <= ORDER[threshold] && sink === undefined;
+}
+
 /**
  * Formats one line (without its newline). The Firecracker entry installs Firecracker's format
  * (src/api/logger.ts); `undefined` puts back the default.

@@ -2,6 +2,7 @@
  * buildVm(): VmResources -> a running Vmm. The one path from a validated description to a VM,
  * shared by the CLI and the API.
  */
+import type { BootTimerLine } from './boot-timer.js';
 import { acpiBootHook } from '../arch/x86_64/acpi/index.js';
 import { setupBoot, type BootSetup } from '../arch/x86_64/boot.js';
 import { filterCpuid } from '../arch/x86_64/cpuid.js';
@@ -69,6 +70,11 @@ export interface BuildOptions {
   consoleFd?: number;
   /** PUT /serial's rate_limiter: the console output's token bucket (bytes; over it, dropped). */
   serialRateLimiter?: TokenBucketConfig;
+  /**
+   * --boot-timer: the vCPU thread that takes the guest's boot marker logs this line at once
+   * (boot-timer.ts; the Firecracker entry's BootTimer makes it).
+   */
+  bootTimer?: BootTimerLine;
   /**
    * The configuration the VM is built from, in Firecracker's shape: what a snapshot of it
    * records. Default: derived from the spec (configFromSpec), which has every field the

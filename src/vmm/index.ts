@@ -87,6 +87,13 @@ export {
 } from './resources.js';
 export type { VmExitEvent } from './vcpu-loop.js';
 export { ExitKind, VcpuControl } from './vcpu-control.js';
+export {
+  bootTimeLine,
+  bootTimeMessage,
+  fcTimestamp,
+  processCpuUs,
+  type BootTimerLine,
+} from './boot-timer.js';
 export type { DeviceReport, SavedDevice } from './device-worker-protocol.js';
 export {
   cloneMemory,

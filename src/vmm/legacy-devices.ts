@@ -24,6 +24,7 @@ import type { TokenBucketConfig } from '../devices/virtio/rate-limiter.js';
 import { UnhandledAccesses, type UnhandledAccessInfo } from '../devices/legacy/unhandled.js';
 import type { Vm } from '../kvm/kvm.js';
 import { EFD_NONBLOCK, native } from '../kvm/native.js';
+import type { BootTimerLine } from './boot-timer.js';
 import { ConsoleOutput, openConsoleOutput, type ConsoleOutputState } from './console-output.js';
 
 /** Structured-clone friendly: posted to every vCPU worker. */
@@ -36,6 +37,8 @@ export interface LegacyDeviceState {
   i8042IrqFd: number;
   /** Where the UART's output goes (see console-output.ts). */
   console: ConsoleOutputState;
+  /** --boot-timer: the line the thread that takes the boot marker logs (boot-timer.ts). */
+  bootTimer?: BootTimerLine;
 }
 
 export interface LegacyDeviceOptions {
@@ -43,11 +46,19 @@ export interface LegacyDeviceOptions {
   consoleBufferBytes?: number;
   /** PUT /serial's rate_limiter: a token bucket of output bytes (over it, bytes are dropped). */
   serialRateLimiter?: TokenBucketConfig;
+  /** --boot-timer's line, logged by the vCPU thread that takes the marker. */
+  bootTimer?: BootTimerLine;
 }
 
 /** The legacy devices' part of a build's options. */
-export function serialOptions(o: { serialRateLimiter?: TokenBucketConfig }): LegacyDeviceOptions {
-  return o.serialRateLimiter ? { serialRateLimiter: o.serialRateLimiter } : {};
+export function serialOptions(o: {
+  serialRateLimiter?: TokenBucketConfig;
+  bootTimer?: BootTimerLine;
+}): LegacyDeviceOptions {
+  return {
+    ...(o.serialRateLimiter ? { serialRateLimiter: o.serialRateLimiter } : {}),
+    ...(o.bootTimer ? { bootTimer: o.bootTimer } : {}),
+  };
 }
 
 /**
@@ -74,6 +85,7 @@ export function createLegacyDeviceState(
     serialIrqFd,
     i8042IrqFd,
     console: consoleOut,
+    ...(opts.bootTimer ? { bootTimer: opts.bootTimer } : {}),
   };
   try {
     vm.registerIrqfd(serialIrqFd, SERIAL_COM1_IRQ);

@@ -5,6 +5,8 @@
  * rings DOORBELL after writing one (and after every command change), so a parked worker that
  * waits on DOORBELL wakes for either without a lost wake-up (see waitDoorbell).
  */
+import { writeBootTimerLine, type BootTimerLine } from './boot-timer.js';
+
 export const enum Command {
   Run = 0,
   Pause = 1,
@@ -28,7 +30,8 @@ export const enum VcpuRequest {
 const MAX_VCPUS = 64; // as arch/x86_64/layout.ts MAX_VCPUS
 const COMMAND = 0;
 const DOORBELL = 1; // bumped after every command or request change
-const BOOT_FLAG = 2; // 1 once the boot marker was written (waited on by the boot timer)
+const BOOT_FLAG = 2; // a BootMark (waited on by the boot timer)
+const BOOT_CLAIM = 3; // 1 once a thread took the boot marker (the first of the vCPUs to see it)
 const STATE_BASE = 8;
 const REQUEST_BASE = STATE_BASE + MAX_VCPUS * 2; // state and exit count low word per vCPU
 const KIND_BASE = REQUEST_BASE + MAX_VCPUS; // exits by kind, EXIT_KINDS per vCPU
@@ -41,6 +44,13 @@ export const enum ExitKind {
   IoOut = 1,
   MmioRead = 2,
   MmioWrite = 3,
+}
+/** BOOT_FLAG's values. */
+const enum BootMark {
+  None = 0,
+  Written = 1,
+  /** Written, and the vCPU thread logged the boot timer's line itself (boot-timer.ts). */
+  LineLogged = 2,
 }
 const F64_SLOTS = 4; // [0] boot marker time (ms since process start), [1] first instruction time
 
@@ -123,12 +133,20 @@ export class VcpuControl {
     return Atomics.load(this.ints, STATE_BASE + vcpu * 2 + 1) >>> 0;
   }
 
-  /** Records the first boot-marker time (ms on the performance clock shared by all threads). */
-  markBoot(ms: number): void {
-    if (this.times[0] !== 0) return;
+  /**
+   * Records the first boot-marker time (epoch ms, performance.timeOrigin + performance.now());
+   * with `line`, that thread also logs the boot timer's line, before it wakes the waiters.
+   */
+  markBoot(ms: number, line?: BootTimerLine): void {
+    if (Atomics.compareExchange(this.ints, BOOT_CLAIM, 0, 1) !== 0) return;
     this.times[0] = ms;
-    Atomics.store(this.ints, BOOT_FLAG, 1);
+    const logged = line !== undefined && writeBootTimerLine(line, ms);
+    Atomics.store(this.ints, BOOT_FLAG, logged ? BootMark.LineLogged : BootMark.Written);
     Atomics.notify(this.ints, BOOT_FLAG);
+  }
+  /** The vCPU thread that took the marker logged the boot timer's line. */
+  get bootLineLogged(): boolean {
+    return Atomics.load(this.ints, BOOT_FLAG) === BootMark.LineLogged;
   }
   get bootMarkerMs(): number {
     return this.times[0] ?? 0;
@@ -139,8 +157,12 @@ export class VcpuControl {
    * (the vCPU thread's filter has no getrusage). Never resolves if the guest never writes it.
    */
   async waitBootMarker(): Promise<void> {
-    while (Atomics.load(this.ints, BOOT_FLAG) === 0) {
-      const w = (Atomics as unknown as { waitAsync: WaitAsync }).waitAsync(this.ints, BOOT_FLAG, 0);
+    while (Atomics.load(this.ints, BOOT_FLAG) === BootMark.None) {
+      const w = (Atomics as unknown as { waitAsync: WaitAsync }).waitAsync(
+        this.ints,
+        BOOT_FLAG,
+        BootMark.None,
+      );
       if (w.async) await w.value;
     }
   }

@@ -123,7 +123,8 @@ export async function runHub(
     const devices = attachLegacyDevices(d.legacy, {
       onPowerOff: () => current && (current.pendingEvent ??= { kind: 'poweroff' }),
       onReset: () => current && (current.pendingEvent ??= { kind: 'reset' }),
-      onBootMarker: () => control.markBoot(performance.timeOrigin + performance.now()),
+      onBootMarker: () =>
+        control.markBoot(performance.timeOrigin + performance.now(), d.legacy.bootTimer),
       log: (message) => post({ type: 'log', message }),
     });
     if (d.virtio.slots.length > 0) {

@@ -88,7 +88,8 @@ async function main(d: VcpuWorkerData, reuse = false): Promise<void> {
     const devices = attachLegacyDevices(d.legacy, {
       onPowerOff: () => loop && (loop.pendingEvent ??= { kind: 'poweroff' }),
       onReset: () => loop && (loop.pendingEvent ??= { kind: 'reset' }),
-      onBootMarker: () => control.markBoot(performance.timeOrigin + performance.now()),
+      onBootMarker: () =>
+        control.markBoot(performance.timeOrigin + performance.now(), d.legacy.bootTimer),
       log: (message) => post({ type: 'log', message }),
     });
     // Loaded only when there are virtio devices: it is a large part of a worker's start-up. A
