@@ -48,6 +48,13 @@ const MARKER_LINE = 'Guest-boot-time';
  * which took ~10 s in the lab (TCG) and timed out there at the other calls' 10 s.
  */
 export const START_CALL_TIMEOUT_MS = 60_000;
+/**
+ * How long after a VM's starting call is answered the pool's refill waits for that VM's boot
+ * marker (it starts as soon as the marker is seen). Starting a VMM process holds the daemon's
+ * thread 2-6 ms on our hosts (spawn: the fork and the wait for the child's exec), and right
+ * after the answer that was the time the marker's line waited to be read (traced).
+ */
+export const REFILL_AFTER_START_MS = 10;
 /** The largest RAM a pool process prepares its VM with (MiB); larger VMs are built on create. */
 export const PREPARE_MAX_MIB = 4096;
 /** The log line's prefix (time and [instance:thread]), left out of an exit reason. */
@@ -59,6 +66,8 @@ class VmmProcess implements VmHandle {
   readonly pid: number;
   apiSocket: string;
   markerAt: number | undefined;
+  /** Called once, when the boot marker's line is first seen. */
+  onMarker: (() => void) | undefined;
   firstOutputAt: number | undefined;
   readonly console = new ByteTail(CONSOLE_TAIL_BYTES);
   readonly stderr = new ByteTail(STDERR_TAIL_BYTES);
@@ -95,8 +104,10 @@ class VmmProcess implements VmHandle {
       this.stderr.push(b);
       if (this.markerAt === undefined) {
         const t = this.stderr.text();
-        if (t.indexOf(MARKER_LINE, Math.max(0, lineStart - MARKER_LINE.length)) >= 0)
+        if (t.indexOf(MARKER_LINE, Math.max(0, lineStart - MARKER_LINE.length)) >= 0) {
           this.markerAt = performance.now();
+          this.onMarker?.();
+        }
         lineStart = t.length;
       }
     });
@@ -306,20 +317,38 @@ export class ProcessBackend implements Backend {
     let p = this.warm.shift();
     // One that has just exited (its exit not yet handled) is skipped: its socket is gone.
     while (p?.exitedEarly) p = this.warm.shift();
-    // The refill starts once this VM runs: a new VMM process's start-up (~0.3 s of CPU) would
-    // otherwise compete with this VM's start on the same CPUs.
+    // The refill starts once this VM runs (a new VMM process's start-up, ~0.3 s of CPU, would
+    // otherwise compete with this VM's start on the same CPUs), and once its boot marker is in.
+    let started: VmmProcess | undefined;
     try {
-      return await this.configure(p, apiSocket, req);
+      return (started = await this.configure(p, apiSocket, req));
     } finally {
-      this.fill();
+      if (started) this.fillAfterStart(started);
+      else this.fill();
     }
+  }
+
+  /**
+   * The refill after a VM started: when its boot marker's line is read, or REFILL_AFTER_START_MS
+   * after its start was answered, whichever comes first, so that the spawn does not hold the
+   * thread that reads the marker (a guest that writes none waits the few ms).
+   */
+  private fillAfterStart(p: VmmProcess): void {
+    if (p.markerAt !== undefined) return this.fill();
+    const go = () => {
+      clearTimeout(timer);
+      p.onMarker = undefined;
+      this.fill();
+    };
+    const timer = setTimeout(go, REFILL_AFTER_START_MS);
+    p.onMarker = () => setImmediate(go);
   }
 
   private async configure(
     warm: VmmProcess | undefined,
     apiSocket: string,
     req: CreateRequest,
-  ): Promise<VmHandle> {
+  ): Promise<VmmProcess> {
     let p = warm;
     if (p === undefined) {
       this.coldStarts++;
