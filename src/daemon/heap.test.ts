@@ -3,7 +3,13 @@ import assert from 'node:assert/strict';
 import { createRequire } from 'node:module';
 import { basename } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { DAEMON_HEAP_FLAGS, HEAP_REEXEC_ENV, heapReexec } from './heap.js';
+import {
+  DAEMON_HEAP_FLAGS,
+  DAEMON_MALLOC_TUNABLE,
+  HEAP_REEXEC_ENV,
+  heapReexec,
+  withMallocTunable,
+} from './heap.js';
 
 const proc = (execArgv: string[] = [], env: Record<string, string | undefined> = {}) => ({
   execPath: '/usr/bin/node',
@@ -25,10 +31,27 @@ test('serve re-executes itself once with the heap flags, keeping its options and
     '--socket',
     '/run/tv.sock',
   ]);
-  // The marker stops a second re-exec; the CA file is not read again.
-  assert.deepEqual(r.env, { PATH: '/bin', [HEAP_REEXEC_ENV]: '1' });
+  // The marker stops a second re-exec; the CA file is not read again; malloc's tunable is set.
+  assert.deepEqual(r.env, {
+    PATH: '/bin',
+    [HEAP_REEXEC_ENV]: '1',
+    GLIBC_TUNABLES: DAEMON_MALLOC_TUNABLE,
+  });
   assert.equal(heapReexec('small', proc([], r.env)), undefined, 'marked: no loop');
   assert.equal(heapReexec('none', proc()), undefined, '--heap-cap none: as before');
+});
+
+test("malloc's tunable joins the caller's GLIBC_TUNABLES; one the caller set stays", () => {
+  assert.equal(withMallocTunable(undefined), DAEMON_MALLOC_TUNABLE);
+  assert.equal(withMallocTunable(''), DAEMON_MALLOC_TUNABLE);
+  assert.equal(
+    withMallocTunable('glibc.malloc.arena_max=2'),
+    `glibc.malloc.arena_max=2:${DAEMON_MALLOC_TUNABLE}`,
+  );
+  const own = 'glibc.malloc.arena_max=2:glibc.malloc.mmap_threshold=65536';
+  assert.equal(withMallocTunable(own), own);
+  const r = heapReexec('small', proc([], { GLIBC_TUNABLES: own }))!;
+  assert.equal(r.env.GLIBC_TUNABLES, own);
 });
 
 test('a heap flag the caller gave is kept, not overridden; all given: no re-exec', () => {

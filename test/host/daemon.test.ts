@@ -11,7 +11,11 @@ import assert from 'node:assert/strict';
 import { existsSync, readdirSync, readFileSync, statSync } from 'node:fs';
 import { call } from '../api/client.js';
 import { guestPath, tinyGuests } from './helpers.js';
-import { DAEMON_HEAP_FLAGS, HEAP_REEXEC_ENV } from '../../src/daemon/heap.js';
+import {
+  DAEMON_HEAP_FLAGS,
+  DAEMON_MALLOC_TUNABLE,
+  HEAP_REEXEC_ENV,
+} from '../../src/daemon/heap.js';
 import { PREPARE_MAX_MIB } from '../../src/daemon/process-backend.js';
 import {
   environOf,
@@ -70,6 +74,10 @@ describe('typervisor serve, process mode (KVM)', () => {
     // The daemon runs with its heap flags (it re-executed itself); a VMM process does not,
     // nor does it get the re-exec marker.
     assert.deepEqual(nodeOptionsOf(d.child.pid!), DAEMON_HEAP_FLAGS);
+    assert.ok(
+      environOf(d.child.pid!).includes(`GLIBC_TUNABLES=${DAEMON_MALLOC_TUNABLE}`),
+      "malloc's fixed mmap threshold",
+    );
     assert.deepEqual(nodeOptionsOf(pid), []);
     assert.ok(!environOf(pid).some((e) => e.startsWith(`${HEAP_REEXEC_ENV}=`)), 'no marker');
     // A pool process makes its VM ahead with the RAM of the last VM created (--prepare-mem;
