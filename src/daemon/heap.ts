@@ -21,11 +21,16 @@
  * because V8 scales how far it lets the old generation grow past its live size between full
  * collections with that limit (a factor of up to 4 above 2 GiB, ~1.3-1.6 below 1 GiB; the
  * default here is ~4 GiB): over a 2,000-VM churn the old space then stops at 14-16 MiB
- * reserved instead of ~19.5 (docs/daemon.md "Memory").
+ * reserved instead of ~19.5 (docs/daemon.md "Memory"). And compaction on every full GC (below).
  */
 export const DAEMON_HEAP_FLAGS: readonly string[] = [
   '--max-semi-space-size=1',
   '--max-old-space-size=1024',
+  // Every full collection also compacts the old generation, so its pages are given back as the
+  // live heap allows (V8 compacts only pages it judges fragmented enough otherwise): a 1,000-VM
+  // shared-mode churn after 500 left old space at 11.2 -> 11.2 MiB reserved and RSS +1.4 and
+  // -0.7 MiB, against 11.2 -> 13.2 and 11.5 -> 13.5, RSS +4.7 and +4.7, at the same rate.
+  '--compact-on-every-full-gc',
 ];
 
 /**
