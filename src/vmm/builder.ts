@@ -35,7 +35,7 @@ import {
   attachLegacyDevices,
   closeLegacyDeviceState,
   createLegacyDeviceState,
-  serialOptions,
+  legacyOptions,
   type AttachedDevices,
   type LegacyDeviceState,
 } from './legacy-devices.js';
@@ -464,7 +464,7 @@ export function finishVm(
   const { kvm, vm, layout, ram, plan, vcpuFds, mmapSize } = p;
   let legacy = p.legacy;
   if (!legacy) {
-    const made = createLegacyDeviceState(vm, opts.consoleFd ?? 1, serialOptions(opts));
+    const made = createLegacyDeviceState(vm, opts.consoleFd ?? 1, legacyOptions(opts));
     undo.push(() => closeLegacyDeviceState(made));
     legacy = made;
   }

@@ -51,7 +51,7 @@ export interface LegacyDeviceOptions {
 }
 
 /** The legacy devices' part of a build's options. */
-export function serialOptions(o: {
+export function legacyOptions(o: {
   serialRateLimiter?: TokenBucketConfig;
   bootTimer?: BootTimerLine;
 }): LegacyDeviceOptions {

@@ -38,7 +38,7 @@ import { deviceDirtyPages, trackDeviceWrites } from './guest-ram.js';
 import {
   closeLegacyDeviceState,
   createLegacyDeviceState,
-  serialOptions,
+  legacyOptions,
 } from './legacy-devices.js';
 import { restoreLegacy, saveLegacy } from './legacy-state.js';
 import { validateRestoreConfig, type RestoreSpec } from './resources.js';
@@ -480,7 +480,7 @@ async function load(
   phases.step('device memory, VMGenID written');
   phases.mark('vm+memory');
 
-  const legacy = createLegacyDeviceState(vm, opts.consoleFd ?? 1, serialOptions(opts));
+  const legacy = createLegacyDeviceState(vm, opts.consoleFd ?? 1, legacyOptions(opts));
   undo.push(() => closeLegacyDeviceState(legacy));
   step('cannot restore the legacy devices', () => restoreLegacy(legacy, data.legacy));
   phases.step('legacy devices');
