@@ -4,13 +4,14 @@
  * Firecracker-compatible API socket; a triple-faulting guest and a SIGKILLed VMM process
  * reported and cleaned up while the daemon keeps serving; bad requests answered 400 (and a VMM's
  * own refusal passed on); the VM cap; SIGTERM ends every VMM process; a daemon restarted after a
- * SIGKILL ends the VMM processes the last one left.
+ * SIGKILL ends the VMM processes the last one left; a VM snapshotted through its own socket and
+ * restored as a new VM, after which the pool refills without a boot marker to wait for.
  */
 import { after, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { existsSync, readdirSync, readFileSync, statSync } from 'node:fs';
 import { call } from '../api/client.js';
-import { guestPath, tinyGuests } from './helpers.js';
+import { guestPath, tempDir, tinyGuests } from './helpers.js';
 import {
   DAEMON_HEAP_FLAGS,
   DAEMON_MALLOC_TUNABLE,
@@ -150,6 +151,50 @@ describe('typervisor serve, process mode (KVM)', () => {
     assert.deepEqual(readdirSync(d.stateDir), [], 'nothing left in the state dir');
     assert.equal(existsSync(d.sock), false);
   });
+
+  test(
+    'a VM restored from a snapshot (its guest writes no boot marker): running, and the pool refilled',
+    T,
+    async () => {
+      const d = await startDaemon(['--pool', '1']);
+      daemons.push(d);
+      await waitPool(d.sock, 1);
+      const a = await call(d.sock, 'POST', '/vms', { vm_id: 'a', ...vmConfig(guestPath('spin')) });
+      assert.equal(a.status, 200, a.body);
+      await waitVm(d.sock, 'a', (v) => v.boot_marker_ms !== null);
+      const dir = tempDir('typervisor-daemon-snap-');
+      const s = a.json.api_socket;
+      assert.equal((await call(s, 'PATCH', '/vm', { state: 'Paused' })).status, 204);
+      const snap = { snapshot_path: `${dir}/vm.state`, mem_file_path: `${dir}/vm.mem` };
+      const c = await call(s, 'PUT', '/snapshot/create', snap, 20_000);
+      assert.equal(c.status, 204, c.body);
+      await waitPool(d.sock, 1);
+      const b = await call(
+        d.sock,
+        'POST',
+        '/vms',
+        {
+          vm_id: 'b',
+          snapshot: {
+            snapshot_path: snap.snapshot_path,
+            mem_backend: { backend_type: 'File', backend_path: snap.mem_file_path },
+            resume_vm: true,
+          },
+        },
+        20_000,
+      );
+      assert.equal(b.status, 200, b.body);
+      assert.notEqual(b.json.pid, a.json.pid);
+      assert.equal((await call(b.json.api_socket, 'GET', '/')).json.state, 'Running');
+      // The restored guest is past its marker: the refill cannot wait for one, and does not.
+      await waitPool(d.sock, 1, 20_000);
+      const vm = (await call(d.sock, 'GET', '/vms/b')).json;
+      assert.equal(vm.state, 'running');
+      assert.equal(vm.boot_marker_ms, null);
+      for (const id of ['a', 'b'])
+        assert.equal((await call(d.sock, 'DELETE', `/vms/${id}`, undefined, 20_000)).status, 204);
+    },
+  );
 
   test('a triple fault and a SIGKILLed VMM: reported, cleaned up, daemon serving', T, async () => {
     const d = await startDaemon(['--pool', '2']);
