@@ -76,6 +76,29 @@ export async function waitVm(
   }
 }
 
+/**
+ * Pauses a running VM through its own API socket, snapshots it (state and memory files in
+ * `dir`), and creates VM `id` from that snapshot through the daemon, resumed: the create's answer.
+ */
+export async function snapshotAndRestore(
+  daemonSock: string,
+  vmSock: string,
+  dir: string,
+  id: string,
+): Promise<Awaited<ReturnType<typeof call>>> {
+  const paused = await call(vmSock, 'PATCH', '/vm', { state: 'Paused' });
+  if (paused.status !== 204) throw new Error(`pause: ${paused.body}`);
+  const snap = { snapshot_path: `${dir}/vm.state`, mem_file_path: `${dir}/vm.mem` };
+  const c = await call(vmSock, 'PUT', '/snapshot/create', snap, 20_000);
+  if (c.status !== 204) throw new Error(`snapshot: ${c.body}`);
+  const load = {
+    snapshot_path: snap.snapshot_path,
+    mem_backend: { backend_type: 'File', backend_path: snap.mem_file_path },
+    resume_vm: true,
+  };
+  return call(daemonSock, 'POST', '/vms', { vm_id: id, snapshot: load }, 20_000);
+}
+
 /** Waits until the pool reports `ready` warm VMMs. */
 export async function waitPool(sock: string, ready: number, timeoutMs = 30_000): Promise<void> {
   const deadline = Date.now() + timeoutMs;

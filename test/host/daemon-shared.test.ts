@@ -17,6 +17,7 @@ import {
   environOf,
   nodeOptionsOf,
   sleep,
+  snapshotAndRestore,
   startDaemon,
   vmConfig,
   waitVm,
@@ -283,25 +284,7 @@ describe('typervisor serve, shared mode: snapshots through a VM socket (KVM)', (
         });
         assert.equal(a.status, 200, a.body);
         await waitVm(d.sock, 'a', (v) => v.boot_marker_ms !== null);
-        const s = a.json.api_socket;
-        assert.equal((await call(s, 'PATCH', '/vm', { state: 'Paused' })).status, 204);
-        const snap = { snapshot_path: `${dir}/vm.state`, mem_file_path: `${dir}/vm.mem` };
-        const c = await call(s, 'PUT', '/snapshot/create', snap, 20_000);
-        assert.equal(c.status, 204, c.body);
-        const b = await call(
-          d.sock,
-          'POST',
-          '/vms',
-          {
-            vm_id: 'b',
-            snapshot: {
-              snapshot_path: snap.snapshot_path,
-              mem_backend: { backend_type: 'File', backend_path: snap.mem_file_path },
-              resume_vm: true,
-            },
-          },
-          20_000,
-        );
+        const b = await snapshotAndRestore(d.sock, a.json.api_socket, dir, 'b');
         assert.equal(b.status, 200, b.body);
         assert.equal((await call(b.json.api_socket, 'GET', '/')).json.state, 'Running');
         // The restored guest runs on: it is still running a moment later.

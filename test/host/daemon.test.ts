@@ -23,6 +23,7 @@ import {
   nodeOptionsOf,
   pidsWith,
   sleep,
+  snapshotAndRestore,
   startDaemon,
   vmConfig,
   waitPool,
@@ -163,26 +164,8 @@ describe('typervisor serve, process mode (KVM)', () => {
       assert.equal(a.status, 200, a.body);
       await waitVm(d.sock, 'a', (v) => v.boot_marker_ms !== null);
       const dir = tempDir('typervisor-daemon-snap-');
-      const s = a.json.api_socket;
-      assert.equal((await call(s, 'PATCH', '/vm', { state: 'Paused' })).status, 204);
-      const snap = { snapshot_path: `${dir}/vm.state`, mem_file_path: `${dir}/vm.mem` };
-      const c = await call(s, 'PUT', '/snapshot/create', snap, 20_000);
-      assert.equal(c.status, 204, c.body);
       await waitPool(d.sock, 1);
-      const b = await call(
-        d.sock,
-        'POST',
-        '/vms',
-        {
-          vm_id: 'b',
-          snapshot: {
-            snapshot_path: snap.snapshot_path,
-            mem_backend: { backend_type: 'File', backend_path: snap.mem_file_path },
-            resume_vm: true,
-          },
-        },
-        20_000,
-      );
+      const b = await snapshotAndRestore(d.sock, a.json.api_socket, dir, 'b');
       assert.equal(b.status, 200, b.body);
       assert.notEqual(b.json.pid, a.json.pid);
       assert.equal((await call(b.json.api_socket, 'GET', '/')).json.state, 'Running');
