@@ -62,9 +62,13 @@ export function formatFcLine(
   thread: string,
   now = performance.timeOrigin + performance.now(),
 ): string {
+  return `${fcTimestamp(now)} ${lineHead(f, level, thread, f.showOrigin ? origin() : undefined)} ${message}`;
+}
+
+/** A line's `[id:thread(:LEVEL)(:origin)]`. */
+function lineHead(f: LineFormat, level: Level, thread: string, org?: string): string {
   const lvl = f.showLevel ? `:${LEVEL_NAME[level]}` : '';
-  const org = f.showOrigin ? `:${origin()}` : '';
-  return `${fcTimestamp(now)} [${f.instanceId}:${thread}${lvl}${org}] ${message}`;
+  return `[${f.instanceId}:${thread}${lvl}${org === undefined ? '' : `:${org}`}]`;
 }
 
 const FC_METHOD: Record<string, string> = {
@@ -179,8 +183,7 @@ export class LoggerControl {
   directLine(thread: string, level: Level): { fd: number; head: string } | undefined {
     const f = this.format;
     if (!f || !this.hooked || this.silenced || f.showOrigin || !logsAt(level)) return undefined;
-    const lvl = f.showLevel ? `:${LEVEL_NAME[level]}` : '';
-    return { fd: this.fd ?? 2, head: `[${f.instanceId}:${thread}${lvl}]` };
+    return { fd: this.fd ?? 2, head: lineHead(f, level, thread) };
   }
 
   get configuration(): LoggerConfig | undefined {

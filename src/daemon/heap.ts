@@ -39,7 +39,7 @@ export const DAEMON_HEAP_FLAGS: readonly string[] = [
  * of any mmapped block freed (up to 32 MiB), and from then on blocks below it are carved out of
  * the arenas, whose free chunks stay resident between live ones. A shared-mode churn (1,000 VMs
  * after 500, with the warm and sustained rounds before it) measured RSS 109.6 → 117.5 and 111.1
- * → 118.0 MiB with it dynamic, 103.4 → 108.3 and 102.0 → 106.7 fixed, at the same rate
+ * → 117.8 MiB with it dynamic, 103.4 → 108.3 and 102.0 → 106.7 fixed, at the same rate
  * (docs/daemon.md "Memory").
  */
 export const DAEMON_MALLOC_TUNABLE = 'glibc.malloc.mmap_threshold=131072';
