@@ -6,6 +6,13 @@
 // runner's output. The in-lab suite runs with it, so that the harness outside the lab can tell
 // a frozen lab (no output at all, not even the heartbeat) from a slow or stuck test of ours
 // (heartbeats keep coming; the test fails by its own timeout and is never retried).
+//
+// With --heartbeat the files also run one at a time, each in its own `node --test` (the
+// lab has 2 CPUs, so node's runner ran them one at a time anyway), and the runner prints
+//   # files: a.test.js b.test.js ...            (before the first, in the order they run)
+//   # file done: a.test.js exit 0 tests 3 pass 3 fail 0 skipped 0   (after each)
+// so that a harness whose lab froze part-way knows which files finished, and runs only the
+// others in its one retry (src/lab/suite.ts). --only a.test.js,b.test.js keeps those files.
 import { readdirSync, statSync, existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { spawn, spawnSync } from 'node:child_process';
@@ -22,6 +29,12 @@ if (hb >= 0) {
   }
   args.splice(hb, 2);
 }
+let only = null;
+const on = args.indexOf('--only');
+if (on >= 0) {
+  only = new Set((args[on + 1] ?? '').split(',').filter(Boolean));
+  args.splice(on, 2);
+}
 const files = [];
 const walk = (d) => {
   for (const e of readdirSync(d)) {
@@ -33,6 +46,15 @@ const walk = (d) => {
 for (const dir of args) {
   const d = join(root, 'dist', dir);
   if (existsSync(d)) walk(d);
+}
+if (only) {
+  const known = new Set(files.map((f) => f.slice(f.lastIndexOf('/') + 1)));
+  const unknown = [...only].filter((n) => !known.has(n));
+  if (unknown.length > 0 || only.size === 0) {
+    console.error(`--only: no such test file: ${unknown.join(', ') || '(none given)'}`);
+    process.exit(2);
+  }
+  files.splice(0, files.length, ...files.filter((f) => only.has(f.slice(f.lastIndexOf('/') + 1))));
 }
 if (files.length === 0) {
   console.error(`no test files under ${args.join(', ')}`);
@@ -58,14 +80,7 @@ if (!heartbeatSec) {
 // With a heartbeat the runner's stdout and stderr come through here, so the heartbeat only
 // goes out at a line boundary of both and never splits a line of the runner's summary.
 const started = Date.now();
-const child = spawn(process.execPath, argv, { stdio: ['inherit', 'pipe', 'pipe'] });
 const atLineStart = { stdout: true, stderr: true };
-for (const name of ['stdout', 'stderr']) {
-  child[name].on('data', (b) => {
-    process[name].write(b);
-    atLineStart[name] = b.length > 0 && b[b.length - 1] === 0x0a;
-  });
-}
 // A line left unfinished for two beats (a test writing part of a line) does not silence it:
 // the heartbeat then starts a line of its own.
 let missed = 0;
@@ -77,7 +92,46 @@ const timer = setInterval(() => {
   process.stdout.write(`${whole ? '' : '\n'}# heartbeat ${s} s\n`);
   atLineStart.stdout = atLineStart.stderr = true;
 }, heartbeatSec * 1000);
-child.on('close', (code, signal) => {
-  clearInterval(timer);
-  process.exit(code ?? (signal ? 1 : 0));
-});
+
+/** Runs one file's tests; resolves with its exit code and its summary's counts. */
+function runFile(file) {
+  return new Promise((resolve) => {
+    const child = spawn(process.execPath, ['--test', '--test-force-exit', file], {
+      stdio: ['inherit', 'pipe', 'pipe'],
+    });
+    let out = '';
+    for (const name of ['stdout', 'stderr']) {
+      child[name].on('data', (b) => {
+        process[name].write(b);
+        atLineStart[name] = b.length > 0 && b[b.length - 1] === 0x0a;
+        // The summary is at the end: keep a tail long enough for it, not the whole output.
+        if (name === 'stdout') out = (out + b.toString('utf8')).slice(-4096);
+      });
+    }
+    child.on('close', (code, signal) => {
+      const plain = out.replace(/\x1b\[[0-9;]*m/g, '');
+      const count = (k) => {
+        const m = [...plain.matchAll(new RegExp(`^\\s*(?:#|ℹ) ${k} (\\d+)\\s*$`, 'gm'))].pop();
+        return m ? Number(m[1]) : -1;
+      };
+      resolve({
+        code: code ?? (signal ? 1 : 0),
+        counts: ['tests', 'pass', 'fail', 'skipped'].map((k) => `${k} ${count(k)}`).join(' '),
+      });
+    });
+  });
+}
+
+const line = (text) => {
+  process.stdout.write(`${atLineStart.stdout && atLineStart.stderr ? '' : '\n'}${text}\n`);
+  atLineStart.stdout = atLineStart.stderr = true;
+};
+line(`# files: ${ordered.map(base).join(' ')}`);
+let worst = 0;
+for (const f of ordered) {
+  const { code, counts } = await runFile(f);
+  line(`# file done: ${base(f)} exit ${code} ${counts}`);
+  if (code !== 0) worst = code;
+}
+clearInterval(timer);
+process.exit(worst);

@@ -1,0 +1,138 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { repoRoot } from './guest.js';
+import {
+  filesToRetry,
+  mergeProgress,
+  parseSuiteOutput,
+  suiteVerdict,
+  type SuiteProgress,
+} from './suite.js';
+
+const done = (f: string, code: number, tests: number, fail: number, skipped = 0) =>
+  `# file done: ${f} exit ${code} tests ${tests} pass ${tests - fail - skipped} fail ${fail} skipped ${skipped}`;
+
+// What scripts/run-tests.mjs --heartbeat printed in a lab that froze during c.test.js.
+const frozen = [
+  'TAP version 13',
+  '# files: a.test.js b.test.js c.test.js d.test.js',
+  '# heartbeat 30 s',
+  'ok 1 - a one',
+  done('a.test.js', 0, 2, 0),
+  '# Subtest: b',
+  'not ok 1 - b one',
+  done('b.test.js', 1, 3, 1),
+  '# heartbeat 60 s',
+  '# Subtest: c one',
+].join('\n');
+
+test('a lab that froze: the retry runs the files that did not finish, not the one that failed', () => {
+  const p = parseSuiteOutput(frozen);
+  assert.deepEqual(p.planned, ['a.test.js', 'b.test.js', 'c.test.js', 'd.test.js']);
+  assert.deepEqual([...p.done.keys()], ['a.test.js', 'b.test.js']);
+  assert.deepEqual(p.done.get('b.test.js'), {
+    file: 'b.test.js',
+    code: 1,
+    tests: 3,
+    pass: 2,
+    fail: 1,
+    skipped: 0,
+  });
+  assert.deepEqual(filesToRetry(p, false), ['c.test.js', 'd.test.js']);
+  // The lab's kernel broke: what failed on it runs again too; what passed stands.
+  assert.deepEqual(filesToRetry(p, true), ['b.test.js', 'c.test.js', 'd.test.js']);
+  // A lab that froze before the runner listed its files: run them all.
+  assert.equal(
+    filesToRetry(parseSuiteOutput('TAP version 13\n# heartbeat 30 s\n'), false),
+    undefined,
+  );
+});
+
+test('the verdict: every planned file finished and passed, counts summed; a failure stands', () => {
+  const first = parseSuiteOutput(frozen);
+  const retry = parseSuiteOutput(
+    ['# files: c.test.js d.test.js', done('c.test.js', 0, 4, 0), done('d.test.js', 0, 1, 0)].join(
+      '\n',
+    ),
+  );
+  const merged = mergeProgress(first, retry);
+  const v = suiteVerdict(merged);
+  assert.equal(v.ok, false);
+  assert.equal(v.summary, 'tests 10, pass 9, fail 1, skipped 0 in 4 files');
+  assert.deepEqual(v.problems, ['b.test.js: exit 1, tests 3, pass 2, fail 1, skipped 0']);
+
+  // The same with b passing (a retry after the lab broke): all good.
+  const fixed = mergeProgress(merged, parseSuiteOutput(done('b.test.js', 0, 3, 0)));
+  assert.deepEqual(suiteVerdict(fixed), {
+    ok: true,
+    summary: 'tests 10, pass 10, fail 0, skipped 0 in 4 files',
+    problems: [],
+  });
+
+  // A file that never finished, one that skipped a test, one with no summary (-1), no tests.
+  const bad: SuiteProgress = parseSuiteOutput(
+    [
+      '\x1b[32m# files: a.test.js b.test.js c.test.js d.test.js e.test.js\x1b[0m\r',
+      done('a.test.js', 0, 2, 0, 1),
+      '# file done: b.test.js exit 0 tests -1 pass -1 fail -1 skipped -1',
+      done('c.test.js', 0, 0, 0),
+      done('d.test.js', 0, 1, 0),
+    ].join('\n'),
+  );
+  assert.deepEqual(suiteVerdict(bad).problems, [
+    'a.test.js: exit 0, tests 2, pass 1, fail 0, skipped 1',
+    'b.test.js: exit 0, tests -1, pass -1, fail -1, skipped -1',
+    'c.test.js: exit 0, tests 0, pass 0, fail 0, skipped 0',
+    'e.test.js: did not finish',
+  ]);
+  assert.deepEqual(suiteVerdict(parseSuiteOutput('')).problems, [
+    'the runner never listed its files',
+  ]);
+});
+
+test('scripts/run-tests.mjs --heartbeat prints what parseSuiteOutput reads; --only keeps files', () => {
+  const name = `.suite-test-${process.pid}`;
+  const dir = join(repoRoot(), 'dist', name);
+  mkdirSync(dir, { recursive: true });
+  try {
+    const t = "import { test } from 'node:test';\n";
+    writeFileSync(join(dir, 'a.test.js'), `${t}test('a1', () => {}); test('a2', () => {});\n`);
+    writeFileSync(
+      join(dir, 'b.test.js'),
+      `${t}test('b1', () => { throw new Error('no'); }); test('b2', { skip: true }, () => {});\n`,
+    );
+    writeFileSync(join(dir, 'c.test.js'), `${t}test('c1', () => {});\n`);
+    // Not as a child of this test: node's runner would skip the files of a nested run.
+    const env = { ...process.env };
+    delete env.NODE_TEST_CONTEXT;
+    const run = (...args: string[]) =>
+      spawnSync(process.execPath, [join(repoRoot(), 'scripts', 'run-tests.mjs'), ...args], {
+        encoding: 'utf8',
+        env,
+        timeout: 60_000,
+      });
+    const all = run('--heartbeat', '30', name);
+    assert.equal(all.status, 1, all.stderr);
+    const p = parseSuiteOutput(all.stdout);
+    assert.deepEqual(p.planned, ['a.test.js', 'b.test.js', 'c.test.js']);
+    assert.deepEqual(
+      [...p.done.values()].map((r) => [r.file, r.code, r.tests, r.pass, r.fail, r.skipped]),
+      [
+        ['a.test.js', 0, 2, 2, 0, 0],
+        ['b.test.js', 1, 2, 0, 1, 1],
+        ['c.test.js', 0, 1, 1, 0, 0],
+      ],
+    );
+    const some = run('--heartbeat', '30', '--only', 'c.test.js,a.test.js', name);
+    assert.equal(some.status, 0, some.stderr);
+    assert.deepEqual(parseSuiteOutput(some.stdout).planned, ['a.test.js', 'c.test.js']);
+    const wrong = run('--heartbeat', '30', '--only', 'x.test.js', name);
+    assert.equal(wrong.status, 2);
+    assert.match(wrong.stderr, /--only: no such test file: x\.test\.js/);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});

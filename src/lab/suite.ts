@@ -1,0 +1,104 @@
+// Reading the in-lab suite's progress from its output, for the harness outside the lab
+// (test/lab/typervisor.test.ts). scripts/run-tests.mjs --heartbeat runs the suite's files one
+// at a time and prints, in whole lines:
+//   # files: a.test.js b.test.js ...
+//   # file done: a.test.js exit 0 tests 3 pass 3 fail 0 skipped 0
+// A lab that froze part-way (or whose kernel broke) is run again once; that retry runs only
+// the files that had not finished (and, when the lab's kernel broke, those that failed on it):
+// a file that finished keeps its result, so a failure of ours is never run again on its own.
+
+export interface FileResult {
+  file: string;
+  /** The file's `node --test` exit code. */
+  code: number;
+  tests: number;
+  pass: number;
+  fail: number;
+  skipped: number;
+}
+
+export interface SuiteProgress {
+  /** The files the runner said it would run, in order; undefined if it never said. */
+  planned?: string[];
+  /** The files that finished, by name (the last line for a name wins). */
+  done: Map<string, FileResult>;
+}
+
+const FILES = /^# files: (.*)$/m;
+const DONE =
+  /^# file done: (\S+) exit (-?\d+) tests (-?\d+) pass (-?\d+) fail (-?\d+) skipped (-?\d+)\s*$/gm;
+
+/** The progress printed in one run's output (colours and \r from the lab's tty ignored). */
+export function parseSuiteOutput(output: string): SuiteProgress {
+  const plain = output.replace(/\x1b\[[0-9;]*m/g, '').replace(/\r/g, '');
+  const files = FILES.exec(plain);
+  const planned = files ? files[1]!.trim().split(/\s+/).filter(Boolean) : undefined;
+  const done = new Map<string, FileResult>();
+  for (const m of plain.matchAll(DONE)) {
+    const [code, tests, pass, fail, skipped] = m.slice(2, 7).map(Number) as [
+      number,
+      number,
+      number,
+      number,
+      number,
+    ];
+    done.set(m[1]!, { file: m[1]!, code, tests, pass, fail, skipped });
+  }
+  return { planned, done };
+}
+
+/** A file passed: it exited 0, ran tests, none failed and none was skipped. */
+export function filePassed(r: FileResult): boolean {
+  return r.code === 0 && r.tests > 0 && r.fail === 0 && r.skipped === 0 && r.pass === r.tests;
+}
+
+/**
+ * The files the one retry runs, or undefined for all of them (the runner never listed its
+ * files). `labBroke`: the lab's kernel reported that it broke while the suite ran, so a file
+ * that failed on that machine is run again too; otherwise only files that did not finish.
+ */
+export function filesToRetry(p: SuiteProgress, labBroke: boolean): string[] | undefined {
+  if (!p.planned) return undefined;
+  return p.planned.filter((f) => {
+    const r = p.done.get(f);
+    return !r || (labBroke && !filePassed(r));
+  });
+}
+
+/** The first run's progress with the retry's results over it (the plan stays the first's). */
+export function mergeProgress(first: SuiteProgress, retry: SuiteProgress): SuiteProgress {
+  const done = new Map(first.done);
+  for (const [f, r] of retry.done) done.set(f, r);
+  return { planned: first.planned ?? retry.planned, done };
+}
+
+export interface SuiteVerdict {
+  ok: boolean;
+  /** "tests 25, pass 25, fail 0, skipped 0 in 16 files" */
+  summary: string;
+  /** One line per file that did not pass or never finished. */
+  problems: string[];
+}
+
+export function suiteVerdict(p: SuiteProgress): SuiteVerdict {
+  const problems: string[] = [];
+  if (!p.planned || p.planned.length === 0) problems.push('the runner never listed its files');
+  const sum = { tests: 0, pass: 0, fail: 0, skipped: 0 };
+  for (const f of p.planned ?? []) {
+    const r = p.done.get(f);
+    if (!r) {
+      problems.push(`${f}: did not finish`);
+      continue;
+    }
+    sum.tests += r.tests;
+    sum.pass += r.pass;
+    sum.fail += r.fail;
+    sum.skipped += r.skipped;
+    if (!filePassed(r))
+      problems.push(
+        `${f}: exit ${r.code}, tests ${r.tests}, pass ${r.pass}, fail ${r.fail}, skipped ${r.skipped}`,
+      );
+  }
+  const summary = `tests ${sum.tests}, pass ${sum.pass}, fail ${sum.fail}, skipped ${sum.skipped} in ${p.planned?.length ?? 0} files`;
+  return { ok: problems.length === 0, summary, problems };
+}
