@@ -220,10 +220,14 @@ function brkKiB(pid: number): number {
   return Number(m?.[1] ?? NaN);
 }
 
-/** The daemon's malloc_trim calls so far (GET /), when it makes any. */
+/** The daemon's idle collections and malloc_trim calls so far (GET /), when it makes any. */
 async function trimStats(sock: string): Promise<string> {
   const t = (await call(sock, 'GET', '/')).json.memory.malloc_trim;
-  return t ? `${t.runs} runs (${t.released} released), ${t.ms.toFixed(1)} ms` : 'none';
+  if (!t) return 'none';
+  const gc = t.gc_runs
+    ? `; before them ${t.gc_runs} garbage collections (main thread ${t.gc_ms.toFixed(1)} ms in all, ${t.gc_max_ms.toFixed(1)} at most; ${t.gc_workers} idle vCPU workers in the last)`
+    : '';
+  return `${t.runs} runs (${t.released} released), ${t.ms.toFixed(1)} ms${gc}`;
 }
 
 export async function daemonSuite(

@@ -63,11 +63,25 @@ export interface PoolInfo {
   last_error?: string;
 }
 
+/** What a garbage collection did (VmHost.collectGarbage). */
+export interface Collected {
+  /** The main thread's heap was collected (false: no gc exposed), and in how many ms. */
+  main: boolean;
+  mainMs: number;
+  /** Idle vCPU workers that collected theirs. */
+  workers: number;
+}
+
 export interface Backend {
   readonly mode: Mode;
   /** Creates and starts the VM `id` (its socket `apiSocket`); throws CreateError on a fault. */
   create(id: string, apiSocket: string, req: CreateRequest): Promise<VmHandle>;
   pool(): PoolInfo;
+  /**
+   * Shared mode: a full garbage collection of the daemon's V8 heaps, its own and its idle
+   * vCPU workers' (VmHost.collectGarbage), before the idle trim (trim.ts).
+   */
+  collectGarbage?(): Promise<Collected>;
   /** Stops filling the pool and ends the warm processes (not the VMs: the daemon stops those). */
   close(): Promise<void>;
 }

@@ -31,6 +31,9 @@ export const DAEMON_HEAP_FLAGS: readonly string[] = [
   // shared-mode churn after 500 left old space at 11.2 -> 11.2 MiB reserved and RSS +1.4 and
   // -0.7 MiB, against 11.2 -> 13.2 and 11.5 -> 13.5, RSS +4.7 and +4.7, at the same rate.
   '--compact-on-every-full-gc',
+  // The global gc(): a shared-mode daemon collects its heaps (its own and its idle vCPU
+  // workers') when it goes idle (src/daemon/trim.ts).
+  '--expose-gc',
 ];
 
 /**

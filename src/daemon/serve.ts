@@ -164,8 +164,10 @@ export async function serveCommand(argv: string[]): Promise<number> {
     );
   const counters = new Counters();
   const backend = await backendFor(args, state);
-  // Shared mode: glibc's arenas trimmed when the daemon goes idle (docs/daemon.md "Memory").
-  const trim = args.mode === 'shared' ? new IdleTrim(mallocTrim, TRIM_IDLE_MS) : undefined;
+  // Shared mode: the V8 heaps collected and glibc's arenas trimmed when the daemon goes idle
+  // (trim.ts; docs/daemon.md "Memory").
+  const collect = backend.collectGarbage?.bind(backend);
+  const trim = args.mode === 'shared' ? new IdleTrim(mallocTrim, TRIM_IDLE_MS, collect) : undefined;
   const daemon = new Daemon(backend, state, counters, args.maxVms, trim);
   let server;
   try {

@@ -24,6 +24,7 @@ import {
   ByteTail,
   CreateError,
   type Backend,
+  type Collected,
   type PoolInfo,
   type VmEnd,
   type VmHandle,
@@ -152,6 +153,10 @@ export class SharedBackend implements Backend {
   /** Resolves once the warm workers have loaded their modules. */
   ready(): Promise<void> {
     return this.host.ready();
+  }
+
+  collectGarbage(): Promise<Collected> {
+    return this.host.collectGarbage();
   }
 
   pool(): PoolInfo {

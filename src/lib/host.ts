@@ -32,7 +32,12 @@ import {
   type VmResources,
   type VmSpec,
 } from '../vmm/index.js';
-import { prewarmDeviceWorker, spawnVcpuWorker } from '../vmm/vcpu-pool.js';
+import {
+  prewarmDeviceWorker,
+  spawnVcpuWorker,
+  type VcpuWorkerCollect,
+  type VcpuWorkerMessage,
+} from '../vmm/vcpu-pool.js';
 import { configureSeccomp, installProcessFilter } from '../sandbox/seccomp/install.js';
 import { fail, ok, toVmError, VmError, type Result } from './errors.js';
 import { Vm } from './vm.js';
@@ -125,6 +130,9 @@ export interface WarmParts {
    */
   load(): BuildOptions;
 }
+
+/** How long collectGarbage waits for the idle workers' answers. */
+const COLLECT_TIMEOUT_MS = 1000;
 
 /** The warm vCPU workers: handed to VMs (take), handed back after them (give). */
 class WarmWorkers implements VcpuWorkerSource {
@@ -237,6 +245,50 @@ class WarmWorkers implements VcpuWorkerSource {
     const ws = this.readyWaiters;
     this.readyWaiters = [];
     for (const f of ws) f();
+  }
+
+  /**
+   * Asks every idle, loaded worker for a full garbage collection (VcpuWorkerCollect) and
+   * resolves with how many did one, once all answered or after `timeoutMs`. A worker taken
+   * for a VM meanwhile answers before it starts (its messages are in order); its VM's own
+   * listener ignores the answer.
+   */
+  collect(timeoutMs: number): Promise<number> {
+    const ws = this.idle.filter((w) => this.ready.has(w));
+    if (ws.length === 0) return Promise.resolve(0);
+    return new Promise((resolve) => {
+      let pending = ws.length;
+      let collected = 0;
+      const listeners = new Map<Worker, (m: VcpuWorkerMessage) => void>();
+      const done = () => {
+        clearTimeout(timer);
+        for (const [w, f] of listeners) {
+          w.off('message', f);
+          w.off('exit', f);
+        }
+        listeners.clear();
+        resolve(collected);
+      };
+      const timer = setTimeout(done, timeoutMs);
+      timer.unref();
+      for (const w of ws) {
+        const f = (m?: VcpuWorkerMessage | number) => {
+          if (typeof m === 'object' && m.type !== 'collected') return;
+          if (typeof m === 'object' && m.collected) collected++;
+          w.off('message', f);
+          w.off('exit', f);
+          listeners.delete(w);
+          if (--pending === 0) done();
+        };
+        listeners.set(w, f);
+        w.on('message', f);
+        w.once('exit', f);
+        // A listener refs the worker again (Node's MessagePort): an idle one must not hold
+        // the process; a busy one was ref'd by take() and stays so.
+        if (!this.busy.has(w)) w.unref();
+        w.postMessage({ type: 'collect' } satisfies VcpuWorkerCollect);
+      }
+    });
   }
 
   async close(): Promise<void> {
@@ -480,6 +532,23 @@ export class VmHost {
       idleRam: this.ram.idleCount,
       ramReused: this.ram.stats.reused,
     };
+  }
+
+  /**
+   * A full garbage collection of this thread's V8 heap and of every idle warm vCPU worker's,
+   * for an embedder that goes idle and wants its memory back (the daemon calls it when idle,
+   * src/daemon/trim.ts). Only when Node runs with `--expose-gc` (the daemon does); otherwise
+   * nothing is collected. Resolves with what was collected, and how long this thread's own
+   * collection held it, once the workers answered (at most COLLECT_TIMEOUT_MS later). A worker
+   * taken for a VM before it answered collects first, then starts that VM.
+   */
+  async collectGarbage(): Promise<{ main: boolean; mainMs: number; workers: number }> {
+    const gc = (globalThis as { gc?: () => void }).gc;
+    const t0 = performance.now();
+    gc?.();
+    const mainMs = performance.now() - t0;
+    const workers = gc && !this.closed ? await this.workers.collect(COLLECT_TIMEOUT_MS) : 0;
+    return { main: gc !== undefined, mainMs, workers };
   }
 
   /**

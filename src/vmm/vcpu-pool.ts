@@ -9,6 +9,8 @@ import { DEVICE_WORKER_ROLE } from './device-worker-protocol.js';
 import { takeEarlyVcpuWorkers, workerEntry } from '../util/bundle.js';
 import { chooseVcpuThreads, workersFor, type VcpuThreads } from './vcpu-mode.js';
 import type { VcpuWorkerSource } from './vmm.js';
+/** The messages of an idle warm worker's garbage collection (the library's VmHost). */
+export type { VcpuWorkerCollect, VcpuWorkerMessage } from './vcpu-worker.js';
 
 /**
  * Workers of this pool that have loaded their modules: each says { type: 'ready' } once it has

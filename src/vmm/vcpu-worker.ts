@@ -42,6 +42,15 @@ export interface VcpuWorkerStart {
 }
 
 /**
+ * Sent to an idle reusable worker (the library's warm pool, VmHost.collectGarbage): a full
+ * garbage collection of its isolate, when the process runs with --expose-gc (the daemon does,
+ * src/daemon/heap.ts); answered with 'collected' either way.
+ */
+export interface VcpuWorkerCollect {
+  type: 'collect';
+}
+
+/**
  * What a reusable worker set up on its first VM and keeps for the next: the kick handler (a
  * sigaction, which the vcpu role's filter refuses afterwards), /dev/kvm (an open, refused too),
  * and whether its filter is installed (filters stack: installed once).
@@ -52,6 +61,8 @@ export type VcpuWorkerMessage =
   | VcpuHubMessage
   /** Posted once, when the worker has loaded its modules and listens for 'start'. */
   | { type: 'ready' }
+  /** The answer to 'collect': whether this isolate collected (false: no gc exposed). */
+  | { type: 'collected'; collected: boolean }
   | { type: 'thread'; thread: bigint }
   | { type: 'log'; message: string }
   | { type: 'exit'; event: VmExitEvent }
@@ -159,7 +170,15 @@ export function saveHandlers(
 // A worker runs one vCPU ('start'), or serves the native runner threads of many ('start-hub',
 // vcpu-threads.ts: loaded only then). A reusable one ('start' with reuse) keeps listening and
 // runs one VM's vCPU after another; any other ends with its VM (nothing keeps its loop alive).
-const onStart = (m: VcpuWorkerStart | VcpuHubStart) => {
+const onStart = (m: VcpuWorkerStart | VcpuHubStart | VcpuWorkerCollect) => {
+  if (m.type === 'collect') {
+    const gc = (globalThis as { gc?: () => void }).gc;
+    gc?.();
+    return void parentPort!.postMessage({
+      type: 'collected',
+      collected: gc !== undefined,
+    } satisfies VcpuWorkerMessage);
+  }
   if (m.type === 'start' && m.reuse) return void main(m.data, true);
   parentPort!.off('message', onStart);
   if (m.type === 'start') return void main(m.data);
