@@ -124,7 +124,7 @@ export async function prepareSocketPath(path: string): Promise<void> {
  */
 async function listenPrivate(server: Server, path: string): Promise<Stats> {
   const target = resolve(path);
-  const dir = mkdtempSync(join(dirname(target), '.typervisor-'));
+  const dir = mkdtempSync(join(dirname(target), bindDirPrefix(process.pid)));
   const tmp = join(dir, 's');
   try {
     // The temporary name must fit in sun_path too (libuv may cut a long one short).
@@ -155,6 +155,15 @@ async function listenPrivate(server: Server, path: string): Promise<Stats> {
     }
     rmdirSync(dir);
   }
+}
+
+/**
+ * The temporary directory listenPrivate binds in, named by the process's pid: a process killed
+ * while binding leaves it, and whoever started that process can remove it (the daemon does:
+ * src/daemon/state.ts removeBindDirs).
+ */
+export function bindDirPrefix(pid: number): string {
+  return `.typervisor-${pid}-`;
 }
 
 /** sizeof(sockaddr_un.sun_path) - 1. */

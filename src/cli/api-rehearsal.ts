@@ -19,13 +19,13 @@
  * left for the real VM. It runs under the process's seccomp filters, as the real VM does.
  */
 import { writeFileSync } from 'node:fs';
-import { basename, dirname, join } from 'node:path';
 import { VmmController } from '../api/controller.js';
 import type { LoggerControl } from '../api/logger.js';
 import { MetricsSystem } from '../api/metrics.js';
 import { startApiServer } from '../api/server.js';
 import { unlinkQuietly } from '../util/fs.js';
 import { setLogSink } from '../util/log.js';
+import { rehearsalStem } from '../daemon/state.js';
 import { callVmm } from '../daemon/vmm-client.js';
 import { buildVm, rehearsalBuildOptions, rehearsalImage, type VmExitEvent } from '../vmm/index.js';
 import type { ReusedVcpuWorkers } from '../vmm/vcpu-pool.js';
@@ -54,7 +54,7 @@ export async function rehearseApi(
   timeoutMs: number = REHEARSAL_TIMEOUT_MS,
 ): Promise<RehearsalResult> {
   const t0 = performance.now();
-  const stem = join(dirname(apiSock), `.${basename(apiSock)}.rehearsal-${process.pid}`);
+  const stem = rehearsalStem(apiSock, process.pid);
   const sock = `${stem}.sock`;
   const image = `${stem}.elf`;
   const lines: string[] = [];

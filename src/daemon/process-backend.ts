@@ -11,7 +11,7 @@
  * that exist, and they stay the host's.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { lstatSync, renameSync, unlinkSync } from 'node:fs';
+import { lstatSync, renameSync, unlinkSync, type Stats } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { DEFAULT_MAX_PAYLOAD } from '../api/server.js';
 import { log } from '../util/log.js';
@@ -25,7 +25,7 @@ import {
   type VmEnd,
   type VmHandle,
 } from './backend.js';
-import type { StateDir } from './state.js';
+import { rehearsalStem, removeBindDirs, type StateDir } from './state.js';
 import { callVmm, callVmmPipelined, canConnect, faultOf, type VmmAnswer } from './vmm-client.js';
 
 /** The launcher the VMM processes run (bin/typervisor, from dist/src/daemon/). */
@@ -77,6 +77,9 @@ class VmmProcess implements VmHandle {
   private stopRequested = false;
   private killTimer: NodeJS.Timeout | undefined;
 
+  /** The socket it was started with (its rehearsal's files are named after it). */
+  private readonly firstSocket: string;
+
   constructor(
     sock: string,
     name: string,
@@ -84,6 +87,7 @@ class VmmProcess implements VmHandle {
     extraArgs: readonly string[],
   ) {
     this.apiSocket = sock;
+    this.firstSocket = sock;
     this.child = spawn(
       process.execPath,
       [CLI, '--api-sock', sock, '--id', name, '--boot-timer', ...extraArgs],
@@ -140,14 +144,27 @@ class VmmProcess implements VmHandle {
     return { state: 'crashed', code, signal, reason: last ? `${why}: ${last}` : why };
   }
 
-  /** Its socket (whatever name it has now) and its record. */
+  /**
+   * Its socket (whatever name it has now), its record, and what its rehearsal left if it ended
+   * during one (a pool process stopped or killed as the daemon closes: CI of 39b6a76 found its
+   * rehearsal's socket and image left in the state directory), and the directory it was
+   * binding a socket in if it was killed doing that.
+   */
   private cleanup(): void {
-    try {
-      if (lstatSync(this.apiSocket, { throwIfNoEntry: false })?.isSocket())
-        unlinkSync(this.apiSocket);
-    } catch {
-      // gone meanwhile
+    const stem = rehearsalStem(this.firstSocket, this.pid);
+    for (const [path, isOurs] of [
+      [this.apiSocket, (s: Stats) => s.isSocket()],
+      [`${stem}.sock`, (s: Stats) => s.isSocket()],
+      [`${stem}.elf`, (s: Stats) => s.isFile()],
+    ] as const) {
+      try {
+        const st = lstatSync(path, { throwIfNoEntry: false });
+        if (st && isOurs(st)) unlinkSync(path);
+      } catch {
+        // gone meanwhile
+      }
     }
+    removeBindDirs(this.state.dir, this.pid);
     this.state.forget(this.pid);
   }
 

@@ -12,10 +12,11 @@ import {
   readdirSync,
   readFileSync,
   renameSync,
+  rmdirSync,
   unlinkSync,
   writeFileSync,
 } from 'node:fs';
-import { join } from 'node:path';
+import { basename, dirname, join } from 'node:path';
 
 export interface ProcessRecord {
   pid: number;
@@ -40,6 +41,51 @@ export function processIdentity(pid: number): Omit<ProcessRecord, 'pid'> | undef
     return undefined;
   }
 }
+
+/**
+ * Where a pool process's rehearsal (src/cli/api-rehearsal.ts) puts its socket and guest image:
+ * `<stem>.sock` and `<stem>.elf` beside the process's first API socket, named by its pid. The
+ * daemon removes both when that process ends (a process killed mid-rehearsal cannot).
+ */
+export function rehearsalStem(apiSock: string, pid: number): string {
+  return join(dirname(apiSock), `.${basename(apiSock)}.rehearsal-${pid}`);
+}
+
+/** listenPrivate's temporary directory (src/api/server.ts bindDirPrefix): pid, mkdtemp's six. */
+const BIND_DIR = /^\.typervisor-(\d+)-[A-Za-z0-9]{6}$/;
+
+/**
+ * Removes the temporary directories a VMM process killed while binding a socket left in `dir`
+ * (those of `pid`, or of any pid): each holds nothing or the one socket `s`; anything else in
+ * one means it is not ours, and it stays. Returns the names removed.
+ */
+export function removeBindDirs(dir: string, pid?: number): string[] {
+  const removed: string[] = [];
+  let names: string[];
+  try {
+    names = readdirSync(dir);
+  } catch {
+    return removed;
+  }
+  for (const name of names) {
+    const m = BIND_DIR.exec(name);
+    if (!m || (pid !== undefined && Number(m[1]) !== pid)) continue;
+    const full = join(dir, name);
+    try {
+      if (!lstatSync(full).isDirectory()) continue;
+      const s = join(full, 's');
+      if (lstatSync(s, { throwIfNoEntry: false })?.isSocket()) unlinkSync(s);
+      rmdirSync(full); // ENOTEMPTY: something else is in it, and it stays
+      removed.push(name);
+    } catch {
+      // gone meanwhile, or not ours
+    }
+  }
+  return removed;
+}
+
+/** A rehearsal's guest image (rehearsalStem), for cleanStale; its socket is a `.sock`. */
+const REHEARSAL_IMAGE = /^\.[^/]+\.rehearsal-\d+\.elf$/;
 
 export class StateDir {
   constructor(readonly dir: string) {}
@@ -110,7 +156,8 @@ export class StateDir {
 
   /**
    * Ends the VMM processes an earlier daemon left (SIGKILL: they serve nobody now) and removes
-   * their records, and every socket and console file left in the directory. Returns what it did.
+   * their records, every socket left in the directory, a rehearsal's guest image and the
+   * directories a socket was being bound in (removeBindDirs). Returns what it did.
    */
   cleanStale(): { killed: number[]; removed: string[] } {
     const killed: number[] = [];
@@ -130,6 +177,12 @@ export class StateDir {
         }
         unlinkSync(full);
         removed.push(name);
+      } else if (REHEARSAL_IMAGE.test(name)) {
+        // A rehearsal's guest image (a regular file of ours; never a link followed).
+        if (lstatSync(full, { throwIfNoEntry: false })?.isFile()) {
+          unlinkSync(full);
+          removed.push(name);
+        }
       } else if (/\.sock$/.test(name)) {
         // Only sockets (never a file someone put here under that name).
         if (lstatSync(full, { throwIfNoEntry: false })?.isSocket()) {
@@ -138,6 +191,7 @@ export class StateDir {
         }
       }
     }
+    removed.push(...removeBindDirs(this.dir));
     return { killed, removed };
   }
 }

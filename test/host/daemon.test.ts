@@ -253,6 +253,21 @@ describe('typervisor serve, process mode (KVM)', () => {
     assert.deepEqual(pidsWith(d.stateDir), []);
   });
 
+  test('a daemon stopped while its pool process rehearses leaves nothing behind', T, async () => {
+    // CI of 39b6a76: a pool process ended by the daemon's SIGTERM during its rehearsal left the
+    // rehearsal's socket and guest image in the state dir. Stop the daemon while they exist.
+    const d = await startDaemon(['--pool', '1']);
+    daemons.push(d);
+    const rehearsing = () => readdirSync(d.stateDir).some((f) => f.includes('.rehearsal-'));
+    const deadline = Date.now() + 20_000;
+    while (!rehearsing() && Date.now() < deadline) await sleep(1);
+    assert.ok(rehearsing(), `a rehearsal's files seen: ${readdirSync(d.stateDir)}`);
+    const st = await d.stop();
+    assert.equal(st.code, 0, d.stderr());
+    assert.deepEqual(pidsWith(d.stateDir), [], 'SIGTERM ended the pool process');
+    assert.deepEqual(readdirSync(d.stateDir), [], 'nothing left in the state dir');
+  });
+
   test('a daemon restarted after SIGKILL ends the VMM processes the last one left', T, async () => {
     const first = await startDaemon(['--pool', '1']);
     daemons.push(first);
