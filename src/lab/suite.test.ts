@@ -5,9 +5,11 @@ import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { repoRoot } from './guest.js';
 import {
+  fileDoneLines,
   filesToRetry,
   mergeProgress,
   parseSuiteOutput,
+  retryBudgetSec,
   suiteVerdict,
   type SuiteProgress,
 } from './suite.js';
@@ -135,4 +137,32 @@ test('scripts/run-tests.mjs --heartbeat prints what parseSuiteOutput reads; --on
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
+});
+
+test('the retry shares the whole lab budget with the first attempt', () => {
+  // A hang early: the retry gets a whole attempt.
+  assert.equal(retryBudgetSec(500, 1800, 2700, 300), 1800);
+  // Late: what is left of the total.
+  assert.equal(retryBudgetSec(1650.4, 1800, 2700, 300), 1049);
+  // Too little left for a boot and a file: no retry.
+  assert.equal(retryBudgetSec(2500, 1800, 2700, 300), undefined);
+  assert.equal(retryBudgetSec(2800, 1800, 2700, 300), undefined);
+});
+
+test('fileDoneLines hands on each whole "# file done:" line as it comes, and nothing else', () => {
+  const got: string[] = [];
+  const feed = fileDoneLines((l) => got.push(l));
+  feed('# heartbeat 30 s\nok 1 - x\n# file d');
+  assert.deepEqual(got, []);
+  feed(
+    `one: a.test.js exit 0 tests 1 pass 1 fail 0 skipped 0\n\x1b[31m${done('b.test.js', 1, 2, 1)}\x1b[0m\r\n`,
+  );
+  assert.deepEqual(got, [
+    'file done: a.test.js exit 0 tests 1 pass 1 fail 0 skipped 0',
+    'file done: b.test.js exit 1 tests 2 pass 1 fail 1 skipped 0',
+  ]);
+  // A line that never ends is kept bounded, not grown without limit.
+  for (let i = 0; i < 100; i++) feed('x'.repeat(10_000));
+  feed('\n');
+  assert.equal(got.length, 2);
 });

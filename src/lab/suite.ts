@@ -102,3 +102,36 @@ export function suiteVerdict(p: SuiteProgress): SuiteVerdict {
   const summary = `tests ${sum.tests}, pass ${sum.pass}, fail ${sum.fail}, skipped ${sum.skipped} in ${p.planned?.length ?? 0} files`;
   return { ok: problems.length === 0, summary, problems };
 }
+
+/**
+ * The time the one retry gets, or undefined when too little of the lab's whole budget is left
+ * for it to be worth a boot (then the first attempt's failure stands, saying so). The suite's
+ * two attempts share `totalSec`, so that a lab that is slow and then hangs cannot hold CI for
+ * two whole attempts (CI of 39b6a76 ran out of its 90 minutes).
+ */
+export function retryBudgetSec(
+  elapsedSec: number,
+  attemptSec: number,
+  totalSec: number,
+  minSec: number,
+): number | undefined {
+  const left = Math.floor(Math.min(attemptSec, totalSec - elapsedSec));
+  return left >= minSec ? left : undefined;
+}
+
+/**
+ * Splits a stream of output into whole lines and hands each "# file done:" line to `onLine` as
+ * it comes (the harness prints them at once, so that a run cut short still shows how far the
+ * lab got). Returns the function to feed chunks to.
+ */
+export function fileDoneLines(onLine: (line: string) => void): (chunk: string) => void {
+  let partial = '';
+  return (chunk) => {
+    const lines = (partial + chunk).split('\n');
+    partial = (lines.pop() ?? '').slice(-4096);
+    for (const l of lines) {
+      const plain = l.replace(/\x1b\[[0-9;]*m/g, '').trimEnd();
+      if (plain.startsWith('# file done: ')) onLine(plain.slice(2));
+    }
+  };
+}
