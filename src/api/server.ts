@@ -166,6 +166,12 @@ export function bindDirPrefix(pid: number): string {
   return `.typervisor-${pid}-`;
 }
 
+/** The pid in the name of a directory bindDirPrefix and mkdtemp made, or undefined. */
+export function bindDirPid(name: string): number | undefined {
+  const m = /^\.typervisor-(\d+)-[A-Za-z0-9]{6}$/.exec(name);
+  return m ? Number(m[1]) : undefined;
+}
+
 /** sizeof(sockaddr_un.sun_path) - 1. */
 const MAX_SOCKET_PATH = 107;
 

@@ -11,9 +11,10 @@
  * that exist, and they stay the host's.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { lstatSync, renameSync, unlinkSync, type Stats } from 'node:fs';
+import { renameSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { DEFAULT_MAX_PAYLOAD } from '../api/server.js';
+import { unlinkIfOurs } from '../util/fs.js';
 import { log } from '../util/log.js';
 import { DEFAULT_MACHINE_CONFIG } from '../vmm/index.js';
 import { configRequests, type CreateRequest } from './api.js';
@@ -77,8 +78,8 @@ class VmmProcess implements VmHandle {
   private stopRequested = false;
   private killTimer: NodeJS.Timeout | undefined;
 
-  /** The socket it was started with (its rehearsal's files are named after it). */
-  private readonly firstSocket: string;
+  /** Where its rehearsal's socket and image are (named after its first socket and its pid). */
+  private readonly rehearsal: string;
 
   constructor(
     sock: string,
@@ -87,7 +88,6 @@ class VmmProcess implements VmHandle {
     extraArgs: readonly string[],
   ) {
     this.apiSocket = sock;
-    this.firstSocket = sock;
     this.child = spawn(
       process.execPath,
       [CLI, '--api-sock', sock, '--id', name, '--boot-timer', ...extraArgs],
@@ -98,6 +98,7 @@ class VmmProcess implements VmHandle {
     );
     if (this.child.pid === undefined) throw new Error('cannot start a VMM process');
     this.pid = this.child.pid;
+    this.rehearsal = rehearsalStem(sock, this.pid);
     state.record(this.pid);
     let lineStart = 0;
     this.child.stdout!.on('data', (b: Buffer) => {
@@ -120,7 +121,7 @@ class VmmProcess implements VmHandle {
       this.child.once('close', (code, signal) => {
         this.exitedEarly = true;
         if (this.killTimer) clearTimeout(this.killTimer);
-        this.cleanup();
+        this.cleanup(signal !== null);
         resolve(this.endOf(code, signal));
       });
     });
@@ -147,24 +148,14 @@ class VmmProcess implements VmHandle {
   /**
    * Its socket (whatever name it has now), its record, and what its rehearsal left if it ended
    * during one (a pool process stopped or killed as the daemon closes: CI of 39b6a76 found its
-   * rehearsal's socket and image left in the state directory), and the directory it was
-   * binding a socket in if it was killed doing that.
+   * rehearsal's socket and image left in the state directory), and, if a signal ended it, the
+   * directory it may have been binding a socket in (a process that exits removes its own).
    */
-  private cleanup(): void {
-    const stem = rehearsalStem(this.firstSocket, this.pid);
-    for (const [path, isOurs] of [
-      [this.apiSocket, (s: Stats) => s.isSocket()],
-      [`${stem}.sock`, (s: Stats) => s.isSocket()],
-      [`${stem}.elf`, (s: Stats) => s.isFile()],
-    ] as const) {
-      try {
-        const st = lstatSync(path, { throwIfNoEntry: false });
-        if (st && isOurs(st)) unlinkSync(path);
-      } catch {
-        // gone meanwhile
-      }
-    }
-    removeBindDirs(this.state.dir, this.pid);
+  private cleanup(killed: boolean): void {
+    unlinkIfOurs(this.apiSocket, (st) => st.isSocket());
+    unlinkIfOurs(`${this.rehearsal}.sock`, (st) => st.isSocket());
+    unlinkIfOurs(`${this.rehearsal}.elf`, (st) => st.isFile());
+    if (killed) removeBindDirs(this.state.dir, this.pid);
     this.state.forget(this.pid);
   }
 

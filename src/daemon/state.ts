@@ -17,6 +17,8 @@ import {
   writeFileSync,
 } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
+import { bindDirPid } from '../api/server.js';
+import { unlinkIfOurs } from '../util/fs.js';
 
 export interface ProcessRecord {
   pid: number;
@@ -51,9 +53,6 @@ export function rehearsalStem(apiSock: string, pid: number): string {
   return join(dirname(apiSock), `.${basename(apiSock)}.rehearsal-${pid}`);
 }
 
-/** listenPrivate's temporary directory (src/api/server.ts bindDirPrefix): pid, mkdtemp's six. */
-const BIND_DIR = /^\.typervisor-(\d+)-[A-Za-z0-9]{6}$/;
-
 /**
  * Removes the temporary directories a VMM process killed while binding a socket left in `dir`
  * (those of `pid`, or of any pid): each holds nothing or the one socket `s`; anything else in
@@ -68,13 +67,12 @@ export function removeBindDirs(dir: string, pid?: number): string[] {
     return removed;
   }
   for (const name of names) {
-    const m = BIND_DIR.exec(name);
-    if (!m || (pid !== undefined && Number(m[1]) !== pid)) continue;
+    const owner = bindDirPid(name);
+    if (owner === undefined || (pid !== undefined && owner !== pid)) continue;
     const full = join(dir, name);
     try {
       if (!lstatSync(full).isDirectory()) continue;
-      const s = join(full, 's');
-      if (lstatSync(s, { throwIfNoEntry: false })?.isSocket()) unlinkSync(s);
+      unlinkIfOurs(join(full, 's'), (st) => st.isSocket());
       rmdirSync(full); // ENOTEMPTY: something else is in it, and it stays
       removed.push(name);
     } catch {
@@ -179,16 +177,10 @@ export class StateDir {
         removed.push(name);
       } else if (REHEARSAL_IMAGE.test(name)) {
         // A rehearsal's guest image (a regular file of ours; never a link followed).
-        if (lstatSync(full, { throwIfNoEntry: false })?.isFile()) {
-          unlinkSync(full);
-          removed.push(name);
-        }
+        if (unlinkIfOurs(full, (st) => st.isFile())) removed.push(name);
       } else if (/\.sock$/.test(name)) {
         // Only sockets (never a file someone put here under that name).
-        if (lstatSync(full, { throwIfNoEntry: false })?.isSocket()) {
-          unlinkSync(full);
-          removed.push(name);
-        }
+        if (unlinkIfOurs(full, (st) => st.isSocket())) removed.push(name);
       }
     }
     removed.push(...removeBindDirs(this.dir));
