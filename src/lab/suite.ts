@@ -25,12 +25,19 @@ export interface SuiteProgress {
 }
 
 const FILES = /^# files: (.*)$/m;
-const DONE =
-  /^# file done: (\S+) exit (-?\d+) tests (-?\d+) pass (-?\d+) fail (-?\d+) skipped (-?\d+)\s*$/gm;
+const DONE_LINE =
+  '^# file done: (\\S+) exit (-?\\d+) tests (-?\\d+) pass (-?\\d+) fail (-?\\d+) skipped (-?\\d+)\\s*$';
+const DONE = new RegExp(DONE_LINE, 'gm');
+const DONE_ONE = new RegExp(DONE_LINE);
+
+/** Output without the lab tty's colour codes and carriage returns. */
+export function plainText(output: string): string {
+  return output.replace(/\x1b\[[0-9;]*m/g, '').replace(/\r/g, '');
+}
 
 /** The progress printed in one run's output (colours and \r from the lab's tty ignored). */
 export function parseSuiteOutput(output: string): SuiteProgress {
-  const plain = output.replace(/\x1b\[[0-9;]*m/g, '').replace(/\r/g, '');
+  const plain = plainText(output);
   const files = FILES.exec(plain);
   const planned = files ? files[1]!.trim().split(/\s+/).filter(Boolean) : undefined;
   const done = new Map<string, FileResult>();
@@ -130,8 +137,8 @@ export function fileDoneLines(onLine: (line: string) => void): (chunk: string) =
     const lines = (partial + chunk).split('\n');
     partial = (lines.pop() ?? '').slice(-4096);
     for (const l of lines) {
-      const plain = l.replace(/\x1b\[[0-9;]*m/g, '').trimEnd();
-      if (plain.startsWith('# file done: ')) onLine(plain.slice(2));
+      const plain = plainText(l);
+      if (DONE_ONE.test(plain)) onLine(plain.slice(2).trimEnd());
     }
   };
 }

@@ -27,6 +27,7 @@ import {
   filesToRetry,
   mergeProgress,
   parseSuiteOutput,
+  plainText,
   retryBudgetSec,
   suiteVerdict,
 } from '../../src/lab/suite.js';
@@ -139,7 +140,7 @@ test(
         `in-lab suite: the lab's kernel reported that it broke:\n${r.labFaults.join('\n')}\n`,
       );
     }
-    const text = output.replace(/\x1b\[[0-9;]*m/g, '');
+    const text = plainText(output);
     const verdict = suiteVerdict(progress);
     process.stderr.write(
       `in-lab suite: ${verdict.summary} (lab boot ${r.bootMs} ms, total ${r.totalMs} ms)\n`,
