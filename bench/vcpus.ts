@@ -41,8 +41,11 @@ import {
 const MEM_MIB = 64;
 const LOOP_BIG = 100_000;
 const LOOP_SMALL = 1000;
-type Variant = 'worker' | 'native' | 'hybrid' | 'qemu';
-const VARIANTS: Variant[] = ['worker', 'native', 'hybrid', 'qemu'];
+/** native: the hub on the main thread (the default); native-hubw: the hub on a worker of its own. */
+type Variant = 'worker' | 'native' | 'native-hubw' | 'hybrid' | 'qemu';
+const VARIANTS: Variant[] = ['worker', 'native', 'native-hubw', 'hybrid', 'qemu'];
+const threadsOf = (v: Exclude<Variant, 'qemu'>) => (v === 'native-hubw' ? 'native' : v);
+const hubOf = (v: Variant) => (v === 'native-hubw' ? 'worker' : 'main');
 
 function vmm(v: Variant, dir: string, guest: string, vcpus: number, kvmKind: string): Vmm {
   const elf = join(dir, `${guest}.elf`);
@@ -75,9 +78,13 @@ function vmm(v: Variant, dir: string, guest: string, vcpus: number, kvmKind: str
 }
 
 async function run(v: Variant, m: Vmm, o: Parameters<typeof runOnce>[1]) {
-  if (v !== 'qemu') process.env.TYPERVISOR_VCPU_THREADS = v;
+  if (v !== 'qemu') {
+    process.env.TYPERVISOR_VCPU_THREADS = threadsOf(v);
+    process.env.TYPERVISOR_VCPU_HUB = hubOf(v);
+  }
   const r = await runOnce(m, { timeoutMs: 60_000, ...o });
   delete process.env.TYPERVISOR_VCPU_THREADS;
+  delete process.env.TYPERVISOR_VCPU_HUB;
   if (r.timedOut || r.markerMs < 0)
     throw new Error(
       `${v} ${m.args.join(' ')}: ${r.timedOut ? 'timed out' : 'no marker'}: ${r.stderr.slice(0, 400)}`,
@@ -90,7 +97,7 @@ type Samples = Record<string, Record<Variant, number[]>>;
 const samples: Samples = {};
 function add(metric: string, v: Variant, x: number | undefined): void {
   if (x === undefined || !Number.isFinite(x)) return;
-  samples[metric] ??= { worker: [], native: [], hybrid: [], qemu: [] };
+  samples[metric] ??= { worker: [], native: [], 'native-hubw': [], hybrid: [], qemu: [] };
   samples[metric][v].push(x);
 }
 
@@ -98,12 +105,13 @@ function add(metric: string, v: Variant, x: number | undefined): void {
 async function pauseLatency(
   dir: string,
   vcpus: number,
-  mode: 'worker' | 'native' | 'hybrid',
+  mode: Exclude<Variant, 'qemu'>,
   rounds: number,
 ) {
   const { buildVm } = await import('../src/vmm/builder.js');
   const { validateResources } = await import('../src/vmm/resources.js');
-  process.env.TYPERVISOR_VCPU_THREADS = mode;
+  process.env.TYPERVISOR_VCPU_THREADS = threadsOf(mode);
+  process.env.TYPERVISOR_VCPU_HUB = hubOf(mode);
   const out = join(mkdtempSync(join(tmpdir(), 'tv-vcpus-')), 'console');
   const fd = openSync(out, 'w');
   const vm = buildVm(
@@ -114,6 +122,7 @@ async function pauseLatency(
     { consoleFd: fd },
   );
   delete process.env.TYPERVISOR_VCPU_THREADS;
+  delete process.env.TYPERVISOR_VCPU_HUB;
   let ended: string | undefined;
   void vm.vmm.exited.then((e) => (ended = JSON.stringify(e)));
   try {
@@ -216,11 +225,11 @@ export async function vcpusSuite(o: VcpusOptions): Promise<string> {
   return [
     `${new Date().toISOString()}, ${((Date.now() - started) / 1000).toFixed(0)} s, ${runs} interleaved round(s); KVM ${kvmKind}. Cells: median (min–max); lower is better unless ↑.`,
     '',
-    '| metric | worker (today) | native threads | hybrid | QEMU microvm |',
-    '|---|---|---|---|---|',
+    '| metric | worker | native (hub: main thread) | native (hub: a worker) | hybrid (hub: main thread) | QEMU microvm |',
+    '|---|---|---|---|---|---|',
     ...Object.entries(samples).map(
       ([metric, s]) =>
-        `| ${metric} | ${cell(stat(s.worker))} | ${cell(stat(s.native))} | ${cell(stat(s.hybrid))} | ${cell(stat(s.qemu))} |`,
+        `| ${metric} | ${cell(stat(s.worker))} | ${cell(stat(s.native))} | ${cell(stat(s['native-hubw']))} | ${cell(stat(s.hybrid))} | ${cell(stat(s.qemu))} |`,
     ),
     '',
     ...notes.map((n) => `- ${n}`),

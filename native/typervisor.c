@@ -1276,6 +1276,153 @@ static napi_value n_vcpu_runner_join(napi_env env, napi_callback_info info) {
   EXPORT("vcpuRunnerJoin", n_vcpu_runner_join),
 /* ---- end of vCPU runner threads ---- */
 
+/* ---- issue 18 (r10-mainhub): an fd watched on the calling thread's own event loop ----
+ * fdWatch(fd, callback): handle. libuv polls `fd` for readability (level-triggered) on the loop
+ * of the thread that called (the main thread's, or a worker's) and calls `callback(status)`
+ * there, each time, until fdUnwatch(handle); the callback drains the fd. A poll error is
+ * reported once (status < 0, a libuv error code) and the polling stops. Meant for an eventfd other
+ * threads write (the vCPU runners): they wake this thread's loop directly, with no libuv pool
+ * thread in between. No VMM logic: a poll handle and a call. The fd must stay open while it is
+ * watched (unwatch first, then close). */
+#include <uv.h>
+#define FW_MAX 256
+
+struct fdwatch {
+  uv_poll_t poll; /* first: the handle's memory is this struct's, freed by the close callback */
+  napi_env env;
+  napi_ref cb;
+  napi_async_context ctx;
+  int slot;
+};
+static struct fdwatch *fw_table[FW_MAX];
+static uint32_t fw_gens[FW_MAX];
+static pthread_mutex_t fw_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static void fw_on_poll(uv_poll_t *p, int status, int events) {
+  (void)events;
+  struct fdwatch *w = p->data;
+  napi_env env = w->env;
+  /* An error (status < 0) would be reported again at once: stop polling, say it once. */
+  if (status < 0) uv_poll_stop(p);
+  napi_handle_scope scope;
+  if (napi_open_handle_scope(env, &scope) != napi_ok) return;
+  napi_value cb, recv, arg, result;
+  if (napi_get_reference_value(env, w->cb, &cb) == napi_ok && cb != NULL &&
+      napi_get_global(env, &recv) == napi_ok && napi_create_int32(env, status, &arg) == napi_ok) {
+    napi_status s = napi_make_callback(env, w->ctx, recv, cb, 1, &arg, &result);
+    bool pending = false;
+    if (s != napi_ok && napi_is_exception_pending(env, &pending) == napi_ok && pending) {
+      napi_value e;
+      if (napi_get_and_clear_last_exception(env, &e) == napi_ok) napi_fatal_exception(env, e);
+    }
+  }
+  napi_close_handle_scope(env, scope);
+}
+
+static void fw_closed(uv_handle_t *h) { free(h); /* the fdwatch (poll is its first member) */ }
+
+/* Stops and closes a watch taken out of the table (its thread, its env). */
+static void fw_end(struct fdwatch *w) {
+  uv_poll_stop(&w->poll);
+  napi_delete_reference(w->env, w->cb);
+  napi_async_destroy(w->env, w->ctx);
+  uv_close((uv_handle_t *)&w->poll, fw_closed);
+}
+
+static void fw_env_cleanup(void *arg) {
+  struct fdwatch *w = arg;
+  pthread_mutex_lock(&fw_lock);
+  int mine = fw_table[w->slot] == w;
+  if (mine) fw_table[w->slot] = NULL;
+  pthread_mutex_unlock(&fw_lock);
+  if (mine) fw_end(w);
+}
+
+static napi_value n_fd_watch(napi_env env, napi_callback_info info) {
+  napi_value a[2];
+  if (!get_args(env, info, 2, a)) return NULL;
+  int fd = (int)arg_i64(env, a[0]);
+  napi_valuetype t;
+  napi_typeof(env, a[1], &t);
+  if (t != napi_function) {
+    napi_throw_type_error(env, NULL, "fdWatch: the callback must be a function");
+    return NULL;
+  }
+  if (fd < 0 || fcntl(fd, F_GETFD) < 0) return throw_errno(env, "fdWatch(fd)", EBADF);
+  uv_loop_t *loop;
+  CHECK(napi_get_uv_event_loop(env, &loop));
+  struct fdwatch *w = calloc(1, sizeof *w);
+  if (!w) return throw_errno(env, "fdWatch", ENOMEM);
+  w->env = env;
+  int e = uv_poll_init(loop, &w->poll, fd);
+  if (e != 0) {
+    free(w);
+    return throw_errno(env, "fdWatch (uv_poll_init)", -e);
+  }
+  w->poll.data = w;
+  napi_value name;
+  if (napi_create_string_utf8(env, "typervisor.fdWatch", NAPI_AUTO_LENGTH, &name) != napi_ok ||
+      napi_async_init(env, NULL, name, &w->ctx) != napi_ok) {
+    uv_close((uv_handle_t *)&w->poll, fw_closed);
+    napi_throw_error(env, NULL, "fdWatch: napi_async_init failed");
+    return NULL;
+  }
+  if (napi_create_reference(env, a[1], 1, &w->cb) != napi_ok) {
+    napi_async_destroy(env, w->ctx);
+    uv_close((uv_handle_t *)&w->poll, fw_closed);
+    napi_throw_error(env, NULL, "fdWatch: napi_create_reference failed");
+    return NULL;
+  }
+  pthread_mutex_lock(&fw_lock);
+  int slot = -1;
+  for (int i = 0; i < FW_MAX; i++)
+    if (!fw_table[i]) { slot = i; break; }
+  if (slot >= 0) {
+    fw_table[slot] = w;
+    w->slot = slot;
+    fw_gens[slot] = (fw_gens[slot] + 1) & 0xfffff;
+  }
+  uint32_t gen = slot >= 0 ? fw_gens[slot] : 0;
+  pthread_mutex_unlock(&fw_lock);
+  if (slot < 0) {
+    napi_delete_reference(env, w->cb);
+    napi_async_destroy(env, w->ctx);
+    uv_close((uv_handle_t *)&w->poll, fw_closed);
+    return throw_errno(env, "fdWatch (256 watches at most)", EAGAIN);
+  }
+  e = uv_poll_start(&w->poll, UV_READABLE, fw_on_poll);
+  if (e != 0) {
+    pthread_mutex_lock(&fw_lock);
+    fw_table[slot] = NULL;
+    pthread_mutex_unlock(&fw_lock);
+    fw_end(w);
+    return throw_errno(env, "fdWatch (uv_poll_start)", -e);
+  }
+  napi_add_env_cleanup_hook(env, fw_env_cleanup, w);
+  return num(env, ((int64_t)gen << 8) | slot);
+}
+
+/* fdUnwatch(handle): stops the watch (from the thread that made it); a stale handle is ignored */
+static napi_value n_fd_unwatch(napi_env env, napi_callback_info info) {
+  napi_value a[1];
+  if (!get_args(env, info, 1, a)) return NULL;
+  int64_t h = arg_i64(env, a[0]);
+  if (h < 0) return NULL;
+  int slot = (int)(h & (FW_MAX - 1));
+  pthread_mutex_lock(&fw_lock);
+  struct fdwatch *w = fw_table[slot];
+  int mine = w && (int64_t)fw_gens[slot] == (h >> 8) && w->env == env;
+  if (mine) fw_table[slot] = NULL;
+  pthread_mutex_unlock(&fw_lock);
+  if (!mine) return NULL;
+  napi_remove_env_cleanup_hook(env, fw_env_cleanup, w);
+  fw_end(w);
+  return NULL;
+}
+
+#define FD_WATCH_EXPORTS EXPORT("fdWatch", n_fd_watch), EXPORT("fdUnwatch", n_fd_unwatch),
+/* ---- end of fd watch ---- */
+
 /* ---- io_uring (helper U, issue 17 part B): the three syscalls, nothing else ----
  * The rings are mapped with mmap() above (IORING_OFF_SQ_RING / _CQ_RING / _SQES as the offset);
  * every ring index, SQE and CQE is read and written in TypeScript (src/devices/virtio/block/
@@ -1369,6 +1516,7 @@ NAPI_MODULE_INIT() {
     VCPU_RUNNER_EXPORTS
     IO_URING_EXPORTS
     MALLOC_TRIM_EXPORTS
+    FD_WATCH_EXPORTS
   };
   if (napi_define_properties(env, exports, sizeof props / sizeof props[0], props) != napi_ok) return NULL;
   return exports;

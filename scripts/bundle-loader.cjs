@@ -290,6 +290,15 @@ function startVcpuWorkerEarly(args) {
   for (const a of args)
     if (a === '--help' || a === '-h' || a === '--no-seccomp' || a.startsWith('--seccomp-filter'))
       return;
+  // Native vCPU threads served by the main thread start no worker at all (src/vmm/vcpu-mode.ts).
+  const i = args.findIndex((a) => a === '--vcpu-threads' || a.startsWith('--vcpu-threads='));
+  const threads =
+    i < 0
+      ? process.env.TYPERVISOR_VCPU_THREADS
+      : args[i].includes('=')
+        ? args[i].split('=')[1]
+        : args[i + 1];
+  if (threads === 'native' && (process.env.TYPERVISOR_VCPU_HUB || 'main') === 'main') return;
   const { Worker } = require('node:worker_threads');
   const w = new Worker(path.join(DIR, 'vcpu-worker.cjs'), { stdout: false, stderr: false });
   w.unref(); // unused, it must not keep the process alive

@@ -60,7 +60,8 @@ export const RUN_USAGE = `usage: typervisor run [options]
   --no-seccomp      run without the seccomp filters (on by default; docs/security.md)
   --seccomp-filter FILE  per-role allow-lists from this JSON instead of the defaults
   --vcpu-threads M  worker: a Node worker per vCPU; native: a native thread per vCPU, all served
-                    by one worker; hybrid: vCPU 0 on a worker, the others native; auto
+                    by the main thread (TYPERVISOR_VCPU_HUB=worker: by one worker of their own);
+                    hybrid: vCPU 0 on a worker, the others native; auto
                     (default): hybrid from ${NATIVE_FROM_VCPUS} vCPUs, else worker (docs/architecture.md)
 Restoring a snapshot instead of booting (the VM's shape comes from the snapshot, so --kernel,
 --initrd, --cmdline, --vcpus, --memory, --drive, --rootfs, --rng, --net and --vsock do not apply):

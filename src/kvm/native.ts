@@ -173,6 +173,17 @@ export interface NativeShim {
    * every arena with madvise(MADV_DONTNEED). 1 when memory went back to the system, else 0.
    */
   mallocTrim(): number;
+  // Issue 18 (native block "fd watch"): the vCPU hub on the main thread (vcpu-threads.ts).
+  /**
+   * Watches `fd` for readability on this thread's own event loop (level-triggered) and calls
+   * `callback` there each time until fdUnwatch: the callback must drain the fd. Other threads
+   * writing an eventfd wake this thread directly (no libuv pool thread in between). The fd must
+   * stay open while watched. Returns a handle; the watch keeps the loop alive. A poll error
+   * is reported once (`status` < 0, a libuv error code) and the watch stops polling.
+   */
+  fdWatch(fd: number, callback: (status: number) => void): number;
+  /** Stops a watch (from the thread that made it); a stale handle is ignored. */
+  fdUnwatch(handle: number): void;
 }
 
 /** A failed syscall, with its errno name in `code` (EINTR, EAGAIN, ...). */

@@ -1,6 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { chooseVcpuThreads, NATIVE_FROM_VCPUS, workersFor } from './vcpu-mode.js';
+import { chooseHubPlace, chooseVcpuThreads, NATIVE_FROM_VCPUS, workersFor } from './vcpu-mode.js';
 
 test('vCPU threads: an explicit setting wins, auto picks by vCPU count, a bad one names itself', () => {
   for (const n of [1, NATIVE_FROM_VCPUS, 64]) {
@@ -20,17 +20,27 @@ test('vCPU threads: an explicit setting wins, auto picks by vCPU count, a bad on
   );
 });
 
-test('workers started per mode: one per vCPU, one hub, or vCPU 0 and a hub', () => {
-  assert.deepEqual(
+test('workers started per mode: one per vCPU; with the hub on the main thread none for native and vCPU 0 for hybrid; a hub worker adds one', () => {
+  const table = (hub: 'main' | 'worker') =>
     [1, 2, 64].map((n) => [
-      workersFor('worker', n),
-      workersFor('native', n),
-      workersFor('hybrid', n),
-    ]),
-    [
-      [1, 1, 1],
-      [2, 1, 2],
-      [64, 1, 2],
-    ],
-  );
+      workersFor('worker', n, hub),
+      workersFor('native', n, hub),
+      workersFor('hybrid', n, hub),
+    ]);
+  assert.deepEqual(table('main'), [
+    [1, 0, 1],
+    [2, 0, 1],
+    [64, 0, 1],
+  ]);
+  assert.deepEqual(table('worker'), [
+    [1, 1, 1],
+    [2, 1, 2],
+    [64, 1, 2],
+  ]);
+});
+
+test("the hub's place: main by default, worker when asked, a bad setting names itself", () => {
+  for (const s of [undefined, '', 'main']) assert.equal(chooseHubPlace(s), 'main');
+  assert.equal(chooseHubPlace('worker'), 'worker');
+  assert.throws(() => chooseHubPlace('thread'), /'thread' is not one of main, worker/);
 });

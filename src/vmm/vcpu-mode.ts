@@ -17,11 +17,26 @@ export type VcpuThreads = 'worker' | 'native' | 'hybrid';
  */
 export const NATIVE_FROM_VCPUS = 3;
 
+/**
+ * Where the hub that serves native runner threads runs: on the main thread, driven by its event
+ * loop (the default: no isolate of its own), or on a worker of its own that sleeps in
+ * read(eventfd) between exits ('worker', the earlier design, kept for comparison:
+ * TYPERVISOR_VCPU_HUB=worker). docs/architecture.md "vCPU threads".
+ */
+export type HubPlace = 'main' | 'worker';
+
+export function chooseHubPlace(setting: string | undefined): HubPlace {
+  if (setting === undefined || setting === '' || setting === 'main') return 'main';
+  if (setting === 'worker') return 'worker';
+  throw new Error(`vCPU hub: '${setting}' is not one of main, worker (TYPERVISOR_VCPU_HUB)`);
+}
+
 /** How many Node workers a mode starts for `vcpus` vCPUs (the prewarm). */
-export function workersFor(mode: VcpuThreads, vcpus: number): number {
+export function workersFor(mode: VcpuThreads, vcpus: number, hub: HubPlace = 'main'): number {
   if (mode === 'worker') return vcpus;
-  if (mode === 'native') return 1;
-  return vcpus > 1 ? 2 : 1;
+  const hubWorker = hub === 'worker' ? 1 : 0;
+  if (mode === 'native') return hubWorker;
+  return vcpus > 1 ? 1 + hubWorker : 1;
 }
 
 /**

@@ -7,7 +7,13 @@ import { Worker } from 'node:worker_threads';
 import { newWorker } from '../util/worker-argv.js';
 import { DEVICE_WORKER_ROLE } from './device-worker-protocol.js';
 import { takeEarlyVcpuWorkers, workerEntry } from '../util/bundle.js';
-import { chooseVcpuThreads, workersFor, type VcpuThreads } from './vcpu-mode.js';
+import {
+  chooseHubPlace,
+  chooseVcpuThreads,
+  workersFor,
+  type HubPlace,
+  type VcpuThreads,
+} from './vcpu-mode.js';
 import type { VcpuWorkerSource } from './vmm.js';
 /** The messages of an idle warm worker's garbage collection (the library's VmHost). */
 export type { VcpuWorkerCollect, VcpuWorkerMessage } from './vcpu-worker.js';
@@ -76,17 +82,19 @@ export function spawnVcpuWorker(): Worker {
 
 /**
  * Starts up to `n` workers now (unused ones are ended by takeVcpuWorkers); for a VM whose vCPUs
- * will run on native runner threads (vcpu-mode.ts), one for the hub that serves them (and one
- * for vCPU 0 in hybrid mode).
+ * will run on native runner threads (vcpu-mode.ts), one for vCPU 0 in hybrid mode, and one for
+ * the hub that serves them when it is not on the main thread (TYPERVISOR_VCPU_HUB=worker).
  */
 export function prewarmVcpuWorkers(n: number): void {
   let mode: VcpuThreads = 'worker';
+  let hub: HubPlace = 'main';
   try {
     mode = chooseVcpuThreads(n, process.env.TYPERVISOR_VCPU_THREADS);
+    hub = chooseHubPlace(process.env.TYPERVISOR_VCPU_HUB);
   } catch {
     // a bad setting is reported when the VM starts
   }
-  n = workersFor(mode, n);
+  n = workersFor(mode, n, hub);
   while (pool.length < n) {
     const w = track(spawnVcpuWorker());
     w.unref(); // an unused prewarmed worker must not keep the process alive

@@ -81,55 +81,58 @@ interface HubVcpu {
   done: boolean;
 }
 
+type SaveHandlersFor = (
+  id: number,
+  vcpu: Vcpu,
+  kvm: Kvm,
+  post: (m: VcpuWorkerMessage, transfer: ArrayBuffer[]) => void,
+) => ParkedRequestHandlers;
+
+type AttachVirtio = (typeof import('./virtio-transport.js'))['attachVirtioTransports'];
+
 /**
- * Runs the hub until the VM ends or is stopped, then joins every runner and posts 'exit'.
- * `saveHandlers` is the vCPU worker's (save and reply for one vCPU).
+ * The hub's state and its steps, driven either by a worker that blocks in read(eventfd) between
+ * passes (runHub) or by the main thread's event loop (startHubOnThisThread: the eventfd watched
+ * with fdWatch, one pass per wake-up). Each step is synchronous and never blocks.
  */
-export async function runHub(
-  d: VcpuHubData,
-  post: (m: VcpuWorkerMessage, transfer?: ArrayBuffer[]) => void,
-  saveHandlers: (
-    id: number,
-    vcpu: Vcpu,
-    kvm: Kvm,
-    post: (m: VcpuWorkerMessage, transfer: ArrayBuffer[]) => void,
-  ) => ParkedRequestHandlers,
-): Promise<void> {
-  const n = native();
-  const mappings: Array<() => void> = [];
-  const vs: HubVcpu[] = [];
-  const words = new Int32Array(new SharedArrayBuffer(Math.max(1, d.vcpus.length) * WORDS * 4));
-  let event: VmExitEvent | undefined;
-  /** Blocks in read(eventfd) until a runner or the main thread rings (a signal: look again). */
-  const sleep = () => {
-    try {
-      n.eventfdRead(d.eventFd);
-    } catch (e) {
-      if (!isSyscallError(e, 'EINTR')) throw e;
-    }
-  };
-  const fail = (e: VmExitEvent) => {
-    if (!event) post({ type: 'event', event: e } satisfies VcpuHubMessage);
-    event ??= e;
-  };
-  try {
+export class VcpuHub {
+  private readonly n = native();
+  private readonly vs: HubVcpu[] = [];
+  private readonly words: Int32Array;
+  private readonly mappings: Array<() => void> = [];
+  private readonly control: VcpuControl;
+  private event: VmExitEvent | undefined;
+  private current: VcpuLoop | undefined;
+  private first = true;
+  private finished = false;
+
+  constructor(
+    private readonly d: VcpuHubData,
+    private readonly post: (m: VcpuWorkerMessage, transfer?: ArrayBuffer[]) => void,
+    private readonly saveHandlers: SaveHandlersFor,
+  ) {
+    this.words = new Int32Array(new SharedArrayBuffer(Math.max(1, d.vcpus.length) * WORDS * 4));
+    this.control = new VcpuControl(d.control);
+  }
+
+  /** Attaches the devices and starts one runner per vCPU, then posts their handles. */
+  start(attachVirtio: AttachVirtio | undefined): void {
+    const { d, n, control } = this;
     const kickSignal = n.installKickHandler();
-    const control = new VcpuControl(d.control);
     // No mapping of guest RAM: nothing on this thread reads it (as in the vCPU worker).
-    // Opened now: a save reads KVM's MSR list from /dev/kvm, and the filter allows no open.
+    // Opened now: a save reads KVM's MSR list from /dev/kvm, and a worker's filter allows no open.
     const kvm = Kvm.open();
-    mappings.push(() => kvm.close());
-    let current: VcpuLoop | undefined;
+    this.mappings.push(() => kvm.close());
     const devices = attachLegacyDevices(d.legacy, {
-      onPowerOff: () => current && (current.pendingEvent ??= { kind: 'poweroff' }),
-      onReset: () => current && (current.pendingEvent ??= { kind: 'reset' }),
+      onPowerOff: () => this.current && (this.current.pendingEvent ??= { kind: 'poweroff' }),
+      onReset: () => this.current && (this.current.pendingEvent ??= { kind: 'reset' }),
       onBootMarker: () =>
         control.markBoot(performance.timeOrigin + performance.now(), d.legacy.bootTimer),
-      log: (message) => post({ type: 'log', message }),
+      log: (message) => this.post({ type: 'log', message }),
     });
     if (d.virtio.slots.length > 0) {
-      const { attachVirtioTransports } = await import('./virtio-transport.js');
-      attachVirtioTransports(d.virtio.slots, d.virtio.controlFd, devices.mmio);
+      if (!attachVirtio) throw new Error('virtio transports to attach but no module for them');
+      attachVirtio(d.virtio.slots, d.virtio.controlFd, devices.mmio);
     }
     const handlers = {
       pio: devices.pio,
@@ -142,22 +145,22 @@ export async function runHub(
     const program = runnerProgram();
     d.vcpus.forEach(({ id, vcpuFd }, i) => {
       const vcpu = new Vcpu(vcpuFd, d.mmapSize);
-      mappings.push(() => n.munmap(vcpu.run.buffer as ArrayBuffer));
+      this.mappings.push(() => n.munmap(vcpu.run.buffer as ArrayBuffer));
       const base = i * WORDS;
       const handle = n.vcpuRunnerStart(
         vcpuFd,
-        words,
+        this.words,
         base,
         d.eventFd,
         kickSignal,
         `tv-vrun${id}`,
         program,
       );
-      vs.push({
+      this.vs.push({
         id,
         vcpu,
         loop: new VcpuLoop(id, vcpu, control, handlers),
-        requests: saveHandlers(id, vcpu, kvm, post),
+        requests: this.saveHandlers(id, vcpu, kvm, this.post),
         base,
         handle,
         inGuest: false,
@@ -166,122 +169,239 @@ export async function runHub(
         done: false,
       });
     });
-    post({ type: 'runners', handles: vs.map((v) => v.handle) } satisfies VcpuHubMessage);
-    // From here on this thread only serves exits: the vCPU role's filter (the runners made
-    // theirs, a smaller one, each on itself).
-    installWorkerFilter('vcpu', 'tv-vcpuhub');
+    this.post({ type: 'runners', handles: this.vs.map((v) => v.handle) } satisfies VcpuHubMessage);
+    for (const v of this.vs) control.setState(v.id, VcpuState.Running);
+  }
 
+  /** The first reason the VM ends is posted once (the main thread then stops the rest). */
+  fail(e: VmExitEvent): void {
+    if (!this.event) this.post({ type: 'event', event: e } satisfies VcpuHubMessage);
+    this.event ??= e;
+  }
+
+  /**
+   * One pass over every vCPU: serves the exits its runners reported, and says RUN, parks or
+   * saves as the command says. False once there is nothing left to serve (Stop, or no vCPU
+   * left running).
+   */
+  serve(): boolean {
+    const { control, words, n } = this;
+    const cmd = control.command;
+    if (cmd === Command.Stop) return false;
     const go = (v: HubVcpu) => {
       v.inGuest = true;
       n.vcpuRunnerGo(v.handle);
     };
-    let first = true;
-    for (const v of vs) control.setState(v.id, VcpuState.Running);
-    for (;;) {
-      const cmd = control.command;
-      if (cmd === Command.Stop) break;
-      let live = 0;
-      for (const v of vs) {
-        if (v.done) continue;
-        if (v.inGuest) {
-          const s = Atomics.load(words, v.base);
-          if (s === RunnerWord.Run) {
-            live++;
-            continue;
-          }
-          v.inGuest = false;
-          if (s !== RunnerWord.Exited) {
-            v.done = true;
-            control.setState(v.id, VcpuState.Exited);
-            fail({ kind: 'fatal', message: `vCPU ${v.id}: its runner thread ended` });
-            continue;
-          }
-          const err = Atomics.load(words, v.base + 1);
-          if (err === 0) {
-            control.countExit(v.id);
-            current = v.loop;
-            const ev = v.loop.handleExit();
-            current = undefined;
-            if (ev) {
-              v.done = true;
-              control.setState(v.id, VcpuState.Exited);
-              fail(ev);
-              continue;
-            }
-            // A real exit in the pause's last pass: complete it with one more pass.
-            if (v.parking && cmd === Command.Pause) {
-              live++;
-              go(v);
-              continue;
-            }
-          } else if (err === EINTR || err === EAGAIN) {
-            if (cmd === Command.Run && !v.parked) v.vcpu.immediateExit = false;
-          } else {
-            v.done = true;
-            control.setState(v.id, VcpuState.Exited);
-            fail({ kind: 'fatal', message: `vCPU ${v.id}: KVM_RUN failed (errno ${err})` });
-            continue;
-          }
-          if (v.parking) {
-            v.parking = false;
-            try {
-              v.vcpu.kvmclockCtrl();
-            } catch {
-              // an unexpected refusal must not stop the pause
-            }
-            v.parked = true;
-            control.setState(v.id, VcpuState.Paused);
-          }
+    let live = 0;
+    for (const v of this.vs) {
+      if (v.done) continue;
+      if (v.inGuest) {
+        const s = Atomics.load(words, v.base);
+        if (s === RunnerWord.Run) {
+          live++;
+          continue;
         }
-        live++;
-        // The hub owns the vCPU here: decide its next step.
-        if (cmd === Command.Run) {
-          if (v.parked) {
-            v.parked = false;
-            const late = control.takeRequest(v.id);
-            if (late !== VcpuRequest.None) v.requests.dropped(late);
-            v.vcpu.immediateExit = false;
-            control.setState(v.id, VcpuState.Running);
+        v.inGuest = false;
+        if (s !== RunnerWord.Exited) {
+          v.done = true;
+          control.setState(v.id, VcpuState.Exited);
+          this.fail({ kind: 'fatal', message: `vCPU ${v.id}: its runner thread ended` });
+          continue;
+        }
+        const err = Atomics.load(words, v.base + 1);
+        if (err === 0) {
+          control.countExit(v.id);
+          this.current = v.loop;
+          const ev = v.loop.handleExit();
+          this.current = undefined;
+          if (ev) {
+            v.done = true;
+            control.setState(v.id, VcpuState.Exited);
+            this.fail(ev);
+            continue;
           }
-          if (first && v.id === 0) {
-            first = false;
-            control.markFirstEntry(performance.timeOrigin + performance.now());
-          }
-          go(v);
-        } else if (cmd === Command.Pause) {
-          if (!v.parked) {
-            v.parking = true;
-            v.vcpu.immediateExit = true;
+          // A real exit in the pause's last pass: complete it with one more pass.
+          if (v.parking && cmd === Command.Pause) {
+            live++;
             go(v);
-          } else if (control.takeRequest(v.id) === VcpuRequest.Save) {
-            v.requests.save();
+            continue;
           }
+        } else if (err === EINTR || err === EAGAIN) {
+          if (cmd === Command.Run && !v.parked) v.vcpu.immediateExit = false;
+        } else {
+          v.done = true;
+          control.setState(v.id, VcpuState.Exited);
+          this.fail({ kind: 'fatal', message: `vCPU ${v.id}: KVM_RUN failed (errno ${err})` });
+          continue;
+        }
+        if (v.parking) {
+          v.parking = false;
+          try {
+            v.vcpu.kvmclockCtrl();
+          } catch {
+            // an unexpected refusal must not stop the pause
+          }
+          v.parked = true;
+          control.setState(v.id, VcpuState.Paused);
         }
       }
-      if (live === 0) break;
-      sleep(); // until a runner or the main thread rings
+      live++;
+      // The hub owns the vCPU here: decide its next step.
+      if (cmd === Command.Run) {
+        if (v.parked) {
+          v.parked = false;
+          const late = control.takeRequest(v.id);
+          if (late !== VcpuRequest.None) v.requests.dropped(late);
+          v.vcpu.immediateExit = false;
+          control.setState(v.id, VcpuState.Running);
+        }
+        if (this.first && v.id === 0) {
+          this.first = false;
+          control.markFirstEntry(performance.timeOrigin + performance.now());
+        }
+        go(v);
+      } else if (cmd === Command.Pause) {
+        if (!v.parked) {
+          v.parking = true;
+          v.vcpu.immediateExit = true;
+          go(v);
+        } else if (control.takeRequest(v.id) === VcpuRequest.Save) {
+          v.requests.save();
+        }
+      }
     }
-  } catch (e) {
-    fail({ kind: 'fatal', message: `vCPU hub: ${(e as Error).message}` });
-  } finally {
-    // Every runner ends before its words and mappings go: ask, then wait (the main thread kicks
-    // the ones still in KVM_RUN: it got the Stop or the 'event'), then join.
-    for (const v of vs) {
+    return live > 0;
+  }
+
+  /**
+   * Asks every runner to end. One inside KVM_RUN ends when it returns: the main thread kicks
+   * those (it got the Stop or the 'event').
+   */
+  quitAll(): void {
+    for (const v of this.vs) {
       try {
-        n.vcpuRunnerQuit(v.handle);
+        this.n.vcpuRunnerQuit(v.handle);
       } catch {
         // already gone
       }
     }
-    for (;;) {
-      const left = vs.filter((v) => Atomics.load(words, v.base) !== RunnerWord.Dead);
-      if (left.length === 0) break;
-      sleep();
-    }
-    for (const v of vs) n.vcpuRunnerJoin(v.handle);
-    const control = new VcpuControl(d.control);
-    for (const v of vs) control.setState(v.id, VcpuState.Exited);
-    for (const unmap of mappings) unmap();
   }
-  post({ type: 'exit', event: event ?? { kind: 'stopped' } });
+
+  /** Every runner has ended (its word says DEAD): finish() will not wait. */
+  allDead(): boolean {
+    return this.vs.every((v) => Atomics.load(this.words, v.base) === RunnerWord.Dead);
+  }
+
+  /** Once allDead(): joins every runner, releases the mappings and posts 'exit'. Once. */
+  finish(): void {
+    if (this.finished) return;
+    this.finished = true;
+    for (const v of this.vs) this.n.vcpuRunnerJoin(v.handle);
+    for (const v of this.vs) this.control.setState(v.id, VcpuState.Exited);
+    for (const unmap of this.mappings) unmap();
+    this.post({ type: 'exit', event: this.event ?? { kind: 'stopped' } });
+  }
+}
+
+/**
+ * A worker as the hub: runs it until the VM ends or is stopped, sleeping in read(eventfd)
+ * between passes, then joins every runner and posts 'exit'. `saveHandlers` is the vCPU
+ * worker's (save and reply for one vCPU).
+ */
+export async function runHub(
+  d: VcpuHubData,
+  post: (m: VcpuWorkerMessage, transfer?: ArrayBuffer[]) => void,
+  saveHandlers: SaveHandlersFor,
+): Promise<void> {
+  const n = native();
+  /** Blocks in read(eventfd) until a runner or the main thread rings (a signal: look again). */
+  const sleep = () => {
+    try {
+      n.eventfdRead(d.eventFd);
+    } catch (e) {
+      if (!isSyscallError(e, 'EINTR')) throw e;
+    }
+  };
+  const hub = new VcpuHub(d, post, saveHandlers);
+  try {
+    const attach =
+      d.virtio.slots.length > 0
+        ? (await import('./virtio-transport.js')).attachVirtioTransports
+        : undefined;
+    hub.start(attach);
+    // From here on this thread only serves exits: the vCPU role's filter (the runners made
+    // theirs, a smaller one, each on itself).
+    installWorkerFilter('vcpu', 'tv-vcpuhub');
+    while (hub.serve()) sleep(); // until a runner or the main thread rings
+  } catch (e) {
+    hub.fail({ kind: 'fatal', message: `vCPU hub: ${(e as Error).message}` });
+  } finally {
+    // Every runner ends before its words and mappings go: ask, then wait, then join.
+    hub.quitAll();
+    while (!hub.allDead()) sleep();
+  }
+  hub.finish();
+}
+
+/**
+ * The hub on the calling thread (the main thread: one isolate fewer than a hub worker), driven
+ * by its event loop: `eventFd` (non-blocking) is watched with fdWatch, and every wake-up, from a
+ * runner or from the main thread's own ring after a command, drains it and runs one pass. When
+ * the hub is done it asks the runners to end, and once all have, joins them, stops watching and
+ * posts 'exit'. Messages are delivered by calling `post` (nothing is copied). Returns a function
+ * that says whether every runner has ended (the eventfd may be closed only then).
+ */
+export function startHubOnThisThread(
+  d: VcpuHubData,
+  post: (m: VcpuWorkerMessage) => void,
+  saveHandlers: SaveHandlersFor,
+  attachVirtio: AttachVirtio | undefined,
+): { runnersEnded(): boolean } {
+  const n = native();
+  const hub = new VcpuHub(d, post, saveHandlers);
+  let phase: 'serving' | 'quitting' | 'done' = 'serving';
+  let watch = -1;
+  const quit = () => {
+    phase = 'quitting';
+    hub.quitAll();
+  };
+  const wake = (status = 0) => {
+    try {
+      n.eventfdRead(d.eventFd); // non-blocking: -1n when already drained
+    } catch {
+      // nothing to drain
+    }
+    if (status < 0 && phase !== 'done') {
+      // The watch stopped (a poll error, never seen): end the VM, and look for the runners'
+      // end on a timer instead.
+      hub.fail({ kind: 'fatal', message: `vCPU hub: polling its eventfd failed (${status})` });
+      if (phase === 'serving') quit();
+      const poll = () => (wake(), phase !== 'done' && setTimeout(poll, 10));
+      setTimeout(poll, 10);
+      return;
+    }
+    if (phase === 'serving') {
+      try {
+        if (!hub.serve()) quit();
+      } catch (e) {
+        hub.fail({ kind: 'fatal', message: `vCPU hub: ${(e as Error).message}` });
+        quit();
+      }
+    }
+    if (phase === 'quitting' && hub.allDead()) {
+      phase = 'done';
+      if (watch >= 0) n.fdUnwatch(watch);
+      watch = -1;
+      hub.finish();
+    }
+  };
+  watch = n.fdWatch(d.eventFd, wake);
+  try {
+    hub.start(attachVirtio);
+  } catch (e) {
+    hub.fail({ kind: 'fatal', message: `vCPU hub: ${(e as Error).message}` });
+    quit();
+  }
+  wake(); // the first pass: every vCPU told to run (or to park, for a VM started paused)
+  return { runnersEnded: () => phase === 'done' || hub.allDead() };
 }

@@ -10,8 +10,8 @@ import { installWorkerFilter } from '../sandbox/seccomp/install.js';
 import type { GuestRamLayout } from './guest-ram.js';
 import { attachLegacyDevices, type LegacyDeviceState } from './legacy-devices.js';
 import { VcpuControl } from './vcpu-control.js';
-import { VcpuLoop, type ParkedRequestHandlers, type VmExitEvent } from './vcpu-loop.js';
-import { saveVcpu, vcpuSaveConfig, VcpuStateV1, type VcpuSaveConfig } from './vcpu-state.js';
+import { VcpuLoop, type VmExitEvent } from './vcpu-loop.js';
+import { saveHandlers } from './vcpu-save.js';
 import type { TransportSlot } from './virtio-transport.js';
 import type { VcpuHubMessage, VcpuHubStart } from './vcpu-threads.js';
 
@@ -135,36 +135,6 @@ async function main(d: VcpuWorkerData, reuse = false): Promise<void> {
     for (const unmap of mappings) unmap();
   }
   post({ type: 'exit', event });
-}
-
-/**
- * Save requests, served in the parked loop of this thread (the thread that runs the vCPU): the
- * state is read with the vCPU outside KVM_RUN, encoded, and its buffer transferred to the main
- * thread. What to save (KVM's MSR list, the XSAVE size) comes from /dev/kvm (opened at start-up,
- * before the filter), read on first use.
- */
-export function saveHandlers(
-  id: number,
-  vcpu: Vcpu,
-  kvm: Kvm,
-  post: (m: VcpuWorkerMessage, transfer: ArrayBuffer[]) => void,
-  extraMsrs: readonly number[] = [],
-): ParkedRequestHandlers {
-  let config: VcpuSaveConfig | undefined;
-  return {
-    save() {
-      try {
-        config ??= vcpuSaveConfig(kvm, extraMsrs);
-        const state = VcpuStateV1.encode(saveVcpu(vcpu, config.msrIndices, config));
-        post({ type: 'saved', id, state }, [state.buffer as ArrayBuffer]);
-      } catch (e) {
-        post({ type: 'save-failed', id, message: (e as Error).message }, []);
-      }
-    },
-    dropped() {
-      post({ type: 'save-failed', id, message: 'the pause ended before the save' }, []);
-    },
-  };
 }
 
 // A worker runs one vCPU ('start'), or serves the native runner threads of many ('start-hub',

@@ -13,15 +13,16 @@
  *  - teardown: each step gets TEARDOWN_STEP_TIMEOUT_MS.
  */
 import type { Worker } from 'node:worker_threads';
-import { native, MAP_SHARED, PROT_READ, PROT_WRITE } from '../kvm/native.js';
+import { EFD_NONBLOCK, native, MAP_SHARED, PROT_READ, PROT_WRITE } from '../kvm/native.js';
 import { RUN } from '../kvm/structs.js';
 import { log } from '../util/log.js';
 import type { VmExitEvent } from './vcpu-loop.js';
 import { Command, VcpuControl, VcpuRequest, VcpuState } from './vcpu-control.js';
 import type { VcpuWorkerData, VcpuWorkerMessage, VcpuWorkerStart } from './vcpu-worker.js';
 import { takeVcpuWorkers } from './vcpu-pool.js';
-import { chooseVcpuThreads, type VcpuThreads } from './vcpu-mode.js';
-import type { VcpuHubStart } from './vcpu-threads.js';
+import { chooseHubPlace, chooseVcpuThreads, type HubPlace, type VcpuThreads } from './vcpu-mode.js';
+import { saveHandlers } from './vcpu-save.js';
+import { startHubOnThisThread, type VcpuHubData, type VcpuHubStart } from './vcpu-threads.js';
 import type { DeviceWorkerHandle } from './device-worker-handle.js';
 
 /** What pauseAll and resumeAll need of the device worker. */
@@ -38,7 +39,8 @@ type SaveReply = Extract<VcpuWorkerMessage, { type: 'saved' | 'save-failed' }>;
 
 interface VcpuHandle {
   id: number;
-  worker: Worker;
+  /** Its worker; none for a runner whose hub is the main thread. */
+  worker?: Worker;
   thread?: bigint;
   /** Native mode: the runner thread's handle (vcpuRunnerKick), once the hub sent it. */
   runner?: number;
@@ -99,15 +101,23 @@ export class Vmm {
    * immediate_exit set), and the VM is 'paused' until resume().
    *
    * `vcpuThreads` (default: TYPERVISOR_VCPU_THREADS, else by vCPU count, see vcpu-mode.ts):
-   * 'native' runs each vCPU on a runner thread of the native shim, all served by one worker.
+   * 'native' runs each vCPU on a runner thread of the native shim, all served by one hub: the
+   * main thread (`vcpuHub` 'main', the default) or a worker of its own ('worker'); default
+   * TYPERVISOR_VCPU_HUB, see vcpu-mode.ts.
    */
   start(
     vcpuFds: number[],
     data: (id: number) => Omit<VcpuWorkerData, 'control'>,
-    opts: { paused?: boolean; vcpuThreads?: VcpuThreads; workers?: VcpuWorkerSource } = {},
+    opts: {
+      paused?: boolean;
+      vcpuThreads?: VcpuThreads;
+      vcpuHub?: HubPlace;
+      workers?: VcpuWorkerSource;
+    } = {},
   ): void {
     this.mode =
       opts.vcpuThreads ?? chooseVcpuThreads(vcpuFds.length, process.env.TYPERVISOR_VCPU_THREADS);
+    const hub = opts.vcpuHub ?? chooseHubPlace(process.env.TYPERVISOR_VCPU_HUB);
     if (opts.paused) {
       this.control.setCommand(Command.Pause);
       this.state = 'paused';
@@ -121,7 +131,8 @@ export class Vmm {
     const onRunners = ids.slice(onWorkers.length);
     const source = this.mode === 'worker' ? opts.workers : undefined;
     if (source) return this.startReused(source, vcpuFds, data);
-    const workers = takeVcpuWorkers(onWorkers.length + (onRunners.length > 0 ? 1 : 0));
+    const hubWorker = onRunners.length > 0 && hub === 'worker';
+    const workers = takeVcpuWorkers(onWorkers.length + (hubWorker ? 1 : 0));
     onWorkers.forEach((id) => {
       const fd = vcpuFds[id]!;
       const runBuffer = n.mmap(this.vcpuMmapSize, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
@@ -153,7 +164,8 @@ export class Vmm {
       );
       this.vcpus.push(h);
     });
-    if (onRunners.length > 0) this.startNative(onRunners, vcpuFds, data, workers.at(-1)!);
+    if (hubWorker) this.startNative(onRunners, vcpuFds, data, workers.at(-1)!);
+    else if (onRunners.length > 0) this.startNativeHere(onRunners, vcpuFds, data);
   }
 
   /**
@@ -211,6 +223,97 @@ export class Vmm {
     });
   }
 
+  /** The hub's data: the runners' vCPUs and what vCPU `ids[0]`'s worker would get. */
+  private hubData(
+    ids: number[],
+    vcpuFds: number[],
+    data: (id: number) => Omit<VcpuWorkerData, 'control'>,
+    eventFd: number,
+  ): VcpuHubData {
+    const d0 = data(ids[0]!);
+    return {
+      vcpus: ids.map((id) => ({ id, vcpuFd: vcpuFds[id]! })),
+      mmapSize: d0.mmapSize,
+      ram: d0.ram,
+      control: this.control.sab,
+      legacy: d0.legacy,
+      virtio: d0.virtio,
+      eventFd,
+      ...(d0.extraMsrs ? { extraMsrs: d0.extraMsrs } : {}),
+    };
+  }
+
+  /** The main thread's own mapping of each runner's kvm_run (immediate_exit), as handles. */
+  private runnerHandles(ids: number[], vcpuFds: number[], worker?: Worker): VcpuHandle[] {
+    const n = native();
+    return ids.map((id) => {
+      const fd = vcpuFds[id]!;
+      const runBuffer = n.mmap(this.vcpuMmapSize, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+      const h: VcpuHandle = { id, run: new DataView(runBuffer), runBuffer, exited: false };
+      if (worker) h.worker = worker;
+      this.vcpus.push(h);
+      return h;
+    });
+  }
+
+  /**
+   * Native runner threads served by the main thread itself (vcpu-threads.ts
+   * startHubOnThisThread): no isolate for the hub. Its eventfd is watched on this thread's event
+   * loop; every exit is one wake-up of this loop. The virtio register windows' module is loaded
+   * first when there are virtio devices.
+   */
+  private startNativeHere(
+    ids: number[],
+    vcpuFds: number[],
+    data: (id: number) => Omit<VcpuWorkerData, 'control'>,
+  ): void {
+    const n = native();
+    const efd = n.eventfd(0, EFD_NONBLOCK);
+    this.hubEventFd = efd;
+    let runnersEnded = () => true;
+    this.cleanups.unshift(() => {
+      this.hubEventFd = -1;
+      // A runner that never ended (given up on at stop) may still write it: never reuse the number.
+      if (runnersEnded()) n.close(efd);
+      else log('warn', 'vCPU hub: a runner thread did not end; its eventfd stays open');
+    });
+    const d = this.hubData(ids, vcpuFds, data, efd);
+    const hs = this.runnerHandles(ids, vcpuFds);
+    const gone = (e: VmExitEvent) => {
+      for (const h of hs) this.onWorkerGone(h, e);
+    };
+    const onMessage = (m: VcpuWorkerMessage) => {
+      if (m.type === 'runners') m.handles.forEach((r, i) => hs[i] && (hs[i].runner = r));
+      else if (m.type === 'event') this.onVcpuEvent(m.event);
+      else if (m.type === 'exit') {
+        for (const h of hs) h.reported = true;
+        this.onVcpuEvent(m.event);
+        gone({ kind: 'stopped' });
+      } else this.onMessage(hs[0]!, m);
+    };
+    const start = (attach?: Parameters<typeof startHubOnThisThread>[3]) => {
+      if (this.stopping) {
+        // Stopped while the module loaded: no runner is started.
+        for (const h of hs) h.reported = true;
+        return gone({ kind: 'stopped' });
+      }
+      runnersEnded = startHubOnThisThread(
+        d,
+        onMessage,
+        (id, vcpu, kvm, post) => saveHandlers(id, vcpu, kvm, post, d.extraMsrs),
+        attach,
+      ).runnersEnded;
+    };
+    if (d.virtio.slots.length === 0) return start();
+    import('./virtio-transport.js').then(
+      (m) => start(m.attachVirtioTransports),
+      (e: Error) => {
+        this.onVcpuEvent({ kind: 'fatal', message: `vCPU hub: ${e.message}` });
+        gone({ kind: 'fatal', message: `vCPU hub: ${e.message}` });
+      },
+    );
+  }
+
   /** One worker (the hub, vcpu-threads.ts) serving a native runner thread per vCPU. */
   private startNative(
     ids: number[],
@@ -225,28 +328,9 @@ export class Vmm {
       this.hubEventFd = -1;
       n.close(efd);
     });
-    const d0 = data(ids[0]!);
-    const start: VcpuHubStart = {
-      type: 'start-hub',
-      data: {
-        vcpus: ids.map((id) => ({ id, vcpuFd: vcpuFds[id]! })),
-        mmapSize: d0.mmapSize,
-        ram: d0.ram,
-        control: this.control.sab,
-        legacy: d0.legacy,
-        virtio: d0.virtio,
-        eventFd: efd,
-        ...(d0.extraMsrs ? { extraMsrs: d0.extraMsrs } : {}),
-      },
-    };
+    const start: VcpuHubStart = { type: 'start-hub', data: this.hubData(ids, vcpuFds, data, efd) };
     worker.postMessage(start);
-    const hs = ids.map((id) => {
-      const fd = vcpuFds[id]!;
-      const runBuffer = n.mmap(this.vcpuMmapSize, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-      const h: VcpuHandle = { id, worker, run: new DataView(runBuffer), runBuffer, exited: false };
-      this.vcpus.push(h);
-      return h;
-    });
+    const hs = this.runnerHandles(ids, vcpuFds, worker);
     worker.on('message', (m: VcpuWorkerMessage) => {
       if (m.type === 'runners') m.handles.forEach((r, i) => hs[i] && (hs[i].runner = r));
       else if (m.type === 'event') this.onVcpuEvent(m.event);
@@ -391,7 +475,7 @@ export class Vmm {
     const stuck = this.vcpus.filter((h) => !h.exited);
     for (const h of stuck) {
       h.terminated = true;
-      void h.worker.terminate();
+      void h.worker?.terminate();
     }
     // terminate() cannot end a thread blocked in a system call: after the grace period the VM
     // is torn down without it (the process then reports and exits; the kernel ends the thread).

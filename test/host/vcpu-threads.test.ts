@@ -2,7 +2,7 @@
  * Needs /dev/kvm, gcc and ld. vCPUs on native runner threads (TYPERVISOR_VCPU_THREADS=native,
  * src/vmm/vcpu-threads.ts), VMs built in THIS process with several vCPUs: the guest's output and
  * poweroff; one runner thread per vCPU (named tv-vrunN), each with its own seccomp filter, and
- * one hub; pause parks every vCPU and stops the exits, resume runs them again, stop ends them;
+ * one hub (the main thread, or a worker with TYPERVISOR_VCPU_HUB=worker); pause parks every vCPU and stops the exits, resume runs them again, stop ends them;
  * a snapshot of a running counting guest restores and counts on; no thread is left behind. And
  * the shim's argument checks of vcpuRunnerStart and friends.
  */
@@ -15,7 +15,8 @@ import { buildVm, type BuiltVm } from '../../src/vmm/builder.js';
 import { validateResources } from '../../src/vmm/resources.js';
 import { createSnapshot, loadSnapshot } from '../../src/vmm/snapshot.js';
 import { VcpuState } from '../../src/vmm/vcpu-control.js';
-import { native, O_RDWR } from '../../src/kvm/native.js';
+import { Worker } from 'node:worker_threads';
+import { EFD_NONBLOCK, native, O_RDWR } from '../../src/kvm/native.js';
 import { eventually, guestPath, tempDir, threadCount, tinyGuests } from './helpers.js';
 import { counts, lines, stop } from './counting-guest.js';
 
@@ -47,9 +48,11 @@ function build(
   vcpus: number,
   consoleFile: string,
   mode: 'native' | 'hybrid' = 'native',
+  hub: 'main' | 'worker' = 'main',
 ): BuiltVm {
   const prev = process.env.TYPERVISOR_VCPU_THREADS;
   process.env.TYPERVISOR_VCPU_THREADS = mode;
+  process.env.TYPERVISOR_VCPU_HUB = hub;
   try {
     return buildVm(
       validateResources({
@@ -61,6 +64,7 @@ function build(
   } finally {
     if (prev === undefined) delete process.env.TYPERVISOR_VCPU_THREADS;
     else process.env.TYPERVISOR_VCPU_THREADS = prev;
+    delete process.env.TYPERVISOR_VCPU_HUB;
   }
 }
 
@@ -90,14 +94,19 @@ describe('native vCPU runner threads (KVM)', () => {
     await gone(baseline);
   });
 
-  for (const mode of ['native', 'hybrid'] as const)
+  for (const [mode, hub] of [
+    ['native', 'main'],
+    ['hybrid', 'main'],
+    ['native', 'worker'],
+    ['hybrid', 'worker'],
+  ] as const)
     test(
-      `${mode}, 8 vCPUs: one filtered runner thread per vCPU${mode === 'hybrid' ? ' but vCPU 0 (a worker)' : ''}, one hub; pause, resume, stop`,
+      `${mode}, 8 vCPUs: one filtered runner thread per vCPU${mode === 'hybrid' ? ' but vCPU 0 (a worker)' : ''}, the hub on ${hub === 'main' ? 'the main thread' : 'a worker'}; pause, resume, stop`,
       T,
       async () => {
         const baseline = threadCount();
         const dir = tempDir();
-        const vm = build('piospin', 8, join(dir, 'console'), mode);
+        const vm = build('piospin', 8, join(dir, 'console'), mode, hub);
         assert.equal(vm.vmm.mode, mode);
         const first = mode === 'hybrid' ? 1 : 0;
         // every vCPU runs, vCPU 0 exits on every port write
@@ -117,15 +126,18 @@ describe('native vCPU runner threads (KVM)', () => {
           [...Array(8 - first).keys()].map((i) => `tv-vrun${i + first}`),
         );
         for (const r of runners) assert.equal(r.seccomp, 2, `${r.name} has no seccomp filter`);
-        assert.equal(ts.filter((t) => t.name === 'tv-vcpuhub').length, 1);
+        assert.equal(ts.filter((t) => t.name === 'tv-vcpuhub').length, hub === 'worker' ? 1 : 0);
         assert.deepEqual(
           ts
             .filter((t) => t.name.startsWith('tv-vcpu') && t.name !== 'tv-vcpuhub')
             .map((t) => t.name),
           mode === 'hybrid' ? ['tv-vcpu0'] : [],
         );
-        // a VM of 8 vCPUs costs 8 small threads and one worker, not 8 workers
-        assert.ok(threadCount() - baseline <= 8 + 6, `${threadCount() - baseline} new threads`);
+        // a VM of 8 vCPUs costs 8 small threads and at most two workers, not 8 workers; with
+        // the hub on the main thread, native mode starts no worker at all
+        const extra = threadCount() - baseline;
+        if (mode === 'native' && hub === 'main') assert.ok(extra <= 8, `${extra} new threads`);
+        assert.ok(extra <= 8 + 6, `${extra} new threads`);
 
         await vm.vmm.pause();
         assert.equal(vm.vmm.state, 'paused');
@@ -149,15 +161,19 @@ describe('native vCPU runner threads (KVM)', () => {
       },
     );
 
-  for (const mode of ['native', 'hybrid'] as const)
+  for (const [mode, hub] of [
+    ['native', 'main'],
+    ['hybrid', 'main'],
+    ['native', 'worker'],
+  ] as const)
     test(
-      `${mode}: a snapshot of a running 4-vCPU counting guest restores and counts on`,
+      `${mode}, the hub on ${hub === 'main' ? 'the main thread' : 'a worker'}: a snapshot of a running 4-vCPU counting guest restores and counts on`,
       T,
       async () => {
         const baseline = threadCount();
         const dir = tempDir();
         const out = join(dir, 'a.out');
-        const vm = build('count', 4, out, mode);
+        const vm = build('count', 4, out, mode, hub);
         await lines(out, 5);
         await vm.vmm.pauseAll(vm.deviceWorker);
         await createSnapshot(vm, {
@@ -174,6 +190,7 @@ describe('native vCPU runner threads (KVM)', () => {
 
         const out2 = join(dir, 'b.out');
         process.env.TYPERVISOR_VCPU_THREADS = mode;
+        process.env.TYPERVISOR_VCPU_HUB = hub;
         let vm2: BuiltVm;
         try {
           vm2 = await loadSnapshot(
@@ -189,6 +206,7 @@ describe('native vCPU runner threads (KVM)', () => {
           );
         } finally {
           delete process.env.TYPERVISOR_VCPU_THREADS;
+          delete process.env.TYPERVISOR_VCPU_HUB;
         }
         assert.equal(vm2.vmm.mode, mode);
         await lines(out2, 3);
@@ -232,7 +250,7 @@ describe('vcpuRunnerStart and friends check their arguments', { skip }, () => {
     }
   });
 
-  test('a runner on a non-vCPU fd reports the error, quits and is joined', () => {
+  test('a runner on a non-vCPU fd reports the error, quits and is joined', async () => {
     const n = native();
     const words = new Int32Array(new SharedArrayBuffer(16));
     const sig = n.installKickHandler();
@@ -255,7 +273,9 @@ describe('vcpuRunnerStart and friends check their arguments', { skip }, () => {
       n.vcpuRunnerQuit(h);
       while (Atomics.load(words, 0) !== 4) n.eventfdRead(efd);
       n.vcpuRunnerJoin(h);
-      assert.equal(runners(), 0, 'joined');
+      // pthread_join returns once the thread's tid is cleared, which the kernel does before
+      // the task has left /proc/self/task (a full host suite once saw it there a moment later)
+      assert.ok(await eventually(() => runners() === 0, BOUND_MS), 'joined');
       assert.throws(() => n.vcpuRunnerGo(h), /ESRCH/);
       assert.equal(n.vcpuRunnerKick(h), false);
     } finally {
@@ -264,3 +284,42 @@ describe('vcpuRunnerStart and friends check their arguments', { skip }, () => {
     }
   });
 });
+
+describe(
+  'fdWatch: an fd watched on this thread’s event loop (the hub on the main thread)',
+  { skip },
+  () => {
+    test('it calls back on each write of another thread, not after fdUnwatch; bad arguments are refused', async () => {
+      const n = native();
+      const efd = n.eventfd(0, EFD_NONBLOCK);
+      try {
+        assert.throws(() => n.fdWatch(-1, () => {}), /EBADF/);
+        assert.throws(() => n.fdWatch(efd, 42 as never), /must be a function/);
+        let calls = 0;
+        const h = n.fdWatch(efd, () => {
+          calls++;
+          n.eventfdRead(efd); // level-triggered: drained here, or it would call again at once
+        });
+        // written from a worker, as a runner thread writes it
+        const w = new Worker(
+          `const { workerData: d } = require('node:worker_threads');
+         const fs = require('node:fs');
+         fs.writeSync(d.fd, Buffer.from([1, 0, 0, 0, 0, 0, 0, 0]));`,
+          { eval: true, workerData: { fd: efd } },
+        );
+        await new Promise((r) => w.once('exit', r));
+        assert.ok(await eventually(() => calls === 1, BOUND_MS), `calls: ${calls}`);
+        n.eventfdWrite(efd, 1);
+        assert.ok(await eventually(() => calls === 2, BOUND_MS), `calls: ${calls}`);
+        n.fdUnwatch(h);
+        n.fdUnwatch(h); // a stale handle: ignored
+        n.fdUnwatch(12345);
+        n.eventfdWrite(efd, 1);
+        await new Promise((r) => setTimeout(r, 100));
+        assert.equal(calls, 2, 'called after fdUnwatch');
+      } finally {
+        n.close(efd);
+      }
+    });
+  },
+);
