@@ -437,6 +437,13 @@ export class Vcpu {
   setCpuid(entries: CpuidEntry[]): void {
     native().ioctl(this.fd, C.KVM_SET_CPUID2, S.encodeCpuid2(entries));
   }
+  /** KVM_SET_CPUID2 with the struct already encoded (cpuid.ts cpuidTables). */
+  setCpuidBytes(b: Uint8Array): void {
+    const v = new DataView(b.buffer, b.byteOffset, b.byteLength);
+    if (b.byteLength < 8 || b.byteLength !== 8 + v.getUint32(0, true) * S.CPUID_ENTRY_SIZE)
+      throw new Error(`KVM_SET_CPUID2: ${b.byteLength} bytes is not a kvm_cpuid2 struct`);
+    native().ioctl(this.fd, C.KVM_SET_CPUID2, b);
+  }
   /** Sets the MSRs; returns how many KVM accepted (it stops at the first it refuses). */
   setMsrs(entries: MsrEntry[]): number {
     return native().ioctl(this.fd, C.KVM_SET_MSRS, S.encodeMsrs(entries));

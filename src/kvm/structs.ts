@@ -133,7 +133,8 @@ export function decodeSregs(b: Uint8Array): Sregs {
   return s as unknown as Sregs;
 }
 
-const CPUID_ENTRY_SIZE = 40;
+/** struct kvm_cpuid_entry2: function, index, flags, eax, ebx, ecx, edx, padding[3]. */
+export const CPUID_ENTRY_SIZE = 40;
 /** struct kvm_cpuid2 with room for `capacity` entries (nent = capacity, for GET_SUPPORTED). */
 export function allocCpuid2(capacity: number): Uint8Array {
   const b = new Uint8Array(8 + capacity * CPUID_ENTRY_SIZE);

@@ -5,7 +5,7 @@
 import type { BootTimerLine } from './boot-timer.js';
 import { acpiBootHook } from '../arch/x86_64/acpi/index.js';
 import { setupBoot, type BootSetup } from '../arch/x86_64/boot.js';
-import { filterCpuid } from '../arch/x86_64/cpuid.js';
+import { cpuidTables } from './cpuid-tables.js';
 import {
   applyTemplateToCpuid,
   applyTemplateToMsrs,
@@ -18,6 +18,7 @@ import { resolveCpuTemplate } from '../arch/x86_64/cpu-template-static.js';
 import { CMDLINE_MAX_SIZE, ramRegions } from '../arch/x86_64/layout.js';
 import { Kvm, Vcpu, type Vm } from '../kvm/kvm.js';
 import { native } from '../kvm/native.js';
+import { decodeSregs, encodeSregs } from '../kvm/structs.js';
 import type { TokenBucketConfig } from '../devices/virtio/rate-limiter.js';
 import type { CpuidEntry, MsrEntry } from '../kvm/types.js';
 import { Cmdline } from '../loader/cmdline.js';
@@ -166,7 +167,7 @@ let supportedCpuid: readonly CpuidEntry[] | undefined;
 /**
  * KVM_GET_SUPPORTED_CPUID, asked once per process: it describes the host's CPU and KVM module,
  * not the VM, and took 0.4-0.6 ms of each warm build (docs/daemon.md). The entries are frozen:
- * every user copies before changing (filterCpuid, the CPU templates).
+ * every user copies before changing (filterCpuid and cpuidTables, the CPU templates).
  */
 function hostCpuid(kvm: Kvm): readonly CpuidEntry[] {
   supportedCpuid ??= Object.freeze(kvm.supportedCpuid().map((e) => Object.freeze(e)));
@@ -399,6 +400,13 @@ function build(spec: VmSpec, opts: BuildOptions, undo: UndoList): BuiltVm {
   const mmapSize = kvm.vcpuMmapSize();
   const vcpuFds: number[] = [];
   const warned = new Set<string>();
+  // The application processors' reset state is the same for each: their boot sregs are made
+  // once and reused while KVM's raw bytes match (a VM of 64 vCPUs decoded and encoded them 64
+  // times, enough for V8 to optimize those functions at start-up: ~2.5 MiB of RSS, issue 18).
+  let apReset: Uint8Array | undefined;
+  let apBoot: Uint8Array | undefined;
+  let tables: ReturnType<typeof cpuidTables> | undefined;
+  let tablesKhz: number | undefined;
   for (let id = 0; id < vcpus; id++) {
     const vcpu = createVcpu(vm, id, mmapSize, vcpuFds, undo);
     let tscKhz: number | undefined;
@@ -407,18 +415,20 @@ function build(spec: VmSpec, opts: BuildOptions, undo: UndoList): BuiltVm {
     } catch {
       tscKhz = undefined; // no KVM_CAP_GET_TSC_KHZ: the guest calibrates instead
     }
-    const smt = spec.smt === true;
-    const cpuid = filterCpuid(supported, {
-      vcpuId: id,
-      vcpuCount: vcpus,
-      tscKhz,
-      tscDeadline,
-      smt,
-    });
-    vcpu.setCpuid(cpuid);
+    // Made once per VM (a vCPU whose TSC rate differs gets its own): cpuid.ts cpuidTables.
+    if (!tables || tscKhz !== tablesKhz) {
+      tables = cpuidTables(supported, {
+        vcpuCount: vcpus,
+        tscKhz,
+        tscDeadline,
+        smt: spec.smt === true,
+      });
+      tablesKhz = tscKhz;
+    }
+    vcpu.setCpuidBytes(tables.encoded(id));
     // Some hosts rewrite feature leaves on KVM_SET_CPUID2: say so rather than pretend.
     if (template && id === 0) {
-      for (const w of cpuidTemplateNotApplied(cpuid, vcpu.getCpuid(), template))
+      for (const w of cpuidTemplateNotApplied(tables.first, vcpu.getCpuid(), template))
         log('warn', `CPU template not fully applied: ${w}`);
     }
     // The template's MSRs: read once from vCPU 0 (its CPUID set), changed, written to every vCPU.
@@ -426,7 +436,15 @@ function build(spec: VmSpec, opts: BuildOptions, undo: UndoList): BuiltVm {
     setTemplateMsrs(vcpu, templateMsrs);
     setBootMsrs(vcpu, boot.msrs, warned);
     vcpu.setRegs(boot.regs);
-    vcpu.setSregs(boot.sregs(vcpu.getSregs()));
+    if (id === 0) vcpu.setSregs(boot.sregs(vcpu.getSregs()));
+    else {
+      const reset = vcpu.getSregsBytes();
+      if (!apReset || Buffer.compare(reset, apReset) !== 0) {
+        apReset = reset;
+        apBoot = encodeSregs(boot.sregs(decodeSregs(reset)));
+      }
+      vcpu.setSregsBytes(apBoot!);
+    }
     vcpu.setDefaultFpu();
     releaseVcpuRun(vcpu);
   }

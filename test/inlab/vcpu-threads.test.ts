@@ -2,18 +2,25 @@
  * Stock Linux on native vCPU runner threads (--vcpu-threads native, src/vmm/vcpu-threads.ts):
  * the default guest boots with 2 vCPUs, sees both, and powers off. One boot (~the time of
  * boot.test.ts's 2-vCPU boot). With TV_INLAB_VCPU_COMPARE=N it also boots N times more in each
- * mode, interleaved, and prints the boot-marker times (a measurement, not an assertion).
+ * mode, interleaved, and prints the boot-marker times (a measurement, not an assertion); the
+ * modes are TV_INLAB_VCPU_MODES (worker, native, native-hubw: the hub on a worker, hybrid).
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { defaultGuest, describeRun, skipReason, typervisor, POWEROFF } from './helpers.js';
 
 const MARKER = 'TYPERVISOR-BOOT-OK';
-const opts = { skip: skipReason, timeout: 400_000 };
+// TV_INLAB_VCPU_COMPARE=N boots ~N x modes x counts times more: room for them (~1 min each).
+const compare = Number(process.env.TV_INLAB_VCPU_COMPARE ?? 0);
+const opts = { skip: skipReason, timeout: 400_000 + compare * 12 * 60_000 };
 
-async function boot(mode: 'native' | 'worker' | 'hybrid', vcpus: number) {
+/** 'native-hubw': native runner threads served by a hub worker (TYPERVISOR_VCPU_HUB=worker). */
+type Mode = 'native' | 'native-hubw' | 'worker' | 'hybrid';
+
+async function boot(mode: Mode, vcpus: number) {
   const g = defaultGuest();
-  const r = await typervisor(
+  if (mode === 'native-hubw') process.env.TYPERVISOR_VCPU_HUB = 'worker';
+  const run = typervisor(
     [
       'run',
       '--kernel',
@@ -26,10 +33,12 @@ async function boot(mode: 'native' | 'worker' | 'hybrid', vcpus: number) {
       '256',
       '--boot-timer',
       '--vcpu-threads',
-      mode,
+      mode === 'native-hubw' ? 'native' : mode,
     ],
     `echo CPUS=$(nproc)\n${POWEROFF}\n`,
   );
+  delete process.env.TYPERVISOR_VCPU_HUB; // the child has its environment already
+  const r = await run;
   assert.equal(r.code, 0, describeRun(r));
   assert.match(r.stdout, new RegExp(MARKER), describeRun(r));
   assert.match(r.stdout, new RegExp(`CPUS=${vcpus}\\b`), describeRun(r));
@@ -44,13 +53,11 @@ test(
   async () => {
     const ms = await boot('native', 2);
     console.log(`native, 2 vCPUs: boot marker at ${ms.toFixed(0)} ms`);
-    const n = Number(process.env.TV_INLAB_VCPU_COMPARE ?? 0);
+    const n = compare;
     const times: Record<string, number[]> = {};
     for (let i = 0; i < n; i++) {
       for (const vcpus of (process.env.TV_INLAB_VCPU_COUNTS ?? '1,2').split(',').map(Number)) {
-        const modes = (process.env.TV_INLAB_VCPU_MODES ?? 'worker,native').split(',') as Array<
-          'native' | 'worker' | 'hybrid'
-        >;
+        const modes = (process.env.TV_INLAB_VCPU_MODES ?? 'worker,native').split(',') as Mode[];
         for (const mode of i % 2 ? [...modes].reverse() : modes) {
           try {
             (times[`${mode} ${vcpus}`] ??= []).push(await boot(mode, vcpus));

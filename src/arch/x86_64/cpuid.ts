@@ -33,11 +33,11 @@ const LEAF1_ECX_TSC_DEADLINE = 1 << 24;
 const LEAF1_ECX_HYPERVISOR = 1 << 31;
 const LEAF1_EDX_HTT = 1 << 28;
 /** AMD extended APIC id / core / node leaf, and its feature bit (0x8000_0001 ECX). */
-const AMD_TOPOLOGY_LEAF = 0x8000_001e;
+export const AMD_TOPOLOGY_LEAF = 0x8000_001e;
 const AMD_ECX_TOPOEXT = 1 << 22;
 
 /** Leaf 0x8000_001e: extended APIC id, core id and threads per core - 1, node 0 of 1. */
-function amdTopology(id: number, threadBits: number) {
+export function amdTopology(id: number, threadBits: number) {
   return {
     eax: id,
     ebx: ((id >> threadBits) & 0xff) | (((1 << threadBits) - 1) << 8),
