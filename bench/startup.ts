@@ -21,6 +21,13 @@ import { REPO, TYPERVISOR, qemuCpu, runOnce, stat, type Row, type Vmm } from './
 const MEM_MIB = 64;
 const SAMPLE_DELAY_MS = 200;
 type Name = 'typervisor' | 'qemu';
+/**
+ * What runs in the cold and idle rounds: Typervisor as a user runs it, Typervisor with
+ * `--vcpu-threads native` (its vCPU on a runner thread served by the main thread: no worker,
+ * one isolate; docs/architecture.md "vCPU threads"), and QEMU.
+ */
+type Variant = Name | 'native';
+const VARIANTS: Variant[] = ['typervisor', 'native', 'qemu'];
 const NAMES: Name[] = ['typervisor', 'qemu'];
 
 function qemuArgs(kvmKind: string, elf: string): string[] {
@@ -46,15 +53,22 @@ function qemuArgs(kvmKind: string, elf: string): string[] {
   ];
 }
 
-function vmmFor(name: Name, elf: string, kvmKind: string): Vmm {
-  return name === 'typervisor'
-    ? {
-        name,
+function vmmFor(v: Variant, elf: string, kvmKind: string): Vmm {
+  return v === 'qemu'
+    ? { name: v, cmd: 'qemu-system-x86_64', args: qemuArgs(kvmKind, elf), memMiB: MEM_MIB }
+    : {
+        name: 'typervisor',
         cmd: TYPERVISOR,
-        args: ['run', '--kernel', elf, '--memory', String(MEM_MIB)],
+        args: [
+          'run',
+          '--kernel',
+          elf,
+          '--memory',
+          String(MEM_MIB),
+          ...(v === 'native' ? ['--vcpu-threads', 'native'] : []),
+        ],
         memMiB: MEM_MIB,
-      }
-    : { name, cmd: 'qemu-system-x86_64', args: qemuArgs(kvmKind, elf), memMiB: MEM_MIB };
+      };
 }
 
 /** smaps_rollup of a process, KiB. */
@@ -258,14 +272,15 @@ export async function startupSuite(o: StartupOptions): Promise<{ rows: Row[]; no
     if (code !== 0) throw new Error('bench/guests/build.sh failed');
     const mark = join(dir, 'mark.elf');
     const spin = join(dir, 'spin.elf');
-    const samples: Record<string, Record<Name, number[]>> = {};
-    const add = (k: string, n: Name, v: number | undefined) => {
+    const samples: Record<string, Record<Variant, number[]>> = {};
+    const add = (k: string, n: Variant, v: number | undefined) => {
       if (v !== undefined && Number.isFinite(v))
-        ((samples[k] ??= { typervisor: [], qemu: [] })[n] ??= []).push(v);
+        ((samples[k] ??= { typervisor: [], native: [], qemu: [] })[n] ??= []).push(v);
     };
     for (let r = 0; r < o.runs; r++) {
+      const vorder = VARIANTS.map((_, i) => VARIANTS[(i + r) % VARIANTS.length]!);
       const order = NAMES.map((_, i) => NAMES[(i + r) % NAMES.length]!);
-      for (const name of order) {
+      for (const name of vorder) {
         const m = await runOnce(vmmFor(name, mark, o.kvmKind), {
           peakRss: true,
           timeoutMs: 30_000,
@@ -277,7 +292,7 @@ export async function startupSuite(o: StartupOptions): Promise<{ rows: Row[]; no
         add('tail', name, m.exitMs - m.markerMs);
         add('peak', name, m.peakRssKiB !== undefined ? m.peakRssKiB / 1024 : undefined);
       }
-      for (const name of order) {
+      for (const name of vorder) {
         const mem = await idleMemory(vmmFor(name, spin, o.kvmKind));
         add('rss', name, mem.rss / 1024);
         add('pss', name, mem.pss / 1024);
@@ -292,14 +307,21 @@ export async function startupSuite(o: StartupOptions): Promise<{ rows: Row[]; no
       }
       o.log(`startup: round ${r + 1}/${o.runs} done`);
     }
-    const row = (metric: string, key: string, unit: string, note?: string): Row => ({
+    const row = (
+      metric: string,
+      key: string,
+      unit: string,
+      note?: string,
+      v: 'typervisor' | 'native' = 'typervisor',
+    ): Row => ({
       suite: 'micro',
       metric,
       unit,
       note,
-      typervisor: stat(samples[key]?.typervisor ?? []),
+      typervisor: stat(samples[key]?.[v] ?? []),
       qemu: stat(samples[key]?.qemu ?? []),
     });
+    const NATIVE = '--vcpu-threads native: the vCPU on a runner thread, no worker';
     return {
       rows: [
         row('cold: exec → marker (bin/typervisor exec’d)', 'marker', 'ms', 'issue 18: ≤ 1.2x QEMU'),
@@ -309,6 +331,11 @@ export async function startupSuite(o: StartupOptions): Promise<{ rows: Row[]; no
         row('idle VM: RSS (smaps_rollup, spin guest)', 'rss', 'MiB', 'guest pages included'),
         row('idle VM: PSS', 'pss', 'MiB'),
         row('idle VM: USS (Private_Clean + Private_Dirty)', 'uss', 'MiB', 'issue 18: ≤ QEMU'),
+        row('cold: exec → marker, native vCPU thread', 'marker', 'ms', NATIVE, 'native'),
+        row('cold: exec → exit, native vCPU thread', 'exit', 'ms', NATIVE, 'native'),
+        row('cold: peak RSS, native vCPU thread', 'peak', 'MiB', NATIVE, 'native'),
+        row('idle VM: RSS, native vCPU thread', 'rss', 'MiB', NATIVE, 'native'),
+        row('idle VM: USS, native vCPU thread', 'uss', 'MiB', NATIVE, 'native'),
         row(
           'API: exec → control socket accepting',
           'sock',
