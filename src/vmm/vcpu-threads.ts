@@ -105,6 +105,8 @@ export class VcpuHub {
   private current: VcpuLoop | undefined;
   private first = true;
   private finished = false;
+  /** Exits served by the last pass. */
+  served = 0;
 
   constructor(
     private readonly d: VcpuHubData,
@@ -193,6 +195,7 @@ export class VcpuHub {
       n.vcpuRunnerGo(v.handle);
     };
     let live = 0;
+    this.served = 0;
     for (const v of this.vs) {
       if (v.done) continue;
       if (v.inGuest) {
@@ -210,6 +213,7 @@ export class VcpuHub {
         }
         const err = Atomics.load(words, v.base + 1);
         if (err === 0) {
+          this.served++;
           control.countExit(v.id);
           this.current = v.loop;
           const ev = v.loop.handleExit();
@@ -287,6 +291,13 @@ export class VcpuHub {
     }
   }
 
+  /** A runner has reported since the last pass (its word is no longer RUN). */
+  anyReported(): boolean {
+    for (const v of this.vs)
+      if (v.inGuest && Atomics.load(this.words, v.base) !== RunnerWord.Run) return true;
+    return false;
+  }
+
   /** Every runner has ended (its word says DEAD): finish() will not wait. */
   allDead(): boolean {
     return this.vs.every((v) => Atomics.load(this.words, v.base) === RunnerWord.Dead);
@@ -332,7 +343,15 @@ export async function runHub(
     // From here on this thread only serves exits: the vCPU role's filter (the runners made
     // theirs, a smaller one, each on itself).
     installWorkerFilter('vcpu', 'tv-vcpuhub');
-    while (hub.serve()) sleep(); // until a runner or the main thread rings
+    while (hub.serve()) {
+      // As on the main thread: after serving exits, a short wait for the next before sleeping.
+      if (hub.served > 0) {
+        const until = performance.now() + POLL_MS;
+        while (!hub.anyReported() && performance.now() < until);
+        if (hub.anyReported()) continue;
+      }
+      sleep(); // until a runner or the main thread rings
+    }
   } catch (e) {
     hub.fail({ kind: 'fatal', message: `vCPU hub: ${(e as Error).message}` });
   } finally {
@@ -351,6 +370,11 @@ export async function runHub(
  * posts 'exit'. Messages are delivered by calling `post` (nothing is copied). Returns a function
  * that says whether every runner has ended (the eventfd may be closed only then).
  */
+/** How long the main thread waits for a runner's next exit after serving one, ms. */
+const POLL_MS = 0.05;
+/** The longest the main thread serves exits before the event loop's other work, ms. */
+const TURN_MS = 2;
+
 export function startHubOnThisThread(
   d: VcpuHubData,
   post: (m: VcpuWorkerMessage) => void,
@@ -382,7 +406,22 @@ export function startHubOnThisThread(
     }
     if (phase === 'serving') {
       try {
-        if (!hub.serve()) quit();
+        // After a pass that served exits, wait a little for the next one before going back to
+        // the event loop (exits come in bursts, and a sleeping thread is slow to wake), but
+        // give the loop its turn after TURN_MS: the runners' rings wake it again.
+        const turnEnd = performance.now() + TURN_MS;
+        for (;;) {
+          if (!hub.serve()) {
+            quit();
+            break;
+          }
+          if (hub.served === 0) break;
+          const now = performance.now();
+          if (now > turnEnd) break;
+          const until = now + POLL_MS;
+          while (!hub.anyReported() && performance.now() < until);
+          if (!hub.anyReported()) break;
+        }
       } catch (e) {
         hub.fail({ kind: 'fatal', message: `vCPU hub: ${(e as Error).message}` });
         quit();
