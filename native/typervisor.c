@@ -957,8 +957,8 @@ static napi_value n_spawn(napi_env env, napi_callback_info info) {
  *   word[2] KVM_RUN calls made (wraps).
  * After each KVM_RUN it stores EXITED (unless QUIT was set meanwhile) and writes 1 to an eventfd
  * the JS side blocks on (V8's Atomics.wait does not sleep on the futex of the address, so a
- * native FUTEX_WAKE could not wake it). It then waits a bounded moment (VR_SPIN pause
- * instructions, tens of microseconds) for the answer, which usually comes that fast, and then
+ * native FUTEX_WAKE could not wake it). It then waits a bounded moment (the `spin` given at
+ * start, in pause instructions; 0: none) for the answer, which usually comes that fast, and then
  * sleeps in FUTEX_WAIT until the word changes: a wake-up of a sleeping thread on an idle CPU
  * costs far more than that on a shared (virtual) machine (~70 us measured), twice per exit. Kicks are the existing kick signal (installKickHandler) with kvm_run's
  * immediate_exit set by JS. A seccomp program given at start is installed by the thread itself,
@@ -972,7 +972,7 @@ static napi_value n_spawn(napi_env env, napi_callback_info info) {
 #define VR_DEAD 4
 #define VR_KVM_RUN 0xae80 /* _IO(KVMIO, 0x80) */
 #define VR_STACK (64 * 1024)
-#define VR_SPIN 2000 /* pause instructions, ~10-60 us */
+#define VR_SPIN_MAX 100000
 
 struct vrunner {
   int used;
@@ -989,6 +989,7 @@ struct vrunner {
   pthread_mutex_t m;
   pthread_cond_t c;
   int ready, setup_err;
+  int spin; /* pause instructions to wait for the answer to an exit before sleeping */
 };
 static struct vrunner vr_table[VR_MAX];
 static pthread_mutex_t vr_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -1037,7 +1038,7 @@ static void *vr_main(void *p) {
     vr_ring(r->efd);
     /* A short bounded wait before sleeping: the answer to an exit usually comes within
      * microseconds, and a sleeping thread on an idle CPU takes far longer to wake. */
-    for (int i = 0; i < VR_SPIN && __atomic_load_n(&w[0], __ATOMIC_ACQUIRE) == VR_EXITED; i++)
+    for (int i = 0; i < r->spin && __atomic_load_n(&w[0], __ATOMIC_ACQUIRE) == VR_EXITED; i++)
       __builtin_ia32_pause();
   }
   __atomic_store_n(&w[0], VR_DEAD, __ATOMIC_SEQ_CST);
@@ -1095,14 +1096,29 @@ static void vr_env_cleanup(void *arg) {
 }
 
 /*
- * vcpuRunnerStart(vcpuFd, words: Int32Array, index, eventFd, kickSignal, name, program | null):
- * handle. words[index..index+2] are the runner's words (word[0] must be IDLE); program is a
+ * vcpuRunnerStart(vcpuFd, words: Int32Array, index, eventFd, kickSignal, name, program | null,
+ * spin = 0): handle. words[index..index+2] are the runner's words (word[0] must be IDLE); program is a
  * seccomp program (1 to 4096 struct sock_filter) the thread installs on itself first; the call
  * returns once it has (and throws if it could not, the thread gone).
  */
 static napi_value n_vcpu_runner_start(napi_env env, napi_callback_info info) {
-  napi_value a[7];
-  if (!get_args(env, info, 7, a)) return NULL;
+  napi_value a[8];
+  size_t argc = 8;
+  if (napi_get_cb_info(env, info, &argc, a, NULL, NULL) != napi_ok || argc < 7) {
+    napi_throw_type_error(env, NULL, "typervisor native: too few arguments");
+    return NULL;
+  }
+  /* optional: the pause instructions to wait for an answer before sleeping (0: sleep at once) */
+  int64_t spin = 0;
+  if (argc >= 8) {
+    napi_valuetype st;
+    napi_typeof(env, a[7], &st);
+    if (st != napi_undefined) spin = arg_i64(env, a[7]);
+  }
+  if (spin < 0 || spin > VR_SPIN_MAX) {
+    napi_throw_range_error(env, NULL, "vcpuRunnerStart: spin must be 0 to 100000 pause instructions");
+    return NULL;
+  }
   int vcpu_fd = (int)arg_i64(env, a[0]);
   int64_t index = arg_i64(env, a[2]);
   int efd = (int)arg_i64(env, a[3]);
@@ -1163,7 +1179,7 @@ static napi_value n_vcpu_runner_start(napi_env env, napi_callback_info info) {
   if (r->gen == 0) r->gen = vr_gen = 1;
   pthread_mutex_unlock(&vr_lock);
   r->vcpu_fd = vcpu_fd; r->efd = efd; r->sig = sig; r->word = word; r->env = env;
-  r->prog = prog; r->prog_len = (unsigned short)plen;
+  r->prog = prog; r->prog_len = (unsigned short)plen; r->spin = (int)spin;
   memcpy(r->name, name, sizeof name);
   pthread_mutex_init(&r->m, NULL);
   pthread_cond_init(&r->c, NULL);

@@ -140,6 +140,8 @@ export interface NativeShim {
    * publishes EXITED and writes 1 to `eventFd`; it sleeps (futex) otherwise. `program` (a seccomp
    * program, or null) is installed by the thread on itself first: throws if that fails. Returns a
    * handle. `kickSignal` is installKickHandler()'s; the thread blocks every other signal.
+   * `spin` (0 to 100,000, default 0): pause instructions the runner waits for the answer to an
+   * exit before it sleeps (a sleeping thread is slow to wake on an idle CPU).
    */
   vcpuRunnerStart(
     vcpuFd: number,
@@ -149,6 +151,7 @@ export interface NativeShim {
     kickSignal: number,
     name: string,
     program: Buf | null,
+    spin?: number,
   ): number;
   /** One more KVM_RUN (the state word must be IDLE or EXITED: EBUSY otherwise). */
   vcpuRunnerGo(handle: number): void;

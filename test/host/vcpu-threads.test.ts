@@ -239,6 +239,11 @@ describe('vcpuRunnerStart and friends check their arguments', { skip }, () => {
         () => n.vcpuRunnerStart(kvm, words, 0, efd, sig, 'x', new Uint8Array(7)),
         /instructions of 8 bytes/,
       );
+      for (const spin of [-1, 100_001])
+        assert.throws(
+          () => n.vcpuRunnerStart(kvm, words, 0, efd, sig, 'x', null, spin),
+          /spin must be 0 to 100000/,
+        );
       words[0] = 2;
       assert.throws(() => n.vcpuRunnerStart(kvm, words, 0, efd, sig, 'x', null), /not IDLE/);
       for (const h of [-1, 0, 12345])
