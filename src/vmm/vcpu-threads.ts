@@ -300,6 +300,17 @@ export class VcpuHub {
     return false;
   }
 
+  /**
+   * After a pass that served exits: watches the runners' words for up to POLL_MS (exits come
+   * in bursts, and a sleeping thread is slow to wake). True when a runner reported meanwhile.
+   */
+  nextExitSoon(): boolean {
+    if (this.served === 0) return false;
+    const until = performance.now() + POLL_MS;
+    while (!this.anyReported() && performance.now() < until);
+    return this.anyReported();
+  }
+
   /** Every runner has ended (its word says DEAD): finish() will not wait. */
   allDead(): boolean {
     return this.vs.every((v) => Atomics.load(this.words, v.base) === RunnerWord.Dead);
@@ -345,15 +356,7 @@ export async function runHub(
     // From here on this thread only serves exits: the vCPU role's filter (the runners made
     // theirs, a smaller one, each on itself).
     installWorkerFilter('vcpu', 'tv-vcpuhub');
-    while (hub.serve()) {
-      // As on the main thread: after serving exits, a short wait for the next before sleeping.
-      if (hub.served > 0) {
-        const until = performance.now() + POLL_MS;
-        while (!hub.anyReported() && performance.now() < until);
-        if (hub.anyReported()) continue;
-      }
-      sleep(); // until a runner or the main thread rings
-    }
+    while (hub.serve()) if (!hub.nextExitSoon()) sleep(); // until a runner or main rings
   } catch (e) {
     hub.fail({ kind: 'fatal', message: `vCPU hub: ${(e as Error).message}` });
   } finally {
@@ -364,14 +367,6 @@ export async function runHub(
   hub.finish();
 }
 
-/**
- * The hub on the calling thread (the main thread: one isolate fewer than a hub worker), driven
- * by its event loop: `eventFd` (non-blocking) is watched with fdWatch, and every wake-up, from a
- * runner or from the main thread's own ring after a command, drains it and runs one pass. When
- * the hub is done it asks the runners to end, and once all have, joins them, stops watching and
- * posts 'exit'. Messages are delivered by calling `post` (nothing is copied). Returns a function
- * that says whether every runner has ended (the eventfd may be closed only then).
- */
 /**
  * Whether the threads on either side of an exit wait a moment for each other before sleeping:
  * only with two CPUs or more to run on (on one, a wait only keeps the other side off the CPU:
@@ -385,6 +380,14 @@ const POLL_MS = waits ? 0.05 : 0;
 /** The longest the main thread serves exits before the event loop's other work, ms. */
 const TURN_MS = 2;
 
+/**
+ * The hub on the calling thread (the main thread: one isolate fewer than a hub worker), driven
+ * by its event loop: `eventFd` (non-blocking) is watched with fdWatch, and every wake-up, from a
+ * runner or from the main thread's own ring after a command, drains it and runs one pass. When
+ * the hub is done it asks the runners to end, and once all have, joins them, stops watching and
+ * posts 'exit'. Messages are delivered by calling `post` (nothing is copied). Returns a function
+ * that says whether every runner has ended (the eventfd may be closed only then).
+ */
 export function startHubOnThisThread(
   d: VcpuHubData,
   post: (m: VcpuWorkerMessage) => void,
@@ -416,21 +419,15 @@ export function startHubOnThisThread(
     }
     if (phase === 'serving') {
       try {
-        // After a pass that served exits, wait a little for the next one before going back to
-        // the event loop (exits come in bursts, and a sleeping thread is slow to wake), but
-        // give the loop its turn after TURN_MS: the runners' rings wake it again.
+        // Serve exits while they come in a burst (nextExitSoon), but give the event loop its
+        // turn after TURN_MS: the runners' rings wake it again.
         const turnEnd = performance.now() + TURN_MS;
         for (;;) {
           if (!hub.serve()) {
             quit();
             break;
           }
-          if (hub.served === 0) break;
-          const now = performance.now();
-          if (now > turnEnd) break;
-          const until = now + POLL_MS;
-          while (!hub.anyReported() && performance.now() < until);
-          if (!hub.anyReported()) break;
+          if (performance.now() > turnEnd || !hub.nextExitSoon()) break;
         }
       } catch (e) {
         hub.fail({ kind: 'fatal', message: `vCPU hub: ${(e as Error).message}` });
