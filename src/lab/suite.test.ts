@@ -5,6 +5,7 @@ import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { repoRoot } from './guest.js';
 import {
+  failureExcerpts,
   fileDoneLines,
   filesToRetry,
   mergeProgress,
@@ -165,4 +166,57 @@ test('fileDoneLines hands on each whole "# file done:" line as it comes, and not
   for (let i = 0; i < 100; i++) feed('x'.repeat(10_000));
   feed('\n');
   assert.equal(got.length, 2);
+});
+
+test('failureExcerpts: each failed test of the failed files, with the start of its error', () => {
+  // The shape node's TAP reporter prints for a failed assertion with a multi-line message.
+  const out = [
+    '# files: a.test.js b.test.js c.test.js',
+    'not ok 1 - a one',
+    '  ---',
+    '  duration_ms: 5',
+    "  failureType: 'testCodeFailure'",
+    '  error: |-',
+    '    exit 1: the guest triple-faulted (KVM_EXIT_SHUTDOWN on vCPU 0)',
+    '    --- stdout ---',
+    '    [    1.0] Linux version 6.1',
+    "  code: 'ERR_ASSERTION'",
+    '  stack: |-',
+    '    at x (file.js:1:1)',
+    '  ...',
+    done('a.test.js', 1, 1, 1),
+    'not ok 1 - b one',
+    '  ---',
+    "  error: 'not this file'",
+    '  ...',
+    done('b.test.js', 1, 1, 1),
+    'ok 1 - c one',
+    'not ok 2 - c two',
+    '  ---',
+    "  error: 'no TYPERVISOR-BOOT-OK within 240000 ms'",
+    "  code: 'ERR_TEST_FAILURE'",
+    '  ...',
+    done('c.test.js', 1, 2, 1),
+  ].join('\n');
+  assert.equal(
+    failureExcerpts(out, ['a.test.js', 'c.test.js']),
+    [
+      'a.test.js: not ok - a one',
+      'error: |-',
+      'exit 1: the guest triple-faulted (KVM_EXIT_SHUTDOWN on vCPU 0)',
+      '--- stdout ---',
+      '[    1.0] Linux version 6.1',
+      'c.test.js: not ok - c two',
+      "error: 'no TYPERVISOR-BOOT-OK within 240000 ms'",
+    ].join('\n'),
+  );
+  // Long errors are cut: at most 24 lines per test.
+  const long = [
+    'not ok 1 - d',
+    '  error: |-',
+    ...Array.from({ length: 100 }, (_, i) => `    line ${i}`),
+    done('d.test.js', 1, 1, 1),
+  ].join('\n');
+  assert.equal(failureExcerpts(long, ['d.test.js']).split('\n').length, 1 + 24);
+  assert.equal(failureExcerpts(out, []), '');
 });

@@ -142,3 +142,46 @@ export function fileDoneLines(onLine: (line: string) => void): (chunk: string) =
     }
   };
 }
+
+/** Lines of one failure's error kept for the head of a failed run's message. */
+const EXCERPT_LINES = 24;
+const EXCERPT_CHARS = 2_000;
+
+/**
+ * For each failed file, the name of each test that failed in it and the start of its error (the
+ * TAP report's `error:` block, up to EXCERPT_LINES lines and EXCERPT_CHARS characters per
+ * test), read from the file's part of the output (the lines before its "# file done:" line).
+ * CI keeps only the head of a failure's message, and the suite's whole output is long: this goes
+ * first, so that why a guest failed (a triple fault, a timeout and what the console said) is
+ * what a reader of CI's record sees.
+ */
+export function failureExcerpts(output: string, files: readonly string[]): string {
+  const plain = plainText(output);
+  const out: string[] = [];
+  let from = 0;
+  for (const m of plain.matchAll(DONE)) {
+    const part = plain.slice(from, m.index);
+    from = m.index! + m[0].length;
+    if (!files.includes(m[1]!)) continue;
+    const lines = part.split('\n');
+    for (let i = 0; i < lines.length; i++) {
+      const head = /^\s*not ok \d+ - (.*)$/.exec(lines[i]!);
+      if (!head) continue;
+      const kept: string[] = [];
+      let inError = false;
+      for (let j = i + 1; j < lines.length && !/^\s*(not )?ok \d+ - /.test(lines[j]!); j++) {
+        const l = lines[j]!;
+        if (/^\s*error:/.test(l)) inError = true;
+        else if (inError && /^\s*(code|name|expected|actual|operator|stack|failureType):/.test(l))
+          break;
+        else if (inError && /^\s*\.\.\.\s*$/.test(l)) break;
+        if (inError) kept.push(l.trim());
+        if (kept.length >= EXCERPT_LINES) break;
+      }
+      let text = kept.join('\n');
+      if (text.length > EXCERPT_CHARS) text = `${text.slice(0, EXCERPT_CHARS)} [...]`;
+      out.push(`${m[1]}: not ok - ${head[1]}${text ? `\n${text}` : ''}`);
+    }
+  }
+  return out.join('\n');
+}

@@ -23,7 +23,9 @@ import assert from 'node:assert/strict';
 import { ensureImage, repoRoot } from '../../src/lab/guest.js';
 import { runInLab, type LabResult } from '../../src/lab/lab.js';
 import {
+  failureExcerpts,
   fileDoneLines,
+  filePassed,
   filesToRetry,
   mergeProgress,
   parseSuiteOutput,
@@ -153,6 +155,12 @@ test(
       process.stderr.write(
         `in-lab suite, seconds per test: ${times.map(([s, n]) => `${s.toFixed(0)} ${n}`).join('; ')}\n`,
       );
-    assert.ok(verdict.ok, `${verdict.problems.join('\n')}\n${r.error ?? ''}\n${output}`);
+    // Why each failed file failed comes first: CI's record keeps only the head of this message.
+    const failed = [...progress.done.values()].filter((f) => !filePassed(f)).map((f) => f.file);
+    const why = failureExcerpts(output, failed);
+    assert.ok(
+      verdict.ok,
+      `${verdict.problems.join('\n')}\n${why ? `${why}\n` : ''}${r.error ?? ''}\n${output}`,
+    );
   },
 );
