@@ -512,7 +512,56 @@ async function measure(
         const fcm = fcFiles(uds);
         const from = sched && isOurs(name) ? (await flushedLines(fcm.api, fcm.metrics)).length : -1;
         const q = process.env.TYPERVISOR_BENCH_PING_QUIET === '1' ? '-q ' : '';
+        // TYPERVISOR_BENCH_PING_STRACE=1: the system calls of the VMM's main thread during the
+        // pings (strace -p: that thread only), with times, in the log: what wakes it.
+        const tracer =
+          process.env.TYPERVISOR_BENCH_PING_STRACE === '1'
+            ? background(['strace', '-tt', '-T', '-p', String(vm.child.pid!)])
+            : undefined;
+        if (tracer) await waitOut(tracer, /attached/, 10_000);
+        // TYPERVISOR_BENCH_PING_PERF=1: where the VMM's main thread spends its CPU during the
+        // pings (perf record -t: that thread only; the report by DSO and symbol, in the log).
+        const perfData = '/dev/shm/tv-ping.perf';
+        const perf =
+          process.env.TYPERVISOR_BENCH_PING_PERF === '1'
+            ? background([
+                'perf',
+                'record',
+                '-F',
+                '999',
+                '-t',
+                String(vm.child.pid!),
+                '-o',
+                perfData,
+              ])
+            : undefined;
+        if (perf) await new Promise((r) => setTimeout(r, 1000));
         const out = await vm.run(`busybox ping ${q}-c ${pings} -i 0.2 ${net.hostAddr}`, 120_000);
+        if (tracer) {
+          tracer.proc.kill('SIGINT');
+          await new Promise((r) => tracer.proc.once('exit', r));
+          const lines = tracer.out().split('\n');
+          log(`${name}: main thread's system calls during the pings (${lines.length} lines):`);
+          log(lines.slice(0, 400).join('\n'));
+        }
+        if (perf) {
+          perf.proc.kill('SIGINT');
+          await new Promise((r) => perf.proc.once('exit', r));
+          const rep = spawnSync(
+            'perf',
+            ['report', '-i', perfData, '--stdio', '--no-children', '--sort', 'dso,sym'],
+            { encoding: 'utf8' },
+          );
+          log(`${name}: main thread's CPU during the pings (perf):\n${perf.out()}`);
+          log(
+            rep.stdout
+              .split('\n')
+              .filter((l) => l && !l.startsWith('#'))
+              .slice(0, 60)
+              .join('\n'),
+          );
+          rmSync(perfData, { force: true });
+        }
         if (before) log(`${name}: ${schedReport(before, schedSnapshot(vm.child.pid!), pings)}`);
         if (sched) log(`${name}: guest after the ping:\n${await vm.run(guestSide, 30_000)}`);
         if (from >= 0) {
