@@ -17,12 +17,12 @@ import {
   unlinkSync,
   writeFileSync,
 } from 'node:fs';
-import { createServer } from 'node:net';
+import { connect, createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Counters } from './metrics.js';
-import { API_SOCKET_MODE, startApiServer } from './server.js';
-import { request } from 'node:http';
+import { API_SOCKET_MODE, checkConnectionsOnlyWhileOpen, startApiServer } from './server.js';
+import { createServer as createHttpServer, request } from 'node:http';
 
 const handle = async () => ({ status: 204 }) as const;
 
@@ -154,3 +154,53 @@ test('a socket path too long for the private directory: bound in place, still 06
     rmSync(base, { recursive: true, force: true });
   }
 });
+
+test(
+  'the header/request timeout check runs only while a connection is open, and still cuts a slow client',
+  { timeout: 10_000 },
+  async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'tv-check-'));
+    const sock = join(dir, 's');
+    const server = createHttpServer(
+      { headersTimeout: 300, requestTimeout: 300, connectionsCheckingInterval: 500 },
+      (_q, r) => r.end('{}'),
+    );
+    await new Promise<void>((r) => server.listen(sock, r));
+    const key = Object.getOwnPropertySymbols(server).find(
+      (k) => k.description === 'http.server.connectionsCheckingInterval',
+    )!;
+    const timer = () => (server as unknown as Record<symbol, unknown>)[key];
+    try {
+      assert.ok(key, "node 20 keeps its check's timer under this symbol");
+      assert.ok(timer(), 'node started its check at listen');
+      let open = 0;
+      const checks = checkConnectionsOnlyWhileOpen(server);
+      assert.equal(timer(), undefined, 'no check while no connection is open');
+      server.on('connection', (s) => {
+        open++;
+        checks.opened();
+        s.once('close', () => checks.closed(--open));
+      });
+      // A client that sends part of its headers and then nothing: node's check cuts it (408).
+      const started = Date.now();
+      const got = await new Promise<string>((resolve, reject) => {
+        const c = connect(sock, () => c.write('GET / HTTP/1.1\r\nHost: x\r\n'));
+        let out = '';
+        c.on('data', (d) => (out += d.toString()));
+        c.on('close', () => resolve(out));
+        c.on('error', reject);
+        setTimeout(() => {
+          assert.ok(timer(), 'the check runs while the connection is open');
+        }, 100);
+      });
+      assert.match(got, /^HTTP\/1\.1 408/);
+      assert.ok(Date.now() - started < 3_000, `cut after ${Date.now() - started} ms`);
+      await new Promise((r) => setTimeout(r, 50));
+      assert.equal(open, 0);
+      assert.equal(timer(), undefined, 'the check stopped with the last connection');
+    } finally {
+      server.close();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  },
+);

@@ -58,6 +58,45 @@ export const OVERSIZED_DRAIN_MAX = 1 << 20;
 export const MAX_API_CONNECTIONS = 32;
 /** How long a refused connection stays (write side closed) before it is destroyed. */
 const REFUSED_LINGER_MS = 1_000;
+/** How often node looks for connections past HEADERS_TIMEOUT_MS or REQUEST_TIMEOUT_MS. */
+const CONNECTIONS_CHECK_MS = 500;
+
+/**
+ * Node's HTTP server enforces headersTimeout and requestTimeout with one interval timer that
+ * runs from listen() to close() whether a connection is open or not: an idle VMM woke twice a
+ * second to find nothing. This stops that timer while no connection is open and starts it
+ * again with the first one, with node's own check (so the timeouts mean what node says they
+ * do). Node keeps the timer under a private symbol; where it is not found (another Node), its
+ * own timer runs as before. Call after the server listens.
+ */
+export function checkConnectionsOnlyWhileOpen(server: Server): {
+  /** A connection is open: the check runs (if it did not already). */
+  opened(): void;
+  /** `open` connections are left: the check stops when none is. */
+  closed(open: number): void;
+} {
+  const key = Object.getOwnPropertySymbols(server).find(
+    (k) => k.description === 'http.server.connectionsCheckingInterval',
+  );
+  const holder = server as unknown as Record<symbol, unknown>;
+  const nodeTimer = key ? (holder[key] as { _onTimeout?: unknown } | undefined) : undefined;
+  const check = nodeTimer?._onTimeout;
+  if (key === undefined || typeof check !== 'function')
+    return { opened: () => undefined, closed: () => undefined };
+  clearInterval(nodeTimer as NodeJS.Timeout);
+  holder[key] = undefined;
+  return {
+    opened() {
+      // Kept where node's close() clears it.
+      holder[key] ??= setInterval(check as () => void, CONNECTIONS_CHECK_MS).unref();
+    },
+    closed(open) {
+      if (open > 0) return;
+      clearInterval(holder[key] as NodeJS.Timeout | undefined);
+      holder[key] = undefined;
+    },
+  };
+}
 
 export interface ApiServerOptions<A = VmmAction> {
   socketPath: string;
@@ -242,6 +281,8 @@ export async function startApiServer<A = VmmAction>(opts: ApiServerOptions<A>): 
   // Connections over MAX_API_CONNECTIONS: answered 503 at once; what they send is ignored.
   const refusedSockets = new WeakSet<Socket>();
   let open = 0;
+  // Set once the server listens (the timer it replaces starts then).
+  let checks: ReturnType<typeof checkConnectionsOnlyWhileOpen> | undefined;
 
   const onRequest = (req: IncomingMessage, res: ServerResponse) => {
     if (refusedSockets.has(req.socket)) {
@@ -334,7 +375,7 @@ export async function startApiServer<A = VmmAction>(opts: ApiServerOptions<A>): 
       headersTimeout: HEADERS_TIMEOUT_MS,
       requestTimeout: REQUEST_TIMEOUT_MS,
       keepAliveTimeout: KEEP_ALIVE_TIMEOUT_MS,
-      connectionsCheckingInterval: 500,
+      connectionsCheckingInterval: CONNECTIONS_CHECK_MS,
       // micro_http serves requests without a Host header (node's default answers them 400).
       requireHostHeader: false,
     },
@@ -359,7 +400,11 @@ export async function startApiServer<A = VmmAction>(opts: ApiServerOptions<A>): 
       return;
     }
     open++;
-    socket.once('close', () => open--);
+    checks?.opened();
+    socket.once('close', () => {
+      open--;
+      checks?.closed(open);
+    });
   });
   // Expect: 100-continue. The 100 goes out only for a body that will be read (micro_http sends
   // it after the headers of a request with a body within the limit); an oversized request is
@@ -397,6 +442,9 @@ export async function startApiServer<A = VmmAction>(opts: ApiServerOptions<A>): 
     socket.destroySoon();
   });
   const bound = await listenPrivate(server, opts.socketPath);
+  checks = checkConnectionsOnlyWhileOpen(server);
+  // A connection may have come in between listen and here: its checks start now.
+  if (open > 0) checks.opened();
   server.on('error', (e) => log('error', `API server: ${e.message}`));
   return {
     close: () =>
