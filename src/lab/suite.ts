@@ -168,14 +168,16 @@ export function failureExcerpts(output: string, files: readonly string[]): strin
       const head = /^\s*not ok \d+ - (.*)$/.exec(lines[i]!);
       if (!head) continue;
       const kept: string[] = [];
-      let inError = false;
+      // The YAML key `error:` and its block: the lines indented deeper than the key.
+      let keyIndent = -1;
       for (let j = i + 1; j < lines.length && !/^\s*(not )?ok \d+ - /.test(lines[j]!); j++) {
         const l = lines[j]!;
-        if (/^\s*error:/.test(l)) inError = true;
-        else if (inError && /^\s*(code|name|expected|actual|operator|stack|failureType):/.test(l))
-          break;
-        else if (inError && /^\s*\.\.\.\s*$/.test(l)) break;
-        if (inError) kept.push(l.trim());
+        const indent = l.length - l.trimStart().length;
+        if (keyIndent < 0) {
+          if (/^\s*error:/.test(l)) keyIndent = indent;
+          else continue;
+        } else if (l.trim() !== '' && indent <= keyIndent) break;
+        kept.push(l.trim());
         if (kept.length >= EXCERPT_LINES) break;
       }
       let text = kept.join('\n');
