@@ -52,6 +52,8 @@ const IPERF_SECONDS = 4;
 const PINGS = 10;
 /** Pings of `--only ping`. */
 const PINGS_ONLY = 30;
+/** KiB the guest prints on its console for the console row. */
+const CONSOLE_KIB = 64;
 const VSOCK_MIB = 32;
 /** iperf3 streams per run (--parallel). */
 let PARALLEL = 1;
@@ -188,6 +190,9 @@ interface Sample {
   g2hQueues?: QueueFigures;
   h2gQueues?: QueueFigures;
   pingMs?: number;
+  /** Guest -> host through the 16550 console (a shell's output), KB/s, and our exits per KB. */
+  consoleKBs?: number;
+  consoleExitsPerKB?: number;
   vsockG2hMBs?: number;
   vsockH2gMBs?: number;
   errors: string[];
@@ -471,7 +476,7 @@ async function measure(
   dir: string,
   root: string,
   kvmKind: string,
-  only: 'vsock' | 'ping' | undefined,
+  only: 'vsock' | 'ping' | 'console' | undefined,
   baseline: string | undefined,
 ): Promise<Sample> {
   const vsockOnly = only === 'vsock';
@@ -500,86 +505,122 @@ async function measure(
           `i=0; until busybox ping -c 1 -W 1 ${net.hostAddr} >/dev/null 2>&1; do i=$((i+1)); [ $i -gt 30 ] && break; done`,
         120_000,
       );
-      await attempt('ping', async () => {
-        const pings = only === 'ping' ? PINGS_ONLY : PINGS;
-        // TYPERVISOR_BENCH_PING_WARM=N: N pings back to back first (each VMM's code warm).
-        const warm = Number(process.env.TYPERVISOR_BENCH_PING_WARM ?? 0);
-        if (warm > 0) await vm.run(`busybox ping -q -c ${warm} -i 0.02 ${net.hostAddr}`, 300_000);
-        const sched = process.env.TYPERVISOR_BENCH_PING_SCHED === '1';
-        const guestSide = 'cat /proc/interrupts; cat /proc/tty/driver/serial | head -3';
-        if (sched) log(`${name}: guest before the ping:\n${await vm.run(guestSide, 30_000)}`);
-        const before = sched ? schedSnapshot(vm.child.pid!) : undefined;
-        const fcm = fcFiles(uds);
-        const from = sched && isOurs(name) ? (await flushedLines(fcm.api, fcm.metrics)).length : -1;
-        const q = process.env.TYPERVISOR_BENCH_PING_QUIET === '1' ? '-q ' : '';
-        // TYPERVISOR_BENCH_PING_STRACE=1: the system calls of the VMM's main thread during the
-        // pings (strace -p: that thread only), with times, in the log: what wakes it.
-        const tracer =
-          process.env.TYPERVISOR_BENCH_PING_STRACE === '1'
-            ? background(['strace', '-tt', '-T', '-p', String(vm.child.pid!)])
-            : undefined;
-        if (tracer) await waitOut(tracer, /attached/, 10_000);
-        // TYPERVISOR_BENCH_PING_PERF=1: where the VMM's main thread spends its CPU during the
-        // pings (perf record -t: that thread only; the report by DSO and symbol, in the log).
-        const perfData = '/dev/shm/tv-ping.perf';
-        const perf =
-          process.env.TYPERVISOR_BENCH_PING_PERF === '1'
-            ? background([
-                'perf',
-                'record',
-                '-F',
-                '999',
-                '-t',
-                String(vm.child.pid!),
-                '-o',
-                perfData,
-              ])
-            : undefined;
-        if (perf) await new Promise((r) => setTimeout(r, 1000));
-        const out = await vm.run(`busybox ping ${q}-c ${pings} -i 0.2 ${net.hostAddr}`, 120_000);
-        if (tracer) {
-          tracer.proc.kill('SIGINT');
-          await new Promise((r) => tracer.proc.once('exit', r));
-          const lines = tracer.out().split('\n');
-          log(`${name}: main thread's system calls during the pings (${lines.length} lines):`);
-          log(lines.slice(0, 400).join('\n'));
-        }
-        if (perf) {
-          perf.proc.kill('SIGINT');
-          await new Promise((r) => perf.proc.once('exit', r));
-          const rep = spawnSync(
-            'perf',
-            ['report', '-i', perfData, '--stdio', '--no-children', '--sort', 'dso,sym'],
-            { encoding: 'utf8' },
+      // The console: CONSOLE_KIB of text printed by the guest's shell through its tty and the
+      // 16550 (Linux's 8250 driver, interrupt-driven), timed on the host from the command to
+      // the end marker; our vCPU exits for it from the metrics.
+      if (only === undefined || only === 'console')
+        await attempt('console', async () => {
+          const fcm = fcFiles(uds);
+          const ours = isOurs(name);
+          const from = ours ? (await flushedLines(fcm.api, fcm.metrics)).length : -1;
+          const t = performance.now();
+          const out = await vm.run(
+            `head -c ${CONSOLE_KIB * 1024} /dev/zero | tr '\\0' x; echo`,
+            300_000,
           );
-          log(`${name}: main thread's CPU during the pings (perf):\n${perf.out()}`);
+          const ms = performance.now() - t;
+          const got = (out.match(/x/g) ?? []).length;
+          if (got < CONSOLE_KIB * 1024)
+            throw new Error(`console: ${got} of ${CONSOLE_KIB * 1024} bytes arrived`);
+          s.consoleKBs = (CONSOLE_KIB * 1024) / ms;
+          if (ours) {
+            const m = (await flushedLines(fcm.api, fcm.metrics)).slice(from);
+            const exits = sumMetric(m, 'vcpu', 'exit_io_in') + sumMetric(m, 'vcpu', 'exit_io_out');
+            s.consoleExitsPerKB = exits / CONSOLE_KIB;
+            const x = (f: string) => sumMetric(m, 'typervisor', `uart.${f}`);
+            log(
+              `${name}: console UART: interrupts ${x('interrupts')}, hold timer runs ${x('holdTimerRuns')}, holds it ended ${x('holdsEndedByTimer')}`,
+            );
+          }
           log(
-            rep.stdout
-              .split('\n')
-              .filter((l) => l && !l.startsWith('#'))
-              .slice(0, 60)
-              .join('\n'),
+            `${name}: console ${CONSOLE_KIB} KiB in ${ms.toFixed(0)} ms (${s.consoleKBs.toFixed(1)} KB/s)` +
+              (s.consoleExitsPerKB === undefined
+                ? ''
+                : `, port-I/O exits per KiB ${s.consoleExitsPerKB.toFixed(0)}`),
           );
-          rmSync(perfData, { force: true });
-        }
-        if (before) log(`${name}: ${schedReport(before, schedSnapshot(vm.child.pid!), pings)}`);
-        if (sched) log(`${name}: guest after the ping:\n${await vm.run(guestSide, 30_000)}`);
-        if (from >= 0) {
-          const m = (await flushedLines(fcm.api, fcm.metrics)).slice(from);
-          const per = (g: string, f: string) => (sumMetric(m, g, f) / pings).toFixed(1);
-          log(
-            `${name}: vCPU exits to the VMM per ping: io_in ${per('vcpu', 'exit_io_in')}, io_out ${per('vcpu', 'exit_io_out')}, mmio_read ${per('vcpu', 'exit_mmio_read')}, mmio_write ${per('vcpu', 'exit_mmio_write')}; net ${IFACE}: tx kicks ${per(`net_${IFACE}`, 'tx_queue_event_count')}, rx frames ${per(`net_${IFACE}`, 'rx_packets_count')}`,
-          );
-        }
-        const m = /min\/avg\/max = ([\d.]+)\/([\d.]+)\/([\d.]+)/.exec(out);
-        if (!m) throw new Error(`no ping summary: ${out.slice(-300)}`);
-        s.pingMs = Number(m[2]);
-        // Each RTT too: an average can be one slow reply (a GC, a timer) or all of them.
-        const each = [...out.matchAll(/time=([\d.]+) ms/g)].map((x) => x[1]).join(' ');
-        log(`${name}: ping min/avg/max ${m[1]}/${m[2]}/${m[3]} ms; each: ${each}`);
-      });
-      // --only ping: the ping alone.
-      if (only !== 'ping') {
+        });
+      if (only !== 'console')
+        await attempt('ping', async () => {
+          const pings = only === 'ping' ? PINGS_ONLY : PINGS;
+          // TYPERVISOR_BENCH_PING_WARM=N: N pings back to back first (each VMM's code warm).
+          const warm = Number(process.env.TYPERVISOR_BENCH_PING_WARM ?? 0);
+          if (warm > 0) await vm.run(`busybox ping -q -c ${warm} -i 0.02 ${net.hostAddr}`, 300_000);
+          const sched = process.env.TYPERVISOR_BENCH_PING_SCHED === '1';
+          const guestSide = 'cat /proc/interrupts; cat /proc/tty/driver/serial | head -3';
+          if (sched) log(`${name}: guest before the ping:\n${await vm.run(guestSide, 30_000)}`);
+          const before = sched ? schedSnapshot(vm.child.pid!) : undefined;
+          const fcm = fcFiles(uds);
+          const from =
+            sched && isOurs(name) ? (await flushedLines(fcm.api, fcm.metrics)).length : -1;
+          const q = process.env.TYPERVISOR_BENCH_PING_QUIET === '1' ? '-q ' : '';
+          // TYPERVISOR_BENCH_PING_STRACE=1: the system calls of the VMM's main thread during the
+          // pings (strace -p: that thread only), with times, in the log: what wakes it.
+          const tracer =
+            process.env.TYPERVISOR_BENCH_PING_STRACE === '1'
+              ? background(['strace', '-tt', '-T', '-p', String(vm.child.pid!)])
+              : undefined;
+          if (tracer) await waitOut(tracer, /attached/, 10_000);
+          // TYPERVISOR_BENCH_PING_PERF=1: where the VMM's main thread spends its CPU during the
+          // pings (perf record -t: that thread only; the report by DSO and symbol, in the log).
+          const perfData = '/dev/shm/tv-ping.perf';
+          const perf =
+            process.env.TYPERVISOR_BENCH_PING_PERF === '1'
+              ? background([
+                  'perf',
+                  'record',
+                  '-F',
+                  '999',
+                  '-t',
+                  String(vm.child.pid!),
+                  '-o',
+                  perfData,
+                ])
+              : undefined;
+          if (perf) await new Promise((r) => setTimeout(r, 1000));
+          const out = await vm.run(`busybox ping ${q}-c ${pings} -i 0.2 ${net.hostAddr}`, 120_000);
+          if (tracer) {
+            tracer.proc.kill('SIGINT');
+            await new Promise((r) => tracer.proc.once('exit', r));
+            const lines = tracer.out().split('\n');
+            log(`${name}: main thread's system calls during the pings (${lines.length} lines):`);
+            log(lines.slice(0, 400).join('\n'));
+          }
+          if (perf) {
+            perf.proc.kill('SIGINT');
+            await new Promise((r) => perf.proc.once('exit', r));
+            const rep = spawnSync(
+              'perf',
+              ['report', '-i', perfData, '--stdio', '--no-children', '--sort', 'dso,sym'],
+              { encoding: 'utf8' },
+            );
+            log(`${name}: main thread's CPU during the pings (perf):\n${perf.out()}`);
+            log(
+              rep.stdout
+                .split('\n')
+                .filter((l) => l && !l.startsWith('#'))
+                .slice(0, 60)
+                .join('\n'),
+            );
+            rmSync(perfData, { force: true });
+          }
+          if (before) log(`${name}: ${schedReport(before, schedSnapshot(vm.child.pid!), pings)}`);
+          if (sched) log(`${name}: guest after the ping:\n${await vm.run(guestSide, 30_000)}`);
+          if (from >= 0) {
+            const m = (await flushedLines(fcm.api, fcm.metrics)).slice(from);
+            const per = (g: string, f: string) => (sumMetric(m, g, f) / pings).toFixed(1);
+            log(
+              `${name}: vCPU exits to the VMM per ping: io_in ${per('vcpu', 'exit_io_in')}, io_out ${per('vcpu', 'exit_io_out')}, mmio_read ${per('vcpu', 'exit_mmio_read')}, mmio_write ${per('vcpu', 'exit_mmio_write')}; net ${IFACE}: tx kicks ${per(`net_${IFACE}`, 'tx_queue_event_count')}, rx frames ${per(`net_${IFACE}`, 'rx_packets_count')}`,
+            );
+          }
+          const m = /min\/avg\/max = ([\d.]+)\/([\d.]+)\/([\d.]+)/.exec(out);
+          if (!m) throw new Error(`no ping summary: ${out.slice(-300)}`);
+          s.pingMs = Number(m[2]);
+          // Each RTT too: an average can be one slow reply (a GC, a timer) or all of them.
+          const each = [...out.matchAll(/time=([\d.]+) ms/g)].map((x) => x[1]).join(' ');
+          log(`${name}: ping min/avg/max ${m[1]}/${m[2]}/${m[3]} ms; each: ${each}`);
+        });
+      // --only ping / console: that alone.
+      if (only !== 'ping' && only !== 'console') {
         const irqsPerMB = async (before: number | undefined, out: string) => {
           const after = netIrqs(await vm.run(NET_IRQ_CMD, 30_000));
           const mb = iperfMBytes(out);
@@ -643,7 +684,7 @@ async function measure(
         });
       }
     }
-    if (only !== 'ping') {
+    if (only !== 'ping' && only !== 'console') {
       await attempt('vsock guest->host', async () => {
         // socat on the host for both (Typervisor: the Unix socket `${uds}_5001`; QEMU: AF_VSOCK).
         const listen = isOurs(name) ? `UNIX-LISTEN:${uds}_5001` : 'VSOCK-LISTEN:5001,reuseaddr';
@@ -784,9 +825,15 @@ async function main(): Promise<void> {
   process.env.TYPERVISOR_METRICS_EXTRAS = '1';
   // --only vsock: the vsock transfers alone (no ping, no iperf3), for work on vsock;
   // --only ping: the ping alone (PINGS_ONLY of them), for work on latency.
-  if (args.only !== undefined && args.only !== 'vsock' && args.only !== 'ping')
-    throw new Error(`--only: 'vsock' or 'ping' (got ${args.only})`);
-  const only = args.only as 'vsock' | 'ping' | undefined;
+  // --only console: the console's throughput alone.
+  if (
+    args.only !== undefined &&
+    args.only !== 'vsock' &&
+    args.only !== 'ping' &&
+    args.only !== 'console'
+  )
+    throw new Error(`--only: 'vsock', 'ping' or 'console' (got ${args.only})`);
+  const only = args.only as 'vsock' | 'ping' | 'console' | undefined;
   // --vmm typervisor|qemu: one VMM only (a profile run; the comparison needs both).
   if (args.vmm !== undefined && args.vmm !== 'typervisor' && args.vmm !== 'qemu')
     throw new Error(`--vmm: 'typervisor' or 'qemu' (got ${args.vmm})`);
@@ -906,6 +953,19 @@ async function main(): Promise<void> {
       false,
     ),
     row(
+      `console guest → host (${CONSOLE_KIB} KiB through the 16550 and Linux's tty)`,
+      'KB/s',
+      (s) => s.consoleKBs,
+      true,
+    ),
+    row(
+      'console: vCPU port-I/O exits per KiB',
+      'exits',
+      (s) => s.consoleExitsPerKB,
+      false,
+      "Typervisor's metrics (exit_io_in + exit_io_out); QEMU has no such counter",
+    ),
+    row(
       `vsock stream guest → host (${VSOCK_MIB} MiB, socat)`,
       'MB/s',
       (s) => s.vsockG2hMBs,
@@ -958,6 +1018,7 @@ async function main(): Promise<void> {
       ['TX frames per batch', (s: Sample) => s.g2hTxFramesPerBatch],
       ['RX frames per RX kick', (s: Sample) => s.h2gRxFramesPerKick],
       ['ping ms', (s: Sample) => s.pingMs],
+      ['console KB/s', (s: Sample) => s.consoleKBs],
       ['vsock guest → host MB/s', (s: Sample) => s.vsockG2hMBs],
       ['vsock host → guest MB/s', (s: Sample) => s.vsockH2gMBs],
     ] as const) {
