@@ -490,8 +490,9 @@ export function finishVm(
   registerVirtioWithKvm(vm, plan);
   opts.trace?.('legacy devices and virtio eventfds');
   const vmm = new Vmm(mmapSize);
+  // The main thread executes no guest port access; its UART writes out what a hold kept when
+  // the hold timer or the teardown ends it (serial.ts startHoldTimer), so it has the console.
   const devices = attachLegacyDevices(legacy, {
-    output: () => undefined, // the main thread never executes guest port writes
     onPowerOff: () => undefined,
     onReset: () => undefined,
     onBootMarker: () => undefined,
@@ -500,6 +501,9 @@ export function finishVm(
   // Writes out console output that waited for a slow reader while the guest is quiet.
   const stopConsoleFlusher = devices.console.startFlusher();
   undo.push(stopConsoleFlusher);
+  // Ends the THRE holds a guest does not end itself (serial.ts: one edge per FIFO burst).
+  const stopSerialHold = devices.serial.startHoldTimer();
+  undo.push(stopSerialHold);
   const deviceWorker =
     plan.slots.length > 0
       ? startDeviceWorker(plan, layout, { log: (m) => log('info', m), onFatal: (m) => vmm.fail(m) })
@@ -526,6 +530,7 @@ export function finishVm(
     }
   };
   vmm.onTeardown(async () => {
+    stopSerialHold();
     stopConsoleFlusher();
     closeLegacyDeviceState(owned);
     // The device worker ends after its last request is done (every write made), then the

@@ -149,6 +149,216 @@ test('THRE interrupt: raised on enabling THRI, cleared by IIR read, re-raised pe
   assert.equal(rd(IIR), 0xc1);
 });
 
+test('FIFO mode with the hold timer: no THRE edge per byte while the driver fills the FIFO (Linux 8250)', () => {
+  const { dev, out, rd, wr, irqs } = uart();
+  const stop = dev.startHoldTimer(60_000);
+  try {
+    wr(FCR, 0x01);
+    wr(IER, 0x02); // start_tx: THRI on, THRE shows at once
+    assert.equal(irqs(), 1);
+    // serial8250_handle_irq: IIR, LSR, then tx_chars writes up to 16 bytes.
+    assert.equal(rd(IIR), 0xc2);
+    assert.equal(rd(LSR) & 0x60, 0x60, 'THRE and TEMT: the bytes leave at once');
+    for (let i = 0; i < 16; i++) wr(RBR, 0x41 + i);
+    assert.equal(irqs(), 1, 'no edge while the FIFO is filled');
+    assert.equal(out.length, 0, 'the burst is written out when it ends');
+    // The handler's next pass: IIR shows THRE (and the read clears it), no edge for it.
+    assert.equal(rd(IIR), 0xc2);
+    assert.deepEqual(
+      out,
+      [...Array(16).keys()].map((i) => 0x41 + i),
+      'in one write, in order',
+    );
+    for (let i = 0; i < 5; i++) wr(RBR, 0x61 + i);
+    wr(IER, 0x00); // the last bytes: __stop_tx
+    assert.equal(rd(IIR), 0xc1);
+    assert.equal(irqs(), 1, 'one edge for 21 bytes');
+    // An access other than the IIR read ends the hold with an edge: LSR here.
+    wr(IER, 0x02);
+    assert.equal(irqs(), 2);
+    assert.equal(rd(IIR), 0xc2);
+    wr(RBR, 0x30);
+    assert.equal(irqs(), 2);
+    rd(LSR);
+    assert.equal(irqs(), 3, 'the line rose when the driver looked elsewhere');
+    assert.equal(rd(IIR), 0xc2);
+    // A writer that never looks gets an edge per FIFO's worth (17 bytes) at most.
+    const before = out.length;
+    for (let i = 0; i < 17; i++) wr(RBR, 0x20);
+    assert.equal(irqs(), 4);
+    assert.equal(out.length - before, 17, 'the overrunning byte ends the hold');
+  } finally {
+    stop();
+  }
+});
+
+test('FIFO mode: a driver that only waits gets THRE from the hold timer', async () => {
+  const { dev, out, rd, wr, irqs } = uart();
+  const stop = dev.startHoldTimer(5, 5);
+  try {
+    wr(FCR, 0x01);
+    wr(IER, 0x02);
+    assert.equal(rd(IIR), 0xc2);
+    assert.equal(irqs(), 1);
+    for (let i = 0; i < 3; i++) wr(RBR, 0x41 + i);
+    assert.equal(irqs(), 1);
+    assert.equal(out.length, 0);
+    const t = Date.now();
+    while (irqs() < 2 && Date.now() - t < 5000) await new Promise((r) => setTimeout(r, 2));
+    assert.equal(irqs(), 2, 'the hold timer raised the edge');
+    assert.deepEqual(out, [0x41, 0x42, 0x43], 'and wrote the bytes out');
+    assert.equal(rd(IIR), 0xc2);
+    assert.equal(rd(IIR), 0xc1);
+  } finally {
+    stop();
+  }
+  // Once the timer is stopped (teardown), nothing is held: an edge per byte again.
+  wr(RBR, 0x41);
+  wr(RBR, 0x42);
+  assert.equal(irqs(), 4);
+});
+
+test('FIFO mode: the hold timer leaves a driver that keeps ending its holds alone', async () => {
+  const { dev, rd, wr, irqs } = uart();
+  const stop = dev.startHoldTimer(20, 20);
+  try {
+    wr(FCR, 0x01);
+    wr(IER, 0x02);
+    assert.equal(irqs(), 1);
+    // 100 bursts of 3 bytes, each ended by the handler's IIR read, over >= 100 ms: the timer
+    // (every 20 ms) sees holds ended meanwhile and raises nothing; per byte it would be 300.
+    for (let i = 0; i < 100; i++) {
+      assert.equal(rd(IIR), 0xc2);
+      for (let j = 0; j < 3; j++) wr(RBR, 0x41 + j);
+      await new Promise((r) => setTimeout(r, 1));
+    }
+    // A host stall of over 20 ms between two bursts would let one expiry end a hold: a few.
+    assert.ok(irqs() <= 6, `${irqs()} edges`);
+    wr(IER, 0);
+  } finally {
+    stop();
+  }
+});
+
+test('stopping the hold timer writes out what a hold kept, and later bytes follow in order', () => {
+  const { dev, out, rd, wr, irqs } = uart();
+  const stop = dev.startHoldTimer(60_000);
+  wr(FCR, 0x01);
+  wr(IER, 0x02);
+  assert.equal(rd(IIR), 0xc2);
+  wr(RBR, 0x61);
+  wr(RBR, 0x62);
+  assert.deepEqual(out, []);
+  stop();
+  assert.deepEqual(out, [0x61, 0x62]);
+  assert.equal(irqs(), 1, 'no edge at teardown');
+  wr(RBR, 0x63);
+  assert.deepEqual(out, [0x61, 0x62, 0x63]);
+  assert.equal(dev.stats().bytesOut, 3);
+});
+
+test('a hold ended with holding turned off still writes its bytes first', () => {
+  const { dev, out, rd, wr } = uart();
+  const stop = dev.startHoldTimer(60_000);
+  wr(FCR, 0x01);
+  wr(IER, 0x02);
+  assert.equal(rd(IIR), 0xc2);
+  wr(RBR, 0x61);
+  // FIFOs off: an access to FCR, which ends the hold first.
+  wr(FCR, 0x00);
+  assert.deepEqual(out, [0x61]);
+  wr(RBR, 0x62);
+  assert.deepEqual(out, [0x61, 0x62]);
+  stop();
+});
+
+test('the hold timer never waits for a lock another thread keeps', async () => {
+  const { dev, state, out, rd, wr, irqs } = uart();
+  const stop = dev.startHoldTimer(2, 2);
+  wr(FCR, 0x01);
+  wr(IER, 0x02);
+  assert.equal(rd(IIR), 0xc2);
+  for (let i = 0; i < 3; i++) wr(RBR, 0x41 + i);
+  // Another thread (a vCPU given up on, say) holds the UART's lock: slot 0, SharedMutex's.
+  const lockWord = new Int32Array(state, 0, 1);
+  assert.equal(Atomics.compareExchange(lockWord, 0, 0, 1), 0);
+  await new Promise((r) => setTimeout(r, 30));
+  assert.equal(irqs(), 1, 'the timer left the hold alone');
+  const t = performance.now();
+  stop();
+  assert.ok(performance.now() - t < 1000, 'stop waited only a moment');
+  assert.deepEqual(out, []);
+  Atomics.store(lockWord, 0, 0);
+  // The next access by the guest ends the hold and writes the burst.
+  rd(LSR);
+  assert.deepEqual(out, [0x41, 0x42, 0x43]);
+});
+
+test('without FIFOs the hold timer changes nothing: one THRE edge per byte', () => {
+  const { dev, rd, wr, irqs } = uart();
+  const stop = dev.startHoldTimer(60_000);
+  try {
+    wr(IER, 0x02);
+    assert.equal(rd(IIR), 0x02);
+    wr(RBR, 0x41);
+    wr(RBR, 0x42);
+    assert.equal(irqs(), 3);
+  } finally {
+    stop();
+  }
+});
+
+test('a held THRE survives save and restore, and the restored VM gets its edge', async () => {
+  const a = uart();
+  const stopA = a.dev.startHoldTimer(60_000);
+  a.wr(FCR, 0x01);
+  a.wr(IER, 0x02);
+  assert.equal(a.rd(IIR), 0xc2);
+  a.wr(RBR, 0x41);
+  const saved = a.dev.saveState();
+  stopA();
+  assert.equal(saved.threPending, 1);
+  assert.equal(saved.line, 0);
+  const b = uart();
+  b.dev.restoreState(saved);
+  assert.equal(b.irqs(), 0);
+  const stopB = b.dev.startHoldTimer(5, 5);
+  try {
+    const t = Date.now();
+    while (b.irqs() < 1 && Date.now() - t < 5000) await new Promise((r) => setTimeout(r, 2));
+    assert.equal(b.irqs(), 1);
+    assert.equal(b.rd(IIR), 0xc2);
+  } finally {
+    stopB();
+  }
+  // Held while another interrupt waits (the line is high): saved as THRE pending, which the
+  // guest's handler finds when it looks.
+  const e = uart();
+  const stopE = e.dev.startHoldTimer(60_000);
+  e.wr(FCR, 0x01);
+  e.wr(IER, 0x03);
+  assert.equal(e.rd(IIR), 0xc2);
+  e.wr(RBR, 0x41);
+  e.dev.pushInput(Uint8Array.of(0x0a));
+  const both = e.dev.saveState();
+  stopE();
+  assert.equal(both.threPending, 1);
+  assert.equal(both.line, 1);
+  const f = uart();
+  f.dev.restoreState(both);
+  assert.equal(f.rd(IIR), 0xc4, 'received data first');
+  assert.equal(f.rd(RBR), 0x0a);
+  assert.equal(f.rd(IIR), 0xc2, 'then THRE');
+  // A state that was not holding restores as it was.
+  const c = uart();
+  c.wr(IER, 0x02);
+  const plain = c.dev.saveState();
+  assert.equal(plain.line, 1);
+  const d = uart();
+  d.dev.restoreState(plain);
+  assert.equal(d.rd(IIR), 0x02);
+});
+
 test('IIR priority: line status > received data > THRE > modem status', () => {
   const { dev, rd, wr } = uart();
   wr(IER, 0x0f);

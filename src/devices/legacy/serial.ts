@@ -22,7 +22,10 @@ import {
  *
  * Model: transmission is instantaneous (THR/TX FIFO always empty, LSR.THRE|TEMT always set), so
  * each THR write pulses THRE: the interrupt line drops and rises again, which is one edge (the
- * IrqLine is an edge irqfd; real hardware makes the same edge). Received bytes come from a
+ * IrqLine is an edge irqfd; real hardware makes the same edge). With FIFOs on (FCR bit 0) and a
+ * thread running the hold timer (startHoldTimer, the main thread), THRE's interrupt for a burst
+ * of bytes is held until the driver is done writing (releaseThre): one edge per burst, not per
+ * byte, as a real FIFO gives. Received bytes come from a
  * 4 KiB ring that stands in for the RX FIFO; the RDA interrupt is raised while it holds data
  * (no trigger levels or character timeouts: Linux treats IIR 0x04 and 0x0c alike).
  * The interrupt is not gated by MCR.OUT2 (QEMU and Firecracker do not gate it either).
@@ -60,6 +63,19 @@ const IIR_FIFO_ENABLED = 0xc0; // bits 7:6 = 11 on a 16550A with FIFOs on; bit 5
 
 const FCR_ENABLE_FIFO = 0x01;
 const FCR_CLEAR_RCVR = 0x02;
+/** A 16550A's transmit FIFO, bytes. */
+const TX_FIFO_BYTES = 16;
+/**
+ * How long THRE's interrupt is held at most when the guest does not touch the UART again
+ * (startHoldTimer): a driver that fills the FIFO and then only waits for the interrupt gets it
+ * after THRE_HOLD_MS once the timer has seen it wait (a 16550 at 115200 baud takes 1.4 ms to
+ * send 16 bytes). While the guest ends its holds itself (Linux), the timer's period doubles up
+ * to THRE_HOLD_MAX_MS, so that a guest printing all the time wakes the timer's thread seldom.
+ */
+export const THRE_HOLD_MS = 1;
+export const THRE_HOLD_MAX_MS = 64;
+/** How long the hold timer's stop tries for the lock (teardown: no vCPU should hold it). */
+const STOP_LOCK_WAIT_MS = 20;
 
 const LCR_DLAB = 0x80;
 
@@ -104,7 +120,13 @@ const S_LSR_ERRORS = 11; // LSR error bits, cleared by reading LSR
 const S_RX_HEAD = 12; // consumer index (free-running, wraps as int32)
 const S_RX_TAIL = 13; // producer index
 const S_RX_SPACE_WAITER = 14; // 1 while a producer waits in waitForInputSpace()
-const INT32_SLOTS = 16;
+const S_TX_HELD = 15; // bytes sent in FIFO mode whose THRE indication is held (releaseThre)
+const S_HOLD_OWNER = 16; // 1 while a thread runs the hold timer (startHoldTimer): holding is on
+const S_HOLD_ARMED = 17; // 1 from a hold that asked for the timer until the timer ran
+const S_HOLD_WAKE = 18; // bumped to wake the hold timer's thread (Atomics.notify)
+const S_HOLD_ENDS = 19; // holds the guest ended itself (releaseThre), a free-running count
+const S_TX_LEN = 20; // bytes in the transmit buffer (sent during a hold, written out at its end)
+const INT32_SLOTS = 24;
 // Float64 counters (exact to 2^53), changed only under the lock.
 const COUNTERS_BYTE_OFFSET = INT32_SLOTS * 4;
 const C_BYTES_OUT = 0;
@@ -113,6 +135,8 @@ const C_UNKNOWN = 2;
 const C_IRQS = 3;
 const C_OVERRUNS = 4;
 const C_RATE_DROPPED = 5;
+const C_HOLD_TIMER_RUNS = 6;
+const C_HOLDS_TIMER_ENDED = 7;
 const COUNTER_COUNT = 8;
 // The output bucket: its configuration (size 0: none), then its state (TokenBucket's slots).
 const LIMIT_BYTE_OFFSET = COUNTERS_BYTE_OFFSET + COUNTER_COUNT * 8;
@@ -122,7 +146,10 @@ const L_ONE_TIME_BURST = 2;
 const LIMIT_CONFIG_SLOTS = 3;
 const LIMIT_SLOTS = LIMIT_CONFIG_SLOTS + BUCKET_STATE_SLOTS;
 const RING_BYTE_OFFSET = LIMIT_BYTE_OFFSET + LIMIT_SLOTS * 8;
-const STATE_BYTES = RING_BYTE_OFFSET + SERIAL_RX_RING_SIZE;
+/** The transmit buffer: what one hold sent (a FIFO's worth and the byte that overran it). */
+const TX_BUFFER_BYTES = 32;
+const TX_BYTE_OFFSET = RING_BYTE_OFFSET + SERIAL_RX_RING_SIZE;
+const STATE_BYTES = TX_BYTE_OFFSET + TX_BUFFER_BYTES;
 
 export interface SerialSinks {
   /** Bytes the guest transmitted (one access at a time). Not called with the lock held. */
@@ -138,6 +165,8 @@ export interface SerialCounters {
   interrupts: number; // edges raised
   overruns: number; // loopback bytes dropped on a full ring (host input never is)
   rateLimiterDroppedBytes: number; // output bytes the rate limiter dropped
+  holdTimerRuns: number; // expiries of the THRE hold timer (startHoldTimer)
+  holdsEndedByTimer: number; // THRE holds the guest left alone, ended by that timer
 }
 
 export interface SerialOptions {
@@ -196,6 +225,11 @@ export class Serial16550 implements BusDevice {
   // Effects decided under the lock, carried out after it.
   private pendingEdge = false;
   private pendingOut = -1;
+  /** Bytes a hold's end took from the transmit buffer, written after the lock. */
+  private readonly pendingBurst = new Uint8Array(TX_BUFFER_BYTES);
+  private pendingBurstLen = 0;
+  private pendingHoldWake = false;
+  private readonly txBuffer: Uint8Array;
   /** The output bucket over the shared state, if one is configured. */
   private readonly bucket: TokenBucket | undefined;
   private readonly now: () => number;
@@ -233,6 +267,7 @@ export class Serial16550 implements BusDevice {
     this.s = new Int32Array(state, 0, INT32_SLOTS);
     this.counters = new Float64Array(state, COUNTERS_BYTE_OFFSET, COUNTER_COUNT);
     this.ring = new Uint8Array(state, RING_BYTE_OFFSET, SERIAL_RX_RING_SIZE);
+    this.txBuffer = new Uint8Array(state, TX_BYTE_OFFSET, TX_BUFFER_BYTES);
     this.mutex = new SharedMutex(this.s, S_LOCK);
     this.now = opts.now ?? processMonotonicMs;
     const limit = new Float64Array(state, LIMIT_BYTE_OFFSET, LIMIT_SLOTS);
@@ -255,6 +290,7 @@ export class Serial16550 implements BusDevice {
   read(offset: number, data: Uint8Array): void {
     this.mutex.lock();
     try {
+      this.releaseThre();
       const v = data.length === 1 ? this.readRegister(offset) : -1;
       if (v < 0) {
         this.counters[C_UNKNOWN]! += 1;
@@ -273,6 +309,7 @@ export class Serial16550 implements BusDevice {
     this.mutex.lock();
     try {
       const v = data[0];
+      if (offset !== RBR_THR_DLL || this.s[S_LCR]! & LCR_DLAB) this.releaseThre();
       if (data.length !== 1 || v === undefined || !this.writeRegister(offset, v)) {
         this.counters[C_UNKNOWN]! += 1;
       }
@@ -351,6 +388,8 @@ export class Serial16550 implements BusDevice {
       interrupts: this.counters[C_IRQS]!,
       overruns: this.counters[C_OVERRUNS]!,
       rateLimiterDroppedBytes: this.counters[C_RATE_DROPPED]!,
+      holdTimerRuns: this.counters[C_HOLD_TIMER_RUNS]!,
+      holdsEndedByTimer: this.counters[C_HOLDS_TIMER_ENDED]!,
     }));
   }
 
@@ -363,6 +402,11 @@ export class Serial16550 implements BusDevice {
       for (let i = 0; i < n; i++) rx[i] = this.ring[(head + i) & (SERIAL_RX_RING_SIZE - 1)]!;
       const o: Record<string, number> = {};
       for (const [k, slot] of SAVED_REGISTERS) o[k] = this.s[slot]!;
+      // A held THRE (releaseThre) is saved as pending. With the line low that pair shows in no
+      // other state (every access leaves the line at its level): restoreState holds it again,
+      // and the restored VM's hold timer ends it. With the line high (another interrupt waits)
+      // the guest's handler finds THRE when it looks.
+      if (this.s[S_TX_HELD]! > 0 && this.s[S_IER]! & IER_THRI) o.threPending = 1;
       return { ...(o as Omit<SerialSavedState, 'rx'>), rx };
     });
   }
@@ -387,6 +431,17 @@ export class Serial16550 implements BusDevice {
       this.ring.set(o.rx, 0);
       Atomics.store(this.s, S_RX_HEAD, 0);
       Atomics.store(this.s, S_RX_TAIL, o.rx.length);
+      // A held THRE (see saveState): held again, for the hold timer to end. (The bytes of a
+      // hold were the source VM's console's, not the restored one's.)
+      this.s[S_TX_HELD] = 0;
+      this.s[S_TX_LEN] = 0;
+      if (o.threPending === 1 && o.line === 0 && o.ier & IER_THRI) {
+        this.s[S_THRE_PENDING] = 0;
+        this.s[S_TX_HELD] = 1;
+        this.s[S_HOLD_ARMED] = 1;
+        Atomics.add(this.s, S_HOLD_WAKE, 1);
+        Atomics.notify(this.s, S_HOLD_WAKE);
+      }
     });
   }
 
@@ -499,12 +554,65 @@ export class Serial16550 implements BusDevice {
         this.counters[C_OVERRUNS]! += 1;
       }
     } else {
+      const holding = s[S_FCR]! & FCR_ENABLE_FIFO && s[S_HOLD_OWNER] === 1;
+      // Bytes of a hold that ended with holding turned off (teardown) go out first, in order.
+      if (!holding && s[S_TX_LEN]! > 0) this.takeBurst();
       // Counted as written either way (Firecracker's write_count counts a dropped byte too).
       this.counters[C_BYTES_OUT]! += 1;
-      if (this.bucket && this.bucket.reduce(1, this.now()).kind !== 'ok')
-        this.counters[C_RATE_DROPPED]! += 1;
-      else this.pendingOut = v;
+      const dropped = this.bucket !== undefined && this.bucket.reduce(1, this.now()).kind !== 'ok';
+      if (dropped) this.counters[C_RATE_DROPPED]! += 1;
+      if (holding) {
+        // FIFO mode: the byte is sent, but it is written out, and THRE's interrupt raised, when
+        // the driver is done writing: its next access to another register (releaseThre), the
+        // hold timer, or the byte after a full FIFO.
+        if (!dropped) this.txBuffer[s[S_TX_LEN]!] = v;
+        if (!dropped) s[S_TX_LEN] = s[S_TX_LEN]! + 1;
+        const held = s[S_TX_HELD]! + 1;
+        if (held <= TX_FIFO_BYTES) {
+          s[S_TX_HELD] = held;
+          if (s[S_IER]! & IER_THRI && s[S_HOLD_ARMED] === 0) {
+            s[S_HOLD_ARMED] = 1;
+            this.pendingHoldWake = true;
+          }
+          return;
+        }
+        s[S_TX_HELD] = 0;
+        this.takeBurst();
+      } else if (!dropped) {
+        this.pendingOut = v;
+      }
     }
+    s[S_THRE_PENDING] = s[S_IER]! & IER_THRI ? 1 : 0;
+  }
+
+  /** The lock if it is free now (SharedMutex's states: 0 free, 1 held, 2 held with waiters). */
+  private tryLock(): boolean {
+    return Atomics.compareExchange(this.s, S_LOCK, 0, 1) === 0;
+  }
+
+  /** The transmit buffer's bytes become this thread's to write out (after the lock). */
+  private takeBurst(): void {
+    const n = this.s[S_TX_LEN]!;
+    this.pendingBurst.set(this.txBuffer.subarray(0, n), this.pendingBurstLen);
+    this.pendingBurstLen += n;
+    this.s[S_TX_LEN] = 0;
+  }
+
+  /**
+   * THRE's indication for bytes sent in FIFO mode, held since (transmit): set now. A driver
+   * with FIFOs on (Linux's 8250 among them) writes up to 16 bytes per THRE interrupt and then
+   * reads IIR or LSR, or writes IER, before it expects the next one; one edge per byte (the
+   * line drops at each THR write and rises as the byte leaves) would make the interrupt
+   * controller inject each of them while the driver is still filling the FIFO. So the line
+   * rises when the driver is done writing: at its next access to another register, whose
+   * updateLine() then makes the edge (none when that access is the IIR read that clears it).
+   */
+  private releaseThre(): void {
+    const s = this.s;
+    if (s[S_TX_LEN]! > 0) this.takeBurst();
+    if (s[S_TX_HELD] === 0) return;
+    s[S_TX_HELD] = 0;
+    s[S_HOLD_ENDS] = (s[S_HOLD_ENDS]! + 1) | 0;
     s[S_THRE_PENDING] = s[S_IER]! & IER_THRI ? 1 : 0;
   }
 
@@ -586,7 +694,107 @@ export class Serial16550 implements BusDevice {
     const edge = this.pendingEdge;
     this.pendingOut = -1;
     this.pendingEdge = false;
+    if (this.pendingBurstLen > 0) {
+      const n = this.pendingBurstLen;
+      this.pendingBurstLen = 0;
+      this.sinks.output(this.pendingBurst.subarray(0, n));
+    }
     if (out >= 0) this.sinks.output(Uint8Array.of(out));
     if (edge) this.sinks.irq.trigger();
+    if (this.pendingHoldWake) {
+      this.pendingHoldWake = false;
+      Atomics.add(this.s, S_HOLD_WAKE, 1);
+      Atomics.notify(this.s, S_HOLD_WAKE);
+    }
+  }
+
+  /**
+   * One thread (the main thread) runs the timer that ends a hold the guest does not end itself
+   * (a driver that writes a few bytes and then only waits for THRE's interrupt): a period after
+   * a hold asked for it (THRE_HOLD_MS, doubling up to THRE_HOLD_MAX_MS while every hold it finds
+   * was ended by the guest), the held indication is set and its edge raised. Sleeps on the
+   * state's wake slot otherwise (no timer runs while the guest sends nothing); nothing here keeps
+   * the process alive. Holding is on only while this runs. Returns the function that stops it
+   * (at teardown, before the interrupt's eventfd closes: a hold still in place is left).
+   */
+  startHoldTimer(minMs = THRE_HOLD_MS, maxMs = THRE_HOLD_MAX_MS): () => void {
+    let stopped = false;
+    let timer: NodeJS.Timeout | undefined;
+    let period = minMs;
+    const waitAsync = (Atomics as unknown as { waitAsync: WaitAsync }).waitAsync;
+    let ends = 0;
+    /**
+     * One expiry: a hold the guest has left alone since the last one (no hold of its ended
+     * meanwhile) is ended here, and the short period follows; while the guest ends its holds
+     * itself (a driver still filling the FIFO, or done with it), the period doubles.
+     */
+    const expire = (): void => {
+      // Never waits for the lock on this thread (a vCPU thread given up on could hold it): a
+      // busy lock is left for the next expiry, the period and the hold unchanged.
+      if (!this.tryLock()) return;
+      try {
+        const s = this.s;
+        const held = s[S_TX_HELD]! > 0;
+        const active = s[S_HOLD_ENDS] !== ends;
+        this.counters[C_HOLD_TIMER_RUNS]! += 1;
+        if (held && !active) {
+          this.counters[C_HOLDS_TIMER_ENDED]! += 1;
+          this.releaseThre();
+          this.updateLine();
+          period = minMs;
+        } else {
+          period = Math.min(period * 2, maxMs);
+        }
+        // Still holding (a burst under way): the timer looks again; else it sleeps until asked.
+        s[S_HOLD_ARMED] = s[S_TX_HELD]! > 0 ? 1 : 0;
+        ends = s[S_HOLD_ENDS]!;
+      } finally {
+        this.mutex.unlock();
+      }
+      this.flushEffects();
+    };
+    Atomics.store(this.s, S_HOLD_OWNER, 1);
+    const loop = async () => {
+      while (!stopped) {
+        const seen = Atomics.load(this.s, S_HOLD_WAKE);
+        if (Atomics.load(this.s, S_HOLD_ARMED) === 0 && Atomics.load(this.s, S_TX_HELD) === 0) {
+          const r = waitAsync(this.s, S_HOLD_WAKE, seen);
+          if (r.async) await r.value;
+          continue;
+        }
+        ends = Atomics.load(this.s, S_HOLD_ENDS);
+        await new Promise<void>((r) => {
+          timer = setTimeout(r, period);
+          timer.unref();
+        });
+        if (stopped) break;
+        expire();
+      }
+    };
+    void loop();
+    return () => {
+      if (stopped) return;
+      stopped = true;
+      if (timer) clearTimeout(timer);
+      Atomics.store(this.s, S_HOLD_OWNER, 0);
+      Atomics.add(this.s, S_HOLD_WAKE, 1);
+      Atomics.notify(this.s, S_HOLD_WAKE);
+      // What the guest sent during a hold it never ended is written out now (no edge: the VM
+      // is going away, and the interrupt's eventfd with it). The lock is tried for a moment
+      // only: a vCPU thread given up on could hold it, and then the bytes stay unwritten.
+      let locked = this.tryLock();
+      const nap = new Int32Array(new SharedArrayBuffer(4));
+      for (let ms = 0; !locked && ms < STOP_LOCK_WAIT_MS; ms++) {
+        Atomics.wait(nap, 0, 0, 1);
+        locked = this.tryLock();
+      }
+      if (!locked) return;
+      try {
+        if (this.s[S_TX_LEN]! > 0) this.takeBurst();
+      } finally {
+        this.mutex.unlock();
+      }
+      this.flushEffects();
+    };
   }
 }
