@@ -28,6 +28,21 @@ function uart() {
   return { dev, state, out, rd, wr, irqs: () => irqs };
 }
 
+/** Holding on (the hold timer), FIFOs and THRI on, THRE taken: a driver about to send. */
+function startTx(
+  dev: Serial16550,
+  rd: (off: number) => number,
+  wr: (off: number, v: number) => void,
+  minMs: number,
+  maxMs?: number,
+): () => void {
+  const stop = dev.startHoldTimer(minMs, maxMs);
+  wr(FCR, 0x01);
+  wr(IER, 0x02);
+  assert.equal(rd(IIR), 0xc2);
+  return stop;
+}
+
 test('Linux 8250 autoconfig identifies a 16550A', () => {
   const { rd, wr } = uart();
   // Scratch/IER test.
@@ -242,10 +257,7 @@ test('FIFO mode: the hold timer leaves a driver that keeps ending its holds alon
 
 test('stopping the hold timer writes out what a hold kept, and later bytes follow in order', () => {
   const { dev, out, rd, wr, irqs } = uart();
-  const stop = dev.startHoldTimer(60_000);
-  wr(FCR, 0x01);
-  wr(IER, 0x02);
-  assert.equal(rd(IIR), 0xc2);
+  const stop = startTx(dev, rd, wr, 60_000);
   wr(RBR, 0x61);
   wr(RBR, 0x62);
   assert.deepEqual(out, []);
@@ -259,10 +271,7 @@ test('stopping the hold timer writes out what a hold kept, and later bytes follo
 
 test('a hold ended with holding turned off still writes its bytes first', () => {
   const { dev, out, rd, wr } = uart();
-  const stop = dev.startHoldTimer(60_000);
-  wr(FCR, 0x01);
-  wr(IER, 0x02);
-  assert.equal(rd(IIR), 0xc2);
+  const stop = startTx(dev, rd, wr, 60_000);
   wr(RBR, 0x61);
   // FIFOs off: an access to FCR, which ends the hold first.
   wr(FCR, 0x00);
@@ -310,10 +319,7 @@ test('without FIFOs the hold timer changes nothing: one THRE edge per byte', () 
 
 test('a held THRE survives save and restore, and the restored VM gets its edge', async () => {
   const a = uart();
-  const stopA = a.dev.startHoldTimer(60_000);
-  a.wr(FCR, 0x01);
-  a.wr(IER, 0x02);
-  assert.equal(a.rd(IIR), 0xc2);
+  const stopA = startTx(a.dev, a.rd, a.wr, 60_000);
   a.wr(RBR, 0x41);
   const saved = a.dev.saveState();
   stopA();
@@ -334,10 +340,8 @@ test('a held THRE survives save and restore, and the restored VM gets its edge',
   // Held while another interrupt waits (the line is high): saved as THRE pending, which the
   // guest's handler finds when it looks.
   const e = uart();
-  const stopE = e.dev.startHoldTimer(60_000);
-  e.wr(FCR, 0x01);
-  e.wr(IER, 0x03);
-  assert.equal(e.rd(IIR), 0xc2);
+  const stopE = startTx(e.dev, e.rd, e.wr, 60_000);
+  e.wr(IER, 0x03); // and RDI
   e.wr(RBR, 0x41);
   e.dev.pushInput(Uint8Array.of(0x0a));
   const both = e.dev.saveState();
