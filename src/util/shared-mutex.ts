@@ -34,6 +34,25 @@ export class SharedMutex {
     }
   }
 
+  /** The lock if it is free now; never waits. */
+  tryLock(): boolean {
+    return Atomics.compareExchange(this.slots, this.index, 0, 1) === 0;
+  }
+
+  /**
+   * The lock if it comes free within `ms` (tried every millisecond): for a thread that must not
+   * wait long on a holder that may never let go (a thread given up on).
+   */
+  tryLockFor(ms: number): boolean {
+    let locked = this.tryLock();
+    const nap = new Int32Array(new SharedArrayBuffer(4));
+    for (let t = 0; !locked && t < ms; t++) {
+      Atomics.wait(nap, 0, 0, 1);
+      locked = this.tryLock();
+    }
+    return locked;
+  }
+
   unlock(): void {
     if (Atomics.exchange(this.slots, this.index, 0) === 2)
       Atomics.notify(this.slots, this.index, 1);

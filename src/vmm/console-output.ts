@@ -197,7 +197,7 @@ export class ConsoleOutput {
    * returns false at once, and that writer tries the ring itself.
    */
   flush(): boolean {
-    if (!this.tryLock()) return false;
+    if (!this.mutex.tryLock()) return false;
     try {
       if (this.s[S_LEN]! > 0 && this.s[S_GONE] === 0) {
         const before = this.s[S_LEN]!;
@@ -208,11 +208,6 @@ export class ConsoleOutput {
     } finally {
       this.mutex.unlock();
     }
-  }
-
-  /** The lock if it is free now (SharedMutex's states: 0 free, 1 held, 2 held with waiters). */
-  private tryLock(): boolean {
-    return Atomics.compareExchange(this.s, S_LOCK, 0, 1) === 0;
   }
 
   /**
@@ -262,12 +257,7 @@ export class ConsoleOutput {
    * closed under a writer, and this does not wait more than CLOSE_LOCK_WAIT_MS.
    */
   close(): void {
-    let locked = this.tryLock();
-    const nap = new Int32Array(new SharedArrayBuffer(4));
-    for (let ms = 0; !locked && ms < CLOSE_LOCK_WAIT_MS; ms++) {
-      Atomics.wait(nap, 0, 0, 1);
-      locked = this.tryLock();
-    }
+    const locked = this.mutex.tryLockFor(CLOSE_LOCK_WAIT_MS);
     if (locked) {
       try {
         if (this.s[S_LEN]! > 0 && this.s[S_GONE] === 0) this.flushLocked();

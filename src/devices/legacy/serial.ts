@@ -585,11 +585,6 @@ export class Serial16550 implements BusDevice {
     s[S_THRE_PENDING] = s[S_IER]! & IER_THRI ? 1 : 0;
   }
 
-  /** The lock if it is free now (SharedMutex's states: 0 free, 1 held, 2 held with waiters). */
-  private tryLock(): boolean {
-    return Atomics.compareExchange(this.s, S_LOCK, 0, 1) === 0;
-  }
-
   /** The transmit buffer's bytes become this thread's to write out (after the lock). */
   private takeBurst(): void {
     const n = this.s[S_TX_LEN]!;
@@ -731,7 +726,7 @@ export class Serial16550 implements BusDevice {
     const expire = (): void => {
       // Never waits for the lock on this thread (a vCPU thread given up on could hold it): a
       // busy lock is left for the next expiry, the period and the hold unchanged.
-      if (!this.tryLock()) return;
+      if (!this.mutex.tryLock()) return;
       try {
         const s = this.s;
         const held = s[S_TX_HELD]! > 0;
@@ -782,13 +777,7 @@ export class Serial16550 implements BusDevice {
       // What the guest sent during a hold it never ended is written out now (no edge: the VM
       // is going away, and the interrupt's eventfd with it). The lock is tried for a moment
       // only: a vCPU thread given up on could hold it, and then the bytes stay unwritten.
-      let locked = this.tryLock();
-      const nap = new Int32Array(new SharedArrayBuffer(4));
-      for (let ms = 0; !locked && ms < STOP_LOCK_WAIT_MS; ms++) {
-        Atomics.wait(nap, 0, 0, 1);
-        locked = this.tryLock();
-      }
-      if (!locked) return;
+      if (!this.mutex.tryLockFor(STOP_LOCK_WAIT_MS)) return;
       try {
         if (this.s[S_TX_LEN]! > 0) this.takeBurst();
       } finally {
