@@ -5,7 +5,7 @@
  * whatever is wrong with a cache or the bundle only costs time: a stale cache is not used and
  * is remade in the background, a cache V8 refuses is remade too, and a bundle older than its
  * dist/ sentinels (its entry, its newest input) is not run at all (dist/ is); one whose other
- * inputs changed is found out after start-up and not run again. For `run`, the loader starts
+ * inputs changed is found out 2 s after start-up (not by a shorter run) and not run again. For `run`, the loader starts
  * vCPU 0's worker before it compiles the main bundle. The API mode runs the `api` bundle.
  * Needs /dev/kvm, gcc, ld and esbuild (a devDependency).
  */
@@ -52,10 +52,11 @@ function buildScript(...args: string[]) {
 function start(
   args: string[],
   nodeArgs: readonly string[] = [],
+  env: Record<string, string> = {},
 ): Promise<{ code: number | null; stdout: string; stderr: string }> {
   const child = spawn(process.execPath, [...nodeArgs, join(OUT, 'main.cjs'), ...args], {
     stdio: ['ignore', 'pipe', 'pipe'],
-    env: { ...process.env, TYPERVISOR_BUNDLE_DEBUG: '1', TYPERVISOR_NO_BUNDLE: undefined },
+    env: { ...process.env, TYPERVISOR_BUNDLE_DEBUG: '1', TYPERVISOR_NO_BUNDLE: undefined, ...env },
   });
   let stdout = '';
   let stderr = '';
@@ -71,10 +72,15 @@ function start(
 }
 
 /** Boots the poweroff guest (with a virtio-rng device: a device worker) from the test bundle. */
-function boot(extra: string[] = [], nodeArgs: readonly string[] = []) {
+function boot(
+  extra: string[] = [],
+  nodeArgs: readonly string[] = [],
+  env: Record<string, string> = {},
+) {
   return start(
     ['run', '--kernel', guestPath('poweroff'), '--memory', '32', '--rng', ...extra],
     nodeArgs,
+    env,
   );
 }
 
@@ -254,7 +260,12 @@ describe('per-thread bundles with code caches', () => {
     const other = Object.keys(main.inputs).find((k) => !main.sentinels.includes(k))!;
     main.inputs[other]![0] += 1; // as if the file had changed since the bundle was made
     writeFileSync(manifestPath(), JSON.stringify(manifest));
-    const r = await boot();
+    // A run that ends before the check (2 s after start) leaves it to a longer one.
+    const short = await boot();
+    assert.equal(short.code, 0, short.stderr);
+    assert.equal(cacheOf(short.stderr, 'main'), 'used', 'the sentinels are current: it ran');
+    assert.doesNotMatch(short.stderr, /out of date/);
+    const r = await boot([], [], { TYPERVISOR_BUNDLE_CHECK_MS: '0' });
     assert.equal(r.code, 0, r.stderr);
     assert.equal(r.stdout, 'tiny guest up\n');
     assert.equal(cacheOf(r.stderr, 'main'), 'used', 'the sentinels are current: it ran');
