@@ -87,11 +87,12 @@ async function build() {
   rmSync(tmp, { recursive: true, force: true });
   mkdirSync(tmp, { recursive: true });
   // node:crypto costs the main thread ~1.6 CPU ms to load and is used only once a VM exists
-  // (a MAC address, a snapshot's checksum, MMDS tokens): in the main and api bundles it loads on
-  // first use. Importers reach it as `(0, import_node_crypto.X)(...)`, so a module whose exports
+  // (a MAC address, a snapshot's checksum, MMDS tokens); node:child_process (17 modules with
+  // net and dgram) only by a few commands (`--rootfs`'s copy, clone, the daemon's backends): in
+  // the main and api bundles they load on first use. Importers reach it as `(0, import_node_crypto.X)(...)`, so a module whose exports
   // are getters (one per name this Node's crypto has) defers the require to the first call. Not
   // in the workers: they install their seccomp filter once started, and load it before.
-  const LAZY_BUILTINS = ['node:crypto'];
+  const LAZY_BUILTINS = ['node:crypto', 'node:child_process'];
   const lazyBuiltins = {
     name: 'lazy-builtins',
     setup(b) {
