@@ -272,6 +272,24 @@ function makeCache(name) {
   fs.renameSync(tmp, out);
 }
 
+/**
+ * A training run (scripts/bundle.mjs, TYPERVISOR_BUNDLE_TRAIN=FILE): the main bundle compiled
+ * lazily, then, if the process exits with 0, its code cache written to FILE with the key a run
+ * checks. It holds the functions this run compiled: what a VM's start runs on the main thread,
+ * not every function of every command, as the eager cache (makeCache) does.
+ */
+function trainCacheAtExit(script, st, file) {
+  process.once('exit', (code) => {
+    if (code !== 0) return;
+    const tmp = `${file}.tmp-${process.pid}`;
+    fs.writeFileSync(
+      tmp,
+      Buffer.concat([Buffer.from(`${cacheKey(st)}\n`), script.createCachedData()]),
+    );
+    fs.renameSync(tmp, file);
+  });
+}
+
 function runUnbundled(name, manifest) {
   const entry =
     (manifest && manifest.bundles && manifest.bundles[name] && manifest.bundles[name].entry) ||
@@ -356,11 +374,13 @@ function run(name, checkInputs) {
   // and latin1 makes V8's one-byte string without decoding UTF-8.
   const src = fs.readFileSync(file, manifest && manifest.ascii === true ? 'latin1' : 'utf8');
   const st = fs.statSync(file);
-  const cachedData = readCache(name, st, manifest);
+  const train = name === 'main' ? process.env.TYPERVISOR_BUNDLE_TRAIN : undefined;
+  const cachedData = train ? undefined : readCache(name, st, manifest);
   const script = new vm.Script(src, { filename: file, cachedData });
   const cache = cachedData === undefined ? 'none' : script.cachedDataRejected ? 'rejected' : 'used';
   globalThis[KEY] = { dir: DIR, cache };
-  if (checkInputs) {
+  if (train) trainCacheAtExit(script, st, train);
+  else if (checkInputs) {
     // The main thread (never a worker: its seccomp filter may forbid a spawn) remakes the
     // caches that are missing, made for something else, or refused by V8.
     // Under a variant's flags, only that variant's bundles (the others run without them).
