@@ -52,6 +52,16 @@ const IPERF_SECONDS = 4;
 const PINGS = 10;
 /** Pings of `--only ping`. */
 const PINGS_ONLY = 30;
+/**
+ * TYPERVISOR_BENCH_NODE_FLAGS="--trace-gc ...": Node/V8 flags for our VMM's process (a
+ * diagnosis: V8 flags change the code caches' key, so those runs take dist/ un-bundled,
+ * TYPERVISOR_NO_BUNDLE, and leave dist/bundle alone). With --trace-gc, the ping logs each
+ * isolate's collections during the pings (V8 prints them on stdout, the console's stream).
+ */
+const NODE_FLAGS = (process.env.TYPERVISOR_BENCH_NODE_FLAGS ?? '').split(' ').filter(Boolean);
+if (NODE_FLAGS.length > 0) process.env.TYPERVISOR_NO_BUNDLE = '1';
+const GC_LINE =
+  /^\[\d+:(0x[0-9a-f]+)\]\s+[\d.]+ ms: (Scavenge|Mark-Compact|Mark-sweep|Minor)[^\n]*/gm;
 /** KiB the guest prints on its console for the console row. */
 const CONSOLE_KIB = 64;
 const VSOCK_MIB = 32;
@@ -271,6 +281,7 @@ function vmmArgv(
     return net.exec([
       process.execPath,
       ...(prof ? ['--cpu-prof', '--cpu-prof-dir', prof] : []),
+      ...NODE_FLAGS,
       name === 'baseline' ? join(baseline!, 'bin', 'typervisor') : TYPERVISOR,
       '--api-sock',
       f.api,
@@ -577,7 +588,22 @@ async function measure(
                 ])
               : undefined;
           if (perf) await new Promise((r) => setTimeout(r, 1000));
+          const outFrom = vm.out.length;
           const out = await vm.run(`busybox ping ${q}-c ${pings} -i 0.2 ${net.hostAddr}`, 120_000);
+          if (isOurs(name) && NODE_FLAGS.includes('--trace-gc')) {
+            const gcs = [...vm.out.slice(outFrom).matchAll(GC_LINE)];
+            const per = new Map<string, number>();
+            for (const g of gcs) per.set(`${g[1]} ${g[2]}`, (per.get(`${g[1]} ${g[2]}`) ?? 0) + 1);
+            log(
+              `${name}: V8 collections during ${pings} pings, per isolate: ${[...per].map(([k, v]) => `${k} x${v}`).join(', ') || 'none'}`,
+            );
+            log(
+              gcs
+                .slice(0, 60)
+                .map((g) => g[0])
+                .join('\n'),
+            );
+          }
           if (tracer) {
             tracer.proc.kill('SIGINT');
             await new Promise((r) => tracer.proc.once('exit', r));
