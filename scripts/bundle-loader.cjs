@@ -273,10 +273,11 @@ function makeCache(name) {
 }
 
 /**
- * A training run (scripts/bundle.mjs, TYPERVISOR_BUNDLE_TRAIN=FILE): the main bundle compiled
- * lazily, then, if the process exits with 0, its code cache written to FILE with the key a run
- * checks. It holds the functions this run compiled: what a VM's start runs on the main thread,
- * not every function of every command, as the eager cache (makeCache) does.
+ * A training run (scripts/bundle.mjs, TYPERVISOR_BUNDLE_TRAIN=FILE): the main thread's bundle
+ * (main, or api for the API mode) compiled lazily, then, if the process exits with 0, its code
+ * cache written to FILE with the key a run checks. It holds the functions this run compiled:
+ * what a VM's start runs on the main thread, not every function of every command, as the eager
+ * cache (makeCache) does.
  */
 function trainCacheAtExit(script, st, file) {
   process.once('exit', (code) => {
@@ -374,7 +375,7 @@ function run(name, checkInputs) {
   // and latin1 makes V8's one-byte string without decoding UTF-8.
   const src = fs.readFileSync(file, manifest && manifest.ascii === true ? 'latin1' : 'utf8');
   const st = fs.statSync(file);
-  const train = name === 'main' ? process.env.TYPERVISOR_BUNDLE_TRAIN : undefined;
+  const train = checkInputs ? process.env.TYPERVISOR_BUNDLE_TRAIN : undefined;
   const cachedData = train ? undefined : readCache(name, st, manifest);
   const script = new vm.Script(src, { filename: file, cachedData });
   const cache = cachedData === undefined ? 'none' : script.cachedDataRejected ? 'rejected' : 'used';

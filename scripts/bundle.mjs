@@ -12,7 +12,8 @@
  *                 package.json, worker entries) resolve as they do un-bundled
  *   NAME.cache    V8's code cache for NAME.js, compiled eagerly (every function, not only the
  *                 top level), with a header naming what it is valid for (see bundle-loader.cjs);
- *                 main's is then remade by a training run where it can be (trainMainCache)
+ *                 main's and api's are then remade by training runs where they can be
+ *                 (trainCaches)
  *   NAME.cjs      the loader a Worker or the launcher starts (bundle-loader.cjs with NAME)
  *   NAME.ID.cache the cache of NAME for a process started with V8 flags (manifest.variants: ID
  *                 names the flags): `typervisor serve` runs with heap flags (src/daemon/heap.ts),
@@ -229,84 +230,139 @@ async function build() {
       return 1;
     }
   }
-  trainMainCache(spawnSync);
+  await trainCaches(spawnSync);
   return 0;
 }
 
 /**
- * The main bundle's cache from a training run, where one can run: the bundle starts the micro
- * guest (bench/guests/micro.S, MODE_MARK: it resets at once) with native vCPU threads, a
- * virtio-rng device and a read-only drive, compiled lazily, and writes the code cache of what
- * it compiled at exit (bundle-loader.cjs trainCacheAtExit). That cache holds the functions a
- * VM's start runs on the main thread (0.58 MB against the eager 1.49 MB: the eager one also
- * holds the other commands and the device models, which run in the device worker): on the
- * micro guest with native vCPU threads exec -> marker -9 ms and peak RSS -1.2 MiB (21
+ * The main and api bundles' caches from training runs, where they can run: each bundle,
+ * compiled lazily (TYPERVISOR_BUNDLE_TRAIN=FILE), starts the micro guest (bench/guests/micro.S,
+ * MODE_MARK: it resets at once, and the VMM exits) with a virtio-rng device and a read-only
+ * drive, and writes the code cache of what it compiled at exit (bundle-loader.cjs
+ * trainCacheAtExit): main as `run --vcpu-threads native`, api through its socket (GET /, the
+ * boot source, machine config, entropy device and drive, InstanceStart). Such a cache holds the
+ * functions a VM's start runs on the main thread (main: 0.58 MB against the eager 1.49 MB, which
+ * also holds every other command and the device models that only the device worker runs): on
+ * the micro guest with native vCPU threads exec -> marker -9 ms and peak RSS -1.1 MiB (41
  * interleaved runs); what it lacks is compiled when first called, as without a cache. Needs
- * /dev/kvm, gcc and ld; without them (or if the run fails) the eager cache stays, and this says
- * why. The background re-maker of a stale cache (the loader's makeCache) stays eager.
+ * /dev/kvm, gcc and ld; without them (or if a run fails) the eager cache stays, and this says
+ * why. The loader's background re-maker of a stale cache stays eager.
  */
-function trainMainCache(spawnSync) {
-  const say = (m) => process.stderr.write(`bundle: main's code cache: ${m}\n`);
+async function trainCaches(spawnSync) {
+  const say = (name, m) => process.stderr.write(`bundle: ${name}'s code cache: ${m}\n`);
   try {
     accessSync('/dev/kvm', fsConstants.R_OK | fsConstants.W_OK);
   } catch {
-    say('eager (no usable /dev/kvm for a training run)');
+    for (const name of TRAINED) say(name, 'eager (no usable /dev/kvm for a training run)');
     return;
   }
   const dir = mkdtempSync(join(tmpdir(), 'typervisor-train-'));
   try {
     const elf = join(dir, 'mark.elf');
+    const obj = join(dir, 'mark.o');
     const steps = [
-      [
-        'gcc',
-        '-c',
-        '-DMODE_MARK',
-        '-o',
-        join(dir, 'mark.o'),
-        join(ROOT, 'bench', 'guests', 'micro.S'),
-      ],
-      [
-        'ld',
-        '-m',
-        'elf_x86_64',
-        '-nostdlib',
-        '-static',
-        '-T',
-        join(ROOT, 'test', 'guests', 'tiny.ld'),
-        '-z',
-        'noexecstack',
-        '-o',
-        elf,
-        join(dir, 'mark.o'),
-      ],
+      ['gcc', '-c', '-DMODE_MARK', '-o', obj, join(ROOT, 'bench', 'guests', 'micro.S')],
+      ['ld', '-m', 'elf_x86_64', '-nostdlib', '-static', '-z', 'noexecstack', '-o', elf, obj],
     ];
+    steps[1].splice(5, 0, '-T', join(ROOT, 'test', 'guests', 'tiny.ld'));
     for (const [cmd, ...args] of steps) {
       const r = spawnSync(cmd, args, { encoding: 'utf8' });
       if (r.status !== 0) {
-        say(`eager (building the training guest: ${cmd} ${r.error?.message ?? r.stderr.trim()})`);
+        const why = `building the training guest: ${cmd} ${r.error?.message ?? r.stderr.trim()}`;
+        for (const name of TRAINED) say(name, `eager (${why})`);
         return;
       }
     }
     const disk = join(dir, 'disk.img');
     writeFileSync(disk, Buffer.alloc(1 << 20));
-    const out = join(dir, 'main.cache');
-    const args = ['run', '--kernel', elf, '--memory', '32', '--vcpu-threads', 'native'];
-    args.push('--no-seccomp', '--rng', '--drive', `path=${disk},ro`);
-    const r = spawnSync(process.execPath, [join(OUT, 'main.cjs'), ...args], {
-      env: { ...process.env, TYPERVISOR_BUNDLE_TRAIN: out, NODE_EXTRA_CA_CERTS: '' },
-      encoding: 'utf8',
-      timeout: 60_000,
-    });
-    if (r.status !== 0 || !existsSync(out)) {
-      const why = r.error?.message ?? (r.stderr.trim().split('\n').pop() || `exit ${r.status}`);
-      say(`eager (the training run failed: ${why})`);
-      return;
+    for (const name of TRAINED) {
+      const out = join(dir, `${name}.cache`);
+      const env = { ...process.env, TYPERVISOR_BUNDLE_TRAIN: out, NODE_EXTRA_CA_CERTS: '' };
+      const why =
+        name === 'main'
+          ? trainRun(spawnSync, elf, disk, env)
+          : await trainApi(join(dir, 'api.sock'), elf, disk, env);
+      if (why !== undefined || !existsSync(out)) {
+        say(name, `eager (the training run failed: ${why ?? 'no cache written'})`);
+        continue;
+      }
+      const eager = statSync(join(OUT, `${name}.cache`)).size;
+      renameSync(out, join(OUT, `${name}.cache`));
+      say(
+        name,
+        `trained on a micro VM (${statSync(join(OUT, `${name}.cache`)).size} bytes; eager ${eager})`,
+      );
     }
-    const eager = statSync(join(OUT, 'main.cache')).size;
-    renameSync(out, join(OUT, 'main.cache'));
-    say(`trained on a micro VM (${statSync(join(OUT, 'main.cache')).size} bytes; eager ${eager})`);
   } finally {
     rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+/** The bundles whose caches trainCaches makes. */
+const TRAINED = ['main', 'api'];
+
+/** `run` from the main bundle: undefined, or why it failed. */
+function trainRun(spawnSync, elf, disk, env) {
+  const args = ['run', '--kernel', elf, '--memory', '32', '--vcpu-threads', 'native'];
+  args.push('--no-seccomp', '--rng', '--drive', `path=${disk},ro`);
+  const r = spawnSync(process.execPath, [join(OUT, 'main.cjs'), ...args], {
+    env,
+    encoding: 'utf8',
+    timeout: 60_000,
+  });
+  if (r.status === 0) return undefined;
+  return r.error?.message ?? (r.stderr.trim().split('\n').pop() || `exit ${r.status}`);
+}
+
+/** The API mode (the launcher hands `--api-sock` to the api bundle), driven over its socket. */
+async function trainApi(sock, elf, disk, env) {
+  const { spawn } = await import('node:child_process');
+  const { request } = await import('node:http');
+  const child = spawn(
+    process.execPath,
+    [join(OUT, 'main.cjs'), '--api-sock', sock, '--no-seccomp'],
+    {
+      env,
+      stdio: ['ignore', 'ignore', 'pipe'],
+    },
+  );
+  let err = '';
+  child.stderr.setEncoding('utf8').on('data', (d) => (err = (err + d).slice(-2000)));
+  const exited = new Promise((resolve) => child.on('exit', (code) => resolve(code)));
+  const timer = setTimeout(() => child.kill('SIGKILL'), 60_000);
+  const call = (method, path, body) =>
+    new Promise((resolve, reject) => {
+      const req = request({ socketPath: sock, method, path }, (res) => {
+        res.resume();
+        res.on('end', () =>
+          res.statusCode < 300
+            ? resolve()
+            : reject(new Error(`${method} ${path}: ${res.statusCode}`)),
+        );
+      });
+      req.on('error', reject);
+      req.end(body === undefined ? undefined : JSON.stringify(body));
+    });
+  try {
+    for (let i = 0; !existsSync(sock); i++) {
+      if (i > 1000 || child.exitCode !== null) throw new Error('no API socket');
+      await new Promise((r) => setTimeout(r, 10));
+    }
+    await call('GET', '/');
+    await call('PUT', '/boot-source', { kernel_image_path: elf });
+    await call('PUT', '/machine-config', { vcpu_count: 1, mem_size_mib: 32 });
+    await call('PUT', '/entropy', {});
+    const drive = { drive_id: 'd1', path_on_host: disk, is_root_device: false };
+    await call('PUT', '/drives/d1', { ...drive, is_read_only: true });
+    await call('PUT', '/actions', { action_type: 'InstanceStart' });
+    const code = await exited;
+    return code === 0 ? undefined : `exit ${code}: ${err.trim().split('\n').pop()}`;
+  } catch (e) {
+    child.kill('SIGKILL');
+    await exited;
+    return `${e.message}: ${err.trim().split('\n').pop()}`;
+  } finally {
+    clearTimeout(timer);
   }
 }
 
