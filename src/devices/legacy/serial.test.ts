@@ -548,3 +548,27 @@ test('rate limiter: a real worker thread and this one share the bucket on the pr
   assert.equal(theirs + out, 50, `worker ${theirs} + main ${out}: one bucket of 50`);
   assert.equal(dev.stats().rateLimiterDroppedBytes, 150);
 });
+
+test('the hold timer writes the bytes of a hold it ends while it has the lock (no newer byte of a vCPU can go out first)', async () => {
+  const state = Serial16550.createState();
+  const lock = new Int32Array(state, 0, 1); // the UART's SharedMutex slot
+  const seen: Array<{ bytes: number[]; locked: boolean; by: string }> = [];
+  const sink = (by: string) => (b: Uint8Array) =>
+    seen.push({ bytes: [...b], locked: Atomics.load(lock, 0) !== 0, by });
+  const timerSide = new Serial16550(state, { output: sink('timer'), irq: { trigger() {} } });
+  const vcpu = new Serial16550(state, { output: sink('vcpu'), irq: { trigger() {} } });
+  const rd = (off: number) => {
+    const d = new Uint8Array(1);
+    vcpu.read(off, d);
+    return d[0]!;
+  };
+  const stop = startTx(timerSide, rd, (off, v) => vcpu.write(off, Uint8Array.of(v)), 5, 5);
+  try {
+    vcpu.write(RBR, Uint8Array.of(0x54)); // "T", then the driver only waits
+    const t = Date.now();
+    while (seen.length === 0 && Date.now() - t < 5000) await new Promise((r) => setTimeout(r, 2));
+    assert.deepEqual(seen, [{ bytes: [0x54], locked: true, by: 'timer' }]);
+  } finally {
+    stop();
+  }
+});

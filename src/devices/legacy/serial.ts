@@ -685,22 +685,32 @@ export class Serial16550 implements BusDevice {
   }
 
   private flushEffects(): void {
-    const out = this.pendingOut;
+    this.flushOutput();
     const edge = this.pendingEdge;
-    this.pendingOut = -1;
     this.pendingEdge = false;
-    if (this.pendingBurstLen > 0) {
-      const n = this.pendingBurstLen;
-      this.pendingBurstLen = 0;
-      this.sinks.output(this.pendingBurst.subarray(0, n));
-    }
-    if (out >= 0) this.sinks.output(Uint8Array.of(out));
     if (edge) this.sinks.irq.trigger();
     if (this.pendingHoldWake) {
       this.pendingHoldWake = false;
       Atomics.add(this.s, S_HOLD_WAKE, 1);
       Atomics.notify(this.s, S_HOLD_WAKE);
     }
+  }
+
+  /**
+   * The output decided under the lock. A vCPU thread writes it after the lock: the guest sends
+   * nothing more until that access returns. The hold timer's thread writes it before unlocking:
+   * after, a vCPU could send and write newer bytes first (seen in the lab: the console read
+   * "YPERVISOR-BOOT-OK\nT", the T of a hold the timer ended).
+   */
+  private flushOutput(): void {
+    const out = this.pendingOut;
+    this.pendingOut = -1;
+    if (this.pendingBurstLen > 0) {
+      const n = this.pendingBurstLen;
+      this.pendingBurstLen = 0;
+      this.sinks.output(this.pendingBurst.subarray(0, n));
+    }
+    if (out >= 0) this.sinks.output(Uint8Array.of(out));
   }
 
   /**
@@ -743,6 +753,7 @@ export class Serial16550 implements BusDevice {
         // Still holding (a burst under way): the timer looks again; else it sleeps until asked.
         s[S_HOLD_ARMED] = s[S_TX_HELD]! > 0 ? 1 : 0;
         ends = s[S_HOLD_ENDS]!;
+        this.flushOutput(); // under the lock: before any byte the guest sends next
       } finally {
         this.mutex.unlock();
       }
@@ -780,6 +791,7 @@ export class Serial16550 implements BusDevice {
       if (!this.mutex.tryLockFor(STOP_LOCK_WAIT_MS)) return;
       try {
         if (this.s[S_TX_LEN]! > 0) this.takeBurst();
+        this.flushOutput();
       } finally {
         this.mutex.unlock();
       }
