@@ -236,17 +236,17 @@ async function build() {
 
 /**
  * The main and api bundles' caches from training runs, where they can run: each bundle,
- * compiled lazily (TYPERVISOR_BUNDLE_TRAIN=FILE), starts the micro guest (bench/guests/micro.S,
- * MODE_MARK: it resets at once, and the VMM exits) with a virtio-rng device and a read-only
- * drive, and writes the code cache of what it compiled at exit (bundle-loader.cjs
+ * compiled lazily (TYPERVISOR_BUNDLE_TRAIN=FILE), starts a guest of a few bytes
+ * (TRAINING_GUEST: a line on the console, the boot marker, the reset, and the VMM exits) with a
+ * virtio-rng device and a read-only drive, and writes the code cache of what it compiled at exit (bundle-loader.cjs
  * trainCacheAtExit): main as `run --vcpu-threads native`, api through its socket (GET /, the
  * boot source, machine config, entropy device and drive, InstanceStart). Such a cache holds the
  * functions a VM's start runs on the main thread (main: 0.58 MB against the eager 1.49 MB, which
  * also holds every other command and the device models that only the device worker runs): on
  * the micro guest with native vCPU threads exec -> marker -9 ms and peak RSS -1.1 MiB (41
- * interleaved runs); what it lacks is compiled when first called, as without a cache. Needs
- * /dev/kvm, gcc and ld; without them (or if a run fails) the eager cache stays, and this says
- * why. The loader's background re-maker of a stale cache stays eager.
+ * interleaved runs); what it lacks is compiled when first called, as without a cache. Needs a
+ * usable /dev/kvm; without one (or if a run fails) the eager cache stays, and this says why.
+ * The loader's background re-maker of a stale cache stays eager.
  */
 async function trainCaches(spawnSync) {
   const say = (name, m) => process.stderr.write(`bundle: ${name}'s code cache: ${m}\n`);
@@ -258,21 +258,9 @@ async function trainCaches(spawnSync) {
   }
   const dir = mkdtempSync(join(tmpdir(), 'typervisor-train-'));
   try {
-    const elf = join(dir, 'mark.elf');
-    const obj = join(dir, 'mark.o');
-    const steps = [
-      ['gcc', '-c', '-DMODE_MARK', '-o', obj, join(ROOT, 'bench', 'guests', 'micro.S')],
-      ['ld', '-m', 'elf_x86_64', '-nostdlib', '-static', '-z', 'noexecstack', '-o', elf, obj],
-    ];
-    steps[1].splice(5, 0, '-T', join(ROOT, 'test', 'guests', 'tiny.ld'));
-    for (const [cmd, ...args] of steps) {
-      const r = spawnSync(cmd, args, { encoding: 'utf8' });
-      if (r.status !== 0) {
-        const why = `building the training guest: ${cmd} ${r.error?.message ?? r.stderr.trim()}`;
-        for (const name of TRAINED) say(name, `eager (${why})`);
-        return;
-      }
-    }
+    const elf = join(dir, 'train.elf');
+    const { rehearsalImage } = await import(join(DIST, 'src', 'vmm', 'rehearsal.js'));
+    writeFileSync(elf, rehearsalImage(TRAINING_GUEST));
     const disk = join(dir, 'disk.img');
     writeFileSync(disk, Buffer.alloc(1 << 20));
     for (const name of TRAINED) {
@@ -300,6 +288,19 @@ async function trainCaches(spawnSync) {
 
 /** The bundles whose caches trainCaches makes. */
 const TRAINED = ['main', 'api'];
+
+/**
+ * The training guest's code (32-bit, PVH entry; src/vmm/rehearsal.ts makes the ELF): "M\n" on
+ * COM1 (the console's path), the boot marker, then the i8042 reset (the VMM exits with 0).
+ */
+const TRAINING_GUEST = [
+  ...[0x66, 0xba, 0xf8, 0x03], // mov $0x3f8,%dx
+  ...[0xb0, 0x4d, 0xee], // mov $'M',%al; out %al,(%dx)
+  ...[0xb0, 0x0a, 0xee], // mov $'\n',%al; out %al,(%dx)
+  ...[0x66, 0xba, 0xf0, 0x03, 0xb0, 0x01, 0xee], // mov $0x3f0,%dx; mov $1,%al; out %al,(%dx)
+  ...[0xb0, 0xfe, 0xe6, 0x64], // mov $0xfe,%al; out %al,$0x64
+  ...[0xf4, 0xeb, 0xfd], // 1: hlt; jmp 1b
+];
 
 /** `run` from the main bundle: undefined, or why it failed. */
 function trainRun(spawnSync, elf, disk, env) {

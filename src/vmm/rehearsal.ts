@@ -18,15 +18,16 @@ const CODE = [0x66, 0xba, 0xf0, 0x03, 0xb0, 0x01, 0xee, 0xb0, 0xfe, 0xe6, 0x64, 
 
 /**
  * The guest: an ELF64 executable with one PT_LOAD segment and a PT_NOTE with the PVH entry
- * (XEN_ELFNOTE_PHYS32_ENTRY), the form of bench/guests/micro.S.
+ * (XEN_ELFNOTE_PHYS32_ENTRY), the form of bench/guests/micro.S. `code` (32-bit, loaded and
+ * entered at LOAD_ADDR) is the rehearsal's unless given (scripts/bundle.mjs's training guest).
  */
-export function rehearsalImage(): Uint8Array {
+export function rehearsalImage(code: readonly number[] = CODE): Uint8Array {
   const EHDR = 64;
   const PHDR = 56;
   const noteOff = EHDR + 2 * PHDR;
   const noteSize = 12 + 4 + 4; // namesz, descsz, type; "Xen\0"; a 32-bit entry
   const codeOff = noteOff + noteSize;
-  const img = new Uint8Array(codeOff + CODE.length);
+  const img = new Uint8Array(codeOff + code.length);
   const dv = new DataView(img.buffer);
   img.set([0x7f, 0x45, 0x4c, 0x46, 2, 1, 1], 0); // ELF, 64-bit, little-endian, version 1
   dv.setUint16(16, 2, true); // ET_EXEC
@@ -54,10 +55,10 @@ export function rehearsalImage(): Uint8Array {
   dv.setBigUint64(ph + 8, BigInt(codeOff), true);
   dv.setBigUint64(ph + 16, BigInt(LOAD_ADDR), true);
   dv.setBigUint64(ph + 24, BigInt(LOAD_ADDR), true);
-  dv.setBigUint64(ph + 32, BigInt(CODE.length), true);
+  dv.setBigUint64(ph + 32, BigInt(code.length), true);
   dv.setBigUint64(ph + 40, BigInt(0x1000), true);
   dv.setBigUint64(ph + 48, BigInt(0x1000), true);
-  img.set(CODE, codeOff);
+  img.set(code, codeOff);
   return img;
 }
 

@@ -123,7 +123,7 @@ describe('per-thread bundles with code caches', () => {
     "main's and api's caches come from training runs: smaller than eager ones, used",
     T,
     async () => {
-      // this host has /dev/kvm, gcc and ld (the tiny guests need them too)
+      // this host has a usable /dev/kvm (the tiny guests need it too)
       for (const name of ['main', 'api']) {
         const m = new RegExp(
           `${name}'s code cache: trained on a micro VM \\((\\d+) bytes; eager (\\d+)\\)`,
