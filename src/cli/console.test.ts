@@ -1,7 +1,10 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import { closeSync, openSync } from 'node:fs';
 import { PassThrough } from 'node:stream';
-import { Console, type ConsoleSerial } from './console.js';
+import { fileURLToPath } from 'node:url';
+import { Console, stdinIsNull, type ConsoleSerial } from './console.js';
 
 const UART_RING = 4096;
 
@@ -113,4 +116,22 @@ test('a guest that never reads leaves at most the bound held, never the whole in
     `the producer wrote ${progress.written} bytes: no back-pressure`,
   );
   con.stop();
+});
+
+test('stdin that is /dev/null is not read (stdinIsNull); a pipe or a file is', () => {
+  assert.equal(typeof stdinIsNull(), 'boolean');
+  const probe = `import(${JSON.stringify(new URL('./console.js', import.meta.url).href)}).then((m) => process.stdout.write(String(m.stdinIsNull())))`;
+  const run = (stdin: 'ignore' | 'pipe' | number) =>
+    spawnSync(process.execPath, ['-e', probe], {
+      stdio: [stdin, 'pipe', 'inherit'],
+      encoding: 'utf8',
+    }).stdout;
+  assert.equal(run('ignore'), 'true'); // Node opens /dev/null for it
+  assert.equal(run('pipe'), 'false');
+  const fd = openSync(fileURLToPath(import.meta.url), 'r');
+  try {
+    assert.equal(run(fd), 'false');
+  } finally {
+    closeSync(fd);
+  }
 });
