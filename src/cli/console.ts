@@ -11,10 +11,8 @@
 import { fstatSync } from 'node:fs';
 import type { Readable } from 'node:stream';
 import type { AttachedDevices } from '../vmm/index.js';
+import { isCharDevice } from '../util/fs.js';
 import { log } from '../util/log.js';
-
-/** Linux's /dev/null: character device 1:3 (makedev). */
-const DEV_NULL_RDEV = (1 << 8) | 3;
 
 /**
  * Whether this process's stdin is /dev/null (a service's, the daemon's VMMs', `< /dev/null`):
@@ -24,8 +22,7 @@ const DEV_NULL_RDEV = (1 << 8) | 3;
  */
 export function stdinIsNull(): boolean {
   try {
-    const st = fstatSync(0);
-    return st.isCharacterDevice() && st.rdev === DEV_NULL_RDEV;
+    return isCharDevice(fstatSync(0), 1, 3);
   } catch {
     return false; // no fd 0: Node's process.stdin copes
   }

@@ -32,6 +32,7 @@ import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { native, O_RDONLY, O_RDWR } from '../kvm/native.js';
 import { HostError } from '../util/errors.js';
+import { deviceNumber } from '../util/fs.js';
 import type { JailerConfig } from './args.js';
 import { applyCgroups, parseCgroupMounts, planCgroups } from './cgroups.js';
 import { ADDON_IN_JAIL, jailTree, sharedLibraries } from './tree.js';
@@ -135,11 +136,7 @@ export function runJail(c: JailerConfig, t: StartTimes): number {
   const devices = JAIL_DEVICES.filter((d) => existsSync(d)).map((d) => {
     const s = statSync(d);
     if (!s.isCharacterDevice()) throw new HostError(`${d} is not a character device on this host`);
-    return {
-      path: d,
-      major: Math.floor(s.rdev / 256) & 0xfff,
-      minor: (s.rdev & 0xff) | ((s.rdev >> 12) & ~0xff),
-    };
+    return { path: d, ...deviceNumber(s.rdev) };
   });
   for (const need of ['/dev/kvm', '/dev/net/tun'])
     if (!devices.some((d) => d.path === need))

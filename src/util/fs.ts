@@ -24,3 +24,23 @@ export function unlinkIfOurs(path: string, isOurs: (st: Stats) => boolean): bool
     return false; // gone meanwhile
   }
 }
+
+/**
+ * A device number (stat's `rdev`) as major and minor, glibc's gnu_dev_major/minor encoding
+ * (12+ bits of major, 20 of minor; rdev can exceed 32 bits, hence no bit operators on it whole).
+ */
+export function deviceNumber(rdev: number): { major: number; minor: number } {
+  const low = rdev % 2 ** 32;
+  const high = Math.floor(rdev / 2 ** 32);
+  return {
+    major: ((low >>> 8) & 0xfff) | (high & ~0xfff),
+    minor: (low & 0xff) | ((low >>> 12) & ~0xff),
+  };
+}
+
+/** Whether `st` is the character device `major`:`minor` (e.g. /dev/null 1:3). */
+export function isCharDevice(st: Stats, major: number, minor: number): boolean {
+  if (!st.isCharacterDevice()) return false;
+  const d = deviceNumber(st.rdev);
+  return d.major === major && d.minor === minor;
+}

@@ -15,6 +15,7 @@ import { VMGENID_ADDR, VMGENID_GSI, VMGENID_SIZE } from '../arch/x86_64/layout.j
 import type { Vm } from '../kvm/kvm.js';
 import type { GuestMemory } from '../memory/guest-memory.js';
 import { ConfigError } from '../util/errors.js';
+import { isCharDevice } from '../util/fs.js';
 
 export { VMGENID_ADDR, VMGENID_GSI, VMGENID_SIZE };
 
@@ -30,9 +31,6 @@ export function writeGenerationId(mem: GuestMemory): Uint8Array {
   return id;
 }
 
-/** Linux's /dev/urandom: character device 1:9 (makedev). */
-const URANDOM_RDEV = (1 << 8) | 9;
-
 /**
  * Fills `buf` from /dev/urandom (what node:crypto's randomFillSync reads too, via getrandom):
  * three syscalls, where loading node:crypto costs a VMM's start ~1.6 CPU ms and 0.4 MiB of peak
@@ -43,9 +41,8 @@ function readUrandom(buf: Uint8Array): boolean {
   let fd: number | undefined;
   try {
     fd = openSync('/dev/urandom', 'r');
-    const st = fstatSync(fd);
     // reads of up to 256 bytes from urandom are never short (random(4))
-    return st.isCharacterDevice() && st.rdev === URANDOM_RDEV && readSync(fd, buf) === buf.length;
+    return isCharDevice(fstatSync(fd), 1, 9) && readSync(fd, buf) === buf.length;
   } catch {
     return false;
   } finally {

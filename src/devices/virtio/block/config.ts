@@ -11,6 +11,7 @@
 import { closeSync, constants, fstatSync, openSync, readFileSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { ConfigError } from '../../../util/errors.js';
+import { deviceNumber } from '../../../util/fs.js';
 import type { OpenContext } from '../descriptor.js';
 import type { RateLimiterConfig } from '../rate-limiter.js';
 import { BLK_ID_BYTES, SECTOR_SIZE } from './request.js';
@@ -114,9 +115,7 @@ export function openBlockImage(
 
 /** The size of a host block device (stat reports 0 for it): /sys/dev/block/MAJ:MIN/size sectors. */
 function blockDeviceSize(path: string, rdev: number): number {
-  // glibc's gnu_dev_major/minor encoding.
-  const major = ((rdev >>> 8) & 0xfff) | (Math.floor(rdev / 2 ** 32) & ~0xfff);
-  const minor = (rdev & 0xff) | ((rdev >>> 12) & ~0xff);
+  const { major, minor } = deviceNumber(rdev);
   let sectors = NaN;
   try {
     sectors = Number(readFileSync(`/sys/dev/block/${major}:${minor}/size`, 'utf8').trim());
