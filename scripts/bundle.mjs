@@ -95,9 +95,10 @@ async function build() {
   // node:crypto costs the main thread ~1.6 CPU ms to load and is used only once a VM exists
   // (a MAC address, a snapshot's checksum, MMDS tokens); node:child_process (17 modules with
   // net and dgram) only by a few commands (`--rootfs`'s copy, clone, the daemon's backends): in
-  // the main and api bundles they load on first use. Importers reach it as `(0, import_node_crypto.X)(...)`, so a module whose exports
-  // are getters (one per name this Node's crypto has) defers the require to the first call. Not
-  // in the workers: they install their seccomp filter once started, and load it before.
+  // the main and api bundles they load on first use. Importers reach one as
+  // `(0, import_node_crypto.X)(...)`, so a module whose exports are getters (one per name the
+  // builtin has) defers the require to the first call. Not in the workers: they install their
+  // seccomp filter once started, and load it before.
   const LAZY_BUILTINS = ['node:crypto', 'node:child_process'];
   const lazyBuiltins = {
     name: 'lazy-builtins',
@@ -238,10 +239,10 @@ async function build() {
  * The main and api bundles' caches from training runs, where they can run: each bundle,
  * compiled lazily (TYPERVISOR_BUNDLE_TRAIN=FILE), starts a guest of a few bytes
  * (TRAINING_GUEST: a line on the console, the boot marker, the reset, and the VMM exits) with a
- * virtio-rng device and a read-only drive, and writes the code cache of what it compiled at exit (bundle-loader.cjs
- * trainCacheAtExit): main as `run --vcpu-threads native`, api through its socket (GET /, the
+ * virtio-rng device and a read-only drive, and writes the code cache of what it compiled at
+ * exit (bundle-loader.cjs trainCacheAtExit): main as `run --vcpu-threads native`, api through its socket (GET /, the
  * boot source, machine config, entropy device and drive, InstanceStart). Such a cache holds the
- * functions a VM's start runs on the main thread (main: 0.58 MB against the eager 1.49 MB, which
+ * functions a VM's start runs on the main thread (main: 0.60 MB against the eager 1.49 MB, which
  * also holds every other command and the device models that only the device worker runs): on
  * the micro guest with native vCPU threads exec -> marker -9 ms and peak RSS -1.1 MiB (41
  * interleaved runs); what it lacks is compiled when first called, as without a cache. Needs a
