@@ -151,7 +151,11 @@ export class Vm extends EventEmitter<VmEvents> {
     return this.exitP;
   }
 
-  /** Resolves when the VM has ended, whatever ended it. Never rejects. */
+  /**
+   * Resolves when the VM has ended, whatever ended it. Never rejects. The guest's last console
+   * bytes may still be on their way through the output pipe then: the output's 'end' says they
+   * have all arrived.
+   */
   wait(): Promise<VmExit> {
     return this.exitP;
   }

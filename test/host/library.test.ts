@@ -192,9 +192,14 @@ describe('library: VMs in this process', () => {
         const r = await createVm(${JSON.stringify(res('echo'))}, { start: true });
         if (!r.ok) throw r.error;
         let s = '';
-        r.value.console.output.on('data', (d) => (s += d));
+        const out = r.value.console.output;
+        out.on('data', (d) => (s += d));
+        const ended = new Promise((resolve) => out.on('end', resolve));
         r.value.console.input.write('bye\\n');
         const exit = await r.value.wait();
+        // The guest's last bytes may still be in the pipe when wait() resolves: the output's
+        // end is what says all of them have arrived.
+        await ended;
         console.log(exit.reason, JSON.stringify(s), exit.message ?? "");`;
       const child = spawn(process.execPath, ['--input-type=module', '-e', script], {
         stdio: ['ignore', 'pipe', 'pipe'],
