@@ -34,6 +34,9 @@ import { CONSOLE_TAIL_BYTES, STOP_KILL_AFTER_MS } from './process-backend.js';
 /** Sections that configure the process, not the VM: refused here (one process, many VMs). */
 const PROCESS_SECTIONS = ['logger', 'metrics'];
 
+/** How long a VM's end waits for its console output to drain (it normally takes ~1 ms). */
+const OUTPUT_DRAIN_MS = 1000;
+
 /** What the VmHandle needs of the VM's vCPU control block: the boot marker's time. */
 interface MarkerSource {
   readonly bootMarkerMs: number;
@@ -67,11 +70,26 @@ class SharedVm implements VmHandle {
   attach(vm: Vm, built: BuiltVm): void {
     this.vm = vm;
     this.marker = built.vmm.control;
-    vm.console?.output.on('data', (b: Buffer) => {
+    const output = vm.console?.output;
+    output?.on('data', (b: Buffer) => {
       this.firstOutputAt ??= performance.now();
       this.console.push(b);
     });
-    void vm.wait().then((exit) => this.finish(exit));
+    // The guest's last bytes may still be in the console pipe when wait() resolves: the end
+    // is reported once they are in the tail (as process mode waits for the child's stdout),
+    // or after OUTPUT_DRAIN_MS if the stream never ends.
+    const drained = output
+      ? new Promise<void>((resolve) => {
+          output.once('end', resolve).once('close', resolve);
+          if (output.readableEnded || output.destroyed) resolve();
+        })
+      : Promise.resolve();
+    void vm.wait().then(async (exit) => {
+      let t: NodeJS.Timeout | undefined;
+      await Promise.race([drained, new Promise((r) => (t = setTimeout(r, OUTPUT_DRAIN_MS)))]);
+      clearTimeout(t);
+      await this.finish(exit);
+    });
   }
 
   /** The VM ended (or was never made): its API server goes, then `ended` settles. */
