@@ -15,7 +15,7 @@
  * take fresh workers, as the CLI does.
  */
 import { closeSync, openSync } from 'node:fs';
-import type { Worker } from 'node:worker_threads';
+import { isMainThread, type Worker } from 'node:worker_threads';
 import {
   buildVm,
   checkHostCanRun,
@@ -347,7 +347,13 @@ export class VmHost {
       );
     // Before any worker of ours exists: they read the setting when they start.
     if (seccomp === 'off') configureSeccomp({ mode: 'off' });
-    else if (seccomp === 'process') installProcessFilter({ mode: 'default' });
+    else if (seccomp === 'process') {
+      // TSYNC puts the main thread's list on every thread of the embedding program: only
+      // from its main thread.
+      if (!isMainThread)
+        throw new VmError('INVALID_CONFIG', "seccomp: 'process' is only for the main thread");
+      installProcessFilter({ mode: 'default' });
+    }
     this.workers = new WarmWorkers(warm as number, maxIdle as number);
     this.maxPending = pending as number;
     this.warmDevice = opts.warmDeviceWorker ?? true;

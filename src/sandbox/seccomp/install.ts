@@ -19,7 +19,7 @@
  * SECCOMP_RET_LOG: calls outside the list are allowed and logged by the kernel (dmesg, audit
  * type=1326 with syscall=N), which is how the lists were measured. Never for production.
  */
-import { getEnvironmentData, isMainThread, setEnvironmentData } from 'node:worker_threads';
+import { getEnvironmentData, setEnvironmentData } from 'node:worker_threads';
 import { stat } from 'node:fs';
 import { native } from '../../kvm/native.js';
 import {
@@ -44,12 +44,29 @@ export type SeccompSettings =
       source: string;
     };
 
-/** Sets what this process's workers will install (main thread, before they are created). */
+/**
+ * The settings this thread was given by configureSeccomp (the main thread's), and whether they
+ * went into the workers' environment data.
+ */
+let configured: SeccompSettings | undefined;
+let shared = false;
+
+/**
+ * Sets what this process's workers will install (main thread, before they are created). The
+ * default needs no environment data (a worker without any applies the default filters), so
+ * a VMM that keeps them does not load node:worker_threads for this: a native-vCPU VM without
+ * virtio devices starts no worker at all, and that module (with node:stream under it) is ~1.5
+ * MiB of its peak RSS.
+ */
 export function configureSeccomp(s: SeccompSettings): void {
+  configured = s;
+  if (s.mode === 'default' && !shared) return;
   setEnvironmentData(ENV_KEY, s as never);
+  shared = true;
 }
 
 export function seccompSettings(): SeccompSettings {
+  if (configured) return configured;
   const s = getEnvironmentData(ENV_KEY) as SeccompSettings | undefined;
   return s ?? { mode: 'default' };
 }
@@ -96,11 +113,14 @@ export function programFor(role: Role, s: SeccompSettings = seccompSettings()): 
 }
 
 /**
- * Main thread: the process-wide filter, synchronised to every thread (see the file comment).
- * Returns false when seccomp is off. Throws (with the thread's id) when TSYNC cannot apply.
+ * Main thread only: the process-wide filter, synchronised to every thread (see the file
+ * comment). Returns false when seccomp is off. Throws (with the thread's id) when TSYNC cannot
+ * apply. The callers make sure of the thread: the CLI's and the daemon's entry points run on it
+ * by construction, and the library (src/lib/host.ts) checks `isMainThread` first. Not checked
+ * here: that would load node:worker_threads into every VMM, which a native-vCPU VM without
+ * devices has no other use for (configureSeccomp).
  */
 export function installProcessFilter(s: SeccompSettings = seccompSettings()): boolean {
-  if (!isMainThread) throw new Error('installProcessFilter runs on the main thread');
   if (s.mode === 'off') return false;
   const prog = programFor('main', s);
   // The libuv pool starts on its first use, from whichever thread asks first: start it here,
