@@ -10,6 +10,7 @@ import assert from 'node:assert/strict';
 import { readdirSync, readFileSync } from 'node:fs';
 import { once } from 'node:events';
 import { spawn } from 'node:child_process';
+import { Worker } from 'node:worker_threads';
 import {
   createVm,
   createVmHost,
@@ -271,6 +272,25 @@ describe('library: VMs in this process', () => {
       }
       const closed = await h.createVm(res('poweroff'));
       assert.ok(!closed.ok && closed.error.code === 'CLOSED');
+    },
+  );
+
+  test(
+    "seccomp: 'process' from a worker thread is refused, not installed on the embedding program",
+    T,
+    async () => {
+      // TSYNC from a worker would put the main thread's list on every thread of this process.
+      const lib = new URL('../../src/lib/index.js', import.meta.url).href;
+      const w = new Worker(
+        `import(${JSON.stringify(lib)}).then(({ createVmHost }) => {
+        const r = createVmHost({ seccomp: 'process', warmVcpuWorkers: 0 });
+        require('node:worker_threads').parentPort.postMessage(r.ok ? 'created' : r.error.code + ': ' + r.error.message);
+      });`,
+        { eval: true },
+      );
+      const [msg] = (await once(w, 'message')) as [string];
+      await w.terminate();
+      assert.match(msg, /^INVALID_CONFIG: .*main thread/);
     },
   );
 
