@@ -899,6 +899,23 @@ static napi_value n_set_inheritable(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
+/* setNonBlocking(fd, on): sets or clears O_NONBLOCK (fcntl F_GETFL/F_SETFL); returns whether it
+ * was set before. For the console's stdin pipe, read on readiness without ever blocking. */
+static napi_value n_set_non_blocking(napi_env env, napi_callback_info info) {
+  napi_value a[2];
+  if (!get_args(env, info, 2, a)) return NULL;
+  int fd = (int)arg_i64(env, a[0]);
+  bool on = false;
+  CHECK(napi_get_value_bool(env, a[1], &on));
+  int fl = fcntl(fd, F_GETFL);
+  if (fl < 0) return throw_errno(env, "fcntl(F_GETFL)", errno);
+  int want = on ? (fl | O_NONBLOCK) : (fl & ~O_NONBLOCK);
+  if (want != fl && fcntl(fd, F_SETFL, want) < 0) return throw_errno(env, "fcntl(F_SETFL)", errno);
+  napi_value r;
+  CHECK(napi_get_boolean(env, (fl & O_NONBLOCK) != 0, &r));
+  return r;
+}
+
 /* execve(path, argv, envp): returns only by throwing. Replaces every thread of the process. */
 static napi_value n_execve(napi_env env, napi_callback_info info) {
   napi_value a[3];
@@ -944,7 +961,8 @@ static napi_value n_spawn(napi_env env, napi_callback_info info) {
   EXPORT("pivotRoot", n_pivot_root), EXPORT("chroot", n_chroot), EXPORT("chdir", n_chdir), \
   EXPORT("mknod", n_mknod), EXPORT("setns", n_setns), EXPORT("setrlimit", n_setrlimit),   \
   EXPORT("dup2", n_dup2), EXPORT("cloexecFrom", n_cloexec_from), EXPORT("execve", n_execve), \
-  EXPORT("spawn", n_spawn), EXPORT("setInheritable", n_set_inheritable),
+  EXPORT("spawn", n_spawn), EXPORT("setInheritable", n_set_inheritable),                 \
+  EXPORT("setNonBlocking", n_set_non_blocking),
 /* ---- end of jailer ---- */
 
 /* ---- issue 18 part B (r5-vcpu): vCPU runner threads ----

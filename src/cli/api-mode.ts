@@ -5,7 +5,7 @@
 import { createHash } from 'node:crypto';
 import { prewarmDeviceWorker, prewarmVcpuWorkers } from '../vmm/vcpu-pool.js';
 import { firecrackerCommand } from './firecracker.js';
-import { stdinIsNull } from './console.js';
+import { stdinKind } from './console.js';
 import { boundExitAfterSignals } from './signals.js';
 import { releaseVmsAtExit } from '../vmm/index.js';
 
@@ -31,8 +31,9 @@ export async function apiMode(argv: string[]): Promise<number> {
       // process.stdin on first use, which took 4.5 ms on this host (its stream modules), on
       // the main thread between the build and InstanceStart's answer, and the boot marker's
       // line waited for it (docs/daemon.md). Made now, it is only made: nothing reads it yet.
-      // Not for /dev/null, which the console does not read (console.ts stdinIsNull).
-      if (!stdinIsNull()) void process.stdin;
+      // Only for a terminal or a file: /dev/null is not read, and a pipe or socket is read
+      // without a stream (console.ts stdinKind, FdInput).
+      if (stdinKind() === 'stream') void process.stdin;
     });
   }
   // The process ends with its VM: the kernel releases the VM at exit (builder.ts).

@@ -4,7 +4,7 @@ import { spawnSync } from 'node:child_process';
 import { closeSync, openSync } from 'node:fs';
 import { PassThrough } from 'node:stream';
 import { fileURLToPath } from 'node:url';
-import { Console, stdinIsNull, type ConsoleSerial } from './console.js';
+import { Console, stdinKind, type ConsoleSerial } from './console.js';
 
 const UART_RING = 4096;
 
@@ -118,20 +118,66 @@ test('a guest that never reads leaves at most the bound held, never the whole in
   con.stop();
 });
 
-test('stdin that is /dev/null is not read (stdinIsNull); a pipe or a file is', () => {
-  assert.equal(typeof stdinIsNull(), 'boolean');
-  const probe = `import(${JSON.stringify(new URL('./console.js', import.meta.url).href)}).then((m) => process.stdout.write(String(m.stdinIsNull())))`;
+test('stdin: /dev/null is not read, a pipe is read by FdInput, a file by process.stdin (stdinKind)', () => {
+  assert.ok(['null', 'fd', 'stream'].includes(stdinKind()));
+  const probe = `import(${JSON.stringify(new URL('./console.js', import.meta.url).href)}).then((m) => process.stdout.write(m.stdinKind()))`;
   const run = (stdin: 'ignore' | 'pipe' | number) =>
     spawnSync(process.execPath, ['-e', probe], {
       stdio: [stdin, 'pipe', 'inherit'],
       encoding: 'utf8',
     }).stdout;
-  assert.equal(run('ignore'), 'true'); // Node opens /dev/null for it
-  assert.equal(run('pipe'), 'false');
+  assert.equal(run('ignore'), 'null'); // Node opens /dev/null for it
+  assert.equal(run('pipe'), 'fd');
   const fd = openSync(fileURLToPath(import.meta.url), 'r');
   try {
-    assert.equal(run(fd), 'false');
+    assert.equal(run(fd), 'stream');
   } finally {
     closeSync(fd);
   }
+});
+
+test('FdInput: reads a piped stdin to its end, pauses and resumes, loads no stream modules', () => {
+  // The child reads 1 MiB from its stdin pipe through FdInput, pausing 20 ms after each of the
+  // first 5 chunks; it prints the byte count, the chunk count, whether it still watches after
+  // the end, and whether node:net was loaded (it must not be: that is FdInput's point).
+  const probe = `
+    import(${JSON.stringify(new URL('../events/fd-input.js', import.meta.url).href)}).then((m) => {
+      const inp = new m.FdInput(0);
+      let bytes = 0, chunks = 0, sum = 0;
+      inp.on('error', (e) => { process.stderr.write('error ' + e.message); process.exit(3); });
+      inp.on('data', (b) => {
+        bytes += b.length; chunks++;
+        for (const x of b) sum = (sum + x) % 65521;
+        if (chunks <= 5) { inp.pause(); setTimeout(() => inp.resume(), 20); }
+      });
+      const t = setInterval(() => {
+        if (bytes < ${1 << 20}) return;
+        clearInterval(t);
+        setTimeout(() => {
+          const net = process.moduleLoadList.includes('NativeModule net');
+          const watching = inp.watching; // false: the end of file stopped the watch
+          inp.destroy();
+          process.stdout.write(JSON.stringify({ bytes, sum, paused: chunks > 5, watching, net }));
+        }, 50);
+      }, 5);
+    });`;
+  const input = Buffer.alloc(1 << 20);
+  let sum = 0;
+  for (let i = 0; i < input.length; i++) {
+    input[i] = (i * 7) & 0xff;
+    sum = (sum + input[i]!) % 65521;
+  }
+  const r = spawnSync(process.execPath, ['--input-type=module', '-e', probe], {
+    input,
+    encoding: 'utf8',
+    timeout: 30_000,
+  });
+  assert.equal(r.status, 0, r.stderr);
+  assert.deepEqual(JSON.parse(r.stdout), {
+    bytes: 1 << 20,
+    sum,
+    paused: true,
+    watching: false,
+    net: false,
+  });
 });

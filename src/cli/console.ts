@@ -9,23 +9,39 @@
  * is resumed once the guest has taken the held bytes down to half the bound.
  */
 import { fstatSync } from 'node:fs';
-import type { Readable } from 'node:stream';
-import type { AttachedDevices } from '../vmm/index.js';
+import { FdInput, type AttachedDevices } from '../vmm/index.js';
 import { isCharDevice } from '../util/fs.js';
 import { log } from '../util/log.js';
 
 /**
- * Whether this process's stdin is /dev/null (a service's, the daemon's VMMs', `< /dev/null`):
- * then the console reads nothing. Reading it would make process.stdin (~4.5 ms of stream
- * modules), start libuv's thread pool (a file or device is read there) and get end-of-file at
- * once: ~0.5 MiB of peak RSS on the micro guest, for no input.
+ * How the console reads this process's stdin: not at all ('null': /dev/null, a service's, the
+ * daemon's VMMs': reading it would make process.stdin, start libuv's pool and get end-of-file
+ * at once, ~0.5 MiB of a micro VM's peak RSS for no input); through the
+ * shim's fd watch ('fd': a pipe or a socket, FdInput); or as Node's process.stdin ('stream': a
+ * terminal, which needs raw mode, or a file, which epoll cannot watch).
  */
-export function stdinIsNull(): boolean {
+export function stdinKind(): 'null' | 'fd' | 'stream' {
   try {
-    return isCharDevice(fstatSync(0), 1, 3);
+    const st = fstatSync(0);
+    if (isCharDevice(st, 1, 3)) return 'null';
+    return st.isFIFO() || st.isSocket() ? 'fd' : 'stream';
   } catch {
-    return false; // no fd 0: Node's process.stdin copes
+    return 'stream'; // no fd 0: Node's process.stdin copes
   }
+}
+
+/** The console's stdin: undefined for /dev/null, FdInput for a pipe or socket, else process.stdin. */
+export function consoleStdin(): ConsoleInput | undefined {
+  const kind = stdinKind();
+  if (kind === 'null') return undefined;
+  if (kind === 'fd') {
+    try {
+      return new FdInput(0);
+    } catch {
+      // the shim refused the fd (e.g. 256 watches in use): Node's stream reads it instead
+    }
+  }
+  return process.stdin;
 }
 
 /** Console input held while the guest is not reading; past this stdin is paused. */
@@ -42,12 +58,18 @@ export type ConsoleSerial = Pick<
   'receiverEnabled' | 'pushInput' | 'waitForInputSpace'
 >;
 
-/** stdin, or a stand-in for it in tests. */
-export type ConsoleInput = Readable & {
+/** What the console needs of stdin (process.stdin, FdInput, or a stand-in in tests). */
+export interface ConsoleInput {
   isTTY?: boolean;
   setRawMode?(raw: boolean): unknown;
   unref?(): unknown;
-};
+  on(event: 'data', fn: (b: Buffer) => void): unknown;
+  on(event: 'error', fn: (e: Error) => void): unknown;
+  off(event: 'data', fn: (b: Buffer) => void): unknown;
+  pause(): unknown;
+  resume(): unknown;
+  destroy(): unknown;
+}
 
 export class Console {
   private pending: Buffer[] = [];
@@ -67,7 +89,7 @@ export class Console {
     private readonly devices: { serial: ConsoleSerial },
     private readonly quit: () => void,
     /** undefined: nothing to read (stdin is /dev/null). */
-    private readonly stdin: ConsoleInput | undefined = stdinIsNull() ? undefined : process.stdin,
+    private readonly stdin: ConsoleInput | undefined = consoleStdin(),
     inputBound = CONSOLE_INPUT_BUFFER_BYTES,
   ) {
     this.inputBound = inputBound;

@@ -111,6 +111,8 @@ export interface NativeShim {
   cloexecFrom(first: number): void;
   /** fcntl(fd, F_SETFD, 0): keeps fd open across exec (Node marks its stdio close-on-exec). */
   setInheritable(fd: number): void;
+  /** Sets or clears O_NONBLOCK on fd (fcntl F_SETFL); returns whether it was set before. */
+  setNonBlocking(fd: number, on: boolean): boolean;
   /** execve(2): replaces the whole process (all threads); returns only by throwing. */
   execve(path: string, argv: string[], envp: string[]): never;
   /** posix_spawn(3) from the calling thread (POSIX_SPAWN_SETSID when newSession): the pid. */

@@ -29,6 +29,7 @@ export {
   type SnapshotData,
 } from './snapshot-format.js';
 export { rebaseMemoryFile, type RebaseResult } from './snapshot-memory.js';
+export { FdInput } from '../events/fd-input.js';
 export { checkHostCanRun } from './host-check.js';
 export { replaceDriveImage, updateRateLimiter, type DriveImageChange } from './drive-patch.js';
 export type { RateLimiterConfig } from '../devices/virtio/rate-limiter.js';
