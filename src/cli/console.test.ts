@@ -138,8 +138,8 @@ test('stdin: /dev/null is not read, a pipe is read by FdInput, a file by process
 
 test('FdInput: reads a piped stdin to its end, pauses and resumes, loads no stream modules', () => {
   // The child reads 1 MiB from its stdin pipe through FdInput, pausing 20 ms after each of the
-  // first 5 chunks; it prints the byte count, the chunk count, whether it still watches after
-  // the end, and whether node:net was loaded (it must not be: that is FdInput's point).
+  // first 5 chunks; it prints the byte count and checksum, whether it paused, whether it still
+  // watches after the end, and whether node:net was loaded (it must not be: FdInput's point).
   const probe = `
     import(${JSON.stringify(new URL('../events/fd-input.js', import.meta.url).href)}).then((m) => {
       const inp = new m.FdInput(0);

@@ -24,7 +24,9 @@ export class FdInput {
   private readonly dataFns: ((b: Buffer) => void)[] = [];
   private readonly errorFns: ((e: Error) => void)[] = [];
   private paused = false;
+  /** End of file, an error or destroy(): no more watching. */
   private done = false;
+  private destroyed = false;
   private readonly wasNonBlocking: boolean;
   private readonly buf = Buffer.allocUnsafe(FD_READ_BYTES);
 
@@ -62,7 +64,8 @@ export class FdInput {
   }
 
   destroy(): this {
-    if (this.done && this.watch < 0 && this.dataFns.length === 0) return this;
+    if (this.destroyed) return this;
+    this.destroyed = true;
     this.done = true;
     this.dataFns.length = 0;
     this.disarm();

@@ -55,8 +55,8 @@ let shared = false;
  * Sets what this process's workers will install (main thread, before they are created). The
  * default needs no environment data (a worker without any applies the default filters), so
  * a VMM that keeps them does not load node:worker_threads for this: a native-vCPU VM without
- * virtio devices starts no worker at all, and that module (with node:stream under it) is ~1.5
- * MiB of its peak RSS.
+ * virtio devices starts no worker at all, and that module (with node:stream under it) was
+ * ~1 MiB of its peak RSS.
  */
 export function configureSeccomp(s: SeccompSettings): void {
   configured = s;
