@@ -1464,6 +1464,403 @@ static napi_value n_fd_unwatch(napi_env env, napi_callback_info info) {
 #define FD_WATCH_EXPORTS EXPORT("fdWatch", n_fd_watch), EXPORT("fdUnwatch", n_fd_unwatch),
 /* ---- end of fd watch ---- */
 
+/* ---- issue 18 (r11-loopvcpu): a vCPU run by the calling thread while its event loop is idle ----
+ * The worker-mode shape (the thread that calls KVM_RUN handles the exit itself, no hand-off per
+ * exit) without a worker: the main thread runs the vCPU. A uv_prepare_t on the caller's loop
+ * runs, just before libuv would block in epoll_wait, ioctl(KVM_RUN) for as long as the loop has
+ * nothing due (uv_backend_timeout() != 0) and JS keeps saying RUN; after each KVM_RUN it stores
+ * the result in the same three words as a runner thread (state, errno, runs) and calls the JS
+ * callback, which handles the exit and may say RUN again. A watcher pthread (no VMM logic)
+ * stands in for the epoll_wait the loop skips: while armed it polls the loop's backend fd with
+ * the loop's timeout, and when the loop has work (an fd ready, a timer due) it sets kvm_run's
+ * immediate_exit and sends the kick signal to the caller if it is inside KVM_RUN; the prepare
+ * then returns and the loop runs. One at a time per process (it holds its thread's loop). */
+#include <time.h>
+#define LR_IDLE 0
+#define LR_ARMED 1
+#define LR_FIRED 2
+#define LR_QUIT 3
+
+static struct lrunner {
+  int used, active;
+  uint32_t gen;
+  napi_env env;
+  uv_loop_t *loop;
+  uv_prepare_t *prep;
+  napi_ref words_ref, run_ref, cb;
+  napi_async_context ctx;
+  int32_t *word;
+  struct kvm_run_head { uint8_t request_interrupt_window; uint8_t immediate_exit; } *run;
+  int vcpu_fd, sig, wefd;
+  int ep_idle, ep_armed; /* epoll sets: {wefd}; {wefd, the loop's backend fd} */
+  pthread_t owner, wtid;
+  int wthread;
+  struct sock_filter *prog;
+  unsigned short prog_len;
+  pthread_mutex_t m;
+  pthread_cond_t c;
+  int wready, werr;
+  /* shared with the watcher */
+  int32_t wstate;   /* LR_*: under m */
+  uint32_t wgen;    /* under m: bumped at each arm */
+  int64_t deadline; /* ms on CLOCK_MONOTONIC, -1 none: under m */
+  int32_t ready;    /* atomic: the watcher found the loop with work since the last arm */
+  int32_t in_run;   /* atomic: the owner is inside (or entering) KVM_RUN */
+} lr;
+static uint32_t lr_gen = 0;
+
+static int64_t lr_now_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void lr_poke(void) {
+  uint64_t one = 1;
+  while (write(lr.wefd, &one, sizeof one) < 0 && errno == EINTR) {}
+}
+
+static void *lr_watch_main(void *p) {
+  (void)p;
+  sigset_t set;
+  sigfillset(&set);
+  pthread_sigmask(SIG_SETMASK, &set, NULL);
+  prctl(PR_SET_NAME, "tv-vloopwatch", 0, 0, 0);
+  int err = 0;
+  if (lr.prog) {
+    struct sock_fprog fp = { .len = lr.prog_len, .filter = lr.prog };
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 ||
+        syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &fp) < 0)
+      err = errno ? errno : EINVAL;
+  }
+  pthread_mutex_lock(&lr.m);
+  lr.wready = 1;
+  lr.werr = err;
+  pthread_cond_signal(&lr.c);
+  if (err) {
+    pthread_mutex_unlock(&lr.m);
+    return NULL;
+  }
+  for (;;) {
+    int32_t st = lr.wstate;
+    if (st == LR_QUIT) break;
+    uint32_t gen = lr.wgen;
+    int64_t dl = lr.deadline;
+    pthread_mutex_unlock(&lr.m);
+    /* Armed: the loop's fd and our eventfd, until the deadline. Otherwise only our eventfd.
+     * (epoll, not poll: the process filter this thread inherits allows epoll_wait.) */
+    int armed = st == LR_ARMED;
+    int timeout = -1;
+    if (armed && dl >= 0) {
+      int64_t left = dl - lr_now_ms();
+      timeout = left < 0 ? 0 : left > 0x7fffffff ? 0x7fffffff : (int)left;
+    }
+    struct epoll_event ev[2];
+    int rc = epoll_wait(armed ? lr.ep_armed : lr.ep_idle, ev, 2, timeout);
+    int loop_ready = 0;
+    for (int i = 0; i < rc; i++) {
+      if (ev[i].data.u32 == 1) loop_ready = 1;
+      else {
+        uint64_t v;
+        while (read(lr.wefd, &v, sizeof v) < 0 && errno == EINTR) {}
+      }
+    }
+    int fire = armed && (rc == 0 || loop_ready || (rc < 0 && errno != EINTR));
+    pthread_mutex_lock(&lr.m);
+    if (fire && lr.wstate == LR_ARMED && lr.wgen == gen) {
+      lr.wstate = LR_FIRED;
+      __atomic_store_n(&lr.ready, 1, __ATOMIC_SEQ_CST);
+      __atomic_store_n(&lr.run->immediate_exit, 1, __ATOMIC_SEQ_CST);
+      if (__atomic_load_n(&lr.in_run, __ATOMIC_SEQ_CST)) pthread_kill(lr.owner, lr.sig);
+    }
+  }
+  pthread_mutex_unlock(&lr.m);
+  return NULL;
+}
+
+/* Arms the watcher with a deadline (ms, -1: none), or moves an armed one's deadline earlier. */
+static void lr_arm(int64_t dl) {
+  pthread_mutex_lock(&lr.m);
+  int poke = 1;
+  if (lr.wstate == LR_ARMED) {
+    if (dl < 0 || (lr.deadline >= 0 && lr.deadline <= dl)) poke = 0; /* no earlier: as is */
+    else lr.deadline = dl;
+  } else {
+    lr.wstate = LR_ARMED;
+    lr.wgen++;
+    lr.deadline = dl;
+    __atomic_store_n(&lr.ready, 0, __ATOMIC_SEQ_CST);
+  }
+  pthread_mutex_unlock(&lr.m);
+  if (poke) lr_poke();
+}
+
+static void lr_disarm(void) {
+  pthread_mutex_lock(&lr.m);
+  int was = lr.wstate;
+  if (was == LR_ARMED || was == LR_FIRED) lr.wstate = LR_IDLE;
+  pthread_mutex_unlock(&lr.m);
+  if (was == LR_ARMED) lr_poke(); /* it polls the loop's fd: stop that */
+}
+
+static void lr_call(void) {
+  napi_env env = lr.env;
+  napi_handle_scope scope;
+  if (napi_open_handle_scope(env, &scope) != napi_ok) return;
+  napi_value cb, recv, arg, result;
+  if (napi_get_reference_value(env, lr.cb, &cb) == napi_ok && cb != NULL &&
+      napi_get_global(env, &recv) == napi_ok && napi_create_int32(env, 0, &arg) == napi_ok) {
+    napi_status s = napi_make_callback(env, lr.ctx, recv, cb, 1, &arg, &result);
+    bool pending = false;
+    if (s != napi_ok && napi_is_exception_pending(env, &pending) == napi_ok && pending) {
+      napi_value e;
+      if (napi_get_and_clear_last_exception(env, &e) == napi_ok) napi_fatal_exception(env, e);
+    }
+  }
+  napi_close_handle_scope(env, scope);
+}
+
+static void lr_on_prepare(uv_prepare_t *p) {
+  (void)p;
+  int armed = 0;
+  while (lr.active) {
+    int32_t *w = lr.word;
+    if (__atomic_load_n(&w[0], __ATOMIC_SEQ_CST) != VR_RUN) break;
+    if (__atomic_load_n(&lr.ready, __ATOMIC_SEQ_CST) && armed) break; /* the loop has work */
+    uv_update_time(lr.loop);
+    int t = uv_backend_timeout(lr.loop);
+    if (t == 0) break;
+    lr_arm(t < 0 ? -1 : lr_now_ms() + t);
+    armed = 1;
+    if (__atomic_load_n(&lr.ready, __ATOMIC_SEQ_CST)) break;
+    __atomic_store_n(&lr.in_run, 1, __ATOMIC_SEQ_CST);
+    int rc = ioctl(lr.vcpu_fd, VR_KVM_RUN, 0);
+    int e = rc < 0 ? errno : 0;
+    __atomic_store_n(&lr.in_run, 0, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&w[1], e, __ATOMIC_SEQ_CST);
+    __atomic_add_fetch(&w[2], 1, __ATOMIC_SEQ_CST);
+    int32_t expected = VR_RUN;
+    __atomic_compare_exchange_n(&w[0], &expected, VR_EXITED, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+    lr_call(); /* JS handles the exit (the hub's pass); it may end the runner (lr.active 0) */
+  }
+  if (armed && lr.used) lr_disarm();
+}
+
+static void lr_prep_closed(uv_handle_t *h) { free(h); }
+
+/* Ends the runner (the watcher joined, the prepare closed); from its thread. */
+static void lr_end(void) {
+  lr.active = 0;
+  pthread_mutex_lock(&lr.m);
+  lr.wstate = LR_QUIT;
+  pthread_mutex_unlock(&lr.m);
+  if (lr.wthread) {
+    lr_poke();
+    pthread_join(lr.wtid, NULL);
+    lr.wthread = 0;
+  }
+  if (lr.prep) {
+    uv_prepare_stop(lr.prep);
+    uv_close((uv_handle_t *)lr.prep, lr_prep_closed);
+    lr.prep = NULL;
+  }
+  if (lr.wefd >= 0) close(lr.wefd);
+  if (lr.ep_idle >= 0) close(lr.ep_idle);
+  if (lr.ep_armed >= 0) close(lr.ep_armed);
+  lr.wefd = lr.ep_idle = lr.ep_armed = -1;
+  napi_delete_reference(lr.env, lr.words_ref);
+  napi_delete_reference(lr.env, lr.run_ref);
+  napi_delete_reference(lr.env, lr.cb);
+  napi_async_destroy(lr.env, lr.ctx);
+  free(lr.prog);
+  lr.prog = NULL;
+  pthread_mutex_destroy(&lr.m);
+  pthread_cond_destroy(&lr.c);
+  lr.used = 0;
+}
+
+static void lr_env_cleanup(void *arg) {
+  (void)arg;
+  if (lr.used) lr_end();
+}
+
+static int lr_handle_ok(napi_env env, napi_value v) {
+  return lr.used && lr.env == env && arg_i64(env, v) == (int64_t)lr.gen;
+}
+
+/*
+ * loopRunnerStart(vcpuFd, run: ArrayBuffer (the vCPU's kvm_run mapping), words: Int32Array, index,
+ * kickSignal, callback, program | null): handle. From the thread whose loop runs the vCPU; the
+ * words are as a runner's (word[0] IDLE); callback(0) after each KVM_RUN; program: the watcher's
+ * seccomp filter, installed by it before it runs anything else (throws if it could not).
+ */
+static napi_value n_loop_runner_start(napi_env env, napi_callback_info info) {
+  napi_value a[7];
+  if (!get_args(env, info, 7, a)) return NULL;
+  if (lr.used) return throw_errno(env, "loopRunnerStart (one per process)", EBUSY);
+  int vcpu_fd = (int)arg_i64(env, a[0]);
+  if (vcpu_fd < 0 || fcntl(vcpu_fd, F_GETFD) < 0) return throw_errno(env, "loopRunnerStart(vcpu fd)", EBADF);
+  void *run; size_t run_len;
+  bool isab = false;
+  if (napi_is_arraybuffer(env, a[1], &isab) != napi_ok || !isab ||
+      napi_get_arraybuffer_info(env, a[1], &run, &run_len) != napi_ok || run_len < 4096) {
+    napi_throw_type_error(env, NULL, "loopRunnerStart: run must be the kvm_run mapping (an ArrayBuffer)");
+    return NULL;
+  }
+  bool is;
+  napi_typedarray_type type; size_t n; void *data; napi_value ab; size_t off;
+  if (napi_is_typedarray(env, a[2], &is) != napi_ok || !is ||
+      napi_get_typedarray_info(env, a[2], &type, &n, &data, &ab, &off) != napi_ok || type != napi_int32_array) {
+    napi_throw_type_error(env, NULL, "loopRunnerStart: words must be an Int32Array");
+    return NULL;
+  }
+  int64_t index = arg_i64(env, a[3]);
+  if (index < 0 || (uint64_t)index + 3 > n) {
+    napi_throw_range_error(env, NULL, "loopRunnerStart: index out of the words' range");
+    return NULL;
+  }
+  int32_t *word = (int32_t *)data + index;
+  if (__atomic_load_n(&word[0], __ATOMIC_SEQ_CST) != VR_IDLE) {
+    napi_throw_range_error(env, NULL, "loopRunnerStart: the state word is not IDLE (0)");
+    return NULL;
+  }
+  int sig = (int)arg_i64(env, a[4]);
+  if (sig < SIGRTMIN || sig > SIGRTMAX) {
+    napi_throw_range_error(env, NULL, "loopRunnerStart: the kick signal must be a real-time signal");
+    return NULL;
+  }
+  napi_valuetype t;
+  napi_typeof(env, a[5], &t);
+  if (t != napi_function) {
+    napi_throw_type_error(env, NULL, "loopRunnerStart: the callback must be a function");
+    return NULL;
+  }
+  struct sock_filter *prog = NULL;
+  size_t plen = 0;
+  napi_valuetype pt;
+  napi_typeof(env, a[6], &pt);
+  if (pt != napi_null && pt != napi_undefined) {
+    void *pd; size_t pl;
+    if (!buffer_of(env, a[6], &pd, &pl) || pl == 0 || pl % sizeof(struct sock_filter) != 0 ||
+        pl / sizeof(struct sock_filter) > SECCOMP_MAX_INSNS) {
+      napi_throw_range_error(env, NULL, "loopRunnerStart: program must be 1 to 4096 instructions of 8 bytes");
+      return NULL;
+    }
+    prog = malloc(pl);
+    if (!prog) return throw_errno(env, "malloc", ENOMEM);
+    memcpy(prog, pd, pl);
+    plen = pl / sizeof(struct sock_filter);
+  }
+  uv_loop_t *loop;
+  if (napi_get_uv_event_loop(env, &loop) != napi_ok) {
+    free(prog);
+    napi_throw_error(env, NULL, "loopRunnerStart: no event loop");
+    return NULL;
+  }
+  int wefd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (wefd < 0) { int e = errno; free(prog); return throw_errno(env, "eventfd", e); }
+  int ep_idle = epoll_create1(EPOLL_CLOEXEC), ep_armed = epoll_create1(EPOLL_CLOEXEC);
+  struct epoll_event ee = { .events = EPOLLIN, .data.u32 = 0 };
+  int eperr = ep_idle < 0 || ep_armed < 0 ? errno : 0;
+  if (!eperr && (epoll_ctl(ep_idle, EPOLL_CTL_ADD, wefd, &ee) < 0 || epoll_ctl(ep_armed, EPOLL_CTL_ADD, wefd, &ee) < 0))
+    eperr = errno;
+  ee.data.u32 = 1;
+  if (!eperr && epoll_ctl(ep_armed, EPOLL_CTL_ADD, uv_backend_fd(loop), &ee) < 0) eperr = errno;
+  uv_prepare_t *prep = eperr ? NULL : malloc(sizeof *prep);
+  if (!prep) {
+    if (ep_idle >= 0) close(ep_idle);
+    if (ep_armed >= 0) close(ep_armed);
+    close(wefd);
+    free(prog);
+    return throw_errno(env, "loopRunnerStart (epoll)", eperr ? eperr : ENOMEM);
+  }
+  memset(&lr, 0, sizeof lr);
+  lr.used = 1;
+  lr.gen = ++lr_gen & 0x3fffffff;
+  lr.env = env; lr.loop = loop; lr.word = word; lr.run = run; lr.vcpu_fd = vcpu_fd; lr.sig = sig;
+  lr.wefd = wefd; lr.ep_idle = ep_idle; lr.ep_armed = ep_armed; lr.owner = pthread_self(); lr.prog = prog; lr.prog_len = (unsigned short)plen;
+  lr.deadline = -1;
+  pthread_mutex_init(&lr.m, NULL);
+  pthread_cond_init(&lr.c, NULL);
+  napi_value name;
+  if (napi_create_reference(env, a[2], 1, &lr.words_ref) != napi_ok ||
+      napi_create_reference(env, a[1], 1, &lr.run_ref) != napi_ok ||
+      napi_create_reference(env, a[5], 1, &lr.cb) != napi_ok ||
+      napi_create_string_utf8(env, "typervisor.loopRunner", NAPI_AUTO_LENGTH, &name) != napi_ok ||
+      napi_async_init(env, NULL, name, &lr.ctx) != napi_ok) {
+    free(prep);
+    lr_end();
+    napi_throw_error(env, NULL, "loopRunnerStart: napi setup failed");
+    return NULL;
+  }
+  pthread_attr_t attr;
+  pthread_attr_init(&attr);
+  pthread_attr_setstacksize(&attr, VR_STACK);
+  int e = pthread_create(&lr.wtid, &attr, lr_watch_main, NULL);
+  pthread_attr_destroy(&attr);
+  if (e != 0) {
+    free(prep);
+    lr_end();
+    return throw_errno(env, "pthread_create", e);
+  }
+  lr.wthread = 1;
+  pthread_mutex_lock(&lr.m);
+  while (!lr.wready) pthread_cond_wait(&lr.c, &lr.m);
+  int werr = lr.werr;
+  pthread_mutex_unlock(&lr.m);
+  if (werr) {
+    pthread_join(lr.wtid, NULL);
+    lr.wthread = 0;
+    free(prep);
+    lr_end();
+    return throw_errno(env, "loopRunnerStart (the watcher's seccomp filter)", werr);
+  }
+  uv_prepare_init(loop, prep);
+  uv_prepare_start(prep, lr_on_prepare);
+  uv_unref((uv_handle_t *)prep);
+  lr.prep = prep;
+  lr.active = 1;
+  napi_add_env_cleanup_hook(env, lr_env_cleanup, NULL);
+  return num(env, lr.gen);
+}
+
+/* loopRunnerGo(handle): word[0] = RUN (from IDLE or EXITED); the loop's next prepare runs it */
+static napi_value n_loop_runner_go(napi_env env, napi_callback_info info) {
+  napi_value a[1];
+  if (!get_args(env, info, 1, a)) return NULL;
+  if (!lr_handle_ok(env, a[0]) || !lr.active) return throw_errno(env, "loopRunnerGo (no such runner)", ESRCH);
+  int32_t s = __atomic_load_n(&lr.word[0], __ATOMIC_SEQ_CST);
+  if (s != VR_IDLE && s != VR_EXITED) return throw_errno(env, "loopRunnerGo (the runner is not waiting)", EBUSY);
+  __atomic_store_n(&lr.word[0], VR_RUN, __ATOMIC_SEQ_CST);
+  return NULL;
+}
+
+/* loopRunnerQuit(handle): word[0] = DEAD at once (JS on this thread runs only outside KVM_RUN) */
+static napi_value n_loop_runner_quit(napi_env env, napi_callback_info info) {
+  napi_value a[1];
+  if (!get_args(env, info, 1, a)) return NULL;
+  if (!lr_handle_ok(env, a[0]) || !lr.active) return throw_errno(env, "loopRunnerQuit (no such runner)", ESRCH);
+  __atomic_store_n(&lr.word[0], VR_DEAD, __ATOMIC_SEQ_CST);
+  return NULL;
+}
+
+/* loopRunnerJoin(handle): ends a quit runner: joins the watcher, closes the prepare */
+static napi_value n_loop_runner_join(napi_env env, napi_callback_info info) {
+  napi_value a[1];
+  if (!get_args(env, info, 1, a)) return NULL;
+  if (!lr_handle_ok(env, a[0])) return throw_errno(env, "loopRunnerJoin (no such runner of this thread)", ESRCH);
+  if (__atomic_load_n(&lr.word[0], __ATOMIC_SEQ_CST) != VR_DEAD)
+    return throw_errno(env, "loopRunnerJoin (the runner has not ended)", EBUSY);
+  napi_remove_env_cleanup_hook(env, lr_env_cleanup, NULL);
+  lr_end();
+  return NULL;
+}
+
+#define LOOP_RUNNER_EXPORTS                                                               \
+  EXPORT("loopRunnerStart", n_loop_runner_start), EXPORT("loopRunnerGo", n_loop_runner_go), \
+  EXPORT("loopRunnerQuit", n_loop_runner_quit), EXPORT("loopRunnerJoin", n_loop_runner_join),
+/* ---- end of loop runner ---- */
+
 /* ---- io_uring (helper U, issue 17 part B): the three syscalls, nothing else ----
  * The rings are mapped with mmap() above (IORING_OFF_SQ_RING / _CQ_RING / _SQES as the offset);
  * every ring index, SQE and CQE is read and written in TypeScript (src/devices/virtio/block/
@@ -1558,6 +1955,7 @@ NAPI_MODULE_INIT() {
     IO_URING_EXPORTS
     MALLOC_TRIM_EXPORTS
     FD_WATCH_EXPORTS
+    LOOP_RUNNER_EXPORTS
   };
   if (napi_define_properties(env, exports, sizeof props / sizeof props[0], props) != napi_ok) return NULL;
   return exports;

@@ -311,7 +311,8 @@ function startVcpuWorkerEarly(args) {
   for (const a of args)
     if (a === '--help' || a === '-h' || a === '--no-seccomp' || a.startsWith('--seccomp-filter'))
       return;
-  // Native vCPU threads served by the main thread start no worker at all (src/vmm/vcpu-mode.ts).
+  // Native vCPU threads served by the main thread, and vCPU 0 on the main thread's loop, start
+  // no worker at all (src/vmm/vcpu-mode.ts).
   const i = args.findIndex((a) => a === '--vcpu-threads' || a.startsWith('--vcpu-threads='));
   const threads =
     i < 0
@@ -319,6 +320,7 @@ function startVcpuWorkerEarly(args) {
       : args[i].includes('=')
         ? args[i].split('=')[1]
         : args[i + 1];
+  if (threads === 'loop') return;
   if (threads === 'native' && (process.env.TYPERVISOR_VCPU_HUB || 'main') === 'main') return;
   const { Worker } = require('node:worker_threads');
   const w = new Worker(path.join(DIR, 'vcpu-worker.cjs'), { stdout: false, stderr: false });

@@ -61,7 +61,8 @@ export const RUN_USAGE = `usage: typervisor run [options]
   --seccomp-filter FILE  per-role allow-lists from this JSON instead of the defaults
   --vcpu-threads M  worker: a Node worker per vCPU; native: a native thread per vCPU, all served
                     by the main thread (TYPERVISOR_VCPU_HUB=worker: by one worker of their own);
-                    hybrid: vCPU 0 on a worker, the others native; auto
+                    hybrid: vCPU 0 on a worker, the others native; loop: vCPU 0 run by the
+                    main thread while its event loop is idle, the others native; auto
                     (default): hybrid from ${NATIVE_FROM_VCPUS} vCPUs, else worker (docs/architecture.md)
 Restoring a snapshot instead of booting (the VM's shape comes from the snapshot, so --kernel,
 --initrd, --cmdline, --vcpus, --memory, --drive, --rootfs, --rng, --net and --vsock do not apply):
@@ -175,7 +176,7 @@ function parseRunFlags(argv: string[]) {
 type RunFlags = ReturnType<typeof parseRunFlags>;
 
 /**
- * --vcpu-threads worker|native|hybrid|auto (vcpu-mode.ts), passed on as TYPERVISOR_VCPU_THREADS (read
+ * --vcpu-threads worker|native|hybrid|loop|auto (vcpu-mode.ts), passed on as TYPERVISOR_VCPU_THREADS (read
  * when the VM starts; main.ts reads the flag too, for the prewarm).
  */
 function applyVcpuThreads(v: RunFlags): void {

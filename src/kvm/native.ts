@@ -163,6 +163,30 @@ export interface NativeShim {
   vcpuRunnerKick(handle: number): boolean;
   /** Joins an ended runner (state DEAD; EBUSY otherwise) from the thread that started it. */
   vcpuRunnerJoin(handle: number): void;
+  // Issue 18 (native block "loop runner"): one vCPU run by the calling thread while its event
+  // loop has nothing due; src/vmm/vcpu-threads.ts drives it with the runner's three words.
+  /**
+   * Runs the vCPU `vcpuFd` on this thread: before each time the loop would block, KVM_RUN for as
+   * long as the loop has nothing due and word 0 says RUN; after each KVM_RUN the words are set as
+   * a runner's and `callback(0)` is called. A watcher thread (with `program` as its seccomp
+   * filter) ends a KVM_RUN when the loop has work (`run`'s immediate_exit and the kick signal).
+   * One per process (EBUSY). Returns a handle.
+   */
+  loopRunnerStart(
+    vcpuFd: number,
+    run: ArrayBuffer,
+    words: Int32Array,
+    index: number,
+    kickSignal: number,
+    callback: (status: number) => void,
+    program: Buf | null,
+  ): number;
+  /** One more KVM_RUN at the loop's next turn (word 0 must be IDLE or EXITED: EBUSY otherwise). */
+  loopRunnerGo(handle: number): void;
+  /** Ends it at once (word 0 DEAD): JS on its thread runs only outside KVM_RUN. */
+  loopRunnerQuit(handle: number): void;
+  /** Releases an ended one (the watcher joined, the loop's hook closed). */
+  loopRunnerJoin(handle: number): void;
   // Issue 17 part B (native block "io_uring"): the three syscalls; the rings are mapped with
   // mmap() and driven from TypeScript (src/devices/virtio/block/io-uring.ts).
   /** io_uring_setup(2): the ring fd; `params` (struct io_uring_params, >= 120 bytes) in and out. */

@@ -16,7 +16,7 @@ test('vCPU threads: an explicit setting wins, auto picks by vCPU count, a bad on
   }
   assert.throws(
     () => chooseVcpuThreads(2, 'threads'),
-    /'threads' is not one of worker, native, hybrid, auto/,
+    /'threads' is not one of worker, native, hybrid, loop, auto/,
   );
 });
 

@@ -6,9 +6,11 @@
 /**
  * How vCPUs are run: a Node worker each ('worker'); native runner threads served by one worker
  * ('native'); or vCPU 0 on a worker of its own and the others on runner threads ('hybrid': the
- * boot vCPU, which takes most of a boot's exits, keeps the in-thread exit path).
+ * boot vCPU, which takes most of a boot's exits, keeps the in-thread exit path); or vCPU 0 run
+ * by the main thread itself whenever its event loop is idle, the others on runner threads
+ * ('loop': the in-thread exit path without a worker; one such VM per process).
  */
-export type VcpuThreads = 'worker' | 'native' | 'hybrid';
+export type VcpuThreads = 'worker' | 'native' | 'hybrid' | 'loop';
 
 /**
  * From this many vCPUs up, 'auto' picks 'hybrid' (bench/vcpus.ts, docs/architecture.md): below
@@ -36,6 +38,7 @@ export function workersFor(mode: VcpuThreads, vcpus: number, hub: HubPlace = 'ma
   if (mode === 'worker') return vcpus;
   const hubWorker = hub === 'worker' ? 1 : 0;
   if (mode === 'native') return hubWorker;
+  if (mode === 'loop') return 0;
   return vcpus > 1 ? 1 + hubWorker : 1;
 }
 
@@ -44,10 +47,11 @@ export function workersFor(mode: VcpuThreads, vcpus: number, hub: HubPlace = 'ma
  * TYPERVISOR_VCPU_THREADS or --vcpu-threads) decides; 'auto' and undefined pick by count.
  */
 export function chooseVcpuThreads(vcpus: number, setting: string | undefined): VcpuThreads {
-  if (setting === 'worker' || setting === 'native' || setting === 'hybrid') return setting;
+  if (setting === 'worker' || setting === 'native' || setting === 'hybrid' || setting === 'loop')
+    return setting;
   if (setting !== undefined && setting !== '' && setting !== 'auto') {
     throw new Error(
-      `vCPU threads: '${setting}' is not one of worker, native, hybrid, auto (TYPERVISOR_VCPU_THREADS, --vcpu-threads)`,
+      `vCPU threads: '${setting}' is not one of worker, native, hybrid, loop, auto (TYPERVISOR_VCPU_THREADS, --vcpu-threads)`,
     );
   }
   return vcpus >= NATIVE_FROM_VCPUS ? 'hybrid' : 'worker';

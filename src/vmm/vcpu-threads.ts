@@ -22,7 +22,7 @@
 import { availableParallelism } from 'node:os';
 import { Kvm, Vcpu } from '../kvm/kvm.js';
 import { isSyscallError, native } from '../kvm/native.js';
-import { installWorkerFilter, runnerProgram } from '../sandbox/seccomp/install.js';
+import { installWorkerFilter, runnerProgram, watcherProgram } from '../sandbox/seccomp/install.js';
 import type { GuestRamLayout } from './guest-ram.js';
 import { attachLegacyDevices, type LegacyDeviceState } from './legacy-devices.js';
 import { Command, VcpuControl, VcpuRequest, VcpuState } from './vcpu-control.js';
@@ -53,6 +53,11 @@ export interface VcpuHubData {
   eventFd: number;
   /** MSRs a snapshot saves besides KVM's list: the CPU template's (vcpu-worker.ts). */
   extraMsrs?: number[];
+  /**
+   * The first vCPU is run by the hub's own thread while its event loop is idle (loopRunnerStart,
+   * `--vcpu-threads loop`), not by a runner thread. Only with the hub on the main thread.
+   */
+  loopFirst?: boolean;
 }
 
 export interface VcpuHubStart {
@@ -78,6 +83,8 @@ interface HubVcpu {
   inGuest: boolean;
   /** The current KVM_RUN is the pause's last pass (immediate_exit set). */
   parking: boolean;
+  /** Run by this thread's event loop (loopRunnerStart), not by a runner thread. */
+  onLoop: boolean;
   parked: boolean;
   done: boolean;
 }
@@ -108,6 +115,8 @@ export class VcpuHub {
   private finished = false;
   /** Exits served by the last pass. */
   served = 0;
+  /** vCPUs on runner threads (not on this thread's loop). */
+  private threadRunners = 0;
 
   constructor(
     private readonly d: VcpuHubData,
@@ -118,8 +127,12 @@ export class VcpuHub {
     this.control = new VcpuControl(d.control);
   }
 
-  /** Attaches the devices and starts one runner per vCPU, then posts their handles. */
-  start(attachVirtio: AttachVirtio | undefined): void {
+  /**
+   * Attaches the devices and starts one runner per vCPU, then posts their handles. With
+   * `loopFirst`, the first vCPU is run by this thread's loop, which calls `onLoopExit` after
+   * each of its KVM_RUNs (its handle is posted as -1: nothing to kick from this thread).
+   */
+  start(attachVirtio: AttachVirtio | undefined, onLoopExit?: (status: number) => void): void {
     const { d, n, control } = this;
     const kickSignal = n.installKickHandler();
     // No mapping of guest RAM: nothing on this thread reads it (as in the vCPU worker).
@@ -150,17 +163,32 @@ export class VcpuHub {
       const vcpu = new Vcpu(vcpuFd, d.mmapSize);
       this.mappings.push(() => n.munmap(vcpu.run.buffer as ArrayBuffer));
       const base = i * WORDS;
-      const handle = n.vcpuRunnerStart(
-        vcpuFd,
-        this.words,
-        base,
-        d.eventFd,
-        kickSignal,
-        `tv-vrun${id}`,
-        program,
-        waits ? RUNNER_SPIN : 0,
-      );
+      const onLoop = i === 0 && d.loopFirst === true;
+      if (onLoop && !onLoopExit)
+        throw new Error('a vCPU on the loop but no callback for its exits');
+      const handle = onLoop
+        ? n.loopRunnerStart(
+            vcpuFd,
+            vcpu.run.buffer as ArrayBuffer,
+            this.words,
+            base,
+            kickSignal,
+            onLoopExit!,
+            watcherProgram(),
+          )
+        : n.vcpuRunnerStart(
+            vcpuFd,
+            this.words,
+            base,
+            d.eventFd,
+            kickSignal,
+            `tv-vrun${id}`,
+            program,
+            waits ? RUNNER_SPIN : 0,
+          );
+      if (!onLoop) this.threadRunners++;
       this.vs.push({
+        onLoop,
         id,
         vcpu,
         loop: new VcpuLoop(id, vcpu, control, handlers),
@@ -173,7 +201,10 @@ export class VcpuHub {
         done: false,
       });
     });
-    this.post({ type: 'runners', handles: this.vs.map((v) => v.handle) } satisfies VcpuHubMessage);
+    this.post({
+      type: 'runners',
+      handles: this.vs.map((v) => (v.onLoop ? -1 : v.handle)),
+    } satisfies VcpuHubMessage);
     for (const v of this.vs) control.setState(v.id, VcpuState.Running);
   }
 
@@ -194,7 +225,8 @@ export class VcpuHub {
     if (cmd === Command.Stop) return false;
     const go = (v: HubVcpu) => {
       v.inGuest = true;
-      n.vcpuRunnerGo(v.handle);
+      if (v.onLoop) n.loopRunnerGo(v.handle);
+      else n.vcpuRunnerGo(v.handle);
     };
     let live = 0;
     this.served = 0;
@@ -286,17 +318,19 @@ export class VcpuHub {
   quitAll(): void {
     for (const v of this.vs) {
       try {
-        this.n.vcpuRunnerQuit(v.handle);
+        if (v.onLoop) this.n.loopRunnerQuit(v.handle);
+        else this.n.vcpuRunnerQuit(v.handle);
       } catch {
         // already gone
       }
     }
   }
 
-  /** A runner has reported since the last pass (its word is no longer RUN). */
+  /** A runner thread has reported since the last pass (its word is no longer RUN). */
   anyReported(): boolean {
     for (const v of this.vs)
-      if (v.inGuest && Atomics.load(this.words, v.base) !== RunnerWord.Run) return true;
+      if (!v.onLoop && v.inGuest && Atomics.load(this.words, v.base) !== RunnerWord.Run)
+        return true;
     return false;
   }
 
@@ -305,7 +339,8 @@ export class VcpuHub {
    * in bursts, and a sleeping thread is slow to wake). True when a runner reported meanwhile.
    */
   nextExitSoon(): boolean {
-    if (this.served === 0) return false;
+    // The loop's vCPU reports only when this thread returns to its loop: never wait for it.
+    if (this.served === 0 || this.threadRunners === 0) return false;
     const until = performance.now() + POLL_MS;
     while (!this.anyReported() && performance.now() < until);
     return this.anyReported();
@@ -320,7 +355,10 @@ export class VcpuHub {
   finish(): void {
     if (this.finished) return;
     this.finished = true;
-    for (const v of this.vs) this.n.vcpuRunnerJoin(v.handle);
+    for (const v of this.vs) {
+      if (v.onLoop) this.n.loopRunnerJoin(v.handle);
+      else this.n.vcpuRunnerJoin(v.handle);
+    }
     for (const v of this.vs) this.control.setState(v.id, VcpuState.Exited);
     for (const unmap of this.mappings) unmap();
     this.post({ type: 'exit', event: this.event ?? { kind: 'stopped' } });
@@ -443,7 +481,7 @@ export function startHubOnThisThread(
   };
   watch = n.fdWatch(d.eventFd, wake);
   try {
-    hub.start(attachVirtio);
+    hub.start(attachVirtio, d.loopFirst ? () => wake() : undefined);
   } catch (e) {
     hub.fail({ kind: 'fatal', message: `vCPU hub: ${(e as Error).message}` });
     quit();

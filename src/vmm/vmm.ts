@@ -125,13 +125,14 @@ export class Vmm {
     const n = native();
     this.kickSignal = n.installKickHandler();
     // hybrid: vCPU 0 (the boot vCPU, which takes most of a boot's exits) on a worker of its
-    // own, the others on native runner threads.
+    // own, the others on native runner threads. loop: vCPU 0 run by this thread's event loop,
+    // the others on runner threads, all served here (the hub is always this thread).
     const ids = vcpuFds.map((_, id) => id);
     const onWorkers = this.mode === 'worker' ? ids : this.mode === 'hybrid' ? ids.slice(0, 1) : [];
     const onRunners = ids.slice(onWorkers.length);
     const source = this.mode === 'worker' ? opts.workers : undefined;
     if (source) return this.startReused(source, vcpuFds, data);
-    const hubWorker = onRunners.length > 0 && hub === 'worker';
+    const hubWorker = onRunners.length > 0 && hub === 'worker' && this.mode !== 'loop';
     const workers = takeVcpuWorkers(onWorkers.length + (hubWorker ? 1 : 0));
     onWorkers.forEach((id) => {
       const fd = vcpuFds[id]!;
@@ -165,7 +166,8 @@ export class Vmm {
       this.vcpus.push(h);
     });
     if (hubWorker) this.startNative(onRunners, vcpuFds, data, workers.at(-1)!);
-    else if (onRunners.length > 0) this.startNativeHere(onRunners, vcpuFds, data);
+    else if (onRunners.length > 0)
+      this.startNativeHere(onRunners, vcpuFds, data, this.mode === 'loop');
   }
 
   /**
@@ -266,6 +268,7 @@ export class Vmm {
     ids: number[],
     vcpuFds: number[],
     data: (id: number) => Omit<VcpuWorkerData, 'control'>,
+    loopFirst = false,
   ): void {
     const n = native();
     const efd = n.eventfd(0, EFD_NONBLOCK);
@@ -278,6 +281,7 @@ export class Vmm {
       else log('warn', 'vCPU hub: a runner thread did not end; its eventfd stays open');
     });
     const d = this.hubData(ids, vcpuFds, data, efd);
+    if (loopFirst) d.loopFirst = true;
     const hs = this.runnerHandles(ids, vcpuFds);
     const gone = (e: VmExitEvent) => {
       for (const h of hs) this.onWorkerGone(h, e);

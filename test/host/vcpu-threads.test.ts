@@ -47,7 +47,7 @@ function build(
   guest: string,
   vcpus: number,
   consoleFile: string,
-  mode: 'native' | 'hybrid' = 'native',
+  mode: 'native' | 'hybrid' | 'loop' = 'native',
   hub: 'main' | 'worker' = 'main',
 ): BuiltVm {
   const prev = process.env.TYPERVISOR_VCPU_THREADS;
@@ -76,6 +76,7 @@ async function gone(baseline: number): Promise<void> {
       .join(', ')}`,
   );
   assert.equal(threads().filter((t) => t.name.startsWith('tv-vrun')).length, 0);
+  assert.equal(threads().filter((t) => t.name === 'tv-vloopwatch').length, 0);
 }
 
 const states = (vm: BuiltVm, n: number) => [...Array(n).keys()].map((i) => vm.vmm.control.state(i));
@@ -99,16 +100,17 @@ describe('native vCPU runner threads (KVM)', () => {
     ['hybrid', 'main'],
     ['native', 'worker'],
     ['hybrid', 'worker'],
+    ['loop', 'main'],
   ] as const)
     test(
-      `${mode}, 8 vCPUs: one filtered runner thread per vCPU${mode === 'hybrid' ? ' but vCPU 0 (a worker)' : ''}, the hub on ${hub === 'main' ? 'the main thread' : 'a worker'}; pause, resume, stop`,
+      `${mode}, 8 vCPUs: one filtered runner thread per vCPU${mode === 'hybrid' ? ' but vCPU 0 (a worker)' : mode === 'loop' ? ' but vCPU 0 (the main thread, with a filtered watcher)' : ''}, the hub on ${hub === 'main' ? 'the main thread' : 'a worker'}; pause, resume, stop`,
       T,
       async () => {
         const baseline = threadCount();
         const dir = tempDir();
         const vm = build('piospin', 8, join(dir, 'console'), mode, hub);
         assert.equal(vm.vmm.mode, mode);
-        const first = mode === 'hybrid' ? 1 : 0;
+        const first = mode === 'native' ? 0 : 1;
         // every vCPU runs, vCPU 0 exits on every port write
         assert.ok(await eventually(() => vm.vmm.control.exits(0) > 100, BOUND_MS), 'no exits');
         // the runners start once the hub's worker is up (vCPU 0's worker may be running already)
@@ -127,6 +129,9 @@ describe('native vCPU runner threads (KVM)', () => {
         );
         for (const r of runners) assert.equal(r.seccomp, 2, `${r.name} has no seccomp filter`);
         assert.equal(ts.filter((t) => t.name === 'tv-vcpuhub').length, hub === 'worker' ? 1 : 0);
+        const watchers = ts.filter((t) => t.name === 'tv-vloopwatch');
+        assert.equal(watchers.length, mode === 'loop' ? 1 : 0);
+        for (const w of watchers) assert.equal(w.seccomp, 2, 'the watcher has no seccomp filter');
         assert.deepEqual(
           ts
             .filter((t) => t.name.startsWith('tv-vcpu') && t.name !== 'tv-vcpuhub')
@@ -136,7 +141,7 @@ describe('native vCPU runner threads (KVM)', () => {
         // a VM of 8 vCPUs costs 8 small threads and at most two workers, not 8 workers; with
         // the hub on the main thread, native mode starts no worker at all
         const extra = threadCount() - baseline;
-        if (mode === 'native' && hub === 'main') assert.ok(extra <= 8, `${extra} new threads`);
+        if (mode !== 'hybrid' && hub === 'main') assert.ok(extra <= 8, `${extra} new threads`);
         assert.ok(extra <= 8 + 6, `${extra} new threads`);
 
         await vm.vmm.pause();
@@ -165,6 +170,7 @@ describe('native vCPU runner threads (KVM)', () => {
     ['native', 'main'],
     ['hybrid', 'main'],
     ['native', 'worker'],
+    ['loop', 'main'],
   ] as const)
     test(
       `${mode}, the hub on ${hub === 'main' ? 'the main thread' : 'a worker'}: a snapshot of a running 4-vCPU counting guest restores and counts on`,

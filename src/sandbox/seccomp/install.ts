@@ -29,7 +29,7 @@ import {
   SECCOMP_RET_LOG,
   type Policy,
 } from './filter.js';
-import { defaultPolicy, processPolicy, VCPU_RUNNER, type Role } from './roles.js';
+import { defaultPolicy, processPolicy, LOOP_WATCHER, VCPU_RUNNER, type Role } from './roles.js';
 
 const ENV_KEY = 'typervisor:seccomp';
 
@@ -154,4 +154,13 @@ export function runnerProgram(s: SeccompSettings = seccompSettings()): Uint8Arra
   const action =
     audit === 'vcpu-runner' || audit === 'all' ? SECCOMP_RET_LOG : SECCOMP_RET_KILL_PROCESS;
   return compilePolicyBytes(VCPU_RUNNER, action);
+}
+
+/** The program of a loop runner's watcher thread (roles.ts LOOP_WATCHER), or null (seccomp off). */
+export function watcherProgram(s: SeccompSettings = seccompSettings()): Uint8Array | null {
+  if (s.mode === 'off') return null;
+  const audit = process.env.TYPERVISOR_SECCOMP_AUDIT;
+  const action =
+    audit === 'vcpu-runner' || audit === 'all' ? SECCOMP_RET_LOG : SECCOMP_RET_KILL_PROCESS;
+  return compilePolicyBytes(LOOP_WATCHER, action);
 }

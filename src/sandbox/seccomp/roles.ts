@@ -252,6 +252,20 @@ export const VCPU_RUNNER: Policy = {
   ],
 };
 
+/**
+ * The watcher of a vCPU run on the main thread's loop (issue 18, `--vcpu-threads loop`,
+ * native block "loop runner"): a pthread that waits on the loop's epoll fd and its own eventfd,
+ * and kicks the main thread (tgkill) when the loop has work. Installed on itself, stacked on
+ * the process filter, like VCPU_RUNNER (and following the same settings).
+ */
+export const LOOP_WATCHER: Policy = {
+  rules: [
+    ...any('epoll_wait', 'epoll_pwait', 'read', 'futex', 'getpid', 'gettid', 'tgkill'),
+    ...any('clock_gettime'),
+    ...any('rt_sigreturn', 'rt_sigprocmask', 'madvise', 'exit'),
+  ],
+};
+
 /** A role's own list. */
 export function defaultPolicy(role: Role): Policy {
   switch (role) {
