@@ -9,7 +9,7 @@
  *     --runs 100 --concurrency 2 --variants typervisor:worker,qemu --budget 3600
  *
  * Variants (comma-separated, run round-robin so they share the lab's conditions):
- *   typervisor[:worker|native|hybrid|auto][@TREE]  TREE: another checkout's root (bisecting)
+ *   typervisor[:worker|native|hybrid|loop|auto][@TREE]  TREE: another checkout's root (bisecting)
  *   qemu[:microvm|pc][+memfd]                       -enable-kvm -cpu host -no-reboot
  *     (+memfd: guest RAM from a shared memfd, as Typervisor's, instead of anonymous memory)
  * --shmem-thp never|advise|always|force|within_size: set the lab kernel's

@@ -24,10 +24,11 @@ type Name = 'typervisor' | 'qemu';
 /**
  * What runs in the cold and idle rounds: Typervisor as a user runs it, Typervisor with
  * `--vcpu-threads native` (its vCPU on a runner thread served by the main thread: no worker,
- * one isolate; docs/architecture.md "vCPU threads"), and QEMU.
+ * one isolate; docs/architecture.md "vCPU threads"), with `--vcpu-threads loop` (the vCPU run
+ * by the main thread itself while its loop is idle), and QEMU.
  */
-type Variant = Name | 'native';
-const VARIANTS: Variant[] = ['typervisor', 'native', 'qemu'];
+type Variant = Name | 'native' | 'loop';
+const VARIANTS: Variant[] = ['typervisor', 'native', 'loop', 'qemu'];
 const NAMES: Name[] = ['typervisor', 'qemu'];
 
 function qemuArgs(kvmKind: string, elf: string): string[] {
@@ -65,7 +66,7 @@ function vmmFor(v: Variant, elf: string, kvmKind: string): Vmm {
           elf,
           '--memory',
           String(MEM_MIB),
-          ...(v === 'native' ? ['--vcpu-threads', 'native'] : []),
+          ...(v === 'native' || v === 'loop' ? ['--vcpu-threads', v] : []),
         ],
         memMiB: MEM_MIB,
       };
@@ -275,7 +276,7 @@ export async function startupSuite(o: StartupOptions): Promise<{ rows: Row[]; no
     const samples: Record<string, Record<Variant, number[]>> = {};
     const add = (k: string, n: Variant, v: number | undefined) => {
       if (v !== undefined && Number.isFinite(v))
-        ((samples[k] ??= { typervisor: [], native: [], qemu: [] })[n] ??= []).push(v);
+        ((samples[k] ??= { typervisor: [], native: [], loop: [], qemu: [] })[n] ??= []).push(v);
     };
     for (let r = 0; r < o.runs; r++) {
       const vorder = VARIANTS.map((_, i) => VARIANTS[(i + r) % VARIANTS.length]!);
@@ -312,7 +313,7 @@ export async function startupSuite(o: StartupOptions): Promise<{ rows: Row[]; no
       key: string,
       unit: string,
       note?: string,
-      v: 'typervisor' | 'native' = 'typervisor',
+      v: 'typervisor' | 'native' | 'loop' = 'typervisor',
     ): Row => ({
       suite: 'micro',
       metric,
@@ -322,6 +323,7 @@ export async function startupSuite(o: StartupOptions): Promise<{ rows: Row[]; no
       qemu: stat(samples[key]?.qemu ?? []),
     });
     const NATIVE = '--vcpu-threads native: the vCPU on a runner thread, no worker';
+    const LOOP = '--vcpu-threads loop: the vCPU run by the main thread, no worker, no hand-off';
     return {
       rows: [
         row('cold: exec → marker (bin/typervisor exec’d)', 'marker', 'ms', 'issue 18: ≤ 1.2x QEMU'),
@@ -336,6 +338,11 @@ export async function startupSuite(o: StartupOptions): Promise<{ rows: Row[]; no
         row('cold: peak RSS, native vCPU thread', 'peak', 'MiB', NATIVE, 'native'),
         row('idle VM: RSS, native vCPU thread', 'rss', 'MiB', NATIVE, 'native'),
         row('idle VM: USS, native vCPU thread', 'uss', 'MiB', NATIVE, 'native'),
+        row('cold: exec → marker, vCPU on the main loop', 'marker', 'ms', LOOP, 'loop'),
+        row('cold: exec → exit, vCPU on the main loop', 'exit', 'ms', LOOP, 'loop'),
+        row('cold: peak RSS, vCPU on the main loop', 'peak', 'MiB', LOOP, 'loop'),
+        row('idle VM: RSS, vCPU on the main loop', 'rss', 'MiB', LOOP, 'loop'),
+        row('idle VM: USS, vCPU on the main loop', 'uss', 'MiB', LOOP, 'loop'),
         row(
           'API: exec → control socket accepting',
           'sock',

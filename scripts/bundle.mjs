@@ -248,7 +248,7 @@ async function build() {
  * compiled lazily (TYPERVISOR_BUNDLE_TRAIN=FILE), starts a guest of a few bytes
  * (TRAINING_GUEST: a line on the console, the boot marker, the reset, and the VMM exits) with a
  * virtio-rng device and a read-only drive, and writes the code cache of what it compiled at
- * exit (bundle-loader.cjs trainCacheAtExit): main as `run --vcpu-threads native`, api through its socket (GET /, the
+ * exit (bundle-loader.cjs trainCacheAtExit): main as `run --vcpu-threads loop` (the default for one vCPU), api through its socket (GET /, the
  * boot source, machine config, entropy device and drive, InstanceStart). Such a cache holds the
  * functions a VM's start runs on the main thread (main: 0.60 MB against the eager 1.49 MB, which
  * also holds every other command and the device models that only the device worker runs): on
@@ -313,7 +313,8 @@ const TRAINING_GUEST = [
 
 /** `run` from the main bundle: undefined, or why it failed. */
 function trainRun(spawnSync, elf, disk, env) {
-  const args = ['run', '--kernel', elf, '--memory', '32', '--vcpu-threads', 'native'];
+  // The default path: one vCPU run by the main thread's loop (the hub's code, as native mode's).
+  const args = ['run', '--kernel', elf, '--memory', '32', '--vcpu-threads', 'loop'];
   args.push('--no-seccomp', '--rng', '--drive', `path=${disk},ro`);
   const r = spawnSync(process.execPath, [join(OUT, 'main.cjs'), ...args], {
     env,

@@ -2,7 +2,7 @@
 import { readFileSync } from 'node:fs';
 // Only light imports here: `run` starts its vCPU workers before loading the rest (see
 // src/vmm/vcpu-pool.ts), so the modules are loaded on demand below.
-import { prewarmVcpuWorkers } from '../vmm/vcpu-pool.js';
+import { prewarmVcpuWorkers, setLoopByDefault } from '../vmm/vcpu-pool.js';
 import { boundExitAfterSignals } from './signals.js';
 
 const EXIT_USAGE = 2;
@@ -74,6 +74,9 @@ export async function main(argv: string[]): Promise<number> {
     process.env.TYPERVISOR_VCPU_THREADS = rest[vt]!.includes('=')
       ? rest[vt]!.split('=')[1]
       : rest[vt + 1];
+  // One VM in this process: a 1-vCPU VM runs its vCPU on this thread's loop by default
+  // (vcpu-mode.ts), with no worker to prewarm.
+  if (cmd === 'run') setLoopByDefault(true);
   if (cmd === 'run' && !rest.includes('--help') && !rest.includes('-h') && !customFilter)
     prewarmVcpuWorkers(vcpusHint(rest));
   if (cmd === 'run') (await import('../vmm/index.js')).releaseVmsAtExit(true);

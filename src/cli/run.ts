@@ -63,7 +63,8 @@ export const RUN_USAGE = `usage: typervisor run [options]
                     by the main thread (TYPERVISOR_VCPU_HUB=worker: by one worker of their own);
                     hybrid: vCPU 0 on a worker, the others native; loop: vCPU 0 run by the
                     main thread while its event loop is idle, the others native; auto
-                    (default): hybrid from ${NATIVE_FROM_VCPUS} vCPUs, else worker (docs/architecture.md)
+                    (default): loop for 1 vCPU, hybrid from ${NATIVE_FROM_VCPUS} vCPUs, else worker
+                    (docs/architecture.md)
 Restoring a snapshot instead of booting (the VM's shape comes from the snapshot, so --kernel,
 --initrd, --cmdline, --vcpus, --memory, --drive, --rootfs, --rng, --net and --vsock do not apply):
   --restore STATE   the state file (typervisor snapshot create, or PUT /snapshot/create)

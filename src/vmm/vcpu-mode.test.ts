@@ -1,12 +1,19 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { chooseHubPlace, chooseVcpuThreads, NATIVE_FROM_VCPUS, workersFor } from './vcpu-mode.js';
+import {
+  chooseHubPlace,
+  chooseVcpuThreads,
+  NATIVE_FROM_VCPUS,
+  setLoopByDefault,
+  workersFor,
+} from './vcpu-mode.js';
 
 test('vCPU threads: an explicit setting wins, auto picks by vCPU count, a bad one names itself', () => {
   for (const n of [1, NATIVE_FROM_VCPUS, 64]) {
     assert.equal(chooseVcpuThreads(n, 'worker'), 'worker');
     assert.equal(chooseVcpuThreads(n, 'native'), 'native');
     assert.equal(chooseVcpuThreads(n, 'hybrid'), 'hybrid');
+    assert.equal(chooseVcpuThreads(n, 'loop'), 'loop');
   }
   for (const s of [undefined, '', 'auto']) {
     assert.equal(chooseVcpuThreads(1, s), NATIVE_FROM_VCPUS <= 1 ? 'hybrid' : 'worker');
@@ -43,4 +50,21 @@ test("the hub's place: main by default, worker when asked, a bad setting names i
   for (const s of [undefined, '', 'main']) assert.equal(chooseHubPlace(s), 'main');
   assert.equal(chooseHubPlace('worker'), 'worker');
   assert.throws(() => chooseHubPlace('thread'), /'thread' is not one of main, worker/);
+});
+
+test("auto picks 'loop' for one vCPU only where the process allows it (one VM per process)", () => {
+  try {
+    setLoopByDefault(true);
+    for (const s of [undefined, '', 'auto']) {
+      assert.equal(chooseVcpuThreads(1, s), 'loop');
+      assert.equal(chooseVcpuThreads(2, s), 'worker');
+      assert.equal(chooseVcpuThreads(NATIVE_FROM_VCPUS, s), 'hybrid');
+    }
+    assert.equal(chooseVcpuThreads(1, 'worker'), 'worker');
+    assert.equal(workersFor('loop', 1), 0);
+    assert.equal(workersFor('loop', 8, 'worker'), 0);
+  } finally {
+    setLoopByDefault(false);
+  }
+  assert.equal(chooseVcpuThreads(1, undefined), 'worker');
 });

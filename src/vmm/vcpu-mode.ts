@@ -43,8 +43,22 @@ export function workersFor(mode: VcpuThreads, vcpus: number, hub: HubPlace = 'ma
 }
 
 /**
- * The mode for a VM of `vcpus` vCPUs: `setting` ('worker', 'native', 'hybrid', 'auto' or undefined, from
- * TYPERVISOR_VCPU_THREADS or --vcpu-threads) decides; 'auto' and undefined pick by count.
+ * Whether 'auto' may run a 1-vCPU VM on the main thread's loop ('loop'): only in a process that
+ * runs one VM, whose main thread has nothing else to keep responsive between the loop's turns
+ * (`typervisor run`; set by src/cli/main.ts). A library or daemon process runs many VMs and
+ * keeps per-vCPU workers (a loop runner holds its thread's loop, one per process).
+ */
+let loopByDefault = false;
+
+export function setLoopByDefault(on: boolean): void {
+  loopByDefault = on;
+}
+
+/**
+ * The mode for a VM of `vcpus` vCPUs: `setting` ('worker', 'native', 'hybrid', 'loop', 'auto' or
+ * undefined, from TYPERVISOR_VCPU_THREADS or --vcpu-threads) decides; 'auto' and undefined pick
+ * by count: 'loop' for one vCPU where setLoopByDefault allows it, 'hybrid' from
+ * NATIVE_FROM_VCPUS up, else 'worker'.
  */
 export function chooseVcpuThreads(vcpus: number, setting: string | undefined): VcpuThreads {
   if (setting === 'worker' || setting === 'native' || setting === 'hybrid' || setting === 'loop')
@@ -54,5 +68,6 @@ export function chooseVcpuThreads(vcpus: number, setting: string | undefined): V
       `vCPU threads: '${setting}' is not one of worker, native, hybrid, loop, auto (TYPERVISOR_VCPU_THREADS, --vcpu-threads)`,
     );
   }
+  if (vcpus === 1 && loopByDefault) return 'loop';
   return vcpus >= NATIVE_FROM_VCPUS ? 'hybrid' : 'worker';
 }

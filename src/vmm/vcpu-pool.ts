@@ -17,6 +17,7 @@ import {
 import type { VcpuWorkerSource } from './vmm.js';
 /** The messages of an idle warm worker's garbage collection (the library's VmHost). */
 export type { VcpuWorkerCollect, VcpuWorkerMessage } from './vcpu-worker.js';
+export { setLoopByDefault } from './vcpu-mode.js';
 
 /**
  * Workers of this pool that have loaded their modules: each says { type: 'ready' } once it has

@@ -440,11 +440,13 @@ export function startHubOnThisThread(
     phase = 'quitting';
     hub.quitAll();
   };
-  const wake = (status = 0) => {
-    try {
-      n.eventfdRead(d.eventFd); // non-blocking: -1n when already drained
-    } catch {
-      // nothing to drain
+  const wake = (status = 0, drain = true) => {
+    if (drain) {
+      try {
+        n.eventfdRead(d.eventFd); // non-blocking: -1n when already drained
+      } catch {
+        // nothing to drain
+      }
     }
     if (status < 0 && phase !== 'done') {
       // The watch stopped (a poll error, never seen): end the VM, and look for the runners'
@@ -481,7 +483,8 @@ export function startHubOnThisThread(
   };
   watch = n.fdWatch(d.eventFd, wake);
   try {
-    hub.start(attachVirtio, d.loopFirst ? () => wake() : undefined);
+    // The loop's vCPU calls back after each of its exits: nothing in the eventfd to drain then.
+    hub.start(attachVirtio, d.loopFirst ? () => wake(0, false) : undefined);
   } catch (e) {
     hub.fail({ kind: 'fatal', message: `vCPU hub: ${(e as Error).message}` });
     quit();

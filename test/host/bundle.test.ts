@@ -71,14 +71,18 @@ function start(
   );
 }
 
-/** Boots the poweroff guest (with a virtio-rng device: a device worker) from the test bundle. */
+/**
+ * Boots the poweroff guest (with a virtio-rng device: a device worker) from the test bundle, its
+ * vCPU on a worker (the vcpu-worker bundle) unless `extra` says how to run it.
+ */
 function boot(
   extra: string[] = [],
   nodeArgs: readonly string[] = [],
   env: Record<string, string> = {},
 ) {
+  const threads = extra.includes('--vcpu-threads') ? [] : ['--vcpu-threads', 'worker'];
   return start(
-    ['run', '--kernel', guestPath('poweroff'), '--memory', '32', '--rng', ...extra],
+    ['run', '--kernel', guestPath('poweroff'), '--memory', '32', '--rng', ...threads, ...extra],
     nodeArgs,
     env,
   );
@@ -145,6 +149,20 @@ describe('per-thread bundles with code caches', () => {
     for (const t of THREADS) assert.equal(cacheOf(r.stderr, t), 'used', `${t}: ${r.stderr}`);
     assert.match(r.stderr, /started a vCPU worker before compiling/);
   });
+
+  test(
+    'the default run (one vCPU on the main thread’s loop) starts no vCPU worker',
+    T,
+    async () => {
+      const r = await boot(['--vcpu-threads', 'auto']);
+      assert.equal(r.code, 0, r.stderr);
+      assert.equal(r.stdout, 'tiny guest up\n');
+      assert.equal(cacheOf(r.stderr, 'main'), 'used', r.stderr);
+      assert.equal(cacheOf(r.stderr, 'device-worker'), 'used', r.stderr);
+      assert.equal(cacheOf(r.stderr, 'vcpu-worker'), undefined, r.stderr);
+      assert.doesNotMatch(r.stderr, /started a vCPU worker before compiling/);
+    },
+  );
 
   test(
     'the early vCPU worker: taken by a 2-vCPU VM, not started with --no-seccomp',

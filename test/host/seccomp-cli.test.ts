@@ -64,7 +64,9 @@ async function threadsOfRun(extra: string[]): Promise<ThreadInfo[]> {
           if (child.exitCode !== null || child.signalCode !== null) return; // it ended first
           const t = threads(child.pid!);
           const dev = t.find((x) => x.comm === 'tv-device');
-          const cpu = t.find((x) => x.comm === 'tv-vcpu0');
+          // The vCPU's own thread: its worker, or with the vCPU on the main thread's loop (the
+          // default for one vCPU) the loop's watcher.
+          const cpu = t.find((x) => x.comm === 'tv-vcpu0' || x.comm === 'tv-vloopwatch');
           const done = dev && cpu && dev.filters >= want && cpu.filters >= want;
           if ((dev && cpu && Date.now() > deadline) || done) {
             seen = t;
@@ -81,23 +83,29 @@ async function threadsOfRun(extra: string[]): Promise<ThreadInfo[]> {
   return seen;
 }
 
-test(
-  'default: every thread filtered; vCPU and device threads have their own filter on top',
-  { skip, timeout: 90_000 },
-  async () => {
-    const t = await threadsOfRun([]);
-    for (const x of t) assert.equal(x.mode, 2, `${x.comm}: seccomp mode`);
-    const vcpu = t.find((x) => x.comm === 'tv-vcpu0')!;
-    const device = t.find((x) => x.comm === 'tv-device')!;
-    assert.equal(vcpu.filters, 2, 'process filter + vcpu filter');
-    assert.equal(device.filters, 2, 'process filter + device filter');
-    // KVM's own kernel threads (kvm-nx-lpage-recovery, kvm-pit) live in the process too, created
-    // from a vCPU thread: their filters do not matter (they never make system calls).
-    const others = t.filter((x) => !x.comm.startsWith('tv-') && !x.comm.startsWith('kvm'));
-    assert.ok(others.length >= 2, 'the main thread and Node threads');
-    for (const x of others) assert.equal(x.filters, 1, `${x.comm}: the process filter (TSYNC)`);
-  },
-);
+for (const [what, extra, own] of [
+  ['default (the vCPU on the main thread’s loop)', [], 'tv-vloopwatch'],
+  ['--vcpu-threads worker', ['--vcpu-threads', 'worker'], 'tv-vcpu0'],
+] as const)
+  test(
+    `${what}: every thread filtered; the vCPU's thread (${own}) and device threads have their own filter on top`,
+    { skip, timeout: 90_000 },
+    async () => {
+      const t = await threadsOfRun([...extra]);
+      for (const x of t) assert.equal(x.mode, 2, `${x.comm}: seccomp mode`);
+      assert.equal(t.filter((x) => x.comm === 'tv-vcpu0' || x.comm === 'tv-vloopwatch').length, 1);
+      const vcpu = t.find((x) => x.comm === own)!;
+      const device = t.find((x) => x.comm === 'tv-device')!;
+      assert.ok(vcpu, `no ${own}: ${t.map((x) => x.comm).join(', ')}`);
+      assert.equal(vcpu.filters, 2, 'process filter + its own');
+      assert.equal(device.filters, 2, 'process filter + device filter');
+      // KVM's own kernel threads (kvm-nx-lpage-recovery, kvm-pit) live in the process too, created
+      // from a vCPU thread: their filters do not matter (they never make system calls).
+      const others = t.filter((x) => !x.comm.startsWith('tv-') && !x.comm.startsWith('kvm'));
+      assert.ok(others.length >= 2, 'the main thread and Node threads');
+      for (const x of others) assert.equal(x.filters, 1, `${x.comm}: the process filter (TSYNC)`);
+    },
+  );
 
 test('--no-seccomp: no filter on any thread', { skip, timeout: 90_000 }, async () => {
   const t = await threadsOfRun(['--no-seccomp']);

@@ -1,7 +1,9 @@
 /**
  * Stock Linux on native vCPU runner threads (--vcpu-threads native, src/vmm/vcpu-threads.ts):
  * the default guest boots with 2 vCPUs, sees both, and powers off. One boot (~the time of
- * boot.test.ts's 2-vCPU boot). With TV_INLAB_VCPU_COMPARE=N it also boots N times more in each
+ * boot.test.ts's 2-vCPU boot). And with vCPU 0 run by the main thread's event loop
+ * (--vcpu-threads loop): 1 vCPU, its shell driven through the console (the loop's watcher ends
+ * KVM_RUN for the piped input). With TV_INLAB_VCPU_COMPARE=N it also boots N times more in each
  * mode, interleaved, and prints the boot-marker times (a measurement, not an assertion); the
  * modes are TV_INLAB_VCPU_MODES (worker, native, native-hubw: the hub on a worker, hybrid).
  */
@@ -15,7 +17,7 @@ const compare = Number(process.env.TV_INLAB_VCPU_COMPARE ?? 0);
 const opts = { skip: skipReason, timeout: 400_000 + compare * 12 * 60_000 };
 
 /** 'native-hubw': native runner threads served by a hub worker (TYPERVISOR_VCPU_HUB=worker). */
-type Mode = 'native' | 'native-hubw' | 'worker' | 'hybrid';
+type Mode = 'native' | 'native-hubw' | 'worker' | 'hybrid' | 'loop';
 
 async function boot(mode: Mode, vcpus: number) {
   const g = defaultGuest();
@@ -46,6 +48,15 @@ async function boot(mode: Mode, vcpus: number) {
   assert.ok(m, describeRun(r));
   return Number(m[1]);
 }
+
+test(
+  'the default guest boots with its vCPU run by the main thread (--vcpu-threads loop), answers its console and powers off',
+  opts,
+  async () => {
+    const ms = await boot('loop', 1);
+    console.log(`loop, 1 vCPU: boot marker at ${ms.toFixed(0)} ms`);
+  },
+);
 
 test(
   'the default guest boots on native vCPU runner threads (2 vCPUs) and powers off',
