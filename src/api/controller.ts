@@ -92,6 +92,11 @@ export interface ControllerOptions {
   logger: LoggerControl;
   /** Called once the VM runs (console, boot timer...). */
   onStarted?: (built: BuiltVm) => void;
+  /**
+   * Called after each accepted machine-config (PUT or PATCH) with its vCPU count: the API mode
+   * starts the vCPU workers a VM of that many vCPUs will run on, ahead of InstanceStart.
+   */
+  onMachineConfig?: (vcpus: number) => void;
   /** Called once when the VM has ended. */
   onExit?: (event: VmExitEvent) => void;
   /** For tests: replaces buildVm. */
@@ -246,6 +251,7 @@ export class VmmController {
         // A static template (even "None") replaces a custom one, as in Firecracker.
         if (a.config.cpu_template !== undefined) this.config['cpu-config'] = null;
         this.bootPath = true;
+        this.opts.onMachineConfig?.(this.config['machine-config'].vcpu_count);
         return NO_CONTENT;
       case 'PatchMachineConfig':
         if (!pre) return bad(PRE_BOOT_ONLY);
@@ -255,6 +261,7 @@ export class VmmController {
         });
         if (a.update.cpu_template !== undefined) this.config['cpu-config'] = null;
         this.bootPath = true;
+        this.opts.onMachineConfig?.(this.config['machine-config'].vcpu_count);
         return NO_CONTENT;
       case 'PutCpuConfig': {
         if (!pre) return bad(PRE_BOOT_ONLY);

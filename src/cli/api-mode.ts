@@ -3,7 +3,7 @@
  * it, and what the `api` bundle's entry (src/cli/api-main.ts) runs alone.
  */
 import { createHash } from 'node:crypto';
-import { prewarmDeviceWorker, prewarmVcpuWorkers } from '../vmm/vcpu-pool.js';
+import { prewarmDeviceWorker, prewarmVcpuWorkers, setLoopByDefault } from '../vmm/vcpu-pool.js';
 import { firecrackerCommand } from './firecracker.js';
 import { stdinKind } from './console.js';
 import { boundExitAfterSignals } from './signals.js';
@@ -11,9 +11,14 @@ import { releaseVmsAtExit } from '../vmm/index.js';
 
 export async function apiMode(argv: string[]): Promise<number> {
   boundExitAfterSignals();
-  // A vCPU worker and a device worker start now, while the API server comes up, so that a
-  // boot or a snapshot load does not wait for them (~40-300 ms; docs/bench.md). The ones a VM
-  // does not use end when it starts; unused, they end at exit.
+  // One VM in this process: a 1-vCPU VM runs its vCPU on this thread's loop by default
+  // (vcpu-mode.ts), with no worker to prewarm; a VM of more vCPUs gets its workers started at
+  // its machine-config (firecracker.ts). Not with --rehearse (the daemon's pool): there the
+  // rehearsal VM and the real one share their vCPU workers.
+  if (!argv.includes('--rehearse')) setLoopByDefault(true);
+  // A device worker (and, where a 1-vCPU VM runs on a worker, a vCPU worker) start now, while
+  // the API server comes up, so that a boot or a snapshot load does not wait for them (~40-300
+  // ms; docs/bench.md). The ones a VM does not use end when it starts; unused, they end at exit.
   if (!argv.includes('--help') && !argv.includes('-h') && !argv.includes('--version')) {
     // After the API socket listens: from the bundle, everything up to listen() runs in this
     // turn of the event loop (its imports are resolved promises), and starting two workers

@@ -24,7 +24,7 @@ import {
   type BootTimerLine,
   type VmExitEvent,
 } from '../vmm/index.js';
-import { ReusedVcpuWorkers } from '../vmm/vcpu-pool.js';
+import { prewarmVcpuWorkers, ReusedVcpuWorkers } from '../vmm/vcpu-pool.js';
 import { rehearseApi } from './api-rehearsal.js';
 import { Console } from './console.js';
 
@@ -395,6 +395,9 @@ async function runWithLogger(
       });
     },
     ...(workers ? { loadSnapshot: (p, o) => loadSnapshot(p, { ...o, vcpuWorkers: workers }) } : {}),
+    // A VM of more vCPUs than the prewarm assumed (one, on the main thread's loop) gets its
+    // workers started now, ahead of InstanceStart (with --rehearse they are the rehearsal's).
+    ...(workers ? {} : { onMachineConfig: (n: number) => prewarmVcpuWorkers(n) }),
     onStarted: (built) => {
       console_ = new Console(built.devices, () => built.vmm.requestStop());
       console_.start();

@@ -280,7 +280,19 @@ describe('per-thread bundles with code caches', () => {
     assert.equal(r.stdout, 'tiny guest up\n');
     assert.equal(cacheOf(r.stderr, 'api'), 'used', r.stderr);
     assert.equal(cacheOf(r.stderr, 'main'), undefined, r.stderr);
-    assert.equal(cacheOf(r.stderr, 'vcpu-worker'), 'used', r.stderr);
+    // One vCPU: run by the main thread's loop, no vCPU worker; two: their workers, bundled.
+    assert.equal(cacheOf(r.stderr, 'vcpu-worker'), undefined, r.stderr);
+    writeFileSync(
+      cfg,
+      JSON.stringify({
+        'boot-source': { kernel_image_path: guestPath('poweroff') },
+        'machine-config': { vcpu_count: 2, mem_size_mib: 32 },
+      }),
+    );
+    const two = await start(['--no-api', '--config-file', cfg]);
+    assert.equal(two.code, 0, two.stderr);
+    assert.equal(two.stdout, 'tiny guest up\n');
+    assert.equal(cacheOf(two.stderr, 'vcpu-worker'), 'used', two.stderr);
     // Not an API flag: the main bundle (which refuses it).
     const bad = await start(['--no-such-flag']);
     assert.equal(bad.code, 2, bad.stderr);
