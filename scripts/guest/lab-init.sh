@@ -41,6 +41,10 @@ mount -t tmpfs tmpfs $R/dev/shm
 mount -t tmpfs tmpfs $R/run
 ip link set lo up
 echo "lab init: up, running $RUN/run.sh"
+# The kernel's and its modules' text symbols, for naming the CPUs' addresses if the lab stops
+# making progress (src/lab/lab-diag.ts; the lab boots with nokaslr). In the background: the
+# command does not wait for it.
+(grep ' [tT] ' /proc/kallsyms >$R$RUN/kallsyms.part && mv $R$RUN/kallsyms.part $R$RUN/kallsyms) &
 
 # setsid -c: the command gets ttyS0 as its controlling tty (^C, job control).
 setsid -c chroot $R /bin/sh "$RUN/run.sh" </dev/ttyS0 >/dev/ttyS0 2>&1

@@ -11,6 +11,7 @@ import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'no
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { ensureImage, imagePaths } from './guest.js';
+import { labDiagnosis } from './lab-diag.js';
 
 export interface LabOptions {
   command: string[];
@@ -127,6 +128,8 @@ export async function runInLab(opts: LabOptions): Promise<LabResult> {
     ...['-nodefaults', '-no-user-config', '-display', 'none', '-no-reboot'],
     ...['-chardev', 'stdio,id=con,signal=off', '-serial', 'chardev:con'],
     ...['-serial', `file:${join(run, 'console.log')}`],
+    // The monitor, for lab-diag.ts when the lab stops making progress.
+    ...['-monitor', `unix:${join(run, 'monitor.sock')},server=on,wait=off`],
     ...['-fsdev', 'local,id=host,path=/,security_model=passthrough,multidevs=remap'],
     ...['-device', 'virtio-9p-pci,fsdev=host,mount_tag=hostroot'],
   ];
@@ -175,11 +178,28 @@ export async function runInLab(opts: LabOptions): Promise<LabResult> {
       fail(125, `lab: did not come up within ${bootTimeoutSec} s`);
     }
   }, 50);
+  // A timeout or an abort (the harness's hung-lab detection) ends the lab after a look at what
+  // it was doing (lab-diag.ts: QEMU's threads, the CPUs' RIPs), kept in the error.
+  let diagnosis = '';
+  let diagnosing = false;
+  const failAfterLook = (code: number, msg: string) => {
+    if (error !== undefined || diagnosing || child.pid === undefined) return fail(code, msg);
+    diagnosing = true;
+    const map = join(run, 'kallsyms');
+    void labDiagnosis(child.pid, join(run, 'monitor.sock'), map).then((d) => {
+      diagnosis = d;
+      fail(code, msg);
+    });
+  };
   const timer = setTimeout(
-    () => fail(124, `lab: timed out after ${timeoutSec} s (--timeout / TYPERVISOR_LAB_TIMEOUT)`),
+    () =>
+      failAfterLook(
+        124,
+        `lab: timed out after ${timeoutSec} s (--timeout / TYPERVISOR_LAB_TIMEOUT)`,
+      ),
     timeoutSec * 1000,
   );
-  const onAbort = () => fail(130, 'lab: interrupted');
+  const onAbort = () => failAfterLook(130, 'lab: interrupted');
   opts.signal?.addEventListener('abort', onAbort);
 
   const status = await new Promise<number | null>((res) => {
@@ -205,9 +225,9 @@ export async function runInLab(opts: LabOptions): Promise<LabResult> {
   const consoleLog = existsSync(join(run, 'console.log'))
     ? readFileSync(join(run, 'console.log'), 'utf8')
     : '';
-  if (error !== undefined && code !== 130) {
+  if (error !== undefined) {
     const log = consoleLog.split('\n').slice(-25).join('\n');
-    error += `${stderr ? `\nQEMU stderr:\n${stderr.trim()}` : ''}\nlab console (last lines):\n${log}`;
+    error += `${diagnosis ? `\n${diagnosis}` : ''}${stderr ? `\nQEMU stderr:\n${stderr.trim()}` : ''}\nlab console (last lines):\n${log}`;
   }
   if (!process.env.TYPERVISOR_LAB_KEEP) rmSync(run, { recursive: true, force: true });
   return {

@@ -125,7 +125,7 @@ test(
         `the lab ${why} after ${Math.round(r.totalMs / 1000)} s, and only ${Math.round(LAB_TOTAL_SEC - elapsedSec)} s of the in-lab suite's ${LAB_TOTAL_SEC} s are left: not retried.\n${r.output}`,
       );
       process.stderr.write(
-        `in-lab suite: the lab ${why} after ${Math.round(r.totalMs / 1000)} s; running ${again ? `the ${again.length} file(s) it had not finished (${again.join(' ')})` : 'the suite'} again, once, within ${budget} s. Its output so far:\n${r.output.slice(-3000)}\n`,
+        `in-lab suite: the lab ${why} after ${Math.round(r.totalMs / 1000)} s; running ${again ? `the ${again.length} file(s) it had not finished (${again.join(' ')})` : 'the suite'} again, once, within ${budget} s.\n${hung && r.error ? `${r.error}\n` : ''}Its output so far:\n${r.output.slice(-3000)}\n`,
       );
       if (again?.length === 0) {
         // Every file finished (the lab froze after the last one): nothing to run again.
