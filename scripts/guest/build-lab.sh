@@ -12,7 +12,7 @@ case "${1:-}" in
     echo "$p=$(pkg_version "$p")"; echo "busybox-static=$(pkg_version busybox-static)"
     echo "modules=$MODULES" ;;
   build)
-    need_tools depmod:kmod cpio:cpio
+    need_tools depmod:kmod cpio:cpio gcc:gcc
     tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
     kver=$(kernel_extract $META "$tmp/k")
     # The lab boots the uncompressed ELF (PVH entry): decompressing the bzImage under TCG
@@ -22,6 +22,8 @@ case "${1:-}" in
     # shellcheck disable=SC2086
     stage_modules "$tmp/k" "$kver" "$tmp/s" $MODULES
     install -m 755 "$(dirname "$0")/lab-init.sh" "$tmp/s/init"
+    # Holds one VM open for the lab's life (see the file: no live kernel-text rewrites).
+    gcc -static -Os -Wall -Werror -o "$tmp/s/bin/lab-kvm-hold" "$(dirname "$0")/lab-kvm-hold.c"
     make_cpio "$tmp/s" "$2/initramfs.cpio.gz"
     ;;
   *) echo "usage: $0 inputs | build DIR" >&2; exit 2 ;;

@@ -18,6 +18,9 @@ while read -r m; do
   # shellcheck disable=SC2086
   insmod "$m" $args 2>/dev/null
 done </etc/modules.load
+# One VM held open for the lab's life, so that the suite's VMs coming and going do not make the
+# lab kernel rewrite its own text (lab-kvm-hold.c says why). Its mount namespace is this one's.
+[ -e /dev/kvm ] && lab-kvm-hold &
 
 RUN= NINEP=cache=mmap
 for a in $CMDLINE; do

@@ -44,7 +44,7 @@ export const RECIPES: Record<ImageName, Recipe> = {
   kernel: { script: 'build-kernel.sh', extra: [], files: IMAGE_FILES.kernel },
   initramfs: { script: 'build-initramfs.sh', extra: ['init.sh'], files: IMAGE_FILES.initramfs },
   rootfs: { script: 'build-rootfs.sh', extra: ['init.sh'], files: IMAGE_FILES.rootfs },
-  lab: { script: 'build-lab.sh', extra: ['lab-init.sh'], files: IMAGE_FILES.lab },
+  lab: { script: 'build-lab.sh', extra: ['lab-init.sh', 'lab-kvm-hold.c'], files: IMAGE_FILES.lab },
   generic: { script: 'build-generic.sh', extra: ['init.sh'], files: IMAGE_FILES.generic },
 };
 
