@@ -17,13 +17,20 @@ test(
   { timeout: 300_000 },
   async () => {
     const r = await runInLab({
-      command: ['sh', '-c', 'pwd; read line; echo "got:$line"; exit 3'],
+      // ...and lab-kvm-hold holds its VM (scripts/guest/lab-kvm-hold.c: /dev/kvm, a VM, a vCPU).
+      command: [
+        'sh',
+        '-c',
+        'pwd; read line; echo "got:$line"; for p in /proc/[0-9]*; do ' +
+          '[ "$(cat $p/comm 2>/dev/null)" = lab-kvm-hold ] && echo "held: $(ls -l $p/fd | grep -c kvm)"; ' +
+          'done; exit 3',
+      ],
       cwd: repoRoot(),
       input: 'hello lab\n',
       timeoutSec: 240,
     });
     assert.equal(r.code, 3, show(r));
-    assert.equal(r.output, `${repoRoot()}\ngot:hello lab\n`, show(r));
+    assert.equal(r.output, `${repoRoot()}\ngot:hello lab\nheld: 3\n`, show(r));
   },
 );
 
@@ -31,6 +38,9 @@ test('the timeout kills the lab with a clear message', { timeout: 300_000 }, asy
   const r = await runInLab({ command: ['sleep', '600'], timeoutSec: 15 });
   assert.equal(r.code, 124, show(r));
   assert.match(r.error ?? '', /timed out after 15 s/);
+  // ...after a look at it (src/lab/lab-diag.ts): QEMU's threads and its CPUs.
+  assert.match(r.error ?? '', /lab diagnosis \(QEMU pid \d+\)/, show(r));
+  assert.match(r.error ?? '', /CPU#0\n {2}RIP=[0-9a-f]{16}.* CPL=\d HLT=\d/, show(r));
 });
 
 test('/dev/kvm works inside the lab (test/lab/kvm-smoke.c)', { timeout: 300_000 }, async () => {
