@@ -268,28 +268,24 @@ describe('per-thread bundles with code caches', () => {
 
   test('the API mode runs the api bundle (a config file boots the guest)', T, async () => {
     const cfg = join(OUT, 'vm.json');
-    writeFileSync(
-      cfg,
-      JSON.stringify({
-        'boot-source': { kernel_image_path: guestPath('poweroff') },
-        'machine-config': { vcpu_count: 1, mem_size_mib: 32 },
-      }),
-    );
-    const r = await start(['--no-api', '--config-file', cfg]);
+    const boot = (vcpus: number) => {
+      writeFileSync(
+        cfg,
+        JSON.stringify({
+          'boot-source': { kernel_image_path: guestPath('poweroff') },
+          'machine-config': { vcpu_count: vcpus, mem_size_mib: 32 },
+        }),
+      );
+      return start(['--no-api', '--config-file', cfg]);
+    };
+    const r = await boot(1);
     assert.equal(r.code, 0, r.stderr);
     assert.equal(r.stdout, 'tiny guest up\n');
     assert.equal(cacheOf(r.stderr, 'api'), 'used', r.stderr);
     assert.equal(cacheOf(r.stderr, 'main'), undefined, r.stderr);
     // One vCPU: run by the main thread's loop, no vCPU worker; two: their workers, bundled.
     assert.equal(cacheOf(r.stderr, 'vcpu-worker'), undefined, r.stderr);
-    writeFileSync(
-      cfg,
-      JSON.stringify({
-        'boot-source': { kernel_image_path: guestPath('poweroff') },
-        'machine-config': { vcpu_count: 2, mem_size_mib: 32 },
-      }),
-    );
-    const two = await start(['--no-api', '--config-file', cfg]);
+    const two = await boot(2);
     assert.equal(two.code, 0, two.stderr);
     assert.equal(two.stdout, 'tiny guest up\n');
     assert.equal(cacheOf(two.stderr, 'vcpu-worker'), 'used', two.stderr);
