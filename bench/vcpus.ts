@@ -10,7 +10,7 @@
  *  - exits/s: (PIOLOOP 100000 - PIOLOOP 1000 exits) / time difference, 1 vCPU and 8 vCPUs;
  *  - pause/resume latency: in this process (buildVm), Vmm.pause() until every vCPU is parked,
  *    and resume(), on the SPIN guest.
- * `node dist/bench/vcpus.js [--runs N] [--counts 1,8,32,64]` prints Markdown and writes
+ * `node dist/bench/vcpus.js [--runs N] [--counts 1,8,32,64] [--variants LIST]` prints Markdown and writes
  * bench/results/vcpus.md. Figures are medians (min–max) of the runs.
  */
 import { spawnSync } from 'node:child_process';
@@ -41,9 +41,21 @@ import {
 const MEM_MIB = 64;
 const LOOP_BIG = 100_000;
 const LOOP_SMALL = 1000;
-/** native: the hub on the main thread (the default); native-hubw: the hub on a worker of its own. */
-type Variant = 'worker' | 'native' | 'native-hubw' | 'hybrid' | 'qemu';
-const VARIANTS: Variant[] = ['worker', 'native', 'native-hubw', 'hybrid', 'qemu'];
+/**
+ * native: the hub on the main thread; native-hubw: the hub on a worker of its own; loop: vCPU 0
+ * on the main thread's loop, the others native (what `run` picks by default, vcpu-mode.ts).
+ */
+type Variant = 'worker' | 'native' | 'native-hubw' | 'hybrid' | 'loop' | 'qemu';
+const ALL_VARIANTS: Variant[] = ['worker', 'native', 'native-hubw', 'hybrid', 'loop', 'qemu'];
+const LABELS: Record<Variant, string> = {
+  worker: 'worker',
+  native: 'native (hub: main thread)',
+  'native-hubw': 'native (hub: a worker)',
+  hybrid: 'hybrid (hub: main thread)',
+  loop: 'loop (the default of run)',
+  qemu: 'QEMU microvm',
+};
+let VARIANTS: Variant[] = ALL_VARIANTS;
 const threadsOf = (v: Exclude<Variant, 'qemu'>) => (v === 'native-hubw' ? 'native' : v);
 const hubOf = (v: Variant) => (v === 'native-hubw' ? 'worker' : 'main');
 
@@ -97,7 +109,14 @@ type Samples = Record<string, Record<Variant, number[]>>;
 const samples: Samples = {};
 function add(metric: string, v: Variant, x: number | undefined): void {
   if (x === undefined || !Number.isFinite(x)) return;
-  samples[metric] ??= { worker: [], native: [], 'native-hubw': [], hybrid: [], qemu: [] };
+  samples[metric] ??= {
+    worker: [],
+    native: [],
+    'native-hubw': [],
+    hybrid: [],
+    loop: [],
+    qemu: [],
+  };
   samples[metric][v].push(x);
 }
 
@@ -168,6 +187,8 @@ function cell(s: Stat | undefined, digits = 1): string {
 export interface VcpusOptions {
   runs: number;
   counts: number[];
+  /** Which variants, in this order (default all). */
+  variants?: Variant[];
   kvmKind: string;
   log: (s: string) => void;
 }
@@ -175,6 +196,7 @@ export interface VcpusOptions {
 /** Runs the suite; returns its Markdown section (a table and notes). */
 export async function vcpusSuite(o: VcpusOptions): Promise<string> {
   const { runs, counts, kvmKind, log } = o;
+  VARIANTS = o.variants ?? ALL_VARIANTS;
   for (const k of Object.keys(samples)) delete samples[k];
   notes.length = 0;
   const dir = mkdtempSync(join(tmpdir(), 'tv-vcpus-guests-'));
@@ -225,11 +247,10 @@ export async function vcpusSuite(o: VcpusOptions): Promise<string> {
   return [
     `${new Date().toISOString()}, ${((Date.now() - started) / 1000).toFixed(0)} s, ${runs} interleaved round(s); KVM ${kvmKind}. Cells: median (min–max); lower is better unless ↑.`,
     '',
-    '| metric | worker | native (hub: main thread) | native (hub: a worker) | hybrid (hub: main thread) | QEMU microvm |',
-    '|---|---|---|---|---|---|',
+    `| metric | ${VARIANTS.map((v) => LABELS[v]).join(' | ')} |`,
+    `|---|${VARIANTS.map(() => '---').join('|')}|`,
     ...Object.entries(samples).map(
-      ([metric, s]) =>
-        `| ${metric} | ${cell(stat(s.worker))} | ${cell(stat(s.native))} | ${cell(stat(s['native-hubw']))} | ${cell(stat(s.hybrid))} | ${cell(stat(s.qemu))} |`,
+      ([metric, s]) => `| ${metric} | ${VARIANTS.map((v) => cell(stat(s[v]))).join(' | ')} |`,
     ),
     '',
     ...notes.map((n) => `- ${n}`),
@@ -239,19 +260,24 @@ export async function vcpusSuite(o: VcpusOptions): Promise<string> {
 
 async function main() {
   const { values } = parseArgs({
-    options: { runs: { type: 'string' }, counts: { type: 'string' } },
+    options: { runs: { type: 'string' }, counts: { type: 'string' }, variants: { type: 'string' } },
   });
+  const variants = (values.variants ?? ALL_VARIANTS.join(',')).split(',') as Variant[];
   const runs = Number(values.runs ?? 3);
   const counts = (values.counts ?? '1,8,32,64').split(',').map(Number);
   if (
     !Number.isInteger(runs) ||
     runs < 1 ||
-    counts.some((n) => !Number.isInteger(n) || n < 1 || n > 64)
+    counts.some((n) => !Number.isInteger(n) || n < 1 || n > 64) ||
+    variants.some((v) => !ALL_VARIANTS.includes(v))
   )
-    throw new Error('usage: vcpus.js [--runs N] [--counts 1,8,32,64] (1 to 64 vCPUs)');
+    throw new Error(
+      `usage: vcpus.js [--runs N] [--counts 1,8,32,64] [--variants ${ALL_VARIANTS.join(',')}] (1 to 64 vCPUs)`,
+    );
   const body = await vcpusSuite({
     runs,
     counts,
+    variants,
     kvmKind: detectKvm().kind,
     log: (s) => process.stderr.write(`vcpus: ${s}\n`),
   });
