@@ -322,14 +322,9 @@ function startVcpuWorkerEarly(args) {
         : args[i + 1];
   if (threads === 'loop') return;
   if (threads === 'native' && (process.env.TYPERVISOR_VCPU_HUB || 'main') === 'main') return;
-  // The default ('auto', or nothing said) runs one vCPU on the loop (src/vmm/vcpu-mode.ts): no
-  // worker unless --vcpus asks for more (a --config or --restore VM of more starts its workers
-  // when it needs them).
-  if (threads === undefined || threads === '' || threads === 'auto') {
-    const j = args.findIndex((a) => a === '--vcpus' || a.startsWith('--vcpus='));
-    const v = j < 0 ? '1' : args[j].includes('=') ? args[j].split('=')[1] : args[j + 1];
-    if (Number(v) === 1 || !Number.isInteger(Number(v))) return;
-  }
+  // The default ('auto', or nothing said) is loop mode for `run`, whatever --vcpus says
+  // (src/vmm/vcpu-mode.ts): vCPU 0 on the loop, the others on runner threads.
+  if (threads === undefined || threads === '' || threads === 'auto') return;
   const { Worker } = require('node:worker_threads');
   const w = new Worker(path.join(DIR, 'vcpu-worker.cjs'), { stdout: false, stderr: false });
   w.unref(); // unused, it must not keep the process alive

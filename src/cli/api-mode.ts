@@ -11,10 +11,11 @@ import { releaseVmsAtExit } from '../vmm/index.js';
 
 export async function apiMode(argv: string[]): Promise<number> {
   boundExitAfterSignals();
-  // One VM in this process: a 1-vCPU VM runs its vCPU on this thread's loop by default
-  // (vcpu-mode.ts), with no worker to prewarm; a VM of more vCPUs gets its workers started at
-  // its machine-config (firecracker.ts). Not with --rehearse (the daemon's pool): there the
-  // rehearsal VM and the real one share their vCPU workers.
+  // One VM in this process: by default its vCPU 0 runs on this thread's loop and any others on
+  // runner threads (vcpu-mode.ts 'loop'), with no worker to prewarm; a VM told to use workers
+  // (TYPERVISOR_VCPU_THREADS) gets them started at its machine-config (firecracker.ts). Not
+  // with --rehearse (the daemon's pool): there the rehearsal VM and the real one share their
+  // vCPU workers.
   if (!argv.includes('--rehearse')) setLoopByDefault(true);
   // A device worker (and, where a 1-vCPU VM runs on a worker, a vCPU worker) start now, while
   // the API server comes up, so that a boot or a snapshot load does not wait for them (~40-300

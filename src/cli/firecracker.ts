@@ -395,8 +395,8 @@ async function runWithLogger(
       });
     },
     ...(workers ? { loadSnapshot: (p, o) => loadSnapshot(p, { ...o, vcpuWorkers: workers }) } : {}),
-    // A VM of more vCPUs than the prewarm assumed (one, on the main thread's loop) gets its
-    // workers started now, ahead of InstanceStart (with --rehearse they are the rehearsal's).
+    // A VM whose mode runs vCPUs on workers (not the default 'loop') gets them started at its
+    // machine-config, ahead of InstanceStart (with --rehearse they are the rehearsal's).
     ...(workers ? {} : { onMachineConfig: (n: number) => prewarmVcpuWorkers(n) }),
     onStarted: (built) => {
       console_ = new Console(built.devices, () => built.vmm.requestStop());

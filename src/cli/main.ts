@@ -74,8 +74,8 @@ export async function main(argv: string[]): Promise<number> {
     process.env.TYPERVISOR_VCPU_THREADS = rest[vt]!.includes('=')
       ? rest[vt]!.split('=')[1]
       : rest[vt + 1];
-  // One VM in this process: a 1-vCPU VM runs its vCPU on this thread's loop by default
-  // (vcpu-mode.ts), with no worker to prewarm.
+  // One VM in this process: by default its vCPU 0 runs on this thread's loop and any others on
+  // runner threads (vcpu-mode.ts 'loop'), with no worker to prewarm.
   if (cmd === 'run') setLoopByDefault(true);
   if (cmd === 'run' && !rest.includes('--help') && !rest.includes('-h') && !customFilter)
     prewarmVcpuWorkers(vcpusHint(rest));

@@ -29,7 +29,7 @@ import { parseDrives, privateRootfsCopy } from './drives.js';
 import type { SeccompSettings } from '../sandbox/seccomp/install.js';
 import { applySeccomp, seccompSettingsFromFlags } from '../sandbox/seccomp/options.js';
 import { parseNet, parseVsock } from './net.js';
-import { chooseVcpuThreads, NATIVE_FROM_VCPUS } from '../vmm/index.js';
+import { chooseVcpuThreads } from '../vmm/index.js';
 
 export const EXIT_OK = 0;
 export const EXIT_GUEST_FAILED = 1;
@@ -63,8 +63,7 @@ export const RUN_USAGE = `usage: typervisor run [options]
                     by the main thread (TYPERVISOR_VCPU_HUB=worker: by one worker of their own);
                     hybrid: vCPU 0 on a worker, the others native; loop: vCPU 0 run by the
                     main thread while its event loop is idle, the others native; auto
-                    (default): loop for 1 vCPU, hybrid from ${NATIVE_FROM_VCPUS} vCPUs, else worker
-                    (docs/architecture.md)
+                    (default): loop (docs/architecture.md)
 Restoring a snapshot instead of booting (the VM's shape comes from the snapshot, so --kernel,
 --initrd, --cmdline, --vcpus, --memory, --drive, --rootfs, --rng, --net and --vsock do not apply):
   --restore STATE   the state file (typervisor snapshot create, or PUT /snapshot/create)

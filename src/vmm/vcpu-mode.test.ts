@@ -52,19 +52,21 @@ test("the hub's place: main by default, worker when asked, a bad setting names i
   assert.throws(() => chooseHubPlace('thread'), /'thread' is not one of main, worker/);
 });
 
-test("auto picks 'loop' for one vCPU only where the process allows it (one VM per process)", () => {
+test("auto picks 'loop' for any vCPU count only where the process allows it (one VM per process)", () => {
   try {
     setLoopByDefault(true);
-    for (const s of [undefined, '', 'auto']) {
-      assert.equal(chooseVcpuThreads(1, s), 'loop');
-      assert.equal(chooseVcpuThreads(2, s), 'worker');
-      assert.equal(chooseVcpuThreads(NATIVE_FROM_VCPUS, s), 'hybrid');
+    for (const s of [undefined, '', 'auto'])
+      for (const n of [1, 2, NATIVE_FROM_VCPUS, 64]) assert.equal(chooseVcpuThreads(n, s), 'loop');
+    for (const s of ['worker', 'native', 'hybrid'] as const) {
+      assert.equal(chooseVcpuThreads(1, s), s);
+      assert.equal(chooseVcpuThreads(2, s), s);
     }
-    assert.equal(chooseVcpuThreads(1, 'worker'), 'worker');
     assert.equal(workersFor('loop', 1), 0);
     assert.equal(workersFor('loop', 8, 'worker'), 0);
   } finally {
     setLoopByDefault(false);
   }
   assert.equal(chooseVcpuThreads(1, undefined), 'worker');
+  assert.equal(chooseVcpuThreads(2, 'auto'), 'worker');
+  assert.equal(chooseVcpuThreads(NATIVE_FROM_VCPUS, 'auto'), 'hybrid');
 });

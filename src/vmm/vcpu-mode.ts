@@ -43,10 +43,12 @@ export function workersFor(mode: VcpuThreads, vcpus: number, hub: HubPlace = 'ma
 }
 
 /**
- * Whether 'auto' may run a 1-vCPU VM on the main thread's loop ('loop'): only in a process that
- * runs one VM, whose main thread has nothing else to keep responsive between the loop's turns
- * (`typervisor run`; set by src/cli/main.ts). A library or daemon process runs many VMs and
- * keeps per-vCPU workers (a loop runner holds its thread's loop, one per process).
+ * Whether 'auto' runs a VM in 'loop' mode (vCPU 0 on the main thread's loop, any others on
+ * native runner threads served by that thread: no Node worker for any vCPU): only in a process
+ * that runs one VM, whose main thread has nothing else to keep responsive between the loop's
+ * turns (`typervisor run` and the API mode without --rehearse; set by src/cli/main.ts and
+ * src/cli/api-mode.ts). A library or daemon process runs many VMs and keeps per-vCPU workers,
+ * or the hybrid from NATIVE_FROM_VCPUS (a loop runner holds its thread's loop, one per process).
  */
 let loopByDefault = false;
 
@@ -57,7 +59,8 @@ export function setLoopByDefault(on: boolean): void {
 /**
  * The mode for a VM of `vcpus` vCPUs: `setting` ('worker', 'native', 'hybrid', 'loop', 'auto' or
  * undefined, from TYPERVISOR_VCPU_THREADS or --vcpu-threads) decides; 'auto' and undefined pick
- * by count: 'loop' for one vCPU where setLoopByDefault allows it, 'hybrid' from
+ * 'loop' where setLoopByDefault allows it (any vCPU count: vCPU 0 keeps the in-thread exit path,
+ * the others cost a runner thread each, not an isolate), else by count: 'hybrid' from
  * NATIVE_FROM_VCPUS up, else 'worker'.
  */
 export function chooseVcpuThreads(vcpus: number, setting: string | undefined): VcpuThreads {
@@ -68,6 +71,6 @@ export function chooseVcpuThreads(vcpus: number, setting: string | undefined): V
       `vCPU threads: '${setting}' is not one of worker, native, hybrid, loop, auto (TYPERVISOR_VCPU_THREADS, --vcpu-threads)`,
     );
   }
-  if (vcpus === 1 && loopByDefault) return 'loop';
+  if (loopByDefault) return 'loop';
   return vcpus >= NATIVE_FROM_VCPUS ? 'hybrid' : 'worker';
 }

@@ -151,16 +151,18 @@ describe('per-thread bundles with code caches', () => {
   });
 
   test(
-    'the default run (one vCPU on the main thread’s loop) starts no vCPU worker',
+    'the default run (vCPU 0 on the main thread’s loop, any others on runner threads) starts no vCPU worker, with 1 vCPU or 2',
     T,
     async () => {
-      const r = await boot(['--vcpu-threads', 'auto']);
-      assert.equal(r.code, 0, r.stderr);
-      assert.equal(r.stdout, 'tiny guest up\n');
-      assert.equal(cacheOf(r.stderr, 'main'), 'used', r.stderr);
-      assert.equal(cacheOf(r.stderr, 'device-worker'), 'used', r.stderr);
-      assert.equal(cacheOf(r.stderr, 'vcpu-worker'), undefined, r.stderr);
-      assert.doesNotMatch(r.stderr, /started a vCPU worker before compiling/);
+      for (const vcpus of ['1', '2']) {
+        const r = await boot(['--vcpu-threads', 'auto', '--vcpus', vcpus]);
+        assert.equal(r.code, 0, r.stderr);
+        assert.equal(r.stdout, 'tiny guest up\n');
+        assert.equal(cacheOf(r.stderr, 'main'), 'used', r.stderr);
+        assert.equal(cacheOf(r.stderr, 'device-worker'), 'used', r.stderr);
+        assert.equal(cacheOf(r.stderr, 'vcpu-worker'), undefined, `${vcpus} vCPUs: ${r.stderr}`);
+        assert.doesNotMatch(r.stderr, /started a vCPU worker before compiling/);
+      }
     },
   );
 
