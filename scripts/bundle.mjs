@@ -31,6 +31,7 @@
 import {
   accessSync,
   constants as fsConstants,
+  copyFileSync,
   existsSync,
   mkdirSync,
   mkdtempSync,
@@ -284,7 +285,11 @@ async function trainCaches(spawnSync) {
         continue;
       }
       const eager = statSync(join(OUT, `${name}.cache`)).size;
-      renameSync(out, join(OUT, `${name}.cache`));
+      // Copied next to its place, then renamed over the eager one: the training directory is
+      // in the temp directory, which may be another file system (a tmpfs /tmp: EXDEV).
+      const dest = join(OUT, `${name}.cache`);
+      copyFileSync(out, `${dest}.tmp-${process.pid}`);
+      renameSync(`${dest}.tmp-${process.pid}`, dest);
       say(
         name,
         `trained on a micro VM (${statSync(join(OUT, `${name}.cache`)).size} bytes; eager ${eager})`,
