@@ -108,14 +108,14 @@ describe('typervisor clone with the counting tiny guest (KVM)', () => {
         );
         const firsts: number[] = [];
         for (const c of consoles) {
-          const ns = numbers(readOr(c));
+          // Read after A's output: when the pause fell in the middle of a line, A printed its
+          // start and the clone prints the rest (a slow machine, such as the lab, makes that
+          // likely), and the two make one line.
+          const ns = numbers(aOut + readOr(c)).slice(aNums.length);
+          assert.ok(ns.length >= 20, `${c}: ${ns.length} numbers`);
           for (let i = 1; i < ns.length; i++)
             assert.equal(ns[i], ns[i - 1]! + 1, `${c}: ${ns[i - 1]} then ${ns[i]}`);
-          // The saved rsi is A's last number, or the next when the pause fell mid-line.
-          assert.ok(
-            ns[0] === lastA + 1 || ns[0] === lastA + 2,
-            `${c} starts at ${ns[0]}, A ended at ${lastA}`,
-          );
+          assert.equal(ns[0], lastA + 1, `${c} starts at ${ns[0]}, A ended at ${lastA}`);
           firsts.push(ns[0]!);
         }
         assert.ok(

@@ -37,7 +37,12 @@ export const lineCount = (s: string) => s.split('\n').length - 1;
 
 /** The counter lines a console file holds (8 hex digits each), as numbers. */
 export function counts(file: string): number[] {
-  return readFileSync(file, 'utf8')
+  return countsIn(readFileSync(file, 'utf8'));
+}
+
+/** The counter lines of a console's text (8 hex digits each), as numbers. */
+export function countsIn(text: string): number[] {
+  return text
     .split('\n')
     .filter((l) => /^[0-9a-f]{8}$/.test(l))
     .map((l) => parseInt(l, 16));
