@@ -109,14 +109,10 @@ type Samples = Record<string, Record<Variant, number[]>>;
 const samples: Samples = {};
 function add(metric: string, v: Variant, x: number | undefined): void {
   if (x === undefined || !Number.isFinite(x)) return;
-  samples[metric] ??= {
-    worker: [],
-    native: [],
-    'native-hubw': [],
-    hybrid: [],
-    loop: [],
-    qemu: [],
-  };
+  samples[metric] ??= Object.fromEntries(ALL_VARIANTS.map((v) => [v, [] as number[]])) as Record<
+    Variant,
+    number[]
+  >;
   samples[metric][v].push(x);
 }
 

@@ -320,11 +320,10 @@ function startVcpuWorkerEarly(args) {
       : args[i].includes('=')
         ? args[i].split('=')[1]
         : args[i + 1];
-  if (threads === 'loop') return;
-  if (threads === 'native' && (process.env.TYPERVISOR_VCPU_HUB || 'main') === 'main') return;
   // The default ('auto', or nothing said) is loop mode for `run`, whatever --vcpus says
   // (src/vmm/vcpu-mode.ts): vCPU 0 on the loop, the others on runner threads.
-  if (threads === undefined || threads === '' || threads === 'auto') return;
+  if (threads === undefined || threads === '' || threads === 'auto' || threads === 'loop') return;
+  if (threads === 'native' && (process.env.TYPERVISOR_VCPU_HUB || 'main') === 'main') return;
   const { Worker } = require('node:worker_threads');
   const w = new Worker(path.join(DIR, 'vcpu-worker.cjs'), { stdout: false, stderr: false });
   w.unref(); // unused, it must not keep the process alive

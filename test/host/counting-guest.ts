@@ -40,6 +40,14 @@ export function counts(file: string): number[] {
   return countsIn(readFileSync(file, 'utf8'));
 }
 
+/**
+ * What a console's text holds after its last whole line: the start of a line when a snapshot's
+ * pause fell in the middle of one (the restored VM then prints the rest).
+ */
+export function cutLine(text: string): string {
+  return text.slice(text.lastIndexOf('\n') + 1);
+}
+
 /** The counter lines of a console's text (8 hex digits each), as numbers. */
 export function countsIn(text: string): number[] {
   return text

@@ -27,7 +27,7 @@ import {
   threadCount,
   tinyGuests,
 } from './helpers.js';
-import { counts, countsIn, lines, stop } from './counting-guest.js';
+import { countsIn, cutLine, lines, stop } from './counting-guest.js';
 
 const guests = tinyGuests();
 const countGuest = guests.dir ? join(guests.dir, 'count.elf') : undefined;
@@ -59,13 +59,12 @@ async function snapshotOf(dir: string): Promise<{ last: number; cut: string; par
     type: 'Full',
   });
   await stop(vm);
-  const c = counts(out);
+  const text = readFileSync(out, 'latin1');
+  const c = countsIn(text);
   assert.equal(statSync(join(dir, 'mem')).size, 32 * 1024 * 1024);
   return {
     last: c[c.length - 1]!,
-    // What A printed after its last whole line: the start of a line, when the pause fell in
-    // the middle of one (the restored VM then prints the rest).
-    cut: readFileSync(out, 'latin1').split('\n').pop()!,
+    cut: cutLine(text),
     params: {
       snapshotPath: join(dir, 'state'),
       memBackend: { type: 'File', path: join(dir, 'mem') },
@@ -159,8 +158,8 @@ test('a restored VM snapshots again, but not onto the memory file it runs from',
     memFilePath: join(dir, 'mem2'),
     type: 'Full',
   });
-  const c = counts(out);
-  const cut = readFileSync(out, 'latin1').split('\n').pop()!; // see snapshotOf
+  const text = readFileSync(out, 'latin1');
+  const c = countsIn(text);
   await stop(vm);
 
   const out2 = join(dir, 'c.out');
@@ -174,6 +173,6 @@ test('a restored VM snapshots again, but not onto the memory file it runs from',
     { consoleFd: openSync(out2, 'w') },
   );
   await lines(out2, 2);
-  assert.equal(countsIn(cut + readFileSync(out2, 'latin1'))[0], c[c.length - 1]! + 1);
+  assert.equal(countsIn(cutLine(text) + readFileSync(out2, 'latin1'))[0], c[c.length - 1]! + 1);
   await stop(vm2);
 });
