@@ -1506,12 +1506,20 @@ static struct lrunner {
   int64_t deadline; /* ms on CLOCK_MONOTONIC, -1 none: under m */
   int32_t ready;    /* atomic: the watcher found the loop with work since the last arm */
   int32_t in_run;   /* atomic: the owner is inside (or entering) KVM_RUN */
+  /* the owner's own */
+  int armed;        /* the watcher is armed by this prepare (disarmed when it returns) */
+  int in_cb;        /* inside the JS callback: loopRunnerStep may run the vCPU */
 } lr;
 static uint32_t lr_gen = 0;
+/* The clock of libuv's loop time (uv_now): its "fast" clock, CLOCK_MONOTONIC_COARSE where that
+ * ticks at 1 ms or finer, else CLOCK_MONOTONIC. The watcher reads the same one, so that a
+ * deadline taken from the loop's cached time (uv_now + uv_backend_timeout: a timer's due time)
+ * fires neither early nor late. Set by loopRunnerStart. */
+static clockid_t lr_clock = CLOCK_MONOTONIC;
 
 static int64_t lr_now_ms(void) {
   struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
+  clock_gettime(lr_clock, &ts);
   return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
@@ -1620,30 +1628,50 @@ static void lr_call(void) {
   napi_close_handle_scope(env, scope);
 }
 
+/* One step of the loop's vCPU: KVM_RUN once, its result in the words (1); or 0 without running
+ * when JS did not say RUN or the loop has work (an fd ready, a timer due, an immediate). */
+static int lr_step(void) {
+  int32_t *w = lr.word;
+  if (!lr.active || __atomic_load_n(&w[0], __ATOMIC_SEQ_CST) != VR_RUN) return 0;
+  if (lr.armed && __atomic_load_n(&lr.ready, __ATOMIC_SEQ_CST)) return 0; /* the loop has work */
+  int t = uv_backend_timeout(lr.loop);
+  if (t == 0) return 0;
+  /* The loop's time is fresh (see lr_on_prepare): this deadline is a timer's due time itself. */
+  lr_arm(t < 0 ? -1 : (int64_t)uv_now(lr.loop) + t);
+  lr.armed = 1;
+  if (__atomic_load_n(&lr.ready, __ATOMIC_SEQ_CST)) return 0;
+  __atomic_store_n(&lr.in_run, 1, __ATOMIC_SEQ_CST);
+  int rc = ioctl(lr.vcpu_fd, VR_KVM_RUN, 0);
+  int e = rc < 0 ? errno : 0;
+  __atomic_store_n(&lr.in_run, 0, __ATOMIC_SEQ_CST);
+  /* The loop's time as of this exit: timers the exit's handler starts count from now (Node's
+   * setTimeout takes uv_now), and the next step's deadline is taken from it. */
+  uv_update_time(lr.loop);
+  __atomic_store_n(&w[1], e, __ATOMIC_SEQ_CST);
+  __atomic_add_fetch(&w[2], 1, __ATOMIC_SEQ_CST);
+  int32_t expected = VR_RUN;
+  __atomic_compare_exchange_n(&w[0], &expected, VR_EXITED, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+  return 1;
+}
+
 static void lr_on_prepare(uv_prepare_t *p) {
   (void)p;
-  int armed = 0;
-  while (lr.active) {
-    int32_t *w = lr.word;
-    if (__atomic_load_n(&w[0], __ATOMIC_SEQ_CST) != VR_RUN) break;
-    if (__atomic_load_n(&lr.ready, __ATOMIC_SEQ_CST) && armed) break; /* the loop has work */
-    uv_update_time(lr.loop);
-    int t = uv_backend_timeout(lr.loop);
-    if (t == 0) break;
-    lr_arm(t < 0 ? -1 : lr_now_ms() + t);
-    armed = 1;
-    if (__atomic_load_n(&lr.ready, __ATOMIC_SEQ_CST)) break;
-    __atomic_store_n(&lr.in_run, 1, __ATOMIC_SEQ_CST);
-    int rc = ioctl(lr.vcpu_fd, VR_KVM_RUN, 0);
-    int e = rc < 0 ? errno : 0;
-    __atomic_store_n(&lr.in_run, 0, __ATOMIC_SEQ_CST);
-    __atomic_store_n(&w[1], e, __ATOMIC_SEQ_CST);
-    __atomic_add_fetch(&w[2], 1, __ATOMIC_SEQ_CST);
-    int32_t expected = VR_RUN;
-    __atomic_compare_exchange_n(&w[0], &expected, VR_EXITED, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
-    lr_call(); /* JS handles the exit (the hub's pass); it may end the runner (lr.active 0) */
+  /* The loop's time is read here and after each KVM_RUN (lr_step), once per exit: a deadline
+   * taken from it (uv_now + uv_backend_timeout) is a timer's due time itself, so the watcher
+   * (which reads the same clock) fires neither early nor late, with no second clock read (in
+   * the lab, whose clock source is the HPET, a read costs ~2.7 us). */
+  uv_update_time(lr.loop);
+  /* JS handles each exit (the hub's pass), and may run further steps itself (loopRunnerStep);
+   * it may end the runner (lr.active 0, and lr.used 0 once joined). */
+  while (lr_step()) {
+    lr.in_cb = 1;
+    lr_call();
+    lr.in_cb = 0;
   }
-  if (armed && lr.used) lr_disarm();
+  if (lr.armed) {
+    lr.armed = 0;
+    if (lr.used) lr_disarm();
+  }
 }
 
 static void lr_prep_closed(uv_handle_t *h) { free(h); }
@@ -1774,6 +1802,10 @@ static napi_value n_loop_runner_start(napi_env env, napi_callback_info info) {
     free(prog);
     return throw_errno(env, "loopRunnerStart (epoll)", eperr ? eperr : ENOMEM);
   }
+  struct timespec res;
+  lr_clock = clock_getres(CLOCK_MONOTONIC_COARSE, &res) == 0 && res.tv_sec == 0 && res.tv_nsec <= 1000000
+                 ? CLOCK_MONOTONIC_COARSE
+                 : CLOCK_MONOTONIC;
   memset(&lr, 0, sizeof lr);
   lr.used = 1;
   lr.gen = ++lr_gen & 0x3fffffff;
@@ -1835,6 +1867,19 @@ static napi_value n_loop_runner_go(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
+/* loopRunnerStep(handle): from the runner's callback only. Runs the vCPU once more, as the loop
+ * would after the callback returns, so that JS can serve a run of exits in a loop of its own
+ * (a JS -> native call per exit, not a C++ -> JS entry with its callback scope): 1 when it ran
+ * KVM_RUN (the result is in the words, as before a callback), 0 when it did not (JS did not say
+ * RUN, or the loop has work: return to it). */
+static napi_value n_loop_runner_step(napi_env env, napi_callback_info info) {
+  napi_value a[1];
+  if (!get_args(env, info, 1, a)) return NULL;
+  if (!lr_handle_ok(env, a[0]) || !lr.active) return throw_errno(env, "loopRunnerStep (no such runner)", ESRCH);
+  if (!lr.in_cb) return throw_errno(env, "loopRunnerStep (only from the runner's callback)", EPERM);
+  return num(env, lr_step());
+}
+
 /* loopRunnerQuit(handle): word[0] = DEAD at once (JS on this thread runs only outside KVM_RUN) */
 static napi_value n_loop_runner_quit(napi_env env, napi_callback_info info) {
   napi_value a[1];
@@ -1858,7 +1903,8 @@ static napi_value n_loop_runner_join(napi_env env, napi_callback_info info) {
 
 #define LOOP_RUNNER_EXPORTS                                                               \
   EXPORT("loopRunnerStart", n_loop_runner_start), EXPORT("loopRunnerGo", n_loop_runner_go), \
-  EXPORT("loopRunnerQuit", n_loop_runner_quit), EXPORT("loopRunnerJoin", n_loop_runner_join),
+  EXPORT("loopRunnerQuit", n_loop_runner_quit), EXPORT("loopRunnerJoin", n_loop_runner_join), \
+  EXPORT("loopRunnerStep", n_loop_runner_step),
 /* ---- end of loop runner ---- */
 
 /* ---- io_uring (helper U, issue 17 part B): the three syscalls, nothing else ----

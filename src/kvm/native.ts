@@ -183,6 +183,12 @@ export interface NativeShim {
   ): number;
   /** One more KVM_RUN at the loop's next turn (word 0 must be IDLE or EXITED: EBUSY otherwise). */
   loopRunnerGo(handle: number): void;
+  /**
+   * From its callback only (EPERM otherwise): KVM_RUN once more now, as the loop would after the
+   * callback, so that JS serves a run of exits in a loop of its own. 1: it ran (the words are
+   * set as before a callback); 0: it did not (word 0 is not RUN, or the loop has work).
+   */
+  loopRunnerStep(handle: number): number;
   /** Ends it at once (word 0 DEAD): JS on its thread runs only outside KVM_RUN. */
   loopRunnerQuit(handle: number): void;
   /** Releases an ended one (the watcher joined, the loop's hook closed). */

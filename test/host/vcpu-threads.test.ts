@@ -296,6 +296,64 @@ describe('vcpuRunnerStart and friends check their arguments', { skip }, () => {
   });
 });
 
+describe('loopRunnerStep: the loop runner’s vCPU run again from its callback', { skip }, () => {
+  test('it runs only inside the callback, only when told RUN, and reports as the loop does', async () => {
+    const n = native();
+    const words = new Int32Array(new SharedArrayBuffer(16));
+    const sig = n.installKickHandler();
+    const kvm = n.open('/dev/kvm', O_RDWR, 0);
+    // KVM_RUN on /dev/kvm (not a vCPU) fails at once: each run is one report in the words.
+    const seen: string[] = [];
+    const word = () =>
+      `${Atomics.load(words, 0)}/${Atomics.load(words, 1) > 0}/${Atomics.load(words, 2)}`;
+    const keep = setTimeout(() => undefined, 30_000); // the loop has a timer: not due, so it runs
+    let h = -1;
+    try {
+      await new Promise<void>((resolve) => {
+        h = n.loopRunnerStart(
+          kvm,
+          new ArrayBuffer(4096),
+          words,
+          0,
+          sig,
+          () => {
+            seen.push(`call ${word()}`);
+            if (seen.length > 1) return;
+            // Told RUN again: one more KVM_RUN now, reported before the step returns.
+            Atomics.store(words, 0, 1);
+            seen.push(`step ${n.loopRunnerStep(h)} ${word()}`);
+            // Not told RUN (the word says EXITED): no run.
+            seen.push(`step ${n.loopRunnerStep(h)} ${word()}`);
+            // An immediate queued: the loop has work, so no run either.
+            Atomics.store(words, 0, 1);
+            setImmediate(resolve);
+            seen.push(`step ${n.loopRunnerStep(h)} ${word()}`);
+            Atomics.store(words, 0, 2);
+          },
+          null,
+        );
+        assert.throws(() => n.loopRunnerStep(h), /EPERM/);
+        assert.throws(() => n.loopRunnerStep(h + 1), /ESRCH/);
+        n.loopRunnerGo(h);
+      });
+      assert.deepEqual(seen, [
+        'call 2/true/1',
+        'step 1 2/true/2',
+        'step 0 2/true/2',
+        'step 0 1/true/2',
+      ]);
+      assert.throws(() => n.loopRunnerStep(h), /EPERM/);
+    } finally {
+      clearTimeout(keep);
+      if (h >= 0) {
+        n.loopRunnerQuit(h);
+        n.loopRunnerJoin(h);
+      }
+      n.close(kvm);
+    }
+  });
+});
+
 describe(
   'fdWatch: an fd watched on this thread’s event loop (the hub on the main thread)',
   { skip },
