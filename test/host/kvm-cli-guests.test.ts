@@ -198,11 +198,12 @@ describe('typervisor run with tiny guests (KVM)', () => {
 
   test(
     'console input larger than the UART ring (4 KiB) arrives whole and in order',
-    T,
+    { ...T, timeout: 90_000 },
     async (t) => {
       let text = '';
       for (let i = 0; text.length < 10_000; i++) text += `line ${i} `;
-      const r = await boot(t, 'echo', [], { input: text + '\n' });
+      // ~30,000 port exits (three per byte echoed): 17-24 s under the lab's emulated KVM.
+      const r = await boot(t, 'echo', [], { input: text + '\n', timeoutMs: 60_000 });
       assert.equal(r.code, 0, r.stderr);
       assert.equal(r.stdout, 'tiny guest up\n' + text + '\n');
     },
