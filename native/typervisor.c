@@ -1503,7 +1503,7 @@ static struct lrunner {
   /* shared with the watcher */
   int32_t wstate;   /* LR_*: under m */
   uint32_t wgen;    /* under m: bumped at each arm */
-  int64_t deadline; /* ms on CLOCK_MONOTONIC, -1 none: under m */
+  int64_t deadline; /* ms on lr_clock (libuv's loop clock), -1 none: under m */
   int32_t ready;    /* atomic: the watcher found the loop with work since the last arm */
   int32_t in_run;   /* atomic: the owner is inside (or entering) KVM_RUN */
   /* the owner's own */
