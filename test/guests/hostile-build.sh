@@ -17,7 +17,8 @@ build hostile-vsock -DMODE_VSOCK
 # blk aliasing: 1022 x 1 MiB of one buffer per request (a 1022 MiB read), one per kick.
 build hostile-blk -DMODE_BLK -DBLK_BATCH=1
 # kick storm: 254 x 64 KiB per request (16 MiB), the ring kept 256 requests full; an rng request
-# polled at most 0x10000 times (about a second here: each poll also tops up the ring).
+# polled at most 0x10000 times (about a second: a poll is POLL_US, 15 us, of the TSC calibrated
+# against the PIT; each poll also tops up the ring).
 build hostile-storm -DMODE_STORM -DBLK_SEGS=254 -DBLK_SEG_BYTES=65536 -DBLK_BATCH=256 -DRNG_POLL_MAX=0x10000
 # net: an RX chain of 1024 descriptors (1025 iovecs with the device's spill buffer).
 build hostile-net -DMODE_NET

@@ -92,6 +92,7 @@
 #define V_RNG_IDX 0x1f0004 /* its next avail.idx */
 #define V_DEV 0x1f0008 /* the abused device's register window */
 #define V_FEAT 0x1f000c /* low driver-feature word accepted by dev_begin */
+#define V_POLL_TSC 0x1f0010 /* TSC ticks of one poll (POLL_US), from calibrate; 0: none */
 
 /* Queue areas. */
 #define Q_RNG 0x200000
@@ -129,6 +130,9 @@
 #ifndef NET_SEGS
 #define NET_SEGS 1024
 #endif
+#ifndef POLL_US
+#define POLL_US 15
+#endif
 #ifndef NET_POLL_MAX
 #define NET_POLL_MAX 0x80000
 #endif
@@ -148,6 +152,7 @@ _start:
 	mov	$MARKER_PORT, %dx
 	mov	$1, %al
 	out	%al, %dx
+	call	calibrate
 
 	/* The bystander: virtio-rng, queue 0 of 16, one 64-byte device-writable buffer. */
 	mov	$ID_RNG, %eax
@@ -298,7 +303,7 @@ blk_storm:
 	push	%eax
 	call	blk_top_up
 	pop	%eax
-	pause
+	call	poll_delay
 	inc	%ecx
 	cmp	$RNG_POLL_MAX, %ecx
 	jb	4b
@@ -387,7 +392,7 @@ net_long_chain:
 	mov	$NET_POLL_MAX, %ecx
 2:	cmpw	$1, Q_A + USED_OFF + 2
 	je	3f
-	pause
+	call	poll_delay
 	dec	%ecx
 	jnz	2b
 	lea	msg_u, %esi
@@ -494,7 +499,7 @@ wait_used:
 	mov	$WAIT_POLL_MAX, %ecx
 1:	cmp	%di, (%ebx)
 	je	2f
-	pause
+	call	poll_delay
 	dec	%ecx
 	jnz	1b
 	mov	$'w', %al
@@ -512,7 +517,7 @@ rng_probe:
 	xor	%ecx, %ecx
 1:	cmp	%ax, Q_RNG + USED_OFF + 2
 	je	2f
-	pause
+	call	poll_delay
 	inc	%ecx
 	cmp	$RNG_POLL_MAX, %ecx
 	jb	1b
@@ -534,6 +539,64 @@ rng_post:
 	mov	%ax, Q_RNG + AVAIL_OFF + 2
 	mov	V_RNG, %edx
 	movl	$0, R_QUEUE_NOTIFY(%edx)
+	ret
+
+/*
+ * calibrate: V_POLL_TSC = the TSC ticks of POLL_US microseconds, measured against 10 ms of the
+ * PIT's channel 2 (mode 0; its output, port 0x61 bit 5, rises at the end of the count: KVM's
+ * in-kernel PIT, as Linux's pit_calibrate_tsc uses it). Every poll loop waits that long per
+ * poll (poll_delay), so that a limit of N polls is the same time on any KVM: `pause` alone
+ * took ~15 us under PVM but well under 1 us on hardware and in the lab's nested AMD-V, where
+ * the limits ran out before a busy device could answer. Without a PIT answer (no output rise
+ * within 2^30 TSC ticks) V_POLL_TSC stays 0: a poll is one `pause`, as before.
+ */
+#define PIT_10MS 11932 /* 1193182 Hz x 10 ms */
+calibrate:
+	movl	$0, V_POLL_TSC
+	in	$0x61, %al
+	and	$0xfc, %al		/* speaker off */
+	or	$1, %al			/* channel 2's gate on */
+	out	%al, $0x61
+	mov	$0xb0, %al		/* channel 2, low then high byte, mode 0, binary */
+	out	%al, $0x43
+	mov	$(PIT_10MS & 0xff), %al
+	out	%al, $0x42
+	mov	$(PIT_10MS >> 8), %al
+	out	%al, $0x42
+	rdtsc
+	mov	%eax, %ebx
+1:	in	$0x61, %al
+	test	$0x20, %al
+	jnz	2f
+	rdtsc
+	sub	%ebx, %eax
+	cmp	$0x40000000, %eax	/* 2^30 ticks (a quarter of a second or more) and no end */
+	jb	1b
+	ret
+2:	rdtsc
+	sub	%ebx, %eax		/* TSC ticks in 10 ms (32 bits: below 429 GHz) */
+	mov	$POLL_US, %edx
+	mul	%edx
+	mov	$10000, %ecx
+	div	%ecx
+	mov	%eax, V_POLL_TSC
+	ret
+
+/* poll_delay: one poll's wait, V_POLL_TSC TSC ticks (at least one `pause`). Preserves all. */
+poll_delay:
+	push	%eax
+	push	%ecx
+	push	%edx
+	rdtsc
+	mov	%eax, %ecx
+1:	pause
+	rdtsc
+	sub	%ecx, %eax
+	cmp	V_POLL_TSC, %eax
+	jb	1b
+	pop	%edx
+	pop	%ecx
+	pop	%eax
 	ret
 
 /* fail: %al = the reason letter: "E<reason>\n", then halt. */

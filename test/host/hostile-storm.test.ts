@@ -6,8 +6,9 @@
  * blk ring up. A device that drains its ring until it is empty never returns to the loop, so
  * the rng request waits forever; with a per-kick budget and round-robin service it is answered
  * within RNG_POLLS_MAX polls (a trial budget of 16 requests per kick answered within 15288 here).
- * The guest prints "S<polls>" per served rng request and "T" when 0x10000 polls (about a second
- * here) went by without an answer.
+ * The guest prints "S<polls>" per served rng request and "T" when 0x10000 polls (about a second:
+ * each poll waits 15 us of the TSC, calibrated against the PIT, so the limits are the same time
+ * under PVM, on hardware and in the lab) went by without an answer.
  *
  * RSS: the guest touches under 5 MiB of its RAM (rings, a 64 KiB buffer).
  */
