@@ -58,8 +58,10 @@ function sendFrames(tap: string, n: number): void {
     "f = b'\\xff' * 6 + b'\\x02\\x00\\x00\\x00\\x00\\x01' + b'\\x88\\xb5' + bytes(50)",
     'for _ in range(int(sys.argv[2])): s.send(f)',
   ].join('\n');
-  const r = spawnSync('python3', ['-c', py, tap, String(n)], { encoding: 'utf8', timeout: 10_000 });
-  if (r.status !== 0) throw new Error(`the frame sender failed (${r.status}): ${r.stderr}`);
+  // 30 s: Python alone took over 10 s to start in the lab's emulation.
+  const r = spawnSync('python3', ['-c', py, tap, String(n)], { encoding: 'utf8', timeout: 30_000 });
+  if (r.status !== 0)
+    throw new Error(`the frame sender failed (${r.status ?? r.signal}): ${r.stderr}`);
 }
 
 test(
