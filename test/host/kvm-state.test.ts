@@ -589,7 +589,7 @@ describe('saveVcpus on a paused tiny guest (KVM, vCPU workers)', () => {
   const guests = tinyGuests();
   test(
     'spin guest, 2 vCPUs: refused while running; paused, each worker saves its vCPU',
-    { timeout: 20_000, skip: guests.skip ?? false },
+    { timeout: 60_000, skip: guests.skip ?? false },
     async (t) => {
       const consoleFile = join(tempDir(), 'console');
       const fd = openSync(consoleFile, 'w');
@@ -601,7 +601,8 @@ describe('saveVcpus on a paused tiny guest (KVM, vCPU workers)', () => {
         { consoleFd: fd },
       );
       try {
-        assert.ok(await eventually(() => vmm.control.bootMarkerMs > 0, 3000), 'guest booted');
+        // 15 s: two vCPU workers took over 3 s to start in the lab's emulation.
+        assert.ok(await eventually(() => vmm.control.bootMarkerMs > 0, 15_000), 'guest booted');
         await assert.rejects(vmm.saveVcpus(), /must be paused \(it is running\)/);
 
         await vmm.pause();

@@ -56,9 +56,10 @@ async function threadsOfRun(extra: string[]): Promise<ThreadInfo[]> {
         if (polling || !text.includes('tiny guest up')) return;
         polling = true;
         // The device worker names itself at start and installs its filter once its devices
-        // are built (the vCPU worker likewise before its run loop): wait, up to 5 s, until both
-        // threads carry the filters they are meant to end with, then read what they carry.
-        const deadline = Date.now() + 5_000;
+        // are built (the vCPU worker likewise before its run loop): wait, up to 20 s, until both
+        // threads carry the filters they are meant to end with, then read what they carry
+        // (20 s: in the lab's emulation the device worker took over 5 s to get there).
+        const deadline = Date.now() + 20_000;
         const want = extra.includes('--no-seccomp') ? 0 : 2;
         const poll = () => {
           if (child.exitCode !== null || child.signalCode !== null) return; // it ended first
