@@ -107,13 +107,15 @@ describe('library: VMs in this process', () => {
         assert.equal(h.stats().vmsLive, 6);
         assert.equal(h.stats().busyVcpuWorkers, 6);
         // Stopping one leaves the others running.
-        assert.equal((await vms[0]!.stop()).reason, 'stopped');
+        const first = await vms[0]!.stop();
+        assert.equal(first.reason, 'stopped', JSON.stringify(first));
         await new Promise((r) => setTimeout(r, 50));
         assert.ok(vms.slice(1).every((v) => v.state === 'running'));
         const exits = await Promise.all(vms.slice(1).map((v) => v.stop()));
         assert.deepEqual(
           exits.map((e) => e.reason),
           ['stopped', 'stopped', 'stopped', 'stopped', 'stopped'],
+          JSON.stringify(exits),
         );
         const offs = await Promise.all(
           Array.from({ length: 4 }, async () => {
@@ -138,13 +140,16 @@ describe('library: VMs in this process', () => {
       vm.on('state', (s, prev) => states.push([s, prev]));
       const exitEvents: unknown[] = [];
       vm.on('exit', (e) => exitEvents.push(e));
-      assert.ok((await vm.start()).ok);
-      assert.ok((await vm.pause()).ok);
+      const started = await vm.start();
+      assert.ok(started.ok, JSON.stringify(started));
+      const paused = await vm.pause();
+      assert.ok(paused.ok, JSON.stringify(paused));
       assert.equal(vm.state, 'paused');
       const c1 = vm.stats().exits[0]!;
       await new Promise((r) => setTimeout(r, 30));
       assert.equal(vm.stats().exits[0], c1, 'no exits while paused');
-      assert.ok((await vm.resume()).ok);
+      const resumed = await vm.resume();
+      assert.ok(resumed.ok, JSON.stringify(resumed));
       const exit = await vm.stop();
       assert.deepEqual(states, [
         ['running', 'created'],
@@ -322,7 +327,8 @@ describe('library: VMs in this process', () => {
         const out = vm.console!.output;
         let s = '';
         out.on('data', (d: Buffer) => (s += d.toString('latin1')));
-        await vm.start();
+        const started = await vm.start();
+        assert.ok(started.ok, JSON.stringify(started));
         for (let i = 0; i < 200 && !/00000005\n/.test(s); i++)
           await new Promise((r) => setTimeout(r, 20));
         await vm.stop();
@@ -330,7 +336,11 @@ describe('library: VMs in this process', () => {
         return s;
       };
       const a = await first();
-      assert.match(a, /00000005\n/, 'the first VM counted in RAM');
+      assert.match(
+        a,
+        /00000005\n/,
+        `the first VM counted in RAM: ${JSON.stringify(a.slice(0, 80))}`,
+      );
       const b = await first();
       assert.ok(h.stats().ramReused >= 1, "the second VM got the first one's RAM");
       // The count starts from the RAM's contents: 1 again, not 6 or more.
