@@ -35,9 +35,12 @@ export async function until(f: () => boolean, ms: number, what: string): Promise
 
 export const lineCount = (s: string) => s.split('\n').length - 1;
 
-/** The counter lines a console file holds (8 hex digits each), as numbers. */
-export function counts(file: string): number[] {
-  return countsIn(readFileSync(file, 'utf8'));
+/**
+ * The counter lines a console file holds (8 hex digits each), as numbers; `before`: the start of
+ * a line the file continues (cutLine of the snapshotted VM's console).
+ */
+export function counts(file: string, before = ''): number[] {
+  return countsIn(before + readFileSync(file, 'utf8'));
 }
 
 /**
