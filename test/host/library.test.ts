@@ -53,6 +53,34 @@ async function made(p: ReturnType<VmHost['createVm']>): Promise<Vm> {
   return r.value;
 }
 
+/** The library's entry, for programs run in a child process or a worker. */
+const LIB = new URL('../../src/lib/index.js', import.meta.url).href;
+
+/**
+ * Runs `script` (an ES module) in a child Node, SIGKILLed after `killMs`: its exit, what it
+ * printed (stdout and stderr), and when `mark` first showed on its stdout (0: never).
+ */
+async function runProgram(
+  script: string,
+  killMs: number,
+  mark?: string,
+): Promise<{ code: number | null; signal: string | null; out: string; markAt: number }> {
+  const child = spawn(process.execPath, ['--input-type=module', '-e', script], {
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let out = '';
+  let markAt = 0;
+  child.stdout.on('data', (d: Buffer) => {
+    out += d.toString();
+    if (mark !== undefined && markAt === 0 && out.includes(mark)) markAt = Date.now();
+  });
+  child.stderr.on('data', (d: Buffer) => (out += d.toString()));
+  const killer = setTimeout(() => child.kill('SIGKILL'), killMs);
+  const [code, signal] = (await once(child, 'exit')) as [number | null, string | null];
+  clearTimeout(killer);
+  return { code, signal, out, markAt };
+}
+
 const fdCount = () => readdirSync('/proc/self/fd').length;
 const rssKiB = () => Number(/VmRSS:\s+(\d+)/.exec(readFileSync('/proc/self/status', 'utf8'))![1]);
 
@@ -192,9 +220,8 @@ describe('library: VMs in this process', () => {
     async () => {
       // The default host's warm vCPU workers and closer thread stay for the next VM, but
       // unreferenced: the embedding program ends when its own work does, with no close().
-      const lib = new URL('../../src/lib/index.js', import.meta.url).href;
       const script = `
-        const { createVm } = await import(${JSON.stringify(lib)});
+        const { createVm } = await import(${JSON.stringify(LIB)});
         const r = await createVm(${JSON.stringify(res('echo'))}, { start: true });
         if (!r.ok) throw r.error;
         let s = '';
@@ -207,15 +234,7 @@ describe('library: VMs in this process', () => {
         // end is what says all of them have arrived.
         await ended;
         console.log(exit.reason, JSON.stringify(s), exit.message ?? "");`;
-      const child = spawn(process.execPath, ['--input-type=module', '-e', script], {
-        stdio: ['ignore', 'pipe', 'pipe'],
-      });
-      let out = '';
-      child.stdout.on('data', (d: Buffer) => (out += d.toString()));
-      child.stderr.on('data', (d: Buffer) => (out += d.toString()));
-      const killer = setTimeout(() => child.kill('SIGKILL'), 30_000);
-      const [code, signal] = (await once(child, 'exit')) as [number | null, string | null];
-      clearTimeout(killer);
+      const { code, signal, out } = await runProgram(script, 30_000);
       assert.equal(signal, null, `the program did not exit by itself within 30 s: ${out}`);
       assert.equal(code, 0, out);
       assert.match(out, /^poweroff ".*bye/m);
@@ -227,9 +246,8 @@ describe('library: VMs in this process', () => {
     // Node's termination of workers at exit cannot interrupt. The VM is stopped (its vCPUs
     // kicked out) as the process exits (vmm.ts liveVmms); before that such a program took
     // 75 s to end in the lab, and a test file whose failure left one never ended.
-    const lib = new URL('../../src/lib/index.js', import.meta.url).href;
     const script = `
-        const { createVm } = await import(${JSON.stringify(lib)});
+        const { createVm } = await import(${JSON.stringify(LIB)});
         const r = await createVm(${JSON.stringify(res('spin'))}, { start: true, console: 'none' });
         if (!r.ok) throw r.error;
         const t0 = Date.now();
@@ -238,23 +256,11 @@ describe('library: VMs in this process', () => {
         await new Promise((resolve) => setTimeout(resolve, 200)); // in the guest's loop by now
         console.log('exiting', r.value.state);
         process.exit(0);`;
-    const child = spawn(process.execPath, ['--input-type=module', '-e', script], {
-      stdio: ['ignore', 'pipe', 'pipe'],
-    });
-    let out = '';
-    let exitingAt = 0;
-    child.stdout.on('data', (d: Buffer) => {
-      out += d.toString();
-      if (exitingAt === 0 && out.includes('exiting')) exitingAt = Date.now();
-    });
-    child.stderr.on('data', (d: Buffer) => (out += d.toString()));
-    const killer = setTimeout(() => child.kill('SIGKILL'), 60_000);
-    const [code, signal] = (await once(child, 'exit')) as [number | null, string | null];
-    clearTimeout(killer);
+    const { code, signal, out, markAt } = await runProgram(script, 60_000, 'exiting');
     assert.equal(signal, null, `the program did not end within 60 s: ${out}`);
     assert.equal(code, 0, out);
     assert.match(out, /^exiting running$/m);
-    const ms = Date.now() - exitingAt;
+    const ms = Date.now() - markAt;
     assert.ok(ms < 10_000, `process.exit() took ${ms} ms to end the program`);
   });
 
@@ -321,9 +327,8 @@ describe('library: VMs in this process', () => {
     T,
     async () => {
       // TSYNC from a worker would put the main thread's list on every thread of this process.
-      const lib = new URL('../../src/lib/index.js', import.meta.url).href;
       const w = new Worker(
-        `import(${JSON.stringify(lib)}).then(({ createVmHost }) => {
+        `import(${JSON.stringify(LIB)}).then(({ createVmHost }) => {
         const r = createVmHost({ seccomp: 'process', warmVcpuWorkers: 0 });
         require('node:worker_threads').parentPort.postMessage(r.ok ? 'created' : r.error.code + ': ' + r.error.message);
       });`,
