@@ -6,10 +6,11 @@
  *  - pause: all vCPUs parked within PAUSE_TIMEOUT_MS, or the pause is undone (the command goes
  *    back to Run), the VM is still "running", and the caller gets an error naming the vCPUs that
  *    did not park; resume and stop work as before;
- *  - stop: all vCPUs out within STOP_TIMEOUT_MS; a worker still in after that is terminated, and
- *    one whose thread cannot be ended (blocked in a system call) is given up on after
- *    TERMINATE_GRACE_MS: `exited` resolves with a fatal event saying which vCPU, so the process
- *    reports one line and exits instead of hanging;
+ *  - stop: all vCPUs out within STOP_TIMEOUT_MS; a worker still in after that is terminated (one
+ *    that had not reached its loop yet, still loading, never ran the guest: the VM ends
+ *    'stopped'), and one whose thread cannot be ended (blocked in a system call) is given up on
+ *    after TERMINATE_GRACE_MS: `exited` resolves with a fatal event saying which vCPU, so the
+ *    process reports one line and exits instead of hanging;
  *  - teardown: each step gets TEARDOWN_STEP_TIMEOUT_MS.
  */
 import type { Worker } from 'node:worker_threads';
@@ -41,6 +42,8 @@ interface VcpuHandle {
   id: number;
   /** Its worker; none for a runner whose hub is the main thread. */
   worker?: Worker;
+  /** The worker runs this vCPU's loop itself (not a hub serving native runner threads). */
+  ownWorker?: boolean;
   thread?: bigint;
   /** Native mode: the runner thread's handle (vcpuRunnerKick), once the hub sent it. */
   runner?: number;
@@ -52,6 +55,11 @@ interface VcpuHandle {
   reported?: boolean;
   /** It did not stop in time and was terminated. */
   terminated?: boolean;
+  /**
+   * Terminated while its thread had not reached the vCPU loop (state Starting: a worker still
+   * loading, e.g. on a host short of CPU): it never ran the guest, so the stop is a stop.
+   */
+  neverRan?: boolean;
 }
 
 export type VmState = 'running' | 'paused' | 'stopped';
@@ -167,7 +175,14 @@ export class Vmm {
         data: { ...data(id), control: this.control.sab },
       };
       worker.postMessage(start);
-      const h: VcpuHandle = { id, worker, run: new DataView(runBuffer), runBuffer, exited: false };
+      const h: VcpuHandle = {
+        id,
+        worker,
+        ownWorker: true,
+        run: new DataView(runBuffer),
+        runBuffer,
+        exited: false,
+      };
       worker.on('message', (m: VcpuWorkerMessage) => this.onMessage(h, m));
       worker.on('error', (e) =>
         this.onVcpuEvent({ kind: 'fatal', message: `vCPU ${id} worker failed: ${e.message}` }),
@@ -180,10 +195,7 @@ export class Vmm {
           h.reported
             ? { kind: 'stopped' }
             : h.terminated
-              ? {
-                  kind: 'fatal',
-                  message: `vCPU ${id} did not stop within ${STOP_TIMEOUT_MS} ms; its thread was terminated`,
-                }
+              ? this.terminatedEvent(h)
               : { kind: 'fatal', message: `vCPU ${id} worker ended unexpectedly` },
         ),
       );
@@ -208,7 +220,14 @@ export class Vmm {
     vcpuFds.forEach((fd, id) => {
       const runBuffer = n.mmap(this.vcpuMmapSize, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
       const worker = workers[id]!;
-      const h: VcpuHandle = { id, worker, run: new DataView(runBuffer), runBuffer, exited: false };
+      const h: VcpuHandle = {
+        id,
+        worker,
+        ownWorker: true,
+        run: new DataView(runBuffer),
+        runBuffer,
+        exited: false,
+      };
       const detach = () => {
         worker.off('message', onMessage);
         worker.off('error', onError);
@@ -229,10 +248,7 @@ export class Vmm {
         this.onWorkerGone(
           h,
           h.terminated
-            ? {
-                kind: 'fatal',
-                message: `vCPU ${id} did not stop within ${STOP_TIMEOUT_MS} ms; its thread was terminated`,
-              }
+            ? this.terminatedEvent(h)
             : { kind: 'fatal', message: `vCPU ${id} worker ended unexpectedly` },
         );
       };
@@ -503,6 +519,14 @@ export class Vmm {
     const stuck = this.vcpus.filter((h) => !h.exited);
     for (const h of stuck) {
       h.terminated = true;
+      // Read before terminate(): the loop stores Running before it first reads the command,
+      // so a vCPU seen Starting now has not entered the guest (and would have stopped there).
+      h.neverRan = h.ownWorker === true && this.control.state(h.id) === VcpuState.Starting;
+      if (h.neverRan)
+        log(
+          'info',
+          `vCPU ${h.id} had not started within ${STOP_TIMEOUT_MS} ms; its worker was ended`,
+        );
       void h.worker?.terminate();
     }
     // terminate() cannot end a thread blocked in a system call: after the grace period the VM
@@ -515,6 +539,16 @@ export class Vmm {
         });
       }
     }, TERMINATE_GRACE_MS);
+  }
+
+  /** How a terminated vCPU worker's end reads: a stop when it never ran the guest. */
+  private terminatedEvent(h: VcpuHandle): VmExitEvent {
+    return h.neverRan
+      ? { kind: 'stopped' }
+      : {
+          kind: 'fatal',
+          message: `vCPU ${h.id} did not stop within ${STOP_TIMEOUT_MS} ms; its thread was terminated`,
+        };
   }
 
   /**

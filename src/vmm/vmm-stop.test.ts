@@ -1,0 +1,63 @@
+// Stopping a VM whose vCPU worker does not answer (no KVM needed: real worker threads stand in
+// for vCPU workers, and /dev/zero for the vCPU fd's kvm_run mapping). After STOP_TIMEOUT_MS the
+// worker is terminated; how the VM's end reads depends on whether the vCPU had entered its loop
+// (the shared state leaves Starting first thing in VcpuLoop.run).
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { closeSync, openSync } from 'node:fs';
+import { Worker } from 'node:worker_threads';
+import { STOP_TIMEOUT_MS, Vmm, type VcpuWorkerSource } from './vmm.js';
+
+const MAP_SIZE = 4096;
+
+/**
+ * A worker that takes 'start' and then either never gets to the loop (it keeps loading, as a
+ * cold worker on a host short of CPU does) or says it runs and then never looks at the command
+ * again (a vCPU stuck outside the guest).
+ */
+function fakeVcpuWorker(behaviour: 'loading' | 'stuck'): Worker {
+  const controlUrl = new URL('./vcpu-control.js', import.meta.url).href;
+  return new Worker(
+    `const { parentPort, workerData } = require('node:worker_threads');
+     parentPort.on('message', async (m) => {
+       if (workerData.behaviour === 'loading') return;
+       const { VcpuControl } = await import(workerData.controlUrl);
+       new VcpuControl(m.data.control).setState(0, 1 /* Running */);
+       for (;;) {}
+     });`,
+    { eval: true, workerData: { behaviour, controlUrl } },
+  );
+}
+
+function startWith(worker: Worker): { vmm: Vmm; close: () => void } {
+  // A shared mapping of /dev/zero stands in for the vCPU fd's kvm_run.
+  const fd = openSync('/dev/zero', 'r+');
+  const source: VcpuWorkerSource = { take: () => [worker], give: () => {} };
+  const vmm = new Vmm(MAP_SIZE);
+  vmm.start([fd], () => ({}) as never, { vcpuThreads: 'worker', workers: source });
+  return { vmm, close: () => closeSync(fd) };
+}
+
+test('a stop before the vCPU worker reached its loop ends the VM as stopped, not fatal', async () => {
+  const loading = startWith(fakeVcpuWorker('loading'));
+  const stuck = startWith(fakeVcpuWorker('stuck'));
+  try {
+    // Give the stuck one time to say it runs (its import), then stop both.
+    await new Promise((r) => setTimeout(r, 300));
+    const t0 = Date.now();
+    loading.vmm.requestStop();
+    stuck.vmm.requestStop();
+    const [a, b] = await Promise.all([loading.vmm.exited, stuck.vmm.exited]);
+    const took = Date.now() - t0;
+    assert.deepEqual(a, { kind: 'stopped' }, 'the worker never ran the guest: a plain stop');
+    assert.equal(b.kind, 'fatal', 'a vCPU that ran and did not stop is a fatal end');
+    assert.match(
+      (b as { message: string }).message,
+      new RegExp(`vCPU 0 did not stop within ${STOP_TIMEOUT_MS} ms`),
+    );
+    assert.ok(took >= STOP_TIMEOUT_MS - 100, `both waited for the stop timeout (${took} ms)`);
+  } finally {
+    loading.close();
+    stuck.close();
+  }
+});
