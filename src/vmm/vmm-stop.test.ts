@@ -1,4 +1,4 @@
-// Stopping a VM whose vCPU worker does not answer (no KVM needed: real worker threads stand in
+// Pausing and stopping a VM whose vCPU worker does not answer (no KVM needed: real worker threads stand in
 // for vCPU workers, and /dev/zero for the vCPU fd's kvm_run mapping). After STOP_TIMEOUT_MS the
 // worker is terminated; how the VM's end reads depends on whether the vCPU had entered its loop
 // (the shared state leaves Starting first thing in VcpuLoop.run).
@@ -6,7 +6,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { closeSync, openSync } from 'node:fs';
 import { Worker } from 'node:worker_threads';
-import { STOP_TIMEOUT_MS, Vmm, type VcpuWorkerSource } from './vmm.js';
+import { PAUSE_TIMEOUT_MS, STOP_TIMEOUT_MS, Vmm, type VcpuWorkerSource } from './vmm.js';
 
 const MAP_SIZE = 4096;
 
@@ -38,12 +38,20 @@ function startWith(worker: Worker): { vmm: Vmm; close: () => void } {
   return { vmm, close: () => closeSync(fd) };
 }
 
-test('a stop before the vCPU worker reached its loop ends the VM as stopped, not fatal', async () => {
+test('a vCPU worker that has not reached its loop: a pause holds at once, a stop ends the VM as stopped, not fatal', async () => {
   const loading = startWith(fakeVcpuWorker('loading'));
   const stuck = startWith(fakeVcpuWorker('stuck'));
   try {
-    // Give the stuck one time to say it runs (its import), then stop both.
+    // Give the stuck one time to say it runs (its import).
     await new Promise((r) => setTimeout(r, 300));
+    // The loading one has not run the guest and will see the command when it does: its pause
+    // holds now (without this, it timed out after PAUSE_TIMEOUT_MS), and resume undoes it.
+    const p0 = Date.now();
+    await loading.vmm.pause();
+    assert.equal(loading.vmm.state, 'paused');
+    assert.ok(Date.now() - p0 < PAUSE_TIMEOUT_MS / 2, `the pause took ${Date.now() - p0} ms`);
+    loading.vmm.resume();
+    assert.equal(loading.vmm.state, 'running');
     const t0 = Date.now();
     loading.vmm.requestStop();
     stuck.vmm.requestStop();
@@ -57,6 +65,9 @@ test('a stop before the vCPU worker reached its loop ends the VM as stopped, not
     );
     assert.ok(took >= STOP_TIMEOUT_MS - 100, `both waited for the stop timeout (${took} ms)`);
   } finally {
+    // Whatever failed above, the workers end (the stuck one spins until terminated).
+    for (const x of [loading, stuck]) x.vmm.requestStop();
+    await Promise.all([loading.vmm.exited, stuck.vmm.exited]);
     loading.close();
     stuck.close();
   }

@@ -561,7 +561,15 @@ export class Vmm {
     if (this.pausing) return this.pausing;
     this.command(Command.Pause);
     const p = new Promise<void>((resolve, reject) => {
-      const parked = (v: VcpuHandle) => v.exited || this.control.state(v.id) === VcpuState.Paused;
+      // A vCPU worker still loading (Starting) counts as parked: its loop stores Running before
+      // it first reads the command, so once it runs it sees Pause (or what came after) and
+      // parks before it enters the guest. It never ran the guest, and will not until resumed.
+      const parked = (v: VcpuHandle) => {
+        const st = this.control.state(v.id);
+        return (
+          v.exited || st === VcpuState.Paused || (v.ownWorker === true && st === VcpuState.Starting)
+        );
+      };
       this.kickUntil(
         () => {
           if (this.stopping) {
