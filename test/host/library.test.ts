@@ -370,7 +370,9 @@ describe('library: VMs in this process', () => {
         out.on('data', (d: Buffer) => (s += d.toString('latin1')));
         const started = await vm.start();
         assert.ok(started.ok, JSON.stringify(started));
-        for (let i = 0; i < 200 && !/00000005\n/.test(s); i++)
+        // Up to 30 s: on a host it takes a few ms; in the lab a cold vCPU worker alone takes
+        // seconds to start (4 s here read one count there).
+        for (let i = 0; i < 1500 && !/00000005\n/.test(s); i++)
           await new Promise((r) => setTimeout(r, 20));
         await vm.stop();
         if (!out.readableEnded) await once(out, 'end');
