@@ -13,7 +13,8 @@
 //   # file done: a.test.js exit 0 tests 3 pass 3 fail 0 skipped 0   (after each)
 // so that a harness whose lab froze part-way knows which files finished, and runs only the
 // others in its one retry (src/lab/suite.ts). --only a.test.js,b.test.js keeps those files.
-import { readdirSync, statSync, existsSync } from 'node:fs';
+// A folder takes every test file under it; a file (test/host/a.test.js) takes that one.
+import { readdirSync, statSync, existsSync, mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { spawn, spawnSync } from 'node:child_process';
 
@@ -45,7 +46,20 @@ const walk = (d) => {
 };
 for (const dir of args) {
   const d = join(root, 'dist', dir);
-  if (existsSync(d)) walk(d);
+  if (!existsSync(d)) continue;
+  if (statSync(d).isDirectory()) walk(d);
+  else if (d.endsWith('.test.js')) files.push(d);
+}
+// With --heartbeat or --only, files are named by their base name ("# file done", the lab's
+// retry): two of one name would be one.
+const byName = new Map();
+for (const f of heartbeatSec || on >= 0 ? files : []) {
+  const name = f.slice(f.lastIndexOf('/') + 1);
+  if (byName.has(name) && byName.get(name) !== f) {
+    console.error(`two test files named ${name}: ${byName.get(name)} and ${f}`);
+    process.exit(2);
+  }
+  byName.set(name, f);
 }
 if (only) {
   const known = new Set(files.map((f) => f.slice(f.lastIndexOf('/') + 1)));
@@ -72,9 +86,23 @@ if (files.length === 0) {
 const LAST = new Set(['vcpu-threads.test.js']);
 const base = (f) => f.slice(f.lastIndexOf('/') + 1);
 const ordered = files.sort().sort((a, b) => Number(LAST.has(base(a))) - Number(LAST.has(base(b))));
+// TYPERVISOR_HOST_TESTS_TMPDIR: the temp directory of test/host's files (made if missing). The
+// in-lab suite runs some of them (test/lab/typervisor.test.ts), and they make Unix sockets in
+// the temp directory, which the lab's /tmp (the host's, over 9p) cannot hold.
+const hostTmp = process.env.TYPERVISOR_HOST_TESTS_TMPDIR;
+const fileEnv = (file) => {
+  if (!hostTmp || !file.includes('/dist/test/host/')) return process.env;
+  mkdirSync(hostTmp, { recursive: true });
+  return { ...process.env, TMPDIR: hostTmp };
+};
 const argv = ['--test', '--test-force-exit', ...ordered];
 if (!heartbeatSec) {
-  const r = spawnSync(process.execPath, argv, { stdio: 'inherit' });
+  // One runner for every file: the host files' temp directory (above) is the whole run's.
+  const host = ordered.find((f) => f.includes('/dist/test/host/'));
+  const r = spawnSync(process.execPath, argv, {
+    stdio: 'inherit',
+    env: host ? fileEnv(host) : process.env,
+  });
   process.exit(r.status ?? 1);
 }
 // With a heartbeat the runner's stdout and stderr come through here, so the heartbeat only
@@ -98,6 +126,7 @@ function runFile(file) {
   return new Promise((resolve) => {
     const child = spawn(process.execPath, ['--test', '--test-force-exit', file], {
       stdio: ['inherit', 'pipe', 'pipe'],
+      env: fileEnv(file),
     });
     let out = '';
     for (const name of ['stdout', 'stderr']) {
