@@ -167,22 +167,13 @@ export class Vmm {
     const hubWorker = onRunners.length > 0 && hub === 'worker' && this.mode !== 'loop';
     const workers = takeVcpuWorkers(onWorkers.length + (hubWorker ? 1 : 0));
     onWorkers.forEach((id) => {
-      const fd = vcpuFds[id]!;
-      const runBuffer = n.mmap(this.vcpuMmapSize, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
       const worker = workers[id]!;
+      const h = this.workerHandle(id, worker, vcpuFds[id]!);
       const start: VcpuWorkerStart = {
         type: 'start',
         data: { ...data(id), control: this.control.sab },
       };
       worker.postMessage(start);
-      const h: VcpuHandle = {
-        id,
-        worker,
-        ownWorker: true,
-        run: new DataView(runBuffer),
-        runBuffer,
-        exited: false,
-      };
       worker.on('message', (m: VcpuWorkerMessage) => this.onMessage(h, m));
       worker.on('error', (e) =>
         this.onVcpuEvent({ kind: 'fatal', message: `vCPU ${id} worker failed: ${e.message}` }),
@@ -206,6 +197,18 @@ export class Vmm {
       this.startNativeHere(onRunners, vcpuFds, data, this.mode === 'loop');
   }
 
+  /** The handle of a vCPU run by a worker of its own, with this thread's map of its kvm_run. */
+  private workerHandle(id: number, worker: Worker, vcpuFd: number): VcpuHandle {
+    const runBuffer = native().mmap(
+      this.vcpuMmapSize,
+      PROT_READ | PROT_WRITE,
+      MAP_SHARED,
+      vcpuFd,
+      0,
+    );
+    return { id, worker, ownWorker: true, run: new DataView(runBuffer), runBuffer, exited: false };
+  }
+
   /**
    * A worker per vCPU from `source`, each told to stay after this VM: its 'exit' message is
    * this VM's end for that vCPU (the thread lives on), and it goes back to the source.
@@ -215,19 +218,10 @@ export class Vmm {
     vcpuFds: number[],
     data: (id: number) => Omit<VcpuWorkerData, 'control'>,
   ): void {
-    const n = native();
     const workers = source.take(vcpuFds.length);
     vcpuFds.forEach((fd, id) => {
-      const runBuffer = n.mmap(this.vcpuMmapSize, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
       const worker = workers[id]!;
-      const h: VcpuHandle = {
-        id,
-        worker,
-        ownWorker: true,
-        run: new DataView(runBuffer),
-        runBuffer,
-        exited: false,
-      };
+      const h = this.workerHandle(id, worker, fd);
       const detach = () => {
         worker.off('message', onMessage);
         worker.off('error', onError);
