@@ -257,7 +257,8 @@ describe('in-process VMs: exits, pause, resume, stop (KVM)', () => {
           printedAt ||= performance.now();
         });
         p.stderr.setEncoding('utf8').on('data', (s: string) => (err += s));
-        const killer = setTimeout(() => p.kill('SIGKILL'), 10_000);
+        // A hang bound, not a speed goal: the child waits up to 30 s for its vCPUs (the lab).
+        const killer = setTimeout(() => p.kill('SIGKILL'), 45_000);
         const [code, signal] = await new Promise<[number | null, string | null]>((res) =>
           p.on('close', (c, s) => res([c, s])),
         );

@@ -8,6 +8,7 @@
 import { closeSync, openSync, readFileSync } from 'node:fs';
 import { buildVm } from '../../src/vmm/builder.js';
 import { validateResources } from '../../src/vmm/resources.js';
+import { VcpuState } from '../../src/vmm/vcpu-control.js';
 
 const [kernel, vcpus, consoleFile] = process.argv.slice(2);
 const fd = openSync(consoleFile!, 'w');
@@ -18,8 +19,18 @@ const { vmm } = buildVm(
   }),
   { consoleFd: fd },
 );
-// Let the guest come up (its workers load, it prints its line) before pausing it.
-for (let i = 0; i < 300 && readFileSync(consoleFile!, 'utf8') !== 'tiny guest up\n'; i++) {
+// Let the guest come up (its workers load, it prints its line) and every vCPU reach its loop
+// before pausing it: a vCPU worker still loading counts as paused at once (vmm.ts pause()),
+// and its state would read Starting here, not Paused. Up to 30 s: seconds in the lab.
+const allRunning = () =>
+  Array.from({ length: vmm.vcpuCount }, (_, i) => vmm.control.state(i)).every(
+    (s) => s === VcpuState.Running,
+  );
+for (
+  let i = 0;
+  i < 3000 && (readFileSync(consoleFile!, 'utf8') !== 'tiny guest up\n' || !allRunning());
+  i++
+) {
   await new Promise((r) => setTimeout(r, 10));
 }
 await vmm.pause();
