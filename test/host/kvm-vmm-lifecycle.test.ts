@@ -36,7 +36,7 @@ interface Running {
   consoleFile: string;
   baselineThreads: number;
   /** Waits for the exit event (bounded) and for every vCPU worker thread to be gone. */
-  finish(): Promise<VmExitEvent>;
+  finish(boundMs?: number): Promise<VmExitEvent>;
 }
 
 // Warm libuv's thread pool so that it does not start threads in the middle of a count.
@@ -58,8 +58,8 @@ function start(guest: string, vcpus = 1): Running {
     vm,
     consoleFile,
     baselineThreads,
-    async finish() {
-      const ev = await withBound(vm.vmm.exited, BOUND_MS, 'vmm.exited did not resolve');
+    async finish(boundMs = BOUND_MS) {
+      const ev = await withBound(vm.vmm.exited, boundMs, 'vmm.exited did not resolve');
       closeSync(fd);
       assert.equal(vm.vmm.state, 'stopped');
       for (let i = 0; i < vcpus; i++)
@@ -121,11 +121,13 @@ describe('in-process VMs: exits, pause, resume, stop (KVM)', () => {
 
   test(
     'pioloop guest: 100000 unclaimed port writes are all counted, then poweroff',
-    T,
+    { ...T, timeout: 120_000 },
     async (t) => {
       const t0 = performance.now();
       const r = start('pioloop');
-      const ev = await r.finish();
+      // 100,000 exits: ~1 s on a host, 7-10 s in the lab (10-14k exits/s; CI of 9517461 hit
+      // the 10 s bound there). Still a hang bound, not a speed goal.
+      const ev = await r.finish(60_000);
       const ms = performance.now() - t0;
       assert.deepEqual(ev, { kind: 'poweroff' });
       const exits = r.vm.vmm.control.exits(0);
