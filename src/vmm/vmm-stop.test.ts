@@ -1,7 +1,8 @@
-// Pausing and stopping a VM whose vCPU worker does not answer (no KVM needed: real worker threads stand in
-// for vCPU workers, and /dev/zero for the vCPU fd's kvm_run mapping). After STOP_TIMEOUT_MS the
-// worker is terminated; how the VM's end reads depends on whether the vCPU had entered its loop
-// (the shared state leaves Starting first thing in VcpuLoop.run).
+// Pausing and stopping a VM whose vCPU worker does not answer (no KVM needed: real worker
+// threads stand in for vCPU workers, and /dev/zero for the vCPU fd's kvm_run mapping). A pause
+// counts a worker that has not reached its loop as parked; after STOP_TIMEOUT_MS a stop
+// terminates the worker, and how the VM's end reads depends on whether the vCPU had entered its
+// loop (the shared state leaves Starting first thing in VcpuLoop.run).
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { closeSync, openSync } from 'node:fs';
