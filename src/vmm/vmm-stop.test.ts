@@ -5,7 +5,7 @@
 // loop (the shared state leaves Starting first thing in VcpuLoop.run).
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { closeSync, openSync } from 'node:fs';
+import { closeSync, openSync, readFileSync } from 'node:fs';
 import { Worker } from 'node:worker_threads';
 import { PAUSE_TIMEOUT_MS, STOP_TIMEOUT_MS, Vmm, type VcpuWorkerSource } from './vmm.js';
 
@@ -72,4 +72,56 @@ test('a vCPU worker that has not reached its loop: a pause holds at once, a stop
     loading.close();
     stuck.close();
   }
+});
+
+/** This process's shared mappings of /dev/zero (the stand-in kvm_run mappings). */
+const zeroMappings = () =>
+  readFileSync('/proc/self/maps', 'utf8')
+    .split('\n')
+    .filter((l) => l.includes('/dev/zero')).length;
+
+test('a start() that throws partway stops what it started and leaves no mapping, worker or teardown behind', async () => {
+  const before = zeroMappings();
+  const fd = openSync('/dev/zero', 'r+');
+  const [w0, w1] = [fakeVcpuWorker('loading'), fakeVcpuWorker('loading')];
+  const given: Worker[] = [];
+  const source: VcpuWorkerSource = { take: () => [w0, w1], give: (w) => void given.push(w) };
+  const vmm = new Vmm(MAP_SIZE);
+  let tornDown = false;
+  vmm.onTeardown(() => void (tornDown = true)); // the builder's: it undoes its own steps
+  try {
+    // vCPU 0 maps and starts; vCPU 1's fd cannot be mapped, so start() throws.
+    assert.throws(
+      () => vmm.start([fd, -1], () => ({}) as never, { vcpuThreads: 'worker', workers: source }),
+      /EBADF|bad file/i,
+    );
+    assert.deepEqual(given, [w1], 'the worker never sent its start goes back to its source');
+    const ended = await vmm.exited;
+    assert.deepEqual(ended, { kind: 'stopped' }, 'vCPU 0 never ran: stopped');
+    assert.equal(vmm.state, 'stopped');
+    assert.equal(tornDown, false, "the caller's teardown does not run twice");
+    assert.equal(zeroMappings(), before, 'the kvm_run mapping of vCPU 0 is gone');
+  } finally {
+    for (const w of [w0, w1]) void w.terminate();
+    closeSync(fd);
+  }
+});
+
+test('a start() whose worker source fails ends at once: exited resolves, no teardown runs twice', async () => {
+  const source: VcpuWorkerSource = {
+    take: () => {
+      throw new Error('no warm worker');
+    },
+    give: () => {},
+  };
+  const vmm = new Vmm(MAP_SIZE);
+  let tornDown = false;
+  vmm.onTeardown(() => void (tornDown = true));
+  assert.throws(
+    () => vmm.start([0], () => ({}) as never, { vcpuThreads: 'worker', workers: source }),
+    /no warm worker/,
+  );
+  assert.deepEqual(await vmm.exited, { kind: 'fatal', message: 'the VM did not start' });
+  assert.equal(vmm.state, 'stopped');
+  assert.equal(tornDown, false);
 });

@@ -154,6 +154,42 @@ export class Vmm {
       this.control.setCommand(Command.Pause);
       this.state = 'paused';
     }
+    const external = [...this.cleanups];
+    try {
+      this.launch(vcpuFds, data, opts, hub);
+    } catch (e) {
+      this.abortStart(external);
+      throw e;
+    }
+  }
+
+  /**
+   * start() threw partway (a vCPU's kvm_run mapping, a worker source's take()): the caller
+   * (buildVm) undoes its own steps, so the teardown steps it registered must not run again.
+   * Workers taken but not started go back (or end: they got nothing); what did start is stopped
+   * the usual way, which also unmaps this thread's kvm_run mappings (each pins the VM in the
+   * kernel) and resolves `exited`, so the VM leaves the exit hook's set (it stayed there, with
+   * those mappings, before 2026-12-04).
+   */
+  private abortStart(external: Array<() => void | Promise<void>>): void {
+    for (let i = this.cleanups.length - 1; i >= 0; i--)
+      if (external.includes(this.cleanups[i]!)) this.cleanups.splice(i, 1);
+    for (const { worker, back } of this.unstarted.splice(0)) back(worker);
+    if (this.vcpus.length > 0) return this.requestStop();
+    // Nothing to stop: this VM's own steps (a hub's eventfd) run, and `exited` resolves.
+    this.firstEvent ??= { kind: 'fatal', message: 'the VM did not start' };
+    void this.teardown();
+  }
+
+  /** Workers taken for this VM that have not been sent 'start' yet, and where each goes back. */
+  private unstarted: Array<{ worker: Worker; back: (w: Worker) => void }> = [];
+
+  private launch(
+    vcpuFds: number[],
+    data: (id: number) => Omit<VcpuWorkerData, 'control'>,
+    opts: { vcpuThreads?: VcpuThreads; workers?: VcpuWorkerSource },
+    hub: HubPlace,
+  ): void {
     const n = native();
     this.kickSignal = n.installKickHandler();
     // hybrid: vCPU 0 (the boot vCPU, which takes most of a boot's exits) on a worker of its
@@ -166,13 +202,16 @@ export class Vmm {
     if (source) return this.startReused(source, vcpuFds, data);
     const hubWorker = onRunners.length > 0 && hub === 'worker' && this.mode !== 'loop';
     const workers = takeVcpuWorkers(onWorkers.length + (hubWorker ? 1 : 0));
+    this.unstarted = workers.map((worker) => ({ worker, back: (w) => void w.terminate() }));
     onWorkers.forEach((id) => {
       const worker = workers[id]!;
       const h = this.workerHandle(id, worker, vcpuFds[id]!);
+      this.vcpus.push(h);
       const start: VcpuWorkerStart = {
         type: 'start',
         data: { ...data(id), control: this.control.sab },
       };
+      this.started(worker);
       worker.postMessage(start);
       worker.on('message', (m: VcpuWorkerMessage) => this.onMessage(h, m));
       worker.on('error', (e) =>
@@ -190,11 +229,17 @@ export class Vmm {
               : { kind: 'fatal', message: `vCPU ${id} worker ended unexpectedly` },
         ),
       );
-      this.vcpus.push(h);
     });
-    if (hubWorker) this.startNative(onRunners, vcpuFds, data, workers.at(-1)!);
-    else if (onRunners.length > 0)
+    if (hubWorker) {
+      this.started(workers.at(-1)!);
+      this.startNative(onRunners, vcpuFds, data, workers.at(-1)!);
+    } else if (onRunners.length > 0)
       this.startNativeHere(onRunners, vcpuFds, data, this.mode === 'loop');
+  }
+
+  /** `worker` is about to be sent its start: from here on it is this VM's to stop. */
+  private started(worker: Worker): void {
+    this.unstarted = this.unstarted.filter((u) => u.worker !== worker);
   }
 
   /** The handle of a vCPU run by a worker of its own, with this thread's map of its kvm_run. */
@@ -219,9 +264,11 @@ export class Vmm {
     data: (id: number) => Omit<VcpuWorkerData, 'control'>,
   ): void {
     const workers = source.take(vcpuFds.length);
+    this.unstarted = workers.map((worker) => ({ worker, back: (w) => source.give(w) }));
     vcpuFds.forEach((fd, id) => {
       const worker = workers[id]!;
       const h = this.workerHandle(id, worker, fd);
+      this.vcpus.push(h);
       const detach = () => {
         worker.off('message', onMessage);
         worker.off('error', onError);
@@ -254,8 +301,8 @@ export class Vmm {
         data: { ...data(id), control: this.control.sab },
         reuse: true,
       };
+      this.started(worker);
       worker.postMessage(start);
-      this.vcpus.push(h);
     });
   }
 
