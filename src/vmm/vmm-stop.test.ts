@@ -125,3 +125,29 @@ test('a start() whose worker source fails ends at once: exited resolves, no tear
   assert.equal(vmm.state, 'stopped');
   assert.equal(tornDown, false);
 });
+
+/** This process's threads (a worker that ended is gone from the list). */
+const threads = () =>
+  Number(/^Threads:\s+(\d+)/m.exec(readFileSync('/proc/self/status', 'utf8'))![1]);
+
+test('a start() on native runners whose kvm_run cannot be mapped sends the hub worker nothing and ends it', async () => {
+  const [mapsBefore, threadsBefore] = [zeroMappings(), threads()];
+  const fd = openSync('/dev/zero', 'r+');
+  const vmm = new Vmm(MAP_SIZE);
+  try {
+    // vCPU 0's mapping is made, vCPU 1's fails: neither runner may start, and the hub worker
+    // (taken for this VM) must not be left waiting, or serving runners that do not exist.
+    assert.throws(
+      () => vmm.start([fd, -1], () => ({}) as never, { vcpuThreads: 'native', vcpuHub: 'worker' }),
+      /EBADF|bad file/i,
+    );
+    assert.deepEqual(await vmm.exited, { kind: 'fatal', message: 'the VM did not start' });
+    assert.equal(zeroMappings(), mapsBefore, "vCPU 0's mapping is undone");
+    const deadline = Date.now() + 10_000;
+    while (threads() > threadsBefore && Date.now() < deadline)
+      await new Promise((r) => setTimeout(r, 50));
+    assert.ok(threads() <= threadsBefore, `the hub worker ended (${threads()} threads)`);
+  } finally {
+    closeSync(fd);
+  }
+});

@@ -174,15 +174,18 @@ export class Vmm {
   private abortStart(external: Array<() => void | Promise<void>>): void {
     for (let i = this.cleanups.length - 1; i >= 0; i--)
       if (external.includes(this.cleanups[i]!)) this.cleanups.splice(i, 1);
-    for (const { worker, back } of this.unstarted.splice(0)) back(worker);
+    for (const worker of this.unstarted) this.giveBack(worker);
+    this.unstarted.clear();
     if (this.vcpus.length > 0) return this.requestStop();
     // Nothing to stop: this VM's own steps (a hub's eventfd) run, and `exited` resolves.
     this.firstEvent ??= { kind: 'fatal', message: 'the VM did not start' };
     void this.teardown();
   }
 
-  /** Workers taken for this VM that have not been sent 'start' yet, and where each goes back. */
-  private unstarted: Array<{ worker: Worker; back: (w: Worker) => void }> = [];
+  /** Workers taken for this VM that have not been sent 'start' yet. */
+  private readonly unstarted = new Set<Worker>();
+  /** Where an unstarted worker goes if start() throws: back to its source, or ended. */
+  private giveBack: (w: Worker) => void = (w) => void w.terminate();
 
   private launch(
     vcpuFds: number[],
@@ -202,7 +205,7 @@ export class Vmm {
     if (source) return this.startReused(source, vcpuFds, data);
     const hubWorker = onRunners.length > 0 && hub === 'worker' && this.mode !== 'loop';
     const workers = takeVcpuWorkers(onWorkers.length + (hubWorker ? 1 : 0));
-    this.unstarted = workers.map((worker) => ({ worker, back: (w) => void w.terminate() }));
+    for (const w of workers) this.unstarted.add(w);
     onWorkers.forEach((id) => {
       const worker = workers[id]!;
       const h = this.workerHandle(id, worker, vcpuFds[id]!);
@@ -231,7 +234,6 @@ export class Vmm {
       );
     });
     if (hubWorker) {
-      this.started(workers.at(-1)!);
       this.startNative(onRunners, vcpuFds, data, workers.at(-1)!);
     } else if (onRunners.length > 0)
       this.startNativeHere(onRunners, vcpuFds, data, this.mode === 'loop');
@@ -239,7 +241,7 @@ export class Vmm {
 
   /** `worker` is about to be sent its start: from here on it is this VM's to stop. */
   private started(worker: Worker): void {
-    this.unstarted = this.unstarted.filter((u) => u.worker !== worker);
+    this.unstarted.delete(worker);
   }
 
   /** The handle of a vCPU run by a worker of its own, with this thread's map of its kvm_run. */
@@ -264,7 +266,8 @@ export class Vmm {
     data: (id: number) => Omit<VcpuWorkerData, 'control'>,
   ): void {
     const workers = source.take(vcpuFds.length);
-    this.unstarted = workers.map((worker) => ({ worker, back: (w) => source.give(w) }));
+    this.giveBack = (w) => source.give(w);
+    for (const w of workers) this.unstarted.add(w);
     vcpuFds.forEach((fd, id) => {
       const worker = workers[id]!;
       const h = this.workerHandle(id, worker, fd);
@@ -326,17 +329,33 @@ export class Vmm {
     };
   }
 
-  /** The main thread's own mapping of each runner's kvm_run (immediate_exit), as handles. */
+  /**
+   * The main thread's own mapping of each runner's kvm_run (immediate_exit), as handles: all of
+   * them or none (a failed mmap unmaps the ones made and throws), so the VM never holds a handle
+   * whose runner will not be started.
+   */
   private runnerHandles(ids: number[], vcpuFds: number[], worker?: Worker): VcpuHandle[] {
     const n = native();
-    return ids.map((id) => {
-      const fd = vcpuFds[id]!;
-      const runBuffer = n.mmap(this.vcpuMmapSize, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-      const h: VcpuHandle = { id, run: new DataView(runBuffer), runBuffer, exited: false };
-      if (worker) h.worker = worker;
-      this.vcpus.push(h);
-      return h;
-    });
+    const hs: VcpuHandle[] = [];
+    try {
+      for (const id of ids) {
+        const runBuffer = n.mmap(
+          this.vcpuMmapSize,
+          PROT_READ | PROT_WRITE,
+          MAP_SHARED,
+          vcpuFds[id]!,
+          0,
+        );
+        const h: VcpuHandle = { id, run: new DataView(runBuffer), runBuffer, exited: false };
+        if (worker) h.worker = worker;
+        hs.push(h);
+      }
+    } catch (e) {
+      for (const h of hs) n.munmap(h.runBuffer);
+      throw e;
+    }
+    this.vcpus.push(...hs);
+    return hs;
   }
 
   /**
@@ -413,9 +432,12 @@ export class Vmm {
       this.hubEventFd = -1;
       n.close(efd);
     });
-    const start: VcpuHubStart = { type: 'start-hub', data: this.hubData(ids, vcpuFds, data, efd) };
-    worker.postMessage(start);
+    // The handles first: if a mapping fails, the hub has not been sent its start (start()
+    // then gives it back, unstarted) and no runner thread exists.
     const hs = this.runnerHandles(ids, vcpuFds, worker);
+    const start: VcpuHubStart = { type: 'start-hub', data: this.hubData(ids, vcpuFds, data, efd) };
+    this.started(worker);
+    worker.postMessage(start);
     worker.on('message', (m: VcpuWorkerMessage) => {
       if (m.type === 'runners') m.handles.forEach((r, i) => hs[i] && (hs[i].runner = r));
       else if (m.type === 'event') this.onVcpuEvent(m.event);
