@@ -22,7 +22,13 @@ import { takeDeviceWorker } from './vcpu-pool.js';
 import { workerEntry } from '../util/bundle.js';
 
 /** A request the worker does not answer within this is failed (the worker is stuck or gone). */
-const REQUEST_TIMEOUT_MS = 10_000;
+export const REQUEST_TIMEOUT_MS = 10_000;
+/**
+ * The same for a request sent before the worker has answered anything: a fresh worker loads
+ * its modules first (~0.1 s on a host; over 10 s was seen in the lab's emulated machine, where
+ * a snapshot load's first "pause" failed on it).
+ */
+export const FIRST_REQUEST_TIMEOUT_MS = 60_000;
 
 export interface DeviceWorkerHandle {
   /** Asks the worker to finish and waits for it. Idempotent. */
@@ -81,7 +87,9 @@ export function startDeviceWorker(
 
   const pending = new Map<number, { resolve(v: unknown): void; reject(e: Error): void }>();
   let seq = 0;
+  let answered = false;
   port1.on('message', (r: MailboxReply) => {
+    answered = true;
     const p = pending.get(r.seq);
     if (!p) return;
     pending.delete(r.seq);
@@ -100,9 +108,12 @@ export function startDeviceWorker(
     if (gone) return Promise.reject(new Error('the device worker has ended'));
     const id = ++seq;
     return new Promise((resolve, reject) => {
-      const timer = setTimeout(() => {
-        if (pending.delete(id)) reject(new Error(`the device worker did not answer "${r.op}"`));
-      }, REQUEST_TIMEOUT_MS);
+      const timer = setTimeout(
+        () => {
+          if (pending.delete(id)) reject(new Error(`the device worker did not answer "${r.op}"`));
+        },
+        answered ? REQUEST_TIMEOUT_MS : FIRST_REQUEST_TIMEOUT_MS,
+      );
       timer.unref();
       pending.set(id, {
         resolve: (v) => {
