@@ -50,11 +50,13 @@ for (const dir of args) {
   if (statSync(d).isDirectory()) walk(d);
   else if (d.endsWith('.test.js')) files.push(d);
 }
+const base = (f) => f.slice(f.lastIndexOf('/') + 1);
+const isHostFile = (f) => f.includes('/dist/test/host/');
 // With --heartbeat or --only, files are named by their base name ("# file done", the lab's
 // retry): two of one name would be one.
 const byName = new Map();
 for (const f of heartbeatSec || on >= 0 ? files : []) {
-  const name = f.slice(f.lastIndexOf('/') + 1);
+  const name = base(f);
   if (byName.has(name) && byName.get(name) !== f) {
     console.error(`two test files named ${name}: ${byName.get(name)} and ${f}`);
     process.exit(2);
@@ -62,13 +64,13 @@ for (const f of heartbeatSec || on >= 0 ? files : []) {
   byName.set(name, f);
 }
 if (only) {
-  const known = new Set(files.map((f) => f.slice(f.lastIndexOf('/') + 1)));
+  const known = new Set(files.map(base));
   const unknown = [...only].filter((n) => !known.has(n));
   if (unknown.length > 0 || only.size === 0) {
     console.error(`--only: no such test file: ${unknown.join(', ') || '(none given)'}`);
     process.exit(2);
   }
-  files.splice(0, files.length, ...files.filter((f) => only.has(f.slice(f.lastIndexOf('/') + 1))));
+  files.splice(0, files.length, ...files.filter((f) => only.has(base(f))));
 }
 if (files.length === 0) {
   console.error(`no test files under ${args.join(', ')}`);
@@ -84,21 +86,20 @@ if (files.length === 0) {
 // lab-kernel panic) within minutes in every lab boot that had them (bench/lab-bootloop.ts,
 // docs/lab.md), and the tests after it in the same boot would pay for that.
 const LAST = new Set(['vcpu-threads.test.js']);
-const base = (f) => f.slice(f.lastIndexOf('/') + 1);
 const ordered = files.sort().sort((a, b) => Number(LAST.has(base(a))) - Number(LAST.has(base(b))));
 // TYPERVISOR_HOST_TESTS_TMPDIR: the temp directory of test/host's files (made if missing). The
 // in-lab suite runs some of them (test/lab/typervisor.test.ts), and they make Unix sockets in
 // the temp directory, which the lab's /tmp (the host's, over 9p) cannot hold.
 const hostTmp = process.env.TYPERVISOR_HOST_TESTS_TMPDIR;
 const fileEnv = (file) => {
-  if (!hostTmp || !file.includes('/dist/test/host/')) return process.env;
+  if (!hostTmp || !isHostFile(file)) return process.env;
   mkdirSync(hostTmp, { recursive: true });
   return { ...process.env, TMPDIR: hostTmp };
 };
 const argv = ['--test', '--test-force-exit', ...ordered];
 if (!heartbeatSec) {
   // One runner for every file: the host files' temp directory (above) is the whole run's.
-  const host = ordered.find((f) => f.includes('/dist/test/host/'));
+  const host = ordered.find(isHostFile);
   const r = spawnSync(process.execPath, argv, {
     stdio: 'inherit',
     env: host ? fileEnv(host) : process.env,
