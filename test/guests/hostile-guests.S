@@ -133,6 +133,13 @@
 #ifndef POLL_US
 #define POLL_US 15
 #endif
+/*
+ * RNG_POLL_MAX and NET_POLL_MAX are multiplied by this: how many times slower than a KVM host
+ * the machine is (the tests' TYPERVISOR_TEST_TIME_SCALE, through hostile-build.sh's EXTRA_CFLAGS).
+ */
+#ifndef TIME_SCALE
+#define TIME_SCALE 1
+#endif
 #ifndef NET_POLL_MAX
 #define NET_POLL_MAX 0x80000
 #endif
@@ -305,7 +312,7 @@ blk_storm:
 	pop	%eax
 	call	poll_delay
 	inc	%ecx
-	cmp	$RNG_POLL_MAX, %ecx
+	cmp	$(RNG_POLL_MAX * TIME_SCALE), %ecx
 	jb	4b
 	lea	msg_t, %esi
 	call	puts
@@ -389,7 +396,7 @@ net_long_chain:
 	lea	msg_n, %esi
 	call	puts
 
-	mov	$NET_POLL_MAX, %ecx
+	mov	$(NET_POLL_MAX * TIME_SCALE), %ecx
 2:	cmpw	$1, Q_A + USED_OFF + 2
 	je	3f
 	call	poll_delay
@@ -519,7 +526,7 @@ rng_probe:
 	je	2f
 	call	poll_delay
 	inc	%ecx
-	cmp	$RNG_POLL_MAX, %ecx
+	cmp	$(RNG_POLL_MAX * TIME_SCALE), %ecx
 	jb	1b
 	pop	%ebx
 	stc

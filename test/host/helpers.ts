@@ -13,6 +13,25 @@ import { fileURLToPath } from 'node:url';
 export const REPO = fileURLToPath(new URL('../../../', import.meta.url));
 export const CLI = join(REPO, 'bin', 'typervisor');
 
+/**
+ * TYPERVISOR_TEST_TIME_SCALE (an integer, 1 to 100; default 1): how many times slower than a
+ * KVM host this machine runs the tests' guests. The in-lab suite sets it for the test/host files
+ * it runs on the lab's emulated machine (test/lab/typervisor.test.ts). Time windows and limits
+ * that a slow machine meets without anything being wrong (how long a guest's poll may wait, how
+ * long a flood is watched) are multiplied by it; what a test counts inside them is not.
+ */
+export const TIME_SCALE = timeScale(process.env.TYPERVISOR_TEST_TIME_SCALE);
+
+export function timeScale(v: string | undefined): number {
+  if (v === undefined || v === '') return 1;
+  const n = Number(v);
+  if (!Number.isInteger(n) || n < 1 || n > 100)
+    throw new Error(
+      `TYPERVISOR_TEST_TIME_SCALE must be an integer from 1 to 100, not ${JSON.stringify(v)}`,
+    );
+  return n;
+}
+
 /** Why host tests cannot run here, or undefined when they can. */
 export function kvmSkipReason(): string | undefined {
   if (!existsSync('/dev/kvm')) return '/dev/kvm does not exist on this host';

@@ -26,6 +26,7 @@ import { call } from '../api/client.js';
 import {
   CLI,
   REPO,
+  TIME_SCALE,
   childPids,
   guestPath,
   processGone,
@@ -37,7 +38,7 @@ import {
 const guests = tinyGuests();
 const mkfifo = spawnSync('sh', ['-c', 'command -v mkfifo']).status === 0;
 const skip = guests.skip ?? (mkfifo ? false : 'mkfifo is not installed');
-const T = { timeout: 90_000, skip };
+const T = { timeout: 90_000 * TIME_SCALE, skip };
 
 /** The VMM's whole RSS (Node, one vCPU worker, a 32 MiB guest of which the tiny guest touches little). */
 const RSS_BOUND_MIB = 160;
@@ -104,7 +105,7 @@ interface Child {
   kill(): Promise<void>;
 }
 
-/** Starts the CLI with its stdout on `stdoutFd`; SIGKILLed after 40 s whatever happens. */
+/** Starts the CLI with its stdout on `stdoutFd`; SIGKILLed after 70 s (times TIME_SCALE) whatever happens. */
 function startCli(args: string[], stdoutFd: number): Child {
   const child = spawn(process.execPath, [CLI, ...args], {
     cwd: REPO,
@@ -113,7 +114,7 @@ function startCli(args: string[], stdoutFd: number): Child {
   });
   let err = '';
   child.stderr!.setEncoding('utf8').on('data', (s: string) => (err += s));
-  const killer = setTimeout(() => child.kill('SIGKILL'), 70_000);
+  const killer = setTimeout(() => child.kill('SIGKILL'), 70_000 * TIME_SCALE);
   const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null; at: number }>(
     (r) =>
       child.on('exit', (code, signal) => {
@@ -141,9 +142,9 @@ function rssMib(pid: number): number {
 async function readSome(f: Fifo, bytes: number): Promise<Buffer> {
   const parts: Buffer[] = [];
   let got = 0;
-  const end = Date.now() + 20_000;
+  const end = Date.now() + 20_000 * TIME_SCALE;
   while (got < bytes) {
-    if (Date.now() > end) assert.fail(`only ${got} console bytes in 20 s`);
+    if (Date.now() > end) assert.fail(`only ${got} console bytes in ${20 * TIME_SCALE} s`);
     const b = f.read();
     parts.push(b);
     got += b.length;
@@ -249,7 +250,7 @@ describe('a hostile console: a guest floods COM1, the reader stops reading (KVM)
           bytesOut += u.write_count ?? NaN; // Firecracker's name: bytes the guest wrote
           missed += u.missed_write_count ?? NaN;
         };
-        const waitUntil = Date.now() + 30_000;
+        const waitUntil = Date.now() + 30_000 * TIME_SCALE;
         do {
           await flushUart();
           if (missed > 0) break;
@@ -325,7 +326,7 @@ describe('a hostile console: a guest floods COM1, the reader stops reading (KVM)
     T,
     async () => {
       const r = await runCli(['run', '--kernel', guestPath('consoleburst'), '--memory', '32'], {
-        timeoutMs: 40_000,
+        timeoutMs: 40_000 * TIME_SCALE,
       });
       assert.equal(r.timedOut, false);
       assert.equal(r.code, 0, r.stderr);

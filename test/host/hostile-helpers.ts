@@ -12,7 +12,7 @@ import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { appendFileSync, existsSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { call } from '../api/client.js';
-import { CLI, REPO, kvmSkipReason, tempDir } from './helpers.js';
+import { CLI, REPO, TIME_SCALE, kvmSkipReason, tempDir } from './helpers.js';
 
 /** VMMs still running: SIGKILLed if this process exits first (a test timed out, a crash). */
 const live = new Set<ChildProcess>();
@@ -36,8 +36,10 @@ export function hostileSkipReason(): string | undefined {
   guestSkip = kvmSkipReason();
   if (guestSkip) return guestSkip;
   const dir = tempDir('typervisor-hostile-');
+  // The guests' own poll limits scale with TIME_SCALE (hostile-guests.S).
   const r = spawnSync('sh', [join(REPO, 'test', 'guests', 'hostile-build.sh'), dir], {
     encoding: 'utf8',
+    env: { ...process.env, EXTRA_CFLAGS: `-DTIME_SCALE=${TIME_SCALE}` },
   });
   if (r.status !== 0)
     throw new Error(`test/guests/hostile-build.sh failed (${r.status}): ${r.stderr}`);
@@ -61,7 +63,7 @@ export interface VmOptions {
   tap?: string;
   /** A vsock device; its Unix socket is `uds` in the VM's temp dir. */
   vsock?: { cid: number };
-  /** SIGKILL after this long whatever happens (default 60 s). */
+  /** SIGKILL after this long whatever happens (default 60 s times TIME_SCALE). */
   hardTimeoutMs?: number;
 }
 
@@ -133,7 +135,7 @@ export async function startVm(opts: VmOptions): Promise<HostileVm> {
       r({ code, signal });
     }),
   );
-  const hard = setTimeout(() => child.kill('SIGKILL'), opts.hardTimeoutMs ?? 60_000);
+  const hard = setTimeout(() => child.kill('SIGKILL'), opts.hardTimeoutMs ?? 60_000 * TIME_SCALE);
   const vm: HostileVm = {
     child,
     pid: child.pid!,
@@ -368,7 +370,7 @@ export function report(
 }
 
 /** How long a storm runs while the test watches it. */
-export const STORM_MS = 4000;
+export const STORM_MS = 4000 * TIME_SCALE;
 /** The VMM's RSS may grow this much while the test watches (the guests touch < 5 MiB of RAM). */
 export const RSS_GROWTH_MIB = 64;
 /** SIGTERM must end the VMM within this. */

@@ -16,7 +16,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { closeSync, ftruncateSync, openSync } from 'node:fs';
 import { join } from 'node:path';
-import { tempDir } from './helpers.js';
+import { TIME_SCALE, tempDir } from './helpers.js';
 import {
   apiUp,
   hostileGuest,
@@ -33,12 +33,15 @@ import {
 } from './hostile-helpers.js';
 
 const skip = hostileSkipReason();
-/** An rng request must be answered within this many guest polls (a served one takes far fewer). */
-const RNG_POLLS_MAX = 0x8000;
+/**
+ * An rng request must be answered within this many guest polls (a served one takes far fewer);
+ * the guest's own limit (0x10000) scales with TIME_SCALE as well.
+ */
+const RNG_POLLS_MAX = 0x8000 * TIME_SCALE;
 
 test(
   'kick storm on virtio-blk: virtio-rng is still served promptly, API answers, SIGTERM stops it',
-  { skip: skip ?? false, timeout: 60_000 },
+  { skip: skip ?? false, timeout: 60_000 * TIME_SCALE },
   async (t) => {
     const disk = join(tempDir('typervisor-hostile-disk-'), 'storm.img');
     const fd = openSync(disk, 'w');
@@ -51,7 +54,7 @@ test(
         rng: true,
         drives: [{ id: 'storm', path: disk, readOnly: true }],
       });
-      await vm.waitFor(/F\n/, 20_000);
+      await vm.waitFor(/F\n/, 20_000 * TIME_SCALE);
       await apiUp(vm);
       let lines: string[] = [];
       const w = await measure(vm, STORM_MS, () => {

@@ -11,6 +11,7 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { TIME_SCALE } from './helpers.js';
 import {
   apiUp,
   hostileGuest,
@@ -26,18 +27,18 @@ import {
 
 const skip = hostileSkipReason();
 /** How long the flood is watched. */
-const FLOOD_MS = 3000;
+const FLOOD_MS = 3000 * TIME_SCALE;
 /** Packets per '.' on the console: 64 kicks of 256 (hostile-build.sh). */
 const PACKETS_PER_DOT = 64 * 256;
 
 test(
   'vsock flood without RX buffers: bounded memory, rng and API still served, SIGTERM stops it',
-  { skip: skip ?? false, timeout: 60_000 },
+  { skip: skip ?? false, timeout: 60_000 * TIME_SCALE },
   async (t) => {
     let vm: HostileVm | undefined;
     try {
       vm = await startVm({ kernel: hostileGuest('hostile-vsock'), rng: true, vsock: { cid: 3 } });
-      await vm.waitFor(/F\n/, 20_000);
+      await vm.waitFor(/F\n/, 20_000 * TIME_SCALE);
       await apiUp(vm);
       const dots0 = vm.stdout().split('F\n')[1]!.length;
       let flood = '';
