@@ -56,7 +56,14 @@ async function flood(): Promise<Flood> {
     vm,
     bytesOut: () => vm.devices.serial.stats().bytesOut,
     async stickVcpu() {
-      lock.lock();
+      // tryLock, never lock(): a lock() that had to wait for the vCPU's section leaves the slot
+      // at 2 itself (the futex mutex's "maybe waiters"), which would read below as the vCPU
+      // waiting when it is not yet; a stop or pause would then reach it first (seen in CI's lab).
+      const until = Date.now() + 5000;
+      while (!lock.tryLock()) {
+        assert.ok(Date.now() < until, 'the UART lock was never free');
+        await new Promise((r) => setTimeout(r, 1));
+      }
       held = true;
       const waiting = await eventually(() => Atomics.load(slots, index) === 2, 5000);
       assert.ok(waiting, 'the vCPU never waited on the UART lock');
