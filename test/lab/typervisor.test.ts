@@ -92,7 +92,7 @@ const LAB_TIME_SCALE = 5;
 /**
  * The lab's output as a failure message carries it: its last OUTPUT_TAIL characters, and the
  * whole of it in a file named there. CI of 127074b failed one in-lab file, and node's test runner
- * then spent over 25 minutes in its reading of this file's output (`#proccessRawBuffer`, seen with
+ * then spent over 10 minutes in its reading of this file's output (`#proccessRawBuffer`, seen with
  * gdb) before it reported anything; the message then held the whole lab output. What in that
  * output set it off was not found (several MB of TAP, control characters and U+FFFD did not);
  * the message is bounded anyway, and the failures go to stderr first (below).
