@@ -22,13 +22,13 @@ import { takeDeviceWorker } from './vcpu-pool.js';
 import { workerEntry } from '../util/bundle.js';
 
 /** A request the worker does not answer within this is failed (the worker is stuck or gone). */
-export const REQUEST_TIMEOUT_MS = 10_000;
+const REQUEST_TIMEOUT_MS = 10_000;
 /**
  * The same for a request sent before the worker has answered anything: a fresh worker loads
  * its modules first (~0.1 s on a host; over 10 s was seen in the lab's emulated machine, where
  * a snapshot load's first "pause" failed on it).
  */
-export const FIRST_REQUEST_TIMEOUT_MS = 60_000;
+const FIRST_REQUEST_TIMEOUT_MS = 60_000;
 
 export interface DeviceWorkerHandle {
   /** Asks the worker to finish and waits for it. Idempotent. */

@@ -233,9 +233,8 @@ export class Vmm {
         ),
       );
     });
-    if (hubWorker) {
-      this.startNative(onRunners, vcpuFds, data, workers.at(-1)!);
-    } else if (onRunners.length > 0)
+    if (hubWorker) this.startNative(onRunners, vcpuFds, data, workers.at(-1)!);
+    else if (onRunners.length > 0)
       this.startNativeHere(onRunners, vcpuFds, data, this.mode === 'loop');
   }
 
@@ -246,14 +245,13 @@ export class Vmm {
 
   /** The handle of a vCPU run by a worker of its own, with this thread's map of its kvm_run. */
   private workerHandle(id: number, worker: Worker, vcpuFd: number): VcpuHandle {
-    const runBuffer = native().mmap(
-      this.vcpuMmapSize,
-      PROT_READ | PROT_WRITE,
-      MAP_SHARED,
-      vcpuFd,
-      0,
-    );
+    const runBuffer = this.mapRun(vcpuFd);
     return { id, worker, ownWorker: true, run: new DataView(runBuffer), runBuffer, exited: false };
+  }
+
+  /** This thread's shared mapping of a vCPU fd's kvm_run. */
+  private mapRun(vcpuFd: number): ArrayBuffer {
+    return native().mmap(this.vcpuMmapSize, PROT_READ | PROT_WRITE, MAP_SHARED, vcpuFd, 0);
   }
 
   /**
@@ -339,13 +337,7 @@ export class Vmm {
     const hs: VcpuHandle[] = [];
     try {
       for (const id of ids) {
-        const runBuffer = n.mmap(
-          this.vcpuMmapSize,
-          PROT_READ | PROT_WRITE,
-          MAP_SHARED,
-          vcpuFds[id]!,
-          0,
-        );
+        const runBuffer = this.mapRun(vcpuFds[id]!);
         const h: VcpuHandle = { id, run: new DataView(runBuffer), runBuffer, exited: false };
         if (worker) h.worker = worker;
         hs.push(h);
