@@ -15,7 +15,7 @@
  * dist/bench/net-rtt.js [--count N] [--gap-ms MS] [--profile DIR]`.
  */
 import { spawnSync } from 'node:child_process';
-import { readFileSync, mkdirSync } from 'node:fs';
+import { readFileSync, readdirSync, mkdirSync } from 'node:fs';
 import { parseArgs } from 'node:util';
 import { Bus } from '../src/devices/bus.js';
 import {
@@ -83,12 +83,28 @@ const stat = (xs: number[]) => {
   return `median ${q(0.5).toFixed(1)} us (p10 ${q(0.1).toFixed(1)}, p90 ${q(0.9).toFixed(1)}, min ${s[0]!.toFixed(1)})`;
 };
 
+/** CPU ns of each of this process's threads but the main one (/proc/self/task/TID/schedstat). */
+function threadCpu(): Map<string, number> {
+  const out = new Map<string, number>();
+  for (const tid of readdirSync('/proc/self/task')) {
+    if (tid === String(process.pid)) continue;
+    try {
+      const [ns] = readFileSync(`/proc/self/task/${tid}/schedstat`, 'utf8').split(' ');
+      const comm = readFileSync(`/proc/self/task/${tid}/comm`, 'utf8').trim();
+      out.set(`${comm}/${tid}`, Number(ns));
+    } catch {
+      // the thread ended
+    }
+  }
+  return out;
+}
+
 function spinUntil(f: () => boolean, what: string): void {
   const end = performance.now() + 2000;
   while (!f()) if (performance.now() > end) throw new Error(`no ${what} within 2 s`);
 }
 
-async function inNamespace(count: number, gapMs: number, warmup: number) {
+async function inNamespace(count: number, gapMs: number, warmup: number, settleMs: number) {
   const dstMac = macBytes(readFileSync(`/sys/class/net/${TAP}/address`, 'utf8').trim());
   const n = native();
   if (process.env.TV_RTT_NO_SECCOMP === '1') configureSeccomp({ mode: 'off' });
@@ -121,9 +137,12 @@ async function inNamespace(count: number, gapMs: number, warmup: number) {
     const irq = slot.irqFd;
 
     const rtt: number[] = [];
+    let cpu0: Map<string, number> | undefined;
     let rxSeen = 0;
     let txSeen = 0;
     const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+    // As a guest's first ping comes after its boot: the device worker is up and idle first.
+    await sleep(settleMs);
     for (let i = 0; i < count + warmup; i++) {
       // The guest asks for an interrupt at the next used entry of both queues (Linux's NAPI).
       rx.setUsedEvent(rxSeen);
@@ -131,6 +150,7 @@ async function inNamespace(count: number, gapMs: number, warmup: number) {
       mem.fill(txBuf, NET_HDR_SIZE, 0);
       mem.write(txBuf + NET_HDR_SIZE, echoFrame(dstMac, i & 0xffff));
       tx.addChain([{ addr: txBuf, len: NET_HDR_SIZE + 98 }]);
+      if (i === warmup) cpu0 = threadCpu();
       const t0 = performance.now();
       n.eventfdWrite(slot.queueFds[TX_QUEUE]!, 1);
       spinUntil(() => rx.usedIdx() !== (rxSeen & 0xffff), 'echo reply');
@@ -147,8 +167,17 @@ async function inNamespace(count: number, gapMs: number, warmup: number) {
       if (gapMs > 0 && i >= warmup - 1) await sleep(gapMs);
       else await new Promise((r) => setImmediate(r));
     }
+    const cpu1 = threadCpu();
+    // The threads that ran meanwhile (the device worker first), in us of CPU per round trip.
+    const per = [...cpu1]
+      .map(([tid, ns]) => ({ tid, us: (ns - (cpu0?.get(tid) ?? 0)) / 1000 / count }))
+      .filter((t) => t.us >= 0.5)
+      .sort((a, b) => b.us - a.us);
     console.log(
       `device worker: ICMP echo round trip ${stat(rtt)} over ${count}, gap ${gapMs} ms, after ${warmup} back to back`,
+    );
+    console.log(
+      `CPU per round trip, other threads than main's (the device worker first): ${per.map((t) => `${t.tid} ${t.us.toFixed(1)}`).join(', ')} us`,
     );
   } finally {
     await dw.stop();
@@ -189,13 +218,14 @@ async function main() {
       count: { type: 'string', default: '2000' },
       'gap-ms': { type: 'string', default: '0' },
       warmup: { type: 'string', default: '20' },
+      'settle-ms': { type: 'string', default: '1000' },
       profile: { type: 'string' },
       'in-ns': { type: 'boolean' },
     },
   });
   const count = Number(v.count);
   const gap = Number(v['gap-ms']);
-  if (v['in-ns']) return inNamespace(count, gap, Number(v.warmup));
+  if (v['in-ns']) return inNamespace(count, gap, Number(v.warmup), Number(v['settle-ms']));
   const ns = `tv-rtt-${process.pid}`;
   sh(['ip', 'netns', 'add', ns]);
   try {

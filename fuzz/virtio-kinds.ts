@@ -10,7 +10,7 @@ import type { OpenContext } from '../src/devices/virtio/descriptor.js';
 import type { CreatedBackend, OpenedDevice } from '../src/devices/virtio/descriptor.js';
 import { deviceType, type VirtioKind } from '../src/devices/virtio/registry.js';
 import type { EventLoop } from '../src/events/event-loop.js';
-import { guardedLoop } from '../src/vmm/device-worker.js';
+import { guardedLoop } from '../src/vmm/device-loop.js';
 import { FakeHost } from './host.js';
 import { sharedRam, VirtioRig, type SharedRam } from './rig.js';
 import type { Prng } from './core.js';

@@ -16,7 +16,7 @@ import { VIRTIO_BLK_S_OK, VIRTIO_BLK_T_OUT } from '../devices/virtio/block/reque
 import { native } from '../kvm/native.js';
 import { createGuestRam, mapGuestRam } from './guest-ram.js';
 import { startDeviceWorker } from './device-worker-handle.js';
-import { guardedLoop } from './device-worker.js';
+import { guardedLoop } from './device-loop.js';
 import { EventLoop } from '../events/event-loop.js';
 import { EFD_NONBLOCK } from '../kvm/native.js';
 import { harness } from '../devices/virtio/testing/harness.js';

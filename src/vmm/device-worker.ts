@@ -24,12 +24,14 @@ import { RngDevice } from '../devices/virtio/rng/rng.js';
 import { PmemDevice } from '../devices/virtio/pmem/pmem.js';
 import { MemDevice } from '../devices/virtio/mem/mem.js';
 import { MmdsResponder } from '../mmds/responder.js';
-import type { CreatedBackend, EventOps } from '../devices/virtio/descriptor.js';
+import type { CreatedBackend } from '../devices/virtio/descriptor.js';
 import { deviceType } from '../devices/virtio/registry.js';
 import { EventLoop } from '../events/event-loop.js';
 import { native } from '../kvm/native.js';
 import { installWorkerFilter } from '../sandbox/seccomp/install.js';
 import { mapGuestRam } from './guest-ram.js';
+import { deviceEnvironment, guardedLoop, watchQueue } from './device-loop.js';
+import { netWarmupRounds, warmNetInSlices } from './net-warmup.js';
 import { deviceMemoryViews, kvmSlotControl } from './device-memory.js';
 import {
   DEVICE_WORKER_ROLE,
@@ -50,36 +52,6 @@ interface RunningDevice {
   group: string;
   device: VirtioDevice;
   created: CreatedBackend;
-}
-
-/**
- * The loop as one device's backend sees it. Its subscribers and timers run under the device's
- * guard(); a subscriber that threw while its device is not active (so breaking the device
- * stopped nothing) has its interest cleared, so a readable fd cannot make the loop spin on an
- * exception; the backend's next modify() of that registration sets it again.
- */
-export function guardedLoop(loop: EventLoop, device: () => VirtioDevice): EventOps {
-  return {
-    add(fd, subscriber, events) {
-      const tag: number = loop.add(
-        fd,
-        {
-          process: (ev) => {
-            const dev = device();
-            const failures = dev.counters.failures;
-            dev.guard(`host fd ${fd}`, () => subscriber.process(ev));
-            if (dev.counters.failures !== failures && dev.deviceState.kind !== 'active')
-              loop.modify(tag, 0);
-          },
-        },
-        events,
-      );
-      return tag;
-    },
-    modify: (tag, events) => loop.modify(tag, events),
-    remove: (tag) => loop.remove(tag),
-    setTimer: (ms, fn) => loop.setTimer(ms, () => device().guard('timer', fn)),
-  };
 }
 
 /**
@@ -253,6 +225,7 @@ function main(d: DeviceWorkerData): void {
     if (!paused) for (const dev of devices) dev.device.onLifecycle();
   };
 
+  let stopWarmup: (() => void) | undefined;
   try {
     devices = d.slots.map((slot): RunningDevice => {
       const type = deviceType(slot.kind);
@@ -275,14 +248,11 @@ function main(d: DeviceWorkerData): void {
         config,
         ...(slot.kvmSlots ? { memorySlots: kvmSlotControl(slot.kvmSlots) } : {}),
       });
-      const dev = new VirtioDevice(slot.state, created.backend, {
-        mem: ram.memory,
-        interrupt: () => n.eventfdWrite(slot.irqFd, 1),
-        log,
-        defer: (fn) => loop.setTimer(0, fn),
-        after: (ms, fn) => loop.setTimer(ms, fn),
-        round: () => loop.rounds,
-      });
+      const dev = new VirtioDevice(
+        slot.state,
+        created.backend,
+        deviceEnvironment(loop, ram.memory, slot.irqFd, log),
+      );
       device = dev;
       if (created.backend instanceof MemDevice) plugged.set(slot, created.backend);
       // The balloon changes its config space on its own (a hinting run's DONE).
@@ -290,18 +260,18 @@ function main(d: DeviceWorkerData): void {
         created.backend.onConfig = (c) => {
           if (dev.state.changeConfig(c.offset, c.bytes)) n.eventfdWrite(slot.irqFd, 1);
         };
-      slot.queueFds.forEach((fd, q) =>
-        loop.add(fd, {
-          process: () => {
-            drain(fd);
-            dev.guard(`queue ${q}`, () => dev.onKick(q));
-          },
-        }),
-      );
+      slot.queueFds.forEach((fd, q) => watchQueue(loop, dev, q, fd));
       return { slot, group: type.metricsGroup, device: dev, created };
     });
     loop.add(d.controlFd, { process: onControl });
     idle.add(d.controlFd, { process: onControl });
+    // Issue 17: a scratch virtio-net plays a ping's path in slices of the loop while the guest
+    // boots, so that V8 has compiled it by the guest's first frames (net-warmup.ts).
+    const warmRounds = netWarmupRounds();
+    stopWarmup =
+      warmRounds > 0 && devices.some((x) => x.slot.kind === 'net')
+        ? warmNetInSlices(loop, warmRounds, log)
+        : undefined;
     // Devices built, fds open: from here on the data plane runs under its filter.
     installWorkerFilter('device');
     Atomics.store(control, WORKER_CONTROL.running, 1);
@@ -324,6 +294,7 @@ function main(d: DeviceWorkerData): void {
         onError(e);
       }
     }
+    stopWarmup?.();
     loop.close();
     idle.close();
     ram.unmap();
