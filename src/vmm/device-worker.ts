@@ -267,10 +267,11 @@ function main(d: DeviceWorkerData): void {
     idle.add(d.controlFd, { process: onControl });
     // Issue 17: a scratch virtio-net plays a ping's path in slices of the loop while the guest
     // boots, so that V8 has compiled it by the guest's first frames (net-warmup.ts).
-    const warmRounds = netWarmupRounds();
+    const warm = netWarmupRounds();
+    if (warm.ignored) log(`device worker: ${warm.ignored}`);
     stopWarmup =
-      warmRounds > 0 && devices.some((x) => x.slot.kind === 'net')
-        ? warmNetInSlices(loop, warmRounds, log)
+      warm.rounds > 0 && devices.some((x) => x.slot.kind === 'net')
+        ? warmNetInSlices(loop, warm.rounds, log)
         : undefined;
     // Devices built, fds open: from here on the data plane runs under its filter.
     installWorkerFilter('device');

@@ -47,12 +47,22 @@ const RX_BUFFERS = 8;
 const FRAME = NET_HDR_SIZE + 98;
 const RXBUF = NET_HDR_SIZE + 1514;
 
-/** Round trips to play: TYPERVISOR_NET_WARMUP (an integer 0-100000), else the default. */
-export function netWarmupRounds(env: NodeJS.ProcessEnv = process.env): number {
+/**
+ * Round trips to play: TYPERVISOR_NET_WARMUP (an integer 0-100000), else the default; a value
+ * that is not one is named in `ignored` (the worker logs it) and the default is used.
+ */
+export function netWarmupRounds(env: NodeJS.ProcessEnv = process.env): {
+  rounds: number;
+  ignored?: string;
+} {
   const v = env.TYPERVISOR_NET_WARMUP;
-  if (v === undefined || v === '') return NET_WARMUP_ROUNDS;
+  if (v === undefined || v === '') return { rounds: NET_WARMUP_ROUNDS };
   const n = Number(v);
-  return Number.isInteger(n) && n >= 0 && n <= 100_000 ? n : NET_WARMUP_ROUNDS;
+  if (/^[0-9]+$/.test(v) && n <= 100_000) return { rounds: n };
+  return {
+    rounds: NET_WARMUP_ROUNDS,
+    ignored: `TYPERVISOR_NET_WARMUP=${JSON.stringify(v)} is not an integer from 0 to 100000: ${NET_WARMUP_ROUNDS} round trips`,
+  };
 }
 
 /**
