@@ -12,7 +12,10 @@
  * in a loop (the kernel's part alone).
  *
  * Runs as root in a network namespace of its own (created, then removed): `node
- * dist/bench/net-rtt.js [--count N] [--gap-ms MS] [--profile DIR]`.
+ * dist/bench/net-rtt.js [--count N] [--gap-ms MS] [--warmup N] [--settle-ms MS] [--profile DIR]`.
+ * The round trips start `--settle-ms` (1,000) after the device worker, as a guest's first ping
+ * comes after its boot; beside the RTTs it prints each thread's CPU per round trip (the device
+ * worker's first), from /proc/self/task/TID/schedstat.
  */
 import { spawnSync } from 'node:child_process';
 import { readFileSync, readdirSync, mkdirSync } from 'node:fs';
