@@ -220,8 +220,13 @@ export interface VirtioDeviceCounters {
   used: number[];
   /** Per queue: drained turns that returned at least one chain. */
   turns: number[];
-  /** Per queue: those turns' time, from the first pop to the end of afterTurn, in µs. */
-  turnUs: number[];
+  /**
+   * Per queue: those turns' time, from the first pop to the end of afterTurn, in µs. A
+   * Float64Array: it holds fractions from the first turn on, and a plain array would change its
+   * elements' kind (integers to doubles) at that turn, which V8's code compiled for another
+   * device's array (the virtio-net warm-up's, vmm/net-warmup.ts) does not take.
+   */
+  turnUs: Float64Array;
 }
 
 /**
@@ -254,7 +259,7 @@ export class VirtioDevice {
     irqsCoalesced: [],
     used: [],
     turns: [],
-    turnUs: [],
+    turnUs: new Float64Array(0),
   };
   /** Queues asleep on their rate limiter (their turn in `turns` is a timer of env.after). */
   private readonly sleeping = new Set<number>();
@@ -266,16 +271,9 @@ export class VirtioDevice {
   ) {
     this.state = new VirtioMmioState(sab);
     const n = this.state.identity().queueNumMax.length;
-    for (const k of [
-      'kicks',
-      'irqs',
-      'irqsSuppressed',
-      'irqsCoalesced',
-      'used',
-      'turns',
-      'turnUs',
-    ] as const)
+    for (const k of ['kicks', 'irqs', 'irqsSuppressed', 'irqsCoalesced', 'used', 'turns'] as const)
       this.counters[k] = new Array<number>(n).fill(0);
+    this.counters.turnUs = new Float64Array(n);
   }
 
   get deviceState(): DeviceState {

@@ -306,16 +306,16 @@ export class NetDevice implements VirtioBackend {
    * turn writes each group of them as it fills. Buffers are kept for the next turn.
    */
   private readonly txEarly: boolean;
-  private readonly txCopies: Uint8Array[] = [];
+  private readonly txCopies: Uint8Array[] = objectArray();
   private readonly txPending: Array<{ buf: Uint8Array; len: number }> = [];
-  private readonly txEarlyIov: Uint8Array[] = [];
+  private readonly txEarlyIov: Uint8Array[] = objectArray();
   private watching = false;
   private readonly peek = new Uint8Array(INTERCEPT_PEEK);
   /** The TX header's fields, parsed from txHdr (one object, refilled per frame). */
   private readonly txHdrFields: NetHeader = readNetHeader(this.txHdr);
   /** The buffers of the frame being sent / read (reused: no per-frame arrays). */
-  private readonly txIov: Uint8Array[] = [];
-  private readonly rxIov: Uint8Array[] = [];
+  private readonly txIov: Uint8Array[] = objectArray();
+  private readonly rxIov: Uint8Array[] = objectArray();
 
   constructor(
     readonly name: string,
@@ -804,6 +804,18 @@ export class NetDevice implements VirtioBackend {
     this.logged.add(kind);
     this.log(`${m} (logged once)`);
   }
+}
+
+/**
+ * An empty array whose elements are objects from the start. V8 keeps an array's elements' kind
+ * in its map, and a fresh `[]` changes kind at its first push: code compiled for the reused
+ * arrays of another NetDevice (the virtio-net warm-up's, vmm/net-warmup.ts) would not take this
+ * device's until then, and V8 would throw that code away at the guest's first frame.
+ */
+function objectArray(): Uint8Array[] {
+  const a = [new Uint8Array(0)];
+  a.length = 0;
+  return a;
 }
 
 /** Frames copied per TX turn for early completion (afterTurn); 8 x 64 KiB kept at most. */
