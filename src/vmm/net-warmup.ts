@@ -18,7 +18,7 @@
  * TYPERVISOR_NET_WARMUP=N sets that number (0: none).
  */
 import { GuestMemory } from '../memory/guest-memory.js';
-import { VIRTQ_DESC_F_WRITE } from '../devices/virtio/chain.js';
+import { VIRTQ_DESC_F_WRITE, gather, scatter } from '../devices/virtio/chain.js';
 import {
   STATUS_ACKNOWLEDGE,
   STATUS_DRIVER,
@@ -85,28 +85,15 @@ class Loopback {
       native().eventfdRead(this.fd); // not readable any more (epoll is level-triggered)
       return -1;
     }
-    let off = 0;
-    for (const b of buffers) {
-      const take = Math.min(b.length, this.len - off);
-      b.set(this.frame.subarray(off, off + take));
-      off += take;
-      if (off === this.len) break;
-    }
-    const n = this.len;
+    const n = scatter(buffers, this.frame.subarray(0, this.len));
     this.len = 0;
     return n;
   }
 
   writev(buffers: Uint8Array[]): number {
-    let off = 0;
-    for (const b of buffers) {
-      const take = Math.min(b.length, this.frame.length - off);
-      this.frame.set(take === b.length ? b : b.subarray(0, take), off);
-      off += take;
-    }
-    this.len = off;
+    this.len = gather(buffers, this.frame);
     this.visible = !this.hold;
-    return off;
+    return this.len;
   }
 
   /** A held frame becomes readable: the fd wakes the loop. */
@@ -187,15 +174,11 @@ interface Scratch {
   read(off: number): number;
 }
 
-/** Eventfds made for the warm-up (closed with it). */
-function eventfds(fds: number[], k: number): number[] {
-  const n = native();
-  const out: number[] = [];
-  for (let i = 0; i < k; i++) {
-    out.push(n.eventfd(0, EFD_NONBLOCK));
-    fds.push(out[i]!);
-  }
-  return out;
+/** A non-blocking eventfd, listed in `fds` (closed with the warm-up). */
+function eventfd(fds: number[]): number {
+  const fd = native().eventfd(0, EFD_NONBLOCK);
+  fds.push(fd);
+  return fd;
 }
 
 function scratchDevice(loop: EventLoop, fds: number[], log: (m: string) => void): Scratch {
@@ -240,7 +223,7 @@ function scratchDevice(loop: EventLoop, fds: number[], log: (m: string) => void)
   }
   write(REG.STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
 
-  const [kickRx, kickTx, irq, tapFd] = eventfds(fds, 4) as [number, number, number, number];
+  const [kickRx, kickTx, irq, tapFd] = [eventfd(fds), eventfd(fds), eventfd(fds), eventfd(fds)];
   const tap = new Loopback(tapFd);
   // The device worker's own construction (device-loop.ts, tap.ts): only the TAP's two system
   // calls are the loopback's.
