@@ -36,7 +36,13 @@ type Name = Vmm['name'];
 const NAMES: Name[] = ['typervisor', 'qemu', 'floor'];
 
 /** `disk`: a raw image attached read-only as a virtio-blk device (virtio-mmio, modern). */
-export function vmmFor(name: Name, dir: string, guest: string, kvmKind: string, disk?: string): Vmm {
+export function vmmFor(
+  name: Name,
+  dir: string,
+  guest: string,
+  kvmKind: string,
+  disk?: string,
+): Vmm {
   const elf = join(dir, `${guest}.elf`);
   switch (name) {
     case 'typervisor':
