@@ -154,7 +154,12 @@ if (mode === 'count') {
   process.stdin.on('data', (d) => { if (!n) t0 = performance.now(); n += d.length; });
   process.stdin.on('end', () => console.log('COUNT ' + n + ' ' + (performance.now() - t0).toFixed(1)));
 } else if (mode === 'send-uds') {
-  // Firecracker's host-initiated vsock: CONNECT, wait for OK, send zeros, half-close.
+  // Firecracker's host-initiated vsock: CONNECT, wait for OK, send zeros, half-close; after
+  // printing READY, once a line comes on stdin (the clock starts then, not at this start-up).
+  console.log('READY');
+  process.stdin.once('data', go);
+}
+function go() {
   const s = net.connect(arg);
   let got = '';
   const chunk = Buffer.alloc(1 << 20);
@@ -440,8 +445,10 @@ function sumMetric(lines: string[], group: string, field: string): number {
 /** a / b, or undefined without kicks. */
 const ratio = (a: number, b: number) => (b > 0 ? a / b : undefined);
 
-function background(argv: string[]): { proc: ChildProcess; out: () => string } {
-  const proc = spawn(argv[0]!, argv.slice(1), { stdio: ['ignore', 'pipe', 'pipe'] });
+function background(argv: string[], stdin = false): { proc: ChildProcess; out: () => string } {
+  const proc = spawn(argv[0]!, argv.slice(1), {
+    stdio: [stdin ? 'pipe' : 'ignore', 'pipe', 'pipe'],
+  });
   let out = '';
   proc.stdout!.on('data', (d: Buffer) => (out += d.toString()));
   proc.stderr!.on('data', (d: Buffer) => (out += d.toString()));
@@ -742,15 +749,24 @@ async function measure(
           `socat -u -b 65536 VSOCK-LISTEN:5002 - | wc -c | sed "s/^/H2GV /" & sleep 1; echo "LIST""EN-OK"\n`,
         );
         await vm.waitFor(/LISTEN-OK/, 60_000, from);
-        const t = performance.now();
+        // Both senders are started first and told to go once they are up: the clock runs from
+        // "go" to the guest's count, so it holds the connection and the transfer, not a
+        // process's start (Node's, for ours, takes most of a second in the lab; until
+        // 2026-12-05 it was inside ours and not inside QEMU's socat).
         const sender = isOurs(name)
-          ? background([process.execPath, helper, 'send-uds', uds, String(bytes), '5002'])
-          : background([
-              'sh',
-              '-c',
-              `head -c ${bytes} /dev/zero | socat -u -b 65536 - VSOCK-CONNECT:${GUEST_CID}:5002`,
-            ]);
+          ? background([process.execPath, helper, 'send-uds', uds, String(bytes), '5002'], true)
+          : background(
+              [
+                'sh',
+                '-c',
+                `echo READY; read go; head -c ${bytes} /dev/zero | socat -u -b 65536 - VSOCK-CONNECT:${GUEST_CID}:5002`,
+              ],
+              true,
+            );
         try {
+          await waitOut(sender, /READY/, 60_000);
+          const t = performance.now();
+          sender.proc.stdin!.write('go\n');
           const [, n] = await vm.waitFor(/H2GV (\d+)\r?\n/, 300_000, from);
           const ms = performance.now() - t;
           if (Number(n) !== bytes)
