@@ -144,43 +144,14 @@ class Session {
   }
 }
 
-/** Host-side helper (runs in the namespace / next to the VMM): counts or sends bytes. */
+/** Host-side helper (runs in the namespace / next to the VMM): counts bytes. */
 const HELPER = `
-import net from 'node:net';
-const [mode, arg, bytes, port] = process.argv.slice(2);
+const [mode] = process.argv.slice(2);
 if (mode === 'count') {
   // Reads stdin to EOF: prints bytes and ms from the first byte to EOF.
   let n = 0, t0 = 0;
   process.stdin.on('data', (d) => { if (!n) t0 = performance.now(); n += d.length; });
   process.stdin.on('end', () => console.log('COUNT ' + n + ' ' + (performance.now() - t0).toFixed(1)));
-} else if (mode === 'send-uds') {
-  // Firecracker's host-initiated vsock: CONNECT, wait for OK, send zeros, half-close; after
-  // printing READY, once a line comes on stdin (the clock starts then, not at this start-up).
-  console.log('READY');
-  process.stdin.once('data', go);
-}
-function go() {
-  const s = net.connect(arg);
-  let got = '';
-  const chunk = Buffer.alloc(1 << 20);
-  s.on('connect', () => s.write('CONNECT ' + port + '\\n'));
-  s.on('data', (d) => {
-    if (got.includes('\\n')) return;
-    got += d.toString();
-    if (!got.includes('\\n')) return;
-    console.log('CONNECTED ' + got.trim());
-    let left = Number(bytes);
-    const more = () => {
-      while (left > 0) {
-        const b = chunk.subarray(0, Math.min(left, chunk.length));
-        left -= b.length;
-        if (!s.write(b)) return s.once('drain', more);
-      }
-      s.end();
-    };
-    more();
-  });
-  s.on('error', (e) => console.log('ERR ' + e.message));
 }
 `;
 
@@ -718,6 +689,9 @@ async function measure(
       }
     }
     if (only !== 'ping' && only !== 'console') {
+      // TYPERVISOR_BENCH_VSOCK_SCHED=1: per MiB of each transfer, every thread's CPU (the VMM's,
+      // QEMU's vhost worker, our host-side sender's) and the lab's CPUs' busy share.
+      const vsockSched = process.env.TYPERVISOR_BENCH_VSOCK_SCHED === '1';
       await attempt('vsock guest->host', async () => {
         // socat on the host for both (Typervisor: the Unix socket `${uds}_5001`; QEMU: AF_VSOCK).
         const listen = isOurs(name) ? `UNIX-LISTEN:${uds}_5001` : 'VSOCK-LISTEN:5001,reuseaddr';
@@ -731,10 +705,12 @@ async function measure(
           while (isOurs(name) && !existsSync(`${uds}_5001`) && Date.now() - t < 10_000)
             await new Promise((r) => setTimeout(r, 20));
           await new Promise((r) => setTimeout(r, 200));
+          const probe = vsockSched ? schedProbe([vm.child.pid!]) : undefined;
           await vm.run(
             `head -c ${bytes} /dev/zero | socat -u -b 65536 - VSOCK-CONNECT:2:5001 || echo SOCAT-FAILED`,
             300_000,
           );
+          if (probe) log(`${name}: vsock guest -> host: ${probe(bytes / 1048576)}`);
           const [, n, ms] = await waitOut(counter, /COUNT (\d+) ([\d.]+)\n/, 60_000);
           if (Number(n) !== bytes) throw new Error(`received ${n} of ${bytes} bytes`);
           s.vsockG2hMBs = bytes / 1e6 / (Number(ms) / 1000);
@@ -749,26 +725,27 @@ async function measure(
           `socat -u -b 65536 VSOCK-LISTEN:5002 - | wc -c | sed "s/^/H2GV /" & sleep 1; echo "LIST""EN-OK"\n`,
         );
         await vm.waitFor(/LISTEN-OK/, 60_000, from);
-        // Both senders are started first and told to go once they are up: the clock runs from
-        // "go" to the guest's count, so it holds the connection and the transfer, not a
-        // process's start (Node's, for ours, takes most of a second in the lab; until
-        // 2026-12-05 it was inside ours and not inside QEMU's socat).
-        const sender = isOurs(name)
-          ? background([process.execPath, helper, 'send-uds', uds, String(bytes), '5002'], true)
-          : background(
-              [
-                'sh',
-                '-c',
-                `echo READY; read go; head -c ${bytes} /dev/zero | socat -u -b 65536 - VSOCK-CONNECT:${GUEST_CID}:5002`,
-              ],
-              true,
-            );
+        // The same sender for both, started first and told to go once it is up: the clock
+        // runs from "go" to the guest's count (the connection and the transfer). Ours sends
+        // Firecracker's CONNECT line first (the VMM reads it byte by byte, so the data after it
+        // wait in the socket). Until 2026-12-05 ours was a Node program timed from its spawn:
+        // its start-up (1.4-3 s in the lab) was inside our figure, and its CPU beside ours.
+        const to = isOurs(name) ? `UNIX-CONNECT:${uds}` : `VSOCK-CONNECT:${GUEST_CID}:5002`;
+        const data = isOurs(name)
+          ? `{ printf 'CONNECT 5002\\n'; head -c ${bytes} /dev/zero; }`
+          : `head -c ${bytes} /dev/zero`;
+        const sender = background(
+          ['sh', '-c', `echo READY; read go; ${data} | socat -u -b 65536 - ${to}`],
+          true,
+        );
         try {
           await waitOut(sender, /READY/, 60_000);
+          const probe = vsockSched ? schedProbe([vm.child.pid!]) : undefined;
           const t = performance.now();
           sender.proc.stdin!.write('go\n');
           const [, n] = await vm.waitFor(/H2GV (\d+)\r?\n/, 300_000, from);
           const ms = performance.now() - t;
+          if (probe) log(`${name}: vsock host -> guest: ${probe(bytes / 1048576)}`);
           if (Number(n) !== bytes)
             throw new Error(
               `guest received ${n} of ${bytes} bytes; sender: ${sender.out()}\n${vm.tail()}`,
@@ -796,6 +773,26 @@ async function measure(
 }
 
 /**
+ * Starts a measurement of the threads of `pids` (schedSnapshot) and of the lab's CPUs
+ * (/proc/stat); the function it returns reports both since then, per `units` (e.g. MiB moved).
+ */
+function schedProbe(pids: number[]): (units: number) => string {
+  const snap = () => new Map(pids.flatMap((p) => [...schedSnapshot(p)]));
+  const cpu = () => {
+    const f = readFileSync('/proc/stat', 'utf8').split('\n')[0]!.trim().split(/\s+/).slice(1);
+    const v = f.map(Number);
+    return { total: v.reduce((a, b) => a + b, 0), idle: v[3]! + v[4]! };
+  };
+  const b = snap();
+  const c = cpu();
+  return (units) => {
+    const c2 = cpu();
+    const busy = 1 - (c2.idle - c.idle) / Math.max(1, c2.total - c.total);
+    return `lab CPUs ${(busy * 100).toFixed(0)}% busy; ${schedReport(b, snap(), units, 'MiB')}`;
+  };
+}
+
+/**
  * TYPERVISOR_BENCH_PING_SCHED=1: per thread of the VMM's process, per ping: the times it was
  * put on a CPU, its CPU time and its time runnable but waiting for a CPU (the kernel's
  * /proc/PID/task/TID/schedstat before and after the pings). Every thread of ours and of QEMU's,
@@ -805,15 +802,24 @@ function schedSnapshot(pid: number): Map<string, number[]> {
   const m = new Map<string, number[]>();
   let tids: string[] = [];
   try {
-    tids = readdirSync(`/proc/${pid}/task`);
+    tids = readdirSync(`/proc/${pid}/task`).map((t) => `${pid}/task/${t}`);
   } catch {
     return m;
   }
-  for (const tid of tids) {
+  // The kernel's vhost workers for this process (QEMU's vhost-vsock: kernel threads named
+  // vhost-PID, outside its thread group), so that their CPU counts beside its threads'.
+  for (const p of readdirSync('/proc'))
+    if (/^\d+$/.test(p))
+      try {
+        if (readFileSync(`/proc/${p}/comm`, 'utf8').trim() === `vhost-${pid}`) tids.push(p);
+      } catch {
+        // gone
+      }
+  for (const t of tids) {
     try {
-      const comm = readFileSync(`/proc/${pid}/task/${tid}/comm`, 'utf8').trim();
-      const v = readFileSync(`/proc/${pid}/task/${tid}/schedstat`, 'utf8').trim().split(/\s+/);
-      m.set(`${comm}[${tid}]`, v.map(Number));
+      const comm = readFileSync(`/proc/${t}/comm`, 'utf8').trim();
+      const v = readFileSync(`/proc/${t}/schedstat`, 'utf8').trim().split(/\s+/);
+      m.set(`${comm}[${t.split('/').pop()}]`, v.map(Number));
     } catch {
       // the thread ended
     }
@@ -825,6 +831,7 @@ function schedReport(
   before: Map<string, number[]>,
   after: Map<string, number[]>,
   pings: number,
+  unit = 'ping',
 ): string {
   const rows: Array<[string, number, number, number]> = [];
   for (const [k, [run, wait, slices]] of after) {
@@ -839,7 +846,7 @@ function schedReport(
       ]);
   }
   rows.sort((x, y) => y[2] - x[2]);
-  return `per ping (${pings}): ${rows
+  return `per ${unit} (${pings}): ${rows
     .map(
       ([k, n, cpu, wait]) =>
         `${k} ${n.toFixed(1)} runs ${cpu.toFixed(3)} ms CPU ${wait.toFixed(3)} ms waiting each`,
