@@ -78,7 +78,9 @@ export class VsockMuxer {
   private nextLocal = FIRST_LOCAL_PORT;
   private connectedSinceStart = false;
   /** The staging buffer (allocated on first use, released at stop()) and what it holds. */
-  private stage: Uint8Array | undefined;
+  private stage: Buffer | undefined;
+  /** rwHeader's header, reused. */
+  private rw: VsockHeader | undefined;
   private staged: Staged | undefined;
 
   constructor(
@@ -358,7 +360,7 @@ export class VsockMuxer {
     const direct = Math.min(room, want);
     const iov = sliceSegments(buffers, VSOCK_HDR_SIZE, direct);
     if (want > direct)
-      iov.push((this.stage ??= new Uint8Array(RX_READ_BYTES)).subarray(0, want - direct));
+      iov.push((this.stage ??= Buffer.allocUnsafeSlow(RX_READ_BYTES)).subarray(0, want - direct));
     let n: number;
     try {
       n = this.host.read(c.fd, iov);
@@ -396,12 +398,7 @@ export class VsockMuxer {
     }
     if (room === 0) return -1;
     const k = Math.min(room, st.end - st.at);
-    const src = this.stage!.subarray(st.at, st.at + k);
-    let off = 0;
-    for (const seg of sliceSegments(buffers, VSOCK_HDR_SIZE, k)) {
-      seg.set(src.subarray(off, off + seg.length));
-      off += seg.length;
-    }
+    copyAfterHeader(this.stage!, st.at, k, buffers);
     st.at += k;
     if (st.at === st.end) {
       this.staged = undefined;
@@ -413,9 +410,33 @@ export class VsockMuxer {
 
   /** The OP_RW header of `n` payload bytes of `c` (its credit accounting follows). */
   private rwHeader(buffers: readonly Uint8Array[], c: Connection, n: number): void {
-    const hdr = this.table.header(c, OP_RW, 0);
+    // One header object for every RW packet (putHeader copies it out at once); what is not the
+    // connection's (CIDs, type, op, buf_alloc) is the table's, which this muxer keeps for life.
+    const hdr = (this.rw ??= this.table.header(c, OP_RW, 0));
+    hdr.srcPort = c.local;
+    hdr.dstPort = c.peer;
+    hdr.fwdCnt = c.fwdCnt;
     hdr.len = n;
     c.sentToGuest(n);
     putHeader(buffers, hdr);
+  }
+}
+
+/**
+ * Copies `n` bytes of `src` from `at` into `buffers` after the packet header (the RX buffer's
+ * data), without the views a slice per segment would make: Buffer.copy takes offsets.
+ */
+function copyAfterHeader(src: Buffer, at: number, n: number, buffers: readonly Uint8Array[]): void {
+  let pos = 0; // of the segment's start, in the chain's writable bytes
+  let from = at;
+  const end = at + n;
+  for (const seg of buffers) {
+    if (from >= end) break;
+    const segEnd = pos + seg.length;
+    if (segEnd > VSOCK_HDR_SIZE) {
+      const into = Math.max(0, VSOCK_HDR_SIZE - pos);
+      from += src.copy(seg, into, from, Math.min(end, from + seg.length - into));
+    }
+    pos = segEnd;
   }
 }

@@ -82,9 +82,18 @@ export function readHeader(b: Uint8Array): VsockHeader {
 }
 
 export function writeHeader(b: Uint8Array, h: VsockHeader): void {
-  const v = new DataView(b.buffer, b.byteOffset, VSOCK_HDR_SIZE);
-  v.setBigUint64(0, BigInt(h.srcCid), true);
-  v.setBigUint64(8, BigInt(h.dstCid), true);
+  writeHeaderAt(new DataView(b.buffer, b.byteOffset, VSOCK_HDR_SIZE), h);
+}
+
+/**
+ * writeHeader into a view the caller keeps (no allocation: the RX path writes one header per 4
+ * KiB packet). A CID is written as two 32-bit halves: our CIDs are exact JS numbers (< 2^53).
+ */
+export function writeHeaderAt(v: DataView, h: VsockHeader): void {
+  v.setUint32(0, h.srcCid >>> 0, true);
+  v.setUint32(4, Math.floor(h.srcCid / 0x1_0000_0000) >>> 0, true);
+  v.setUint32(8, h.dstCid >>> 0, true);
+  v.setUint32(12, Math.floor(h.dstCid / 0x1_0000_0000) >>> 0, true);
   v.setUint32(16, h.srcPort >>> 0, true);
   v.setUint32(20, h.dstPort >>> 0, true);
   v.setUint32(24, h.len >>> 0, true);

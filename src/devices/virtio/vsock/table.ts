@@ -28,7 +28,7 @@ import {
   TYPE_STREAM,
   VSOCK_HDR_SIZE,
   type VsockHeader,
-  writeHeader,
+  writeHeaderAt,
 } from './packet.js';
 
 /** A control packet for the guest; with `conn`, its fwd_cnt is filled in when it is sent. */
@@ -349,7 +349,13 @@ export class ConnectionTable {
 }
 
 export function putHeader(buffers: readonly Uint8Array[], h: VsockHeader): void {
-  const b = new Uint8Array(VSOCK_HDR_SIZE);
-  writeHeader(b, h);
-  scatter(buffers, b);
+  writeHeaderAt(headerView, h);
+  const first = buffers[0];
+  // Linux puts the header in a buffer of its own or at the start of one (no slicing then).
+  if (first !== undefined && first.length >= VSOCK_HDR_SIZE) first.set(headerBytes);
+  else scatter(buffers, headerBytes);
 }
+
+/** putHeader's scratch: one header at a time, copied out before it returns. */
+const headerBytes = new Uint8Array(VSOCK_HDR_SIZE);
+const headerView = new DataView(headerBytes.buffer);
