@@ -15,10 +15,9 @@ import {
   OP_REQUEST,
   VSOCK_HDR_SIZE,
 } from '../src/devices/virtio/vsock/packet.js';
-import { RX_QUEUE } from '../src/devices/virtio/vsock/vsock.js';
+import { BUF_ALLOC, RX_QUEUE } from '../src/devices/virtio/vsock/vsock.js';
 
 const PER_ROUND = 64;
-const BUF_ALLOC = 256 * 1024;
 
 async function once(rounds: number): Promise<{ usPerPacket: number; minorGcsPer1000: number }> {
   const t = setup();
