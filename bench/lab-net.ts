@@ -440,6 +440,10 @@ async function waitOut(
   }
 }
 
+/** The guest's interrupt line of its vsock device (as NET_IRQ_CMD for eth0's). */
+const VSOCK_IRQ_CMD =
+  'd=$(basename $(ls -d /sys/bus/virtio/drivers/vmw_vsock_virtio_transport/virtio* | head -1)); grep -w "$d" /proc/interrupts';
+
 /**
  * The guest's interrupt count for eth0's virtio device (both VMMs use virtio-mmio: one line per
  * device in /proc/interrupts, named virtioN, the per-CPU columns summed). Issue 17: interrupts
@@ -551,21 +555,10 @@ async function measure(
           if (tracer) await waitOut(tracer, /attached/, 10_000);
           // TYPERVISOR_BENCH_PING_PERF=1: where the VMM's main thread spends its CPU during the
           // pings (perf record -t: that thread only; the report by DSO and symbol, in the log).
-          const perfData = '/dev/shm/tv-ping.perf';
           const perf =
             process.env.TYPERVISOR_BENCH_PING_PERF === '1'
-              ? background([
-                  'perf',
-                  'record',
-                  '-F',
-                  '999',
-                  '-t',
-                  String(vm.child.pid!),
-                  '-o',
-                  perfData,
-                ])
+              ? await perfProbe(['-t', String(vm.child.pid!)], [['--sort', 'dso,sym']])
               : undefined;
-          if (perf) await new Promise((r) => setTimeout(r, 1000));
           const outFrom = vm.out.length;
           const out = await vm.run(`busybox ping ${q}-c ${pings} -i 0.2 ${net.hostAddr}`, 120_000);
           if (isOurs(name) && NODE_FLAGS.includes('--trace-gc')) {
@@ -589,24 +582,7 @@ async function measure(
             log(`${name}: main thread's system calls during the pings (${lines.length} lines):`);
             log(lines.slice(0, 400).join('\n'));
           }
-          if (perf) {
-            perf.proc.kill('SIGINT');
-            await new Promise((r) => perf.proc.once('exit', r));
-            const rep = spawnSync(
-              'perf',
-              ['report', '-i', perfData, '--stdio', '--no-children', '--sort', 'dso,sym'],
-              { encoding: 'utf8' },
-            );
-            log(`${name}: main thread's CPU during the pings (perf):\n${perf.out()}`);
-            log(
-              rep.stdout
-                .split('\n')
-                .filter((l) => l && !l.startsWith('#'))
-                .slice(0, 60)
-                .join('\n'),
-            );
-            rmSync(perfData, { force: true });
-          }
+          if (perf) log(`${name}: main thread's CPU during the pings (perf):\n${await perf()}`);
           if (before) log(`${name}: ${schedReport(before, schedSnapshot(vm.child.pid!), pings)}`);
           if (sched) log(`${name}: guest after the ping:\n${await vm.run(guestSide, 30_000)}`);
           if (from >= 0) {
@@ -719,7 +695,14 @@ async function measure(
           rmSync(`${uds}_5001`, { force: true });
         }
       });
+      // TYPERVISOR_BENCH_VSOCK_WARM=N: N transfers before the timed one, in the same VM (each
+      // logged): what the first transfer costs beyond the later ones (V8 compiling our path).
+      const vsockWarm = Number(process.env.TYPERVISOR_BENCH_VSOCK_WARM ?? 0);
       await attempt('vsock host->guest', async () => {
+        for (let i = 0; i <= vsockWarm; i++)
+          await h2g(i === vsockWarm ? '' : ` (warm-up ${i + 1})`);
+      });
+      async function h2g(label: string): Promise<void> {
         const from = vm.out.length;
         vm.send(
           `socat -u -b 65536 VSOCK-LISTEN:5002 - | wc -c | sed "s/^/H2GV /" & sleep 1; echo "LIST""EN-OK"\n`,
@@ -740,21 +723,79 @@ async function measure(
         );
         try {
           await waitOut(sender, /READY/, 60_000);
+          // With VSOCK_SCHED, also the guest's vsock interrupts and (ours) the device's
+          // counters per MiB: what wakes whom.
+          const irqsBefore = vsockSched ? netIrqs(await vm.run(VSOCK_IRQ_CMD, 30_000)) : undefined;
+          const fcm = fcFiles(uds);
+          const mFrom =
+            vsockSched && isOurs(name) ? (await flushedLines(fcm.api, fcm.metrics)).length : -1;
           const probe = vsockSched ? schedProbe([vm.child.pid!]) : undefined;
+          // TYPERVISOR_BENCH_VSOCK_PERF=1: every thread's CPU during the transfer by thread and
+          // DSO, and by thread and symbol (perf record of the VMM's process and, for QEMU, of
+          // its vhost worker), in the log.
+          const perf =
+            process.env.TYPERVISOR_BENCH_VSOCK_PERF === '1'
+              ? await perfProbe(
+                  ['-p', [vm.child.pid!, ...vhostWorkers(vm.child.pid!)].join(',')],
+                  [
+                    ['--sort', 'pid,dso'],
+                    ['--sort', 'comm,dso', '--percentage', 'relative'],
+                    ['--comms', 'tv-device', '--sort', 'dso,sym', '--percentage', 'relative'],
+                    ['--comms', 'node', '--sort', 'dso,sym', '--percentage', 'relative'],
+                  ],
+                )
+              : undefined;
+          // TYPERVISOR_BENCH_VSOCK_STRACE=1: the system calls of each of our threads that ran
+          // (strace -c -f on the process), per transfer, in the log.
+          const tracer =
+            process.env.TYPERVISOR_BENCH_VSOCK_STRACE === '1'
+              ? background(['strace', '-c', '-f', '-p', String(vm.child.pid!)])
+              : undefined;
+          if (tracer) await waitOut(tracer, /attached/, 10_000);
           const t = performance.now();
           sender.proc.stdin!.write('go\n');
           const [, n] = await vm.waitFor(/H2GV (\d+)\r?\n/, 300_000, from);
           const ms = performance.now() - t;
-          if (probe) log(`${name}: vsock host -> guest: ${probe(bytes / 1048576)}`);
+          if (probe) log(`${name}: vsock host -> guest${label}: ${probe(bytes / 1048576)}`);
+          if (irqsBefore !== undefined) {
+            const after = netIrqs(await vm.run(VSOCK_IRQ_CMD, 30_000));
+            const mib = bytes / 1048576;
+            const irq = after === undefined ? 'n/a' : ((after - irqsBefore) / mib).toFixed(1);
+            let dev = '';
+            if (mFrom >= 0) {
+              const m = (await flushedLines(fcm.api, fcm.metrics)).slice(mFrom);
+              // Firecracker's names in `vsock`, ours in `typervisor` (METRICS_EXTRAS).
+              const sum = (f: string) =>
+                sumMetric(m, 'vsock', f) + sumMetric(m, 'typervisor', `vsock.${f}`);
+              const per = (f: string) => (sum(f) / mib).toFixed(1);
+              dev = `; device: rx packets ${per('rx_packets_count')}, rx batches ${per('rx_batches')}, socket reads ${per('rx_reads')}, rx kicks ${per('rx_queue_event_count')}, tx kicks ${per('tx_queue_event_count')}, tx packets ${per('tx_packets_count')}, rx budget yields ${per('rx_budget_yields')}`;
+            }
+            log(`${name}: vsock host -> guest${label}, per MiB: guest interrupts ${irq}${dev}`);
+          }
+          if (perf)
+            log(`${name}: vsock host -> guest${label}, CPU by thread (perf):\n${await perf()}`);
+          if (tracer) {
+            tracer.proc.kill('SIGINT');
+            await new Promise((r) => tracer.proc.once('exit', r));
+            log(
+              `${name}: vsock host -> guest${label}, system calls (strace -c -f):\n${tracer.out()}`,
+            );
+          }
           if (Number(n) !== bytes)
             throw new Error(
               `guest received ${n} of ${bytes} bytes; sender: ${sender.out()}\n${vm.tail()}`,
             );
-          s.vsockH2gMBs = bytes / 1e6 / (ms / 1000);
+          if (NODE_FLAGS.some((f) => f === '--trace-opt' || f === '--trace-deopt'))
+            log(
+              `${name}: V8 tier changes during the transfer${label}:\n${tierChanges(vm.out.slice(from))}`,
+            );
+          const mbs = bytes / 1e6 / (ms / 1000);
+          if (label) log(`${name}: vsock host -> guest${label}: ${mbs.toFixed(2)} MB/s`);
+          else s.vsockH2gMBs = mbs;
         } finally {
           sender.proc.kill('SIGKILL');
         }
-      });
+      }
     }
     vm.send('poweroff -f\n');
     const code = await Promise.race([
@@ -793,6 +834,77 @@ function schedProbe(pids: number[]): (units: number) => string {
 }
 
 /**
+ * What `--trace-opt` / `--trace-deopt` printed (in the VMM's output): per function, how often it
+ * was optimized and deoptimized (with the reasons), the most frequent first.
+ */
+function tierChanges(out: string): string {
+  const per = new Map<string, { opt: number; deopt: number; why: Map<string, number> }>();
+  const get = (f: string) => {
+    let e = per.get(f);
+    if (!e) per.set(f, (e = { opt: 0, deopt: 0, why: new Map() }));
+    return e;
+  };
+  for (const line of out.split('\n')) {
+    const fn =
+      /<JSFunction ([^ >]*)/.exec(line)?.[1] ?? /<SharedFunctionInfo ([^ >]*)/.exec(line)?.[1];
+    if (!fn) continue;
+    if (line.includes('completed optimizing')) get(fn).opt++;
+    else if (/bailout|deoptimiz/.test(line)) {
+      const e = get(fn);
+      e.deopt++;
+      const why = /reason: ([^)\]]*)/.exec(line)?.[1]?.trim() ?? '?';
+      e.why.set(why, (e.why.get(why) ?? 0) + 1);
+    }
+  }
+  return [...per]
+    .sort((a, b) => b[1].deopt + b[1].opt - (a[1].deopt + a[1].opt))
+    .slice(0, 50)
+    .map(
+      ([f, e]) =>
+        `${f}: optimized ${e.opt}, deoptimized ${e.deopt} ${[...e.why].map(([w, n]) => `${w} x${n}`).join('; ')}`,
+    )
+    .join('\n');
+}
+
+/** The kernel's vhost worker threads of process `pid` (QEMU's vhost-vsock: `vhost-PID`). */
+function vhostWorkers(pid: number): number[] {
+  const out: number[] = [];
+  for (const p of readdirSync('/proc'))
+    if (/^\d+$/.test(p))
+      try {
+        if (readFileSync(`/proc/${p}/comm`, 'utf8').trim() === `vhost-${pid}`) out.push(Number(p));
+      } catch {
+        // gone
+      }
+  return out;
+}
+
+/**
+ * Starts `perf record -F 999` on `target` (`-t TID` or `-p PID,...`); the function it returns
+ * stops it and gives `perf report`'s top lines for each argument list in `reports` (e.g.
+ * `['--sort', 'dso,sym']`). In the lab perf has only a software clock, so the samples are few:
+ * read shares, not single lines.
+ */
+async function perfProbe(target: string[], reports: string[][]): Promise<() => Promise<string>> {
+  const data = `/dev/shm/tv-bench-${process.pid}.perf`;
+  const rec = background(['perf', 'record', '-F', '999', ...target, '-o', data]);
+  await new Promise((r) => setTimeout(r, 1000));
+  return async () => {
+    rec.proc.kill('SIGINT');
+    await new Promise((r) => rec.proc.once('exit', r));
+    const parts = [rec.out().trim()];
+    for (const args of reports) {
+      const base = ['report', '-i', data, '--stdio', '--no-children', '--percent-limit', '0.3'];
+      const rep = spawnSync('perf', [...base, ...args], { encoding: 'utf8' });
+      const lines = rep.stdout.split('\n').filter((l) => l && !l.startsWith('#'));
+      parts.push(`perf report ${args.join(' ')}:`, lines.slice(0, 60).join('\n'));
+    }
+    rmSync(data, { force: true });
+    return parts.join('\n');
+  };
+}
+
+/**
  * TYPERVISOR_BENCH_PING_SCHED=1: per thread of the VMM's process, per ping: the times it was
  * put on a CPU, its CPU time and its time runnable but waiting for a CPU (the kernel's
  * /proc/PID/task/TID/schedstat before and after the pings). Every thread of ours and of QEMU's,
@@ -808,13 +920,7 @@ function schedSnapshot(pid: number): Map<string, number[]> {
   }
   // The kernel's vhost workers for this process (QEMU's vhost-vsock: kernel threads named
   // vhost-PID, outside its thread group), so that their CPU counts beside its threads'.
-  for (const p of readdirSync('/proc'))
-    if (/^\d+$/.test(p))
-      try {
-        if (readFileSync(`/proc/${p}/comm`, 'utf8').trim() === `vhost-${pid}`) tids.push(p);
-      } catch {
-        // gone
-      }
+  tids.push(...vhostWorkers(pid).map(String));
   for (const t of tids) {
     try {
       const comm = readFileSync(`/proc/${t}/comm`, 'utf8').trim();
