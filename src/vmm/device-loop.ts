@@ -19,13 +19,14 @@ import type { GuestMemory } from '../memory/guest-memory.js';
 export function guardedLoop(loop: EventLoop, device: () => VirtioDevice): EventOps {
   return {
     add(fd, subscriber, events) {
+      const what = `host fd ${fd}`;
       const tag: number = loop.add(
         fd,
         {
           process: (ev) => {
             const dev = device();
             const failures = dev.counters.failures;
-            dev.guard(`host fd ${fd}`, () => subscriber.process(ev));
+            dev.guard(what, () => subscriber.process(ev));
             if (dev.counters.failures !== failures && dev.deviceState.kind !== 'active')
               loop.modify(tag, 0);
           },
@@ -46,10 +47,11 @@ export function guardedLoop(loop: EventLoop, device: () => VirtioDevice): EventO
  */
 export function watchQueue(loop: EventLoop, dev: VirtioDevice, q: number, fd: number): void {
   const n = native();
+  const what = `queue ${q}`;
   loop.add(fd, {
     process: () => {
       n.eventfdRead(fd);
-      dev.guard(`queue ${q}`, () => dev.onKick(q));
+      dev.guard(what, () => dev.onKick(q));
     },
   });
 }

@@ -73,6 +73,17 @@ import { checkTransportState } from './transport-state.js';
  * they take buffers when host data arrives, not when the driver kicks. Bound to one activation:
  * after a reset every method is a no-op (pop returns undefined).
  */
+
+/**
+ * `queue N`, the name a queue's work runs under in guard(): made once per index, not per kick
+ * (every kick and turn passes it; only a failure prints it).
+ */
+const queueLabels: string[] = [];
+const QUEUE_LABELS_CACHED = 64;
+function queueLabel(index: number): string {
+  if (index >= QUEUE_LABELS_CACHED) return `queue ${index}`;
+  return (queueLabels[index] ??= `queue ${index}`);
+}
 export interface QueueIo {
   /**
    * The next well-formed chain of `queue`, or undefined (empty, inactive, broken, or a queue's
@@ -554,7 +565,7 @@ export class VirtioDevice {
     const d = this.dev;
     if (d.kind !== 'active') return;
     if (this.backend.selfServed?.includes(index)) {
-      this.guard(`queue ${index}`, () => this.backend.kick?.(index));
+      this.guard(queueLabel(index), () => this.backend.kick?.(index));
       return;
     }
     // A turn already scheduled will see the buffers of this kick.
@@ -675,7 +686,7 @@ export class VirtioDevice {
     if (this.turns.has(index)) return;
     const cancel = this.env.defer(() => {
       this.turns.delete(index);
-      if (this.dev === d) this.guard(`queue ${index}`, () => this.serveQueue(d, index));
+      if (this.dev === d) this.guard(queueLabel(index), () => this.serveQueue(d, index));
     });
     this.turns.set(index, cancel);
   }
@@ -688,7 +699,7 @@ export class VirtioDevice {
       this.turns.delete(index);
       this.sleeping.delete(index);
       this.counters.throttleWakeups++;
-      if (this.dev === d) this.guard(`queue ${index}`, () => this.serveQueue(d, index));
+      if (this.dev === d) this.guard(queueLabel(index), () => this.serveQueue(d, index));
     });
     this.turns.set(index, cancel);
   }
@@ -703,7 +714,7 @@ export class VirtioDevice {
       this.turns.get(index)?.();
       this.turns.delete(index);
       this.sleeping.delete(index);
-      if (d.kind === 'active') this.guard(`queue ${index}`, () => this.serveQueue(d, index));
+      if (d.kind === 'active') this.guard(queueLabel(index), () => this.serveQueue(d, index));
     }
   }
 

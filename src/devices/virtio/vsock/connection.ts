@@ -172,6 +172,8 @@ export class Connection {
   watch: Watch;
   /** Cancels the timer that ends this connection's current wait (the guest's answer, linger). */
   deadline: (() => void) | undefined;
+  /** In its ConnectionTable's look-up (set and cleared by the table only). */
+  inTable = false;
 
   constructor(
     readonly fd: number,

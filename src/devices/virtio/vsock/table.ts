@@ -124,9 +124,12 @@ export class ConnectionTable {
     return this.byFd.get(fd);
   }
 
-  /** Is the connection still in the table (not closed, not closing)? */
+  /**
+   * Is the connection still in the table (not closed, not closing)? Asked for every RX packet,
+   * so it is a flag kept by add() and forget(), not a look-up by a key string.
+   */
   listed(c: Connection): boolean {
-    return this.conns.get(key(c.local, c.peer)) === c;
+    return c.inTable;
   }
 
   /** Is the connection's socket still open? */
@@ -142,14 +145,21 @@ export class ConnectionTable {
     watchedForRead = false,
   ): Connection {
     const c = new Connection(fd, local, peer, state, watchedForRead);
-    this.conns.set(key(local, peer), c);
+    const k = key(local, peer);
+    const before = this.conns.get(k);
+    if (before) before.inTable = false; // callers look first: not expected
+    this.conns.set(k, c);
+    c.inTable = true;
     this.byFd.set(fd, c);
     return c;
   }
 
   /** Takes the connection out of the table; its socket stays open (closing). */
   forget(c: Connection): void {
-    if (this.listed(c)) this.conns.delete(key(c.local, c.peer));
+    if (c.inTable) {
+      this.conns.delete(key(c.local, c.peer));
+      c.inTable = false;
+    }
     this.ready.delete(c);
   }
 
@@ -238,6 +248,7 @@ export class ConnectionTable {
 
   /** Puts the next control packet in an RX buffer: its length, or 0 when none is queued. */
   takeControl(buffers: readonly Uint8Array[]): number {
+    if (this.control.size === 0) return 0; // the common case: no iterator made
     const first = this.control.entries().next();
     if (first.done) return 0;
     const [k, ctl] = first.value;
