@@ -69,12 +69,6 @@ import { Virtqueue } from './queue.js';
 import { checkTransportState } from './transport-state.js';
 
 /**
- * Queue access for backends that serve some queues themselves (virtio-net RX, virtio-vsock):
- * they take buffers when host data arrives, not when the driver kicks. Bound to one activation:
- * after a reset every method is a no-op (pop returns undefined).
- */
-
-/**
  * `queue N`, the name a queue's work runs under in guard(): made once per index, not per kick
  * (every kick and turn passes it; only a failure prints it).
  */
@@ -84,6 +78,12 @@ function queueLabel(index: number): string {
   if (index >= QUEUE_LABELS_CACHED) return `queue ${index}`;
   return (queueLabels[index] ??= `queue ${index}`);
 }
+
+/**
+ * Queue access for backends that serve some queues themselves (virtio-net RX, virtio-vsock):
+ * they take buffers when host data arrives, not when the driver kicks. Bound to one activation:
+ * after a reset every method is a no-op (pop returns undefined).
+ */
 export interface QueueIo {
   /**
    * The next well-formed chain of `queue`, or undefined (empty, inactive, broken, or a queue's
