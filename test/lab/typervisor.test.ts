@@ -66,9 +66,11 @@ const RETRY_MIN_SEC = 300;
 // 2026-12-04 (4-4.5 min for the six in one lab boot). Since 2026-12-05 also the snapshot
 // restore paths (a restore refused leaves nothing; clones of one snapshot), every role's seccomp
 // filter, hostile vsock host peers, and two more hostile guests (a vsock flood, a kick storm),
-// whose time limits scale with LAB_TIME_SCALE: ~5 min more (22-128 s each there). They make Unix
-// sockets in their temp directory, which the lab's /tmp (9p) cannot hold: run-tests.mjs gives
-// them one on its /run.
+// whose time limits scale with LAB_TIME_SCALE: ~5 min more (22-128 s each there). Since the
+// afternoon of 2026-12-05 also Diff snapshots (115 s there by hand). Not `kvm-cli-errors`: two
+// of its tests are for PVM-only hosts and skip on the lab's KVM, and a file here must run every
+// test (suite.ts filePassed). They make Unix sockets in their temp directory, which the lab's
+// /tmp (9p) cannot hold: run-tests.mjs gives them one on its /run.
 const HOST_FILES = [
   'clone',
   'hostile-blk',
@@ -80,6 +82,7 @@ const HOST_FILES = [
   'kvm-vmm-lifecycle',
   'native-uffd',
   'seccomp-kill',
+  'snapshot-diff',
   'snapshot-restore',
   'vsock-peers',
 ].map((f) => `test/host/${f}.test.js`);
