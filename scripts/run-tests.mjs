@@ -99,9 +99,9 @@ const fileEnv = (file) => {
 // Files run by node itself (`node --test-force-exit FILE`: the file's own TAP on stdout), not
 // under `node --test`, whose parent reads each file's events from the file's stdout. Node 20's
 // reader loops for ever at 100% CPU when that stream ends in an incomplete event (nodejs/node
-// #62693, fixed in later Nodes by #62704): CI of 715c949 hung there once the in-lab suite
-// (which passed) had ended, and earlier runs saw that reader stall or report a passing file as
-// failed with no failing test. The in-lab suite's file is one test that runs ~25 minutes.
+// #62693, fixed in later Nodes by #62704): CI of 715c949 hung there once the in-lab suite had
+// ended (failed, with a 32 KiB message), as an earlier run had (docs/lab.md). The in-lab
+// suite's file is one test that runs ~25 minutes.
 const DIRECT = new Set(['typervisor.test.js']);
 if (!heartbeatSec) {
   const viaRunner = ordered.filter((f) => !DIRECT.has(base(f)));
