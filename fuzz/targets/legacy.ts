@@ -246,8 +246,8 @@ export const rtcTarget: Target = {
 };
 
 /**
- * Every guest port and MMIO access as the vCPU loop dispatches it (vcpu-loop.ts: the bus
- * resolves the range, else the unhandled-access table answers), over the real wiring
+ * Every guest port and MMIO access as the vCPU loop dispatches it (vcpu-loop.ts: Bus.access, else
+ * the unhandled-access table answers; access() checked against resolve()), over the real wiring
  * (vmm/legacy-devices.ts: serial, i8042, RTC, ACPI PM, boot marker; eventfd interrupt lines).
  * Checks: no exception, reads of unclaimed addresses are all-ones, and the unhandled-access
  * log is bounded (one line per distinct address up to its table, one more when it is full).
@@ -283,20 +283,22 @@ export const legacyBusTarget: Target = {
           otherLogs.set(m.slice(0, 60), (otherLogs.get(m.slice(0, 60)) ?? 0) + 1);
       },
     });
+    let unclaimedReads = 0;
+    let unclaimedWrites = 0;
     const access = (space: 'pio' | 'mmio', addr: number, data: Uint8Array, write: boolean) => {
       const bus = space === 'pio' ? d.pio : d.mmio;
-      const hit = bus.resolve(addr, data.length);
-      if (!hit) {
-        if (write) d.unhandled.write(space, addr, data);
-        else {
-          d.unhandled.read(space, addr, data);
-          if (data.some((b) => b !== 0xff))
-            fail(`legacy-bus: unclaimed ${space} read not all-ones`);
-        }
-        return;
+      const claimed = bus.resolve(addr, data.length) !== undefined;
+      if (bus.access(addr, data, write) !== claimed)
+        fail(`legacy-bus: access() and resolve() disagree on ${space} 0x${addr.toString(16)}`);
+      if (claimed) return;
+      if (write) {
+        unclaimedWrites++;
+        d.unhandled.write(space, addr, data);
+      } else {
+        unclaimedReads++;
+        d.unhandled.read(space, addr, data);
+        if (data.some((b) => b !== 0xff)) fail(`legacy-bus: unclaimed ${space} read not all-ones`);
       }
-      if (write) hit.device.write(hit.offset, data);
-      else hit.device.read(hit.offset, data);
     };
     const PORTS = [0x3f8, 0x60, 0x64, 0x70, 0x3f0, 0x2f8, 0xcf8, 0x80];
     return {
@@ -324,6 +326,12 @@ export const legacyBusTarget: Target = {
             access('mmio', addr, data, write);
           }
         }
+        // Every unclaimed access is counted (the counters' 32-bit halves carry correctly).
+        const st = d.unhandled.stats();
+        if (st.reads !== unclaimedReads || st.writes !== unclaimedWrites)
+          fail(
+            `legacy-bus: unhandled counters ${st.reads}/${st.writes}, expected ${unclaimedReads}/${unclaimedWrites}`,
+          );
         // 1024 distinct addresses are logged once each, then one line says the table is full.
         const other = [...otherLogs.values()].reduce((a, b) => a + b, 0);
         if (logs - other > 1024 + 1) fail(`legacy-bus: ${logs - other} unhandled-access log lines`);

@@ -1,7 +1,8 @@
 /**
  * One trap signature for port I/O and MMIO (as kvmtool does): a device sees the offset inside
  * its own window and the access bytes. `data` is the access (1, 2, 4 or 8 bytes, little-endian):
- * a read fills it, a write reads it. Devices never throw for guest-caused conditions.
+ * a read fills it, a write reads it. Devices never throw for guest-caused conditions, and keep
+ * no reference to `data` after the call: the vCPU loop reuses one view per access size.
  */
 export interface BusDevice {
   read(offset: number, data: Uint8Array): void;
@@ -34,6 +35,25 @@ export class Bus {
     }
     this.entries.push({ base, size, device });
     this.entries.sort((a, b) => a.base - b.base);
+  }
+
+  /**
+   * An access, served by the device whose window holds all of [addr, addr+data.length): a
+   * write gives it `data`, a read has it fill `data`. False when no device holds it. What the
+   * vCPU loop calls on every exit: it makes no object.
+   */
+  access(addr: number, data: Uint8Array, isWrite: boolean): boolean {
+    const end = addr + data.length;
+    const entries = this.entries;
+    for (let i = 0; i < entries.length; i++) {
+      const e = entries[i]!;
+      if (addr >= e.base && end <= e.base + e.size) {
+        if (isWrite) e.device.write(addr - e.base, data);
+        else e.device.read(addr - e.base, data);
+        return true;
+      }
+    }
+    return false;
   }
 
   /** The device and offset for an access, when [addr, addr+len) lies inside one device. */

@@ -33,6 +33,10 @@ export interface ParkedRequestHandlers {
 
 export class VcpuLoop {
   private readonly u8: Uint8Array;
+  /** view()'s last view of each length (1-8); index 0 unused. */
+  private readonly views: (Uint8Array | undefined)[] = new Array<Uint8Array | undefined>(9).fill(
+    undefined,
+  );
   /** Set by a device (reset, poweroff) to end the loop after the current exit. */
   pendingEvent: VmExitEvent | undefined;
 
@@ -128,7 +132,10 @@ export class VcpuLoop {
         const size = run.getUint8(RUN.ioSize);
         const port = run.getUint16(RUN.ioPort, true);
         const count = run.getUint32(RUN.ioCount, true);
-        const off = Number(run.getBigUint64(RUN.ioDataOffset, true));
+        // A u64 read as two u32s: no BigInt made per exit.
+        const off =
+          run.getUint32(RUN.ioDataOffset, true) +
+          run.getUint32(RUN.ioDataOffset + 4, true) * 0x1_0000_0000;
         // KVM guarantees data_offset + size*count lies inside the kvm_run mapping; check anyway.
         if (size === 0 || off + size * count > this.u8.length) {
           return {
@@ -137,30 +144,20 @@ export class VcpuLoop {
           };
         }
         for (let i = 0; i < count; i++) {
-          this.dispatch(
-            'pio',
-            this.handlers.pio,
-            port,
-            this.u8.subarray(off + i * size, off + (i + 1) * size),
-            isWrite,
-          );
+          this.dispatch('pio', this.handlers.pio, port, this.view(off + i * size, size), isWrite);
         }
         return this.pendingEvent;
       }
       case C.KVM_EXIT_MMIO: {
-        const addr = Number(run.getBigUint64(RUN.mmioPhysAddr, true));
+        const addr =
+          run.getUint32(RUN.mmioPhysAddr, true) +
+          run.getUint32(RUN.mmioPhysAddr + 4, true) * 0x1_0000_0000;
         const len = run.getUint32(RUN.mmioLen, true);
         const isWrite = run.getUint8(RUN.mmioIsWrite) !== 0;
         this.control.countExitKind(this.id, isWrite ? ExitKind.MmioWrite : ExitKind.MmioRead);
         if (len === 0 || len > 8)
           return { kind: 'fatal', message: `KVM reported an MMIO exit of ${len} bytes` };
-        this.dispatch(
-          'mmio',
-          this.handlers.mmio,
-          addr,
-          this.u8.subarray(RUN.mmioData, RUN.mmioData + len),
-          isWrite,
-        );
+        this.dispatch('mmio', this.handlers.mmio, addr, this.view(RUN.mmioData, len), isWrite);
         return this.pendingEvent;
       }
       case C.KVM_EXIT_HLT:
@@ -223,6 +220,20 @@ export class VcpuLoop {
     }
   }
 
+  /**
+   * The kvm_run bytes [off, off+len) as a view, made once per length and place: KVM puts an
+   * exit's data at the same offset every time (MMIO in the struct, port I/O one page after it),
+   * so an exit allocates nothing. Devices read or fill the view during the call and keep no
+   * reference to it (BusDevice's contract).
+   */
+  private view(off: number, len: number): Uint8Array {
+    const v = this.views[len];
+    if (v !== undefined && v.byteOffset === off) return v;
+    const made = this.u8.subarray(off, off + len);
+    this.views[len] = made;
+    return made;
+  }
+
   private dispatch(
     space: 'pio' | 'mmio',
     bus: Bus,
@@ -230,12 +241,6 @@ export class VcpuLoop {
     data: Uint8Array,
     isWrite: boolean,
   ): void {
-    const hit = bus.resolve(addr, data.length);
-    if (!hit) {
-      this.handlers.unhandled(space, addr, data, isWrite);
-      return;
-    }
-    if (isWrite) hit.device.write(hit.offset, data);
-    else hit.device.read(hit.offset, data);
+    if (!bus.access(addr, data, isWrite)) this.handlers.unhandled(space, addr, data, isWrite);
   }
 }

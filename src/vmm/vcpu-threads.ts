@@ -227,27 +227,29 @@ export class VcpuHub {
     this.event ??= e;
   }
 
+  /** Lets vCPU `v` enter the guest (a method, not a closure made per pass: a pass per exit). */
+  private go(v: HubVcpu): void {
+    v.inGuest = true;
+    // The loop's vCPU after an exit: its word from EXITED to RUN here, as loopRunnerGo does,
+    // without a native call per exit; any other state goes through the shim's checks.
+    if (v.onLoop) {
+      if (
+        Atomics.compareExchange(this.words, v.base, RunnerWord.Exited, RunnerWord.Run) !==
+        RunnerWord.Exited
+      )
+        this.n.loopRunnerGo(v.handle);
+    } else this.n.vcpuRunnerGo(v.handle);
+  }
+
   /**
    * One pass over every vCPU: serves the exits its runners reported, and says RUN, parks or
    * saves as the command says. False once there is nothing left to serve (Stop, or no vCPU
    * left running).
    */
   serve(): boolean {
-    const { control, words, n } = this;
+    const { control, words } = this;
     const cmd = control.command;
     if (cmd === Command.Stop) return false;
-    const go = (v: HubVcpu) => {
-      v.inGuest = true;
-      // The loop's vCPU after an exit: its word from EXITED to RUN here, as loopRunnerGo does,
-      // without a native call per exit; any other state goes through the shim's checks.
-      if (v.onLoop) {
-        if (
-          Atomics.compareExchange(words, v.base, RunnerWord.Exited, RunnerWord.Run) !==
-          RunnerWord.Exited
-        )
-          n.loopRunnerGo(v.handle);
-      } else n.vcpuRunnerGo(v.handle);
-    };
     let live = 0;
     this.served = 0;
     for (const v of this.vs) {
@@ -281,7 +283,7 @@ export class VcpuHub {
           // A real exit in the pause's last pass: complete it with one more pass.
           if (v.parking && cmd === Command.Pause) {
             live++;
-            go(v);
+            this.go(v);
             continue;
           }
         } else if (err === EINTR || err === EAGAIN) {
@@ -317,12 +319,12 @@ export class VcpuHub {
           this.first = false;
           control.markFirstEntry(performance.timeOrigin + performance.now());
         }
-        go(v);
+        this.go(v);
       } else if (cmd === Command.Pause) {
         if (!v.parked) {
           v.parking = true;
           v.vcpu.immediateExit = true;
-          go(v);
+          this.go(v);
         } else if (control.takeRequest(v.id) === VcpuRequest.Save) {
           v.requests.save();
         }

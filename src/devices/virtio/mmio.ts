@@ -97,7 +97,11 @@ export class MmioTransport implements BusDevice {
       data.fill(0);
       return;
     }
-    new DataView(data.buffer, data.byteOffset, 4).setUint32(0, v >>> 0, true);
+    // Little-endian, byte by byte: no DataView made per access.
+    data[0] = v;
+    data[1] = v >>> 8;
+    data[2] = v >>> 16;
+    data[3] = v >>> 24;
   }
 
   write(offset: number, data: Uint8Array): void {
@@ -106,8 +110,9 @@ export class MmioTransport implements BusDevice {
       // writeback is not offered).
       const off = offset - REG.CONFIG;
       const s = this.state.s;
+      const n = data.length;
       if (
-        ![1, 2, 4].includes(data.length) ||
+        (n !== 1 && n !== 2 && n !== 4) ||
         off < s[REGS.configWritableStart]! ||
         off + data.length > s[REGS.configWritableEnd]!
       ) {
@@ -121,7 +126,7 @@ export class MmioTransport implements BusDevice {
       this.state.count('badAccess');
       return;
     }
-    const v = new DataView(data.buffer, data.byteOffset, 4).getUint32(0, true);
+    const v = (data[0]! | (data[1]! << 8) | (data[2]! << 16) | (data[3]! << 24)) >>> 0;
     if (offset === REG.QUEUE_NOTIFY) {
       if (v < this.state.queueCount && this.driverOk()) this.hooks.notify(v);
       else this.state.count('badAccess');
