@@ -24,7 +24,7 @@ import {
   writeFileSync,
 } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { detectKvm } from '../src/kvm/detect.js';
 import {
@@ -171,6 +171,7 @@ async function pauseLatency(
     vm.vmm.requestStop();
     await vm.vmm.exited;
     closeSync(fd);
+    rmSync(dirname(out), { recursive: true, force: true });
   }
 }
 

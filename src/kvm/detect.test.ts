@@ -1,13 +1,19 @@
-import { test } from 'node:test';
+import { after, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdirSync, mkdtempSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { detectKvm } from './detect.js';
 
+const dirs: string[] = [];
+after(() => {
+  for (const d of dirs) rmSync(d, { recursive: true, force: true });
+});
+
 /** A fake host: a /dev/kvm stand-in, /sys/module entries, and cpuinfo flags. */
 function host(opts: { dev?: boolean; modules?: string[]; flags?: string }) {
   const d = mkdtempSync(join(tmpdir(), 'detect-'));
+  dirs.push(d);
   const devKvm = join(d, 'kvm');
   if (opts.dev !== false) writeFileSync(devKvm, '');
   const sysModule = join(d, 'module');

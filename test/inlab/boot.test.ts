@@ -1,7 +1,7 @@
 /** Typervisor boots Debian's cloud kernel + our initramfs to a shell (run inside the lab). */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { defaultGuest, describeRun, skipReason, typervisor, POWEROFF } from './helpers.js';
@@ -56,7 +56,12 @@ test('a truncated bzImage gives a clear error and a non-zero exit', opts, async 
   const truncated = join(dir, 'vmlinuz');
   const full = readFileSync(g.kernel);
   writeFileSync(truncated, full.subarray(0, Math.floor(full.length / 3)));
-  const r = await typervisor(['run', '--kernel', truncated, '--initrd', g.initrd], '', 30_000);
+  let r: Awaited<ReturnType<typeof typervisor>>;
+  try {
+    r = await typervisor(['run', '--kernel', truncated, '--initrd', g.initrd], '', 30_000);
+  } finally {
+    rmSync(dir, { recursive: true, force: true }); // a third of a kernel each run otherwise
+  }
   assert.notEqual(r.code, 0, describeRun(r));
   assert.equal(r.stderr.trim().split('\n').length, 1, describeRun(r));
   assert.match(r.stderr, /kernel|bzImage|truncated|payload/i, describeRun(r));
