@@ -8,6 +8,7 @@ import { existsSync, mkdtempSync, readFileSync, realpathSync, rmSync } from 'nod
 import { release, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
+import { PerformanceObserver, constants as perfConstants } from 'node:perf_hooks';
 import { detectKvm } from '../src/kvm/detect.js';
 
 /** The repository root (this file runs as dist/bench/common.js). */
@@ -373,4 +374,29 @@ export function isMainModule(metaUrl: string): boolean {
   } catch {
     return false;
   }
+}
+
+/**
+ * Counts the young-generation collections (scavenges) from now on: a proxy for what a hot path
+ * allocates. The observer hears of collections from the event loop, so `stop()` lets it run
+ * first, then returns the count.
+ */
+export function countMinorGcs(): { stop(): Promise<number> } {
+  let minor = 0;
+  const obs = new PerformanceObserver((list) => {
+    for (const e of list.getEntries())
+      if (
+        (e as unknown as { detail?: { kind?: number } }).detail?.kind ===
+        perfConstants.NODE_PERFORMANCE_GC_MINOR
+      )
+        minor++;
+  });
+  obs.observe({ entryTypes: ['gc'] });
+  return {
+    async stop() {
+      await new Promise((r) => setTimeout(r, 50));
+      obs.disconnect();
+      return minor;
+    },
+  };
 }

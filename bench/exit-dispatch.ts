@@ -11,14 +11,14 @@
  *
  *   node dist/bench/exit-dispatch.js [--exits N] [--runs N]
  */
-import { PerformanceObserver, constants } from 'node:perf_hooks';
 import { parseArgs } from 'node:util';
 import * as C from '../src/kvm/constants.js';
 import type { Vcpu } from '../src/kvm/kvm.js';
 import { RUN } from '../src/kvm/structs.js';
 import { attachLegacyDevices, createLegacyDeviceState } from '../src/vmm/legacy-devices.js';
 import { VcpuControl } from '../src/vmm/vcpu-control.js';
-import { VcpuLoop } from '../src/vmm/vcpu-loop.js';
+import { VcpuLoop, exitHandlersOf } from '../src/vmm/vcpu-loop.js';
+import { countMinorGcs } from './common.js';
 import { ACPI_PM_BASE } from '../src/arch/x86_64/layout.js';
 import type { Vm } from '../src/kvm/kvm.js';
 import { openSync } from 'node:fs';
@@ -76,33 +76,15 @@ async function once(c: Case, exits: number): Promise<{ nsPerExit: number; minorG
       return run.getUint32(RUN.exitReason, true);
     },
   } as unknown as Vcpu;
-  const loop = new VcpuLoop(0, vcpu, new VcpuControl(), {
-    pio: devices.pio,
-    mmio: devices.mmio,
-    unhandled: (space, addr, data, isWrite) =>
-      isWrite
-        ? devices.unhandled.write(space, addr, data)
-        : devices.unhandled.read(space, addr, data),
-  });
+  const loop = new VcpuLoop(0, vcpu, new VcpuControl(), exitHandlersOf(devices));
   for (let i = 0; i < 20_000; i++) loop.handleExit(); // warm: optimized code, as a running VM has
-  let minor = 0;
-  const obs = new PerformanceObserver((list) => {
-    for (const e of list.getEntries())
-      if (
-        (e as unknown as { detail?: { kind?: number } }).detail?.kind ===
-        constants.NODE_PERFORMANCE_GC_MINOR
-      )
-        minor++;
-  });
-  obs.observe({ entryTypes: ['gc'] });
+  const gcs = countMinorGcs();
   const t0 = process.hrtime.bigint();
   for (let i = 0; i < exits; i++) {
     if (loop.handleExit() !== undefined) throw new Error(`${c.name}: the exit ended the VM`);
   }
   const ns = Number(process.hrtime.bigint() - t0);
-  await new Promise((r) => setTimeout(r, 10)); // the GC entries are delivered after
-  obs.disconnect();
-  return { nsPerExit: ns / exits, minorGcs: minor };
+  return { nsPerExit: ns / exits, minorGcs: await gcs.stop() };
 }
 
 async function main(): Promise<void> {

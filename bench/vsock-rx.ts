@@ -7,9 +7,9 @@
  *
  *   node dist/bench/vsock-rx.js [--rounds N] [--runs N]
  */
-import { PerformanceObserver, constants } from 'node:perf_hooks';
 import { parseArgs } from 'node:util';
 import { setup } from '../src/devices/virtio/testing/vsock.js';
+import { countMinorGcs } from './common.js';
 import {
   OP_CREDIT_UPDATE,
   OP_REQUEST,
@@ -52,23 +52,12 @@ async function once(rounds: number): Promise<{ usPerPacket: number; minorGcsPer1
     return used.length;
   };
   for (let i = 0; i < Math.min(2000, rounds); i++) round(); // warm
-  let minor = 0;
-  const obs = new PerformanceObserver((list) => {
-    for (const e of list.getEntries())
-      if (
-        (e as unknown as { detail?: { kind?: number } }).detail?.kind ===
-        constants.NODE_PERFORMANCE_GC_MINOR
-      )
-        minor++;
-  });
-  obs.observe({ entryTypes: ['gc'] });
+  const gcs = countMinorGcs();
   const c0 = process.cpuUsage();
   let packets = 0;
   for (let i = 0; i < rounds; i++) packets += round();
   const c = process.cpuUsage(c0);
-  // The observer hears of collections from the event loop: let it run before counting.
-  await new Promise((r) => setTimeout(r, 50));
-  obs.disconnect();
+  const minor = await gcs.stop();
   return {
     usPerPacket: (c.user + c.system) / packets,
     minorGcsPer1000: (minor * 1000) / packets,

@@ -7,6 +7,7 @@ import * as C from '../kvm/constants.js';
 import { Vcpu } from '../kvm/kvm.js';
 import { RUN } from '../kvm/structs.js';
 import type { Bus } from '../devices/bus.js';
+import type { UnhandledAccesses } from '../devices/legacy/unhandled.js';
 import { Command, ExitKind, VcpuControl, VcpuRequest, VcpuState } from './vcpu-control.js';
 
 /** Why a vCPU stopped the VM. */
@@ -21,6 +22,21 @@ export interface ExitHandlers {
   mmio: Bus;
   /** An access no device claims: answer safely (reads all-ones), count, log once. */
   unhandled(space: 'pio' | 'mmio', addr: number, data: Uint8Array, isWrite: boolean): void;
+}
+
+/** The exit handlers over a thread's attached devices (legacy-devices.ts attachLegacyDevices). */
+export function exitHandlersOf(devices: {
+  pio: Bus;
+  mmio: Bus;
+  unhandled: UnhandledAccesses;
+}): ExitHandlers {
+  const u = devices.unhandled;
+  return {
+    pio: devices.pio,
+    mmio: devices.mmio,
+    unhandled: (space, addr, data, isWrite) =>
+      isWrite ? u.write(space, addr, data) : u.read(space, addr, data),
+  };
 }
 
 /** What the worker does for requests made to its parked vCPU (see VcpuControl.request). */

@@ -26,7 +26,12 @@ import { installWorkerFilter, runnerProgram, watcherProgram } from '../sandbox/s
 import type { GuestRamLayout } from './guest-ram.js';
 import { attachLegacyDevices, type LegacyDeviceState } from './legacy-devices.js';
 import { Command, VcpuControl, VcpuRequest, VcpuState } from './vcpu-control.js';
-import { VcpuLoop, type ParkedRequestHandlers, type VmExitEvent } from './vcpu-loop.js';
+import {
+  VcpuLoop,
+  exitHandlersOf,
+  type ParkedRequestHandlers,
+  type VmExitEvent,
+} from './vcpu-loop.js';
 import type { TransportSlot } from './virtio-transport.js';
 import type { VcpuWorkerMessage } from './vcpu-worker.js';
 
@@ -163,14 +168,7 @@ export class VcpuHub {
       if (!attachVirtio) throw new Error('virtio transports to attach but no module for them');
       attachVirtio(d.virtio.slots, d.virtio.controlFd, devices.mmio);
     }
-    const handlers = {
-      pio: devices.pio,
-      mmio: devices.mmio,
-      unhandled: (space: 'pio' | 'mmio', addr: number, data: Uint8Array, isWrite: boolean) =>
-        isWrite
-          ? devices.unhandled.write(space, addr, data)
-          : devices.unhandled.read(space, addr, data),
-    };
+    const handlers = exitHandlersOf(devices);
     const program = runnerProgram();
     d.vcpus.forEach(({ id, vcpuFd }, i) => {
       const vcpu = new Vcpu(vcpuFd, d.mmapSize);

@@ -10,7 +10,7 @@ import { installWorkerFilter } from '../sandbox/seccomp/install.js';
 import type { GuestRamLayout } from './guest-ram.js';
 import { attachLegacyDevices, type LegacyDeviceState } from './legacy-devices.js';
 import { VcpuControl } from './vcpu-control.js';
-import { VcpuLoop, type VmExitEvent } from './vcpu-loop.js';
+import { VcpuLoop, exitHandlersOf, type VmExitEvent } from './vcpu-loop.js';
 import { saveHandlers } from './vcpu-save.js';
 import type { TransportSlot } from './virtio-transport.js';
 import type { VcpuHubMessage, VcpuHubStart } from './vcpu-threads.js';
@@ -115,14 +115,7 @@ async function main(d: VcpuWorkerData, reuse = false): Promise<void> {
       d.id,
       vcpu,
       control,
-      {
-        pio: devices.pio,
-        mmio: devices.mmio,
-        unhandled: (space, addr, data, isWrite) =>
-          isWrite
-            ? devices.unhandled.write(space, addr, data)
-            : devices.unhandled.read(space, addr, data),
-      },
+      exitHandlersOf(devices),
       saveHandlers(d.id, vcpu, kvm, (m, transfer) => port.postMessage(m, transfer), d.extraMsrs),
     );
     // From here on this thread only runs the vCPU: its seccomp filter (docs/security.md).
