@@ -48,7 +48,8 @@ export const RateLimiter: Schema = {
 
 export const MachineConfiguration: Schema = {
   type: 'object',
-  description: 'vCPUs and memory. huge_pages accepts only "None" for now.',
+  description:
+    'vCPUs and memory. huge_pages: "None" or "2M" (hugetlbfs pages the host reserved, vm.nr_hugepages).',
   properties: {
     vcpu_count: int(1, MAX_VCPUS, 'Number of vCPUs.'),
     mem_size_mib: int(1, MAX_MEM_MIB, 'Guest memory in MiB (at least 16).'),
@@ -60,7 +61,7 @@ export const MachineConfiguration: Schema = {
     ),
     huge_pages: oneOf(
       ['None', 'Transparent', '2M'],
-      'Huge pages backing guest memory: only "None" is supported.',
+      'Huge pages backing guest memory: "None" (default) or "2M" (a hugetlbfs memfd of 2 MiB pages, all reserved at InstanceStart from the host\'s vm.nr_hugepages pool; mem_size_mib a multiple of 2; no balloon). "Transparent" is refused.',
     ),
     cpu_template: oneOf(
       ['C3', 'T2', 'T2S', 'T2CL', 'T2A', 'V1N1', 'None'],

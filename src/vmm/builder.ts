@@ -345,7 +345,10 @@ function build(spec: VmSpec, opts: BuildOptions, undo: UndoList): BuiltVm {
   // Dirty pages tracked (Diff snapshots): KVM's log per slot, and the device-dirty bitmap that
   // every thread maps with the RAM.
   const trackDirty = spec.trackDirtyPages === true;
-  const prepared = trackDirty ? undefined : opts.prepared?.take(memBytes);
+  // Huge pages (hugetlbfs) RAM is made for this VM: the pools hold 4 KiB-page memfds.
+  const hugetlb = spec.hugePages === '2M';
+  const ownRam = trackDirty || hugetlb;
+  const prepared = ownRam ? undefined : opts.prepared?.take(memBytes);
   let kvm: Kvm;
   let vm: Vm;
   let layout: GuestRamLayout;
@@ -360,9 +363,9 @@ function build(spec: VmSpec, opts: BuildOptions, undo: UndoList): BuiltVm {
     undo.push(() => ram.unmap());
   } else {
     ({ kvm, vm } = createVmShell(undo));
-    pool = trackDirty ? undefined : opts.guestRam;
+    pool = ownRam ? undefined : opts.guestRam;
     const kept = pool?.take(ramRegions(memBytes));
-    layout = kept?.layout ?? createGuestRam(ramRegions(memBytes));
+    layout = kept?.layout ?? createGuestRam(ramRegions(memBytes), { hugetlb });
     if (!kept) undo.push(() => closeFd(layout.memfd));
     if (trackDirty) trackDeviceWrites(layout);
     ram = kept?.ram ?? mapGuestRam(layout);

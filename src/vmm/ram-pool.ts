@@ -55,7 +55,13 @@ export class GuestRamPool implements GuestRamSource {
   }
 
   give(k: KeptRam): void {
-    if (this.closed || this.count >= this.maxIdle || k.layout.memfd < 0 || k.layout.deviceDirty)
+    if (
+      this.closed ||
+      this.count >= this.maxIdle ||
+      k.layout.memfd < 0 ||
+      k.layout.deviceDirty ||
+      k.layout.hugetlb
+    )
       return this.release(k);
     try {
       const n = native();

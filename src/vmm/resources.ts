@@ -262,9 +262,15 @@ export function validateMachineConfig(m: MachineConfig): MachineConfig {
     throw new ConfigError(
       `vcpu_count must be 1 or an even number when smt is enabled (got ${m.vcpu_count})`,
     );
-  if (m.huge_pages !== undefined && m.huge_pages !== 'None') {
-    throw new ConfigError(`huge_pages: "${m.huge_pages}" is not supported yet (only "None")`);
+  if (m.huge_pages !== undefined && m.huge_pages !== 'None' && m.huge_pages !== '2M') {
+    throw new ConfigError(
+      `huge_pages: "${String(m.huge_pages).slice(0, 32)}" is not supported (use "None" or "2M")`,
+    );
   }
+  if (m.huge_pages === '2M' && m.mem_size_mib % 2 !== 0)
+    throw new ConfigError(
+      `mem_size_mib must be a multiple of 2 with huge_pages "2M" (got ${m.mem_size_mib})`,
+    );
   if (m.cpu_template === 'V1N1')
     throw new ConfigError('cpu_template: V1N1 is for aarch64 hosts; this is an x86_64 host');
   if (m.cpu_template !== undefined && !CPU_TEMPLATE_NAMES.includes(m.cpu_template)) {
@@ -529,6 +535,11 @@ export interface VmSpec {
   /** machine-config smt: two threads per core in the guest's CPUID. */
   readonly smt?: boolean;
   /**
+   * machine-config huge_pages "2M": guest RAM is a hugetlbfs memfd of 2 MiB pages, all
+   * reserved when it is mapped (the host's vm.nr_hugepages pool).
+   */
+  readonly hugePages?: '2M';
+  /**
    * The CPU template: a static one by name (checked against the host at build), or a custom
    * one, parsed. Absent: none.
    */
@@ -724,6 +735,10 @@ function balloonOptions(b: BalloonConfig) {
  */
 export function validateResources(r: VmResources): VmSpec {
   validateMachineConfig(r.machine);
+  if (r.balloon && r.machine.huge_pages === '2M')
+    throw new ConfigError(
+      'balloon: not available with huge_pages "2M" (a 2 MiB hugetlbfs page cannot be given back 4 KiB at a time; Firecracker refuses it too)',
+    );
   validateBootSource(r.boot);
   const { drives, pmem, devices } = checkDevices(r);
   const rootDrive = drives[0]?.is_root_device ? drives[0] : undefined;
@@ -741,6 +756,7 @@ export function validateResources(r: VmResources): VmSpec {
     vcpus: r.machine.vcpu_count,
     memMib: r.machine.mem_size_mib,
     ...(r.machine.track_dirty_pages === true ? { trackDirtyPages: true } : {}),
+    ...(r.machine.huge_pages === '2M' ? { hugePages: '2M' } : {}),
     kernelPath: r.boot.kernel_image_path,
     ...(r.boot.initrd_path !== undefined ? { initrdPath: r.boot.initrd_path } : {}),
     bootArgs: r.boot.boot_args ?? DEFAULT_BOOT_ARGS,
@@ -853,6 +869,7 @@ export function configFromSpec(spec: VmSpec): VmConfig {
     vcpu_count: spec.vcpus,
     mem_size_mib: spec.memMib,
     track_dirty_pages: spec.trackDirtyPages === true,
+    ...(spec.hugePages ? { huge_pages: spec.hugePages } : {}),
     ...(spec.smt === true ? { smt: true } : {}),
     ...(spec.cpuTemplate && 'static' in spec.cpuTemplate
       ? { cpu_template: spec.cpuTemplate.static }
