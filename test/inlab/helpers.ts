@@ -4,7 +4,7 @@
  * hardware. Elsewhere they skip, saying why.
  */
 import { spawn } from 'node:child_process';
-import { existsSync } from 'node:fs';
+import { existsSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { detectKvm } from '../../src/kvm/detect.js';
 import { imagePaths, repoRoot } from '../../src/lab/guest.js';
@@ -29,6 +29,29 @@ export function defaultGuest(): { kernel: string; initrd: string } {
   if (!existsSync(kernel) || !existsSync(initrd))
     throw new Error('default guest not built: run `npm run guest`');
   return { kernel, initrd };
+}
+
+/** The same command line as the QEMU comparisons, for --config-file boots. */
+export const GUEST_BOOT_ARGS = 'console=ttyS0 reboot=k panic=1 pci=off quiet';
+
+/**
+ * Writes a --config-file at `path`: the default guest's boot-source and `sections` (machine-config
+ * and the rest, in the file's shape). Returns `path`.
+ */
+export function writeGuestConfig(path: string, sections: Record<string, unknown>): string {
+  const g = defaultGuest();
+  writeFileSync(
+    path,
+    JSON.stringify({
+      'boot-source': {
+        kernel_image_path: g.kernel,
+        initrd_path: g.initrd,
+        boot_args: GUEST_BOOT_ARGS,
+      },
+      ...sections,
+    }),
+  );
+  return path;
 }
 
 /**

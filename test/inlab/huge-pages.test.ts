@@ -10,7 +10,7 @@ import assert from 'node:assert/strict';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { defaultGuest, describeRun, skipReason, typervisor, POWEROFF } from './helpers.js';
+import { describeRun, skipReason, typervisor, writeGuestConfig, POWEROFF } from './helpers.js';
 
 const opts = { skip: skipReason, timeout: 240_000 };
 const MARKER = /TYPERVISOR-BOOT-OK/;
@@ -29,28 +29,16 @@ test(
   'huge_pages "2M": the guest boots on the reserved pool, which is whole again after',
   opts,
   async () => {
-    const g = defaultGuest();
     const dir = mkdtempSync(join(tmpdir(), 'tv-huge-'));
     const before = Number(readFileSync(NR_HUGEPAGES, 'utf8'));
     try {
       writeFileSync(NR_HUGEPAGES, String(before + PAGES + 8));
       const avail0 = available();
       assert.ok(avail0 >= PAGES + 8, `the lab kernel gave ${avail0} free 2 MiB pages`);
-      const config = (mem: number) => {
-        const cfg = join(dir, `vm-${mem}.json`);
-        writeFileSync(
-          cfg,
-          JSON.stringify({
-            'boot-source': {
-              kernel_image_path: g.kernel,
-              initrd_path: g.initrd,
-              boot_args: 'console=ttyS0 reboot=k panic=1 pci=off quiet',
-            },
-            'machine-config': { vcpu_count: 1, mem_size_mib: mem, huge_pages: '2M' },
-          }),
-        );
-        return cfg;
-      };
+      const config = (mem: number) =>
+        writeGuestConfig(join(dir, `vm-${mem}.json`), {
+          'machine-config': { vcpu_count: 1, mem_size_mib: mem, huge_pages: '2M' },
+        });
       // The pool, watched from outside while the VM runs.
       let least = avail0;
       const watch = setInterval(() => (least = Math.min(least, available())), 50);
