@@ -138,12 +138,22 @@ export function createGuestRam(
   return hugetlb ? { memfd, regions, hugetlb } : { memfd, regions };
 }
 
-/** The host's free and reserved 2 MiB pages (/proc/meminfo), for an error message. */
+/** The host's pool of 2 MiB pages (/proc/meminfo), in pages; NaN for a field it lacks. */
+export function hugePagePool(): { total: number; free: number; reserved: number } {
+  const info = readFileSync('/proc/meminfo', 'latin1');
+  const field = (k: string) => Number(new RegExp(`^${k}:\\s+(\\d+)`, 'm').exec(info)?.[1] ?? NaN);
+  return {
+    total: field('HugePages_Total'),
+    free: field('HugePages_Free'),
+    reserved: field('HugePages_Rsvd'),
+  };
+}
+
+/** The pool's counts for an error message. */
 function hugePagesNote(): string {
   try {
-    const info = readFileSync('/proc/meminfo', 'latin1');
-    const field = (k: string) => new RegExp(`^${k}:\\s+(\\d+)`, 'm').exec(info)?.[1] ?? '?';
-    return `HugePages_Total ${field('HugePages_Total')}, HugePages_Free ${field('HugePages_Free')}, HugePages_Rsvd ${field('HugePages_Rsvd')}`;
+    const p = hugePagePool();
+    return `HugePages_Total ${p.total}, HugePages_Free ${p.free}, HugePages_Rsvd ${p.reserved}`;
   } catch {
     return 'see /proc/meminfo';
   }
@@ -242,15 +252,14 @@ export function mapGuestRam(
  * (/sys/kernel/mm/transparent_hugepage/shmem_enabled `advise`, `within_size` or `always`;
  * Debian's default is `never`, which makes this a no-op): then KVM maps the guest with 2 MiB
  * entries, and a guest's first touch of a region costs one fault instead of 512 (a Linux boot in
- * the lab ~25% faster, docs/architecture.md "Huge pages"). Best effort: a kernel without THP
- * refuses (EINVAL), and the RAM works the same with 4 KiB pages.
+ * the lab 23% faster, docs/architecture.md "Huge pages under guest RAM"). Best effort: a kernel
+ * without THP refuses (EINVAL), and the RAM works the same with 4 KiB pages.
  */
-export function adviseHugePages(b: ArrayBuffer): boolean {
+function adviseHugePages(b: ArrayBuffer): void {
   try {
     native().madvise(b, 0, b.byteLength, MADV_HUGEPAGE);
-    return true;
   } catch {
-    return false;
+    // 4 KiB pages, as before
   }
 }
 

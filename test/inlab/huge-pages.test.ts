@@ -14,6 +14,7 @@ import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'no
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { repoRoot } from '../../src/lab/guest.js';
+import { hugePagePool } from '../../src/vmm/guest-ram.js';
 import { describeRun, skipReason, typervisor, writeGuestConfig, POWEROFF } from './helpers.js';
 import { GuestSession } from './session.js';
 
@@ -25,21 +26,34 @@ const PAGES = MEM_MIB / 2;
 
 /** 2 MiB pages neither used nor promised (HugePages_Free - HugePages_Rsvd). */
 function available(): number {
-  const info = readFileSync('/proc/meminfo', 'utf8');
-  const f = (k: string) => Number(new RegExp(`^${k}:\\s+(\\d+)`, 'm').exec(info)?.[1]);
-  return f('HugePages_Free') - f('HugePages_Rsvd');
+  const p = hugePagePool();
+  return p.free - p.reserved;
+}
+
+/**
+ * Runs `body` with the lab kernel's pool raised by PAGES + 8 pages and a fresh directory under
+ * /run (API sockets cannot live on the lab's /tmp, the host's over 9p); puts the pool back and
+ * removes the directory after.
+ */
+async function withPool(body: (dir: string, avail0: number) => Promise<void>): Promise<void> {
+  const dir = mkdtempSync(join(existsSync('/run') ? '/run' : tmpdir(), 'tv-huge-'));
+  const before = Number(readFileSync(NR_HUGEPAGES, 'utf8'));
+  try {
+    writeFileSync(NR_HUGEPAGES, String(before + PAGES + 8));
+    const avail0 = available();
+    assert.ok(avail0 >= PAGES + 8, `the lab kernel gave ${avail0} free 2 MiB pages`);
+    await body(dir, avail0);
+  } finally {
+    writeFileSync(NR_HUGEPAGES, String(before));
+    rmSync(dir, { recursive: true, force: true });
+  }
 }
 
 test(
   'huge_pages "2M": the guest boots on the reserved pool, which is whole again after',
   opts,
-  async () => {
-    const dir = mkdtempSync(join(tmpdir(), 'tv-huge-'));
-    const before = Number(readFileSync(NR_HUGEPAGES, 'utf8'));
-    try {
-      writeFileSync(NR_HUGEPAGES, String(before + PAGES + 8));
-      const avail0 = available();
-      assert.ok(avail0 >= PAGES + 8, `the lab kernel gave ${avail0} free 2 MiB pages`);
+  () =>
+    withPool(async (dir, avail0) => {
       const config = (mem: number) =>
         writeGuestConfig(join(dir, `vm-${mem}.json`), {
           'machine-config': { vcpu_count: 1, mem_size_mib: mem, huge_pages: '2M' },
@@ -77,69 +91,60 @@ test(
       );
       assert.doesNotMatch(big.stdout, MARKER);
       assert.equal(available(), avail0);
-    } finally {
-      writeFileSync(NR_HUGEPAGES, String(before));
-      rmSync(dir, { recursive: true, force: true });
-    }
-  },
+    }),
 );
 
-test('huge_pages "2M": snapshot, kill -9, restore: the guest goes on', opts, async () => {
-  // The API socket goes under /run: in the lab, /tmp is the host's over 9p.
-  const dir = mkdtempSync(join(existsSync('/run') ? '/run' : tmpdir(), 'tv-huge-snap-'));
-  const before = Number(readFileSync(NR_HUGEPAGES, 'utf8'));
-  const bin = join(repoRoot(), 'bin', 'typervisor');
-  let vm: GuestSession | undefined;
-  try {
-    writeFileSync(NR_HUGEPAGES, String(before + PAGES + 8));
-    const avail0 = available();
-    const cfg = writeGuestConfig(join(dir, 'vm.json'), {
-      'machine-config': { vcpu_count: 1, mem_size_mib: MEM_MIB, huge_pages: '2M' },
-    });
-    const sock = join(dir, 'api.sock');
-    vm = new GuestSession(['--api-sock', sock, '--config-file', cfg]);
-    await vm.waitFor(MARKER, 200_000);
-    assert.equal(available(), avail0 - PAGES, vm.describe());
-    // A file in the initramfs's tmpfs: it lives in guest RAM only.
-    vm.send('echo HUGE-$((40000+2)) > /tmp/mark; echo WROTE-$((1+1))\n');
-    await vm.waitFor(/WROTE-2/, 60_000);
-    const snap = join(dir, 'vm.snap');
-    const mem = join(dir, 'vm.mem');
-    const create = spawnSync(
-      process.execPath,
-      [
-        bin,
-        'snapshot',
-        'create',
-        '--api-sock',
-        sock,
-        '--snapshot-path',
-        snap,
-        '--mem-file-path',
-        mem,
-      ],
-      { encoding: 'utf8', timeout: 120_000 },
-    );
-    assert.equal(create.status, 0, `${create.stdout}${create.stderr}`);
-    vm.kill();
-    await vm.exited;
-    assert.equal(available(), avail0, 'the pool is whole again after kill -9');
-    // The restored guest is at its shell: ask until it answers (the first bytes may arrive
-    // while the load is still under way).
-    vm = new GuestSession(['run', '--restore', snap, '--mem-file', mem]);
-    const restored = vm;
-    const ask = setInterval(() => restored.send('cat /tmp/mark\n'), 2000);
+test('huge_pages "2M": snapshot, kill -9, restore: the guest goes on', opts, () =>
+  withPool(async (dir, avail0) => {
+    const bin = join(repoRoot(), 'bin', 'typervisor');
+    let vm: GuestSession | undefined;
     try {
-      await restored.waitFor(/HUGE-40002/, 120_000);
+      const cfg = writeGuestConfig(join(dir, 'vm.json'), {
+        'machine-config': { vcpu_count: 1, mem_size_mib: MEM_MIB, huge_pages: '2M' },
+      });
+      const sock = join(dir, 'api.sock');
+      vm = new GuestSession(['--api-sock', sock, '--config-file', cfg]);
+      await vm.waitFor(MARKER, 200_000);
+      assert.equal(available(), avail0 - PAGES, vm.describe());
+      // A file in the initramfs's tmpfs: it lives in guest RAM only.
+      vm.send('echo HUGE-$((40000+2)) > /tmp/mark; echo WROTE-$((1+1))\n');
+      await vm.waitFor(/WROTE-2/, 60_000);
+      const snap = join(dir, 'vm.snap');
+      const mem = join(dir, 'vm.mem');
+      const create = spawnSync(
+        process.execPath,
+        [
+          bin,
+          'snapshot',
+          'create',
+          '--api-sock',
+          sock,
+          '--snapshot-path',
+          snap,
+          '--mem-file-path',
+          mem,
+        ],
+        { encoding: 'utf8', timeout: 120_000 },
+      );
+      assert.equal(create.status, 0, `${create.stdout}${create.stderr}`);
+      vm.kill();
+      await vm.exited;
+      assert.equal(available(), avail0, 'the pool is whole again after kill -9');
+      // The restored guest is at its shell: ask until it answers (the first bytes may arrive
+      // while the load is still under way).
+      vm = new GuestSession(['run', '--restore', snap, '--mem-file', mem]);
+      const restored = vm;
+      const ask = setInterval(() => restored.send('cat /tmp/mark\n'), 2000);
+      try {
+        await restored.waitFor(/HUGE-40002/, 120_000);
+      } finally {
+        clearInterval(ask);
+      }
+      restored.send(`${POWEROFF}\n`);
+      assert.equal(await restored.exited, 0, restored.describe());
+      assert.equal(available(), avail0, 'the pool is whole after the restored VM');
     } finally {
-      clearInterval(ask);
+      vm?.kill();
     }
-    restored.send(`${POWEROFF}\n`);
-    assert.equal(await restored.exited, 0, restored.describe());
-    assert.equal(available(), avail0, 'the pool is whole after the restored VM');
-  } finally {
-    vm?.kill();
-    writeFileSync(NR_HUGEPAGES, String(before));
-    rmSync(dir, { recursive: true, force: true });
-  }
-});
+  }),
+);
