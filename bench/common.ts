@@ -74,37 +74,57 @@ export interface SmapsSummary {
 
 /**
  * Firecracker's memory monitor rule: sum the Rss of every mapping that is not guest memory.
- * Typervisor's guest RAM is its memfd (`/memfd:typervisor-guest-ram`, mapped once per thread);
- * QEMU's is an anonymous rw mapping exactly the guest's size; the floor's is anonymous too.
+ * QEMU's (and the floor's) guest RAM is an anonymous rw mapping exactly the guest's size.
+ * Typervisor's is anonymous rw memory advised MADV_DONTFORK and MADV_HUGEPAGE (`dc` and `hg` in
+ * VmFlags; its first 2 MiB are a mapping of their own, advised MADV_NOHUGEPAGE: `nh`; the other
+ * threads wrap the main thread's mapping; a kernel without THP leaves one mapping of the guest's
+ * size), or its memfd (`/memfd:typervisor-guest-ram`, huge_pages "2M").
  */
 export function summariseSmaps(text: string, vmm: Vmm): SmapsSummary {
   const guestKiB = vmm.memMiB * 1024;
   let nonGuest = 0;
   let guest = 0;
   let guestMappings = 0;
-  let isGuest = false;
-  let anonCandidate = false;
+  // The block being read: its header's verdict, its Size and Rss (VmFlags ends a block).
+  let block:
+    { named: boolean; anon: boolean; size: number; rss: number; flags: string } | undefined;
+  const close = () => {
+    if (!block) return;
+    const isGuest =
+      block.named ||
+      (block.anon &&
+        (block.size === guestKiB ||
+          // V8's heap is MADV_DONTFORK too, but never THP-advised (either way)
+          (vmm.name === 'typervisor' &&
+            /\bdc\b/.test(block.flags) &&
+            /\b(hg|nh)\b/.test(block.flags))));
+    if (isGuest) {
+      guestMappings++;
+      guest += block.rss;
+    } else nonGuest += block.rss;
+    block = undefined;
+  };
   for (const line of text.split('\n')) {
     const hdr = /^[0-9a-f]+-[0-9a-f]+ (\S+) \S+ \S+ \S+\s*(.*)$/.exec(line);
     if (hdr) {
-      const perms = hdr[1]!;
+      close();
       const path = hdr[2]!.trim();
-      isGuest = path.includes('typervisor-guest-ram');
-      anonCandidate = vmm.name !== 'typervisor' && path === '' && perms.startsWith('rw');
+      block = {
+        named: path.includes('typervisor-guest-ram'),
+        anon: path === '' && hdr[1]!.startsWith('rw'),
+        size: 0,
+        rss: 0,
+        flags: '',
+      };
       continue;
     }
-    const size = /^Size:\s+(\d+) kB/.exec(line);
-    if (size) {
-      if (anonCandidate && Number(size[1]) === guestKiB) isGuest = true;
-      if (isGuest) guestMappings++;
-      continue;
-    }
-    const rss = /^Rss:\s+(\d+) kB/.exec(line);
-    if (rss) {
-      if (isGuest) guest += Number(rss[1]);
-      else nonGuest += Number(rss[1]);
-    }
+    if (!block) continue;
+    const field = /^(Size|Rss|VmFlags):\s+(.*)$/.exec(line);
+    if (field?.[1] === 'Size') block.size = Number.parseInt(field[2]!, 10);
+    else if (field?.[1] === 'Rss') block.rss = Number.parseInt(field[2]!, 10);
+    else if (field?.[1] === 'VmFlags') block.flags = field[2]!;
   }
+  close();
   return {
     nonGuestRssKiB: nonGuest,
     guestRssKiB: guest,

@@ -270,6 +270,44 @@ static napi_value n_mmap(napi_env env, napi_callback_info info) {
   return ab;
 }
 
+/*
+ * mmapAligned(length, align, prot, flags, fd, offset): as mmap, at an address that is a multiple
+ * of `align` (a power of two, at least a page). A PROT_NONE reservation of length + align is made,
+ * the mapping is placed over its aligned part (MAP_FIXED), and the rest of the reservation is
+ * unmapped. KVM maps guest memory with 2 MiB entries only where the host address agrees with the
+ * guest-physical one modulo 2 MiB, and a kernel before 6.7 places a large anonymous mapping at
+ * any page.
+ */
+static napi_value n_mmap_aligned(napi_env env, napi_callback_info info) {
+  napi_value a[6];
+  if (!get_args(env, info, 6, a)) return NULL;
+  size_t len = (size_t)arg_u64(env, a[0]), align = (size_t)arg_u64(env, a[1]);
+  if (len == 0 || align < 4096 || (align & (align - 1)) != 0 || len > SIZE_MAX - align) {
+    napi_throw_range_error(env, NULL, "mmapAligned: bad length or alignment");
+    return NULL;
+  }
+  void *r = mmap(NULL, len + align, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (r == MAP_FAILED) return throw_errno(env, "mmap", errno);
+  uintptr_t start = (uintptr_t)r, base = (start + align - 1) & ~(uintptr_t)(align - 1);
+  uintptr_t end = base + len, rend = start + len + align;
+  void *p = mmap((void *)base, len, (int)arg_i64(env, a[2]), (int)arg_i64(env, a[3]) | MAP_FIXED,
+                 (int)arg_i64(env, a[4]), (off_t)arg_i64(env, a[5]));
+  if (p == MAP_FAILED) {
+    int e = errno;
+    munmap(r, len + align);
+    return throw_errno(env, "mmap", e);
+  }
+  if (base > start) munmap(r, base - start);
+  if (rend > end) munmap((void *)end, rend - end);
+  napi_value ab = tv_uncounted_arraybuffer(p, len);
+  if (ab == NULL) {
+    munmap(p, len);
+    napi_throw_error(env, NULL, "typervisor native: cannot wrap mapping in an ArrayBuffer");
+    return NULL;
+  }
+  return ab;
+}
+
 /* munmap(buffer): detaches the ArrayBuffer first, so a later use throws instead of faulting */
 static napi_value n_munmap(napi_env env, napi_callback_info info) {
   napi_value a[1];
@@ -1980,7 +2018,7 @@ static napi_value n_malloc_trim(napi_env env, napi_callback_info info) {
 NAPI_MODULE_INIT() {
   napi_property_descriptor props[] = {
     EXPORT("open", n_open), EXPORT("close", n_close), EXPORT("ioctl", n_ioctl),
-    EXPORT("mmap", n_mmap), EXPORT("munmap", n_munmap), EXPORT("madvise", n_madvise),
+    EXPORT("mmap", n_mmap), EXPORT("mmapAligned", n_mmap_aligned), EXPORT("munmap", n_munmap), EXPORT("madvise", n_madvise),
     EXPORT("bufferAddress", n_buffer_address), EXPORT("viewAddress", n_view_address),
     EXPORT("release", n_release), EXPORT("lseek", n_lseek), EXPORT("memfdCreate", n_memfd_create),
     EXPORT("eventfd", n_eventfd), EXPORT("eventfdRead", n_eventfd_read),

@@ -22,6 +22,15 @@ export interface NativeShim {
   ioctl(fd: number, request: number, arg: number | bigint | Buf): number;
   /** An ArrayBuffer over the new mapping; release only with munmap (it detaches the buffer). */
   mmap(length: number, prot: number, flags: number, fd: number, offset: number): ArrayBuffer;
+  /** As mmap, at an address that is a multiple of `align` (a power of two, >= 4096). */
+  mmapAligned(
+    length: number,
+    align: number,
+    prot: number,
+    flags: number,
+    fd: number,
+    offset: number,
+  ): ArrayBuffer;
   munmap(buffer: ArrayBuffer): void;
   madvise(buffer: ArrayBuffer, offset: number, length: number, advice: number): void;
   /** Host virtual address of a buffer's first byte. */
@@ -266,6 +275,7 @@ export const SEEK_DATA = 3;
 export const SEEK_HOLE = 4;
 export const MADV_DONTFORK = 10;
 export const MADV_HUGEPAGE = 14;
+export const MADV_NOHUGEPAGE = 15;
 export const EFD_NONBLOCK = 0o4000;
 export const EPOLLIN = 1;
 export const EPOLLOUT = 4;

@@ -26,6 +26,7 @@ import { readBootImage } from '../loader/image-file.js';
 import { ConfigError, HostError, ImageError } from '../util/errors.js';
 import { log } from '../util/log.js';
 import {
+  allocateGuestRam,
   createGuestRam,
   mapGuestRam,
   trackDeviceWrites,
@@ -345,7 +346,7 @@ function build(spec: VmSpec, opts: BuildOptions, undo: UndoList): BuiltVm {
   // Dirty pages tracked (Diff snapshots): KVM's log per slot, and the device-dirty bitmap that
   // every thread maps with the RAM.
   const trackDirty = spec.trackDirtyPages === true;
-  // Huge pages (hugetlbfs) RAM is made for this VM: the pools hold 4 KiB-page memfds.
+  // Huge pages (hugetlbfs) RAM is made for this VM: the pools hold anonymous RAM.
   const hugetlb = spec.hugePages === '2M';
   const ownRam = trackDirty || hugetlb;
   const prepared = ownRam ? undefined : opts.prepared?.take(memBytes);
@@ -359,19 +360,29 @@ function build(spec: VmSpec, opts: BuildOptions, undo: UndoList): BuiltVm {
     ({ kvm, vm, layout, ram } = prepared);
     undo.push(() => kvm.close());
     undo.push(() => vm.close());
-    undo.push(() => closeFd(layout.memfd));
     undo.push(() => ram.unmap());
   } else {
     ({ kvm, vm } = createVmShell(undo));
     pool = ownRam ? undefined : opts.guestRam;
     const kept = pool?.take(ramRegions(memBytes));
-    layout = kept?.layout ?? createGuestRam(ramRegions(memBytes), { hugetlb });
-    if (!kept) undo.push(() => closeFd(layout.memfd));
-    if (trackDirty) trackDeviceWrites(layout);
-    ram = kept?.ram ?? mapGuestRam(layout);
-    const mapped = ram;
-    if (kept) undo.push(() => pool!.give(kept));
-    else undo.push(() => mapped.unmap());
+    if (kept) {
+      ({ layout, ram } = kept);
+      undo.push(() => pool!.give(kept));
+    } else if (hugetlb) {
+      // A hugetlbfs memfd that every thread maps (its pages reserved by the first mapping).
+      const made = createGuestRam(ramRegions(memBytes), { hugetlb });
+      undo.push(() => closeFd(made.memfd));
+      if (trackDirty) trackDeviceWrites(made);
+      const mapped = mapGuestRam(made);
+      undo.push(() => mapped.unmap());
+      layout = made;
+      ram = mapped;
+    } else {
+      // Anonymous memory, THP-advised: the threads wrap the main thread's mapping.
+      const made = allocateGuestRam(ramRegions(memBytes), { trackDirty });
+      undo.push(() => made.ram.unmap());
+      ({ layout, ram } = made);
+    }
     attachRam(vm, layout, ram, { dirtyLog: trackDirty });
   }
   attachDeviceMemory(vm, plan);

@@ -7,16 +7,24 @@ import assert from 'node:assert/strict';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { native } from '../kvm/native.js';
 import { ConfigError, HostError } from '../util/errors.js';
-import { createGuestRam, hugePagePool, mapGuestRam } from './guest-ram.js';
+import {
+  allocateGuestRam,
+  createGuestRam,
+  hugePagePool,
+  mapGuestRam,
+  residentRuns,
+} from './guest-ram.js';
 
 const MIB = 1024 * 1024;
 const SHMEM_THP = '/sys/kernel/mm/transparent_hugepage/shmem_enabled';
 
-/** The smaps block of the mapping that starts at `addr`, or undefined. */
+/** The smaps block of the mapping that holds `addr`, or undefined. */
 function smapsOf(addr: bigint): Map<string, string> | undefined {
   const lines = readFileSync('/proc/self/smaps', 'utf8').split('\n');
-  const head = `${addr.toString(16)}-`;
-  const at = lines.findIndex((l) => l.startsWith(head));
+  const at = lines.findIndex((l) => {
+    const m = /^([0-9a-f]+)-([0-9a-f]+) /.exec(l);
+    return m !== null && BigInt(`0x${m[1]}`) <= addr && addr < BigInt(`0x${m[2]}`);
+  });
   if (at < 0) return undefined;
   const fields = new Map<string, string>();
   for (const l of lines.slice(at + 1)) {
@@ -175,5 +183,78 @@ test('huge_pages "2M": a hugetlbfs memfd, reserved when mapped, refused cleanly 
     assert.equal(available(), free0);
   } finally {
     writeFileSync(NR_HUGEPAGES, String(before));
+  }
+});
+
+// A booted VM's RAM: anonymous private memory that the main thread maps and the other threads
+// wrap. The kernel's record of the mapping (smaps) and of its pages (pagemap) are the oracles.
+test('anonymous guest RAM: private, THP-advised, not inherited by a child; views see its writes', () => {
+  const n = native();
+  const { layout, ram } = allocateGuestRam([
+    { base: 0, size: 8 * MIB },
+    { base: 2 ** 32, size: 4 * MIB },
+  ]);
+  try {
+    assert.equal(layout.memfd, -1);
+    assert.equal(layout.anonymous, true);
+    assert.equal(ram.anonymous, true);
+    assert.equal(layout.hostAddrs?.length, 2);
+    for (const [i, b] of ram.buffers.entries()) {
+      assert.equal(layout.hostAddrs![i], n.bufferAddress(b));
+      assert.equal(n.bufferAddress(b) % BigInt(2 * MIB), 0n, 'a 2 MiB-aligned mapping');
+      const s = smapsOf(n.bufferAddress(b));
+      assert.ok(s, 'the mapping is in /proc/self/smaps');
+      const flags = s.get('VmFlags') ?? '';
+      assert.doesNotMatch(flags, /\bsh\b/, 'a private mapping');
+      assert.match(flags, /\bdc\b/, 'MADV_DONTFORK: a child process does not get the guest');
+      if (!thpBuilt()) continue;
+      if (i === 0) {
+        // The first 2 MiB (the boot loader's tables, a tiny guest) stay on 4 KiB pages.
+        assert.match(flags, /\bnh\b/, 'MADV_NOHUGEPAGE on the first 2 MiB');
+        const rest = smapsOf(n.bufferAddress(b) + BigInt(2 * MIB));
+        assert.match(rest?.get('VmFlags') ?? '', /\bhg\b/, 'MADV_HUGEPAGE above 2 MiB');
+      } else assert.match(flags, /\bhg\b/, 'MADV_HUGEPAGE');
+    }
+    // Another thread's view (what the device worker maps) is the same memory.
+    const view = mapGuestRam(layout);
+    try {
+      ram.memory.write(2 ** 32 + 0x1234, Uint8Array.of(7, 8, 9));
+      const got = new Uint8Array(3);
+      view.memory.read(2 ** 32 + 0x1234, got);
+      assert.deepEqual([...got], [7, 8, 9]);
+      view.memory.write(0x10, Uint8Array.of(5));
+      assert.equal(ram.memory.readU8(0x10), 5);
+      assert.equal(view.anonymous, undefined, 'a view is not the owner');
+    } finally {
+      view.unmap(); // drops the view only
+    }
+    assert.equal(ram.memory.readU8(0x10), 5, "the owner's mapping outlives the view");
+  } finally {
+    ram.unmap();
+  }
+});
+
+test('residentRuns: only pages that exist, whatever the page size under them', () => {
+  const { ram } = allocateGuestRam([{ base: 0, size: 16 * MIB }]);
+  try {
+    const b = ram.buffers[0]!;
+    assert.deepEqual(residentRuns(b), [], 'untouched RAM has no pages');
+    const bytes = new Uint8Array(b);
+    bytes[0] = 1; // page 0
+    bytes[9 * MIB + 4096] = 2; // page 2305, in the 2 MiB page of pages 2048-2559
+    const runs = residentRuns(b);
+    const covered = (p: number) => runs.some(([a, z]) => a <= p && p < z);
+    assert.ok(covered(0) && covered(2305), `runs ${JSON.stringify(runs)}`);
+    // The first 2 MiB are on 4 KiB pages: page 0 alone. With THP a touch above brings its whole
+    // 2 MiB page (512 pages, the mapping is 2 MiB-aligned); nothing outside those.
+    assert.deepEqual(runs[0], [0, 1], 'a 4 KiB page at the bottom');
+    for (const [a, z] of runs.slice(1))
+      assert.ok(a >= 2048 && z <= 2560, `run [${a}, ${z}) outside the touched 2 MiB page`);
+    // Given back (what the RAM pool does), the pages are gone and read zero.
+    native().madvise(b, 0, b.byteLength, 4 /* MADV_DONTNEED */);
+    assert.deepEqual(residentRuns(b), []);
+    assert.equal(bytes[0], 0);
+  } finally {
+    ram.unmap();
   }
 });

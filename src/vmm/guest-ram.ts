@@ -1,9 +1,19 @@
 /**
- * Guest RAM: every region back to back in one file, mapped by each thread.
+ * Guest RAM: every region mapped once by the main thread, or back to back in one file that each
+ * thread maps.
  *
- * A booted VM's file is a memfd: every thread (main, vCPU workers, device worker) mmaps it
- * MAP_SHARED itself, so all see the same pages. MAP_NORESERVE: pages are allocated when the guest
- * touches them. The same back-to-back layout is the snapshot memory file's (snapshot-memory.ts).
+ * A booted VM's RAM is anonymous private memory (allocateGuestRam), as QEMU's is: the main thread
+ * maps it, and the other threads wrap its host addresses (`hostAddrs`, below). Anonymous memory
+ * gets transparent huge pages under the host's THP policy (`enabled`: Debian's default is
+ * `always`), where a memfd would need the shmem policy (`shmem_enabled`: Debian's default is
+ * `never`): KVM then maps the guest with 2 MiB entries and a guest's first touch of a region
+ * costs one fault instead of 512 (docs/architecture.md "Huge pages under guest RAM").
+ * MAP_NORESERVE: pages are allocated when the guest touches them. MADV_DONTFORK: a child process
+ * the VMM spawns does not copy-on-write share the guest's pages.
+ *
+ * RAM of 2 MiB hugetlbfs pages (machine-config huge_pages "2M") is a memfd instead (createGuestRam):
+ * every thread (main, device worker) mmaps it MAP_SHARED itself, so all see the same pages. The
+ * same back-to-back layout is the snapshot memory file's (snapshot-memory.ts).
  *
  * A restored VM maps its memory file MAP_PRIVATE (copy-on-write over the file). Separate private
  * mappings would be separate copies, so the main thread maps once and the layout carries the
@@ -21,11 +31,15 @@
  * are not marked dirty: a snapshot saves the virtio-mem region whole from its memfd, and a pmem
  * file is its own backing.
  */
-import { ftruncateSync, readFileSync } from 'node:fs';
+import { closeSync, ftruncateSync, openSync, readFileSync, readSync } from 'node:fs';
 import {
   native,
+  MADV_DONTFORK,
   MADV_HUGEPAGE,
+  MADV_NOHUGEPAGE,
+  MAP_ANONYMOUS,
   MAP_NORESERVE,
+  MAP_PRIVATE,
   MAP_SHARED,
   PROT_READ,
   PROT_WRITE,
@@ -53,6 +67,11 @@ export interface GuestRamLayout {
   hostAddrs?: bigint[];
   /** The device-dirty bitmap (dirty page tracking on), shared by every thread. */
   deviceDirty?: SharedArrayBuffer;
+  /**
+   * The RAM is anonymous private memory (allocateGuestRam; `hostAddrs` set, memfd -1): zeroed by
+   * MADV_DONTNEED, where a restored VM's private file mapping would go back to the file's bytes.
+   */
+  anonymous?: boolean;
   /**
    * The memfd is hugetlbfs (machine-config huge_pages "2M"): mapped without MAP_NORESERVE, so
    * that the first mapping reserves every page or fails (ENOMEM) instead of a later fault
@@ -83,8 +102,13 @@ export interface MappedGuestRam {
   memory: GuestMemory;
   buffers: ArrayBuffer[]; // one per region, in layout order
   unmap(): void;
-  /** The memfd mapped (a booted VM's RAM): the snapshot writer reads only its data extents. */
+  /** The memfd mapped (hugetlbfs RAM): the snapshot writer reads only its data extents. */
   memfd?: number;
+  /**
+   * The owner's mapping of anonymous RAM (allocateGuestRam): the snapshot writer reads only the
+   * pages that exist (residentRuns), and emptying it is MADV_DONTNEED.
+   */
+  anonymous?: boolean;
 }
 
 /** Gives a layout its device-dirty bitmap (before any thread maps it). */
@@ -136,6 +160,125 @@ export function createGuestRam(
     throw e;
   }
   return hugetlb ? { memfd, regions, hugetlb } : { memfd, regions };
+}
+
+/**
+ * Anonymous guest RAM, one private mapping per range made by the calling (main) thread, which
+ * owns it: its `ram.unmap()` munmaps, after every other thread has dropped its view (the device
+ * worker wraps `layout.hostAddrs`, as for a restored VM). Each mapping starts at a multiple of
+ * 2 MiB and is advised MADV_HUGEPAGE
+ * (2 MiB pages where the host's THP policy is `madvise` as well as `always`) and MADV_DONTFORK;
+ * both are best effort. `trackDirty`: the layout gets its device-dirty bitmap and the mapping
+ * marks the VMM's writes there, as mapGuestRam does.
+ */
+export function allocateGuestRam(
+  ranges: Array<{ base: number; size: number }>,
+  opts: { trackDirty?: boolean } = {},
+): { layout: GuestRamLayout; ram: MappedGuestRam } {
+  const n = native();
+  const buffers: ArrayBuffer[] = [];
+  try {
+    for (const r of ranges) {
+      // 2 MiB-aligned, so that each 2 MiB of guest-physical RAM can be one huge page under one
+      // 2 MiB KVM mapping (a kernel before 6.7 does not align a large anonymous mapping itself).
+      const b = n.mmapAligned(
+        r.size,
+        HUGE_PAGE_SIZE,
+        PROT_READ | PROT_WRITE,
+        MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+        -1,
+        0,
+      );
+      buffers.push(b);
+      adviseHugePages(b);
+      // The first 2 MiB hold what the boot loader writes (zero page, command line, page tables,
+      // MP and ACPI tables, below 1 MiB) and a tiny guest's whole footprint: on 4 KiB pages they
+      // cost the host what is written, not 2 MiB (issue 18's peak RSS of the micro guest).
+      if (r.base === 0 && r.size >= HUGE_PAGE_SIZE) noHugePages(b, HUGE_PAGE_SIZE);
+      try {
+        n.madvise(b, 0, b.byteLength, MADV_DONTFORK);
+      } catch {
+        // a forked child shares the pages copy-on-write until it execs, as without the advice
+      }
+    }
+  } catch (e) {
+    buffers.forEach((b) => n.munmap(b));
+    throw e;
+  }
+  // Back to back, as in a memfd: the offsets a snapshot's memory file gives the regions.
+  let off = 0;
+  const regions = ranges.map((r) => {
+    const region = { base: r.base, size: r.size, fileOffset: off };
+    off += r.size;
+    return region;
+  });
+  const layout: GuestRamLayout = {
+    memfd: -1,
+    regions,
+    hostAddrs: buffers.map((b) => n.bufferAddress(b)),
+    anonymous: true,
+  };
+  if (opts.trackDirty) trackDeviceWrites(layout);
+  const ram = guestRamOver(regions, buffers, (b) => n.munmap(b));
+  if (layout.deviceDirty)
+    ram.memory.deviceWrites = new DirtyPages(
+      layout.deviceDirty,
+      regions,
+      buffers.map((b) => new Uint8Array(b)),
+    );
+  return { layout, ram: { ...ram, anonymous: true } };
+}
+
+const PAGEMAP_PRESENT = 0x80000000; // bit 63 of an entry (in its high word)
+const PAGEMAP_SWAPPED = 0x40000000; // bit 62
+const PAGEMAP_CHUNK = 8192; // entries read at a time: 64 KiB covering 32 MiB
+
+/**
+ * The runs of 4 KiB pages of `buffer` (an anonymous private mapping) that exist, in memory or in
+ * swap, as [first, end) page indices, from /proc/self/pagemap; a page never touched is not in any
+ * run (it reads as zeros). Where pagemap cannot be read (no /proc, e.g. in a jail) every page is
+ * one run: reading an untouched page maps the shared zero page, so a full scan costs time, not
+ * memory.
+ */
+export function residentRuns(buffer: ArrayBuffer): Array<[number, number]> {
+  const pages = Math.floor(buffer.byteLength / 4096);
+  let fd: number;
+  try {
+    fd = openSync('/proc/self/pagemap', 'r');
+  } catch {
+    return pages > 0 ? [[0, pages]] : [];
+  }
+  const out: Array<[number, number]> = [];
+  try {
+    const first = native().bufferAddress(buffer) / 4096n;
+    const chunk = new Uint32Array(PAGEMAP_CHUNK * 2);
+    const bytes = new Uint8Array(chunk.buffer);
+    let start = -1;
+    for (let p = 0; p < pages; p += PAGEMAP_CHUNK) {
+      const count = Math.min(PAGEMAP_CHUNK, pages - p);
+      const want = count * 8;
+      let got = 0;
+      while (got < want) {
+        const r = readSync(fd, bytes, got, want - got, (first + BigInt(p)) * 8n + BigInt(got));
+        if (r <= 0) throw new Error('pagemap: short read');
+        got += r;
+      }
+      for (let i = 0; i < count; i++) {
+        const there = (chunk[i * 2 + 1]! & (PAGEMAP_PRESENT | PAGEMAP_SWAPPED)) !== 0;
+        if (there && start < 0) start = p + i;
+        else if (!there && start >= 0) {
+          out.push([start, p + i]);
+          start = -1;
+        }
+      }
+    }
+    if (start >= 0) out.push([start, pages]);
+  } catch {
+    return pages > 0 ? [[0, pages]] : [];
+  } finally {
+    closeSync(fd);
+  }
+  return out;
 }
 
 /** The host's pool of 2 MiB pages (/proc/meminfo), in pages; NaN for a field it lacks. */
@@ -260,6 +403,15 @@ function adviseHugePages(b: ArrayBuffer): void {
     native().madvise(b, 0, b.byteLength, MADV_HUGEPAGE);
   } catch {
     // 4 KiB pages, as before
+  }
+}
+
+/** MADV_NOHUGEPAGE on the first `length` bytes of `b`; best effort, as the advice above. */
+function noHugePages(b: ArrayBuffer, length: number): void {
+  try {
+    native().madvise(b, 0, length, MADV_NOHUGEPAGE);
+  } catch {
+    // 2 MiB pages there too
   }
 }
 

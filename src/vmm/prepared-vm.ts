@@ -15,14 +15,8 @@
  */
 import { ramRegions } from '../arch/x86_64/layout.js';
 import type { Kvm, Vm } from '../kvm/kvm.js';
-import { native } from '../kvm/native.js';
 import { attachRam, createVmShell, runUndo, type UndoList } from './builder.js';
-import {
-  createGuestRam,
-  mapGuestRam,
-  type GuestRamLayout,
-  type MappedGuestRam,
-} from './guest-ram.js';
+import { allocateGuestRam, type GuestRamLayout, type MappedGuestRam } from './guest-ram.js';
 
 /**
  * Guest-physical bytes faulted in ahead: the boot loader's tables (zero page, command line,
@@ -50,9 +44,7 @@ export function prepareVm(memMib: number): PreparedVm {
   const undo: UndoList = [];
   try {
     const { kvm, vm } = createVmShell(undo);
-    const layout = createGuestRam(ramRegions(memMib * 1024 * 1024));
-    undo.push(() => native().close(layout.memfd));
-    const ram = mapGuestRam(layout);
+    const { layout, ram } = allocateGuestRam(ramRegions(memMib * 1024 * 1024));
     undo.push(() => ram.unmap());
     attachRam(vm, layout, ram);
     // First touch: one write per page (zero over zero: the guest sees nothing of it).

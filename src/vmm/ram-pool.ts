@@ -1,18 +1,21 @@
 /**
- * Guest RAM kept between VMs (the library's warm path, src/lib/): a VM's memfd and the main
- * thread's mapping of it are handed back when the VM is gone, emptied, and given to the next VM
- * of the same size. A fresh mapping costs the main thread ~5-10 ms even though mmap itself is
+ * Guest RAM kept between VMs (the library's warm path, src/lib/): a VM's RAM (the main thread's
+ * anonymous mapping, or a memfd and the main thread's mapping of it) is handed back when the VM
+ * is gone, emptied, and given to the next VM of the same size. A fresh mapping costs the main thread ~5-10 ms even though mmap itself is
  * cheap: V8 counts a >= 64 MiB external ArrayBuffer as memory pressure and runs a mark-compact
  * (issue 18); a kept one costs nothing.
  *
- * Emptied means zero: madvise(MADV_REMOVE) frees every page of the memfd (as a punch-hole), so
- * the next guest reads zeros and nothing of the last one. If that fails, the RAM is not kept.
+ * Emptied means zero: madvise(MADV_DONTNEED) frees every page of anonymous RAM, and
+ * madvise(MADV_REMOVE) every page of a memfd (as a punch-hole), so the next guest reads zeros and
+ * nothing of the last one. A restored VM's private file mapping is never kept (emptied, it would
+ * read the file's bytes). If that fails, the RAM is not kept.
  * Only RAM that no thread uses any more comes back: the VM's vCPUs and device worker have ended
  * (builder.ts gives it back at the VM's release).
  */
 import { native } from '../kvm/native.js';
 import type { GuestRamLayout, MappedGuestRam } from './guest-ram.js';
 
+const MADV_DONTNEED = 4;
 const MADV_REMOVE = 9;
 
 export interface KeptRam {
@@ -58,14 +61,17 @@ export class GuestRamPool implements GuestRamSource {
     if (
       this.closed ||
       this.count >= this.maxIdle ||
-      k.layout.memfd < 0 ||
+      (k.layout.memfd < 0 && !k.layout.anonymous) ||
       k.layout.deviceDirty ||
       k.layout.hugetlb
     )
       return this.release(k);
     try {
       const n = native();
-      for (const b of k.ram.buffers) n.madvise(b, 0, b.byteLength, MADV_REMOVE);
+      // Anonymous private memory reads as zeros after MADV_DONTNEED; a shared memfd's pages
+      // would stay in the file (MADV_REMOVE punches them out).
+      const advice = k.layout.anonymous ? MADV_DONTNEED : MADV_REMOVE;
+      for (const b of k.ram.buffers) n.madvise(b, 0, b.byteLength, advice);
     } catch {
       this.stats.emptyFailures++;
       return this.release(k);

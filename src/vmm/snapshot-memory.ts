@@ -38,7 +38,12 @@ import {
 import { isDirty } from '../memory/dirty-pages.js';
 import { unlinkQuietly } from '../util/fs.js';
 import { err, ok, type Result } from '../util/result.js';
-import { guestRamOver, type GuestRamLayout, type MappedGuestRam } from './guest-ram.js';
+import {
+  guestRamOver,
+  residentRuns,
+  type GuestRamLayout,
+  type MappedGuestRam,
+} from './guest-ram.js';
 import {
   fsyncDir,
   regionsInconsistency,
@@ -111,10 +116,11 @@ function pagesToScan(r: SnapshotRegion, sourceFd: number | undefined): Array<[nu
  *
  * `backingFile`: the file a restored VM's RAM is mapped from. Writing a snapshot onto it is
  * refused (SnapshotFileError).
- * `sourceFd`: the memfd a booted VM's RAM is mapped from (by default `ram.memfd`; -1 or absent
- * for a restored VM): only its data extents are read, so untouched guest RAM stays unallocated
- * (reading a memfd hole allocates a page: 256 MiB with 16 MiB touched is 67 ms and 16 MiB this
- * way, 0.8 s and all 256 MiB allocated scanning everything).
+ * `sourceFd`: the memfd a VM's RAM is mapped from (by default `ram.memfd`: hugetlbfs RAM; -1 or
+ * absent for a restored VM): only its data extents are read, so untouched guest RAM stays
+ * unallocated (reading a memfd hole allocates a page: 256 MiB with 16 MiB touched is 67 ms and
+ * 16 MiB this way, 0.8 s and all 256 MiB allocated scanning everything). Anonymous RAM (a booted
+ * VM's, `ram.anonymous`) is read only where its pages exist (guest-ram.ts residentRuns).
  * `dirty` (a Diff snapshot): one bitmap per region (memory/dirty-pages.ts layout); exactly the
  * pages set are written, all-zero ones too (a page the guest zeroed must reach the base when
  * the diff is merged: a hole would mean "unchanged"), everything else is a hole.
@@ -168,7 +174,8 @@ export function writeMemoryFile(
           return;
         }
         const words = new Uint32Array(buf);
-        for (const [first, last] of pagesToScan(r, opts.sourceFd ?? ram.memfd)) {
+        const runs = ram.anonymous ? residentRuns(buf) : pagesToScan(r, opts.sourceFd ?? ram.memfd);
+        for (const [first, last] of runs) {
           let p = first;
           while (p < last) {
             // Skip zero pages, then write the run of non-zero ones.

@@ -230,7 +230,7 @@ async function create(built: BuiltVm, p: CreateParams): Promise<void> {
     // (renamed into place), then the memory file's rename.
     const mem = writeMemoryFile(p.memFilePath, parts.ram, regions, {
       ...(parts.backing ? { backingFile: parts.backing } : {}),
-      // A booted VM's memfd: only its data extents are read (untouched RAM stays unallocated).
+      // Hugetlbfs RAM's memfd: only its data extents are read (anonymous RAM: its existing pages).
       sourceFd: parts.layout.memfd,
       deferRename: true,
       ...(p.type === 'Diff' ? { dirty } : {}),

@@ -15,7 +15,12 @@ import { closeSync, fstatSync, readFileSync, statSync, writeFileSync } from 'nod
 import { join } from 'node:path';
 import { Worker } from 'node:worker_threads';
 import { native } from '../../src/kvm/native.js';
-import { createGuestRam, mapGuestRam } from '../../src/vmm/guest-ram.js';
+import {
+  allocateGuestRam,
+  createGuestRam,
+  mapGuestRam,
+  residentRuns,
+} from '../../src/vmm/guest-ram.js';
 import { checkMemoryFile, mapMemoryFile, writeMemoryFile } from '../../src/vmm/snapshot-memory.js';
 import type { SnapshotRegion } from '../../src/vmm/snapshot-format.js';
 import { tempDir } from './helpers.js';
@@ -133,5 +138,41 @@ test('memory file from a memfd: only data extents are read, untouched RAM stays 
   } finally {
     ram.unmap();
     closeSync(layout.memfd);
+  }
+});
+
+test('memory file from anonymous RAM (a booted VM): only existing pages are read', (t) => {
+  const { layout, ram } = allocateGuestRam([
+    { base: 0, size: 16 * MiB },
+    { base: HIGH, size: 16 * MiB },
+  ]);
+  const dir = tempDir('typervisor-anon-');
+  try {
+    ram.memory.write(5 * 4096 + 3, Uint8Array.of(1, 2, 3));
+    ram.memory.write(HIGH + 8 * MiB, new Uint8Array(3 * 4096).fill(0x42));
+    ram.memory.write(HIGH + 9 * MiB, new Uint8Array(4096)); // touched, but zero: a hole in the file
+    const runs = () => ram.buffers.map((b) => JSON.stringify(residentRuns(b)));
+    const before = runs();
+    assert.notEqual(before[1], '[]', 'the second region has pages');
+
+    const path = join(dir, 'mem');
+    writeMemoryFile(path, ram, layout.regions);
+    // A read of an untouched page would map the zero page there (and pagemap would show it).
+    assert.deepEqual(runs(), before, 'writing the memory file read untouched guest RAM');
+    const file = readFileSync(path);
+    assert.equal(file.length, 32 * MiB);
+    assert.ok(statSync(path).blocks * 512 <= 8 * 4096, 'the memory file is not sparse');
+    assert.deepEqual([...file.subarray(5 * 4096 + 3, 5 * 4096 + 6)], [1, 2, 3]);
+    assert.ok(file.subarray(24 * MiB, 24 * MiB + 3 * 4096).every((b) => b === 0x42));
+    const nonZero = file.reduce((c, b) => c + (b === 0 ? 0 : 1), 0);
+    assert.equal(nonZero, 3 + 3 * 4096);
+
+    // The same RAM scanned whole (no pagemap, as in a jail without /proc) gives the same file.
+    const whole = join(dir, 'whole');
+    writeMemoryFile(whole, { ...ram, anonymous: false }, layout.regions);
+    assert.ok(file.equals(readFileSync(whole)));
+    t.diagnostic(`pages after a whole scan: ${runs().join(' ')}`);
+  } finally {
+    ram.unmap();
   }
 });
