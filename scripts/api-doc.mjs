@@ -1,6 +1,8 @@
 #!/usr/bin/env node
 // Prints docs/api.md from the API's schemas and route tables (run after `npm run build`):
-//   node scripts/api-doc.mjs > docs/api.md
+//   node scripts/api-doc.mjs > docs/api.md      (or: npm run api-doc, which builds first)
+// This file is the source of docs/api.md, its prose included: edit here (or the schemas'
+// descriptions), never the .md. test/api/api-doc.test.ts fails when the two differ.
 const S = await import('../dist/src/api/schemas.js');
 const { UNSUPPORTED_ENDPOINTS } = await import('../dist/src/api/routes.js');
 
@@ -36,6 +38,12 @@ const endpoints = [
   ['GET', '/', '200 InstanceInfo `{id, state, vmm_version, app_name}`', 'any'],
   ['GET', '/version', '200 `{firecracker_version}`', 'any'],
   ['GET', '/vm/config', "200 FullVmConfiguration in Firecracker's exact shape (below)", 'any'],
+  [
+    'PUT',
+    '/vm/config',
+    "Typervisor's own (Firecracker has GET only): 204 once a whole configuration (the `--config-file` shape, `snapshot-load` included) is applied as `--config-file` applies it, each section as its PUT, then InstanceStart (or the load), in one request; the first failure answers its status with the section named (`drives (root): ...`), and the sections before it stay applied, as their PUTs would",
+    'pre-boot',
+  ],
   ['GET', '/machine-config', '200 MachineConfiguration', 'any'],
   ['PUT', '/machine-config', '204 (MachineConfiguration)', 'pre-boot'],
   [
@@ -405,6 +413,8 @@ const lines = [
   '  like every other error, where micro_http sends `{ "error": "...\\nAll previous unanswered requests will be dropped." }` (not valid JSON; and',
   '  earlier pipelined requests are answered here, not dropped).',
   '- Headers: at most 8 KiB, within 5 s; the whole request within 10 s (408); idle connections close after 30 s.',
+  "  Node's check of these two timeouts runs every 0.5 s only while a connection is open: an idle",
+  "  VMM has no timer of the API's (it used to wake twice a second for it).",
   '- At most 32 connections at once (micro_http: 10); one more is answered 503 "Too many open connections" and closed, as micro_http does.',
   '- A request without a `Host` header is served. `Expect: 100-continue` gets `100 Continue` (only when the body will be read), then the answer;',
   '  other Expect values are ignored, as micro_http ignores them.',
@@ -518,6 +528,15 @@ const lines = [
   '`--start-time-us`, `--start-time-cpu-us`, `--parent-cpu-time-us`.',
   '`--mmds-size-limit N` is accepted and checked (bytes, 0 to 999999999; default the payload limit, as Firecracker) and kept for the MMDS,',
   "which Typervisor does not have yet. `--enable-pci` is refused (exit 153): there is no PCI, devices are virtio-mmio (Firecracker's default).",
+  "`--rehearse` is Typervisor's own: before the API socket listens, the process serves one tiny VM through a private API server of its own",
+  '(a 14-byte guest: boot marker, then reset), unseen (no log line, no metrics, its files removed), so that the VM the API then asks for',
+  'runs on warm code and a vCPU thread that has run a VM already (docs/daemon.md "Modes": what the daemon\'s process pool starts; ~70-130 ms',
+  'more before the socket listens, a third of the create -> marker time after it). Refused with `--config-file`.',
+  "`--prepare-mem MIB` is Typervisor's own too: before the API socket listens (after `--rehearse`'s VM), the process creates the VM it",
+  "will serve up to its vCPUs, with MIB MiB of RAM (/dev/kvm, KVM_CREATE_VM, the RAM given to KVM, irqchip and PIT, the boot loader's",
+  'low pages touched); an InstanceStart with that `mem_size_mib` (and no dirty page tracking) takes it, ~1-2.5 ms less kernel work on the',
+  "start's path; another size builds its own VM as before and the prepared one is released at exit. 1 to 1048576; refused with",
+  "`--config-file`. The daemon's process pool starts its processes with it (docs/daemon.md).",
   "`--version` prints `Typervisor vX.Y.Z` and an empty line, the shape of Firecracker's `Firecracker vX.Y.Z` (its test framework reads the first",
   'line with `^Firecracker v(.+)`, which does not match our name).',
   'Exit codes: 0 guest powered off / rebooted / SIGTERM; 1 guest failure; 152 bad configuration file; 153 bad arguments.',

@@ -5,7 +5,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { ConfigError, HostError, ImageError } from '../util/errors.js';
 import { setLogLevel } from '../util/log.js';
-import { DEFAULT_BOOT_ARGS, validateMachineConfig } from '../vmm/index.js';
+import { DEFAULT_BOOT_ARGS, validateMachineConfig, validateResources } from '../vmm/index.js';
 import {
   EXIT_GUEST_FAILED,
   EXIT_HOST,
@@ -135,6 +135,53 @@ describe('parseRunArgs', () => {
     );
   });
 
+  test('--huge-pages None|2M is machine-config huge_pages, reaching the spec', T, async () => {
+    const { res } = await parseRunArgs([
+      '--kernel',
+      kernel,
+      '--huge-pages',
+      '2M',
+      '--memory',
+      '64',
+    ]);
+    assert.deepEqual(res.machine, { vcpu_count: 1, mem_size_mib: 64, huge_pages: '2M' });
+    assert.equal(validateResources(res).hugePages, '2M');
+    const none = await parseRunArgs([`--kernel=${kernel}`, '--huge-pages=None']);
+    assert.deepEqual(none.res.machine, { vcpu_count: 1, mem_size_mib: 256, huge_pages: 'None' });
+    assert.equal(validateResources(none.res).hugePages, undefined);
+    // The default size (256 MiB) is even: 2M needs no --memory.
+    const dflt = await parseRunArgs(['--kernel', kernel, '--huge-pages', '2M']);
+    assert.equal(dflt.res.machine.mem_size_mib, 256);
+  });
+
+  test('--huge-pages: what the config path refuses is refused, naming the flags', T, async () => {
+    for (const [argv, re] of [
+      [
+        ['--huge-pages', 'Transparent'],
+        /^--huge-pages: "Transparent" is not supported \(use "None" or "2M"\)$/,
+      ],
+      [['--huge-pages', '1G'], /^--huge-pages: "1G" is not supported \(use "None" or "2M"\)$/],
+      [['--huge-pages', '2m'], /^--huge-pages: "2m" is not supported/],
+      [['--huge-pages', ''], /^--huge-pages: "" is not supported/],
+      [
+        ['--huge-pages', '2M', '--memory', '65'],
+        /^--memory must be a multiple of 2 with --huge-pages "2M" \(got 65\)$/,
+      ],
+    ] as const)
+      await configError(['--kernel', kernel, ...argv], re);
+    // An odd size without huge pages is fine.
+    const { res } = await parseRunArgs([
+      '--kernel',
+      kernel,
+      '--huge-pages',
+      'None',
+      '--memory',
+      '65',
+    ]);
+    assert.equal(res.machine.mem_size_mib, 65);
+    await configError(['--kernel', kernel, '--huge-pages'], /--huge-pages/);
+  });
+
   test('an unknown flag is a ConfigError naming it', T, async () => {
     await configError(['--kernel', kernel, '--frobnicate'], /Unknown option '--frobnicate'/);
   });
@@ -204,6 +251,7 @@ describe('exit codes', () => {
       '--cmdline',
       '--vcpus',
       '--memory',
+      '--huge-pages',
       '--boot-timer',
       '--allow-pvm',
       '--log-level',
@@ -264,6 +312,7 @@ describe('run --restore arguments', () => {
         ['--kernel', kernel],
         ['--vcpus', '2'],
         ['--memory', '64'],
+        ['--huge-pages', '2M'],
         ['--drive', `path=${kernel}`],
         ['--rng'],
         ['--rootfs'],

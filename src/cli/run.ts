@@ -19,7 +19,9 @@ import {
   DEFAULT_BOOT_ARGS,
   MAX_MEM_MIB,
   MIN_MEM_MIB,
+  validateMachineConfig,
   validateResources,
+  type MachineConfig,
   type VmResources,
   type VmSpec,
 } from '../vmm/index.js';
@@ -42,6 +44,9 @@ export const RUN_USAGE = `usage: typervisor run [options]
   --cmdline STR     kernel command line (default: "${DEFAULT_BOOT_ARGS}")
   --vcpus N         number of vCPUs, 1-64 (default 1)
   --memory MiB      guest memory in MiB (default 256)
+  --huge-pages P    None (default) or 2M: guest RAM in 2 MiB hugetlbfs pages, all reserved at
+                    start from the host's vm.nr_hugepages pool (machine-config huge_pages;
+                    --memory must then be even)
   --drive SPEC      a virtio-blk disk: path=FILE[,ro][,root][,serial=ID][,blockdev][,async]
                     (repeatable; the root drive becomes /dev/vda and adds root=/dev/vda to the
                     command line; blockdev allows a host block device as FILE, refused otherwise;
@@ -65,7 +70,8 @@ export const RUN_USAGE = `usage: typervisor run [options]
                     main thread while its event loop is idle, the others native; auto
                     (default): loop (docs/architecture.md)
 Restoring a snapshot instead of booting (the VM's shape comes from the snapshot, so --kernel,
---initrd, --cmdline, --vcpus, --memory, --drive, --rootfs, --rng, --net and --vsock do not apply):
+--initrd, --cmdline, --vcpus, --memory, --huge-pages, --drive, --rootfs, --rng, --net and --vsock
+do not apply):
   --restore STATE   the state file (typervisor snapshot create, or PUT /snapshot/create)
   --mem-file MEM    its memory file (mapped privately; pages load on first touch)
   --mem-uffd SOCK   or: the socket of a page-fault handler serving the memory file (the Uffd
@@ -88,6 +94,29 @@ function intArg(
   if (!(n >= min && n <= max))
     throw new ConfigError(`--${name} must be a whole number from ${min} to ${max} (got "${v}")`);
   return n;
+}
+
+/** The machine-config field each machine flag of `run` sets. */
+const FLAG_OF_FIELD: Record<string, string> = {
+  vcpu_count: '--vcpus',
+  mem_size_mib: '--memory',
+  huge_pages: '--huge-pages',
+};
+
+/**
+ * The flags' machine-config, checked by the config path's own validateMachineConfig (the rules
+ * of PUT /machine-config and --config-file: huge_pages "None" or "2M", an even size with "2M"),
+ * its message naming the flags instead of the fields.
+ */
+function machineFromFlags(m: MachineConfig): MachineConfig {
+  try {
+    return validateMachineConfig(m);
+  } catch (e) {
+    if (!(e instanceof ConfigError)) throw e;
+    throw new ConfigError(
+      e.message.replace(/\b(vcpu_count|mem_size_mib|huge_pages)\b/g, (f) => FLAG_OF_FIELD[f]!),
+    );
+  }
 }
 
 /** The project's default guest (built by `npm run guest`), or undefined when not built. */
@@ -120,6 +149,7 @@ const VM_SHAPING_FLAGS = [
   'cmdline',
   'vcpus',
   'memory',
+  'huge-pages',
   'drive',
   'rootfs',
   'rng',
@@ -148,6 +178,7 @@ function parseRunFlags(argv: string[]) {
         cmdline: { type: 'string' },
         vcpus: { type: 'string' },
         memory: { type: 'string' },
+        'huge-pages': { type: 'string' },
         'boot-timer': { type: 'boolean' },
         'allow-pvm': { type: 'boolean' },
         'log-level': { type: 'string' },
@@ -253,11 +284,15 @@ export async function parseRunArgs(argv: string[]): Promise<RunArgs> {
     initrd ??= g.initrd;
   }
   const res: VmResources = {
-    machine: {
+    machine: machineFromFlags({
       vcpu_count: intArg('vcpus', v.vcpus, 1, 1, MAX_VCPUS),
       mem_size_mib: intArg('memory', v.memory, 256, MIN_MEM_MIB, MAX_MEM_MIB),
       ...(v['track-dirty-pages'] ? { track_dirty_pages: true } : {}),
-    },
+      // Carried as given: machineFromFlags decides what it may be.
+      ...(v['huge-pages'] !== undefined
+        ? { huge_pages: v['huge-pages'] as MachineConfig['huge_pages'] }
+        : {}),
+    }),
     boot: {
       kernel_image_path: kernel,
       initrd_path: initrd,
