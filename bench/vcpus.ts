@@ -10,8 +10,8 @@
  *  - exits/s: (PIOLOOP 100000 - PIOLOOP 1000 exits) / time difference, 1 vCPU and 8 vCPUs;
  *  - pause/resume latency: in this process (buildVm), Vmm.pause() until every vCPU is parked,
  *    and resume(), on the SPIN guest.
- * `node dist/bench/vcpus.js [--runs N] [--counts 1,8,32,64] [--variants LIST]` prints Markdown and writes
- * bench/results/vcpus.md. Figures are medians (min–max) of the runs.
+ * `node dist/bench/vcpus.js [--runs N] [--counts 1,8,32,64] [--variants LIST] [--out FILE]` prints
+ * Markdown (and writes it to FILE). Figures are medians (min–max) of the runs.
  */
 import { spawnSync } from 'node:child_process';
 import {
@@ -257,7 +257,12 @@ export async function vcpusSuite(o: VcpusOptions): Promise<string> {
 
 async function main() {
   const { values } = parseArgs({
-    options: { runs: { type: 'string' }, counts: { type: 'string' }, variants: { type: 'string' } },
+    options: {
+      runs: { type: 'string' },
+      counts: { type: 'string' },
+      variants: { type: 'string' },
+      out: { type: 'string' },
+    },
   });
   const variants = (values.variants ?? ALL_VARIANTS.join(',')).split(',') as Variant[];
   const runs = Number(values.runs ?? 3);
@@ -269,7 +274,7 @@ async function main() {
     variants.some((v) => !ALL_VARIANTS.includes(v))
   )
     throw new Error(
-      `usage: vcpus.js [--runs N] [--counts 1,8,32,64] [--variants ${ALL_VARIANTS.join(',')}] (1 to 64 vCPUs)`,
+      `usage: vcpus.js [--runs N] [--counts 1,8,32,64] [--variants ${ALL_VARIANTS.join(',')}] [--out FILE] (1 to 64 vCPUs)`,
     );
   const body = await vcpusSuite({
     runs,
@@ -280,8 +285,11 @@ async function main() {
   });
   const lines = `# vCPU threads: per-vCPU workers vs native runner threads vs QEMU\n\n${body}`;
   process.stdout.write(lines);
-  mkdirSync(join(REPO, 'bench', 'results'), { recursive: true });
-  writeFileSync(join(REPO, 'bench', 'results', 'vcpus.md'), lines);
+  // Only where asked: a run by hand must not leave a results file in the checkout.
+  if (values.out) {
+    mkdirSync(dirname(values.out), { recursive: true });
+    writeFileSync(values.out, lines);
+  }
   process.exit(0);
 }
 

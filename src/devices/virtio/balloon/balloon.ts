@@ -12,8 +12,9 @@
  * free_page_hint_cmd_id (written by the host: /balloon/hinting/*).
  *
  * Memory given back: every page the driver inflates, reports or hints is discarded from the
- * host (BalloonRam.discard: MADV_REMOVE on the shared memfd, which punches a hole so the host's
- * RSS drops; MADV_DONTNEED on a private mapping of a restored VM). Nothing is done on deflate:
+ * host (BalloonRam.discard: MADV_DONTNEED on private RAM, a booted VM's anonymous memory or a
+ * restored VM's mapping of its file; MADV_REMOVE on a shared memfd, which punches a hole), so the
+ * host's RSS drops. Nothing is done on deflate:
  * a page the guest touches again is allocated again (VIRTIO_BALLOON_F_MUST_TELL_HOST is not
  * offered). Every PFN is checked (a page wholly inside one guest RAM region); a bad one is
  * counted (invalid_pfns) and skipped, never fatal.

@@ -1,9 +1,9 @@
 /**
  * virtio-balloon in the device registry. No host side to open: the device works on guest RAM,
- * which the device worker maps (BackendEnv.ram). Pages go back to the host with MADV_REMOVE on
- * the shared memfd mapping (a hole is punched in the memfd: every mapping of it loses the page,
- * and the host's RSS drops), or MADV_DONTNEED on a restored VM's private mapping (its
- * copy-on-write copy is dropped).
+ * which the device worker wraps (BackendEnv.ram). Pages go back to the host with MADV_DONTNEED
+ * on private RAM (a booted VM's anonymous memory: the page is freed and reads zero again; a
+ * restored VM's mapping of its memory file: its copy-on-write copy is dropped), or MADV_REMOVE on
+ * a shared memfd mapping (a hole is punched in the memfd: every mapping of it loses the page).
  */
 import type { DeviceType } from '../descriptor.js';
 import { BalloonDevice, balloonIdentity, type BalloonOptions, type BalloonRam } from './balloon.js';
