@@ -253,6 +253,17 @@ static napi_value n_ioctl(napi_env env, napi_callback_info info) {
 /* uncounted.cc: an ArrayBuffer over `data` that V8 does not count as external memory. */
 napi_value tv_uncounted_arraybuffer(void *data, size_t length);
 
+/* An ArrayBuffer over a new mapping (no finalizer: see munmap), or NULL (thrown) and unmapped. */
+static napi_value wrap_mapping(napi_env env, void *p, size_t len) {
+  napi_value ab = tv_uncounted_arraybuffer(p, len);
+  if (ab == NULL) {
+    munmap(p, len);
+    napi_throw_error(env, NULL, "typervisor native: cannot wrap mapping in an ArrayBuffer");
+    return NULL;
+  }
+  return ab;
+}
+
 /* mmap(length, prot, flags, fd, offset): ArrayBuffer over the mapping (no finalizer: see munmap) */
 static napi_value n_mmap(napi_env env, napi_callback_info info) {
   napi_value a[5];
@@ -261,13 +272,7 @@ static napi_value n_mmap(napi_env env, napi_callback_info info) {
   void *p = mmap(NULL, len, (int)arg_i64(env, a[1]), (int)arg_i64(env, a[2]), (int)arg_i64(env, a[3]),
                  (off_t)arg_i64(env, a[4]));
   if (p == MAP_FAILED) return throw_errno(env, "mmap", errno);
-  napi_value ab = tv_uncounted_arraybuffer(p, len);
-  if (ab == NULL) {
-    munmap(p, len);
-    napi_throw_error(env, NULL, "typervisor native: cannot wrap mapping in an ArrayBuffer");
-    return NULL;
-  }
-  return ab;
+  return wrap_mapping(env, p, len);
 }
 
 /*
@@ -299,13 +304,7 @@ static napi_value n_mmap_aligned(napi_env env, napi_callback_info info) {
   }
   if (base > start) munmap(r, base - start);
   if (rend > end) munmap((void *)end, rend - end);
-  napi_value ab = tv_uncounted_arraybuffer(p, len);
-  if (ab == NULL) {
-    munmap(p, len);
-    napi_throw_error(env, NULL, "typervisor native: cannot wrap mapping in an ArrayBuffer");
-    return NULL;
-  }
-  return ab;
+  return wrap_mapping(env, p, len);
 }
 
 /* munmap(buffer): detaches the ArrayBuffer first, so a later use throws instead of faulting */

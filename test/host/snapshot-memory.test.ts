@@ -101,6 +101,25 @@ test('guest RAM view: a worker writes through viewAddress into the main thread p
   }
 });
 
+/** Two 16 MiB regions (0 and HIGH): 3 bytes low, 3 pages of 0x42 high, one zeroed page. */
+function writePattern(memory: { write(addr: number, src: Uint8Array): void }): void {
+  memory.write(5 * 4096 + 3, Uint8Array.of(1, 2, 3));
+  memory.write(HIGH + 8 * MiB, new Uint8Array(3 * 4096).fill(0x42));
+  memory.write(HIGH + 9 * MiB, new Uint8Array(4096)); // touched, but zero: a hole in the file
+}
+
+/** The memory file of writePattern's RAM: exactly that, sparse; its bytes. */
+function checkPatternFile(path: string): Buffer {
+  const file = readFileSync(path);
+  assert.equal(file.length, 32 * MiB);
+  assert.ok(statSync(path).blocks * 512 <= 8 * 4096, 'the memory file is not sparse');
+  assert.deepEqual([...file.subarray(5 * 4096 + 3, 5 * 4096 + 6)], [1, 2, 3]);
+  assert.ok(file.subarray(24 * MiB, 24 * MiB + 3 * 4096).every((b) => b === 0x42));
+  const nonZero = file.reduce((c, b) => c + (b === 0 ? 0 : 1), 0);
+  assert.equal(nonZero, 3 + 3 * 4096);
+  return file;
+}
+
 test('memory file from a memfd: only data extents are read, untouched RAM stays unallocated', (t) => {
   const n = native();
   assert.equal(typeof n.lseek, 'function', 'the native shim predates lseek: rebuild it');
@@ -111,9 +130,7 @@ test('memory file from a memfd: only data extents are read, untouched RAM stays 
   const ram = mapGuestRam(layout);
   const dir = tempDir('typervisor-memfd-');
   try {
-    ram.memory.write(5 * 4096 + 3, Uint8Array.of(1, 2, 3));
-    ram.memory.write(HIGH + 8 * MiB, new Uint8Array(3 * 4096).fill(0x42));
-    ram.memory.write(HIGH + 9 * MiB, new Uint8Array(4096)); // touched, but zero: a hole in the file
+    writePattern(ram.memory);
     const allocated = () => fstatSync(layout.memfd).blocks * 512;
     const before = allocated();
     assert.ok(before <= 64 * 4096, `memfd has ${before} bytes allocated before the snapshot`);
@@ -122,13 +139,7 @@ test('memory file from a memfd: only data extents are read, untouched RAM stays 
     assert.equal(ram.memfd, layout.memfd);
     writeMemoryFile(path, ram, layout.regions); // sourceFd defaults to ram.memfd
     assert.equal(allocated(), before, 'writing the memory file allocated guest RAM');
-    const file = readFileSync(path);
-    assert.equal(file.length, 32 * MiB);
-    assert.ok(statSync(path).blocks * 512 <= 8 * 4096, 'the memory file is not sparse');
-    assert.deepEqual([...file.subarray(5 * 4096 + 3, 5 * 4096 + 6)], [1, 2, 3]);
-    assert.ok(file.subarray(24 * MiB, 24 * MiB + 3 * 4096).every((b) => b === 0x42));
-    const nonZero = file.reduce((c, b) => c + (b === 0 ? 0 : 1), 0);
-    assert.equal(nonZero, 3 + 3 * 4096);
+    const file = checkPatternFile(path);
 
     // The same RAM scanned whole gives the same file (and, on shmem, allocates what it reads).
     const whole = join(dir, 'whole');
@@ -148,9 +159,7 @@ test('memory file from anonymous RAM (a booted VM): only existing pages are read
   ]);
   const dir = tempDir('typervisor-anon-');
   try {
-    ram.memory.write(5 * 4096 + 3, Uint8Array.of(1, 2, 3));
-    ram.memory.write(HIGH + 8 * MiB, new Uint8Array(3 * 4096).fill(0x42));
-    ram.memory.write(HIGH + 9 * MiB, new Uint8Array(4096)); // touched, but zero: a hole in the file
+    writePattern(ram.memory);
     const runs = () => ram.buffers.map((b) => JSON.stringify(residentRuns(b)));
     const before = runs();
     assert.notEqual(before[1], '[]', 'the second region has pages');
@@ -159,13 +168,7 @@ test('memory file from anonymous RAM (a booted VM): only existing pages are read
     writeMemoryFile(path, ram, layout.regions);
     // A read of an untouched page would map the zero page there (and pagemap would show it).
     assert.deepEqual(runs(), before, 'writing the memory file read untouched guest RAM');
-    const file = readFileSync(path);
-    assert.equal(file.length, 32 * MiB);
-    assert.ok(statSync(path).blocks * 512 <= 8 * 4096, 'the memory file is not sparse');
-    assert.deepEqual([...file.subarray(5 * 4096 + 3, 5 * 4096 + 6)], [1, 2, 3]);
-    assert.ok(file.subarray(24 * MiB, 24 * MiB + 3 * 4096).every((b) => b === 0x42));
-    const nonZero = file.reduce((c, b) => c + (b === 0 ? 0 : 1), 0);
-    assert.equal(nonZero, 3 + 3 * 4096);
+    const file = checkPatternFile(path);
 
     // The same RAM scanned whole (no pagemap, as in a jail without /proc) gives the same file.
     const whole = join(dir, 'whole');
