@@ -12,6 +12,7 @@ import {
   parseSuiteOutput,
   retryBudgetSec,
   suiteVerdict,
+  withAskedPlan,
   type SuiteProgress,
 } from './suite.js';
 
@@ -221,4 +222,30 @@ test('failureExcerpts: each failed test of the failed files, with the start of i
   ].join('\n');
   assert.equal(failureExcerpts(long, ['d.test.js']).split('\n').length, 1 + 24);
   assert.equal(failureExcerpts(out, []), '');
+});
+
+test("a file list garbled by the lab's console: the asked files are the plan, and they all passed", () => {
+  // CI of 1fd1354: four bytes of "event-idx.test.js" lost on the serial console.
+  const out = [
+    '# files: a.test.js event-idst.js c.test.js',
+    done('a.test.js', 0, 2, 0),
+    done('event-idx.test.js', 0, 1, 0),
+    done('c.test.js', 0, 3, 0),
+  ].join('\n');
+  const asked = ['a.test.js', 'event-idx.test.js', 'c.test.js'];
+  assert.equal(suiteVerdict(parseSuiteOutput(out)).ok, false, 'the console plan alone fails');
+  const { progress, garbled } = withAskedPlan(parseSuiteOutput(out), asked);
+  assert.deepEqual(garbled, ['event-idst.js']);
+  assert.deepEqual(suiteVerdict(progress), {
+    ok: true,
+    summary: 'tests 6, pass 6, fail 0, skipped 0 in 3 files',
+    problems: [],
+  });
+  // An asked file that never reported is still missing; a runner that never listed its files
+  // still fails.
+  const short = withAskedPlan(parseSuiteOutput(out), [...asked, 'd.test.js']).progress;
+  assert.deepEqual(suiteVerdict(short).problems, ['d.test.js: did not finish']);
+  const never = withAskedPlan(parseSuiteOutput(done('a.test.js', 0, 2, 0)), asked).progress;
+  assert.equal(never.planned, undefined);
+  assert.equal(suiteVerdict(never).ok, false);
 });

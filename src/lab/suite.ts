@@ -54,6 +54,25 @@ export function parseSuiteOutput(output: string): SuiteProgress {
   return { planned, done };
 }
 
+/**
+ * The progress with the plan the harness asked for (`asked`: the files' base names, recursively
+ * under test/inlab and the host files it named, or its --only list) instead of the runner's
+ * `# files:` line, which crosses the lab's serial console: CI of 1fd1354 read
+ * "event-idst.js" there (four bytes of "event-idx.test.js" lost), waited for a file that never
+ * existed, and failed a suite whose 30 files had all passed. `garbled`: the console's names that
+ * were not asked for (a lost or changed byte), for the log. A runner that never listed its files
+ * stays so (it never started).
+ */
+export function withAskedPlan(
+  p: SuiteProgress,
+  asked: readonly string[],
+): { progress: SuiteProgress; garbled: string[] } {
+  if (!p.planned) return { progress: p, garbled: [] };
+  const want = new Set(asked);
+  const garbled = p.planned.filter((f) => !want.has(f));
+  return { progress: { planned: [...asked], done: p.done }, garbled };
+}
+
 /** A file passed: it exited 0, ran tests, none failed and none was skipped. */
 export function filePassed(r: FileResult): boolean {
   return r.code === 0 && r.tests > 0 && r.fail === 0 && r.skipped === 0 && r.pass === r.tests;

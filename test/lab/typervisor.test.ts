@@ -20,9 +20,9 @@
 // here) hung in the retry too in two CI runs of that day.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { basename, join } from 'node:path';
 import { detectKvm } from '../../src/kvm/detect.js';
 import { ensureImage, repoRoot } from '../../src/lab/guest.js';
 import { runInLab, type LabResult } from '../../src/lab/lab.js';
@@ -36,6 +36,8 @@ import {
   plainText,
   retryBudgetSec,
   suiteVerdict,
+  withAskedPlan,
+  type SuiteProgress,
 } from '../../src/lab/suite.js';
 
 const HEARTBEAT_SEC = 30;
@@ -106,6 +108,29 @@ function outputForMessage(output: string): string {
   const file = join(tmpdir(), `typervisor-inlab-output-${process.pid}-${Date.now()}.txt`);
   writeFileSync(file, output);
   return `[the lab's output: ${output.length} characters in ${file}; its last ${OUTPUT_TAIL}:]\n${output.slice(-OUTPUT_TAIL)}`;
+}
+
+/**
+ * The files a lab boot was asked to run (`only`, or every *.test.js under dist/test/inlab and
+ * the host files), by base name as run-tests.mjs names them: the plan the verdict uses, whatever
+ * the lab's console made of the runner's own list (suite.ts withAskedPlan).
+ */
+function askedFiles(only?: string[]): string[] {
+  if (only) return only;
+  const inlab = readdirSync(join(repoRoot(), 'dist', 'test', 'inlab'), { recursive: true })
+    .map(String)
+    .filter((f) => f.endsWith('.test.js'))
+    .map((f) => basename(f));
+  return [...inlab, ...(hostFilesInLab ? HOST_FILES.map((f) => basename(f)) : [])];
+}
+
+function planAsked(p: SuiteProgress, only?: string[]): SuiteProgress {
+  const { progress, garbled } = withAskedPlan(p, askedFiles(only));
+  if (garbled.length > 0)
+    process.stderr.write(
+      `in-lab suite: the lab's console garbled the runner's file list (${garbled.join(' ')}): the files this harness asked for are the plan\n`,
+    );
+  return progress;
 }
 
 /** One lab boot running the suite's files (`only`: just those), for at most `timeoutSec`. */
@@ -179,7 +204,7 @@ test(
     let { r, hung } = await runSuite(ATTEMPT_SEC);
     // 125: the lab itself failed (it never came up, or its machine ended under the suite).
     const labFailed = () => hung || r.code === 125;
-    let progress = parseSuiteOutput(r.output);
+    let progress = planAsked(parseSuiteOutput(r.output));
     const labBroke = () => !suiteVerdict(progress).ok && r.labFaults.length > 0;
     let output = r.output;
     if (labFailed() || labBroke()) {
@@ -207,7 +232,7 @@ test(
           !labFailed(),
           `the lab failed twice in a row: ${r.error ?? ''}\n${outputForMessage(r.output)}`,
         );
-        progress = mergeProgress(first, parseSuiteOutput(r.output));
+        progress = mergeProgress(first, planAsked(parseSuiteOutput(r.output), again));
         output += `\n# (the retry)\n${r.output}`;
       }
     }
