@@ -147,14 +147,10 @@ export function createGuestRam(
       `huge_pages "2M": this host cannot make a hugetlbfs memfd of 2 MiB pages (${(e as Error).message})`,
     );
   }
-  let off = 0;
-  const regions = ranges.map((r) => {
-    const region = { base: r.base, size: r.size, fileOffset: off };
-    off += r.size;
-    return region;
-  });
+  const regions = backToBack(ranges);
+  const last = regions[regions.length - 1];
   try {
-    ftruncateSync(memfd, off);
+    ftruncateSync(memfd, last ? last.fileOffset + last.size : 0);
   } catch (e) {
     n.close(memfd);
     throw e;
@@ -194,24 +190,16 @@ export function allocateGuestRam(
       // The first 2 MiB hold what the boot loader writes (zero page, command line, page tables,
       // MP and ACPI tables, below 1 MiB) and a tiny guest's whole footprint: on 4 KiB pages they
       // cost the host what is written, not 2 MiB (issue 18's peak RSS of the micro guest).
-      if (r.base === 0 && r.size >= HUGE_PAGE_SIZE) noHugePages(b, HUGE_PAGE_SIZE);
-      try {
-        n.madvise(b, 0, b.byteLength, MADV_DONTFORK);
-      } catch {
-        // a forked child shares the pages copy-on-write until it execs, as without the advice
-      }
+      if (r.base === 0 && r.size >= HUGE_PAGE_SIZE)
+        adviseBestEffort(b, HUGE_PAGE_SIZE, MADV_NOHUGEPAGE);
+      // Refused: a forked child shares the pages copy-on-write until it execs.
+      adviseBestEffort(b, b.byteLength, MADV_DONTFORK);
     }
   } catch (e) {
     buffers.forEach((b) => n.munmap(b));
     throw e;
   }
-  // Back to back, as in a memfd: the offsets a snapshot's memory file gives the regions.
-  let off = 0;
-  const regions = ranges.map((r) => {
-    const region = { base: r.base, size: r.size, fileOffset: off };
-    off += r.size;
-    return region;
-  });
+  const regions = backToBack(ranges);
   const layout: GuestRamLayout = {
     memfd: -1,
     regions,
@@ -219,13 +207,10 @@ export function allocateGuestRam(
     anonymous: true,
   };
   if (opts.trackDirty) trackDeviceWrites(layout);
-  const ram = guestRamOver(regions, buffers, (b) => n.munmap(b));
-  if (layout.deviceDirty)
-    ram.memory.deviceWrites = new DirtyPages(
-      layout.deviceDirty,
-      regions,
-      buffers.map((b) => new Uint8Array(b)),
-    );
+  const ram = markDeviceWrites(
+    layout,
+    guestRamOver(regions, buffers, (b) => n.munmap(b)),
+  );
   return { layout, ram: { ...ram, anonymous: true } };
 }
 
@@ -379,7 +364,14 @@ export function mapGuestRam(
   layout: GuestRamLayout,
   device: readonly DeviceMemoryView[] = [],
 ): MappedGuestRam {
-  const ram = mapRegions(layout, device.length ? viewDeviceMemory(device) : undefined);
+  return markDeviceWrites(
+    layout,
+    mapRegions(layout, device.length ? viewDeviceMemory(device) : undefined),
+  );
+}
+
+/** With a device-dirty bitmap, `ram`'s memory marks the VMM's writes there; returns `ram`. */
+function markDeviceWrites(layout: GuestRamLayout, ram: MappedGuestRam): MappedGuestRam {
   if (layout.deviceDirty)
     ram.memory.deviceWrites = new DirtyPages(
       layout.deviceDirty,
@@ -387,6 +379,16 @@ export function mapGuestRam(
       ram.buffers.map((b) => new Uint8Array(b)),
     );
   return ram;
+}
+
+/** The ranges back to back, as in a memfd: the offsets a snapshot's memory file gives them. */
+function backToBack(ranges: ReadonlyArray<{ base: number; size: number }>): GuestRamRegion[] {
+  let off = 0;
+  return ranges.map((r) => {
+    const region = { base: r.base, size: r.size, fileOffset: off };
+    off += r.size;
+    return region;
+  });
 }
 
 /**
@@ -399,19 +401,15 @@ export function mapGuestRam(
  * without THP refuses (EINVAL), and the RAM works the same with 4 KiB pages.
  */
 function adviseHugePages(b: ArrayBuffer): void {
-  try {
-    native().madvise(b, 0, b.byteLength, MADV_HUGEPAGE);
-  } catch {
-    // 4 KiB pages, as before
-  }
+  adviseBestEffort(b, b.byteLength, MADV_HUGEPAGE); // refused: 4 KiB pages, as before
 }
 
-/** MADV_NOHUGEPAGE on the first `length` bytes of `b`; best effort, as the advice above. */
-function noHugePages(b: ArrayBuffer, length: number): void {
+/** madvise of the first `length` bytes of `b`, whose refusal changes nothing that must hold. */
+function adviseBestEffort(b: ArrayBuffer, length: number, advice: number): void {
   try {
-    native().madvise(b, 0, length, MADV_NOHUGEPAGE);
+    native().madvise(b, 0, length, advice);
   } catch {
-    // 2 MiB pages there too
+    // the mapping works the same without the advice
   }
 }
 
