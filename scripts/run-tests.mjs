@@ -13,8 +13,20 @@
 //   # file done: a.test.js exit 0 tests 3 pass 3 fail 0 skipped 0   (after each)
 // so that a harness whose lab froze part-way knows which files finished, and runs only the
 // others in its one retry (src/lab/suite.ts). --only a.test.js,b.test.js keeps those files.
+// --report FILE (with --heartbeat): those two kinds of line also go to FILE, each appended and synced as it is
+// printed. The lab's harness reads its verdict there: the file crosses the lab's 9p share
+// (cache=mmap, written through), where the console (a serial line) can lose bytes.
 // A folder takes every test file under it; a file (test/host/a.test.js) takes that one.
-import { readdirSync, statSync, existsSync, mkdirSync } from 'node:fs';
+import {
+  readdirSync,
+  statSync,
+  existsSync,
+  mkdirSync,
+  openSync,
+  writeSync,
+  fsyncSync,
+  closeSync,
+} from 'node:fs';
 import { join } from 'node:path';
 import { spawn, spawnSync } from 'node:child_process';
 
@@ -29,6 +41,16 @@ if (hb >= 0) {
     process.exit(2);
   }
   args.splice(hb, 2);
+}
+let report = null;
+const rp = args.indexOf('--report');
+if (rp >= 0) {
+  report = args[rp + 1];
+  if (!report || report.startsWith('--')) {
+    console.error('--report takes a file name');
+    process.exit(2);
+  }
+  args.splice(rp, 2);
 }
 let only = null;
 const on = args.indexOf('--only');
@@ -175,6 +197,15 @@ function runFile(file) {
 const line = (text) => {
   process.stdout.write(`${atLineStart.stdout && atLineStart.stderr ? '' : '\n'}${text}\n`);
   atLineStart.stdout = atLineStart.stderr = true;
+  if (report) {
+    const fd = openSync(report, 'a');
+    try {
+      writeSync(fd, `${text}\n`);
+      fsyncSync(fd);
+    } finally {
+      closeSync(fd);
+    }
+  }
 };
 line(`# files: ${ordered.map(base).join(' ')}`);
 let worst = 0;

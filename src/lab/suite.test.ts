@@ -1,7 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { repoRoot } from './guest.js';
 import {
@@ -10,6 +10,7 @@ import {
   filesToRetry,
   mergeProgress,
   parseSuiteOutput,
+  progressOf,
   retryBudgetSec,
   suiteVerdict,
   withAskedPlan,
@@ -118,9 +119,22 @@ test('scripts/run-tests.mjs --heartbeat prints what parseSuiteOutput reads; --on
         env,
         timeout: 60_000,
       });
-    const all = run('--heartbeat', '30', name);
+    const report = join(dir, 'report.txt');
+    const all = run('--heartbeat', '30', '--report', report, name);
     assert.equal(all.status, 1, all.stderr);
     const p = parseSuiteOutput(all.stdout);
+    // The report holds the same two kinds of line, and nothing else.
+    const lines = readFileSync(report, 'utf8').trimEnd().split('\n');
+    assert.deepEqual(
+      lines.map((l) => l.split(' ').slice(0, 4).join(' ')),
+      [
+        '# files: a.test.js b.test.js',
+        '# file done: a.test.js',
+        '# file done: b.test.js',
+        '# file done: c.test.js',
+      ],
+    );
+    assert.deepEqual(parseSuiteOutput(lines.join('\n')), p);
     assert.deepEqual(p.planned, ['a.test.js', 'b.test.js', 'c.test.js']);
     assert.deepEqual(
       [...p.done.values()].map((r) => [r.file, r.code, r.tests, r.pass, r.fail, r.skipped]),
@@ -133,6 +147,7 @@ test('scripts/run-tests.mjs --heartbeat prints what parseSuiteOutput reads; --on
     const some = run('--heartbeat', '30', '--only', 'c.test.js,a.test.js', name);
     assert.equal(some.status, 0, some.stderr);
     assert.deepEqual(parseSuiteOutput(some.stdout).planned, ['a.test.js', 'c.test.js']);
+    assert.equal(run('--heartbeat', '30', '--report').status, 2);
     const wrong = run('--heartbeat', '30', '--only', 'x.test.js', name);
     assert.equal(wrong.status, 2);
     assert.match(wrong.stderr, /--only: no such test file: x\.test\.js/);
@@ -248,4 +263,36 @@ test("a file list garbled by the lab's console: the asked files are the plan, an
   const never = withAskedPlan(parseSuiteOutput(done('a.test.js', 0, 2, 0)), asked).progress;
   assert.equal(never.planned, undefined);
   assert.equal(suiteVerdict(never).ok, false);
+});
+
+test('the report file counts over the console; the console fills in what the report lacks', () => {
+  const asked = ['a.test.js', 'event-idx.test.js', 'c.test.js'];
+  // The console lost bytes of a "file done" line (and of the list); the report has them whole.
+  const console = [
+    '# files: a.test.js event-idst.js c.test.js',
+    done('a.test.js', 0, 2, 0),
+    done('event-idx.test.js', 0, 1, 0).replace('pass 1', 'pas 1'),
+    done('c.test.js', 0, 3, 0),
+  ].join('\n');
+  const report = [
+    `# files: ${asked.join(' ')}`,
+    done('a.test.js', 0, 2, 0),
+    done('event-idx.test.js', 0, 1, 0),
+    done('c.test.js', 0, 3, 0),
+  ].join('\n');
+  assert.deepEqual(
+    suiteVerdict(withAskedPlan(parseSuiteOutput(console), asked).progress).problems,
+    ['event-idx.test.js: did not finish'],
+  );
+  const p = progressOf(console, report);
+  assert.deepEqual(p.planned, asked);
+  assert.equal(suiteVerdict(withAskedPlan(p, asked).progress).ok, true);
+  // A report that stops short (the lab ended as it wrote): the console's line stands in.
+  const cut = progressOf(console, report.split('\n').slice(0, 3).join('\n'));
+  assert.deepEqual([...cut.done.keys()].sort(), asked.slice().sort());
+  // No report at all (it could not be written): the console alone, as before.
+  assert.deepEqual(progressOf(console, ''), parseSuiteOutput(console));
+  // A failure in the report is not hidden by a console line that says otherwise.
+  const failed = progressOf(done('c.test.js', 0, 3, 0), done('c.test.js', 1, 3, 1));
+  assert.equal(failed.done.get('c.test.js')!.fail, 1);
 });

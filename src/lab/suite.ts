@@ -55,6 +55,22 @@ export function parseSuiteOutput(output: string): SuiteProgress {
 }
 
 /**
+ * The progress of one run from the runner's report file (`--report`: the same lines, written
+ * through the lab's 9p share) and its console output. The report is what counts: the console is
+ * a serial line that can lose bytes (CI of 1fd1354 lost four in the middle of a file name), so a
+ * "# file done:" line there can be garbled or missing while the report holds it whole. The
+ * console still fills in what the report lacks: a report that could not be written, or one whose
+ * last line was written just before the lab stopped.
+ */
+export function progressOf(consoleOutput: string, report: string): SuiteProgress {
+  const fromReport = parseSuiteOutput(report);
+  const fromConsole = parseSuiteOutput(consoleOutput);
+  const done = new Map(fromConsole.done);
+  for (const [f, r] of fromReport.done) done.set(f, r);
+  return { planned: fromReport.planned ?? fromConsole.planned, done };
+}
+
+/**
  * The progress with the plan the harness asked for (`asked`: the files' base names, recursively
  * under test/inlab and the host files it named, or its --only list) instead of the runner's
  * `# files:` line, which crosses the lab's serial console: CI of 1fd1354 read

@@ -13,14 +13,15 @@
 // lab's KVM_RUN under the emulated AMD-V), nothing that ran on that machine can be judged, and
 // the suite runs again, once, saying so and printing the kernel's lines. A second failure stands.
 //
-// The runner runs the files one at a time and says when each finished (src/lab/suite.ts), so
-// the retry runs only what the frozen lab had not finished (and, when its kernel broke, what
+// The runner runs the files one at a time and says when each finished (src/lab/suite.ts), on
+// the console and in a report file written through the 9p share (the verdict's source: the
+// serial console has lost bytes of those lines), so the retry runs only what the frozen lab had not finished (and, when its kernel broke, what
 // failed on it): a file that finished keeps its result. Until 2026-12-02 the retry ran the
 // whole suite again, and a lab that hangs about once per boot-and-suite (every ~20 min of it
 // here) hung in the retry too in two CI runs of that day.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { basename, join } from 'node:path';
 import { detectKvm } from '../../src/kvm/detect.js';
@@ -32,8 +33,8 @@ import {
   filePassed,
   filesToRetry,
   mergeProgress,
-  parseSuiteOutput,
   plainText,
+  progressOf,
   retryBudgetSec,
   suiteVerdict,
   withAskedPlan,
@@ -137,7 +138,7 @@ function planAsked(p: SuiteProgress, only?: string[]): SuiteProgress {
 async function runSuite(
   timeoutSec: number,
   only?: string[],
-): Promise<{ r: LabResult; hung: boolean }> {
+): Promise<{ r: LabResult; hung: boolean; report: string }> {
   const abort = new AbortController();
   // The lab's boot prints nothing here (its console goes to a file) and has its own limit
   // (runInLab's bootTimeoutSec, then code 125): silence counts only once the command runs.
@@ -153,6 +154,9 @@ async function runSuite(
   // 9p), and a lab that dies mid-test runs no test's cleanup (CI of 14dd9f9: a 1 GB sparse
   // rootfs copy left in /tmp). Each boot gets a directory of its own, removed when it ends.
   const labTmp = mkdtempSync(join(tmpdir(), 'typervisor-inlab-tmp-'));
+  // The runner's report of its files (run-tests.mjs --report): the verdict's source, written
+  // through the 9p share, where the console can lose bytes (suite.ts progressOf).
+  const reportFile = join(labTmp, 'report.txt');
   const watchdog = setInterval(() => {
     if (!ready || abort.signal.aborted || Date.now() - last < IDLE_SEC * 1000) return;
     hung = true;
@@ -165,6 +169,8 @@ async function runSuite(
         'scripts/run-tests.mjs',
         '--heartbeat',
         String(HEARTBEAT_SEC),
+        '--report',
+        reportFile,
         ...(only ? ['--only', only.join(',')] : []),
         'test/inlab',
         ...(hostFilesInLab ? HOST_FILES : []),
@@ -186,7 +192,13 @@ async function runSuite(
         last = Date.now();
       },
     });
-    return { r, hung };
+    let report = '';
+    try {
+      report = readFileSync(reportFile, 'utf8');
+    } catch {
+      // Never written (the runner did not start): the console's lines are all there is.
+    }
+    return { r, hung, report };
   } finally {
     clearInterval(watchdog);
     rmSync(labTmp, { recursive: true, force: true });
@@ -201,10 +213,10 @@ test(
     ensureImage('kernel');
     ensureImage('initramfs');
     ensureImage('generic'); // test/inlab/snapshot.test.ts: a kernel with CONFIG_VMGENID
-    let { r, hung } = await runSuite(ATTEMPT_SEC);
+    let { r, hung, report } = await runSuite(ATTEMPT_SEC);
     // 125: the lab itself failed (it never came up, or its machine ended under the suite).
     const labFailed = () => hung || r.code === 125;
-    let progress = planAsked(parseSuiteOutput(r.output));
+    let progress = planAsked(progressOf(r.output, report));
     const labBroke = () => !suiteVerdict(progress).ok && r.labFaults.length > 0;
     let output = r.output;
     if (labFailed() || labBroke()) {
@@ -227,12 +239,12 @@ test(
         // Every file finished (the lab froze after the last one): nothing to run again.
       } else {
         const first = progress;
-        ({ r, hung } = await runSuite(budget!, again));
+        ({ r, hung, report } = await runSuite(budget!, again));
         assert.ok(
           !labFailed(),
           `the lab failed twice in a row: ${r.error ?? ''}\n${outputForMessage(r.output)}`,
         );
-        progress = mergeProgress(first, planAsked(parseSuiteOutput(r.output), again));
+        progress = mergeProgress(first, planAsked(progressOf(r.output, report), again));
         output += `\n# (the retry)\n${r.output}`;
       }
     }
