@@ -6,7 +6,9 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
 import { once } from 'node:events';
+import { fileURLToPath } from 'node:url';
 import { Worker, getEnvironmentData } from 'node:worker_threads';
 import { configureSeccomp, seccompSettings } from './install.js';
 
@@ -39,4 +41,43 @@ test('seccomp settings: the default sets no environment data; others do; a later
   assert.deepEqual(getEnvironmentData(KEY), { mode: 'default' });
   assert.deepEqual(seccompSettings(), { mode: 'default' });
   assert.deepEqual(await seenByWorker(), { mode: 'default' });
+});
+
+/**
+ * A child that installs the process filter (asking for `poolThreads`, if given) and prints how
+ * many threads it gained, and what it left in UV_THREADPOOL_SIZE.
+ */
+function poolChild(poolThreads: number | undefined, env: NodeJS.ProcessEnv = {}) {
+  // CommonJS, the module by require (Node 20: --experimental-require-module): an import()
+  // would read files through libuv's pool and so start it before the filter does.
+  const code = `
+    const { readFileSync } = require('node:fs');
+    // (not readdir of /proc/self/task: the filter has no getdents64)
+    const threads = () => Number(/^Threads:\\s+(\\d+)/m.exec(readFileSync('/proc/self/status', 'utf8'))[1]);
+    const { installProcessFilter } = require(${JSON.stringify(fileURLToPath(new URL('./install.js', import.meta.url)))});
+    const before = threads();
+    installProcessFilter({ mode: 'default' }, ${poolThreads === undefined ? '{}' : `{ poolThreads: ${poolThreads} }`});
+    console.log(JSON.stringify({ added: threads() - before, env: process.env.UV_THREADPOOL_SIZE ?? null }));
+  `;
+  const base = { ...process.env };
+  delete base.UV_THREADPOOL_SIZE;
+  const r = spawnSync(
+    process.execPath,
+    ['--experimental-require-module', '--no-warnings', '-e', code],
+    {
+      encoding: 'utf8',
+      env: { ...base, ...env },
+      timeout: 30_000,
+    },
+  );
+  assert.equal(r.status, 0, r.stderr);
+  return JSON.parse(r.stdout) as { added: number; env: string | null };
+}
+
+test("the process filter starts libuv's pool: Node's four threads, or as many as asked unless the user set UV_THREADPOOL_SIZE", () => {
+  assert.deepEqual(poolChild(undefined), { added: 4, env: null });
+  // The CLI's one thread, and the variable not left behind for the VMM's children.
+  assert.deepEqual(poolChild(1), { added: 1, env: null });
+  // The user's setting wins, and stays theirs.
+  assert.deepEqual(poolChild(1, { UV_THREADPOOL_SIZE: '2' }), { added: 2, env: '2' });
 });

@@ -120,14 +120,37 @@ export function programFor(role: Role, s: SeccompSettings = seccompSettings()): 
  * here: that would load node:worker_threads into every VMM, which a native-vCPU VM without
  * devices has no other use for (configureSeccomp).
  */
-export function installProcessFilter(s: SeccompSettings = seccompSettings()): boolean {
+export function installProcessFilter(
+  s: SeccompSettings = seccompSettings(),
+  o: { poolThreads?: number } = {},
+): boolean {
   if (s.mode === 'off') return false;
   const prog = programFor('main', s);
   // The libuv pool starts on its first use, from whichever thread asks first: start it here,
   // so its threads are the main thread's children and get this filter (not a worker's).
-  stat('/', () => {}); // queued work creates the pool's threads at once, from this thread
+  startThreadPool(o.poolThreads);
   native().seccompInstall(prog, SECCOMP_FILTER_FLAG_TSYNC);
   return true;
+}
+
+/**
+ * Starts libuv's thread pool now, from this thread (queued work creates its threads at once).
+ * `threads`: how many, unless the user set UV_THREADPOOL_SIZE (libuv reads it once, as the pool
+ * starts; it is not left in the environment for the VMM's children). The CLI asks for one: the
+ * VMM queues no work of its own there (with --no-seccomp the pool never starts at all), and
+ * each of the pool's threads has an 8 MiB stack, which a THP host backs with a 2 MiB page
+ * whenever its top is 2 MiB-aligned (seen in the lab: +2 MiB of RSS in most runs of a
+ * micro VM with libuv's default four; docs/architecture.md "Start-up"). The library leaves
+ * the pool as Node makes it: its embedder's work may run there.
+ */
+function startThreadPool(threads?: number): void {
+  const own = threads !== undefined && process.env.UV_THREADPOOL_SIZE === undefined;
+  if (own) process.env.UV_THREADPOOL_SIZE = String(threads);
+  try {
+    stat('/', () => {});
+  } finally {
+    if (own) delete process.env.UV_THREADPOOL_SIZE;
+  }
 }
 
 /**

@@ -29,6 +29,7 @@ export function seccompSettingsFromFlags(
  */
 export function applySeccomp(s: SeccompSettings): string {
   configureSeccomp(s);
-  if (!installProcessFilter(s)) return 'seccomp: off (--no-seccomp)';
+  // One thread in libuv's pool, which the VMM does not use (install.ts startThreadPool).
+  if (!installProcessFilter(s, { poolThreads: 1 })) return 'seccomp: off (--no-seccomp)';
   return s.mode === 'custom' ? `seccomp: filters from ${s.source}` : 'seccomp: default filters';
 }
