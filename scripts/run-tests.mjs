@@ -13,9 +13,10 @@
 //   # file done: a.test.js exit 0 tests 3 pass 3 fail 0 skipped 0   (after each)
 // so that a harness whose lab froze part-way knows which files finished, and runs only the
 // others in its one retry (src/lab/suite.ts). --only a.test.js,b.test.js keeps those files.
-// --report FILE (with --heartbeat): those two kinds of line also go to FILE, each appended and synced as it is
-// printed. The lab's harness reads its verdict there: the file crosses the lab's 9p share
-// (cache=mmap, written through), where the console (a serial line) can lose bytes.
+// --report FILE (with --heartbeat): those two kinds of line also go to FILE, each appended and
+// synced as it is printed. The lab's harness reads its verdict there: the file crosses the
+// lab's 9p share (cache=mmap, written through), where the console (a serial line) can lose
+// bytes.
 // A folder takes every test file under it; a file (test/host/a.test.js) takes that one.
 import {
   readdirSync,

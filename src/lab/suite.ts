@@ -65,9 +65,9 @@ export function parseSuiteOutput(output: string): SuiteProgress {
 export function progressOf(consoleOutput: string, report: string): SuiteProgress {
   const fromReport = parseSuiteOutput(report);
   const fromConsole = parseSuiteOutput(consoleOutput);
-  const done = new Map(fromConsole.done);
-  for (const [f, r] of fromReport.done) done.set(f, r);
-  return { planned: fromReport.planned ?? fromConsole.planned, done };
+  // The report's lines over the console's, as a retry's over the first run's.
+  const merged = mergeProgress(fromConsole, fromReport);
+  return { ...merged, planned: fromReport.planned ?? fromConsole.planned };
 }
 
 /**

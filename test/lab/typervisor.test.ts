@@ -15,10 +15,11 @@
 //
 // The runner runs the files one at a time and says when each finished (src/lab/suite.ts), on
 // the console and in a report file written through the 9p share (the verdict's source: the
-// serial console has lost bytes of those lines), so the retry runs only what the frozen lab had not finished (and, when its kernel broke, what
-// failed on it): a file that finished keeps its result. Until 2026-12-02 the retry ran the
-// whole suite again, and a lab that hangs about once per boot-and-suite (every ~20 min of it
-// here) hung in the retry too in two CI runs of that day.
+// serial console has lost bytes of those lines), so the retry runs only what the frozen lab
+// had not finished (and, when its kernel broke, what failed on it): a file that finished keeps
+// its result. Until 2026-12-02 the retry ran the whole suite again, and a lab that hangs about
+// once per boot-and-suite (every ~20 min of it here) hung in the retry too in two CI runs of
+// that day.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
@@ -129,7 +130,7 @@ function planAsked(p: SuiteProgress, only?: string[]): SuiteProgress {
   const { progress, garbled } = withAskedPlan(p, askedFiles(only));
   if (garbled.length > 0)
     process.stderr.write(
-      `in-lab suite: the lab's console garbled the runner's file list (${garbled.join(' ')}): the files this harness asked for are the plan\n`,
+      `in-lab suite: the runner's file list named files not asked for (${garbled.join(' ')}: bytes lost on the lab's console, if the report was missing): the files this harness asked for are the plan\n`,
     );
   return progress;
 }
