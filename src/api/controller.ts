@@ -65,6 +65,7 @@ import {
   MMDS_NOT_INITIALIZED,
   MmdsStore,
 } from '../mmds/store.js';
+import { monoMs } from '../util/clock.js';
 
 export type ApiOutcome =
   { status: 200; body: unknown } | { status: 204 } | { status: 400 | 500; fault: string };
@@ -396,7 +397,7 @@ export class VmmController {
           : bad('i8042 internal buffer full.');
       case 'Pause': {
         if (!this.built) return bad(POST_BOOT_ONLY);
-        const t0 = performance.now();
+        const t0 = monoMs();
         try {
           // The vCPUs, then the device worker: guest RAM does not change while paused.
           await this.built.vmm.pauseAll(this.built.deviceWorker);
@@ -408,7 +409,7 @@ export class VmmController {
       }
       case 'Resume': {
         if (!this.built) return bad(POST_BOOT_ONLY);
-        const t0 = performance.now();
+        const t0 = monoMs();
         try {
           await this.built.vmm.resumeAll(this.built.deviceWorker);
         } catch (e) {
@@ -683,9 +684,9 @@ export class VmmController {
   }
 
   /** Firecracker's latencies_us group: `name` (the request) and `vmm_name` (the VMM's part). */
-  private latency(name: string, t0: number, vmmT0 = t0, vmmT1 = performance.now()): void {
+  private latency(name: string, t0: number, vmmT0 = t0, vmmT1 = monoMs()): void {
     const us = (ms: number) => Math.round(ms * 1000);
-    const total = us(performance.now() - t0);
+    const total = us(monoMs() - t0);
     this.opts.metrics.store('latencies_us', name, total);
     const line = latencyLine(name, total);
     if (line) log('info', line, { thread: 'fc_api' });
@@ -694,7 +695,7 @@ export class VmmController {
 
   /** PUT /snapshot/create: the VM must be paused; it stays paused. */
   private async create(built: BuiltVm, p: SnapshotCreateBody): Promise<ApiOutcome> {
-    const t0 = performance.now();
+    const t0 = monoMs();
     const type = p.snapshot_type ?? 'Full';
     // Firecracker checks this first, whatever the VM's state (a VM that tracks dirty pages has
     // the device-dirty bitmap in its RAM layout).
@@ -704,7 +705,7 @@ export class VmmController {
       const now = built.vmm.state === 'running' ? 'Running' : 'Stopped';
       return bad(`${CREATE_PREFIX}the microVM must be paused (it is ${now})`);
     }
-    const vmmT0 = performance.now();
+    const vmmT0 = monoMs();
     try {
       await (this.opts.createSnapshot ?? createSnapshot)(built, {
         snapshotPath: p.snapshot_path,
@@ -724,7 +725,7 @@ export class VmmController {
    * undoes what it made), so the process stays fresh and a corrected load may follow.
    */
   private async load(p: SnapshotLoadBody): Promise<ApiOutcome> {
-    const t0 = performance.now();
+    const t0 = monoMs();
     if (p.huge_pages === 'Transparent')
       return bad(`${LOAD_PREFIX}huge_pages "Transparent" is not supported yet`);
     if (p.huge_pages === '2M')
@@ -746,7 +747,7 @@ export class VmmController {
       })),
       ...(p.vsock_override ? { vsockOverride: { udsPath: p.vsock_override.uds_path } } : {}),
     };
-    const vmmT0 = performance.now();
+    const vmmT0 = monoMs();
     let built: BuiltVm;
     let serial: ReturnType<VmmController['serialOutput']> | undefined;
     try {
@@ -757,7 +758,7 @@ export class VmmController {
       if (e instanceof TypervisorError) return bad(prefixed(LOAD_PREFIX, e.message));
       throw e;
     }
-    const vmmT1 = performance.now();
+    const vmmT1 = monoMs();
     this.built = built;
     // GET /vm/config: the saved configuration with the overrides applied. Logger and metrics
     // configured in this process stay (Firecracker does not save them either).

@@ -18,6 +18,7 @@ import { logsAt, setLineFormatter, setLogLevel, type Level } from '../util/log.j
 import { fcTimestamp, validateLogger, type LoggerConfig } from '../vmm/index.js';
 import type { Counters } from './metrics.js';
 import { openOutputFile } from './output-file.js';
+import { epochMs } from '../util/clock.js';
 
 const LEVEL_MAP: Record<string, Level | 'off'> = {
   error: 'error',
@@ -60,7 +61,7 @@ export function formatFcLine(
   level: Level,
   message: string,
   thread: string,
-  now = performance.timeOrigin + performance.now(),
+  now = epochMs(),
 ): string {
   return `${fcTimestamp(now)} ${lineHead(f, level, thread, f.showOrigin ? origin() : undefined)} ${message}`;
 }

@@ -29,6 +29,7 @@ import { rehearsalStem } from '../daemon/state.js';
 import { callVmm } from '../daemon/vmm-client.js';
 import { buildVm, rehearsalBuildOptions, rehearsalImage, type VmExitEvent } from '../vmm/index.js';
 import type { ReusedVcpuWorkers } from '../vmm/vcpu-pool.js';
+import { monoMs } from '../util/clock.js';
 
 /** Guest RAM of the rehearsal VM, MiB (its guest touches one page). */
 export const REHEARSAL_MEM_MIB = 16;
@@ -53,7 +54,7 @@ export async function rehearseApi(
   opts: { instanceId: string; version: string; logger: LoggerControl; maxPayload: number },
   timeoutMs: number = REHEARSAL_TIMEOUT_MS,
 ): Promise<RehearsalResult> {
-  const t0 = performance.now();
+  const t0 = monoMs();
   const stem = rehearsalStem(apiSock, process.pid);
   const sock = `${stem}.sock`;
   const image = `${stem}.elf`;
@@ -109,7 +110,7 @@ export async function rehearseApi(
       throw new Error(
         `its VM ended with ${ev.kind === 'fatal' ? `an error: ${ev.message}` : `a ${ev.kind}`}, not its reset`,
       );
-    return { ms: performance.now() - t0 };
+    return { ms: monoMs() - t0 };
   } catch (e) {
     const last = lines.length > 0 ? ` (its log: ${lines.slice(-3).join(' | ')})` : '';
     throw new Error(`${(e as Error).message}${last}`);

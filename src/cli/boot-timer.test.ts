@@ -12,6 +12,7 @@ import { Worker } from 'node:worker_threads';
 import { LoggerControl } from '../api/logger.js';
 import { Counters } from '../api/metrics.js';
 import { VcpuControl, type LoggerConfig } from '../vmm/index.js';
+import { monoMs } from '../util/clock.js';
 import { BootTimer } from './firecracker.js';
 
 const LINE = /^Guest-boot-time = +\d+ us \d+ ms, +\d+ CPU us \d+ CPU ms$/;
@@ -30,7 +31,8 @@ test('the marker written on another thread wakes the timer at once', async () =>
     `const { workerData } = require('node:worker_threads');
      const ints = new Int32Array(workerData, 0, 4);
      const times = new Float64Array(workerData, ${control.times.byteOffset}, 4);
-     times[0] = performance.timeOrigin + performance.now();
+     const t = process.hrtime(); // monoMs(), util/clock.ts
+     times[0] = t[0] * 1e3 + t[1] / 1e6;
      Atomics.store(ints, 2, 1);
      Atomics.notify(ints, 2);`,
     { eval: true, workerData: control.sab },
@@ -48,7 +50,7 @@ test('a guest that powers off right after its marker: the exit path reports the 
   const timer = new BootTimer();
   // watch()'s wake-up has not run yet (same turn): the exit path's report() writes the line.
   timer.watch(control);
-  control.markBoot(performance.timeOrigin + performance.now() + 3);
+  control.markBoot(monoMs() + 3);
   const line = timer.report();
   assert.match(line ?? '', LINE);
   const us = Number(/= +(\d+) us/.exec(line!)![1]);
@@ -94,7 +96,7 @@ test(
     timer.watch(control);
     // On a worker sharing the control block, as a vCPU thread: the line is written before the
     // waiters wake.
-    const marked = performance.timeOrigin + performance.now() + 3;
+    const marked = monoMs() + 3;
     const w = new Worker(
       `const { workerData: d } = require('node:worker_threads');
        import(d.url).then(({ VcpuControl }) => new VcpuControl(d.sab).markBoot(d.ms, d.line));`,
@@ -130,7 +132,7 @@ test(
     const timer = new BootTimer();
     const control = new VcpuControl();
     timer.watch(control);
-    control.markBoot(performance.timeOrigin + performance.now(), {
+    control.markBoot(monoMs(), {
       ...timer.lineFor(logger)!,
       fd: -1,
     });

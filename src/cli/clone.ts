@@ -37,6 +37,7 @@ import {
   type CloneMemory,
 } from '../vmm/index.js';
 import { apiCall } from './snapshot.js';
+import { monoMs } from '../util/clock.js';
 
 /** At most this many clones per command. */
 export const MAX_CLONES = 64;
@@ -296,7 +297,7 @@ async function startClone(c: Clone): Promise<void> {
       throw new Error(`no API socket ${c.plan.apiSock} after ${CLONE_SOCKET_TIMEOUT_MS / 1000} s`);
     await sleep(10);
   }
-  const t0 = performance.now();
+  const t0 = monoMs();
   const r = await apiCall(
     c.plan.apiSock,
     'PUT',
@@ -304,7 +305,7 @@ async function startClone(c: Clone): Promise<void> {
     c.plan.load,
     CLONE_LOAD_TIMEOUT_MS,
   );
-  c.loadMs = performance.now() - t0;
+  c.loadMs = monoMs() - t0;
   if (r.status !== 204) throw new Error(`PUT /snapshot/load: ${r.status} ${r.fault ?? ''}`.trim());
 }
 

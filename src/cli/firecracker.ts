@@ -27,6 +27,7 @@ import {
 import { prewarmVcpuWorkers, ReusedVcpuWorkers } from '../vmm/vcpu-pool.js';
 import { rehearseApi } from './api-rehearsal.js';
 import { Console } from './console.js';
+import { monoMs } from '../util/clock.js';
 
 export const FC_EXIT_OK = 0;
 export const FC_EXIT_GENERIC = 1;
@@ -496,7 +497,7 @@ async function runWithLogger(
  * marker still gets its line.
  */
 export class BootTimer {
-  private readonly startMs = performance.timeOrigin + performance.now();
+  private readonly startMs = monoMs();
   private readonly startCpuUs = processCpuUs();
   private control: { bootMarkerMs: number; bootLineLogged: boolean } | undefined;
   private done = false;

@@ -32,6 +32,7 @@ import type { SeccompSettings } from '../sandbox/seccomp/install.js';
 import { applySeccomp, seccompSettingsFromFlags } from '../sandbox/seccomp/options.js';
 import { parseNet, parseVsock } from './net.js';
 import { chooseVcpuThreads } from '../vmm/index.js';
+import { processStartMs } from '../util/clock.js';
 
 export const EXIT_OK = 0;
 export const EXIT_GUEST_FAILED = 1;
@@ -435,13 +436,13 @@ async function runVm(
     const first = vmm.control.firstEntryMs;
     if (first > 0) {
       process.stderr.write(
-        `typervisor: first guest entry at ${(first - performance.timeOrigin).toFixed(1)} ms after process start\n`,
+        `typervisor: first guest entry at ${(first - processStartMs).toFixed(1)} ms after process start\n`,
       );
     }
     const ms = vmm.control.bootMarkerMs;
     process.stderr.write(
       ms > 0
-        ? `typervisor: boot marker at ${(ms - performance.timeOrigin).toFixed(1)} ms after process start\n`
+        ? `typervisor: boot marker at ${(ms - processStartMs).toFixed(1)} ms after process start\n`
         : 'typervisor: the guest never wrote the boot marker\n',
     );
   }

@@ -24,9 +24,9 @@ export interface VmHandle {
   readonly pid?: number;
   /** The VM's Firecracker-compatible API socket. */
   readonly apiSocket: string;
-  /** performance.now() when the daemon first saw the guest's boot marker, or undefined. */
+  /** monoMs() when the daemon first saw the guest's boot marker, or undefined. */
   readonly markerAt: number | undefined;
-  /** performance.now() of the first console byte, or undefined. */
+  /** monoMs() of the first console byte, or undefined. */
   readonly firstOutputAt: number | undefined;
   /** Settles once the VM has ended and its resources (process, socket) are released. */
   readonly ended: Promise<VmEnd>;

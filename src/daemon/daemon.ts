@@ -12,6 +12,7 @@ import type { CreateRequest, DaemonAction } from './api.js';
 import { CreateError, type Backend, type VmEnd, type VmHandle } from './backend.js';
 import type { StateDir } from './state.js';
 import type { IdleTrim } from './trim.js';
+import { monoMs } from '../util/clock.js';
 
 export const DEFAULT_MAX_VMS = 256;
 export const MAX_ENDED_RECORDS = 256;
@@ -30,7 +31,7 @@ interface VmEntry {
   state: VmState;
   apiSocket: string;
   createdAt: string;
-  /** performance.now() when the create request was taken. */
+  /** monoMs() when the create request was taken. */
   t0: number;
   createMs?: number;
   handle?: VmHandle;
@@ -179,7 +180,7 @@ export class Daemon {
       state: 'starting',
       apiSocket,
       createdAt: new Date().toISOString(),
-      t0: performance.now(),
+      t0: monoMs(),
     };
     this.vms.set(id, v);
     let h: VmHandle;
@@ -197,7 +198,7 @@ export class Daemon {
     }
     if (this.closing) h.stop();
     v.handle = h;
-    v.createMs = Math.round((performance.now() - v.t0) * 100) / 100;
+    v.createMs = Math.round((monoMs() - v.t0) * 100) / 100;
     if (v.end === undefined) v.state = 'running';
     void h.ended.then((end) => {
       v.end = end;

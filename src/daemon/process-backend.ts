@@ -28,6 +28,7 @@ import {
 } from './backend.js';
 import { rehearsalStem, removeBindDirs, type StateDir } from './state.js';
 import { callVmm, callVmmPipelined, canConnect, faultOf, type VmmAnswer } from './vmm-client.js';
+import { monoMs } from '../util/clock.js';
 
 /** The launcher the VMM processes run (bin/typervisor, from dist/src/daemon/). */
 export const CLI = fileURLToPath(new URL('../../../bin/typervisor', import.meta.url));
@@ -102,7 +103,7 @@ class VmmProcess implements VmHandle {
     state.record(this.pid);
     let lineStart = 0;
     this.child.stdout!.on('data', (b: Buffer) => {
-      this.firstOutputAt ??= performance.now();
+      this.firstOutputAt ??= monoMs();
       this.console.push(b);
     });
     this.child.stderr!.on('data', (b: Buffer) => {
@@ -110,7 +111,7 @@ class VmmProcess implements VmHandle {
       if (this.markerAt === undefined) {
         const t = this.stderr.text();
         if (t.indexOf(MARKER_LINE, Math.max(0, lineStart - MARKER_LINE.length)) >= 0) {
-          this.markerAt = performance.now();
+          this.markerAt = monoMs();
           this.onMarker?.();
         }
         lineStart = t.length;
@@ -161,11 +162,10 @@ class VmmProcess implements VmHandle {
 
   /** Resolves once the socket accepts connections; rejects if the process ends first. */
   async waitReady(): Promise<void> {
-    const deadline = performance.now() + WARM_START_TIMEOUT_MS;
+    const deadline = monoMs() + WARM_START_TIMEOUT_MS;
     while (!(await canConnect(this.apiSocket))) {
       if (this.exitedEarly) throw new Error(`the VMM process exited: ${(await this.ended).reason}`);
-      if (performance.now() > deadline)
-        throw new Error(`no API socket within ${WARM_START_TIMEOUT_MS} ms`);
+      if (monoMs() > deadline) throw new Error(`no API socket within ${WARM_START_TIMEOUT_MS} ms`);
       await new Promise((r) => setTimeout(r, READY_POLL_MS));
     }
   }

@@ -30,6 +30,7 @@ import {
   type VmHandle,
 } from './backend.js';
 import { CONSOLE_TAIL_BYTES, STOP_KILL_AFTER_MS } from './process-backend.js';
+import { monoMs } from '../util/clock.js';
 
 /** Sections that configure the process, not the VM: refused here (one process, many VMs). */
 const PROCESS_SECTIONS = ['logger', 'metrics'];
@@ -58,12 +59,12 @@ class SharedVm implements VmHandle {
   }
 
   /**
-   * performance.now() when the guest wrote its boot marker: the vCPU thread's own time stamp
-   * (epoch ms), read when asked, so a VM that never writes it holds no waiter.
+   * monoMs() when the guest wrote its boot marker: the vCPU thread's own time stamp, read when
+   * asked, so a VM that never writes it holds no waiter.
    */
   get markerAt(): number | undefined {
     const ms = this.marker?.bootMarkerMs ?? 0;
-    return ms > 0 ? ms - performance.timeOrigin : undefined;
+    return ms > 0 ? ms : undefined;
   }
 
   /** The VM runs: its console, marker and end. */
@@ -72,7 +73,7 @@ class SharedVm implements VmHandle {
     this.marker = built.vmm.control;
     const output = vm.console?.output;
     output?.on('data', (b: Buffer) => {
-      this.firstOutputAt ??= performance.now();
+      this.firstOutputAt ??= monoMs();
       this.console.push(b);
     });
     // The guest's last bytes may still be in the console pipe when wait() resolves: the end

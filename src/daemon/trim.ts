@@ -13,6 +13,7 @@
  * Never on the path of a create: a busy daemon does neither (glibc reuses its free chunks).
  */
 import type { Collected } from './backend.js';
+import { monoMs } from '../util/clock.js';
 
 /** How long after the last VM end or delete the daemon trims. */
 export const TRIM_IDLE_MS = 1000;
@@ -85,9 +86,9 @@ export class IdleTrim {
       // next idle moment.
       if (this.closed || this.timer) return;
     }
-    const t0 = performance.now();
+    const t0 = monoMs();
     const released = this.trim();
-    this.stats.ms += performance.now() - t0;
+    this.stats.ms += monoMs() - t0;
     this.stats.runs++;
     if (released) this.stats.released++;
   }

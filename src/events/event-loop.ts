@@ -14,6 +14,7 @@
  * fd and timer go first (round-robin), and a timer that re-arms itself cannot starve the loop.
  */
 import { EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD, EPOLLIN, native } from '../kvm/native.js';
+import { monoMs } from '../util/clock.js';
 
 export interface EventSubscriber {
   /** `events`: the epoll bits that fired (EPOLLIN, EPOLLERR...). */
@@ -122,7 +123,7 @@ export class EventLoop {
 
   /** Runs `fn` on this loop's thread after `ms` (or later); returns a cancel function. */
   setTimer(ms: number, fn: () => void): () => void {
-    const t: Timer = { due: performance.now() + Math.max(0, ms), seq: this.timerSeq++, fn };
+    const t: Timer = { due: monoMs() + Math.max(0, ms), seq: this.timerSeq++, fn };
     this.timers.push(t);
     return () => {
       t.fn = undefined;
@@ -134,14 +135,14 @@ export class EventLoop {
     const next = this.timers.live();
     if (!next) return timeoutMs;
     // epoll_wait takes an int: a far timer waits in steps of at most ~24 days.
-    const wait = Math.min(0x7fff_ffff, Math.max(0, Math.ceil(next.due - performance.now())));
+    const wait = Math.min(0x7fff_ffff, Math.max(0, Math.ceil(next.due - monoMs())));
     return timeoutMs < 0 || wait < timeoutMs ? wait : timeoutMs;
   }
 
   /** Runs the timers due now that existed before this call (later ones wait a round). */
   private runTimers(): void {
     if (this.timers.size === 0) return;
-    const now = performance.now();
+    const now = monoMs();
     const limit = this.timerSeq;
     for (let t = this.timers.live(); t && t.due <= now && t.seq < limit; t = this.timers.live()) {
       this.timers.pop();

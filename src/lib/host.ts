@@ -41,6 +41,7 @@ import {
 import { configureSeccomp, installProcessFilter } from '../sandbox/seccomp/install.js';
 import { fail, ok, toVmError, VmError, type Result } from './errors.js';
 import { Vm } from './vm.js';
+import { monoMs } from '../util/clock.js';
 
 /** Bounds of the host's options (a bad value is INVALID_CONFIG from createVmHost). */
 export const MAX_WARM_VCPU_WORKERS = 64;
@@ -374,7 +375,7 @@ export class VmHost {
    * instruction) unless `start` is set.
    */
   async createVm(resources: VmResources, opts: CreateVmOptions = {}): Promise<Result<Vm>> {
-    const createdAt = performance.timeOrigin + performance.now();
+    const createdAt = monoMs();
     if (this.closed) return fail('CLOSED', 'this VmHost is closed');
     let spec: VmSpec;
     try {
@@ -466,7 +467,7 @@ export class VmHost {
     make: (warm: WarmParts) => Promise<BuiltVm | undefined>,
     opts: { id?: string; console?: 'pipe' | 'none'; started?: boolean } = {},
   ): Promise<Result<Vm | undefined>> {
-    const createdAt = performance.timeOrigin + performance.now();
+    const createdAt = monoMs();
     if (this.closed) return fail('CLOSED', 'this VmHost is closed');
     if (this.closer.pending >= this.maxPending) {
       this.releaseWaits++;
@@ -550,9 +551,9 @@ export class VmHost {
    */
   async collectGarbage(): Promise<{ main: boolean; mainMs: number; workers: number }> {
     const gc = (globalThis as { gc?: () => void }).gc;
-    const t0 = performance.now();
+    const t0 = monoMs();
     gc?.();
-    const mainMs = performance.now() - t0;
+    const mainMs = monoMs() - t0;
     const workers = gc && !this.closed ? await this.workers.collect(COLLECT_TIMEOUT_MS) : 0;
     return { main: gc !== undefined, mainMs, workers };
   }

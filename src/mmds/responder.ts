@@ -40,6 +40,7 @@ import {
 } from './frames.js';
 import { parseLinkLocal, type MmdsVersion } from './store.js';
 import { TokenAuthority } from './token.js';
+import { monoMs } from '../util/clock.js';
 
 export const MMDS_PORT = 80;
 export const MAX_CONNECTIONS = 32;
@@ -158,7 +159,7 @@ export class MmdsResponder {
     const ip = parseLinkLocal(cfg.ipv4);
     if (!ip) throw new Error(`MMDS address ${cfg.ipv4} is not a valid link-local address`);
     this.ip = Uint8Array.from(ip);
-    this.now = env.now ?? (() => performance.now());
+    this.now = env.now ?? (() => monoMs());
     this.view = {
       version: cfg.version,
       imdsCompat: cfg.imdsCompat,

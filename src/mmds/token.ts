@@ -5,6 +5,7 @@
  * stretched. The key comes from the main thread (random per VM); the clock is the monotonic one.
  */
 import { createHmac, timingSafeEqual } from 'node:crypto';
+import { monoMs } from '../util/clock.js';
 
 export const TOKEN_TTL_MIN = 1;
 export const TOKEN_TTL_MAX = 21_600;
@@ -18,7 +19,7 @@ export class TokenAuthority {
 
   constructor(
     private readonly key: Uint8Array,
-    private readonly now: () => number = () => performance.now(),
+    private readonly now: () => number = () => monoMs(),
   ) {}
 
   /** A token valid for `ttlSeconds` (1..21600: the caller checked). */

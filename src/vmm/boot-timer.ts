@@ -8,6 +8,7 @@
  */
 import { writeSync } from 'node:fs';
 import { native } from '../kvm/native.js';
+import { epochMs } from '../util/clock.js';
 
 /**
  * What a vCPU thread needs to write the line itself (structured-clone friendly). Made by the
@@ -19,7 +20,7 @@ export interface BootTimerLine {
   fd: number;
   /** The line's prefix after its time stamp, e.g. `[id:fc_vcpu 0]`. */
   head: string;
-  /** When the build began: epoch ms (performance.timeOrigin + performance.now()). */
+  /** When the build began: monoMs() (util/clock.ts). */
   startMs: number;
   /** The process's CPU time then, us (processCpuUs). */
   startCpuUs: number;
@@ -29,7 +30,7 @@ const pad = (n: number, w = 2) => String(n).padStart(w, '0');
 
 /**
  * Firecracker's timestamp (utils::time::LocalTime): local time, `YYYY-MM-DDTHH:MM:SS.nnnnnnnnn`.
- * `epochMs` may carry a fraction (performance.timeOrigin + performance.now()).
+ * `epochMs` may carry a fraction (util/clock.ts epochMs()).
  */
 export function fcTimestamp(epochMs: number): string {
   const whole = Math.floor(epochMs);
@@ -59,7 +60,7 @@ export function processCpuUs(): number {
   return native().processCpuUs();
 }
 
-/** The message for a marker written at `markerMs` (epoch ms), with the CPU time now. */
+/** The message for a marker written at `markerMs` (monoMs()), with the CPU time now. */
 export function bootTimeMessage(t: Omit<BootTimerLine, 'fd' | 'head'>, markerMs: number): string {
   const wallUs = Math.max(0, Math.round((markerMs - t.startMs) * 1000));
   return bootTimeLine(wallUs, Math.max(0, processCpuUs() - t.startCpuUs));
@@ -71,7 +72,7 @@ export function bootTimeMessage(t: Omit<BootTimerLine, 'fd' | 'head'>, markerMs:
  * it through the logger, which counts a line it cannot write.
  */
 export function writeBootTimerLine(t: BootTimerLine, markerMs: number): boolean {
-  const now = performance.timeOrigin + performance.now();
+  const now = epochMs();
   try {
     writeSync(t.fd, `${fcTimestamp(now)} ${t.head} ${bootTimeMessage(t, markerMs)}\n`);
     return true;

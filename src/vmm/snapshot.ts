@@ -70,6 +70,7 @@ import {
 } from './vcpu-state.js';
 import { closeVirtio, planVirtioDevices } from './virtio-plan.js';
 import { notifyGenerationChange, writeGenerationId } from './vmgenid.js';
+import { monoMs } from '../util/clock.js';
 
 const MiB = 1024 * 1024;
 /** Firecracker's words for a Diff of a VM that does not track dirty pages. */
@@ -143,16 +144,13 @@ function buildVersion(): string {
  * and so does its device worker. Throws SnapshotError.
  */
 export async function createSnapshot(built: BuiltVm, p: CreateParams): Promise<void> {
-  const started = performance.now();
+  const started = monoMs();
   try {
     await create(built, p);
   } catch (e) {
     throw e instanceof SnapshotError ? e : createError((e as Error).message);
   }
-  log(
-    'info',
-    `snapshot ${p.snapshotPath} created in ${(performance.now() - started).toFixed(1)} ms`,
-  );
+  log('info', `snapshot ${p.snapshotPath} created in ${(monoMs() - started).toFixed(1)} ms`);
 }
 
 async function create(built: BuiltVm, p: CreateParams): Promise<void> {
@@ -295,7 +293,7 @@ function takeDirtyPages(
  * load can be tried.
  */
 export async function loadSnapshot(p: LoadParams, opts: BuildOptions = {}): Promise<BuiltVm> {
-  const started = performance.now();
+  const started = monoMs();
   const undo: UndoList = [];
   let built: BuiltVm;
   const phases = new LoadPhases();
@@ -307,7 +305,7 @@ export async function loadSnapshot(p: LoadParams, opts: BuildOptions = {}): Prom
   }
   log(
     'info',
-    `snapshot ${p.snapshotPath} loaded in ${(performance.now() - started).toFixed(1)} ms (${built.vmm.state}): ${phases.text()}`,
+    `snapshot ${p.snapshotPath} loaded in ${(monoMs() - started).toFixed(1)} ms (${built.vmm.state}): ${phases.text()}`,
   );
   log('debug', `snapshot load timeline (ms): ${phases.timeline()}`);
   return built;
@@ -372,7 +370,7 @@ function checkSnapshot(
  * breakdown), and every step with its start offset for the debug line (the timeline).
  */
 class LoadPhases {
-  private readonly t0 = performance.now();
+  private readonly t0 = monoMs();
   private last = this.t0;
   private lastStep = this.t0;
   private readonly parts: string[] = [];
@@ -380,7 +378,7 @@ class LoadPhases {
   private stepsAtMark = 0;
   /** Ends a coarse phase. */
   mark(name: string): void {
-    const now = performance.now();
+    const now = monoMs();
     // A phase with no steps of its own is one step (one with steps ends with its last step;
     // what follows that, µs, counts in the next step).
     if (this.steps.length === this.stepsAtMark) this.step(name);
@@ -390,7 +388,7 @@ class LoadPhases {
   }
   /** Ends one step of the timeline: `name` took from the previous step's end to now. */
   step(name: string): void {
-    const now = performance.now();
+    const now = monoMs();
     this.steps.push(
       `${(this.lastStep - this.t0).toFixed(2)}+${(now - this.lastStep).toFixed(2)} ${name}`,
     );

@@ -134,7 +134,7 @@ export class VcpuControl {
   }
 
   /**
-   * Records the first boot-marker time (epoch ms, performance.timeOrigin + performance.now());
+   * Records the first boot-marker time (monoMs(), util/clock.ts: the same clock in every thread);
    * with `line`, that thread also logs the boot timer's line, before it wakes the waiters.
    */
   markBoot(ms: number, line?: BootTimerLine): void {
@@ -167,7 +167,7 @@ export class VcpuControl {
     }
   }
 
-  /** Records when the boot vCPU first entered the guest (epoch ms, as markBoot). */
+  /** Records when the boot vCPU first entered the guest (monoMs(), as markBoot). */
   markFirstEntry(ms: number): void {
     if (this.times[1] === 0) this.times[1] = ms;
   }

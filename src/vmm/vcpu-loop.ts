@@ -9,6 +9,7 @@ import { RUN } from '../kvm/structs.js';
 import type { Bus } from '../devices/bus.js';
 import type { UnhandledAccesses } from '../devices/legacy/unhandled.js';
 import { Command, ExitKind, VcpuControl, VcpuRequest, VcpuState } from './vcpu-control.js';
+import { monoMs } from '../util/clock.js';
 
 /** Why a vCPU stopped the VM. */
 export type VmExitEvent =
@@ -81,7 +82,7 @@ export class VcpuLoop {
       }
       if (first) {
         first = false;
-        control.markFirstEntry(performance.timeOrigin + performance.now());
+        control.markFirstEntry(monoMs());
       }
       if (!vcpu.runOnce()) {
         // Kicked (EINTR). A pause or stop is handled at the top of the loop; a kick that found

@@ -34,6 +34,7 @@ import {
 } from './vcpu-loop.js';
 import type { TransportSlot } from './virtio-transport.js';
 import type { VcpuWorkerMessage } from './vcpu-worker.js';
+import { monoMs } from '../util/clock.js';
 
 /** The runner's words (native/typervisor.c "vCPU runner threads"), WORDS per vCPU. */
 export const enum RunnerWord {
@@ -160,8 +161,7 @@ export class VcpuHub {
     const devices = attachLegacyDevices(d.legacy, {
       onPowerOff: () => this.current && (this.current.pendingEvent ??= { kind: 'poweroff' }),
       onReset: () => this.current && (this.current.pendingEvent ??= { kind: 'reset' }),
-      onBootMarker: () =>
-        control.markBoot(performance.timeOrigin + performance.now(), d.legacy.bootTimer),
+      onBootMarker: () => control.markBoot(monoMs(), d.legacy.bootTimer),
       log: (message) => this.post({ type: 'log', message }),
     });
     if (d.virtio.slots.length > 0) {
@@ -315,7 +315,7 @@ export class VcpuHub {
         }
         if (this.first && v.id === 0) {
           this.first = false;
-          control.markFirstEntry(performance.timeOrigin + performance.now());
+          control.markFirstEntry(monoMs());
         }
         this.go(v);
       } else if (cmd === Command.Pause) {
@@ -369,8 +369,8 @@ export class VcpuHub {
     // after a pass that served only its exit (in a loop VM of 2 or more vCPUs every exit of
     // vCPU 0 waited POLL_MS for idle runners: 100,000 port writes ran at a third of the rate).
     if (this.served === 0 || this.threadRunners === 0) return false;
-    const until = performance.now() + POLL_MS;
-    while (!this.anyReported() && performance.now() < until);
+    const until = monoMs() + POLL_MS;
+    while (!this.anyReported() && monoMs() < until);
     return this.anyReported();
   }
 
@@ -503,7 +503,7 @@ export function startHubOnThisThread(
             break;
           }
           if (!hub.nextExitSoon()) break;
-          const now = performance.now();
+          const now = monoMs();
           if (turnEnd < 0) turnEnd = now + TURN_MS;
           else if (now > turnEnd) break;
         }

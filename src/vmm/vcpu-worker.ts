@@ -14,6 +14,7 @@ import { VcpuLoop, exitHandlersOf, type VmExitEvent } from './vcpu-loop.js';
 import { saveHandlers } from './vcpu-save.js';
 import type { TransportSlot } from './virtio-transport.js';
 import type { VcpuHubMessage, VcpuHubStart } from './vcpu-threads.js';
+import { monoMs } from '../util/clock.js';
 
 export interface VcpuWorkerData {
   id: number;
@@ -99,8 +100,7 @@ async function main(d: VcpuWorkerData, reuse = false): Promise<void> {
     const devices = attachLegacyDevices(d.legacy, {
       onPowerOff: () => loop && (loop.pendingEvent ??= { kind: 'poweroff' }),
       onReset: () => loop && (loop.pendingEvent ??= { kind: 'reset' }),
-      onBootMarker: () =>
-        control.markBoot(performance.timeOrigin + performance.now(), d.legacy.bootTimer),
+      onBootMarker: () => control.markBoot(monoMs(), d.legacy.bootTimer),
       log: (message) => post({ type: 'log', message }),
     });
     // Loaded only when there are virtio devices: it is a large part of a worker's start-up. A

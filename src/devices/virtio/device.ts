@@ -67,6 +67,7 @@ import {
 import { VirtioMmioState } from './mmio-state.js';
 import { Virtqueue } from './queue.js';
 import { checkTransportState } from './transport-state.js';
+import { monoMs } from '../../util/clock.js';
 
 /**
  * `queue N`, the name a queue's work runs under in guard(): made once per index, not per kick
@@ -580,7 +581,7 @@ export class VirtioDevice {
     let used = 0;
     let bytes = 0;
     const live = () => this.dev === d && this.state.epoch() === d.epoch;
-    const start = performance.now();
+    const start = monoMs();
     // No kicks while we drain (the empty pop that ends the turn re-enables them and looks
     // again); used entries go out in one used.idx store, with at most one interrupt.
     q.suppressKicks();
@@ -669,7 +670,7 @@ export class VirtioDevice {
     }
     if (used > 0) {
       this.counters.turns[index]!++;
-      this.counters.turnUs[index]! += (performance.now() - start) * 1000;
+      this.counters.turnUs[index]! += (monoMs() - start) * 1000;
     }
   }
 

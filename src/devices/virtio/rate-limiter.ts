@@ -26,6 +26,7 @@
  * [0, size] for tokens and is clamped for time, so no rounding makes a budget negative.
  */
 import { PersistError, f64, optional, struct, versioned } from '../../util/persist.js';
+import { monoMs } from '../../util/clock.js';
 
 /** One bucket as the API gives it (Firecracker's TokenBucket). */
 export interface TokenBucketConfig {
@@ -413,10 +414,10 @@ export class RateLimiter {
 }
 
 /** The monotonic clock of the device worker, in ms. */
-export const monotonicMs = (): number => performance.now();
+export const monotonicMs = (): number => monoMs();
 
 /**
- * CLOCK_MONOTONIC in ms, the same in every thread of the process (performance.now() counts from
+ * CLOCK_MONOTONIC in ms, the same in every thread of the process (monoMs() counts from
  * each thread's own start): for a bucket that several threads share.
  */
 export const processMonotonicMs = (): number => {

@@ -166,7 +166,7 @@ export interface BlockDeviceOptions {
   log(message: string): void;
   /** Firecracker's drive rate_limiter (default: none). */
   rateLimiter?: RateLimiterConfig;
-  /** The limiter's clock in ms (default: performance.now; tests pass a fake one). */
+  /** The limiter's clock in ms (default: monoMs, util/clock.ts; tests pass a fake one). */
   now?: () => number;
   /** The Async engine: an open ring, the worker's loop, and host addresses of guest RAM. */
   uring?: { ring: IoUring; loop: EventOps; bufferAddress: (b: Buf) => bigint };

@@ -171,7 +171,7 @@ export interface NetLimitOptions {
   tx?: RateLimiterConfig;
   /** The worker loop's timer (RX sleeps on it while throttled). */
   setTimer?: (ms: number, fn: () => void) => () => void;
-  /** The limiters' clock in ms (default: performance.now). */
+  /** The limiters' clock in ms (default: monoMs, util/clock.ts). */
   now?: () => number;
   /**
    * Early TX completion (issue 17; default off, TYPERVISOR_NET_TX_EARLY=1 turns it on): a
