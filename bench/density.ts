@@ -20,7 +20,16 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { detectKvm } from '../src/kvm/detect.js';
-import { REPO, TYPERVISOR, isMainModule, qemuCpu, stat, type Row, type Stat } from './common.js';
+import {
+  REPO,
+  TYPERVISOR,
+  isMainModule,
+  qemuCpu,
+  stat,
+  trainBundleCaches,
+  type Row,
+  type Stat,
+} from './common.js';
 
 const MEM_MIB = 64;
 export const DEFAULT_DENSITY = 50;
@@ -203,6 +212,7 @@ export interface DensityOptions {
 export async function densitySuite(o: DensityOptions): Promise<{ rows: Row[]; notes: string[] }> {
   if (!Number.isInteger(o.n) || o.n < 1 || o.n > MAX_DENSITY)
     throw new Error(`density: N must be a whole number from 1 to ${MAX_DENSITY} (got ${o.n})`);
+  const caches = trainBundleCaches();
   const dir = mkdtempSync(join(tmpdir(), 'typervisor-bench-density-'));
   try {
     const b = spawnSync('sh', [join(REPO, 'bench', 'guests', 'build.sh'), dir, '1000'], {
@@ -256,6 +266,7 @@ export async function densitySuite(o: DensityOptions): Promise<{ rows: Row[]; no
       ],
       notes: [
         `density rows: bench/density.ts, ${o.n} idle micro VMs at once (bench/guests/micro.S MODE_IDLE: HLT with interrupts off, ${MEM_MIB} MiB, 1 vCPU) per VMM, ${o.runs} interleaved round(s); smaps_rollup of each VMM process ${SETTLE_MS} ms after the last marker; MemAvailable from /proc/meminfo before the first start and then. Other work on the host moves MemAvailable: the per-process figures are the firmer ones.`,
+        caches,
       ],
     };
   } finally {

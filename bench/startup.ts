@@ -16,7 +16,16 @@ import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node
 import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { REPO, TYPERVISOR, qemuCpu, runOnce, stat, type Row, type Vmm } from './common.js';
+import {
+  REPO,
+  TYPERVISOR,
+  qemuCpu,
+  runOnce,
+  stat,
+  trainBundleCaches,
+  type Row,
+  type Vmm,
+} from './common.js';
 
 const MEM_MIB = 64;
 const SAMPLE_DELAY_MS = 200;
@@ -264,6 +273,7 @@ export interface StartupOptions {
 }
 
 export async function startupSuite(o: StartupOptions): Promise<{ rows: Row[]; notes: string[] }> {
+  const caches = trainBundleCaches();
   const dir = mkdtempSync(join(tmpdir(), 'typervisor-bench-startup-'));
   try {
     const b = spawn('sh', [join(REPO, 'bench', 'guests', 'build.sh'), dir, '1000'], {
@@ -360,6 +370,7 @@ export async function startupSuite(o: StartupOptions): Promise<{ rows: Row[]; no
       ],
       notes: [
         `start-up rows: bench/startup.ts, micro guest (${MEM_MIB} MiB), Typervisor's launcher exec'd directly (its shebang drops NODE_EXTRA_CA_CERTS; it runs dist/bundle when current), ${o.runs} interleaved rounds. USS from /proc/PID/smaps_rollup ${SAMPLE_DELAY_MS} ms after the spin guest's marker; CPU ms from every thread's schedstat when the socket first accepts.`,
+        caches,
       ],
     };
   } finally {

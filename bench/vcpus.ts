@@ -34,6 +34,7 @@ import {
   qemuCpu,
   runOnce,
   stat,
+  trainBundleCaches,
   type Stat,
   type Vmm,
 } from './common.js';
@@ -196,6 +197,7 @@ export async function vcpusSuite(o: VcpusOptions): Promise<string> {
   VARIANTS = o.variants ?? ALL_VARIANTS;
   for (const k of Object.keys(samples)) delete samples[k];
   notes.length = 0;
+  notes.push(trainBundleCaches());
   const dir = mkdtempSync(join(tmpdir(), 'tv-vcpus-guests-'));
   const b = spawnSync('sh', [join(REPO, 'bench', 'guests', 'build.sh'), dir, String(LOOP_BIG)], {
     encoding: 'utf8',

@@ -355,6 +355,28 @@ describe('per-thread bundles with code caches', () => {
     },
   );
 
+  test(
+    '--train remakes the trained caches of current bundles, or says why not',
+    { timeout: 120_000, skip: noBuild },
+    () => {
+      const r = buildScript('--train', '--out', NAME);
+      assert.equal(r.status, 0, r.stderr);
+      if (guests.skip === undefined) {
+        for (const name of ['main', 'api'])
+          assert.match(r.stderr, new RegExp(`${name}'s code cache: trained on a micro VM`));
+        assert.equal(buildScript('--check', '--out', NAME).status, 0, 'still current');
+      } else {
+        assert.match(
+          r.stderr,
+          /no usable \/dev\/kvm for a training run: the caches stay as they are/,
+        );
+      }
+      const none = buildScript('--train', '--out', `${NAME}-none`);
+      assert.equal(none.status, 1);
+      assert.match(none.stderr, /main: no bundle \(make the bundles first/);
+    },
+  );
+
   test('a bundle older than its dist/ sentinels is not run: dist/ is', T, async () => {
     const manifest = readManifest();
     const main = manifest.bundles.main!;
