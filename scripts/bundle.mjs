@@ -260,7 +260,7 @@ async function build() {
  * usable /dev/kvm; without one (or if a run fails) the eager cache stays, and this says why.
  * The loader's background re-maker of a stale cache stays eager.
  */
-async function trainCaches(spawnSync) {
+async function trainCaches(spawnSync, replaced = 'eager') {
   const say = (name, m) => process.stderr.write(`bundle: ${name}'s code cache: ${m}\n`);
   try {
     accessSync('/dev/kvm', fsConstants.R_OK | fsConstants.W_OK);
@@ -295,7 +295,7 @@ async function trainCaches(spawnSync) {
       renameSync(`${dest}.tmp-${process.pid}`, dest);
       say(
         name,
-        `trained on a micro VM (${statSync(join(OUT, `${name}.cache`)).size} bytes; eager ${eager})`,
+        `trained on a micro VM (${statSync(join(OUT, `${name}.cache`)).size} bytes; ${replaced} ${eager})`,
       );
     }
   } finally {
@@ -462,7 +462,8 @@ async function train() {
     );
     return 0;
   }
-  await trainCaches((await import('node:child_process')).spawnSync);
+  // The caches it replaces may be trained already: say what they were, not 'eager'.
+  await trainCaches((await import('node:child_process')).spawnSync, 'the one it replaced:');
   return 0;
 }
 
