@@ -226,6 +226,23 @@ static napi_value n_set_thread_name(napi_env env, napi_callback_info info) {
   if (prctl(PR_SET_NAME, name, 0, 0, 0) < 0) return throw_errno(env, "prctl(PR_SET_NAME)", errno);
   return NULL;
 }
+/* setThpDisable(on): prctl(PR_SET_THP_DISABLE) for the whole process (no transparent huge pages
+ * at fault while on; survives fork and exec); returns the setting it replaced. The thread pool's
+ * start wraps its pthread_create in it: glibc writes a new thread's descriptor at the top of its
+ * 8 MiB stack in the creating thread, and on a THP host that first fault backs a 2 MiB-aligned
+ * top with a 2 MiB page */
+static napi_value n_set_thp_disable(napi_env env, napi_callback_info info) {
+  napi_value a[1];
+  if (!get_args(env, info, 1, a)) return NULL;
+  bool on;
+  CHECK(napi_get_value_bool(env, a[0], &on));
+  int prev = prctl(PR_GET_THP_DISABLE, 0, 0, 0, 0);
+  if (prev < 0) return throw_errno(env, "prctl(PR_GET_THP_DISABLE)", errno);
+  if (prctl(PR_SET_THP_DISABLE, on ? 1 : 0, 0, 0, 0) < 0) return throw_errno(env, "prctl(PR_SET_THP_DISABLE)", errno);
+  napi_value r;
+  CHECK(napi_get_boolean(env, prev != 0, &r));
+  return r;
+}
 /* ---- end of the seccomp block ---- */
 
 /* ioctl(fd, request, arg: number | bigint | buffer): result; a buffer shorter than the
@@ -2034,6 +2051,7 @@ NAPI_MODULE_INIT() {
     /* issue 14 (r3-seccomp) */
     EXPORT("seccompInstall", n_seccomp_install), EXPORT("seccompMode", n_seccomp_mode),
     EXPORT("ioctlLengthOk", n_ioctl_length_ok), EXPORT("setThreadName", n_set_thread_name),
+    EXPORT("setThpDisable", n_set_thp_disable),
     VCPU_RUNNER_EXPORTS
     IO_URING_EXPORTS
     MALLOC_TRIM_EXPORTS

@@ -143,6 +143,11 @@ export interface NativeShim {
   ioctlLengthOk(request: number, length: number): boolean;
   /** prctl(PR_SET_NAME) of the calling thread (truncated to 15 bytes): shows in ps -T, /proc. */
   setThreadName(name: string): void;
+  /**
+   * prctl(PR_SET_THP_DISABLE, on): while on, no fault anywhere in the process gets a transparent
+   * huge page (src/sandbox/seccomp/install.ts startThreadPool). Returns the setting it replaced.
+   */
+  setThpDisable(on: boolean): boolean;
   // Issue 18 part B (native block "vCPU runner threads"): a pthread per vCPU that only loops on
   // KVM_RUN; src/vmm/vcpu-threads.ts drives it. Its three words: see RunnerWord there.
   /**

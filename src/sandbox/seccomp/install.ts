@@ -146,9 +146,21 @@ export function installProcessFilter(
 function startThreadPool(threads?: number): void {
   const own = threads !== undefined && process.env.UV_THREADPOOL_SIZE === undefined;
   if (own) process.env.UV_THREADPOOL_SIZE = String(threads);
+  // No 2 MiB page under the pool's stacks: libuv creates its threads (and waits for each to
+  // start) inside this stat, and glibc writes each thread's descriptor at its stack's top from
+  // here, so the stacks' first faults all happen while THP is off for the process (a few ms;
+  // the VM's RAM does not exist yet). In the lab the one pool thread's stack was a 2 MiB page
+  // in 3 runs of 5. Put back as it was (a parent may have turned it off for us).
+  let was: boolean | undefined;
+  try {
+    was = native().setThpDisable(true);
+  } catch {
+    // a kernel without PR_SET_THP_DISABLE (before 3.15): the stacks may get 2 MiB pages
+  }
   try {
     stat('/', () => {});
   } finally {
+    if (was === false) native().setThpDisable(false);
     if (own) delete process.env.UV_THREADPOOL_SIZE;
   }
 }
