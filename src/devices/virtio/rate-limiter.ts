@@ -413,8 +413,8 @@ export class RateLimiter {
   }
 }
 
-/** The monotonic clock of the device worker, in ms. */
-export const monotonicMs = (): number => monoMs();
+/** The monotonic clock of the device worker, in ms (util/clock.ts). */
+export const monotonicMs: () => number = monoMs;
 
 /**
  * CLOCK_MONOTONIC in ms, the same in every thread of the process (monoMs() counts from
