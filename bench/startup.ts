@@ -1,6 +1,6 @@
 /**
  * The start-up suite (issue 18): a cold VMM process on the micro guest, Typervisor (its
- * launcher exec'd as a user would: the shebang, the bundle) beside QEMU microvm, interleaved
+ * launcher exec'd as a user would: its shell line, the bundle) beside QEMU microvm, interleaved
  * (the order rotating every round) so that noise on a shared host hits both alike.
  *  - exec -> first serial byte, exec -> exit, peak RSS (ru_maxrss through /usr/bin/time);
  *  - an idle VM (spin guest, 200 ms after its marker): RSS, PSS and USS from smaps_rollup
@@ -369,7 +369,7 @@ export async function startupSuite(o: StartupOptions): Promise<{ rows: Row[]; no
         row('API: exec → marker (socket, config, start)', 'apimarker', 'ms'),
       ],
       notes: [
-        `start-up rows: bench/startup.ts, micro guest (${MEM_MIB} MiB), Typervisor's launcher exec'd directly (its shebang drops NODE_EXTRA_CA_CERTS; it runs dist/bundle when current), ${o.runs} interleaved rounds. USS from /proc/PID/smaps_rollup ${SAMPLE_DELAY_MS} ms after the spin guest's marker; CPU ms from every thread's schedstat when the socket first accepts.`,
+        `start-up rows: bench/startup.ts, micro guest (${MEM_MIB} MiB), Typervisor's launcher exec'd directly (its shell line drops NODE_EXTRA_CA_CERTS and sets the soft stack limit to 1792 KiB; it runs dist/bundle when current), ${o.runs} interleaved rounds. USS from /proc/PID/smaps_rollup ${SAMPLE_DELAY_MS} ms after the spin guest's marker; CPU ms from every thread's schedstat when the socket first accepts.`,
         caches,
       ],
     };

@@ -33,6 +33,7 @@ import { fileURLToPath } from 'node:url';
 import { native, O_RDONLY, O_RDWR } from '../kvm/native.js';
 import { HostError } from '../util/errors.js';
 import { deviceNumber } from '../util/fs.js';
+import { vmmStackLimit } from '../util/stack-limit.js';
 import type { JailerConfig } from './args.js';
 import { applyCgroups, parseCgroupMounts, planCgroups } from './cgroups.js';
 import { ADDON_IN_JAIL, jailTree, sharedLibraries } from './tree.js';
@@ -52,6 +53,7 @@ const MS_PRIVATE = 1 << 18;
 const MNT_DETACH = 2;
 const S_IFCHR = 0o020000;
 const RLIMIT_FSIZE = 1;
+const RLIMIT_STACK = 3;
 const RLIMIT_NOFILE = 7;
 
 /** The device nodes made inside the jail (userfaultfd only when the host has it). */
@@ -162,6 +164,10 @@ export function runJail(c: JailerConfig, t: StartTimes): number {
   // 4. Resource limits (process-wide, inherited across exec).
   for (const [name, value] of c.resourceLimits)
     n.setrlimit(name === 'fsize' ? RLIMIT_FSIZE : RLIMIT_NOFILE, value, value);
+  // The soft stack limit a VMM runs under (util/stack-limit.ts: no 2 MiB page on the stacks of
+  // Node's own threads), whatever started the jailer; the hard limit as it was.
+  const stack = vmmStackLimit(readFileSync('/proc/self/limits', 'utf8'));
+  if (stack) n.setrlimit(RLIMIT_STACK, stack.soft, stack.hard);
 
   // 5. Descriptors opened on the host side: the netns handle and /dev/null.
   const netnsFd = c.netns !== undefined ? n.open(c.netns, O_RDONLY, 0) : -1;

@@ -28,6 +28,7 @@ import { join } from 'node:path';
 import { call } from '../api/client.js';
 import { eventually, guestPath, kvmSkipReason, REPO, tempDir, tinyGuests } from './helpers.js';
 import { parseLdd } from '../../src/jailer/tree.js';
+import { VMM_STACK_SOFT_KIB } from '../../src/util/stack-limit.js';
 
 const JAILER = join(REPO, 'bin', 'typervisor-jailer');
 const CLI = join(REPO, 'bin', 'typervisor');
@@ -253,6 +254,8 @@ describe('typervisor-jailer on the host (root, KVM)', () => {
       const limits = readFileSync(`/proc/${j.pid}/limits`, 'utf8');
       assert.match(limits, /Max open files\s+1000\s+1000/);
       assert.match(limits, /Max file size\s+100000000\s+100000000/);
+      // The soft stack limit every VMM runs under (src/util/stack-limit.ts), set by the jailer.
+      assert.match(limits, new RegExp(`Max stack size\\s+${VMM_STACK_SOFT_KIB * 1024}\\s`));
 
       // The v1 cgroups, with their limits, hold the VMM.
       const cg = readFileSync(`/proc/${j.pid}/cgroup`, 'utf8');
