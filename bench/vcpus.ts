@@ -75,17 +75,10 @@ function vmm(v: Variant, dir: string, guest: string, vcpus: number, kvmKind: str
     };
   return {
     name: 'typervisor',
-    cmd: process.execPath,
-    args: [
-      TYPERVISOR,
-      'run',
-      '--kernel',
-      elf,
-      '--memory',
-      String(MEM_MIB),
-      '--vcpus',
-      String(vcpus),
-    ],
+    // The launcher exec'd as a user runs it (its shell line: the CA variable dropped, the stack
+    // limit set), as the start-up and density suites do.
+    cmd: TYPERVISOR,
+    args: ['run', '--kernel', elf, '--memory', String(MEM_MIB), '--vcpus', String(vcpus)],
     memMiB: MEM_MIB,
   };
 }

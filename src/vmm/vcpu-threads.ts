@@ -19,10 +19,10 @@
  * joins it before the hub ends. Kicks (immediate_exit + the kick signal) come from the main
  * thread through vcpuRunnerKick, as for workers.
  */
-import { availableParallelism } from 'node:os';
 import { Kvm, Vcpu } from '../kvm/kvm.js';
 import { isSyscallError, native } from '../kvm/native.js';
 import { installWorkerFilter, runnerProgram, watcherProgram } from '../sandbox/seccomp/install.js';
+import { cpusAllowed } from '../util/cpus.js';
 import type { GuestRamLayout } from './guest-ram.js';
 import { attachLegacyDevices, type LegacyDeviceState } from './legacy-devices.js';
 import { Command, VcpuControl, VcpuRequest, VcpuState } from './vcpu-control.js';
@@ -438,7 +438,7 @@ export async function runHub(
  * only with two CPUs or more to run on (on one, a wait only keeps the other side off the CPU:
  * 100,000 exits pinned to one CPU took 11.9 s with the waits against 2.9 s without).
  */
-const waits = availableParallelism() > 1;
+const waits = cpusAllowed() > 1;
 /** The runner's wait for the hub's answer, in pause instructions (tens of microseconds). */
 const RUNNER_SPIN = 2000;
 /** How long the hub waits for a runner's next exit after serving one, ms. */
