@@ -6,6 +6,7 @@
  * main script only and are left out; every other option (--cpu-prof, ...) stays.
  */
 import { Worker, type WorkerOptions } from 'node:worker_threads';
+import { VMM_STACK_SOFT_KIB } from './stack-limit.js';
 
 const WITH_VALUE = new Set(['-e', '--eval', '-p', '--print', '--input-type', '-pe']);
 const ALONE = new Set(['-i', '--interactive']);
@@ -26,12 +27,25 @@ export function workerExecArgv(argv: readonly string[] = process.execArgv): stri
 }
 
 /**
+ * A worker thread's stack, MiB (Node's default is 4): under 2 MiB, as the stack limit makes
+ * every other thread's (util/stack-limit.ts), so that no 2 MiB page can back it where THP is
+ * `always`, neither at its first fault nor later by khugepaged. V8 keeps 192 KiB of it for
+ * itself: JS gets ~1.56 MiB, more than the main thread's 984 KiB.
+ */
+export const WORKER_STACK_MB = VMM_STACK_SOFT_KIB / 1024;
+
+/**
  * A Worker with workerExecArgv(): inherited as Node does when there is nothing to leave out.
  * Given explicitly, execArgv must not hold per-process or V8 options (`--expose-gc`: Node
  * throws ERR_WORKER_INVALID_EXEC_ARGV, where it silently accepts them inherited); then the
- * worker gets none (V8's flags are the process's anyway).
+ * worker gets none (V8's flags are the process's anyway). Its stack is WORKER_STACK_MB unless
+ * `opts.resourceLimits` says otherwise.
  */
-export function newWorker(url: URL | string, opts: WorkerOptions = {}): Worker {
+export function newWorker(url: URL | string, options: WorkerOptions = {}): Worker {
+  const opts = {
+    ...options,
+    resourceLimits: { stackSizeMb: WORKER_STACK_MB, ...options.resourceLimits },
+  };
   const execArgv = workerExecArgv();
   if (!execArgv) return new Worker(url, opts);
   try {
