@@ -243,6 +243,19 @@ static napi_value n_set_thp_disable(napi_env env, napi_callback_info info) {
   CHECK(napi_get_boolean(env, prev != 0, &r));
   return r;
 }
+/* noHugePages(addr, length): madvise(MADV_NOHUGEPAGE) on [addr, addr+length) and nothing else:
+ * advice that only keeps transparent huge pages off a range (at fault and from khugepaged),
+ * never changes its contents, and fails with ENOMEM on unmapped parts. For the thread pool's
+ * 8 MiB stack, whose size libuv fixes: khugepaged (max_ptes_none 511) otherwise collapses its
+ * top into a 2 MiB page in an idle VMM (src/sandbox/seccomp/install.ts startThreadPool). */
+static napi_value n_no_huge_pages(napi_env env, napi_callback_info info) {
+  napi_value a[2];
+  if (!get_args(env, info, 2, a)) return NULL;
+  uint64_t addr = arg_u64(env, a[0]), len = arg_u64(env, a[1]);
+  if (madvise((void *)(uintptr_t)addr, (size_t)len, MADV_NOHUGEPAGE) < 0)
+    return throw_errno(env, "madvise(MADV_NOHUGEPAGE)", errno);
+  return NULL;
+}
 /* ---- end of the seccomp block ---- */
 
 /* ioctl(fd, request, arg: number | bigint | buffer): result; a buffer shorter than the
@@ -2051,7 +2064,7 @@ NAPI_MODULE_INIT() {
     /* issue 14 (r3-seccomp) */
     EXPORT("seccompInstall", n_seccomp_install), EXPORT("seccompMode", n_seccomp_mode),
     EXPORT("ioctlLengthOk", n_ioctl_length_ok), EXPORT("setThreadName", n_set_thread_name),
-    EXPORT("setThpDisable", n_set_thp_disable),
+    EXPORT("setThpDisable", n_set_thp_disable), EXPORT("noHugePages", n_no_huge_pages),
     VCPU_RUNNER_EXPORTS
     IO_URING_EXPORTS
     MALLOC_TRIM_EXPORTS

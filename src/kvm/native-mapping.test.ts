@@ -5,9 +5,17 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { ftruncateSync } from 'node:fs';
+import { ftruncateSync, readFileSync } from 'node:fs';
 import { PerformanceObserver } from 'node:perf_hooks';
-import { MAP_NORESERVE, MAP_SHARED, native, PROT_READ, PROT_WRITE } from './native.js';
+import {
+  MAP_ANONYMOUS,
+  MAP_NORESERVE,
+  MAP_PRIVATE,
+  MAP_SHARED,
+  native,
+  PROT_READ,
+  PROT_WRITE,
+} from './native.js';
 
 const MIB = 1024 * 1024;
 
@@ -42,5 +50,30 @@ test('a 1 GiB mapping is not V8 external memory and starts no GC; views detach o
   } finally {
     obs.disconnect();
     n.close(fd);
+  }
+});
+
+test('noHugePages marks exactly its range MADV_NOHUGEPAGE (smaps VmFlags nh); an unmapped range throws', () => {
+  const n = native();
+  const flagsAt = (addr: bigint): string[] => {
+    let at = -1n;
+    for (const l of readFileSync('/proc/self/smaps', 'latin1').split('\n')) {
+      const h = /^([0-9a-f]+)-([0-9a-f]+) /.exec(l);
+      if (h) at = BigInt(`0x${h[1]}`) <= addr && addr < BigInt(`0x${h[2]}`) ? addr : -1n;
+      else if (at === addr && l.startsWith('VmFlags:')) return l.split(/\s+/).slice(1);
+    }
+    return [];
+  };
+  const buf = n.mmap(4 * MIB, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  try {
+    const base = n.bufferAddress(buf);
+    assert.ok(!flagsAt(base).includes('nh'), 'a fresh anonymous mapping has no nh');
+    n.noHugePages(base + BigInt(2 * MIB), BigInt(2 * MIB));
+    assert.ok(flagsAt(base + BigInt(2 * MIB)).includes('nh'), 'the range given');
+    assert.ok(!flagsAt(base).includes('nh'), 'and not the rest');
+    // (below mmap_min_addr: never mapped)
+    assert.throws(() => n.noHugePages(0x1000n, 4096n), /ENOMEM/);
+  } finally {
+    n.munmap(buf);
   }
 });

@@ -148,6 +148,12 @@ export interface NativeShim {
    * huge page (src/sandbox/seccomp/install.ts startThreadPool). Returns the setting it replaced.
    */
   setThpDisable(on: boolean): boolean;
+  /**
+   * madvise(addr, length, MADV_NOHUGEPAGE): no transparent huge pages in that range, at fault or
+   * from khugepaged (the thread pool's stack: src/sandbox/seccomp/install.ts startThreadPool).
+   * Advice only; throws with ENOMEM where part of it is not mapped.
+   */
+  noHugePages(addr: bigint, length: bigint): void;
   // Issue 18 part B (native block "vCPU runner threads"): a pthread per vCPU that only loops on
   // KVM_RUN; src/vmm/vcpu-threads.ts drives it. Its three words: see RunnerWord there.
   /**

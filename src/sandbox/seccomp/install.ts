@@ -20,7 +20,7 @@
  * type=1326 with syscall=N), which is how the lists were measured. Never for production.
  */
 import { getEnvironmentData, setEnvironmentData } from 'node:worker_threads';
-import { stat } from 'node:fs';
+import { readFileSync, stat } from 'node:fs';
 import { native } from '../../kvm/native.js';
 import {
   compilePolicyBytes,
@@ -163,6 +163,41 @@ function startThreadPool(threads?: number): void {
     if (was === false) native().setThpDisable(false);
     if (own) delete process.env.UV_THREADPOOL_SIZE;
   }
+  // Its first page was small, but khugepaged (max_ptes_none 511 by default) still collapses a
+  // range with a single page present into a 2 MiB page: in the lab an idle VMM's pool stack got
+  // one between 2 and 15 s after start (+1.5 MiB of RSS). libuv fixes that stack at 8 MiB, so
+  // every thread stack that can hold an aligned 2 MiB range gets MADV_NOHUGEPAGE (the pool's;
+  // Node's platform threads' too when no launcher set the stack limit).
+  try {
+    for (const [start, length] of bigThreadStacks(readFileSync('/proc/self/maps', 'latin1')))
+      native().noHugePages(start, length);
+  } catch {
+    // no /proc (a jail: its launcher's limits apply), or a kernel that refused the advice
+  }
+}
+
+const TWO_MIB = 2n << 20n;
+
+/**
+ * The thread stacks in /proc/self/maps text that are 2 MiB or more, as [start, length]: glibc
+ * maps a thread's stack with its guard page, one PROT_NONE page, right below it (a 4 KiB `---p`
+ * anonymous mapping followed by an anonymous `rw-p` one that starts where the guard ends).
+ * A mapping merged with a neighbour above it is returned whole.
+ */
+export function bigThreadStacks(maps: string): Array<[bigint, bigint]> {
+  const out: Array<[bigint, bigint]> = [];
+  let guardEnd = -1n;
+  for (const line of maps.split('\n')) {
+    const m = /^([0-9a-f]+)-([0-9a-f]+) (\S{4}) \S+ \S+ (\d+)\s*(.*)$/.exec(line);
+    if (!m) continue;
+    const start = BigInt(`0x${m[1]}`);
+    const end = BigInt(`0x${m[2]}`);
+    const anon = m[4] === '0' && m[5] === '';
+    if (anon && m[3] === 'rw-p' && start === guardEnd && end - start >= TWO_MIB)
+      out.push([start, end - start]);
+    guardEnd = anon && m[3] === '---p' && end - start === 4096n ? end : -1n;
+  }
+  return out;
 }
 
 /**
