@@ -11,8 +11,9 @@
  * A limit under 2 MiB makes every such stack too small to hold an aligned 2 MiB range, so none
  * ever gets one. 1792 KiB leaves the main thread V8's own stack limit (984 KiB) and room for
  * native frames, the environment and arguments (execve allows a quarter of it, 448 KiB, for
- * those). Threads that name their size (libuv's pool: 8 MiB; Node workers: 4 MiB) are not
- * affected; the pool's first page is kept small another way (src/sandbox/seccomp/install.ts).
+ * those). Threads that name their size are not affected: our Node workers are given the same
+ * size (util/worker-argv.ts WORKER_STACK_MB); libuv's pool keeps its 8 MiB, started with THP off
+ * and then advised MADV_NOHUGEPAGE (src/sandbox/seccomp/install.ts startThreadPool).
  *
  * bin/typervisor and bin/typervisor-jailer set it in their shell line (`ulimit -S -s 1792`)
  * before Node starts; the jailer sets it again before it execs the jailed VMM, whatever
