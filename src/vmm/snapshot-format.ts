@@ -28,7 +28,7 @@ import {
 import { dirname } from 'node:path';
 import { MAX_VCPUS } from '../arch/x86_64/layout.js';
 import { VIRTIO_DEVICE_TYPES, type VirtioKind } from '../devices/virtio/registry.js';
-import { ConfigError } from '../util/errors.js';
+import { ConfigError, keepName } from '../util/errors.js';
 import {
   array,
   bytes,
@@ -51,6 +51,7 @@ import { MAX_VIRTIO_DEVICES } from './virtio-plan.js';
 
 /** A snapshot file that cannot be read or used; reaches the user as one line (API: 400). */
 export class SnapshotFileError extends ConfigError {}
+keepName(SnapshotFileError, 'SnapshotFileError');
 
 export const SNAPSHOT_MAGIC = 'TYPVSNAP';
 export const SNAPSHOT_CONTAINER_VERSION = 1;

@@ -20,7 +20,7 @@ import { ramRegions } from '../arch/x86_64/layout.js';
 import { KVM_CAP_TSC_CONTROL } from '../kvm/constants.js';
 import type { Vm } from '../kvm/kvm.js';
 import { countDirty, dirtyBitmapBytes, type DirtyPages } from '../memory/dirty-pages.js';
-import { ConfigError } from '../util/errors.js';
+import { ConfigError, keepName } from '../util/errors.js';
 import { log } from '../util/log.js';
 import { attachDeviceMemory, deviceMemorySpace } from './device-memory.js';
 import {
@@ -92,6 +92,7 @@ export class SnapshotError extends ConfigError {
     super(message);
   }
 }
+keepName(SnapshotError, 'SnapshotError');
 
 function createError(reason: string): SnapshotError {
   return new SnapshotError(`Create snapshot error: ${reason}`, reason);
