@@ -268,9 +268,9 @@ export function native(): NativeShim {
     throw new HostError(`native shim not built (${path} missing): run \`npm install\``);
   }
   // RTLD_DEEPBIND: the shim's libc symbols are found in libc before node's own symbol table
-  // (tens of thousands of V8 and N-API names) is searched for them, so that loading it faults in
-  // fewer of the node binary's pages (0.4 -> 0.2 MiB of RSS in the lab). RTLD_LAZY as require()
-  // would: a function is bound on its first call.
+  // (~75,000 V8, N-API and libuv names) is searched for them, so that loading it faults in
+  // fewer of the node binary's pages (+128 KiB at load against +320; docs/architecture.md
+  // "Start-up"). RTLD_LAZY as require() would: a function is bound on its first call.
   const mod = { exports: {} as NativeShim };
   process.dlopen(mod, path, RTLD_LAZY | RTLD_DEEPBIND);
   shim = mod.exports;
