@@ -77,7 +77,7 @@ const loader = createRequire(import.meta.url)(
   variantId(flags: string): string;
 };
 
-test('the loader: the daemon flags read their own caches, other flags the plain ones', () => {
+test('the loader: the daemon flags read their own caches, other flags theirs too', () => {
   const id = loader.variantId(loader.flagsOf([...DAEMON_HEAP_FLAGS]));
   assert.match(id, /^[0-9a-f]{8}$/);
   assert.notEqual(id, loader.variantId(loader.flagsOf(['--max-semi-space-size=2'])));
@@ -93,9 +93,11 @@ test('the loader: the daemon flags read their own caches, other flags the plain 
   ]);
   // A bundle the variant has no cache of (the API mode's: VMM processes run without the flags).
   assert.deepEqual(files('api', manifest, [...DAEMON_HEAP_FLAGS]), ['api.cache']);
-  // Flags the build made nothing for: the plain cache, as before variants (its key says whether
-  // it fits).
-  assert.deepEqual(files('main', manifest, ['--cpu-prof']), ['main.cache']);
+  // Flags the build made nothing for: a cache of their own, so that a debugging run does not
+  // remake the plain one under its flags (its key says whether it fits).
+  const other = loader.variantId(loader.flagsOf(['--cpu-prof']));
+  assert.deepEqual(files('main', manifest, ['--cpu-prof']), [`main.${other}.cache`]);
+  assert.deepEqual(files('main', undefined, ['--cpu-prof']), [`main.${other}.cache`, 'main.cache']);
   // A worker reads no manifest: the variant's file first, when it exists.
   assert.deepEqual(files('vcpu-worker', undefined, [...DAEMON_HEAP_FLAGS]), [
     `vcpu-worker.${id}.cache`,
@@ -116,7 +118,7 @@ test('the loader: stale caches are remade under the flags they are for', () => {
   assert.deepEqual(loader.cacheMakers(['main', 'api'], manifest, []), both);
   assert.deepEqual(loader.cacheMakers(['main', 'api'], manifest, flags), both);
   assert.deepEqual(loader.cacheMakers(['api'], manifest, []), [[[], ['api']]]);
-  // Flags without a variant: the plain caches, under those flags (as before variants).
+  // Flags without a variant: their own caches (cacheFiles), under those flags.
   assert.deepEqual(loader.cacheMakers(['main'], manifest, ['--cpu-prof']), [
     [['--cpu-prof'], ['main']],
   ]);

@@ -219,6 +219,44 @@ describe('per-thread bundles with code caches', () => {
     },
   );
 
+  test(
+    'flags the build made no cache for get caches of their own; the plain ones are left alone',
+    T,
+    async () => {
+      // `node --cpu-prof bin/typervisor ...` and the like: such a run used to remake the plain
+      // caches under its flags, and every later run without flags then had them remade eagerly.
+      const loader = createRequire(import.meta.url)(join(OUT, 'main.cjs')) as {
+        variantId(flags: string): string;
+      };
+      const flags = ['--max-semi-space-size=3'];
+      const id = loader.variantId(JSON.stringify(flags));
+      const plain = () =>
+        readdirSync(OUT)
+          .filter((f) => /^[a-z-]+\.cache$/.test(f))
+          .map((f) => `${f} ${statSync(join(OUT, f)).mtimeMs}`)
+          .sort();
+      const before = plain();
+      const first = await boot([], flags);
+      assert.equal(first.code, 0, first.stderr);
+      assert.equal(cacheOf(first.stderr, 'main'), 'none', first.stderr);
+      const own = join(OUT, `main.${id}.cache`);
+      const end = Date.now() + 30_000;
+      while (!existsSync(own) || !existsSync(join(OUT, `vcpu-worker.${id}.cache`))) {
+        assert.ok(Date.now() < end, `no ${own} within 30 s`);
+        await new Promise((r) => setTimeout(r, 200));
+      }
+      await new Promise((r) => setTimeout(r, 1000)); // the maker's last renames
+      const again = await boot([], flags);
+      assert.equal(again.code, 0, again.stderr);
+      for (const t of THREADS)
+        assert.equal(cacheOf(again.stderr, t), 'used', `${t}: ${again.stderr}`);
+      assert.deepEqual(plain(), before, 'the plain caches were not touched');
+      const none = await boot();
+      for (const t of THREADS)
+        assert.equal(cacheOf(none.stderr, t), 'used', `${t}: ${none.stderr}`);
+    },
+  );
+
   test('a stale cache is not used (the guest still boots) and is remade', T, async () => {
     // The bundle file's mtime is part of its cache's key.
     const f = join(OUT, 'main.js');
