@@ -68,8 +68,7 @@ function cacheFiles(name, manifest, execArgv = process.execArgv) {
   const own = path.join(DIR, `${name}.${variantId(flags)}.cache`);
   if (manifest === undefined) return [own, plain];
   const v = variantOf(manifest, flags);
-  if (v === undefined) return [own];
-  return v.bundles.includes(name) ? [own] : [plain];
+  return v && !v.bundles.includes(name) ? [plain] : [own];
 }
 
 /** What a cache is valid for, besides the bundle file itself (its size and mtime). */

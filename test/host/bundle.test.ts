@@ -226,10 +226,11 @@ describe('per-thread bundles with code caches', () => {
       // `node --cpu-prof bin/typervisor ...` and the like: such a run used to remake the plain
       // caches under its flags, and every later run without flags then had them remade eagerly.
       const loader = createRequire(import.meta.url)(join(OUT, 'main.cjs')) as {
+        flagsOf(execArgv: string[]): string;
         variantId(flags: string): string;
       };
       const flags = ['--max-semi-space-size=3'];
-      const id = loader.variantId(JSON.stringify(flags));
+      const id = loader.variantId(loader.flagsOf(flags));
       const plain = () =>
         readdirSync(OUT)
           .filter((f) => /^[a-z-]+\.cache$/.test(f))
