@@ -589,7 +589,7 @@ async function measure(
             const m = (await flushedLines(fcm.api, fcm.metrics)).slice(from);
             const per = (g: string, f: string) => (sumMetric(m, g, f) / pings).toFixed(1);
             log(
-              `${name}: vCPU exits to the VMM per ping: io_in ${per('vcpu', 'exit_io_in')}, io_out ${per('vcpu', 'exit_io_out')}, mmio_read ${per('vcpu', 'exit_mmio_read')}, mmio_write ${per('vcpu', 'exit_mmio_write')}; net ${IFACE}: tx kicks ${per(`net_${IFACE}`, 'tx_queue_event_count')}, rx frames ${per(`net_${IFACE}`, 'rx_packets_count')}`,
+              `${name}: vCPU exits to the VMM per ping: io_in ${per('vcpu', 'exit_io_in')}, io_out ${per('vcpu', 'exit_io_out')}, mmio_read ${per('vcpu', 'exit_mmio_read')}, mmio_write ${per('vcpu', 'exit_mmio_write')}; net ${IFACE}: tx kicks ${per(`net_${IFACE}`, 'tx_queue_event_count')}, rx frames ${per(`net_${IFACE}`, 'rx_packets_count')}, rx kicks ${per(`net_${IFACE}`, 'rx_queue_event_count')}, TAP readable ${per(`net_${IFACE}`, 'rx_tap_event_count')}; ${['queue0_irqs', 'queue0_irqs_coalesced', 'queue0_irqs_suppressed', 'queue0_turns', 'queue1_irqs', 'queue1_irqs_coalesced', 'queue1_irqs_suppressed', 'queue1_turns'].map((f) => `${f} ${per('typervisor', `net_${IFACE}.${f}`)}`).join(', ')}`,
             );
           }
           const m = /min\/avg\/max = ([\d.]+)\/([\d.]+)\/([\d.]+)/.exec(out);
