@@ -36,48 +36,7 @@
 #error "BLK_BYTES: a non-zero multiple of 512, at most 16 MiB"
 #endif
 
-/* Where the transports are: Typervisor (src/arch/x86_64/layout.ts), then QEMU microvm. */
-#define TYPV_BASE 0xc0001000
-#define TYPV_STRIDE 0x1000
-#define TYPV_SLOTS 19
-#define QEMU_BASE 0xfeb00000
-#define QEMU_STRIDE 0x200
-#define QEMU_SLOTS 24
-
-/* virtio-mmio registers (§4.2.2). */
-#define R_MAGIC 0x000
-#define R_VERSION 0x004
-#define R_DEVICE_ID 0x008
-#define R_DEVICE_FEATURES 0x010
-#define R_DEVICE_FEATURES_SEL 0x014
-#define R_DRIVER_FEATURES 0x020
-#define R_DRIVER_FEATURES_SEL 0x024
-#define R_QUEUE_SEL 0x030
-#define R_QUEUE_NUM_MAX 0x034
-#define R_QUEUE_NUM 0x038
-#define R_QUEUE_READY 0x044
-#define R_QUEUE_NOTIFY 0x050
-#define R_STATUS 0x070
-#define R_QUEUE_DESC_LOW 0x080
-#define R_QUEUE_DESC_HIGH 0x084
-#define R_QUEUE_DRIVER_LOW 0x090
-#define R_QUEUE_DRIVER_HIGH 0x094
-#define R_QUEUE_DEVICE_LOW 0x0a0
-#define R_QUEUE_DEVICE_HIGH 0x0a4
-#define R_INTERRUPT_STATUS 0x060
-#define R_INTERRUPT_ACK 0x064
-#define R_CONFIG_GENERATION 0x0fc
-#define R_CONFIG 0x100 /* virtio_blk_config.capacity: u64, 512-byte sectors */
-
-#define MAGIC 0x74726976
-#define S_ACKNOWLEDGE 1
-#define S_DRIVER 2
-#define S_DRIVER_OK 4
-#define S_FEATURES_OK 8
-#define S_NEEDS_RESET 0x40
-#define DESC_F_NEXT 1
-#define DESC_F_WRITE 2
-#define AVAIL_F_NO_INTERRUPT 1
+#include "virtio-mmio.h"
 
 /* Guest RAM used (zeroed first; 64 MiB guests): the split queue, the request, the buffer. */
 #define QSIZE 16
@@ -93,34 +52,11 @@
 
 	/* %esi: the device; %ebx: sector; %ebp: requests left; %edi: next avail.idx */
 blkloop:
-	mov	$TYPV_BASE, %esi
-	mov	$TYPV_SLOTS, %ecx
-	mov	$TYPV_STRIDE, %edx
-	call	probe
-	jnc	found
-	mov	$QEMU_BASE, %esi
-	mov	$QEMU_SLOTS, %ecx
-	mov	$QEMU_STRIDE, %edx
-	call	probe
+	mov	$2, %edi /* virtio-blk */
+	call	findDevice
 	jnc	found
 	mov	$'n', %al
 	jmp	fail
-
-	/* %ecx slots from %esi, %edx apart: CF clear and %esi at the first virtio-blk found. */
-probe:
-	cmpl	$MAGIC, R_MAGIC(%esi)
-	jne	1f
-	cmpl	$2, R_VERSION(%esi)
-	jne	1f
-	cmpl	$2, R_DEVICE_ID(%esi)
-	jne	1f
-	clc
-	ret
-1:	add	%edx, %esi
-	dec	%ecx
-	jnz	probe
-	stc
-	ret
 
 found:
 	/* The rings and the request, zeroed (avail.idx and used.idx start at 0). */
@@ -130,27 +66,7 @@ found:
 	cmp	$(HDR + 0x100), %edx
 	jb	1b
 
-	/*
-	 * §3.1.1: reset (done once Status reads 0, §2.4.2), ACKNOWLEDGE, DRIVER, the features,
-	 * FEATURES_OK (and read it back: the device may refuse).
-	 */
-	movl	$0, R_STATUS(%esi)
-1:	cmpl	$0, R_STATUS(%esi)
-	jne	1b
-	movl	$S_ACKNOWLEDGE, R_STATUS(%esi)
-	movl	$(S_ACKNOWLEDGE | S_DRIVER), R_STATUS(%esi)
-	movl	$1, R_DEVICE_FEATURES_SEL(%esi)
-	mov	$'v', %al
-	testl	$1, R_DEVICE_FEATURES(%esi) /* bit 32: VIRTIO_F_VERSION_1 */
-	jz	fail
-	movl	$0, R_DRIVER_FEATURES_SEL(%esi)
-	movl	$0, R_DRIVER_FEATURES(%esi)
-	movl	$1, R_DRIVER_FEATURES_SEL(%esi)
-	movl	$1, R_DRIVER_FEATURES(%esi) /* VERSION_1 and nothing else */
-	movl	$(S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK), R_STATUS(%esi)
-	mov	$'f', %al
-	testl	$S_FEATURES_OK, R_STATUS(%esi)
-	jz	fail
+	call	negotiate /* §3.1.1 up to FEATURES_OK: VERSION_1 and nothing else */
 
 	/* The capacity: below 2^32 sectors, and at least one request long. */
 	mov	$'c', %al
@@ -383,16 +299,4 @@ request:
 7:	pause /* stays up: the test reads GET /vm/config, then kills the VMM */
 	jmp	7b
 #endif
-	jmp	reset
-
-	/* %al: the reason letter. Prints "E<reason>\n" and resets. */
-fail:
-	mov	%al, %cl
-	mov	$COM1, %dx
-	mov	$'E', %al
-	out	%al, %dx
-	mov	%cl, %al
-	out	%al, %dx
-	mov	$'\n', %al
-	out	%al, %dx
 	jmp	reset

@@ -15,6 +15,8 @@
  *                 the reset (blkloop.S: the driver, the disk pattern it expects, its errors)
  *   MODE_BLKWATCH one read, then waits for the disk to change (PATCH /drives) and reads the new
  *                 disk's last sector (blkloop.S)
+ *   MODE_NETLOOP  NET_COUNT ICMP echo round trips with the host over virtio-net, one at a time,
+ *                 then "D\n" and the reset (netloop.S)
  */
 #define COM1 0x3f8
 #define MARKER_PORT 0x3f0
@@ -54,6 +56,8 @@ _start:
 	jmp	reset
 #elif defined(MODE_BLKLOOP) || defined(MODE_BLKWATCH)
 	jmp	blkloop
+#elif defined(MODE_NETLOOP)
+	jmp	netloop
 #else
 #error "pick a MODE_"
 #endif
@@ -66,6 +70,10 @@ reset:
 
 #if defined(MODE_BLKLOOP) || defined(MODE_BLKWATCH)
 #include "blkloop.S"
+#include "virtio-mmio.S"
+#elif defined(MODE_NETLOOP)
+#include "netloop.S"
+#include "virtio-mmio.S"
 #endif
 
 	/* The PVH entry point, as Linux's arch/x86/platform/pvh/head.S declares it. */
