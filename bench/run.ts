@@ -20,6 +20,7 @@ import {
 import { DEFAULT_DENSITY, MAX_DENSITY, densitySuite } from './density.js';
 import { daemonSuite } from './daemon.js';
 import { microSuite } from './micro.js';
+import { netMicroRows, netMicroSkipReason } from './net-micro.js';
 import { snapshotHostSuite } from './snapshot-host.js';
 import { apiStartRows } from './api-start.js';
 import { startupSuite } from './startup.js';
@@ -240,6 +241,15 @@ async function main() {
       notes.push(`micro suite failed: ${(e as Error).message.split('\n').slice(0, 5).join(' ')}`);
       log((e as Error).stack ?? String(e));
     }
+    // bench/net-micro.ts: a ping's device path on this host's KVM, beside QEMU's.
+    const netSkip = netMicroSkipReason();
+    if (netSkip) notes.push(`virtio-net echo rows skipped: ${netSkip}`);
+    else
+      try {
+        micro.push(...(await netMicroRows(o.runs, log)));
+      } catch (e) {
+        notes.push(`net-micro failed: ${(e as Error).message.split('\n').slice(0, 5).join(' ')}`);
+      }
     times.push(`micro ${((Date.now() - t) / 1000).toFixed(0)} s`);
   }
   if (o.suite === 'micro' || o.suite === 'startup' || o.suite === 'all') {
