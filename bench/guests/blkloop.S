@@ -77,23 +77,10 @@ found:
 	jb	fail
 	mov	%ecx, CAPACITY
 
-	/* Queue 0 (§4.2.3.2): not live yet, big enough; size, the three areas, ready. */
-	mov	$'q', %al
-	movl	$0, R_QUEUE_SEL(%esi)
-	cmpl	$0, R_QUEUE_READY(%esi)
-	jne	fail
-	cmpl	$QSIZE, R_QUEUE_NUM_MAX(%esi)
-	jb	fail
-	movl	$QSIZE, R_QUEUE_NUM(%esi)
-	movl	$DESC, R_QUEUE_DESC_LOW(%esi)
-	movl	$0, R_QUEUE_DESC_HIGH(%esi)
-	movl	$AVAIL, R_QUEUE_DRIVER_LOW(%esi)
-	movl	$0, R_QUEUE_DRIVER_HIGH(%esi)
-	movl	$USED, R_QUEUE_DEVICE_LOW(%esi)
-	movl	$0, R_QUEUE_DEVICE_HIGH(%esi)
-	movl	$1, R_QUEUE_READY(%esi)
-	cmpl	$1, R_QUEUE_READY(%esi)
-	jne	fail
+	/* Queue 0 (§4.2.3.2): its descriptors at DESC, avail at AVAIL, used at USED. */
+	xor	%ecx, %ecx
+	mov	$DESC, %edx
+	call	setupQueue
 
 	/* One chain, reused: header (device-readable), data and status (device-writable). */
 	movl	$HDR, DESC + 0

@@ -190,28 +190,6 @@ giveBack:
 	movl	$0, R_QUEUE_NOTIFY(%esi)
 9:	ret
 
-	/* Queue %ecx with its descriptors at %edx, its avail ring at +0x1000, used at +0x2000. */
-setupQueue:
-	mov	$'q', %al
-	mov	%ecx, R_QUEUE_SEL(%esi)
-	cmpl	$0, R_QUEUE_READY(%esi)
-	jne	fail
-	cmpl	$QSIZE, R_QUEUE_NUM_MAX(%esi)
-	jb	fail
-	movl	$QSIZE, R_QUEUE_NUM(%esi)
-	mov	%edx, R_QUEUE_DESC_LOW(%esi)
-	movl	$0, R_QUEUE_DESC_HIGH(%esi)
-	lea	0x1000(%edx), %eax
-	mov	%eax, R_QUEUE_DRIVER_LOW(%esi)
-	movl	$0, R_QUEUE_DRIVER_HIGH(%esi)
-	lea	0x2000(%edx), %eax
-	mov	%eax, R_QUEUE_DEVICE_LOW(%esi)
-	movl	$0, R_QUEUE_DEVICE_HIGH(%esi)
-	movl	$1, R_QUEUE_READY(%esi)
-	cmpl	$1, R_QUEUE_READY(%esi)
-	jne	fail
-	ret
-
 
 	/*
 	 * The request as TX's one buffer: a zero virtio_net_hdr (no offloads), then Ethernet

@@ -1,6 +1,6 @@
 /*
  * What micro.S's virtio drivers share (included with blkloop.S or netloop.S): findDevice,
- * negotiate and fail.
+ * negotiate, setupQueue and fail.
  *
  * findDevice: the first version-2 virtio-mmio transport whose DeviceID is %edi, at
  * Typervisor's addresses or QEMU microvm's (virtio-mmio.h). CF clear and %esi at its
@@ -52,6 +52,32 @@ negotiate:
 	mov	$'f', %al
 	testl	$S_FEATURES_OK, R_STATUS(%esi)
 	jz	fail
+	ret
+
+	/*
+	 * setupQueue (§4.2.3.2): queue %ecx, not live yet and at least QSIZE (the driver's) long,
+	 * with its descriptors at %edx, its avail ring at +0x1000 and its used ring at +0x2000;
+	 * "Eq" when it is not usable. %eax clobbered.
+	 */
+setupQueue:
+	mov	$'q', %al
+	mov	%ecx, R_QUEUE_SEL(%esi)
+	cmpl	$0, R_QUEUE_READY(%esi)
+	jne	fail
+	cmpl	$QSIZE, R_QUEUE_NUM_MAX(%esi)
+	jb	fail
+	movl	$QSIZE, R_QUEUE_NUM(%esi)
+	mov	%edx, R_QUEUE_DESC_LOW(%esi)
+	movl	$0, R_QUEUE_DESC_HIGH(%esi)
+	lea	0x1000(%edx), %eax
+	mov	%eax, R_QUEUE_DRIVER_LOW(%esi)
+	movl	$0, R_QUEUE_DRIVER_HIGH(%esi)
+	lea	0x2000(%edx), %eax
+	mov	%eax, R_QUEUE_DEVICE_LOW(%esi)
+	movl	$0, R_QUEUE_DEVICE_HIGH(%esi)
+	movl	$1, R_QUEUE_READY(%esi)
+	cmpl	$1, R_QUEUE_READY(%esi)
+	jne	fail
 	ret
 
 	/* %al: the reason letter. Prints "E<reason>\n" and resets. */

@@ -10,10 +10,13 @@
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
-import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { CLI, REPO, benchGuestSkipReason, tempDir } from './helpers.js';
-import { NETLOOP_GUEST_MAC, setUpNetloopNamespace } from '../../bench/net-micro.js';
+import {
+  NETLOOP_GUEST_MAC,
+  netMicroSkipReason,
+  setUpNetloopNamespace,
+} from '../../bench/net-micro.js';
 
 const NS = `tvnltest${process.pid}`;
 const TAP = 'tvnlt0';
@@ -21,10 +24,7 @@ const TAP = 'tvnlt0';
 function skipReason(): string | undefined {
   const s = benchGuestSkipReason();
   if (s) return s;
-  if (process.getuid?.() !== 0) return 'needs root (a TAP in a network namespace)';
-  if (!existsSync('/dev/net/tun')) return 'no /dev/net/tun';
-  if (spawnSync('ip', ['-V']).status !== 0) return 'no ip (iproute2)';
-  return undefined;
+  return netMicroSkipReason();
 }
 
 const skip = skipReason();
