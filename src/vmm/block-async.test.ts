@@ -13,7 +13,9 @@ import {
   rmSync,
   truncateSync,
   writeFileSync,
+  writeSync,
 } from 'node:fs';
+import { execFileSync } from 'node:child_process';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { EventLoop } from '../events/event-loop.js';
@@ -43,8 +45,21 @@ function image(): { dir: string; path: string; fd: number } {
   return { dir, path, fd: openSync(path, 'r+') };
 }
 
-function setup(entries = 128, readOnly = false) {
-  const img = image();
+/**
+ * The drive's file is a FIFO (opened read-write, so the open does not wait for a writer): io_uring
+ * parks a read of it until bytes arrive, so requests stay in flight until the test writes them.
+ * A read of a regular file in the page cache completes inside io_uring_enter and is answered in
+ * the same turn.
+ */
+function fifoImage(): { dir: string; path: string; fd: number } {
+  const dir = mkdtempSync(join(tmpdir(), 'typervisor-blk-async-'));
+  const path = join(dir, 'disk.fifo');
+  execFileSync('mkfifo', [path]);
+  return { dir, path, fd: openSync(path, 'r+') };
+}
+
+function setup(entries = 128, readOnly = false, fifo = false) {
+  const img = fifo ? fifoImage() : image();
   const loop = new EventLoop((e) => {
     throw e;
   });
@@ -167,7 +182,7 @@ test('Async: writes, a flush and reads of one kick go through io_uring and reach
 });
 
 test('Async: at most the ring size in flight; the rest waits on the queue and is served after', () => {
-  const t = setup(4);
+  const t = setup(4, false, true);
   try {
     const heads = Array.from({ length: 12 }, (_, i) =>
       t.post(VIRTIO_BLK_T_IN, i * 8, [{ len: 4096 }]),
@@ -175,27 +190,65 @@ test('Async: at most the ring size in flight; the rest waits on the queue and is
     t.h.kick();
     assert.equal(t.dev.engine!.inFlight, 4);
     assert.ok(t.dev.engine!.counters.ringFull >= 1);
+    assert.equal(t.q.takeUsed().length, 0);
+    // The bytes the twelve reads wait for.
+    writeSync(t.fd, Buffer.alloc(12 * 4096, 0x5a));
     t.waitUsed(12);
     for (const h of heads) assert.equal(t.status(h), VIRTIO_BLK_S_OK);
     assert.equal(t.dev.engine!.counters.inFlightHighWater, 4);
     assert.equal(t.dev.counters.reads, 12);
+    assert.equal(t.h.mem.readU8(t.dataOf(heads[11]!) + 4095), 0x5a);
+  } finally {
+    t.done();
+  }
+});
+
+test('Async: reads the page cache serves are answered in the kick that posted them', () => {
+  const t = setup(4);
+  try {
+    // Three times the ring's size: each round's completions free the slots for the next.
+    const heads = Array.from({ length: 12 }, (_, i) =>
+      t.post(VIRTIO_BLK_T_IN, i * 8, [{ len: 4096 }]),
+    );
+    const interrupts = t.h.interrupts();
+    t.h.kick();
+    assert.equal(t.dev.engine!.inFlight, 0);
+    for (const u of t.q.takeUsed()) t.used.set(u.id, u.len);
+    assert.equal(t.used.size, 12);
+    for (const h of heads) assert.equal(t.status(h), VIRTIO_BLK_S_OK);
+    assert.equal(t.dev.engine!.counters.inFlightHighWater, 4);
+    assert.equal(t.dev.engine!.counters.ringFull, 0);
+    assert.equal(t.h.interrupts() - interrupts, 1, 'one interrupt for the kick');
+    const file = readFileSync(t.path);
+    assert.deepEqual(
+      Buffer.from(t.h.mem.view(t.dataOf(heads[11]!), 4096)),
+      file.subarray(88 * 512, 88 * 512 + 4096),
+    );
+    // The eventfd was reset with the reap: the loop has nothing to do.
+    assert.equal(t.loop.runOnce(0), 0);
   } finally {
     t.done();
   }
 });
 
 test('Async: save() drains the requests in flight onto the used ring (a snapshot holds none)', () => {
-  const t = setup();
+  const t = setup(128, false, true);
   try {
-    for (let i = 0; i < 16; i++)
-      t.post(VIRTIO_BLK_T_OUT, i * 8, [{ len: 4096, bytes: Buffer.alloc(4096, i) }]);
+    const heads = Array.from({ length: 16 }, (_, i) =>
+      t.post(VIRTIO_BLK_T_IN, i * 8, [{ len: 4096 }]),
+    );
     t.h.kick();
-    assert.ok(t.dev.engine!.inFlight > 0);
+    assert.equal(t.dev.engine!.inFlight, 16);
+    for (let i = 0; i < 16; i++) writeSync(t.fd, Buffer.alloc(4096, i));
     t.dev.save();
     assert.equal(t.dev.engine!.inFlight, 0);
     // All used without running the loop.
     assert.equal(t.q.takeUsed().length, 16);
-    assert.equal(readFileSync(t.path)[15 * 8 * 512], 15);
+    const got = heads.map((h) => t.h.mem.readU8(t.dataOf(h)));
+    assert.deepEqual(
+      got.sort((x, y) => x - y),
+      [...Array(16).keys()],
+    );
   } finally {
     t.done();
   }
@@ -233,10 +286,12 @@ test('Async: a short read (the image shrank) is IOERR; a write to a read-only di
 });
 
 test('Async: a driver reset with requests in flight waits for them and drops their results', () => {
-  const t = setup();
+  const t = setup(128, false, true);
   try {
     for (let i = 0; i < 8; i++) t.post(VIRTIO_BLK_T_IN, i * 8, [{ len: 4096 }]);
     t.h.kick();
+    assert.equal(t.dev.engine!.inFlight, 8);
+    writeSync(t.fd, Buffer.alloc(8 * 4096, 0x5a));
     t.h.driver.write(0x70, 0); // Status = 0: reset
     assert.equal(t.dev.engine!.inFlight, 0);
     // Nothing is put on the old rings after the reset.

@@ -7,9 +7,10 @@
  * whose iovecs point straight into guest RAM, IORING_OP_FSYNC with IOSQE_IO_DRAIN for a flush,
  * so it starts only once every earlier request has completed) and submits them all with one
  * io_uring_enter; a read of BLK_ASYNC_PUNT_READ_BYTES or more is handed to io-wq at once
- * (IOSQE_ASYNC). Completions signal the ring's eventfd, watched on the device worker's loop:
- * each is written into its status byte and put on the used ring, and the interrupt is raised
- * once per batch (QueueIo.notify).
+ * (IOSQE_ASYNC). Requests that completed inside that io_uring_enter (what the page cache
+ * served) are reaped at once, in the same turn; later completions signal the ring's eventfd,
+ * watched on the device worker's loop. Each is written into its status byte and put on the used
+ * ring, and the interrupt is raised once per batch (QueueIo.notify).
  *
  * Bounds: at most `slots` requests are in flight (the ring size). A guest that posts more waits
  * on its queue (counted: io_engine_throttled_events) until completions free slots; no memory
@@ -214,40 +215,60 @@ export class AsyncBlockEngine {
     this.sleeping = false;
   }
 
-  /** Takes chains off the queue into the ring until it is empty, the ring full or the budget used. */
+  /**
+   * Takes chains off the queue into the ring until it is empty, the ring full or the budget
+   * used, and submits them. What the page cache could serve completes inside io_uring_enter:
+   * it is answered in this same turn (one interrupt with the rest), not on the eventfd's wake-up
+   * a loop round later, and the slots it frees take the chains still waiting.
+   */
   private pump(): void {
     const io = this.io;
     if (!io || this.timer) return;
     let taken = 0;
     for (;;) {
-      if (this.freeSlots.length === 0 || this.ring.sq.free === 0) {
-        const c = io.pop(0);
-        if (c && io.unpop(0, c.head)) this.counters.ringFull++;
-        break;
+      let waiting = false; // a chain waits on the queue for a free slot
+      for (;;) {
+        if (this.freeSlots.length === 0 || this.ring.sq.free === 0) {
+          const c = io.pop(0);
+          waiting = c !== undefined && io.unpop(0, c.head);
+          break;
+        }
+        if (taken >= QUEUE_BUDGET_CHAINS) {
+          const c = io.pop(0);
+          if (c && io.unpop(0, c.head)) this.later(0, false);
+          break;
+        }
+        const chain = io.pop(0);
+        if (!chain) break;
+        taken++;
+        const p = this.host.parse(chain);
+        // Charged as the Sync engine's admit() does: every well-formed request, before any I/O.
+        const wait = p.ok ? this.host.charge(p) : 0;
+        if (wait > 0 && io.unpop(0, chain.head)) {
+          this.later(wait, true);
+          break;
+        }
+        const r = p.ok ? p.request : undefined;
+        const fileIo =
+          r !== undefined &&
+          (r.type === 'read' ||
+            ((r.type === 'write' || r.type === 'flush') && !this.host.readOnly));
+        if (fileIo) this.start(chain.head, p as ParsedRequest & { ok: true });
+        else io.pushUsed(0, chain.head, this.host.serveInline(p));
       }
-      if (taken >= QUEUE_BUDGET_CHAINS) {
-        const c = io.pop(0);
-        if (c && io.unpop(0, c.head)) this.later(0, false);
-        break;
+      this.submit();
+      if (this.ring.cq.ready > 0) {
+        // The eventfd is reset before the reap: a completion posted after it still wakes the
+        // loop, and one posted before it is reaped here.
+        this.ring.clearEvent();
+        this.reapAll();
+        // A short transfer's rest went back on the SQ.
+        if (this.ring.sq.unsubmitted > 0) this.submit();
+        if (waiting && this.freeSlots.length > 0 && this.ring.sq.free > 0 && !this.timer) continue;
       }
-      const chain = io.pop(0);
-      if (!chain) break;
-      taken++;
-      const p = this.host.parse(chain);
-      // Charged as the Sync engine's admit() does: every well-formed request, before any I/O.
-      const wait = p.ok ? this.host.charge(p) : 0;
-      if (wait > 0 && io.unpop(0, chain.head)) {
-        this.later(wait, true);
-        break;
-      }
-      const r = p.ok ? p.request : undefined;
-      const fileIo =
-        r !== undefined &&
-        (r.type === 'read' || ((r.type === 'write' || r.type === 'flush') && !this.host.readOnly));
-      if (fileIo) this.start(chain.head, p as ParsedRequest & { ok: true });
-      else io.pushUsed(0, chain.head, this.host.serveInline(p));
+      if (waiting) this.counters.ringFull++;
+      break;
     }
-    this.submit();
     io.notify(0);
   }
 
@@ -361,11 +382,16 @@ export class AsyncBlockEngine {
   }
 
   private reap(): void {
+    this.reapAll();
+    this.io?.notify(0);
+  }
+
+  /** Every completion ready (and any the kernel held back on overflow) onto the used ring. */
+  private reapAll(): void {
     do {
       this.ring.cq.reap((userData, res) => this.complete(userData, res));
       if (this.ring.cqOverflowed) this.ring.enter();
     } while (this.ring.cq.ready > 0);
-    this.io?.notify(0);
   }
 
   private complete(index: number, res: number): void {
