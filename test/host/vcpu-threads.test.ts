@@ -109,59 +109,72 @@ describe('native vCPU runner threads (KVM)', () => {
         const baseline = threadCount();
         const dir = tempDir();
         const vm = build('piospin', 8, join(dir, 'console'), mode, hub);
-        assert.equal(vm.vmm.mode, mode);
-        const first = mode === 'native' ? 0 : 1;
-        // every vCPU runs, vCPU 0 exits on every port write
-        assert.ok(await eventually(() => vm.vmm.control.exits(0) > 100, BOUND_MS), 'no exits');
-        // the runners start once the hub's worker is up (vCPU 0's worker may be running already)
-        assert.ok(
-          await eventually(
-            () => threads().filter((t) => t.name.startsWith('tv-vrun')).length === 8 - first,
-            BOUND_MS,
-          ),
-          'the runner threads did not start',
-        );
-        const ts = threads();
-        const runners = ts.filter((t) => t.name.startsWith('tv-vrun'));
-        assert.deepEqual(
-          runners.map((t) => t.name).sort(),
-          [...Array(8 - first).keys()].map((i) => `tv-vrun${i + first}`),
-        );
-        for (const r of runners) assert.equal(r.seccomp, 2, `${r.name} has no seccomp filter`);
-        assert.equal(ts.filter((t) => t.name === 'tv-vcpuhub').length, hub === 'worker' ? 1 : 0);
-        const watchers = ts.filter((t) => t.name === 'tv-vloopwatch');
-        assert.equal(watchers.length, mode === 'loop' ? 1 : 0);
-        for (const w of watchers) assert.equal(w.seccomp, 2, 'the watcher has no seccomp filter');
-        assert.deepEqual(
-          ts
-            .filter((t) => t.name.startsWith('tv-vcpu') && t.name !== 'tv-vcpuhub')
-            .map((t) => t.name),
-          mode === 'hybrid' ? ['tv-vcpu0'] : [],
-        );
-        // a VM of 8 vCPUs costs 8 small threads and at most two workers, not 8 workers; with
-        // the hub on the main thread, native mode starts no worker at all
-        const extra = threadCount() - baseline;
-        if (mode !== 'hybrid' && hub === 'main') assert.ok(extra <= 8, `${extra} new threads`);
-        assert.ok(extra <= 8 + 6, `${extra} new threads`);
+        try {
+          assert.equal(vm.vmm.mode, mode);
+          const first = mode === 'native' ? 0 : 1;
+          // every vCPU runs, vCPU 0 exits on every port write
+          assert.ok(await eventually(() => vm.vmm.control.exits(0) > 100, BOUND_MS), 'no exits');
+          // the runners start once the hub's worker is up (vCPU 0's worker may be running
+          // already); a hub worker names itself just after it has started them
+          assert.ok(
+            await eventually(() => {
+              const ts = threads();
+              return (
+                ts.filter((t) => t.name.startsWith('tv-vrun')).length === 8 - first &&
+                ts.some((t) => t.name === 'tv-vcpuhub') === (hub === 'worker')
+              );
+            }, BOUND_MS),
+            'the runner threads did not start',
+          );
+          const ts = threads();
+          const runners = ts.filter((t) => t.name.startsWith('tv-vrun'));
+          assert.deepEqual(
+            runners.map((t) => t.name).sort(),
+            [...Array(8 - first).keys()].map((i) => `tv-vrun${i + first}`),
+          );
+          for (const r of runners) assert.equal(r.seccomp, 2, `${r.name} has no seccomp filter`);
+          assert.equal(ts.filter((t) => t.name === 'tv-vcpuhub').length, hub === 'worker' ? 1 : 0);
+          const watchers = ts.filter((t) => t.name === 'tv-vloopwatch');
+          assert.equal(watchers.length, mode === 'loop' ? 1 : 0);
+          for (const w of watchers) assert.equal(w.seccomp, 2, 'the watcher has no seccomp filter');
+          assert.deepEqual(
+            ts
+              .filter((t) => t.name.startsWith('tv-vcpu') && t.name !== 'tv-vcpuhub')
+              .map((t) => t.name),
+            mode === 'hybrid' ? ['tv-vcpu0'] : [],
+          );
+          // a VM of 8 vCPUs costs 8 small threads and at most two workers, not 8 workers; with
+          // the hub on the main thread, native mode starts no worker at all
+          const extra = threadCount() - baseline;
+          if (mode !== 'hybrid' && hub === 'main') assert.ok(extra <= 8, `${extra} new threads`);
+          assert.ok(extra <= 8 + 6, `${extra} new threads`);
 
-        await vm.vmm.pause();
-        assert.equal(vm.vmm.state, 'paused');
-        assert.deepEqual(states(vm, 8), new Array(8).fill(VcpuState.Paused));
-        const parked = vm.vmm.control.exits(0);
-        await new Promise((r) => setTimeout(r, 200));
-        assert.equal(vm.vmm.control.exits(0), parked, 'exits while paused');
-        vm.vmm.resume();
-        assert.ok(
-          await eventually(() => vm.vmm.control.exits(0) > parked + 100, BOUND_MS),
-          'no exits after resume',
-        );
-        // a second pause and resume, to see the runners go round
-        await vm.vmm.pause();
-        assert.deepEqual(states(vm, 8), new Array(8).fill(VcpuState.Paused));
-        vm.vmm.resume();
-        vm.vmm.requestStop();
-        assert.deepEqual(await vm.vmm.exited, { kind: 'stopped' });
-        assert.deepEqual(states(vm, 8), new Array(8).fill(VcpuState.Exited));
+          await vm.vmm.pause();
+          assert.equal(vm.vmm.state, 'paused');
+          assert.deepEqual(states(vm, 8), new Array(8).fill(VcpuState.Paused));
+          const parked = vm.vmm.control.exits(0);
+          await new Promise((r) => setTimeout(r, 200));
+          assert.equal(vm.vmm.control.exits(0), parked, 'exits while paused');
+          vm.vmm.resume();
+          assert.ok(
+            await eventually(() => vm.vmm.control.exits(0) > parked + 100, BOUND_MS),
+            'no exits after resume',
+          );
+          // a second pause and resume, to see the runners go round
+          await vm.vmm.pause();
+          assert.deepEqual(states(vm, 8), new Array(8).fill(VcpuState.Paused));
+          vm.vmm.resume();
+          vm.vmm.requestStop();
+          assert.deepEqual(await vm.vmm.exited, { kind: 'stopped' });
+          assert.deepEqual(states(vm, 8), new Array(8).fill(VcpuState.Exited));
+        } finally {
+          // A failed check leaves the VM running: stop it, or the next test finds the
+          // process's one loop runner (and its threads) still taken.
+          if (vm.vmm.state !== 'stopped') {
+            vm.vmm.requestStop();
+            await Promise.race([vm.vmm.exited, new Promise((r) => setTimeout(r, 10_000))]);
+          }
+        }
         await gone(baseline);
       },
     );
