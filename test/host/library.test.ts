@@ -7,7 +7,7 @@
  */
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { readdirSync, readFileSync } from 'node:fs';
+import { readdirSync, readFileSync, readlinkSync } from 'node:fs';
 import { once } from 'node:events';
 import { spawn } from 'node:child_process';
 import { Worker } from 'node:worker_threads';
@@ -82,6 +82,30 @@ async function runProgram(
 }
 
 const fdCount = () => readdirSync('/proc/self/fd').length;
+
+/**
+ * fdCount() once the process's descriptors are settled: none open on a module file (a worker
+ * of the warm pool still loading its modules holds them for a moment; on a loaded machine one
+ * was open when the baseline was taken) and the same count twice, 50 ms apart (at most 10 s).
+ */
+async function settledFdCount(): Promise<number> {
+  const loading = () =>
+    readdirSync('/proc/self/fd').some((f) => {
+      try {
+        return /\.(m?js|cjs|node|json)$/.test(readlinkSync(`/proc/self/fd/${f}`));
+      } catch {
+        return false; // closed meanwhile, or readdir's own descriptor
+      }
+    });
+  let last = -1;
+  for (const end = Date.now() + 10_000; Date.now() < end;) {
+    const n = fdCount();
+    if (n === last && !loading()) return n;
+    last = n;
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  return fdCount();
+}
 const rssKiB = () => Number(/VmRSS:\s+(\d+)/.exec(readFileSync('/proc/self/status', 'utf8'))![1]);
 
 test('the package entry: `typervisor` resolves to the library (package.json exports)', async () => {
@@ -443,13 +467,12 @@ describe('library: VMs in this process', () => {
         await h.drain();
         const gc = (globalThis as { gc?: () => void }).gc;
         gc?.();
-        const fds0 = fdCount();
+        const fds0 = await settledFdCount();
         const rss0 = rssKiB();
         for (let i = 0; i < 50; i++) await cycle();
         await h.drain();
-        await new Promise((r) => setTimeout(r, 50));
         gc?.();
-        assert.equal(fdCount(), fds0, 'descriptors after 50 VMs');
+        assert.equal(await settledFdCount(), fds0, 'descriptors after 50 VMs');
         const grew = rssKiB() - rss0;
         // Without --expose-gc the heap may hold garbage; a leak of a VM's RAM (32 MiB) or a
         // worker (~8 MiB) per cycle would be far beyond this.
