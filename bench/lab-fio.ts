@@ -45,20 +45,24 @@ const JOBS = [
     unit: 'IOPS',
     args: '--rw=randread --bs=4k --iodepth=32',
     // terse v3 after our "FIO<i>;" prefix: [0]=version [1]=fio [2]=jobname [3]=groupid
-    // [4]=error; read: [5]=io KiB [6]=bw KiB/s [7]=IOPS; write (41 fields later): [47]=bw KiB/s
+    // [4]=error; read: [5]=io KiB [6]=bw KiB/s [7]=IOPS; write (41 fields later): [46]=io KiB
+    // [47]=bw KiB/s
     value: (f: string[]) => Number(f[7]),
+    ioKiB: (f: string[]) => Number(f[5]),
   },
   {
     metric: 'fio: sequential read 1 MiB, iodepth 4',
     unit: 'MB/s',
     args: '--rw=read --bs=1M --iodepth=4',
     value: (f: string[]) => (Number(f[6]) * 1024) / 1e6,
+    ioKiB: (f: string[]) => Number(f[5]),
   },
   {
     metric: 'fio: sequential write 1 MiB, iodepth 4',
     unit: 'MB/s',
     args: '--rw=write --bs=1M --iodepth=4',
     value: (f: string[]) => (Number(f[47]) * 1024) / 1e6,
+    ioKiB: (f: string[]) => Number(f[46]),
   },
 ];
 
@@ -68,6 +72,12 @@ export interface FioSample {
   vmm: VmmName;
   /** Per job (index into JOBS); null when that job gave no result. */
   values: (number | null)[];
+  /**
+   * Per job: the guest's interrupts of the data disk's device per MB the job moved (its
+   * /proc/interrupts line, before and after the job); null when not measured. Absent in
+   * samples of older runs (resume files).
+   */
+  irqPerMB?: (number | null)[];
   /** Start of the VMM to the marker of the rootfs boot, ms; -1 if never seen. */
   markerMs: number;
   code: number | null;
@@ -82,28 +92,55 @@ export function fioPlan(runs: number): string[] {
   return keys;
 }
 
+/**
+ * The guest's commands. `irqs` prints the interrupts of /dev/vdb's virtio device so far (its
+ * /proc/interrupts line, named by the device, e.g. virtio1: the per-CPU counts summed); each
+ * job is bracketed by `IRQ<i>A <n>` and `IRQ<i>B <n>` lines.
+ */
 function fioScript(): string {
   const common =
     '--filename=/dev/vdb --direct=1 --ioengine=libaio --size=128M --runtime=5 --time_based --group_reporting';
+  const irqs = [
+    'D=$(basename "$(readlink -f /sys/block/vdb/device)")',
+    `irqs() { awk -v d="$D" '$NF == d { s = 0; for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) s += $i; print s }' /proc/interrupts; }`,
+  ];
   const lines = JOBS.map(
     (j, i) =>
-      `fio --name=j${i} ${common} ${j.args} --output-format=terse --terse-version=3 | sed 's/^/FIO${i};/'`,
+      `echo IRQ${i}A $(irqs); fio --name=j${i} ${common} ${j.args} --output-format=terse --terse-version=3 | sed 's/^/FIO${i};/'; echo IRQ${i}B $(irqs)`,
   );
-  return [...lines, 'poweroff -f', ''].join('\n');
+  return [...irqs, ...lines, 'poweroff -f', ''].join('\n');
 }
 
 /** Keyed on the terse version so the shell's echo of the command line never matches; not
  *  anchored, as a result line may follow the shell's prompt. */
-function parse(stdout: string): (number | null)[] {
+export function parse(stdout: string): { values: (number | null)[]; irqPerMB: (number | null)[] } {
   const values: (number | null)[] = JOBS.map(() => null);
+  const ioKiB: (number | null)[] = JOBS.map(() => null);
+  const irqA: (number | null)[] = JOBS.map(() => null);
+  const irqB: (number | null)[] = JOBS.map(() => null);
   for (const line of stdout.split(/\r?\n/)) {
+    // The shell's echo of the command (`echo IRQ0A $(irqs)`) has no number there.
+    const q = /IRQ(\d)([AB]) (\d+)\s*$/.exec(line);
+    if (q && Number(q[1]) < JOBS.length) {
+      (q[2] === 'A' ? irqA : irqB)[Number(q[1])] = Number(q[3]);
+      continue;
+    }
     const m = /FIO(\d);(3;.*)$/.exec(line);
     const job = m ? JOBS[Number(m[1])] : undefined;
     if (!m || !job) continue;
-    const v = job.value(m[2]!.split(';'));
+    const f = m[2]!.split(';');
+    const v = job.value(f);
     if (Number.isFinite(v) && v > 0) values[Number(m[1])] = v;
+    const kib = job.ioKiB(f);
+    if (Number.isFinite(kib) && kib > 0) ioKiB[Number(m[1])] = kib;
   }
-  return values;
+  const irqPerMB = JOBS.map((_j, i) => {
+    const a = irqA[i];
+    const b = irqB[i];
+    const kib = ioKiB[i];
+    return a == null || b == null || kib == null || b < a ? null : (b - a) / ((kib * 1024) / 1e6);
+  });
+  return { values, irqPerMB };
 }
 
 function vmm(name: VmmName, root: string, data: string, kvmKind: string): Vmm {
@@ -148,15 +185,17 @@ async function measure(key: string, root: string, data: string, kvmKind: string)
     inputAfterMarker: fioScript(),
     timeoutMs: 300_000,
   });
-  const values = parse(res.stdout);
+  const { values, irqPerMB } = parse(res.stdout);
+  const fmt = (xs: (number | null)[], d: number) => xs.map((v) => v?.toFixed(d) ?? '-').join(' / ');
   process.stderr.write(
-    `lab-fio: ${key}: ${values.map((v) => v?.toFixed(1) ?? '-').join(' / ')} (exit ${res.code})\n`,
+    `lab-fio: ${key}: ${fmt(values, 1)} (exit ${res.code}); interrupts per MB ${fmt(irqPerMB, 2)}\n`,
   );
   const complete = values.every((v) => v !== null);
   const sample: FioSample = {
     key,
     vmm: name,
     values,
+    irqPerMB,
     markerMs: res.markerMs,
     code: res.code,
     error:
@@ -196,6 +235,27 @@ export function summariseFio(samples: FioSample[], runs: number): SubSuiteOutput
       qemu: pick('qemu', (s) => s.values[i] ?? null),
     })),
   );
+  // The guest's interrupts per MB of each job, Sync and Async beside the same QEMU runs.
+  for (const [vmm, label] of [
+    ['typervisor', ''],
+    ['typervisor-async', ' (io_engine Async)'],
+  ] as const) {
+    rows.push(
+      ...JOBS.map((j, i): Row => ({
+        suite: 'lab',
+        metric: `${j.metric}: virtio-blk interrupts per MB${label}`,
+        unit: 'irq/MB',
+        higherIsBetter: false,
+        typervisor: pick(vmm, (s) => s.irqPerMB?.[i] ?? null),
+        qemu: pick('qemu', (s) => s.irqPerMB?.[i] ?? null),
+        ...(i === 0 && !label
+          ? {
+              note: "the guest's /proc/interrupts line of /dev/vdb's device, over the MB the job moved",
+            }
+          : {}),
+      })),
+    );
+  }
   rows.push({
     suite: 'lab',
     metric: 'fio guest: start → TYPERVISOR-BOOT-OK (rootfs on virtio-blk)',
