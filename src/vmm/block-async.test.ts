@@ -231,6 +231,48 @@ test('Async: reads the page cache serves are answered in the kick that posted th
   }
 });
 
+test('Async: chains the driver queues while a turn submits are taken by that turn, no kick needed', () => {
+  const t = setup();
+  try {
+    const heads = [0, 1, 2].map((i) => t.post(VIRTIO_BLK_T_IN, i * 8, [{ len: 4096 }]));
+    // The driver's kick decision for these three (the device had re-enabled kicks when it
+    // found the queue empty at activation).
+    assert.equal(t.q.kickNeeded(true), true);
+    // While the first io_uring_enter runs, the driver queues three more (it runs on another
+    // CPU), twice.
+    const enter = t.ring.enter.bind(t.ring);
+    let enters = 0;
+    const needed: boolean[] = [];
+    t.ring.enter = (...a: Parameters<typeof enter>) => {
+      const r = enter(...a);
+      if (++enters <= 2) {
+        for (let i = 0; i < 3; i++)
+          heads.push(t.post(VIRTIO_BLK_T_IN, (heads.length + i) * 8, [{ len: 4096 }]));
+        needed.push(t.q.kickNeeded(true));
+      }
+      return r;
+    };
+    const interrupts = t.h.interrupts();
+    t.h.kick();
+    for (const u of t.q.takeUsed()) t.used.set(u.id, u.len);
+    assert.equal(t.used.size, 9, 'all nine answered in the kick');
+    for (const h of heads) assert.equal(t.status(h), VIRTIO_BLK_S_OK);
+    assert.deepEqual(
+      needed,
+      [false, false],
+      'the driver need not kick for chains it added meanwhile',
+    );
+    assert.equal(t.h.interrupts() - interrupts, 1, 'one interrupt for the turn');
+    assert.equal(t.dev.engine!.counters.rounds, 2);
+    // The turn ended with kicks on again: the next chain is kicked.
+    heads.push(t.post(VIRTIO_BLK_T_IN, 0, [{ len: 4096 }]));
+    assert.equal(t.q.kickNeeded(true), true);
+    assert.equal(t.loop.runOnce(0), 0);
+  } finally {
+    t.done();
+  }
+});
+
 test('Async: save() drains the requests in flight onto the used ring (a snapshot holds none)', () => {
   const t = setup(128, false, true);
   try {

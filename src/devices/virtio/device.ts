@@ -89,9 +89,11 @@ export interface QueueIo {
   /**
    * The next well-formed chain of `queue`, or undefined (empty, inactive, broken, or a queue's
    * worth of malformed chains in a row). Malformed chains are completed with used.len 0 and
-   * counted on the way.
+   * counted on the way. An empty ring re-enables kicks (race-free: Virtqueue.pop) unless
+   * `reenableKicks` is false: then the backend must look again itself, and end its turn with
+   * a pop that re-enables.
    */
-  pop(queue: number): DescriptorChain | undefined;
+  pop(queue: number, reenableKicks?: boolean): DescriptorChain | undefined;
   pushUsed(queue: number, head: number, len: number): void;
   /**
    * Gives back the chain pop(queue) returned last, unused (the next pop returns it again);
@@ -501,12 +503,12 @@ export class VirtioDevice {
     const used = new Array<number>(d.queues.length).fill(0);
     const live = () => this.dev === d && this.state.epoch() === d.epoch;
     return {
-      pop: (index) => {
+      pop: (index, reenableKicks = true) => {
         const q = d.queues[index];
         // Malformed chains are completed on the way, at most a queue's worth per call (a
         // second vCPU could keep publishing them as fast as we consume them).
         for (let skipped = 0; q && live() && skipped < QUEUE_SIZE_MAX; skipped++) {
-          const p = q.pop();
+          const p = q.pop(reenableKicks);
           if (p.kind === 'empty') return undefined;
           if (p.kind === 'chain') return p.chain;
           if (p.kind === 'broken') {

@@ -333,11 +333,17 @@ export class Virtqueue {
     return this.suppressed;
   }
 
-  /** The next available chain, if any. Never throws for anything the guest wrote. */
-  pop(): PopResult {
+  /**
+   * The next available chain, if any. Never throws for anything the guest wrote.
+   * `reenableKicks` false: an empty ring is reported without re-enabling kicks (the driver
+   * still need not kick), for a device that looks again itself before its turn ends; that
+   * device must end the turn with a pop that re-enables (or take its own next turn), or a
+   * buffer added later would never be kicked.
+   */
+  pop(reenableKicks = true): PopResult {
     if (this.brokenReason !== undefined) return { kind: 'broken', message: this.brokenReason };
     let availIdx = this.avail.getUint16(2, true);
-    if (availIdx === this.lastAvail) availIdx = this.reenableKicks(availIdx);
+    if (availIdx === this.lastAvail && reenableKicks) availIdx = this.reenableKicks(availIdx);
     const pending = (availIdx - this.lastAvail) & 0xffff;
     if (pending === 0) return { kind: 'empty' };
     if (pending > this.size) {

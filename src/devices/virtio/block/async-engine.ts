@@ -7,7 +7,11 @@
  * whose iovecs point straight into guest RAM, IORING_OP_FSYNC with IOSQE_IO_DRAIN for a flush,
  * so it starts only once every earlier request has completed) and submits them all with one
  * io_uring_enter; a read of BLK_ASYNC_PUNT_READ_BYTES or more is handed to io-wq at once
- * (IOSQE_ASYNC). Requests that completed inside that io_uring_enter (what the page cache
+ * (IOSQE_ASYNC). Kicks stay off meanwhile: a turn that took chains looks at the queue again
+ * after submitting them and takes what the driver queued in the meantime (as a Sync turn picks
+ * up chains queued while it serves), and only a look that finds nothing turns kicks back on.
+ * Otherwise (measured in the lab, fio 4 KiB random reads) a turn took ~3 requests against
+ * Sync's ~7, and each turn costs a wake-up of the device worker and a guest interrupt. Requests that completed inside that io_uring_enter (what the page cache
  * served) are reaped at once, in the same turn; later completions signal the ring's eventfd,
  * watched on the device worker's loop. Each is written into its status byte and put on the used
  * ring, and the interrupt is raised once per batch (QueueIo.notify).
@@ -99,6 +103,11 @@ export interface AsyncCounters {
   submitted: number;
   /** Short reads or writes resubmitted for their rest. */
   shortResubmits: number;
+  /**
+   * Further rounds of a turn that took chains: after submitting what it took, the turn looked
+   * at the queue again (kicks still off) and found more the driver had queued meanwhile.
+   */
+  rounds: number;
 }
 
 const EAGAIN_ERRNO = 11;
@@ -124,6 +133,7 @@ export class AsyncBlockEngine {
     submits: 0,
     submitted: 0,
     shortResubmits: 0,
+    rounds: 0,
   };
   private readonly slots: Array<Slot | undefined>;
   private readonly freeSlots: number[] = [];
@@ -225,8 +235,10 @@ export class AsyncBlockEngine {
     const io = this.io;
     if (!io || this.timer) return;
     let taken = 0;
-    for (;;) {
+    for (let round = 0; ; round++) {
       let waiting = false; // a chain waits on the queue for a free slot
+      let took = 0; // chains taken in this round
+      let done = false; // the ring was found empty with kicks re-enabled: the turn ends
       for (;;) {
         if (this.freeSlots.length === 0 || this.ring.sq.free === 0) {
           const c = io.pop(0);
@@ -238,9 +250,21 @@ export class AsyncBlockEngine {
           if (c && io.unpop(0, c.head)) this.later(0, false);
           break;
         }
-        const chain = io.pop(0);
-        if (!chain) break;
+        // The ring looks empty: after a round that took chains, kicks stay off, and the next
+        // round looks again once they are submitted (the driver goes on queueing while we do
+        // the I/O, as it does during a Sync turn); only a round that finds nothing turns them
+        // back on, with the race-free look of a re-enabling pop.
+        let chain = io.pop(0, false);
+        if (!chain) {
+          if (took > 0) break;
+          chain = io.pop(0);
+          if (!chain) {
+            done = true;
+            break;
+          }
+        }
         taken++;
+        if (++took === 1 && round > 0) this.counters.rounds++;
         const p = this.host.parse(chain);
         // Charged as the Sync engine's admit() does: every well-formed request, before any I/O.
         const wait = p.ok ? this.host.charge(p) : 0;
@@ -267,7 +291,10 @@ export class AsyncBlockEngine {
         if (waiting && this.freeSlots.length > 0 && this.ring.sq.free > 0 && !this.timer) continue;
       }
       if (waiting) this.counters.ringFull++;
-      break;
+      // A round that took chains and stopped at an empty ring looks again (kicks still off).
+      // It stopped on the ring being full (waiting), the budget or the rate limiter (a timer):
+      // completions or the timer take the queue up again.
+      if (done || waiting || this.timer || took === 0) break;
     }
     io.notify(0);
   }

@@ -69,12 +69,14 @@ export const blockDevice: DeviceType<BlockConfig, BlockHost> = {
         // Requests the drive's rate limiter held back, and their wake-ups.
         rate_limiter_throttled_events: dev.counters.throttled,
         rate_limiter_event_count: dev.counters.throttleEvents,
-        // Ours (Async engine): requests in flight at most so far, io_uring_enter submissions.
+        // Ours (Async engine): requests in flight at most so far, io_uring_enter submissions,
+        // later rounds of a kick's turn that found chains queued while it submitted.
         ...(a
           ? {
               io_uring_inflight_max: a.inFlightHighWater,
               io_uring_submits: a.submits,
               io_uring_short_resubmits: a.shortResubmits,
+              io_uring_turn_rounds: a.rounds,
             }
           : {}),
       }),
