@@ -273,6 +273,32 @@ test('Async: chains the driver queues while a turn submits are taken by that tur
   }
 });
 
+test('Async: a turn that handed a read to io-wq turns kicks back on at its first empty look', () => {
+  const t = setup();
+  try {
+    const heads = [t.post(VIRTIO_BLK_T_IN, 0, [{ len: 64 * 1024 }])];
+    assert.equal(t.q.kickNeeded(true), true);
+    const enter = t.ring.enter.bind(t.ring);
+    const needed: boolean[] = [];
+    t.ring.enter = (...a: Parameters<typeof enter>) => {
+      const r = enter(...a);
+      if (needed.length === 0) {
+        heads.push(t.post(VIRTIO_BLK_T_IN, 256, [{ len: 4096 }]));
+        needed.push(t.q.kickNeeded(true));
+      }
+      return r;
+    };
+    t.h.kick();
+    assert.deepEqual(needed, [true], 'the chain queued during the submit is kicked');
+    t.h.kick();
+    t.waitUsed(2);
+    for (const h of heads) assert.equal(t.status(h), VIRTIO_BLK_S_OK);
+    assert.equal(t.dev.engine!.counters.rounds, 0);
+  } finally {
+    t.done();
+  }
+});
+
 test('Async: save() drains the requests in flight onto the used ring (a snapshot holds none)', () => {
   const t = setup(128, false, true);
   try {

@@ -235,6 +235,8 @@ export class AsyncBlockEngine {
     const io = this.io;
     if (!io || this.timer) return;
     let taken = 0;
+    // A read handed to io-wq was taken: see below.
+    let punted = false;
     for (let round = 0; ; round++) {
       let waiting = false; // a chain waits on the queue for a free slot
       let took = 0; // chains taken in this round
@@ -253,10 +255,13 @@ export class AsyncBlockEngine {
         // The ring looks empty: after a round that took chains, kicks stay off, and the next
         // round looks again once they are submitted (the driver goes on queueing while we do
         // the I/O, as it does during a Sync turn); only a round that finds nothing turns them
-        // back on, with the race-free look of a re-enabling pop.
+        // back on, with the race-free look of a re-enabling pop. Not once a read went to io-wq:
+        // that I/O is not done while we submit, and the lab measured 1 MiB sequential reads
+        // 0.95x QEMU's with the second look against 1.02x without (5 rounds each), so the turn
+        // ends as before, kicks on at the first empty pop.
         let chain = io.pop(0, false);
         if (!chain) {
-          if (took > 0) break;
+          if (took > 0 && !punted) break;
           chain = io.pop(0);
           if (!chain) {
             done = true;
@@ -277,8 +282,10 @@ export class AsyncBlockEngine {
           r !== undefined &&
           (r.type === 'read' ||
             ((r.type === 'write' || r.type === 'flush') && !this.host.readOnly));
-        if (fileIo) this.start(chain.head, p as ParsedRequest & { ok: true });
-        else io.pushUsed(0, chain.head, this.host.serveInline(p));
+        if (fileIo) {
+          this.start(chain.head, p as ParsedRequest & { ok: true });
+          if (r.type === 'read' && r.length >= BLK_ASYNC_PUNT_READ_BYTES) punted = true;
+        } else io.pushUsed(0, chain.head, this.host.serveInline(p));
       }
       this.submit();
       if (this.ring.cq.ready > 0) {
