@@ -11,10 +11,12 @@
  * after submitting them and takes what the driver queued in the meantime (as a Sync turn picks
  * up chains queued while it serves), and only a look that finds nothing turns kicks back on.
  * Otherwise (measured in the lab, fio 4 KiB random reads) a turn took ~3 requests against
- * Sync's ~7, and each turn costs a wake-up of the device worker and a guest interrupt. Requests that completed inside that io_uring_enter (what the page cache
- * served) are reaped at once, in the same turn; later completions signal the ring's eventfd,
- * watched on the device worker's loop. Each is written into its status byte and put on the used
- * ring, and the interrupt is raised once per batch (QueueIo.notify).
+ * Sync's ~7, and each turn costs a wake-up of the device worker and a guest interrupt. A turn
+ * that handed a read to io-wq does not look again (see pump()). Requests that completed inside
+ * that io_uring_enter (what the page cache served) are reaped at once, in the same turn; later
+ * completions signal the ring's eventfd, watched on the device worker's loop. Each is written
+ * into its status byte and put on the used ring, and the interrupt is raised once per batch
+ * (QueueIo.notify).
  *
  * Bounds: at most `slots` requests are in flight (the ring size). A guest that posts more waits
  * on its queue (counted: io_engine_throttled_events) until completions free slots; no memory
