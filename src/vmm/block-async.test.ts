@@ -231,6 +231,25 @@ test('Async: reads the page cache serves are answered in the kick that posted th
   }
 });
 
+/**
+ * The driver queues more while the device submits (it runs on another CPU): after each of the
+ * first `times` io_uring_enter calls, `add()` posts chains. Returns the driver's kick decision
+ * after each, as Linux's virtqueue_kick_prepare would make it.
+ */
+function duringSubmit(t: ReturnType<typeof setup>, times: number, add: () => void): boolean[] {
+  const enter = t.ring.enter.bind(t.ring);
+  const needed: boolean[] = [];
+  t.ring.enter = (...a: Parameters<typeof enter>) => {
+    const r = enter(...a);
+    if (needed.length < times) {
+      add();
+      needed.push(t.q.kickNeeded(true));
+    }
+    return r;
+  };
+  return needed;
+}
+
 test('Async: chains the driver queues while a turn submits are taken by that turn, no kick needed', () => {
   const t = setup();
   try {
@@ -238,20 +257,11 @@ test('Async: chains the driver queues while a turn submits are taken by that tur
     // The driver's kick decision for these three (the device had re-enabled kicks when it
     // found the queue empty at activation).
     assert.equal(t.q.kickNeeded(true), true);
-    // While the first io_uring_enter runs, the driver queues three more (it runs on another
-    // CPU), twice.
-    const enter = t.ring.enter.bind(t.ring);
-    let enters = 0;
-    const needed: boolean[] = [];
-    t.ring.enter = (...a: Parameters<typeof enter>) => {
-      const r = enter(...a);
-      if (++enters <= 2) {
-        for (let i = 0; i < 3; i++)
-          heads.push(t.post(VIRTIO_BLK_T_IN, (heads.length + i) * 8, [{ len: 4096 }]));
-        needed.push(t.q.kickNeeded(true));
-      }
-      return r;
-    };
+    // While each of the first two io_uring_enter calls runs, the driver queues three more.
+    const needed = duringSubmit(t, 2, () => {
+      for (let i = 0; i < 3; i++)
+        heads.push(t.post(VIRTIO_BLK_T_IN, (heads.length + i) * 8, [{ len: 4096 }]));
+    });
     const interrupts = t.h.interrupts();
     t.h.kick();
     for (const u of t.q.takeUsed()) t.used.set(u.id, u.len);
@@ -278,16 +288,9 @@ test('Async: a turn that handed a read to io-wq turns kicks back on at its first
   try {
     const heads = [t.post(VIRTIO_BLK_T_IN, 0, [{ len: 64 * 1024 }])];
     assert.equal(t.q.kickNeeded(true), true);
-    const enter = t.ring.enter.bind(t.ring);
-    const needed: boolean[] = [];
-    t.ring.enter = (...a: Parameters<typeof enter>) => {
-      const r = enter(...a);
-      if (needed.length === 0) {
-        heads.push(t.post(VIRTIO_BLK_T_IN, 256, [{ len: 4096 }]));
-        needed.push(t.q.kickNeeded(true));
-      }
-      return r;
-    };
+    const needed = duringSubmit(t, 1, () =>
+      heads.push(t.post(VIRTIO_BLK_T_IN, 256, [{ len: 4096 }])),
+    );
     t.h.kick();
     assert.deepEqual(needed, [true], 'the chain queued during the submit is kicked');
     t.h.kick();

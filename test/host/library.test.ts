@@ -89,8 +89,8 @@ const fdCount = () => readdirSync('/proc/self/fd').length;
  * was open when the baseline was taken) and the same count twice, 50 ms apart (at most 10 s).
  */
 async function settledFdCount(): Promise<number> {
-  const loading = () =>
-    readdirSync('/proc/self/fd').some((f) => {
+  const loading = (fds: string[]) =>
+    fds.some((f) => {
       try {
         return /\.(m?js|cjs|node|json)$/.test(readlinkSync(`/proc/self/fd/${f}`));
       } catch {
@@ -99,9 +99,9 @@ async function settledFdCount(): Promise<number> {
     });
   let last = -1;
   for (const end = Date.now() + 10_000; Date.now() < end;) {
-    const n = fdCount();
-    if (n === last && !loading()) return n;
-    last = n;
+    const fds = readdirSync('/proc/self/fd'); // one read per sample: the count and the links
+    if (fds.length === last && !loading(fds)) return last;
+    last = fds.length;
     await new Promise((r) => setTimeout(r, 50));
   }
   return fdCount();

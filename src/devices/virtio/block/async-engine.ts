@@ -60,6 +60,9 @@ export const BLK_ASYNC_SLOTS = 128;
  * buffered writes to one file one at a time anyway (the lab measured no gain).
  */
 export const BLK_ASYNC_PUNT_READ_BYTES = 64 * 1024;
+/** Is this request handed to io-wq at once (IOSQE_ASYNC)? */
+const punts = (kind: Slot['kind'], length: number) =>
+  kind === 'read' && length >= BLK_ASYNC_PUNT_READ_BYTES;
 const IOVEC_SIZE = 16;
 
 /** What the engine needs of its BlockDevice. */
@@ -286,7 +289,7 @@ export class AsyncBlockEngine {
             ((r.type === 'write' || r.type === 'flush') && !this.host.readOnly));
         if (fileIo) {
           this.start(chain.head, p as ParsedRequest & { ok: true });
-          if (r.type === 'read' && r.length >= BLK_ASYNC_PUNT_READ_BYTES) punted = true;
+          if (r.type !== 'flush' && punts(r.type, r.length)) punted = true;
         } else io.pushUsed(0, chain.head, this.host.serveInline(p));
       }
       this.submit();
@@ -381,7 +384,7 @@ export class AsyncBlockEngine {
     }
     return this.ring.sq.push({
       opcode: slot.kind === 'read' ? IORING_OP_READV : IORING_OP_WRITEV,
-      flags: slot.kind === 'read' && slot.length >= BLK_ASYNC_PUNT_READ_BYTES ? IOSQE_ASYNC : 0,
+      flags: punts(slot.kind, slot.length) ? IOSQE_ASYNC : 0,
       fd: this.host.fd(),
       offset: slot.offset + slot.done,
       addr: this.iovAddr + at,
