@@ -425,15 +425,29 @@ describe('library: VMs in this process', () => {
       const h = host();
       try {
         const vm = await made(h.createVm(res('spin'), { console: 'none', start: true }));
-        await new Promise((r) => setTimeout(r, 100));
-        const threads = readdirSync('/proc/self/task').map((t) => {
-          const st = readFileSync(`/proc/self/task/${t}/status`, 'utf8');
-          return {
-            name: /Name:\s+(.*)/.exec(st)![1]!,
-            seccomp: Number(/Seccomp:\s+(\d+)/.exec(st)![1]),
-            main: Number(t) === process.pid,
-          };
-        });
+        const sample = () =>
+          readdirSync('/proc/self/task').flatMap((t) => {
+            try {
+              const st = readFileSync(`/proc/self/task/${t}/status`, 'utf8');
+              return [
+                {
+                  name: /Name:\s+(.*)/.exec(st)![1]!,
+                  seccomp: Number(/Seccomp:\s+(\d+)/.exec(st)![1]),
+                  main: Number(t) === process.pid,
+                },
+              ];
+            } catch {
+              return []; // the thread ended meanwhile
+            }
+          });
+        // A worker names itself tv-vcpu just before it installs its filter
+        // (installWorkerFilter): wait, up to 10 s, until no named one is caught in between.
+        let threads = sample();
+        for (const end = Date.now() + 10_000; Date.now() < end; threads = sample()) {
+          const vcpus = threads.filter((t) => t.name.startsWith('tv-vcpu'));
+          if (vcpus.length >= 1 && vcpus.every((t) => t.seccomp === 2)) break;
+          await new Promise((r) => setTimeout(r, 50));
+        }
         assert.equal(threads.find((t) => t.main)!.seccomp, 0, 'the embedding main thread is free');
         const vcpu = threads.filter((t) => t.name.startsWith('tv-vcpu'));
         assert.ok(vcpu.length >= 1, JSON.stringify(threads.map((t) => t.name)));
