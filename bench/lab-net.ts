@@ -560,7 +560,13 @@ async function measure(
               ? await perfProbe(['-t', String(vm.child.pid!)], [['--sort', 'dso,sym']])
               : undefined;
           const outFrom = vm.out.length;
+          // TYPERVISOR_BENCH_PING_FTRACE=DIR: the lab kernel's trace of the pings (KVM's MMIO
+          // and interrupt events, the scheduler's wake-ups and switches, the TAPs' frames; clock
+          // CLOCK_MONOTONIC) into DIR/<vm>.trace, for bench/ping-timeline.py.
+          const ftrace = process.env.TYPERVISOR_BENCH_PING_FTRACE;
+          if (ftrace) ftraceStart(vm.child.pid!);
           const out = await vm.run(`busybox ping ${q}-c ${pings} -i 0.2 ${net.hostAddr}`, 120_000);
+          if (ftrace) ftraceStop(join(ftrace, `${name}.trace`), vm.child.pid!);
           if (isOurs(name) && NODE_FLAGS.includes('--trace-gc')) {
             const gcs = [...vm.out.slice(outFrom).matchAll(GC_LINE)];
             const per = new Map<string, number>();
@@ -910,6 +916,56 @@ async function perfProbe(target: string[], reports: string[][]): Promise<() => P
  * /proc/PID/task/TID/schedstat before and after the pings). Every thread of ours and of QEMU's,
  * the vCPU threads included, side by side.
  */
+const TRACEFS = '/sys/kernel/tracing';
+const FTRACE_EVENTS = [
+  'kvm/kvm_mmio',
+  'kvm/kvm_userspace_exit',
+  'kvm/kvm_set_irq',
+  'kvm/kvm_ioapic_set_irq',
+  'kvm/kvm_apic_accept_irq',
+  'kvm/kvm_inj_virq',
+  'kvm/kvm_vcpu_wakeup',
+  'sched/sched_wakeup',
+  'sched/sched_switch',
+  'net/netif_receive_skb',
+  'net/net_dev_xmit',
+];
+
+/** Starts the lab kernel's tracer on FTRACE_EVENTS (an empty buffer, CLOCK_MONOTONIC stamps). */
+function ftraceStart(pid: number): void {
+  if (!existsSync(join(TRACEFS, 'trace')))
+    spawnSync('mount', ['-t', 'tracefs', 'nodev', TRACEFS], { stdio: 'inherit' });
+  const w = (f: string, v: string) => writeFileSync(join(TRACEFS, f), v);
+  w('tracing_on', '0');
+  w('trace_clock', 'mono');
+  w('buffer_size_kb', '16384');
+  w('set_event', '');
+  for (const e of FTRACE_EVENTS) w(`events/${e}/enable`, '1');
+  // The system calls of the VMM's threads (the kernel matches the filter on each thread id).
+  const tids = readdirSync(`/proc/${pid}/task`);
+  const filter = tids.map((t) => `common_pid == ${t}`).join(' || ');
+  for (const e of ['sys_enter', 'sys_exit']) {
+    w(`events/raw_syscalls/${e}/filter`, filter);
+    w(`events/raw_syscalls/${e}/enable`, '1');
+  }
+  w('trace', '');
+  w('tracing_on', '1');
+}
+
+/** Stops it and writes the trace (with the VMM's pid and threads first) to `file`. */
+function ftraceStop(file: string, pid: number): void {
+  writeFileSync(join(TRACEFS, 'tracing_on'), '0');
+  const threads = readdirSync(`/proc/${pid}/task`).map(
+    (t) => `# thread ${t} ${readFileSync(`/proc/${pid}/task/${t}/comm`, 'utf8').trim()}`,
+  );
+  writeFileSync(
+    file,
+    `# vmm pid ${pid}\n${threads.join('\n')}\n` + readFileSync(join(TRACEFS, 'trace'), 'utf8'),
+  );
+  writeFileSync(join(TRACEFS, 'set_event'), '');
+  log(`ftrace of the pings: ${file}`);
+}
+
 function schedSnapshot(pid: number): Map<string, number[]> {
   const m = new Map<string, number[]>();
   let tids: string[] = [];
