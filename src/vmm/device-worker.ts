@@ -251,7 +251,13 @@ function main(d: DeviceWorkerData): void {
       const dev = new VirtioDevice(
         slot.state,
         created.backend,
-        deviceEnvironment(loop, ram.memory, slot.irqFd, log),
+        deviceEnvironment(
+          loop,
+          ram.memory,
+          slot.irqFd,
+          log,
+          slot.vmFd === undefined ? undefined : { vmFd: slot.vmFd, gsi: slot.gsi },
+        ),
       );
       device = dev;
       if (created.backend instanceof MemDevice) plugged.set(slot, created.backend);

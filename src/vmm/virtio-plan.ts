@@ -49,6 +49,11 @@ interface SlotCommon {
   /** The register file (mmio-state.ts), shared by the vCPU workers and the device worker. */
   state: SharedArrayBuffer;
   irqFd: number;
+  /**
+   * The VM's fd, once registerVirtioWithKvm gave KVM the device: the device worker raises the
+   * GSI with KVM_IRQ_LINE (device-loop.ts deviceEnvironment), not through the irqfd.
+   */
+  vmFd?: number;
   /** One eventfd per queue, signalled by KVM on QueueNotify = queue index. */
   queueFds: number[];
   /** The device's guest-physical memory (its open()'s `memory`), in order. */
@@ -181,10 +186,14 @@ export function addVirtioCmdline(plan: VirtioPlan, cmdline: Cmdline): void {
   }
 }
 
-/** Main thread: interrupts through irqfds, queue kicks through ioeventfds (4-byte, datamatch). */
+/**
+ * Main thread: interrupts through irqfds (and KVM_IRQ_LINE from the device worker: `vmFd`), queue
+ * kicks through ioeventfds (4-byte, datamatch).
+ */
 export function registerVirtioWithKvm(vm: Vm, plan: VirtioPlan): void {
   for (const s of plan.slots) {
     vm.registerIrqfd(s.irqFd, s.gsi);
+    s.vmFd = vm.fd;
     s.queueFds.forEach((fd, q) =>
       vm.registerIoeventfd(fd, s.addr + REG.QUEUE_NOTIFY, 4, { datamatch: BigInt(q) }),
     );

@@ -6,8 +6,9 @@
  *   the other KVM ioctls, the eventfd writes of virtio notifications, Atomics (futex), and what
  *   a Node worker's V8 heap and libuv loop need.
  * - device: the device worker after its devices are built: file and TAP I/O, vsock's Unix
- *   sockets (AF_UNIX only), epoll, eventfd, TAP/userfaultfd ioctls, and io_uring (the Async
- *   block engine).
+ *   sockets (AF_UNIX only), epoll, eventfd, TAP/userfaultfd ioctls, two KVM ioctls
+ *   (KVM_SET_USER_MEMORY_REGION for virtio-mem, KVM_IRQ_LINE for interrupts), and io_uring (the
+ *   Async block engine).
  * - main: the main thread (API server, console, building VMs, snapshots) and Node's own threads.
  *   It is installed with TSYNC, so it also covers the threads Node started before (V8 platform
  *   workers, the libuv pool), and every worker inherits it: processFilter() is main's own list
@@ -22,6 +23,8 @@ export const ROLES: readonly Role[] = ['main', 'vcpu', 'device'];
 const KVMIO = 0xae;
 /** _IOW(KVMIO, 0x46, struct kvm_userspace_memory_region): 32 bytes. */
 const KVM_SET_USER_MEMORY_REGION = 0x4020ae46;
+/** _IOW(KVMIO, 0x61, struct kvm_irq_level): 8 bytes. */
+const KVM_IRQ_LINE = 0x4008ae61;
 const TUN_AND_TTY = 0x54; // 'T': TUNSET*, TCGETS/TCSETS, TIOCGWINSZ, FIONBIO, FIOCLEX
 const UFFDIO = 0xaa;
 const AF_UNIX = 1;
@@ -179,6 +182,20 @@ const DEVICE: Policy = {
           op: 'eq',
           val: BigInt(KVM_SET_USER_MEMORY_REGION),
           comment: 'KVM_SET_USER_MEMORY_REGION (virtio-mem slots)',
+        },
+      ],
+    },
+    // Virtio devices raise their GSI with KVM_IRQ_LINE (device-loop.ts deviceEnvironment): at
+    // most an interrupt of the worker's own guest, which it can already cause with its irqfds.
+    {
+      syscall: 'ioctl',
+      args: [
+        {
+          index: 1,
+          type: 'qword',
+          op: 'eq',
+          val: BigInt(KVM_IRQ_LINE),
+          comment: 'KVM_IRQ_LINE (virtio interrupts)',
         },
       ],
     },
