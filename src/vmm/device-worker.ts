@@ -7,7 +7,7 @@
  *   device; the main thread writes it after posting a mailbox request or setting the stop flag;
  * - one eventfd per queue: KVM signals it on the guest's QueueNotify write (KVM_IOEVENTFD);
  * - whatever host fds the backends watch (a TAP, vsock sockets);
- * - interrupts leave through each device's irqfd (KVM_IRQFD).
+ * - interrupts raise each device's GSI with KVM_IRQ_LINE (device-loop.ts; its irqfd if that fails).
  * While paused it waits on a second epoll set holding only the control eventfd, so no queue or
  * host socket is served and nothing spins (kicks stay counted in their eventfds).
  *
@@ -52,6 +52,8 @@ interface RunningDevice {
   group: string;
   device: VirtioDevice;
   created: CreatedBackend;
+  /** Raises the device's interrupt as its queues do (deviceEnvironment): config changes. */
+  interrupt: () => void;
 }
 
 /**
@@ -168,8 +170,7 @@ function main(d: DeviceWorkerData): void {
         if (!x || !(backend instanceof BlockDevice))
           throw new Error(`this VM has no block device "${r.id}"`);
         const field = backend.swapImage(fdBlockFile(r.fd, n), r.capacity);
-        if (x.device.state.changeConfig(BLK_CONFIG_CAPACITY, field))
-          n.eventfdWrite(x.slot.irqFd, 1);
+        if (x.device.state.changeConfig(BLK_CONFIG_CAPACITY, field)) x.interrupt();
         return undefined;
       }
       case 'update-rate-limiter': {
@@ -196,7 +197,7 @@ function main(d: DeviceWorkerData): void {
           throw new Error('this VM has no balloon device');
         const out = backend.control(r.request, x.device.state.config);
         if (out.config && x.device.state.changeConfig(out.config.offset, out.config.bytes))
-          n.eventfdWrite(x.slot.irqFd, 1);
+          x.interrupt();
         return out.value;
       }
       case 'mmds-data':
@@ -232,11 +233,20 @@ function main(d: DeviceWorkerData): void {
       let device: VirtioDevice | undefined;
       // The loop runs nothing before every device is built, so `device` is set by then.
       const ops = guardedLoop(loop, () => device!);
+      // One way for all of the device's interrupts (its queues' and its config changes'), so
+      // that no two raise its GSI at once by different paths.
+      const env = deviceEnvironment(
+        loop,
+        ram.memory,
+        slot.irqFd,
+        log,
+        slot.vmFd === undefined ? undefined : { vmFd: slot.vmFd, gsi: slot.gsi },
+      );
       const config = {
         read: (offset: number, length: number) =>
           device!.state.config.slice(offset, offset + length),
         change: (offset: number, bytes: Uint8Array) => {
-          if (device!.state.changeConfig(offset, bytes)) n.eventfdWrite(slot.irqFd, 1);
+          if (device!.state.changeConfig(offset, bytes)) env.interrupt();
         },
       };
       const created = type.create(slot.host as never, {
@@ -248,26 +258,16 @@ function main(d: DeviceWorkerData): void {
         config,
         ...(slot.kvmSlots ? { memorySlots: kvmSlotControl(slot.kvmSlots) } : {}),
       });
-      const dev = new VirtioDevice(
-        slot.state,
-        created.backend,
-        deviceEnvironment(
-          loop,
-          ram.memory,
-          slot.irqFd,
-          log,
-          slot.vmFd === undefined ? undefined : { vmFd: slot.vmFd, gsi: slot.gsi },
-        ),
-      );
+      const dev = new VirtioDevice(slot.state, created.backend, env);
       device = dev;
       if (created.backend instanceof MemDevice) plugged.set(slot, created.backend);
       // The balloon changes its config space on its own (a hinting run's DONE).
       if (created.backend instanceof BalloonDevice)
         created.backend.onConfig = (c) => {
-          if (dev.state.changeConfig(c.offset, c.bytes)) n.eventfdWrite(slot.irqFd, 1);
+          if (dev.state.changeConfig(c.offset, c.bytes)) env.interrupt();
         };
       slot.queueFds.forEach((fd, q) => watchQueue(loop, dev, q, fd));
-      return { slot, group: type.metricsGroup, device: dev, created };
+      return { slot, group: type.metricsGroup, device: dev, created, interrupt: env.interrupt };
     });
     loop.add(d.controlFd, { process: onControl });
     idle.add(d.controlFd, { process: onControl });

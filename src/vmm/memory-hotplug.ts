@@ -81,6 +81,9 @@ export function requestHotplugSize(
   const slot = memSlot(built);
   if (!slot) throw new ConfigError('the running VM has no memory hotplug device');
   const state = new VirtioMmioState(slot.state);
+  // Through the irqfd: KVM pulses the GSI from a kworker, back to back in the kernel. The device
+  // worker pulses it with KVM_IRQ_LINE (device-loop.ts); for its edge to be lost in ours, the
+  // guest would have to take ours and read InterruptStatus within that pulse.
   if (state.changeConfig(MEM_CFG.requestedSize, u64(requestedMib * MIB)))
     native().eventfdWrite(slot.irqFd, 1);
 }

@@ -34,7 +34,7 @@ import {
   type Policy,
 } from './filter.js';
 import { defaultPolicy, processPolicy, ROLES } from './roles.js';
-import { KVM_SET_USER_MEMORY_REGION } from '../../kvm/constants.js';
+import { KVM_IRQ_LINE, KVM_SET_USER_MEMORY_REGION } from '../../kvm/constants.js';
 
 /** Runs a program on struct seccomp_data { nr, arch, ip, args[6] } and returns the action. */
 function runBpf(prog: Insn[], nr: number, args: bigint[] = [], arch = AUDIT_ARCH_X86_64): number {
@@ -245,11 +245,11 @@ test('default roles: KVM ioctls only on vCPUs, no execve or new processes anywhe
   for (const role of ['vcpu', 'device'] as const)
     for (const call of ['brk', 'mremap'])
       assert.equal(runBpf(progs[role]!, nr(call)), SECCOMP_RET_ALLOW, `${role}: ${call}`);
-  // virtio-mem's slots: KVM_SET_USER_MEMORY_REGION and no other KVM ioctl.
-  assert.equal(
-    runBpf(progs.device!, nr('ioctl'), [9n, BigInt(KVM_SET_USER_MEMORY_REGION)]),
-    SECCOMP_RET_ALLOW,
-  );
+  // virtio-mem's slots and the devices' interrupts: KVM_SET_USER_MEMORY_REGION and
+  // KVM_IRQ_LINE, no other KVM ioctl (KVM_IRQ_LINE_STATUS, 0xc008ae67, included).
+  for (const req of [KVM_SET_USER_MEMORY_REGION, KVM_IRQ_LINE])
+    assert.equal(runBpf(progs.device!, nr('ioctl'), [9n, BigInt(req)]), SECCOMP_RET_ALLOW);
+  assert.equal(runBpf(progs.device!, nr('ioctl'), [9n, 0xc008ae67n]), SECCOMP_RET_KILL_PROCESS);
   assert.equal(runBpf(progs.device!, nr('ioctl'), [9n, 0x4020ae47n]), SECCOMP_RET_KILL_PROCESS);
   assert.equal(runBpf(progs.device!, nr('socket'), [1n]), SECCOMP_RET_ALLOW);
   assert.equal(runBpf(progs.device!, nr('openat'), [0n, 0n, 0o2000000n]), SECCOMP_RET_ERRNO | 13);
