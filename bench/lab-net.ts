@@ -581,6 +581,10 @@ async function measure(
                 .join('\n'),
             );
           }
+          if (NODE_FLAGS.some((f) => f === '--trace-opt' || f === '--trace-deopt'))
+            log(
+              `${name}: V8 tier changes during the pings:\n${tierChanges(vm.out.slice(outFrom))}`,
+            );
           if (tracer) {
             tracer.proc.kill('SIGINT');
             await new Promise((r) => tracer.proc.once('exit', r));
