@@ -235,38 +235,48 @@ test('virtio-net: a reply already on the TAP when a TX turn ends goes in with it
   assert.equal(dev.counters.txBad, 1);
 });
 
-test("virtio-net: the reply to a TX turn's first frame is published and signalled before the turn's next frame is written", () => {
+test('virtio-net RX: a lone frame is published and signalled before the read that finds the TAP empty; after a burst, a wake-up publishes once', () => {
   const { tap, dev, h } = setup(true, () => 1);
-  const [rx, tx] = h.start();
-  answerEachWrite(tap);
-  const answering = tap.writev;
-  // What the driver could see as each frame went to the TAP: RX used entries and interrupts.
-  const seen: Array<[number, number]> = [];
-  tap.writev = (bufs) => {
-    seen.push([rx!.usedIdx(), h.interrupts()]);
-    return answering(bufs);
-  };
-  for (let i = 0; i < 4; i++) rx!.addChain([{ addr: h.alloc.alloc(2048), len: 2048, write: true }]);
+  const [rx] = h.start();
+  for (let i = 0; i < 12; i++)
+    rx!.addChain([{ addr: h.alloc.alloc(2048), len: 2048, write: true }]);
   h.kick(RX_QUEUE);
-  const irqs = h.interrupts();
-  for (let i = 0; i < 3; i++) {
-    const f = frame(84, 0x50 + i);
-    const a = h.alloc.alloc(f.length);
-    h.mem.view(a, f.length).set(f);
-    tx!.addChain([{ addr: a, len: f.length }]);
-  }
-  h.kick(TX_QUEUE);
-  assert.deepEqual(seen, [
-    [0, irqs],
-    [1, irqs + 1],
-    [1, irqs + 1],
+  // What the driver could see at each TAP read: RX used entries and interrupts so far.
+  const seen: Array<[number, number]> = [];
+  const readv = tap.readv.bind(tap);
+  tap.readv = (bufs) => {
+    seen.push([rx!.usedIdx(), h.interrupts()]);
+    return readv(bufs);
+  };
+  const d = h.device.deviceState;
+  assert.ok(d.kind === 'active');
+  const publishes = () => d.queues[RX_QUEUE]!.notifyCounters.usedPublishes;
+  const wake = (frames: number) => {
+    for (let i = 0; i < frames; i++) tap.inbox.push(frame(84, i));
+    seen.length = 0;
+    const p = publishes();
+    const irqs = h.interrupts();
+    dev.onTapReadable();
+    assert.equal(rx!.takeUsed().length, frames);
+    h.driver.takeInterrupt(); // the driver's handler: acknowledged
+    return { reads: [...seen].map(([u, n]) => [u, n - irqs]), publishes: publishes() - p };
+  };
+  // A lone frame (a ping's reply): in the guest's ring, with its interrupt, before the second
+  // read, which finds nothing.
+  const used = rx!.usedIdx();
+  const lone = wake(1);
+  assert.deepEqual(lone.reads, [
+    [used, 0],
+    [used + 1, 1],
   ]);
-  // The other two replies at the end of the turn, with its completions: no second interrupt
-  // (the first is not acknowledged yet, same round).
-  assert.equal(rx!.takeUsed().length, 3);
-  assert.equal(tx!.takeUsed().length, 3);
-  assert.equal(h.interrupts(), irqs + 1);
-  assert.equal(dev.counters.rxAfterTx, 2);
+  assert.equal(lone.publishes, 1, 'the end of the wake-up had nothing more to publish');
+  // A burst after a lone frame: its first frame at once, the other three together.
+  assert.equal(wake(4).publishes, 2);
+  // After a burst: the whole wake-up in one publish, as a stream's wake-ups go.
+  assert.equal(wake(3).publishes, 1);
+  assert.equal(wake(1).publishes, 1);
+  // A lone frame again after it: early again.
+  assert.deepEqual(wake(1).reads[1], [rx!.usedIdx(), 1]);
 });
 
 test('virtio-net: RX and TX interrupts of one loop round share one irqfd write until acknowledged', () => {

@@ -209,7 +209,7 @@ export interface NetCounters {
   txThrottleEvents: number;
   /** RX frames held by the limiter and dropped by a snapshot (rate_limiter_dropped_bytes is bytes). */
   rxThrottledDropped: number;
-  /** RX served right after a TX turn's frames were written (rxAfterTx). */
+  /** RX served at the end of a TX turn that wrote frames (rxAfterTx). */
   rxAfterTx: number;
 }
 
@@ -287,8 +287,8 @@ export class NetDevice implements VirtioBackend {
   private txWaiting = false;
   /** Frames went to the TAP since RX last looked at it after TX (rxAfterTx). */
   private txSinceRx = false;
-  /** Frames this TX turn has handled so far (rxAfterTx runs after the first; endTurn resets). */
-  private txTurnFrames = 0;
+  /** Frames the last RX wake-up that delivered any delivered (processRx's early publish). */
+  private rxLastBatch = 0;
   private io: QueueIo | undefined;
   private tx: TxOffloads = { csum: false, tso4: false, tso6: false };
   /** An RX chain taken from the guest when the TAP turned out empty: used for the next frame. */
@@ -516,11 +516,7 @@ export class NetDevice implements VirtioBackend {
       this.txPending.push({ buf, len });
       return 0;
     }
-    this.writeFrame(iov, frameLen);
-    // What the turn's first frame brought back goes to the guest now, not after the rest of the
-    // turn (the empty pop that ends it, say): a ping's reply is what it waits for (rxAfterTx).
-    if (this.txTurnFrames++ === 0) this.rxAfterTx();
-    return 0;
+    return this.writeFrame(iov, frameLen);
   }
 
   /** Writes the copies of the turn's frames (after their chains went back); never throws. */
@@ -578,7 +574,6 @@ export class NetDevice implements VirtioBackend {
    */
   endTurn(queue: number): void {
     if (queue !== TX_QUEUE) return;
-    this.txTurnFrames = 0;
     this.flushTx();
     this.rxAfterTx();
   }
@@ -586,13 +581,12 @@ export class NetDevice implements VirtioBackend {
   /**
    * Issue 17 (ping): what this turn's frames brought back already goes in with the turn. The
    * host's own stack answers a frame (an echo reply, an ARP reply, an ACK) inside our write, so
-   * the answer is on the TAP before the TAP's readiness could wake us: RX serves it now, right
-   * after the turn's first frame (handle) and again at its end (endTurn) if more frames went
-   * out. Its interrupt comes before TX's, which is then usually still pending (InterruptStatus
-   * not yet acknowledged), so KVM's irqfd and the driver's handler (one interrupt status for
-   * every queue) take both as one, where a later wake-up of ours meant a second interrupt and
-   * the guest's exits for it. Only after frames went out, and only while RX waits on the TAP
-   * (buffers posted, not throttled): otherwise one read that finds nothing.
+   * the answer is on the TAP before the TAP's readiness could wake us: RX serves it now, and its
+   * interrupt comes right before TX's (endTurn runs before the turn's interrupt), which is then
+   * still pending (InterruptStatus not yet acknowledged), so the driver's handler (one
+   * interrupt status for every queue) takes both as one, where a later wake-up of ours meant a
+   * second interrupt and the guest's exits for it. Only after frames went out, and only while
+   * RX waits on the TAP (buffers posted, not throttled): otherwise one read that finds nothing.
    */
   private rxAfterTx(): void {
     if (!this.txSinceRx) return;
@@ -683,7 +677,13 @@ export class NetDevice implements VirtioBackend {
     io.suppressKicks(RX_QUEUE);
     let i = 0;
     let throttled = false;
-    let published = false;
+    // Issue 17 (ping): after a wake-up that brought at most one frame, the first frame of this
+    // one is published, and its interrupt raised, before the next read (which, for a lone frame
+    // such as a ping's reply, only finds the TAP empty); the frames after it go out together at
+    // the end. After a burst, all of a wake-up's frames go out together (a stream's interrupts
+    // per MB stay as they were).
+    let early = this.rxLastBatch <= 1;
+    let delivered = 0;
     for (; i < NET_RX_BUDGET_FRAMES; i++) {
       if (this.deferred) {
         const { chain, n } = this.deferred;
@@ -773,16 +773,14 @@ export class NetDevice implements VirtioBackend {
         }
       }
       this.deliver(io, chain, n);
-      if (!published) {
-        // Issue 17 (ping): the wake-up's first frame is published, and its interrupt sent, before
-        // the next read (which, for a lone frame such as a ping's reply, only finds the TAP
-        // empty); the frames after it go out together at the end, as before. While the driver
-        // polls (NAPI), its used_event holds the later interrupt back.
-        published = true;
+      delivered++;
+      if (early) {
+        early = false;
         io.notify(RX_QUEUE);
         io.beginBatch(RX_QUEUE);
       }
     }
+    if (delivered > 0) this.rxLastBatch = delivered;
     if (i === NET_RX_BUDGET_FRAMES && !throttled) {
       // Budget used, buffers maybe left: the TAP, if still readable, wakes us next round.
       this.counters.rxBudgetYields++;
