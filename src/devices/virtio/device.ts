@@ -188,7 +188,10 @@ export type DeviceState =
 
 export interface DeviceEnvironment {
   mem: GuestMemory;
-  /** Signals the device's interrupt (an irqfd write) after InterruptStatus bits were set. */
+  /**
+   * Signals the device's interrupt after InterruptStatus bits were set (in the device worker:
+   * KVM_IRQ_LINE on its GSI, or its irqfd).
+   */
   interrupt(): void;
   log(message: string): void;
   /**
@@ -203,7 +206,7 @@ export interface DeviceEnvironment {
   after(ms: number, fn: () => void): () => void;
   /**
    * The loop's round (EventLoop.rounds: one per epoll_wait): used-buffer interrupts of one
-   * round share an irqfd write while unacknowledged (interruptIfWanted). Absent: every
+   * round share one interrupt while unacknowledged (interruptIfWanted). Absent: every
    * interrupt is written.
    */
   round?(): number;
@@ -226,7 +229,7 @@ export interface VirtioDeviceCounters {
   /** Per queue: interrupt decisions the driver's suppression (used_event/NO_INTERRUPT) said no to. */
   irqsSuppressed: number[];
   /**
-   * Per queue: interrupts raised without an irqfd write of their own, because one signalled in
+   * Per queue: interrupts raised without an interrupt signal of their own, because one signalled in
    * the same round of the loop was still unacknowledged (interruptIfWanted).
    */
   irqsCoalesced: number[];
@@ -724,7 +727,7 @@ export class VirtioDevice {
   /**
    * Publishes queue `index`'s used entries and raises its interrupt if the driver wants it.
    *
-   * Issue 17: one irqfd write per round of the loop while the driver has not acknowledged it.
+   * Issue 17: one interrupt signal per round of the loop while the driver has not acknowledged it.
    * The driver's handler (Linux's vm_interrupt) reads InterruptStatus, acknowledges it, then
    * looks at every queue, so a used-buffer interrupt that is still pending covers what later
    * queues publish before its acknowledgement; with an edge-triggered GSI a second write would
@@ -749,7 +752,7 @@ export class VirtioDevice {
     this.signalledRound = round;
   }
 
-  /** The loop round of this device's last irqfd write (interruptIfWanted). */
+  /** The loop round of this device's last interrupt signal (interruptIfWanted). */
   private signalledRound: number | undefined;
 
   private deactivate(): void {
