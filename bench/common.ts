@@ -4,7 +4,14 @@
  * summarise runs. Used on the host (bench/micro.ts) and inside the lab (bench/lab-inner.ts).
  */
 import { spawn, spawnSync } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, realpathSync, rmSync } from 'node:fs';
+import {
+  existsSync,
+  mkdtempSync,
+  readFileSync,
+  realpathSync,
+  rmSync,
+  writeFileSync,
+} from 'node:fs';
 import { release, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
@@ -447,4 +454,17 @@ export function trainBundleCaches(): string {
       ? `code caches: ${lines.map((l) => l.replace(/^bundle: /, '')).join('; ') || 'trained'}`
       : `code caches: the training failed (${lines.pop() ?? `exit ${r.status}`})`;
   return trainedNote;
+}
+
+/** The lab kernel's tracefs. */
+export const TRACEFS = '/sys/kernel/tracing';
+
+/**
+ * Mounts the lab kernel's tracefs if it is not (root only) and returns a writer of its files:
+ * `w('tracing_on', '1')`, `w('events/kvm/kvm_exit/enable', '1')`.
+ */
+export function tracefsWriter(): (file: string, value: string) => void {
+  if (!existsSync(join(TRACEFS, 'events')))
+    spawnSync('mount', ['-t', 'tracefs', 'nodev', TRACEFS], { stdio: 'ignore' });
+  return (file, value) => writeFileSync(join(TRACEFS, file), value);
 }

@@ -19,18 +19,18 @@
  *   ring; on a failure its tail goes to the output directory (on AMD, KVM resets the vCPU at a
  *   shutdown, so the VMM cannot read the registers at a triple fault; the trace has the exits).
  */
-import { spawn, spawnSync } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import { appendFileSync, existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { imagePaths } from '../src/lab/guest.js';
-import { REPO, isMainModule } from './common.js';
+import { REPO, TRACEFS, isMainModule, tracefsWriter } from './common.js';
 
 const MARKER = 'TYPERVISOR-BOOT-OK';
 /** The same command line for both VMMs (as bench/lab-inner.ts). */
 const CMDLINE = 'console=ttyS0 reboot=k panic=1 pci=off quiet';
-const TRACING = '/sys/kernel/tracing';
+const TRACING = TRACEFS;
 
 type Outcome = 'ok' | 'triple' | 'other';
 
@@ -175,10 +175,7 @@ function bootOnce(v: Variant, index: number, timeoutMs: number, cpu?: number) {
 /** The lab kernel's KVM events in an overwrite ring (root only; false if unavailable). */
 function startKtrace(): boolean {
   try {
-    if (!existsSync(join(TRACING, 'events'))) {
-      spawnSync('mount', ['-t', 'tracefs', 'nodev', TRACING], { stdio: 'ignore' });
-    }
-    const w = (f: string, s: string) => writeFileSync(join(TRACING, f), s);
+    const w = tracefsWriter();
     w('tracing_on', '0');
     w('trace', '');
     w('buffer_size_kb', '2048');

@@ -32,7 +32,7 @@ import { detectKvm } from '../src/kvm/detect.js';
 import { imagePaths } from '../src/lab/guest.js';
 import { createNetFixture, type NetFixture } from '../src/lab/net-fixture.js';
 import { iperfMBytes, iperfMbit } from '../src/lab/iperf.js';
-import { TYPERVISOR, qemuCpu, stat, type Row } from './common.js';
+import { TRACEFS, TYPERVISOR, qemuCpu, stat, tracefsWriter, type Row } from './common.js';
 
 /**
  * 'baseline': another build of Typervisor (--baseline DIR: a checkout with its dist/ built, e.g.
@@ -920,7 +920,6 @@ async function perfProbe(target: string[], reports: string[][]): Promise<() => P
  * /proc/PID/task/TID/schedstat before and after the pings). Every thread of ours and of QEMU's,
  * the vCPU threads included, side by side.
  */
-const TRACEFS = '/sys/kernel/tracing';
 const FTRACE_EVENTS = [
   'kvm/kvm_mmio',
   'kvm/kvm_userspace_exit',
@@ -937,9 +936,7 @@ const FTRACE_EVENTS = [
 
 /** Starts the lab kernel's tracer on FTRACE_EVENTS (an empty buffer, CLOCK_MONOTONIC stamps). */
 function ftraceStart(pid: number): void {
-  if (!existsSync(join(TRACEFS, 'trace')))
-    spawnSync('mount', ['-t', 'tracefs', 'nodev', TRACEFS], { stdio: 'inherit' });
-  const w = (f: string, v: string) => writeFileSync(join(TRACEFS, f), v);
+  const w = tracefsWriter();
   w('tracing_on', '0');
   w('trace_clock', 'mono');
   w('buffer_size_kb', '16384');
