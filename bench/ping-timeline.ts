@@ -62,6 +62,9 @@ const SYSCALLS: Record<number, string> = {
   441: 'epoll_pwait2',
 };
 
+/** The lab-net fixture's TAP and bridge (tvtap0, tvbr0). */
+const TAP = /dev=tv/;
+
 const median = (a: number[]): number => {
   if (a.length === 0) return NaN;
   const s = [...a].sort((x, y) => x - y);
@@ -110,23 +113,18 @@ function analyse(file: string): void {
     const run = wake
       ? after(wake.t, (e) => e.name === 'sched_switch' && e.rest.includes(`next_pid=${woken} `))
       : undefined;
-    const rx = after(
-      k.t,
-      (e) => e.name === 'netif_receive_skb' && /dev=tap|dev=tv|dev=qtap/.test(e.rest),
-    );
-    const rxAny = rx ?? after(k.t, (e) => e.name === 'netif_receive_skb');
-    const tx = rxAny
-      ? after(rxAny.t, (e) => e.name === 'net_dev_xmit' && /dev=tap|dev=tv|dev=qtap/.test(e.rest))
-      : undefined;
+    // The echo request entering the host from the TAP (the bridge's copy comes after it), the
+    // reply leaving through it, and the GSI going up after that.
+    const rx = after(k.t, (e) => e.name === 'netif_receive_skb' && TAP.test(e.rest));
+    const tx = rx ? after(rx.t, (e) => e.name === 'net_dev_xmit' && TAP.test(e.rest)) : undefined;
     const irq = after(tx?.t ?? k.t, (e) => e.name === 'kvm_set_irq' && / level 1 /.test(e.rest));
-    const irqAny = irq ?? after(tx?.t ?? k.t, (e) => e.name === 'kvm_set_irq');
-    const inj = irqAny ? after(irqAny.t, (e) => e.name === 'kvm_inj_virq') : undefined;
+    const inj = irq ? after(irq.t, (e) => e.name === 'kvm_inj_virq') : undefined;
     const isReg = (off: number, type: string) => (e: Ev) => {
       if (e.name !== 'kvm_mmio') return false;
       const m = mmio(e);
       return m !== null && m[1] === type && parseInt(m[2]!, 16) === base + off;
     };
-    const isrAsk = after(inj?.t ?? irqAny?.t ?? k.t, isReg(0x60, 'unsatisfied-read'));
+    const isrAsk = after(inj?.t ?? irq?.t ?? k.t, isReg(0x60, 'unsatisfied-read'));
     const isr = isrAsk ? after(isrAsk.t, isReg(0x60, 'read')) : undefined;
     const ack = isr ? after(isr.t, isReg(0x64, 'write')) : undefined;
     const d = (e: Ev | undefined) => (e ? e.t - k.t : undefined);
@@ -136,7 +134,7 @@ function analyse(file: string): void {
       for (let j = idx; j < evs.length && evs[j]!.t < end; j++) {
         const e = evs[j]!;
         if (e.t < run.t) continue;
-        if (irqAny && e.t > irqAny.t) break;
+        if (irq && e.t > irq.t) break;
         if (e.tid !== woken) continue;
         const m = /^NR (\d+)/.exec(e.rest);
         if (!m) continue;
@@ -147,7 +145,7 @@ function analyse(file: string): void {
       if (shown < 6) {
         shown++;
         console.log(
-          `  ping ${i}: ${seq.join(' ')} | reply ${d(tx)?.toFixed(2)} irq ${d(irqAny)?.toFixed(2)}`,
+          `  ping ${i}: ${seq.join(' ')} | reply ${d(tx)?.toFixed(2)} irq ${d(irq)?.toFixed(2)}`,
         );
       }
       const key = seq.map((x) => x.split('@')[0]).join(' ');
@@ -170,16 +168,12 @@ function analyse(file: string): void {
     add('a reply read from the TAP', d(got));
     add('b interrupt set after it', d(irq2));
     add('c the guest handles it (InterruptStatus read)', d(isr2));
-    if (rxAny)
-      writers.set(
-        `${rxAny.comm}-${rxAny.tid}`,
-        (writers.get(`${rxAny.comm}-${rxAny.tid}`) ?? 0) + 1,
-      );
+    if (rx) writers.set(`${rx.comm}-${rx.tid}`, (writers.get(`${rx.comm}-${rx.tid}`) ?? 0) + 1);
     add('1 woken (sched_wakeup)', d(wake));
     add('2 on a CPU (sched_switch)', d(run));
-    add('3 request into the host (TAP)', d(rxAny));
+    add('3 request into the host (TAP)', d(rx));
     add('4 reply out of the host (TAP)', d(tx));
-    add('5 interrupt set (kvm_set_irq)', d(irqAny));
+    add('5 interrupt set (kvm_set_irq)', d(irq));
     add('6 injected (kvm_inj_virq)', d(inj));
     add('7 InterruptStatus read exits', d(isrAsk));
     add('8 InterruptStatus read done', d(isr));

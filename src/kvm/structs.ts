@@ -280,6 +280,7 @@ export function allocIrqchip(chipId: number): Uint8Array {
 /** Offsets into struct kvm_irqchip's chip union (+8) of the fields tests and tools look at. */
 export const IRQCHIP = {
   data: 8,
+  picLastIrr: 8 + 0,
   picIrr: 8 + 1,
   picImr: 8 + 2,
   picIsr: 8 + 3,

@@ -9,6 +9,7 @@ import { existsSync } from 'node:fs';
 import { EventLoop } from '../events/event-loop.js';
 import { Kvm } from '../kvm/kvm.js';
 import { EFD_NONBLOCK, native } from '../kvm/native.js';
+import { IRQCHIP } from '../kvm/structs.js';
 import { GuestMemory } from '../memory/guest-memory.js';
 import { deviceEnvironment } from './device-loop.js';
 
@@ -47,8 +48,7 @@ test(
     const vm = kvm.createVm();
     try {
       vm.createIrqchip();
-      // struct kvm_irqchip: chip_id, pad, then struct kvm_pic_state { last_irr, irr, imr, ... }.
-      const irr = () => vm.getIrqchip(0)[9]!;
+      const irr = () => vm.getIrqchip(0)[IRQCHIP.picIrr]!;
       assert.equal(irr() & (1 << GSI), 0);
       const env = deviceEnvironment(loop, mem, irqFd, (m) => logs.push(m), {
         vmFd: vm.fd,
@@ -56,7 +56,11 @@ test(
       });
       env.interrupt();
       assert.equal(irr() & (1 << GSI), 1 << GSI, 'the edge is latched in the PIC');
-      assert.equal(vm.getIrqchip(0)[8]! & (1 << GSI), 0, 'and the line is low again (last_irr)');
+      assert.equal(
+        vm.getIrqchip(0)[IRQCHIP.picLastIrr]! & (1 << GSI),
+        0,
+        'and the line is low again (last_irr)',
+      );
       assert.equal(drained(irqFd), 0n);
       assert.deepEqual(logs, []);
     } finally {

@@ -9,6 +9,7 @@ import type { DeviceEnvironment, VirtioDevice } from '../devices/virtio/device.j
 import type { EventLoop } from '../events/event-loop.js';
 import { KVM_IRQ_LINE } from '../kvm/constants.js';
 import { native } from '../kvm/native.js';
+import { encodeIrqLevel } from '../kvm/structs.js';
 import type { GuestMemory } from '../memory/guest-memory.js';
 
 /**
@@ -78,14 +79,8 @@ export function deviceEnvironment(
   const n = native();
   let interrupt = () => n.eventfdWrite(irqFd, 1);
   if (line) {
-    // struct kvm_irq_level { u32 irq; u32 level; }, little-endian.
-    const up = new Uint8Array(8);
-    const down = new Uint8Array(8);
-    for (const b of [up, down]) {
-      b[0] = line.gsi & 0xff;
-      b[1] = (line.gsi >>> 8) & 0xff;
-    }
-    up[4] = 1;
+    const up = encodeIrqLevel(line.gsi, 1);
+    const down = encodeIrqLevel(line.gsi, 0);
     const viaIrqfd = interrupt;
     interrupt = () => {
       try {

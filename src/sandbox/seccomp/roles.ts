@@ -15,16 +15,13 @@
  *   joined with the two worker lists, so that each worker's own filter, stacked on it, is what
  *   decides in that worker.
  */
+import { KVM_IRQ_LINE, KVM_SET_USER_MEMORY_REGION } from '../../kvm/constants.js';
 import type { ArgCondition, Policy, SyscallRule } from './filter.js';
 
 export type Role = 'main' | 'vcpu' | 'device';
 export const ROLES: readonly Role[] = ['main', 'vcpu', 'device'];
 
 const KVMIO = 0xae;
-/** _IOW(KVMIO, 0x46, struct kvm_userspace_memory_region): 32 bytes. */
-const KVM_SET_USER_MEMORY_REGION = 0x4020ae46;
-/** _IOW(KVMIO, 0x61, struct kvm_irq_level): 8 bytes. */
-const KVM_IRQ_LINE = 0x4008ae61;
 const TUN_AND_TTY = 0x54; // 'T': TUNSET*, TCGETS/TCSETS, TIOCGWINSZ, FIONBIO, FIOCLEX
 const UFFDIO = 0xaa;
 const AF_UNIX = 1;
@@ -34,6 +31,12 @@ const ENOSYS = 38;
 const EACCES = 13;
 
 const any = (...names: string[]): SyscallRule[] => names.map((syscall) => ({ syscall }));
+
+/** ioctl(fd, request) with exactly this request. */
+const ioctlRequest = (request: number, comment: string): SyscallRule => ({
+  syscall: 'ioctl',
+  args: [{ index: 1, type: 'qword', op: 'eq', val: BigInt(request), comment }],
+});
 
 /** ioctl(fd, request) with request's type byte (bits 8-15) == `type`, and nothing above 32 bits. */
 const ioctlOfType = (type: number, comment: string): SyscallRule => ({
@@ -173,32 +176,10 @@ const DEVICE: Policy = {
     // virtio-mem takes the KVM memory slot of a fully unplugged range out of the guest and puts
     // it back when a block in it is plugged (device-memory.ts kvmSlotControl): this one KVM
     // ioctl, no other.
-    {
-      syscall: 'ioctl',
-      args: [
-        {
-          index: 1,
-          type: 'qword',
-          op: 'eq',
-          val: BigInt(KVM_SET_USER_MEMORY_REGION),
-          comment: 'KVM_SET_USER_MEMORY_REGION (virtio-mem slots)',
-        },
-      ],
-    },
+    ioctlRequest(KVM_SET_USER_MEMORY_REGION, 'KVM_SET_USER_MEMORY_REGION (virtio-mem slots)'),
     // Virtio devices raise their GSI with KVM_IRQ_LINE (device-loop.ts deviceEnvironment): at
     // most an interrupt of the worker's own guest, which it can already cause with its irqfds.
-    {
-      syscall: 'ioctl',
-      args: [
-        {
-          index: 1,
-          type: 'qword',
-          op: 'eq',
-          val: BigInt(KVM_IRQ_LINE),
-          comment: 'KVM_IRQ_LINE (virtio interrupts)',
-        },
-      ],
-    },
+    ioctlRequest(KVM_IRQ_LINE, 'KVM_IRQ_LINE (virtio interrupts)'),
   ],
 };
 
