@@ -22,7 +22,17 @@ import { EventLoop } from '../events/event-loop.js';
 import { native, isSyscallError } from '../kvm/native.js';
 import { BlockDevice, blockIdentity, fdBlockFile } from '../devices/virtio/block/block.js';
 import { blockDevice } from '../devices/virtio/block/descriptor.js';
-import { IoUring } from '../devices/virtio/block/io-uring.js';
+import {
+  IORING_OP_FSYNC,
+  IORING_OP_NOP,
+  IORING_OP_READV,
+  IORING_OP_WRITEV,
+  IOSQE_ASYNC,
+  IoUring,
+  encodeRestrictions,
+} from '../devices/virtio/block/io-uring.js';
+import { BLK_URING_ALLOW } from '../devices/virtio/block/async-engine.js';
+import { TX_URING_ALLOW } from '../devices/virtio/net/tx-batch.js';
 import {
   VIRTIO_BLK_S_IOERR,
   VIRTIO_BLK_S_OK,
@@ -63,7 +73,7 @@ function setup(entries = 128, readOnly = false, fifo = false) {
   const loop = new EventLoop((e) => {
     throw e;
   });
-  const ring = IoUring.open(native(), entries);
+  const ring = IoUring.open(native(), entries, BLK_URING_ALLOW);
   const logs: string[] = [];
   const dev = new BlockDevice({
     name: 'async-blk',
@@ -420,10 +430,10 @@ test('Async unavailable (io_uring_setup fails): one log line, the drive is serve
 });
 
 test('io_uring on this kernel: a bad fd completes with -EBADF; entries are bounded', () => {
-  const ring = IoUring.open(native(), 2);
+  const ring = IoUring.open(native(), 2, BLK_URING_ALLOW);
   try {
     assert.equal(ring.sq.entries, 2);
-    assert.ok(ring.sq.push({ opcode: 3, fd: 1 << 20, userData: 5 }));
+    assert.ok(ring.sq.push({ opcode: IORING_OP_FSYNC, fd: 1 << 20, userData: 5 }));
     ring.enter(1);
     const got: number[] = [];
     ring.cq.reap((u, res) => got.push(u, res));
@@ -431,7 +441,78 @@ test('io_uring on this kernel: a bad fd completes with -EBADF; entries are bound
   } finally {
     ring.close();
   }
-  assert.throws(() => IoUring.open(native(), 0), RangeError);
-  assert.throws(() => IoUring.open(native(), 1 << 20), RangeError);
+  assert.throws(() => IoUring.open(native(), 0, BLK_URING_ALLOW), RangeError);
+  assert.throws(() => IoUring.open(native(), 1 << 20, BLK_URING_ALLOW), RangeError);
   assert.ok(isSyscallError(new Error('x')) === false);
+});
+
+test('io_uring on this kernel: a ring does only what it was restricted to', () => {
+  const sys = native();
+  const img = image();
+  const ring = IoUring.open(sys, 4, TX_URING_ALLOW); // WRITEV only, no SQE flag
+  try {
+    const buf = new Uint8Array(512);
+    const iov = new BigUint64Array([sys.bufferAddress(buf), 512n]);
+    const iovAddr = Number(sys.bufferAddress(new Uint8Array(iov.buffer)));
+    // An opcode outside the list (a NOP, a READV of the image), an allowed opcode with a flag
+    // outside the list: each completes with -EACCES and touches nothing. (The kernel stops a
+    // submission at the first SQE it refuses, so one at a time.)
+    const got: number[] = [];
+    for (const sqe of [
+      { opcode: IORING_OP_NOP, fd: -1, userData: 1 },
+      { opcode: IORING_OP_READV, fd: img.fd, addr: iovAddr, len: 1, userData: 2 },
+      {
+        opcode: IORING_OP_WRITEV,
+        flags: IOSQE_ASYNC,
+        fd: img.fd,
+        addr: iovAddr,
+        len: 1,
+        userData: 3,
+      },
+    ]) {
+      assert.ok(ring.sq.push(sqe));
+      assert.equal(ring.enter(1), 1);
+      ring.cq.reap((u, res) => got.push(u, res));
+    }
+    assert.deepEqual(got, [1, -13, 2, -13, 3, -13]);
+    assert.ok(
+      buf.every((b) => b === 0),
+      'the refused READV read nothing',
+    );
+    // The allowed opcode without flags runs: WRITEV of 512 bytes at offset 0.
+    buf.fill(0xa5);
+    ring.sq.push({ opcode: IORING_OP_WRITEV, fd: img.fd, addr: iovAddr, len: 1, userData: 4 });
+    ring.enter(1);
+    got.length = 0;
+    ring.cq.reap((u, res) => got.push(u, res));
+    assert.deepEqual(got, [4, 512]);
+    assert.deepEqual(readFileSync(img.path).subarray(0, 512), Buffer.alloc(512, 0xa5));
+    // No io_uring_register operation is allowed once the ring is enabled.
+    assert.throws(
+      () => sys.ioUringRegister(ring.fd, 4, new Int32Array([ring.eventFd]), 1),
+      (e: unknown) => isSyscallError(e) && /EACCES|errno 13|\b13\b/.test(String(e)),
+    );
+  } finally {
+    ring.close();
+    closeSync(img.fd);
+    rmSync(img.dir, { recursive: true, force: true });
+  }
+});
+
+test('io_uring restrictions are encoded as struct io_uring_restriction[] and checked', () => {
+  const b = encodeRestrictions(BLK_URING_ALLOW);
+  assert.equal(b.length, 4 * 16);
+  // SQE_OP (1) entries for READV, WRITEV, FSYNC, then SQE_FLAGS_ALLOWED (2) with the flags.
+  assert.deepEqual(
+    [0, 1, 2, 3].map((i) => [b[i * 16], b[i * 16 + 1], b[i * 16 + 2]]),
+    [
+      [1, 0, IORING_OP_READV],
+      [1, 0, IORING_OP_WRITEV],
+      [1, 0, IORING_OP_FSYNC],
+      [2, 0, BLK_URING_ALLOW.flags],
+    ],
+  );
+  assert.throws(() => encodeRestrictions({ ops: [], flags: 0 }), RangeError);
+  assert.throws(() => encodeRestrictions({ ops: [256], flags: 0 }), RangeError);
+  assert.throws(() => encodeRestrictions({ ops: [1], flags: 0x100 }), RangeError);
 });

@@ -11,7 +11,12 @@ import { native } from '../kvm/native.js';
 import { IoUring } from '../devices/virtio/block/io-uring.js';
 import { NET_HDR_SIZE } from '../devices/virtio/net/header.js';
 import { openTxBatch } from '../devices/virtio/net/tap.js';
-import { TX_BATCH_FRAMES, TX_BATCH_IOVECS, UringTxBatch } from '../devices/virtio/net/tx-batch.js';
+import {
+  TX_BATCH_FRAMES,
+  TX_BATCH_IOVECS,
+  TX_URING_ALLOW,
+  UringTxBatch,
+} from '../devices/virtio/net/tx-batch.js';
 
 const hdr = (fill: number) => new Uint8Array(NET_HDR_SIZE).fill(fill);
 
@@ -23,7 +28,7 @@ function uringOrSkip(): { ring: IoUring; fd: number; sys: ReturnType<typeof nati
     return `no native shim: ${(e as Error).message}`;
   }
   try {
-    const ring = IoUring.open(sys, TX_BATCH_FRAMES);
+    const ring = IoUring.open(sys, TX_BATCH_FRAMES, TX_URING_ALLOW);
     return { ring, fd: sys.memfdCreate('tx-batch-test', 0), sys };
   } catch (e) {
     return `no io_uring here: ${(e as Error).message}`;

@@ -257,6 +257,14 @@ test('default roles: KVM ioctls only on vCPUs, no execve or new processes anywhe
     runBpf(progs.device!, nr('openat'), [0n, 0n, 0o12000000n /* O_PATH | O_CLOEXEC */]),
     SECCOMP_RET_ALLOW,
   );
+  // io_uring: the device worker drives its rings (io_uring_enter) but can neither make a new
+  // one nor register anything on one (its rings were set up under the process filter).
+  assert.equal(runBpf(progs.device!, nr('io_uring_enter')), SECCOMP_RET_ALLOW);
+  for (const call of ['io_uring_setup', 'io_uring_register']) {
+    assert.equal(runBpf(progs.device!, nr(call)), SECCOMP_RET_KILL_PROCESS, `device: ${call}`);
+    assert.equal(runBpf(progs.main!, nr(call)), SECCOMP_RET_ALLOW, `process: ${call}`);
+  }
+  assert.equal(runBpf(progs.vcpu!, nr('io_uring_enter')), SECCOMP_RET_KILL_PROCESS);
   // The process list (main's filter) still allows opens: the workers' errno rule is not in it.
   assert.equal(runBpf(progs.main!, nr('openat'), [0n, 0n, 0n]), SECCOMP_RET_ALLOW);
   assert.equal(

@@ -7,8 +7,8 @@
  *   a Node worker's V8 heap and libuv loop need.
  * - device: the device worker after its devices are built: file and TAP I/O, vsock's Unix
  *   sockets (AF_UNIX only), epoll, eventfd, TAP/userfaultfd ioctls, two KVM ioctls
- *   (KVM_SET_USER_MEMORY_REGION for virtio-mem, KVM_IRQ_LINE for interrupts), and io_uring (the
- *   Async block engine).
+ *   (KVM_SET_USER_MEMORY_REGION for virtio-mem, KVM_IRQ_LINE for interrupts), and io_uring_enter
+ *   (the Async block engine; its rings are set up before, under the process filter).
  * - main: the main thread (API server, console, building VMs, snapshots) and Node's own threads.
  *   It is installed with TSYNC, so it also covers the threads Node started before (V8 platform
  *   workers, the libuv pool), and every worker inherits it: processFilter() is main's own list
@@ -170,9 +170,12 @@ const DEVICE: Policy = {
     },
     OPEN_REFUSED, // any other open: EACCES (glibc's malloc, above), not a kill
     ...any('statx', 'access'),
-    // virtio-blk's Async engine (issue 17): the ring is set up while devices are built and
-    // driven from the loop (submissions, the drain before a snapshot, closing at the end).
-    ...any('io_uring_setup', 'io_uring_enter', 'io_uring_register'),
+    // io_uring rings (virtio-blk's Async engine, virtio-net's TX batches) are driven from the
+    // loop: submissions, the drain before a snapshot. They were set up, restricted to their
+    // device's few opcodes and enabled while the devices were built (io-uring.ts IoUring.open),
+    // under the process filter (MAIN_OWN below): from here on no new ring can be made and no
+    // ring re-registered, so a ring reaches only the io_uring paths its device uses.
+    ...any('io_uring_enter'),
     // virtio-mem takes the KVM memory slot of a fully unplugged range out of the guest and puts
     // it back when a block in it is plugged (device-memory.ts kvmSlotControl): this one KVM
     // ioctl, no other.
@@ -202,6 +205,9 @@ const MAIN_OWN: Policy = {
     ...any('memfd_create', 'userfaultfd', 'mremap', 'brk', 'rt_sigaction', 'tgkill', 'prctl'),
     ...any('seccomp', 'capget', 'getuid', 'geteuid', 'getgid', 'getegid', 'uname', 'sysinfo'),
     ...any('prlimit64', 'exit_group', 'rename', 'getrusage'),
+    // The device worker builds its devices under this (process) filter, before its own: an
+    // io_uring device sets up its ring there and registers its eventfd and restrictions.
+    ...any('io_uring_setup', 'io_uring_register'),
     // A terminal on stdin, stdout or stderr (`typervisor run` in a shell): when Node first uses
     // one, libuv reopens the tty and dup3s the new descriptor over the old one. The audits ran
     // with pipes, so this was missed and such a run died of SIGSYS at its first console write.

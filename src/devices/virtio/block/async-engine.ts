@@ -45,9 +45,15 @@ import {
   HostAddresses,
   setU64,
   type IoUring,
+  type UringAllow,
 } from './io-uring.js';
 import { VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, type ParsedRequest } from './request.js';
 
+/** What the engine's ring may do (io-uring.ts UringAllow): the three opcodes and two flags it uses. */
+export const BLK_URING_ALLOW: UringAllow = {
+  ops: [IORING_OP_READV, IORING_OP_WRITEV, IORING_OP_FSYNC],
+  flags: IOSQE_IO_DRAIN | IOSQE_ASYNC,
+};
 /** Requests in flight at most (the ring's SQ size; the CQ is twice that, so it cannot overflow). */
 export const BLK_ASYNC_SLOTS = 128;
 /**

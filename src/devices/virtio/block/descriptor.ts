@@ -2,7 +2,7 @@
 import { closeSync } from 'node:fs';
 import type { DeviceType } from '../descriptor.js';
 import { BlockDevice, blockIdentity, fdBlockFile } from './block.js';
-import { BLK_ASYNC_SLOTS } from './async-engine.js';
+import { BLK_ASYNC_SLOTS, BLK_URING_ALLOW } from './async-engine.js';
 import { IoUring } from './io-uring.js';
 import { openBlockImage, type BlockConfig, type BlockHost } from './config.js';
 
@@ -30,7 +30,7 @@ export const blockDevice: DeviceType<BlockConfig, BlockHost> = {
     let ring: IoUring | undefined;
     if (host.ioEngine === 'Async') {
       try {
-        ring = IoUring.open(env.sys, BLK_ASYNC_SLOTS);
+        ring = IoUring.open(env.sys, BLK_ASYNC_SLOTS, BLK_URING_ALLOW);
       } catch (e) {
         // Old kernel (ENOSYS), seccomp or io_uring_disabled (EPERM), missing features.
         env.log(

@@ -43,6 +43,14 @@ export const IORING_SQ_CQ_OVERFLOW = 1 << 1;
 export const IORING_FEAT_SINGLE_MMAP = 1 << 0;
 export const IORING_FEAT_NODROP = 1 << 1;
 const IORING_REGISTER_EVENTFD = 4;
+const IORING_REGISTER_RESTRICTIONS = 11;
+const IORING_REGISTER_ENABLE_RINGS = 12;
+/** io_uring_setup flag: the ring starts disabled, so restrictions can be registered first. */
+const IORING_SETUP_R_DISABLED = 1 << 6;
+/** struct io_uring_restriction opcodes. */
+const IORING_RESTRICTION_SQE_OP = 1;
+const IORING_RESTRICTION_SQE_FLAGS_ALLOWED = 2;
+const RESTRICTION_SIZE = 16;
 const IORING_OFF_SQ_RING = 0;
 const IORING_OFF_SQES = 0x10000000;
 const PARAMS_SIZE = 120;
@@ -55,6 +63,18 @@ const EFD_NONBLOCK = 0o4000;
 const EFD_CLOEXEC = 0o2000000;
 /** Entries we ask for at most (the kernel's limit is 32768; we need far fewer). */
 export const URING_MAX_ENTRIES = 4096;
+
+/**
+ * What a ring may be asked to do once enabled (IORING_REGISTER_RESTRICTIONS, Linux >= 5.10):
+ * these SQE opcodes with at most these SQE flags, and no io_uring_register operation at all.
+ * Anything else completes with -EACCES in the kernel's checks, before any of the opcode's own
+ * code runs. So a ring of ours reaches only the few io_uring paths its device uses, whatever
+ * is written into its SQEs.
+ */
+export interface UringAllow {
+  ops: readonly number[];
+  flags: number;
+}
 
 /** Byte offsets of the SQ ring's fields (struct io_sqring_offsets). */
 export interface SqOffsets {
@@ -275,6 +295,26 @@ export class CompletionRing {
   }
 }
 
+/** struct io_uring_restriction[]: one SQE_OP entry per opcode, one SQE_FLAGS_ALLOWED entry. */
+export function encodeRestrictions(allow: UringAllow): Uint8Array {
+  if (allow.ops.length === 0) throw new RangeError('io_uring restrictions: no opcode allowed');
+  for (const op of allow.ops)
+    if (!Number.isInteger(op) || op < 0 || op > 0xff)
+      throw new RangeError(`io_uring restrictions: opcode ${op}`);
+  if (!Number.isInteger(allow.flags) || allow.flags < 0 || allow.flags > 0xff)
+    throw new RangeError(`io_uring restrictions: SQE flags 0x${allow.flags.toString(16)}`);
+  const b = new Uint8Array((allow.ops.length + 1) * RESTRICTION_SIZE);
+  const v = new DataView(b.buffer);
+  allow.ops.forEach((op, i) => {
+    v.setUint16(i * RESTRICTION_SIZE, IORING_RESTRICTION_SQE_OP, true);
+    b[i * RESTRICTION_SIZE + 2] = op;
+  });
+  const last = allow.ops.length * RESTRICTION_SIZE;
+  v.setUint16(last, IORING_RESTRICTION_SQE_FLAGS_ALLOWED, true);
+  b[last + 2] = allow.flags;
+  return b;
+}
+
 /** Stores a u64 (< 2^53) little-endian: SQE fields and the iovecs the rings point to. */
 export function setU64(v: DataView, at: number, x: number): void {
   v.setUint32(at, x >>> 0, true);
@@ -320,14 +360,18 @@ export class IoUring {
 
   /**
    * A ring of at least `entries` SQEs (rounded up to a power of two by the kernel), its
-   * completions signalled on a new eventfd. Throws the syscall's error where io_uring is not
-   * available (ENOSYS: old kernel; EPERM: seccomp, io_uring_disabled) or an Error naming the
-   * feature this kernel lacks; nothing is left open then.
+   * completions signalled on a new eventfd, restricted to `allow` (set up disabled, the eventfd
+   * and the restrictions registered, then enabled). Throws the syscall's error where io_uring
+   * is not available (ENOSYS: old kernel; EPERM: seccomp, io_uring_disabled; EINVAL: a kernel
+   * before 5.10, without IORING_SETUP_R_DISABLED) or an Error naming the feature this kernel
+   * lacks; nothing is left open then.
    */
-  static open(sys: UringSys, entries: number): IoUring {
+  static open(sys: UringSys, entries: number, allow: UringAllow): IoUring {
     if (!Number.isInteger(entries) || entries < 1 || entries > URING_MAX_ENTRIES)
       throw new RangeError(`io_uring entries ${entries} not in 1..${URING_MAX_ENTRIES}`);
+    const restrictions = encodeRestrictions(allow);
     const pbytes = new Uint8Array(PARAMS_SIZE);
+    new DataView(pbytes.buffer).setUint32(8, IORING_SETUP_R_DISABLED, true); // params.flags
     const fd = sys.ioUringSetup(entries, pbytes);
     const undo: Array<() => void> = [() => sys.close(fd)];
     try {
@@ -353,6 +397,15 @@ export class IoUring {
       undo.push(() => sys.close(efd));
       sys.ioUringRegister(fd, IORING_REGISTER_EVENTFD, new Int32Array([efd]), 1);
       u.eventFd = efd;
+      // Registering is unrestricted until the ring is enabled; from then on no register
+      // operation is allowed (none is in the list), and only `allow`'s SQEs.
+      sys.ioUringRegister(
+        fd,
+        IORING_REGISTER_RESTRICTIONS,
+        restrictions,
+        restrictions.length / RESTRICTION_SIZE,
+      );
+      sys.ioUringRegister(fd, IORING_REGISTER_ENABLE_RINGS, null, 0);
       return u;
     } catch (e) {
       for (const f of undo.reverse()) f();

@@ -8,7 +8,7 @@ import { EV_IN, type EventOps, type HostSys } from '../descriptor.js';
 import { NET_HDR_SIZE } from './header.js';
 import { IoUring } from '../block/io-uring.js';
 import { TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, type TapIo } from './net.js';
-import { TX_BATCH_FRAMES, UringTxBatch, type TxBatch } from './tx-batch.js';
+import { TX_BATCH_FRAMES, TX_URING_ALLOW, UringTxBatch, type TxBatch } from './tx-batch.js';
 
 // linux/if_tun.h
 export const IFF_TAP = 0x0002;
@@ -106,7 +106,7 @@ export function openTxBatch(
     return { why: 'TYPERVISOR_NET_TX_BATCH is not 1 (off by default)' };
   let ring: IoUring | undefined;
   try {
-    ring = IoUring.open(sys, TX_BATCH_FRAMES);
+    ring = IoUring.open(sys, TX_BATCH_FRAMES, TX_URING_ALLOW);
     return { batch: new UringTxBatch(ring, fd, (b) => sys.bufferAddress(b)) };
   } catch (e) {
     ring?.close();

@@ -22,9 +22,17 @@
  * with more is refused by add() and written on its own by the caller, after a flush (order).
  */
 import type { Buf } from '../descriptor.js';
-import { HostAddresses, IORING_OP_WRITEV, setU64, type IoUring } from '../block/io-uring.js';
+import {
+  HostAddresses,
+  IORING_OP_WRITEV,
+  setU64,
+  type IoUring,
+  type UringAllow,
+} from '../block/io-uring.js';
 import { NET_HDR_SIZE } from './header.js';
 
+/** What a TX batch's ring may do (io-uring.ts UringAllow): WRITEV, no SQE flag. */
+export const TX_URING_ALLOW: UringAllow = { ops: [IORING_OP_WRITEV], flags: 0 };
 /** Frames per io_uring_enter at most (QUEUE_BUDGET_CHAINS: a whole turn of the TX queue). */
 export const TX_BATCH_FRAMES = 64;
 /** Buffers of one frame in a batch at most (the header copy included). */
