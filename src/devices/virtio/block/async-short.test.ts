@@ -150,7 +150,16 @@ function setup(fileBytes: number, chunk: number) {
     // The completions' eventfd fires until nothing is in flight.
     for (let i = 0; i < 100 && engine.inFlight > 0; i++) subscriber!.process(1);
   };
-  return { file, used, failures, ops, submit, engine, flags };
+  /** Several requests made available before one kick. */
+  const submitAll = (reqs: Array<[number, ParsedRequest]>) => {
+    for (const [head, req] of reqs) {
+      requests.set(head, req);
+      queue.push(head);
+    }
+    engine.kick();
+    for (let i = 0; i < 100 && engine.inFlight > 0; i++) subscriber!.process(1);
+  };
+  return { file, used, failures, ops, submit, submitAll, engine, flags };
 }
 
 test('Async engine: a read the file system returns in pieces is whole in the guest', () => {
@@ -190,7 +199,7 @@ test('Async engine: a read that stops moving (past the end of the file) is IOERR
   assert.equal(t.engine.counters.inFlight, 0);
 });
 
-test('Async engine: big reads go to io-wq at once (IOSQE_ASYNC); small reads and writes do not', () => {
+test('Async engine: big reads go to io-wq at once (IOSQE_ASYNC) when others are in flight; small reads, writes and a lone big read do not', () => {
   const big = BLK_ASYNC_PUNT_READ_BYTES;
   const t = setup(4 * big, 4 * big);
   const req = (type: 'read' | 'write', offset: number, lens: number[]): ParsedRequest => {
@@ -198,18 +207,29 @@ test('Async engine: big reads go to io-wq at once (IOSQE_ASYNC); small reads and
     const length = lens.reduce((a, b) => a + b, 0);
     return { ok: true, request: { type, offset, data, length }, status: new Uint8Array(1) };
   };
+  // One kick each: nothing else in flight, so a big read is copied inline too.
   t.submit(1, req('read', 0, [4096]));
-  t.submit(2, req('read', 0, [big / 2, big / 2])); // the whole request counts, not a segment
-  t.submit(3, req('read', 0, [big - 512]));
-  t.submit(4, req('write', 0, [big * 2]));
+  t.submit(2, req('read', 0, [big / 2, big / 2]));
+  // One kick for four: the first starts with nothing in flight; the big reads after it are
+  // punted (the whole request counts, not a segment), the small read and the write are not.
+  t.submitAll([
+    [3, req('read', 0, [4096])],
+    [4, req('read', 0, [big / 2, big / 2])],
+    [5, req('read', 0, [big - 512])],
+    [6, req('write', 0, [big * 2])],
+    [7, req('read', big, [big])],
+  ]);
   assert.deepEqual(t.flags, [
+    [IORING_OP_READV, 0],
+    [IORING_OP_READV, 0],
     [IORING_OP_READV, 0],
     [IORING_OP_READV, IOSQE_ASYNC],
     [IORING_OP_READV, 0],
     [IORING_OP_WRITEV, 0],
+    [IORING_OP_READV, IOSQE_ASYNC],
   ]);
   assert.deepEqual(
     t.used.map(([h]) => h),
-    [1, 2, 3, 4],
+    [1, 2, 3, 4, 5, 6, 7],
   );
 });
