@@ -104,7 +104,10 @@ export const Drive: Schema = {
       'Typervisor only: path_on_host may be a host block device (default false: regular files only).',
     ),
     rate_limiter: RateLimiter,
-    io_engine: oneOf(['Sync', 'Async'], 'I/O engine (default "Sync").'),
+    io_engine: oneOf(
+      ['Sync', 'Async'],
+      'I/O engine (default "Async"; falls back to "Sync" where io_uring is unavailable).',
+    ),
     socket: str('vhost-user-block socket: not supported.'),
   },
   required: ['drive_id', 'is_root_device'],

@@ -1,6 +1,6 @@
 /**
- * `--drive path=FILE[,ro][,root][,serial=ID][,blockdev][,async]` turned into drives of VmResources (Firecracker's
- * DriveConfig), and the private root disk of `--rootfs`.
+ * `--drive path=FILE[,ro][,root][,serial=ID][,blockdev][,sync|,async]` turned into drives of
+ * VmResources (Firecracker's DriveConfig), and the private root disk of `--rootfs`.
  */
 import { spawnSync } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
@@ -8,6 +8,9 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { ConfigError } from '../util/errors.js';
 import type { DriveConfig } from '../vmm/index.js';
+
+/** The shape of a --drive, in its error messages. */
+const DRIVE_SPEC = 'path=FILE[,ro][,root][,serial=ID][,blockdev][,sync|,async]';
 
 /** GET_ID holds 20 bytes (VIRTIO_BLK_ID_BYTES). */
 const SERIAL_MAX = 20;
@@ -22,6 +25,7 @@ export function parseDrive(spec: string, index: number): DriveConfig {
   let root = false;
   let serial: string | undefined;
   let blockDevice = false;
+  let sync = false;
   let async = false;
   for (const part of spec.split(',')) {
     const eq = part.indexOf('=');
@@ -33,14 +37,15 @@ export function parseDrive(spec: string, index: number): DriveConfig {
     else if (key === 'serial' && value !== undefined) serial = value;
     // A host block device as the image: refused unless asked for (allow_block_device).
     else if (key === 'blockdev' && value === undefined) blockDevice = true;
-    // Firecracker's io_engine "Async" (io_uring; Sync where the host lacks it).
+    // Firecracker's io_engine: "Sync", or "Async" (io_uring; Sync where the host lacks it).
+    // Neither: the drive's io_engine is left unset, i.e. the default, Async.
+    else if (key === 'sync' && value === undefined) sync = true;
     else if (key === 'async' && value === undefined) async = true;
-    else
-      throw new ConfigError(
-        `--drive: unknown or malformed "${part}" (expected path=FILE[,ro][,root][,serial=ID][,blockdev][,async])`,
-      );
+    else throw new ConfigError(`--drive: unknown or malformed "${part}" (expected ${DRIVE_SPEC})`);
   }
   if (!path) throw new ConfigError(`--drive ${spec}: path=FILE is required`);
+  if (sync && async)
+    throw new ConfigError(`--drive ${spec}: sync and async together (one io_engine per drive)`);
   if (serial !== undefined && (serial === '' || Buffer.byteLength(serial) > SERIAL_MAX))
     throw new ConfigError(`--drive ${spec}: serial must be 1 to ${SERIAL_MAX} bytes`);
   return {
@@ -49,6 +54,7 @@ export function parseDrive(spec: string, index: number): DriveConfig {
     is_root_device: root,
     is_read_only: readOnly,
     ...(blockDevice ? { allow_block_device: true } : {}),
+    ...(sync ? { io_engine: 'Sync' as const } : {}),
     ...(async ? { io_engine: 'Async' as const } : {}),
   };
 }

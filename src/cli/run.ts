@@ -48,10 +48,11 @@ export const RUN_USAGE = `usage: typervisor run [options]
   --huge-pages P    None (default) or 2M: guest RAM in 2 MiB hugetlbfs pages, all reserved at
                     start from the host's vm.nr_hugepages pool (machine-config huge_pages;
                     --memory must then be even)
-  --drive SPEC      a virtio-blk disk: path=FILE[,ro][,root][,serial=ID][,blockdev][,async]
+  --drive SPEC      a virtio-blk disk: path=FILE[,ro][,root][,serial=ID][,blockdev][,sync|,async]
                     (repeatable; the root drive becomes /dev/vda and adds root=/dev/vda to the
                     command line; blockdev allows a host block device as FILE, refused otherwise;
-                    async serves it with io_uring, io_engine "Async")
+                    served with io_uring by default, io_engine "Async", or with Sync where
+                    io_uring is unavailable; sync asks for io_engine "Sync", async for "Async")
   --rootfs          boot the project's Debian root disk (a private copy of rootfs.ext4) as root
   --rng             a virtio-rng device (entropy from the host's CSPRNG)
   --net SPEC        a virtio-net device on a host TAP: tap=NAME[,mac=MAC] (repeatable; the TAP

@@ -386,16 +386,19 @@ test('Async: a driver reset with requests in flight waits for them and drops the
   }
 });
 
-test('Async unavailable (io_uring_setup fails): one log line, the drive is served with Sync', () => {
+/** blockDevice.create over a host whose io_uring_setup fails (ENOSYS); its log lines. */
+function createWithoutIoUring(engine: { ioEngine: 'Sync' | 'Async'; ioEngineDefaulted?: true }) {
   const img = image();
   const loop = new EventLoop((e) => {
     throw e;
   });
   const logs: string[] = [];
   const n = native();
+  let setups = 0;
   const sys = {
     ...n,
     ioUringSetup: () => {
+      setups++;
       throw Object.assign(new Error('io_uring_setup failed: Function not implemented (ENOSYS)'), {
         code: 'ENOSYS',
         errno: 38,
@@ -403,33 +406,73 @@ test('Async unavailable (io_uring_setup fails): one log line, the drive is serve
       });
     },
   } as HostSys;
+  const created = blockDevice.create(
+    {
+      fd: img.fd,
+      path: img.path,
+      readOnly: false,
+      serial: new Uint8Array(0),
+      sizeBytes: SECTORS * 512,
+      capacity: SECTORS,
+      ...engine,
+    },
+    { name: 'virtio-blk d0', sys, loop, log: (m) => logs.push(m) },
+  );
+  return {
+    created,
+    dev: created.backend as BlockDevice,
+    logs,
+    setups: () => setups,
+    done() {
+      created.close?.();
+      loop.close();
+      closeSync(img.fd);
+      rmSync(img.dir, { recursive: true, force: true });
+    },
+  };
+}
+
+test('Async asked for but unavailable (io_uring_setup fails): one log line, served with Sync', () => {
+  const t = createWithoutIoUring({ ioEngine: 'Async' });
   try {
-    const created = blockDevice.create(
-      {
-        fd: img.fd,
-        path: img.path,
-        readOnly: false,
-        serial: new Uint8Array(0),
-        sizeBytes: SECTORS * 512,
-        capacity: SECTORS,
-        ioEngine: 'Async',
-      },
-      { name: 'virtio-blk d0', sys, loop, log: (m) => logs.push(m) },
+    assert.equal(t.setups(), 1);
+    assert.equal(t.dev.ioEngine, 'Sync');
+    assert.equal(t.dev.selfServed, undefined);
+    assert.equal(t.logs.length, 1);
+    assert.equal(
+      t.logs[0],
+      'virtio-blk d0: io_uring unavailable (io_uring_setup failed: Function not implemented (ENOSYS)); ' +
+        'serving it with io_engine "Sync" instead of the "Async" it asked for',
     );
-    const dev = created.backend as BlockDevice;
-    assert.equal(dev.ioEngine, 'Sync');
-    assert.equal(dev.selfServed, undefined);
-    assert.equal(logs.length, 1);
-    assert.match(
-      logs[0]!,
-      /io_engine "Async" unavailable \(io_uring_setup failed: .*ENOSYS\)\); serving it with "Sync"/,
-    );
-    assert.equal(created.metrics!().io_engine_throttled_events, 0);
-    created.close?.();
+    assert.equal(t.created.metrics!().io_engine_throttled_events, 0);
   } finally {
-    loop.close();
-    closeSync(img.fd);
-    rmSync(img.dir, { recursive: true, force: true });
+    t.done();
+  }
+});
+
+test('Async by default but unavailable: the log line says it was the default and how to silence it', () => {
+  const t = createWithoutIoUring({ ioEngine: 'Async', ioEngineDefaulted: true });
+  try {
+    assert.equal(t.dev.ioEngine, 'Sync');
+    assert.equal(t.logs.length, 1);
+    assert.equal(
+      t.logs[0],
+      'virtio-blk d0: io_uring unavailable (io_uring_setup failed: Function not implemented (ENOSYS)); ' +
+        'serving it with io_engine "Sync" (the default engine is "Async"; set io_engine "Sync" to silence this)',
+    );
+  } finally {
+    t.done();
+  }
+});
+
+test('Sync asked for: no ring is set up, no log line', () => {
+  const t = createWithoutIoUring({ ioEngine: 'Sync' });
+  try {
+    assert.equal(t.setups(), 0);
+    assert.equal(t.dev.ioEngine, 'Sync');
+    assert.deepEqual(t.logs, []);
+  } finally {
+    t.done();
   }
 });
 

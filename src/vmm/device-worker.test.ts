@@ -44,7 +44,7 @@ test('device worker: kicks through eventfds, used rings and irqfds, reset and st
   const ram = mapGuestRam(layout);
   const plan = planVirtioDevices([
     { kind: 'rng', id: 'entropy' },
-    { kind: 'block', id: 'disk', path, readOnly: false, serial: 'x' },
+    { kind: 'block', id: 'disk', path, readOnly: false, serial: 'x', ioEngine: 'Sync' },
   ]);
   const logs: string[] = [];
   const dw = startDeviceWorker(plan, layout, {
@@ -267,7 +267,7 @@ test('device worker: a kick over the work budget goes on in later turns of the l
   const layout = createGuestRam([{ base: 0, size: 4 << 20 }]);
   const ram = mapGuestRam(layout);
   const plan = planVirtioDevices([
-    { kind: 'block', id: 'disk', path, readOnly: true },
+    { kind: 'block', id: 'disk', path, readOnly: true, ioEngine: 'Sync' },
     { kind: 'rng', id: 'entropy' },
   ]);
   const logs: string[] = [];

@@ -98,7 +98,8 @@ test('every device echoes its defaults and nulls; logger, metrics and vsock_id a
       is_read_only: true,
       path_on_host: '/r',
       rate_limiter: null,
-      io_engine: 'Sync',
+      // Unset: our default, "Async" (Firecracker's is "Sync").
+      io_engine: 'Async',
       socket: null,
     },
     {

@@ -87,6 +87,12 @@ export interface RateLimiter {
   ops?: TokenBucket;
 }
 
+/**
+ * A drive's engine when its io_engine is unset: "Async" (io_uring) since it led Sync and QEMU in
+ * every fio job of three lab boots (issue 17); served with Sync where io_uring is unavailable.
+ */
+export const DEFAULT_IO_ENGINE = 'Async';
+
 export interface DriveConfig {
   drive_id: string;
   is_root_device: boolean;
@@ -95,6 +101,10 @@ export interface DriveConfig {
   is_read_only?: boolean;
   path_on_host?: string;
   rate_limiter?: RateLimiter;
+  /**
+   * Unset: DEFAULT_IO_ENGINE, "Async" (Firecracker's default is "Sync"). Left unset in the
+   * stored config, so that the device knows the engine was not asked for.
+   */
   io_engine?: 'Sync' | 'Async';
   /**
    * Typervisor's own: path_on_host may be a host block device only when this is true (a
@@ -643,7 +653,9 @@ function checkDevices(r: Omit<VmResources, 'boot'>): {
       // GET_ID answers the drive's id, as Firecracker's does (cut to the 20 bytes it holds).
       serial: truncateUtf8(d.drive_id, BLK_ID_BYTES),
       ...limiterField('rateLimiter', d.rate_limiter, `drive ${d.drive_id}: rate_limiter`),
-      ...(d.io_engine === 'Async' ? { ioEngine: 'Async' as const } : {}),
+      // Unset: the default engine (Async since issue 17; Sync where io_uring is unavailable).
+      ioEngine: d.io_engine ?? DEFAULT_IO_ENGINE,
+      ...(d.io_engine === undefined ? { ioEngineDefaulted: true } : {}),
     })),
     ...(r.entropy
       ? [
@@ -888,6 +900,8 @@ export function configFromSpec(spec: VmSpec): VmConfig {
         ...(root && spec.root?.partuuid !== undefined ? { partuuid: spec.root.partuuid } : {}),
         ...(d.allowBlockDevice === true ? { allow_block_device: true } : {}),
         ...(d.rateLimiter ? { rate_limiter: apiRateLimiter(d.rateLimiter)! } : {}),
+        // Unset stays unset (the default); an engine asked for is kept.
+        ...(d.ioEngineDefaulted === true ? {} : { io_engine: d.ioEngine }),
       });
     } else if (d.kind === 'rng')
       config.entropy = d.rateLimiter ? { rate_limiter: apiRateLimiter(d.rateLimiter)! } : {};
@@ -1286,9 +1300,10 @@ export function wireMachineConfig(m: MachineConfig): Wire {
  * it always writes is present (optional values as null, pmem as []); sections of features we do
  * not have are null or []; logger and metrics are null (Firecracker never echoes them); a
  * fresh VM's boot-source is Firecracker's default one (empty kernel path). Drives echo their
- * defaults (cache_type "Unsafe", io_engine "Sync"); vsock_id is dropped (deprecated: Firecracker
- * drops it too); interface MACs are lower case. Our own `allow_block_device` appears only when
- * true, so a configuration that does not use it reads back exactly as Firecracker's would.
+ * defaults (cache_type "Unsafe"; io_engine "Async", ours: Firecracker's is "Sync"); vsock_id is
+ * dropped (deprecated: Firecracker drops it too); interface MACs are lower case. Our own
+ * `allow_block_device` appears only when true, so a configuration that does not use it reads
+ * back as Firecracker's would (but for the io_engine a drive left unset).
  */
 export function wireVmConfig(c: VmConfig): Wire {
   const boot = c['boot-source'];
@@ -1310,7 +1325,7 @@ export function wireVmConfig(c: VmConfig): Wire {
       is_read_only: d.is_read_only ?? null,
       path_on_host: d.path_on_host ?? null,
       rate_limiter: wireRateLimiter(d.rate_limiter),
-      io_engine: d.io_engine ?? 'Sync',
+      io_engine: d.io_engine ?? DEFAULT_IO_ENGINE,
       socket: d.socket ?? null,
       ...(d.allow_block_device === true ? { allow_block_device: true } : {}),
     })),

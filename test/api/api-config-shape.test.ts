@@ -163,7 +163,8 @@ describe("configuration in Firecracker's shape (real socket, child process)", ()
         is_read_only: false,
         path_on_host: disk,
         rate_limiter: null,
-        io_engine: 'Sync',
+        // Left unset: our default, "Async" (Firecracker's is "Sync").
+        io_engine: 'Async',
         socket: null,
       },
     ]);

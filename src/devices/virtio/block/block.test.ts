@@ -30,10 +30,10 @@ import {
   VIRTIO_BLK_F_RO,
   type BlockFile,
 } from './block.js';
-import { openBlockImage, type BlockConfig } from './config.js';
+import { openBlockImage, type BlockImageConfig } from './config.js';
 
 /** Opens every drive as the VMM does at start (shared claims), then closes them. */
-function validateBlockConfigs(configs: Array<Omit<BlockConfig, 'id'>>) {
+function validateBlockConfigs(configs: Array<Omit<BlockImageConfig, 'id'>>) {
   const claims = new Map<string, string>();
   const claim = (r: string, owner: string) => {
     const prev = claims.get(r);

@@ -22,9 +22,10 @@
  * (VirtioDevice). A malformed request is not charged (it does no I/O). The limiter's state is
  * the block backend's saved state.
  *
- * Engines (Firecracker's io_engine): "Sync" (the default) serves each request in handle() on the
- * device worker; "Async" (async-engine.ts) hands reads, writes and flushes to io_uring and
- * serves the queue itself (selfServed), completing requests as the kernel finishes them.
+ * Engines (Firecracker's io_engine): "Sync" serves each request in handle() on the device
+ * worker; "Async" (async-engine.ts; a drive's default since issue 17) hands reads, writes and
+ * flushes to io_uring and serves the queue itself (selfServed), completing requests as the
+ * kernel finishes them. Without a ring (`uring` unset) a device is Sync.
  */
 import { fdatasyncSync, readSync, writeSync } from 'node:fs';
 import { struct, versioned, bytes as bytesCodec } from '../../../util/persist.js';

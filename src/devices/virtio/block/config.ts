@@ -28,29 +28,43 @@ export interface BlockConfig {
   allowBlockDevice?: boolean;
   /** Firecracker's drive rate_limiter (enforced by the device; default: none). */
   rateLimiter?: RateLimiterConfig;
-  /** Firecracker's io_engine (default "Sync"); "Async" falls back to Sync without io_uring. */
-  ioEngine?: 'Sync' | 'Async';
+  /**
+   * The engine asked for (Firecracker's io_engine), resolved: VmResources fills in the default,
+   * "Async" (issue 17). "Async" is served with Sync where io_uring is unavailable (one log line).
+   */
+  ioEngine: 'Sync' | 'Async';
+  /** The drive left io_engine unset and got the default (the fallback's log line says so). */
+  ioEngineDefaulted?: boolean;
 }
 
-/** What the device worker needs: the open image and its geometry. */
-export interface BlockHost {
+/** What opening an image needs: a drive's config without its engine. */
+export type BlockImageConfig = Omit<BlockConfig, 'ioEngine' | 'ioEngineDefaulted'>;
+
+/** An open image and its geometry. */
+export interface BlockImage {
   fd: number;
   path: string; // absolute
   readOnly: boolean;
   serial: Uint8Array;
   sizeBytes: number;
   capacity: number; // sectors
+}
+
+/** What the device worker needs: the open image, its rate limiter and its engine. */
+export interface BlockHost extends BlockImage {
   /** The drive's rate limiter at start (BlockConfig.rateLimiter). */
   rateLimiter?: RateLimiterConfig;
   /** BlockConfig.ioEngine. */
-  ioEngine?: 'Sync' | 'Async';
+  ioEngine: 'Sync' | 'Async';
+  /** BlockConfig.ioEngineDefaulted. */
+  ioEngineDefaulted?: boolean;
 }
 
 /** Opens and checks one drive's image; the caller closes `fd`. Throws ConfigError. */
 export function openBlockImage(
-  c: BlockConfig,
+  c: BlockImageConfig,
   ctx: Pick<OpenContext, 'claim'>,
-): BlockHost & { warnings: string[] } {
+): BlockImage & { warnings: string[] } {
   const what = `drive ${c.id} (${c.path})`;
   if (typeof c.path !== 'string' || c.path === '')
     throw new ConfigError(`drive ${c.id}: no image path`);
@@ -135,9 +149,9 @@ function blockDeviceSize(path: string, rdev: number): number {
  * the caller closes the returned fd (or hands it to the device and closes the old one).
  */
 export function openReplacementImage(
-  c: BlockConfig,
+  c: BlockImageConfig,
   others: ReadonlyArray<{ id: string; fd: number }>,
-): BlockHost & { warnings: string[] } {
+): BlockImage & { warnings: string[] } {
   if (typeof c.path !== 'string' || c.path === '' || c.path.includes('\0'))
     throw new ConfigError(`drive ${c.id}: path_on_host is not a valid path`);
   const taken = new Map<string, string>();

@@ -16,7 +16,8 @@ export const blockDevice: DeviceType<BlockConfig, BlockHost> = {
     const host: BlockHost = {
       ...opened,
       ...(config.rateLimiter ? { rateLimiter: config.rateLimiter } : {}),
-      ...(config.ioEngine === 'Async' ? { ioEngine: 'Async' as const } : {}),
+      ioEngine: config.ioEngine,
+      ...(config.ioEngineDefaulted === true ? { ioEngineDefaulted: true } : {}),
     };
     return {
       name: `virtio-blk ${config.id} (${host.path}${host.readOnly ? ', read-only' : ''})`,
@@ -34,7 +35,10 @@ export const blockDevice: DeviceType<BlockConfig, BlockHost> = {
       } catch (e) {
         // Old kernel (ENOSYS), seccomp or io_uring_disabled (EPERM), missing features.
         env.log(
-          `${env.name}: io_engine "Async" unavailable (${(e as Error).message}); serving it with "Sync"`,
+          `${env.name}: io_uring unavailable (${(e as Error).message}); serving it with io_engine "Sync"` +
+            (host.ioEngineDefaulted === true
+              ? ' (the default engine is "Async"; set io_engine "Sync" to silence this)'
+              : ' instead of the "Async" it asked for'),
         );
       }
     }

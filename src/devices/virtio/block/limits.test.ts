@@ -144,6 +144,7 @@ test('virtio-blk metrics count oversized requests apart and among the invalid on
         serial: new Uint8Array(0),
         sizeBytes: 1 << 20,
         capacity: 2048,
+        ioEngine: 'Sync',
       },
       { name: 'b', sys: {} as never, loop: {} as never, log: () => undefined },
     );
