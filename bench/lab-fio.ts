@@ -19,6 +19,7 @@ import { detectKvm } from '../src/kvm/detect.js';
 import { imagePaths } from '../src/lab/guest.js';
 import {
   TYPERVISOR,
+  freshImage,
   isMainModule,
   labHostInfo,
   printSubSuiteOutput,
@@ -184,6 +185,8 @@ function vmm(name: VmmName, root: string, data: string, kvmKind: string): Vmm {
 
 async function measure(key: string, root: string, data: string, kvmKind: string) {
   const name = key.split('/')[1] as VmmName;
+  // Each VM boots its own fresh copy of the root disk (common.ts freshImage).
+  freshImage(imagePaths('rootfs').ROOTFS!, root);
   const res = await runOnce(vmm(name, root, data, kvmKind), {
     marker: 'TYPERVISOR-BOOT-OK',
     inputAfterMarker: fioScript(),
@@ -290,7 +293,6 @@ async function main(): Promise<void> {
     const root = join(dir, 'rootfs.ext4');
     const data = join(dir, 'data.img');
     for (const [cmd, ...args] of [
-      ['cp', '--sparse=always', imagePaths('rootfs').ROOTFS!, root],
       ['dd', 'if=/dev/urandom', `of=${data}`, 'bs=1M', 'count=256', 'status=none'],
     ] as const) {
       const r = spawnSync(cmd, args, { encoding: 'utf8' });

@@ -32,7 +32,15 @@ import { detectKvm } from '../src/kvm/detect.js';
 import { imagePaths } from '../src/lab/guest.js';
 import { createNetFixture, type NetFixture } from '../src/lab/net-fixture.js';
 import { iperfMBytes, iperfMbit } from '../src/lab/iperf.js';
-import { TRACEFS, TYPERVISOR, qemuCpu, stat, tracefsWriter, type Row } from './common.js';
+import {
+  TRACEFS,
+  TYPERVISOR,
+  freshImage,
+  qemuCpu,
+  stat,
+  tracefsWriter,
+  type Row,
+} from './common.js';
 
 /**
  * 'baseline': another build of Typervisor (--baseline DIR: a checkout with its dist/ built, e.g.
@@ -1075,18 +1083,27 @@ async function main(): Promise<void> {
   try {
     writeFileSync(join(dir, 'helper.mjs'), HELPER);
     const root = join(dir, 'rootfs.ext4');
-    spawnSync('cp', ['--sparse=always', rootSrc, root]);
     await waitOut(iperf, /listening/i, 10_000);
+    // Every VMM takes every place in turn, from a random first one. The fixed order before
+    // (ours first in even rounds, a baseline always second) put ours first in every one-round
+    // invocation, and in an A/A run (2026-12-07, one build in both places, one shared image)
+    // the second place booted 0.8-3.5 s slower than the others.
+    const vmms: Name[] = args.baseline
+      ? ['typervisor', 'baseline', 'qemu']
+      : ['typervisor', 'qemu'];
+    const first = Math.floor(Math.random() * vmms.length);
     for (let r = 0; r < runs; r++) {
-      const ours: Name[] = args.baseline ? ['typervisor', 'baseline'] : ['typervisor'];
-      if (r % 2) ours.reverse();
-      const order: Name[] = r % 2 ? ['qemu', ...ours] : [...ours, 'qemu'];
+      const k = (first + r) % vmms.length;
+      const order = [...vmms.slice(k), ...vmms.slice(0, k)];
+      log(`run ${r + 1}: order ${order.join(', ')}`);
       for (const name of order.filter(
         (n) =>
           args.vmm === undefined ||
           n === args.vmm ||
           (n === 'baseline' && args.vmm === 'typervisor'),
       )) {
+        // Each VM boots its own fresh copy (common.ts freshImage: a shared one favoured the first).
+        freshImage(rootSrc, root);
         const t = Date.now();
         const s = await measure(iperf.out, name, net, dir, root, kvm.kind, only, args.baseline);
         samples.push(s);
