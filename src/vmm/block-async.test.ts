@@ -393,6 +393,7 @@ function createWithoutIoUring(engine: { ioEngine: 'Sync' | 'Async'; ioEngineDefa
     throw e;
   });
   const logs: string[] = [];
+  const levels: string[] = [];
   const n = native();
   let setups = 0;
   const sys = {
@@ -416,12 +417,21 @@ function createWithoutIoUring(engine: { ioEngine: 'Sync' | 'Async'; ioEngineDefa
       capacity: SECTORS,
       ...engine,
     },
-    { name: 'virtio-blk d0', sys, loop, log: (m) => logs.push(m) },
+    {
+      name: 'virtio-blk d0',
+      sys,
+      loop,
+      log: (m, level) => {
+        logs.push(m);
+        levels.push(level ?? 'info');
+      },
+    },
   );
   return {
     created,
     dev: created.backend as BlockDevice,
     logs,
+    levels,
     setups: () => setups,
     done() {
       created.close?.();
@@ -444,6 +454,7 @@ test('Async asked for but unavailable (io_uring_setup fails): one log line, serv
       'virtio-blk d0: io_uring unavailable (io_uring_setup failed: Function not implemented (ENOSYS)); ' +
         'serving it with io_engine "Sync" instead of the "Async" it asked for',
     );
+    assert.deepEqual(t.levels, ['warn'], 'asked for: seen at the default log level');
     assert.equal(t.created.metrics!().io_engine_throttled_events, 0);
   } finally {
     t.done();
@@ -460,6 +471,7 @@ test('Async by default but unavailable: the log line says it was the default and
       'virtio-blk d0: io_uring unavailable (io_uring_setup failed: Function not implemented (ENOSYS)); ' +
         'serving it with io_engine "Sync" (the default engine is "Async"; set io_engine "Sync" to silence this)',
     );
+    assert.deepEqual(t.levels, ['info']);
   } finally {
     t.done();
   }

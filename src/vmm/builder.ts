@@ -520,7 +520,10 @@ export function finishVm(
   undo.push(stopSerialHold);
   const deviceWorker =
     plan.slots.length > 0
-      ? startDeviceWorker(plan, layout, { log: (m) => log('info', m), onFatal: (m) => vmm.fail(m) })
+      ? startDeviceWorker(plan, layout, {
+          log: (m, level) => log(level ?? 'info', m),
+          onFatal: (m) => vmm.fail(m),
+        })
       : undefined;
   opts.trace?.(deviceWorker ? 'console flusher, device worker started' : 'console flusher');
   const owned = legacy;

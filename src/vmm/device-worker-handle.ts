@@ -42,7 +42,8 @@ export interface DeviceWorkerHandle {
 }
 
 export interface DeviceWorkerOptions {
-  log?: (message: string) => void;
+  /** The worker's log lines (`level` 'warn' for what a user should see by default, else info). */
+  log?: (message: string, level?: 'warn') => void;
   /** The worker failed (an exception outside any request): the VM should stop. */
   onFatal?: (message: string) => void;
 }
@@ -77,7 +78,7 @@ export function startDeviceWorker(
   let last: DeviceReport[] = [];
   let gone = false;
   worker.on('message', (m: DeviceWorkerMessage) => {
-    if (m.type === 'log') log(m.message);
+    if (m.type === 'log') log(m.message, m.level);
     else if (m.type === 'final-counters') last = m.counters;
     else if (m.type === 'fatal') opts.onFatal?.(`device worker: ${m.message}`);
     // 'ready': a prewarmed worker taken before it had loaded (vcpu-pool.ts)

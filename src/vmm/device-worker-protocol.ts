@@ -119,7 +119,8 @@ export type DeviceWorkerMessage =
    * ends an unused one only after this: ended while loading, it would leak module files).
    */
   | { type: 'ready' }
-  | { type: 'log'; message: string }
+  /** A log line for the main thread's logger: `info` unless `level` says `warn`. */
+  | { type: 'log'; message: string; level?: 'warn' }
   | { type: 'fatal'; message: string }
   /** Sent once just before the worker ends: the last counters (metrics after the VM is gone). */
   | { type: 'final-counters'; counters: DeviceReport[] };

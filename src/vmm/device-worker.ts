@@ -73,7 +73,8 @@ function drain(fd: number): void {
 function main(d: DeviceWorkerData): void {
   const port = parentPort!;
   const post = (m: DeviceWorkerMessage) => port.postMessage(m);
-  const log = (message: string) => post({ type: 'log', message });
+  const log = (message: string, level?: 'warn') =>
+    post({ type: 'log', message, ...(level ? { level } : {}) });
   const control = new Int32Array(d.control);
   const stopping = () => Atomics.load(control, WORKER_CONTROL.stop) !== 0;
   const n = native();

@@ -115,7 +115,8 @@ export interface BackendEnv {
   name: string;
   sys: HostSys;
   loop: EventOps;
-  log(message: string): void;
+  /** A log line: info, or `warn` for what a user should see at the default log level. */
+  log(message: string, level?: 'warn'): void;
   /**
    * Guest RAM as the device worker maps it (virtio-balloon), and whether it is the shared memfd
    * (a booted VM) rather than a private copy-on-write mapping (a restored one).

@@ -33,12 +33,16 @@ export const blockDevice: DeviceType<BlockConfig, BlockHost> = {
       try {
         ring = IoUring.open(env.sys, BLK_ASYNC_SLOTS, BLK_URING_ALLOW);
       } catch (e) {
-        // Old kernel (ENOSYS), seccomp or io_uring_disabled (EPERM), missing features.
+        // Old kernel (ENOSYS), seccomp or io_uring_disabled (EPERM), missing features. A drive
+        // that asked for Async is told at the default log level (warn); one that got it by
+        // default, at info.
+        const asked = host.ioEngineDefaulted !== true;
         env.log(
           `${env.name}: io_uring unavailable (${(e as Error).message}); serving it with io_engine "Sync"` +
-            (host.ioEngineDefaulted === true
-              ? ' (the default engine is "Async"; set io_engine "Sync" to silence this)'
-              : ' instead of the "Async" it asked for'),
+            (asked
+              ? ' instead of the "Async" it asked for'
+              : ' (the default engine is "Async"; set io_engine "Sync" to silence this)'),
+          ...(asked ? (['warn'] as const) : []),
         );
       }
     }
