@@ -86,6 +86,7 @@ export const KVM_CAP_DEBUGREGS = 50;
 export const KVM_CAP_XSAVE = 55;
 export const KVM_CAP_XCRS = 56;
 export const KVM_CAP_TSC_CONTROL = 60;
+export const KVM_CAP_READONLY_MEM = 81;
 export const KVM_CAP_GET_TSC_KHZ = 61;
 export const KVM_CAP_XSAVE2 = 208;
 export const KVM_CAP_IMMEDIATE_EXIT = 136;

@@ -43,6 +43,7 @@ import {
 } from './legacy-devices.js';
 import { configFromSpec, cpuTemplateMsrAddrs, type VmConfig, type VmSpec } from './resources.js';
 import { attachDeviceMemory, deviceMemorySpace } from './device-memory.js';
+import { attachRegisterPages } from './register-pages.js';
 import { Vmm, type VcpuWorkerSource } from './vmm.js';
 import type { VcpuThreads } from './vcpu-mode.js';
 import type { GuestRamSource } from './ram-pool.js';
@@ -386,6 +387,7 @@ function build(spec: VmSpec, opts: BuildOptions, undo: UndoList): BuiltVm {
     attachRam(vm, layout, ram, { dirtyLog: trackDirty });
   }
   attachDeviceMemory(vm, plan);
+  attachRegisterPages(vm, plan);
 
   // Kernels find virtio-mmio devices in the DSDT (LNRO0005); kernels built with
   // CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES and no ACPI take them from the command line.

@@ -23,6 +23,7 @@ import { countDirty, dirtyBitmapBytes, type DirtyPages } from '../memory/dirty-p
 import { ConfigError, keepName } from '../util/errors.js';
 import { log } from '../util/log.js';
 import { attachDeviceMemory, deviceMemorySpace } from './device-memory.js';
+import { attachRegisterPages } from './register-pages.js';
 import {
   attachRam,
   createVcpu,
@@ -471,6 +472,7 @@ async function load(
     trace: (s) => phases.step(s),
   });
   attachDeviceMemory(vm, plan);
+  attachRegisterPages(vm, plan);
   // Every load is a new generation: a fresh VMGenID (into this process's private copy of the
   // page; with Uffd the handler serves the page first), announced to the guest once its
   // interrupt controllers are restored (below).

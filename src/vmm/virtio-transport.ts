@@ -5,6 +5,7 @@
  */
 import type { Bus } from '../devices/bus.js';
 import { MmioTransport } from '../devices/virtio/mmio.js';
+import { setRegisterPageMapper } from '../devices/virtio/mmio-state.js';
 import { VIRTIO_MMIO_SIZE } from '../arch/x86_64/layout.js';
 import { native } from '../kvm/native.js';
 
@@ -19,6 +20,8 @@ export function attachVirtioTransports(
   controlFd: number,
   mmio: Bus,
 ): MmioTransport[] {
+  // A device's register page (vmm/register-pages.ts) is the main thread's mapping: wrap it.
+  setRegisterPageMapper((addr, length) => native().viewAddress(addr, length));
   return slots.map((s) => {
     const t = new MmioTransport(s.state, {
       // DRIVER_OK or the reset of an active device: the device worker catches up.

@@ -8,6 +8,18 @@
  * SharedMutex (both sides); InterruptStatus is changed only with Atomics.or/and, so raising an
  * interrupt never waits for the lock. Atomics are sequentially consistent, so what a thread wrote
  * under the lock is visible to the next holder on any thread.
+ *
+ * The register page. Every virtio-mmio register the driver reads is free of side effects (even
+ * InterruptStatus: InterruptACK clears it), so where KVM has read-only memory slots the main
+ * thread maps one 4 KiB page per device at its MMIO window (vmm/register-pages.ts): the guest's
+ * reads are plain loads, and only its writes exit (KVM turns a write to a read-only slot into an
+ * MMIO exit). This register file stays the truth; the page is its published copy, rewritten by
+ * whoever changes what a read returns: under the lock (`publish`), and for InterruptStatus,
+ * which changes without the lock, by `publishInterruptStatus`, which repeats until the page
+ * holds the register's value as it is after its own store. So the page never misses a bit that
+ * was set before an interrupt was raised. A read of a register the driver may not read (a
+ * write-only one, a reserved offset, a wrong width) returns what the page holds there (zeros,
+ * or part of a register) rather than zero and a `badAccess` count.
  */
 import { slots, type PersistError } from '../../util/persist.js';
 import { err, ok, type Result } from '../../util/result.js';
@@ -18,6 +30,7 @@ import {
   MAX_QUEUES,
   STATUS_DEVICE_NEEDS_RESET,
   STATUS_DRIVER_OK,
+  VENDOR_ID,
   VIRTIO_F_RING_EVENT_IDX,
   bit,
 } from './constants.js';
@@ -60,6 +73,13 @@ export const REGS = slots([
   /** The driver-writable window of the config space, [start, end) (virtio-balloon's `actual`). */
   'configWritableStart',
   'configWritableEnd',
+  /**
+   * The host address of the device's register page (0: none), as two 32-bit halves: a 4 KiB
+   * mapping that KVM maps read-only at the device's MMIO window, so the driver's register reads
+   * are loads, not exits (see "The register page" below). Written once, by the main thread.
+   */
+  'pageAddrLo',
+  'pageAddrHi',
 ]);
 
 /** Counters (int32, wrap harmlessly), changed with Atomics.add. Metrics, not saved state. */
@@ -143,10 +163,48 @@ const u64n = (lo: number, hi: number): bigint => (BigInt(hi >>> 0) << 32n) | Big
 const lo32 = (v: bigint): number => Number(v & 0xffff_ffffn) | 0;
 const hi32 = (v: bigint): number => Number((v >> 32n) & 0xffff_ffffn) | 0;
 
+/** The register page's size: the device's MMIO window (one page). */
+export const REGISTER_PAGE_BYTES = 4096;
+
+/** Register offsets (§4.2.2) this file publishes; mmio.ts's REG has them all. */
+const R = {
+  magic: 0x000,
+  version: 0x004,
+  deviceId: 0x008,
+  vendorId: 0x00c,
+  deviceFeatures: 0x010,
+  queueNumMax: 0x034,
+  queueReady: 0x044,
+  interruptStatus: 0x060,
+  status: 0x070,
+  shmLenLow: 0x0b0,
+  shmBaseHigh: 0x0bc,
+  configGeneration: 0x0fc,
+  config: 0x100,
+} as const;
+
+export const MMIO_MAGIC = 0x7472_6976; // "virt"
+export const MMIO_VERSION = 2;
+
+/**
+ * Wraps a host address as an ArrayBuffer of `length` bytes (the shim's viewAddress): set once per
+ * thread by the vmm layer (devices do not reach the shim), before a state with a register page is
+ * opened on that thread.
+ */
+let pageMapper: ((addr: bigint, length: number) => ArrayBuffer) | undefined;
+export function setRegisterPageMapper(f: (addr: bigint, length: number) => ArrayBuffer): void {
+  pageMapper = f;
+}
+/** One view of each state's page per thread. */
+const pageViews = new WeakMap<SharedArrayBuffer, Int32Array>();
+
 export class VirtioMmioState {
   readonly s: Int32Array;
   readonly config: Uint8Array;
   readonly mutex: SharedMutex;
+  /** The register page (see above), or undefined: every read exits and mmio.ts answers it. */
+  private page: Int32Array | undefined;
+  private pageBytes: Uint8Array | undefined;
 
   static createState(id: VirtioDeviceIdentity, featureVersion1: bigint): SharedArrayBuffer {
     if (id.queueSizes.length === 0 || id.queueSizes.length > MAX_QUEUES)
@@ -184,6 +242,134 @@ export class VirtioMmioState {
     this.s = new Int32Array(sab, 0, INT32_SLOTS);
     this.config = new Uint8Array(sab, CONFIG_BYTE_OFFSET, CONFIG_SPACE_MAX);
     this.mutex = new SharedMutex(this.s, REGS.lock);
+    this.openPage(sab);
+  }
+
+  private openPage(sab: SharedArrayBuffer): void {
+    const addr = this.pageAddress();
+    if (addr === 0n) return;
+    let view = pageViews.get(sab);
+    if (!view) {
+      if (!pageMapper) throw new Error('a virtio register page, but no page mapper on this thread');
+      view = new Int32Array(pageMapper(addr, REGISTER_PAGE_BYTES));
+      pageViews.set(sab, view);
+    }
+    this.page = view;
+    this.pageBytes = new Uint8Array(view.buffer, view.byteOffset, REGISTER_PAGE_BYTES);
+  }
+
+  private pageAddress(): bigint {
+    const s = this.s;
+    return (BigInt(s[REGS.pageAddrHi]! >>> 0) << 32n) | BigInt(s[REGS.pageAddrLo]! >>> 0);
+  }
+
+  /**
+   * Main thread, before any other thread opens this state: `buf` (REGISTER_PAGE_BYTES, mapped
+   * for the VM's life, at host address `addr`) becomes the register page, filled in now.
+   */
+  attachPage(buf: ArrayBuffer, addr: bigint): void {
+    if (buf.byteLength !== REGISTER_PAGE_BYTES || addr === 0n) throw new Error('bad register page');
+    if (this.page) throw new Error('the register page is already attached');
+    this.s[REGS.pageAddrLo] = Number(addr & 0xffff_ffffn) | 0;
+    this.s[REGS.pageAddrHi] = Number(addr >> 32n) | 0;
+    this.page = new Int32Array(buf);
+    this.pageBytes = new Uint8Array(buf);
+    this.mutex.with(() => this.publish());
+  }
+
+  /**
+   * Main thread, after the vCPUs and the device worker are gone, before the page is unmapped:
+   * states opened from now on have no page.
+   */
+  detachPage(): void {
+    this.mutex.with(() => {
+      this.s[REGS.pageAddrLo] = 0;
+      this.s[REGS.pageAddrHi] = 0;
+      this.page = undefined;
+      this.pageBytes = undefined;
+    });
+  }
+
+  /** True when the driver's reads are answered by the register page. */
+  get hasPage(): boolean {
+    return this.page !== undefined;
+  }
+
+  /**
+   * What a 32-bit read of register `offset` (below the config space) returns, or undefined for
+   * a write-only or reserved one. No side effects (that is what lets the page answer reads).
+   */
+  registerValue(offset: number): number | undefined {
+    const s = this.s;
+    const qsel = Atomics.load(s, REGS.queueSel);
+    const qOk = qsel >= 0 && qsel < this.queueCount;
+    switch (offset) {
+      case R.magic:
+        return MMIO_MAGIC;
+      case R.version:
+        return MMIO_VERSION;
+      case R.deviceId:
+        return s[REGS.deviceId]!;
+      case R.vendorId:
+        return VENDOR_ID;
+      case R.deviceFeatures: {
+        const sel = Atomics.load(s, REGS.deviceFeaturesSel);
+        return sel === 0 ? s[REGS.deviceFeaturesLo]! : sel === 1 ? s[REGS.deviceFeaturesHi]! : 0;
+      }
+      case R.queueNumMax:
+        return qOk ? s[this.q(qsel, QREG.numMax)]! : 0; // 0: the queue does not exist (§4.2.3.2)
+      case R.queueReady:
+        return qOk ? Atomics.load(s, this.q(qsel, QREG.ready)) : 0;
+      case R.interruptStatus:
+        return Atomics.load(s, REGS.interruptStatus);
+      case R.status:
+        return Atomics.load(s, REGS.status);
+      case R.shmLenLow:
+      case R.shmLenLow + 4:
+      case R.shmLenLow + 8:
+      case R.shmBaseHigh:
+        return 0xffff_ffff; // no shared memory regions: length -1 (§4.2.2)
+      case R.configGeneration:
+        return Atomics.load(s, REGS.configGeneration);
+      default:
+        return undefined; // write-only or reserved
+    }
+  }
+
+  /**
+   * Rewrites the register page from the register file (no page: nothing). Under the lock, so
+   * two publishers do not interleave; the config space first, then its generation.
+   */
+  publish(): void {
+    const page = this.page;
+    if (!page) return;
+    for (let off = 0; off < R.config; off += 4) {
+      if (off === R.interruptStatus) continue;
+      Atomics.store(page, off >> 2, this.registerValue(off) ?? 0);
+    }
+    const len = this.s[REGS.configLen]!;
+    this.pageBytes!.set(this.config.subarray(0, len), R.config);
+    Atomics.store(page, R.configGeneration >> 2, Atomics.load(this.s, REGS.configGeneration));
+    this.publishInterruptStatus();
+  }
+
+  /**
+   * Copies InterruptStatus to the page after a change, by any thread, with or without the lock:
+   * stores what it read, then compares (a locked instruction, so the store is visible first)
+   * and stores again until the register still holds what was stored. A publisher that read a
+   * value another has since changed stores again, so the last store holds the latest value.
+   */
+  publishInterruptStatus(): void {
+    const page = this.page;
+    if (!page) return;
+    const s = this.s;
+    let v = Atomics.load(s, REGS.interruptStatus);
+    for (;;) {
+      Atomics.store(page, R.interruptStatus >> 2, v);
+      const now = Atomics.compareExchange(s, REGS.interruptStatus, v, v);
+      if (now === v) return;
+      v = now;
+    }
   }
 
   get queueCount(): number {
@@ -258,6 +444,7 @@ export class VirtioMmioState {
   /** Sets InterruptStatus bits (the caller then signals the irqfd); returns the bits before. */
   raise(bits: number): number {
     const was = Atomics.or(this.s, REGS.interruptStatus, bits);
+    this.publishInterruptStatus();
     Atomics.add(this.s, COUNTERS.interrupts, 1);
     return was;
   }
@@ -277,7 +464,12 @@ export class VirtioMmioState {
     const live = this.mutex.with(() => {
       this.config.set(bytes, offset);
       Atomics.add(this.s, REGS.configGeneration, 1);
-      return (this.s[REGS.status]! & STATUS_DRIVER_OK) !== 0;
+      const on = (this.s[REGS.status]! & STATUS_DRIVER_OK) !== 0;
+      // The bit is set before the new bytes are published: a driver that reads the register
+      // page (no exit between its reads) sees the change and its interrupt bit together.
+      if (on) Atomics.or(this.s, REGS.interruptStatus, INT_CONFIG_CHANGE);
+      this.publish();
+      return on;
     });
     if (live) this.raise(INT_CONFIG_CHANGE);
     return live;
@@ -293,6 +485,8 @@ export class VirtioMmioState {
       if (s[REGS.resetEpoch] !== epoch || !(s[REGS.status]! & STATUS_DRIVER_OK)) return false;
       if (s[REGS.status]! & STATUS_DEVICE_NEEDS_RESET) return false;
       s[REGS.status] = s[REGS.status]! | STATUS_DEVICE_NEEDS_RESET;
+      Atomics.or(s, REGS.interruptStatus, INT_CONFIG_CHANGE); // before the status is published
+      this.publish();
       return true;
     });
     if (set) {
@@ -398,6 +592,7 @@ export class VirtioMmioState {
       this.config.set(t.config);
       Atomics.store(s, REGS.interruptStatus, t.interruptStatus | 0);
       Atomics.store(s, REGS.resetPending, 0);
+      this.publish();
     });
   }
 

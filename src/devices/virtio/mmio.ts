@@ -21,7 +21,7 @@ import {
   VIRTIO_F_VERSION_1,
   bit,
 } from './constants.js';
-import { QREG, REGS, VirtioMmioState } from './mmio-state.js';
+import { MMIO_MAGIC, MMIO_VERSION, QREG, REGS, VirtioMmioState } from './mmio-state.js';
 
 /** Register offsets (§4.2.2, Linux include/uapi/linux/virtio_mmio.h). */
 export const REG = {
@@ -56,8 +56,7 @@ export const REG = {
   CONFIG: 0x100,
 } as const;
 
-export const MMIO_MAGIC = 0x7472_6976; // "virt"
-export const MMIO_VERSION = 2;
+export { MMIO_MAGIC, MMIO_VERSION };
 
 export interface MmioTransportHooks {
   /** DRIVER_OK was set, or an activated device was reset: wake the device worker. */
@@ -119,7 +118,10 @@ export class MmioTransport implements BusDevice {
         this.state.count('badAccess');
         return;
       }
-      this.state.mutex.with(() => this.state.config.set(data, off));
+      this.state.mutex.with(() => {
+        this.state.config.set(data, off);
+        this.state.publish();
+      });
       return;
     }
     if (data.length !== 4 || (offset & 3) !== 0) {
@@ -132,7 +134,17 @@ export class MmioTransport implements BusDevice {
       else this.state.count('badAccess');
       return;
     }
-    const effect = this.state.mutex.with(() => this.writeRegister(offset, v));
+    if (offset === REG.INTERRUPT_ACK) {
+      // The hot write (one per interrupt): no lock, only InterruptStatus's copy in the page.
+      Atomics.and(this.state.s, REGS.interruptStatus, ~v);
+      this.state.publishInterruptStatus();
+      return;
+    }
+    const effect = this.state.mutex.with(() => {
+      const e = this.writeRegister(offset, v);
+      this.state.publish();
+      return e;
+    });
     if (effect === 'lifecycle') this.hooks.lifecycle();
     else if (effect === 'reset') this.waitForReset();
   }
@@ -152,41 +164,7 @@ export class MmioTransport implements BusDevice {
   }
 
   private readRegister(offset: number): number | undefined {
-    const st = this.state;
-    const s = st.s;
-    const qsel = Atomics.load(s, REGS.queueSel);
-    const qOk = qsel >= 0 && qsel < st.queueCount;
-    switch (offset) {
-      case REG.MAGIC:
-        return MMIO_MAGIC;
-      case REG.VERSION:
-        return MMIO_VERSION;
-      case REG.DEVICE_ID:
-        return s[REGS.deviceId]!;
-      case REG.VENDOR_ID:
-        return VENDOR_ID;
-      case REG.DEVICE_FEATURES: {
-        const sel = Atomics.load(s, REGS.deviceFeaturesSel);
-        return sel === 0 ? s[REGS.deviceFeaturesLo]! : sel === 1 ? s[REGS.deviceFeaturesHi]! : 0;
-      }
-      case REG.QUEUE_NUM_MAX:
-        return qOk ? s[st.q(qsel, QREG.numMax)]! : 0; // 0: the queue does not exist (§4.2.3.2)
-      case REG.QUEUE_READY:
-        return qOk ? Atomics.load(s, st.q(qsel, QREG.ready)) : 0;
-      case REG.INTERRUPT_STATUS:
-        return Atomics.load(s, REGS.interruptStatus);
-      case REG.STATUS:
-        return Atomics.load(s, REGS.status);
-      case REG.SHM_LEN_LOW:
-      case REG.SHM_LEN_HIGH:
-      case REG.SHM_BASE_LOW:
-      case REG.SHM_BASE_HIGH:
-        return 0xffff_ffff; // no shared memory regions: length -1 (§4.2.2)
-      case REG.CONFIG_GENERATION:
-        return Atomics.load(s, REGS.configGeneration);
-      default:
-        return undefined; // write-only or reserved
-    }
+    return this.state.registerValue(offset);
   }
 
   /** Runs under the lock. */
@@ -226,9 +204,6 @@ export class MmioTransport implements BusDevice {
       case REG.QUEUE_DEVICE_LOW:
       case REG.QUEUE_DEVICE_HIGH:
         this.writeQueueRegister(offset, qsel, v, status);
-        return 'none';
-      case REG.INTERRUPT_ACK:
-        Atomics.and(s, REGS.interruptStatus, ~v);
         return 'none';
       case REG.STATUS:
         return this.writeStatus(status, v);

@@ -6,7 +6,13 @@
 import { GuestMemory } from '../../../memory/guest-memory.js';
 import { VIRTIO_F_VERSION_1, bit } from '../constants.js';
 import { type VirtioBackend, VirtioDevice } from '../device.js';
-import { VirtioMmioState, type VirtioDeviceIdentity } from '../mmio-state.js';
+import type { BusDevice } from '../../bus.js';
+import {
+  REGISTER_PAGE_BYTES,
+  VirtioMmioState,
+  setRegisterPageMapper,
+  type VirtioDeviceIdentity,
+} from '../mmio-state.js';
 import { MmioTransport } from '../mmio.js';
 import { GuestAllocator, MmioDriver, MockQueue } from './mock-driver.js';
 
@@ -139,6 +145,42 @@ export interface HarnessOptions {
   clock?: FakeClock;
   /** The loop's round (DeviceEnvironment.round; default: none, every interrupt is written). */
   round?: () => number;
+  /**
+   * Give the device a register page (mmio-state.ts) and let the driver read it, as KVM's
+   * read-only slot does; its writes still go to the transport. Every read the driver makes is
+   * also asked of the transport and must agree (else the read throws).
+   */
+  registerPage?: boolean;
+}
+
+/** The register pages of harnesses, by the address their register file holds. */
+const pages = new Map<bigint, ArrayBuffer>();
+let nextPageAddr = 0x7000_0000_0000n;
+
+/** Reads from the register page, writes to the transport; checks each read against both. */
+export class PageReader implements BusDevice {
+  readonly bytes: Uint8Array;
+  constructor(
+    readonly transport: MmioTransport,
+    page: ArrayBuffer,
+  ) {
+    this.bytes = new Uint8Array(page);
+  }
+  read(offset: number, data: Uint8Array): void {
+    data.set(this.bytes.subarray(offset, offset + data.length));
+    const want = new Uint8Array(data.length);
+    const bad = this.transport.state.counters().badAccesses;
+    this.transport.read(offset, want);
+    // Only what a driver may read must agree (the transport counts the others).
+    if (this.transport.state.counters().badAccesses !== bad) return;
+    if (Buffer.compare(Buffer.from(data), Buffer.from(want)) !== 0)
+      throw new Error(
+        `register page at 0x${offset.toString(16)}: ${Buffer.from(data).toString('hex')}, transport ${Buffer.from(want).toString('hex')}`,
+      );
+  }
+  write(offset: number, data: Uint8Array): void {
+    this.transport.write(offset, data);
+  }
 }
 
 export function harness(
@@ -149,6 +191,18 @@ export function harness(
   const mem = opts.mem ?? GuestMemory.anonymous([{ base: RAM_BASE, size: RAM_SIZE }]);
   const alloc = opts.alloc ?? new GuestAllocator(0x1000, RAM_SIZE);
   const sab = VirtioMmioState.createState(id, bit(VIRTIO_F_VERSION_1));
+  let page: ArrayBuffer | undefined;
+  if (opts.registerPage) {
+    page = new ArrayBuffer(REGISTER_PAGE_BYTES);
+    const addr = (nextPageAddr += 0x1000n);
+    pages.set(addr, page);
+    setRegisterPageMapper((a) => {
+      const p = pages.get(a);
+      if (!p) throw new Error(`no register page at 0x${a.toString(16)}`);
+      return p;
+    });
+    new VirtioMmioState(sab).attachPage(page, addr);
+  }
   let irqs = 0;
   const logs: string[] = [];
   const deferred = opts.deferred ?? new DeferQueue();
@@ -167,7 +221,7 @@ export function harness(
     { lifecycle: () => device.onLifecycle(), notify: (q) => device.onKick(q) },
     { resetWaitMs: 0 },
   );
-  const driver = new MmioDriver(transport);
+  const driver = new MmioDriver(page ? new PageReader(transport, page) : transport);
   return {
     mem,
     alloc,
