@@ -9,7 +9,7 @@
  * Steps: the VMM thread that takes the kick is woken and put on a CPU, the echo request enters
  * the host's stack from the TAP, the reply leaves through the TAP, the guest's interrupt is set
  * (kvm_set_irq) and injected, the guest reads InterruptStatus (the read exits to the VMM and
- * completes) and writes InterruptACK. The pings' own RTTs are in lab-net's log.
+ * completes; not with register pages, where it is a load) and writes InterruptACK. The pings' own RTTs are in lab-net's log.
  */
 import { readFileSync } from 'node:fs';
 
@@ -126,7 +126,9 @@ function analyse(file: string): void {
     };
     const isrAsk = after(inj?.t ?? irq?.t ?? k.t, isReg(0x60, 'unsatisfied-read'));
     const isr = isrAsk ? after(isrAsk.t, isReg(0x60, 'read')) : undefined;
-    const ack = isr ? after(isr.t, isReg(0x64, 'write')) : undefined;
+    // With register pages (vmm/register-pages.ts) the read is a load, with no event: then the
+    // acknowledgement is the handler's first trace.
+    const ack = after(isr?.t ?? inj?.t ?? irq?.t ?? k.t, isReg(0x64, 'write'));
     const d = (e: Ev | undefined) => (e ? e.t - k.t : undefined);
     // The woken thread's system calls from when it ran until the interrupt was set.
     if (run && woken !== undefined) {
@@ -168,6 +170,11 @@ function analyse(file: string): void {
     add('a reply read from the TAP', d(got));
     add('b interrupt set after it', d(irq2));
     add('c the guest handles it (InterruptStatus read)', d(isr2));
+    // Its acknowledgement, which every VMM sees (the read is none with register pages).
+    add(
+      'd the guest acknowledges it (InterruptACK)',
+      d(got ? after(got.t, isReg(0x64, 'write')) : undefined),
+    );
     if (rx) writers.set(`${rx.comm}-${rx.tid}`, (writers.get(`${rx.comm}-${rx.tid}`) ?? 0) + 1);
     add('1 woken (sched_wakeup)', d(wake));
     add('2 on a CPU (sched_switch)', d(run));

@@ -108,6 +108,9 @@ export class VirtioRig {
       mem: ram.mem,
       alloc: new GuestAllocator(RING_AREA.base, RING_AREA.end),
       deferred: this.turns,
+      // The driver reads the register page (vmm/register-pages.ts), each read checked against
+      // the transport's answer: a page left behind fails the case.
+      registerPage: true,
     });
     this.data = new GuestAllocator(DATA_AREA.base, DATA_AREA.end);
   }

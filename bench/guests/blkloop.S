@@ -195,6 +195,16 @@ request:
 2:	pause
 	cmp	%di, USED + 2
 	jne	2b
+#ifdef BLK_ISR
+	/*
+	 * The register accesses of Linux's vm_interrupt, once per request, though this guest polls
+	 * with interrupts suppressed: read InterruptStatus and acknowledge what it read (0). The
+	 * read exits to the VMM unless it has a register page (vmm/register-pages.ts); the write
+	 * exits either way. The micro suite's `blk4k-isr` row.
+	 */
+	mov	R_INTERRUPT_STATUS(%esi), %eax
+	mov	%eax, R_INTERRUPT_ACK(%esi)
+#endif
 
 	/* The used element (§2.7.8): head 0, header excluded, data + status written. */
 	lea	-1(%edi), %ecx
