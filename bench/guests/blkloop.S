@@ -99,7 +99,9 @@ found:
 	movl	$STATUSB, DESC + 32
 	movl	$1, DESC + 40
 	movw	$DESC_F_WRITE, DESC + 44
+#ifndef BLK_ISR
 	movw	$AVAIL_F_NO_INTERRUPT, AVAIL + 0
+#endif
 	/* HDR: type VIRTIO_BLK_T_IN (0), reserved 0: already zero. */
 
 	movl	$(S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK), R_STATUS(%esi)
@@ -197,10 +199,11 @@ request:
 	jne	2b
 #ifdef BLK_ISR
 	/*
-	 * The register accesses of Linux's vm_interrupt, once per request, though this guest polls
-	 * with interrupts suppressed: read InterruptStatus and acknowledge what it read (0). The
-	 * read exits to the VMM unless it has a register page (vmm/register-pages.ts); the write
-	 * exits either way. The micro suite's `blk4k-isr` row.
+	 * The register accesses of Linux's vm_interrupt, once per request: read InterruptStatus
+	 * and acknowledge what it read. Here the device interrupts (no VIRTQ_AVAIL_F_NO_INTERRUPT),
+	 * though the guest polls with interrupts off (cli), so the bit is mostly set. The read exits
+	 * to the VMM unless it has a register page (vmm/register-pages.ts), the acknowledgement of 1
+	 * unless KVM takes it on an eventfd (virtio-plan.ts `ackFd`). The micro suite's `blk4k-isr`.
 	 */
 	mov	R_INTERRUPT_STATUS(%esi), %eax
 	mov	%eax, R_INTERRUPT_ACK(%esi)

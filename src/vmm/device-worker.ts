@@ -263,6 +263,9 @@ function main(d: DeviceWorkerData): void {
         ...(slot.kvmSlots ? { memorySlots: kvmSlotControl(slot.kvmSlots) } : {}),
       });
       const dev = new VirtioDevice(slot.state, created.backend, env);
+      // InterruptACK = 1 without an exit (virtio-plan.ts `ackFd`): applied before the next raise.
+      const ackFd = slot.ackFd;
+      if (ackFd !== undefined) dev.state.setAckSource(() => (n.eventfdRead(ackFd) > 0n ? 1 : 0));
       device = dev;
       if (created.backend instanceof MemDevice) plugged.set(slot, created.backend);
       // The balloon changes its config space on its own (a hinting run's DONE).

@@ -18,7 +18,7 @@ import {
   VIRTIO_MMIO_SIZE,
 } from '../arch/x86_64/layout.js';
 import type { DeviceMemoryRegion, OpenedDevice } from '../devices/virtio/descriptor.js';
-import { VIRTIO_F_VERSION_1, bit } from '../devices/virtio/constants.js';
+import { INT_USED_BUFFER, VIRTIO_F_VERSION_1, bit } from '../devices/virtio/constants.js';
 import { VirtioMmioState } from '../devices/virtio/mmio-state.js';
 import { REG } from '../devices/virtio/mmio.js';
 import {
@@ -56,6 +56,13 @@ interface SlotCommon {
   vmFd?: number;
   /** One eventfd per queue, signalled by KVM on QueueNotify = queue index. */
   queueFds: number[];
+  /**
+   * Signalled by KVM when the guest writes InterruptACK = 1 (the used-buffer bit, what Linux's
+   * handler writes after nearly every interrupt), so that write does not exit; the device worker
+   * applies it before it next sets InterruptStatus (VirtioMmioState.setAckSource). Unset when
+   * TYPERVISOR_MMIO_ACK_EVENTFD=0: every acknowledgement exits.
+   */
+  ackFd?: number;
   /** The device's guest-physical memory (its open()'s `memory`), in order. */
   memory?: DeviceMemoryRegion[];
   /** Those regions as KVM memory slots, once attachDeviceMemory made them (device-memory.ts). */
@@ -197,6 +204,13 @@ export function registerVirtioWithKvm(vm: Vm, plan: VirtioPlan): void {
     s.queueFds.forEach((fd, q) =>
       vm.registerIoeventfd(fd, s.addr + REG.QUEUE_NOTIFY, 4, { datamatch: BigInt(q) }),
     );
+    if (process.env.TYPERVISOR_MMIO_ACK_EVENTFD !== '0') {
+      const fd = native().eventfd(0, EFD_NONBLOCK);
+      s.ackFd = fd;
+      vm.registerIoeventfd(fd, s.addr + REG.INTERRUPT_ACK, 4, {
+        datamatch: BigInt(INT_USED_BUFFER),
+      });
+    }
   }
 }
 
@@ -222,7 +236,10 @@ export function closeVirtio(plan: VirtioPlan): void {
       // best effort
     }
   }
-  for (const fd of [plan.controlFd, ...plan.slots.flatMap((s) => [s.irqFd, ...s.queueFds])])
+  for (const fd of [
+    plan.controlFd,
+    ...plan.slots.flatMap((s) => [s.irqFd, ...s.queueFds, s.ackFd ?? -1]),
+  ])
     if (fd >= 0) closeQuietly(fd);
   plan.slots = [];
   plan.memory = [];

@@ -27,6 +27,7 @@ import { SharedMutex } from '../../util/shared-mutex.js';
 import {
   CONFIG_SPACE_MAX,
   INT_CONFIG_CHANGE,
+  INT_USED_BUFFER,
   MAX_QUEUES,
   STATUS_DEVICE_NEEDS_RESET,
   STATUS_DRIVER_OK,
@@ -441,8 +442,31 @@ export class VirtioMmioState {
     return Atomics.load(this.s, REGS.resetEpoch);
   }
 
+  /**
+   * Acknowledgements that did not exit (vmm/virtio-plan.ts `ackFd`: KVM signals an eventfd when
+   * the guest writes InterruptACK = INT_USED_BUFFER): `source` returns how many came since it
+   * was last asked (0: none). They are applied before InterruptStatus is next set or saved, in
+   * this thread (the device worker's, the only one that raises used-buffer interrupts): an
+   * acknowledgement the guest wrote before we set the bit again clears it first, as if it had
+   * exited then, so a bit set after it is never taken away. Until then the bit stays set, and
+   * a handler that runs meanwhile (no interrupt of ours: every one is raised after applying)
+   * only finds its rings with nothing new.
+   */
+  setAckSource(source: () => number): void {
+    this.ackSource = source;
+  }
+  private ackSource: (() => number) | undefined;
+
+  private applyAcks(): void {
+    if (this.ackSource && this.ackSource() > 0) {
+      Atomics.and(this.s, REGS.interruptStatus, ~INT_USED_BUFFER);
+      this.publishInterruptStatus();
+    }
+  }
+
   /** Sets InterruptStatus bits (the caller then signals the irqfd); returns the bits before. */
   raise(bits: number): number {
+    this.applyAcks();
     const was = Atomics.or(this.s, REGS.interruptStatus, bits);
     this.publishInterruptStatus();
     Atomics.add(this.s, COUNTERS.interrupts, 1);
@@ -522,6 +546,7 @@ export class VirtioMmioState {
 
   /** The registers as the driver set them, and the identity they belong to. */
   savedState(): TransportState {
+    this.applyAcks();
     return this.mutex.with(() => {
       const s = this.s;
       const queues: TransportState['queues'] = [];
