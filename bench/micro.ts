@@ -294,7 +294,7 @@ export async function microSuite(o: MicroOptions): Promise<{ rows: Row[]; notes:
         'blk4k-isr',
         '1/s',
         true,
-        'polled, plus the two register accesses of Linux vm_interrupt (register pages: the read is no exit)',
+        'polled; the device interrupts (the guest keeps them off) and the guest reads InterruptStatus and acknowledges it per request, as Linux vm_interrupt does (register pages and the ACK eventfd: neither exits)',
       ),
       row(
         `virtio-blk 64 KiB reads, queue depth 1 (${BLK_64K_BIG} - ${BLK_64K_SMALL} requests)`,
