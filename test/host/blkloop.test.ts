@@ -42,6 +42,30 @@ function disk(name: string, corrupt: number[] = []): string {
   return p;
 }
 
+/**
+ * A Firecracker-style config file `<name>.json`: `guest` as the kernel, 64 MiB, one read-only
+ * drive `data` on a fresh pattern disk `<name>.img`. Returns its path.
+ */
+function vmConfig(name: string, guest: string): string {
+  const config = join(dir, `${name}.json`);
+  writeFileSync(
+    config,
+    JSON.stringify({
+      'boot-source': { kernel_image_path: join(dir, `${guest}.elf`) },
+      'machine-config': { vcpu_count: 1, mem_size_mib: 64 },
+      drives: [
+        {
+          drive_id: 'data',
+          path_on_host: disk(`${name}.img`),
+          is_root_device: false,
+          is_read_only: true,
+        },
+      ],
+    }),
+  );
+  return config;
+}
+
 /** blk4k-small: 500 requests of 4 KiB; blk64k-small: 200 requests of 64 KiB (build.sh). */
 async function blkloop(t: TestContext, guest: string, image?: string): Promise<CliResult> {
   const drive = image ? ['--drive', `path=${image},ro`] : [];
@@ -86,22 +110,7 @@ test(
   T,
   async (t) => {
     const metrics = join(dir, 'metrics.ndjson');
-    const config = join(dir, 'vm.json');
-    writeFileSync(
-      config,
-      JSON.stringify({
-        'boot-source': { kernel_image_path: join(dir, 'blk4k-small.elf') },
-        'machine-config': { vcpu_count: 1, mem_size_mib: 64 },
-        drives: [
-          {
-            drive_id: 'data',
-            path_on_host: disk('metrics.img'),
-            is_root_device: false,
-            is_read_only: true,
-          },
-        ],
-      }),
-    );
+    const config = vmConfig('vm', 'blk4k-small');
     const r = await runCli(['--no-api', '--config-file', config, '--metrics-path', metrics], {
       timeoutMs: 45_000,
     });
@@ -130,22 +139,7 @@ test(
     // eventfd (virtio-plan.ts ackFd). The probe's and set-up's writes exit either way.
     const exits = async (name: string, env: Record<string, string>) => {
       const metrics = join(dir, `${name}.ndjson`);
-      const config = join(dir, `${name}.json`);
-      writeFileSync(
-        config,
-        JSON.stringify({
-          'boot-source': { kernel_image_path: join(dir, 'blk4k-isr-small.elf') },
-          'machine-config': { vcpu_count: 1, mem_size_mib: 64 },
-          drives: [
-            {
-              drive_id: 'data',
-              path_on_host: disk(`${name}.img`),
-              is_root_device: false,
-              is_read_only: true,
-            },
-          ],
-        }),
-      );
+      const config = vmConfig(name, 'blk4k-isr-small');
       const r = await runCli(['--no-api', '--config-file', config, '--metrics-path', metrics], {
         timeoutMs: 45_000,
         env,
@@ -168,7 +162,9 @@ test(
     assert.equal(both.reads, 0, 'no register read exits');
     assert.ok(both.writes < 100, `only the set-up's writes exit (${both.writes})`);
     assert.equal(noAck.reads, 0);
-    assert.ok(noAck.writes >= both.writes + 500, `each ACK exits (${noAck.writes})`);
+    // (A few ACKs of 0 exit either way: the guest polls, and may read InterruptStatus before
+    // the device has raised the request's interrupt.)
+    assert.ok(noAck.writes >= both.writes + 450, `each ACK exits (${noAck.writes})`);
     assert.ok(none.reads >= 500, `each InterruptStatus read exits (${none.reads})`);
     assert.ok(Math.abs(none.writes - noAck.writes) <= 2, 'the same writes either way');
   },
