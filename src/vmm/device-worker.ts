@@ -19,7 +19,6 @@ import { isMainThread, parentPort, receiveMessageOnPort, workerData } from 'node
 import { BalloonDevice } from '../devices/virtio/balloon/balloon.js';
 import { BLK_CONFIG_CAPACITY, BlockDevice, fdBlockFile } from '../devices/virtio/block/block.js';
 import { VirtioDevice } from '../devices/virtio/device.js';
-import { setRegisterPageMapper } from '../devices/virtio/mmio-state.js';
 import { NetDevice } from '../devices/virtio/net/net.js';
 import { RngDevice } from '../devices/virtio/rng/rng.js';
 import { PmemDevice } from '../devices/virtio/pmem/pmem.js';
@@ -34,6 +33,7 @@ import { mapGuestRam } from './guest-ram.js';
 import { deviceEnvironment, guardedLoop, watchQueue } from './device-loop.js';
 import { netWarmupRounds, warmNetInSlices } from './net-warmup.js';
 import { deviceMemoryViews, kvmSlotControl } from './device-memory.js';
+import { useRegisterPages } from './register-pages.js';
 import {
   DEVICE_WORKER_ROLE,
   WORKER_CONTROL,
@@ -230,7 +230,7 @@ function main(d: DeviceWorkerData): void {
 
   let stopWarmup: (() => void) | undefined;
   // Register pages (vmm/register-pages.ts) are the main thread's mappings: wrap them.
-  setRegisterPageMapper((addr, length) => n.viewAddress(addr, length));
+  useRegisterPages();
   try {
     devices = d.slots.map((slot): RunningDevice => {
       const type = deviceType(slot.kind);

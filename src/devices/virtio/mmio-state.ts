@@ -167,21 +167,37 @@ const hi32 = (v: bigint): number => Number((v >> 32n) & 0xffff_ffffn) | 0;
 /** The register page's size: the device's MMIO window (one page). */
 export const REGISTER_PAGE_BYTES = 4096;
 
-/** Register offsets (§4.2.2) this file publishes; mmio.ts's REG has them all. */
-const R = {
-  magic: 0x000,
-  version: 0x004,
-  deviceId: 0x008,
-  vendorId: 0x00c,
-  deviceFeatures: 0x010,
-  queueNumMax: 0x034,
-  queueReady: 0x044,
-  interruptStatus: 0x060,
-  status: 0x070,
-  shmLenLow: 0x0b0,
-  shmBaseHigh: 0x0bc,
-  configGeneration: 0x0fc,
-  config: 0x100,
+/** Register offsets (§4.2.2, Linux include/uapi/linux/virtio_mmio.h). */
+export const REG = {
+  MAGIC: 0x000,
+  VERSION: 0x004,
+  DEVICE_ID: 0x008,
+  VENDOR_ID: 0x00c,
+  DEVICE_FEATURES: 0x010,
+  DEVICE_FEATURES_SEL: 0x014,
+  DRIVER_FEATURES: 0x020,
+  DRIVER_FEATURES_SEL: 0x024,
+  QUEUE_SEL: 0x030,
+  QUEUE_NUM_MAX: 0x034,
+  QUEUE_NUM: 0x038,
+  QUEUE_READY: 0x044,
+  QUEUE_NOTIFY: 0x050,
+  INTERRUPT_STATUS: 0x060,
+  INTERRUPT_ACK: 0x064,
+  STATUS: 0x070,
+  QUEUE_DESC_LOW: 0x080,
+  QUEUE_DESC_HIGH: 0x084,
+  QUEUE_DRIVER_LOW: 0x090,
+  QUEUE_DRIVER_HIGH: 0x094,
+  QUEUE_DEVICE_LOW: 0x0a0,
+  QUEUE_DEVICE_HIGH: 0x0a4,
+  SHM_SEL: 0x0ac,
+  SHM_LEN_LOW: 0x0b0,
+  SHM_LEN_HIGH: 0x0b4,
+  SHM_BASE_LOW: 0x0b8,
+  SHM_BASE_HIGH: 0x0bc,
+  CONFIG_GENERATION: 0x0fc,
+  CONFIG: 0x100,
 } as const;
 
 export const MMIO_MAGIC = 0x7472_6976; // "virt"
@@ -305,32 +321,32 @@ export class VirtioMmioState {
     const qsel = Atomics.load(s, REGS.queueSel);
     const qOk = qsel >= 0 && qsel < this.queueCount;
     switch (offset) {
-      case R.magic:
+      case REG.MAGIC:
         return MMIO_MAGIC;
-      case R.version:
+      case REG.VERSION:
         return MMIO_VERSION;
-      case R.deviceId:
+      case REG.DEVICE_ID:
         return s[REGS.deviceId]!;
-      case R.vendorId:
+      case REG.VENDOR_ID:
         return VENDOR_ID;
-      case R.deviceFeatures: {
+      case REG.DEVICE_FEATURES: {
         const sel = Atomics.load(s, REGS.deviceFeaturesSel);
         return sel === 0 ? s[REGS.deviceFeaturesLo]! : sel === 1 ? s[REGS.deviceFeaturesHi]! : 0;
       }
-      case R.queueNumMax:
+      case REG.QUEUE_NUM_MAX:
         return qOk ? s[this.q(qsel, QREG.numMax)]! : 0; // 0: the queue does not exist (§4.2.3.2)
-      case R.queueReady:
+      case REG.QUEUE_READY:
         return qOk ? Atomics.load(s, this.q(qsel, QREG.ready)) : 0;
-      case R.interruptStatus:
+      case REG.INTERRUPT_STATUS:
         return Atomics.load(s, REGS.interruptStatus);
-      case R.status:
+      case REG.STATUS:
         return Atomics.load(s, REGS.status);
-      case R.shmLenLow:
-      case R.shmLenLow + 4:
-      case R.shmLenLow + 8:
-      case R.shmBaseHigh:
+      case REG.SHM_LEN_LOW:
+      case REG.SHM_LEN_LOW + 4:
+      case REG.SHM_LEN_LOW + 8:
+      case REG.SHM_BASE_HIGH:
         return 0xffff_ffff; // no shared memory regions: length -1 (§4.2.2)
-      case R.configGeneration:
+      case REG.CONFIG_GENERATION:
         return Atomics.load(s, REGS.configGeneration);
       default:
         return undefined; // write-only or reserved
@@ -344,13 +360,13 @@ export class VirtioMmioState {
   publish(): void {
     const page = this.page;
     if (!page) return;
-    for (let off = 0; off < R.config; off += 4) {
-      if (off === R.interruptStatus) continue;
+    for (let off = 0; off < REG.CONFIG; off += 4) {
+      if (off === REG.INTERRUPT_STATUS) continue;
       Atomics.store(page, off >> 2, this.registerValue(off) ?? 0);
     }
     const len = this.s[REGS.configLen]!;
-    this.pageBytes!.set(this.config.subarray(0, len), R.config);
-    Atomics.store(page, R.configGeneration >> 2, Atomics.load(this.s, REGS.configGeneration));
+    this.pageBytes!.set(this.config.subarray(0, len), REG.CONFIG);
+    Atomics.store(page, REG.CONFIG_GENERATION >> 2, Atomics.load(this.s, REGS.configGeneration));
     this.publishInterruptStatus();
   }
 
@@ -366,7 +382,7 @@ export class VirtioMmioState {
     const s = this.s;
     let v = Atomics.load(s, REGS.interruptStatus);
     for (;;) {
-      Atomics.store(page, R.interruptStatus >> 2, v);
+      Atomics.store(page, REG.INTERRUPT_STATUS >> 2, v);
       const now = Atomics.compareExchange(s, REGS.interruptStatus, v, v);
       if (now === v) return;
       v = now;

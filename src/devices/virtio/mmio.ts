@@ -17,46 +17,12 @@ import {
   STATUS_DRIVER_OK,
   STATUS_FAILED,
   STATUS_FEATURES_OK,
-  VENDOR_ID,
   VIRTIO_F_VERSION_1,
   bit,
 } from './constants.js';
-import { MMIO_MAGIC, MMIO_VERSION, QREG, REGS, VirtioMmioState } from './mmio-state.js';
+import { MMIO_MAGIC, MMIO_VERSION, QREG, REG, REGS, VirtioMmioState } from './mmio-state.js';
 
-/** Register offsets (§4.2.2, Linux include/uapi/linux/virtio_mmio.h). */
-export const REG = {
-  MAGIC: 0x000,
-  VERSION: 0x004,
-  DEVICE_ID: 0x008,
-  VENDOR_ID: 0x00c,
-  DEVICE_FEATURES: 0x010,
-  DEVICE_FEATURES_SEL: 0x014,
-  DRIVER_FEATURES: 0x020,
-  DRIVER_FEATURES_SEL: 0x024,
-  QUEUE_SEL: 0x030,
-  QUEUE_NUM_MAX: 0x034,
-  QUEUE_NUM: 0x038,
-  QUEUE_READY: 0x044,
-  QUEUE_NOTIFY: 0x050,
-  INTERRUPT_STATUS: 0x060,
-  INTERRUPT_ACK: 0x064,
-  STATUS: 0x070,
-  QUEUE_DESC_LOW: 0x080,
-  QUEUE_DESC_HIGH: 0x084,
-  QUEUE_DRIVER_LOW: 0x090,
-  QUEUE_DRIVER_HIGH: 0x094,
-  QUEUE_DEVICE_LOW: 0x0a0,
-  QUEUE_DEVICE_HIGH: 0x0a4,
-  SHM_SEL: 0x0ac,
-  SHM_LEN_LOW: 0x0b0,
-  SHM_LEN_HIGH: 0x0b4,
-  SHM_BASE_LOW: 0x0b8,
-  SHM_BASE_HIGH: 0x0bc,
-  CONFIG_GENERATION: 0x0fc,
-  CONFIG: 0x100,
-} as const;
-
-export { MMIO_MAGIC, MMIO_VERSION };
+export { MMIO_MAGIC, MMIO_VERSION, REG };
 
 export interface MmioTransportHooks {
   /** DRIVER_OK was set, or an activated device was reset: wake the device worker. */
@@ -90,7 +56,8 @@ export class MmioTransport implements BusDevice {
       this.readConfig(offset - REG.CONFIG, data);
       return;
     }
-    const v = data.length === 4 && (offset & 3) === 0 ? this.readRegister(offset) : undefined;
+    const v =
+      data.length === 4 && (offset & 3) === 0 ? this.state.registerValue(offset) : undefined;
     if (v === undefined) {
       this.state.count('badAccess');
       data.fill(0);
@@ -161,10 +128,6 @@ export class MmioTransport implements BusDevice {
       return;
     }
     data.set(this.state.config.subarray(off, off + data.length));
-  }
-
-  private readRegister(offset: number): number | undefined {
-    return this.state.registerValue(offset);
   }
 
   /** Runs under the lock. */
