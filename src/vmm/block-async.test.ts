@@ -68,7 +68,7 @@ function fifoImage(): { dir: string; path: string; fd: number } {
   return { dir, path, fd: openSync(path, 'r+') };
 }
 
-function setup(entries = 128, readOnly = false, fifo = false) {
+function setup(entries = 128, readOnly = false, fifo = false, maxBytesInFlight?: number) {
   const img = fifo ? fifoImage() : image();
   const loop = new EventLoop((e) => {
     throw e;
@@ -82,7 +82,12 @@ function setup(entries = 128, readOnly = false, fifo = false) {
     readOnly,
     serial: new TextEncoder().encode('async-1'),
     log: (m) => logs.push(m),
-    uring: { ring, loop, bufferAddress: native().bufferAddress },
+    uring: {
+      ring,
+      loop,
+      bufferAddress: native().bufferAddress,
+      ...(maxBytesInFlight ? { maxBytesInFlight } : {}),
+    },
   });
   const h = harness(blockIdentity(SECTORS, readOnly), dev);
   const [q] = h.start();
@@ -208,6 +213,44 @@ test('Async: at most the ring size in flight; the rest waits on the queue and is
     assert.equal(t.dev.engine!.counters.inFlightHighWater, 4);
     assert.equal(t.dev.counters.reads, 12);
     assert.equal(t.h.mem.readU8(t.dataOf(heads[11]!) + 4095), 0x5a);
+  } finally {
+    t.done();
+  }
+});
+
+test('Async: at most maxBytesInFlight bytes in flight; a larger request goes in alone; drain waits for no more', () => {
+  // 64 KiB allowed: four reads of 16 KiB, then one of 128 KiB (over the bound on its own), then
+  // four more of 16 KiB. The image is a FIFO, so reads stay in flight until bytes are written.
+  const t = setup(128, false, true, 64 * 1024);
+  try {
+    const small = (i: number) => t.post(VIRTIO_BLK_T_IN, i * 32, [{ len: 16 * 1024 }]);
+    const first = [0, 1, 2, 3, 4].map(small);
+    const big = t.post(VIRTIO_BLK_T_IN, 512, [{ len: 128 * 1024 }]);
+    const last = [5, 6, 7, 8].map(small);
+    t.h.kick();
+    const e = t.dev.engine!;
+    assert.equal(e.inFlight, 4, 'four 16 KiB reads fill 64 KiB');
+    assert.equal(e.counters.bytesInFlight, 64 * 1024);
+    assert.ok(e.counters.ringFull >= 1, 'the fifth waited (io_engine_throttled_events)');
+    // Bytes for the first four: the fifth goes in as they complete, the big one waits for it.
+    writeSync(t.fd, Buffer.alloc(4 * 16 * 1024, 1));
+    t.waitUsed(4);
+    assert.equal(e.inFlight, 1);
+    writeSync(t.fd, Buffer.alloc(16 * 1024, 2));
+    t.waitUsed(5);
+    assert.equal(e.inFlight, 1, 'the 128 KiB read is in flight alone');
+    assert.equal(e.counters.bytesInFlight, 128 * 1024);
+    writeSync(t.fd, Buffer.alloc(128 * 1024, 3));
+    t.waitUsed(6);
+    assert.equal(e.inFlight, 4);
+    // What is in flight now is all drain() waits for.
+    writeSync(t.fd, Buffer.alloc(4 * 16 * 1024, 4));
+    t.waitUsed(10);
+    assert.equal(e.counters.bytesInFlight, 0);
+    for (const h of [...first, big, ...last]) assert.equal(t.status(h), VIRTIO_BLK_S_OK);
+    assert.equal(t.h.mem.readU8(t.dataOf(big) + 128 * 1024 - 1), 3);
+    assert.equal(t.h.mem.readU8(t.dataOf(last[3]!)), 4);
+    assert.ok(e.counters.inFlightHighWater <= 4);
   } finally {
     t.done();
   }

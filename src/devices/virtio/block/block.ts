@@ -170,7 +170,13 @@ export interface BlockDeviceOptions {
   /** The limiter's clock in ms (default: monoMs, util/clock.ts; tests pass a fake one). */
   now?: () => number;
   /** The Async engine: an open ring, the worker's loop, and host addresses of guest RAM. */
-  uring?: { ring: IoUring; loop: EventOps; bufferAddress: (b: Buf) => bigint };
+  uring?: {
+    ring: IoUring;
+    loop: EventOps;
+    bufferAddress: (b: Buf) => bigint;
+    /** Bytes in flight at most (default BLK_ASYNC_BYTES_IN_FLIGHT; tests pass less). */
+    maxBytesInFlight?: number;
+  };
 }
 
 /** virtio-blk's own saved state: its rate limiter's buckets. */
@@ -297,6 +303,8 @@ export class BlockDevice implements VirtioBackend {
         o.uring.ring,
         o.uring.loop,
         o.uring.bufferAddress,
+        undefined,
+        o.uring.maxBytesInFlight,
       );
       this.selfServed = [0];
     }
