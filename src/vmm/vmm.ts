@@ -17,6 +17,7 @@ import type { Worker } from 'node:worker_threads';
 import { EFD_NONBLOCK, native, MAP_SHARED, PROT_READ, PROT_WRITE } from '../kvm/native.js';
 import { RUN } from '../kvm/structs.js';
 import { log } from '../util/log.js';
+import { monoMs } from '../util/clock.js';
 import type { VmExitEvent } from './vcpu-loop.js';
 import { Command, VcpuControl, VcpuRequest, VcpuState } from './vcpu-control.js';
 import type { VcpuWorkerData, VcpuWorkerMessage, VcpuWorkerStart } from './vcpu-worker.js';
@@ -103,6 +104,8 @@ export class Vmm {
   state: VmState = 'running';
   /** A stop was asked for (it cannot be taken back: from then on pause and resume do nothing). */
   stopping = false;
+  /** When the stop was asked (monoMs), for the teardown's debug line. */
+  private stopAskedMs: number | undefined;
   private pausing: Promise<void> | undefined;
   private readonly cleanups: Array<() => void | Promise<void>> = [];
   /** How the vCPUs run (set by start). */
@@ -498,11 +501,18 @@ export class Vmm {
 
   private async teardown(): Promise<void> {
     this.state = 'stopped';
+    const t0 = monoMs();
+    if (this.stopAskedMs !== undefined)
+      log(
+        'debug',
+        `VM stop: every vCPU ended ${(t0 - this.stopAskedMs).toFixed(1)} ms after the stop was asked`,
+      );
     for (const h of this.vcpus) {
       if (h.runBuffer.byteLength > 0) native().munmap(h.runBuffer);
     }
     for (const f of this.cleanups.reverse()) {
       let timer: NodeJS.Timeout | undefined;
+      const t = monoMs();
       try {
         await Promise.race([
           f(),
@@ -518,8 +528,10 @@ export class Vmm {
         log('warn', `VM teardown: ${(e as Error).message}; going on`);
       } finally {
         clearTimeout(timer);
+        log('debug', `VM teardown: a step took ${(monoMs() - t).toFixed(1)} ms`);
       }
     }
+    log('debug', `VM teardown: ${(monoMs() - t0).toFixed(1)} ms in all`);
     this.resolveExit(this.firstEvent ?? { kind: 'stopped' });
   }
 
@@ -561,6 +573,7 @@ export class Vmm {
   requestStop(): void {
     if (this.stopping) return;
     this.stopping = true;
+    this.stopAskedMs = monoMs();
     this.command(Command.Stop);
     this.kickUntil(
       () => this.vcpus.every((v) => v.exited),
