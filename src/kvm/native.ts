@@ -298,6 +298,8 @@ export const MADV_HUGEPAGE = 14;
 export const MADV_NOHUGEPAGE = 15;
 export const EFD_NONBLOCK = 0o4000;
 export const EPOLLIN = 1;
+/** Edge-triggered (1 << 31, as a non-negative number: the shim passes it on as a u32). */
+export const EPOLLET = 0x8000_0000;
 export const EPOLLOUT = 4;
 export const EPOLLERR = 8;
 export const EPOLLHUP = 0x10;

@@ -1,7 +1,8 @@
 /**
  * A device's interrupt (deviceEnvironment): an edge on its GSI raised with KVM_IRQ_LINE when the
  * VM's fd is given (checked in the in-kernel PIC's request register: needs /dev/kvm), else a
- * write of its irqfd, and back to the irqfd for good when the ioctl fails.
+ * write of its irqfd, and back to the irqfd for good when the ioctl fails. A queue's kick
+ * eventfd (watchQueue): edge-triggered, never read.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -11,7 +12,8 @@ import { Kvm } from '../kvm/kvm.js';
 import { EFD_NONBLOCK, native } from '../kvm/native.js';
 import { IRQCHIP } from '../kvm/structs.js';
 import { GuestMemory } from '../memory/guest-memory.js';
-import { deviceEnvironment } from './device-loop.js';
+import type { VirtioDevice } from '../devices/virtio/device.js';
+import { deviceEnvironment, watchQueue } from './device-loop.js';
 
 const GSI = 5; // the first virtio GSI: bit 5 of the master PIC
 
@@ -82,4 +84,34 @@ test('a failing KVM_IRQ_LINE sends that interrupt and every later one through th
   assert.match(logs[0]!, /GSI 5: KVM_IRQ_LINE failed .*irqfd/);
   native().close(notVm);
   native().close(irqFd);
+});
+
+test('a kick eventfd is edge-triggered: each round with new kicks serves the queue once, a round without none; its counter is never read', () => {
+  const loop = new EventLoop((e) => {
+    throw e;
+  });
+  const n = native();
+  const fd = n.eventfd(0, EFD_NONBLOCK);
+  const kicks: number[] = [];
+  const dev = {
+    guard: (_what: string, f: () => void) => f(),
+    onKick: (q: number) => kicks.push(q),
+  } as unknown as VirtioDevice;
+  try {
+    watchQueue(loop, dev, 1, fd);
+    assert.equal(loop.runOnce(0), 0, 'no kick yet');
+    for (let i = 0; i < 3; i++) n.eventfdWrite(fd, 1);
+    assert.equal(loop.runOnce(0), 1);
+    assert.deepEqual(kicks, [1], 'three kicks before a round: one turn');
+    // Level-triggered, an unread counter would report the fd again in every round (a busy loop).
+    assert.equal(loop.runOnce(0), 0, 'nothing new: not reported again');
+    assert.equal(loop.runOnce(0), 0);
+    n.eventfdWrite(fd, 1);
+    assert.equal(loop.runOnce(0), 1, 'a kick after the report is reported');
+    assert.deepEqual(kicks, [1, 1]);
+    assert.equal(n.eventfdRead(fd), 4n, 'the counter holds every kick: nothing read it');
+  } finally {
+    loop.close();
+    n.close(fd);
+  }
 });
