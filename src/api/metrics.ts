@@ -24,7 +24,8 @@
  * `queue_event_count`), and per queue, under our own names (in the `typervisor` group):
  * `queue<i>_kicks`, `queue<i>_irqs` (used-buffer interrupts raised), `queue<i>_irqs_suppressed`
  * (the driver's used_event / NO_INTERRUPT said no), `queue<i>_used` (chains returned), and
- * `queue<i>_turns` / `queue<i>_turn_us` (drained turns that returned a chain, their time). For
+ * `queue<i>_turns` / `queue<i>_turn_us` (drained turns that returned a chain, their time,
+ * estimated from one turn in 8). For
  * virtio-net queue 0 is RX and 1 is TX: TX frames per kick = tx_packets_count / queue1_kicks,
  * interrupts per MB = queue<i>_irqs / (rx_bytes_count or tx_bytes_count / 2^20).
  */

@@ -238,13 +238,25 @@ export interface VirtioDeviceCounters {
   /** Per queue: drained turns that returned at least one chain. */
   turns: number[];
   /**
-   * Per queue: those turns' time, from the first pop to the end of afterTurn, in µs. A
-   * Float64Array: it holds fractions from the first turn on, and a plain array would change its
-   * elements' kind (integers to doubles) at that turn, which V8's code compiled for another
-   * device's array (the virtio-net warm-up's, vmm/net-warmup.ts) does not take.
+   * Per queue: the time of the timed turns among those (one turn in TURN_TIMING_EVERY: see
+   * there), from the first pop to the end of afterTurn, in µs. A Float64Array: it holds
+   * fractions from the first turn on, and a plain array would change its elements' kind
+   * (integers to doubles) at that turn, which V8's code compiled for another device's array (the
+   * virtio-net warm-up's, vmm/net-warmup.ts) does not take.
    */
   turnUs: Float64Array;
+  /** Per queue: the turns counted in turnUs. */
+  timedTurns: number[];
 }
+
+/**
+ * One turn in this many is timed (queue<i>_turn_us is their mean times all turns). A clock read
+ * is a call out of JavaScript (process.hrtime), and such a call costs far more than the JS around
+ * it where the CPU is emulated: 8-13 µs in the lab against ~0.1 µs on a host (docs/bench.md,
+ * "What a call costs in the lab"); two per turn were two of the ~7 calls between a ping's kick
+ * and its interrupt.
+ */
+export const TURN_TIMING_EVERY = 8;
 
 /**
  * Kicks under Firecracker's metric names, by device ID and queue (its queue_event_count
@@ -277,6 +289,7 @@ export class VirtioDevice {
     used: [],
     turns: [],
     turnUs: new Float64Array(0),
+    timedTurns: [],
   };
   /** Queues asleep on their rate limiter (their turn in `turns` is a timer of env.after). */
   private readonly sleeping = new Set<number>();
@@ -288,7 +301,15 @@ export class VirtioDevice {
   ) {
     this.state = new VirtioMmioState(sab);
     const n = this.state.identity().queueNumMax.length;
-    for (const k of ['kicks', 'irqs', 'irqsSuppressed', 'irqsCoalesced', 'used', 'turns'] as const)
+    for (const k of [
+      'kicks',
+      'irqs',
+      'irqsSuppressed',
+      'irqsCoalesced',
+      'used',
+      'turns',
+      'timedTurns',
+    ] as const)
       this.counters[k] = new Array<number>(n).fill(0);
     this.counters.turnUs = new Float64Array(n);
   }
@@ -349,7 +370,8 @@ export class VirtioDevice {
    * has no per-queue fields): queue<i>_kicks (notifications received), queue<i>_irqs (used-
    * buffer interrupts raised), queue<i>_irqs_suppressed (the driver said no), queue<i>_used
    * (chains returned), queue<i>_turns and queue<i>_turn_us (drained turns that returned a
-   * chain, and their time in µs: the device's own share of a queue's round trip). Kicks also
+   * chain, and their time in µs: the device's own share of a queue's round trip, estimated from
+   * one turn in TURN_TIMING_EVERY). Kicks also
    * under Firecracker's names where it has them (FC_KICK_NAMES).
    */
   metrics(): Record<string, number> {
@@ -365,7 +387,8 @@ export class VirtioDevice {
       m[`queue${i}_irqs_coalesced`] = c.irqsCoalesced[i]!;
       m[`queue${i}_used`] = c.used[i]!;
       m[`queue${i}_turns`] = c.turns[i]!;
-      m[`queue${i}_turn_us`] = Math.round(c.turnUs[i]!);
+      const timed = c.timedTurns[i]!;
+      m[`queue${i}_turn_us`] = timed > 0 ? Math.round((c.turnUs[i]! * c.turns[i]!) / timed) : 0;
     });
     const fc = FC_KICK_NAMES[this.state.identity().deviceId];
     fc?.forEach((name, i) => {
@@ -586,7 +609,8 @@ export class VirtioDevice {
     let used = 0;
     let bytes = 0;
     const live = () => this.dev === d && this.state.epoch() === d.epoch;
-    const start = monoMs();
+    // Timed: the turn after every TURN_TIMING_EVERY that returned chains (the first one too).
+    const start = this.counters.turns[index]! % TURN_TIMING_EVERY === 0 ? monoMs() : -1;
     // No kicks while we drain (the empty pop that ends the turn re-enables them and looks
     // again); used entries go out in one used.idx store, with at most one interrupt.
     q.suppressKicks();
@@ -675,7 +699,10 @@ export class VirtioDevice {
     }
     if (used > 0) {
       this.counters.turns[index]!++;
-      this.counters.turnUs[index]! += (monoMs() - start) * 1000;
+      if (start >= 0) {
+        this.counters.timedTurns[index]!++;
+        this.counters.turnUs[index]! += (monoMs() - start) * 1000;
+      }
     }
   }
 
