@@ -1,0 +1,73 @@
+/**
+ * What one call out of JavaScript costs here (docs/bench.md, "What a call costs in the lab"):
+ * the clock read every turn took (`process.hrtime()`), a shim function that makes no system
+ * call (`bufferAddress`), the shim's eventfd read (a kick's, before it was edge-triggered) on an
+ * empty and on a written eventfd, and for scale, JavaScript alone (typed-array reads and calls in
+ * optimized code). Each figure is the mean over `--count` calls after as many untimed ones.
+ * Inside the lab (`npm run lab -- node dist/bench/call-cost.js`) a call costs 5-10 times a C
+ * system call; on a host, a few tens of nanoseconds.
+ *
+ *   node dist/bench/call-cost.js [--count N] [--runs N]
+ */
+import { parseArgs } from 'node:util';
+import { EFD_NONBLOCK, native } from '../src/kvm/native.js';
+
+const { values } = parseArgs({
+  options: { count: { type: 'string' }, runs: { type: 'string' } },
+});
+const count = Number(values.count ?? 20000);
+const runs = Number(values.runs ?? 2);
+if (!Number.isInteger(count) || count < 1) throw new Error('--count: a positive integer');
+if (!Number.isInteger(runs) || runs < 1) throw new Error('--runs: a positive integer');
+
+const n = native();
+const empty = n.eventfd(0, EFD_NONBLOCK);
+const written = n.eventfd(0, EFD_NONBLOCK);
+const page = new ArrayBuffer(4096);
+const bytes = new Uint8Array(4096);
+let sink = 0;
+const inc = (o: { a: number }) => o.a + 1;
+const obj = { a: 1 };
+
+const cases: Array<[string, (i: number) => void]> = [
+  ['process.hrtime()', () => void (sink += process.hrtime()[1])],
+  ['shim bufferAddress (no system call)', () => void (sink += Number(n.bufferAddress(page) & 1n))],
+  ['shim eventfdRead, empty (EAGAIN)', () => void (sink += Number(n.eventfdRead(empty)))],
+  [
+    'shim eventfdWrite + eventfdRead',
+    () => {
+      n.eventfdWrite(written, 1);
+      sink += Number(n.eventfdRead(written));
+    },
+  ],
+  [
+    'JS: 100 typed-array reads',
+    (i) => {
+      for (let k = 0; k < 100; k++) sink += bytes[(i + k) & 4095]!;
+    },
+  ],
+  [
+    'JS: 100 calls',
+    () => {
+      for (let k = 0; k < 100; k++) sink += inc(obj);
+    },
+  ],
+];
+
+try {
+  for (let r = 0; r < runs; r++) {
+    const line: string[] = [];
+    for (const [name, f] of cases) {
+      for (let i = 0; i < count; i++) f(i);
+      const t0 = process.hrtime.bigint();
+      for (let i = 0; i < count; i++) f(i);
+      const ns = Number(process.hrtime.bigint() - t0) / count;
+      line.push(`${name} ${(ns / 1000).toFixed(3)} us`);
+    }
+    console.log(`run ${r + 1}: ${line.join('; ')}`);
+  }
+} finally {
+  n.close(empty);
+  n.close(written);
+}
+if (sink === -1) console.log(''); // keeps the work from being optimized away
