@@ -4,6 +4,8 @@
  * call (`bufferAddress`), the shim's eventfd read (a kick's, before it was edge-triggered) on an
  * empty and on a written eventfd, and for scale, JavaScript alone (typed-array reads and calls in
  * optimized code). Each figure is the mean over `--count` calls after as many untimed ones.
+ * Last, the CPU of one round trip of the device worker's virtio-net warm-up (the ping's device
+ * path over a loopback), `--count` of them after as many untimed.
  * Inside the lab (`npm run lab -- node dist/bench/call-cost.js`) a call costs 5-10 times a C
  * system call; on a host, a few tens of nanoseconds.
  *
@@ -11,6 +13,7 @@
  */
 import { parseArgs } from 'node:util';
 import { EFD_NONBLOCK, native } from '../src/kvm/native.js';
+import { netWarmup } from '../src/vmm/net-warmup.js';
 
 const { values } = parseArgs({
   options: { count: { type: 'string' }, runs: { type: 'string' } },
@@ -65,6 +68,22 @@ try {
       line.push(`${name} ${(ns / 1000).toFixed(3)} us`);
     }
     console.log(`run ${r + 1}: ${line.join('; ')}`);
+  }
+  // The device worker's own virtio-net warm-up (vmm/net-warmup.ts): a ping's device path
+  // (kick, TX turn, TAP write, RX, interrupt) over a loopback, per round trip.
+  const w = netWarmup(4 * count, () => {});
+  try {
+    w.step(count);
+    for (let r = 0; r < runs; r++) {
+      const c0 = process.cpuUsage();
+      w.step(count);
+      const c = process.cpuUsage(c0);
+      console.log(
+        `net warm-up round trip: ${((c.user + c.system) / count).toFixed(2)} us CPU (${count} round trips)`,
+      );
+    }
+  } finally {
+    w.close();
   }
 } finally {
   n.close(empty);

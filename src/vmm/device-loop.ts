@@ -48,7 +48,7 @@ export function guardedLoop(loop: EventLoop, device: () => VirtioDevice): EventO
  * edge-triggered: every write after the loop last reported the fd reports it again (an eventfd
  * wakes its waiters on every write, and epoll puts an edge-triggered fd back on its ready list
  * at each wake-up), so the counter is never read: one system call less per kick, and in the lab
- * a call out of JavaScript costs 5-13 µs (docs/bench.md, "What a call costs in the lab"). The
+ * a call out of JavaScript costs 1-13 µs (docs/bench.md, "What a call costs in the lab"). The
  * counter only grows; the kernel's eventfd_signal() (KVM's writes) stops at its maximum and
  * still wakes, and 2^64 - 1 kicks are out of reach.
  */

@@ -251,10 +251,9 @@ export interface VirtioDeviceCounters {
 
 /**
  * One turn in this many is timed (queue<i>_turn_us is their mean times all turns). A clock read
- * is a call out of JavaScript (process.hrtime), and such a call costs far more than the JS around
- * it where the CPU is emulated: 8-13 µs in the lab against ~0.1 µs on a host (docs/bench.md,
- * "What a call costs in the lab"); two per turn were two of the ~7 calls between a ping's kick
- * and its interrupt.
+ * is a call out of JavaScript (process.hrtime), which under the lab's emulation costs 1.6-13 µs
+ * against ~0.06 µs on a host (docs/bench.md, "What a call costs in the lab"); every turn read it
+ * twice, one of them between a ping's kick and its TAP write.
  */
 export const TURN_TIMING_EVERY = 8;
 
