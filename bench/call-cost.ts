@@ -6,8 +6,9 @@
  * optimized code). Each figure is the mean over `--count` calls after as many untimed ones.
  * Last, the CPU of one round trip of the device worker's virtio-net warm-up (the ping's device
  * path over a loopback), `--count` of them after as many untimed.
- * Inside the lab (`npm run lab -- node dist/bench/call-cost.js`) a call costs 5-10 times a C
- * system call; on a host, a few tens of nanoseconds.
+ * Inside the lab (`npm run lab -- node dist/bench/call-cost.js`) a call costs about one C system
+ * call in a fast boot from optimized code, up to 10 times that in a slow boot or from code V8 has
+ * not optimized; on a host, a few tens of nanoseconds.
  *
  *   node dist/bench/call-cost.js [--count N] [--runs N]
  */
