@@ -456,6 +456,22 @@ export function trainBundleCaches(): string {
   return trainedNote;
 }
 
+/**
+ * What `DIR/bin/typervisor` runs: its bundle, or dist/ when the bundle is missing or older than
+ * dist/ (the launcher falls back without a word, and in the lab that start is seconds slower:
+ * a benchmark run must say which it ran). `scripts/bundle.mjs --check` decides.
+ */
+export function whatRuns(dir: string = REPO): string {
+  if (process.env.TYPERVISOR_NO_BUNDLE) return 'dist/ (TYPERVISOR_NO_BUNDLE is set)';
+  const r = spawnSync(process.execPath, [join(dir, 'scripts', 'bundle.mjs'), '--check'], {
+    encoding: 'utf8',
+    timeout: 60_000,
+  });
+  if (r.status === 0) return 'its bundle';
+  const why = `${r.stderr ?? ''}`.trim().split('\n').filter(Boolean).join('; ');
+  return `dist/, not its bundle (${why || `bundle.mjs --check: exit ${r.status}`})`;
+}
+
 /** The lab kernel's tracefs. */
 export const TRACEFS = '/sys/kernel/tracing';
 

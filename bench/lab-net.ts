@@ -39,6 +39,7 @@ import {
   qemuCpu,
   stat,
   tracefsWriter,
+  whatRuns,
   type Row,
 } from './common.js';
 
@@ -1091,6 +1092,10 @@ async function main(): Promise<void> {
     const vmms: Name[] = args.baseline
       ? ['typervisor', 'baseline', 'qemu']
       : ['typervisor', 'qemu'];
+    if (args.vmm !== 'qemu') {
+      log(`typervisor runs ${whatRuns()}`);
+      if (args.baseline) log(`baseline runs ${whatRuns(args.baseline)}`);
+    }
     const first = Math.floor(Math.random() * vmms.length);
     for (let r = 0; r < runs; r++) {
       const k = (first + r) % vmms.length;
