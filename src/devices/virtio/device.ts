@@ -148,6 +148,14 @@ export interface VirtioBackend {
    */
   endTurn?(queue: number): void;
   /**
+   * Optional (issue 17, virtio-net: the host's answers to a TX turn's frames): called after a
+   * drained turn's used entries are published and before its interrupt is sent. An interrupt the
+   * follow-up sends (another queue's) covers the turn's too, which is then not sent again: the
+   * driver's handler looks at every queue. If it sends none, the turn's goes right after it. An
+   * exception breaks the device (the turn's interrupt is sent first).
+   */
+  followUp?(queue: number): void;
+  /**
    * Optional (issue 17, virtio-net's early TX completion): called after a drained turn's used
    * entries are published and its interrupt sent (so the driver may already reuse the turn's
    * buffers: a backend does here only work on copies it made in handle()). An exception breaks
@@ -245,8 +253,6 @@ export interface VirtioDeviceCounters {
    * virtio-net warm-up's, vmm/net-warmup.ts) does not take.
    */
   turnUs: Float64Array;
-  /** Per queue: the turns counted in turnUs. */
-  timedTurns: number[];
 }
 
 /**
@@ -256,6 +262,12 @@ export interface VirtioDeviceCounters {
  * twice, one of them between a ping's kick and its TAP write.
  */
 export const TURN_TIMING_EVERY = 8;
+
+/**
+ * The turns timed among `turns`: 0, TURN_TIMING_EVERY, 2 x ... turns had been counted when each
+ * began (serveQueue; a turn is counted only if it returned chains, and only those add time).
+ */
+export const timedTurns = (turns: number): number => Math.ceil(turns / TURN_TIMING_EVERY);
 
 /**
  * Kicks under Firecracker's metric names, by device ID and queue (its queue_event_count
@@ -288,7 +300,6 @@ export class VirtioDevice {
     used: [],
     turns: [],
     turnUs: new Float64Array(0),
-    timedTurns: [],
   };
   /** Queues asleep on their rate limiter (their turn in `turns` is a timer of env.after). */
   private readonly sleeping = new Set<number>();
@@ -300,15 +311,7 @@ export class VirtioDevice {
   ) {
     this.state = new VirtioMmioState(sab);
     const n = this.state.identity().queueNumMax.length;
-    for (const k of [
-      'kicks',
-      'irqs',
-      'irqsSuppressed',
-      'irqsCoalesced',
-      'used',
-      'turns',
-      'timedTurns',
-    ] as const)
+    for (const k of ['kicks', 'irqs', 'irqsSuppressed', 'irqsCoalesced', 'used', 'turns'] as const)
       this.counters[k] = new Array<number>(n).fill(0);
     this.counters.turnUs = new Float64Array(n);
   }
@@ -386,7 +389,7 @@ export class VirtioDevice {
       m[`queue${i}_irqs_coalesced`] = c.irqsCoalesced[i]!;
       m[`queue${i}_used`] = c.used[i]!;
       m[`queue${i}_turns`] = c.turns[i]!;
-      const timed = c.timedTurns[i]!;
+      const timed = timedTurns(c.turns[i]!);
       m[`queue${i}_turn_us`] = timed > 0 ? Math.round((c.turnUs[i]! * c.turns[i]!) / timed) : 0;
     });
     const fc = FC_KICK_NAMES[this.state.identity().deviceId];
@@ -687,8 +690,22 @@ export class VirtioDevice {
         return;
       }
     }
-    if (used > 0) this.interruptIfWanted(q, index);
-    else q.publishUsed(); // ends the batch
+    if (used > 0) {
+      // With a follow-up, the turn's interrupt waits for it (signalOwed), so that what the
+      // follow-up publishes goes to the driver under one interrupt with the turn's.
+      const followUp = this.backend.followUp !== undefined;
+      this.interruptIfWanted(q, index, followUp);
+      if (followUp && live()) {
+        try {
+          this.backend.followUp!(index);
+        } catch (e) {
+          this.signalOwed();
+          this.fail(`queue ${index}`, e);
+          return;
+        }
+      }
+      this.signalOwed();
+    } else q.publishUsed(); // ends the batch
     if (this.backend.afterTurn && live()) {
       try {
         this.backend.afterTurn(index);
@@ -698,10 +715,7 @@ export class VirtioDevice {
     }
     if (used > 0) {
       this.counters.turns[index]!++;
-      if (start >= 0) {
-        this.counters.timedTurns[index]!++;
-        this.counters.turnUs[index]! += (monoMs() - start) * 1000;
-      }
+      if (start >= 0) this.counters.turnUs[index]! += (monoMs() - start) * 1000;
     }
   }
 
@@ -762,12 +776,27 @@ export class VirtioDevice {
    * only: a bit left set with no interrupt to clear it (an edge the guest lost while the line
    * was masked, say) is signalled again by the next round's interrupt, as before.
    */
-  private interruptIfWanted(q: Virtqueue, index: number): void {
+  private interruptIfWanted(q: Virtqueue, index: number, owe = false): void {
     if (!q.needsInterrupt()) {
       this.counters.irqsSuppressed[index]!++;
       return;
     }
     this.counters.irqs[index]!++;
+    if (owe) this.owed = index;
+    else this.signal(index);
+  }
+
+  /**
+   * Raises INT_USED_BUFFER for queue `index` and signals it (unless one signal of this round is
+   * still unacknowledged). It stands for an interrupt owed by another queue's turn too (serveQueue:
+   * the turn waits for its follow-up): the driver's handler looks at every queue. Raised here, not
+   * when owed: an acknowledgement applied in between (VirtioMmioState.raise) would otherwise
+   * clear a bit no interrupt was sent for.
+   */
+  private signal(index: number): void {
+    const owed = this.owed;
+    this.owed = undefined;
+    if (owed !== undefined && owed !== index) this.counters.irqsCoalesced[owed]!++;
     const was = this.state.raise(INT_USED_BUFFER);
     const round = this.env.round?.();
     if ((was & INT_USED_BUFFER) !== 0 && round !== undefined && round === this.signalledRound) {
@@ -780,6 +809,13 @@ export class VirtioDevice {
 
   /** The loop round of this device's last interrupt signal (interruptIfWanted). */
   private signalledRound: number | undefined;
+  /** A queue whose turn's interrupt waits for the turn's follow-up (serveQueue). */
+  private owed: number | undefined;
+
+  /** Sends the interrupt a turn owes, unless its follow-up's interrupt covered it. */
+  private signalOwed(): void {
+    if (this.owed !== undefined) this.signal(this.owed);
+  }
 
   private deactivate(): void {
     if (this.dev.kind === 'inactive') return;

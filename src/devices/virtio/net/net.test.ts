@@ -83,11 +83,14 @@ function frame(payloadLen: number, fill = 0xab, hdr = {}): Uint8Array {
   return f;
 }
 
-function setup(offloads = true, round?: () => number) {
+function setup(offloads = true, round?: () => number, onInterrupt?: () => void) {
   const tap = new FakeTap();
   const logs: string[] = [];
   const dev = new NetDevice('virtio-net test', tap, (m) => logs.push(m));
-  const h = harness(netIdentity(parseMac(MAC), offloads), dev, round ? { round } : {});
+  const h = harness(netIdentity(parseMac(MAC), offloads), dev, {
+    ...(round ? { round } : {}),
+    ...(onInterrupt ? { onInterrupt } : {}),
+  });
   return { tap, dev, h, logs };
 }
 
@@ -217,7 +220,7 @@ test('virtio-net: a reply already on the TAP when a TX turn ends goes in with it
   assert.deepEqual(rx!.takeUsed(), [{ id: 0, len: NET_HDR_SIZE + 84 }]);
   assert.equal(h.mem.view(b + NET_HDR_SIZE, 1)[0], 0x44);
   assert.equal(tx!.takeUsed().length, 1);
-  assert.equal(h.interrupts(), irqs + 2, 'RX, then TX: back to back');
+  assert.equal(h.interrupts(), irqs + 1, "RX's interrupt is TX's too");
   assert.equal(dev.counters.rxAfterTx, 1);
   // A TX turn with nothing to read looks once (the held chain stays held), and a turn that
   // wrote nothing (a bad frame) does not look at all.
@@ -277,6 +280,52 @@ test('virtio-net RX: a lone frame is published and signalled before the read tha
   assert.equal(wake(1).publishes, 1);
   // A lone frame again after it: early again.
   assert.deepEqual(wake(1).reads[1], [rx!.usedIdx(), 1]);
+});
+
+test('virtio-net: a TX turn and the reply it brought back take one interrupt, even from a driver that acknowledges at once', () => {
+  // The driver's handler runs inside each interrupt, as a guest's vCPU on another CPU can before
+  // our thread goes on: what it finds in both used rings then is all it will see of that turn.
+  const driver: { take?: () => void } = {};
+  const seen: Array<[number, number]> = [];
+  const { tap, dev, h } = setup(
+    true,
+    () => 1,
+    () => driver.take?.(),
+  );
+  const [rx, tx] = h.start();
+  driver.take = () => {
+    seen.push([rx!.usedIdx(), tx!.usedIdx()]);
+    h.driver.takeInterrupt();
+  };
+  answerEachWrite(tap);
+  for (let ping = 1; ping <= 3; ping++) {
+    rx!.addChain([{ addr: h.alloc.alloc(2048), len: 2048, write: true }]);
+    h.kick(RX_QUEUE);
+    const f = frame(84, 0x55);
+    const a = h.alloc.alloc(f.length);
+    h.mem.view(a, f.length).set(f);
+    tx!.addChain([{ addr: a, len: f.length }]);
+    seen.length = 0;
+    h.kick(TX_QUEUE);
+    assert.deepEqual(seen, [[ping, ping]], `ping ${ping}: one interrupt, both rings published`);
+    assert.equal(rx!.takeUsed().length, 1);
+    assert.equal(tx!.takeUsed().length, 1);
+  }
+  assert.equal(dev.counters.rxAfterTx, 3);
+  const m = h.device.metrics();
+  assert.deepEqual([m.queue0_irqs, m.queue1_irqs, m.queue1_irqs_coalesced], [3, 3, 3]);
+  // A turn with no reply (nothing on the TAP) still sends its own interrupt, after the look.
+  tap.writev = (bufs) => bufs.reduce((n, b) => n + b.length, 0);
+  rx!.addChain([{ addr: h.alloc.alloc(2048), len: 2048, write: true }]);
+  h.kick(RX_QUEUE);
+  const f = frame(84, 0x66);
+  const a = h.alloc.alloc(f.length);
+  h.mem.view(a, f.length).set(f);
+  tx!.addChain([{ addr: a, len: f.length }]);
+  seen.length = 0;
+  h.kick(TX_QUEUE);
+  assert.deepEqual(seen, [[3, 4]]);
+  assert.equal(dev.counters.rxAfterTx, 4);
 });
 
 test('virtio-net: RX and TX interrupts of one loop round share one irqfd write until acknowledged', () => {

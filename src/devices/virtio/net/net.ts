@@ -573,20 +573,25 @@ export class NetDevice implements VirtioBackend {
    * batched frames are written now, so no chain is returned while the kernel may still read it.
    */
   endTurn(queue: number): void {
-    if (queue !== TX_QUEUE) return;
-    this.flushTx();
-    this.rxAfterTx();
+    if (queue === TX_QUEUE) this.flushTx();
+  }
+
+  /** After a TX turn's used entries are published, before its interrupt (rxAfterTx). */
+  followUp(queue: number): void {
+    if (queue === TX_QUEUE) this.rxAfterTx();
   }
 
   /**
    * Issue 17 (ping): what this turn's frames brought back already goes in with the turn. The
    * host's own stack answers a frame (an echo reply, an ARP reply, an ACK) inside our write, so
-   * the answer is on the TAP before the TAP's readiness could wake us: RX serves it now, and its
-   * interrupt comes right before TX's (endTurn runs before the turn's interrupt), which is then
-   * still pending (InterruptStatus not yet acknowledged), so the driver's handler (one
-   * interrupt status for every queue) takes both as one, where a later wake-up of ours meant a
-   * second interrupt and the guest's exits for it. Only after frames went out, and only while
-   * RX waits on the TAP (buffers posted, not throttled): otherwise one read that finds nothing.
+   * the answer is on the TAP before the TAP's readiness could wake us: RX serves it now
+   * (followUp: the turn's used entries are published, its interrupt waits), and RX's interrupt
+   * is the turn's too, so the driver's handler (one interrupt status for every queue) takes both
+   * as one, where a later wake-up of ours meant a second interrupt and the guest's exits for it.
+   * (Until 2026-12-07 RX's interrupt went first and TX's after RX's last read: a guest that had
+   * acknowledged the first by then, as a lab guest did for about half of its pings, took a
+   * second.) Only after frames went out, and only while RX waits on the TAP (buffers posted,
+   * not throttled): otherwise one read that finds nothing.
    */
   private rxAfterTx(): void {
     if (!this.txSinceRx) return;

@@ -145,6 +145,8 @@ export interface HarnessOptions {
   clock?: FakeClock;
   /** The loop's round (DeviceEnvironment.round; default: none, every interrupt is written). */
   round?: () => number;
+  /** Called at each interrupt after it is counted (a driver that handles it at once, say). */
+  onInterrupt?: () => void;
   /**
    * Give the device a register page (mmio-state.ts) and let the driver read it, as KVM's
    * read-only slot does; its writes still go to the transport. Every read the driver makes is
@@ -210,7 +212,10 @@ export function harness(
   const clock = opts.clock ?? new FakeClock();
   const device = new VirtioDevice(sab, backend, {
     mem,
-    interrupt: () => void irqs++,
+    interrupt: () => {
+      irqs++;
+      opts.onInterrupt?.();
+    },
     log: (m) => logs.push(m),
     defer: (fn) => deferred.defer(name, fn),
     after: (ms, fn) => clock.after(ms, fn),
