@@ -148,18 +148,10 @@ export interface VirtioBackend {
    */
   endTurn?(queue: number): void;
   /**
-   * Optional (issue 17, virtio-net: the host's answers to a TX turn's frames): called after a
-   * drained turn's used entries are published and before its interrupt is sent. An interrupt the
-   * follow-up sends (another queue's) covers the turn's too, which is then not sent again: the
-   * driver's handler looks at every queue. If it sends none, the turn's goes right after it. An
-   * exception breaks the device (the turn's interrupt is sent first).
-   */
-  followUp?(queue: number): void;
-  /**
-   * Optional (issue 17, virtio-net's early TX completion): called after a drained turn's used
-   * entries are published and its interrupt sent (so the driver may already reuse the turn's
-   * buffers: a backend does here only work on copies it made in handle()). An exception breaks
-   * the device.
+   * Optional (issue 17, virtio-net's early TX completion and its read of the host's answers):
+   * called after a drained turn's used entries are published and its interrupt sent (so the
+   * driver may already reuse the turn's buffers: a backend does here only work on copies it made
+   * in handle(), or other queues' work). An exception breaks the device.
    */
   afterTurn?(queue: number): void;
   /**
@@ -690,22 +682,8 @@ export class VirtioDevice {
         return;
       }
     }
-    if (used > 0) {
-      // With a follow-up, the turn's interrupt waits for it (signalOwed), so that what the
-      // follow-up publishes goes to the driver under one interrupt with the turn's.
-      const followUp = this.backend.followUp !== undefined;
-      this.interruptIfWanted(q, index, followUp);
-      if (followUp && live()) {
-        try {
-          this.backend.followUp!(index);
-        } catch (e) {
-          this.signalOwed();
-          this.fail(`queue ${index}`, e);
-          return;
-        }
-      }
-      this.signalOwed();
-    } else q.publishUsed(); // ends the batch
+    if (used > 0) this.interruptIfWanted(q, index);
+    else q.publishUsed(); // ends the batch
     if (this.backend.afterTurn && live()) {
       try {
         this.backend.afterTurn(index);
@@ -776,27 +754,12 @@ export class VirtioDevice {
    * only: a bit left set with no interrupt to clear it (an edge the guest lost while the line
    * was masked, say) is signalled again by the next round's interrupt, as before.
    */
-  private interruptIfWanted(q: Virtqueue, index: number, owe = false): void {
+  private interruptIfWanted(q: Virtqueue, index: number): void {
     if (!q.needsInterrupt()) {
       this.counters.irqsSuppressed[index]!++;
       return;
     }
     this.counters.irqs[index]!++;
-    if (owe) this.owed = index;
-    else this.signal(index);
-  }
-
-  /**
-   * Raises INT_USED_BUFFER for queue `index` and signals it (unless one signal of this round is
-   * still unacknowledged). It stands for an interrupt owed by another queue's turn too (serveQueue:
-   * the turn waits for its follow-up): the driver's handler looks at every queue. Raised here, not
-   * when owed: an acknowledgement applied in between (VirtioMmioState.raise) would otherwise
-   * clear a bit no interrupt was sent for.
-   */
-  private signal(index: number): void {
-    const owed = this.owed;
-    this.owed = undefined;
-    if (owed !== undefined && owed !== index) this.counters.irqsCoalesced[owed]!++;
     const was = this.state.raise(INT_USED_BUFFER);
     const round = this.env.round?.();
     if ((was & INT_USED_BUFFER) !== 0 && round !== undefined && round === this.signalledRound) {
@@ -809,13 +772,6 @@ export class VirtioDevice {
 
   /** The loop round of this device's last interrupt signal (interruptIfWanted). */
   private signalledRound: number | undefined;
-  /** A queue whose turn's interrupt waits for the turn's follow-up (serveQueue). */
-  private owed: number | undefined;
-
-  /** Sends the interrupt a turn owes, unless its follow-up's interrupt covered it. */
-  private signalOwed(): void {
-    if (this.owed !== undefined) this.signal(this.owed);
-  }
 
   private deactivate(): void {
     if (this.dev.kind === 'inactive') return;
