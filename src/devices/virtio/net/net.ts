@@ -589,7 +589,7 @@ export class NetDevice implements VirtioBackend {
    * it there. RX's interrupt then shares TX's while the driver has not acknowledged it (one
    * round, VirtioDevice.interruptIfWanted); a driver that did already gets a second one.
    * Measured in the lab (2026-12-07, bench/results/2026-12-07-lab-ping-irq-order.md): the
-   * guest's interrupt came ~1.2 ms sooner than with RX's interrupt first, for 1.43 interrupts
+   * guest's interrupt came ~1.2 ms sooner than with RX's interrupt first, for 1.35 interrupts
    * per ping against 1.0. Only after frames went out, and only while RX waits on the TAP
    * (buffers posted, not throttled): otherwise one read that finds nothing.
    */
