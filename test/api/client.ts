@@ -9,6 +9,7 @@ import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { TIME_SCALE } from '../host/helpers.js';
 
 export const REPO = fileURLToPath(new URL('../../../', import.meta.url));
 export const CLI = join(REPO, 'bin', 'typervisor');
@@ -86,13 +87,17 @@ function canConnect(sock: string): Promise<boolean> {
   });
 }
 
-/** One HTTP request over the socket (a fresh connection each time). */
+/**
+ * One HTTP request over the socket (a fresh connection each time). The default wait, 5 s, is
+ * multiplied by TYPERVISOR_TEST_TIME_SCALE (test/host/helpers.ts): in CI of 2026-12-07 the
+ * lab's first API process after its boot had not answered its first request within 5 s.
+ */
 export function call(
   sock: string,
   method: string,
   path: string,
   body?: unknown,
-  timeoutMs = 5000,
+  timeoutMs = 5000 * TIME_SCALE,
 ): Promise<Reply> {
   const data =
     body === undefined ? undefined : typeof body === 'string' ? body : JSON.stringify(body);
