@@ -39,17 +39,15 @@
  * interrupt, and suppresses RX kicks while it has buffers: the driver kicks RX only after we
  * ran out (the empty pop re-enables them), which is the one kick RX needs (back-pressure).
  *
- * Early TX completion (issue 17): handle() copies a frame (our checked header copy, then the
- * frame) out of guest memory, VirtioDevice publishes the turn's used entries and sends its
- * interrupt, and afterTurn() writes the copies to the TAP, in order, before the loop goes on:
- * the host's work inside the TAP write (bridge, TCP receive, a ping's echo) overlaps the guest's
- * wake-up instead of delaying its completion, and the guest's buffers are not read after their
- * chains went back. By default only frames of up to TX_EARLY_SMALL bytes (a ping, an ARP, a TCP
- * ACK: a copy of a few cache lines); TYPERVISOR_NET_TX_EARLY=1 takes every frame, =0 none. A
- * larger frame goes zero-copy, after the copies before it (frames keep their order). At most
- * TX_EARLY_FRAMES copies wait; a longer turn writes each full group first. Every frame copied
- * (2026-12-02, docs/bench.md): ping 7.0 against 9.6 ms, guest -> host the same (233 against
- * 238 Mbit/s), 3 rounds, for 3.2 us more device CPU per 64 KiB frame, hence small frames only.
+ * Early TX completion (issue 17, off by default: TYPERVISOR_NET_TX_EARLY=1): handle() copies
+ * each frame (our checked header copy, then the frame) out of guest memory, VirtioDevice
+ * publishes the turn's used entries and sends its interrupt, and afterTurn() writes the copies
+ * to the TAP, in order, before the loop goes on: the host's work inside the TAP write (bridge, TCP receive) overlaps the guest's next
+ * frames instead of delaying its completions, and the guest's buffers are not read after their
+ * chains went back. At most TX_EARLY_FRAMES copies wait (8 x 64 KiB, kept); a longer turn writes
+ * each full group first. Measured in the lab beside the build without it (docs/bench.md): ping
+ * 7.0 against 9.6 ms, guest -> host the same (233 against 238 Mbit/s), 3 rounds; not yet shown
+ * to pay for its copy, hence off. Off: zero-copy as below.
  *
  * Batching (issue 17): the frames of one TX turn are written to the TAP with one io_uring_enter
  * (tx-batch.ts; TapIo.txBatch), at the end of the turn (endTurn; with early completion, at the
@@ -176,13 +174,12 @@ export interface NetLimitOptions {
   /** The limiters' clock in ms (default: monoMs, util/clock.ts). */
   now?: () => number;
   /**
-   * Early TX completion (issue 17) for frames of up to this many bytes (the virtio-net header
-   * not counted): copied out of guest memory, their chains go back to the guest with the turn's
-   * interrupt, and then the copies go to the TAP. Larger frames go to the TAP straight from
-   * guest memory (zero-copy) before their chains go back. 0: none. Default TX_EARLY_SMALL;
-   * TYPERVISOR_NET_TX_EARLY=1: every frame, =0: none.
+   * Early TX completion (issue 17; default off, TYPERVISOR_NET_TX_EARLY=1 turns it on): a
+   * turn's frames are copied out of guest memory, their chains go back to the guest with the
+   * turn's interrupt, and then the copies go to the TAP. Off: each frame goes to the TAP
+   * straight from guest memory (zero-copy) before its chain goes back.
    */
-  txEarlyMax?: number;
+  txEarly?: boolean;
 }
 
 export interface NetCounters {
@@ -303,14 +300,14 @@ export class NetDevice implements VirtioBackend {
   /** A TX frame body with too many buffers for one writev, copied here. */
   private readonly txBody = new Uint8Array(MAX_FRAME_WITH_HDR - NET_HDR_SIZE);
   /**
-   * Early TX completion (NetLimitOptions.txEarlyMax): the frames of a turn copied out of guest
+   * Early TX completion (NetLimitOptions.txEarly): the frames of a turn copied out of guest
    * memory (header and body, contiguous), written to the TAP after the turn's chains went back
    * to the guest (afterTurn): the TAP's write (the host's bridge and TCP receive run inside
    * it) no longer delays the guest's TX completions, which hold back a TCP stream (TCP small
    * queues keep ~2 TSO frames below TCP). At most TX_EARLY_FRAMES wait at a time: a longer
    * turn writes each group of them as it fills. Buffers are kept for the next turn.
    */
-  private readonly txEarlyMax: number;
+  private readonly txEarly: boolean;
   private readonly txCopies: Uint8Array[] = objectArray();
   private readonly txPending: Array<{ buf: Uint8Array; len: number }> = [];
   private readonly txEarlyIov: Uint8Array[] = objectArray();
@@ -333,7 +330,7 @@ export class NetDevice implements VirtioBackend {
     private readonly defer?: (fn: () => void) => void,
   ) {
     const now = limits.now ?? monotonicMs;
-    this.txEarlyMax = limits.txEarlyMax ?? txEarlyMaxFromEnv(process.env.TYPERVISOR_NET_TX_EARLY);
+    this.txEarly = limits.txEarly ?? process.env.TYPERVISOR_NET_TX_EARLY === '1';
     this.rxLimiter = new RateLimiter(limits.rx, now);
     this.txLimiter = new RateLimiter(limits.tx, now);
     if (this.rxLimiter.active && !limits.setTimer)
@@ -509,20 +506,16 @@ export class NetDevice implements VirtioBackend {
       this.counters.txCoalesced++;
     }
     const frameLen = len - NET_HDR_SIZE;
-    if (frameLen <= this.txEarlyMax && this.txEarlyMax > 0) {
+    if (this.txEarly) {
       // A turn longer than the copies: the earlier ones go first (frames keep their order).
       if (this.txPending.length >= TX_EARLY_FRAMES) this.writePending();
-      const buf =
-        this.txCopies.pop() ??
-        new Uint8Array(Math.min(MAX_FRAME_WITH_HDR, NET_HDR_SIZE + this.txEarlyMax));
+      const buf = this.txCopies.pop() ?? new Uint8Array(MAX_FRAME_WITH_HDR);
       buf.set(this.txHdr, 0);
       gatherFrom(iov, 1, buf.subarray(NET_HDR_SIZE, len));
       iov.length = 0;
       this.txPending.push({ buf, len });
       return 0;
     }
-    // Copies before it go first (frames keep their order).
-    if (this.txPending.length > 0) this.writePending();
     return this.writeFrame(iov, frameLen);
   }
 
@@ -846,19 +839,8 @@ function objectArray(): Uint8Array[] {
   return a;
 }
 
-/** Frames copied per TX turn for early completion (afterTurn); 8 copies kept at most. */
+/** Frames copied per TX turn for early completion (afterTurn); 8 x 64 KiB kept at most. */
 const TX_EARLY_FRAMES = 8;
-
-/**
- * The largest frame completed early by default (bytes after the virtio-net header): a ping's
- * echo request is 98, an ARP 42, a TCP ACK with timestamps 66.
- */
-export const TX_EARLY_SMALL = 256;
-
-/** TYPERVISOR_NET_TX_EARLY: '1' every frame early, '0' none, anything else the default. */
-export function txEarlyMaxFromEnv(v: string | undefined): number {
-  return v === '1' ? MAX_FRAME_WITH_HDR : v === '0' ? 0 : TX_EARLY_SMALL;
-}
 
 /** Copies up to dst.length bytes from the start of segments[from..]; returns how many. */
 function gatherFrom(segments: readonly Uint8Array[], from: number, dst: Uint8Array): number {

@@ -66,7 +66,7 @@ function setup() {
   const tap = new BatchTap(batch);
   tap.log = log;
   const logs: string[] = [];
-  const dev = new NetDevice('virtio-net batch', tap, (m) => logs.push(m), { txEarlyMax: 0 });
+  const dev = new NetDevice('virtio-net batch', tap, (m) => logs.push(m), { txEarly: false });
   const h = harness(netIdentity(undefined, true), dev);
   const [, tx] = h.start();
   /** A TX chain whose frame's first byte is `first`, in `pieces` buffers after the header. */

@@ -54,7 +54,7 @@ class RecordingTap implements TapIo {
 
 function setup() {
   const tap = new RecordingTap();
-  const dev = new NetDevice('virtio-net tx-path', tap, () => undefined, { txEarlyMax: 0 });
+  const dev = new NetDevice('virtio-net tx-path', tap, () => undefined, { txEarly: false });
   const h = harness(netIdentity(undefined, true), dev);
   const [rx, tx] = h.start();
   return { tap, dev, h, rx: rx!, tx: tx! };
