@@ -8,11 +8,9 @@ import { request, type IncomingHttpHeaders } from 'node:http';
 import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { TIME_SCALE } from '../host/helpers.js';
+import { CLI, TIME_SCALE } from '../host/helpers.js';
 
-export const REPO = fileURLToPath(new URL('../../../', import.meta.url));
-export const CLI = join(REPO, 'bin', 'typervisor');
+export { CLI, REPO } from '../host/helpers.js';
 
 export interface Reply {
   status: number;
