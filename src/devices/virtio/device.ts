@@ -148,10 +148,10 @@ export interface VirtioBackend {
    */
   endTurn?(queue: number): void;
   /**
-   * Optional (issue 17, virtio-net's early TX completion and its read of the host's answers):
-   * called after a drained turn's used entries are published and its interrupt sent (so the
-   * driver may already reuse the turn's buffers: a backend does here only work on copies it made
-   * in handle(), or other queues' work). An exception breaks the device.
+   * Optional (issue 17, virtio-net's early TX completion): called after a drained turn's used
+   * entries are published and its interrupt sent (so the driver may already reuse the turn's
+   * buffers: a backend does here only work on copies it made in handle()). An exception breaks
+   * the device.
    */
   afterTurn?(queue: number): void;
   /**

@@ -202,7 +202,7 @@ function answerEachWrite(tap: FakeTap): FakeTap['writev'] {
   return writev;
 }
 
-test('virtio-net: a reply already on the TAP when a TX turn ends goes in right after it, TX first (rxAfterTx)', () => {
+test('virtio-net: a reply already on the TAP when a TX turn ends goes in with it, RX first (rxAfterTx)', () => {
   const { tap, dev, h } = setup();
   const [rx, tx] = h.start();
   const writev = answerEachWrite(tap);
@@ -220,7 +220,7 @@ test('virtio-net: a reply already on the TAP when a TX turn ends goes in right a
   assert.deepEqual(rx!.takeUsed(), [{ id: 0, len: NET_HDR_SIZE + 84 }]);
   assert.equal(h.mem.view(b + NET_HDR_SIZE, 1)[0], 0x44);
   assert.equal(tx!.takeUsed().length, 1);
-  assert.equal(h.interrupts(), irqs + 2, 'TX, then RX: back to back (no loop rounds here)');
+  assert.equal(h.interrupts(), irqs + 2, 'RX, then TX: back to back (no loop rounds here)');
   assert.equal(dev.counters.rxAfterTx, 1);
   // A TX turn with nothing to read looks once (the held chain stays held), and a turn that
   // wrote nothing (a bad frame) does not look at all.
@@ -282,9 +282,9 @@ test('virtio-net RX: a lone frame is published and signalled before the read tha
   assert.deepEqual(wake(1).reads[1], [rx!.usedIdx(), 1]);
 });
 
-test("virtio-net: a TX turn's interrupt goes before the reply it brought back is read; a driver that acknowledged it gets the reply's own", () => {
+test("virtio-net: the reply a TX turn brought back is signalled before the turn's completion; a driver that acknowledged it gets TX's own", () => {
   // The driver's handler runs inside each interrupt, as a guest's vCPU on another CPU can before
-  // our thread goes on: it sees the TX completion first, then the reply under an interrupt of
+  // our thread goes on: it sees the reply first, then the TX completion under an interrupt of
   // its own. (A driver that has not acknowledged yet takes both under one: the next test.)
   const driver: { take?: () => void } = {};
   const seen: Array<[number, number]> = [];
@@ -315,17 +315,17 @@ test("virtio-net: a TX turn's interrupt goes before the reply it brought back is
     assert.deepEqual(
       seen,
       [
-        [ping - 1, ping],
+        [ping, ping - 1],
         [ping, ping],
       ],
-      `ping ${ping}: TX's interrupt, then the reply's`,
+      `ping ${ping}: the reply's interrupt, then TX's`,
     );
     assert.equal(rx!.takeUsed().length, 1);
     assert.equal(tx!.takeUsed().length, 1);
   }
   assert.equal(dev.counters.rxAfterTx, 3);
   const m = h.device.metrics();
-  assert.deepEqual([m.queue0_irqs, m.queue1_irqs, m.queue0_irqs_coalesced], [3, 3, 0]);
+  assert.deepEqual([m.queue0_irqs, m.queue1_irqs, m.queue1_irqs_coalesced], [3, 3, 0]);
   // A turn with no reply (nothing on the TAP) sends its own interrupt only.
   tap.writev = (bufs) => bufs.reduce((n, b) => n + b.length, 0);
   send(0x66);
@@ -354,19 +354,19 @@ test('virtio-net: RX and TX interrupts of one loop round share one irqfd write u
   assert.equal(tx!.takeUsed().length, 1);
   assert.equal(h.interrupts(), irqs + 1);
   const m = h.device.metrics();
-  assert.deepEqual([m.queue0_irqs, m.queue1_irqs, m.queue0_irqs_coalesced], [1, 1, 1]);
+  assert.deepEqual([m.queue0_irqs, m.queue1_irqs, m.queue1_irqs_coalesced], [1, 1, 1]);
   // Not acknowledged, but a new round: written again (an edge lost while masked is not final),
   // once for both queues again.
   round++;
   send();
   assert.equal(h.interrupts(), irqs + 2);
-  assert.equal(h.device.metrics().queue0_irqs_coalesced, 2);
+  assert.equal(h.device.metrics().queue1_irqs_coalesced, 2);
   // Acknowledged (the driver's handler), same round: the next one is written.
   assert.equal(h.driver.takeInterrupt() & 1, 1);
   tx!.addChain([{ addr: h.alloc.alloc(128), len: 8 }]); // a bad frame: used, no TAP write
   h.kick(TX_QUEUE);
   assert.equal(h.interrupts(), irqs + 3);
-  assert.equal(h.device.metrics().queue0_irqs_coalesced, 2);
+  assert.equal(h.device.metrics().queue1_irqs_coalesced, 2);
 });
 
 test('virtio-net RX back-pressure: no buffer -> stop watching the TAP; the kick resumes, nothing lost', () => {

@@ -519,14 +519,10 @@ export class NetDevice implements VirtioBackend {
     return this.writeFrame(iov, frameLen);
   }
 
-  /**
-   * After a TX turn (its used entries published, its interrupt sent): early completion's copies
-   * are written, and what the turn's frames brought back is read (rxAfterTx). Never throws.
-   */
+  /** Writes the copies of the turn's frames (after their chains went back); never throws. */
   afterTurn(queue: number): void {
-    if (queue !== TX_QUEUE) return;
-    if (this.txPending.length > 0) this.writePending();
-    else this.rxAfterTx();
+    if (queue !== TX_QUEUE || this.txPending.length === 0) return;
+    this.writePending();
   }
 
   private writePending(): void {
@@ -577,21 +573,23 @@ export class NetDevice implements VirtioBackend {
    * batched frames are written now, so no chain is returned while the kernel may still read it.
    */
   endTurn(queue: number): void {
-    if (queue === TX_QUEUE) this.flushTx();
+    if (queue !== TX_QUEUE) return;
+    this.flushTx();
+    this.rxAfterTx();
   }
 
   /**
-   * Issue 17 (ping): what a TX turn's frames brought back goes to the guest right after the
-   * turn (afterTurn). The host's own stack answers a frame (an echo reply, an ARP reply, an ACK)
-   * inside our write, so the answer is on the TAP before the TAP's readiness could wake us.
-   * TX's interrupt is sent first, before this read: the guest's vCPU, often halted, wakes while
-   * we read and publish the answer, and its handler (which looks at every queue) usually finds
-   * it there. RX's interrupt then shares TX's while the driver has not acknowledged it (one
-   * round, VirtioDevice.interruptIfWanted); a driver that did already gets a second one.
-   * Measured in the lab (2026-12-07, bench/results/2026-12-07-lab-ping-irq-order.md): the
-   * guest's interrupt came ~1.2 ms sooner than with RX's interrupt first, for 1.35 interrupts
-   * per ping against 1.0. Only after frames went out, and only while RX waits on the TAP
-   * (buffers posted, not throttled): otherwise one read that finds nothing.
+   * Issue 17 (ping): what this turn's frames brought back already goes in with the turn. The
+   * host's own stack answers a frame (an echo reply, an ARP reply, an ACK) inside our write, so
+   * the answer is on the TAP before the TAP's readiness could wake us: RX serves it now, and its
+   * interrupt comes right before TX's (endTurn runs before the turn's interrupt), which then
+   * shares it while the driver has not acknowledged it (one loop round,
+   * VirtioDevice.interruptIfWanted). In a bulk transfer the guest's ACKs (or its data's ACKs)
+   * thus go in under the TX turn's interrupt. TX's interrupt first (before this read, as QEMU
+   * does) was tried twice on 2026-12-07 and dropped: a ping no faster (5 of 10 lab rounds
+   * either way), and twice the interrupts per MB guest -> host (7.8-11.2 against 3.0-4.3;
+   * bench/results/2026-12-07-lab-irq-order-bulk.md). Only after frames went out, and only while
+   * RX waits on the TAP (buffers posted, not throttled): otherwise one read that finds nothing.
    */
   private rxAfterTx(): void {
     if (!this.txSinceRx) return;
