@@ -64,13 +64,32 @@ const PINGS_ONLY = 30;
 /**
  * TYPERVISOR_BENCH_NODE_FLAGS="--trace-gc ...": Node/V8 flags for our VMM's process (a
  * diagnosis: V8 flags change the code caches' key, so those runs take dist/ un-bundled,
- * TYPERVISOR_NO_BUNDLE, and leave dist/bundle alone). With --trace-gc, the ping logs each
- * isolate's collections during the pings (V8 prints them on stdout, the console's stream).
+ * TYPERVISOR_NO_BUNDLE, and leave dist/bundle alone). With --trace-gc, the ping and the vsock
+ * host -> guest transfer log each isolate's collections during them (V8 prints them on stdout,
+ * the console's stream).
  */
 const NODE_FLAGS = (process.env.TYPERVISOR_BENCH_NODE_FLAGS ?? '').split(' ').filter(Boolean);
 if (NODE_FLAGS.length > 0) process.env.TYPERVISOR_NO_BUNDLE = '1';
 const GC_LINE =
   /^\[\d+:(0x[0-9a-f]+)\]\s+[\d.]+ ms: (Scavenge|Mark-Compact|Mark-sweep|Minor)[^\n]*/gm;
+/**
+ * With --trace-gc in TYPERVISOR_BENCH_NODE_FLAGS: the collections V8 printed in `out` (our VMM's
+ * stdout, the console's stream), counted per isolate and kind, then the first 60 lines.
+ */
+function logGcs(what: string, out: string): void {
+  if (!NODE_FLAGS.includes('--trace-gc')) return;
+  const gcs = [...out.matchAll(GC_LINE)];
+  const per = new Map<string, number>();
+  for (const g of gcs) per.set(`${g[1]} ${g[2]}`, (per.get(`${g[1]} ${g[2]}`) ?? 0) + 1);
+  log(`${what}, per isolate: ${[...per].map(([k, v]) => `${k} x${v}`).join(', ') || 'none'}`);
+  log(
+    gcs
+      .slice(0, 60)
+      .map((g) => g[0])
+      .join('\n'),
+  );
+}
+
 /** KiB the guest prints on its console for the console row. */
 const CONSOLE_KIB = 64;
 const VSOCK_MIB = 32;
@@ -576,20 +595,8 @@ async function measure(
           if (ftrace) ftraceStart(vm.child.pid!);
           const out = await vm.run(`busybox ping ${q}-c ${pings} -i 0.2 ${net.hostAddr}`, 120_000);
           if (ftrace) ftraceStop(join(ftrace, `${name}.trace`), vm.child.pid!);
-          if (isOurs(name) && NODE_FLAGS.includes('--trace-gc')) {
-            const gcs = [...vm.out.slice(outFrom).matchAll(GC_LINE)];
-            const per = new Map<string, number>();
-            for (const g of gcs) per.set(`${g[1]} ${g[2]}`, (per.get(`${g[1]} ${g[2]}`) ?? 0) + 1);
-            log(
-              `${name}: V8 collections during ${pings} pings, per isolate: ${[...per].map(([k, v]) => `${k} x${v}`).join(', ') || 'none'}`,
-            );
-            log(
-              gcs
-                .slice(0, 60)
-                .map((g) => g[0])
-                .join('\n'),
-            );
-          }
+          if (isOurs(name))
+            logGcs(`${name}: V8 collections during ${pings} pings`, vm.out.slice(outFrom));
           if (NODE_FLAGS.some((f) => f === '--trace-opt' || f === '--trace-deopt'))
             log(
               `${name}: V8 tier changes during the pings:\n${tierChanges(vm.out.slice(outFrom))}`,
@@ -772,9 +779,15 @@ async function measure(
               : undefined;
           if (tracer) await waitOut(tracer, /attached/, 10_000);
           const t = performance.now();
+          const outFrom = vm.out.length;
           sender.proc.stdin!.write('go\n');
           const [, n] = await vm.waitFor(/H2GV (\d+)\r?\n/, 300_000, from);
           const ms = performance.now() - t;
+          if (isOurs(name))
+            logGcs(
+              `${name}: V8 collections during vsock host -> guest${label}`,
+              vm.out.slice(outFrom),
+            );
           if (probe) log(`${name}: vsock host -> guest${label}: ${probe(bytes / 1048576)}`);
           if (irqsBefore !== undefined) {
             const after = netIrqs(await vm.run(VSOCK_IRQ_CMD, 30_000));
