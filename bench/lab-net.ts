@@ -73,12 +73,13 @@ if (NODE_FLAGS.length > 0) process.env.TYPERVISOR_NO_BUNDLE = '1';
 const GC_LINE =
   /^\[\d+:(0x[0-9a-f]+)\]\s+[\d.]+ ms: (Scavenge|Mark-Compact|Mark-sweep|Minor)[^\n]*/gm;
 /**
- * With --trace-gc in TYPERVISOR_BENCH_NODE_FLAGS: the collections V8 printed in `out` (our VMM's
- * stdout, the console's stream), counted per isolate and kind, then the first 60 lines.
+ * With --trace-gc in TYPERVISOR_BENCH_NODE_FLAGS: the collections V8 printed in `out` from `from`
+ * on (our VMM's stdout, the console's stream), counted per isolate and kind, then the first 60
+ * lines. Without the flag, nothing (not even the slice).
  */
-function logGcs(what: string, out: string): void {
+function logGcs(what: string, out: string, from: number): void {
   if (!NODE_FLAGS.includes('--trace-gc')) return;
-  const gcs = [...out.matchAll(GC_LINE)];
+  const gcs = [...out.slice(from).matchAll(GC_LINE)];
   const per = new Map<string, number>();
   for (const g of gcs) per.set(`${g[1]} ${g[2]}`, (per.get(`${g[1]} ${g[2]}`) ?? 0) + 1);
   log(`${what}, per isolate: ${[...per].map(([k, v]) => `${k} x${v}`).join(', ') || 'none'}`);
@@ -596,7 +597,7 @@ async function measure(
           const out = await vm.run(`busybox ping ${q}-c ${pings} -i 0.2 ${net.hostAddr}`, 120_000);
           if (ftrace) ftraceStop(join(ftrace, `${name}.trace`), vm.child.pid!);
           if (isOurs(name))
-            logGcs(`${name}: V8 collections during ${pings} pings`, vm.out.slice(outFrom));
+            logGcs(`${name}: V8 collections during ${pings} pings`, vm.out, outFrom);
           if (NODE_FLAGS.some((f) => f === '--trace-opt' || f === '--trace-deopt'))
             log(
               `${name}: V8 tier changes during the pings:\n${tierChanges(vm.out.slice(outFrom))}`,
@@ -784,10 +785,7 @@ async function measure(
           const [, n] = await vm.waitFor(/H2GV (\d+)\r?\n/, 300_000, from);
           const ms = performance.now() - t;
           if (isOurs(name))
-            logGcs(
-              `${name}: V8 collections during vsock host -> guest${label}`,
-              vm.out.slice(outFrom),
-            );
+            logGcs(`${name}: V8 collections during vsock host -> guest${label}`, vm.out, outFrom);
           if (probe) log(`${name}: vsock host -> guest${label}: ${probe(bytes / 1048576)}`);
           if (irqsBefore !== undefined) {
             const after = netIrqs(await vm.run(VSOCK_IRQ_CMD, 30_000));
