@@ -246,6 +246,16 @@ function cpuOf(statPath: string): number {
 
 export const processCpuSeconds = (pid: number): number => cpuOf(`/proc/${pid}/stat`);
 
+/** The name (comm) of thread `tid` of `pid` ("main" for the main thread), or "gone". */
+function threadName(pid: number, tid: number): string {
+  if (tid === pid) return 'main';
+  try {
+    return readFileSync(`/proc/${pid}/task/${tid}/comm`, 'utf8').trim();
+  } catch {
+    return 'gone';
+  }
+}
+
 /** CPU seconds of each thread of `pid`, by thread id. */
 export function threadCpuSeconds(pid: number): Map<number, number> {
   const m = new Map<number, number>();
@@ -268,6 +278,16 @@ export interface Window {
   cpuPercent: number;
   /** CPU of its busiest thread over the window, % of one core. */
   busiestThreadPercent: number;
+  /**
+   * CPU of each thread over the window, ms, by thread name: "main", our workers tv-<role>,
+   * Node's and V8's helpers "node" (threads of one name summed); only names that used some.
+   */
+  threadsMs: Record<string, number>;
+  /**
+   * CPU of the whole VMM in each `sliceMs` of the window (the last one at least half as long),
+   * % of one core, oldest first; empty without `sliceMs`.
+   */
+  slicePercents: number[];
   /** GET / during the window: each probe's latency, and any that failed. */
   api: Array<{ ms: number; state?: string; error?: string }>;
   /**
@@ -279,8 +299,9 @@ export interface Window {
 }
 
 /**
- * Samples the VMM for `ms`: VmRSS every 100 ms, CPU at both ends, and a GET / on the API
- * every `apiEveryMs` (in sequence: one in flight at a time); then one FlushMetrics.
+ * Samples the VMM for `ms`: VmRSS every 100 ms, CPU at both ends (and every `sliceMs`, when
+ * given), and a GET / on the API every `apiEveryMs` (in sequence: one in flight at a time);
+ * then one FlushMetrics.
  */
 export async function measure(
   vm: HostileVm,
@@ -288,6 +309,7 @@ export async function measure(
   /** Called as the window closes, before the FlushMetrics (to read the console then). */
   atEnd?: () => void,
   apiEveryMs = 700,
+  sliceMs?: number,
 ): Promise<Window> {
   const t0 = performance.now();
   const cpu0 = processCpuSeconds(vm.pid);
@@ -295,6 +317,19 @@ export async function measure(
   const rssStart = rssKiB(vm.pid);
   let peak = rssStart;
   const sampler = setInterval(() => (peak = Math.max(peak, rssKiB(vm.pid))), 100);
+  const slicePercents: number[] = [];
+  let sliceAt = t0;
+  let sliceCpu = cpu0;
+  const slicer =
+    sliceMs === undefined
+      ? undefined
+      : setInterval(() => {
+          const now = performance.now();
+          const c = processCpuSeconds(vm.pid);
+          slicePercents.push(((c - sliceCpu) / ((now - sliceAt) / 1000)) * 100);
+          sliceAt = now;
+          sliceCpu = c;
+        }, sliceMs);
   const api: Window['api'] = [];
   try {
     while (performance.now() - t0 < ms && !vm.gone()) {
@@ -305,13 +340,26 @@ export async function measure(
     }
   } finally {
     clearInterval(sampler);
+    clearInterval(slicer);
   }
   const wall = performance.now() - t0;
+  // The window's last slice, which its own end may have cut short, when at least half of one.
+  if (sliceMs !== undefined && t0 + wall - sliceAt >= sliceMs / 2)
+    slicePercents.push(
+      ((processCpuSeconds(vm.pid) - sliceCpu) / ((t0 + wall - sliceAt) / 1000)) * 100,
+    );
   atEnd?.();
   const cpu1 = processCpuSeconds(vm.pid);
   const th1 = threadCpuSeconds(vm.pid);
   let busiest = 0;
-  for (const [tid, s] of th1) busiest = Math.max(busiest, s - (th0.get(tid) ?? 0));
+  const threadsMs: Record<string, number> = {};
+  for (const [tid, s] of th1) {
+    const d = s - (th0.get(tid) ?? 0);
+    busiest = Math.max(busiest, d);
+    if (d <= 0) continue;
+    const name = threadName(vm.pid, tid);
+    threadsMs[name] = Math.round((threadsMs[name] ?? 0) + d * 1000);
+  }
   const rssEnd = rssKiB(vm.pid);
   let flush: string;
   const f0 = performance.now();
@@ -331,6 +379,8 @@ export async function measure(
     rssEndKiB: rssEnd,
     cpuPercent: ((cpu1 - cpu0) / (wall / 1000)) * 100,
     busiestThreadPercent: (busiest / (wall / 1000)) * 100,
+    threadsMs,
+    slicePercents,
     api,
     flush,
   };

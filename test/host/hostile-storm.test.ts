@@ -77,6 +77,7 @@ test(
         rssGrowthMiB: mib(w.rssPeakKiB - w.rssStartKiB),
         cpuPercent: Math.round(w.cpuPercent),
         busiestThreadPercent: Math.round(w.busiestThreadPercent),
+        threadsMs: w.threadsMs,
         apiMs: w.api.map((a) => (a.error ? 'failed' : Math.round(a.ms))),
         flushMetrics: w.flush,
         stopMs: stopMs === undefined ? `> ${STOP_MS}` : Math.round(stopMs),
