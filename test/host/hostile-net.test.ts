@@ -34,11 +34,12 @@ import {
  * and nothing sent, a busy loop (or a timer that wakes without progress) is the same in every
  * slice, so the bound is on the second-quietest slice, and every slice is reported. A one-off
  * burst is not a loop: V8's memory reducer collects each isolate (a mark-compact, often a second
- * ~0.7 s later) some seconds after the VMM went quiet. In the lab it took 15-25% of a 1 s slice,
+ * ~0.7 s later) some seconds after the VMM went quiet. In the lab it took 12-25% of a 1 s slice,
  * in up to three slices of five (the isolates' reducers at different times), and up to 380 ms
- * of a 2 s window (--trace-gc put its "Mark-Compact (reduce)" lines inside it). CI of 029481b
- * failed the old single 2 s window at 40%, none of it on our own tv-* threads, in 1 of 5 CIs of
- * the same code. Windows without one: 0-2%.
+ * of a 2 s window (--trace-gc put its "Mark-Compact (reduce)" lines inside it), all of it on
+ * the main thread and Node's and V8's helpers, none on our tv-* workers. CI of 029481b failed
+ * the old single 2 s window at 40% (busiest thread 23%), in 1 of 5 CIs of the same code.
+ * Windows without one: 0-2%.
  */
 const IDLE_MS = 5000;
 const IDLE_SLICE_MS = 1000;
