@@ -9,9 +9,9 @@
  *     node dist/bench/lab-net.js --only vsock --runs 1 --vmm typervisor
  *   node dist/bench/ic-sites.js [--match vsock] /dev/shm/ic/isolate-*.log
  *
- * (The logs are per isolate: the main thread's, the device worker's, each vCPU worker's. The
- * filters would refuse a worker's open of its log, hence no seccomp.) Only code under dist/src
- * is listed; `--match` keeps the lines whose file or function contains the string.
+ * (The logs are per isolate: the main thread's, the device worker's, each vCPU worker's. It ran
+ * without seccomp, as the filters might refuse a worker's open of its log; not tried with them.)
+ * Only code under dist/src is listed; `--match` keeps the lines whose file or function contains the string.
  */
 import { readFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
