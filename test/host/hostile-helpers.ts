@@ -320,16 +320,15 @@ export async function measure(
   const slicePercents: number[] = [];
   let sliceAt = t0;
   let sliceCpu = cpu0;
+  /** Ends the slice begun at sliceAt, at `now`, and begins the next. */
+  const endSlice = (now: number) => {
+    const c = processCpuSeconds(vm.pid);
+    slicePercents.push(((c - sliceCpu) / ((now - sliceAt) / 1000)) * 100);
+    sliceAt = now;
+    sliceCpu = c;
+  };
   const slicer =
-    sliceMs === undefined
-      ? undefined
-      : setInterval(() => {
-          const now = performance.now();
-          const c = processCpuSeconds(vm.pid);
-          slicePercents.push(((c - sliceCpu) / ((now - sliceAt) / 1000)) * 100);
-          sliceAt = now;
-          sliceCpu = c;
-        }, sliceMs);
+    sliceMs === undefined ? undefined : setInterval(() => endSlice(performance.now()), sliceMs);
   const api: Window['api'] = [];
   try {
     while (performance.now() - t0 < ms && !vm.gone()) {
@@ -344,10 +343,7 @@ export async function measure(
   }
   const wall = performance.now() - t0;
   // The window's last slice, which its own end may have cut short, when at least half of one.
-  if (sliceMs !== undefined && t0 + wall - sliceAt >= sliceMs / 2)
-    slicePercents.push(
-      ((processCpuSeconds(vm.pid) - sliceCpu) / ((t0 + wall - sliceAt) / 1000)) * 100,
-    );
+  if (sliceMs !== undefined && t0 + wall - sliceAt >= sliceMs / 2) endSlice(t0 + wall);
   atEnd?.();
   const cpu1 = processCpuSeconds(vm.pid);
   const th1 = threadCpuSeconds(vm.pid);
