@@ -216,13 +216,20 @@ export const PartialNetworkInterface: Schema = {
 export const Vsock: Schema = {
   type: 'object',
   description:
-    'A virtio-vsock device proxied to Unix sockets. Stored and validated; attached later.',
+    'A virtio-vsock device proxied to Unix sockets (or, with backend "vhost", served by the host kernel). Stored and validated; attached later.',
   properties: {
     guest_cid: int(3, 0xffff_fffe, 'Guest context id.'),
-    uds_path: str('Host Unix socket path (at most 107 bytes).'),
+    uds_path: str(
+      'Host Unix socket path (at most 107 bytes). Required unless backend is "vhost", which refuses it.',
+    ),
+    backend: oneOf(
+      ['unix', 'vhost'],
+      'Typervisor only: "unix" (default: Firecracker\'s Unix sockets at uds_path) or "vhost": the host kernel\'s vhost-vsock (/dev/vhost-vsock) serves the rx/tx queues and host programs reach the guest over AF_VSOCK at guest_cid; not with track_dirty_pages or memory hotplug. Echoed only when "vhost".',
+    ),
     vsock_id: str('Deprecated (answered with `Deprecation: true`); not echoed.', 256),
   },
-  required: ['guest_cid', 'uds_path'],
+  // uds_path is required for the unix backend: validateVsock says so (the schema cannot).
+  required: ['guest_cid'],
 };
 
 export const EntropyDevice: Schema = {

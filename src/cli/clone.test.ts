@@ -1,6 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { expand, MAX_CLONES, parseCloneArgs, planClones } from './clone.js';
+import { expand, MAX_CLONES, parseCloneArgs, planClones, savedVhostVsockCid } from './clone.js';
 
 const base = ['--snapshot', 's', '--mem-file', 'm'];
 
@@ -82,4 +82,29 @@ test('clone plans: overrides per clone, checked against the snapshot', () => {
       ),
     /longer than 107/,
   );
+});
+
+test('clone plans: a vhost vsock has no socket to re-point, and its CID fits one clone', () => {
+  const vhost = { nets: [], vsock: true, vhostVsockCid: 9 };
+  const one = planClones(parseCloneArgs([...base, '--count', '1']), vhost, '/d');
+  assert.equal(one.length, 1);
+  assert.equal(one[0]!.load.vsock_override, undefined);
+  assert.throws(
+    () => planClones(parseCloneArgs([...base, '--count', '2']), vhost, '/d'),
+    /vhost backend: its guest CID 9 can be held by one VM at a time on this host, so 2 clones/,
+  );
+  assert.throws(
+    () =>
+      planClones(
+        parseCloneArgs([...base, '--count', '1', '--vsock-uds-pattern', '/run/v%d.sock']),
+        vhost,
+        '/d',
+      ),
+    /--vsock-uds-pattern: the snapshot's vsock device uses the vhost backend, which has no Unix socket \(its host side is AF_VSOCK at guest CID 9\)/,
+  );
+  // What the snapshot's configuration says.
+  assert.equal(savedVhostVsockCid('{"vsock":{"guest_cid":9,"backend":"vhost"}}'), 9);
+  assert.equal(savedVhostVsockCid('{"vsock":{"guest_cid":9,"uds_path":"/v"}}'), undefined);
+  assert.equal(savedVhostVsockCid('{"vsock":null}'), undefined);
+  assert.equal(savedVhostVsockCid('not json'), undefined);
 });

@@ -62,7 +62,8 @@ pages no clone writes are shared (the page cache).
                              from 0); ID may be left out when the snapshot has one interface.
                              Repeatable; needed for every saved interface when N > 1
   --vsock-uds-pattern PATH%d the vsock socket of clone i (needed when the snapshot has vsock
-                             and N > 1)
+                             and N > 1; a vsock with backend "vhost" has no socket, and its
+                             guest CID fits one clone only)
   --api-sock-pattern PATH%d  the API socket of clone i (default: in a temp dir)
   --console-pattern FILE%d|none  clone i's console output to FILE (default none)
   --report                   print memory per clone once they all run (and on SIGUSR1)
@@ -205,7 +206,7 @@ export interface ClonePlan {
  */
 export function planClones(
   a: CloneArgs,
-  saved: { nets: string[]; vsock: boolean },
+  saved: { nets: string[]; vsock: boolean; vhostVsockCid?: number },
   apiDir: string,
 ): ClonePlan[] {
   const taps = new Map<string, string>();
@@ -224,6 +225,19 @@ export function planClones(
       );
     if (taps.has(id)) throw new ConfigError(`--tap-pattern: interface ${id} given twice`);
     taps.set(id, t.pattern);
+  }
+  const cid = saved.vhostVsockCid;
+  if (cid !== undefined) {
+    if (a.vsockPattern !== undefined)
+      throw new ConfigError(
+        `--vsock-uds-pattern: the snapshot's vsock device uses the vhost backend, which has no Unix socket (its host side is AF_VSOCK at guest CID ${cid})`,
+      );
+    // The host kernel gives a CID to one vhost-vsock device at a time (EADDRINUSE), and a load
+    // cannot change the saved CID: a second clone would fail at load.
+    if (a.count > 1)
+      throw new ConfigError(
+        `the snapshot's vsock device uses the vhost backend: its guest CID ${cid} can be held by one VM at a time on this host, so ${a.count} clones cannot be restored from it`,
+      );
   }
   if (a.count > 1) {
     const missing = saved.nets.filter((n) => !taps.has(n));
@@ -310,14 +324,36 @@ async function startClone(c: Clone): Promise<void> {
 }
 
 /** What the snapshot holds that the overrides must cover (read and checked before anything starts). */
-function savedDevices(path: string): { nets: string[]; vsock: boolean; memMib: number } {
+function savedDevices(path: string): {
+  nets: string[];
+  vsock: boolean;
+  vhostVsockCid?: number;
+  memMib: number;
+} {
   const r = readSnapshotFile(path);
   if (!r.ok) throw new ConfigError(`cannot read snapshot ${path}: ${r.error.message}`);
+  const cid = savedVhostVsockCid(r.value.config);
   return {
     nets: r.value.devices.filter((d) => d.kind === 'net').map((d) => d.id),
     vsock: r.value.devices.some((d) => d.kind === 'vsock'),
+    ...(cid !== undefined ? { vhostVsockCid: cid } : {}),
     memMib: r.value.machine.memMib,
   };
+}
+
+/**
+ * The guest CID of the saved vsock device when it uses the vhost backend, from the snapshot's
+ * configuration (JSON); undefined otherwise, or when it cannot be read (the load says why).
+ */
+export function savedVhostVsockCid(configJson: string): number | undefined {
+  let c: unknown;
+  try {
+    c = JSON.parse(configJson);
+  } catch {
+    return undefined;
+  }
+  const v = (c as { vsock?: { backend?: unknown; guest_cid?: unknown } | null } | null)?.vsock;
+  return v?.backend === 'vhost' && typeof v.guest_cid === 'number' ? v.guest_cid : undefined;
 }
 
 function openConsole(path: PathLike): number {

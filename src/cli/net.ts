@@ -1,7 +1,7 @@
 /**
- * The syntax of `--net tap=NAME[,mac=MAC]` (repeatable) and `--vsock cid=N,uds=PATH`; run.ts
- * turns them into VmResources' network interfaces and vsock, checked and opened by the same
- * code as the API's.
+ * The syntax of `--net tap=NAME[,mac=MAC]` (repeatable) and `--vsock cid=N,uds=PATH` (or
+ * `cid=N,backend=vhost`); run.ts turns them into VmResources' network interfaces and vsock,
+ * checked and opened by the same code as the API's.
  */
 import { ConfigError } from '../util/errors.js';
 
@@ -10,11 +10,8 @@ export interface NetFlag {
   tap: string;
   mac?: string;
 }
-export interface VsockFlag {
-  kind: 'vsock';
-  cid: number;
-  uds: string;
-}
+/** The unix backend (the default) listens at `uds`; the vhost backend has no socket. */
+export type VsockFlag = { kind: 'vsock'; cid: number } & ({ uds: string } | { backend: 'vhost' });
 
 function fields(flag: string, spec: string, usage: string): Map<string, string> {
   const m = new Map<string, string>();
@@ -41,19 +38,28 @@ export function parseNet(spec: string): NetFlag {
 }
 
 export function parseVsock(spec: string): VsockFlag {
-  const usage = 'cid=N,uds=PATH';
+  const usage = 'cid=N,uds=PATH or cid=N,backend=vhost';
   const f = fields('vsock', spec, usage);
   for (const k of f.keys())
-    if (k !== 'cid' && k !== 'uds')
+    if (k !== 'cid' && k !== 'uds' && k !== 'backend')
       throw new ConfigError(`--vsock: unknown "${k}" (expected ${usage})`);
+  const backend = f.get('backend') ?? 'unix';
+  if (backend !== 'unix' && backend !== 'vhost')
+    throw new ConfigError(`--vsock: backend must be unix or vhost (got "${backend}")`);
   const cidText = f.get('cid');
   const uds = f.get('uds');
-  if (cidText === undefined || !uds)
-    throw new ConfigError(`--vsock ${spec}: ${usage} are required`);
+  if (backend === 'vhost' && uds !== undefined)
+    throw new ConfigError(
+      '--vsock: uds= is for the unix backend; with backend=vhost host programs reach the guest over AF_VSOCK at its cid',
+    );
+  if (cidText === undefined || (backend === 'unix' && !uds))
+    throw new ConfigError(
+      `--vsock ${spec}: ${backend === 'vhost' ? 'cid=N is' : 'cid=N and uds=PATH are'} required (${usage})`,
+    );
   const cid = /^\d{1,10}$/.test(cidText) ? Number(cidText) : NaN;
   if (!(cid >= 3 && cid <= 0xffff_fffe))
     throw new ConfigError(
       `--vsock: cid must be a whole number from 3 to ${0xffff_fffe} (got "${cidText}")`,
     );
-  return { kind: 'vsock', cid, uds };
+  return backend === 'vhost' ? { kind: 'vsock', cid, backend } : { kind: 'vsock', cid, uds: uds! };
 }

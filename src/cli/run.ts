@@ -58,7 +58,11 @@ export const RUN_USAGE = `usage: typervisor run [options]
   --net SPEC        a virtio-net device on a host TAP: tap=NAME[,mac=MAC] (repeatable; the TAP
                     is created if missing, which needs CAP_NET_ADMIN)
   --vsock SPEC      a virtio-vsock device: cid=N,uds=PATH (N >= 3; guest connections to port P
-                    reach PATH_P; host programs dial PATH and send "CONNECT P\\n")
+                    reach PATH_P; host programs dial PATH and send "CONNECT P\\n"), or
+                    cid=N,backend=vhost: the host kernel's vhost-vsock serves it (needs
+                    /dev/vhost-vsock: modprobe vhost_vsock); host programs connect over AF_VSOCK
+                    to CID N, the guest reaches host listeners at CID 2; not with
+                    --track-dirty-pages
   --track-dirty-pages  keep KVM's dirty log and the devices' writes, for Diff snapshots (also
                     with --restore)
   --boot-timer      print the time from process start to the guest's boot marker
@@ -79,7 +83,7 @@ do not apply):
   --mem-uffd SOCK   or: the socket of a page-fault handler serving the memory file (the Uffd
                     backend: start \`typervisor uffd-handler --socket SOCK --mem-file MEM\` first)
   --net-override ID=TAP  attach the saved interface ID to another TAP (repeatable)
-  --vsock-uds PATH  use another socket path for the saved vsock device
+  --vsock-uds PATH  use another socket path for the saved vsock device (unix backend only)
   --paused          leave the VM paused after loading it
   --clock-realtime  advance the guest clock by the time the snapshot spent on disk
 Console: the guest's serial port is this terminal; press Ctrl-A then x to quit.`;
@@ -314,7 +318,11 @@ export async function parseRunArgs(argv: string[]): Promise<RunArgs> {
     }));
   if ((v.vsock ?? []).length > 1) throw new ConfigError('--vsock can be given once');
   const vsock = v.vsock?.[0] === undefined ? undefined : parseVsock(v.vsock[0]);
-  if (vsock) res.vsock = { guest_cid: vsock.cid, uds_path: vsock.uds };
+  if (vsock)
+    res.vsock =
+      'uds' in vsock
+        ? { guest_cid: vsock.cid, uds_path: vsock.uds }
+        : { guest_cid: vsock.cid, backend: vsock.backend };
   if (v.rng) res.entropy = {};
   return {
     res,

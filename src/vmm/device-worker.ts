@@ -114,12 +114,15 @@ function main(d: DeviceWorkerData): void {
       case 'pause':
         paused = true;
         Atomics.store(control, WORKER_CONTROL.paused, 1);
+        // Queues served outside this thread (vhost) stop touching guest memory too.
+        for (const dev of devices) dev.device.pause();
         return undefined;
       case 'resume':
         paused = false;
         Atomics.store(control, WORKER_CONTROL.paused, 0);
         // Kicks and activations that arrived while paused are served now.
         for (const dev of devices) {
+          dev.device.resume();
           dev.device.onLifecycle();
           // Rate limits may have changed while paused: sleeping queues try again now.
           dev.device.wakeThrottled();
@@ -261,6 +264,7 @@ function main(d: DeviceWorkerData): void {
         ram: { memory: ram.memory, shared: ram.memfd !== undefined },
         config,
         ...(slot.kvmSlots ? { memorySlots: kvmSlotControl(slot.kvmSlots) } : {}),
+        queueFds: slot.queueFds,
       });
       const dev = new VirtioDevice(slot.state, created.backend, env);
       // InterruptACK = 1 without an exit (virtio-plan.ts `ackFd`): applied before the next raise.
@@ -273,7 +277,10 @@ function main(d: DeviceWorkerData): void {
         created.backend.onConfig = (c) => {
           if (dev.state.changeConfig(c.offset, c.bytes)) env.interrupt();
         };
-      slot.queueFds.forEach((fd, q) => watchQueue(loop, dev, q, fd));
+      // Queues served by another party (vhost) are kicked there: their eventfds are its to poll.
+      slot.queueFds.forEach((fd, q) => {
+        if (!created.backend.offloaded?.includes(q)) watchQueue(loop, dev, q, fd);
+      });
       return { slot, group: type.metricsGroup, device: dev, created, interrupt: env.interrupt };
     });
     loop.add(d.controlFd, { process: onControl });

@@ -95,7 +95,7 @@ test('network and vsock overrides replace the host names; unknown devices are re
   const eth1 = r.devices.find((d) => d.id === 'eth1');
   assert.equal(eth1?.kind === 'net' && eth1.tap, 'tapclone7');
   const vsock = r.devices.find((d) => d.kind === 'vsock');
-  assert.equal(vsock?.kind === 'vsock' && vsock.uds, '/tmp/clone7.sock');
+  assert.equal(vsock?.kind === 'vsock' && 'uds' in vsock && vsock.uds, '/tmp/clone7.sock');
   assert.equal(r.config['network-interfaces'][1]!.host_dev_name, 'tapclone7');
   assert.equal(r.config.vsock?.uds_path, '/tmp/clone7.sock');
 
@@ -164,7 +164,11 @@ test('hostile configurations are refused with a ConfigError naming the field, ne
       { ...good, 'network-interfaces': [{ iface_id: 'e', host_dev_name: 5 }] },
       /host_dev_name: expected a string/,
     ],
-    [{ ...good, vsock: { guest_cid: 3 } }, /vsock: missing field `uds_path`/],
+    [
+      { ...good, vsock: { guest_cid: 3 } },
+      /vsock uds_path is required \(unless backend is "vhost"\)/,
+    ],
+    [{ ...good, vsock: { uds_path: '/x' } }, /vsock: missing field `guest_cid`/],
     [{ ...good, vsock: { guest_cid: 2, uds_path: '/x' } }, /guest_cid/],
     [{ ...good, entropy: { rate_limiter: { ops: { size: 1 } } } }, /refill_time/],
     [{ ...good, 'boot-source': { boot_args: 'x' } }, /kernel_image_path/],

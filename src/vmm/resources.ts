@@ -124,9 +124,21 @@ export interface NetworkInterfaceConfig {
   tx_rate_limiter?: RateLimiter;
 }
 
+/** Who serves a vsock device's data queues (VsockConfig.backend). */
+export type VsockBackend = 'unix' | 'vhost';
+export const VSOCK_BACKENDS: readonly VsockBackend[] = ['unix', 'vhost'];
+
 export interface VsockConfig {
   guest_cid: number;
-  uds_path: string;
+  /** The unix backend's listening socket: required with it, refused with "vhost". */
+  uds_path?: string;
+  /**
+   * Typervisor's own: "unix" (unset: Firecracker's host side, Unix sockets at uds_path) or
+   * "vhost" (the host kernel's vhost-vsock serves the rx/tx queues; host programs reach the
+   * guest over AF_VSOCK at guest_cid). Firecracker has no such field; validateVsock drops
+   * "unix", so a configuration that does not ask for vhost reads back as Firecracker's would.
+   */
+  backend?: VsockBackend;
   /** Deprecated in Firecracker; kept so a config round-trips. */
   vsock_id?: string;
 }
@@ -498,14 +510,64 @@ export function afterFailedInterfacePut(
   return macConflict(nets, n) ? [...nets] : withoutInterface(nets, n.iface_id);
 }
 
+/**
+ * Checks a vsock section; returns it normalized: `backend` is kept only when it is "vhost" (the
+ * unix backend is the default, and Firecracker's configurations have no such field).
+ */
 export function validateVsock(v: VsockConfig): VsockConfig {
   if (!Number.isInteger(v.guest_cid) || v.guest_cid < 3 || v.guest_cid > 0xffff_fffe) {
     throw new ConfigError(`vsock guest_cid must be from 3 to ${0xffff_fffe} (got ${v.guest_cid})`);
   }
+  const backend: unknown = v.backend ?? 'unix';
+  if (!VSOCK_BACKENDS.includes(backend as VsockBackend))
+    throw new ConfigError(
+      `vsock backend must be "unix" or "vhost" (got ${JSON.stringify(String(backend).slice(0, 32))})`,
+    );
+  if (backend === 'vhost') {
+    // The kernel's device has no Unix socket: a path here would be a mistake, not a choice.
+    if (v.uds_path !== undefined)
+      throw new ConfigError(
+        "vsock: uds_path is for the unix backend; the vhost backend's host side is AF_VSOCK at guest_cid",
+      );
+    return {
+      guest_cid: v.guest_cid,
+      backend: 'vhost',
+      ...(v.vsock_id !== undefined ? { vsock_id: v.vsock_id } : {}),
+    };
+  }
+  if (v.uds_path === undefined)
+    throw new ConfigError('vsock uds_path is required (unless backend is "vhost")');
   if (v.uds_path.length === 0 || Buffer.byteLength(v.uds_path) > MAX_UDS_PATH) {
     throw new ConfigError(`vsock uds_path must be 1 to ${MAX_UDS_PATH} bytes (a Unix socket path)`);
   }
-  return v;
+  if (v.backend === undefined) return v;
+  const unix = { ...v };
+  delete unix.backend;
+  return unix;
+}
+
+/**
+ * What the vhost backend cannot be combined with (a ConfigError), checked at boot and at a
+ * snapshot load. `trackDirtyPages` is the VM's to be (machine-config at boot, the load's
+ * track_dirty_pages at a load), not a saved one.
+ */
+export function checkVsockBackend(
+  vsock: VsockConfig | undefined | null,
+  vm: { trackDirtyPages: boolean; memoryHotplug: boolean },
+): void {
+  if (vsock?.backend !== 'vhost') return;
+  // The host kernel writes the guest's rx buffers (and used rings) itself: neither KVM's dirty
+  // log nor the device-dirty bitmap sees those writes, so a Diff snapshot would miss them.
+  if (vm.trackDirtyPages)
+    throw new ConfigError(
+      "vsock: the vhost backend cannot be used with track_dirty_pages: the host kernel's vhost-vsock writes into guest memory without the dirty page tracking seeing it, so a Diff snapshot would miss those pages; use the unix backend",
+    );
+  // VHOST_SET_MEM_TABLE is given the boot RAM regions; hotplugged blocks are not in it, so a
+  // buffer the guest posted there could not be reached by the kernel.
+  if (vm.memoryHotplug)
+    throw new ConfigError(
+      "vsock: the vhost backend cannot be used with memory hotplug (memory-hotplug): the vhost backend's memory table covers boot RAM only; use the unix backend",
+    );
 }
 
 const LEVELS: readonly string[] = ['error', 'warning', 'warn', 'info', 'debug', 'trace', 'off'];
@@ -641,7 +703,7 @@ function checkDevices(r: Omit<VmResources, 'boot'>): {
     );
     if (problem) throw new ConfigError(problem);
   }
-  if (r.vsock) validateVsock(r.vsock);
+  const vsock = r.vsock ? validateVsock(r.vsock) : undefined;
   if (r.logger) validateLogger(r.logger);
   const devices: VirtioConfig[] = [
     ...drives.map((d): VirtioConfig => ({
@@ -683,16 +745,7 @@ function checkDevices(r: Omit<VmResources, 'boot'>): {
           }
         : {}),
     })),
-    ...(r.vsock
-      ? [
-          {
-            kind: 'vsock',
-            id: r.vsock.vsock_id ?? 'vsock',
-            cid: r.vsock.guest_cid,
-            uds: r.vsock.uds_path,
-          } as const,
-        ]
-      : []),
+    ...(vsock ? [vsockDeviceConfig(vsock)] : []),
     // Last, so that the slots of VMs without one (and their snapshots) do not move.
     ...(r.balloon
       ? [
@@ -717,6 +770,14 @@ function checkDevices(r: Omit<VmResources, 'boot'>): {
       `${devices.length} virtio devices configured; at most ${MAX_VIRTIO_DEVICES} fit`,
     );
   return { drives, pmem, devices };
+}
+
+/** The device's config from a checked vsock section (the unix backend stays implicit). */
+function vsockDeviceConfig(v: VsockConfig): VirtioConfig {
+  const id = v.vsock_id ?? 'vsock';
+  return v.backend === 'vhost'
+    ? { kind: 'vsock', id, cid: v.guest_cid, backend: 'vhost' }
+    : { kind: 'vsock', id, cid: v.guest_cid, uds: v.uds_path! };
 }
 
 function memDeviceConfig(m: Required<MemoryHotplugConfig>): VirtioConfig {
@@ -753,6 +814,10 @@ export function validateResources(r: VmResources): VmSpec {
     );
   validateBootSource(r.boot);
   const { drives, pmem, devices } = checkDevices(r);
+  checkVsockBackend(r.vsock, {
+    trackDirtyPages: r.machine.track_dirty_pages === true,
+    memoryHotplug: r.memory_hotplug !== undefined,
+  });
   const rootDrive = drives[0]?.is_root_device ? drives[0] : undefined;
   const staticTemplate = r.machine.cpu_template;
   const cpuTemplate =
@@ -937,7 +1002,10 @@ export function configFromSpec(spec: VmSpec): VmConfig {
         free_page_reporting: d.freePageReporting,
       };
     } else if (d.kind === 'vsock')
-      config.vsock = { guest_cid: d.cid, uds_path: d.uds, vsock_id: d.id };
+      config.vsock =
+        d.backend === 'vhost'
+          ? { guest_cid: d.cid, backend: 'vhost', vsock_id: d.id }
+          : { guest_cid: d.cid, uds_path: d.uds, vsock_id: d.id };
   });
   return config;
 }
@@ -952,10 +1020,15 @@ export interface RestoreSpec {
   readonly config: VmConfig;
 }
 
-/** A load's replacements for host-side names (Firecracker's network_overrides, vsock_override). */
+/**
+ * A load's replacements for host-side names (Firecracker's network_overrides, vsock_override),
+ * and its own choices the saved devices must allow.
+ */
 export interface RestoreOverrides {
   network?: ReadonlyArray<{ ifaceId: string; hostDevName: string }>;
   vsockUdsPath?: string;
+  /** The load's track_dirty_pages (a vhost vsock device refuses it). */
+  trackDirtyPages?: boolean;
 }
 
 type Json = Record<string, unknown>;
@@ -1136,15 +1209,22 @@ export function validateRestoreConfig(cfg: unknown, overrides: RestoreOverrides 
     c.vsock == null
       ? null
       : defined<VsockConfig>(
-          shape(c.vsock, 'vsock', { guest_cid: 'number', uds_path: 'string', vsock_id: 'string' }, [
-            'guest_cid',
-            'uds_path',
-          ]),
+          shape(
+            c.vsock,
+            'vsock',
+            { guest_cid: 'number', uds_path: 'string', backend: 'string', vsock_id: 'string' },
+            ['guest_cid'],
+          ),
         );
   if (overrides.vsockUdsPath !== undefined) {
     if (!vsock) throw new ConfigError('Unknown Vsock Device');
+    if (vsock.backend === 'vhost')
+      throw new ConfigError(
+        `vsock_override: the snapshot's vsock device uses the vhost backend, which has no Unix socket to re-point (its host side is AF_VSOCK at guest_cid ${vsock.guest_cid})`,
+      );
     vsock = { ...vsock, uds_path: overrides.vsockUdsPath };
   }
+  if (vsock) vsock = validateVsock(vsock);
 
   let entropy: EntropyConfig | null = null;
   if (c.entropy != null) {
@@ -1239,6 +1319,10 @@ export function validateRestoreConfig(cfg: unknown, overrides: RestoreOverrides 
     ...(balloon ? { balloon } : {}),
     ...(mmds ? { mmds_config: mmds } : {}),
   });
+  checkVsockBackend(vsock, {
+    trackDirtyPages: overrides.trackDirtyPages === true,
+    memoryHotplug: hotplug !== null,
+  });
   return {
     vcpus: machine.vcpu_count,
     memMib: machine.mem_size_mib,
@@ -1302,8 +1386,9 @@ export function wireMachineConfig(m: MachineConfig): Wire {
  * fresh VM's boot-source is Firecracker's default one (empty kernel path). Drives echo their
  * defaults (cache_type "Unsafe"; io_engine "Async", ours: Firecracker's is "Sync"); vsock_id is
  * dropped (deprecated: Firecracker drops it too); interface MACs are lower case. Our own
- * `allow_block_device` appears only when true, so a configuration that does not use it reads
- * back as Firecracker's would (but for the io_engine a drive left unset).
+ * `allow_block_device` appears only when true, and vsock's `backend` only when "vhost", so a
+ * configuration that does not use them reads back as Firecracker's would (but for the io_engine
+ * a drive left unset).
  */
 export function wireVmConfig(c: VmConfig): Wire {
   const boot = c['boot-source'];
@@ -1349,7 +1434,7 @@ export function wireVmConfig(c: VmConfig): Wire {
       rx_rate_limiter: wireRateLimiter(n.rx_rate_limiter),
       tx_rate_limiter: wireRateLimiter(n.tx_rate_limiter),
     })),
-    vsock: c.vsock ? { guest_cid: c.vsock.guest_cid, uds_path: c.vsock.uds_path } : null,
+    vsock: c.vsock ? wireVsock(c.vsock) : null,
     entropy: c.entropy ? { rate_limiter: wireRateLimiter(c.entropy.rate_limiter) } : null,
     pmem: c.pmem.map((p) => ({
       id: p.id,
@@ -1360,6 +1445,16 @@ export function wireVmConfig(c: VmConfig): Wire {
     })),
     'memory-hotplug': c['memory-hotplug'] ? validateMemoryHotplug(c['memory-hotplug']) : null,
   };
+}
+
+/**
+ * GET /vm/config's vsock: Firecracker's two fields for the unix backend (the default), so its
+ * configurations read back unchanged; our `backend` only when it is "vhost" (no uds_path then).
+ */
+function wireVsock(v: VsockConfig): Wire {
+  return v.backend === 'vhost'
+    ? { guest_cid: v.guest_cid, backend: 'vhost' }
+    : { guest_cid: v.guest_cid, uds_path: v.uds_path ?? null };
 }
 
 /** GET /vm/config's mmds-config, as Firecracker writes its MmdsConfig (defaults filled in). */

@@ -178,6 +178,25 @@ test('load applies overrides and refuses one naming a device the snapshot lacks'
   );
 });
 
+test('load refuses vsock_override and track_dirty_pages on a snapshot whose vsock is vhost', async () => {
+  const d = sample();
+  const c = JSON.parse(d.config) as ReturnType<typeof emptyVmConfig>;
+  c.vsock = { guest_cid: 3, backend: 'vhost' };
+  const p = files({
+    ...d,
+    config: JSON.stringify(c),
+    devices: [...d.devices, { kind: 'vsock', id: 'vsock', state: zeros(8) }],
+  });
+  await refused(
+    { ...p, vsockOverride: { udsPath: '/tmp/v.sock' } },
+    /^vsock_override: the snapshot's vsock device uses the vhost backend, which has no Unix socket to re-point/,
+  );
+  await refused(
+    { ...p, trackDirtyPages: true },
+    /^vsock: the vhost backend cannot be used with track_dirty_pages/,
+  );
+});
+
 test('create refuses a VM that is not paused, and a Diff without dirty page tracking', async () => {
   const vm = (state: string, stopping = false) =>
     ({ vmm: { state, stopping } }) as unknown as BuiltVm;

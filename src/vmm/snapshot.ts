@@ -333,6 +333,7 @@ function checkSnapshot(
     spec = validateRestoreConfig(saved, {
       network: p.networkOverrides,
       ...(p.vsockOverride ? { vsockUdsPath: p.vsockOverride.udsPath } : {}),
+      trackDirtyPages: p.trackDirtyPages,
     });
   } catch (e) {
     throw loadError((e as Error).message);

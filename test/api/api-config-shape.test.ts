@@ -236,3 +236,39 @@ describe("configuration in Firecracker's shape (real socket, child process)", ()
     );
   });
 });
+
+/**
+ * vsock's `backend` (Typervisor's own field) over the real socket: a Firecracker body reads back
+ * with Firecracker's two fields, "vhost" reads back with `backend` and no uds_path, and the
+ * refusals name the problem.
+ */
+describe('vsock backend: our extension, echoed only when "vhost"', () => {
+  let srv: ServerProcess;
+  before(async () => {
+    srv = await startServer();
+  });
+  after(async () => {
+    await srv.kill();
+  });
+
+  test('PUT /vsock with and without backend; GET /vm/config', T, async () => {
+    const vsock = async () => (await call(srv.sock, 'GET', '/vm/config')).json.vsock;
+    const uds = join(srv.dir, 'v.sock');
+    let r = await call(srv.sock, 'PUT', '/vsock', { guest_cid: 3, uds_path: uds, backend: 'unix' });
+    assert.equal(r.status, 204, r.body);
+    assert.deepEqual(await vsock(), { guest_cid: 3, uds_path: uds });
+    r = await call(srv.sock, 'PUT', '/vsock', { guest_cid: 4, backend: 'vhost' });
+    assert.equal(r.status, 204, r.body);
+    assert.deepEqual(await vsock(), { guest_cid: 4, backend: 'vhost' });
+    for (const [body, re] of [
+      [{ guest_cid: 5, backend: 'vhost', uds_path: uds }, /uds_path is for the unix backend/],
+      [{ guest_cid: 5 }, /uds_path is required \(unless backend is \\"vhost\\"\)/],
+      [{ guest_cid: 5, backend: 'tcp' }, /backend.*one of \\"unix\\", \\"vhost\\"/],
+    ] as Array<[object, RegExp]>) {
+      r = await call(srv.sock, 'PUT', '/vsock', body);
+      assert.equal(r.status, 400, JSON.stringify(body));
+      assert.match(r.body, re);
+    }
+    assert.deepEqual(await vsock(), { guest_cid: 4, backend: 'vhost' });
+  });
+});

@@ -43,6 +43,9 @@ export interface HostSys {
   bufferAddress(buffer: Buf): bigint;
   eventfd(initval: number, flags: number): number;
   eventfdRead(fd: number): bigint;
+  /** For virtio-vsock's vhost backend (vsock/vhost.ts): its device, and its queues' kicks. */
+  open?(path: string, flags: number, mode: number): number;
+  eventfdWrite?(fd: number, value: number | bigint): void;
   ioUringSetup(entries: number, params: Buf): number;
   ioUringEnter(fd: number, toSubmit: number, minComplete: number, flags: number): number;
   ioUringRegister(fd: number, opcode: number, arg: Buf | null, nrArgs: number): number;
@@ -132,6 +135,11 @@ export interface BackendEnv {
   };
   /** The device's memory regions as KVM memory slots (when it has device memory). */
   memorySlots?: MemorySlots;
+  /**
+   * Each queue's kick eventfd (KVM's ioeventfd for QueueNotify): for a backend that hands
+   * queues to another party (VirtioBackend.offloaded), which polls them instead of the worker.
+   */
+  queueFds?: readonly number[];
 }
 
 /**

@@ -65,7 +65,7 @@ import {
   runnable,
 } from './device-state.js';
 import { VirtioMmioState } from './mmio-state.js';
-import { Virtqueue } from './queue.js';
+import { type QueueAddresses, type QueuePosition, Virtqueue } from './queue.js';
 import { checkTransportState } from './transport-state.js';
 import { monoMs } from '../../util/clock.js';
 
@@ -121,6 +121,29 @@ export interface QueueIo {
   suppressKicks(queue: number): void;
   /** Counts a guest error and logs it once per kind. */
   guestError(kind: string, message: string): void;
+  /**
+   * For a queue another party serves (VirtioBackend.offloaded): the driver's ring addresses and
+   * size, and where this device stands in it (the restored position, or 0/0 when fresh).
+   */
+  ring(queue: number): OffloadedRing | undefined;
+  /**
+   * The other party stopped at available entry `nextAvail` (a free-running u16): this device's
+   * position in the ring becomes that, with used.idx read back from guest RAM, so that a save
+   * records where the ring really stands.
+   */
+  adopt(queue: number, nextAvail: number): void;
+  /**
+   * The other party used buffers of `queue` and asks for the driver's interrupt (it already
+   * applied EVENT_IDX): raise the used-buffer interrupt, as notify() does once it decided yes.
+   */
+  signalUsed(queue: number): void;
+}
+
+/** A queue as an offloaded backend needs it (QueueIo.ring). */
+export interface OffloadedRing {
+  size: number;
+  addresses: QueueAddresses;
+  position: QueuePosition;
 }
 
 export interface VirtioBackend {
@@ -160,6 +183,21 @@ export interface VirtioBackend {
    */
   readonly selfServed?: readonly number[];
   kick?(queue: number): void;
+  /**
+   * Queues served outside this process (the host kernel's vhost: vsock/vhost.ts): the device
+   * worker does not watch their kick eventfds (the other party polls them) and the generic part
+   * never drains them; the backend gets their rings through QueueIo.ring(). A kick that reaches
+   * the device anyway (a QueueNotify KVM did not take, kickAll) goes to kick(), to pass on.
+   */
+  readonly offloaded?: readonly number[];
+  /**
+   * The VM pauses (snapshots, PUT /vm Paused), or resumes: for a backend whose queues are
+   * served elsewhere, which must stop touching guest memory while paused. Called whether the
+   * device is active or not (an activation while paused must wait for resume). An exception
+   * breaks the device.
+   */
+  pause?(): void;
+  resume?(): void;
   /**
    * Called when the driver set DRIVER_OK with these negotiated features, or (`restored` true)
    * when a restored device resumes an activation: then restore() has already run, the queues
@@ -511,6 +549,19 @@ export class VirtioDevice {
   }
 
   /**
+   * The VM pauses: a backend whose queues run elsewhere stops them (VirtioBackend.pause). Also
+   * while inactive: an activation while paused (a save's quiesce, a restore) must not start them.
+   */
+  pause(): void {
+    if (this.backend.pause) this.guard('pause', () => this.backend.pause!());
+  }
+
+  /** The VM resumes (after pause()). */
+  resume(): void {
+    if (this.backend.resume) this.guard('resume', () => this.backend.resume!());
+  }
+
+  /**
    * Drains every queue as a kick would (an interrupt only if something was used). For resuming
    * a restored device: kicks the driver made while the old process was being saved are gone.
    */
@@ -574,6 +625,18 @@ export class VirtioDevice {
         if (q && live()) q.suppressKicks();
       },
       guestError: (kind, message) => this.guestError(kind, message),
+      ring: (index) => {
+        const q = d.queues[index];
+        if (!q || !live()) return undefined;
+        return { size: q.size, addresses: q.addresses, position: q.position() };
+      },
+      adopt: (index, nextAvail) => {
+        const q = d.queues[index];
+        if (q && live()) q.adopt(nextAvail);
+      },
+      signalUsed: (index) => {
+        if (d.queues[index] && live()) this.signal(index);
+      },
     };
   }
 
@@ -587,7 +650,8 @@ export class VirtioDevice {
   private kickQueue(index: number): void {
     const d = this.dev;
     if (d.kind !== 'active') return;
-    if (this.backend.selfServed?.includes(index)) {
+    // Offloaded queues too: a kick that reached us (not KVM's ioeventfd) is passed on.
+    if (this.backend.selfServed?.includes(index) || this.backend.offloaded?.includes(index)) {
       this.guard(queueLabel(index), () => this.backend.kick?.(index));
       return;
     }
@@ -759,6 +823,11 @@ export class VirtioDevice {
       this.counters.irqsSuppressed[index]!++;
       return;
     }
+    this.signal(index);
+  }
+
+  /** Raises queue `index`'s used-buffer interrupt (the decision is made), coalesced per round. */
+  private signal(index: number): void {
     this.counters.irqs[index]!++;
     const was = this.state.raise(INT_USED_BUFFER);
     const round = this.env.round?.();

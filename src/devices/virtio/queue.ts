@@ -190,6 +190,8 @@ export class Virtqueue {
 
   private constructor(
     private readonly mem: GuestMemory,
+    /** The driver's setup (guest-physical ring addresses): for an offloaded queue (QueueIo.ring). */
+    readonly addresses: QueueAddresses,
     readonly size: number,
     private readonly desc: DataView,
     private readonly avail: DataView,
@@ -237,6 +239,7 @@ export class Virtqueue {
     if (!u.ok) return u;
     const q = new Virtqueue(
       mem,
+      { ...a },
       size,
       d.value,
       av.value,
@@ -255,6 +258,19 @@ export class Virtqueue {
   /** Where the device is in the ring (save this with the device; see QueuePosition). */
   position(): QueuePosition {
     return { nextAvail: this.lastAvail, nextUsed: this.usedIdx };
+  }
+
+  /**
+   * Another party served the ring (vhost) and stopped at available entry `nextAvail`: take
+   * that position, with used.idx as guest RAM holds it (that party published it), so that a
+   * save records where the ring stands. Nothing is held: every entry it took it used.
+   */
+  adopt(nextAvail: number): void {
+    this.lastAvail = nextAvail & 0xffff;
+    this.usedIdx = this.used.getUint16(2, true);
+    this.publishedUsed = this.usedIdx;
+    this.lastPopped = undefined;
+    this.availEventWritten = undefined;
   }
 
   get broken(): string | undefined {

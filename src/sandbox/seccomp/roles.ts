@@ -16,6 +16,8 @@
  *   decides in that worker.
  */
 import { KVM_IRQ_LINE, KVM_SET_USER_MEMORY_REGION } from '../../kvm/constants.js';
+import { VHOST, VHOST_VIRTIO } from '../../util/vhost-abi.js';
+
 import type { ArgCondition, Policy, SyscallRule } from './filter.js';
 
 export type Role = 'main' | 'vcpu' | 'device';
@@ -29,6 +31,21 @@ const O_PATH = 0o10000000;
 const CLONE_THREAD = 0x10000;
 const ENOSYS = 38;
 const EACCES = 13;
+
+/** The vhost requests the device worker makes (vsock/vhost.ts VhostVsockDevice). */
+const VHOST_DEVICE_REQUESTS = (
+  [
+    'SET_FEATURES',
+    'SET_MEM_TABLE',
+    'SET_VRING_NUM',
+    'SET_VRING_BASE',
+    'GET_VRING_BASE',
+    'SET_VRING_ADDR',
+    'SET_VRING_KICK',
+    'SET_VRING_CALL',
+    'VSOCK_SET_RUNNING',
+  ] as const
+).map((name) => [name, VHOST[name]] as const);
 
 const any = (...names: string[]): SyscallRule[] => names.map((syscall) => ({ syscall }));
 
@@ -183,6 +200,10 @@ const DEVICE: Policy = {
     // Virtio devices raise their GSI with KVM_IRQ_LINE (device-loop.ts deviceEnvironment): at
     // most an interrupt of the worker's own guest, which it can already cause with its irqfds.
     ioctlRequest(KVM_IRQ_LINE, 'KVM_IRQ_LINE (virtio interrupts)'),
+    // virtio-vsock's vhost backend (vsock/vhost.ts) sets up, starts and stops the kernel's
+    // queues at DRIVER_OK, reset, pause and save: these requests, no other vhost ioctl (not
+    // SET_OWNER, not the CID: the main thread did those).
+    ...VHOST_DEVICE_REQUESTS.map(([name, request]) => ioctlRequest(request, `VHOST_${name}`)),
   ],
 };
 
@@ -192,6 +213,7 @@ const MAIN_OWN: Policy = {
     ioctlOfType(KVMIO, 'building and driving VMs'),
     ioctlOfType(TUN_AND_TTY, 'TAP set-up, the console terminal'),
     ioctlOfType(UFFDIO, 'userfaultfd (snapshot load)'),
+    ioctlOfType(VHOST_VIRTIO, 'vhost-vsock set-up (the vsock vhost backend)'),
     {
       syscall: 'socket',
       args: [arg(0, AF_UNIX, 'the API socket, vsock, uffd handler: Unix only')],

@@ -503,7 +503,7 @@ test('vsock metrics: every budget has its counter, in snake_case next to Firecra
     setTimer: () => () => {},
   };
   const created = vsockDevice.create(
-    { listenFd: 99, cid: CID, uds: '/tmp/v.sock' },
+    { backend: 'unix', listenFd: 99, cid: CID, uds: '/tmp/v.sock' },
     { name: 'vsock', sys: {} as HostSys, loop, log() {} },
   );
   const m = created.metrics!();

@@ -1,33 +1,64 @@
-/** virtio-vsock in the device registry: a listening Unix socket, connections in the worker. */
+/**
+ * virtio-vsock in the device registry, with one of two backends:
+ * - unix (the default, Firecracker's): a listening Unix socket, connections in the worker;
+ * - vhost (opt-in): the host kernel's vhost-vsock serves the data queues (vhost.ts); host
+ *   programs use AF_VSOCK.
+ */
 import type { DeviceType } from '../descriptor.js';
 import { listenVsock, removeSocket, unixVsockHost } from './unix-host.js';
+import {
+  type VhostVsockHostData,
+  VhostVsockDevice,
+  openVhostVsock,
+  vhostDeviceFeatures,
+} from './vhost.js';
 import { VsockDevice, vsockIdentity } from './vsock.js';
 
-export interface VsockConfig {
+export type VsockConfig = {
   kind: 'vsock';
   id: string;
   /** The guest's context id (>= 3). */
   cid: number;
-  /** Host side: guest connections to port P reach `${uds}_${P}`; host programs dial `uds`. */
-  uds: string;
-}
+} & (
+  | {
+      backend?: 'unix';
+      /** Host side: guest connections to port P reach `${uds}_${P}`; host programs dial `uds`. */
+      uds: string;
+    }
+  | { backend: 'vhost' }
+);
 
-export interface VsockHostData {
-  listenFd: number;
-  cid: number;
-  /** Absolute path of the listening socket. */
-  uds: string;
-}
+export type VsockHostData =
+  | {
+      backend: 'unix';
+      listenFd: number;
+      cid: number;
+      /** Absolute path of the listening socket. */
+      uds: string;
+    }
+  | ({ backend: 'vhost' } & VhostVsockHostData);
 
 export const vsockDevice: DeviceType<VsockConfig, VsockHostData> = {
   kind: 'vsock',
   metricsGroup: 'vsock',
   open(config, ctx) {
+    if (config.backend === 'vhost') {
+      const v = openVhostVsock(ctx.sys, config.cid);
+      return {
+        name: `virtio-vsock (cid ${config.cid}, vhost)`,
+        identity: { ...vsockIdentity(config.cid), features: vhostDeviceFeatures(v.kernelFeatures) },
+        host: { backend: 'vhost', ...v },
+        warnings: [],
+        close() {
+          ctx.sys.close(v.fd);
+        },
+      };
+    }
     const l = listenVsock(ctx.sys, config.cid, config.uds);
     return {
       name: `virtio-vsock (cid ${config.cid}, ${l.path})`,
       identity: vsockIdentity(config.cid),
-      host: { listenFd: l.fd, cid: config.cid, uds: l.path },
+      host: { backend: 'unix', listenFd: l.fd, cid: config.cid, uds: l.path },
       warnings: [],
       close() {
         ctx.sys.close(l.fd);
@@ -36,6 +67,31 @@ export const vsockDevice: DeviceType<VsockConfig, VsockHostData> = {
     };
   },
   create(host, env) {
+    if (host.backend === 'vhost') {
+      if (!env.ram || !env.queueFds)
+        throw new Error(`${env.name}: the vhost backend needs guest RAM and the queues' eventfds`);
+      const dev = new VhostVsockDevice(
+        env.name,
+        host.cid,
+        host.fd,
+        host.kernelFeatures,
+        env.queueFds,
+        env.sys,
+        env.loop,
+        env.ram.memory,
+      );
+      return {
+        backend: dev,
+        metrics: () => ({
+          // Firecracker has no vhost vsock; ours: the kernel's interrupt requests relayed.
+          vhost_rx_calls: dev.counters.calls[0],
+          vhost_tx_calls: dev.counters.calls[1],
+          vhost_starts: dev.counters.starts,
+          vhost_stops: dev.counters.stops,
+        }),
+        close: () => dev.close(),
+      };
+    }
     const vsock: VsockDevice = new VsockDevice(
       env.name,
       host.cid,

@@ -61,7 +61,7 @@ export function vsockIdentity(cid: number): VirtioDeviceIdentity {
 }
 
 /** The saved device: its configuration (the CID) and the transport reset it owes the driver. */
-const VsockStateV1 = versioned(
+export const VsockStateV1 = versioned(
   'virtio-vsock',
   1,
   struct({
