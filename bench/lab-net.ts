@@ -69,6 +69,18 @@ const PINGS_ONLY = 30;
  * the console's stream).
  */
 const NODE_FLAGS = (process.env.TYPERVISOR_BENCH_NODE_FLAGS ?? '').split(' ').filter(Boolean);
+/**
+ * TYPERVISOR_BENCH_VSOCK_BACKEND=vhost: our VMM's vsock on the vhost backend (the lab kernel's
+ * vhost-vsock, as QEMU's; host side AF_VSOCK for both) instead of the default unix backend
+ * (Firecracker's Unix socket).
+ */
+const VSOCK_BACKEND = process.env.TYPERVISOR_BENCH_VSOCK_BACKEND ?? 'unix';
+if (VSOCK_BACKEND !== 'unix' && VSOCK_BACKEND !== 'vhost')
+  throw new Error(`TYPERVISOR_BENCH_VSOCK_BACKEND: unix or vhost (got ${VSOCK_BACKEND})`);
+/** Whether VMM `name`'s vsock is on the vhost backend (ours, not a --baseline checkout's). */
+const vhostVsock = (name: Name) => name === 'typervisor' && VSOCK_BACKEND === 'vhost';
+/** Whether VMM `name`'s vsock host side is Firecracker's Unix socket (else AF_VSOCK). */
+const unixVsock = (name: Name) => isOurs(name) && !vhostVsock(name);
 if (NODE_FLAGS.length > 0) process.env.TYPERVISOR_NO_BUNDLE = '1';
 const GC_LINE =
   /^\[\d+:(0x[0-9a-f]+)\]\s+[\d.]+ ms: (Scavenge|Mark-Compact|Mark-sweep|Minor)[^\n]*/gm;
@@ -277,7 +289,9 @@ function vmmArgv(
         { drive_id: 'rootfs', path_on_host: root, is_root_device: true, is_read_only: false },
       ],
       'network-interfaces': [{ iface_id: IFACE, host_dev_name: net.taps[0], guest_mac: GUEST_MAC }],
-      vsock: { guest_cid: GUEST_CID, uds_path: uds },
+      vsock: vhostVsock(name)
+        ? { guest_cid: GUEST_CID, backend: 'vhost' }
+        : { guest_cid: GUEST_CID, uds_path: uds },
     };
     const f = fcFiles(uds);
     writeFileSync(f.config, JSON.stringify(cfg));
@@ -697,7 +711,7 @@ async function measure(
       const vsockSched = process.env.TYPERVISOR_BENCH_VSOCK_SCHED === '1';
       await attempt('vsock guest->host', async () => {
         // socat on the host for both (Typervisor: the Unix socket `${uds}_5001`; QEMU: AF_VSOCK).
-        const listen = isOurs(name) ? `UNIX-LISTEN:${uds}_5001` : 'VSOCK-LISTEN:5001,reuseaddr';
+        const listen = unixVsock(name) ? `UNIX-LISTEN:${uds}_5001` : 'VSOCK-LISTEN:5001,reuseaddr';
         const counter = background([
           'sh',
           '-c',
@@ -705,7 +719,7 @@ async function measure(
         ]);
         try {
           const t = Date.now();
-          while (isOurs(name) && !existsSync(`${uds}_5001`) && Date.now() - t < 10_000)
+          while (unixVsock(name) && !existsSync(`${uds}_5001`) && Date.now() - t < 10_000)
             await new Promise((r) => setTimeout(r, 20));
           await new Promise((r) => setTimeout(r, 200));
           const probe = vsockSched ? schedProbe([vm.child.pid!]) : undefined;
@@ -740,8 +754,8 @@ async function measure(
         // Firecracker's CONNECT line first (the VMM reads it byte by byte, so the data after it
         // wait in the socket). Until 2026-12-05 ours was a Node program timed from its spawn:
         // its start-up (1.4-3 s in the lab) was inside our figure, and its CPU beside ours.
-        const to = isOurs(name) ? `UNIX-CONNECT:${uds}` : `VSOCK-CONNECT:${GUEST_CID}:5002`;
-        const data = isOurs(name)
+        const to = unixVsock(name) ? `UNIX-CONNECT:${uds}` : `VSOCK-CONNECT:${GUEST_CID}:5002`;
+        const data = unixVsock(name)
           ? `{ printf 'CONNECT 5002\\n'; head -c ${bytes} /dev/zero; }`
           : `head -c ${bytes} /dev/zero`;
         const sender = background(
@@ -1228,6 +1242,7 @@ async function main(): Promise<void> {
   const notes = [
     `net: ${runs} run(s) per VMM; the Debian root disk, ${MEM_MIB} MiB, 1 vCPU; one TAP on a bridge in a network namespace of our own (169.254.0.0/16); iperf3 ${IPERF_SECONDS} s per direction, ${PARALLEL} stream(s) (receiver's figure); vsock: ${VSOCK_MIB} MiB of zeros through socat (-b 65536) at both ends, timed on the host.`,
     'net: QEMU runs virtio-net-device on the TAP with vhost=off (a userspace device, like Typervisor) and vhost-vsock-device (QEMU has no userspace vsock).',
+    `vsock: Typervisor's ${VSOCK_BACKEND} backend${VSOCK_BACKEND === 'vhost' ? " (the lab kernel's vhost-vsock, as QEMU's; AF_VSOCK host side for both)" : " (Firecracker's Unix-socket host side)"}.`,
     ...samples
       .filter((s) => s.errors.length > 0)
       .map((s) => `net: ${s.vmm}: ${s.errors.join('; ')}`),
