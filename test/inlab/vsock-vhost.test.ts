@@ -48,7 +48,7 @@ function socat(args: string[]): {
 }
 
 test(
-  'virtio-vsock vhost backend: both ways over AF_VSOCK, a pause mid-transfer, a CID in use',
+  'virtio-vsock vhost backend: both ways over AF_VSOCK, a pause mid-transfer, a CID in use, a snapshot loaded by a new process',
   opts,
   async () => {
     spawnSync('modprobe', ['vhost_vsock']);

@@ -137,6 +137,12 @@ export interface QueueIo {
    * applied EVENT_IDX): raise the used-buffer interrupt, as notify() does once it decided yes.
    */
   signalUsed(queue: number): void;
+  /**
+   * The other party found `queue` broken by the driver (vhost's error eventfd): as a broken ring
+   * found by pop(), a guest error, DEVICE_NEEDS_RESET with a config-change interrupt, the
+   * queues dropped (deactivate) until the driver resets the device.
+   */
+  broken(queue: number, message: string): void;
 }
 
 /** A queue as an offloaded backend needs it (QueueIo.ring). */
@@ -583,9 +589,7 @@ export class VirtioDevice {
           if (p.kind === 'empty') return undefined;
           if (p.kind === 'chain') return p.chain;
           if (p.kind === 'broken') {
-            this.guestError('broken', `queue ${index}: ${p.message}`);
-            if (this.state.markNeedsReset(d.epoch)) this.env.interrupt();
-            this.deactivate();
+            this.breakQueue(d, index, p.message);
             return undefined;
           }
           this.guestError(p.error.kind, `queue ${index}: chain ${p.head}: ${p.error.message}`);
@@ -637,7 +641,21 @@ export class VirtioDevice {
       signalUsed: (index) => {
         if (d.queues[index] && live()) this.signal(index);
       },
+      broken: (index, message) => {
+        if (live()) this.breakQueue(d, index, message);
+      },
     };
+  }
+
+  /** The driver broke queue `index`: a guest error, DEVICE_NEEDS_RESET, the queues dropped. */
+  private breakQueue(
+    d: Extract<DeviceState, { kind: 'active' }>,
+    index: number,
+    message: string,
+  ): void {
+    this.guestError('broken', `queue ${index}: ${message}`);
+    if (this.state.markNeedsReset(d.epoch)) this.env.interrupt();
+    this.deactivate();
   }
 
   /** Queue `index` was kicked (its ioeventfd fired). */

@@ -43,6 +43,7 @@ const VHOST_DEVICE_REQUESTS = (
     'SET_VRING_ADDR',
     'SET_VRING_KICK',
     'SET_VRING_CALL',
+    'SET_VRING_ERR',
     'VSOCK_SET_RUNNING',
   ] as const
 ).map((name) => [name, VHOST[name]] as const);

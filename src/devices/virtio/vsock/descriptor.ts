@@ -88,6 +88,7 @@ export const vsockDevice: DeviceType<VsockConfig, VsockHostData> = {
           vhost_tx_calls: dev.counters.calls[1],
           vhost_starts: dev.counters.starts,
           vhost_stops: dev.counters.stops,
+          vhost_ring_errors: dev.counters.errors,
         }),
         close: () => dev.close(),
       };

@@ -49,6 +49,7 @@ function fakeSys(opts: { openError?: string; cidError?: string } = {}) {
     close: (fd: number) => void closed.push(fd),
     eventfd: () => nextFd++,
     eventfdWrite: (fd: number) => void writes.push(fd),
+    eventfdRead: () => 1n,
     bufferAddress: () => RAM_HOST,
     ioctl(fd: number, request: number, arg: unknown) {
       assert.equal(fd, VHOST_FD);
@@ -154,6 +155,7 @@ test('vhost: DRIVER_OK hands the kernel the rings and starts it; kicks are passe
       'SET_VRING_ADDR',
       'SET_VRING_KICK',
       'SET_VRING_CALL',
+      'SET_VRING_ERR',
     ]),
     'VSOCK_SET_RUNNING',
   ]);
@@ -165,7 +167,7 @@ test('vhost: DRIVER_OK hands the kernel the rings and starts it; kicks are passe
   assert.equal(mt.getBigUint64(8 + 8, true), BigInt(RAM_SIZE));
   assert.equal(mt.getBigUint64(8 + 16, true), RAM_HOST);
   for (const [i, q] of [rx!, tx!].entries()) {
-    const at = 2 + 5 * i;
+    const at = 2 + 6 * i;
     assert.deepEqual(f.calls[at]!.arg, [i, q.size]);
     assert.deepEqual(f.calls[at + 1]!.arg, [i, 0]);
     const a = new DataView((f.calls[at + 2]!.arg as Uint8Array).buffer);
@@ -176,6 +178,8 @@ test('vhost: DRIVER_OK hands the kernel the rings and starts it; kicks are passe
     assert.deepEqual(f.calls[at + 3]!.arg, [i, KICK_FDS[i]]);
     const callFd = (f.calls[at + 4]!.arg as number[])[1]!;
     assert.ok(subs.has(callFd), 'the call eventfd is on the loop');
+    const errFd = (f.calls[at + 5]!.arg as number[])[1]!;
+    assert.ok(subs.has(errFd) && errFd !== callFd, 'the error eventfd is on the loop');
   }
   assert.deepEqual(f.calls.at(-1)!.arg, [1]);
   // Activation passes a kick to both data queues (buffers posted before DRIVER_OK).
@@ -268,4 +272,21 @@ test('vhost: a saved state for another CID is refused', () => {
   const other = withDevice(fakeSys()).dev;
   Object.defineProperty(other, 'cid', { value: CID + 1 });
   assert.throws(() => dev.restore(other.save()), /saved for guest CID 8/);
+});
+
+test('vhost: a ring the kernel reports broken is a guest error: DEVICE_NEEDS_RESET, the kernel stopped', () => {
+  const f = fakeSys();
+  const { h, dev, subs } = withDevice(f);
+  h.start();
+  const errFd = f.calls.find(
+    (c) => c.op === 'SET_VRING_ERR' && (c.arg as number[])[0] === TX_QUEUE,
+  )!;
+  const before = h.interrupts();
+  subs.get((errFd.arg as number[])[1]!)!();
+  assert.ok(h.driver.read(0x70) & 0x40, 'DEVICE_NEEDS_RESET');
+  assert.equal(h.interrupts(), before + 1, 'a config-change interrupt');
+  assert.deepEqual(f.calls.at(-1), { op: 'VSOCK_SET_RUNNING', arg: [0] }, 'the kernel stopped');
+  assert.equal(dev.counters.errors, 1);
+  assert.match(h.logs.join('\n'), /refused the ring/);
+  assert.equal(h.device.deviceState.kind, 'inactive');
 });

@@ -168,6 +168,8 @@ export interface VhostCounters {
   /** SET_RUNNING 1 / 0 (activations, resumes; resets, pauses). */
   starts: number;
   stops: number;
+  /** Rings the kernel reported broken (the error eventfd). */
+  errors: number;
 }
 
 export class VhostVsockDevice implements VirtioBackend {
@@ -180,8 +182,9 @@ export class VhostVsockDevice implements VirtioBackend {
   private paused = false;
   private resetEventPending = false;
   private readonly callFds: number[] = [];
+  private readonly errFds: number[] = [];
   private readonly tags: number[] = [];
-  readonly counters: VhostCounters = { calls: [0, 0], starts: 0, stops: 0 };
+  readonly counters: VhostCounters = { calls: [0, 0], starts: 0, stops: 0, errors: 0 };
 
   constructor(
     readonly name: string,
@@ -197,6 +200,11 @@ export class VhostVsockDevice implements VirtioBackend {
     if (kickFds.length < 2) throw new Error(`${name}: the rx and tx kick eventfds are missing`);
     if (!sys.eventfdWrite) throw new Error(`${name}: this host interface cannot write eventfds`);
     for (const q of [RX_QUEUE, TX_QUEUE]) {
+      // The kernel's "this ring is broken" (vq_err: a bad descriptor, a ring it cannot reach):
+      // read, so that one signal is one report.
+      const errFd = sys.eventfd(0, EFD_NONBLOCK);
+      this.errFds.push(errFd);
+      this.tags.push(loop.add(errFd, { process: () => this.onError(q, errFd) }, EPOLLIN));
       const fd = sys.eventfd(0, EFD_NONBLOCK);
       this.callFds.push(fd);
       // Edge-triggered and never read, as the queues' kick eventfds (device-loop.ts watchQueue):
@@ -208,6 +216,16 @@ export class VhostVsockDevice implements VirtioBackend {
   handle(): number {
     // Never called: the data queues are offloaded and the event queue is self-served.
     return 0;
+  }
+
+  private onError(q: number, fd: number): void {
+    this.sys.eventfdRead(fd);
+    this.counters.errors++;
+    // The kernel stops serving a ring it found broken; the driver must reset the device.
+    this.io?.broken(
+      q,
+      "the host kernel's vhost-vsock refused the ring (a malformed descriptor or buffer)",
+    );
   }
 
   private onCall(q: number): void {
@@ -257,6 +275,7 @@ export class VhostVsockDevice implements VirtioBackend {
       );
       sys.ioctl(fd, VHOST.SET_VRING_KICK, vringFile(q, this.kickFds[q]!));
       sys.ioctl(fd, VHOST.SET_VRING_CALL, vringFile(q, this.callFds[q]!));
+      sys.ioctl(fd, VHOST.SET_VRING_ERR, vringFile(q, this.errFds[q]!));
     }
     if (!this.paused) this.start();
     if (restored) this.deliverEvents();
@@ -351,6 +370,6 @@ export class VhostVsockDevice implements VirtioBackend {
       // the fd is closed by the main thread next
     }
     for (const t of this.tags.splice(0)) this.loop.remove(t);
-    for (const fd of this.callFds.splice(0)) this.sys.close(fd);
+    for (const fd of [...this.callFds.splice(0), ...this.errFds.splice(0)]) this.sys.close(fd);
   }
 }
