@@ -61,8 +61,11 @@ export interface VmOptions {
   drives?: Array<{ id: string; path: string; readOnly?: boolean; ioEngine?: 'Sync' | 'Async' }>;
   rng?: boolean;
   tap?: string;
-  /** A vsock device; its Unix socket is `uds` in the VM's temp dir. */
-  vsock?: { cid: number };
+  /**
+   * A vsock device; its Unix socket is `uds` in the VM's temp dir (the unix backend), or the
+   * host kernel's vhost-vsock (`backend: 'vhost'`, no socket).
+   */
+  vsock?: { cid: number; backend?: 'vhost' };
   /** SIGKILL after this long whatever happens (default 60 s times TIME_SCALE). */
   hardTimeoutMs?: number;
 }
@@ -104,7 +107,11 @@ export async function startVm(opts: VmOptions): Promise<HostileVm> {
   };
   if (opts.rng) config.entropy = {};
   if (opts.tap) config['network-interfaces'] = [{ iface_id: 'eth0', host_dev_name: opts.tap }];
-  if (opts.vsock) config.vsock = { guest_cid: opts.vsock.cid, uds_path: join(dir, 'uds') };
+  if (opts.vsock)
+    config.vsock =
+      opts.vsock.backend === 'vhost'
+        ? { guest_cid: opts.vsock.cid, backend: 'vhost' }
+        : { guest_cid: opts.vsock.cid, uds_path: join(dir, 'uds') };
   const cfg = join(dir, 'vm.json');
   writeFileSync(cfg, JSON.stringify(config));
   const child = spawn(
