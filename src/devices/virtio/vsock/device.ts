@@ -75,6 +75,34 @@ export const VsockStateV1 = versioned(
   }),
 );
 
+/**
+ * A saved virtio-vsock state (either backend's), checked: a PersistError for a blob that is not
+ * one of this version, or was saved for another guest CID (the CID is in the config space the
+ * guest already read).
+ */
+export function decodeVsockState(bytes: Uint8Array, cid: number) {
+  const s = VsockStateV1.decodeOrThrow(bytes);
+  if (s.cid !== cid)
+    throw new PersistError(
+      `virtio-vsock: saved for guest CID ${s.cid}, but this device has CID ${cid}`,
+    );
+  return s;
+}
+
+/**
+ * Puts VIRTIO_VSOCK_EVENT_TRANSPORT_RESET into the event queue's next buffer, with its
+ * interrupt. False when the driver has posted none: the caller tries again at the queue's kick.
+ */
+export function sendTransportReset(io: QueueIo): boolean {
+  const chain = io.pop(EVENT_QUEUE);
+  if (!chain) return false;
+  const ev = new Uint8Array(4);
+  new DataView(ev.buffer).setUint32(0, EVENT_TRANSPORT_RESET, true);
+  io.pushUsed(EVENT_QUEUE, chain.head, scatter(chain.writable, ev));
+  io.notify(EVENT_QUEUE);
+  return true;
+}
+
 export class VsockDevice implements VirtioBackend {
   readonly selfServed = [RX_QUEUE, TX_QUEUE, EVENT_QUEUE] as const;
   private io: QueueIo | undefined;
@@ -237,12 +265,7 @@ export class VsockDevice implements VirtioBackend {
    * was saved for another guest CID (the CID is in the config space the guest already read).
    */
   restore(bytes: Uint8Array): void {
-    const s = VsockStateV1.decodeOrThrow(bytes);
-    if (s.cid !== this.cid)
-      throw new PersistError(
-        `virtio-vsock: saved for guest CID ${s.cid}, but this device has CID ${this.cid}`,
-      );
-    this.resetEventPending = s.transportResetPending;
+    this.resetEventPending = decodeVsockState(bytes, this.cid).transportResetPending;
     this.deliverEvents();
   }
 
@@ -311,14 +334,7 @@ export class VsockDevice implements VirtioBackend {
 
   private deliverEvents(): void {
     const io = this.io;
-    if (!io || !this.resetEventPending) return;
-    const chain = io.pop(EVENT_QUEUE);
-    if (!chain) return;
-    this.resetEventPending = false;
-    const ev = new Uint8Array(4);
-    new DataView(ev.buffer).setUint32(0, EVENT_TRANSPORT_RESET, true);
-    io.pushUsed(EVENT_QUEUE, chain.head, scatter(chain.writable, ev));
-    io.notify(EVENT_QUEUE);
+    if (io && this.resetEventPending && sendTransportReset(io)) this.resetEventPending = false;
   }
 
   private guestError(kind: string, message: string): void {

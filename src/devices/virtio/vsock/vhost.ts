@@ -29,9 +29,7 @@
  */
 import { VHOST } from '../../../util/vhost-abi.js';
 import { ConfigError } from '../../../util/errors.js';
-import { PersistError } from '../../../util/persist.js';
 import type { GuestMemory } from '../../../memory/guest-memory.js';
-import { scatter } from '../chain.js';
 import {
   VIRTIO_F_RING_EVENT_IDX,
   VIRTIO_F_RING_INDIRECT_DESC,
@@ -40,8 +38,14 @@ import {
 } from '../constants.js';
 import type { EventOps, HostSys } from '../descriptor.js';
 import type { QueueIo, VirtioBackend } from '../device.js';
-import { EVENT_QUEUE, RX_QUEUE, TX_QUEUE, VsockStateV1 } from './device.js';
-import { EVENT_TRANSPORT_RESET } from './packet.js';
+import {
+  EVENT_QUEUE,
+  RX_QUEUE,
+  TX_QUEUE,
+  VsockStateV1,
+  decodeVsockState,
+  sendTransportReset,
+} from './device.js';
 
 export const VHOST_VSOCK_PATH = '/dev/vhost-vsock';
 const O_RDWR = 2;
@@ -341,25 +345,13 @@ export class VhostVsockDevice implements VirtioBackend {
   }
 
   restore(bytes: Uint8Array): void {
-    const s = VsockStateV1.decodeOrThrow(bytes);
-    if (s.cid !== this.cid)
-      throw new PersistError(
-        `virtio-vsock: saved for guest CID ${s.cid}, but this device has CID ${this.cid}`,
-      );
-    this.resetEventPending = s.transportResetPending;
+    this.resetEventPending = decodeVsockState(bytes, this.cid).transportResetPending;
   }
 
   /** TRANSPORT_RESET into the event queue, if owed and a buffer is there (else at its kick). */
   private deliverEvents(): void {
     const io = this.io;
-    if (!io || !this.resetEventPending) return;
-    const chain = io.pop(EVENT_QUEUE);
-    if (!chain) return;
-    this.resetEventPending = false;
-    const ev = new Uint8Array(4);
-    new DataView(ev.buffer).setUint32(0, EVENT_TRANSPORT_RESET, true);
-    io.pushUsed(EVENT_QUEUE, chain.head, scatter(chain.writable, ev));
-    io.notify(EVENT_QUEUE);
+    if (io && this.resetEventPending && sendTransportReset(io)) this.resetEventPending = false;
   }
 
   /** Device worker, at its end: stops the kernel, drops the call eventfds. */
