@@ -8,6 +8,7 @@
  * Every VM is killed (SIGKILL) by a hard timer and by `kill()`, which the tests call in
  * `finally`: no test can leave a VMM behind or hang the suite.
  */
+import assert from 'node:assert/strict';
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { appendFileSync, existsSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -430,3 +431,45 @@ export const RSS_GROWTH_MIB = 64;
 export const STOP_MS = 5000;
 
 export const mib = (kib: number): number => Math.round((kib / 1024) * 10) / 10;
+
+type Exit = Awaited<HostileVm['exited']> | undefined;
+
+/** The figures every hostile window reports: memory, CPU, API answers, the stop. */
+export function windowFigures(w: Window, stopMs: number | undefined, ex: Exit) {
+  return {
+    rssStartMiB: mib(w.rssStartKiB),
+    rssPeakMiB: mib(w.rssPeakKiB),
+    rssGrowthMiB: mib(w.rssPeakKiB - w.rssStartKiB),
+    cpuPercent: Math.round(w.cpuPercent),
+    busiestThreadPercent: Math.round(w.busiestThreadPercent),
+    threadsMs: w.threadsMs,
+    apiMs: w.api.map((a) => (a.error ? 'failed' : Math.round(a.ms))),
+    flushMetrics: w.flush,
+    stopMs: stopMs === undefined ? `> ${STOP_MS}` : Math.round(stopMs),
+    exit: ex ? (ex.signal ?? ex.code) : 'still running',
+  };
+}
+
+/**
+ * What every hostile window must show: the API answered "Running" throughout, the VMM's RSS
+ * grew at most RSS_GROWTH_MIB, and SIGTERM ended it (exit 0) within STOP_MS.
+ */
+export function assertAnsweredBoundedStopped(
+  w: Window,
+  stopMs: number | undefined,
+  ex: Exit,
+  vm: HostileVm,
+  during: string,
+): void {
+  assert.ok(w.api.length > 0, 'no API probe ran');
+  for (const a of w.api) {
+    assert.equal(a.error, undefined, `GET / during ${during}: ${a.error}`);
+    assert.equal(a.state, 'Running');
+  }
+  assert.ok(
+    w.rssPeakKiB - w.rssStartKiB <= RSS_GROWTH_MIB * 1024,
+    `VmRSS grew by ${mib(w.rssPeakKiB - w.rssStartKiB)} MiB over ${during} (bound ${RSS_GROWTH_MIB} MiB)`,
+  );
+  assert.notEqual(stopMs, undefined, `SIGTERM did not end the VMM within ${STOP_MS} ms`);
+  assert.equal(ex?.code, 0, `exit after SIGTERM: ${JSON.stringify(ex)}: ${vm.stderr()}`);
+}

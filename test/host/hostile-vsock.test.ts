@@ -21,15 +21,15 @@ import { existsSync, readFileSync } from 'node:fs';
 import { TIME_SCALE } from './helpers.js';
 import {
   apiUp,
+  assertAnsweredBoundedStopped,
   hostileGuest,
   hostileSkipReason,
   measure,
-  mib,
   report,
   startVm,
   type HostileVm,
-  RSS_GROWTH_MIB,
   STOP_MS,
+  windowFigures,
 } from './hostile-helpers.js';
 
 const skip = hostileSkipReason();
@@ -58,32 +58,13 @@ test(
         backend: 'unix',
         floodMs: Math.round(w.ms),
         packetsInWindow: (dots - dots0) * PACKETS_PER_DOT,
-        rssStartMiB: mib(w.rssStartKiB),
-        rssPeakMiB: mib(w.rssPeakKiB),
-        rssGrowthMiB: mib(w.rssPeakKiB - w.rssStartKiB),
-        cpuPercent: Math.round(w.cpuPercent),
-        busiestThreadPercent: Math.round(w.busiestThreadPercent),
-        threadsMs: w.threadsMs,
         rngServed: dots,
         rngMissed: misses,
-        apiMs: w.api.map((a) => (a.error ? 'failed' : Math.round(a.ms))),
-        flushMetrics: w.flush,
-        stopMs: stopMs === undefined ? `> ${STOP_MS}` : Math.round(stopMs),
-        exit: ex ? (ex.signal ?? ex.code) : 'still running',
+        ...windowFigures(w, stopMs, ex),
       });
-      assert.ok(w.api.length > 0, 'no API probe ran');
-      for (const a of w.api) {
-        assert.equal(a.error, undefined, `GET / during the flood: ${a.error}`);
-        assert.equal(a.state, 'Running');
-      }
       assert.ok(dots - dots0 > 0, `the flood made no progress: ${JSON.stringify(flood)}`);
       assert.equal(misses, 0, 'a virtio-rng request was not served during the flood');
-      assert.ok(
-        w.rssPeakKiB - w.rssStartKiB <= RSS_GROWTH_MIB * 1024,
-        `VmRSS grew by ${mib(w.rssPeakKiB - w.rssStartKiB)} MiB over the flood (bound ${RSS_GROWTH_MIB} MiB)`,
-      );
-      assert.notEqual(stopMs, undefined, `SIGTERM did not end the VMM within ${STOP_MS} ms`);
-      assert.equal(ex?.code, 0, `exit after SIGTERM: ${JSON.stringify(ex)}: ${vm.stderr()}`);
+      assertAnsweredBoundedStopped(w, stopMs, ex, vm, 'the flood');
     } finally {
       await vm?.kill();
     }
@@ -123,28 +104,9 @@ test(
         floodMs: Math.round(w.ms),
         rngProbesAfterStart: (flood.match(/[.T]/g) ?? []).length,
         hostSlabGrowthKiB: slab1 - slab0,
-        rssStartMiB: mib(w.rssStartKiB),
-        rssPeakMiB: mib(w.rssPeakKiB),
-        rssGrowthMiB: mib(w.rssPeakKiB - w.rssStartKiB),
-        cpuPercent: Math.round(w.cpuPercent),
-        busiestThreadPercent: Math.round(w.busiestThreadPercent),
-        threadsMs: w.threadsMs,
-        apiMs: w.api.map((a) => (a.error ? 'failed' : Math.round(a.ms))),
-        flushMetrics: w.flush,
-        stopMs: stopMs === undefined ? `> ${STOP_MS}` : Math.round(stopMs),
-        exit: ex ? (ex.signal ?? ex.code) : 'still running',
+        ...windowFigures(w, stopMs, ex),
       });
-      assert.ok(w.api.length > 0, 'no API probe ran');
-      for (const a of w.api) {
-        assert.equal(a.error, undefined, `GET / during the flood: ${a.error}`);
-        assert.equal(a.state, 'Running');
-      }
-      assert.ok(
-        w.rssPeakKiB - w.rssStartKiB <= RSS_GROWTH_MIB * 1024,
-        `VmRSS grew by ${mib(w.rssPeakKiB - w.rssStartKiB)} MiB over the flood (bound ${RSS_GROWTH_MIB} MiB)`,
-      );
-      assert.notEqual(stopMs, undefined, `SIGTERM did not end the VMM within ${STOP_MS} ms`);
-      assert.equal(ex?.code, 0, `exit after SIGTERM: ${JSON.stringify(ex)}: ${vm.stderr()}`);
+      assertAnsweredBoundedStopped(w, stopMs, ex, vm, 'the flood');
     } finally {
       await vm?.kill();
     }

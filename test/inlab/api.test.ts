@@ -5,39 +5,16 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFileSync, spawn } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { repoRoot } from '../../src/lab/guest.js';
-import { defaultGuest, describeRun, skipReason, typervisor, POWEROFF } from './helpers.js';
+import { curl, defaultGuest, describeRun, POWEROFF, skipReason, typervisor } from './helpers.js';
 
 const opts = { skip: skipReason, timeout: 300_000 };
 const MARKER = /TYPERVISOR-BOOT-OK/;
-
-function curl(
-  sock: string,
-  method: string,
-  path: string,
-  body?: unknown,
-): { status: number; body: string } {
-  const args = [
-    '-s',
-    '--unix-socket',
-    sock,
-    '-X',
-    method,
-    '-w',
-    '\n%{http_code}',
-    `http://localhost${path}`,
-  ];
-  if (body !== undefined)
-    args.push('-H', 'Content-Type: application/json', '-d', JSON.stringify(body));
-  const out = execFileSync('curl', args, { encoding: 'utf8', timeout: 30_000 });
-  const nl = out.lastIndexOf('\n');
-  return { status: Number(out.slice(nl + 1)), body: out.slice(0, nl) };
-}
 
 async function until(
   what: string,

@@ -3,7 +3,7 @@
  * stock kernels (hardware VT-x/AMD-V): inside the lab on our PVM hosts, anywhere on real
  * hardware. Elsewhere they skip, saying why.
  */
-import { spawn } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import { existsSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { detectKvm } from '../../src/kvm/detect.js';
@@ -112,4 +112,23 @@ export function typervisor(
 /** Prints a run's output when an assertion about it fails. */
 export function describeRun(r: RunResult): string {
   return `exit ${r.code} signal ${r.signal} after ${r.ms} ms\n--- stdout ---\n${r.stdout}\n--- stderr ---\n${r.stderr}`;
+}
+
+/**
+ * One API request with curl over the VMM's Unix socket (the tool a user would reach for): the
+ * status and the body. Throws when curl cannot connect (no socket yet).
+ */
+export function curl(
+  sock: string,
+  method: string,
+  path: string,
+  body?: unknown,
+): { status: number; body: string } {
+  const args = ['-s', '--unix-socket', sock, '-X', method, '-w', '\n%{http_code}'];
+  args.push(`http://localhost${path}`);
+  if (body !== undefined)
+    args.push('-H', 'Content-Type: application/json', '-d', JSON.stringify(body));
+  const out = execFileSync('curl', args, { encoding: 'utf8', timeout: 30_000 });
+  const nl = out.lastIndexOf('\n');
+  return { status: Number(out.slice(nl + 1)), body: out.slice(0, nl) };
 }

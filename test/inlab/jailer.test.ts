@@ -23,34 +23,11 @@ import {
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { repoRoot } from '../../src/lab/guest.js';
-import { defaultGuest, skipReason, POWEROFF } from './helpers.js';
+import { curl, defaultGuest, POWEROFF, skipReason } from './helpers.js';
 
 const opts = { skip: skipReason, timeout: 300_000 };
 const MARKER = /TYPERVISOR-BOOT-OK/;
 const UID = 40123;
-
-function curl(
-  sock: string,
-  method: string,
-  path: string,
-  body?: unknown,
-): { status: number; body: string } {
-  const args = [
-    '-s',
-    '--unix-socket',
-    sock,
-    '-X',
-    method,
-    '-w',
-    '\n%{http_code}',
-    `http://localhost${path}`,
-  ];
-  if (body !== undefined)
-    args.push('-H', 'Content-Type: application/json', '-d', JSON.stringify(body));
-  const out = execFileSync('curl', args, { encoding: 'utf8', timeout: 30_000 });
-  const nl = out.lastIndexOf('\n');
-  return { status: Number(out.slice(nl + 1)), body: out.slice(0, nl) };
-}
 
 async function until(
   what: string,

@@ -9,29 +9,19 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { type ChildProcess, execFileSync, spawn, spawnSync } from 'node:child_process';
+import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { imagePaths, repoRoot } from '../../src/lab/guest.js';
-import { defaultGuest, skipReason } from './helpers.js';
+import { curl, defaultGuest, skipReason } from './helpers.js';
 import { GuestSession } from './session.js';
 
 const MIB = Number(process.env.TYPERVISOR_VSOCK_TEST_MIB ?? 16);
 const CID = 41;
 const opts = { skip: skipReason, timeout: 900_000 };
 const sha = (b: Buffer) => createHash('sha256').update(b).digest('hex');
-
-function curl(sock: string, method: string, path: string, body?: unknown) {
-  const args = ['-s', '--unix-socket', sock, '-X', method, '-w', '\n%{http_code}'];
-  args.push(`http://localhost${path}`);
-  if (body !== undefined)
-    args.push('-H', 'Content-Type: application/json', '-d', JSON.stringify(body));
-  const out = execFileSync('curl', args, { encoding: 'utf8', timeout: 30_000 });
-  const nl = out.lastIndexOf('\n');
-  return { status: Number(out.slice(nl + 1)), body: out.slice(0, nl) };
-}
 
 /** A host socat; resolves with its exit status (and stderr, for failures). */
 function socat(args: string[]): {
