@@ -39,8 +39,14 @@ function track(w: Worker): Worker {
   return w;
 }
 
-/** A worker that never says it is ready (it hangs while loading) is ended after this anyway. */
-const UNUSED_WORKER_READY_LIMIT_MS = 10_000;
+/**
+ * A worker that never says it is ready (it hangs while loading) is ended after this anyway; one
+ * ended while it still loads leaves module files open (above), so this is far above a slow
+ * load: on a CI host at full load (a test beside it took 52 s) a prewarmed worker took over
+ * 10 s, the limit until 2026-12-07, and was ended mid-load (worker-prewarm-fds.test.ts saw 7
+ * descriptors of dist/ files left).
+ */
+export const UNUSED_WORKER_READY_LIMIT_MS = 60_000;
 
 /**
  * Ends an unused prewarmed worker: now if it has loaded its modules, else once it has (its
