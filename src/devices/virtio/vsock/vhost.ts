@@ -36,7 +36,7 @@ import {
   VIRTIO_F_VERSION_1,
   bit,
 } from '../constants.js';
-import type { EventOps, HostSys } from '../descriptor.js';
+import { EV_IN, type EventOps, type HostSys } from '../descriptor.js';
 import type { QueueIo, VirtioBackend } from '../device.js';
 import {
   EVENT_QUEUE,
@@ -50,7 +50,6 @@ import {
 export const VHOST_VSOCK_PATH = '/dev/vhost-vsock';
 const O_RDWR = 2;
 const EFD_NONBLOCK = 0o4000;
-const EPOLLIN = 0x1;
 const EPOLLET = 0x8000_0000;
 
 /** The transport offers these on every device (virtio-plan.ts, device.ts): the kernel must have them. */
@@ -208,12 +207,12 @@ export class VhostVsockDevice implements VirtioBackend {
       // read, so that one signal is one report.
       const errFd = sys.eventfd(0, EFD_NONBLOCK);
       this.errFds.push(errFd);
-      this.tags.push(loop.add(errFd, { process: () => this.onError(q, errFd) }, EPOLLIN));
+      this.tags.push(loop.add(errFd, { process: () => this.onError(q, errFd) }, EV_IN));
       const fd = sys.eventfd(0, EFD_NONBLOCK);
       this.callFds.push(fd);
       // Edge-triggered and never read, as the queues' kick eventfds (device-loop.ts watchQueue):
       // each of the kernel's signals reports the fd again.
-      this.tags.push(loop.add(fd, { process: () => this.onCall(q) }, EPOLLIN | EPOLLET));
+      this.tags.push(loop.add(fd, { process: () => this.onCall(q) }, EV_IN | EPOLLET));
     }
   }
 
