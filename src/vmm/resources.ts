@@ -557,7 +557,8 @@ export function checkVsockBackend(
 ): void {
   if (vsock?.backend !== 'vhost') return;
   // The host kernel writes the guest's rx buffers (and used rings) itself: neither KVM's dirty
-  // log nor the device-dirty bitmap sees those writes, so a Diff snapshot would miss them.
+  // log nor the device-dirty bitmap sees those writes, so a Diff snapshot would miss them. Its
+  // own dirty log (VHOST_F_LOG_ALL) would not help: vhost-vsock logs no rx buffer (vhost.ts).
   if (vm.trackDirtyPages)
     throw new ConfigError(
       "vsock: the vhost backend cannot be used with track_dirty_pages: the host kernel's vhost-vsock writes into guest memory without the dirty page tracking seeing it, so a Diff snapshot would miss those pages; use the unix backend",

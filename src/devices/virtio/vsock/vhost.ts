@@ -24,8 +24,12 @@
  * transport reset owed: connections are the kernel's and are not saved, as in Firecracker).
  *
  * Not here: dirty-page logging (the kernel's writes are not tracked: resources.ts refuses
- * track_dirty_pages with this backend) and memory added after boot (the memory table is guest
- * RAM as booted: memory hotplug is refused too).
+ * track_dirty_pages with this backend). The kernel could not give it either: with
+ * VHOST_F_LOG_ALL and a log base, Linux's vhost-vsock logs its used-ring writes (which a save
+ * marks anyway, Queue.markForSnapshot) but not the rx buffers it fills: drivers/vhost/vsock.c
+ * takes its descriptors with no log (vhost_get_vq_desc(..., NULL, NULL)), unlike vhost-net.
+ * Nor memory added after boot (the memory table is guest RAM as booted: memory hotplug is
+ * refused too).
  */
 import { VHOST } from '../../../util/vhost-abi.js';
 import { ConfigError } from '../../../util/errors.js';
