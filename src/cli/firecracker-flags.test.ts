@@ -2,7 +2,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync, spawnSync } from 'node:child_process';
-import { readFileSync } from 'node:fs';
+import { closeSync, openSync, readFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { DEFAULT_MAX_PAYLOAD } from '../api/server.js';
 import { FIRECRACKER_FLAGS, parseFirecrackerArgs, versionText } from './firecracker.js';
@@ -58,4 +58,35 @@ test("--version has Firecracker's shape: 'Name vX.Y.Z', then an empty line", () 
   // Bare, and among Firecracker's flags (both run as `firecracker --version` is).
   for (const args of [['--version'], ['--api-sock', '/nonexistent/s', '--version']])
     assert.equal(execFileSync(process.execPath, [CLI, ...args], { encoding: 'utf8' }), expected);
+});
+
+test('--vhost-vsock-fd / --vhost-vsock-cid: together, and only an open /dev/vhost-vsock', () => {
+  assert.equal(parseFirecrackerArgs([]).vhostVsock, undefined);
+  assert.throws(() => parseFirecrackerArgs(['--vhost-vsock-fd', '3']), /go together/);
+  assert.throws(() => parseFirecrackerArgs(['--vhost-vsock-cid', '3']), /go together/);
+  for (const fd of ['0', '2', '70000', 'x'])
+    assert.throws(
+      () => parseFirecrackerArgs([`--vhost-vsock-fd=${fd}`, '--vhost-vsock-cid=3']),
+      /--vhost-vsock-fd must be/,
+    );
+  for (const cid of ['2', '4294967295', 'x'])
+    assert.throws(
+      () => parseFirecrackerArgs(['--vhost-vsock-fd=3', `--vhost-vsock-cid=${cid}`]),
+      /--vhost-vsock-cid must be/,
+    );
+  // A descriptor number nothing has open, and an open file that is not the device.
+  assert.throws(
+    () => parseFirecrackerArgs(['--vhost-vsock-fd=65000', '--vhost-vsock-cid=3']),
+    /65000 is not an open descriptor/,
+  );
+  const fd = openSync(fileURLToPath(import.meta.url), 'r');
+  try {
+    assert.throws(
+      () => parseFirecrackerArgs([`--vhost-vsock-fd=${fd}`, '--vhost-vsock-cid=3']),
+      new RegExp(`--vhost-vsock-fd ${fd} is not /dev/vhost-vsock`),
+    );
+  } finally {
+    closeSync(fd);
+  }
+  assert.ok(FIRECRACKER_FLAGS.includes('--vhost-vsock-fd'));
 });

@@ -4,7 +4,9 @@
  * exits as Firecracker does: 0 when the guest powers off or reboots (after flushing metrics),
  * 1 when the guest fails, 152 for a bad --config-file, 153 for bad arguments.
  */
-import { readFileSync } from 'node:fs';
+import { fstatSync, readFileSync } from 'node:fs';
+import { isCharDevice } from '../util/fs.js';
+import { VHOST_VSOCK_MINOR, VHOST_VSOCK_PATH } from '../util/vhost-abi.js';
 import { parseArgs } from 'node:util';
 import { VmmController } from '../api/controller.js';
 import { LoggerControl } from '../api/logger.js';
@@ -14,6 +16,7 @@ import { TypervisorError } from '../util/errors.js';
 import { log } from '../util/log.js';
 import { applySeccomp, seccompSettingsFromFlags } from '../sandbox/seccomp/options.js';
 import {
+  adoptInheritedVhostVsock,
   bootTimeMessage,
   buildVm,
   loadSnapshot,
@@ -57,6 +60,8 @@ export const FIRECRACKER_FLAGS = [
   '--start-time-us',
   '--start-time-cpu-us',
   '--parent-cpu-time-us',
+  '--vhost-vsock-fd',
+  '--vhost-vsock-cid',
   '--mmds-size-limit',
   '--metadata',
   '--enable-pci',
@@ -84,6 +89,9 @@ Firecracker-compatible mode: the REST API of Firecracker on a Unix socket (docs/
                        the jailer's start times (CLOCK_MONOTONIC and process CPU, in us): the
                        start-up time goes to the metrics (api_server.process_startup_time_us,
                        process_startup_time_cpu_us) and the log
+  --vhost-vsock-fd FD --vhost-vsock-cid CID
+                       the jailer's: an open /dev/vhost-vsock whose guest CID it claimed
+                       (typervisor-jailer --vhost-vsock-cid), for vsock's vhost backend
   --mmds-size-limit N  the MMDS data store's limit in bytes (default: the payload limit)
   --metadata FILE      the MMDS data store's first content: a JSON file (as a PUT /mmds)
   --rehearse           Typervisor's own: before the API socket listens, run one tiny VM in
@@ -116,6 +124,8 @@ export interface FcArgs {
   startTimeUs?: bigint;
   startTimeCpuUs?: bigint;
   parentCpuTimeUs?: bigint;
+  /** --vhost-vsock-fd / --vhost-vsock-cid: the jailer's claimed /dev/vhost-vsock (both or neither). */
+  vhostVsock?: { fd: number; cid: number };
   /** --mmds-size-limit, or the payload limit when absent (as Firecracker defaults it). */
   mmdsSizeLimit: number;
   /** --metadata: a JSON file loaded into the MMDS data store before anything else. */
@@ -161,6 +171,8 @@ export function parseFirecrackerArgs(argv: string[]): FcArgs {
         'start-time-us': { type: 'string' },
         'start-time-cpu-us': { type: 'string' },
         'parent-cpu-time-us': { type: 'string' },
+        'vhost-vsock-fd': { type: 'string' },
+        'vhost-vsock-cid': { type: 'string' },
         'mmds-size-limit': { type: 'string' },
         metadata: { type: 'string' },
         'enable-pci': { type: 'boolean' },
@@ -195,6 +207,7 @@ export function parseFirecrackerArgs(argv: string[]): FcArgs {
     throw new ArgError(
       '--prepare-mem prepares a process for the VM its API will ask for: not with --config-file',
     );
+  const vhostVsock = parseVhostVsockFlags(v['vhost-vsock-fd'], v['vhost-vsock-cid']);
   const id = v.id ?? DEFAULT_INSTANCE_ID;
   if (!/^[A-Za-z0-9-]{1,64}$/.test(id))
     throw new ArgError(`--id must be 1 to 64 letters, digits or '-' (got "${id.slice(0, 80)}")`);
@@ -230,11 +243,47 @@ export function parseFirecrackerArgs(argv: string[]): FcArgs {
     startTimeUs: u64Flag(v['start-time-us'], 'start-time-us'),
     startTimeCpuUs: u64Flag(v['start-time-cpu-us'], 'start-time-cpu-us'),
     parentCpuTimeUs: u64Flag(v['parent-cpu-time-us'], 'parent-cpu-time-us'),
+    ...(vhostVsock ? { vhostVsock } : {}),
     mmdsSizeLimit,
     ...(v.metadata !== undefined ? { metadata: v.metadata } : {}),
     rehearse: v.rehearse ?? false,
     ...(prepareMemMib !== undefined ? { prepareMemMib } : {}),
   };
+}
+
+/**
+ * --vhost-vsock-fd and --vhost-vsock-cid come together (the jailer passes both). The descriptor
+ * must be an open /dev/vhost-vsock (character device 10:241): anything else is refused here, so
+ * that no ioctl of ours goes to a descriptor of some other kind.
+ */
+function parseVhostVsockFlags(
+  fdText: string | undefined,
+  cidText: string | undefined,
+): { fd: number; cid: number } | undefined {
+  if (fdText === undefined && cidText === undefined) return undefined;
+  if (fdText === undefined || cidText === undefined)
+    throw new ArgError(
+      '--vhost-vsock-fd and --vhost-vsock-cid go together (typervisor-jailer passes both)',
+    );
+  const fd = /^\d{1,5}$/.test(fdText) ? Number(fdText) : NaN;
+  if (!(fd >= 3 && fd <= 65535))
+    throw new ArgError(
+      `--vhost-vsock-fd must be a descriptor number from 3 to 65535 (got "${fdText.slice(0, 40)}")`,
+    );
+  const cid = /^\d{1,10}$/.test(cidText) ? Number(cidText) : NaN;
+  if (!(cid >= 3 && cid <= 0xffff_fffe))
+    throw new ArgError(
+      `--vhost-vsock-cid must be a guest CID from 3 to ${0xffff_fffe} (got "${cidText.slice(0, 40)}")`,
+    );
+  let st;
+  try {
+    st = fstatSync(fd);
+  } catch {
+    throw new ArgError(`--vhost-vsock-fd ${fd} is not an open descriptor`);
+  }
+  if (!isCharDevice(st, 10, VHOST_VSOCK_MINOR))
+    throw new ArgError(`--vhost-vsock-fd ${fd} is not ${VHOST_VSOCK_PATH}`);
+  return { fd, cid };
 }
 
 /**
@@ -319,6 +368,7 @@ export async function firecrackerCommand(argv: string[]): Promise<number> {
     process.stderr.write(`typervisor: ${(e as Error).message}\n`);
     return FC_EXIT_ARG_PARSING;
   }
+  if (args.vhostVsock) adoptInheritedVhostVsock(args.vhostVsock.fd, args.vhostVsock.cid);
 
   const metrics = new MetricsSystem(args.id, {
     extras: process.env.TYPERVISOR_METRICS_EXTRAS === '1',

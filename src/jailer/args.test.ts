@@ -192,4 +192,15 @@ describe('typervisor-jailer arguments', () => {
     refused([...BASE, '--', '--id', 'other'], /jailer's to pass/);
     refused([...BASE, '--', '--start-time-us=5'], /jailer's to pass/);
   });
+
+  test("--vhost-vsock-cid: a guest CID the kernel takes; the descriptor flags are the jailer's", () => {
+    assert.equal(jail(BASE).vhostVsockCid, undefined);
+    assert.equal(jail([...BASE, '--vhost-vsock-cid', '3']).vhostVsockCid, 3);
+    assert.equal(jail([...BASE, '--vhost-vsock-cid=4294967294']).vhostVsockCid, 0xffff_fffe);
+    for (const bad of ['2', '0', '4294967295', '99999999999', 'x', '', '-5', '3.5'])
+      refused([...BASE, `--vhost-vsock-cid=${bad}`], /--vhost-vsock-cid/);
+    refused([...BASE, '--vhost-vsock-cid', '3', '--vhost-vsock-cid', '4'], /given twice/);
+    refused([...BASE, '--', '--vhost-vsock-fd=3'], /jailer's to pass/);
+    refused([...BASE, '--', '--vhost-vsock-cid', '3'], /jailer's to pass/);
+  });
 });

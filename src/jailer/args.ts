@@ -43,9 +43,19 @@ export interface JailerConfig {
   resourceLimits: Map<ResourceName, number>;
   daemonize: boolean;
   newPidNs: boolean;
+  /**
+   * --vhost-vsock-cid: the jailer opens /dev/vhost-vsock on the host, claims this guest CID and
+   * hands the descriptor to the VMM (which can then use vsock's vhost backend with this CID
+   * only; the jail gets no /dev/vhost-vsock node).
+   */
+  vhostVsockCid?: number;
   /** Everything after `--`, passed to the VMM after the jailer's own --id and timing flags. */
   vmmArgs: string[];
 }
+
+/** Guest CIDs the kernel's vhost-vsock takes: 3 up to 2^32 - 2 (0-2 and 2^32 - 1 are reserved). */
+export const MIN_GUEST_CID = 3;
+export const MAX_GUEST_CID = 0xffff_fffe;
 
 /** What the checks need to know about a path on the host. */
 export interface PathProbe {
@@ -68,6 +78,8 @@ Builds a jail as Firecracker's jailer does, then runs the Typervisor VMM in it (
   --resource-limit R=N     fsize or no-file (repeatable; no-file defaults to ${DEFAULT_NO_FILE})
   --daemonize              new session, stdio to /dev/null, the VMM in a child process
   --new-pid-ns             the VMM is pid 1 of a new PID namespace
+  --vhost-vsock-cid CID    claim this guest CID on the host's /dev/vhost-vsock and hand the
+                           descriptor to the VMM, for vsock's vhost backend (docs/jailer.md)
   --                       the rest goes to the VMM (after --id and the timing flags)`;
 
 const VALUE_FLAGS = new Set([
@@ -81,6 +93,7 @@ const VALUE_FLAGS = new Set([
   'cgroup-version',
   'parent-cgroup',
   'resource-limit',
+  'vhost-vsock-cid',
 ]);
 const REPEATABLE = new Set(['cgroup', 'resource-limit']);
 const BOOL_FLAGS = new Set(['daemonize', 'new-pid-ns']);
@@ -209,6 +222,16 @@ export function parseJailerArgs(argv: string[], probe: PathProbe): ParsedCommand
   }
   if (!resourceLimits.has('no-file')) resourceLimits.set('no-file', DEFAULT_NO_FILE);
 
+  const cidText = single.get('vhost-vsock-cid');
+  let vhostVsockCid: number | undefined;
+  if (cidText !== undefined) {
+    vhostVsockCid = /^\d{1,10}$/.test(cidText) ? Number(cidText) : NaN;
+    if (!(vhostVsockCid >= MIN_GUEST_CID && vhostVsockCid <= MAX_GUEST_CID))
+      throw new ConfigError(
+        `invalid --vhost-vsock-cid '${cidText.slice(0, 40)}': a guest CID from ${MIN_GUEST_CID} to ${MAX_GUEST_CID}`,
+      );
+  }
+
   if (vmmArgs.length > MAX_VMM_ARGS)
     throw new ConfigError(`more than ${MAX_VMM_ARGS} VMM arguments after --`);
   for (const a of vmmArgs) {
@@ -216,10 +239,11 @@ export function parseJailerArgs(argv: string[], probe: PathProbe): ParsedCommand
       a === '--id' ||
       a.startsWith('--id=') ||
       a.startsWith('--start-time-') ||
-      a.startsWith('--parent-cpu-time-us')
+      a.startsWith('--parent-cpu-time-us') ||
+      a.startsWith('--vhost-vsock-')
     )
       throw new ConfigError(
-        `VMM argument '${a}' is the jailer's to pass (it passes --id and the timing flags itself)`,
+        `VMM argument '${a}' is the jailer's to pass (it passes --id, the timing flags and the vhost-vsock descriptor itself)`,
       );
     if (a.includes('\0')) throw new ConfigError('a VMM argument contains a NUL byte');
   }
@@ -240,6 +264,7 @@ export function parseJailerArgs(argv: string[], probe: PathProbe): ParsedCommand
       resourceLimits,
       daemonize: bools.has('daemonize'),
       newPidNs: bools.has('new-pid-ns'),
+      ...(vhostVsockCid !== undefined ? { vhostVsockCid } : {}),
       vmmArgs,
     },
   };

@@ -136,5 +136,9 @@ describe('jailer tree and argv', () => {
       '--no-api',
     ]);
     assert.ok(vmmArgv('/n', r.config, t, 7).includes('--parent-cpu-time-us=7'));
+    // The claimed /dev/vhost-vsock: its descriptor and CID, before the user's arguments.
+    const v = vmmArgv('/n', { ...r.config, vhostVsockCid: 47 }, t, undefined, 9);
+    assert.deepEqual(v.slice(-3), ['--vhost-vsock-fd=9', '--vhost-vsock-cid=47', '--no-api']);
+    assert.ok(!vmmArgv('/n', r.config, t, undefined, 9).some((a) => a.includes('vhost')));
   });
 });

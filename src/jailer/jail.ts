@@ -32,7 +32,8 @@ import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { native, O_RDONLY, O_RDWR } from '../kvm/native.js';
 import { HostError } from '../util/errors.js';
-import { deviceNumber } from '../util/fs.js';
+import { deviceNumber, isCharDevice } from '../util/fs.js';
+import { VHOST_VSOCK_MINOR, VHOST_VSOCK_PATH, setGuestCid } from '../util/vhost-abi.js';
 import { vmmStackLimit } from '../util/stack-limit.js';
 import type { JailerConfig } from './args.js';
 import { applyCgroups, parseCgroupMounts, planCgroups } from './cgroups.js';
@@ -102,12 +103,16 @@ function bindReadOnly(source: string, target: string, noexec: boolean): void {
   n.mount(null, target, null, flags, null);
 }
 
-/** The VMM's argv: node, the launcher, then Firecracker's jailer flags, then the user's. */
+/**
+ * The VMM's argv: node, the launcher, then Firecracker's jailer flags (and the claimed
+ * /dev/vhost-vsock descriptor, with --vhost-vsock-cid), then the user's.
+ */
 export function vmmArgv(
   nodePath: string,
   c: JailerConfig,
   t: StartTimes,
   parentCpuUs?: number,
+  vhostVsockFd?: number,
 ): string[] {
   return [
     nodePath,
@@ -116,8 +121,38 @@ export function vmmArgv(
     `--start-time-us=${t.monoUs}`,
     `--start-time-cpu-us=${t.cpuUs}`,
     ...(parentCpuUs !== undefined ? [`--parent-cpu-time-us=${parentCpuUs}`] : []),
+    ...(vhostVsockFd !== undefined && c.vhostVsockCid !== undefined
+      ? [`--vhost-vsock-fd=${vhostVsockFd}`, `--vhost-vsock-cid=${c.vhostVsockCid}`]
+      : []),
     ...c.vmmArgs,
   ];
+}
+
+/**
+ * --vhost-vsock-cid: opens the host's /dev/vhost-vsock and claims the guest CID on it, as root
+ * and before anything on the host changes, so that a CID in use stops the jail at once. The
+ * descriptor goes to the VMM (no device node in the jail: a VMM there cannot open the device
+ * again and claim more CIDs). Ownership (VHOST_SET_OWNER) is left to the VMM, whose memory the
+ * kernel's worker will use.
+ */
+function claimVhostVsock(cid: number): number {
+  const st = statSync(VHOST_VSOCK_PATH, { throwIfNoEntry: false });
+  if (!st)
+    throw new HostError(
+      `--vhost-vsock-cid: ${VHOST_VSOCK_PATH} does not exist on this host (modprobe vhost_vsock)`,
+    );
+  if (!isCharDevice(st, 10, VHOST_VSOCK_MINOR))
+    throw new HostError(
+      `--vhost-vsock-cid: ${VHOST_VSOCK_PATH} is not the vhost-vsock device on this host`,
+    );
+  const n = native();
+  const fd = n.open(VHOST_VSOCK_PATH, O_RDWR, 0);
+  const refused = setGuestCid((f, r, a) => n.ioctl(f, r, a), fd, cid);
+  if (refused !== undefined) {
+    n.close(fd);
+    throw new HostError(`--vhost-vsock-cid: ${refused}`);
+  }
+  return fd;
 }
 
 /**
@@ -143,6 +178,7 @@ export function runJail(c: JailerConfig, t: StartTimes): number {
   for (const need of ['/dev/kvm', '/dev/net/tun'])
     if (!devices.some((d) => d.path === need))
       throw new HostError(`${need} does not exist on this host`);
+  const vhostVsockFd = c.vhostVsockCid !== undefined ? claimVhostVsock(c.vhostVsockCid) : undefined;
 
   // 2. Cgroups, while /sys/fs/cgroup is still reachable; first, so that a value the kernel
   // refuses leaves nothing behind (applyCgroups undoes its directories).
@@ -225,6 +261,7 @@ export function runJail(c: JailerConfig, t: StartTimes): number {
 
   // 12. Every inherited descriptor but stdio closes at exec; then the VMM.
   n.cloexecFrom(3);
+  if (vhostVsockFd !== undefined) n.setInheritable(vhostVsockFd);
   for (const fd of [0, 1, 2]) {
     try {
       n.setInheritable(fd); // Node marks its stdio close-on-exec
@@ -234,10 +271,15 @@ export function runJail(c: JailerConfig, t: StartTimes): number {
   }
   if (!spawnChild) {
     writeSync(pidFile, `${process.pid}\n`);
-    n.execve(nodePath, vmmArgv(nodePath, c, t), []);
+    n.execve(nodePath, vmmArgv(nodePath, c, t, undefined, vhostVsockFd), []);
   }
   const cpu = process.cpuUsage();
-  const pid = n.spawn(nodePath, vmmArgv(nodePath, c, t, cpu.user + cpu.system), [], c.daemonize);
+  const pid = n.spawn(
+    nodePath,
+    vmmArgv(nodePath, c, t, cpu.user + cpu.system, vhostVsockFd),
+    [],
+    c.daemonize,
+  );
   writeSync(pidFile, `${pid}\n`);
   closeSync(pidFile);
   return pid;

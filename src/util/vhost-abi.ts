@@ -21,3 +21,30 @@ export const VHOST = {
   VSOCK_SET_GUEST_CID: 0x4008af60,
   VSOCK_SET_RUNNING: 0x4004af61,
 } as const;
+
+/** The host's vhost-vsock device node (misc major 10, minor VHOST_VSOCK_MINOR = 241). */
+export const VHOST_VSOCK_PATH = '/dev/vhost-vsock';
+export const VHOST_VSOCK_MINOR = 241;
+
+/**
+ * VHOST_VSOCK_SET_GUEST_CID on `fd`. Returns why the kernel refused the CID, in words (another
+ * VM on this host has it; a CID it never gives a guest), or undefined once it is ours; any other
+ * failure is thrown. Used by the VMM (devices/virtio/vsock/vhost.ts) and the jailer, which
+ * claims the CID before the VMM starts (--vhost-vsock-cid).
+ */
+export function setGuestCid(
+  ioctl: (fd: number, request: number, arg: BigUint64Array) => number,
+  fd: number,
+  cid: number,
+): string | undefined {
+  try {
+    ioctl(fd, VHOST.VSOCK_SET_GUEST_CID, BigUint64Array.of(BigInt(cid)));
+    return undefined;
+  } catch (e) {
+    const code = (e as { code?: string }).code;
+    if (code === 'EADDRINUSE')
+      return `vsock guest_cid ${cid} is in use on this host (another VM's vhost-vsock has it): choose another CID`;
+    if (code === 'EINVAL') return `vsock guest_cid ${cid}: the kernel refuses it as a guest CID`;
+    throw e;
+  }
+}

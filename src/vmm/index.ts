@@ -116,3 +116,4 @@ export { consolePipe, type ConsolePipe } from './console-pipe.js';
 export { GuestRamPool, type GuestRamSource } from './ram-pool.js';
 export { OnePreparedVm, prepareVm, type PreparedVm, type PreparedVmSource } from './prepared-vm.js';
 export { rehearsalBuildOptions, rehearsalImage } from './rehearsal.js';
+export { adoptInheritedVhostVsock } from '../devices/virtio/vsock/vhost.js';

@@ -21,7 +21,13 @@ import { GuestMemory } from '../../../memory/guest-memory.js';
 import { RAM_BASE, RAM_SIZE, harness } from '../testing/harness.js';
 import { GuestAllocator, type MockQueue } from '../testing/mock-driver.js';
 import { EVENT_TRANSPORT_RESET } from './packet.js';
-import { VhostVsockDevice, memoryTable, openVhostVsock, vhostDeviceFeatures } from './vhost.js';
+import {
+  VhostVsockDevice,
+  adoptInheritedVhostVsock,
+  memoryTable,
+  openVhostVsock,
+  vhostDeviceFeatures,
+} from './vhost.js';
 import { EVENT_QUEUE, RX_QUEUE, TX_QUEUE, vsockIdentity } from './vsock.js';
 
 const CID = 7;
@@ -139,6 +145,37 @@ test('openVhostVsock: owner, features, CID; clear errors for a missing device or
     (e: unknown) => e instanceof ConfigError && /guest_cid 7 is in use/.test(e.message),
   );
   assert.deepEqual(busy.closed, [VHOST_FD], 'the device is closed again on failure');
+});
+
+test("openVhostVsock: the jailer's descriptor is used once, for its CID only, without opening the device", () => {
+  try {
+    adoptInheritedVhostVsock(VHOST_FD, CID);
+    const f = fakeSys({ openError: 'ENOENT' }); // a jail has no /dev/vhost-vsock
+    assert.throws(
+      () => openVhostVsock(f.sys, CID + 1),
+      (e: unknown) =>
+        e instanceof ConfigError &&
+        /guest_cid 8: this VMM was given \/dev\/vhost-vsock for guest CID 7 only/.test(e.message),
+    );
+    const v = openVhostVsock(f.sys, CID);
+    assert.equal(v.fd, VHOST_FD);
+    assert.deepEqual(
+      f.calls.map((c) => c.op),
+      ['SET_OWNER', 'GET_FEATURES', 'VSOCK_SET_GUEST_CID'],
+    );
+    assert.throws(
+      () => openVhostVsock(f.sys, CID),
+      (e: unknown) => e instanceof ConfigError && /was used already/.test(e.message),
+    );
+    // Without one, a jailed VMM's open fails with a pointer to the jailer's flag.
+    adoptInheritedVhostVsock(undefined);
+    assert.throws(
+      () => openVhostVsock(f.sys, CID),
+      (e: unknown) => e instanceof ConfigError && /--vhost-vsock-cid/.test(e.message),
+    );
+  } finally {
+    adoptInheritedVhostVsock(undefined);
+  }
 });
 
 test('vhost: DRIVER_OK hands the kernel the rings and starts it; kicks are passed on, never served here', () => {

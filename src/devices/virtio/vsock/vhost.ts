@@ -6,9 +6,10 @@
  * Firecracker's Unix socket (device.ts, unix-host.ts).
  *
  * Who does what:
- * - main thread (`openVhostVsock`, from the registry's open()): opens /dev/vhost-vsock, becomes
- *   its owner, reads the kernel's features and claims the guest CID (the kernel refuses a CID
- *   another VM on this host has: a clear ConfigError before boot).
+ * - main thread (`openVhostVsock`, from the registry's open()): opens /dev/vhost-vsock (or, in a
+ *   jail, takes the descriptor typervisor-jailer --vhost-vsock-cid claimed), becomes its owner,
+ *   reads the kernel's features and claims the guest CID (the kernel refuses a CID another VM on
+ *   this host has: a clear ConfigError before boot).
  * - device worker (`VhostVsockDevice`): on DRIVER_OK it hands the kernel the features, the
  *   memory table (guest RAM only), each data queue's size, position and ring addresses, the
  *   queue's kick eventfd (KVM's ioeventfd for QueueNotify, which the device worker then does not
@@ -31,7 +32,7 @@
  * Nor memory added after boot (the memory table is guest RAM as booted: memory hotplug is
  * refused too).
  */
-import { VHOST } from '../../../util/vhost-abi.js';
+import { VHOST, VHOST_VSOCK_PATH, setGuestCid } from '../../../util/vhost-abi.js';
 import { ConfigError } from '../../../util/errors.js';
 import type { GuestMemory } from '../../../memory/guest-memory.js';
 import {
@@ -51,7 +52,6 @@ import {
   sendTransportReset,
 } from './device.js';
 
-export const VHOST_VSOCK_PATH = '/dev/vhost-vsock';
 const O_RDWR = 2;
 const EFD_NONBLOCK = 0o4000;
 const EPOLLET = 0x8000_0000;
@@ -117,20 +117,57 @@ export function memoryTable(
 const errCode = (e: unknown) => (e as { code?: string }).code;
 
 /**
- * Main thread: opens and claims the kernel's device for guest `cid`. ConfigError when the host
- * has no vhost-vsock, refuses us, lacks a feature the transport offers, or has the CID in use.
+ * A /dev/vhost-vsock descriptor this process was started with, its guest CID already claimed:
+ * the jailer's (`typervisor-jailer --vhost-vsock-cid`, which passes the VMM `--vhost-vsock-fd`
+ * and `--vhost-vsock-cid`). A jail has no /dev/vhost-vsock node, so that a VMM there cannot
+ * open the device again and claim more CIDs; it uses this descriptor, once, for that CID only.
+ * Main thread only.
+ */
+interface InheritedVhostVsock {
+  fd: number;
+  cid: number;
+  used: boolean;
+}
+let inherited: InheritedVhostVsock | undefined;
+
+/** The CLI, at start: the descriptor and CID the jailer handed over (undefined: none, tests). */
+export function adoptInheritedVhostVsock(fd: number | undefined, cid = 0): void {
+  inherited = fd === undefined ? undefined : { fd, cid, used: false };
+}
+
+/** The jailer's descriptor for `cid`, taken for good; undefined when there is none. */
+function takeInherited(cid: number, what: string): number | undefined {
+  const inh = inherited;
+  if (!inh) return undefined;
+  if (inh.cid !== cid)
+    throw new ConfigError(
+      `vsock guest_cid ${cid}: this VMM was given /dev/vhost-vsock for guest CID ${inh.cid} only (typervisor-jailer --vhost-vsock-cid); use that CID`,
+    );
+  if (inh.used)
+    throw new ConfigError(
+      `${what}: the descriptor the jailer gave this VMM was used already (one vhost-vsock device per jailed VMM process)`,
+    );
+  inh.used = true;
+  return inh.fd;
+}
+
+/**
+ * Main thread: opens and claims the kernel's device for guest `cid` (or takes the jailer's
+ * descriptor for it). ConfigError when the host has no vhost-vsock, refuses us, lacks a feature
+ * the transport offers, or has the CID in use.
  */
 export function openVhostVsock(sys: HostSys, cid: number): VhostVsockHostData {
   const what = `vsock backend "vhost" (${VHOST_VSOCK_PATH})`;
   if (!sys.open) throw new Error(`${what}: this host interface cannot open files`);
   let fd: number;
   try {
-    fd = sys.open(VHOST_VSOCK_PATH, O_RDWR, 0);
+    fd = takeInherited(cid, what) ?? sys.open(VHOST_VSOCK_PATH, O_RDWR, 0);
   } catch (e) {
+    if (e instanceof ConfigError) throw e;
     const code = errCode(e);
     if (code === 'ENOENT' || code === 'ENODEV' || code === 'ENXIO')
       throw new ConfigError(
-        `${what}: the host has no vhost-vsock device (load it: modprobe vhost_vsock), or use the unix backend`,
+        `${what}: the host has no vhost-vsock device (load it: modprobe vhost_vsock), or use the unix backend; a jailed VMM gets the device from typervisor-jailer --vhost-vsock-cid`,
       );
     if (code === 'EACCES' || code === 'EPERM')
       throw new ConfigError(`${what}: permission denied (the VMM needs read and write access)`);
@@ -145,17 +182,8 @@ export function openVhostVsock(sys: HostSys, cid: number): VhostVsockHostData {
       throw new ConfigError(
         `${what}: the kernel's vhost-vsock lacks VIRTIO_F_VERSION_1 or VIRTIO_F_RING_EVENT_IDX (features 0x${kernelFeatures.toString(16)})`,
       );
-    try {
-      sys.ioctl(fd, VHOST.VSOCK_SET_GUEST_CID, u64(BigInt(cid)));
-    } catch (e) {
-      if (errCode(e) === 'EADDRINUSE')
-        throw new ConfigError(
-          `vsock guest_cid ${cid} is in use on this host (another VM's vhost-vsock has it): choose another CID`,
-        );
-      if (errCode(e) === 'EINVAL')
-        throw new ConfigError(`vsock guest_cid ${cid}: the kernel refuses it as a guest CID`);
-      throw e;
-    }
+    const refused = setGuestCid((f, r, a) => sys.ioctl(f, r, a), fd, cid);
+    if (refused !== undefined) throw new ConfigError(refused);
     return { fd, cid, kernelFeatures };
   } catch (e) {
     sys.close(fd);
