@@ -22,4 +22,6 @@ build hostile-blk -DMODE_BLK -DBLK_BATCH=1
 build hostile-storm -DMODE_STORM -DBLK_SEGS=254 -DBLK_SEG_BYTES=65536 -DBLK_BATCH=256 -DRNG_POLL_MAX=0x10000
 # net: an RX chain of 1024 descriptors (1025 iovecs with the device's spill buffer).
 build hostile-net -DMODE_NET
+# vsock: one TX buffer outside guest RAM; DEVICE_NEEDS_RESET expected.
+build hostile-vsock-bad -DMODE_VSOCK_BAD
 echo "$out"

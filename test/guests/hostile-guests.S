@@ -32,6 +32,14 @@
  *               back, "u\n" when not; then a virtio-rng request ("R\n" served, "T\n" not), then
  *               "H\n" and halts (cli; hlt: the vCPU sleeps, so any CPU the VMM burns after this
  *               is the VMM's own).
+ *   MODE_VSOCK_BAD  a vsock TX packet whose buffer lies outside guest RAM (BAD_ADDR): one
+ *               descriptor, made available and kicked. Prints "B\n", then polls (at most
+ *               NET_POLL_MAX times) until the status register has DEVICE_NEEDS_RESET ("K\n")
+ *               or the chain came back used ("k\n"; "k\n" too when neither happened), then
+ *               "U<TX used.idx, 8 hex>\n", a virtio-rng request ("R\n" served, "T\n" not), "H\n",
+ *               and halts. Our unix backend completes the bad chain (used.len 0) and goes on;
+ *               on the vhost backend the host kernel refuses the ring (its vq_err) and the VMM
+ *               must turn that into the status bit.
  *
  * Failures print "E<reason>\n" and halt: n no such device, v no VERSION_1, f FEATURES_OK
  * refused, i no indirect descriptors, q queue unusable, k DEVICE_NEEDS_RESET at DRIVER_OK,
@@ -178,6 +186,8 @@ _start:
 
 #if defined(MODE_VSOCK)
 	jmp	vsock_flood
+#elif defined(MODE_VSOCK_BAD)
+	jmp	vsock_bad
 #elif defined(MODE_BLK) || defined(MODE_STORM)
 	jmp	blk_storm
 #elif defined(MODE_NET)
@@ -242,6 +252,71 @@ vsock_flood:
 	mov	$'T', %al
 2:	call	putc
 	jmp	1b
+#endif
+
+/* ---------------------------------------------------------------------------------------- */
+#if defined(MODE_VSOCK_BAD)
+#ifndef BAD_ADDR
+#define BAD_ADDR 0x3ff00000 /* 1023 MiB: above the guest's 64 MiB, below the MMIO windows */
+#endif
+vsock_bad:
+	mov	$ID_VSOCK, %eax
+	call	find_dev
+	mov	%ebx, V_DEV
+	call	dev_begin
+	xor	%ecx, %ecx		/* rx: ready, empty */
+	mov	$16, %edx
+	mov	$Q_A, %edi
+	call	queue_init
+	mov	$1, %ecx		/* tx */
+	mov	$16, %edx
+	mov	$Q_B, %edi
+	call	queue_init
+	mov	$2, %ecx		/* event: ready, empty */
+	mov	$16, %edx
+	mov	$Q_C, %edi
+	call	queue_init
+	call	dev_ok
+
+	movl	$BAD_ADDR, Q_B + 0	/* descriptor 0: 44 bytes nowhere in guest RAM */
+	movl	$44, Q_B + 8
+	movw	$AVAIL_F_NO_INTERRUPT, Q_B + AVAIL_OFF
+	movw	$1, Q_B + AVAIL_OFF + 2	/* ring[0] = head 0 (zero already) */
+	mov	V_DEV, %ebx
+	movl	$1, R_QUEUE_NOTIFY(%ebx)
+	lea	msg_b, %esi
+	call	puts
+
+	/* Until the device decides: DEVICE_NEEDS_RESET, or the chain completed (used.idx 1). */
+	mov	$(NET_POLL_MAX * TIME_SCALE), %ecx
+1:	mov	V_DEV, %ebx
+	testl	$S_NEEDS_RESET, R_STATUS(%ebx)
+	jnz	2f
+	cmpw	$1, Q_B + USED_OFF + 2
+	je	6f
+	call	poll_delay
+	dec	%ecx
+	jnz	1b
+6:	lea	msg_k_no, %esi
+	jmp	3f
+2:	lea	msg_k, %esi
+3:	call	puts
+	mov	$'U', %al
+	call	putc
+	movzwl	Q_B + USED_OFF + 2, %eax
+	call	puthex32
+	mov	$'\n', %al
+	call	putc
+	call	rng_probe
+	lea	msg_t, %esi
+	jc	4f
+	lea	msg_r, %esi
+4:	call	puts
+	lea	msg_h, %esi
+	call	puts
+5:	cli
+	hlt
+	jmp	5b
 #endif
 
 /* ---------------------------------------------------------------------------------------- */
@@ -660,6 +735,9 @@ msg_n:	.asciz "N\n"
 msg_u:	.asciz "u\n"
 msg_r:	.asciz "R\n"
 msg_h:	.asciz "H\n"
+msg_b:	.asciz "B\n"
+msg_k:	.asciz "K\n"
+msg_k_no: .asciz "k\n"
 
 	/* The PVH entry point, as Linux's arch/x86/platform/pvh/head.S declares it. */
 	.section .note.Xen, "a", @note

@@ -14,6 +14,8 @@
  * bounded and stops on SIGTERM. The kernel stops taking TX packets once a TX ring's worth of
  * replies waits (vhost's queued_replies), so the flood stalls instead of progressing: reported
  * (rounds, the host's Slab growth), not asserted.
+ *
+ * Then a guest with one TX buffer outside its RAM, on both backends (at the end of this file).
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -112,3 +114,58 @@ test(
     }
   },
 );
+
+/**
+ * hostile-vsock-bad: one TX packet whose buffer is outside guest RAM. Our unix backend completes
+ * that chain with nothing read (a guest error, logged once) and goes on; on the vhost backend the
+ * host kernel refuses the ring (vq_err, its error eventfd) and the VMM marks the device
+ * DEVICE_NEEDS_RESET, stops the kernel's queues and logs it once. Either way the other devices
+ * are served, the API answers and SIGTERM ends the VMM.
+ */
+for (const backend of ['unix', 'vhost'] as const) {
+  test(
+    `vsock TX buffer outside guest RAM (${backend} backend): ${backend === 'vhost' ? 'DEVICE_NEEDS_RESET' : 'the chain completed empty'}, logged once; rng and API still served`,
+    {
+      skip:
+        skip ??
+        (backend === 'vhost' && !existsSync('/dev/vhost-vsock')
+          ? 'no /dev/vhost-vsock on this host'
+          : false),
+      timeout: 90_000 * TIME_SCALE,
+    },
+    async (t) => {
+      let vm: HostileVm | undefined;
+      try {
+        vm = await startVm({
+          kernel: hostileGuest('hostile-vsock-bad'),
+          rng: true,
+          vsock: backend === 'vhost' ? { cid: 44, backend: 'vhost' } : { cid: 3 },
+        });
+        await vm.waitFor(/B\n[\s\S]*H\n/, 60_000 * TIME_SCALE);
+        const out = vm.stdout().split('B\n')[1]!;
+        await apiUp(vm);
+        const logged = vm
+          .stderr()
+          .split('\n')
+          .filter((l) => /guest error/.test(l));
+        const stopMs = await vm.stop('SIGTERM', STOP_MS);
+        const ex = vm.gone() ? await vm.exited : undefined;
+        report(t, 'vsock-bad-buffer', { backend, guest: out, logged, stopMs, exit: ex });
+        if (backend === 'vhost') {
+          // Not completed by the kernel; the device asks for a reset.
+          assert.match(out, /^K\nU00000000\nR\nH\n/, out);
+          assert.equal(logged.length, 1, logged.join('\n'));
+          assert.match(logged[0]!, /queue 1: the host kernel's vhost-vsock refused the ring/);
+        } else {
+          assert.match(out, /^k\nU00000001\nR\nH\n/, out);
+          assert.equal(logged.length, 1, logged.join('\n'));
+          assert.match(logged[0]!, /queue 1: chain 0: /);
+        }
+        assert.notEqual(stopMs, undefined, `SIGTERM did not end the VMM within ${STOP_MS} ms`);
+        assert.equal(ex?.code, 0, `exit after SIGTERM: ${JSON.stringify(ex)}: ${vm.stderr()}`);
+      } finally {
+        await vm?.kill();
+      }
+    },
+  );
+}
