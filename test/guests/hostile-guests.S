@@ -197,13 +197,17 @@ _start:
 #endif
 
 /* ---------------------------------------------------------------------------------------- */
-#if defined(MODE_VSOCK)
-vsock_flood:
+#if defined(MODE_VSOCK) || defined(MODE_VSOCK_BAD)
+/*
+ * vsock_init: the vsock device found (V_DEV, %ebx) and made ready: rx (16 entries, never given
+ * a buffer), tx (256, at Q_B) and event (16, empty) queues, DRIVER_OK.
+ */
+vsock_init:
 	mov	$ID_VSOCK, %eax
 	call	find_dev
 	mov	%ebx, V_DEV
 	call	dev_begin
-	xor	%ecx, %ecx		/* rx: ready, never given a buffer */
+	xor	%ecx, %ecx		/* rx */
 	mov	$16, %edx
 	mov	$Q_A, %edi
 	call	queue_init
@@ -211,11 +215,17 @@ vsock_flood:
 	mov	$256, %edx
 	mov	$Q_B, %edi
 	call	queue_init
-	mov	$2, %ecx		/* event: ready, empty */
+	mov	$2, %ecx		/* event */
 	mov	$16, %edx
 	mov	$Q_C, %edi
 	call	queue_init
 	call	dev_ok
+	ret
+#endif
+
+#if defined(MODE_VSOCK)
+vsock_flood:
+	call	vsock_init
 
 	/* struct virtio_vsock_hdr: our CID -> host CID 2, port 1234 -> 5678, OP_RW, no payload. */
 	mov	R_CONFIG(%ebx), %eax
@@ -260,23 +270,7 @@ vsock_flood:
 #define BAD_ADDR 0x3ff00000 /* 1023 MiB: above the guest's 64 MiB, below the MMIO windows */
 #endif
 vsock_bad:
-	mov	$ID_VSOCK, %eax
-	call	find_dev
-	mov	%ebx, V_DEV
-	call	dev_begin
-	xor	%ecx, %ecx		/* rx: ready, empty */
-	mov	$16, %edx
-	mov	$Q_A, %edi
-	call	queue_init
-	mov	$1, %ecx		/* tx */
-	mov	$16, %edx
-	mov	$Q_B, %edi
-	call	queue_init
-	mov	$2, %ecx		/* event: ready, empty */
-	mov	$16, %edx
-	mov	$Q_C, %edi
-	call	queue_init
-	call	dev_ok
+	call	vsock_init
 
 	movl	$BAD_ADDR, Q_B + 0	/* descriptor 0: 44 bytes nowhere in guest RAM */
 	movl	$44, Q_B + 8
