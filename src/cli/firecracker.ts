@@ -6,7 +6,13 @@
  */
 import { fstatSync, readFileSync } from 'node:fs';
 import { isCharDevice } from '../util/fs.js';
-import { VHOST_VSOCK_MINOR, VHOST_VSOCK_PATH } from '../util/vhost-abi.js';
+import {
+  MAX_GUEST_CID,
+  MIN_GUEST_CID,
+  VHOST_VSOCK_MAJOR,
+  VHOST_VSOCK_MINOR,
+  VHOST_VSOCK_PATH,
+} from '../util/vhost-abi.js';
 import { parseArgs } from 'node:util';
 import { VmmController } from '../api/controller.js';
 import { LoggerControl } from '../api/logger.js';
@@ -271,9 +277,9 @@ function parseVhostVsockFlags(
       `--vhost-vsock-fd must be a descriptor number from 3 to 65535 (got "${fdText.slice(0, 40)}")`,
     );
   const cid = /^\d{1,10}$/.test(cidText) ? Number(cidText) : NaN;
-  if (!(cid >= 3 && cid <= 0xffff_fffe))
+  if (!(cid >= MIN_GUEST_CID && cid <= MAX_GUEST_CID))
     throw new ArgError(
-      `--vhost-vsock-cid must be a guest CID from 3 to ${0xffff_fffe} (got "${cidText.slice(0, 40)}")`,
+      `--vhost-vsock-cid must be a guest CID from ${MIN_GUEST_CID} to ${MAX_GUEST_CID} (got "${cidText.slice(0, 40)}")`,
     );
   let st;
   try {
@@ -281,7 +287,7 @@ function parseVhostVsockFlags(
   } catch {
     throw new ArgError(`--vhost-vsock-fd ${fd} is not an open descriptor`);
   }
-  if (!isCharDevice(st, 10, VHOST_VSOCK_MINOR))
+  if (!isCharDevice(st, VHOST_VSOCK_MAJOR, VHOST_VSOCK_MINOR))
     throw new ArgError(`--vhost-vsock-fd ${fd} is not ${VHOST_VSOCK_PATH}`);
   return { fd, cid };
 }

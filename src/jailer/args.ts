@@ -5,6 +5,7 @@
  */
 import { basename, isAbsolute, posix } from 'node:path';
 import { ConfigError } from '../util/errors.js';
+import { MAX_GUEST_CID, MIN_GUEST_CID } from '../util/vhost-abi.js';
 
 export const DEFAULT_CHROOT_BASE = '/srv/jailer';
 /** Firecracker's default RLIMIT_NOFILE for the jailed process when --resource-limit omits it. */
@@ -52,10 +53,6 @@ export interface JailerConfig {
   /** Everything after `--`, passed to the VMM after the jailer's own --id and timing flags. */
   vmmArgs: string[];
 }
-
-/** Guest CIDs the kernel's vhost-vsock takes: 3 up to 2^32 - 2 (0-2 and 2^32 - 1 are reserved). */
-export const MIN_GUEST_CID = 3;
-export const MAX_GUEST_CID = 0xffff_fffe;
 
 /** What the checks need to know about a path on the host. */
 export interface PathProbe {

@@ -33,7 +33,12 @@ import { fileURLToPath } from 'node:url';
 import { native, O_RDONLY, O_RDWR } from '../kvm/native.js';
 import { HostError } from '../util/errors.js';
 import { deviceNumber, isCharDevice } from '../util/fs.js';
-import { VHOST_VSOCK_MINOR, VHOST_VSOCK_PATH, setGuestCid } from '../util/vhost-abi.js';
+import {
+  VHOST_VSOCK_MAJOR,
+  VHOST_VSOCK_MINOR,
+  VHOST_VSOCK_PATH,
+  setGuestCid,
+} from '../util/vhost-abi.js';
 import { vmmStackLimit } from '../util/stack-limit.js';
 import type { JailerConfig } from './args.js';
 import { applyCgroups, parseCgroupMounts, planCgroups } from './cgroups.js';
@@ -141,7 +146,7 @@ function claimVhostVsock(cid: number): number {
     throw new HostError(
       `--vhost-vsock-cid: ${VHOST_VSOCK_PATH} does not exist on this host (modprobe vhost_vsock)`,
     );
-  if (!isCharDevice(st, 10, VHOST_VSOCK_MINOR))
+  if (!isCharDevice(st, VHOST_VSOCK_MAJOR, VHOST_VSOCK_MINOR))
     throw new HostError(
       `--vhost-vsock-cid: ${VHOST_VSOCK_PATH} is not the vhost-vsock device on this host`,
     );

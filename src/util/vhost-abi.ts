@@ -22,9 +22,14 @@ export const VHOST = {
   VSOCK_SET_RUNNING: 0x4004af61,
 } as const;
 
-/** The host's vhost-vsock device node (misc major 10, minor VHOST_VSOCK_MINOR = 241). */
+/** The host's vhost-vsock device node: a misc device (major 10), minor 241. */
 export const VHOST_VSOCK_PATH = '/dev/vhost-vsock';
+export const VHOST_VSOCK_MAJOR = 10;
 export const VHOST_VSOCK_MINOR = 241;
+
+/** Guest CIDs the kernel's vhost-vsock takes: 3 up to 2^32 - 2 (0-2 and 2^32 - 1 are reserved). */
+export const MIN_GUEST_CID = 3;
+export const MAX_GUEST_CID = 0xffff_fffe;
 
 /**
  * VHOST_VSOCK_SET_GUEST_CID on `fd`. Returns why the kernel refused the CID, in words (another
