@@ -6,6 +6,7 @@
  */
 import { MAX_VCPUS } from '../vmm/index.js';
 import { MAX_MEM_MIB, MAX_VIRTIO_DEVICES } from '../vmm/index.js';
+import { MAX_GUEST_CID, MIN_GUEST_CID } from '../util/vhost-abi.js';
 import { PATH_MAX, type Schema } from './schema.js';
 
 const U64 = Number.MAX_SAFE_INTEGER;
@@ -218,7 +219,7 @@ export const Vsock: Schema = {
   description:
     'A virtio-vsock device proxied to Unix sockets (or, with backend "vhost", served by the host kernel). Stored and validated; attached later.',
   properties: {
-    guest_cid: int(3, 0xffff_fffe, 'Guest context id.'),
+    guest_cid: int(MIN_GUEST_CID, MAX_GUEST_CID, 'Guest context id.'),
     uds_path: str(
       'Host Unix socket path (at most 107 bytes). Required unless backend is "vhost", which refuses it.',
     ),

@@ -4,6 +4,7 @@
  * checked and opened by the same code as the API's.
  */
 import { ConfigError } from '../util/errors.js';
+import { MAX_GUEST_CID, MIN_GUEST_CID } from '../util/vhost-abi.js';
 
 export interface NetFlag {
   kind: 'net';
@@ -57,9 +58,9 @@ export function parseVsock(spec: string): VsockFlag {
       `--vsock ${spec}: ${backend === 'vhost' ? 'cid=N is' : 'cid=N and uds=PATH are'} required (${usage})`,
     );
   const cid = /^\d{1,10}$/.test(cidText) ? Number(cidText) : NaN;
-  if (!(cid >= 3 && cid <= 0xffff_fffe))
+  if (!(cid >= MIN_GUEST_CID && cid <= MAX_GUEST_CID))
     throw new ConfigError(
-      `--vsock: cid must be a whole number from 3 to ${0xffff_fffe} (got "${cidText}")`,
+      `--vsock: cid must be a whole number from ${MIN_GUEST_CID} to ${MAX_GUEST_CID} (got "${cidText}")`,
     );
   return backend === 'vhost' ? { kind: 'vsock', cid, backend } : { kind: 'vsock', cid, uds: uds! };
 }

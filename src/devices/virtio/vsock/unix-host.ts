@@ -20,6 +20,7 @@ import {
 } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { ConfigError } from '../../../util/errors.js';
+import { MAX_GUEST_CID, MIN_GUEST_CID } from '../../../util/vhost-abi.js';
 import { EV_ERR, EV_HUP, EV_IN, EV_OUT, type EventOps, type HostSys } from '../descriptor.js';
 import type { VsockHost } from './vsock.js';
 
@@ -89,8 +90,10 @@ export function connectNoFollow(sys: Pick<HostSys, 'connect'>, fd: number, path:
  * missing, not writable by us, or writable by anyone else (unsafeSocketDirectory).
  */
 export function listenVsock(sys: HostSys, cid: number, uds: string): { fd: number; path: string } {
-  if (!Number.isInteger(cid) || cid < 3 || cid > 0xffff_fffe)
-    throw new ConfigError(`vsock: guest CID must be from 3 to ${0xffff_fffe} (got ${cid})`);
+  if (!Number.isInteger(cid) || cid < MIN_GUEST_CID || cid > MAX_GUEST_CID)
+    throw new ConfigError(
+      `vsock: guest CID must be from ${MIN_GUEST_CID} to ${MAX_GUEST_CID} (got ${cid})`,
+    );
   const path = resolve(uds);
   if (uds.length === 0 || Buffer.byteLength(path) > MAX_UDS_PATH)
     throw new ConfigError(`vsock: the socket path must be 1 to ${MAX_UDS_PATH} bytes (${path})`);
