@@ -184,6 +184,13 @@ export interface VirtioBackend {
    */
   afterTurn?(queue: number): void;
   /**
+   * Optional: asked after each chain handle() served. True ends the turn there, as the chain and
+   * byte budgets do (queue_budget_yields), for work those counts do not measure: virtio-blk's
+   * Sync flushes (an fdatasync each, on this thread). The backend counts its own work and
+   * starts counting again once it has said true.
+   */
+  turnSpent?(queue: number): boolean;
+  /**
    * Queues the backend serves itself through QueueIo: a kick of one of them calls kick()
    * instead of draining it through handle().
    */
@@ -684,6 +691,7 @@ export class VirtioDevice {
     if (!q) return;
     let used = 0;
     let bytes = 0;
+    let spent = false; // the backend's own budget (turnSpent)
     const live = () => this.dev === d && this.state.epoch() === d.epoch;
     // Timed: the turn after every TURN_TIMING_EVERY that returned chains (the first one too).
     const start = this.counters.turns[index]! % TURN_TIMING_EVERY === 0 ? monoMs() : -1;
@@ -694,7 +702,7 @@ export class VirtioDevice {
     for (;;) {
       // A reset since activation: the rings may already belong to a new driver instance.
       if (!live()) return;
-      if (used >= QUEUE_BUDGET_CHAINS || bytes >= QUEUE_BUDGET_BYTES) {
+      if (spent || used >= QUEUE_BUDGET_CHAINS || bytes >= QUEUE_BUDGET_BYTES) {
         // More to do: our own next turn. Nothing more: kicks on again (the turn did not reach
         // the empty pop that does it), or a buffer added meanwhile would never be kicked.
         if (q.enableKicks()) {
@@ -749,6 +757,7 @@ export class VirtioDevice {
           return;
         }
         q.pushUsed(p.chain.head, len);
+        if (this.backend.turnSpent?.(index)) spent = true;
       }
       used++;
     }

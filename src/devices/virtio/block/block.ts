@@ -56,6 +56,13 @@ export const BLK_SEG_MAX = QUEUE_SIZE_MAX - 2;
 export const BLK_SIZE_MAX = 128 * 1024;
 /** Data bytes of one request at most: what seg_max and size_max allow (31.75 MiB). */
 export const BLK_MAX_REQUEST_BYTES = BLK_SEG_MAX * BLK_SIZE_MAX;
+/**
+ * Sync flushes (an fdatasync each, on the device worker's thread) one turn of the queue serves
+ * at most; then it yields to the loop like a turn that used its chain or byte budget, so that a
+ * driver queueing flushes cannot hold the thread from the other devices for 64 of them. Async
+ * flushes are io_uring operations and do not hold the thread.
+ */
+export const BLK_FLUSHES_PER_TURN = 4;
 const CONFIG_SIZE = 64; // struct virtio_blk_config and then some: unused fields read as 0
 
 /** The host side of the disk; the default is a file descriptor (tests inject failures). */
@@ -259,6 +266,8 @@ export class BlockDevice implements VirtioBackend {
     { chain: DescriptorChain; parsed: ReturnType<typeof parseBlockRequest> } | undefined;
   /** The last admit() said wait: the next one is the wake-up. */
   private waiting = false;
+  /** Sync flushes since the turn budget last said yield (turnSpent). */
+  private flushesInTurn = 0;
   private readonly logged = new Set<string>();
   private limits: RequestLimits = blockLimits(0n);
   private file: BlockFile;
@@ -313,6 +322,13 @@ export class BlockDevice implements VirtioBackend {
   /** The engine serving this drive. */
   get ioEngine(): BlockIoEngine {
     return this.engine ? 'Async' : 'Sync';
+  }
+
+  /** Sync: the turn yields after BLK_FLUSHES_PER_TURN flushes. */
+  turnSpent(_queue: number): boolean {
+    if (this.flushesInTurn < BLK_FLUSHES_PER_TURN) return false;
+    this.flushesInTurn = 0;
+    return true;
   }
 
   /** Async: the queue was kicked (VirtioDevice calls this for selfServed queues). */
@@ -463,7 +479,10 @@ export class BlockDevice implements VirtioBackend {
           break;
         }
         case 'flush':
-          if (!this.o.readOnly) this.file.flush();
+          if (!this.o.readOnly) {
+            this.flushesInTurn++;
+            this.file.flush();
+          }
           this.counters.flushes++;
           break;
         case 'get-id': {

@@ -13,6 +13,7 @@ import type { MockQueue } from '../testing/mock-driver.js';
 import { blockDevice } from './descriptor.js';
 import { bit } from '../constants.js';
 import {
+  BLK_FLUSHES_PER_TURN,
   BLK_MAX_REQUEST_BYTES,
   BLK_SEG_MAX,
   BLK_SIZE_MAX,
@@ -25,6 +26,7 @@ import {
 import {
   VIRTIO_BLK_S_IOERR,
   VIRTIO_BLK_S_OK,
+  VIRTIO_BLK_T_FLUSH,
   VIRTIO_BLK_T_IN,
   VIRTIO_BLK_T_OUT,
 } from './request.js';
@@ -32,11 +34,11 @@ import {
 /** A 1 GiB disk that only counts the bytes asked of it (no data is copied). */
 function countingDisk(opts: { features?: (f: bigint) => bigint } = {}) {
   const sectors = (1 << 30) / 512;
-  const io = { read: 0, written: 0, calls: 0 };
+  const io = { read: 0, written: 0, calls: 0, flushes: 0 };
   const file: BlockFile = {
     read: (b) => void ((io.read += b.length), io.calls++),
     write: (b) => void ((io.written += b.length), io.calls++),
-    flush: () => undefined,
+    flush: () => void io.flushes++,
   };
   const dev = new BlockDevice({
     name: 'hostile-blk',
@@ -125,6 +127,34 @@ test('virtio-blk: without SIZE_MAX negotiated, segments may be large but a reque
   assert.deepEqual(aliasing(h, q, VIRTIO_BLK_T_IN, 200, 256 << 10), [VIRTIO_BLK_S_IOERR, 1]);
   assert.equal(io.read, 1 << 20);
   assert.equal(dev.counters.oversized, 1);
+});
+
+test('virtio-blk Sync: a turn runs at most BLK_FLUSHES_PER_TURN flushes, then yields', () => {
+  const { h, q, io } = countingDisk({ features: (f) => f });
+  const n = 3 * BLK_FLUSHES_PER_TURN + 1;
+  const status: number[] = [];
+  for (let i = 0; i < n; i++) {
+    const hdr = h.alloc.alloc(16);
+    h.mem.writeU32(hdr, VIRTIO_BLK_T_FLUSH);
+    const st = h.alloc.alloc(1, 1);
+    h.mem.writeU8(st, 0xee);
+    status.push(st);
+    q.addChain([
+      { addr: hdr, len: 16 },
+      { addr: st, len: 1, write: true },
+    ]);
+  }
+  h.kick(); // the first turn: BLK_FLUSHES_PER_TURN fdatasyncs, then its next turn is deferred
+  assert.equal(io.flushes, BLK_FLUSHES_PER_TURN);
+  assert.equal(q.takeUsed().length, BLK_FLUSHES_PER_TURN);
+  assert.equal(h.deferred.size, 1);
+  h.deferred.runRound();
+  assert.equal(io.flushes, 2 * BLK_FLUSHES_PER_TURN);
+  h.deferred.drain();
+  assert.equal(io.flushes, n);
+  assert.equal(q.takeUsed().length, n - BLK_FLUSHES_PER_TURN);
+  for (const st of status) assert.equal(h.mem.readU8(st), VIRTIO_BLK_S_OK);
+  assert.equal(h.device.metrics().queue_budget_yields, 3);
 });
 
 test('virtio-blk metrics count oversized requests apart and among the invalid ones', () => {
