@@ -30,6 +30,7 @@ import {
   CLOSE_LINGER_MS,
   HANDSHAKE_TIMEOUT_MS,
   MAX_CONNECTIONS,
+  MAX_CONNECTIONS_PER_SIDE,
   MAX_PENDING_HANDSHAKES,
   FULL_RECHECK_MS,
   MAX_PENDING_RESETS,
@@ -212,38 +213,78 @@ test('vsock budget: a guest sending beyond the credit we gave is reset, its buff
   );
 });
 
-test('vsock budget: at most MAX_CONNECTIONS connections; more guest REQUESTs get RST, host ones are closed', () => {
+/**
+ * Host programs dial in `n` times, one at a time, each asking for a guest port from `port` on;
+ * the guest answers every REQUEST that reaches it. Returns the sockets, in order.
+ */
+function hostConnects(t: ReturnType<typeof setup>, n: number, port: number): number[] {
+  const fds = [];
+  for (let i = 0; i < n; i++) {
+    const fd = t.host.dial();
+    t.host.socks.get(fd)!.inbox.push(...Buffer.from(`CONNECT ${port + i}\n`));
+    t.dev.onListen();
+    t.dev.onSocket(fd, true, false, false);
+    // One buffer each time (the ring does not fill up), with room for data as Linux's have.
+    t.addRx(1, VSOCK_HDR_SIZE + 64);
+    for (const p of t.received().filter((x) => x.op === OP_REQUEST))
+      t.send({ op: OP_RESPONSE, srcPort: p.dstPort, dstPort: p.srcPort });
+    fds.push(fd);
+  }
+  return fds;
+}
+
+test('vsock budget: the guest holds at most MAX_CONNECTIONS_PER_SIDE connections; host programs keep the rest, up to MAX_CONNECTIONS', () => {
   const t = setup();
   t.host.listeners.add('/tmp/v.sock_80');
-  t.sendMany(MAX_CONNECTIONS + 1, (i) => ({ op: OP_REQUEST, srcPort: 20_000 + i }));
-  assert.equal(t.dev.connectionCount, MAX_CONNECTIONS);
-  assert.equal(t.host.socks.size, MAX_CONNECTIONS, 'no socket for the refused one');
+  t.sendMany(MAX_CONNECTIONS_PER_SIDE + 1, (i) => ({ op: OP_REQUEST, srcPort: 20_000 + i }));
+  assert.equal(t.dev.connectionCount, MAX_CONNECTIONS_PER_SIDE);
+  assert.equal(t.host.socks.size, MAX_CONNECTIONS_PER_SIDE, 'no socket for the refused one');
   assert.equal(t.dev.counters.connsRefused, 1);
-  assert.ok(t.logs.some((m) => m.includes('connection table full')));
-  // A host program dialling in is accepted, handshakes, and is closed: no room.
-  const fd = t.host.dial();
-  t.host.socks.get(fd)!.inbox.push(...Buffer.from('CONNECT 52\n'));
-  t.dev.onListen();
-  t.dev.onSocket(fd, true, false, false);
-  assert.ok(t.host.socks.get(fd)!.closed);
-  assert.equal(t.dev.counters.connsRefused, 2);
+  assert.ok(t.logs.some((m) => m.includes('the guest holds 896 connections')));
   // The guest's answers: RESPONSEs, and an RST for the refused one.
+  // (Exactly as many header-only RX buffers as there are answers: none is left over.)
   const got = [];
-  for (let round = 0; round < 5; round++) {
-    t.addRx(256, VSOCK_HDR_SIZE);
+  for (let need = MAX_CONNECTIONS_PER_SIDE + 1; need > 0;) {
+    t.addRx(Math.min(need, 256), VSOCK_HDR_SIZE);
     t.host.drainYields();
-    got.push(...t.received());
+    const r = t.received();
+    assert.ok(r.length > 0);
+    got.push(...r);
+    need -= r.length;
   }
-  assert.equal(got.filter((p) => p.op === OP_RESPONSE).length, MAX_CONNECTIONS);
+  assert.equal(got.filter((p) => p.op === OP_RESPONSE).length, MAX_CONNECTIONS_PER_SIDE);
   assert.deepEqual(
     got.filter((p) => p.op === OP_RST).map((p) => p.dstPort),
-    [20_000 + MAX_CONNECTIONS],
+    [20_000 + MAX_CONNECTIONS_PER_SIDE],
   );
-  // One connection closes: there is room again.
+  // Host programs still get in, up to the table's size; the one after is closed.
+  const room = MAX_CONNECTIONS - MAX_CONNECTIONS_PER_SIDE;
+  const fds = hostConnects(t, room + 1, 100);
+  assert.equal(t.dev.connectionCount, MAX_CONNECTIONS);
+  assert.equal(fds.filter((fd) => t.host.socks.get(fd)!.closed).length, 1);
+  assert.ok(t.host.socks.get(fds.at(-1)!)!.closed);
+  assert.equal(t.dev.counters.connsRefused, 2);
+  assert.ok(t.logs.some((m) => m.includes('connection table full')));
+  // One of the guest's connections closes: the guest has room again.
   t.send({ op: OP_RST, srcPort: 20_000 });
   t.send({ op: OP_REQUEST, srcPort: 30_000 });
   assert.equal(t.dev.connectionCount, MAX_CONNECTIONS);
   assert.equal(t.dev.counters.connsRefused, 2);
+});
+
+test('vsock budget: host programs hold at most MAX_CONNECTIONS_PER_SIDE connections; the guest keeps the rest', () => {
+  const t = setup();
+  t.host.listeners.add('/tmp/v.sock_80');
+  const fds = hostConnects(t, MAX_CONNECTIONS_PER_SIDE + 1, 100);
+  assert.equal(t.dev.connectionCount, MAX_CONNECTIONS_PER_SIDE);
+  assert.ok(t.host.socks.get(fds.at(-1)!)!.closed, 'the one over the cap is closed');
+  assert.equal(fds.filter((fd) => t.host.socks.get(fd)!.closed).length, 1);
+  assert.equal(t.dev.counters.connsRefused, 1);
+  assert.ok(t.logs.some((m) => m.includes('host programs hold 896 connections')));
+  // The guest still connects out.
+  t.send({ op: OP_REQUEST, srcPort: 20_000 });
+  assert.equal(t.dev.connectionCount, MAX_CONNECTIONS_PER_SIDE + 1);
+  assert.equal(t.dev.counters.connsRefused, 1);
 });
 
 test('vsock budget: one CREDIT_REQUEST per stall (no ping-pong with a guest that has no room)', () => {

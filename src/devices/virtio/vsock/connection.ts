@@ -182,10 +182,13 @@ export class Connection {
     /** Guest side port. */
     readonly peer: number,
     public state: ConnectionState,
-    /** The socket is already watched for reading (a host-initiated one, after its handshake). */
-    watchedForRead = false,
+    /**
+     * A host program made it (through the listener); its socket is then already watched for
+     * reading (its handshake was).
+     */
+    readonly fromHost = false,
   ) {
-    this.watch = { kind: 'watching', read: watchedForRead, write: false };
+    this.watch = { kind: 'watching', read: fromHost, write: false };
   }
 
   clearDeadline(): void {

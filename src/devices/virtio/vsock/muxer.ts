@@ -223,7 +223,8 @@ export class VsockMuxer {
   }
 
   private guestConnect(hdr: VsockHeader): void {
-    if (!this.table.roomForConnection(`guest port ${hdr.srcPort} -> host port ${hdr.dstPort}`)) {
+    const who = `guest port ${hdr.srcPort} -> host port ${hdr.dstPort}`;
+    if (!this.table.roomForConnection(who, false)) {
       this.table.sendRst(hdr.dstPort, hdr.srcPort);
       return;
     }
@@ -252,7 +253,7 @@ export class VsockMuxer {
 
   /** A host program asked for guest port `port`: offer it to the guest, for a while. */
   private hostConnect(fd: number, port: number): void {
-    if (!this.table.roomForConnection(`a host connection to guest port ${port}`)) {
+    if (!this.table.roomForConnection(`a host connection to guest port ${port}`, true)) {
       this.host.close(fd);
       return;
     }

@@ -45,6 +45,12 @@ const CONNECTION_OPS = [OP_REQUEST, OP_RESPONSE, OP_SHUTDOWN, OP_CREDIT_UPDATE, 
  * 1023; beyond it a guest REQUEST gets RST and a host connection is closed, both counted.
  */
 export const MAX_CONNECTIONS = 1024;
+/**
+ * Of those, each side's own connections (the guest's REQUESTs, host programs' CONNECTs) hold at
+ * most this many sockets, so that the other side always has 128: a guest opening connections
+ * to a host listener cannot shut host programs out of the guest, nor the reverse.
+ */
+export const MAX_CONNECTIONS_PER_SIDE = MAX_CONNECTIONS - 128;
 /** RSTs waiting for the guest to post RX buffers; more are dropped and counted. */
 export const MAX_PENDING_RESETS = 1024;
 /**
@@ -61,6 +67,8 @@ export class ConnectionTable {
   /** Control packets for the guest, in order; keys from controlKey (see the budgets above). */
   private readonly control = new Map<string, Control>();
   private resetsQueued = 0;
+  /** Sockets held by connections host programs made (the rest: the guest's). */
+  private hostSockets = 0;
   /** Connections whose socket may have data for the guest. */
   readonly ready = new Set<Connection>();
   private rxBlocked = false;
@@ -93,14 +101,22 @@ export class ConnectionTable {
     return this.control.size;
   }
 
-  /** Is there room for one more connection? If not, counts the refusal and logs it once. */
-  roomForConnection(who: string): boolean {
-    if (this.byFd.size < MAX_CONNECTIONS) return true;
+  /**
+   * Is there room for one more connection made by a host program (`fromHost`) or the guest?
+   * If not, counts the refusal and logs it once.
+   */
+  roomForConnection(who: string, fromHost: boolean): boolean {
+    const side = fromHost ? this.hostSockets : this.byFd.size - this.hostSockets;
+    if (this.byFd.size < MAX_CONNECTIONS && side < MAX_CONNECTIONS_PER_SIDE) return true;
     this.counters.connsRefused++;
-    this.report.logOnce(
-      'conn-cap',
-      `connection table full (${MAX_CONNECTIONS} connections): ${who} refused`,
-    );
+    if (this.byFd.size >= MAX_CONNECTIONS) {
+      const m = `connection table full (${MAX_CONNECTIONS} connections): ${who} refused`;
+      this.report.logOnce('conn-cap', m);
+    } else {
+      const whose = fromHost ? 'host programs hold' : 'the guest holds';
+      const m = `${whose} ${MAX_CONNECTIONS_PER_SIDE} connections, the most one side may: ${who} refused`;
+      this.report.logOnce(fromHost ? 'conn-cap-host' : 'conn-cap-guest', m);
+    }
     return false;
   }
 
@@ -142,9 +158,11 @@ export class ConnectionTable {
     local: number,
     peer: number,
     state: ConnectionState,
-    watchedForRead = false,
+    /** A host program made it (its socket is then watched for reading: its handshake was). */
+    fromHost = false,
   ): Connection {
-    const c = new Connection(fd, local, peer, state, watchedForRead);
+    const c = new Connection(fd, local, peer, state, fromHost);
+    if (fromHost) this.hostSockets++;
     const k = key(local, peer);
     const before = this.conns.get(k);
     if (before) before.inTable = false; // callers look first: not expected
@@ -173,6 +191,7 @@ export class ConnectionTable {
     c.clearDeadline();
     if (this.open(c)) {
       this.byFd.delete(c.fd);
+      if (c.fromHost) this.hostSockets--;
       this.host.close(c.fd);
     }
   }

@@ -12,7 +12,12 @@
 export { BUF_ALLOC, ByteRing, CREDIT_UPDATE_THRESHOLD } from './connection.js';
 export type { CountersView, VsockCounters, VsockHost } from './host.js';
 export { CONNECT_TIMEOUT_MS, RX_READ_BYTES } from './muxer.js';
-export { CLOSE_LINGER_MS, MAX_CONNECTIONS, MAX_PENDING_RESETS } from './table.js';
+export {
+  CLOSE_LINGER_MS,
+  MAX_CONNECTIONS,
+  MAX_CONNECTIONS_PER_SIDE,
+  MAX_PENDING_RESETS,
+} from './table.js';
 export {
   ACCEPT_BACKOFF_MAX_MS,
   ACCEPT_BACKOFF_MIN_MS,
