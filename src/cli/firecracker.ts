@@ -9,6 +9,7 @@ import { isCharDevice } from '../util/fs.js';
 import {
   MAX_GUEST_CID,
   MIN_GUEST_CID,
+  parseGuestCid,
   VHOST_VSOCK_MAJOR,
   VHOST_VSOCK_MINOR,
   VHOST_VSOCK_PATH,
@@ -276,8 +277,8 @@ function parseVhostVsockFlags(
     throw new ArgError(
       `--vhost-vsock-fd must be a descriptor number from 3 to 65535 (got "${fdText.slice(0, 40)}")`,
     );
-  const cid = /^\d{1,10}$/.test(cidText) ? Number(cidText) : NaN;
-  if (!(cid >= MIN_GUEST_CID && cid <= MAX_GUEST_CID))
+  const cid = parseGuestCid(cidText);
+  if (cid === undefined)
     throw new ArgError(
       `--vhost-vsock-cid must be a guest CID from ${MIN_GUEST_CID} to ${MAX_GUEST_CID} (got "${cidText.slice(0, 40)}")`,
     );

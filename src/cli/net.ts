@@ -4,7 +4,7 @@
  * checked and opened by the same code as the API's.
  */
 import { ConfigError } from '../util/errors.js';
-import { MAX_GUEST_CID, MIN_GUEST_CID } from '../util/vhost-abi.js';
+import { MAX_GUEST_CID, MIN_GUEST_CID, parseGuestCid } from '../util/vhost-abi.js';
 
 export interface NetFlag {
   kind: 'net';
@@ -57,8 +57,8 @@ export function parseVsock(spec: string): VsockFlag {
     throw new ConfigError(
       `--vsock ${spec}: ${backend === 'vhost' ? 'cid=N is' : 'cid=N and uds=PATH are'} required (${usage})`,
     );
-  const cid = /^\d{1,10}$/.test(cidText) ? Number(cidText) : NaN;
-  if (!(cid >= MIN_GUEST_CID && cid <= MAX_GUEST_CID))
+  const cid = parseGuestCid(cidText);
+  if (cid === undefined)
     throw new ConfigError(
       `--vsock: cid must be a whole number from ${MIN_GUEST_CID} to ${MAX_GUEST_CID} (got "${cidText}")`,
     );

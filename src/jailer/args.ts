@@ -5,7 +5,7 @@
  */
 import { basename, isAbsolute, posix } from 'node:path';
 import { ConfigError } from '../util/errors.js';
-import { MAX_GUEST_CID, MIN_GUEST_CID } from '../util/vhost-abi.js';
+import { MAX_GUEST_CID, MIN_GUEST_CID, parseGuestCid } from '../util/vhost-abi.js';
 
 export const DEFAULT_CHROOT_BASE = '/srv/jailer';
 /** Firecracker's default RLIMIT_NOFILE for the jailed process when --resource-limit omits it. */
@@ -222,8 +222,8 @@ export function parseJailerArgs(argv: string[], probe: PathProbe): ParsedCommand
   const cidText = single.get('vhost-vsock-cid');
   let vhostVsockCid: number | undefined;
   if (cidText !== undefined) {
-    vhostVsockCid = /^\d{1,10}$/.test(cidText) ? Number(cidText) : NaN;
-    if (!(vhostVsockCid >= MIN_GUEST_CID && vhostVsockCid <= MAX_GUEST_CID))
+    vhostVsockCid = parseGuestCid(cidText);
+    if (vhostVsockCid === undefined)
       throw new ConfigError(
         `invalid --vhost-vsock-cid '${cidText.slice(0, 40)}': a guest CID from ${MIN_GUEST_CID} to ${MAX_GUEST_CID}`,
       );

@@ -31,6 +31,17 @@ export const VHOST_VSOCK_MINOR = 241;
 export const MIN_GUEST_CID = 3;
 export const MAX_GUEST_CID = 0xffff_fffe;
 
+/** Is `n` a CID a guest may have: a whole number from MIN_GUEST_CID to MAX_GUEST_CID? */
+export function isGuestCid(n: number): boolean {
+  return Number.isInteger(n) && n >= MIN_GUEST_CID && n <= MAX_GUEST_CID;
+}
+
+/** A guest CID written in decimal (at most 10 digits), or undefined when `text` is not one. */
+export function parseGuestCid(text: string): number | undefined {
+  const n = /^\d{1,10}$/.test(text) ? Number(text) : NaN;
+  return isGuestCid(n) ? n : undefined;
+}
+
 /**
  * VHOST_VSOCK_SET_GUEST_CID on `fd`. Returns why the kernel refused the CID, in words (another
  * VM on this host has it; a CID it never gives a guest), or undefined once it is ours; any other

@@ -32,7 +32,7 @@ import {
 } from '../devices/virtio/rate-limiter.js';
 import { checkMemSizes } from '../devices/virtio/mem/descriptor.js';
 import { ConfigError } from '../util/errors.js';
-import { MAX_GUEST_CID, MIN_GUEST_CID } from '../util/vhost-abi.js';
+import { isGuestCid, MAX_GUEST_CID, MIN_GUEST_CID } from '../util/vhost-abi.js';
 import { MAX_VIRTIO_DEVICES, type VirtioConfig } from './virtio-plan.js';
 
 export { MAX_VCPUS } from '../arch/x86_64/layout.js';
@@ -516,11 +516,7 @@ export function afterFailedInterfacePut(
  * unix backend is the default, and Firecracker's configurations have no such field).
  */
 export function validateVsock(v: VsockConfig): VsockConfig {
-  if (
-    !Number.isInteger(v.guest_cid) ||
-    v.guest_cid < MIN_GUEST_CID ||
-    v.guest_cid > MAX_GUEST_CID
-  ) {
+  if (!isGuestCid(v.guest_cid)) {
     throw new ConfigError(
       `vsock guest_cid must be from ${MIN_GUEST_CID} to ${MAX_GUEST_CID} (got ${v.guest_cid})`,
     );

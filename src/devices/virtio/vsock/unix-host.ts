@@ -20,7 +20,7 @@ import {
 } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { ConfigError } from '../../../util/errors.js';
-import { MAX_GUEST_CID, MIN_GUEST_CID } from '../../../util/vhost-abi.js';
+import { isGuestCid, MAX_GUEST_CID, MIN_GUEST_CID } from '../../../util/vhost-abi.js';
 import { EV_ERR, EV_HUP, EV_IN, EV_OUT, type EventOps, type HostSys } from '../descriptor.js';
 import type { VsockHost } from './vsock.js';
 
@@ -90,7 +90,7 @@ export function connectNoFollow(sys: Pick<HostSys, 'connect'>, fd: number, path:
  * missing, not writable by us, or writable by anyone else (unsafeSocketDirectory).
  */
 export function listenVsock(sys: HostSys, cid: number, uds: string): { fd: number; path: string } {
-  if (!Number.isInteger(cid) || cid < MIN_GUEST_CID || cid > MAX_GUEST_CID)
+  if (!isGuestCid(cid))
     throw new ConfigError(
       `vsock: guest CID must be from ${MIN_GUEST_CID} to ${MAX_GUEST_CID} (got ${cid})`,
     );
